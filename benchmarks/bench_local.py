@@ -1,0 +1,117 @@
+"""Local filesystem: torchstow vs torch.distributed.checkpoint vs torch.save, one process.
+
+Workloads: 1 GiB of float32 in 64 tensors, and 20,000 small tensors plus
+2,000 small dicts. Every save is synced to disk (DCP's default sync_files,
+an fsync after torch.save); loads fill a preallocated state dict. Contenders
+run in interleaved rounds, so a slow spell of the disk hits them all alike;
+the report uses each contender's median.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+import torchstow
+
+from common import (
+    Report,
+    Result,
+    assert_equal,
+    fresh_dir,
+    large_state_dict,
+    small_state_dict,
+    tensor_bytes,
+    timed,
+    zeros_like_state_dict,
+)
+
+
+def _torch_save(sd: Any, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(sd, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict):
+            _copy_into(dst[key], value)
+        elif isinstance(value, torch.Tensor):
+            dst[key].copy_(value)
+        else:
+            dst[key] = value
+
+
+@dataclass
+class Contender:
+    """One way to save and load: ``save(sd, path)`` and ``load(target, path)``."""
+
+    name: str
+    save: Callable[[Any, str], Any]
+    load: Callable[[Any, str], Any] | None
+
+
+CONTENDERS = [
+    Contender("torchstow", torchstow.save, torchstow.load),
+    Contender(
+        "dcp t=1",
+        lambda sd, p: dcp.save(sd, storage_writer=dcp.FileSystemWriter(p, thread_count=1), no_dist=True),
+        lambda sd, p: dcp.load(sd, storage_reader=dcp.FileSystemReader(p), no_dist=True),
+    ),
+    Contender(
+        "dcp t=2",
+        lambda sd, p: dcp.save(sd, storage_writer=dcp.FileSystemWriter(p, thread_count=2), no_dist=True),
+        None,  # the reader is the same as above
+    ),
+    Contender("torch.save", _torch_save, lambda sd, p: _copy_into(sd, torch.load(p, weights_only=True))),
+]
+
+
+def run_workload(
+    report: Report, workload: str, sd: dict[str, Any], root: str, repeats: int
+) -> dict[str, Result]:
+    """Time save and load of ``sd`` for every contender, in interleaved rounds."""
+    nbytes = tensor_bytes(sd)
+    saves: dict[str, list[float]] = {c.name: [] for c in CONTENDERS}
+    loads: dict[str, list[float]] = {c.name: [] for c in CONTENDERS if c.load}
+    targets = {c.name: zeros_like_state_dict(sd) for c in CONTENDERS if c.load}
+    for _ in range(repeats):
+        for c in CONTENDERS:
+            path = os.path.join(root, f"{workload}-{c.name.replace(' ', '_')}")
+            saves[c.name] += timed(
+                lambda c=c, path=path: c.save(sd, path), 1, lambda path=path: fresh_dir(path)
+            )
+            if c.load:
+                loads[c.name] += timed(lambda c=c, path=path: c.load(targets[c.name], path), 1)
+    for target in targets.values():
+        assert_equal(sd, target)
+    out = {}
+    for name, seconds in saves.items():
+        out[f"save {name}"] = report.add(Result(workload, "save", name, seconds, nbytes))
+    for name, seconds in loads.items():
+        out[f"load {name}"] = report.add(Result(workload, "load", name, seconds, nbytes))
+    for c in CONTENDERS:
+        fresh_dir(os.path.join(root, f"{workload}-{c.name.replace(' ', '_')}"))
+    return out
+
+
+def main(root: str, repeats: int, report: Report) -> None:
+    """Run both workloads and record the torchstow/DCP ratios."""
+    print("local filesystem, single process", flush=True)
+    dcp_writers = ["save dcp t=1", "save dcp t=2"]
+    for workload, sd, save_target, load_target in (
+        ("1GiB", large_state_dict(), 1.5, 4.0),
+        ("small", small_state_dict(), 5.0, 5.0),
+    ):
+        r = run_workload(report, workload, sd, root, repeats)
+        report.ratio(
+            f"{workload} save vs DCP best", r["save torchstow"], [r[k] for k in dcp_writers], save_target
+        )
+        report.ratio(f"{workload} load vs DCP", r["load torchstow"], [r["load dcp t=1"]], load_target)

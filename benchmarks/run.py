@@ -1,0 +1,38 @@
+"""Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
+
+python benchmarks/run.py [--only local] [--repeats 3] [--root DIR] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_local
+from common import Report
+
+SUITES = {"local": bench_local.main}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", choices=sorted(SUITES), action="append", help="run only these suites")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--root", default=None, help="directory for the checkpoints (default: a temp dir)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "latest.json"))
+    args = parser.parse_args()
+    report = Report("torchstow vs torch.distributed.checkpoint")
+    with tempfile.TemporaryDirectory(dir=args.root, prefix="torchstow-bench-") as root:
+        for name in args.only or list(SUITES):
+            SUITES[name](root, args.repeats, report)
+    report.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

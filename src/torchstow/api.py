@@ -1,0 +1,304 @@
+"""The user-facing functions: save and load state dicts by URI.
+
+Each call resolves the URI to a backend through the installed plugins, then
+runs the collective protocol of :mod:`torchstow.core.protocol`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from torchstow.core.collective import make_collective
+from torchstow.core.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompleteCheckpointError,
+)
+from torchstow.core.flatten import build_nested
+from torchstow.core.metadata import (
+    CheckpointInfo,
+    Metadata,
+    TensorStorageMetadata,
+    stored_nbytes,
+)
+from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
+from torchstow.core.protocol import load_state_dict as _load_protocol
+from torchstow.core.protocol import save_state_dict as _save_protocol
+from torchstow.core.storage import StorageReader, StorageWriter
+from torchstow.plugins.manager import default_registry
+
+__all__ = [
+    "delete",
+    "info",
+    "latest",
+    "list_checkpoints",
+    "load",
+    "load_state_dict",
+    "local_metadata",
+    "read",
+    "save",
+    "save_state_dict",
+    "storage_reader",
+    "storage_writer",
+]
+
+logger = logging.getLogger("torchstow")
+
+Uri = str | os.PathLike[str]
+_STEP = re.compile(r"(\d+)(?!.*\d)")
+
+
+def _uri(uri: Uri) -> str:
+    text = os.fspath(uri)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"a checkpoint URI must be a non-empty string or path, got {uri!r}")
+    return text
+
+
+def storage_writer(uri: Uri, *, overwrite: bool = False, **storage_options: Any) -> StorageWriter:
+    """A writer for a checkpoint at ``uri``, from the backend its scheme names."""
+    text = _uri(uri)
+    return default_registry().backend_for(text, storage_options).storage_writer(text, overwrite=overwrite)
+
+
+def storage_reader(uri: Uri, **storage_options: Any) -> StorageReader:
+    """A reader for the checkpoint at ``uri``, from the backend its scheme names."""
+    text = _uri(uri)
+    return default_registry().backend_for(text, storage_options).storage_reader(text)
+
+
+def _check_user_metadata(metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict of JSON values, got {type(metadata).__name__}")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-serializable: {exc}") from exc
+    return dict(metadata)
+
+
+def save(
+    state_dict: Mapping[str, Any],
+    uri: Uri,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    planner: SavePlanner | None = None,
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> Metadata:
+    """Save ``state_dict`` to ``uri``; every rank of the group calls it.
+
+    ``metadata`` is a JSON dict stored in the manifest. A committed checkpoint
+    at ``uri`` raises CheckpointExistsError unless ``overwrite``. Values that
+    only full pickle can store need ``allow_pickle=True``. Returns the
+    committed manifest.
+    """
+    user_metadata = _check_user_metadata(metadata)
+    writer = storage_writer(uri, overwrite=overwrite, **(storage_options or {}))
+    return _save_protocol(
+        state_dict,
+        writer,
+        planner=planner or DefaultSavePlanner(allow_pickle=allow_pickle),
+        collective=make_collective(process_group, coordinator_rank, no_dist),
+        user_metadata=user_metadata,
+    )
+
+
+def load(
+    state_dict: Mapping[str, Any],
+    uri: Uri,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    planner: LoadPlanner | None = None,
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+) -> None:
+    """Load the checkpoint at ``uri`` into ``state_dict`` in place; every rank calls it.
+
+    Tensors are filled in place (resharded as needed); non-tensor leaves are
+    replaced. ``strict=False`` skips keys missing on either side and casts
+    tensors of another dtype.
+    """
+    reader = storage_reader(uri, **(storage_options or {}))
+    _load_protocol(
+        state_dict,
+        reader,
+        planner=planner or DefaultLoadPlanner(strict=strict, allow_pickle=allow_pickle),
+        collective=make_collective(process_group, coordinator_rank, no_dist),
+    )
+
+
+def save_state_dict(
+    state_dict: Mapping[str, Any],
+    storage_writer: StorageWriter,
+    *,
+    planner: SavePlanner | None = None,
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> Metadata:
+    """:func:`save` with an explicit :class:`StorageWriter`."""
+    return _save_protocol(
+        state_dict,
+        storage_writer,
+        planner=planner,
+        collective=make_collective(process_group, coordinator_rank, no_dist),
+        user_metadata=_check_user_metadata(metadata),
+    )
+
+
+def load_state_dict(
+    state_dict: Mapping[str, Any],
+    storage_reader: StorageReader,
+    *,
+    planner: LoadPlanner | None = None,
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool = False,
+) -> None:
+    """:func:`load` with an explicit :class:`StorageReader`."""
+    _load_protocol(
+        state_dict,
+        storage_reader,
+        planner=planner,
+        collective=make_collective(process_group, coordinator_rank, no_dist),
+    )
+
+
+def _select(metadata: Metadata, keys: Iterable[str] | None) -> list[str]:
+    stored = metadata.state_dict_metadata
+    if keys is None:
+        return list(stored)
+    if isinstance(keys, str):
+        keys = [keys]
+    chosen: dict[str, None] = {}
+    unknown = []
+    for key in keys:
+        if key in stored:
+            chosen[key] = None
+            continue
+        under = [fqn for fqn in stored if fqn.startswith(key + ".")]
+        if not under:
+            unknown.append(key)
+        chosen.update(dict.fromkeys(under))
+    if unknown:
+        raise KeyError(
+            f"the checkpoint has no key or key prefix {', '.join(map(repr, unknown))}; "
+            f"it has {len(stored)} keys, e.g. {', '.join(list(stored)[:5])}"
+        )
+    return list(chosen)
+
+
+def read(
+    uri: Uri,
+    *,
+    keys: Iterable[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Materialize the checkpoint at ``uri`` (or only ``keys``) as a nested dict
+    of full CPU tensors, in this process alone.
+
+    ``keys`` are fully-qualified keys or prefixes of them (``"model"``
+    selects every key under ``model.``).
+    """
+    reader = storage_reader(uri, **(storage_options or {}))
+    metadata = reader.read_metadata()
+    selected = _select(metadata, keys)
+    flat: dict[str, Any] = {}
+    for fqn in selected:
+        entry = metadata.state_dict_metadata[fqn]
+        if isinstance(entry, TensorStorageMetadata):
+            flat[fqn] = torch.empty(entry.size, dtype=entry.properties.dtype)
+        else:
+            flat[fqn] = None
+    _load_protocol(
+        flat,
+        reader,
+        planner=DefaultLoadPlanner(strict=False, allow_pickle=allow_pickle),
+        metadata=metadata,
+    )
+    return build_nested(flat, metadata.planner_data, metadata.state_dict_metadata)
+
+
+def local_metadata(state_dict: Mapping[str, Any], *, allow_pickle: bool = False) -> Metadata:
+    """The metadata a single-process save of ``state_dict`` would commit (no I/O)."""
+    planner = DefaultSavePlanner(allow_pickle=allow_pickle)
+    planner.set_up_planner(state_dict, None, True)
+    _, metadata = planner.create_global_plan([planner.create_local_plan()])
+    return metadata
+
+
+def _step_of(uri: str) -> int | None:
+    name = os.path.basename(uri.rstrip("/"))
+    match = _STEP.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _info(uri: str, metadata: Metadata) -> CheckpointInfo:
+    return CheckpointInfo(
+        uri=uri,
+        step=_step_of(uri),
+        committed_at=metadata.committed_at,
+        nbytes=stored_nbytes(metadata),
+        num_entries=len(metadata.state_dict_metadata),
+        user_metadata=metadata.user_metadata,
+        format_version=metadata.version,
+    )
+
+
+def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+    """A summary of the checkpoint at ``uri`` from its manifest (no data files read)."""
+    text = _uri(uri)
+    backend = default_registry().backend_for(text, storage_options)
+    return _info(text, backend.read_metadata(text))
+
+
+def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
+    """The committed checkpoints directly under ``prefix``, oldest first.
+
+    Ordered by the step number in their names (names without one first),
+    then by commit time. Incomplete and unreadable checkpoints are skipped.
+    """
+    text = _uri(prefix)
+    backend = default_registry().backend_for(text, storage_options)
+    found = []
+    for child in backend.list_children(text):
+        try:
+            found.append(_info(child, backend.read_metadata(child)))
+        except (CheckpointNotFoundError, IncompleteCheckpointError):
+            continue
+        except (CorruptCheckpointError, FormatVersionError) as exc:
+            logger.warning("skipping %s: %s", child, exc)
+    found.sort(key=lambda i: (-1 if i.step is None else i.step, i.committed_at or 0.0))
+    return found
+
+
+def latest(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The URI of the newest committed checkpoint under ``prefix``, or None."""
+    found = list_checkpoints(prefix, storage_options=storage_options)
+    return found[-1].uri if found else None
+
+
+def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Remove the checkpoint at ``uri`` (manifest first, so it is never half-valid)."""
+    text = _uri(uri)
+    default_registry().backend_for(text, storage_options).delete(text)

@@ -1,0 +1,98 @@
+"""What a storage plugin registers: a :class:`Backend` class owning its URI schemes.
+
+A backend builds the storage writer/reader for one checkpoint URI and knows
+how to list and delete checkpoints. Most backends are byte stores: subclass
+:class:`StoreBackend`, implement ``open_store`` and ``list_children``, and the
+core's layout does the rest.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+from torchstow.core.errors import CheckpointNotFoundError
+from torchstow.core.layout import MANIFEST, LayoutReader, LayoutWriter, is_data_file, read_manifest
+from torchstow.core.metadata import Metadata
+from torchstow.core.storage import StorageReader, StorageWriter
+from torchstow.core.store import ByteStore
+
+__all__ = ["Backend", "StoreBackend"]
+
+
+class Backend(abc.ABC):
+    """A kind of storage, reachable through the URI schemes in ``schemes``.
+
+    The constructor takes the caller's ``storage_options`` as keywords; an
+    unknown option is a TypeError naming it.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    @abc.abstractmethod
+    def storage_writer(self, uri: str, *, overwrite: bool = False) -> StorageWriter:
+        """A writer that saves one checkpoint at ``uri``."""
+
+    @abc.abstractmethod
+    def storage_reader(self, uri: str) -> StorageReader:
+        """A reader that loads the checkpoint at ``uri``."""
+
+    @abc.abstractmethod
+    def read_metadata(self, uri: str) -> Metadata:
+        """The committed manifest at ``uri`` (CheckpointNotFoundError if none)."""
+
+    @abc.abstractmethod
+    def list_children(self, prefix: str) -> list[str]:
+        """URIs of the entries directly under ``prefix`` (candidates for checkpoints),
+        in the same form as ``prefix``; [] when ``prefix`` does not exist."""
+
+    @abc.abstractmethod
+    def delete(self, uri: str) -> None:
+        """Remove the checkpoint at ``uri``, manifest first."""
+
+
+class StoreBackend(Backend):
+    """A backend made of a :class:`ByteStore` per checkpoint location.
+
+    ``thread_count`` sets the writer and reader threads (and data files) per
+    rank; ``verify_checksums=False`` skips verification on load.
+    """
+
+    def __init__(self, *, thread_count: int | None = None, verify_checksums: bool = True) -> None:
+        self.thread_count = thread_count
+        self.verify_checksums = verify_checksums
+
+    @abc.abstractmethod
+    def open_store(self, uri: str) -> ByteStore:
+        """The store for the checkpoint location ``uri``."""
+
+    def storage_writer(self, uri: str, *, overwrite: bool = False) -> StorageWriter:
+        return LayoutWriter(
+            self.open_store(uri),
+            overwrite=overwrite,
+            thread_count=self.thread_count,
+            open_store=self.open_store,
+        )
+
+    def storage_reader(self, uri: str) -> StorageReader:
+        return LayoutReader(
+            self.open_store(uri),
+            thread_count=self.thread_count,
+            verify_checksums=self.verify_checksums,
+            open_store=self.open_store,
+        )
+
+    def read_metadata(self, uri: str) -> Metadata:
+        return read_manifest(self.open_store(uri))
+
+    def delete(self, uri: str) -> None:
+        store = self.open_store(uri)
+        files = store.list_files()
+        ours = [f for f in files if is_data_file(f) or f.startswith(f".{MANIFEST}")]
+        if MANIFEST not in files and not ours:
+            raise CheckpointNotFoundError(f"no checkpoint at {store.location}")
+        if MANIFEST in files:
+            store.delete_files([MANIFEST])
+        store.delete_files(ours)
+        if len(ours) + (MANIFEST in files) == len(files):
+            store.remove_location()

@@ -1,0 +1,125 @@
+"""The exceptions torchstow raises.
+
+Every error derives from :class:`TorchstowError`. Where Python or
+torch.distributed.checkpoint has a familiar built-in for the same situation,
+the error subclasses it too, so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import ClassVar
+
+
+class TorchstowError(Exception):
+    """Base class of every torchstow error."""
+
+
+class UnknownBackendError(TorchstowError, ValueError):
+    """No installed backend handles the scheme of a URI."""
+
+
+class CheckpointNotFoundError(TorchstowError, FileNotFoundError):
+    """There is no checkpoint (and no data of one) at the given location."""
+
+
+class IncompleteCheckpointError(TorchstowError):
+    """Data files exist at the location, but no committed manifest."""
+
+
+class CorruptCheckpointError(TorchstowError):
+    """A manifest or data file cannot be read back (truncated, malformed)."""
+
+
+class ChecksumMismatchError(CorruptCheckpointError):
+    """Bytes read back do not match the checksum recorded at save time."""
+
+
+class FormatVersionError(TorchstowError):
+    """The manifest was written by a newer, incompatible format version."""
+
+
+class StateDictMismatchError(TorchstowError, RuntimeError):
+    """The state dict and the checkpoint disagree on keys, shapes or dtypes."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing_keys: list[str] | None = None,
+        unexpected_keys: list[str] | None = None,
+        mismatched: list[str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.missing_keys = missing_keys or []
+        self.unexpected_keys = unexpected_keys or []
+        self.mismatched = mismatched or []
+
+
+class PickleNotAllowedError(TorchstowError):
+    """A value needs full pickle, but ``allow_pickle=True`` was not passed."""
+
+
+class CheckpointExistsError(TorchstowError, FileExistsError):
+    """A committed checkpoint exists at the target and ``overwrite`` is False."""
+
+
+Failure = tuple[BaseException, traceback.StackSummary]
+
+
+class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users know)
+    """A collective save or load failed on one or more ranks.
+
+    ``failures`` maps each failed rank to the exception raised there and the
+    stack where it was raised. Every rank of the group raises the same
+    exception. When all failed ranks raised the same kind of torchstow error
+    (a missing checkpoint, say), the exception is also an instance of that
+    class, so ``except CheckpointNotFoundError`` works on a collective load.
+    """
+
+    _specialised: ClassVar[dict[type[BaseException], type[CheckpointException]]] = {}
+
+    def __init__(self, message: str, failures: dict[int, Failure]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.failures = failures
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (CheckpointException.from_failures, ("", self.failures, self.message))
+
+    @classmethod
+    def from_failures(
+        cls, step: str, failures: dict[int, Failure], message: str | None = None
+    ) -> CheckpointException:
+        """Build the exception for the failures collected at protocol ``step``."""
+        if message is None:
+            lines = [f"checkpoint {step} failed on {len(failures)} rank(s):"]
+            for rank in sorted(failures):
+                exc, _ = failures[rank]
+                lines.append(f"  rank {rank}: {type(exc).__name__}: {exc}")
+            message = "\n".join(lines)
+        kind = _common_error_class(failures)
+        exc_cls = cls._specialise(kind) if kind is not None else cls
+        return exc_cls(message, failures)
+
+    @classmethod
+    def _specialise(cls, kind: type[BaseException]) -> type[CheckpointException]:
+        special = cls._specialised.get(kind)
+        if special is None:
+            special = type(f"CheckpointException[{kind.__name__}]", (cls, kind), {})
+            special.__module__ = cls.__module__
+            cls._specialised[kind] = special
+        return special
+
+
+def _common_error_class(failures: dict[int, Failure]) -> type[BaseException] | None:
+    kinds = {type(exc) for exc, _ in failures.values()}
+    if len(kinds) != 1:
+        return None
+    (kind,) = kinds
+    if not issubclass(kind, TorchstowError) or issubclass(kind, CheckpointException):
+        return None
+    return kind

@@ -1,0 +1,219 @@
+"""Flattening nested state dicts to fully-qualified keys, and back.
+
+Mappings are always walked; lists and tuples are walked only when they hold a
+tensor somewhere inside, otherwise they are a single leaf (an optimizer's
+``param_groups`` stays one JSON value). Keys are joined with ``"."``. Each
+leaf's path (the dict keys and sequence indices leading to it) and the type of
+every container are recorded, so the exact nesting - empty containers, tuples,
+integer dict keys - can be rebuilt without the original object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from typing import Any
+
+import torch
+
+PathElem = str | int
+Path = tuple[PathElem, ...]
+
+DICT = "dict"
+LIST = "list"
+TUPLE = "tuple"
+
+__all__ = [
+    "Flattened",
+    "Path",
+    "build_nested",
+    "flatten_state_dict",
+    "set_leaf",
+]
+
+
+class Flattened:
+    """The result of :func:`flatten_state_dict`."""
+
+    __slots__ = ("containers", "leaves", "paths")
+
+    def __init__(self) -> None:
+        self.leaves: dict[str, Any] = {}
+        self.paths: dict[str, Path] = {}
+        self.containers: list[tuple[Path, str]] = []
+
+    def planner_data(self) -> dict[str, Any]:
+        """The JSON form kept in the manifest: container types and unusual paths."""
+        odd_paths = {
+            fqn: list(path)
+            for fqn, path in self.paths.items()
+            if any(not isinstance(p, str) or "." in p for p in path)
+        }
+        return {
+            "containers": [[list(path), kind] for path, kind in self.containers],
+            "paths": odd_paths,
+        }
+
+
+def _holds_tensor(seq: Iterable[Any]) -> bool:
+    for item in seq:
+        if isinstance(item, torch.Tensor):
+            return True
+        if isinstance(item, Mapping):
+            if _holds_tensor(item.values()):
+                return True
+        elif isinstance(item, list | tuple) and _holds_tensor(item):
+            return True
+    return False
+
+
+def _check_key(key: object, parent: Path) -> PathElem:
+    if isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool)):
+        return key
+    where = ".".join(map(str, parent)) or "<root>"
+    raise ValueError(
+        f"state dict key {key!r} under {where!r} has type {type(key).__name__}; "
+        "torchstow keys must be str or int"
+    )
+
+
+def flatten_state_dict(state_dict: Mapping[str, Any]) -> Flattened:
+    """Flatten ``state_dict`` to ``{fqn: leaf}`` with paths and container types."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"a state dict must be a mapping, got {type(state_dict).__name__}")
+    out = Flattened()
+    leaves = out.leaves
+    paths = out.paths
+    containers = out.containers
+    stack: list[tuple[Path, str, Any]] = [((), "", state_dict)]
+    while stack:
+        path, fqn, node = stack.pop()
+        if isinstance(node, Mapping):
+            containers.append((path, DICT))
+            items: Iterable[tuple[Any, Any]] = node.items()
+        elif path and isinstance(node, list | tuple) and _holds_tensor(node):
+            containers.append((path, TUPLE if isinstance(node, tuple) else LIST))
+            items = enumerate(node)
+        else:
+            if fqn in leaves:
+                raise ValueError(
+                    f"two entries flatten to the key {fqn!r}: paths {paths[fqn]!r} and {path!r}; "
+                    "rename one of them"
+                )
+            leaves[fqn] = node
+            paths[fqn] = path
+            continue
+        children = []
+        for key, value in items:
+            elem = key if isinstance(node, list | tuple) else _check_key(key, path)
+            child_fqn = f"{fqn}.{elem}" if path else str(elem)
+            children.append(((*path, elem), child_fqn, value))
+        stack.extend(reversed(children))
+    return out
+
+
+def _decode_containers(planner_data: Mapping[str, Any] | None) -> dict[Path, str]:
+    if not planner_data:
+        return {(): DICT}
+    return {tuple(path): kind for path, kind in planner_data.get("containers", [])}
+
+
+def leaf_paths(planner_data: Mapping[str, Any] | None, fqns: Iterable[str]) -> dict[str, Path]:
+    """Recover each key's path from the manifest's planner data."""
+    odd = (planner_data or {}).get("paths", {})
+    containers = _decode_containers(planner_data)
+    out: dict[str, Path] = {}
+    for fqn in fqns:
+        raw = odd.get(fqn)
+        if raw is not None:
+            out[fqn] = tuple(raw)
+            continue
+        # Ordinary keys: dotted string parts, ints where the parent is a sequence.
+        parts: list[PathElem] = []
+        for part in fqn.split("."):
+            kind = containers.get(tuple(parts))
+            parts.append(int(part) if kind in (LIST, TUPLE) else part)
+        out[fqn] = tuple(parts)
+    return out
+
+
+def build_nested(
+    leaves: Mapping[str, Any],
+    planner_data: Mapping[str, Any] | None,
+    all_fqns: Iterable[str] | None = None,
+) -> dict[Any, Any]:
+    """Rebuild the nested state dict from flat leaves and the recorded structure.
+
+    ``all_fqns`` names every key of the checkpoint when ``leaves`` is a subset.
+    A complete rebuild recreates empty containers too. In a subset, a sequence
+    whose elements are not all present comes back as a dict keyed by index, so
+    no index silently shifts.
+    """
+    kinds = _decode_containers(planner_data)
+    all_paths = leaf_paths(planner_data, leaves if all_fqns is None else all_fqns)
+    complete = len(all_paths) == len(leaves)
+    lengths: dict[Path, int] = {}
+    for path in chain(all_paths.values(), kinds):
+        if path and kinds.get(path[:-1]) in (LIST, TUPLE):
+            parent = path[:-1]
+            lengths[parent] = max(lengths.get(parent, 0), int(path[-1]) + 1)
+
+    root: dict[Any, Any] = {}
+    nodes: dict[Path, dict[Any, Any]] = {(): root}
+
+    def node_for(path: Path) -> dict[Any, Any]:
+        node = nodes.get(path)
+        if node is None:
+            parent = node_for(path[:-1])
+            node = parent[path[-1]] = {}
+            nodes[path] = node
+        return node
+
+    if complete:
+        for path in sorted(kinds, key=len):
+            node_for(path)
+    for fqn, value in leaves.items():
+        path = all_paths[fqn]
+        node_for(path[:-1])[path[-1]] = value
+    # Convert sequences bottom-up (longest paths first) so parents see final children.
+    for path in sorted(nodes, key=len, reverse=True):
+        kind = kinds.get(path, DICT)
+        node = nodes[path]
+        if kind == DICT or not path or len(node) != lengths.get(path, 0):
+            continue
+        seq = [node[i] for i in range(len(node))]
+        nodes[path[:-1]][path[-1]] = tuple(seq) if kind == TUPLE else seq
+    return root
+
+
+def set_leaf(root: Any, path: Path, value: Any) -> Any:
+    """Replace the leaf at ``path`` inside ``root`` in place.
+
+    Tuples on the way cannot be mutated, so they are rebuilt and put back into
+    their (mutable) parent. Returns the possibly new root.
+    """
+    if not path:
+        return value
+    chain = [root]
+    node = root
+    for elem in path[:-1]:
+        node = node[elem]
+        chain.append(node)
+    new_value = value
+    for depth in range(len(path) - 1, -1, -1):
+        parent = chain[depth]
+        key = path[depth]
+        if isinstance(parent, tuple):
+            items = list(parent)
+            items[int(key)] = new_value
+            new_value = _rebuild_tuple(parent, items)
+            continue
+        parent[key] = new_value
+        return root
+    return new_value
+
+
+def _rebuild_tuple(original: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    if hasattr(original, "_fields"):  # namedtuple
+        return type(original)(*items)
+    return type(original)(items)

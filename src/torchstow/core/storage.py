@@ -1,0 +1,136 @@
+"""The storage protocol: what a backend implements to save and load checkpoints.
+
+These mirror torch.distributed.checkpoint's ``StorageWriter``/``StorageReader``
+so DCP-style backends port over directly. Futures returned by ``write_data``
+and ``read_data`` may be ``torch.futures.Future`` or
+``concurrent.futures.Future``; use :func:`wait_future` to wait on either.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from torchstow.core.metadata import Metadata, MetadataIndex
+from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
+
+__all__ = ["StorageReader", "StorageWriter", "WriteResult", "completed_future", "wait_future"]
+
+T = TypeVar("T")
+AnyFuture = Any  # torch.futures.Future[T] | concurrent.futures.Future[T]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What writing one item produced: its index, size, and where it went."""
+
+    index: MetadataIndex
+    size_in_bytes: int
+    storage_data: Any
+
+
+class StorageWriter(abc.ABC):
+    """Writes one checkpoint. Call order in a save, on every rank unless noted:
+
+    ``reset`` -> ``set_up_storage_writer`` -> ``prepare_local_plan`` ->
+    ``prepare_global_plan`` (coordinator) -> ``write_data`` -> ``finish``
+    (coordinator, after every rank wrote).
+    """
+
+    @abc.abstractmethod
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Prepare for a new save, optionally to another checkpoint location."""
+
+    @abc.abstractmethod
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Set up for this rank; ``rank`` and ``world_size`` come as keywords."""
+
+    @abc.abstractmethod
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Adjust this rank's plan (e.g. attach storage data)."""
+
+    @abc.abstractmethod
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """On the coordinator: adjust all plans (e.g. give each rank a file prefix)."""
+
+    @abc.abstractmethod
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> AnyFuture:
+        """Write the plan's items, resolving each through ``planner.resolve_data``.
+
+        Returns a future of the list of :class:`WriteResult`.
+        """
+
+    @abc.abstractmethod
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """On the coordinator: commit the checkpoint (write the manifest last)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """Whether this writer can handle ``checkpoint_id``."""
+
+
+class StorageReader(abc.ABC):
+    """Reads one checkpoint. Call order in a load:
+
+    ``reset`` -> ``read_metadata`` (coordinator) -> ``set_up_storage_reader``
+    -> ``prepare_local_plan`` -> ``prepare_global_plan`` (coordinator) ->
+    ``read_data``.
+    """
+
+    @abc.abstractmethod
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Prepare for a new load, optionally from another checkpoint location."""
+
+    @abc.abstractmethod
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """Read the checkpoint's manifest."""
+
+    @abc.abstractmethod
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        """Set up for this rank with the manifest the coordinator read."""
+
+    @abc.abstractmethod
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        """Adjust this rank's plan."""
+
+    @abc.abstractmethod
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        """On the coordinator: adjust all plans."""
+
+    @abc.abstractmethod
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> AnyFuture:
+        """Read the plan's items into ``planner.resolve_tensor``/``load_bytes``.
+
+        Returns a future that completes when all items are loaded.
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """Whether this reader can handle ``checkpoint_id``."""
+
+
+def wait_future(future: AnyFuture) -> Any:
+    """Wait for a torch or concurrent future and return its value (or raise)."""
+    if isinstance(future, torch.futures.Future):
+        return future.wait()
+    if isinstance(future, concurrent.futures.Future):
+        return future.result()
+    raise TypeError(
+        f"expected a torch.futures.Future or concurrent.futures.Future, got {type(future).__name__}"
+    )
+
+
+def completed_future(value: T) -> concurrent.futures.Future[T]:
+    """A future that already holds ``value``."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+    future.set_result(value)
+    return future

@@ -1,0 +1,81 @@
+"""The byte-store interface: the small surface a storage plugin implements.
+
+A store holds the named files of one checkpoint location (a directory, an
+object prefix, a shared-memory folder). The core's layout writer and reader
+(:mod:`torchstow.core.layout`) do everything else: packing, alignment,
+checksums, manifest, commit order.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+__all__ = ["ByteStore", "FileSink"]
+
+Buffer = memoryview | bytes | bytearray
+
+
+class FileSink(abc.ABC):
+    """A file being written, front to back."""
+
+    @abc.abstractmethod
+    def write(self, buffers: Sequence[Buffer]) -> None:
+        """Append ``buffers`` in order (gathered into one call where possible)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish the file and make it durable (on stores that sync)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Give up on the file; remove what was written if possible."""
+
+
+class ByteStore(abc.ABC):
+    """Named files under one checkpoint location.
+
+    ``location`` is how errors name the place (a path or URI).
+    ``read_segment_bytes`` is how much one :meth:`read_into` call should
+    cover: small for local stores (the bytes are verified while still in
+    cache), large for remote ones (fewer, bigger requests).
+    """
+
+    location: str
+    read_segment_bytes: int = 1 << 20
+
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """Make the location ready for writing (create directories...). Idempotent."""
+
+    @abc.abstractmethod
+    def create(self, name: str) -> FileSink:
+        """Start writing a new file ``name`` (never an existing one)."""
+
+    @abc.abstractmethod
+    def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
+        """Fill each ``(offset, buffer)`` with the file's bytes at ``offset``.
+
+        A file shorter than a request raises CorruptCheckpointError; a missing
+        one raises FileNotFoundError.
+        """
+
+    @abc.abstractmethod
+    def read_file(self, name: str) -> bytes:
+        """The whole file ``name``; FileNotFoundError if it is missing."""
+
+    @abc.abstractmethod
+    def publish(self, name: str, data: bytes) -> None:
+        """Write ``data`` as ``name`` atomically: readers see the old file or the new, whole."""
+
+    @abc.abstractmethod
+    def list_files(self) -> list[str]:
+        """Names of the files at the location ([] when it does not exist)."""
+
+    @abc.abstractmethod
+    def delete_files(self, names: Sequence[str]) -> None:
+        """Remove files; names that do not exist are ignored."""
+
+    @abc.abstractmethod
+    def remove_location(self) -> None:
+        """Remove the (now empty) location itself, where that means anything."""
