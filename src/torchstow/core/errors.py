@@ -72,9 +72,11 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
 
     ``failures`` maps each failed rank to the exception raised there and the
     stack where it was raised. Every rank of the group raises the same
-    exception. When all failed ranks raised the same kind of torchstow error
-    (a missing checkpoint, say), the exception is also an instance of that
-    class, so ``except CheckpointNotFoundError`` works on a collective load.
+    exception. When all failed ranks raised the same class of exception, and
+    that class is a torchstow error or a Python built-in (a missing
+    checkpoint, a bad argument), the exception is also an instance of that
+    class: ``except CheckpointNotFoundError`` or ``except TypeError`` works
+    around a collective call as it would around a local one.
     """
 
     _specialised: ClassVar[dict[type[BaseException], type[CheckpointException]]] = {}
@@ -120,6 +122,8 @@ def _common_error_class(failures: dict[int, Failure]) -> type[BaseException] | N
     if len(kinds) != 1:
         return None
     (kind,) = kinds
-    if not issubclass(kind, TorchstowError) or issubclass(kind, CheckpointException):
+    if issubclass(kind, CheckpointException) or not issubclass(kind, Exception):
         return None
-    return kind
+    if issubclass(kind, TorchstowError) or kind.__module__ == "builtins":
+        return kind
+    return None

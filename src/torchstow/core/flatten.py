@@ -40,7 +40,9 @@ class Flattened:
     def __init__(self) -> None:
         self.leaves: dict[str, Any] = {}
         self.paths: dict[str, Path] = {}
-        self.containers: list[tuple[Path, str]] = []
+        # (path, kind, number of leaves seen before it): the position lets a
+        # rebuild interleave containers and leaves in their original order.
+        self.containers: list[tuple[Path, str, int]] = []
 
     def planner_data(self) -> dict[str, Any]:
         """The JSON form kept in the manifest: container types and unusual paths."""
@@ -50,7 +52,7 @@ class Flattened:
             if any(not isinstance(p, str) or "." in p for p in path)
         }
         return {
-            "containers": [[list(path), kind] for path, kind in self.containers],
+            "containers": [[list(path), kind, pos] for path, kind, pos in self.containers],
             "paths": odd_paths,
         }
 
@@ -89,10 +91,10 @@ def flatten_state_dict(state_dict: Mapping[str, Any]) -> Flattened:
     while stack:
         path, fqn, node = stack.pop()
         if isinstance(node, Mapping):
-            containers.append((path, DICT))
+            containers.append((path, DICT, len(leaves)))
             items: Iterable[tuple[Any, Any]] = node.items()
         elif path and isinstance(node, list | tuple) and _holds_tensor(node):
-            containers.append((path, TUPLE if isinstance(node, tuple) else LIST))
+            containers.append((path, TUPLE if isinstance(node, tuple) else LIST, len(leaves)))
             items = enumerate(node)
         else:
             if fqn in leaves:
@@ -112,16 +114,16 @@ def flatten_state_dict(state_dict: Mapping[str, Any]) -> Flattened:
     return out
 
 
-def _decode_containers(planner_data: Mapping[str, Any] | None) -> dict[Path, str]:
+def _decode_containers(planner_data: Mapping[str, Any] | None) -> list[tuple[Path, str, int]]:
     if not planner_data:
-        return {(): DICT}
-    return {tuple(path): kind for path, kind in planner_data.get("containers", [])}
+        return [((), DICT, 0)]
+    return [(tuple(path), kind, pos) for path, kind, pos in planner_data.get("containers", [])]
 
 
 def leaf_paths(planner_data: Mapping[str, Any] | None, fqns: Iterable[str]) -> dict[str, Path]:
     """Recover each key's path from the manifest's planner data."""
     odd = (planner_data or {}).get("paths", {})
-    containers = _decode_containers(planner_data)
+    containers = {path: kind for path, kind, _ in _decode_containers(planner_data)}
     out: dict[str, Path] = {}
     for fqn in fqns:
         raw = odd.get(fqn)
@@ -149,8 +151,10 @@ def build_nested(
     whose elements are not all present comes back as a dict keyed by index, so
     no index silently shifts.
     """
-    kinds = _decode_containers(planner_data)
-    all_paths = leaf_paths(planner_data, leaves if all_fqns is None else all_fqns)
+    containers = _decode_containers(planner_data)
+    kinds = {path: kind for path, kind, _ in containers}
+    order = list(leaves if all_fqns is None else all_fqns)
+    all_paths = leaf_paths(planner_data, order)
     complete = len(all_paths) == len(leaves)
     lengths: dict[Path, int] = {}
     for path in chain(all_paths.values(), kinds):
@@ -169,12 +173,19 @@ def build_nested(
             nodes[path] = node
         return node
 
-    if complete:
-        for path in sorted(kinds, key=len):
-            node_for(path)
-    for fqn, value in leaves.items():
-        path = all_paths[fqn]
-        node_for(path[:-1])[path[-1]] = value
+    # Walk leaves and containers in their original order, so keys keep it.
+    pending = iter(sorted(containers, key=lambda c: c[2]) if complete else ())
+    upcoming = next(pending, None)
+    for position, fqn in enumerate(order):
+        while upcoming is not None and upcoming[2] <= position:
+            node_for(upcoming[0])
+            upcoming = next(pending, None)
+        if fqn in leaves:
+            path = all_paths[fqn]
+            node_for(path[:-1])[path[-1]] = leaves[fqn]
+    while upcoming is not None:
+        node_for(upcoming[0])
+        upcoming = next(pending, None)
     # Convert sequences bottom-up (longest paths first) so parents see final children.
     for path in sorted(nodes, key=len, reverse=True):
         kind = kinds.get(path, DICT)

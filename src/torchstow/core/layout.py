@@ -409,7 +409,12 @@ class LayoutReader(StorageReader):
             read.finish(self.store.location, self.verify_checksums)
 
     def _read_segment(self, file: str, segment: list[tuple[int, memoryview, _PlannedRead]]) -> None:
-        self.store.read_into(file, [(offset, buf) for offset, buf, _ in segment])
+        try:
+            self.store.read_into(file, [(offset, buf) for offset, buf, _ in segment])
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{self.store.location}/{file}, a data file of this checkpoint, is missing"
+            ) from None
         if self.verify_checksums:
             location = self.store.location
             for _, buf, read in segment:

@@ -393,15 +393,15 @@ def dedup_save_plans(all_plans: list[SavePlan]) -> list[SavePlan]:
 
 def merge_planner_data(datas: list[Any]) -> dict[str, Any]:
     """Union of the containers and paths every rank recorded."""
-    containers: dict[tuple[Any, ...], str] = {}
+    containers: dict[tuple[Any, ...], tuple[str, int]] = {}
     paths: dict[str, Any] = {}
     for data in datas:
         if not data:
             continue
-        for path, kind in data.get("containers", []):
-            containers.setdefault(tuple(path), kind)
+        for path, kind, position in data.get("containers", []):
+            containers.setdefault(tuple(path), (kind, position))
         paths.update(data.get("paths", {}))
-    return {"containers": [[list(p), k] for p, k in containers.items()], "paths": paths}
+    return {"containers": [[list(p), k, pos] for p, (k, pos) in containers.items()], "paths": paths}
 
 
 def _read_items_for(
