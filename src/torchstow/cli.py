@@ -60,7 +60,15 @@ def _mismatches(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def demo(args: argparse.Namespace) -> int:
     """Train a small transformer a step, save model + optimizer, load into fresh ones, compare."""
-    root = args.path or tempfile.mkdtemp(prefix="torchstow-demo-")
+    if args.path:
+        return _demo(args.path)
+    with tempfile.TemporaryDirectory(prefix="torchstow-demo-") as root:
+        status = _demo(root)
+        print(f"(removed {root}; pass --path DIR to keep the checkpoint)")
+        return status
+
+
+def _demo(root: str) -> int:
     uri = os.path.join(root, "step-2")
     model, optim = _model(seed=0)
     for step in range(2):
