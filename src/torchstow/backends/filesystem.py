@@ -71,16 +71,20 @@ def _write_all(fd: int, buffers: Sequence[Buffer]) -> int:
     total = sum(len(b) for b in pending)
     while pending:
         group = [pending[i] for i in range(min(len(pending), _IOV_MAX))]
-        written = os.writev(fd, group)
-        while written:
-            head = pending[0]
-            if written >= len(head):
-                written -= len(head)
-                pending.popleft()
-            else:
-                pending[0] = head[written:]
-                written = 0
+        _consume(pending, os.writev(fd, group))
     return total
+
+
+def _consume(pending: deque[memoryview], done: int) -> None:
+    """Drop ``done`` bytes from the front of the queued buffers (after a partial I/O)."""
+    while done:
+        head = pending[0]
+        if done >= len(head):
+            done -= len(head)
+            pending.popleft()
+        else:
+            pending[0] = head[done:]
+            done = 0
 
 
 class _LocalSink(FileSink):
@@ -169,14 +173,7 @@ class LocalFileStore(ByteStore):
                     f"{self._file(name)} is truncated: {missing} bytes missing at offset {pos}"
                 )
             pos += got
-            while got:
-                head = pending[0]
-                if got >= len(head):
-                    got -= len(head)
-                    pending.popleft()
-                else:
-                    pending[0] = head[got:]
-                    got = 0
+            _consume(pending, got)
 
     def read_file(self, name: str) -> bytes:
         with open(self._file(name), "rb") as f:
