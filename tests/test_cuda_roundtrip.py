@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same
 
 import torchstow
+from conftest import assert_same
 
 pytestmark = [
     pytest.mark.cuda,
