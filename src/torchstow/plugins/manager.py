@@ -112,13 +112,19 @@ def scheme_of(uri: str) -> str:
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """One registered scheme: the backend class and the plugin that provided it."""
+    """One registered scheme: the backend class and the plugin that provided it.
+
+    ``plugin`` is the entry-point name (what ``TORCHSTOW_DISABLE_PLUGINS``
+    takes); ``distribution`` and ``version`` name the installed package it
+    came from (None for a plugin registered by hand).
+    """
 
     scheme: str
     backend: type[Backend]
     plugin: str
     version: str | None
     preferred: bool = False
+    distribution: str | None = None
 
 
 class BackendRegistry:
@@ -131,6 +137,7 @@ class BackendRegistry:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self.versions: dict[str, str] = dict(getattr(pm, "versions", {}))
+        self.distributions: dict[str, str] = dict(getattr(pm, "distributions", {}))
         self.load_errors: dict[str, str] = dict(getattr(pm, "load_errors", {}))
         self._entries: dict[str, BackendEntry] = {}
         for impl in pm.hook.torchstow_register_backends.get_hookimpls():
@@ -161,7 +168,7 @@ class BackendRegistry:
             raise ValueError(f"plugin {plugin!r} registered {backend.__name__} with no schemes")
         for raw in backend.schemes:
             scheme = raw.lower()
-            entry = BackendEntry(scheme, backend, plugin, version, preferred)
+            entry = BackendEntry(scheme, backend, plugin, version, preferred, self.distributions.get(plugin))
             current = self._entries.get(scheme)
             if current is None or current.backend is backend or (preferred and not current.preferred):
                 self._entries[scheme] = entry
