@@ -57,8 +57,10 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
-    """Storage options for the moto server (fast retries, small parts to exercise multipart)."""
-    return {**S3_CREDENTIALS, "endpoint_url": endpoint, "retry_delay": 0.01, **extra}
+    """Storage options for the moto server: fast retries, and parts of S3's smallest size
+    for every data file over 5 MiB, so small tests exercise multipart uploads."""
+    small_parts = {"part_size": 5 << 20, "multipart_threshold": 5 << 20}
+    return {**S3_CREDENTIALS, "endpoint_url": endpoint, "retry_delay": 0.01, **small_parts, **extra}
 
 
 def unique(prefix: str = "t") -> str:

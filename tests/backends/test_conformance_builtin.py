@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import s3_options, unique
 
 from torchstow.testing import BackendConformance
+
+from conftest import s3_options, unique
 
 
 class TestFileSystemConformance(BackendConformance):
@@ -54,4 +55,4 @@ class TestS3Conformance(BackendConformance):
 
     @pytest.fixture
     def storage_options(self, s3_endpoint: str) -> dict[str, Any]:
-        return s3_options(s3_endpoint, part_size=5 << 20)  # the 6 MiB tensors go up in two parts
+        return s3_options(s3_endpoint)  # the files of 6 MiB tensors go up in two parts

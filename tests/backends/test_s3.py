@@ -4,6 +4,7 @@ reads in parallel, retries of transient errors, clear permanent errors, several 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,11 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import free_port, s3_options, unique
-from s3_faults import Fault, FaultProxy, Logged
 
 import torchstow
 from torchstow import CheckpointException, IncompleteCheckpointError, StorageIOError
+
+from conftest import free_port, s3_options, unique
+from s3_faults import Fault, FaultProxy, Logged
 
 
 @pytest.fixture
@@ -37,15 +39,22 @@ def _max_overlap(requests: list[Logged]) -> int:
     return most
 
 
+def _part_numbers(proxy: FaultProxy) -> list[int]:
+    """The part numbers of the part uploads the proxy saw, sorted."""
+    return sorted(
+        int(re.findall(r"partNumber=(\d+)", r.path)[0]) for r in proxy.requests("PUT", "partNumber=")
+    )
+
+
 def test_parts_and_ranges_move_concurrently(proxy: FaultProxy, s3_bucket: str) -> None:
     uri = f"s3://{s3_bucket}/{unique()}/step-1"
-    opts = s3_options(proxy.url, part_size=5 << 20, range_size=2 << 20, thread_count=1)
+    opts = s3_options(proxy.url, range_size=2 << 20, thread_count=1)
     sd = {"w": torch.randn(4 << 20)}  # 16 MiB: three full parts and a short one
     proxy.faults.append(Fault("PUT", r"partNumber=", "delay", delay=0.3))
     proxy.faults.append(Fault("GET", r"/data-", "delay", delay=0.3))
     torchstow.save(sd, uri, storage_options=opts)
     parts = proxy.requests("PUT", r"partNumber=")
-    assert sorted(int(r.path.split("partNumber=")[1].split("&")[0]) for r in parts) == [1, 2, 3, 4]
+    assert _part_numbers(proxy) == [1, 2, 3, 4]
     assert len(proxy.requests("POST", r"uploadId=")) == 1  # one multipart upload, completed
     assert _max_overlap(parts) >= 3
 
@@ -57,9 +66,19 @@ def test_parts_and_ranges_move_concurrently(proxy: FaultProxy, s3_bucket: str) -
     assert _max_overlap(ranges) >= 4
 
 
+def test_a_file_within_the_multipart_threshold_is_one_put(proxy: FaultProxy, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url, thread_count=1, multipart_threshold=10 << 20)
+    torchstow.save({"w": torch.randn((10 << 20) // 4)}, uri, storage_options=opts)  # two parts' worth
+    assert proxy.requests("POST", r"uploads|uploadId") == []
+    assert len(proxy.requests("PUT", r"/data-")) == 1
+    torchstow.save({"w": torch.randn((10 << 20) // 4 + 1)}, uri, storage_options=opts, overwrite=True)
+    assert _part_numbers(proxy) == [1, 2, 3]
+
+
 def test_transient_errors_are_retried(proxy: FaultProxy, s3_bucket: str) -> None:
     uri = f"s3://{s3_bucket}/{unique()}/step-1"
-    opts = s3_options(proxy.url, part_size=5 << 20)
+    opts = s3_options(proxy.url)
     sd = {"w": torch.randn(3 << 20), "step": 3}  # 12 MiB: three parts
     proxy.faults += [
         Fault("PUT", r"partNumber=2\b", 503, times=2),  # throttled: SlowDown
@@ -162,7 +181,7 @@ def test_two_ranks_save_and_load_over_gloo(s3_endpoint: str, s3_bucket: str) -> 
     import torch.multiprocessing as mp
 
     uri = f"s3://{s3_bucket}/{unique()}/step-4"
-    opts = s3_options(s3_endpoint, part_size=5 << 20)
+    opts = s3_options(s3_endpoint)
     env = {"OMP_NUM_THREADS": "1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -56,6 +56,9 @@ _INSTALL_HINTS = {
     "hdfs": "pip install pyarrow",
     "sftp": "pip install paramiko",
 }
+# Data files (and threads) per rank: remote stores gain from several objects in
+# flight, and the threads mostly wait on the network.
+_THREADS = 8
 _MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 _MIN_PART = 5 * MiB  # S3's smallest part (but the last)
 
@@ -65,7 +68,8 @@ class Tuning:
     """How a store moves bytes: part and range sizes, requests in flight, retries."""
 
     part_size: int = 16 * MiB
-    range_size: int = 8 * MiB
+    multipart_threshold: int = 32 * MiB
+    range_size: int = 32 * MiB
     concurrency: int = 8
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -147,12 +151,13 @@ class _S3:
 
 
 class _MultipartSink(FileSink):
-    """An S3 object written as a multipart upload, parts going up concurrently.
+    """An S3 object: one PUT up to the multipart threshold, else a multipart
+    upload whose parts go up concurrently.
 
-    Bytes are copied once, into the part being filled; a full part is handed
-    to the event loop while the next fills. The store's semaphore bounds the
-    parts in flight (and so the memory). A file smaller than one part is a
-    single PUT.
+    Bytes are copied once, into the part being filled; while no upload has
+    started, full parts are held (a file that ends within the threshold is
+    one PUT); past it, each full part is handed to the event loop while the
+    next fills. The store's semaphore bounds the parts in flight.
     """
 
     def __init__(self, store: FsspecStore, s3: _S3, path: str, location: str) -> None:
@@ -161,8 +166,10 @@ class _MultipartSink(FileSink):
         self.location = location
         self.bucket, self.key = s3.bucket_key(path)
         self.part_size = store.tuning.part_size
+        self.threshold = store.tuning.multipart_threshold
         self.part = bytearray(self.part_size)
         self.filled = 0
+        self.held: list[bytearray] = []
         self.upload_id: str | None = None
         self.pending: list[tuple[int, Future[Any]]] = []
 
@@ -171,14 +178,25 @@ class _MultipartSink(FileSink):
             view = buf if isinstance(buf, memoryview) else memoryview(buf)
             pos = 0
             while pos < len(view):
+                if self.filled == self.part_size:  # a full part, and more bytes follow
+                    self._part_full()
                 take = min(self.part_size - self.filled, len(view) - pos)
                 self.part[self.filled : self.filled + take] = view[pos : pos + take]
                 self.filled += take
                 pos += take
-                if self.filled == self.part_size:
-                    self._ship()
 
-    def _ship(self) -> None:
+    def _part_full(self) -> None:
+        if self.upload_id is None and (len(self.held) + 1) * self.part_size < self.threshold:
+            self.held.append(self.part)  # the file may still end within one PUT
+        else:
+            for part in self.held:
+                self._ship(part)
+            self.held = []
+            self._ship(self.part)
+        self.part = bytearray(self.part_size)
+        self.filled = 0
+
+    def _ship(self, data: bytearray) -> None:
         if self.upload_id is None:
             self.upload_id = self.s3.call(
                 "create_multipart_upload",
@@ -195,8 +213,6 @@ class _MultipartSink(FileSink):
         for _, done in self.pending:  # fail fast if an earlier part failed for good
             if done.done() and done.exception() is not None:
                 done.result()
-        data = self.part
-        del data[self.filled :]  # the last part may be short
         self.store.slots.acquire()
         future = self.s3.submit(
             "upload_part",
@@ -209,18 +225,17 @@ class _MultipartSink(FileSink):
         )
         future.add_done_callback(lambda _: self.store.slots.release())
         self.pending.append((number, future))
-        self.part = bytearray(self.part_size)
-        self.filled = 0
 
     def close(self) -> None:
+        del self.part[self.filled :]  # the last part may be short
         if self.upload_id is None:
-            del self.part[self.filled :]
+            body = self.part if not self.held else bytearray().join([*self.held, self.part])
             self.s3.call(
-                "put_object", f"writing {self.location}", Bucket=self.bucket, Key=self.key, Body=self.part
+                "put_object", f"writing {self.location}", Bucket=self.bucket, Key=self.key, Body=body
             )
         else:
             if self.filled:
-                self._ship()
+                self._ship(self.part)
             parts = [{"PartNumber": n, "ETag": f.result()["ETag"]} for n, f in self.pending]
             self.s3.call(
                 "complete_multipart_upload",
@@ -231,6 +246,7 @@ class _MultipartSink(FileSink):
                 MultipartUpload={"Parts": parts},
             )
         self.part = bytearray()
+        self.held = []
         self.store.fs.invalidate_cache(self.store.path)
 
     def abort(self) -> None:
@@ -239,6 +255,7 @@ class _MultipartSink(FileSink):
             with contextlib.suppress(BaseException):
                 future.result()
         self.part = bytearray()
+        self.held = []
         if self.upload_id is not None:
             with contextlib.suppress(Exception):
                 self.s3.call(
@@ -426,10 +443,12 @@ class FsspecBackend(StoreBackend):
     """Checkpoints on any fsspec filesystem: S3, GCS, Azure, memory, and more.
 
     Storage options: ``part_size`` (bytes per uploaded part, default 16 MiB),
-    ``range_size`` (bytes per ranged read, default 8 MiB), ``concurrency``
+    ``multipart_threshold`` (larger files are multipart uploads, default
+    32 MiB), ``range_size`` (bytes per ranged read, default 32 MiB), ``concurrency``
     (requests in flight per rank and direction, default 8),
     ``retry_attempts`` (default 5) and ``retry_delay`` (first backoff in
-    seconds, default 0.2), ``thread_count`` and ``verify_checksums``; every
+    seconds, default 0.2), ``thread_count`` (data files and threads per rank,
+    default 8) and ``verify_checksums``; every
     other option goes to the fsspec filesystem (``endpoint_url``, ``key``,
     ``secret``, ``client_kwargs`` ... for s3fs).
     """
@@ -457,18 +476,21 @@ class FsspecBackend(StoreBackend):
         thread_count: int | None = None,
         verify_checksums: bool = True,
         part_size: int = Tuning.part_size,
+        multipart_threshold: int = Tuning.multipart_threshold,
         range_size: int = Tuning.range_size,
         concurrency: int = Tuning.concurrency,
         retry_attempts: int = RetryPolicy.attempts,
         retry_delay: float = RetryPolicy.base_delay,
         **fs_options: Any,
     ) -> None:
-        super().__init__(thread_count=thread_count, verify_checksums=verify_checksums)
+        super().__init__(thread_count=thread_count or _THREADS, verify_checksums=verify_checksums)
         if part_size < _MIN_PART:
             raise ValueError(f"part_size must be at least {_MIN_PART} bytes (S3's minimum), got {part_size}")
         if range_size < 1 or concurrency < 1:
             raise ValueError("range_size and concurrency must be positive")
-        self.tuning = Tuning(part_size, range_size, concurrency, RetryPolicy(retry_attempts, retry_delay))
+        self.tuning = Tuning(
+            part_size, multipart_threshold, range_size, concurrency, RetryPolicy(retry_attempts, retry_delay)
+        )
         self.fs_options = fs_options
 
     def open_store(self, uri: str) -> FsspecStore:
