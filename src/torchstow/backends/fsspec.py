@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 from torchstow import hookimpl
 from torchstow.core.backend import StoreBackend
 from torchstow.core.errors import CorruptCheckpointError
-from torchstow.core.retry import RetryPolicy
-from torchstow.core.store import Buffer, ByteStore, FileSink
+from torchstow.core.retry import RetryPolicy, error_status
+from torchstow.core.store import Buffer, ByteStore, FileSink, StorageIOError
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register
@@ -87,9 +87,12 @@ _cache: dict[tuple[str, str, int], Any] = {}
 _cache_lock = threading.Lock()
 
 
-def _is_s3(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return "s3" in protocols and hasattr(fs, "_call_s3")
+def _is_s3(fs_or_class: Any) -> bool:
+    """Whether a filesystem (or its class) is s3fs's."""
+    protocol = fs_or_class.protocol
+    return "s3" in (protocol if isinstance(protocol, tuple | list) else (protocol,)) and hasattr(
+        fs_or_class, "_call_s3"
+    )
 
 
 def open_filesystem(uri: str, options: dict[str, Any]) -> tuple[Any, str]:
@@ -112,8 +115,7 @@ def open_filesystem(uri: str, options: dict[str, Any]) -> tuple[Any, str]:
             + (f": {hint}" if hint else f" ({exc})")
         ) from exc
     kwargs = {**cls._get_kwargs_from_urls(url), **options}
-    s3 = "s3" in (cls.protocol if isinstance(cls.protocol, tuple | list) else (cls.protocol,))
-    own_retries = s3 and "retries" not in (kwargs.get("config_kwargs") or {})
+    own_retries = _is_s3(cls) and "retries" not in (kwargs.get("config_kwargs") or {})
     if own_retries:
         kwargs["config_kwargs"] = {
             **(kwargs.get("config_kwargs") or {}),
@@ -349,13 +351,18 @@ class FsspecStore(ByteStore):
         path = self._path(name)
         spans = _spans(requests, self.tuning.range_size, max_gap=256 * 1024)
         what = f"reading {self.location}/{name}"
-        if getattr(self.fs, "async_impl", False):
-            datas = self._fetch_concurrently(path, spans, what)
-        else:
-            datas = [
-                self._retry(functools.partial(self.fs.cat_file, path, start=s, end=e), what)
-                for s, e, _ in spans
-            ]
+        try:
+            if getattr(self.fs, "async_impl", False):
+                datas = self._fetch_concurrently(path, spans, what)
+            else:
+                datas = [
+                    self._retry(functools.partial(self.fs.cat_file, path, start=s, end=e), what)
+                    for s, e, _ in spans
+                ]
+        except StorageIOError as exc:
+            if error_status(exc)[0] == 416:  # a range that starts past the end
+                raise CorruptCheckpointError(f"{self.location}/{name} is truncated: {exc}") from exc
+            raise
         for (start, end, members), data in zip(spans, datas, strict=True):
             if len(data) < end - start:
                 raise CorruptCheckpointError(

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from torchstow.core.store import StorageIOError
 
-__all__ = ["RetryPolicy", "describe_error", "is_transient"]
+__all__ = ["RetryPolicy", "describe_error", "error_status", "is_transient"]
 
 logger = logging.getLogger("torchstow")
 
@@ -97,6 +97,15 @@ def _http_status(exc: BaseException) -> tuple[int | None, str | None]:
     return None, None
 
 
+def error_status(exc: BaseException) -> tuple[int | None, str | None]:
+    """The HTTP status and service error code behind ``exc`` (or the errors it came from)."""
+    for err in _chain(exc):
+        found = _http_status(err)
+        if found != (None, None):
+            return found
+    return None, None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the operation that raised ``exc`` may succeed."""
     for err in _chain(exc):
@@ -138,8 +147,9 @@ def _is_storage_error(exc: BaseException) -> bool:
 class RetryPolicy:
     """How often and how patiently to retry transient failures.
 
-    ``attempts`` counts the first try; the wait before retry ``n`` is
-    ``base_delay * 2**n`` (at most ``max_delay``) with random jitter.
+    ``attempts`` counts the first try; the wait before the ``k``-th retry is
+    ``base_delay * 2**(k - 1)``, at most ``max_delay``, times a random
+    factor in [0.5, 1] (jitter, so ranks retrying together spread out).
     """
 
     attempts: int = 5

@@ -482,13 +482,16 @@ class BackendConformance:
     ) -> None:
         self._needs_bytes()
         uri = self.uri(root_uri, "step-1")
-        torchstow.save({"x": torch.ones(1000)}, uri, storage_options=storage_options)
+        sd = {"a": torch.ones(1000), "x": torch.ones(1000)}
+        torchstow.save(sd, uri, storage_options=storage_options)
         info = self._location(uri, "x", storage_options)
         store = open_byte_store(uri)
         data = store.read_file(info.relative_path)
-        self._rewrite(store, info.relative_path, data[: info.offset + info.length // 2])
-        with pytest.raises(CorruptCheckpointError, match="truncated"):
-            torchstow.load({"x": torch.zeros(1000)}, uri, storage_options=storage_options)
+        assert info.offset > 0, "a is stored before x"
+        for cut in (info.offset + info.length // 2, info.offset - 10):  # inside x, and before it
+            self._rewrite(store, info.relative_path, data[:cut])
+            with pytest.raises(CorruptCheckpointError, match="truncated"):
+                torchstow.read(uri, keys=["x"], storage_options=storage_options)
 
     def test_corrupted_manifest(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
