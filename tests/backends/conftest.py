@@ -5,23 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import tempfile
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from torchstow.plugins.manager import reset_default_registry
 
-S3_CREDENTIALS = {"key": "testing", "secret": "testing"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from storage_helpers import S3_CREDENTIALS, free_port
 
 
 @pytest.fixture(scope="session")
@@ -54,17 +45,6 @@ def s3_bucket(s3_endpoint: str) -> str:
     )
     client.create_bucket(Bucket=name)
     return name
-
-
-def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
-    """Storage options for the moto server: fast retries, and parts of S3's smallest size
-    for every data file over 5 MiB, so small tests exercise multipart uploads."""
-    small_parts = {"part_size": 5 << 20, "multipart_threshold": 5 << 20}
-    return {**S3_CREDENTIALS, "endpoint_url": endpoint, "retry_delay": 0.01, **small_parts, **extra}
-
-
-def unique(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture

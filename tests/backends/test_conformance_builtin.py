@@ -9,7 +9,7 @@ import pytest
 
 from torchstow.testing import BackendConformance
 
-from conftest import s3_options, unique
+from storage_helpers import s3_options, unique
 
 
 class TestFileSystemConformance(BackendConformance):

@@ -16,8 +16,8 @@ import torch
 import torchstow
 from torchstow import CheckpointException, IncompleteCheckpointError, StorageIOError
 
-from conftest import free_port, s3_options, unique
 from s3_faults import Fault, FaultProxy, Logged
+from storage_helpers import free_port, s3_options, unique
 
 
 @pytest.fixture
