@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 
 from torchstow import ByteStore, CorruptCheckpointError, FileSink, StoreBackend, hookimpl
+from torchstow.plugins.hookspecs import Register
 
 __all__ = ["SqliteBackend", "SqliteStore"]
 
@@ -86,7 +87,9 @@ class SqliteStore(ByteStore):
 
     def read_file(self, name: str) -> bytes:
         with _connect(self.db) as conn:
-            row = conn.execute("SELECT data FROM files WHERE dir = ? AND name = ?", (self.dir, name)).fetchone()
+            row = conn.execute(
+                "SELECT data FROM files WHERE dir = ? AND name = ?", (self.dir, name)
+            ).fetchone()
         if row is None:
             raise FileNotFoundError(f"{self.location}/{name}")
         return bytes(row[0])
@@ -124,12 +127,17 @@ class SqliteBackend(StoreBackend):
             return []
         start = f"{dir}/" if dir else ""
         with _connect(db) as conn:
-            dirs = [r[0] for r in conn.execute("SELECT DISTINCT dir FROM files WHERE substr(dir, 1, ?) = ?", (len(start), start))]
+            dirs = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT dir FROM files WHERE substr(dir, 1, ?) = ?", (len(start), start)
+                )
+            ]
         children = sorted({d[len(start) :].split("/", 1)[0] for d in dirs if d != dir})
         return [f"{prefix.rstrip('/')}/{child}" for child in children]
 
 
 @hookimpl
-def torchstow_register_backends(register):  # noqa: ANN001, ANN201
+def torchstow_register_backends(register: Register) -> None:
     """Register the ``sqlite://`` backend."""
     register(SqliteBackend)
