@@ -50,8 +50,8 @@ def test_parts_and_ranges_move_concurrently(proxy: FaultProxy, s3_bucket: str) -
     uri = f"s3://{s3_bucket}/{unique()}/step-1"
     opts = s3_options(proxy.url, range_size=2 << 20, thread_count=1)
     sd = {"w": torch.randn(4 << 20)}  # 16 MiB: three full parts and a short one
-    proxy.faults.append(Fault("PUT", r"partNumber=", "delay", delay=0.3))
-    proxy.faults.append(Fault("GET", r"/data-", "delay", delay=0.3))
+    proxy.faults.append(Fault("PUT", r"partNumber=", "delay", delay=0.5))
+    proxy.faults.append(Fault("GET", r"/data-", "delay", delay=0.5))
     torchstow.save(sd, uri, storage_options=opts)
     parts = proxy.requests("PUT", r"partNumber=")
     assert _part_numbers(proxy) == [1, 2, 3, 4]
