@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torchstow
-from conftest import assert_same
+from state_helpers import assert_same
 
 pytestmark = [
     pytest.mark.cuda,

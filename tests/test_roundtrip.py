@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torchstow
-from conftest import assert_same
+from state_helpers import assert_same
 
 ALL_DTYPES = [
     torch.bool,

@@ -6,6 +6,7 @@ coordinator-driven protocol commits one consistent checkpoint.
 """
 
 from torchstow.api import (
+    available_backends,
     delete,
     info,
     latest,
@@ -52,14 +53,17 @@ from torchstow.core.planning import (
     SavePlanner,
     WriteItem,
 )
+from torchstow.core.retry import RetryPolicy
 from torchstow.core.storage import StorageReader, StorageWriter, WriteResult
-from torchstow.core.store import ByteStore, FileSink
+from torchstow.core.store import ByteStore, FileSink, StorageFullError, StorageIOError
 from torchstow.plugins.hookspecs import hookimpl
+from torchstow.plugins.manager import BackendEntry, PluginConflictError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "BackendEntry",
     "ByteStore",
     "BytesStorageMetadata",
     "CheckpointException",
@@ -79,10 +83,14 @@ __all__ = [
     "Metadata",
     "MetadataIndex",
     "PickleNotAllowedError",
+    "PluginConflictError",
     "ReadItem",
+    "RetryPolicy",
     "SavePlan",
     "SavePlanner",
     "StateDictMismatchError",
+    "StorageFullError",
+    "StorageIOError",
     "StorageReader",
     "StorageWriter",
     "StoreBackend",
@@ -92,6 +100,7 @@ __all__ = [
     "UnknownBackendError",
     "WriteItem",
     "WriteResult",
+    "available_backends",
     "delete",
     "hookimpl",
     "info",

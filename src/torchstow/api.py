@@ -33,9 +33,10 @@ from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, Load
 from torchstow.core.protocol import load_state_dict as _load_protocol
 from torchstow.core.protocol import save_state_dict as _save_protocol
 from torchstow.core.storage import StorageReader, StorageWriter
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.manager import BackendEntry, default_registry
 
 __all__ = [
+    "available_backends",
     "delete",
     "info",
     "latest",
@@ -61,6 +62,17 @@ def _uri(uri: Uri) -> str:
     if not isinstance(text, str) or not text:
         raise ValueError(f"a checkpoint URI must be a non-empty string or path, got {uri!r}")
     return text
+
+
+def available_backends() -> list[BackendEntry]:
+    """The installed backends, one entry per URI scheme, sorted by scheme.
+
+    Each entry names the scheme, the backend class, the plugin (entry-point
+    name) that registered it and that plugin's distribution version. Plugins
+    are discovered once per process; call
+    :func:`torchstow.plugins.manager.reset_default_registry` after installing one.
+    """
+    return default_registry().available()
 
 
 def storage_writer(uri: Uri, *, overwrite: bool = False, **storage_options: Any) -> StorageWriter:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import torchstow
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
 
 
 def _model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -122,9 +122,18 @@ def list_dir(args: argparse.Namespace) -> int:
 
 
 def backends(args: argparse.Namespace) -> int:
-    """List the installed backends and their schemes."""
-    for scheme, entry in sorted(default_registry().entries.items()):
-        print(f"{scheme:<12} {entry.backend.__module__}.{entry.backend.__name__}  (plugin {entry.plugin})")
+    """List the installed backends: schemes, classes, plugins and their versions."""
+    registry = default_registry()
+    for entry in registry.available():
+        source = f"{entry.distribution} {entry.version}" if entry.distribution else "registered by hand"
+        name = f"{entry.backend.__module__}.{entry.backend.__name__}"
+        preferred = "  [preferred]" if entry.preferred else ""
+        print(f"{entry.scheme:<10} {name:<48} plugin {entry.plugin!r} ({source}){preferred}")
+    for name, error in sorted(registry.load_errors.items()):
+        print(f"broken plugin {name!r}: {error}")
+    blocked = sorted(disabled_plugins())
+    if blocked:
+        print(f"blocked by {DISABLE_ENV}: {', '.join(blocked)}")
     return 0
 
 

@@ -13,20 +13,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from torchstow import hookimpl
 from torchstow.core.backend import StoreBackend
 from torchstow.core.errors import CorruptCheckpointError
-from torchstow.core.store import Buffer, ByteStore, FileSink
+from torchstow.core.store import Buffer, ByteStore, FileSink, StorageFullError
 
-__all__ = ["FileSystemBackend", "LocalFileStore", "path_of"]
+if TYPE_CHECKING:
+    from torchstow.plugins.hookspecs import Register
 
+__all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of"]
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAX_GAP = 4096
 
@@ -87,6 +92,29 @@ def _consume(pending: deque[memoryview], done: int) -> None:
             done = 0
 
 
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still put on the filesystem holding ``path``."""
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+_SPACE_HINT = "Free space (delete old checkpoints with torchstow.delete) or save elsewhere"
+
+
+def _full(path: str, exc: OSError, hint: str) -> StorageFullError:
+    """The error for a write that found no space left at ``path``."""
+    mib = free_bytes(os.path.dirname(path)) / 2**20
+    return StorageFullError(
+        f"no space left writing {path} ({os.strerror(exc.errno or errno.ENOSPC)}; {mib:.1f} MiB free "
+        f"there now): the save was abandoned and nothing was committed. {hint}"
+    )
+
+
 class _LocalSink(FileSink):
     """A data file written front to back.
 
@@ -95,14 +123,20 @@ class _LocalSink(FileSink):
     and the final ``fsync`` has little left to wait for.
     """
 
-    def __init__(self, path: str, fsync: bool) -> None:
+    def __init__(self, path: str, fsync: bool, space_hint: str) -> None:
         self.path = path
         self.fsync = fsync
+        self.space_hint = space_hint
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.offset = 0
 
     def write(self, buffers: Sequence[Buffer]) -> None:
-        written = _write_all(self.fd, buffers)
+        try:
+            written = _write_all(self.fd, buffers)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _full(self.path, exc, self.space_hint) from exc
+            raise
         if self.fsync and _sync_file_range is not None and written:
             _sync_file_range(self.fd, self.offset, written, _SYNC_FILE_RANGE_WRITE)
         self.offset += written
@@ -123,6 +157,8 @@ class _LocalSink(FileSink):
 class LocalFileStore(ByteStore):
     """The files of one checkpoint directory."""
 
+    space_hint = _SPACE_HINT
+
     def __init__(self, path: str, location: str, *, fsync: bool = True) -> None:
         self.path = path
         self.location = location
@@ -135,7 +171,7 @@ class LocalFileStore(ByteStore):
         os.makedirs(self.path, exist_ok=True)
 
     def create(self, name: str) -> FileSink:
-        return _LocalSink(self._file(name), self.fsync)
+        return _LocalSink(self._file(name), self.fsync, self.space_hint)
 
     def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
         fd = os.open(self._file(name), os.O_RDONLY | os.O_CLOEXEC)
@@ -179,15 +215,30 @@ class LocalFileStore(ByteStore):
         with open(self._file(name), "rb") as f:
             return f.read()
 
+    def ensure_capacity(self, nbytes: int) -> None:
+        free = free_bytes(self.path)
+        if nbytes > free:
+            raise StorageFullError(
+                f"{self.location} has {free / 2**20:.1f} MiB free, but this rank's part of the "
+                f"checkpoint needs {nbytes / 2**20:.1f} MiB; nothing was written. {self.space_hint}"
+            )
+
     def publish(self, name: str, data: bytes) -> None:
         tmp = self._file(f".{name}.{uuid.uuid4().hex[:8]}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, [data])
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                _write_all(fd, [data])
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if exc.errno in _NO_SPACE:
+                raise _full(tmp, exc, self.space_hint) from exc
+            raise
         os.replace(tmp, self._file(name))
         if self.fsync:
             _fsync_dir(self.path)
@@ -241,6 +292,6 @@ class FileSystemBackend(StoreBackend):
 
 
 @hookimpl
-def torchstow_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+def torchstow_register_backends(register: Register) -> None:
     """Register the filesystem backend for ``file://`` URIs and plain paths."""
     register(FileSystemBackend)

@@ -13,6 +13,7 @@ replaced checkpoint are removed after the new manifest is in place.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
@@ -187,17 +188,26 @@ class LayoutWriter(StorageWriter):
         sizes = [item.tensor_storage_size() or 0 for item in plan.items]
         bins = _split(plan.items, sizes, self.thread_count)
         names = [f"{prefix}-{n}.bin" for n in range(len(bins))]
-        if len(bins) <= 1:
-            results = [
-                self._write_file(name, items, planner) for name, items in zip(names, bins, strict=True)
-            ]
-        else:
-            with ThreadPoolExecutor(len(bins), thread_name_prefix="torchstow-write") as pool:
-                results = list(
-                    pool.map(
-                        lambda nb: self._write_file(nb[0], nb[1], planner), zip(names, bins, strict=True)
+        self.store.ensure_capacity(sum(s + (LARGE_ALIGN if s >= LARGE_ITEM else SMALL_ALIGN) for s in sizes))
+        try:
+            if len(bins) <= 1:
+                results = [
+                    self._write_file(name, items, planner) for name, items in zip(names, bins, strict=True)
+                ]
+            else:
+                with ThreadPoolExecutor(len(bins), thread_name_prefix="torchstow-write") as pool:
+                    results = list(
+                        pool.map(
+                            lambda nb: self._write_file(nb[0], nb[1], planner),
+                            zip(names, bins, strict=True),
+                        )
                     )
-                )
+        except BaseException:
+            # Leave no data of a failed save behind (it would hold space on
+            # the store, in memory for shared memory, until the next save).
+            with contextlib.suppress(Exception):
+                self.store.delete_files(names)
+            raise
         return completed_future([r for file_results in results for r in file_results])
 
     def _write_file(self, name: str, items: Sequence[Any], planner: SavePlanner) -> list[WriteResult]:
@@ -336,10 +346,12 @@ class LayoutReader(StorageReader):
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
-        if not isinstance(metadata.storage_data, dict):
+        # A checkpoint of JSON values only (or of nothing) has no data locations.
+        locations = {} if metadata.storage_data is None else metadata.storage_data
+        if not isinstance(locations, dict):
             raise CorruptCheckpointError(f"the manifest at {self.store.location} records no data locations")
         self.metadata = metadata
-        self.locations: dict[MetadataIndex, StorageInfo] = metadata.storage_data
+        self.locations: dict[MetadataIndex, StorageInfo] = locations
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -411,10 +423,11 @@ class LayoutReader(StorageReader):
     def _read_segment(self, file: str, segment: list[tuple[int, memoryview, _PlannedRead]]) -> None:
         try:
             self.store.read_into(file, [(offset, buf) for offset, buf, _ in segment])
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             raise CorruptCheckpointError(
-                f"{self.store.location}/{file}, a data file of this checkpoint, is missing"
-            ) from None
+                f"{self.store.location}/{file} is missing, though the committed manifest lists it "
+                f"(it holds {segment[0][2].task.item.storage_index.fqn!r}): the checkpoint is damaged"
+            ) from exc
         if self.verify_checksums:
             location = self.store.location
             for _, buf, read in segment:

@@ -11,9 +11,28 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-__all__ = ["ByteStore", "FileSink"]
+from torchstow.core.errors import TorchstowError
+
+__all__ = ["ByteStore", "FileSink", "StorageFullError", "StorageIOError"]
 
 Buffer = memoryview | bytes | bytearray
+
+
+class StorageIOError(TorchstowError, OSError):
+    """A storage operation failed: permanently, or transiently more often than retried.
+
+    ``attempts`` is how many times it was tried; ``transient`` whether the
+    last failure was of a kind that retrying might have cured.
+    """
+
+    def __init__(self, message: str, *, attempts: int = 1, transient: bool = False) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.transient = transient
+
+
+class StorageFullError(StorageIOError):
+    """The store has no room for the checkpoint (ENOSPC, a full tmpfs, a quota)."""
 
 
 class FileSink(abc.ABC):
@@ -38,11 +57,25 @@ class ByteStore(abc.ABC):
     ``location`` is how errors name the place (a path or URI).
     ``read_segment_bytes`` is how much one :meth:`read_into` call should
     cover: small for local stores (the bytes are verified while still in
-    cache), large for remote ones (fewer, bigger requests).
+    cache), large for remote ones (a call can then issue several big ranged
+    requests at once).
+
+    Errors: a missing file is a ``FileNotFoundError``; a store that runs out
+    of room raises :class:`StorageFullError`; other failures of the medium
+    are best raised as :class:`StorageIOError` naming the file and the cause.
     """
 
     location: str
     read_segment_bytes: int = 1 << 20
+
+    def ensure_capacity(self, nbytes: int) -> None:  # noqa: B027 (optional hook)
+        """Raise :class:`StorageFullError` if ``nbytes`` more bytes cannot fit.
+
+        Called once per rank before a save writes anything, with the bytes
+        that rank is about to write, so a save that cannot fit fails before
+        filling the store. Stores without a notion of free space keep the
+        default, which accepts anything.
+        """
 
     @abc.abstractmethod
     def prepare(self) -> None:

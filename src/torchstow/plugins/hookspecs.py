@@ -1,13 +1,30 @@
-"""The plugin contract: the hooks a torchstow plugin may implement.
+"""The plugin contract: every hook a torchstow plugin may implement.
 
-A plugin is a module (or object) exposed through the ``torchstow.backends``
-entry-point group, with functions decorated by :data:`hookimpl`::
+A plugin is a module (or any object) named by an entry point in the
+``torchstow.backends`` group of its distribution's metadata::
+
+    # pyproject.toml
+    [project.entry-points."torchstow.backends"]
+    mystore = "mystore_torchstow"
+
+and defining hook functions decorated with :data:`hookimpl`, which plugin
+authors import from ``torchstow``::
 
     from torchstow import hookimpl
 
     @hookimpl
     def torchstow_register_backends(register):
-        register(MyBackend)
+        register(MyStoreBackend)
+
+The entry-point name (``mystore``) is the plugin's name: what
+``TORCHSTOW_DISABLE_PLUGINS`` and error messages use. torchstow's own
+backends are plugins declared the same way. A plugin module should import
+only what registering needs; heavy client libraries belong inside the
+backend's methods, imported when its scheme is first used.
+
+This module is the whole contract: each hook below is a ``torchstow_*``
+function with typed parameters and a docstring saying when it is called and
+what it must do. ``docs/plugins.md`` is the tutorial.
 """
 
 from __future__ import annotations
@@ -33,14 +50,24 @@ class Register(Protocol):
     def __call__(self, backend: type[Backend], *, preferred: bool = False) -> None:
         """Register ``backend`` for each scheme in ``backend.schemes``.
 
-        ``preferred=True`` wins a scheme another plugin also claims.
+        ``backend`` must be a subclass of :class:`torchstow.Backend` (usually
+        of :class:`torchstow.StoreBackend`) naming at least one scheme.
+        ``preferred=True`` wins a scheme that another, non-preferred plugin
+        also claims (a built-in one included); two plugins claiming one scheme
+        without exactly one of them preferred is a
+        :class:`torchstow.PluginConflictError` naming both.
         """
 
 
 @hookspec
 def torchstow_register_backends(register: Register) -> None:
-    """Register backend classes by calling ``register(BackendClass)``.
+    """Register this plugin's backend classes by calling ``register(BackendClass)``.
 
-    Called once when the plugin manager is built. Each class lists the URI
-    schemes it serves in its ``schemes`` attribute.
+    Called once each time torchstow builds its registry of backends: on the
+    first save/load/list call of a process, and again after
+    ``torchstow.plugins.manager.reset_default_registry()``. It must only
+    register classes, quickly and without I/O: the backends are instantiated
+    later, per call, with the caller's ``storage_options`` as keyword
+    arguments. An exception raised here disables this plugin alone (the
+    error is logged and shown by ``torchstow backends``).
     """

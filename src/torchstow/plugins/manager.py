@@ -8,7 +8,9 @@ to register its backend classes and maps URI schemes to them.
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
+import logging
 import os
 import re
 import threading
@@ -27,11 +29,14 @@ __all__ = [
     "BackendEntry",
     "BackendRegistry",
     "PluginConflictError",
+    "PluginManager",
     "default_registry",
     "get_plugin_manager",
     "reset_default_registry",
     "scheme_of",
 ]
+
+logger = logging.getLogger("torchstow")
 
 ENTRY_POINT_GROUP = "torchstow.backends"
 DISABLE_ENV = "TORCHSTOW_DISABLE_PLUGINS"
@@ -48,13 +53,54 @@ def disabled_plugins() -> set[str]:
     return {name.strip() for name in raw.split(",") if name.strip()}
 
 
-def get_plugin_manager() -> pluggy.PluginManager:
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager for the torchstow hooks, remembering what loading found.
+
+    ``versions`` and ``distributions`` map each plugin loaded from an entry
+    point to its distribution's version and name; ``load_errors`` maps each
+    plugin that failed to import to the error, so one broken plugin does not
+    take the others down.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.versions: dict[str, str] = {}
+        self.distributions: dict[str, str] = {}
+        self.load_errors: dict[str, str] = {}
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Import and register every plugin of ``group`` that is not blocked."""
+        for dist in importlib.metadata.distributions():
+            for ep in dist.entry_points:
+                if ep.group != group or self.is_blocked(ep.name):
+                    continue
+                if self.has_plugin(ep.name) or ep.name in self.load_errors:
+                    if self.distributions.get(ep.name) != dist.metadata["Name"]:
+                        logger.warning(
+                            "ignoring torchstow plugin %r of %s: a plugin of %s has that name",
+                            ep.name,
+                            dist.metadata["Name"],
+                            self.distributions.get(ep.name),
+                        )
+                    continue
+                self.distributions[ep.name] = dist.metadata["Name"]
+                try:
+                    plugin = ep.load()
+                except Exception as exc:
+                    self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
+                    logger.warning("torchstow plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
+                    continue
+                self.register(plugin, name=ep.name)
+                self.versions[ep.name] = dist.version
+
+
+def get_plugin_manager() -> PluginManager:
     """A new plugin manager with the hook specs and every enabled entry-point plugin."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
+    pm = PluginManager()
     for name in disabled_plugins():
         pm.set_blocked(name)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    pm.load_entry_points()
     return pm
 
 
@@ -66,32 +112,52 @@ def scheme_of(uri: str) -> str:
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """One registered scheme: the backend class and the plugin that provided it."""
+    """One registered scheme: the backend class and the plugin that provided it.
+
+    ``plugin`` is the entry-point name (what ``TORCHSTOW_DISABLE_PLUGINS``
+    takes); ``distribution`` and ``version`` name the installed package it
+    came from (None for a plugin registered by hand).
+    """
 
     scheme: str
     backend: type[Backend]
     plugin: str
     version: str | None
     preferred: bool = False
+    distribution: str | None = None
 
 
 class BackendRegistry:
-    """Schemes -> backend classes, as the plugins of ``pm`` registered them."""
+    """Schemes -> backend classes, as the plugins of ``pm`` registered them.
+
+    A plugin whose hook raises is left out (and listed in ``load_errors``),
+    like one that failed to import; a scheme conflict is an error.
+    """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
-        versions = {pm.get_name(plugin): dist.version for plugin, dist in pm.list_plugin_distinfo()}
+        self.versions: dict[str, str] = dict(getattr(pm, "versions", {}))
+        self.distributions: dict[str, str] = dict(getattr(pm, "distributions", {}))
+        self.load_errors: dict[str, str] = dict(getattr(pm, "load_errors", {}))
         self._entries: dict[str, BackendEntry] = {}
         for impl in pm.hook.torchstow_register_backends.get_hookimpls():
             plugin = impl.plugin_name
-            version = versions.get(plugin)
+            version = self.versions.get(plugin)
+            added: list[tuple[type[Backend], bool]] = []
 
             def register(
-                backend: type[Backend], *, preferred: bool = False, _p: str = plugin, _v: Any = version
+                backend: type[Backend], *, preferred: bool = False, _added: list[Any] = added
             ) -> None:
-                self._add(backend, _p, _v, preferred)
+                _added.append((backend, preferred))
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                self.load_errors[plugin] = f"torchstow_register_backends raised {type(exc).__name__}: {exc}"
+                logger.warning("torchstow plugin %r failed to register its backends: %s", plugin, exc)
+                continue
+            for backend, preferred in added:
+                self._add(backend, plugin, version, preferred)
 
     def _add(self, backend: type[Backend], plugin: str, version: str | None, preferred: bool) -> None:
         if not (isinstance(backend, type) and issubclass(backend, Backend)):
@@ -102,7 +168,7 @@ class BackendRegistry:
             raise ValueError(f"plugin {plugin!r} registered {backend.__name__} with no schemes")
         for raw in backend.schemes:
             scheme = raw.lower()
-            entry = BackendEntry(scheme, backend, plugin, version, preferred)
+            entry = BackendEntry(scheme, backend, plugin, version, preferred, self.distributions.get(plugin))
             current = self._entries.get(scheme)
             if current is None or current.backend is backend or (preferred and not current.preferred):
                 self._entries[scheme] = entry
@@ -121,6 +187,10 @@ class BackendRegistry:
         """Every registered scheme."""
         return dict(self._entries)
 
+    def available(self) -> list[BackendEntry]:
+        """The registered schemes, sorted by scheme."""
+        return [self._entries[scheme] for scheme in sorted(self._entries)]
+
     def resolve(self, uri: str) -> BackendEntry:
         """The entry serving ``uri``; ``a+b://`` falls back to a wrapper scheme ``a``."""
         scheme = scheme_of(uri)
@@ -129,10 +199,17 @@ class BackendRegistry:
             entry = self._entries.get(scheme.split("+", 1)[0])
         if entry is None:
             installed = ", ".join(sorted(self._entries)) or "none"
+            notes = ""
+            if self.load_errors:
+                broken = "; ".join(f"{name}: {err}" for name, err in sorted(self.load_errors.items()))
+                notes += f" Plugins that failed to load: {broken}."
+            blocked = sorted(disabled_plugins())
+            if blocked:
+                notes += f" Blocked by {DISABLE_ENV}: {', '.join(blocked)}."
             raise UnknownBackendError(
                 f"no installed torchstow backend handles {uri!r} (scheme {scheme!r}); "
                 f"installed schemes: {installed}. Install the plugin that provides {scheme!r}, "
-                f"or check that it is not blocked by {DISABLE_ENV}."
+                f"or check that it is not blocked by {DISABLE_ENV}.{notes}"
             )
         return entry
 

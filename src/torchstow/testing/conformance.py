@@ -1,0 +1,537 @@
+"""The conformance suite every torchstow backend runs: ours and third parties'.
+
+Subclass :class:`BackendConformance` in a test module and name the scheme::
+
+    from torchstow.testing import BackendConformance
+
+    class TestMyStore(BackendConformance):
+        scheme = "mystore"
+
+The tests then save, load, list, overwrite, corrupt and delete checkpoints
+under ``mystore://<a fresh temporary path>``. Override the fixtures to
+change that: ``root_uri`` (a fresh prefix per test), ``storage_options``
+(passed to every call) and ``open_byte_store`` (raw access to a checkpoint's
+files, for the corruption tests). Capability flags are class attributes:
+``byte_access`` (False skips the tests that damage files directly) and
+``concurrent_saves`` (False skips saving several checkpoints at once).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+import torchstow
+from torchstow.core.backend import StoreBackend
+from torchstow.core.chunks import overlap
+from torchstow.core.errors import (
+    CheckpointException,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
+from torchstow.core.layout import MANIFEST
+from torchstow.core.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorStorageMetadata,
+)
+from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torchstow.core.storage import StorageWriter, WriteResult
+from torchstow.core.store import ByteStore
+from torchstow.plugins.manager import default_registry, scheme_of
+
+__all__ = ["BackendConformance", "RegionLoadPlanner", "assert_same", "every_dtype_state_dict"]
+
+
+def _dtypes() -> list[torch.dtype]:
+    names = [
+        "float32", "float64", "float16", "bfloat16", "complex64", "complex128", "complex32",
+        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    ]  # fmt: skip
+    return [d for d in (getattr(torch, n, None) for n in names) if isinstance(d, torch.dtype)]
+
+
+def _random(shape: Sequence[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Random bits of ``dtype`` (NaN payloads and all), valid 0/1 for bool."""
+    if dtype == torch.bool:
+        return torch.randint(0, 2, tuple(shape), generator=gen).bool()
+    count = 1
+    for n in shape:
+        count *= n
+    raw = torch.randint(0, 256, (count * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype).reshape(tuple(shape))
+
+
+def every_dtype_state_dict(seed: int = 0) -> dict[str, Any]:
+    """A state dict with a tensor of every dtype, a scalar, an empty and a strided tensor,
+    and one large enough to span several checksum blocks and upload parts."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {str(dtype).removeprefix("torch."): _random((3, 5), dtype, gen) for dtype in _dtypes()}
+    return {
+        "dtypes": tensors,
+        "scalar": _random((), torch.float64, gen),
+        "empty": torch.empty(0, 4, dtype=torch.float32),
+        "strided": _random((6, 8), torch.int32, gen).t(),
+        "large": _random((1536, 1024), torch.float32, gen),  # 6 MiB
+    }
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(actual: Any, expected: Any, where: str = "state_dict") -> None:
+    """Assert two nested state dicts are equal; tensors bit for bit with dtype and shape."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: expected a tensor, got {type(actual).__name__}"
+        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, (
+            f"{where}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        )
+        assert torch.equal(_raw(actual), _raw(expected)), f"{where}: values differ"
+    elif isinstance(expected, Mapping):
+        assert isinstance(actual, Mapping), f"{where}: expected a mapping, got {type(actual).__name__}"
+        assert set(actual) == set(expected), f"{where}: keys {sorted(actual)} != {sorted(expected)}"
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert type(actual) is type(expected), (
+            f"{where}: {type(actual).__name__} != {type(expected).__name__}"
+        )
+        assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(a, e, f"{where}.{i}")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def _zeros_like(sd: Any) -> Any:
+    if isinstance(sd, torch.Tensor):
+        return torch.zeros(sd.shape, dtype=sd.dtype)
+    if isinstance(sd, Mapping):
+        return {k: _zeros_like(v) for k, v in sd.items()}
+    if isinstance(sd, list | tuple):
+        return type(sd)(_zeros_like(v) for v in sd)
+    return None
+
+
+class RegionLoadPlanner(LoadPlanner):
+    """Loads regions of stored tensors into given tensors: what a rank holding one
+    shard of a resharded tensor reads.
+
+    ``regions`` maps a key to ``(offsets, target)``: ``target`` receives the
+    region of the stored tensor starting at ``offsets`` with ``target``'s shape.
+    """
+
+    def __init__(self, regions: Mapping[str, tuple[Sequence[int], torch.Tensor]]) -> None:
+        self.regions = regions
+
+    def set_up_planner(
+        self, state_dict: Mapping[str, Any], metadata: Metadata, is_coordinator: bool = False
+    ) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for fqn, (offsets, target) in self.regions.items():
+            entry = self.metadata.state_dict_metadata[fqn]
+            assert isinstance(entry, TensorStorageMetadata), f"{fqn} is not a tensor"
+            dest = ChunkStorageMetadata(torch.Size(offsets), target.shape)
+            dest_index = MetadataIndex(fqn, dest.offsets)
+            for i, chunk in enumerate(entry.chunks):
+                hit = overlap(dest, chunk)
+                if hit is not None:
+                    items.append(
+                        ReadItem(
+                            LoadItemType.TENSOR,
+                            dest_index,
+                            hit[0],
+                            MetadataIndex(fqn, chunk.offsets, i),
+                            hit[1],
+                            hit[2],
+                        )
+                    )
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        raise AssertionError("a region load reads no objects")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        target = self.regions[read_item.dest_index.fqn][1]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
+            target = target.narrow(dim, start, length)
+        return target
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass
+
+
+class _CrashBeforeCommit(StorageWriter):
+    """A writer that writes every byte but dies before publishing the manifest."""
+
+    def __init__(self, inner: StorageWriter) -> None:
+        self.inner = inner
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.inner.reset(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return self.inner.prepare_local_plan(plan)
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        return self.inner.prepare_global_plan(plans)
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        return self.inner.write_data(plan, planner)
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        raise RuntimeError("simulated crash before the commit")
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+
+class BackendConformance:
+    """Abstract conformance tests for a torchstow backend; subclass and set ``scheme``."""
+
+    scheme: ClassVar[str] = ""
+    byte_access: ClassVar[bool] = True
+    concurrent_saves: ClassVar[bool] = True
+
+    # -- fixtures a backend overrides ------------------------------------------------
+
+    @pytest.fixture
+    def root_uri(self, tmp_path: Any) -> str:
+        """A fresh, empty prefix for one test; checkpoints go directly under it."""
+        return f"{self.scheme}://{tmp_path}"
+
+    @pytest.fixture
+    def storage_options(self) -> dict[str, Any]:
+        """Options passed to every torchstow call of the tests."""
+        return {}
+
+    @pytest.fixture
+    def open_byte_store(self, storage_options: dict[str, Any]) -> Callable[[str], ByteStore]:
+        """Raw access to the files of the checkpoint at a URI.
+
+        The default serves store backends, and wrapper schemes ``a+b://...``
+        (a wrapper over the ``b://...`` store, query string dropped).
+        """
+
+        def open_store(uri: str) -> ByteStore:
+            backend = default_registry().backend_for(uri, storage_options)
+            if not isinstance(backend, StoreBackend) and "+" in scheme_of(uri):
+                uri = uri.split("+", 1)[1].split("?", 1)[0]
+                backend = default_registry().backend_for(uri, {})
+            if not isinstance(backend, StoreBackend):
+                pytest.fail(
+                    f"{type(backend).__name__} is not a byte store: override open_byte_store "
+                    "or set byte_access = False"
+                )
+            return backend.open_store(uri)
+
+        return open_store
+
+    @pytest.fixture(autouse=True)
+    def _scheme_matches(self, root_uri: str) -> None:
+        assert self.scheme, f"{type(self).__name__} must set the scheme it tests"
+        assert scheme_of(root_uri) == self.scheme, (
+            f"root_uri {root_uri!r} does not use scheme {self.scheme!r}"
+        )
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _needs_bytes(self) -> None:
+        if not self.byte_access:
+            pytest.skip(f"{type(self).__name__} declares no byte-level access (byte_access = False)")
+
+    @staticmethod
+    def uri(root: str, name: str) -> str:
+        return f"{root.rstrip('/')}/{name}"
+
+    @staticmethod
+    def _location(uri: str, key: str, options: dict[str, Any]) -> StorageInfo:
+        metadata = torchstow.storage_reader(uri, **options).read_metadata()
+        for index, info in metadata.storage_data.items():
+            if index.fqn == key:
+                assert isinstance(info, StorageInfo)
+                return info
+        raise AssertionError(f"{key} has no data location in {uri}")
+
+    @staticmethod
+    def _rewrite(store: ByteStore, name: str, data: bytes) -> None:
+        store.delete_files([name])
+        sink = store.create(name)
+        sink.write([data])
+        sink.close()
+
+    # -- the tests -----------------------------------------------------------------
+
+    def test_round_trip_every_dtype(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+        sd = every_dtype_state_dict()
+        uri = self.uri(root_uri, "step-1")
+        torchstow.save(sd, uri, storage_options=storage_options)
+        target = _zeros_like(sd)
+        torchstow.load(target, uri, storage_options=storage_options)
+        assert_same(target, sd)
+        assert_same(torchstow.read(uri, storage_options=storage_options), sd)
+
+    def test_nested_state_and_objects(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+        gen = torch.Generator().manual_seed(1)
+        sd = {
+            "model": {
+                "layers": [{"w": torch.randn(4, 3, generator=gen)}, {"w": torch.randn(2, generator=gen)}]
+            },
+            "optim": {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 3, generator=gen)}},
+                "param_groups": [{"lr": 0.001, "betas": [0.9, 0.999], "params": [0], "name": None}],
+            },
+            "pair": (torch.arange(3), "tag"),
+            "step": 7,
+            "blob": b"\x00\x01bytes",
+            "seen": {1, 2, 3},
+            "empty": {},
+        }
+        uri = self.uri(root_uri, "nested")
+        torchstow.save(sd, uri, storage_options=storage_options, metadata={"step": 7, "note": "nested"})
+        assert_same(torchstow.read(uri, storage_options=storage_options), sd)
+        target = _zeros_like(sd)
+        torchstow.load(target, uri, storage_options=storage_options)
+        assert_same(target["model"], sd["model"])
+        assert_same(target["optim"], sd["optim"])
+        assert torchstow.info(uri, storage_options=storage_options).user_metadata == {
+            "step": 7,
+            "note": "nested",
+        }
+        part = torchstow.read(uri, keys=["model"], storage_options=storage_options)
+        assert_same(part, {"model": sd["model"]})
+
+    def test_empty_state_dict(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+        uri = self.uri(root_uri, "empty")
+        torchstow.save({}, uri, storage_options=storage_options)
+        assert torchstow.read(uri, storage_options=storage_options) == {}
+
+    def test_region_reads(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+        gen = torch.Generator().manual_seed(2)
+        big = torch.randn(1536, 1024, generator=gen)  # 6 MiB: two checksum blocks
+        vec = torch.randn(10_000, generator=gen)
+        uri = self.uri(root_uri, "regions")
+        torchstow.save({"big": big, "vec": vec}, uri, storage_options=storage_options)
+        cases = {
+            "rows": ("big", (100, 0), (900, 1024)),
+            "columns": ("big", (0, 200), (1536, 500)),
+            "block across checksum blocks": ("big", (1000, 100), (300, 200)),
+            "tail": ("big", (1535, 1000), (1, 24)),
+            "vector slice": ("vec", (1234,), (5000,)),
+        }
+        for name, (key, offsets, shape) in cases.items():
+            target = torch.zeros(shape)
+            planner = RegionLoadPlanner({key: (offsets, target)})
+            reader = torchstow.storage_reader(uri, **storage_options)
+            torchstow.load_state_dict({}, reader, planner=planner, no_dist=True)
+            source = {"big": big, "vec": vec}[key]
+            region = source[tuple(slice(o, o + n) for o, n in zip(offsets, shape, strict=True))]
+            assert torch.equal(target, region), f"region {name} differs"
+
+    def test_incomplete_save_is_invisible(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+        uri = self.uri(root_uri, "step-5")
+        writer = _CrashBeforeCommit(torchstow.storage_writer(uri, **storage_options))
+        with pytest.raises(CheckpointException, match="simulated crash"):
+            torchstow.save_state_dict({"x": torch.ones(8)}, writer, no_dist=True)
+        with pytest.raises(IncompleteCheckpointError):
+            torchstow.info(uri, storage_options=storage_options)
+        with pytest.raises(IncompleteCheckpointError):
+            torchstow.load({"x": torch.zeros(8)}, uri, storage_options=storage_options)
+        assert torchstow.latest(root_uri, storage_options=storage_options) is None
+        assert torchstow.list_checkpoints(root_uri, storage_options=storage_options) == []
+        torchstow.delete(uri, storage_options=storage_options)  # clears the leftovers
+        with pytest.raises(CheckpointNotFoundError):
+            torchstow.info(uri, storage_options=storage_options)
+
+    def test_failed_write_commits_nothing(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+        uri = self.uri(root_uri, "step-3")
+
+        class Exploding(torchstow.DefaultSavePlanner):
+            def resolve_data(self, write_item: Any) -> Any:
+                if write_item.index.fqn == "b":
+                    raise OSError("the device went away while writing 'b'")
+                return super().resolve_data(write_item)
+
+        sd = {"a": torch.ones(1000), "b": torch.ones(1000), "c": torch.ones(1000)}
+        with pytest.raises(CheckpointException, match="went away"):
+            torchstow.save(sd, uri, storage_options=storage_options, planner=Exploding())
+        with pytest.raises((CheckpointNotFoundError, IncompleteCheckpointError)):
+            torchstow.info(uri, storage_options=storage_options)
+        assert torchstow.latest(root_uri, storage_options=storage_options) is None
+        torchstow.save(sd, uri, storage_options=storage_options)  # the location is usable again
+        assert_same(torchstow.read(uri, storage_options=storage_options), sd)
+
+    def test_overwrite(
+        self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
+    ) -> None:
+        uri = self.uri(root_uri, "step-1")
+        old = {"w": torch.full((64,), 1.0), "tag": "old"}
+        new = {"w": torch.full((64,), 2.0), "tag": "new"}
+        torchstow.save(old, uri, storage_options=storage_options)
+        with pytest.raises(CheckpointExistsError):
+            torchstow.save(new, uri, storage_options=storage_options)
+        assert_same(torchstow.read(uri, storage_options=storage_options), old)
+        crashing = _CrashBeforeCommit(torchstow.storage_writer(uri, overwrite=True, **storage_options))
+        with pytest.raises(CheckpointException):
+            torchstow.save_state_dict(new, crashing, no_dist=True)
+        assert_same(torchstow.read(uri, storage_options=storage_options), old)  # old stays valid
+        torchstow.save(new, uri, storage_options=storage_options, overwrite=True)
+        assert_same(torchstow.read(uri, storage_options=storage_options), new)
+        if self.byte_access:  # the replaced checkpoint's files are gone
+            files = set(open_byte_store(uri).list_files())
+            metadata = torchstow.storage_reader(uri, **storage_options).read_metadata()
+            live = {info.relative_path for info in metadata.storage_data.values()}
+            assert files == live | {MANIFEST}
+
+    def test_list_latest_delete(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+        opts = storage_options
+        assert torchstow.latest(root_uri, storage_options=opts) is None
+        assert torchstow.latest(self.uri(root_uri, "no-such-prefix"), storage_options=opts) is None
+        for step in (2, 10, 1):
+            sd = {"w": torch.full((16,), float(step))}
+            torchstow.save(
+                sd, self.uri(root_uri, f"step-{step}"), storage_options=opts, metadata={"step": step}
+            )
+        writer = _CrashBeforeCommit(torchstow.storage_writer(self.uri(root_uri, "step-99"), **opts))
+        with pytest.raises(CheckpointException):
+            torchstow.save_state_dict({"w": torch.ones(16)}, writer, no_dist=True)
+        found = torchstow.list_checkpoints(root_uri, storage_options=opts)
+        assert [i.uri for i in found] == [self.uri(root_uri, f"step-{s}") for s in (1, 2, 10)]
+        assert [i.step for i in found] == [1, 2, 10]
+        assert [i.user_metadata for i in found] == [{"step": 1}, {"step": 2}, {"step": 10}]
+        assert all(i.nbytes == 64 and i.num_entries == 1 for i in found)
+        assert torchstow.latest(root_uri, storage_options=opts) == self.uri(root_uri, "step-10")
+
+        torchstow.delete(self.uri(root_uri, "step-10"), storage_options=opts)
+        assert torchstow.latest(root_uri, storage_options=opts) == self.uri(root_uri, "step-2")
+        with pytest.raises(CheckpointNotFoundError):
+            torchstow.load({"w": torch.zeros(16)}, self.uri(root_uri, "step-10"), storage_options=opts)
+        with pytest.raises(CheckpointNotFoundError):
+            torchstow.delete(self.uri(root_uri, "step-10"), storage_options=opts)
+        for step in (1, 2, 99):
+            torchstow.delete(self.uri(root_uri, f"step-{step}"), storage_options=opts)
+        assert torchstow.list_checkpoints(root_uri, storage_options=opts) == []
+
+    def test_missing_checkpoint(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+        uri = self.uri(root_uri, "never-saved")
+        with pytest.raises(CheckpointNotFoundError):
+            torchstow.load({"x": torch.zeros(1)}, uri, storage_options=storage_options)
+        with pytest.raises(CheckpointNotFoundError):
+            torchstow.read(uri, storage_options=storage_options)
+        with pytest.raises(CheckpointNotFoundError):
+            torchstow.info(uri, storage_options=storage_options)
+
+    def test_missing_data_file(
+        self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
+    ) -> None:
+        self._needs_bytes()
+        uri = self.uri(root_uri, "step-1")
+        torchstow.save({"x": torch.ones(100)}, uri, storage_options=storage_options)
+        info = self._location(uri, "x", storage_options)
+        open_byte_store(uri).delete_files([info.relative_path])
+        with pytest.raises(CorruptCheckpointError, match=info.relative_path):
+            torchstow.load({"x": torch.zeros(100)}, uri, storage_options=storage_options)
+
+    def test_corrupted_bytes_are_detected(
+        self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
+    ) -> None:
+        self._needs_bytes()
+        uri = self.uri(root_uri, "step-1")
+        sd = {"x": torch.arange(1000, dtype=torch.float32), "y": torch.ones(10)}
+        torchstow.save(sd, uri, storage_options=storage_options)
+        info = self._location(uri, "x", storage_options)
+        store = open_byte_store(uri)
+        data = bytearray(store.read_file(info.relative_path))
+        data[info.offset + 1001] ^= 0x40
+        self._rewrite(store, info.relative_path, bytes(data))
+        with pytest.raises(ChecksumMismatchError, match=r"'x'.*" + info.relative_path):
+            torchstow.load(
+                {"x": torch.zeros(1000), "y": torch.zeros(10)}, uri, storage_options=storage_options
+            )
+        with pytest.raises(ChecksumMismatchError):
+            torchstow.read(uri, keys=["x"], storage_options=storage_options)
+        assert_same(torchstow.read(uri, keys=["y"], storage_options=storage_options), {"y": sd["y"]})
+
+    def test_truncated_data_file(
+        self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
+    ) -> None:
+        self._needs_bytes()
+        uri = self.uri(root_uri, "step-1")
+        sd = {"a": torch.ones(1000), "x": torch.ones(1000)}
+        torchstow.save(sd, uri, storage_options=storage_options)
+        info = self._location(uri, "x", storage_options)
+        store = open_byte_store(uri)
+        data = store.read_file(info.relative_path)
+        assert info.offset > 0, "a is stored before x"
+        for cut in (info.offset + info.length // 2, info.offset - 10):  # inside x, and before it
+            self._rewrite(store, info.relative_path, data[:cut])
+            with pytest.raises(CorruptCheckpointError, match="truncated"):
+                torchstow.read(uri, keys=["x"], storage_options=storage_options)
+
+    def test_corrupted_manifest(
+        self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
+    ) -> None:
+        self._needs_bytes()
+        uri = self.uri(root_uri, "step-1")
+        torchstow.save({"x": torch.ones(4)}, uri, storage_options=storage_options)
+        store = open_byte_store(uri)
+        store.publish(MANIFEST, store.read_file(MANIFEST)[:-20])
+        with pytest.raises(CorruptCheckpointError, match=MANIFEST):
+            torchstow.info(uri, storage_options=storage_options)
+        with pytest.raises(CorruptCheckpointError):
+            torchstow.load({"x": torch.zeros(4)}, uri, storage_options=storage_options)
+        assert torchstow.latest(root_uri, storage_options=storage_options) is None
+
+    def test_concurrent_checkpoints_under_one_prefix(
+        self, root_uri: str, storage_options: dict[str, Any]
+    ) -> None:
+        if not self.concurrent_saves:
+            pytest.skip(f"{type(self).__name__} declares no concurrent saves (concurrent_saves = False)")
+        states = {step: {"w": torch.full((256, 64), float(step)), "step": step} for step in range(4)}
+        errors: list[BaseException] = []
+
+        def save(step: int) -> None:
+            try:
+                torchstow.save(
+                    states[step], self.uri(root_uri, f"step-{step}"), storage_options=storage_options
+                )
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=save, args=(step,)) for step in states]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        found = torchstow.list_checkpoints(root_uri, storage_options=storage_options)
+        assert [i.step for i in found] == [0, 1, 2, 3]
+        for step, sd in states.items():
+            assert_same(
+                torchstow.read(self.uri(root_uri, f"step-{step}"), storage_options=storage_options), sd
+            )

@@ -1,0 +1,220 @@
+"""The plugin system: entry-point discovery, scheme conflicts, disabling, unknown schemes,
+broken plugins. Plugins here are real distributions (dist-info directories on sys.path),
+found by importlib.metadata exactly as installed ones are."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchstow
+from torchstow import PluginConflictError, UnknownBackendError
+from torchstow.backends.filesystem import FileSystemBackend
+from torchstow.backends.fsspec import FsspecBackend
+from torchstow.plugins.manager import DISABLE_ENV, BackendRegistry, PluginManager, get_plugin_manager
+
+_PLUGIN = """
+from torchstow import hookimpl
+from torchstow.backends.filesystem import FileSystemBackend
+
+class {cls}(FileSystemBackend):
+    schemes = {schemes!r}
+
+    def open_store(self, uri):
+        return super().open_store(uri.split("://", 1)[1])
+
+@hookimpl
+def torchstow_register_backends(register):
+    register({cls}, preferred={preferred})
+"""
+
+
+class Plugins:
+    """Writes plugin distributions into a directory on sys.path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def add(self, dist: str, name: str, source: str, version: str = "1.0") -> None:
+        module = f"{name}_plugin_module"
+        (self.root / f"{module}.py").write_text(textwrap.dedent(source))
+        info = self.root / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[torchstow.backends]\n{name} = {module}\n")
+        importlib.invalidate_caches()
+
+    def add_backend(
+        self, dist: str, name: str, cls: str, schemes: tuple[str, ...], preferred: bool = False
+    ) -> None:
+        self.add(dist, name, _PLUGIN.format(cls=cls, schemes=schemes, preferred=preferred))
+
+
+@pytest.fixture
+def plugins(tmp_path: Path, fresh_registry: None) -> Iterator[Plugins]:
+    root = tmp_path / "site"
+    root.mkdir()
+    sys.path.insert(0, str(root))
+    try:
+        yield Plugins(root)
+    finally:
+        sys.path.remove(str(root))
+        for name in [m for m in sys.modules if m.endswith("_plugin_module")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+
+
+def test_builtins_are_entry_point_plugins_with_versions() -> None:
+    pm = get_plugin_manager()
+    assert {"filesystem", "fsspec", "shm"} <= set(pm.versions)
+    assert pm.distributions["fsspec"] == "torchstow"
+    entries = {e.scheme: e for e in BackendRegistry(pm).available()}
+    assert entries["s3"].plugin == "fsspec"
+    assert entries["s3"].backend is FsspecBackend
+    assert entries["s3"].version == torchstow.__version__
+    assert entries["file"].backend is FileSystemBackend
+    assert entries["shm"].distribution == "torchstow"
+
+
+def test_a_plugin_is_discovered_and_serves_its_scheme(plugins: Plugins, tmp_path: Path) -> None:
+    plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("alpha",))
+    entry = next(e for e in torchstow.available_backends() if e.scheme == "alpha")
+    assert (entry.plugin, entry.distribution, entry.version) == ("alpha", "alpha-store", "1.0")
+    uri = f"alpha://{tmp_path}/ckpt"
+    torchstow.save({"w": torch.arange(4)}, uri)
+    assert torch.equal(torchstow.read(uri)["w"], torch.arange(4))
+
+
+def test_two_plugins_claiming_a_scheme_is_an_error_naming_both(plugins: Plugins) -> None:
+    plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("dup", "alpha"))
+    plugins.add_backend("beta-store", "beta", "BetaBackend", ("dup",))
+    with pytest.raises(PluginConflictError) as caught:
+        BackendRegistry(get_plugin_manager())
+    message = str(caught.value)
+    assert "'dup'" in message
+    assert "plugin 'alpha' (AlphaBackend)" in message
+    assert "plugin 'beta' (BetaBackend)" in message
+    assert f"{DISABLE_ENV}=" in message
+    assert "preferred=True" in message
+
+
+def test_a_preferred_plugin_wins_a_scheme(plugins: Plugins) -> None:
+    plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("dup",))
+    plugins.add_backend("beta-store", "beta", "BetaBackend", ("dup",), preferred=True)
+    entry = BackendRegistry(get_plugin_manager()).resolve("dup://x")
+    assert (entry.plugin, entry.backend.__name__, entry.preferred) == ("beta", "BetaBackend", True)
+
+
+def test_a_preferred_plugin_replaces_a_builtin(plugins: Plugins) -> None:
+    plugins.add_backend("my-s3", "mys3", "MyS3Backend", ("s3",), preferred=True)
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.resolve("s3://bucket/x").backend.__name__ == "MyS3Backend"
+    assert registry.resolve("gs://bucket/x").backend is FsspecBackend  # the rest stays
+
+
+def test_two_preferred_plugins_still_conflict(plugins: Plugins) -> None:
+    plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("dup",), preferred=True)
+    plugins.add_backend("beta-store", "beta", "BetaBackend", ("dup",), preferred=True)
+    with pytest.raises(PluginConflictError, match=r"'alpha'.*'beta'|'beta'.*'alpha'"):
+        BackendRegistry(get_plugin_manager())
+
+
+def test_disabling_resolves_a_conflict_and_blocks_plugins(
+    plugins: Plugins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("dup",))
+    plugins.add_backend("beta-store", "beta", "BetaBackend", ("dup",))
+    monkeypatch.setenv(DISABLE_ENV, " beta , shm")
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.resolve("dup://x").plugin == "alpha"
+    with pytest.raises(UnknownBackendError, match=f"Blocked by {DISABLE_ENV}: beta, shm"):
+        registry.resolve("shm://run/step-1")
+    assert "beta" not in registry.pm.versions
+
+
+def test_disabling_a_builtin_through_the_public_api(
+    fresh_registry: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DISABLE_ENV, "fsspec")
+    with pytest.raises(UnknownBackendError, match=r"'s3://bucket/ckpt'.*scheme 's3'"):
+        torchstow.save({}, "s3://bucket/ckpt")
+    assert {e.scheme for e in torchstow.available_backends()} == {"file", "shm"}
+
+
+def test_unknown_scheme_quotes_the_uri_and_lists_the_installed_schemes() -> None:
+    with pytest.raises(UnknownBackendError) as caught:
+        torchstow.load({}, "nosuch://bucket/step-1")
+    message = str(caught.value)
+    assert "'nosuch://bucket/step-1'" in message
+    assert "scheme 'nosuch'" in message
+    assert "installed schemes: " in message
+    assert all(s in message for s in ("file", "memory", "s3", "shm"))
+    assert isinstance(caught.value, ValueError)
+
+
+def test_a_broken_plugin_does_not_take_the_others_down(plugins: Plugins, tmp_path: Path) -> None:
+    plugins.add("broken-store", "broken", "import a_module_that_does_not_exist\n")
+    plugins.add(
+        "raising-store",
+        "raising",
+        """
+        from torchstow import hookimpl
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            raise RuntimeError("misconfigured")
+        """,
+    )
+    registry = BackendRegistry(get_plugin_manager())
+    assert "ModuleNotFoundError" in registry.load_errors["broken"]
+    assert "RuntimeError: misconfigured" in registry.load_errors["raising"]
+    assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
+    with pytest.raises(UnknownBackendError, match="Plugins that failed to load: broken: ModuleNotFoundError"):
+        registry.resolve("broken://x")
+
+
+def test_a_plugin_must_register_backend_classes_with_schemes(plugins: Plugins) -> None:
+    plugins.add(
+        "odd-store",
+        "odd",
+        """
+        from torchstow import hookimpl
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            register(dict)
+        """,
+    )
+    with pytest.raises(
+        TypeError, match="plugin 'odd' registered <class 'dict'>, which is not a torchstow Backend"
+    ):
+        BackendRegistry(get_plugin_manager())
+
+
+def test_the_register_hook_is_called_once_per_registry_with_a_register_callable() -> None:
+    calls = []
+
+    class Recorder:
+        @torchstow.hookimpl
+        def torchstow_register_backends(self, register: object) -> None:
+            calls.append(register)
+
+    pm = PluginManager()
+    pm.register(Recorder(), name="recorder")
+    registry = BackendRegistry(pm)
+    assert len(calls) == 1
+    assert callable(calls[0])
+    assert registry.entries == {}
+    calls[0](FileSystemBackend)  # registering after the hook returned changes nothing
+    assert registry.entries == {}
+
+
+def test_unknown_storage_options_are_named(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"does not take the storage options \['fsync_please'\].*fsync"):
+        torchstow.save({}, str(tmp_path / "c"), storage_options={"fsync_please": True})

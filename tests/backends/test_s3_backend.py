@@ -1,0 +1,196 @@
+"""The S3 backend (s3fs) against a moto server on 127.0.0.1: multipart uploads and ranged
+reads in parallel, retries of transient errors, clear permanent errors, several ranks."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import torchstow
+from torchstow import CheckpointException, IncompleteCheckpointError, StorageIOError
+
+from s3_faults import Fault, FaultProxy, Logged
+from storage_helpers import free_port, s3_options, unique
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(s3_endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def _max_overlap(requests: list[Logged]) -> int:
+    """The most requests that were in flight at one time."""
+    events = sorted([(r.start, 1) for r in requests] + [(r.end, -1) for r in requests])
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def _part_numbers(proxy: FaultProxy) -> list[int]:
+    """The part numbers of the part uploads the proxy saw, sorted."""
+    return sorted(
+        int(re.findall(r"partNumber=(\d+)", r.path)[0]) for r in proxy.requests("PUT", "partNumber=")
+    )
+
+
+def test_parts_and_ranges_move_concurrently(proxy: FaultProxy, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url, range_size=2 << 20, thread_count=1)
+    sd = {"w": torch.randn(4 << 20)}  # 16 MiB: three full parts and a short one
+    proxy.faults.append(Fault("PUT", r"partNumber=", "delay", delay=0.5))
+    proxy.faults.append(Fault("GET", r"/data-", "delay", delay=0.5))
+    torchstow.save(sd, uri, storage_options=opts)
+    parts = proxy.requests("PUT", r"partNumber=")
+    assert _part_numbers(proxy) == [1, 2, 3, 4]
+    assert len(proxy.requests("POST", r"uploadId=")) == 1  # one multipart upload, completed
+    assert _max_overlap(parts) >= 3
+
+    target = {"w": torch.zeros(4 << 20)}
+    torchstow.load(target, uri, storage_options=opts)
+    assert torch.equal(target["w"], sd["w"])
+    ranges = proxy.requests("GET", r"/data-")
+    assert len(ranges) >= 8  # 16 MiB in ranges of 2 MiB
+    assert _max_overlap(ranges) >= 4
+
+
+def test_a_file_within_the_multipart_threshold_is_one_put(proxy: FaultProxy, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url, thread_count=1, multipart_threshold=10 << 20)
+    torchstow.save({"w": torch.randn((10 << 20) // 4)}, uri, storage_options=opts)  # two parts' worth
+    assert proxy.requests("POST", r"uploads|uploadId") == []
+    assert len(proxy.requests("PUT", r"/data-")) == 1
+    torchstow.save({"w": torch.randn((10 << 20) // 4 + 1)}, uri, storage_options=opts, overwrite=True)
+    assert _part_numbers(proxy) == [1, 2, 3]
+
+
+def test_transient_errors_are_retried(proxy: FaultProxy, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url)
+    sd = {"w": torch.randn(3 << 20), "step": 3}  # 12 MiB: three parts
+    proxy.faults += [
+        Fault("PUT", r"partNumber=2\b", 503, times=2),  # throttled: SlowDown
+        Fault("PUT", r"/manifest\.json", "reset", times=1),  # connection reset
+        Fault("GET", r"/data-", 500, times=1),  # InternalError
+        Fault("GET", r"/manifest\.json", 503, times=1),
+    ]
+    torchstow.save(sd, uri, storage_options=opts)
+    assert [r.status for r in proxy.requests("PUT", r"partNumber=2\b")] == [503, 503, 200]
+    assert [r.status for r in proxy.requests("PUT", r"/manifest\.json")] == ["reset", 200]
+
+    target = {"w": torch.zeros(3 << 20), "step": None}
+    torchstow.load(target, uri, storage_options=opts)
+    assert torch.equal(target["w"], sd["w"])
+    assert target["step"] == 3
+    assert [r.status for r in proxy.requests("GET", r"/manifest\.json")] == [503, 206]
+    data_gets = proxy.requests("GET", r"/data-")
+    assert data_gets[0].status == 500
+    assert all(r.status == 206 for r in data_gets[1:])
+
+
+def test_permanent_error_fails_at_once_and_commits_nothing(proxy: FaultProxy, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url)
+    proxy.faults.append(Fault("PUT", r"/manifest\.json", 403))
+    with pytest.raises(StorageIOError) as caught:
+        torchstow.save({"w": torch.ones(16)}, uri, storage_options=opts)
+    message = str(caught.value)
+    assert "AccessDenied (HTTP 403)" in message
+    assert f"{uri}/manifest.json" in message
+    assert "permanent error, not retried" in message
+    assert isinstance(caught.value, CheckpointException)  # what every rank raises
+    (cause, _), *_ = caught.value.failures.values()
+    assert isinstance(cause, StorageIOError)
+    assert not cause.transient
+    assert cause.attempts == 1
+    assert len(proxy.requests("PUT", r"/manifest\.json")) == 1
+    with pytest.raises(IncompleteCheckpointError):
+        torchstow.info(uri, storage_options=opts)
+
+
+def test_persistent_transient_error_gives_up_after_the_attempts(proxy: FaultProxy, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url, retry_attempts=3)
+    torchstow.save({"w": torch.ones(16)}, uri, storage_options=opts)
+    proxy.faults.append(Fault("GET", r"/data-", 503))
+    with pytest.raises(StorageIOError, match=r"after 3 attempt\(s\).*SlowDown \(HTTP 503\)") as caught:
+        torchstow.load({"w": torch.zeros(16)}, uri, storage_options=opts)
+    (cause, _), *_ = caught.value.failures.values()  # what rank 0 raised
+    assert isinstance(cause, StorageIOError)
+    assert cause.transient
+    assert cause.attempts == 3
+    assert [r.status for r in proxy.requests("GET", r"/data-")] == [503, 503, 503]
+
+
+def test_s3fs_is_imported_lazily_with_an_install_hint() -> None:
+    code = """
+import sys
+import torchstow
+schemes = {e.scheme for e in torchstow.available_backends()}
+assert {"s3", "memory", "shm", "file"} <= schemes, schemes
+assert "s3fs" not in sys.modules and "fsspec" not in sys.modules, "imported eagerly"
+sys.modules["s3fs"] = None  # as if s3fs were not installed
+try:
+    torchstow.save({}, "s3://bucket/ckpt")
+except ImportError as exc:
+    print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'torchstow[s3]'" in out.stdout
+    assert "s3://bucket/ckpt" in out.stdout
+
+
+def _two_rank_worker(rank: int, port: int, uri: str, opts: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        shared = torch.arange(1000, dtype=torch.float32)  # replicated: stored once
+        mine = torch.full((2 << 20,), float(rank))  # 8 MiB per rank: multipart
+        torchstow.save({"shared": shared, f"rank{rank}": mine, "step": 4}, uri, storage_options=opts)
+        target = {"shared": torch.zeros(1000), f"rank{rank}": torch.zeros(2 << 20), "step": None}
+        torchstow.load(target, uri, storage_options=opts, strict=False)  # the other rank's key is not ours
+        assert torch.equal(target["shared"], shared)
+        assert torch.equal(target[f"rank{rank}"], mine)
+        assert target["step"] == 4
+        if rank == 0:
+            whole = torchstow.read(uri, storage_options=opts)
+            assert set(whole) == {"shared", "rank0", "rank1", "step"}
+            assert torch.equal(whole["rank1"], torch.full((2 << 20,), 1.0))
+            info = torchstow.info(uri, storage_options=opts)
+            assert info.nbytes == 4000 + 2 * (8 << 20)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_save_and_load_over_gloo(s3_endpoint: str, s3_bucket: str) -> None:
+    import torch.multiprocessing as mp
+
+    uri = f"s3://{s3_bucket}/{unique()}/step-4"
+    opts = s3_options(s3_endpoint)
+    env = {"OMP_NUM_THREADS": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        mp.spawn(_two_rank_worker, args=(free_port(), uri, opts), nprocs=2, join=True)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert torchstow.latest(uri.rsplit("/", 1)[0], storage_options=opts) == uri
