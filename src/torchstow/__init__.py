@@ -6,6 +6,7 @@ coordinator-driven protocol commits one consistent checkpoint.
 """
 
 from torchstow.api import (
+    async_save,
     delete,
     info,
     latest,
@@ -19,7 +20,24 @@ from torchstow.api import (
     storage_reader,
     storage_writer,
 )
+from torchstow.core.async_save import AsyncSave
 from torchstow.core.backend import Backend, StoreBackend
+from torchstow.core.barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier, register_barrier
+from torchstow.core.checkpoint_io import (
+    CheckpointReader,
+    CheckpointWriter,
+    CheckpointWriterConfig,
+    RankInfo,
+    WriterHook,
+)
+from torchstow.core.checkpointer import (
+    AsyncCheckpointer,
+    Checkpointer,
+    CheckpointerConfig,
+    SyncCheckpointer,
+    make_async_checkpointer,
+    make_sync_checkpointer,
+)
 from torchstow.core.errors import (
     CheckpointException,
     CheckpointExistsError,
@@ -52,25 +70,47 @@ from torchstow.core.planning import (
     SavePlanner,
     WriteItem,
 )
+from torchstow.core.replication import ReplicationStager
+from torchstow.core.staging import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.storage import StorageReader, StorageWriter, WriteResult
 from torchstow.core.store import ByteStore, FileSink
+from torchstow.core.writer_process import (
+    CheckpointProcess,
+    CheckpointProcessConfig,
+    WriterProcessError,
+    WriterProcessTimeoutError,
+)
 from torchstow.plugins.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCheckpointer",
+    "AsyncSave",
     "Backend",
+    "Barrier",
+    "BarrierConfig",
     "ByteStore",
     "BytesStorageMetadata",
     "CheckpointException",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
+    "CheckpointProcess",
+    "CheckpointProcessConfig",
+    "CheckpointReader",
+    "CheckpointStagerConfig",
+    "CheckpointWriter",
+    "CheckpointWriterConfig",
+    "Checkpointer",
+    "CheckpointerConfig",
     "ChecksumMismatchError",
     "ChunkStorageMetadata",
     "CorruptCheckpointError",
     "DefaultLoadPlanner",
     "DefaultSavePlanner",
+    "DefaultStager",
+    "DistBarrier",
     "FileSink",
     "FormatVersionError",
     "IncompleteCheckpointError",
@@ -79,19 +119,28 @@ __all__ = [
     "Metadata",
     "MetadataIndex",
     "PickleNotAllowedError",
+    "RankInfo",
     "ReadItem",
+    "ReplicationStager",
     "SavePlan",
     "SavePlanner",
     "StateDictMismatchError",
+    "StateDictStager",
     "StorageReader",
     "StorageWriter",
     "StoreBackend",
+    "SyncCheckpointer",
+    "TCPStoreBarrier",
     "TensorProperties",
     "TensorStorageMetadata",
     "TorchstowError",
     "UnknownBackendError",
     "WriteItem",
     "WriteResult",
+    "WriterHook",
+    "WriterProcessError",
+    "WriterProcessTimeoutError",
+    "async_save",
     "delete",
     "hookimpl",
     "info",
@@ -100,7 +149,10 @@ __all__ = [
     "load",
     "load_state_dict",
     "local_metadata",
+    "make_async_checkpointer",
+    "make_sync_checkpointer",
     "read",
+    "register_barrier",
     "save",
     "save_state_dict",
     "storage_reader",
