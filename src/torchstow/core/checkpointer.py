@@ -129,6 +129,11 @@ class AsyncCheckpointer(Checkpointer):
         """The writer process."""
         return self._process
 
+    @property
+    def stager(self) -> DefaultStager:
+        """The stager (its buffers are the shared memory the writer process reads)."""
+        return self._stager
+
     def save(
         self, path: str, state_dict: Mapping[str, Any], **kwargs: Any
     ) -> tuple[Future[None], Future[None]]:

@@ -190,6 +190,11 @@ class CheckpointProcess:
         """The writer process's id."""
         return self._process.pid
 
+    @property
+    def exitcode(self) -> int | None:
+        """The writer process's exit code (negative: killed by that signal), None while it runs."""
+        return self._process.exitcode
+
     def is_alive(self) -> bool:
         """Whether the writer process is running."""
         return self._process.is_alive()
@@ -260,6 +265,10 @@ class CheckpointProcess:
         else:
             how = f"exited with code {code}"
         return f"{self._describe()} {how} while {what}; the write did not complete"
+
+    def wait_started(self, timeout: float | None = None) -> None:
+        """Block until the writer process is ready; raise its start-up error if it failed."""
+        self._ready.result(timeout)
 
     def check(self) -> None:
         """Raise at once if the writer process failed to start or has died."""
