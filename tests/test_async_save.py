@@ -166,3 +166,21 @@ def test_done_callback_and_repr(tmp_path: Any) -> None:
     assert done.wait(30)
     assert "done" in repr(save)
     assert str(tmp_path / "ckpt") in repr(save)
+
+
+def test_file_uris_work_like_paths(tmp_path: Any) -> None:
+    sd = _state()
+    torchstow.async_save(sd, f"file://{tmp_path}/ckpt").result(timeout=30)
+    assert torch.equal(torchstow.read(tmp_path / "ckpt")["w"], sd["w"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_async_save_from_the_gpu(tmp_path: Any) -> None:
+    sd = {"w": torch.randn(512, 512, device="cuda"), "step": 1}
+    expected = sd["w"].cpu()
+    save = torchstow.async_save(sd, tmp_path / "ckpt")
+    save.staged()
+    sd["w"].add_(1)  # the staged copy was taken before this kernel
+    save.result(timeout=60)
+    assert torch.equal(torchstow.read(tmp_path / "ckpt")["w"], expected)

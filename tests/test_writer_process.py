@@ -229,3 +229,25 @@ def test_a_crashed_writer_is_detected(hook: LoggingHook, tmp_path: Any) -> None:
     with pytest.raises(WriterProcessError, match="killed by SIGKILL"):
         checkpointer.save(str(tmp_path / "d"), _state())
     checkpointer.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_state_is_staged_into_pinned_shared_memory(tmp_path: Any) -> None:
+    checkpointer = make_async_checkpointer(_config())
+    try:
+        sd = {"w": torch.randn(1024, 1024, device="cuda"), "v": None}
+        sd["v"] = sd["w"][7]
+        staging, write = checkpointer.save(str(tmp_path / "c"), sd)
+        staging.result(timeout=60)
+        expected = sd["w"].cpu()
+        sd["w"].zero_()
+        write.result(timeout=60)
+        loaded = checkpointer.load(str(tmp_path / "c"))
+        assert torch.equal(loaded["w"], expected)
+        assert torch.equal(loaded["v"], expected[7])
+        arena = checkpointer.stager.state_dict_stager.shared_memory
+        assert arena is not None
+        assert arena.pin
+    finally:
+        checkpointer.close()

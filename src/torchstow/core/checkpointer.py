@@ -141,6 +141,7 @@ class AsyncCheckpointer(Checkpointer):
         self._process.check()
         if self._write_future is not None:
             wait_futures([self._write_future])
+            self._process.check()  # the writer may have died during that write
         staging = as_future(self._stager.stage(state_dict))
         arena = self._stager.state_dict_stager.shared_memory
         self._write_future = self._process.write(staging, path, arena, **kwargs)
