@@ -18,6 +18,9 @@ from torchstow import (
     CheckpointerConfig,
     CheckpointException,
     CheckpointProcessConfig,
+    CheckpointWriter,
+    CheckpointWriterConfig,
+    RankInfo,
     StateDictStager,
     WriterHook,
     WriterProcessError,
@@ -161,10 +164,25 @@ def test_tensors_travel_through_shared_memory_not_the_pipe() -> None:
     stager.close()
 
 
-def test_save_before_start_up_completes_then_close_gracefully(tmp_path: Any) -> None:
-    checkpointer = make_async_checkpointer(_config())
-    _, write = checkpointer.save(str(tmp_path / "c"), _state())  # queued behind the start-up
+def overwriting_writer(rank_info: RankInfo, log: str) -> CheckpointWriter:
+    """A custom writer for the writer process: overwrites, and logs commits."""
+    return CheckpointWriter(CheckpointWriterConfig(overwrite=True), rank_info, commit_hook=LoggingHook(log))
+
+
+def test_custom_writer_save_before_start_up_and_graceful_close(tmp_path: Any) -> None:
+    log = str(tmp_path / "log.jsonl")
+    checkpointer = make_async_checkpointer(
+        _config(), checkpoint_writer_init_fn=overwriting_writer, checkpoint_writer_init_args={"log": log}
+    )
+    path = str(tmp_path / "c")
+    _, write = checkpointer.save(path, _state(), n=1)  # queued behind the start-up
     write.result(timeout=60)
+    sd = _state()
+    sd["step"] = 2
+    _, again = checkpointer.save(path, sd, n=2)  # the custom writer overwrites
+    again.result(timeout=60)
+    assert checkpointer.load(path)["step"] == 2
+    assert [e["kwargs"] for e in LoggingHook(log).entries()] == [{"n": 1}, {"n": 2}]
     assert not _shm_files()  # the writer removes each segment's name once it has mapped it
     arena = checkpointer.stager.state_dict_stager.shared_memory
     assert arena is not None
@@ -173,9 +191,8 @@ def test_save_before_start_up_completes_then_close_gracefully(tmp_path: Any) -> 
     assert arena.stats() == (0, 0)
     assert checkpointer.process.exitcode == 0
     assert not checkpointer.process.is_alive()
-    assert not _shm_files()
     with pytest.raises(RuntimeError, match="closed"):
-        checkpointer.save(str(tmp_path / "d"), _state())
+        checkpointer.save(path, _state())
 
 
 def test_start_up_failure_is_reported(tmp_path: Any) -> None:
