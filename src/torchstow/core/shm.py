@@ -91,8 +91,11 @@ class _Segment:
             os.unlink(self.path)
 
 
+_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
+
+
 def _cuda_host_register(ptr: int, size: int) -> bool:
-    result = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
+    result = torch.cuda.cudart().cudaHostRegister(ptr, size, _HOST_REGISTER_PORTABLE)
     if int(result) != 0:
         logger.warning("could not pin a %d-byte shared-memory segment (CUDA error %s)", size, result)
         return False
