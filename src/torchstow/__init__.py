@@ -6,6 +6,7 @@ coordinator-driven protocol commits one consistent checkpoint.
 """
 
 from torchstow.api import (
+    async_save,
     available_backends,
     delete,
     info,
@@ -20,7 +21,24 @@ from torchstow.api import (
     storage_reader,
     storage_writer,
 )
+from torchstow.core.async_save import AsyncSave
 from torchstow.core.backend import Backend, StoreBackend
+from torchstow.core.barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier, register_barrier
+from torchstow.core.checkpoint_io import (
+    CheckpointReader,
+    CheckpointWriter,
+    CheckpointWriterConfig,
+    RankInfo,
+    WriterHook,
+)
+from torchstow.core.checkpointer import (
+    AsyncCheckpointer,
+    Checkpointer,
+    CheckpointerConfig,
+    SyncCheckpointer,
+    make_async_checkpointer,
+    make_sync_checkpointer,
+)
 from torchstow.core.errors import (
     CheckpointException,
     CheckpointExistsError,
@@ -53,28 +71,50 @@ from torchstow.core.planning import (
     SavePlanner,
     WriteItem,
 )
+from torchstow.core.replication import ReplicationStager
 from torchstow.core.retry import RetryPolicy
+from torchstow.core.staging import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.storage import StorageReader, StorageWriter, WriteResult
 from torchstow.core.store import ByteStore, FileSink, StorageFullError, StorageIOError
+from torchstow.core.writer_process import (
+    CheckpointProcess,
+    CheckpointProcessConfig,
+    WriterProcessError,
+    WriterProcessTimeoutError,
+)
 from torchstow.plugins.hookspecs import hookimpl
 from torchstow.plugins.manager import BackendEntry, PluginConflictError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCheckpointer",
+    "AsyncSave",
     "Backend",
     "BackendEntry",
+    "Barrier",
+    "BarrierConfig",
     "ByteStore",
     "BytesStorageMetadata",
     "CheckpointException",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
+    "CheckpointProcess",
+    "CheckpointProcessConfig",
+    "CheckpointReader",
+    "CheckpointStagerConfig",
+    "CheckpointWriter",
+    "CheckpointWriterConfig",
+    "Checkpointer",
+    "CheckpointerConfig",
     "ChecksumMismatchError",
     "ChunkStorageMetadata",
     "CorruptCheckpointError",
     "DefaultLoadPlanner",
     "DefaultSavePlanner",
+    "DefaultStager",
+    "DistBarrier",
     "FileSink",
     "FormatVersionError",
     "IncompleteCheckpointError",
@@ -84,22 +124,31 @@ __all__ = [
     "MetadataIndex",
     "PickleNotAllowedError",
     "PluginConflictError",
+    "RankInfo",
     "ReadItem",
+    "ReplicationStager",
     "RetryPolicy",
     "SavePlan",
     "SavePlanner",
     "StateDictMismatchError",
+    "StateDictStager",
     "StorageFullError",
     "StorageIOError",
     "StorageReader",
     "StorageWriter",
     "StoreBackend",
+    "SyncCheckpointer",
+    "TCPStoreBarrier",
     "TensorProperties",
     "TensorStorageMetadata",
     "TorchstowError",
     "UnknownBackendError",
     "WriteItem",
     "WriteResult",
+    "WriterHook",
+    "WriterProcessError",
+    "WriterProcessTimeoutError",
+    "async_save",
     "available_backends",
     "delete",
     "hookimpl",
@@ -109,7 +158,10 @@ __all__ = [
     "load",
     "load_state_dict",
     "local_metadata",
+    "make_async_checkpointer",
+    "make_sync_checkpointer",
     "read",
+    "register_barrier",
     "save",
     "save_state_dict",
     "storage_reader",

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from torchstow.core import uri_storage
+from torchstow.core.async_save import AsyncSave, SaveJob, pipeline
 from torchstow.core.collective import make_collective
 from torchstow.core.errors import (
     CheckpointNotFoundError,
@@ -36,6 +38,7 @@ from torchstow.core.storage import StorageReader, StorageWriter
 from torchstow.plugins.manager import BackendEntry, default_registry
 
 __all__ = [
+    "async_save",
     "available_backends",
     "delete",
     "info",
@@ -155,6 +158,44 @@ def load(
         planner=planner or DefaultLoadPlanner(strict=strict, allow_pickle=allow_pickle),
         collective=make_collective(process_group, coordinator_rank, no_dist),
     )
+
+
+def async_save(
+    state_dict: Mapping[str, Any],
+    uri: Uri,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    planner: SavePlanner | None = None,
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    stager: Any = None,
+) -> AsyncSave:
+    """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
+
+    Takes :func:`save`'s options. Returns once the state dict is staged (with
+    the default stager), so training may go on mutating it; ``.result()``
+    waits for the commit. Saves commit in call order; a save first waits for
+    the previous save made with the same stager to finish writing, so the
+    default keeps one save in flight and one staged copy in memory. Pass a
+    ``stager`` (a :class:`DefaultStager` or :class:`StateDictStager`) to stage
+    differently; with asynchronous staging, call ``.staged()`` before
+    mutating the state dict. Any failure, on any rank, surfaces from
+    ``.result()`` as a :class:`CheckpointException` on every rank.
+    """
+    text = _uri(uri)
+
+    def prepare() -> SaveJob:
+        user_metadata = _check_user_metadata(metadata)
+        writer = storage_writer(text, overwrite=overwrite, **(storage_options or {}))
+        return SaveJob(writer, planner or DefaultSavePlanner(allow_pickle=allow_pickle), user_metadata)
+
+    saves = pipeline()
+    collective = saves.commit_collective(process_group, coordinator_rank, no_dist)
+    return saves.submit(state_dict, text, prepare, collective=collective, stager=stager)
 
 
 def save_state_dict(
@@ -314,3 +355,6 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
     """Remove the checkpoint at ``uri`` (manifest first, so it is never half-valid)."""
     text = _uri(uri)
     default_registry().backend_for(text, storage_options).delete(text)
+
+
+uri_storage.install(storage_writer, storage_reader)

@@ -1,0 +1,230 @@
+"""Asynchronous saves: stage now, write and commit on a background thread.
+
+``torchstow.async_save`` stages the state dict through a stager whose
+buffers are reused from one save to the next, then hands the staged copy to
+the process's single save thread, which runs the ordinary save protocol, so
+saves commit in the order they were made. Before staging, a save waits for
+the previous save that used the same stager to finish writing, since it is
+about to overwrite that save's buffers: with the default stager at most one
+save is in flight and memory stays at one staged copy.
+
+Across ranks the protocol's collectives run on a gloo group made for this
+purpose, never on the training group, whose stream (and, with gloo, whose
+message order) belongs to the training loop.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import Any
+
+from torchstow.core.collective import Collective, ProcessGroupCollective, make_collective
+from torchstow.core.gloo_groups import private_gloo_group
+from torchstow.core.metadata import Metadata
+from torchstow.core.planning import SavePlan, SavePlanner
+from torchstow.core.protocol import save_state_dict
+from torchstow.core.staging import CheckpointStagerConfig, DefaultStager, as_future
+from torchstow.core.storage import StorageWriter, WriteResult
+
+__all__ = ["AsyncSave", "AsyncSavePipeline", "SaveJob", "pipeline"]
+
+
+@dataclass
+class SaveJob:
+    """What one save writes with: resolved on the caller's thread, used on the save thread."""
+
+    writer: StorageWriter
+    planner: SavePlanner
+    user_metadata: dict[str, Any]
+
+
+class AsyncSave:
+    """A save in progress, as returned by ``torchstow.async_save``."""
+
+    def __init__(self, uri: str, staging: Future[Any], commit: Future[Metadata]) -> None:
+        self.uri = uri
+        self._staging = staging
+        self._commit = commit
+
+    def staged(self, timeout: float | None = None) -> None:
+        """Block until the state dict may be mutated again (staging is over).
+
+        Raises what staging raised, if it failed (``result`` raises it too).
+        """
+        self._staging.result(timeout)
+
+    def result(self, timeout: float | None = None) -> Metadata:
+        """Block until the checkpoint is committed; its manifest, or the
+        :class:`CheckpointException` every rank raised."""
+        return self._commit.result(timeout)
+
+    def done(self) -> bool:
+        """Whether the save is over (committed or failed)."""
+        return self._commit.done()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The save's exception once it is over, or None if it committed."""
+        return self._commit.exception(timeout)
+
+    def add_done_callback(self, fn: Callable[[AsyncSave], Any]) -> None:
+        """Call ``fn(self)`` when the save is over (at once if it already is)."""
+        self._commit.add_done_callback(lambda _: fn(self))
+
+    def wait(self) -> None:
+        """Block until the save is over, without raising its exception."""
+        wait_futures([self._commit])
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "staged" if self._staging.done() else "staging"
+        return f"<AsyncSave {self.uri!r} {state}>"
+
+
+class _FailedWriter(StorageWriter):
+    """Stands in for a rank whose save failed before the protocol began: it
+    fails the protocol's first step, so every rank fails as one."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        raise self.error
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        raise self.error
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        raise self.error
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
+        raise self.error
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        raise self.error
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+
+def _failed_future(error: BaseException) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_exception(error)
+    return future
+
+
+class AsyncSavePipeline:
+    """The process's save thread, default stager and commit groups."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-async-save")
+        self._lock = threading.Lock()
+        self._last: weakref.WeakKeyDictionary[Any, AsyncSave] = weakref.WeakKeyDictionary()
+        self._default_stager: DefaultStager | None = None
+        self._world: Any = None
+        self._groups: dict[tuple[int, ...], Any] = {}
+
+    def default_stager(self) -> DefaultStager:
+        """Stages on the caller's thread, pinned and non-blocking where an accelerator exists."""
+        if self._default_stager is None:
+            self._default_stager = DefaultStager(CheckpointStagerConfig(use_async_staging=False))
+        return self._default_stager
+
+    def commit_collective(
+        self, process_group: Any, coordinator_rank: int, no_dist: bool | None
+    ) -> Collective:
+        """The collective a save's protocol runs on: single process, or a
+        gloo group with the ranks of ``process_group`` (made once, on the
+        caller's thread, by every rank of the group)."""
+        base = make_collective(process_group, coordinator_rank, no_dist)
+        if not isinstance(base, ProcessGroupCollective):
+            return base
+        import torch.distributed as dist
+
+        group = base.group if base.group is not None else dist.group.WORLD
+        ranks = dist.get_process_group_ranks(group)
+        coordinator = ranks[coordinator_rank]
+        commit_group = self._group_for(tuple(sorted(ranks)))
+        return ProcessGroupCollective(commit_group, dist.get_group_rank(commit_group, coordinator))
+
+    def _group_for(self, ranks: tuple[int, ...]) -> Any:
+        import torch.distributed as dist
+
+        if self._world is not dist.group.WORLD:  # torch.distributed was (re)initialized
+            self._world = dist.group.WORLD
+            self._groups.clear()
+        group = self._groups.get(ranks)
+        if group is None:
+            group = self._groups[ranks] = private_gloo_group(ranks)
+        return group
+
+    def submit(
+        self,
+        state_dict: Mapping[str, Any],
+        uri: str,
+        prepare: Callable[[], SaveJob],
+        *,
+        collective: Collective,
+        stager: Any = None,
+    ) -> AsyncSave:
+        """Stage ``state_dict`` and queue its save; see the module docstring.
+
+        A failure while preparing or staging does not raise here: it makes
+        the save fail on every rank, so no rank waits for one that gave up.
+        """
+        with self._lock:
+            stager = stager if stager is not None else self.default_stager()
+            previous = self._last.get(stager)
+            if previous is not None:
+                previous.wait()  # it may still be writing from the buffers we are about to fill
+            job: SaveJob | None = None
+            try:
+                job = prepare()
+                staging = as_future(stager.stage(state_dict))
+            except Exception as exc:
+                staging = _failed_future(exc)
+            commit = self._executor.submit(self._commit, staging, job, collective)
+            save = AsyncSave(uri, staging, commit)
+            self._last[stager] = save
+            return save
+
+    @staticmethod
+    def _commit(staging: Future[Any], job: SaveJob | None, collective: Collective) -> Metadata:
+        try:
+            staged = staging.result()
+        except Exception as exc:
+            return save_state_dict({}, _FailedWriter(exc), collective=collective)
+        assert job is not None
+        return save_state_dict(
+            staged, job.writer, planner=job.planner, collective=collective, user_metadata=job.user_metadata
+        )
+
+
+_pipeline: AsyncSavePipeline | None = None
+_pipeline_lock = threading.Lock()
+
+
+def pipeline() -> AsyncSavePipeline:
+    """The process's :class:`AsyncSavePipeline`, made on first use."""
+    global _pipeline
+    with _pipeline_lock:
+        if _pipeline is None:
+            _pipeline = AsyncSavePipeline()
+        return _pipeline
+
+
+def _forget_pipeline() -> None:
+    global _pipeline
+    _pipeline = None  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pipeline)

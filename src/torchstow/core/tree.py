@@ -1,0 +1,58 @@
+"""Small walks over nested state dicts: DTensor detection and local views.
+
+A per-rank copy of a state dict (one rank's checkpoint, a replica sent to a
+partner) holds each DTensor's local shard only; :func:`local_view` gives that
+view without copying any tensor data.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["dtensor_type", "is_dtensor", "local_view"]
+
+
+def dtensor_type() -> type | None:
+    """The DTensor class, if torch.distributed.tensor is loaded (else no DTensor exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a torch.distributed.tensor.DTensor."""
+    cls = dtensor_type()
+    return cls is not None and isinstance(value, cls)
+
+
+def local_view(obj: Any) -> Any:
+    """``obj`` with every DTensor replaced by its local shard (no data copied).
+
+    Mappings become dicts, lists and tuples (namedtuples too) are rebuilt;
+    other values are returned as they are. A structure without DTensors is
+    returned unchanged.
+    """
+    if dtensor_type() is None:
+        return obj
+    return _local(obj)
+
+
+def _local(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if is_dtensor(obj):
+            with torch.no_grad():
+                return obj.to_local()  # type: ignore[attr-defined]
+        return obj
+    if isinstance(obj, Mapping):
+        return {key: _local(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_local(value) for value in obj]
+    if isinstance(obj, tuple):
+        items = [_local(value) for value in obj]
+        if hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return type(obj)(items)
+    return obj

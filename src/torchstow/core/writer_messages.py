@@ -1,0 +1,187 @@
+"""The messages between a trainer and its checkpoint writer process.
+
+Requests go trainer -> writer, one response comes back per request, in
+order. A write request carries the state dict's structure pickled with its
+tensors replaced by :class:`SharedTensor` references into shared-memory
+segments (:mod:`torchstow.core.shm`): the tensor bytes stay where staging
+put them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import traceback
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar
+
+import torch
+
+from torchstow.core.shm import SegmentMapper, SharedMemoryArena, ShmRef
+from torchstow.core.tensor_pickle import dumps_with_tensors, loads_with_tensors
+from torchstow.core.tree import is_dtensor
+
+__all__ = [
+    "PingRequest",
+    "RemoteError",
+    "Request",
+    "RequestKind",
+    "Response",
+    "SharedTensor",
+    "TerminateRequest",
+    "WriteRequest",
+    "pack_state_dict",
+    "unpack_state_dict",
+]
+
+
+class RequestKind(Enum):
+    """What a request asks the writer process to do."""
+
+    PING = "ping"  # answer once started (the start-up handshake)
+    WRITE = "write"  # write a state dict as this rank's checkpoint
+    TERMINATE = "terminate"  # answer, then exit
+
+
+@dataclass(frozen=True)
+class SharedTensor:
+    """A tensor in shared memory: its storage and how to view it."""
+
+    tensor: int  # which tensor of the state dict (the same one may appear twice)
+    storage: ShmRef
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class PingRequest:
+    """Answered as soon as the writer is ready."""
+
+    request_id: int
+    kind: ClassVar[RequestKind] = RequestKind.PING
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """Write ``state_dict`` (pickled, tensors as :class:`SharedTensor`) under ``path``.
+
+    ``released_segments`` are segments the trainer has freed since the last
+    request: the writer unmaps them.
+    """
+
+    request_id: int
+    path: str
+    state_dict: bytes
+    kwargs: dict[str, Any]
+    released_segments: tuple[str, ...] = ()
+    kind: ClassVar[RequestKind] = RequestKind.WRITE
+
+
+@dataclass(frozen=True)
+class TerminateRequest:
+    """Answered, then the writer process exits."""
+
+    request_id: int
+    kind: ClassVar[RequestKind] = RequestKind.TERMINATE
+
+
+Request = PingRequest | WriteRequest | TerminateRequest
+
+
+@dataclass(frozen=True)
+class RemoteError:
+    """An exception raised in the writer process, fit to travel back."""
+
+    type_name: str
+    message: str
+    traceback: str
+    exception: bytes | None = None  # the pickled exception, when it pickles
+
+    @classmethod
+    def capture(cls, exc: BaseException) -> RemoteError:
+        """Describe ``exc`` (and keep it whole when it can be pickled)."""
+        payload: bytes | None
+        try:
+            payload = pickle.dumps(exc)
+            pickle.loads(payload)
+        except Exception:
+            payload = None
+        text = "".join(traceback.format_exception(exc))
+        return cls(type(exc).__qualname__, str(exc), text, payload)
+
+    def to_exception(self, fallback: type[Exception], context: str) -> BaseException:
+        """The original exception (with the writer's traceback as a note), or
+        ``fallback`` carrying its type, message and traceback."""
+        if self.exception is not None:
+            exc: BaseException = pickle.loads(self.exception)
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"{context}; traceback in the writer process:\n{self.traceback}")
+            return exc
+        return fallback(f"{context}: {self.type_name}: {self.message}\n{self.traceback}")
+
+
+@dataclass(frozen=True)
+class Response:
+    """The answer to request ``request_id``: ``ok``, or the ``error`` it raised."""
+
+    kind: RequestKind
+    request_id: int
+    ok: bool
+    error: RemoteError | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def pack_state_dict(state_dict: Any, arena: SharedMemoryArena | None) -> bytes:
+    """``state_dict`` pickled with each tensor as a :class:`SharedTensor` in ``arena``.
+
+    DTensors travel as their local shard. A tensor outside the arena raises
+    ValueError: stage with shared memory first.
+    """
+    counter = itertools.count()
+
+    def reference(tensor: torch.Tensor) -> SharedTensor:
+        requires_grad = tensor.requires_grad
+        if is_dtensor(tensor):
+            tensor = tensor._local_tensor  # type: ignore[attr-defined]
+        where = arena.locate(tensor.untyped_storage()) if arena is not None else None
+        if where is None or tensor.layout != torch.strided:
+            raise ValueError(
+                f"a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device} of the state dict is not "
+                "in the stager's shared memory; the writer process reads staged tensors from shared "
+                "memory only (stage with use_shared_memory=True)"
+            )
+        return SharedTensor(
+            next(counter),
+            where,
+            tensor.dtype,
+            tuple(tensor.size()),
+            tuple(tensor.stride()),
+            int(tensor.storage_offset()),
+            requires_grad,
+        )
+
+    return dumps_with_tensors(state_dict, reference)
+
+
+def unpack_state_dict(data: bytes, segments: SegmentMapper) -> Any:
+    """The state dict :func:`pack_state_dict` packed, its tensors viewing the shared segments."""
+    storages: dict[ShmRef, torch.UntypedStorage] = {}
+    tensors: dict[int, torch.Tensor] = {}
+
+    def tensor(ref: SharedTensor) -> torch.Tensor:
+        value = tensors.get(ref.tensor)
+        if value is None:
+            storage = storages.get(ref.storage)
+            if storage is None:
+                storage = storages[ref.storage] = segments.storage(ref.storage)
+            value = torch.empty(0, dtype=ref.dtype).set_(storage, ref.offset, ref.size, ref.stride)
+            if ref.requires_grad:
+                value.requires_grad_(True)
+            tensors[ref.tensor] = value
+        return value
+
+    return loads_with_tensors(data, tensor)

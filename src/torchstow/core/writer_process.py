@@ -1,0 +1,334 @@
+"""The checkpoint writer process of :class:`~torchstow.AsyncCheckpointer`.
+
+A long-lived child process (started with ``spawn``) owns a
+:class:`CheckpointWriter` and writes what the trainer staged: the trainer
+sends a :class:`WriteRequest` whose tensors are references into shared
+memory, the child maps those pages and writes from them, so neither the
+tensor bytes nor the I/O touch the trainer's interpreter. The trainer talks
+to the child from one I/O thread, one request at a time, and waits for each
+answer and for the child's exit at once: a child that dies is reported on
+the pending future at once, never waited on forever.
+
+Start-up: the trainer sends a ping; the child runs the user's init function,
+builds its writer, and answers (or answers with the error and exits).
+Shutdown: a terminate request and a wait of up to the shutdown timeout,
+then SIGKILL. The child ignores SIGINT (the trainer decides when it stops)
+and exits by itself when the trainer goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchstow.core.barriers import BarrierConfig, create_barrier_from_config
+from torchstow.core.checkpoint_io import CheckpointWriter, CheckpointWriterConfig, RankInfo, WriterHook
+from torchstow.core.errors import TorchstowError
+from torchstow.core.shm import SegmentMapper, SharedMemoryArena
+from torchstow.core.writer_messages import (
+    PingRequest,
+    RemoteError,
+    Request,
+    RequestKind,
+    Response,
+    TerminateRequest,
+    WriteRequest,
+    pack_state_dict,
+    unpack_state_dict,
+)
+
+__all__ = [
+    "CheckpointProcess",
+    "CheckpointProcessConfig",
+    "DefaultWriterFactory",
+    "WriterProcessError",
+    "WriterProcessTimeoutError",
+]
+
+logger = logging.getLogger("torchstow")
+
+
+class WriterProcessError(TorchstowError, RuntimeError):
+    """The checkpoint writer process failed to start, died, or was stopped."""
+
+
+class WriterProcessTimeoutError(WriterProcessError, TimeoutError):
+    """The checkpoint writer process did not start in time."""
+
+
+@dataclass
+class CheckpointProcessConfig:
+    """Timeouts of the writer process: to start (import, init function, writer) and to stop."""
+
+    subprocess_init_timeout_secs: float = 30
+    subprocess_shutdown_timeout_secs: float = 60
+
+
+@dataclass
+class DefaultWriterFactory:
+    """Builds the child's :class:`CheckpointWriter` (with its barrier) inside the child."""
+
+    writer_config: CheckpointWriterConfig = field(default_factory=CheckpointWriterConfig)
+    barrier_config: BarrierConfig = field(default_factory=BarrierConfig)
+    commit_hook: WriterHook | None = None
+
+    def __call__(self, rank_info: RankInfo) -> CheckpointWriter:
+        barrier = create_barrier_from_config(
+            self.barrier_config, rank_info, timeout_secs=self.writer_config.write_barrier_timeout_secs
+        )
+        return CheckpointWriter(self.writer_config, rank_info, barrier, self.commit_hook)
+
+
+WriterFactory = Callable[[RankInfo], CheckpointWriter]
+
+
+def _writer_main(
+    conn: multiprocessing.connection.Connection,
+    rank_info: RankInfo,
+    writer_factory: WriterFactory,
+    init_fn: Callable[..., Any] | None,
+    init_args: tuple[Any, ...],
+) -> None:
+    """The child's whole life: start, answer requests, exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    writer: CheckpointWriter | None = None
+    startup_error: RemoteError | None = None
+    try:
+        if init_fn is not None:
+            init_fn(*init_args)
+        writer = writer_factory(rank_info)
+    except BaseException as exc:
+        startup_error = RemoteError.capture(exc)
+    segments = SegmentMapper()
+    try:
+        while True:
+            try:
+                request: Request = conn.recv()
+            except (EOFError, OSError):
+                return  # the trainer is gone
+            if startup_error is not None or writer is None:
+                conn.send(Response(request.kind, request.request_id, False, startup_error))
+                return
+            if isinstance(request, WriteRequest):
+                conn.send(_write(writer, segments, request))
+            else:
+                conn.send(Response(request.kind, request.request_id, True))
+                if request.kind is RequestKind.TERMINATE:
+                    return
+    finally:
+        segments.close()
+        if writer is not None:
+            writer.close()
+        conn.close()
+
+
+def _write(writer: CheckpointWriter, segments: SegmentMapper, request: WriteRequest) -> Response:
+    try:
+        segments.release(request.released_segments)
+        state_dict = unpack_state_dict(request.state_dict, segments)
+        writer.write(request.path, state_dict, **request.kwargs)
+    except Exception as exc:
+        return Response(RequestKind.WRITE, request.request_id, False, RemoteError.capture(exc))
+    return Response(RequestKind.WRITE, request.request_id, True)
+
+
+class _NoAnswerError(Exception):
+    """The child did not answer in time."""
+
+
+class CheckpointProcess:
+    """The trainer's side of a writer process: start it, feed it writes, stop it.
+
+    Starts the child at once and returns; the start-up handshake runs on the
+    I/O thread, and ``write`` futures queue behind it. ``writer_factory``
+    (called in the child with the rank info) and ``subprocess_init_fn`` (called
+    first, with ``subprocess_init_args``) must be picklable.
+    """
+
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        config: CheckpointProcessConfig,
+        writer_factory: WriterFactory,
+        *,
+        subprocess_init_fn: Callable[..., Any] | None = None,
+        subprocess_init_args: tuple[Any, ...] = (),
+    ) -> None:
+        self.rank_info = rank_info
+        self.config = config
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe(duplex=True)
+        self._process = context.Process(
+            target=_writer_main,
+            args=(child_conn, rank_info, writer_factory, subprocess_init_fn, subprocess_init_args),
+            name=f"torchstow-writer-rank{rank_info.global_rank}",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()  # so a dead child reads as EOF here
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: set[Future[Any]] = set()
+        self._closed = False
+        self._killed = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-writer-io")
+        self._ready = self._track(self._executor.submit(self._handshake))
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's id."""
+        return self._process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The writer process's exit code (negative: killed by that signal), None while it runs."""
+        return self._process.exitcode
+
+    def is_alive(self) -> bool:
+        """Whether the writer process is running."""
+        return self._process.is_alive()
+
+    def _track(self, future: Future[Any]) -> Future[Any]:
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._untrack)
+        return future
+
+    def _untrack(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def _describe(self) -> str:
+        return f"the checkpoint writer process of rank {self.rank_info.global_rank} (pid {self.pid})"
+
+    def _handshake(self) -> None:
+        timeout = self.config.subprocess_init_timeout_secs
+        try:
+            response = self._ask(PingRequest(0), "starting", time.monotonic() + timeout)
+        except _NoAnswerError:
+            self._kill()
+            raise WriterProcessTimeoutError(
+                f"{self._describe()} did not start within {timeout:g}s and was killed; if it needs "
+                "longer (a slow import or init function), raise "
+                "CheckpointProcessConfig.subprocess_init_timeout_secs"
+            ) from None
+        if not response.ok:
+            error = response.error
+            detail = f"{error.type_name}: {error.message}\n{error.traceback}" if error else "no reason given"
+            raise WriterProcessError(f"{self._describe()} failed to start: {detail}")
+        logger.debug("%s started", self._describe())
+
+    def _ask(self, request: Request, what: str, deadline: float | None = None) -> Response:
+        """Send ``request`` and wait for its answer, the child's death, or ``deadline``."""
+        try:
+            self._conn.send(request)
+        except (BrokenPipeError, ConnectionError, EOFError) as exc:
+            raise WriterProcessError(self._death_message(what)) from exc
+        waitables: list[Any] = [self._conn, self._process.sentinel]
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise _NoAnswerError
+            ready = multiprocessing.connection.wait(waitables, remaining)
+            if self._conn in ready:
+                try:
+                    response: Response = self._conn.recv()
+                except (EOFError, ConnectionError) as exc:
+                    raise WriterProcessError(self._death_message(what)) from exc
+                if response.request_id != request.request_id:
+                    raise WriterProcessError(
+                        f"{self._describe()} answered request {response.request_id} while "
+                        f"request {request.request_id} was expected"
+                    )
+                return response
+            if self._process.sentinel in ready and not self._conn.poll(0):
+                raise WriterProcessError(self._death_message(what))
+
+    def _death_message(self, what: str) -> str:
+        self._process.join(1)
+        code = self._process.exitcode
+        if self._killed:
+            how = "was killed because it did not stop in time"
+        elif code is not None and code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        return f"{self._describe()} {how} while {what}; the write did not complete"
+
+    def wait_started(self, timeout: float | None = None) -> None:
+        """Block until the writer process is ready; raise its start-up error if it failed."""
+        self._ready.result(timeout)
+
+    def check(self) -> None:
+        """Raise at once if the writer process failed to start or has died."""
+        if self._closed:
+            raise RuntimeError("this checkpoint writer process has been closed")
+        if self._ready.done():
+            error = self._ready.exception()
+            if error is not None:
+                raise error
+            if not self._process.is_alive():
+                raise WriterProcessError(self._death_message("idle"))
+
+    def write(
+        self, staged: Future[Any], path: str, arena: SharedMemoryArena | None, **kwargs: Any
+    ) -> Future[None]:
+        """Queue a write of the state dict ``staged`` resolves to; a Future of its completion.
+
+        The future raises the writer's own exception when the write fails
+        there, or :class:`WriterProcessError` if the process did not start or died.
+        """
+        if self._closed:
+            raise RuntimeError("this checkpoint writer process has been closed")
+        return self._track(self._executor.submit(self._write, staged, str(path), arena, kwargs))
+
+    def _write(self, staged: Future[Any], path: str, arena: SharedMemoryArena | None, kwargs: Any) -> None:
+        self._ready.result()
+        state_dict = staged.result()
+        payload = pack_state_dict(state_dict, arena)
+        released = tuple(arena.take_released()) if arena is not None else ()
+        request = WriteRequest(next(self._ids), path, payload, kwargs, released)
+        response = self._ask(request, f"writing {path}")
+        if not response.ok:
+            assert response.error is not None
+            raise response.error.to_exception(
+                WriterProcessError, f"writing {path} failed in {self._describe()}"
+            )
+
+    def _kill(self) -> None:
+        if self._process.is_alive():
+            self._killed = True
+            self._process.kill()
+        self._process.join(5)
+
+    def close(self) -> None:
+        """Let queued writes finish and stop the process, within the shutdown timeout;
+        then kill it (a write still running then fails on its future)."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self.config.subprocess_shutdown_timeout_secs
+        with self._lock:
+            pending = set(self._pending)
+        _, not_done = wait_futures(pending, timeout=self.config.subprocess_shutdown_timeout_secs)
+        if not not_done and self._ready.exception() is None and self._process.is_alive():
+            with contextlib.suppress(_NoAnswerError, WriterProcessError):
+                self._ask(TerminateRequest(next(self._ids)), "stopping", deadline)
+            self._process.join(max(0.0, deadline - time.monotonic()))
+        if self._process.is_alive():
+            logger.warning("%s did not stop within the shutdown timeout; killing it", self._describe())
+            self._kill()
+        self._executor.shutdown(wait=True)
+        self._process.join()
+        self._conn.close()

@@ -1,0 +1,287 @@
+"""CheckpointWriter/Reader, commit hooks, barriers and the sync checkpointer, in one process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torchstow
+from torchstow import (
+    Barrier,
+    BarrierConfig,
+    CheckpointerConfig,
+    CheckpointException,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointReader,
+    CheckpointWriter,
+    CheckpointWriterConfig,
+    DistBarrier,
+    RankInfo,
+    StateDictMismatchError,
+    SyncCheckpointer,
+    TCPStoreBarrier,
+    WriterHook,
+    make_sync_checkpointer,
+    register_barrier,
+)
+from torchstow.core.barriers import BARRIER_REGISTRY, create_barrier_from_config
+from torchstow.core.checkpoint_io import rank_uri
+
+
+class Recorder(WriterHook, Barrier):
+    """A hook and a barrier that log what happened, and whether the rank's manifest existed then."""
+
+    barrier_type = "recorder"
+
+    def __init__(self, uri: str = "", fail_pre_commit: bool = False) -> None:
+        self.uri = uri
+        self.fail_pre_commit = fail_pre_commit
+        self.events: list[tuple[str, Any, bool]] = []
+
+    def _committed(self) -> bool:
+        return bool(self.uri) and (torchstow.latest(self.uri.rsplit("/", 1)[0]) == self.uri)
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        self.events.append(("pre_commit", (path, kwargs), self._committed()))
+        if self.fail_pre_commit:
+            raise ValueError("not today")
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        self.events.append(("post_commit", (path, kwargs), self._committed()))
+
+    def execute_barrier(self) -> None:
+        self.events.append(("barrier", None, self._committed()))
+
+
+def _state() -> dict[str, Any]:
+    return {
+        "model": {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(4, dtype=torch.float16)},
+        "optim": {"step": 5, "groups": [{"lr": 0.1}]},
+        "names": ("a", "b"),
+    }
+
+
+def test_writer_commits_a_per_rank_checkpoint_with_hooks_and_barrier(tmp_path: Any) -> None:
+    path = str(tmp_path / "step-5")
+    uri = rank_uri(path, 2)
+    assert uri == f"{path}/rank-2"
+    recorder = Recorder(uri)
+    writer = CheckpointWriter(
+        CheckpointWriterConfig(), RankInfo(2, 4), barrier=recorder, commit_hook=recorder
+    )
+    sd = _state()
+    writer.write(path, sd, step=5, tag="best")
+    kwargs = {"step": 5, "tag": "best"}
+    assert recorder.events == [
+        ("pre_commit", (path, kwargs), False),
+        ("barrier", None, True),
+        ("post_commit", (path, kwargs), True),
+    ]
+    loaded = torchstow.read(uri)  # a complete torchstow checkpoint
+    assert torch.equal(loaded["model"]["w"], sd["model"]["w"])
+    assert loaded["optim"] == {"step": 5, "groups": [{"lr": 0.1}]}
+    writer.write(str(tmp_path / "step-6"), sd)
+    assert [e[0] for e in recorder.events].count("barrier") == 2  # once per write
+
+
+def test_writer_works_without_barrier_or_hook(tmp_path: Any) -> None:
+    writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo())
+    writer.write(str(tmp_path / "c"), _state())
+    assert torch.equal(
+        torchstow.read(tmp_path / "c" / "rank-0")["model"]["b"], torch.ones(4, dtype=torch.float16)
+    )
+    writer.close()
+
+
+def test_a_failing_pre_commit_commits_nothing(tmp_path: Any) -> None:
+    path = str(tmp_path / "c")
+    recorder = Recorder(rank_uri(path, 0), fail_pre_commit=True)
+    writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo(), barrier=recorder, commit_hook=recorder)
+    with pytest.raises(CheckpointException) as info:
+        writer.write(path, _state())
+    assert isinstance(info.value.failures[0][0], ValueError)
+    assert [e[0] for e in recorder.events] == ["pre_commit"]  # no barrier, no post_commit
+    assert not (tmp_path / "c" / "rank-0" / "manifest.json").exists()
+
+
+def test_writing_twice_needs_overwrite(tmp_path: Any) -> None:
+    path = str(tmp_path / "c")
+    CheckpointWriter(CheckpointWriterConfig(), RankInfo()).write(path, {"x": torch.zeros(2)})
+    with pytest.raises(CheckpointExistsError):
+        CheckpointWriter(CheckpointWriterConfig(), RankInfo()).write(path, {"x": torch.ones(2)})
+    CheckpointWriter(CheckpointWriterConfig(overwrite=True), RankInfo()).write(path, {"x": torch.ones(2)})
+    assert torch.equal(CheckpointReader(RankInfo()).read(path)[0]["x"], torch.ones(2))
+
+
+@pytest.fixture
+def written(tmp_path: Any) -> str:
+    path = str(tmp_path / "ckpt")
+    for rank in (0, 1):
+        sd = _state()
+        sd["model"]["w"] += 100 * rank
+        CheckpointWriter(CheckpointWriterConfig(), RankInfo(rank, 2)).write(path, sd)
+    return path
+
+
+def test_reader_reads_this_ranks_whole_checkpoint(written: str) -> None:
+    for rank in (0, 1):
+        loaded, missing = CheckpointReader(RankInfo(rank, 2)).read(written)
+        assert missing == []
+        assert torch.equal(loaded["model"]["w"], torch.arange(12.0).reshape(3, 4) + 100 * rank)
+        assert loaded["model"]["b"].dtype == torch.float16
+        assert loaded["optim"] == {"step": 5, "groups": [{"lr": 0.1}]}
+        assert loaded["names"] == ("a", "b")
+
+
+def test_reader_map_location(written: str) -> None:
+    reader = CheckpointReader(RankInfo())
+    for location in ("cpu", torch.device("cpu"), {"cpu": "cpu"}):
+        loaded, _ = reader.read(written, map_location=location)
+        assert loaded["model"]["w"].device.type == "cpu"
+    with pytest.raises(TypeError, match="map_location"):
+        reader.read(written, map_location=3.5)  # type: ignore[arg-type]
+
+
+def test_reader_partial_read_in_place(written: str) -> None:
+    w = torch.zeros(3, 4)
+    target = {"model": {"w": w, "b": None}, "optim": {"step": -1}, "extra": torch.zeros(2)}
+    loaded, missing = CheckpointReader(RankInfo(1, 2)).read(written, target)
+    assert loaded is target
+    assert loaded["model"]["w"] is w  # filled in place
+    assert torch.equal(w, torch.arange(12.0).reshape(3, 4) + 100)
+    assert torch.equal(loaded["model"]["b"], torch.ones(4, dtype=torch.float16))  # None -> a new tensor
+    assert loaded["optim"] == {"step": 5}  # only the keys asked for
+    assert "names" not in loaded
+    assert missing == ["extra"]
+    assert torch.equal(target["extra"], torch.zeros(2))
+
+
+def test_reader_strict_raises_on_missing_keys(written: str) -> None:
+    target = {"model": {"w": torch.zeros(3, 4)}, "extra": torch.zeros(2), "more": 1}
+    with pytest.raises(StateDictMismatchError, match="extra, more") as info:
+        CheckpointReader(RankInfo()).read(written, target, strict=True)
+    assert info.value.missing_keys == ["extra", "more"]
+    assert isinstance(info.value, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.zeros(3, 4, dtype=torch.float64), "dtype float32 in the checkpoint, float64"),
+        (torch.zeros(4, 3), r"shape \[3, 4\] in the checkpoint, \[4, 3\]"),
+        ("text", "holds a tensor"),
+    ],
+)
+def test_reader_mismatch_is_a_clear_error(written: str, value: Any, message: str) -> None:
+    target = {"model": {"w": value}}
+    with pytest.raises(StateDictMismatchError, match=message) as info:
+        CheckpointReader(RankInfo()).read(written, target)
+    assert "model.w" in str(info.value)
+
+
+def test_reader_missing_checkpoint(written: str, tmp_path: Any) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="rank 0") as info:
+        CheckpointReader(RankInfo()).read(str(tmp_path / "nothing"))
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(CheckpointNotFoundError, match="rank 5"):
+        CheckpointReader(RankInfo(5, 6)).read(written)
+
+
+def test_sync_checkpointer_round_trip(tmp_path: Any) -> None:
+    recorder = Recorder()
+    checkpointer = make_sync_checkpointer(commit_hook=recorder)
+    assert isinstance(checkpointer, SyncCheckpointer)
+    sd = _state()
+    assert checkpointer.save(str(tmp_path / "c"), sd, epoch=2) is None
+    assert [(e[0], e[1][1]) for e in recorder.events] == [
+        ("pre_commit", {"epoch": 2}),
+        ("post_commit", {"epoch": 2}),
+    ]
+    loaded = checkpointer.load(str(tmp_path / "c"))
+    assert torch.equal(loaded["model"]["w"], sd["model"]["w"])
+    target = {"model": {"w": torch.zeros(3, 4)}, "gone": torch.zeros(1)}
+    assert checkpointer.load(str(tmp_path / "c"), target)["model"]["w"] is target["model"]["w"]
+    with pytest.raises(StateDictMismatchError, match="gone"):
+        checkpointer.load(str(tmp_path / "c"), target, strict=True)
+    checkpointer.close()
+
+
+def test_tcpstore_barrier_waits_for_every_rank_and_times_out() -> None:
+    first = TCPStoreBarrier(0, 2, tcpstore_port=0, timeout_secs=5)
+    second = TCPStoreBarrier(1, 2, tcpstore_port=first.store.port, timeout_secs=5)
+    passed: list[float] = []
+
+    def late() -> None:
+        time.sleep(0.3)
+        second.execute_barrier()
+
+    for _ in range(2):  # a barrier object is reused, call after call
+        thread = threading.Thread(target=late)
+        start = time.monotonic()
+        thread.start()
+        first.execute_barrier()
+        passed.append(time.monotonic() - start)
+        thread.join()
+    assert min(passed) >= 0.25
+    lonely = TCPStoreBarrier(0, 2, store=first.store, barrier_prefix="lonely", timeout_secs=0.5)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="1 of 2 ranks arrived"):
+        lonely.execute_barrier()
+    assert time.monotonic() - start < 5
+
+
+def test_barrier_config_registry() -> None:
+    assert create_barrier_from_config(BarrierConfig()) is None
+    assert set(BARRIER_REGISTRY) >= {"dist_barrier", "tcp_store"}
+    barrier = create_barrier_from_config(
+        BarrierConfig("tcp_store", {"tcpstore_port": 0}), RankInfo(0, 1), timeout_secs=7
+    )
+    assert isinstance(barrier, TCPStoreBarrier)
+    assert (barrier.rank, barrier.world_size, barrier.timeout_secs) == (0, 1, 7)
+    barrier.execute_barrier()  # a world of one passes at once
+    with pytest.raises(ValueError, match=r"unknown barrier type 'nope'; registered types: .*tcp_store"):
+        create_barrier_from_config(BarrierConfig("nope"))
+
+
+class CountingBarrier(Barrier):
+    barrier_type = "counting"
+    calls: ClassVar[list[str]] = []
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def execute_barrier(self) -> None:
+        self.calls.append(self.label)
+
+
+def test_a_registered_barrier_is_used_by_the_builder(tmp_path: Any) -> None:
+    register_barrier(CountingBarrier)
+    try:
+        config = CheckpointerConfig(barrier_config=BarrierConfig("counting", {"label": "mine"}))
+        checkpointer = make_sync_checkpointer(config)
+        checkpointer.save(str(tmp_path / "c"), {"x": torch.ones(1)})
+        checkpointer.save(str(tmp_path / "d"), {"x": torch.ones(1)})
+        assert CountingBarrier.calls == ["mine", "mine"]
+    finally:
+        del BARRIER_REGISTRY["counting"]
+
+
+def test_dist_barrier_needs_a_process_group() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="TCPStoreBarrier"):
+        DistBarrier()
+
+
+def test_register_barrier_needs_a_type_name() -> None:
+    class Nameless(Barrier):
+        def execute_barrier(self) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="barrier_type"):
+        register_barrier(Nameless)
