@@ -50,7 +50,9 @@ def _mismatches(a: Any, b: Any, prefix: str = "") -> list[str]:
             return [f"{prefix}: keys differ"]
         return [m for k in a for m in _mismatches(a[k], b[k], f"{prefix}.{k}" if prefix else str(k))]
     if isinstance(a, list | tuple):
-        return [m for i, (x, y) in enumerate(zip(a, b, strict=True)) for m in _mismatches(x, y, f"{prefix}.{i}")]
+        return [
+            m for i, (x, y) in enumerate(zip(a, b, strict=True)) for m in _mismatches(x, y, f"{prefix}.{i}")
+        ]
     if isinstance(a, torch.Tensor):
         same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(_raw(a), _raw(b))
         return [] if same else [prefix]

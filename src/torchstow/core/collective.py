@@ -3,18 +3,32 @@
 The protocol only gathers to, scatters from and broadcasts from the
 coordinator, always whole Python objects (plans, results, failures), a
 constant number of times per save or load, never per item.
+
+Over a process group, a collective that cannot complete (a rank died,
+stalled, or is slower than the timeout) raises
+:class:`~torchstow.core.errors.CheckpointTimeoutError` on the ranks that
+wait, instead of leaving them waiting forever.
 """
 
 from __future__ import annotations
 
 import abc
+import datetime
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "make_collective"]
+from torchstow.core.errors import CheckpointTimeoutError
+
+__all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "Timeout", "make_collective"]
+
+Timeout = float | datetime.timedelta
 
 
 class Collective(abc.ABC):
-    """Object collectives among the ranks taking part in one save or load."""
+    """Object collectives among the ranks taking part in one save or load.
+
+    ``step`` names the protocol step for error messages.
+    """
 
     rank: int
     world_size: int
@@ -26,15 +40,15 @@ class Collective(abc.ABC):
         return self.rank == self.coordinator_rank
 
     @abc.abstractmethod
-    def gather(self, obj: Any) -> list[Any] | None:
+    def gather(self, obj: Any, step: str = "") -> list[Any] | None:
         """Every rank's ``obj`` in rank order on the coordinator, None elsewhere."""
 
     @abc.abstractmethod
-    def scatter(self, objs: list[Any] | None) -> Any:
+    def scatter(self, objs: list[Any] | None, step: str = "") -> Any:
         """Rank ``i`` receives ``objs[i]`` from the coordinator (``objs`` only there)."""
 
     @abc.abstractmethod
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, step: str = "") -> Any:
         """Every rank receives the coordinator's ``obj``."""
 
 
@@ -46,30 +60,51 @@ class SingleProcess(Collective):
         self.world_size = 1
         self.coordinator_rank = 0
 
-    def gather(self, obj: Any) -> list[Any]:
+    def gather(self, obj: Any, step: str = "") -> list[Any]:
         return [obj]
 
-    def scatter(self, objs: list[Any] | None) -> Any:
+    def scatter(self, objs: list[Any] | None, step: str = "") -> Any:
         assert objs is not None
         return objs[0]
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, step: str = "") -> Any:
         return obj
+
+
+def _as_timedelta(timeout: Timeout | None) -> datetime.timedelta | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        value = timeout
+    elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        value = datetime.timedelta(seconds=timeout)
+    else:
+        raise TypeError(f"timeout must be seconds (a number) or a timedelta, got {timeout!r}")
+    if value <= datetime.timedelta(0):
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    return value
 
 
 class ProcessGroupCollective(Collective):
     """Collectives over a torch.distributed process group (a subgroup works too).
 
-    ``coordinator_rank`` is a rank within ``process_group``.
+    ``coordinator_rank`` is a rank within ``process_group``. With a
+    ``timeout``, the group's CPU (gloo) backend uses it for the duration of
+    each collective here, and its own timeout again afterwards; without
+    one, the group's own timeout applies.
     """
 
-    def __init__(self, process_group: Any = None, coordinator_rank: int = 0) -> None:
+    def __init__(
+        self, process_group: Any = None, coordinator_rank: int = 0, timeout: Timeout | None = None
+    ) -> None:
         import torch.distributed as dist
 
         self._dist = dist
         self.group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the process_group passed to save/load")
         if not 0 <= coordinator_rank < self.world_size:
             raise ValueError(
                 f"coordinator_rank {coordinator_rank} is not a rank of the group (size {self.world_size})"
@@ -80,33 +115,93 @@ class ProcessGroupCollective(Collective):
             if process_group is None
             else dist.get_global_rank(process_group, coordinator_rank)
         )
+        self.timeout = _as_timedelta(timeout)
+        self._backend = self._cpu_backend() if self.timeout is not None else None
 
-    def gather(self, obj: Any) -> list[Any] | None:
+    def _cpu_backend(self) -> Any:
+        """The group's backend for CPU tensors (where object collectives run)."""
+        import torch
+
+        group: Any = self.group if self.group is not None else self._dist.group.WORLD
+        try:
+            backend = group._get_backend(torch.device("cpu"))
+            backend.options._timeout  # noqa: B018 (must be readable to be restored)
+        except (RuntimeError, AttributeError) as exc:
+            raise ValueError(
+                "timeout= needs a process group with a CPU (gloo) backend; initialize torch.distributed "
+                "with backend='cpu:gloo,cuda:nccl', or pass process_group=dist.new_group(backend='gloo')"
+            ) from exc
+        return backend
+
+    def _run(self, op: str, step: str, fn: Callable[[], Any]) -> Any:
+        backend = self._backend
+        previous = None
+        if backend is not None:
+            previous = backend.options._timeout
+            backend.set_timeout(self.timeout)
+        try:
+            return fn()
+        except RuntimeError as exc:  # gloo: a peer closed its connection, or the wait timed out
+            limit = (
+                f"the timeout of {self.timeout.total_seconds():g}s"
+                if self.timeout is not None
+                else "the process group's timeout (pass timeout= to save/load to shorten it)"
+            )
+            raise CheckpointTimeoutError(
+                f"checkpoint {step or op}: rank {self.rank} lost contact with its group of "
+                f"{self.world_size} ranks (coordinator {self.coordinator_rank}) in the {op}: another "
+                f"rank died, stalled, or did not reach this step within {limit}. "
+                f"Transport error: {exc}",
+                rank=self.rank,
+                step=step,
+            ) from exc
+        finally:
+            if backend is not None:
+                backend.set_timeout(previous)
+
+    def gather(self, obj: Any, step: str = "") -> list[Any] | None:
         out: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
-        self._dist.gather_object(obj, out, dst=self._coordinator_global, group=self.group)
+        self._run(
+            "gather to the coordinator",
+            step,
+            lambda: self._dist.gather_object(obj, out, dst=self._coordinator_global, group=self.group),
+        )
         return out
 
-    def scatter(self, objs: list[Any] | None) -> Any:
+    def scatter(self, objs: list[Any] | None, step: str = "") -> Any:
         out: list[Any] = [None]
-        self._dist.scatter_object_list(
-            out, objs if self.is_coordinator else None, src=self._coordinator_global, group=self.group
+        self._run(
+            "scatter from the coordinator",
+            step,
+            lambda: self._dist.scatter_object_list(
+                out, objs if self.is_coordinator else None, src=self._coordinator_global, group=self.group
+            ),
         )
         return out[0]
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, step: str = "") -> Any:
         box = [obj if self.is_coordinator else None]
-        self._dist.broadcast_object_list(box, src=self._coordinator_global, group=self.group)
+        self._run(
+            "broadcast from the coordinator",
+            step,
+            lambda: self._dist.broadcast_object_list(box, src=self._coordinator_global, group=self.group),
+        )
         return box[0]
 
 
 def make_collective(
-    process_group: Any = None, coordinator_rank: int = 0, no_dist: bool | None = None
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool | None = None,
+    timeout: Timeout | None = None,
 ) -> Collective:
     """The collective for a save or load call.
 
     Single process when ``no_dist`` is true or torch.distributed is not
-    initialized; otherwise the given group (default: the world).
+    initialized (``timeout`` then has nothing to wait for); otherwise the
+    given group (default: the world).
     """
+    _as_timedelta(timeout)
     if no_dist:
         if coordinator_rank != 0:
             raise ValueError("coordinator_rank must be 0 in a single-process save or load")
@@ -119,4 +214,4 @@ def make_collective(
         if coordinator_rank != 0:
             raise ValueError("coordinator_rank must be 0 in a single-process save or load")
         return SingleProcess()
-    return ProcessGroupCollective(process_group, coordinator_rank)
+    return ProcessGroupCollective(process_group, coordinator_rank, timeout)

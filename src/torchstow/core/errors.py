@@ -64,6 +64,23 @@ class CheckpointExistsError(TorchstowError, FileExistsError):
     """A committed checkpoint exists at the target and ``overwrite`` is False."""
 
 
+class RemoteError(TorchstowError):
+    """Stands in for an exception raised on another rank that could not be sent intact.
+
+    An exception whose class cannot be pickled, or not unpickled where it
+    arrives, travels as its type name, message and formatted traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(type_name, message, remote_traceback)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+
 Failure = tuple[BaseException, traceback.StackSummary]
 
 
@@ -120,6 +137,29 @@ def _common_error_class(failures: dict[int, Failure]) -> type[BaseException] | N
     if len(kinds) != 1:
         return None
     (kind,) = kinds
-    if not issubclass(kind, TorchstowError) or issubclass(kind, CheckpointException):
+    if not issubclass(kind, TorchstowError) or issubclass(kind, CheckpointException | RemoteError):
         return None
     return kind
+
+
+class CheckpointTimeoutError(CheckpointException, TimeoutError):
+    """A rank lost contact with its group during a collective save or load.
+
+    Another rank died, stalled, or did not reach the same step within the
+    timeout. ``failures`` is empty (no rank reported an exception);
+    ``rank`` is the rank that raised it and ``step`` the protocol step.
+    """
+
+    def __init__(
+        self, message: str, failures: dict[int, Failure] | None = None, *, rank: int = -1, step: str = ""
+    ) -> None:
+        super().__init__(message, failures or {})
+        self.rank = rank
+        self.step = step
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_timeout_error, (self.message, self.rank, self.step))
+
+
+def _timeout_error(message: str, rank: int, step: str) -> CheckpointTimeoutError:
+    return CheckpointTimeoutError(message, rank=rank, step=step)

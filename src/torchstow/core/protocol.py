@@ -9,13 +9,13 @@ the coordinator, and if any rank failed, every rank raises the same
 from __future__ import annotations
 
 import gc
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from torchstow.core.collective import Collective, SingleProcess
-from torchstow.core.errors import CheckpointException, Failure
+from torchstow.core.errors import CheckpointException
+from torchstow.core.failures import CapturedFailure, capture, pack, unpack
 from torchstow.core.metadata import Metadata
 from torchstow.core.planning import (
     DefaultLoadPlanner,
@@ -31,36 +31,37 @@ __all__ = ["load_state_dict", "save_state_dict"]
 
 
 class _Failed:
-    """What travels between ranks when a step failed somewhere."""
+    """What travels between ranks when a step failed somewhere: rank -> failure."""
 
     __slots__ = ("failures",)
 
-    def __init__(self, failures: dict[int, Failure]) -> None:
+    def __init__(self, failures: dict[int, CapturedFailure]) -> None:
         self.failures = failures
 
 
-class _LocalFailure:
-    __slots__ = ("exc", "stack")
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-        self.stack = traceback.extract_tb(exc.__traceback__)
-
-
-def _capture(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except Exception as exc:
-        return _LocalFailure(exc)
+def _pack_all(coll: Collective, values: list[Any]) -> list[bytes]:
+    """The coordinator's values for every rank, packed; if one cannot be
+    packed, every rank gets the coordinator's failure instead."""
+    packed = [pack(value) for value in values]
+    for _, failure in packed:
+        if failure is not None:
+            return [pack(_Failed({coll.rank: failure}))[0]] * len(values)
+    return [data for data, _ in packed]
 
 
-def _failures_of(outcomes: list[Any]) -> dict[int, Failure]:
-    return {rank: (out.exc, out.stack) for rank, out in enumerate(outcomes) if isinstance(out, _LocalFailure)}
+def _raise_if_failed(step: str, value: Any, coll: Collective, own: CapturedFailure | None) -> Any:
+    """Raise the step's CheckpointException if any rank failed in it.
 
-
-def _raise_if_failed(step: str, value: Any) -> Any:
+    The rank that failed keeps its own exception object (with its traceback);
+    the others hold the copy that travelled.
+    """
+    if isinstance(value, CapturedFailure):  # what the coordinator sent did not unpack here
+        raise CheckpointException.from_failures(step, {coll.rank: value.as_failure()})
     if isinstance(value, _Failed):
-        raise CheckpointException.from_failures(step, value.failures)
+        failures = {rank: failure.as_failure() for rank, failure in value.failures.items()}
+        if own is not None and coll.rank in failures:
+            failures[coll.rank] = own.as_failure()
+        raise CheckpointException.from_failures(step, failures)
     return value
 
 
@@ -69,21 +70,26 @@ def _coordinate(
     step: str,
     local_fn: Callable[[], Any],
     global_fn: Callable[[list[Any]], Any],
-) -> Any:
+) -> tuple[CapturedFailure | None, Any]:
     """Run ``local_fn`` everywhere, ``global_fn`` on the coordinator over all
-    outcomes; returns ``global_fn``'s value (or a :class:`_Failed`) on the
-    coordinator and None elsewhere."""
-    outcomes = coll.gather(_capture(local_fn))
+    outcomes. Returns this rank's own failure (if any) and, on the
+    coordinator, ``global_fn``'s value or a :class:`_Failed`."""
+    local = capture(local_fn)
+    own = local if isinstance(local, CapturedFailure) else None
+    data, unpicklable = pack(local)
+    own = own or unpicklable
+    gathered = coll.gather(data, step)
     if not coll.is_coordinator:
-        return None
-    assert outcomes is not None
-    failures = _failures_of(outcomes)
+        return own, None
+    assert gathered is not None
+    outcomes = [unpack(data) for data in gathered]
+    failures = {rank: out for rank, out in enumerate(outcomes) if isinstance(out, CapturedFailure)}
     if failures:
-        return _Failed(failures)
-    result = _capture(lambda: global_fn(outcomes))
-    if isinstance(result, _LocalFailure):
-        return _Failed({coll.rank: (result.exc, result.stack)})
-    return result
+        return own, _Failed(failures)
+    result = capture(lambda: global_fn(outcomes))
+    if isinstance(result, CapturedFailure):
+        return result, _Failed({coll.rank: result})
+    return own, result
 
 
 def reduce_scatter(
@@ -94,10 +100,12 @@ def reduce_scatter(
 ) -> Any:
     """Gather local outcomes, let the coordinator turn them into one value per
     rank, and hand each rank its own."""
-    result = _coordinate(coll, step, local_fn, global_fn)
-    if coll.is_coordinator and isinstance(result, _Failed):
-        result = [result] * coll.world_size
-    return _raise_if_failed(step, coll.scatter(result))
+    own, result = _coordinate(coll, step, local_fn, global_fn)
+    packed = None
+    if coll.is_coordinator:
+        values = [result] * coll.world_size if isinstance(result, _Failed) else result
+        packed = _pack_all(coll, values)
+    return _raise_if_failed(step, unpack(coll.scatter(packed, step)), coll, own)
 
 
 def all_reduce(
@@ -107,18 +115,22 @@ def all_reduce(
     global_fn: Callable[[list[Any]], Any],
 ) -> Any:
     """Gather local outcomes, let the coordinator reduce them, broadcast the result."""
-    result = _coordinate(coll, step, local_fn, global_fn)
-    return _raise_if_failed(step, coll.broadcast(result))
+    own, result = _coordinate(coll, step, local_fn, global_fn)
+    packed = _pack_all(coll, [result])[0] if coll.is_coordinator else None
+    return _raise_if_failed(step, unpack(coll.broadcast(packed, step)), coll, own)
 
 
 def broadcast_from_coordinator(coll: Collective, step: str, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on the coordinator only and give every rank its value."""
-    result = None
+    own = None
+    packed = None
     if coll.is_coordinator:
-        result = _capture(fn)
-        if isinstance(result, _LocalFailure):
-            result = _Failed({coll.rank: (result.exc, result.stack)})
-    return _raise_if_failed(step, coll.broadcast(result))
+        result = capture(fn)
+        if isinstance(result, CapturedFailure):
+            own = result
+            result = _Failed({coll.rank: result})
+        packed = _pack_all(coll, [result])[0]
+    return _raise_if_failed(step, unpack(coll.broadcast(packed, step)), coll, own)
 
 
 @contextmanager
@@ -154,10 +166,10 @@ def save_state_dict(
     """
     coll = collective or SingleProcess()
     planner = planner or DefaultSavePlanner()
-    storage_writer.reset(checkpoint_id)
     global_metadata: list[Metadata] = []
 
     def local_plan() -> SavePlan:
+        storage_writer.reset(checkpoint_id)
         storage_writer.set_up_storage_writer(coll.is_coordinator, rank=coll.rank, world_size=coll.world_size)
         planner.set_up_planner(state_dict, None, coll.is_coordinator)
         return storage_writer.prepare_local_plan(planner.create_local_plan())
@@ -169,7 +181,7 @@ def save_state_dict(
         global_metadata.append(metadata)
         return storage_writer.prepare_global_plan(plans)
 
-    central_plan: SavePlan = reduce_scatter(coll, "planning", local_plan, global_plan)
+    central_plan: SavePlan = reduce_scatter(coll, "save planning", local_plan, global_plan)
 
     def write() -> list[WriteResult]:
         final_plan = planner.finish_plan(central_plan)
@@ -180,7 +192,7 @@ def save_state_dict(
         storage_writer.finish(metadata, all_results)
         return metadata
 
-    return all_reduce(coll, "write", write, commit)
+    return all_reduce(coll, "save write", write, commit)
 
 
 @gc_paused()
@@ -200,22 +212,33 @@ def load_state_dict(
     """
     coll = collective or SingleProcess()
     planner = planner or DefaultLoadPlanner()
-    storage_reader.reset(checkpoint_id)
+    reset_done = False
+
+    def read_metadata() -> Metadata:
+        nonlocal reset_done
+        reset_done = True
+        storage_reader.reset(checkpoint_id)
+        return storage_reader.read_metadata()
+
     if metadata is None:
-        metadata = broadcast_from_coordinator(coll, "reading metadata", storage_reader.read_metadata)
+        metadata = broadcast_from_coordinator(coll, "load reading metadata", read_metadata)
 
     def local_plan() -> LoadPlan:
-        storage_reader.set_up_storage_reader(metadata, coll.is_coordinator)
+        if not reset_done:
+            storage_reader.reset(checkpoint_id)
+        storage_reader.set_up_storage_reader(
+            metadata, coll.is_coordinator, rank=coll.rank, world_size=coll.world_size
+        )
         planner.set_up_planner(state_dict, metadata, coll.is_coordinator)
         return storage_reader.prepare_local_plan(planner.create_local_plan())
 
     def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
         return storage_reader.prepare_global_plan(planner.create_global_plan(all_plans))
 
-    central_plan: LoadPlan = reduce_scatter(coll, "planning", local_plan, global_plan)
+    central_plan: LoadPlan = reduce_scatter(coll, "load planning", local_plan, global_plan)
 
     def read() -> None:
         final_plan = planner.finish_plan(central_plan)
         wait_future(storage_reader.read_data(final_plan, planner))
 
-    all_reduce(coll, "read", read, lambda _: None)
+    all_reduce(coll, "load read", read, lambda _: None)
