@@ -33,6 +33,8 @@ class Collective(abc.ABC):
     rank: int
     world_size: int
     coordinator_rank: int
+    #: Whether objects cross process boundaries (and so are pickled on the way).
+    crosses_processes: bool = True
 
     @property
     def is_coordinator(self) -> bool:
@@ -53,7 +55,9 @@ class Collective(abc.ABC):
 
 
 class SingleProcess(Collective):
-    """The trivial group of one rank."""
+    """The trivial group of one rank: objects are handed over as they are."""
+
+    crosses_processes = False
 
     def __init__(self) -> None:
         self.rank = 0
@@ -150,8 +154,8 @@ class ProcessGroupCollective(Collective):
             raise CheckpointTimeoutError(
                 f"checkpoint {step or op}: rank {self.rank} lost contact with its group of "
                 f"{self.world_size} ranks (coordinator {self.coordinator_rank}) in the {op}: another "
-                f"rank died, stalled, or did not reach this step within {limit}. "
-                f"Transport error: {exc}",
+                f"rank died, stalled, or did not reach this step within {limit}. Check the other "
+                f"ranks' logs; if they were only slow, pass a larger timeout=. Transport error: {exc}",
                 rank=self.rank,
                 step=step,
             ) from exc

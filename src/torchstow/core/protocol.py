@@ -39,13 +39,27 @@ class _Failed:
         self.failures = failures
 
 
-def _pack_all(coll: Collective, values: list[Any]) -> list[bytes]:
-    """The coordinator's values for every rank, packed; if one cannot be
-    packed, every rank gets the coordinator's failure instead."""
-    packed = [pack(value) for value in values]
+def _outgoing(coll: Collective, value: Any) -> tuple[Any, CapturedFailure | None]:
+    """``value`` ready to send, and the failure to pickle it if that failed.
+
+    Values cross processes as bytes packed here, so that what cannot be
+    pickled fails its rank instead of the collective; in a single process
+    they are handed over as they are.
+    """
+    return pack(value) if coll.crosses_processes else (value, None)
+
+
+def _incoming(coll: Collective, payload: Any) -> Any:
+    return unpack(payload) if coll.crosses_processes else payload
+
+
+def _outgoing_all(coll: Collective, values: list[Any]) -> list[Any]:
+    """The coordinator's values for every rank, ready to send; if one cannot
+    be packed, every rank gets the coordinator's failure instead."""
+    packed = [_outgoing(coll, value) for value in values]
     for _, failure in packed:
         if failure is not None:
-            return [pack(_Failed({coll.rank: failure}))[0]] * len(values)
+            return [_outgoing(coll, _Failed({coll.rank: failure}))[0]] * len(values)
     return [data for data, _ in packed]
 
 
@@ -76,13 +90,13 @@ def _coordinate(
     coordinator, ``global_fn``'s value or a :class:`_Failed`."""
     local = capture(local_fn)
     own = local if isinstance(local, CapturedFailure) else None
-    data, unpicklable = pack(local)
+    data, unpicklable = _outgoing(coll, local)
     own = own or unpicklable
     gathered = coll.gather(data, step)
     if not coll.is_coordinator:
         return own, None
     assert gathered is not None
-    outcomes = [unpack(data) for data in gathered]
+    outcomes = [_incoming(coll, data) for data in gathered]
     failures = {rank: out for rank, out in enumerate(outcomes) if isinstance(out, CapturedFailure)}
     if failures:
         return own, _Failed(failures)
@@ -104,8 +118,8 @@ def reduce_scatter(
     packed = None
     if coll.is_coordinator:
         values = [result] * coll.world_size if isinstance(result, _Failed) else result
-        packed = _pack_all(coll, values)
-    return _raise_if_failed(step, unpack(coll.scatter(packed, step)), coll, own)
+        packed = _outgoing_all(coll, values)
+    return _raise_if_failed(step, _incoming(coll, coll.scatter(packed, step)), coll, own)
 
 
 def all_reduce(
@@ -116,8 +130,8 @@ def all_reduce(
 ) -> Any:
     """Gather local outcomes, let the coordinator reduce them, broadcast the result."""
     own, result = _coordinate(coll, step, local_fn, global_fn)
-    packed = _pack_all(coll, [result])[0] if coll.is_coordinator else None
-    return _raise_if_failed(step, unpack(coll.broadcast(packed, step)), coll, own)
+    packed = _outgoing_all(coll, [result])[0] if coll.is_coordinator else None
+    return _raise_if_failed(step, _incoming(coll, coll.broadcast(packed, step)), coll, own)
 
 
 def broadcast_from_coordinator(coll: Collective, step: str, fn: Callable[[], Any]) -> Any:
@@ -129,8 +143,8 @@ def broadcast_from_coordinator(coll: Collective, step: str, fn: Callable[[], Any
         if isinstance(result, CapturedFailure):
             own = result
             result = _Failed({coll.rank: result})
-        packed = _pack_all(coll, [result])[0]
-    return _raise_if_failed(step, unpack(coll.broadcast(packed, step)), coll, own)
+        packed = _outgoing_all(coll, [result])[0]
+    return _raise_if_failed(step, _incoming(coll, coll.broadcast(packed, step)), coll, own)
 
 
 @contextmanager
