@@ -185,18 +185,30 @@ class _Faults:
         return None
 
 
-class FaultyWriter(StorageWriter):
-    """A writer that injects its fault, then defers to the inner writer."""
+class _Wrapper:
+    """What the faulty writer and reader share: the inner object, the fault, ``reset``."""
 
-    def __init__(self, inner: StorageWriter, spec: FaultSpec, where: str = "") -> None:
+    def __init__(self, inner: Any, spec: FaultSpec, where: str = "") -> None:
         self.inner = inner
         self.faults = _Faults(spec, where)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Reset the inner object; a ``faulty+`` id also replaces the fault."""
         if checkpoint_id is not None and str(checkpoint_id).startswith(PREFIX):
             checkpoint_id, spec = parse_faulty_uri(str(checkpoint_id))
             self.faults = _Faults(spec, str(checkpoint_id))
         self.inner.reset(checkpoint_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """Whether ``checkpoint_id`` is a faulty URI."""
+        return str(checkpoint_id).startswith(PREFIX)
+
+
+class FaultyWriter(_Wrapper, StorageWriter):
+    """A writer that injects its fault, then defers to the inner writer."""
+
+    inner: StorageWriter
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.faults.step("set_up_storage_writer")
@@ -218,23 +230,11 @@ class FaultyWriter(StorageWriter):
         self.faults.step("finish")
         self.inner.finish(metadata, results)
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return str(checkpoint_id).startswith(PREFIX)
 
-
-class FaultyReader(StorageReader):
+class FaultyReader(_Wrapper, StorageReader):
     """A reader that injects its fault, then defers to the inner reader."""
 
-    def __init__(self, inner: StorageReader, spec: FaultSpec, where: str = "") -> None:
-        self.inner = inner
-        self.faults = _Faults(spec, where)
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None and str(checkpoint_id).startswith(PREFIX):
-            checkpoint_id, spec = parse_faulty_uri(str(checkpoint_id))
-            self.faults = _Faults(spec, str(checkpoint_id))
-        self.inner.reset(checkpoint_id)
+    inner: StorageReader
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         self.faults.step("read_metadata")
@@ -257,10 +257,6 @@ class FaultyReader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
         failed = self.faults.failed_future("read_data")
         return failed if failed is not None else self.inner.read_data(plan, planner)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return str(checkpoint_id).startswith(PREFIX)
 
 
 class _CorruptingSink(FileSink):
