@@ -1,6 +1,6 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
-python benchmarks/run.py [--only local] [--repeats 3] [--root DIR] [--out FILE]
+python benchmarks/run.py [--only local|dist] [--repeats 3] [--root DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_dist
 import bench_local
 from common import Report
 
-SUITES = {"local": bench_local.main}
+SUITES = {"local": bench_local.main, "dist": bench_dist.main}
 
 
 def main() -> None:
