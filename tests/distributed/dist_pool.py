@@ -50,7 +50,9 @@ def _recv(conn: multiprocessing.connection.Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def _serve(rank: int, world_size: int, port: int, conn: multiprocessing.connection.Connection) -> None:
+def _serve(
+    rank: int, world_size: int, port: int, backend: str, conn: multiprocessing.connection.Connection
+) -> None:
     """A worker: join the group, then run scenarios until told to stop."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     import torch
@@ -58,7 +60,7 @@ def _serve(rank: int, world_size: int, port: int, conn: multiprocessing.connecti
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
@@ -91,9 +93,9 @@ class RankOutcome:
 
 
 class WorkerPool:
-    """``world_size`` worker processes in one gloo process group."""
+    """``world_size`` worker processes in one process group (gloo unless ``backend`` says otherwise)."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, backend: str = "gloo") -> None:
         ctx = _context()
         port = _free_port()
         self.world_size = world_size
@@ -101,7 +103,7 @@ class WorkerPool:
         self.procs: list[Any] = []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(rank, world_size, port, child), daemon=True)
+            proc = ctx.Process(target=_serve, args=(rank, world_size, port, backend, child), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)

@@ -473,3 +473,45 @@ def big_load_counting(rank: int, world_size: int, path: str, rows: int, cols: in
         "needed_bytes": local.numel() * 4,
         "correct": same(local, full[start : start + local.shape[0]]),
     }
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+def cuda_round_trip(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Save CUDA DTensors Shard(0) and load them as Shard(1), over a cpu:gloo,cuda:nccl group.
+
+    Every rank uses device 0 and no NCCL collective runs: checkpoints only use
+    the group's CPU backend, and the values are checked shard by shard.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    torch.cuda.set_device(0)
+    mesh = init_device_mesh("cuda", (world_size,))
+    full = values("w", (10, 6), 5)
+    source = distribute_tensor(full.cuda(), mesh, [Shard(0)], src_data_rank=None)
+    torchstow.save({"w": source, "step": 3}, path, timeout=60)
+    target = distribute_tensor(torch.zeros(10, 6, device="cuda"), mesh, [Shard(1)], src_data_rank=None)
+    state = {"w": target, "step": 0}
+    torchstow.load(state, path, timeout=60)
+    sizes, offsets = compute_local_shape_and_global_offset(target.shape, mesh, target.placements)
+    expected = full[:, offsets[1] : offsets[1] + sizes[1]]
+    local = target.to_local()
+    return {"device": local.device.type, "same": same(local.cpu(), expected), "step": state["step"]}
+
+
+def nccl_only_timeout(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """In a gloo world, a subgroup with only NCCL: timeout= is refused, a plain save works."""
+    torch.cuda.set_device(0)
+    group = dist.new_group(list(range(world_size)), backend="nccl")
+    state = {"w": torch.arange(4.0, device="cuda")}
+    try:
+        torchstow.save(state, path, process_group=group, timeout=10)
+        error = ""
+    except ValueError as exc:
+        error = str(exc)
+    torchstow.save(state, path, process_group=group, overwrite=True)
+    return {
+        "timeout_error": error,
+        "saved_without_timeout": same(torchstow.read(path)["w"], state["w"].cpu()),
+    }
