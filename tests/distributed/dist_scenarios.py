@@ -419,7 +419,8 @@ def _counting(counts: Counter[str]) -> Iterator[None]:
 
 
 def count_collectives(rank: int, world_size: int, path: str, num_tensors: int) -> dict[str, dict[str, int]]:
-    """How many collectives a save and a load of ``num_tensors`` sharded tensors take."""
+    """How many collectives a save and a load of ``num_tensors`` sharded tensors take
+    (with NumPy unavailable)."""
     mesh = mesh_for(world_size, ("S0",))
     state = {
         f"t{i}": distribute_tensor(values(f"t{i}", (8, 4), 4), mesh, [Shard(0)], src_data_rank=None)
@@ -427,11 +428,27 @@ def count_collectives(rank: int, world_size: int, path: str, num_tensors: int) -
     }
     saves: Counter[str] = Counter()
     loads: Counter[str] = Counter()
-    with _counting(saves):
+    with _counting(saves), _without_numpy():
         torchstow.save(state, path, timeout=60)
-    with _counting(loads):
+    with _counting(loads), _without_numpy():
         torchstow.load(state, path, timeout=60)
     return {"save": dict(saves), "load": dict(loads)}
+
+
+@contextmanager
+def _without_numpy() -> Iterator[None]:
+    """Make ``Tensor.numpy`` fail, as it does where NumPy is not installed
+    (torch's own object collectives need it; torchstow must not)."""
+    original = torch.Tensor.numpy
+
+    def unavailable(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Numpy is not available")
+
+    torch.Tensor.numpy = unavailable  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.numpy = original  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- partial reads

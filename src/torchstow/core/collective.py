@@ -13,6 +13,7 @@ wait, instead of leaving them waiting forever.
 from __future__ import annotations
 
 import abc
+import ctypes
 import datetime
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +26,11 @@ Timeout = float | datetime.timedelta
 
 
 class Collective(abc.ABC):
-    """Object collectives among the ranks taking part in one save or load.
+    """Collectives among the ranks taking part in one save or load.
 
-    ``step`` names the protocol step for error messages.
+    Where ``crosses_processes`` is true the payloads are ``bytes`` (the
+    protocol pickles values itself); otherwise they are objects handed over
+    as they are. ``step`` names the protocol step for error messages.
     """
 
     rank: int
@@ -90,7 +93,12 @@ def _as_timedelta(timeout: Timeout | None) -> datetime.timedelta | None:
 
 
 class ProcessGroupCollective(Collective):
-    """Collectives over a torch.distributed process group (a subgroup works too).
+    """Byte collectives over a torch.distributed process group (a subgroup works too).
+
+    The payloads are ``bytes`` (the protocol pickles values itself); they
+    travel as uint8 tensors on the device the group uses for objects (the
+    CPU when it has a CPU backend), a size exchange then the bytes, so
+    torch's object collectives (and their need for NumPy) are not involved.
 
     ``coordinator_rank`` is a rank within ``process_group``. With a
     ``timeout``, the group's CPU (gloo) backend uses it for the duration of
@@ -101,9 +109,11 @@ class ProcessGroupCollective(Collective):
     def __init__(
         self, process_group: Any = None, coordinator_rank: int = 0, timeout: Timeout | None = None
     ) -> None:
+        import torch
         import torch.distributed as dist
 
         self._dist = dist
+        self._torch = torch
         self.group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
@@ -121,14 +131,26 @@ class ProcessGroupCollective(Collective):
         )
         self.timeout = _as_timedelta(timeout)
         self._backend = self._cpu_backend() if self.timeout is not None else None
+        self._device = self._object_device()
+
+    def _object_device(self) -> Any:
+        """Where the group moves objects: the CPU if it has a CPU backend, else its accelerator."""
+        from torch.distributed import distributed_c10d
+
+        try:
+            kind = distributed_c10d._get_object_coll_device(self.group)
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            kind = "cpu"
+        if kind == "cpu":
+            return self._torch.device("cpu")
+        module = getattr(self._torch, kind)
+        return self._torch.device(kind, module.current_device())
 
     def _cpu_backend(self) -> Any:
-        """The group's backend for CPU tensors (where object collectives run)."""
-        import torch
-
+        """The group's backend for CPU tensors (where the collectives run)."""
         group: Any = self.group if self.group is not None else self._dist.group.WORLD
         try:
-            backend = group._get_backend(torch.device("cpu"))
+            backend = group._get_backend(self._torch.device("cpu"))
             backend.options._timeout  # noqa: B018 (must be readable to be restored)
         except (RuntimeError, AttributeError) as exc:
             raise ValueError(
@@ -137,15 +159,17 @@ class ProcessGroupCollective(Collective):
             ) from exc
         return backend
 
-    def _run(self, op: str, step: str, fn: Callable[[], Any]) -> Any:
+    def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run one torch.distributed operation under the timeout, turning a lost peer
+        (a closed connection, or the wait timing out) into CheckpointTimeoutError."""
         backend = self._backend
         previous = None
         if backend is not None:
             previous = backend.options._timeout
             backend.set_timeout(self.timeout)
         try:
-            return fn()
-        except RuntimeError as exc:  # gloo: a peer closed its connection, or the wait timed out
+            fn(*args, group=self.group, **kwargs)
+        except RuntimeError as exc:
             limit = (
                 f"the timeout of {self.timeout.total_seconds():g}s"
                 if self.timeout is not None
@@ -163,34 +187,57 @@ class ProcessGroupCollective(Collective):
             if backend is not None:
                 backend.set_timeout(previous)
 
-    def gather(self, obj: Any, step: str = "") -> list[Any] | None:
-        out: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
-        self._run(
-            "gather to the coordinator",
-            step,
-            lambda: self._dist.gather_object(obj, out, dst=self._coordinator_global, group=self.group),
-        )
-        return out
+    def _sizes(self, values: list[int]) -> Any:
+        return self._torch.tensor(values, dtype=self._torch.int64, device=self._device)
 
-    def scatter(self, objs: list[Any] | None, step: str = "") -> Any:
-        out: list[Any] = [None]
-        self._run(
-            "scatter from the coordinator",
-            step,
-            lambda: self._dist.scatter_object_list(
-                out, objs if self.is_coordinator else None, src=self._coordinator_global, group=self.group
-            ),
-        )
-        return out[0]
+    def _buffer(self, data: bytes | None, size: int) -> Any:
+        """``data`` zero-padded to ``size`` bytes, as a uint8 tensor on the group's device."""
+        tensor = self._torch.zeros(size, dtype=self._torch.uint8)
+        if data:
+            ctypes.memmove(tensor.data_ptr(), data, len(data))
+        return tensor.to(self._device)
 
-    def broadcast(self, obj: Any, step: str = "") -> Any:
-        box = [obj if self.is_coordinator else None]
-        self._run(
-            "broadcast from the coordinator",
-            step,
-            lambda: self._dist.broadcast_object_list(box, src=self._coordinator_global, group=self.group),
-        )
-        return box[0]
+    def _bytes(self, tensor: Any, size: int) -> bytes:
+        host = tensor[:size].cpu()  # held while its memory is copied
+        return ctypes.string_at(host.data_ptr(), size) if size else b""
+
+    def gather(self, obj: bytes, step: str = "") -> list[bytes] | None:
+        op = "gather to the coordinator"
+        sizes = [self._sizes([0]) for _ in range(self.world_size)]
+        self._call(op, step, self._dist.all_gather, sizes, self._sizes([len(obj)]))
+        lengths = [int(size.item()) for size in sizes]
+        longest = max(lengths)
+        out = [self._buffer(None, longest) for _ in lengths] if self.is_coordinator else None
+        buffer = self._buffer(obj, longest)
+        self._call(op, step, self._dist.gather, buffer, gather_list=out, dst=self._coordinator_global)
+        if out is None:
+            return None
+        return [self._bytes(tensor, length) for tensor, length in zip(out, lengths, strict=True)]
+
+    def scatter(self, objs: list[bytes] | None, step: str = "") -> bytes:
+        op = "scatter from the coordinator"
+        heads = None
+        if objs is not None:
+            longest = max(len(data) for data in objs)
+            heads = [self._sizes([len(data), longest]) for data in objs]
+        head = self._sizes([0, 0])
+        self._call(op, step, self._dist.scatter, head, scatter_list=heads, src=self._coordinator_global)
+        length, longest = (int(v) for v in head.tolist())
+        parts = None if objs is None else [self._buffer(data, longest) for data in objs]
+        buffer = self._buffer(None, longest)
+        self._call(op, step, self._dist.scatter, buffer, scatter_list=parts, src=self._coordinator_global)
+        return self._bytes(buffer, length)
+
+    def broadcast(self, obj: bytes | None, step: str = "") -> bytes:
+        op = "broadcast from the coordinator"
+        head = self._sizes([len(obj) if self.is_coordinator and obj is not None else 0])
+        self._call(op, step, self._dist.broadcast, head, src=self._coordinator_global)
+        length = int(head.item())
+        buffer = self._buffer(obj if self.is_coordinator else None, length)
+        self._call(op, step, self._dist.broadcast, buffer, src=self._coordinator_global)
+        if self.is_coordinator and obj is not None:
+            return obj
+        return self._bytes(buffer, length)
 
 
 def make_collective(
