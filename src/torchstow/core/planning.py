@@ -11,6 +11,7 @@ chunks a rank holds so a checkpoint loads across world sizes and placements.
 from __future__ import annotations
 
 import abc
+import functools
 import io
 import math
 import sys
@@ -241,24 +242,42 @@ def local_chunks(value: torch.Tensor, fqn: str = "") -> list[tuple[ChunkStorageM
 
 def _dtensor_chunks(value: Any, fqn: str) -> list[tuple[ChunkStorageMetadata, torch.Tensor]]:
     from torch.distributed.tensor import Partial
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if any(isinstance(p, Partial) for p in value.placements):
+    placements = tuple(value.placements)
+    if any(isinstance(p, Partial) for p in placements):
         raise ValueError(
             f"{fqn}: a DTensor with a Partial placement has no data of its own to save or load; "
             "redistribute it to Shard or Replicate first"
         )
-    mesh = value.device_mesh
-    if mesh.get_coordinate() is None:
+    chunk = _shard_chunk(tuple(value.shape), value.device_mesh, placements)
+    if chunk is None:
         return []
-    sizes, offsets = compute_local_shape_and_global_offset(value.shape, mesh, value.placements)
-    local = value.to_local()
-    if tuple(local.shape) != tuple(sizes):
+    with torch.no_grad():  # to_local without autograd bookkeeping: the same memory, faster
+        local = value.to_local()
+    if local.shape != chunk.sizes:
         raise ValueError(
             f"{fqn}: the DTensor's local tensor has shape {list(local.shape)}, but its placements "
-            f"{list(value.placements)} give this rank a shard of shape {list(sizes)}"
+            f"{list(placements)} give this rank a shard of shape {list(chunk.sizes)}"
         )
-    return [(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)), local)]
+    return [(chunk, local)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _shard_chunk(
+    shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]
+) -> ChunkStorageMetadata | None:
+    """Where this rank's shard of a DTensor lies in the global tensor (None
+    when this rank is not in the mesh).
+
+    Cached: a model's many tensors share a few shapes and placements, and
+    torch's computation would otherwise dominate planning.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if mesh.get_coordinate() is None:
+        return None
+    sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
 
 
 def global_shape(value: torch.Tensor) -> torch.Size:

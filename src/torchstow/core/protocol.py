@@ -39,6 +39,12 @@ class _Failed:
         self.failures = failures
 
 
+class _Unchanged:
+    """Sent back for a rank whose value the coordinator left as it was."""
+
+    __slots__ = ()
+
+
 def _outgoing(coll: Collective, value: Any) -> tuple[Any, CapturedFailure | None]:
     """``value`` ready to send, and the failure to pickle it if that failed.
 
@@ -84,26 +90,27 @@ def _coordinate(
     step: str,
     local_fn: Callable[[], Any],
     global_fn: Callable[[list[Any]], Any],
-) -> tuple[CapturedFailure | None, Any]:
+) -> tuple[CapturedFailure | None, Any, list[Any] | None]:
     """Run ``local_fn`` everywhere, ``global_fn`` on the coordinator over all
     outcomes. Returns this rank's own failure (if any) and, on the
-    coordinator, ``global_fn``'s value or a :class:`_Failed`."""
+    coordinator, ``global_fn``'s value or a :class:`_Failed`, and what each
+    rank sent."""
     local = capture(local_fn)
     own = local if isinstance(local, CapturedFailure) else None
     data, unpicklable = _outgoing(coll, local)
     own = own or unpicklable
     gathered = coll.gather(data, step)
     if not coll.is_coordinator:
-        return own, None
+        return own, None, None
     assert gathered is not None
     outcomes = [_incoming(coll, data) for data in gathered]
     failures = {rank: out for rank, out in enumerate(outcomes) if isinstance(out, CapturedFailure)}
     if failures:
-        return own, _Failed(failures)
+        return own, _Failed(failures), gathered
     result = capture(lambda: global_fn(outcomes))
     if isinstance(result, CapturedFailure):
-        return result, _Failed({coll.rank: result})
-    return own, result
+        return result, _Failed({coll.rank: result}), gathered
+    return own, result, gathered
 
 
 def reduce_scatter(
@@ -113,13 +120,29 @@ def reduce_scatter(
     global_fn: Callable[[list[Any]], list[Any]],
 ) -> Any:
     """Gather local outcomes, let the coordinator turn them into one value per
-    rank, and hand each rank its own."""
-    own, result = _coordinate(coll, step, local_fn, global_fn)
+    rank, and hand each rank its own.
+
+    A value that comes out of the coordinator as it went in (the same bytes,
+    as with the default load planning) goes back as a marker, and the rank
+    keeps its own: plans of many items are not sent back for nothing.
+    """
+    sent: list[Any] = []
+
+    def local() -> Any:
+        sent.append(local_fn())
+        return sent[0]
+
+    own, result, gathered = _coordinate(coll, step, local, global_fn)
     packed = None
     if coll.is_coordinator:
         values = [result] * coll.world_size if isinstance(result, _Failed) else result
         packed = _outgoing_all(coll, values)
-    return _raise_if_failed(step, _incoming(coll, coll.scatter(packed, step)), coll, own)
+        if coll.crosses_processes and not isinstance(result, _Failed):
+            assert gathered is not None
+            unchanged = _outgoing(coll, _Unchanged())[0]
+            packed = [unchanged if new == old else new for new, old in zip(packed, gathered, strict=True)]
+    value = _raise_if_failed(step, _incoming(coll, coll.scatter(packed, step)), coll, own)
+    return sent[0] if isinstance(value, _Unchanged) else value
 
 
 def all_reduce(
@@ -129,7 +152,7 @@ def all_reduce(
     global_fn: Callable[[list[Any]], Any],
 ) -> Any:
     """Gather local outcomes, let the coordinator reduce them, broadcast the result."""
-    own, result = _coordinate(coll, step, local_fn, global_fn)
+    own, result, _ = _coordinate(coll, step, local_fn, global_fn)
     packed = _outgoing_all(coll, [result])[0] if coll.is_coordinator else None
     return _raise_if_failed(step, _incoming(coll, coll.broadcast(packed, step)), coll, own)
 
