@@ -184,6 +184,9 @@ def load_model(
 
 
 class _FailingPlanner:
+    """Raises in ``create_local_plan`` or ``create_global_plan`` on some ranks (a mixin
+    for the default save and load planners)."""
+
     def __init__(self, at: str, ranks: set[int], exc: type[Exception], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fail_at = at
@@ -194,29 +197,21 @@ class _FailingPlanner:
         if where == self.fail_at and current_rank() in self.fail_ranks:
             raise self.exc(f"planner fault in {where} on rank {current_rank()}")
 
-
-class FailingSavePlanner(_FailingPlanner, torchstow.DefaultSavePlanner):
-    """A save planner that raises in ``create_local_plan`` or ``create_global_plan`` on some ranks."""
-
     def create_local_plan(self) -> Any:
         self._maybe_fail("create_local_plan")
-        return super().create_local_plan()
+        return super().create_local_plan()  # type: ignore[misc]
 
-    def create_global_plan(self, all_plans: Any) -> Any:
+    def create_global_plan(self, plans: Any) -> Any:
         self._maybe_fail("create_global_plan")
-        return super().create_global_plan(all_plans)
+        return super().create_global_plan(plans)  # type: ignore[misc]
+
+
+class FailingSavePlanner(_FailingPlanner, torchstow.DefaultSavePlanner):
+    """A save planner that fails where it is told."""
 
 
 class FailingLoadPlanner(_FailingPlanner, torchstow.DefaultLoadPlanner):
-    """A load planner that raises in ``create_local_plan`` or ``create_global_plan`` on some ranks."""
-
-    def create_local_plan(self) -> Any:
-        self._maybe_fail("create_local_plan")
-        return super().create_local_plan()
-
-    def create_global_plan(self, global_plan: Any) -> Any:
-        self._maybe_fail("create_global_plan")
-        return super().create_global_plan(global_plan)
+    """A load planner that fails where it is told."""
 
 
 EXCEPTIONS: dict[str, type[Exception]] = {

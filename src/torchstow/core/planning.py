@@ -249,9 +249,11 @@ def _dtensor_chunks(value: Any, fqn: str) -> list[tuple[ChunkStorageMetadata, to
             f"{fqn}: a DTensor with a Partial placement has no data of its own to save or load; "
             "redistribute it to Shard or Replicate first"
         )
-    chunk = _shard_chunk(tuple(value.shape), value.device_mesh, placements)
-    if chunk is None:
+    mesh = value.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the mesh: it holds none of the tensor
         return []
+    chunk = _shard_chunk(tuple(value.shape), mesh, tuple(coordinate), placements)
     with torch.no_grad():  # to_local without autograd bookkeeping: the same memory, faster
         local = value.to_local()
     if local.shape != chunk.sizes:
@@ -264,18 +266,16 @@ def _dtensor_chunks(value: Any, fqn: str) -> list[tuple[ChunkStorageMetadata, to
 
 @functools.lru_cache(maxsize=4096)
 def _shard_chunk(
-    shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]
-) -> ChunkStorageMetadata | None:
-    """Where this rank's shard of a DTensor lies in the global tensor (None
-    when this rank is not in the mesh).
+    shape: tuple[int, ...], mesh: Any, coordinate: tuple[int, ...], placements: tuple[Any, ...]
+) -> ChunkStorageMetadata:
+    """Where the shard at ``coordinate`` (this rank's place in ``mesh``) lies in the global tensor.
 
-    Cached: a model's many tensors share a few shapes and placements, and
-    torch's computation would otherwise dominate planning.
+    Cached, with the coordinate in the key since the answer depends on it: a
+    model's many tensors share a few shapes and placements, and torch's
+    computation would otherwise dominate planning.
     """
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if mesh.get_coordinate() is None:
-        return None
     sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
     return ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
 
