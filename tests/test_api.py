@@ -134,6 +134,8 @@ def test_strict_load_names_every_mismatch(ckpt: str, saved: dict[str, Any]) -> N
     with pytest.raises(torchstow.StateDictMismatchError) as info:
         torchstow.load(target, ckpt)
     message = str(info.value)
+    assert info.value.missing_keys == ["model.extra"]
+    assert "optim.param_groups" in info.value.unexpected_keys
     assert "missing from the checkpoint: model.extra" in message
     assert "in the checkpoint but not the state dict: optim.param_groups" in message
     assert "in the checkpoint but not the state dict: layers.0" in message
@@ -175,12 +177,17 @@ def test_user_metadata_must_be_json(ckpt: str) -> None:
 def test_bad_state_dicts_fail_clearly_before_writing(ckpt: str) -> None:
     with pytest.raises(TypeError, match="mapping"):
         torchstow.save([torch.ones(1)], ckpt)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"key \(1, 2\) .* must be str or int"):
-        torchstow.save({"a": {(1, 2): torch.ones(1)}}, ckpt)
-    with pytest.raises(ValueError, match=r"two entries flatten to the key 'a\.b'"):
-        torchstow.save({"a.b": torch.ones(1), "a": {"b": torch.ones(1)}}, ckpt)
-    with pytest.raises(ValueError, match="meta device"):
-        torchstow.save({"m": torch.empty(2, device="meta")}, ckpt)
+    with pytest.raises(TypeError, match="mapping"):
+        torchstow.load([torch.ones(1)], ckpt)  # type: ignore[arg-type]
+    cases = [
+        ({"a": {(1, 2): torch.ones(1)}}, r"key \(1, 2\) .* must be str or int"),
+        ({"a.b": torch.ones(1), "a": {"b": torch.ones(1)}}, r"two entries flatten to the key 'a\.b'"),
+        ({"m": torch.empty(2, device="meta")}, "meta device"),
+    ]
+    for state, message in cases:
+        with pytest.raises(torchstow.CheckpointException, match=message) as info:
+            torchstow.save(state, ckpt)
+        assert isinstance(info.value.failures[0][0], ValueError)
     assert not os.path.exists(ckpt) or not os.listdir(ckpt)
 
 

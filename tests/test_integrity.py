@@ -124,7 +124,6 @@ def test_a_failed_write_future_fails_the_save(ckpt: str) -> None:
     store = torchstow.storage_writer(ckpt).store  # type: ignore[attr-defined]
     with pytest.raises(torchstow.CheckpointException) as info:
         torchstow.save_state_dict({"x": torch.ones(1)}, FailedFutureWriter(store))
-    assert isinstance(info.value, OSError)  # every rank failed the same built-in way
     assert isinstance(info.value.failures[0][0], OSError)
     assert "No space left" in str(info.value)
     assert not os.path.exists(os.path.join(ckpt, "manifest.json"))

@@ -17,7 +17,7 @@ import torch
 
 from torchstow.core import uri_storage
 from torchstow.core.async_save import AsyncSave, SaveJob, pipeline
-from torchstow.core.collective import make_collective
+from torchstow.core.collective import Timeout, make_collective
 from torchstow.core.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -114,12 +114,15 @@ def save(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    timeout: Timeout | None = None,
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
     ``metadata`` is a JSON dict stored in the manifest. A committed checkpoint
     at ``uri`` raises CheckpointExistsError unless ``overwrite``. Values that
-    only full pickle can store need ``allow_pickle=True``. Returns the
+    only full pickle can store need ``allow_pickle=True``. ``timeout``
+    (seconds or a timedelta) bounds how long a rank waits for the others at
+    each step (default: the process group's own timeout). Returns the
     committed manifest.
     """
     user_metadata = _check_user_metadata(metadata)
@@ -128,7 +131,7 @@ def save(
         state_dict,
         writer,
         planner=planner or DefaultSavePlanner(allow_pickle=allow_pickle),
-        collective=make_collective(process_group, coordinator_rank, no_dist),
+        collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
         user_metadata=user_metadata,
     )
 
@@ -144,19 +147,20 @@ def load(
     no_dist: bool | None = None,
     strict: bool = True,
     allow_pickle: bool = False,
+    timeout: Timeout | None = None,
 ) -> None:
     """Load the checkpoint at ``uri`` into ``state_dict`` in place; every rank calls it.
 
-    Tensors are filled in place (resharded as needed); non-tensor leaves are
-    replaced. ``strict=False`` skips keys missing on either side and casts
-    tensors of another dtype.
+    Tensors and DTensors are filled in place (resharded as needed); non-tensor
+    leaves are replaced. ``strict=False`` skips keys missing on either side
+    and casts tensors of another dtype. ``timeout`` is as in :func:`save`.
     """
     reader = storage_reader(uri, **(storage_options or {}))
     _load_protocol(
         state_dict,
         reader,
         planner=planner or DefaultLoadPlanner(strict=strict, allow_pickle=allow_pickle),
-        collective=make_collective(process_group, coordinator_rank, no_dist),
+        collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
     )
 
 
@@ -207,13 +211,14 @@ def save_state_dict(
     coordinator_rank: int = 0,
     no_dist: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    timeout: Timeout | None = None,
 ) -> Metadata:
     """:func:`save` with an explicit :class:`StorageWriter`."""
     return _save_protocol(
         state_dict,
         storage_writer,
         planner=planner,
-        collective=make_collective(process_group, coordinator_rank, no_dist),
+        collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
         user_metadata=_check_user_metadata(metadata),
     )
 
@@ -226,13 +231,14 @@ def load_state_dict(
     process_group: Any = None,
     coordinator_rank: int = 0,
     no_dist: bool = False,
+    timeout: Timeout | None = None,
 ) -> None:
     """:func:`load` with an explicit :class:`StorageReader`."""
     _load_protocol(
         state_dict,
         storage_reader,
         planner=planner,
-        collective=make_collective(process_group, coordinator_rank, no_dist),
+        collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
     )
 
 

@@ -56,3 +56,13 @@ class TestS3Conformance(BackendConformance):
     @pytest.fixture
     def storage_options(self, s3_endpoint: str) -> dict[str, Any]:
         return s3_options(s3_endpoint)  # the files of 6 MiB tensors go up in two parts
+
+
+class TestFaultyConformance(BackendConformance):
+    """The fault injector with no fault configured passes every call through."""
+
+    scheme = "faulty+file"
+
+    @pytest.fixture
+    def root_uri(self, tmp_path: Any) -> str:
+        return f"faulty+file://{tmp_path}"

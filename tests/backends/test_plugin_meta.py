@@ -3,6 +3,7 @@ and every registered backend runs the conformance suite."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from torchstow.core.errors import UnknownBackendError
 from torchstow.plugins import hookspecs
 from torchstow.plugins.manager import default_registry
 from torchstow.testing import BackendConformance
@@ -79,7 +81,9 @@ def test_every_registered_backend_runs_the_conformance_suite() -> None:
     registry = default_registry()
     covered = {}
     for cls in _conformance_classes():
-        if cls.scheme in registry.entries:
+        # Wrapper schemes (faulty+file) resolve to the wrapper's backend; classes of
+        # plugins installed only for one test (the example plugin) resolve to nothing.
+        with contextlib.suppress(UnknownBackendError):
             covered[registry.resolve(f"{cls.scheme}://x").backend] = cls.__name__
     missing = {
         entry.backend.__name__: entry.scheme for entry in registry.available() if entry.backend not in covered

@@ -3,22 +3,41 @@
 The protocol only gathers to, scatters from and broadcasts from the
 coordinator, always whole Python objects (plans, results, failures), a
 constant number of times per save or load, never per item.
+
+Over a process group, a collective that cannot complete (a rank died,
+stalled, or is slower than the timeout) raises
+:class:`~torchstow.core.errors.CheckpointTimeoutError` on the ranks that
+wait, instead of leaving them waiting forever.
 """
 
 from __future__ import annotations
 
 import abc
+import ctypes
+import datetime
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "make_collective"]
+from torchstow.core.errors import CheckpointTimeoutError
+
+__all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "Timeout", "make_collective"]
+
+Timeout = float | datetime.timedelta
 
 
 class Collective(abc.ABC):
-    """Object collectives among the ranks taking part in one save or load."""
+    """Collectives among the ranks taking part in one save or load.
+
+    Where ``crosses_processes`` is true the payloads are ``bytes`` (the
+    protocol pickles values itself); otherwise they are objects handed over
+    as they are. ``step`` names the protocol step for error messages.
+    """
 
     rank: int
     world_size: int
     coordinator_rank: int
+    #: Whether objects cross process boundaries (and so are pickled on the way).
+    crosses_processes: bool = True
 
     @property
     def is_coordinator(self) -> bool:
@@ -26,50 +45,80 @@ class Collective(abc.ABC):
         return self.rank == self.coordinator_rank
 
     @abc.abstractmethod
-    def gather(self, obj: Any) -> list[Any] | None:
+    def gather(self, obj: Any, step: str = "") -> list[Any] | None:
         """Every rank's ``obj`` in rank order on the coordinator, None elsewhere."""
 
     @abc.abstractmethod
-    def scatter(self, objs: list[Any] | None) -> Any:
+    def scatter(self, objs: list[Any] | None, step: str = "") -> Any:
         """Rank ``i`` receives ``objs[i]`` from the coordinator (``objs`` only there)."""
 
     @abc.abstractmethod
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, step: str = "") -> Any:
         """Every rank receives the coordinator's ``obj``."""
 
 
 class SingleProcess(Collective):
-    """The trivial group of one rank."""
+    """The trivial group of one rank: objects are handed over as they are."""
+
+    crosses_processes = False
 
     def __init__(self) -> None:
         self.rank = 0
         self.world_size = 1
         self.coordinator_rank = 0
 
-    def gather(self, obj: Any) -> list[Any]:
+    def gather(self, obj: Any, step: str = "") -> list[Any]:
         return [obj]
 
-    def scatter(self, objs: list[Any] | None) -> Any:
+    def scatter(self, objs: list[Any] | None, step: str = "") -> Any:
         assert objs is not None
         return objs[0]
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, step: str = "") -> Any:
         return obj
 
 
-class ProcessGroupCollective(Collective):
-    """Collectives over a torch.distributed process group (a subgroup works too).
+def _as_timedelta(timeout: Timeout | None) -> datetime.timedelta | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        value = timeout
+    elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        value = datetime.timedelta(seconds=timeout)
+    else:
+        raise TypeError(f"timeout must be seconds (a number) or a timedelta, got {timeout!r}")
+    if value <= datetime.timedelta(0):
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    return value
 
-    ``coordinator_rank`` is a rank within ``process_group``.
+
+class ProcessGroupCollective(Collective):
+    """Byte collectives over a torch.distributed process group (a subgroup works too).
+
+    The payloads are ``bytes`` (the protocol pickles values itself); they
+    travel as uint8 tensors on the device the group uses for objects (the
+    CPU when it has a CPU backend), a size exchange then the bytes, so
+    torch's object collectives (and their need for NumPy) are not involved.
+
+    ``coordinator_rank`` is a rank within ``process_group``. With a
+    ``timeout``, the group's CPU (gloo) backend uses it for the duration of
+    each collective here, and its own timeout again afterwards; without
+    one, the group's own timeout applies.
     """
 
-    def __init__(self, process_group: Any = None, coordinator_rank: int = 0) -> None:
+    def __init__(
+        self, process_group: Any = None, coordinator_rank: int = 0, timeout: Timeout | None = None
+    ) -> None:
+        import torch
         import torch.distributed as dist
 
         self._dist = dist
+        self._torch = torch
         self.group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the process_group passed to save/load")
         if not 0 <= coordinator_rank < self.world_size:
             raise ValueError(
                 f"coordinator_rank {coordinator_rank} is not a rank of the group (size {self.world_size})"
@@ -80,33 +129,130 @@ class ProcessGroupCollective(Collective):
             if process_group is None
             else dist.get_global_rank(process_group, coordinator_rank)
         )
+        self.timeout = _as_timedelta(timeout)
+        self._backend = self._cpu_backend() if self.timeout is not None else None
+        self._device = self._object_device()
 
-    def gather(self, obj: Any) -> list[Any] | None:
-        out: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
-        self._dist.gather_object(obj, out, dst=self._coordinator_global, group=self.group)
-        return out
+    def _object_device(self) -> Any:
+        """Where the group moves objects: the CPU if it has a CPU backend, else its accelerator."""
+        from torch.distributed import distributed_c10d
 
-    def scatter(self, objs: list[Any] | None) -> Any:
-        out: list[Any] = [None]
-        self._dist.scatter_object_list(
-            out, objs if self.is_coordinator else None, src=self._coordinator_global, group=self.group
-        )
-        return out[0]
+        try:
+            kind = distributed_c10d._get_object_coll_device(self.group)
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            kind = "cpu"
+        if kind == "cpu":
+            return self._torch.device("cpu")
+        module = getattr(self._torch, kind)
+        return self._torch.device(kind, module.current_device())
 
-    def broadcast(self, obj: Any) -> Any:
-        box = [obj if self.is_coordinator else None]
-        self._dist.broadcast_object_list(box, src=self._coordinator_global, group=self.group)
-        return box[0]
+    def _cpu_backend(self) -> Any:
+        """The group's backend for CPU tensors (where the collectives run)."""
+        group: Any = self.group if self.group is not None else self._dist.group.WORLD
+        try:
+            backend = group._get_backend(self._torch.device("cpu"))
+            backend.options._timeout  # noqa: B018 (must be readable to be restored)
+        except (RuntimeError, AttributeError) as exc:
+            raise ValueError(
+                "timeout= needs a process group with a CPU (gloo) backend; initialize torch.distributed "
+                "with backend='cpu:gloo,cuda:nccl', or pass process_group=dist.new_group(backend='gloo')"
+            ) from exc
+        return backend
+
+    def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run one torch.distributed operation under the timeout, turning a lost peer
+        (a closed connection, or the wait timing out) into CheckpointTimeoutError."""
+        backend = self._backend
+        previous = None
+        if backend is not None:
+            previous = backend.options._timeout
+            backend.set_timeout(self.timeout)
+        try:
+            fn(*args, group=self.group, **kwargs)
+        except RuntimeError as exc:
+            limit = (
+                f"the timeout of {self.timeout.total_seconds():g}s"
+                if self.timeout is not None
+                else "the process group's timeout (pass timeout= to save/load to shorten it)"
+            )
+            raise CheckpointTimeoutError(
+                f"checkpoint {step or op}: rank {self.rank} lost contact with its group of "
+                f"{self.world_size} ranks (coordinator {self.coordinator_rank}) in the {op}: another "
+                f"rank died, stalled, or did not reach this step within {limit}. Check the other "
+                f"ranks' logs; if they were only slow, pass a larger timeout=. Transport error: {exc}",
+                rank=self.rank,
+                step=step,
+            ) from exc
+        finally:
+            if backend is not None:
+                backend.set_timeout(previous)
+
+    def _sizes(self, values: list[int]) -> Any:
+        return self._torch.tensor(values, dtype=self._torch.int64, device=self._device)
+
+    def _buffer(self, data: bytes | None, size: int) -> Any:
+        """``data`` zero-padded to ``size`` bytes, as a uint8 tensor on the group's device."""
+        tensor = self._torch.zeros(size, dtype=self._torch.uint8)
+        if data:
+            ctypes.memmove(tensor.data_ptr(), data, len(data))
+        return tensor.to(self._device)
+
+    def _bytes(self, tensor: Any, size: int) -> bytes:
+        host = tensor[:size].cpu()  # held while its memory is copied
+        return ctypes.string_at(host.data_ptr(), size) if size else b""
+
+    def gather(self, obj: bytes, step: str = "") -> list[bytes] | None:
+        op = "gather to the coordinator"
+        sizes = [self._sizes([0]) for _ in range(self.world_size)]
+        self._call(op, step, self._dist.all_gather, sizes, self._sizes([len(obj)]))
+        lengths = [int(size.item()) for size in sizes]
+        longest = max(lengths)
+        out = [self._buffer(None, longest) for _ in lengths] if self.is_coordinator else None
+        buffer = self._buffer(obj, longest)
+        self._call(op, step, self._dist.gather, buffer, gather_list=out, dst=self._coordinator_global)
+        if out is None:
+            return None
+        return [self._bytes(tensor, length) for tensor, length in zip(out, lengths, strict=True)]
+
+    def scatter(self, objs: list[bytes] | None, step: str = "") -> bytes:
+        op = "scatter from the coordinator"
+        heads = None
+        if objs is not None:
+            longest = max(len(data) for data in objs)
+            heads = [self._sizes([len(data), longest]) for data in objs]
+        head = self._sizes([0, 0])
+        self._call(op, step, self._dist.scatter, head, scatter_list=heads, src=self._coordinator_global)
+        length, longest = (int(v) for v in head.tolist())
+        parts = None if objs is None else [self._buffer(data, longest) for data in objs]
+        buffer = self._buffer(None, longest)
+        self._call(op, step, self._dist.scatter, buffer, scatter_list=parts, src=self._coordinator_global)
+        return self._bytes(buffer, length)
+
+    def broadcast(self, obj: bytes | None, step: str = "") -> bytes:
+        op = "broadcast from the coordinator"
+        head = self._sizes([len(obj) if self.is_coordinator and obj is not None else 0])
+        self._call(op, step, self._dist.broadcast, head, src=self._coordinator_global)
+        length = int(head.item())
+        buffer = self._buffer(obj if self.is_coordinator else None, length)
+        self._call(op, step, self._dist.broadcast, buffer, src=self._coordinator_global)
+        if self.is_coordinator and obj is not None:
+            return obj
+        return self._bytes(buffer, length)
 
 
 def make_collective(
-    process_group: Any = None, coordinator_rank: int = 0, no_dist: bool | None = None
+    process_group: Any = None,
+    coordinator_rank: int = 0,
+    no_dist: bool | None = None,
+    timeout: Timeout | None = None,
 ) -> Collective:
     """The collective for a save or load call.
 
     Single process when ``no_dist`` is true or torch.distributed is not
-    initialized; otherwise the given group (default: the world).
+    initialized (``timeout`` then has nothing to wait for); otherwise the
+    given group (default: the world).
     """
+    _as_timedelta(timeout)
     if no_dist:
         if coordinator_rank != 0:
             raise ValueError("coordinator_rank must be 0 in a single-process save or load")
@@ -119,4 +265,4 @@ def make_collective(
         if coordinator_rank != 0:
             raise ValueError("coordinator_rank must be 0 in a single-process save or load")
         return SingleProcess()
-    return ProcessGroupCollective(process_group, coordinator_rank)
+    return ProcessGroupCollective(process_group, coordinator_rank, timeout)

@@ -64,6 +64,23 @@ class CheckpointExistsError(TorchstowError, FileExistsError):
     """A committed checkpoint exists at the target and ``overwrite`` is False."""
 
 
+class RemoteError(TorchstowError):
+    """Stands in for an exception raised on another rank that could not be sent intact.
+
+    An exception whose class cannot be pickled, or not unpickled where it
+    arrives, travels as its type name, message and formatted traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(type_name, message, remote_traceback)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+
 Failure = tuple[BaseException, traceback.StackSummary]
 
 
@@ -72,11 +89,11 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
 
     ``failures`` maps each failed rank to the exception raised there and the
     stack where it was raised. Every rank of the group raises the same
-    exception. When all failed ranks raised the same class of exception, and
-    that class is a torchstow error or a Python built-in (a missing
-    checkpoint, a bad argument), the exception is also an instance of that
-    class: ``except CheckpointNotFoundError`` or ``except TypeError`` works
-    around a collective call as it would around a local one.
+    exception. When all failed ranks raised the same torchstow error (a
+    missing checkpoint, a mismatched state dict), the exception is also an
+    instance of that class and carries its attributes (``missing_keys`` …):
+    ``except CheckpointNotFoundError`` works around a collective call as it
+    would around a local one. Other exceptions are only in ``failures``.
     """
 
     _specialised: ClassVar[dict[type[BaseException], type[CheckpointException]]] = {}
@@ -104,8 +121,14 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
                 lines.append(f"  rank {rank}: {type(exc).__name__}: {exc}")
             message = "\n".join(lines)
         kind = _common_error_class(failures)
-        exc_cls = cls._specialise(kind) if kind is not None else cls
-        return exc_cls(message, failures)
+        if kind is None:
+            return cls(message, failures)
+        exc = cls._specialise(kind)(message, failures)
+        first, _ = failures[min(failures)]
+        for name, value in vars(first).items():
+            if name not in ("message", "failures"):
+                setattr(exc, name, value)
+        return exc
 
     @classmethod
     def _specialise(cls, kind: type[BaseException]) -> type[CheckpointException]:
@@ -122,8 +145,29 @@ def _common_error_class(failures: dict[int, Failure]) -> type[BaseException] | N
     if len(kinds) != 1:
         return None
     (kind,) = kinds
-    if issubclass(kind, CheckpointException) or not issubclass(kind, Exception):
+    if not issubclass(kind, TorchstowError) or issubclass(kind, CheckpointException | RemoteError):
         return None
-    if issubclass(kind, TorchstowError) or kind.__module__ == "builtins":
-        return kind
-    return None
+    return kind
+
+
+class CheckpointTimeoutError(CheckpointException, TimeoutError):
+    """A rank lost contact with its group during a collective save or load.
+
+    Another rank died, stalled, or did not reach the same step within the
+    timeout. ``failures`` is empty (no rank reported an exception);
+    ``rank`` is the rank that raised it and ``step`` the protocol step.
+    """
+
+    def __init__(
+        self, message: str, failures: dict[int, Failure] | None = None, *, rank: int = -1, step: str = ""
+    ) -> None:
+        super().__init__(message, failures or {})
+        self.rank = rank
+        self.step = step
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_timeout_error, (self.message, self.rank, self.step))
+
+
+def _timeout_error(message: str, rank: int, step: str) -> CheckpointTimeoutError:
+    return CheckpointTimeoutError(message, rank=rank, step=step)

@@ -11,8 +11,10 @@ chunks a rank holds so a checkpoint loads across world sizes and placements.
 from __future__ import annotations
 
 import abc
+import functools
 import io
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -212,13 +214,74 @@ class LoadPlanner(abc.ABC):
         """Called once ``tensor`` (from :meth:`resolve_tensor`) holds the data."""
 
 
-def local_chunks(value: torch.Tensor) -> list[tuple[ChunkStorageMetadata, torch.Tensor]]:
-    """The chunks of the global tensor this rank holds, with their local data."""
+def _dtensor_type() -> type | None:
+    """DTensor's class if torch.distributed.tensor is loaded (no DTensor can exist otherwise).
+
+    Looking it up this way keeps the import cost of torch.distributed.tensor
+    off the path of state dicts without DTensors.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _is_dtensor(value: Any) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(value, dtensor)
+
+
+def local_chunks(value: torch.Tensor, fqn: str = "") -> list[tuple[ChunkStorageMetadata, torch.Tensor]]:
+    """The chunks of the global tensor this rank holds, with their local data.
+
+    A plain tensor is one whole chunk. A DTensor is its local shard, placed
+    where the mesh and placements put it; a rank outside its mesh holds none.
+    """
+    if _is_dtensor(value):
+        return _dtensor_chunks(value, fqn)
     return [(ChunkStorageMetadata(torch.Size((0,) * value.dim()), value.shape), value)]
 
 
+def _dtensor_chunks(value: Any, fqn: str) -> list[tuple[ChunkStorageMetadata, torch.Tensor]]:
+    from torch.distributed.tensor import Partial
+
+    placements = tuple(value.placements)
+    if any(isinstance(p, Partial) for p in placements):
+        raise ValueError(
+            f"{fqn}: a DTensor with a Partial placement has no data of its own to save or load; "
+            "redistribute it to Shard or Replicate first"
+        )
+    mesh = value.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the mesh: it holds none of the tensor
+        return []
+    chunk = _shard_chunk(tuple(value.shape), mesh, tuple(coordinate), placements)
+    with torch.no_grad():  # to_local without autograd bookkeeping: the same memory, faster
+        local = value.to_local()
+    if local.shape != chunk.sizes:
+        raise ValueError(
+            f"{fqn}: the DTensor's local tensor has shape {list(local.shape)}, but its placements "
+            f"{list(placements)} give this rank a shard of shape {list(chunk.sizes)}"
+        )
+    return [(chunk, local)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _shard_chunk(
+    shape: tuple[int, ...], mesh: Any, coordinate: tuple[int, ...], placements: tuple[Any, ...]
+) -> ChunkStorageMetadata:
+    """Where the shard at ``coordinate`` (this rank's place in ``mesh``) lies in the global tensor.
+
+    Cached, with the coordinate in the key since the answer depends on it: a
+    model's many tensors share a few shapes and placements, and torch's
+    computation would otherwise dominate planning.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sizes, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+
+
 def global_shape(value: torch.Tensor) -> torch.Size:
-    """The shape of the whole (global) tensor ``value`` is part of."""
+    """The shape of the whole (global) tensor ``value`` is part of (a DTensor's shape is global)."""
     return value.shape
 
 
@@ -286,8 +349,11 @@ class DefaultSavePlanner(SavePlanner):
                 if value.device.type == "meta":
                     raise ValueError(f"{fqn}: a tensor on the meta device has no data to save")
                 size = global_shape(value)
-                kind = WriteItemType.TENSOR if size == value.shape else WriteItemType.SHARD
-                for chunk, data in local_chunks(value):
+                chunks = local_chunks(value, fqn)
+                if size.numel():  # an empty shard holds nothing of a non-empty tensor
+                    chunks = [(chunk, data) for chunk, data in chunks if chunk.sizes.numel()]
+                for chunk, data in chunks:
+                    kind = WriteItemType.TENSOR if chunk.sizes == size else WriteItemType.SHARD
                     index = MetadataIndex(fqn, chunk.offsets)
                     tensors[index] = data
                     items.append(WriteItem(index, kind, self._write_data(value, chunk, size)))
@@ -356,30 +422,34 @@ def dedup_save_plans(all_plans: list[SavePlan]) -> list[SavePlan]:
     """Keep one copy of each item that several ranks would write.
 
     An item held by several ranks goes to the one with the fewest bytes
-    assigned so far, so replicated data is spread instead of piling on rank 0.
+    assigned so far (then the fewest items, for objects whose size is not
+    known before they are written), so replicated data is spread instead
+    of piling on rank 0. Linear in the number of items, plus a sort of the
+    shared ones.
     """
     holders: dict[MetadataIndex, list[int]] = {}
+    sizes: dict[MetadataIndex, int] = {}
     for rank, plan in enumerate(all_plans):
         for item in plan.items:
             holders.setdefault(item.index, []).append(rank)
+            sizes[item.index] = item.tensor_storage_size() or 0
     load = [0] * len(all_plans)
+    count = [0] * len(all_plans)
     owner: dict[MetadataIndex, int] = {}
     shared: list[tuple[int, MetadataIndex, list[int]]] = []
-    sizes: dict[MetadataIndex, int] = {}
-    for plan in all_plans:
-        for item in plan.items:
-            sizes[item.index] = item.tensor_storage_size() or 0
     for index, ranks in holders.items():
         if len(ranks) == 1:
             owner[index] = ranks[0]
             load[ranks[0]] += sizes[index]
+            count[ranks[0]] += 1
         else:
             shared.append((sizes[index], index, ranks))
     shared.sort(key=lambda entry: -entry[0])
     for size, index, ranks in shared:
-        best = min(ranks, key=lambda r: load[r])
+        best = min(ranks, key=lambda r: (load[r], count[r]))
         owner[index] = best
         load[best] += size
+        count[best] += 1
     return [
         SavePlan(
             [item for item in plan.items if owner[item.index] == rank],
@@ -516,7 +586,7 @@ class DefaultLoadPlanner(LoadPlanner):
             if entry is None:
                 continue
             if isinstance(entry, TensorStorageMetadata):
-                for chunk, local in local_chunks(value):
+                for chunk, local in local_chunks(value, fqn):
                     dest_index = MetadataIndex(fqn, chunk.offsets)
                     self._targets[dest_index] = local.detach()
                     items.extend(_read_items_for(fqn, dest_index, chunk, entry.chunks))

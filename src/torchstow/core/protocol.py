@@ -9,13 +9,14 @@ the coordinator, and if any rank failed, every rank raises the same
 from __future__ import annotations
 
 import gc
-import traceback
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from torchstow.core.collective import Collective, SingleProcess
-from torchstow.core.errors import CheckpointException, Failure
+from torchstow.core.errors import CheckpointException
+from torchstow.core.failures import CapturedFailure, capture, pack, unpack
 from torchstow.core.metadata import Metadata
 from torchstow.core.planning import (
     DefaultLoadPlanner,
@@ -31,36 +32,57 @@ __all__ = ["load_state_dict", "save_state_dict"]
 
 
 class _Failed:
-    """What travels between ranks when a step failed somewhere."""
+    """What travels between ranks when a step failed somewhere: rank -> failure."""
 
     __slots__ = ("failures",)
 
-    def __init__(self, failures: dict[int, Failure]) -> None:
+    def __init__(self, failures: dict[int, CapturedFailure]) -> None:
         self.failures = failures
 
 
-class _LocalFailure:
-    __slots__ = ("exc", "stack")
+class _Unchanged:
+    """Sent back for a rank whose value the coordinator left as it was."""
 
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-        self.stack = traceback.extract_tb(exc.__traceback__)
+    __slots__ = ()
 
 
-def _capture(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except Exception as exc:
-        return _LocalFailure(exc)
+def _outgoing(coll: Collective, value: Any) -> tuple[Any, CapturedFailure | None]:
+    """``value`` ready to send, and the failure to pickle it if that failed.
+
+    Values cross processes as bytes packed here, so that what cannot be
+    pickled fails its rank instead of the collective; in a single process
+    they are handed over as they are.
+    """
+    return pack(value) if coll.crosses_processes else (value, None)
 
 
-def _failures_of(outcomes: list[Any]) -> dict[int, Failure]:
-    return {rank: (out.exc, out.stack) for rank, out in enumerate(outcomes) if isinstance(out, _LocalFailure)}
+def _incoming(coll: Collective, payload: Any) -> Any:
+    return unpack(payload) if coll.crosses_processes else payload
 
 
-def _raise_if_failed(step: str, value: Any) -> Any:
+def _outgoing_all(coll: Collective, values: list[Any]) -> list[Any]:
+    """The coordinator's values for every rank, ready to send; if one cannot
+    be packed, every rank gets the coordinator's failure instead."""
+    packed = [_outgoing(coll, value) for value in values]
+    for _, failure in packed:
+        if failure is not None:
+            return [_outgoing(coll, _Failed({coll.rank: failure}))[0]] * len(values)
+    return [data for data, _ in packed]
+
+
+def _raise_if_failed(step: str, value: Any, coll: Collective, own: CapturedFailure | None) -> Any:
+    """Raise the step's CheckpointException if any rank failed in it.
+
+    The rank that failed keeps its own exception object (with its traceback);
+    the others hold the copy that travelled.
+    """
+    if isinstance(value, CapturedFailure):  # what the coordinator sent did not unpack here
+        raise CheckpointException.from_failures(step, {coll.rank: value.as_failure()})
     if isinstance(value, _Failed):
-        raise CheckpointException.from_failures(step, value.failures)
+        failures = {rank: failure.as_failure() for rank, failure in value.failures.items()}
+        if own is not None and coll.rank in failures:
+            failures[coll.rank] = own.as_failure()
+        raise CheckpointException.from_failures(step, failures)
     return value
 
 
@@ -69,21 +91,27 @@ def _coordinate(
     step: str,
     local_fn: Callable[[], Any],
     global_fn: Callable[[list[Any]], Any],
-) -> Any:
+) -> tuple[CapturedFailure | None, Any, list[Any] | None]:
     """Run ``local_fn`` everywhere, ``global_fn`` on the coordinator over all
-    outcomes; returns ``global_fn``'s value (or a :class:`_Failed`) on the
-    coordinator and None elsewhere."""
-    outcomes = coll.gather(_capture(local_fn))
+    outcomes. Returns this rank's own failure (if any) and, on the
+    coordinator, ``global_fn``'s value or a :class:`_Failed`, and what each
+    rank sent."""
+    local = capture(local_fn)
+    own = local if isinstance(local, CapturedFailure) else None
+    data, unpicklable = _outgoing(coll, local)
+    own = own or unpicklable
+    gathered = coll.gather(data, step)
     if not coll.is_coordinator:
-        return None
-    assert outcomes is not None
-    failures = _failures_of(outcomes)
+        return own, None, None
+    assert gathered is not None
+    outcomes = [_incoming(coll, data) for data in gathered]
+    failures = {rank: out for rank, out in enumerate(outcomes) if isinstance(out, CapturedFailure)}
     if failures:
-        return _Failed(failures)
-    result = _capture(lambda: global_fn(outcomes))
-    if isinstance(result, _LocalFailure):
-        return _Failed({coll.rank: (result.exc, result.stack)})
-    return result
+        return own, _Failed(failures), gathered
+    result = capture(lambda: global_fn(outcomes))
+    if isinstance(result, CapturedFailure):
+        return result, _Failed({coll.rank: result}), gathered
+    return own, result, gathered
 
 
 def reduce_scatter(
@@ -93,11 +121,29 @@ def reduce_scatter(
     global_fn: Callable[[list[Any]], list[Any]],
 ) -> Any:
     """Gather local outcomes, let the coordinator turn them into one value per
-    rank, and hand each rank its own."""
-    result = _coordinate(coll, step, local_fn, global_fn)
-    if coll.is_coordinator and isinstance(result, _Failed):
-        result = [result] * coll.world_size
-    return _raise_if_failed(step, coll.scatter(result))
+    rank, and hand each rank its own.
+
+    A value that comes out of the coordinator as it went in (the same bytes,
+    as with the default load planning) goes back as a marker, and the rank
+    keeps its own: plans of many items are not sent back for nothing.
+    """
+    sent: list[Any] = []
+
+    def local() -> Any:
+        sent.append(local_fn())
+        return sent[0]
+
+    own, result, gathered = _coordinate(coll, step, local, global_fn)
+    packed = None
+    if coll.is_coordinator:
+        values = [result] * coll.world_size if isinstance(result, _Failed) else result
+        packed = _outgoing_all(coll, values)
+        if coll.crosses_processes and not isinstance(result, _Failed):
+            assert gathered is not None
+            unchanged = _outgoing(coll, _Unchanged())[0]
+            packed = [unchanged if new == old else new for new, old in zip(packed, gathered, strict=True)]
+    value = _raise_if_failed(step, _incoming(coll, coll.scatter(packed, step)), coll, own)
+    return sent[0] if isinstance(value, _Unchanged) else value
 
 
 def all_reduce(
@@ -107,28 +153,43 @@ def all_reduce(
     global_fn: Callable[[list[Any]], Any],
 ) -> Any:
     """Gather local outcomes, let the coordinator reduce them, broadcast the result."""
-    result = _coordinate(coll, step, local_fn, global_fn)
-    return _raise_if_failed(step, coll.broadcast(result))
+    own, result, _ = _coordinate(coll, step, local_fn, global_fn)
+    packed = _outgoing_all(coll, [result])[0] if coll.is_coordinator else None
+    return _raise_if_failed(step, _incoming(coll, coll.broadcast(packed, step)), coll, own)
 
 
 def broadcast_from_coordinator(coll: Collective, step: str, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on the coordinator only and give every rank its value."""
-    result = None
+    own = None
+    packed = None
     if coll.is_coordinator:
-        result = _capture(fn)
-        if isinstance(result, _LocalFailure):
-            result = _Failed({coll.rank: (result.exc, result.stack)})
-    return _raise_if_failed(step, coll.broadcast(result))
+        result = capture(fn)
+        if isinstance(result, CapturedFailure):
+            own = result
+            result = _Failed({coll.rank: result})
+        packed = _outgoing_all(coll, [result])[0]
+    return _raise_if_failed(step, _incoming(coll, coll.broadcast(packed, step)), coll, own)
+
+
+def _require_mapping(state_dict: Any) -> None:
+    """Reject a state dict that is not a mapping at once, before any collective."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"a state dict must be a mapping, got {type(state_dict).__name__}")
 
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Keep the cyclic garbage collector off for the duration.
+    """Keep the cyclic garbage collector off for the duration, on the main thread.
 
     A checkpoint of many small tensors allocates tens of thousands of plan
     objects; with the collector on, its repeated passes over them cost more
-    than the save itself. Nothing the protocol allocates forms cycles.
+    than the save itself. Nothing the protocol allocates forms cycles. The
+    collector is process-wide, so a save running on a background thread (an
+    async save) leaves it alone rather than pause it under the training loop.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -152,12 +213,13 @@ def save_state_dict(
 
     Returns the committed :class:`Metadata` on every rank.
     """
+    _require_mapping(state_dict)
     coll = collective or SingleProcess()
     planner = planner or DefaultSavePlanner()
-    storage_writer.reset(checkpoint_id)
     global_metadata: list[Metadata] = []
 
     def local_plan() -> SavePlan:
+        storage_writer.reset(checkpoint_id)
         storage_writer.set_up_storage_writer(coll.is_coordinator, rank=coll.rank, world_size=coll.world_size)
         planner.set_up_planner(state_dict, None, coll.is_coordinator)
         return storage_writer.prepare_local_plan(planner.create_local_plan())
@@ -169,7 +231,7 @@ def save_state_dict(
         global_metadata.append(metadata)
         return storage_writer.prepare_global_plan(plans)
 
-    central_plan: SavePlan = reduce_scatter(coll, "planning", local_plan, global_plan)
+    central_plan: SavePlan = reduce_scatter(coll, "save planning", local_plan, global_plan)
 
     def write() -> list[WriteResult]:
         final_plan = planner.finish_plan(central_plan)
@@ -180,7 +242,7 @@ def save_state_dict(
         storage_writer.finish(metadata, all_results)
         return metadata
 
-    return all_reduce(coll, "write", write, commit)
+    return all_reduce(coll, "save write", write, commit)
 
 
 @gc_paused()
@@ -198,24 +260,36 @@ def load_state_dict(
     The coordinator reads the manifest once and broadcasts it, unless the
     caller already holds it (``metadata``, on every rank).
     """
+    _require_mapping(state_dict)
     coll = collective or SingleProcess()
     planner = planner or DefaultLoadPlanner()
-    storage_reader.reset(checkpoint_id)
+    reset_done = False
+
+    def read_metadata() -> Metadata:
+        nonlocal reset_done
+        reset_done = True
+        storage_reader.reset(checkpoint_id)
+        return storage_reader.read_metadata()
+
     if metadata is None:
-        metadata = broadcast_from_coordinator(coll, "reading metadata", storage_reader.read_metadata)
+        metadata = broadcast_from_coordinator(coll, "load reading metadata", read_metadata)
 
     def local_plan() -> LoadPlan:
-        storage_reader.set_up_storage_reader(metadata, coll.is_coordinator)
+        if not reset_done:
+            storage_reader.reset(checkpoint_id)
+        storage_reader.set_up_storage_reader(
+            metadata, coll.is_coordinator, rank=coll.rank, world_size=coll.world_size
+        )
         planner.set_up_planner(state_dict, metadata, coll.is_coordinator)
         return storage_reader.prepare_local_plan(planner.create_local_plan())
 
     def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
         return storage_reader.prepare_global_plan(planner.create_global_plan(all_plans))
 
-    central_plan: LoadPlan = reduce_scatter(coll, "planning", local_plan, global_plan)
+    central_plan: LoadPlan = reduce_scatter(coll, "load planning", local_plan, global_plan)
 
     def read() -> None:
         final_plan = planner.finish_plan(central_plan)
         wait_future(storage_reader.read_data(final_plan, planner))
 
-    all_reduce(coll, "read", read, lambda _: None)
+    all_reduce(coll, "load read", read, lambda _: None)

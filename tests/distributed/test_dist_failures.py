@@ -1,0 +1,142 @@
+"""A failure at any protocol step, on any rank, makes every rank raise one
+CheckpointException naming exactly the failed ranks with their original
+exceptions; a failed save commits nothing. Over 3 gloo processes with the
+coordinator at rank 0 and at rank 2, and in a single process (no_dist)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dist_scenarios import fault_case, unpicklable_failure
+
+EXCEPTIONS = ["ValueError", "OSError", "RuntimeError"]
+SAVE_STEPS = [
+    ("set_up_storage_writer", "raise"),
+    ("prepare_local_plan", "raise"),
+    ("prepare_global_plan", "raise"),
+    ("write_data", "raise"),
+    ("write_data", "future"),
+    ("finish", "raise"),
+    ("planner.create_local_plan", "raise"),
+    ("planner.create_global_plan", "raise"),
+]
+LOAD_STEPS = [
+    ("read_metadata", "raise"),
+    ("set_up_storage_reader", "raise"),
+    ("prepare_local_plan", "raise"),
+    ("prepare_global_plan", "raise"),
+    ("read_data", "raise"),
+    ("read_data", "future"),
+    ("planner.create_local_plan", "raise"),
+    ("planner.create_global_plan", "raise"),
+]
+# Steps only the coordinator runs: a fault meant for another rank never fires.
+COORDINATOR_ONLY = {"prepare_global_plan", "finish", "read_metadata", "planner.create_global_plan"}
+CASES = [
+    pytest.param(op, step, mode, EXCEPTIONS[i % 3], id=f"{op}-{step}-{mode}")
+    for i, (op, step, mode) in enumerate(
+        [("save", *s) for s in SAVE_STEPS] + [("load", *s) for s in LOAD_STEPS]
+    )
+]
+
+
+def _check_failure(result: dict[str, Any], step: str, mode: str, exc: str, victims: set[int]) -> None:
+    assert result.get("failures") is not None, f"the {step} fault did not fail this rank: {result}"
+    assert result["class"] == "CheckpointException"
+    assert not result["timeout"]
+    assert set(result["failures"]) == victims
+    for victim in victims:
+        failure = result["failures"][victim]
+        assert failure["builtin"] == exc, failure  # the very class raised there, not a stand-in
+        assert f"rank {victim}" in failure["message"]
+        assert f"rank {victim}: {exc}:" in result["message"]
+        if step.startswith("planner."):
+            assert failure["frames"][-1] == "_maybe_fail"  # the traceback ends where it was raised
+        elif mode == "raise":
+            assert failure["frames"][-1] == "_inject"
+            assert f"injected fault in {step}" in failure["message"]
+        else:
+            assert f"injected failed future from {step}" in failure["message"]
+            assert "protocol.py" in failure["files"]
+
+
+@pytest.mark.parametrize("coordinator", [0, 2], ids=["coordinator-0", "coordinator-2"])
+@pytest.mark.parametrize("on_coordinator", [True, False], ids=["fault-on-coordinator", "fault-on-other-rank"])
+@pytest.mark.parametrize(("op", "step", "mode", "exc"), CASES)
+def test_failure_reaches_every_rank(
+    pools: Any,
+    tmp_path: Path,
+    op: str,
+    step: str,
+    mode: str,
+    exc: str,
+    coordinator: int,
+    on_coordinator: bool,
+) -> None:
+    victim = coordinator if on_coordinator else 1
+    path = tmp_path / "ckpt"
+    results = pools(3).run(fault_case, str(path), op, step, mode, exc, [victim], coordinator)
+    if not on_coordinator and step in COORDINATOR_ONLY:
+        assert results == [{"ok": True}] * 3  # the step never runs on rank 1
+        assert (path / "manifest.json").exists()
+        return
+    for result in results:
+        _check_failure(result, step, mode, exc, {victim})
+    assert len({r["message"] for r in results}) == 1
+    assert (path / "manifest.json").exists() == (op == "load")  # a failed save commits nothing
+
+
+@pytest.mark.parametrize(("op", "step", "mode", "exc"), CASES)
+def test_failure_in_a_single_process(tmp_path: Path, op: str, step: str, mode: str, exc: str) -> None:
+    path = tmp_path / "ckpt"
+    result = fault_case(0, 1, str(path), op, step, mode, exc, [0], 0, no_dist=True)
+    _check_failure(result, step, mode, exc, {0})
+    assert (path / "manifest.json").exists() == (op == "load")
+
+
+def test_failures_on_several_ranks_are_all_reported(pools: Any, tmp_path: Path) -> None:
+    results = pools(3).run(
+        fault_case, str(tmp_path / "ckpt"), "save", "write_data", "raise", "OSError", [0, 1], 2
+    )
+    for result in results:
+        _check_failure(result, "write_data", "raise", "OSError", {0, 1})
+    assert not os.path.exists(tmp_path / "ckpt" / "manifest.json")
+
+
+def test_torchstow_errors_keep_their_class_across_ranks(pools: Any, tmp_path: Path) -> None:
+    """A load that fails with CheckpointNotFoundError on the coordinator raises a
+    CheckpointException that is also a CheckpointNotFoundError on every rank."""
+    results = pools(3).run(
+        fault_case,
+        str(tmp_path / "ckpt"),
+        "load",
+        "read_metadata",
+        "raise",
+        "CheckpointNotFoundError",
+        [1],
+        1,
+    )
+    for result in results:
+        assert result["class"] == "CheckpointException[CheckpointNotFoundError]"
+        assert result["failures"][1]["type"] == "CheckpointNotFoundError"
+
+
+def test_unpicklable_exception_travels_as_a_stand_in(pools: Any, tmp_path: Path) -> None:
+    results = pools(3).run(unpicklable_failure, str(tmp_path / "ckpt"))
+    for rank, result in enumerate(results):
+        assert set(result["failures"]) == {1}
+        failure = result["failures"][1]
+        if rank == 1:
+            assert result["is_original"]  # the failing rank keeps its own exception object
+        else:
+            assert result["remote"]
+            assert failure["type"] == "RemoteError"
+            assert failure["message"] == (
+                "dist_scenarios.unpicklable_failure.<locals>.LocalError: a local exception class on rank 1"
+            )
+            assert 'raise LocalError("a local exception class on rank 1")' in result["remote_traceback"]
+        assert failure["frames"][-1] == "create_local_plan"
+    assert not (tmp_path / "ckpt" / "manifest.json").exists()

@@ -1,0 +1,62 @@
+"""A rank that is killed, exits or stalls mid-save or mid-load makes the other
+ranks fail with CheckpointTimeoutError within the timeout, never hang; nothing
+is committed. Each case runs in its own group of processes (it breaks it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dist_pool import WorkerPool
+from dist_scenarios import timed_fault
+
+import torchstow
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("op", "step", "mode", "victim", "coordinator", "timeout"),
+    [
+        ("save", "write_data", "kill", 2, 0, 30.0),  # SIGKILL on a non-coordinator
+        ("save", "write_data", "exit", 1, 1, 30.0),  # the coordinator itself exits
+        ("save", "prepare_local_plan", "hang", 2, 0, 3.0),  # a stalled rank: only the timeout can tell
+        ("load", "read_data", "kill", 0, 0, 30.0),  # the coordinator killed while reading
+    ],
+    ids=["save-kill-rank2", "save-exit-coordinator1", "save-hang-rank2", "load-kill-coordinator0"],
+)
+def test_lost_rank_fails_the_others_within_the_timeout(
+    tmp_path: Path, op: str, step: str, mode: str, victim: int, coordinator: int, timeout: float
+) -> None:
+    path = tmp_path / "ckpt"
+    if op == "load":
+        torchstow.save({"shared": torch.arange(64.0), "meta": {"epoch": 1}}, path)
+    outcomes = WorkerPool.run_once(
+        3,
+        timed_fault,
+        str(path),
+        op,
+        step,
+        mode,
+        victim,
+        coordinator,
+        timeout,
+        timeout=timeout + 30,
+        settle=3,
+    )
+    for rank, outcome in enumerate(outcomes):
+        if rank == victim:
+            expected = {"kill": ("dead", -9), "exit": ("dead", 7), "hang": ("silent", None)}[mode]
+            assert (outcome.status, outcome.exitcode) == expected
+            continue
+        assert outcome.status == "ok", outcome
+        result = outcome.value
+        assert result["class"] == "CheckpointTimeoutError"
+        assert result["failures"] == {}
+        assert (
+            f"rank {rank} lost contact with its group of 3 ranks (coordinator {coordinator})"
+            in result["message"]
+        )
+        assert f"timeout of {timeout:g}s" in result["message"]
+        assert result["elapsed"] < timeout + 10  # failed by the timeout, not after it
+    assert (path / "manifest.json").exists() == (op == "load")
