@@ -6,6 +6,31 @@ from typing import Any
 
 import torch
 
+# Every dtype whose tensors are plain bytes (quantized and sub-byte dtypes are not).
+ALL_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+    torch.complex32,
+    torch.complex64,
+    torch.complex128,
+]
+
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """A tensor's raw bytes, so NaN, -0.0 and every dtype compare bit for bit."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from state_helpers import ALL_DTYPES
 from torchstow import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core import staging as staging_module
 from torchstow.core.shm import SHM_DIR, SegmentMapper, SharedMemoryArena
@@ -203,33 +204,10 @@ def test_cache_entries_go_with_their_source() -> None:
     assert stager.cache_stats() == (1, 32)
 
 
-DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint16,
-    torch.uint32,
-    torch.uint64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.complex64,
-    torch.complex128,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.float8_e4m3fnuz,
-    torch.float8_e5m2fnuz,
-]
-
-
 def test_every_dtype_and_empty_and_scalar_tensors() -> None:
     gen = torch.Generator().manual_seed(0)
     sd: dict[str, Any] = {}
-    for dtype in DTYPES:
+    for dtype in ALL_DTYPES:
         raw = torch.randint(0, 256, (6 * dtype.itemsize,), dtype=torch.uint8, generator=gen)
         sd[str(dtype)] = raw.view(dtype)
         sd[f"{dtype}-empty"] = torch.empty(0, 3, dtype=dtype)

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from torchstow.core.barriers import Barrier
+from torchstow.core.dtensors import is_dtensor, local_view
 from torchstow.core.errors import CheckpointNotFoundError, StateDictMismatchError
 from torchstow.core.flatten import build_nested, flatten_state_dict, leaf_paths, set_leaf
 from torchstow.core.metadata import Metadata, TensorStorageMetadata
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.protocol import load_state_dict, save_state_dict
 from torchstow.core.storage import StorageWriter, WriteResult
-from torchstow.core.tree import is_dtensor, local_view
 from torchstow.core.uri_storage import open_reader, open_writer
 
 __all__ = [

@@ -14,7 +14,6 @@ import abc
 import functools
 import io
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from torchstow.core import chunks as chunk_math
+from torchstow.core.dtensors import is_dtensor
 from torchstow.core.errors import StateDictMismatchError
 from torchstow.core.flatten import flatten_state_dict, set_leaf
 from torchstow.core.metadata import (
@@ -214,28 +214,13 @@ class LoadPlanner(abc.ABC):
         """Called once ``tensor`` (from :meth:`resolve_tensor`) holds the data."""
 
 
-def _dtensor_type() -> type | None:
-    """DTensor's class if torch.distributed.tensor is loaded (no DTensor can exist otherwise).
-
-    Looking it up this way keeps the import cost of torch.distributed.tensor
-    off the path of state dicts without DTensors.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
-
-
-def _is_dtensor(value: Any) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(value, dtensor)
-
-
 def local_chunks(value: torch.Tensor, fqn: str = "") -> list[tuple[ChunkStorageMetadata, torch.Tensor]]:
     """The chunks of the global tensor this rank holds, with their local data.
 
     A plain tensor is one whole chunk. A DTensor is its local shard, placed
     where the mesh and placements put it; a rank outside its mesh holds none.
     """
-    if _is_dtensor(value):
+    if is_dtensor(value):
         return _dtensor_chunks(value, fqn)
     return [(ChunkStorageMetadata(torch.Size((0,) * value.dim()), value.shape), value)]
 

@@ -15,43 +15,27 @@ own. Tensor bytes are never pickled, and shared storages travel once.
 
 from __future__ import annotations
 
-import itertools
 import os
 import pickle
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 
 from torchstow.core.collective import SingleProcess
+from torchstow.core.dtensors import local_view
 from torchstow.core.gloo_groups import private_gloo_group
 from torchstow.core.planning import DefaultSavePlanner
 from torchstow.core.protocol import save_state_dict
 from torchstow.core.staging import StateDictStager
-from torchstow.core.tensor_pickle import dumps_with_tensors, loads_with_tensors
-from torchstow.core.tree import dtensor_type, local_view
+from torchstow.core.tensor_pickle import dumps_tensor_views, loads_tensor_views
 from torchstow.core.uri_storage import open_writer
 
 __all__ = ["ReplicationStager"]
 
 _SMALL = 1 << 20  # storages below this travel packed together
-
-
-@dataclass(frozen=True)
-class _TensorRef:
-    """A tensor of the exchanged state dict: which storage, and how to view it."""
-
-    tensor: int  # which tensor of the state dict (the same tensor may appear twice)
-    storage: int
-    dtype: torch.dtype
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-    requires_grad: bool
-    spec: Any = None  # a DTensor's spec; None for a plain tensor
 
 
 def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -210,53 +194,20 @@ class ReplicationStager:
         """The header for ``staged`` and its distinct storages, in order."""
         storages: list[torch.UntypedStorage] = []
         index: dict[int, int] = {}
-        counter = itertools.count()
-        dtensor = dtensor_type()
 
-        def ref(tensor: torch.Tensor) -> _TensorRef:
-            spec = None
-            if dtensor is not None and isinstance(tensor, dtensor):
-                spec = tensor._spec  # type: ignore[attr-defined]
-                local = tensor._local_tensor  # type: ignore[attr-defined]
-            else:
-                local = tensor
+        def storage_key(local: torch.Tensor) -> int:
             storage = local.untyped_storage()
             if id(storage) not in index:
                 index[id(storage)] = len(storages)
                 storages.append(storage)
-            return _TensorRef(
-                next(counter),
-                index[id(storage)],
-                local.dtype,
-                tuple(local.size()),
-                tuple(local.stride()),
-                local.storage_offset(),
-                tensor.requires_grad,
-                spec,
-            )
+            return index[id(storage)]
 
-        body = dumps_with_tensors(staged, ref)
+        body = dumps_tensor_views(staged, storage_key, keep_dtensors=True)
         return pickle.dumps((body, [s.nbytes() for s in storages])), storages
 
     @staticmethod
     def _rebuild(body: bytes, storages: list[torch.UntypedStorage]) -> Any:
-        built: dict[int, torch.Tensor] = {}
-
-        def tensor(ref: _TensorRef) -> torch.Tensor:
-            value = built.get(ref.tensor)
-            if value is None:
-                storage = storages[ref.storage]
-                value = torch.empty(0, dtype=ref.dtype).set_(storage, ref.offset, ref.size, ref.stride)
-                if ref.spec is not None:
-                    dtensor = dtensor_type()
-                    assert dtensor is not None  # the spec's unpickling imported it
-                    value = dtensor(value, ref.spec, requires_grad=ref.requires_grad)
-                elif ref.requires_grad:
-                    value.requires_grad_(True)
-                built[ref.tensor] = value
-            return value
-
-        return loads_with_tensors(body, tensor)
+        return loads_tensor_views(body, storages.__getitem__)
 
     def _persist(self, received: Any) -> None:
         save_state_dict(

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from torchstow.core.dtensors import dtensor_type
 from torchstow.core.shm import SharedMemoryArena
-from torchstow.core.tree import dtensor_type
 
 __all__ = [
     "CheckpointStagerConfig",

@@ -1,23 +1,47 @@
 """Pickling a state dict's structure while its tensors travel some other way.
 
 Containers and non-tensor leaves are pickled as usual; every tensor met on the
-way is handed to a callback that returns a small, picklable reference (where
-the bytes are: a shared-memory segment, the n-th message of an exchange), and
-on the other side a second callback turns each reference back into a tensor.
-Tensor bytes are never pickled. Classes are pickled by reference, as pickle
-always does, so containers must be importable where the data is loaded.
+way becomes a :class:`TensorView`: which storage it views (a key the caller
+chooses: a shared-memory segment, the n-th storage of an exchange) and how
+(dtype, size, stride, offset). On the other side each view is rebuilt over
+the storage the caller maps its key to, so tensors that shared a storage
+share one again. Tensor bytes are never pickled. Classes are pickled by
+reference, as pickle always does, so containers must be importable where the
+data is loaded.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["dumps_with_tensors", "loads_with_tensors"]
+from torchstow.core.dtensors import dtensor_type
+
+__all__ = ["TensorView", "dumps_tensor_views", "loads_tensor_views"]
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """A tensor of the pickled state dict: which storage it views, and how.
+
+    ``tensor`` numbers the distinct tensors (one that appears twice is one
+    view); ``spec`` is a DTensor's spec when DTensors are kept, else None.
+    """
+
+    tensor: int
+    storage: Any
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    requires_grad: bool
+    spec: Any = None
 
 
 class _Pickler(pickle.Pickler):
@@ -46,17 +70,57 @@ class _Unpickler(pickle.Unpickler):
         return self._on_ref(pid)
 
 
-def dumps_with_tensors(obj: Any, on_tensor: Callable[[torch.Tensor], Any]) -> bytes:
-    """Pickle ``obj``, replacing each distinct tensor by ``on_tensor(tensor)``."""
+def dumps_tensor_views(
+    obj: Any, storage_key: Callable[[torch.Tensor], Any], *, keep_dtensors: bool = False
+) -> bytes:
+    """Pickle ``obj`` with each distinct tensor as a :class:`TensorView`.
+
+    ``storage_key(tensor)`` names the storage the view refers to (it may
+    raise to refuse a tensor). A DTensor becomes a view of its local shard,
+    and with ``keep_dtensors`` it keeps its spec, to come back as a DTensor.
+    """
+    counter = itertools.count()
+    dtensor = dtensor_type()
+
+    def view(tensor: torch.Tensor) -> TensorView:
+        requires_grad = tensor.requires_grad
+        spec = None
+        if dtensor is not None and isinstance(tensor, dtensor):
+            spec = tensor._spec if keep_dtensors else None  # type: ignore[attr-defined]
+            tensor = tensor._local_tensor  # type: ignore[attr-defined]
+        return TensorView(
+            next(counter),
+            storage_key(tensor),
+            tensor.dtype,
+            tuple(tensor.size()),
+            tuple(tensor.stride()),
+            int(tensor.storage_offset()),
+            requires_grad,
+            spec,
+        )
+
     buffer = io.BytesIO()
-    _Pickler(buffer, on_tensor).dump(obj)
+    _Pickler(buffer, view).dump(obj)
     return buffer.getvalue()
 
 
-def loads_with_tensors(data: bytes, on_ref: Callable[[Any], torch.Tensor]) -> Any:
-    """Unpickle what :func:`dumps_with_tensors` wrote, rebuilding tensors with ``on_ref``.
+def loads_tensor_views(data: bytes, storage: Callable[[Any], torch.UntypedStorage]) -> Any:
+    """Unpickle what :func:`dumps_tensor_views` wrote, each view over ``storage(key)``."""
+    built: dict[int, torch.Tensor] = {}
 
-    ``on_ref`` is called once per occurrence; it should return the same tensor
-    for equal references if the caller wants aliasing kept.
-    """
-    return _Unpickler(io.BytesIO(data), on_ref).load()
+    def tensor(ref: TensorView) -> torch.Tensor:
+        value = built.get(ref.tensor)
+        if value is None:
+            value = torch.empty(0, dtype=ref.dtype).set_(
+                storage(ref.storage), ref.offset, ref.size, ref.stride
+            )
+            if ref.spec is not None:
+                dtensor = dtensor_type()
+                assert dtensor is not None  # unpickling the spec imported it
+                value = dtensor(value, ref.spec, requires_grad=ref.requires_grad)
+            elif ref.requires_grad:
+                value.requires_grad_(True)
+            built[ref.tensor] = value
+        return value
+
+    return _Unpickler(io.BytesIO(data), tensor).load()

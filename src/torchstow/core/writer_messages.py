@@ -2,14 +2,13 @@
 
 Requests go trainer -> writer, one response comes back per request, in
 order. A write request carries the state dict's structure pickled with its
-tensors replaced by :class:`SharedTensor` references into shared-memory
+tensors replaced by :class:`~torchstow.core.tensor_pickle.TensorView` s of shared-memory
 segments (:mod:`torchstow.core.shm`): the tensor bytes stay where staging
 put them.
 """
 
 from __future__ import annotations
 
-import itertools
 import pickle
 import traceback
 from dataclasses import dataclass, field
@@ -19,8 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from torchstow.core.shm import SegmentMapper, SharedMemoryArena, ShmRef
-from torchstow.core.tensor_pickle import dumps_with_tensors, loads_with_tensors
-from torchstow.core.tree import is_dtensor
+from torchstow.core.tensor_pickle import dumps_tensor_views, loads_tensor_views
 
 __all__ = [
     "PingRequest",
@@ -28,7 +26,6 @@ __all__ = [
     "Request",
     "RequestKind",
     "Response",
-    "SharedTensor",
     "TerminateRequest",
     "WriteRequest",
     "pack_state_dict",
@@ -45,19 +42,6 @@ class RequestKind(Enum):
 
 
 @dataclass(frozen=True)
-class SharedTensor:
-    """A tensor in shared memory: its storage and how to view it."""
-
-    tensor: int  # which tensor of the state dict (the same one may appear twice)
-    storage: ShmRef
-    dtype: torch.dtype
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-    requires_grad: bool
-
-
-@dataclass(frozen=True)
 class PingRequest:
     """Answered as soon as the writer is ready."""
 
@@ -67,7 +51,7 @@ class PingRequest:
 
 @dataclass(frozen=True)
 class WriteRequest:
-    """Write ``state_dict`` (pickled, tensors as :class:`SharedTensor`) under ``path``.
+    """Write ``state_dict`` (pickled, tensors as views of shared memory) under ``path``.
 
     ``released_segments`` are segments the trainer has freed since the last
     request: the writer unmaps them.
@@ -136,17 +120,13 @@ class Response:
 
 
 def pack_state_dict(state_dict: Any, arena: SharedMemoryArena | None) -> bytes:
-    """``state_dict`` pickled with each tensor as a :class:`SharedTensor` in ``arena``.
+    """``state_dict`` pickled with each tensor as a view of its segment in ``arena``.
 
     DTensors travel as their local shard. A tensor outside the arena raises
     ValueError: stage with shared memory first.
     """
-    counter = itertools.count()
 
-    def reference(tensor: torch.Tensor) -> SharedTensor:
-        requires_grad = tensor.requires_grad
-        if is_dtensor(tensor):
-            tensor = tensor._local_tensor  # type: ignore[attr-defined]
+    def segment(tensor: torch.Tensor) -> ShmRef:
         where = arena.locate(tensor.untyped_storage()) if arena is not None else None
         if where is None or tensor.layout != torch.strided:
             raise ValueError(
@@ -154,34 +134,19 @@ def pack_state_dict(state_dict: Any, arena: SharedMemoryArena | None) -> bytes:
                 "in the stager's shared memory; the writer process reads staged tensors from shared "
                 "memory only (stage with use_shared_memory=True)"
             )
-        return SharedTensor(
-            next(counter),
-            where,
-            tensor.dtype,
-            tuple(tensor.size()),
-            tuple(tensor.stride()),
-            int(tensor.storage_offset()),
-            requires_grad,
-        )
+        return where
 
-    return dumps_with_tensors(state_dict, reference)
+    return dumps_tensor_views(state_dict, segment)
 
 
 def unpack_state_dict(data: bytes, segments: SegmentMapper) -> Any:
     """The state dict :func:`pack_state_dict` packed, its tensors viewing the shared segments."""
     storages: dict[ShmRef, torch.UntypedStorage] = {}
-    tensors: dict[int, torch.Tensor] = {}
 
-    def tensor(ref: SharedTensor) -> torch.Tensor:
-        value = tensors.get(ref.tensor)
-        if value is None:
-            storage = storages.get(ref.storage)
-            if storage is None:
-                storage = storages[ref.storage] = segments.storage(ref.storage)
-            value = torch.empty(0, dtype=ref.dtype).set_(storage, ref.offset, ref.size, ref.stride)
-            if ref.requires_grad:
-                value.requires_grad_(True)
-            tensors[ref.tensor] = value
-        return value
+    def storage(ref: ShmRef) -> torch.UntypedStorage:
+        found = storages.get(ref)
+        if found is None:
+            found = storages[ref] = segments.storage(ref)
+        return found
 
-    return loads_with_tensors(data, tensor)
+    return loads_tensor_views(data, storage)

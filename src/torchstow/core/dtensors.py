@@ -1,4 +1,8 @@
-"""Small walks over nested state dicts: DTensor detection and local views.
+"""DTensors without importing them: detection, and local views of state dicts.
+
+torch.distributed.tensor is only looked up where it is already loaded (no
+DTensor can exist otherwise), which keeps its import cost off the path of
+state dicts without DTensors.
 
 A per-rank copy of a state dict (one rank's checkpoint, a replica sent to a
 partner) holds each DTensor's local shard only; :func:`local_view` gives that
