@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchstow
-from torchstow import CheckpointException, IncompleteCheckpointError, StorageIOError
+from torchstow import CheckpointException, CheckpointNotFoundError, StorageIOError
 
 from s3_faults import Fault, FaultProxy, Logged
 from storage_helpers import free_port, s3_options, unique
@@ -116,7 +116,7 @@ def test_permanent_error_fails_at_once_and_commits_nothing(proxy: FaultProxy, s3
     assert not cause.transient
     assert cause.attempts == 1
     assert len(proxy.requests("PUT", r"/manifest\.json")) == 1
-    with pytest.raises(IncompleteCheckpointError):
+    with pytest.raises(CheckpointNotFoundError):  # the failed save removed its data objects too
         torchstow.info(uri, storage_options=opts)
 
 

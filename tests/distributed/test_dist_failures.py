@@ -87,6 +87,8 @@ def test_failure_reaches_every_rank(
         _check_failure(result, step, mode, exc, {victim})
     assert len({r["message"] for r in results}) == 1
     assert (path / "manifest.json").exists() == (op == "load")  # a failed save commits nothing
+    if op == "save":  # ... and every rank removed the data it wrote
+        assert not [f.name for f in path.glob("*.bin")]
 
 
 @pytest.mark.parametrize(("op", "step", "mode", "exc"), CASES)
@@ -95,6 +97,8 @@ def test_failure_in_a_single_process(tmp_path: Path, op: str, step: str, mode: s
     result = fault_case(0, 1, str(path), op, step, mode, exc, [0], 0, no_dist=True)
     _check_failure(result, step, mode, exc, {0})
     assert (path / "manifest.json").exists() == (op == "load")
+    if op == "save":
+        assert not [f.name for f in path.glob("*.bin")]
 
 
 def test_failures_on_several_ranks_are_all_reported(pools: Any, tmp_path: Path) -> None:

@@ -230,6 +230,9 @@ class FaultyWriter(_Wrapper, StorageWriter):
         self.faults.step("finish")
         self.inner.finish(metadata, results)
 
+    def abort(self) -> None:
+        self.inner.abort()
+
 
 class FaultyReader(_Wrapper, StorageReader):
     """A reader that injects its fault, then defers to the inner reader."""

@@ -62,6 +62,11 @@ class CapturedFailure:
         """The ``(exception, stack)`` pair of :attr:`CheckpointException.failures`."""
         return self.exc, self.stack
 
+    def describe(self) -> str:
+        """``Type: message`` and the stack where it was raised, for messages and notes."""
+        name, message, _ = _describe(self.exc)
+        return f"{name}: {message}\n" + "".join(self.stack.format())
+
     def __reduce__(self) -> tuple[Any, ...]:
         frames = [(f.filename, f.lineno, f.name, f.line) for f in self.stack]
         return (_rebuild, (_picklable_copy(self.exc), _describe(self.exc), frames))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import time
 import uuid
@@ -55,6 +56,8 @@ __all__ = [
     "is_data_file",
     "read_manifest",
 ]
+
+logger = logging.getLogger("torchstow")
 
 MANIFEST = "manifest.json"
 BLOCK_SIZE = 4 << 20
@@ -160,6 +163,7 @@ class LayoutWriter(StorageWriter):
         self.store = store
         self.overwrite = overwrite
         self.thread_count = thread_count or default_thread_count()
+        self._written: list[str] = []
         self._open_store = open_store
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -188,6 +192,7 @@ class LayoutWriter(StorageWriter):
         sizes = [item.tensor_storage_size() or 0 for item in plan.items]
         bins = _split(plan.items, sizes, self.thread_count)
         names = [f"{prefix}-{n}.bin" for n in range(len(bins))]
+        self._written = list(names)
         self.store.ensure_capacity(sum(s + (LARGE_ALIGN if s >= LARGE_ITEM else SMALL_ALIGN) for s in sizes))
         try:
             if len(bins) <= 1:
@@ -226,8 +231,20 @@ class LayoutWriter(StorageWriter):
         metadata.committed_at = time.time()
         manifest = encode_metadata(metadata)
         self.store.publish(MANIFEST, manifest)
+        # Committed. Removing the replaced checkpoint's files is housekeeping:
+        # a failure here must not report a committed save as failed.
         live = {info.relative_path for info in locations.values()}
-        self.store.delete_files([f for f in self.store.list_files() if is_data_file(f) and f not in live])
+        try:
+            self.store.delete_files([f for f in self.store.list_files() if is_data_file(f) and f not in live])
+        except Exception:
+            location = self.store.location
+            logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
+
+    def abort(self) -> None:
+        """Remove the data files this rank wrote for the failed save."""
+        if self._written:
+            self.store.delete_files(self._written)
+            self._written = []
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:

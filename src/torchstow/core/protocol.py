@@ -9,6 +9,7 @@ the coordinator, and if any rank failed, every rank raises the same
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ from torchstow.core.planning import (
 from torchstow.core.storage import StorageReader, StorageWriter, WriteResult, wait_future
 
 __all__ = ["load_state_dict", "save_state_dict"]
+
+logger = logging.getLogger("torchstow")
 
 
 class _Failed:
@@ -242,7 +245,19 @@ def save_state_dict(
         storage_writer.finish(metadata, all_results)
         return metadata
 
-    return all_reduce(coll, "save write", write, commit)
+    try:
+        return all_reduce(coll, "save write", write, commit)
+    except CheckpointException:
+        _abort(storage_writer)
+        raise
+
+
+def _abort(storage_writer: StorageWriter) -> None:
+    """Let the writer remove this rank's data of a failed save; never mask the failure."""
+    try:
+        storage_writer.abort()
+    except Exception:
+        logger.warning("cleaning up after a failed save failed too", exc_info=True)
 
 
 @gc_paused()

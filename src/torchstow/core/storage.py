@@ -69,6 +69,15 @@ class StorageWriter(abc.ABC):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """On the coordinator: commit the checkpoint (write the manifest last)."""
 
+    def abort(self) -> None:
+        """Called on every rank when the save failed after ``write_data`` may have
+        run (here or on another rank): remove what this rank wrote, best effort.
+
+        Not part of DCP's protocol; the default does nothing, so a writer that
+        leaves debris is still correct (nothing without a manifest is a checkpoint).
+        """
+        return None
+
     @classmethod
     @abc.abstractmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:

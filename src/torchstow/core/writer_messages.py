@@ -9,20 +9,18 @@ put them.
 
 from __future__ import annotations
 
-import pickle
-import traceback
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
 import torch
 
+from torchstow.core.failures import CapturedFailure
 from torchstow.core.shm import SegmentMapper, SharedMemoryArena, ShmRef
 from torchstow.core.tensor_pickle import dumps_tensor_views, loads_tensor_views
 
 __all__ = [
     "PingRequest",
-    "RemoteError",
     "Request",
     "RequestKind",
     "Response",
@@ -77,45 +75,13 @@ Request = PingRequest | WriteRequest | TerminateRequest
 
 
 @dataclass(frozen=True)
-class RemoteError:
-    """An exception raised in the writer process, fit to travel back."""
-
-    type_name: str
-    message: str
-    traceback: str
-    exception: bytes | None = None  # the pickled exception, when it pickles
-
-    @classmethod
-    def capture(cls, exc: BaseException) -> RemoteError:
-        """Describe ``exc`` (and keep it whole when it can be pickled)."""
-        payload: bytes | None
-        try:
-            payload = pickle.dumps(exc)
-            pickle.loads(payload)
-        except Exception:
-            payload = None
-        text = "".join(traceback.format_exception(exc))
-        return cls(type(exc).__qualname__, str(exc), text, payload)
-
-    def to_exception(self, fallback: type[Exception], context: str) -> BaseException:
-        """The original exception (with the writer's traceback as a note), or
-        ``fallback`` carrying its type, message and traceback."""
-        if self.exception is not None:
-            exc: BaseException = pickle.loads(self.exception)
-            if hasattr(exc, "add_note"):  # Python 3.11+
-                exc.add_note(f"{context}; traceback in the writer process:\n{self.traceback}")
-            return exc
-        return fallback(f"{context}: {self.type_name}: {self.message}\n{self.traceback}")
-
-
-@dataclass(frozen=True)
 class Response:
     """The answer to request ``request_id``: ``ok``, or the ``error`` it raised."""
 
     kind: RequestKind
     request_id: int
     ok: bool
-    error: RemoteError | None = None
+    error: CapturedFailure | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 

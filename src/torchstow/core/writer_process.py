@@ -35,10 +35,10 @@ from typing import Any
 from torchstow.core.barriers import BarrierConfig, create_barrier_from_config
 from torchstow.core.checkpoint_io import CheckpointWriter, CheckpointWriterConfig, RankInfo, WriterHook
 from torchstow.core.errors import TorchstowError
+from torchstow.core.failures import CapturedFailure
 from torchstow.core.shm import SegmentMapper, SharedMemoryArena
 from torchstow.core.writer_messages import (
     PingRequest,
-    RemoteError,
     Request,
     RequestKind,
     Response,
@@ -103,13 +103,13 @@ def _writer_main(
     """The child's whole life: start, answer requests, exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     writer: CheckpointWriter | None = None
-    startup_error: RemoteError | None = None
+    startup_error: CapturedFailure | None = None
     try:
         if init_fn is not None:
             init_fn(*init_args)
         writer = writer_factory(rank_info)
     except BaseException as exc:
-        startup_error = RemoteError.capture(exc)
+        startup_error = CapturedFailure(exc)
     segments = SegmentMapper()
     try:
         while True:
@@ -139,7 +139,7 @@ def _write(writer: CheckpointWriter, segments: SegmentMapper, request: WriteRequ
         state_dict = unpack_state_dict(request.state_dict, segments)
         writer.write(request.path, state_dict, **request.kwargs)
     except Exception as exc:
-        return Response(RequestKind.WRITE, request.request_id, False, RemoteError.capture(exc))
+        return Response(RequestKind.WRITE, request.request_id, False, CapturedFailure(exc))
     return Response(RequestKind.WRITE, request.request_id, True)
 
 
@@ -224,8 +224,7 @@ class CheckpointProcess:
                 "CheckpointProcessConfig.subprocess_init_timeout_secs"
             ) from None
         if not response.ok:
-            error = response.error
-            detail = f"{error.type_name}: {error.message}\n{error.traceback}" if error else "no reason given"
+            detail = response.error.describe() if response.error else "no reason given"
             raise WriterProcessError(f"{self._describe()} failed to start: {detail}")
         logger.debug("%s started", self._describe())
 
@@ -302,9 +301,10 @@ class CheckpointProcess:
         response = self._ask(request, f"writing {path}")
         if not response.ok:
             assert response.error is not None
-            raise response.error.to_exception(
-                WriterProcessError, f"writing {path} failed in {self._describe()}"
-            )
+            exc = response.error.exc  # the original, or a RemoteError where it did not pickle
+            exc.add_note(f"writing {path} failed in {self._describe()}; in the writer process:")
+            exc.add_note(response.error.describe())
+            raise exc
 
     def _kill(self) -> None:
         if self._process.is_alive():
