@@ -25,7 +25,7 @@ from torchstow.core import errors
 from torchstow.core.backend import Backend, StoreBackend
 from torchstow.core.metadata import Metadata
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
-from torchstow.core.storage import StorageReader, StorageWriter, WriteResult
+from torchstow.core.storage import ForwardingStorageWriter, StorageReader, StorageWriter, WriteResult
 from torchstow.core.store import Buffer, ByteStore, FileSink
 
 __all__ = [
@@ -186,11 +186,10 @@ class _Faults:
 
 
 class _Wrapper:
-    """What the faulty writer and reader share: the inner object, the fault, ``reset``."""
+    """What the faulty writer and reader share: the fault, ``reset`` (``inner`` is set by them)."""
 
-    def __init__(self, inner: Any, spec: FaultSpec, where: str = "") -> None:
-        self.inner = inner
-        self.faults = _Faults(spec, where)
+    inner: Any
+    faults: _Faults
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Reset the inner object; a ``faulty+`` id also replaces the fault."""
@@ -205,10 +204,12 @@ class _Wrapper:
         return str(checkpoint_id).startswith(PREFIX)
 
 
-class FaultyWriter(_Wrapper, StorageWriter):
+class FaultyWriter(_Wrapper, ForwardingStorageWriter):
     """A writer that injects its fault, then defers to the inner writer."""
 
-    inner: StorageWriter
+    def __init__(self, inner: StorageWriter, spec: FaultSpec, where: str = "") -> None:
+        ForwardingStorageWriter.__init__(self, inner)
+        self.faults = _Faults(spec, where)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.faults.step("set_up_storage_writer")
@@ -230,14 +231,13 @@ class FaultyWriter(_Wrapper, StorageWriter):
         self.faults.step("finish")
         self.inner.finish(metadata, results)
 
-    def abort(self) -> None:
-        self.inner.abort()
-
 
 class FaultyReader(_Wrapper, StorageReader):
     """A reader that injects its fault, then defers to the inner reader."""
 
-    inner: StorageReader
+    def __init__(self, inner: StorageReader, spec: FaultSpec, where: str = "") -> None:
+        self.inner = inner
+        self.faults = _Faults(spec, where)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         self.faults.step("read_metadata")

@@ -26,9 +26,9 @@ from torchstow.core.dtensors import is_dtensor, local_view
 from torchstow.core.errors import CheckpointNotFoundError, StateDictMismatchError
 from torchstow.core.flatten import build_nested, flatten_state_dict, leaf_paths, set_leaf
 from torchstow.core.metadata import Metadata, TensorStorageMetadata
-from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, SavePlan, SavePlanner
+from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner
 from torchstow.core.protocol import load_state_dict, save_state_dict
-from torchstow.core.storage import StorageWriter, WriteResult
+from torchstow.core.storage import ForwardingStorageWriter, StorageWriter, WriteResult
 from torchstow.core.uri_storage import open_reader, open_writer
 
 __all__ = [
@@ -99,35 +99,16 @@ class CheckpointWriterConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-class _HookedWriter(StorageWriter):
+class _HookedWriter(ForwardingStorageWriter):
     """A storage writer that runs a callback just before it commits."""
 
     def __init__(self, inner: StorageWriter, before_commit: Callable[[], None]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.before_commit = before_commit
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        self.inner.reset(checkpoint_id)
-
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
-
-    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return self.inner.prepare_local_plan(plan)
-
-    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return self.inner.prepare_global_plan(plans)
-
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
-        return self.inner.write_data(plan, planner)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         self.before_commit()
         self.inner.finish(metadata, results)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return True
 
 
 class CheckpointWriter:

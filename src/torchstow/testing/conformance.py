@@ -45,7 +45,7 @@ from torchstow.core.metadata import (
     TensorStorageMetadata,
 )
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from torchstow.core.storage import StorageWriter, WriteResult
+from torchstow.core.storage import ForwardingStorageWriter, WriteResult
 from torchstow.core.store import ByteStore
 from torchstow.plugins.manager import default_registry, scheme_of
 
@@ -182,33 +182,15 @@ class RegionLoadPlanner(LoadPlanner):
         pass
 
 
-class _CrashBeforeCommit(StorageWriter):
-    """A writer that writes every byte but dies before publishing the manifest."""
-
-    def __init__(self, inner: StorageWriter) -> None:
-        self.inner = inner
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        self.inner.reset(checkpoint_id)
-
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
-
-    def prepare_local_plan(self, plan: Any) -> Any:
-        return self.inner.prepare_local_plan(plan)
-
-    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
-        return self.inner.prepare_global_plan(plans)
-
-    def write_data(self, plan: Any, planner: Any) -> Any:
-        return self.inner.write_data(plan, planner)
+class _CrashBeforeCommit(ForwardingStorageWriter):
+    """A writer that writes every byte but dies before publishing the manifest
+    (a crashed process cleans nothing up, so neither does this writer)."""
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         raise RuntimeError("simulated crash before the commit")
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return True
+    def abort(self) -> None:
+        pass
 
 
 class BackendConformance:
