@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from dist_pool import WorkerPool
 
 
 @pytest.fixture
 def ckpt(tmp_path: Any) -> str:
     """A path (not yet existing) for one checkpoint."""
     return os.path.join(str(tmp_path), "ckpt")
+
+
+class Pools:
+    """Worker pools by world size, started on first use and restarted if one broke."""
+
+    def __init__(self) -> None:
+        self._pools: dict[int, WorkerPool] = {}
+
+    def __call__(self, world_size: int) -> WorkerPool:
+        pool = self._pools.get(world_size)
+        if pool is None or pool.broken:
+            pool = self._pools[world_size] = WorkerPool(world_size)
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
+@pytest.fixture(scope="session")
+def pools() -> Iterator[Pools]:
+    """``pools(n)``: a group of ``n`` gloo worker processes shared by the whole session."""
+    found = Pools()
+    yield found
+    found.close()

@@ -1,8 +1,8 @@
 """Staging, replication, async saves and checkpointers across real gloo processes.
 
-One group of 2 processes and one of 4 run every scenario below (functions
-named ``scenario_*``, executed on each rank); the tests check each one's
-outcome on every rank.
+Each scenario below (a ``scenario_*`` function) runs on every rank of the
+session's worker pool of 2 or 4 gloo processes (see ``dist_pool``), with a
+fresh directory and a spare port, and must pass on every rank.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections import namedtuple
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import torchstow
-from process_group_runner import Scenario, assert_passed, run_scenarios
+from dist_pool import free_port
 from torchstow import (
     BarrierConfig,
     CheckpointerConfig,
@@ -49,14 +50,20 @@ TWO_RANKS = [
 FOUR_RANKS = ["scenario_replication", "scenario_replication_needs_even_group"]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, str | None]]:
-    return run_scenarios(__name__, TWO_RANKS, 2, str(tmp_path_factory.mktemp("two")))
+@dataclass
+class Scenario:
+    """What a scenario function receives on each rank."""
+
+    rank: int
+    world_size: int
+    root: str  # a directory shared by the ranks, fresh for this scenario
+    spare_port: int  # a free port the scenario may use (the same on every rank)
 
 
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, str | None]]:
-    return run_scenarios(__name__, FOUR_RANKS, 4, str(tmp_path_factory.mktemp("four")), timeout=180)
+def run_scenario(rank: int, world_size: int, name: str, root: str, spare_port: int) -> None:
+    """Run ``scenario_<name>`` on this rank, then wait for the others."""
+    globals()[name](Scenario(rank, world_size, root, spare_port))
+    dist.barrier()
 
 
 # --- helpers used inside the processes ---------------------------------------------------
@@ -296,11 +303,11 @@ def scenario_async_checkpointer_across_ranks(s: Scenario) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TWO_RANKS)
-def test_two_ranks(two_ranks: dict[str, dict[int, str | None]], name: str) -> None:
-    assert_passed(two_ranks, name)
+def test_two_ranks(pools: Any, tmp_path: Any, name: str) -> None:
+    pools(2).run(run_scenario, name, str(tmp_path), free_port())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FOUR_RANKS)
-def test_four_ranks(four_ranks: dict[str, dict[int, str | None]], name: str) -> None:
-    assert_passed(four_ranks, name)
+def test_four_ranks(pools: Any, tmp_path: Any, name: str) -> None:
+    pools(4).run(run_scenario, name, str(tmp_path), free_port(), timeout=180)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from typing import Any
 
+from dist_pool import free_port
+
+__all__ = ["S3_CREDENTIALS", "free_port", "s3_options", "unique"]
+
 S3_CREDENTIALS = {"key": "testing", "secret": "testing"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:

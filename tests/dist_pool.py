@@ -26,11 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torchstow", "dist_scenarios"]
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torchstow"]
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -97,13 +98,14 @@ class WorkerPool:
 
     def __init__(self, world_size: int, backend: str = "gloo") -> None:
         ctx = _context()
-        port = _free_port()
+        port = free_port()
         self.world_size = world_size
         self.conns: list[multiprocessing.connection.Connection] = []
         self.procs: list[Any] = []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(rank, world_size, port, backend, child), daemon=True)
+            # Not daemonic: a scenario may start processes of its own (a writer process).
+            proc = ctx.Process(target=_serve, args=(rank, world_size, port, backend, child))
             proc.start()
             child.close()
             self.conns.append(parent)
