@@ -102,6 +102,20 @@ def _check_user_metadata(metadata: Any) -> dict[str, Any]:
     return dict(metadata)
 
 
+def _save_job(
+    uri: Uri,
+    storage_options: dict[str, Any] | None,
+    planner: SavePlanner | None,
+    metadata: Mapping[str, Any] | None,
+    overwrite: bool,
+    allow_pickle: bool,
+) -> SaveJob:
+    """What a save writes with: the checked user metadata, the writer, the planner."""
+    user_metadata = _check_user_metadata(metadata)
+    writer = storage_writer(uri, overwrite=overwrite, **(storage_options or {}))
+    return SaveJob(writer, planner or DefaultSavePlanner(allow_pickle=allow_pickle), user_metadata)
+
+
 def save(
     state_dict: Mapping[str, Any],
     uri: Uri,
@@ -125,14 +139,13 @@ def save(
     each step (default: the process group's own timeout). Returns the
     committed manifest.
     """
-    user_metadata = _check_user_metadata(metadata)
-    writer = storage_writer(uri, overwrite=overwrite, **(storage_options or {}))
+    job = _save_job(uri, storage_options, planner, metadata, overwrite, allow_pickle)
     return _save_protocol(
         state_dict,
-        writer,
-        planner=planner or DefaultSavePlanner(allow_pickle=allow_pickle),
+        job.writer,
+        planner=job.planner,
         collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
-        user_metadata=user_metadata,
+        user_metadata=job.user_metadata,
     )
 
 
@@ -193,9 +206,7 @@ def async_save(
     text = _uri(uri)
 
     def prepare() -> SaveJob:
-        user_metadata = _check_user_metadata(metadata)
-        writer = storage_writer(text, overwrite=overwrite, **(storage_options or {}))
-        return SaveJob(writer, planner or DefaultSavePlanner(allow_pickle=allow_pickle), user_metadata)
+        return _save_job(text, storage_options, planner, metadata, overwrite, allow_pickle)
 
     saves = pipeline()
     collective = saves.commit_collective(process_group, coordinator_rank, no_dist)
