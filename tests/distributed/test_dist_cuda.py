@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_pool import WorkerPool
 from dist_scenarios import cuda_round_trip, same, values
 
 import torchstow
+from dist_pool import WorkerPool
 
 
 @pytest.mark.cuda

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_pool import WorkerPool
 from dist_scenarios import timed_fault
 
 import torchstow
+from dist_pool import WorkerPool
 
 
 @pytest.mark.slow
