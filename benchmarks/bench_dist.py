@@ -142,8 +142,8 @@ def _plans(ranks: int, tensors: int) -> tuple[list[Any], list[Any]]:
     from torch.distributed.checkpoint import metadata as dmd
     from torch.distributed.checkpoint import planner as dpl
 
-    from torchstow.core import metadata as tmd
     from torchstow.core import planning as tpl
+    from torchstow.format import manifest as tmd
 
     size = torch.Size((8 * ranks, 16))
     ours, theirs = [], []

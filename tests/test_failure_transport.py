@@ -11,8 +11,8 @@ import types
 import pytest
 
 import torchstow
-from torchstow.core.errors import CheckpointException
 from torchstow.core.failures import CapturedFailure, capture, pack, unpack
+from torchstow.errors import CheckpointException
 
 
 def _raise(exc: BaseException) -> None:

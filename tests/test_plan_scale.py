@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchstow.core import chunks as chunk_math
-from torchstow.core.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torchstow.core.planning import (
     DefaultSavePlanner,
     SavePlan,
@@ -16,6 +14,8 @@ from torchstow.core.planning import (
     WriteItemType,
     dedup_save_plans,
 )
+from torchstow.format import chunks as chunk_math
+from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, TensorProperties
 
 RANKS = 4
 TENSORS = 5_000

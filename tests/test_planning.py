@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import torchstow
-from torchstow.core import chunks as chunk_math
-from torchstow.core.errors import CheckpointException
-from torchstow.core.flatten import build_nested, flatten_state_dict, set_leaf
-from torchstow.core.metadata import ChunkStorageMetadata, MetadataIndex, decode_metadata, encode_metadata
 from torchstow.core.planning import DefaultLoadPlanner, LoadItemType, LoadPlan, ReadItem
+from torchstow.errors import CheckpointException
+from torchstow.format import chunks as chunk_math
+from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, decode_metadata, encode_metadata
+from torchstow.format.structure import build_nested, flatten_state_dict, set_leaf
 
 
 def chunk(offsets: list[int], sizes: list[int]) -> ChunkStorageMetadata:

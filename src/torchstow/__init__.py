@@ -39,30 +39,6 @@ from torchstow.core.checkpointer import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
-from torchstow.core.errors import (
-    CheckpointException,
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CheckpointTimeoutError,
-    ChecksumMismatchError,
-    CorruptCheckpointError,
-    FormatVersionError,
-    IncompleteCheckpointError,
-    PickleNotAllowedError,
-    RemoteError,
-    StateDictMismatchError,
-    TorchstowError,
-    UnknownBackendError,
-)
-from torchstow.core.metadata import (
-    BytesStorageMetadata,
-    CheckpointInfo,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
 from torchstow.core.planning import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
@@ -83,6 +59,30 @@ from torchstow.core.writer_process import (
     CheckpointProcessConfig,
     WriterProcessError,
     WriterProcessTimeoutError,
+)
+from torchstow.errors import (
+    CheckpointException,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointTimeoutError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompleteCheckpointError,
+    PickleNotAllowedError,
+    RemoteError,
+    StateDictMismatchError,
+    TorchstowError,
+    UnknownBackendError,
+)
+from torchstow.format.manifest import (
+    BytesStorageMetadata,
+    CheckpointInfo,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
 )
 from torchstow.plugins.hookspecs import hookimpl
 from torchstow.plugins.manager import BackendEntry, PluginConflictError

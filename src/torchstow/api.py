@@ -18,23 +18,23 @@ import torch
 from torchstow.core import uri_storage
 from torchstow.core.async_save import AsyncSave, SaveJob, pipeline
 from torchstow.core.collective import Timeout, make_collective
-from torchstow.core.errors import (
+from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
+from torchstow.core.protocol import load_state_dict as _load_protocol
+from torchstow.core.protocol import save_state_dict as _save_protocol
+from torchstow.core.storage import StorageReader, StorageWriter
+from torchstow.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
     IncompleteCheckpointError,
 )
-from torchstow.core.flatten import build_nested
-from torchstow.core.metadata import (
+from torchstow.format.manifest import (
     CheckpointInfo,
     Metadata,
     TensorStorageMetadata,
     stored_nbytes,
 )
-from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
-from torchstow.core.protocol import load_state_dict as _load_protocol
-from torchstow.core.protocol import save_state_dict as _save_protocol
-from torchstow.core.storage import StorageReader, StorageWriter
+from torchstow.format.structure import build_nested
 from torchstow.plugins.manager import BackendEntry, default_registry
 
 __all__ = [

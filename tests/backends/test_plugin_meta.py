@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from torchstow.core.errors import UnknownBackendError
+from torchstow.errors import UnknownBackendError
 from torchstow.plugins import hookspecs
 from torchstow.plugins.manager import default_registry
 from torchstow.testing import BackendConformance

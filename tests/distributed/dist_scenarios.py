@@ -26,7 +26,7 @@ import torchstow
 from torchstow.backends.faulty import current_rank
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.collective import ProcessGroupCollective
-from torchstow.core.flatten import flatten_state_dict
+from torchstow.format.structure import flatten_state_dict
 
 # Resharding the 2-D test meshes to check values is slow but fine; torch warns about it.
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)

@@ -12,8 +12,8 @@ import torch
 from dist_scenarios import load_model, mismatches, placements, save_model
 
 import torchstow
-from torchstow.core.flatten import flatten_state_dict
-from torchstow.core.metadata import TensorStorageMetadata
+from torchstow.format.manifest import TensorStorageMetadata
+from torchstow.format.structure import flatten_state_dict
 
 Saved = tuple[str, dict[str, Any]]
 

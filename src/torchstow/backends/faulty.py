@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
-from torchstow import hookimpl
-from torchstow.core import errors
+from torchstow import errors, hookimpl
 from torchstow.core.backend import Backend, StoreBackend
-from torchstow.core.metadata import Metadata
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from torchstow.core.storage import ForwardingStorageWriter, StorageReader, StorageWriter, WriteResult
 from torchstow.core.store import Buffer, ByteStore, FileSink
+from torchstow.format.manifest import Metadata
 
 __all__ = [
     "MODES",

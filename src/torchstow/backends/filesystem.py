@@ -23,8 +23,8 @@ from urllib.parse import unquote
 
 from torchstow import hookimpl
 from torchstow.core.backend import StoreBackend
-from torchstow.core.errors import CorruptCheckpointError
 from torchstow.core.store import Buffer, ByteStore, FileSink, StorageFullError
+from torchstow.errors import CorruptCheckpointError
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register

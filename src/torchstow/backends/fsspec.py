@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from torchstow import hookimpl
 from torchstow.core.backend import StoreBackend
-from torchstow.core.errors import CorruptCheckpointError
 from torchstow.core.retry import RetryPolicy, error_status
 from torchstow.core.store import Buffer, ByteStore, FileSink, StorageIOError
+from torchstow.errors import CorruptCheckpointError
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register

@@ -11,11 +11,11 @@ from __future__ import annotations
 import abc
 from typing import ClassVar
 
-from torchstow.core.errors import CheckpointNotFoundError
 from torchstow.core.layout import MANIFEST, LayoutReader, LayoutWriter, is_data_file, read_manifest
-from torchstow.core.metadata import Metadata
 from torchstow.core.storage import StorageReader, StorageWriter
 from torchstow.core.store import ByteStore
+from torchstow.errors import CheckpointNotFoundError
+from torchstow.format.manifest import Metadata
 
 __all__ = ["Backend", "StoreBackend"]
 

@@ -23,13 +23,13 @@ import torch
 
 from torchstow.core.barriers import Barrier
 from torchstow.core.dtensors import is_dtensor, local_view
-from torchstow.core.errors import CheckpointNotFoundError, StateDictMismatchError
-from torchstow.core.flatten import build_nested, flatten_state_dict, leaf_paths, set_leaf
-from torchstow.core.metadata import Metadata, TensorStorageMetadata
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner
 from torchstow.core.protocol import load_state_dict, save_state_dict
 from torchstow.core.storage import ForwardingStorageWriter, StorageWriter, WriteResult
 from torchstow.core.uri_storage import open_reader, open_writer
+from torchstow.errors import CheckpointNotFoundError, StateDictMismatchError
+from torchstow.format.manifest import Metadata, TensorStorageMetadata
+from torchstow.format.structure import build_nested, flatten_state_dict, leaf_paths, set_leaf
 
 __all__ = [
     "CheckpointReader",

@@ -6,7 +6,7 @@ constant number of times per save or load, never per item.
 
 Over a process group, a collective that cannot complete (a rank died,
 stalled, or is slower than the timeout) raises
-:class:`~torchstow.core.errors.CheckpointTimeoutError` on the ranks that
+:class:`~torchstow.errors.CheckpointTimeoutError` on the ranks that
 wait, instead of leaving them waiting forever.
 """
 
@@ -18,7 +18,7 @@ import datetime
 from collections.abc import Callable
 from typing import Any
 
-from torchstow.core.errors import CheckpointTimeoutError
+from torchstow.errors import CheckpointTimeoutError
 
 __all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "Timeout", "make_collective"]
 

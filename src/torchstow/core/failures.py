@@ -6,7 +6,7 @@ Where the exception arrives, it is unpickled when possible, so a
 ``ValueError`` stays a ``ValueError``; an exception that cannot be pickled,
 or not unpickled there (its class is local, or takes other constructor
 arguments, or lives in a module the receiver lacks) arrives as a
-:class:`~torchstow.core.errors.RemoteError` with the same type name,
+:class:`~torchstow.errors.RemoteError` with the same type name,
 message and traceback.
 
 Outcomes of protocol steps cross ranks as bytes packed by :func:`pack`, so
@@ -20,7 +20,7 @@ import pickle
 import traceback
 from typing import Any
 
-from torchstow.core.errors import Failure, RemoteError
+from torchstow.errors import Failure, RemoteError
 
 __all__ = ["CapturedFailure", "capture", "pack", "unpack"]
 

@@ -27,16 +27,19 @@ from typing import Any
 import crc32c
 import torch
 
-from torchstow.core import chunks as chunk_math
 from torchstow.core.buffers import BlockVerifier, as_host_bytes, tensor_bytes
-from torchstow.core.errors import (
+from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
+from torchstow.core.storage import StorageReader, StorageWriter, WriteResult, completed_future
+from torchstow.core.store import Buffer, ByteStore, FileSink
+from torchstow.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from torchstow.core.metadata import (
+from torchstow.format import chunks as chunk_math
+from torchstow.format.manifest import (
     Metadata,
     MetadataIndex,
     StorageInfo,
@@ -44,9 +47,6 @@ from torchstow.core.metadata import (
     decode_metadata,
     encode_metadata,
 )
-from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
-from torchstow.core.storage import StorageReader, StorageWriter, WriteResult, completed_future
-from torchstow.core.store import Buffer, ByteStore, FileSink
 
 __all__ = [
     "BLOCK_SIZE",

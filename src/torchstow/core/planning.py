@@ -21,11 +21,17 @@ from typing import Any
 
 import torch
 
-from torchstow.core import chunks as chunk_math
 from torchstow.core.dtensors import is_dtensor
-from torchstow.core.errors import StateDictMismatchError
-from torchstow.core.flatten import flatten_state_dict, set_leaf
-from torchstow.core.metadata import (
+from torchstow.errors import StateDictMismatchError
+from torchstow.format import chunks as chunk_math
+from torchstow.format.leaves import (
+    JSON,
+    check_unpickling_allowed,
+    decode_object,
+    encode_object,
+    is_json_value,
+)
+from torchstow.format.manifest import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
@@ -34,13 +40,7 @@ from torchstow.core.metadata import (
     TensorStorageMetadata,
     dtype_name,
 )
-from torchstow.core.objects import (
-    JSON,
-    check_unpickling_allowed,
-    decode_object,
-    encode_object,
-    is_json_value,
-)
+from torchstow.format.structure import flatten_state_dict, set_leaf
 
 __all__ = [
     "BytesWriteData",

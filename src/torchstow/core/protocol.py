@@ -16,9 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from torchstow.core.collective import Collective, SingleProcess
-from torchstow.core.errors import CheckpointException
 from torchstow.core.failures import CapturedFailure, capture, pack, unpack
-from torchstow.core.metadata import Metadata
 from torchstow.core.planning import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
@@ -28,6 +26,8 @@ from torchstow.core.planning import (
     SavePlanner,
 )
 from torchstow.core.storage import StorageReader, StorageWriter, WriteResult, wait_future
+from torchstow.errors import CheckpointException
+from torchstow.format.manifest import Metadata
 
 __all__ = ["load_state_dict", "save_state_dict"]
 

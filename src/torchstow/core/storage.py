@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchstow.core.metadata import Metadata, MetadataIndex
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from torchstow.format.manifest import Metadata, MetadataIndex
 
 __all__ = [
     "ForwardingStorageWriter",

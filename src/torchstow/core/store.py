@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from torchstow.core.errors import TorchstowError
+from torchstow.errors import TorchstowError
 
 __all__ = ["ByteStore", "FileSink", "StorageFullError", "StorageIOError"]
 

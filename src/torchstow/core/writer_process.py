@@ -34,7 +34,6 @@ from typing import Any
 
 from torchstow.core.barriers import BarrierConfig, create_barrier_from_config
 from torchstow.core.checkpoint_io import CheckpointWriter, CheckpointWriterConfig, RankInfo, WriterHook
-from torchstow.core.errors import TorchstowError
 from torchstow.core.failures import CapturedFailure
 from torchstow.core.shm import SegmentMapper, SharedMemoryArena
 from torchstow.core.writer_messages import (
@@ -47,6 +46,7 @@ from torchstow.core.writer_messages import (
     pack_state_dict,
     unpack_state_dict,
 )
+from torchstow.errors import TorchstowError
 
 __all__ = [
     "CheckpointProcess",

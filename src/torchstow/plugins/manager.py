@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from torchstow.core.backend import Backend
-from torchstow.core.errors import TorchstowError, UnknownBackendError
+from torchstow.errors import TorchstowError, UnknownBackendError
 from torchstow.plugins import hookspecs
 
 __all__ = [

@@ -27,8 +27,11 @@ import torch
 
 import torchstow
 from torchstow.core.backend import StoreBackend
-from torchstow.core.chunks import overlap
-from torchstow.core.errors import (
+from torchstow.core.layout import MANIFEST
+from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torchstow.core.storage import ForwardingStorageWriter, WriteResult
+from torchstow.core.store import ByteStore
+from torchstow.errors import (
     CheckpointException,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -36,17 +39,14 @@ from torchstow.core.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from torchstow.core.layout import MANIFEST
-from torchstow.core.metadata import (
+from torchstow.format.chunks import overlap
+from torchstow.format.manifest import (
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageInfo,
     TensorStorageMetadata,
 )
-from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from torchstow.core.storage import ForwardingStorageWriter, WriteResult
-from torchstow.core.store import ByteStore
 from torchstow.plugins.manager import default_registry, scheme_of
 
 __all__ = ["BackendConformance", "RegionLoadPlanner", "assert_same", "every_dtype_state_dict"]

@@ -17,7 +17,7 @@ from typing import Any, Union
 
 import torch
 
-from torchstow.core.errors import CorruptCheckpointError, FormatVersionError
+from torchstow.errors import CorruptCheckpointError, FormatVersionError
 
 FORMAT_NAME = "torchstow"
 FORMAT_VERSION = 1

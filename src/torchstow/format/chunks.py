@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from torchstow.core.metadata import ChunkStorageMetadata
+from torchstow.format.manifest import ChunkStorageMetadata
 
 __all__ = ["contiguous_span", "overlap", "validate_cover"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from torchstow.core.errors import PickleNotAllowedError
+from torchstow.errors import PickleNotAllowedError
 
 JSON = "json"
 TORCH = "torch"
