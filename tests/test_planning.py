@@ -15,7 +15,8 @@ import torchstow
 from torchstow.core.planning import DefaultLoadPlanner, LoadItemType, LoadPlan, ReadItem
 from torchstow.errors import CheckpointException
 from torchstow.format import chunks as chunk_math
-from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, decode_metadata, encode_metadata
+from torchstow.format.codec import decode_metadata, encode_metadata
+from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex
 from torchstow.format.structure import build_nested, flatten_state_dict, set_leaf
 
 

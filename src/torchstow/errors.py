@@ -10,6 +10,24 @@ from __future__ import annotations
 import traceback
 from typing import ClassVar
 
+__all__ = [
+    "CheckpointException",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CheckpointTimeoutError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompleteCheckpointError",
+    "PickleNotAllowedError",
+    "RemoteError",
+    "StateDictMismatchError",
+    "StorageFullError",
+    "StorageIOError",
+    "TorchstowError",
+    "UnknownBackendError",
+]
+
 
 class TorchstowError(Exception):
     """Base class of every torchstow error."""
@@ -62,6 +80,23 @@ class PickleNotAllowedError(TorchstowError):
 
 class CheckpointExistsError(TorchstowError, FileExistsError):
     """A committed checkpoint exists at the target and ``overwrite`` is False."""
+
+
+class StorageIOError(TorchstowError, OSError):
+    """A storage operation failed: permanently, or transiently more often than retried.
+
+    ``attempts`` is how many times it was tried; ``transient`` whether the
+    last failure was of a kind that retrying might have cured.
+    """
+
+    def __init__(self, message: str, *, attempts: int = 1, transient: bool = False) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.transient = transient
+
+
+class StorageFullError(StorageIOError):
+    """The store has no room for the checkpoint (ENOSPC, a full tmpfs, a quota)."""
 
 
 class RemoteError(TorchstowError):

@@ -19,7 +19,7 @@ from dist_scenarios import (
     subgroup_round_trip,
 )
 
-from torchstow.core.layout import BLOCK_SIZE
+from torchstow.format.files import BLOCK_SIZE
 
 _DATA_FILE = re.compile(r"data-[0-9a-f]+-(\d+)-\d+\.bin")
 

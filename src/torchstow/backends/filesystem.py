@@ -25,6 +25,7 @@ from torchstow import hookimpl
 from torchstow.core.backend import StoreBackend
 from torchstow.core.store import Buffer, ByteStore, FileSink, StorageFullError
 from torchstow.errors import CorruptCheckpointError
+from torchstow.format.files import temporary_name
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register
@@ -224,7 +225,7 @@ class LocalFileStore(ByteStore):
             )
 
     def publish(self, name: str, data: bytes) -> None:
-        tmp = self._file(f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = self._file(temporary_name(name, uuid.uuid4().hex[:8]))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import abc
 from typing import ClassVar
 
-from torchstow.core.layout import MANIFEST, LayoutReader, LayoutWriter, is_data_file, read_manifest
+from torchstow.core.layout import LayoutReader, LayoutWriter, read_manifest
 from torchstow.core.storage import StorageReader, StorageWriter
 from torchstow.core.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError
+from torchstow.format.files import MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import Metadata
 
 __all__ = ["Backend", "StoreBackend"]
@@ -88,7 +89,7 @@ class StoreBackend(Backend):
     def delete(self, uri: str) -> None:
         store = self.open_store(uri)
         files = store.list_files()
-        ours = [f for f in files if is_data_file(f) or f.startswith(f".{MANIFEST}")]
+        ours = [f for f in files if is_checkpoint_file(f)]
         if MANIFEST not in files and not ours:
             raise CheckpointNotFoundError(f"no checkpoint at {store.location}")
         if MANIFEST in files:

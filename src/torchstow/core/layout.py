@@ -24,10 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-import crc32c
 import torch
 
-from torchstow.core.buffers import BlockVerifier, as_host_bytes, tensor_bytes
+from torchstow.core.buffers import as_host_bytes, tensor_bytes
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
 from torchstow.core.storage import StorageReader, StorageWriter, WriteResult, completed_future
 from torchstow.core.store import Buffer, ByteStore, FileSink
@@ -39,31 +38,30 @@ from torchstow.errors import (
     IncompleteCheckpointError,
 )
 from torchstow.format import chunks as chunk_math
+from torchstow.format.checksums import BlockVerifier, checksum
+from torchstow.format.codec import decode_metadata, encode_metadata
+from torchstow.format.files import (
+    BLOCK_SIZE,
+    LARGE_ALIGN,
+    LARGE_ITEM,
+    MANIFEST,
+    alignment,
+    data_file_name,
+    data_file_prefix,
+    is_checkpoint_file,
+    is_data_file,
+)
 from torchstow.format.manifest import (
     Metadata,
     MetadataIndex,
     StorageInfo,
     TensorStorageMetadata,
-    decode_metadata,
-    encode_metadata,
 )
 
-__all__ = [
-    "BLOCK_SIZE",
-    "MANIFEST",
-    "LayoutReader",
-    "LayoutWriter",
-    "is_data_file",
-    "read_manifest",
-]
+__all__ = ["LayoutReader", "LayoutWriter", "read_manifest"]
 
 logger = logging.getLogger("torchstow")
 
-MANIFEST = "manifest.json"
-BLOCK_SIZE = 4 << 20
-SMALL_ALIGN = 64
-LARGE_ALIGN = 4096
-LARGE_ITEM = 1 << 20
 _BATCH_BYTES = 32 << 20
 _BATCH_ITEMS = 1024
 _SEGMENT = 1 << 20
@@ -71,11 +69,6 @@ _FLUSH_BYTES = 8 << 20
 _ZEROS = bytes(LARGE_ALIGN)
 
 StoreOpener = Callable[[str], ByteStore]
-
-
-def is_data_file(name: str) -> bool:
-    """Whether ``name`` is a data file of the layout."""
-    return name.startswith("data-") and name.endswith(".bin")
 
 
 def default_thread_count() -> int:
@@ -92,7 +85,7 @@ def read_manifest(store: ByteStore) -> Metadata:
     try:
         data = store.read_file(MANIFEST)
     except FileNotFoundError:
-        if any(is_data_file(name) or name.startswith(f".{MANIFEST}") for name in store.list_files()):
+        if any(is_checkpoint_file(name) for name in store.list_files()):
             raise IncompleteCheckpointError(
                 f"{store.location} holds checkpoint data but no committed {MANIFEST}: the save "
                 "that wrote it did not finish. Save again, or delete the location."
@@ -183,7 +176,7 @@ class LayoutWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         save_id = uuid.uuid4().hex[:12]
         return [
-            replace(plan, storage_data=_FilePrefix(f"data-{save_id}-{rank}"))
+            replace(plan, storage_data=_FilePrefix(data_file_prefix(save_id, rank)))
             for rank, plan in enumerate(plans)
         ]
 
@@ -191,9 +184,9 @@ class LayoutWriter(StorageWriter):
         prefix = plan.storage_data.prefix
         sizes = [item.tensor_storage_size() or 0 for item in plan.items]
         bins = _split(plan.items, sizes, self.thread_count)
-        names = [f"{prefix}-{n}.bin" for n in range(len(bins))]
+        names = [data_file_name(prefix, n) for n in range(len(bins))]
         self._written = list(names)
-        self.store.ensure_capacity(sum(s + (LARGE_ALIGN if s >= LARGE_ITEM else SMALL_ALIGN) for s in sizes))
+        self.store.ensure_capacity(sum(s + alignment(s) for s in sizes))
         try:
             if len(bins) <= 1:
                 results = [
@@ -270,13 +263,13 @@ class _PackedFile:
 
     def add(self, view: memoryview, owner: Any) -> StorageInfo:
         length = len(view)
-        pad = -self.offset % (LARGE_ALIGN if length >= LARGE_ITEM else SMALL_ALIGN)
+        pad = -self.offset % alignment(length)
         if pad:
             self._queue(_ZEROS[:pad])
         start = self.offset
         self.owners.append(owner)
         if length <= _SEGMENT:
-            checksums: tuple[int, ...] = (crc32c.crc32c(view),) if length else ()
+            checksums: tuple[int, ...] = (checksum(view, 0),) if length else ()
             self._queue(view)
         else:
             crcs = []
@@ -284,7 +277,7 @@ class _PackedFile:
                 crc = 0
                 for pos in range(block_start, min(block_start + BLOCK_SIZE, length), _SEGMENT):
                     piece = view[pos : pos + _SEGMENT]
-                    crc = crc32c.crc32c(piece, crc)
+                    crc = checksum(piece, crc)
                     self._queue(piece)
                 crcs.append(crc)
             checksums = tuple(crcs)

@@ -11,28 +11,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from torchstow.errors import TorchstowError
+from torchstow.errors import StorageFullError, StorageIOError
 
 __all__ = ["ByteStore", "FileSink", "StorageFullError", "StorageIOError"]
 
 Buffer = memoryview | bytes | bytearray
-
-
-class StorageIOError(TorchstowError, OSError):
-    """A storage operation failed: permanently, or transiently more often than retried.
-
-    ``attempts`` is how many times it was tried; ``transient`` whether the
-    last failure was of a kind that retrying might have cured.
-    """
-
-    def __init__(self, message: str, *, attempts: int = 1, transient: bool = False) -> None:
-        super().__init__(message)
-        self.attempts = attempts
-        self.transient = transient
-
-
-class StorageFullError(StorageIOError):
-    """The store has no room for the checkpoint (ENOSPC, a full tmpfs, a quota)."""
 
 
 class FileSink(abc.ABC):

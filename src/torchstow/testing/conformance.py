@@ -27,7 +27,6 @@ import torch
 
 import torchstow
 from torchstow.core.backend import StoreBackend
-from torchstow.core.layout import MANIFEST
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.storage import ForwardingStorageWriter, WriteResult
 from torchstow.core.store import ByteStore
@@ -40,6 +39,7 @@ from torchstow.errors import (
     IncompleteCheckpointError,
 )
 from torchstow.format.chunks import overlap
+from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import (
     ChunkStorageMetadata,
     Metadata,

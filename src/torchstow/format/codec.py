@@ -1,0 +1,276 @@
+"""The manifest's JSON codec: one encoder (the current version) and a decoder per
+format version, so a newer version can be added without breaking older readers.
+
+Decoding goes straight into typed structs (:mod:`msgspec`): a field of the wrong
+type, a missing one, or a value out of place is a :class:`CorruptCheckpointError`
+naming where it is; a newer version than this torchstow knows is a
+:class:`FormatVersionError`. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import torch
+
+from torchstow.errors import CorruptCheckpointError, FormatVersionError
+from torchstow.format.checksums import DEFAULT_ALGORITHM, check_algorithm
+from torchstow.format.manifest import (
+    FORMAT_VERSION,
+    STORAGE_TYPES,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorProperties,
+    TensorStorageMetadata,
+    dtype_from_name,
+    dtype_name,
+    inline_locations,
+)
+
+FORMAT_NAME = "torchstow"
+
+__all__ = ["DECODERS", "FORMAT_NAME", "FORMAT_VERSION", "decode_metadata", "encode_metadata"]
+
+
+class _Located(msgspec.Struct, omit_defaults=True):
+    """Where an item's bytes are: a ``file`` index into the manifest's ``files``,
+    the byte ``offset`` and ``length`` there, one checksum per ``block`` bytes."""
+
+    file: int | None = None
+    offset: int | None = None
+    length: int | None = None
+    crc32c: list[int] | None = None
+    block: int | None = None
+
+
+class _Chunk(_Located, kw_only=True):
+    offsets: list[int]
+    sizes: list[int]
+
+
+class _Entry(_Located, kw_only=True):
+    """A tensor entry (``dtype``, ``shape``, one location or ``chunks``) or an
+    object entry (``encoding``, an inline ``value`` or one location)."""
+
+    dtype: str | None = None
+    shape: list[int] | None = None
+    requires_grad: bool = False
+    chunks: list[_Chunk] | None = None
+    encoding: str | None = None
+    value: Any = None
+
+
+class _Checksum(msgspec.Struct):
+    algorithm: str = DEFAULT_ALGORITHM
+    block_size: int = 0
+
+
+class _Header(msgspec.Struct):
+    format: str = ""
+    version: Any = None
+
+
+class _DocumentV1(msgspec.Struct, kw_only=True):
+    format: str
+    version: int
+    torch_version: str = ""
+    committed_at: float | None = None
+    user_metadata: dict[str, Any] | None = None
+    checksum: _Checksum = msgspec.field(default_factory=_Checksum)
+    files: list[str] = []
+    planner_data: Any = None
+    entries: dict[str, _Entry]
+    storage_data: Any = msgspec.UNSET
+
+
+class _Locations:
+    """File names become indices into ``files``; the checksum block size is
+    stated once, on a location only where it differs."""
+
+    def __init__(self, files: list[str] | None = None, block_size: int = 0) -> None:
+        self.files = files if files is not None else []
+        self._file_ids = {name: i for i, name in enumerate(self.files)}
+        self.block_size = block_size
+
+    def encode(self, info: StorageInfo, out: _Located) -> None:
+        file_id = self._file_ids.get(info.relative_path)
+        if file_id is None:
+            file_id = self._file_ids[info.relative_path] = len(self.files)
+            self.files.append(info.relative_path)
+        out.file = file_id
+        out.offset = info.offset
+        out.length = info.length
+        out.crc32c = list(info.checksums)
+        if info.block_size != self.block_size:
+            out.block = info.block_size
+
+    def decode(self, raw: _Located) -> StorageInfo:
+        if raw.file is None or raw.offset is None or raw.length is None or raw.crc32c is None:
+            raise CorruptCheckpointError("a location needs file, offset, length and crc32c")
+        return StorageInfo(
+            self.files[raw.file],
+            raw.offset,
+            raw.length,
+            tuple(raw.crc32c),
+            self.block_size if raw.block is None else raw.block,
+        )
+
+
+def _encode_entry(entry: STORAGE_TYPES, locs: dict[Any, StorageInfo], locations: _Locations) -> _Entry:
+    if isinstance(entry, BytesStorageMetadata):
+        raw = _Entry(encoding=entry.encoding, value=entry.value if entry.encoding == "json" else None)
+        loc = locs.get(None)
+        if loc is not None:
+            locations.encode(loc, raw)
+        return raw
+    raw = _Entry(
+        dtype=dtype_name(entry.properties.dtype),
+        shape=list(entry.size),
+        requires_grad=entry.properties.requires_grad,
+    )
+    chunks = entry.chunks
+    if len(chunks) == 1 and chunks[0].sizes == entry.size and not any(chunks[0].offsets):
+        loc = locs.get(chunks[0].offsets)
+        if loc is not None:
+            locations.encode(loc, raw)
+        return raw
+    raw.chunks = []
+    for chunk in chunks:
+        raw_chunk = _Chunk(offsets=list(chunk.offsets), sizes=list(chunk.sizes))
+        loc = locs.get(chunk.offsets)
+        if loc is not None:
+            locations.encode(loc, raw_chunk)
+        raw.chunks.append(raw_chunk)
+    return raw
+
+
+def encode_metadata(md: Metadata) -> bytes:
+    """Serialize a manifest to UTF-8 JSON in the current format version.
+
+    Locations recorded as :class:`StorageInfo` are written into the entry
+    they belong to; any other ``storage_data`` must itself be JSON. A tensor
+    stored as one whole chunk keeps its location on the entry itself.
+    """
+    inline = inline_locations(md)
+    by_fqn: dict[str, dict[Any, StorageInfo]] = {}
+    block_size = 0
+    if inline:
+        for index, info in md.storage_data.items():
+            by_fqn.setdefault(index.fqn, {})[index.offset] = info
+            block_size = block_size or info.block_size
+    locations = _Locations(block_size=block_size)
+    entries = {
+        fqn: _encode_entry(entry, by_fqn.get(fqn, {}), locations)
+        for fqn, entry in md.state_dict_metadata.items()
+    }
+    doc = _DocumentV1(
+        format=FORMAT_NAME,
+        version=md.version,
+        torch_version=str(md.torch_version),
+        committed_at=md.committed_at,
+        user_metadata=md.user_metadata,
+        checksum=_Checksum(DEFAULT_ALGORITHM, block_size),
+        files=locations.files,
+        planner_data=md.planner_data,
+        entries=entries,
+        storage_data=md.storage_data if not inline and md.storage_data is not None else msgspec.UNSET,
+    )
+    try:
+        return msgspec.json.encode(doc)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"the checkpoint manifest is not JSON-serializable: {exc}") from exc
+
+
+def _decode_tensor(
+    fqn: str,
+    raw: _Entry,
+    props: TensorProperties,
+    locations: _Locations,
+    found: dict[MetadataIndex, StorageInfo],
+) -> TensorStorageMetadata:
+    if raw.shape is None:
+        raise CorruptCheckpointError(f"the tensor entry {fqn!r} has no shape")
+    size = torch.Size(raw.shape)
+    if raw.chunks is None:
+        chunk = ChunkStorageMetadata(torch.Size((0,) * len(size)), size)
+        if raw.file is not None:
+            found[MetadataIndex(fqn, chunk.offsets, 0)] = locations.decode(raw)
+        return TensorStorageMetadata(props, size, [chunk])
+    chunks = []
+    for i, rc in enumerate(raw.chunks):
+        chunk = ChunkStorageMetadata(torch.Size(rc.offsets), torch.Size(rc.sizes))
+        chunks.append(chunk)
+        if rc.file is not None:
+            found[MetadataIndex(fqn, chunk.offsets, i)] = locations.decode(rc)
+    return TensorStorageMetadata(props, size, chunks)
+
+
+def _decode_v1(data: bytes) -> Metadata:
+    doc = msgspec.json.decode(data, type=_DocumentV1)
+    check_algorithm(doc.checksum.algorithm)
+    entries: dict[str, STORAGE_TYPES] = {}
+    found: dict[MetadataIndex, StorageInfo] = {}
+    locations = _Locations(doc.files, doc.checksum.block_size)
+    props_cache: dict[tuple[str, bool], TensorProperties] = {}
+    for fqn, raw in doc.entries.items():
+        if raw.dtype is not None:
+            key = (raw.dtype, raw.requires_grad)
+            props = props_cache.get(key)
+            if props is None:
+                props = props_cache[key] = TensorProperties(dtype_from_name(raw.dtype), raw.requires_grad)
+            entries[fqn] = _decode_tensor(fqn, raw, props, locations, found)
+            continue
+        if raw.encoding is None:
+            raise CorruptCheckpointError(f"the entry {fqn!r} has neither a dtype nor an encoding")
+        entries[fqn] = BytesStorageMetadata(raw.encoding, raw.value)
+        if raw.file is not None:
+            found[MetadataIndex(fqn)] = locations.decode(raw)
+    storage_data = doc.storage_data if doc.storage_data is not msgspec.UNSET else None
+    return Metadata(
+        state_dict_metadata=entries,
+        planner_data=doc.planner_data,
+        storage_data=found if found else storage_data,
+        user_metadata=doc.user_metadata or {},
+        version=doc.version,
+        committed_at=doc.committed_at,
+        torch_version=doc.torch_version,
+    )
+
+
+DECODERS: dict[int, Callable[[bytes], Metadata]] = {1: _decode_v1}
+"""One decoder per format version this torchstow reads."""
+
+
+def decode_metadata(data: bytes, *, source: str = "manifest") -> Metadata:
+    """Parse a manifest of any version in :data:`DECODERS`. Never unpickles."""
+    try:
+        header = msgspec.json.decode(data, type=_Header)
+    except msgspec.DecodeError as exc:
+        if isinstance(exc, msgspec.ValidationError):
+            raise CorruptCheckpointError(f"{source} is not a torchstow manifest: {exc}") from exc
+        raise CorruptCheckpointError(f"{source} is not valid JSON: {exc}") from exc
+    if header.format != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{source} is not a torchstow manifest")
+    version = header.version
+    decoder = DECODERS.get(version) if type(version) is int else None
+    if decoder is None:
+        if type(version) is int and version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{source} has format version {version!r}; this torchstow reads versions up to "
+                f"{FORMAT_VERSION}: upgrade torchstow to read it"
+            )
+        raise FormatVersionError(
+            f"{source} has format version {version!r}, which this torchstow does not read "
+            f"(it reads {', '.join(map(str, sorted(DECODERS)))})"
+        )
+    try:
+        return decoder(data)
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{source} is malformed: {exc}") from exc
+    except (msgspec.ValidationError, IndexError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{source} is malformed: {exc}") from exc

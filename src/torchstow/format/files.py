@@ -1,0 +1,70 @@
+"""Names and packing of a checkpoint's files: the part of the format every byte store sees.
+
+A checkpoint location holds one manifest, data files named
+``data-<save id>-<rank>-<n>.bin`` (a new save id per save, so a save never
+touches the files of the checkpoint it replaces) and, while a manifest is
+being published, a temporary file ``.<manifest>.<token>.tmp``. A byte store
+that publishes through a temporary name must use :func:`temporary_name`, so
+that ``delete`` and the incomplete-checkpoint check recognise the debris of
+an interrupted publish.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BLOCK_SIZE",
+    "LARGE_ALIGN",
+    "LARGE_ITEM",
+    "MANIFEST",
+    "SMALL_ALIGN",
+    "alignment",
+    "data_file_name",
+    "data_file_prefix",
+    "is_checkpoint_file",
+    "is_data_file",
+    "is_temporary",
+    "temporary_name",
+]
+
+MANIFEST = "manifest.json"
+BLOCK_SIZE = 4 << 20
+"""Bytes per checksum block of an item (the last block may be shorter)."""
+SMALL_ALIGN = 64
+LARGE_ALIGN = 4096
+LARGE_ITEM = 1 << 20
+"""Items of at least this many bytes start at a multiple of LARGE_ALIGN, others of SMALL_ALIGN."""
+
+
+def alignment(length: int) -> int:
+    """The byte boundary an item of ``length`` bytes starts at in a data file."""
+    return LARGE_ALIGN if length >= LARGE_ITEM else SMALL_ALIGN
+
+
+def data_file_prefix(save_id: str, rank: int) -> str:
+    """The common prefix of the data files rank ``rank`` writes in save ``save_id``."""
+    return f"data-{save_id}-{rank}"
+
+
+def data_file_name(prefix: str, n: int) -> str:
+    """The ``n``-th data file under ``prefix`` (one per writer thread)."""
+    return f"{prefix}-{n}.bin"
+
+
+def is_data_file(name: str) -> bool:
+    """Whether ``name`` is a data file of the layout."""
+    return name.startswith("data-") and name.endswith(".bin")
+
+
+def temporary_name(name: str, token: str) -> str:
+    """The name ``name`` is written under before it is atomically renamed into place."""
+    return f".{name}.{token}.tmp"
+
+
+def is_temporary(name: str, of: str = MANIFEST) -> bool:
+    """Whether ``name`` is a temporary file of ``of`` (see :func:`temporary_name`)."""
+    return name.startswith(f".{of}.") and name.endswith(".tmp")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether ``name`` belongs to a checkpoint besides its manifest: data or publish debris."""
+    return is_data_file(name) or is_temporary(name)
