@@ -11,7 +11,7 @@ import types
 import pytest
 
 import torchstow
-from torchstow.core.failures import CapturedFailure, capture, pack, unpack
+from torchstow.core.protocol.failures import CapturedFailure, capture, pack, unpack
 from torchstow.errors import CheckpointException
 
 

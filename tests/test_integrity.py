@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import torchstow
-from torchstow.core.layout import LayoutWriter
+from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner, WriteItem
 
 

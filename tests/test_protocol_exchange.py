@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import torchstow
-from torchstow.core.collective import SingleProcess
-from torchstow.core.protocol import load_state_dict, save_state_dict
+from torchstow.core.protocol.collective import SingleProcess
+from torchstow.core.protocol.steps import load_state_dict, save_state_dict
 
 
 class Loopback(SingleProcess):

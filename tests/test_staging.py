@@ -17,9 +17,9 @@ import torch
 
 from state_helpers import ALL_DTYPES
 from torchstow import CheckpointStagerConfig, DefaultStager, StateDictStager
-from torchstow.core import staging as staging_module
-from torchstow.core.shm import SHM_DIR, SegmentMapper, SharedMemoryArena
-from torchstow.core.staging import accelerator_available
+from torchstow.core.staging import stager as staging_module
+from torchstow.core.staging.arena import SHM_DIR, SegmentMapper, SharedMemoryArena
+from torchstow.core.staging.stager import accelerator_available
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 no_accelerator = pytest.mark.skipif(

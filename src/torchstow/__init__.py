@@ -22,7 +22,6 @@ from torchstow.api import (
     storage_writer,
 )
 from torchstow.core.async_save import AsyncSave
-from torchstow.core.backend import Backend, StoreBackend
 from torchstow.core.barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier, register_barrier
 from torchstow.core.checkpoint_io import (
     CheckpointReader,
@@ -50,10 +49,11 @@ from torchstow.core.planning import (
     WriteItem,
 )
 from torchstow.core.replication import ReplicationStager
-from torchstow.core.retry import RetryPolicy
-from torchstow.core.staging import CheckpointStagerConfig, DefaultStager, StateDictStager
-from torchstow.core.storage import StorageReader, StorageWriter, WriteResult
-from torchstow.core.store import ByteStore, FileSink, StorageFullError, StorageIOError
+from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, StateDictStager
+from torchstow.core.storage.backend import Backend, StoreBackend
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
+from torchstow.core.storage.retry import RetryPolicy
+from torchstow.core.storage.store import ByteStore, FileSink, StorageFullError, StorageIOError
 from torchstow.core.writer_process import (
     CheckpointProcess,
     CheckpointProcessConfig,

@@ -1,7 +1,7 @@
 """The user-facing functions: save and load state dicts by URI.
 
 Each call resolves the URI to a backend through the installed plugins, then
-runs the collective protocol of :mod:`torchstow.core.protocol`.
+runs the collective protocol of :mod:`torchstow.core.protocol.steps`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 
 from torchstow.core import uri_storage
 from torchstow.core.async_save import AsyncSave, SaveJob, pipeline
-from torchstow.core.collective import Timeout, make_collective
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
-from torchstow.core.protocol import load_state_dict as _load_protocol
-from torchstow.core.protocol import save_state_dict as _save_protocol
-from torchstow.core.storage import StorageReader, StorageWriter
+from torchstow.core.protocol.collective import Timeout, make_collective
+from torchstow.core.protocol.steps import load_state_dict as _load_protocol
+from torchstow.core.protocol.steps import save_state_dict as _save_protocol
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 from torchstow.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from torchstow import RetryPolicy, StorageIOError
-from torchstow.core.retry import describe_error, is_transient
+from torchstow.core.storage.retry import describe_error, is_transient
 
 
 class ClientError(Exception):
@@ -99,7 +99,7 @@ class Flaky:
 
 def test_transient_failures_are_retried_with_growing_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     waits: list[float] = []
-    monkeypatch.setattr("torchstow.core.retry.time.sleep", waits.append)
+    monkeypatch.setattr("torchstow.core.storage.retry.time.sleep", waits.append)
     fn = Flaky([ClientError("SlowDown", 503), ConnectionResetError(), TimeoutError()])
     assert RetryPolicy(attempts=4, base_delay=1.0, max_delay=3.0).call(fn, "reading x") == "ok"
     assert fn.calls == 4
@@ -109,7 +109,7 @@ def test_transient_failures_are_retried_with_growing_waits(monkeypatch: pytest.M
 
 
 def test_giving_up_names_the_operation_and_the_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("torchstow.core.retry.time.sleep", lambda _: None)
+    monkeypatch.setattr("torchstow.core.storage.retry.time.sleep", lambda _: None)
     fn = Flaky([ClientError("SlowDown", 503)] * 5)
     with pytest.raises(
         StorageIOError, match=r"reading s3://b/k failed after 3 attempt\(s\).*SlowDown"

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 import torchstow
 from torchstow.backends.faulty import current_rank
 from torchstow.backends.filesystem import LocalFileStore
-from torchstow.core.collective import ProcessGroupCollective
+from torchstow.core.protocol.collective import ProcessGroupCollective
 from torchstow.format.structure import flatten_state_dict
 
 # Resharding the 2-D test meshes to check values is slow but fine; torch warns about it.

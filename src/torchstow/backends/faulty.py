@@ -21,10 +21,15 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
 from torchstow import errors, hookimpl
-from torchstow.core.backend import Backend, StoreBackend
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
-from torchstow.core.storage import ForwardingStorageWriter, StorageReader, StorageWriter, WriteResult
-from torchstow.core.store import Buffer, ByteStore, FileSink
+from torchstow.core.storage.backend import Backend, StoreBackend
+from torchstow.core.storage.interfaces import (
+    ForwardingStorageWriter,
+    StorageReader,
+    StorageWriter,
+    WriteResult,
+)
+from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.format.manifest import Metadata
 
 __all__ = [

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from torchstow import hookimpl
-from torchstow.core.backend import StoreBackend
-from torchstow.core.store import Buffer, ByteStore, FileSink, StorageFullError
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageFullError
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.files import temporary_name
 

@@ -9,7 +9,7 @@ go to the fsspec filesystem unchanged (``endpoint_url``, ``key``,
 A checkpoint is a "directory" of objects: data files, then ``manifest.json``,
 written last as one object (an object PUT is atomic, so no rename is
 needed). Every request is retried on transient errors with backoff
-(:mod:`torchstow.core.retry`). On S3 (s3fs) data files are multipart uploads
+(:mod:`torchstow.core.storage.retry`). On S3 (s3fs) data files are multipart uploads
 whose parts go up concurrently, reads are concurrent ranged GETs, and
 botocore's and s3fs's own retries are turned off so the one retry policy
 here decides (``retry_attempts`` requests at most, each logged).
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torchstow import hookimpl
-from torchstow.core.backend import StoreBackend
-from torchstow.core.retry import RetryPolicy, error_status
-from torchstow.core.store import Buffer, ByteStore, FileSink, StorageIOError
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.retry import RetryPolicy, error_status
+from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageIOError
 from torchstow.errors import CorruptCheckpointError
 
 if TYPE_CHECKING:

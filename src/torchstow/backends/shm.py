@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from torchstow import hookimpl
 from torchstow.backends.filesystem import LocalFileStore
-from torchstow.core.backend import StoreBackend
+from torchstow.core.storage.backend import StoreBackend
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register

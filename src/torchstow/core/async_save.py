@@ -24,12 +24,12 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
-from torchstow.core.collective import Collective, ProcessGroupCollective, make_collective
-from torchstow.core.gloo_groups import private_gloo_group
 from torchstow.core.planning import SavePlan, SavePlanner
-from torchstow.core.protocol import save_state_dict
-from torchstow.core.staging import CheckpointStagerConfig, DefaultStager, as_future
-from torchstow.core.storage import StorageWriter, WriteResult
+from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, make_collective
+from torchstow.core.protocol.gloo_groups import private_gloo_group
+from torchstow.core.protocol.steps import save_state_dict
+from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, as_future
+from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.format.manifest import Metadata
 
 __all__ = ["AsyncSave", "AsyncSavePipeline", "SaveJob", "pipeline"]

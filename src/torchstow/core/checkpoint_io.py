@@ -24,8 +24,8 @@ import torch
 from torchstow.core.barriers import Barrier
 from torchstow.core.dtensors import is_dtensor, local_view
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner
-from torchstow.core.protocol import load_state_dict, save_state_dict
-from torchstow.core.storage import ForwardingStorageWriter, StorageWriter, WriteResult
+from torchstow.core.protocol.steps import load_state_dict, save_state_dict
+from torchstow.core.storage.interfaces import ForwardingStorageWriter, StorageWriter, WriteResult
 from torchstow.core.uri_storage import open_reader, open_writer
 from torchstow.errors import CheckpointNotFoundError, StateDictMismatchError
 from torchstow.format.manifest import Metadata, TensorStorageMetadata

@@ -28,7 +28,7 @@ from torchstow.core.checkpoint_io import (
     WriterHook,
     default_rank_info,
 )
-from torchstow.core.staging import CheckpointStagerConfig, DefaultStager, as_future
+from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, as_future
 from torchstow.core.writer_process import CheckpointProcess, CheckpointProcessConfig, DefaultWriterFactory
 
 __all__ = [

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from torchstow.core.collective import SingleProcess
 from torchstow.core.dtensors import local_view
-from torchstow.core.gloo_groups import private_gloo_group
 from torchstow.core.planning import DefaultSavePlanner
-from torchstow.core.protocol import save_state_dict
-from torchstow.core.staging import StateDictStager
-from torchstow.core.tensor_pickle import dumps_tensor_views, loads_tensor_views
+from torchstow.core.protocol.collective import SingleProcess
+from torchstow.core.protocol.gloo_groups import private_gloo_group
+from torchstow.core.protocol.steps import save_state_dict
+from torchstow.core.staging.stager import StateDictStager
+from torchstow.core.staging.tensor_pickle import dumps_tensor_views, loads_tensor_views
 from torchstow.core.uri_storage import open_writer
 
 __all__ = ["ReplicationStager"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torchstow.core.storage import StorageReader, StorageWriter
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 
 __all__ = ["install", "open_reader", "open_writer"]
 

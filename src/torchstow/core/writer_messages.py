@@ -2,8 +2,8 @@
 
 Requests go trainer -> writer, one response comes back per request, in
 order. A write request carries the state dict's structure pickled with its
-tensors replaced by :class:`~torchstow.core.tensor_pickle.TensorView` s of shared-memory
-segments (:mod:`torchstow.core.shm`): the tensor bytes stay where staging
+tensors replaced by :class:`~torchstow.core.staging.tensor_pickle.TensorView` s of shared-memory
+segments (:mod:`torchstow.core.staging.arena`): the tensor bytes stay where staging
 put them.
 """
 
@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from torchstow.core.failures import CapturedFailure
-from torchstow.core.shm import SegmentMapper, SharedMemoryArena, ShmRef
-from torchstow.core.tensor_pickle import dumps_tensor_views, loads_tensor_views
+from torchstow.core.protocol.failures import CapturedFailure
+from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena, ShmRef
+from torchstow.core.staging.tensor_pickle import dumps_tensor_views, loads_tensor_views
 
 __all__ = [
     "PingRequest",

@@ -34,8 +34,8 @@ from typing import Any
 
 from torchstow.core.barriers import BarrierConfig, create_barrier_from_config
 from torchstow.core.checkpoint_io import CheckpointWriter, CheckpointWriterConfig, RankInfo, WriterHook
-from torchstow.core.failures import CapturedFailure
-from torchstow.core.shm import SegmentMapper, SharedMemoryArena
+from torchstow.core.protocol.failures import CapturedFailure
+from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena
 from torchstow.core.writer_messages import (
     PingRequest,
     Request,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 import pluggy
 
 if TYPE_CHECKING:
-    from torchstow.core.backend import Backend
+    from torchstow.core.storage.backend import Backend
 
 PROJECT = "torchstow"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from torchstow.core.backend import Backend
+from torchstow.core.storage.backend import Backend
 from torchstow.errors import TorchstowError, UnknownBackendError
 from torchstow.plugins import hookspecs
 

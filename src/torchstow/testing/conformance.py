@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import torchstow
-from torchstow.core.backend import StoreBackend
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from torchstow.core.storage import ForwardingStorageWriter, WriteResult
-from torchstow.core.store import ByteStore
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.interfaces import ForwardingStorageWriter, WriteResult
+from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointException,
     CheckpointExistsError,

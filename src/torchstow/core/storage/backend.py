@@ -11,9 +11,9 @@ from __future__ import annotations
 import abc
 from typing import ClassVar
 
-from torchstow.core.layout import LayoutReader, LayoutWriter, read_manifest
-from torchstow.core.storage import StorageReader, StorageWriter
-from torchstow.core.store import ByteStore
+from torchstow.core.layout.writer import LayoutReader, LayoutWriter, read_manifest
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter
+from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.files import MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import Metadata

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from torchstow.core.buffers import as_host_bytes, tensor_bytes
+from torchstow.core.layout.views import as_host_bytes, tensor_bytes
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
-from torchstow.core.storage import StorageReader, StorageWriter, WriteResult, completed_future
-from torchstow.core.store import Buffer, ByteStore, FileSink
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult, completed_future
+from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from torchstow.core.store import StorageIOError
+from torchstow.core.storage.store import StorageIOError
 
 __all__ = ["RetryPolicy", "describe_error", "error_status", "is_transient"]
 

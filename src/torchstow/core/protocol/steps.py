@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from torchstow.core.collective import Collective, SingleProcess
-from torchstow.core.failures import CapturedFailure, capture, pack, unpack
 from torchstow.core.planning import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
@@ -25,7 +23,9 @@ from torchstow.core.planning import (
     SavePlan,
     SavePlanner,
 )
-from torchstow.core.storage import StorageReader, StorageWriter, WriteResult, wait_future
+from torchstow.core.protocol.collective import Collective, SingleProcess
+from torchstow.core.protocol.failures import CapturedFailure, capture, pack, unpack
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult, wait_future
 from torchstow.errors import CheckpointException
 from torchstow.format.manifest import Metadata
 

@@ -2,7 +2,7 @@
 
 A store holds the named files of one checkpoint location (a directory, an
 object prefix, a shared-memory folder). The core's layout writer and reader
-(:mod:`torchstow.core.layout`) do everything else: packing, alignment,
+(:mod:`torchstow.core.layout.writer`) do everything else: packing, alignment,
 checksums, manifest, commit order.
 """
 

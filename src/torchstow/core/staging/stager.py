@@ -27,7 +27,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchstow.core.dtensors import dtensor_type
-from torchstow.core.shm import SharedMemoryArena
+from torchstow.core.staging.arena import SharedMemoryArena
 
 __all__ = [
     "CheckpointStagerConfig",

@@ -1,0 +1,1 @@
+"""The collective save and load protocol: its steps, the collective, failure capture, private gloo groups."""

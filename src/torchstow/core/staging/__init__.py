@@ -1,0 +1,1 @@
+"""Staging: copies of state dicts in reusable CPU (pinned or shared) memory, and tensor pickling."""

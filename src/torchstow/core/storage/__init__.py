@@ -1,0 +1,23 @@
+"""The storage protocol: StorageWriter/Reader, the byte store, backends, retries.
+
+Also the old import path ``torchstow.core.storage``: its public names are
+re-exported here.
+"""
+
+from torchstow.core.storage.interfaces import (
+    ForwardingStorageWriter,
+    StorageReader,
+    StorageWriter,
+    WriteResult,
+    completed_future,
+    wait_future,
+)
+
+__all__ = [
+    "ForwardingStorageWriter",
+    "StorageReader",
+    "StorageWriter",
+    "WriteResult",
+    "completed_future",
+    "wait_future",
+]
