@@ -12,8 +12,8 @@ from torchstow.core.planning import (
     TensorWriteData,
     WriteItem,
     WriteItemType,
-    dedup_save_plans,
 )
+from torchstow.core.planning.save_planner import dedup_save_plans
 from torchstow.format import chunks as chunk_math
 from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, TensorProperties
 

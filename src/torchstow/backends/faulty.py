@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
 from torchstow import errors, hookimpl
+from torchstow.core.futures import failed_future
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.interfaces import (
@@ -164,11 +165,9 @@ def _hang() -> NoReturn:
 
 
 def _failed_future(spec: FaultSpec, step: str, where: str) -> concurrent.futures.Future[Any]:
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-    future.set_exception(
+    return failed_future(
         spec.exception(f"injected failed future from {step} on rank {current_rank()} ({where})")
     )
-    return future
 
 
 class _Faults:

@@ -24,11 +24,12 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
+from torchstow.core.futures import as_future, failed_future
 from torchstow.core.planning import SavePlan, SavePlanner
 from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, make_collective
 from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.steps import save_state_dict
-from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, as_future
+from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.format.manifest import Metadata
 
@@ -115,12 +116,6 @@ class _FailedWriter(StorageWriter):
         return False
 
 
-def _failed_future(error: BaseException) -> Future[Any]:
-    future: Future[Any] = Future()
-    future.set_exception(error)
-    return future
-
-
 class AsyncSavePipeline:
     """The process's save thread, default stager and commit groups."""
 
@@ -190,7 +185,7 @@ class AsyncSavePipeline:
                 job = prepare()
                 staging = as_future(stager.stage(state_dict))
             except Exception as exc:
-                staging = _failed_future(exc)
+                staging = failed_future(exc)
             commit = self._executor.submit(self._commit, staging, job, collective)
             save = AsyncSave(uri, staging, commit)
             self._last[stager] = save

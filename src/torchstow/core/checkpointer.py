@@ -28,7 +28,8 @@ from torchstow.core.checkpoint_io import (
     WriterHook,
     default_rank_info,
 )
-from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, as_future
+from torchstow.core.futures import as_future
+from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager
 from torchstow.core.writer_process import CheckpointProcess, CheckpointProcessConfig, DefaultWriterFactory
 
 __all__ = [

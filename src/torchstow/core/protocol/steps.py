@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from torchstow.core.futures import wait_future
 from torchstow.core.planning import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
@@ -25,7 +26,7 @@ from torchstow.core.planning import (
 )
 from torchstow.core.protocol.collective import Collective, SingleProcess
 from torchstow.core.protocol.failures import CapturedFailure, capture, pack, unpack
-from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult, wait_future
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
 from torchstow.errors import CheckpointException
 from torchstow.format.manifest import Metadata
 

@@ -19,7 +19,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -397,12 +397,3 @@ class DefaultStager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def as_future(value: Any) -> Future[Any]:
-    """``value`` if it is already a Future, else a completed Future of it."""
-    if isinstance(value, Future):
-        return value
-    future: Future[Any] = Future()
-    future.set_result(value)
-    return future

@@ -4,13 +4,12 @@ Also the old import path ``torchstow.core.storage``: its public names are
 re-exported here.
 """
 
+from torchstow.core.futures import completed_future, wait_future
 from torchstow.core.storage.interfaces import (
     ForwardingStorageWriter,
     StorageReader,
     StorageWriter,
     WriteResult,
-    completed_future,
-    wait_future,
 )
 
 __all__ = [

@@ -11,7 +11,9 @@ from __future__ import annotations
 import abc
 from typing import ClassVar
 
-from torchstow.core.layout.writer import LayoutReader, LayoutWriter, read_manifest
+from torchstow.core.layout.location import read_manifest
+from torchstow.core.layout.reader import LayoutReader
+from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError

@@ -3,19 +3,17 @@
 These mirror torch.distributed.checkpoint's ``StorageWriter``/``StorageReader``
 so DCP-style backends port over directly. Futures returned by ``write_data``
 and ``read_data`` may be ``torch.futures.Future`` or
-``concurrent.futures.Future``; use :func:`wait_future` to wait on either.
+``concurrent.futures.Future``; :func:`torchstow.core.futures.wait_future` waits on either.
 """
 
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import os
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import torch
-
+from torchstow.core.futures import AnyFuture
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from torchstow.format.manifest import Metadata, MetadataIndex
 
@@ -24,12 +22,7 @@ __all__ = [
     "StorageReader",
     "StorageWriter",
     "WriteResult",
-    "completed_future",
-    "wait_future",
 ]
-
-T = TypeVar("T")
-AnyFuture = Any  # torch.futures.Future[T] | concurrent.futures.Future[T]
 
 
 @dataclass(frozen=True)
@@ -165,21 +158,3 @@ class ForwardingStorageWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return True
-
-
-def wait_future(future: AnyFuture) -> Any:
-    """Wait for a torch or concurrent future and return its value (or raise)."""
-    if isinstance(future, torch.futures.Future):
-        return future.wait()
-    if isinstance(future, concurrent.futures.Future):
-        return future.result()
-    raise TypeError(
-        f"expected a torch.futures.Future or concurrent.futures.Future, got {type(future).__name__}"
-    )
-
-
-def completed_future(value: T) -> concurrent.futures.Future[T]:
-    """A future that already holds ``value``."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-    future.set_result(value)
-    return future

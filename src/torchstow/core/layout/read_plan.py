@@ -1,0 +1,139 @@
+"""How one read item's bytes are read: whole stored chunks straight into their target,
+contiguous spans into a region, strided regions through a scratch buffer; every read
+is widened to whole checksum blocks so what is read is verified."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchstow.core.layout.views import tensor_bytes
+from torchstow.core.planning import ReadItem
+from torchstow.errors import ChecksumMismatchError
+from torchstow.format import chunks as chunk_math
+from torchstow.format.checksums import BlockVerifier
+from torchstow.format.manifest import StorageInfo
+
+__all__ = ["PlannedRead", "ReadTask", "plan_read"]
+
+
+@dataclass
+class ReadTask:
+    """One read item, where its bytes are stored, and the tensor they go to."""
+
+    item: ReadItem
+    info: StorageInfo
+    target: torch.Tensor | None  # None for a non-tensor item
+    dtype: torch.dtype | None
+    chunk_sizes: torch.Size | None
+    payload: bytes = b""
+
+
+class PlannedRead:
+    """The byte ranges one task reads, its checksum verifier, and how to finish it."""
+
+    __slots__ = ("direct", "pieces", "scratch", "strided_view", "task", "verifier")
+
+    def __init__(self, task: ReadTask) -> None:
+        self.task = task
+        self.pieces: list[tuple[int, memoryview]] = []
+        self.verifier: BlockVerifier | None = None
+        self.direct: torch.Tensor | None = None
+        self.scratch: Any = None
+        self.strided_view: torch.Tensor | None = None
+
+    def check(self, data: memoryview, location: str) -> None:
+        """Verify the next bytes of this task (they arrive in order)."""
+        if self.verifier is not None:
+            self._raise_if_bad(self.verifier.feed(data), location)
+
+    def finish(self, location: str, verify: bool) -> None:
+        """Check the last block, then move the bytes where they belong."""
+        if verify and self.verifier is not None:
+            self._raise_if_bad(self.verifier.end(), location)
+        task = self.task
+        if task.target is None:
+            task.payload = bytes(self.pieces[0][1])
+        elif self.strided_view is not None:
+            with torch.no_grad():
+                task.target.copy_(self.strided_view)
+        elif self.direct is not None and self.direct is not task.target:
+            with torch.no_grad():
+                task.target.copy_(self.direct)
+
+    def _raise_if_bad(self, bad: int | None, location: str) -> None:
+        if bad is None:
+            return
+        info = self.task.info
+        block = info.block_size or info.length
+        lo = info.offset + bad * block
+        hi = info.offset + min(info.length, (bad + 1) * block)
+        raise ChecksumMismatchError(
+            f"checksum mismatch in {self.task.item.storage_index.fqn!r}: {location}/{info.relative_path} "
+            f"bytes {lo}..{hi} differ from what was saved; the checkpoint is corrupted"
+        )
+
+
+def plan_read(task: ReadTask) -> PlannedRead:
+    """The byte ranges that fill ``task``'s target, extended to whole checksum blocks."""
+    info = task.info
+    read = PlannedRead(task)
+    block = info.block_size or max(info.length, 1)
+    if task.target is None:
+        buf = memoryview(bytearray(info.length))
+        read.pieces = [(info.offset, buf)]
+        read.verifier = BlockVerifier(0, info.checksums, block)
+        return read
+    assert task.dtype is not None
+    assert task.chunk_sizes is not None
+    item = task.item
+    target = task.target
+    direct = target.is_cpu and target.dtype == task.dtype and target.is_contiguous()
+    if direct and item.lengths == task.chunk_sizes:
+        # The common case: a whole stored chunk straight into its target.
+        read.direct = target
+        if info.length:
+            read.pieces = [(info.offset, tensor_bytes(target))]
+            read.verifier = BlockVerifier(0, info.checksums, block)
+        return read
+    itemsize = task.dtype.itemsize
+    span = chunk_math.contiguous_span(task.chunk_sizes, item.storage_offsets, item.lengths)
+    if span is not None:
+        start = span[0] * itemsize
+        length = span[1] * itemsize
+        if length == 0:
+            return read
+        dest = target if direct else torch.empty(item.lengths, dtype=task.dtype)
+        read.direct = dest
+        body = tensor_bytes(dest)
+    else:
+        # A strided region: read the rows from its first to its last byte.
+        strides = _row_major_strides(task.chunk_sizes)
+        first = sum(o * s for o, s in zip(item.storage_offsets, strides, strict=True))
+        last = first + sum((n - 1) * s for n, s in zip(item.lengths, strides, strict=True))
+        start = first * itemsize
+        length = (last + 1 - first) * itemsize
+        raw = torch.empty(length, dtype=torch.uint8)
+        body = tensor_bytes(raw)
+        read.strided_view = raw.view(task.dtype).as_strided(item.lengths, strides, 0)
+        read.scratch = raw
+    # Extend the read to whole checksum blocks so every byte read is verified.
+    head_start = (start // block) * block
+    tail_end = min(info.length, -(-(start + length) // block) * block)
+    if head_start < start:
+        read.pieces.append((info.offset + head_start, memoryview(bytearray(start - head_start))))
+    read.pieces.append((info.offset + start, body))
+    if start + length < tail_end:
+        read.pieces.append((info.offset + start + length, memoryview(bytearray(tail_end - start - length))))
+    read.verifier = BlockVerifier(head_start // block, info.checksums, block)
+    return read
+
+
+def _row_major_strides(sizes: Sequence[int]) -> list[int]:
+    strides = [1] * len(sizes)
+    for d in range(len(sizes) - 2, -1, -1):
+        strides[d] = strides[d + 1] * sizes[d + 1]
+    return strides

@@ -1,0 +1,196 @@
+"""The layout reader: reads stored items straight into their target tensors where the
+layout allows, in batches per file over ``thread_count`` threads, verifying every byte."""
+
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from torchstow.core.futures import completed_future
+from torchstow.core.layout.location import StoreOpener, default_thread_count, read_manifest, rebind
+from torchstow.core.layout.read_plan import PlannedRead, ReadTask, plan_read
+from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torchstow.core.storage.interfaces import StorageReader
+from torchstow.core.storage.store import ByteStore
+from torchstow.errors import CorruptCheckpointError
+from torchstow.format.files import LARGE_ITEM
+from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+
+__all__ = ["LayoutReader"]
+
+_BATCH_BYTES = 32 << 20
+_BATCH_ITEMS = 1024
+
+
+class LayoutReader(StorageReader):
+    """A :class:`StorageReader` over any :class:`ByteStore`.
+
+    Bytes are read straight into the destination tensors where the stored
+    region maps onto their memory, and every byte read is checked against
+    its block checksums unless ``verify_checksums`` is off.
+    """
+
+    def __init__(
+        self,
+        store: ByteStore,
+        *,
+        thread_count: int | None = None,
+        verify_checksums: bool = True,
+        open_store: StoreOpener | None = None,
+    ) -> None:
+        if thread_count is not None and thread_count < 1:
+            raise ValueError(f"thread_count must be at least 1, got {thread_count}")
+        self.store = store
+        self.thread_count = thread_count or default_thread_count()
+        self.verify_checksums = verify_checksums
+        self._open_store = open_store
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.store = rebind(self.store, self._open_store, checkpoint_id)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return read_manifest(self.store)
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        # A checkpoint of JSON values only (or of nothing) has no data locations.
+        locations = {} if metadata.storage_data is None else metadata.storage_data
+        if not isinstance(locations, dict):
+            raise CorruptCheckpointError(f"the manifest at {self.store.location} records no data locations")
+        self.metadata = metadata
+        self.locations: dict[MetadataIndex, StorageInfo] = locations
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        tasks = [self._task(item, planner) for item in plan.items]
+        jobs = _jobs(_batches(tasks))
+        threads = min(self.thread_count, len(jobs))
+        if threads <= 1:
+            for job in jobs:
+                self._run_job(job)
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="torchstow-read") as pool:
+                for _ in pool.map(self._run_job, jobs):
+                    pass
+        for task in tasks:
+            if task.target is not None:
+                planner.commit_tensor(task.item, task.target)
+            else:
+                planner.load_bytes(task.item, io.BytesIO(task.payload))
+        return completed_future(None)
+
+    def _task(self, item: ReadItem, planner: LoadPlanner) -> ReadTask:
+        info = self.locations.get(item.storage_index)
+        if info is None:
+            raise CorruptCheckpointError(
+                f"the manifest at {self.store.location} has no data location for {item.storage_index}"
+            )
+        if item.type == LoadItemType.BYTE_IO:
+            return ReadTask(item, info, None, None, None)
+        entry = self.metadata.state_dict_metadata[item.storage_index.fqn]
+        assert isinstance(entry, TensorStorageMetadata)
+        chunk = _stored_chunk(entry, item.storage_index)
+        return ReadTask(item, info, planner.resolve_tensor(item), entry.properties.dtype, chunk)
+
+    def _run_job(self, job: list[tuple[str, list[ReadTask]]]) -> None:
+        for file, batch in job:
+            self._read_batch(file, batch)
+
+    def _read_batch(self, file: str, tasks: list[ReadTask]) -> None:
+        """Read a batch in segments of the store's preferred size, verifying
+        each segment right after it arrives, while its bytes are in cache."""
+        reads = [plan_read(task) for task in tasks]
+        limit = self.store.read_segment_bytes
+        segment: list[tuple[int, memoryview, PlannedRead]] = []
+        size = 0
+        for read in reads:
+            for offset, buf in read.pieces:
+                for pos in range(0, len(buf), limit):
+                    piece = buf[pos : pos + limit] if len(buf) > limit else buf
+                    segment.append((offset + pos, piece, read))
+                    size += len(piece)
+                    if size >= limit:
+                        self._read_segment(file, segment)
+                        segment = []
+                        size = 0
+        if segment:
+            self._read_segment(file, segment)
+        for read in reads:
+            read.finish(self.store.location, self.verify_checksums)
+
+    def _read_segment(self, file: str, segment: list[tuple[int, memoryview, PlannedRead]]) -> None:
+        try:
+            self.store.read_into(file, [(offset, buf) for offset, buf, _ in segment])
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"{self.store.location}/{file} is missing, though the committed manifest lists it "
+                f"(it holds {segment[0][2].task.item.storage_index.fqn!r}): the checkpoint is damaged"
+            ) from exc
+        if self.verify_checksums:
+            location = self.store.location
+            for _, buf, read in segment:
+                read.check(buf, location)
+
+
+def _stored_chunk(entry: TensorStorageMetadata, index: MetadataIndex) -> torch.Size:
+    hint = index.index
+    if hint is not None and hint < len(entry.chunks) and entry.chunks[hint].offsets == index.offset:
+        return entry.chunks[hint].sizes
+    for chunk in entry.chunks:
+        if chunk.offsets == index.offset:
+            return chunk.sizes
+    raise CorruptCheckpointError(f"the manifest has no chunk for {index}")
+
+
+def _batches(tasks: list[ReadTask]) -> dict[str, list[list[ReadTask]]]:
+    """Group tasks by file in offset order, cut into batches of bounded size."""
+    by_file: dict[str, list[ReadTask]] = {}
+    for task in tasks:
+        by_file.setdefault(task.info.relative_path, []).append(task)
+    out: dict[str, list[list[ReadTask]]] = {}
+    for file, file_tasks in by_file.items():
+        file_tasks.sort(key=lambda t: t.info.offset)
+        batches: list[list[ReadTask]] = [[]]
+        size = 0
+        for task in file_tasks:
+            if batches[-1] and (size >= _BATCH_BYTES or len(batches[-1]) >= _BATCH_ITEMS):
+                batches.append([])
+                size = 0
+            batches[-1].append(task)
+            size += task.info.length
+        out[file] = batches
+    return out
+
+
+def _jobs(batches: dict[str, list[list[ReadTask]]]) -> list[list[tuple[str, list[ReadTask]]]]:
+    """Group batches into jobs for the reader threads.
+
+    Batches of large items become a job each, to run in parallel; batches of
+    small items (mostly GIL-bound Python work) share one job, as in the writer.
+    """
+    jobs: list[list[tuple[str, list[ReadTask]]]] = []
+    small: list[tuple[str, list[ReadTask]]] = []
+    for file, file_batches in batches.items():
+        for batch in file_batches:
+            nbytes = sum(task.info.length for task in batch)
+            if nbytes >= LARGE_ITEM * len(batch):
+                jobs.append([(file, batch)])
+            else:
+                small.append((file, batch))
+    if small:
+        jobs.append(small)
+    return jobs

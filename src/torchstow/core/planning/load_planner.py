@@ -1,0 +1,175 @@
+"""The default load planner: checks the state dict against the manifest, then plans reads
+that intersect the chunks a rank holds with the stored chunks (any world size, any placement)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from torchstow.core.planning.geometry import is_raw_tensor, local_chunks
+from torchstow.core.planning.items import LoadItemType, LoadPlan, ReadItem
+from torchstow.core.planning.planners import LoadPlanner
+from torchstow.errors import StateDictMismatchError
+from torchstow.format import chunks as chunk_math
+from torchstow.format.leaves import JSON, check_unpickling_allowed, decode_object
+from torchstow.format.manifest import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+    dtype_name,
+)
+from torchstow.format.structure import flatten_state_dict, set_leaf
+
+__all__ = ["DefaultLoadPlanner"]
+
+
+def _read_items_for(
+    fqn: str, dest_index: MetadataIndex, dest: ChunkStorageMetadata, stored: list[ChunkStorageMetadata]
+) -> list[ReadItem]:
+    """Read items that fill ``dest`` (a chunk this rank holds) from the stored chunks."""
+    items = []
+    for i, chunk in enumerate(stored):
+        if chunk.offsets == dest.offsets and chunk.sizes == dest.sizes:
+            zeros = torch.Size((0,) * len(dest.sizes))
+            storage_index = MetadataIndex(fqn, chunk.offsets, i)
+            return [ReadItem(LoadItemType.TENSOR, dest_index, zeros, storage_index, zeros, dest.sizes)]
+        hit = chunk_math.overlap(dest, chunk)
+        if hit is not None:
+            dest_offsets, storage_offsets, lengths = hit
+            storage_index = MetadataIndex(fqn, chunk.offsets, i)
+            items.append(
+                ReadItem(
+                    LoadItemType.TENSOR, dest_index, dest_offsets, storage_index, storage_offsets, lengths
+                )
+            )
+    return items
+
+
+class DefaultLoadPlanner(LoadPlanner):
+    """Fills a state dict in place from a checkpoint, resharding as needed.
+
+    ``strict`` (default) rejects keys missing from the checkpoint, keys the
+    checkpoint has that the state dict lacks, and dtype mismatches, naming
+    each. With ``strict=False`` such keys are skipped and a tensor of another
+    dtype is cast on load. A shape mismatch is always an error.
+    """
+
+    def __init__(
+        self, *, flatten_state_dict: bool = True, strict: bool = True, allow_pickle: bool = False
+    ) -> None:
+        if not flatten_state_dict:
+            raise ValueError("torchstow's DefaultLoadPlanner always flattens the state dict")
+        self.strict = strict
+        self.allow_pickle = allow_pickle
+        self.missing_keys: list[str] = []
+        self.unexpected_keys: list[str] = []
+
+    def set_up_planner(
+        self, state_dict: Mapping[str, Any], metadata: Metadata, is_coordinator: bool = False
+    ) -> None:
+        self.state_dict = state_dict
+        self.metadata = metadata
+        self.is_coordinator = is_coordinator
+        flat = flatten_state_dict(state_dict)
+        self.paths = flat.paths
+        self.leaves = flat.leaves
+        stored = metadata.state_dict_metadata
+        self.missing_keys = [k for k in flat.leaves if k not in stored]
+        self.unexpected_keys = [k for k in stored if k not in flat.leaves]
+        problems = []
+        for fqn, value in flat.leaves.items():
+            entry = stored.get(fqn)
+            if entry is None:
+                continue
+            problem = self._mismatch(fqn, value, entry)
+            if problem:
+                problems.append(problem)
+        hard = [p for p, is_hard in problems if is_hard or self.strict]
+        if self.strict and (self.missing_keys or self.unexpected_keys):
+            lines = [f"missing from the checkpoint: {k}" for k in self.missing_keys]
+            lines += [f"in the checkpoint but not the state dict: {k}" for k in self.unexpected_keys]
+            hard = lines + hard
+        if hard:
+            raise StateDictMismatchError(
+                "the state dict does not match the checkpoint:\n  "
+                + "\n  ".join(hard)
+                + ("\n(pass strict=False to load only the matching keys)" if self.strict else ""),
+                missing_keys=self.missing_keys,
+                unexpected_keys=self.unexpected_keys,
+                mismatched=[p for p, _ in problems],
+            )
+        for fqn in flat.leaves:
+            entry = stored.get(fqn)
+            if isinstance(entry, BytesStorageMetadata):
+                check_unpickling_allowed(fqn, entry.encoding, allow_pickle=self.allow_pickle)
+
+    @staticmethod
+    def _mismatch(fqn: str, value: Any, entry: Any) -> tuple[str, bool] | None:
+        """(description, always an error) when ``value`` cannot take ``entry``."""
+        is_tensor = isinstance(entry, TensorStorageMetadata)
+        if is_tensor != is_raw_tensor(value):
+            want = "a tensor" if is_tensor else "a non-tensor value"
+            return f"{fqn}: the checkpoint holds {want}, the state dict a {type(value).__name__}", True
+        if not is_tensor:
+            return None
+        shape = value.shape
+        if shape != entry.size:
+            return f"{fqn}: shape {list(entry.size)} in the checkpoint, {list(shape)} in the state dict", True
+        if value.dtype != entry.properties.dtype:
+            return (
+                f"{fqn}: dtype {dtype_name(entry.properties.dtype)} in the checkpoint, "
+                f"{dtype_name(value.dtype)} in the state dict",
+                False,
+            )
+        return None
+
+    def create_local_plan(self) -> LoadPlan:
+        stored = self.metadata.state_dict_metadata
+        items: list[ReadItem] = []
+        self._targets: dict[MetadataIndex, torch.Tensor] = {}
+        for fqn, value in self.leaves.items():
+            entry = stored.get(fqn)
+            if entry is None:
+                continue
+            if isinstance(entry, TensorStorageMetadata):
+                for chunk, local in local_chunks(value, fqn):
+                    dest_index = MetadataIndex(fqn, chunk.offsets)
+                    self._targets[dest_index] = local.detach()
+                    items.extend(_read_items_for(fqn, dest_index, chunk, entry.chunks))
+            elif entry.encoding == JSON:
+                self.state_dict = set_leaf(self.state_dict, self.paths[fqn], entry.value)
+            else:
+                index = MetadataIndex(fqn)
+                items.append(
+                    ReadItem(LoadItemType.BYTE_IO, index, torch.Size(), index, torch.Size(), torch.Size())
+                )
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        entry = self.metadata.state_dict_metadata[fqn]
+        assert isinstance(entry, BytesStorageMetadata)
+        obj = decode_object(fqn, entry.encoding, value.getvalue(), allow_pickle=self.allow_pickle)
+        self.state_dict = set_leaf(self.state_dict, self.paths[fqn], obj)
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        target = self._targets[read_item.dest_index]
+        if read_item.lengths == target.shape:
+            return target
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
+            target = target.narrow(dim, start, length)
+        return target
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass
