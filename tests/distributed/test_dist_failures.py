@@ -60,7 +60,7 @@ def _check_failure(result: dict[str, Any], step: str, mode: str, exc: str, victi
             assert f"injected fault in {step}" in failure["message"]
         else:
             assert f"injected failed future from {step}" in failure["message"]
-            assert "protocol.py" in failure["files"]
+            assert "steps.py" in failure["files"]  # the protocol module (core/protocol/steps.py)
 
 
 @pytest.mark.parametrize("coordinator", [0, 2], ids=["coordinator-0", "coordinator-2"])
