@@ -24,7 +24,7 @@ from torchstow import (
     UnknownBackendError,
     WriteItem,
 )
-from torchstow.core.async_save import pipeline
+from torchstow.checkpointing.async_save import pipeline
 
 
 class GatedPlanner(DefaultSavePlanner):

@@ -30,8 +30,8 @@ from torchstow import (
     make_sync_checkpointer,
     register_barrier,
 )
-from torchstow.core.barriers import BARRIER_REGISTRY, create_barrier_from_config
-from torchstow.core.checkpoint_io import rank_uri
+from torchstow.checkpointing.barriers import BARRIER_REGISTRY, create_barrier_from_config
+from torchstow.checkpointing.checkpoint_io import rank_uri
 
 
 class Recorder(WriterHook, Barrier):

@@ -33,7 +33,7 @@ from torchstow import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
-from torchstow.core.checkpoint_io import rank_uri
+from torchstow.checkpointing.checkpoint_io import rank_uri
 
 Pair = namedtuple("Pair", "first second")
 

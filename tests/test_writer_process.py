@@ -27,8 +27,8 @@ from torchstow import (
     WriterProcessTimeoutError,
     make_async_checkpointer,
 )
+from torchstow.checkpointing.writer_messages import pack_state_dict, unpack_state_dict
 from torchstow.core.staging.arena import SHM_DIR, SegmentMapper
-from torchstow.core.writer_messages import pack_state_dict, unpack_state_dict
 
 pytestmark = pytest.mark.slow
 

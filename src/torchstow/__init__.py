@@ -21,22 +21,35 @@ from torchstow.api import (
     storage_reader,
     storage_writer,
 )
-from torchstow.core.async_save import AsyncSave
-from torchstow.core.barriers import Barrier, BarrierConfig, DistBarrier, TCPStoreBarrier, register_barrier
-from torchstow.core.checkpoint_io import (
+from torchstow.checkpointing.async_save import AsyncSave
+from torchstow.checkpointing.barriers import (
+    Barrier,
+    BarrierConfig,
+    DistBarrier,
+    TCPStoreBarrier,
+    register_barrier,
+)
+from torchstow.checkpointing.checkpoint_io import (
     CheckpointReader,
     CheckpointWriter,
     CheckpointWriterConfig,
     RankInfo,
     WriterHook,
 )
-from torchstow.core.checkpointer import (
+from torchstow.checkpointing.checkpointer import (
     AsyncCheckpointer,
     Checkpointer,
     CheckpointerConfig,
     SyncCheckpointer,
     make_async_checkpointer,
     make_sync_checkpointer,
+)
+from torchstow.checkpointing.replication import ReplicationStager
+from torchstow.checkpointing.writer_process import (
+    CheckpointProcess,
+    CheckpointProcessConfig,
+    WriterProcessError,
+    WriterProcessTimeoutError,
 )
 from torchstow.core.planning import (
     DefaultLoadPlanner,
@@ -48,18 +61,11 @@ from torchstow.core.planning import (
     SavePlanner,
     WriteItem,
 )
-from torchstow.core.replication import ReplicationStager
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
 from torchstow.core.storage.retry import RetryPolicy
 from torchstow.core.storage.store import ByteStore, FileSink, StorageFullError, StorageIOError
-from torchstow.core.writer_process import (
-    CheckpointProcess,
-    CheckpointProcessConfig,
-    WriterProcessError,
-    WriterProcessTimeoutError,
-)
 from torchstow.errors import (
     CheckpointException,
     CheckpointExistsError,

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
 from torchstow.core import uri_storage
-from torchstow.core.async_save import AsyncSave, SaveJob, pipeline
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Timeout, make_collective
 from torchstow.core.protocol.steps import load_state_dict as _load_protocol

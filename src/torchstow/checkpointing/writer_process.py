@@ -32,11 +32,14 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchstow.core.barriers import BarrierConfig, create_barrier_from_config
-from torchstow.core.checkpoint_io import CheckpointWriter, CheckpointWriterConfig, RankInfo, WriterHook
-from torchstow.core.protocol.failures import CapturedFailure
-from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena
-from torchstow.core.writer_messages import (
+from torchstow.checkpointing.barriers import BarrierConfig, create_barrier_from_config
+from torchstow.checkpointing.checkpoint_io import (
+    CheckpointWriter,
+    CheckpointWriterConfig,
+    RankInfo,
+    WriterHook,
+)
+from torchstow.checkpointing.writer_messages import (
     PingRequest,
     Request,
     RequestKind,
@@ -46,6 +49,8 @@ from torchstow.core.writer_messages import (
     pack_state_dict,
     unpack_state_dict,
 )
+from torchstow.core.protocol.failures import CapturedFailure
+from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena
 from torchstow.errors import TorchstowError
 
 __all__ = [

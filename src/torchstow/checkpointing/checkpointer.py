@@ -2,7 +2,7 @@
 
 :class:`SyncCheckpointer` writes in the caller's thread. :class:`AsyncCheckpointer`
 stages into shared memory, then a long-lived writer process
-(:mod:`torchstow.core.writer_process`) writes from there: ``save`` returns a
+(:mod:`torchstow.checkpointing.writer_process`) writes from there: ``save`` returns a
 staging future and a write future. Both load synchronously. The builders
 make either from one :class:`CheckpointerConfig`.
 """
@@ -18,8 +18,8 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchstow.core.barriers import BarrierConfig, create_barrier_from_config
-from torchstow.core.checkpoint_io import (
+from torchstow.checkpointing.barriers import BarrierConfig, create_barrier_from_config
+from torchstow.checkpointing.checkpoint_io import (
     CheckpointReader,
     CheckpointWriter,
     CheckpointWriterConfig,
@@ -28,9 +28,13 @@ from torchstow.core.checkpoint_io import (
     WriterHook,
     default_rank_info,
 )
+from torchstow.checkpointing.writer_process import (
+    CheckpointProcess,
+    CheckpointProcessConfig,
+    DefaultWriterFactory,
+)
 from torchstow.core.futures import as_future
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager
-from torchstow.core.writer_process import CheckpointProcess, CheckpointProcessConfig, DefaultWriterFactory
 
 __all__ = [
     "AsyncCheckpointer",

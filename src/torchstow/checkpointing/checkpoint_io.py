@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from torchstow.core.barriers import Barrier
+from torchstow.checkpointing.barriers import Barrier
 from torchstow.core.dtensors import is_dtensor, local_view
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner
 from torchstow.core.protocol.steps import load_state_dict, save_state_dict
