@@ -33,7 +33,6 @@ from torchstow.checkpointing.checkpoint_io import (
     CheckpointReader,
     CheckpointWriter,
     CheckpointWriterConfig,
-    RankInfo,
     WriterHook,
 )
 from torchstow.checkpointing.checkpointer import (
@@ -44,6 +43,7 @@ from torchstow.checkpointing.checkpointer import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
+from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.checkpointing.replication import ReplicationStager
 from torchstow.checkpointing.writer_process import (
     CheckpointProcess,

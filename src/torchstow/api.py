@@ -11,16 +11,17 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
-from torchstow.core import uri_storage
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
-from torchstow.core.protocol.collective import Timeout, make_collective
+from torchstow.core.protocol.collective import Collective, Timeout, make_collective
 from torchstow.core.protocol.steps import load_state_dict as _load_protocol
 from torchstow.core.protocol.steps import save_state_dict as _save_protocol
+from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 from torchstow.errors import (
     CheckpointNotFoundError,
@@ -90,6 +91,20 @@ def storage_reader(uri: Uri, **storage_options: Any) -> StorageReader:
     return default_registry().backend_for(text, storage_options).storage_reader(text)
 
 
+@dataclass(frozen=True)
+class _Distributed:
+    """Where a collective call runs: the group, its coordinator, single-process or not,
+    and how long a rank waits for the others (the keywords every collective call takes)."""
+
+    process_group: Any = None
+    coordinator_rank: int = 0
+    no_dist: bool | None = None
+    timeout: Timeout | None = None
+
+    def collective(self) -> Collective:
+        return make_collective(self.process_group, self.coordinator_rank, self.no_dist, self.timeout)
+
+
 def _check_user_metadata(metadata: Any) -> dict[str, Any]:
     if metadata is None:
         return {}
@@ -140,11 +155,12 @@ def save(
     committed manifest.
     """
     job = _save_job(uri, storage_options, planner, metadata, overwrite, allow_pickle)
+    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     return _save_protocol(
         state_dict,
         job.writer,
         planner=job.planner,
-        collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
+        collective=dist.collective(),
         user_metadata=job.user_metadata,
     )
 
@@ -169,12 +185,9 @@ def load(
     and casts tensors of another dtype. ``timeout`` is as in :func:`save`.
     """
     reader = storage_reader(uri, **(storage_options or {}))
-    _load_protocol(
-        state_dict,
-        reader,
-        planner=planner or DefaultLoadPlanner(strict=strict, allow_pickle=allow_pickle),
-        collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
-    )
+    planner = planner or DefaultLoadPlanner(strict=strict, allow_pickle=allow_pickle)
+    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
+    _load_protocol(state_dict, reader, planner=planner, collective=dist.collective())
 
 
 def async_save(
@@ -189,7 +202,7 @@ def async_save(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
-    stager: Any = None,
+    stager: Stager | None = None,
 ) -> AsyncSave:
     """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
 
@@ -225,12 +238,10 @@ def save_state_dict(
     timeout: Timeout | None = None,
 ) -> Metadata:
     """:func:`save` with an explicit :class:`StorageWriter`."""
+    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
+    user_metadata = _check_user_metadata(metadata)
     return _save_protocol(
-        state_dict,
-        storage_writer,
-        planner=planner,
-        collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
-        user_metadata=_check_user_metadata(metadata),
+        state_dict, storage_writer, planner=planner, collective=dist.collective(), user_metadata=user_metadata
     )
 
 
@@ -245,12 +256,8 @@ def load_state_dict(
     timeout: Timeout | None = None,
 ) -> None:
     """:func:`load` with an explicit :class:`StorageReader`."""
-    _load_protocol(
-        state_dict,
-        storage_reader,
-        planner=planner,
-        collective=make_collective(process_group, coordinator_rank, no_dist, timeout),
-    )
+    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
+    _load_protocol(state_dict, storage_reader, planner=planner, collective=dist.collective())
 
 
 def _select(metadata: Metadata, keys: Iterable[str] | None) -> list[str]:
@@ -372,6 +379,3 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
     """Remove the checkpoint at ``uri`` (manifest first, so it is never half-valid)."""
     text = _uri(uri)
     default_registry().backend_for(text, storage_options).delete(text)
-
-
-uri_storage.install(storage_writer, storage_reader)

@@ -29,6 +29,7 @@ from torchstow.core.planning import SavePlan, SavePlanner
 from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, make_collective
 from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.steps import save_state_dict
+from torchstow.core.staging.protocol import Stager
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.format.manifest import Metadata
@@ -122,7 +123,7 @@ class AsyncSavePipeline:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-async-save")
         self._lock = threading.Lock()
-        self._last: weakref.WeakKeyDictionary[Any, AsyncSave] = weakref.WeakKeyDictionary()
+        self._last: weakref.WeakKeyDictionary[Stager, AsyncSave] = weakref.WeakKeyDictionary()
         self._default_stager: DefaultStager | None = None
         self._world: Any = None
         self._groups: dict[tuple[int, ...], Any] = {}
@@ -168,7 +169,7 @@ class AsyncSavePipeline:
         prepare: Callable[[], SaveJob],
         *,
         collective: Collective,
-        stager: Any = None,
+        stager: Stager | None = None,
     ) -> AsyncSave:
         """Stage ``state_dict`` and queue its save; see the module docstring.
 
@@ -176,7 +177,8 @@ class AsyncSavePipeline:
         the save fail on every rank, so no rank waits for one that gave up.
         """
         with self._lock:
-            stager = stager if stager is not None else self.default_stager()
+            if stager is None:
+                stager = self.default_stager()
             previous = self._last.get(stager)
             if previous is not None:
                 previous.wait()  # it may still be writing from the buffers we are about to fill

@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from torchstow.checkpointing.checkpoint_io import RankInfo
+    from torchstow.checkpointing.rank_info import RankInfo
 
 __all__ = [
     "BARRIER_REGISTRY",

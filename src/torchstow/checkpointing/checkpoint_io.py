@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from torchstow.checkpointing.barriers import Barrier
+from torchstow.checkpointing.opener import StorageOpener
+from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.core.dtensors import is_dtensor, local_view
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner
 from torchstow.core.protocol.steps import load_state_dict, save_state_dict
 from torchstow.core.storage.interfaces import ForwardingStorageWriter, StorageWriter, WriteResult
-from torchstow.core.uri_storage import open_reader, open_writer
 from torchstow.errors import CheckpointNotFoundError, StateDictMismatchError
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 from torchstow.format.structure import build_nested, flatten_state_dict, leaf_paths, set_leaf
@@ -35,29 +36,11 @@ __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
     "CheckpointWriterConfig",
-    "RankInfo",
     "WriterHook",
     "rank_uri",
 ]
 
 logger = logging.getLogger("torchstow")
-
-
-@dataclass
-class RankInfo:
-    """This process's place in the job."""
-
-    global_rank: int = 0
-    global_world_size: int = 1
-
-
-def default_rank_info() -> RankInfo:
-    """The rank and world size of the default process group, or a single rank."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return RankInfo(dist.get_rank(), dist.get_world_size())
-    return RankInfo()
 
 
 def rank_uri(path: str, rank: int) -> str:
@@ -117,7 +100,9 @@ class CheckpointWriter:
     ``barrier`` runs once per write, after the commit; ``commit_hook``'s
     methods run before and after the commit with the path and the caller's
     keyword arguments. A failed write raises the save's CheckpointException
-    (its ``failures`` hold the original error) and commits nothing.
+    (its ``failures`` hold the original error) and commits nothing. ``opener``
+    opens the storage (default: the installed plugins, with the config's
+    ``storage_options``).
     """
 
     def __init__(
@@ -126,17 +111,20 @@ class CheckpointWriter:
         rank_info: RankInfo,
         barrier: Barrier | None = None,
         commit_hook: WriterHook | None = None,
+        *,
+        opener: StorageOpener | None = None,
     ) -> None:
         self.config = config
         self.rank_info = rank_info
         self.barrier = barrier
         self.commit_hook = commit_hook
+        self.opener = opener if opener is not None else StorageOpener(config.storage_options)
 
     def write(self, path: str, state_dict: Mapping[str, Any], **kwargs: Any) -> None:
         """Write ``state_dict`` as this rank's checkpoint under ``path`` (any URI)."""
         uri = rank_uri(path, self.rank_info.global_rank)
         hook = self.commit_hook
-        writer = open_writer(uri, overwrite=self.config.overwrite, **self.config.storage_options)
+        writer = self.opener.writer(uri, overwrite=self.config.overwrite)
         if hook is not None:
             writer = _HookedWriter(writer, lambda: hook.pre_commit(path, **kwargs))
         save_state_dict(
@@ -170,11 +158,20 @@ def _target_device(map_location: MapLocation) -> torch.device | None:
 
 
 class CheckpointReader:
-    """Reads this rank's checkpoint under a path written by :class:`CheckpointWriter`."""
+    """Reads this rank's checkpoint under a path written by :class:`CheckpointWriter`.
 
-    def __init__(self, rank_info: RankInfo, *, storage_options: dict[str, Any] | None = None) -> None:
+    ``opener`` opens the storage (default: the installed plugins, with ``storage_options``).
+    """
+
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        opener: StorageOpener | None = None,
+    ) -> None:
         self.rank_info = rank_info
-        self.storage_options = dict(storage_options or {})
+        self.opener = opener if opener is not None else StorageOpener(dict(storage_options or {}))
 
     def read(
         self,
@@ -198,7 +195,7 @@ class CheckpointReader:
         """
         rank = self.rank_info.global_rank
         uri = rank_uri(path, rank)
-        reader = open_reader(uri, **self.storage_options)
+        reader = self.opener.reader(uri)
         try:
             metadata = reader.read_metadata()
         except CheckpointNotFoundError as exc:

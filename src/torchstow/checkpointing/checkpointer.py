@@ -24,10 +24,9 @@ from torchstow.checkpointing.checkpoint_io import (
     CheckpointWriter,
     CheckpointWriterConfig,
     MapLocation,
-    RankInfo,
     WriterHook,
-    default_rank_info,
 )
+from torchstow.checkpointing.rank_info import RankInfo, default_rank_info
 from torchstow.checkpointing.writer_process import (
     CheckpointProcess,
     CheckpointProcessConfig,

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from torchstow.checkpointing.opener import StorageOpener
 from torchstow.core.dtensors import local_view
 from torchstow.core.planning import DefaultSavePlanner
 from torchstow.core.protocol.collective import SingleProcess
@@ -31,7 +32,6 @@ from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.staging.stager import StateDictStager
 from torchstow.core.staging.tensor_pickle import dumps_tensor_views, loads_tensor_views
-from torchstow.core.uri_storage import open_writer
 
 __all__ = ["ReplicationStager"]
 
@@ -65,6 +65,7 @@ class ReplicationStager:
         storage_dir: str | os.PathLike[str] | None = None,
         *,
         allow_pickle: bool = False,
+        opener: StorageOpener | None = None,
     ) -> None:
         import torch.distributed as dist
 
@@ -89,6 +90,7 @@ class ReplicationStager:
         self._partner_in_group = dist.get_group_rank(self._group, self.partner_rank)
         self._stager = StateDictStager()
         self.allow_pickle = allow_pickle
+        self.opener = opener if opener is not None else StorageOpener()
         if storage_dir is None:
             self._storage_dir = tempfile.mkdtemp(prefix="torchstow-replicas-")
         else:
@@ -211,7 +213,7 @@ class ReplicationStager:
     def _persist(self, received: Any) -> None:
         save_state_dict(
             local_view(received),
-            open_writer(self.persisted_uri(self.rank, self.partner_rank), overwrite=True),
+            self.opener.writer(self.persisted_uri(self.rank, self.partner_rank), overwrite=True),
             planner=DefaultSavePlanner(allow_pickle=self.allow_pickle),
             collective=SingleProcess(),
             user_metadata={"replica_of_rank": self.partner_rank, "kept_by_rank": self.rank},

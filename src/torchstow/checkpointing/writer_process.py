@@ -36,9 +36,10 @@ from torchstow.checkpointing.barriers import BarrierConfig, create_barrier_from_
 from torchstow.checkpointing.checkpoint_io import (
     CheckpointWriter,
     CheckpointWriterConfig,
-    RankInfo,
     WriterHook,
 )
+from torchstow.checkpointing.opener import StorageOpener
+from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.checkpointing.writer_messages import (
     PingRequest,
     Request,
@@ -87,12 +88,13 @@ class DefaultWriterFactory:
     writer_config: CheckpointWriterConfig = field(default_factory=CheckpointWriterConfig)
     barrier_config: BarrierConfig = field(default_factory=BarrierConfig)
     commit_hook: WriterHook | None = None
+    opener: StorageOpener | None = None
 
     def __call__(self, rank_info: RankInfo) -> CheckpointWriter:
         barrier = create_barrier_from_config(
             self.barrier_config, rank_info, timeout_secs=self.writer_config.write_barrier_timeout_secs
         )
-        return CheckpointWriter(self.writer_config, rank_info, barrier, self.commit_hook)
+        return CheckpointWriter(self.writer_config, rank_info, barrier, self.commit_hook, opener=self.opener)
 
 
 WriterFactory = Callable[[RankInfo], CheckpointWriter]
