@@ -20,6 +20,7 @@ __all__ = [
     "FormatVersionError",
     "IncompleteCheckpointError",
     "PickleNotAllowedError",
+    "PluginConflictError",
     "RemoteError",
     "StateDictMismatchError",
     "StorageFullError",
@@ -97,6 +98,10 @@ class StorageIOError(TorchstowError, OSError):
 
 class StorageFullError(StorageIOError):
     """The store has no room for the checkpoint (ENOSPC, a full tmpfs, a quota)."""
+
+
+class PluginConflictError(TorchstowError):
+    """Two plugins claim the same URI scheme and neither is preferred."""
 
 
 class RemoteError(TorchstowError):

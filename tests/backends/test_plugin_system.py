@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import pluggy
 import pytest
 import torch
 
@@ -218,3 +219,37 @@ def test_the_register_hook_is_called_once_per_registry_with_a_register_callable(
 def test_unknown_storage_options_are_named(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"does not take the storage options \['fsync_please'\].*fsync"):
         torchstow.save({}, str(tmp_path / "c"), storage_options={"fsync_please": True})
+
+
+def test_a_misspelled_hook_is_an_error_not_ignored(plugins: Plugins, tmp_path: Path) -> None:
+    plugins.add(
+        "typo-store",
+        "typo",
+        """
+        from torchstow import hookimpl
+
+        @hookimpl
+        def torchstow_register_backend(register):
+            pass
+        """,
+    )
+    registry = BackendRegistry(get_plugin_manager())
+    assert "unknown hook 'torchstow_register_backend'" in registry.load_errors["typo"]
+    assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
+
+    class Typo:
+        @torchstow.hookimpl
+        def torchstow_register_backend(self, register: object) -> None:
+            pass
+
+    pm = PluginManager()
+    pm.register(Typo(), name="typo-by-hand")
+    with pytest.raises(pluggy.PluginValidationError, match="torchstow_register_backend"):
+        BackendRegistry(pm)
+
+
+def test_a_backend_taking_kwargs_still_names_the_options_it_takes(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"\['no_such_option'\].*endpoint_url.*part_size"):
+        torchstow.save({}, "s3://bucket/ckpt", storage_options={"no_such_option": 1})
+    with pytest.raises(TypeError, match=r"\['fsync_please'\].*fsync"):
+        torchstow.save({}, f"faulty+{tmp_path}/c?fail=finish", storage_options={"fsync_please": True})

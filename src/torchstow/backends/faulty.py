@@ -20,18 +20,29 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
-from torchstow import errors, hookimpl
-from torchstow.core.futures import failed_future
-from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
-from torchstow.core.storage.backend import Backend, StoreBackend
-from torchstow.core.storage.interfaces import (
+from torchstow import errors
+from torchstow.spi import (
+    Backend,
+    Buffer,
+    ByteStore,
+    FileSink,
+    ForwardingByteStore,
+    ForwardingStorageReader,
     ForwardingStorageWriter,
+    LoadPlan,
+    LoadPlanner,
+    Metadata,
+    Register,
+    SavePlan,
+    SavePlanner,
     StorageReader,
     StorageWriter,
+    StoreBackend,
     WriteResult,
+    failed_future,
+    hookimpl,
+    open_backend,
 )
-from torchstow.core.storage.store import Buffer, ByteStore, FileSink
-from torchstow.format.manifest import Metadata
 
 __all__ = [
     "MODES",
@@ -235,11 +246,11 @@ class FaultyWriter(_Wrapper, ForwardingStorageWriter):
         self.inner.finish(metadata, results)
 
 
-class FaultyReader(_Wrapper, StorageReader):
+class FaultyReader(_Wrapper, ForwardingStorageReader):
     """A reader that injects its fault, then defers to the inner reader."""
 
     def __init__(self, inner: StorageReader, spec: FaultSpec, where: str = "") -> None:
-        self.inner = inner
+        ForwardingStorageReader.__init__(self, inner)
         self.faults = _Faults(spec, where)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -291,39 +302,16 @@ class _CorruptingSink(FileSink):
         self.inner.abort()
 
 
-class _CorruptingStore(ByteStore):
+class _CorruptingStore(ForwardingByteStore):
     """The inner store, with data files written through :class:`_CorruptingSink` on faulty ranks."""
 
     def __init__(self, inner: ByteStore, spec: FaultSpec) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.spec = spec
-        self.location = inner.location
-        self.read_segment_bytes = inner.read_segment_bytes
-
-    def prepare(self) -> None:
-        self.inner.prepare()
 
     def create(self, name: str) -> FileSink:
         sink = self.inner.create(name)
         return _CorruptingSink(sink) if self.spec.applies("write_data") else sink
-
-    def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
-        self.inner.read_into(name, requests)
-
-    def read_file(self, name: str) -> bytes:
-        return self.inner.read_file(name)
-
-    def publish(self, name: str, data: bytes) -> None:
-        self.inner.publish(name, data)
-
-    def list_files(self) -> list[str]:
-        return self.inner.list_files()
-
-    def delete_files(self, names: Sequence[str]) -> None:
-        self.inner.delete_files(names)
-
-    def remove_location(self) -> None:
-        self.inner.remove_location()
 
 
 class _CorruptingBackend(StoreBackend):
@@ -353,10 +341,8 @@ class FaultyBackend(Backend):
         self.storage_options = storage_options
 
     def _inner(self, uri: str) -> tuple[str, FaultSpec, Backend]:
-        from torchstow.plugins.manager import default_registry
-
         inner_uri, spec = parse_faulty_uri(uri)
-        return inner_uri, spec, default_registry().backend_for(inner_uri, self.storage_options)
+        return inner_uri, spec, open_backend(inner_uri, **self.storage_options)
 
     def storage_writer(self, uri: str, *, overwrite: bool = False) -> StorageWriter:
         inner_uri, spec, backend = self._inner(uri)
@@ -388,6 +374,6 @@ class FaultyBackend(Backend):
 
 
 @hookimpl
-def torchstow_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+def torchstow_register_backends(register: Register) -> None:
     """Register the fault-injecting backend for ``faulty+<inner-uri>`` URIs."""
     register(FaultyBackend)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from torchstow import hookimpl
-from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.backend import DirectoryBackend
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageFullError
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.files import temporary_name
@@ -30,7 +30,7 @@ from torchstow.format.files import temporary_name
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register
 
-__all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of"]
+__all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of", "subdirectories"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
@@ -45,6 +45,15 @@ def path_of(uri: str) -> str:
             raise ValueError(f"{uri!r}: a file:// URI needs an absolute path (file:///dir/ckpt)")
         return unquote(rest)
     return os.path.expanduser(os.fspath(uri))
+
+
+def subdirectories(path: str) -> list[str]:
+    """Names of the directories in ``path``; [] when it does not exist."""
+    try:
+        with os.scandir(path) as entries:
+            return [e.name for e in entries if e.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _load_sync_file_range() -> Any:
@@ -261,7 +270,7 @@ class LocalFileStore(ByteStore):
             os.rmdir(self.path)
 
 
-class FileSystemBackend(StoreBackend):
+class FileSystemBackend(DirectoryBackend):
     """Checkpoints as directories on a local (or mounted) filesystem.
 
     Storage options: ``thread_count`` (files and threads per rank), ``fsync``
@@ -279,17 +288,8 @@ class FileSystemBackend(StoreBackend):
     def open_store(self, uri: str) -> LocalFileStore:
         return LocalFileStore(path_of(uri), uri, fsync=self.fsync)
 
-    def list_children(self, prefix: str) -> list[str]:
-        path = path_of(prefix)
-        try:
-            with os.scandir(path) as entries:
-                names = sorted(e.name for e in entries if e.is_dir())
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        if prefix.startswith("file://"):
-            base = prefix.rstrip("/")
-            return [f"{base}/{name}" for name in names]
-        return [os.path.join(prefix, name) for name in names]
+    def child_names(self, prefix: str) -> list[str]:
+        return subdirectories(path_of(prefix))
 
 
 @hookimpl

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torchstow import hookimpl
-from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.backend import DirectoryBackend
 from torchstow.core.storage.retry import RetryPolicy, error_status
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageIOError
 from torchstow.errors import CorruptCheckpointError
@@ -95,6 +95,36 @@ def _is_s3(fs_or_class: Any) -> bool:
     )
 
 
+def filesystem_class(uri: str) -> Any:
+    """The fsspec filesystem class for ``uri``'s protocol; ImportError with an install hint."""
+    import fsspec
+
+    protocol, _ = split_uri(uri)
+    try:
+        return fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        hint = _INSTALL_HINTS.get(protocol)
+        raise ImportError(
+            f"{uri!r} needs the fsspec implementation of {protocol!r}, which is not installed"
+            + (f": {hint}" if hint else f" ({exc})")
+        ) from exc
+
+
+def filesystem_options(cls: Any) -> list[str]:
+    """The keyword options ``cls`` and the fsspec classes it builds on name in their constructors."""
+    import inspect
+
+    names = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                names.add(p.name)
+    return sorted(names)
+
+
 def open_filesystem(uri: str, options: dict[str, Any]) -> tuple[Any, str]:
     """The fsspec filesystem for ``uri`` built with ``options``, and the path in it.
 
@@ -103,17 +133,9 @@ def open_filesystem(uri: str, options: dict[str, Any]) -> tuple[Any, str]:
     store's retry policy does), unless ``config_kwargs`` sets ``retries``.
     """
     protocol, url = split_uri(uri)
-    import fsspec
     from fsspec.utils import tokenize
 
-    try:
-        cls = fsspec.get_filesystem_class(protocol)
-    except (ImportError, ValueError) as exc:
-        hint = _INSTALL_HINTS.get(protocol)
-        raise ImportError(
-            f"{uri!r} needs the fsspec implementation of {protocol!r}, which is not installed"
-            + (f": {hint}" if hint else f" ({exc})")
-        ) from exc
+    cls = filesystem_class(uri)
     kwargs = {**cls._get_kwargs_from_urls(url), **options}
     own_retries = _is_s3(cls) and "retries" not in (kwargs.get("config_kwargs") or {})
     if own_retries:
@@ -446,7 +468,7 @@ class FsspecStore(ByteStore):
                 self.fs.rmdir(self.path)
 
 
-class FsspecBackend(StoreBackend):
+class FsspecBackend(DirectoryBackend):
     """Checkpoints on any fsspec filesystem: S3, GCS, Azure, memory, and more.
 
     Storage options: ``part_size`` (bytes per uploaded part, default 16 MiB),
@@ -504,10 +526,13 @@ class FsspecBackend(StoreBackend):
         fs, path = open_filesystem(uri, self.fs_options)
         return FsspecStore(fs, path, uri.rstrip("/"), self.tuning)
 
-    def list_children(self, prefix: str) -> list[str]:
-        store = self.open_store(prefix)
-        base = prefix if prefix.endswith("/") else prefix + "/"
-        return [base + name for name, kind in store._list() if kind == "directory"]
+    @classmethod
+    def extra_storage_options(cls, uri: str) -> list[str]:
+        """The options the fsspec filesystem for ``uri`` names in its constructors."""
+        return filesystem_options(filesystem_class(uri))
+
+    def child_names(self, prefix: str) -> list[str]:
+        return [name for name, kind in self.open_store(prefix)._list() if kind == "directory"]
 
 
 @hookimpl

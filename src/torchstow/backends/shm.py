@@ -20,8 +20,8 @@ import os
 from typing import TYPE_CHECKING
 
 from torchstow import hookimpl
-from torchstow.backends.filesystem import LocalFileStore
-from torchstow.core.storage.backend import StoreBackend
+from torchstow.backends.filesystem import LocalFileStore, subdirectories
+from torchstow.core.storage.backend import DirectoryBackend
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register
@@ -49,7 +49,7 @@ class ShmStore(LocalFileStore):
         super().__init__(path, location, fsync=False)
 
 
-class ShmBackend(StoreBackend):
+class ShmBackend(DirectoryBackend):
     """Checkpoints in POSIX shared memory, shared by the processes of one machine.
 
     Storage options: ``shm_dir`` (the directory in a tmpfs that holds them),
@@ -76,15 +76,8 @@ class ShmBackend(StoreBackend):
     def open_store(self, uri: str) -> ShmStore:
         return ShmStore(self.path_of(uri), uri)
 
-    def list_children(self, prefix: str) -> list[str]:
-        path = self.path_of(prefix)
-        try:
-            with os.scandir(path) as entries:
-                names = sorted(e.name for e in entries if e.is_dir())
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        base = prefix if prefix.endswith("/") else prefix + "/"
-        return [base + name for name in names]
+    def child_names(self, prefix: str) -> list[str]:
+        return subdirectories(self.path_of(prefix))
 
 
 @hookimpl

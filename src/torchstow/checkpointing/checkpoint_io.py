@@ -27,7 +27,8 @@ from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.core.dtensors import is_dtensor, local_view
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner
 from torchstow.core.protocol.steps import load_state_dict, save_state_dict
-from torchstow.core.storage.interfaces import ForwardingStorageWriter, StorageWriter, WriteResult
+from torchstow.core.storage.forwarding import ForwardingStorageWriter
+from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.errors import CheckpointNotFoundError, StateDictMismatchError
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 from torchstow.format.structure import build_nested, flatten_state_dict, leaf_paths, set_leaf

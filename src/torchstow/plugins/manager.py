@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from torchstow.core.storage.backend import Backend
-from torchstow.errors import TorchstowError, UnknownBackendError
+from torchstow.errors import PluginConflictError, UnknownBackendError
 from torchstow.plugins import hookspecs
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "PluginManager",
     "default_registry",
     "get_plugin_manager",
+    "open_backend",
     "reset_default_registry",
     "scheme_of",
 ]
@@ -41,10 +42,6 @@ logger = logging.getLogger("torchstow")
 ENTRY_POINT_GROUP = "torchstow.backends"
 DISABLE_ENV = "TORCHSTOW_DISABLE_PLUGINS"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-
-
-class PluginConflictError(TorchstowError):
-    """Two plugins claim the same URI scheme and neither is preferred."""
 
 
 def disabled_plugins() -> set[str]:
@@ -91,7 +88,14 @@ class PluginManager(pluggy.PluginManager):
                     self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
                     logger.warning("torchstow plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
                     continue
-                self.register(plugin, name=ep.name)
+                try:
+                    self.register(plugin, name=ep.name)
+                    self.check_pending()
+                except pluggy.PluginValidationError as exc:
+                    self.unregister(name=ep.name)
+                    self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
+                    logger.warning("torchstow plugin %r (%s) is invalid: %s", ep.name, ep.value, exc)
+                    continue
                 self.versions[ep.name] = dist.version
 
 
@@ -140,6 +144,7 @@ class BackendRegistry:
         self.distributions: dict[str, str] = dict(getattr(pm, "distributions", {}))
         self.load_errors: dict[str, str] = dict(getattr(pm, "load_errors", {}))
         self._entries: dict[str, BackendEntry] = {}
+        pm.check_pending()  # a hook implementation no spec knows (a misspelled name) is an error
         for impl in pm.hook.torchstow_register_backends.get_hookimpls():
             plugin = impl.plugin_name
             version = self.versions.get(plugin)
@@ -217,19 +222,34 @@ class BackendRegistry:
         """An instance of the backend for ``uri``, built with ``storage_options``."""
         backend = self.resolve(uri).backend
         options = storage_options or {}
-        try:
-            inspect.signature(backend).bind(**options)
-        except TypeError:
-            params = [
-                p.name
-                for p in inspect.signature(backend).parameters.values()
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-            ]
+        accepted = accepted_storage_options(backend, uri)
+        if accepted is not None and not accepted.issuperset(options):
+            unknown = sorted(set(options) - accepted)
             raise TypeError(
                 f"{backend.__name__} ({uri!r}) does not take the storage options "
-                f"{sorted(options)}; it takes: {', '.join(params) or 'none'}"
-            ) from None
+                f"{unknown}; it takes: {', '.join(sorted(accepted)) or 'none'}"
+            )
         return backend(**options)
+
+
+def accepted_storage_options(backend: type[Backend], uri: str) -> set[str] | None:
+    """The storage options ``backend`` takes for ``uri``: its constructor's named
+    keyword parameters, plus what it passes on through ``**kwargs``
+    (:meth:`Backend.extra_storage_options`); None when it takes any name."""
+    params = inspect.signature(backend).parameters.values()
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        extra = backend.extra_storage_options(uri)
+        if extra is None:
+            return None
+        names.update(extra)
+    return names
+
+
+def open_backend(uri: str, **storage_options: Any) -> Backend:
+    """The backend that serves ``uri`` among the installed plugins, built with
+    ``storage_options``: what a wrapper backend uses to reach the one it wraps."""
+    return default_registry().backend_for(uri, storage_options)
 
 
 _default: BackendRegistry | None = None

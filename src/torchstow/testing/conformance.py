@@ -28,7 +28,8 @@ import torch
 import torchstow
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.storage.backend import StoreBackend
-from torchstow.core.storage.interfaces import ForwardingStorageWriter, WriteResult
+from torchstow.core.storage.forwarding import ForwardingStorageWriter
+from torchstow.core.storage.interfaces import WriteResult
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointException,

@@ -5,12 +5,8 @@ re-exported here.
 """
 
 from torchstow.core.futures import completed_future, wait_future
-from torchstow.core.storage.interfaces import (
-    ForwardingStorageWriter,
-    StorageReader,
-    StorageWriter,
-    WriteResult,
-)
+from torchstow.core.storage.forwarding import ForwardingStorageWriter
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
 
 __all__ = [
     "ForwardingStorageWriter",

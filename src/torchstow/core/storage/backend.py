@@ -9,6 +9,7 @@ core's layout does the rest.
 from __future__ import annotations
 
 import abc
+from collections.abc import Collection
 from typing import ClassVar
 
 from torchstow.core.layout.location import read_manifest
@@ -20,17 +21,26 @@ from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.files import MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import Metadata
 
-__all__ = ["Backend", "StoreBackend"]
+__all__ = ["Backend", "DirectoryBackend", "StoreBackend"]
 
 
 class Backend(abc.ABC):
     """A kind of storage, reachable through the URI schemes in ``schemes``.
 
     The constructor takes the caller's ``storage_options`` as keywords; an
-    unknown option is a TypeError naming it.
+    unknown option is a TypeError naming it and the accepted ones (see
+    :meth:`extra_storage_options` for a constructor that takes ``**kwargs``).
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def extra_storage_options(cls, uri: str) -> Collection[str] | None:
+        """For a constructor that takes ``**kwargs``: the option names it passes on for
+        ``uri``, besides its named parameters. ``None`` (the default) lets any name
+        through, for a backend that checks them itself (as a wrapper does through
+        :func:`torchstow.spi.open_backend`)."""
+        return None
 
     @abc.abstractmethod
     def storage_writer(self, uri: str, *, overwrite: bool = False) -> StorageWriter:
@@ -99,3 +109,16 @@ class StoreBackend(Backend):
         store.delete_files(ours)
         if len(ours) + (MANIFEST in files) == len(files):
             store.remove_location()
+
+
+class DirectoryBackend(StoreBackend):
+    """A :class:`StoreBackend` whose checkpoints are directories (or object prefixes)
+    under a prefix: implement :meth:`child_names` and ``list_children`` comes for free."""
+
+    @abc.abstractmethod
+    def child_names(self, prefix: str) -> list[str]:
+        """Names of the directories directly under ``prefix``; [] when it does not exist."""
+
+    def list_children(self, prefix: str) -> list[str]:
+        base = prefix if prefix.endswith("/") else prefix + "/"
+        return [base + name for name in sorted(self.child_names(prefix))]

@@ -17,12 +17,7 @@ from torchstow.core.futures import AnyFuture
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from torchstow.format.manifest import Metadata, MetadataIndex
 
-__all__ = [
-    "ForwardingStorageWriter",
-    "StorageReader",
-    "StorageWriter",
-    "WriteResult",
-]
+__all__ = ["StorageReader", "StorageWriter", "WriteResult"]
 
 
 @dataclass(frozen=True)
@@ -125,36 +120,3 @@ class StorageReader(abc.ABC):
     @abc.abstractmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         """Whether this reader can handle ``checkpoint_id``."""
-
-
-class ForwardingStorageWriter(StorageWriter):
-    """A writer that hands every call to ``inner``: subclass it and override
-    only the steps a wrapper changes (a hook before the commit, a fault)."""
-
-    def __init__(self, inner: StorageWriter) -> None:
-        self.inner = inner
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        self.inner.reset(checkpoint_id)
-
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
-
-    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return self.inner.prepare_local_plan(plan)
-
-    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return self.inner.prepare_global_plan(plans)
-
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> AnyFuture:
-        return self.inner.write_data(plan, planner)
-
-    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        self.inner.finish(metadata, results)
-
-    def abort(self) -> None:
-        self.inner.abort()
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return True

@@ -1,0 +1,116 @@
+"""Forwarding bases for wrappers: a writer, reader or byte store that hands every call
+to ``inner``. Subclass one and override only the steps the wrapper changes (a hook
+before the commit, an injected fault, a corrupting sink)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torchstow.core.futures import AnyFuture
+from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
+from torchstow.core.storage.store import ByteStore, FileSink
+from torchstow.format.manifest import Metadata
+
+__all__ = ["ForwardingByteStore", "ForwardingStorageReader", "ForwardingStorageWriter"]
+
+
+class ForwardingStorageWriter(StorageWriter):
+    """A writer that hands every call to ``inner``."""
+
+    def __init__(self, inner: StorageWriter) -> None:
+        self.inner = inner
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.inner.reset(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return self.inner.prepare_local_plan(plan)
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return self.inner.prepare_global_plan(plans)
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> AnyFuture:
+        return self.inner.write_data(plan, planner)
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        self.inner.finish(metadata, results)
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+class ForwardingStorageReader(StorageReader):
+    """A reader that hands every call to ``inner``."""
+
+    def __init__(self, inner: StorageReader) -> None:
+        self.inner = inner
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.inner.reset(checkpoint_id)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self.inner.read_metadata(*args, **kwargs)
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self.inner.set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return self.inner.prepare_local_plan(plan)
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return self.inner.prepare_global_plan(plans)
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> AnyFuture:
+        return self.inner.read_data(plan, planner)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+class ForwardingByteStore(ByteStore):
+    """A byte store that hands every call to ``inner`` (same location, same read segment size)."""
+
+    def __init__(self, inner: ByteStore) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self.read_segment_bytes = inner.read_segment_bytes
+
+    def ensure_capacity(self, nbytes: int) -> None:
+        self.inner.ensure_capacity(nbytes)
+
+    def prepare(self) -> None:
+        self.inner.prepare()
+
+    def create(self, name: str) -> FileSink:
+        return self.inner.create(name)
+
+    def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
+        self.inner.read_into(name, requests)
+
+    def read_file(self, name: str) -> bytes:
+        return self.inner.read_file(name)
+
+    def publish(self, name: str, data: bytes) -> None:
+        self.inner.publish(name, data)
+
+    def list_files(self) -> list[str]:
+        return self.inner.list_files()
+
+    def delete_files(self, names: Sequence[str]) -> None:
+        self.inner.delete_files(names)
+
+    def remove_location(self) -> None:
+        self.inner.remove_location()
