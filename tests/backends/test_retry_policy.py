@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from torchstow import RetryPolicy, StorageIOError
-from torchstow.core.storage.retry import describe_error, is_transient
+from torchstow import StorageIOError
+from torchstow.backends.fsspec.errors import CloudRetryPolicy as RetryPolicy
+from torchstow.backends.fsspec.errors import describe_error, is_transient
 
 
 class ClientError(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from torchstow import hookimpl
+from torchstow.backends.fsspec.errors import CloudRetryPolicy
 from torchstow.backends.fsspec.filesystems import (
     filesystem_class,
     filesystem_options,
@@ -13,7 +14,6 @@ from torchstow.backends.fsspec.filesystems import (
 from torchstow.backends.fsspec.s3 import MIN_PART
 from torchstow.backends.fsspec.store import THREADS, FsspecStore, Tuning
 from torchstow.core.storage.backend import DirectoryBackend
-from torchstow.core.storage.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register
@@ -61,8 +61,8 @@ class FsspecBackend(DirectoryBackend):
         multipart_threshold: int = Tuning.multipart_threshold,
         range_size: int = Tuning.range_size,
         concurrency: int = Tuning.concurrency,
-        retry_attempts: int = RetryPolicy.attempts,
-        retry_delay: float = RetryPolicy.base_delay,
+        retry_attempts: int = CloudRetryPolicy.attempts,
+        retry_delay: float = CloudRetryPolicy.base_delay,
         **fs_options: Any,
     ) -> None:
         super().__init__(thread_count=thread_count or THREADS, verify_checksums=verify_checksums)
@@ -71,7 +71,11 @@ class FsspecBackend(DirectoryBackend):
         if range_size < 1 or concurrency < 1:
             raise ValueError("range_size and concurrency must be positive")
         self.tuning = Tuning(
-            part_size, multipart_threshold, range_size, concurrency, RetryPolicy(retry_attempts, retry_delay)
+            part_size,
+            multipart_threshold,
+            range_size,
+            concurrency,
+            CloudRetryPolicy(retry_attempts, retry_delay),
         )
         self.fs_options = fs_options
 

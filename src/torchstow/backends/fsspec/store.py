@@ -28,11 +28,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchstow.backends.fsspec.errors import CloudRetryPolicy, error_status
 from torchstow.backends.fsspec.filesystems import (
     is_s3,
 )
 from torchstow.backends.fsspec.s3 import MultipartSink, S3Requests
-from torchstow.core.storage.retry import RetryPolicy, error_status
+from torchstow.core.storage.retry import RetryPolicy
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageIOError
 from torchstow.errors import CorruptCheckpointError
 
@@ -52,7 +53,7 @@ class Tuning:
     multipart_threshold: int = 32 * MiB
     range_size: int = 32 * MiB
     concurrency: int = 8
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = field(default_factory=CloudRetryPolicy)
 
 
 class _StreamSink(FileSink):

@@ -9,8 +9,9 @@ operation, the object and what the server said, except a missing object,
 which stays a ``FileNotFoundError`` for the layout to interpret.
 
 Errors are recognized by duck typing (status codes, error codes, class
-names) so no storage client library needs importing here, and the same
-rules serve botocore, aiohttp, gcsfs and plain sockets.
+names) so no storage client library needs importing here. What a particular
+family of libraries raises (botocore's service errors, aiohttp's dropped
+connections) is described by :class:`ErrorRules` that its backend passes in.
 """
 
 from __future__ import annotations
@@ -26,51 +27,45 @@ from typing import TypeVar
 
 from torchstow.core.storage.store import StorageIOError
 
-__all__ = ["RetryPolicy", "describe_error", "error_status", "is_transient"]
+__all__ = [
+    "GENERIC",
+    "ErrorRules",
+    "RetryPolicy",
+    "StatusReader",
+    "describe_error",
+    "error_status",
+    "is_transient",
+]
 
 logger = logging.getLogger("torchstow")
 
 T = TypeVar("T")
 
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "TooManyRequests",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "ServiceUnavailableException",
-    }
-)
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT})
-# Connection-level failures of the HTTP stacks fsspec implementations use
-# (botocore, aiohttp, http.client), by class name.
-_TRANSIENT_CLASSES = frozenset(
-    {
-        "HTTPClientError",
-        "ConnectionClosedError",
-        "EndpointConnectionError",
-        "ReadTimeoutError",
-        "ConnectTimeoutError",
-        "IncompleteReadError",
-        "ResponseStreamingError",
-        "ServerDisconnectedError",
-        "ClientConnectionError",
-        "ClientOSError",
-        "ClientPayloadError",
-        "ServerTimeoutError",
-        "IncompleteRead",
-        "RemoteDisconnected",
-        "FSTimeoutError",
-    }
-)
+
+StatusReader = Callable[[BaseException], tuple[int | None, str | None, str]]
+"""Reads ``(HTTP status, service error code, service message)`` off a client library's exception."""
+
+
+@dataclass(frozen=True)
+class ErrorRules:
+    """How to read the exceptions of a family of storage client libraries.
+
+    ``transient_codes`` are service error codes worth retrying (throttling,
+    internal errors), ``transient_classes`` names of exception classes that
+    mean a dropped connection, and ``read_status`` reads the status a
+    library attaches in its own way. The default rules know only what any
+    HTTP stack shares: ``status``/``status_code``/``code`` attributes, 5xx,
+    408 and 429, connection and timeout errors. A backend passes its own
+    (the fsspec backend's for botocore, aiohttp and fsspec live with it).
+    """
+
+    transient_codes: frozenset[str] = frozenset()
+    transient_classes: frozenset[str] = frozenset()
+    read_status: StatusReader | None = None
+
+
+GENERIC = ErrorRules()
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -83,36 +78,35 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _http_status(exc: BaseException) -> tuple[int | None, str | None]:
-    """The HTTP status and service error code an exception carries, if any."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):  # botocore ClientError
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        code = response.get("Error", {}).get("Code")
-        return (status if isinstance(status, int) else None), code
+def _http_status(exc: BaseException, rules: ErrorRules) -> tuple[int | None, str | None, str]:
+    """The HTTP status, service error code and message an exception carries, if any."""
+    if rules.read_status is not None:
+        found = rules.read_status(exc)
+        if found[:2] != (None, None):
+            return found
     for attr in ("status", "status_code", "code"):  # aiohttp, requests, gcsfs
         value = getattr(exc, attr, None)
         if isinstance(value, int) and 100 <= value < 600:
-            return value, None
-    return None, None
+            return value, None, ""
+    return None, None, ""
 
 
-def error_status(exc: BaseException) -> tuple[int | None, str | None]:
+def error_status(exc: BaseException, rules: ErrorRules = GENERIC) -> tuple[int | None, str | None]:
     """The HTTP status and service error code behind ``exc`` (or the errors it came from)."""
     for err in _chain(exc):
-        found = _http_status(err)
-        if found != (None, None):
-            return found
+        status, code, _ = _http_status(err, rules)
+        if (status, code) != (None, None):
+            return status, code
     return None, None
 
 
-def is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException, rules: ErrorRules = GENERIC) -> bool:
     """Whether retrying the operation that raised ``exc`` may succeed."""
     for err in _chain(exc):
         if isinstance(err, FileNotFoundError | PermissionError | FileExistsError | IsADirectoryError):
             return False
-        status, code = _http_status(err)
-        if code in _TRANSIENT_CODES:
+        status, code, _ = _http_status(err, rules)
+        if code in rules.transient_codes:
             return True
         if status is not None:
             return status >= 500 or status in (408, 429)
@@ -120,27 +114,25 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
             return True
-        if any(cls.__name__ in _TRANSIENT_CLASSES for cls in type(err).__mro__):
+        if any(cls.__name__ in rules.transient_classes for cls in type(err).__mro__):
             return True
     return False
 
 
-def describe_error(exc: BaseException) -> str:
+def describe_error(exc: BaseException, rules: ErrorRules = GENERIC) -> str:
     """A one-line account of a storage error: the service's code and status where known."""
     for err in _chain(exc):
-        status, code = _http_status(err)
+        status, code, message = _http_status(err, rules)
         if code is not None or status is not None:
-            message = ""
-            response = getattr(err, "response", None)
-            if isinstance(response, dict):
-                message = response.get("Error", {}).get("Message") or ""
             what = " ".join(p for p in (code, f"(HTTP {status})" if status else None) if p)
             return f"{what}: {message}" if message else what
     return f"{type(exc).__name__}: {exc}"
 
 
-def _is_storage_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or is_transient(exc) or _http_status(exc) != (None, None)
+def _is_storage_error(exc: BaseException, rules: ErrorRules) -> bool:
+    return (
+        isinstance(exc, OSError) or is_transient(exc, rules) or _http_status(exc, rules)[:2] != (None, None)
+    )
 
 
 @dataclass(frozen=True)
@@ -150,11 +142,13 @@ class RetryPolicy:
     ``attempts`` counts the first try; the wait before the ``k``-th retry is
     ``base_delay * 2**(k - 1)``, at most ``max_delay``, times a random
     factor in [0.5, 1] (jitter, so ranks retrying together spread out).
+    ``rules`` tell which errors are transient (see :class:`ErrorRules`).
     """
 
     attempts: int = 5
     base_delay: float = 0.2
     max_delay: float = 10.0
+    rules: ErrorRules = GENERIC
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -164,19 +158,19 @@ class RetryPolicy:
 
     def _next_delay(self, exc: BaseException, attempt: int, what: str) -> float:
         """The wait before the next attempt, or raise the error to give up with."""
-        if isinstance(exc, FileNotFoundError) or not _is_storage_error(exc):
+        if isinstance(exc, FileNotFoundError) or not _is_storage_error(exc, self.rules):
             raise exc
-        if not is_transient(exc):
+        if not is_transient(exc, self.rules):
             raise StorageIOError(
-                f"{what} failed: {describe_error(exc)} (a permanent error, not retried)",
+                f"{what} failed: {describe_error(exc, self.rules)} (a permanent error, not retried)",
                 attempts=attempt,
                 transient=False,
             ) from exc
         if attempt >= self.attempts:
             raise StorageIOError(
                 f"{what} failed after {attempt} attempt(s), each with a transient error; "
-                f"the last: {describe_error(exc).rstrip('.')}. The store is unavailable or overloaded: "
-                "try again later, or raise retry_attempts",
+                f"the last: {describe_error(exc, self.rules).rstrip('.')}. The store is unavailable or "
+                "overloaded: try again later, or raise retry_attempts",
                 attempts=attempt,
                 transient=True,
             ) from exc
@@ -184,7 +178,7 @@ class RetryPolicy:
         logger.info(
             "%s: %s; retrying in %.2fs (attempt %d of %d)",
             what,
-            describe_error(exc),
+            describe_error(exc, self.rules),
             delay,
             attempt + 1,
             self.attempts,
