@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from torchstow import hookimpl
 from torchstow.core.storage.backend import DirectoryBackend
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageFullError
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.files import temporary_name
+from torchstow.spi import hookimpl
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register

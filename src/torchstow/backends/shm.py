@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from torchstow import hookimpl
 from torchstow.backends.filesystem import LocalFileStore, subdirectories
 from torchstow.core.storage.backend import DirectoryBackend
+from torchstow.spi import hookimpl
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register

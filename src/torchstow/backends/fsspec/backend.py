@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torchstow import hookimpl
 from torchstow.backends.fsspec.errors import CloudRetryPolicy
 from torchstow.backends.fsspec.filesystems import (
     filesystem_class,
@@ -14,6 +13,7 @@ from torchstow.backends.fsspec.filesystems import (
 from torchstow.backends.fsspec.s3 import MIN_PART
 from torchstow.backends.fsspec.store import THREADS, FsspecStore, Tuning
 from torchstow.core.storage.backend import DirectoryBackend
+from torchstow.spi import hookimpl
 
 if TYPE_CHECKING:
     from torchstow.plugins.hookspecs import Register
