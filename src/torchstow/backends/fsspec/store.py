@@ -183,7 +183,7 @@ class FsspecStore(ByteStore):
 
     def read_file(self, name: str) -> bytes:
         data: bytes = self._retry(
-            lambda: self.fs.cat_file(self._path(name), start=0), f"reading {self.location}/{name}"
+            lambda: self.fs.cat_file(self._path(name)), f"reading {self.location}/{name}"
         )
         return data
 
