@@ -1,4 +1,6 @@
-"""Every built-in backend runs the conformance suite of torchstow.testing."""
+"""Every built-in backend runs the conformance kits of torchstow.testing: the byte-store
+contract (store backends), end to end, and from several processes (stores that several
+processes share)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from torchstow.testing import BackendConformance
+from torchstow.testing import BackendConformance, ByteStoreConformance, DistributedBackendConformance
+from torchstow.testing.distributed import check_distributed_round_trip
 
 from storage_helpers import s3_options, unique
 
 
-class TestFileSystemConformance(BackendConformance):
+class FileSystem:
     scheme = "file"
 
     @pytest.fixture
@@ -20,7 +23,20 @@ class TestFileSystemConformance(BackendConformance):
         return str(tmp_path)  # plain paths, the common spelling of file://
 
 
-class TestMemoryConformance(BackendConformance):
+class TestFileSystemByteStore(FileSystem, ByteStoreConformance):
+    pass
+
+
+class TestFileSystemConformance(FileSystem, BackendConformance):
+    pass
+
+
+@pytest.mark.slow
+class TestFileSystemDistributed(FileSystem, DistributedBackendConformance):
+    pass
+
+
+class Memory:
     scheme = "memory"
 
     @pytest.fixture
@@ -34,7 +50,23 @@ class TestMemoryConformance(BackendConformance):
             fs.rm(f"/{name}", recursive=True)
 
 
-class TestShmConformance(BackendConformance):
+class TestMemoryByteStore(Memory, ByteStoreConformance):
+    pass
+
+
+class TestMemoryConformance(Memory, BackendConformance):
+    pass
+
+
+@pytest.mark.slow
+def test_the_distributed_kit_fails_a_store_each_process_keeps_to_itself() -> None:
+    """memory:// lives in one process's memory: no use for a distributed save, and the
+    multi-process kit says so (rather than passing, or hanging)."""
+    with pytest.raises(AssertionError, match=r"(?s)failed on 2 ranks.*is missing"):
+        check_distributed_round_trip(f"memory://{unique('private')}", {}, timeout=60)
+
+
+class Shm:
     scheme = "shm"
 
     @pytest.fixture
@@ -46,7 +78,20 @@ class TestShmConformance(BackendConformance):
         return {"shm_dir": shm_dir}
 
 
-class TestS3Conformance(BackendConformance):
+class TestShmByteStore(Shm, ByteStoreConformance):
+    pass
+
+
+class TestShmConformance(Shm, BackendConformance):
+    pass
+
+
+@pytest.mark.slow
+class TestShmDistributed(Shm, DistributedBackendConformance):
+    pass
+
+
+class S3:
     scheme = "s3"
 
     @pytest.fixture
@@ -58,11 +103,34 @@ class TestS3Conformance(BackendConformance):
         return s3_options(s3_endpoint)  # the files of 6 MiB tensors go up in two parts
 
 
-class TestFaultyConformance(BackendConformance):
-    """The fault injector with no fault configured passes every call through."""
+class TestS3ByteStore(S3, ByteStoreConformance):
+    pass
+
+
+class TestS3Conformance(S3, BackendConformance):
+    pass
+
+
+@pytest.mark.slow
+class TestS3Distributed(S3, DistributedBackendConformance):
+    """Both ranks talk to the moto server of this test process."""
+
+
+class Faulty:
+    """The fault injector with no fault configured passes every call through (it is a
+    wrapper, not a byte store: the byte-store kit does not apply)."""
 
     scheme = "faulty+file"
 
     @pytest.fixture
     def root_uri(self, tmp_path: Any) -> str:
         return f"faulty+file://{tmp_path}"
+
+
+class TestFaultyConformance(Faulty, BackendConformance):
+    pass
+
+
+@pytest.mark.slow
+class TestFaultyDistributed(Faulty, DistributedBackendConformance):
+    pass

@@ -1,5 +1,5 @@
 """A separately packaged third-party plugin (examples/third_party_plugin) is pip-installed,
-found through its entry point, used through its scheme, and passes the conformance suite."""
+found through its entry point, used through its scheme, and passes the conformance kits."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         reset_default_registry()
 
 
-def _example_conformance_class() -> type:
-    """The conformance class the plugin's own tests define (one line of adoption)."""
+def _example_conformance_module() -> Any:
+    """The plugin's own conformance tests (one line of adoption per kit)."""
     spec = importlib.util.spec_from_file_location(
         "torchstow_sqlite_conformance", EXAMPLE / "tests" / "test_sqlite_conformance.py"
     )
@@ -68,7 +68,7 @@ def _example_conformance_class() -> type:
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.TestSqliteStore  # type: ignore[no-any-return]
+    return module
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +76,11 @@ def _installed(plugin_path: Path) -> None:
     """Every test here runs with the plugin installed."""
 
 
-# The plugin's own conformance class, collected and run here with the plugin installed.
-TestSqlitePluginConformance = _example_conformance_class()
+# The plugin's own conformance classes, collected and run here with the plugin installed.
+_example = _example_conformance_module()
+TestSqlitePluginConformance = _example.TestSqliteStore
+TestSqlitePluginByteStore = _example.TestSqliteByteStore
+TestSqlitePluginDistributed = pytest.mark.slow(_example.TestSqliteDistributed)
 
 
 def test_discovered_from_its_entry_point(plugin_path: Path) -> None:

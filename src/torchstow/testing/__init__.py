@@ -1,16 +1,38 @@
-"""Testing helpers shipped with torchstow: the backend conformance suite.
+"""Testing helpers shipped with torchstow: the conformance kits for backends.
 
-``from torchstow.testing import BackendConformance`` and subclass it in a
-pytest module to run every conformance test against a backend (see
-:mod:`torchstow.testing.conformance`). Needs pytest, which torchstow itself
-does not depend on.
+Three kits, each an abstract pytest class to subclass in one line:
+
+- :class:`ByteStoreConformance` calls a :class:`~torchstow.ByteStore` directly
+  and checks its contract (missing files, short reads, atomic publish,
+  concurrent writers, listing and deleting).
+- :class:`BackendConformance` saves, loads, lists, damages and deletes
+  checkpoints end to end through the backend's scheme.
+- :class:`DistributedBackendConformance` saves and loads one checkpoint from
+  two gloo processes, each opening the same location itself.
+
+:func:`assert_same_state` compares nested state dicts bit for bit. The kits
+need pytest, which torchstow itself does not depend on.
 """
 
-from torchstow.testing.conformance import (
-    BackendConformance,
-    RegionLoadPlanner,
-    assert_same,
-    every_dtype_state_dict,
-)
+from torchstow.testing.backend import BackendConformance
+from torchstow.testing.byte_store import ByteStoreConformance
+from torchstow.testing.compare import assert_same_state, state_differences
+from torchstow.testing.distributed import DistributedBackendConformance
+from torchstow.testing.ranks import run_ranks
+from torchstow.testing.region_planner import RegionLoadPlanner
+from torchstow.testing.states import every_dtype_state_dict, zeros_like_state
 
-__all__ = ["BackendConformance", "RegionLoadPlanner", "assert_same", "every_dtype_state_dict"]
+assert_same = assert_same_state  # the name before the kit was split
+
+__all__ = [
+    "BackendConformance",
+    "ByteStoreConformance",
+    "DistributedBackendConformance",
+    "RegionLoadPlanner",
+    "assert_same",
+    "assert_same_state",
+    "every_dtype_state_dict",
+    "run_ranks",
+    "state_differences",
+    "zeros_like_state",
+]

@@ -1,0 +1,19 @@
+"""The torchstow names the kit needs beyond the top-level package and the plugin SDK
+(:mod:`torchstow.spi`), imported in one place: when an internal moves, only this
+module changes."""
+
+from torchstow.core.planning import LoadItemType
+from torchstow.format.chunks import overlap
+from torchstow.format.manifest import StorageInfo
+from torchstow.plugins.manager import scheme_of
+from torchstow.spi import MANIFEST, ForwardingStorageWriter, open_backend
+
+__all__ = [
+    "MANIFEST",
+    "ForwardingStorageWriter",
+    "LoadItemType",
+    "StorageInfo",
+    "open_backend",
+    "overlap",
+    "scheme_of",
+]
