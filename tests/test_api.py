@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torchstow
-from state_helpers import assert_same
+from torchstow.testing import assert_same_state
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_read_everything_gives_full_cpu_tensors(ckpt: str, saved: dict[str, Any]
 
 
 def test_read_a_key_subset(ckpt: str, saved: dict[str, Any]) -> None:
-    assert_same(torchstow.read(ckpt, keys=["model.w"]), {"model": {"w": saved["model"]["w"]}})
+    assert_same_state(torchstow.read(ckpt, keys=["model.w"]), {"model": {"w": saved["model"]["w"]}})
     only_model = torchstow.read(ckpt, keys=["model"])
     assert set(only_model) == {"model"}
     assert set(only_model["model"]) == {"w", "b"}

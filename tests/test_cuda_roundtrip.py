@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torchstow
-from state_helpers import assert_same
+from torchstow.testing import assert_same_state
 
 pytestmark = [
     pytest.mark.cuda,
@@ -26,7 +26,7 @@ def test_save_from_gpu_and_load_into_gpu(ckpt: str) -> None:
     target = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in state.items()}
     torchstow.load(target, ckpt)
     assert target["w"].is_cuda
-    assert_same(state, target)
+    assert_same_state(state, target)
     cpu = torchstow.read(ckpt)
     assert not cpu["w"].is_cuda
     assert torch.equal(cpu["w"], state["w"].cpu())

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import torchstow
-from state_helpers import ALL_DTYPES, assert_same
+from state_helpers import ALL_DTYPES
+from torchstow.testing import assert_same_state
 
 
 def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -55,14 +56,14 @@ def test_model_and_optimizer_round_trip_bit_exact(ckpt: str) -> None:
     fresh_model.load_state_dict(fresh_state["model"])
     fresh_optim.load_state_dict(fresh_state["optim"])
 
-    assert_same(model.state_dict(), fresh_model.state_dict())
-    assert_same(optim.state_dict(), fresh_optim.state_dict())
+    assert_same_state(model.state_dict(), fresh_model.state_dict())
+    assert_same_state(optim.state_dict(), fresh_optim.state_dict())
     assert fresh_state["step"] == 3
     # The optimizer keeps working from the loaded state, identically.
     for m, o in ((model, optim), (fresh_model, fresh_optim)):
         m(torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(9))).sum().backward()
         o.step()
-    assert_same(model.state_dict(), fresh_model.state_dict())
+    assert_same_state(model.state_dict(), fresh_model.state_dict())
 
 
 def test_loaded_tensors_are_filled_in_place(ckpt: str) -> None:
@@ -81,8 +82,8 @@ def test_every_dtype_round_trips_bit_exact(ckpt: str, dtype: torch.dtype) -> Non
     torchstow.save(state, ckpt)
     target = {"x": torch.zeros(5, 3, dtype=dtype), "scalar": torch.zeros((), dtype=dtype)}
     torchstow.load(target, ckpt)
-    assert_same(state, target)
-    assert_same(state, torchstow.read(ckpt))
+    assert_same_state(state, target)
+    assert_same_state(state, torchstow.read(ckpt))
 
 
 def test_nested_containers_round_trip(ckpt: str) -> None:
@@ -103,7 +104,7 @@ def test_nested_containers_round_trip(ckpt: str) -> None:
     target["ints"][1]["step"] = 0
     target["tup"] = (target["tup"][0], "other")
     torchstow.load(target, ckpt)
-    assert_same(state, target)
+    assert_same_state(state, target)
 
     materialized = torchstow.read(ckpt)
     assert materialized["a"]["empty"] == {}
@@ -194,8 +195,8 @@ def test_empty_and_zero_dim_tensors(ckpt: str) -> None:
     torchstow.save(state, ckpt)
     target = {k: torch.zeros_like(v) for k, v in state.items()}
     torchstow.load(target, ckpt)
-    assert_same(state, target)
-    assert_same(state, torchstow.read(ckpt))
+    assert_same_state(state, target)
+    assert_same_state(state, torchstow.read(ckpt))
 
 
 def test_requires_grad_parameters_load_in_place(ckpt: str) -> None:
@@ -218,7 +219,7 @@ def test_thread_counts_and_large_tensors(ckpt: str, thread_count: int) -> None:
     assert len(files) == min(thread_count, 5)
     target = {k: torch.zeros_like(v) for k, v in state.items()}
     torchstow.load(target, ckpt, storage_options={"thread_count": thread_count})
-    assert_same(state, target)
+    assert_same_state(state, target)
 
 
 def test_file_uri_and_path_like(tmp_path: Any) -> None:
@@ -232,7 +233,7 @@ def test_file_uri_and_path_like(tmp_path: Any) -> None:
 def test_fsync_off_still_round_trips(ckpt: str) -> None:
     state = {"x": torch.randn(100)}
     torchstow.save(state, ckpt, storage_options={"fsync": False})
-    assert_same(state, torchstow.read(ckpt))
+    assert_same_state(state, torchstow.read(ckpt))
 
 
 def test_save_returns_the_committed_metadata(ckpt: str) -> None:

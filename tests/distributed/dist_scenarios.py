@@ -27,6 +27,7 @@ from torchstow.backends.faulty import current_rank
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.protocol.collective import ProcessGroupCollective
 from torchstow.format.structure import flatten_state_dict
+from torchstow.testing import state_differences
 
 # Resharding the 2-D test meshes to check values is slow but fine; torch warns about it.
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
@@ -59,22 +60,9 @@ def values(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen)
 
 
-def raw(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a tensor, so comparisons are bit for bit."""
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
 def same(a: Any, b: Any) -> bool:
-    """Bit-exact equality for tensors (dtype and shape too), == for the rest."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and torch.equal(raw(a), raw(b))
-        )
-    return bool(a == b)
+    """Bit-exact equality (see torchstow.testing.state_differences)."""
+    return not state_differences(a, b)
 
 
 def full_values(state_dict: Any) -> dict[str, Any]:
@@ -91,9 +79,8 @@ def full_values(state_dict: Any) -> dict[str, Any]:
 
 
 def mismatches(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Keys whose values differ (or that only one side has)."""
-    keys = sorted(set(expected) | set(actual))
-    return [k for k in keys if k not in expected or k not in actual or not same(expected[k], actual[k])]
+    """Where two flat state dicts differ, in any key order ([] when they match)."""
+    return state_differences(expected, actual, ordered=False)
 
 
 # --------------------------------------------------------------------------- a DTensor model + AdamW
