@@ -1,5 +1,5 @@
 """Meta-tests that keep the plugin contract honest: every hook is documented and tested,
-and every registered backend runs the conformance suite."""
+and every registered backend runs the conformance kits that apply to it."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from torchstow import Backend, StoreBackend
 from torchstow.errors import UnknownBackendError
 from torchstow.plugins import hookspecs
 from torchstow.plugins.manager import default_registry
-from torchstow.testing import BackendConformance
+from torchstow.testing import BackendConformance, ByteStoreConformance, DistributedBackendConformance
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
@@ -56,11 +57,11 @@ def test_every_hook_is_tested(hook: object) -> None:
     assert users, f"no test implements the hook {name}"
 
 
-def _conformance_classes() -> list[type[BackendConformance]]:
-    """Every BackendConformance subclass the test modules define (modules that mention
-    it are imported, as pytest would import them, if pytest has not yet)."""
+def _kit_classes(kit: type) -> list[type]:
+    """Every subclass of a conformance kit that the test modules define (modules that
+    mention a kit are imported, as pytest would import them, if pytest has not yet)."""
     for path in sorted(TESTS.rglob("test_*.py")):
-        if path.stem in sys.modules or "BackendConformance" not in path.read_text():
+        if path.stem in sys.modules or "Conformance" not in path.read_text():
             continue
         spec = importlib.util.spec_from_file_location(path.stem, path)
         assert spec is not None
@@ -68,8 +69,8 @@ def _conformance_classes() -> list[type[BackendConformance]]:
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module
         spec.loader.exec_module(module)
-    found: list[type[BackendConformance]] = []
-    pending = list(BackendConformance.__subclasses__())
+    found: list[type] = []
+    pending = list(kit.__subclasses__())
     while pending:
         cls = pending.pop()
         found.append(cls)
@@ -77,15 +78,29 @@ def _conformance_classes() -> list[type[BackendConformance]]:
     return found
 
 
-def test_every_registered_backend_runs_the_conformance_suite() -> None:
+# Each kit and the registered backends it must cover: every backend runs the end-to-end
+# and the multi-process kits (none of ours keeps its data inside one process); every
+# byte-store backend runs the byte-store kit.
+KITS = {
+    "end to end": (BackendConformance, Backend),
+    "byte store": (ByteStoreConformance, StoreBackend),
+    "multi-process": (DistributedBackendConformance, Backend),
+}
+
+
+@pytest.mark.parametrize("kit", KITS)
+def test_every_registered_backend_runs_the_conformance_kits(kit: str) -> None:
+    base, applies_to = KITS[kit]
     registry = default_registry()
     covered = {}
-    for cls in _conformance_classes():
+    for cls in _kit_classes(base):
         # Wrapper schemes (faulty+file) resolve to the wrapper's backend; classes of
         # plugins installed only for one test (the example plugin) resolve to nothing.
         with contextlib.suppress(UnknownBackendError):
             covered[registry.resolve(f"{cls.scheme}://x").backend] = cls.__name__
     missing = {
-        entry.backend.__name__: entry.scheme for entry in registry.available() if entry.backend not in covered
+        entry.backend.__name__: entry.scheme
+        for entry in registry.available()
+        if issubclass(entry.backend, applies_to) and entry.backend not in covered
     }
-    assert not missing, f"backends without a conformance test class (scheme): {missing}"
+    assert not missing, f"backends without a {kit} conformance test class (scheme): {missing}"
