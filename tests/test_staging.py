@@ -20,6 +20,7 @@ from torchstow import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.staging import stager as staging_module
 from torchstow.core.staging.arena import SHM_DIR, SegmentMapper, SharedMemoryArena
 from torchstow.core.staging.stager import accelerator_available
+from torchstow.testing import assert_same_state
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 no_accelerator = pytest.mark.skipif(
@@ -55,17 +56,6 @@ class Opaque:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Opaque) and other.value == self.value
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit equality that works for every dtype (float8 and unsigned ones included)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.numel() == 0:
-        return True
-    flat_a = a.contiguous().reshape(-1).view(torch.uint8)
-    flat_b = b.contiguous().reshape(-1).view(torch.uint8)
-    return torch.equal(flat_a, flat_b)
 
 
 def _shm_files() -> set[str]:
@@ -212,11 +202,7 @@ def test_every_dtype_and_empty_and_scalar_tensors() -> None:
         sd[str(dtype)] = raw.view(dtype)
         sd[f"{dtype}-empty"] = torch.empty(0, 3, dtype=dtype)
     sd["scalar"] = torch.tensor(3.5)
-    staged = StateDictStager().stage(sd)
-    for key, value in sd.items():
-        assert staged[key].dtype == value.dtype, key
-        assert staged[key].shape == value.shape, key
-        assert _same_bytes(staged[key], value), key
+    assert_same_state(StateDictStager().stage(sd), sd)
 
 
 def test_tensor_attributes_parameters_and_requires_grad() -> None:
