@@ -6,14 +6,5 @@ from torchstow.core.planning import LoadItemType
 from torchstow.format.chunks import overlap
 from torchstow.format.manifest import StorageInfo
 from torchstow.plugins.manager import scheme_of
-from torchstow.spi import MANIFEST, ForwardingStorageWriter, open_backend
 
-__all__ = [
-    "MANIFEST",
-    "ForwardingStorageWriter",
-    "LoadItemType",
-    "StorageInfo",
-    "open_backend",
-    "overlap",
-    "scheme_of",
-]
+__all__ = ["LoadItemType", "StorageInfo", "overlap", "scheme_of"]

@@ -38,13 +38,8 @@ from torchstow import (
     StoreBackend,
     WriteResult,
 )
-from torchstow.testing._internals import (
-    MANIFEST,
-    ForwardingStorageWriter,
-    StorageInfo,
-    open_backend,
-    scheme_of,
-)
+from torchstow.spi import MANIFEST, ForwardingStorageWriter, open_backend
+from torchstow.testing._internals import StorageInfo, scheme_of
 from torchstow.testing.base import ConformanceBase
 from torchstow.testing.compare import assert_same_state
 from torchstow.testing.region_planner import RegionLoadPlanner

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 
 from torchstow import ByteStore, CorruptCheckpointError, StoreBackend
-from torchstow.testing._internals import MANIFEST, open_backend
+from torchstow.spi import MANIFEST, open_backend
 from torchstow.testing.base import ConformanceBase
 
 __all__ = ["ByteStoreConformance"]
