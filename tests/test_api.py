@@ -137,19 +137,30 @@ def test_strict_load_names_every_mismatch(ckpt: str, saved: dict[str, Any]) -> N
     assert info.value.missing_keys == ["model.extra"]
     assert "optim.param_groups" in info.value.unexpected_keys
     assert "missing from the checkpoint: model.extra" in message
-    assert "in the checkpoint but not the state dict: optim.param_groups" in message
-    assert "in the checkpoint but not the state dict: layers.0" in message
     assert "model.w: shape [2, 3] in the checkpoint, [3, 2] in the state dict" in message
     assert "model.b: dtype float32 in the checkpoint, float64 in the state dict" in message
+    assert "cast=True" in message
+    assert "strict=False" in message
     assert isinstance(info.value, RuntimeError)
     # Nothing was loaded.
     assert target["step"] == 0
     assert not target["model"]["b"].any()
 
 
-def test_non_strict_loads_what_matches(ckpt: str, saved: dict[str, Any]) -> None:
+def test_keys_only_in_the_checkpoint_are_ignored(ckpt: str, saved: dict[str, Any]) -> None:
+    target = {"model": {"w": torch.zeros(2, 3)}}
+    torchstow.load(target, ckpt)
+    assert torch.equal(target["model"]["w"], saved["model"]["w"])
+    assert list(target) == ["model"]
+
+
+def test_non_strict_leaves_missing_keys_and_casts_only_when_asked(ckpt: str, saved: dict[str, Any]) -> None:
     target = {"model": {"b": torch.zeros(3, dtype=torch.float64), "extra": torch.zeros(1)}, "step": 0}
-    torchstow.load(target, ckpt, strict=False)
+    with pytest.raises(torchstow.StateDictMismatchError, match=r"model\.b: dtype float32") as info:
+        torchstow.load(target, ckpt, strict=False)
+    assert info.value.missing_keys == ["model.extra"]
+    assert target["step"] == 0
+    torchstow.load(target, ckpt, strict=False, cast=True)
     assert target["step"] == 40
     assert target["model"]["b"].dtype == torch.float64
     assert torch.equal(target["model"]["b"], torch.ones(3, dtype=torch.float64))

@@ -36,6 +36,7 @@ from torchstow.format.manifest import (
     stored_nbytes,
 )
 from torchstow.format.structure import build_nested
+from torchstow.interop import dcp_calls
 from torchstow.plugins.manager import BackendEntry, default_registry
 
 __all__ = [
@@ -118,23 +119,39 @@ def _check_user_metadata(metadata: Any) -> dict[str, Any]:
 
 
 def _save_job(
-    uri: Uri,
+    uri: Uri | None,
     storage_options: dict[str, Any] | None,
-    planner: SavePlanner | None,
+    planner: Any,
     metadata: Mapping[str, Any] | None,
     overwrite: bool,
     allow_pickle: bool,
+    checkpoint_id: Uri | None = None,
+    explicit_writer: Any = None,
 ) -> SaveJob:
     """What a save writes with: the checked user metadata, the writer, the planner."""
     user_metadata = _check_user_metadata(metadata)
-    writer = storage_writer(uri, overwrite=overwrite, **(storage_options or {}))
-    return SaveJob(writer, planner or DefaultSavePlanner(allow_pickle=allow_pickle), user_metadata)
+    writer = dcp_calls.save_target(
+        uri,
+        checkpoint_id,
+        explicit_writer,
+        lambda location: storage_writer(location, overwrite=overwrite, **(storage_options or {})),
+    )
+    save_planner = dcp_calls.torchstow_save_planner(
+        planner, lambda: DefaultSavePlanner(allow_pickle=allow_pickle), allow_pickle=allow_pickle
+    )
+    return SaveJob(writer, save_planner, user_metadata)
+
+
+def _open_reader(location: Uri, storage_options: dict[str, Any] | None) -> StorageReader:
+    return storage_reader(location, **(storage_options or {}))
 
 
 def save(
     state_dict: Mapping[str, Any],
-    uri: Uri,
+    uri: Uri | None = None,
     *,
+    checkpoint_id: Uri | None = None,
+    storage_writer: StorageWriter | None = None,
     storage_options: dict[str, Any] | None = None,
     planner: SavePlanner | None = None,
     process_group: Any = None,
@@ -153,11 +170,19 @@ def save(
     (seconds or a timedelta) bounds how long a rank waits for the others at
     each step (default: the process group's own timeout). Returns the
     committed manifest.
+
+    DCP's keywords work as in ``torch.distributed.checkpoint.save``:
+    ``checkpoint_id`` is the same as ``uri``, ``storage_writer`` an explicit
+    writer (exactly one of the three names the target), ``planner`` may be
+    one of DCP's planners. Stateful values (modules, optimizers, anything
+    with ``state_dict()``/``load_state_dict()``) are saved through ``state_dict()``.
     """
-    job = _save_job(uri, storage_options, planner, metadata, overwrite, allow_pickle)
+    job = _save_job(
+        uri, storage_options, planner, metadata, overwrite, allow_pickle, checkpoint_id, storage_writer
+    )
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     return _save_protocol(
-        state_dict,
+        dcp_calls.StatefulView(state_dict).plain,
         job.writer,
         planner=job.planner,
         collective=dist.collective(),
@@ -167,8 +192,10 @@ def save(
 
 def load(
     state_dict: Mapping[str, Any],
-    uri: Uri,
+    uri: Uri | None = None,
     *,
+    checkpoint_id: Uri | None = None,
+    storage_reader: StorageReader | None = None,
     storage_options: dict[str, Any] | None = None,
     planner: LoadPlanner | None = None,
     process_group: Any = None,
@@ -176,24 +203,36 @@ def load(
     no_dist: bool | None = None,
     strict: bool = True,
     allow_pickle: bool = False,
+    cast: bool = False,
     timeout: Timeout | None = None,
 ) -> None:
     """Load the checkpoint at ``uri`` into ``state_dict`` in place; every rank calls it.
 
-    Tensors and DTensors are filled in place (resharded as needed); non-tensor
-    leaves are replaced. ``strict=False`` skips keys missing on either side
-    and casts tensors of another dtype. ``timeout`` is as in :func:`save`.
+    Fills the keys ``state_dict`` holds (keys only the checkpoint has are
+    ignored): tensors and DTensors in place (resharded as needed), meta
+    tensors replaced by new ones, other leaves replaced, Stateful values
+    restored through ``load_state_dict()``. A key the checkpoint lacks raises
+    StateDictMismatchError unless ``strict=False``; a dtype difference raises
+    unless ``cast=True``. DCP's keywords work as in :func:`save`
+    (``storage_reader`` instead of ``storage_writer``). ``timeout`` is as in :func:`save`.
     """
-    reader = storage_reader(uri, **(storage_options or {}))
-    planner = planner or DefaultLoadPlanner(strict=strict, allow_pickle=allow_pickle)
+    reader = dcp_calls.load_target(
+        uri, checkpoint_id, storage_reader, lambda location: _open_reader(location, storage_options)
+    )
+    view = dcp_calls.StatefulView(state_dict)
+    default = lambda: DefaultLoadPlanner(strict=strict, allow_pickle=allow_pickle, cast=cast)  # noqa: E731
+    planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
-    _load_protocol(state_dict, reader, planner=planner, collective=dist.collective())
+    _load_protocol(view.plain, reader, planner=planner, collective=dist.collective())
+    view.restore()
 
 
 def async_save(
     state_dict: Mapping[str, Any],
-    uri: Uri,
+    uri: Uri | None = None,
     *,
+    checkpoint_id: Uri | None = None,
+    storage_writer: StorageWriter | None = None,
     storage_options: dict[str, Any] | None = None,
     planner: SavePlanner | None = None,
     process_group: Any = None,
@@ -216,14 +255,17 @@ def async_save(
     mutating the state dict. Any failure, on any rank, surfaces from
     ``.result()`` as a :class:`CheckpointException` on every rank.
     """
-    text = _uri(uri)
+    text = dcp_calls.target_label(uri, checkpoint_id, storage_writer)
 
     def prepare() -> SaveJob:
-        return _save_job(text, storage_options, planner, metadata, overwrite, allow_pickle)
+        return _save_job(
+            uri, storage_options, planner, metadata, overwrite, allow_pickle, checkpoint_id, storage_writer
+        )
 
     saves = pipeline()
     collective = saves.commit_collective(process_group, coordinator_rank, no_dist)
-    return saves.submit(state_dict, text, prepare, collective=collective, stager=stager)
+    plain = dcp_calls.StatefulView(state_dict).plain
+    return saves.submit(plain, text, prepare, collective=collective, stager=stager)
 
 
 def save_state_dict(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["dtensor_type", "is_dtensor", "local_view"]
+__all__ = ["dtensor_type", "is_dtensor", "local_view", "materialize"]
 
 
 def dtensor_type() -> type | None:
@@ -60,3 +60,24 @@ def _local(obj: Any) -> Any:
             return type(obj)(*items)
         return type(obj)(items)
     return obj
+
+
+def materialize(value: torch.Tensor) -> torch.Tensor:
+    """A new, uninitialized tensor in place of one on the meta device.
+
+    A plain tensor comes to the CPU; a DTensor keeps its mesh, placements
+    and global shape, with a local shard on the mesh's device.
+    """
+    cls: Any = dtensor_type()
+    if cls is not None and isinstance(value, cls):
+        dtensor: Any = value
+        with torch.no_grad():
+            local = dtensor.to_local()
+        mesh = dtensor.device_mesh
+        new_local = torch.empty_like(local, device=mesh.device_type)
+        out = cls.from_local(
+            new_local, mesh, dtensor.placements, run_check=False, shape=value.shape, stride=value.stride()
+        )
+    else:
+        out = torch.empty_like(value, device="cpu")
+    return out.requires_grad_(value.requires_grad) if value.is_leaf else out

@@ -48,10 +48,28 @@ class ChunkStorageMetadata:
 
 @dataclass(frozen=True)
 class TensorProperties:
-    """What it takes to recreate a tensor besides its shape."""
+    """What it takes to recreate a tensor besides its shape.
+
+    ``layout``, ``memory_format`` and ``pin_memory`` are kept for DCP's
+    sake (its planners read them); the manifest stores dtype and requires_grad.
+    """
 
     dtype: torch.dtype
     requires_grad: bool = False
+    layout: torch.layout = torch.strided
+    memory_format: torch.memory_format = torch.contiguous_format
+    pin_memory: bool = False
+
+    @staticmethod
+    def create_from_tensor(tensor: torch.Tensor) -> TensorProperties:
+        """The properties of ``tensor``, as DCP's ``TensorProperties.create_from_tensor`` gives them."""
+        return TensorProperties(
+            dtype=tensor.dtype,
+            requires_grad=tensor.requires_grad,
+            layout=tensor.layout,
+            memory_format=torch.contiguous_format,
+            pin_memory=tensor.is_pinned() if tensor.device.type == "cpu" else False,
+        )
 
 
 @dataclass

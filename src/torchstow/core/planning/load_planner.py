@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from torchstow.core.dtensors import materialize
 from torchstow.core.planning.geometry import is_raw_tensor, local_chunks
 from torchstow.core.planning.items import LoadItemType, LoadPlan, ReadItem
 from torchstow.core.planning.planners import LoadPlanner
@@ -51,21 +52,29 @@ def _read_items_for(
 
 
 class DefaultLoadPlanner(LoadPlanner):
-    """Fills a state dict in place from a checkpoint, resharding as needed.
+    """Fills the keys a state dict holds from a checkpoint, in place, resharding as needed.
 
-    ``strict`` (default) rejects keys missing from the checkpoint, keys the
-    checkpoint has that the state dict lacks, and dtype mismatches, naming
-    each. With ``strict=False`` such keys are skipped and a tensor of another
-    dtype is cast on load. A shape mismatch is always an error.
+    Keys only the checkpoint has are ignored (as DCP does). ``strict``
+    (default) rejects keys of the state dict that the checkpoint lacks,
+    naming each; with ``strict=False`` they are left as they are. A dtype
+    difference is an error unless ``cast``, which converts on load. A shape
+    mismatch is always an error. Tensors on the meta device are replaced by
+    new CPU tensors (DTensors: new local shards on their mesh's device).
     """
 
     def __init__(
-        self, *, flatten_state_dict: bool = True, strict: bool = True, allow_pickle: bool = False
+        self,
+        *,
+        flatten_state_dict: bool = True,
+        strict: bool = True,
+        allow_pickle: bool = False,
+        cast: bool = False,
     ) -> None:
         if not flatten_state_dict:
             raise ValueError("torchstow's DefaultLoadPlanner always flattens the state dict")
         self.strict = strict
         self.allow_pickle = allow_pickle
+        self.cast = cast
         self.missing_keys: list[str] = []
         self.unexpected_keys: list[str] = []
 
@@ -89,20 +98,26 @@ class DefaultLoadPlanner(LoadPlanner):
             problem = self._mismatch(fqn, value, entry)
             if problem:
                 problems.append(problem)
-        hard = [p for p, is_hard in problems if is_hard or self.strict]
-        if self.strict and (self.missing_keys or self.unexpected_keys):
-            lines = [f"missing from the checkpoint: {k}" for k in self.missing_keys]
-            lines += [f"in the checkpoint but not the state dict: {k}" for k in self.unexpected_keys]
-            hard = lines + hard
+        hard = [p for p, is_hard in problems if is_hard or not self.cast]
+        hints = []
+        if any(not is_hard for _, is_hard in problems) and not self.cast:
+            hints.append("pass cast=True to convert dtypes on load")
+        if self.strict and self.missing_keys:
+            hard = [f"missing from the checkpoint: {k}" for k in self.missing_keys] + hard
+            hints.append("pass strict=False to leave keys the checkpoint lacks as they are")
         if hard:
             raise StateDictMismatchError(
                 "the state dict does not match the checkpoint:\n  "
                 + "\n  ".join(hard)
-                + ("\n(pass strict=False to load only the matching keys)" if self.strict else ""),
+                + "".join(f"\n({hint})" for hint in hints),
                 missing_keys=self.missing_keys,
                 unexpected_keys=self.unexpected_keys,
                 mismatched=[p for p, _ in problems],
             )
+        for fqn, value in flat.leaves.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "meta" and fqn in stored:
+                flat.leaves[fqn] = value = materialize(value)
+                self.state_dict = set_leaf(self.state_dict, flat.paths[fqn], value)
         for fqn in flat.leaves:
             entry = stored.get(fqn)
             if isinstance(entry, BytesStorageMetadata):

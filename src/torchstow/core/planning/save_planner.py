@@ -122,6 +122,7 @@ class DefaultSavePlanner(SavePlanner):
                             f"{dtype_name(entry.properties.dtype)} vs {list(td.size)} "
                             f"{dtype_name(td.properties.dtype)}"
                         )
+                    item.index.index = len(entry.chunks)  # the lookup hint, as DCP fills it
                     entry.chunks.append(td.chunk)
                     kept.append(item)
                 else:

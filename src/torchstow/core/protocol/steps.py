@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from torchstow.core.accepted_kwargs import call_with_accepted
 from torchstow.core.futures import wait_future
 from torchstow.core.planning import (
     DefaultLoadPlanner,
@@ -224,7 +225,12 @@ def save_state_dict(
 
     def local_plan() -> SavePlan:
         storage_writer.reset(checkpoint_id)
-        storage_writer.set_up_storage_writer(coll.is_coordinator, rank=coll.rank, world_size=coll.world_size)
+        call_with_accepted(
+            storage_writer.set_up_storage_writer,
+            coll.is_coordinator,
+            rank=coll.rank,
+            world_size=coll.world_size,
+        )
         planner.set_up_planner(state_dict, None, coll.is_coordinator)
         return storage_writer.prepare_local_plan(planner.create_local_plan())
 
@@ -293,8 +299,12 @@ def load_state_dict(
     def local_plan() -> LoadPlan:
         if not reset_done:
             storage_reader.reset(checkpoint_id)
-        storage_reader.set_up_storage_reader(
-            metadata, coll.is_coordinator, rank=coll.rank, world_size=coll.world_size
+        call_with_accepted(
+            storage_reader.set_up_storage_reader,
+            metadata,
+            coll.is_coordinator,
+            rank=coll.rank,
+            world_size=coll.world_size,
         )
         planner.set_up_planner(state_dict, metadata, coll.is_coordinator)
         return storage_reader.prepare_local_plan(planner.create_local_plan())

@@ -1,0 +1,1 @@
+"""Interoperability with torch.distributed.checkpoint (DCP): its calls, its storage protocol, its format."""

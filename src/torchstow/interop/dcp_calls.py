@@ -1,0 +1,216 @@
+"""DCP's calling conventions for ``torchstow.save``/``load``/``async_save``.
+
+``torch.distributed.checkpoint`` names the target with ``checkpoint_id`` or
+a ``storage_writer``/``storage_reader`` object, and lets any value with
+``state_dict()``/``load_state_dict()`` (a :class:`~torch.distributed.checkpoint.stateful.Stateful`)
+stand in the state dict. This module turns those conventions into what the
+core protocol takes: one storage object, a planner, and a plain state dict
+(with a way to put what was loaded back into the caller's objects).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+from torchstow.core.planning import LoadPlanner, SavePlanner
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter
+
+__all__ = [
+    "StatefulView",
+    "is_stateful",
+    "load_target",
+    "save_target",
+    "target_label",
+    "torchstow_load_planner",
+    "torchstow_save_planner",
+]
+
+Uri = str | os.PathLike[str]
+
+
+def _one_target(kind: str, uri: Uri | None, checkpoint_id: Uri | None, storage: Any) -> None:
+    given = [
+        name
+        for name, value in (("uri", uri), ("checkpoint_id", checkpoint_id), (kind, storage))
+        if value is not None
+    ]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(given)
+        raise ValueError(
+            f"name the checkpoint with exactly one of uri, checkpoint_id or {kind}; got {what}"
+            + (
+                f" (to point a {kind} at a location, give the location to its constructor)"
+                if len(given) > 1 and kind in given
+                else ""
+            )
+        )
+
+
+def target_label(uri: Uri | None, checkpoint_id: Uri | None, storage_writer: Any) -> str:
+    """Check that exactly one of the three names a save's target; how to name it in messages."""
+    _one_target("storage_writer", uri, checkpoint_id, storage_writer)
+    location = uri if uri is not None else checkpoint_id
+    if location is not None:
+        return os.fspath(location)
+    return str(getattr(storage_writer, "checkpoint_id", None) or type(storage_writer).__name__)
+
+
+def save_target(
+    uri: Uri | None,
+    checkpoint_id: Uri | None,
+    storage_writer: Any,
+    open_writer: Callable[[Uri], StorageWriter],
+) -> StorageWriter:
+    """The storage writer a save names: opened from ``uri``/``checkpoint_id``, or the given one.
+
+    ``storage_writer`` may be a torchstow writer or one made by
+    :func:`torchstow.dcp_storage_writer`; a stock DCP writer is refused with
+    a pointer to what works instead.
+    """
+    _one_target("storage_writer", uri, checkpoint_id, storage_writer)
+    if storage_writer is None:
+        location = uri if uri is not None else checkpoint_id
+        assert location is not None
+        return open_writer(location)
+    inner = getattr(storage_writer, "torchstow_writer", None)
+    if isinstance(inner, StorageWriter):
+        storage_writer = inner
+    if not isinstance(storage_writer, StorageWriter):
+        raise TypeError(
+            f"storage_writer must be a torchstow StorageWriter (torchstow.storage_writer(uri), a subclass "
+            f"of torchstow.StorageWriter, or torchstow.dcp_storage_writer(uri)), got "
+            f"{type(storage_writer).__name__}; for a torch.distributed.checkpoint writer call dcp.save"
+        )
+    return storage_writer
+
+
+def load_target(
+    uri: Uri | None,
+    checkpoint_id: Uri | None,
+    storage_reader: Any,
+    open_reader: Callable[[Uri], StorageReader],
+) -> StorageReader:
+    """The storage reader a load names (see :func:`save_target`)."""
+    _one_target("storage_reader", uri, checkpoint_id, storage_reader)
+    if storage_reader is None:
+        location = uri if uri is not None else checkpoint_id
+        assert location is not None
+        return open_reader(location)
+    inner = getattr(storage_reader, "torchstow_reader", None)
+    if isinstance(inner, StorageReader):
+        storage_reader = inner
+    if not isinstance(storage_reader, StorageReader):
+        raise TypeError(
+            f"storage_reader must be a torchstow StorageReader (torchstow.storage_reader(uri), a subclass "
+            f"of torchstow.StorageReader, or torchstow.dcp_storage_reader(uri)), got "
+            f"{type(storage_reader).__name__}; for a torch.distributed.checkpoint reader call dcp.load"
+        )
+    return storage_reader
+
+
+def torchstow_save_planner(
+    planner: Any, default: Callable[[], SavePlanner], *, allow_pickle: bool = False
+) -> SavePlanner:
+    """``planner`` as a torchstow planner: DCP's planners run through an adapter."""
+    if planner is None:
+        return default()
+    if isinstance(planner, SavePlanner):
+        return planner
+    from torchstow.interop.dcp_planners import DcpSavePlannerAdapter, is_dcp_save_planner
+
+    if is_dcp_save_planner(planner):
+        return DcpSavePlannerAdapter(planner, allow_pickle=allow_pickle)
+    raise TypeError(f"planner must be a torchstow or DCP SavePlanner, got {type(planner).__name__}")
+
+
+def torchstow_load_planner(
+    planner: Any, default: Callable[[], LoadPlanner], *, allow_pickle: bool = False
+) -> LoadPlanner:
+    """``planner`` as a torchstow planner: DCP's planners run through an adapter."""
+    if planner is None:
+        return default()
+    if isinstance(planner, LoadPlanner):
+        return planner
+    from torchstow.interop.dcp_planners import DcpLoadPlannerAdapter, is_dcp_load_planner
+
+    if is_dcp_load_planner(planner):
+        return DcpLoadPlannerAdapter(planner, allow_pickle=allow_pickle)
+    raise TypeError(f"planner must be a torchstow or DCP LoadPlanner, got {type(planner).__name__}")
+
+
+def is_stateful(value: Any) -> bool:
+    """Whether ``value`` is saved through ``state_dict()`` and loaded through
+    ``load_state_dict()`` (modules, optimizers, schedulers, user objects)."""
+    if isinstance(value, torch.Tensor | Mapping | type | list | tuple | str | bytes):
+        return False
+    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
+
+
+class StatefulView:
+    """The state dict with every Stateful replaced by its ``state_dict()``, at any depth.
+
+    :attr:`plain` is what the protocol saves or loads into: containers that
+    hold a Stateful are copied, everything else is shared with the caller's
+    state dict (no tensor is ever copied). After a load, :meth:`restore`
+    hands each Stateful its loaded state through ``load_state_dict()`` (in
+    place) and assigns the loaded values back into the caller's containers,
+    top-level keys included, as DCP does.
+    """
+
+    def __init__(self, state_dict: Mapping[str, Any]) -> None:
+        self.original = state_dict
+        self._raw: dict[int, Any] = {}
+        self.plain, self.found = self._expand(state_dict)
+
+    def _expand(self, value: Any) -> tuple[Any, bool]:
+        if is_stateful(value):
+            raw = value.state_dict()
+            self._raw[id(value)] = raw
+            return self._expand(raw)[0], True
+        if isinstance(value, Mapping):
+            pairs = [(key, self._expand(child)) for key, child in value.items()]
+            if any(found for _, (_, found) in pairs):
+                return {key: plain for key, (plain, _) in pairs}, True
+            return value, False
+        if isinstance(value, list | tuple):
+            expanded = [self._expand(child) for child in value]
+            if any(found for _, found in expanded):
+                items = [plain for plain, _ in expanded]
+                return (_rebuild(value, items) if isinstance(value, tuple) else items), True
+        return value, False
+
+    def restore(self) -> None:
+        """After a load into :attr:`plain`: put what was loaded into the caller's objects."""
+        if self.found:
+            self._restore(self.original, self.plain)
+
+    def _restore(self, original: Any, plain: Any) -> Any:
+        """The value to keep where ``original`` was, once ``plain`` is loaded."""
+        if is_stateful(original):
+            raw = self._raw[id(original)]
+            original.load_state_dict(self._restore(raw, plain))
+            return original
+        if plain is original:
+            return original
+        if isinstance(original, MutableMapping):
+            for key in list(original):
+                if key in plain:
+                    original[key] = self._restore(original[key], plain[key])
+            return original
+        if isinstance(original, list):
+            for i, item in enumerate(original):
+                original[i] = self._restore(item, plain[i])
+            return original
+        if isinstance(original, tuple):
+            return _rebuild(original, [self._restore(o, p) for o, p in zip(original, plain, strict=True)])
+        return plain
+
+
+def _rebuild(original: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    if hasattr(original, "_fields"):  # namedtuple
+        return type(original)(*items)
+    return type(original)(items)

@@ -1,0 +1,200 @@
+"""Translating plans, items and metadata between torchstow and DCP.
+
+torchstow's protocol types mirror torch.distributed.checkpoint's field for
+field, so each conversion is a rebuild of the same values under the other
+library's classes. DCP's nested-key mappings (``fqn -> path``) and
+torchstow's recorded structure (containers and paths) are translated too,
+so either library can rebuild the nesting of a checkpoint the other wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_md
+from torch.distributed.checkpoint import planner as dcp_plan
+
+from torchstow.core import planning as ts_plan
+from torchstow.format import manifest as ts_md
+from torchstow.format.leaves import TORCH
+from torchstow.format.structure import DICT, LIST, leaf_paths
+
+__all__ = [
+    "dcp_index",
+    "dcp_load_plan",
+    "dcp_metadata",
+    "dcp_read_item",
+    "dcp_tensor_entry",
+    "planner_data_from_mappings",
+    "ts_index",
+    "ts_load_plan",
+    "ts_metadata_entries",
+    "ts_read_item",
+    "ts_tensor_entry",
+    "ts_write_item",
+]
+
+
+def ts_index(index: dcp_md.MetadataIndex) -> ts_md.MetadataIndex:
+    """A DCP MetadataIndex as torchstow's."""
+    return ts_md.MetadataIndex(index.fqn, index.offset, index.index)
+
+
+def dcp_index(index: ts_md.MetadataIndex) -> dcp_md.MetadataIndex:
+    """A torchstow MetadataIndex as DCP's."""
+    return dcp_md.MetadataIndex(index.fqn, index.offset, index.index)
+
+
+def _ts_props(props: dcp_md.TensorProperties) -> ts_md.TensorProperties:
+    return ts_md.TensorProperties(
+        props.dtype, props.requires_grad, props.layout, props.memory_format, props.pin_memory
+    )
+
+
+def _dcp_props(props: ts_md.TensorProperties) -> dcp_md.TensorProperties:
+    return dcp_md.TensorProperties(
+        dtype=props.dtype,
+        layout=props.layout,
+        requires_grad=props.requires_grad,
+        memory_format=props.memory_format,
+        pin_memory=props.pin_memory,
+    )
+
+
+def ts_tensor_entry(entry: dcp_md.TensorStorageMetadata) -> ts_md.TensorStorageMetadata:
+    """A DCP tensor entry as torchstow's."""
+    chunks = [ts_md.ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in entry.chunks]
+    return ts_md.TensorStorageMetadata(_ts_props(entry.properties), torch.Size(entry.size), chunks)
+
+
+def dcp_tensor_entry(entry: ts_md.TensorStorageMetadata) -> dcp_md.TensorStorageMetadata:
+    """A torchstow tensor entry as DCP's."""
+    chunks = [dcp_md.ChunkStorageMetadata(c.offsets, c.sizes) for c in entry.chunks]
+    return dcp_md.TensorStorageMetadata(_dcp_props(entry.properties), entry.size, chunks)
+
+
+def ts_metadata_entries(
+    entries: Mapping[str, Any], encodings: Mapping[str, str] | None = None
+) -> dict[str, ts_md.STORAGE_TYPES]:
+    """DCP's ``state_dict_metadata`` as torchstow's; byte entries take their
+    encoding from ``encodings`` (default: bytes read back with ``torch.load(weights_only=True)``)."""
+    out: dict[str, ts_md.STORAGE_TYPES] = {}
+    for fqn, entry in entries.items():
+        if isinstance(entry, dcp_md.TensorStorageMetadata):
+            out[fqn] = ts_tensor_entry(entry)
+        else:
+            out[fqn] = ts_md.BytesStorageMetadata((encodings or {}).get(fqn, TORCH))
+    return out
+
+
+def dcp_metadata(md: ts_md.Metadata) -> dcp_md.Metadata:
+    """A torchstow manifest as DCP's Metadata; ``storage_data`` carries the torchstow
+    manifest itself, for the reader on each rank."""
+    entries: dict[str, Any] = {}
+    for fqn, entry in md.state_dict_metadata.items():
+        if isinstance(entry, ts_md.TensorStorageMetadata):
+            entries[fqn] = dcp_tensor_entry(entry)
+        else:
+            entries[fqn] = dcp_md.BytesStorageMetadata()
+    mappings = leaf_paths(md.planner_data, md.state_dict_metadata)
+    return dcp_md.Metadata(
+        state_dict_metadata=entries,
+        planner_data=mappings,
+        storage_data=md,
+        storage_meta=dcp_md.StorageMeta(),
+    )
+
+
+def planner_data_from_mappings(mappings: Any, fqns: Any) -> dict[str, Any]:
+    """torchstow's recorded structure from DCP's ``fqn -> path`` mappings.
+
+    A container is a list when the keys under it are integers, else a dict;
+    keys without a mapping are top-level.
+    """
+    paths: dict[str, list[Any]] = {}
+    kinds: dict[tuple[Any, ...], str] = {(): DICT}
+    for fqn in fqns:
+        path = tuple(mappings.get(fqn, (fqn,))) if isinstance(mappings, Mapping) else (fqn,)
+        paths[fqn] = list(path)
+        for depth in range(1, len(path)):
+            kinds.setdefault(path[:depth], LIST if isinstance(path[depth], int) else DICT)
+    containers = [[list(path), kind, 0] for path, kind in kinds.items()]
+    return {"containers": containers, "paths": paths}
+
+
+def ts_write_item(item: dcp_plan.WriteItem, encoding: str = TORCH) -> ts_plan.WriteItem:
+    """A DCP WriteItem as torchstow's."""
+    index = ts_index(item.index)
+    if item.type == dcp_plan.WriteItemType.BYTE_IO:
+        return ts_plan.WriteItem(index, ts_plan.WriteItemType.BYTE_IO, None, ts_plan.BytesWriteData(encoding))
+    td = item.tensor_data
+    assert td is not None
+    chunk = ts_md.ChunkStorageMetadata(torch.Size(td.chunk.offsets), torch.Size(td.chunk.sizes))
+    kind = (
+        ts_plan.WriteItemType.SHARD
+        if item.type == dcp_plan.WriteItemType.SHARD
+        else ts_plan.WriteItemType.TENSOR
+    )
+    data = ts_plan.TensorWriteData(chunk, _ts_props(td.properties), torch.Size(td.size))
+    return ts_plan.WriteItem(index, kind, data)
+
+
+def dcp_write_item(item: ts_plan.WriteItem) -> dcp_plan.WriteItem:
+    """A torchstow WriteItem as DCP's."""
+    index = dcp_index(item.index)
+    if item.type == ts_plan.WriteItemType.BYTE_IO:
+        return dcp_plan.WriteItem(index=index, type=dcp_plan.WriteItemType.BYTE_IO)
+    td = item.tensor_data
+    assert td is not None
+    kind = (
+        dcp_plan.WriteItemType.SHARD
+        if item.type == ts_plan.WriteItemType.SHARD
+        else dcp_plan.WriteItemType.TENSOR
+    )
+    chunk = dcp_md.ChunkStorageMetadata(td.chunk.offsets, td.chunk.sizes)
+    data = dcp_plan.TensorWriteData(chunk=chunk, properties=_dcp_props(td.properties), size=td.size)
+    return dcp_plan.WriteItem(index=index, type=kind, tensor_data=data)
+
+
+_TS_LOAD = {
+    dcp_plan.LoadItemType.TENSOR: ts_plan.LoadItemType.TENSOR,
+    dcp_plan.LoadItemType.BYTE_IO: ts_plan.LoadItemType.BYTE_IO,
+}
+_DCP_LOAD = {v: k for k, v in _TS_LOAD.items()}
+
+
+def ts_read_item(item: dcp_plan.ReadItem) -> ts_plan.ReadItem:
+    """A DCP ReadItem as torchstow's."""
+    return ts_plan.ReadItem(
+        _TS_LOAD[item.type],
+        ts_index(item.dest_index),
+        torch.Size(item.dest_offsets),
+        ts_index(item.storage_index),
+        torch.Size(item.storage_offsets),
+        torch.Size(item.lengths),
+    )
+
+
+def dcp_read_item(item: ts_plan.ReadItem) -> dcp_plan.ReadItem:
+    """A torchstow ReadItem as DCP's."""
+    return dcp_plan.ReadItem(
+        type=_DCP_LOAD[item.type],
+        dest_index=dcp_index(item.dest_index),
+        dest_offsets=item.dest_offsets,
+        storage_index=dcp_index(item.storage_index),
+        storage_offsets=item.storage_offsets,
+        lengths=item.lengths,
+    )
+
+
+def ts_load_plan(plan: dcp.LoadPlan) -> ts_plan.LoadPlan:
+    """A DCP LoadPlan as torchstow's (its planner and storage data travel as they are)."""
+    return ts_plan.LoadPlan([ts_read_item(i) for i in plan.items], plan.storage_data, plan.planner_data)
+
+
+def dcp_load_plan(plan: ts_plan.LoadPlan) -> dcp.LoadPlan:
+    """A torchstow LoadPlan as DCP's."""
+    return dcp.LoadPlan([dcp_read_item(i) for i in plan.items], plan.storage_data, plan.planner_data)
