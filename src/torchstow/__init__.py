@@ -90,6 +90,7 @@ from torchstow.format.manifest import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from torchstow.interop import dcp_storage_reader, dcp_storage_writer
 from torchstow.plugins.hookspecs import hookimpl
 from torchstow.plugins.manager import BackendEntry, PluginConflictError
 
@@ -160,6 +161,8 @@ __all__ = [
     "WriterProcessTimeoutError",
     "async_save",
     "available_backends",
+    "dcp_storage_reader",
+    "dcp_storage_writer",
     "delete",
     "hookimpl",
     "info",

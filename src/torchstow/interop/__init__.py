@@ -1,1 +1,46 @@
-"""Interoperability with torch.distributed.checkpoint (DCP): its calls, its storage protocol, its format."""
+"""Interoperability with torch.distributed.checkpoint (DCP): its calls, its storage protocol, its format.
+
+The modules that subclass DCP's classes import ``torch.distributed.checkpoint``
+(a heavy import), so the entry points here load them on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["dcp_storage_reader", "dcp_storage_writer"]
+
+
+def dcp_storage_writer(
+    uri: str | os.PathLike[str], *, overwrite: bool = False, **storage_options: Any
+) -> Any:
+    """A ``torch.distributed.checkpoint.StorageWriter`` that saves a torchstow
+    checkpoint at ``uri`` through the backend its scheme names (plugins included).
+
+    For ``dcp.save(state_dict, storage_writer=torchstow.dcp_storage_writer(uri))``
+    and ``dcp.async_save``. ``overwrite`` and ``storage_options`` are as in
+    :func:`torchstow.save`.
+    """
+    from torchstow.api import storage_writer
+    from torchstow.interop.dcp_storage import DcpStorageWriter
+
+    text = os.fspath(uri)
+    return DcpStorageWriter(storage_writer(text, overwrite=overwrite, **storage_options), text)
+
+
+def dcp_storage_reader(
+    uri: str | os.PathLike[str], *, allow_pickle: bool = False, **storage_options: Any
+) -> Any:
+    """A ``torch.distributed.checkpoint.StorageReader`` that loads the checkpoint
+    at ``uri`` (torchstow's format, or DCP's own) through torchstow's backends.
+
+    For ``dcp.load(state_dict, storage_reader=torchstow.dcp_storage_reader(uri))``.
+    Objects are handed to DCP's planner only once the restricted loader
+    read them; those saved with full pickle need ``allow_pickle=True``.
+    """
+    from torchstow.api import storage_reader
+    from torchstow.interop.dcp_storage import DcpStorageReader
+
+    text = os.fspath(uri)
+    return DcpStorageReader(storage_reader(text, **storage_options), text, allow_pickle=allow_pickle)

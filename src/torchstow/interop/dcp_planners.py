@@ -153,6 +153,10 @@ class DcpSavePlannerAdapter(ts_plan.SavePlanner):
         self._dcp_items = {conv.ts_index(i.index): i for i in final.items}
         return self._ts_plan(final, self.encodings)
 
+    def adopt(self, items: list[Any]) -> None:
+        """Take DCP's final items for this rank, when DCP made the plan itself."""
+        self._dcp_items = {conv.ts_index(i.index): i for i in items}
+
     def dcp_item(self, item: ts_plan.WriteItem) -> Any:
         """The DCP item ``item`` stands for."""
         found = self._dcp_items.get(item.index)
