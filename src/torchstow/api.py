@@ -36,7 +36,7 @@ from torchstow.format.manifest import (
     stored_nbytes,
 )
 from torchstow.format.structure import build_nested
-from torchstow.interop import dcp_calls
+from torchstow.interop import dcp_calls, dcp_format
 from torchstow.plugins.manager import BackendEntry, default_registry
 
 __all__ = [
@@ -87,9 +87,12 @@ def storage_writer(uri: Uri, *, overwrite: bool = False, **storage_options: Any)
 
 
 def storage_reader(uri: Uri, **storage_options: Any) -> StorageReader:
-    """A reader for the checkpoint at ``uri``, from the backend its scheme names."""
+    """A reader for the checkpoint at ``uri``, from the backend its scheme names.
+
+    On byte-store backends it reads checkpoints written by stock ``dcp.save`` too.
+    """
     text = _uri(uri)
-    return default_registry().backend_for(text, storage_options).storage_reader(text)
+    return dcp_format.detecting_reader(default_registry().backend_for(text, storage_options), text)
 
 
 @dataclass(frozen=True)
@@ -388,7 +391,7 @@ def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> Checkpoi
     """A summary of the checkpoint at ``uri`` from its manifest (no data files read)."""
     text = _uri(uri)
     backend = default_registry().backend_for(text, storage_options)
-    return _info(text, backend.read_metadata(text))
+    return _info(text, dcp_format.read_any_metadata(backend, text))
 
 
 def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
@@ -402,7 +405,7 @@ def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = No
     found = []
     for child in backend.list_children(text):
         try:
-            found.append(_info(child, backend.read_metadata(child)))
+            found.append(_info(child, dcp_format.read_any_metadata(backend, child)))
         except (CheckpointNotFoundError, IncompleteCheckpointError):
             continue
         except (CorruptCheckpointError, FormatVersionError) as exc:

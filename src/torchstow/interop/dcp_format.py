@@ -1,0 +1,338 @@
+"""Reading checkpoints written by stock ``dcp.save`` (a ``.metadata`` file and ``*.distcp`` data files).
+
+DCP pickles its ``.metadata``. It is decoded here by a restricted unpickler
+that admits only DCP's metadata classes and torch's size, dtype, layout and
+memory-format types (plus the path class DCP records the checkpoint id
+with): any other reference is a :class:`CorruptCheckpointError` and nothing
+in the file is executed. Each tensor chunk in a ``.distcp`` file is a
+``torch.save`` blob, read back with ``torch.load(weights_only=True)``;
+objects stay opaque bytes for the same restricted loader. DCP writes no
+checksums, so none are verified.
+
+The functions :func:`is_dcp_checkpoint` and :func:`read_dcp_metadata` serve
+any caller that holds a URI; :func:`detecting_reader` is how ``load`` and
+``read`` reach either format through one reader.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchstow.core.futures import completed_future
+from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torchstow.core.storage.backend import Backend, StoreBackend
+from torchstow.core.storage.interfaces import StorageReader
+from torchstow.core.storage.store import ByteStore
+from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+
+__all__ = [
+    "DCP_METADATA",
+    "DcpFormatReader",
+    "DetectingReader",
+    "decode_dcp_metadata",
+    "detecting_reader",
+    "is_dcp_checkpoint",
+    "read_any_metadata",
+    "read_dcp_metadata",
+]
+
+DCP_METADATA = ".metadata"
+
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+_TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes and torch's value types, nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch":
+            if name == "Size":
+                return torch.Size
+            value = getattr(torch, name, None)
+            if isinstance(value, _TORCH_VALUES):
+                return value
+        elif name in _DCP_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a DCP .metadata file")
+
+
+def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
+    """A DCP ``.metadata`` file's content as a torchstow manifest; never runs its code.
+
+    Raises CorruptCheckpointError for anything but DCP metadata, and
+    FormatVersionError for data stored with DCP's storage extensions
+    (compression and the like), which torchstow does not read.
+    """
+    from torch.distributed.checkpoint import metadata as dcp_md
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from torchstow.interop import dcp_types as conv
+
+    try:
+        md = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"{source} is not DCP metadata torchstow can read safely: {exc}"
+        ) from exc
+    if not isinstance(md, dcp_md.Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CorruptCheckpointError(f"{source} does not hold DCP Metadata (found {type(md).__name__})")
+    entry_types = (dcp_md.TensorStorageMetadata, dcp_md.BytesStorageMetadata)
+    locations = md.storage_data
+    if not isinstance(locations, dict):
+        raise CorruptCheckpointError(f"{source} records no data locations")
+    try:
+        if not all(
+            isinstance(k, str) and isinstance(v, entry_types) for k, v in md.state_dict_metadata.items()
+        ):
+            raise TypeError("an entry is not tensor or bytes metadata")
+        entries = conv.ts_metadata_entries(md.state_dict_metadata)
+        found: dict[MetadataIndex, StorageInfo] = {}
+        for index, info in locations.items():
+            if not isinstance(index, dcp_md.MetadataIndex) or not isinstance(info, _StorageInfo):
+                raise TypeError(f"a data location is a {type(info).__name__}")
+            if info.transform_descriptors:
+                raise FormatVersionError(
+                    f"{source}: {index.fqn} is stored with DCP storage extensions "
+                    f"{list(info.transform_descriptors)}, which torchstow does not read; use dcp.load"
+                )
+            if (
+                not isinstance(info.relative_path, str)
+                or os.path.basename(info.relative_path) != info.relative_path
+            ):
+                raise ValueError(f"data file name {info.relative_path!r} is not a plain file name")
+            found[conv.ts_index(index)] = StorageInfo(info.relative_path, int(info.offset), int(info.length))
+        planner_data = conv.planner_data_from_mappings(md.planner_data, entries)
+    except FormatVersionError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{source} is malformed DCP metadata: {exc}") from exc
+    return Metadata(
+        state_dict_metadata=entries, planner_data=planner_data, storage_data=_DcpLocations(found), version=0
+    )
+
+
+class _DcpLocations(dict):
+    """The data locations of a DCP-format checkpoint (they mark its manifest as such)."""
+
+
+def _store_of(backend: Backend, uri: str) -> ByteStore | None:
+    return backend.open_store(uri) if isinstance(backend, StoreBackend) else None
+
+
+def _is_dcp_store(store: ByteStore) -> bool:
+    return DCP_METADATA in store.list_files()
+
+
+def _read_store_metadata(store: ByteStore) -> Metadata:
+    try:
+        data = store.read_file(DCP_METADATA)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no checkpoint at {store.location}") from None
+    return decode_dcp_metadata(data, source=f"{store.location}/{DCP_METADATA}")
+
+
+def _backend(uri: str, storage_options: dict[str, Any] | None) -> Backend:
+    from torchstow.plugins.manager import default_registry
+
+    return default_registry().backend_for(uri, storage_options)
+
+
+def is_dcp_checkpoint(uri: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``uri`` holds a checkpoint in DCP's format (a ``.metadata`` file)."""
+    text = os.fspath(uri)
+    store = _store_of(_backend(text, storage_options), text)
+    return store is not None and _is_dcp_store(store)
+
+
+def read_dcp_metadata(
+    uri: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> Metadata:
+    """The manifest of the DCP-format checkpoint at ``uri``, as torchstow's
+    (CheckpointNotFoundError when there is none)."""
+    text = os.fspath(uri)
+    store = _store_of(_backend(text, storage_options), text)
+    if store is None:
+        raise CheckpointNotFoundError(f"the backend of {text} cannot hold DCP-format checkpoints")
+    return _read_store_metadata(store)
+
+
+def read_any_metadata(backend: Backend, uri: str) -> Metadata:
+    """The manifest at ``uri``: torchstow's, else a DCP ``.metadata`` read as one."""
+    try:
+        return backend.read_metadata(uri)
+    except CheckpointNotFoundError:
+        store = _store_of(backend, uri)
+        if store is None or not _is_dcp_store(store):
+            raise
+        return _read_store_metadata(store)
+
+
+class DcpFormatReader(StorageReader):
+    """A torchstow StorageReader for a DCP-format checkpoint in ``store``."""
+
+    def __init__(self, store: ByteStore) -> None:
+        self.store = store
+        self.locations: dict[MetadataIndex, StorageInfo] = {}
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return _read_store_metadata(self.store)
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self.metadata = metadata
+        self.locations = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def _payload(self, index: MetadataIndex) -> bytes:
+        info = self.locations.get(index)
+        if info is None:
+            raise CorruptCheckpointError(
+                f"{self.store.location}/{DCP_METADATA} has no data location for {index}"
+            )
+        buf = bytearray(info.length)
+        try:
+            self.store.read_into(info.relative_path, [(info.offset, memoryview(buf))])
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"{self.store.location}/{info.relative_path} is missing, though {DCP_METADATA} lists it"
+            ) from exc
+        return bytes(buf)
+
+    def _chunk(self, item: ReadItem) -> torch.Tensor:
+        index = item.storage_index
+        try:
+            tensor = torch.load(io.BytesIO(self._payload(index)), weights_only=True, map_location="cpu")
+        except CorruptCheckpointError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"{self.store.location}: the data of {index} does not load: {exc}"
+            ) from exc
+        entry = self.metadata.state_dict_metadata[index.fqn]
+        assert isinstance(entry, TensorStorageMetadata)
+        sizes = next((c.sizes for c in entry.chunks if c.offsets == index.offset), None)
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or tensor.shape != sizes
+            or tensor.dtype != entry.properties.dtype
+        ):
+            raise CorruptCheckpointError(
+                f"{self.store.location}: the data of {index} is not the {entry.properties.dtype} chunk "
+                f"of shape {list(sizes or [])} the metadata describes"
+            )
+        return tensor
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        cached: tuple[MetadataIndex | None, torch.Tensor | None] = (None, None)
+        for item in sorted(plan.items, key=_by_location(self.locations)):
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(self._payload(item.storage_index)))
+                continue
+            if cached[0] != item.storage_index:
+                cached = (item.storage_index, self._chunk(item))
+            source = cached[1]
+            assert source is not None
+            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
+                source = source.narrow(dim, start, length)
+            target = planner.resolve_tensor(item)
+            with torch.no_grad():
+                target.copy_(source)
+            planner.commit_tensor(item, target)
+        return completed_future(None)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+def _by_location(locations: dict[MetadataIndex, StorageInfo]) -> Callable[[ReadItem], tuple[str, int]]:
+    def key(item: ReadItem) -> tuple[str, int]:
+        info = locations.get(item.storage_index)
+        return ("", -1) if info is None else (info.relative_path, info.offset)
+
+    return key
+
+
+class DetectingReader(StorageReader):
+    """Reads the checkpoint at a URI in torchstow's format or, where there is
+    no torchstow manifest but a DCP ``.metadata``, in DCP's."""
+
+    def __init__(self, backend: StoreBackend, uri: str) -> None:
+        self.backend = backend
+        self.uri = uri
+        self.inner: StorageReader = backend.storage_reader(uri)
+        self.active: StorageReader = self.inner
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.uri = os.fspath(checkpoint_id)
+        self.inner.reset(checkpoint_id)
+        self.active = self.inner
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        try:
+            return self.inner.read_metadata()
+        except CheckpointNotFoundError:
+            store = self.backend.open_store(self.uri)
+            if not _is_dcp_store(store):
+                raise
+            return _read_store_metadata(store)
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        if isinstance(metadata.storage_data, _DcpLocations):
+            self.active = DcpFormatReader(self.backend.open_store(self.uri))
+        self.active.set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return self.active.prepare_local_plan(plan)
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return self.active.prepare_global_plan(plans)
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        return self.active.read_data(plan, planner)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+def detecting_reader(backend: Backend, uri: str) -> StorageReader:
+    """The reader for ``uri``: one that also reads DCP's format where the backend is a byte store."""
+    if isinstance(backend, StoreBackend):
+        return DetectingReader(backend, uri)
+    return backend.storage_reader(uri)
