@@ -1,0 +1,129 @@
+"""Scenarios that every rank of a gloo worker group runs (see dist_pool.py), for the DCP interop tests.
+
+The model is the same small MLP everywhere, its values a function of the
+seed, so any world size knows what a checkpoint must hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+import torchstow
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def full_values(seed: int) -> dict[str, torch.Tensor]:
+    """The parameters of ``make_model(seed)``, as full CPU tensors."""
+    return {k: v.detach().clone() for k, v in make_model(seed).state_dict().items()}
+
+
+class AppState(Stateful):
+    """The DCP tutorial's application state: model and optimizer through get/set_state_dict."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+        )
+
+
+def _sharded(seed: int, train: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model under FSDP2 (fully_shard on a CPU mesh) with an Adam optimizer, stepped once if ``train``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(seed)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    if train:
+        torch.manual_seed(123)
+        model(torch.randn(4, 8)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def _full(value: Any) -> Any:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    out = {f"model.{k}": _full(v).clone() for k, v in model_sd.items()}
+    for fqn, state in optim_sd["state"].items():
+        for name, value in state.items():
+            out[f"optim.{fqn}.{name}"] = _full(value).clone()
+    return out
+
+
+def tutorial_roundtrip(rank: int, world_size: int, path: str) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Save the tutorial's AppState through torchstow.save(checkpoint_id=...), load it into a
+    fresh model and optimizer through torchstow.load; the full state before and after."""
+    model, optimizer = _sharded(seed=1, train=True)
+    before = _full_state(model, optimizer)
+    torchstow.save({"app": AppState(model, optimizer)}, checkpoint_id=path)
+    model2, optimizer2 = _sharded(seed=2, train=True)
+    app = AppState(model2, optimizer2)
+    state = {"app": app}
+    torchstow.load(state, checkpoint_id=path)
+    return before, _full_state(model2, optimizer2), state["app"] is app
+
+
+def _dtensor_state(seed: int, shard_dim: int | None) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    placement = [Replicate()] if shard_dim is None else [Shard(shard_dim)]
+    return {
+        "model": {k: distribute_tensor(v, mesh, placement) for k, v in full_values(seed=3).items()},
+        "step": 11,
+        "tag": "dcp",
+    }
+
+
+def dcp_save_through_writer(rank: int, world_size: int, uri: str, options: dict[str, Any]) -> None:
+    """Stock dcp.save with torchstow's writer, parameters sharded on dim 0."""
+    writer = torchstow.dcp_storage_writer(uri, **options)
+    dcp.save(_dtensor_state(seed=3, shard_dim=0), storage_writer=writer)
+
+
+def dcp_save_stock(rank: int, world_size: int, path: str) -> None:
+    """Stock dcp.save with DCP's own FileSystemWriter, parameters sharded on dim 0."""
+    dcp.save(_dtensor_state(seed=3, shard_dim=0), checkpoint_id=path)
+
+
+def load_resharded(rank: int, world_size: int, uri: str, options: dict[str, Any], how: str) -> dict[str, Any]:
+    """Load into parameters sharded on the last dim (another sharding than the saver's):
+    by torchstow.load or by dcp.load through torchstow's reader. Full values come back."""
+    state = _dtensor_state(seed=99, shard_dim=-1)
+    state["step"] = 0
+    state["tag"] = ""
+    if how == "torchstow":
+        torchstow.load(state, uri, storage_options=options)
+    else:
+        dcp.load(state, storage_reader=torchstow.dcp_storage_reader(uri, **options))
+    return {
+        "step": state["step"],
+        "tag": state["tag"],
+        **{k: v.full_tensor() for k, v in state["model"].items()},
+    }
