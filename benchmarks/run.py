@@ -1,6 +1,6 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
-python benchmarks/run.py [--only local|dist|s3|async] [--repeats 3] [--root DIR] [--out FILE]
+python benchmarks/run.py [--only local|dist|s3|async|dcp] [--repeats 3] [--root DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -13,12 +13,19 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_async
+import bench_dcp_adapter
 import bench_dist
 import bench_local
 import bench_s3
 from common import Report
 
-SUITES = {"local": bench_local.main, "dist": bench_dist.main, "s3": bench_s3.main, "async": bench_async.main}
+SUITES = {
+    "local": bench_local.main,
+    "dist": bench_dist.main,
+    "s3": bench_s3.main,
+    "async": bench_async.main,
+    "dcp": bench_dcp_adapter.main,
+}
 
 
 def main() -> None:
