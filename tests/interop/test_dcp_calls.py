@@ -13,8 +13,8 @@ from torch.distributed.checkpoint.metadata import TensorProperties as DcpTensorP
 
 import torchstow
 from torchstow import LoadPlan, StorageReader, StorageWriter
-from torchstow.core.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torchstow.core.planning import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, TensorProperties
 
 
 class Counter:
