@@ -6,6 +6,7 @@ runs the collective protocol of :mod:`torchstow.core.protocol.steps`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -223,7 +224,7 @@ def load(
         uri, checkpoint_id, storage_reader, lambda location: _open_reader(location, storage_options)
     )
     view = dcp_calls.StatefulView(state_dict)
-    default = lambda: DefaultLoadPlanner(strict=strict, allow_pickle=allow_pickle, cast=cast)  # noqa: E731
+    default = functools.partial(DefaultLoadPlanner, strict=strict, allow_pickle=allow_pickle, cast=cast)
     planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     _load_protocol(view.plain, reader, planner=planner, collective=dist.collective())

@@ -101,10 +101,15 @@ def _dtensor_state(seed: int, shard_dim: int | None) -> dict[str, Any]:
     }
 
 
-def dcp_save_through_writer(rank: int, world_size: int, uri: str, options: dict[str, Any]) -> None:
-    """Stock dcp.save with torchstow's writer, parameters sharded on dim 0."""
+def dcp_save_through_writer(
+    rank: int, world_size: int, uri: str, options: dict[str, Any], asynchronous: bool = False
+) -> None:
+    """Stock dcp.save (or dcp.async_save) with torchstow's writer, parameters sharded on dim 0."""
     writer = torchstow.dcp_storage_writer(uri, **options)
-    dcp.save(_dtensor_state(seed=3, shard_dim=0), storage_writer=writer)
+    if asynchronous:
+        dcp.async_save(_dtensor_state(seed=3, shard_dim=0), storage_writer=writer).result()
+    else:
+        dcp.save(_dtensor_state(seed=3, shard_dim=0), storage_writer=writer)
 
 
 def dcp_save_stock(rank: int, world_size: int, path: str) -> None:
@@ -122,6 +127,21 @@ def load_resharded(rank: int, world_size: int, uri: str, options: dict[str, Any]
         torchstow.load(state, uri, storage_options=options)
     else:
         dcp.load(state, storage_reader=torchstow.dcp_storage_reader(uri, **options))
+    return {
+        "step": state["step"],
+        "tag": state["tag"],
+        **{k: v.full_tensor() for k, v in state["model"].items()},
+    }
+
+
+def torchstow_with_dcp_planners(rank: int, world_size: int, uri: str) -> dict[str, Any]:
+    """torchstow.save and torchstow.load planned by DCP's default planners: saved
+    sharded on dim 0, loaded sharded on the last dim. Full values come back."""
+    torchstow.save(_dtensor_state(seed=3, shard_dim=0), uri, planner=dcp.DefaultSavePlanner())
+    state = _dtensor_state(seed=99, shard_dim=-1)
+    state["step"] = 0
+    state["tag"] = ""
+    torchstow.load(state, uri, planner=dcp.DefaultLoadPlanner())
     return {
         "step": state["step"],
         "tag": state["tag"],

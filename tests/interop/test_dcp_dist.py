@@ -14,6 +14,7 @@ from dcp_scenarios import (
     dcp_save_through_writer,
     full_values,
     load_resharded,
+    torchstow_with_dcp_planners,
     tutorial_roundtrip,
 )
 
@@ -57,3 +58,18 @@ def test_stock_dcp_checkpoint_loads_at_other_world_sizes(pools: Any, tmp_path: P
     single = {"model": {k: torch.zeros_like(v) for k, v in full_values(seed=3).items()}, "step": 0, "tag": ""}
     torchstow.load(single, path)
     _check_full({"step": single["step"], "tag": single["tag"], **single["model"]})
+
+
+def test_dcp_planners_plan_a_sharded_torchstow_save_and_load(pools: Any, tmp_path: Path) -> None:
+    uri = str(tmp_path / "planned")
+    for got in pools(2).run(torchstow_with_dcp_planners, uri):
+        _check_full(got)
+    back = torchstow.read(uri)
+    assert torch.equal(back["model"]["0.weight"], full_values(seed=3)["0.weight"])
+
+
+def test_dcp_async_save_through_torchstow_writer(pools: Any, tmp_path: Path) -> None:
+    uri = str(tmp_path / "async")
+    pools(2).run(dcp_save_through_writer, uri, {}, True)
+    back = torchstow.read(uri)
+    _check_full({"step": back["step"], "tag": back["tag"], **back["model"]})

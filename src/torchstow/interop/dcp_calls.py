@@ -59,6 +59,32 @@ def target_label(uri: Uri | None, checkpoint_id: Uri | None, storage_writer: Any
     return str(getattr(storage_writer, "checkpoint_id", None) or type(storage_writer).__name__)
 
 
+def _target(
+    kind: str,
+    base: type[Any],
+    uri: Uri | None,
+    checkpoint_id: Uri | None,
+    storage: Any,
+    open_storage: Callable[[Uri], Any],
+) -> Any:
+    _one_target(f"storage_{kind}", uri, checkpoint_id, storage)
+    if storage is None:
+        location = uri if uri is not None else checkpoint_id
+        assert location is not None
+        return open_storage(location)
+    inner = getattr(storage, f"torchstow_{kind}", None)  # one made by dcp_storage_writer/reader
+    if isinstance(inner, base):
+        return inner
+    if not isinstance(storage, base):
+        call = "dcp.save" if kind == "writer" else "dcp.load"
+        raise TypeError(
+            f"storage_{kind} must be a torchstow Storage{kind.title()} (torchstow.storage_{kind}(uri), "
+            f"a subclass of torchstow.Storage{kind.title()}, or torchstow.dcp_storage_{kind}(uri)), got "
+            f"{type(storage).__name__}; a torch.distributed.checkpoint {kind} goes to {call}"
+        )
+    return storage
+
+
 def save_target(
     uri: Uri | None,
     checkpoint_id: Uri | None,
@@ -71,21 +97,8 @@ def save_target(
     :func:`torchstow.dcp_storage_writer`; a stock DCP writer is refused with
     a pointer to what works instead.
     """
-    _one_target("storage_writer", uri, checkpoint_id, storage_writer)
-    if storage_writer is None:
-        location = uri if uri is not None else checkpoint_id
-        assert location is not None
-        return open_writer(location)
-    inner = getattr(storage_writer, "torchstow_writer", None)
-    if isinstance(inner, StorageWriter):
-        storage_writer = inner
-    if not isinstance(storage_writer, StorageWriter):
-        raise TypeError(
-            f"storage_writer must be a torchstow StorageWriter (torchstow.storage_writer(uri), a subclass "
-            f"of torchstow.StorageWriter, or torchstow.dcp_storage_writer(uri)), got "
-            f"{type(storage_writer).__name__}; for a torch.distributed.checkpoint writer call dcp.save"
-        )
-    return storage_writer
+    writer: StorageWriter = _target("writer", StorageWriter, uri, checkpoint_id, storage_writer, open_writer)
+    return writer
 
 
 def load_target(
@@ -95,21 +108,8 @@ def load_target(
     open_reader: Callable[[Uri], StorageReader],
 ) -> StorageReader:
     """The storage reader a load names (see :func:`save_target`)."""
-    _one_target("storage_reader", uri, checkpoint_id, storage_reader)
-    if storage_reader is None:
-        location = uri if uri is not None else checkpoint_id
-        assert location is not None
-        return open_reader(location)
-    inner = getattr(storage_reader, "torchstow_reader", None)
-    if isinstance(inner, StorageReader):
-        storage_reader = inner
-    if not isinstance(storage_reader, StorageReader):
-        raise TypeError(
-            f"storage_reader must be a torchstow StorageReader (torchstow.storage_reader(uri), a subclass "
-            f"of torchstow.StorageReader, or torchstow.dcp_storage_reader(uri)), got "
-            f"{type(storage_reader).__name__}; for a torch.distributed.checkpoint reader call dcp.load"
-        )
-    return storage_reader
+    reader: StorageReader = _target("reader", StorageReader, uri, checkpoint_id, storage_reader, open_reader)
+    return reader
 
 
 def torchstow_save_planner(
