@@ -1,5 +1,5 @@
 """dcp.save through torchstow's writer into s3:// (moto server) and shm://, then
-torchstow.load and dcp.load of the result."""
+torchstow.load and dcp.load of the result; a stock DCP checkpoint on s3:// read by torchstow."""
 
 from __future__ import annotations
 
@@ -38,3 +38,19 @@ def test_dcp_save_into_s3(s3_endpoint: str, s3_bucket: str) -> None:
 def test_dcp_save_into_shm(shm_dir: str) -> None:
     _roundtrip("shm://run/step-1", {"shm_dir": shm_dir})
     assert os.listdir(os.path.join(shm_dir, "run", "step-1"))
+
+
+def test_stock_dcp_checkpoint_on_s3_is_read(s3_endpoint: str, s3_bucket: str) -> None:
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    prefix = f"s3://{s3_bucket}/{unique()}"
+    uri = f"{prefix}/step-3"
+    options = s3_options(s3_endpoint)
+    fs_options = {"key": options["key"], "secret": options["secret"], "endpoint_url": s3_endpoint}
+    state = {"w": torch.randn(16, 8), "step": 3}
+    dcp.save(state, storage_writer=FsspecWriter(uri, sync_files=False, **fs_options), no_dist=True)
+    back = torchstow.read(uri, storage_options=options)
+    assert torch.equal(back["w"], state["w"])
+    assert back["step"] == 3
+    assert torchstow.info(uri, storage_options=options).num_entries == 2
+    assert torchstow.latest(prefix, storage_options=options) == uri
