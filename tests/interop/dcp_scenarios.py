@@ -147,3 +147,18 @@ def torchstow_with_dcp_planners(rank: int, world_size: int, uri: str) -> dict[st
         "tag": state["tag"],
         **{k: v.full_tensor() for k, v in state["model"].items()},
     }
+
+
+def load_into_meta_fsdp_model(rank: int, world_size: int, uri: str) -> dict[str, Any]:
+    """A model built on the meta device and sharded by FSDP2 loads a checkpoint: its
+    meta DTensors are replaced by materialized ones on the CPU mesh. Full values come back."""
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = make_model(seed=0)
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    state = {"model": model.state_dict(), "step": 0, "tag": ""}
+    torchstow.load(state, uri)
+    loaded = state["model"]
+    assert all(isinstance(v, DTensor) and v.device.type == "cpu" for v in loaded.values())
+    return {"step": state["step"], "tag": state["tag"], **{k: v.full_tensor() for k, v in loaded.items()}}

@@ -13,6 +13,7 @@ from dcp_scenarios import (
     dcp_save_stock,
     dcp_save_through_writer,
     full_values,
+    load_into_meta_fsdp_model,
     load_resharded,
     torchstow_with_dcp_planners,
     tutorial_roundtrip,
@@ -73,3 +74,10 @@ def test_dcp_async_save_through_torchstow_writer(pools: Any, tmp_path: Path) -> 
     pools(2).run(dcp_save_through_writer, uri, {}, True)
     back = torchstow.read(uri)
     _check_full({"step": back["step"], "tag": back["tag"], **back["model"]})
+
+
+def test_meta_fsdp_model_is_materialized_on_load(pools: Any, tmp_path: Path) -> None:
+    uri = str(tmp_path / "for-meta")
+    pools(2).run(dcp_save_through_writer, uri, {})
+    for got in pools(2).run(load_into_meta_fsdp_model, uri):
+        _check_full(got)
