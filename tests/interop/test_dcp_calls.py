@@ -248,3 +248,20 @@ def test_global_plan_fills_index_hints() -> None:
         (item,) = plan.items
         assert item.index.index is not None
         assert chunks[item.index.index].offsets == item.index.offset
+
+
+def test_keywords_reach_only_methods_that_take_them() -> None:
+    from torchstow.core.accepted_kwargs import call_with_accepted
+
+    def positional(is_coordinator: bool) -> dict[str, Any]:
+        return {}
+
+    def rank_only(is_coordinator: bool, rank: int = -1) -> dict[str, Any]:
+        return {"rank": rank}
+
+    def anything(is_coordinator: bool, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    assert call_with_accepted(positional, True, rank=1, world_size=2) == {}
+    assert call_with_accepted(rank_only, True, rank=1, world_size=2) == {"rank": 1}
+    assert call_with_accepted(anything, True, rank=1, world_size=2) == {"rank": 1, "world_size": 2}

@@ -114,3 +114,15 @@ def test_not_a_checkpoint_is_still_not_found(tmp_path: Path) -> None:
     assert not is_dcp_checkpoint(str(tmp_path))
     with pytest.raises(torchstow.CheckpointNotFoundError):
         torchstow.read(str(tmp_path / "nothing"))
+
+
+def test_storage_extensions_are_refused_by_name(stock: tuple[str, dict[str, Any]]) -> None:
+    path, _ = stock
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        metadata = pickle.load(f)
+    for info in metadata.storage_data.values():
+        info.transform_descriptors = ["zstd"]
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(metadata, f)
+    with pytest.raises(torchstow.FormatVersionError, match=r"zstd.*dcp\.load"):
+        torchstow.read(path)
