@@ -191,7 +191,8 @@ def read_any_metadata(backend: Backend, uri: str) -> Metadata:
 
 
 class DcpFormatReader(StorageReader):
-    """A torchstow StorageReader for a DCP-format checkpoint in ``store``."""
+    """A torchstow StorageReader for the DCP-format checkpoint in ``store`` (bound to
+    it: :class:`DetectingReader` makes a new one for each load)."""
 
     def __init__(self, store: ByteStore) -> None:
         self.store = store
