@@ -123,3 +123,18 @@ def test_checkpoint_id_rebinds_the_writer(tmp_path: Path) -> None:
     )
     assert torchstow.info(str(tmp_path / "second")).num_entries == 1
     assert not (tmp_path / "first" / "manifest.json").exists()
+
+
+def test_plugin_backend_under_dcp_and_its_failures(tmp_path: Path) -> None:
+    # faulty+ is a plugin that wraps another backend's writer and reader (docs/faulty.md).
+    uri = f"faulty+file://{tmp_path}/ok"
+    dcp.save({"w": torch.ones(3), "s": 2}, storage_writer=torchstow.dcp_storage_writer(uri), no_dist=True)
+    target: dict[str, Any] = {"w": torch.zeros(3), "s": 0}
+    dcp.load(target, storage_reader=torchstow.dcp_storage_reader(uri), no_dist=True)
+    assert torch.equal(target["w"], torch.ones(3))
+    assert target["s"] == 2
+    failing = f"faulty+file://{tmp_path}/bad?fail=write_data&exc=OSError"
+    with pytest.raises(CheckpointException) as info:
+        dcp.save({"w": torch.ones(3)}, storage_writer=torchstow.dcp_storage_writer(failing), no_dist=True)
+    assert isinstance(info.value.failures[0][0], OSError)
+    assert not (tmp_path / "bad" / "manifest.json").exists()
