@@ -138,3 +138,16 @@ def test_plugin_backend_under_dcp_and_its_failures(tmp_path: Path) -> None:
         dcp.save({"w": torch.ones(3)}, storage_writer=torchstow.dcp_storage_writer(failing), no_dist=True)
     assert isinstance(info.value.failures[0][0], OSError)
     assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def test_dcp_reads_a_whole_torchstow_checkpoint_with_its_nesting(ckpt: str) -> None:
+    # DCP's own whole-checkpoint read (behind its format_utils) rebuilds the nesting from the
+    # metadata's mappings: dict keys as DCP spells them (strings), list items by index.
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    torchstow.save({"opt": {"state": {0: {"s": torch.ones(2)}}, "lr": 0.1}, "n": [torch.zeros(1)]}, ckpt)
+    back = _load_state_dict_from_keys(storage_reader=torchstow.dcp_storage_reader(ckpt))
+    assert torch.equal(back["opt"]["state"]["0"]["s"], torch.ones(2))
+    assert back["opt"]["lr"] == 0.1
+    assert isinstance(back["n"], list)
+    assert torch.equal(back["n"][0], torch.zeros(1))

@@ -20,11 +20,12 @@ from torch.distributed.checkpoint import planner as dcp_plan
 from torchstow.core import planning as ts_plan
 from torchstow.format import manifest as ts_md
 from torchstow.format.leaves import TORCH
-from torchstow.format.structure import DICT, LIST, leaf_paths
+from torchstow.format.structure import DICT, LIST, TUPLE, leaf_paths
 
 __all__ = [
     "dcp_index",
     "dcp_load_plan",
+    "dcp_mappings",
     "dcp_metadata",
     "dcp_read_item",
     "dcp_tensor_entry",
@@ -99,13 +100,28 @@ def dcp_metadata(md: ts_md.Metadata) -> dcp_md.Metadata:
             entries[fqn] = dcp_tensor_entry(entry)
         else:
             entries[fqn] = dcp_md.BytesStorageMetadata()
-    mappings = leaf_paths(md.planner_data, md.state_dict_metadata)
     return dcp_md.Metadata(
         state_dict_metadata=entries,
-        planner_data=mappings,
+        planner_data=dcp_mappings(md.planner_data, md.state_dict_metadata),
         storage_data=md,
         storage_meta=dcp_md.StorageMeta(),
     )
+
+
+def dcp_mappings(planner_data: Any, fqns: Any) -> dict[str, tuple[Any, ...]]:
+    """DCP's ``fqn -> path`` mappings from torchstow's recorded structure.
+
+    DCP spells every dict key as a string and keeps integers for list
+    indices, so integer keys of dicts become strings.
+    """
+    kinds = {tuple(path): kind for path, kind, _ in (planner_data or {}).get("containers", [])}
+    mappings = {}
+    for fqn, path in leaf_paths(planner_data, fqns).items():
+        mappings[fqn] = tuple(
+            str(elem) if isinstance(elem, int) and kinds.get(path[:depth]) not in (LIST, TUPLE) else elem
+            for depth, elem in enumerate(path)
+        )
+    return mappings
 
 
 def planner_data_from_mappings(mappings: Any, fqns: Any) -> dict[str, Any]:
