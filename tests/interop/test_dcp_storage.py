@@ -14,7 +14,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import torchstow
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled", "ignore:torch.distributed is unavailable"
+)
 
 
 def _state() -> dict[str, Any]:
