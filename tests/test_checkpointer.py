@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, ClassVar
@@ -31,7 +32,6 @@ from torchstow import (
     register_barrier,
 )
 from torchstow.checkpointing.barriers import BARRIER_REGISTRY, create_barrier_from_config
-from torchstow.checkpointing.checkpoint_io import rank_uri
 
 
 class Recorder(WriterHook, Barrier):
@@ -67,47 +67,57 @@ def _state() -> dict[str, Any]:
     }
 
 
-def test_writer_commits_a_per_rank_checkpoint_with_hooks_and_barrier(tmp_path: Any) -> None:
+def test_writer_commits_one_checkpoint_at_path_between_its_hooks(tmp_path: Any) -> None:
+    # One checkpoint at `path` itself (not `<path>/rank-<r>`, the old layout, which no torchstow
+    # reader found): pre_commit -> the commit -> post_commit, with the barrier ordering the
+    # protocol's four exchanges.
     path = str(tmp_path / "step-5")
-    uri = rank_uri(path, 2)
-    assert uri == f"{path}/rank-2"
-    recorder = Recorder(uri)
-    writer = CheckpointWriter(
-        CheckpointWriterConfig(), RankInfo(2, 4), barrier=recorder, commit_hook=recorder
-    )
+    recorder = Recorder(path)
+    writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo(), barrier=recorder, commit_hook=recorder)
     sd = _state()
     writer.write(path, sd, step=5, tag="best")
     kwargs = {"step": 5, "tag": "best"}
     assert recorder.events == [
-        ("pre_commit", (path, kwargs), False),
-        ("barrier", None, True),
+        ("barrier", None, False),  # plans gathered
+        ("barrier", None, False),  # global plan scattered
+        ("pre_commit", (path, kwargs), False),  # this rank's data is written
+        ("barrier", None, False),  # outcomes gathered; the coordinator commits
+        ("barrier", None, True),  # the outcome broadcast: committed
         ("post_commit", (path, kwargs), True),
     ]
-    loaded = torchstow.read(uri)  # a complete torchstow checkpoint
+    loaded = torchstow.read(path)  # an ordinary torchstow checkpoint
     assert torch.equal(loaded["model"]["w"], sd["model"]["w"])
     assert loaded["optim"] == {"step": 5, "groups": [{"lr": 0.1}]}
+    assert torchstow.info(path).num_entries == 5
+    assert not [name for name in os.listdir(path) if name.startswith(".")]  # no exchange files left
     writer.write(str(tmp_path / "step-6"), sd)
-    assert [e[0] for e in recorder.events].count("barrier") == 2  # once per write
+    assert [e[0] for e in recorder.events].count("barrier") == 8  # four per write
+    assert torchstow.latest(str(tmp_path)) == str(tmp_path / "step-6")
 
 
 def test_writer_works_without_barrier_or_hook(tmp_path: Any) -> None:
     writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo())
     writer.write(str(tmp_path / "c"), _state())
-    assert torch.equal(
-        torchstow.read(tmp_path / "c" / "rank-0")["model"]["b"], torch.ones(4, dtype=torch.float16)
-    )
+    assert torch.equal(torchstow.read(tmp_path / "c")["model"]["b"], torch.ones(4, dtype=torch.float16))
     writer.close()
+
+
+def test_several_ranks_need_a_barrier() -> None:
+    with pytest.raises(ValueError, match="of 2 ranks needs a barrier"):
+        CheckpointWriter(CheckpointWriterConfig(), RankInfo(0, 2))
 
 
 def test_a_failing_pre_commit_commits_nothing(tmp_path: Any) -> None:
     path = str(tmp_path / "c")
-    recorder = Recorder(rank_uri(path, 0), fail_pre_commit=True)
+    recorder = Recorder(path, fail_pre_commit=True)
     writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo(), barrier=recorder, commit_hook=recorder)
     with pytest.raises(CheckpointException) as info:
         writer.write(path, _state())
     assert isinstance(info.value.failures[0][0], ValueError)
-    assert [e[0] for e in recorder.events] == ["pre_commit"]  # no barrier, no post_commit
-    assert not (tmp_path / "c" / "rank-0" / "manifest.json").exists()
+    # Every barrier round still runs (other ranks count on them); no post_commit.
+    assert [e[0] for e in recorder.events] == ["barrier", "barrier", "pre_commit", "barrier", "barrier"]
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert os.listdir(path) == []  # this rank's data files are removed too
 
 
 def test_writing_twice_needs_overwrite(tmp_path: Any) -> None:
@@ -122,18 +132,17 @@ def test_writing_twice_needs_overwrite(tmp_path: Any) -> None:
 @pytest.fixture
 def written(tmp_path: Any) -> str:
     path = str(tmp_path / "ckpt")
-    for rank in (0, 1):
-        sd = _state()
-        sd["model"]["w"] += 100 * rank
-        CheckpointWriter(CheckpointWriterConfig(), RankInfo(rank, 2)).write(path, sd)
+    sd = _state()
+    sd["model"]["w"] += 100
+    CheckpointWriter(CheckpointWriterConfig(), RankInfo()).write(path, sd)
     return path
 
 
-def test_reader_reads_this_ranks_whole_checkpoint(written: str) -> None:
-    for rank in (0, 1):
+def test_reader_reads_the_whole_checkpoint(written: str) -> None:
+    for rank in (0, 1):  # every rank reads the one checkpoint
         loaded, missing = CheckpointReader(RankInfo(rank, 2)).read(written)
         assert missing == []
-        assert torch.equal(loaded["model"]["w"], torch.arange(12.0).reshape(3, 4) + 100 * rank)
+        assert torch.equal(loaded["model"]["w"], torch.arange(12.0).reshape(3, 4) + 100)
         assert loaded["model"]["b"].dtype == torch.float16
         assert loaded["optim"] == {"step": 5, "groups": [{"lr": 0.1}]}
         assert loaded["names"] == ("a", "b")
@@ -185,12 +194,10 @@ def test_reader_mismatch_is_a_clear_error(written: str, value: Any, message: str
     assert "model.w" in str(info.value)
 
 
-def test_reader_missing_checkpoint(written: str, tmp_path: Any) -> None:
-    with pytest.raises(CheckpointNotFoundError, match="rank 0") as info:
-        CheckpointReader(RankInfo()).read(str(tmp_path / "nothing"))
+def test_reader_missing_checkpoint(tmp_path: Any) -> None:
+    with pytest.raises(CheckpointNotFoundError, match=r"rank 5 found no checkpoint at .*nothing") as info:
+        CheckpointReader(RankInfo(5, 6)).read(str(tmp_path / "nothing"))
     assert isinstance(info.value, FileNotFoundError)
-    with pytest.raises(CheckpointNotFoundError, match="rank 5"):
-        CheckpointReader(RankInfo(5, 6)).read(written)
 
 
 def test_sync_checkpointer_round_trip(tmp_path: Any) -> None:
@@ -267,7 +274,7 @@ def test_a_registered_barrier_is_used_by_the_builder(tmp_path: Any) -> None:
         checkpointer = make_sync_checkpointer(config)
         checkpointer.save(str(tmp_path / "c"), {"x": torch.ones(1)})
         checkpointer.save(str(tmp_path / "d"), {"x": torch.ones(1)})
-        assert CountingBarrier.calls == ["mine", "mine"]
+        assert CountingBarrier.calls == ["mine"] * 8  # four rounds per write
     finally:
         del BARRIER_REGISTRY["counting"]
 

@@ -33,7 +33,6 @@ from torchstow import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
-from torchstow.checkpointing.checkpoint_io import rank_uri
 
 Pair = namedtuple("Pair", "first second")
 
@@ -122,13 +121,13 @@ def _check_partner_state(got: dict[str, Any], partner: int, world_size: int, mes
 
 
 class ManifestsSeenHook(WriterHook):
-    """Records, at post-commit time, which ranks' checkpoints are committed (to a file)."""
+    """Records, at post-commit time, whether the one checkpoint at the path is committed (to a file)."""
 
     def __init__(self, root: str, rank: int, world_size: int) -> None:
         self.root, self.rank, self.world_size = root, rank, world_size
 
     def post_commit(self, path: str, **kwargs: Any) -> None:
-        seen = [os.path.exists(f"{rank_uri(path, r)}/manifest.json") for r in range(self.world_size)]
+        seen = os.path.exists(f"{path}/manifest.json")
         with open(os.path.join(self.root, f"post-{self.rank}.json"), "w") as f:
             json.dump({"seen": seen, "kwargs": kwargs, "pid": os.getpid()}, f)
 
@@ -255,12 +254,14 @@ def scenario_checkpointer_dist_barrier(s: Scenario) -> None:
     if s.rank == 1:
         time.sleep(0.5)  # rank 0 must wait for this rank at the barrier
     path = os.path.join(s.root, "ckpt")
-    checkpointer.save(path, {"v": torch.full((4,), float(s.rank))}, step=7)
+    checkpointer.save(path, {f"v{s.rank}": torch.full((4,), float(s.rank))}, step=7)
     with open(os.path.join(s.root, f"post-{s.rank}.json")) as f:
         record = json.load(f)
-    assert record["seen"] == [True] * s.world_size
+    assert record["seen"] is True
     assert record["kwargs"] == {"step": 7}
-    assert torch.equal(checkpointer.load(path)["v"], torch.full((4,), float(s.rank)))
+    loaded = checkpointer.load(path)  # one checkpoint holding every rank's keys
+    for rank in range(s.world_size):
+        assert torch.equal(loaded[f"v{rank}"], torch.full((4,), float(rank)))
     checkpointer.close()
 
 
@@ -285,15 +286,17 @@ def scenario_async_checkpointer_across_ranks(s: Scenario) -> None:
     checkpointer = make_async_checkpointer(CheckpointerConfig(barrier_config=barrier), commit_hook=hook)
     try:
         path = os.path.join(s.root, "ckpt")
-        staging, write = checkpointer.save(path, {"v": torch.full((1000,), float(s.rank))}, step=3)
+        staging, write = checkpointer.save(path, {f"v{s.rank}": torch.full((1000,), float(s.rank))}, step=3)
         staging.result(timeout=60)
         write.result(timeout=60)
         with open(os.path.join(s.root, f"post-{s.rank}.json")) as f:
             record = json.load(f)
-        assert record["seen"] == [True] * s.world_size  # post_commit ran after the barrier
+        assert record["seen"] is True  # post_commit ran after the commit
         assert record["kwargs"] == {"step": 3}
         assert record["pid"] == checkpointer.process.pid != os.getpid()
-        assert torch.equal(checkpointer.load(path)["v"], torch.full((1000,), float(s.rank)))
+        loaded = checkpointer.load(path)
+        for rank in range(s.world_size):
+            assert torch.equal(loaded[f"v{rank}"], torch.full((1000,), float(rank)))
     finally:
         checkpointer.close()
 

@@ -135,7 +135,7 @@ def test_a_write_error_surfaces_on_its_future_and_the_next_save_works(
     error = info.value.failures[0][0]
     assert isinstance(error, ValueError)
     assert "the hook refused" in str(error)
-    assert not (tmp_path / "bad" / "rank-0" / "manifest.json").exists()
+    assert not (tmp_path / "bad" / "manifest.json").exists()
     _, unpicklable = checkpointer.save(str(tmp_path / "bad2"), _state(), callback=lambda: None)
     with pytest.raises(Exception, match="pickle"):
         unpicklable.result(timeout=60)

@@ -1,15 +1,18 @@
-"""Per-rank checkpoints: the writer and reader the checkpointers are made of.
+"""The writer and reader the checkpointers are made of.
 
-A :class:`CheckpointWriter` saves this rank's state dict as a complete
-torchstow checkpoint at ``<path>/rank-<global rank>`` (:func:`rank_uri`), on
-any backend, without talking to other ranks: so it also runs in a writer
-process that has no process group. DTensors are written as their local
-shard, so a per-rank checkpoint reloads into the same sharding; to reshard
-across world sizes use ``torchstow.save``/``load``, the collective protocol.
+Every rank's :class:`CheckpointWriter` writes its state dict into *one*
+ordinary torchstow checkpoint at ``path``: its DTensor shards, replicated
+values once, one manifest covering every rank. The writers run the usual
+save protocol without a process group (a writer process has none): its
+messages travel as small files in the checkpoint's store, ordered by the
+checkpointer's barrier (:mod:`torchstow.checkpointing.barrier_collective`).
 
-One write: this rank's data files, the hook's ``pre_commit``, the commit
-(this rank's manifest, published atomically), the barrier (once every rank
-has committed), the hook's ``post_commit``.
+One write, on every rank: local plan -> (barrier) the coordinator's global
+plan -> (barrier) this rank's data files, then the hook's ``pre_commit`` ->
+(barrier) the coordinator checks every rank's outcome and publishes the
+manifest atomically -> (barrier) every rank learns the outcome -> the
+hook's ``post_commit``. :class:`CheckpointReader` reads any torchstow
+checkpoint, this rank's DTensor shards resharded as needed.
 """
 
 from __future__ import annotations
@@ -21,40 +24,39 @@ from typing import Any
 
 import torch
 
+from torchstow.checkpointing.barrier_collective import BarrierCollective
 from torchstow.checkpointing.barriers import Barrier
 from torchstow.checkpointing.opener import StorageOpener
+from torchstow.checkpointing.partial_read import plan_partial_read, subtree
 from torchstow.checkpointing.rank_info import RankInfo
-from torchstow.core.dtensors import is_dtensor, local_view
-from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner
+from torchstow.core.futures import completed_future, wait_future
+from torchstow.core.layout.writer import LayoutWriter
+from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, SavePlan, SavePlanner
+from torchstow.core.protocol.collective import Collective, SingleProcess
 from torchstow.core.protocol.steps import load_state_dict, save_state_dict
 from torchstow.core.storage.forwarding import ForwardingStorageWriter
-from torchstow.core.storage.interfaces import StorageWriter, WriteResult
+from torchstow.core.storage.interfaces import StorageWriter
+from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, StateDictMismatchError
-from torchstow.format.manifest import Metadata, TensorStorageMetadata
-from torchstow.format.structure import build_nested, flatten_state_dict, leaf_paths, set_leaf
+from torchstow.format.manifest import TensorStorageMetadata
+from torchstow.format.structure import build_nested, set_leaf
 
 __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
     "CheckpointWriterConfig",
     "WriterHook",
-    "rank_uri",
 ]
 
 logger = logging.getLogger("torchstow")
 
 
-def rank_uri(path: str, rank: int) -> str:
-    """Where rank ``rank`` keeps its checkpoint under ``path`` (any URI)."""
-    return f"{str(path).rstrip('/')}/rank-{rank}"
-
-
 class WriterHook:
     """Callbacks around a write's commit; override either or both.
 
-    ``pre_commit`` runs after this rank's data is written and before its
-    manifest is published (raising there abandons the write); ``post_commit``
-    runs after the barrier, so with one it sees every rank committed. Both
+    ``pre_commit`` runs on every rank once its data is written, before the
+    manifest is published (raising there abandons the write on every rank);
+    ``post_commit`` runs on every rank once the manifest is committed. Both
     receive the checkpoint's ``path`` and the keyword arguments given to
     ``write``/``save``.
     """
@@ -63,7 +65,7 @@ class WriterHook:
         """Before the commit."""
 
     def post_commit(self, path: str, **kwargs: Any) -> None:
-        """After the commit (and the barrier)."""
+        """After the commit."""
 
 
 @dataclass
@@ -84,26 +86,44 @@ class CheckpointWriterConfig:
 
 
 class _HookedWriter(ForwardingStorageWriter):
-    """A storage writer that runs a callback just before it commits."""
+    """A storage writer that runs a callback once this rank's data is written."""
 
-    def __init__(self, inner: StorageWriter, before_commit: Callable[[], None]) -> None:
+    def __init__(self, inner: StorageWriter, after_data: Callable[[], None]) -> None:
         super().__init__(inner)
-        self.before_commit = before_commit
+        self.after_data = after_data
 
-    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        self.before_commit()
-        self.inner.finish(metadata, results)
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
+        results = wait_future(self.inner.write_data(plan, planner))
+        self.after_data()
+        return completed_future(results)
+
+
+#: Barrier rounds per write: the save protocol's gather, scatter, gather and broadcast.
+BARRIERS_PER_WRITE = 4
+
+
+def _byte_store(writer: StorageWriter) -> ByteStore | None:
+    """The byte store under ``writer`` (through any forwarding wrappers), if it has one."""
+    while isinstance(writer, ForwardingStorageWriter):
+        writer = writer.inner
+    return writer.store if isinstance(writer, LayoutWriter) else None
 
 
 class CheckpointWriter:
-    """Writes this rank's state dicts as per-rank torchstow checkpoints.
+    """Writes one torchstow checkpoint at ``path`` together with the other ranks' writers.
 
-    ``barrier`` runs once per write, after the commit; ``commit_hook``'s
-    methods run before and after the commit with the path and the caller's
-    keyword arguments. A failed write raises the save's CheckpointException
-    (its ``failures`` hold the original error) and commits nothing. ``opener``
-    opens the storage (default: the installed plugins, with the config's
-    ``storage_options``).
+    Every rank calls :meth:`write` with its own state dict; the result is one
+    ordinary checkpoint (DTensors as their global tensors, replicated values
+    stored once) that ``torchstow.load``/``read`` load and reshard. The ranks
+    run the ordinary save protocol, talking through small files in the
+    checkpoint's store ordered by ``barrier`` (:mod:`torchstow.checkpointing.barrier_collective`),
+    so no process group is needed; more than one rank needs a barrier and a
+    backend built on a byte store. ``commit_hook``'s ``pre_commit`` runs on
+    every rank once its data is written, ``post_commit`` once the manifest is
+    committed. A failure on any rank raises the same CheckpointException on
+    every rank (its ``failures`` hold the original errors) and commits nothing.
+    ``opener`` opens the storage (default: the installed plugins, with the
+    config's ``storage_options``).
     """
 
     def __init__(
@@ -115,27 +135,54 @@ class CheckpointWriter:
         *,
         opener: StorageOpener | None = None,
     ) -> None:
+        if barrier is None and rank_info.global_world_size > 1:
+            raise ValueError(
+                f"a checkpoint writer of {rank_info.global_world_size} ranks needs a barrier to write one "
+                "checkpoint together, e.g. CheckpointerConfig(barrier_config=BarrierConfig('tcp_store', "
+                "{'tcpstore_port': ...}))"
+            )
         self.config = config
         self.rank_info = rank_info
         self.barrier = barrier
         self.commit_hook = commit_hook
         self.opener = opener if opener is not None else StorageOpener(config.storage_options)
+        self._writes = 0
 
     def write(self, path: str, state_dict: Mapping[str, Any], **kwargs: Any) -> None:
-        """Write ``state_dict`` as this rank's checkpoint under ``path`` (any URI)."""
-        uri = rank_uri(path, self.rank_info.global_rank)
+        """Write ``state_dict``, this rank's part of the checkpoint at ``path`` (any URI)."""
+        self._writes += 1
         hook = self.commit_hook
-        writer = self.opener.writer(uri, overwrite=self.config.overwrite)
+        writer = self.opener.writer(str(path), overwrite=self.config.overwrite)
+        collective = self._collective(writer, path)
         if hook is not None:
             writer = _HookedWriter(writer, lambda: hook.pre_commit(path, **kwargs))
-        save_state_dict(
-            local_view(state_dict), writer, planner=DefaultSavePlanner(allow_pickle=self.config.allow_pickle)
-        )
-        logger.debug("rank %d committed %s", self.rank_info.global_rank, uri)
-        if self.barrier is not None:
-            self.barrier.execute_barrier()
+        planner = DefaultSavePlanner(allow_pickle=self.config.allow_pickle)
+        try:
+            save_state_dict(state_dict, writer, planner=planner, collective=collective)
+        except Exception:
+            if isinstance(collective, BarrierCollective):
+                collective.drain(BARRIERS_PER_WRITE)  # the other ranks count on every round
+            raise
+        logger.debug("rank %d: checkpoint %s committed", self.rank_info.global_rank, path)
         if hook is not None:
             hook.post_commit(path, **kwargs)
+
+    def _collective(self, writer: StorageWriter, path: str) -> Collective:
+        if self.barrier is None:
+            return SingleProcess()
+        store = _byte_store(writer)
+        if store is None and self.rank_info.global_world_size > 1:
+            raise ValueError(
+                f"{path}: the checkpointer writes one checkpoint from several ranks through the files of a "
+                f"byte-store backend, and this backend's writer ({type(writer).__name__}) has none"
+            )
+        return BarrierCollective(
+            store,  # type: ignore[arg-type]  # unused by a world of one
+            self.barrier,
+            self.rank_info.global_rank,
+            self.rank_info.global_world_size,
+            write_id=f"w{self._writes}",
+        )
 
     def close(self) -> None:
         """Release the writer's resources (it holds none between writes)."""
@@ -159,7 +206,7 @@ def _target_device(map_location: MapLocation) -> torch.device | None:
 
 
 class CheckpointReader:
-    """Reads this rank's checkpoint under a path written by :class:`CheckpointWriter`.
+    """Reads a checkpoint written by :class:`CheckpointWriter` (or any torchstow checkpoint) for this rank.
 
     ``opener`` opens the storage (default: the installed plugins, with ``storage_options``).
     """
@@ -181,44 +228,47 @@ class CheckpointReader:
         *,
         map_location: MapLocation = None,
         strict: bool = False,
-        allow_pickle: bool = False,
+        **kwargs: Any,
     ) -> tuple[dict[str, Any], list[str]]:
-        """This rank's state dict from ``path``, and the keys of ``state_dict`` it lacks.
+        """The state dict read from the checkpoint at ``path``, and the keys of ``state_dict`` it lacks.
 
         Without ``state_dict`` the whole checkpoint is read into new CPU
         tensors (moved to ``map_location`` if given). With one, only its
-        keys are read, in place: tensors and DTensor shards are filled,
-        other values replaced, ``None`` values become new tensors where the
-        checkpoint has one; the same state dict comes back. A key the
-        checkpoint lacks is returned in the missing list, or raises
-        StateDictMismatchError with ``strict``; a dtype or shape mismatch
-        always raises it. A missing checkpoint raises CheckpointNotFoundError.
+        keys are read, in place: tensors and DTensor shards are filled (a
+        DTensor gets its shard of the stored global tensor, whatever the
+        sharding it was saved with), other values replaced, and a ``None``
+        at any depth is replaced by what the checkpoint holds there, a value
+        or a whole subtree; the same state dict comes back. Keys the
+        checkpoint lacks are returned as PyTorch's reader names them, or
+        raise StateDictMismatchError with ``strict``; a dtype or shape
+        mismatch always raises it. A missing checkpoint raises
+        CheckpointNotFoundError. ``kwargs``: ``allow_pickle`` (read values
+        only full pickle can restore), ``weights_only=False`` (the same, as
+        ``torch.load`` spells it), ``storage_options`` (for this read), and
+        ``mmap`` (accepted; torchstow reads into memory either way).
         """
+        allow_pickle, options = _read_options(kwargs)
         rank = self.rank_info.global_rank
-        uri = rank_uri(path, rank)
-        reader = self.opener.reader(uri)
+        opener = self.opener
+        if options:  # storage_options for this read, over the reader's own
+            opener = StorageOpener({**opener.storage_options, **options})
+        reader = opener.reader(str(path))
         try:
             metadata = reader.read_metadata()
         except CheckpointNotFoundError as exc:
-            raise CheckpointNotFoundError(
-                f"no checkpoint for rank {rank} under {path} (looked for {uri}): {exc}"
-            ) from exc
+            raise CheckpointNotFoundError(f"rank {rank} found no checkpoint at {path}: {exc}") from exc
         stored = metadata.state_dict_metadata
-        if state_dict is None:
-            leaves: dict[str, Any] = dict.fromkeys(stored)
-            paths = leaf_paths(metadata.planner_data, stored)
-            root: Any = None
-        else:
-            flat = flatten_state_dict(state_dict)
-            leaves, paths, root = flat.leaves, flat.paths, state_dict
-        missing = [fqn for fqn in leaves if fqn not in stored]
-        if strict and missing:
+        whole = state_dict is None
+        wanted = plan_partial_read({} if state_dict is None else state_dict, stored, metadata.planner_data)
+        if whole:
+            wanted.leaves = dict.fromkeys(stored)
+        if strict and wanted.missing:
             raise StateDictMismatchError(
-                f"the checkpoint of rank {rank} at {uri} lacks {len(missing)} key(s) of the state dict: "
-                f"{', '.join(missing)}",
-                missing_keys=missing,
+                f"the checkpoint at {path} lacks {len(wanted.missing)} key(s) of the state dict: "
+                f"{', '.join(wanted.missing)}",
+                missing_keys=wanted.missing,
             )
-        targets = self._targets(uri, leaves, stored)
+        targets = self._targets(str(path), wanted.leaves, stored)
         load_state_dict(
             targets,
             reader,
@@ -226,33 +276,33 @@ class CheckpointReader:
             metadata=metadata,
         )
         device = _target_device(map_location)
-        updates = {}
+        values = {}
         for fqn, value in targets.items():
-            original = leaves[fqn]
-            if isinstance(original, torch.Tensor):
+            if isinstance(wanted.leaves[fqn], torch.Tensor):
                 continue  # filled in place
             if device is not None and isinstance(value, torch.Tensor):
                 value = value.to(device)
-            updates[fqn] = value
-        if root is None:
-            return build_nested(updates, metadata.planner_data, stored), missing
-        for fqn, value in updates.items():
-            root = set_leaf(root, paths[fqn], value)
-        return root, missing
+            values[fqn] = value
+        if whole:
+            return build_nested(values, metadata.planner_data, stored), []
+        root: Any = state_dict
+        for fqn, value in values.items():
+            if fqn in wanted.paths:
+                root = set_leaf(root, wanted.paths[fqn], value)
+        for fqn, under in wanted.subtrees.items():
+            path_in = wanted.paths[fqn]
+            root = set_leaf(root, path_in, subtree(values, under, metadata.planner_data, path_in))
+        return root, wanted.missing
 
     @staticmethod
     def _targets(uri: str, leaves: Mapping[str, Any], stored: Mapping[str, Any]) -> dict[str, Any]:
-        """What to load into, by key: the state dict's own tensors (a DTensor's
-        local shard), new tensors where it holds None, its other values."""
+        """What to load into, by key: the state dict's own tensors and DTensors,
+        new tensors of the stored (global) shape where it holds None, its other values."""
         targets: dict[str, Any] = {}
         problems = []
         for fqn, value in leaves.items():
-            entry = stored.get(fqn)
-            if entry is None:
-                continue
-            if is_dtensor(value):
-                value = local_view(value)
-            elif value is None and isinstance(entry, TensorStorageMetadata):
+            entry = stored[fqn]
+            if value is None and isinstance(entry, TensorStorageMetadata):
                 value = torch.empty(entry.size, dtype=entry.properties.dtype)
             problem = DefaultLoadPlanner._mismatch(fqn, value, entry)
             if problem is not None:
@@ -264,3 +314,18 @@ class CheckpointReader:
                 mismatched=problems,
             )
         return targets
+
+
+_READ_OPTIONS = ("allow_pickle", "weights_only", "storage_options", "mmap")
+
+
+def _read_options(kwargs: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """``(allow_pickle, storage_options)`` from :meth:`CheckpointReader.read`'s keyword arguments."""
+    unknown = sorted(set(kwargs) - set(_READ_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"CheckpointReader.read() got unexpected keyword argument(s) {', '.join(unknown)}; "
+            f"it takes {', '.join(_READ_OPTIONS)}"
+        )
+    allow_pickle = bool(kwargs.get("allow_pickle", False)) or kwargs.get("weights_only") is False
+    return allow_pickle, dict(kwargs.get("storage_options") or {})

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from torchstow.core.planning.geometry import local_chunks
+from torchstow.core.planning.local_shards import ShardPlacement
 from torchstow.core.protocol.failures import CapturedFailure
 from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena, ShmRef
 from torchstow.core.staging.tensor_pickle import dumps_tensor_views, loads_tensor_views
@@ -88,8 +90,10 @@ class Response:
 def pack_state_dict(state_dict: Any, arena: SharedMemoryArena | None) -> bytes:
     """``state_dict`` pickled with each tensor as a view of its segment in ``arena``.
 
-    DTensors travel as their local shard. A tensor outside the arena raises
-    ValueError: stage with shared memory first.
+    DTensors travel as their local shard, marked with where it lies in the
+    global tensor (the writer has no device mesh), so the checkpoint holds
+    the global tensors. A tensor outside the arena raises ValueError: stage
+    with shared memory first.
     """
 
     def segment(tensor: torch.Tensor) -> ShmRef:
@@ -102,7 +106,14 @@ def pack_state_dict(state_dict: Any, arena: SharedMemoryArena | None) -> bytes:
             )
         return where
 
-    return dumps_tensor_views(state_dict, segment)
+    return dumps_tensor_views(state_dict, segment, dtensor_placement=dtensor_placement)
+
+
+def dtensor_placement(dtensor: torch.Tensor) -> ShardPlacement:
+    """Where this rank's shard of ``dtensor`` lies in the global tensor."""
+    chunks = local_chunks(dtensor)
+    offsets = tuple(chunks[0][0].offsets) if chunks else None
+    return ShardPlacement(tuple(dtensor.shape), offsets)
 
 
 def unpack_state_dict(data: bytes, segments: SegmentMapper) -> Any:

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from torchstow.core.dtensors import is_dtensor
+from torchstow.core.planning.local_shards import shard_placement
 from torchstow.format.manifest import ChunkStorageMetadata
 
-__all__ = ["is_raw_tensor", "local_chunks"]
+__all__ = ["global_shape", "is_raw_tensor", "local_chunks"]
 
 
 def local_chunks(value: torch.Tensor, fqn: str = "") -> list[tuple[ChunkStorageMetadata, torch.Tensor]]:
@@ -21,7 +22,18 @@ def local_chunks(value: torch.Tensor, fqn: str = "") -> list[tuple[ChunkStorageM
     """
     if is_dtensor(value):
         return _dtensor_chunks(value, fqn)
+    placed = shard_placement(value)
+    if placed is not None:  # a DTensor's shard, sent without its DTensor (a writer process)
+        if placed.offsets is None:
+            return []
+        return [(ChunkStorageMetadata(torch.Size(placed.offsets), value.shape), value)]
     return [(ChunkStorageMetadata(torch.Size((0,) * value.dim()), value.shape), value)]
+
+
+def global_shape(value: torch.Tensor) -> torch.Size:
+    """The shape of the global tensor ``value`` is part of: a DTensor's own, a placed shard's global one."""
+    placed = shard_placement(value)
+    return value.shape if placed is None else torch.Size(placed.global_size)
 
 
 def _dtensor_chunks(value: Any, fqn: str) -> list[tuple[ChunkStorageMetadata, torch.Tensor]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from torchstow.core.planning.geometry import is_raw_tensor, local_chunks
+from torchstow.core.planning.geometry import global_shape, is_raw_tensor, local_chunks
 from torchstow.core.planning.items import BytesWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torchstow.core.planning.planners import SavePlanner
 from torchstow.format import chunks as chunk_math
@@ -77,7 +77,7 @@ class DefaultSavePlanner(SavePlanner):
             if is_raw_tensor(value):
                 if value.device.type == "meta":
                     raise ValueError(f"{fqn}: a tensor on the meta device has no data to save")
-                size = value.shape  # a DTensor's shape is the global one
+                size = global_shape(value)
                 chunks = local_chunks(value, fqn)
                 if size.numel():  # an empty shard holds nothing of a non-empty tensor
                     chunks = [(chunk, data) for chunk, data in chunks if chunk.sizes.numel()]

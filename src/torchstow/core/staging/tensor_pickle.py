@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from torchstow.core.dtensors import dtensor_type
+from torchstow.core.planning.local_shards import ShardPlacement, mark_shard
 
 __all__ = ["TensorView", "dumps_tensor_views", "loads_tensor_views"]
 
@@ -31,7 +32,8 @@ class TensorView:
     """A tensor of the pickled state dict: which storage it views, and how.
 
     ``tensor`` numbers the distinct tensors (one that appears twice is one
-    view); ``spec`` is a DTensor's spec when DTensors are kept, else None.
+    view); ``spec`` is a DTensor's spec when DTensors are kept, its
+    :class:`ShardPlacement` when shards are placed, else None.
     """
 
     tensor: int
@@ -71,13 +73,19 @@ class _Unpickler(pickle.Unpickler):
 
 
 def dumps_tensor_views(
-    obj: Any, storage_key: Callable[[torch.Tensor], Any], *, keep_dtensors: bool = False
+    obj: Any,
+    storage_key: Callable[[torch.Tensor], Any],
+    *,
+    keep_dtensors: bool = False,
+    dtensor_placement: Callable[[torch.Tensor], ShardPlacement] | None = None,
 ) -> bytes:
     """Pickle ``obj`` with each distinct tensor as a :class:`TensorView`.
 
     ``storage_key(tensor)`` names the storage the view refers to (it may
     raise to refuse a tensor). A DTensor becomes a view of its local shard,
-    and with ``keep_dtensors`` it keeps its spec, to come back as a DTensor.
+    and with ``keep_dtensors`` it keeps its spec, to come back as a DTensor;
+    with ``dtensor_placement`` it comes back as its local shard marked with
+    the placement that function gives (:mod:`torchstow.core.planning.local_shards`).
     """
     counter = itertools.count()
     dtensor = dtensor_type()
@@ -86,7 +94,10 @@ def dumps_tensor_views(
         requires_grad = tensor.requires_grad
         spec = None
         if dtensor is not None and isinstance(tensor, dtensor):
-            spec = tensor._spec if keep_dtensors else None  # type: ignore[attr-defined]
+            if keep_dtensors:
+                spec = tensor._spec  # type: ignore[attr-defined]
+            elif dtensor_placement is not None:
+                spec = dtensor_placement(tensor)
             tensor = tensor._local_tensor  # type: ignore[attr-defined]
         return TensorView(
             next(counter),
@@ -114,7 +125,11 @@ def loads_tensor_views(data: bytes, storage: Callable[[Any], torch.UntypedStorag
             value = torch.empty(0, dtype=ref.dtype).set_(
                 storage(ref.storage), ref.offset, ref.size, ref.stride
             )
-            if ref.spec is not None:
+            if isinstance(ref.spec, ShardPlacement):
+                mark_shard(value, ref.spec)
+                if ref.requires_grad:
+                    value.requires_grad_(True)
+            elif ref.spec is not None:
                 dtensor = dtensor_type()
                 assert dtensor is not None  # unpickling the spec imported it
                 value = dtensor(value, ref.spec, requires_grad=ref.requires_grad)
