@@ -255,6 +255,25 @@ def test_pinned_memory_without_accelerator_falls_back_and_logs_once(
     assert not staged["t"].is_pinned()
 
 
+@pytest.mark.parametrize("pin", [False, True])
+@pytest.mark.parametrize("share", [False, True])
+def test_state_dict_stager_shares_memory_as_torch_knows_it(pin: bool, share: bool) -> None:
+    stager = StateDictStager(pin_memory=pin, share_memory=share)
+    w = torch.randn(300, 1024)
+    sd = {"w": w, "view": w[1:3], "small": torch.arange(5), "empty": torch.empty(0, 3), "n": [torch.ones(2)]}
+    staged = stager.stage(sd)
+    tensors = [staged["w"], staged["view"], staged["small"], staged["empty"], staged["n"][0]]
+    assert [t.is_shared() for t in tensors] == [share] * len(tensors)
+    assert [t.untyped_storage().is_shared() for t in tensors] == [share] * len(tensors)
+    storages = [t.untyped_storage().data_ptr() for t in tensors if t.numel()]
+    count = stager.cache_stats()
+    again = stager.stage(sd)  # reused: the same storages, no new buffer
+    assert [again[k].untyped_storage().data_ptr() for k in ("w", "view", "small")] == storages[:3]
+    assert stager.cache_stats() == count
+    stager.close()
+    assert stager.cache_stats() == (0, 0)
+
+
 def test_shared_memory_is_visible_to_another_mapping() -> None:
     stager = StateDictStager(share_memory=True)
     sd = {"w": torch.randn(1000), "small": torch.arange(5), "empty": torch.empty(0)}
@@ -279,17 +298,17 @@ def test_shared_memory_is_visible_to_another_mapping() -> None:
 
 
 def test_arena_frees_segments_no_storage_uses() -> None:
-    arena = SharedMemoryArena(slab_bytes=1 << 20)
-    big = arena.allocate(4 << 20)  # its own segment
-    small = [arena.allocate(1000) for _ in range(3)]  # share a slab
-    assert arena.stats()[0] == 2
-    names = _shm_files()
-    assert len(names) == 2
+    arena = SharedMemoryArena()
+    big = arena.allocate(4 << 20)
+    small = [arena.allocate(1000) for _ in range(3)]  # a segment each: torch shares each storage
+    assert all(storage.is_shared() for storage in [big, *small])
+    assert arena.stats()[0] == 4
+    assert len(_shm_files()) == 4
     del big
     gc.collect()
-    assert arena.stats()[0] == 1
+    assert arena.stats()[0] == 3
     assert len(arena.take_released()) == 1
-    assert len(_shm_files()) == 1
+    assert len(_shm_files()) == 3
     del small
     arena.close()
     assert not _shm_files()
@@ -342,16 +361,26 @@ def test_every_option_combination(pinned: bool, shared: bool, background: bool, 
             DefaultStager(config)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sd = {"w": torch.randn(64, 64, device=device), "b": torch.arange(8, device=device), "step": 3}
+    w = torch.randn(64, 64, device=device)
+    sd = {"w": w, "row": w[3], "b": torch.arange(8, device=device), "empty": torch.empty(0), "step": 3}
     stager = DefaultStager(config)
     result = stager.stage(sd)
     assert isinstance(result, Future) == background
     staged = result.result() if background else result
     assert staged["step"] == 3
-    for key in ("w", "b"):
+    for key in ("w", "row", "b", "empty"):
         assert staged[key].device.type == "cpu"
         assert torch.equal(staged[key], sd[key].cpu())
-        assert staged[key].is_pinned() == (pinned and torch.cuda.is_available())
+        assert staged[key].is_pinned() == (pinned and torch.cuda.is_available() and key != "empty")
+        # Shared memory as torch knows it: torch.multiprocessing hands these on without a copy.
+        assert staged[key].is_shared() == shared
+        assert staged[key].untyped_storage().is_shared() == shared
+    pointers = {key: staged[key].untyped_storage().data_ptr() for key in ("w", "b")}
+    again = stager.stage(sd)
+    again = again.result() if background else again
+    for key in ("w", "b"):  # staged again into the same storages, still shared
+        assert again[key].untyped_storage().data_ptr() == pointers[key]
+        assert again[key].is_shared() == shared
     arena = stager.state_dict_stager.shared_memory
     assert (arena is not None) == shared
     if arena is not None:

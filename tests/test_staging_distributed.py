@@ -153,6 +153,13 @@ def scenario_dtensor_staging(s: Scenario) -> None:
     assert again.to_local().data_ptr() == pointer  # the cached buffer
     assert torch.equal(again.to_local(), dt.to_local())
     assert stager.cache_stats() == (1, dt.to_local().nbytes)
+    assert not staged.to_local().is_shared()
+    for options in ({"share_memory": True}, {"share_memory": True, "pin_memory": True}):
+        shared = StateDictStager(**options)
+        local = shared.stage({"dt": dt})["dt"].to_local()
+        assert local.is_shared() and local.untyped_storage().is_shared()
+        assert torch.equal(local, dt.to_local())
+        shared.close()
 
 
 def scenario_replication(s: Scenario) -> None:

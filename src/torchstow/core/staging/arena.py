@@ -1,15 +1,19 @@
 """Shared-memory segments that hold staged storages another process reads.
 
-A :class:`SharedMemoryArena` carves staged storages out of segments: files in
-``/dev/shm`` (the system temp dir where there is none) mapped into this
-process. Another process that learns a segment's name maps the same pages
-(:class:`SegmentMapper`), so tensor bytes never travel through a pipe. Small
-storages share slabs; a large one gets a segment of its own. Once no staged
-storage uses a segment any more, its file is removed and its pages go back
-to the system when the last mapping closes.
+A :class:`SharedMemoryArena` gives each staged storage a segment of its own:
+a file in ``/dev/shm`` (the system temp dir where there is none) that torch
+maps as a shared storage (``UntypedStorage.from_file(..., shared=True)``),
+so ``is_shared()`` is true for every staged tensor and torch's own
+multiprocessing hands them on without copying. Another process that learns
+a segment's name maps the same pages (:class:`SegmentMapper`), so tensor
+bytes never travel through a pipe. Once its storage dies (or the arena is
+closed) a segment's file is removed, and its pages go back to the system
+when the last mapping closes.
 
-Segment files are named ``torchstow-<pid>-<random>``; a process killed by
-SIGKILL before it could clean up leaves them behind, and they can be deleted.
+Segment files are named ``torchstow-<pid>-<random>``. A process killed by
+SIGKILL cannot clean up; its checkpoint writer process removes what is left
+of its files when it sees the trainer gone (:func:`remove_segments_of`), and
+any left otherwise can be deleted.
 """
 
 from __future__ import annotations
@@ -24,19 +28,17 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-__all__ = ["SHM_DIR", "SegmentMapper", "SharedMemoryArena", "ShmRef"]
+__all__ = ["SHM_DIR", "SegmentMapper", "SharedMemoryArena", "ShmRef", "locate_shared", "remove_segments_of"]
 
 logger = logging.getLogger("torchstow")
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _PREFIX = "torchstow-"
 _PAGE = mmap.PAGESIZE
-_SLAB = 64 << 20
-_SMALL_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -53,42 +55,40 @@ def _round_up(n: int, to: int) -> int:
 
 
 class _Segment:
-    """One mapped segment file, filled front to back."""
+    """One segment file, mapped by torch as the shared storage it holds (not kept here)."""
 
-    __slots__ = ("base", "live", "mapping", "name", "path", "pinned", "size", "used", "view")
+    __slots__ = ("base", "name", "path", "pinned", "size")
 
-    def __init__(self, size: int) -> None:
-        self.name = f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}"
-        self.path = os.path.join(SHM_DIR, self.name)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            self.mapping = mmap.mmap(fd, size)
-        except BaseException:
-            os.unlink(self.path)
-            raise
-        finally:
-            os.close(fd)
-        self.view = memoryview(self.mapping)
+    def __init__(self, name: str, base: int, size: int) -> None:
+        self.name = name
+        self.path = os.path.join(SHM_DIR, name)
+        self.base = base
         self.size = size
-        self.used = 0
-        self.live = 0
-        self.base = torch.frombuffer(self.view, dtype=torch.uint8).data_ptr()
         self.pinned = False
-
-    def carve(self, nbytes: int) -> torch.UntypedStorage:
-        align = _PAGE if nbytes >= (1 << 20) else _SMALL_ALIGN
-        start = _round_up(self.used, align)
-        self.used = start + nbytes
-        self.live += 1
-        return torch.frombuffer(self.view[start : start + nbytes], dtype=torch.uint8).untyped_storage()
-
-    def fits(self, nbytes: int) -> bool:
-        return _round_up(self.used, _SMALL_ALIGN) + nbytes <= self.size
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):  # the reading process took ownership
             os.unlink(self.path)
+
+
+def _new_shared_storage(nbytes: int) -> tuple[str, torch.UntypedStorage]:
+    """A new segment file of ``nbytes`` (a whole number of pages) mapped as a torch shared storage."""
+    name = f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}"
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # never someone else's file
+    try:
+        os.ftruncate(fd, _round_up(nbytes, _PAGE))
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    try:
+        storage = cast(torch.UntypedStorage, torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes))
+    except BaseException:
+        os.unlink(path)
+        raise
+    return name, storage
 
 
 _HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
@@ -102,13 +102,45 @@ def _cuda_host_register(ptr: int, size: int) -> bool:
     return True
 
 
+def _storage_died(dead: list[str], name: str, pinned_base: int | None) -> None:
+    """A staged storage is being freed: unpin its pages first, and tell the arena (lock-free)."""
+    if pinned_base is not None:
+        torch.cuda.cudart().cudaHostUnregister(pinned_base)
+    dead.append(name)
+
+
 def _unlink_all(segments: dict[str, _Segment]) -> None:
     for segment in list(segments.values()):
         segment.unlink()
 
 
+_arenas: weakref.WeakSet[SharedMemoryArena] = weakref.WeakSet()
+
+
+def locate_shared(storage: torch.UntypedStorage) -> tuple[SharedMemoryArena, ShmRef] | None:
+    """The arena of this process ``storage`` lives in, and where; None if in none."""
+    for arena in list(_arenas):
+        where = arena.locate(storage)
+        if where is not None:
+            return arena, where
+    return None
+
+
+def remove_segments_of(pid: int) -> int:
+    """Remove the segment files process ``pid`` left (it is gone); how many there were."""
+    prefix = f"{_PREFIX}{pid}-"
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(SHM_DIR):
+            if name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(SHM_DIR, name))
+                    removed += 1
+    return removed
+
+
 class SharedMemoryArena:
-    """Allocates storages in shared memory and says where each one lives.
+    """Allocates torch shared storages, one segment each, and says where each one lives.
 
     ``pin`` registers every segment with CUDA as page-locked memory, so
     device-to-host copies into it are asynchronous. Thread-safe. Segment
@@ -116,61 +148,44 @@ class SharedMemoryArena:
     arena is collected, and at interpreter exit.
     """
 
-    def __init__(self, *, pin: bool = False, slab_bytes: int = _SLAB) -> None:
+    def __init__(self, *, pin: bool = False) -> None:
         self.pin = pin
-        self.slab_bytes = slab_bytes
         self._lock = threading.Lock()
         self._segments: dict[str, _Segment] = {}
         self._bases: list[tuple[int, str]] = []
-        self._slab: _Segment | None = None
         self._dead: list[str] = []  # appended by finalizers, which must not take the lock
         self._released: list[str] = []
         self._closed = False
         weakref.finalize(self, _unlink_all, self._segments)
+        _arenas.add(self)
 
     def allocate(self, nbytes: int) -> torch.UntypedStorage:
-        """A new shared storage of ``nbytes`` (an ordinary empty one for 0)."""
+        """A new shared storage of ``nbytes`` (an empty shared one for 0)."""
         if nbytes == 0:
-            return torch.UntypedStorage(0)
+            return torch.UntypedStorage(0).share_memory_()
         with self._lock:
             if self._closed:
                 raise RuntimeError("this shared-memory arena is closed")
             self._reap()
-            if nbytes >= self.slab_bytes // 2:
-                segment = self._new_segment(_round_up(nbytes, _PAGE))
-            else:
-                if self._slab is None or not self._slab.fits(nbytes):
-                    full, self._slab = self._slab, self._new_segment(self.slab_bytes)
-                    if full is not None and full.live == 0:
-                        self._drop(full)
-                segment = self._slab
-            storage = segment.carve(nbytes)
-        weakref.finalize(storage, self._dead.append, segment.name)
+            name, storage = _new_shared_storage(nbytes)
+            segment = _Segment(name, storage.data_ptr(), nbytes)
+            if self.pin:
+                segment.pinned = _cuda_host_register(segment.base, _round_up(nbytes, _PAGE))
+            self._segments[name] = segment
+            bisect.insort(self._bases, (segment.base, name))
+        weakref.finalize(storage, _storage_died, self._dead, name, segment.base if segment.pinned else None)
         return storage
 
-    def _new_segment(self, size: int) -> _Segment:
-        segment = _Segment(size)
-        if self.pin:
-            segment.pinned = _cuda_host_register(segment.base, size)
-        self._segments[segment.name] = segment
-        bisect.insort(self._bases, (segment.base, segment.name))
-        return segment
-
     def _reap(self) -> None:
-        """Account for storages that died; drop segments no storage uses (lock held)."""
+        """Drop the segments whose storages died (lock held)."""
         while self._dead:
             segment = self._segments.get(self._dead.pop())
-            if segment is None:
-                continue
-            segment.live -= 1
-            if segment.live == 0 and segment is not self._slab:
+            if segment is not None:
                 self._drop(segment)
 
     def _drop(self, segment: _Segment) -> None:
         del self._segments[segment.name]
         self._bases.remove((segment.base, segment.name))
-        if segment.pinned:
-            torch.cuda.cudart().cudaHostUnregister(segment.base)
         segment.unlink()
         self._released.append(segment.name)
 
@@ -181,6 +196,7 @@ class SharedMemoryArena:
             return ShmRef("", 0, 0)
         ptr = storage.data_ptr()
         with self._lock:
+            self._reap()  # a dead storage's addresses may already hold another's
             i = bisect.bisect_right(self._bases, (ptr, "\uffff")) - 1
             if i < 0:
                 return None
@@ -197,6 +213,12 @@ class SharedMemoryArena:
             released, self._released = self._released, []
         return released
 
+    def segment_names(self) -> set[str]:
+        """The names of the segments in use (their files, until a reader maps them)."""
+        with self._lock:
+            self._reap()
+            return set(self._segments)
+
     def stats(self) -> tuple[int, int]:
         """(segments, bytes mapped)."""
         with self._lock:
@@ -210,7 +232,6 @@ class SharedMemoryArena:
             self._closed = True
             for segment in list(self._segments.values()):
                 self._drop(segment)
-            self._slab = None
 
 
 class SegmentMapper:
