@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,13 +15,17 @@ from typing import Any
 import pytest
 import torch
 
+import torchstow
 from torchstow import (
     AsyncCheckpointer,
     CheckpointerConfig,
     CheckpointException,
+    CheckpointProcess,
     CheckpointProcessConfig,
+    CheckpointStagerConfig,
     CheckpointWriter,
     CheckpointWriterConfig,
+    DefaultStager,
     RankInfo,
     StateDictStager,
     WriterHook,
@@ -183,9 +189,10 @@ def test_custom_writer_save_before_start_up_and_graceful_close(tmp_path: Any) ->
     again.result(timeout=60)
     assert checkpointer.load(path)["step"] == 2
     assert [e["kwargs"] for e in LoggingHook(log).entries()] == [{"n": 1}, {"n": 2}]
-    assert not _shm_files()  # the writer removes each segment's name once it has mapped it
     arena = checkpointer.stager.state_dict_stager.shared_memory
     assert arena is not None
+    # The writer removes each segment's name once it has mapped it.
+    assert arena.segment_names() and not arena.segment_names() & _shm_files()
     assert arena.stats()[0] > 0
     checkpointer.close()
     assert arena.stats() == (0, 0)
@@ -268,3 +275,70 @@ def test_gpu_state_is_staged_into_pinned_shared_memory(tmp_path: Any) -> None:
         assert arena.pin
     finally:
         checkpointer.close()
+
+
+KILLED_TRAINER = """
+import sys, time, torch
+from torchstow import make_async_checkpointer
+checkpointer = make_async_checkpointer()
+_, write = checkpointer.save(sys.argv[1], {"w": torch.randn(1000)})
+write.result(timeout=120)
+held = checkpointer.stager.stage({"x": torch.randn(4096)})  # staged, never sent to the writer
+held = held.result() if hasattr(held, "result") else held
+print(checkpointer.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_trainer_leaks_no_shared_memory(tmp_path: Any) -> None:
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_TRAINER, str(tmp_path / "c")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert trainer.stdout is not None
+        writer_pid = int(trainer.stdout.readline())
+        prefix = f"torchstow-{trainer.pid}-"
+        assert [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]  # the unsent segment
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(30)
+        deadline = time.monotonic() + 30
+        while [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]:
+            assert time.monotonic() < deadline, "the writer process left the dead trainer's segments"
+            time.sleep(0.1)
+        assert writer_pid != trainer.pid
+    finally:
+        trainer.kill()
+        trainer.wait(30)
+
+
+def test_checkpoint_process_takes_pytorchs_constructor_and_write(tmp_path: Any) -> None:
+    log = str(tmp_path / "log.jsonl")
+    config = CheckpointProcessConfig(subprocess_init_timeout_secs=60)
+    # PyTorch's keywords, with rank_info already among the writer-init arguments (it is not added twice).
+    by_keyword = CheckpointProcess(
+        rank_info=RankInfo(0, 1),
+        config=config,
+        subprocess_init_fn=sleeping_init,
+        subprocess_init_args=(0.0,),
+        checkpoint_writer_init_fn=overwriting_writer,
+        checkpoint_writer_init_args={"log": log, "rank_info": RankInfo(0, 1)},
+    )
+    # PyTorch's positional form, without rank_info (it is added).
+    by_position = CheckpointProcess(RankInfo(), config, None, (), overwriting_writer, {"log": log})
+    try:
+        for process in (by_keyword, by_position):
+            assert process.process_creation_future.result(timeout=60) is None
+        path = str(tmp_path / "c")
+        plain = {"w": torch.arange(10.0), "step": 1}  # not staged: the tensors are copied into the request
+        assert by_keyword.write(plain, path, n=1).result(timeout=60) is None
+        assert torch.equal(torchstow.read(path)["w"], torch.arange(10.0))
+        with DefaultStager(CheckpointStagerConfig(use_shared_memory=True)) as stager:
+            staged = stager.stage({"w": torch.ones(10), "step": 2})  # a Future of the staged dict
+            assert by_position.write(staged, path, n=2).result(timeout=60) is None
+        assert torchstow.read(path)["step"] == 2
+        assert [e["kwargs"] for e in LoggingHook(log).entries()] == [{"n": 1}, {"n": 2}]
+    finally:
+        by_keyword.close()
+        by_position.close()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+        CheckpointProcess(RankInfo(), config, checkpoint_writer_init_fn=overwriting_writer, nope=1)

@@ -30,6 +30,7 @@ from torchstow.checkpointing.rank_info import RankInfo, default_rank_info
 from torchstow.checkpointing.writer_process import (
     CheckpointProcess,
     CheckpointProcessConfig,
+    CustomWriterFactory,
     DefaultWriterFactory,
 )
 from torchstow.core.futures import as_future
@@ -147,8 +148,7 @@ class AsyncCheckpointer(Checkpointer):
             wait_futures([self._write_future])
             self._process.check()  # the writer may have died during that write
         staging = as_future(self._stager.stage(state_dict))
-        arena = self._stager.state_dict_stager.shared_memory
-        self._write_future = self._process.write(staging, path, arena, **kwargs)
+        self._write_future = self._process.write(staging, path, **kwargs)
         return _completion(staging), self._write_future
 
     def close(self) -> None:
@@ -204,9 +204,9 @@ def make_async_checkpointer(
     process reads from shared memory). The barrier is built in the writer
     process, so it must be one that needs no process group there (use
     ``"tcp_store"``). ``commit_hook`` runs in the writer process.
-    ``checkpoint_writer_init_fn(rank_info=..., **checkpoint_writer_init_args)``
-    replaces the default writer; ``subprocess_init_fn(*subprocess_init_args)``
-    runs first in the child. All must be picklable.
+    ``checkpoint_writer_init_fn(**checkpoint_writer_init_args)`` (plus
+    ``rank_info`` unless those arguments hold it) replaces the default
+    writer; ``subprocess_init_fn(*subprocess_init_args)`` runs first in the child. All must be picklable.
     """
     config = config or CheckpointerConfig()
     rank_info = rank_info or default_rank_info()
@@ -215,7 +215,7 @@ def make_async_checkpointer(
     if checkpoint_writer_init_fn is None:
         factory = DefaultWriterFactory(config.writer_config, config.barrier_config, commit_hook)
     else:
-        factory = _CustomWriterFactory(checkpoint_writer_init_fn, dict(checkpoint_writer_init_args or {}))
+        factory = CustomWriterFactory(checkpoint_writer_init_fn, dict(checkpoint_writer_init_args or {}))
     process = CheckpointProcess(
         rank_info,
         config.process_config,
@@ -225,14 +225,3 @@ def make_async_checkpointer(
     )
     reader = CheckpointReader(rank_info, storage_options=config.writer_config.storage_options)
     return AsyncCheckpointer(DefaultStager(staging), process, reader)
-
-
-@dataclass
-class _CustomWriterFactory:
-    """Calls the user's writer init function with the rank info, in the child."""
-
-    init_fn: Callable[..., CheckpointWriter]
-    init_args: dict[str, Any]
-
-    def __call__(self, rank_info: RankInfo) -> CheckpointWriter:
-        return self.init_fn(rank_info=rank_info, **self.init_args)

@@ -9,6 +9,8 @@ put them.
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import MutableSet
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
@@ -18,7 +20,7 @@ import torch
 from torchstow.core.planning.geometry import local_chunks
 from torchstow.core.planning.local_shards import ShardPlacement
 from torchstow.core.protocol.failures import CapturedFailure
-from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena, ShmRef
+from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena, ShmRef, locate_shared
 from torchstow.core.staging.tensor_pickle import dumps_tensor_views, loads_tensor_views
 
 __all__ = [
@@ -87,18 +89,39 @@ class Response:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def pack_state_dict(state_dict: Any, arena: SharedMemoryArena | None) -> bytes:
-    """``state_dict`` pickled with each tensor as a view of its segment in ``arena``.
+def pack_state_dict(
+    state_dict: Any,
+    arena: SharedMemoryArena | None = None,
+    *,
+    copy_unshared: bool = False,
+    arenas_used: MutableSet[SharedMemoryArena] | None = None,
+) -> bytes:
+    """``state_dict`` pickled with each tensor as a view of its shared-memory segment.
 
-    DTensors travel as their local shard, marked with where it lies in the
-    global tensor (the writer has no device mesh), so the checkpoint holds
-    the global tensors. A tensor outside the arena raises ValueError: stage
-    with shared memory first.
+    Segments are looked up in ``arena``, or in every arena of this process
+    when it is None. DTensors travel as their local shard, marked with where
+    it lies in the global tensor (the writer has no device mesh), so the
+    checkpoint holds the global tensors. A tensor in no segment raises
+    ValueError (stage with shared memory first), unless ``copy_unshared``:
+    then its storage's bytes travel in the message. The arenas found are
+    added to ``arenas_used``.
     """
 
-    def segment(tensor: torch.Tensor) -> ShmRef:
-        where = arena.locate(tensor.untyped_storage()) if arena is not None else None
-        if where is None or tensor.layout != torch.strided:
+    def segment(tensor: torch.Tensor) -> ShmRef | bytes:
+        where = None
+        if tensor.layout == torch.strided:
+            storage = tensor.untyped_storage()
+            if arena is not None:
+                where = arena.locate(storage)
+            else:
+                found = locate_shared(storage)
+                if found is not None:
+                    if arenas_used is not None:
+                        arenas_used.add(found[0])
+                    where = found[1]
+            if where is None and copy_unshared and tensor.device.type == "cpu":
+                return ctypes.string_at(storage.data_ptr(), storage.nbytes()) if storage.nbytes() else b""
+        if where is None:
             raise ValueError(
                 f"a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device} of the state dict is not "
                 "in the stager's shared memory; the writer process reads staged tensors from shared "
@@ -120,7 +143,11 @@ def unpack_state_dict(data: bytes, segments: SegmentMapper) -> Any:
     """The state dict :func:`pack_state_dict` packed, its tensors viewing the shared segments."""
     storages: dict[ShmRef, torch.UntypedStorage] = {}
 
-    def storage(ref: ShmRef) -> torch.UntypedStorage:
+    def storage(ref: ShmRef | bytes) -> torch.UntypedStorage:
+        if isinstance(ref, bytes):  # a tensor that was not in shared memory travelled by value
+            return (
+                torch.UntypedStorage.from_buffer(ref, dtype=torch.uint8) if ref else torch.UntypedStorage(0)
+            )
         found = storages.get(ref)
         if found is None:
             found = storages[ref] = segments.storage(ref)

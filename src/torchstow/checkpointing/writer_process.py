@@ -19,18 +19,21 @@ and exits by itself when the trainer goes away.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from torchstow.checkpointing.barriers import BarrierConfig, create_barrier_from_config
 from torchstow.checkpointing.checkpoint_io import (
@@ -51,12 +54,13 @@ from torchstow.checkpointing.writer_messages import (
     unpack_state_dict,
 )
 from torchstow.core.protocol.failures import CapturedFailure
-from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena
+from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena, remove_segments_of
 from torchstow.errors import TorchstowError
 
 __all__ = [
     "CheckpointProcess",
     "CheckpointProcessConfig",
+    "CustomWriterFactory",
     "DefaultWriterFactory",
     "WriterProcessError",
     "WriterProcessTimeoutError",
@@ -100,14 +104,29 @@ class DefaultWriterFactory:
 WriterFactory = Callable[[RankInfo], CheckpointWriter]
 
 
+@dataclass
+class CustomWriterFactory:
+    """Calls a writer init function in the child: PyTorch's ``checkpoint_writer_init_fn(**init_args)``,
+    with ``rank_info`` added to the arguments only when they do not hold it already."""
+
+    init_fn: Callable[..., CheckpointWriter]
+    init_args: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, rank_info: RankInfo) -> CheckpointWriter:
+        args = dict(self.init_args)
+        args.setdefault("rank_info", rank_info)
+        return self.init_fn(**args)
+
+
 def _writer_main(
     conn: multiprocessing.connection.Connection,
     rank_info: RankInfo,
     writer_factory: WriterFactory,
     init_fn: Callable[..., Any] | None,
     init_args: tuple[Any, ...],
+    trainer_pid: int,
 ) -> None:
-    """The child's whole life: start, answer requests, exit."""
+    """The child's whole life: start, answer requests, exit (cleaning up after a trainer that died)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     writer: CheckpointWriter | None = None
     startup_error: CapturedFailure | None = None
@@ -123,7 +142,9 @@ def _writer_main(
             try:
                 request: Request = conn.recv()
             except (EOFError, OSError):
-                return  # the trainer is gone
+                if _trainer_died(trainer_pid):  # nobody else will free its segments
+                    remove_segments_of(trainer_pid)
+                return
             if startup_error is not None or writer is None:
                 conn.send(Response(request.kind, request.request_id, False, startup_error))
                 return
@@ -140,6 +161,20 @@ def _writer_main(
         conn.close()
 
 
+def _trainer_died(trainer_pid: int, wait_secs: float = 2.0) -> bool:
+    """Whether the trainer is gone (this process was handed to another parent).
+
+    A dying process closes its files before its children are handed on, so
+    the pipe's end can arrive a moment before the new parent: wait briefly.
+    """
+    deadline = time.monotonic() + wait_secs
+    while os.getppid() == trainer_pid:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _write(writer: CheckpointWriter, segments: SegmentMapper, request: WriteRequest) -> Response:
     try:
         segments.release(request.released_segments)
@@ -154,15 +189,75 @@ class _NoAnswerError(Exception):
     """The child did not answer in time."""
 
 
+def _pytorch_form(
+    subprocess_init_fn: Callable[..., Any] | None = None,
+    subprocess_init_args: tuple[Any, ...] = (),
+    checkpoint_writer_init_fn: Callable[..., CheckpointWriter] | None = None,
+    checkpoint_writer_init_args: dict[str, Any] | None = None,
+) -> None:
+    """PyTorch's arguments after ``rank_info`` and ``config``."""
+
+
+def _torchstow_form(
+    writer_factory: WriterFactory,
+    *,
+    subprocess_init_fn: Callable[..., Any] | None = None,
+    subprocess_init_args: tuple[Any, ...] = (),
+) -> None:
+    """torchstow's arguments after ``rank_info`` and ``config``."""
+
+
+def _process_args(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[WriterFactory, Any, tuple[Any, ...]]:
+    """``(writer_factory, subprocess_init_fn, subprocess_init_args)`` from either constructor form."""
+    if len(args) > 1 or "checkpoint_writer_init_fn" in kwargs or "checkpoint_writer_init_args" in kwargs:
+        bound = inspect.signature(_pytorch_form).bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments
+        init_fn = given["checkpoint_writer_init_fn"]
+        factory: WriterFactory = (
+            DefaultWriterFactory()
+            if init_fn is None
+            else CustomWriterFactory(init_fn, dict(given["checkpoint_writer_init_args"] or {}))
+        )
+        return factory, given["subprocess_init_fn"], tuple(given["subprocess_init_args"] or ())
+    bound = inspect.signature(_torchstow_form).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    return given["writer_factory"], given["subprocess_init_fn"], tuple(given["subprocess_init_args"] or ())
+
+
 class CheckpointProcess:
     """The trainer's side of a writer process: start it, feed it writes, stop it.
 
+    Two constructor forms. PyTorch's: ``CheckpointProcess(rank_info, config,
+    subprocess_init_fn, subprocess_init_args, checkpoint_writer_init_fn,
+    checkpoint_writer_init_args)``, where the child builds its writer with
+    ``checkpoint_writer_init_fn(**checkpoint_writer_init_args)`` plus
+    ``rank_info`` when those arguments lack it (the default writer without
+    an init function). torchstow's: ``CheckpointProcess(rank_info, config,
+    writer_factory, *, subprocess_init_fn=None, subprocess_init_args=())``,
+    where ``writer_factory(rank_info)`` builds it. Either way the child first
+    runs ``subprocess_init_fn(*subprocess_init_args)``; all must be picklable.
+
     Starts the child at once and returns; the start-up handshake runs on the
-    I/O thread, and ``write`` futures queue behind it. ``writer_factory``
-    (called in the child with the rank info) and ``subprocess_init_fn`` (called
-    first, with ``subprocess_init_args``) must be picklable.
+    I/O thread (:attr:`process_creation_future`), and ``write`` futures
+    queue behind it.
     """
 
+    @overload
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        config: CheckpointProcessConfig,
+        subprocess_init_fn: Callable[..., Any] | None,
+        subprocess_init_args: tuple[Any, ...],
+        checkpoint_writer_init_fn: Callable[..., CheckpointWriter] | None,
+        checkpoint_writer_init_args: dict[str, Any] | None,
+    ) -> None: ...
+
+    @overload
     def __init__(
         self,
         rank_info: RankInfo,
@@ -171,14 +266,38 @@ class CheckpointProcess:
         *,
         subprocess_init_fn: Callable[..., Any] | None = None,
         subprocess_init_args: tuple[Any, ...] = (),
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        rank_info: RankInfo,
+        config: CheckpointProcessConfig,
+        *,
+        subprocess_init_fn: Callable[..., Any] | None = None,
+        subprocess_init_args: tuple[Any, ...] = (),
+        checkpoint_writer_init_fn: Callable[..., CheckpointWriter] | None = None,
+        checkpoint_writer_init_args: dict[str, Any] | None = None,
+    ) -> None: ...
+
+    def __init__(
+        self, rank_info: RankInfo, config: CheckpointProcessConfig, *args: Any, **kwargs: Any
     ) -> None:
+        writer_factory, subprocess_init_fn, subprocess_init_args = _process_args(args, kwargs)
         self.rank_info = rank_info
         self.config = config
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe(duplex=True)
         self._process = context.Process(
             target=_writer_main,
-            args=(child_conn, rank_info, writer_factory, subprocess_init_fn, subprocess_init_args),
+            args=(
+                child_conn,
+                rank_info,
+                writer_factory,
+                subprocess_init_fn,
+                subprocess_init_args,
+                os.getpid(),
+            ),
             name=f"torchstow-writer-rank{rank_info.global_rank}",
             daemon=True,
         )
@@ -190,7 +309,13 @@ class CheckpointProcess:
         self._closed = False
         self._killed = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-writer-io")
+        self._arenas: weakref.WeakSet[SharedMemoryArena] = weakref.WeakSet()
         self._ready = self._track(self._executor.submit(self._handshake))
+
+    @property
+    def process_creation_future(self) -> Future[None]:
+        """Completes once the writer process has started (or raises why it did not)."""
+        return self._ready
 
     @property
     def pid(self) -> int | None:
@@ -287,23 +412,24 @@ class CheckpointProcess:
             if not self._process.is_alive():
                 raise WriterProcessError(self._death_message("idle"))
 
-    def write(
-        self, staged: Future[Any], path: str, arena: SharedMemoryArena | None, **kwargs: Any
-    ) -> Future[None]:
-        """Queue a write of the state dict ``staged`` resolves to; a Future of its completion.
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Future[None]:
+        """Queue a write of ``state_dict`` (or of what a Future of it resolves to) to ``path``.
 
-        The future raises the writer's own exception when the write fails
-        there, or :class:`WriterProcessError` if the process did not start or died.
+        Returns a Future of its completion, which raises the writer's own
+        exception when the write fails there, or :class:`WriterProcessError`
+        if the process did not start or died. ``kwargs`` reach the commit
+        hooks. Tensors in a stager's shared memory travel as references;
+        others are copied into the request.
         """
         if self._closed:
             raise RuntimeError("this checkpoint writer process has been closed")
-        return self._track(self._executor.submit(self._write, staged, str(path), arena, kwargs))
+        return self._track(self._executor.submit(self._write, state_dict, str(path), kwargs))
 
-    def _write(self, staged: Future[Any], path: str, arena: SharedMemoryArena | None, kwargs: Any) -> None:
+    def _write(self, staged: Any, path: str, kwargs: Any) -> None:
         self._ready.result()
-        state_dict = staged.result()
-        payload = pack_state_dict(state_dict, arena)
-        released = tuple(arena.take_released()) if arena is not None else ()
+        state_dict = staged.result() if isinstance(staged, Future) else staged
+        payload = pack_state_dict(state_dict, copy_unshared=True, arenas_used=self._arenas)
+        released = tuple(name for arena in list(self._arenas) for name in arena.take_released())
         request = WriteRequest(next(self._ids), path, payload, kwargs, released)
         response = self._ask(request, f"writing {path}")
         if not response.ok:
