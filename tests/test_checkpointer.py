@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytest
@@ -23,6 +24,7 @@ from torchstow import (
     CheckpointWriter,
     CheckpointWriterConfig,
     DistBarrier,
+    PickleNotAllowedError,
     RankInfo,
     StateDictMismatchError,
     SyncCheckpointer,
@@ -292,3 +294,73 @@ def test_register_barrier_needs_a_type_name() -> None:
 
     with pytest.raises(TypeError, match="barrier_type"):
         register_barrier(Nameless)
+
+
+def _nested_state() -> dict[str, Any]:
+    return {
+        "model": {"enc": {"w": torch.ones(2, 2), "b": torch.zeros(2)}, "head": torch.arange(3.0)},
+        "optim": {"state": {0: {"exp_avg": torch.full((2,), 0.5)}}, "param_groups": [{"lr": 0.1}]},
+        "buffers": [torch.ones(1), torch.zeros(1)],
+        "step": 9,
+    }
+
+
+def test_reader_none_placeholders_read_whole_subtrees_at_any_depth(tmp_path: Any) -> None:
+    path = str(tmp_path / "c")
+    CheckpointWriter(CheckpointWriterConfig(), RankInfo()).write(path, _nested_state())
+    head = torch.zeros(3)
+    target: dict[str, Any] = {
+        "model": {"enc": None, "head": head},  # a sub-dict two levels down
+        "optim": None,  # a whole top-level subtree (with its int keys)
+        "buffers": None,  # a list
+        "step": None,  # a single value
+    }
+    loaded, missing = CheckpointReader(RankInfo()).read(path, target, map_location="cpu")
+    assert missing == []
+    assert loaded is target
+    assert loaded["model"]["head"] is head and torch.equal(head, torch.arange(3.0))
+    assert set(loaded["model"]["enc"]) == {"w", "b"}
+    assert torch.equal(loaded["model"]["enc"]["w"], torch.ones(2, 2))
+    assert torch.equal(loaded["optim"]["state"][0]["exp_avg"], torch.full((2,), 0.5))
+    assert loaded["optim"]["param_groups"] == [{"lr": 0.1}]
+    assert isinstance(loaded["buffers"], list) and torch.equal(loaded["buffers"][1], torch.zeros(1))
+    assert loaded["step"] == 9
+
+
+def test_reader_reports_missing_keys_as_pytorch_does(tmp_path: Any) -> None:
+    path = str(tmp_path / "c")
+    CheckpointWriter(CheckpointWriterConfig(), RankInfo()).write(path, _nested_state())
+    target = {
+        "model": {"enc": {"w": torch.zeros(2, 2), "gone": torch.zeros(1)}, "extra": {"a": torch.zeros(1)}},
+        "nothing": None,  # a placeholder for something the checkpoint lacks
+        "buffers": [torch.zeros(1), torch.zeros(1), torch.zeros(1)],
+    }
+    loaded, missing = CheckpointReader(RankInfo()).read(path, target)
+    # The shallowest absent path, dict keys dotted, list positions in brackets.
+    assert missing == ["model.enc.gone", "model.extra", "nothing", "buffers[2]"]
+    assert loaded["nothing"] is None
+    assert torch.equal(loaded["model"]["enc"]["w"], torch.ones(2, 2))
+    with pytest.raises(StateDictMismatchError, match=r"model\.extra") as info:
+        CheckpointReader(RankInfo()).read(path, target, strict=True)
+    assert info.value.missing_keys == missing
+
+
+@dataclass
+class Opaque:
+    """A value only full pickle restores."""
+
+    n: int
+
+
+def test_reader_keyword_arguments(tmp_path: Any) -> None:
+    path = str(tmp_path / "c")
+    sd = {"obj": Opaque(3), "x": torch.ones(1)}  # stored with full pickle
+    CheckpointWriter(CheckpointWriterConfig(allow_pickle=True), RankInfo()).write(path, sd)
+    reader = CheckpointReader(RankInfo())
+    with pytest.raises(PickleNotAllowedError, match="allow_pickle"):
+        reader.read(path)
+    assert reader.read(path, allow_pickle=True)[0]["obj"] == Opaque(3)
+    assert reader.read(path, weights_only=False)[0]["obj"] == Opaque(3)  # torch.load's spelling
+    assert torch.equal(reader.read(path, {"x": None}, mmap=True, storage_options={})[0]["x"], torch.ones(1))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument.*nope"):
+        reader.read(path, nope=1)
