@@ -1,8 +1,9 @@
 """Barriers that make every rank's checkpoint writer wait for the others.
 
-A :class:`CheckpointWriter` given a barrier runs it once per write, after
-this rank's checkpoint is committed and before the post-commit hook, so that
-hook runs once every rank has committed. :class:`DistBarrier` uses a
+The :class:`CheckpointWriter` s of all ranks write one checkpoint together:
+their barrier orders the messages they exchange through the checkpoint's
+store, four rounds per write, the last one after the commit and before the
+post-commit hook (:mod:`torchstow.checkpointing.barrier_collective`). :class:`DistBarrier` uses a
 torch.distributed process group; :class:`TCPStoreBarrier` needs only a
 TCPStore, so it also works in writer processes that have no process group.
 :class:`BarrierConfig` names a registered barrier type and its arguments.

@@ -59,7 +59,7 @@ class CheckpointerConfig:
 
 
 class Checkpointer(abc.ABC):
-    """Saves and loads this rank's state dicts by path."""
+    """Saves this rank's state dicts, with every other rank's, as one checkpoint at a path; loads them."""
 
     def __init__(self, reader: CheckpointReader) -> None:
         self._reader = reader
@@ -99,7 +99,7 @@ class SyncCheckpointer(Checkpointer):
         self._writer = writer
 
     def save(self, path: str, state_dict: Mapping[str, Any], **kwargs: Any) -> None:
-        """Write ``state_dict`` as this rank's checkpoint under ``path``; returns once committed."""
+        """Write ``state_dict``, this rank's part of the checkpoint at ``path``; returns once committed."""
         self._writer.write(path, state_dict, **kwargs)
 
     def close(self) -> None:
@@ -110,8 +110,8 @@ class AsyncCheckpointer(Checkpointer):
     """Stages with ``checkpoint_stager`` (into shared memory) and writes in ``checkpoint_process``.
 
     ``save`` returns ``(staging_future, write_future)``: mutate the state
-    dict only once the first is done; the second completes when this rank's
-    checkpoint is committed, or raises the write's error. A save first waits
+    dict only once the first is done; the second completes when the
+    checkpoint at ``path`` is committed, or raises the write's error. A save first waits
     for the previous one to finish writing (its buffers are about to be
     reused), without raising the previous one's error: a failed write does
     not stop the next. A writer process that failed to start or died makes

@@ -39,7 +39,7 @@ class RequestKind(Enum):
     """What a request asks the writer process to do."""
 
     PING = "ping"  # answer once started (the start-up handshake)
-    WRITE = "write"  # write a state dict as this rank's checkpoint
+    WRITE = "write"  # write a state dict as this rank's part of a checkpoint
     TERMINATE = "terminate"  # answer, then exit
 
 
