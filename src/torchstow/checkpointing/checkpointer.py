@@ -27,12 +27,8 @@ from torchstow.checkpointing.checkpoint_io import (
     WriterHook,
 )
 from torchstow.checkpointing.rank_info import RankInfo, default_rank_info
-from torchstow.checkpointing.writer_process import (
-    CheckpointProcess,
-    CheckpointProcessConfig,
-    CustomWriterFactory,
-    DefaultWriterFactory,
-)
+from torchstow.checkpointing.writer_factories import CustomWriterFactory, DefaultWriterFactory
+from torchstow.checkpointing.writer_process import CheckpointProcess, CheckpointProcessConfig
 from torchstow.core.futures import as_future
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager
 
