@@ -34,6 +34,7 @@ from torchstow import (
     register_barrier,
 )
 from torchstow.checkpointing.barriers import BARRIER_REGISTRY, create_barrier_from_config
+from torchstow.checkpointing.opener import StorageOpener
 
 
 class Recorder(WriterHook, Barrier):
@@ -364,3 +365,52 @@ def test_reader_keyword_arguments(tmp_path: Any) -> None:
     assert torch.equal(reader.read(path, {"x": None}, mmap=True, storage_options={})[0]["x"], torch.ones(1))
     with pytest.raises(TypeError, match=r"unexpected keyword argument.*nope"):
         reader.read(path, nope=1)
+
+
+class BrokenOpener(StorageOpener):
+    """Storage that cannot be reached from this rank."""
+
+    def writer(self, uri: str, *, overwrite: bool = False) -> Any:
+        raise OSError("no route to the storage")
+
+
+def _two_ranks(tmp_path: Any, openers: tuple[Any, Any], sds: tuple[Any, Any]) -> dict[int, Exception]:
+    """Both ranks' writers in threads of this process (a TCPStore client each); their errors."""
+    first = TCPStoreBarrier(0, 2, tcpstore_port=0, timeout_secs=30)
+    second = TCPStoreBarrier(1, 2, tcpstore_port=first.store.port, timeout_secs=30)
+    writers = [
+        CheckpointWriter(CheckpointWriterConfig(), RankInfo(rank, 2), barrier, opener=opener)
+        for rank, (barrier, opener) in enumerate(zip((first, second), openers))
+    ]
+    errors: dict[int, Exception] = {}
+
+    def run(rank: int) -> None:
+        try:
+            writers[rank].write(str(tmp_path / "c"), sds[rank])
+        except Exception as exc:
+            errors[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return errors
+
+
+def test_two_ranks_write_one_checkpoint(tmp_path: Any) -> None:
+    sds = tuple({"shared": torch.arange(4.0), f"own{r}": torch.full((2,), float(r))} for r in (0, 1))
+    assert _two_ranks(tmp_path, (None, None), sds) == {}
+    loaded = torchstow.read(tmp_path / "c")
+    assert set(loaded) == {"shared", "own0", "own1"}
+    assert torch.equal(loaded["own1"], torch.ones(2))
+    assert sorted(n for n in os.listdir(tmp_path / "c") if not n.startswith("data-")) == ["manifest.json"]
+
+
+def test_a_rank_that_cannot_open_the_storage_fails_every_rank(tmp_path: Any) -> None:
+    sds = ({"x": torch.ones(2)}, {"x": torch.ones(2)})
+    errors = _two_ranks(tmp_path, (None, BrokenOpener()), sds)
+    assert isinstance(errors[1], OSError)  # its own error
+    assert isinstance(errors[0], CheckpointException)  # the other rank is told, not left waiting
+    assert "rank 1" in str(errors[0])
+    assert not (tmp_path / "c" / "manifest.json").exists()

@@ -152,8 +152,13 @@ class CheckpointWriter:
         """Write ``state_dict``, this rank's part of the checkpoint at ``path`` (any URI)."""
         self._writes += 1
         hook = self.commit_hook
-        writer = self.opener.writer(str(path), overwrite=self.config.overwrite)
-        collective = self._collective(writer, path)
+        try:
+            writer = self.opener.writer(str(path), overwrite=self.config.overwrite)
+            collective = self._collective(writer, path)
+        except Exception:
+            if self.barrier is not None:  # take no part, but pass every round: the others see why
+                self._exchange(None).drain(BARRIERS_PER_WRITE)
+            raise
         if hook is not None:
             writer = _HookedWriter(writer, lambda: hook.pre_commit(path, **kwargs))
         planner = DefaultSavePlanner(allow_pickle=self.config.allow_pickle)
@@ -176,8 +181,12 @@ class CheckpointWriter:
                 f"{path}: the checkpointer writes one checkpoint from several ranks through the files of a "
                 f"byte-store backend, and this backend's writer ({type(writer).__name__}) has none"
             )
+        return self._exchange(store)
+
+    def _exchange(self, store: ByteStore | None) -> BarrierCollective:
+        assert self.barrier is not None
         return BarrierCollective(
-            store,  # type: ignore[arg-type]  # unused by a world of one
+            store,  # type: ignore[arg-type]  # None: a world of one, or a rank that only drains
             self.barrier,
             self.rank_info.global_rank,
             self.rank_info.global_world_size,
