@@ -1,6 +1,6 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
-python benchmarks/run.py [--only local|dist|s3|async|dcp] [--repeats 3] [--root DIR] [--out FILE]
+python benchmarks/run.py [--only local|dist|s3|async|dcp|shared] [--repeats 3] [--root DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import bench_dcp_adapter
 import bench_dist
 import bench_local
 import bench_s3
+import bench_shared
 from common import Report
 
 SUITES = {
@@ -25,6 +26,7 @@ SUITES = {
     "s3": bench_s3.main,
     "async": bench_async.main,
     "dcp": bench_dcp_adapter.main,
+    "shared": bench_shared.main,
 }
 
 
