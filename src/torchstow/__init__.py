@@ -91,6 +91,8 @@ from torchstow.format.manifest import (
     TensorStorageMetadata,
 )
 from torchstow.interop import dcp_storage_reader, dcp_storage_writer
+from torchstow.interop.convert import ConvertReport, convert
+from torchstow.management import CheckpointManager, VerifyReport, copy, prune, verify
 from torchstow.plugins.hookspecs import hookimpl
 from torchstow.plugins.manager import BackendEntry, PluginConflictError
 
@@ -108,6 +110,7 @@ __all__ = [
     "CheckpointException",
     "CheckpointExistsError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointProcess",
     "CheckpointProcessConfig",
@@ -120,6 +123,7 @@ __all__ = [
     "CheckpointerConfig",
     "ChecksumMismatchError",
     "ChunkStorageMetadata",
+    "ConvertReport",
     "CorruptCheckpointError",
     "DefaultLoadPlanner",
     "DefaultSavePlanner",
@@ -154,6 +158,7 @@ __all__ = [
     "TensorStorageMetadata",
     "TorchstowError",
     "UnknownBackendError",
+    "VerifyReport",
     "WriteItem",
     "WriteResult",
     "WriterHook",
@@ -161,6 +166,8 @@ __all__ = [
     "WriterProcessTimeoutError",
     "async_save",
     "available_backends",
+    "convert",
+    "copy",
     "dcp_storage_reader",
     "dcp_storage_writer",
     "delete",
@@ -173,10 +180,12 @@ __all__ = [
     "local_metadata",
     "make_async_checkpointer",
     "make_sync_checkpointer",
+    "prune",
     "read",
     "register_barrier",
     "save",
     "save_state_dict",
     "storage_reader",
     "storage_writer",
+    "verify",
 ]

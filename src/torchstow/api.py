@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from torchstow.format.manifest import (
 )
 from torchstow.format.structure import build_nested
 from torchstow.interop import dcp_calls, dcp_format
+from torchstow.management.steps import step_of
 from torchstow.plugins.manager import BackendEntry, default_registry
 
 __all__ = [
@@ -60,7 +60,6 @@ __all__ = [
 logger = logging.getLogger("torchstow")
 
 Uri = str | os.PathLike[str]
-_STEP = re.compile(r"(\d+)(?!.*\d)")
 
 
 def _uri(uri: Uri) -> str:
@@ -370,16 +369,10 @@ def local_metadata(state_dict: Mapping[str, Any], *, allow_pickle: bool = False)
     return metadata
 
 
-def _step_of(uri: str) -> int | None:
-    name = os.path.basename(uri.rstrip("/"))
-    match = _STEP.search(name)
-    return int(match.group(1)) if match else None
-
-
 def _info(uri: str, metadata: Metadata) -> CheckpointInfo:
     return CheckpointInfo(
         uri=uri,
-        step=_step_of(uri),
+        step=step_of(uri, metadata.user_metadata),
         committed_at=metadata.committed_at,
         nbytes=stored_nbytes(metadata),
         num_entries=len(metadata.state_dict_metadata),
@@ -398,7 +391,7 @@ def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> Checkpoi
 def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
     """The committed checkpoints directly under ``prefix``, oldest first.
 
-    Ordered by the step number in their names (names without one first),
+    Ordered by step (see :func:`torchstow.management.steps.step_of`; none first),
     then by commit time. Incomplete and unreadable checkpoints are skipped.
     """
     text = _uri(prefix)
@@ -415,10 +408,25 @@ def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = No
     return found
 
 
-def latest(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> str | None:
-    """The URI of the newest committed checkpoint under ``prefix``, or None."""
+def latest(
+    prefix: Uri, *, storage_options: dict[str, Any] | None = None, verified: bool = False
+) -> str | None:
+    """The URI of the newest committed checkpoint under ``prefix``, or None.
+
+    With ``verified=True``, the newest one whose every byte passes
+    :func:`torchstow.verify` (older ones are tried in turn).
+    """
     found = list_checkpoints(prefix, storage_options=storage_options)
-    return found[-1].uri if found else None
+    if not verified:
+        return found[-1].uri if found else None
+    from torchstow.management.verify import verify
+
+    for candidate in reversed(found):
+        report = verify(candidate.uri, storage_options=storage_options)
+        if report.ok:
+            return candidate.uri
+        logger.warning("skipping %s: %s", candidate.uri, report.problems[0])
+    return None
 
 
 def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:

@@ -1,4 +1,6 @@
-"""Interoperability with torch.distributed.checkpoint (DCP): its calls, its storage protocol, its format.
+"""Interoperability: DCP (its calls, its storage protocol, its format), and ``convert``
+between torchstow, DCP, ``torch.save`` and Hugging Face safetensors (convert.py, sources.py,
+targets.py).
 
 The modules that subclass DCP's classes import ``torch.distributed.checkpoint``
 (a heavy import), so the entry points here load them on first use.

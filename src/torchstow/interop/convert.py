@@ -1,0 +1,192 @@
+"""``convert``: any checkpoint format to torchstow, DCP, ``torch.save`` or Hugging Face safetensors.
+
+The source is opened through :mod:`torchstow.interop.sources` and read one
+tensor at a time; the torchstow, DCP and safetensors writers take each
+tensor as they write it, so memory holds a few tensors, not the state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchstow.core.errors import CheckpointExistsError
+from torchstow.interop import targets
+from torchstow.interop.sources import Source, TensorSpec, open_source
+from torchstow.management.options import route_options
+
+__all__ = ["FORMATS", "ConvertReport", "Selection", "convert", "parse_dtype"]
+
+FORMATS = ("torchstow", "dcp", "torch", "safetensors")
+ProgressCallback = Callable[[int, int], None]
+
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bfloat16"``, ``"bf16"``, ``"torch.float16"`` or a ``torch.dtype``: the floating dtype meant."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        chosen = dtype
+    else:
+        name = str(dtype).removeprefix("torch.").lower()
+        chosen = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
+    if not isinstance(chosen, torch.dtype) and dtype is not None:
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. bfloat16, float16 or float32")
+    if chosen is not None and not chosen.is_floating_point:
+        raise ValueError(f"dtype casts floating tensors, so it must be a floating dtype, not {chosen}")
+    return chosen
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert` wrote: the counts, the files, and the values it left out (key, reason)."""
+
+    src: str
+    dst: str
+    source_format: str
+    to: str
+    tensors: int = 0
+    nbytes: int = 0
+    files: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form the command prints (see docs/cli.md)."""
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "source_format": self.source_format,
+            "to": self.to,
+            "tensors": self.tensors,
+            "bytes": self.nbytes,
+            "files": self.files,
+            "skipped": [{"key": k, "reason": r} for k, r in self.skipped],
+        }
+
+
+class Selection:
+    """The keys a conversion writes (output key -> source key), their specs after the
+    cast, and a thread-safe ``fetch`` that reads and casts one tensor and reports progress."""
+
+    def __init__(
+        self,
+        source: Source,
+        keys: str | None,
+        dtype: torch.dtype | None,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.source = source
+        self.dtype = dtype
+        self.prefix = None if keys is None else (keys if keys.endswith(".") else keys + ".")
+        if self.prefix is None:
+            self.keys = {k: k for k in source.specs}
+        else:
+            self.keys = {k[len(self.prefix) :]: k for k in source.specs if k.startswith(self.prefix)}
+            if not self.keys:
+                sample = ", ".join(list(source.specs)[:5])
+                raise KeyError(f"no key of {source.uri} starts with {self.prefix!r}; it has e.g. {sample}")
+        self.specs: dict[str, TensorSpec | None] = {}
+        for out, src in self.keys.items():
+            spec = source.specs[src]
+            if spec is not None and dtype is not None and spec.dtype.is_floating_point:
+                spec = TensorSpec(dtype, spec.shape)
+            self.specs[out] = spec
+        self.total = sum(s.nbytes for s in self.specs.values() if s is not None)
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    @property
+    def nested(self) -> bool:
+        """Whether the output keeps the source's nesting (no prefix was stripped)."""
+        return self.prefix is None and self.source.planner_data is not None
+
+    def fetch(self, key: str) -> torch.Tensor:
+        spec = self.specs[key]
+        tensor = self.source.read_tensor(self.keys[key])
+        if spec is not None and tensor.dtype != spec.dtype:
+            tensor = tensor.to(spec.dtype)
+        if self._progress is not None:
+            with self._lock:
+                self._progress(tensor.nbytes, self.total)
+        return tensor
+
+    def read_object(self, key: str) -> Any:
+        return self.source.read_object(self.keys[key])
+
+
+def _check_target(dst: str, to: str, overwrite: bool) -> None:
+    if to in ("torch", "safetensors") and os.path.exists(dst) and not overwrite:
+        kind = os.path.isdir(dst) and os.listdir(dst)
+        if to == "torch" or kind:
+            raise CheckpointExistsError(
+                f"{dst} already exists; pass overwrite=True (--overwrite) to replace it"
+            )
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    to: str,
+    keys: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_shard_bytes: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    src_storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> ConvertReport:
+    """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
+
+    ``to`` is ``"torchstow"`` (any backend), ``"dcp"`` (a local directory as
+    ``dcp.save`` writes it), ``"torch"`` (one ``torch.save`` file) or
+    ``"safetensors"`` (a local directory of Hugging Face shards with
+    ``model.safetensors.index.json``). The source format is detected.
+    ``keys`` keeps the keys under a prefix (``"model."``) and strips it;
+    ``dtype`` casts floating tensors; ``max_shard_bytes`` caps a safetensors
+    shard (default 5 GB). ``storage_options`` go to each side whose backend
+    takes them; ``src_storage_options``/``dst_storage_options`` to one side.
+    Values safetensors cannot hold are listed in the report's ``skipped``.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(FORMATS)}")
+    src_text, dst_text = os.fspath(src), os.fspath(dst)
+    src_opts, dst_opts = route_options(
+        src_text,
+        dst_text,
+        storage_options,
+        src_storage_options,
+        dst_storage_options,
+        dst_backend=to in ("torchstow",),
+    )
+    cast = parse_dtype(dtype)
+    _check_target(dst_text, to, overwrite)
+    source = open_source(src_text, src_opts)
+    try:
+        selection = Selection(source, keys, cast, progress)
+        report = ConvertReport(src_text, dst_text, source.format, to)
+        if to == "safetensors":
+            targets.to_safetensors(selection, dst_text, max_shard_bytes, overwrite, report)
+        elif to == "torch":
+            targets.to_torch(selection, dst_text, report)
+        elif to == "dcp":
+            targets.to_dcp(selection, dst_text, overwrite, report)
+        else:
+            targets.to_torchstow(selection, dst_text, dst_opts, overwrite, report)
+    finally:
+        with contextlib.suppress(Exception):
+            source.close()
+    return report

@@ -1,0 +1,311 @@
+"""Checkpoint sources: one small interface over every format ``convert`` reads.
+
+A :class:`Source` lists its keys (flat, dotted) with the dtype and shape of
+each tensor, and hands out one tensor at a time, so a converter holds a few
+tensors in memory, never the whole state. :func:`open_source` detects the
+format: a torchstow manifest, a DCP checkpoint (``.metadata``), a
+``torch.save`` file, a ``.safetensors`` file or a directory of them with a
+``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchstow.core.backend import StoreBackend
+from torchstow.core.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchstowError
+from torchstow.core.flatten import build_nested, flatten_state_dict
+from torchstow.core.layout import MANIFEST
+from torchstow.core.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torchstow.core.planning import DefaultLoadPlanner
+from torchstow.core.protocol import load_state_dict as load_protocol
+from torchstow.interop import safetensors_format as stf
+from torchstow.plugins.manager import default_registry, scheme_of
+
+__all__ = [
+    "DCP_METADATA",
+    "SafetensorsSource",
+    "Source",
+    "TensorSpec",
+    "TorchSaveSource",
+    "TorchstowSource",
+    "open_source",
+]
+
+DCP_METADATA = ".metadata"
+_SMALL = 1 << 20  # tensors below this are fetched in batches
+_BATCH_BYTES = 16 << 20
+_BATCH_KEYS = 1024
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The dtype and shape of one stored tensor."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Source(abc.ABC):
+    """A checkpoint to read from, one tensor at a time.
+
+    ``specs`` maps every flat key, in stored order, to its :class:`TensorSpec`
+    (None for a non-tensor value). ``planner_data`` is the recorded nesting
+    (None when the keys are the structure). ``read_tensor`` may be called
+    from several threads at once.
+    """
+
+    format: str = ""
+    uri: str
+    specs: dict[str, TensorSpec | None]
+    user_metadata: dict[str, Any]
+    planner_data: Any = None
+
+    @abc.abstractmethod
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """The full tensor stored under ``key``, on the CPU."""
+
+    @abc.abstractmethod
+    def read_object(self, key: str) -> Any:
+        """The non-tensor value stored under ``key``."""
+
+    def nest(self, flat: dict[str, Any]) -> dict[Any, Any]:
+        """``flat`` (every key of the source) rebuilt into the stored nesting."""
+        if self.planner_data is None:
+            return flat
+        return build_nested(flat, self.planner_data)
+
+    def close(self) -> None:  # noqa: B027 (nothing to release by default)
+        """Release open files."""
+
+
+class TorchstowSource(Source):
+    """A torchstow checkpoint on any backend; small tensors are fetched in batches."""
+
+    format = "torchstow"
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.uri = uri
+        self.backend = default_registry().backend_for(uri, storage_options)
+        self.metadata = self.backend.read_metadata(uri)
+        self.user_metadata = dict(self.metadata.user_metadata)
+        self.planner_data = self.metadata.planner_data
+        self.specs = {
+            fqn: TensorSpec(entry.properties.dtype, tuple(entry.size))
+            if isinstance(entry, TensorStorageMetadata)
+            else None
+            for fqn, entry in self.metadata.state_dict_metadata.items()
+        }
+        self._small = [k for k, s in self.specs.items() if s is not None and s.nbytes < _SMALL]
+        self._small_pos = {k: i for i, k in enumerate(self._small)}
+        self._fetched: set[str] = set()
+        self._cache: dict[str, Any] = {}
+        self._objects: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def _load(self, keys: list[str]) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key in keys:
+            spec = self.specs[key]
+            flat[key] = None if spec is None else torch.empty(spec.shape, dtype=spec.dtype)
+        reader = self.backend.storage_reader(self.uri)
+        load_protocol(flat, reader, planner=DefaultLoadPlanner(strict=False), metadata=self.metadata)
+        return flat
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        pos = self._small_pos.get(key)
+        if pos is None:
+            return self._load([key])[key]
+        with self._lock:
+            cached = self._cache.pop(key, None)
+            if cached is not None:
+                return cached
+            batch: list[str] = []
+            nbytes = 0
+            for other in self._small[pos:]:
+                if len(batch) >= _BATCH_KEYS or nbytes >= _BATCH_BYTES:
+                    break
+                if other not in self._fetched:
+                    batch.append(other)
+                    spec = self.specs[other]
+                    nbytes += spec.nbytes if spec is not None else 0
+            if key not in batch:
+                batch.insert(0, key)
+            self._fetched.update(batch)
+            loaded = self._load(batch)
+            tensor = loaded.pop(key)
+            self._cache.update(loaded)
+            return tensor
+
+    def read_object(self, key: str) -> Any:
+        with self._lock:
+            if self._objects is None:
+                entries = self.metadata.state_dict_metadata
+                inline = {
+                    k: e.value
+                    for k, e in entries.items()
+                    if isinstance(e, BytesStorageMetadata) and e.encoding == "json"
+                }
+                stored = [
+                    k for k, e in entries.items() if isinstance(e, BytesStorageMetadata) and k not in inline
+                ]
+                self._objects = {**inline, **(self._load(stored) if stored else {})}
+            return self._objects[key]
+
+
+class TorchSaveSource(Source):
+    """A ``torch.save`` file, loaded with ``weights_only=True`` (memory-mapped when it can be)."""
+
+    format = "torch"
+
+    def __init__(self, path: str) -> None:
+        self.uri = path
+        try:
+            tree = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+            tree = _torch_load(path)
+        if not isinstance(tree, dict):
+            raise CorruptCheckpointError(
+                f"{path} holds a {type(tree).__name__}, not a state dict (a dict of tensors)"
+            )
+        flat = flatten_state_dict(tree)
+        self.user_metadata = {}
+        self.planner_data = flat.planner_data()
+        self._leaves = flat.leaves
+        self.specs = {
+            k: TensorSpec(v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else None
+            for k, v in flat.leaves.items()
+        }
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        return self._leaves[key]
+
+    def read_object(self, key: str) -> Any:
+        return self._leaves[key]
+
+
+def _torch_load(path: str) -> Any:
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CorruptCheckpointError(
+            f"{path} is not a torch.save file that loads with weights_only=True: {exc}"
+        ) from exc
+
+
+class SafetensorsSource(Source):
+    """One ``.safetensors`` file, or a directory of shards with ``model.safetensors.index.json``."""
+
+    format = "safetensors"
+
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        self.uri = path
+        if os.path.isdir(path):
+            index_path = os.path.join(path, stf.INDEX)
+            if os.path.exists(index_path):
+                with open(index_path) as f:
+                    weight_map = json.load(f).get("weight_map") or {}
+                files = list(dict.fromkeys(weight_map.values()))
+            else:
+                files = [stf.SINGLE]
+            paths = [os.path.join(path, name) for name in files]
+        else:
+            paths = [path]
+        self._handles: dict[str, Any] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self.specs = {}
+        self.user_metadata = {}
+        self._file_of: dict[str, str] = {}
+        for file in paths:
+            try:
+                handle = safe_open(file, framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise CorruptCheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
+            self._handles[file] = handle
+            self._locks[file] = threading.Lock()
+            meta = handle.metadata() or {}
+            self.user_metadata.update({k: v for k, v in meta.items() if k != "format"})
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                view = handle.get_slice(key)
+                self.specs[key] = TensorSpec(stf.torch_dtype(view.get_dtype()), tuple(view.get_shape()))
+                self._file_of[key] = file
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        file = self._file_of[key]
+        with self._locks[file]:
+            tensor: torch.Tensor = self._handles[file].get_tensor(key)
+            return tensor
+
+    def read_object(self, key: str) -> Any:
+        raise KeyError(key)  # safetensors holds tensors only
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _local_path(uri: str) -> str | None:
+    if scheme_of(uri) != "file":
+        return None
+    from torchstow.backends.filesystem import path_of
+
+    return path_of(uri)
+
+
+def is_dcp(names: list[str]) -> bool:
+    """Whether a location holding ``names`` is a DCP checkpoint (and not a torchstow one)."""
+    return DCP_METADATA in names and MANIFEST not in names
+
+
+def dcp_source(uri: str, storage_options: dict[str, Any] | None) -> Source:
+    """The source for a DCP checkpoint, from :mod:`torchstow.interop.dcp_format`."""
+    try:
+        from torchstow.interop import dcp_format  # type: ignore[attr-defined]
+    except ImportError:
+        raise TorchstowError(
+            f"{uri} is a DCP checkpoint (.metadata and .distcp files); this torchstow cannot read "
+            "the DCP format yet (torchstow.interop.dcp_format is missing)"
+        ) from None
+    source: Source = dcp_format.DcpSource(uri, storage_options)
+    return source
+
+
+def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Source:
+    """Detect the format of the checkpoint at ``uri`` and open it.
+
+    ``torch.save`` and safetensors sources are local files; torchstow and
+    DCP checkpoints may be on any backend.
+    """
+    path = _local_path(uri)
+    if path is not None and os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return SafetensorsSource(path)
+        return TorchSaveSource(path)
+    if path is not None and os.path.isdir(path):
+        names = os.listdir(path)
+        if stf.INDEX in names or (stf.SINGLE in names and MANIFEST not in names):
+            return SafetensorsSource(path)
+    backend = default_registry().backend_for(uri, storage_options)
+    if isinstance(backend, StoreBackend) and is_dcp(backend.open_store(uri).list_files()):
+        return dcp_source(uri, storage_options)
+    try:
+        return TorchstowSource(uri, storage_options)
+    except CheckpointNotFoundError:
+        if path is not None and not os.path.exists(path):
+            raise CheckpointNotFoundError(f"nothing at {uri}") from None
+        raise

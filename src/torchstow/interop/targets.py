@@ -1,0 +1,178 @@
+"""The writers of :func:`torchstow.convert`: torchstow, DCP, ``torch.save`` and safetensors.
+
+torchstow and DCP targets go through their own save protocols with a
+planner that reads each tensor from the source when the writer asks for it
+(the state dict it plans from holds zero-stride placeholders of one element),
+so bytes stream through; safetensors shards are written header first, then
+tensor by tensor, and the index last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from torchstow.core.errors import CheckpointExistsError
+from torchstow.core.planning import DefaultSavePlanner, WriteItem, WriteItemType
+from torchstow.core.protocol import save_state_dict
+from torchstow.interop import safetensors_format as stf
+from torchstow.interop.sources import TensorSpec
+
+if TYPE_CHECKING:
+    from torchstow.interop.convert import ConvertReport, Selection
+
+__all__ = ["to_dcp", "to_safetensors", "to_torch", "to_torchstow"]
+
+
+def _placeholder(spec: TensorSpec) -> torch.Tensor:
+    """A tensor of ``spec``'s dtype and shape backed by one element (every stride is 0)."""
+    return torch.empty_strided(spec.shape, (0,) * len(spec.shape), dtype=spec.dtype)
+
+
+def _plan_state(selection: Selection, report: ConvertReport) -> dict[Any, Any]:
+    flat: dict[str, Any] = {}
+    for key, spec in selection.specs.items():
+        if spec is None:
+            flat[key] = selection.read_object(key)
+        else:
+            flat[key] = _placeholder(spec)
+            report.tensors += 1
+            report.nbytes += spec.nbytes
+    return selection.source.nest(flat) if selection.nested else flat
+
+
+class _StreamingPlanner(DefaultSavePlanner):
+    """torchstow's planner, with tensor data read from the source as each item is written."""
+
+    def __init__(self, selection: Selection) -> None:
+        super().__init__()
+        self.selection = selection
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        return self.selection.fetch(write_item.index.fqn)
+
+
+def to_torchstow(
+    selection: Selection, dst: str, storage_options: dict[str, Any], overwrite: bool, report: ConvertReport
+) -> None:
+    """Save the selection as a torchstow checkpoint at ``dst`` (any backend)."""
+    from torchstow.api import storage_writer
+
+    state = _plan_state(selection, report)
+    writer = storage_writer(dst, overwrite=overwrite, **storage_options)
+    save_state_dict(
+        state,
+        writer,
+        planner=_StreamingPlanner(selection),
+        user_metadata=dict(selection.source.user_metadata),
+    )
+    report.files.append(dst)
+
+
+def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertReport) -> None:
+    """Save the selection with ``torch.distributed.checkpoint``'s own FileSystemWriter."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.planner import WriteItemType as DcpItemType
+
+    if os.path.exists(os.path.join(dst, ".metadata")) and not overwrite:
+        raise CheckpointExistsError(
+            f"a DCP checkpoint already exists at {dst}; pass overwrite=True to replace it"
+        )
+
+    class StreamingDcpPlanner(dcp.DefaultSavePlanner):
+        def resolve_data(self, write_item: Any) -> Any:
+            if write_item.type == DcpItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            return selection.fetch(write_item.index.fqn)
+
+    state = _plan_state(selection, report)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(dst), planner=StreamingDcpPlanner(), no_dist=True)
+    report.files.append(dst)
+
+
+def to_torch(selection: Selection, dst: str, report: ConvertReport) -> None:
+    """Write one ``torch.save`` file. The format is one pickle, so the state is in memory at once."""
+    flat: dict[str, Any] = {}
+    for key, spec in selection.specs.items():
+        if spec is None:
+            flat[key] = selection.read_object(key)
+        else:
+            flat[key] = selection.fetch(key)
+            report.tensors += 1
+            report.nbytes += spec.nbytes
+    state = selection.source.nest(flat) if selection.nested else flat
+    folder = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".torchstow-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            torch.save(state, out)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    report.files.append(dst)
+
+
+def to_safetensors(
+    selection: Selection, dst: str, max_shard_bytes: int | None, overwrite: bool, report: ConvertReport
+) -> None:
+    """Write Hugging Face safetensors shards and their index into the directory ``dst``."""
+    metadata = {"format": "pt"}
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    for key, spec in selection.specs.items():
+        if spec is None:
+            value = selection.read_object(key)
+            if isinstance(value, str):
+                metadata[key] = value
+            else:
+                kind = type(value).__name__
+                reason = f"a value of type {kind}: safetensors holds tensors (and strings, as metadata)"
+                report.skipped.append((key, reason))
+        elif stf.safetensors_dtype(spec.dtype) is None:
+            report.skipped.append((key, f"safetensors has no dtype for {spec.dtype}"))
+        else:
+            entries.append((key, spec.dtype, spec.shape))
+    shards = stf.plan_shards(
+        ((key, TensorSpec(dtype, shape).nbytes) for key, dtype, shape in entries),
+        max_shard_bytes or stf.DEFAULT_MAX_SHARD_BYTES,
+    )
+    by_key = {e[0]: e for e in entries}
+    os.makedirs(dst, exist_ok=True)
+    index_path = os.path.join(dst, stf.INDEX)
+    if overwrite:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(index_path)  # the old shards are invalid from here on
+    written: list[str] = []
+    try:
+        for shard in shards:
+            path = os.path.join(dst, shard.name)
+            with open(path, "wb") as out:
+                written.append(path)
+                stf.write_shard(out, [by_key[k] for k in shard.keys], selection.fetch, metadata)
+        total = sum(shard.nbytes for shard in shards)
+        tmp = index_path + ".tmp"
+        with open(tmp, "w") as out:
+            json.dump(stf.index_document(shards, total), out, indent=2, sort_keys=True)
+            out.write("\n")
+        os.replace(tmp, index_path)
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+    report.tensors = len(entries)
+    report.nbytes = sum(shard.nbytes for shard in shards)
+    report.files.extend([*(os.path.join(dst, s.name) for s in shards), index_path])

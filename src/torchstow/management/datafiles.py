@@ -1,0 +1,214 @@
+"""Streaming over a checkpoint's data files, checking every block checksum on the way.
+
+:func:`scan_file` reads one data file front to back in bounded segments,
+feeds each item's bytes to its per-block crc32c and reports every block that
+differs, a missing file or one that ends early. :func:`verify` reports what
+it finds; :func:`copy` hands each segment to a sink of the destination too.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import crc32c
+
+from torchstow.core.errors import CorruptCheckpointError
+from torchstow.core.metadata import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from torchstow.core.store import ByteStore
+
+__all__ = ["Problem", "Span", "check_manifest", "scan_file", "segment_bytes", "spans_by_file"]
+
+_MIN_SEGMENT = 4 << 20
+_MAX_SEGMENT = 64 << 20
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint: which key, in which file, at which byte offset.
+
+    ``file`` and ``offset`` are None when the problem is in the manifest itself.
+    """
+
+    key: str
+    file: str | None
+    offset: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = (
+            ""
+            if self.file is None
+            else f" in {self.file}" + ("" if self.offset is None else f" at byte {self.offset}")
+        )
+        return f"{self.key!r}{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Span:
+    """One stored item: the key it belongs to and where its bytes are."""
+
+    key: str
+    info: StorageInfo
+
+    @property
+    def end(self) -> int:
+        return self.info.offset + self.info.length
+
+
+def _key_name(metadata: Metadata, index: MetadataIndex) -> str:
+    entry = metadata.state_dict_metadata.get(index.fqn)
+    if isinstance(entry, TensorStorageMetadata) and len(entry.chunks) > 1 and index.offset is not None:
+        return f"{index.fqn}[chunk at {list(index.offset)}]"
+    return index.fqn
+
+
+def spans_by_file(metadata: Metadata) -> dict[str, list[Span]]:
+    """The stored items of ``metadata``, grouped by data file, in offset order."""
+    locations = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    files: dict[str, list[Span]] = {}
+    for index, info in locations.items():
+        files.setdefault(info.relative_path, []).append(Span(_key_name(metadata, index), info))
+    for spans in files.values():
+        spans.sort(key=lambda s: s.info.offset)
+    return files
+
+
+def check_manifest(metadata: Metadata) -> list[Problem]:
+    """What the manifest itself gets wrong: stored chunks without a location,
+    locations whose length does not match the chunk, checksums that do not
+    cover the item."""
+    problems = []
+    locations = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            if entry.encoding != "json" and MetadataIndex(fqn) not in locations:
+                problems.append(Problem(fqn, None, None, "the manifest records no data location"))
+            continue
+        for chunk in entry.chunks:
+            info = locations.get(MetadataIndex(fqn, chunk.offsets))
+            if info is None:
+                if math.prod(chunk.sizes):
+                    problems.append(
+                        Problem(fqn, None, None, f"no data location for chunk {list(chunk.offsets)}")
+                    )
+                continue
+            expected = math.prod(chunk.sizes) * entry.properties.dtype.itemsize
+            if info.length != expected:
+                problems.append(
+                    Problem(
+                        fqn,
+                        info.relative_path,
+                        info.offset,
+                        f"the manifest records {info.length} bytes, but the chunk needs {expected}",
+                    )
+                )
+    for index, info in locations.items():
+        block = info.block_size or max(info.length, 1)
+        if len(info.checksums) != -(-info.length // block):
+            problems.append(
+                Problem(
+                    _key_name(metadata, index),
+                    info.relative_path,
+                    info.offset,
+                    f"the manifest records {len(info.checksums)} checksums for {info.length} bytes",
+                )
+            )
+    return problems
+
+
+def segment_bytes(store: ByteStore) -> int:
+    """How much one read of a streaming scan covers on ``store``."""
+    return max(_MIN_SEGMENT, min(_MAX_SEGMENT, store.read_segment_bytes))
+
+
+@dataclass
+class _Block:
+    span: Span
+    start: int
+    end: int
+    expected: int
+    crc: int = 0
+
+
+def _blocks(spans: list[Span]) -> list[_Block]:
+    out = []
+    for span in spans:
+        info = span.info
+        block = info.block_size or max(info.length, 1)
+        for i, expected in enumerate(info.checksums):
+            start = info.offset + i * block
+            out.append(_Block(span, start, min(span.end, start + block), expected))
+    return out
+
+
+def scan_file(
+    store: ByteStore,
+    name: str,
+    spans: list[Span],
+    *,
+    write: Callable[[memoryview], None] | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> list[Problem]:
+    """Read ``name`` from its start to the end of its last item, checking every block.
+
+    Each segment read is passed to ``write`` (when given) before the next is
+    read, so a copy holds one segment at a time; ``progress`` is called with
+    the number of bytes of each segment. Stops early (returning what it
+    found so far) when ``stop`` is set.
+    """
+    if not spans:
+        return []
+    end = max(span.end for span in spans)
+    blocks = _blocks(spans)
+    problems: list[Problem] = []
+    seg = segment_bytes(store)
+    b = 0  # the first block not yet fully checked
+    pos = 0
+    while pos < end:
+        if stop is not None and stop.is_set():
+            return problems
+        size = min(seg, end - pos)
+        buf = memoryview(bytearray(size))
+        try:
+            store.read_into(name, [(pos, buf)])
+        except FileNotFoundError:
+            return [Problem(s.key, name, s.info.offset, "the data file is missing") for s in spans]
+        except CorruptCheckpointError as exc:
+            cut = [s for s in spans if s.end > pos]
+            return problems + [
+                Problem(s.key, name, max(pos, s.info.offset), f"the data file ends early: {exc}") for s in cut
+            ]
+        seg_end = pos + size
+        i = b
+        while i < len(blocks) and blocks[i].start < seg_end:
+            blk = blocks[i]
+            lo = max(blk.start, pos)
+            hi = min(blk.end, seg_end)
+            if hi > lo:
+                blk.crc = crc32c.crc32c(buf[lo - pos : hi - pos], blk.crc)
+            if blk.end <= seg_end:
+                if blk.crc != blk.expected:
+                    problems.append(
+                        Problem(
+                            blk.span.key,
+                            name,
+                            blk.start,
+                            f"checksum mismatch in bytes {blk.start}..{blk.end}: "
+                            "they differ from what was saved",
+                        )
+                    )
+                if i == b:
+                    b += 1
+            i += 1
+        if write is not None:
+            write(buf)
+        if progress is not None:
+            progress(size)
+        pos = seg_end
+    return problems

@@ -1,0 +1,64 @@
+"""``prune``: retention for a directory or prefix of checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from torchstow.core.metadata import CheckpointInfo
+
+__all__ = ["plan_prune", "prune"]
+
+logger = logging.getLogger("torchstow")
+
+
+def plan_prune(
+    found: list[CheckpointInfo], *, keep_last: int, keep_every: int | None = None
+) -> list[CheckpointInfo]:
+    """Which of ``found`` (committed checkpoints, oldest first) a prune deletes, oldest first.
+
+    Kept: the newest ``keep_last``, every one whose step is a multiple of
+    ``keep_every``, and always the newest.
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"keep_last must be a non-negative integer, got {keep_last!r}")
+    if keep_every is not None and (
+        isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 1
+    ):
+        raise ValueError(f"keep_every must be a positive integer, got {keep_every!r}")
+    if not found:
+        return []
+    kept = {id(info) for info in found[-max(keep_last, 1) :]}
+    if keep_every is not None:
+        kept.update(id(i) for i in found if i.step is not None and i.step % keep_every == 0)
+    return [info for info in found if id(info) not in kept]
+
+
+def prune(
+    prefix: str | os.PathLike[str],
+    *,
+    keep_last: int,
+    keep_every: int | None = None,
+    dry_run: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Delete older committed checkpoints directly under ``prefix``.
+
+    Keeps the newest ``keep_last`` (ordered by step, then commit time, as
+    :func:`torchstow.latest` orders them), every checkpoint whose step is a
+    multiple of ``keep_every``, and always the newest committed one; leaves
+    incomplete checkpoints and other entries alone. Deletes oldest first,
+    each manifest first, so an interrupted prune leaves only whole
+    checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
+    """
+    from torchstow.api import delete, list_checkpoints
+
+    doomed = plan_prune(
+        list_checkpoints(prefix, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every
+    )
+    if not dry_run:
+        for info in doomed:
+            logger.info("pruning %s", info.uri)
+            delete(info.uri, storage_options=storage_options)
+    return [info.uri for info in doomed]

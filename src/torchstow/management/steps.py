@@ -1,0 +1,34 @@
+"""The step of a checkpoint: its user metadata ``step``, else the number its name ends with."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["step_of"]
+
+# A trailing number counts when it is the whole name or follows a separator
+# (step-100, checkpoint_100, iter.7) or a word that says what it counts
+# (step100, global_step100, iter7): "s3" or "v2" name no step.
+_TRAILING_STEP = re.compile(
+    r"^(?:.*?(?:[-_.=:]|step|steps|iter|iteration|ckpt|checkpoint|epoch))?(\d+)$", re.IGNORECASE
+)
+
+
+def step_of(uri: str, user_metadata: Mapping[str, Any] | None = None) -> int | None:
+    """The step of the checkpoint at ``uri``.
+
+    The integer ``step`` of its user metadata when there is one, else the
+    number its last path component ends with when that number is the whole
+    name or follows a separator (``step-100``, ``checkpoint_100``, ``100``)
+    or a counting word (``step100``, ``global_step100``); else None.
+    """
+    if user_metadata:
+        step = user_metadata.get("step")
+        if isinstance(step, int) and not isinstance(step, bool):
+            return step
+    name = os.path.basename(uri.rstrip("/"))
+    match = _TRAILING_STEP.match(name)
+    return int(match.group(1)) if match else None
