@@ -1,4 +1,4 @@
-"""The ``torchstow`` command: a demo, and a look at checkpoints and backends."""
+"""``torchstow demo``: save a real model and optimizer, load them into fresh ones, compare bit for bit."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 import torchstow
-from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
 
 
 def _model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -105,56 +103,3 @@ def _demo(root: str) -> int:
         return 1
     print("loaded state is bit-exact: OK")
     return 0
-
-
-def show_info(args: argparse.Namespace) -> int:
-    """Print a checkpoint's manifest summary."""
-    info = torchstow.info(args.uri)
-    print(json.dumps(info.__dict__, indent=2, default=str))
-    return 0
-
-
-def list_dir(args: argparse.Namespace) -> int:
-    """List the committed checkpoints under a prefix, oldest first."""
-    for info in torchstow.list_checkpoints(args.prefix):
-        print(f"{info.uri}\tstep={info.step}\t{info.nbytes:,} bytes")
-    return 0
-
-
-def backends(args: argparse.Namespace) -> int:
-    """List the installed backends: schemes, classes, plugins and their versions."""
-    registry = default_registry()
-    for entry in registry.available():
-        source = f"{entry.distribution} {entry.version}" if entry.distribution else "registered by hand"
-        name = f"{entry.backend.__module__}.{entry.backend.__name__}"
-        preferred = "  [preferred]" if entry.preferred else ""
-        print(f"{entry.scheme:<10} {name:<48} plugin {entry.plugin!r} ({source}){preferred}")
-    for name, error in sorted(registry.load_errors.items()):
-        print(f"broken plugin {name!r}: {error}")
-    blocked = sorted(disabled_plugins())
-    if blocked:
-        print(f"blocked by {DISABLE_ENV}: {', '.join(blocked)}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``torchstow`` command."""
-    parser = argparse.ArgumentParser(prog="torchstow", description=torchstow.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help=demo.__doc__)
-    p.add_argument("--path", help="directory to save into (default: a new temp dir)")
-    p.set_defaults(fn=demo)
-    p = sub.add_parser("info", help=show_info.__doc__)
-    p.add_argument("uri")
-    p.set_defaults(fn=show_info)
-    p = sub.add_parser("ls", help=list_dir.__doc__)
-    p.add_argument("prefix")
-    p.set_defaults(fn=list_dir)
-    p = sub.add_parser("backends", help=backends.__doc__)
-    p.set_defaults(fn=backends)
-    args = parser.parse_args(argv)
-    return int(args.fn(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

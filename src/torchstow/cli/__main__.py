@@ -1,0 +1,7 @@
+"""``python -m torchstow.cli``."""
+
+import sys
+
+from torchstow.cli.app import main
+
+sys.exit(main())

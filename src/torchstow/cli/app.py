@@ -1,0 +1,158 @@
+"""The ``torchstow`` command: argparse for the verbs, one-line errors, exit statuses.
+
+Exit status 0 on success, 1 on an error (one line, ``torchstow: error: ...``,
+on stderr; ``--debug`` adds the traceback) or when ``verify`` finds
+corruption, 2 on a usage error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from torchstow.cli.commands import VERBS
+from torchstow.cli.demo import demo
+from torchstow.cli.render import parse_size
+from torchstow.interop.convert import FORMATS
+
+__all__ = ["build_parser", "main"]
+
+
+def storage_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; the value is parsed as JSON when it parses, else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(json_output: bool = True, progress: bool = False) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parent.add_argument(
+        "-o",
+        "--storage-option",
+        metavar="KEY=VALUE",
+        type=storage_option,
+        action="append",
+        help="a storage option of the backend (repeatable; VALUE is JSON when it parses)",
+    )
+    if json_output:
+        parent.add_argument("--json", action="store_true", help="print one JSON document (see docs/cli.md)")
+    if progress:
+        parent.add_argument(
+            "--no-progress",
+            dest="progress",
+            action="store_false",
+            help="no progress bar (one shows on stderr only when it is a terminal)",
+        )
+    return parent
+
+
+def _two_sided(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument(
+        "--src-option",
+        metavar="KEY=VALUE",
+        type=storage_option,
+        action="append",
+        help="a storage option for the source only (repeatable)",
+    )
+    parser.add_argument(
+        "--dst-option",
+        metavar="KEY=VALUE",
+        type=storage_option,
+        action="append",
+        help="a storage option for the destination only (repeatable)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace what is at DST")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every verb."""
+    parser = argparse.ArgumentParser(
+        prog="torchstow",
+        description="Look after PyTorch checkpoints on any storage: "
+        "list, inspect, verify, copy, convert, prune.",
+        epilog="Every verb takes --debug; reading verbs take --json and -o KEY=VALUE. See docs/cli.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plain, bar = _common(), _common(progress=True)
+
+    def verb(name: str, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+        fn = VERBS[name]
+        p = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__, parents=parents)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = verb("ls", [plain])
+    p.add_argument("prefix")
+    p.add_argument("--all", action="store_true", help="show incomplete and unreadable checkpoints too")
+    verb("info", [plain]).add_argument("uri")
+    p = verb("inspect", [plain])
+    p.add_argument("uri")
+    p.add_argument("pattern", nargs="?", help="a glob on the dotted keys, e.g. 'model.*.weight'")
+    verb("verify", [bar]).add_argument("uris", nargs="+", metavar="URI")
+    _two_sided(verb("cp", [bar]))
+    verb("rm", [plain]).add_argument("uri")
+    verb("du", [plain]).add_argument("prefix")
+    p = verb("prune", [plain])
+    p.add_argument("prefix")
+    p.add_argument("--keep-last", type=int, required=True, metavar="N", help="keep the newest N")
+    p.add_argument("--keep-every", type=int, metavar="K", help="also keep every step that is a multiple of K")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p = verb("convert", [bar])
+    _two_sided(p)
+    p.add_argument("--to", required=True, choices=FORMATS)
+    p.add_argument(
+        "--keys", metavar="PREFIX", help="keep only the keys under PREFIX (e.g. model.) and strip it"
+    )
+    p.add_argument("--dtype", help="cast floating tensors (e.g. bfloat16)")
+    p.add_argument("--max-shard-size", type=size, metavar="SIZE", help="safetensors shard size (default 5GB)")
+    verb("backends", [plain])
+    p = sub.add_parser(
+        "demo", help=demo.__doc__, description=demo.__doc__, parents=[_common(json_output=False)]
+    )
+    p.add_argument("--path", help="directory to save into (default: a new temp dir)")
+    p.set_defaults(fn=demo)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(str(text).split()) or type(exc).__name__
+    builtin = isinstance(exc, OSError | ValueError | TypeError | KeyError | ImportError)
+    if type(exc).__module__.startswith("torchstow") or (builtin and type(exc).__module__ == "builtins"):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``torchstow`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        print("torchstow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"torchstow: error: {_one_line(exc)}", file=sys.stderr)
+        return 1

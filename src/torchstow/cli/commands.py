@@ -1,0 +1,349 @@
+"""The verbs of the ``torchstow`` command. Each takes the parsed arguments and returns the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import sys
+from typing import Any
+
+import torchstow
+from torchstow.cli.render import (
+    human_bytes,
+    human_time,
+    key_tree,
+    print_json,
+    progress_bar,
+    stdout,
+)
+from torchstow.core.metadata import BytesStorageMetadata, dtype_name
+from torchstow.interop.sources import Source, TorchstowSource, open_source
+from torchstow.management.listing import COMMITTED, scan
+from torchstow.management.options import route_options
+from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
+
+__all__ = ["VERBS"]
+
+
+def _opts(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(args.storage_option or [])
+
+
+def _info_json(info: torchstow.CheckpointInfo) -> dict[str, Any]:
+    return {
+        "uri": info.uri,
+        "format": "torchstow",
+        "step": info.step,
+        "committed_at": info.committed_at,
+        "nbytes": info.nbytes,
+        "num_entries": info.num_entries,
+        "format_version": info.format_version,
+        "user_metadata": info.user_metadata,
+    }
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List the checkpoints under a prefix, oldest first (--all: incomplete and unreadable ones too)."""
+    entries = [e for e in scan(args.prefix, storage_options=_opts(args)) if args.all or e.status == COMMITTED]
+    if args.json:
+        print_json(
+            {
+                "prefix": args.prefix,
+                "checkpoints": [
+                    {
+                        "uri": e.uri,
+                        "status": e.status,
+                        "step": e.step,
+                        "committed_at": e.info.committed_at if e.info else None,
+                        "nbytes": e.info.nbytes if e.info else None,
+                        "num_entries": e.info.num_entries if e.info else None,
+                        "user_metadata": e.info.user_metadata if e.info else None,
+                        "error": e.error,
+                    }
+                    for e in entries
+                ],
+            }
+        )
+        return 0
+    if not entries:
+        print(f"no committed checkpoints under {args.prefix}", file=sys.stderr)
+        return 0
+    print(f"{'STEP':>8}  {'COMMITTED':<19}  {'SIZE':>10}  {'KEYS':>6}  URI")
+    for e in entries:
+        step = "-" if e.step is None else str(e.step)
+        if e.info is not None:
+            row = f"{step:>8}  {human_time(e.info.committed_at):<19}  {human_bytes(e.info.nbytes):>10}  "
+            print(f"{row}{e.info.num_entries:>6}  {e.uri}")
+        else:
+            print(f"{step:>8}  {'(' + e.status + ')':<19}  {'-':>10}  {'-':>6}  {e.uri}")
+    return 0
+
+
+def _source_summary(source: Source) -> dict[str, Any]:
+    tensors = [s for s in source.specs.values() if s is not None]
+    return {
+        "uri": source.uri,
+        "format": source.format,
+        "step": None,
+        "committed_at": None,
+        "nbytes": sum(s.nbytes for s in tensors),
+        "num_entries": len(source.specs),
+        "format_version": None,
+        "user_metadata": source.user_metadata,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Summarize a checkpoint from its metadata (no data read): format, step, size, user metadata."""
+    source = open_source(args.uri, _opts(args))
+    try:
+        if isinstance(source, TorchstowSource):
+            doc = _info_json(torchstow.info(args.uri, storage_options=_opts(args)))
+        else:
+            doc = _source_summary(source)
+    finally:
+        source.close()
+    if args.json:
+        print_json(doc)
+        return 0
+    print(f"uri:            {doc['uri']}")
+    print(
+        f"format:         {doc['format']}"
+        + (f" (version {doc['format_version']})" if doc["format_version"] else "")
+    )
+    print(f"step:           {'-' if doc['step'] is None else doc['step']}")
+    print(f"committed at:   {human_time(doc['committed_at'])}")
+    print(f"size:           {human_bytes(doc['nbytes'])} ({doc['nbytes']:,} bytes)")
+    print(f"entries:        {doc['num_entries']}")
+    for key, value in doc["user_metadata"].items():
+        print(f"metadata.{key}: {value!r}")
+    return 0
+
+
+def _object_value(source: Source, key: str) -> tuple[str, Any]:
+    """A non-tensor value's type and (JSON-able) value, reading data only when it is already in memory."""
+    if isinstance(source, TorchstowSource):
+        entry = source.metadata.state_dict_metadata[key]
+        assert isinstance(entry, BytesStorageMetadata)
+        if entry.encoding != "json":
+            return f"object ({entry.encoding}-encoded)", None
+        value = entry.value
+    else:
+        value = source.read_object(key)
+    return type(value).__name__, value if isinstance(value, int | float | str | bool | type(None)) else repr(
+        value
+    )
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show the keys of a checkpoint as a tree, with dtype, shape and size (PATTERN: a glob on keys)."""
+    source = open_source(args.uri, _opts(args))
+    try:
+        keys = []
+        for key, spec in source.specs.items():
+            if args.pattern and not fnmatch.fnmatchcase(key, args.pattern):
+                continue
+            if spec is None:
+                kind, value = _object_value(source, key)
+                keys.append({"key": key, "kind": "object", "type": kind, "value": value})
+            else:
+                keys.append(
+                    {
+                        "key": key,
+                        "kind": "tensor",
+                        "dtype": dtype_name(spec.dtype),
+                        "shape": list(spec.shape),
+                        "nbytes": spec.nbytes,
+                    }
+                )
+    finally:
+        source.close()
+    total = sum(k.get("nbytes", 0) for k in keys)
+    if args.json:
+        print_json({"uri": args.uri, "format": source.format, "keys": keys, "total_bytes": total})
+        return 0
+    if args.pattern and not keys:
+        raise KeyError(f"no key of {args.uri} matches {args.pattern!r}")
+    rows = []
+    for k in keys:
+        if k["kind"] == "tensor":
+            rows.append((k["key"], f"{k['dtype']} {k['shape']}  {human_bytes(k['nbytes'])}"))
+        else:
+            rows.append((k["key"], f"{k['type']} = {k['value']!r}" if k["value"] is not None else k["type"]))
+    title = f"{args.uri} ({source.format}, {len(keys)} keys, {human_bytes(total)})"
+    stdout().print(key_tree(title, rows))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Read every byte of each checkpoint and check every checksum; exit 1 when any is corrupt."""
+    reports = []
+    for uri in args.uris:
+        with progress_bar(f"verify {uri}", args.progress) as progress:
+            report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
+        reports.append(report)
+        if not args.json:
+            if report.ok:
+                print(f"OK       {uri} ({human_bytes(report.checked_bytes)} in {report.files} files checked)")
+            else:
+                print(f"CORRUPT  {uri} ({len(report.problems)} problems)")
+                for problem in report.problems:
+                    print(f"  {problem}")
+    ok = all(r.ok for r in reports)
+    if args.json:
+        print_json({"ok": ok, "checkpoints": [r.to_json() for r in reports]})
+    return 0 if ok else 1
+
+
+def _two_sides(args: argparse.Namespace, dst_backend: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    return route_options(
+        args.src,
+        args.dst,
+        _opts(args),
+        dict(args.src_option or []),
+        dict(args.dst_option or []),
+        dst_backend=dst_backend,
+    )
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    """Copy a checkpoint between any backends, streaming and verifying every checksum; commit last."""
+    src_opts, dst_opts = _two_sides(args)
+    with progress_bar("copy", args.progress) as progress:
+        torchstow.copy(
+            args.src,
+            args.dst,
+            src_storage_options=src_opts,
+            dst_storage_options=dst_opts,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    info = torchstow.info(args.dst, storage_options=dst_opts)
+    if args.json:
+        print_json({"src": args.src, "dst": args.dst, "nbytes": info.nbytes, "num_entries": info.num_entries})
+    else:
+        print(f"copied {args.src} -> {args.dst} ({human_bytes(info.nbytes)}, {info.num_entries} entries)")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Delete a checkpoint (its manifest first, so it is never half valid)."""
+    torchstow.delete(args.uri, storage_options=_opts(args))
+    if args.json:
+        print_json({"removed": args.uri})
+    else:
+        print(f"removed {args.uri}")
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    """Bytes of each committed checkpoint under a prefix, and the total."""
+    found = [e for e in scan(args.prefix, storage_options=_opts(args)) if e.info is not None]
+    total = sum(e.info.nbytes for e in found if e.info is not None)
+    if args.json:
+        rows = [{"uri": e.uri, "step": e.step, "nbytes": e.info.nbytes} for e in found if e.info is not None]
+        print_json({"prefix": args.prefix, "checkpoints": rows, "total_bytes": total})
+        return 0
+    for e in found:
+        assert e.info is not None
+        print(f"{human_bytes(e.info.nbytes):>10}  {e.uri}")
+    print(f"{human_bytes(total):>10}  total ({len(found)} checkpoints, {total:,} bytes)")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete older checkpoints, keeping the newest N and every K-th step (never the newest)."""
+    before = [i.uri for i in torchstow.list_checkpoints(args.prefix, storage_options=_opts(args))]
+    deleted = torchstow.prune(
+        args.prefix,
+        keep_last=args.keep_last,
+        keep_every=args.keep_every,
+        dry_run=args.dry_run,
+        storage_options=_opts(args),
+    )
+    kept = [uri for uri in before if uri not in deleted]
+    if args.json:
+        print_json({"prefix": args.prefix, "dry_run": args.dry_run, "deleted": deleted, "kept": kept})
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for uri in deleted:
+        print(f"{verb} {uri}")
+    print(f"{verb} {len(deleted)}, kept {len(kept)}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert between torchstow, DCP, torch.save and Hugging Face safetensors (streaming)."""
+    src_opts, dst_opts = _two_sides(args, dst_backend=args.to == "torchstow")
+    with progress_bar(f"convert to {args.to}", args.progress) as progress:
+        report = torchstow.convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            keys=args.keys,
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_size,
+            src_storage_options=src_opts,
+            dst_storage_options=dst_opts,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    if args.json:
+        print_json(report.to_json())
+        return 0
+    for key, reason in report.skipped:
+        print(f"torchstow: skipped {key!r}: {reason}", file=sys.stderr)
+    print(
+        f"converted {args.src} ({report.source_format}) -> {args.dst} ({args.to}): "
+        f"{report.tensors} tensors, {human_bytes(report.nbytes)} in {len(report.files)} files"
+    )
+    return 0
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    """List the installed backends: schemes, classes, plugins and their versions."""
+    registry = default_registry()
+    if args.json:
+        print_json(
+            {
+                "backends": [
+                    {
+                        "scheme": e.scheme,
+                        "backend": f"{e.backend.__module__}.{e.backend.__name__}",
+                        "plugin": e.plugin,
+                        "distribution": e.distribution,
+                        "version": e.version,
+                        "preferred": e.preferred,
+                    }
+                    for e in registry.available()
+                ],
+                "broken_plugins": dict(sorted(registry.load_errors.items())),
+                "blocked_plugins": sorted(disabled_plugins()),
+            }
+        )
+        return 0
+    for entry in registry.available():
+        source = f"{entry.distribution} {entry.version}" if entry.distribution else "registered by hand"
+        name = f"{entry.backend.__module__}.{entry.backend.__name__}"
+        preferred = "  [preferred]" if entry.preferred else ""
+        print(f"{entry.scheme:<10} {name:<48} plugin {entry.plugin!r} ({source}){preferred}")
+    for name, error in sorted(registry.load_errors.items()):
+        print(f"broken plugin {name!r}: {error}")
+    blocked = sorted(disabled_plugins())
+    if blocked:
+        print(f"blocked by {DISABLE_ENV}: {', '.join(blocked)}")
+    return 0
+
+
+VERBS = {
+    "ls": cmd_ls,
+    "info": cmd_info,
+    "inspect": cmd_inspect,
+    "verify": cmd_verify,
+    "cp": cmd_cp,
+    "rm": cmd_rm,
+    "du": cmd_du,
+    "prune": cmd_prune,
+    "convert": cmd_convert,
+    "backends": cmd_backends,
+}
