@@ -1,0 +1,51 @@
+"""Fixtures of the command-line tests: a moto S3 server and a shared-memory directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from dist_pool import free_port
+
+from cli_helpers import S3_KEYS
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The URL of a moto S3 server (in this process, on 127.0.0.1) with a bucket ``cli-tests``."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEYS["key"],
+        aws_secret_access_key=S3_KEYS["secret"],
+        region_name="us-east-1",
+    ).create_bucket(Bucket="cli-tests")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[str]:
+    """A fresh directory for shm:// checkpoints (TORCHSTOW_SHM_DIR of the command), removed afterwards."""
+    import shutil
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    path = tempfile.mkdtemp(prefix="torchstow-cli-", dir=base)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

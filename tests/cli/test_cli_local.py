@@ -1,0 +1,216 @@
+"""The ``torchstow`` command on local checkpoints, run as a user runs it (each verb in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torchstow
+from torchstow.cli import main
+from torchstow.core.layout import is_data_file
+from torchstow.interop.safetensors_format import INDEX
+
+from cli_helpers import Result, assert_one_line_error, run
+
+pytestmark = pytest.mark.slow  # every test starts the command (and torch) a few times
+
+
+def _state(step: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(step)
+    return {
+        "model": {
+            "layer0": {"weight": torch.randn(32, 16, generator=gen), "bias": torch.randn(32, generator=gen)},
+            "head": {"weight": torch.randn(4, 32, generator=gen).to(torch.bfloat16)},
+        },
+        "optim": {"lr": 0.01, "name": "adamw"},
+        "step": step,
+    }
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """Three committed checkpoints, one a save left incomplete, and a directory named ``s3``."""
+    for step in (100, 200, 300):
+        torchstow.save(_state(step), str(tmp_path / f"step-{step}"), metadata={"loss": step / 1000})
+    (tmp_path / "step-400").mkdir()
+    (tmp_path / "step-400" / "data-0123456789ab-0-0.bin").write_bytes(b"partial")
+    (tmp_path / "s3").mkdir()
+    return tmp_path
+
+
+def _flip_byte(ckpt: Path, at: int) -> str:
+    (name,) = [n for n in os.listdir(ckpt) if is_data_file(n)]
+    data = bytearray((ckpt / name).read_bytes())
+    data[at] ^= 0x01
+    (ckpt / name).write_bytes(bytes(data))
+    return name
+
+
+def test_ls_du_info_inspect(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(run_dir)
+    listed = run("ls", d)
+    assert listed.code == 0, listed.err
+    rows = listed.out.splitlines()[1:]
+    assert [row.split()[-1] for row in rows] == [f"{d}/step-{s}" for s in (100, 200, 300)]
+    assert [row.split()[0] for row in rows] == ["100", "200", "300"]
+
+    every = run("ls", d, "--all", "--json").json()
+    assert every["prefix"] == d
+    status = {c["uri"]: (c["status"], c["step"]) for c in every["checkpoints"]}
+    assert status == {
+        f"{d}/step-100": ("committed", 100),
+        f"{d}/step-200": ("committed", 200),
+        f"{d}/step-300": ("committed", 300),
+        f"{d}/step-400": ("incomplete", 400),
+    }
+    committed = every["checkpoints"][0]
+    assert committed["nbytes"] == torchstow.info(f"{d}/step-100").nbytes
+    assert committed["user_metadata"] == {"loss": 0.1}
+
+    assert main(["du", d, "--json"]) == 0  # in this process: the subprocess runs above cover the command
+    du = json.loads(capsys.readouterr().out)
+    sizes = {c["uri"]: c["nbytes"] for c in du["checkpoints"]}
+    assert sizes == {f"{d}/step-{s}": torchstow.info(f"{d}/step-{s}").nbytes for s in (100, 200, 300)}
+    assert du["total_bytes"] == sum(sizes.values())
+
+    info = run("info", f"{d}/step-200", "--json").json()
+    assert (info["format"], info["step"], info["num_entries"]) == ("torchstow", 200, 6)
+    assert info["nbytes"] == (32 * 16 + 32) * 4 + 4 * 32 * 2
+    assert info["user_metadata"] == {"loss": 0.2}
+
+    keys = run("inspect", f"{d}/step-200", "model.*weight", "--json").json()["keys"]
+    assert keys == [
+        {
+            "key": "model.layer0.weight",
+            "kind": "tensor",
+            "dtype": "float32",
+            "shape": [32, 16],
+            "nbytes": 2048,
+        },
+        {"key": "model.head.weight", "kind": "tensor", "dtype": "bfloat16", "shape": [4, 32], "nbytes": 256},
+    ]
+    tree = run("inspect", f"{d}/step-200")
+    assert tree.code == 0, tree.err
+    assert "layer0" in tree.out and "weight  float32 [32, 16]  2.0 KiB" in tree.out
+    assert "name  str = 'adamw'" in tree.out and "step  int = 200" in tree.out
+
+
+def test_verify_finds_a_flipped_byte(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, bad = run_dir / "step-100", run_dir / "step-200"
+    name = _flip_byte(bad, 5)  # inside the first item of the file
+    both = run("verify", str(good), str(bad), "--json")
+    assert both.code == 1
+    doc = both.json()
+    assert doc["ok"] is False
+    first, second = doc["checkpoints"]
+    assert first["ok"] is True and first["checked_bytes"] == torchstow.info(str(good)).nbytes
+    assert second["ok"] is False
+    (problem,) = second["problems"]
+    assert problem["file"] == name and problem["offset"] == 0
+    assert problem["key"] in {"model.layer0.weight", "model.layer0.bias", "model.head.weight"}
+    assert main(["verify", str(good), str(bad)]) == 1
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].startswith(f"OK       {good} ")
+    assert text[1].startswith(f"CORRUPT  {bad} ") and name in text[2] and problem["key"] in text[2]
+
+
+def test_prune_and_rm(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for step in (500, 1000, 1500):
+        torchstow.save(_state(step), str(run_dir / f"step-{step}"))
+    d = str(run_dir)
+    dry = run("prune", d, "--keep-last", "2", "--keep-every", "200", "--dry-run", "--json").json()
+    assert dry["dry_run"] is True
+    assert dry["deleted"] == [f"{d}/step-{s}" for s in (100, 300, 500)]
+    assert dry["kept"] == [f"{d}/step-{s}" for s in (200, 1000, 1500)]
+    assert os.path.isdir(run_dir / "step-100")
+    done = run("prune", d, "--keep-last", "2", "--keep-every", "200")
+    assert done.code == 0, done.err
+    assert done.out.splitlines()[-1] == "deleted 3, kept 3"
+    assert [i.step for i in torchstow.list_checkpoints(d)] == [200, 1000, 1500]
+    assert os.path.isdir(run_dir / "step-400")  # an incomplete save is left alone
+    assert main(["rm", f"{d}/step-200"]) == 0
+    assert capsys.readouterr().out == f"removed {d}/step-200\n"
+    assert [i.step for i in torchstow.list_checkpoints(d)] == [1000, 1500]
+
+
+def test_convert_to_sharded_safetensors_and_back(run_dir: Path, tmp_path: Path) -> None:
+    src = str(run_dir / "step-300")
+    out = tmp_path / "hf"
+    made = run(
+        "convert",
+        src,
+        str(out),
+        "--to",
+        "safetensors",
+        "--keys",
+        "model.",
+        "--max-shard-size",
+        "2100B",
+        "--json",
+    )
+    assert made.code == 0, made.err
+    report = made.json()
+    assert report["source_format"] == "torchstow" and report["skipped"] == []
+    shards = sorted(p for p in os.listdir(out) if p.endswith(".safetensors"))
+    assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    doc = json.loads((out / INDEX).read_text())
+    original = _state(300)["model"]
+    flat = {"layer0.weight": original["layer0"]["weight"], "layer0.bias": original["layer0"]["bias"]}
+    flat["head.weight"] = original["head"]["weight"]
+    assert doc["metadata"]["total_size"] == sum(t.nbytes for t in flat.values())
+    assert doc["weight_map"] == {
+        "layer0.weight": shards[0],
+        "layer0.bias": shards[1],
+        "head.weight": shards[1],
+    }
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        loaded.update(load_file(str(out / shard)))
+    assert loaded.keys() == flat.keys()
+    for key, tensor in flat.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
+
+    back = tmp_path / "back"
+    again = run("convert", str(out), str(back), "--to", "torchstow", "--dtype", "float16")
+    assert again.code == 0, again.err
+    restored = torchstow.read(str(back))
+    assert restored.keys() == flat.keys()
+    for key, tensor in flat.items():
+        assert restored[key].dtype == torch.float16
+        assert torch.equal(restored[key], tensor.to(torch.float16)), key
+
+
+def test_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_one_line_error(run("ls", str(tmp_path / "nowhere")), "nothing under", "nowhere")
+    usage = run("prune", str(run_dir))
+    assert usage.code == 2 and "--keep-last" in usage.err
+
+    def fails(*args: str) -> str:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        assert_one_line_error(Result(code, captured.out, captured.err))
+        return captured.err
+
+    assert "nothing at" in fails("info", str(tmp_path / "nowhere"))
+    assert "no checkpoint at" in fails("verify", str(tmp_path / "nowhere"))
+    wrong = fails("info", str(run_dir / "step-100"), "-o", "endpoint_url=http://x")
+    assert "endpoint_url" in wrong and "thread_count" in wrong
+    assert "already exists" in fails("cp", str(run_dir / "step-100"), str(run_dir / "step-200"))
+    assert "already exists" in fails(
+        "convert", str(run_dir / "step-100"), str(run_dir / "step-200"), "--to", "torch"
+    )
+    assert "no key of" in fails(
+        "convert", str(run_dir / "step-100"), str(tmp_path / "x"), "--to", "torch", "--keys", "nope"
+    )
+    with pytest.raises(SystemExit) as usage_error:
+        main(["ls", str(run_dir), "-o", "novalue"])
+    assert usage_error.value.code == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nowhere"), "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
