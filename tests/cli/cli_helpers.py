@@ -27,14 +27,18 @@ class Result:
         return json.loads(self.out)
 
 
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Result:
-    """Run ``torchstow ARGS...`` as a user would, capturing its output."""
+def run(
+    *args: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = (), timeout: float = 120
+) -> Result:
+    """Run ``torchstow ARGS...`` as a user would, capturing its output; ``env`` adds to the
+    environment and ``unset`` removes variables from it."""
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.run(
         [COMMAND, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        env={**environ, "COLUMNS": "200", **(env or {})},
         stdin=subprocess.DEVNULL,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)

@@ -179,7 +179,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Read every byte of each checkpoint and check every checksum; exit 1 when any is corrupt."""
     reports = []
     for uri in args.uris:
-        with progress_bar(f"verify {uri}", args.progress) as progress:
+        with progress_bar("verify", args.progress) as progress:
             report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
         reports.append(report)
         if not args.json:
@@ -275,7 +275,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert between torchstow, DCP, torch.save and Hugging Face safetensors (streaming)."""
     src_opts, dst_opts = _two_sides(args, dst_backend=args.to == "torchstow")
-    with progress_bar(f"convert to {args.to}", args.progress) as progress:
+    with progress_bar("convert", args.progress) as progress:
         report = torchstow.convert(
             args.src,
             args.dst,

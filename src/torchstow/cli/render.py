@@ -121,3 +121,7 @@ def progress_bar(description: str, enabled: bool) -> Iterator[ProgressCallback |
 
     with bar:
         yield advance
+        for done in bar.tasks:  # the final line shows the average rate, even after a single update
+            if done.elapsed:
+                done.finished_speed = done.completed / done.elapsed
+        bar.refresh()

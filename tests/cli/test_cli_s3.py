@@ -1,0 +1,73 @@
+"""The ``torchstow`` command between shared memory and S3 (a moto server), with ``-o`` storage options."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import torchstow
+from torchstow.core.layout import is_data_file
+
+from cli_helpers import S3_KEYS, assert_one_line_error, run
+from state_helpers import assert_same
+
+pytestmark = pytest.mark.slow  # each test starts the command (and torch) a few times
+
+NO_AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def _data_files(shm_dir: str, name: str) -> list[bytes]:
+    folder = os.path.join(shm_dir, name)
+    return sorted(open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder) if is_data_file(f))
+
+
+def test_cp_shm_to_s3_and_back_bit_exact(s3_endpoint: str, shm_dir: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    state = {
+        "w": torch.randn(300, 1000, generator=gen),  # over 1 MiB: its own 4 KiB-aligned span
+        "b": torch.randn(7, generator=gen).to(torch.bfloat16),
+        "nan": torch.tensor([float("nan"), -0.0]),
+        "meta": {"epoch": 3, "note": "cp test"},
+    }
+    torchstow.save(state, "shm://run/step-5", storage_options={"shm_dir": shm_dir}, metadata={"step": 5})
+    env = {"TORCHSTOW_SHM_DIR": shm_dir}
+    s3 = [
+        "-o",
+        f"endpoint_url={s3_endpoint}",
+        "-o",
+        f"key={S3_KEYS['key']}",
+        "-o",
+        f"secret={S3_KEYS['secret']}",
+    ]
+
+    up = run("cp", "shm://run/step-5", "s3://cli-tests/run/step-5", *s3, env=env)
+    assert up.code == 0, up.err
+    assert up.out.startswith("copied shm://run/step-5 -> s3://cli-tests/run/step-5")
+    listed = run("ls", "s3://cli-tests/run", *s3, "--json").json()
+    ((entry),) = listed["checkpoints"]
+    assert (entry["uri"], entry["status"], entry["step"]) == ("s3://cli-tests/run/step-5", "committed", 5)
+    assert entry["nbytes"] == torchstow.info("shm://run/step-5", storage_options={"shm_dir": shm_dir}).nbytes
+
+    down = run("cp", "s3://cli-tests/run/step-5", "shm://back/step-5", *s3, "--json", env=env)
+    assert down.code == 0, down.err
+    assert down.json()["dst"] == "shm://back/step-5"
+    assert _data_files(shm_dir, "back/step-5") == _data_files(shm_dir, "run/step-5")
+    assert_same(torchstow.read("shm://back/step-5", storage_options={"shm_dir": shm_dir}), state)
+
+    nobody = run(
+        "info",
+        "s3://cli-tests/run/step-5",
+        "-o",
+        f"endpoint_url={s3_endpoint}",
+        "-o",
+        "retry_attempts=1",
+        unset=NO_AWS_CREDENTIALS,
+        env={
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        },
+    )
+    assert_one_line_error(nobody, "credentials")
