@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import torchstow
+from state_helpers import assert_same
 from torchstow.core.layout import is_data_file
 
 from cli_helpers import S3_KEYS, assert_one_line_error, run
-from state_helpers import assert_same
 
 pytestmark = pytest.mark.slow  # each test starts the command (and torch) a few times
 
