@@ -1,9 +1,8 @@
-"""Fixtures of the command-line tests: a moto S3 server and a shared-memory directory."""
+"""Fixtures of the command-line tests: a moto S3 server."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -35,17 +34,3 @@ def s3_endpoint() -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[str]:
-    """A fresh directory for shm:// checkpoints (TORCHSTOW_SHM_DIR of the command), removed afterwards."""
-    import shutil
-    import tempfile
-
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    path = tempfile.mkdtemp(prefix="torchstow-cli-", dir=base)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

@@ -82,13 +82,17 @@ class Shard:
 
 
 def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[Shard]:
-    """Split ``(key, nbytes)`` in order into shards of at most ``max_shard_bytes``
-    (a tensor larger than that gets a shard of its own), named as Hugging Face names them."""
+    """Split ``(key, nbytes)`` in order into shards of at most ``max_shard_bytes``, as
+    ``huggingface_hub`` splits a state dict: a tensor larger than that gets a shard of its
+    own, and the shard being filled goes on after it. Named as Hugging Face names them."""
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     shards: list[Shard] = []
     current = Shard("")
     for key, nbytes in sizes:
+        if nbytes > max_shard_bytes:  # a shard of its own; the current one goes on filling
+            shards.append(Shard("", [key], nbytes))
+            continue
         if current.keys and current.nbytes + nbytes > max_shard_bytes:
             shards.append(current)
             current = Shard("")

@@ -1,0 +1,95 @@
+"""prune and CheckpointManager: retention for a training loop, on real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchstow
+from torchstow.core.metadata import CheckpointInfo
+from torchstow.management.prune import plan_prune
+
+
+def _infos(*steps: int | None) -> list[CheckpointInfo]:
+    return [CheckpointInfo(f"/r/{s}", s, float(i), 1, 1, {}, 1) for i, s in enumerate(steps)]
+
+
+def _steps(infos: list[CheckpointInfo]) -> list[int | None]:
+    return [i.step for i in infos]
+
+
+def test_plan_prune_keeps_the_newest_and_the_milestones() -> None:
+    found = _infos(None, 1, 2, 3, 4, 5, 6)
+    assert _steps(plan_prune(found, keep_last=2)) == [None, 1, 2, 3, 4]
+    assert _steps(plan_prune(found, keep_last=2, keep_every=3)) == [None, 1, 2, 4]
+    assert _steps(plan_prune(found, keep_last=0)) == [None, 1, 2, 3, 4, 5]  # never the newest
+    assert _steps(plan_prune(found, keep_last=0, keep_every=2)) == [None, 1, 3, 5]
+    assert plan_prune(found, keep_last=10) == []
+    assert plan_prune([], keep_last=1) == []
+    for bad in ({"keep_last": -1}, {"keep_last": 1, "keep_every": 0}, {"keep_last": True}):
+        with pytest.raises(ValueError, match="keep_"):
+            plan_prune(found, **bad)  # type: ignore[arg-type]
+
+
+def test_prune_a_directory(tmp_path: Path) -> None:
+    for step in range(1, 7):
+        torchstow.save({"w": torch.full((4,), float(step))}, str(tmp_path / f"step-{step}"))
+    torchstow.save({"w": torch.zeros(4)}, str(tmp_path / "s3"))  # no step: the oldest
+    (tmp_path / "step-9").mkdir()  # not committed: left alone
+    (tmp_path / "step-9" / "data-aaaaaaaaaaaa-0-0.bin").write_bytes(b"x")
+    would = torchstow.prune(tmp_path, keep_last=2, keep_every=3, dry_run=True)
+    assert would == [str(tmp_path / n) for n in ("s3", "step-1", "step-2", "step-4")]
+    assert len(torchstow.list_checkpoints(tmp_path)) == 7
+    assert torchstow.prune(tmp_path, keep_last=2, keep_every=3) == would
+    assert [i.step for i in torchstow.list_checkpoints(tmp_path)] == [3, 5, 6]
+    assert sorted(os.listdir(tmp_path)) == ["step-3", "step-5", "step-6", "step-9"]
+
+
+def _model_state(value: float) -> dict[str, object]:
+    return {"w": torch.full((8, 8), value), "b": torch.full((8,), -value), "epoch": int(value)}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_manager_saves_prunes_and_restores(tmp_path: Path, asynchronous: bool) -> None:
+    root = tmp_path / "run"
+    with torchstow.CheckpointManager(root, keep_last=2, keep_every=100) as manager:
+        assert manager.latest_step() is None and manager.steps() == []
+        for step in (50, 100, 150, 200, 250):
+            saved = manager.save(
+                step, _model_state(step), metadata={"loss": 1 / step}, asynchronous=asynchronous
+            )
+            assert (saved is None) is not asynchronous
+        manager.wait()
+        assert manager.steps() == [100, 200, 250]
+        assert manager.latest_step() == 250
+        info = torchstow.info(manager.uri(250))
+        assert info.user_metadata == {"loss": 1 / 250, "step": 250} and info.step == 250
+        target = _model_state(0)
+        assert manager.restore(target) == 250
+        assert torch.equal(target["w"], torch.full((8, 8), 250.0)) and target["epoch"] == 250
+        assert manager.restore(target, step=100) == 100
+        assert torch.equal(target["b"], torch.full((8,), -100.0))
+    assert sorted(os.listdir(root)) == ["step-100", "step-200", "step-250"]
+
+
+def test_manager_errors(tmp_path: Path) -> None:
+    manager = torchstow.CheckpointManager(tmp_path / "empty")
+    with pytest.raises(torchstow.CheckpointNotFoundError):
+        manager.restore({"w": torch.zeros(1)})
+    with pytest.raises(ValueError, match="step"):
+        manager.save(-1, {"w": torch.zeros(1)})
+    with pytest.raises(ValueError, match="keep_every"):
+        torchstow.CheckpointManager(tmp_path, keep_last=1, keep_every=0)
+    failing = torchstow.CheckpointManager(tmp_path / "run", keep_last=1)
+    failing.save(1, {"w": torch.zeros(1)})
+    pending = failing.save(2, {"w": torch.zeros(1)}, asynchronous=True)
+    assert pending is not None
+    failing.wait()
+    failing.save(2, {"w": torch.ones(1)}, asynchronous=True)
+    with pytest.raises(torchstow.CheckpointException, match="already exists"):  # nothing is pruned
+        failing.wait()
+    failing.wait()  # the failure is raised once
+    assert failing.steps() == [2]
