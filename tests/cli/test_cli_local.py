@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 import torchstow
@@ -208,6 +210,12 @@ def test_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.Captu
     assert "no key of" in fails(
         "convert", str(run_dir / "step-100"), str(tmp_path / "x"), "--to", "torch", "--keys", "nope"
     )
+    stock = str(tmp_path / "stock-dcp")
+    dcp.save({"w": torch.ones(2)}, storage_writer=dcp.FileSystemWriter(stock), no_dist=True)
+    if importlib.util.find_spec("torchstow.interop.dcp_format") is None:  # the DCP reader is another change
+        assert "is a DCP checkpoint" in fails("info", stock)
+    remote = fails("convert", str(run_dir / "step-100"), "s3://bucket/hf", "--to", "safetensors")
+    assert "local paths only" in remote
     with pytest.raises(SystemExit) as usage_error:
         main(["ls", str(run_dir), "-o", "novalue"])
     assert usage_error.value.code == 2

@@ -18,7 +18,7 @@ import torch
 
 from torchstow.core.errors import CheckpointExistsError
 from torchstow.interop import targets
-from torchstow.interop.sources import Source, TensorSpec, open_source
+from torchstow.interop.sources import Source, TensorSpec, local_path, open_source
 from torchstow.management.options import route_options
 
 __all__ = ["FORMATS", "ConvertReport", "Selection", "convert", "parse_dtype"]
@@ -126,6 +126,16 @@ class Selection:
         return self.source.read_object(self.keys[key])
 
 
+def _local_target(dst: str, to: str) -> str:
+    path = local_path(dst)
+    if path is None:
+        raise ValueError(
+            f"convert writes {to} to local paths only, not {dst}; convert to a local path and upload "
+            "it, or convert --to torchstow, which writes to any backend"
+        )
+    return path
+
+
 def _check_target(dst: str, to: str, overwrite: bool) -> None:
     if to in ("torch", "safetensors") and os.path.exists(dst) and not overwrite:
         kind = os.path.isdir(dst) and os.listdir(dst)
@@ -173,6 +183,8 @@ def convert(
         dst_backend=to in ("torchstow",),
     )
     cast = parse_dtype(dtype)
+    if to != "torchstow":
+        dst_text = _local_target(dst_text, to)
     _check_target(dst_text, to, overwrite)
     source = open_source(src_text, src_opts)
     try:
@@ -183,7 +195,7 @@ def convert(
         elif to == "torch":
             targets.to_torch(selection, dst_text, report)
         elif to == "dcp":
-            targets.to_dcp(selection, dst_text, overwrite, report)
+            targets.to_dcp(selection, dst_text, report)
         else:
             targets.to_torchstow(selection, dst_text, dst_opts, overwrite, report)
     finally:

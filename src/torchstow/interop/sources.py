@@ -17,6 +17,7 @@ import os
 import threading
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import torch
 
@@ -37,6 +38,7 @@ __all__ = [
     "TensorSpec",
     "TorchSaveSource",
     "TorchstowSource",
+    "local_path",
     "open_source",
 ]
 
@@ -259,12 +261,13 @@ class SafetensorsSource(Source):
         self._handles.clear()
 
 
-def _local_path(uri: str) -> str | None:
+def local_path(uri: str) -> str | None:
+    """The local path a plain path or ``file://`` URI names; None for other schemes."""
     if scheme_of(uri) != "file":
         return None
-    from torchstow.backends.filesystem import path_of
-
-    return path_of(uri)
+    if uri.startswith("file://"):
+        return unquote(uri[len("file://") :])
+    return os.path.expanduser(uri)
 
 
 def is_dcp(names: list[str]) -> bool:
@@ -291,7 +294,7 @@ def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Sour
     ``torch.save`` and safetensors sources are local files; torchstow and
     DCP checkpoints may be on any backend.
     """
-    path = _local_path(uri)
+    path = local_path(uri)
     if path is not None and os.path.isfile(path):
         if path.endswith(".safetensors"):
             return SafetensorsSource(path)

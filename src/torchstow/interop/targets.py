@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchstow.core.errors import CheckpointExistsError
 from torchstow.core.planning import DefaultSavePlanner, WriteItem, WriteItemType
 from torchstow.core.protocol import save_state_dict
 from torchstow.interop import safetensors_format as stf
@@ -78,15 +77,10 @@ def to_torchstow(
     report.files.append(dst)
 
 
-def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertReport) -> None:
+def to_dcp(selection: Selection, dst: str, report: ConvertReport) -> None:
     """Save the selection with ``torch.distributed.checkpoint``'s own FileSystemWriter."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.planner import WriteItemType as DcpItemType
-
-    if os.path.exists(os.path.join(dst, ".metadata")) and not overwrite:
-        raise CheckpointExistsError(
-            f"a DCP checkpoint already exists at {dst}; pass overwrite=True to replace it"
-        )
 
     class StreamingDcpPlanner(dcp.DefaultSavePlanner):
         def resolve_data(self, write_item: Any) -> Any:
