@@ -105,6 +105,7 @@ class Result:
     contender: str
     seconds: list[float]
     nbytes: int
+    peak_rss: int | None = None  # bytes of resident memory the operation added at its peak
 
     @property
     def best(self) -> float:
@@ -131,7 +132,8 @@ class Report:
         print(
             f"  {result.workload:<8} {result.op:<5} {result.contender:<26} "
             f"median {result.median:7.3f}s  best {result.best:7.3f}s  "
-            f"{result.gib_per_s():6.2f} GiB/s",
+            f"{result.gib_per_s():6.2f} GiB/s"
+            + ("" if result.peak_rss is None else f"  peak +{result.peak_rss / 2**20:7.1f} MiB"),
             flush=True,
         )
         return result

@@ -1,6 +1,9 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
-python benchmarks/run.py [--only local|dist|s3|async|dcp|shared] [--repeats 3] [--root DIR] [--out FILE]
+python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage] [--repeats 3]
+                         [--root DIR] [--out FILE]
+
+TORCHSTOW_BENCH_MANAGE_BYTES sets the size of the manage suite's checkpoint (default 1 GiB).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import bench_async
 import bench_dcp_adapter
 import bench_dist
 import bench_local
+import bench_manage
 import bench_s3
 import bench_shared
 from common import Report
@@ -27,6 +31,7 @@ SUITES = {
     "async": bench_async.main,
     "dcp": bench_dcp_adapter.main,
     "shared": bench_shared.main,
+    "manage": bench_manage.main,
 }
 
 
