@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import torchstow
 from torchstow.cli import main
-from torchstow.core.layout import is_data_file
+from torchstow.format.files import is_data_file
 from torchstow.interop.safetensors_format import INDEX
 
 from cli_helpers import Result, assert_one_line_error, run

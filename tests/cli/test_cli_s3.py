@@ -9,7 +9,7 @@ import torch
 
 import torchstow
 from state_helpers import assert_same
-from torchstow.core.layout import is_data_file
+from torchstow.format.files import is_data_file
 
 from cli_helpers import S3_KEYS, assert_one_line_error, run
 

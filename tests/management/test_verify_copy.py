@@ -11,7 +11,7 @@ import torch
 
 import torchstow
 from state_helpers import assert_same
-from torchstow.core.layout import BLOCK_SIZE, MANIFEST, is_data_file
+from torchstow.format.files import BLOCK_SIZE, MANIFEST, is_data_file
 from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
 

@@ -16,7 +16,7 @@ from torchstow.cli.render import (
     progress_bar,
     stdout,
 )
-from torchstow.core.metadata import BytesStorageMetadata, dtype_name
+from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.listing import COMMITTED, scan
 from torchstow.management.options import route_options

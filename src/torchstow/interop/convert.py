@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from torchstow.core.errors import CheckpointExistsError
+from torchstow.errors import CheckpointExistsError
 from torchstow.interop import targets
 from torchstow.interop.sources import Source, TensorSpec, local_path, open_source
 from torchstow.management.options import route_options

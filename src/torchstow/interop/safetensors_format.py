@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from torchstow.core.buffers import tensor_bytes
+from torchstow.core.layout.views import tensor_bytes
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",

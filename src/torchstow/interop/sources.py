@@ -21,13 +21,13 @@ from urllib.parse import unquote
 
 import torch
 
-from torchstow.core.backend import StoreBackend
-from torchstow.core.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchstowError
-from torchstow.core.flatten import build_nested, flatten_state_dict
-from torchstow.core.layout import MANIFEST
-from torchstow.core.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torchstow.core.planning import DefaultLoadPlanner
-from torchstow.core.protocol import load_state_dict as load_protocol
+from torchstow.core.protocol.steps import load_state_dict as load_protocol
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchstowError
+from torchstow.format.files import MANIFEST
+from torchstow.format.manifest import BytesStorageMetadata, TensorStorageMetadata
+from torchstow.format.structure import build_nested, flatten_state_dict
 from torchstow.interop import safetensors_format as stf
 from torchstow.plugins.manager import default_registry, scheme_of
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchstow.core.planning import DefaultSavePlanner, WriteItem, WriteItemType
-from torchstow.core.protocol import save_state_dict
+from torchstow.core.protocol.steps import save_state_dict
 from torchstow.interop import safetensors_format as stf
 from torchstow.interop.sources import TensorSpec
 

@@ -10,11 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from torchstow.core.backend import StoreBackend
-from torchstow.core.errors import CheckpointExistsError, ChecksumMismatchError
-from torchstow.core.layout import MANIFEST, is_data_file, read_manifest
-from torchstow.core.metadata import encode_metadata
-from torchstow.core.store import ByteStore, FileSink
+from torchstow.core.layout.location import read_manifest
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.store import ByteStore, FileSink
+from torchstow.errors import CheckpointExistsError, ChecksumMismatchError
+from torchstow.format.codec import encode_metadata
+from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.management.datafiles import Problem, Span, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
 from torchstow.management.verify import ProgressCallback

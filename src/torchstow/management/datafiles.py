@@ -13,11 +13,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import crc32c
-
-from torchstow.core.errors import CorruptCheckpointError
-from torchstow.core.metadata import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
-from torchstow.core.store import ByteStore
+from torchstow.core.storage.store import ByteStore
+from torchstow.errors import CorruptCheckpointError
+from torchstow.format.checksums import checksum
+from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 
 __all__ = ["Problem", "Span", "check_manifest", "scan_file", "segment_bytes", "spans_by_file"]
 
@@ -191,7 +190,7 @@ def scan_file(
             lo = max(blk.start, pos)
             hi = min(blk.end, seg_end)
             if hi > lo:
-                blk.crc = crc32c.crc32c(buf[lo - pos : hi - pos], blk.crc)
+                blk.crc = checksum(buf[lo - pos : hi - pos], blk.crc)
             if blk.end <= seg_end:
                 if blk.crc != blk.expected:
                     problems.append(

@@ -6,14 +6,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from torchstow.core.backend import StoreBackend
-from torchstow.core.errors import (
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
     IncompleteCheckpointError,
 )
-from torchstow.core.metadata import CheckpointInfo
+from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import default_registry
 

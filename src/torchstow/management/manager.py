@@ -8,8 +8,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from torchstow.core.async_save import AsyncSave
-from torchstow.core.errors import CheckpointNotFoundError
+from torchstow.checkpointing.async_save import AsyncSave
+from torchstow.errors import CheckpointNotFoundError
 from torchstow.management.prune import prune
 
 __all__ = ["CheckpointManager"]

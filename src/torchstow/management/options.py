@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.manager import accepted_storage_options, default_registry
 
-__all__ = ["accepted_options", "route_options"]
-
-
-def accepted_options(uri: str) -> tuple[list[str], bool]:
-    """The storage options the backend of ``uri`` takes by name, and whether it takes any other."""
-    backend = default_registry().resolve(uri).backend
-    params = inspect.signature(backend).parameters.values()
-    names = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+__all__ = ["route_options"]
 
 
-def _describe(uri: str, names: list[str], takes_any: bool) -> str:
-    listed = ", ".join(names) or "none"
-    return f"{uri} takes {listed}" + (" and any option of its filesystem" if takes_any else "")
+def _accepted(uri: str) -> set[str] | None:
+    """The storage options the backend of ``uri`` takes; None when it takes any name."""
+    return accepted_storage_options(default_registry().resolve(uri).backend, uri)
+
+
+def _describe(uri: str, accepted: set[str] | None) -> str:
+    if accepted is None:
+        return f"{uri} takes any option"
+    return f"{uri} takes {', '.join(sorted(accepted)) or 'none'}"
 
 
 def route_options(
@@ -34,30 +31,26 @@ def route_options(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split storage options between a source and a destination.
 
-    Each option of ``common`` goes to each side whose backend takes it by
-    name; a backend that passes unknown options on (fsspec's, to its
-    filesystem) also gets those the other side does not name. An option no
-    side takes is a TypeError naming what each side takes. ``src_only`` and ``dst_only`` go
-    to their side unchecked here (the backend checks them). ``dst_backend``
-    is False when the destination is a plain file rather than a backend.
+    Each option of ``common`` goes to each side whose backend takes it; a
+    backend that takes any name (one that checks options itself) gets those
+    the other side does not take. An option no side takes is a TypeError
+    naming what each side takes. ``src_only`` and ``dst_only`` go to their
+    side as they are (its backend checks them). ``dst_backend`` is False when
+    the destination is a plain file rather than a backend.
     """
-    src_names, src_any = accepted_options(src)
-    dst_names, dst_any = accepted_options(dst) if dst_backend else ([], False)
+    src_ok = _accepted(src)
+    dst_ok = _accepted(dst) if dst_backend else set()
     src_opts = dict(src_only or {})
     dst_opts = dict(dst_only or {})
     for key, value in (common or {}).items():
-        to_src_named, to_dst_named = key in src_names, key in dst_names
-        to_src = to_src_named or (src_any and not to_dst_named)
-        to_dst = to_dst_named or (dst_any and not to_src_named)
+        src_named = src_ok is not None and key in src_ok
+        dst_named = dst_ok is not None and key in dst_ok
+        to_src = src_named or (src_ok is None and not dst_named)
+        to_dst = dst_named or (dst_ok is None and not src_named)
         if not (to_src or to_dst):
             raise TypeError(
-                f"no side takes the storage option {key!r}: "
-                f"{_describe(src, src_names, src_any)}; "
-                + (
-                    _describe(dst, dst_names, dst_any)
-                    if dst_backend
-                    else f"{dst} is a plain file and takes none"
-                )
+                f"no side takes the storage option {key!r}: {_describe(src, src_ok)}; "
+                + (_describe(dst, dst_ok) if dst_backend else f"{dst} is a plain file and takes none")
             )
         if to_src:
             src_opts.setdefault(key, value)

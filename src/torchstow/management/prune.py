@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any
 
-from torchstow.core.metadata import CheckpointInfo
+from torchstow.format.manifest import CheckpointInfo
 
 __all__ = ["plan_prune", "prune"]
 

@@ -9,15 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torchstow.core.backend import StoreBackend
-from torchstow.core.errors import (
+from torchstow.core.layout.location import read_manifest
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.store import ByteStore
+from torchstow.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from torchstow.core.layout import MANIFEST, read_manifest
-from torchstow.core.metadata import Metadata, TensorStorageMetadata
-from torchstow.core.store import ByteStore
+from torchstow.format.files import MANIFEST
+from torchstow.format.manifest import Metadata, TensorStorageMetadata
 from torchstow.management.datafiles import Problem, Span, check_manifest, scan_file, spans_by_file
 from torchstow.plugins.manager import default_registry
 
