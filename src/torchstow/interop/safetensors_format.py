@@ -133,7 +133,8 @@ def write_shard(
                 f"{key}: the source gave {tensor.dtype} {list(tensor.shape)}, its metadata said "
                 f"{dtype} {list(shape)}"
             )
-        tensor = tensor.detach().cpu().contiguous()
+        if not (tensor.is_cpu and tensor.is_contiguous()):
+            tensor = tensor.cpu().contiguous()
         if tensor.numel():
             out.write(tensor_bytes(tensor))
         del tensor

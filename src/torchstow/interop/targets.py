@@ -4,7 +4,7 @@ torchstow and DCP targets go through their own save protocols with a
 planner that reads each tensor from the source when the writer asks for it
 (the state dict it plans from holds zero-stride placeholders of one element),
 so bytes stream through; safetensors shards are written header first, then
-tensor by tensor, and the index last.
+tensor by tensor (the next one read while one is written), and the index last.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -120,6 +122,31 @@ def to_torch(selection: Selection, dst: str, report: ConvertReport) -> None:
     report.files.append(dst)
 
 
+class _ReadAhead:
+    """``fetch`` for keys asked for in a known order: each call also starts reading the
+    next key in a background thread, so reading overlaps writing (two tensors in memory)."""
+
+    def __init__(self, keys: list[str], fetch: Callable[[str], torch.Tensor]) -> None:
+        self._keys = keys
+        self._position = {key: i for i, key in enumerate(keys)}
+        self._fetch = fetch
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="torchstow-read-ahead")
+        self._pending: tuple[str, Future[torch.Tensor]] | None = None
+
+    def __call__(self, key: str) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        tensor = pending[1].result() if pending is not None and pending[0] == key else self._fetch(key)
+        following = self._position[key] + 1
+        if following < len(self._keys):
+            upcoming = self._keys[following]
+            self._pending = (upcoming, self._pool.submit(self._fetch, upcoming))
+        return tensor
+
+    def close(self) -> None:
+        self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def to_safetensors(
     selection: Selection, dst: str, max_shard_bytes: int | None, overwrite: bool, report: ConvertReport
 ) -> None:
@@ -150,12 +177,13 @@ def to_safetensors(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(index_path)  # the old shards are invalid from here on
     written: list[str] = []
+    fetch = _ReadAhead([key for shard in shards for key in shard.keys], selection.fetch)
     try:
         for shard in shards:
             path = os.path.join(dst, shard.name)
             with open(path, "wb") as out:
                 written.append(path)
-                stf.write_shard(out, [by_key[k] for k in shard.keys], selection.fetch, metadata)
+                stf.write_shard(out, [by_key[k] for k in shard.keys], fetch, metadata)
         total = sum(shard.nbytes for shard in shards)
         tmp = index_path + ".tmp"
         with open(tmp, "w") as out:
@@ -167,6 +195,8 @@ def to_safetensors(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         raise
+    finally:
+        fetch.close()
     report.tensors = len(entries)
     report.nbytes = sum(shard.nbytes for shard in shards)
     report.files.extend([*(os.path.join(dst, s.name) for s in shards), index_path])
