@@ -12,6 +12,7 @@ from torchstow.cli.render import (
     human_bytes,
     human_time,
     key_tree,
+    plural,
     print_json,
     progress_bar,
     stdout,
@@ -170,7 +171,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             rows.append((k["key"], f"{k['dtype']} {k['shape']}  {human_bytes(k['nbytes'])}"))
         else:
             rows.append((k["key"], f"{k['type']} = {k['value']!r}" if k["value"] is not None else k["type"]))
-    title = f"{args.uri} ({source.format}, {len(keys)} keys, {human_bytes(total)})"
+    title = f"{args.uri} ({source.format}, {plural(len(keys), 'key')}, {human_bytes(total)})"
     stdout().print(key_tree(title, rows))
     return 0
 
@@ -184,9 +185,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         reports.append(report)
         if not args.json:
             if report.ok:
-                print(f"OK       {uri} ({human_bytes(report.checked_bytes)} in {report.files} files checked)")
+                checked = f"{human_bytes(report.checked_bytes)} in {plural(report.files, 'file')}"
+                print(f"OK       {uri} ({checked} checked)")
             else:
-                print(f"CORRUPT  {uri} ({len(report.problems)} problems)")
+                print(f"CORRUPT  {uri} ({plural(len(report.problems), 'problem')})")
                 for problem in report.problems:
                     print(f"  {problem}")
     ok = all(r.ok for r in reports)
@@ -247,7 +249,7 @@ def cmd_du(args: argparse.Namespace) -> int:
     for e in found:
         assert e.info is not None
         print(f"{human_bytes(e.info.nbytes):>10}  {e.uri}")
-    print(f"{human_bytes(total):>10}  total ({len(found)} checkpoints, {total:,} bytes)")
+    print(f"{human_bytes(total):>10}  total ({plural(len(found), 'checkpoint')}, {total:,} bytes)")
     return 0
 
 
@@ -293,9 +295,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 0
     for key, reason in report.skipped:
         print(f"torchstow: skipped {key!r}: {reason}", file=sys.stderr)
+    files = plural(len(report.files), "file")
     print(
         f"converted {args.src} ({report.source_format}) -> {args.dst} ({args.to}): "
-        f"{report.tensors} tensors, {human_bytes(report.nbytes)} in {len(report.files)} files"
+        f"{plural(report.tensors, 'tensor')}, {human_bytes(report.nbytes)} in {files}"
     )
     return 0
 

@@ -23,7 +23,16 @@ from rich.progress import (
 )
 from rich.tree import Tree
 
-__all__ = ["human_bytes", "human_time", "key_tree", "parse_size", "print_json", "progress_bar", "stdout"]
+__all__ = [
+    "human_bytes",
+    "human_time",
+    "key_tree",
+    "parse_size",
+    "plural",
+    "print_json",
+    "progress_bar",
+    "stdout",
+]
 
 _UNITS = {
     "": 1,
@@ -57,6 +66,11 @@ def human_bytes(n: int) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 file``, ``2 files``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def human_time(timestamp: float | None) -> str:
