@@ -21,6 +21,7 @@ from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.listing import COMMITTED, scan
 from torchstow.management.options import route_options
+from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
 
 __all__ = ["VERBS"]
@@ -85,7 +86,7 @@ def _source_summary(source: Source) -> dict[str, Any]:
     return {
         "uri": source.uri,
         "format": source.format,
-        "step": None,
+        "step": step_of(source.uri, source.user_metadata),
         "committed_at": None,
         "nbytes": sum(s.nbytes for s in tensors),
         "num_entries": len(source.specs),
@@ -98,7 +99,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Summarize a checkpoint from its metadata (no data read): format, step, size, user metadata."""
     source = open_source(args.uri, _opts(args))
     try:
-        if isinstance(source, TorchstowSource):
+        if source.format == "torchstow":
             doc = _info_json(torchstow.info(args.uri, storage_options=_opts(args)))
         else:
             doc = _source_summary(source)

@@ -11,10 +11,12 @@ format: a torchstow manifest, a DCP checkpoint (``.metadata``), a
 from __future__ import annotations
 
 import abc
+import importlib
 import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -24,15 +26,17 @@ import torch
 from torchstow.core.planning import DefaultLoadPlanner
 from torchstow.core.protocol.steps import load_state_dict as load_protocol
 from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.interfaces import StorageReader
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchstowError
 from torchstow.format.files import MANIFEST
-from torchstow.format.manifest import BytesStorageMetadata, TensorStorageMetadata
+from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torchstow.format.structure import build_nested, flatten_state_dict
 from torchstow.interop import safetensors_format as stf
 from torchstow.plugins.manager import default_registry, scheme_of
 
 __all__ = [
     "DCP_METADATA",
+    "DcpSource",
     "SafetensorsSource",
     "Source",
     "TensorSpec",
@@ -98,10 +102,18 @@ class TorchstowSource(Source):
 
     format = "torchstow"
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        metadata: Metadata | None = None,
+        reader: Callable[[], StorageReader] | None = None,
+    ) -> None:
         self.uri = uri
         self.backend = default_registry().backend_for(uri, storage_options)
-        self.metadata = self.backend.read_metadata(uri)
+        self.metadata = self.backend.read_metadata(uri) if metadata is None else metadata
+        self._reader = reader or (lambda: self.backend.storage_reader(uri))
         self.user_metadata = dict(self.metadata.user_metadata)
         self.planner_data = self.metadata.planner_data
         self.specs = {
@@ -122,8 +134,7 @@ class TorchstowSource(Source):
         for key in keys:
             spec = self.specs[key]
             flat[key] = None if spec is None else torch.empty(spec.shape, dtype=spec.dtype)
-        reader = self.backend.storage_reader(self.uri)
-        load_protocol(flat, reader, planner=DefaultLoadPlanner(strict=False), metadata=self.metadata)
+        load_protocol(flat, self._reader(), planner=DefaultLoadPlanner(strict=False), metadata=self.metadata)
         return flat
 
     def read_tensor(self, key: str) -> torch.Tensor:
@@ -145,8 +156,13 @@ class TorchstowSource(Source):
                     nbytes += spec.nbytes if spec is not None else 0
             if key not in batch:
                 batch.insert(0, key)
+            try:
+                loaded = self._load(batch)
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                return self._load([key])[key]  # the failure is raised for the key it belongs to
             self._fetched.update(batch)
-            loaded = self._load(batch)
             tensor = loaded.pop(key)
             self._cache.update(loaded)
             return tensor
@@ -275,17 +291,30 @@ def is_dcp(names: list[str]) -> bool:
     return DCP_METADATA in names and MANIFEST not in names
 
 
+class DcpSource(TorchstowSource):
+    """A checkpoint in DCP's own format (``.metadata`` and ``*.distcp``), read through
+    :mod:`torchstow.interop.dcp_format`: the metadata with its restricted unpickler,
+    the data with its reader. DCP writes no checksums."""
+
+    format = "dcp"
+
+
 def dcp_source(uri: str, storage_options: dict[str, Any] | None) -> Source:
-    """The source for a DCP checkpoint, from :mod:`torchstow.interop.dcp_format`."""
+    """The source for the DCP-format checkpoint at ``uri``."""
     try:
-        from torchstow.interop import dcp_format  # type: ignore[attr-defined]
+        dcp_format = importlib.import_module("torchstow.interop.dcp_format")
     except ImportError:
         raise TorchstowError(
             f"{uri} is a DCP checkpoint (.metadata and .distcp files); this torchstow cannot read "
             "the DCP format yet (torchstow.interop.dcp_format is missing)"
         ) from None
-    source: Source = dcp_format.DcpSource(uri, storage_options)
-    return source
+    backend = default_registry().backend_for(uri, storage_options)
+    assert isinstance(backend, StoreBackend)
+    store = backend.open_store(uri)
+    metadata = dcp_format.read_dcp_metadata(uri, storage_options=storage_options)
+    return DcpSource(
+        uri, storage_options, metadata=metadata, reader=lambda: dcp_format.DcpFormatReader(store)
+    )
 
 
 def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Source:

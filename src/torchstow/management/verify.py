@@ -12,11 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import (
-    ChecksumMismatchError,
-    CorruptCheckpointError,
-    IncompleteCheckpointError,
-)
+from torchstow.errors import CorruptCheckpointError, IncompleteCheckpointError, TorchstowError
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 from torchstow.management.datafiles import Problem, Span, check_manifest, scan_file, spans_by_file
@@ -122,7 +118,7 @@ def verify_by_reading(source: Source, progress: ProgressCallback | None = None) 
                 report.checked_bytes += spec.nbytes
                 if progress is not None:
                     progress(spec.nbytes, total)
-        except (ChecksumMismatchError, CorruptCheckpointError, OSError) as exc:
+        except (TorchstowError, OSError) as exc:
             report.problems.append(Problem(key, None, None, " ".join(str(exc).split())))
     return report
 
