@@ -47,8 +47,8 @@ __all__ = [
 ]
 
 DCP_METADATA = ".metadata"
-_SMALL = 1 << 20  # tensors below this are fetched in batches
-_BATCH_BYTES = 16 << 20
+_SMALL = 16 << 20  # tensors below this are read in batches (one parallel read per batch)
+_BATCH_BYTES = 64 << 20
 _BATCH_KEYS = 1024
 
 
@@ -98,7 +98,8 @@ class Source(abc.ABC):
 
 
 class TorchstowSource(Source):
-    """A torchstow checkpoint on any backend; small tensors are fetched in batches."""
+    """A torchstow checkpoint on any backend. Tensors under 16 MiB are read in batches of
+    about 64 MiB (one parallel read each, kept until asked for), larger ones one by one."""
 
     format = "torchstow"
 
