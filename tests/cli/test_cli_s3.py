@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import torchstow
-from state_helpers import assert_same
 from torchstow.format.files import is_data_file
+from torchstow.testing import assert_same_state
 
 from cli_helpers import S3_KEYS, assert_one_line_error, run
 
@@ -54,7 +54,7 @@ def test_cp_shm_to_s3_and_back_bit_exact(s3_endpoint: str, shm_dir: str) -> None
     assert down.code == 0, down.err
     assert down.json()["dst"] == "shm://back/step-5"
     assert _data_files(shm_dir, "back/step-5") == _data_files(shm_dir, "run/step-5")
-    assert_same(torchstow.read("shm://back/step-5", storage_options={"shm_dir": shm_dir}), state)
+    assert_same_state(torchstow.read("shm://back/step-5", storage_options={"shm_dir": shm_dir}), state)
 
     nobody = run(
         "info",

@@ -17,11 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import torchstow
-from state_helpers import assert_same
 from torchstow.interop.convert import ConvertReport, Selection
 from torchstow.interop.safetensors_format import INDEX, plan_shards
 from torchstow.interop.sources import Source, TensorSpec
 from torchstow.interop.targets import to_safetensors, to_torchstow
+from torchstow.testing import assert_same_state
 
 
 def _state() -> dict[str, Any]:
@@ -94,13 +94,13 @@ def test_keys_prefix_and_dtype_cast(saved: str, tmp_path: Path) -> None:
 def test_torch_save_round_trip(saved: str, tmp_path: Path) -> None:
     pt = tmp_path / "model.pt"
     torchstow.convert(saved, pt, to="torch")
-    assert_same(torch.load(pt, weights_only=True), _state())
+    assert_same_state(torch.load(pt, weights_only=True), _state())
     with pytest.raises(torchstow.CheckpointExistsError):
         torchstow.convert(saved, pt, to="torch")
     back = str(tmp_path / "back")
     report = torchstow.convert(pt, back, to="torchstow")
     assert report.source_format == "torch"
-    assert_same(torchstow.read(back), _state())
+    assert_same_state(torchstow.read(back), _state())
 
 
 def test_from_safetensors_file_and_directory(tmp_path: Path) -> None:
@@ -108,14 +108,14 @@ def test_from_safetensors_file_and_directory(tmp_path: Path) -> None:
     save_file(tensors, str(tmp_path / "one.safetensors"), metadata={"format": "pt", "origin": "test"})
     report = torchstow.convert(tmp_path / "one.safetensors", tmp_path / "ts", to="torchstow")
     assert report.source_format == "safetensors"
-    assert_same(dict(sorted(torchstow.read(tmp_path / "ts").items())), dict(sorted(tensors.items())))
+    assert_same_state(torchstow.read(tmp_path / "ts"), tensors, ordered=False)  # safetensors sorts its keys
     assert torchstow.info(tmp_path / "ts").user_metadata == {"origin": "test"}
     folder = tmp_path / "hf"
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))
     torchstow.convert(folder, tmp_path / "t.pt", to="torch", keys="a")
     loaded = torch.load(tmp_path / "t.pt", weights_only=True)
-    assert_same(dict(sorted(loaded.items())), {"bias": tensors["a.bias"], "weight": tensors["a.weight"]})
+    assert_same_state(loaded, {"weight": tensors["a.weight"], "bias": tensors["a.bias"]}, ordered=False)
 
 
 def test_to_dcp_loads_with_dcp(saved: str, tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ def test_to_dcp_loads_with_dcp(saved: str, tmp_path: Path) -> None:
     target["model"]["embed.weight"].zero_()
     target["step"] = 0
     dcp.load(target, storage_reader=dcp.FileSystemReader(out), no_dist=True)
-    assert_same(target, _state())
+    assert_same_state(target, _state())
 
 
 def test_from_a_stock_dcp_checkpoint(tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_from_a_stock_dcp_checkpoint(tmp_path: Path) -> None:
             torchstow.convert(out, tmp_path / "x.pt", to="torch")
         return
     torchstow.convert(out, tmp_path / "x.pt", to="torch")
-    assert_same(torch.load(tmp_path / "x.pt", weights_only=True), {"w": torch.ones(3)})
+    assert_same_state(torch.load(tmp_path / "x.pt", weights_only=True), {"w": torch.ones(3)})
 
 
 class _CountingSource(Source):

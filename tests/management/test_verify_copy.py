@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import torchstow
-from state_helpers import assert_same
 from torchstow.format.files import BLOCK_SIZE, MANIFEST, is_data_file
 from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
+from torchstow.testing import assert_same_state
 
 
 def _state() -> dict[str, Any]:
@@ -110,7 +110,7 @@ def test_copy_between_backends_is_exact_and_commits_last(saved: str, tmp_path: P
     back = str(tmp_path / "back")
     calls: list[int] = []
     torchstow.copy("shm://c/step-1", back, src_storage_options=shm, progress=lambda n, _t: calls.append(n))
-    assert_same(torchstow.read(back), _state())
+    assert_same_state(torchstow.read(back), _state())
     assert Path(_data_file(back)).read_bytes() == Path(_data_file(saved)).read_bytes()
     assert sum(calls) == os.path.getsize(_data_file(saved))
     assert torchstow.info(back).committed_at == torchstow.info(saved).committed_at
