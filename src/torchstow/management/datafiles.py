@@ -167,13 +167,15 @@ def scan_file(
     blocks = _blocks(spans)
     problems: list[Problem] = []
     seg = segment_bytes(store)
+    # Reading alone reuses one buffer; a copy hands each segment to a sink, which may keep it.
+    scratch = memoryview(bytearray(min(seg, end))) if write is None else None
     b = 0  # the first block not yet fully checked
     pos = 0
     while pos < end:
         if stop is not None and stop.is_set():
             return problems
         size = min(seg, end - pos)
-        buf = memoryview(bytearray(size))
+        buf = scratch[:size] if scratch is not None else memoryview(bytearray(size))
         try:
             store.read_into(name, [(pos, buf)])
         except FileNotFoundError:
