@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -210,10 +209,6 @@ def test_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.Captu
     assert "no key of" in fails(
         "convert", str(run_dir / "step-100"), str(tmp_path / "x"), "--to", "torch", "--keys", "nope"
     )
-    stock = str(tmp_path / "stock-dcp")
-    dcp.save({"w": torch.ones(2)}, storage_writer=dcp.FileSystemWriter(stock), no_dist=True)
-    if importlib.util.find_spec("torchstow.interop.dcp_format") is None:  # the DCP reader is another change
-        assert "is a DCP checkpoint" in fails("info", stock)
     remote = fails("convert", str(run_dir / "step-100"), "s3://bucket/hf", "--to", "safetensors")
     assert "local paths only" in remote
     with pytest.raises(SystemExit) as usage_error:
@@ -222,3 +217,30 @@ def test_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.Captu
     assert "is not KEY=VALUE" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nowhere"), "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_stock_dcp_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stock = tmp_path / "run" / "step-3"
+    state = {"w": torch.arange(6.0).reshape(2, 3), "note": "dcp"}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(stock)), no_dist=True)
+
+    def doc(*args: str) -> Any:
+        assert main([*args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    ((entry),) = doc("ls", str(tmp_path / "run"))["checkpoints"]
+    assert (entry["uri"], entry["status"], entry["format"], entry["step"]) == (
+        str(stock),
+        "committed",
+        "dcp",
+        3,
+    )
+    info = doc("info", str(stock))
+    assert (info["format"], info["step"], info["nbytes"], info["num_entries"]) == ("dcp", 3, 24, 2)
+    keys = doc("inspect", str(stock))["keys"]
+    assert keys[0] == {"key": "w", "kind": "tensor", "dtype": "float32", "shape": [2, 3], "nbytes": 24}
+    (report,) = doc("verify", str(stock))["checkpoints"]
+    assert report["ok"] and report["checked_bytes"] == 24
+    out = tmp_path / "hf"
+    assert doc("convert", str(stock), str(out), "--to", "safetensors")["source_format"] == "dcp"
+    assert torch.equal(load_file(str(out / "model-00001-of-00001.safetensors"))["w"], state["w"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import threading
@@ -134,13 +133,13 @@ def test_to_dcp_loads_with_dcp(saved: str, tmp_path: Path) -> None:
 
 def test_from_a_stock_dcp_checkpoint(tmp_path: Path) -> None:
     out = str(tmp_path / "stock")
-    dcp.save({"w": torch.ones(3)}, storage_writer=dcp.FileSystemWriter(out), no_dist=True)
-    if importlib.util.find_spec("torchstow.interop.dcp_format") is None:  # the DCP reader is another change
-        with pytest.raises(torchstow.TorchstowError, match="DCP checkpoint"):
-            torchstow.convert(out, tmp_path / "x.pt", to="torch")
-        return
-    torchstow.convert(out, tmp_path / "x.pt", to="torch")
-    assert_same_state(torch.load(tmp_path / "x.pt", weights_only=True), {"w": torch.ones(3)})
+    state = {"model": {"w": torch.randn(3, 5), "n": torch.arange(4)}, "epoch": 2, "tag": "stock"}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(out), no_dist=True)
+    report = torchstow.convert(out, tmp_path / "x.pt", to="torch")
+    assert report.source_format == "dcp"
+    assert_same_state(torch.load(tmp_path / "x.pt", weights_only=True), state)
+    verified = torchstow.verify(out)
+    assert verified.ok and verified.checked_bytes == 3 * 5 * 4 + 4 * 8
 
 
 class _CountingSource(Source):

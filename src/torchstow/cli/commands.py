@@ -55,6 +55,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     {
                         "uri": e.uri,
                         "status": e.status,
+                        "format": e.format,
                         "step": e.step,
                         "committed_at": e.info.committed_at if e.info else None,
                         "nbytes": e.info.nbytes if e.info else None,

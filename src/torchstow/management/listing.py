@@ -22,18 +22,19 @@ __all__ = ["Entry", "scan"]
 COMMITTED = "committed"
 INCOMPLETE = "incomplete"
 UNREADABLE = "unreadable"
-DCP = "dcp"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One checkpoint location under a prefix: its status, and its summary when committed."""
+    """One checkpoint location under a prefix: its status, and its summary and format
+    (``torchstow`` or ``dcp``) when committed."""
 
     uri: str
     status: str
     step: int | None
     info: CheckpointInfo | None = None
     error: str | None = None
+    format: str | None = None
 
 
 def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> list[Entry]:
@@ -41,6 +42,8 @@ def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
     orders committed ones (by step, then commit time). Raises :class:`CheckpointNotFoundError`
     when nothing at all is under ``prefix``."""
     from torchstow.api import _info
+    from torchstow.interop.dcp_format import read_any_metadata
+    from torchstow.interop.sources import is_dcp
 
     text = os.fspath(prefix)
     backend = default_registry().backend_for(text, storage_options)
@@ -50,15 +53,16 @@ def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
     entries = []
     for child in children:
         try:
-            info = _info(child, backend.read_metadata(child))
-            entries.append(Entry(child, COMMITTED, info.step, info))
+            info = _info(child, read_any_metadata(backend, child))
         except IncompleteCheckpointError as exc:
             entries.append(Entry(child, INCOMPLETE, step_of(child), error=str(exc)))
         except (CorruptCheckpointError, FormatVersionError) as exc:
             entries.append(Entry(child, UNREADABLE, step_of(child), error=str(exc)))
         except CheckpointNotFoundError:
-            if isinstance(backend, StoreBackend) and ".metadata" in backend.open_store(child).list_files():
-                entries.append(Entry(child, DCP, step_of(child)))
+            continue  # not a checkpoint
+        else:
+            dcp = isinstance(backend, StoreBackend) and is_dcp(backend.open_store(child).list_files())
+            entries.append(Entry(child, COMMITTED, info.step, info, format="dcp" if dcp else "torchstow"))
     entries.sort(
         key=lambda e: (-1 if e.step is None else e.step, (e.info.committed_at if e.info else None) or 0.0)
     )
