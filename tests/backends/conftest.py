@@ -1,33 +1,14 @@
-"""Fixtures of the backend tests: a moto S3 server on 127.0.0.1, shared-memory scratch space."""
+"""Fixtures of the backend tests: a bucket on the session's moto S3 server, a fresh plugin registry."""
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from torchstow.plugins.manager import reset_default_registry
 
-from storage_helpers import S3_CREDENTIALS, free_port
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """The URL of a moto S3 server running in this process for the whole session."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+from storage_helpers import S3_CREDENTIALS
 
 
 @pytest.fixture(scope="session")
@@ -45,17 +26,6 @@ def s3_bucket(s3_endpoint: str) -> str:
     )
     client.create_bucket(Bucket=name)
     return name
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[str]:
-    """A fresh directory in /dev/shm for shm:// checkpoints, removed afterwards."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    path = tempfile.mkdtemp(prefix="torchstow-test-", dir=base)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

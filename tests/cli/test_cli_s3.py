@@ -23,7 +23,7 @@ def _data_files(shm_dir: str, name: str) -> list[bytes]:
     return sorted(open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder) if is_data_file(f))
 
 
-def test_cp_shm_to_s3_and_back_bit_exact(s3_endpoint: str, shm_dir: str) -> None:
+def test_cp_shm_to_s3_and_back_bit_exact(cli_s3: str, shm_dir: str) -> None:
     gen = torch.Generator().manual_seed(3)
     state = {
         "w": torch.randn(300, 1000, generator=gen),  # over 1 MiB: its own 4 KiB-aligned span
@@ -35,7 +35,7 @@ def test_cp_shm_to_s3_and_back_bit_exact(s3_endpoint: str, shm_dir: str) -> None
     env = {"TORCHSTOW_SHM_DIR": shm_dir}
     s3 = [
         "-o",
-        f"endpoint_url={s3_endpoint}",
+        f"endpoint_url={cli_s3}",
         "-o",
         f"key={S3_KEYS['key']}",
         "-o",
@@ -60,7 +60,7 @@ def test_cp_shm_to_s3_and_back_bit_exact(s3_endpoint: str, shm_dir: str) -> None
         "info",
         "s3://cli-tests/run/step-5",
         "-o",
-        f"endpoint_url={s3_endpoint}",
+        f"endpoint_url={cli_s3}",
         "-o",
         "retry_attempts=1",
         unset=NO_AWS_CREDENTIALS,
