@@ -237,6 +237,10 @@ class FaultyWriter(_Wrapper, ForwardingStorageWriter):
         self.faults.step("prepare_global_plan")
         return self.inner.prepare_global_plan(plans)
 
+    def renew_plan(self, plan: SavePlan) -> SavePlan | None:
+        """None: a faulty save always plans in full, so a fault in global planning fires."""
+        return None
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
         failed = self.faults.failed_future("write_data")
         return failed if failed is not None else self.inner.write_data(plan, planner)

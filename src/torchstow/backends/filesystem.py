@@ -177,6 +177,23 @@ class LocalFileStore(ByteStore):
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def local_path(self, name: str) -> str | None:
+        return self._file(name)
+
+    def adopt(self, other: ByteStore, name: str) -> bool:
+        """A hard link to ``other``'s file (False across filesystems)."""
+        source = other.local_path(name)
+        if source is None:
+            return False
+        target = self._file(name)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            return os.path.samefile(source, target)
+        except OSError:
+            return False
+        return True
+
     def prepare(self) -> None:
         os.makedirs(self.path, exist_ok=True)
 

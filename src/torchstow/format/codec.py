@@ -46,6 +46,7 @@ class _Located(msgspec.Struct, omit_defaults=True):
     length: int | None = None
     crc32c: list[int] | None = None
     block: int | None = None
+    blake3: str | None = None
 
 
 class _Chunk(_Located, kw_only=True):
@@ -86,6 +87,7 @@ class _DocumentV1(msgspec.Struct, kw_only=True):
     planner_data: Any = None
     entries: dict[str, _Entry]
     storage_data: Any = msgspec.UNSET
+    nbytes_written: int | None = None
 
 
 class _Locations:
@@ -108,6 +110,8 @@ class _Locations:
         out.crc32c = list(info.checksums)
         if info.block_size != self.block_size:
             out.block = info.block_size
+        if info.content_hash is not None:
+            out.blake3 = info.content_hash
 
     def decode(self, raw: _Located) -> StorageInfo:
         if raw.file is None or raw.offset is None or raw.length is None or raw.crc32c is None:
@@ -118,6 +122,7 @@ class _Locations:
             raw.length,
             tuple(raw.crc32c),
             self.block_size if raw.block is None else raw.block,
+            raw.blake3,
         )
 
 
@@ -179,6 +184,7 @@ def encode_metadata(md: Metadata) -> bytes:
         planner_data=md.planner_data,
         entries=entries,
         storage_data=md.storage_data if not inline and md.storage_data is not None else msgspec.UNSET,
+        nbytes_written=md.nbytes_written,
     )
     try:
         return msgspec.json.encode(doc)
@@ -192,6 +198,7 @@ def _decode_tensor(
     props: TensorProperties,
     locations: _Locations,
     found: dict[MetadataIndex, StorageInfo],
+    chunk_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], ChunkStorageMetadata],
 ) -> TensorStorageMetadata:
     if raw.shape is None:
         raise CorruptCheckpointError(f"the tensor entry {fqn!r} has no shape")
@@ -203,7 +210,14 @@ def _decode_tensor(
         return TensorStorageMetadata(props, size, [chunk])
     chunks = []
     for i, rc in enumerate(raw.chunks):
-        chunk = ChunkStorageMetadata(torch.Size(rc.offsets), torch.Size(rc.sizes))
+        # Shards repeat their geometry across tensors: share one (immutable) chunk object.
+        geometry = (tuple(rc.offsets), tuple(rc.sizes))
+        shared = chunk_cache.get(geometry)
+        if shared is None:
+            shared = chunk_cache[geometry] = ChunkStorageMetadata(
+                torch.Size(geometry[0]), torch.Size(geometry[1])
+            )
+        chunk = shared
         chunks.append(chunk)
         if rc.file is not None:
             found[MetadataIndex(fqn, chunk.offsets, i)] = locations.decode(rc)
@@ -217,13 +231,14 @@ def _decode_v1(data: bytes) -> Metadata:
     found: dict[MetadataIndex, StorageInfo] = {}
     locations = _Locations(doc.files, doc.checksum.block_size)
     props_cache: dict[tuple[str, bool], TensorProperties] = {}
+    chunk_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], ChunkStorageMetadata] = {}
     for fqn, raw in doc.entries.items():
         if raw.dtype is not None:
             key = (raw.dtype, raw.requires_grad)
             props = props_cache.get(key)
             if props is None:
                 props = props_cache[key] = TensorProperties(dtype_from_name(raw.dtype), raw.requires_grad)
-            entries[fqn] = _decode_tensor(fqn, raw, props, locations, found)
+            entries[fqn] = _decode_tensor(fqn, raw, props, locations, found, chunk_cache)
             continue
         if raw.encoding is None:
             raise CorruptCheckpointError(f"the entry {fqn!r} has neither a dtype nor an encoding")
@@ -239,6 +254,7 @@ def _decode_v1(data: bytes) -> Metadata:
         version=doc.version,
         committed_at=doc.committed_at,
         torch_version=doc.torch_version,
+        nbytes_written=doc.nbytes_written,
     )
 
 

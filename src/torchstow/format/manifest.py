@@ -139,6 +139,8 @@ class StorageInfo:
 
     ``checksums`` holds one crc32c per ``block_size`` bytes of the item (the
     last block may be shorter); an empty item has no checksums.
+    ``content_hash`` is the BLAKE3 digest (hex) of the item's bytes, recorded
+    by incremental saves (None when the save did not hash).
     """
 
     relative_path: str
@@ -146,6 +148,7 @@ class StorageInfo:
     length: int
     checksums: tuple[int, ...] = ()
     block_size: int = 0
+    content_hash: str | None = None
 
 
 @dataclass
@@ -159,6 +162,8 @@ class Metadata:
     version: int = FORMAT_VERSION
     committed_at: float | None = None
     torch_version: str = torch.__version__
+    #: Bytes of data files this save wrote (None: not recorded; then every stored byte was).
+    nbytes_written: int | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,8 @@ class CheckpointInfo:
     num_entries: int
     user_metadata: dict[str, Any]
     format_version: int
+    #: Bytes the save wrote; less than ``nbytes`` for an incremental save.
+    nbytes_written: int = 0
 
 
 def dtype_name(dtype: torch.dtype) -> str:

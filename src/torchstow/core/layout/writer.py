@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from torchstow.core.futures import completed_future
+from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, default_thread_count, rebind
 from torchstow.core.layout.views import as_host_bytes
 from torchstow.core.planning import SavePlan, SavePlanner
@@ -109,11 +110,16 @@ class LayoutWriter(StorageWriter):
         self.thread_count = thread_count or default_thread_count()
         self._written: list[str] = []
         self._open_store = open_store
+        self._rank = 0
+        self.base_loader: BaseLoader | None = None
+        self._base: BaseContent | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.store = rebind(self.store, self._open_store, checkpoint_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._rank = int(kwargs.get("rank", 0))
+        self._base = self.base_loader() if self.base_loader is not None else None
         self.store.prepare()
         if is_coordinator and not self.overwrite and MANIFEST in self.store.list_files():
             raise CheckpointExistsError(
@@ -130,6 +136,10 @@ class LayoutWriter(StorageWriter):
             replace(plan, storage_data=_FilePrefix(data_file_prefix(save_id, rank)))
             for rank, plan in enumerate(plans)
         ]
+
+    def renew_plan(self, plan: SavePlan) -> SavePlan | None:
+        """The plan under a fresh save id: its rank needs nothing else from the coordinator."""
+        return replace(plan, storage_data=_FilePrefix(data_file_prefix(uuid.uuid4().hex[:12], self._rank)))
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
         prefix = plan.storage_data.prefix
@@ -161,7 +171,7 @@ class LayoutWriter(StorageWriter):
     def _write_file(self, name: str, items: Sequence[Any], planner: SavePlanner) -> list[WriteResult]:
         sink = self.store.create(name)
         try:
-            results = _write_items(sink, name, items, planner)
+            results = _write_items(sink, name, items, planner, self._base, self.store)
             sink.close()
         except BaseException:
             sink.abort()
@@ -172,6 +182,7 @@ class LayoutWriter(StorageWriter):
         locations = {r.index: r.storage_data for rank_results in results for r in rank_results}
         metadata.storage_data = locations
         metadata.committed_at = time.time()
+        metadata.nbytes_written = sum(r.size_in_bytes for rank_results in results for r in rank_results)
         manifest = encode_metadata(metadata)
         self.store.publish(MANIFEST, manifest)
         # Committed. Removing the replaced checkpoint's files is housekeeping:
@@ -188,6 +199,9 @@ class LayoutWriter(StorageWriter):
         if self._written:
             self.store.delete_files(self._written)
             self._written = []
+        if self._base is not None and self._base.adopted:
+            self.store.delete_files(self._base.adopted)
+            self._base.adopted = []
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -248,7 +262,16 @@ class _PackedFile:
         self.owners = []
 
 
-def _write_items(sink: FileSink, name: str, items: Sequence[Any], planner: SavePlanner) -> list[WriteResult]:
+def _write_items(
+    sink: FileSink,
+    name: str,
+    items: Sequence[Any],
+    planner: SavePlanner,
+    base: BaseContent | None = None,
+    store: ByteStore | None = None,
+) -> list[WriteResult]:
+    """Write ``items`` into one file; with a ``base``, tensors it already holds are
+    referenced instead (a result of 0 bytes written) and the rest hashed as written."""
     packed = _PackedFile(sink, name)
     results = []
     for item in items:
@@ -258,7 +281,14 @@ def _write_items(sink: FileSink, name: str, items: Sequence[Any], planner: SaveP
             owner: Any = view
         else:
             owner, view = as_host_bytes(data)
-        info = packed.add(view, owner)
+        if base is not None and store is not None and item.tensor_data is not None:
+            found, digest = base.reference(item.index, view, store)
+            if found is not None:
+                results.append(WriteResult(item.index, 0, found))
+                continue
+            info = replace(packed.add(view, owner), content_hash=digest)
+        else:
+            info = packed.add(view, owner)
         results.append(WriteResult(item.index, info.length, info))
     packed.flush()
     return results

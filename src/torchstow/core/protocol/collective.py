@@ -56,6 +56,19 @@ class Collective(abc.ABC):
     def broadcast(self, obj: Any, step: str = "") -> Any:
         """Every rank receives the coordinator's ``obj``."""
 
+    def all_gather_records(self, record: bytes, step: str = "") -> list[bytes]:
+        """Every rank's ``record`` (bytes of the same length on every rank), on every rank.
+
+        For small fixed-size records such as digests. The default composes a
+        gather and a broadcast; a process group does it in one collective.
+        """
+        gathered = self.gather(record, step)
+        joined = self.broadcast(b"".join(gathered) if gathered is not None else None, step)
+        size = len(record)
+        return (
+            [joined[i : i + size] for i in range(0, len(joined), size)] if size else [b""] * self.world_size
+        )
+
 
 class SingleProcess(Collective):
     """The trivial group of one rank: objects are handed over as they are."""
@@ -76,6 +89,9 @@ class SingleProcess(Collective):
 
     def broadcast(self, obj: Any, step: str = "") -> Any:
         return obj
+
+    def all_gather_records(self, record: bytes, step: str = "") -> list[bytes]:
+        return [record]
 
 
 def _as_timedelta(timeout: Timeout | None) -> datetime.timedelta | None:
@@ -227,6 +243,13 @@ class ProcessGroupCollective(Collective):
         buffer = self._buffer(None, longest)
         self._call(op, step, self._dist.scatter, buffer, scatter_list=parts, src=self._coordinator_global)
         return self._bytes(buffer, length)
+
+    def all_gather_records(self, record: bytes, step: str = "") -> list[bytes]:
+        op = "exchange of fixed-size records"
+        size = len(record)
+        out = [self._buffer(None, size) for _ in range(self.world_size)]
+        self._call(op, step, self._dist.all_gather, out, self._buffer(record, size))
+        return [self._bytes(tensor, size) for tensor in out]
 
     def broadcast(self, obj: bytes | None, step: str = "") -> bytes:
         op = "broadcast from the coordinator"

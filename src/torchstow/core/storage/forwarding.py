@@ -41,6 +41,9 @@ class ForwardingStorageWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         self.inner.finish(metadata, results)
 
+    def renew_plan(self, plan: SavePlan) -> SavePlan | None:
+        return self.inner.renew_plan(plan)
+
     def abort(self) -> None:
         self.inner.abort()
 

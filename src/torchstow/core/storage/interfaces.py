@@ -64,6 +64,16 @@ class StorageWriter(abc.ABC):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """On the coordinator: commit the checkpoint (write the manifest last)."""
 
+    def renew_plan(self, plan: SavePlan) -> SavePlan | None:
+        """This rank's final plan of the previous save, made fit for a new save of
+        the same structure (e.g. fresh file names), without the coordinator.
+
+        Called on every rank (after ``prepare_local_plan``) when the global plan
+        may be reused (see :mod:`torchstow.core.protocol.plan_cache`). The default
+        returns None: this writer cannot renew a plan, and every save is planned in full.
+        """
+        return None
+
     def abort(self) -> None:
         """Called on every rank when the save failed after ``write_data`` may have
         run (here or on another rank): remove what this rank wrote, best effort.

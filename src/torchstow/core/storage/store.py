@@ -51,6 +51,18 @@ class ByteStore(abc.ABC):
     location: str
     read_segment_bytes: int = 1 << 20
 
+    def local_path(self, name: str) -> str | None:
+        """The path of file ``name`` in this machine's filesystem, for stores whose
+        files are local ones (then it can be mapped); None (the default) otherwise."""
+        return None
+
+    def adopt(self, other: ByteStore, name: str) -> bool:
+        """Make file ``name`` of ``other`` (another location of this kind of store)
+        a file of this location too, without copying its bytes, so that it stays
+        whatever happens to ``other``. True if done (or already so); False (the
+        default) where this store cannot, and incremental saves are refused."""
+        return False
+
     def ensure_capacity(self, nbytes: int) -> None:  # noqa: B027 (optional hook)
         """Raise :class:`StorageFullError` if ``nbytes`` more bytes cannot fit.
 
