@@ -3,6 +3,8 @@ and replicated items are spread over the ranks (4 ranks x 5,000 tensors)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -39,26 +41,33 @@ def _shard_plans(size: tuple[int, int] = (8, 16)) -> list[SavePlan]:
 
 @pytest.fixture
 def counted_cells(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the grid cells validation visits, and forbids pairwise overlap tests."""
+    """Counts the grid cells and slabs validation examines, and forbids pairwise overlap tests."""
     visited = [0]
     cells = chunk_math._cells
+    slab = chunk_math._slab
 
     def counting(span: list[tuple[int, int]]) -> list[tuple[int, ...]]:
         out = cells(span)
         visited[0] += len(out)
         return out
 
+    def counting_slabs(*args: Any) -> Any:
+        visited[0] += 1
+        return slab(*args)
+
     def no_pairwise(*args: object) -> None:
         raise AssertionError("validation compared two chunks pairwise")
 
     monkeypatch.setattr(chunk_math, "_cells", counting)
+    monkeypatch.setattr(chunk_math, "_slab", counting_slabs)
     monkeypatch.setattr(chunk_math, "overlap", no_pairwise)
     return visited
 
 
-def test_global_plan_visits_each_chunk_once(counted_cells: list[int]) -> None:
+def test_global_plan_examines_each_chunk_at_most_once(counted_cells: list[int]) -> None:
     plans, metadata = DefaultSavePlanner().create_global_plan(_shard_plans())
-    assert counted_cells[0] == RANKS * TENSORS
+    # each rank's shards share one chunk object, examined once for all tensors
+    assert counted_cells[0] == RANKS
     assert [len(plan.items) for plan in plans] == [TENSORS] * RANKS
     assert len(metadata.state_dict_metadata["t0"].chunks) == RANKS  # type: ignore[union-attr]
 
@@ -76,14 +85,28 @@ def test_one_tensor_of_many_chunks_is_validated_linearly(counted_cells: list[int
         ([0, 2, 3], [2, 3, 2], "overlap"),
         ([0, 3, 6], [3, 3, 2], "lies outside"),
         ([0, 2, 5], [2, 2, 2], "leave gaps"),
+        ([2, 0, 4], [2, 2, 2], None),  # slabs in any order
     ],
 )
 def test_linear_validation_still_catches_bad_covers(
-    offsets: list[int], sizes: list[int], message: str
+    offsets: list[int], sizes: list[int], message: str | None
 ) -> None:
     chunks = [ChunkStorageMetadata(torch.Size((o,)), torch.Size((s,))) for o, s in zip(offsets, sizes)]
+    if message is None:
+        chunk_math.validate_cover("t", torch.Size((6,)), chunks)
+        return
     with pytest.raises(ValueError, match=message):
         chunk_math.validate_cover("t", torch.Size((7,)), chunks)
+
+
+def test_slabs_along_an_inner_dimension_are_checked_too() -> None:
+    cols = [ChunkStorageMetadata(torch.Size((0, c)), torch.Size((4, 2))) for c in (0, 2, 4)]
+    chunk_math.validate_cover("t", torch.Size((4, 6)), cols)
+    with pytest.raises(ValueError, match="leave gaps"):
+        chunk_math.validate_cover("t", torch.Size((4, 6)), cols[:1] + cols[2:])
+    short = [*cols[:2], ChunkStorageMetadata(torch.Size((1, 4)), torch.Size((3, 2)))]
+    with pytest.raises(ValueError, match="leave gaps"):
+        chunk_math.validate_cover("t", torch.Size((4, 6)), short)
 
 
 def test_replicated_items_are_spread_by_bytes_then_count() -> None:

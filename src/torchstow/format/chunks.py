@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -14,8 +15,16 @@ from torchstow.format.manifest import ChunkStorageMetadata
 __all__ = ["contiguous_span", "overlap", "validate_cover"]
 
 
-def validate_cover(fqn: str, size: Sequence[int], chunks: Sequence[ChunkStorageMetadata]) -> None:
+def validate_cover(
+    fqn: str,
+    size: Sequence[int],
+    chunks: Sequence[ChunkStorageMetadata],
+    memo: dict[int, Any] | None = None,
+) -> None:
     """Raise ValueError unless ``chunks`` tile a tensor of ``size`` exactly once.
+
+    ``memo``, shared by the calls of one global planning while every chunk
+    checked stays alive, remembers chunk objects that many tensors share.
 
     Works on the grid the chunk boundaries draw: each chunk must lie inside
     the tensor, and together they must cover every grid cell exactly once.
@@ -24,6 +33,8 @@ def validate_cover(fqn: str, size: Sequence[int], chunks: Sequence[ChunkStorageM
     """
     ndim = len(size)
     if len(chunks) == 1 and chunks[0].sizes == size and not any(chunks[0].offsets):
+        return
+    if _tiles_along_one_dim(size, chunks, {} if memo is None else memo):
         return
     for chunk in chunks:
         if len(chunk.offsets) != ndim or len(chunk.sizes) != ndim:
@@ -62,6 +73,53 @@ def validate_cover(fqn: str, size: Sequence[int], chunks: Sequence[ChunkStorageM
             if cell in seen:
                 raise ValueError(f"{fqn}: saved chunk {_fmt(chunk)} overlaps another chunk")
             seen.add(cell)
+
+
+def _tiles_along_one_dim(
+    size: Sequence[int], chunks: Sequence[ChunkStorageMetadata], memo: dict[int, Any]
+) -> bool:
+    """Whether ``chunks`` are slabs along one dimension (whole in every other one)
+    that follow each other without gap or overlap: what sharding one dimension
+    makes. A fast, exact check for that common case; False sends the chunks to
+    the general grid check."""
+    ndim = len(size)
+    first = chunks[0]
+    if len(first.sizes) != ndim or len(first.offsets) != ndim:
+        return False
+    dims = [d for d in range(ndim) if first.sizes[d] != size[d]] or [0]
+    if len(dims) != 1:
+        return False
+    dim = dims[0]
+    size = tuple(size)
+    spans = []
+    for chunk in chunks:
+        known = memo.get(id(chunk))
+        if known is None or known[0] is not chunk or known[1] != size or known[2] != dim:
+            known = memo[id(chunk)] = (chunk, size, dim, _slab(size, dim, chunk))
+        if known[3] is None:
+            return False
+        spans.append(known[3])
+    spans.sort()
+    end = 0
+    for start, length in spans:
+        if start != end:
+            return False
+        end = start + length
+    return end == size[dim]
+
+
+def _slab(size: tuple[int, ...], dim: int, chunk: ChunkStorageMetadata) -> tuple[int, int] | None:
+    """(offset, length) along ``dim`` of a chunk whole in every other dimension, else None."""
+    sizes, offsets = tuple(chunk.sizes), tuple(chunk.offsets)
+    if len(sizes) != len(size) or len(offsets) != len(size) or sizes[dim] < 0:
+        return None
+    if (
+        sizes[:dim] != size[:dim]
+        or sizes[dim + 1 :] != size[dim + 1 :]
+        or any(offsets[:dim] + offsets[dim + 1 :])
+    ):
+        return None
+    return offsets[dim], sizes[dim]
 
 
 def _cells(span: list[tuple[int, int]]) -> list[tuple[int, ...]]:

@@ -33,6 +33,9 @@ class DefaultSavePlanner(SavePlanner):
     ``allow_pickle`` lets leaves that only full pickle can restore be saved.
     ``dedup_replicated_tensors`` drops duplicates of items that several ranks
     hold identically, keeping one copy balanced across ranks.
+    ``enable_plan_caching`` (on by default) lets a save through a process group
+    reuse the previous save's global plan when no rank's structure changed
+    (see :mod:`torchstow.core.protocol.plan_cache`).
     """
 
     def __init__(
@@ -41,10 +44,12 @@ class DefaultSavePlanner(SavePlanner):
         flatten_state_dict: bool = True,
         dedup_replicated_tensors: bool = True,
         allow_pickle: bool = False,
+        enable_plan_caching: bool = True,
     ) -> None:
         if not flatten_state_dict:
             raise ValueError("torchstow's DefaultSavePlanner always flattens the state dict")
         self.dedup_replicated_tensors = dedup_replicated_tensors
+        self.enable_plan_caching = enable_plan_caching
         self.allow_pickle = allow_pickle
         self._chunk_data: dict[tuple[Any, ...], TensorWriteData] = {}
         self._tensors: dict[MetadataIndex, torch.Tensor] = {}
@@ -132,9 +137,10 @@ class DefaultSavePlanner(SavePlanner):
                     if bd.encoding != JSON:
                         kept.append(item)
             final_plans.append(SavePlan(kept, plan.storage_data, plan.planner_data))
+        memo: dict[int, Any] = {}
         for fqn, entry in entries.items():
             if isinstance(entry, TensorStorageMetadata):
-                chunk_math.validate_cover(fqn, entry.size, entry.chunks)
+                chunk_math.validate_cover(fqn, entry.size, entry.chunks, memo)
         planner_data = merge_planner_data([p.planner_data for p in all_plans])
         return final_plans, Metadata(state_dict_metadata=entries, planner_data=planner_data)
 
@@ -157,32 +163,52 @@ def dedup_save_plans(all_plans: list[SavePlan]) -> list[SavePlan]:
     of piling on rank 0. Linear in the number of items, plus a sort of the
     shared ones.
     """
-    holders: dict[MetadataIndex, list[int]] = {}
-    sizes: dict[MetadataIndex, int] = {}
+    holders: dict[MetadataIndex, Any] = {}  # index -> its rank, or the list of its ranks
     for rank, plan in enumerate(all_plans):
         for item in plan.items:
-            holders.setdefault(item.index, []).append(rank)
-            sizes[item.index] = item.tensor_storage_size() or 0
+            index = item.index
+            held = holders.get(index)
+            if held is None:
+                holders[index] = rank
+            elif type(held) is int:
+                holders[index] = [held, rank]
+            else:
+                held.append(rank)
+    sizes: dict[int, int] = {}  # by write data: items share theirs
+
+    def size_of(item: WriteItem) -> int:
+        data = item.tensor_data
+        if data is None:
+            return 0
+        found = sizes.get(id(data))
+        if found is None:
+            found = sizes[id(data)] = item.tensor_storage_size() or 0
+        return found
+
     load = [0] * len(all_plans)
     count = [0] * len(all_plans)
+    shared: dict[MetadataIndex, WriteItem] = {}
+    for rank, plan in enumerate(all_plans):
+        for item in plan.items:
+            if type(holders[item.index]) is int:
+                load[rank] += size_of(item)
+                count[rank] += 1
+            else:
+                shared.setdefault(item.index, item)
+    if not shared:
+        return list(all_plans)
     owner: dict[MetadataIndex, int] = {}
-    shared: list[tuple[int, MetadataIndex, list[int]]] = []
-    for index, ranks in holders.items():
-        if len(ranks) == 1:
-            owner[index] = ranks[0]
-            load[ranks[0]] += sizes[index]
-            count[ranks[0]] += 1
-        else:
-            shared.append((sizes[index], index, ranks))
-    shared.sort(key=lambda entry: -entry[0])
-    for size, index, ranks in shared:
-        best = min(ranks, key=lambda r: (load[r], count[r]))
+    by_size = sorted(((size_of(item), index) for index, item in shared.items()), key=lambda e: -e[0])
+    for size, index in by_size:
+        best = min(holders[index], key=lambda r: (load[r], count[r]))
         owner[index] = best
         load[best] += size
         count[best] += 1
     return [
         SavePlan(
-            [item for item in plan.items if owner[item.index] == rank], plan.storage_data, plan.planner_data
+            [item for item in plan.items if owner.get(item.index, rank) == rank],
+            plan.storage_data,
+            plan.planner_data,
         )
         for rank, plan in enumerate(all_plans)
     ]
