@@ -27,7 +27,8 @@ from torchstow.core.planning import (
 )
 from torchstow.core.protocol.collective import Collective, SingleProcess
 from torchstow.core.protocol.failures import CapturedFailure, capture, pack, unpack
-from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
+from torchstow.core.protocol.plan_cache import plan_save
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 from torchstow.errors import CheckpointException
 from torchstow.format.manifest import Metadata
 
@@ -241,14 +242,17 @@ def save_state_dict(
         global_metadata.append(metadata)
         return storage_writer.prepare_global_plan(plans)
 
-    central_plan: SavePlan = reduce_scatter(coll, "save planning", local_plan, global_plan)
+    planned = plan_save(
+        coll, planner, storage_writer, local_plan, global_plan, reduce_scatter, global_metadata
+    )
 
-    def write() -> list[WriteResult]:
-        final_plan = planner.finish_plan(central_plan)
-        return list(wait_future(storage_writer.write_data(final_plan, planner)))
+    def write() -> Any:
+        final_plan = planner.finish_plan(planned.plan)
+        return planned.outcome(list(wait_future(storage_writer.write_data(final_plan, planner))))
 
-    def commit(all_results: list[list[WriteResult]]) -> Metadata:
-        metadata = global_metadata[0]
+    def commit(outcomes: list[Any]) -> Metadata:
+        made = global_metadata[0] if global_metadata else None
+        metadata, all_results = planned.commit_inputs(made, outcomes, user_metadata)
         storage_writer.finish(metadata, all_results)
         return metadata
 
