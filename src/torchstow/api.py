@@ -17,12 +17,18 @@ from typing import Any
 import torch
 
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
+from torchstow.core.layout.incremental import BaseContent
+from torchstow.core.layout.location import read_manifest
+from torchstow.core.layout.mapped import map_checkpoint
+from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
 from torchstow.core.protocol.steps import load_state_dict as _load_protocol
 from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
+from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
+from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -121,6 +127,22 @@ def _check_user_metadata(metadata: Any) -> dict[str, Any]:
     return dict(metadata)
 
 
+def _attach_base(writer: StorageWriter, base: Uri, storage_options: dict[str, Any] | None) -> None:
+    """Make ``writer`` save incrementally against the committed checkpoint ``base``
+    (read when the save starts, on every rank)."""
+    text = _uri(base)
+    backend = default_registry().backend_for(text, storage_options)
+    if not (isinstance(writer, LayoutWriter) and isinstance(backend, StoreBackend)):
+        raise ValueError(f"base={text!r}: incremental saves need a file-like backend (local files, shm://)")
+    if type(writer.store).adopt is ByteStore.adopt:
+        raise ValueError(
+            f"base={text!r}: {writer.store.location} cannot share files between checkpoints (object "
+            "stores cannot), so incremental saves are not supported there; save without base="
+        )
+    store = backend.open_store(text)
+    writer.base_loader = lambda: BaseContent(store, read_manifest(store))
+
+
 def _save_job(
     uri: Uri | None,
     storage_options: dict[str, Any] | None,
@@ -130,6 +152,7 @@ def _save_job(
     allow_pickle: bool,
     checkpoint_id: Uri | None = None,
     explicit_writer: Any = None,
+    base: Uri | None = None,
 ) -> SaveJob:
     """What a save writes with: the checked user metadata, the writer, the planner."""
     user_metadata = _check_user_metadata(metadata)
@@ -139,6 +162,8 @@ def _save_job(
         explicit_writer,
         lambda location: storage_writer(location, overwrite=overwrite, **(storage_options or {})),
     )
+    if base is not None:
+        _attach_base(writer, base, storage_options)
     save_planner = dcp_calls.torchstow_save_planner(
         planner, lambda: DefaultSavePlanner(allow_pickle=allow_pickle), allow_pickle=allow_pickle
     )
@@ -164,6 +189,7 @@ def save(
     overwrite: bool = False,
     allow_pickle: bool = False,
     timeout: Timeout | None = None,
+    base: Uri | None = None,
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
@@ -171,8 +197,10 @@ def save(
     at ``uri`` raises CheckpointExistsError unless ``overwrite``. Values that
     only full pickle can store need ``allow_pickle=True``. ``timeout``
     (seconds or a timedelta) bounds how long a rank waits for the others at
-    each step (default: the process group's own timeout). Returns the
-    committed manifest.
+    each step (default: the process group's own timeout). With ``base`` (the
+    URI of a committed checkpoint on the same backend) tensors whose bytes
+    equal the base's are not written again but shared with it (see
+    :mod:`torchstow.core.layout.incremental`). Returns the committed manifest.
 
     DCP's keywords work as in ``torch.distributed.checkpoint.save``:
     ``checkpoint_id`` is the same as ``uri``, ``storage_writer`` an explicit
@@ -181,7 +209,7 @@ def save(
     with ``state_dict()``/``load_state_dict()``) are saved through ``state_dict()``.
     """
     job = _save_job(
-        uri, storage_options, planner, metadata, overwrite, allow_pickle, checkpoint_id, storage_writer
+        uri, storage_options, planner, metadata, overwrite, allow_pickle, checkpoint_id, storage_writer, base
     )
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     return _save_protocol(
@@ -245,6 +273,7 @@ def async_save(
     overwrite: bool = False,
     allow_pickle: bool = False,
     stager: Stager | None = None,
+    base: Uri | None = None,
 ) -> AsyncSave:
     """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
 
@@ -262,7 +291,15 @@ def async_save(
 
     def prepare() -> SaveJob:
         return _save_job(
-            uri, storage_options, planner, metadata, overwrite, allow_pickle, checkpoint_id, storage_writer
+            uri,
+            storage_options,
+            planner,
+            metadata,
+            overwrite,
+            allow_pickle,
+            checkpoint_id,
+            storage_writer,
+            base,
         )
 
     saves = pipeline()
@@ -335,19 +372,31 @@ def read(
     keys: Iterable[str] | None = None,
     storage_options: dict[str, Any] | None = None,
     allow_pickle: bool = False,
+    mmap: bool = False,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Materialize the checkpoint at ``uri`` (or only ``keys``) as a nested dict
     of full CPU tensors, in this process alone.
 
     ``keys`` are fully-qualified keys or prefixes of them (``"model"``
-    selects every key under ``model.``).
+    selects every key under ``model.``). With ``mmap=True`` (local files and
+    ``shm://`` only) tensors map the data files instead of copying them:
+    writing to one copies the pages it touches, the files never change;
+    ``verify=False`` then skips the checksums, so mapping costs the same
+    whatever the size (see :mod:`torchstow.core.layout.mapped`).
     """
     reader = storage_reader(uri, **(storage_options or {}))
     metadata = reader.read_metadata()
     selected = _select(metadata, keys)
+    mapped: dict[str, Any] = {}
+    if mmap:
+        backend = default_registry().backend_for(_uri(uri), storage_options)
+        mapped = map_checkpoint(backend, _uri(uri), metadata, selected, verify=verify)
     flat: dict[str, Any] = {}
     for fqn in selected:
         entry = metadata.state_dict_metadata[fqn]
+        if fqn in mapped:
+            continue
         if isinstance(entry, TensorStorageMetadata):
             flat[fqn] = torch.empty(entry.size, dtype=entry.properties.dtype)
         else:
@@ -358,6 +407,8 @@ def read(
         planner=DefaultLoadPlanner(strict=False, allow_pickle=allow_pickle),
         metadata=metadata,
     )
+    if mapped:
+        flat = {fqn: mapped[fqn] if fqn in mapped else flat[fqn] for fqn in selected}
     return build_nested(flat, metadata.planner_data, metadata.state_dict_metadata)
 
 
@@ -370,11 +421,13 @@ def local_metadata(state_dict: Mapping[str, Any], *, allow_pickle: bool = False)
 
 
 def _info(uri: str, metadata: Metadata) -> CheckpointInfo:
+    nbytes = stored_nbytes(metadata)
     return CheckpointInfo(
         uri=uri,
         step=step_of(uri, metadata.user_metadata),
         committed_at=metadata.committed_at,
-        nbytes=stored_nbytes(metadata),
+        nbytes=nbytes,
+        nbytes_written=nbytes if metadata.nbytes_written is None else metadata.nbytes_written,
         num_entries=len(metadata.state_dict_metadata),
         user_metadata=metadata.user_metadata,
         format_version=metadata.version,

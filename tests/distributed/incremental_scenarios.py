@@ -1,0 +1,53 @@
+"""Scenarios for incremental saves over several ranks (see dist_pool.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from dist_scenarios import mesh_for, raw, values
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import torchstow
+
+SHAPES = {"frozen0": (64, 256), "frozen1": (64, 256), "trainable": (16, 32)}
+
+
+def expected(step: int) -> dict[str, torch.Tensor]:
+    """The full tensors at ``step``: only ``trainable`` changes."""
+    return {name: values(name, shape, step if name == "trainable" else 0) for name, shape in SHAPES.items()}
+
+
+def _dtensors(world_size: int, full: dict[str, torch.Tensor], dim: int) -> dict[str, Any]:
+    mesh = mesh_for(world_size, ("S0",))
+    out: dict[str, Any] = {
+        name: distribute_tensor(t, mesh, [Shard(dim)], src_data_rank=None) for name, t in full.items()
+    }
+    out["norm"] = distribute_tensor(torch.arange(8.0), mesh, [Replicate()], src_data_rank=None)
+    return out
+
+
+def save_two_steps(rank: int, world_size: int, root: str, asynchronous: bool) -> list[int]:
+    """A plain save of step 1, then an incremental save of step 2 on it; bytes each wrote."""
+    written = []
+    for step in (1, 2):
+        state = _dtensors(world_size, expected(step), 0)
+        base = None if step == 1 else f"{root}/step-1"
+        path = f"{root}/step-{step}"
+        if asynchronous:
+            torchstow.async_save(state, path, base=base).result()
+        else:
+            torchstow.save(state, path, base=base, timeout=60)
+        written.append(torchstow.info(path).nbytes_written)
+    return written
+
+
+def load_resharded(rank: int, world_size: int, path: str, step: int) -> bool:
+    """Load ``path`` as Shard(1) over this world; whether every shard is bit-exact."""
+    full = expected(step)
+    target = _dtensors(world_size, {n: torch.zeros_like(t) for n, t in full.items()}, 1)
+    torchstow.load(target, path, timeout=60)
+    want = _dtensors(world_size, full, 1)
+    return all(torch.equal(raw(target[n].to_local()), raw(want[n].to_local())) for n in full) and torch.equal(
+        target["norm"].to_local(), torch.arange(8.0)
+    )

@@ -1,0 +1,30 @@
+"""Incremental saves over several ranks: each rank shares its unchanged shards with
+the base, and the result loads resharded after the base is deleted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from incremental_scenarios import SHAPES, expected, load_resharded, save_two_steps
+
+import torchstow
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_two_ranks_share_unchanged_shards_and_the_result_reshards_after_the_base_goes(
+    pools: Any, tmp_path: Path, asynchronous: bool
+) -> None:
+    root = str(tmp_path)
+    written = pools(2).run(save_two_steps, root, asynchronous)[0]
+    trainable = 16 * 32 * 4
+    full = sum(r * c * 4 for r, c in SHAPES.values()) + 8 * 4
+    assert written[0] >= full
+    assert trainable <= written[1] < trainable + 2 * 4096  # the changed tensor's two shards
+    torchstow.delete(f"{root}/step-1")
+    got = torchstow.read(f"{root}/step-2")  # one process: both shards into whole tensors
+    for name, tensor in expected(2).items():
+        assert torch.equal(got[name], tensor), name
+    assert pools(4).run(load_resharded, f"{root}/step-2", 2) == [True] * 4

@@ -1,0 +1,158 @@
+"""save(sd, uri, base=previous): only changed tensors are written (BLAKE3 equality), the
+rest is shared with the base; every checkpoint loads on its own after its base is
+deleted, survives a kill -9 of a later save, and reports what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchstow
+from state_helpers import assert_same
+
+
+def _state(seed: int = 0) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "frozen": {f"w{i}": torch.randn(256, 1024, generator=gen) for i in range(4)},  # 4 x 1 MiB
+        "trainable": torch.randn(64, 64, generator=gen),
+        "step": 1,
+        "betas": (0.9, 0.999),  # an object written as bytes every time
+    }
+
+
+def _train(state: dict[str, Any], step: int) -> dict[str, Any]:
+    """The next step's state: only the trainable tensor and the step change."""
+    return {**state, "trainable": state["trainable"] + step, "step": step}
+
+
+def _entries(path: str) -> dict[str, Any]:
+    return dict(json.loads(Path(path, "manifest.json").read_text())["entries"])
+
+
+def test_only_changed_tensors_are_written_and_each_checkpoint_stands_alone(tmp_path: Path) -> None:
+    paths = [str(tmp_path / f"step-{i}") for i in range(1, 4)]
+    states = [_state()]
+    torchstow.save(states[0], paths[0])
+    full = torchstow.info(paths[0])
+    assert full.nbytes_written == full.nbytes
+    for i in (1, 2):
+        states.append(_train(states[-1], i + 1))
+        torchstow.save(states[-1], paths[i], base=paths[i - 1])
+        written = torchstow.info(paths[i])
+        assert written.nbytes == full.nbytes
+        # the trainable tensor and the pickled object, nothing of the 4 MiB frozen
+        assert 64 * 64 * 4 <= written.nbytes_written < 64 * 64 * 4 + 4096
+        entries = _entries(paths[i])
+        assert all(len(entries[f"frozen.w{k}"]["blake3"]) == 64 for k in range(4))
+        assert entries["trainable"]["blake3"] != _entries(paths[0])["trainable"].get("blake3")
+    frozen_file = _entries(paths[2])["frozen.w0"]["file"]
+    files = json.loads(Path(paths[2], "manifest.json").read_text())["files"]
+    assert os.path.samefile(Path(paths[0], files[frozen_file]), Path(paths[2], files[frozen_file]))
+    torchstow.delete(paths[0])
+    torchstow.delete(paths[1])
+    assert not os.path.exists(paths[0])
+    assert_same(torchstow.read(paths[2]), states[2])
+    target = _state(seed=9)
+    torchstow.load(target, paths[2])
+    assert_same(target, states[2])
+
+
+def test_changed_and_new_tensors_are_written_and_a_plain_base_is_hashed_from_its_files(
+    tmp_path: Path,
+) -> None:
+    base, nxt = str(tmp_path / "a"), str(tmp_path / "b")
+    state = _state()
+    torchstow.save(state, base)  # a plain save: no digests recorded
+    frozen = state["frozen"]
+    changed = {**state, "frozen": {**frozen, "w2": frozen["w2"].reshape(512, 512), "w3": frozen["w3"] * 2}}
+    changed["extra"] = torch.ones(1024)
+    torchstow.save(changed, nxt, base=base)
+    written = torchstow.info(nxt).nbytes_written
+    # w3 (new values) and extra are written; w2, reshaped but with the same bytes, is shared
+    assert (1 << 20) + 4096 <= written < (1 << 20) + 4096 + 4096
+    assert_same(torchstow.read(nxt), changed)
+
+
+def test_saving_over_the_base_itself_keeps_what_it_shares(tmp_path: Path) -> None:
+    path = str(tmp_path / "ckpt")
+    state = _state()
+    torchstow.save(state, path)
+    later = _train(state, 2)
+    torchstow.save(later, path, base=path, overwrite=True)
+    assert torchstow.info(path).nbytes_written < 64 * 64 * 4 + 4096
+    assert_same(torchstow.read(path), later)
+
+
+def test_a_store_that_cannot_share_files_refuses_base(tmp_path: Path) -> None:
+    path = str(tmp_path / "ckpt")
+    torchstow.save({"x": torch.ones(2)}, path)
+    with pytest.raises(ValueError, match="incremental saves need a file-like backend"):
+        torchstow.save({"x": torch.ones(2)}, str(tmp_path / "next"), base=f"faulty+file://{path}")
+
+
+def test_async_incremental_saves_commit_and_load(tmp_path: Path) -> None:
+    first, second = str(tmp_path / "s1"), str(tmp_path / "s2")
+    state = _state()
+    torchstow.async_save(state, first).result()
+    later = _train(state, 2)
+    torchstow.async_save(later, second, base=first).result()
+    assert torchstow.info(second).nbytes_written < 64 * 64 * 4 + 4096
+    torchstow.delete(first)
+    assert_same(torchstow.read(second), later)
+
+
+def test_a_save_killed_mid_write_commits_nothing_and_its_base_stays_whole(tmp_path: Path) -> None:
+    base, nxt = str(tmp_path / "step-1"), str(tmp_path / "step-2")
+    state = _state()
+    torchstow.save(state, base)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import time, torch, torchstow
+                gen = torch.Generator().manual_seed(0)
+                sd = {{"frozen": {{f"w{{i}}": torch.randn(256, 1024, generator=gen) for i in range(4)}},
+                      "trainable": torch.randn(64, 64, generator=gen) + 5, "step": 5, "betas": (0.9, 0.999)}}
+
+                class Stalls(torchstow.DefaultSavePlanner):
+                    def resolve_data(self, item):
+                        if item.index.fqn == "trainable":
+                            print("writing", flush=True)
+                            time.sleep(120)
+                        return super().resolve_data(item)
+
+                torchstow.save(sd, {nxt!r}, base={base!r}, planner=Stalls())
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line == "writing\n", child.stderr.read() if child.stderr else line
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    with pytest.raises(torchstow.IncompleteCheckpointError):
+        torchstow.read(nxt)
+    assert torchstow.latest(str(tmp_path)) == base
+    torchstow.delete(nxt)  # removes its names only
+    assert_same(torchstow.read(base), state)
