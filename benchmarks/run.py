@@ -1,7 +1,8 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
-python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage] [--repeats 3]
-                         [--root DIR] [--out FILE]
+python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache]
+    [--repeats 3] [--root DIR] [--out FILE] [--plan-ranks 1024] [--plan-items 2000]
+    [--plan-plot docs/plan_scale.png] [--incremental-mib 1024]
 
 TORCHSTOW_BENCH_MANAGE_BYTES sets the size of the manage suite's checkpoint (default 1 GiB).
 """
@@ -9,6 +10,7 @@ TORCHSTOW_BENCH_MANAGE_BYTES sets the size of the manage suite's checkpoint (def
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -18,8 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_async
 import bench_dcp_adapter
 import bench_dist
+import bench_incremental
 import bench_local
 import bench_manage
+import bench_plan_cache
+import bench_plan_scale
 import bench_s3
 import bench_shared
 from common import Report
@@ -32,6 +37,9 @@ SUITES = {
     "dcp": bench_dcp_adapter.main,
     "shared": bench_shared.main,
     "manage": bench_manage.main,
+    "plan": bench_plan_scale.main,
+    "incremental": bench_incremental.main,
+    "cache": bench_plan_cache.main,
 }
 
 
@@ -43,11 +51,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--root", default=None, help="directory for the checkpoints (default: a temp dir)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "latest.json"))
+    parser.add_argument("--plan-ranks", type=int, default=1024, help="simulated ranks of the plan suite")
+    parser.add_argument("--plan-items", type=int, default=2000, help="items per rank of the plan suite")
+    parser.add_argument("--plan-plot", default=None, help="PNG for the plan suite's plot")
+    parser.add_argument(
+        "--incremental-mib", type=int, default=1024, help="frozen MiB of the incremental suite"
+    )
     args = parser.parse_args()
+    suites = dict(SUITES)
+    suites["plan"] = functools.partial(
+        bench_plan_scale.main, ranks=args.plan_ranks, items=args.plan_items, png=args.plan_plot
+    )
+    suites["incremental"] = functools.partial(bench_incremental.main, frozen_mib=args.incremental_mib)
     report = Report("torchstow vs torch.distributed.checkpoint")
     with tempfile.TemporaryDirectory(dir=args.root, prefix="torchstow-bench-") as root:
         for name in args.only or list(SUITES):
-            SUITES[name](root, args.repeats, report)
+            suites[name](root, args.repeats, report)
     report.write(args.out)
 
 

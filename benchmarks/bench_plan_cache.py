@@ -1,0 +1,152 @@
+"""Repeated saves of one structure over gloo ranks: plan caching, torchstow vs DCP.
+
+Each rank holds ``tensors`` small float32 tensors of its own (64 values
+each) and saves them 5 times to new directories, the values changing
+between saves. torchstow runs with its default plan caching, DCP with
+``DefaultSavePlanner(enable_plan_caching=True)``. Reported: the first save,
+the median of saves 2-5, and the bytes the ranks exchanged while planning
+saves 2-5 (torchstow counts its own collectives). A time is from a barrier
+before the call to a barrier after it, as rank 0 sees it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import queue
+import shutil
+import socket
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner as DcpPlanner
+
+import torchstow
+from torchstow.core.protocol.collective import ProcessGroupCollective
+
+from common import Report, Result
+
+SAVES = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _timed(fn: Any) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def _planning_bytes() -> list[int]:
+    """Patch torchstow's collectives to count the bytes this rank sends while planning."""
+    sent = [0]
+    gather, scatter = ProcessGroupCollective.gather, ProcessGroupCollective.scatter
+
+    def counted_gather(self: Any, obj: bytes, step: str = "") -> Any:
+        if step == "save planning":
+            sent[0] += len(obj)
+        return gather(self, obj, step)
+
+    def counted_scatter(self: Any, objs: Any, step: str = "") -> Any:
+        if step == "save planning" and objs is not None:
+            sent[0] += sum(map(len, objs))
+        return scatter(self, objs, step)
+
+    ProcessGroupCollective.gather = counted_gather  # type: ignore[method-assign]
+    ProcessGroupCollective.scatter = counted_scatter  # type: ignore[method-assign]
+    return sent
+
+
+def _rank_main(rank: int, world: int, port: int, root: str, tensors: int, results: Any) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=10),
+    )
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(rank)
+    state = {f"r{rank}.p{i}": torch.randn(64, generator=gen) for i in range(tensors)}
+    sent = _planning_bytes()
+    times: dict[str, list[float]] = {"torchstow": [], "dcp": []}
+    planning_bytes = []
+    for n in range(SAVES):
+        for t in state.values():
+            t.add_(1.0)
+        for name in ("torchstow", "dcp") if n % 2 == 0 else ("dcp", "torchstow"):
+            path = os.path.join(root, f"{name}-{n}")
+            if name == "torchstow":
+                before = sent[0]
+                times[name].append(_timed(lambda p=path: torchstow.save(state, p)))
+                planning_bytes.append(sent[0] - before)
+            else:
+                planner = DcpPlanner(enable_plan_caching=True)
+                times[name].append(
+                    _timed(lambda p=path, pl=planner: dcp.save(state, checkpoint_id=p, planner=pl))
+                )
+    if rank == 0:
+        results.put({"times": times, "planning_bytes": planning_bytes})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run(root: str, world: int, tensors: int) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, root, tensors, results)) for r in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    while True:
+        try:
+            found = results.get(timeout=1)
+            break
+        except queue.Empty:
+            if any(proc.exitcode not in (None, 0) for proc in procs):
+                for proc in procs:
+                    proc.kill()
+                raise RuntimeError("a benchmark rank failed (its traceback is above)") from None
+    for proc in procs:
+        proc.join()
+    return found
+
+
+def main(
+    root: str, repeats: int, report: Report, worlds: tuple[int, ...] = (2, 4), tensors: int = 5000
+) -> None:
+    """Saves 1-5 on each world size; ratios of saves 2-5 vs DCP's and vs torchstow's first."""
+    for world in worlds:
+        print(f"plan cache: {world} gloo ranks x {tensors} small tensors, {SAVES} saves", flush=True)
+        where = os.path.join(root, f"plan-cache-{world}")
+        os.makedirs(where, exist_ok=True)
+        found = _run(where, world, tensors)
+        shutil.rmtree(where, ignore_errors=True)
+        times = found["times"]
+        label = f"{world}x{tensors}"
+        first = report.add(Result(label, "save1", "torchstow", times["torchstow"][:1], 0))
+        ours = report.add(Result(label, "save2-5", "torchstow", times["torchstow"][1:], 0))
+        report.add(Result(label, "save1", "dcp cached", times["dcp"][:1], 0))
+        theirs = report.add(Result(label, "save2-5", "dcp cached", times["dcp"][1:], 0))
+        report.ratio(f"saves 2-5, {world} ranks x {tensors} tensors vs DCP cached", ours, [theirs], 5.0)
+        report.ratios[f"saves 2-5 vs first, {world} ranks (torchstow)"] = first.median / statistics.median(
+            times["torchstow"][1:]
+        )
+        report.ratios[f"planning bytes sent by rank 0 in saves 2-5, {world} ranks"] = float(
+            sum(found["planning_bytes"][1:])
+        )
+        print(f"  rank 0 sent {found['planning_bytes']} planning bytes in saves 1-{SAVES}", flush=True)

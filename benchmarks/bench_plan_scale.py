@@ -1,0 +1,310 @@
+"""The coordinator at scale: global planning and the manifest for many ranks x items.
+
+One process is fed ``ranks`` simulated local save plans of ``items`` items
+each, as a coordinator would receive them: 90% shards of tensors sharded by
+rows over every rank, 10% replicated tensors every rank holds (deduplicated
+and balanced). Timed, for torchstow: the global plan (dedup, balancing,
+metadata, validation of every tensor's chunks), the writer's global step,
+encoding the manifest with every item's location and checksum, and decoding
+it again. For DCP, on equivalent plans: ``DefaultSavePlanner.create_global_plan``
+(dedup, metadata, validation) and pickling and unpickling its metadata with
+every item's location. Each size runs in a fresh process (so memory is its
+own): the peak memory above what the input plans hold is reported. Times are
+the CPU seconds of each step (wall seconds are recorded too): the steps are
+single-threaded Python, and CPU time stays meaningful on a shared machine.
+
+python benchmarks/bench_plan_scale.py [--ranks 1024] [--items 2000] [--plot docs/plan_scale.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing
+import os
+import pickle
+import resource
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import Report, Result
+
+REPLICATED = 0.1
+ROWS = 8  # rows of each rank's shard
+COLS = 16
+
+
+def _rss_kib() -> tuple[int, int]:
+    """(current, peak) resident memory of this process, in KiB."""
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0])
+    return fields["VmRSS"], fields.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def _split(items: int) -> tuple[int, int]:
+    replicated = int(items * REPLICATED)
+    return items - replicated, replicated
+
+
+def torchstow_plans(ranks: int, items: int) -> list[Any]:
+    """Local plans as a coordinator receives them (each rank's items share their
+    write data, as torchstow's planner makes them)."""
+    from torchstow.core.planning import SavePlan, TensorWriteData, WriteItem, WriteItemType
+    from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, TensorProperties
+
+    sharded, replicated = _split(items)
+    props = TensorProperties(torch.float32)
+    shape = torch.Size((ROWS * ranks, COLS))
+    whole = TensorWriteData(
+        ChunkStorageMetadata(torch.Size((0, 0)), torch.Size((ROWS, COLS))), props, torch.Size((ROWS, COLS))
+    )
+    zero = torch.Size((0, 0))
+    plans = []
+    for rank in range(ranks):
+        offsets = torch.Size((ROWS * rank, 0))
+        shard = TensorWriteData(ChunkStorageMetadata(offsets, torch.Size((ROWS, COLS))), props, shape)
+        plan_items = [
+            WriteItem(MetadataIndex(f"s{i}", offsets), WriteItemType.SHARD, shard) for i in range(sharded)
+        ]
+        plan_items += [
+            WriteItem(MetadataIndex(f"r{i}", zero), WriteItemType.TENSOR, whole) for i in range(replicated)
+        ]
+        plans.append(SavePlan(plan_items, planner_data={"containers": [], "paths": {}}))
+    return plans
+
+
+def dcp_plans(ranks: int, items: int) -> list[Any]:
+    """The same plans in DCP's classes (its planner data maps every key to its path)."""
+    from torch.distributed.checkpoint import metadata as dmd
+    from torch.distributed.checkpoint import planner as dpl
+
+    sharded, replicated = _split(items)
+    props = dmd.TensorProperties(torch.float32)
+    shape = torch.Size((ROWS * ranks, COLS))
+    zero = torch.Size((0, 0))
+    whole = dpl.TensorWriteData(
+        dmd.ChunkStorageMetadata(zero, torch.Size((ROWS, COLS))), props, torch.Size((ROWS, COLS))
+    )
+    paths = {f"s{i}": (f"s{i}",) for i in range(sharded)} | {f"r{i}": (f"r{i}",) for i in range(replicated)}
+    plans = []
+    for rank in range(ranks):
+        offsets = torch.Size((ROWS * rank, 0))
+        shard = dpl.TensorWriteData(dmd.ChunkStorageMetadata(offsets, torch.Size((ROWS, COLS))), props, shape)
+        plan_items = [
+            dpl.WriteItem(
+                index=dmd.MetadataIndex(f"s{i}", offsets), type=dpl.WriteItemType.SHARD, tensor_data=shard
+            )
+            for i in range(sharded)
+        ]
+        plan_items += [
+            dpl.WriteItem(
+                index=dmd.MetadataIndex(f"r{i}", zero), type=dpl.WriteItemType.TENSOR, tensor_data=whole
+            )
+            for i in range(replicated)
+        ]
+        plans.append(dpl.SavePlan(plan_items, planner_data=paths))
+    return plans
+
+
+def _step(times: dict[str, float], name: str, fn: Any) -> Any:
+    """Run ``fn``; record its CPU seconds under ``name`` (the work is one thread
+    of Python, so CPU time is what it costs even on a machine other jobs share)
+    and its wall seconds under ``name + " wall"``."""
+    gc.collect()
+    start, cpu = time.perf_counter(), time.process_time()
+    value = fn()
+    times[name] = time.process_time() - cpu
+    times[f"{name} wall"] = time.perf_counter() - start
+    return value
+
+
+def _run_torchstow(ranks: int, items: int) -> dict[str, float]:
+    from torchstow.backends.filesystem import LocalFileStore
+    from torchstow.core.layout.writer import LayoutWriter
+    from torchstow.core.planning import DefaultSavePlanner
+    from torchstow.format.codec import decode_metadata, encode_metadata
+    from torchstow.format.files import BLOCK_SIZE
+    from torchstow.format.manifest import StorageInfo
+
+    plans = torchstow_plans(ranks, items)
+    times: dict[str, float] = {}
+    gc.collect()
+    base, _ = _rss_kib()
+    _reset_peak()
+    planned, metadata = _step(times, "global plan", partial(DefaultSavePlanner().create_global_plan, plans))
+    writer = LayoutWriter(LocalFileStore("/nonexistent", "bench"))  # its global step touches no file
+    final = _step(times, "writer plan", partial(writer.prepare_global_plan, planned))
+
+    def locations() -> dict[Any, Any]:
+        out = {}
+        for plan in final:
+            name = f"{plan.storage_data.prefix}-0.bin"
+            offset = 0
+            for item in plan.items:
+                length = item.tensor_storage_size() or 0
+                out[item.index] = StorageInfo(name, offset, length, (offset & 0xFFFFFFFF,), BLOCK_SIZE)
+                offset += length + (-length % 64)
+        return out
+
+    metadata.storage_data = locations()  # what the ranks' write results bring (not timed)
+    metadata.committed_at = time.time()
+    manifest = _step(times, "encode", partial(encode_metadata, metadata))
+    _, peak = _rss_kib()
+    planned = final = metadata = None  # free the coordinator's state before decoding
+    gc.collect()
+    _step(times, "decode", partial(decode_metadata, manifest))
+    times["manifest MiB"] = len(manifest) / 2**20
+    times["peak MiB"] = (peak - base) / 1024
+    return times
+
+
+def _run_dcp(ranks: int, items: int) -> dict[str, float]:
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner as DcpPlanner
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    plans = dcp_plans(ranks, items)
+    times: dict[str, float] = {}
+    gc.collect()
+    base, _ = _rss_kib()
+    _reset_peak()
+    final, metadata = _step(times, "global plan", partial(DcpPlanner().create_global_plan, plans))
+    storage = {}
+    for rank, plan in enumerate(final):
+        offset = 0
+        for item in plan.items:
+            length = ROWS * COLS * 4
+            storage[item.index] = _StorageInfo(f"__{rank}_0.distcp", offset, length)
+            offset += length
+    metadata.storage_data = storage
+    manifest = _step(times, "encode", partial(pickle.dumps, metadata, protocol=pickle.HIGHEST_PROTOCOL))
+    _, peak = _rss_kib()
+    final = metadata = None
+    gc.collect()
+    _step(times, "decode", partial(pickle.loads, manifest))
+    times["manifest MiB"] = len(manifest) / 2**20
+    times["peak MiB"] = (peak - base) / 1024
+    return times
+
+
+RUNNERS = {"torchstow": _run_torchstow, "dcp": _run_dcp}
+
+
+def _child(name: str, ranks: int, items: int, out: Any) -> None:
+    out.put(RUNNERS[name](ranks, items))
+
+
+def measure(name: str, ranks: int, items: int) -> dict[str, float]:
+    """One contender at one size, in a fresh process."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed.checkpoint", "torchstow"])
+    out = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, ranks, items, out))
+    proc.start()
+    times = out.get()
+    proc.join()
+    return times
+
+
+def sizes(ranks: int, items: int) -> list[tuple[int, int]]:
+    """The base size, half and double the ranks, half and double the items."""
+    return [(ranks // 2, items), (ranks, items // 2), (ranks, items), (ranks * 2, items), (ranks, items * 2)]
+
+
+def run(ranks: int, items: int, repeats: int) -> dict[str, dict[tuple[int, int], dict[str, float]]]:
+    """Every contender at every size; the fastest of ``repeats`` runs per step."""
+    found: dict[str, dict[tuple[int, int], dict[str, float]]] = {name: {} for name in RUNNERS}
+    for r, i in sizes(ranks, items):
+        for name in RUNNERS:
+            runs = [measure(name, r, i) for _ in range(repeats)]
+            best = {key: min(run[key] for run in runs) for key in runs[0]}
+            found[name][(r, i)] = best
+            steps = "  ".join(f"{k} {v:.3f}" for k, v in best.items() if not k.endswith(" wall"))
+            print(f"  plan-scale {name:<10} {r:>5} ranks x {i:>5} items: {steps}", flush=True)
+    return found
+
+
+def planning_seconds(times: dict[str, float]) -> float:
+    """Global plan through the encoded manifest."""
+    return sum(v for k, v in times.items() if k in ("global plan", "writer plan", "encode"))
+
+
+def plot(found: dict[str, dict[tuple[int, int], dict[str, float]]], path: str) -> None:
+    """Planning time against ranks x items, one line per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (name, by_size), color in zip(found.items(), ("tab:blue", "tab:orange"), strict=False):
+        order = sorted(by_size, key=lambda ri: (ri[0] * ri[1], ri[0]))
+        chunks = [r * i / 1e6 for r, i in order]
+        ax.plot(chunks, [planning_seconds(by_size[s]) for s in order], marker="o", color=color, label=name)
+        decode = [by_size[s]["decode"] for s in order]
+        ax.plot(chunks, decode, marker="x", linestyle=":", color=color, label=f"{name} decode")
+    ax.set_xlabel("ranks x items (millions of chunks)")
+    ax.set_ylabel("CPU seconds")
+    ax.set_title("Coordinator: global plan + manifest encode (solid), manifest decode (dotted)")
+    ax.title.set_fontsize(9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(
+    root: str, repeats: int, report: Report, ranks: int = 1024, items: int = 2000, png: str | None = None
+) -> None:
+    """Measure every size; record times, ratios vs DCP and the linearity of torchstow."""
+    print(f"plan scale: {ranks} simulated ranks x {items} items (and halves/doubles)", flush=True)
+    found = run(ranks, items, repeats)
+    base = (ranks, items)
+    label = f"plan {ranks}x{items}"
+    ours = report.add(Result(label, "plan", "torchstow", [planning_seconds(found["torchstow"][base])], 0))
+    theirs = report.add(Result(label, "plan", "dcp", [planning_seconds(found["dcp"][base])], 0))
+    report.ratio(f"plan+manifest {ranks} ranks x {items} items vs DCP", ours, [theirs], 5.0)
+    for name in RUNNERS:
+        t = found[name]
+        report.ratios[f"{name} plan time, 2x ranks"] = planning_seconds(
+            t[(ranks * 2, items)]
+        ) / planning_seconds(t[base])
+        report.ratios[f"{name} plan time, 2x items"] = planning_seconds(
+            t[(ranks, items * 2)]
+        ) / planning_seconds(t[base])
+        report.ratios[f"{name} decode time, 2x ranks"] = t[(ranks * 2, items)]["decode"] / t[base]["decode"]
+        report.ratios[f"{name} peak MiB at base"] = t[base]["peak MiB"]
+        report.ratios[f"{name} manifest MiB at base"] = t[base]["manifest MiB"]
+    if png:
+        plot(found, png)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ranks", type=int, default=1024)
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--plot", default=None, help="write the plot to this PNG")
+    args = parser.parse_args()
+    main("", args.repeats, Report("coordinator scale"), args.ranks, args.items, args.plot)
