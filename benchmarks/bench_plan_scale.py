@@ -12,6 +12,9 @@ every item's location. Each size runs in a fresh process (so memory is its
 own): the peak memory above what the input plans hold is reported. Times are
 the CPU seconds of each step (wall seconds are recorded too): the steps are
 single-threaded Python, and CPU time stays meaningful on a shared machine.
+The cyclic garbage collector is off during each step, for both (torchstow's
+save protocol turns it off; with it on, its passes over millions of plan
+objects make any planner look super-linear).
 
 python benchmarks/bench_plan_scale.py [--ranks 1024] [--items 2000] [--plot docs/plan_scale.png]
 """
@@ -129,10 +132,14 @@ def _step(times: dict[str, float], name: str, fn: Any) -> Any:
     of Python, so CPU time is what it costs even on a machine other jobs share)
     and its wall seconds under ``name + " wall"``."""
     gc.collect()
-    start, cpu = time.perf_counter(), time.process_time()
-    value = fn()
-    times[name] = time.process_time() - cpu
-    times[f"{name} wall"] = time.perf_counter() - start
+    gc.disable()  # as torchstow's protocol does during a save; for DCP too, to compare the algorithms
+    try:
+        start, cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        times[name] = time.process_time() - cpu
+        times[f"{name} wall"] = time.perf_counter() - start
+    finally:
+        gc.enable()
     return value
 
 
