@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import torchstow
-from state_helpers import assert_same
+from torchstow.testing import assert_same_state
 
 
 def _state(seed: int = 0) -> dict[str, Any]:
@@ -61,10 +61,10 @@ def test_only_changed_tensors_are_written_and_each_checkpoint_stands_alone(tmp_p
     torchstow.delete(paths[0])
     torchstow.delete(paths[1])
     assert not os.path.exists(paths[0])
-    assert_same(torchstow.read(paths[2]), states[2])
+    assert_same_state(torchstow.read(paths[2]), states[2])
     target = _state(seed=9)
     torchstow.load(target, paths[2])
-    assert_same(target, states[2])
+    assert_same_state(target, states[2])
 
 
 def test_changed_and_new_tensors_are_written_and_a_plain_base_is_hashed_from_its_files(
@@ -80,7 +80,7 @@ def test_changed_and_new_tensors_are_written_and_a_plain_base_is_hashed_from_its
     written = torchstow.info(nxt).nbytes_written
     # w3 (new values) and extra are written; w2, reshaped but with the same bytes, is shared
     assert (1 << 20) + 4096 <= written < (1 << 20) + 4096 + 4096
-    assert_same(torchstow.read(nxt), changed)
+    assert_same_state(torchstow.read(nxt), changed)
 
 
 def test_saving_over_the_base_itself_keeps_what_it_shares(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_saving_over_the_base_itself_keeps_what_it_shares(tmp_path: Path) -> Non
     later = _train(state, 2)
     torchstow.save(later, path, base=path, overwrite=True)
     assert torchstow.info(path).nbytes_written < 64 * 64 * 4 + 4096
-    assert_same(torchstow.read(path), later)
+    assert_same_state(torchstow.read(path), later)
 
 
 def test_a_store_that_cannot_share_files_refuses_base(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_async_incremental_saves_commit_and_load(tmp_path: Path) -> None:
     torchstow.async_save(later, second, base=first).result()
     assert torchstow.info(second).nbytes_written < 64 * 64 * 4 + 4096
     torchstow.delete(first)
-    assert_same(torchstow.read(second), later)
+    assert_same_state(torchstow.read(second), later)
 
 
 def test_a_save_killed_mid_write_commits_nothing_and_its_base_stays_whole(tmp_path: Path) -> None:
@@ -155,4 +155,4 @@ def test_a_save_killed_mid_write_commits_nothing_and_its_base_stays_whole(tmp_pa
         torchstow.read(nxt)
     assert torchstow.latest(str(tmp_path)) == base
     torchstow.delete(nxt)  # removes its names only
-    assert_same(torchstow.read(base), state)
+    assert_same_state(torchstow.read(base), state)

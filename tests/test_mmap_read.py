@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import torchstow
-from state_helpers import ALL_DTYPES, assert_same
+from state_helpers import ALL_DTYPES
+from torchstow.testing import assert_same_state
 
 
 def _state() -> dict[str, Any]:
@@ -66,7 +67,7 @@ def test_mapped_read_is_bit_exact_and_maps_the_data_files(ckpt: str) -> None:
     state = _state()
     torchstow.save(state, ckpt, storage_options={"fsync": False})
     got = torchstow.read(ckpt, mmap=True)
-    assert_same(got, state)
+    assert_same_state(got, state)
     mapped = _file_of(got["model"]["big"])
     assert mapped is not None and os.path.dirname(mapped) == ckpt
     assert all(_file_of(t) is not None for t in got["model"]["dtypes"])
@@ -79,7 +80,7 @@ def test_writing_to_a_mapped_tensor_copies_on_write_and_leaves_the_file_alone(ck
     got = torchstow.read(ckpt, mmap=True)
     got["model"]["big"].add_(1.0)
     assert torch.equal(got["model"]["big"], state["model"]["big"] + 1.0)
-    assert_same(torchstow.read(ckpt, mmap=True), state)
+    assert_same_state(torchstow.read(ckpt, mmap=True), state)
 
 
 def _flip_a_byte_of(ckpt: str, key: str) -> None:
@@ -107,7 +108,7 @@ def test_shared_memory_checkpoints_map_too(shm_root: str) -> None:
     uri = "shm://run/step-1"
     torchstow.save(state, uri, storage_options={"shm_dir": shm_root})
     got = torchstow.read(uri, mmap=True, storage_options={"shm_dir": shm_root}, keys="model")
-    assert_same(got, {"model": state["model"]})
+    assert_same_state(got, {"model": state["model"]})
     mapped = _file_of(got["model"]["big"])
     assert mapped is not None and mapped.startswith(shm_root)
 

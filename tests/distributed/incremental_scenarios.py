@@ -5,10 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from dist_scenarios import mesh_for, raw, values
+from dist_scenarios import mesh_for, values
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import torchstow
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor, so comparisons are bit for bit."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
 
 SHAPES = {"frozen0": (64, 256), "frozen1": (64, 256), "trainable": (16, 32)}
 

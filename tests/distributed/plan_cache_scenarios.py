@@ -11,12 +11,18 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from dist_scenarios import mesh_for, raw
+from dist_scenarios import mesh_for
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import torchstow
 from torchstow.core.protocol.collective import ProcessGroupCollective
 from torchstow.core.protocol.plan_cache import clear_plan_cache
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor, so comparisons are bit for bit."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
 
 Calls = list[tuple[str, str, int]]  # (collective, protocol step, bytes this rank sent)
 
