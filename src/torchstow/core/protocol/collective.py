@@ -56,6 +56,12 @@ class Collective(abc.ABC):
     def broadcast(self, obj: Any, step: str = "") -> Any:
         """Every rank receives the coordinator's ``obj``."""
 
+    def plan_cache_key(self) -> Any:
+        """What identifies this group of ranks for reusing save plans (see
+        :mod:`torchstow.core.protocol.plan_cache`), or None (the default): saves
+        over this collective always plan in full and run no extra exchange."""
+        return None
+
     def all_gather_records(self, record: bytes, step: str = "") -> list[bytes]:
         """Every rank's ``record`` (bytes of the same length on every rank), on every rank.
 
@@ -89,9 +95,6 @@ class SingleProcess(Collective):
 
     def broadcast(self, obj: Any, step: str = "") -> Any:
         return obj
-
-    def all_gather_records(self, record: bytes, step: str = "") -> list[bytes]:
-        return [record]
 
 
 def _as_timedelta(timeout: Timeout | None) -> datetime.timedelta | None:
@@ -243,6 +246,10 @@ class ProcessGroupCollective(Collective):
         buffer = self._buffer(None, longest)
         self._call(op, step, self._dist.scatter, buffer, scatter_list=parts, src=self._coordinator_global)
         return self._bytes(buffer, length)
+
+    def plan_cache_key(self) -> Any:
+        group = self.group if self.group is not None else self._dist.group.WORLD
+        return (id(group), self.rank, self.world_size, self.coordinator_rank)
 
     def all_gather_records(self, record: bytes, step: str = "") -> list[bytes]:
         op = "exchange of fixed-size records"

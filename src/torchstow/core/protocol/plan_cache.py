@@ -21,7 +21,8 @@ the write results, and the coordinator puts them into the cached manifest.
 
 Turn it off with ``DefaultSavePlanner(enable_plan_caching=False)`` (a planner
 without an ``enable_plan_caching`` attribute that is true never caches). A
-single-process save always plans in full (there is nothing to exchange).
+save plans in full over a collective without a ``plan_cache_key`` (a single
+process, the checkpointer's barrier-ordered exchange, whose rounds are fixed).
 """
 
 from __future__ import annotations
@@ -63,18 +64,6 @@ _cache: dict[tuple[Any, ...], _Entry] = {}
 def clear_plan_cache() -> None:
     """Forget every cached plan (the next save through each group plans in full)."""
     _cache.clear()
-
-
-def _cache_key(coll: Collective) -> tuple[Any, ...] | None:
-    """Which cached plan applies to a save over ``coll``; None for no caching."""
-    if not coll.crosses_processes:
-        return None
-    group = getattr(coll, "group", None)
-    if group is None:
-        import torch.distributed as dist
-
-        group = dist.group.WORLD
-    return (id(group), coll.rank, coll.world_size, coll.coordinator_rank)
 
 
 def structure_digest(plan: SavePlan, planner: SavePlanner, writer: StorageWriter) -> bytes | None:
@@ -199,7 +188,7 @@ def plan_save(
 
     ``global_metadata`` is where ``global_fn`` leaves the coordinator's manifest.
     """
-    key = _cache_key(coll) if getattr(planner, "enable_plan_caching", False) else None
+    key = coll.plan_cache_key() if getattr(planner, "enable_plan_caching", False) else None
     if key is None:
         return PlannedSave(full_planning(coll, "save planning", local_fn, global_fn), False, None)
     local = capture(local_fn)
