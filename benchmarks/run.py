@@ -1,8 +1,8 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
-python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache]
+python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap]
     [--repeats 3] [--root DIR] [--out FILE] [--plan-ranks 1024] [--plan-items 2000]
-    [--plan-plot docs/plan_scale.png] [--incremental-mib 1024]
+    [--plan-plot docs/plan_scale.png] [--incremental-mib 1024] [--mmap-mib 1024]
 
 TORCHSTOW_BENCH_MANAGE_BYTES sets the size of the manage suite's checkpoint (default 1 GiB).
 """
@@ -23,6 +23,7 @@ import bench_dist
 import bench_incremental
 import bench_local
 import bench_manage
+import bench_mmap
 import bench_plan_cache
 import bench_plan_scale
 import bench_s3
@@ -40,6 +41,7 @@ SUITES = {
     "plan": bench_plan_scale.main,
     "incremental": bench_incremental.main,
     "cache": bench_plan_cache.main,
+    "mmap": bench_mmap.main,
 }
 
 
@@ -57,12 +59,14 @@ def main() -> None:
     parser.add_argument(
         "--incremental-mib", type=int, default=1024, help="frozen MiB of the incremental suite"
     )
+    parser.add_argument("--mmap-mib", type=int, default=1024, help="MiB the mmap suite reads")
     args = parser.parse_args()
     suites = dict(SUITES)
     suites["plan"] = functools.partial(
         bench_plan_scale.main, ranks=args.plan_ranks, items=args.plan_items, png=args.plan_plot
     )
     suites["incremental"] = functools.partial(bench_incremental.main, frozen_mib=args.incremental_mib)
+    suites["mmap"] = functools.partial(bench_mmap.main, mib=args.mmap_mib)
     report = Report("torchstow vs torch.distributed.checkpoint")
     with tempfile.TemporaryDirectory(dir=args.root, prefix="torchstow-bench-") as root:
         for name in args.only or list(SUITES):
