@@ -156,3 +156,26 @@ def test_a_save_killed_mid_write_commits_nothing_and_its_base_stays_whole(tmp_pa
     assert torchstow.latest(str(tmp_path)) == base
     torchstow.delete(nxt)  # removes its names only
     assert_same_state(torchstow.read(base), state)
+
+
+def test_prune_keeps_shared_bytes_and_verify_checks_them(tmp_path: Path) -> None:
+    paths = [str(tmp_path / f"step-{i}") for i in range(1, 4)]
+    state = _state()
+    torchstow.save(state, paths[0])
+    for i in (1, 2):
+        state = _train(state, i + 1)
+        torchstow.save(state, paths[i], base=paths[i - 1])
+    assert torchstow.prune(str(tmp_path), keep_last=1) == paths[:2]
+    report = torchstow.verify(paths[2])
+    assert report.ok
+    assert report.checked_bytes >= torchstow.info(paths[2]).nbytes  # the shared files are read too
+    assert_same_state(torchstow.read(paths[2]), state)
+    # A flipped byte in a file step-3 shares with the pruned step-1 is found by verify.
+    manifest = json.loads(Path(paths[2], "manifest.json").read_text())
+    entry = manifest["entries"]["frozen.w1"]
+    shared = Path(paths[2], manifest["files"][entry["file"]])
+    data = bytearray(shared.read_bytes())
+    data[entry["offset"] + 7] ^= 0x01
+    shared.write_bytes(bytes(data))
+    problems = torchstow.verify(paths[2]).problems
+    assert [p.key for p in problems] == ["frozen.w1"]
