@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +50,6 @@ def _file_of(tensor: torch.Tensor) -> str | None:
     return None
 
 
-@pytest.fixture
-def shm_root() -> Iterator[str]:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    path = tempfile.mkdtemp(prefix="torchstow-test-", dir=base)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def test_mapped_read_is_bit_exact_and_maps_the_data_files(ckpt: str) -> None:
     state = _state()
     torchstow.save(state, ckpt, storage_options={"fsync": False})
@@ -103,14 +90,14 @@ def test_a_flipped_byte_is_caught_when_verifying_and_goes_unnoticed_without(ckpt
     assert torch.equal(unverified["model"]["dtypes"][0], state["model"]["dtypes"][0])
 
 
-def test_shared_memory_checkpoints_map_too(shm_root: str) -> None:
+def test_shared_memory_checkpoints_map_too(shm_dir: str) -> None:
     state = _state()
     uri = "shm://run/step-1"
-    torchstow.save(state, uri, storage_options={"shm_dir": shm_root})
-    got = torchstow.read(uri, mmap=True, storage_options={"shm_dir": shm_root}, keys="model")
+    torchstow.save(state, uri, storage_options={"shm_dir": shm_dir})
+    got = torchstow.read(uri, mmap=True, storage_options={"shm_dir": shm_dir}, keys="model")
     assert_same_state(got, {"model": state["model"]})
     mapped = _file_of(got["model"]["big"])
-    assert mapped is not None and mapped.startswith(shm_root)
+    assert mapped is not None and mapped.startswith(shm_dir)
 
 
 def test_only_local_checkpoints_can_be_mapped(ckpt: str) -> None:
