@@ -31,6 +31,7 @@ from torchstow.format.manifest import (
     dtype_name,
     inline_locations,
 )
+from torchstow.format.validation import check_manifest
 
 FORMAT_NAME = "torchstow"
 
@@ -88,6 +89,7 @@ class _DocumentV1(msgspec.Struct, kw_only=True):
     entries: dict[str, _Entry]
     storage_data: Any = msgspec.UNSET
     nbytes_written: int | None = None
+    save_id: str | None = None  # optional within version 1: older manifests lack it, older readers ignore it
 
 
 class _Locations:
@@ -185,6 +187,7 @@ def encode_metadata(md: Metadata) -> bytes:
         entries=entries,
         storage_data=md.storage_data if not inline and md.storage_data is not None else msgspec.UNSET,
         nbytes_written=md.nbytes_written,
+        save_id=md.save_id,
     )
     try:
         return msgspec.json.encode(doc)
@@ -225,7 +228,9 @@ def _decode_tensor(
 
 
 def _decode_v1(data: bytes) -> Metadata:
-    doc = msgspec.json.decode(data, type=_DocumentV1)
+    raw = msgspec.json.decode(data)
+    check_manifest(raw)  # every rule of the format, before anything acts on the manifest
+    doc = msgspec.convert(raw, type=_DocumentV1)
     check_algorithm(doc.checksum.algorithm)
     entries: dict[str, STORAGE_TYPES] = {}
     found: dict[MetadataIndex, StorageInfo] = {}
@@ -255,6 +260,7 @@ def _decode_v1(data: bytes) -> Metadata:
         committed_at=doc.committed_at,
         torch_version=doc.torch_version,
         nbytes_written=doc.nbytes_written,
+        save_id=doc.save_id,
     )
 
 
@@ -266,6 +272,8 @@ def decode_metadata(data: bytes, *, source: str = "manifest") -> Metadata:
     """Parse a manifest of any version in :data:`DECODERS`. Never unpickles."""
     try:
         header = msgspec.json.decode(data, type=_Header)
+    except RecursionError as exc:
+        raise CorruptCheckpointError(f"{source} is not valid JSON: it nests too deep") from exc
     except msgspec.DecodeError as exc:
         if isinstance(exc, msgspec.ValidationError):
             raise CorruptCheckpointError(f"{source} is not a torchstow manifest: {exc}") from exc
@@ -288,5 +296,5 @@ def decode_metadata(data: bytes, *, source: str = "manifest") -> Metadata:
         return decoder(data)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{source} is malformed: {exc}") from exc
-    except (msgspec.ValidationError, IndexError, TypeError, ValueError) as exc:
+    except (msgspec.DecodeError, IndexError, TypeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{source} is malformed: {exc}") from exc

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from torchstow.errors import PickleNotAllowedError
+from torchstow.errors import CorruptCheckpointError, PickleNotAllowedError
 
 JSON = "json"
 TORCH = "torch"
@@ -82,5 +82,10 @@ def decode_object(fqn: str, encoding: str, payload: bytes, *, allow_pickle: bool
     """Inverse of :func:`encode_object`."""
     check_unpickling_allowed(fqn, encoding, allow_pickle=allow_pickle)
     if encoding not in (TORCH, PICKLE):
-        raise ValueError(f"{fqn}: unknown object encoding {encoding!r}")
-    return torch.load(io.BytesIO(payload), weights_only=encoding == TORCH, map_location="cpu")
+        raise CorruptCheckpointError(f"{fqn}: unknown object encoding {encoding!r}")
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=encoding == TORCH, map_location="cpu")
+    except Exception as exc:  # bytes that match their checksums but are no torch.save payload
+        text = str(exc).strip()
+        reason = f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
+        raise CorruptCheckpointError(f"{fqn!r}: the stored bytes do not decode ({reason})") from exc

@@ -164,6 +164,7 @@ class Metadata:
     torch_version: str = torch.__version__
     #: Bytes of data files this save wrote (None: not recorded; then every stored byte was).
     nbytes_written: int | None = None
+    save_id: str | None = None  # unique to the save that wrote it (how a writer recognizes its commit)
 
 
 @dataclass(frozen=True)
