@@ -109,6 +109,12 @@ class ForwardingByteStore(ByteStore):
     def publish(self, name: str, data: bytes) -> None:
         self.inner.publish(name, data)
 
+    def publish_new(self, name: str, data: bytes) -> None:
+        self.inner.publish_new(name, data)
+
+    def file_sizes(self) -> dict[str, int] | None:
+        return self.inner.file_sizes()
+
     def list_files(self) -> list[str]:
         return self.inner.list_files()
 

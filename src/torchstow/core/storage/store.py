@@ -92,9 +92,29 @@ class ByteStore(abc.ABC):
     def read_file(self, name: str) -> bytes:
         """The whole file ``name``; FileNotFoundError if it is missing."""
 
+    def file_sizes(self) -> dict[str, int] | None:
+        """Sizes in bytes of the regular files at the location, by name, or None
+        where the store cannot tell cheaply (then reads find truncation as they go).
+
+        Readers check every location in a manifest against these sizes before
+        allocating anything for it.
+        """
+        return None
+
     @abc.abstractmethod
     def publish(self, name: str, data: bytes) -> None:
         """Write ``data`` as ``name`` atomically: readers see the old file or the new, whole."""
+
+    def publish_new(self, name: str, data: bytes) -> None:
+        """:meth:`publish`, but only if ``name`` does not exist yet: FileExistsError if it does.
+
+        Of two concurrent calls exactly one may succeed. This default checks,
+        then publishes, which is *not* exclusive: a store with an exclusive
+        create (a hard link, a conditional PUT) overrides it.
+        """
+        if name in self.list_files():
+            raise FileExistsError(f"{self.location}/{name} exists")
+        self.publish(name, data)
 
     @abc.abstractmethod
     def list_files(self) -> list[str]:
