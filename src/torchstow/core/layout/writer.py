@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from torchstow.core.futures import completed_future
+from torchstow.core.layout.commit import committed_files, publish_manifest
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, default_thread_count, rebind
 from torchstow.core.layout.views import as_host_bytes
@@ -33,7 +34,6 @@ from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import CheckpointExistsError
 from torchstow.format.checksums import checksum
-from torchstow.format.codec import encode_metadata
 from torchstow.format.files import (
     BLOCK_SIZE,
     LARGE_ALIGN,
@@ -42,7 +42,6 @@ from torchstow.format.files import (
     alignment,
     data_file_name,
     data_file_prefix,
-    is_data_file,
 )
 from torchstow.format.manifest import Metadata, StorageInfo
 
@@ -183,13 +182,15 @@ class LayoutWriter(StorageWriter):
         metadata.storage_data = locations
         metadata.committed_at = time.time()
         metadata.nbytes_written = sum(r.size_in_bytes for rank_results in results for r in rank_results)
-        manifest = encode_metadata(metadata)
-        self.store.publish(MANIFEST, manifest)
+        metadata.save_id = uuid.uuid4().hex  # this commit's own id (a cached plan reuses no coordinator step)
+        replaced = committed_files(self.store) if self.overwrite else set()
+        publish_manifest(self.store, metadata, overwrite=self.overwrite)
         # Committed. Removing the replaced checkpoint's files is housekeeping:
-        # a failure here must not report a committed save as failed.
+        # a failure here must not report a committed save as failed. Files of
+        # no committed manifest may belong to a save still in flight: kept.
         live = {info.relative_path for info in locations.values()}
         try:
-            self.store.delete_files([f for f in self.store.list_files() if is_data_file(f) and f not in live])
+            self.store.delete_files(sorted(replaced - live))
         except Exception:
             location = self.store.location
             logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)

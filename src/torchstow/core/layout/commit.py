@@ -1,0 +1,88 @@
+"""Publishing a manifest: exclusive or replacing, with an uncertain outcome resolved.
+
+A new checkpoint is created exclusively (:meth:`ByteStore.publish_new`): of
+two saves to one location exactly one commits; the other gets
+:class:`CheckpointExistsError`. An overwrite replaces the manifest (the last
+to commit wins). When the write fails in a way that leaves its outcome open
+(a timeout, a lost reply, retries that met their own earlier success), the
+manifest is read back: if it carries this save's id the save committed.
+After a commit only the files of the manifest this save replaced are
+removed, never those of a save still in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torchstow.core.storage.store import ByteStore
+from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
+from torchstow.format.codec import decode_metadata, encode_metadata
+from torchstow.format.files import MANIFEST
+from torchstow.format.manifest import Metadata
+
+__all__ = ["committed_files", "publish_manifest"]
+
+logger = logging.getLogger("torchstow")
+
+
+def _committed(store: ByteStore) -> Metadata | None:
+    """The manifest at ``store`` now, or None when there is none or it is unreadable."""
+    try:
+        data = store.read_file(MANIFEST)
+    except FileNotFoundError:
+        return None
+    try:
+        return decode_metadata(data, source=f"{store.location}/{MANIFEST}")
+    except TorchstowError:
+        return None
+
+
+def committed_files(store: ByteStore) -> set[str]:
+    """Data files the committed manifest at ``store`` lists (none if it cannot be read)."""
+    try:
+        metadata = _committed(store)
+    except Exception:
+        logger.warning("could not read the manifest this save replaces at %s", store.location, exc_info=True)
+        return set()
+    if metadata is None or not isinstance(metadata.storage_data, dict):
+        return set()
+    return {info.relative_path for info in metadata.storage_data.values()}
+
+
+def _is_ours(store: ByteStore, save_id: str, error: BaseException) -> bool:
+    """Read the location back after a failed publish: is the committed manifest this save's?"""
+    try:
+        metadata = _committed(store)
+    except Exception as exc:
+        raise StorageIOError(
+            f"committing {store.location} failed ({error}), and reading the manifest back to see whether "
+            f"it landed failed too ({exc}): the outcome is unknown; check it with torchstow.info"
+        ) from error
+    return metadata is not None and metadata.save_id == save_id
+
+
+def publish_manifest(store: ByteStore, metadata: Metadata, *, overwrite: bool) -> None:
+    """Write ``metadata`` (which carries its ``save_id``) as the location's manifest."""
+    assert metadata.save_id is not None
+    manifest = encode_metadata(metadata)
+    try:
+        if overwrite:
+            store.publish(MANIFEST, manifest)
+        else:
+            store.publish_new(MANIFEST, manifest)
+    except FileExistsError as exc:
+        # A retried conditional write can meet its own first attempt.
+        if not _is_ours(store, metadata.save_id, exc):
+            raise CheckpointExistsError(
+                f"another save committed a checkpoint at {store.location} first; pass overwrite=True "
+                "to replace it (this save's files were removed, the other's are untouched)"
+            ) from exc
+    except Exception as exc:
+        if not _is_ours(store, metadata.save_id, exc):
+            raise
+    else:
+        return
+    logger.warning(
+        "writing the manifest of %s reported a failure, but reading it back shows this save committed",
+        store.location,
+    )
