@@ -91,7 +91,12 @@ def plan_read(task: ReadTask) -> PlannedRead:
     assert task.chunk_sizes is not None
     item = task.item
     target = task.target
-    direct = target.is_cpu and target.dtype == task.dtype and target.is_contiguous()
+    direct = (
+        target.is_cpu
+        and target.dtype == task.dtype
+        and target.is_contiguous()
+        and not (target.is_conj() or target.is_neg())  # raw bytes would land under the flag
+    )
     if direct and item.lengths == task.chunk_sizes:
         # The common case: a whole stored chunk straight into its target.
         read.direct = target

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,6 +20,7 @@ from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.files import LARGE_ITEM
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from torchstow.format.validation import check_extents, missing_file_error
 
 __all__ = ["LayoutReader"]
 
@@ -48,12 +50,29 @@ class LayoutReader(StorageReader):
         self.thread_count = thread_count or default_thread_count()
         self.verify_checksums = verify_checksums
         self._open_store = open_store
+        self._missing: set[str] = set()  # listed data files not present, found by read_metadata
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.store = rebind(self.store, self._open_store, checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return read_manifest(self.store)
+        metadata = read_manifest(self.store)
+        self._missing = set()
+        if isinstance(metadata.storage_data, dict) and metadata.storage_data:
+            sizes = self.store.file_sizes()
+            if sizes is not None:
+                self._missing = check_extents(metadata.storage_data.items(), sizes, self.store.location)
+        return metadata
+
+    def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
+        """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing file
+        (checked before anything is allocated for them)."""
+        if not self._missing or not isinstance(metadata.storage_data, dict):
+            return
+        wanted = set(keys)
+        for index, info in metadata.storage_data.items():
+            if info.relative_path in self._missing and index.fqn in wanted:
+                raise missing_file_error(self.store.location, info.relative_path, index.fqn)
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -90,7 +109,11 @@ class LayoutReader(StorageReader):
             if task.target is not None:
                 planner.commit_tensor(task.item, task.target)
             else:
-                planner.load_bytes(task.item, io.BytesIO(task.payload))
+                try:
+                    planner.load_bytes(task.item, io.BytesIO(task.payload))
+                except CorruptCheckpointError as exc:
+                    where = f"{self.store.location}/{task.info.relative_path}"
+                    raise CorruptCheckpointError(f"{where}: {exc}") from exc
         return completed_future(None)
 
     def _task(self, item: ReadItem, planner: LoadPlanner) -> ReadTask:
@@ -99,6 +122,8 @@ class LayoutReader(StorageReader):
             raise CorruptCheckpointError(
                 f"the manifest at {self.store.location} has no data location for {item.storage_index}"
             )
+        if info.relative_path in self._missing:
+            raise missing_file_error(self.store.location, info.relative_path, item.storage_index.fqn)
         if item.type == LoadItemType.BYTE_IO:
             return ReadTask(item, info, None, None, None)
         entry = self.metadata.state_dict_metadata[item.storage_index.fqn]
@@ -136,10 +161,11 @@ class LayoutReader(StorageReader):
         try:
             self.store.read_into(file, [(offset, buf) for offset, buf, _ in segment])
         except FileNotFoundError as exc:
-            raise CorruptCheckpointError(
-                f"{self.store.location}/{file} is missing, though the committed manifest lists it "
-                f"(it holds {segment[0][2].task.item.storage_index.fqn!r}): the checkpoint is damaged"
-            ) from exc
+            key = segment[0][2].task.item.storage_index.fqn
+            raise missing_file_error(self.store.location, file, key) from exc
+        except CorruptCheckpointError as exc:
+            keys = sorted({read.task.item.storage_index.fqn for _, _, read in segment})
+            raise CorruptCheckpointError(f"{exc} (reading {', '.join(map(repr, keys[:3]))})") from exc
         if self.verify_checksums:
             location = self.store.location
             for _, buf, read in segment:

@@ -30,6 +30,9 @@ def as_host_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
 
     Returns the tensor whose memory backs the view, which the caller keeps alive.
     """
+    # A lazily conjugated or negated view keeps its flag beside unchanged memory:
+    # materialize it, or the raw bytes would be saved without it.
+    tensor = tensor.resolve_conj().resolve_neg()
     if not tensor.is_cpu:
         tensor = tensor.detach().to("cpu")
     if not tensor.is_contiguous():
