@@ -14,7 +14,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
+import stat
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -35,6 +37,9 @@ __all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of", "subd
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAX_GAP = 4096
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK)
+
+logger = logging.getLogger("torchstow")
 
 
 def path_of(uri: str) -> str:
@@ -175,6 +180,8 @@ class LocalFileStore(ByteStore):
         self.fsync = fsync
 
     def _file(self, name: str) -> str:
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise CorruptCheckpointError(f"{name!r} is not a plain file name inside {self.location}")
         return os.path.join(self.path, name)
 
     def local_path(self, name: str) -> str | None:
@@ -194,6 +201,23 @@ class LocalFileStore(ByteStore):
             return False
         return True
 
+    def _open_regular(self, name: str) -> int:
+        """Open a file of the checkpoint for reading: no symbolic link followed,
+        no wait on a FIFO or device, and only a regular file accepted."""
+        path = self._file(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptCheckpointError(
+                    f"{path} is a symbolic link; a checkpoint holds regular files"
+                ) from exc
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptCheckpointError(f"{path} is not a regular file")
+        return fd
+
     def prepare(self) -> None:
         os.makedirs(self.path, exist_ok=True)
 
@@ -201,7 +225,7 @@ class LocalFileStore(ByteStore):
         return _LocalSink(self._file(name), self.fsync, self.space_hint)
 
     def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
-        fd = os.open(self._file(name), os.O_RDONLY | os.O_CLOEXEC)
+        fd = self._open_regular(name)
         try:
             ordered = sorted((r for r in requests if len(r[1])), key=lambda r: r[0])
             scratch = memoryview(bytearray(_MAX_GAP))
@@ -239,8 +263,19 @@ class LocalFileStore(ByteStore):
             _consume(pending, got)
 
     def read_file(self, name: str) -> bytes:
-        with open(self._file(name), "rb") as f:
+        with open(self._open_regular(name), "rb") as f:
             return f.read()
+
+    def file_sizes(self) -> dict[str, int]:
+        try:
+            with os.scandir(self.path) as entries:
+                return {
+                    e.name: e.stat(follow_symlinks=False).st_size
+                    for e in entries
+                    if e.is_file(follow_symlinks=False)
+                }
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
 
     def ensure_capacity(self, nbytes: int) -> None:
         free = free_bytes(self.path)
@@ -251,6 +286,34 @@ class LocalFileStore(ByteStore):
             )
 
     def publish(self, name: str, data: bytes) -> None:
+        tmp = self._write_temp(name, data)
+        os.replace(tmp, self._file(name))
+        if self.fsync:
+            _fsync_dir(self.path)
+
+    def publish_new(self, name: str, data: bytes) -> None:
+        """Exclusive: the synced temporary file is hard-linked to ``name``, which
+        fails if ``name`` exists, so of two racing writers exactly one wins."""
+        tmp = self._write_temp(name, data)
+        try:
+            try:
+                os.link(tmp, self._file(name))
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                # A filesystem without hard links: check, then rename (not exclusive).
+                logger.warning("%s has no hard links; committing without exclusion", self.location)
+                if os.path.lexists(self._file(name)):
+                    raise FileExistsError(errno.EEXIST, "exists", self._file(name)) from exc
+                os.rename(tmp, self._file(name))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if self.fsync:
+            _fsync_dir(self.path)
+
+    def _write_temp(self, name: str, data: bytes) -> str:
+        """``data`` in a new, synced temporary file next to ``name``; its path."""
         tmp = self._file(temporary_name(name, uuid.uuid4().hex[:8]))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -266,9 +329,7 @@ class LocalFileStore(ByteStore):
             if exc.errno in _NO_SPACE:
                 raise _full(tmp, exc, self.space_hint) from exc
             raise
-        os.replace(tmp, self._file(name))
-        if self.fsync:
-            _fsync_dir(self.path)
+        return tmp
 
     def list_files(self) -> list[str]:
         try:

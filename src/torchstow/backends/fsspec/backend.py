@@ -89,7 +89,7 @@ class FsspecBackend(DirectoryBackend):
         return filesystem_options(filesystem_class(uri))
 
     def child_names(self, prefix: str) -> list[str]:
-        return [name for name, kind in self.open_store(prefix)._list() if kind == "directory"]
+        return [name for name, kind, _ in self.open_store(prefix)._list() if kind == "directory"]
 
 
 @hookimpl

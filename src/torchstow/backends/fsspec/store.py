@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageIOE
 from torchstow.errors import CorruptCheckpointError
 
 __all__ = ["FsspecStore", "Tuning"]
+
+logger = logging.getLogger("torchstow")
 
 MiB = 1 << 20
 # Data files (and threads) per rank: remote stores gain from several objects in
@@ -191,17 +194,51 @@ class FsspecStore(ByteStore):
         self._retry(lambda: self.fs.pipe_file(self._path(name), data), f"writing {self.location}/{name}")
         self.fs.invalidate_cache(self.path)
 
-    def list_files(self) -> list[str]:
-        return [name for name, kind in self._list() if kind == "file"]
+    def publish_new(self, name: str, data: bytes) -> None:
+        """Exclusive on S3: a conditional PUT (``If-None-Match: *``), which the
+        store refuses with 412 when the object exists. Elsewhere, and on S3
+        servers that do not implement conditional writes (501), the
+        store's check-then-write fallback (not exclusive)."""
+        if self.s3 is None:
+            super().publish_new(name, data)
+            return
+        bucket, key = self.s3.bucket_key(self._path(name))
+        try:
+            self.s3.call(
+                "put_object",
+                f"writing {self.location}/{name}",
+                Bucket=bucket,
+                Key=key,
+                Body=data,
+                IfNoneMatch="*",
+            )
+        except StorageIOError as exc:
+            status, code = error_status(exc)
+            if status == 412 or code == "PreconditionFailed":
+                raise FileExistsError(f"{self.location}/{name} exists") from exc
+            if status != 501 and code != "NotImplemented":
+                raise
+            logger.warning(
+                "%s does not support conditional writes; committing without exclusion", self.location
+            )
+            super().publish_new(name, data)
+        finally:
+            self.fs.invalidate_cache(self.path)
 
-    def _list(self) -> list[tuple[str, str]]:
+    def list_files(self) -> list[str]:
+        return [name for name, kind, _ in self._list() if kind == "file"]
+
+    def file_sizes(self) -> dict[str, int]:
+        return {name: size for name, kind, size in self._list() if kind == "file" and isinstance(size, int)}
+
+    def _list(self) -> list[tuple[str, str, Any]]:
         try:
             entries = self._retry(
                 lambda: self.fs.ls(self.path, detail=True, refresh=True), f"listing {self.location}"
             )
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"]) for e in entries]
+        return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"], e.get("size")) for e in entries]
 
     def delete_files(self, names: Sequence[str]) -> None:
         if not names:
