@@ -34,6 +34,7 @@ from torchstow.errors import (
     CorruptCheckpointError,
     FormatVersionError,
     IncompleteCheckpointError,
+    StorageIOError,
 )
 from torchstow.format.manifest import (
     CheckpointInfo,
@@ -388,6 +389,9 @@ def read(
     reader = storage_reader(uri, **(storage_options or {}))
     metadata = reader.read_metadata()
     selected = _select(metadata, keys)
+    require_data = getattr(reader, "require_data", None)
+    if require_data is not None:  # before allocating what the manifest claims
+        require_data(metadata, selected)
     mapped: dict[str, Any] = {}
     if mmap:
         backend = default_registry().backend_for(_uri(uri), storage_options)
@@ -457,6 +461,10 @@ def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = No
             continue
         except (CorruptCheckpointError, FormatVersionError) as exc:
             logger.warning("skipping %s: %s", child, exc)
+        except OSError as exc:
+            if isinstance(exc, StorageIOError) and exc.transient:
+                raise  # the store is failing, not this checkpoint: an older one must not win
+            logger.warning("skipping %s, which cannot be read: %s", child, exc)
     found.sort(key=lambda i: (-1 if i.step is None else i.step, i.committed_at or 0.0))
     return found
 
