@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from torchstow.core.dtensors import materialize
+from torchstow.core.planning.aliases import AliasTracker
 from torchstow.core.planning.geometry import is_raw_tensor, local_chunks
 from torchstow.core.planning.items import LoadItemType, LoadPlan, ReadItem
 from torchstow.core.planning.planners import LoadPlanner
@@ -77,6 +78,7 @@ class DefaultLoadPlanner(LoadPlanner):
         self.cast = cast
         self.missing_keys: list[str] = []
         self.unexpected_keys: list[str] = []
+        self._aliases: AliasTracker | None = None  # set by create_local_plan
 
     def set_up_planner(
         self, state_dict: Mapping[str, Any], metadata: Metadata, is_coordinator: bool = False
@@ -147,6 +149,7 @@ class DefaultLoadPlanner(LoadPlanner):
         stored = self.metadata.state_dict_metadata
         items: list[ReadItem] = []
         self._targets: dict[MetadataIndex, torch.Tensor] = {}
+        self._aliases = AliasTracker(self.metadata)
         for fqn, value in self.leaves.items():
             entry = stored.get(fqn)
             if entry is None:
@@ -154,7 +157,7 @@ class DefaultLoadPlanner(LoadPlanner):
             if isinstance(entry, TensorStorageMetadata):
                 for chunk, local in local_chunks(value, fqn):
                     dest_index = MetadataIndex(fqn, chunk.offsets)
-                    self._targets[dest_index] = local.detach()
+                    self._targets[dest_index] = self._aliases.target(fqn, chunk.offsets, local.detach())
                     items.extend(_read_items_for(fqn, dest_index, chunk, entry.chunks))
             elif entry.encoding == JSON:
                 self.state_dict = set_leaf(self.state_dict, self.paths[fqn], entry.value)
@@ -163,6 +166,7 @@ class DefaultLoadPlanner(LoadPlanner):
                 items.append(
                     ReadItem(LoadItemType.BYTE_IO, index, torch.Size(), index, torch.Size(), torch.Size())
                 )
+        self._aliases.expect(sum(item.type == LoadItemType.TENSOR for item in items))
         return LoadPlan(items)
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
@@ -187,4 +191,5 @@ class DefaultLoadPlanner(LoadPlanner):
         return target
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        pass
+        if self._aliases is not None:
+            self._aliases.committed()

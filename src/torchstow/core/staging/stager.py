@@ -196,8 +196,14 @@ class _StagingPass:
         elif x.layout != torch.strided or x.is_quantized or x.is_nested:
             y = x.detach().to("cpu", copy=True)  # not cached: these have no single storage
         else:
-            storage = self.copy_storage(x.untyped_storage())
-            y = torch.empty(0, dtype=x.dtype).set_(storage, x.storage_offset(), x.size(), x.stride())
+            # A lazily conjugated or negated view keeps its flag beside unchanged
+            # memory: stage its values, since the storage alone would lose the flag.
+            src = x
+            if x.is_conj() or x.is_neg():
+                src = x.detach().resolve_conj().resolve_neg()
+                self.keep.append(src)  # its storage is cached by id: keep it alive
+            storage = self.copy_storage(src.untyped_storage())
+            y = torch.empty(0, dtype=x.dtype).set_(storage, src.storage_offset(), src.size(), src.stride())
             if x.requires_grad:
                 y.requires_grad_(True)
             if isinstance(x, torch.nn.Parameter):

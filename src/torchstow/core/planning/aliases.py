@@ -1,0 +1,105 @@
+"""One tensor under several keys of a state dict being loaded (tied weights).
+
+A model with tied weights (an embedding shared with its output layer) puts
+one tensor under two keys, and a checkpoint of it holds the same values
+twice. Loading reads the first key into the tensor and every other key into
+a scratch copy, then checks the copies agree with it byte for byte. Keys
+whose stored checksums already prove different values are refused before
+anything is read; either way the error says the keys share one tensor, not
+that the checkpoint is corrupted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from torchstow.errors import StateDictMismatchError
+from torchstow.format.manifest import Metadata, MetadataIndex
+
+__all__ = ["AliasTracker"]
+
+_Ident = tuple[Any, ...]
+
+
+def _identity(tensor: torch.Tensor) -> _Ident | None:
+    """What makes two tensors the same memory: storage, offset, shape, strides, dtype."""
+    if tensor.layout != torch.strided or tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def _differ(metadata: Metadata, fqn: str, other: str, offsets: torch.Size) -> bool:
+    """Whether the stored checksums prove the two keys' chunk at ``offsets`` differ."""
+    locations = metadata.storage_data
+    if not isinstance(locations, dict):
+        return False
+    mine = locations.get(MetadataIndex(fqn, offsets))
+    theirs = locations.get(MetadataIndex(other, offsets))
+    if mine is None or theirs is None or mine.block_size != theirs.block_size:
+        return False
+    return bool(mine.length == theirs.length and mine.checksums != theirs.checksums)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    flat_a = a.detach().contiguous().view(-1).view(torch.uint8)
+    flat_b = b.detach().contiguous().view(-1).view(torch.uint8)
+    return torch.equal(flat_a, flat_b)
+
+
+class AliasTracker:
+    """Finds the keys of a load whose targets are one tensor and checks they load alike."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
+        self._first: dict[_Ident, tuple[str, torch.Tensor]] = {}
+        self._checks: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
+        self._pending = 0
+
+    def target(self, fqn: str, offsets: torch.Size, local: torch.Tensor) -> torch.Tensor:
+        """Where ``fqn``'s chunk at ``offsets`` is read: ``local``, or a scratch
+        tensor when an earlier key already reads into the same memory."""
+        ident = _identity(local)
+        if ident is None:
+            return local
+        first = self._first.get(ident)
+        if first is None:
+            self._first[ident] = (fqn, local)
+            return local
+        other, primary = first
+        if _differ(self.metadata, fqn, other, offsets):
+            raise StateDictMismatchError(
+                f"{other!r} and {fqn!r} are one tensor in the state dict (tied), but the checkpoint holds "
+                "different values for them (their checksums differ); give each key its own tensor, or "
+                "leave one of them out of the state dict",
+                mismatched=[fqn],
+            )
+        scratch = torch.empty_like(local)
+        self._checks.append((other, fqn, primary, scratch))
+        return scratch
+
+    def expect(self, count: int) -> None:
+        """The number of tensor items the load will commit."""
+        self._pending = count
+
+    def committed(self) -> None:
+        """One tensor item is in place; after the last, compare the tied keys."""
+        self._pending -= 1
+        if self._pending:
+            return
+        for first, other, primary, scratch in self._checks:
+            if not _same_bytes(primary, scratch):
+                raise StateDictMismatchError(
+                    f"{first!r} and {other!r} are one tensor in the state dict (tied), but the checkpoint "
+                    "holds different values for them; give each key its own tensor, or leave one of "
+                    "them out of the state dict",
+                    mismatched=[other],
+                )
