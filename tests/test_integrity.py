@@ -283,10 +283,13 @@ def test_killed_saver_leaves_an_incomplete_checkpoint_that_latest_skips(tmp_path
         torchstow.load({"big": torch.zeros(4 << 20), "stall": torch.zeros(1)}, target)
     assert torchstow.latest(str(root)) == str(root / "step-1")
     assert [i.uri for i in torchstow.list_checkpoints(str(root))] == [str(root / "step-1")]
-    # Saving again over the debris works and cleans it up.
+    # Saving again over the debris works. The killed save's files stay: nothing tells them
+    # from the files of a save still in flight, which a commit must never delete.
+    debris = data_files(target)
     torchstow.save({"big": torch.ones(2)}, target)
-    assert data_files(target) == manifest(target)["files"]
-    torchstow.delete(target)
+    assert data_files(target) == sorted(debris + manifest(target)["files"])
+    assert torch.equal(torchstow.read(target)["big"], torch.ones(2))
+    torchstow.delete(target)  # removes the debris too
     assert not os.path.exists(target)
 
 

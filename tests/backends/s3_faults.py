@@ -31,7 +31,8 @@ class Fault:
     """Inject ``action`` into the first ``times`` requests matching ``method`` and ``pattern``.
 
     ``action`` is an HTTP status (503, 500, 403), ``"reset"`` (close the
-    connection without answering) or ``"delay"`` (wait ``delay`` seconds, then
+    connection without answering), ``"lost"`` (forward the request, then close
+    the connection without passing the reply on) or ``"delay"`` (wait ``delay`` seconds, then
     forward). ``pattern`` is a regex searched in the path with its query.
     """
 
@@ -92,10 +93,12 @@ class FaultProxy:
                     fault = None
                 if fault is None:
                     status: int | str = self._forward(body)
-                elif fault.action == "reset":
+                elif fault.action in ("reset", "lost"):
+                    if fault.action == "lost":  # the store acts on the request; the reply never comes
+                        self._forward(body, answer=False)
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
-                    status = "reset"
+                    status = fault.action
                 else:
                     assert isinstance(fault.action, int)
                     code, message = ERRORS[fault.action]
@@ -113,7 +116,7 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.log.append(Logged(self.command, self.path, status, start, time.monotonic()))
 
-            def _forward(self, body: bytes) -> int:
+            def _forward(self, body: bytes, answer: bool = True) -> int:
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
@@ -122,6 +125,8 @@ class FaultProxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
+                    if not answer:
+                        return resp.status
                     self.send_response(resp.status)
                     for key, value in resp.getheaders():
                         if key.lower() not in _HOP_HEADERS:

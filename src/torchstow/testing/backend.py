@@ -12,13 +12,15 @@ The tests run under ``mystore://<a fresh temporary path>``. Override the
 fixtures to change that: ``root_uri`` (a fresh prefix per test),
 ``storage_options`` (passed to every call) and ``open_byte_store`` (raw access
 to a checkpoint's files, for the damage tests). Capability flags are class
-attributes: ``byte_access`` (False skips the tests that damage files directly)
-and ``concurrent_saves`` (False skips saving several checkpoints at once).
+attributes: ``byte_access`` (False skips the tests that damage files directly),
+``concurrent_saves`` (False skips saving several checkpoints at once) and
+``exclusive_commits`` (False skips the race of two saves creating one checkpoint).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -64,6 +66,7 @@ class BackendConformance(ConformanceBase):
 
     byte_access: ClassVar[bool] = True
     concurrent_saves: ClassVar[bool] = True
+    exclusive_commits: ClassVar[bool] = True
 
     # -- fixtures a backend overrides ------------------------------------------------
 
@@ -219,6 +222,7 @@ class BackendConformance(ConformanceBase):
         old = {"w": torch.full((64,), 1.0), "tag": "old"}
         new = {"w": torch.full((64,), 2.0), "tag": "new"}
         torchstow.save(old, uri, storage_options=storage_options)
+        replaced = self._data_files(uri, storage_options)
         with pytest.raises(CheckpointExistsError):
             torchstow.save(new, uri, storage_options=storage_options)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), old)
@@ -228,11 +232,18 @@ class BackendConformance(ConformanceBase):
         assert_same_state(torchstow.read(uri, storage_options=storage_options), old)  # old stays valid
         torchstow.save(new, uri, storage_options=storage_options, overwrite=True)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), new)
-        if self.byte_access:  # the replaced checkpoint's files are gone
+        if self.byte_access:
+            # The replaced checkpoint's files are gone; the crashed save's stay (a commit
+            # never deletes files no committed manifest lists: they may be a save in flight).
             files = set(open_byte_store(uri).list_files())
-            metadata = torchstow.storage_reader(uri, **storage_options).read_metadata()
-            live = {info.relative_path for info in metadata.storage_data.values()}
-            assert files == live | {MANIFEST}
+            live = self._data_files(uri, storage_options)
+            assert MANIFEST in files and live <= files and not replaced & files
+
+    @staticmethod
+    def _data_files(uri: str, storage_options: dict[str, Any]) -> set[str]:
+        """The data files the committed manifest at ``uri`` lists."""
+        metadata = torchstow.storage_reader(uri, **storage_options).read_metadata()
+        return {info.relative_path for info in metadata.storage_data.values()}
 
     def test_list_latest_delete(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         opts = storage_options
@@ -361,3 +372,37 @@ class BackendConformance(ConformanceBase):
             assert_same_state(
                 torchstow.read(self.uri(root_uri, f"step-{step}"), storage_options=storage_options), sd
             )
+
+    def test_two_saves_of_one_new_checkpoint_commit_once(
+        self, root_uri: str, storage_options: dict[str, Any]
+    ) -> None:
+        if not self.exclusive_commits:
+            pytest.skip(f"{type(self).__name__} declares no exclusive commits (exclusive_commits = False)")
+        uri = self.uri(root_uri, "step-1")
+        outcomes: dict[float, str] = {}
+
+        class Slow(torchstow.DefaultSavePlanner):
+            """Holds each save between its existence check and its commit, so they overlap."""
+
+            def resolve_data(self, write_item: Any) -> Any:
+                time.sleep(0.2)
+                return super().resolve_data(write_item)
+
+        def save(value: float) -> None:
+            try:
+                torchstow.save(
+                    {"w": torch.full((64,), value)}, uri, storage_options=storage_options, planner=Slow()
+                )
+                outcomes[value] = "committed"
+            except CheckpointExistsError:
+                outcomes[value] = "exists"
+
+        threads = [threading.Thread(target=save, args=(value,)) for value in (1.0, 2.0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes.values()) == ["committed", "exists"], outcomes
+        winner = next(value for value, outcome in outcomes.items() if outcome == "committed")
+        got = torchstow.read(uri, storage_options=storage_options)
+        assert_same_state(got, {"w": torch.full((64,), winner)})
