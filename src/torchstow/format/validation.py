@@ -120,7 +120,7 @@ def check_manifest(doc: Any) -> None:
         if type(entries) is not dict:
             raise _RuleError(f"'entries' is {type(entries).__name__}, not an object")
         for fqn, raw in entries.items():
-            where = f"entry {fqn!r}"
+            where = f"entries[{fqn!r}]"
             _check_entry(raw, len(files), block_size)
         where = "planner_data"
         _check_structure(doc.get("planner_data"), entries)
@@ -135,10 +135,7 @@ def _check_entry(raw: Any, nfiles: int, block_size: int) -> None:
         encoding = raw.get("encoding")
         if encoding not in _ENCODINGS:
             raise _RuleError(f"unknown object encoding {_short(encoding)} (known: {', '.join(_ENCODINGS)})")
-        if encoding == "json":
-            if "value" not in raw:
-                raise _RuleError("a JSON object entry without a 'value'")
-        elif "file" in raw:
+        if encoding != "json" and "file" in raw:  # a JSON value is inline (absent means null)
             _check_location(raw, nfiles, block_size, None, "")
         return
     if type(raw["dtype"]) is not str:
