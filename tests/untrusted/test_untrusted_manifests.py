@@ -242,14 +242,17 @@ def test_a_five_thousand_digit_integer(ckpt: str) -> None:
 @pytest.mark.parametrize(
     ("change", "patterns"),
     [
-        (lambda doc: doc.update(entries=list(doc["entries"])), ["'entries' is list"]),
-        (lambda doc: doc["entries"].update(w=7), ["entries\\['w'\\]", "is int"]),
+        (lambda doc: doc.update(entries=list(doc["entries"])), [r"got `array` - at `\$\.entries`"]),
+        (lambda doc: doc["entries"].update(w=7), ["entries\\['w'\\]", "got `int`"]),
         (lambda doc: doc["entries"]["w"].update(crc32c=[]), ["entries\\['w'\\]", "crc32c has 0 checksums"]),
         (lambda doc: doc["entries"]["w"].update(offset=-64), ["entries\\['w'\\]", "offset is -64"]),
-        (lambda doc: doc["entries"]["w"].update(offset="0"), ["entries\\['w'\\]", "offset is str"]),
+        (
+            lambda doc: doc["entries"]["w"].update(offset="0"),
+            ["entries\\['w'\\]", r"got `str` - at `\$\.offset`"],
+        ),
         (lambda doc: doc["entries"]["w"].update(file=9), ["entries\\['w'\\]", "file is 9"]),
         (lambda doc: doc["entries"]["w"].update(dtype="Tensor"), ["entries\\['w'\\]", "dtype 'Tensor'"]),
-        (lambda doc: doc["entries"]["w"].update(shape=None), ["entries\\['w'\\]", "'shape' is NoneType"]),
+        (lambda doc: doc["entries"]["w"].update(shape=None), ["entries\\['w'\\]", "without a 'shape'"]),
         (lambda doc: doc["entries"]["w"].update(crc32c=[2**40]), ["entries\\['w'\\]", r"crc32c\[0\]"]),
         (
             lambda doc: doc["entries"]["opt.betas"].update(encoding="marshal"),
@@ -262,8 +265,8 @@ def test_a_five_thousand_digit_integer(ckpt: str) -> None:
         ),
         (lambda doc: doc["planner_data"]["containers"].append([["x"], "set", 0]), ["containers"]),
         (lambda doc: doc["planner_data"]["paths"].update({"w": "w"}), ["paths\\['w'\\]"]),
-        (lambda doc: doc.update(user_metadata=[1]), ["'user_metadata' is list"]),
-        (lambda doc: doc.update(committed_at="yesterday"), ["'committed_at'"]),
+        (lambda doc: doc.update(user_metadata=[1]), [r"got `array` - at `\$\.user_metadata`"]),
+        (lambda doc: doc.update(committed_at="yesterday"), [r"got `str` - at `\$\.committed_at`"]),
         (lambda doc: doc.update(checksum={"block_size": -1}), ["block_size is -1"]),
     ],
 )

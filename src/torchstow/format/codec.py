@@ -227,17 +227,46 @@ def _decode_tensor(
     return TensorStorageMetadata(props, size, chunks)
 
 
+class _ReadDocumentV1(_DocumentV1, kw_only=True):
+    """A document as read: each entry kept raw, decoded on its own so an error can name its key."""
+
+    entries: dict[str, msgspec.Raw]  # type: ignore[assignment]
+
+
+_entry_decoder = msgspec.json.Decoder(_Entry)
+
+
+def _decode_entries(raw_entries: dict[str, msgspec.Raw]) -> dict[str, _Entry]:
+    typed = {}
+    for fqn, raw in raw_entries.items():
+        try:
+            typed[fqn] = _entry_decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise CorruptCheckpointError(f"entries[{fqn!r}]: {exc}") from exc
+    return typed
+
+
 def _decode_v1(data: bytes) -> Metadata:
-    raw = msgspec.json.decode(data)
-    check_manifest(raw)  # every rule of the format, before anything acts on the manifest
-    doc = msgspec.convert(raw, type=_DocumentV1)
+    doc = msgspec.json.decode(data, type=_ReadDocumentV1)
     check_algorithm(doc.checksum.algorithm)
+    typed = _decode_entries(doc.entries)
+    free = [("user_metadata", doc.user_metadata)]
+    if doc.storage_data is not msgspec.UNSET:
+        free.append(("storage_data", doc.storage_data))
+    # Every rule of the format, before anything acts on the manifest.
+    check_manifest(
+        files=doc.files,
+        block_size=doc.checksum.block_size,
+        entries=typed,
+        planner_data=doc.planner_data,
+        free_values=free,
+    )
     entries: dict[str, STORAGE_TYPES] = {}
     found: dict[MetadataIndex, StorageInfo] = {}
     locations = _Locations(doc.files, doc.checksum.block_size)
     props_cache: dict[tuple[str, bool], TensorProperties] = {}
     chunk_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], ChunkStorageMetadata] = {}
-    for fqn, raw in doc.entries.items():
+    for fqn, raw in typed.items():
         if raw.dtype is not None:
             key = (raw.dtype, raw.requires_grad)
             props = props_cache.get(key)

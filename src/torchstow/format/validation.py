@@ -1,15 +1,16 @@
 """Validation at the door: one pass over a decoded manifest before anything acts on it.
 
 A manifest may come from anyone (a downloaded checkpoint, a damaged disk, a
-hostile peer). :func:`check_manifest` checks the raw JSON document against
-the rules of ``docs/format.md`` - the type and range of every field, plain
-data-file names, locations whose length matches the elements they hold,
-chunks that tile each tensor exactly once, structure records that map each
-key once - and :func:`check_extents` checks every location against the sizes
-of the files present, before a single byte is allocated for it. The codec
-(:mod:`torchstow.format.codec`) runs :func:`check_manifest` on every manifest
-it decodes. Each failure is a :class:`CorruptCheckpointError` naming the
-manifest (or file) and the key.
+hostile peer). The codec (:mod:`torchstow.format.codec`) decodes it into
+typed structs, so every field already has its JSON type; :func:`check_manifest`
+then checks what types cannot say, against the rules of ``docs/format.md``:
+ranges, plain data-file names, locations whose length matches the elements
+they hold, chunks that tile each tensor exactly once, structure records that
+map each key once, bounded nesting of free-form values. :func:`check_extents`
+checks every location against the sizes of the files present, before a
+single byte is allocated for it. Each failure is a
+:class:`CorruptCheckpointError` naming the entry (the key) and the rule.
+
 The cost is linear in the manifest, apart from the overlap test of tensors
 stored in several chunks (a sweep over their chunks).
 """
@@ -27,11 +28,13 @@ from torchstow.format.structure import leaf_paths
 __all__ = ["MAX_DEPTH", "check_extents", "check_manifest", "is_plain_data_name", "missing_file_error"]
 
 MAX_DIMS = 64
-MAX_DEPTH = 200  # nesting of JSON values (user metadata, inline objects, planner data)
+MAX_DEPTH = 100  # nesting of free-form JSON values (user metadata, inline objects)
 _MAX_INT = (1 << 63) - 1
+_MAX_CRC = 0xFFFFFFFF
 _ENCODINGS = ("json", "torch", "pickle")
 _KINDS = ("dict", "list", "tuple")
-_LOCATION_KEYS = ("file", "offset", "length", "crc32c")
+
+Path = tuple[str | int, ...]
 
 
 class _RuleError(Exception):
@@ -40,7 +43,7 @@ class _RuleError(Exception):
 
 def is_plain_data_name(name: object) -> bool:
     """Whether ``name`` is a data-file name that stays inside its checkpoint:
-    ``data-*.bin``, no path separator, no NUL, not hidden."""
+    ``data-*.bin``, no path separator, no NUL, at most 255 characters."""
     return (
         type(name) is str
         and name.startswith("data-")
@@ -52,25 +55,22 @@ def is_plain_data_name(name: object) -> bool:
     )
 
 
-def _int(value: Any, what: str, low: int = 0, high: int = _MAX_INT) -> int:
-    if type(value) is not int:
-        raise _RuleError(f"{what} is {type(value).__name__} {_short(value)}, not an integer")
-    if not low <= value <= high:
-        raise _RuleError(f"{what} is {_short(value)}, outside {low}..{high}")
-    return value
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _ints(value: Any, what: str, length: int | None = None) -> list[int]:
-    if type(value) is not list:
-        raise _RuleError(f"{what} is {type(value).__name__}, not a list of integers")
-    if length is not None and len(value) != length:
-        raise _RuleError(f"{what} has {len(value)} numbers, the shape {length}")
-    return [_int(v, f"{what}[{i}]") for i, v in enumerate(value)]
+def _range(values: list[int], what: str, high: int = _MAX_INT) -> None:
+    """Every number in ``values`` lies in 0..high (checked in C, located only on failure)."""
+    if values and (min(values) < 0 or max(values) > high):
+        i, bad = next((i, v) for i, v in enumerate(values) if not 0 <= v <= high)
+        raise _RuleError(f"{what}[{i}] is {_short(bad)}, outside 0..{high}")
+
+
+def _number(value: int, what: str, high: int = _MAX_INT) -> int:
+    if not 0 <= value <= high:
+        raise _RuleError(f"{what} is {_short(value)}, outside 0..{high}")
+    return value
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
@@ -78,37 +78,36 @@ def _depth_ok(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if depth > limit:
-            return False
         if type(node) is dict:
-            stack.extend((v, depth + 1) for v in node.values())
+            if depth >= limit:
+                return False
+            stack.extend((v, depth + 1) for v in node.values() if type(v) in (dict, list))
         elif type(node) is list:
-            stack.extend((v, depth + 1) for v in node)
+            if depth >= limit:
+                return False
+            stack.extend((v, depth + 1) for v in node if type(v) in (dict, list))
     return True
 
 
-def check_manifest(doc: Any) -> None:
-    """Raise :class:`CorruptCheckpointError` unless ``doc`` (the manifest's JSON,
-    decoded to built-in types) is a well-formed version-1 manifest. The message
-    names the entry (key) or field and the rule; the decoder adds the manifest's name."""
+def check_manifest(
+    *,
+    files: list[str],
+    block_size: int,
+    entries: Mapping[str, Any],
+    planner_data: Any,
+    free_values: Iterable[tuple[str, Any]],
+) -> None:
+    """Raise :class:`CorruptCheckpointError` unless a typed manifest keeps every rule.
+
+    ``entries`` maps keys to the codec's typed entries; ``free_values`` names
+    the fields holding free-form JSON (user metadata, custom storage data).
+    """
     where = "the manifest"
     try:
-        if type(doc) is not dict:
-            raise _RuleError(f"is {type(doc).__name__}, not an object")
-        if not _depth_ok(doc, MAX_DEPTH):
-            raise _RuleError(f"JSON nests deeper than {MAX_DEPTH} levels")
-        for name, kind in (("torch_version", str), ("user_metadata", dict), ("checksum", dict)):
-            if doc.get(name) is not None and type(doc[name]) is not kind:
-                raise _RuleError(f"{name!r} is {type(doc[name]).__name__}, not {kind.__name__}")
-        committed = doc.get("committed_at")
-        if committed is not None and (type(committed) not in (int, float) or not math.isfinite(committed)):
-            raise _RuleError(f"'committed_at' is {_short(committed)}, not a time")
-        if doc.get("save_id") is not None and type(doc["save_id"]) is not str:
-            raise _RuleError("'save_id' is not a string")
-        block_size = _int((doc.get("checksum") or {}).get("block_size", 0), "checksum.block_size")
-        files = doc.get("files", [])
-        if type(files) is not list:
-            raise _RuleError(f"'files' is {type(files).__name__}, not a list")
+        for name, value in free_values:
+            if not _depth_ok(value, MAX_DEPTH):
+                raise _RuleError(f"{name!r} nests deeper than {MAX_DEPTH} levels")
+        _number(block_size, "checksum.block_size")
         for i, name in enumerate(files):
             if not is_plain_data_name(name):
                 raise _RuleError(
@@ -116,90 +115,98 @@ def check_manifest(doc: Any) -> None:
                 )
         if len(set(files)) != len(files):
             raise _RuleError("'files' names a file twice")
-        entries = doc.get("entries")
-        if type(entries) is not dict:
-            raise _RuleError(f"'entries' is {type(entries).__name__}, not an object")
         for fqn, raw in entries.items():
             where = f"entries[{fqn!r}]"
             _check_entry(raw, len(files), block_size)
         where = "planner_data"
-        _check_structure(doc.get("planner_data"), entries)
+        _check_structure(planner_data, entries)
     except _RuleError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}") from None
 
 
 def _check_entry(raw: Any, nfiles: int, block_size: int) -> None:
-    if type(raw) is not dict:
-        raise _RuleError(f"is {type(raw).__name__}, not an object")
-    if "dtype" not in raw:
-        encoding = raw.get("encoding")
-        if encoding not in _ENCODINGS:
-            raise _RuleError(f"unknown object encoding {_short(encoding)} (known: {', '.join(_ENCODINGS)})")
-        if encoding != "json" and "file" in raw:  # a JSON value is inline (absent means null)
+    if raw.dtype is None:
+        if raw.encoding not in _ENCODINGS:
+            raise _RuleError(
+                f"unknown object encoding {_short(raw.encoding)} (known: {', '.join(_ENCODINGS)})"
+            )
+        if raw.encoding == "json":
+            if type(raw.value) in (dict, list) and not _depth_ok(raw.value, MAX_DEPTH):
+                raise _RuleError(f"the value nests deeper than {MAX_DEPTH} levels")
+        elif raw.file is not None:
             _check_location(raw, nfiles, block_size, None, "")
         return
-    if type(raw["dtype"]) is not str:
-        raise _RuleError("'dtype' is not a string")
     try:
-        dtype = dtype_from_name(raw["dtype"])
+        itemsize = dtype_from_name(raw.dtype).itemsize
     except CorruptCheckpointError as exc:
         raise _RuleError(str(exc)) from None
-    if type(raw.get("requires_grad", False)) is not bool:
-        raise _RuleError("'requires_grad' is not true or false")
-    shape = _ints(raw.get("shape"), "'shape'")
+    shape = raw.shape
+    if shape is None:
+        raise _RuleError("a tensor entry without a 'shape'")
     if len(shape) > MAX_DIMS:
         raise _RuleError(f"'shape' has {len(shape)} dimensions, more than {MAX_DIMS}")
-    numel = 1
-    for size in shape:
-        numel *= size
-        if numel * dtype.itemsize > _MAX_INT:
-            raise _RuleError(f"shape {_short(shape)} holds more than 2**63 bytes")
-    chunks = raw.get("chunks")
+    _range(shape, "'shape'")
+    numel = math.prod(shape)
+    if numel * itemsize > _MAX_INT:
+        raise _RuleError(f"shape {_short(shape)} holds more than 2**63 bytes")
+    chunks = raw.chunks
     if chunks is None:
-        if "file" in raw:
-            _check_location(raw, nfiles, block_size, numel * dtype.itemsize, "")
+        if raw.file is not None:
+            _check_location(raw, nfiles, block_size, numel * itemsize, "")
         return
-    if type(chunks) is not list:
-        raise _RuleError(f"'chunks' is {type(chunks).__name__}, not a list")
     boxes = []
     for i, chunk in enumerate(chunks):
         what = f"chunks[{i}]"
-        if type(chunk) is not dict:
-            raise _RuleError(f"{what} is {type(chunk).__name__}, not an object")
-        offsets = _ints(chunk.get("offsets"), f"{what}.offsets", len(shape))
-        sizes = _ints(chunk.get("sizes"), f"{what}.sizes", len(shape))
+        offsets, sizes = chunk.offsets, chunk.sizes
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise _RuleError(
+                f"{what} has {len(offsets)} offsets and {len(sizes)} sizes for {len(shape)} dimensions"
+            )
+        _range(offsets, f"{what}.offsets")
+        _range(sizes, f"{what}.sizes")
         for dim, (offset, size, full) in enumerate(zip(offsets, sizes, shape, strict=True)):
             if offset + size > full:
                 raise _RuleError(
                     f"{what} reaches {offset + size} in dimension {dim}, beyond the shape's {full}"
                 )
         count = math.prod(sizes)
-        if "file" in chunk:
-            _check_location(chunk, nfiles, block_size, count * dtype.itemsize, f"{what}.")
+        if chunk.file is not None:
+            _check_location(chunk, nfiles, block_size, count * itemsize, f"{what}.")
         boxes.append((offsets, sizes, count))
     _check_tiling(shape, numel, boxes)
 
 
-def _check_location(raw: dict[str, Any], nfiles: int, block_size: int, nbytes: int | None, what: str) -> None:
-    for key in _LOCATION_KEYS:
-        if key not in raw:
+def _check_location(raw: Any, nfiles: int, block_size: int, nbytes: int | None, what: str) -> None:
+    offset, length, crcs = raw.offset, raw.length, raw.crc32c
+    block = block_size if raw.block is None else raw.block
+    if (  # the common case, decided without a call per field
+        offset is not None
+        and length is not None
+        and crcs is not None
+        and 0 <= raw.file < nfiles
+        and 0 <= offset <= _MAX_INT
+        and 0 <= length <= _MAX_INT
+        and (nbytes is None or length == nbytes)
+        and 0 <= block <= _MAX_INT
+        and ((block > 0 and len(crcs) == -(-length // block)) or (length == 0 and not crcs))
+        and (not crcs or (min(crcs) >= 0 and max(crcs) <= _MAX_CRC))
+    ):
+        return
+    for key in ("offset", "length", "crc32c"):
+        if getattr(raw, key) is None:
             raise _RuleError(f"{what}{key} is missing")
-    _int(raw["file"], f"{what}file", 0, nfiles - 1)
-    _int(raw["offset"], f"{what}offset")
-    length = _int(raw["length"], f"{what}length")
+    _number(raw.file, f"{what}file", nfiles - 1)
+    _number(raw.offset, f"{what}offset")
+    length = _number(raw.length, f"{what}length")
     if nbytes is not None and length != nbytes:
         raise _RuleError(f"{what}length is {length} bytes, but its elements take {nbytes}")
-    block = _int(raw.get("block", block_size), f"{what}block")
-    crcs = raw["crc32c"]
-    if type(crcs) is not list:
-        raise _RuleError(f"{what}crc32c is {type(crcs).__name__}, not a list")
+    block = _number(block_size if raw.block is None else raw.block, f"{what}block")
     if length and not block:
         raise _RuleError(f"{what}: {length} bytes with a checksum block size of 0")
     expected = -(-length // block) if length else 0
-    if len(crcs) != expected:
-        raise _RuleError(f"{what}crc32c has {len(crcs)} checksums; {length} bytes need {expected}")
-    for i, crc in enumerate(crcs):
-        _int(crc, f"{what}crc32c[{i}]", 0, 0xFFFFFFFF)
+    if len(raw.crc32c) != expected:
+        raise _RuleError(f"{what}crc32c has {len(raw.crc32c)} checksums; {length} bytes need {expected}")
+    _range(raw.crc32c, f"{what}crc32c", _MAX_CRC)
 
 
 def _check_tiling(shape: list[int], numel: int, boxes: list[tuple[list[int], list[int], int]]) -> None:
@@ -228,7 +235,7 @@ def _check_tiling(shape: list[int], numel: int, boxes: list[tuple[list[int], lis
         active.append(box)
 
 
-def _path(value: Any, what: str) -> tuple[str | int, ...]:
+def _path(value: Any, what: str) -> Path:
     if type(value) is not list or not all(type(p) in (str, int) for p in value):
         raise _RuleError(f"{what} is {_short(value)}, not a list of keys and indices")
     return tuple(value)
@@ -244,18 +251,21 @@ def _check_structure(planner_data: Any, entries: Mapping[str, Any]) -> None:
     odd = planner_data.get("paths", {})
     if type(containers) is not list or type(odd) is not dict:
         raise _RuleError("'containers' must be a list and 'paths' an object")
-    kinds: dict[tuple[str | int, ...], str] = {}
+    kinds: dict[Path, str] = {}
     for i, record in enumerate(containers):
-        if type(record) is not list or len(record) != 3 or record[1] not in _KINDS:
+        if (
+            type(record) is not list
+            or len(record) != 3
+            or record[1] not in _KINDS
+            or type(record[2]) is not int
+        ):
             raise _RuleError(f"containers[{i}] is {_short(record)}, not [path, kind, position]")
         path = _path(record[0], f"containers[{i}] path")
-        _int(record[2], f"containers[{i}] position")
         if path in kinds:
             raise _RuleError(f"container {_short(list(path))} is recorded twice")
         kinds[path] = record[1]
     for fqn, path in odd.items():
-        _path(path, f"paths[{fqn!r}]")
-        if not path:
+        if not _path(path, f"paths[{fqn!r}]"):
             raise _RuleError(f"paths[{fqn!r}] is empty")
     try:
         paths = leaf_paths(planner_data, entries)
@@ -264,14 +274,13 @@ def _check_structure(planner_data: Any, entries: Mapping[str, Any]) -> None:
     _check_paths(paths, kinds)
 
 
-def _check_paths(
-    paths: Mapping[str, tuple[str | int, ...]], kinds: Mapping[tuple[str | int, ...], str]
-) -> None:
-    owner: dict[tuple[str | int, ...], str] = {}
+def _check_paths(paths: Mapping[str, Path], kinds: Mapping[Path, str]) -> None:
+    owner: dict[Path, str] = {}
     for fqn, path in paths.items():
-        if path in owner:
+        other = owner.get(path)
+        if other is not None:
             raise _RuleError(
-                f"keys {owner[path]!r} and {fqn!r} are recorded at the same place {_short(list(path))}"
+                f"keys {other!r} and {fqn!r} are recorded at the same place {_short(list(path))}"
             )
         if path in kinds:
             raise _RuleError(f"key {fqn!r} is recorded where a container is")
