@@ -98,6 +98,14 @@ class SqliteStore(ByteStore):
         with _connect(self.db) as conn:
             conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (self.dir, name, data))
 
+    def publish_new(self, name: str, data: bytes) -> None:
+        # Exclusive: the (dir, name) primary key refuses a second row.
+        try:
+            with _connect(self.db) as conn:
+                conn.execute("INSERT INTO files VALUES (?, ?, ?)", (self.dir, name, data))
+        except sqlite3.IntegrityError as exc:
+            raise FileExistsError(f"{self.location}/{name} exists") from exc
+
     def list_files(self) -> list[str]:
         if not os.path.exists(self.db):
             return []
