@@ -18,14 +18,21 @@ stored in several chunks (a sweep over their chunks).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.manifest import dtype_from_name
 from torchstow.format.structure import leaf_paths
 
-__all__ = ["MAX_DEPTH", "check_extents", "check_manifest", "is_plain_data_name", "missing_file_error"]
+__all__ = [
+    "MAX_DEPTH",
+    "check_decoded",
+    "check_extents",
+    "check_manifest",
+    "is_plain_data_name",
+    "missing_file_error",
+]
 
 MAX_DIMS = 64
 MAX_DEPTH = 100  # nesting of free-form JSON values (user metadata, inline objects)
@@ -292,6 +299,54 @@ def _check_paths(paths: Mapping[str, Path], kinds: Mapping[Path, str]) -> None:
         parent = kinds.get(path[:-1])
         if parent in ("list", "tuple") and (type(path[-1]) is not int or path[-1] < 0):
             raise _RuleError(f"key {fqn!r} is recorded in a {parent} at index {_short(path[-1])}")
+
+
+def check_decoded(
+    entries: Mapping[str, Any],
+    locations: Mapping[Any, Any],
+    min_bytes: Callable[[int, int], int] | None = None,
+) -> None:
+    """The rules a manifest decoded by another codec (DCP's ``.metadata``) must keep
+    too: sane shapes, chunks that tile each tensor exactly once, plain file names,
+    non-negative offsets and lengths, and, with ``min_bytes(elements, itemsize)``,
+    no chunk stored in fewer bytes than that. Raises :class:`CorruptCheckpointError`."""
+    where = "the manifest"
+    needs: dict[tuple[str, tuple[int, ...]], int] = {}
+    try:
+        for fqn, entry in entries.items():
+            where = f"entries[{fqn!r}]"
+            shape = getattr(entry, "size", None)
+            if shape is None:
+                continue
+            shape = list(shape)
+            if len(shape) > MAX_DIMS:
+                raise _RuleError(f"'shape' has {len(shape)} dimensions, more than {MAX_DIMS}")
+            _range(shape, "'shape'")
+            boxes = []
+            for i, chunk in enumerate(entry.chunks):
+                offsets, sizes = list(chunk.offsets), list(chunk.sizes)
+                if len(offsets) != len(shape) or len(sizes) != len(shape):
+                    raise _RuleError(f"chunks[{i}] does not have the shape's {len(shape)} dimensions")
+                _range(offsets, f"chunks[{i}].offsets")
+                _range(sizes, f"chunks[{i}].sizes")
+                if any(o + n > full for o, n, full in zip(offsets, sizes, shape, strict=True)):
+                    raise _RuleError(f"chunks[{i}] reaches beyond the shape {shape}")
+                boxes.append((offsets, sizes, math.prod(sizes)))
+                if min_bytes is not None:
+                    needs[fqn, tuple(offsets)] = min_bytes(boxes[-1][2], entry.properties.dtype.itemsize)
+            _check_tiling(shape, math.prod(shape), boxes)
+        for index, info in locations.items():
+            where = f"entries[{getattr(index, 'fqn', index)!r}]"
+            name = info.relative_path
+            if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+                raise _RuleError(f"file name {_short(name)} is not a plain file name inside the checkpoint")
+            _number(info.offset, "offset")
+            _number(info.length, "length")
+            need = needs.get((index.fqn, tuple(index.offset or ())))
+            if need is not None and info.length < need:
+                raise _RuleError(f"{info.length} bytes cannot hold a chunk that takes {need}")
+    except _RuleError as exc:
+        raise CorruptCheckpointError(f"{where}: {exc}") from None
 
 
 def check_extents(locations: Iterable[tuple[Any, Any]], sizes: Mapping[str, int], location: str) -> set[str]:

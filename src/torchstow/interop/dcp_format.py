@@ -31,6 +31,7 @@ from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from torchstow.format.validation import check_decoded, check_extents, missing_file_error
 
 __all__ = [
     "DCP_METADATA",
@@ -122,11 +123,17 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
                 not isinstance(info.relative_path, str)
                 or os.path.basename(info.relative_path) != info.relative_path
             ):
-                raise ValueError(f"data file name {info.relative_path!r} is not a plain file name")
+                raise ValueError(
+                    f"data file name {info.relative_path!r} of {index.fqn!r} is not a plain file name"
+                )
             found[conv.ts_index(index)] = StorageInfo(info.relative_path, int(info.offset), int(info.length))
         planner_data = conv.planner_data_from_mappings(md.planner_data, entries)
+        # A chunk is a torch.save blob: never fewer bytes than its elements take.
+        check_decoded(entries, found, min_bytes=lambda count, itemsize: count * itemsize)
     except FormatVersionError:
         raise
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{source} is malformed DCP metadata: {exc}") from exc
     except (TypeError, ValueError, AttributeError) as exc:
         raise CorruptCheckpointError(f"{source} is malformed DCP metadata: {exc}") from exc
     return Metadata(
@@ -151,7 +158,11 @@ def _read_store_metadata(store: ByteStore) -> Metadata:
         data = store.read_file(DCP_METADATA)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"no checkpoint at {store.location}") from None
-    return decode_dcp_metadata(data, source=f"{store.location}/{DCP_METADATA}")
+    metadata = decode_dcp_metadata(data, source=f"{store.location}/{DCP_METADATA}")
+    sizes = store.file_sizes()
+    if sizes is not None:  # before anything is allocated for the data
+        check_extents(metadata.storage_data.items(), sizes, store.location)
+    return metadata
 
 
 def _backend(uri: str, storage_options: dict[str, Any] | None) -> Backend:
@@ -197,6 +208,7 @@ class DcpFormatReader(StorageReader):
     def __init__(self, store: ByteStore) -> None:
         self.store = store
         self.locations: dict[MetadataIndex, StorageInfo] = {}
+        self._missing: set[str] = set()
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
@@ -209,6 +221,9 @@ class DcpFormatReader(StorageReader):
     ) -> None:
         self.metadata = metadata
         self.locations = metadata.storage_data
+        sizes = self.store.file_sizes()
+        if sizes is not None:  # every location inside its file, before anything is allocated
+            self._missing = check_extents(self.locations.items(), sizes, self.store.location)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -222,6 +237,8 @@ class DcpFormatReader(StorageReader):
             raise CorruptCheckpointError(
                 f"{self.store.location}/{DCP_METADATA} has no data location for {index}"
             )
+        if info.relative_path in self._missing:
+            raise missing_file_error(self.store.location, info.relative_path, index.fqn)
         buf = bytearray(info.length)
         try:
             self.store.read_into(info.relative_path, [(info.offset, memoryview(buf))])
