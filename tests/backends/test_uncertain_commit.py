@@ -45,6 +45,7 @@ def manifest_of(uri: str, opts: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_lost_reply_then_failing_retries_still_commits(
     proxy: FaultProxy, s3_bucket: str, overwrite: bool, caplog: Any
