@@ -227,29 +227,37 @@ def _decode_tensor(
     return TensorStorageMetadata(props, size, chunks)
 
 
-class _ReadDocumentV1(_DocumentV1, kw_only=True):
-    """A document as read: each entry kept raw, decoded on its own so an error can name its key."""
+class _RawEntriesV1(msgspec.Struct):
+    """Only the entries, each kept raw: decoded one by one, a type error names its key."""
 
-    entries: dict[str, msgspec.Raw]  # type: ignore[assignment]
+    entries: dict[str, msgspec.Raw] = {}
 
 
 _entry_decoder = msgspec.json.Decoder(_Entry)
 
 
-def _decode_entries(raw_entries: dict[str, msgspec.Raw]) -> dict[str, _Entry]:
-    typed = {}
+def _name_the_entry(data: bytes, error: msgspec.ValidationError) -> CorruptCheckpointError:
+    """The error for a field of the wrong type, naming the entry it is in (msgspec's
+    path leaves dict keys out) when it is in one."""
+    try:
+        raw_entries = msgspec.json.decode(data, type=_RawEntriesV1).entries
+    except msgspec.ValidationError:
+        return CorruptCheckpointError(str(error))
     for fqn, raw in raw_entries.items():
         try:
-            typed[fqn] = _entry_decoder.decode(raw)
+            _entry_decoder.decode(raw)
         except msgspec.ValidationError as exc:
-            raise CorruptCheckpointError(f"entries[{fqn!r}]: {exc}") from exc
-    return typed
+            return CorruptCheckpointError(f"entries[{fqn!r}]: {exc}")
+    return CorruptCheckpointError(str(error))
 
 
 def _decode_v1(data: bytes) -> Metadata:
-    doc = msgspec.json.decode(data, type=_ReadDocumentV1)
+    try:
+        doc = msgspec.json.decode(data, type=_DocumentV1)
+    except msgspec.ValidationError as exc:
+        raise _name_the_entry(data, exc) from exc
     check_algorithm(doc.checksum.algorithm)
-    typed = _decode_entries(doc.entries)
+    typed = doc.entries
     free = [("user_metadata", doc.user_metadata)]
     if doc.storage_data is not msgspec.UNSET:
         free.append(("storage_data", doc.storage_data))

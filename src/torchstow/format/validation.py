@@ -274,11 +274,28 @@ def _check_structure(planner_data: Any, entries: Mapping[str, Any]) -> None:
     for fqn, path in odd.items():
         if not _path(path, f"paths[{fqn!r}]"):
             raise _RuleError(f"paths[{fqn!r}] is empty")
+    if not odd and all(kind == "dict" for kind in kinds.values()):
+        _check_dotted(entries, kinds)  # every key's path is its dotted parts: check on strings
+        return
     try:
         paths = leaf_paths(planner_data, entries)
     except ValueError as exc:  # a dotted key with a non-integer index under a list
         raise _RuleError(f"a key does not fit the recorded containers ({exc})") from None
     _check_paths(paths, kinds)
+
+
+def _check_dotted(keys: Mapping[str, Any], kinds: Mapping[Path, str]) -> None:
+    """:func:`_check_paths` for keys that are all plain dotted paths under dicts."""
+    for path in kinds:
+        parts = [p for p in path if type(p) is str and "." not in p]
+        if path and len(parts) == len(path) and ".".join(parts) in keys:
+            raise _RuleError(f"key {'.'.join(parts)!r} is recorded where a container is")
+    for fqn in keys:
+        i = fqn.rfind(".")
+        while i > 0:
+            if fqn[:i] in keys:
+                raise _RuleError(f"key {fqn!r} is recorded inside key {fqn[:i]!r}")
+            i = fqn.rfind(".", 0, i)
 
 
 def _check_paths(paths: Mapping[str, Path], kinds: Mapping[Path, str]) -> None:

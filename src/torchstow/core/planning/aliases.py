@@ -24,17 +24,11 @@ _Ident = tuple[Any, ...]
 
 
 def _identity(tensor: torch.Tensor) -> _Ident | None:
-    """What makes two tensors the same memory: storage, offset, shape, strides, dtype."""
-    if tensor.layout != torch.strided or tensor.device.type == "meta" or tensor.numel() == 0:
+    """What makes two tensors the same view of memory: where its first element is,
+    shape, strides, dtype and device (None for tensors without data of their own)."""
+    if tensor.layout != torch.strided or tensor.is_meta or tensor.numel() == 0:
         return None
-    return (
-        tensor.device,
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-    )
+    return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
 
 
 def _differ(metadata: Metadata, fqn: str, other: str, offsets: torch.Size) -> bool:
