@@ -120,6 +120,20 @@ def test_a_symbolic_link_in_the_checkpoint_is_not_followed(ckpt: str, tmp_path: 
     assert_refused(ckpt, "data-link.bin", "'w'", readers=("read", "load"))
 
 
+def test_a_mapped_read_does_not_follow_a_symbolic_link(ckpt: str, tmp_path: Any) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(original()["w"].numpy().tobytes())
+    os.symlink(outside, os.path.join(ckpt, "data-link.bin"))
+
+    def point_at_link(doc: Doc) -> None:
+        doc["files"].append("data-link.bin")
+        doc["entries"]["w"].update(file=len(doc["files"]) - 1, offset=0)
+
+    tamper(ckpt, point_at_link)
+    with pytest.raises(torchstow.CorruptCheckpointError, match=r"data-link\.bin"):
+        torchstow.read(ckpt, mmap=True)
+
+
 def test_a_fifo_named_as_a_data_file_does_not_hang(ckpt: str) -> None:
     os.mkfifo(os.path.join(ckpt, "data-fifo.bin"))
 

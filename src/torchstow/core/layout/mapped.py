@@ -16,6 +16,7 @@ and a corrupted byte goes unnoticed.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 import torch
@@ -46,11 +47,17 @@ class _Files:
             if path is None:
                 raise ValueError(f"{self.store.location}: this store has no local files to map")
             try:
-                size = os.path.getsize(path)
+                status = os.lstat(path)  # a link is not followed out of the checkpoint
             except FileNotFoundError as exc:
                 raise CorruptCheckpointError(
                     f"{self.store.location}/{name} is missing, though the committed manifest lists it"
                 ) from exc
+            if not stat.S_ISREG(status.st_mode):
+                raise CorruptCheckpointError(
+                    f"{self.store.location}/{name} is not a regular file (a link, FIFO or device); "
+                    "a checkpoint holds regular files"
+                )
+            size = status.st_size
             # shared=False: a private, copy-on-write mapping of a file opened read-only
             storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size) if size else None
             found = self.maps[name] = (storage, size)
