@@ -32,9 +32,11 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _connect(db: str) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(db, timeout=60, isolation_level=None)  # autocommit; waits for locks
+    # Autocommit, and a busy timeout so concurrent ranks wait for each other's locks. The
+    # default rollback journal is kept: switching a shared file to WAL can fail with
+    # "database is locked" without waiting, when another process holds it at that moment.
+    conn = sqlite3.connect(db, timeout=60, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(_SCHEMA)
         yield conn
     finally:
