@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,22 +28,14 @@ from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    FormatVersionError,
-    IncompleteCheckpointError,
-    StorageIOError,
-)
 from torchstow.format.manifest import (
-    CheckpointInfo,
     Metadata,
     TensorStorageMetadata,
-    stored_nbytes,
 )
 from torchstow.format.structure import build_nested
 from torchstow.interop import dcp_calls, dcp_format
-from torchstow.management.steps import step_of
+from torchstow.management.catalog import checkpoint_uri as _uri
+from torchstow.management.catalog import delete, info, latest, list_checkpoints
 from torchstow.plugins.manager import BackendEntry, default_registry
 
 __all__ = [
@@ -64,16 +55,8 @@ __all__ = [
     "storage_writer",
 ]
 
-logger = logging.getLogger("torchstow")
 
 Uri = str | os.PathLike[str]
-
-
-def _uri(uri: Uri) -> str:
-    text = os.fspath(uri)
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"a checkpoint URI must be a non-empty string or path, got {uri!r}")
-    return text
 
 
 def available_backends() -> list[BackendEntry]:
@@ -422,75 +405,3 @@ def local_metadata(state_dict: Mapping[str, Any], *, allow_pickle: bool = False)
     planner.set_up_planner(state_dict, None, True)
     _, metadata = planner.create_global_plan([planner.create_local_plan()])
     return metadata
-
-
-def _info(uri: str, metadata: Metadata) -> CheckpointInfo:
-    nbytes = stored_nbytes(metadata)
-    return CheckpointInfo(
-        uri=uri,
-        step=step_of(uri, metadata.user_metadata),
-        committed_at=metadata.committed_at,
-        nbytes=nbytes,
-        nbytes_written=nbytes if metadata.nbytes_written is None else metadata.nbytes_written,
-        num_entries=len(metadata.state_dict_metadata),
-        user_metadata=metadata.user_metadata,
-        format_version=metadata.version,
-    )
-
-
-def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
-    """A summary of the checkpoint at ``uri`` from its manifest (no data files read)."""
-    text = _uri(uri)
-    backend = default_registry().backend_for(text, storage_options)
-    return _info(text, dcp_format.read_any_metadata(backend, text))
-
-
-def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
-    """The committed checkpoints directly under ``prefix``, oldest first.
-
-    Ordered by step (see :func:`torchstow.management.steps.step_of`; none first),
-    then by commit time. Incomplete and unreadable checkpoints are skipped.
-    """
-    text = _uri(prefix)
-    backend = default_registry().backend_for(text, storage_options)
-    found = []
-    for child in backend.list_children(text):
-        try:
-            found.append(_info(child, dcp_format.read_any_metadata(backend, child)))
-        except (CheckpointNotFoundError, IncompleteCheckpointError):
-            continue
-        except (CorruptCheckpointError, FormatVersionError) as exc:
-            logger.warning("skipping %s: %s", child, exc)
-        except OSError as exc:
-            if isinstance(exc, StorageIOError) and exc.transient:
-                raise  # the store is failing, not this checkpoint: an older one must not win
-            logger.warning("skipping %s, which cannot be read: %s", child, exc)
-    found.sort(key=lambda i: (-1 if i.step is None else i.step, i.committed_at or 0.0))
-    return found
-
-
-def latest(
-    prefix: Uri, *, storage_options: dict[str, Any] | None = None, verified: bool = False
-) -> str | None:
-    """The URI of the newest committed checkpoint under ``prefix``, or None.
-
-    With ``verified=True``, the newest one whose every byte passes
-    :func:`torchstow.verify` (older ones are tried in turn).
-    """
-    found = list_checkpoints(prefix, storage_options=storage_options)
-    if not verified:
-        return found[-1].uri if found else None
-    from torchstow.management.verify import verify
-
-    for candidate in reversed(found):
-        report = verify(candidate.uri, storage_options=storage_options)
-        if report.ok:
-            return candidate.uri
-        logger.warning("skipping %s: %s", candidate.uri, report.problems[0])
-    return None
-
-
-def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove the checkpoint at ``uri`` (manifest first, so it is never half-valid)."""
-    text = _uri(uri)
-    default_registry().backend_for(text, storage_options).delete(text)

@@ -41,9 +41,9 @@ def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
     """Every checkpoint location directly under ``prefix``, ordered as :func:`torchstow.list_checkpoints`
     orders committed ones (by step, then commit time). Raises :class:`CheckpointNotFoundError`
     when nothing at all is under ``prefix``."""
-    from torchstow.api import _info
     from torchstow.interop.dcp_format import read_any_metadata
     from torchstow.interop.sources import is_dcp
+    from torchstow.management.catalog import checkpoint_info as _info
 
     text = os.fspath(prefix)
     backend = default_registry().backend_for(text, storage_options)

@@ -125,7 +125,7 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """The steps of the committed checkpoints under ``root``, ascending."""
-        from torchstow.api import list_checkpoints
+        from torchstow.management.catalog import list_checkpoints
 
         found = list_checkpoints(self.root, storage_options=self.storage_options)
         return sorted({info.step for info in found if info.step is not None})

@@ -52,7 +52,7 @@ def prune(
     each manifest first, so an interrupted prune leaves only whole
     checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
     """
-    from torchstow.api import delete, list_checkpoints
+    from torchstow.management.catalog import delete, list_checkpoints
 
     doomed = plan_prune(
         list_checkpoints(prefix, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every

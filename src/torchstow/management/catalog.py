@@ -1,0 +1,110 @@
+"""The checkpoints under a prefix, by their manifests: info, listing, latest, delete.
+
+These read manifests only (torchstow's or DCP's ``.metadata``), never data
+files, except :func:`latest` with ``verified=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from torchstow.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompleteCheckpointError,
+    StorageIOError,
+)
+from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
+from torchstow.interop import dcp_format
+from torchstow.management.steps import step_of
+from torchstow.plugins.manager import default_registry
+
+__all__ = ["checkpoint_info", "checkpoint_uri", "delete", "info", "latest", "list_checkpoints"]
+
+logger = logging.getLogger("torchstow")
+
+Uri = str | os.PathLike[str]
+
+
+def checkpoint_uri(uri: Uri) -> str:
+    """``uri`` as a string; a clear error for an empty or non-path value."""
+    text = os.fspath(uri)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"a checkpoint URI must be a non-empty string or path, got {uri!r}")
+    return text
+
+
+def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
+    """The summary of the checkpoint at ``uri`` whose manifest is ``metadata``."""
+    nbytes = stored_nbytes(metadata)
+    return CheckpointInfo(
+        uri=uri,
+        step=step_of(uri, metadata.user_metadata),
+        committed_at=metadata.committed_at,
+        nbytes=nbytes,
+        nbytes_written=nbytes if metadata.nbytes_written is None else metadata.nbytes_written,
+        num_entries=len(metadata.state_dict_metadata),
+        user_metadata=metadata.user_metadata,
+        format_version=metadata.version,
+    )
+
+
+def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+    """A summary of the checkpoint at ``uri`` from its manifest (no data files read)."""
+    text = checkpoint_uri(uri)
+    backend = default_registry().backend_for(text, storage_options)
+    return checkpoint_info(text, dcp_format.read_any_metadata(backend, text))
+
+
+def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
+    """The committed checkpoints directly under ``prefix``, oldest first.
+
+    Ordered by step (see :func:`torchstow.management.steps.step_of`; none first),
+    then by commit time. Incomplete and unreadable checkpoints are skipped.
+    """
+    text = checkpoint_uri(prefix)
+    backend = default_registry().backend_for(text, storage_options)
+    found = []
+    for child in backend.list_children(text):
+        try:
+            found.append(checkpoint_info(child, dcp_format.read_any_metadata(backend, child)))
+        except (CheckpointNotFoundError, IncompleteCheckpointError):
+            continue
+        except (CorruptCheckpointError, FormatVersionError) as exc:
+            logger.warning("skipping %s: %s", child, exc)
+        except OSError as exc:
+            if isinstance(exc, StorageIOError) and exc.transient:
+                raise  # the store is failing, not this checkpoint: an older one must not win
+            logger.warning("skipping %s, which cannot be read: %s", child, exc)
+    found.sort(key=lambda i: (-1 if i.step is None else i.step, i.committed_at or 0.0))
+    return found
+
+
+def latest(
+    prefix: Uri, *, storage_options: dict[str, Any] | None = None, verified: bool = False
+) -> str | None:
+    """The URI of the newest committed checkpoint under ``prefix``, or None.
+
+    With ``verified=True``, the newest one whose every byte passes
+    :func:`torchstow.verify` (older ones are tried in turn).
+    """
+    found = list_checkpoints(prefix, storage_options=storage_options)
+    if not verified:
+        return found[-1].uri if found else None
+    from torchstow.management.verify import verify
+
+    for candidate in reversed(found):
+        report = verify(candidate.uri, storage_options=storage_options)
+        if report.ok:
+            return candidate.uri
+        logger.warning("skipping %s: %s", candidate.uri, report.problems[0])
+    return None
+
+
+def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Remove the checkpoint at ``uri`` (manifest first, so it is never half-valid)."""
+    text = checkpoint_uri(uri)
+    default_registry().backend_for(text, storage_options).delete(text)
