@@ -57,6 +57,9 @@ class Flattened:
         }
 
 
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: never a container
+
+
 def _holds_tensor(seq: Iterable[Any]) -> bool:
     for item in seq:
         if isinstance(item, torch.Tensor):
@@ -90,10 +93,11 @@ def flatten_state_dict(state_dict: Mapping[str, Any]) -> Flattened:
     stack: list[tuple[Path, str, Any]] = [((), "", state_dict)]
     while stack:
         path, fqn, node = stack.pop()
-        if isinstance(node, Mapping):
+        plain_tensor = type(node) in _TENSOR_TYPES  # the common leaf, told apart cheaply
+        if not plain_tensor and isinstance(node, Mapping):
             containers.append((path, DICT, len(leaves)))
             items: Iterable[tuple[Any, Any]] = node.items()
-        elif path and isinstance(node, list | tuple) and _holds_tensor(node):
+        elif not plain_tensor and path and isinstance(node, list | tuple) and _holds_tensor(node):
             containers.append((path, TUPLE if isinstance(node, tuple) else LIST, len(leaves)))
             items = enumerate(node)
         else:
@@ -106,8 +110,9 @@ def flatten_state_dict(state_dict: Mapping[str, Any]) -> Flattened:
             paths[fqn] = path
             continue
         children = []
+        is_sequence = isinstance(node, list | tuple)
         for key, value in items:
-            elem = key if isinstance(node, list | tuple) else _check_key(key, path)
+            elem = key if is_sequence else _check_key(key, path)
             child_fqn = f"{fqn}.{elem}" if path else str(elem)
             children.append(((*path, elem), child_fqn, value))
         stack.extend(reversed(children))

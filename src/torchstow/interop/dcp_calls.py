@@ -150,6 +150,9 @@ def is_stateful(value: Any) -> bool:
     return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
 
 
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types, told apart cheaply
+
+
 class StatefulView:
     """The state dict with every Stateful replaced by its ``state_dict()``, at any depth.
 
@@ -167,6 +170,8 @@ class StatefulView:
         self.plain, self.found = self._expand(state_dict)
 
     def _expand(self, value: Any) -> tuple[Any, bool]:
+        if type(value) in _TENSOR_TYPES:  # the common leaf: neither Stateful nor a container
+            return value, False
         if is_stateful(value):
             raw = value.state_dict()
             self._raw[id(value)] = raw
