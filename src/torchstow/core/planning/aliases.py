@@ -23,11 +23,14 @@ __all__ = ["AliasTracker"]
 _Ident = tuple[Any, ...]
 
 
-def _identity(tensor: torch.Tensor) -> _Ident | None:
+def _has_data(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has data of its own that another key could share."""
+    return tensor.layout == torch.strided and not tensor.is_meta and tensor.numel() != 0
+
+
+def _identity(tensor: torch.Tensor) -> _Ident:
     """What makes two tensors the same view of memory: where its first element is,
-    shape, strides, dtype and device (None for tensors without data of their own)."""
-    if tensor.layout != torch.strided or tensor.is_meta or tensor.numel() == 0:
-        return None
+    shape, strides, dtype and device."""
     return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
 
 
@@ -54,21 +57,28 @@ class AliasTracker:
 
     def __init__(self, metadata: Metadata) -> None:
         self.metadata = metadata
-        self._first: dict[_Ident, tuple[str, torch.Tensor]] = {}
+        # Keys by the address of their first element; the rest of the identity is
+        # compared only when two keys start at one address (most tensors own theirs).
+        self._first: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._checks: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
         self._pending = 0
 
     def target(self, fqn: str, offsets: torch.Size, local: torch.Tensor) -> torch.Tensor:
         """Where ``fqn``'s chunk at ``offsets`` is read: ``local``, or a scratch
         tensor when an earlier key already reads into the same memory."""
+        if not _has_data(local):
+            return local
+        ptr = local.data_ptr()
+        earlier = self._first.get(ptr)
+        if earlier is None:
+            self._first[ptr] = [(fqn, local)]
+            return local
         ident = _identity(local)
-        if ident is None:
+        same = next((pair for pair in earlier if _identity(pair[1]) == ident), None)
+        if same is None:
+            earlier.append((fqn, local))
             return local
-        first = self._first.get(ident)
-        if first is None:
-            self._first[ident] = (fqn, local)
-            return local
-        other, primary = first
+        other, primary = same
         if _differ(self.metadata, fqn, other, offsets):
             raise StateDictMismatchError(
                 f"{other!r} and {fqn!r} are one tensor in the state dict (tied), but the checkpoint holds "

@@ -29,6 +29,15 @@ from torchstow.format.structure import flatten_state_dict, set_leaf
 
 __all__ = ["DefaultLoadPlanner"]
 
+_ZEROS: dict[int, torch.Size] = {}  # torch.Size((0,) * ndim), shared (immutable)
+
+
+def _zeros(ndim: int) -> torch.Size:
+    zeros = _ZEROS.get(ndim)
+    if zeros is None:
+        zeros = _ZEROS[ndim] = torch.Size((0,) * ndim)
+    return zeros
+
 
 def _read_items_for(
     fqn: str, dest_index: MetadataIndex, dest: ChunkStorageMetadata, stored: list[ChunkStorageMetadata]
@@ -37,7 +46,7 @@ def _read_items_for(
     items = []
     for i, chunk in enumerate(stored):
         if chunk.offsets == dest.offsets and chunk.sizes == dest.sizes:
-            zeros = torch.Size((0,) * len(dest.sizes))
+            zeros = _zeros(len(dest.sizes))
             storage_index = MetadataIndex(fqn, chunk.offsets, i)
             return [ReadItem(LoadItemType.TENSOR, dest_index, zeros, storage_index, zeros, dest.sizes)]
         hit = chunk_math.overlap(dest, chunk)
@@ -148,8 +157,11 @@ class DefaultLoadPlanner(LoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         stored = self.metadata.state_dict_metadata
         items: list[ReadItem] = []
-        self._targets: dict[MetadataIndex, torch.Tensor] = {}
+        targets: dict[MetadataIndex, torch.Tensor] = {}
+        self._targets = targets
         self._aliases = AliasTracker(self.metadata)
+        target = self._aliases.target
+        tensor_items = 0
         for fqn, value in self.leaves.items():
             entry = stored.get(fqn)
             if entry is None:
@@ -157,8 +169,10 @@ class DefaultLoadPlanner(LoadPlanner):
             if isinstance(entry, TensorStorageMetadata):
                 for chunk, local in local_chunks(value, fqn):
                     dest_index = MetadataIndex(fqn, chunk.offsets)
-                    self._targets[dest_index] = self._aliases.target(fqn, chunk.offsets, local.detach())
-                    items.extend(_read_items_for(fqn, dest_index, chunk, entry.chunks))
+                    targets[dest_index] = target(fqn, chunk.offsets, local.detach())
+                    reads = _read_items_for(fqn, dest_index, chunk, entry.chunks)
+                    tensor_items += len(reads)
+                    items.extend(reads)
             elif entry.encoding == JSON:
                 self.state_dict = set_leaf(self.state_dict, self.paths[fqn], entry.value)
             else:
@@ -166,7 +180,7 @@ class DefaultLoadPlanner(LoadPlanner):
                 items.append(
                     ReadItem(LoadItemType.BYTE_IO, index, torch.Size(), index, torch.Size(), torch.Size())
                 )
-        self._aliases.expect(sum(item.type == LoadItemType.TENSOR for item in items))
+        self._aliases.expect(tensor_items)
         return LoadPlan(items)
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
