@@ -110,6 +110,7 @@ def check_manifest(
     the fields holding free-form JSON (user metadata, custom storage data).
     """
     where = "the manifest"
+    key = None  # the entry being checked: named only if it fails
     try:
         for name, value in free_values:
             if not _depth_ok(value, MAX_DEPTH):
@@ -122,16 +123,22 @@ def check_manifest(
                 )
         if len(set(files)) != len(files):
             raise _RuleError("'files' names a file twice")
-        for fqn, raw in entries.items():
-            where = f"entries[{fqn!r}]"
-            _check_entry(raw, len(files), block_size)
+        shapes: dict[tuple[str, tuple[int, ...]], int] = {}
+        for key, raw in entries.items():  # noqa: B007 (the failing key names the error)
+            _check_entry(raw, len(files), block_size, shapes)
+        key = None
         where = "planner_data"
         _check_structure(planner_data, entries)
     except _RuleError as exc:
+        if key is not None:
+            where = f"entries[{key!r}]"
         raise CorruptCheckpointError(f"{where}: {exc}") from None
 
 
-def _check_entry(raw: Any, nfiles: int, block_size: int) -> None:
+def _check_entry(
+    raw: Any, nfiles: int, block_size: int, shapes: dict[tuple[str, tuple[int, ...]], int]
+) -> None:
+    """One entry's rules; ``shapes`` holds the byte size of each (dtype, shape) already checked."""
     if raw.dtype is None:
         if raw.encoding not in _ENCODINGS:
             raise _RuleError(
@@ -143,24 +150,17 @@ def _check_entry(raw: Any, nfiles: int, block_size: int) -> None:
         elif raw.file is not None:
             _check_location(raw, nfiles, block_size, None, "")
         return
-    try:
-        itemsize = dtype_from_name(raw.dtype).itemsize
-    except CorruptCheckpointError as exc:
-        raise _RuleError(str(exc)) from None
     shape = raw.shape
-    if shape is None:
-        raise _RuleError("a tensor entry without a 'shape'")
-    if len(shape) > MAX_DIMS:
-        raise _RuleError(f"'shape' has {len(shape)} dimensions, more than {MAX_DIMS}")
-    _range(shape, "'shape'")
-    numel = math.prod(shape)
-    if numel * itemsize > _MAX_INT:
-        raise _RuleError(f"shape {_short(shape)} holds more than 2**63 bytes")
+    nbytes = shapes.get((raw.dtype, tuple(shape))) if shape is not None else None
+    if nbytes is None:
+        nbytes = shapes[raw.dtype, tuple(shape)] = _check_shape(raw.dtype, shape)
     chunks = raw.chunks
     if chunks is None:
         if raw.file is not None:
-            _check_location(raw, nfiles, block_size, numel * itemsize, "")
+            _check_location(raw, nfiles, block_size, nbytes, "")
         return
+    itemsize = dtype_from_name(raw.dtype).itemsize
+    numel = math.prod(shape)
     boxes = []
     for i, chunk in enumerate(chunks):
         what = f"chunks[{i}]"
@@ -181,6 +181,23 @@ def _check_entry(raw: Any, nfiles: int, block_size: int) -> None:
             _check_location(chunk, nfiles, block_size, count * itemsize, f"{what}.")
         boxes.append((offsets, sizes, count))
     _check_tiling(shape, numel, boxes)
+
+
+def _check_shape(dtype: str, shape: list[int] | None) -> int:
+    """A tensor entry's dtype and shape are sane; the bytes its elements take."""
+    try:
+        itemsize = dtype_from_name(dtype).itemsize
+    except CorruptCheckpointError as exc:
+        raise _RuleError(str(exc)) from None
+    if shape is None:
+        raise _RuleError("a tensor entry without a 'shape'")
+    if len(shape) > MAX_DIMS:
+        raise _RuleError(f"'shape' has {len(shape)} dimensions, more than {MAX_DIMS}")
+    _range(shape, "'shape'")
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > _MAX_INT:
+        raise _RuleError(f"shape {_short(shape)} holds more than 2**63 bytes")
+    return nbytes
 
 
 def _check_location(raw: Any, nfiles: int, block_size: int, nbytes: int | None, what: str) -> None:
