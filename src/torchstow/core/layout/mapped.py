@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from torchstow.core.layout.read_plan import checksum_mismatch
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import ChecksumMismatchError, CorruptCheckpointError
+from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import BlockVerifier
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
@@ -89,13 +90,7 @@ def _view(
         bad = verifier.feed(tensor_bytes(tensor))
         bad = verifier.end() if bad is None else bad
         if bad is not None:
-            block = info.block_size or info.length
-            lo = info.offset + bad * block
-            hi = info.offset + min(info.length, (bad + 1) * block)
-            raise ChecksumMismatchError(
-                f"checksum mismatch in {fqn!r}: {files.store.location}/{info.relative_path} bytes "
-                f"{lo}..{hi} differ from what was saved; the checkpoint is corrupted"
-            )
+            raise checksum_mismatch(fqn, files.store.location, info, bad)
     return tensor
 
 

@@ -65,16 +65,19 @@ class PlannedRead:
                 task.target.copy_(self.direct)
 
     def _raise_if_bad(self, bad: int | None, location: str) -> None:
-        if bad is None:
-            return
-        info = self.task.info
-        block = info.block_size or info.length
-        lo = info.offset + bad * block
-        hi = info.offset + min(info.length, (bad + 1) * block)
-        raise ChecksumMismatchError(
-            f"checksum mismatch in {self.task.item.storage_index.fqn!r}: {location}/{info.relative_path} "
-            f"bytes {lo}..{hi} differ from what was saved; the checkpoint is corrupted"
-        )
+        if bad is not None:
+            raise checksum_mismatch(self.task.item.storage_index.fqn, location, self.task.info, bad)
+
+
+def checksum_mismatch(fqn: str, location: str, info: StorageInfo, bad: int) -> ChecksumMismatchError:
+    """The error for checksum block ``bad`` of ``fqn``'s bytes at ``info``, naming its byte range."""
+    block = info.block_size or info.length
+    lo = info.offset + bad * block
+    hi = info.offset + min(info.length, (bad + 1) * block)
+    return ChecksumMismatchError(
+        f"checksum mismatch in {fqn!r}: {location}/{info.relative_path} "
+        f"bytes {lo}..{hi} differ from what was saved; the checkpoint is corrupted"
+    )
 
 
 def plan_read(task: ReadTask) -> PlannedRead:
