@@ -1,0 +1,30 @@
+"""``CheckpointManager`` on real gloo ranks: every rank saves, the coordinator prunes,
+and the checkpoints it keeps restore bit-exact on every rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from manager_scenarios import restore_latest, save_steps, save_steps_and_prune
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_two_ranks_save_prune_on_the_coordinator_and_restore(
+    pools: Any, tmp_path: Path, asynchronous: bool
+) -> None:
+    root = str(tmp_path / "run")
+    seen = pools(2).run(save_steps_and_prune, root, 4, asynchronous)
+    assert seen[0] == seen[1] == ["step-1", "step-1,step-2", "step-2,step-3", "step-3,step-4"]
+    assert pools(2).run(restore_latest, root) == [(4, True)] * 2
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_pruning_while_other_ranks_start_the_next_save_loses_nothing(
+    pools: Any, tmp_path: Path, asynchronous: bool
+) -> None:
+    root = tmp_path / "run"
+    pools(2).run(save_steps, str(root), 5, asynchronous)
+    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-5"]
+    assert pools(2).run(restore_latest, str(root)) == [(5, True)] * 2
