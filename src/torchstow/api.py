@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
+from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.mapped import map_checkpoint
-from torchstow.core.layout.writer import LayoutWriter
+from torchstow.core.layout.writer import DigestSlots, LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
 from torchstow.core.protocol.steps import load_state_dict as _load_protocol
@@ -111,9 +112,11 @@ def _check_user_metadata(metadata: Any) -> dict[str, Any]:
     return dict(metadata)
 
 
-def _attach_base(writer: StorageWriter, base: Uri, storage_options: dict[str, Any] | None) -> None:
+def _attach_base(
+    writer: StorageWriter, base: Uri, storage_options: dict[str, Any] | None, slots: DigestSlots | None
+) -> None:
     """Make ``writer`` save incrementally against the committed checkpoint ``base``
-    (read when the save starts, on every rank)."""
+    (read when the save starts, on every rank); ``slots`` finds remembered digests."""
     text = _uri(base)
     backend = default_registry().backend_for(text, storage_options)
     if not (isinstance(writer, LayoutWriter) and isinstance(backend, StoreBackend)):
@@ -125,6 +128,7 @@ def _attach_base(writer: StorageWriter, base: Uri, storage_options: dict[str, An
         )
     store = backend.open_store(text)
     writer.base_loader = lambda: BaseContent(store, read_manifest(store))
+    writer.digest_slots = slots
 
 
 def _save_job(
@@ -137,6 +141,7 @@ def _save_job(
     checkpoint_id: Uri | None = None,
     explicit_writer: Any = None,
     base: Uri | None = None,
+    slots: DigestSlots | None = None,
 ) -> SaveJob:
     """What a save writes with: the checked user metadata, the writer, the planner."""
     user_metadata = _check_user_metadata(metadata)
@@ -147,7 +152,7 @@ def _save_job(
         lambda location: storage_writer(location, overwrite=overwrite, **(storage_options or {})),
     )
     if base is not None:
-        _attach_base(writer, base, storage_options)
+        _attach_base(writer, base, storage_options, slots)
     save_planner = dcp_calls.torchstow_save_planner(
         planner, lambda: DefaultSavePlanner(allow_pickle=allow_pickle), allow_pickle=allow_pickle
     )
@@ -174,6 +179,7 @@ def save(
     allow_pickle: bool = False,
     timeout: Timeout | None = None,
     base: Uri | None = None,
+    trust_version_counter: bool = False,
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
@@ -184,7 +190,12 @@ def save(
     each step (default: the process group's own timeout). With ``base`` (the
     URI of a committed checkpoint on the same backend) tensors whose bytes
     equal the base's are not written again but shared with it (see
-    :mod:`torchstow.core.layout.incremental`). Returns the committed manifest.
+    :mod:`torchstow.core.layout.incremental`). With ``trust_version_counter``
+    as well, a tensor hashed by an earlier such save in this process whose
+    storage, view and ``tensor._version`` are unchanged is not read again:
+    its remembered digest is compared with the base's. Writes that bypass the
+    version counter (through ``.data``, NumPy, DLPack, raw pointers) then go
+    unnoticed, hence opt-in (see docs/performance.md). Returns the committed manifest.
 
     DCP's keywords work as in ``torch.distributed.checkpoint.save``:
     ``checkpoint_id`` is the same as ``uri``, ``storage_writer`` an explicit
@@ -192,8 +203,18 @@ def save(
     one of DCP's planners. Stateful values (modules, optimizers, anything
     with ``state_dict()``/``load_state_dict()``) are saved through ``state_dict()``.
     """
+    slots = own_slot if trust_version_counter else None
     job = _save_job(
-        uri, storage_options, planner, metadata, overwrite, allow_pickle, checkpoint_id, storage_writer, base
+        uri,
+        storage_options,
+        planner,
+        metadata,
+        overwrite,
+        allow_pickle,
+        checkpoint_id,
+        storage_writer,
+        base,
+        slots,
     )
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     return _save_protocol(
@@ -258,6 +279,7 @@ def async_save(
     allow_pickle: bool = False,
     stager: Stager | None = None,
     base: Uri | None = None,
+    trust_version_counter: bool = False,
 ) -> AsyncSave:
     """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
 
@@ -269,7 +291,10 @@ def async_save(
     ``stager`` (a :class:`DefaultStager` or :class:`StateDictStager`) to stage
     differently; with asynchronous staging, call ``.staged()`` before
     mutating the state dict. Any failure, on any rank, surfaces from
-    ``.result()`` as a :class:`CheckpointException` on every rank.
+    ``.result()`` as a :class:`CheckpointException` on every rank. With
+    ``trust_version_counter`` (and ``base``), the default stager notes each
+    tensor's version as it copies it, so digests are reused as in
+    :func:`save` (the bytes are still copied, not hashed); other stagers hash.
     """
     text = dcp_calls.target_label(uri, checkpoint_id, storage_writer)
 
@@ -284,12 +309,15 @@ def async_save(
             checkpoint_id,
             storage_writer,
             base,
+            staged_slot if trust_version_counter else None,
         )
 
     saves = pipeline()
     collective = saves.commit_collective(process_group, coordinator_rank, no_dist)
     plain = dcp_calls.StatefulView(state_dict).plain
-    return saves.submit(plain, text, prepare, collective=collective, stager=stager)
+    return saves.submit(
+        plain, text, prepare, collective=collective, stager=stager, track_sources=trust_version_counter
+    )
 
 
 def save_state_dict(

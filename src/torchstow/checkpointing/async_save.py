@@ -30,7 +30,7 @@ from torchstow.core.protocol.collective import Collective, ProcessGroupCollectiv
 from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.staging.protocol import Stager
-from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager
+from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.format.manifest import Metadata
 
@@ -170,8 +170,12 @@ class AsyncSavePipeline:
         *,
         collective: Collective,
         stager: Stager | None = None,
+        track_sources: bool = False,
     ) -> AsyncSave:
         """Stage ``state_dict`` and queue its save; see the module docstring.
+
+        ``track_sources`` has the stager note where staged tensors come from
+        (``trust_version_counter``; only torchstow's own stagers can).
 
         A failure while preparing or staging does not raise here: it makes
         the save fail on every rank, so no rank waits for one that gave up.
@@ -185,6 +189,8 @@ class AsyncSavePipeline:
             job: SaveJob | None = None
             try:
                 job = prepare()
+                if track_sources:
+                    _track_sources(stager)
                 staging = as_future(stager.stage(state_dict))
             except Exception as exc:
                 staging = failed_future(exc)
@@ -203,6 +209,12 @@ class AsyncSavePipeline:
         return save_state_dict(
             staged, job.writer, planner=job.planner, collective=collective, user_metadata=job.user_metadata
         )
+
+
+def _track_sources(stager: Stager) -> None:
+    inner = stager.state_dict_stager if isinstance(stager, DefaultStager) else stager
+    if isinstance(inner, StateDictStager):
+        inner.track_sources = True
 
 
 _pipeline: AsyncSavePipeline | None = None

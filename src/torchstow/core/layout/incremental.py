@@ -8,7 +8,10 @@ too (a hard link: no byte is copied), and the new manifest points into it.
 Every other item is written as usual, with its digest recorded next to its
 crc32c, so the next incremental save can compare against it without reading.
 A base saved without digests (a plain save) has the items in question hashed
-from its files once.
+from its files once. With ``trust_version_counter=True`` a tensor item hashed
+by an earlier such save in this process, unchanged since by its version
+counter, takes its digest from :mod:`torchstow.core.layout.digest_memo`
+instead: its bytes are not read unless they must be written.
 
 Each checkpoint thus holds, under its own location, every file it references:
 it loads, verifies and copies on its own, and deleting or pruning any other
@@ -64,14 +67,21 @@ class BaseContent:
         """The digest of ``view``, and where the base already holds these bytes (its file
         now part of ``target``), or None when the item must be written."""
         digest = content_hash(view)
+        return self.reference_digest(index, len(view), digest, target), digest
+
+    def reference_digest(
+        self, index: MetadataIndex, length: int, digest: str, target: ByteStore
+    ) -> StorageInfo | None:
+        """Where the base already holds ``length`` bytes of digest ``digest`` under
+        ``index`` (its file now part of ``target``), or None."""
         info = self.locations.get(index)
-        if info is None or info.length != len(view) or not info.length:
-            return None, digest
+        if info is None or info.length != length or not info.length:
+            return None
         if self._base_hash(index, info) != digest or not self._adopt(info.relative_path, target):
-            return None, digest
+            return None
         return StorageInfo(
             info.relative_path, info.offset, info.length, info.checksums, info.block_size, digest
-        ), digest
+        )
 
     def _base_hash(self, index: MetadataIndex, info: StorageInfo) -> str:
         """The base item's digest: recorded, or computed once from its file."""

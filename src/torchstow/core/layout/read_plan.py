@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from torchstow.core.layout.digest_memo import forget
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.planning import ReadItem
 from torchstow.errors import ChecksumMismatchError
@@ -100,6 +101,8 @@ def plan_read(task: ReadTask) -> PlannedRead:
         and target.is_contiguous()
         and not (target.is_conj() or target.is_neg())  # raw bytes would land under the flag
     )
+    if direct:
+        forget(target)  # its bytes change without its version counter moving
     if direct and item.lengths == task.chunk_sizes:
         # The common case: a whole stored chunk straight into its target.
         read.direct = target

@@ -19,13 +19,16 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from torchstow.core.futures import completed_future
 from torchstow.core.layout.commit import committed_files, publish_manifest
+from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, default_thread_count, rebind
 from torchstow.core.layout.views import as_host_bytes
@@ -53,6 +56,8 @@ _QUEUE_ITEMS = 1024
 _SEGMENT = 1 << 20
 _FLUSH_BYTES = 8 << 20
 _ZEROS = bytes(LARGE_ALIGN)
+
+DigestSlots = Callable[[torch.Tensor], DigestSlot | None]
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class LayoutWriter(StorageWriter):
         self._open_store = open_store
         self._rank = 0
         self.base_loader: BaseLoader | None = None
+        #: With a base: where a tensor item's digest may be remembered (trust_version_counter).
+        self.digest_slots: DigestSlots | None = None
         self._base: BaseContent | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -170,7 +177,7 @@ class LayoutWriter(StorageWriter):
     def _write_file(self, name: str, items: Sequence[Any], planner: SavePlanner) -> list[WriteResult]:
         sink = self.store.create(name)
         try:
-            results = _write_items(sink, name, items, planner, self._base, self.store)
+            results = _write_items(sink, name, items, planner, self._base, self.store, self.digest_slots)
             sink.close()
         except BaseException:
             sink.abort()
@@ -270,9 +277,11 @@ def _write_items(
     planner: SavePlanner,
     base: BaseContent | None = None,
     store: ByteStore | None = None,
+    slots: DigestSlots | None = None,
 ) -> list[WriteResult]:
     """Write ``items`` into one file; with a ``base``, tensors it already holds are
-    referenced instead (a result of 0 bytes written) and the rest hashed as written."""
+    referenced instead (a result of 0 bytes written) and the rest hashed as written.
+    ``slots`` says where a tensor's digest may be remembered from an earlier save."""
     packed = _PackedFile(sink, name)
     results = []
     for item in items:
@@ -280,16 +289,37 @@ def _write_items(
         if isinstance(data, io.BytesIO):
             view = memoryview(data.getvalue())
             owner: Any = view
-        else:
+            info = packed.add(view, owner)
+        elif base is not None and store is not None and item.tensor_data is not None:
+            slot = slots(data) if slots is not None else None
+            known = slot.digest() if slot is not None else None
+            if known is not None:  # unchanged by its version counter: no byte read
+                found = base.reference_digest(item.index, data.nbytes, known, store)
+                if found is not None:
+                    results.append(WriteResult(item.index, 0, found))
+                    continue
             owner, view = as_host_bytes(data)
-        if base is not None and store is not None and item.tensor_data is not None:
             found, digest = base.reference(item.index, view, store)
+            if slot is not None:
+                if known is not None and known != digest:
+                    _warn_stale(item.index.fqn)
+                slot.remember(digest)
             if found is not None:
                 results.append(WriteResult(item.index, 0, found))
                 continue
             info = replace(packed.add(view, owner), content_hash=digest)
         else:
+            owner, view = as_host_bytes(data)
             info = packed.add(view, owner)
         results.append(WriteResult(item.index, info.length, info))
     packed.flush()
     return results
+
+
+def _warn_stale(fqn: str) -> None:
+    logger.warning(
+        "trust_version_counter: the bytes of %r changed without its version counter moving (a write "
+        "through .data, NumPy, DLPack or a raw pointer?); it was hashed and written, but other tensors "
+        "written that way may have been shared with the base unchanged",
+        fqn,
+    )

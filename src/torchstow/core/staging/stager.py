@@ -27,6 +27,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchstow.core.dtensors import dtensor_type
+from torchstow.core.layout.digest_memo import forget_staged, note_staged
 from torchstow.core.staging.arena import SharedMemoryArena
 
 __all__ = [
@@ -204,6 +205,8 @@ class _StagingPass:
                 self.keep.append(src)  # its storage is cached by id: keep it alive
             storage = self.copy_storage(src.untyped_storage())
             y = torch.empty(0, dtype=x.dtype).set_(storage, src.storage_offset(), src.size(), src.stride())
+            if self.stager.track_sources and src is x:
+                note_staged(x, y)
             if x.requires_grad:
                 y.requires_grad_(True)
             if isinstance(x, torch.nn.Parameter):
@@ -224,6 +227,7 @@ class _StagingPass:
             if source.device.type != "cpu":
                 self.devices.add(source.device)
             staged = self.storages[key] = self.stager._stage_storage(source, self.non_blocking)
+            forget_staged(staged)  # what it held before is gone
         return staged
 
 
@@ -238,7 +242,10 @@ class StateDictStager:
     staged state dict is overwritten by the next ``stage`` call: finish with
     it first. ``pin_memory`` without an accelerator falls back to pageable
     memory (logged once); ``share_memory`` puts buffers in shared memory
-    that another process can map. Not thread-safe.
+    that another process can map. ``track_sources`` notes which tensor (and
+    version) each staged tensor was copied from, so an incremental save with
+    ``trust_version_counter=True`` can reuse its digest (see
+    :mod:`torchstow.core.layout.digest_memo`). Not thread-safe.
     """
 
     def __init__(self, pin_memory: bool = False, share_memory: bool = False) -> None:
@@ -247,6 +254,7 @@ class StateDictStager:
             pin_memory = False
         self.pin_memory = pin_memory
         self.share_memory = share_memory
+        self.track_sources = False
         self._cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
         pin_segments = pin_memory and torch.cuda.is_available()
         self._arena = SharedMemoryArena(pin=pin_segments) if share_memory else None

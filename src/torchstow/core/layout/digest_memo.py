@@ -1,0 +1,152 @@
+"""Digests reused while a tensor's version counter stands still (``trust_version_counter=True``).
+
+An incremental save with ``trust_version_counter=True`` remembers, in this
+process, the BLAKE3 digest of each tensor item it hashed: weakly keyed on the
+item's untyped storage (the record goes when the storage goes), under the
+item's view of it (the storage's data pointer and size, storage offset, shape,
+stride, dtype, conjugate and negative bits) and its ``tensor._version``. Only
+the latest version of each view is kept. A later such save of the same view
+at the same version takes the digest from here instead of reading the bytes.
+
+PyTorch bumps the version counter on every in-place operation, optimizer steps
+included; writes through ``.data``, NumPy views, DLPack, raw pointers or
+another tensor made over the same memory (``set_``, ``frombuffer``) do not,
+which is why the reuse is opt-in. torchstow's own raw writes into a tensor (a
+load in place) call :func:`forget`.
+
+An asynchronous save writes a staged copy: with source tracking on, the
+stager notes the source's slot at the moment it copies it
+(:func:`note_staged`), and the writer finds it by the staged tensor
+(:func:`staged_slot`). A staged buffer refilled by a later staging pass loses
+its notes first (:func:`forget_staged`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["DigestSlot", "forget", "forget_staged", "note_staged", "own_slot", "staged_slot"]
+
+_View = tuple[Any, ...]
+
+
+class _Digests:
+    """The digests remembered for views of one storage: view -> (version, digest)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict[_View, tuple[int, str]] = {}
+
+
+_lock = threading.Lock()
+_memo: WeakIdKeyDictionary = WeakIdKeyDictionary()  # UntypedStorage -> _Digests
+_staged: WeakIdKeyDictionary = WeakIdKeyDictionary()  # staged UntypedStorage -> {view: DigestSlot | None}
+
+
+@dataclass(frozen=True)
+class DigestSlot:
+    """Where one tensor item's digest is remembered: its storage's record, its view, its version."""
+
+    record: _Digests
+    view: _View
+    version: int
+
+    def digest(self) -> str | None:
+        """The digest remembered for this view at this version, if any."""
+        found = self.record.entries.get(self.view)
+        return found[1] if found is not None and found[0] == self.version else None
+
+    def remember(self, digest: str) -> None:
+        """Remember ``digest`` for this view at this version (replacing older versions)."""
+        self.record.entries[self.view] = (self.version, digest)
+
+
+def _view_of(tensor: torch.Tensor) -> tuple[torch.UntypedStorage, _View] | None:
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        return None
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    view = (
+        storage.data_ptr(),
+        storage.nbytes(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.is_conj(),
+        tensor.is_neg(),
+    )
+    return storage, view
+
+
+def own_slot(tensor: torch.Tensor) -> DigestSlot | None:
+    """The slot of ``tensor``'s own bytes; None where it has no version counter
+    (inference-mode tensors) or no single storage."""
+    found = _view_of(tensor)
+    if found is None:
+        return None
+    try:
+        version = tensor._version
+    except RuntimeError:  # inference tensors track no version
+        return None
+    storage, view = found
+    with _lock:
+        record = _memo.get(storage)
+        if record is None:
+            record = _memo[storage] = _Digests()
+    return DigestSlot(record, view, version)
+
+
+def forget(tensor: torch.Tensor) -> None:
+    """Drop every digest remembered for ``tensor``'s storage: its bytes are being
+    written without its version counter moving."""
+    if not _memo:
+        return
+    found = _view_of(tensor)
+    if found is not None:
+        with _lock:
+            _memo.pop(found[0], None)
+
+
+def forget_staged(staged: torch.UntypedStorage) -> None:
+    """Drop the notes of a staging buffer about to be filled again."""
+    if _staged:
+        with _lock:
+            _staged.pop(staged, None)
+
+
+def note_staged(source: torch.Tensor, staged: torch.Tensor) -> None:
+    """Note that ``staged`` now holds a copy of ``source``'s bytes (same view)."""
+    slot = own_slot(source)
+    found = _view_of(staged)
+    if found is None:
+        return
+    storage, view = found
+    with _lock:
+        views = _staged.get(storage)
+        if views is None:
+            views = _staged[storage] = {}
+        noted = views.setdefault(view, slot)
+        if noted != slot:  # two sources with separate counters: trust neither
+            views[view] = None
+
+
+def staged_slot(tensor: torch.Tensor) -> DigestSlot | None:
+    """The slot of the source a staged ``tensor`` was copied from, if the stager noted it."""
+    if not _staged:
+        return None
+    found = _view_of(tensor)
+    if found is None:
+        return None
+    storage, view = found
+    with _lock:
+        views = _staged.get(storage)
+    return views.get(view) if views is not None else None
