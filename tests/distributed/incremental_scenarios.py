@@ -57,3 +57,34 @@ def load_resharded(rank: int, world_size: int, path: str, step: int) -> bool:
     return all(torch.equal(raw(target[n].to_local()), raw(want[n].to_local())) for n in full) and torch.equal(
         target["norm"].to_local(), torch.arange(8.0)
     )
+
+
+def save_trusting(rank: int, world_size: int, root: str, asynchronous: bool) -> tuple[int, int]:
+    """Steps 1-3 with trust_version_counter=True, ``trainable`` changed in place before
+    step 3: (bytes this rank hashed in step 3, bytes step 3 wrote over all ranks)."""
+    from torchstow.core.layout import incremental
+
+    state = _dtensors(world_size, expected(1), 0)
+    hashed: list[int] = []
+    real = incremental.content_hash
+
+    def counting(view: memoryview) -> str:
+        hashed.append(len(view))
+        return real(view)
+
+    incremental.content_hash = counting
+    try:
+        for step in (1, 2, 3):
+            if step == 3:
+                hashed.clear()
+                with torch.no_grad():
+                    state["trainable"].add_(1)
+            base = None if step == 1 else f"{root}/step-{step - 1}"
+            path = f"{root}/step-{step}"
+            if asynchronous:
+                torchstow.async_save(state, path, base=base, trust_version_counter=True).result()
+            else:
+                torchstow.save(state, path, base=base, timeout=60, trust_version_counter=True)
+    finally:
+        incremental.content_hash = real
+    return sum(hashed), torchstow.info(f"{root}/step-3").nbytes_written

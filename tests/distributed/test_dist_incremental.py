@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from incremental_scenarios import SHAPES, expected, load_resharded, save_two_steps
+from incremental_scenarios import SHAPES, expected, load_resharded, save_trusting, save_two_steps
 
 import torchstow
 
@@ -28,3 +28,20 @@ def test_two_ranks_share_unchanged_shards_and_the_result_reshards_after_the_base
     for name, tensor in expected(2).items():
         assert torch.equal(got[name], tensor), name
     assert pools(4).run(load_resharded, f"{root}/step-2", 2) == [True] * 4
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_two_ranks_trusting_version_counters_hash_only_what_changed(
+    pools: Any, tmp_path: Path, asynchronous: bool
+) -> None:
+    root = str(tmp_path)
+    results = pools(2).run(save_trusting, root, asynchronous)
+    shard = 16 * 32 * 4 // 2  # each rank's half of the changed tensor
+    assert [hashed for hashed, _ in results] == [shard, shard]
+    written = results[0][1]
+    assert 2 * shard <= written < 2 * shard + 2 * 4096
+    torchstow.delete(f"{root}/step-1")
+    torchstow.delete(f"{root}/step-2")
+    got = torchstow.read(f"{root}/step-3")
+    for name, tensor in expected(1).items():
+        assert torch.equal(got[name], tensor + 1 if name == "trainable" else tensor), name

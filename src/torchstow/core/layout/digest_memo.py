@@ -4,7 +4,10 @@ An incremental save with ``trust_version_counter=True`` remembers, in this
 process, the BLAKE3 digest of each tensor item it hashed: weakly keyed on the
 item's untyped storage (the record goes when the storage goes), under the
 item's view of it (the storage's data pointer and size, storage offset, shape,
-stride, dtype, conjugate and negative bits) and its ``tensor._version``. Only
+stride, dtype, conjugate and negative bits) and its version: the pair of the
+state-dict value's ``_version`` and the item tensor's (they differ for a
+DTensor, whose in-place operations bump the DTensor's counter and not its
+local tensor's, while writes to the local tensor bump only the latter). Only
 the latest version of each view is kept. A later such save of the same view
 at the same version takes the digest from here instead of reading the bytes.
 
@@ -30,6 +33,8 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from torchstow.core.dtensors import dtensor_type
+
 __all__ = ["DigestSlot", "forget", "forget_staged", "note_staged", "own_slot", "staged_slot"]
 
 _View = tuple[Any, ...]
@@ -41,7 +46,7 @@ class _Digests:
     __slots__ = ("entries",)
 
     def __init__(self) -> None:
-        self.entries: dict[_View, tuple[int, str]] = {}
+        self.entries: dict[_View, tuple[tuple[int, int], str]] = {}
 
 
 _lock = threading.Lock()
@@ -55,7 +60,7 @@ class DigestSlot:
 
     record: _Digests
     view: _View
-    version: int
+    version: tuple[int, int]
 
     def digest(self) -> str | None:
         """The digest remembered for this view at this version, if any."""
@@ -87,14 +92,25 @@ def _view_of(tensor: torch.Tensor) -> tuple[torch.UntypedStorage, _View] | None:
     return storage, view
 
 
-def own_slot(tensor: torch.Tensor) -> DigestSlot | None:
-    """The slot of ``tensor``'s own bytes; None where it has no version counter
-    (inference-mode tensors) or no single storage."""
+def _trackable(value: Any) -> bool:
+    """Plain tensors, parameters and DTensors: other subclasses may hold their data elsewhere."""
+    if type(value) in (torch.Tensor, torch.nn.Parameter):
+        return True
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(value, dtensor)
+
+
+def own_slot(tensor: torch.Tensor, value: Any) -> DigestSlot | None:
+    """The slot of ``tensor``'s own bytes, an item of the state-dict value ``value``
+    (itself, or the DTensor it is the local shard of); None where either has no
+    version counter (inference-mode tensors), or ``tensor`` no single storage."""
+    if not (_trackable(value) and type(tensor) in (torch.Tensor, torch.nn.Parameter)):
+        return None
     found = _view_of(tensor)
     if found is None:
         return None
     try:
-        version = tensor._version
+        version = (value._version, tensor._version)
     except RuntimeError:  # inference tensors track no version
         return None
     storage, view = found
@@ -123,9 +139,11 @@ def forget_staged(staged: torch.UntypedStorage) -> None:
             _staged.pop(staged, None)
 
 
-def note_staged(source: torch.Tensor, staged: torch.Tensor) -> None:
-    """Note that ``staged`` now holds a copy of ``source``'s bytes (same view)."""
-    slot = own_slot(source)
+def note_staged(source: torch.Tensor, staged: torch.Tensor, value: Any) -> None:
+    """Note that ``staged`` now holds a copy of ``source``'s bytes (same view),
+    ``source`` being the state-dict value ``value`` or its local shard (a
+    DTensor's note replaces the one its local tensor made)."""
+    slot = own_slot(source, value)
     found = _view_of(staged)
     if found is None:
         return
@@ -135,12 +153,15 @@ def note_staged(source: torch.Tensor, staged: torch.Tensor) -> None:
         if views is None:
             views = _staged[storage] = {}
         noted = views.setdefault(view, slot)
-        if noted != slot:  # two sources with separate counters: trust neither
+        if value is not source:
+            views[view] = slot
+        elif noted != slot:  # two sources with separate counters: trust neither
             views[view] = None
 
 
-def staged_slot(tensor: torch.Tensor) -> DigestSlot | None:
-    """The slot of the source a staged ``tensor`` was copied from, if the stager noted it."""
+def staged_slot(tensor: torch.Tensor, value: Any = None) -> DigestSlot | None:
+    """The slot of the source a staged ``tensor`` was copied from, if the stager
+    noted it (``value``, the staged state-dict value, is not needed)."""
     if not _staged:
         return None
     found = _view_of(tensor)

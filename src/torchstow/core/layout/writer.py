@@ -32,7 +32,7 @@ from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, default_thread_count, rebind
 from torchstow.core.layout.views import as_host_bytes
-from torchstow.core.planning import SavePlan, SavePlanner
+from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import CheckpointExistsError
@@ -57,7 +57,8 @@ _SEGMENT = 1 << 20
 _FLUSH_BYTES = 8 << 20
 _ZEROS = bytes(LARGE_ALIGN)
 
-DigestSlots = Callable[[torch.Tensor], DigestSlot | None]
+#: Where a tensor item's digest may be remembered, given its data and its state-dict value.
+DigestSlots = Callable[[torch.Tensor, Any], DigestSlot | None]
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,7 @@ def _write_items(
             owner: Any = view
             info = packed.add(view, owner)
         elif base is not None and store is not None and item.tensor_data is not None:
-            slot = slots(data) if slots is not None else None
+            slot = slots(data, _leaf(planner, item)) if slots is not None else None
             known = slot.digest() if slot is not None else None
             if known is not None:  # unchanged by its version counter: no byte read
                 found = base.reference_digest(item.index, data.nbytes, known, store)
@@ -314,6 +315,12 @@ def _write_items(
         results.append(WriteResult(item.index, info.length, info))
     packed.flush()
     return results
+
+
+def _leaf(planner: SavePlanner, item: Any) -> Any:
+    """The state-dict value ``item`` comes from, where the planner is torchstow's (else None)."""
+    flat = planner.flat if isinstance(planner, DefaultSavePlanner) else None
+    return flat.leaves.get(item.index.fqn) if flat is not None else None
 
 
 def _warn_stale(fqn: str) -> None:

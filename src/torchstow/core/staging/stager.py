@@ -191,6 +191,8 @@ class _StagingPass:
         dtensor = dtensor_type()
         if dtensor is not None and isinstance(x, dtensor):
             local = self.copy(x._local_tensor)  # type: ignore[attr-defined]
+            if self.stager.track_sources:
+                note_staged(x._local_tensor, local, x)  # type: ignore[attr-defined]
             y: torch.Tensor = dtensor(local, x._spec, requires_grad=x.requires_grad)  # type: ignore[attr-defined]
         elif x.device.type == "meta":
             y = x.detach()  # no data to copy
@@ -206,7 +208,7 @@ class _StagingPass:
             storage = self.copy_storage(src.untyped_storage())
             y = torch.empty(0, dtype=x.dtype).set_(storage, src.storage_offset(), src.size(), src.stride())
             if self.stager.track_sources and src is x:
-                note_staged(x, y)
+                note_staged(x, y, x)
             if x.requires_grad:
                 y.requires_grad_(True)
             if isinstance(x, torch.nn.Parameter):
