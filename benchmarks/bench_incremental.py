@@ -4,11 +4,13 @@ Workload: ``frozen`` MiB of frozen float32 weights (16 MiB tensors), a
 trainable part of 1/64 of that (4 MiB tensors) and its AdamW state, as
 ``{"model": model.state_dict(), "optim": optimizer.state_dict()}``. Each
 round saves step 1 (untimed), takes an optimizer step, then times the
-second save four ways, in rotating order: torchstow with ``base=`` step 1
+second save five ways, in rotating order: torchstow with ``base=`` step 1
 (a plain save: its digests are computed from its files), torchstow with
 ``base=`` a checkpoint that recorded digests (the steady state of a run that
-always saves with ``base=``), torchstow without, and DCP (which has no
-incremental save). Every save is
+always saves with ``base=``), the same with ``trust_version_counter=True``
+(the digests of tensors unchanged by their version counter since the save of
+step 2, made in this process with the flag, are reused: the frozen weights are
+not read), torchstow without, and DCP (which has no incremental save). Every save is
 synced to disk. Bytes written: torchstow's ``info().nbytes_written``, the
 size of DCP's files.
 """
@@ -70,6 +72,11 @@ def _contenders(root: str) -> dict[str, Callable[[Any], int]]:
         torchstow.save(sd, path, base=os.path.join(root, "step-2"))
         return torchstow.info(path).nbytes_written
 
+    def trusted(sd: Any) -> int:
+        path = os.path.join(root, "trusted")
+        torchstow.save(sd, path, base=os.path.join(root, "step-2"), trust_version_counter=True)
+        return torchstow.info(path).nbytes_written
+
     def full(sd: Any) -> int:
         path = os.path.join(root, "full")
         torchstow.save(sd, path)
@@ -83,6 +90,7 @@ def _contenders(root: str) -> dict[str, Callable[[Any], int]]:
     return {
         "torchstow base=": incremental,
         "torchstow base= digested": steady,
+        "torchstow base= trusted": trusted,
         "torchstow full": full,
         "dcp": dcp_save,
     }
@@ -100,12 +108,14 @@ def main(root: str, repeats: int, report: Report, frozen_mib: int = 1024) -> Non
         model = FineTuned(frozen_mib)
         optimizer = torch.optim.AdamW([p for p in model.adapters])
         _step(model, optimizer)
-        for name in ("step-1", "step-2", "inc", "steady", "full", "dcp"):
+        for name in ("step-1", "step-2", "inc", "steady", "trusted", "full", "dcp"):
             fresh_dir(os.path.join(root, name))
         first = {"model": model.state_dict(), "optim": optimizer.state_dict()}
         torchstow.save(first, os.path.join(root, "step-1"))
-        # step 2 (same values) as an incremental save too, so it records digests
-        torchstow.save(first, os.path.join(root, "step-2"), base=os.path.join(root, "step-1"))
+        # step 2 (same values) as an incremental save too, so it records digests (in its
+        # manifest, and in this process for the trusting contender)
+        step_2 = os.path.join(root, "step-2")
+        torchstow.save(first, step_2, base=os.path.join(root, "step-1"), trust_version_counter=True)
         _step(model, optimizer)
         sd = {"model": model.state_dict(), "optim": optimizer.state_dict()}
         total = torchstow.info(os.path.join(root, "step-1")).nbytes
@@ -131,3 +141,6 @@ def main(root: str, repeats: int, report: Report, frozen_mib: int = 1024) -> Non
     digested = results["torchstow base= digested"]
     report.ratio("finetune later save: base= (digested) vs full", digested, [results["torchstow full"]], 10.0)
     report.ratio("finetune later save: base= (digested) vs DCP", digested, [results["dcp"]], 10.0)
+    trusted = results["torchstow base= trusted"]
+    report.ratio("finetune later save: base= trusted vs full", trusted, [results["torchstow full"]], 10.0)
+    report.ratio("finetune later save: base= trusted vs DCP", trusted, [results["dcp"]], 10.0)
