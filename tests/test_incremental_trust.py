@@ -16,6 +16,7 @@ import torch
 
 import torchstow
 from torchstow.core.layout import incremental
+from torchstow.core.staging.stager import StateDictStager
 from torchstow.testing import assert_same_state
 
 
@@ -184,4 +185,20 @@ def test_a_write_behind_the_counter_is_caught_when_the_base_differs_and_digests_
     assert torchstow.info(tmp_path / "3").nbytes_written == 256 * 256 * 4
     entry = json.loads((tmp_path / "3" / "manifest.json").read_text())["entries"]["w"]
     assert entry["blake3"] == blake3.blake3(state["w"].numpy().tobytes()).hexdigest()
+    assert_same_state(torchstow.read(tmp_path / "3"), state)
+
+
+def test_a_staging_buffer_refilled_by_the_stager_is_hashed_again(tmp_path: Path, hashed: list[int]) -> None:
+    gen = torch.Generator().manual_seed(4)
+    state = {"frozen": torch.randn(256, 256, generator=gen), "trained": torch.randn(256, 256, generator=gen)}
+    stager = StateDictStager()
+    torchstow.save(stager.stage(state), tmp_path / "1")
+    torchstow.save(stager.stage(state), tmp_path / "2", base=tmp_path / "1", trust_version_counter=True)
+    with torch.no_grad():
+        state["trained"].mul_(-1)
+    hashed.clear()
+    staged = stager.stage(state)  # the same buffers, new tensors over them
+    torchstow.save(staged, tmp_path / "3", base=tmp_path / "2", trust_version_counter=True)
+    assert sorted(hashed) == [256 * 256 * 4] * 2  # the stager's copy_ moves no counter
+    assert torchstow.info(tmp_path / "3").nbytes_written == 256 * 256 * 4
     assert_same_state(torchstow.read(tmp_path / "3"), state)

@@ -21,7 +21,9 @@ An asynchronous save writes a staged copy: with source tracking on, the
 stager notes the source's slot at the moment it copies it
 (:func:`note_staged`), and the writer finds it by the staged tensor
 (:func:`staged_slot`). A staged buffer refilled by a later staging pass loses
-its notes first (:func:`forget_staged`).
+its notes, and any digest remembered for tensors over it, first
+(:func:`forget_staged`): a staged copy saved as it is by a save of its own
+would otherwise look unchanged, its new tensors starting at version 0.
 """
 
 from __future__ import annotations
@@ -133,10 +135,12 @@ def forget(tensor: torch.Tensor) -> None:
 
 
 def forget_staged(staged: torch.UntypedStorage) -> None:
-    """Drop the notes of a staging buffer about to be filled again."""
-    if _staged:
+    """Drop what is remembered about a staging buffer just filled again: its notes,
+    and the digests of tensors over it (a staged copy may be saved as it is)."""
+    if _staged or _memo:
         with _lock:
             _staged.pop(staged, None)
+            _memo.pop(staged, None)
 
 
 def note_staged(source: torch.Tensor, staged: torch.Tensor, value: Any) -> None:
