@@ -1,10 +1,11 @@
 """Digests reused while a tensor's version counter stands still (``trust_version_counter=True``).
 
 An incremental save with ``trust_version_counter=True`` remembers, in this
-process, the BLAKE3 digest of each tensor item it hashed: weakly keyed on the
-item's untyped storage (the record goes when the storage goes), under the
-item's view of it (the storage's data pointer and size, storage offset, shape,
-stride, dtype, conjugate and negative bits) and its version: the pair of the
+process, the BLAKE3 digest of each tensor item it hashed: on the item's
+untyped storage (an attribute of its Python object, which goes when the
+storage goes; no tensor is kept alive), under the item's view of it (the
+storage's data pointer and size, storage offset, shape, stride, dtype,
+conjugate and negative bits) and its version: the pair of the
 state-dict value's ``_version`` and the item tensor's (they differ for a
 DTensor, whose in-place operations bump the DTensor's counter and not its
 local tensor's, while writes to the local tensor bump only the latter). Only
@@ -28,12 +29,9 @@ would otherwise look unchanged, its new tensors starting at version 0.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from torchstow.core.dtensors import dtensor_type
 
@@ -51,13 +49,14 @@ class _Digests:
         self.entries: dict[_View, tuple[tuple[int, int], str]] = {}
 
 
-_lock = threading.Lock()
-_memo: WeakIdKeyDictionary = WeakIdKeyDictionary()  # UntypedStorage -> _Digests
-_staged: WeakIdKeyDictionary = WeakIdKeyDictionary()  # staged UntypedStorage -> {view: DigestSlot | None}
+# Kept as attributes of the storages' Python objects, which PyTorch keeps as long as
+# the storage lives: the records go with their storage, and a lookup costs a getattr.
+_DIGESTS = "_torchstow_digests"  # on a storage: its _Digests
+_NOTES = "_torchstow_staged_from"  # on a staging buffer: {view: DigestSlot | None}
+_used = False  # whether any digest was remembered in this process
 
 
-@dataclass(frozen=True)
-class DigestSlot:
+class DigestSlot(NamedTuple):
     """Where one tensor item's digest is remembered: its storage's record, its view, its version."""
 
     record: _Digests
@@ -106,6 +105,7 @@ def own_slot(tensor: torch.Tensor, value: Any) -> DigestSlot | None:
     """The slot of ``tensor``'s own bytes, an item of the state-dict value ``value``
     (itself, or the DTensor it is the local shard of); None where either has no
     version counter (inference-mode tensors), or ``tensor`` no single storage."""
+    global _used
     if not (_trackable(value) and type(tensor) in (torch.Tensor, torch.nn.Parameter)):
         return None
     found = _view_of(tensor)
@@ -116,31 +116,30 @@ def own_slot(tensor: torch.Tensor, value: Any) -> DigestSlot | None:
     except RuntimeError:  # inference tensors track no version
         return None
     storage, view = found
-    with _lock:
-        record = _memo.get(storage)
-        if record is None:
-            record = _memo[storage] = _Digests()
+    record = getattr(storage, _DIGESTS, None)
+    if record is None:  # two threads may both make one: a digest lost, nothing wrong
+        record = _Digests()
+        setattr(storage, _DIGESTS, record)
+        _used = True
     return DigestSlot(record, view, version)
 
 
 def forget(tensor: torch.Tensor) -> None:
     """Drop every digest remembered for ``tensor``'s storage: its bytes are being
     written without its version counter moving."""
-    if not _memo:
+    if not _used:
         return
     found = _view_of(tensor)
-    if found is not None:
-        with _lock:
-            _memo.pop(found[0], None)
+    if found is not None and getattr(found[0], _DIGESTS, None) is not None:
+        setattr(found[0], _DIGESTS, None)
 
 
 def forget_staged(staged: torch.UntypedStorage) -> None:
     """Drop what is remembered about a staging buffer just filled again: its notes,
     and the digests of tensors over it (a staged copy may be saved as it is)."""
-    if _staged or _memo:
-        with _lock:
-            _staged.pop(staged, None)
-            _memo.pop(staged, None)
+    for name in (_NOTES, _DIGESTS):
+        if getattr(staged, name, None) is not None:
+            setattr(staged, name, None)
 
 
 def note_staged(source: torch.Tensor, staged: torch.Tensor, value: Any) -> None:
@@ -152,26 +151,23 @@ def note_staged(source: torch.Tensor, staged: torch.Tensor, value: Any) -> None:
     if found is None:
         return
     storage, view = found
-    with _lock:
-        views = _staged.get(storage)
-        if views is None:
-            views = _staged[storage] = {}
-        noted = views.setdefault(view, slot)
-        if value is not source:
-            views[view] = slot
-        elif noted != slot:  # two sources with separate counters: trust neither
-            views[view] = None
+    views = getattr(storage, _NOTES, None)
+    if views is None:
+        views = {}
+        setattr(storage, _NOTES, views)
+    noted = views.setdefault(view, slot)
+    if value is not source:
+        views[view] = slot
+    elif noted != slot:  # two sources with separate counters: trust neither
+        views[view] = None
 
 
 def staged_slot(tensor: torch.Tensor, value: Any = None) -> DigestSlot | None:
     """The slot of the source a staged ``tensor`` was copied from, if the stager
     noted it (``value``, the staged state-dict value, is not needed)."""
-    if not _staged:
-        return None
     found = _view_of(tensor)
     if found is None:
         return None
     storage, view = found
-    with _lock:
-        views = _staged.get(storage)
+    views = getattr(storage, _NOTES, None)
     return views.get(view) if views is not None else None
