@@ -319,7 +319,7 @@ def _write_items(
 
 def _leaf(planner: SavePlanner, item: Any) -> Any:
     """The state-dict value ``item`` comes from, where the planner is torchstow's (else None)."""
-    flat = planner.flat if isinstance(planner, DefaultSavePlanner) else None
+    flat = getattr(planner, "flat", None) if isinstance(planner, DefaultSavePlanner) else None
     return flat.leaves.get(item.index.fqn) if flat is not None else None
 
 
