@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from torchstow.core.planning.aligned_plan import Entries, aligned_global_plan, check_tensor
 from torchstow.core.planning.geometry import global_shape, is_raw_tensor, local_chunks
 from torchstow.core.planning.items import BytesWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torchstow.core.planning.planners import SavePlanner
@@ -20,11 +21,10 @@ from torchstow.format.manifest import (
     MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
-    dtype_name,
 )
 from torchstow.format.structure import flatten_state_dict
 
-__all__ = ["DefaultSavePlanner", "dedup_save_plans", "merge_planner_data"]
+__all__ = ["DefaultSavePlanner", "dedup_save_plans", "global_entries", "merge_planner_data"]
 
 
 class DefaultSavePlanner(SavePlanner):
@@ -106,41 +106,12 @@ class DefaultSavePlanner(SavePlanner):
         return plan
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        if self.dedup_replicated_tensors and len(all_plans) > 1:
-            all_plans = dedup_save_plans(all_plans)
-        entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-        final_plans = []
-        for plan in all_plans:
-            kept = []
-            for item in plan.items:
-                fqn = item.index.fqn
-                if item.tensor_data is not None:
-                    td = item.tensor_data
-                    entry = entries.get(fqn)
-                    if entry is None:
-                        entry = entries[fqn] = TensorStorageMetadata(td.properties, td.size, [])
-                    elif not isinstance(entry, TensorStorageMetadata):
-                        raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
-                    elif entry.size != td.size or entry.properties.dtype != td.properties.dtype:
-                        raise ValueError(
-                            f"{fqn}: ranks disagree on the tensor: shape {list(entry.size)} "
-                            f"{dtype_name(entry.properties.dtype)} vs {list(td.size)} "
-                            f"{dtype_name(td.properties.dtype)}"
-                        )
-                    item.index.index = len(entry.chunks)  # the lookup hint, as DCP fills it
-                    entry.chunks.append(td.chunk)
-                    kept.append(item)
-                else:
-                    assert item.bytes_data is not None
-                    bd = item.bytes_data
-                    entries[fqn] = BytesStorageMetadata(bd.encoding, bd.value)
-                    if bd.encoding != JSON:
-                        kept.append(item)
-            final_plans.append(SavePlan(kept, plan.storage_data, plan.planner_data))
-        memo: dict[int, Any] = {}
-        for fqn, entry in entries.items():
-            if isinstance(entry, TensorStorageMetadata):
-                chunk_math.validate_cover(fqn, entry.size, entry.chunks, memo)
+        planned = aligned_global_plan(all_plans, self.dedup_replicated_tensors) if all_plans else None
+        if planned is None:
+            if self.dedup_replicated_tensors and len(all_plans) > 1:
+                all_plans = dedup_save_plans(all_plans)
+            planned = global_entries(all_plans)
+        final_plans, entries = planned
         planner_data = merge_planner_data([p.planner_data for p in all_plans])
         return final_plans, Metadata(state_dict_metadata=entries, planner_data=planner_data)
 
@@ -152,6 +123,43 @@ class DefaultSavePlanner(SavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._payloads[write_item.index.fqn])
         return self._tensors[write_item.index].detach()
+
+
+def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
+    """The manifest's entries for ``all_plans`` (deduplicated already), each tensor's
+    chunks validated, and the plans less the objects stored inline."""
+    entries: Entries = {}
+    final_plans = []
+    for plan in all_plans:
+        kept = []
+        for item in plan.items:
+            fqn = item.index.fqn
+            entry = entries.get(fqn)
+            if item.tensor_data is not None:
+                td = item.tensor_data
+                if entry is None:
+                    entry = entries[fqn] = TensorStorageMetadata(td.properties, td.size, [])
+                elif not isinstance(entry, TensorStorageMetadata):
+                    raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+                elif entry.size != td.size or entry.properties.dtype != td.properties.dtype:
+                    check_tensor(fqn, entry, td)
+                item.index.index = len(entry.chunks)  # the lookup hint, as DCP fills it
+                entry.chunks.append(td.chunk)
+                kept.append(item)
+            else:
+                if isinstance(entry, TensorStorageMetadata):
+                    raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+                assert item.bytes_data is not None
+                bd = item.bytes_data
+                entries[fqn] = BytesStorageMetadata(bd.encoding, bd.value)
+                if bd.encoding != JSON:
+                    kept.append(item)
+        final_plans.append(SavePlan(kept, plan.storage_data, plan.planner_data))
+    memo: dict[int, Any] = {}
+    for fqn, entry in entries.items():
+        if isinstance(entry, TensorStorageMetadata):
+            chunk_math.validate_cover(fqn, entry.size, entry.chunks, memo)
+    return final_plans, entries
 
 
 def dedup_save_plans(all_plans: list[SavePlan]) -> list[SavePlan]:

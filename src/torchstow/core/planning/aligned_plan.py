@@ -1,0 +1,202 @@
+"""The coordinator's global save plan when every rank lists the same keys in the same order.
+
+That is what SPMD training gives (data parallel, FSDP, tensor parallel: every
+rank flattens the same model). It lets the coordinator work on columns (one
+key on every rank) instead of on items: each rank's items are read once, in
+the order they arrived (memory read in sequence), into lists of indices and
+write data, and each column is then known by the identities of its write
+data and offsets. A rank's items share their write data objects (its planner
+makes one per distinct chunk, and unpickling keeps that sharing), so a
+model's columns fall into a few classes, about one per distinct shape and
+placement. Classifying duplicates, checking shape and dtype agree and
+validating the cover of the chunks run once per class; per item there
+remain a few list operations that the interpreter runs in C. The result is
+the general planner's (``DefaultSavePlanner.create_global_plan``) exactly;
+that planner plans every other case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torchstow.core.planning.items import SavePlan, TensorWriteData, WriteItem
+from torchstow.format import chunks as chunk_math
+from torchstow.format.leaves import JSON
+from torchstow.format.manifest import BytesStorageMetadata, TensorStorageMetadata, dtype_name
+
+__all__ = ["Entries", "aligned_global_plan", "check_tensor"]
+
+Entries = dict[str, TensorStorageMetadata | BytesStorageMetadata]
+
+
+@dataclass(eq=False)
+class _Class:
+    """Columns whose write data and offsets are the same objects on every rank."""
+
+    first: int  # the first column of the class
+    tensor: bool
+    #: for each distinct offset, the ranks holding it in rank order: [[0], [1], ...]
+    #: for shards, [[0, 1, ...]] for an item every rank holds (one per rank without dedup)
+    holders: list[list[int]]
+    columns: int = 0  # how many columns it has
+    distinct: bool = True  # whether every rank's item is its own (nothing to deduplicate)
+
+    def __post_init__(self) -> None:
+        self.distinct = all(len(group) == 1 for group in self.holders)
+
+
+def _classify(
+    fqn: str, j: int, tds: Sequence[TensorWriteData | None], offsets: Sequence[Any], dedup: bool
+) -> _Class:
+    tensor = tds[0] is not None
+    if any((td is not None) != tensor for td in tds):
+        raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+    if not dedup:
+        return _Class(j, tensor, [[r] for r in range(len(tds))])
+    by_offset: dict[Any, list[int]] = {}
+    for rank, offset in enumerate(offsets):
+        by_offset.setdefault(offset, []).append(rank)
+    return _Class(j, tensor, list(by_offset.values()))
+
+
+def item_bytes(td: TensorWriteData | None) -> int:
+    """Bytes of a write item's chunk (0 for an object)."""
+    return 0 if td is None else td.chunk.sizes.numel() * td.properties.dtype.itemsize
+
+
+def check_tensor(fqn: str, entry: TensorStorageMetadata, td: TensorWriteData) -> None:
+    """Raise ValueError unless a rank's write data agree with the entry on shape and dtype."""
+    if td.size != entry.size or td.properties.dtype != entry.properties.dtype:
+        raise ValueError(
+            f"{fqn}: ranks disagree on the tensor: shape {list(entry.size)} "
+            f"{dtype_name(entry.properties.dtype)} vs {list(td.size)} {dtype_name(td.properties.dtype)}"
+        )
+
+
+def _entry(fqn: str, tds: Sequence[TensorWriteData], memo: dict[int, Any]) -> TensorStorageMetadata:
+    """The entry of a tensor stored as the chunks of ``tds`` (in rank order), validated."""
+    first = tds[0]
+    entry = TensorStorageMetadata(first.properties, first.size, [td.chunk for td in tds])
+    for td in dict.fromkeys(tds):  # each distinct write data once
+        check_tensor(fqn, entry, td)
+    chunk_math.validate_cover(fqn, first.size, entry.chunks, memo)
+    return entry
+
+
+def _owners(
+    classes: list[_Class], columns: list[_Class], td_columns: list[tuple[Any, ...]], ranks: int
+) -> dict[int, list[int]]:
+    """The ranks that keep each column's items, for columns some rank's item is dropped from.
+
+    An item several ranks hold goes to the one with the fewest bytes so far,
+    then the fewest items, biggest items first (in the order they first
+    appear among equals), after every rank is charged its own items.
+    """
+    load = [0] * ranks
+    count = [0] * ranks
+    for cls in classes:  # each rank's own items, a class at a time
+        tds = td_columns[cls.first]
+        for group in cls.holders:
+            if len(group) == 1:
+                load[group[0]] += item_bytes(tds[group[0]]) * cls.columns
+                count[group[0]] += cls.columns
+    shared = [
+        (group[0], j, group, item_bytes(td_columns[j][group[0]]))
+        for j, cls in enumerate(columns)
+        if not cls.distinct
+        for group in cls.holders
+        if len(group) > 1
+    ]
+    shared.sort(key=lambda s: (s[0], s[1]))  # the order they first appear in, rank by rank
+    shared.sort(key=lambda s: -s[3])
+    keys = list(zip(load, count, strict=True))
+    owner: dict[tuple[int, int], int] = {}
+    for first, j, group, size in shared:
+        best = min(group, key=keys.__getitem__)
+        owner[j, first] = best
+        load[best] += size
+        count[best] += 1
+        keys[best] = (load[best], count[best])
+    kept: dict[int, list[int]] = {}
+    for j, cls in enumerate(columns):
+        if not cls.distinct:
+            kept[j] = sorted(group[0] if len(group) == 1 else owner[j, group[0]] for group in cls.holders)
+    return kept
+
+
+def aligned_global_plan(all_plans: list[SavePlan], dedup: bool) -> tuple[list[SavePlan], Entries] | None:
+    """Final plans and the manifest's entries, or None unless every rank's plan
+    lists the same keys, once each, in the same order."""
+    lists = [plan.items for plan in all_plans]
+    fqns = [item.index.fqn for item in lists[0]]
+    width = len(fqns)
+    if len(set(fqns)) != width:
+        return None
+    indices: list[list[Any]] = []
+    datas: list[list[TensorWriteData | None]] = []
+    offsets: list[list[Any]] = []
+    for rank_items in lists:  # one rank at a time, while its objects are in cache
+        if len(rank_items) != width:
+            return None
+        index = [item.index for item in rank_items]
+        if [i.fqn for i in index] != fqns:
+            return None
+        indices.append(index)
+        offsets.append([i.offset for i in index])
+        datas.append([item.tensor_data for item in rank_items])
+    ranks = len(lists)
+    dedup = dedup and ranks > 1
+    td_columns = list(zip(*datas, strict=True))
+    del datas
+    by_key: dict[tuple[tuple[int, ...], tuple[int, ...]], _Class] = {}
+    columns: list[_Class] = []
+    for j, (fqn, tds, offs) in enumerate(zip(fqns, td_columns, zip(*offsets, strict=True), strict=True)):
+        key = (tuple(map(id, tds)), tuple(map(id, offs)))
+        cls = by_key.get(key)
+        if cls is None:
+            cls = by_key[key] = _classify(fqn, j, tds, offs, dedup)
+        cls.columns += 1
+        columns.append(cls)
+    del offsets
+
+    owners = _owners(list(by_key.values()), columns, td_columns, ranks) if dedup else {}
+    everyone = list(range(ranks))
+    entries: Entries = {}
+    plain: list[int] = []  # positions every rank keeps, with the rank as the chunk's hint
+    kept_by_rank: list[list[int]] = [[] for _ in range(ranks)]  # the other positions each rank keeps
+    memo: dict[int, Any] = {}
+    validated: dict[tuple[int, ...], TensorStorageMetadata] = {}
+    for j, (fqn, cls, tds) in enumerate(zip(fqns, columns, td_columns, strict=True)):
+        kept = owners.get(j, everyone)
+        if cls.tensor:
+            chosen = tds if kept is everyone else [tds[r] for r in kept]
+            ids = tuple(map(id, chosen))
+            entry = validated.get(ids)
+            if entry is None:
+                entry = validated[ids] = _entry(fqn, chosen, memo)
+            entries[fqn] = TensorStorageMetadata(entry.properties, entry.size, list(entry.chunks))
+            if kept is everyone:
+                plain.append(j)
+                continue
+            for position, rank in enumerate(kept):
+                indices[rank][j].index = position  # the lookup hint, as DCP fills it
+        else:
+            data = lists[kept[-1]][j].bytes_data
+            assert data is not None
+            entries[fqn] = BytesStorageMetadata(data.encoding, data.value)
+            if data.encoding == JSON:
+                continue  # inline in the manifest: nothing to write
+        for rank in kept:
+            kept_by_rank[rank].append(j)
+
+    final = []
+    every = len(plain) == width
+    for rank, (plan, index) in enumerate(zip(all_plans, indices, strict=True)):
+        for i in index if every else map(index.__getitem__, plain):
+            i.index = rank
+        items: list[WriteItem] = plan.items
+        items = list(items) if every else list(map(items.__getitem__, sorted(plain + kept_by_rank[rank])))
+        final.append(SavePlan(items, plan.storage_data, plan.planner_data))
+    return final, entries
