@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
-from torchstow.core.planning.items import SavePlan, TensorWriteData, WriteItem
+from torchstow.core.planning.items import SavePlan, TensorWriteData
 from torchstow.format import chunks as chunk_math
 from torchstow.format.leaves import JSON
 from torchstow.format.manifest import BytesStorageMetadata, TensorStorageMetadata, dtype_name
@@ -33,32 +34,63 @@ Entries = dict[str, TensorStorageMetadata | BytesStorageMetadata]
 
 @dataclass(eq=False)
 class _Class:
-    """Columns whose write data and offsets are the same objects on every rank."""
+    """Columns whose write data and offsets are equal on every rank (mostly the same objects)."""
 
     first: int  # the first column of the class
+    tds: tuple[TensorWriteData | None, ...]
+    offsets: tuple[Any, ...]
     tensor: bool
     #: for each distinct offset, the ranks holding it in rank order: [[0], [1], ...]
     #: for shards, [[0, 1, ...]] for an item every rank holds (one per rank without dedup)
     holders: list[list[int]]
     columns: int = 0  # how many columns it has
     distinct: bool = True  # whether every rank's item is its own (nothing to deduplicate)
+    entry: TensorStorageMetadata | None = None  # validated, when every rank keeps its item
 
     def __post_init__(self) -> None:
         self.distinct = all(len(group) == 1 for group in self.holders)
 
 
 def _classify(
-    fqn: str, j: int, tds: Sequence[TensorWriteData | None], offsets: Sequence[Any], dedup: bool
+    fqn: str, j: int, tds: tuple[TensorWriteData | None, ...], offsets: tuple[Any, ...], dedup: bool
 ) -> _Class:
     tensor = tds[0] is not None
     if any((td is not None) != tensor for td in tds):
         raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
     if not dedup:
-        return _Class(j, tensor, [[r] for r in range(len(tds))])
+        return _Class(j, tds, offsets, tensor, [[r] for r in range(len(tds))])
     by_offset: dict[Any, list[int]] = {}
     for rank, offset in enumerate(offsets):
         by_offset.setdefault(offset, []).append(rank)
-    return _Class(j, tensor, list(by_offset.values()))
+    return _Class(j, tds, offsets, tensor, list(by_offset.values()))
+
+
+def _classes(
+    fqns: list[str], td_columns: list[tuple[Any, ...]], offsets: list[list[Any]], dedup: bool
+) -> list[_Class]:
+    """The class of each column.
+
+    A column is looked up by the identities of three of its write data
+    (first, middle and last rank) and then compared whole; the comparison
+    is one identity test per rank when the column shares its objects with
+    the class, and falls back to comparing values, so equal columns always
+    share a class, however their objects came to be.
+    """
+    buckets: dict[tuple[int, int, int], list[_Class]] = {}
+    columns: list[_Class] = []
+    mid = len(offsets) // 2
+    for j, (fqn, tds, offs) in enumerate(zip(fqns, td_columns, zip(*offsets, strict=True), strict=True)):
+        key = (id(tds[0]), id(tds[mid]), id(tds[-1]))
+        bucket = buckets.setdefault(key, [])
+        for cls in bucket:
+            if cls.tds == tds and cls.offsets == offs:
+                break
+        else:
+            cls = _classify(fqn, j, tds, offs, dedup)
+            bucket.append(cls)
+        cls.columns += 1
+        columns.append(cls)
+    return columns
 
 
 def item_bytes(td: TensorWriteData | None) -> int:
@@ -75,7 +107,7 @@ def check_tensor(fqn: str, entry: TensorStorageMetadata, td: TensorWriteData) ->
         )
 
 
-def _entry(fqn: str, tds: Sequence[TensorWriteData], memo: dict[int, Any]) -> TensorStorageMetadata:
+def _entry(fqn: str, tds: Sequence[Any], memo: dict[int, Any]) -> TensorStorageMetadata:
     """The entry of a tensor stored as the chunks of ``tds`` (in rank order), validated."""
     first = tds[0]
     entry = TensorStorageMetadata(first.properties, first.size, [td.chunk for td in tds])
@@ -128,7 +160,12 @@ def _owners(
 
 def aligned_global_plan(all_plans: list[SavePlan], dedup: bool) -> tuple[list[SavePlan], Entries] | None:
     """Final plans and the manifest's entries, or None unless every rank's plan
-    lists the same keys, once each, in the same order."""
+    lists the same keys, once each, in the same order.
+
+    Tensor items get their lookup hint (their chunk's place in the entry) as
+    they are read: the rank, in a column every rank keeps. When the plans turn
+    out not to be aligned, the general planner sets every kept item's hint again.
+    """
     lists = [plan.items for plan in all_plans]
     fqns = [item.index.fqn for item in lists[0]]
     width = len(fqns)
@@ -137,51 +174,50 @@ def aligned_global_plan(all_plans: list[SavePlan], dedup: bool) -> tuple[list[Sa
     indices: list[list[Any]] = []
     datas: list[list[TensorWriteData | None]] = []
     offsets: list[list[Any]] = []
-    for rank_items in lists:  # one rank at a time, while its objects are in cache
+    for rank, rank_items in enumerate(lists):  # one rank at a time, while its objects are in cache
         if len(rank_items) != width:
             return None
         index = [item.index for item in rank_items]
         if [i.fqn for i in index] != fqns:
             return None
+        rank_tds = [item.tensor_data for item in rank_items]
+        for i, td in zip(index, rank_tds, strict=True):
+            if td is not None:
+                i.index = rank  # the lookup hint, as DCP fills it
         indices.append(index)
         offsets.append([i.offset for i in index])
-        datas.append([item.tensor_data for item in rank_items])
+        datas.append(rank_tds)
     ranks = len(lists)
     dedup = dedup and ranks > 1
     td_columns = list(zip(*datas, strict=True))
     del datas
-    by_key: dict[tuple[tuple[int, ...], tuple[int, ...]], _Class] = {}
-    columns: list[_Class] = []
-    for j, (fqn, tds, offs) in enumerate(zip(fqns, td_columns, zip(*offsets, strict=True), strict=True)):
-        key = (tuple(map(id, tds)), tuple(map(id, offs)))
-        cls = by_key.get(key)
-        if cls is None:
-            cls = by_key[key] = _classify(fqn, j, tds, offs, dedup)
-        cls.columns += 1
-        columns.append(cls)
+    columns = _classes(fqns, td_columns, offsets, dedup)
     del offsets
+    owners = _owners(list(dict.fromkeys(columns)), columns, td_columns, ranks) if dedup else {}
 
-    owners = _owners(list(by_key.values()), columns, td_columns, ranks) if dedup else {}
-    everyone = list(range(ranks))
     entries: Entries = {}
-    plain: list[int] = []  # positions every rank keeps, with the rank as the chunk's hint
-    kept_by_rank: list[list[int]] = [[] for _ in range(ranks)]  # the other positions each rank keeps
+    plain = [True] * width  # the positions every rank keeps
+    kept_by_rank: list[list[int]] = [[] for _ in range(ranks)]  # what each rank keeps of the others
     memo: dict[int, Any] = {}
     validated: dict[tuple[int, ...], TensorStorageMetadata] = {}
     for j, (fqn, cls, tds) in enumerate(zip(fqns, columns, td_columns, strict=True)):
-        kept = owners.get(j, everyone)
+        kept = owners.get(j)
+        if cls.tensor and kept is None:
+            if cls.entry is None:
+                cls.entry = _entry(fqn, tds, memo)
+            entries[fqn] = TensorStorageMetadata(cls.entry.properties, cls.entry.size, list(cls.entry.chunks))
+            continue
+        plain[j] = False
+        kept = kept or list(range(ranks))
         if cls.tensor:
-            chosen = tds if kept is everyone else [tds[r] for r in kept]
+            chosen = [tds[r] for r in kept]
             ids = tuple(map(id, chosen))
             entry = validated.get(ids)
             if entry is None:
                 entry = validated[ids] = _entry(fqn, chosen, memo)
             entries[fqn] = TensorStorageMetadata(entry.properties, entry.size, list(entry.chunks))
-            if kept is everyone:
-                plain.append(j)
-                continue
             for position, rank in enumerate(kept):
-                indices[rank][j].index = position  # the lookup hint, as DCP fills it
+                indices[rank][j].index = position
         else:
             data = lists[kept[-1]][j].bytes_data
             assert data is not None
@@ -191,12 +227,15 @@ def aligned_global_plan(all_plans: list[SavePlan], dedup: bool) -> tuple[list[Sa
         for rank in kept:
             kept_by_rank[rank].append(j)
 
+    every = all(plain)
     final = []
-    every = len(plain) == width
-    for rank, (plan, index) in enumerate(zip(all_plans, indices, strict=True)):
-        for i in index if every else map(index.__getitem__, plain):
-            i.index = rank
-        items: list[WriteItem] = plan.items
-        items = list(items) if every else list(map(items.__getitem__, sorted(plain + kept_by_rank[rank])))
+    for plan, kept in zip(all_plans, kept_by_rank, strict=True):
+        if every:
+            items = list(plan.items)
+        else:
+            mask = plain.copy()
+            for j in kept:
+                mask[j] = True
+            items = list(compress(plan.items, mask))
         final.append(SavePlan(items, plan.storage_data, plan.planner_data))
     return final, entries
