@@ -16,7 +16,17 @@ The cyclic garbage collector is off during each step, for both (torchstow's
 save protocol turns it off; with it on, its passes over millions of plan
 objects make any planner look super-linear).
 
-python benchmarks/bench_plan_scale.py [--ranks 1024] [--items 2000] [--plot docs/plan_scale.png]
+DCP is not run past ``--dcp-max-ranks`` ranks (its planning takes minutes
+there, and its memory grows with it): its times at such a size are
+extrapolated linearly in the ranks from the same number of items at the
+largest size it ran, halving the ranks until within the cap (measured:
+its time grows about linearly with ranks from 64 to 512, so the figure is
+if anything low). Extrapolated figures are printed, stored and plotted
+apart, with the size they come from, never mixed with measured ones.
+``--base-only`` measures only the base size (and DCP's source size for it).
+
+python benchmarks/bench_plan_scale.py [--ranks 1024] [--items 2000] [--dcp-max-ranks 512]
+    [--base-only] [--plot docs/plan_scale.png]
 """
 
 from __future__ import annotations
@@ -230,22 +240,62 @@ def measure(name: str, ranks: int, items: int) -> dict[str, float]:
     return times
 
 
-def sizes(ranks: int, items: int) -> list[tuple[int, int]]:
+def sizes(ranks: int, items: int, base_only: bool = False) -> list[tuple[int, int]]:
     """The base size, half and double the ranks, half and double the items."""
+    if base_only:
+        return [(ranks, items)]
     return [(ranks // 2, items), (ranks, items // 2), (ranks, items), (ranks * 2, items), (ranks, items * 2)]
 
 
-def run(ranks: int, items: int, repeats: int) -> dict[str, dict[tuple[int, int], dict[str, float]]]:
-    """Every contender at every size; the fastest of ``repeats`` runs per step."""
-    found: dict[str, dict[tuple[int, int], dict[str, float]]] = {name: {} for name in RUNNERS}
-    for r, i in sizes(ranks, items):
-        for name in RUNNERS:
-            runs = [measure(name, r, i) for _ in range(repeats)]
-            best = {key: min(run[key] for run in runs) for key in runs[0]}
-            found[name][(r, i)] = best
-            steps = "  ".join(f"{k} {v:.3f}" for k, v in best.items() if not k.endswith(" wall"))
-            print(f"  plan-scale {name:<10} {r:>5} ranks x {i:>5} items: {steps}", flush=True)
-    return found
+Found = dict[str, dict[tuple[int, int], dict[str, float]]]
+
+
+def _best(name: str, ranks: int, items: int, repeats: int) -> dict[str, float]:
+    runs = [measure(name, ranks, items) for _ in range(repeats)]
+    best = {key: min(run[key] for run in runs) for key in runs[0]}
+    steps = "  ".join(f"{k} {v:.3f}" for k, v in best.items() if not k.endswith(" wall"))
+    print(f"  plan-scale {name:<10} {ranks:>5} ranks x {items:>5} items: {steps}", flush=True)
+    return best
+
+
+def source_ranks(ranks: int, cap: int) -> int:
+    """The ranks DCP runs at to stand for ``ranks`` past the cap: halved until within it."""
+    while ranks > cap:
+        ranks //= 2
+    return ranks
+
+
+def run(
+    ranks: int, items: int, repeats: int, dcp_max_ranks: int | None = None, base_only: bool = False
+) -> tuple[Found, dict[tuple[int, int], tuple[int, dict[str, float]]]]:
+    """Every contender at every size; the fastest of ``repeats`` runs per step.
+
+    Returns the measured times, and DCP's extrapolated ones: for each size
+    past ``dcp_max_ranks``, the ranks it was measured at and the times scaled
+    to the size (none when the cap is 0: DCP is not run at all).
+    """
+    found: Found = {name: {} for name in RUNNERS}
+    extrapolated: dict[tuple[int, int], tuple[int, dict[str, float]]] = {}
+    for r, i in sizes(ranks, items, base_only):
+        found["torchstow"][(r, i)] = _best("torchstow", r, i, repeats)
+        if dcp_max_ranks is None or r <= dcp_max_ranks:
+            found["dcp"][(r, i)] = _best("dcp", r, i, repeats)
+            continue
+        if not dcp_max_ranks:
+            continue
+        source = source_ranks(r, dcp_max_ranks)
+        if (source, i) not in found["dcp"]:
+            found["dcp"][(source, i)] = _best("dcp", source, i, repeats)
+        scale = r / source
+        times = {k: v * scale for k, v in found["dcp"][(source, i)].items()}
+        extrapolated[(r, i)] = (source, times)
+        steps = "  ".join(f"{k} {v:.3f}" for k, v in times.items() if not k.endswith(" wall"))
+        print(
+            f"  plan-scale dcp        {r:>5} ranks x {i:>5} items: EXTRAPOLATED from {source} ranks "
+            f"(x{scale:g}), not measured: {steps}",
+            flush=True,
+        )
+    return found, extrapolated
 
 
 def planning_seconds(times: dict[str, float]) -> float:
@@ -253,8 +303,11 @@ def planning_seconds(times: dict[str, float]) -> float:
     return sum(v for k, v in times.items() if k in ("global plan", "writer plan", "encode"))
 
 
-def plot(found: dict[str, dict[tuple[int, int], dict[str, float]]], path: str) -> None:
-    """Planning time against ranks x items, one line per contender."""
+def plot(
+    found: Found, path: str, extrapolated: dict[tuple[int, int], tuple[int, dict[str, float]]] | None = None
+) -> None:
+    """Planning time against ranks x items, one line per contender (DCP's
+    extrapolated points dashed, with hollow markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,6 +320,12 @@ def plot(found: dict[str, dict[tuple[int, int], dict[str, float]]], path: str) -
         ax.plot(chunks, [planning_seconds(by_size[s]) for s in order], marker="o", color=color, label=name)
         decode = [by_size[s]["decode"] for s in order]
         ax.plot(chunks, decode, marker="x", linestyle=":", color=color, label=f"{name} decode")
+    if extrapolated:
+        order = sorted(extrapolated, key=lambda ri: (ri[0] * ri[1], ri[0]))
+        chunks = [r * i / 1e6 for r, i in order]
+        seconds = [planning_seconds(extrapolated[s][1]) for s in order]
+        ax.plot(chunks, seconds, marker="o", markerfacecolor="none", linestyle="--", color="tab:orange")
+        ax.plot([], [], linestyle="--", color="tab:orange", label="dcp, extrapolated (not run)")
     ax.set_xlabel("ranks x items (millions of chunks)")
     ax.set_ylabel("CPU seconds")
     ax.set_title("Coordinator: global plan + manifest encode (solid), manifest decode (dotted)")
@@ -280,29 +339,45 @@ def plot(found: dict[str, dict[tuple[int, int], dict[str, float]]], path: str) -
 
 
 def main(
-    root: str, repeats: int, report: Report, ranks: int = 1024, items: int = 2000, png: str | None = None
+    root: str,
+    repeats: int,
+    report: Report,
+    ranks: int = 1024,
+    items: int = 2000,
+    png: str | None = None,
+    dcp_max_ranks: int | None = 512,
+    base_only: bool = False,
 ) -> None:
-    """Measure every size; record times, ratios vs DCP and the linearity of torchstow."""
+    """Measure every size; record times, ratios vs DCP (measured, or extrapolated
+    under a key that says so) and the linearity of torchstow."""
     print(f"plan scale: {ranks} simulated ranks x {items} items (and halves/doubles)", flush=True)
-    found = run(ranks, items, repeats)
+    found, extrapolated = run(ranks, items, repeats, dcp_max_ranks, base_only)
     base = (ranks, items)
     label = f"plan {ranks}x{items}"
     ours = report.add(Result(label, "plan", "torchstow", [planning_seconds(found["torchstow"][base])], 0))
-    theirs = report.add(Result(label, "plan", "dcp", [planning_seconds(found["dcp"][base])], 0))
-    report.ratio(f"plan+manifest {ranks} ranks x {items} items vs DCP", ours, [theirs], 5.0)
+    if base in found["dcp"]:
+        theirs = report.add(Result(label, "plan", "dcp", [planning_seconds(found["dcp"][base])], 0))
+        report.ratio(f"plan+manifest {ranks} ranks x {items} items vs DCP", ours, [theirs], 5.0)
+    elif base in extrapolated:
+        source, times = extrapolated[base]
+        key = f"plan+manifest {ranks} ranks x {items} items vs DCP EXTRAPOLATED from {source} ranks"
+        report.ratios[key] = planning_seconds(times) / ours.best
+        print(f"  {key}: {report.ratios[key]:.2f}x (DCP not run at this size)", flush=True)
     for name in RUNNERS:
         t = found[name]
-        report.ratios[f"{name} plan time, 2x ranks"] = planning_seconds(
-            t[(ranks * 2, items)]
-        ) / planning_seconds(t[base])
-        report.ratios[f"{name} plan time, 2x items"] = planning_seconds(
-            t[(ranks, items * 2)]
-        ) / planning_seconds(t[base])
-        report.ratios[f"{name} decode time, 2x ranks"] = t[(ranks * 2, items)]["decode"] / t[base]["decode"]
+        if base not in t:
+            continue
         report.ratios[f"{name} peak MiB at base"] = t[base]["peak MiB"]
         report.ratios[f"{name} manifest MiB at base"] = t[base]["manifest MiB"]
+        at_base = planning_seconds(t[base])
+        for what, size in (("2x ranks", (ranks * 2, items)), ("2x items", (ranks, items * 2))):
+            if size in t:  # measured at both sizes only
+                report.ratios[f"{name} plan time, {what}"] = planning_seconds(t[size]) / at_base
+        if (ranks * 2, items) in t:
+            decode = t[(ranks * 2, items)]["decode"] / t[base]["decode"]
+            report.ratios[f"{name} decode time, 2x ranks"] = decode
     if png:
-        plot(found, png)
+        plot(found, png, extrapolated)
 
 
 if __name__ == "__main__":
@@ -313,5 +388,21 @@ if __name__ == "__main__":
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--plot", default=None, help="write the plot to this PNG")
+    parser.add_argument(
+        "--dcp-max-ranks",
+        type=int,
+        default=512,
+        help="run DCP up to this many ranks, extrapolate past it (0: never run DCP)",
+    )
+    parser.add_argument("--base-only", action="store_true", help="measure the base size only")
     args = parser.parse_args()
-    main("", args.repeats, Report("coordinator scale"), args.ranks, args.items, args.plot)
+    main(
+        "",
+        args.repeats,
+        Report("coordinator scale"),
+        args.ranks,
+        args.items,
+        args.plot,
+        args.dcp_max_ranks,
+        args.base_only,
+    )

@@ -1,7 +1,7 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
 python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap]
-    [--repeats 3] [--root DIR] [--out FILE] [--plan-ranks 1024] [--plan-items 2000]
+    [--repeats 3] [--root DIR] [--out FILE] [--plan-ranks 1024] [--plan-items 2000] [--plan-dcp-max-ranks 512]
     [--plan-plot docs/plan_scale.png] [--incremental-mib 1024] [--mmap-mib 1024]
 
 TORCHSTOW_BENCH_MANAGE_BYTES sets the size of the manage suite's checkpoint (default 1 GiB).
@@ -57,13 +57,20 @@ def main() -> None:
     parser.add_argument("--plan-items", type=int, default=2000, help="items per rank of the plan suite")
     parser.add_argument("--plan-plot", default=None, help="PNG for the plan suite's plot")
     parser.add_argument(
+        "--plan-dcp-max-ranks", type=int, default=512, help="DCP runs up to this; extrapolated past it"
+    )
+    parser.add_argument(
         "--incremental-mib", type=int, default=1024, help="frozen MiB of the incremental suite"
     )
     parser.add_argument("--mmap-mib", type=int, default=1024, help="MiB the mmap suite reads")
     args = parser.parse_args()
     suites = dict(SUITES)
     suites["plan"] = functools.partial(
-        bench_plan_scale.main, ranks=args.plan_ranks, items=args.plan_items, png=args.plan_plot
+        bench_plan_scale.main,
+        ranks=args.plan_ranks,
+        items=args.plan_items,
+        png=args.plan_plot,
+        dcp_max_ranks=args.plan_dcp_max_ranks,
     )
     suites["incremental"] = functools.partial(bench_incremental.main, frozen_mib=args.incremental_mib)
     suites["mmap"] = functools.partial(bench_mmap.main, mib=args.mmap_mib)
