@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from torchstow.core.planning.aligned_plan import Entries, aligned_global_plan, check_tensor
+from torchstow.core.planning.aligned_plan import Entries, aligned_global_plan, check_tensor, item_bytes
 from torchstow.core.planning.geometry import global_shape, is_raw_tensor, local_chunks
 from torchstow.core.planning.items import BytesWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torchstow.core.planning.planners import SavePlanner
@@ -131,34 +132,41 @@ def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
     entries: Entries = {}
     final_plans = []
     for plan in all_plans:
-        kept = []
+        kept: list[WriteItem] = []
+        keep = kept.append
         for item in plan.items:
-            fqn = item.index.fqn
+            index = item.index
+            fqn = index.fqn
             entry = entries.get(fqn)
-            if item.tensor_data is not None:
-                td = item.tensor_data
+            td = item.tensor_data
+            if td is not None:
                 if entry is None:
                     entry = entries[fqn] = TensorStorageMetadata(td.properties, td.size, [])
-                elif not isinstance(entry, TensorStorageMetadata):
+                elif entry.__class__ is not TensorStorageMetadata:
                     raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
                 elif entry.size != td.size or entry.properties.dtype != td.properties.dtype:
                     check_tensor(fqn, entry, td)
-                item.index.index = len(entry.chunks)  # the lookup hint, as DCP fills it
-                entry.chunks.append(td.chunk)
-                kept.append(item)
+                chunks = entry.chunks
+                index.index = len(chunks)  # the lookup hint, as DCP fills it
+                chunks.append(td.chunk)
+                keep(item)
             else:
-                if isinstance(entry, TensorStorageMetadata):
+                if entry.__class__ is TensorStorageMetadata:
                     raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
                 assert item.bytes_data is not None
                 bd = item.bytes_data
                 entries[fqn] = BytesStorageMetadata(bd.encoding, bd.value)
                 if bd.encoding != JSON:
-                    kept.append(item)
+                    keep(item)
         final_plans.append(SavePlan(kept, plan.storage_data, plan.planner_data))
     memo: dict[int, Any] = {}
+    validated: set[tuple[Any, ...]] = set()  # tensors of the same chunk objects are validated once
     for fqn, entry in entries.items():
         if isinstance(entry, TensorStorageMetadata):
-            chunk_math.validate_cover(fqn, entry.size, entry.chunks, memo)
+            key = (*entry.size, -1, *map(id, entry.chunks))
+            if key not in validated:
+                chunk_math.validate_cover(fqn, entry.size, entry.chunks, memo)
+                validated.add(key)
     return final_plans, entries
 
 
@@ -169,56 +177,54 @@ def dedup_save_plans(all_plans: list[SavePlan]) -> list[SavePlan]:
     assigned so far (then the fewest items, for objects whose size is not
     known before they are written), so replicated data is spread instead
     of piling on rank 0. Linear in the number of items, plus a sort of the
-    shared ones.
+    shared ones. Items are keyed by ``(fqn, offset)`` tuples, which hash in C.
     """
-    holders: dict[MetadataIndex, Any] = {}  # index -> its rank, or the list of its ranks
-    for rank, plan in enumerate(all_plans):
-        for item in plan.items:
-            index = item.index
-            held = holders.get(index)
-            if held is None:
-                holders[index] = rank
-            elif type(held) is int:
-                holders[index] = [held, rank]
-            else:
-                held.append(rank)
-    sizes: dict[int, int] = {}  # by write data: items share theirs
-
-    def size_of(item: WriteItem) -> int:
-        data = item.tensor_data
-        if data is None:
-            return 0
-        found = sizes.get(id(data))
-        if found is None:
-            found = sizes[id(data)] = item.tensor_storage_size() or 0
-        return found
-
+    keys = [
+        [(index.fqn, index.offset) for index in [item.index for item in plan.items]] for plan in all_plans
+    ]
+    first: dict[tuple[str, Any], int] = {}
+    holders: dict[tuple[str, Any], list[int]] = {}  # the shared items' ranks
+    for rank, rank_keys in enumerate(keys):
+        for key in rank_keys:
+            held = first.setdefault(key, rank)
+            if held != rank:
+                group = holders.get(key)
+                if group is None:
+                    holders[key] = [held, rank]
+                elif group[-1] != rank:
+                    group.append(rank)
+    if not holders:
+        return list(all_plans)
     load = [0] * len(all_plans)
     count = [0] * len(all_plans)
-    shared: dict[MetadataIndex, WriteItem] = {}
-    for rank, plan in enumerate(all_plans):
-        for item in plan.items:
-            if type(holders[item.index]) is int:
-                load[rank] += size_of(item)
-                count[rank] += 1
-            else:
-                shared.setdefault(item.index, item)
-    if not shared:
-        return list(all_plans)
-    owner: dict[MetadataIndex, int] = {}
-    by_size = sorted(((size_of(item), index) for index, item in shared.items()), key=lambda e: -e[0])
-    for size, index in by_size:
-        best = min(holders[index], key=lambda r: (load[r], count[r]))
-        owner[index] = best
+    shared: dict[tuple[str, Any], WriteItem] = {}
+    for rank, (plan, rank_keys) in enumerate(zip(all_plans, keys, strict=True)):
+        own = [
+            item.tensor_data for item, key in zip(plan.items, rank_keys, strict=True) if key not in holders
+        ]
+        count[rank] = len(own)
+        by_id = dict(zip(map(id, own), own, strict=True))  # items share their write data
+        load[rank] = sum(item_bytes(by_id[i]) * n for i, n in Counter(map(id, own)).items())
+        if len(own) < len(rank_keys):
+            for item, key in zip(plan.items, rank_keys, strict=True):
+                if key in holders:
+                    shared.setdefault(key, item)
+    owner: dict[tuple[str, Any], int] = {}
+    by_size = sorted(
+        ((item_bytes(item.tensor_data), key) for key, item in shared.items()), key=lambda e: -e[0]
+    )
+    for size, key in by_size:
+        best = min(holders[key], key=lambda r: (load[r], count[r]))
+        owner[key] = best
         load[best] += size
         count[best] += 1
     return [
         SavePlan(
-            [item for item in plan.items if owner.get(item.index, rank) == rank],
+            [item for item, key in zip(plan.items, rank_keys, strict=True) if owner.get(key, rank) == rank],
             plan.storage_data,
             plan.planner_data,
         )
-        for rank, plan in enumerate(all_plans)
+        for rank, (plan, rank_keys) in enumerate(zip(all_plans, keys, strict=True))
     ]
 
 
