@@ -73,6 +73,7 @@ def _state(rank: int, world_size: int, step: int, wide: bool) -> dict[str, Any]:
         f"rank{rank}": torch.randn(4, 5 if wide else 4, generator=gen),
         "step": step,
         "note": f"saved at step {step}",
+        "who": f"rank {rank} at step {step}",  # differs between ranks: the manifest holds one
     }
 
 
@@ -112,7 +113,8 @@ def save_series(
                 "loads_back": _loads_back(rank, world_size, path, state),
                 "manifest_step": entries["step"].value,
                 "manifest_note": entries["note"].value,
-                "entries": {k: v for k, v in entries.items() if k not in ("step", "note")},
+                "manifest_who": entries["who"].value,
+                "entries": {k: v for k, v in entries.items() if k not in ("step", "note", "who")},
             }
         )
     return out

@@ -38,6 +38,10 @@ def test_unchanged_structure_reuses_the_plan_and_a_change_on_one_rank_replans_ev
             assert save["loads_back"], (rank, number)
             assert save["manifest_step"] == number  # JSON leaves are data, fresh on a hit
             assert save["manifest_note"] == f"saved at step {number}"
+        # a leaf that differs between ranks comes, on a hit, from the rank full planning chose
+        who = [save["manifest_who"].split(" at step ") for save in saves]
+        assert [step for _, step in who] == ["1", "2", "3", "4", "5"]
+        assert who[0][0] == who[1][0] == who[2][0] and who[3][0] == who[4][0], who
         # the reused manifest describes what a full planning described
         assert saves[1]["entries"] == saves[0]["entries"]
         assert saves[4]["entries"] == saves[3]["entries"]

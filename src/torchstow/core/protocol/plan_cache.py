@@ -217,10 +217,15 @@ def plan_save(
     sources: dict[str, int] = {}
 
     def plan_globally(all_plans: list[SavePlan]) -> list[SavePlan]:
+        planned = global_fn(all_plans)
+        # A hit takes each JSON leaf from the rank whose value this full planning chose.
+        entries = global_metadata[0].state_dict_metadata
         for rank, plan in enumerate(all_plans):
-            for fqn in _json_values(plan):
-                sources.setdefault(fqn, rank)
-        return global_fn(all_plans)
+            for fqn, value in _json_values(plan).items():
+                entry = entries.get(fqn)
+                if isinstance(entry, BytesStorageMetadata) and entry.value is value:
+                    sources[fqn] = rank
+        return planned
 
     central = full_planning(coll, "save planning", replay, plan_globally)
     if all(r[1 + _DIGEST :] != _NO_DIGEST for r in records):
