@@ -10,12 +10,14 @@ naming where it is; a newer version than this torchstow knows is a
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import msgspec
 import torch
 
 from torchstow.errors import CorruptCheckpointError, FormatVersionError
+from torchstow.format.bulk import RangedDocument, chunked_entries_ok
 from torchstow.format.checksums import DEFAULT_ALGORITHM, check_algorithm
 from torchstow.format.manifest import (
     FORMAT_VERSION,
@@ -29,11 +31,13 @@ from torchstow.format.manifest import (
     TensorStorageMetadata,
     dtype_from_name,
     dtype_name,
-    inline_locations,
+    new_storage_info,
 )
 from torchstow.format.validation import check_manifest
 
 FORMAT_NAME = "torchstow"
+_OFFSETS = attrgetter("offsets")
+_SIZES = attrgetter("sizes")
 
 __all__ = ["DECODERS", "FORMAT_NAME", "FORMAT_VERSION", "decode_metadata", "encode_metadata"]
 
@@ -45,14 +49,14 @@ class _Located(msgspec.Struct, omit_defaults=True):
     file: int | None = None
     offset: int | None = None
     length: int | None = None
-    crc32c: list[int] | None = None
+    crc32c: tuple[int, ...] | None = None
     block: int | None = None
     blake3: str | None = None
 
 
-class _Chunk(_Located, kw_only=True):
-    offsets: list[int]
-    sizes: list[int]
+class _Chunk(_Located, kw_only=True, gc=False):
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
 
 
 class _Entry(_Located, kw_only=True):
@@ -60,7 +64,7 @@ class _Entry(_Located, kw_only=True):
     object entry (``encoding``, an inline ``value`` or one location)."""
 
     dtype: str | None = None
-    shape: list[int] | None = None
+    shape: tuple[int, ...] | None = None
     requires_grad: bool = False
     chunks: list[_Chunk] | None = None
     encoding: str | None = None
@@ -98,24 +102,29 @@ class _Locations:
 
     def __init__(self, files: list[str] | None = None, block_size: int = 0) -> None:
         self.files = files if files is not None else []
-        self._file_ids = {name: i for i, name in enumerate(self.files)}
+        self.ids = {name: i for i, name in enumerate(self.files)}
         self.block_size = block_size
 
-    def encode(self, info: StorageInfo, out: _Located) -> None:
-        file_id = self._file_ids.get(info.relative_path)
+    def file_id(self, name: str) -> int:
+        """The index of ``name`` in ``files`` (added on first use)."""
+        file_id = self.ids.get(name)
         if file_id is None:
-            file_id = self._file_ids[info.relative_path] = len(self.files)
-            self.files.append(info.relative_path)
-        out.file = file_id
+            file_id = self.ids[name] = len(self.files)
+            self.files.append(name)
+        return file_id
+
+    def encode(self, info: StorageInfo, out: _Located) -> None:
+        out.file = self.file_id(info.relative_path)
         out.offset = info.offset
         out.length = info.length
-        out.crc32c = list(info.checksums)
+        out.crc32c = info.checksums
         if info.block_size != self.block_size:
             out.block = info.block_size
         if info.content_hash is not None:
             out.blake3 = info.content_hash
 
-    def decode(self, raw: _Located) -> StorageInfo:
+    def decode(self, raw: Any) -> StorageInfo:
+        """The location on ``raw`` (a typed entry), which must be complete."""
         if raw.file is None or raw.offset is None or raw.length is None or raw.crc32c is None:
             raise CorruptCheckpointError("a location needs file, offset, length and crc32c")
         return StorageInfo(
@@ -128,6 +137,40 @@ class _Locations:
         )
 
 
+def _encode_chunks(
+    chunks: list[ChunkStorageMetadata], locs: dict[Any, StorageInfo], locations: _Locations
+) -> list[_Chunk]:
+    """A tensor's chunks, each with its location: one struct per chunk, built in one call
+    (the geometry and checksums go in as the tuples they are; JSON writes them as arrays)."""
+    out: list[_Chunk] = []
+    append = out.append
+    block_size = locations.block_size
+    file_ids = locations.ids
+    for chunk in chunks:
+        offsets = chunk.offsets
+        loc = locs.get(offsets)
+        if loc is None:
+            append(_Chunk(offsets=offsets, sizes=chunk.sizes))
+            continue
+        file_id = file_ids.get(loc.relative_path)
+        if file_id is None:
+            file_id = locations.file_id(loc.relative_path)
+        block = loc.block_size
+        append(
+            _Chunk(
+                file_id,
+                loc.offset,
+                loc.length,
+                loc.checksums,
+                None if block == block_size else block,
+                loc.content_hash,
+                offsets=offsets,
+                sizes=chunk.sizes,
+            )
+        )
+    return out
+
+
 def _encode_entry(entry: STORAGE_TYPES, locs: dict[Any, StorageInfo], locations: _Locations) -> _Entry:
     if isinstance(entry, BytesStorageMetadata):
         raw = _Entry(encoding=entry.encoding, value=entry.value if entry.encoding == "json" else None)
@@ -137,7 +180,7 @@ def _encode_entry(entry: STORAGE_TYPES, locs: dict[Any, StorageInfo], locations:
         return raw
     raw = _Entry(
         dtype=dtype_name(entry.properties.dtype),
-        shape=list(entry.size),
+        shape=entry.size,
         requires_grad=entry.properties.requires_grad,
     )
     chunks = entry.chunks
@@ -146,14 +189,27 @@ def _encode_entry(entry: STORAGE_TYPES, locs: dict[Any, StorageInfo], locations:
         if loc is not None:
             locations.encode(loc, raw)
         return raw
-    raw.chunks = []
-    for chunk in chunks:
-        raw_chunk = _Chunk(offsets=list(chunk.offsets), sizes=list(chunk.sizes))
-        loc = locs.get(chunk.offsets)
-        if loc is not None:
-            locations.encode(loc, raw_chunk)
-        raw.chunks.append(raw_chunk)
+    raw.chunks = _encode_chunks(chunks, locs, locations)
     return raw
+
+
+def _locations_by_key(storage_data: Any) -> tuple[dict[str, dict[Any, StorageInfo]], int] | None:
+    """``storage_data``'s locations grouped by key, and the first block size; None unless
+    it maps items to :class:`StorageInfo` (:func:`inline_locations`), checked in the same pass."""
+    if not isinstance(storage_data, dict):
+        return None
+    by_fqn: dict[str, dict[Any, StorageInfo]] = {}
+    block_size = 0
+    last_fqn, last = None, {}
+    for index, info in storage_data.items():
+        if type(info) is not StorageInfo and not isinstance(info, StorageInfo):
+            return None
+        fqn = index.fqn
+        if fqn is not last_fqn:  # a key's items are usually next to each other
+            last_fqn, last = fqn, by_fqn.setdefault(fqn, {})
+        last[index.offset] = info
+        block_size = block_size or info.block_size
+    return by_fqn, block_size
 
 
 def encode_metadata(md: Metadata) -> bytes:
@@ -163,18 +219,15 @@ def encode_metadata(md: Metadata) -> bytes:
     they belong to; any other ``storage_data`` must itself be JSON. A tensor
     stored as one whole chunk keeps its location on the entry itself.
     """
-    inline = inline_locations(md)
-    by_fqn: dict[str, dict[Any, StorageInfo]] = {}
-    block_size = 0
-    if inline:
-        for index, info in md.storage_data.items():
-            by_fqn.setdefault(index.fqn, {})[index.offset] = info
-            block_size = block_size or info.block_size
+    grouped = _locations_by_key(md.storage_data)
+    by_fqn, block_size = grouped if grouped is not None else ({}, 0)
     locations = _Locations(block_size=block_size)
+    no_locations: dict[Any, StorageInfo] = {}
     entries = {
-        fqn: _encode_entry(entry, by_fqn.get(fqn, {}), locations)
+        fqn: _encode_entry(entry, by_fqn.get(fqn, no_locations), locations)
         for fqn, entry in md.state_dict_metadata.items()
     }
+    inline = grouped is not None
     doc = _DocumentV1(
         format=FORMAT_NAME,
         version=md.version,
@@ -195,13 +248,45 @@ def encode_metadata(md: Metadata) -> bytes:
         raise ValueError(f"the checkpoint manifest is not JSON-serializable: {exc}") from exc
 
 
+def _decode_chunks(
+    fqn: str,
+    raw: Any,
+    files: list[str],
+    block_size: int,
+    found: dict[MetadataIndex, StorageInfo],
+    layouts: dict[tuple[Any, ...], list[ChunkStorageMetadata]],
+) -> list[ChunkStorageMetadata]:
+    """A tensor's chunks (their geometry shared with every tensor chunked alike) and
+    their locations, added to ``found``; the entry is already validated."""
+    raw_chunks = raw.chunks
+    key = (tuple(map(_OFFSETS, raw_chunks)), tuple(map(_SIZES, raw_chunks)))
+    chunks = layouts.get(key)
+    if chunks is None:
+        chunks = layouts[key] = [
+            ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+            for offsets, sizes in zip(key[0], key[1], strict=True)
+        ]
+    index = MetadataIndex.of_chunk
+    for i, (chunk, rc) in enumerate(zip(chunks, raw_chunks, strict=True)):
+        if rc.file is not None:
+            found[index(fqn, chunk.offsets, i)] = new_storage_info(
+                files[rc.file],
+                rc.offset,
+                rc.length,
+                tuple(rc.crc32c),
+                block_size if rc.block is None else rc.block,
+                rc.blake3,
+            )
+    return list(chunks)
+
+
 def _decode_tensor(
     fqn: str,
-    raw: _Entry,
+    raw: Any,
     props: TensorProperties,
     locations: _Locations,
     found: dict[MetadataIndex, StorageInfo],
-    chunk_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], ChunkStorageMetadata],
+    layouts: dict[tuple[Any, ...], list[ChunkStorageMetadata]],
 ) -> TensorStorageMetadata:
     if raw.shape is None:
         raise CorruptCheckpointError(f"the tensor entry {fqn!r} has no shape")
@@ -211,19 +296,7 @@ def _decode_tensor(
         if raw.file is not None:
             found[MetadataIndex(fqn, chunk.offsets, 0)] = locations.decode(raw)
         return TensorStorageMetadata(props, size, [chunk])
-    chunks = []
-    for i, rc in enumerate(raw.chunks):
-        # Shards repeat their geometry across tensors: share one (immutable) chunk object.
-        geometry = (tuple(rc.offsets), tuple(rc.sizes))
-        shared = chunk_cache.get(geometry)
-        if shared is None:
-            shared = chunk_cache[geometry] = ChunkStorageMetadata(
-                torch.Size(geometry[0]), torch.Size(geometry[1])
-            )
-        chunk = shared
-        chunks.append(chunk)
-        if rc.file is not None:
-            found[MetadataIndex(fqn, chunk.offsets, i)] = locations.decode(rc)
+    chunks = _decode_chunks(fqn, raw, locations.files, locations.block_size, found, layouts)
     return TensorStorageMetadata(props, size, chunks)
 
 
@@ -251,11 +324,20 @@ def _name_the_entry(data: bytes, error: msgspec.ValidationError) -> CorruptCheck
     return CorruptCheckpointError(str(error))
 
 
+_ranged_decoder = msgspec.json.Decoder(RangedDocument)
+
+
 def _decode_v1(data: bytes) -> Metadata:
+    doc: RangedDocument | _DocumentV1
     try:
-        doc = msgspec.json.decode(data, type=_DocumentV1)
-    except msgspec.ValidationError as exc:
-        raise _name_the_entry(data, exc) from exc
+        doc = _ranged_decoder.decode(data)
+        checked = chunked_entries_ok(doc.entries, len(doc.files), doc.checksum.block_size)
+    except msgspec.ValidationError:  # a type, or an integer out of range: say which
+        try:
+            doc = msgspec.json.decode(data, type=_DocumentV1)
+        except msgspec.ValidationError as exc:
+            raise _name_the_entry(data, exc) from exc
+        checked = set()
     check_algorithm(doc.checksum.algorithm)
     typed = doc.entries
     free = [("user_metadata", doc.user_metadata)]
@@ -268,19 +350,20 @@ def _decode_v1(data: bytes) -> Metadata:
         entries=typed,
         planner_data=doc.planner_data,
         free_values=free,
+        checked=checked,
     )
     entries: dict[str, STORAGE_TYPES] = {}
     found: dict[MetadataIndex, StorageInfo] = {}
     locations = _Locations(doc.files, doc.checksum.block_size)
     props_cache: dict[tuple[str, bool], TensorProperties] = {}
-    chunk_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], ChunkStorageMetadata] = {}
+    layouts: dict[tuple[Any, ...], list[ChunkStorageMetadata]] = {}
     for fqn, raw in typed.items():
         if raw.dtype is not None:
             key = (raw.dtype, raw.requires_grad)
             props = props_cache.get(key)
             if props is None:
                 props = props_cache[key] = TensorProperties(dtype_from_name(raw.dtype), raw.requires_grad)
-            entries[fqn] = _decode_tensor(fqn, raw, props, locations, found, chunk_cache)
+            entries[fqn] = _decode_tensor(fqn, raw, props, locations, found, layouts)
             continue
         if raw.encoding is None:
             raise CorruptCheckpointError(f"the entry {fqn!r} has neither a dtype nor an encoding")

@@ -18,7 +18,7 @@ stored in several chunks (a sweep over their chunks).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
 from torchstow.errors import CorruptCheckpointError
@@ -27,9 +27,12 @@ from torchstow.format.structure import leaf_paths
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_DIMS",
+    "RuleError",
     "check_decoded",
     "check_extents",
     "check_manifest",
+    "check_tiling",
     "is_plain_data_name",
     "missing_file_error",
 ]
@@ -44,7 +47,7 @@ _KINDS = ("dict", "list", "tuple")
 Path = tuple[str | int, ...]
 
 
-class _RuleError(Exception):
+class RuleError(Exception):
     """A rule the manifest breaks; turned into CorruptCheckpointError with its place."""
 
 
@@ -67,16 +70,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _range(values: list[int], what: str, high: int = _MAX_INT) -> None:
+def _range(values: Sequence[int], what: str, high: int = _MAX_INT) -> None:
     """Every number in ``values`` lies in 0..high (checked in C, located only on failure)."""
     if values and (min(values) < 0 or max(values) > high):
         i, bad = next((i, v) for i, v in enumerate(values) if not 0 <= v <= high)
-        raise _RuleError(f"{what}[{i}] is {_short(bad)}, outside 0..{high}")
+        raise RuleError(f"{what}[{i}] is {_short(bad)}, outside 0..{high}")
 
 
 def _number(value: int, what: str, high: int = _MAX_INT) -> int:
     if not 0 <= value <= high:
-        raise _RuleError(f"{what} is {_short(value)}, outside 0..{high}")
+        raise RuleError(f"{what} is {_short(value)}, outside 0..{high}")
     return value
 
 
@@ -103,33 +106,37 @@ def check_manifest(
     entries: Mapping[str, Any],
     planner_data: Any,
     free_values: Iterable[tuple[str, Any]],
+    checked: Container[str] = frozenset(),
 ) -> None:
     """Raise :class:`CorruptCheckpointError` unless a typed manifest keeps every rule.
 
     ``entries`` maps keys to the codec's typed entries; ``free_values`` names
-    the fields holding free-form JSON (user metadata, custom storage data).
+    the fields holding free-form JSON (user metadata, custom storage data);
+    ``checked`` names entries already shown to keep every rule of an entry
+    (:func:`torchstow.format.bulk.chunked_entries_ok`), not checked again here.
     """
     where = "the manifest"
     key = None  # the entry being checked: named only if it fails
     try:
         for name, value in free_values:
             if not _depth_ok(value, MAX_DEPTH):
-                raise _RuleError(f"{name!r} nests deeper than {MAX_DEPTH} levels")
+                raise RuleError(f"{name!r} nests deeper than {MAX_DEPTH} levels")
         _number(block_size, "checksum.block_size")
         for i, name in enumerate(files):
             if not is_plain_data_name(name):
-                raise _RuleError(
+                raise RuleError(
                     f"files[{i}] = {_short(name)} is not a plain data-file name inside the checkpoint"
                 )
         if len(set(files)) != len(files):
-            raise _RuleError("'files' names a file twice")
+            raise RuleError("'files' names a file twice")
         shapes: dict[tuple[str, tuple[int, ...]], int] = {}
-        for key, raw in entries.items():  # noqa: B007 (the failing key names the error)
-            _check_entry(raw, len(files), block_size, shapes)
+        for key, raw in entries.items():  # the failing key names the error
+            if key not in checked:
+                _check_entry(raw, len(files), block_size, shapes)
         key = None
         where = "planner_data"
         _check_structure(planner_data, entries)
-    except _RuleError as exc:
+    except RuleError as exc:
         if key is not None:
             where = f"entries[{key!r}]"
         raise CorruptCheckpointError(f"{where}: {exc}") from None
@@ -141,12 +148,12 @@ def _check_entry(
     """One entry's rules; ``shapes`` holds the byte size of each (dtype, shape) already checked."""
     if raw.dtype is None:
         if raw.encoding not in _ENCODINGS:
-            raise _RuleError(
+            raise RuleError(
                 f"unknown object encoding {_short(raw.encoding)} (known: {', '.join(_ENCODINGS)})"
             )
         if raw.encoding == "json":
             if type(raw.value) in (dict, list) and not _depth_ok(raw.value, MAX_DEPTH):
-                raise _RuleError(f"the value nests deeper than {MAX_DEPTH} levels")
+                raise RuleError(f"the value nests deeper than {MAX_DEPTH} levels")
         elif raw.file is not None:
             _check_location(raw, nfiles, block_size, None, "")
         return
@@ -166,21 +173,21 @@ def _check_entry(
         what = f"chunks[{i}]"
         offsets, sizes = chunk.offsets, chunk.sizes
         if len(offsets) != len(shape) or len(sizes) != len(shape):
-            raise _RuleError(
+            raise RuleError(
                 f"{what} has {len(offsets)} offsets and {len(sizes)} sizes for {len(shape)} dimensions"
             )
         _range(offsets, f"{what}.offsets")
         _range(sizes, f"{what}.sizes")
         for dim, (offset, size, full) in enumerate(zip(offsets, sizes, shape, strict=True)):
             if offset + size > full:
-                raise _RuleError(
+                raise RuleError(
                     f"{what} reaches {offset + size} in dimension {dim}, beyond the shape's {full}"
                 )
         count = math.prod(sizes)
         if chunk.file is not None:
             _check_location(chunk, nfiles, block_size, count * itemsize, f"{what}.")
         boxes.append((offsets, sizes, count))
-    _check_tiling(shape, numel, boxes)
+    check_tiling(shape, numel, boxes)
 
 
 def _check_shape(dtype: str, shape: list[int] | None) -> int:
@@ -188,15 +195,15 @@ def _check_shape(dtype: str, shape: list[int] | None) -> int:
     try:
         itemsize = dtype_from_name(dtype).itemsize
     except CorruptCheckpointError as exc:
-        raise _RuleError(str(exc)) from None
+        raise RuleError(str(exc)) from None
     if shape is None:
-        raise _RuleError("a tensor entry without a 'shape'")
+        raise RuleError("a tensor entry without a 'shape'")
     if len(shape) > MAX_DIMS:
-        raise _RuleError(f"'shape' has {len(shape)} dimensions, more than {MAX_DIMS}")
+        raise RuleError(f"'shape' has {len(shape)} dimensions, more than {MAX_DIMS}")
     _range(shape, "'shape'")
     nbytes = math.prod(shape) * itemsize
     if nbytes > _MAX_INT:
-        raise _RuleError(f"shape {_short(shape)} holds more than 2**63 bytes")
+        raise RuleError(f"shape {_short(shape)} holds more than 2**63 bytes")
     return nbytes
 
 
@@ -218,26 +225,28 @@ def _check_location(raw: Any, nfiles: int, block_size: int, nbytes: int | None, 
         return
     for key in ("offset", "length", "crc32c"):
         if getattr(raw, key) is None:
-            raise _RuleError(f"{what}{key} is missing")
+            raise RuleError(f"{what}{key} is missing")
     _number(raw.file, f"{what}file", nfiles - 1)
     _number(raw.offset, f"{what}offset")
     length = _number(raw.length, f"{what}length")
     if nbytes is not None and length != nbytes:
-        raise _RuleError(f"{what}length is {length} bytes, but its elements take {nbytes}")
+        raise RuleError(f"{what}length is {length} bytes, but its elements take {nbytes}")
     block = _number(block_size if raw.block is None else raw.block, f"{what}block")
     if length and not block:
-        raise _RuleError(f"{what}: {length} bytes with a checksum block size of 0")
+        raise RuleError(f"{what}: {length} bytes with a checksum block size of 0")
     expected = -(-length // block) if length else 0
     if len(raw.crc32c) != expected:
-        raise _RuleError(f"{what}crc32c has {len(raw.crc32c)} checksums; {length} bytes need {expected}")
+        raise RuleError(f"{what}crc32c has {len(raw.crc32c)} checksums; {length} bytes need {expected}")
     _range(raw.crc32c, f"{what}crc32c", _MAX_CRC)
 
 
-def _check_tiling(shape: list[int], numel: int, boxes: list[tuple[list[int], list[int], int]]) -> None:
+def check_tiling(
+    shape: Sequence[int], numel: int, boxes: Sequence[tuple[Sequence[int], Sequence[int], int]]
+) -> None:
     """Chunks (already inside the shape) cover every element exactly once."""
     covered = sum(count for _, _, count in boxes)
     if covered != numel:
-        raise _RuleError(f"the chunks cover {covered} elements of the {numel} in shape {_short(shape)}")
+        raise RuleError(f"the chunks cover {covered} elements of the {numel} in shape {_short(shape)}")
     solid = [b for b in boxes if b[2]]
     if len(solid) < 2:
         return
@@ -246,7 +255,7 @@ def _check_tiling(shape: list[int], numel: int, boxes: list[tuple[list[int], lis
     # chunks sharing a band there are compared.
     dim = max(range(len(shape)), key=lambda d: len({b[0][d] for b in solid}))
     solid.sort(key=lambda b: b[0][dim])
-    active: list[tuple[list[int], list[int], int]] = []
+    active: list[tuple[Sequence[int], Sequence[int], int]] = []
     for box in solid:
         start = box[0][dim]
         active = [a for a in active if a[0][dim] + a[1][dim] > start]
@@ -255,13 +264,13 @@ def _check_tiling(shape: list[int], numel: int, boxes: list[tuple[list[int], lis
                 o1 < o2 + s2 and o2 < o1 + s1
                 for o1, s1, o2, s2 in zip(box[0], box[1], other[0], other[1], strict=True)
             ):
-                raise _RuleError(f"chunks at {other[0]} and {box[0]} overlap")
+                raise RuleError(f"chunks at {other[0]} and {box[0]} overlap")
         active.append(box)
 
 
 def _path(value: Any, what: str) -> Path:
     if type(value) is not list or not all(type(p) in (str, int) for p in value):
-        raise _RuleError(f"{what} is {_short(value)}, not a list of keys and indices")
+        raise RuleError(f"{what} is {_short(value)}, not a list of keys and indices")
     return tuple(value)
 
 
@@ -270,11 +279,11 @@ def _check_structure(planner_data: Any, entries: Mapping[str, Any]) -> None:
     if planner_data is None:
         return
     if type(planner_data) is not dict:
-        raise _RuleError(f"is {type(planner_data).__name__}, not an object")
+        raise RuleError(f"is {type(planner_data).__name__}, not an object")
     containers = planner_data.get("containers", [])
     odd = planner_data.get("paths", {})
     if type(containers) is not list or type(odd) is not dict:
-        raise _RuleError("'containers' must be a list and 'paths' an object")
+        raise RuleError("'containers' must be a list and 'paths' an object")
     kinds: dict[Path, str] = {}
     for i, record in enumerate(containers):
         if (
@@ -283,21 +292,21 @@ def _check_structure(planner_data: Any, entries: Mapping[str, Any]) -> None:
             or record[1] not in _KINDS
             or type(record[2]) is not int
         ):
-            raise _RuleError(f"containers[{i}] is {_short(record)}, not [path, kind, position]")
+            raise RuleError(f"containers[{i}] is {_short(record)}, not [path, kind, position]")
         path = _path(record[0], f"containers[{i}] path")
         if path in kinds:
-            raise _RuleError(f"container {_short(list(path))} is recorded twice")
+            raise RuleError(f"container {_short(list(path))} is recorded twice")
         kinds[path] = record[1]
     for fqn, path in odd.items():
         if not _path(path, f"paths[{fqn!r}]"):
-            raise _RuleError(f"paths[{fqn!r}] is empty")
+            raise RuleError(f"paths[{fqn!r}] is empty")
     if not odd and all(kind == "dict" for kind in kinds.values()):
         _check_dotted(entries, kinds)  # every key's path is its dotted parts: check on strings
         return
     try:
         paths = leaf_paths(planner_data, entries)
     except ValueError as exc:  # a dotted key with a non-integer index under a list
-        raise _RuleError(f"a key does not fit the recorded containers ({exc})") from None
+        raise RuleError(f"a key does not fit the recorded containers ({exc})") from None
     _check_paths(paths, kinds)
 
 
@@ -306,12 +315,12 @@ def _check_dotted(keys: Mapping[str, Any], kinds: Mapping[Path, str]) -> None:
     for path in kinds:
         parts = [p for p in path if type(p) is str and "." not in p]
         if path and len(parts) == len(path) and ".".join(parts) in keys:
-            raise _RuleError(f"key {'.'.join(parts)!r} is recorded where a container is")
+            raise RuleError(f"key {'.'.join(parts)!r} is recorded where a container is")
     for fqn in keys:
         i = fqn.rfind(".")
         while i > 0:
             if fqn[:i] in keys:
-                raise _RuleError(f"key {fqn!r} is recorded inside key {fqn[:i]!r}")
+                raise RuleError(f"key {fqn!r} is recorded inside key {fqn[:i]!r}")
             i = fqn.rfind(".", 0, i)
 
 
@@ -320,19 +329,17 @@ def _check_paths(paths: Mapping[str, Path], kinds: Mapping[Path, str]) -> None:
     for fqn, path in paths.items():
         other = owner.get(path)
         if other is not None:
-            raise _RuleError(
-                f"keys {other!r} and {fqn!r} are recorded at the same place {_short(list(path))}"
-            )
+            raise RuleError(f"keys {other!r} and {fqn!r} are recorded at the same place {_short(list(path))}")
         if path in kinds:
-            raise _RuleError(f"key {fqn!r} is recorded where a container is")
+            raise RuleError(f"key {fqn!r} is recorded where a container is")
         owner[path] = fqn
     for fqn, path in paths.items():
         for depth in range(1, len(path)):
             if path[:depth] in owner:
-                raise _RuleError(f"key {fqn!r} is recorded inside key {owner[path[:depth]]!r}")
+                raise RuleError(f"key {fqn!r} is recorded inside key {owner[path[:depth]]!r}")
         parent = kinds.get(path[:-1])
         if parent in ("list", "tuple") and (type(path[-1]) is not int or path[-1] < 0):
-            raise _RuleError(f"key {fqn!r} is recorded in a {parent} at index {_short(path[-1])}")
+            raise RuleError(f"key {fqn!r} is recorded in a {parent} at index {_short(path[-1])}")
 
 
 def check_decoded(
@@ -354,32 +361,32 @@ def check_decoded(
                 continue
             shape = list(shape)
             if len(shape) > MAX_DIMS:
-                raise _RuleError(f"'shape' has {len(shape)} dimensions, more than {MAX_DIMS}")
+                raise RuleError(f"'shape' has {len(shape)} dimensions, more than {MAX_DIMS}")
             _range(shape, "'shape'")
             boxes = []
             for i, chunk in enumerate(entry.chunks):
                 offsets, sizes = list(chunk.offsets), list(chunk.sizes)
                 if len(offsets) != len(shape) or len(sizes) != len(shape):
-                    raise _RuleError(f"chunks[{i}] does not have the shape's {len(shape)} dimensions")
+                    raise RuleError(f"chunks[{i}] does not have the shape's {len(shape)} dimensions")
                 _range(offsets, f"chunks[{i}].offsets")
                 _range(sizes, f"chunks[{i}].sizes")
                 if any(o + n > full for o, n, full in zip(offsets, sizes, shape, strict=True)):
-                    raise _RuleError(f"chunks[{i}] reaches beyond the shape {shape}")
+                    raise RuleError(f"chunks[{i}] reaches beyond the shape {shape}")
                 boxes.append((offsets, sizes, math.prod(sizes)))
                 if min_bytes is not None:
                     needs[fqn, tuple(offsets)] = min_bytes(boxes[-1][2], entry.properties.dtype.itemsize)
-            _check_tiling(shape, math.prod(shape), boxes)
+            check_tiling(shape, math.prod(shape), boxes)
         for index, info in locations.items():
             where = f"entries[{getattr(index, 'fqn', index)!r}]"
             name = info.relative_path
             if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-                raise _RuleError(f"file name {_short(name)} is not a plain file name inside the checkpoint")
+                raise RuleError(f"file name {_short(name)} is not a plain file name inside the checkpoint")
             _number(info.offset, "offset")
             _number(info.length, "length")
             need = needs.get((index.fqn, tuple(index.offset or ())))
             if need is not None and info.length < need:
-                raise _RuleError(f"{info.length} bytes cannot hold a chunk that takes {need}")
-    except _RuleError as exc:
+                raise RuleError(f"{info.length} bytes cannot hold a chunk that takes {need}")
+    except RuleError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}") from None
 
 
