@@ -229,7 +229,10 @@ def test_the_bulk_check_accepts_only_what_the_validator_accepts(
 def test_a_valid_layout_is_accepted_in_bulk_and_each_broken_rule_is_explained() -> None:
     doc = _doc()
     ranged = msgspec.json.decode(json.dumps(doc).encode(), type=RangedDocument)
-    assert chunked_entries_ok(ranged.entries, 2, 8) == {"w", "v"}
+    accepted = chunked_entries_ok(ranged.entries, 2, 8)
+    assert set(accepted) == {"w", "v"}
+    assert accepted["w"] is accepted["v"]  # one layout, one list of chunk objects
+    assert [tuple(c.offsets) for c in accepted["w"]] == [(0, 0), (1, 0), (3, 0)]
     broken = {
         "cover 10 elements of the 12": lambda c: c[2].update(sizes=[2, 2], length=16, crc32c=[0, 0]),
         "overlap": lambda c: c[1].update(offsets=[0, 0]),

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from operator import attrgetter
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
+import torch
 
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import DEFAULT_ALGORITHM
-from torchstow.format.manifest import dtype_from_name
+from torchstow.format.manifest import ChunkStorageMetadata, dtype_from_name
 from torchstow.format.validation import MAX_DIMS, RuleError, check_tiling
 
 __all__ = ["RangedDocument", "chunked_entries_ok"]
@@ -87,19 +88,22 @@ _OFFSETS = attrgetter("offsets")
 _SIZES = attrgetter("sizes")
 _FILE = attrgetter("file")
 _OFFSET = attrgetter("offset")
-_LENGTH = attrgetter("length")
+_ROW = attrgetter("length", "block")
 _CRC = attrgetter("crc32c")
-_BLOCK = attrgetter("block")
 
-# (dtype, shape, every chunk's offsets, every chunk's sizes, block size) ->
-# (each chunk's bytes, each chunk's checksum count), or None: the layout breaks a rule.
-_Layouts = dict[tuple[Any, ...], tuple[list[int], list[int]] | None]
+
+class _Layout(NamedTuple):
+    """What a tensor's chunk layout asks of the chunks' locations, and its chunk objects."""
+
+    rows: list[tuple[int, None]]  # each chunk's (length, block) in a valid location
+    counts: list[int]  # each chunk's number of checksums
+    chunks: list[ChunkStorageMetadata]  # shared by every tensor of this layout
 
 
 def _layout(
     dtype: str, shape: tuple[int, ...], offsets: tuple[Any, ...], sizes: tuple[Any, ...], block: int
-) -> tuple[list[int], list[int]] | None:
-    """Each chunk's bytes and checksum count, if the chunks tile ``shape`` exactly once."""
+) -> _Layout | None:
+    """The layout's needs, if its chunks tile ``shape`` exactly once; else None."""
     try:
         itemsize = dtype_from_name(dtype).itemsize
     except CorruptCheckpointError:
@@ -119,46 +123,55 @@ def _layout(
     except RuleError:
         return None
     nbytes = [count * itemsize for _, _, count in boxes]
-    if block:
-        return nbytes, [-(-n // block) for n in nbytes]
-    return (nbytes, [0] * len(nbytes)) if not any(nbytes) else None
+    if not block and any(nbytes):
+        return None
+    return _Layout(
+        [(n, None) for n in nbytes],
+        [-(-n // block) for n in nbytes] if block else [0] * len(nbytes),
+        [ChunkStorageMetadata(torch.Size(o), torch.Size(n)) for o, n in zip(offsets, sizes, strict=True)],
+    )
 
 
-def _tensor_ok(raw: Any, nfiles: int, block_size: int, layouts: _Layouts) -> bool:
+_UNSEEN = _Layout([], [], [])
+
+
+def _tensor_chunks(
+    raw: Any, nfiles: int, block_size: int, layouts: dict[tuple[Any, ...], _Layout | None]
+) -> list[ChunkStorageMetadata] | None:
+    """The chunk objects of a tensor entry whose chunks keep every rule; else None."""
     chunks = raw.chunks
-    if not chunks:
-        return False
-    offsets = tuple(map(_OFFSETS, chunks))
-    sizes = tuple(map(_SIZES, chunks))
-    key = (raw.dtype, raw.shape, offsets, sizes, block_size)
-    if key in layouts:
-        need = layouts[key]
-    else:
-        need = layouts[key] = _layout(raw.dtype, raw.shape, offsets, sizes, block_size)
-    if need is None:
-        return False
-    files = list(map(_FILE, chunks))
-    if None in files or max(files) >= nfiles:
-        return False  # also a chunk without a location (valid; the validator allows it)
-    crcs = list(map(_CRC, chunks))
-    if None in crcs or None in map(_OFFSET, chunks) or set(map(_BLOCK, chunks)) != {None}:
-        return False  # a chunk with a block size of its own: checked one by one
-    nbytes, counts = need
-    return list(map(_LENGTH, chunks)) == nbytes and list(map(len, crcs)) == counts
+    if not chunks or raw.dtype is None or raw.shape is None:
+        return None
+    key = (raw.dtype, raw.shape, tuple(map(_OFFSETS, chunks)), tuple(map(_SIZES, chunks)))
+    layout = layouts.get(key, _UNSEEN)
+    if layout is _UNSEEN:
+        layout = layouts[key] = _layout(*key, block_size)
+    if layout is None:
+        return None
+    try:
+        if max(map(_FILE, chunks)) >= nfiles or None in map(_OFFSET, chunks):
+            return None
+        if list(map(_ROW, chunks)) != layout.rows or list(map(len, map(_CRC, chunks))) != layout.counts:
+            return None  # also a chunk with a block size of its own: checked one by one
+    except TypeError:  # a location without its file or checksums, or a chunk without one (valid)
+        return None
+    return layout.chunks
 
 
-def chunked_entries_ok(entries: dict[str, Any], nfiles: int, block_size: int) -> set[str]:
-    """The keys of tensor entries stored in chunks that keep every rule of the format.
+def chunked_entries_ok(
+    entries: dict[str, Any], nfiles: int, block_size: int
+) -> dict[str, list[ChunkStorageMetadata]]:
+    """The tensor entries stored in chunks that keep every rule of the format, each
+    with its chunk objects (one list shared by every tensor of the same layout).
 
-    ``entries`` are :class:`RangedDocument` entries (ranges already held). A key
-    left out may still be valid: the validator checks it one chunk at a time.
+    ``entries`` are :class:`RangedDocument` entries (ranges already held), and
+    every accepted chunk has a complete location in ``block_size``. A key left
+    out may still be valid: the validator checks it one chunk at a time.
     """
-    layouts: _Layouts = {}
-    return {
-        key
-        for key, raw in entries.items()
-        if raw.chunks is not None
-        and raw.dtype is not None
-        and raw.shape is not None
-        and _tensor_ok(raw, nfiles, block_size, layouts)
-    }
+    layouts: dict[tuple[Any, ...], _Layout | None] = {}
+    found = {}
+    for key, raw in entries.items():
+        chunks = _tensor_chunks(raw, nfiles, block_size, layouts)
+        if chunks is not None:
+            found[key] = chunks
+    return found

@@ -10,34 +10,26 @@ naming where it is; a newer version than this torchstow knows is a
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import attrgetter
 from typing import Any
 
 import msgspec
-import torch
 
 from torchstow.errors import CorruptCheckpointError, FormatVersionError
 from torchstow.format.bulk import RangedDocument, chunked_entries_ok
 from torchstow.format.checksums import DEFAULT_ALGORITHM, check_algorithm
+from torchstow.format.decoded import build_metadata
 from torchstow.format.manifest import (
     FORMAT_VERSION,
     STORAGE_TYPES,
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
-    MetadataIndex,
     StorageInfo,
-    TensorProperties,
-    TensorStorageMetadata,
-    dtype_from_name,
     dtype_name,
-    new_storage_info,
 )
 from torchstow.format.validation import check_manifest
 
 FORMAT_NAME = "torchstow"
-_OFFSETS = attrgetter("offsets")
-_SIZES = attrgetter("sizes")
 
 __all__ = ["DECODERS", "FORMAT_NAME", "FORMAT_VERSION", "decode_metadata", "encode_metadata"]
 
@@ -123,19 +115,6 @@ class _Locations:
         if info.content_hash is not None:
             out.blake3 = info.content_hash
 
-    def decode(self, raw: Any) -> StorageInfo:
-        """The location on ``raw`` (a typed entry), which must be complete."""
-        if raw.file is None or raw.offset is None or raw.length is None or raw.crc32c is None:
-            raise CorruptCheckpointError("a location needs file, offset, length and crc32c")
-        return StorageInfo(
-            self.files[raw.file],
-            raw.offset,
-            raw.length,
-            tuple(raw.crc32c),
-            self.block_size if raw.block is None else raw.block,
-            raw.blake3,
-        )
-
 
 def _encode_chunks(
     chunks: list[ChunkStorageMetadata], locs: dict[Any, StorageInfo], locations: _Locations
@@ -195,21 +174,20 @@ def _encode_entry(entry: STORAGE_TYPES, locs: dict[Any, StorageInfo], locations:
 
 def _locations_by_key(storage_data: Any) -> tuple[dict[str, dict[Any, StorageInfo]], int] | None:
     """``storage_data``'s locations grouped by key, and the first block size; None unless
-    it maps items to :class:`StorageInfo` (:func:`inline_locations`), checked in the same pass."""
+    it maps items to :class:`StorageInfo` (as :func:`~torchstow.format.manifest.inline_locations` says)."""
     if not isinstance(storage_data, dict):
         return None
     by_fqn: dict[str, dict[Any, StorageInfo]] = {}
-    block_size = 0
-    last_fqn, last = None, {}
+    if {*map(type, storage_data.values())} - {StorageInfo} and not all(
+        isinstance(info, StorageInfo) for info in storage_data.values()
+    ):
+        return None
     for index, info in storage_data.items():
-        if type(info) is not StorageInfo and not isinstance(info, StorageInfo):
-            return None
-        fqn = index.fqn
-        if fqn is not last_fqn:  # a key's items are usually next to each other
-            last_fqn, last = fqn, by_fqn.setdefault(fqn, {})
-        last[index.offset] = info
-        block_size = block_size or info.block_size
-    return by_fqn, block_size
+        try:
+            by_fqn[index.fqn][index.offset] = info
+        except KeyError:
+            by_fqn[index.fqn] = {index.offset: info}
+    return by_fqn, next((info.block_size for info in storage_data.values() if info.block_size), 0)
 
 
 def encode_metadata(md: Metadata) -> bytes:
@@ -246,58 +224,6 @@ def encode_metadata(md: Metadata) -> bytes:
         return msgspec.json.encode(doc)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"the checkpoint manifest is not JSON-serializable: {exc}") from exc
-
-
-def _decode_chunks(
-    fqn: str,
-    raw: Any,
-    files: list[str],
-    block_size: int,
-    found: dict[MetadataIndex, StorageInfo],
-    layouts: dict[tuple[Any, ...], list[ChunkStorageMetadata]],
-) -> list[ChunkStorageMetadata]:
-    """A tensor's chunks (their geometry shared with every tensor chunked alike) and
-    their locations, added to ``found``; the entry is already validated."""
-    raw_chunks = raw.chunks
-    key = (tuple(map(_OFFSETS, raw_chunks)), tuple(map(_SIZES, raw_chunks)))
-    chunks = layouts.get(key)
-    if chunks is None:
-        chunks = layouts[key] = [
-            ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-            for offsets, sizes in zip(key[0], key[1], strict=True)
-        ]
-    index = MetadataIndex.of_chunk
-    for i, (chunk, rc) in enumerate(zip(chunks, raw_chunks, strict=True)):
-        if rc.file is not None:
-            found[index(fqn, chunk.offsets, i)] = new_storage_info(
-                files[rc.file],
-                rc.offset,
-                rc.length,
-                tuple(rc.crc32c),
-                block_size if rc.block is None else rc.block,
-                rc.blake3,
-            )
-    return list(chunks)
-
-
-def _decode_tensor(
-    fqn: str,
-    raw: Any,
-    props: TensorProperties,
-    locations: _Locations,
-    found: dict[MetadataIndex, StorageInfo],
-    layouts: dict[tuple[Any, ...], list[ChunkStorageMetadata]],
-) -> TensorStorageMetadata:
-    if raw.shape is None:
-        raise CorruptCheckpointError(f"the tensor entry {fqn!r} has no shape")
-    size = torch.Size(raw.shape)
-    if raw.chunks is None:
-        chunk = ChunkStorageMetadata(torch.Size((0,) * len(size)), size)
-        if raw.file is not None:
-            found[MetadataIndex(fqn, chunk.offsets, 0)] = locations.decode(raw)
-        return TensorStorageMetadata(props, size, [chunk])
-    chunks = _decode_chunks(fqn, raw, locations.files, locations.block_size, found, layouts)
-    return TensorStorageMetadata(props, size, chunks)
 
 
 class _RawEntriesV1(msgspec.Struct):
@@ -337,7 +263,7 @@ def _decode_v1(data: bytes) -> Metadata:
             doc = msgspec.json.decode(data, type=_DocumentV1)
         except msgspec.ValidationError as exc:
             raise _name_the_entry(data, exc) from exc
-        checked = set()
+        checked = {}
     check_algorithm(doc.checksum.algorithm)
     typed = doc.entries
     free = [("user_metadata", doc.user_metadata)]
@@ -352,36 +278,7 @@ def _decode_v1(data: bytes) -> Metadata:
         free_values=free,
         checked=checked,
     )
-    entries: dict[str, STORAGE_TYPES] = {}
-    found: dict[MetadataIndex, StorageInfo] = {}
-    locations = _Locations(doc.files, doc.checksum.block_size)
-    props_cache: dict[tuple[str, bool], TensorProperties] = {}
-    layouts: dict[tuple[Any, ...], list[ChunkStorageMetadata]] = {}
-    for fqn, raw in typed.items():
-        if raw.dtype is not None:
-            key = (raw.dtype, raw.requires_grad)
-            props = props_cache.get(key)
-            if props is None:
-                props = props_cache[key] = TensorProperties(dtype_from_name(raw.dtype), raw.requires_grad)
-            entries[fqn] = _decode_tensor(fqn, raw, props, locations, found, layouts)
-            continue
-        if raw.encoding is None:
-            raise CorruptCheckpointError(f"the entry {fqn!r} has neither a dtype nor an encoding")
-        entries[fqn] = BytesStorageMetadata(raw.encoding, raw.value)
-        if raw.file is not None:
-            found[MetadataIndex(fqn)] = locations.decode(raw)
-    storage_data = doc.storage_data if doc.storage_data is not msgspec.UNSET else None
-    return Metadata(
-        state_dict_metadata=entries,
-        planner_data=doc.planner_data,
-        storage_data=found if found else storage_data,
-        user_metadata=doc.user_metadata or {},
-        version=doc.version,
-        committed_at=doc.committed_at,
-        torch_version=doc.torch_version,
-        nbytes_written=doc.nbytes_written,
-        save_id=doc.save_id,
-    )
+    return build_metadata(doc, checked)
 
 
 DECODERS: dict[int, Callable[[bytes], Metadata]] = {1: _decode_v1}
