@@ -10,6 +10,7 @@ naming where it is; a newer version than this torchstow knows is a
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -22,7 +23,6 @@ from torchstow.format.manifest import (
     FORMAT_VERSION,
     STORAGE_TYPES,
     BytesStorageMetadata,
-    ChunkStorageMetadata,
     Metadata,
     StorageInfo,
     dtype_name,
@@ -92,9 +92,9 @@ class _Locations:
     """File names become indices into ``files``; the checksum block size is
     stated once, on a location only where it differs."""
 
-    def __init__(self, files: list[str] | None = None, block_size: int = 0) -> None:
-        self.files = files if files is not None else []
-        self.ids = {name: i for i, name in enumerate(self.files)}
+    def __init__(self, block_size: int) -> None:
+        self.files: list[str] = []
+        self.ids: dict[str, int] = {}
         self.block_size = block_size
 
     def file_id(self, name: str) -> int:
@@ -105,58 +105,52 @@ class _Locations:
             self.files.append(name)
         return file_id
 
-    def encode(self, info: StorageInfo, out: _Located) -> None:
-        out.file = self.file_id(info.relative_path)
-        out.offset = info.offset
-        out.length = info.length
-        out.crc32c = info.checksums
-        if info.block_size != self.block_size:
-            out.block = info.block_size
-        if info.content_hash is not None:
-            out.blake3 = info.content_hash
+
+_OFFSETS = attrgetter("offsets")
 
 
-def _encode_chunks(
-    chunks: list[ChunkStorageMetadata], locs: dict[Any, StorageInfo], locations: _Locations
-) -> list[_Chunk]:
-    """A tensor's chunks, each with its location: one struct per chunk, built in one call
-    (the geometry and checksums go in as the tuples they are; JSON writes them as arrays)."""
-    out: list[_Chunk] = []
-    append = out.append
+def _encode_locations(
+    storage_data: dict[Any, StorageInfo], locations: _Locations
+) -> dict[str, dict[Any, _Chunk]]:
+    """Every location as the struct it is written as, by key and chunk offsets (each
+    made in one call; a chunk's ``sizes`` are filled in by its entry)."""
+    by_fqn: dict[str, dict[Any, _Chunk]] = {}
+    ids = locations.ids
     block_size = locations.block_size
-    file_ids = locations.ids
-    for chunk in chunks:
-        offsets = chunk.offsets
-        loc = locs.get(offsets)
-        if loc is None:
-            append(_Chunk(offsets=offsets, sizes=chunk.sizes))
-            continue
-        file_id = file_ids.get(loc.relative_path)
+    for index, info in storage_data.items():
+        file_id = ids.get(info.relative_path)
         if file_id is None:
-            file_id = locations.file_id(loc.relative_path)
-        block = loc.block_size
-        append(
-            _Chunk(
-                file_id,
-                loc.offset,
-                loc.length,
-                loc.checksums,
-                None if block == block_size else block,
-                loc.content_hash,
-                offsets=offsets,
-                sizes=chunk.sizes,
-            )
+            file_id = locations.file_id(info.relative_path)
+        block = info.block_size
+        located = _Chunk(
+            file_id,
+            info.offset,
+            info.length,
+            info.checksums,
+            None if block == block_size else block,
+            info.content_hash,
+            offsets=index.offset,
+            sizes=(),  # filled in by its entry
         )
-    return out
+        try:
+            by_fqn[index.fqn][index.offset] = located
+        except KeyError:
+            by_fqn[index.fqn] = {index.offset: located}
+    return by_fqn
 
 
-def _encode_entry(entry: STORAGE_TYPES, locs: dict[Any, StorageInfo], locations: _Locations) -> _Entry:
+def _locate(raw: _Entry, located: _Chunk | None) -> _Entry:
+    """``raw`` with the location of an item stored whole (an object, a tensor in one chunk)."""
+    if located is not None:
+        raw.file, raw.offset, raw.length = located.file, located.offset, located.length
+        raw.crc32c, raw.block, raw.blake3 = located.crc32c, located.block, located.blake3
+    return raw
+
+
+def _encode_entry(entry: STORAGE_TYPES, located: dict[Any, _Chunk]) -> _Entry:
     if isinstance(entry, BytesStorageMetadata):
-        raw = _Entry(encoding=entry.encoding, value=entry.value if entry.encoding == "json" else None)
-        loc = locs.get(None)
-        if loc is not None:
-            locations.encode(loc, raw)
-        return raw
+        value = entry.value if entry.encoding == "json" else None
+        return _locate(_Entry(encoding=entry.encoding, value=value), located.get(None))
     raw = _Entry(
         dtype=dtype_name(entry.properties.dtype),
         shape=entry.size,
@@ -164,30 +158,25 @@ def _encode_entry(entry: STORAGE_TYPES, locs: dict[Any, StorageInfo], locations:
     )
     chunks = entry.chunks
     if len(chunks) == 1 and chunks[0].sizes == entry.size and not any(chunks[0].offsets):
-        loc = locs.get(chunks[0].offsets)
-        if loc is not None:
-            locations.encode(loc, raw)
-        return raw
-    raw.chunks = _encode_chunks(chunks, locs, locations)
+        return _locate(raw, located.get(chunks[0].offsets))
+    try:
+        raw.chunks = list(map(located.__getitem__, map(_OFFSETS, chunks)))
+    except KeyError:  # a chunk without a location: written with its geometry alone
+        raw.chunks = [
+            located.get(chunk.offsets) or _Chunk(offsets=chunk.offsets, sizes=()) for chunk in chunks
+        ]
+    for out, chunk in zip(raw.chunks, chunks, strict=True):
+        out.sizes = chunk.sizes
     return raw
 
 
-def _locations_by_key(storage_data: Any) -> tuple[dict[str, dict[Any, StorageInfo]], int] | None:
-    """``storage_data``'s locations grouped by key, and the first block size; None unless
-    it maps items to :class:`StorageInfo` (as :func:`~torchstow.format.manifest.inline_locations` says)."""
+def _is_locations(storage_data: Any) -> bool:
+    """Whether ``storage_data`` maps items to :class:`StorageInfo` (as
+    :func:`~torchstow.format.manifest.inline_locations` says)."""
     if not isinstance(storage_data, dict):
-        return None
-    by_fqn: dict[str, dict[Any, StorageInfo]] = {}
-    if {*map(type, storage_data.values())} - {StorageInfo} and not all(
-        isinstance(info, StorageInfo) for info in storage_data.values()
-    ):
-        return None
-    for index, info in storage_data.items():
-        try:
-            by_fqn[index.fqn][index.offset] = info
-        except KeyError:
-            by_fqn[index.fqn] = {index.offset: info}
-    return by_fqn, next((info.block_size for info in storage_data.values() if info.block_size), 0)
+        return False
+    kinds = {*map(type, storage_data.values())}
+    return kinds <= {StorageInfo} or all(isinstance(info, StorageInfo) for info in storage_data.values())
 
 
 def encode_metadata(md: Metadata) -> bytes:
@@ -197,15 +186,17 @@ def encode_metadata(md: Metadata) -> bytes:
     they belong to; any other ``storage_data`` must itself be JSON. A tensor
     stored as one whole chunk keeps its location on the entry itself.
     """
-    grouped = _locations_by_key(md.storage_data)
-    by_fqn, block_size = grouped if grouped is not None else ({}, 0)
-    locations = _Locations(block_size=block_size)
-    no_locations: dict[Any, StorageInfo] = {}
+    inline = _is_locations(md.storage_data)
+    block_size = 0
+    if inline:
+        block_size = next((info.block_size for info in md.storage_data.values() if info.block_size), 0)
+    locations = _Locations(block_size)
+    by_fqn = _encode_locations(md.storage_data, locations) if inline else {}
+    no_locations: dict[Any, _Chunk] = {}
     entries = {
-        fqn: _encode_entry(entry, by_fqn.get(fqn, no_locations), locations)
+        fqn: _encode_entry(entry, by_fqn.get(fqn, no_locations))
         for fqn, entry in md.state_dict_metadata.items()
     }
-    inline = grouped is not None
     doc = _DocumentV1(
         format=FORMAT_NAME,
         version=md.version,
