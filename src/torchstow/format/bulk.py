@@ -6,10 +6,11 @@ them), so what it costs per chunk decides how fast it loads. Here:
 - :class:`RangedDocument` is the version-1 document with every integer's range
   in its type (offsets, sizes, byte offsets and lengths in 0..2**63-1, checksums
   in 0..2**32-1, at most 64 dimensions): :mod:`msgspec` checks them while it
-  parses, in C. The JSON is the same as :mod:`torchstow.format.codec`'s
-  structs read and write; a manifest these types refuse is decoded again with
-  those, and :func:`~torchstow.format.validation.check_manifest` names the
-  rule it breaks.
+  parses, in C, and every chunk has its location. The JSON is the same as
+  :mod:`torchstow.format.codec`'s structs read and write; a manifest these
+  types refuse is decoded again with those, and
+  :func:`~torchstow.format.validation.check_manifest` names the rule it breaks
+  (or passes it: a chunk without a location is valid, only slower to read).
 - :func:`chunked_entries_ok` checks a tensor's chunks a column at a time
   (lengths, files, checksum counts) against its chunk layout, and checks each
   distinct layout (shape, chunk offsets and sizes, dtype size) once, however
@@ -48,9 +49,17 @@ class _Located(msgspec.Struct, gc=False):
     blake3: str | None = None
 
 
-class _Chunk(_Located, kw_only=True, gc=False):
+class _Chunk(msgspec.Struct, gc=False):
+    """A chunk with its location (a chunk without one takes the slow path)."""
+
+    file: Count
+    offset: Count
+    length: Count
+    crc32c: tuple[Crc, ...]
     offsets: Dims
     sizes: Dims
+    block: Count | None = None
+    blake3: str | None = None
 
 
 class _Entry(_Located, kw_only=True):
@@ -87,7 +96,6 @@ class RangedDocument(msgspec.Struct, kw_only=True):
 _OFFSETS = attrgetter("offsets")
 _SIZES = attrgetter("sizes")
 _FILE = attrgetter("file")
-_OFFSET = attrgetter("offset")
 _ROW = attrgetter("length", "block")
 _CRC = attrgetter("crc32c")
 
@@ -148,13 +156,10 @@ def _tensor_chunks(
         layout = layouts[key] = _layout(*key, block_size)
     if layout is None:
         return None
-    try:
-        if max(map(_FILE, chunks)) >= nfiles or None in map(_OFFSET, chunks):
-            return None
-        if list(map(_ROW, chunks)) != layout.rows or list(map(len, map(_CRC, chunks))) != layout.counts:
-            return None  # also a chunk with a block size of its own: checked one by one
-    except TypeError:  # a location without its file or checksums, or a chunk without one (valid)
+    if max(map(_FILE, chunks)) >= nfiles:
         return None
+    if list(map(_ROW, chunks)) != layout.rows or list(map(len, map(_CRC, chunks))) != layout.counts:
+        return None  # also a chunk with a block size of its own: checked one by one
     return layout.chunks
 
 
