@@ -5,8 +5,10 @@ validator refuses (nor refuses with another message)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
+import crc32c
 import msgspec
 import pytest
 import torch
@@ -247,3 +249,39 @@ def test_a_valid_layout_is_accepted_in_bulk_and_each_broken_rule_is_explained() 
         change(doc["entries"]["v"]["chunks"])
         with pytest.raises(torchstow.CorruptCheckpointError, match=rf"entries\['v'\].*{message}"):
             decode_metadata(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("explicit_block", [False, True])
+def test_a_manifest_as_other_writers_lay_it_out_reads_back_exactly(
+    tmp_path: Any, explicit_block: bool
+) -> None:
+    """Keys in another order, chunks listed out of order, no optional keys, and (the slow
+    path) a chunk stating the default block size: the same version 1, read bit-exact."""
+    path = str(tmp_path / "ckpt")
+    w = torch.arange(24.0).reshape(8, 3)
+    torchstow.save({"w": w, "n": 5}, path)
+    manifest = os.path.join(path, "manifest.json")
+    with open(manifest) as f:
+        doc = json.load(f)
+    entry = doc["entries"]["w"]
+    row = 3 * 4
+    chunks = []
+    for start, end in [(6, 8), (0, 1), (1, 6)]:
+        chunk = {
+            "offsets": [start, 0],
+            "sizes": [end - start, 3],
+            "crc32c": [int(crc32c.crc32c(w[start:end].numpy().tobytes()))],
+            "length": (end - start) * row,
+            "offset": entry["offset"] + start * row,
+            "file": entry["file"],
+        }
+        if explicit_block:
+            chunk["block"] = doc["checksum"]["block_size"]
+        chunks.append(chunk)
+    doc["entries"]["w"] = {"shape": [8, 3], "chunks": chunks, "dtype": "float32"}
+    for optional in ("save_id", "nbytes_written"):
+        doc.pop(optional, None)
+    with open(manifest, "w") as f:
+        json.dump(doc, f)
+    got = torchstow.read(path)
+    assert torch.equal(got["w"], w) and got["n"] == 5

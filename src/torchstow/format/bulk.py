@@ -40,7 +40,7 @@ Crc = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
 Dims = Annotated[tuple[Count, ...], msgspec.Meta(max_length=MAX_DIMS)]
 
 
-class _Located(msgspec.Struct, gc=False):
+class _Located(msgspec.Struct):
     file: Count | None = None
     offset: Count | None = None
     length: Count | None = None
