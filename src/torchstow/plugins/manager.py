@@ -222,13 +222,14 @@ class BackendRegistry:
         """An instance of the backend for ``uri``, built with ``storage_options``."""
         backend = self.resolve(uri).backend
         options = storage_options or {}
-        accepted = accepted_storage_options(backend, uri)
-        if accepted is not None and not accepted.issuperset(options):
-            unknown = sorted(set(options) - accepted)
-            raise TypeError(
-                f"{backend.__name__} ({uri!r}) does not take the storage options "
-                f"{unknown}; it takes: {', '.join(sorted(accepted)) or 'none'}"
-            )
+        if options:  # none given: nothing to check (and no signature to inspect)
+            accepted = accepted_storage_options(backend, uri)
+            if accepted is not None and not accepted.issuperset(options):
+                unknown = sorted(set(options) - accepted)
+                raise TypeError(
+                    f"{backend.__name__} ({uri!r}) does not take the storage options "
+                    f"{unknown}; it takes: {', '.join(sorted(accepted)) or 'none'}"
+                )
         return backend(**options)
 
 
