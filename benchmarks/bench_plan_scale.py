@@ -303,39 +303,151 @@ def planning_seconds(times: dict[str, float]) -> float:
     return sum(v for k, v in times.items() if k in ("global plan", "writer plan", "encode"))
 
 
-def plot(
-    found: Found, path: str, extrapolated: dict[tuple[int, int], tuple[int, dict[str, float]]] | None = None
+Extrapolated = dict[tuple[int, int], tuple[int, dict[str, float]]]
+
+
+def _series(
+    ax: Any,
+    by_size: dict[tuple[int, int], dict[str, float]],
+    fixed: int,
+    axis: int,
+    value: Any,
+    **style: Any,
 ) -> None:
-    """Planning time against ranks x items, one line per contender (DCP's
-    extrapolated points dashed, with hollow markers)."""
+    """Plot ``value(times)`` of the sizes whose other coordinate is ``fixed``, against coordinate ``axis``."""
+    sizes = sorted(s for s in by_size if s[1 - axis] == fixed)
+    if sizes:
+        ax.plot([s[axis] for s in sizes], [value(by_size[s]) for s in sizes], **style)
+
+
+def plot(found: Found, path: str, ranks: int, items: int, extrapolated: Extrapolated | None = None) -> None:
+    """CPU seconds against ranks (items fixed) and against items (ranks fixed):
+    global plan + manifest encode, the global plan alone, and decoding; DCP's
+    extrapolated points dashed, with hollow markers."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (name, by_size), color in zip(found.items(), ("tab:blue", "tab:orange"), strict=False):
-        order = sorted(by_size, key=lambda ri: (ri[0] * ri[1], ri[0]))
-        chunks = [r * i / 1e6 for r, i in order]
-        ax.plot(chunks, [planning_seconds(by_size[s]) for s in order], marker="o", color=color, label=name)
-        decode = [by_size[s]["decode"] for s in order]
-        ax.plot(chunks, decode, marker="x", linestyle=":", color=color, label=f"{name} decode")
-    if extrapolated:
-        order = sorted(extrapolated, key=lambda ri: (ri[0] * ri[1], ri[0]))
-        chunks = [r * i / 1e6 for r, i in order]
-        seconds = [planning_seconds(extrapolated[s][1]) for s in order]
-        ax.plot(chunks, seconds, marker="o", markerfacecolor="none", linestyle="--", color="tab:orange")
-        ax.plot([], [], linestyle="--", color="tab:orange", label="dcp, extrapolated (not run)")
-    ax.set_xlabel("ranks x items (millions of chunks)")
-    ax.set_ylabel("CPU seconds")
-    ax.set_title("Coordinator: global plan + manifest encode (solid), manifest decode (dotted)")
-    ax.title.set_fontsize(9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig, panels = plt.subplots(1, 2, figsize=(10, 5), sharey=True)
+    dcp_guess = {size: times for size, (_, times) in (extrapolated or {}).items()}
+    for ax, axis, fixed, label in (
+        (panels[0], 0, items, f"simulated ranks ({items:,} items each)"),
+        (panels[1], 1, ranks, f"items per rank ({ranks:,} ranks)"),
+    ):
+        ours, theirs = found.get("torchstow", {}), found.get("dcp", {})
+        blue, orange = "tab:blue", "tab:orange"
+        _series(
+            ax,
+            ours,
+            fixed,
+            axis,
+            value=planning_seconds,
+            color=blue,
+            marker="o",
+            label="torchstow plan + encode",
+        )
+        _series(
+            ax,
+            ours,
+            fixed,
+            axis,
+            value=lambda t: t["global plan"],
+            color=blue,
+            marker="s",
+            linestyle="-.",
+            label="torchstow global plan",
+        )
+        _series(
+            ax,
+            ours,
+            fixed,
+            axis,
+            value=lambda t: t["decode"],
+            color=blue,
+            marker="x",
+            linestyle=":",
+            label="torchstow decode",
+        )
+        _series(
+            ax,
+            theirs,
+            fixed,
+            axis,
+            value=planning_seconds,
+            color=orange,
+            marker="o",
+            label="DCP plan + pickle",
+        )
+        _series(
+            ax,
+            theirs,
+            fixed,
+            axis,
+            value=lambda t: t["decode"],
+            color=orange,
+            marker="x",
+            linestyle=":",
+            label="DCP unpickle",
+        )
+        _series(
+            ax,
+            dcp_guess,
+            fixed,
+            axis,
+            value=planning_seconds,
+            color=orange,
+            marker="o",
+            markerfacecolor="none",
+            linestyle="--",
+            label="DCP plan + pickle, extrapolated (not run)",
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # equal slopes, equal growth: linear cost shows as parallel lines
+        ticks = sorted({s[axis] for by in (ours, theirs, dcp_guess) for s in by if s[1 - axis] == fixed})
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.3)
+    panels[0].set_ylabel("CPU seconds (garbage collector off)")
+    handles, labels = panels[0].get_legend_handles_labels()
+    for handle, text in zip(*panels[1].get_legend_handles_labels(), strict=True):
+        if text not in labels:
+            handles.append(handle)
+            labels.append(text)
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
+    fig.suptitle("Coordinator at scale: one process fed the local plans of many ranks", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def _details(found: Found, extrapolated: Extrapolated, ranks: int, items: int) -> dict[str, Any]:
+    """Every size's step times, JSON-shaped (sizes as "RANKSxITEMS")."""
+    return {
+        "ranks": ranks,
+        "items": items,
+        "found": {name: {f"{r}x{i}": t for (r, i), t in sizes.items()} for name, sizes in found.items()},
+        "extrapolated": {f"{r}x{i}": [src, t] for (r, i), (src, t) in extrapolated.items()},
+    }
+
+
+def replot(report_json: str, path: str) -> None:
+    """Draw the plot again from the ``details`` a run wrote into its JSON report."""
+    import json
+
+    with open(report_json) as f:
+        details = json.load(f)["details"]["plan scale"]
+
+    def size(text: str) -> tuple[int, int]:
+        r, i = text.split("x")
+        return int(r), int(i)
+
+    found = {name: {size(k): t for k, t in sizes.items()} for name, sizes in details["found"].items()}
+    extrapolated = {size(k): (src, t) for k, (src, t) in details["extrapolated"].items()}
+    plot(found, path, details["ranks"], details["items"], extrapolated)
 
 
 def main(
@@ -376,8 +488,9 @@ def main(
         if (ranks * 2, items) in t:
             decode = t[(ranks * 2, items)]["decode"] / t[base]["decode"]
             report.ratios[f"{name} decode time, 2x ranks"] = decode
+    report.details["plan scale"] = _details(found, extrapolated, ranks, items)
     if png:
-        plot(found, png, extrapolated)
+        plot(found, png, ranks, items, extrapolated)
 
 
 if __name__ == "__main__":
@@ -395,7 +508,11 @@ if __name__ == "__main__":
         help="run DCP up to this many ranks, extrapolate past it (0: never run DCP)",
     )
     parser.add_argument("--base-only", action="store_true", help="measure the base size only")
+    parser.add_argument("--replot", metavar="JSON", help="only draw --plot again from a run's JSON report")
     args = parser.parse_args()
+    if args.replot:
+        replot(args.replot, args.plot or "docs/plan_scale.png")
+        sys.exit()
     main(
         "",
         args.repeats,

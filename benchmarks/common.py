@@ -126,6 +126,7 @@ class Report:
     title: str
     results: list[Result] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # per-suite raw numbers, written as they are
 
     def add(self, result: Result) -> Result:
         self.results.append(result)
@@ -162,6 +163,7 @@ class Report:
                 for r in self.results
             ],
             "ratios": self.ratios,
+            **({"details": self.details} if self.details else {}),
         }
         with open(path, "w") as f:
             json.dump(doc, f, indent=2)
