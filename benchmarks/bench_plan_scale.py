@@ -320,6 +320,32 @@ def _series(
         ax.plot([s[axis] for s in sizes], [value(by_size[s]) for s in sizes], **style)
 
 
+def _global_plan(times: dict[str, float]) -> float:
+    return times["global plan"]
+
+
+def _decode(times: dict[str, float]) -> float:
+    return times["decode"]
+
+
+def _lines(ours: Any, theirs: Any, dcp_guess: Any) -> list[tuple[Any, Any, str, dict[str, Any]]]:
+    """The plot's lines: (sizes, what of their times, label, style)."""
+    blue, orange = {"color": "tab:blue"}, {"color": "tab:orange"}
+    return [
+        (ours, planning_seconds, "torchstow plan + encode", {**blue, "marker": "o"}),
+        (ours, _global_plan, "torchstow global plan", {**blue, "marker": "s", "linestyle": "-."}),
+        (ours, _decode, "torchstow decode", {**blue, "marker": "x", "linestyle": ":"}),
+        (theirs, planning_seconds, "DCP plan + pickle", {**orange, "marker": "o"}),
+        (theirs, _decode, "DCP unpickle", {**orange, "marker": "x", "linestyle": ":"}),
+        (
+            dcp_guess,
+            planning_seconds,
+            "DCP plan + pickle, extrapolated (not run)",
+            {**orange, "marker": "o", "markerfacecolor": "none", "linestyle": "--"},
+        ),
+    ]
+
+
 def plot(found: Found, path: str, ranks: int, items: int, extrapolated: Extrapolated | None = None) -> None:
     """CPU seconds against ranks (items fixed) and against items (ranks fixed):
     global plan + manifest encode, the global plan alone, and decoding; DCP's
@@ -337,72 +363,8 @@ def plot(found: Found, path: str, ranks: int, items: int, extrapolated: Extrapol
         (panels[1], 1, ranks, f"items per rank ({ranks:,} ranks)"),
     ):
         ours, theirs = found.get("torchstow", {}), found.get("dcp", {})
-        blue, orange = "tab:blue", "tab:orange"
-        _series(
-            ax,
-            ours,
-            fixed,
-            axis,
-            value=planning_seconds,
-            color=blue,
-            marker="o",
-            label="torchstow plan + encode",
-        )
-        _series(
-            ax,
-            ours,
-            fixed,
-            axis,
-            value=lambda t: t["global plan"],
-            color=blue,
-            marker="s",
-            linestyle="-.",
-            label="torchstow global plan",
-        )
-        _series(
-            ax,
-            ours,
-            fixed,
-            axis,
-            value=lambda t: t["decode"],
-            color=blue,
-            marker="x",
-            linestyle=":",
-            label="torchstow decode",
-        )
-        _series(
-            ax,
-            theirs,
-            fixed,
-            axis,
-            value=planning_seconds,
-            color=orange,
-            marker="o",
-            label="DCP plan + pickle",
-        )
-        _series(
-            ax,
-            theirs,
-            fixed,
-            axis,
-            value=lambda t: t["decode"],
-            color=orange,
-            marker="x",
-            linestyle=":",
-            label="DCP unpickle",
-        )
-        _series(
-            ax,
-            dcp_guess,
-            fixed,
-            axis,
-            value=planning_seconds,
-            color=orange,
-            marker="o",
-            markerfacecolor="none",
-            linestyle="--",
-            label="DCP plan + pickle, extrapolated (not run)",
-        )
+        for by_size, value, name, style in _lines(ours, theirs, dcp_guess):
+            _series(ax, by_size, fixed, axis, value, label=name, **style)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")  # equal slopes, equal growth: linear cost shows as parallel lines
         ticks = sorted({s[axis] for by in (ours, theirs, dcp_guess) for s in by if s[1 - axis] == fixed})
