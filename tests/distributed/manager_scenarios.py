@@ -48,8 +48,12 @@ def restore_latest(rank: int, world_size: int, root: str) -> tuple[int, bool]:
     )
 
 
-def save_steps(rank: int, world_size: int, root: str, steps: int, asynchronous: bool) -> None:
-    """As a training loop does: one save per step, nothing in between."""
-    with torchstow.CheckpointManager(root, keep_last=2) as manager:
+def save_steps(
+    rank: int, world_size: int, root: str, steps: int, asynchronous: bool, incremental: bool = False
+) -> None:
+    """As a training loop does: one save per step, nothing in between (with ``incremental``,
+    a frozen tensor joins the state and every save after the first is incremental)."""
+    frozen = {"frozen": torch.arange(4096.0)} if incremental else {}
+    with torchstow.CheckpointManager(root, keep_last=2, incremental=incremental) as manager:
         for step in range(1, steps + 1):
-            manager.save(step, _state(world_size, step), asynchronous=asynchronous)
+            manager.save(step, {**_state(world_size, step), **frozen}, asynchronous=asynchronous)

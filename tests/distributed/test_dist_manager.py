@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from manager_scenarios import restore_latest, save_steps, save_steps_and_prune
+
+import torchstow
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -20,11 +23,15 @@ def test_two_ranks_save_prune_on_the_coordinator_and_restore(
     assert pools(2).run(restore_latest, root) == [(4, True)] * 2
 
 
-@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize(("asynchronous", "incremental"), [(False, False), (True, False), (True, True)])
 def test_pruning_while_other_ranks_start_the_next_save_loses_nothing(
-    pools: Any, tmp_path: Path, asynchronous: bool
+    pools: Any, tmp_path: Path, asynchronous: bool, incremental: bool
 ) -> None:
     root = tmp_path / "run"
-    pools(2).run(save_steps, str(root), 5, asynchronous)
+    pools(2).run(save_steps, str(root), 5, asynchronous, incremental)
     assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-5"]
     assert pools(2).run(restore_latest, str(root)) == [(5, True)] * 2
+    if incremental:  # step 5 shares the frozen tensor with step 4, and stands alone once 4 goes
+        assert torchstow.info(str(root / "step-5")).nbytes_written < 4096 * 4
+        torchstow.delete(str(root / "step-4"))
+        assert torch.equal(torchstow.read(str(root / "step-5"))["frozen"], torch.arange(4096.0))

@@ -75,6 +75,41 @@ def test_manager_saves_prunes_and_restores(tmp_path: Path, asynchronous: bool) -
     assert sorted(os.listdir(root)) == ["step-100", "step-200", "step-250"]
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_incremental_manager_shares_unchanged_tensors_and_its_steps_outlive_their_bases(
+    tmp_path: Path, asynchronous: bool
+) -> None:
+    root = tmp_path / "run"
+    frozen = torch.randn(256, 1024)  # 1 MiB that never changes
+
+    def state(step: int) -> dict[str, object]:
+        return {"frozen": frozen, "trainable": torch.full((16,), float(step)), "epoch": step}
+
+    with torchstow.CheckpointManager(root, keep_last=2, incremental=True) as manager:
+        for step in (1, 2, 3, 4):
+            manager.save(step, state(step), asynchronous=asynchronous, trust_version_counter=True)
+    assert manager.steps() == [3, 4]  # 1 and 2, the bases of 2 and 3, are pruned
+    written = {step: torchstow.info(manager.uri(step)).nbytes_written for step in (3, 4)}
+    assert all(nbytes < frozen.numel() * 4 for nbytes in written.values()), written
+    for step in (3, 4):
+        got = torchstow.read(manager.uri(step))
+        assert torch.equal(got["frozen"].view(torch.uint8), frozen.view(torch.uint8))
+        assert torch.equal(got["trainable"], torch.full((16,), float(step))) and got["epoch"] == step
+    # a new manager (a restarted run) bases its first save on the newest committed step
+    again = torchstow.CheckpointManager(root, keep_last=2, incremental=True)
+    again.save(5, state(5))
+    assert torchstow.info(again.uri(5)).nbytes_written < frozen.numel() * 4
+    assert torch.equal(torchstow.read(again.uri(5))["frozen"], frozen)
+
+
+def test_a_plain_manager_writes_everything(tmp_path: Path) -> None:
+    frozen = torch.randn(256, 1024)
+    manager = torchstow.CheckpointManager(tmp_path / "run")
+    for step in (1, 2):
+        manager.save(step, {"frozen": frozen})
+    assert torchstow.info(manager.uri(2)).nbytes_written >= frozen.numel() * 4
+
+
 def test_manager_errors(tmp_path: Path) -> None:
     manager = torchstow.CheckpointManager(tmp_path / "empty")
     with pytest.raises(torchstow.CheckpointNotFoundError):

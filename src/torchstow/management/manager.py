@@ -30,6 +30,11 @@ class CheckpointManager:
     ``keep_every`` (as :func:`torchstow.prune`; no pruning when both are
     None), on the coordinator only when torch.distributed is initialized.
     A failed or interrupted save prunes nothing.
+
+    With ``incremental=True`` every save after the first is incremental
+    (``save(..., base=)``) on the newest committed step, which pruning always
+    keeps: tensors unchanged since then are shared with it instead of written
+    (local files and ``shm://`` only; see docs/performance.md).
     """
 
     def __init__(
@@ -39,11 +44,14 @@ class CheckpointManager:
         keep_last: int | None = None,
         keep_every: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        incremental: bool = False,
     ) -> None:
         self.root = os.fspath(root).rstrip("/") or "/"
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.storage_options = storage_options
+        self.incremental = incremental
+        self._newest: int | None = None  # the highest step this manager committed (pruning keeps it)
         self._pending: tuple[AsyncSave, threading.Event] | None = None
         self._prune_error: BaseException | None = None
         self._lock = threading.Lock()
@@ -80,7 +88,8 @@ class CheckpointManager:
 
         ``asynchronous=True`` stages and returns an :class:`AsyncSave` at once;
         pruning runs when it commits. A previous asynchronous save is waited
-        for first (its failure is raised here). Other keywords go to :func:`torchstow.save`.
+        for first (its failure is raised here). Other keywords go to
+        :func:`torchstow.save` (e.g. ``trust_version_counter=True`` with ``incremental``).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
@@ -89,8 +98,13 @@ class CheckpointManager:
         self.wait()
         user_metadata = {**(metadata or {}), "step": step}
         options = {"storage_options": self.storage_options, "metadata": user_metadata, **save_options}
+        if self.incremental and "base" not in options:
+            newest = self._newest if self._newest is not None else self.latest_step()
+            if newest is not None and newest != step:
+                options["base"] = self.uri(newest)
         if not asynchronous:
             save(state_dict, self.uri(step), **options)
+            self._newest = step if self._newest is None else max(self._newest, step)
             self._prune()
             return None
         pending = async_save(state_dict, self.uri(step), **options)
@@ -100,6 +114,7 @@ class CheckpointManager:
         def after_commit(done: AsyncSave) -> None:
             try:
                 if done.exception() is None:
+                    self._newest = step if self._newest is None else max(self._newest, step)
                     self._prune()
             except Exception as exc:
                 logger.warning("pruning %s after saving step %d failed: %s", self.root, step, exc)
