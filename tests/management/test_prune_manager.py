@@ -102,6 +102,12 @@ def test_incremental_manager_shares_unchanged_tensors_and_its_steps_outlive_thei
     assert torch.equal(torchstow.read(again.uri(5))["frozen"], frozen)
 
 
+def test_an_incremental_manager_refuses_a_store_that_cannot_share_files() -> None:
+    with pytest.raises(ValueError, match="cannot share files"):
+        torchstow.CheckpointManager("memory://torchstow-test/run", incremental=True)
+    torchstow.CheckpointManager("memory://torchstow-test/run")  # a plain one is fine there
+
+
 def test_a_plain_manager_writes_everything(tmp_path: Path) -> None:
     frozen = torch.randn(256, 1024)
     manager = torchstow.CheckpointManager(tmp_path / "run")

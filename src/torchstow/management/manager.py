@@ -23,6 +23,20 @@ def _is_coordinator() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
+    """Raise ValueError unless checkpoints under ``root`` can share files (incremental saves)."""
+    from torchstow.core.storage.backend import StoreBackend
+    from torchstow.core.storage.store import ByteStore
+    from torchstow.plugins.manager import default_registry
+
+    backend = default_registry().backend_for(root, storage_options)
+    if not isinstance(backend, StoreBackend) or type(backend.open_store(root)).adopt is ByteStore.adopt:
+        raise ValueError(
+            f"incremental=True: checkpoints under {root!r} cannot share files (object stores "
+            "cannot), so incremental saves are not supported there; use local files or shm://"
+        )
+
+
 class CheckpointManager:
     """Checkpoints of one run under ``root``, one ``<root>/step-<step>`` per save.
 
@@ -51,6 +65,8 @@ class CheckpointManager:
         self.keep_every = keep_every
         self.storage_options = storage_options
         self.incremental = incremental
+        if incremental:
+            _check_links(self.root, storage_options)
         self._newest: int | None = None  # the highest step this manager committed (pruning keeps it)
         self._pending: tuple[AsyncSave, threading.Event] | None = None
         self._prune_error: BaseException | None = None
