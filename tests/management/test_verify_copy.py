@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,55 @@ def test_copy_between_backends_is_exact_and_commits_last(saved: str, tmp_path: P
         torchstow.copy(saved, saved, overwrite=True)
 
 
-def test_copy_of_a_corrupt_checkpoint_fails_and_leaves_nothing(saved: str, tmp_path: Path) -> None:
+def _kernel_copies(monkeypatch: pytest.MonkeyPatch, works: bool) -> list[int]:
+    """Count the in-kernel copies a copy asks for; with ``works`` False the kernel refuses
+    them as it does across filesystems (EXDEV)."""
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def copy_file_range(src: int, dst: int, count: int, *offsets: Any) -> int:
+        calls.append(count)
+        if not works:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst, count, *offsets)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    return calls
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "through-memory"])
+def test_local_copies_are_exact_in_the_kernel_or_through_memory(
+    saved: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_kernel: bool
+) -> None:
+    calls = _kernel_copies(monkeypatch, in_kernel)
+    dst = str(tmp_path / "copy")
+    checked: list[int] = []
+    torchstow.copy(saved, dst, progress=lambda n, _t: checked.append(n))
+    assert calls  # local to local: the kernel is asked first
+    assert Path(_data_file(dst)).read_bytes() == Path(_data_file(saved)).read_bytes()
+    assert sum(checked) == os.path.getsize(_data_file(saved))  # every byte checked either way
+    assert_same_state(torchstow.read(dst), _state())
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "through-memory"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_copy_of_a_corrupt_checkpoint_fails_and_leaves_nothing(
+    saved: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_kernel: bool, damage: str
+) -> None:
+    _kernel_copies(monkeypatch, in_kernel)
     info = _location(saved, "small.a")
-    with open(_data_file(saved), "r+b") as f:
-        f.seek(info.offset)
-        f.write(b"\x07")
+    source = _data_file(saved)
+    with open(source, "r+b") as f:
+        if damage == "flip":
+            f.seek(info.offset)
+            f.write(b"\x07")
+        else:
+            f.truncate(info.offset + 8)
     dst = tmp_path / "copy"
-    with pytest.raises(torchstow.ChecksumMismatchError, match=r"small\.a"):
+    expected = r"small\.a" if damage == "flip" else "ends early"
+    with pytest.raises(torchstow.ChecksumMismatchError, match=expected) as caught:
         torchstow.copy(saved, str(dst))
+    assert os.path.basename(source) in str(caught.value)  # the source's file is named
     assert not dst.exists() or os.listdir(dst) == []
 
 

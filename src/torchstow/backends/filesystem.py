@@ -38,6 +38,7 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAX_GAP = 4096
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK)
+_NO_COPY_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EPERM)
 
 logger = logging.getLogger("torchstow")
 
@@ -135,8 +136,11 @@ class _LocalSink(FileSink):
 
     With ``fsync``, writeback of each written range starts right away
     (``sync_file_range``), so the disk works while the next bytes are copied
-    and the final ``fsync`` has little left to wait for.
+    and the final ``fsync`` has little left to wait for. Each write is done
+    when it returns (``keeps_buffers`` is False).
     """
+
+    keeps_buffers = False
 
     def __init__(self, path: str, fsync: bool, space_hint: str) -> None:
         self.path = path
@@ -155,6 +159,38 @@ class _LocalSink(FileSink):
         if self.fsync and _sync_file_range is not None and written:
             _sync_file_range(self.fd, self.offset, written, _SYNC_FILE_RANGE_WRITE)
         self.offset += written
+
+    def copy_from(self, path: str, length: int) -> bool:
+        """Copy in the kernel (``copy_file_range``: no byte through user memory), up to
+        ``length`` or the end of ``path`` if sooner; False where the kernel or the
+        filesystems cannot, or ``path`` is no regular file, before anything was written."""
+        copy_range = getattr(os, "copy_file_range", None)
+        if copy_range is None or self.offset:
+            return False
+        try:
+            source = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False  # the caller's own reads say what is wrong with it
+        try:
+            if not stat.S_ISREG(os.fstat(source).st_mode):
+                return False
+            while self.offset < length:
+                try:
+                    done = copy_range(source, self.fd, length - self.offset, self.offset, self.offset)
+                except OSError as exc:
+                    if exc.errno in _NO_SPACE:
+                        raise _full(self.path, exc, self.space_hint) from exc
+                    if not self.offset and exc.errno in _NO_COPY_RANGE:
+                        return False
+                    raise
+                if not done:
+                    break  # the source ends early: checking the copy will say so
+                self.offset += done
+        finally:
+            os.close(source)
+        if self.fsync and _sync_file_range is not None and self.offset:
+            _sync_file_range(self.fd, 0, self.offset, _SYNC_FILE_RANGE_WRITE)
+        return True
 
     def close(self) -> None:
         try:

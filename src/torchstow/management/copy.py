@@ -45,9 +45,22 @@ def _copy_files(
     def one(name: str) -> list[Problem]:
         sink: FileSink = dst.create(names[name])
         try:
-            problems = _scan_file(
-                src, name, files[name], write=lambda buf: sink.write([buf]), progress=advance, stop=failed
-            )
+            spans = files[name]
+            source = src.local_path(name)
+            if source is not None and sink.copy_from(source, max(s.end for s in spans)):
+                # Copied in the kernel: every block is checked where it landed.
+                found = _scan_file(dst, names[name], spans, progress=advance, stop=failed)
+                problems = [replace(p, file=name) for p in found]
+            else:
+                problems = _scan_file(
+                    src,
+                    name,
+                    spans,
+                    write=lambda buf: sink.write([buf]),
+                    progress=advance,
+                    stop=failed,
+                    write_keeps=sink.keeps_buffers,
+                )
             if problems or failed.is_set():
                 failed.set()
                 sink.abort()

@@ -153,11 +153,14 @@ def scan_file(
     write: Callable[[memoryview], None] | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    write_keeps: bool = True,
 ) -> list[Problem]:
     """Read ``name`` from its start to the end of its last item, checking every block.
 
     Each segment read is passed to ``write`` (when given) before the next is
-    read, so a copy holds one segment at a time; ``progress`` is called with
+    read, so a copy holds one segment at a time: a fresh one for each, unless
+    ``write_keeps`` is False (``write`` is done with a segment when it
+    returns), when one buffer serves them all. ``progress`` is called with
     the number of bytes of each segment. Stops early (returning what it
     found so far) when ``stop`` is set.
     """
@@ -167,8 +170,9 @@ def scan_file(
     blocks = _blocks(spans)
     problems: list[Problem] = []
     seg = segment_bytes(store)
-    # Reading alone reuses one buffer; a copy hands each segment to a sink, which may keep it.
-    scratch = memoryview(bytearray(min(seg, end))) if write is None else None
+    # Reading alone reuses one buffer, and so does a copy into a sink that keeps no buffer
+    # (fresh memory costs page faults, a lot of them on some virtual machines).
+    scratch = memoryview(bytearray(min(seg, end))) if write is None or not write_keeps else None
     b = 0  # the first block not yet fully checked
     pos = 0
     while pos < end:

@@ -19,11 +19,25 @@ Buffer = memoryview | bytes | bytearray
 
 
 class FileSink(abc.ABC):
-    """A file being written, front to back."""
+    """A file being written, front to back.
+
+    ``keeps_buffers`` says whether :meth:`write` may still use the buffers it
+    was given after it returns (to upload them later, say); a sink that is
+    done with them sets it to False, and callers may then refill them.
+    """
+
+    keeps_buffers: bool = True
 
     @abc.abstractmethod
     def write(self, buffers: Sequence[Buffer]) -> None:
         """Append ``buffers`` in order (gathered into one call where possible)."""
+
+    def copy_from(self, path: str, length: int) -> bool:
+        """Append the first ``length`` bytes of the local file ``path`` without
+        passing them through Python, if this sink can (in the kernel, say):
+        True when done, False when it cannot (nothing was written; the caller
+        writes the bytes itself)."""
+        return False
 
     @abc.abstractmethod
     def close(self) -> None:
