@@ -132,7 +132,9 @@ def copy(
     Data files stream through in bounded segments (a few MiB per file in
     flight, a few files at a time), every block is checked against its
     checksum on the way (a mismatch raises :class:`ChecksumMismatchError`
-    and commits nothing), and the manifest is published last. A committed
+    and commits nothing), and the manifest is published last. Between
+    stores whose sinks can (local files), the kernel copies each file and
+    its blocks are checked by reading the copy back. A committed
     checkpoint at ``dst_uri`` raises :class:`CheckpointExistsError` unless
     ``overwrite``; the old one stays valid until the copy commits.
     Backends that are not byte stores are copied tensor by tensor through
