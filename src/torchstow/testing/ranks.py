@@ -60,6 +60,9 @@ def _rank_main(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
+        # Every rank has joined before any runs ``fn``: a rank done at once and gone
+        # must not close its connections while another is still making them.
+        dist.barrier()
         reply: tuple[str, Any] = ("ok", fn(rank, world_size, *args))
     except BaseException:
         reply = ("error", traceback.format_exc())
