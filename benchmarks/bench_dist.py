@@ -11,12 +11,8 @@ after it, as rank 0 sees it. Loaded values are checked bit for bit.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
 import os
-import queue
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,16 +24,11 @@ import torch.distributed.checkpoint as dcp
 import torchstow
 
 from common import GiB, Report, Result, timed
+from gloo_ranks import run_gloo_ranks
 
 WORLD = 2
 NUM_TENSORS = 16
 COLS = 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _shards(mesh: Any, fill: bool) -> dict[str, Any]:
@@ -75,15 +66,8 @@ def _timed_collectively(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _rank_main(rank: int, port: int, root: str, repeats: int, results: Any) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(minutes=10),
-    )
+def _rank_main(rank: int, world: int, root: str, repeats: int) -> dict[str, list[float]]:
+    """One rank's saves and loads of its shards, timed collectively."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -108,32 +92,6 @@ def _rank_main(rank: int, port: int, root: str, repeats: int, results: Any) -> N
     for name, target in targets.items():
         for key, tensor in source.items():
             assert torch.equal(tensor.to_local(), target[key].to_local()), f"{name}: {key} differs"
-    if rank == 0:
-        results.put(times)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _run_ranks(root: str, repeats: int) -> dict[str, list[float]]:
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, root, repeats, results)) for r in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    while True:
-        try:
-            times = results.get(timeout=1)
-            break
-        except queue.Empty:
-            if any(proc.exitcode not in (None, 0) for proc in procs):
-                for proc in procs:
-                    proc.kill()
-                raise RuntimeError("a benchmark rank failed (its traceback is above)") from None
-    for proc in procs:
-        proc.join()
-        if proc.exitcode != 0:
-            raise RuntimeError(f"a benchmark rank exited with {proc.exitcode}")
     return times
 
 
@@ -202,7 +160,7 @@ def _planning(report: Report, repeats: int) -> tuple[Result, Result]:
 def main(root: str, repeats: int, report: Report) -> None:
     """Run the 2-rank DTensor workload and the planning workload; record the ratios."""
     print("distributed: 2 gloo ranks, 1 GiB of DTensor shards", flush=True)
-    times = _run_ranks(root, repeats)
+    times = run_gloo_ranks(_rank_main, WORLD, root, repeats)
     r = {
         name: report.add(Result("dist 1GiB", *name.split(" ", 1), seconds, GiB))
         for name, seconds in times.items()

@@ -11,12 +11,8 @@ before the call to a barrier after it, as rank 0 sees it.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
 import os
-import queue
 import shutil
-import socket
 import statistics
 import time
 from typing import Any
@@ -30,14 +26,9 @@ import torchstow
 from torchstow.core.protocol.collective import ProcessGroupCollective
 
 from common import Report, Result
+from gloo_ranks import run_gloo_ranks
 
 SAVES = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _timed(fn: Any) -> float:
@@ -68,15 +59,8 @@ def _planning_bytes() -> list[int]:
     return sent
 
 
-def _rank_main(rank: int, world: int, port: int, root: str, tensors: int, results: Any) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(minutes=10),
-    )
+def _rank_main(rank: int, world: int, root: str, tensors: int) -> dict[str, Any]:
+    """One rank's saves: times of both tools, and the planning bytes torchstow sent."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(rank)
     state = {f"r{rank}.p{i}": torch.randn(64, generator=gen) for i in range(tensors)}
@@ -97,33 +81,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, tensors: int, result
                 times[name].append(
                     _timed(lambda p=path, pl=planner: dcp.save(state, checkpoint_id=p, planner=pl))
                 )
-    if rank == 0:
-        results.put({"times": times, "planning_bytes": planning_bytes})
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _run(root: str, world: int, tensors: int) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, root, tensors, results)) for r in range(world)
-    ]
-    for proc in procs:
-        proc.start()
-    while True:
-        try:
-            found = results.get(timeout=1)
-            break
-        except queue.Empty:
-            if any(proc.exitcode not in (None, 0) for proc in procs):
-                for proc in procs:
-                    proc.kill()
-                raise RuntimeError("a benchmark rank failed (its traceback is above)") from None
-    for proc in procs:
-        proc.join()
-    return found
+    return {"times": times, "planning_bytes": planning_bytes}
 
 
 def main(
@@ -134,7 +92,7 @@ def main(
         print(f"plan cache: {world} gloo ranks x {tensors} small tensors, {SAVES} saves", flush=True)
         where = os.path.join(root, f"plan-cache-{world}")
         os.makedirs(where, exist_ok=True)
-        found = _run(where, world, tensors)
+        found = run_gloo_ranks(_rank_main, world, where, tensors)
         shutil.rmtree(where, ignore_errors=True)
         times = found["times"]
         label = f"{world}x{tensors}"
