@@ -107,7 +107,8 @@ def test_etc_passwd_with_a_matching_checksum_is_never_read(ckpt: str) -> None:
     assert_refused(ckpt, r"manifest\.json", r"files\[\d\]")
 
 
-def test_a_symbolic_link_in_the_checkpoint_is_not_followed(ckpt: str, tmp_path: Any) -> None:
+def _point_w_at_a_link_outside(ckpt: str, tmp_path: Any) -> None:
+    """Make ``w``'s data file a symbolic link to a file outside the checkpoint, with ``w``'s bytes."""
     outside = tmp_path / "outside.bin"
     outside.write_bytes(original()["w"].numpy().tobytes())
     os.symlink(outside, os.path.join(ckpt, "data-link.bin"))
@@ -117,19 +118,15 @@ def test_a_symbolic_link_in_the_checkpoint_is_not_followed(ckpt: str, tmp_path: 
         doc["entries"]["w"].update(file=len(doc["files"]) - 1, offset=0)
 
     tamper(ckpt, point_at_link)
+
+
+def test_a_symbolic_link_in_the_checkpoint_is_not_followed(ckpt: str, tmp_path: Any) -> None:
+    _point_w_at_a_link_outside(ckpt, tmp_path)
     assert_refused(ckpt, "data-link.bin", "'w'", readers=("read", "load"))
 
 
 def test_a_mapped_read_does_not_follow_a_symbolic_link(ckpt: str, tmp_path: Any) -> None:
-    outside = tmp_path / "outside.bin"
-    outside.write_bytes(original()["w"].numpy().tobytes())
-    os.symlink(outside, os.path.join(ckpt, "data-link.bin"))
-
-    def point_at_link(doc: Doc) -> None:
-        doc["files"].append("data-link.bin")
-        doc["entries"]["w"].update(file=len(doc["files"]) - 1, offset=0)
-
-    tamper(ckpt, point_at_link)
+    _point_w_at_a_link_outside(ckpt, tmp_path)
     with pytest.raises(torchstow.CorruptCheckpointError, match=r"data-link\.bin"):
         torchstow.read(ckpt, mmap=True)
 
