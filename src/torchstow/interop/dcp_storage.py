@@ -49,7 +49,32 @@ def _done(value: Any) -> torch.futures.Future[Any]:
     return future
 
 
-class DcpStorageWriter(dcp.StorageWriter):
+class _ByUri:
+    """What the DCP writer and reader here share: the URI that names their
+    checkpoint (DCP's ``checkpoint_id``), and ``reset`` passed on to the
+    torchstow storage inside. Any checkpoint id is accepted: backends decide."""
+
+    uri: str
+
+    def _storage(self) -> StorageWriter | StorageReader:
+        raise NotImplementedError
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The checkpoint written or read."""
+        return self.uri
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.uri = os.fspath(checkpoint_id)
+        self._storage().reset(checkpoint_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+class DcpStorageWriter(_ByUri, dcp.StorageWriter):
     """A DCP ``StorageWriter`` that stores through the torchstow writer ``torchstow_writer``."""
 
     def __init__(self, torchstow_writer: StorageWriter, uri: str) -> None:
@@ -57,15 +82,8 @@ class DcpStorageWriter(dcp.StorageWriter):
         self.torchstow_writer = torchstow_writer
         self.uri = uri
 
-    @property
-    def checkpoint_id(self) -> str:
-        """Where the checkpoint goes."""
-        return self.uri
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.uri = os.fspath(checkpoint_id)
-        self.torchstow_writer.reset(checkpoint_id)
+    def _storage(self) -> StorageWriter:
+        return self.torchstow_writer
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.uri, save_id=uuid.uuid4().hex)
@@ -117,12 +135,8 @@ class DcpStorageWriter(dcp.StorageWriter):
         ]
         self.torchstow_writer.finish(manifest, ours)
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return True
 
-
-class DcpStorageReader(dcp.StorageReader):
+class DcpStorageReader(_ByUri, dcp.StorageReader):
     """A DCP ``StorageReader`` that loads through the torchstow reader ``torchstow_reader``.
 
     Objects reach DCP's planner only once the restricted loader has read
@@ -136,15 +150,8 @@ class DcpStorageReader(dcp.StorageReader):
         self.allow_pickle = allow_pickle
         self.manifest: Metadata | None = None
 
-    @property
-    def checkpoint_id(self) -> str:
-        """Where the checkpoint is read from."""
-        return self.uri
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.uri = os.fspath(checkpoint_id)
-        self.torchstow_reader.reset(checkpoint_id)
+    def _storage(self) -> StorageReader:
+        return self.torchstow_reader
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> DcpMetadata:
         return conv.dcp_metadata(self.torchstow_reader.read_metadata())
@@ -176,7 +183,3 @@ class DcpStorageReader(dcp.StorageReader):
         ours.items = adapter.deliver_inline(ours.items)
         wait_future(self.torchstow_reader.read_data(ours, adapter))
         return _done(None)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return True
