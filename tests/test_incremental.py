@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,8 @@ import torch
 
 import torchstow
 from torchstow.testing import assert_same_state
+
+from crash_helpers import kill_once_writing
 
 
 def _state(seed: int = 0) -> dict[str, Any]:
@@ -141,16 +142,7 @@ def test_a_save_killed_mid_write_commits_nothing_and_its_base_stays_whole(tmp_pa
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        assert line == "writing\n", child.stderr.read() if child.stderr else line
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    kill_once_writing(child)
     with pytest.raises(torchstow.IncompleteCheckpointError):
         torchstow.read(nxt)
     assert torchstow.latest(str(tmp_path)) == base

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ import torch
 import torchstow
 from torchstow import CheckpointNotFoundError, IncompleteCheckpointError, StorageFullError
 from torchstow.backends.shm import SHM_DIR_ENV
+
+from crash_helpers import kill_once_writing
 
 
 def _run_child(code: str, env: dict[str, str], wait_for: str | None = None) -> subprocess.Popen[str]:
@@ -54,16 +55,7 @@ def test_checkpoint_outlives_a_killed_writer_and_a_killed_save_commits_nothing(s
         """,
         {SHM_DIR_ENV: shm_dir},
     )
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        assert line == "writing\n", child.stderr.read() if child.stderr else line
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    kill_once_writing(child)
 
     opts = {"shm_dir": shm_dir}
     target = {"w": torch.zeros(512, 512), "b": torch.zeros(512)}
