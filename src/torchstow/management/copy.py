@@ -13,7 +13,7 @@ from typing import Any
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
-from torchstow.errors import CheckpointExistsError, ChecksumMismatchError
+from torchstow.errors import CheckpointExistsError, CheckpointNotFoundError, ChecksumMismatchError
 from torchstow.format.codec import encode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.management.datafiles import Problem, Span, spans_by_file
@@ -89,7 +89,18 @@ def _copy_files(
 def _copy_store(
     src_store: ByteStore, dst_store: ByteStore, overwrite: bool, progress: ProgressCallback | None
 ) -> None:
-    metadata = read_manifest(src_store)
+    try:
+        metadata = read_manifest(src_store)
+    except CheckpointNotFoundError:
+        from torchstow.interop.sources import is_dcp
+
+        if not is_dcp(src_store.list_files()):
+            raise
+        raise CheckpointNotFoundError(
+            f"{src_store.location} holds a torch.distributed.checkpoint (DCP) checkpoint, not a "
+            "torchstow one, and copy converts nothing: convert it instead "
+            "(torchstow convert SRC DST --to torchstow, or --to dcp)"
+        ) from None
     dst_store.prepare()
     existing = dst_store.list_files()
     if MANIFEST in existing and not overwrite:
