@@ -237,12 +237,7 @@ class SafetensorsSource(Source):
         self.uri = path
         if os.path.isdir(path):
             index_path = os.path.join(path, stf.INDEX)
-            if os.path.exists(index_path):
-                with open(index_path) as f:
-                    weight_map = json.load(f).get("weight_map") or {}
-                files = list(dict.fromkeys(weight_map.values()))
-            else:
-                files = [stf.SINGLE]
+            files = _index_shards(index_path) if os.path.exists(index_path) else [stf.SINGLE]
             paths = [os.path.join(path, name) for name in files]
         else:
             paths = [path]
@@ -276,6 +271,28 @@ class SafetensorsSource(Source):
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _index_shards(index_path: str) -> list[str]:
+    """The shard file names a ``model.safetensors.index.json`` lists, each a plain file
+    name in its folder (CorruptCheckpointError naming the index otherwise)."""
+    try:
+        with open(index_path, "rb") as f:
+            doc = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{index_path} is not a JSON document: {exc}") from exc
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(
+            f"{index_path} has no weight_map (an object mapping each tensor name to its shard file)"
+        )
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise CorruptCheckpointError(
+                f"{index_path}: shard {name!r} is not a plain file name in the index's folder"
+            )
+    return files
 
 
 def local_path(uri: str) -> str | None:
