@@ -346,14 +346,18 @@ def check_decoded(
     entries: Mapping[str, Any],
     locations: Mapping[Any, Any],
     min_bytes: Callable[[int, int], int] | None = None,
+    planner_data: Any = None,
 ) -> None:
     """The rules a manifest decoded by another codec (DCP's ``.metadata``) must keep
     too: sane shapes, chunks that tile each tensor exactly once, plain file names,
-    non-negative offsets and lengths, and, with ``min_bytes(elements, itemsize)``,
-    no chunk stored in fewer bytes than that. Raises :class:`CorruptCheckpointError`."""
-    where = "the manifest"
+    non-negative offsets and lengths, with ``min_bytes(elements, itemsize)`` no chunk
+    stored in fewer bytes than that, and a ``planner_data`` (torchstow's form) that
+    puts every key at its own place. Raises :class:`CorruptCheckpointError`."""
+    where = "planner_data"
     needs: dict[tuple[str, tuple[int, ...]], int] = {}
     try:
+        _check_structure(planner_data, entries)
+        where = "the manifest"
         for fqn, entry in entries.items():
             where = f"entries[{fqn!r}]"
             shape = getattr(entry, "size", None)
