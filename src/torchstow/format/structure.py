@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from torchstow.format.leaves import is_utf8
+
 PathElem = str | int
 Path = tuple[PathElem, ...]
 
@@ -72,10 +74,21 @@ def _holds_tensor(seq: Iterable[Any]) -> bool:
     return False
 
 
+def _where(parent: Path) -> str:
+    return ".".join(map(str, parent)) or "<root>"
+
+
 def _check_key(key: object, parent: Path) -> PathElem:
-    if isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool)):
+    if isinstance(key, str):
+        if not is_utf8(key):
+            raise ValueError(
+                f"state dict key {key!r} under {_where(parent)!r} holds a lone surrogate, which the "
+                "UTF-8 manifest cannot record; rename the key"
+            )
         return key
-    where = ".".join(map(str, parent)) or "<root>"
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    where = _where(parent)
     raise ValueError(
         f"state dict key {key!r} under {where!r} has type {type(key).__name__}; "
         "torchstow keys must be str or int"
