@@ -394,14 +394,22 @@ def check_decoded(
         raise CorruptCheckpointError(f"{where}: {exc}") from None
 
 
-def check_extents(locations: Iterable[tuple[Any, Any]], sizes: Mapping[str, int], location: str) -> set[str]:
+def check_extents(
+    locations: Iterable[tuple[Any, Any]],
+    sizes: Mapping[str, int],
+    location: str,
+    beyond: dict[Any, str] | None = None,
+) -> set[str]:
     """Every ``(index, StorageInfo)`` in a file that is present lies inside it.
 
     ``sizes`` maps the checkpoint's file names to their sizes in bytes. Runs
     before anything is allocated for the data, so no claim in the manifest
     allocates more than the files hold. Returns the names of the listed files
     that are missing: reading an item in one of them is an error, but items
-    elsewhere (and inline values) stay readable.
+    elsewhere (and inline values) stay readable. An item reaching past the end
+    of its file raises CorruptCheckpointError, or, given ``beyond``, is recorded
+    there (index -> the error's message, to raise when it is read), so the
+    intact items of a truncated file stay readable too.
     """
     missing = set()
     for index, info in locations:
@@ -410,10 +418,13 @@ def check_extents(locations: Iterable[tuple[Any, Any]], sizes: Mapping[str, int]
             missing.add(info.relative_path)
         elif info.offset + info.length > size:
             key = getattr(index, "fqn", index)
-            raise CorruptCheckpointError(
+            message = (
                 f"{location}/{info.relative_path} is {size} bytes, but the manifest places {key!r} at bytes "
                 f"{info.offset}..{info.offset + info.length}: the file is truncated or the manifest is wrong"
             )
+            if beyond is None:
+                raise CorruptCheckpointError(message)
+            beyond[index] = message
     return missing
 
 

@@ -396,6 +396,13 @@ class DetectingReader(StorageReader):
                 raise
             return _read_store_metadata(store)
 
+    def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
+        """The torchstow reader's check that ``keys`` lie in files present and inside them,
+        before anything is allocated (a DCP ``.metadata`` is checked as it is read)."""
+        require = getattr(self.inner, "require_data", None)
+        if require is not None and not isinstance(metadata.storage_data, _DcpLocations):
+            require(metadata, keys)
+
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:

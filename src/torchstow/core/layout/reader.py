@@ -51,6 +51,7 @@ class LayoutReader(StorageReader):
         self.verify_checksums = verify_checksums
         self._open_store = open_store
         self._missing: set[str] = set()  # listed data files not present, found by read_metadata
+        self._beyond: dict[MetadataIndex, str] = {}  # items past their file's end: the error
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.store = rebind(self.store, self._open_store, checkpoint_id)
@@ -58,21 +59,26 @@ class LayoutReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = read_manifest(self.store)
         self._missing = set()
+        self._beyond = {}
         if isinstance(metadata.storage_data, dict) and metadata.storage_data:
             sizes = self.store.file_sizes()
             if sizes is not None:
-                self._missing = check_extents(metadata.storage_data.items(), sizes, self.store.location)
+                self._missing = check_extents(
+                    metadata.storage_data.items(), sizes, self.store.location, self._beyond
+                )
         return metadata
 
     def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
         """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing file
         (checked before anything is allocated for them)."""
-        if not self._missing or not isinstance(metadata.storage_data, dict):
+        if not (self._missing or self._beyond) or not isinstance(metadata.storage_data, dict):
             return
         wanted = set(keys)
         for index, info in metadata.storage_data.items():
             if info.relative_path in self._missing and index.fqn in wanted:
                 raise missing_file_error(self.store.location, info.relative_path, index.fqn)
+            if index in self._beyond and index.fqn in wanted:
+                raise CorruptCheckpointError(self._beyond[index])
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -124,6 +130,8 @@ class LayoutReader(StorageReader):
             )
         if info.relative_path in self._missing:
             raise missing_file_error(self.store.location, info.relative_path, item.storage_index.fqn)
+        if item.storage_index in self._beyond:
+            raise CorruptCheckpointError(self._beyond[item.storage_index])
         if item.type == LoadItemType.BYTE_IO:
             return ReadTask(item, info, None, None, None)
         entry = self.metadata.state_dict_metadata[item.storage_index.fqn]
