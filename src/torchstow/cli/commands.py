@@ -186,9 +186,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
         reports.append(report)
         if not args.json:
-            if report.ok:
+            if report.ok and report.checksums:
                 checked = f"{human_bytes(report.checked_bytes)} in {plural(report.files, 'file')}"
                 print(f"OK       {uri} ({checked} checked)")
+            elif report.ok:  # a format without checksums: say what reading it showed
+                read = f"{plural(report.keys, 'value')}, {human_bytes(report.checked_bytes)} in "
+                print(
+                    f"OK       {uri} ({report.format}: {read}{plural(report.files, 'file')} read and "
+                    f"decoded; the {report.format} format stores no checksums)"
+                )
             else:
                 print(f"CORRUPT  {uri} ({plural(len(report.problems), 'problem')})")
                 for problem in report.problems:

@@ -277,6 +277,7 @@ class DcpFormatReader(StorageReader):
         self.store = store
         self.locations: dict[MetadataIndex, StorageInfo] = {}
         self._missing: set[str] = set()
+        self._beyond: dict[MetadataIndex, str] = {}  # locations past their file's end: the error
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
@@ -290,8 +291,9 @@ class DcpFormatReader(StorageReader):
         self.metadata = metadata
         self.locations = metadata.storage_data
         sizes = self.store.file_sizes()
-        if sizes is not None:  # every location inside its file, before anything is allocated
-            self._missing = check_extents(self.locations.items(), sizes, self.store.location)
+        if sizes is not None:  # every location read inside its file, before anything is allocated
+            self._beyond = {}
+            self._missing = check_extents(self.locations.items(), sizes, self.store.location, self._beyond)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -307,6 +309,8 @@ class DcpFormatReader(StorageReader):
             )
         if info.relative_path in self._missing:
             raise missing_file_error(self.store.location, info.relative_path, index.fqn)
+        if index in self._beyond:
+            raise CorruptCheckpointError(self._beyond[index])
         buf = bytearray(info.length)
         try:
             self.store.read_into(info.relative_path, [(info.offset, memoryview(buf))])

@@ -241,6 +241,7 @@ class SafetensorsSource(Source):
             paths = [os.path.join(path, name) for name in files]
         else:
             paths = [path]
+        self.paths = paths
         self._handles: dict[str, Any] = {}
         self._locks: dict[str, threading.Lock] = {}
         self.specs = {}
@@ -304,6 +305,15 @@ def local_path(uri: str) -> str | None:
     return os.path.expanduser(uri)
 
 
+def is_safetensors(path: str) -> bool:
+    """Whether the local directory ``path`` holds safetensors shards (an index, or a
+    single ``model.safetensors`` and no torchstow manifest)."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return stf.INDEX in names or (stf.SINGLE in names and MANIFEST not in names)
+
+
 def is_dcp(names: list[str]) -> bool:
     """Whether a location holding ``names`` is a DCP checkpoint (and not a torchstow one)."""
     return DCP_METADATA in names and MANIFEST not in names
@@ -346,10 +356,8 @@ def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Sour
         if path.endswith(".safetensors"):
             return SafetensorsSource(path)
         return TorchSaveSource(path)
-    if path is not None and os.path.isdir(path):
-        names = os.listdir(path)
-        if stf.INDEX in names or (stf.SINGLE in names and MANIFEST not in names):
-            return SafetensorsSource(path)
+    if path is not None and is_safetensors(path):
+        return SafetensorsSource(path)
     backend = default_registry().backend_for(uri, storage_options)
     if isinstance(backend, StoreBackend) and is_dcp(backend.open_store(uri).list_files()):
         return dcp_source(uri, storage_options)
