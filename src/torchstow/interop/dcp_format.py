@@ -31,7 +31,13 @@ from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
-from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from torchstow.format.manifest import (
+    EncodedLocations,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorStorageMetadata,
+)
 from torchstow.format.validation import check_decoded, check_extents, missing_file_error
 
 __all__ = [
@@ -209,7 +215,7 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
     )
 
 
-class _DcpLocations(dict):
+class _DcpLocations(EncodedLocations):
     """The data locations of a DCP-format checkpoint (they mark its manifest as such)."""
 
 
