@@ -15,6 +15,7 @@ import importlib
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,12 @@ from torchstow.core.planning import DefaultLoadPlanner
 from torchstow.core.protocol.steps import load_state_dict as load_protocol
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
-from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchstowError
+from torchstow.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    PickleNotAllowedError,
+    TorchstowError,
+)
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torchstow.format.structure import build_nested, flatten_state_dict
@@ -191,10 +197,7 @@ class TorchSaveSource(Source):
 
     def __init__(self, path: str) -> None:
         self.uri = path
-        try:
-            tree = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-            tree = _torch_load(path)
+        tree = _torch_load(path)
         if not isinstance(tree, dict):
             raise CorruptCheckpointError(
                 f"{path} holds a {type(tree).__name__}, not a state dict (a dict of tensors)"
@@ -215,15 +218,48 @@ class TorchSaveSource(Source):
         return self._leaves[key]
 
 
+ACCEPTED = (
+    "torchstow reads a torchstow or DCP checkpoint (a directory or prefix), a torch.save file, "
+    "a .safetensors file, or a directory of safetensors shards"
+)
+
+
 def _torch_load(path: str) -> Any:
+    """``torch.load(path, weights_only=True)``, memory-mapped when the file is a zip.
+    A global the restricted unpickler refuses is a PickleNotAllowedError, any other
+    failure a CorruptCheckpointError; both name the file."""
     import pickle
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CorruptCheckpointError(
-            f"{path} is not a torch.save file that loads with weights_only=True: {exc}"
+        blocked = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if blocked is None:
+            raise CorruptCheckpointError(
+                f"{path} is not a torch.save file that loads: {_first_line(exc)}; {ACCEPTED}"
+            ) from exc
+        raise PickleNotAllowedError(
+            f"{path} is a torch.save file whose pickle needs {blocked.group(1)}, which torchstow does "
+            "not unpickle (it loads torch.save files with weights_only=True, which runs no code). "
+            "If you trust the file, load it with torch.load(path, weights_only=False) and save the "
+            "state with torchstow.save(state, uri, allow_pickle=True)"
         ) from exc
+    except Exception as exc:  # not a torch.save file at all: text, another format, cut short
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith((b"PK", b"\x80")):
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        else:
+            reason = "it is neither a zip archive nor a pickle"
+        raise CorruptCheckpointError(f"{path} is not a torch.save file ({reason}); {ACCEPTED}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class SafetensorsSource(Source):
@@ -258,7 +294,8 @@ class SafetensorsSource(Source):
             self.user_metadata.update({k: v for k, v in meta.items() if k != "format"})
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                 view = handle.get_slice(key)
-                self.specs[key] = TensorSpec(stf.torch_dtype(view.get_dtype()), tuple(view.get_shape()))
+                dtype = stf.torch_dtype(view.get_dtype(), key=key, file=file)
+                self.specs[key] = TensorSpec(dtype, tuple(view.get_shape()))
                 self._file_of[key] = file
 
     def read_tensor(self, key: str) -> torch.Tensor:
