@@ -149,3 +149,13 @@ def test_a_malformed_index_is_corrupt_and_names_the_file(tmp_path: Path, doc: ob
     with pytest.raises(torchstow.CorruptCheckpointError, match=INDEX):
         torchstow.convert(folder, tmp_path / "out", to="torchstow")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("to", ["dcp", "safetensors"])
+def test_convert_to_a_directory_format_onto_a_file_is_refused(tmp_path: Path, to: str) -> None:
+    src = _ts(tmp_path / "src")
+    dst = tmp_path / "file"
+    dst.write_text("keep me")
+    with pytest.raises(torchstow.CheckpointExistsError, match="is a file"):
+        torchstow.convert(src, dst, to=to, overwrite=True)
+    assert dst.read_text() == "keep me"

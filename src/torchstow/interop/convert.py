@@ -137,6 +137,8 @@ def _local_target(dst: str, to: str) -> str:
 
 
 def _check_target(dst: str, to: str, overwrite: bool) -> None:
+    if to in ("safetensors", "dcp") and os.path.lexists(dst) and not os.path.isdir(dst):
+        raise CheckpointExistsError(f"{dst} is a file; {to} is written as a directory: choose another path")
     if to in ("torch", "safetensors", "dcp") and os.path.exists(dst) and not overwrite:
         kind = os.path.isdir(dst) and os.listdir(dst)
         if to == "torch" or kind:
