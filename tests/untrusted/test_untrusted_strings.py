@@ -44,3 +44,22 @@ def test_a_value_with_a_lone_surrogate_round_trips(tmp_path: Path) -> None:
     back = torchstow.read(path)
     assert back["name"] == "run-\ud800"
     assert back["tags"] == ["ok", "\udfff", {"\udc80": 1}]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("how", ["dcp-planner", "dcp-save"])
+def test_a_surrogate_key_from_dcp_planning_is_refused_before_writing(tmp_path: Path, how: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp_path / "ckpt"
+    state = {"\ud800": torch.ones(2)}
+
+    def save() -> None:
+        if how == "dcp-planner":
+            torchstow.save(state, path, planner=dcp.DefaultSavePlanner())
+        else:
+            dcp.save(state, storage_writer=torchstow.dcp_storage_writer(path), no_dist=True)
+
+    with pytest.raises(BaseException, match="lone surrogate"):  # DCP's CheckpointException is one
+        save()
+    assert not path.exists() or not list(path.iterdir())
