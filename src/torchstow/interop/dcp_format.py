@@ -30,6 +30,7 @@ from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from torchstow.format.files import DCP_METADATA
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from torchstow.format.validation import check_decoded, check_extents, missing_file_error
 
@@ -44,7 +45,6 @@ __all__ = [
     "read_dcp_metadata",
 ]
 
-DCP_METADATA = ".metadata"
 
 _DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
