@@ -160,14 +160,14 @@ class StatefulView:
     hold a Stateful are copied, everything else is shared with the caller's
     state dict (no tensor is ever copied). After a load, :meth:`restore`
     hands each Stateful its loaded state through ``load_state_dict()`` (in
-    place) and assigns the loaded values back into the caller's containers,
-    top-level keys included, as DCP does.
+    place) and assigns the loaded values back into the caller's containers:
+    at the top level every key but a Stateful's, as DCP does.
     """
 
     def __init__(self, state_dict: Mapping[str, Any]) -> None:
         self.original = state_dict
         self._raw: dict[int, Any] = {}
-        self.plain, self.found = self._expand(state_dict)
+        self.plain = self._expand(state_dict)[0]
 
     def _expand(self, value: Any) -> tuple[Any, bool]:
         if type(value) in _TENSOR_TYPES:  # the common leaf: neither Stateful nor a container
@@ -189,9 +189,19 @@ class StatefulView:
         return value, False
 
     def restore(self) -> None:
-        """After a load into :attr:`plain`: put what was loaded into the caller's objects."""
-        if self.found:
-            self._restore(self.original, self.plain)
+        """After a load into :attr:`plain`: put what was loaded into the caller's objects.
+
+        As ``dcp.load`` does at the top level: a Stateful value is loaded in
+        place and its key not assigned; every other key is assigned the
+        loaded value (``state_dict[key] = ...``).
+        """
+        original, plain = self.original, self.plain
+        assign = isinstance(original, MutableMapping)
+        for key in list(original):
+            value = original[key]
+            loaded = plain[key] if plain is original else self._restore(value, plain[key])
+            if assign and not is_stateful(value):
+                original[key] = loaded
 
     def _restore(self, original: Any, plain: Any) -> Any:
         """The value to keep where ``original`` was, once ``plain`` is loaded."""

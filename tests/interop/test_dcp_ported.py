@@ -1,0 +1,126 @@
+"""Behaviours of torch.distributed.checkpoint that PyTorch's own DCP tests check, tried on torchstow.
+
+Written from DCP's documented behaviour and its sources (not copied from its tests): the
+tutorial's ``AppState`` recipe, the state dict after a load, the order of a global plan,
+and the keywords DCP's calls take.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+import torchstow
+
+
+class AppState(Stateful):
+    """The recipe of PyTorch's DCP tutorial: a model and its optimizer behind one Stateful."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+        )
+
+
+def _trained(lr: float, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("writer", ["stock", "adapter"])
+def test_load_restores_the_recipes_hyperparameters(writer: str, ckpt: str) -> None:
+    # dcp.save stores param_groups as flat keys (param_groups.0.lr ...); torchstow.load
+    # loads them where they belong, as dcp.load does: lr 0.1, not the target's 0.5.
+    model, optimizer = _trained(0.1, seed=0)
+    if writer == "adapter":
+        dcp.save({"app": AppState(model, optimizer)}, storage_writer=torchstow.dcp_storage_writer(ckpt))
+    else:
+        dcp.save({"app": AppState(model, optimizer)}, checkpoint_id=ckpt)
+    model2, optimizer2 = _trained(0.5, seed=1)
+    target = {"app": AppState(model2, optimizer2)}
+    torchstow.load(target, ckpt)
+    assert optimizer2.param_groups[0]["lr"] == 0.1
+    assert torch.equal(model2.weight, model.weight)
+    assert torch.equal(optimizer2.state[model2.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    # What stock dcp.load restores, torchstow.load restores.
+    model3, optimizer3 = _trained(0.5, seed=2)
+    if writer == "stock":
+        dcp.load({"app": AppState(model3, optimizer3)}, checkpoint_id=ckpt)
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer3.param_groups]
+        assert hyper == [{k: v for k, v in g.items() if k != "params"} for g in optimizer2.param_groups]
+
+
+def test_a_value_the_checkpoint_holds_whole_is_never_left_to_strict_false(ckpt: str) -> None:
+    # The checkpoint stores "cfg.sizes" as one value; a target that splits it finer must not be
+    # told strict=False (which would keep the target's old values): it is a mismatch, always.
+    torchstow.save({"cfg": {"sizes": [1, 2]}}, ckpt)
+    for strict in (True, False):
+        target: dict[str, Any] = {"cfg": {"sizes": [torch.zeros(1), torch.zeros(1)]}}
+        with pytest.raises(
+            torchstow.StateDictMismatchError, match=r"holds all of cfg\.sizes as one value"
+        ) as info:
+            torchstow.load(target, ckpt, strict=strict)
+        assert "strict=False" not in str(info.value)
+
+
+class _RecordingDict(dict[str, Any]):
+    """A state dict that records the keys assigned into it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.assigned: list[str] = []
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.assigned.append(key)
+        super().__setitem__(key, value)
+
+
+class _Loaded(Stateful):
+    def __init__(self) -> None:
+        self.loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": 1}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loaded = dict(state_dict)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("loader", ["torchstow", "dcp"])
+def test_stateful_values_are_loaded_in_place_and_others_assigned(loader: str, ckpt: str) -> None:
+    # dcp.load: a Stateful is loaded through load_state_dict and its key is not assigned; every
+    # other top-level key is assigned the loaded value (state_dict[key] = ...).
+    torchstow.save({"obj": _Loaded(), "t": torch.ones(2), "epoch": 3}, ckpt)
+    obj = _Loaded()
+    t = torch.zeros(2)
+    target = _RecordingDict({"obj": obj, "t": t, "epoch": 0})
+    if loader == "dcp":
+        dcp.load(target, storage_reader=torchstow.dcp_storage_reader(ckpt))
+    else:
+        torchstow.load(target, ckpt)
+    assert target["obj"] is obj and obj.loaded == {"n": 1}
+    assert sorted(target.assigned) == ["epoch", "t"]
+    assert target["t"] is t and torch.equal(t, torch.ones(2))
+    assert target["epoch"] == 3
