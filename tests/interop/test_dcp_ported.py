@@ -16,6 +16,15 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 import torchstow
+from torchstow.core.planning import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torchstow.core.planning.save_planner import dedup_save_plans
+from torchstow.format.manifest import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
 
 class AppState(Stateful):
@@ -124,3 +133,44 @@ def test_stateful_values_are_loaded_in_place_and_others_assigned(loader: str, ck
     assert sorted(target.assigned) == ["epoch", "t"]
     assert target["t"] is t and torch.equal(t, torch.ones(2))
     assert target["epoch"] == 3
+
+
+def _local_plan(rank: int, world: int, aligned: bool) -> SavePlan:
+    """A rank's local plan as DCP's test builds it: a replicated tensor, a JSON value, an
+    object, a shard of a row-sharded tensor, and (unless aligned) a key of its own."""
+    state: dict[str, Any] = {"tensor": torch.rand(10), "value": [1, 2, 3], "obj": b"raw"}
+    if not aligned:
+        state[f"own{rank}"] = torch.ones(2)
+    planner = torchstow.DefaultSavePlanner()
+    planner.set_up_planner(state, None, rank == 0)
+    plan = planner.create_local_plan()
+    chunk = ChunkStorageMetadata(torch.Size([2 * rank, 0]), torch.Size([2, 3]))
+    data = TensorWriteData(chunk, TensorProperties(torch.float32), torch.Size([2 * world, 3]))
+    plan.items.insert(2, WriteItem(MetadataIndex("st", chunk.offsets), WriteItemType.SHARD, data))
+    return plan
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["columnar", "general"])
+def test_global_plan_keeps_each_ranks_items_in_order(aligned: bool) -> None:
+    # DCP: the global plan of deduplicated plans holds every rank's items, in their order,
+    # each with its lookup hint set; the metadata describes each of them.
+    world = 4
+    plans = dedup_save_plans([_local_plan(rank, world, aligned) for rank in range(world)])
+    final, metadata = torchstow.DefaultSavePlanner().create_global_plan(plans)
+    assert len(final) == world
+    stored = metadata.state_dict_metadata
+    for new_plan, old_plan in zip(final, plans, strict=True):
+        assert [item.index for item in new_plan.items] == [item.index for item in old_plan.items]
+        for new_item, old_item in zip(new_plan.items, old_plan.items, strict=True):
+            assert new_item.type == old_item.type
+            assert new_item.tensor_data == old_item.tensor_data
+            entry = stored[new_item.index.fqn]
+            if new_item.type == WriteItemType.BYTE_IO:
+                assert isinstance(entry, BytesStorageMetadata)
+            else:
+                assert isinstance(entry, TensorStorageMetadata)
+                assert new_item.tensor_data is not None
+                assert entry.size == new_item.tensor_data.size
+                assert new_item.index.index is not None
+                assert entry.chunks[new_item.index.index].offsets == new_item.index.offset
+    assert sum(len(plan.items) for plan in final) == sum(len(plan.items) for plan in plans)
