@@ -363,8 +363,10 @@ def test_reader_keyword_arguments(tmp_path: Any) -> None:
     assert reader.read(path, allow_pickle=True)[0]["obj"] == Opaque(3)
     assert reader.read(path, weights_only=False)[0]["obj"] == Opaque(3)  # torch.load's spelling
     assert torch.equal(reader.read(path, {"x": None}, mmap=True, storage_options={})[0]["x"], torch.ones(1))
-    with pytest.raises(TypeError, match=r"unexpected keyword argument.*nope"):
-        reader.read(path, nope=1)
+    # Any other keyword is accepted and passed over, as PyTorch's reader does (torch.load's).
+    loaded, missing = reader.read(path, {"x": None}, map_location="cpu", pickle_module=None, nope=1)
+    assert torch.equal(loaded["x"], torch.ones(1)) and missing == []
+    assert reader.read(path, allow_pickle=True, encoding="utf-8")[0]["obj"] == Opaque(3)
 
 
 class BrokenOpener(StorageOpener):

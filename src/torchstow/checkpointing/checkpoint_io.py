@@ -253,8 +253,9 @@ class CheckpointReader:
         mismatch always raises it. A missing checkpoint raises
         CheckpointNotFoundError. ``kwargs``: ``allow_pickle`` (read values
         only full pickle can restore), ``weights_only=False`` (the same, as
-        ``torch.load`` spells it), ``storage_options`` (for this read), and
-        ``mmap`` (accepted; torchstow reads into memory either way).
+        ``torch.load`` spells it), ``storage_options`` (for this read); any
+        other keyword (``mmap``, ``torch.load``'s own) is accepted and, as
+        PyTorch's reader does with them, changes nothing.
         """
         allow_pickle, options = _read_options(kwargs)
         rank = self.rank_info.global_rank
@@ -325,16 +326,14 @@ class CheckpointReader:
         return targets
 
 
-_READ_OPTIONS = ("allow_pickle", "weights_only", "storage_options", "mmap")
-
-
 def _read_options(kwargs: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
-    """``(allow_pickle, storage_options)`` from :meth:`CheckpointReader.read`'s keyword arguments."""
-    unknown = sorted(set(kwargs) - set(_READ_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"CheckpointReader.read() got unexpected keyword argument(s) {', '.join(unknown)}; "
-            f"it takes {', '.join(_READ_OPTIONS)}"
-        )
+    """``(allow_pickle, storage_options)`` from :meth:`CheckpointReader.read`'s keyword arguments.
+
+    Other keywords (``torch.load``'s, which PyTorch's reader takes and passes
+    on) are accepted and, as there, have no effect on the result.
+    """
+    ignored = sorted(set(kwargs) - {"allow_pickle", "weights_only", "storage_options"})
+    if ignored:
+        logger.debug("CheckpointReader.read(): keyword(s) with no effect here: %s", ", ".join(ignored))
     allow_pickle = bool(kwargs.get("allow_pickle", False)) or kwargs.get("weights_only") is False
     return allow_pickle, dict(kwargs.get("storage_options") or {})
