@@ -7,12 +7,16 @@ and the keywords DCP's calls take.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager as DcpDefaultStager
+from torch.distributed.checkpoint.staging import StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 
 import torchstow
@@ -174,3 +178,50 @@ def test_global_plan_keeps_each_ranks_items_in_order(aligned: bool) -> None:
                 assert new_item.index.index is not None
                 assert entry.chunks[new_item.index.index].offsets == new_item.index.offset
     assert sum(len(plan.items) for plan in final) == sum(len(plan.items) for plan in plans)
+
+
+@pytest.mark.parametrize("name", ["save", "async_save", "load"])
+def test_every_keyword_of_dcps_calls_is_accepted(name: str) -> None:
+    theirs = inspect.signature(getattr(dcp, name)).parameters
+    ours = inspect.signature(getattr(torchstow, name)).parameters
+    assert [key for key in theirs if key not in ours] == []
+
+
+def test_save_without_collectives_in_one_process(ckpt: str) -> None:
+    torchstow.save({"x": torch.arange(3.0)}, checkpoint_id=ckpt, use_collectives=False)
+    assert torch.equal(torchstow.read(ckpt)["x"], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("kind", list(AsyncCheckpointerType))
+def test_async_save_takes_dcps_checkpointer_type_and_stager(kind: AsyncCheckpointerType, ckpt: str) -> None:
+    stager = DcpDefaultStager(
+        StagingOptions(
+            use_pinned_memory=False,
+            use_shared_memory=False,
+            use_async_staging=True,
+            use_non_blocking_copy=False,
+        )
+    )
+    try:
+        state = {"x": torch.arange(4.0), "step": 2}
+        saving = torchstow.async_save(
+            state, checkpoint_id=ckpt, async_checkpointer_type=kind, async_stager=stager
+        )
+        state["x"].add_(100)  # staged: the save holds DCP's stager's copy
+        saving.result(timeout=60)
+    finally:
+        stager.close()
+    back = torchstow.read(ckpt)
+    assert torch.equal(back["x"], torch.arange(4.0)) and back["step"] == 2
+
+
+def test_async_save_refuses_two_stagers_and_unknown_types(ckpt: str) -> None:
+    stager = torchstow.DefaultStager()
+    try:
+        with pytest.raises(ValueError, match="not both"):
+            torchstow.async_save({"x": torch.ones(1)}, ckpt, stager=stager, async_stager=stager)
+        with pytest.raises(ValueError, match="async_checkpointer_type"):
+            torchstow.async_save({"x": torch.ones(1)}, ckpt, async_checkpointer_type="fork")
+    finally:
+        stager.close()
+    assert not torchstow.list_checkpoints(ckpt.rsplit("/", 1)[0])
