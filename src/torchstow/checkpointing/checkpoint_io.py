@@ -11,7 +11,8 @@ One write, on every rank: local plan -> (barrier) the coordinator's global
 plan -> (barrier) this rank's data files, then the hook's ``pre_commit`` ->
 (barrier) the coordinator checks every rank's outcome and publishes the
 manifest atomically -> (barrier) every rank learns the outcome -> the
-hook's ``post_commit``. :class:`CheckpointReader` reads any torchstow
+hook's ``post_commit``. A world of one has nobody to exchange with: its
+data, ``pre_commit``, one barrier, the commit, ``post_commit``. :class:`CheckpointReader` reads any torchstow
 checkpoint, this rank's DTensor shards resharded as needed.
 """
 
@@ -98,8 +99,23 @@ class _HookedWriter(ForwardingStorageWriter):
         return completed_future(results)
 
 
-#: Barrier rounds per write: the save protocol's gather, scatter, gather and broadcast.
+#: Barrier rounds per write on several ranks: the save protocol's gather, scatter, gather and
+#: broadcast (see docs/staging.md). A world of one passes one round per write.
 BARRIERS_PER_WRITE = 4
+
+
+class _OneRound:
+    """A world of one's barrier: passed once per write, after the data and ``pre_commit``,
+    before the commit (or, when the write fails before that, on the way out)."""
+
+    def __init__(self, barrier: Barrier) -> None:
+        self.barrier = barrier
+        self.passed = False
+
+    def pass_once(self) -> None:
+        if not self.passed:
+            self.passed = True
+            self.barrier.execute_barrier()
 
 
 def _byte_store(writer: StorageWriter) -> ByteStore | None:
@@ -152,31 +168,49 @@ class CheckpointWriter:
         """Write ``state_dict``, this rank's part of the checkpoint at ``path`` (any URI)."""
         self._writes += 1
         hook = self.commit_hook
+        solo = _OneRound(self.barrier) if self.barrier is not None and self._alone else None
         try:
             writer = self.opener.writer(str(path), overwrite=self.config.overwrite)
             collective = self._collective(writer, path)
         except Exception:
-            if self.barrier is not None:  # take no part, but pass every round: the others see why
+            if solo is not None:
+                solo.pass_once()
+            elif self.barrier is not None:  # take no part, but pass every round: the others see why
                 self._exchange(None).drain(BARRIERS_PER_WRITE)
             raise
-        if hook is not None:
-            writer = _HookedWriter(writer, lambda: hook.pre_commit(path, **kwargs))
+
+        def after_data() -> None:
+            try:
+                if hook is not None:
+                    hook.pre_commit(path, **kwargs)
+            finally:
+                if solo is not None:
+                    solo.pass_once()
+
+        if hook is not None or solo is not None:
+            writer = _HookedWriter(writer, after_data)
         planner = DefaultSavePlanner(allow_pickle=self.config.allow_pickle)
         try:
             save_state_dict(state_dict, writer, planner=planner, collective=collective)
         except Exception:
-            if isinstance(collective, BarrierCollective):
+            if solo is not None:
+                solo.pass_once()
+            elif isinstance(collective, BarrierCollective):
                 collective.drain(BARRIERS_PER_WRITE)  # the other ranks count on every round
             raise
         logger.debug("rank %d: checkpoint %s committed", self.rank_info.global_rank, path)
         if hook is not None:
             hook.post_commit(path, **kwargs)
 
+    @property
+    def _alone(self) -> bool:
+        return self.rank_info.global_world_size == 1
+
     def _collective(self, writer: StorageWriter, path: str) -> Collective:
-        if self.barrier is None:
+        if self.barrier is None or self._alone:
             return SingleProcess()
         store = _byte_store(writer)
-        if store is None and self.rank_info.global_world_size > 1:
+        if store is None:
             raise ValueError(
                 f"{path}: the checkpointer writes one checkpoint from several ranks through the files of a "
                 f"byte-store backend, and this backend's writer ({type(writer).__name__}) has none"
@@ -186,7 +220,7 @@ class CheckpointWriter:
     def _exchange(self, store: ByteStore | None) -> BarrierCollective:
         assert self.barrier is not None
         return BarrierCollective(
-            store,  # type: ignore[arg-type]  # None: a world of one, or a rank that only drains
+            store,  # type: ignore[arg-type]  # None: a rank that only drains
             self.barrier,
             self.rank_info.global_rank,
             self.rank_info.global_world_size,
