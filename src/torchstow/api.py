@@ -20,6 +20,7 @@ from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.mapped import map_checkpoint
+from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import DigestSlots, LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
@@ -261,7 +262,13 @@ def load(
         uri, checkpoint_id, storage_reader, lambda location: _open_reader(location, storage_options)
     )
     view = dcp_calls.StatefulView(state_dict)
-    default = functools.partial(DefaultLoadPlanner, strict=strict, allow_pickle=allow_pickle, cast=cast)
+    default = functools.partial(
+        DefaultLoadPlanner,
+        strict=strict,
+        allow_pickle=allow_pickle,
+        cast=cast,
+        before_allocating=functools.partial(require_data, reader),
+    )
     planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     _load_protocol(view.plain, reader, planner=planner, collective=dist.collective())
@@ -419,9 +426,7 @@ def read(
     reader = storage_reader(uri, **(storage_options or {}))
     metadata = reader.read_metadata()
     selected = _select(metadata, keys)
-    require_data = getattr(reader, "require_data", None)
-    if require_data is not None:  # before allocating what the manifest claims
-        require_data(metadata, selected)
+    require_data(reader, metadata, selected)  # before allocating what the manifest claims
     mapped: dict[str, Any] = {}
     if mmap:
         backend = default_registry().backend_for(_uri(uri), storage_options)

@@ -31,6 +31,7 @@ from torchstow.checkpointing.opener import StorageOpener
 from torchstow.checkpointing.partial_read import plan_partial_read, subtree
 from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.core.futures import completed_future, wait_future
+from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.protocol.collective import Collective, SingleProcess
@@ -312,6 +313,7 @@ class CheckpointReader:
                 f"{', '.join(wanted.missing)}",
                 missing_keys=wanted.missing,
             )
+        require_data(reader, metadata, wanted.leaves)  # before allocating what the manifest claims
         targets = self._targets(str(path), wanted.leaves, stored)
         load_state_dict(
             targets,

@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 import torch
 
+from torchstow.core.layout.reader import require_data
 from torchstow.core.planning import DefaultLoadPlanner
 from torchstow.core.protocol.steps import load_state_dict as load_protocol
 from torchstow.core.storage.backend import StoreBackend
@@ -131,11 +132,13 @@ class TorchstowSource(Source):
         self._lock = threading.Lock()
 
     def _load(self, keys: list[str]) -> dict[str, Any]:
+        reader = self._reader()
+        require_data(reader, self.metadata, keys)  # before allocating what the manifest claims
         flat: dict[str, Any] = {}
         for key in keys:
             spec = self.specs[key]
             flat[key] = None if spec is None else torch.empty(spec.shape, dtype=spec.dtype)
-        load_protocol(flat, self._reader(), planner=DefaultLoadPlanner(strict=False), metadata=self.metadata)
+        load_protocol(flat, reader, planner=DefaultLoadPlanner(strict=False), metadata=self.metadata)
         return flat
 
     def read_tensor(self, key: str) -> torch.Tensor:

@@ -4,7 +4,7 @@ that intersect the chunks a rank holds with the stored chunks (any world size, a
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -120,7 +120,9 @@ class DefaultLoadPlanner(LoadPlanner):
     naming each; with ``strict=False`` they are left as they are. A dtype
     difference is an error unless ``cast``, which converts on load. A shape
     mismatch is always an error. Tensors on the meta device are replaced by
-    new CPU tensors (DTensors: new local shards on their mesh's device).
+    new CPU tensors (DTensors: new local shards on their mesh's device);
+    ``before_allocating(metadata, keys)`` runs first and may refuse (torchstow.load
+    checks there that their data files are present).
     """
 
     def __init__(
@@ -130,9 +132,11 @@ class DefaultLoadPlanner(LoadPlanner):
         strict: bool = True,
         allow_pickle: bool = False,
         cast: bool = False,
+        before_allocating: Callable[[Metadata, list[str]], None] | None = None,
     ) -> None:
         if not flatten_state_dict:
             raise ValueError("torchstow's DefaultLoadPlanner always flattens the state dict")
+        self.before_allocating = before_allocating
         self.strict = strict
         self.allow_pickle = allow_pickle
         self.cast = cast
@@ -182,10 +186,16 @@ class DefaultLoadPlanner(LoadPlanner):
                 unexpected_keys=self.unexpected_keys,
                 mismatched=[p for p, _ in problems],
             )
-        for fqn, value in flat.leaves.items():
-            if isinstance(value, torch.Tensor) and value.device.type == "meta" and fqn in stored:
-                flat.leaves[fqn] = value = materialize(value)
-                self.state_dict = set_leaf(self.state_dict, flat.paths[fqn], value)
+        meta = [
+            fqn
+            for fqn, value in flat.leaves.items()
+            if isinstance(value, torch.Tensor) and value.device.type == "meta" and fqn in stored
+        ]
+        if meta and self.before_allocating is not None:
+            self.before_allocating(metadata, meta)
+        for fqn in meta:
+            flat.leaves[fqn] = value = materialize(flat.leaves[fqn])
+            self.state_dict = set_leaf(self.state_dict, flat.paths[fqn], value)
         for fqn in flat.leaves:
             entry = stored.get(fqn)
             if isinstance(entry, BytesStorageMetadata):
