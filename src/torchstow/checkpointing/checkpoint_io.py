@@ -12,8 +12,9 @@ plan -> (barrier) this rank's data files, then the hook's ``pre_commit`` ->
 (barrier) the coordinator checks every rank's outcome and publishes the
 manifest atomically -> (barrier) every rank learns the outcome -> the
 hook's ``post_commit``. A world of one has nobody to exchange with: its
-data, ``pre_commit``, one barrier, the commit, ``post_commit``. :class:`CheckpointReader` reads any torchstow
-checkpoint, this rank's DTensor shards resharded as needed.
+data, ``pre_commit``, one barrier, the commit, ``post_commit``.
+:class:`CheckpointReader` reads any torchstow checkpoint, this rank's
+DTensor shards resharded as needed.
 """
 
 from __future__ import annotations
