@@ -210,6 +210,7 @@ class DcpFormatReader(StorageReader):
         self.store = store
         self.locations: dict[MetadataIndex, StorageInfo] = {}
         self._missing: set[str] = set()
+        self._checked: Metadata | None = None  # the metadata _missing was found for
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
@@ -222,17 +223,23 @@ class DcpFormatReader(StorageReader):
     ) -> None:
         self.metadata = metadata
         self.locations = metadata.storage_data
+        self._check_files(metadata)
+
+    def _check_files(self, metadata: Metadata) -> None:
+        """Every location inside its file, and which listed files are missing."""
+        if metadata is self._checked:
+            return
         sizes = self.store.file_sizes()
-        if sizes is not None:  # every location inside its file, before anything is allocated
-            self._missing = check_extents(self.locations.items(), sizes, self.store.location)
+        self._missing = set()
+        if sizes is not None:
+            self._missing = check_extents(metadata.storage_data.items(), sizes, self.store.location)
+        self._checked = metadata
 
     def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
         """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing ``.distcp``
         file (before anything is allocated for them)."""
-        sizes = self.store.file_sizes()
-        if sizes is not None:
-            missing = check_extents(metadata.storage_data.items(), sizes, self.store.location)
-            raise_if_missing(self.store.location, metadata.storage_data, missing, keys)
+        self._check_files(metadata)
+        raise_if_missing(self.store.location, metadata.storage_data, self._missing, keys)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan

@@ -116,6 +116,7 @@ class TorchstowSource(Source):
         self.backend = default_registry().backend_for(uri, storage_options)
         self.metadata = self.backend.read_metadata(uri) if metadata is None else metadata
         self._reader = reader or (lambda: self.backend.storage_reader(uri))
+        self._guard = self._reader()  # finds missing data files once, for every read
         self.user_metadata = dict(self.metadata.user_metadata)
         self.planner_data = self.metadata.planner_data
         self.specs = {
@@ -132,13 +133,12 @@ class TorchstowSource(Source):
         self._lock = threading.Lock()
 
     def _load(self, keys: list[str]) -> dict[str, Any]:
-        reader = self._reader()
-        require_data(reader, self.metadata, keys)  # before allocating what the manifest claims
+        require_data(self._guard, self.metadata, keys)  # before allocating what the manifest claims
         flat: dict[str, Any] = {}
         for key in keys:
             spec = self.specs[key]
             flat[key] = None if spec is None else torch.empty(spec.shape, dtype=spec.dtype)
-        load_protocol(flat, reader, planner=DefaultLoadPlanner(strict=False), metadata=self.metadata)
+        load_protocol(flat, self._reader(), planner=DefaultLoadPlanner(strict=False), metadata=self.metadata)
         return flat
 
     def read_tensor(self, key: str) -> torch.Tensor:
