@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from dcp_scenarios import AppState  # the tutorial's recipe: model and optimizer through get/set_state_dict
 from torch.distributed.checkpoint.staging import DefaultStager as DcpDefaultStager
 from torch.distributed.checkpoint.staging import StagingOptions
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -29,26 +29,6 @@ from torchstow.format.manifest import (
     TensorProperties,
     TensorStorageMetadata,
 )
-
-
-class AppState(Stateful):
-    """The recipe of PyTorch's DCP tutorial: a model and its optimizer behind one Stateful."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state_dict["model"],
-            optim_state_dict=state_dict["optim"],
-        )
 
 
 def _trained(lr: float, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
