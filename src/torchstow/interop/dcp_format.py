@@ -19,12 +19,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from torchstow.core.futures import completed_future
+from torchstow.core.layout.reader import raise_if_missing, require_data
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
@@ -209,6 +210,7 @@ class DcpFormatReader(StorageReader):
         self.store = store
         self.locations: dict[MetadataIndex, StorageInfo] = {}
         self._missing: set[str] = set()
+        self._checked: Metadata | None = None  # the metadata _missing was found for
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
@@ -221,9 +223,23 @@ class DcpFormatReader(StorageReader):
     ) -> None:
         self.metadata = metadata
         self.locations = metadata.storage_data
+        self._check_files(metadata)
+
+    def _check_files(self, metadata: Metadata) -> None:
+        """Every location inside its file, and which listed files are missing."""
+        if metadata is self._checked:
+            return
         sizes = self.store.file_sizes()
-        if sizes is not None:  # every location inside its file, before anything is allocated
-            self._missing = check_extents(self.locations.items(), sizes, self.store.location)
+        self._missing = set()
+        if sizes is not None:
+            self._missing = check_extents(metadata.storage_data.items(), sizes, self.store.location)
+        self._checked = metadata
+
+    def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
+        """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing ``.distcp``
+        file (before anything is allocated for them)."""
+        self._check_files(metadata)
+        raise_if_missing(self.store.location, metadata.storage_data, self._missing, keys)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -334,6 +350,14 @@ class DetectingReader(StorageReader):
         if isinstance(metadata.storage_data, _DcpLocations):
             self.active = DcpFormatReader(self.backend.open_store(self.uri))
         self.active.set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+
+    def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
+        """The missing-file check of the format ``metadata`` was read in (see
+        :func:`torchstow.core.layout.reader.require_data`)."""
+        if isinstance(metadata.storage_data, _DcpLocations):
+            DcpFormatReader(self.backend.open_store(self.uri)).require_data(metadata, keys)
+        else:
+            require_data(self.inner, metadata, keys)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return self.active.prepare_local_plan(plan)
