@@ -72,8 +72,8 @@ def _state() -> dict[str, Any]:
 
 def test_writer_commits_one_checkpoint_at_path_between_its_hooks(tmp_path: Any) -> None:
     # One checkpoint at `path` itself (not `<path>/rank-<r>`, the old layout, which no torchstow
-    # reader found): pre_commit -> the commit -> post_commit, with the barrier ordering the
-    # protocol's four exchanges.
+    # reader found). The seed's contract for a world of one: exactly one barrier per write,
+    # pre_commit before it, the commit after it, then post_commit.
     path = str(tmp_path / "step-5")
     recorder = Recorder(path)
     writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo(), barrier=recorder, commit_hook=recorder)
@@ -81,11 +81,8 @@ def test_writer_commits_one_checkpoint_at_path_between_its_hooks(tmp_path: Any) 
     writer.write(path, sd, step=5, tag="best")
     kwargs = {"step": 5, "tag": "best"}
     assert recorder.events == [
-        ("barrier", None, False),  # plans gathered
-        ("barrier", None, False),  # global plan scattered
         ("pre_commit", (path, kwargs), False),  # this rank's data is written
-        ("barrier", None, False),  # outcomes gathered; the coordinator commits
-        ("barrier", None, True),  # the outcome broadcast: committed
+        ("barrier", None, False),  # the one barrier, before the commit
         ("post_commit", (path, kwargs), True),
     ]
     loaded = torchstow.read(path)  # an ordinary torchstow checkpoint
@@ -94,7 +91,7 @@ def test_writer_commits_one_checkpoint_at_path_between_its_hooks(tmp_path: Any) 
     assert torchstow.info(path).num_entries == 5
     assert not [name for name in os.listdir(path) if name.startswith(".")]  # no exchange files left
     writer.write(str(tmp_path / "step-6"), sd)
-    assert [e[0] for e in recorder.events].count("barrier") == 8  # four per write
+    assert [e[0] for e in recorder.events].count("barrier") == 2  # one per write
     assert torchstow.latest(str(tmp_path)) == str(tmp_path / "step-6")
 
 
@@ -117,8 +114,8 @@ def test_a_failing_pre_commit_commits_nothing(tmp_path: Any) -> None:
     with pytest.raises(CheckpointException) as info:
         writer.write(path, _state())
     assert isinstance(info.value.failures[0][0], ValueError)
-    # Every barrier round still runs (other ranks count on them); no post_commit.
-    assert [e[0] for e in recorder.events] == ["barrier", "barrier", "pre_commit", "barrier", "barrier"]
+    # The write's one barrier still runs; no post_commit.
+    assert [e[0] for e in recorder.events] == ["pre_commit", "barrier"]
     assert not (tmp_path / "c" / "manifest.json").exists()
     assert os.listdir(path) == []  # this rank's data files are removed too
 
@@ -277,7 +274,7 @@ def test_a_registered_barrier_is_used_by_the_builder(tmp_path: Any) -> None:
         checkpointer = make_sync_checkpointer(config)
         checkpointer.save(str(tmp_path / "c"), {"x": torch.ones(1)})
         checkpointer.save(str(tmp_path / "d"), {"x": torch.ones(1)})
-        assert CountingBarrier.calls == ["mine"] * 8  # four rounds per write
+        assert CountingBarrier.calls == ["mine"] * 2  # one round per write in a world of one
     finally:
         del BARRIER_REGISTRY["counting"]
 
@@ -363,8 +360,10 @@ def test_reader_keyword_arguments(tmp_path: Any) -> None:
     assert reader.read(path, allow_pickle=True)[0]["obj"] == Opaque(3)
     assert reader.read(path, weights_only=False)[0]["obj"] == Opaque(3)  # torch.load's spelling
     assert torch.equal(reader.read(path, {"x": None}, mmap=True, storage_options={})[0]["x"], torch.ones(1))
-    with pytest.raises(TypeError, match=r"unexpected keyword argument.*nope"):
-        reader.read(path, nope=1)
+    # Any other keyword is accepted and passed over, as PyTorch's reader does (torch.load's).
+    loaded, missing = reader.read(path, {"x": None}, map_location="cpu", pickle_module=None, nope=1)
+    assert torch.equal(loaded["x"], torch.ones(1)) and missing == []
+    assert reader.read(path, allow_pickle=True, encoding="utf-8")[0]["obj"] == Opaque(3)
 
 
 class BrokenOpener(StorageOpener):
@@ -414,3 +413,14 @@ def test_a_rank_that_cannot_open_the_storage_fails_every_rank(tmp_path: Any) -> 
     assert isinstance(errors[0], CheckpointException)  # the other rank is told, not left waiting
     assert "rank 1" in str(errors[0])
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_a_write_failing_before_its_data_passes_its_one_barrier(tmp_path: Any) -> None:
+    path = str(tmp_path / "c")
+    CheckpointWriter(CheckpointWriterConfig(), RankInfo()).write(path, {"x": torch.zeros(2)})
+    recorder = Recorder(path)
+    writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo(), barrier=recorder, commit_hook=recorder)
+    with pytest.raises(CheckpointException, match="CheckpointExistsError"):
+        writer.write(path, {"x": torch.ones(2)})
+    assert [e[0] for e in recorder.events] == ["barrier"]  # no pre_commit, no post_commit
+    assert torch.equal(torchstow.read(path)["x"], torch.zeros(2))

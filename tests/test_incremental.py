@@ -171,3 +171,45 @@ def test_prune_keeps_shared_bytes_and_verify_checks_them(tmp_path: Path) -> None
     shared.write_bytes(bytes(data))
     problems = torchstow.verify(paths[2]).problems
     assert [p.key for p in problems] == ["frozen.w1"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "symlink"])
+def test_a_damaged_base_file_is_written_again_not_linked(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = [str(tmp_path / f"step-{i}") for i in range(1, 4)]
+    state = _state()
+    torchstow.save(state, paths[0])
+    state = _train(state, 2)
+    torchstow.save(state, paths[1], base=paths[0])  # records every item's digest
+    manifest = json.loads(Path(paths[1], "manifest.json").read_text())
+    damaged = manifest["entries"]["frozen.w0"]["file"]
+    shared = Path(paths[1], manifest["files"][damaged])
+    held = [e for e in manifest["entries"].values() if e.get("file") == damaged]
+    if damage == "truncated":  # by the last byte the base uses of it
+        os.truncate(shared, max(e["offset"] + e["length"] for e in held) - 1)
+    else:  # the same bytes, through a symbolic link
+        copy = tmp_path / "elsewhere.bin"
+        copy.write_bytes(shared.read_bytes())
+        shared.unlink()
+        shared.symlink_to(copy)
+    state = _train(state, 3)
+    with caplog.at_level("WARNING", logger="torchstow"):
+        torchstow.save(state, paths[2], base=paths[1])
+    assert_same_state(torchstow.read(paths[2]), state)
+    assert torchstow.verify(paths[2]).ok
+    assert not any(p.is_symlink() for p in Path(paths[2]).iterdir())
+    rewritten = sum(e["length"] for e in held) + 64 * 64 * 4  # the damaged file's items, and the trainable
+    assert torchstow.info(paths[2]).nbytes_written >= rewritten
+    assert "written again instead of shared" in caplog.text
+
+
+def test_a_save_that_shares_everything_leaves_no_unlisted_data_file(tmp_path: Path) -> None:
+    base, nxt = tmp_path / "step-1", tmp_path / "step-2"
+    state = {"frozen": torch.randn(256, 1024), "other": torch.randn(64), "step": 1}
+    torchstow.save(state, str(base))
+    torchstow.save(state, str(nxt), base=str(base), storage_options={"thread_count": 2})
+    assert torchstow.info(str(nxt)).nbytes_written == 0
+    listed = set(json.loads((nxt / "manifest.json").read_text())["files"])
+    assert {p.name for p in nxt.iterdir()} == listed | {"manifest.json"}
+    assert_same_state(torchstow.read(str(nxt)), state)

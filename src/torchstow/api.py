@@ -20,6 +20,7 @@ from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.mapped import map_checkpoint
+from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import DigestSlots, LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
@@ -180,6 +181,7 @@ def save(
     timeout: Timeout | None = None,
     base: Uri | None = None,
     trust_version_counter: bool = False,
+    use_collectives: bool = True,
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
@@ -202,7 +204,12 @@ def save(
     writer (exactly one of the three names the target), ``planner`` may be
     one of DCP's planners. Stateful values (modules, optimizers, anything
     with ``state_dict()``/``load_state_dict()``) are saved through ``state_dict()``.
+    ``use_collectives=False`` (DCP: save without talking to the other ranks)
+    works where the save involves one process only; several ranks commit one
+    manifest together, so there it raises ValueError.
     """
+    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
+    collective = dcp_calls.without_collectives(dist.collective(), use_collectives)
     slots = own_slot if trust_version_counter else None
     job = _save_job(
         uri,
@@ -216,12 +223,11 @@ def save(
         base,
         slots,
     )
-    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     return _save_protocol(
         dcp_calls.StatefulView(state_dict).plain,
         job.writer,
         planner=job.planner,
-        collective=dist.collective(),
+        collective=collective,
         user_metadata=job.user_metadata,
     )
 
@@ -256,7 +262,13 @@ def load(
         uri, checkpoint_id, storage_reader, lambda location: _open_reader(location, storage_options)
     )
     view = dcp_calls.StatefulView(state_dict)
-    default = functools.partial(DefaultLoadPlanner, strict=strict, allow_pickle=allow_pickle, cast=cast)
+    default = functools.partial(
+        DefaultLoadPlanner,
+        strict=strict,
+        allow_pickle=allow_pickle,
+        cast=cast,
+        before_allocating=functools.partial(require_data, reader),
+    )
     planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     _load_protocol(view.plain, reader, planner=planner, collective=dist.collective())
@@ -280,6 +292,9 @@ def async_save(
     stager: Stager | None = None,
     base: Uri | None = None,
     trust_version_counter: bool = False,
+    async_stager: Stager | None = None,
+    async_checkpointer_type: Any = None,
+    use_collectives: bool = True,
 ) -> AsyncSave:
     """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
 
@@ -295,8 +310,15 @@ def async_save(
     ``trust_version_counter`` (and ``base``), the default stager notes each
     tensor's version as it copies it, so digests are reused as in
     :func:`save` (the bytes are still copied, not hashed); other stagers hash.
+
+    DCP's keywords: ``async_stager`` is ``stager`` by DCP's name (DCP's own
+    stagers work; give one of the two); ``async_checkpointer_type`` (DCP's
+    ``AsyncCheckpointerType`` or its value) is accepted, and either type
+    writes in torchstow's save thread; ``use_collectives`` is as in :func:`save`.
     """
     text = dcp_calls.target_label(uri, checkpoint_id, storage_writer)
+    stager = dcp_calls.one_stager(stager, async_stager)
+    dcp_calls.check_checkpointer_type(async_checkpointer_type)
 
     def prepare() -> SaveJob:
         return _save_job(
@@ -314,10 +336,14 @@ def async_save(
 
     saves = pipeline()
     collective = saves.commit_collective(process_group, coordinator_rank, no_dist)
+    collective = dcp_calls.without_collectives(collective, use_collectives)
     plain = dcp_calls.StatefulView(state_dict).plain
-    return saves.submit(
+    saving = saves.submit(
         plain, text, prepare, collective=collective, stager=stager, track_sources=trust_version_counter
     )
+    if getattr(stager, "should_synchronize_after_execute", False):  # DCP's stagers that ask for it
+        stager.synchronize_staging()  # type: ignore[union-attr]
+    return saving
 
 
 def save_state_dict(
@@ -400,9 +426,7 @@ def read(
     reader = storage_reader(uri, **(storage_options or {}))
     metadata = reader.read_metadata()
     selected = _select(metadata, keys)
-    require_data = getattr(reader, "require_data", None)
-    if require_data is not None:  # before allocating what the manifest claims
-        require_data(metadata, selected)
+    require_data(reader, metadata, selected)  # before allocating what the manifest claims
     mapped: dict[str, Any] = {}
     if mmap:
         backend = default_registry().backend_for(_uri(uri), storage_options)

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 import torch
-from dist_scenarios import mesh_for, values
+from dist_scenarios import _subgroups, mesh_for, values
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import torchstow
@@ -57,3 +57,43 @@ def save_steps(
     with torchstow.CheckpointManager(root, keep_last=2, incremental=incremental) as manager:
         for step in range(1, steps + 1):
             manager.save(step, {**_state(world_size, step), **frozen}, asynchronous=asynchronous)
+
+
+def save_in_subgroups(rank: int, world_size: int, root: str, steps: int) -> tuple[list[str], int, bool]:
+    """The even and the odd ranks each run a manager (keep_last=2) on their own root in their
+    own subgroup: the odd group (without global rank 0) through ``process_group=``, the even one
+    through ``save``'s ``process_group=`` and ``coordinator_rank=1`` (global rank 2). What its
+    root holds at the end, how many times this rank pruned, and whether the newest step
+    restores bit-exact in the group."""
+    import torch.distributed as dist
+
+    from torchstow.management import manager as module
+
+    group = _subgroups(world_size)[rank % 2]
+    group_rank = dist.get_rank(group)
+    own = f"{root}/group{rank % 2}"
+    per_save: dict[str, Any] = {} if rank % 2 else {"process_group": group, "coordinator_rank": 1}
+    pruned = []
+    original = module.prune
+
+    def counting_prune(*args: Any, **kwargs: Any) -> list[str]:
+        pruned.append(args)
+        return original(*args, **kwargs)
+
+    def state(step: int) -> dict[str, Any]:
+        return {f"part{group_rank}": values(f"part{group_rank}", (8,), step), "step": step}
+
+    module.prune = counting_prune  # type: ignore[assignment]
+    try:
+        by_manager = group if rank % 2 else None
+        with torchstow.CheckpointManager(own, keep_last=2, process_group=by_manager) as manager:
+            for step in range(1, steps + 1):
+                manager.save(step, state(step), **per_save)
+    finally:
+        module.prune = original  # type: ignore[assignment]
+    dist.barrier()  # every coordinator is past its last pruning
+    target = state(0)
+    step = torchstow.CheckpointManager(own, process_group=group).restore(target, coordinator_rank=0)
+    expected = state(steps)
+    restored = step == steps and all(torch.equal(target[k], v) for k, v in expected.items() if k != "step")
+    return sorted(os.listdir(own)), len(pruned), restored and target["step"] == steps

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from manager_scenarios import restore_latest, save_steps, save_steps_and_prune
+from manager_scenarios import restore_latest, save_in_subgroups, save_steps, save_steps_and_prune
 
 import torchstow
 
@@ -35,3 +35,10 @@ def test_pruning_while_other_ranks_start_the_next_save_loses_nothing(
         assert torchstow.info(str(root / "step-5")).nbytes_written < 4096 * 4
         torchstow.delete(str(root / "step-4"))
         assert torch.equal(torchstow.read(str(root / "step-5"))["frozen"], torch.arange(4096.0))
+
+
+def test_managers_of_subgroups_prune_on_their_own_coordinators(pools: Any, tmp_path: Path) -> None:
+    results = pools(4).run(save_in_subgroups, str(tmp_path), 4)
+    # the odd group holds no global rank 0, and the even group's coordinator is its rank 1 (global 2)
+    assert [pruned for _, pruned, _ in results] == [0, 4, 4, 0]
+    assert all(listing == ["step-3", "step-4"] and restored for listing, _, restored in results)

@@ -91,6 +91,26 @@ def tutorial_roundtrip(rank: int, world_size: int, path: str) -> tuple[dict[str,
     return before, _full_state(model2, optimizer2), state["app"] is app
 
 
+def recipe_from_stock_dcp(rank: int, world_size: int, path: str) -> tuple[list[float], bool, str]:
+    """Stock dcp.save of the tutorial's AppState (lr 0.1), torchstow.load into one with lr 0.5:
+    the learning rates after, whether the state came along, and what use_collectives=False says."""
+    model, optimizer = _sharded(seed=1, train=True)
+    before = _full_state(model, optimizer)
+    dcp.save({"app": AppState(model, optimizer)}, checkpoint_id=path)
+    model2, optimizer2 = _sharded(seed=2, train=True)
+    for group in optimizer2.param_groups:
+        group["lr"] = 0.5
+    torchstow.load({"app": AppState(model2, optimizer2)}, checkpoint_id=path)
+    after = _full_state(model2, optimizer2)
+    same = sorted(before) == sorted(after) and all(torch.equal(after[k], v) for k, v in before.items())
+    try:
+        torchstow.save({"x": torch.ones(1)}, path + "-alone", use_collectives=False)
+        refusal = ""
+    except ValueError as exc:
+        refusal = str(exc)
+    return [group["lr"] for group in optimizer2.param_groups], same, refusal
+
+
 def _dtensor_state(seed: int, shard_dim: int | None) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     placement = [Replicate()] if shard_dim is None else [Shard(shard_dim)]

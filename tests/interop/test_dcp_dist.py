@@ -15,6 +15,7 @@ from dcp_scenarios import (
     full_values,
     load_into_meta_fsdp_model,
     load_resharded,
+    recipe_from_stock_dcp,
     torchstow_with_dcp_planners,
     tutorial_roundtrip,
 )
@@ -38,6 +39,17 @@ def test_tutorial_app_state_with_fsdp2(pools: Any, tmp_path: Path) -> None:
     assert any(".exp_avg" in key for key in before)  # the optimizer state came along
     for key, value in before.items():
         assert torch.equal(after[key], value), key
+
+
+def test_recipe_saved_by_stock_dcp_loads_with_its_hyperparameters(pools: Any, tmp_path: Path) -> None:
+    # The tutorial's AppState under FSDP2, saved by stock dcp.save (param_groups.0.lr as flat
+    # keys): torchstow.load restores lr 0.1 over the target's 0.5, with every tensor of the state.
+    # use_collectives=False cannot commit one manifest for two ranks: refused, nothing written.
+    for lrs, same, refusal in pools(2).run(recipe_from_stock_dcp, str(tmp_path / "step-1")):
+        assert lrs == [0.1]
+        assert same
+        assert "use_collectives=False" in refusal and "2 ranks" in refusal
+    assert not (tmp_path / "step-1-alone").exists()
 
 
 @pytest.mark.parametrize("how", ["torchstow", "dcp"])

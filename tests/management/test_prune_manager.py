@@ -129,8 +129,61 @@ def test_manager_errors(tmp_path: Path) -> None:
     pending = failing.save(2, {"w": torch.zeros(1)}, asynchronous=True)
     assert pending is not None
     failing.wait()
-    failing.save(2, {"w": torch.ones(1)}, asynchronous=True)
+    torchstow.save({"w": torch.ones(1)}, failing.uri(3))  # another writer's checkpoint at step 3
+    failing.save(3, {"w": torch.ones(1)}, asynchronous=True)
     with pytest.raises(torchstow.CheckpointException, match="already exists"):  # nothing is pruned
         failing.wait()
     failing.wait()  # the failure is raised once
-    assert failing.steps() == [2]
+    assert failing.steps() == [2, 3]
+
+
+def test_saving_a_step_the_manager_already_has_saves_nothing_unless_overwrite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "run"
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    manager.save(1, {"w": torch.zeros(4)})
+    with caplog.at_level("WARNING", logger="torchstow"):
+        assert manager.save(1, {"w": torch.ones(4)}, asynchronous=True) is None
+    assert "already committed" in caplog.text
+    assert torch.equal(torchstow.read(manager.uri(1))["w"], torch.zeros(4))
+    manager.save(1, {"w": torch.ones(4)}, overwrite=True)
+    assert torch.equal(torchstow.read(manager.uri(1))["w"], torch.ones(4))
+    # a restarted run restores step 1 and may save it again: nothing is written
+    restarted = torchstow.CheckpointManager(root, keep_last=2)
+    target = {"w": torch.zeros(4)}
+    assert restarted.restore(target) == 1
+    restarted.save(1, {"w": torch.full((4,), 7.0)})
+    assert torch.equal(torchstow.read(manager.uri(1))["w"], torch.ones(4))
+    # a step this manager neither saved nor restored is another writer's: refused
+    torchstow.save({"w": torch.zeros(4)}, manager.uri(2))
+    with pytest.raises(torchstow.CheckpointException, match="already exists"):
+        restarted.save(2, {"w": torch.ones(4)})
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_incremental_manager_whose_newest_step_was_deleted_or_damaged_goes_on(
+    tmp_path: Path, asynchronous: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    frozen = torch.randn(256, 1024)
+
+    def state(step: int) -> dict[str, object]:
+        return {"frozen": frozen, "trainable": torch.full((16,), float(step))}
+
+    manager = torchstow.CheckpointManager(tmp_path / "run", incremental=True)
+    for step in (1, 2):
+        manager.save(step, state(step), asynchronous=asynchronous)
+    manager.wait()
+    torchstow.delete(manager.uri(2))  # the base of the next save is gone: step 1 serves
+    with caplog.at_level("WARNING", logger="torchstow"):
+        manager.save(3, state(3), asynchronous=asynchronous)
+        manager.wait()
+        os.truncate(Path(manager.uri(3), "manifest.json"), 100)  # step 3 is damaged: step 1 serves
+        manager.save(4, state(4), asynchronous=asynchronous)
+        manager.wait()
+    assert "is not saved against step 2" in caplog.text and "is not saved against step 3" in caplog.text
+    assert torchstow.info(manager.uri(4)).nbytes_written < frozen.numel() * 4  # shared with step 1
+    torchstow.delete(manager.uri(1))
+    got = torchstow.read(manager.uri(4))
+    assert torch.equal(got["frozen"], frozen) and torch.equal(got["trainable"], torch.full((16,), 4.0))
+    assert manager.steps() == [4]

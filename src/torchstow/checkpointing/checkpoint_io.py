@@ -11,8 +11,10 @@ One write, on every rank: local plan -> (barrier) the coordinator's global
 plan -> (barrier) this rank's data files, then the hook's ``pre_commit`` ->
 (barrier) the coordinator checks every rank's outcome and publishes the
 manifest atomically -> (barrier) every rank learns the outcome -> the
-hook's ``post_commit``. :class:`CheckpointReader` reads any torchstow
-checkpoint, this rank's DTensor shards resharded as needed.
+hook's ``post_commit``. A world of one has nobody to exchange with: its
+data, ``pre_commit``, one barrier, the commit, ``post_commit``.
+:class:`CheckpointReader` reads any torchstow checkpoint, this rank's
+DTensor shards resharded as needed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torchstow.checkpointing.opener import StorageOpener
 from torchstow.checkpointing.partial_read import plan_partial_read, subtree
 from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.core.futures import completed_future, wait_future
+from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.protocol.collective import Collective, SingleProcess
@@ -98,8 +101,23 @@ class _HookedWriter(ForwardingStorageWriter):
         return completed_future(results)
 
 
-#: Barrier rounds per write: the save protocol's gather, scatter, gather and broadcast.
+#: Barrier rounds per write on several ranks: the save protocol's gather, scatter, gather and
+#: broadcast (see docs/staging.md). A world of one passes one round per write.
 BARRIERS_PER_WRITE = 4
+
+
+class _OneRound:
+    """A world of one's barrier: passed once per write, after the data and ``pre_commit``,
+    before the commit (or, when the write fails before that, on the way out)."""
+
+    def __init__(self, barrier: Barrier) -> None:
+        self.barrier = barrier
+        self.passed = False
+
+    def pass_once(self) -> None:
+        if not self.passed:
+            self.passed = True
+            self.barrier.execute_barrier()
 
 
 def _byte_store(writer: StorageWriter) -> ByteStore | None:
@@ -152,31 +170,49 @@ class CheckpointWriter:
         """Write ``state_dict``, this rank's part of the checkpoint at ``path`` (any URI)."""
         self._writes += 1
         hook = self.commit_hook
+        solo = _OneRound(self.barrier) if self.barrier is not None and self._alone else None
         try:
             writer = self.opener.writer(str(path), overwrite=self.config.overwrite)
             collective = self._collective(writer, path)
         except Exception:
-            if self.barrier is not None:  # take no part, but pass every round: the others see why
+            if solo is not None:
+                solo.pass_once()
+            elif self.barrier is not None:  # take no part, but pass every round: the others see why
                 self._exchange(None).drain(BARRIERS_PER_WRITE)
             raise
-        if hook is not None:
-            writer = _HookedWriter(writer, lambda: hook.pre_commit(path, **kwargs))
+
+        def after_data() -> None:
+            try:
+                if hook is not None:
+                    hook.pre_commit(path, **kwargs)
+            finally:
+                if solo is not None:
+                    solo.pass_once()
+
+        if hook is not None or solo is not None:
+            writer = _HookedWriter(writer, after_data)
         planner = DefaultSavePlanner(allow_pickle=self.config.allow_pickle)
         try:
             save_state_dict(state_dict, writer, planner=planner, collective=collective)
         except Exception:
-            if isinstance(collective, BarrierCollective):
+            if solo is not None:
+                solo.pass_once()
+            elif isinstance(collective, BarrierCollective):
                 collective.drain(BARRIERS_PER_WRITE)  # the other ranks count on every round
             raise
         logger.debug("rank %d: checkpoint %s committed", self.rank_info.global_rank, path)
         if hook is not None:
             hook.post_commit(path, **kwargs)
 
+    @property
+    def _alone(self) -> bool:
+        return self.rank_info.global_world_size == 1
+
     def _collective(self, writer: StorageWriter, path: str) -> Collective:
-        if self.barrier is None:
+        if self.barrier is None or self._alone:
             return SingleProcess()
         store = _byte_store(writer)
-        if store is None and self.rank_info.global_world_size > 1:
+        if store is None:
             raise ValueError(
                 f"{path}: the checkpointer writes one checkpoint from several ranks through the files of a "
                 f"byte-store backend, and this backend's writer ({type(writer).__name__}) has none"
@@ -186,7 +222,7 @@ class CheckpointWriter:
     def _exchange(self, store: ByteStore | None) -> BarrierCollective:
         assert self.barrier is not None
         return BarrierCollective(
-            store,  # type: ignore[arg-type]  # None: a world of one, or a rank that only drains
+            store,  # type: ignore[arg-type]  # None: a rank that only drains
             self.barrier,
             self.rank_info.global_rank,
             self.rank_info.global_world_size,
@@ -253,8 +289,9 @@ class CheckpointReader:
         mismatch always raises it. A missing checkpoint raises
         CheckpointNotFoundError. ``kwargs``: ``allow_pickle`` (read values
         only full pickle can restore), ``weights_only=False`` (the same, as
-        ``torch.load`` spells it), ``storage_options`` (for this read), and
-        ``mmap`` (accepted; torchstow reads into memory either way).
+        ``torch.load`` spells it), ``storage_options`` (for this read); any
+        other keyword (``mmap``, ``torch.load``'s own) is accepted and, as
+        PyTorch's reader does with them, changes nothing.
         """
         allow_pickle, options = _read_options(kwargs)
         rank = self.rank_info.global_rank
@@ -277,6 +314,7 @@ class CheckpointReader:
                 f"{', '.join(wanted.missing)}",
                 missing_keys=wanted.missing,
             )
+        require_data(reader, metadata, wanted.leaves)  # before allocating what the manifest claims
         targets = self._targets(str(path), wanted.leaves, stored)
         load_state_dict(
             targets,
@@ -325,16 +363,14 @@ class CheckpointReader:
         return targets
 
 
-_READ_OPTIONS = ("allow_pickle", "weights_only", "storage_options", "mmap")
-
-
 def _read_options(kwargs: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
-    """``(allow_pickle, storage_options)`` from :meth:`CheckpointReader.read`'s keyword arguments."""
-    unknown = sorted(set(kwargs) - set(_READ_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"CheckpointReader.read() got unexpected keyword argument(s) {', '.join(unknown)}; "
-            f"it takes {', '.join(_READ_OPTIONS)}"
-        )
+    """``(allow_pickle, storage_options)`` from :meth:`CheckpointReader.read`'s keyword arguments.
+
+    Other keywords (``torch.load``'s, which PyTorch's reader takes and passes
+    on) are accepted and, as there, have no effect on the result.
+    """
+    ignored = sorted(set(kwargs) - {"allow_pickle", "weights_only", "storage_options"})
+    if ignored:
+        logger.debug("CheckpointReader.read(): keyword(s) with no effect here: %s", ", ".join(ignored))
     allow_pickle = bool(kwargs.get("allow_pickle", False)) or kwargs.get("weights_only") is False
     return allow_pickle, dict(kwargs.get("storage_options") or {})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "BLOCK_SIZE",
+    "DCP_METADATA",
     "LARGE_ALIGN",
     "LARGE_ITEM",
     "MANIFEST",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"
+"""The metadata file of a checkpoint in ``torch.distributed.checkpoint``'s own format (not this one),
+which a location may hold instead of :data:`MANIFEST`."""
 BLOCK_SIZE = 4 << 20
 """Bytes per checksum block of an item (the last block may be shorter)."""
 SMALL_ALIGN = 64

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from torchstow.backends.filesystem import LocalFileStore
+from torchstow.core.layout.location import check_vacant
 from torchstow.errors import CheckpointExistsError
 from torchstow.interop import targets
 from torchstow.interop.sources import Source, TensorSpec, local_path, open_source
@@ -139,6 +141,8 @@ def _local_target(dst: str, to: str) -> str:
 def _check_target(dst: str, to: str, overwrite: bool) -> None:
     if to in ("safetensors", "dcp") and os.path.lexists(dst) and not os.path.isdir(dst):
         raise CheckpointExistsError(f"{dst} is a file; {to} is written as a directory: choose another path")
+    if to == "dcp" and not overwrite:  # a torchstow or DCP checkpoint there
+        check_vacant(LocalFileStore(dst, dst))
     if to in ("torch", "safetensors", "dcp") and os.path.exists(dst) and not overwrite:
         kind = os.path.isdir(dst) and os.listdir(dst)
         if to == "torch" or kind:

@@ -17,16 +17,20 @@ from typing import Any
 import torch
 
 from torchstow.core.planning import LoadPlanner, SavePlanner
+from torchstow.core.protocol.collective import Collective
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 
 __all__ = [
     "StatefulView",
+    "check_checkpointer_type",
     "is_stateful",
     "load_target",
+    "one_stager",
     "save_target",
     "target_label",
     "torchstow_load_planner",
     "torchstow_save_planner",
+    "without_collectives",
 ]
 
 Uri = str | os.PathLike[str]
@@ -142,6 +146,35 @@ def torchstow_load_planner(
     raise TypeError(f"planner must be a torchstow or DCP LoadPlanner, got {type(planner).__name__}")
 
 
+def without_collectives(collective: Collective, use_collectives: bool) -> Collective:
+    """``collective``, checked against DCP's ``use_collectives=False`` (no talking to other ranks)."""
+    if not use_collectives and collective.world_size > 1:
+        raise ValueError(
+            f"use_collectives=False: this save involves {collective.world_size} ranks, and torchstow "
+            "commits one manifest for all of them, which needs them to agree; keep the collectives, "
+            "or save each rank alone (no_dist=True) to a location of its own"
+        )
+    return collective
+
+
+def one_stager(stager: Any, async_stager: Any) -> Any:
+    """The stager an asynchronous save names, by torchstow's keyword or DCP's (``async_stager``)."""
+    if stager is not None and async_stager is not None:
+        raise ValueError("give the stager as stager= or as async_stager= (DCP's name), not both")
+    return stager if stager is not None else async_stager
+
+
+def check_checkpointer_type(kind: Any) -> None:
+    """Accept DCP's ``async_checkpointer_type``: an ``AsyncCheckpointerType`` or its value."""
+    if kind is None:
+        return
+    value = getattr(kind, "value", kind)
+    if value not in ("thread", "process"):
+        raise ValueError(
+            f"async_checkpointer_type must be DCP's AsyncCheckpointerType (THREAD or PROCESS), got {kind!r}"
+        )
+
+
 def is_stateful(value: Any) -> bool:
     """Whether ``value`` is saved through ``state_dict()`` and loaded through
     ``load_state_dict()`` (modules, optimizers, schedulers, user objects)."""
@@ -160,14 +193,14 @@ class StatefulView:
     hold a Stateful are copied, everything else is shared with the caller's
     state dict (no tensor is ever copied). After a load, :meth:`restore`
     hands each Stateful its loaded state through ``load_state_dict()`` (in
-    place) and assigns the loaded values back into the caller's containers,
-    top-level keys included, as DCP does.
+    place) and assigns the loaded values back into the caller's containers:
+    at the top level every key but a Stateful's, as DCP does.
     """
 
     def __init__(self, state_dict: Mapping[str, Any]) -> None:
         self.original = state_dict
         self._raw: dict[int, Any] = {}
-        self.plain, self.found = self._expand(state_dict)
+        self.plain = self._expand(state_dict)[0]
 
     def _expand(self, value: Any) -> tuple[Any, bool]:
         if type(value) in _TENSOR_TYPES:  # the common leaf: neither Stateful nor a container
@@ -189,9 +222,18 @@ class StatefulView:
         return value, False
 
     def restore(self) -> None:
-        """After a load into :attr:`plain`: put what was loaded into the caller's objects."""
-        if self.found:
-            self._restore(self.original, self.plain)
+        """After a load into :attr:`plain`: put what was loaded into the caller's objects.
+
+        As ``dcp.load`` does at the top level: a Stateful value is loaded in
+        place and its key not assigned; every other key is assigned the
+        loaded value (``state_dict[key] = ...``).
+        """
+        original, plain = self.original, self.plain
+        for key in list(original):
+            value = original[key]
+            loaded = plain[key] if plain is original else self._restore(value, plain[key])
+            if isinstance(original, MutableMapping) and not is_stateful(value):
+                original[key] = loaded
 
     def _restore(self, original: Any, plain: Any) -> Any:
         """The value to keep where ``original`` was, once ``plain`` is loaded."""

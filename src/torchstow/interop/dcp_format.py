@@ -26,11 +26,13 @@ from typing import Any, ClassVar
 import torch
 
 from torchstow.core.futures import completed_future
+from torchstow.core.layout.reader import raise_if_missing, require_data
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from torchstow.format.files import DCP_METADATA
 from torchstow.format.manifest import (
     EncodedLocations,
     Metadata,
@@ -51,7 +53,6 @@ __all__ = [
     "read_dcp_metadata",
 ]
 
-DCP_METADATA = ".metadata"
 
 _DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
@@ -284,6 +285,7 @@ class DcpFormatReader(StorageReader):
         self.locations: dict[MetadataIndex, StorageInfo] = {}
         self._missing: set[str] = set()
         self._beyond: dict[MetadataIndex, str] = {}  # locations past their file's end: the error
+        self._checked: Metadata | None = None  # the metadata _missing was found for
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
@@ -296,10 +298,26 @@ class DcpFormatReader(StorageReader):
     ) -> None:
         self.metadata = metadata
         self.locations = metadata.storage_data
+        self._check_files(metadata)
+
+    def _check_files(self, metadata: Metadata) -> None:
+        """Every location inside its file, and which listed files are missing."""
+        if metadata is self._checked:
+            return
         sizes = self.store.file_sizes()
-        if sizes is not None:  # every location read inside its file, before anything is allocated
-            self._beyond = {}
-            self._missing = check_extents(self.locations.items(), sizes, self.store.location, self._beyond)
+        self._missing = set()
+        self._beyond = {}
+        if sizes is not None:
+            self._missing = check_extents(
+                metadata.storage_data.items(), sizes, self.store.location, self._beyond
+            )
+        self._checked = metadata
+
+    def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
+        """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing ``.distcp``
+        file or past its end (before anything is allocated for them)."""
+        self._check_files(metadata)
+        raise_if_missing(self.store.location, metadata.storage_data, self._missing, keys, self._beyond)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -406,19 +424,20 @@ class DetectingReader(StorageReader):
                 raise
             return _read_store_metadata(store)
 
-    def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
-        """The torchstow reader's check that ``keys`` lie in files present and inside them,
-        before anything is allocated (a DCP ``.metadata`` is checked as it is read)."""
-        require = getattr(self.inner, "require_data", None)
-        if require is not None and not isinstance(metadata.storage_data, _DcpLocations):
-            require(metadata, keys)
-
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
         if isinstance(metadata.storage_data, _DcpLocations):
             self.active = DcpFormatReader(self.backend.open_store(self.uri))
         self.active.set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+
+    def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
+        """The missing-file check of the format ``metadata`` was read in (see
+        :func:`torchstow.core.layout.reader.require_data`)."""
+        if isinstance(metadata.storage_data, _DcpLocations):
+            DcpFormatReader(self.backend.open_store(self.uri)).require_data(metadata, keys)
+        else:
+            require_data(self.inner, metadata, keys)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return self.active.prepare_local_plan(plan)

@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 import torch
 
+from torchstow.core.layout.reader import require_data
 from torchstow.core.planning import DefaultLoadPlanner
 from torchstow.core.protocol.steps import load_state_dict as load_protocol
 from torchstow.core.storage.backend import StoreBackend
@@ -121,6 +122,7 @@ class TorchstowSource(Source):
         self.backend = default_registry().backend_for(uri, storage_options)
         self.metadata = self.backend.read_metadata(uri) if metadata is None else metadata
         self._reader = reader or (lambda: self.backend.storage_reader(uri))
+        self._guard = self._reader()  # finds missing data files once, for every read
         self.user_metadata = dict(self.metadata.user_metadata)
         self.planner_data = self.metadata.planner_data
         self.specs = {
@@ -137,6 +139,7 @@ class TorchstowSource(Source):
         self._lock = threading.Lock()
 
     def _load(self, keys: list[str]) -> dict[str, Any]:
+        require_data(self._guard, self.metadata, keys)  # before allocating what the manifest claims
         flat: dict[str, Any] = {}
         for key in keys:
             spec = self.specs[key]

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
+from torchstow.core.layout.location import dcp_files, read_manifest
+from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -17,6 +20,7 @@ from torchstow.errors import (
     IncompleteCheckpointError,
     StorageIOError,
 )
+from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
 from torchstow.interop import dcp_format
 from torchstow.management.steps import step_of
@@ -105,6 +109,49 @@ def latest(
 
 
 def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove the checkpoint at ``uri`` (manifest first, so it is never half-valid)."""
+    """Remove the checkpoint at ``uri``, manifest first, so it is never half valid.
+
+    A torchstow checkpoint (committed, or the data of a save that never
+    committed), or one in DCP's own format (its ``.metadata`` first, then its
+    ``.distcp`` files). A location whose ``manifest.json`` is no torchstow
+    manifest this version reads (or whose ``.metadata`` is no DCP metadata)
+    is refused with :class:`CorruptCheckpointError` (:class:`FormatVersionError`
+    for a newer format) and nothing is deleted.
+    """
     text = checkpoint_uri(uri)
-    default_registry().backend_for(text, storage_options).delete(text)
+    backend = default_registry().backend_for(text, storage_options)
+    if not isinstance(backend, StoreBackend):
+        backend.delete(text)
+        return
+    store = backend.open_store(text)
+    files = store.list_files()
+    if MANIFEST in files:
+        _check_readable(store.location, MANIFEST, lambda: read_manifest(store))
+    elif DCP_METADATA in files:
+        source = f"{store.location}/{DCP_METADATA}"
+        _check_readable(
+            store.location,
+            DCP_METADATA,
+            lambda: dcp_format.decode_dcp_metadata(store.read_file(DCP_METADATA), source=source),
+        )
+        doomed = dcp_files(files)
+        logger.info("deleting the DCP-format checkpoint %s", store.location)
+        store.delete_files(doomed[:1])
+        store.delete_files(doomed[1:])
+        if len(doomed) == len(files):
+            store.remove_location()
+        return
+    backend.delete(text)
+
+
+def _check_readable(location: str, name: str, decode: Callable[[], object]) -> None:
+    """Run ``decode`` (reading the manifest ``name``); refuse to delete what it cannot read."""
+    try:
+        decode()
+    except FormatVersionError as exc:
+        raise FormatVersionError(f"{exc}; nothing was deleted at {location}") from exc
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(
+            f"{location} is not a checkpoint this torchstow can delete: its {name} does not decode "
+            f"({exc}); nothing was deleted (remove it by hand if it is yours to remove)"
+        ) from exc

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from torchstow.core.layout.location import read_manifest
+from torchstow.core.layout.location import check_vacant, dcp_files, read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
-from torchstow.errors import CheckpointExistsError, CheckpointNotFoundError, ChecksumMismatchError
+from torchstow.errors import CheckpointNotFoundError, ChecksumMismatchError
 from torchstow.format.codec import encode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.management.datafiles import Problem, Span, spans_by_file
@@ -102,12 +102,8 @@ def _copy_store(
             "(torchstow convert SRC DST --to torchstow, or --to dcp)"
         ) from None
     dst_store.prepare()
-    existing = dst_store.list_files()
-    if MANIFEST in existing and not overwrite:
-        raise CheckpointExistsError(
-            f"a checkpoint already exists at {dst_store.location}; "
-            "pass overwrite=True (--overwrite) to replace it"
-        )
+    if not overwrite:
+        check_vacant(dst_store)
     files = spans_by_file(metadata)
     copy_id = uuid.uuid4().hex[:12]
     names = {name: f"data-{copy_id}-{i}.bin" for i, name in enumerate(sorted(files))}
@@ -127,6 +123,8 @@ def _copy_store(
     live = set(names.values())
     with contextlib.suppress(Exception):  # housekeeping after the commit never fails the copy
         dst_store.delete_files([f for f in dst_store.list_files() if is_data_file(f) and f not in live])
+        if overwrite:  # a replaced DCP-format checkpoint: its .metadata must not outlive it
+            dst_store.delete_files(dcp_files(dst_store.list_files()))
 
 
 def copy(

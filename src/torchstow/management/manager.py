@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torchstow.checkpointing.async_save import AsyncSave
@@ -17,10 +17,27 @@ __all__ = ["CheckpointManager"]
 logger = logging.getLogger("torchstow")
 
 
-def _is_coordinator() -> bool:
-    import torch.distributed as dist
+def _prunes_here(options: Mapping[str, Any]) -> bool:
+    """Whether this process coordinates the saves that ``options`` (save's keywords) describe:
+    rank ``coordinator_rank`` of their ``process_group`` (the world by default), or the one
+    process of a single-process save."""
+    from torchstow.core.protocol.collective import make_collective
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    collective = make_collective(
+        options.get("process_group"), options.get("coordinator_rank", 0), options.get("no_dist")
+    )
+    return collective.is_coordinator
+
+
+def _base_problem(uri: str, storage_options: dict[str, Any] | None) -> str | None:
+    """Why the checkpoint at ``uri`` cannot be an incremental save's base (None when it can)."""
+    from torchstow.core.layout.incremental import base_problem
+    from torchstow.core.storage.backend import StoreBackend
+    from torchstow.plugins.manager import default_registry
+
+    backend = default_registry().backend_for(uri, storage_options)
+    assert isinstance(backend, StoreBackend)  # _check_links saw to it
+    return base_problem(backend.open_store(uri))
 
 
 def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
@@ -42,13 +59,22 @@ class CheckpointManager:
 
     After each save commits, checkpoints are pruned with ``keep_last`` and
     ``keep_every`` (as :func:`torchstow.prune`; no pruning when both are
-    None), on the coordinator only when torch.distributed is initialized.
-    A failed or interrupted save prunes nothing.
+    None) by the save's coordinator alone: rank ``coordinator_rank`` (0 by
+    default) of its ``process_group`` (``process_group`` here, or the one
+    passed to ``save``; the world by default). A failed or interrupted save
+    prunes nothing.
+
+    ``save`` of a step this manager already committed or restored saves
+    nothing (it logs a warning and returns None), so a loop that resumes at
+    the restored step goes on; ``overwrite=True`` replaces it. Any other
+    checkpoint already at ``<root>/step-<step>`` is a CheckpointExistsError.
 
     With ``incremental=True`` every save after the first is incremental
     (``save(..., base=)``) on the newest committed step, which pruning always
     keeps: tensors unchanged since then are shared with it instead of written
-    (local files and ``shm://`` only; see docs/performance.md).
+    (local files and ``shm://`` only; see docs/performance.md). A base that
+    was deleted or damaged since, or is in DCP's format, is passed over for
+    the newest intact torchstow step, else the save is a full one (logged).
     """
 
     def __init__(
@@ -59,15 +85,18 @@ class CheckpointManager:
         keep_every: int | None = None,
         storage_options: dict[str, Any] | None = None,
         incremental: bool = False,
+        process_group: Any = None,
     ) -> None:
         self.root = os.fspath(root).rstrip("/") or "/"
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.storage_options = storage_options
         self.incremental = incremental
+        self.process_group = process_group
         if incremental:
             _check_links(self.root, storage_options)
         self._newest: int | None = None  # the highest step this manager committed (pruning keeps it)
+        self._done: set[int] = set()  # the steps this manager committed or restored (on every rank alike)
         self._pending: tuple[AsyncSave, threading.Event] | None = None
         self._prune_error: BaseException | None = None
         self._lock = threading.Lock()
@@ -80,16 +109,48 @@ class CheckpointManager:
         """Where the checkpoint of ``step`` lives."""
         return f"{self.root}/step-{step}"
 
-    def _prune(self) -> None:
-        if (self.keep_last is None and self.keep_every is None) or not _is_coordinator():
-            return
-        with self._lock:
-            prune(
-                self.root,
-                keep_last=self.keep_last or 0,
-                keep_every=self.keep_every,
-                storage_options=self.storage_options,
+    def _collective(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with this manager's process group unless they name one."""
+        if self.process_group is not None:
+            options.setdefault("process_group", self.process_group)
+        return options
+
+    def _committed(self, step: int, coordinator: bool) -> None:
+        """After ``step`` committed: note it, and prune on the coordinator."""
+        self._newest = step if self._newest is None else max(self._newest, step)
+        self._done.add(step)
+        if coordinator and (self.keep_last is not None or self.keep_every is not None):
+            with self._lock:
+                prune(
+                    self.root,
+                    keep_last=self.keep_last or 0,
+                    keep_every=self.keep_every,
+                    storage_options=self.storage_options,
+                )
+
+    def _newest_first(self) -> Iterator[int]:
+        """This manager's newest step, then (listed only if asked for) those under ``root``, newest first."""
+        if self._newest is not None:
+            yield self._newest
+        yield from reversed(self.steps())
+
+    def _base(self, step: int) -> str | None:
+        """The URI of the newest committed, intact torchstow step to save ``step`` against,
+        or None (a full save): this manager's newest step first, else those under ``root``."""
+        tried = set()
+        for candidate in self._newest_first():
+            if candidate == step or candidate in tried:
+                continue
+            tried.add(candidate)
+            problem = _base_problem(self.uri(candidate), self.storage_options)
+            if problem is None:
+                return self.uri(candidate)
+            logger.warning("step %d is not saved against step %d: %s", step, candidate, problem)
+        if tried:
+            logger.warning(
+                "step %d: no intact torchstow step under %s to share files with: a full save", step, self.root
             )
+        return None
 
     def save(
         self,
@@ -104,24 +165,34 @@ class CheckpointManager:
 
         ``asynchronous=True`` stages and returns an :class:`AsyncSave` at once;
         pruning runs when it commits. A previous asynchronous save is waited
-        for first (its failure is raised here). Other keywords go to
-        :func:`torchstow.save` (e.g. ``trust_version_counter=True`` with ``incremental``).
+        for first (its failure is raised here). A step this manager already
+        committed or restored is not saved again (returns None) unless
+        ``overwrite=True``. Other keywords go to :func:`torchstow.save`
+        (e.g. ``trust_version_counter=True`` with ``incremental``, ``process_group``).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         from torchstow.api import async_save, save
 
         self.wait()
+        if step in self._done and not save_options.get("overwrite"):
+            logger.warning(
+                "step %d is already committed at %s (saved or restored by this manager): not saved "
+                "again; pass overwrite=True to replace it",
+                step,
+                self.uri(step),
+            )
+            return None
         user_metadata = {**(metadata or {}), "step": step}
-        options = {"storage_options": self.storage_options, "metadata": user_metadata, **save_options}
+        options = self._collective(
+            {"storage_options": self.storage_options, "metadata": user_metadata, **save_options}
+        )
+        coordinator = _prunes_here(options)
         if self.incremental and "base" not in options:
-            newest = self._newest if self._newest is not None else self.latest_step()
-            if newest is not None and newest != step:
-                options["base"] = self.uri(newest)
+            options["base"] = self._base(step)
         if not asynchronous:
             save(state_dict, self.uri(step), **options)
-            self._newest = step if self._newest is None else max(self._newest, step)
-            self._prune()
+            self._committed(step, coordinator)
             return None
         pending = async_save(state_dict, self.uri(step), **options)
         pruned = threading.Event()
@@ -130,8 +201,7 @@ class CheckpointManager:
         def after_commit(done: AsyncSave) -> None:
             try:
                 if done.exception() is None:
-                    self._newest = step if self._newest is None else max(self._newest, step)
-                    self._prune()
+                    self._committed(step, coordinator)
             except Exception as exc:
                 logger.warning("pruning %s after saving step %d failed: %s", self.root, step, exc)
                 self._prune_error = exc
@@ -167,7 +237,10 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def restore(self, state_dict: Mapping[str, Any], step: int | None = None, **load_options: Any) -> int:
-        """Load the checkpoint of ``step`` (default: the newest) into ``state_dict``; returns the step."""
+        """Load the checkpoint of ``step`` (default: the newest) into ``state_dict``; returns the step.
+
+        A loop resumes after it: the restored step's state is saved already.
+        """
         from torchstow.api import load
 
         self.wait()
@@ -175,7 +248,9 @@ class CheckpointManager:
             step = self.latest_step()
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
-        load(state_dict, self.uri(step), storage_options=self.storage_options, **load_options)
+        options = self._collective({"storage_options": self.storage_options, **load_options})
+        load(state_dict, self.uri(step), **options)
+        self._done.add(step)
         return step
 
     def close(self) -> None:

@@ -47,8 +47,9 @@ def prune(
 
     Keeps the newest ``keep_last`` (ordered by step, then commit time, as
     :func:`torchstow.latest` orders them), every checkpoint whose step is a
-    multiple of ``keep_every``, and always the newest committed one; leaves
-    incomplete checkpoints and other entries alone. Deletes oldest first,
+    multiple of ``keep_every``, and always the newest committed one (checkpoints
+    in DCP's own format count too, and go as :func:`torchstow.delete` removes
+    them); leaves incomplete checkpoints and other entries alone. Deletes oldest first,
     each manifest first, so an interrupted prune leaves only whole
     checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
     """

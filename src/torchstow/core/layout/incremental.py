@@ -18,20 +18,37 @@ it loads, verifies and copies on its own, and deleting or pruning any other
 checkpoint (its base included) removes only names, never bytes it uses
 (the filesystem frees a file's bytes when its last link goes). Stores that
 cannot link files (object stores) refuse ``base=`` with a ValueError.
+
+A base file is linked only while it is a regular file (no symbolic link) at
+least as long as the base's manifest says it is; a truncated or replaced
+file is not trusted: the items it held are written again (and a warning
+logged). :func:`base_problem` is the check a caller that chooses bases
+itself (``CheckpointManager``) runs first.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 import blake3
 
+from torchstow.core.layout.location import read_manifest
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import CorruptCheckpointError
+from torchstow.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompleteCheckpointError,
+)
+from torchstow.format.files import DCP_METADATA
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo
+from torchstow.format.validation import check_extents
 
-__all__ = ["BaseContent", "content_hash"]
+__all__ = ["BaseContent", "base_problem", "content_hash"]
+
+logger = logging.getLogger("torchstow")
 
 _HASH_SEGMENT = 8 << 20
 
@@ -41,6 +58,30 @@ def content_hash(view: memoryview) -> str:
     hasher = blake3.blake3(max_threads=1)
     hasher.update(view if view.format == "B" else view.cast("B"))
     return hasher.hexdigest()
+
+
+def base_problem(store: ByteStore) -> str | None:
+    """Why the checkpoint in ``store`` cannot be an incremental save's base, or None when it can:
+    it must be a committed torchstow checkpoint (not DCP's format, not incomplete, its manifest
+    readable) whose data files are all there, as long as its manifest says."""
+    try:
+        metadata = read_manifest(store)
+    except CheckpointNotFoundError as exc:
+        if DCP_METADATA in store.list_files():
+            return f"{store.location} is a DCP-format checkpoint, not a torchstow one"
+        return str(exc)
+    except (IncompleteCheckpointError, CorruptCheckpointError, FormatVersionError) as exc:
+        return str(exc)
+    sizes = store.file_sizes()
+    if sizes is None or not isinstance(metadata.storage_data, dict):
+        return None
+    try:
+        missing = check_extents(metadata.storage_data.items(), sizes, store.location)
+    except CorruptCheckpointError as exc:
+        return str(exc)
+    if missing:
+        return f"{store.location}/{min(missing)} is missing, though its manifest lists it"
+    return None
 
 
 class BaseContent:
@@ -58,6 +99,14 @@ class BaseContent:
         self._adopted: dict[str, bool] = {}
         self._present: set[str] | None = None
         self._hashes: dict[MetadataIndex, str] = {}
+        self._extents: dict[str, int] = {}
+        for info in self.locations.values():
+            end = info.offset + info.length
+            if end > self._extents.get(info.relative_path, 0):
+                self._extents[info.relative_path] = end
+        self._sizes: dict[str, int] | None = None
+        self._listed = False
+        self._usable: dict[str, bool] = {}
         #: Files this save made part of its location (to remove if the save fails).
         self.adopted: list[str] = []
 
@@ -75,7 +124,7 @@ class BaseContent:
         """Where the base already holds ``length`` bytes of digest ``digest`` under
         ``index`` (its file now part of ``target``), or None."""
         info = self.locations.get(index)
-        if info is None or info.length != length or not info.length:
+        if info is None or info.length != length or not info.length or not self._intact(info.relative_path):
             return None
         if self._base_hash(index, info) != digest or not self._adopt(info.relative_path, target):
             return None
@@ -102,6 +151,29 @@ class BaseContent:
                 hasher.update(piece)
             found = self._hashes[index] = hasher.hexdigest()
         return found
+
+    def _intact(self, name: str) -> bool:
+        """Whether the base's file ``name`` is still a regular file (not a symbolic link) holding
+        every item the base's manifest places in it; checked once per file, before it is trusted."""
+        with self._lock:
+            found = self._usable.get(name)
+            if found is None:
+                if not self._listed:
+                    self._sizes, self._listed = self.store.file_sizes(), True
+                if self._sizes is None:
+                    return True  # a store that cannot tell sizes: the reads will
+                size = self._sizes.get(name)
+                found = self._usable[name] = size is not None and size >= self._extents.get(name, 0)
+                if not found:
+                    logger.warning(
+                        "the base file %s/%s is %s, not the regular file of at least %d bytes its manifest "
+                        "records: the items it held are written again instead of shared",
+                        self.store.location,
+                        name,
+                        "missing or not a regular file" if size is None else f"{size} bytes",
+                        self._extents.get(name, 0),
+                    )
+            return found
 
     def _adopt(self, name: str, target: ByteStore) -> bool:
         with self._lock:

@@ -4,16 +4,16 @@ another location, and how many threads move bytes."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from torchstow.errors import CheckpointExistsError, CheckpointNotFoundError, IncompleteCheckpointError
 from torchstow.format.codec import decode_metadata
-from torchstow.format.files import MANIFEST, is_checkpoint_file
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import Metadata
 
-__all__ = ["StoreOpener", "default_thread_count", "read_manifest", "rebind"]
+__all__ = ["StoreOpener", "check_vacant", "dcp_files", "default_thread_count", "read_manifest", "rebind"]
 
 StoreOpener = Callable[[str], ByteStore]
 
@@ -39,6 +39,29 @@ def read_manifest(store: ByteStore) -> Metadata:
             ) from None
         raise CheckpointNotFoundError(f"no checkpoint at {store.location}") from None
     return decode_metadata(data, source=f"{store.location}/{MANIFEST}")
+
+
+def check_vacant(store: ByteStore) -> None:
+    """Raise CheckpointExistsError when ``store``'s location holds a committed checkpoint:
+    a torchstow manifest, or the ``.metadata`` of one in DCP's own format."""
+    files = store.list_files()
+    kind = (
+        "a checkpoint" if MANIFEST in files else "a DCP-format checkpoint" if DCP_METADATA in files else None
+    )
+    if kind is not None:
+        raise CheckpointExistsError(
+            f"{kind} already exists at {store.location}; pass overwrite=True (--overwrite) to replace it "
+            "(the old one stays valid until the new one commits)"
+        )
+
+
+def dcp_files(names: Collection[str]) -> list[str]:
+    """The files of a checkpoint in DCP's own format among ``names``, in the order to delete
+    them: its ``.metadata`` first (so it is never half valid), then its ``.distcp`` data
+    files; [] when there is no ``.metadata``."""
+    if DCP_METADATA not in names:
+        return []
+    return [DCP_METADATA, *sorted(name for name in names if name.endswith(".distcp"))]
 
 
 def rebind(store: ByteStore, opener: StoreOpener | None, checkpoint_id: Any) -> ByteStore:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,7 +22,7 @@ from torchstow.format.files import LARGE_ITEM
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from torchstow.format.validation import check_extents, missing_file_error
 
-__all__ = ["LayoutReader"]
+__all__ = ["LayoutReader", "raise_if_missing", "require_data"]
 
 _BATCH_BYTES = 32 << 20
 _BATCH_ITEMS = 1024
@@ -50,14 +50,22 @@ class LayoutReader(StorageReader):
         self.thread_count = thread_count or default_thread_count()
         self.verify_checksums = verify_checksums
         self._open_store = open_store
-        self._missing: set[str] = set()  # listed data files not present, found by read_metadata
+        self._missing: set[str] = set()  # listed data files not present
         self._beyond: dict[MetadataIndex, str] = {}  # items past their file's end: the error
+        self._checked: Metadata | None = None  # the manifest they were looked up for
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.store = rebind(self.store, self._open_store, checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = read_manifest(self.store)
+        self._check_files(metadata)
+        return metadata
+
+    def _check_files(self, metadata: Metadata) -> None:
+        """Every item of ``metadata`` inside its file, and which listed files are missing."""
+        if metadata is self._checked:
+            return
         self._missing = set()
         self._beyond = {}
         if isinstance(metadata.storage_data, dict) and metadata.storage_data:
@@ -66,19 +74,14 @@ class LayoutReader(StorageReader):
                 self._missing = check_extents(
                     metadata.storage_data.items(), sizes, self.store.location, self._beyond
                 )
-        return metadata
+        self._checked = metadata
 
     def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
-        """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing file
-        (checked before anything is allocated for them)."""
-        if not (self._missing or self._beyond) or not isinstance(metadata.storage_data, dict):
-            return
-        wanted = set(keys)
-        for index, info in metadata.storage_data.items():
-            if info.relative_path in self._missing and index.fqn in wanted:
-                raise missing_file_error(self.store.location, info.relative_path, index.fqn)
-            if index in self._beyond and index.fqn in wanted:
-                raise CorruptCheckpointError(self._beyond[index])
+        """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing file or
+        past the end of its file (checked before anything is allocated for them),
+        whoever read ``metadata``."""
+        self._check_files(metadata)
+        raise_if_missing(self.store.location, metadata.storage_data, self._missing, keys, self._beyond)
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -178,6 +181,39 @@ class LayoutReader(StorageReader):
             location = self.store.location
             for _, buf, read in segment:
                 read.check(buf, location)
+
+
+def require_data(reader: StorageReader, metadata: Metadata, keys: Iterable[str]) -> None:
+    """Raise CorruptCheckpointError if an item of ``keys`` lies in a data file that is
+    missing (or holds less than the manifest places in it), where ``reader`` can tell.
+
+    Call it before allocating anything for the items: a manifest's claims
+    (a tensor's shape) must not size an allocation for data that is not there.
+    """
+    check = getattr(reader, "require_data", None)
+    if check is not None:
+        check(metadata, keys)
+
+
+def raise_if_missing(
+    location: str,
+    locations: Any,
+    missing: set[str],
+    keys: Iterable[str],
+    beyond: Mapping[Any, str] | None = None,
+) -> None:
+    """Raise the missing-file error for the first item of ``keys`` stored in a ``missing``
+    file, or the error ``beyond`` records for one past its file's end."""
+    if not (missing or beyond) or not isinstance(locations, dict):
+        return
+    wanted = set(keys)
+    for index, info in locations.items():
+        if index.fqn not in wanted:
+            continue
+        if info.relative_path in missing:
+            raise missing_file_error(location, info.relative_path, index.fqn)
+        if beyond and index in beyond:
+            raise CorruptCheckpointError(beyond[index])
 
 
 def _stored_chunk(entry: TensorStorageMetadata, index: MetadataIndex) -> torch.Size:

@@ -30,18 +30,16 @@ from torchstow.core.futures import completed_future
 from torchstow.core.layout.commit import committed_files, publish_manifest
 from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
-from torchstow.core.layout.location import StoreOpener, default_thread_count, rebind
+from torchstow.core.layout.location import StoreOpener, check_vacant, dcp_files, default_thread_count, rebind
 from torchstow.core.layout.views import as_host_bytes
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
-from torchstow.errors import CheckpointExistsError
 from torchstow.format.checksums import checksum
 from torchstow.format.files import (
     BLOCK_SIZE,
     LARGE_ALIGN,
     LARGE_ITEM,
-    MANIFEST,
     alignment,
     data_file_name,
     data_file_prefix,
@@ -129,11 +127,8 @@ class LayoutWriter(StorageWriter):
         self._rank = int(kwargs.get("rank", 0))
         self._base = self.base_loader() if self.base_loader is not None else None
         self.store.prepare()
-        if is_coordinator and not self.overwrite and MANIFEST in self.store.list_files():
-            raise CheckpointExistsError(
-                f"a checkpoint already exists at {self.store.location}; pass overwrite=True to "
-                "replace it (the old one stays valid until the new one commits)"
-            )
+        if is_coordinator and not self.overwrite:
+            check_vacant(self.store)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -176,7 +171,14 @@ class LayoutWriter(StorageWriter):
             with contextlib.suppress(Exception):
                 self.store.delete_files(names)
             raise
-        return completed_future([r for file_results in results for r in file_results])
+        flat = [r for file_results in results for r in file_results]
+        # A file whose every item was shared with the base holds nothing: no manifest may list it.
+        used = {r.storage_data.relative_path for r in flat}
+        unused = [name for name in names if name not in used]
+        if unused:
+            self.store.delete_files(unused)
+            self._written = [name for name in names if name in used]
+        return completed_future(flat)
 
     def _write_file(self, name: str, items: Sequence[Any], planner: SavePlanner) -> list[WriteResult]:
         sink = self.store.create(name)
@@ -202,6 +204,8 @@ class LayoutWriter(StorageWriter):
         live = {info.relative_path for info in locations.values()}
         try:
             self.store.delete_files(sorted(replaced - live))
+            if self.overwrite:  # a replaced DCP-format checkpoint: its .metadata must not outlive it
+                self.store.delete_files(dcp_files(self.store.list_files()))
         except Exception:
             location = self.store.location
             logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)

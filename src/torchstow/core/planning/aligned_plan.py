@@ -24,7 +24,6 @@ from typing import Any
 
 from torchstow.core.planning.items import SavePlan, TensorWriteData
 from torchstow.format import chunks as chunk_math
-from torchstow.format.leaves import JSON
 from torchstow.format.manifest import BytesStorageMetadata, TensorStorageMetadata, dtype_name
 
 __all__ = ["Entries", "aligned_global_plan", "check_tensor"]
@@ -222,8 +221,6 @@ def aligned_global_plan(all_plans: list[SavePlan], dedup: bool) -> tuple[list[Sa
             data = lists[kept[-1]][j].bytes_data
             assert data is not None
             entries[fqn] = BytesStorageMetadata(data.encoding, data.value)
-            if data.encoding == JSON:
-                continue  # inline in the manifest: nothing to write
         for rank in kept:
             kept_by_rank[rank].append(j)
 

@@ -4,7 +4,7 @@ that intersect the chunks a rank holds with the stored chunks (any world size, a
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torchstow.format.manifest import (
     TensorStorageMetadata,
     dtype_name,
 )
-from torchstow.format.structure import flatten_state_dict, set_leaf
+from torchstow.format.structure import Flattened, Path, flatten_state_dict, set_leaf
 
 __all__ = ["DefaultLoadPlanner"]
 
@@ -61,6 +61,57 @@ def _read_items_for(
     return items
 
 
+def _split_as_stored(flat: Flattened, stored: Mapping[str, Any]) -> None:
+    """Split leaves of ``flat`` that the checkpoint stores as finer keys, in place.
+
+    torchstow keeps a list or tuple without tensors (an optimizer's
+    ``param_groups``) as one leaf; DCP stores ``param_groups.0.lr`` and so
+    on. Such a leaf is walked down to the keys the checkpoint has, so each
+    value is loaded where it belongs; what the checkpoint lacks below it is
+    then missing, as any other key.
+    """
+    absent = [fqn for fqn in flat.leaves if fqn not in stored]
+    if not absent:
+        return
+    prefixes = {key[:i] for key in stored for i, char in enumerate(key) if char == "."}
+    if not any(fqn in prefixes for fqn in absent):
+        return
+    leaves: dict[str, Any] = {}
+    paths: dict[str, Path] = {}
+    for fqn, value in flat.leaves.items():
+        _split(fqn, flat.paths[fqn], value, stored, prefixes, leaves, paths)
+    flat.leaves = leaves
+    flat.paths = paths
+
+
+def _split(
+    fqn: str,
+    path: Path,
+    value: Any,
+    stored: Mapping[str, Any],
+    prefixes: set[str],
+    leaves: dict[str, Any],
+    paths: dict[str, Path],
+) -> None:
+    if fqn in stored or fqn not in prefixes or not isinstance(value, Mapping | list | tuple):
+        leaves[fqn] = value
+        paths[fqn] = path
+        return
+    children = enumerate(value) if isinstance(value, list | tuple) else value.items()
+    for key, child in children:
+        _split(f"{fqn}.{key}", (*path, key), child, stored, prefixes, leaves, paths)
+
+
+def _stored_ancestor(fqn: str, stored: Mapping[str, Any]) -> str | None:
+    """The key above ``fqn`` that the checkpoint stores as one value, if any."""
+    dot = fqn.rfind(".")
+    while dot > 0:
+        if fqn[:dot] in stored:
+            return fqn[:dot]
+        dot = fqn.rfind(".", 0, dot)
+    return None
+
+
 class DefaultLoadPlanner(LoadPlanner):
     """Fills the keys a state dict holds from a checkpoint, in place, resharding as needed.
 
@@ -69,7 +120,9 @@ class DefaultLoadPlanner(LoadPlanner):
     naming each; with ``strict=False`` they are left as they are. A dtype
     difference is an error unless ``cast``, which converts on load. A shape
     mismatch is always an error. Tensors on the meta device are replaced by
-    new CPU tensors (DTensors: new local shards on their mesh's device).
+    new CPU tensors (DTensors: new local shards on their mesh's device);
+    ``before_allocating(metadata, keys)`` runs first and may refuse (torchstow.load
+    checks there that their data files are present).
     """
 
     def __init__(
@@ -79,9 +132,11 @@ class DefaultLoadPlanner(LoadPlanner):
         strict: bool = True,
         allow_pickle: bool = False,
         cast: bool = False,
+        before_allocating: Callable[[Metadata, list[str]], None] | None = None,
     ) -> None:
         if not flatten_state_dict:
             raise ValueError("torchstow's DefaultLoadPlanner always flattens the state dict")
+        self.before_allocating = before_allocating
         self.strict = strict
         self.allow_pickle = allow_pickle
         self.cast = cast
@@ -96,15 +151,21 @@ class DefaultLoadPlanner(LoadPlanner):
         self.metadata = metadata
         self.is_coordinator = is_coordinator
         flat = flatten_state_dict(state_dict)
+        stored = metadata.state_dict_metadata
+        _split_as_stored(flat, stored)
         self.paths = flat.paths
         self.leaves = flat.leaves
-        stored = metadata.state_dict_metadata
-        self.missing_keys = [k for k in flat.leaves if k not in stored]
+        self.missing_keys = []
         self.unexpected_keys = [k for k in stored if k not in flat.leaves]
         problems = []
         for fqn, value in flat.leaves.items():
             entry = stored.get(fqn)
             if entry is None:
+                whole = _stored_ancestor(fqn, stored)
+                if whole is None:
+                    self.missing_keys.append(fqn)
+                else:  # not missing: strict=False must not keep the old value the checkpoint holds
+                    problems.append((f"{fqn}: the checkpoint holds all of {whole} as one value", True))
                 continue
             problem = self._mismatch(fqn, value, entry)
             if problem:
@@ -125,10 +186,16 @@ class DefaultLoadPlanner(LoadPlanner):
                 unexpected_keys=self.unexpected_keys,
                 mismatched=[p for p, _ in problems],
             )
-        for fqn, value in flat.leaves.items():
-            if isinstance(value, torch.Tensor) and value.device.type == "meta" and fqn in stored:
-                flat.leaves[fqn] = value = materialize(value)
-                self.state_dict = set_leaf(self.state_dict, flat.paths[fqn], value)
+        meta = [
+            fqn
+            for fqn, value in flat.leaves.items()
+            if isinstance(value, torch.Tensor) and value.device.type == "meta" and fqn in stored
+        ]
+        if meta and self.before_allocating is not None:
+            self.before_allocating(metadata, meta)
+        for fqn in meta:
+            flat.leaves[fqn] = value = materialize(flat.leaves[fqn])
+            self.state_dict = set_leaf(self.state_dict, flat.paths[fqn], value)
         for fqn in flat.leaves:
             entry = stored.get(fqn)
             if isinstance(entry, BytesStorageMetadata):

@@ -117,6 +117,12 @@ class DefaultSavePlanner(SavePlanner):
         return final_plans, Metadata(state_dict_metadata=entries, planner_data=planner_data)
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        """This rank's final plan, less the values the manifest holds inline (nothing to write)."""
+        items = [
+            item for item in new_plan.items if item.bytes_data is None or item.bytes_data.encoding != JSON
+        ]
+        if len(items) != len(new_plan.items):
+            new_plan = SavePlan(items, new_plan.storage_data, new_plan.planner_data)
         self.plan = new_plan
         return new_plan
 
@@ -128,7 +134,7 @@ class DefaultSavePlanner(SavePlanner):
 
 def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
     """The manifest's entries for ``all_plans`` (deduplicated already), each tensor's
-    chunks validated, and the plans less the objects stored inline."""
+    chunks validated, and the plans with their items in order (hints set)."""
     entries: Entries = {}
     final_plans = []
     for plan in all_plans:
@@ -156,8 +162,7 @@ def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
                 assert item.bytes_data is not None
                 bd = item.bytes_data
                 entries[fqn] = BytesStorageMetadata(bd.encoding, bd.value)
-                if bd.encoding != JSON:
-                    keep(item)
+                keep(item)
         final_plans.append(SavePlan(kept, plan.storage_data, plan.planner_data))
     memo: dict[int, Any] = {}
     validated: set[tuple[Any, ...]] = set()  # tensors of the same chunk objects are validated once
