@@ -30,11 +30,13 @@ Uri = str | os.PathLike[str]
 
 
 def checkpoint_uri(uri: Uri) -> str:
-    """``uri`` as a string; a clear error for an empty or non-path value."""
+    """``uri`` as a string, as backends take it (see :meth:`BackendRegistry.canonical_uri`:
+    ``S3://b/x`` is ``s3://b/x``, ``s3:/b/x`` an error); a clear error for an empty or
+    non-path value."""
     text = os.fspath(uri)
     if not isinstance(text, str) or not text:
         raise ValueError(f"a checkpoint URI must be a non-empty string or path, got {uri!r}")
-    return text
+    return default_registry().canonical_uri(text)
 
 
 def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:

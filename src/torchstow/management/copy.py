@@ -16,6 +16,7 @@ from torchstow.core.storage.store import ByteStore, FileSink
 from torchstow.errors import CheckpointExistsError, CheckpointNotFoundError, ChecksumMismatchError
 from torchstow.format.codec import encode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
+from torchstow.management.catalog import checkpoint_uri
 from torchstow.management.datafiles import Problem, Span, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
 from torchstow.management.verify import ProgressCallback
@@ -151,7 +152,7 @@ def copy(
     Backends that are not byte stores are copied tensor by tensor through
     their reader and writer.
     """
-    src, dst = os.fspath(src_uri), os.fspath(dst_uri)
+    src, dst = checkpoint_uri(src_uri), checkpoint_uri(dst_uri)
     registry = default_registry()
     src_backend = registry.backend_for(src, src_storage_options)
     dst_backend = registry.backend_for(dst, dst_storage_options)

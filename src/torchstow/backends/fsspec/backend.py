@@ -65,7 +65,9 @@ class FsspecBackend(DirectoryBackend):
         retry_delay: float = CloudRetryPolicy.base_delay,
         **fs_options: Any,
     ) -> None:
-        super().__init__(thread_count=thread_count or THREADS, verify_checksums=verify_checksums)
+        super().__init__(
+            thread_count=THREADS if thread_count is None else thread_count, verify_checksums=verify_checksums
+        )
         if part_size < MIN_PART:
             raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum), got {part_size}")
         if range_size < 1 or concurrency < 1:
