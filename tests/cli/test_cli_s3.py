@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +16,7 @@ import torchstow
 from torchstow.format.files import is_data_file
 from torchstow.testing import assert_same_state
 
-from cli_helpers import S3_KEYS, assert_one_line_error, run
+from cli_helpers import COMMAND, S3_KEYS, assert_one_line_error, run
 
 pytestmark = pytest.mark.slow  # each test starts the command (and torch) a few times
 
@@ -71,3 +76,57 @@ def test_cp_shm_to_s3_and_back_bit_exact(cli_s3: str, shm_dir: str) -> None:
         },
     )
     assert_one_line_error(nobody, "credentials")
+
+
+def _s3_client(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEYS["key"],
+        aws_secret_access_key=S3_KEYS["secret"],
+        region_name="us-east-1",
+    )
+
+
+def test_ctrl_c_stops_a_copy_to_s3_promptly_and_leaves_nothing(cli_s3: str, tmp_path: Path) -> None:
+    src = str(tmp_path / "step-1")
+    gen = torch.Generator().manual_seed(0)
+    state = {f"w{i}": torch.randn(12, 1 << 20, generator=gen) for i in range(4)}  # 4 files of 48 MiB
+    torchstow.save(state, src, storage_options={"thread_count": 4})
+    client = _s3_client(cli_s3)
+    # small parts, one request in flight per file: the copy takes a while, and its first upload starts early
+    slow = ["--dst-option", "part_size=5242880", "--dst-option", "multipart_threshold=5242880"]
+    slow += ["--dst-option", "concurrency=1", "--no-progress"]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEYS["key"], "AWS_SECRET_ACCESS_KEY": S3_KEYS["secret"]}
+    env["AWS_ENDPOINT_URL"] = cli_s3
+
+    started = time.monotonic()
+    whole = run("cp", src, "s3://cli-tests/sigint/whole", *slow, env=env)
+    assert whole.code == 0, whole.err
+    whole_s = time.monotonic() - started
+
+    proc = subprocess.Popen(
+        [COMMAND, "cp", src, "s3://cli-tests/sigint/cut", *slow],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not client.list_multipart_uploads(Bucket="cli-tests", Prefix="sigint/cut/").get("Uploads"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        stop_s = time.monotonic() - interrupted
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip() == "torchstow: interrupted", (out, err)
+    assert stop_s < whole_s / 2, (stop_s, whole_s)  # it stopped, rather than running to the end
+    assert "Contents" not in client.list_objects_v2(Bucket="cli-tests", Prefix="sigint/cut/")
+    assert not client.list_multipart_uploads(Bucket="cli-tests", Prefix="sigint/cut/").get("Uploads")

@@ -78,7 +78,14 @@ def _copy_files(
         results = [one(name) for name in files]
     else:
         with ThreadPoolExecutor(threads, thread_name_prefix="torchstow-copy") as pool:
-            results = list(pool.map(one, files))
+            futures = [pool.submit(one, name) for name in files]
+            try:
+                results = [future.result() for future in futures]
+            except BaseException:  # Ctrl-C lands here: the other files stop at their next segment
+                failed.set()
+                for future in futures:
+                    future.cancel()
+                raise
     problems = [p for found in results for p in found]
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
