@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,10 +15,11 @@ import pytest
 import torch
 
 import torchstow
+from torchstow.cli import main
 from torchstow.format.files import is_data_file
 from torchstow.testing import assert_same_state
 
-from cli_helpers import COMMAND, S3_KEYS, assert_one_line_error, run
+from cli_helpers import COMMAND, S3_KEYS, Result, assert_one_line_error, run
 
 pytestmark = pytest.mark.slow  # each test starts the command (and torch) a few times
 
@@ -130,3 +133,38 @@ def test_ctrl_c_stops_a_copy_to_s3_promptly_and_leaves_nothing(cli_s3: str, tmp_
     assert stop_s < whole_s / 2, (stop_s, whole_s)  # it stopped, rather than running to the end
     assert "Contents" not in client.list_objects_v2(Bucket="cli-tests", Prefix="sigint/cut/")
     assert not client.list_multipart_uploads(Bucket="cli-tests", Prefix="sigint/cut/").get("Uploads")
+
+
+def test_s3_settings_from_the_environment_and_clear_errors(
+    cli_s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = str(tmp_path / "step-7")
+    torchstow.save({"w": torch.arange(5.0)}, src)
+    for name in NO_AWS_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", cli_s3)  # what docs/backends.md lists: no -o needed
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEYS["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_KEYS["secret"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert main(["cp", src, "s3://cli-tests/env/step-7"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"copied {src} -> s3://cli-tests/env/step-7 ")
+    assert main(["info", "S3://cli-tests/env/step-7", "--json"]) == 0  # schemes are case-insensitive
+    assert json.loads(capsys.readouterr().out)["uri"] == "s3://cli-tests/env/step-7"
+    assert torch.equal(torchstow.read("s3://cli-tests/env/step-7")["w"], torch.arange(5.0))
+
+    def fails(*args: str) -> str:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        assert_one_line_error(Result(code, captured.out, captured.err))
+        return captured.err
+
+    assert "'s3://' names no bucket" in fails("ls", "s3://")
+    assert "the bucket 'no-such-bucket' does not exist" in fails("ls", "s3://no-such-bucket/run")
+    assert "the bucket 'no-such-bucket' does not exist" in fails("info", "s3://no-such-bucket/run/step-1")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    refused = fails(
+        "ls", "s3://cli-tests/env", "-o", f"endpoint_url=http://127.0.0.1:{port}", "-o", "retry_attempts=1"
+    )
+    assert "check the endpoint" in refused and "retry_attempts" not in refused

@@ -8,6 +8,7 @@ from torchstow.backends.fsspec.errors import CloudRetryPolicy
 from torchstow.backends.fsspec.filesystems import (
     filesystem_class,
     filesystem_options,
+    is_s3,
     open_filesystem,
 )
 from torchstow.backends.fsspec.s3 import MIN_PART
@@ -83,6 +84,8 @@ class FsspecBackend(DirectoryBackend):
 
     def open_store(self, uri: str) -> FsspecStore:
         fs, path = open_filesystem(uri, self.fs_options)
+        if is_s3(fs) and not path.strip("/"):
+            raise ValueError(f"{uri!r} names no bucket: write {uri.split(':', 1)[0]}://BUCKET/PREFIX")
         return FsspecStore(fs, path, uri.rstrip("/"), self.tuning)
 
     @classmethod

@@ -236,7 +236,12 @@ class FsspecStore(ByteStore):
             entries = self._retry(
                 lambda: self.fs.ls(self.path, detail=True, refresh=True), f"listing {self.location}"
             )
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if error_status(exc)[1] == "NoSuchBucket":  # not an empty location: a wrong name
+                bucket = self.path.split("/", 1)[0]
+                raise StorageIOError(
+                    f"{self.location}: the bucket {bucket!r} does not exist", transient=False
+                ) from exc
             return []
         return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"], e.get("size")) for e in entries]
 
