@@ -17,8 +17,10 @@ from torchstow.cli.render import (
     progress_bar,
     stdout,
 )
+from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError
 from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
+from torchstow.management.copy import copy_run
 from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, scan
 from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
@@ -225,10 +227,17 @@ def _two_sides(args: argparse.Namespace, dst_backend: bool = True) -> tuple[dict
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    """Copy a checkpoint between any backends, streaming and verifying every checksum; commit last."""
+    """Copy a checkpoint (or every committed one of a run) between any backends, verifying
+    every checksum; commit last. DST/ copies into DST."""
     src_opts, dst_opts = _two_sides(args)
+    try:
+        torchstow.info(args.src, storage_options=src_opts)
+    except IncompleteCheckpointError:
+        pass  # copy says what is wrong with it
+    except CheckpointNotFoundError:
+        return _cp_run(args, src_opts, dst_opts)  # a run: the checkpoints under it
     with progress_bar("copy", args.progress) as progress:
-        torchstow.copy(
+        dst = torchstow.copy(
             args.src,
             args.dst,
             src_storage_options=src_opts,
@@ -236,11 +245,37 @@ def cmd_cp(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=progress,
         )
-    info = torchstow.info(args.dst, storage_options=dst_opts)
+    info = torchstow.info(dst, storage_options=dst_opts)
     if args.json:
-        print_json({"src": args.src, "dst": args.dst, "nbytes": info.nbytes, "num_entries": info.num_entries})
+        print_json({"src": args.src, "dst": dst, "nbytes": info.nbytes, "num_entries": info.num_entries})
     else:
-        print(f"copied {args.src} -> {args.dst} ({human_bytes(info.nbytes)}, {info.num_entries} entries)")
+        print(f"copied {args.src} -> {dst} ({human_bytes(info.nbytes)}, {info.num_entries} entries)")
+    return 0
+
+
+def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[str, Any]) -> int:
+    with progress_bar("copy", args.progress) as progress:
+        done = copy_run(
+            args.src,
+            args.dst,
+            src_storage_options=src_opts,
+            dst_storage_options=dst_opts,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    infos = [(src, torchstow.info(dst, storage_options=dst_opts)) for src, dst in done.copied]
+    if args.json:
+        copied = [
+            {"src": src, "dst": i.uri, "nbytes": i.nbytes, "num_entries": i.num_entries} for src, i in infos
+        ]
+        skipped = [{"uri": uri, "reason": why} for uri, why in done.skipped]
+        print_json({"src": args.src, "dst": args.dst, "checkpoints": copied, "skipped": skipped})
+        return 0
+    for src, i in infos:
+        print(f"copied {src} -> {i.uri} ({human_bytes(i.nbytes)}, {i.num_entries} entries)")
+    for uri, why in done.skipped:
+        print(f"torchstow: skipped {uri} ({why})", file=sys.stderr)
+    print(f"copied {plural(len(infos), 'checkpoint')}, skipped {len(done.skipped)}")
     return 0
 
 
