@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,34 +94,23 @@ def _s3_client(endpoint: str) -> Any:
     )
 
 
-def test_ctrl_c_stops_a_copy_to_s3_promptly_and_leaves_nothing(cli_s3: str, tmp_path: Path) -> None:
-    src = str(tmp_path / "step-1")
-    gen = torch.Generator().manual_seed(0)
-    state = {f"w{i}": torch.randn(12, 1 << 20, generator=gen) for i in range(4)}  # 4 files of 48 MiB
-    torchstow.save(state, src, storage_options={"thread_count": 4})
-    client = _s3_client(cli_s3)
-    # small parts, one request in flight per file: the copy takes a while, and its first upload starts early
-    slow = ["--dst-option", "part_size=5242880", "--dst-option", "multipart_threshold=5242880"]
-    slow += ["--dst-option", "concurrency=1", "--no-progress"]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEYS["key"], "AWS_SECRET_ACCESS_KEY": S3_KEYS["secret"]}
-    env["AWS_ENDPOINT_URL"] = cli_s3
-
+def _timed(*args: str, env: dict[str, str]) -> float:
+    """Seconds ``torchstow ARGS...`` takes to run to its end."""
     started = time.monotonic()
-    whole = run("cp", src, "s3://cli-tests/sigint/whole", *slow, env=env)
+    whole = run(*args, env=env)
     assert whole.code == 0, whole.err
-    whole_s = time.monotonic() - started
+    return time.monotonic() - started
 
+
+def _interrupted(args: list[str], env: dict[str, str], started: Callable[[], bool]) -> float:
+    """Runs ``torchstow ARGS...``, sends it SIGINT once ``started()`` and returns how many
+    seconds it took to exit then; it must exit 130 saying it was interrupted."""
     proc = subprocess.Popen(
-        [COMMAND, "cp", src, "s3://cli-tests/sigint/cut", *slow],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [COMMAND, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
         deadline = time.monotonic() + 120
-        while not client.list_multipart_uploads(Bucket="cli-tests", Prefix="sigint/cut/").get("Uploads"):
+        while not started():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.01)
         interrupted = time.monotonic()
@@ -129,10 +119,43 @@ def test_ctrl_c_stops_a_copy_to_s3_promptly_and_leaves_nothing(cli_s3: str, tmp_
         stop_s = time.monotonic() - interrupted
     finally:
         proc.kill()
-    assert proc.returncode == 130 and err.strip() == "torchstow: interrupted", (out, err)
+    assert proc.returncode == 130 and err.decode().strip() == "torchstow: interrupted", (out, err)
+    return stop_s
+
+
+def test_ctrl_c_stops_a_copy_to_and_from_s3_promptly_and_leaves_nothing(cli_s3: str, tmp_path: Path) -> None:
+    src = str(tmp_path / "step-1")
+    gen = torch.Generator().manual_seed(0)
+    state = {f"w{i}": torch.randn(12, 1 << 20, generator=gen) for i in range(4)}  # 4 files of 48 MiB
+    torchstow.save(state, src, storage_options={"thread_count": 4})
+    client = _s3_client(cli_s3)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEYS["key"], "AWS_SECRET_ACCESS_KEY": S3_KEYS["secret"]}
+    env["AWS_ENDPOINT_URL"] = cli_s3
+
+    # Up: small parts, one in flight per file, so the copy takes a while and its uploads start early.
+    up = ["--dst-option", "part_size=5242880", "--dst-option", "multipart_threshold=5242880"]
+    up += ["--dst-option", "concurrency=1", "--no-progress"]
+    whole_s = _timed("cp", src, "s3://cli-tests/sigint/whole", *up, env=env)
+
+    def uploading() -> bool:
+        return bool(client.list_multipart_uploads(Bucket="cli-tests", Prefix="sigint/cut/").get("Uploads"))
+
+    stop_s = _interrupted(["cp", src, "s3://cli-tests/sigint/cut", *up], env, uploading)
     assert stop_s < whole_s / 2, (stop_s, whole_s)  # it stopped, rather than running to the end
     assert "Contents" not in client.list_objects_v2(Bucket="cli-tests", Prefix="sigint/cut/")
-    assert not client.list_multipart_uploads(Bucket="cli-tests", Prefix="sigint/cut/").get("Uploads")
+    assert not uploading()
+
+    # Down: 4 MiB segments (ranged reads of 4 MiB, one at a time), into a local directory.
+    down = ["--src-option", "range_size=4194304", "--src-option", "concurrency=1", "--no-progress"]
+    whole_s = _timed("cp", "s3://cli-tests/sigint/whole", str(tmp_path / "whole"), *down, env=env)
+    cut = tmp_path / "cut"
+
+    def downloading() -> bool:
+        return cut.is_dir() and any(f.stat().st_size for f in cut.iterdir())
+
+    stop_s = _interrupted(["cp", "s3://cli-tests/sigint/whole", str(cut), *down], env, downloading)
+    assert stop_s < whole_s / 2, (stop_s, whole_s)
+    assert not cut.exists() or list(cut.iterdir()) == []
 
 
 def test_s3_settings_from_the_environment_and_clear_errors(
