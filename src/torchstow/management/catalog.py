@@ -69,8 +69,12 @@ def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = No
     """
     text = checkpoint_uri(prefix)
     backend = default_registry().backend_for(text, storage_options)
+    try:
+        children = backend.list_children(text)
+    except CheckpointNotFoundError:  # a bucket that does not exist (yet): nothing committed there
+        return []
     found = []
-    for child in backend.list_children(text):
+    for child in children:
         try:
             found.append(checkpoint_info(child, dcp_format.read_any_metadata(backend, child)))
         except (CheckpointNotFoundError, IncompleteCheckpointError):

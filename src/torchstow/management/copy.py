@@ -20,7 +20,6 @@ from torchstow.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
-    StorageIOError,
 )
 from torchstow.format.codec import encode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
@@ -277,10 +276,8 @@ def copy(
     dst_backend = registry.backend_for(dst, dst_storage_options)
     try:
         inside = dst_backend.list_children(dst)
-    except StorageIOError as exc:
-        if exc.transient:
-            raise
-        inside = []  # a bucket not made yet, say: the copy itself says what is wrong, if anything
+    except CheckpointNotFoundError:
+        inside = []  # a bucket not made yet: the copy makes it
     if inside:
         raise ValueError(
             f"{dst} holds other locations ({inside[0]} ...), so it is no place for one checkpoint; "

@@ -94,7 +94,10 @@ class FsspecBackend(DirectoryBackend):
         return filesystem_options(filesystem_class(uri))
 
     def child_names(self, prefix: str) -> list[str]:
-        return [name for name, kind, _ in self.open_store(prefix)._list() if kind == "directory"]
+        """The directories under ``prefix``; CheckpointNotFoundError when its bucket does not exist
+        (a wrong name, which an empty listing would hide)."""
+        listed = self.open_store(prefix)._list(bucket_must_exist=True)
+        return [name for name, kind, _ in listed if kind == "directory"]
 
 
 @hookimpl
