@@ -99,7 +99,9 @@ def test_convert_to_dcp_with_overwrite_replaces_a_dcp_checkpoint(tmp_path: Path)
     src = tmp_path / "src"
     torchstow.save({"x": torch.ones(3)}, src)
     dst = _dcp(tmp_path / "dst")
+    (dst / "__1_0.distcp").write_bytes(b"a second rank's data of the old checkpoint")
     torchstow.convert(src, dst, to="dcp", overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__0_0.distcp"]
     assert list(torchstow.read(dst)) == ["x"]
     assert torch.equal(torchstow.read(dst)["x"], torch.ones(3))
 

@@ -86,9 +86,10 @@ def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertRepor
     """Save the selection with ``torch.distributed.checkpoint``'s own FileSystemWriter.
 
     It is written into a new folder beside ``dst`` and moved in when complete
-    (``.metadata`` last), so a failure leaves ``dst`` as it was; with
-    ``overwrite`` the old checkpoint's data files that the new one does not
-    name are removed once it is in place.
+    (``.metadata`` last), so a failure leaves ``dst`` as it was. With
+    ``overwrite``, an old DCP checkpoint's ``.metadata`` is removed before the
+    new data files replace its own (a reader never pairs the two), and its data
+    files that the new one does not name once the new one is in place.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
@@ -136,6 +137,9 @@ def _move_dcp(staging: str, dst: str, overwrite: bool) -> None:
     if old and not overwrite:
         raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
     names = sorted(os.listdir(staging), key=lambda name: name == DCP_METADATA)
+    if old:  # the old checkpoint goes first: never its .metadata over the new data files
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(dst, DCP_METADATA))
     for name in names:
         os.replace(os.path.join(staging, name), os.path.join(dst, name))
     for name in old.difference(names):  # named by the replaced .metadata only
