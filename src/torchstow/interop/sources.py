@@ -11,6 +11,7 @@ format: a torchstow manifest, a DCP checkpoint (``.metadata``), a
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import json
 import math
@@ -221,7 +222,7 @@ class TorchSaveSource(Source):
         return self._leaves[key]
 
 
-ACCEPTED = (
+_ACCEPTED = (
     "torchstow reads a torchstow or DCP checkpoint (a directory or prefix), a torch.save file, "
     "a .safetensors file, or a directory of safetensors shards"
 )
@@ -242,7 +243,7 @@ def _torch_load(path: str) -> Any:
         blocked = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
         if blocked is None:
             raise CorruptCheckpointError(
-                f"{path} is not a torch.save file that loads: {_first_line(exc)}; {ACCEPTED}"
+                f"{path} is not a torch.save file that loads: {_first_line(exc)}; {_ACCEPTED}"
             ) from exc
         raise PickleNotAllowedError(
             f"{path} is a torch.save file whose pickle needs {blocked.group(1)}, which torchstow does "
@@ -251,13 +252,14 @@ def _torch_load(path: str) -> Any:
             "state with torchstow.save(state, uri, allow_pickle=True)"
         ) from exc
     except Exception as exc:  # not a torch.save file at all: text, another format, cut short
-        with open(path, "rb") as f:
+        head = b""
+        with contextlib.suppress(OSError), open(path, "rb") as f:
             head = f.read(4)
         if head.startswith((b"PK", b"\x80")):
             reason = f"{type(exc).__name__}: {_first_line(exc)}"
         else:
             reason = "it is neither a zip archive nor a pickle"
-        raise CorruptCheckpointError(f"{path} is not a torch.save file ({reason}); {ACCEPTED}") from exc
+        raise CorruptCheckpointError(f"{path} is not a torch.save file ({reason}); {_ACCEPTED}") from exc
 
 
 def _first_line(exc: BaseException) -> str:
