@@ -74,9 +74,9 @@ _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 
 
 _MAX_KEY_DEPTH = 32  # a DCP key nests 3 deep (MetadataIndex, its offsets, an int)
-_BASE_WORK = (
-    100_000  # values visited to hash keys and check arguments, plus one per byte (10x what DCP needs)
-)
+# Values visited hashing keys and checking arguments: this plus one per byte of the file
+# (about ten times what DCP's own metadata takes).
+_BASE_WORK = 100_000
 _ATOMS = frozenset({str, int, float, bool, bytes, type(None)})
 
 
@@ -113,7 +113,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             value, depth = todo.pop()
             self._work -= 1
             if self._work < 0:
-                raise pickle.UnpicklingError("hashing its keys takes more work than DCP metadata of its size")
+                raise pickle.UnpicklingError("hashing and checking its values takes more work than DCP metadata of its size needs")
             if depth > _MAX_KEY_DEPTH:
                 raise pickle.UnpicklingError(f"a key or argument nests deeper than {_MAX_KEY_DEPTH} levels")
             if isinstance(value, (tuple, list, set, frozenset)):
