@@ -113,7 +113,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
             value, depth = todo.pop()
             self._work -= 1
             if self._work < 0:
-                raise pickle.UnpicklingError("hashing and checking its values takes more work than DCP metadata of its size needs")
+                raise pickle.UnpicklingError(
+                    "hashing and checking its values takes more work than DCP metadata of its size needs"
+                )
             if depth > _MAX_KEY_DEPTH:
                 raise pickle.UnpicklingError(f"a key or argument nests deeper than {_MAX_KEY_DEPTH} levels")
             if isinstance(value, (tuple, list, set, frozenset)):
