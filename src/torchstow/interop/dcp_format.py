@@ -122,7 +122,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 items: Iterable[Any] = value
             elif isinstance(value, dict):
                 items = (item for pair in value.items() for item in pair)
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 items = vars(value).values()
             else:
                 continue
