@@ -28,7 +28,7 @@ import msgspec
 import torch
 
 from torchstow.errors import CorruptCheckpointError
-from torchstow.format.checksums import DEFAULT_ALGORITHM
+from torchstow.format.checksums import ALGORITHM
 from torchstow.format.chunks import cover_fault, outside
 from torchstow.format.manifest import ChunkStorageMetadata, dtype_from_name
 from torchstow.format.validation import MAX_DIMS
@@ -73,7 +73,7 @@ class _Entry(_Located, kw_only=True):
 
 
 class _Checksum(msgspec.Struct):
-    algorithm: str = DEFAULT_ALGORITHM
+    algorithm: str = ALGORITHM
     block_size: Count = 0
 
 

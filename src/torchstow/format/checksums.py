@@ -1,41 +1,33 @@
-"""Checksums of stored bytes: the registry of algorithms a manifest may name.
+"""Checksums of stored bytes: CRC-32C (Castagnoli), one per ``block_size`` bytes of an item.
 
-A manifest states its algorithm (``checksum.algorithm``) and one checksum per
-``block_size`` bytes of each item; readers look the algorithm up here and
-refuse a manifest naming one they do not know, rather than reporting every
-block as corrupt.
+Format version 1 has this one algorithm: the manifest records it
+(``checksum.algorithm``, always ``"crc32c"``) beside lists named ``crc32c``.
+A reader refuses a manifest naming another one (a later torchstow's) rather
+than reporting every block as corrupt; another algorithm would be a new
+format version.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import crc32c
+from crc32c import crc32c as checksum
 
 from torchstow.errors import FormatVersionError
 
-__all__ = ["CHECKSUMS", "DEFAULT_ALGORITHM", "BlockVerifier", "Checksum", "check_algorithm", "checksum"]
+__all__ = ["ALGORITHM", "BlockVerifier", "check_algorithm", "checksum"]
 
-Checksum = Callable[[Any, int], int]
-"""``fn(data, running)``: the checksum of ``data`` continuing from ``running`` (0 to start)."""
-
-CHECKSUMS: dict[str, Checksum] = {"crc32c": crc32c.crc32c}
-DEFAULT_ALGORITHM = "crc32c"
-
-checksum: Checksum = CHECKSUMS[DEFAULT_ALGORITHM]
-"""The algorithm new checkpoints are written with."""
+ALGORITHM = "crc32c"
+"""The algorithm of every checksum in a manifest (``checksum(data, running)``: 0 to start)."""
 
 
-def check_algorithm(name: str) -> Checksum:
-    """The checksum function called ``name``; FormatVersionError when unknown."""
-    fn = CHECKSUMS.get(name)
-    if fn is None:
+def check_algorithm(name: str) -> None:
+    """FormatVersionError unless a manifest's ``checksum.algorithm`` is :data:`ALGORITHM`."""
+    if name != ALGORITHM:
         raise FormatVersionError(
             f"the manifest's checksums use {name!r}, which this torchstow does not know "
-            f"(it knows {', '.join(sorted(CHECKSUMS))}): upgrade torchstow to read it"
+            f"(it knows {ALGORITHM}): upgrade torchstow to read it"
         )
-    return fn
 
 
 class BlockVerifier:
@@ -45,15 +37,12 @@ class BlockVerifier:
     boundary or at the item's end.
     """
 
-    __slots__ = ("block", "block_size", "crc", "expected", "filled", "fn")
+    __slots__ = ("block", "block_size", "crc", "expected", "filled")
 
-    def __init__(
-        self, first_block: int, expected: Sequence[int], block_size: int, fn: Checksum = checksum
-    ) -> None:
+    def __init__(self, first_block: int, expected: Sequence[int], block_size: int) -> None:
         self.block = first_block
         self.expected = expected
         self.block_size = block_size
-        self.fn = fn
         self.crc = 0
         self.filled = 0
 
@@ -64,7 +53,7 @@ class BlockVerifier:
         while pos < size:
             take = min(self.block_size - self.filled, size - pos)
             chunk = data if take == size else data[pos : pos + take]
-            self.crc = self.fn(chunk, self.crc)
+            self.crc = checksum(chunk, self.crc)
             self.filled += take
             pos += take
             if self.filled == self.block_size:
