@@ -76,6 +76,26 @@ def test_verify_names_key_file_and_offset_of_a_flipped_byte(saved: str) -> None:
         torchstow.read(saved, keys=["big"])
 
 
+def test_verify_reports_every_bad_block_not_only_the_first(saved: str) -> None:
+    big, small = _location(saved, "big"), _location(saved, "small.a")
+    path = _data_file(saved)
+    with open(path, "r+b") as f:
+        for at in (big.offset + 5, big.offset + 2 * BLOCK_SIZE + 9, small.offset + 3):
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0x01]))
+    report = torchstow.verify(saved)
+    found = sorted((p.key, p.offset, p.message) for p in report.problems)
+    ends = [big.offset + BLOCK_SIZE, big.offset + 3 * BLOCK_SIZE, small.offset + small.length]
+    starts = [big.offset, big.offset + 2 * BLOCK_SIZE, small.offset]
+    keys = ["big", "big", "small.a"]
+    assert found == sorted(
+        (key, start, f"checksum mismatch in bytes {start}..{end}: they differ from what was saved")
+        for key, start, end in zip(keys, starts, ends)
+    )
+
+
 def test_verify_reports_truncated_missing_and_uncommitted(saved: str, tmp_path: Path) -> None:
     path = _data_file(saved)
     size = os.path.getsize(path)

@@ -34,10 +34,11 @@ class BlockVerifier:
     """Checks an item's bytes against its per-block checksums as they arrive, in order.
 
     The bytes fed start at block ``first_block`` and must end at a block
-    boundary or at the item's end.
+    boundary or at the item's end. A failed block does not stop it: every
+    one is kept in ``failed``, for a scan that reports them all.
     """
 
-    __slots__ = ("block", "block_size", "crc", "expected", "filled")
+    __slots__ = ("block", "block_size", "crc", "expected", "failed", "filled")
 
     def __init__(self, first_block: int, expected: Sequence[int], block_size: int) -> None:
         self.block = first_block
@@ -45,9 +46,11 @@ class BlockVerifier:
         self.block_size = block_size
         self.crc = 0
         self.filled = 0
+        self.failed: list[int] = []
 
     def feed(self, data: memoryview) -> int | None:
-        """Take the next bytes; the index of a block that failed, else None."""
+        """Take the next bytes; the index of the first block among them that failed, else None."""
+        bad = None
         pos = 0
         size = len(data)
         while pos < size:
@@ -58,14 +61,17 @@ class BlockVerifier:
             pos += take
             if self.filled == self.block_size:
                 if self.crc != self.expected[self.block]:
-                    return self.block
+                    self.failed.append(self.block)
+                    if bad is None:
+                        bad = self.block
                 self.block += 1
                 self.crc = 0
                 self.filled = 0
-        return None
+        return bad
 
     def end(self) -> int | None:
         """Check the final, partial block; the index of a failed block, else None."""
         if self.filled and self.crc != self.expected[self.block]:
+            self.failed.append(self.block)
             return self.block
         return None

@@ -1,9 +1,10 @@
 """Streaming over a checkpoint's data files, checking every block checksum on the way.
 
 :func:`scan_file` reads one data file front to back in bounded segments,
-feeds each item's bytes to its per-block crc32c and reports every block that
-differs, a missing file or one that ends early. :func:`verify` reports what
-it finds; :func:`copy` hands each segment to a sink of the destination too.
+feeds each item's bytes to a :class:`~torchstow.format.checksums.BlockVerifier`
+(the readers' own) and reports every block that differs, a missing file or one
+that ends early. :func:`verify` reports what it finds; :func:`copy` hands each
+segment to a sink of the destination too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
-from torchstow.format.checksums import checksum
+from torchstow.format.checksums import BlockVerifier
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 
 __all__ = ["Problem", "Span", "check_manifest", "scan_file", "segment_bytes", "spans_by_file"]
@@ -125,23 +126,14 @@ def segment_bytes(store: ByteStore) -> int:
     return max(_MIN_SEGMENT, min(_MAX_SEGMENT, store.read_segment_bytes))
 
 
-@dataclass
-class _Block:
-    span: Span
-    start: int
-    end: int
-    expected: int
-    crc: int = 0
-
-
-def _blocks(spans: list[Span]) -> list[_Block]:
+def _verifiers(spans: list[Span]) -> list[tuple[Span, BlockVerifier]]:
+    """A verifier for each span whose checksums cover it (:func:`check_manifest` reports the others)."""
     out = []
     for span in spans:
         info = span.info
         block = info.block_size or max(info.length, 1)
-        for i, expected in enumerate(info.checksums):
-            start = info.offset + i * block
-            out.append(_Block(span, start, min(span.end, start + block), expected))
+        if len(info.checksums) == -(-info.length // block):
+            out.append((span, BlockVerifier(0, info.checksums, block)))
     return out
 
 
@@ -167,13 +159,13 @@ def scan_file(
     if not spans:
         return []
     end = max(span.end for span in spans)
-    blocks = _blocks(spans)
+    checked = _verifiers(spans)
     problems: list[Problem] = []
     seg = segment_bytes(store)
     # Reading alone reuses one buffer, and so does a copy into a sink that keeps no buffer
     # (fresh memory costs page faults, a lot of them on some virtual machines).
     scratch = memoryview(bytearray(min(seg, end))) if write is None or not write_keeps else None
-    b = 0  # the first block not yet fully checked
+    first = 0  # the first span not yet fully checked
     pos = 0
     while pos < end:
         if stop is not None and stop.is_set():
@@ -190,26 +182,23 @@ def scan_file(
                 Problem(s.key, name, max(pos, s.info.offset), f"the data file ends early: {exc}") for s in cut
             ]
         seg_end = pos + size
-        i = b
-        while i < len(blocks) and blocks[i].start < seg_end:
-            blk = blocks[i]
-            lo = max(blk.start, pos)
-            hi = min(blk.end, seg_end)
+        i = first
+        while i < len(checked) and checked[i][0].info.offset < seg_end:
+            span, verifier = checked[i]
+            lo = max(span.info.offset, pos)
+            hi = min(span.end, seg_end)
             if hi > lo:
-                blk.crc = checksum(buf[lo - pos : hi - pos], blk.crc)
-            if blk.end <= seg_end:
-                if blk.crc != blk.expected:
-                    problems.append(
-                        Problem(
-                            blk.span.key,
-                            name,
-                            blk.start,
-                            f"checksum mismatch in bytes {blk.start}..{blk.end}: "
-                            "they differ from what was saved",
-                        )
-                    )
-                if i == b:
-                    b += 1
+                verifier.feed(buf[lo - pos : hi - pos])
+            if span.end <= seg_end:
+                if span.end > pos:
+                    verifier.end()
+                if i == first:
+                    first += 1
+            if verifier.failed:
+                problems.extend(
+                    _mismatch(name, span, verifier.block_size, block) for block in verifier.failed
+                )
+                verifier.failed.clear()
             i += 1
         if write is not None:
             write(buf)
@@ -217,3 +206,11 @@ def scan_file(
             progress(size)
         pos = seg_end
     return problems
+
+
+def _mismatch(name: str, span: Span, block_size: int, block: int) -> Problem:
+    start = span.info.offset + block * block_size
+    end = min(span.end, start + block_size)
+    return Problem(
+        span.key, name, start, f"checksum mismatch in bytes {start}..{end}: they differ from what was saved"
+    )
