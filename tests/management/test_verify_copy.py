@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -11,9 +12,12 @@ import pytest
 import torch
 
 import torchstow
+from torchstow.core.layout.location import read_manifest
 from torchstow.format.files import BLOCK_SIZE, MANIFEST, is_data_file
 from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
+from torchstow.management.verify import verify_store
+from torchstow.plugins.manager import default_registry
 from torchstow.testing import assert_same_state
 
 
@@ -94,6 +98,19 @@ def test_verify_reports_every_bad_block_not_only_the_first(saved: str) -> None:
         (key, start, f"checksum mismatch in bytes {start}..{end}: they differ from what was saved")
         for key, start, end in zip(keys, starts, ends)
     )
+
+
+def test_an_item_whose_checksums_do_not_cover_it_is_reported_and_the_rest_verified(saved: str) -> None:
+    store = default_registry().backend_for(saved, None).open_store(saved)
+    metadata = read_manifest(store)
+    (index,) = [index for index in metadata.storage_data if index.fqn == "big"]
+    info = metadata.storage_data[index]
+    metadata.storage_data[index] = dataclasses.replace(info, checksums=info.checksums[:1])
+    report = verify_store(store, saved, metadata)
+    (problem,) = report.problems
+    assert (problem.key, problem.offset) == ("big", info.offset)
+    assert problem.message == f"the manifest records 1 checksums for {info.length} bytes"
+    assert report.checked_bytes == torchstow.info(saved).nbytes - info.length
 
 
 def test_verify_reports_truncated_missing_and_uncommitted(saved: str, tmp_path: Path) -> None:

@@ -108,8 +108,7 @@ def check_manifest(metadata: Metadata) -> list[Problem]:
                     )
                 )
     for index, info in locations.items():
-        block = info.block_size or max(info.length, 1)
-        if len(info.checksums) != -(-info.length // block):
+        if not _checksums_cover(info):
             problems.append(
                 Problem(
                     _key_name(metadata, index),
@@ -126,15 +125,23 @@ def segment_bytes(store: ByteStore) -> int:
     return max(_MIN_SEGMENT, min(_MAX_SEGMENT, store.read_segment_bytes))
 
 
+def _block_size(info: StorageInfo) -> int:
+    """The bytes each of an item's checksums covers."""
+    return info.block_size or max(info.length, 1)
+
+
+def _checksums_cover(info: StorageInfo) -> bool:
+    """Whether an item has one checksum per block."""
+    return len(info.checksums) == -(-info.length // _block_size(info))
+
+
 def _verifiers(spans: list[Span]) -> list[tuple[Span, BlockVerifier]]:
     """A verifier for each span whose checksums cover it (:func:`check_manifest` reports the others)."""
-    out = []
-    for span in spans:
-        info = span.info
-        block = info.block_size or max(info.length, 1)
-        if len(info.checksums) == -(-info.length // block):
-            out.append((span, BlockVerifier(0, info.checksums, block)))
-    return out
+    return [
+        (span, BlockVerifier(0, span.info.checksums, _block_size(span.info)))
+        for span in spans
+        if _checksums_cover(span.info)
+    ]
 
 
 def scan_file(
