@@ -27,7 +27,7 @@ from torchstow.core.planning.items import SavePlan, TensorWriteData
 from torchstow.format import chunks as chunk_math
 from torchstow.format.manifest import BytesStorageMetadata, TensorStorageMetadata, dtype_name
 
-__all__ = ["Entries", "aligned_global_plan", "check_tensor"]
+__all__ = ["Entries", "aligned_global_plan", "check_tensor", "mixed_kinds"]
 
 Entries = dict[str, TensorStorageMetadata | BytesStorageMetadata]
 
@@ -56,7 +56,7 @@ def _classify(
 ) -> _Class:
     tensor = tds[0] is not None
     if any((td is not None) != tensor for td in tds):
-        raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+        raise mixed_kinds(fqn)
     if not dedup:
         return _Class(j, tds, offsets, tensor, [[r] for r in range(len(tds))])
     by_offset: dict[Any, list[int]] = {}
@@ -91,6 +91,11 @@ def _classes(
         cls.columns += 1
         columns.append(cls)
     return columns
+
+
+def mixed_kinds(fqn: str) -> ValueError:
+    """The error for a key that is a tensor on one rank and an object on another."""
+    return ValueError(f"{fqn} is a tensor on one rank and an object on another")
 
 
 def check_tensor(fqn: str, entry: TensorStorageMetadata, td: TensorWriteData) -> None:

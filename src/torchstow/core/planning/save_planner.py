@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from torchstow.core.planning.aligned_plan import Entries, aligned_global_plan, check_tensor
+from torchstow.core.planning.aligned_plan import Entries, aligned_global_plan, check_tensor, mixed_kinds
 from torchstow.core.planning.balance import assign_owners, item_bytes
 from torchstow.core.planning.geometry import global_shape, is_raw_tensor, local_chunks
 from torchstow.core.planning.items import BytesWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -150,7 +150,7 @@ def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
                 if entry is None:
                     entry = entries[fqn] = TensorStorageMetadata(td.properties, td.size, [])
                 elif entry.__class__ is not TensorStorageMetadata:
-                    raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+                    raise mixed_kinds(fqn)
                 elif entry.size != td.size or entry.properties.dtype != td.properties.dtype:
                     check_tensor(fqn, entry, td)
                 chunks = entry.chunks
@@ -159,7 +159,7 @@ def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
                 keep(item)
             else:
                 if entry.__class__ is TensorStorageMetadata:
-                    raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+                    raise mixed_kinds(fqn)
                 assert item.bytes_data is not None
                 bd = item.bytes_data
                 entries[fqn] = BytesStorageMetadata(bd.encoding, bd.value)
