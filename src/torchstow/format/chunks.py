@@ -12,7 +12,16 @@ import torch
 
 from torchstow.format.manifest import ChunkStorageMetadata
 
-__all__ = ["Box", "CoverFault", "contiguous_span", "cover_fault", "outside", "overlap", "validate_cover"]
+__all__ = [
+    "Box",
+    "CoverFault",
+    "contiguous_span",
+    "cover_fault",
+    "outside",
+    "overlap",
+    "region",
+    "validate_cover",
+]
 
 Box = tuple[Sequence[int], Sequence[int], int]
 """A chunk as :func:`cover_fault` takes it: its offsets, its sizes, its number of elements."""
@@ -226,6 +235,13 @@ def overlap(
         storage_offsets.append(lo - s_off)
         lengths.append(hi - lo)
     return torch.Size(dest_offsets), torch.Size(storage_offsets), torch.Size(lengths)
+
+
+def region(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    """The view of ``tensor`` that starts at ``offsets`` and spans ``lengths``."""
+    for dim, (start, length) in enumerate(zip(offsets, lengths, strict=True)):
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
 
 
 def contiguous_span(

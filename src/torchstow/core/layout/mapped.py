@@ -27,6 +27,7 @@ from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import BlockVerifier
+from torchstow.format.chunks import region
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 
@@ -122,10 +123,7 @@ def map_tensors(
         if whole is None:
             whole = torch.empty(entry.size, dtype=dtype)
             for chunk, view in parts:
-                region = whole
-                for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
-                    region = region.narrow(dim, start, length)
-                region.copy_(view)
+                region(whole, chunk.offsets, chunk.sizes).copy_(view)
         out[fqn] = whole
     return out
 
