@@ -15,7 +15,7 @@ from crc32c import crc32c as checksum
 
 from torchstow.errors import FormatVersionError
 
-__all__ = ["ALGORITHM", "BlockVerifier", "check_algorithm", "checksum"]
+__all__ = ["ALGORITHM", "BlockVerifier", "block_bytes", "block_span", "check_algorithm", "checksum"]
 
 ALGORITHM = "crc32c"
 """The algorithm of every checksum in a manifest (``checksum(data, running)``: 0 to start)."""
@@ -28,6 +28,18 @@ def check_algorithm(name: str) -> None:
             f"the manifest's checksums use {name!r}, which this torchstow does not know "
             f"(it knows {ALGORITHM}): upgrade torchstow to read it"
         )
+
+
+def block_bytes(block_size: int, length: int) -> int:
+    """The bytes each checksum of an item of ``length`` bytes covers: its ``block_size``,
+    or the whole item when that is 0."""
+    return block_size or max(length, 1)
+
+
+def block_span(block: int, block_size: int, length: int) -> tuple[int, int]:
+    """Where checksum block ``block`` of an item of ``length`` bytes lies in it: (start, end)."""
+    size = block_bytes(block_size, length)
+    return block * size, min(length, (block + 1) * size)
 
 
 class BlockVerifier:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
-from torchstow.format.checksums import BlockVerifier
+from torchstow.format.checksums import BlockVerifier, block_bytes, block_span
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 
 __all__ = ["Problem", "Span", "check_manifest", "scan_file", "segment_bytes", "spans_by_file"]
@@ -125,20 +125,15 @@ def segment_bytes(store: ByteStore) -> int:
     return max(_MIN_SEGMENT, min(_MAX_SEGMENT, store.read_segment_bytes))
 
 
-def _block_size(info: StorageInfo) -> int:
-    """The bytes each of an item's checksums covers."""
-    return info.block_size or max(info.length, 1)
-
-
 def _checksums_cover(info: StorageInfo) -> bool:
     """Whether an item has one checksum per block."""
-    return len(info.checksums) == -(-info.length // _block_size(info))
+    return len(info.checksums) == -(-info.length // block_bytes(info.block_size, info.length))
 
 
 def _verifiers(spans: list[Span]) -> list[tuple[Span, BlockVerifier]]:
     """A verifier for each span whose checksums cover it (:func:`check_manifest` reports the others)."""
     return [
-        (span, BlockVerifier(0, span.info.checksums, _block_size(span.info)))
+        (span, BlockVerifier(0, span.info.checksums, block_bytes(span.info.block_size, span.info.length)))
         for span in spans
         if _checksums_cover(span.info)
     ]
@@ -202,9 +197,7 @@ def scan_file(
                 if i == first:
                     first += 1
             if verifier.failed:
-                problems.extend(
-                    _mismatch(name, span, verifier.block_size, block) for block in verifier.failed
-                )
+                problems.extend(_mismatch(name, span, block) for block in verifier.failed)
                 verifier.failed.clear()
             i += 1
         if write is not None:
@@ -215,9 +208,8 @@ def scan_file(
     return problems
 
 
-def _mismatch(name: str, span: Span, block_size: int, block: int) -> Problem:
-    start = span.info.offset + block * block_size
-    end = min(span.end, start + block_size)
+def _mismatch(name: str, span: Span, block: int) -> Problem:
+    start, end = (span.info.offset + at for at in block_span(block, span.info.block_size, span.info.length))
     return Problem(
         span.key, name, start, f"checksum mismatch in bytes {start}..{end}: they differ from what was saved"
     )
