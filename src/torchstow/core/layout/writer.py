@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from torchstow.core.futures import completed_future
-from torchstow.core.layout.commit import committed_files, publish_manifest
+from torchstow.core.layout.commit import UncertainCommitError, committed_files, listed_files, publish_manifest
 from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, default_thread_count, rebind
@@ -120,12 +120,18 @@ class LayoutWriter(StorageWriter):
         #: With a base: where a tensor item's digest may be remembered (trust_version_counter).
         self.digest_slots: DigestSlots | None = None
         self._base: BaseContent | None = None
+        #: Whether ``finish`` ran here, and then whether its commit landed (True),
+        #: certainly failed (False) or left that unknown (None).
+        self._finished = False
+        self._outcome: bool | None = False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.store = rebind(self.store, self._open_store, checkpoint_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self._rank = int(kwargs.get("rank", 0))
+        self._written = []
+        self._finished = False
         self._base = self.base_loader() if self.base_loader is not None else None
         self.store.prepare()
         if is_coordinator and not self.overwrite and MANIFEST in self.store.list_files():
@@ -192,7 +198,18 @@ class LayoutWriter(StorageWriter):
         metadata.nbytes_written = sum(r.size_in_bytes for rank_results in results for r in rank_results)
         metadata.save_id = uuid.uuid4().hex  # this commit's own id (a cached plan reuses no coordinator step)
         replaced = committed_files(self.store) if self.overwrite else set()
-        publish_manifest(self.store, metadata, overwrite=self.overwrite)
+        self._finished, self._outcome = True, False
+        try:
+            publish_manifest(self.store, metadata, overwrite=self.overwrite)
+        except UncertainCommitError:
+            self._outcome = None
+            raise
+        except Exception:
+            raise  # the manifest certainly did not land (publish_manifest read it back)
+        except BaseException:
+            self._outcome = None  # interrupted mid-publish
+            raise
+        self._outcome = True
         # Committed. Removing the replaced checkpoint's files is housekeeping:
         # a failure here must not report a committed save as failed. Files of
         # no committed manifest may belong to a save still in flight: kept.
@@ -203,13 +220,29 @@ class LayoutWriter(StorageWriter):
             location = self.store.location
             logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
 
+    def commit_outcome(self) -> bool | None:
+        """Whether this save committed: what ``finish`` saw where it ran here; elsewhere
+        True when the manifest committed at the location lists a data file this rank
+        wrote (their names carry this save's id), else None (unknown)."""
+        if self._finished:
+            return self._outcome
+        mine = set(self._written)
+        return True if mine and mine & (listed_files(self.store) or set()) else None
+
     def abort(self) -> None:
-        """Remove the data files this rank wrote for the failed save."""
+        """Remove the data files this rank wrote for a save that certainly did not
+        commit, and the base files it linked in, except any that the manifest
+        committed at the location lists: a racing save that won may share them."""
+        adopted = self._base.adopted if self._base is not None else []
+        if not self._written and not adopted:
+            return
+        listed = listed_files(self.store)
         if self._written:
-            self.store.delete_files(self._written)
+            self.store.delete_files([n for n in self._written if listed is None or n not in listed])
             self._written = []
-        if self._base is not None and self._base.adopted:
-            self.store.delete_files(self._base.adopted)
+        if adopted and listed is not None:  # unreadable: leave them (they are links, not bytes)
+            self.store.delete_files([n for n in adopted if n not in listed])
+        if self._base is not None:
             self._base.adopted = []
 
     @classmethod
