@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
+from torchstow.core.layout.commit import UncertainCommitError, committed_files, publish_manifest
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
 from torchstow.errors import CheckpointExistsError, CheckpointNotFoundError, ChecksumMismatchError
-from torchstow.format.codec import encode_metadata
-from torchstow.format.files import MANIFEST, is_data_file
+from torchstow.format.files import MANIFEST
 from torchstow.management.datafiles import Problem, Span, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
 from torchstow.management.verify import ProgressCallback
@@ -123,10 +123,19 @@ def _copy_store(
             index: replace(info, relative_path=names[info.relative_path])
             for index, info in metadata.storage_data.items()
         }
-    dst_store.publish(MANIFEST, encode_metadata(metadata))
-    live = set(names.values())
+    metadata.save_id = uuid.uuid4().hex  # this copy's commit, not the source's
+    replaced = committed_files(dst_store) if overwrite else set()
+    try:
+        publish_manifest(dst_store, metadata, overwrite=overwrite)
+    except UncertainCommitError:
+        raise  # it may have committed: its files stay
+    except Exception:
+        with contextlib.suppress(Exception):
+            dst_store.delete_files(list(names.values()))
+        raise
+    # Only the replaced checkpoint's files go: unlisted ones may be a save in flight.
     with contextlib.suppress(Exception):  # housekeeping after the commit never fails the copy
-        dst_store.delete_files([f for f in dst_store.list_files() if is_data_file(f) and f not in live])
+        dst_store.delete_files(sorted(replaced - set(names.values())))
 
 
 def copy(

@@ -124,6 +124,7 @@ class LayoutWriter(StorageWriter):
         #: certainly failed (False) or left that unknown (None).
         self._finished = False
         self._outcome: bool | None = False
+        self._coordinator = False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.store = rebind(self.store, self._open_store, checkpoint_id)
@@ -131,7 +132,8 @@ class LayoutWriter(StorageWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self._rank = int(kwargs.get("rank", 0))
         self._written = []
-        self._finished = False
+        self._finished, self._outcome = False, False
+        self._coordinator = is_coordinator
         self._base = self.base_loader() if self.base_loader is not None else None
         self.store.prepare()
         if is_coordinator and not self.overwrite and MANIFEST in self.store.list_files():
@@ -221,10 +223,11 @@ class LayoutWriter(StorageWriter):
             logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
 
     def commit_outcome(self) -> bool | None:
-        """Whether this save committed: what ``finish`` saw where it ran here; elsewhere
-        True when the manifest committed at the location lists a data file this rank
-        wrote (their names carry this save's id), else None (unknown)."""
-        if self._finished:
+        """Whether this save committed: on the coordinator, what its ``finish`` saw (False
+        if it never ran: nothing else publishes); elsewhere True when the manifest
+        committed at the location lists a data file this rank wrote (their names carry
+        this save's id), else None (unknown)."""
+        if self._finished or self._coordinator:
             return self._outcome
         mine = set(self._written)
         return True if mine and mine & (listed_files(self.store) or set()) else None

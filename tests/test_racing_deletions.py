@@ -1,0 +1,102 @@
+"""No cleanup removes a file that another writer's manifest lists, committed or about to be:
+the loser of two racing incremental saves to one name, and copy's housekeeping after
+its commit next to a save in flight."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchstow
+from torchstow.backends.filesystem import LocalFileStore
+from torchstow.core.layout.writer import LayoutWriter
+
+
+def _state(seed: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"kept": torch.randn(4096, generator=gen), "moved": torch.randn(256, generator=gen)}
+
+
+def _assert_loads(uri: Path, expected: dict[str, Any]) -> None:
+    got = torchstow.read(str(uri))
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def _before_first_commit(monkeypatch: pytest.MonkeyPatch, action: Any) -> None:
+    """Run ``action`` once, when the first save to commit has written all its data."""
+    original = LayoutWriter.finish
+    pending = [action]
+
+    def finish(self: LayoutWriter, *args: Any) -> None:
+        if pending:
+            pending.pop()()
+        original(self, *args)
+
+    monkeypatch.setattr(LayoutWriter, "finish", finish)
+
+
+def test_the_loser_of_racing_incremental_saves_keeps_the_winners_shared_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, target = tmp_path / "step-1", tmp_path / "step-2"
+    torchstow.save(_state(1), str(base))
+    winner = {"kept": _state(1)["kept"], "moved": _state(2)["moved"]}
+    loser = {"kept": _state(1)["kept"], "moved": _state(3)["moved"]}
+    # Both link step-1's data file into step-2; the winner commits while the loser is in flight.
+    _before_first_commit(monkeypatch, lambda: torchstow.save(winner, str(target), base=str(base)))
+    with pytest.raises(torchstow.CheckpointExistsError):
+        torchstow.save(loser, str(target), base=str(base))
+    _assert_loads(target, winner)
+    _assert_loads(base, _state(1))
+
+
+def test_copy_removes_only_the_files_of_the_checkpoint_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    torchstow.save(_state(1), str(src))
+    torchstow.save(_state(2), str(dst))
+    old = set(os.listdir(dst)) - {"manifest.json"}
+    # A save in flight at dst has written its data when the copy commits there.
+    copied: list[set[str]] = []
+
+    def copy_now() -> None:
+        before = set(os.listdir(dst))
+        torchstow.copy(str(src), str(dst), overwrite=True)
+        copied.append(set(os.listdir(dst)) - before)
+
+    _before_first_commit(monkeypatch, copy_now)
+    torchstow.save(_state(3), str(dst), overwrite=True)
+    _assert_loads(dst, _state(3))
+    assert not old & set(os.listdir(dst))  # the checkpoint the copy replaced: removed
+    assert not copied[0] & set(os.listdir(dst))  # the copy's, replaced by the save: removed
+
+
+def test_copy_without_overwrite_loses_to_a_save_that_committed_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    torchstow.save(_state(1), str(src))
+    # The copy has written its data; a save to dst commits before the copy's manifest does.
+    pending = [lambda: torchstow.save(_state(3), str(dst))]
+    for name in ("publish", "publish_new"):
+        original = getattr(LocalFileStore, name)
+
+        def publish(self: LocalFileStore, *args: Any, _original: Any = original) -> None:
+            if pending:
+                pending.pop()()
+            _original(self, *args)
+
+        monkeypatch.setattr(LocalFileStore, name, publish)
+    with pytest.raises(torchstow.CheckpointExistsError):
+        torchstow.copy(str(src), str(dst))
+    _assert_loads(dst, _state(3))
+    listed = set(json.loads((dst / "manifest.json").read_text())["files"])
+    assert {f for f in os.listdir(dst) if f.startswith("data-")} == listed  # the copy's are gone
