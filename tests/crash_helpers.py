@@ -113,17 +113,54 @@ def crash_save(
     return out
 
 
-def assert_resumes(root: str, world_size: int) -> int:
+def assert_resumes(root: str, world_size: int, options: dict[str, Any] | None = None) -> int:
     """``latest`` + ``load`` under ``root`` give step 1 or step 2, bit-exact; which one."""
-    uri = torchstow.latest(root)
-    assert uri is not None and uri.rsplit("/", 1)[-1] in ("step-1", "step-2"), uri
-    step = int(uri.rsplit("-", 1)[-1])
+    uri = torchstow.latest(root, storage_options=options)
+    assert uri is not None and uri.rsplit("/", 1)[-1].split("?")[0] in ("step-1", "step-2"), uri
+    step = int(uri.rsplit("/", 1)[-1].split("?")[0].rsplit("-", 1)[-1])
     expected = crash_state(step, world_size)
     target = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1 for k, v in expected.items()}
-    torchstow.load(target, uri)
+    torchstow.load(target, uri, storage_options=options)
     for key, value in expected.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(target[key].view(torch.int32), value.view(torch.int32)), key
         else:
             assert target[key] == value, key
     return step
+
+
+def crash_after_publish(
+    rank: int, world_size: int, prefix: str, suffix: str, options: dict[str, Any], signame: str
+) -> dict[str, Any]:
+    """Save steps 1 and 2 under ``prefix`` (any backend; ``suffix`` ends each URI); the
+    coordinator dies right after its store published step 2's manifest, before any rank
+    heard back."""
+    from torchstow.backends.filesystem import LocalFileStore
+    from torchstow.backends.fsspec.store import FsspecStore
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    torchstow.save(
+        crash_state(1, world_size, rank), f"{prefix}/step-1{suffix}", storage_options=options, timeout=60
+    )
+    if rank == 0:
+        for kind in (LocalFileStore, FsspecStore):
+
+            def publish_new(self: Any, name: str, data: bytes, _original: Any = kind.publish_new) -> None:
+                _original(self, name, data)
+                os.kill(os.getpid(), getattr(signal, signame))
+
+            kind.publish_new = publish_new  # type: ignore[method-assign]
+    out: dict[str, Any] = {}
+    try:
+        torchstow.save(
+            crash_state(2, world_size, rank), f"{prefix}/step-2{suffix}", storage_options=options, timeout=60
+        )
+        out["ok"] = True
+    except torchstow.CheckpointException as exc:
+        out.update(error=type(exc).__name__, notes=getattr(exc, "__notes__", []))
+    except SystemExit as exc:
+        os._exit(int(exc.code or 1))
+    return out

@@ -100,3 +100,23 @@ def test_copy_without_overwrite_loses_to_a_save_that_committed_first(
     _assert_loads(dst, _state(3))
     listed = set(json.loads((dst / "manifest.json").read_text())["files"])
     assert {f for f in os.listdir(dst) if f.startswith("data-")} == listed  # the copy's are gone
+
+
+def test_a_commit_whose_outcome_is_unknown_keeps_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest landed, but the store reported a failure and reading it back failed
+    too: the save fails saying the outcome is unknown, and keeps the files it names."""
+    uri = tmp_path / "ckpt"
+    original = LocalFileStore.publish_new
+
+    def publish_new(self: LocalFileStore, name: str, data: bytes) -> None:
+        original(self, name, data)
+        monkeypatch.setattr(LocalFileStore, "read_file", lambda *_: (_ for _ in ()).throw(OSError("EIO")))
+        raise OSError("the reply was lost")
+
+    monkeypatch.setattr(LocalFileStore, "publish_new", publish_new)
+    with pytest.raises(torchstow.CheckpointException, match="the outcome is unknown"):
+        torchstow.save(_state(1), str(uri))
+    monkeypatch.undo()
+    _assert_loads(uri, _state(1))
