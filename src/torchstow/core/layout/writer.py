@@ -202,14 +202,12 @@ class LayoutWriter(StorageWriter):
         replaced = committed_files(self.store) if self.overwrite else set()
         self._finished, self._outcome = True, False
         try:
+            self._outcome = None  # unknown from here until publishing returns or surely failed
             publish_manifest(self.store, metadata, overwrite=self.overwrite)
         except UncertainCommitError:
-            self._outcome = None
             raise
         except Exception:
-            raise  # the manifest certainly did not land (publish_manifest read it back)
-        except BaseException:
-            self._outcome = None  # interrupted mid-publish
+            self._outcome = False  # certainly not landed: publish_manifest read it back
             raise
         self._outcome = True
         # Committed. Removing the replaced checkpoint's files is housekeeping:
