@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import torchstow
+from torchstow.spi import ForwardingStorageWriter, Metadata, WriteResult
 
 
 def kill_once_writing(child: subprocess.Popen[str]) -> None:
@@ -164,3 +165,21 @@ def crash_after_publish(
     except SystemExit as exc:
         os._exit(int(exc.code or 1))
     return out
+
+
+class _UnsendableManifest(ForwardingStorageWriter):
+    """Commits, then leaves in the manifest a value that cannot be sent to the other ranks."""
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        self.inner.finish(metadata, results)
+        metadata.user_metadata = {"not picklable": lambda: None}
+
+
+def save_with_unsendable_manifest(rank: int, world_size: int, path: str) -> list[str]:
+    """Save step 2 at ``path``; the committed manifest cannot travel back. The notes raised."""
+    writer = _UnsendableManifest(torchstow.storage_writer(path))
+    try:
+        torchstow.save_state_dict(crash_state(2, world_size, rank), writer)
+    except torchstow.CheckpointException as exc:
+        return list(getattr(exc, "__notes__", []))
+    raise AssertionError("the save did not fail")

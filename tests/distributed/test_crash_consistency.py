@@ -19,7 +19,13 @@ import pytest
 import torchstow
 from dist_pool import RankOutcome, WorkerPool
 
-from crash_helpers import CRASH_SIGNALS, assert_resumes, crash_save, crash_state
+from crash_helpers import (
+    CRASH_SIGNALS,
+    assert_resumes,
+    crash_save,
+    crash_state,
+    save_with_unsendable_manifest,
+)
 
 
 def _save_step_1(rank: int, world_size: int, root: str) -> None:
@@ -71,6 +77,15 @@ def test_coordinator_killed_after_publishing_leaves_a_loadable_checkpoint(
     survivor = outcomes[1].value
     assert survivor["error"] == "CheckpointTimeoutError"
     assert any("did commit" in note for note in survivor["notes"]), survivor
+
+
+def test_a_committed_manifest_that_cannot_be_sent_back_keeps_every_ranks_data(
+    pools: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "run"
+    notes = pools(2).run(save_with_unsendable_manifest, str(root / "step-2"))
+    assert all(any("did commit" in note for note in mine) for mine in notes), notes
+    assert assert_resumes(str(root), 2) == 2
 
 
 @pytest.mark.slow

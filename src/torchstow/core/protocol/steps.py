@@ -309,7 +309,9 @@ def _write_and_commit(
     if coll.is_coordinator:
         if isinstance(result, _Failed) and progress.committing:
             result.outcome_unknown = _outcome(writer, progress) is None
-        packed = _outgoing_all(coll, [result])[0]
+        packed, unsendable = _outgoing(coll, result)
+        if unsendable is not None:  # a committed manifest that does not pickle: let ranks look
+            packed = _outgoing(coll, _Failed({coll.rank: unsendable}, progress.committing))[0]
     try:
         answer = _incoming(coll, coll.broadcast(packed, step))
     except CheckpointException as exc:  # the answer was lost
