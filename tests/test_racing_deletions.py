@@ -120,3 +120,20 @@ def test_a_commit_whose_outcome_is_unknown_keeps_the_data(
         torchstow.save(_state(1), str(uri))
     monkeypatch.undo()
     _assert_loads(uri, _state(1))
+
+
+def test_an_incremental_overwrite_whose_shared_files_were_removed_meanwhile_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save onto its own base shares the base's files by name; another overwrite that
+    commits while it is in flight removes them. The first save must not then commit a
+    manifest that names them: it fails, and the other's checkpoint stays whole."""
+    uri = tmp_path / "ckpt"
+    torchstow.save(_state(1), str(uri))
+    incremental = {"kept": _state(1)["kept"], "moved": _state(2)["moved"]}
+    _before_first_commit(monkeypatch, lambda: torchstow.save(_state(3), str(uri), overwrite=True))
+    with pytest.raises(torchstow.CheckpointException, match="nothing was committed"):
+        torchstow.save(incremental, str(uri), base=str(uri), overwrite=True)
+    _assert_loads(uri, _state(3))
+    listed = set(json.loads((uri / "manifest.json").read_text())["files"])
+    assert {f for f in os.listdir(uri) if f.startswith("data-")} == listed  # the failed save's are gone

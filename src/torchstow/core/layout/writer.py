@@ -35,7 +35,7 @@ from torchstow.core.layout.views import as_host_bytes
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
-from torchstow.errors import CheckpointExistsError
+from torchstow.errors import CheckpointExistsError, CorruptCheckpointError
 from torchstow.format.checksums import checksum
 from torchstow.format.files import (
     BLOCK_SIZE,
@@ -47,6 +47,7 @@ from torchstow.format.files import (
     data_file_prefix,
 )
 from torchstow.format.manifest import Metadata, StorageInfo
+from torchstow.format.validation import check_extents
 
 __all__ = ["LayoutWriter"]
 
@@ -199,8 +200,9 @@ class LayoutWriter(StorageWriter):
         metadata.committed_at = time.time()
         metadata.nbytes_written = sum(r.size_in_bytes for rank_results in results for r in rank_results)
         metadata.save_id = uuid.uuid4().hex  # this commit's own id (a cached plan reuses no coordinator step)
-        replaced = committed_files(self.store) if self.overwrite else set()
         self._finished, self._outcome = True, False
+        self._check_listed(locations)
+        replaced = committed_files(self.store) if self.overwrite else set()
         try:
             self._outcome = None  # unknown from here until publishing returns or surely failed
             publish_manifest(self.store, metadata, overwrite=self.overwrite)
@@ -219,6 +221,21 @@ class LayoutWriter(StorageWriter):
         except Exception:
             location = self.store.location
             logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
+
+    def _check_listed(self, locations: dict[Any, StorageInfo]) -> None:
+        """Refuse to commit a manifest whose data is not all there: a file shared with
+        a base that was removed or cut short meanwhile (by the cleanup of an overwrite
+        committed in between, say) would make a checkpoint that does not load."""
+        sizes = self.store.file_sizes() if locations else None
+        if sizes is None:
+            return
+        missing = check_extents(locations.items(), sizes, self.store.location)
+        for index, info in locations.items():
+            if info.relative_path in missing:
+                raise CorruptCheckpointError(
+                    f"{self.store.location}/{info.relative_path}, which would hold {index.fqn!r}, is "
+                    "missing (removed while this save was in flight): nothing was committed"
+                )
 
     def commit_outcome(self) -> bool | None:
         """Whether this save committed: on the coordinator, what its ``finish`` saw (False
