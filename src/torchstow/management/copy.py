@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+from torchstow.core.layout.commit import UncertainCommitError, committed_files, publish_manifest
 from torchstow.core.layout.location import check_vacant, dcp_files, read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
@@ -21,8 +22,7 @@ from torchstow.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from torchstow.format.codec import encode_metadata
-from torchstow.format.files import MANIFEST, is_data_file
+from torchstow.format.files import MANIFEST
 from torchstow.management.catalog import checkpoint_uri
 from torchstow.management.datafiles import Problem, Span, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
@@ -155,9 +155,11 @@ def _copy_dcp(
     existing = dst_store.list_files()
     if DCP_METADATA in existing or MANIFEST in existing:
         # DCP's file names are fixed, so the copy cannot stand beside the old checkpoint until
-        # it commits: the old one is withdrawn first (its commit marker first), then its files.
+        # it commits: the old one is withdrawn first (its commit marker first), then its files:
+        # those its manifest lists, never other data files (a save in flight may own them).
+        replaced = committed_files(dst_store)
         dst_store.delete_files([n for n in (DCP_METADATA, MANIFEST) if n in existing])
-        old = [n for n in existing if n in needs or is_data_file(n) or n.endswith(".distcp")]
+        old = [n for n in existing if n in needs or n in replaced or n.endswith(".distcp")]
         dst_store.delete_files(old)
     lengths = {name: sizes.get(name, end) for name, end in needs.items()}
     total = sum(lengths.values())
@@ -215,10 +217,19 @@ def _copy_store(
             index: replace(info, relative_path=names[info.relative_path])
             for index, info in metadata.storage_data.items()
         }
-    dst_store.publish(MANIFEST, encode_metadata(metadata))
-    live = set(names.values())
+    metadata.save_id = uuid.uuid4().hex  # this copy's commit, not the source's
+    replaced = committed_files(dst_store) if overwrite else set()
+    try:
+        publish_manifest(dst_store, metadata, overwrite=overwrite)
+    except UncertainCommitError:
+        raise  # it may have committed: its files stay
+    except Exception:
+        with contextlib.suppress(Exception):
+            dst_store.delete_files(list(names.values()))
+        raise
+    # Only the replaced checkpoint's files go: unlisted ones may be a save in flight.
     with contextlib.suppress(Exception):  # housekeeping after the commit never fails the copy
-        dst_store.delete_files([f for f in dst_store.list_files() if is_data_file(f) and f not in live])
+        dst_store.delete_files(sorted(replaced - set(names.values())))
         if overwrite:  # a replaced DCP-format checkpoint: its .metadata must not outlive it
             dst_store.delete_files(dcp_files(dst_store.list_files()))
 
