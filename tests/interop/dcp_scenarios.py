@@ -125,7 +125,7 @@ def dcp_save_through_writer(
     rank: int, world_size: int, uri: str, options: dict[str, Any], asynchronous: bool = False
 ) -> None:
     """Stock dcp.save (or dcp.async_save) with torchstow's writer, parameters sharded on dim 0."""
-    writer = torchstow.dcp_storage_writer(uri, **options)
+    writer = torchstow.dcp_storage_writer(uri, storage_options=options)
     if asynchronous:
         dcp.async_save(_dtensor_state(seed=3, shard_dim=0), storage_writer=writer).result()
     else:
@@ -146,7 +146,7 @@ def load_resharded(rank: int, world_size: int, uri: str, options: dict[str, Any]
     if how == "torchstow":
         torchstow.load(state, uri, storage_options=options)
     else:
-        dcp.load(state, storage_reader=torchstow.dcp_storage_reader(uri, **options))
+        dcp.load(state, storage_reader=torchstow.dcp_storage_reader(uri, storage_options=options))
     return {
         "step": state["step"],
         "tag": state["tag"],
