@@ -128,15 +128,15 @@ def _copy_store(
 
 
 def copy(
-    src_uri: str | os.PathLike[str],
-    dst_uri: str | os.PathLike[str],
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     *,
     src_storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> None:
-    """Copy the committed checkpoint at ``src_uri`` to ``dst_uri``, on any backends.
+    """Copy the committed checkpoint at ``src`` to ``dst`` (URIs or paths), on any backends.
 
     Data files stream through in bounded segments (a few MiB per file in
     flight, a few files at a time), every block is checked against its
@@ -144,12 +144,12 @@ def copy(
     and commits nothing), and the manifest is published last. Between
     stores whose sinks can (local files), the kernel copies each file and
     its blocks are checked by reading the copy back. A committed
-    checkpoint at ``dst_uri`` raises :class:`CheckpointExistsError` unless
+    checkpoint at ``dst`` raises :class:`CheckpointExistsError` unless
     ``overwrite``; the old one stays valid until the copy commits.
     Backends that are not byte stores are copied tensor by tensor through
     their reader and writer.
     """
-    src, dst = os.fspath(src_uri), os.fspath(dst_uri)
+    src, dst = os.fspath(src), os.fspath(dst)
     registry = default_registry()
     src_backend = registry.backend_for(src, src_storage_options)
     dst_backend = registry.backend_for(dst, dst_storage_options)
