@@ -84,7 +84,7 @@ class BackendConformance(ConformanceBase):
         """
 
         def open_store(uri: str) -> ByteStore:
-            backend = open_backend(uri, **storage_options)
+            backend = open_backend(uri, storage_options)
             if not isinstance(backend, StoreBackend) and "+" in scheme_of(uri):
                 uri = uri.split("+", 1)[1].split("?", 1)[0]
                 backend = open_backend(uri)

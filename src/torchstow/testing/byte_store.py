@@ -43,7 +43,7 @@ class ByteStoreConformance(ConformanceBase):
     @pytest.fixture
     def store_backend(self, root_uri: str, storage_options: dict[str, Any]) -> StoreBackend:
         """The backend under test, built with ``storage_options``."""
-        backend = open_backend(root_uri, **storage_options)
+        backend = open_backend(root_uri, storage_options)
         if not isinstance(backend, StoreBackend):
             pytest.fail(f"{type(backend).__name__} is not a StoreBackend: override store_backend")
         return backend
