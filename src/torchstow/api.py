@@ -173,7 +173,8 @@ def save(
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
-    ``metadata`` is a JSON dict stored in the manifest. A committed checkpoint
+    ``metadata`` is the caller's JSON dict, stored in the manifest (the returned
+    manifest's ``user_metadata``, as ``info`` shows it). A committed checkpoint
     at ``uri`` raises CheckpointExistsError unless ``overwrite``. Values that
     only full pickle can store need ``allow_pickle=True``. ``timeout``
     (seconds or a timedelta) bounds how long a rank waits for the others at
