@@ -99,7 +99,7 @@ def _check_user_metadata(metadata: Any) -> dict[str, Any]:
     if not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a dict of JSON values, got {type(metadata).__name__}")
     try:
-        json.dumps(metadata, allow_nan=False)
+        json.dumps(metadata, allow_nan=False, ensure_ascii=False).encode()  # UTF-8, as the manifest
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata must be JSON-serializable: {exc}") from exc
     return dict(metadata)

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import torchstow
+from torchstow.cli import main
 from torchstow.format.files import is_data_file
 from torchstow.testing import assert_same_state
 
-from cli_helpers import S3_KEYS, assert_one_line_error, run
+from cli_helpers import COMMAND, S3_KEYS, Result, assert_one_line_error, run
 
 pytestmark = pytest.mark.slow  # each test starts the command (and torch) a few times
 
@@ -71,3 +80,114 @@ def test_cp_shm_to_s3_and_back_bit_exact(cli_s3: str, shm_dir: str) -> None:
         },
     )
     assert_one_line_error(nobody, "credentials")
+
+
+def _s3_client(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEYS["key"],
+        aws_secret_access_key=S3_KEYS["secret"],
+        region_name="us-east-1",
+    )
+
+
+def _timed(*args: str, env: dict[str, str]) -> float:
+    """Seconds ``torchstow ARGS...`` takes to run to its end."""
+    started = time.monotonic()
+    whole = run(*args, env=env)
+    assert whole.code == 0, whole.err
+    return time.monotonic() - started
+
+
+def _interrupted(args: list[str], env: dict[str, str], started: Callable[[], bool]) -> float:
+    """Runs ``torchstow ARGS...``, sends it SIGINT once ``started()`` and returns how many
+    seconds it took to exit then; it must exit 130 saying it was interrupted."""
+    proc = subprocess.Popen(
+        [COMMAND, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not started():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        stop_s = time.monotonic() - interrupted
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.decode().strip() == "torchstow: interrupted", (out, err)
+    return stop_s
+
+
+def test_ctrl_c_stops_a_copy_to_and_from_s3_promptly_and_leaves_nothing(cli_s3: str, tmp_path: Path) -> None:
+    src = str(tmp_path / "step-1")
+    gen = torch.Generator().manual_seed(0)
+    state = {f"w{i}": torch.randn(12, 1 << 20, generator=gen) for i in range(4)}  # 4 files of 48 MiB
+    torchstow.save(state, src, storage_options={"thread_count": 4})
+    client = _s3_client(cli_s3)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEYS["key"], "AWS_SECRET_ACCESS_KEY": S3_KEYS["secret"]}
+    env["AWS_ENDPOINT_URL"] = cli_s3
+
+    # Up: small parts, one in flight per file, so the copy takes a while and its uploads start early.
+    up = ["--dst-option", "part_size=5242880", "--dst-option", "multipart_threshold=5242880"]
+    up += ["--dst-option", "concurrency=1", "--no-progress"]
+    whole_s = _timed("cp", src, "s3://cli-tests/sigint/whole", *up, env=env)
+
+    def uploading() -> bool:
+        return bool(client.list_multipart_uploads(Bucket="cli-tests", Prefix="sigint/cut/").get("Uploads"))
+
+    stop_s = _interrupted(["cp", src, "s3://cli-tests/sigint/cut", *up], env, uploading)
+    assert stop_s < whole_s / 2, (stop_s, whole_s)  # it stopped, rather than running to the end
+    assert "Contents" not in client.list_objects_v2(Bucket="cli-tests", Prefix="sigint/cut/")
+    assert not uploading()
+
+    # Down: 4 MiB segments (ranged reads of 4 MiB, one at a time), into a local directory.
+    down = ["--src-option", "range_size=4194304", "--src-option", "concurrency=1", "--no-progress"]
+    whole_s = _timed("cp", "s3://cli-tests/sigint/whole", str(tmp_path / "whole"), *down, env=env)
+    cut = tmp_path / "cut"
+
+    def downloading() -> bool:
+        return cut.is_dir() and any(f.stat().st_size for f in cut.iterdir())
+
+    stop_s = _interrupted(["cp", "s3://cli-tests/sigint/whole", str(cut), *down], env, downloading)
+    assert stop_s < whole_s / 2, (stop_s, whole_s)
+    assert not cut.exists() or list(cut.iterdir()) == []
+
+
+def test_s3_settings_from_the_environment_and_clear_errors(
+    cli_s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = str(tmp_path / "step-7")
+    torchstow.save({"w": torch.arange(5.0)}, src)
+    for name in NO_AWS_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", cli_s3)  # what docs/backends.md lists: no -o needed
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEYS["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_KEYS["secret"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert main(["cp", src, "s3://cli-tests/env/step-7"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"copied {src} -> s3://cli-tests/env/step-7 ")
+    assert main(["info", "S3://cli-tests/env/step-7", "--json"]) == 0  # schemes are case-insensitive
+    assert json.loads(capsys.readouterr().out)["uri"] == "s3://cli-tests/env/step-7"
+    assert torch.equal(torchstow.read("s3://cli-tests/env/step-7")["w"], torch.arange(5.0))
+
+    def fails(*args: str) -> str:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        assert_one_line_error(Result(code, captured.out, captured.err))
+        return captured.err
+
+    assert "'s3://' names no bucket" in fails("ls", "s3://")
+    assert "the bucket 'no-such-bucket' does not exist" in fails("ls", "s3://no-such-bucket/run")
+    assert torchstow.latest("s3://no-such-bucket/run") is None  # a first run: its first save makes the bucket
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    refused = fails(
+        "ls", "s3://cli-tests/env", "-o", f"endpoint_url=http://127.0.0.1:{port}", "-o", "retry_attempts=1"
+    )
+    assert "check the endpoint" in refused and "retry_attempts" not in refused

@@ -176,16 +176,6 @@ def test_copy_of_a_corrupt_checkpoint_fails_and_leaves_nothing(
     assert not dst.exists() or os.listdir(dst) == []
 
 
-def test_copy_of_a_dcp_checkpoint_says_to_convert_it(tmp_path: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    src = str(tmp_path / "dcp")
-    dcp.save({"w": torch.ones(4)}, checkpoint_id=src, no_dist=True)
-    with pytest.raises(torchstow.CheckpointNotFoundError, match=r"\(DCP\) checkpoint.*--to torchstow"):
-        torchstow.copy(src, str(tmp_path / "copy"))
-    assert not (tmp_path / "copy").exists()
-
-
 @pytest.mark.parametrize(
     ("name", "metadata", "step"),
     [

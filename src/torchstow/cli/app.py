@@ -14,10 +14,12 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import torchstow
 from torchstow.cli.commands import VERBS
 from torchstow.cli.demo import demo
 from torchstow.cli.render import parse_size
 from torchstow.interop.convert import FORMATS
+from torchstow.plugins.manager import default_registry
 
 __all__ = ["build_parser", "main"]
 
@@ -32,6 +34,22 @@ def storage_option(text: str) -> tuple[str, Any]:
     except ValueError:
         value = raw
     return key, value
+
+
+def _count(least: int) -> Any:
+    """An argparse type: an integer of at least ``least`` (else a usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            what = "a non-negative" if least == 0 else "a positive"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} integer")
+        return value
+
+    return parse
 
 
 def size(text: str) -> int:
@@ -92,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "list, inspect, verify, copy, convert, prune.",
         epilog="Every verb takes --debug; reading verbs take --json and -o KEY=VALUE. See docs/cli.md.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {torchstow.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plain, bar = _common(), _common(progress=True)
 
@@ -114,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb("du", [plain]).add_argument("prefix")
     p = verb("prune", [plain])
     p.add_argument("prefix")
-    p.add_argument("--keep-last", type=int, required=True, metavar="N", help="keep the newest N")
-    p.add_argument("--keep-every", type=int, metavar="K", help="also keep every step that is a multiple of K")
+    p.add_argument("--keep-last", type=_count(0), required=True, metavar="N", help="keep the newest N")
+    p.add_argument(
+        "--keep-every", type=_count(1), metavar="K", help="also keep every step that is a multiple of K"
+    )
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     p = verb("convert", [bar])
     _two_sided(p)
@@ -143,10 +164,38 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. A verb's options may come before, between or after its
+    positional arguments (``inspect URI --json PATTERN``), and a usage error in a verb
+    prints that verb's usage."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    words = list(sys.argv[1:] if argv is None else argv)
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    verb = verbs.choices[args.command]
+    parsed = verb.parse_intermixed_args(words[words.index(args.command) + 1 :])
+    parsed.command = args.command
+    return parsed
+
+
+def _canonical_uris(args: argparse.Namespace) -> None:
+    """Write the URIs of the command line as backends take them (``S3://`` is ``s3://``);
+    a typo such as ``s3:/bucket/x`` is an error rather than a local path."""
+    registry = default_registry()
+    for name in ("uri", "prefix", "src", "dst"):
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, registry.canonical_uri(getattr(args, name)))
+    if getattr(args, "uris", None):
+        args.uris = [registry.canonical_uri(uri) for uri in args.uris]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchstow`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
+        _canonical_uris(args)
         return int(args.fn(args))
     except KeyboardInterrupt:
         print("torchstow: interrupted", file=sys.stderr)

@@ -17,9 +17,11 @@ from torchstow.cli.render import (
     progress_bar,
     stdout,
 )
+from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError
 from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
-from torchstow.management.listing import COMMITTED, scan
+from torchstow.management.copy import copy_run
+from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, scan
 from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
@@ -31,22 +33,36 @@ def _opts(args: argparse.Namespace) -> dict[str, Any]:
     return dict(args.storage_option or [])
 
 
-def _info_json(info: torchstow.CheckpointInfo) -> dict[str, Any]:
+def _info_json(info: torchstow.CheckpointInfo, format: str) -> dict[str, Any]:
     return {
         "uri": info.uri,
-        "format": "torchstow",
+        "format": format,
         "step": info.step,
         "committed_at": info.committed_at,
         "nbytes": info.nbytes,
         "num_entries": info.num_entries,
-        "format_version": info.format_version,
+        "format_version": info.format_version if format == "torchstow" else None,
         "user_metadata": info.user_metadata,
     }
 
 
+def _scan(args: argparse.Namespace) -> list[Entry]:
+    """The checkpoint locations under ``args.prefix``; a checkpoint given as the prefix
+    stands alone (as ``ls FILE`` shows the file), with a note on stderr."""
+    try:
+        return scan(args.prefix, storage_options=_opts(args))
+    except IsACheckpointError as exc:
+        if not args.json:
+            print(
+                f"torchstow: {args.prefix} is a checkpoint; 'torchstow info {args.prefix}' shows more",
+                file=sys.stderr,
+            )
+        return [exc.entry]
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     """List the checkpoints under a prefix, oldest first (--all: incomplete and unreadable ones too)."""
-    entries = [e for e in scan(args.prefix, storage_options=_opts(args)) if args.all or e.status == COMMITTED]
+    entries = [e for e in _scan(args) if args.all or e.status == COMMITTED]
     if args.json:
         print_json(
             {
@@ -100,8 +116,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Summarize a checkpoint from its metadata (no data read): format, step, size, user metadata."""
     source = open_source(args.uri, _opts(args))
     try:
-        if source.format == "torchstow":
-            doc = _info_json(torchstow.info(args.uri, storage_options=_opts(args)))
+        if source.format in ("torchstow", "dcp"):  # the size ls and du show: the stored bytes
+            doc = _info_json(torchstow.info(args.uri, storage_options=_opts(args)), source.format)
         else:
             doc = _source_summary(source)
     finally:
@@ -186,9 +202,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
         reports.append(report)
         if not args.json:
-            if report.ok:
+            if report.ok and report.checksums:
                 checked = f"{human_bytes(report.checked_bytes)} in {plural(report.files, 'file')}"
                 print(f"OK       {uri} ({checked} checked)")
+            elif report.ok:  # a format without checksums: say what reading it showed
+                read = f"{plural(report.keys, 'value')}, {human_bytes(report.checked_bytes)} in "
+                print(
+                    f"OK       {uri} ({report.format}: {read}{plural(report.files, 'file')} read and "
+                    f"decoded; the {report.format} format stores no checksums)"
+                )
             else:
                 print(f"CORRUPT  {uri} ({plural(len(report.problems), 'problem')})")
                 for problem in report.problems:
@@ -211,10 +233,17 @@ def _two_sides(args: argparse.Namespace, dst_backend: bool = True) -> tuple[dict
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    """Copy a checkpoint between any backends, streaming and verifying every checksum; commit last."""
+    """Copy a checkpoint (or every committed one of a run) between any backends, verifying
+    every checksum; commit last. DST/ copies into DST."""
     src_opts, dst_opts = _two_sides(args)
+    try:
+        torchstow.info(args.src, storage_options=src_opts)
+    except IncompleteCheckpointError:
+        pass  # copy says what is wrong with it
+    except CheckpointNotFoundError:
+        return _cp_run(args, src_opts, dst_opts)  # a run: the checkpoints under it
     with progress_bar("copy", args.progress) as progress:
-        torchstow.copy(
+        dst = torchstow.copy(
             args.src,
             args.dst,
             src_storage_options=src_opts,
@@ -222,11 +251,37 @@ def cmd_cp(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=progress,
         )
-    info = torchstow.info(args.dst, storage_options=dst_opts)
+    info = torchstow.info(dst, storage_options=dst_opts)
     if args.json:
-        print_json({"src": args.src, "dst": args.dst, "nbytes": info.nbytes, "num_entries": info.num_entries})
+        print_json({"src": args.src, "dst": dst, "nbytes": info.nbytes, "num_entries": info.num_entries})
     else:
-        print(f"copied {args.src} -> {args.dst} ({human_bytes(info.nbytes)}, {info.num_entries} entries)")
+        print(f"copied {args.src} -> {dst} ({human_bytes(info.nbytes)}, {info.num_entries} entries)")
+    return 0
+
+
+def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[str, Any]) -> int:
+    with progress_bar("copy", args.progress) as progress:
+        done = copy_run(
+            args.src,
+            args.dst,
+            src_storage_options=src_opts,
+            dst_storage_options=dst_opts,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    infos = [(src, torchstow.info(dst, storage_options=dst_opts)) for src, dst in done.copied]
+    if args.json:
+        copied = [
+            {"src": src, "dst": i.uri, "nbytes": i.nbytes, "num_entries": i.num_entries} for src, i in infos
+        ]
+        skipped = [{"uri": uri, "reason": why} for uri, why in done.skipped]
+        print_json({"src": args.src, "dst": args.dst, "checkpoints": copied, "skipped": skipped})
+        return 0
+    for src, i in infos:
+        print(f"copied {src} -> {i.uri} ({human_bytes(i.nbytes)}, {i.num_entries} entries)")
+    for uri, why in done.skipped:
+        print(f"torchstow: skipped {uri} ({why})", file=sys.stderr)
+    print(f"copied {plural(len(infos), 'checkpoint')}, skipped {len(done.skipped)}")
     return 0
 
 
@@ -242,7 +297,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_du(args: argparse.Namespace) -> int:
     """Bytes of each committed checkpoint under a prefix, and the total."""
-    found = [e for e in scan(args.prefix, storage_options=_opts(args)) if e.info is not None]
+    found = [e for e in _scan(args) if e.info is not None]
     total = sum(e.info.nbytes for e in found if e.info is not None)
     if args.json:
         rows = [{"uri": e.uri, "step": e.step, "nbytes": e.info.nbytes} for e in found if e.info is not None]
@@ -257,7 +312,7 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete older checkpoints, keeping the newest N and every K-th step (never the newest)."""
-    before = [i.uri for i in torchstow.list_checkpoints(args.prefix, storage_options=_opts(args))]
+    before = [e.uri for e in scan(args.prefix, storage_options=_opts(args)) if e.status == COMMITTED]
     deleted = torchstow.prune(
         args.prefix,
         keep_last=args.keep_last,

@@ -346,14 +346,18 @@ def check_decoded(
     entries: Mapping[str, Any],
     locations: Mapping[Any, Any],
     min_bytes: Callable[[int, int], int] | None = None,
+    planner_data: Any = None,
 ) -> None:
     """The rules a manifest decoded by another codec (DCP's ``.metadata``) must keep
     too: sane shapes, chunks that tile each tensor exactly once, plain file names,
-    non-negative offsets and lengths, and, with ``min_bytes(elements, itemsize)``,
-    no chunk stored in fewer bytes than that. Raises :class:`CorruptCheckpointError`."""
-    where = "the manifest"
+    non-negative offsets and lengths, with ``min_bytes(elements, itemsize)`` no chunk
+    stored in fewer bytes than that, and a ``planner_data`` (torchstow's form) that
+    puts every key at its own place. Raises :class:`CorruptCheckpointError`."""
+    where = "planner_data"
     needs: dict[tuple[str, tuple[int, ...]], int] = {}
     try:
+        _check_structure(planner_data, entries)
+        where = "the manifest"
         for fqn, entry in entries.items():
             where = f"entries[{fqn!r}]"
             shape = getattr(entry, "size", None)
@@ -390,14 +394,22 @@ def check_decoded(
         raise CorruptCheckpointError(f"{where}: {exc}") from None
 
 
-def check_extents(locations: Iterable[tuple[Any, Any]], sizes: Mapping[str, int], location: str) -> set[str]:
+def check_extents(
+    locations: Iterable[tuple[Any, Any]],
+    sizes: Mapping[str, int],
+    location: str,
+    beyond: dict[Any, str] | None = None,
+) -> set[str]:
     """Every ``(index, StorageInfo)`` in a file that is present lies inside it.
 
     ``sizes`` maps the checkpoint's file names to their sizes in bytes. Runs
     before anything is allocated for the data, so no claim in the manifest
     allocates more than the files hold. Returns the names of the listed files
     that are missing: reading an item in one of them is an error, but items
-    elsewhere (and inline values) stay readable.
+    elsewhere (and inline values) stay readable. An item reaching past the end
+    of its file raises CorruptCheckpointError, or, given ``beyond``, is recorded
+    there (index -> the error's message, to raise when it is read), so the
+    intact items of a truncated file stay readable too.
     """
     missing = set()
     for index, info in locations:
@@ -406,10 +418,13 @@ def check_extents(locations: Iterable[tuple[Any, Any]], sizes: Mapping[str, int]
             missing.add(info.relative_path)
         elif info.offset + info.length > size:
             key = getattr(index, "fqn", index)
-            raise CorruptCheckpointError(
+            message = (
                 f"{location}/{info.relative_path} is {size} bytes, but the manifest places {key!r} at bytes "
                 f"{info.offset}..{info.offset + info.length}: the file is truncated or the manifest is wrong"
             )
+            if beyond is None:
+                raise CorruptCheckpointError(message)
+            beyond[index] = message
     return missing
 
 

@@ -16,11 +16,12 @@ any caller that holds a URI; :func:`detecting_reader` is how ``load`` and
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,7 +33,13 @@ from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from torchstow.format.files import DCP_METADATA
-from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from torchstow.format.manifest import (
+    EncodedLocations,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorStorageMetadata,
+)
 from torchstow.format.validation import check_decoded, check_extents, missing_file_error
 
 __all__ = [
@@ -66,8 +73,25 @@ _DCP_CLASSES = {
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata classes and torch's value types, nothing else."""
+_MAX_KEY_DEPTH = 32  # a DCP key nests 3 deep (MetadataIndex, its offsets, an int)
+# Values visited hashing keys and checking arguments: this plus one per byte of the file
+# (about ten times what DCP's own metadata takes).
+_BASE_WORK = 100_000
+_ATOMS = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Admits DCP's metadata classes and torch's value types, nothing else, and bounds
+    its work: Python's pickle machine (whose every step can be checked, unlike C's)
+    checks each value before it is hashed (a dict key, a set member) or passed to a
+    class, so a few hundred bytes of tuples sharing memo entries cannot make hashing
+    run for hours. A refusal is an UnpicklingError."""
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self._work = _BASE_WORK + len(data)
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch":
@@ -79,6 +103,53 @@ class _RestrictedUnpickler(pickle.Unpickler):
         elif name in _DCP_CLASSES.get(module, ()):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a DCP .metadata file")
+
+    def _charge(self, values: Iterable[Any]) -> None:
+        """Visit ``values`` as hashing them would (dataclass fields, tuple items, and the
+        items of lists and dicts passed as arguments), within the work left. Strings
+        and numbers cost nothing here: hashing one is linear, once."""
+        todo = [(value, 1) for value in values if type(value) not in _ATOMS]
+        while todo:
+            value, depth = todo.pop()
+            self._work -= 1
+            if self._work < 0:
+                raise pickle.UnpicklingError(
+                    "hashing and checking its values takes more work than DCP metadata of its size needs"
+                )
+            if depth > _MAX_KEY_DEPTH:
+                raise pickle.UnpicklingError(f"a key or argument nests deeper than {_MAX_KEY_DEPTH} levels")
+            if isinstance(value, (tuple, list, set, frozenset)):
+                items: Iterable[Any] = value
+            elif isinstance(value, dict):
+                items = (item for pair in value.items() for item in pair)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                items = vars(value).values()
+            else:
+                continue
+            todo.extend((item, depth + 1) for item in items if type(item) not in _ATOMS)
+
+
+def _bound(op: bytes, picks: Callable[[Any], Iterable[Any]]) -> None:
+    """Have the restricted unpickler charge the values ``picks`` selects before ``op``."""
+    run: Callable[[Any], None] = pickle._Unpickler.dispatch[op[0]]
+
+    def step(self: _RestrictedUnpickler) -> None:
+        self._charge(picks(self))
+        run(self)
+
+    _RestrictedUnpickler.dispatch[op[0]] = step
+
+
+_bound(pickle.SETITEM, lambda u: u.stack[-2:-1])  # the key
+_bound(pickle.SETITEMS, lambda u: u.stack[::2])  # the keys, above the mark
+_bound(pickle.ADDITEMS, lambda u: u.stack)  # set members
+_bound(pickle.FROZENSET, lambda u: u.stack)
+_bound(pickle.REDUCE, lambda u: u.stack[-1:])  # a class's arguments (an enum hashes its value)
+_bound(pickle.NEWOBJ, lambda u: u.stack[-1:])
+_bound(pickle.NEWOBJ_EX, lambda u: u.stack[-2:])
+_bound(pickle.OBJ, lambda u: u.stack)
+_bound(pickle.INST, lambda u: u.stack)
+_bound(pickle.BUILD, lambda u: list(u.stack[-1]) if isinstance(u.stack[-1], dict) else u.stack[-1:])
 
 
 def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
@@ -94,7 +165,7 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
     from torchstow.interop import dcp_types as conv
 
     try:
-        md = _RestrictedUnpickler(io.BytesIO(data)).load()
+        md = _RestrictedUnpickler(data).load()
     except Exception as exc:
         raise CorruptCheckpointError(
             f"{source} is not DCP metadata torchstow can read safely: {exc}"
@@ -115,22 +186,27 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
         for index, info in locations.items():
             if not isinstance(index, dcp_md.MetadataIndex) or not isinstance(info, _StorageInfo):
                 raise TypeError(f"a data location is a {type(info).__name__}")
+            if type(index.fqn) is not str or type(info.relative_path) is not str:
+                raise TypeError(  # named by type only: a hostile value may be costly to print
+                    f"a data location has a {type(index.fqn).__name__} key and a "
+                    f"{type(info.relative_path).__name__} file name, not strings"
+                )
             if info.transform_descriptors:
                 raise FormatVersionError(
                     f"{source}: {index.fqn} is stored with DCP storage extensions "
-                    f"{list(info.transform_descriptors)}, which torchstow does not read; use dcp.load"
+                    f"{[d for d in info.transform_descriptors if type(d) is str]}, which torchstow "
+                    "does not read; use dcp.load"
                 )
-            if (
-                not isinstance(info.relative_path, str)
-                or os.path.basename(info.relative_path) != info.relative_path
-            ):
+            if os.path.basename(info.relative_path) != info.relative_path:
                 raise ValueError(
                     f"data file name {info.relative_path!r} of {index.fqn!r} is not a plain file name"
                 )
             found[conv.ts_index(index)] = StorageInfo(info.relative_path, int(info.offset), int(info.length))
         planner_data = conv.planner_data_from_mappings(md.planner_data, entries)
         # A chunk is a torch.save blob: never fewer bytes than its elements take.
-        check_decoded(entries, found, min_bytes=lambda count, itemsize: count * itemsize)
+        check_decoded(
+            entries, found, min_bytes=lambda count, itemsize: count * itemsize, planner_data=planner_data
+        )
     except FormatVersionError:
         raise
     except CorruptCheckpointError as exc:
@@ -142,7 +218,7 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
     )
 
 
-class _DcpLocations(dict):
+class _DcpLocations(EncodedLocations):
     """The data locations of a DCP-format checkpoint (they mark its manifest as such)."""
 
 
@@ -210,6 +286,7 @@ class DcpFormatReader(StorageReader):
         self.store = store
         self.locations: dict[MetadataIndex, StorageInfo] = {}
         self._missing: set[str] = set()
+        self._beyond: dict[MetadataIndex, str] = {}  # locations past their file's end: the error
         self._checked: Metadata | None = None  # the metadata _missing was found for
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -231,15 +308,18 @@ class DcpFormatReader(StorageReader):
             return
         sizes = self.store.file_sizes()
         self._missing = set()
+        self._beyond = {}
         if sizes is not None:
-            self._missing = check_extents(metadata.storage_data.items(), sizes, self.store.location)
+            self._missing = check_extents(
+                metadata.storage_data.items(), sizes, self.store.location, self._beyond
+            )
         self._checked = metadata
 
     def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
         """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing ``.distcp``
-        file (before anything is allocated for them)."""
+        file or past its end (before anything is allocated for them)."""
         self._check_files(metadata)
-        raise_if_missing(self.store.location, metadata.storage_data, self._missing, keys)
+        raise_if_missing(self.store.location, metadata.storage_data, self._missing, keys, self._beyond)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -255,6 +335,8 @@ class DcpFormatReader(StorageReader):
             )
         if info.relative_path in self._missing:
             raise missing_file_error(self.store.location, info.relative_path, index.fqn)
+        if index in self._beyond:
+            raise CorruptCheckpointError(self._beyond[index])
         buf = bytearray(info.length)
         try:
             self.store.read_into(info.relative_path, [(info.offset, memoryview(buf))])

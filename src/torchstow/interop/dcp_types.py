@@ -128,12 +128,16 @@ def planner_data_from_mappings(mappings: Any, fqns: Any) -> dict[str, Any]:
     """torchstow's recorded structure from DCP's ``fqn -> path`` mappings.
 
     A container is a list when the keys under it are integers, else a dict;
-    keys without a mapping are top-level.
+    keys without a mapping are top-level. A path that is not a sequence of
+    strings and integers is a ValueError (before anything hashes it).
     """
     paths: dict[str, list[Any]] = {}
     kinds: dict[tuple[Any, ...], str] = {(): DICT}
     for fqn in fqns:
-        path = tuple(mappings.get(fqn, (fqn,))) if isinstance(mappings, Mapping) else (fqn,)
+        path = mappings.get(fqn, (fqn,)) if isinstance(mappings, Mapping) else (fqn,)
+        if not isinstance(path, tuple | list) or not all(type(p) in (str, int) for p in path):
+            raise ValueError(f"the planner_data path of {fqn!r} is not a sequence of keys and indices")
+        path = tuple(path)
         paths[fqn] = list(path)
         for depth in range(1, len(path)):
             kinds.setdefault(path[:depth], LIST if isinstance(path[depth], int) else DICT)

@@ -1,6 +1,6 @@
 """Living with checkpoints: verify, copy, prune, list, and a manager for a training loop."""
 
-from torchstow.management.copy import copy
+from torchstow.management.copy import RunCopy, copy, copy_run
 from torchstow.management.datafiles import Problem
 from torchstow.management.listing import Entry, scan
 from torchstow.management.manager import CheckpointManager
@@ -12,8 +12,10 @@ __all__ = [
     "CheckpointManager",
     "Entry",
     "Problem",
+    "RunCopy",
     "VerifyReport",
     "copy",
+    "copy_run",
     "prune",
     "scan",
     "step_of",

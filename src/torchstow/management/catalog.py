@@ -34,11 +34,13 @@ Uri = str | os.PathLike[str]
 
 
 def checkpoint_uri(uri: Uri) -> str:
-    """``uri`` as a string; a clear error for an empty or non-path value."""
+    """``uri`` as a string, as backends take it (see :meth:`BackendRegistry.canonical_uri`:
+    ``S3://b/x`` is ``s3://b/x``, ``s3:/b/x`` an error); a clear error for an empty or
+    non-path value."""
     text = os.fspath(uri)
     if not isinstance(text, str) or not text:
         raise ValueError(f"a checkpoint URI must be a non-empty string or path, got {uri!r}")
-    return text
+    return default_registry().canonical_uri(text)
 
 
 def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
@@ -71,8 +73,12 @@ def list_checkpoints(uri: Uri, *, storage_options: dict[str, Any] | None = None)
     """
     text = checkpoint_uri(uri)
     backend = default_registry().backend_for(text, storage_options)
+    try:
+        children = backend.list_children(text)
+    except CheckpointNotFoundError:  # a bucket that does not exist (yet): nothing committed there
+        return []
     found = []
-    for child in backend.list_children(text):
+    for child in children:
         try:
             found.append(checkpoint_info(child, dcp_format.read_any_metadata(backend, child)))
         except (CheckpointNotFoundError, IncompleteCheckpointError):

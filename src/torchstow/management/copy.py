@@ -6,22 +6,30 @@ import contextlib
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torchstow.core.layout.location import check_vacant, dcp_files, read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
-from torchstow.errors import CheckpointNotFoundError, ChecksumMismatchError
+from torchstow.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
 from torchstow.format.codec import encode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
-from torchstow.management.datafiles import Problem, Span, spans_by_file
+from torchstow.management.catalog import checkpoint_uri
+from torchstow.management.datafiles import Problem, Span, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.manager import default_registry
 
-__all__ = ["copy"]
+__all__ = ["RunCopy", "copy", "copy_destination", "copy_run"]
 
 _THREADS = 4
 
@@ -77,13 +85,104 @@ def _copy_files(
         results = [one(name) for name in files]
     else:
         with ThreadPoolExecutor(threads, thread_name_prefix="torchstow-copy") as pool:
-            results = list(pool.map(one, files))
+            futures = [pool.submit(one, name) for name in files]
+            try:
+                results = [future.result() for future in futures]
+            except BaseException:  # Ctrl-C lands here: the other files stop at their next segment
+                failed.set()
+                for future in futures:
+                    future.cancel()
+                raise
     problems = [p for found in results for p in found]
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise ChecksumMismatchError(
             f"copying {src.location}: {problems[0]}{more}; nothing was committed at {dst.location}"
         )
+
+
+def _copy_whole_file(
+    src: ByteStore, dst: ByteStore, name: str, size: int, advance: Callable[[int], None]
+) -> None:
+    """``name`` from ``src`` to ``dst`` as it is, in segments (in the kernel where it can)."""
+    sink = dst.create(name)
+    try:
+        source = src.local_path(name)
+        if source is not None and sink.copy_from(source, size):
+            advance(size)
+        else:
+            seg = segment_bytes(src)
+            scratch = None if sink.keeps_buffers else memoryview(bytearray(min(seg, size)))
+            pos = 0
+            while pos < size:
+                n = min(seg, size - pos)
+                buf = scratch[:n] if scratch is not None else memoryview(bytearray(n))
+                src.read_into(name, [(pos, buf)])
+                sink.write([buf])
+                advance(n)
+                pos += n
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+
+
+def _copy_dcp(
+    src_store: ByteStore, dst_store: ByteStore, overwrite: bool, progress: ProgressCallback | None
+) -> None:
+    """Copy a DCP checkpoint as DCP: the files its ``.metadata`` names, byte for byte
+    (DCP records no checksums: their sizes are checked), then ``.metadata`` last."""
+    from torchstow.interop.dcp_format import DCP_METADATA, decode_dcp_metadata
+
+    where = src_store.location
+    raw = src_store.read_file(DCP_METADATA)
+    metadata = decode_dcp_metadata(raw, source=f"{where}/{DCP_METADATA}")
+    sizes = src_store.file_sizes() or {}
+    needs: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needs[info.relative_path] = max(needs.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needs.items()):
+        if name == DCP_METADATA or "/" in name:
+            raise CorruptCheckpointError(f"{where}/{DCP_METADATA} names {name!r} as a data file")
+        if sizes and sizes.get(name, -1) < end:
+            have = "is missing" if name not in sizes else f"holds {sizes[name]:,} bytes"
+            raise CorruptCheckpointError(
+                f"{where}/{name} {have}, where {DCP_METADATA} needs {end:,}; nothing was copied"
+            )
+    dst_store.prepare()
+    if not overwrite:
+        check_vacant(dst_store)
+    existing = dst_store.list_files()
+    if DCP_METADATA in existing or MANIFEST in existing:
+        # DCP's file names are fixed, so the copy cannot stand beside the old checkpoint until
+        # it commits: the old one is withdrawn first (its commit marker first), then its files.
+        dst_store.delete_files([n for n in (DCP_METADATA, MANIFEST) if n in existing])
+        old = [n for n in existing if n in needs or is_data_file(n) or n.endswith(".distcp")]
+        dst_store.delete_files(old)
+    lengths = {name: sizes.get(name, end) for name, end in needs.items()}
+    total = sum(lengths.values())
+    dst_store.ensure_capacity(total)
+
+    def advance(nbytes: int) -> None:
+        if progress is not None:
+            progress(nbytes, total)
+
+    done: list[str] = []
+    try:
+        for name, size in sorted(lengths.items()):
+            done.append(name)
+            _copy_whole_file(src_store, dst_store, name, size, advance)
+        landed = dst_store.file_sizes()
+        for name, size in lengths.items():
+            if landed is not None and landed.get(name) != size:
+                raise CorruptCheckpointError(
+                    f"{where}/{name} changed or ended early while it was copied; nothing was committed"
+                )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            dst_store.delete_files(done)
+        raise
+    dst_store.publish(DCP_METADATA, raw)
 
 
 def _copy_store(
@@ -96,11 +195,8 @@ def _copy_store(
 
         if not is_dcp(src_store.list_files()):
             raise
-        raise CheckpointNotFoundError(
-            f"{src_store.location} holds a torch.distributed.checkpoint (DCP) checkpoint, not a "
-            "torchstow one, and copy converts nothing: convert it instead "
-            "(torchstow convert SRC DST --to torchstow, or --to dcp)"
-        ) from None
+        _copy_dcp(src_store, dst_store, overwrite, progress)
+        return
     dst_store.prepare()
     if not overwrite:
         check_vacant(dst_store)
@@ -127,6 +223,16 @@ def _copy_store(
             dst_store.delete_files(dcp_files(dst_store.list_files()))
 
 
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def copy_destination(src: str, dst: str) -> str:
+    """Where a copy of ``src`` to ``dst`` lands: ``dst`` itself, or ``dst/<name of src>``
+    when ``dst`` ends with ``/`` ("into", as ``cp`` and ``aws s3 cp`` read it)."""
+    return f"{dst}{_name(src)}" if dst.endswith("/") else dst
+
+
 def copy(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -135,8 +241,14 @@ def copy(
     dst_storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
-) -> None:
-    """Copy the committed checkpoint at ``src`` to ``dst`` (URIs or paths), on any backends.
+) -> str:
+    """Copy the committed checkpoint at ``src`` to ``dst`` (URIs or paths), on any
+    backends; returns where it landed.
+
+    ``dst`` ending with ``/`` means into it: the copy is ``dst/<name of
+    src>``. Otherwise ``dst`` names the copy, and a location that
+    holds other locations (a directory of runs or checkpoints) is refused
+    rather than made a checkpoint.
 
     Data files stream through in bounded segments (a few MiB per file in
     flight, a few files at a time), every block is checked against its
@@ -146,13 +258,26 @@ def copy(
     its blocks are checked by reading the copy back. A committed
     checkpoint at ``dst`` raises :class:`CheckpointExistsError` unless
     ``overwrite``; the old one stays valid until the copy commits.
-    Backends that are not byte stores are copied tensor by tensor through
-    their reader and writer.
+    A DCP checkpoint is copied as DCP: the files its ``.metadata`` names, as
+    they are (sizes checked: DCP has no checksums), ``.metadata`` last; with
+    ``overwrite``, an old checkpoint there is removed first (DCP's file
+    names are fixed). Backends that are not byte stores are copied tensor
+    by tensor through their reader and writer.
     """
-    src, dst = os.fspath(src), os.fspath(dst)
+    src = checkpoint_uri(src)
+    dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst)))
     registry = default_registry()
     src_backend = registry.backend_for(src, src_storage_options)
     dst_backend = registry.backend_for(dst, dst_storage_options)
+    try:
+        inside = dst_backend.list_children(dst)
+    except CheckpointNotFoundError:
+        inside = []  # a bucket not made yet: the copy makes it
+    if inside:
+        raise ValueError(
+            f"{dst} holds other locations ({inside[0]} ...), so it is no place for one checkpoint; "
+            f"copy into it with {dst.rstrip('/')}/ as the destination"
+        )
     if isinstance(src_backend, StoreBackend) and isinstance(dst_backend, StoreBackend):
         src_store = src_backend.open_store(src)
         dst_store = dst_backend.open_store(dst)
@@ -161,7 +286,7 @@ def copy(
         ):
             raise ValueError(f"cannot copy {src} onto itself")
         _copy_store(src_store, dst_store, overwrite, progress)
-        return
+        return dst
     from torchstow.interop.convert import convert
 
     convert(
@@ -173,3 +298,66 @@ def copy(
         overwrite=overwrite,
         progress=progress,
     )
+    return dst
+
+
+@dataclass(frozen=True)
+class RunCopy:
+    """What :func:`copy_run` did: ``copied`` pairs ``(source, destination)``, ``skipped``
+    pairs ``(source, why)`` for the incomplete and unreadable checkpoints left behind."""
+
+    copied: list[tuple[str, str]]
+    skipped: list[tuple[str, str]]
+
+
+def copy_run(
+    src_prefix: str | os.PathLike[str],
+    dst_prefix: str | os.PathLike[str],
+    *,
+    src_storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> RunCopy:
+    """Copy every committed checkpoint directly under ``src_prefix`` (a run) to
+    ``dst_prefix/<its name>``, oldest first, each as :func:`copy` copies one;
+    incomplete and unreadable ones are skipped and reported. ``dst_prefix`` ending
+    with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
+    checkpoint at any destination is an error before anything is copied, unless
+    ``overwrite``."""
+    from torchstow.management.catalog import info
+    from torchstow.management.listing import COMMITTED, scan
+
+    src = checkpoint_uri(src_prefix)
+    dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
+    entries = scan(src, storage_options=src_storage_options)
+    plan = [(e.uri, f"{dst}/{_name(e.uri)}") for e in entries if e.status == COMMITTED]
+    skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
+    if not plan:
+        raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
+    if not overwrite:
+        taken = []
+        for _, target in plan:
+            with contextlib.suppress(CheckpointNotFoundError, IncompleteCheckpointError):
+                taken.append(info(target, storage_options=dst_storage_options).uri)
+        if taken:
+            raise CheckpointExistsError(
+                f"checkpoints already exist at {', '.join(taken)}; nothing was copied. "
+                "Pass overwrite=True (--overwrite) to replace them"
+            )
+    total = sum(e.info.nbytes for e in entries if e.info is not None)
+
+    def advance(nbytes: int, _total: int) -> None:
+        if progress is not None:
+            progress(nbytes, total)
+
+    for source, target in plan:
+        copy(
+            source,
+            target,
+            src_storage_options=src_storage_options,
+            dst_storage_options=dst_storage_options,
+            overwrite=overwrite,
+            progress=advance,
+        )
+    return RunCopy(plan, skipped)

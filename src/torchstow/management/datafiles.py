@@ -145,6 +145,18 @@ def _blocks(spans: list[Span]) -> list[_Block]:
     return out
 
 
+def _ends_early(store: ByteStore, name: str, end: int, exc: CorruptCheckpointError) -> str:
+    """What a data file that ends before ``end`` lacks, by its size at the store (the
+    read's own error where the store cannot tell sizes)."""
+    size = (store.file_sizes() or {}).get(name)
+    if size is None or size >= end:
+        return f"the data file ends early: {exc}"
+    return (
+        f"the data file ends early: it holds {size:,} bytes, the manifest needs {end:,} "
+        f"({end - size:,} bytes missing)"
+    )
+
+
 def scan_file(
     store: ByteStore,
     name: str,
@@ -186,9 +198,8 @@ def scan_file(
             return [Problem(s.key, name, s.info.offset, "the data file is missing") for s in spans]
         except CorruptCheckpointError as exc:
             cut = [s for s in spans if s.end > pos]
-            return problems + [
-                Problem(s.key, name, max(pos, s.info.offset), f"the data file ends early: {exc}") for s in cut
-            ]
+            message = _ends_early(store, name, end, exc)
+            return problems + [Problem(s.key, name, max(pos, s.info.offset), message) for s in cut]
         seg_end = pos + size
         i = b
         while i < len(blocks) and blocks[i].start < seg_end:

@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import threading
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ __all__ = [
     "BackendRegistry",
     "PluginConflictError",
     "PluginManager",
+    "check_option_types",
     "default_registry",
     "get_plugin_manager",
     "open_backend",
@@ -42,6 +45,7 @@ logger = logging.getLogger("torchstow")
 ENTRY_POINT_GROUP = "torchstow.backends"
 DISABLE_ENV = "TORCHSTOW_DISABLE_PLUGINS"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_SCHEME_ONLY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):(?!//)")
 
 
 def disabled_plugins() -> set[str]:
@@ -196,12 +200,48 @@ class BackendRegistry:
         """The registered schemes, sorted by scheme."""
         return [self._entries[scheme] for scheme in sorted(self._entries)]
 
-    def resolve(self, uri: str) -> BackendEntry:
-        """The entry serving ``uri``; ``a+b://`` falls back to a wrapper scheme ``a``."""
-        scheme = scheme_of(uri)
+    def _entry(self, scheme: str) -> BackendEntry | None:
         entry = self._entries.get(scheme)
         if entry is None and "+" in scheme:
             entry = self._entries.get(scheme.split("+", 1)[0])
+        return entry
+
+    def canonical_uri(self, uri: str) -> str:
+        """``uri`` as backends take it: its scheme lowercased (schemes are
+        case-insensitive, RFC 3986: ``S3://b/x`` is ``s3://b/x``), and ``file:/path``
+        (RFC 8089's short form) as ``file:///path``. A registered scheme followed by
+        ``:`` but not ``//`` (``s3:/bucket/x``, ``s3:bucket``) is an
+        :class:`UnknownBackendError`: it must never become a local path."""
+        match = _SCHEME.match(uri)
+        if match:
+            return match.group(1).lower() + uri[len(match.group(1)) :]
+        match = _SCHEME_ONLY.match(uri)
+        if match is None or len(match.group(1)) == 1:  # a plain path (C:/ is a Windows drive)
+            return uri
+        scheme, rest = match.group(1).lower(), uri[match.end() :]
+        if scheme == "file":
+            if not rest.startswith("/"):
+                raise UnknownBackendError(f"{uri!r}: a file: URI needs an absolute path (file:///dir/ckpt)")
+            return "file://" + rest
+        if self._entry(scheme) is None:
+            return uri  # a local name with a colon in it
+        raise UnknownBackendError(
+            f"{uri!r} is not a URI ({scheme} URIs start {scheme}://): "
+            f"write {scheme}://{rest.lstrip('/')}, or ./{uri} for a local path"
+        )
+
+    def resolve(self, uri: str) -> BackendEntry:
+        """The entry serving ``uri``; ``a+b://`` falls back to a wrapper scheme ``a``.
+
+        ``uri`` must be as :meth:`canonical_uri` writes it; one that is not (an
+        upper-case scheme, ``s3:/bucket``) raises :class:`UnknownBackendError`
+        saying how to write it.
+        """
+        canonical = self.canonical_uri(uri)
+        if canonical != uri:
+            raise UnknownBackendError(f"write {uri!r} as {canonical!r} (the form torchstow's backends take)")
+        scheme = scheme_of(uri)
+        entry = self._entry(scheme)
         if entry is None:
             installed = ", ".join(sorted(self._entries)) or "none"
             notes = ""
@@ -230,6 +270,7 @@ class BackendRegistry:
                     f"{backend.__name__} ({uri!r}) does not take the storage options "
                     f"{unknown}; it takes: {', '.join(sorted(accepted)) or 'none'}"
                 )
+        check_option_types(backend, uri, options)
         return backend(**options)
 
 
@@ -245,6 +286,49 @@ def accepted_storage_options(backend: type[Backend], uri: str) -> set[str] | Non
             return None
         names.update(extra)
     return names
+
+
+_CHECKED_TYPES = (bool, int, float, str, type(None))
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
+    """The plain types an annotation allows (``int | None`` -> int, None), or None
+    when it names anything else (the backend checks those itself)."""
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else ()
+    )
+    allowed = args or (annotation,)
+    if not all(t in _CHECKED_TYPES for t in allowed):
+        return None
+    return tuple(allowed)
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
+
+
+def check_option_types(backend: type[Backend], uri: str, options: dict[str, Any]) -> None:
+    """A TypeError naming the option when a value has a type its parameter's annotation
+    does not allow (``-o thread_count=abc``); options annotated with other types, or
+    passed on through ``**kwargs``, are left to the backend."""
+    try:
+        hints = typing.get_type_hints(backend.__init__)
+    except Exception:  # an annotation that does not resolve: nothing to check against
+        return
+    for key, value in options.items():
+        allowed = _allowed_types(hints[key]) if key in hints else None
+        if allowed is not None and not _fits(value, allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise TypeError(
+                f"the storage option {key} of {backend.__name__} ({uri!r}) must be {names}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
 
 
 def open_backend(uri: str, storage_options: dict[str, Any] | None = None) -> Backend:

@@ -8,6 +8,7 @@ from torchstow.backends.fsspec.errors import CloudRetryPolicy
 from torchstow.backends.fsspec.filesystems import (
     filesystem_class,
     filesystem_options,
+    is_s3,
     open_filesystem,
 )
 from torchstow.backends.fsspec.s3 import MIN_PART
@@ -65,7 +66,9 @@ class FsspecBackend(DirectoryBackend):
         retry_delay: float = CloudRetryPolicy.base_delay,
         **fs_options: Any,
     ) -> None:
-        super().__init__(thread_count=thread_count or THREADS, verify_checksums=verify_checksums)
+        super().__init__(
+            thread_count=THREADS if thread_count is None else thread_count, verify_checksums=verify_checksums
+        )
         if part_size < MIN_PART:
             raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum), got {part_size}")
         if range_size < 1 or concurrency < 1:
@@ -81,6 +84,8 @@ class FsspecBackend(DirectoryBackend):
 
     def open_store(self, uri: str) -> FsspecStore:
         fs, path = open_filesystem(uri, self.fs_options)
+        if is_s3(fs) and not path.strip("/"):
+            raise ValueError(f"{uri!r} names no bucket: write {uri.split(':', 1)[0]}://BUCKET/PREFIX")
         return FsspecStore(fs, path, uri.rstrip("/"), self.tuning)
 
     @classmethod
@@ -89,7 +94,10 @@ class FsspecBackend(DirectoryBackend):
         return filesystem_options(filesystem_class(uri))
 
     def child_names(self, prefix: str) -> list[str]:
-        return [name for name, kind, _ in self.open_store(prefix)._list() if kind == "directory"]
+        """The directories under ``prefix``; CheckpointNotFoundError when its bucket does not exist
+        (a wrong name, which an empty listing would hide)."""
+        listed = self.open_store(prefix)._list(bucket_must_exist=True)
+        return [name for name, kind, _ in listed if kind == "directory"]
 
 
 @hookimpl

@@ -36,7 +36,7 @@ from torchstow.backends.fsspec.filesystems import (
 from torchstow.backends.fsspec.s3 import MultipartSink, S3Requests
 from torchstow.core.storage.retry import RetryPolicy
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageIOError
-from torchstow.errors import CorruptCheckpointError
+from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = ["FsspecStore", "Tuning"]
 
@@ -231,12 +231,19 @@ class FsspecStore(ByteStore):
     def file_sizes(self) -> dict[str, int]:
         return {name: size for name, kind, size in self._list() if kind == "file" and isinstance(size, int)}
 
-    def _list(self) -> list[tuple[str, str, Any]]:
+    def _list(self, *, bucket_must_exist: bool = False) -> list[tuple[str, str, Any]]:
+        """``(name, kind, size)`` of what is at the location; [] where nothing is, or, unless
+        ``bucket_must_exist``, where its bucket is missing (a save creates it)."""
         try:
             entries = self._retry(
                 lambda: self.fs.ls(self.path, detail=True, refresh=True), f"listing {self.location}"
             )
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if bucket_must_exist and error_status(exc)[1] == "NoSuchBucket":
+                bucket = self.path.split("/", 1)[0]
+                raise CheckpointNotFoundError(
+                    f"{self.location}: the bucket {bucket!r} does not exist"
+                ) from exc
             return []
         return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"], e.get("size")) for e in entries]
 

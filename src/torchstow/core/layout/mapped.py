@@ -28,7 +28,13 @@ from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import BlockVerifier
 from torchstow.format.files import MANIFEST
-from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from torchstow.format.manifest import (
+    EncodedLocations,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorStorageMetadata,
+)
 
 __all__ = ["map_checkpoint", "map_tensors"]
 
@@ -136,8 +142,11 @@ def map_checkpoint(
     """The tensors among ``fqns`` of the checkpoint at ``uri``, mapped (see :func:`map_tensors`).
 
     Raises ValueError for a backend whose files are not local (only local
-    files and ``shm://`` can be mapped).
+    files and ``shm://`` can be mapped). A checkpoint whose items are encoded
+    (DCP's format) maps nothing: the caller reads every tensor as usual.
     """
+    if isinstance(metadata.storage_data, EncodedLocations):
+        return {}
     store = backend.open_store(uri) if isinstance(backend, StoreBackend) else None
     if store is None or store.local_path(MANIFEST) is None:
         raise ValueError(

@@ -45,6 +45,7 @@ from torchstow.format.files import (
     data_file_prefix,
 )
 from torchstow.format.manifest import Metadata, StorageInfo
+from torchstow.format.structure import check_utf8_keys
 
 __all__ = ["LayoutWriter"]
 
@@ -133,6 +134,8 @@ class LayoutWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # Before anything is written: every key must go into the UTF-8 manifest (any planner).
+        check_utf8_keys(item.index.fqn for plan in plans for item in plan.items)
         save_id = uuid.uuid4().hex[:12]
         return [
             replace(plan, storage_data=_FilePrefix(data_file_prefix(save_id, rank)))

@@ -72,6 +72,8 @@ class StoreBackend(Backend):
     """
 
     def __init__(self, *, thread_count: int | None = None, verify_checksums: bool = True) -> None:
+        if thread_count is not None and thread_count < 1:
+            raise ValueError(f"the storage option thread_count must be at least 1, got {thread_count}")
         self.thread_count = thread_count
         self.verify_checksums = verify_checksums
 

@@ -167,10 +167,16 @@ class RetryPolicy:
                 transient=False,
             ) from exc
         if attempt >= self.attempts:
+            refused = any(isinstance(err, ConnectionRefusedError) for err in _chain(exc))
+            advice = (
+                "Nothing accepts connections there: check the endpoint (endpoint_url, "
+                "AWS_ENDPOINT_URL) and that the service is running"
+                if refused
+                else "The store is unavailable or overloaded: try again later, or raise retry_attempts"
+            )
             raise StorageIOError(
                 f"{what} failed after {attempt} attempt(s), each with a transient error; "
-                f"the last: {describe_error(exc, self.rules).rstrip('.')}. The store is unavailable or "
-                "overloaded: try again later, or raise retry_attempts",
+                f"the last: {describe_error(exc, self.rules).rstrip('.')}. {advice}",
                 attempts=attempt,
                 transient=True,
             ) from exc
