@@ -161,8 +161,10 @@ class FileSystemReader(DcpStorageReader):
 
 
 def _foreign(storage: Any, kind: str) -> bool:
-    """A DCP storage class of the program's own (not one backed by torchstow)."""
-    return storage is not None and not hasattr(storage, f"torchstow_{kind}")
+    """A DCP storage object of the program's own (not one backed by torchstow, nor a
+    torchstow writer or reader, which torchstow's calls take as they are)."""
+    base = _dcp.StorageWriter if kind == "writer" else _dcp.StorageReader
+    return isinstance(storage, base) and not hasattr(storage, f"torchstow_{kind}")
 
 
 def _named(storage: Any, checkpoint_id: Path | None) -> tuple[Path | None, Any]:

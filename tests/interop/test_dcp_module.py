@@ -129,6 +129,13 @@ def test_a_programs_own_storage_classes_go_to_dcp_unchanged(ckpt: str) -> None:
     assert torch.equal(target["w"], torch.ones(3))
 
 
+def test_torchstows_own_writer_and_reader_are_taken_too(ckpt: str) -> None:
+    dcp.save({"w": torch.ones(3)}, storage_writer=torchstow.storage_writer(ckpt))
+    target = {"w": torch.zeros(3)}
+    dcp.load(target, storage_reader=torchstow.storage_reader(ckpt))
+    assert torch.equal(target["w"], torch.ones(3))
+
+
 def test_what_torchstow_cannot_honour_is_refused(ckpt: str) -> None:
     with pytest.raises(ValueError, match="extensions"):
         dcp.FileSystemWriter(ckpt, _extensions=[object()])
