@@ -21,11 +21,14 @@ from torchstow.core.storage.interfaces import StorageReader, StorageWriter, Writ
 from torchstow.core.storage.retry import ErrorRules, RetryPolicy
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    IncompleteCheckpointError,
     PluginConflictError,
     StorageFullError,
     StorageIOError,
+    TorchstowError,
 )
 from torchstow.format.files import MANIFEST, temporary_name
 from torchstow.format.manifest import Metadata
@@ -38,6 +41,7 @@ __all__ = [
     "BackendEntry",
     "Buffer",
     "ByteStore",
+    "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DirectoryBackend",
@@ -46,6 +50,7 @@ __all__ = [
     "ForwardingByteStore",
     "ForwardingStorageReader",
     "ForwardingStorageWriter",
+    "IncompleteCheckpointError",
     "LoadPlan",
     "LoadPlanner",
     "Metadata",
@@ -59,6 +64,7 @@ __all__ = [
     "StorageReader",
     "StorageWriter",
     "StoreBackend",
+    "TorchstowError",
     "WriteResult",
     "available_backends",
     "completed_future",
