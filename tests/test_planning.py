@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.planning
 from torchstow.core.planning import DefaultLoadPlanner, LoadItemType, LoadPlan, ReadItem
 from torchstow.errors import CheckpointException
 from torchstow.format import chunks as chunk_math
@@ -155,7 +156,7 @@ def test_set_leaf_rebuilds_tuples_in_place() -> None:
 
 
 def test_metadata_codec_round_trips_multi_chunk_entries() -> None:
-    md = torchstow.local_metadata({"w": torch.ones(4, 2, dtype=torch.bfloat16), "n": 1})
+    md = torchstow.planning.local_metadata({"w": torch.ones(4, 2, dtype=torch.bfloat16), "n": 1})
     md.state_dict_metadata["w"].chunks = [chunk([0, 0], [2, 2]), chunk([2, 0], [2, 2])]
     back = decode_metadata(encode_metadata(md))
     assert back.state_dict_metadata["w"].chunks == md.state_dict_metadata["w"].chunks
@@ -243,7 +244,7 @@ def test_partial_reads_match_the_region(
     ckpt: str, big: torch.Tensor, offsets: list[int], shape: tuple[int, int]
 ) -> None:
     target = torch.zeros(shape)
-    torchstow.load_state_dict({}, torchstow.storage_reader(ckpt), planner=RegionPlanner("w", offsets, target))
+    torchstow.load({}, ckpt, planner=RegionPlanner("w", offsets, target))
     r, c = offsets
     assert torch.equal(target, big[r : r + shape[0], c : c + shape[1]])
 
@@ -263,10 +264,8 @@ def test_partial_read_verifies_only_the_blocks_it_touches(ckpt: str, big: torch.
 
     rows = torch.zeros(200, 1024)  # bytes 409,600..1,228,800: inside block 0
     flip(15 << 20)  # corrupt block 3
-    torchstow.load_state_dict({}, torchstow.storage_reader(ckpt), planner=RegionPlanner("w", [100, 0], rows))
+    torchstow.load({}, ckpt, planner=RegionPlanner("w", [100, 0], rows))
     assert torch.equal(rows, big[100:300])
     flip(10)  # corrupt block 0 outside the region: the block check still catches it
     with pytest.raises(torchstow.ChecksumMismatchError, match="'w'"):
-        torchstow.load_state_dict(
-            {}, torchstow.storage_reader(ckpt), planner=RegionPlanner("w", [100, 0], rows)
-        )
+        torchstow.load({}, ckpt, planner=RegionPlanner("w", [100, 0], rows))

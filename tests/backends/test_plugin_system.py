@@ -15,13 +15,14 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.spi
 from torchstow import PluginConflictError, UnknownBackendError
 from torchstow.backends.filesystem import FileSystemBackend
 from torchstow.backends.fsspec import FsspecBackend
 from torchstow.plugins.manager import DISABLE_ENV, BackendRegistry, PluginManager, get_plugin_manager
 
 _PLUGIN = """
-from torchstow import hookimpl
+from torchstow.spi import hookimpl
 from torchstow.backends.filesystem import FileSystemBackend
 
 class {cls}(FileSystemBackend):
@@ -85,7 +86,7 @@ def test_builtins_are_entry_point_plugins_with_versions() -> None:
 
 def test_a_plugin_is_discovered_and_serves_its_scheme(plugins: Plugins, tmp_path: Path) -> None:
     plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("alpha",))
-    entry = next(e for e in torchstow.available_backends() if e.scheme == "alpha")
+    entry = next(e for e in torchstow.spi.available_backends() if e.scheme == "alpha")
     assert (entry.plugin, entry.distribution, entry.version) == ("alpha", "alpha-store", "1.0")
     uri = f"alpha://{tmp_path}/ckpt"
     torchstow.save({"w": torch.arange(4)}, uri)
@@ -145,7 +146,7 @@ def test_disabling_a_builtin_through_the_public_api(
     monkeypatch.setenv(DISABLE_ENV, "fsspec")
     with pytest.raises(UnknownBackendError, match=r"'s3://bucket/ckpt'.*scheme 's3'"):
         torchstow.save({}, "s3://bucket/ckpt")
-    assert {e.scheme for e in torchstow.available_backends()} == {"faulty", "file", "shm"}
+    assert {e.scheme for e in torchstow.spi.available_backends()} == {"faulty", "file", "shm"}
 
 
 def test_unknown_scheme_quotes_the_uri_and_lists_the_installed_schemes() -> None:
@@ -165,7 +166,7 @@ def test_a_broken_plugin_does_not_take_the_others_down(plugins: Plugins, tmp_pat
         "raising-store",
         "raising",
         """
-        from torchstow import hookimpl
+        from torchstow.spi import hookimpl
 
         @hookimpl
         def torchstow_register_backends(register):
@@ -185,7 +186,7 @@ def test_a_plugin_must_register_backend_classes_with_schemes(plugins: Plugins) -
         "odd-store",
         "odd",
         """
-        from torchstow import hookimpl
+        from torchstow.spi import hookimpl
 
         @hookimpl
         def torchstow_register_backends(register):
@@ -202,7 +203,7 @@ def test_the_register_hook_is_called_once_per_registry_with_a_register_callable(
     calls = []
 
     class Recorder:
-        @torchstow.hookimpl
+        @torchstow.spi.hookimpl
         def torchstow_register_backends(self, register: object) -> None:
             calls.append(register)
 
@@ -226,7 +227,7 @@ def test_a_misspelled_hook_is_an_error_not_ignored(plugins: Plugins, tmp_path: P
         "typo-store",
         "typo",
         """
-        from torchstow import hookimpl
+        from torchstow.spi import hookimpl
 
         @hookimpl
         def torchstow_register_backend(register):
@@ -238,7 +239,7 @@ def test_a_misspelled_hook_is_an_error_not_ignored(plugins: Plugins, tmp_path: P
     assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
 
     class Typo:
-        @torchstow.hookimpl
+        @torchstow.spi.hookimpl
         def torchstow_register_backend(self, register: object) -> None:
             pass
 

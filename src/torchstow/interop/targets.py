@@ -72,7 +72,7 @@ def to_torchstow(
     from torchstow.api import storage_writer
 
     state = _plan_state(selection, report)
-    writer = storage_writer(dst, overwrite=overwrite, **storage_options)
+    writer = storage_writer(dst, storage_options=storage_options, overwrite=overwrite)
     save_state_dict(
         state,
         writer,

@@ -245,19 +245,19 @@ def copy_destination(src: str, dst: str) -> str:
 
 
 def copy(
-    src_uri: str | os.PathLike[str],
-    dst_uri: str | os.PathLike[str],
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     *,
     src_storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> str:
-    """Copy the committed checkpoint at ``src_uri`` to ``dst_uri``, on any backends;
-    returns where it landed.
+    """Copy the committed checkpoint at ``src`` to ``dst`` (URIs or paths), on any
+    backends; returns where it landed.
 
-    ``dst_uri`` ending with ``/`` means into it: the copy is ``dst_uri/<name of
-    src_uri>``. Otherwise ``dst_uri`` names the copy, and a location that
+    ``dst`` ending with ``/`` means into it: the copy is ``dst/<name of
+    src>``. Otherwise ``dst`` names the copy, and a location that
     holds other locations (a directory of runs or checkpoints) is refused
     rather than made a checkpoint.
 
@@ -267,7 +267,7 @@ def copy(
     and commits nothing), and the manifest is published last. Between
     stores whose sinks can (local files), the kernel copies each file and
     its blocks are checked by reading the copy back. A committed
-    checkpoint at ``dst_uri`` raises :class:`CheckpointExistsError` unless
+    checkpoint at ``dst`` raises :class:`CheckpointExistsError` unless
     ``overwrite``; the old one stays valid until the copy commits.
     A DCP checkpoint is copied as DCP: the files its ``.metadata`` names, as
     they are (sizes checked: DCP has no checksums), ``.metadata`` last; with
@@ -275,8 +275,8 @@ def copy(
     names are fixed). Backends that are not byte stores are copied tensor
     by tensor through their reader and writer.
     """
-    src = checkpoint_uri(src_uri)
-    dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst_uri)))
+    src = checkpoint_uri(src)
+    dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst)))
     registry = default_registry()
     src_backend = registry.backend_for(src, src_storage_options)
     dst_backend = registry.backend_for(dst, dst_storage_options)
