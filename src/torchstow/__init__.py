@@ -8,10 +8,6 @@ coordinator-driven protocol commits one consistent checkpoint.
 from torchstow.api import (
     async_save,
     available_backends,
-    delete,
-    info,
-    latest,
-    list_checkpoints,
     load,
     load_state_dict,
     local_metadata,
@@ -93,6 +89,7 @@ from torchstow.format.manifest import (
 from torchstow.interop import dcp_storage_reader, dcp_storage_writer
 from torchstow.interop.convert import ConvertReport, convert
 from torchstow.management import CheckpointManager, VerifyReport, copy, prune, verify
+from torchstow.management.catalog import delete, info, latest, list_checkpoints
 from torchstow.plugins.hookspecs import hookimpl
 from torchstow.plugins.manager import BackendEntry, PluginConflictError
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
+from torchstow.compat import dcp_calls
 from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
 from torchstow.core.layout.location import read_manifest
@@ -35,18 +35,12 @@ from torchstow.format.manifest import (
     TensorStorageMetadata,
 )
 from torchstow.format.structure import build_nested
-from torchstow.interop import dcp_calls, dcp_format
-from torchstow.management.catalog import checkpoint_uri as _uri
-from torchstow.management.catalog import delete, info, latest, list_checkpoints
 from torchstow.plugins.manager import BackendEntry, default_registry
+from torchstow.plugins.resolve import Uri, backend_at
 
 __all__ = [
     "async_save",
     "available_backends",
-    "delete",
-    "info",
-    "latest",
-    "list_checkpoints",
     "load",
     "load_state_dict",
     "local_metadata",
@@ -56,9 +50,6 @@ __all__ = [
     "storage_reader",
     "storage_writer",
 ]
-
-
-Uri = str | os.PathLike[str]
 
 
 def available_backends() -> list[BackendEntry]:
@@ -74,8 +65,8 @@ def available_backends() -> list[BackendEntry]:
 
 def storage_writer(uri: Uri, *, overwrite: bool = False, **storage_options: Any) -> StorageWriter:
     """A writer for a checkpoint at ``uri``, from the backend its scheme names."""
-    text = _uri(uri)
-    return default_registry().backend_for(text, storage_options).storage_writer(text, overwrite=overwrite)
+    text, backend = backend_at(uri, storage_options)
+    return backend.storage_writer(text, overwrite=overwrite)
 
 
 def storage_reader(uri: Uri, **storage_options: Any) -> StorageReader:
@@ -83,8 +74,8 @@ def storage_reader(uri: Uri, **storage_options: Any) -> StorageReader:
 
     On byte-store backends it reads checkpoints written by stock ``dcp.save`` too.
     """
-    text = _uri(uri)
-    return dcp_format.detecting_reader(default_registry().backend_for(text, storage_options), text)
+    text, backend = backend_at(uri, storage_options)
+    return backend.storage_reader(text)
 
 
 @dataclass(frozen=True)
@@ -118,8 +109,7 @@ def _attach_base(
 ) -> None:
     """Make ``writer`` save incrementally against the committed checkpoint ``base``
     (read when the save starts, on every rank); ``slots`` finds remembered digests."""
-    text = _uri(base)
-    backend = default_registry().backend_for(text, storage_options)
+    text, backend = backend_at(base, storage_options)
     if not (isinstance(writer, LayoutWriter) and isinstance(backend, StoreBackend)):
         raise ValueError(f"base={text!r}: incremental saves need a file-like backend (local files, shm://)")
     if type(writer.store).adopt is ByteStore.adopt:
@@ -429,8 +419,8 @@ def read(
     require_data(reader, metadata, selected)  # before allocating what the manifest claims
     mapped: dict[str, Any] = {}
     if mmap:
-        backend = default_registry().backend_for(_uri(uri), storage_options)
-        mapped = map_checkpoint(backend, _uri(uri), metadata, selected, verify=verify)
+        text, backend = backend_at(uri, storage_options)
+        mapped = map_checkpoint(backend, text, metadata, selected, verify=verify)
     flat: dict[str, Any] = {}
     for fqn in selected:
         entry = metadata.state_dict_metadata[fqn]

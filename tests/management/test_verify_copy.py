@@ -12,8 +12,8 @@ import torch
 
 import torchstow
 from torchstow.format.files import BLOCK_SIZE, MANIFEST, is_data_file
-from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
+from torchstow.plugins.resolve import route_options
 from torchstow.testing import assert_same_state
 
 

@@ -22,12 +22,12 @@ from torchstow.errors import (
     IncompleteCheckpointError,
 )
 from torchstow.format.codec import encode_metadata
-from torchstow.format.files import MANIFEST, is_data_file
-from torchstow.management.catalog import checkpoint_uri
+from torchstow.format.dcp_metadata import decode_dcp_metadata
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_data_file
 from torchstow.management.datafiles import Problem, Span, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
 from torchstow.management.verify import ProgressCallback
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
 __all__ = ["RunCopy", "copy", "copy_destination", "copy_run"]
 
@@ -132,8 +132,6 @@ def _copy_dcp(
 ) -> None:
     """Copy a DCP checkpoint as DCP: the files its ``.metadata`` names, byte for byte
     (DCP records no checksums: their sizes are checked), then ``.metadata`` last."""
-    from torchstow.interop.dcp_format import DCP_METADATA, decode_dcp_metadata
-
     where = src_store.location
     raw = src_store.read_file(DCP_METADATA)
     metadata = decode_dcp_metadata(raw, source=f"{where}/{DCP_METADATA}")
@@ -266,9 +264,8 @@ def copy(
     """
     src = checkpoint_uri(src_uri)
     dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst_uri)))
-    registry = default_registry()
-    src_backend = registry.backend_for(src, src_storage_options)
-    dst_backend = registry.backend_for(dst, dst_storage_options)
+    src_backend = backend_at(src, src_storage_options)[1]
+    dst_backend = backend_at(dst, dst_storage_options)[1]
     try:
         inside = dst_backend.list_children(dst)
     except CheckpointNotFoundError:
