@@ -420,7 +420,8 @@ def read(
     mapped: dict[str, Any] = {}
     if mmap:
         text, backend = backend_at(uri, storage_options)
-        mapped = map_checkpoint(backend, text, metadata, selected, verify=verify)
+        store = backend.open_store(text) if isinstance(backend, StoreBackend) else None
+        mapped = map_checkpoint(store, text, metadata, selected, verify=verify)
     flat: dict[str, Any] = {}
     for fqn in selected:
         entry = metadata.state_dict_metadata[fqn]

@@ -18,7 +18,7 @@ from torchstow.core.storage.forwarding import (
     ForwardingStorageWriter,
 )
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
-from torchstow.core.storage.retry import RetryPolicy
+from torchstow.core.storage.retry import ErrorRules, RetryPolicy
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import (
     CheckpointNotFoundError,
@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DirectoryBackend",
+    "ErrorRules",
     "FileSink",
     "ForwardingByteStore",
     "ForwardingStorageReader",

@@ -34,9 +34,8 @@ from torchstow.backends.fsspec.filesystems import (
     is_s3,
 )
 from torchstow.backends.fsspec.s3 import MultipartSink, S3Requests
-from torchstow.core.storage.retry import RetryPolicy
-from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageIOError
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchstow.spi import Buffer, ByteStore, FileSink, RetryPolicy, StorageIOError
 
 __all__ = ["FsspecStore", "Tuning"]
 

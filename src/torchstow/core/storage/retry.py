@@ -64,6 +64,18 @@ class ErrorRules:
     transient_classes: frozenset[str] = frozenset()
     read_status: StatusReader | None = None
 
+    def status(self, exc: BaseException) -> tuple[int | None, str | None]:
+        """:func:`error_status` of ``exc`` by these rules."""
+        return error_status(exc, self)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """:func:`is_transient` of ``exc`` by these rules."""
+        return is_transient(exc, self)
+
+    def describe(self, exc: BaseException) -> str:
+        """:func:`describe_error` of ``exc`` by these rules."""
+        return describe_error(exc, self)
+
 
 GENERIC = ErrorRules()
 
