@@ -38,7 +38,7 @@ _MAX_GAP = 4096
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK)
 _NO_COPY_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EPERM)
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def path_of(uri: str) -> str:

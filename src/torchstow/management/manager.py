@@ -14,7 +14,7 @@ from torchstow.management.prune import prune
 
 __all__ = ["CheckpointManager"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def _prunes_here(options: Mapping[str, Any]) -> bool:

@@ -10,7 +10,7 @@ from torchstow.format.manifest import CheckpointInfo
 
 __all__ = ["plan_prune", "prune"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def plan_prune(

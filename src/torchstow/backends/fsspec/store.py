@@ -39,7 +39,7 @@ from torchstow.spi import Buffer, ByteStore, FileSink, RetryPolicy, StorageIOErr
 
 __all__ = ["FsspecStore", "Tuning"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 # Data files (and threads) per rank: remote stores gain from several objects in

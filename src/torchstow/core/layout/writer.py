@@ -49,7 +49,7 @@ from torchstow.format.structure import check_utf8_keys
 
 __all__ = ["LayoutWriter"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 _QUEUE_ITEMS = 1024
 _SEGMENT = 1 << 20

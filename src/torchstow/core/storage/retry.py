@@ -37,7 +37,7 @@ __all__ = [
     "is_transient",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
