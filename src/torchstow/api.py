@@ -29,7 +29,6 @@ from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
-from torchstow.core.storage.store import ByteStore
 from torchstow.format.manifest import (
     Metadata,
     TensorStorageMetadata,
@@ -112,7 +111,7 @@ def _attach_base(
     text, backend = backend_at(base, storage_options)
     if not (isinstance(writer, LayoutWriter) and isinstance(backend, StoreBackend)):
         raise ValueError(f"base={text!r}: incremental saves need a file-like backend (local files, shm://)")
-    if type(writer.store).adopt is ByteStore.adopt:
+    if not writer.store.can_adopt():
         raise ValueError(
             f"base={text!r}: {writer.store.location} cannot share files between checkpoints (object "
             "stores cannot), so incremental saves are not supported there; save without base="

@@ -43,11 +43,10 @@ def _base_problem(uri: str, storage_options: dict[str, Any] | None) -> str | Non
 def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
     """Raise ValueError unless checkpoints under ``root`` can share files (incremental saves)."""
     from torchstow.core.storage.backend import StoreBackend
-    from torchstow.core.storage.store import ByteStore
     from torchstow.plugins.manager import default_registry
 
     backend = default_registry().backend_for(root, storage_options)
-    if not isinstance(backend, StoreBackend) or type(backend.open_store(root)).adopt is ByteStore.adopt:
+    if not isinstance(backend, StoreBackend) or not backend.open_store(root).can_adopt():
         raise ValueError(
             f"incremental=True: checkpoints under {root!r} cannot share files (object stores "
             "cannot), so incremental saves are not supported there; use local files or shm://"
