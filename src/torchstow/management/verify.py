@@ -19,7 +19,7 @@ from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 from torchstow.format.validation import check_extents
 from torchstow.management.datafiles import Problem, Span, check_manifest, scan_file, spans_by_file
-from torchstow.plugins.resolve import backend_at
+from torchstow.plugins.manager import default_registry
 
 if TYPE_CHECKING:
     from torchstow.interop.sources import Source
@@ -213,7 +213,7 @@ def verify(
     path = local_path(text)
     if path is not None and (os.path.isfile(path) or is_safetensors(path)):
         return _verify_file_source(text, path, progress)
-    backend = backend_at(text, storage_options)[1]
+    backend = default_registry().backend_for(text, storage_options)
     if not isinstance(backend, StoreBackend):
         return verify_by_reading(TorchstowSource(text, storage_options), progress)
     store = backend.open_store(text)
