@@ -159,3 +159,32 @@ def test_plans_with_different_keys_go_to_the_general_planner() -> None:
     final, metadata = DefaultSavePlanner().create_global_plan(plans)
     assert sorted(metadata.state_dict_metadata) == ["x", "y"]
     assert sum(len(plan.items) for plan in final) == 2  # x deduplicated
+
+
+def _replicated_plans() -> list[SavePlan]:
+    """Three ranks: a float32 shard ``s`` of 3, 1 and 1 elements (each rank's own item),
+    then whole tensors every rank holds of 1, 3, 3 and 1 elements, then two objects."""
+    plans = []
+    for offset, rows in ((0, 3), (3, 1), (4, 1)):
+        chunk = ChunkStorageMetadata(torch.Size((offset,)), torch.Size((rows,)))
+        shard = TensorWriteData(chunk, TensorProperties(torch.float32), torch.Size((5,)))
+        items = [WriteItem(MetadataIndex("s", chunk.offsets), WriteItemType.SHARD, shard)]
+        for fqn, n in (("a", 1), ("b", 3), ("c", 3), ("d", 1)):
+            items.append(
+                WriteItem(MetadataIndex(fqn, torch.Size((0,))), WriteItemType.TENSOR, _data(torch.float32, n))
+            )
+        items += [_object("o"), _object("p")]
+        plans.append(SavePlan(items))
+    return plans
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_replicated_items_go_biggest_first_to_the_least_loaded_rank(aligned: bool) -> None:
+    """Own bytes 12, 4, 4: b (12 B) goes to rank 1 and c (equal size, later) to rank 2; then a
+    to rank 0 (12 B vs 16 B); d to rank 0, the lowest of three ranks tied on bytes and items;
+    o to rank 1 (16 B, 2 items), and p to rank 2 (tied on bytes with rank 1, fewer items)."""
+    plans = _replicated_plans()
+    planned = aligned_global_plan(plans, True) if aligned else _general(plans, True)
+    assert planned is not None
+    kept = [sorted(item.index.fqn for item in plan.items if item.index.fqn != "s") for plan in planned[0]]
+    assert kept == [["a", "d"], ["b", "o"], ["c", "p"]]

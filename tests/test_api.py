@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.planning
 from torchstow.testing import assert_same_state
 
 
@@ -224,7 +225,7 @@ def test_unknown_scheme_lists_installed_ones() -> None:
 
 
 def test_local_metadata_does_no_io(tmp_path: Any) -> None:
-    md = torchstow.local_metadata({"a": torch.ones(2, 2), "n": 1, "obj": (1, 2)})
+    md = torchstow.planning.local_metadata({"a": torch.ones(2, 2), "n": 1, "obj": (1, 2)})
     assert md.state_dict_metadata["a"].size == torch.Size([2, 2])
     assert md.state_dict_metadata["n"].encoding == "json"
     assert md.state_dict_metadata["obj"].encoding == "torch"

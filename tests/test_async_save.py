@@ -14,17 +14,10 @@ import pytest
 import torch
 
 import torchstow
-from torchstow import (
-    CheckpointException,
-    CheckpointExistsError,
-    CheckpointStagerConfig,
-    DefaultSavePlanner,
-    DefaultStager,
-    StateDictStager,
-    UnknownBackendError,
-    WriteItem,
-)
+from torchstow import CheckpointException, CheckpointExistsError, UnknownBackendError
+from torchstow.checkpointing import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.checkpointing.async_save import pipeline
+from torchstow.planning import DefaultSavePlanner, WriteItem
 
 
 class GatedPlanner(DefaultSavePlanner):

@@ -14,19 +14,21 @@ import torch.distributed as dist
 
 import torchstow
 from torchstow import (
-    Barrier,
-    BarrierConfig,
-    CheckpointerConfig,
     CheckpointException,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    PickleNotAllowedError,
+    StateDictMismatchError,
+)
+from torchstow.checkpointing import (
+    Barrier,
+    BarrierConfig,
+    CheckpointerConfig,
     CheckpointReader,
     CheckpointWriter,
     CheckpointWriterConfig,
     DistBarrier,
-    PickleNotAllowedError,
     RankInfo,
-    StateDictMismatchError,
     SyncCheckpointer,
     TCPStoreBarrier,
     WriterHook,

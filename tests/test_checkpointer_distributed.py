@@ -21,10 +21,10 @@ import torch
 
 import torchstow
 from dist_pool import free_port
-from torchstow import (
+from torchstow import CheckpointException
+from torchstow.checkpointing import (
     BarrierConfig,
     CheckpointerConfig,
-    CheckpointException,
     CheckpointProcess,
     CheckpointProcessConfig,
     CheckpointReader,

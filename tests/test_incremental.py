@@ -122,12 +122,12 @@ def test_a_save_killed_mid_write_commits_nothing_and_its_base_stays_whole(tmp_pa
             "-c",
             textwrap.dedent(
                 f"""
-                import time, torch, torchstow
+                import time, torch, torchstow, torchstow.planning
                 gen = torch.Generator().manual_seed(0)
                 sd = {{"frozen": {{f"w{{i}}": torch.randn(256, 1024, generator=gen) for i in range(4)}},
                       "trainable": torch.randn(64, 64, generator=gen) + 5, "step": 5, "betas": (0.9, 0.999)}}
 
-                class Stalls(torchstow.DefaultSavePlanner):
+                class Stalls(torchstow.planning.DefaultSavePlanner):
                     def resolve_data(self, item):
                         if item.index.fqn == "trainable":
                             print("writing", flush=True)

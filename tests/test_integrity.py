@@ -71,7 +71,7 @@ def test_overwrite_keeps_the_old_checkpoint_valid_until_commit(ckpt: str) -> Non
     torchstow.save({"x": torch.ones(2)}, ckpt)
     store = torchstow.storage_writer(ckpt).store  # type: ignore[attr-defined]
     writer = CheckOldStillValidWriter(store, overwrite=True)
-    torchstow.save_state_dict({"x": torch.full((2,), 5.0)}, writer)
+    torchstow.save({"x": torch.full((2,), 5.0)}, storage_writer=writer)
     assert torch.equal(CheckOldStillValidWriter.seen["x"], torch.ones(2))
     assert torch.equal(torchstow.read(ckpt)["x"], torch.full((2,), 5.0))
 
@@ -121,7 +121,7 @@ class FailedFutureWriter(LayoutWriter):
 def test_a_failed_write_future_fails_the_save(ckpt: str) -> None:
     store = torchstow.storage_writer(ckpt).store  # type: ignore[attr-defined]
     with pytest.raises(torchstow.CheckpointException) as info:
-        torchstow.save_state_dict({"x": torch.ones(1)}, FailedFutureWriter(store))
+        torchstow.save({"x": torch.ones(1)}, storage_writer=FailedFutureWriter(store))
     assert isinstance(info.value.failures[0][0], OSError)
     assert "No space left" in str(info.value)
     assert not os.path.exists(os.path.join(ckpt, "manifest.json"))

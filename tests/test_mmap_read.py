@@ -79,13 +79,14 @@ def _flip_a_byte_of(ckpt: str, key: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_flipped_byte_is_caught_when_verifying_and_goes_unnoticed_without(ckpt: str) -> None:
+@pytest.mark.parametrize("mmap", [True, False], ids=["mapped", "copied"])
+def test_a_flipped_byte_is_caught_when_verifying_and_goes_unnoticed_without(ckpt: str, mmap: bool) -> None:
     state = _state()
     torchstow.save(state, ckpt, storage_options={"fsync": False})
     _flip_a_byte_of(ckpt, "model.big")
     with pytest.raises(torchstow.ChecksumMismatchError, match=r"'model\.big'.*data-.*\.bin bytes"):
-        torchstow.read(ckpt, mmap=True)
-    unverified = torchstow.read(ckpt, mmap=True, verify=False)  # documented: no check, no cost
+        torchstow.read(ckpt, mmap=mmap)
+    unverified = torchstow.read(ckpt, mmap=mmap, verify=False)  # documented: verify=False skips the check
     assert not torch.equal(unverified["model"]["big"], state["model"]["big"])
     assert torch.equal(unverified["model"]["dtypes"][0], state["model"]["dtypes"][0])
 

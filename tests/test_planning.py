@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
+import random
 import traceback
 
 import pytest
 import torch
 
 import torchstow
+import torchstow.planning
 from torchstow.core.planning import DefaultLoadPlanner, LoadItemType, LoadPlan, ReadItem
 from torchstow.errors import CheckpointException
 from torchstow.format import chunks as chunk_math
@@ -42,6 +45,79 @@ def test_validate_cover_accepts_a_grid_and_rejects_gaps_overlaps_and_strays() ->
         chunk_math.validate_cover(
             "w", [2, 2], [chunk([0, 0], [1, 2]), chunk([0, 0], [1, 1]), chunk([1, 1], [1, 1])]
         )
+
+
+def _split(rng: random.Random, offsets: list[int], sizes: list[int], depth: int) -> list[chunk_math.Box]:
+    """A random exact tiling of a box: cut along a random dimension, each side cut again."""
+    dims = [d for d, n in enumerate(sizes) if n > 1]
+    if not dims or depth == 0 or rng.random() < 0.2:
+        return [(offsets, sizes, math.prod(sizes))]
+    d = rng.choice(dims)
+    cut = rng.randint(1, sizes[d] - 1)
+    left, right = sizes.copy(), sizes.copy()
+    left[d], right[d] = cut, sizes[d] - cut
+    moved = offsets.copy()
+    moved[d] += cut
+    return _split(rng, offsets, left, depth - 1) + _split(rng, moved, right, depth - 1)
+
+
+def _layout(seed: int) -> tuple[list[int], list[chunk_math.Box]]:
+    """A random tiling (of odd layouts as much as grids), sometimes broken: a chunk
+    moved, dropped, grown or repeated, or an empty chunk added."""
+    rng = random.Random(seed)
+    shape = [rng.randint(1, 9) for _ in range(rng.randint(1, 3))]
+    boxes = _split(rng, [0] * len(shape), shape, 6)
+    change = rng.choice(["none", "move", "drop", "grow", "repeat", "empty"])
+    i = rng.randrange(len(boxes))
+    offsets, sizes, _ = boxes[i]
+    d = rng.randrange(len(shape))
+    if change == "move" and offsets[d] > 0:
+        boxes[i] = ([o - (k == d) for k, o in enumerate(offsets)], sizes, boxes[i][2])
+    elif change == "drop" and len(boxes) > 1:
+        del boxes[i]
+    elif change == "grow" and offsets[d] + sizes[d] < shape[d]:
+        grown = [n + (k == d) for k, n in enumerate(sizes)]
+        boxes[i] = (offsets, grown, math.prod(grown))
+    elif change == "repeat":
+        boxes.append(boxes[i])
+    elif change == "empty":
+        boxes.append((offsets, [0] * len(shape), 0))
+    rng.shuffle(boxes)
+    return shape, boxes
+
+
+@pytest.mark.parametrize("strategy", ["grid", "sweep"])
+@pytest.mark.parametrize("seed", range(300))
+def test_the_cover_rule_agrees_with_counting_every_element(
+    seed: int, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of looking for overlaps (the grid, the sweep for layouts with many
+    more grid cells than chunks) say what counting each element's chunks says."""
+    monkeypatch.setattr(chunk_math, "_GRID_CELLS_PER_CHUNK", 1 << 30 if strategy == "grid" else 0)
+    shape, boxes = _layout(seed)
+    counts = torch.zeros(shape, dtype=torch.int32)
+    for offsets, sizes, _ in boxes:
+        counts[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] += 1
+    fault = chunk_math.cover_fault(shape, boxes)
+    assert (fault is None) == bool((counts == 1).all())
+    if fault is not None and fault.overlapping is not None:
+        first, second = fault.overlapping
+        assert first is not second
+        assert all(o1 < o2 + n2 and o2 < o1 + n1 for o1, n1, o2, n2 in zip(*first[:2], *second[:2]))
+
+
+def test_an_overlap_in_a_layout_of_many_grid_cells_is_found() -> None:
+    """Each row split at its own column: a grid of rows x columns cells for 2 x rows
+    chunks, so the overlap (hidden by a gap) is found by the sweep."""
+    rows = 32
+    layout = [chunk([r, 0], [1, r + 1]) for r in range(rows)]
+    layout += [chunk([r, r + 1], [1, rows - r]) for r in range(rows)]
+    chunk_math.validate_cover("w", [rows, rows + 1], layout)
+    layout[-1] = chunk([rows - 1, rows - 1], [1, 1])  # covers (31, 31) twice, leaves (31, 32)
+    with pytest.raises(
+        ValueError, match=r"saved chunk \(offsets \[31, 31\], sizes \[1, 1\]\) overlaps another"
+    ):
+        chunk_math.validate_cover("w", [rows, rows + 1], layout)
 
 
 def test_overlap_and_contiguous_span() -> None:
@@ -80,7 +156,7 @@ def test_set_leaf_rebuilds_tuples_in_place() -> None:
 
 
 def test_metadata_codec_round_trips_multi_chunk_entries() -> None:
-    md = torchstow.local_metadata({"w": torch.ones(4, 2, dtype=torch.bfloat16), "n": 1})
+    md = torchstow.planning.local_metadata({"w": torch.ones(4, 2, dtype=torch.bfloat16), "n": 1})
     md.state_dict_metadata["w"].chunks = [chunk([0, 0], [2, 2]), chunk([2, 0], [2, 2])]
     back = decode_metadata(encode_metadata(md))
     assert back.state_dict_metadata["w"].chunks == md.state_dict_metadata["w"].chunks
@@ -168,7 +244,7 @@ def test_partial_reads_match_the_region(
     ckpt: str, big: torch.Tensor, offsets: list[int], shape: tuple[int, int]
 ) -> None:
     target = torch.zeros(shape)
-    torchstow.load_state_dict({}, torchstow.storage_reader(ckpt), planner=RegionPlanner("w", offsets, target))
+    torchstow.load({}, ckpt, planner=RegionPlanner("w", offsets, target))
     r, c = offsets
     assert torch.equal(target, big[r : r + shape[0], c : c + shape[1]])
 
@@ -188,10 +264,8 @@ def test_partial_read_verifies_only_the_blocks_it_touches(ckpt: str, big: torch.
 
     rows = torch.zeros(200, 1024)  # bytes 409,600..1,228,800: inside block 0
     flip(15 << 20)  # corrupt block 3
-    torchstow.load_state_dict({}, torchstow.storage_reader(ckpt), planner=RegionPlanner("w", [100, 0], rows))
+    torchstow.load({}, ckpt, planner=RegionPlanner("w", [100, 0], rows))
     assert torch.equal(rows, big[100:300])
     flip(10)  # corrupt block 0 outside the region: the block check still catches it
     with pytest.raises(torchstow.ChecksumMismatchError, match="'w'"):
-        torchstow.load_state_dict(
-            {}, torchstow.storage_reader(ckpt), planner=RegionPlanner("w", [100, 0], rows)
-        )
+        torchstow.load({}, ckpt, planner=RegionPlanner("w", [100, 0], rows))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.planning
 from torchstow.core.protocol.collective import SingleProcess
 from torchstow.core.protocol.steps import load_state_dict, save_state_dict
 
@@ -42,7 +43,7 @@ def test_plans_left_unchanged_are_not_sent_back(tmp_path: Path) -> None:
     assert coll.scattered["load planning"] < 100  # the load plan came back as it went: a marker
 
 
-class _LockedPlanner(torchstow.DefaultSavePlanner):
+class _LockedPlanner(torchstow.planning.DefaultSavePlanner):
     def create_local_plan(self) -> Any:
         plan = super().create_local_plan()
         return type(plan)(plan.items, planner_data={"lock": threading.Lock()})

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.planning
 from state_helpers import ALL_DTYPES
 from torchstow.testing import assert_same_state
 
@@ -151,7 +152,7 @@ def test_non_tensor_leaves_round_trip(ckpt: str) -> None:
 
 def test_json_leaves_are_inline_in_the_manifest(ckpt: str) -> None:
     torchstow.save({"step": 12, "cfg": {"lr": 0.5}, "t": torch.ones(1)}, ckpt)
-    md = torchstow.local_metadata({"step": 12, "cfg": {"lr": 0.5}, "t": torch.ones(1)})
+    md = torchstow.planning.local_metadata({"step": 12, "cfg": {"lr": 0.5}, "t": torch.ones(1)})
     assert md.state_dict_metadata["step"].encoding == "json"
     assert md.state_dict_metadata["cfg.lr"].value == 0.5
     # Delete the data files: JSON leaves still load from the manifest alone.
@@ -239,7 +240,7 @@ def test_fsync_off_still_round_trips(ckpt: str) -> None:
 def test_save_returns_the_committed_metadata(ckpt: str) -> None:
     md = torchstow.save({"x": torch.ones(2, 3, dtype=torch.float16)}, ckpt, metadata={"epoch": 2})
     entry = md.state_dict_metadata["x"]
-    assert isinstance(entry, torchstow.TensorStorageMetadata)
+    assert isinstance(entry, torchstow.planning.TensorStorageMetadata)
     assert entry.properties.dtype == torch.float16
     assert entry.size == torch.Size([2, 3])
     assert [tuple(c.offsets) for c in entry.chunks] == [(0, 0)]

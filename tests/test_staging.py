@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from state_helpers import ALL_DTYPES
-from torchstow import CheckpointStagerConfig, DefaultStager, StateDictStager
+from torchstow.checkpointing import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.staging import stager as staging_module
 from torchstow.core.staging.arena import SHM_DIR, SegmentMapper, SharedMemoryArena
 from torchstow.core.staging.stager import accelerator_available

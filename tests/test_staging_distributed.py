@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 import torchstow
 from dist_pool import free_port
-from torchstow import (
+from torchstow import CheckpointException
+from torchstow.checkpointing import (
     BarrierConfig,
     CheckpointerConfig,
-    CheckpointException,
     ReplicationStager,
     StateDictStager,
     TCPStoreBarrier,

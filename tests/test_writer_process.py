@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import torchstow
-from torchstow import (
+from torchstow import CheckpointException
+from torchstow.checkpointing import (
     AsyncCheckpointer,
     CheckpointerConfig,
-    CheckpointException,
     CheckpointProcess,
     CheckpointProcessConfig,
     CheckpointStagerConfig,
@@ -279,7 +279,7 @@ def test_gpu_state_is_staged_into_pinned_shared_memory(tmp_path: Any) -> None:
 
 KILLED_TRAINER = """
 import sys, time, torch
-from torchstow import make_async_checkpointer
+from torchstow.checkpointing import make_async_checkpointer
 checkpointer = make_async_checkpointer()
 _, write = checkpointer.save(sys.argv[1], {"w": torch.randn(1000)})
 write.result(timeout=120)

@@ -83,7 +83,7 @@ def _target(
         call = "dcp.save" if kind == "writer" else "dcp.load"
         raise TypeError(
             f"storage_{kind} must be a torchstow Storage{kind.title()} (torchstow.storage_{kind}(uri), "
-            f"a subclass of torchstow.Storage{kind.title()}, or torchstow.dcp_storage_{kind}(uri)), got "
+            f"a subclass of torchstow.spi.Storage{kind.title()}, or torchstow.dcp_storage_{kind}(uri)), got "
             f"{type(storage).__name__}; a torch.distributed.checkpoint {kind} goes to {call}"
         )
     return storage

@@ -71,7 +71,7 @@ def to_torchstow(
 ) -> None:
     """Save the selection as a torchstow checkpoint at ``dst`` (any backend)."""
     state = _plan_state(selection, report)
-    writer = storage_writer(dst, overwrite=overwrite, **storage_options)
+    writer = storage_writer(dst, storage_options=storage_options, overwrite=overwrite)
     save_state_dict(
         state,
         writer,

@@ -51,13 +51,13 @@ def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> Checkpoi
     return checkpoint_info(text, backend.read_metadata(text))
 
 
-def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
-    """The committed checkpoints directly under ``prefix``, oldest first.
+def list_checkpoints(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
+    """The committed checkpoints directly under ``uri`` (a directory or prefix), oldest first.
 
     Ordered by step (see :func:`torchstow.management.steps.step_of`; none first),
     then by commit time. Incomplete and unreadable checkpoints are skipped.
     """
-    text, backend = backend_at(prefix, storage_options)
+    text, backend = backend_at(uri, storage_options)
     try:
         children = backend.list_children(text)
     except CheckpointNotFoundError:  # a bucket that does not exist (yet): nothing committed there
@@ -78,15 +78,13 @@ def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = No
     return found
 
 
-def latest(
-    prefix: Uri, *, storage_options: dict[str, Any] | None = None, verified: bool = False
-) -> str | None:
-    """The URI of the newest committed checkpoint under ``prefix``, or None.
+def latest(uri: Uri, *, storage_options: dict[str, Any] | None = None, verified: bool = False) -> str | None:
+    """The URI of the newest committed checkpoint under ``uri`` (a directory or prefix), or None.
 
     With ``verified=True``, the newest one whose every byte passes
     :func:`torchstow.verify` (older ones are tried in turn).
     """
-    found = list_checkpoints(prefix, storage_options=storage_options)
+    found = list_checkpoints(uri, storage_options=storage_options)
     if not verified:
         return found[-1].uri if found else None
     from torchstow.management.verify import verify

@@ -54,7 +54,8 @@ def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
 
 
 class CheckpointManager:
-    """Checkpoints of one run under ``root``, one ``<root>/step-<step>`` per save.
+    """Checkpoints of one run under ``uri`` (a directory or prefix, kept as ``.root``),
+    one ``<root>/step-<step>`` per save.
 
     After each save commits, checkpoints are pruned with ``keep_last`` and
     ``keep_every`` (as :func:`torchstow.prune`; no pruning when both are
@@ -78,7 +79,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        uri: str | os.PathLike[str],
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
@@ -86,7 +87,7 @@ class CheckpointManager:
         incremental: bool = False,
         process_group: Any = None,
     ) -> None:
-        self.root = os.fspath(root).rstrip("/") or "/"
+        self.root = os.fspath(uri).rstrip("/") or "/"
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.storage_options = storage_options

@@ -36,14 +36,14 @@ def plan_prune(
 
 
 def prune(
-    prefix: str | os.PathLike[str],
+    uri: str | os.PathLike[str],
     *,
     keep_last: int,
     keep_every: int | None = None,
     dry_run: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Delete older committed checkpoints directly under ``prefix``.
+    """Delete older committed checkpoints directly under ``uri`` (a directory or prefix).
 
     Keeps the newest ``keep_last`` (ordered by step, then commit time, as
     :func:`torchstow.latest` orders them), every checkpoint whose step is a
@@ -56,7 +56,7 @@ def prune(
     from torchstow.management.catalog import delete, list_checkpoints
 
     doomed = plan_prune(
-        list_checkpoints(prefix, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every
+        list_checkpoints(uri, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every
     )
     if not dry_run:
         for info in doomed:

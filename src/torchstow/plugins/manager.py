@@ -336,7 +336,7 @@ def check_option_types(backend: type[Backend], uri: str, options: dict[str, Any]
             )
 
 
-def open_backend(uri: str, **storage_options: Any) -> Backend:
+def open_backend(uri: str, storage_options: dict[str, Any] | None = None) -> Backend:
     """The backend that serves ``uri`` among the installed plugins, built with
     ``storage_options``: what a wrapper backend uses to reach the one it wraps."""
     return default_registry().backend_for(uri, storage_options)

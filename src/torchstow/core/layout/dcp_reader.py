@@ -17,6 +17,7 @@ import torch
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
+from torchstow.format.chunks import region
 from torchstow.format.files import DCP_METADATA
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from torchstow.format.validation import missing_file_error
@@ -47,10 +48,8 @@ class DcpItems:
                 continue
             if cached[0] != item.storage_index:
                 cached = (item.storage_index, self._chunk(item))
-            source = cached[1]
-            assert source is not None
-            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
-                source = source.narrow(dim, start, length)
+            assert cached[1] is not None
+            source = region(cached[1], item.storage_offsets, item.lengths)
             target = planner.resolve_tensor(item)
             with torch.no_grad():
                 target.copy_(source)

@@ -25,7 +25,8 @@ from torchstow.core.layout.read_plan import checksum_mismatch
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
-from torchstow.format.checksums import BlockVerifier
+from torchstow.format.checksums import BlockVerifier, block_bytes
+from torchstow.format.chunks import region
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import (
     EncodedLocations,
@@ -91,7 +92,7 @@ def _view(
         raise CorruptCheckpointError(f"{files.store.location}: {fqn!r} is not aligned for {dtype}")
     tensor = torch.empty(0, dtype=dtype).set_(storage, info.offset // dtype.itemsize, shape)  # type: ignore[call-overload]
     if verify:
-        verifier = BlockVerifier(0, info.checksums, info.block_size or info.length)
+        verifier = BlockVerifier(0, info.checksums, block_bytes(info.block_size, info.length))
         bad = verifier.feed(tensor_bytes(tensor))
         bad = verifier.end() if bad is None else bad
         if bad is not None:
@@ -127,10 +128,7 @@ def map_tensors(
         if whole is None:
             whole = torch.empty(entry.size, dtype=dtype)
             for chunk, view in parts:
-                region = whole
-                for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
-                    region = region.narrow(dim, start, length)
-                region.copy_(view)
+                region(whole, chunk.offsets, chunk.sizes).copy_(view)
         out[fqn] = whole
     return out
 

@@ -53,6 +53,9 @@ class ForwardingStorageWriter(StorageWriter):
     def abort(self) -> None:
         self.inner.abort()
 
+    def commit_outcome(self) -> bool | None:
+        return self.inner.commit_outcome()
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return True
