@@ -23,6 +23,7 @@ from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
 from torchstow.management.steps import step_of
+from torchstow.management.verify import verify
 from torchstow.plugins.resolve import Uri, backend_at
 
 __all__ = ["checkpoint_info", "delete", "info", "latest", "list_checkpoints"]
@@ -87,8 +88,6 @@ def latest(uri: Uri, *, storage_options: dict[str, Any] | None = None, verified:
     found = list_checkpoints(uri, storage_options=storage_options)
     if not verified:
         return found[-1].uri if found else None
-    from torchstow.management.verify import verify
-
     for candidate in reversed(found):
         report = verify(candidate.uri, storage_options=storage_options)
         if report.ok:

@@ -24,8 +24,10 @@ from torchstow.errors import (
 )
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
+from torchstow.management.catalog import info
 from torchstow.management.datafiles import Problem, Span, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
+from torchstow.management.listing import COMMITTED, scan
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
@@ -137,8 +139,8 @@ def _copy_dcp(
     metadata = decode_dcp_metadata(raw, source=f"{where}/{DCP_METADATA}")
     sizes = src_store.file_sizes() or {}
     needs: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needs[info.relative_path] = max(needs.get(info.relative_path, 0), info.offset + info.length)
+    for place in (metadata.storage_data or {}).values():
+        needs[place.relative_path] = max(needs.get(place.relative_path, 0), place.offset + place.length)
     for name, end in sorted(needs.items()):
         if name == DCP_METADATA or "/" in name:
             raise CorruptCheckpointError(f"{where}/{DCP_METADATA} names {name!r} as a data file")
@@ -333,9 +335,6 @@ def copy_run(
     with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
     checkpoint at any destination is an error before anything is copied, unless
     ``overwrite``."""
-    from torchstow.management.catalog import info
-    from torchstow.management.listing import COMMITTED, scan
-
     src = checkpoint_uri(src_prefix)
     dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)

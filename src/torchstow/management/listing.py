@@ -14,6 +14,7 @@ from torchstow.errors import (
     IncompleteCheckpointError,
 )
 from torchstow.format.manifest import CheckpointInfo
+from torchstow.management.catalog import checkpoint_info
 from torchstow.management.steps import step_of
 from torchstow.plugins.resolve import backend_at
 
@@ -51,7 +52,6 @@ class Entry:
 def _entry(backend: Backend, uri: str) -> Entry | None:
     """The checkpoint location ``uri``, or None when it is not one."""
     from torchstow.interop.sources import is_dcp
-    from torchstow.management.catalog import checkpoint_info
 
     try:
         info = checkpoint_info(uri, backend.read_metadata(uri))
