@@ -13,10 +13,6 @@ mirrors of DCP's ``_experimental`` API (checkpointers, stagers, barriers) live i
 
 from torchstow.api import (
     async_save,
-    delete,
-    info,
-    latest,
-    list_checkpoints,
     load,
     read,
     save,
@@ -46,6 +42,7 @@ from torchstow.format.manifest import CheckpointInfo, Metadata
 from torchstow.interop import dcp_storage_reader, dcp_storage_writer
 from torchstow.interop.convert import ConvertReport, convert
 from torchstow.management import CheckpointManager, VerifyReport, copy, prune, verify
+from torchstow.management.catalog import delete, info, latest, list_checkpoints
 
 __version__ = "0.1.0"
 

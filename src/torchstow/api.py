@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
+from torchstow.compat import dcp_calls
 from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
 from torchstow.core.layout.location import read_manifest
@@ -29,23 +29,15 @@ from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
-from torchstow.core.storage.store import ByteStore
 from torchstow.format.manifest import (
     Metadata,
     TensorStorageMetadata,
 )
 from torchstow.format.structure import build_nested
-from torchstow.interop import dcp_calls, dcp_format
-from torchstow.management.catalog import checkpoint_uri as _uri
-from torchstow.management.catalog import delete, info, latest, list_checkpoints
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.resolve import Uri, backend_at
 
 __all__ = [
     "async_save",
-    "delete",
-    "info",
-    "latest",
-    "list_checkpoints",
     "load",
     "read",
     "save",
@@ -54,16 +46,13 @@ __all__ = [
 ]
 
 
-Uri = str | os.PathLike[str]
-
-
 def storage_writer(
     uri: Uri, *, storage_options: dict[str, Any] | None = None, overwrite: bool = False
 ) -> StorageWriter:
     """A writer for a checkpoint at ``uri``, from the backend its scheme names,
     built with ``storage_options`` (for ``save(storage_writer=...)``)."""
-    text = _uri(uri)
-    return default_registry().backend_for(text, storage_options).storage_writer(text, overwrite=overwrite)
+    text, backend = backend_at(uri, storage_options)
+    return backend.storage_writer(text, overwrite=overwrite)
 
 
 def storage_reader(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> StorageReader:
@@ -72,8 +61,8 @@ def storage_reader(uri: Uri, *, storage_options: dict[str, Any] | None = None) -
 
     On byte-store backends it reads checkpoints written by stock ``dcp.save`` too.
     """
-    text = _uri(uri)
-    return dcp_format.detecting_reader(default_registry().backend_for(text, storage_options), text)
+    text, backend = backend_at(uri, storage_options)
+    return backend.storage_reader(text)
 
 
 _open_reader = storage_reader  # for load, whose ``storage_reader`` keyword hides the function
@@ -110,11 +99,10 @@ def _attach_base(
 ) -> None:
     """Make ``writer`` save incrementally against the committed checkpoint ``base``
     (read when the save starts, on every rank); ``slots`` finds remembered digests."""
-    text = _uri(base)
-    backend = default_registry().backend_for(text, storage_options)
+    text, backend = backend_at(base, storage_options)
     if not (isinstance(writer, LayoutWriter) and isinstance(backend, StoreBackend)):
         raise ValueError(f"base={text!r}: incremental saves need a file-like backend (local files, shm://)")
-    if type(writer.store).adopt is ByteStore.adopt:
+    if not writer.store.can_adopt():
         raise ValueError(
             f"base={text!r}: {writer.store.location} cannot share files between checkpoints (object "
             "stores cannot), so incremental saves are not supported there; save without base="
@@ -381,17 +369,17 @@ def read(
     block checksums, on copied and on mapped reads alike (mapping then costs
     the same whatever the size); the manifest and the file sizes are still checked.
     """
-    text = _uri(uri)
-    backend = default_registry().backend_for(text, storage_options)
+    text, backend = backend_at(uri, storage_options)
     if not verify and isinstance(backend, StoreBackend):
         backend.verify_checksums = False
-    reader = dcp_format.detecting_reader(backend, text)
+    reader = backend.storage_reader(text)
     metadata = reader.read_metadata()
     selected = _select(metadata, keys)
     require_data(reader, metadata, selected)  # before allocating what the manifest claims
     mapped: dict[str, Any] = {}
     if mmap:
-        mapped = map_checkpoint(backend, text, metadata, selected, verify=verify)
+        store = backend.open_store(text) if isinstance(backend, StoreBackend) else None
+        mapped = map_checkpoint(store, text, metadata, selected, verify=verify)
     flat: dict[str, Any] = {}
     for fqn in selected:
         entry = metadata.state_dict_metadata[fqn]

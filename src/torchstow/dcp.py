@@ -43,9 +43,9 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 
 from torchstow import api
+from torchstow.compat.dcp_types import dcp_metadata
 from torchstow.errors import CheckpointException
 from torchstow.interop.dcp_storage import DcpStorageReader, DcpStorageWriter
-from torchstow.interop.dcp_types import dcp_metadata
 from torchstow.plugins.manager import accepted_storage_options, default_registry
 
 __all__ = [

@@ -19,6 +19,7 @@ import torchstow.spi
 from torchstow import PluginConflictError, UnknownBackendError
 from torchstow.backends.filesystem import FileSystemBackend
 from torchstow.backends.fsspec import FsspecBackend
+from torchstow.cli import main
 from torchstow.plugins.manager import DISABLE_ENV, BackendRegistry, PluginManager, get_plugin_manager
 
 _PLUGIN = """
@@ -179,6 +180,53 @@ def test_a_broken_plugin_does_not_take_the_others_down(plugins: Plugins, tmp_pat
     assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
     with pytest.raises(UnknownBackendError, match="Plugins that failed to load: broken: ModuleNotFoundError"):
         registry.resolve("broken://x")
+
+
+def test_a_plugin_whose_hook_raises_is_listed_as_broken_by_torchstow_backends(
+    plugins: Plugins, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("alpha",))
+    plugins.add(
+        "raising-store",
+        "raising",
+        """
+        from torchstow.spi import hookimpl
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            raise RuntimeError("misconfigured")
+        """,
+    )
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "broken plugin 'raising': torchstow_register_backends raised RuntimeError: misconfigured" in out
+    assert "alpha" in out and "plugin 'alpha' (alpha-store 1.0)" in out  # the others still serve
+    torchstow.save({"w": torch.ones(2)}, f"alpha://{tmp_path}/ckpt", no_dist=True)
+
+
+def test_the_register_hook_is_called_through_pluggy(tmp_path: Path) -> None:
+    """pluggy's hook calling runs (its tracing and monitoring see each plugin's call),
+    not the implementations called around it."""
+    seen: list[tuple[str, list[str]]] = []
+
+    class Store:
+        @torchstow.spi.hookimpl
+        def torchstow_register_backends(self, register: object) -> None:
+            register(FileSystemBackend)  # type: ignore[operator]
+
+    pm = PluginManager()
+    pm.register(Store(), name="store")
+    pm.register(Store(), name="other")
+    pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: seen.append((name, [i.plugin_name for i in impls])),
+        lambda outcome, name, impls, kwargs: None,
+    )
+    registry = BackendRegistry(pm)
+    assert sorted(seen) == [
+        ("torchstow_register_backends", ["other"]),
+        ("torchstow_register_backends", ["store"]),
+    ]
+    assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
 
 
 def test_a_plugin_must_register_backend_classes_with_schemes(plugins: Plugins) -> None:

@@ -58,7 +58,7 @@ __all__ = [
     "WriterProcessTimeoutError",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 class WriterProcessError(TorchstowError, RuntimeError):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from torchstow.api import storage_reader, storage_writer
+
 __all__ = ["dcp_storage_reader", "dcp_storage_writer"]
 
 
@@ -24,7 +26,6 @@ def dcp_storage_writer(
     and ``dcp.async_save``. ``overwrite`` and ``storage_options`` are as in
     :func:`torchstow.save`.
     """
-    from torchstow.api import storage_writer
     from torchstow.interop.dcp_storage import DcpStorageWriter
 
     text = os.fspath(uri)
@@ -41,7 +42,6 @@ def dcp_storage_reader(
     Objects are handed to DCP's planner only once the restricted loader
     read them; those saved with full pickle need ``allow_pickle=True``.
     """
-    from torchstow.api import storage_reader
     from torchstow.interop.dcp_storage import DcpStorageReader
 
     text = os.fspath(uri)

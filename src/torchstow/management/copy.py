@@ -22,12 +22,14 @@ from torchstow.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from torchstow.format.files import MANIFEST
-from torchstow.management.catalog import checkpoint_uri
+from torchstow.format.dcp_metadata import decode_dcp_metadata
+from torchstow.format.files import DCP_METADATA, MANIFEST
+from torchstow.management.catalog import info
 from torchstow.management.datafiles import Problem, Span, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
+from torchstow.management.listing import COMMITTED, scan
 from torchstow.management.verify import ProgressCallback
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
 __all__ = ["RunCopy", "copy", "copy_destination", "copy_run"]
 
@@ -132,15 +134,13 @@ def _copy_dcp(
 ) -> None:
     """Copy a DCP checkpoint as DCP: the files its ``.metadata`` names, byte for byte
     (DCP records no checksums: their sizes are checked), then ``.metadata`` last."""
-    from torchstow.interop.dcp_format import DCP_METADATA, decode_dcp_metadata
-
     where = src_store.location
     raw = src_store.read_file(DCP_METADATA)
     metadata = decode_dcp_metadata(raw, source=f"{where}/{DCP_METADATA}")
     sizes = src_store.file_sizes() or {}
     needs: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needs[info.relative_path] = max(needs.get(info.relative_path, 0), info.offset + info.length)
+    for place in (metadata.storage_data or {}).values():
+        needs[place.relative_path] = max(needs.get(place.relative_path, 0), place.offset + place.length)
     for name, end in sorted(needs.items()):
         if name == DCP_METADATA or "/" in name:
             raise CorruptCheckpointError(f"{where}/{DCP_METADATA} names {name!r} as a data file")
@@ -277,9 +277,8 @@ def copy(
     """
     src = checkpoint_uri(src)
     dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst)))
-    registry = default_registry()
-    src_backend = registry.backend_for(src, src_storage_options)
-    dst_backend = registry.backend_for(dst, dst_storage_options)
+    src_backend = backend_at(src, src_storage_options)[1]
+    dst_backend = backend_at(dst, dst_storage_options)[1]
     try:
         inside = dst_backend.list_children(dst)
     except CheckpointNotFoundError:
@@ -336,9 +335,6 @@ def copy_run(
     with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
     checkpoint at any destination is an error before anything is copied, unless
     ``overwrite``."""
-    from torchstow.management.catalog import info
-    from torchstow.management.listing import COMMITTED, scan
-
     src = checkpoint_uri(src_prefix)
     dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)

@@ -7,10 +7,11 @@ import os
 from typing import Any
 
 from torchstow.format.manifest import CheckpointInfo
+from torchstow.management.catalog import delete, list_checkpoints
 
 __all__ = ["plan_prune", "prune"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def plan_prune(
@@ -53,8 +54,6 @@ def prune(
     each manifest first, so an interrupted prune leaves only whole
     checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
     """
-    from torchstow.management.catalog import delete, list_checkpoints
-
     doomed = plan_prune(
         list_checkpoints(uri, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every
     )

@@ -1,12 +1,38 @@
-"""Storage options for commands with two sides (copy, convert): which side takes which option."""
+"""From what a caller passes to a backend: a URI checked and canonicalised, the backend
+that serves it built with its storage options, and options split between two sides.
+
+Every entry point (``api``, ``management``, ``interop``, the CLI, the engines) resolves
+locations here, once, through the installed plugins' registry.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from torchstow.core.storage.backend import Backend
 from torchstow.plugins.manager import accepted_storage_options, default_registry
 
-__all__ = ["route_options"]
+__all__ = ["Uri", "backend_at", "checkpoint_uri", "route_options"]
+
+Uri = str | os.PathLike[str]
+
+
+def checkpoint_uri(uri: Uri) -> str:
+    """``uri`` as a string, as backends take it (see :meth:`BackendRegistry.canonical_uri`:
+    ``S3://b/x`` is ``s3://b/x``, ``s3:/b/x`` an error); a clear error for an empty or
+    non-path value."""
+    text = os.fspath(uri)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"a checkpoint URI must be a non-empty string or path, got {uri!r}")
+    return default_registry().canonical_uri(text)
+
+
+def backend_at(uri: Uri, storage_options: dict[str, Any] | None = None) -> tuple[str, Backend]:
+    """``uri`` canonicalised (:func:`checkpoint_uri`) and the backend serving it, built
+    with ``storage_options`` (checked against what the backend takes)."""
+    text = checkpoint_uri(uri)
+    return text, default_registry().backend_for(text, storage_options)
 
 
 def _accepted(uri: str) -> set[str] | None:
@@ -29,7 +55,7 @@ def route_options(
     *,
     dst_backend: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split storage options between a source and a destination.
+    """Split storage options between a source and a destination (copy, convert).
 
     Each option of ``common`` goes to each side whose backend takes it; a
     backend that takes any name (one that checks options itself) gets those

@@ -22,11 +22,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from torchstow.compat import dcp_types as conv
 from torchstow.core import planning as ts_plan
 from torchstow.errors import CorruptCheckpointError, PickleNotAllowedError
 from torchstow.format.leaves import JSON, PICKLE, TORCH, check_unpickling_allowed
 from torchstow.format.manifest import BytesStorageMetadata, Metadata
-from torchstow.interop import dcp_types as conv
 
 __all__ = [
     "DcpLoadPlannerAdapter",

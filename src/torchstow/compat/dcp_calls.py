@@ -124,7 +124,7 @@ def torchstow_save_planner(
         return default()
     if isinstance(planner, SavePlanner):
         return planner
-    from torchstow.interop.dcp_planners import DcpSavePlannerAdapter, is_dcp_save_planner
+    from torchstow.compat.dcp_planners import DcpSavePlannerAdapter, is_dcp_save_planner
 
     if is_dcp_save_planner(planner):
         return DcpSavePlannerAdapter(planner, allow_pickle=allow_pickle)
@@ -139,7 +139,7 @@ def torchstow_load_planner(
         return default()
     if isinstance(planner, LoadPlanner):
         return planner
-    from torchstow.interop.dcp_planners import DcpLoadPlannerAdapter, is_dcp_load_planner
+    from torchstow.compat.dcp_planners import DcpLoadPlannerAdapter, is_dcp_load_planner
 
     if is_dcp_load_planner(planner):
         return DcpLoadPlannerAdapter(planner, allow_pickle=allow_pickle)

@@ -9,7 +9,6 @@ so either library can rebuild the nesting of a checkpoint the other wrote.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,8 +18,15 @@ from torch.distributed.checkpoint import planner as dcp_plan
 
 from torchstow.core import planning as ts_plan
 from torchstow.format import manifest as ts_md
+from torchstow.format.dcp_metadata import (
+    planner_data_from_mappings,
+    ts_index,
+    ts_metadata_entries,
+    ts_props,
+    ts_tensor_entry,
+)
 from torchstow.format.leaves import TORCH
-from torchstow.format.structure import DICT, LIST, TUPLE, leaf_paths
+from torchstow.format.structure import LIST, TUPLE, leaf_paths
 
 __all__ = [
     "dcp_index",
@@ -39,20 +45,9 @@ __all__ = [
 ]
 
 
-def ts_index(index: dcp_md.MetadataIndex) -> ts_md.MetadataIndex:
-    """A DCP MetadataIndex as torchstow's."""
-    return ts_md.MetadataIndex(index.fqn, index.offset, index.index)
-
-
 def dcp_index(index: ts_md.MetadataIndex) -> dcp_md.MetadataIndex:
     """A torchstow MetadataIndex as DCP's."""
     return dcp_md.MetadataIndex(index.fqn, index.offset, index.index)
-
-
-def _ts_props(props: dcp_md.TensorProperties) -> ts_md.TensorProperties:
-    return ts_md.TensorProperties(
-        props.dtype, props.requires_grad, props.layout, props.memory_format, props.pin_memory
-    )
 
 
 def _dcp_props(props: ts_md.TensorProperties) -> dcp_md.TensorProperties:
@@ -65,30 +60,10 @@ def _dcp_props(props: ts_md.TensorProperties) -> dcp_md.TensorProperties:
     )
 
 
-def ts_tensor_entry(entry: dcp_md.TensorStorageMetadata) -> ts_md.TensorStorageMetadata:
-    """A DCP tensor entry as torchstow's."""
-    chunks = [ts_md.ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in entry.chunks]
-    return ts_md.TensorStorageMetadata(_ts_props(entry.properties), torch.Size(entry.size), chunks)
-
-
 def dcp_tensor_entry(entry: ts_md.TensorStorageMetadata) -> dcp_md.TensorStorageMetadata:
     """A torchstow tensor entry as DCP's."""
     chunks = [dcp_md.ChunkStorageMetadata(c.offsets, c.sizes) for c in entry.chunks]
     return dcp_md.TensorStorageMetadata(_dcp_props(entry.properties), entry.size, chunks)
-
-
-def ts_metadata_entries(
-    entries: Mapping[str, Any], encodings: Mapping[str, str] | None = None
-) -> dict[str, ts_md.STORAGE_TYPES]:
-    """DCP's ``state_dict_metadata`` as torchstow's; byte entries take their
-    encoding from ``encodings`` (default: bytes read back with ``torch.load(weights_only=True)``)."""
-    out: dict[str, ts_md.STORAGE_TYPES] = {}
-    for fqn, entry in entries.items():
-        if isinstance(entry, dcp_md.TensorStorageMetadata):
-            out[fqn] = ts_tensor_entry(entry)
-        else:
-            out[fqn] = ts_md.BytesStorageMetadata((encodings or {}).get(fqn, TORCH))
-    return out
 
 
 def dcp_metadata(md: ts_md.Metadata) -> dcp_md.Metadata:
@@ -124,27 +99,6 @@ def dcp_mappings(planner_data: Any, fqns: Any) -> dict[str, tuple[Any, ...]]:
     return mappings
 
 
-def planner_data_from_mappings(mappings: Any, fqns: Any) -> dict[str, Any]:
-    """torchstow's recorded structure from DCP's ``fqn -> path`` mappings.
-
-    A container is a list when the keys under it are integers, else a dict;
-    keys without a mapping are top-level. A path that is not a sequence of
-    strings and integers is a ValueError (before anything hashes it).
-    """
-    paths: dict[str, list[Any]] = {}
-    kinds: dict[tuple[Any, ...], str] = {(): DICT}
-    for fqn in fqns:
-        path = mappings.get(fqn, (fqn,)) if isinstance(mappings, Mapping) else (fqn,)
-        if not isinstance(path, tuple | list) or not all(type(p) in (str, int) for p in path):
-            raise ValueError(f"the planner_data path of {fqn!r} is not a sequence of keys and indices")
-        path = tuple(path)
-        paths[fqn] = list(path)
-        for depth in range(1, len(path)):
-            kinds.setdefault(path[:depth], LIST if isinstance(path[depth], int) else DICT)
-    containers = [[list(path), kind, 0] for path, kind in kinds.items()]
-    return {"containers": containers, "paths": paths}
-
-
 def ts_write_item(item: dcp_plan.WriteItem, encoding: str = TORCH) -> ts_plan.WriteItem:
     """A DCP WriteItem as torchstow's."""
     index = ts_index(item.index)
@@ -158,7 +112,7 @@ def ts_write_item(item: dcp_plan.WriteItem, encoding: str = TORCH) -> ts_plan.Wr
         if item.type == dcp_plan.WriteItemType.SHARD
         else ts_plan.WriteItemType.TENSOR
     )
-    data = ts_plan.TensorWriteData(chunk, _ts_props(td.properties), torch.Size(td.size))
+    data = ts_plan.TensorWriteData(chunk, ts_props(td.properties), torch.Size(td.size))
     return ts_plan.WriteItem(index, kind, data)
 
 
