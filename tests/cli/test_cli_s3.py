@@ -21,6 +21,7 @@ from torchstow.format.files import is_data_file
 from torchstow.testing import assert_same_state
 
 from cli_helpers import COMMAND, S3_KEYS, assert_one_line_error, fails, invoke, json_doc, run
+from waits import wait_until
 
 NO_AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
@@ -106,11 +107,13 @@ def _interrupted(args: list[str], env: dict[str, str], started: Callable[[], boo
     proc = subprocess.Popen(
         [COMMAND, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+
+    def under_way() -> bool:
+        assert proc.poll() is None, proc.communicate()  # it must not have ended already
+        return started()
+
     try:
-        deadline = time.monotonic() + 120
-        while not started():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.01)
+        wait_until(under_way, 120, "the copy to start")
         interrupted = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
