@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from typing import Any, ClassVar
 
 import pytest
@@ -18,6 +17,8 @@ import torch
 import torchstow
 from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner, WriteItem
+
+from waits import wait_until
 
 
 class Opaque:
@@ -265,16 +266,14 @@ def test_killed_saver_leaves_an_incomplete_checkpoint_that_latest_skips(tmp_path
     torchstow.save({"big": torch.zeros(4)}, str(root / "step-1"))
     target = str(root / "step-2")
     proc = subprocess.Popen([sys.executable, "-c", CRASHING_SAVER, target])
+
+    def wrote_data() -> bool:
+        assert proc.poll() is None, "the saver exited early"
+        files = os.listdir(target) if os.path.isdir(target) else []
+        return any(f.endswith(".bin") and os.path.getsize(os.path.join(target, f)) for f in files)
+
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            files = os.listdir(target) if os.path.isdir(target) else []
-            if any(f.endswith(".bin") and os.path.getsize(os.path.join(target, f)) for f in files):
-                break
-            assert proc.poll() is None, "the saver exited early"
-            time.sleep(0.05)
-        else:
-            pytest.fail("the saver never wrote data")
+        wait_until(wrote_data, 120, "the saver to write data")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

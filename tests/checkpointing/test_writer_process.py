@@ -36,6 +36,8 @@ from torchstow.checkpointing import (
 from torchstow.checkpointing.writer_messages import pack_state_dict, unpack_state_dict
 from torchstow.core.staging.arena import SHM_DIR, SegmentMapper
 
+from waits import wait_until
+
 pytestmark = pytest.mark.slow
 
 
@@ -56,7 +58,14 @@ class LoggingHook(WriterHook):
     def pre_commit(self, path: str, **kwargs: Any) -> None:
         if kwargs.get("fail"):
             raise ValueError("the hook refused")
-        time.sleep(kwargs.get("stall", 0))
+        if kwargs.get("stall"):
+            open(self.stalling(path), "w").close()  # the gate tests wait on: the write is under way
+            time.sleep(kwargs["stall"])  # a writer held mid-write on purpose, until it is killed
+
+    @staticmethod
+    def stalling(path: str) -> str:
+        """The file a stalled ``pre_commit`` of ``path`` creates once it stalls."""
+        return f"{path}.stalling"
 
     def post_commit(self, path: str, **kwargs: Any) -> None:
         with open(self.log, "a") as f:
@@ -231,7 +240,7 @@ def test_close_kills_a_writer_that_does_not_stop(hook: LoggingHook, tmp_path: An
     checkpointer = make_async_checkpointer(_config(shutdown_timeout=1.0), commit_hook=hook)
     _, write = checkpointer.save(str(tmp_path / "c"), _state(), stall=120)
     checkpointer.process.wait_started(60)
-    time.sleep(0.5)  # the write is under way
+    wait_until(lambda: os.path.exists(hook.stalling(str(tmp_path / "c"))), 60, "the write to stall")
     start = time.monotonic()
     checkpointer.close()
     assert time.monotonic() - start < 15
@@ -244,7 +253,7 @@ def test_a_crashed_writer_is_detected(hook: LoggingHook, tmp_path: Any) -> None:
     checkpointer = make_async_checkpointer(_config(), commit_hook=hook)
     checkpointer.process.wait_started(60)
     _, write = checkpointer.save(str(tmp_path / "c"), _state(), stall=120)
-    time.sleep(0.5)
+    wait_until(lambda: os.path.exists(hook.stalling(str(tmp_path / "c"))), 60, "the write to stall")
     pid = checkpointer.process.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -301,10 +310,11 @@ def test_a_killed_trainer_leaks_no_shared_memory(tmp_path: Any) -> None:
         assert [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]  # the unsent segment
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(30)
-        deadline = time.monotonic() + 30
-        while [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]:
-            assert time.monotonic() < deadline, "the writer process left the dead trainer's segments"
-            time.sleep(0.1)
+        wait_until(
+            lambda: not [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)],
+            30,
+            "the writer process to remove the dead trainer's segments",
+        )
         assert writer_pid != trainer.pid
     finally:
         trainer.kill()

@@ -6,8 +6,7 @@ import gc
 import io
 import os
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import pytest
@@ -93,8 +92,9 @@ def test_a_save_waits_for_the_previous_one_to_finish_writing(tmp_path: Any) -> N
     buffers = stager.cache_stats()
     with ThreadPoolExecutor(1) as pool:
         second = pool.submit(torchstow.async_save, sd, tmp_path / "b", stager=stager)
-        time.sleep(0.3)
-        assert not second.done()  # it would overwrite the buffers the first save is writing
+        # it would overwrite the buffers the first save is writing: it must not finish while the
+        # first is held (a window, for what must not happen has no event to wait on)
+        assert not wait([second], timeout=0.3).done
         gate.set()
         second.result(timeout=30).result(timeout=30)
     assert first.done()
