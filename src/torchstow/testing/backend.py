@@ -66,7 +66,6 @@ class BackendConformance(ConformanceBase):
 
     byte_access: ClassVar[bool] = True
     concurrent_saves: ClassVar[bool] = True
-    exclusive_commits: ClassVar[bool] = True
 
     # -- fixtures a backend overrides ------------------------------------------------
 
