@@ -82,7 +82,7 @@ class ByteStoreConformance(ConformanceBase):
 
     threads: ClassVar[int] = 8  # writers that share one store instance in the concurrency test
     racers: ClassVar[int] = 8
-    race_rounds: ClassVar[int] = 25
+    race_rounds: ClassVar[int] = 100
     race_seconds: ClassVar[float] = 20.0
     shared_between_processes: ClassVar[bool] = True
     fork_timeout: ClassVar[float] = 60.0
@@ -342,8 +342,9 @@ class ByteStoreConformance(ConformanceBase):
         if not self.exclusive_commits:
             pytest.skip(f"{type(self).__name__} declares no exclusive commits (exclusive_commits = False)")
         location = self.uri(root_uri, "race")
+        checker = open_store(location)
+        checker.prepare()
         stores = [open_store(location) for _ in range(self.racers)]
-        stores[0].prepare()
         for store in stores:
             store.list_files()  # connections and clients are set up before the race
             for query in ("list_files", "read_file", "file_sizes"):
@@ -355,11 +356,11 @@ class ByteStoreConformance(ConformanceBase):
             for round_ in range(self.race_rounds):
                 if round_ and time.monotonic() > deadline:
                     break
-                self._race_once(stores, f"race-{round_}.json", round_)
+                self._race_once(stores, checker, f"race-{round_}.json", round_)
         finally:
             sys.setswitchinterval(switch_interval)
 
-    def _race_once(self, stores: list[ByteStore], name: str, round_: int) -> None:
+    def _race_once(self, stores: list[ByteStore], checker: ByteStore, name: str, round_: int) -> None:
         start = threading.Barrier(len(stores))
         outcomes: list[object] = [None] * len(stores)
 
@@ -385,7 +386,7 @@ class ByteStoreConformance(ConformanceBase):
             f"{len(winners)} of {len(stores)} publish_new calls racing on the new name {name!r} "
             f"succeeded (round {round_ + 1}); exactly one may, the others must raise FileExistsError"
         )
-        got = stores[0].read_file(name)
+        got = checker.read_file(name)
         assert got == f"racer {winners[0]}".encode(), (
             f"{name!r} holds {got!r}, not the bytes of the racer whose publish_new succeeded"
         )
