@@ -154,7 +154,8 @@ class ByteStoreConformance(ConformanceBase):
         "a ranged read that the file cannot fill whole is CorruptCheckpointError",
         "compare the bytes each ranged request got with the buffer's length (a short answer at "
         "the end of the file is not an error to the medium) and raise "
-        "torchstow.spi.CorruptCheckpointError naming the file and offset when fewer came back",
+        "torchstow.spi.CorruptCheckpointError('<location>/<name> is truncated at offset ...') "
+        "when fewer came back",
     )
     def test_short_read_is_corrupt(self, store: ByteStore) -> None:
         data = _pattern(100, 4)
@@ -173,7 +174,10 @@ class ByteStoreConformance(ConformanceBase):
             buffers = [(offset, memoryview(bytearray(n))) for offset, n in requests]
             try:
                 store.read_into("data-0", buffers)
-            except CorruptCheckpointError:
+            except CorruptCheckpointError as exc:
+                assert "data-0" in str(exc) and "truncated" in str(exc), (
+                    f"the error of a read {case} does not say 'data-0 ... is truncated': {exc}"
+                )
                 continue
             raise AssertionError(f"a read {case} of a 100-byte file ({requests}) raised nothing")
 
