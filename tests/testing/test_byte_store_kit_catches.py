@@ -151,6 +151,14 @@ class SharedConnection(SqliteStore):
         return conn.execute(sql, args).fetchall()
 
 
+class MissingReadsEmpty(SqliteStore):
+    """Reads a missing file as empty instead of raising FileNotFoundError."""
+
+    def read_file(self, name: str) -> bytes:
+        rows = self._run("SELECT data FROM files WHERE dir = ? AND name = ?", (self.dir, name))
+        return bytes(rows[0][0]) if rows else b""  # type: ignore[arg-type]
+
+
 class ShortAtEnd(SqliteStore):
     """Copies what a ranged read got, never checking that it filled the buffer."""
 
@@ -238,6 +246,7 @@ def test_a_correct_store_passes(test_name: str, tmp_path: Path) -> None:
         (DefaultPublishNew, "test_publish_new_is_exclusive_under_a_race", "publish_new is exclusive"),
         (ListingInMemory, "test_another_process_sees_listing_and_publish", "another process sees"),
         (SharedConnection, "test_works_in_a_process_forked_after_use", "forked after the store was used"),
+        (MissingReadsEmpty, "test_missing_file_is_file_not_found", "a missing file is FileNotFoundError"),
         (ShortAtEnd, "test_short_read_is_corrupt", "cannot fill whole is CorruptCheckpointError"),
         (ShortOnlyFirst, "test_short_read_is_corrupt", "cannot fill whole is CorruptCheckpointError"),
         (

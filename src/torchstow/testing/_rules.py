@@ -11,6 +11,8 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import pytest
+
 __all__ = ["broken", "rule"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,8 +35,9 @@ def rule(rule_text: str, fix: str) -> Callable[[F], F]:
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 return test(*args, **kwargs)
-            except Exception as exc:
-                what = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
+            except (Exception, pytest.fail.Exception) as exc:  # pytest.raises that saw nothing fails
+                checked = isinstance(exc, (AssertionError, pytest.fail.Exception))
+                what = str(exc) if checked else f"{type(exc).__name__}: {exc}"
                 if what.startswith("rule broken: "):
                     raise
                 raise AssertionError(broken(rule_text, what or type(exc).__name__, fix)) from exc
