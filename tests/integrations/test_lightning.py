@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +16,7 @@ from torchstow.integrations.lightning import (
     TorchstowCheckpointIO,
     last_checkpoint,
 )
+from torchstow.testing import run_ranks
 
 
 class Tiny(pl.LightningModule):
@@ -98,3 +100,87 @@ def test_fit_prunes_and_resumes_from_last(run: tuple[str, dict[str, Any]], plugi
     assert resumed.start_weight is not None
     assert torch.equal(resumed.start_weight, saved["state_dict"]["layer.weight"])
     assert _names(root, options) == ["epoch=2-step=5.ckpt", "last.ckpt"]
+
+
+def _ddp_fit(
+    rank: int,
+    world_size: int,
+    root: str,
+    options: dict[str, Any],
+    plugin: str,
+    env: dict[str, str],
+    max_steps: int,
+    resume: str | None,
+) -> dict[str, Any]:
+    """One rank of a 2-process DDP run on the CPU, in the gloo group run_ranks made (Lightning
+    finds it initialized and uses it); returns what rank 0 and the others saw."""
+    import fsspec
+
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "LOCAL_RANK": str(rank),
+            "NODE_RANK": "0",
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29400",
+        }
+    )
+    if root.startswith("s3://"):
+        fsspec.config.conf["s3"] = dict(options)
+    io = {"sync": TorchstowCheckpointIO, "async": AsyncTorchstowCheckpointIO}[plugin](options)
+    model = Tiny()
+    trainer = pl.Trainer(
+        default_root_dir=root,
+        plugins=[io],
+        strategy="ddp",
+        devices=world_size,
+        num_nodes=1,
+        max_steps=max_steps,
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=f"{root}/checkpoints", every_n_train_steps=1, save_top_k=1, save_last=True
+            )
+        ],
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, ckpt_path=resume)
+    io.teardown()
+    return {
+        "steps": model.steps,
+        "global_step": trainer.global_step,
+        "weight": model.layer.weight.detach().tolist(),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "plugin"), [("local", "sync"), ("shm", "async"), ("s3", "sync")])
+def test_ddp_two_processes_fit_prune_and_resume(
+    backend: str, plugin: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    env: dict[str, str] = {}
+    options: dict[str, Any] = {}
+    if backend == "local":
+        root = str(tmp_path / "run")
+    elif backend == "shm":
+        env["TORCHSTOW_SHM_DIR"] = request.getfixturevalue("shm_dir")
+        root = "shm://run"
+        os.environ["TORCHSTOW_SHM_DIR"] = env["TORCHSTOW_SHM_DIR"]
+    else:
+        root, options = request.getfixturevalue("s3_run")
+    try:
+        first = run_ranks(_ddp_fit, root, options, plugin, env, 3, None, world_size=2, timeout=240)
+        assert [r["global_step"] for r in first] == [3, 3]
+        assert _names(root, options) == ["epoch=2-step=3.ckpt", "last.ckpt"]
+        saved = torchstow.read(f"{root}/checkpoints/last.ckpt", storage_options=options)
+        assert saved["state_dict"]["layer.weight"].tolist() == first[0]["weight"] == first[1]["weight"]
+        last = "last" if backend != "s3" else last_checkpoint(f"{root}/checkpoints", options)
+        again = run_ranks(_ddp_fit, root, options, plugin, env, 5, last, world_size=2, timeout=240)
+        assert [(r["steps"], r["global_step"]) for r in again] == [(2, 5), (2, 5)]
+        assert _names(root, options) == ["epoch=4-step=5.ckpt", "last.ckpt"]
+    finally:
+        os.environ.pop("TORCHSTOW_SHM_DIR", None)
