@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -184,3 +185,88 @@ def test_ddp_two_processes_fit_prune_and_resume(
         assert _names(root, options) == ["epoch=4-step=5.ckpt", "last.ckpt"]
     finally:
         os.environ.pop("TORCHSTOW_SHM_DIR", None)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """A value only full pickle can store."""
+
+    warmup: int
+
+
+def _checkpoint(step: int) -> dict[str, Any]:
+    return {"state_dict": {"w": torch.full((4,), float(step))}, "global_step": step, "epoch": 0}
+
+
+def test_the_checkpoint_resumed_from_stays_until_a_newer_one_commits(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = str(tmp_path / "epoch=0-step=3.ckpt"), str(tmp_path / "epoch=0-step=4.ckpt")
+    torchstow.save(_checkpoint(3), old)
+    io = TorchstowCheckpointIO()
+    assert io.load_checkpoint(old)["global_step"] == 3
+    io.remove_checkpoint(old)  # what Lightning does on s3:// before anything newer exists
+    assert torchstow.info(old).user_metadata == {}
+    assert "resumed from it and no newer checkpoint has been committed" in caplog.text
+    io.save_checkpoint(_checkpoint(4), new)
+    io.remove_checkpoint(old)
+    assert [i.uri for i in torchstow.list_checkpoints(str(tmp_path))] == [new]
+    assert torchstow.info(new).step == 4
+
+
+def test_async_removal_waits_for_the_newer_save_and_is_skipped_if_it_failed(tmp_path: Any) -> None:
+    old = str(tmp_path / "old.ckpt")
+    torchstow.save(_checkpoint(3), old)
+    io = AsyncTorchstowCheckpointIO()
+    io.load_checkpoint(old)
+    slow = f"faulty+file://{tmp_path}/slow.ckpt?fail=finish&mode=delay&seconds=1"
+    io.save_checkpoint(_checkpoint(4), slow)
+    io.remove_checkpoint(old)
+    assert torchstow.info(old).nbytes > 0  # the newer save has not committed: old stays
+    io.teardown()
+    assert [i.uri.rsplit("/", 1)[1] for i in torchstow.list_checkpoints(str(tmp_path))] == ["slow.ckpt"]
+
+    io = AsyncTorchstowCheckpointIO()
+    io.load_checkpoint(f"{tmp_path}/slow.ckpt")
+    io.save_checkpoint(_checkpoint(5), f"faulty+file://{tmp_path}/broken.ckpt?fail=finish&exc=OSError")
+    io.remove_checkpoint(f"{tmp_path}/slow.ckpt")
+    with pytest.raises(torchstow.CheckpointException, match="OSError"):
+        io.teardown()
+    assert torchstow.read(f"{tmp_path}/slow.ckpt")["global_step"] == 4  # kept: the newer one failed
+
+
+@pytest.mark.slow
+def test_non_tensor_parts_need_no_pickle_and_other_objects_name_their_key(tmp_path: Any) -> None:
+    root = str(tmp_path / "run")
+    _trainer(root, TorchstowCheckpointIO(), 1, save_top_k=1).fit(Tiny())
+    uri = f"{root}/checkpoints/epoch=0-step=1.ckpt"
+    entries = torchstow.storage_reader(uri).read_metadata().state_dict_metadata
+    encodings = {getattr(e, "encoding", "tensor") for e in entries.values()}
+    assert encodings <= {"tensor", "json", "torch"}, encodings
+    checkpoint = torchstow.read(uri)
+    assert checkpoint["pytorch-lightning_version"] and checkpoint["global_step"] == 1
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == 0.01
+
+    checkpoint["hyper_parameters"] = {"schedule": Schedule(warmup=3)}
+    with pytest.raises(torchstow.PickleNotAllowedError, match=r"hyper_parameters\.schedule.*allow_pickle"):
+        TorchstowCheckpointIO().save_checkpoint(checkpoint, f"{root}/objects.ckpt")
+    trusting = TorchstowCheckpointIO(allow_pickle=True)
+    trusting.save_checkpoint(checkpoint, f"{root}/objects.ckpt")
+    assert isinstance(
+        trusting.load_checkpoint(f"{root}/objects.ckpt")["hyper_parameters"]["schedule"], Schedule
+    )
+    with pytest.raises(torchstow.PickleNotAllowedError, match=r"hyper_parameters\.schedule.*allow_pickle"):
+        TorchstowCheckpointIO().load_checkpoint(f"{root}/objects.ckpt")
+
+
+@pytest.mark.slow
+def test_last_as_a_link_on_local_paths(tmp_path: Any) -> None:
+    root = str(tmp_path / "run")
+    _trainer(root, TorchstowCheckpointIO(), 3, save_top_k=1, save_last="link").fit(Tiny())
+    link = f"{root}/checkpoints/last.ckpt"
+    assert os.path.islink(link)
+    assert os.readlink(link) == "epoch=1-step=3.ckpt"
+    resumed = Tiny()
+    trainer = _trainer(root, TorchstowCheckpointIO(), 4, save_top_k=1, save_last="link")
+    trainer.fit(resumed, ckpt_path="last")
+    assert resumed.steps == 1 and os.readlink(link) == "epoch=1-step=4.ckpt"
