@@ -104,7 +104,8 @@ class TorchstowCheckpointIO(CheckpointIO):
             allow_pickle=self.allow_pickle,
             metadata=_metadata(checkpoint),
         )
-        self._committed()
+        with self._lock:
+            self._commits += 1
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
@@ -140,10 +141,6 @@ class TorchstowCheckpointIO(CheckpointIO):
             )
         return {**self.storage_options, **extra}
 
-    def _committed(self) -> None:
-        with self._lock:
-            self._commits += 1
-
     def _key(self, uri: str) -> str:
         """``uri`` spelled one way, so a checkpoint Lightning names as a local path (shm://
         resolved through fsspec, say) and as a URI compares equal."""
@@ -156,11 +153,15 @@ class TorchstowCheckpointIO(CheckpointIO):
             return os.path.realpath(uri)
         return uri.rstrip("/")
 
-    def _may_remove(self, uri: str) -> bool:
+    def _newer_committed(self, key: str) -> bool:
+        """Whether ``key`` is no checkpoint the run resumed from, or a newer one has committed since."""
         with self._lock:
-            loaded_at = self._resumed.get(self._key(uri))
-            if loaded_at is None or self._commits > loaded_at:
-                return True
+            loaded_at = self._resumed.get(key)
+            return loaded_at is None or self._commits > loaded_at
+
+    def _may_remove(self, uri: str) -> bool:
+        if self._newer_committed(self._key(uri)):
+            return True
         logger.warning(
             "not removing %s: the run resumed from it and no newer checkpoint has been committed yet", uri
         )
@@ -179,10 +180,10 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
 
     def __init__(self, storage_options: dict[str, Any] | None = None, *, allow_pickle: bool = False) -> None:
         super().__init__(storage_options, allow_pickle=allow_pickle)
-        self._pending: list[Any] = []  # AsyncSave handles not yet known to be over
+        self._saves: list[Any] = []  # AsyncSave handles since the last load, in call order
         self._removals: list[Future[None]] = []
         self._remover: ThreadPoolExecutor | None = None
-        self._error: BaseException | None = None
+        self._reported = 0  # how many of _saves were checked for a failure
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -197,23 +198,24 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
             allow_pickle=self.allow_pickle,
             metadata=_metadata(checkpoint),
         )
-        saving.add_done_callback(self._save_over)
         with self._lock:
-            self._pending.append(saving)
+            self._saves.append(saving)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         self._wait()
+        self._raise_failed()
+        with self._lock:
+            self._saves, self._reported = [], 0
         return super().load_checkpoint(path, map_location, weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
         with self._lock:
-            before = list(self._pending)
+            before = list(self._saves)
             if self._remover is None:
                 self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchstow-lightning")
-            remover = self._remover
-        self._removals.append(remover.submit(self._remove_after, path, before))
+            self._removals.append(self._remover.submit(self._remove_after, path, before))
 
     def teardown(self) -> None:
         """Wait for every save and removal; raise the first save that failed."""
@@ -226,40 +228,45 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _save_over(self, saving: Any) -> None:
-        error = saving.exception()
+    def _newer_committed(self, key: str) -> bool:
+        # Every save in _saves was asked for after the last load.
         with self._lock:
-            if error is None:
-                self._commits += 1
-            elif self._error is None:
-                self._error = error
+            if key not in self._resumed:
+                return True
+            return any(s.done() and s.exception() is None for s in self._saves)
 
     def _remove_after(self, path: Any, saves: list[Any]) -> None:
         for saving in saves:
             saving.wait()
-        failed = [s for s in saves if s.exception() is not None]
+        failed = [s.exception() for s in saves if s.exception() is not None]
         if failed:
-            logger.warning(
-                "not removing %s: a checkpoint saved before it failed (%s)", path, failed[0].exception()
-            )
+            logger.warning("not removing %s: a checkpoint saved before it failed (%s)", path, failed[0])
             return
         TorchstowCheckpointIO.remove_checkpoint(self, path)
 
     def _wait(self) -> None:
         with self._lock:
-            pending, self._pending = self._pending, []
+            saves = list(self._saves)
             removals, self._removals = self._removals, []
-        for saving in pending:
+        for saving in saves:
             saving.wait()
         for removal in removals:
             removal.result()
 
     def _raise_failed(self) -> None:
+        """Raise the first failure among the saves that ended since the last check."""
         with self._lock:
-            error, self._error = self._error, None
-            self._pending = [s for s in self._pending if not s.done()]
-        if error is not None:
-            raise error
+            ended = 0
+            for saving in self._saves[self._reported :]:
+                if not saving.done():
+                    break
+                ended += 1
+            checked = self._saves[self._reported : self._reported + ended]
+            self._reported += ended
+        for saving in checked:
+            error = saving.exception()
+            if error is not None:
+                raise error
 
 
 _LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
@@ -271,7 +278,7 @@ def last_checkpoint(dirpath: str, storage_options: dict[str, Any] | None = None)
     resolve it (fsspec lists ``s3://`` keys without their scheme)."""
     found = torchstow.list_checkpoints(dirpath, storage_options=storage_options)
     last = [info for info in found if _LAST.match(info.uri.rstrip("/").rsplit("/", 1)[-1])]
-    return max(last, key=lambda info: info.committed_at).uri if last else None
+    return max(last, key=lambda info: info.committed_at or 0.0).uri if last else None
 
 
 def _metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:
