@@ -432,6 +432,10 @@ class ByteStoreConformance(ConformanceBase):
                 here.read_file("data-parent")
             listed = sorted(here.list_files())
             assert listed == sorted([MANIFEST, "data-child"]), f"{after}, {which} lists {listed}"
+            sizes = here.file_sizes()
+            assert sizes is None or sizes == {MANIFEST: 2, "data-child": 5}, (
+                f"{after}, {which} gives the file sizes {sizes}"
+            )
 
     @rule(
         "a store opened in a process forked after the store was used works there, on its own "
