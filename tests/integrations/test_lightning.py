@@ -257,6 +257,8 @@ def test_non_tensor_parts_need_no_pickle_and_other_objects_name_their_key(tmp_pa
     )
     with pytest.raises(torchstow.PickleNotAllowedError, match=r"hyper_parameters\.schedule.*allow_pickle"):
         TorchstowCheckpointIO().load_checkpoint(f"{root}/objects.ckpt")
+    loaded = TorchstowCheckpointIO().load_checkpoint(f"{root}/objects.ckpt", weights_only=False)
+    assert loaded["hyper_parameters"]["schedule"] == Schedule(warmup=3)
 
 
 @pytest.mark.slow

@@ -110,9 +110,11 @@ class TorchstowCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        """The checkpoint at ``path``, tensors on the CPU (or where ``map_location`` says)."""
+        """The checkpoint at ``path``, tensors on the CPU (or where ``map_location`` says).
+        ``weights_only=False`` (Lightning's "I trust this checkpoint") allows pickled values."""
         uri = _location(path)
-        checkpoint = torchstow.read(uri, storage_options=self.storage_options, allow_pickle=self.allow_pickle)
+        trusted = self.allow_pickle or weights_only is False
+        checkpoint = torchstow.read(uri, storage_options=self.storage_options, allow_pickle=trusted)
         with self._lock:
             self._resumed[self._key(uri)] = self._commits
         if isinstance(map_location, str | torch.device):  # functions and dicts: left on the CPU
