@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,18 @@ class CheckThenInsert(SqliteStore):
         if self._run("SELECT 1 FROM files WHERE dir = ? AND name = ?", (self.dir, name)):
             raise FileExistsError(f"{self.location}/{name} exists")
         self.publish(name, data)
+
+
+_PUBLISHING = threading.Lock()
+
+
+class CheckThenInsertUnderALock(CheckThenInsert):
+    """The check and the insert under one lock of this process: exclusive among its threads,
+    not among processes (other ranks, another job)."""
+
+    def publish_new(self, name: str, data: bytes) -> None:
+        with _PUBLISHING:
+            super().publish_new(name, data)
 
 
 _NAMES: dict[tuple[str, str], set[str]] = {}
@@ -269,10 +282,12 @@ def test_each_defect_is_caught_with_its_rule(
     assert "\nhow to fix: " in message, message
 
 
-def test_a_check_then_insert_in_sql_is_caught_every_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", [CheckThenInsert, CheckThenInsertUnderALock], ids=lambda k: k.__name__)
+def test_a_check_then_insert_in_sql_is_caught_every_time(kind: type[SqliteStore], tmp_path: Path) -> None:
     """The defect of the blind plugin: a SELECT, then an INSERT, with no check the kit can slow
-    down. The kit's racers on fresh names still catch it, run after run."""
+    down, even under a lock of its process. The kit's racers in two processes, on fresh names,
+    still catch it, run after run."""
     for run in range(5):
         (tmp_path / str(run)).mkdir()
         with pytest.raises(AssertionError, match="rule broken: publish_new is exclusive"):
-            _run("test_publish_new_is_exclusive_under_a_race", CheckThenInsert, tmp_path / str(run))
+            _run("test_publish_new_is_exclusive_under_a_race", kind, tmp_path / str(run))

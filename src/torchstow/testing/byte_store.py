@@ -9,12 +9,13 @@ from your :class:`~torchstow.StoreBackend` (override ``store_backend`` or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import pytest
@@ -27,7 +28,7 @@ from torchstow.spi import (
     open_backend,
     temporary_name,
 )
-from torchstow.testing._fork import can_fork, run_forked
+from torchstow.testing._fork import ForkedWorker, can_fork, run_forked
 from torchstow.testing._rules import rule
 from torchstow.testing.base import ConformanceBase
 
@@ -66,6 +67,82 @@ def _widened(method: Callable[..., Any], delay: float) -> Callable[..., Any]:
             time.sleep(delay)
 
     return slow
+
+
+def _racing_stores(open_store: Callable[[str], ByteStore], location: str, count: int) -> list[ByteStore]:
+    """``count`` stores at ``location``, set up, whose query methods answer late (:func:`_widened`)."""
+    stores = [open_store(location) for _ in range(count)]
+    for store in stores:
+        store.list_files()  # connections and clients are set up before the race
+        for query in ("list_files", "read_file", "file_sizes"):
+            setattr(store, query, _widened(getattr(store, query), 0.02))
+    return stores
+
+
+def _race(stores: list[ByteStore], name: str, tag: str) -> list[tuple[bytes, str]]:
+    """``publish_new(name)`` on every store at once, from threads released by a barrier, the GIL
+    switching every microsecond: ``(bytes published, "won" | "lost" | the error)`` for each."""
+    start = threading.Barrier(len(stores))
+    payloads = [f"{tag} racer {i}".encode() for i in range(len(stores))]
+    outcomes = ["not run"] * len(stores)
+
+    def race(i: int) -> None:
+        try:
+            start.wait(timeout=60)
+            stores[i].publish_new(name, payloads[i])
+            outcomes[i] = "won"
+        except FileExistsError:
+            outcomes[i] = "lost"
+        except BaseException as exc:
+            outcomes[i] = repr(exc)
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(len(stores))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    return list(zip(payloads, outcomes, strict=True))
+
+
+@contextlib.contextmanager
+def _racers(
+    open_store: Callable[[str], ByteStore], location: str, count: int, processes: bool, timeout: float
+) -> Iterator[Callable[[str], list[tuple[bytes, str]]]]:
+    """``race(name)``: ``count`` racers on ``name``, split between two forked processes where
+    ``processes`` (and fork) allow, else threads of this process."""
+    if not (processes and can_fork() and count >= 2):
+        stores = _racing_stores(open_store, location, count)
+        yield lambda name: _race(stores, name, "here")
+        return
+
+    def serve_with(share: int, tag: str) -> Callable[[str], list[tuple[bytes, str]]]:
+        stores: list[ByteStore] = []
+
+        def serve(name: str) -> list[tuple[bytes, str]]:
+            if not stores:  # opened in the child, after the fork
+                stores.extend(_racing_stores(open_store, location, share))
+            return _race(stores, name, tag)
+
+        return serve
+
+    shares = [count // 2, count - count // 2]
+    workers = [ForkedWorker(serve_with(n, f"process {i}"), timeout=timeout) for i, n in enumerate(shares)]
+    try:
+
+        def race(name: str) -> list[tuple[bytes, str]]:
+            for worker in workers:
+                worker.send(name)
+            return [outcome for worker in workers for outcome in worker.receive()]
+
+        yield race
+    finally:
+        for worker in workers:
+            worker.close()
 
 
 class ByteStoreConformance(ConformanceBase):
@@ -339,62 +416,36 @@ class ByteStoreConformance(ConformanceBase):
         self, root_uri: str, open_store: Callable[[str], ByteStore]
     ) -> None:
         """``racers`` threads, each with its own store instance (as ranks and separate saves
-        have), are released together by a barrier on a fresh name, round after round. The
-        race is forced rather than hoped for: the GIL switches threads every microsecond,
-        and the store's own query methods (``list_files``, ``read_file``, ``file_sizes``)
-        wait a little after answering, so an answer used as a check is stale by the time
-        any racer acts on it."""
+        have), split between two forked processes (one process, for a store that is not
+        shared between processes or without ``os.fork``), are released together on a
+        fresh name, round after round. The race is forced rather than hoped for: the GIL
+        switches threads every microsecond, and the store's own query methods
+        (``list_files``, ``read_file``, ``file_sizes``) wait a little after answering, so
+        an answer used as a check is stale by the time any racer acts on it."""
         if not self.exclusive_commits:
             pytest.skip(f"{type(self).__name__} declares no exclusive commits (exclusive_commits = False)")
         location = self.uri(root_uri, "race")
         checker = open_store(location)
         checker.prepare()
-        stores = [open_store(location) for _ in range(self.racers)]
-        for store in stores:
-            store.list_files()  # connections and clients are set up before the race
-            for query in ("list_files", "read_file", "file_sizes"):
-                setattr(store, query, _widened(getattr(store, query), 0.02))
         deadline = time.monotonic() + self.race_seconds
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        try:
+        with _racers(
+            open_store, location, self.racers, self.shared_between_processes, self.fork_timeout
+        ) as race:
             for round_ in range(self.race_rounds):
                 if round_ and time.monotonic() > deadline:
                     break
-                self._race_once(stores, checker, f"race-{round_}.json", round_)
-        finally:
-            sys.setswitchinterval(switch_interval)
-
-    def _race_once(self, stores: list[ByteStore], checker: ByteStore, name: str, round_: int) -> None:
-        start = threading.Barrier(len(stores))
-        outcomes: list[object] = [None] * len(stores)
-
-        def race(i: int) -> None:
-            try:
-                start.wait(timeout=60)
-                stores[i].publish_new(name, f"racer {i}".encode())
-                outcomes[i] = "won"
-            except FileExistsError:
-                outcomes[i] = "lost"
-            except BaseException as exc:
-                outcomes[i] = exc
-
-        racers = [threading.Thread(target=race, args=(i,)) for i in range(len(stores))]
-        for racer in racers:
-            racer.start()
-        for racer in racers:
-            racer.join()
-        failed = [o for o in outcomes if isinstance(o, BaseException)]
-        assert not failed, f"publish_new raised {failed[0]!r} (not FileExistsError) in a race"
-        winners = [i for i, o in enumerate(outcomes) if o == "won"]
-        assert len(winners) == 1, (
-            f"{len(winners)} of {len(stores)} publish_new calls racing on the new name {name!r} "
-            f"succeeded (round {round_ + 1}); exactly one may, the others must raise FileExistsError"
-        )
-        got = checker.read_file(name)
-        assert got == f"racer {winners[0]}".encode(), (
-            f"{name!r} holds {got!r}, not the bytes of the racer whose publish_new succeeded"
-        )
+                name = f"race-{round_}.json"
+                outcomes = race(name)
+                failed = [outcome for _, outcome in outcomes if outcome not in ("won", "lost")]
+                assert not failed, f"publish_new raised {failed[0]} (not FileExistsError) in a race"
+                winners = [payload for payload, outcome in outcomes if outcome == "won"]
+                assert len(winners) == 1, (
+                    f"{len(winners)} of {len(outcomes)} publish_new calls racing on the new name "
+                    f"{name!r} succeeded (round {round_ + 1}); exactly one may, the others must "
+                    "raise FileExistsError"
+                )
+                got = checker.read_file(name)
+                assert got == winners[0], f"{name!r} holds {got!r}, not the bytes of the racer that won"
 
     @rule(
         "another process sees this store's files: listings, published files and deletions go "
