@@ -297,6 +297,61 @@ def test_a_misspelled_hook_is_an_error_not_ignored(plugins: Plugins, tmp_path: P
         BackendRegistry(pm)
 
 
+def test_a_plugin_that_registers_nothing_is_reported(
+    plugins: Plugins, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins.add(
+        "quiet-store",
+        "quiet",
+        """
+        from torchstow import hookimpl
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            pass  # forgot register(MyBackend)
+        """,
+    )
+    plugins.add("hookless-store", "hookless", "class MyBackend: ...\n")
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.load_errors["quiet"] == "torchstow_register_backends registered no backend"
+    assert "defines no torchstow_register_backends hook" in registry.load_errors["hookless"]
+    assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
+    assert main(["backends"]) == 0
+    shown = capsys.readouterr().out
+    assert "broken plugin 'quiet': torchstow_register_backends registered no backend" in shown
+    assert "broken plugin 'hookless': defines no torchstow_register_backends hook" in shown
+
+
+_NEEDS_BUCKET = """
+from torchstow import hookimpl
+from torchstow.backends.filesystem import FileSystemBackend
+
+class NeedsBucket(FileSystemBackend):
+    schemes = ("needy",)
+
+    def __init__(self, *, bucket: str, region: str, thread_count=None, fsync=True, verify_checksums=True):
+        super().__init__(thread_count=thread_count, fsync=fsync, verify_checksums=verify_checksums)
+
+@hookimpl
+def torchstow_register_backends(register):
+    register(NeedsBucket)
+"""
+
+
+def test_a_missing_required_option_is_named_with_its_cli_flag(
+    plugins: Plugins, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins.add("needy-store", "needy", _NEEDS_BUCKET)
+    with pytest.raises(TypeError, match=r"needs the storage option\(s\) region: .*-o region=VALUE"):
+        torchstow.list_checkpoints("needy://x", storage_options={"bucket": "b"})
+    with pytest.raises(
+        TypeError, match=r"bucket, region: pass storage_options=\{'bucket': ..., 'region': ...\}"
+    ):
+        torchstow.list_checkpoints("needy://x")
+    assert main(["ls", "needy://x", "-o", "bucket=b"]) != 0
+    assert "-o region=VALUE" in capsys.readouterr().err
+
+
 def test_a_backend_taking_kwargs_still_names_the_options_it_takes(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"\['no_such_option'\].*endpoint_url.*part_size"):
         torchstow.save({}, "s3://bucket/ckpt", storage_options={"no_such_option": 1})

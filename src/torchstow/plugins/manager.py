@@ -150,6 +150,10 @@ class BackendRegistry:
         self._entries: dict[str, BackendEntry] = {}
         pm.check_pending()  # a hook implementation no spec knows (a misspelled name) is an error
         impls = pm.hook.torchstow_register_backends.get_hookimpls()
+        hooked = {impl.plugin_name for impl in impls}
+        for name in self.versions.keys() - hooked:  # loaded from an entry point, with no hook
+            self.load_errors[name] = "defines no torchstow_register_backends hook: it registers nothing"
+            logger.warning("torchstow plugin %r defines no torchstow_register_backends hook", name)
         for impl in impls:
             plugin = impl.plugin_name
             version = self.versions.get(plugin)
@@ -170,6 +174,9 @@ class BackendRegistry:
                 self.load_errors[plugin] = f"torchstow_register_backends raised {type(exc).__name__}: {exc}"
                 logger.warning("torchstow plugin %r failed to register its backends: %s", plugin, exc)
                 continue
+            if not added:
+                self.load_errors[plugin] = "torchstow_register_backends registered no backend"
+                logger.warning("torchstow plugin %r registered no backend", plugin)
             for backend, preferred in added:
                 self._add(backend, plugin, version, preferred)
 
@@ -276,7 +283,26 @@ class BackendRegistry:
                     f"{unknown}; it takes: {', '.join(sorted(accepted)) or 'none'}"
                 )
         check_option_types(backend, uri, options)
-        return backend(**options)
+        try:
+            return backend(**options)
+        except TypeError as exc:
+            missing = required_storage_options(backend) - set(options)
+            if not missing:
+                raise
+            needed = ", ".join(sorted(missing))
+            flags = " ".join(f"-o {name}=VALUE" for name in sorted(missing))
+            raise TypeError(
+                f"{backend.__name__} ({uri!r}) needs the storage option(s) {needed}: pass "
+                f"storage_options={{{', '.join(repr(n) + ': ...' for n in sorted(missing))}}} "
+                f"(on the command line: {flags})"
+            ) from exc
+
+
+def required_storage_options(backend: type[Backend]) -> set[str]:
+    """The storage options ``backend`` cannot be built without (keyword parameters without a default)."""
+    params = inspect.signature(backend).parameters.values()
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name for p in params if p.kind in named and p.default is inspect.Parameter.empty}
 
 
 def accepted_storage_options(backend: type[Backend], uri: str) -> set[str] | None:

@@ -47,6 +47,7 @@ from torchstow.spi import (
     open_backend,
 )
 from torchstow.testing._internals import StorageInfo, scheme_of
+from torchstow.testing._rules import rule
 from torchstow.testing.base import ConformanceBase
 from torchstow.testing.compare import assert_same_state
 from torchstow.testing.region_planner import RegionLoadPlanner
@@ -71,7 +72,6 @@ class BackendConformance(ConformanceBase):
 
     byte_access: ClassVar[bool] = True
     concurrent_saves: ClassVar[bool] = True
-    exclusive_commits: ClassVar[bool] = True
 
     # -- fixtures a backend overrides ------------------------------------------------
 
@@ -121,6 +121,11 @@ class BackendConformance(ConformanceBase):
 
     # -- the tests -----------------------------------------------------------------
 
+    @rule(
+        "every tensor dtype saved comes back bit for bit, through load and read",
+        "return exactly the bytes written from read_into/read_file, at the offsets asked (the byte-store "
+        "kit localises the fault)",
+    )
     def test_round_trip_every_dtype(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         sd = every_dtype_state_dict()
         uri = self.uri(root_uri, "step-1")
@@ -130,6 +135,10 @@ class BackendConformance(ConformanceBase):
         assert_same_state(target, sd)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), sd)
 
+    @rule(
+        "nested state, non-tensor values and user metadata come back as saved",
+        "store the manifest bytes unchanged through publish/publish_new and read_file",
+    )
     def test_nested_state_and_objects(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(1)
         sd = {
@@ -160,11 +169,19 @@ class BackendConformance(ConformanceBase):
         part = torchstow.read(uri, keys=["model"], storage_options=storage_options)
         assert_same_state(part, {"model": sd["model"]})
 
+    @rule(
+        "an empty state dict saves and reads back",
+        "accept a checkpoint with a manifest and no data files (publish without any create)",
+    )
     def test_empty_state_dict(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "empty")
         torchstow.save({}, uri, storage_options=storage_options)
         assert torchstow.read(uri, storage_options=storage_options) == {}
 
+    @rule(
+        "regions of stored tensors read back right (what resharded loads do)",
+        "fill every (offset, buffer) request of read_into, in any order, from its own offset",
+    )
     def test_region_reads(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(2)
         big = torch.randn(1536, 1024, generator=gen)  # 6 MiB: two checksum blocks
@@ -186,6 +203,11 @@ class BackendConformance(ConformanceBase):
             region = source[tuple(slice(o, o + n) for o, n in zip(offsets, shape, strict=True))]
             assert torch.equal(target, region), f"region {name} differs"
 
+    @rule(
+        "a save that never committed is invisible, and delete clears what it left",
+        "write the manifest only in publish/publish_new (never through create), and list the data files a "
+        "crashed save left",
+    )
     def test_incomplete_save_is_invisible(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "step-5")
         writer = _CrashBeforeCommit(torchstow.storage_writer(uri, storage_options=storage_options))
@@ -201,6 +223,11 @@ class BackendConformance(ConformanceBase):
         with pytest.raises(CheckpointNotFoundError):
             torchstow.info(uri, storage_options=storage_options)
 
+    @rule(
+        "a save that failed while writing commits nothing, and the location stays usable",
+        "let FileSink.abort and delete_files remove what was written; raise the medium's error from "
+        "write/close",
+    )
     def test_failed_write_commits_nothing(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "step-3")
 
@@ -219,6 +246,11 @@ class BackendConformance(ConformanceBase):
         torchstow.save(sd, uri, storage_options=storage_options)  # the location is usable again
         assert_same_state(torchstow.read(uri, storage_options=storage_options), sd)
 
+    @rule(
+        "an existing checkpoint is refused unless overwrite=True, and stays valid until the new one commits",
+        "make publish atomic (readers see the old manifest or the new one) and publish_new refuse an "
+        "existing name with FileExistsError",
+    )
     def test_overwrite(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -251,6 +283,11 @@ class BackendConformance(ConformanceBase):
         metadata = torchstow.storage_reader(uri, storage_options=storage_options).read_metadata()
         return {info.relative_path for info in metadata.storage_data.values()}
 
+    @rule(
+        "list_checkpoints/latest find committed checkpoints only, and delete removes one",
+        "list_children returns the locations under a prefix ([] when missing); list_files lists the medium, "
+        "delete_files removes the names given",
+    )
     def test_list_latest_delete(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         opts = storage_options
         assert torchstow.latest(root_uri, storage_options=opts) is None
@@ -282,6 +319,11 @@ class BackendConformance(ConformanceBase):
             torchstow.delete(self.uri(root_uri, f"step-{step}"), storage_options=opts)
         assert torchstow.list_checkpoints(root_uri, storage_options=opts) == []
 
+    @rule(
+        "a checkpoint that was never saved is CheckpointNotFoundError",
+        "raise FileNotFoundError from read_file for a missing manifest, also where the location does not "
+        "exist",
+    )
     def test_missing_checkpoint(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "never-saved")
         with pytest.raises(CheckpointNotFoundError):
@@ -291,6 +333,10 @@ class BackendConformance(ConformanceBase):
         with pytest.raises(CheckpointNotFoundError):
             torchstow.info(uri, storage_options=storage_options)
 
+    @rule(
+        "a data file missing from a committed checkpoint is CorruptCheckpointError naming it",
+        "raise FileNotFoundError from read_into for a missing file",
+    )
     def test_missing_data_file(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -302,6 +348,10 @@ class BackendConformance(ConformanceBase):
         with pytest.raises(CorruptCheckpointError, match=info.relative_path):
             torchstow.load({"x": torch.zeros(100)}, uri, storage_options=storage_options)
 
+    @rule(
+        "a flipped byte is ChecksumMismatchError naming the key and file",
+        "return the stored bytes as they are (no caching of what was written before a rewrite)",
+    )
     def test_corrupted_bytes_are_detected(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -322,6 +372,11 @@ class BackendConformance(ConformanceBase):
             torchstow.read(uri, keys=["x"], storage_options=storage_options)
         assert_same_state(torchstow.read(uri, keys=["y"], storage_options=storage_options), {"y": sd["y"]})
 
+    @rule(
+        "a truncated data file is CorruptCheckpointError saying 'truncated'",
+        "raise CorruptCheckpointError('<location>/<name> is truncated ...') when a ranged read comes back "
+        "short, and report real sizes from file_sizes",
+    )
     def test_truncated_data_file(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -338,6 +393,10 @@ class BackendConformance(ConformanceBase):
             with pytest.raises(CorruptCheckpointError, match="truncated"):
                 torchstow.read(uri, keys=["x"], storage_options=storage_options)
 
+    @rule(
+        "a damaged manifest is CorruptCheckpointError naming it, and latest skips it",
+        "return the manifest bytes unchanged from read_file",
+    )
     def test_corrupted_manifest(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -352,6 +411,11 @@ class BackendConformance(ConformanceBase):
             torchstow.load({"x": torch.zeros(4)}, uri, storage_options=storage_options)
         assert torchstow.latest(root_uri, storage_options=storage_options) is None
 
+    @rule(
+        "several checkpoints saved at once under one prefix are each whole",
+        "make prepare idempotent under races and keep no per-location state shared between store instances; "
+        "or set concurrent_saves = False",
+    )
     def test_concurrent_checkpoints_under_one_prefix(
         self, root_uri: str, storage_options: dict[str, Any]
     ) -> None:
@@ -381,6 +445,11 @@ class BackendConformance(ConformanceBase):
                 torchstow.read(self.uri(root_uri, f"step-{step}"), storage_options=storage_options), sd
             )
 
+    @rule(
+        "of two saves creating one new checkpoint exactly one commits",
+        "override ByteStore.publish_new with one exclusive operation of the medium (not a check then "
+        "publish), or set exclusive_commits = False",
+    )
     def test_two_saves_of_one_new_checkpoint_commit_once(
         self, root_uri: str, storage_options: dict[str, Any]
     ) -> None:

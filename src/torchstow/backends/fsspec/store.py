@@ -184,6 +184,9 @@ class FsspecStore(ByteStore):
         return result
 
     def read_file(self, name: str) -> bytes:
+        # A whole-file read on S3 takes the size from the listing cache, which another
+        # process's writes since this process listed the location have made stale.
+        self.fs.invalidate_cache(self._path(name))
         data: bytes = self._retry(
             lambda: self.fs.cat_file(self._path(name)), f"reading {self.location}/{name}"
         )
