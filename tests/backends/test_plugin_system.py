@@ -304,7 +304,7 @@ def test_a_plugin_that_registers_nothing_is_reported(
         "quiet-store",
         "quiet",
         """
-        from torchstow import hookimpl
+        from torchstow.spi import hookimpl
 
         @hookimpl
         def torchstow_register_backends(register):
@@ -323,7 +323,7 @@ def test_a_plugin_that_registers_nothing_is_reported(
 
 
 _NEEDS_BUCKET = """
-from torchstow import hookimpl
+from torchstow.spi import hookimpl
 from torchstow.backends.filesystem import FileSystemBackend
 
 class NeedsBucket(FileSystemBackend):
