@@ -177,3 +177,32 @@ def test_async_save_from_the_gpu(tmp_path: Any) -> None:
     sd["w"].add_(1)  # the staged copy was taken before this kernel
     save.result(timeout=60)
     assert torch.equal(torchstow.read(tmp_path / "ckpt")["w"], expected)
+
+
+class ReportingPlanner(GatedPlanner):
+    """A :class:`GatedPlanner` that says when the write has begun."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__("a", [], gate)
+        self.writing = threading.Event()
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        self.writing.set()
+        return super().resolve_data(write_item)
+
+
+def test_stats_are_partial_while_the_save_runs_and_whole_once_done(tmp_path: Any) -> None:
+    gate = threading.Event()
+    planner = ReportingPlanner(gate)
+    save = torchstow.async_save(_state(), tmp_path / "ckpt", planner=planner)
+    try:
+        assert planner.writing.wait(30)
+        running = save.stats
+        assert list(running.seconds) == ["stage", "plan", "coordinate"]  # writing: not done yet
+        assert running.bytes_staged == 1000 * 4 + 10 * 4 and running.bytes_written == 0
+    finally:
+        gate.set()
+    save.result(timeout=30)
+    assert list(save.stats.seconds) == ["stage", "plan", "coordinate", "write", "commit"]
+    assert save.stats.bytes_written == 1000 * 4 + 10 * 4
+    assert list(running.seconds) == ["stage", "plan", "coordinate"]  # a copy, taken when asked
