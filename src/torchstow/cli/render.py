@@ -25,6 +25,7 @@ from rich.tree import Tree
 
 __all__ = [
     "human_bytes",
+    "human_duration",
     "human_time",
     "key_tree",
     "parse_size",
@@ -78,6 +79,22 @@ def human_time(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def human_duration(seconds: float | None) -> str:
+    """How long something took: ``4 ms``, ``2.41 s``, ``12.3 s``, ``2m 05s``, ``1h 02m``, or ``-``."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
 
 
 def stdout() -> Console:
