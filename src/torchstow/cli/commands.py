@@ -53,7 +53,8 @@ def _scan(args: argparse.Namespace) -> list[Entry]:
     """The checkpoint locations under ``args.prefix``; a checkpoint given as the prefix
     stands alone (as ``ls FILE`` shows the file), with a note on stderr."""
     try:
-        return scan(args.prefix, storage_options=_opts(args))
+        with progress_bar(args.command, args.progress, unit="checkpoints") as progress:
+            return scan(args.prefix, storage_options=_opts(args), progress=progress)
     except IsACheckpointError as exc:
         if not args.json:
             print(
@@ -326,13 +327,15 @@ def cmd_du(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete older checkpoints, keeping the newest N and every K-th step (never the newest)."""
     before = [e.uri for e in scan(args.prefix, storage_options=_opts(args)) if e.status == COMMITTED]
-    deleted = torchstow.prune(
-        args.prefix,
-        keep_last=args.keep_last,
-        keep_every=args.keep_every,
-        dry_run=args.dry_run,
-        storage_options=_opts(args),
-    )
+    with progress_bar("prune", args.progress, unit="checkpoints") as progress:
+        deleted = torchstow.prune(
+            args.prefix,
+            keep_last=args.keep_last,
+            keep_every=args.keep_every,
+            dry_run=args.dry_run,
+            storage_options=_opts(args),
+            progress=progress,
+        )
     kept = [uri for uri in before if uri not in deleted]
     if args.json:
         print_json({"prefix": args.prefix, "dry_run": args.dry_run, "deleted": deleted, "kept": kept})

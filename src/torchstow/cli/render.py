@@ -15,7 +15,9 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
@@ -125,22 +127,26 @@ ProgressCallback = Callable[[int, int], None]
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, enabled: bool) -> Iterator[ProgressCallback | None]:
-    """A bytes-and-rate progress bar on stderr, when ``enabled`` and stderr is a terminal.
+def progress_bar(
+    description: str, enabled: bool, unit: str | None = None
+) -> Iterator[ProgressCallback | None]:
+    """A progress bar on stderr, when ``enabled`` and stderr is a terminal: of bytes and
+    their rate, or with ``unit`` (``"checkpoints"``) of things counted, cleared when done.
 
-    Yields the ``progress(bytes_done, total_bytes)`` callback the API takes, or None.
+    Yields the ``progress(done_just_now, total)`` callback the API takes, or None.
     """
     if not enabled or not sys.stderr.isatty():
         yield None
         return
+    counts: list[ProgressColumn] = [MofNCompleteColumn(), TextColumn(unit or "")]
+    amounts: list[ProgressColumn] = [DownloadColumn(binary_units=True), TransferSpeedColumn()]
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        *(counts if unit else amounts),
         TimeRemainingColumn(),
         console=Console(stderr=True),
-        transient=False,
+        transient=unit is not None,
     )
     task: TaskID | None = None
 
