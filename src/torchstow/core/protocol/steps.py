@@ -42,9 +42,11 @@ logger = logging.getLogger(__name__)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _timed(operation: str, phase: str, rank: int, stats: SaveStats | None = None) -> Callable[[_F], _F]:
-    """Log (DEBUG) how long each call of the decorated phase takes on this rank
-    (``save plan took 0.012 s on rank 0``), and add it to ``stats``."""
+def _timed(step: str, rank: int, stats: SaveStats | None = None) -> Callable[[_F], _F]:
+    """Log (DEBUG) how long each call of the decorated step takes on this rank
+    (``save plan took 0.012 s on rank 0``), and add it to ``stats`` under its
+    phase (``plan``)."""
+    phase = step.partition(" ")[2]
 
     def decorate(fn: _F) -> _F:
         @functools.wraps(fn)
@@ -54,7 +56,7 @@ def _timed(operation: str, phase: str, rank: int, stats: SaveStats | None = None
                 return fn(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
-                logger.debug("%s %s took %.3f s on rank %d", operation, phase, elapsed, rank)
+                logger.debug("%s took %.3f s on rank %d", step, elapsed, rank)
                 if stats is not None:
                     stats.record(phase, elapsed)
 
@@ -260,7 +262,7 @@ def save_state_dict(
     planner = planner or DefaultSavePlanner()
     global_metadata: list[Metadata] = []
 
-    @_timed("save", "plan", coll.rank, stats)
+    @_timed("save plan", coll.rank, stats)
     def local_plan() -> SavePlan:
         storage_writer.reset(checkpoint_id)
         call_with_accepted(
@@ -272,7 +274,7 @@ def save_state_dict(
         planner.set_up_planner(state_dict, None, coll.is_coordinator)
         return storage_writer.prepare_local_plan(planner.create_local_plan())
 
-    @_timed("save", "coordinate", coll.rank, stats)
+    @_timed("save coordinate", coll.rank, stats)
     def global_plan(all_plans: list[SavePlan]) -> list[SavePlan]:
         plans, metadata = planner.create_global_plan(all_plans)
         if user_metadata:
@@ -286,7 +288,7 @@ def save_state_dict(
 
     progress = _SaveProgress()
 
-    @_timed("save", "write", coll.rank, stats)
+    @_timed("save write", coll.rank, stats)
     def write() -> Any:
         final_plan = planner.finish_plan(planned.plan)
         results = list(wait_future(storage_writer.write_data(final_plan, planner)))
@@ -296,7 +298,7 @@ def save_state_dict(
         progress.handed = True
         return outcome
 
-    @_timed("save", "commit", coll.rank, stats)
+    @_timed("save commit", coll.rank, stats)
     def commit(outcomes: list[Any]) -> Metadata:
         made = global_metadata[0] if global_metadata else None
         metadata, all_results = planned.commit_inputs(made, outcomes, user_metadata)
@@ -434,7 +436,7 @@ def load_state_dict(
     planner = planner or DefaultLoadPlanner()
     reset_done = False
 
-    @_timed("load", "metadata", coll.rank)
+    @_timed("load metadata", coll.rank)
     def read_metadata() -> Metadata:
         nonlocal reset_done
         reset_done = True
@@ -444,7 +446,7 @@ def load_state_dict(
     if metadata is None:
         metadata = broadcast_from_coordinator(coll, "load reading metadata", read_metadata)
 
-    @_timed("load", "plan", coll.rank)
+    @_timed("load plan", coll.rank)
     def local_plan() -> LoadPlan:
         if not reset_done:
             storage_reader.reset(checkpoint_id)
@@ -458,13 +460,13 @@ def load_state_dict(
         planner.set_up_planner(state_dict, metadata, coll.is_coordinator)
         return storage_reader.prepare_local_plan(planner.create_local_plan())
 
-    @_timed("load", "coordinate", coll.rank)
+    @_timed("load coordinate", coll.rank)
     def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
         return storage_reader.prepare_global_plan(planner.create_global_plan(all_plans))
 
     central_plan: LoadPlan = reduce_scatter(coll, "load planning", local_plan, global_plan)
 
-    @_timed("load", "read", coll.rank)
+    @_timed("load read", coll.rank)
     def read() -> None:
         final_plan = planner.finish_plan(central_plan)
         wait_future(storage_reader.read_data(final_plan, planner))
