@@ -19,7 +19,7 @@ from torchstow.api import (
     storage_reader,
     storage_writer,
 )
-from torchstow.checkpointing.async_save import AsyncSave
+from torchstow.checkpointing.async_save import AsyncSave, SaveStats
 from torchstow.errors import (
     CheckpointException,
     CheckpointExistsError,
@@ -63,6 +63,7 @@ __all__ = [
     "PickleNotAllowedError",
     "PluginConflictError",
     "RemoteError",
+    "SaveStats",
     "StateDictMismatchError",
     "StorageFullError",
     "StorageIOError",

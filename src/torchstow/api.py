@@ -24,6 +24,7 @@ from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import DigestSlots, LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
+from torchstow.core.protocol.stats import SaveStats
 from torchstow.core.protocol.steps import load_state_dict as _load_protocol
 from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
@@ -158,6 +159,7 @@ def save(
     base: Uri | None = None,
     trust_version_counter: bool = False,
     use_collectives: bool = True,
+    stats: SaveStats | None = None,
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
@@ -184,6 +186,9 @@ def save(
     ``use_collectives=False`` (DCP: save without talking to the other ranks)
     works where the save involves one process only; several ranks commit one
     manifest together, so there it raises ValueError.
+
+    ``stats``: a new :class:`SaveStats`, filled with this rank's seconds per
+    phase and bytes written (``AsyncSave.stats`` holds the same for an async save).
     """
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     collective = dcp_calls.without_collectives(dist.collective(), use_collectives)
@@ -206,6 +211,7 @@ def save(
         planner=job.planner,
         collective=collective,
         user_metadata=job.user_metadata,
+        stats=stats,
     )
 
 

@@ -177,3 +177,64 @@ def test_async_save_from_the_gpu(tmp_path: Any) -> None:
     sd["w"].add_(1)  # the staged copy was taken before this kernel
     save.result(timeout=60)
     assert torch.equal(torchstow.read(tmp_path / "ckpt")["w"], expected)
+
+
+class ReportingPlanner(GatedPlanner):
+    """A :class:`GatedPlanner` that says when the write has begun."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__("a", [], gate)
+        self.writing = threading.Event()
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        self.writing.set()
+        return super().resolve_data(write_item)
+
+
+def test_stats_are_partial_while_the_save_runs_and_whole_once_done(tmp_path: Any) -> None:
+    gate = threading.Event()
+    planner = ReportingPlanner(gate)
+    save = torchstow.async_save(_state(), tmp_path / "ckpt", planner=planner)
+    try:
+        assert planner.writing.wait(30)
+        running = save.stats
+        assert list(running.seconds) == ["stage", "plan", "coordinate"]  # writing: not done yet
+        assert running.bytes_staged == 1000 * 4 + 10 * 4 and running.bytes_written == 0
+    finally:
+        gate.set()
+    save.result(timeout=30)
+    assert list(save.stats.seconds) == ["stage", "plan", "coordinate", "write", "commit"]
+    assert save.stats.bytes_written == 1000 * 4 + 10 * 4
+    assert list(running.seconds) == ["stage", "plan", "coordinate"]  # a copy, taken when asked
+
+
+class HeldStager:
+    """Stages on a thread of its own once ``release`` is set (a future, as DCP's stagers give)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.pool = ThreadPoolExecutor(1)
+
+    def stage(self, state_dict: Any) -> Any:
+        def copy() -> Any:
+            assert self.release.wait(30)
+            return StateDictStager().stage(state_dict)
+
+        return self.pool.submit(copy)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def test_background_staging_is_timed_to_its_end_and_counted_before_staged_returns(tmp_path: Any) -> None:
+    stager = HeldStager()
+    try:
+        save = torchstow.async_save(_state(), tmp_path / "ckpt", stager=stager)
+        assert save.stats.seconds == {} and save.stats.bytes_staged == 0  # staging is held
+        stager.release.set()
+        save.staged(timeout=30)
+        assert "stage" in save.stats.seconds and save.stats.bytes_staged == 1000 * 4 + 10 * 4
+        save.result(timeout=30)
+    finally:
+        stager.close()
+    assert list(save.stats.seconds) == ["stage", "plan", "coordinate", "write", "commit"]

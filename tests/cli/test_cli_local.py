@@ -14,6 +14,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 import torchstow
+from torchstow.cli.render import human_duration
 from torchstow.format.files import is_data_file
 from torchstow.interop.safetensors_format import INDEX
 
@@ -230,3 +231,46 @@ def test_stock_dcp_checkpoints(tmp_path: Path) -> None:
     out = tmp_path / "hf"
     assert json_doc("convert", str(stock), str(out), "--to", "safetensors")["source_format"] == "dcp"
     assert torch.equal(load_file(str(out / "model-00001-of-00001.safetensors"))["w"], state["w"])
+
+
+def test_ls_and_info_show_what_each_save_wrote_and_how_long_it_took(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    full = torchstow.save(_state(100), f"{d}/step-100")
+    state = _state(100)
+    state["model"]["head"]["weight"] = torch.zeros(4, 32, dtype=torch.bfloat16)  # the only change
+    torchstow.save(state, f"{d}/step-200", base=f"{d}/step-100")  # writes the head alone
+    dcp.save(_state(300), checkpoint_id=f"{d}/step-300")
+    size = (32 * 16 + 32) * 4 + 4 * 32 * 2
+    assert full.save_seconds is not None and full.save_seconds > 0
+
+    rows = {c["step"]: c for c in json_doc("ls", d)["checkpoints"]}
+    assert rows[100]["nbytes_written"] == size and rows[100]["save_seconds"] == full.save_seconds
+    assert rows[200]["nbytes_written"] == 4 * 32 * 2 and rows[200]["save_seconds"] > 0
+    assert rows[300]["save_seconds"] is None  # DCP records no duration
+    info = json_doc("info", f"{d}/step-200")
+    assert (info["nbytes"], info["nbytes_written"]) == (size, 4 * 32 * 2)
+    assert info["save_seconds"] == rows[200]["save_seconds"]
+
+    listed = invoke("ls", d)
+    assert listed.code == 0, listed.err
+    header, *lines = listed.out.splitlines()
+    assert header.split() == ["STEP", "COMMITTED", "SIZE", "WRITTEN", "TOOK", "KEYS", "URI"]
+    columns = [(line[31:41].strip(), line[43:53].strip(), line[55:63].strip()) for line in lines]
+    assert columns[0] == ("2.4 KiB", "2.4 KiB", human_duration(full.save_seconds))
+    assert columns[1] == ("2.4 KiB", "256 B", human_duration(rows[200]["save_seconds"]))
+    assert columns[2][2] == "-"
+    text = invoke("info", f"{d}/step-200").out
+    assert f"written:        256 B ({4 * 32 * 2:,} bytes)\n" in text
+    assert f"save took:      {human_duration(rows[200]['save_seconds'])}\n" in text
+    assert "save took:      -\n" in invoke("info", f"{d}/step-300").out
+
+
+def test_durations_read_as_a_person_would_say_them() -> None:
+    assert [human_duration(s) for s in (None, 0.0042, 2.414, 12.34, 125, 3720)] == [
+        "-",
+        "4 ms",
+        "2.41 s",
+        "12.3 s",
+        "2m 05s",
+        "1h 02m",
+    ]

@@ -50,6 +50,11 @@ def _run_on_terminal(*args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout.decode(), b"".join(chunks).decode(errors="replace")
 
 
+def _plain(terminal: str) -> str:
+    """What the terminal shows, without colours and cursor moves."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal)
+
+
 @pytest.mark.slow
 def test_progress_bar_shows_bytes_and_rate_on_a_terminal_only(tmp_path: Path) -> None:
     ckpt = str(tmp_path / "step-1")
@@ -60,6 +65,20 @@ def test_progress_bar_shows_bytes_and_rate_on_a_terminal_only(tmp_path: Path) ->
     assert re.search(r"\d[\d.]* [kMG]?B/s", terminal), terminal  # the rate's unit follows the speed
     code, out, terminal = _run_on_terminal("verify", ckpt, "--no-progress")
     assert code == 0 and out.startswith("OK") and terminal == ""
+
+
+@pytest.mark.slow
+def test_the_verbs_over_many_checkpoints_count_them_on_a_terminal(tmp_path: Path) -> None:
+    for step in range(1, 6):
+        torchstow.save({"w": torch.ones(4)}, str(tmp_path / f"step-{step}"))
+    code, out, terminal = _run_on_terminal("ls", str(tmp_path))
+    assert code == 0 and len(out.splitlines()) == 6
+    assert re.search(r"ls .*5/5 checkpoints", _plain(terminal)), terminal
+    code, out, terminal = _run_on_terminal("prune", str(tmp_path), "--keep-last", "2")
+    assert code == 0 and out.splitlines()[-1] == "deleted 3, kept 2"
+    assert re.search(r"prune .*3/3 checkpoints", _plain(terminal)), terminal
+    code, out, terminal = _run_on_terminal("du", str(tmp_path), "--no-progress")
+    assert code == 0 and "2 checkpoints" in out and terminal == ""
 
 
 def test_backends_json(capsys: pytest.CaptureFixture[str]) -> None:

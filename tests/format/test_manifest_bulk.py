@@ -279,7 +279,7 @@ def test_a_manifest_as_other_writers_lay_it_out_reads_back_exactly(
             chunk["block"] = doc["checksum"]["block_size"]
         chunks.append(chunk)
     doc["entries"]["w"] = {"shape": [8, 3], "chunks": chunks, "dtype": "float32"}
-    for optional in ("save_id", "nbytes_written"):
+    for optional in ("save_id", "nbytes_written", "save_seconds"):
         doc.pop(optional, None)
     with open(manifest, "w") as f:
         json.dump(doc, f)

@@ -8,7 +8,7 @@ DCP; ``CheckpointReader.read`` and ``Checkpointer.load`` default to
 switches by one import: ``from torchstow.checkpointing import ...``.
 """
 
-from torchstow.checkpointing.async_save import AsyncSave
+from torchstow.checkpointing.async_save import AsyncSave, SaveStats
 from torchstow.checkpointing.barriers import (
     Barrier,
     BarrierConfig,
@@ -57,6 +57,7 @@ __all__ = [
     "DistBarrier",
     "RankInfo",
     "ReplicationStager",
+    "SaveStats",
     "StateDictStager",
     "SyncCheckpointer",
     "TCPStoreBarrier",

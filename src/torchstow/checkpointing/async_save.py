@@ -11,12 +11,16 @@ save is in flight and memory stays at one staged copy.
 Across ranks the protocol's collectives run on a gloo group made for this
 purpose, never on the training group, whose stream (and, with gloo, whose
 message order) belongs to the training loop.
+
+Each save keeps its :class:`SaveStats`: the staging is timed here, the
+protocol's phases as they finish.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,17 +28,21 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from torchstow.core.dtensors import local_view
 from torchstow.core.futures import as_future, failed_future
 from torchstow.core.planning import SavePlan, SavePlanner
 from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, Timeout, make_collective
 from torchstow.core.protocol.gloo_groups import private_gloo_group
+from torchstow.core.protocol.stats import SaveStats
 from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.format.manifest import Metadata
 
-__all__ = ["AsyncSave", "AsyncSavePipeline", "SaveJob", "pipeline"]
+__all__ = ["AsyncSave", "AsyncSavePipeline", "SaveJob", "SaveStats", "pipeline"]
 
 
 @dataclass
@@ -49,10 +57,19 @@ class SaveJob:
 class AsyncSave:
     """A save in progress, as returned by ``torchstow.async_save``."""
 
-    def __init__(self, uri: str, staging: Future[Any], commit: Future[Metadata]) -> None:
+    def __init__(
+        self, uri: str, staging: Future[Any], commit: Future[Metadata], stats: SaveStats | None = None
+    ) -> None:
         self.uri = uri
         self._staging = staging
         self._commit = commit
+        self._stats = stats if stats is not None else SaveStats()
+
+    @property
+    def stats(self) -> SaveStats:
+        """Seconds per phase and bytes of this save on this rank, as far as it has got:
+        complete once the save is :meth:`done`, partial while it runs (a copy, taken now)."""
+        return self._stats.snapshot()
 
     def staged(self, timeout: float | None = None) -> None:
         """Block until the state dict may be mutated again (staging is over).
@@ -188,28 +205,69 @@ class AsyncSavePipeline:
             if previous is not None:
                 previous.wait()  # it may still be writing from the buffers we are about to fill
             job: SaveJob | None = None
+            stats = SaveStats()
             try:
                 job = prepare()
                 if track_sources:
                     _track_sources(stager)
-                staging = as_future(stager.stage(state_dict))
+                start = time.perf_counter()
+                staging = _timed_staging(as_future(stager.stage(state_dict)), stats, start)
             except Exception as exc:
                 staging = failed_future(exc)
-            commit = self._executor.submit(self._commit, staging, job, collective)
-            save = AsyncSave(uri, staging, commit)
+            commit = self._executor.submit(self._commit, staging, job, collective, stats)
+            save = AsyncSave(uri, staging, commit, stats)
             self._last[stager] = save
             return save
 
     @staticmethod
-    def _commit(staging: Future[Any], job: SaveJob | None, collective: Collective) -> Metadata:
+    def _commit(
+        staging: Future[Any], job: SaveJob | None, collective: Collective, stats: SaveStats
+    ) -> Metadata:
         try:
             staged = staging.result()
         except Exception as exc:
             return save_state_dict({}, _FailedWriter(exc), collective=collective)
         assert job is not None
         return save_state_dict(
-            staged, job.writer, planner=job.planner, collective=collective, user_metadata=job.user_metadata
+            staged,
+            job.writer,
+            planner=job.planner,
+            collective=collective,
+            user_metadata=job.user_metadata,
+            stats=stats,
         )
+
+
+def _timed_staging(staging: Future[Any], stats: SaveStats, start: float) -> Future[Any]:
+    """``staging``'s outcome, handed on once ``stats`` holds the staging's seconds
+    and the staged tensor bytes (so they are there before the protocol starts)."""
+    timed: Future[Any] = Future()
+
+    def record(done: Future[Any]) -> None:
+        stats.record("stage", time.perf_counter() - start)
+        error = done.exception()
+        if error is not None:
+            timed.set_exception(error)
+            return
+        staged = done.result()
+        try:
+            stats.bytes_staged = _tensor_bytes(staged)
+        finally:
+            timed.set_result(staged)
+
+    staging.add_done_callback(record)
+    return timed
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors (the local shards of DTensors) in a nested state dict."""
+    if isinstance(value, torch.Tensor):
+        return int(local_view(value).nbytes)
+    if isinstance(value, Mapping):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _track_sources(stager: Stager) -> None:

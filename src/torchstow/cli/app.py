@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    p = verb("ls", [plain])
+    p = verb("ls", [bar])
     p.add_argument("prefix")
     p.add_argument("--all", action="store_true", help="show incomplete and unreadable checkpoints too")
     verb("info", [plain]).add_argument("uri")
@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb("verify", [bar]).add_argument("uris", nargs="+", metavar="URI")
     _two_sided(verb("cp", [bar]))
     verb("rm", [plain]).add_argument("uri")
-    verb("du", [plain]).add_argument("prefix")
-    p = verb("prune", [plain])
+    verb("du", [bar]).add_argument("prefix")
+    p = verb("prune", [bar])
     p.add_argument("prefix")
     p.add_argument("--keep-last", type=_count(0), required=True, metavar="N", help="keep the newest N")
     p.add_argument(

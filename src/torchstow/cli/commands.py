@@ -10,6 +10,7 @@ from typing import Any
 import torchstow
 from torchstow.cli.render import (
     human_bytes,
+    human_duration,
     human_time,
     key_tree,
     plural,
@@ -40,6 +41,8 @@ def _info_json(info: torchstow.CheckpointInfo, format: str) -> dict[str, Any]:
         "step": info.step,
         "committed_at": info.committed_at,
         "nbytes": info.nbytes,
+        "nbytes_written": info.nbytes_written,
+        "save_seconds": info.save_seconds,
         "num_entries": info.num_entries,
         "format_version": info.format_version if format == "torchstow" else None,
         "user_metadata": info.user_metadata,
@@ -50,7 +53,8 @@ def _scan(args: argparse.Namespace) -> list[Entry]:
     """The checkpoint locations under ``args.prefix``; a checkpoint given as the prefix
     stands alone (as ``ls FILE`` shows the file), with a note on stderr."""
     try:
-        return scan(args.prefix, storage_options=_opts(args))
+        with progress_bar(args.command, args.progress, unit="checkpoints") as progress:
+            return scan(args.prefix, storage_options=_opts(args), progress=progress)
     except IsACheckpointError as exc:
         if not args.json:
             print(
@@ -75,6 +79,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                         "step": e.step,
                         "committed_at": e.info.committed_at if e.info else None,
                         "nbytes": e.info.nbytes if e.info else None,
+                        "nbytes_written": e.info.nbytes_written if e.info else None,
+                        "save_seconds": e.info.save_seconds if e.info else None,
                         "num_entries": e.info.num_entries if e.info else None,
                         "user_metadata": e.info.user_metadata if e.info else None,
                         "error": e.error,
@@ -87,14 +93,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no committed checkpoints under {args.prefix}", file=sys.stderr)
         return 0
-    print(f"{'STEP':>8}  {'COMMITTED':<19}  {'SIZE':>10}  {'KEYS':>6}  URI")
+    print(f"{'STEP':>8}  {'COMMITTED':<19}  {'SIZE':>10}  {'WRITTEN':>10}  {'TOOK':>8}  {'KEYS':>6}  URI")
     for e in entries:
         step = "-" if e.step is None else str(e.step)
         if e.info is not None:
-            row = f"{step:>8}  {human_time(e.info.committed_at):<19}  {human_bytes(e.info.nbytes):>10}  "
-            print(f"{row}{e.info.num_entries:>6}  {e.uri}")
+            i = e.info
+            row = f"{step:>8}  {human_time(i.committed_at):<19}  {human_bytes(i.nbytes):>10}  "
+            row += f"{human_bytes(i.nbytes_written):>10}  {human_duration(i.save_seconds):>8}  "
+            print(f"{row}{i.num_entries:>6}  {e.uri}")
         else:
-            print(f"{step:>8}  {'(' + e.status + ')':<19}  {'-':>10}  {'-':>6}  {e.uri}")
+            print(f"{step:>8}  {'(' + e.status + ')':<19}  {'-':>10}  {'-':>10}  {'-':>8}  {'-':>6}  {e.uri}")
     return 0
 
 
@@ -106,6 +114,8 @@ def _source_summary(source: Source) -> dict[str, Any]:
         "step": step_of(source.uri, source.user_metadata),
         "committed_at": None,
         "nbytes": sum(s.nbytes for s in tensors),
+        "nbytes_written": None,
+        "save_seconds": None,
         "num_entries": len(source.specs),
         "format_version": None,
         "user_metadata": source.user_metadata,
@@ -133,6 +143,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"step:           {'-' if doc['step'] is None else doc['step']}")
     print(f"committed at:   {human_time(doc['committed_at'])}")
     print(f"size:           {human_bytes(doc['nbytes'])} ({doc['nbytes']:,} bytes)")
+    if doc["nbytes_written"] is not None:
+        written = doc["nbytes_written"]
+        print(f"written:        {human_bytes(written)} ({written:,} bytes)")
+    print(f"save took:      {human_duration(doc['save_seconds'])}")
     print(f"entries:        {doc['num_entries']}")
     for key, value in doc["user_metadata"].items():
         print(f"metadata.{key}: {value!r}")
@@ -313,13 +327,15 @@ def cmd_du(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete older checkpoints, keeping the newest N and every K-th step (never the newest)."""
     before = [e.uri for e in scan(args.prefix, storage_options=_opts(args)) if e.status == COMMITTED]
-    deleted = torchstow.prune(
-        args.prefix,
-        keep_last=args.keep_last,
-        keep_every=args.keep_every,
-        dry_run=args.dry_run,
-        storage_options=_opts(args),
-    )
+    with progress_bar("prune", args.progress, unit="checkpoints") as progress:
+        deleted = torchstow.prune(
+            args.prefix,
+            keep_last=args.keep_last,
+            keep_every=args.keep_every,
+            dry_run=args.dry_run,
+            storage_options=_opts(args),
+            progress=progress,
+        )
     kept = [uri for uri in before if uri not in deleted]
     if args.json:
         print_json({"prefix": args.prefix, "dry_run": args.dry_run, "deleted": deleted, "kept": kept})

@@ -15,7 +15,9 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
@@ -25,6 +27,7 @@ from rich.tree import Tree
 
 __all__ = [
     "human_bytes",
+    "human_duration",
     "human_time",
     "key_tree",
     "parse_size",
@@ -80,6 +83,22 @@ def human_time(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def human_duration(seconds: float | None) -> str:
+    """How long something took: ``4 ms``, ``2.41 s``, ``12.3 s``, ``2m 05s``, ``1h 02m``, or ``-``."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
 def stdout() -> Console:
     """A console on stdout that never wraps lines, and colours only a terminal."""
     return Console(file=sys.stdout, soft_wrap=True, highlight=False)
@@ -108,22 +127,26 @@ ProgressCallback = Callable[[int, int], None]
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, enabled: bool) -> Iterator[ProgressCallback | None]:
-    """A bytes-and-rate progress bar on stderr, when ``enabled`` and stderr is a terminal.
+def progress_bar(
+    description: str, enabled: bool, unit: str | None = None
+) -> Iterator[ProgressCallback | None]:
+    """A progress bar on stderr, when ``enabled`` and stderr is a terminal: of bytes and
+    their rate, or with ``unit`` (``"checkpoints"``) of things counted, cleared when done.
 
-    Yields the ``progress(bytes_done, total_bytes)`` callback the API takes, or None.
+    Yields the ``progress(done_just_now, total)`` callback the API takes, or None.
     """
     if not enabled or not sys.stderr.isatty():
         yield None
         return
+    counts: list[ProgressColumn] = [MofNCompleteColumn(), TextColumn(unit or "")]
+    amounts: list[ProgressColumn] = [DownloadColumn(binary_units=True), TransferSpeedColumn()]
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        *(counts if unit else amounts),
         TimeRemainingColumn(),
         console=Console(stderr=True),
-        transient=False,
+        transient=unit is not None,
     )
     task: TaskID | None = None
 

@@ -92,6 +92,7 @@ class RangedDocument(msgspec.Struct, kw_only=True):
     storage_data: Any = msgspec.UNSET
     nbytes_written: int | None = None
     save_id: str | None = None
+    save_seconds: float | None = None
 
 
 _OFFSETS = attrgetter("offsets")

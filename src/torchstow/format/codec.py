@@ -86,6 +86,7 @@ class _DocumentV1(msgspec.Struct, kw_only=True):
     storage_data: Any = msgspec.UNSET
     nbytes_written: int | None = None
     save_id: str | None = None  # optional within version 1: older manifests lack it, older readers ignore it
+    save_seconds: float | None = None  # as save_id
 
 
 class _Locations:
@@ -210,6 +211,7 @@ def encode_metadata(md: Metadata) -> bytes:
         storage_data=md.storage_data if not inline and md.storage_data is not None else msgspec.UNSET,
         nbytes_written=md.nbytes_written,
         save_id=md.save_id,
+        save_seconds=md.save_seconds,
     )
     try:
         return msgspec.json.encode(doc)

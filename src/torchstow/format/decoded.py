@@ -127,4 +127,5 @@ def build_metadata(doc: Any, checked: Mapping[str, list[ChunkStorageMetadata]]) 
         torch_version=doc.torch_version,
         nbytes_written=doc.nbytes_written,
         save_id=doc.save_id,
+        save_seconds=doc.save_seconds,
     )

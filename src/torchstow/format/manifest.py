@@ -212,6 +212,8 @@ class Metadata:
     #: Bytes of data files this save wrote (None: not recorded; then every stored byte was).
     nbytes_written: int | None = None
     save_id: str | None = None  # unique to the save that wrote it (how a writer recognizes its commit)
+    #: Seconds the save took until its commit, on the coordinator (None: not recorded).
+    save_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,8 @@ class CheckpointInfo:
     format_version: int
     #: Bytes the save wrote; less than ``nbytes`` for an incremental save.
     nbytes_written: int = 0
+    #: Seconds the save took until its commit (None: not recorded, as by DCP or older torchstow).
+    save_seconds: float | None = None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -43,6 +43,7 @@ def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
         num_entries=len(metadata.state_dict_metadata),
         user_metadata=metadata.user_metadata,
         format_version=metadata.version,
+        save_seconds=metadata.save_seconds,
     )
 
 

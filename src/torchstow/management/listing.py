@@ -16,6 +16,7 @@ from torchstow.errors import (
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import checkpoint_info
 from torchstow.management.steps import step_of
+from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
 __all__ = ["Entry", "IsACheckpointError", "scan"]
@@ -65,11 +66,17 @@ def _entry(backend: Backend, uri: str) -> Entry | None:
     return Entry(uri, COMMITTED, info.step, info, format="dcp" if dcp else "torchstow")
 
 
-def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> list[Entry]:
+def scan(
+    prefix: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[Entry]:
     """Every checkpoint location directly under ``prefix``, ordered as :func:`torchstow.list_checkpoints`
     orders committed ones (by step, then commit time). Raises :class:`CheckpointNotFoundError`
     when nothing at all is under ``prefix``, and :class:`IsACheckpointError` when ``prefix``
-    is itself a checkpoint (its entry in ``entry``)."""
+    is itself a checkpoint (its entry in ``entry``). ``progress(1, number_of_children)``
+    is called after each child is looked at."""
     text, backend = backend_at(prefix, storage_options)
     children = backend.list_children(text)
     if not children:
@@ -77,7 +84,13 @@ def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
         if itself is not None and itself.status == COMMITTED:
             raise IsACheckpointError(itself)
         raise CheckpointNotFoundError(f"nothing under {text}: it does not exist or is empty")
-    entries = [e for e in (_entry(backend, child) for child in children) if e is not None]
+    entries = []
+    for child in children:
+        entry = _entry(backend, child)
+        if entry is not None:
+            entries.append(entry)
+        if progress is not None:
+            progress(1, len(children))
     entries.sort(
         key=lambda e: (-1 if e.step is None else e.step, (e.info.committed_at if e.info else None) or 0.0)
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
+from torchstow.management.verify import ProgressCallback
 
 __all__ = ["plan_prune", "prune"]
 
@@ -43,6 +44,7 @@ def prune(
     keep_every: int | None = None,
     dry_run: bool = False,
     storage_options: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> list[str]:
     """Delete older committed checkpoints directly under ``uri`` (a directory or prefix).
 
@@ -53,6 +55,7 @@ def prune(
     them); leaves incomplete checkpoints and other entries alone. Deletes oldest first,
     each manifest first, so an interrupted prune leaves only whole
     checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
+    ``progress(1, number_to_delete)`` is called after each deletion.
     """
     doomed = plan_prune(
         list_checkpoints(uri, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every
@@ -61,4 +64,6 @@ def prune(
         for info in doomed:
             logger.info("pruning %s", info.uri)
             delete(info.uri, storage_options=storage_options)
+            if progress is not None:
+                progress(1, len(doomed))
     return [info.uri for info in doomed]
