@@ -139,3 +139,32 @@ def test_replicas_go_to_other_nodes() -> None:
             assert len(targets) == len(set(targets)) == min(replicas, 2)  # distinct nodes, never its own
             assert topology.nodes[sender] not in targets
     assert Topology(0, (0, 0)).replica_pairs(1) == []  # one node: nothing to replicate to
+
+
+def test_ls_tiers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from torchstow.cli import main
+
+    root, fast = tmp_path / "root", f"{tmp_path}/fast/{{node}}"
+    with CheckpointManager(root, fast=fast, persist_every=2) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step)).result()
+    # A second simulated node whose copy of step 3 lost a data file: step 3 is still complete
+    # (node 0 holds every file).
+    shutil.copytree(tmp_path / "fast" / "0", tmp_path / "fast" / "1")
+    for data in (tmp_path / "fast" / "1" / "step-3").glob("data-*.bin"):
+        data.unlink()
+    assert main(["ls", str(root), "--tiers", "--json"]) == 0  # the fast tier is found in the root's steps
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["fast"] == fast
+    assert [(s["step"], s["tiers"], s["fast_nodes"]) for s in listed["steps"]] == [
+        (2, ["fast", "durable"], [0, 1]),
+        (3, ["fast"], [0, 1]),
+    ]
+    for data in (tmp_path / "fast" / "0" / "step-3").glob("data-*.bin"):
+        data.unlink()  # now no node holds step 3's data
+    shutil.rmtree(tmp_path / "fast" / "0" / "step-2")
+    assert main(["ls", str(root), "--tiers", "--fast", fast]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out[1:]] == [["2", "fast+durable"]]

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -50,13 +50,16 @@ from torchstow.format.codec import decode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
 from torchstow.management.datafiles import scan_file, spans_by_file
-from torchstow.management.steps import step_of
 from torchstow.management.tiered.handle import StepInfo, TieredSave
+from torchstow.management.tiered.holdings import Choice, Held, complete_steps, fast_steps, inventory
 from torchstow.management.tiered.nodes import Topology, expand_node, node_index
 from torchstow.management.tiered.sources import TieredSources
 from torchstow.management.tiered.transfer import Transfer, run_transfers
 
-__all__ = ["TieredManager"]
+__all__ = ["FAST_TIER_KEY", "TieredManager"]
+
+#: The user-metadata key recording the fast tier's URI (``{node}`` unexpanded) in every step.
+FAST_TIER_KEY = "fast_tier"
 
 logger = logging.getLogger("torchstow.management")
 
@@ -76,29 +79,12 @@ class _FilesWriter(LayoutWriter):
 
 
 @dataclass
-class _Held:
-    """What one node's fast tier holds of one step."""
-
-    manifest: bytes | None
-    files: dict[str, int]  # name -> size
-
-
-@dataclass
 class _Persist:
     step: int
     metadata: Metadata
     files: list[str]
     handle: TieredSave
     retried: bool = False
-
-
-@dataclass
-class _Choice:
-    step: int
-    metadata: Metadata
-    manifest: bytes
-    holders: dict[str, list[int]]  # data file -> nodes holding it intact
-    root_files: set[str] = field(default_factory=set)
 
 
 def _all_gather(coll: Collective, step: str, value: Any) -> list[Any]:
@@ -146,6 +132,7 @@ class TieredManager:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.root = root
         self.node = node_index()
+        self.fast_template = fast
         self.fast = expand_node(fast, self.node).rstrip("/")
         self.fast_keep = fast_keep
         self.replicas = replicas
@@ -219,7 +206,7 @@ class TieredManager:
         else:
             nbytes = sum(t.untyped_storage().nbytes() for t in _tensors(staged))
             handle._reach("staged", nbytes, started)
-        user_metadata = {**(metadata or {}), "step": step}
+        user_metadata = {**(metadata or {}), "step": step, FAST_TIER_KEY: self.fast_template}
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         self._last_fast = self._fast_thread.submit(
             self._fast_phase, step, staged, error, user_metadata, handle, persist
@@ -300,7 +287,7 @@ class TieredManager:
 
     def _prune_fast(self) -> None:
         """Keep the newest ``fast_keep`` steps (and those a persist still needs) in this node's fast tier."""
-        steps = sorted(self._fast_steps())
+        steps = fast_steps(self._fast_backend, self.fast)
         with self._lock:
             pinned = set(self._pinned)
         for step in steps[: -self.fast_keep]:
@@ -310,14 +297,6 @@ class TieredManager:
                 self._fast_backend.delete(self.fast_uri(step))
             except Exception as exc:
                 logger.warning("removing step %d from the fast tier %s failed: %s", step, self.fast, exc)
-
-    def _fast_steps(self) -> list[int]:
-        found = []
-        for child in self._fast_backend.list_children(self.fast):
-            step = step_of(child)
-            if step is not None and child.rstrip("/").endswith(f"step-{step}"):
-                found.append(step)
-        return found
 
     # -- persisting ---------------------------------------------------------------------
 
@@ -423,24 +402,11 @@ class TieredManager:
 
     # -- what is where ------------------------------------------------------------------
 
-    def _inventory(self) -> dict[int, _Held]:
+    def _inventory(self) -> dict[int, Held]:
         """What this node's fast tier holds, by step (on the node's first rank; {} elsewhere)."""
-        if not self.topology.is_leader:
-            return {}
-        held = {}
-        for step in self._fast_steps():
-            store = self._fast_store(step)
-            sizes = store.file_sizes()
-            if sizes is None:
-                sizes = {name: len(store.read_file(name)) for name in store.list_files()}
-            try:
-                manifest: bytes | None = store.read_file(MANIFEST)
-            except FileNotFoundError:
-                manifest = None
-            held[step] = _Held(manifest, {n: s for n, s in sizes.items() if is_data_file(n)})
-        return held
+        return inventory(self._fast_backend, self.fast) if self.topology.is_leader else {}
 
-    def _nodes_holdings(self) -> dict[int, dict[int, _Held]]:
+    def _nodes_holdings(self) -> dict[int, dict[int, Held]]:
         """Every node's inventory (collective)."""
         gathered = _all_gather(self._coll, "tiered: inventory", self._inventory())
         return {
@@ -459,7 +425,7 @@ class TieredManager:
         """Each step held complete in some tier, ascending, with its tiers; every rank calls it."""
         self._quiesce()
         holdings = self._nodes_holdings()
-        fast = {c.step for c in self._candidates(holdings)}
+        fast = {c.step for c in complete_steps(holdings)}
         durable = self._root_steps() if self._coll.is_coordinator else set()
         durable = set(_all_gather(self._coll, "tiered: root steps", durable)[self._coll.coordinator_rank])
         tiers = {
@@ -473,41 +439,13 @@ class TieredManager:
         found = self.steps()
         return found[-1].step if found else None
 
-    def _candidates(self, holdings: dict[int, dict[int, _Held]], only: int | None = None) -> list[_Choice]:
-        """Steps whose every data file some node's fast tier holds (unverified), newest first."""
-        choices = []
-        steps = {s for inv in holdings.values() for s in inv}
-        for step in sorted(steps, reverse=True):
-            if only is not None and step != only:
-                continue
-            manifests: list[bytes] = [
-                m
-                for _, inv in sorted(holdings.items())
-                if step in inv and (m := inv[step].manifest) is not None
-            ]
-            if not manifests:
-                continue
-            manifest = max(set(manifests), key=manifests.count)
-            try:
-                metadata = decode_metadata(manifest, source=f"{self.fast}/step-{step}/{MANIFEST}")
-            except Exception as exc:
-                logger.warning("step %d: a fast tier's manifest is unreadable: %s", step, exc)
-                continue
-            needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
-            holders = {
-                name: [n for n, inv in sorted(holdings.items()) if step in inv and name in inv[step].files]
-                for name in needed
-            }
-            choices.append(_Choice(step, metadata, manifest, holders))
-        return [c for c in choices if all(c.holders.values())]
-
     # -- restoring ----------------------------------------------------------------------
 
     def restore(self, state_dict: Mapping[str, Any], step: int | None = None) -> int:
         """Load the newest step (or ``step``) complete in some tier into ``state_dict``; returns it."""
         self._quiesce()
         holdings = self._nodes_holdings()
-        for choice in self._candidates(holdings, step):
+        for choice in complete_steps(holdings, step):
             self._verify(choice, holdings)
             if all(choice.holders.values()):
                 break
@@ -522,7 +460,7 @@ class TieredManager:
         self._load(state_dict, choice)
         return choice.step
 
-    def _verify(self, choice: _Choice, holdings: dict[int, dict[int, _Held]]) -> None:
+    def _verify(self, choice: Choice, holdings: dict[int, dict[int, Held]]) -> None:
         """Check every block of the files this node holds (split among its ranks); drop bad holders."""
         local = self.topology.local_ranks
         mine = sorted(n for n, nodes in choice.holders.items() if self.node in nodes)
@@ -555,7 +493,7 @@ class TieredManager:
                 data = None
         return _all_gather(self._coll, "tiered: durable manifest", data)[self._coll.coordinator_rank]
 
-    def _complete_from_root(self, choice: _Choice) -> bool:
+    def _complete_from_root(self, choice: Choice) -> bool:
         """Let the root supply the files no fast tier holds intact, if it holds this very save."""
         manifest = self._root_manifest(choice.step)
         if manifest is None or decode_metadata(manifest).save_id != choice.metadata.save_id:
@@ -563,7 +501,7 @@ class TieredManager:
         choice.root_files = {name for name, nodes in choice.holders.items() if not nodes}
         return True
 
-    def _from_root(self, step: int | None) -> _Choice:
+    def _from_root(self, step: int | None) -> Choice:
         steps = sorted(self._root_steps() if self._coll.is_coordinator else set())
         steps = _all_gather(self._coll, "tiered: durable steps", steps)[self._coll.coordinator_rank]
         if step is None and steps:
@@ -577,9 +515,9 @@ class TieredManager:
         assert manifest is not None
         metadata = decode_metadata(manifest, source=f"{self.uri(step)}/{MANIFEST}")
         needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
-        return _Choice(step, metadata, manifest, {name: [] for name in needed}, root_files=needed)
+        return Choice(step, metadata, manifest, {name: [] for name in needed}, root_files=needed)
 
-    def _load(self, state_dict: Mapping[str, Any], choice: _Choice) -> None:
+    def _load(self, state_dict: Mapping[str, Any], choice: Choice) -> None:
         metadata = choice.metadata
         planner = DefaultLoadPlanner()
         planner.set_up_planner(state_dict, metadata, self._coll.is_coordinator)

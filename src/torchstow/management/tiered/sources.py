@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.storage.store import ByteStore, FileSink
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.files import MANIFEST
@@ -48,13 +47,12 @@ class TieredSources(ByteStore):
         if buffer is None:
             self._store(name).read_into(name, requests)
             return
-        data = tensor_bytes(buffer)
         for offset, target in requests:
-            if offset + len(target) > len(data):
-                raise CorruptCheckpointError(
-                    f"{self.location}/{name} ends before byte {offset + len(target)}"
-                )
-            target[:] = data[offset : offset + len(target)]
+            end = offset + target.nbytes
+            if end > len(buffer):
+                raise CorruptCheckpointError(f"{self.location}/{name} ends before byte {end}")
+            if target.nbytes:
+                torch.frombuffer(target, dtype=torch.uint8).copy_(buffer[offset:end])
 
     def read_file(self, name: str) -> bytes:
         if name == MANIFEST:
