@@ -51,6 +51,23 @@ def test_shm_fast_tier_keeps_newest_and_restores_without_root(tmp_path: Path, sh
         (tmp_path / "hidden").rename(root)
 
 
+def test_saving_after_restoring_an_older_step_leaves_its_timeline(tmp_path: Path, shm_fast) -> None:
+    fast, fast_dir = shm_fast
+    with CheckpointManager(tmp_path / "root", fast=fast, persist_every=100, fast_keep=3) as manager:
+        for step in (1, 2, 3, 4):
+            manager.save(step, _state(step)).result()
+        target = _empty()
+        assert manager.restore(target, step=2) == 2 and torch.equal(target["w"], _state(2)["w"])
+        debris = fast_dir / "0" / "step-9"  # what a save killed before its commit leaves
+        debris.mkdir()
+        (debris / "data-0123456789ab-0-0.bin").write_bytes(b"x" * 64)
+        manager.save(3, {"w": torch.full((1000,), -1.0), "meta": {"step": 3}}).result()
+        assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-2", "step-3"]
+        assert manager.latest_step() == 3  # not the abandoned step 4
+        target = _empty()
+        assert manager.restore(target) == 3 and torch.equal(target["w"], torch.full((1000,), -1.0))
+
+
 def test_damaged_fast_copy_falls_back_to_root_and_never_to_wrong_values(tmp_path: Path, shm_fast) -> None:
     fast, fast_dir = shm_fast
     root = tmp_path / "root"

@@ -254,7 +254,7 @@ class TieredManager:
             self._last_persist = self._persist_thread.submit(self._persist_phase, job)
         if self.topology.is_leader:
             try:
-                self._prune_fast()
+                self._prune_fast(step)
             except Exception as exc:
                 logger.warning("pruning the fast tier %s failed: %s", self.fast, exc)
 
@@ -285,13 +285,17 @@ class TieredManager:
         all_reduce(self._coll, "tiered: replication", exchange, lambda _: None)
         return sum(t.size for t in schedule if rank in (t.src, t.dst))
 
-    def _prune_fast(self) -> None:
-        """Keep the newest ``fast_keep`` steps (and those a persist still needs) in this node's fast tier."""
+    def _prune_fast(self, current: int) -> None:
+        """After ``current`` is replicated: keep the newest ``fast_keep`` committed steps up to it
+        (and those a persist still needs) in this node's fast tier; remove the rest, with what
+        failed saves left and any step newer than ``current`` (a timeline the run left when it
+        restored an older step)."""
         steps = fast_steps(self._fast_backend, self.fast)
+        committed = [s for s in steps if s <= current and MANIFEST in self._fast_store(s).list_files()]
         with self._lock:
-            pinned = set(self._pinned)
-        for step in steps[: -self.fast_keep]:
-            if step in pinned:
+            keep = set(committed[-self.fast_keep :]) | self._pinned | {current}
+        for step in steps:
+            if step in keep:
                 continue
             try:
                 self._fast_backend.delete(self.fast_uri(step))
