@@ -22,10 +22,12 @@ class StepInfo:
 
 @dataclass
 class PhaseStats:
-    """What one phase of a save moved on this rank, and how long it took."""
+    """What one phase of a save moved on this rank, how long it took, and when it ended
+    (``time.time()``)."""
 
     bytes: int = 0
     seconds: float = 0.0
+    ended_at: float = 0.0
 
 
 @dataclass
@@ -68,7 +70,7 @@ class TieredSave:
 
     def _reach(self, level: str, nbytes: int, started: float) -> None:
         with self._changed:
-            self._state.stats[level] = PhaseStats(nbytes, time.perf_counter() - started)
+            self._state.stats[level] = PhaseStats(nbytes, time.perf_counter() - started, time.time())
             self._state.reached = _index(level)
             self._changed.notify_all()
 
