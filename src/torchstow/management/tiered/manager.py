@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from torchstow.checkpointing.async_save import _FailedWriter
+from torchstow.core.dtensors import local_view
 from torchstow.core.layout.commit import publish_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
@@ -204,7 +205,9 @@ class TieredManager:
         except Exception as exc:  # fails the fast save on every rank, not just here
             error = exc
         else:
-            nbytes = sum(t.untyped_storage().nbytes() for t in _tensors(staged))
+            local = list(_tensors(local_view(staged)))  # a DTensor's bytes are its local shard's
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}
+            nbytes = sum(storages.values())  # each staged buffer once, however many tensors view it
             handle._reach("staged", nbytes, started)
         user_metadata = {**(metadata or {}), "step": step, FAST_TIER_KEY: self.fast_template}
         self._handles = [h for h in self._handles if not h.done()] + [handle]
