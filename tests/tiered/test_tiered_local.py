@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchstow import CheckpointManager
+from torchstow import CheckpointManager, verify
 from torchstow.backends.shm import default_shm_dir
 from torchstow.errors import CheckpointException, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
@@ -124,13 +124,39 @@ def test_levels_and_stats(tmp_path: Path, shm_fast) -> None:
             handle.wait("memory")
 
 
+def test_incremental_persist_shares_unchanged_tensors(tmp_path: Path, shm_fast) -> None:
+    fast, fast_dir = shm_fast
+    root = tmp_path / "root"
+    frozen = torch.randn(256, 1024)  # 1 MiB that never changes
+    with CheckpointManager(root, fast=fast, persist_every=2, incremental=True) as manager:
+        handles = [
+            manager.save(s, {"frozen": frozen, "w": torch.full((10,), float(s))}) for s in (1, 2, 3, 4)
+        ]
+        manager.wait()
+    assert [h.level for h in handles] == ["replicated", "durable", "replicated", "durable"]
+    assert handles[1].stats["durable"].bytes >= frozen.nbytes  # the first persist writes everything
+    assert handles[3].stats["durable"].bytes < 1024  # the second shares the frozen tensor's bytes
+    for data in (fast_dir / "0" / "step-4").glob("data-*.bin"):
+        raw = bytearray(data.read_bytes())
+        raw[0] ^= 1
+        data.write_bytes(bytes(raw))
+    assert not verify(fast.replace("{node}", "0") + "/step-4").ok  # the flips hit checked bytes
+    for wiped in (False, True):  # step 4 damaged in the fast tier, then gone: the root's own save of it
+        if wiped:
+            shutil.rmtree(fast_dir)
+        with CheckpointManager(root, fast=fast) as manager:
+            target = {"frozen": torch.zeros(256, 1024), "w": torch.zeros(10)}
+            assert manager.restore(target) == 4
+            assert torch.equal(target["frozen"], frozen) and torch.equal(target["w"], torch.full((10,), 4.0))
+
+
 def test_bad_arguments(tmp_path: Path, shm_fast) -> None:
     with pytest.raises(ValueError, match="replicas"):
         CheckpointManager(tmp_path, fast=shm_fast[0], replicas=-1)
     with pytest.raises(ValueError, match="persist_every"):
         CheckpointManager(tmp_path, fast=shm_fast[0], persist_every=0)
     with pytest.raises(ValueError, match="incremental"):
-        CheckpointManager(tmp_path, fast=shm_fast[0], incremental=True)
+        CheckpointManager("memory://bucket/run", fast=shm_fast[0], incremental=True)  # cannot share files
     with CheckpointManager(tmp_path, fast=shm_fast[0]) as manager, pytest.raises(TypeError):
         manager.save(1, _state(1), overwrite=True)
 

@@ -107,7 +107,7 @@ class CheckpointManager:
         self._tiered: TieredManager | None = None
         if fast is not None:
             if incremental:
-                raise ValueError("incremental=True is not supported with a fast tier yet")
+                _check_links(self.root, storage_options)
             self._tiered = TieredManager(
                 self.root,
                 os.fspath(fast),
@@ -116,6 +116,7 @@ class CheckpointManager:
                 persist_every=persist_every,
                 keep_last=keep_last,
                 keep_every=keep_every,
+                incremental=incremental,
                 storage_options=storage_options,
                 fast_storage_options=fast_storage_options,
                 process_group=process_group,

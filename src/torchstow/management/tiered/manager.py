@@ -119,6 +119,7 @@ class TieredManager:
         persist_every: int = 1,
         keep_last: int | None = None,
         keep_every: int | None = None,
+        incremental: bool = False,
         storage_options: dict[str, Any] | None = None,
         fast_storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
@@ -140,6 +141,7 @@ class TieredManager:
         self.persist_every = persist_every
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.incremental = incremental
         self.storage_options = storage_options
         self.timeout = timeout
         self._fast_backend = _store_backend(self.fast, fast_storage_options, "fast")
@@ -250,7 +252,9 @@ class TieredManager:
             handle._fail("replicated", exc)
             return
         handle._reach("replicated", moved, started)
-        if persist:
+        if persist and self.incremental:
+            self._persist_incremental(step, staged, user_metadata, handle)
+        elif persist:
             with self._lock:
                 self._pinned.add(step)
             job = _Persist(step, metadata, sorted(writer.files), handle)
@@ -307,6 +311,47 @@ class TieredManager:
 
     # -- persisting ---------------------------------------------------------------------
 
+    def _persist_incremental(
+        self, step: int, staged: Any, user_metadata: dict[str, Any], handle: TieredSave
+    ) -> None:
+        """Persist ``step`` from the staged state against the newest intact durable step (on the
+        fast thread: the staged buffers are refilled by the next save)."""
+        from torchstow.api import save
+        from torchstow.management.manager import _base_problem
+
+        started = time.perf_counter()
+        try:
+            base = None
+            for candidate in sorted(self._root_steps(), reverse=True):
+                if candidate < step and _base_problem(self.uri(candidate), self.storage_options) is None:
+                    base = self.uri(candidate)
+                    break
+            metadata = save(
+                staged,
+                self.uri(step),
+                storage_options=self.storage_options,
+                metadata=user_metadata,
+                base=base,
+                process_group=self._group,
+            )
+            if self._coll.is_coordinator and (self.keep_last is not None or self.keep_every is not None):
+                self._prune_root()
+        except BaseException as exc:
+            logger.warning("persisting step %d to %s failed: %s", step, self.root, exc)
+            handle._fail("durable", exc)
+            return
+        handle._reach("durable", metadata.nbytes_written or 0, started)
+
+    def _prune_root(self) -> None:
+        from torchstow.management.prune import prune
+
+        prune(
+            self.root,
+            keep_last=self.keep_last or 0,
+            keep_every=self.keep_every,
+            storage_options=self.storage_options,
+        )
+
     def _persist_phase(self, job: _Persist) -> None:
         retry, self._retry = self._retry, []
         for old in retry:
@@ -333,14 +378,7 @@ class TieredManager:
         def commit(_: list[Any]) -> None:
             publish_manifest(target, job.metadata, overwrite=False)
             if self.keep_last is not None or self.keep_every is not None:
-                from torchstow.management.prune import prune
-
-                prune(
-                    self.root,
-                    keep_last=self.keep_last or 0,
-                    keep_every=self.keep_every,
-                    storage_options=self.storage_options,
-                )
+                self._prune_root()
 
         nbytes = 0
 
@@ -456,11 +494,13 @@ class TieredManager:
             self._verify(choice, holdings)
             if all(choice.holders.values()):
                 break
-            if not self._complete_from_root(choice):
+            from_root = self._complete_from_root(choice)
+            if from_root is None:
                 logger.warning(
                     "step %d: damaged in the fast tiers and not durable; trying an older step", choice.step
                 )
                 continue
+            choice = from_root
             break
         else:
             choice = self._from_root(step)
@@ -500,13 +540,19 @@ class TieredManager:
                 data = None
         return _all_gather(self._coll, "tiered: durable manifest", data)[self._coll.coordinator_rank]
 
-    def _complete_from_root(self, choice: Choice) -> bool:
-        """Let the root supply the files no fast tier holds intact, if it holds this very save."""
+    def _complete_from_root(self, choice: Choice) -> Choice | None:
+        """The root's part in loading ``choice.step``: the files no fast tier holds intact when
+        the root holds this very save; the whole step when it holds another save of it (an
+        incremental persist); None when it does not hold the step."""
         manifest = self._root_manifest(choice.step)
-        if manifest is None or decode_metadata(manifest).save_id != choice.metadata.save_id:
-            return False
+        if manifest is None:
+            return None
+        metadata = decode_metadata(manifest, source=f"{self.uri(choice.step)}/{MANIFEST}")
+        if metadata.save_id != choice.metadata.save_id:
+            needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
+            return Choice(choice.step, metadata, manifest, {name: [] for name in needed}, root_files=needed)
         choice.root_files = {name for name, nodes in choice.holders.items() if not nodes}
-        return True
+        return choice
 
     def _from_root(self, step: int | None) -> Choice:
         steps = sorted(self._root_steps() if self._coll.is_coordinator else set())
