@@ -49,6 +49,11 @@ def test_shm_fast_tier_keeps_newest_and_restores_without_root(tmp_path: Path, sh
         assert manager.restore(target) == 5
         assert torch.equal(target["w"], _state(5)["w"]) and target["meta"] == {"step": 5}
         (tmp_path / "hidden").rename(root)
+        target = _empty()
+        assert manager.restore(target, step=3) == 3  # no longer in the fast tier: from the root
+        assert torch.equal(target["w"], _state(3)["w"])
+        with pytest.raises(CheckpointNotFoundError):
+            manager.restore(_empty(), step=1)  # in no tier
 
 
 def test_saving_after_restoring_an_older_step_leaves_its_timeline(tmp_path: Path, shm_fast) -> None:

@@ -38,6 +38,8 @@ def test_levels_replica_restore_without_root_and_reshard(tmp_path: Path) -> None
             assert seen["stats"] == LEVELS
         assert record["steps"][-2:] == [[2, ["fast", "durable"]], [3, ["fast", "durable"]]]
     assert sorted(p.name for p in (tmp_path / "fast" / "0").iterdir()) == ["step-2", "step-3"]  # fast_keep=2
+    # With 2 nodes and replicas=1 each node's copy is a complete, ordinary checkpoint.
+    assert all(verify(str(tmp_path / "fast" / node / "step-3")).ok for node in ("0", "1"))
     node_of = {r: rec["node"] for r, rec in records.items()}
     other = node_of[2]  # the node of ranks 2 and 3
     assert node_of[3] == other != node_of[0] == node_of[1]
