@@ -155,6 +155,22 @@ def test_incremental_persist_shares_unchanged_tensors(tmp_path: Path, shm_fast) 
             assert torch.equal(target["frozen"], frozen) and torch.equal(target["w"], torch.full((10,), 4.0))
 
 
+def test_a_save_that_cannot_stage_fails_on_its_handle_and_costs_nothing(tmp_path: Path, shm_fast) -> None:
+    import threading
+
+    with CheckpointManager(tmp_path / "root", fast=shm_fast[0]) as manager:
+        manager.save(1, _state(1)).result()
+        bad = manager.save(2, {**_state(2), "lock": threading.Lock()})  # cannot be copied
+        with pytest.raises(CheckpointException):
+            bad.wait("staged", timeout=30)
+        assert bad.level is None and bad.done()
+        with pytest.raises(CheckpointException):
+            manager.wait()
+        target = _empty()
+        assert manager.restore(target) == 1 and torch.equal(target["w"], _state(1)["w"])
+        assert manager.save(3, _state(3)).result() == "durable"  # the manager goes on
+
+
 def test_bad_arguments(tmp_path: Path, shm_fast) -> None:
     with pytest.raises(ValueError, match="replicas"):
         CheckpointManager(tmp_path, fast=shm_fast[0], replicas=-1)

@@ -74,10 +74,11 @@ class TieredSave:
             self._state.reached = _index(level)
             self._changed.notify_all()
 
-    def _fail(self, level: str, error: BaseException) -> None:
+    def _fail(self, error: BaseException) -> None:
+        """The phase after the highest level reached failed: no higher level will come."""
         with self._changed:
             self._state.error = error
-            self._state.failed_level = _index(level)
+            self._state.failed_level = self._state.reached + 1
             self._changed.notify_all()
 
     def _clear_error(self) -> None:

@@ -241,7 +241,7 @@ class TieredManager:
                 lambda _: None,
             )
         except BaseException as exc:
-            handle._fail("fast", exc)
+            handle._fail(exc)
             return
         handle._reach("fast", sum(writer.files.values()), started)
         started = time.perf_counter()
@@ -249,7 +249,7 @@ class TieredManager:
         try:
             moved = self._replicate(step, store, sorted(writer.files), sizes)
         except BaseException as exc:
-            handle._fail("replicated", exc)
+            handle._fail(exc)
             return
         handle._reach("replicated", moved, started)
         if persist and self.incremental:
@@ -338,7 +338,7 @@ class TieredManager:
                 self._prune_root()
         except BaseException as exc:
             logger.warning("persisting step %d to %s failed: %s", step, self.root, exc)
-            handle._fail("durable", exc)
+            handle._fail(exc)
             return
         handle._reach("durable", metadata.nbytes_written or 0, started)
 
@@ -407,7 +407,7 @@ class TieredManager:
                 with self._lock:
                     self._pinned.discard(job.step)
             if job.handle.exception() is None:
-                job.handle._fail("durable", exc)
+                job.handle._fail(exc)
             return
         with self._lock:
             self._pinned.discard(job.step)
