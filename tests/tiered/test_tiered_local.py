@@ -171,6 +171,16 @@ def test_a_save_that_cannot_stage_fails_on_its_handle_and_costs_nothing(tmp_path
         assert manager.save(3, _state(3)).result() == "durable"  # the manager goes on
 
 
+def test_root_is_pruned_with_keep_last(tmp_path: Path, shm_fast) -> None:
+    root = tmp_path / "root"
+    with CheckpointManager(root, fast=shm_fast[0], keep_last=2, fast_keep=1) as manager:
+        for step in (1, 2, 3, 4):
+            manager.save(step, _state(step))
+        manager.wait()
+        assert sorted(p.name for p in root.iterdir()) == ["step-3", "step-4"]
+        assert [(i.step, i.tiers) for i in manager.steps()] == [(3, ("durable",)), (4, ("fast", "durable"))]
+
+
 def test_bad_arguments(tmp_path: Path, shm_fast) -> None:
     with pytest.raises(ValueError, match="replicas"):
         CheckpointManager(tmp_path, fast=shm_fast[0], replicas=-1)

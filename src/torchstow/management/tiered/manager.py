@@ -170,6 +170,8 @@ class TieredManager:
         self._pinned: set[int] = set()  # fast steps a persist still needs
         self._retry: list[_Persist] = []
         self._lock = threading.Lock()
+        self._prune_lock = threading.Lock()
+        self._replicated = 0  # the newest step replicated by this manager
         self._closed = False
 
     # -- where things are ----------------------------------------------------------------
@@ -259,11 +261,11 @@ class TieredManager:
                 self._pinned.add(step)
             job = _Persist(step, metadata, sorted(writer.files), handle)
             self._last_persist = self._persist_thread.submit(self._persist_phase, job)
-        if self.topology.is_leader:
-            try:
-                self._prune_fast(step)
-            except Exception as exc:
-                logger.warning("pruning the fast tier %s failed: %s", self.fast, exc)
+        self._replicated = step
+        try:
+            self._prune_fast(step)
+        except Exception as exc:
+            logger.warning("pruning the fast tier %s failed: %s", self.fast, exc)
 
     def _publish_here(self, store: ByteStore, metadata: Metadata) -> None:
         """On each node's first rank: the step's manifest in this node's fast tier, stale files out."""
@@ -292,22 +294,25 @@ class TieredManager:
         all_reduce(self._coll, "tiered: replication", exchange, lambda _: None)
         return sum(t.size for t in schedule if rank in (t.src, t.dst))
 
-    def _prune_fast(self, current: int) -> None:
+    def _prune_fast(self, current: int, newer: bool = True) -> None:
         """After ``current`` is replicated: keep the newest ``fast_keep`` committed steps up to it
-        (and those a persist still needs) in this node's fast tier; remove the rest, with what
-        failed saves left and any step newer than ``current`` (a timeline the run left when it
-        restored an older step)."""
-        steps = fast_steps(self._fast_backend, self.fast)
-        committed = [s for s in steps if s <= current and MANIFEST in self._fast_store(s).list_files()]
-        with self._lock:
-            keep = set(committed[-self.fast_keep :]) | self._pinned | {current}
-        for step in steps:
-            if step in keep:
-                continue
-            try:
-                self._fast_backend.delete(self.fast_uri(step))
-            except Exception as exc:
-                logger.warning("removing step %d from the fast tier %s failed: %s", step, self.fast, exc)
+        (and those a persist still needs) in this node's fast tier; remove the older rest, with
+        what failed saves left, and (``newer``) any step newer than ``current`` (a timeline the
+        run left when it restored an older step). Only on a node's first rank."""
+        if not self.topology.is_leader:
+            return
+        with self._prune_lock:
+            steps = fast_steps(self._fast_backend, self.fast)
+            committed = [s for s in steps if s <= current and MANIFEST in self._fast_store(s).list_files()]
+            with self._lock:
+                keep = set(committed[-self.fast_keep :]) | self._pinned | {current}
+            for step in steps:
+                if step in keep or (step > current and not newer):
+                    continue
+                try:
+                    self._fast_backend.delete(self.fast_uri(step))
+                except Exception as exc:
+                    logger.warning("removing step %d from the fast tier %s failed: %s", step, self.fast, exc)
 
     # -- persisting ---------------------------------------------------------------------
 
@@ -334,23 +339,29 @@ class TieredManager:
                 base=base,
                 process_group=self._group,
             )
-            if self._coll.is_coordinator and (self.keep_last is not None or self.keep_every is not None):
-                self._prune_root()
         except BaseException as exc:
             logger.warning("persisting step %d to %s failed: %s", step, self.root, exc)
             handle._fail(exc)
             return
         handle._reach("durable", metadata.nbytes_written or 0, started)
+        self._prune_root(self._coll)
 
-    def _prune_root(self) -> None:
+    def _prune_root(self, coll: Collective) -> None:
+        """After a persist: prune the root with ``keep_last`` / ``keep_every`` on the coordinator
+        (a failure is logged: the step is durable all the same)."""
+        if not coll.is_coordinator or (self.keep_last is None and self.keep_every is None):
+            return
         from torchstow.management.prune import prune
 
-        prune(
-            self.root,
-            keep_last=self.keep_last or 0,
-            keep_every=self.keep_every,
-            storage_options=self.storage_options,
-        )
+        try:
+            prune(
+                self.root,
+                keep_last=self.keep_last or 0,
+                keep_every=self.keep_every,
+                storage_options=self.storage_options,
+            )
+        except Exception as exc:
+            logger.warning("pruning %s failed: %s", self.root, exc)
 
     def _persist_phase(self, job: _Persist) -> None:
         retry, self._retry = self._retry, []
@@ -377,8 +388,6 @@ class TieredManager:
 
         def commit(_: list[Any]) -> None:
             publish_manifest(target, job.metadata, overwrite=False)
-            if self.keep_last is not None or self.keep_every is not None:
-                self._prune_root()
 
         nbytes = 0
 
@@ -413,6 +422,11 @@ class TieredManager:
             self._pinned.discard(job.step)
         job.handle._clear_error()
         job.handle._reach("durable", nbytes, started)
+        self._prune_root(self._persist_coll)
+        try:  # the step this persist held back may go now (never one the fast thread is writing)
+            self._prune_fast(self._replicated, newer=False)
+        except Exception as exc:
+            logger.warning("pruning the fast tier %s failed: %s", self.fast, exc)
 
     # -- waiting ------------------------------------------------------------------------
 
