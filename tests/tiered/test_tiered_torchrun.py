@@ -95,3 +95,20 @@ def test_kill_leaves_the_newest_complete_step(
     steps = dict(map(tuple, records[0]["steps"]))  # type: ignore[arg-type]
     durable = sorted(s for s, tiers in steps.items() if "durable" in tiers)
     assert durable == [s for s in range(1, last) if s % persist_every == 0]  # the killed one never is
+
+
+def test_three_nodes_each_copy_partial_restore_after_losing_one(tmp_path: Path) -> None:
+    root, fast = tmp_path / "root", f"{tmp_path}/fast/{{node}}"
+    records = _ok(
+        tmp_path, "save", *run_job(tmp_path, "save", "save", root, fast, 1, 2, nnodes=3, nproc=1), world=3
+    )
+    node_of = {r: rec["node"] for r, rec in records.items()}
+    # Each node holds its own part and the part of the node before it: 2 of the 3 data files.
+    for node in range(3):
+        assert len(list((tmp_path / "fast" / str(node) / "step-2").glob("data-*.bin"))) == 2
+    shutil.rmtree(tmp_path / "fast" / str(node_of[1]))
+    root.rename(tmp_path / "root-hidden")
+    codes, records = run_job(tmp_path, "restore", "restore", root, fast, nnodes=3, nproc=1)
+    records = _ok(tmp_path, "restore", codes, records, world=3)
+    assert {(r["restored"], r["exact"]) for r in records.values()} == {(2, True)}
+    assert not root.exists()
