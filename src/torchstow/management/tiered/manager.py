@@ -622,7 +622,10 @@ class TieredManager:
             elif name in choice.root_files and root_store is not None:
                 routes[name] = root_store
         sources = TieredSources(f"step {choice.step} (tiered)", choice.manifest, routes, received, sizes)
-        reader = LayoutReader(sources, thread_count=self._fast_backend.thread_count)
+        # Every fast-tier file was just checked block by block by the node that holds it (and
+        # sends it); only bytes from the root are checked as they are read.
+        verify = any(name in choice.root_files for name in wanted)
+        reader = LayoutReader(sources, thread_count=self._fast_backend.thread_count, verify_checksums=verify)
         load_state_dict(state_dict, reader, collective=self._coll, metadata=metadata)
 
 
