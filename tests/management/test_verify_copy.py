@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -11,9 +12,12 @@ import pytest
 import torch
 
 import torchstow
+from torchstow.core.layout.location import read_manifest
 from torchstow.format.files import BLOCK_SIZE, MANIFEST, is_data_file
-from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
+from torchstow.management.verify import verify_store
+from torchstow.plugins.manager import default_registry
+from torchstow.plugins.resolve import route_options
 from torchstow.testing import assert_same_state
 
 
@@ -72,8 +76,42 @@ def test_verify_names_key_file_and_offset_of_a_flipped_byte(saved: str) -> None:
     assert report.checked_bytes == torchstow.info(saved).nbytes - info.length
     # the other keys still read, as reading only them never touches the bad block
     assert torch.equal(torchstow.read(saved, keys=["small"])["small"]["a"], torch.arange(10))
-    with pytest.raises(torchstow.ChecksumMismatchError):
+    bad = rf"bytes {info.offset + BLOCK_SIZE}\.\.{info.offset + 2 * BLOCK_SIZE} differ"
+    with pytest.raises(torchstow.ChecksumMismatchError, match=bad):  # the reader names the same block
         torchstow.read(saved, keys=["big"])
+
+
+def test_verify_reports_every_bad_block_not_only_the_first(saved: str) -> None:
+    big, small = _location(saved, "big"), _location(saved, "small.a")
+    path = _data_file(saved)
+    with open(path, "r+b") as f:
+        for at in (big.offset + 5, big.offset + 2 * BLOCK_SIZE + 9, small.offset + 3):
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0x01]))
+    report = torchstow.verify(saved)
+    found = sorted((p.key, p.offset, p.message) for p in report.problems)
+    ends = [big.offset + BLOCK_SIZE, big.offset + 3 * BLOCK_SIZE, small.offset + small.length]
+    starts = [big.offset, big.offset + 2 * BLOCK_SIZE, small.offset]
+    keys = ["big", "big", "small.a"]
+    assert found == sorted(
+        (key, start, f"checksum mismatch in bytes {start}..{end}: they differ from what was saved")
+        for key, start, end in zip(keys, starts, ends)
+    )
+
+
+def test_an_item_whose_checksums_do_not_cover_it_is_reported_and_the_rest_verified(saved: str) -> None:
+    store = default_registry().backend_for(saved, None).open_store(saved)
+    metadata = read_manifest(store)
+    (index,) = [index for index in metadata.storage_data if index.fqn == "big"]
+    info = metadata.storage_data[index]
+    metadata.storage_data[index] = dataclasses.replace(info, checksums=info.checksums[:1])
+    report = verify_store(store, saved, metadata)
+    (problem,) = report.problems
+    assert (problem.key, problem.offset) == ("big", info.offset)
+    assert problem.message == f"the manifest records 1 checksums for {info.length} bytes"
+    assert report.checked_bytes == torchstow.info(saved).nbytes - info.length
 
 
 def test_verify_reports_truncated_missing_and_uncommitted(saved: str, tmp_path: Path) -> None:

@@ -101,3 +101,96 @@ def test_chunks_with_a_gap(stock: str) -> None:
 
     rewrite(stock, gap)
     assert_refused(stock, "'w'", "cover 9 elements of the 12")
+
+
+def tuple_tower(levels: int) -> bytes:
+    """Pickle ops leaving one tuple on the stack: level i is (level i-1, level i-1), each
+    level memoized once and fetched twice, so hashing it visits 2**levels tuples."""
+    ops = b")q\x00"  # an empty tuple, memo 0
+    for level in range(1, levels + 1):  # (top of the stack, memo level-1 again): a pair, memoized
+        ops += b"h" + bytes([level - 1]) + b"\x86q" + bytes([level])
+    return ops
+
+
+HOSTILE_METADATA = {
+    # {tower: 0}: hashing the key as the dict is built
+    "dict-key": b"\x80\x02}" + tuple_tower(48) + b"K\x00s.",
+    # within any nesting limit, 2**31 visits all the same
+    "dict-key-shallow": b"\x80\x02}" + tuple_tower(31) + b"K\x00s.",
+    # DCP's memory-format enum looked up by the tower: hashing it in the enum's value map
+    "enum-value": b"\x80\x02ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n"
+    + tuple_tower(48)
+    + b"\x85R.",
+}
+
+CHILD = """
+import json, logging, sys, time
+import torchstow
+logging.disable(logging.WARNING)
+run, bad = sys.argv[1], sys.argv[2]
+out = {}
+for name, call in [("info", lambda: torchstow.info(bad)), ("read", lambda: torchstow.read(bad)),
+                   ("ls", lambda: [c.uri for c in torchstow.list_checkpoints(run)]),
+                   ("latest", lambda: torchstow.latest(run))]:
+    start = time.monotonic()
+    try:
+        result = call()
+    except torchstow.CorruptCheckpointError as exc:
+        result = "refused: " + str(exc)
+    out[name] = [time.monotonic() - start, result if isinstance(result, (str, list)) else repr(result)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_METADATA))
+def test_metadata_whose_hashing_explodes_fails_fast(tmp_path: Path, name: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    good = str(run / "step-1")
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=good, no_dist=True)
+    bad = run / "step-2"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(HOSTILE_METADATA[name])
+    assert len(HOSTILE_METADATA[name]) < 400
+    done = subprocess.run(  # a hang in C ignores signals: only a separate process can be stopped
+        [sys.executable, "-c", CHILD, str(run), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for call in ("info", "read"):
+        seconds, result = out[call]
+        assert result.startswith("refused: ") and ".metadata" in result, (call, result)
+        assert seconds < 5, (call, seconds)
+    assert out["ls"][1] == [good] and out["ls"][0] < 5
+    assert out["latest"][1] == good and out["latest"][0] < 5
+
+
+@pytest.mark.parametrize(
+    ("mappings", "pattern"),
+    [
+        ({"w": ("x",), "step": ("x",)}, "recorded at the same place"),
+        ({"w": ("a", "b"), "step": ("a",)}, "recorded where a container is"),
+        ({"w": ("a", 0.5), "step": ("step",)}, "not a sequence of keys and indices"),
+        ({"w": "w", "step": ("step",)}, "not a sequence of keys and indices"),
+        ({"w": (("w",), ("w",)), "step": ("step",)}, "not a sequence of keys and indices"),
+    ],
+)
+def test_planner_data_that_drops_or_misplaces_a_key_is_refused(
+    stock: str, tmp_path: Path, mappings: dict[str, Any], pattern: str
+) -> None:
+    def change(md: Any) -> None:
+        md.planner_data = mappings
+
+    rewrite(stock, change)
+    with pytest.raises(torchstow.CorruptCheckpointError, match=pattern):
+        torchstow.read(stock)
+    with pytest.raises(torchstow.CorruptCheckpointError, match=pattern):
+        torchstow.convert(stock, tmp_path / "out.pt", to="torch")
+    assert not (tmp_path / "out.pt").exists()

@@ -22,9 +22,9 @@ from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
 from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, scan
-from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
+from torchstow.plugins.resolve import route_options
 
 __all__ = ["VERBS"]
 
@@ -238,9 +238,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
         reports.append(report)
         if not args.json:
-            if report.ok:
+            if report.ok and report.checksums:
                 checked = f"{human_bytes(report.checked_bytes)} in {plural(report.files, 'file')}"
                 print(f"OK       {uri} ({checked} checked)")
+            elif report.ok:  # a format without checksums: say what reading it showed
+                read = f"{plural(report.keys, 'value')}, {human_bytes(report.checked_bytes)} in "
+                print(
+                    f"OK       {uri} ({report.format}: {read}{plural(report.files, 'file')} read and "
+                    f"decoded; the {report.format} format stores no checksums)"
+                )
             else:
                 print(f"CORRUPT  {uri} ({plural(len(report.problems), 'problem')})")
                 for problem in report.problems:

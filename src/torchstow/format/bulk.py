@@ -28,9 +28,10 @@ import msgspec
 import torch
 
 from torchstow.errors import CorruptCheckpointError
-from torchstow.format.checksums import DEFAULT_ALGORITHM
+from torchstow.format.checksums import ALGORITHM
+from torchstow.format.chunks import cover_fault, outside
 from torchstow.format.manifest import ChunkStorageMetadata, dtype_from_name
-from torchstow.format.validation import MAX_DIMS, RuleError, check_tiling
+from torchstow.format.validation import MAX_DIMS
 
 __all__ = ["RangedDocument", "chunked_entries_ok"]
 
@@ -72,7 +73,7 @@ class _Entry(_Located, kw_only=True):
 
 
 class _Checksum(msgspec.Struct):
-    algorithm: str = DEFAULT_ALGORITHM
+    algorithm: str = ALGORITHM
     block_size: Count = 0
 
 
@@ -116,19 +117,14 @@ def _layout(
         itemsize = dtype_from_name(dtype).itemsize
     except CorruptCheckpointError:
         return None
-    ndim = len(shape)
     if math.prod(shape) * itemsize > _MAX_INT:
         return None
     boxes = []
     for offs, sizes_ in zip(offsets, sizes, strict=True):
-        if len(offs) != ndim or len(sizes_) != ndim:
-            return None
-        if any(o + n > full for o, n, full in zip(offs, sizes_, shape, strict=True)):
+        if outside(offs, sizes_, shape) is not None:
             return None
         boxes.append((offs, sizes_, math.prod(sizes_)))
-    try:
-        check_tiling(shape, math.prod(shape), boxes)
-    except RuleError:
+    if cover_fault(shape, boxes) is not None:
         return None
     nbytes = [count * itemsize for _, _, count in boxes]
     if not block and any(nbytes):

@@ -1,82 +1,89 @@
-"""Checksums of stored bytes: the registry of algorithms a manifest may name.
+"""Checksums of stored bytes: CRC-32C (Castagnoli), one per ``block_size`` bytes of an item.
 
-A manifest states its algorithm (``checksum.algorithm``) and one checksum per
-``block_size`` bytes of each item; readers look the algorithm up here and
-refuse a manifest naming one they do not know, rather than reporting every
-block as corrupt.
+Format version 1 has this one algorithm: the manifest records it
+(``checksum.algorithm``, always ``"crc32c"``) beside lists named ``crc32c``.
+A reader refuses a manifest naming another one (a later torchstow's) rather
+than reporting every block as corrupt; another algorithm would be a new
+format version.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import crc32c
+from crc32c import crc32c as checksum
 
 from torchstow.errors import FormatVersionError
 
-__all__ = ["CHECKSUMS", "DEFAULT_ALGORITHM", "BlockVerifier", "Checksum", "check_algorithm", "checksum"]
+__all__ = ["ALGORITHM", "BlockVerifier", "block_bytes", "block_span", "check_algorithm", "checksum"]
 
-Checksum = Callable[[Any, int], int]
-"""``fn(data, running)``: the checksum of ``data`` continuing from ``running`` (0 to start)."""
-
-CHECKSUMS: dict[str, Checksum] = {"crc32c": crc32c.crc32c}
-DEFAULT_ALGORITHM = "crc32c"
-
-checksum: Checksum = CHECKSUMS[DEFAULT_ALGORITHM]
-"""The algorithm new checkpoints are written with."""
+ALGORITHM = "crc32c"
+"""The algorithm of every checksum in a manifest (``checksum(data, running)``: 0 to start)."""
 
 
-def check_algorithm(name: str) -> Checksum:
-    """The checksum function called ``name``; FormatVersionError when unknown."""
-    fn = CHECKSUMS.get(name)
-    if fn is None:
+def check_algorithm(name: str) -> None:
+    """FormatVersionError unless a manifest's ``checksum.algorithm`` is :data:`ALGORITHM`."""
+    if name != ALGORITHM:
         raise FormatVersionError(
             f"the manifest's checksums use {name!r}, which this torchstow does not know "
-            f"(it knows {', '.join(sorted(CHECKSUMS))}): upgrade torchstow to read it"
+            f"(it knows {ALGORITHM}): upgrade torchstow to read it"
         )
-    return fn
+
+
+def block_bytes(block_size: int, length: int) -> int:
+    """The bytes each checksum of an item of ``length`` bytes covers: its ``block_size``,
+    or the whole item when that is 0."""
+    return block_size or max(length, 1)
+
+
+def block_span(block: int, block_size: int, length: int) -> tuple[int, int]:
+    """Where checksum block ``block`` of an item of ``length`` bytes lies in it: (start, end)."""
+    size = block_bytes(block_size, length)
+    return block * size, min(length, (block + 1) * size)
 
 
 class BlockVerifier:
     """Checks an item's bytes against its per-block checksums as they arrive, in order.
 
     The bytes fed start at block ``first_block`` and must end at a block
-    boundary or at the item's end.
+    boundary or at the item's end. A failed block does not stop it: every
+    one is kept in ``failed``, for a scan that reports them all.
     """
 
-    __slots__ = ("block", "block_size", "crc", "expected", "filled", "fn")
+    __slots__ = ("block", "block_size", "crc", "expected", "failed", "filled")
 
-    def __init__(
-        self, first_block: int, expected: Sequence[int], block_size: int, fn: Checksum = checksum
-    ) -> None:
+    def __init__(self, first_block: int, expected: Sequence[int], block_size: int) -> None:
         self.block = first_block
         self.expected = expected
         self.block_size = block_size
-        self.fn = fn
         self.crc = 0
         self.filled = 0
+        self.failed: list[int] = []
 
     def feed(self, data: memoryview) -> int | None:
-        """Take the next bytes; the index of a block that failed, else None."""
+        """Take the next bytes; the index of the first block among them that failed, else None."""
+        bad = None
         pos = 0
         size = len(data)
         while pos < size:
             take = min(self.block_size - self.filled, size - pos)
             chunk = data if take == size else data[pos : pos + take]
-            self.crc = self.fn(chunk, self.crc)
+            self.crc = checksum(chunk, self.crc)
             self.filled += take
             pos += take
             if self.filled == self.block_size:
                 if self.crc != self.expected[self.block]:
-                    return self.block
+                    self.failed.append(self.block)
+                    if bad is None:
+                        bad = self.block
                 self.block += 1
                 self.crc = 0
                 self.filled = 0
-        return None
+        return bad
 
     def end(self) -> int | None:
         """Check the final, partial block; the index of a failed block, else None."""
         if self.filled and self.crc != self.expected[self.block]:
+            self.failed.append(self.block)
             return self.block
         return None

@@ -17,7 +17,7 @@ import msgspec
 
 from torchstow.errors import CorruptCheckpointError, FormatVersionError
 from torchstow.format.bulk import RangedDocument, chunked_entries_ok
-from torchstow.format.checksums import DEFAULT_ALGORITHM, check_algorithm
+from torchstow.format.checksums import ALGORITHM, check_algorithm
 from torchstow.format.decoded import build_metadata
 from torchstow.format.manifest import (
     FORMAT_VERSION,
@@ -64,7 +64,7 @@ class _Entry(_Located, kw_only=True):
 
 
 class _Checksum(msgspec.Struct):
-    algorithm: str = DEFAULT_ALGORITHM
+    algorithm: str = ALGORITHM
     block_size: int = 0
 
 
@@ -203,7 +203,7 @@ def encode_metadata(md: Metadata) -> bytes:
         torch_version=str(md.torch_version),
         committed_at=md.committed_at,
         user_metadata=md.user_metadata,
-        checksum=_Checksum(DEFAULT_ALGORITHM, block_size),
+        checksum=_Checksum(ALGORITHM, block_size),
         files=locations.files,
         planner_data=md.planner_data,
         entries=entries,

@@ -23,24 +23,40 @@ __all__ = [
     "decode_object",
     "encode_object",
     "is_json_value",
+    "is_utf8",
 ]
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (False when it holds a lone surrogate such as
+    ``"\\ud800"``, which Python strings allow and UTF-8 JSON cannot carry)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_json_value(value: Any) -> bool:
     """True when ``value`` survives a JSON round trip exactly.
 
     Only exact built-in types count (an ``IntEnum`` is not an int here), floats
-    must be finite, and dict keys must be strings; tuples are not JSON.
+    must be finite, strings UTF-8 (no lone surrogate), and dict keys strings;
+    tuples are not JSON.
     """
     kind = type(value)
-    if value is None or kind is str or kind is int or kind is bool:
+    if kind is str:
+        return is_utf8(value)
+    if value is None or kind is int or kind is bool:
         return True
     if kind is float:
         return math.isfinite(value)
     if kind is list:
         return all(is_json_value(v) for v in value)
     if kind is dict:
-        return all(type(k) is str and is_json_value(v) for k, v in value.items())
+        return all(type(k) is str and is_utf8(k) and is_json_value(v) for k, v in value.items())
     return False
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "BytesStorageMetadata",
     "CheckpointInfo",
     "ChunkStorageMetadata",
+    "EncodedLocations",
     "Metadata",
     "MetadataIndex",
     "StorageInfo",
@@ -40,6 +41,12 @@ __all__ = [
 
 _new = object.__new__
 _set = object.__setattr__
+
+
+class EncodedLocations(dict):
+    """The ``storage_data`` of a checkpoint in another format whose items are encoded
+    (DCP stores each chunk as a ``torch.save`` blob), not raw bytes at aligned offsets:
+    they are read and decoded, never mapped."""
 
 
 @dataclass(frozen=True)

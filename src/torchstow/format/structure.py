@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from torchstow.format.leaves import is_utf8
+
 PathElem = str | int
 Path = tuple[PathElem, ...]
 
@@ -27,6 +29,7 @@ __all__ = [
     "Flattened",
     "Path",
     "build_nested",
+    "check_utf8_keys",
     "flatten_state_dict",
     "set_leaf",
 ]
@@ -72,10 +75,30 @@ def _holds_tensor(seq: Iterable[Any]) -> bool:
     return False
 
 
+def _where(parent: Path) -> str:
+    return ".".join(map(str, parent)) or "<root>"
+
+
+def check_utf8_keys(keys: Iterable[str], where: str = "") -> None:
+    """Raise ValueError for a key holding a lone surrogate (``"\\ud800"``), which the
+    UTF-8 manifest cannot record; ``where`` names the container the keys are in."""
+    for key in keys:
+        if not is_utf8(key):
+            under = f" under {where!r}" if where else ""
+            raise ValueError(
+                f"state dict key {key!r}{under} holds a lone surrogate, which the UTF-8 manifest "
+                "cannot record; rename the key"
+            )
+
+
 def _check_key(key: object, parent: Path) -> PathElem:
-    if isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool)):
+    if isinstance(key, str):
+        if not key.isascii():
+            check_utf8_keys((key,), _where(parent))
         return key
-    where = ".".join(map(str, parent)) or "<root>"
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    where = _where(parent)
     raise ValueError(
         f"state dict key {key!r} under {where!r} has type {type(key).__name__}; "
         "torchstow keys must be str or int"

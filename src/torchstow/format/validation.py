@@ -12,7 +12,8 @@ single byte is allocated for it. Each failure is a
 :class:`CorruptCheckpointError` naming the entry (the key) and the rule.
 
 The cost is linear in the manifest, apart from the overlap test of tensors
-stored in several chunks (a sweep over their chunks).
+stored in several chunks in odd layouts (see
+:func:`~torchstow.format.chunks.cover_fault`, the rule the planners check too).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
 from torchstow.errors import CorruptCheckpointError
+from torchstow.format.chunks import Box, cover_fault, outside
 from torchstow.format.manifest import dtype_from_name
 from torchstow.format.structure import leaf_paths
 
@@ -31,6 +33,7 @@ __all__ = [
     "RuleError",
     "check_decoded",
     "check_extents",
+    "check_inside",
     "check_manifest",
     "check_tiling",
     "is_plain_data_name",
@@ -167,27 +170,14 @@ def _check_entry(
             _check_location(raw, nfiles, block_size, nbytes, "")
         return
     itemsize = dtype_from_name(raw.dtype).itemsize
-    numel = math.prod(shape)
     boxes = []
     for i, chunk in enumerate(chunks):
         what = f"chunks[{i}]"
-        offsets, sizes = chunk.offsets, chunk.sizes
-        if len(offsets) != len(shape) or len(sizes) != len(shape):
-            raise RuleError(
-                f"{what} has {len(offsets)} offsets and {len(sizes)} sizes for {len(shape)} dimensions"
-            )
-        _range(offsets, f"{what}.offsets")
-        _range(sizes, f"{what}.sizes")
-        for dim, (offset, size, full) in enumerate(zip(offsets, sizes, shape, strict=True)):
-            if offset + size > full:
-                raise RuleError(
-                    f"{what} reaches {offset + size} in dimension {dim}, beyond the shape's {full}"
-                )
-        count = math.prod(sizes)
+        count = check_inside(what, chunk.offsets, chunk.sizes, shape)
         if chunk.file is not None:
             _check_location(chunk, nfiles, block_size, count * itemsize, f"{what}.")
-        boxes.append((offsets, sizes, count))
-    check_tiling(shape, numel, boxes)
+        boxes.append((chunk.offsets, chunk.sizes, count))
+    check_tiling(shape, boxes)
 
 
 def _check_shape(dtype: str, shape: list[int] | None) -> int:
@@ -240,32 +230,35 @@ def _check_location(raw: Any, nfiles: int, block_size: int, nbytes: int | None, 
     _range(raw.crc32c, f"{what}crc32c", _MAX_CRC)
 
 
-def check_tiling(
-    shape: Sequence[int], numel: int, boxes: Sequence[tuple[Sequence[int], Sequence[int], int]]
-) -> None:
-    """Chunks (already inside the shape) cover every element exactly once."""
-    covered = sum(count for _, _, count in boxes)
-    if covered != numel:
-        raise RuleError(f"the chunks cover {covered} elements of the {numel} in shape {_short(shape)}")
-    solid = [b for b in boxes if b[2]]
-    if len(solid) < 2:
+def check_inside(what: str, offsets: Sequence[int], sizes: Sequence[int], shape: Sequence[int]) -> int:
+    """A chunk (``what``: ``chunks[i]``) lies inside ``shape``: the readers' wording of
+    :func:`~torchstow.format.chunks.outside`. Returns its number of elements."""
+    dim = outside(offsets, sizes, shape)
+    if dim is not None:
+        if dim < 0:
+            raise RuleError(
+                f"{what} has {len(offsets)} offsets and {len(sizes)} sizes for {len(shape)} dimensions"
+            )
+        _range(offsets, f"{what}.offsets")
+        _range(sizes, f"{what}.sizes")
+        raise RuleError(
+            f"{what} reaches {offsets[dim] + sizes[dim]} in dimension {dim}, beyond the shape's {shape[dim]}"
+        )
+    return math.prod(sizes)
+
+
+def check_tiling(shape: Sequence[int], boxes: Sequence[Box]) -> None:
+    """Chunks (already inside the shape) cover every element exactly once: the readers'
+    wording of :func:`~torchstow.format.chunks.cover_fault`."""
+    fault = cover_fault(shape, boxes)
+    if fault is None:
         return
-    # Equal volumes and no two chunks overlapping mean an exact tiling. Sweep
-    # along the dimension where chunks start at the most places, so only
-    # chunks sharing a band there are compared.
-    dim = max(range(len(shape)), key=lambda d: len({b[0][d] for b in solid}))
-    solid.sort(key=lambda b: b[0][dim])
-    active: list[tuple[Sequence[int], Sequence[int], int]] = []
-    for box in solid:
-        start = box[0][dim]
-        active = [a for a in active if a[0][dim] + a[1][dim] > start]
-        for other in active:
-            if all(
-                o1 < o2 + s2 and o2 < o1 + s1
-                for o1, s1, o2, s2 in zip(box[0], box[1], other[0], other[1], strict=True)
-            ):
-                raise RuleError(f"chunks at {other[0]} and {box[0]} overlap")
-        active.append(box)
+    if fault.overlapping is None:
+        raise RuleError(
+            f"the chunks cover {fault.covered} elements of the {fault.numel} in shape {_short(shape)}"
+        )
+    first, second = fault.overlapping
+    raise RuleError(f"chunks at {first[0]} and {second[0]} overlap")
 
 
 def _path(value: Any, what: str) -> Path:
@@ -346,14 +339,18 @@ def check_decoded(
     entries: Mapping[str, Any],
     locations: Mapping[Any, Any],
     min_bytes: Callable[[int, int], int] | None = None,
+    planner_data: Any = None,
 ) -> None:
     """The rules a manifest decoded by another codec (DCP's ``.metadata``) must keep
     too: sane shapes, chunks that tile each tensor exactly once, plain file names,
-    non-negative offsets and lengths, and, with ``min_bytes(elements, itemsize)``,
-    no chunk stored in fewer bytes than that. Raises :class:`CorruptCheckpointError`."""
-    where = "the manifest"
+    non-negative offsets and lengths, with ``min_bytes(elements, itemsize)`` no chunk
+    stored in fewer bytes than that, and a ``planner_data`` (torchstow's form) that
+    puts every key at its own place. Raises :class:`CorruptCheckpointError`."""
+    where = "planner_data"
     needs: dict[tuple[str, tuple[int, ...]], int] = {}
     try:
+        _check_structure(planner_data, entries)
+        where = "the manifest"
         for fqn, entry in entries.items():
             where = f"entries[{fqn!r}]"
             shape = getattr(entry, "size", None)
@@ -366,16 +363,10 @@ def check_decoded(
             boxes = []
             for i, chunk in enumerate(entry.chunks):
                 offsets, sizes = list(chunk.offsets), list(chunk.sizes)
-                if len(offsets) != len(shape) or len(sizes) != len(shape):
-                    raise RuleError(f"chunks[{i}] does not have the shape's {len(shape)} dimensions")
-                _range(offsets, f"chunks[{i}].offsets")
-                _range(sizes, f"chunks[{i}].sizes")
-                if any(o + n > full for o, n, full in zip(offsets, sizes, shape, strict=True)):
-                    raise RuleError(f"chunks[{i}] reaches beyond the shape {shape}")
-                boxes.append((offsets, sizes, math.prod(sizes)))
+                boxes.append((offsets, sizes, check_inside(f"chunks[{i}]", offsets, sizes, shape)))
                 if min_bytes is not None:
                     needs[fqn, tuple(offsets)] = min_bytes(boxes[-1][2], entry.properties.dtype.itemsize)
-            check_tiling(shape, math.prod(shape), boxes)
+            check_tiling(shape, boxes)
         for index, info in locations.items():
             where = f"entries[{getattr(index, 'fqn', index)!r}]"
             name = info.relative_path
@@ -390,14 +381,22 @@ def check_decoded(
         raise CorruptCheckpointError(f"{where}: {exc}") from None
 
 
-def check_extents(locations: Iterable[tuple[Any, Any]], sizes: Mapping[str, int], location: str) -> set[str]:
+def check_extents(
+    locations: Iterable[tuple[Any, Any]],
+    sizes: Mapping[str, int],
+    location: str,
+    beyond: dict[Any, str] | None = None,
+) -> set[str]:
     """Every ``(index, StorageInfo)`` in a file that is present lies inside it.
 
     ``sizes`` maps the checkpoint's file names to their sizes in bytes. Runs
     before anything is allocated for the data, so no claim in the manifest
     allocates more than the files hold. Returns the names of the listed files
     that are missing: reading an item in one of them is an error, but items
-    elsewhere (and inline values) stay readable.
+    elsewhere (and inline values) stay readable. An item reaching past the end
+    of its file raises CorruptCheckpointError, or, given ``beyond``, is recorded
+    there (index -> the error's message, to raise when it is read), so the
+    intact items of a truncated file stay readable too.
     """
     missing = set()
     for index, info in locations:
@@ -406,10 +405,13 @@ def check_extents(locations: Iterable[tuple[Any, Any]], sizes: Mapping[str, int]
             missing.add(info.relative_path)
         elif info.offset + info.length > size:
             key = getattr(index, "fqn", index)
-            raise CorruptCheckpointError(
+            message = (
                 f"{location}/{info.relative_path} is {size} bytes, but the manifest places {key!r} at bytes "
                 f"{info.offset}..{info.offset + info.length}: the file is truncated or the manifest is wrong"
             )
+            if beyond is None:
+                raise CorruptCheckpointError(message)
+            beyond[index] = message
     return missing
 
 

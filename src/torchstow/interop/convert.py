@@ -21,7 +21,7 @@ from torchstow.core.layout.location import check_vacant
 from torchstow.errors import CheckpointExistsError
 from torchstow.interop import targets
 from torchstow.interop.sources import Source, TensorSpec, local_path, open_source
-from torchstow.management.options import route_options
+from torchstow.plugins.resolve import route_options
 
 __all__ = ["FORMATS", "ConvertReport", "Selection", "convert", "parse_dtype"]
 
@@ -139,14 +139,40 @@ def _local_target(dst: str, to: str) -> str:
 
 
 def _check_target(dst: str, to: str, overwrite: bool) -> None:
+    if to in ("safetensors", "dcp") and os.path.lexists(dst) and not os.path.isdir(dst):
+        raise CheckpointExistsError(f"{dst} is a file; {to} is written as a directory: choose another path")
     if to == "dcp" and not overwrite:  # a torchstow or DCP checkpoint there
         check_vacant(LocalFileStore(dst, dst))
-    if to in ("torch", "safetensors") and os.path.exists(dst) and not overwrite:
+    if to in ("torch", "safetensors", "dcp") and os.path.exists(dst) and not overwrite:
         kind = os.path.isdir(dst) and os.listdir(dst)
         if to == "torch" or kind:
             raise CheckpointExistsError(
                 f"{dst} already exists; pass overwrite=True (--overwrite) to replace it"
             )
+
+
+def _resolved(uri: str) -> tuple[str, str]:
+    """``uri`` spelled one way per location: a local path with its links, ``..`` and
+    trailing slashes resolved, or a URI with its scheme lowercased; and its separator."""
+    path = local_path(uri)
+    if path is not None:
+        return os.path.realpath(path), os.sep
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme.lower()}://{rest.rstrip('/')}", "/"
+
+
+def _check_apart(src: str, dst: str) -> None:
+    """Refuse a destination that is the source, holds it or lies inside it: writing it
+    would overwrite or delete the bytes being read."""
+    (a, sep), (b, _) = _resolved(src), _resolved(dst)
+    same = a == b or (sep == os.sep and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+    if same:
+        raise ValueError(f"cannot convert {src} onto itself ({dst} is the same location)")
+    if a.startswith(b.rstrip(sep) + sep) or b.startswith(a.rstrip(sep) + sep):
+        raise ValueError(
+            f"cannot convert {src} to {dst}: one lies inside the other, so writing would "
+            "overwrite what is being read; write to a location outside the source"
+        )
 
 
 def convert(
@@ -189,6 +215,7 @@ def convert(
     cast = parse_dtype(dtype)
     if to != "torchstow":
         dst_text = _local_target(dst_text, to)
+    _check_apart(src_text, dst_text)
     _check_target(dst_text, to, overwrite)
     source = open_source(src_text, src_opts)
     try:
@@ -199,7 +226,7 @@ def convert(
         elif to == "torch":
             targets.to_torch(selection, dst_text, report)
         elif to == "dcp":
-            targets.to_dcp(selection, dst_text, report)
+            targets.to_dcp(selection, dst_text, overwrite, report)
         else:
             targets.to_torchstow(selection, dst_text, dst_opts, overwrite, report)
     finally:

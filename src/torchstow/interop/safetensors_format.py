@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import torch
 
 from torchstow.core.layout.views import tensor_bytes
+from torchstow.errors import FormatVersionError
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
@@ -55,6 +56,7 @@ _CODES: dict[torch.dtype, str] = {
     torch.uint16: "U16",
     torch.uint32: "U32",
     torch.uint64: "U64",
+    torch.complex64: "C64",
 }
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 
@@ -64,12 +66,16 @@ def safetensors_dtype(dtype: torch.dtype) -> str | None:
     return _CODES.get(dtype)
 
 
-def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype code."""
+def torch_dtype(code: str, *, key: str = "", file: str = "") -> torch.dtype:
+    """The torch dtype of a safetensors dtype code; FormatVersionError naming the
+    tensor ``key`` and its ``file`` for a code this torchstow does not read."""
     try:
         return _DTYPES[code]
     except KeyError:
-        raise ValueError(f"safetensors dtype {code!r} has no torch equivalent here") from None
+        raise FormatVersionError(
+            f"{file}: tensor {key!r} has safetensors dtype {code!r}, which torchstow does not read "
+            f"(it reads {', '.join(sorted(_DTYPES))})"
+        ) from None
 
 
 @dataclass

@@ -11,10 +11,11 @@ format: a torchstow manifest, a DCP checkpoint (``.metadata``), a
 from __future__ import annotations
 
 import abc
-import importlib
+import contextlib
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,11 @@ from torchstow.core.planning import DefaultLoadPlanner
 from torchstow.core.protocol.steps import load_state_dict as load_protocol
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
-from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError, TorchstowError
+from torchstow.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    PickleNotAllowedError,
+)
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torchstow.format.structure import build_nested, flatten_state_dict
@@ -194,10 +199,7 @@ class TorchSaveSource(Source):
 
     def __init__(self, path: str) -> None:
         self.uri = path
-        try:
-            tree = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-            tree = _torch_load(path)
+        tree = _torch_load(path)
         if not isinstance(tree, dict):
             raise CorruptCheckpointError(
                 f"{path} holds a {type(tree).__name__}, not a state dict (a dict of tensors)"
@@ -218,15 +220,49 @@ class TorchSaveSource(Source):
         return self._leaves[key]
 
 
+_ACCEPTED = (
+    "torchstow reads a torchstow or DCP checkpoint (a directory or prefix), a torch.save file, "
+    "a .safetensors file, or a directory of safetensors shards"
+)
+
+
 def _torch_load(path: str) -> Any:
+    """``torch.load(path, weights_only=True)``, memory-mapped when the file is a zip.
+    A global the restricted unpickler refuses is a PickleNotAllowedError, any other
+    failure a CorruptCheckpointError; both name the file."""
     import pickle
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CorruptCheckpointError(
-            f"{path} is not a torch.save file that loads with weights_only=True: {exc}"
+        blocked = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if blocked is None:
+            raise CorruptCheckpointError(
+                f"{path} is not a torch.save file that loads: {_first_line(exc)}; {_ACCEPTED}"
+            ) from exc
+        raise PickleNotAllowedError(
+            f"{path} is a torch.save file whose pickle needs {blocked.group(1)}, which torchstow does "
+            "not unpickle (it loads torch.save files with weights_only=True, which runs no code). "
+            "If you trust the file, load it with torch.load(path, weights_only=False) and save the "
+            "state with torchstow.save(state, uri, allow_pickle=True)"
         ) from exc
+    except Exception as exc:  # not a torch.save file at all: text, another format, cut short
+        head = b""
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith((b"PK", b"\x80")):
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        else:
+            reason = "it is neither a zip archive nor a pickle"
+        raise CorruptCheckpointError(f"{path} is not a torch.save file ({reason}); {_ACCEPTED}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class SafetensorsSource(Source):
@@ -240,15 +276,11 @@ class SafetensorsSource(Source):
         self.uri = path
         if os.path.isdir(path):
             index_path = os.path.join(path, stf.INDEX)
-            if os.path.exists(index_path):
-                with open(index_path) as f:
-                    weight_map = json.load(f).get("weight_map") or {}
-                files = list(dict.fromkeys(weight_map.values()))
-            else:
-                files = [stf.SINGLE]
+            files = _index_shards(index_path) if os.path.exists(index_path) else [stf.SINGLE]
             paths = [os.path.join(path, name) for name in files]
         else:
             paths = [path]
+        self.paths = paths
         self._handles: dict[str, Any] = {}
         self._locks: dict[str, threading.Lock] = {}
         self.specs = {}
@@ -265,7 +297,8 @@ class SafetensorsSource(Source):
             self.user_metadata.update({k: v for k, v in meta.items() if k != "format"})
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                 view = handle.get_slice(key)
-                self.specs[key] = TensorSpec(stf.torch_dtype(view.get_dtype()), tuple(view.get_shape()))
+                dtype = stf.torch_dtype(view.get_dtype(), key=key, file=file)
+                self.specs[key] = TensorSpec(dtype, tuple(view.get_shape()))
                 self._file_of[key] = file
 
     def read_tensor(self, key: str) -> torch.Tensor:
@@ -281,6 +314,28 @@ class SafetensorsSource(Source):
         self._handles.clear()
 
 
+def _index_shards(index_path: str) -> list[str]:
+    """The shard file names a ``model.safetensors.index.json`` lists, each a plain file
+    name in its folder (CorruptCheckpointError naming the index otherwise)."""
+    try:
+        with open(index_path, "rb") as f:
+            doc = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{index_path} is not a JSON document: {exc}") from exc
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(
+            f"{index_path} has no weight_map (an object mapping each tensor name to its shard file)"
+        )
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise CorruptCheckpointError(
+                f"{index_path}: shard {name!r} is not a plain file name in the index's folder"
+            )
+    return files
+
+
 def local_path(uri: str) -> str | None:
     """The local path a plain path or ``file://`` URI names; None for other schemes."""
     if scheme_of(uri) != "file":
@@ -290,35 +345,31 @@ def local_path(uri: str) -> str | None:
     return os.path.expanduser(uri)
 
 
+def is_safetensors(path: str) -> bool:
+    """Whether the local directory ``path`` holds safetensors shards (an index, or a
+    single ``model.safetensors`` and no torchstow manifest)."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return stf.INDEX in names or (stf.SINGLE in names and MANIFEST not in names)
+
+
 def is_dcp(names: list[str]) -> bool:
     """Whether a location holding ``names`` is a DCP checkpoint (and not a torchstow one)."""
     return DCP_METADATA in names and MANIFEST not in names
 
 
 class DcpSource(TorchstowSource):
-    """A checkpoint in DCP's own format (``.metadata`` and ``*.distcp``), read through
-    :mod:`torchstow.interop.dcp_format`: the metadata with its restricted unpickler,
-    the data with its reader. DCP writes no checksums."""
+    """A checkpoint in DCP's own format (``.metadata`` and ``*.distcp``), read by its
+    backend's reader (:mod:`torchstow.format.dcp_metadata` decodes the metadata with its
+    restricted unpickler). DCP writes no checksums."""
 
     format = "dcp"
 
 
 def dcp_source(uri: str, storage_options: dict[str, Any] | None) -> Source:
-    """The source for the DCP-format checkpoint at ``uri``."""
-    try:
-        dcp_format = importlib.import_module("torchstow.interop.dcp_format")
-    except ImportError:
-        raise TorchstowError(
-            f"{uri} is a DCP checkpoint (.metadata and .distcp files); this torchstow cannot read "
-            "the DCP format yet (torchstow.interop.dcp_format is missing)"
-        ) from None
-    backend = default_registry().backend_for(uri, storage_options)
-    assert isinstance(backend, StoreBackend)
-    store = backend.open_store(uri)
-    metadata = dcp_format.read_dcp_metadata(uri, storage_options=storage_options)
-    return DcpSource(
-        uri, storage_options, metadata=metadata, reader=lambda: dcp_format.DcpFormatReader(store)
-    )
+    """The source for the DCP-format checkpoint at ``uri`` (its backend reads either format)."""
+    return DcpSource(uri, storage_options)
 
 
 def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Source:
@@ -332,10 +383,8 @@ def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Sour
         if path.endswith(".safetensors"):
             return SafetensorsSource(path)
         return TorchSaveSource(path)
-    if path is not None and os.path.isdir(path):
-        names = os.listdir(path)
-        if stf.INDEX in names or (stf.SINGLE in names and MANIFEST not in names):
-            return SafetensorsSource(path)
+    if path is not None and is_safetensors(path):
+        return SafetensorsSource(path)
     backend = default_registry().backend_for(uri, storage_options)
     if isinstance(backend, StoreBackend) and is_dcp(backend.open_store(uri).list_files()):
         return dcp_source(uri, storage_options)

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -21,10 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchstow.api import storage_writer
 from torchstow.core.planning import DefaultSavePlanner, WriteItem, WriteItemType
 from torchstow.core.protocol.steps import save_state_dict
+from torchstow.errors import CheckpointExistsError, TorchstowError
+from torchstow.format.files import MANIFEST
 from torchstow.interop import safetensors_format as stf
-from torchstow.interop.sources import TensorSpec
+from torchstow.interop.sources import DCP_METADATA, TensorSpec
 
 if TYPE_CHECKING:
     from torchstow.interop.convert import ConvertReport, Selection
@@ -66,10 +70,8 @@ def to_torchstow(
     selection: Selection, dst: str, storage_options: dict[str, Any], overwrite: bool, report: ConvertReport
 ) -> None:
     """Save the selection as a torchstow checkpoint at ``dst`` (any backend)."""
-    from torchstow.api import storage_writer
-
     state = _plan_state(selection, report)
-    writer = storage_writer(dst, overwrite=overwrite, **storage_options)
+    writer = storage_writer(dst, storage_options=storage_options, overwrite=overwrite)
     save_state_dict(
         state,
         writer,
@@ -79,9 +81,17 @@ def to_torchstow(
     report.files.append(dst)
 
 
-def to_dcp(selection: Selection, dst: str, report: ConvertReport) -> None:
-    """Save the selection with ``torch.distributed.checkpoint``'s own FileSystemWriter."""
+def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertReport) -> None:
+    """Save the selection with ``torch.distributed.checkpoint``'s own FileSystemWriter.
+
+    It is written into a new folder beside ``dst`` and moved in when complete
+    (``.metadata`` last), so a failure leaves ``dst`` as it was. With
+    ``overwrite``, an old DCP checkpoint's ``.metadata`` is removed before the
+    new data files replace its own (a reader never pairs the two), and its data
+    files that the new one does not name once the new one is in place.
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
     from torch.distributed.checkpoint.planner import WriteItemType as DcpItemType
 
     class StreamingDcpPlanner(dcp.DefaultSavePlanner):
@@ -90,11 +100,50 @@ def to_dcp(selection: Selection, dst: str, report: ConvertReport) -> None:
                 return super().resolve_data(write_item)
             return selection.fetch(write_item.index.fqn)
 
+    if os.path.exists(os.path.join(dst, MANIFEST)):
+        raise CheckpointExistsError(
+            f"{dst} holds a torchstow checkpoint, which would hide a DCP checkpoint written beside "
+            "it; remove it first (torchstow rm) or convert to another location"
+        )
     state = _plan_state(selection, report)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(dst), planner=StreamingDcpPlanner(), no_dist=True)
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".torchstow-convert-", dir=parent)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+            dcp.save(
+                state,
+                storage_writer=dcp.FileSystemWriter(staging),
+                planner=StreamingDcpPlanner(),
+                no_dist=True,
+            )
+        _move_dcp(staging, dst, overwrite)
+    except DcpCheckpointException as exc:  # a BaseException: give back the error that caused it
+        cause = next((failure for failure, _ in exc.failures.values()), None)
+        if isinstance(cause, TorchstowError):
+            raise cause from None
+        raise TorchstowError(f"convert to DCP at {dst} failed: {cause or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     report.files.append(dst)
+
+
+def _move_dcp(staging: str, dst: str, overwrite: bool) -> None:
+    """Move the DCP checkpoint written in ``staging`` to ``dst``, ``.metadata`` last."""
+    os.makedirs(dst, exist_ok=True)
+    old = {name for name in os.listdir(dst) if name.endswith(".distcp")}
+    if old and not overwrite:
+        raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    names = sorted(os.listdir(staging), key=lambda name: name == DCP_METADATA)
+    if old:  # the old checkpoint goes first: never its .metadata over the new data files
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(dst, DCP_METADATA))
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(dst, name))
+    for name in old.difference(names):  # named by the replaced .metadata only
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(dst, name))
 
 
 def to_torch(selection: Selection, dst: str, report: ConvertReport) -> None:

@@ -1,9 +1,10 @@
 """Streaming over a checkpoint's data files, checking every block checksum on the way.
 
 :func:`scan_file` reads one data file front to back in bounded segments,
-feeds each item's bytes to its per-block crc32c and reports every block that
-differs, a missing file or one that ends early. :func:`verify` reports what
-it finds; :func:`copy` hands each segment to a sink of the destination too.
+feeds each item's bytes to a :class:`~torchstow.format.checksums.BlockVerifier`
+(the readers' own) and reports every block that differs, a missing file or one
+that ends early. :func:`verify` reports what it finds; :func:`copy` hands each
+segment to a sink of the destination too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
-from torchstow.format.checksums import checksum
+from torchstow.format.checksums import BlockVerifier, block_bytes, block_span
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 
 __all__ = ["Problem", "Span", "check_manifest", "scan_file", "segment_bytes", "spans_by_file"]
@@ -107,8 +108,7 @@ def check_manifest(metadata: Metadata) -> list[Problem]:
                     )
                 )
     for index, info in locations.items():
-        block = info.block_size or max(info.length, 1)
-        if len(info.checksums) != -(-info.length // block):
+        if not _checksums_cover(info):
             problems.append(
                 Problem(
                     _key_name(metadata, index),
@@ -125,24 +125,18 @@ def segment_bytes(store: ByteStore) -> int:
     return max(_MIN_SEGMENT, min(_MAX_SEGMENT, store.read_segment_bytes))
 
 
-@dataclass
-class _Block:
-    span: Span
-    start: int
-    end: int
-    expected: int
-    crc: int = 0
+def _checksums_cover(info: StorageInfo) -> bool:
+    """Whether an item has one checksum per block."""
+    return len(info.checksums) == -(-info.length // block_bytes(info.block_size, info.length))
 
 
-def _blocks(spans: list[Span]) -> list[_Block]:
-    out = []
-    for span in spans:
-        info = span.info
-        block = info.block_size or max(info.length, 1)
-        for i, expected in enumerate(info.checksums):
-            start = info.offset + i * block
-            out.append(_Block(span, start, min(span.end, start + block), expected))
-    return out
+def _verifiers(spans: list[Span]) -> list[tuple[Span, BlockVerifier]]:
+    """A verifier for each span whose checksums cover it (:func:`check_manifest` reports the others)."""
+    return [
+        (span, BlockVerifier(0, span.info.checksums, block_bytes(span.info.block_size, span.info.length)))
+        for span in spans
+        if _checksums_cover(span.info)
+    ]
 
 
 def _ends_early(store: ByteStore, name: str, end: int, exc: CorruptCheckpointError) -> str:
@@ -179,13 +173,13 @@ def scan_file(
     if not spans:
         return []
     end = max(span.end for span in spans)
-    blocks = _blocks(spans)
+    checked = _verifiers(spans)
     problems: list[Problem] = []
     seg = segment_bytes(store)
     # Reading alone reuses one buffer, and so does a copy into a sink that keeps no buffer
     # (fresh memory costs page faults, a lot of them on some virtual machines).
     scratch = memoryview(bytearray(min(seg, end))) if write is None or not write_keeps else None
-    b = 0  # the first block not yet fully checked
+    first = 0  # the first span not yet fully checked
     pos = 0
     while pos < end:
         if stop is not None and stop.is_set():
@@ -201,26 +195,21 @@ def scan_file(
             message = _ends_early(store, name, end, exc)
             return problems + [Problem(s.key, name, max(pos, s.info.offset), message) for s in cut]
         seg_end = pos + size
-        i = b
-        while i < len(blocks) and blocks[i].start < seg_end:
-            blk = blocks[i]
-            lo = max(blk.start, pos)
-            hi = min(blk.end, seg_end)
+        i = first
+        while i < len(checked) and checked[i][0].info.offset < seg_end:
+            span, verifier = checked[i]
+            lo = max(span.info.offset, pos)
+            hi = min(span.end, seg_end)
             if hi > lo:
-                blk.crc = checksum(buf[lo - pos : hi - pos], blk.crc)
-            if blk.end <= seg_end:
-                if blk.crc != blk.expected:
-                    problems.append(
-                        Problem(
-                            blk.span.key,
-                            name,
-                            blk.start,
-                            f"checksum mismatch in bytes {blk.start}..{blk.end}: "
-                            "they differ from what was saved",
-                        )
-                    )
-                if i == b:
-                    b += 1
+                verifier.feed(buf[lo - pos : hi - pos])
+            if span.end <= seg_end:
+                if span.end > pos:
+                    verifier.end()
+                if i == first:
+                    first += 1
+            if verifier.failed:
+                problems.extend(_mismatch(name, span, block) for block in verifier.failed)
+                verifier.failed.clear()
             i += 1
         if write is not None:
             write(buf)
@@ -228,3 +217,10 @@ def scan_file(
             progress(size)
         pos = seg_end
     return problems
+
+
+def _mismatch(name: str, span: Span, block: int) -> Problem:
+    start, end = (span.info.offset + at for at in block_span(block, span.info.block_size, span.info.length))
+    return Problem(
+        span.key, name, start, f"checksum mismatch in bytes {start}..{end}: they differ from what was saved"
+    )

@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torchstow.core.layout.location import read_manifest
+from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError, IncompleteCheckpointError, TorchstowError
-from torchstow.format.files import MANIFEST
+from torchstow.format.dcp_metadata import decode_dcp_metadata
+from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
+from torchstow.format.validation import check_extents
 from torchstow.management.datafiles import Problem, Span, check_manifest, scan_file, spans_by_file
 from torchstow.plugins.manager import default_registry
 
@@ -35,7 +38,9 @@ class VerifyReport:
 
     ``ok`` is True when every byte was read and matched its checksum;
     ``checked_bytes`` counts the data bytes read; ``problems`` names the key,
-    file and byte offset of each thing wrong.
+    file and byte offset of each thing wrong. ``format`` is the checkpoint's
+    (``torchstow``, ``dcp``, ``safetensors``, ``torch``); ``checksums`` is False
+    for the formats that store none: there every value was read and decoded.
     """
 
     uri: str
@@ -43,6 +48,8 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     files: int = 0
     keys: int = 0
+    format: str = "torchstow"
+    checksums: bool = True
 
     @property
     def ok(self) -> bool:
@@ -53,6 +60,8 @@ class VerifyReport:
         return {
             "uri": self.uri,
             "ok": self.ok,
+            "format": self.format,
+            "checksums": self.checksums,
             "checked_bytes": self.checked_bytes,
             "files": self.files,
             "keys": self.keys,
@@ -104,12 +113,20 @@ def verify_store(
     return report
 
 
-def verify_by_reading(source: Source, progress: ProgressCallback | None = None) -> VerifyReport:
+def verify_by_reading(
+    source: Source, progress: ProgressCallback | None = None, report: VerifyReport | None = None
+) -> VerifyReport:
     """Verify by reading every value through the source's own reader, key by key
-    (backends that are not byte stores, and DCP checkpoints)."""
-    report = VerifyReport(source.uri, keys=len(source.specs))
+    (backends that are not byte stores, and the formats without checksums); the keys
+    ``report`` already names a problem of are not read."""
+    if report is None:
+        report = VerifyReport(source.uri, format=source.format, checksums=source.format == "torchstow")
+    report.keys = len(source.specs)
+    known = {p.key for p in report.problems}
     total = sum(spec.nbytes for spec in source.specs.values() if spec is not None)
     for key, spec in source.specs.items():
+        if key in known:
+            continue
         try:
             if spec is None:
                 source.read_object(key)
@@ -123,6 +140,57 @@ def verify_by_reading(source: Source, progress: ProgressCallback | None = None) 
     return report
 
 
+def _verify_dcp(store: ByteStore, uri: str, progress: ProgressCallback | None) -> VerifyReport:
+    """Read every value of a DCP-format checkpoint (DCP stores no checksums); a
+    ``.metadata`` that does not decode, and locations in missing files or past their
+    ends, are problems in the report."""
+    from torchstow.interop.sources import DcpSource
+
+    name = DCP_METADATA
+    report = VerifyReport(uri, format="dcp", checksums=False)
+    try:
+        metadata = decode_dcp_metadata(store.read_file(name), source=f"{store.location}/{name}")
+    except (TorchstowError, OSError) as exc:
+        report.problems.append(Problem(name, name, None, " ".join(str(exc).split())))
+        return report
+    locations = metadata.storage_data.items()
+    report.files = len({info.relative_path for _, info in locations})
+    sizes = store.file_sizes()
+    if sizes is not None:  # what cannot be read is reported, and never allocated for
+        beyond: dict[Any, str] = {}
+        missing = check_extents(locations, sizes, store.location, beyond)
+        for index, info in locations:
+            if info.relative_path in missing:
+                report.problems.append(
+                    Problem(index.fqn, info.relative_path, None, "the data file is missing")
+                )
+            elif index in beyond:
+                report.problems.append(Problem(index.fqn, info.relative_path, info.offset, beyond[index]))
+    source = DcpSource(uri, metadata=metadata, reader=lambda: LayoutReader(store))
+    return verify_by_reading(source, progress, report)
+
+
+def _verify_file_source(uri: str, path: str, progress: ProgressCallback | None) -> VerifyReport:
+    """Read every value of a safetensors file or folder, or a ``torch.save`` file
+    (formats without checksums); one that does not open is a problem in the report."""
+    from torchstow.interop.sources import SafetensorsSource, open_source
+
+    try:
+        source = open_source(path)
+    except (TorchstowError, OSError) as exc:
+        name = os.path.basename(os.path.normpath(path))
+        kind = "safetensors" if os.path.isdir(path) or path.endswith(".safetensors") else "torch"
+        message = " ".join(str(exc).split())
+        return VerifyReport(uri, problems=[Problem(name, name, None, message)], format=kind, checksums=False)
+    try:
+        report = verify_by_reading(source, progress)
+        report.uri = uri
+        report.files = len(source.paths) if isinstance(source, SafetensorsSource) else 1
+        return report
+    finally:
+        source.close()
+
+
 def verify(
     uri: str | os.PathLike[str],
     *,
@@ -134,19 +202,23 @@ def verify(
     Corruption (a flipped byte, a missing or truncated data file, an
     unreadable or inconsistent manifest, data without a committed manifest)
     is reported in the returned :class:`VerifyReport`, never raised. Raises
-    :class:`CheckpointNotFoundError` when nothing is at ``uri``. DCP-format
-    checkpoints have no checksums: every byte is read and their metadata is
-    checked for consistency.
+    :class:`CheckpointNotFoundError` when nothing is at ``uri``. The formats
+    without checksums (DCP's, safetensors, a ``torch.save`` file) are verified
+    by reading and decoding every value, and their metadata is checked for
+    consistency; the report says so (``checksums`` is False).
     """
-    from torchstow.interop.sources import TorchstowSource, dcp_source, is_dcp
+    from torchstow.interop.sources import TorchstowSource, is_dcp, is_safetensors, local_path
 
     text = os.fspath(uri)
+    path = local_path(text)
+    if path is not None and (os.path.isfile(path) or is_safetensors(path)):
+        return _verify_file_source(text, path, progress)
     backend = default_registry().backend_for(text, storage_options)
     if not isinstance(backend, StoreBackend):
         return verify_by_reading(TorchstowSource(text, storage_options), progress)
     store = backend.open_store(text)
     if is_dcp(store.list_files()):
-        return verify_by_reading(dcp_source(text, storage_options), progress)
+        return _verify_dcp(store, text, progress)
     try:
         metadata = read_manifest(store)
     except (IncompleteCheckpointError, CorruptCheckpointError) as exc:

@@ -40,7 +40,7 @@ __all__ = [
     "scheme_of",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "torchstow.backends"
 DISABLE_ENV = "TORCHSTOW_DISABLE_PLUGINS"
@@ -149,7 +149,8 @@ class BackendRegistry:
         self.load_errors: dict[str, str] = dict(getattr(pm, "load_errors", {}))
         self._entries: dict[str, BackendEntry] = {}
         pm.check_pending()  # a hook implementation no spec knows (a misspelled name) is an error
-        for impl in pm.hook.torchstow_register_backends.get_hookimpls():
+        impls = pm.hook.torchstow_register_backends.get_hookimpls()
+        for impl in impls:
             plugin = impl.plugin_name
             version = self.versions.get(plugin)
             added: list[tuple[type[Backend], bool]] = []
@@ -159,8 +160,12 @@ class BackendRegistry:
             ) -> None:
                 _added.append((backend, preferred))
 
+            # Through pluggy's hook calling (tracing, monitoring, wrappers), one plugin at a
+            # time: a plugin whose hook raises is left out, and the others still register.
+            others = [other.plugin for other in impls if other is not impl]
+            only_this = pm.subset_hook_caller("torchstow_register_backends", remove_plugins=others)
             try:
-                impl.function(register=register)
+                only_this(register=register)
             except Exception as exc:
                 self.load_errors[plugin] = f"torchstow_register_backends raised {type(exc).__name__}: {exc}"
                 logger.warning("torchstow plugin %r failed to register its backends: %s", plugin, exc)
@@ -331,7 +336,7 @@ def check_option_types(backend: type[Backend], uri: str, options: dict[str, Any]
             )
 
 
-def open_backend(uri: str, **storage_options: Any) -> Backend:
+def open_backend(uri: str, storage_options: dict[str, Any] | None = None) -> Backend:
     """The backend that serves ``uri`` among the installed plugins, built with
     ``storage_options``: what a wrapper backend uses to reach the one it wraps."""
     return default_registry().backend_for(uri, storage_options)

@@ -2,7 +2,7 @@
 
 Three kits, each an abstract pytest class to subclass in one line:
 
-- :class:`ByteStoreConformance` calls a :class:`~torchstow.ByteStore` directly
+- :class:`ByteStoreConformance` calls a :class:`~torchstow.spi.ByteStore` directly
   and checks its contract (missing files, short reads, atomic publish,
   concurrent writers, listing and deleting).
 - :class:`BackendConformance` saves, loads, lists, damages and deletes

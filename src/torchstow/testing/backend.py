@@ -28,8 +28,8 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.planning
 from torchstow import (
-    ByteStore,
     CheckpointException,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -37,10 +37,15 @@ from torchstow import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     Metadata,
+)
+from torchstow.spi import (
+    MANIFEST,
+    ByteStore,
+    ForwardingStorageWriter,
     StoreBackend,
     WriteResult,
+    open_backend,
 )
-from torchstow.spi import MANIFEST, ForwardingStorageWriter, open_backend
 from torchstow.testing._internals import StorageInfo, scheme_of
 from torchstow.testing.base import ConformanceBase
 from torchstow.testing.compare import assert_same_state
@@ -79,7 +84,7 @@ class BackendConformance(ConformanceBase):
         """
 
         def open_store(uri: str) -> ByteStore:
-            backend = open_backend(uri, **storage_options)
+            backend = open_backend(uri, storage_options)
             if not isinstance(backend, StoreBackend) and "+" in scheme_of(uri):
                 uri = uri.split("+", 1)[1].split("?", 1)[0]
                 backend = open_backend(uri)
@@ -100,7 +105,7 @@ class BackendConformance(ConformanceBase):
 
     @staticmethod
     def _location(uri: str, key: str, options: dict[str, Any]) -> StorageInfo:
-        metadata = torchstow.storage_reader(uri, **options).read_metadata()
+        metadata = torchstow.storage_reader(uri, storage_options=options).read_metadata()
         for index, info in metadata.storage_data.items():
             if index.fqn == key:
                 assert isinstance(info, StorageInfo)
@@ -176,17 +181,16 @@ class BackendConformance(ConformanceBase):
         for name, (key, offsets, shape) in cases.items():
             target = torch.zeros(shape)
             planner = RegionLoadPlanner({key: (offsets, target)})
-            reader = torchstow.storage_reader(uri, **storage_options)
-            torchstow.load_state_dict({}, reader, planner=planner, no_dist=True)
+            torchstow.load({}, uri, storage_options=storage_options, planner=planner, no_dist=True)
             source = {"big": big, "vec": vec}[key]
             region = source[tuple(slice(o, o + n) for o, n in zip(offsets, shape, strict=True))]
             assert torch.equal(target, region), f"region {name} differs"
 
     def test_incomplete_save_is_invisible(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "step-5")
-        writer = _CrashBeforeCommit(torchstow.storage_writer(uri, **storage_options))
+        writer = _CrashBeforeCommit(torchstow.storage_writer(uri, storage_options=storage_options))
         with pytest.raises(CheckpointException, match="simulated crash"):
-            torchstow.save_state_dict({"x": torch.ones(8)}, writer, no_dist=True)
+            torchstow.save({"x": torch.ones(8)}, storage_writer=writer, no_dist=True)
         with pytest.raises(IncompleteCheckpointError):
             torchstow.info(uri, storage_options=storage_options)
         with pytest.raises(IncompleteCheckpointError):
@@ -200,7 +204,7 @@ class BackendConformance(ConformanceBase):
     def test_failed_write_commits_nothing(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "step-3")
 
-        class Exploding(torchstow.DefaultSavePlanner):
+        class Exploding(torchstow.planning.DefaultSavePlanner):
             def resolve_data(self, write_item: Any) -> Any:
                 if write_item.index.fqn == "b":
                     raise OSError("the device went away while writing 'b'")
@@ -226,9 +230,11 @@ class BackendConformance(ConformanceBase):
         with pytest.raises(CheckpointExistsError):
             torchstow.save(new, uri, storage_options=storage_options)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), old)
-        crashing = _CrashBeforeCommit(torchstow.storage_writer(uri, overwrite=True, **storage_options))
+        crashing = _CrashBeforeCommit(
+            torchstow.storage_writer(uri, storage_options=storage_options, overwrite=True)
+        )
         with pytest.raises(CheckpointException):
-            torchstow.save_state_dict(new, crashing, no_dist=True)
+            torchstow.save(new, storage_writer=crashing, no_dist=True)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), old)  # old stays valid
         torchstow.save(new, uri, storage_options=storage_options, overwrite=True)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), new)
@@ -242,7 +248,7 @@ class BackendConformance(ConformanceBase):
     @staticmethod
     def _data_files(uri: str, storage_options: dict[str, Any]) -> set[str]:
         """The data files the committed manifest at ``uri`` lists."""
-        metadata = torchstow.storage_reader(uri, **storage_options).read_metadata()
+        metadata = torchstow.storage_reader(uri, storage_options=storage_options).read_metadata()
         return {info.relative_path for info in metadata.storage_data.values()}
 
     def test_list_latest_delete(self, root_uri: str, storage_options: dict[str, Any]) -> None:
@@ -254,9 +260,11 @@ class BackendConformance(ConformanceBase):
             torchstow.save(
                 sd, self.uri(root_uri, f"step-{step}"), storage_options=opts, metadata={"step": step}
             )
-        writer = _CrashBeforeCommit(torchstow.storage_writer(self.uri(root_uri, "step-99"), **opts))
+        writer = _CrashBeforeCommit(
+            torchstow.storage_writer(self.uri(root_uri, "step-99"), storage_options=opts)
+        )
         with pytest.raises(CheckpointException):
-            torchstow.save_state_dict({"w": torch.ones(16)}, writer, no_dist=True)
+            torchstow.save({"w": torch.ones(16)}, storage_writer=writer, no_dist=True)
         found = torchstow.list_checkpoints(root_uri, storage_options=opts)
         assert [i.uri for i in found] == [self.uri(root_uri, f"step-{s}") for s in (1, 2, 10)]
         assert [i.step for i in found] == [1, 2, 10]
@@ -381,7 +389,7 @@ class BackendConformance(ConformanceBase):
         uri = self.uri(root_uri, "step-1")
         outcomes: dict[float, str] = {}
 
-        class Slow(torchstow.DefaultSavePlanner):
+        class Slow(torchstow.planning.DefaultSavePlanner):
             """Holds each save between its existence check and its commit, so they overlap."""
 
             def resolve_data(self, write_item: Any) -> Any:

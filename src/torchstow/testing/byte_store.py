@@ -1,9 +1,9 @@
-"""The byte-store conformance kit: the :class:`~torchstow.ByteStore` contract, called directly.
+"""The byte-store conformance kit: the :class:`~torchstow.spi.ByteStore` contract, called directly.
 
 The layout writer and reader rely on these rules; a store that breaks one
 shows up here with a one-line reason instead of as a puzzling failed load.
 Subclass :class:`ByteStoreConformance` and set ``scheme``; the stores come
-from your :class:`~torchstow.StoreBackend` (override ``store_backend`` or
+from your :class:`~torchstow.spi.StoreBackend` (override ``store_backend`` or
 ``open_store`` to build them another way).
 """
 
@@ -16,8 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from torchstow import ByteStore, CorruptCheckpointError, StoreBackend
-from torchstow.spi import MANIFEST, open_backend
+from torchstow.spi import MANIFEST, ByteStore, CorruptCheckpointError, StoreBackend, open_backend
 from torchstow.testing.base import ConformanceBase
 
 __all__ = ["ByteStoreConformance"]
@@ -44,7 +43,7 @@ class ByteStoreConformance(ConformanceBase):
     @pytest.fixture
     def store_backend(self, root_uri: str, storage_options: dict[str, Any]) -> StoreBackend:
         """The backend under test, built with ``storage_options``."""
-        backend = open_backend(root_uri, **storage_options)
+        backend = open_backend(root_uri, storage_options)
         if not isinstance(backend, StoreBackend):
             pytest.fail(f"{type(backend).__name__} is not a StoreBackend: override store_backend")
         return backend

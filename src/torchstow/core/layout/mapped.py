@@ -23,12 +23,18 @@ import torch
 
 from torchstow.core.layout.read_plan import checksum_mismatch
 from torchstow.core.layout.views import tensor_bytes
-from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
-from torchstow.format.checksums import BlockVerifier
+from torchstow.format.checksums import BlockVerifier, block_bytes
+from torchstow.format.chunks import region
 from torchstow.format.files import MANIFEST
-from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from torchstow.format.manifest import (
+    EncodedLocations,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorStorageMetadata,
+)
 
 __all__ = ["map_checkpoint", "map_tensors"]
 
@@ -86,7 +92,7 @@ def _view(
         raise CorruptCheckpointError(f"{files.store.location}: {fqn!r} is not aligned for {dtype}")
     tensor = torch.empty(0, dtype=dtype).set_(storage, info.offset // dtype.itemsize, shape)  # type: ignore[call-overload]
     if verify:
-        verifier = BlockVerifier(0, info.checksums, info.block_size or info.length)
+        verifier = BlockVerifier(0, info.checksums, block_bytes(info.block_size, info.length))
         bad = verifier.feed(tensor_bytes(tensor))
         bad = verifier.end() if bad is None else bad
         if bad is not None:
@@ -122,23 +128,23 @@ def map_tensors(
         if whole is None:
             whole = torch.empty(entry.size, dtype=dtype)
             for chunk, view in parts:
-                region = whole
-                for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
-                    region = region.narrow(dim, start, length)
-                region.copy_(view)
+                region(whole, chunk.offsets, chunk.sizes).copy_(view)
         out[fqn] = whole
     return out
 
 
 def map_checkpoint(
-    backend: Backend, uri: str, metadata: Metadata, fqns: list[str], *, verify: bool = True
+    store: ByteStore | None, uri: str, metadata: Metadata, fqns: list[str], *, verify: bool = True
 ) -> dict[str, Any]:
-    """The tensors among ``fqns`` of the checkpoint at ``uri``, mapped (see :func:`map_tensors`).
+    """The tensors among ``fqns`` of the checkpoint at ``uri`` (in ``store``; None for a
+    backend that is no byte store), mapped (see :func:`map_tensors`).
 
-    Raises ValueError for a backend whose files are not local (only local
-    files and ``shm://`` can be mapped).
+    Raises ValueError for a store whose files are not local (only local
+    files and ``shm://`` can be mapped). A checkpoint whose items are encoded
+    (DCP's format) maps nothing: the caller reads every tensor as usual.
     """
-    store = backend.open_store(uri) if isinstance(backend, StoreBackend) else None
+    if isinstance(metadata.storage_data, EncodedLocations):
+        return {}
     if store is None or store.local_path(MANIFEST) is None:
         raise ValueError(
             f"read(mmap=True) maps local files: {uri!r} is not on a local filesystem or shm://; "

@@ -15,7 +15,7 @@ from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.planning import ReadItem
 from torchstow.errors import ChecksumMismatchError
 from torchstow.format import chunks as chunk_math
-from torchstow.format.checksums import BlockVerifier
+from torchstow.format.checksums import BlockVerifier, block_bytes, block_span
 from torchstow.format.manifest import StorageInfo
 
 __all__ = ["PlannedRead", "ReadTask", "plan_read"]
@@ -72,9 +72,7 @@ class PlannedRead:
 
 def checksum_mismatch(fqn: str, location: str, info: StorageInfo, bad: int) -> ChecksumMismatchError:
     """The error for checksum block ``bad`` of ``fqn``'s bytes at ``info``, naming its byte range."""
-    block = info.block_size or info.length
-    lo = info.offset + bad * block
-    hi = info.offset + min(info.length, (bad + 1) * block)
+    lo, hi = (info.offset + at for at in block_span(bad, info.block_size, info.length))
     return ChecksumMismatchError(
         f"checksum mismatch in {fqn!r}: {location}/{info.relative_path} "
         f"bytes {lo}..{hi} differ from what was saved; the checkpoint is corrupted"
@@ -85,7 +83,7 @@ def plan_read(task: ReadTask) -> PlannedRead:
     """The byte ranges that fill ``task``'s target, extended to whole checksum blocks."""
     info = task.info
     read = PlannedRead(task)
-    block = info.block_size or max(info.length, 1)
+    block = block_bytes(info.block_size, info.length)
     if task.target is None:
         buf = memoryview(bytearray(info.length))
         read.pieces = [(info.offset, buf)]

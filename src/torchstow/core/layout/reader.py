@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from torchstow.core.futures import completed_future
+from torchstow.core.layout.dcp_reader import DcpItems
 from torchstow.core.layout.location import StoreOpener, default_thread_count, read_manifest, rebind
 from torchstow.core.layout.read_plan import PlannedRead, ReadTask, plan_read
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
+from torchstow.format.dcp_metadata import DcpLocations
 from torchstow.format.files import LARGE_ITEM
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from torchstow.format.validation import check_extents, missing_file_error
@@ -34,6 +36,10 @@ class LayoutReader(StorageReader):
     Bytes are read straight into the destination tensors where the stored
     region maps onto their memory, and every byte read is checked against
     its block checksums unless ``verify_checksums`` is off.
+
+    Where the location holds no torchstow manifest but a DCP ``.metadata``
+    (a checkpoint of stock ``dcp.save``), that is the manifest read, and the
+    items are read in DCP's format (:mod:`torchstow.core.layout.dcp_reader`).
     """
 
     def __init__(
@@ -51,13 +57,14 @@ class LayoutReader(StorageReader):
         self.verify_checksums = verify_checksums
         self._open_store = open_store
         self._missing: set[str] = set()  # listed data files not present
+        self._beyond: dict[MetadataIndex, str] = {}  # items past their file's end: the error
         self._checked: Metadata | None = None  # the manifest they were looked up for
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.store = rebind(self.store, self._open_store, checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_manifest(self.store)
+        metadata = read_manifest(self.store, dcp=True)
         self._check_files(metadata)
         return metadata
 
@@ -66,17 +73,21 @@ class LayoutReader(StorageReader):
         if metadata is self._checked:
             return
         self._missing = set()
+        self._beyond = {}
         if isinstance(metadata.storage_data, dict) and metadata.storage_data:
             sizes = self.store.file_sizes()
             if sizes is not None:
-                self._missing = check_extents(metadata.storage_data.items(), sizes, self.store.location)
+                self._missing = check_extents(
+                    metadata.storage_data.items(), sizes, self.store.location, self._beyond
+                )
         self._checked = metadata
 
     def require_data(self, metadata: Metadata, keys: Iterable[str]) -> None:
-        """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing file
-        (checked before anything is allocated for them), whoever read ``metadata``."""
+        """Raise CorruptCheckpointError if an item of ``keys`` lies in a missing file or
+        past the end of its file (checked before anything is allocated for them),
+        whoever read ``metadata``."""
         self._check_files(metadata)
-        raise_if_missing(self.store.location, metadata.storage_data, self._missing, keys)
+        raise_if_missing(self.store.location, metadata.storage_data, self._missing, keys, self._beyond)
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -99,6 +110,10 @@ class LayoutReader(StorageReader):
         return True
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        if isinstance(self.locations, DcpLocations):
+            self._check_files(self.metadata)
+            DcpItems(self.store, self.metadata, self._missing, self._beyond).read(plan, planner)
+            return completed_future(None)
         tasks = [self._task(item, planner) for item in plan.items]
         jobs = _jobs(_batches(tasks))
         threads = min(self.thread_count, len(jobs))
@@ -128,6 +143,8 @@ class LayoutReader(StorageReader):
             )
         if info.relative_path in self._missing:
             raise missing_file_error(self.store.location, info.relative_path, item.storage_index.fqn)
+        if item.storage_index in self._beyond:
+            raise CorruptCheckpointError(self._beyond[item.storage_index])
         if item.type == LoadItemType.BYTE_IO:
             return ReadTask(item, info, None, None, None)
         entry = self.metadata.state_dict_metadata[item.storage_index.fqn]
@@ -188,14 +205,25 @@ def require_data(reader: StorageReader, metadata: Metadata, keys: Iterable[str])
         check(metadata, keys)
 
 
-def raise_if_missing(location: str, locations: Any, missing: set[str], keys: Iterable[str]) -> None:
-    """Raise the missing-file error for the first item of ``keys`` stored in a ``missing`` file."""
-    if not missing or not isinstance(locations, dict):
+def raise_if_missing(
+    location: str,
+    locations: Any,
+    missing: set[str],
+    keys: Iterable[str],
+    beyond: Mapping[Any, str] | None = None,
+) -> None:
+    """Raise the missing-file error for the first item of ``keys`` stored in a ``missing``
+    file, or the error ``beyond`` records for one past its file's end."""
+    if not (missing or beyond) or not isinstance(locations, dict):
         return
     wanted = set(keys)
     for index, info in locations.items():
-        if info.relative_path in missing and index.fqn in wanted:
+        if index.fqn not in wanted:
+            continue
+        if info.relative_path in missing:
             raise missing_file_error(location, info.relative_path, index.fqn)
+        if beyond and index in beyond:
+            raise CorruptCheckpointError(beyond[index])
 
 
 def _stored_chunk(entry: TensorStorageMetadata, index: MetadataIndex) -> torch.Size:

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from itertools import compress
 from typing import Any
 
+from torchstow.core.planning.balance import assign_owners, item_bytes
 from torchstow.core.planning.items import SavePlan, TensorWriteData
 from torchstow.format import chunks as chunk_math
 from torchstow.format.manifest import BytesStorageMetadata, TensorStorageMetadata, dtype_name
 
-__all__ = ["Entries", "aligned_global_plan", "check_tensor"]
+__all__ = ["Entries", "aligned_global_plan", "check_tensor", "mixed_kinds"]
 
 Entries = dict[str, TensorStorageMetadata | BytesStorageMetadata]
 
@@ -55,7 +56,7 @@ def _classify(
 ) -> _Class:
     tensor = tds[0] is not None
     if any((td is not None) != tensor for td in tds):
-        raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+        raise mixed_kinds(fqn)
     if not dedup:
         return _Class(j, tds, offsets, tensor, [[r] for r in range(len(tds))])
     by_offset: dict[Any, list[int]] = {}
@@ -92,9 +93,9 @@ def _classes(
     return columns
 
 
-def item_bytes(td: TensorWriteData | None) -> int:
-    """Bytes of a write item's chunk (0 for an object)."""
-    return 0 if td is None else td.chunk.sizes.numel() * td.properties.dtype.itemsize
+def mixed_kinds(fqn: str) -> ValueError:
+    """The error for a key that is a tensor on one rank and an object on another."""
+    return ValueError(f"{fqn} is a tensor on one rank and an object on another")
 
 
 def check_tensor(fqn: str, entry: TensorStorageMetadata, td: TensorWriteData) -> None:
@@ -121,9 +122,8 @@ def _owners(
 ) -> dict[int, list[int]]:
     """The ranks that keep each column's items, for columns some rank's item is dropped from.
 
-    An item several ranks hold goes to the one with the fewest bytes so far,
-    then the fewest items, biggest items first (in the order they first
-    appear among equals), after every rank is charged its own items.
+    An item several ranks hold goes to the rank :func:`assign_owners` picks,
+    after every rank is charged its own items.
     """
     load = [0] * ranks
     count = [0] * ranks
@@ -141,15 +141,8 @@ def _owners(
         if len(group) > 1
     ]
     shared.sort(key=lambda s: (s[0], s[1]))  # the order they first appear in, rank by rank
-    shared.sort(key=lambda s: -s[3])
-    keys = list(zip(load, count, strict=True))
-    owner: dict[tuple[int, int], int] = {}
-    for first, j, group, size in shared:
-        best = min(group, key=keys.__getitem__)
-        owner[j, first] = best
-        load[best] += size
-        count[best] += 1
-        keys[best] = (load[best], count[best])
+    chosen = assign_owners(load, count, [(size, group) for _, _, group, size in shared])
+    owner = {(j, first): best for (first, j, _, _), best in zip(shared, chosen, strict=True)}
     kept: dict[int, list[int]] = {}
     for j, cls in enumerate(columns):
         if not cls.distinct:

@@ -267,9 +267,7 @@ class DefaultLoadPlanner(LoadPlanner):
         target = self._targets[read_item.dest_index]
         if read_item.lengths == target.shape:
             return target
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
-            target = target.narrow(dim, start, length)
-        return target
+        return chunk_math.region(target, read_item.dest_offsets, read_item.lengths)
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         if self._aliases is not None:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from torchstow.core.planning.aligned_plan import Entries, aligned_global_plan, check_tensor, item_bytes
+from torchstow.core.planning.aligned_plan import Entries, aligned_global_plan, check_tensor, mixed_kinds
+from torchstow.core.planning.balance import assign_owners, item_bytes
 from torchstow.core.planning.geometry import global_shape, is_raw_tensor, local_chunks
 from torchstow.core.planning.items import BytesWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torchstow.core.planning.planners import SavePlanner
@@ -149,7 +150,7 @@ def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
                 if entry is None:
                     entry = entries[fqn] = TensorStorageMetadata(td.properties, td.size, [])
                 elif entry.__class__ is not TensorStorageMetadata:
-                    raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+                    raise mixed_kinds(fqn)
                 elif entry.size != td.size or entry.properties.dtype != td.properties.dtype:
                     check_tensor(fqn, entry, td)
                 chunks = entry.chunks
@@ -158,7 +159,7 @@ def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
                 keep(item)
             else:
                 if entry.__class__ is TensorStorageMetadata:
-                    raise ValueError(f"{fqn} is a tensor on one rank and an object on another")
+                    raise mixed_kinds(fqn)
                 assert item.bytes_data is not None
                 bd = item.bytes_data
                 entries[fqn] = BytesStorageMetadata(bd.encoding, bd.value)
@@ -178,10 +179,10 @@ def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
 def dedup_save_plans(all_plans: list[SavePlan]) -> list[SavePlan]:
     """Keep one copy of each item that several ranks would write.
 
-    An item held by several ranks goes to the one with the fewest bytes
-    assigned so far (then the fewest items, for objects whose size is not
-    known before they are written), so replicated data is spread instead
-    of piling on rank 0. Linear in the number of items, plus a sort of the
+    An item held by several ranks goes to the one :func:`assign_owners`
+    picks (the fewest bytes assigned so far, then the fewest items, for
+    objects whose size is not known before they are written), so replicated
+    data is spread instead of piling on rank 0. Linear in the number of items, plus a sort of the
     shared ones. Items are keyed by ``(fqn, offset)`` tuples, which hash in C.
     """
     keys = [
@@ -214,15 +215,8 @@ def dedup_save_plans(all_plans: list[SavePlan]) -> list[SavePlan]:
             for item, key in zip(plan.items, rank_keys, strict=True):
                 if key in holders:
                     shared.setdefault(key, item)
-    owner: dict[tuple[str, Any], int] = {}
-    by_size = sorted(
-        ((item_bytes(item.tensor_data), key) for key, item in shared.items()), key=lambda e: -e[0]
-    )
-    for size, key in by_size:
-        best = min(holders[key], key=lambda r: (load[r], count[r]))
-        owner[key] = best
-        load[best] += size
-        count[best] += 1
+    sizes = [(item_bytes(item.tensor_data), holders[key]) for key, item in shared.items()]
+    owner = dict(zip(shared, assign_owners(load, count, sizes), strict=True))
     return [
         SavePlan(
             [item for item, key in zip(plan.items, rank_keys, strict=True) if owner.get(key, rank) == rank],
