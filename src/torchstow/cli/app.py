@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("ls", [bar])
     p.add_argument("prefix")
     p.add_argument("--all", action="store_true", help="show incomplete and unreadable checkpoints too")
+    p.add_argument("--tiers", action="store_true", help="a tiered run's steps and the tiers holding each")
+    p.add_argument("--fast", metavar="URI", help="with --tiers: the fast tier ({node} for the node index)")
     verb("info", [plain]).add_argument("uri")
     p = verb("inspect", [plain])
     p.add_argument("uri")

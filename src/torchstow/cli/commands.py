@@ -64,8 +64,44 @@ def _scan(args: argparse.Namespace) -> list[Entry]:
         return [exc.entry]
 
 
+def _ls_tiers(args: argparse.Namespace) -> int:
+    """``ls ROOT --tiers``: each step of a tiered run and the tiers holding it complete."""
+    from torchstow.management.tiered.listing import tier_listing
+
+    fast, rows = tier_listing(
+        args.prefix, args.fast, storage_options=_opts(args), fast_storage_options=_opts(args)
+    )
+    if args.json:
+        steps = [
+            {
+                "step": r.step,
+                "tiers": list(r.tiers),
+                "fast_nodes": list(r.fast_nodes),
+                "durable_uri": r.durable_uri,
+            }
+            for r in rows
+        ]
+        print_json({"root": args.prefix, "fast": fast, "steps": steps})
+        return 0
+    if fast is None:
+        print(f"torchstow: no fast tier recorded under {args.prefix}; give it with --fast", file=sys.stderr)
+    if not rows:
+        print(f"no steps under {args.prefix}" + (f" or in {fast}" if fast else ""), file=sys.stderr)
+        return 0
+    print(f"{'STEP':>8}  {'TIERS':<14}  FAST NODES")
+    for r in rows:
+        nodes = ",".join(map(str, r.fast_nodes)) or "-"
+        print(f"{r.step:>8}  {'+'.join(r.tiers):<14}  {nodes}")
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List the checkpoints under a prefix, oldest first (--all: incomplete and unreadable ones too)."""
+    """List the checkpoints under a prefix, oldest first (--all: incomplete and unreadable ones too;
+    --tiers: a tiered run's steps and their tiers)."""
+    if getattr(args, "tiers", False):
+        return _ls_tiers(args)
+    if getattr(args, "fast", None):
+        raise ValueError("--fast goes with --tiers")
     entries = [e for e in _scan(args) if args.all or e.status == COMMITTED]
     if args.json:
         print_json(

@@ -16,6 +16,7 @@ from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.management.catalog import list_checkpoints
 from torchstow.management.prune import plan_prune, prune
+from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
 from torchstow.plugins.resolve import backend_at
 
 __all__ = ["CheckpointManager"]
@@ -72,6 +73,16 @@ class CheckpointManager:
     (local files and ``shm://`` only; see docs/performance.md). A base that
     was deleted or damaged since, or is in DCP's format, is passed over for
     the newest intact torchstow step, else the save is a full one (logged).
+
+    With ``fast`` (a URI on any byte-store backend; ``{node}`` becomes this
+    host's node index) the manager is tiered (see docs/tiered.md): ``save``
+    returns a :class:`~torchstow.management.tiered.TieredSave` once the state
+    is staged; every step goes to the node-local fast tier (its newest
+    ``fast_keep`` steps kept), is copied to ``replicas`` other nodes over the
+    process group, and every ``persist_every`` steps to ``root`` in the
+    background; ``restore`` reads each part from the fastest tier holding it;
+    ``steps`` lists :class:`~torchstow.management.tiered.StepInfo`. Every rank
+    constructs it and calls ``save``, ``restore``, ``steps`` and ``latest_step``.
     """
 
     def __init__(
@@ -83,8 +94,30 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         incremental: bool = False,
         process_group: Any = None,
+        fast: str | os.PathLike[str] | None = None,
+        fast_keep: int = 2,
+        replicas: int = 1,
+        persist_every: int = 1,
+        fast_storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.root = os.fspath(uri).rstrip("/") or "/"
+        self._tiered: TieredManager | None = None
+        if fast is not None:
+            if incremental:
+                _check_links(self.root, storage_options)
+            self._tiered = TieredManager(
+                self.root,
+                os.fspath(fast),
+                fast_keep=fast_keep,
+                replicas=replicas,
+                persist_every=persist_every,
+                keep_last=keep_last,
+                keep_every=keep_every,
+                incremental=incremental,
+                storage_options=storage_options,
+                fast_storage_options=fast_storage_options,
+                process_group=process_group,
+            )
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.storage_options = storage_options
@@ -127,7 +160,7 @@ class CheckpointManager:
         """This manager's newest step, then (listed only if asked for) those under ``root``, newest first."""
         if self._newest is not None:
             yield self._newest
-        yield from reversed(self.steps())
+        yield from reversed(self._durable_steps())
 
     def _base(self, step: int) -> str | None:
         """The URI of the newest committed, intact torchstow step to save ``step`` against,
@@ -155,7 +188,7 @@ class CheckpointManager:
         metadata: Mapping[str, Any] | None = None,
         asynchronous: bool = False,
         **save_options: Any,
-    ) -> AsyncSave | None:
+    ) -> AsyncSave | TieredSave | None:
         """Save ``state_dict`` as ``step`` (stored in the user metadata as ``step`` too), then prune.
 
         ``asynchronous=True`` stages and returns an :class:`AsyncSave` at once;
@@ -165,6 +198,10 @@ class CheckpointManager:
         ``overwrite=True``. Other keywords go to :func:`torchstow.save`
         (e.g. ``trust_version_counter=True`` with ``incremental``, ``process_group``).
         """
+        if self._tiered is not None:
+            if save_options or asynchronous:
+                raise TypeError(f"a tiered manager's save takes only metadata=, not {sorted(save_options)}")
+            return self._tiered.save(step, state_dict, metadata=metadata)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         self.wait()
@@ -204,8 +241,12 @@ class CheckpointManager:
         pending.add_done_callback(after_commit)
         return pending
 
-    def wait(self) -> None:
-        """Wait for the pending asynchronous save (raising its failure) and its pruning."""
+    def wait(self, level: str = "durable") -> None:
+        """Wait for the pending asynchronous save (raising its failure) and its pruning;
+        tiered, until every pending save reached ``level``."""
+        if self._tiered is not None:
+            self._tiered.wait(level)
+            return
         pending, self._pending = self._pending, None
         if pending is not None:
             save, pruned = pending
@@ -217,14 +258,22 @@ class CheckpointManager:
         if error is not None:
             raise error
 
-    def steps(self) -> list[int]:
-        """The steps of the committed checkpoints under ``root``, ascending."""
+    def steps(self) -> list[int] | list[StepInfo]:
+        """The steps of the committed checkpoints under ``root``, ascending; tiered, the
+        :class:`StepInfo` of each step complete in some tier."""
+        if self._tiered is not None:
+            return self._tiered.steps()
+        return self._durable_steps()
+
+    def _durable_steps(self) -> list[int]:
         found = list_checkpoints(self.root, storage_options=self.storage_options)
         return sorted({info.step for info in found if info.step is not None})
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
-        steps = self.steps()
+        if self._tiered is not None:
+            return self._tiered.latest_step()
+        steps = self._durable_steps()
         return steps[-1] if steps else None
 
     def restore(self, state_dict: Mapping[str, Any], step: int | None = None, **load_options: Any) -> int:
@@ -232,6 +281,10 @@ class CheckpointManager:
 
         A loop resumes after it: the restored step's state is saved already.
         """
+        if self._tiered is not None:
+            if load_options:
+                raise TypeError(f"a tiered manager's restore takes no options, got {sorted(load_options)}")
+            return self._tiered.restore(state_dict, step)
         self.wait()
         if step is None:
             step = self.latest_step()
@@ -244,6 +297,9 @@ class CheckpointManager:
 
     def close(self) -> None:
         """Wait for the pending save and its pruning."""
+        if self._tiered is not None:
+            self._tiered.close()
+            return
         self.wait()
 
     def __enter__(self) -> CheckpointManager:

@@ -1,0 +1,689 @@
+"""The tiered checkpoint manager: every step in the node-local fast tier, durable later.
+
+A step is an ordinary torchstow checkpoint ``<tier>/step-<step>`` in each tier:
+
+- **fast**: every rank writes its part (the ordinary save protocol over a
+  private gloo group, each rank's writer on its own node's fast tier); the
+  coordinator commits the manifest, then every node's first rank publishes the
+  same manifest in its node's fast tier. A node's copy holds the manifest and
+  the data files of its ranks (plus the replicas it keeps);
+- **replicated**: each rank sends its data files over the process group to a
+  rank on each of the next ``replicas`` nodes, which writes them into its own
+  node's copy of the step (file names carry the save's id: they never clash);
+- **durable**: on a persist step every rank copies its own files from its
+  node's fast tier to ``<root>/step-<step>`` (checking every block on the way)
+  and the coordinator publishes the manifest there last, on a thread and a gloo
+  group of their own.
+
+A restore inventories every node's fast tier, chooses the newest step whose
+every data file some node holds intact (checksums), reads each file from this
+node, else from a node holding it (which sends it), else from the root.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from torchstow.checkpointing.async_save import _FailedWriter
+from torchstow.core.dtensors import local_view
+from torchstow.core.layout.commit import publish_manifest
+from torchstow.core.layout.reader import LayoutReader
+from torchstow.core.layout.views import tensor_bytes
+from torchstow.core.layout.writer import LayoutWriter
+from torchstow.core.planning import DefaultLoadPlanner, SavePlan, SavePlanner
+from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, SingleProcess
+from torchstow.core.protocol.gloo_groups import private_gloo_group
+from torchstow.core.protocol.steps import all_reduce, load_state_dict, save_state_dict
+from torchstow.core.staging.stager import StateDictStager
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.store import ByteStore
+from torchstow.errors import CheckpointNotFoundError, ChecksumMismatchError
+from torchstow.format.codec import decode_metadata
+from torchstow.format.files import MANIFEST, is_data_file
+from torchstow.format.manifest import Metadata
+from torchstow.management.datafiles import scan_file, spans_by_file
+from torchstow.management.tiered.handle import StepInfo, TieredSave
+from torchstow.management.tiered.holdings import Choice, Held, complete_steps, fast_steps, inventory
+from torchstow.management.tiered.nodes import Topology, expand_node, node_index
+from torchstow.management.tiered.sources import TieredSources
+from torchstow.management.tiered.transfer import Transfer, run_transfers
+
+__all__ = ["FAST_TIER_KEY", "TieredManager"]
+
+#: The user-metadata key recording the fast tier's URI (``{node}`` unexpanded) in every step.
+FAST_TIER_KEY = "fast_tier"
+
+logger = logging.getLogger("torchstow.management")
+
+
+class _FilesWriter(LayoutWriter):
+    """A layout writer on one node's fast tier that notes the data files (and bytes) this rank wrote.
+
+    The coordinator commits a manifest naming the files of every node, while its own
+    store holds only its node's: the layout writer's check that every listed file is
+    in the committing store does not apply (a restore checks every file it uses).
+    """
+
+    files: dict[str, int]
+
+    def _check_listed(self, locations: dict[Any, Any]) -> None:
+        pass
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
+        future = super().write_data(plan, planner)
+        self.files = {}
+        for result in future.result():
+            name = result.storage_data.relative_path
+            self.files[name] = self.files.get(name, 0) + result.storage_data.length
+        return future
+
+
+@dataclass
+class _Persist:
+    step: int
+    metadata: Metadata
+    files: list[str]
+    handle: TieredSave
+    retried: bool = False
+
+
+def _all_gather(coll: Collective, step: str, value: Any) -> list[Any]:
+    """Every rank's ``value``, on every rank (a failure on any rank raises on every rank)."""
+    return all_reduce(coll, step, lambda: value, lambda values: values)
+
+
+def _store_backend(uri: str, options: dict[str, Any] | None, what: str) -> StoreBackend:
+    from torchstow.plugins.manager import default_registry
+
+    backend = default_registry().backend_for(uri, options)
+    if not isinstance(backend, StoreBackend):
+        raise ValueError(f"the {what} tier {uri!r} must be a byte-store backend (files or objects)")
+    return backend
+
+
+class TieredManager:
+    """The tiered side of :class:`~torchstow.CheckpointManager` (``fast=`` given); see there.
+
+    Every rank of ``process_group`` (the world by default) constructs it: it
+    makes two private gloo groups and learns which node each rank is on.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        fast: str,
+        *,
+        fast_keep: int = 2,
+        replicas: int = 1,
+        persist_every: int = 1,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        incremental: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        fast_storage_options: dict[str, Any] | None = None,
+        process_group: Any = None,
+        timeout: float = 600.0,
+    ) -> None:
+        for name, value, least in (
+            ("fast_keep", fast_keep, 1),
+            ("replicas", replicas, 0),
+            ("persist_every", persist_every, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        self.root = root
+        self.node = node_index()
+        self.fast_template = fast
+        self.fast = expand_node(fast, self.node).rstrip("/")
+        self.fast_keep = fast_keep
+        self.replicas = replicas
+        self.persist_every = persist_every
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.incremental = incremental
+        self.storage_options = storage_options
+        self.timeout = timeout
+        self._fast_backend = _store_backend(self.fast, fast_storage_options, "fast")
+        self._root_backend = _store_backend(root, storage_options, "durable")
+        import torch.distributed as dist
+
+        self._group: Any = None
+        self._coll: Collective
+        self._persist_coll: Collective
+        if dist.is_available() and dist.is_initialized():
+            group = process_group if process_group is not None else dist.group.WORLD
+            ranks = dist.get_process_group_ranks(group)
+            self._group = private_gloo_group(ranks, timedelta(seconds=timeout))
+            self._coll = ProcessGroupCollective(self._group)
+            self._persist_coll = ProcessGroupCollective(private_gloo_group(ranks, timedelta(seconds=timeout)))
+        else:
+            self._coll = self._persist_coll = SingleProcess()
+        nodes = _all_gather(self._coll, "tiered: node of each rank", self.node)
+        self.topology = Topology(self._coll.rank, tuple(nodes))
+        self._stager = StateDictStager()
+        self._fast_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-fast")
+        self._persist_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-persist")
+        self._last_fast: Future[None] | None = None
+        self._last_persist: Future[None] | None = None
+        self._handles: list[TieredSave] = []
+        self._pinned: set[int] = set()  # fast steps a persist still needs
+        self._retry: list[_Persist] = []
+        self._lock = threading.Lock()
+        self._prune_lock = threading.Lock()
+        self._replicated = 0  # the newest step replicated by this manager
+        self._closed = False
+
+    # -- where things are ----------------------------------------------------------------
+
+    def uri(self, step: int) -> str:
+        """The durable checkpoint of ``step``."""
+        return f"{self.root}/step-{step}"
+
+    def fast_uri(self, step: int) -> str:
+        """This node's fast-tier checkpoint of ``step``."""
+        return f"{self.fast}/step-{step}"
+
+    def _fast_store(self, step: int) -> ByteStore:
+        return self._fast_backend.open_store(self.fast_uri(step))
+
+    # -- saving -------------------------------------------------------------------------
+
+    def save(
+        self, step: int, state_dict: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None
+    ) -> TieredSave:
+        """Stage ``state_dict`` as ``step`` and return its :class:`TieredSave` (level ``staged``)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        if self._closed:
+            raise RuntimeError("this CheckpointManager is closed")
+        if self._last_fast is not None:
+            self._last_fast.result()  # its writes read the staging buffers we are about to refill
+        persist = step % self.persist_every == 0
+        handle = TieredSave(step, "durable" if persist else "replicated")
+        started = time.perf_counter()
+        staged: Any = None
+        error: BaseException | None = None
+        try:
+            staged = self._stager.stage(state_dict)
+        except Exception as exc:  # fails the fast save on every rank, not just here
+            error = exc
+        else:
+            local = list(_tensors(local_view(staged)))  # a DTensor's bytes are its local shard's
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}
+            nbytes = sum(storages.values())  # each staged buffer once, however many tensors view it
+            handle._reach("staged", nbytes, started)
+        user_metadata = {**(metadata or {}), "step": step, FAST_TIER_KEY: self.fast_template}
+        self._handles = [h for h in self._handles if not h.done()] + [handle]
+        self._last_fast = self._fast_thread.submit(
+            self._fast_phase, step, staged, error, user_metadata, handle, persist
+        )
+        return handle
+
+    def _fast_phase(
+        self,
+        step: int,
+        staged: Any,
+        error: BaseException | None,
+        user_metadata: dict[str, Any],
+        handle: TieredSave,
+        persist: bool,
+    ) -> None:
+        started = time.perf_counter()
+        store = self._fast_store(step)
+        writer = _FilesWriter(store, overwrite=True, thread_count=self._fast_backend.thread_count)
+        try:
+            if error is not None:
+                save_state_dict({}, _FailedWriter(error), collective=self._coll)
+            metadata = save_state_dict(staged, writer, collective=self._coll, user_metadata=user_metadata)
+            all_reduce(
+                self._coll,
+                "tiered: manifest on every node",
+                lambda: self._publish_here(store, metadata),
+                lambda _: None,
+            )
+        except BaseException as exc:
+            handle._fail(exc)
+            return
+        handle._reach("fast", sum(writer.files.values()), started)
+        started = time.perf_counter()
+        sizes = _extents(metadata)
+        try:
+            moved = self._replicate(step, store, sorted(writer.files), sizes)
+        except BaseException as exc:
+            handle._fail(exc)
+            return
+        handle._reach("replicated", moved, started)
+        if persist and self.incremental:
+            self._persist_incremental(step, staged, user_metadata, handle)
+        elif persist:
+            with self._lock:
+                self._pinned.add(step)
+            job = _Persist(step, metadata, sorted(writer.files), handle)
+            self._last_persist = self._persist_thread.submit(self._persist_phase, job)
+        self._replicated = step
+        try:
+            self._prune_fast(step)
+        except Exception as exc:
+            logger.warning("pruning the fast tier %s failed: %s", self.fast, exc)
+
+    def _publish_here(self, store: ByteStore, metadata: Metadata) -> None:
+        """On each node's first rank: the step's manifest in this node's fast tier, stale files out."""
+        if not self.topology.is_leader:
+            return
+        publish_manifest(store, metadata, overwrite=True)
+        live = {info.relative_path for info in (metadata.storage_data or {}).values()}
+        store.delete_files([n for n in store.list_files() if is_data_file(n) and n not in live])
+
+    def _replicate(self, step: int, store: ByteStore, files: list[str], sizes: dict[str, int]) -> int:
+        """Send this rank's files to its replica holders, keep the files sent to it; bytes moved."""
+        pairs = self.topology.replica_pairs(self.replicas)
+        if not pairs:
+            return 0
+        rank = self._coll.rank
+        written = _all_gather(self._coll, "tiered: files to replicate", files)
+        schedule = [Transfer(s, d, name, sizes[name]) for s, d in pairs for name in written[s]]
+
+        def exchange() -> None:
+            received = run_transfers(
+                self._group, rank, schedule, lambda n, b: _read(store, n, b), self.timeout
+            )
+            for name, data in received.items():
+                _write(store, name, data)
+
+        all_reduce(self._coll, "tiered: replication", exchange, lambda _: None)
+        return sum(t.size for t in schedule if rank in (t.src, t.dst))
+
+    def _prune_fast(self, current: int, newer: bool = True) -> None:
+        """After ``current`` is replicated: keep the newest ``fast_keep`` committed steps up to it
+        (and those a persist still needs) in this node's fast tier; remove the older rest, with
+        what failed saves left, and (``newer``) any step newer than ``current`` (a timeline the
+        run left when it restored an older step). Only on a node's first rank."""
+        if not self.topology.is_leader:
+            return
+        with self._prune_lock:
+            steps = fast_steps(self._fast_backend, self.fast)
+            committed = [s for s in steps if s <= current and MANIFEST in self._fast_store(s).list_files()]
+            with self._lock:
+                keep = set(committed[-self.fast_keep :]) | self._pinned | {current}
+            for step in steps:
+                if step in keep or (step > current and not newer):
+                    continue
+                try:
+                    self._fast_backend.delete(self.fast_uri(step))
+                except Exception as exc:
+                    logger.warning("removing step %d from the fast tier %s failed: %s", step, self.fast, exc)
+
+    # -- persisting ---------------------------------------------------------------------
+
+    def _persist_incremental(
+        self, step: int, staged: Any, user_metadata: dict[str, Any], handle: TieredSave
+    ) -> None:
+        """Persist ``step`` from the staged state against the newest intact durable step (on the
+        fast thread: the staged buffers are refilled by the next save)."""
+        from torchstow.api import save
+        from torchstow.management.manager import _base_problem
+
+        started = time.perf_counter()
+        try:
+            base = None
+            for candidate in sorted(self._root_steps(), reverse=True):
+                if candidate < step and _base_problem(self.uri(candidate), self.storage_options) is None:
+                    base = self.uri(candidate)
+                    break
+            metadata = save(
+                staged,
+                self.uri(step),
+                storage_options=self.storage_options,
+                metadata=user_metadata,
+                base=base,
+                process_group=self._group,
+            )
+        except BaseException as exc:
+            logger.warning("persisting step %d to %s failed: %s", step, self.root, exc)
+            handle._fail(exc)
+            return
+        handle._reach("durable", metadata.nbytes_written or 0, started)
+        self._prune_root(self._coll)
+
+    def _prune_root(self, coll: Collective) -> None:
+        """After a persist: prune the root with ``keep_last`` / ``keep_every`` on the coordinator
+        (a failure is logged: the step is durable all the same)."""
+        if not coll.is_coordinator or (self.keep_last is None and self.keep_every is None):
+            return
+        from torchstow.management.prune import prune
+
+        try:
+            prune(
+                self.root,
+                keep_last=self.keep_last or 0,
+                keep_every=self.keep_every,
+                storage_options=self.storage_options,
+            )
+        except Exception as exc:
+            logger.warning("pruning %s failed: %s", self.root, exc)
+
+    def _persist_phase(self, job: _Persist) -> None:
+        retry, self._retry = self._retry, []
+        for old in retry:
+            old.retried = True
+            self._persist_one(old)
+        self._persist_one(job)
+
+    def _persist_one(self, job: _Persist) -> None:
+        started = time.perf_counter()
+        source = self._fast_store(job.step)
+        target = self._root_backend.open_store(self.uri(job.step))
+        spans = spans_by_file(job.metadata)
+        copied: list[str] = []
+
+        def copy() -> int:
+            target.prepare()
+            total = 0
+            for name in job.files:
+                copied.append(name)
+                _copy_checked(source, target, name, spans.get(name, []))
+                total += sum(s.info.length for s in spans.get(name, []))
+            return total
+
+        def commit(_: list[Any]) -> None:
+            publish_manifest(target, job.metadata, overwrite=False)
+
+        nbytes = 0
+
+        def copy_counted() -> None:
+            nonlocal nbytes
+            nbytes = copy()
+
+        try:
+            all_reduce(self._persist_coll, "tiered: persist", copy_counted, commit)
+        except BaseException as exc:
+            try:
+                target.delete_files(copied)
+            except Exception:
+                logger.warning(
+                    "removing the files of a failed persist of step %d failed", job.step, exc_info=True
+                )
+            if not job.retried:
+                logger.warning(
+                    "persisting step %d to %s failed (retried at the next persist step): %s",
+                    job.step,
+                    self.root,
+                    exc,
+                )
+                self._retry.append(job)
+            else:
+                with self._lock:
+                    self._pinned.discard(job.step)
+            if job.handle.exception() is None:
+                job.handle._fail(exc)
+            return
+        with self._lock:
+            self._pinned.discard(job.step)
+        job.handle._clear_error()
+        job.handle._reach("durable", nbytes, started)
+        self._prune_root(self._persist_coll)
+        try:  # the step this persist held back may go now (never one the fast thread is writing)
+            self._prune_fast(self._replicated, newer=False)
+        except Exception as exc:
+            logger.warning("pruning the fast tier %s failed: %s", self.fast, exc)
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def wait(self, level: str = "durable") -> None:
+        """Wait until every pending save reached ``level`` (or the level it is due); raises the
+        first failure among them."""
+        if self._last_fast is not None:
+            self._last_fast.result()
+        if level == "durable" and self._last_persist is not None:
+            self._last_persist.result()
+        for handle in self._handles:
+            handle.wait(level)
+
+    def _quiesce(self) -> None:
+        """Let every pending phase end (failures stay on their handles)."""
+        if self._last_fast is not None:
+            self._last_fast.result()
+        if self._last_persist is not None:
+            self._last_persist.result()
+
+    def close(self) -> None:
+        """Wait for pending saves and persists, then stop the background threads."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._fast_thread.shutdown()
+            self._persist_thread.shutdown()
+            self._stager.close()
+
+    # -- what is where ------------------------------------------------------------------
+
+    def _inventory(self) -> dict[int, Held]:
+        """What this node's fast tier holds, by step (on the node's first rank; {} elsewhere)."""
+        return inventory(self._fast_backend, self.fast) if self.topology.is_leader else {}
+
+    def _nodes_holdings(self) -> dict[int, dict[int, Held]]:
+        """Every node's inventory (collective)."""
+        gathered = _all_gather(self._coll, "tiered: inventory", self._inventory())
+        return {
+            self.topology.nodes[r]: inv
+            for r, inv in enumerate(gathered)
+            if r == self.topology.ranks_of(self.topology.nodes[r])[0]
+        }
+
+    def _root_steps(self) -> set[int]:
+        from torchstow.management.catalog import list_checkpoints
+
+        found = list_checkpoints(self.root, storage_options=self.storage_options)
+        return {info.step for info in found if info.step is not None}
+
+    def steps(self) -> list[StepInfo]:
+        """Each step held complete in some tier, ascending, with its tiers; every rank calls it."""
+        self._quiesce()
+        holdings = self._nodes_holdings()
+        fast = {c.step for c in complete_steps(holdings)}
+        durable = self._root_steps() if self._coll.is_coordinator else set()
+        durable = set(_all_gather(self._coll, "tiered: root steps", durable)[self._coll.coordinator_rank])
+        tiers = {
+            s: tuple(t for t, held in (("fast", fast), ("durable", durable)) if s in held)
+            for s in fast | durable
+        }
+        return [StepInfo(s, tiers[s]) for s in sorted(tiers)]
+
+    def latest_step(self) -> int | None:
+        """The newest step held complete in some tier, or None; every rank calls it."""
+        found = self.steps()
+        return found[-1].step if found else None
+
+    # -- restoring ----------------------------------------------------------------------
+
+    def restore(self, state_dict: Mapping[str, Any], step: int | None = None) -> int:
+        """Load the newest step (or ``step``) complete in some tier into ``state_dict``; returns it."""
+        self._quiesce()
+        holdings = self._nodes_holdings()
+        for choice in complete_steps(holdings, step):
+            self._verify(choice, holdings)
+            if all(choice.holders.values()):
+                break
+            from_root = self._complete_from_root(choice)
+            if from_root is None:
+                logger.warning(
+                    "step %d: damaged in the fast tiers and not durable; trying an older step", choice.step
+                )
+                continue
+            choice = from_root
+            break
+        else:
+            choice = self._from_root(step)
+        self._load(state_dict, choice)
+        return choice.step
+
+    def _verify(self, choice: Choice, holdings: dict[int, dict[int, Held]]) -> None:
+        """Check every block of the files this node holds (split among its ranks); drop bad holders."""
+        local = self.topology.local_ranks
+        mine = sorted(n for n, nodes in choice.holders.items() if self.node in nodes)
+        mine = mine[local.index(self.topology.rank) :: len(local)]
+        store = self._fast_store(choice.step)
+        spans = spans_by_file(choice.metadata)
+        bad = []
+        for name in mine:
+            problems = scan_file(store, name, spans.get(name, []))
+            if problems:
+                logger.warning(
+                    "step %d: %s/%s is damaged (%s); reading it from another copy",
+                    choice.step,
+                    store.location,
+                    name,
+                    problems[0],
+                )
+                bad.append(name)
+        for rank, names in enumerate(_all_gather(self._coll, "tiered: verify", bad)):
+            for name in names:
+                choice.holders[name].remove(self.topology.nodes[rank])
+
+    def _root_manifest(self, step: int) -> Any:
+        """The committed manifest of ``step`` in the root, read on the coordinator (collective)."""
+        data = None
+        if self._coll.is_coordinator:
+            try:
+                data = self._root_backend.open_store(self.uri(step)).read_file(MANIFEST)
+            except FileNotFoundError:
+                data = None
+        return _all_gather(self._coll, "tiered: durable manifest", data)[self._coll.coordinator_rank]
+
+    def _complete_from_root(self, choice: Choice) -> Choice | None:
+        """The root's part in loading ``choice.step``: the files no fast tier holds intact when
+        the root holds this very save; the whole step when it holds another save of it (an
+        incremental persist); None when it does not hold the step."""
+        manifest = self._root_manifest(choice.step)
+        if manifest is None:
+            return None
+        metadata = decode_metadata(manifest, source=f"{self.uri(choice.step)}/{MANIFEST}")
+        if metadata.save_id != choice.metadata.save_id:
+            needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
+            return Choice(choice.step, metadata, manifest, {name: [] for name in needed}, root_files=needed)
+        choice.root_files = {name for name, nodes in choice.holders.items() if not nodes}
+        return choice
+
+    def _from_root(self, step: int | None) -> Choice:
+        steps = sorted(self._root_steps() if self._coll.is_coordinator else set())
+        steps = _all_gather(self._coll, "tiered: durable steps", steps)[self._coll.coordinator_rank]
+        if step is None and steps:
+            step = steps[-1]
+        if step is None or step not in steps:
+            what = "any step" if step is None else f"step {step}"
+            raise CheckpointNotFoundError(
+                f"no tier holds {what} complete: not the fast tiers ({self.fast}), not {self.root}"
+            )
+        manifest = self._root_manifest(step)
+        assert manifest is not None
+        metadata = decode_metadata(manifest, source=f"{self.uri(step)}/{MANIFEST}")
+        needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
+        return Choice(step, metadata, manifest, {name: [] for name in needed}, root_files=needed)
+
+    def _load(self, state_dict: Mapping[str, Any], choice: Choice) -> None:
+        metadata = choice.metadata
+        planner = DefaultLoadPlanner()
+        planner.set_up_planner(state_dict, metadata, self._coll.is_coordinator)
+        locations = metadata.storage_data or {}
+        wanted = sorted(
+            {
+                locations[item.storage_index].relative_path
+                for item in planner.create_local_plan().items
+                if item.storage_index in locations
+            }
+        )
+        everyone = _all_gather(self._coll, "tiered: files each rank reads", wanted)
+        topology = self.topology
+        sizes = _extents(metadata)
+        schedule = []
+        for rank, names in enumerate(everyone):
+            for name in names:
+                nodes = choice.holders[name]
+                if not nodes or topology.nodes[rank] in nodes:
+                    continue
+                node = nodes[rank % len(nodes)]
+                servers = topology.ranks_of(node)
+                schedule.append(Transfer(servers[rank % len(servers)], rank, name, sizes[name]))
+        store = self._fast_store(choice.step)
+        received = (
+            run_transfers(self._group, topology.rank, schedule, lambda n, b: _read(store, n, b), self.timeout)
+            if schedule
+            else {}
+        )
+        root_store = self._root_backend.open_store(self.uri(choice.step)) if choice.root_files else None
+        routes: dict[str, ByteStore] = {}
+        for name in wanted:
+            if self.node in choice.holders[name]:
+                routes[name] = store
+            elif name in choice.root_files and root_store is not None:
+                routes[name] = root_store
+        sources = TieredSources(f"step {choice.step} (tiered)", choice.manifest, routes, received, sizes)
+        # Every fast-tier file was just checked block by block by the node that holds it (and
+        # sends it); only bytes from the root are checked as they are read.
+        verify = any(name in choice.root_files for name in wanted)
+        reader = LayoutReader(sources, thread_count=self._fast_backend.thread_count, verify_checksums=verify)
+        load_state_dict(state_dict, reader, collective=self._coll, metadata=metadata)
+
+
+def _extents(metadata: Metadata) -> dict[str, int]:
+    """The bytes of each data file of ``metadata`` that its items span (from the start)."""
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    return ends
+
+
+def _copy_checked(source: ByteStore, target: ByteStore, name: str, spans: list[Any]) -> None:
+    """Copy data file ``name`` from ``source`` to ``target``, checking every block on the way."""
+    sink = target.create(name)
+    try:
+        problems = scan_file(
+            source, name, spans, write=lambda b: sink.write([b]), write_keeps=sink.keeps_buffers
+        )
+        if problems:
+            raise ChecksumMismatchError(
+                f"{source.location}/{name} is damaged, not copied: " + "; ".join(str(p) for p in problems[:3])
+            )
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _read(store: ByteStore, name: str, buffer: torch.Tensor) -> None:
+    store.read_into(name, [(0, tensor_bytes(buffer))])
+
+
+def _write(store: ByteStore, name: str, data: torch.Tensor) -> None:
+    store.prepare()
+    store.delete_files([name])
+    sink = store.create(name)
+    try:
+        sink.write([tensor_bytes(data)])
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise

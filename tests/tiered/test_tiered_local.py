@@ -1,0 +1,245 @@
+"""Tiered checkpoints in one process (one node): persist failures, the root as the last
+source, node identity and replica placement."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchstow import CheckpointManager, verify
+from torchstow.backends.shm import default_shm_dir
+from torchstow.errors import CheckpointException, CheckpointNotFoundError
+from torchstow.management.tiered import StepInfo, node_index
+from torchstow.management.tiered.nodes import Topology
+
+
+def _state(step: int) -> dict:
+    return {"w": torch.arange(1000, dtype=torch.float32) * step, "meta": {"step": step}}
+
+
+def _empty() -> dict:
+    return {"w": torch.zeros(1000), "meta": {"step": -1}}
+
+
+@pytest.fixture
+def shm_fast():
+    name = f"tiered-test-{uuid.uuid4().hex[:8]}"
+    yield f"shm://{name}/{{node}}", Path(default_shm_dir()) / name
+    shutil.rmtree(Path(default_shm_dir()) / name, ignore_errors=True)
+
+
+def test_shm_fast_tier_keeps_newest_and_restores_without_root(tmp_path: Path, shm_fast) -> None:
+    fast, fast_dir = shm_fast
+    root = tmp_path / "root"
+    with CheckpointManager(root, fast=fast, persist_every=3) as manager:
+        for step in range(1, 6):
+            manager.save(step, _state(step)).result()
+        assert manager.steps() == [
+            StepInfo(3, ("durable",)),
+            StepInfo(4, ("fast",)),
+            StepInfo(5, ("fast",)),
+        ]
+        assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-4", "step-5"]
+        root.rename(tmp_path / "hidden")  # nothing may be read from the root now
+        target = _empty()
+        assert manager.restore(target) == 5
+        assert torch.equal(target["w"], _state(5)["w"]) and target["meta"] == {"step": 5}
+        (tmp_path / "hidden").rename(root)
+        target = _empty()
+        assert manager.restore(target, step=3) == 3  # no longer in the fast tier: from the root
+        assert torch.equal(target["w"], _state(3)["w"])
+        with pytest.raises(CheckpointNotFoundError):
+            manager.restore(_empty(), step=1)  # in no tier
+
+
+def test_saving_after_restoring_an_older_step_leaves_its_timeline(tmp_path: Path, shm_fast) -> None:
+    fast, fast_dir = shm_fast
+    with CheckpointManager(tmp_path / "root", fast=fast, persist_every=100, fast_keep=3) as manager:
+        for step in (1, 2, 3, 4):
+            manager.save(step, _state(step)).result()
+        target = _empty()
+        assert manager.restore(target, step=2) == 2 and torch.equal(target["w"], _state(2)["w"])
+        debris = fast_dir / "0" / "step-9"  # what a save killed before its commit leaves
+        debris.mkdir()
+        (debris / "data-0123456789ab-0-0.bin").write_bytes(b"x" * 64)
+        manager.save(3, {"w": torch.full((1000,), -1.0), "meta": {"step": 3}})
+        manager.wait("replicated")  # the fast tier is pruned once the step is replicated
+        assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-2", "step-3"]
+        assert manager.latest_step() == 3  # not the abandoned step 4
+        target = _empty()
+        assert manager.restore(target) == 3 and torch.equal(target["w"], torch.full((1000,), -1.0))
+
+
+def test_damaged_fast_copy_falls_back_to_root_and_never_to_wrong_values(tmp_path: Path, shm_fast) -> None:
+    fast, fast_dir = shm_fast
+    root = tmp_path / "root"
+    with CheckpointManager(root, fast=fast, persist_every=2) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step)).result()
+        # Step 3 lives only in this node's fast tier, step 2 in both tiers; damage both fast copies.
+        for step in (2, 3):
+            (data,) = (fast_dir / "0" / f"step-{step}").glob("data-*.bin")
+            raw = bytearray(data.read_bytes())
+            raw[8] ^= 1
+            data.write_bytes(bytes(raw))
+        target = _empty()
+        assert manager.restore(target) == 2  # step 3 has no intact copy anywhere; step 2 from the root
+        assert torch.equal(target["w"], _state(2)["w"])
+        shutil.rmtree(root)
+        with pytest.raises(CheckpointNotFoundError):
+            manager.restore(_empty())
+
+
+def test_failed_persist_surfaces_on_its_handle_and_is_retried(tmp_path: Path, shm_fast) -> None:
+    fast, _ = shm_fast
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "step-1").write_text("not a directory: the persist of step 1 cannot write here")
+    with CheckpointManager(root, fast=fast, persist_every=1) as manager:
+        first = manager.save(1, _state(1))
+        with pytest.raises(CheckpointException):
+            first.wait("durable")
+        assert first.level == "replicated"
+        with pytest.raises(CheckpointException):
+            manager.wait()
+        (root / "step-1").unlink()
+        second = manager.save(2, _state(2))
+        assert second.result() == "durable"
+        first.wait("durable")  # retried before step 2 was persisted
+        assert first.level == "durable" and first.exception() is None
+        assert [info.step for info in manager.steps() if "durable" in info.tiers] == [1, 2]
+
+
+def test_levels_and_stats(tmp_path: Path, shm_fast) -> None:
+    with CheckpointManager(tmp_path / "root", fast=shm_fast[0], persist_every=2) as manager:
+        handle = manager.save(1, _state(1))
+        assert handle.level in ("staged", "fast", "replicated")
+        assert handle.result() == "replicated" and handle.due == "replicated"
+        assert list(handle.stats) == ["staged", "fast", "replicated"]
+        assert handle.stats["staged"].bytes == handle.stats["fast"].bytes == 4000
+        handle = manager.save(2, _state(2))
+        handle.wait("durable")
+        assert list(handle.stats) == ["staged", "fast", "replicated", "durable"]
+        assert handle.stats["durable"].bytes == 4000
+        with pytest.raises(ValueError, match="unknown level"):
+            handle.wait("memory")
+
+
+def test_incremental_persist_shares_unchanged_tensors(tmp_path: Path, shm_fast) -> None:
+    fast, fast_dir = shm_fast
+    root = tmp_path / "root"
+    frozen = torch.randn(256, 1024)  # 1 MiB that never changes
+    with CheckpointManager(root, fast=fast, persist_every=2, incremental=True) as manager:
+        handles = [
+            manager.save(s, {"frozen": frozen, "w": torch.full((10,), float(s))}) for s in (1, 2, 3, 4)
+        ]
+        manager.wait()
+    assert [h.level for h in handles] == ["replicated", "durable", "replicated", "durable"]
+    assert handles[1].stats["durable"].bytes >= frozen.nbytes  # the first persist writes everything
+    assert handles[3].stats["durable"].bytes < 1024  # the second shares the frozen tensor's bytes
+    for data in (fast_dir / "0" / "step-4").glob("data-*.bin"):
+        raw = bytearray(data.read_bytes())
+        raw[0] ^= 1
+        data.write_bytes(bytes(raw))
+    assert not verify(fast.replace("{node}", "0") + "/step-4").ok  # the flips hit checked bytes
+    for wiped in (False, True):  # step 4 damaged in the fast tier, then gone: the root's own save of it
+        if wiped:
+            shutil.rmtree(fast_dir)
+        with CheckpointManager(root, fast=fast) as manager:
+            target = {"frozen": torch.zeros(256, 1024), "w": torch.zeros(10)}
+            assert manager.restore(target) == 4
+            assert torch.equal(target["frozen"], frozen) and torch.equal(target["w"], torch.full((10,), 4.0))
+
+
+def test_a_save_that_cannot_stage_fails_on_its_handle_and_costs_nothing(tmp_path: Path, shm_fast) -> None:
+    import threading
+
+    with CheckpointManager(tmp_path / "root", fast=shm_fast[0]) as manager:
+        manager.save(1, _state(1)).result()
+        bad = manager.save(2, {**_state(2), "lock": threading.Lock()})  # cannot be copied
+        with pytest.raises(CheckpointException):
+            bad.wait("staged", timeout=30)
+        assert bad.level is None and bad.done()
+        with pytest.raises(CheckpointException):
+            manager.wait()
+        target = _empty()
+        assert manager.restore(target) == 1 and torch.equal(target["w"], _state(1)["w"])
+        assert manager.save(3, _state(3)).result() == "durable"  # the manager goes on
+
+
+def test_root_is_pruned_with_keep_last(tmp_path: Path, shm_fast) -> None:
+    root = tmp_path / "root"
+    with CheckpointManager(root, fast=shm_fast[0], keep_last=2, fast_keep=1) as manager:
+        for step in (1, 2, 3, 4):
+            manager.save(step, _state(step))
+        manager.wait()
+        assert sorted(p.name for p in root.iterdir()) == ["step-3", "step-4"]
+        assert [(i.step, i.tiers) for i in manager.steps()] == [(3, ("durable",)), (4, ("fast", "durable"))]
+
+
+def test_bad_arguments(tmp_path: Path, shm_fast) -> None:
+    with pytest.raises(ValueError, match="replicas"):
+        CheckpointManager(tmp_path, fast=shm_fast[0], replicas=-1)
+    with pytest.raises(ValueError, match="persist_every"):
+        CheckpointManager(tmp_path, fast=shm_fast[0], persist_every=0)
+    with pytest.raises(ValueError, match="incremental"):
+        CheckpointManager("memory://bucket/run", fast=shm_fast[0], incremental=True)  # cannot share files
+    with CheckpointManager(tmp_path, fast=shm_fast[0]) as manager, pytest.raises(TypeError):
+        manager.save(1, _state(1), overwrite=True)
+
+
+def test_node_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GROUP_RANK", raising=False)
+    monkeypatch.delenv("TORCHSTOW_NODE", raising=False)
+    assert node_index() == 0
+    monkeypatch.setenv("TORCHSTOW_NODE", "5")
+    assert node_index() == 5
+    monkeypatch.setenv("GROUP_RANK", "2")
+    assert node_index() == 2  # torchrun's node rank first
+    monkeypatch.setenv("GROUP_RANK", "two")
+    with pytest.raises(ValueError, match="GROUP_RANK"):
+        node_index()
+
+
+def test_replicas_go_to_other_nodes() -> None:
+    topology = Topology(0, (0, 0, 1, 1, 2, 2))
+    for replicas in (1, 2, 5):
+        pairs = topology.replica_pairs(replicas)
+        for sender in range(6):
+            targets = [topology.nodes[d] for s, d in pairs if s == sender]
+            assert len(targets) == len(set(targets)) == min(replicas, 2)  # distinct nodes, never its own
+            assert topology.nodes[sender] not in targets
+    assert Topology(0, (0, 0)).replica_pairs(1) == []  # one node: nothing to replicate to
+
+
+def test_ls_tiers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from torchstow.cli import main
+
+    root, fast = tmp_path / "root", f"{tmp_path}/fast/{{node}}"
+    with CheckpointManager(root, fast=fast, persist_every=2) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step)).result()
+    # A second simulated node whose copy of step 3 lost a data file: step 3 is still complete
+    # (node 0 holds every file).
+    shutil.copytree(tmp_path / "fast" / "0", tmp_path / "fast" / "1")
+    for data in (tmp_path / "fast" / "1" / "step-3").glob("data-*.bin"):
+        data.unlink()
+    assert main(["ls", str(root), "--tiers", "--json"]) == 0  # the fast tier is found in the root's steps
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["fast"] == fast
+    assert [(s["step"], s["tiers"], s["fast_nodes"]) for s in listed["steps"]] == [
+        (2, ["fast", "durable"], [0, 1]),
+        (3, ["fast"], [0, 1]),
+    ]
+    for data in (tmp_path / "fast" / "0" / "step-3").glob("data-*.bin"):
+        data.unlink()  # now no node holds step 3's data
+    shutil.rmtree(tmp_path / "fast" / "0" / "step-2")
+    assert main(["ls", str(root), "--tiers", "--fast", fast]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out[1:]] == [["2", "fast+durable"]]

@@ -1,0 +1,114 @@
+"""Tiered checkpoints with real torchrun agents: two nodes (c10d rendezvous on
+127.0.0.1, ``{node}`` in the fast tier's URI), gloo, small states."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from tiered_agents import logs_of, run_job
+
+from torchstow import verify
+
+pytestmark = pytest.mark.slow
+
+LEVELS = ["staged", "fast", "replicated", "durable"]
+
+
+def _ok(tmp: Path, name: str, codes: list[int], records: dict[int, dict], world: int) -> dict[int, dict]:
+    assert codes == [0] * len(codes) and len(records) == world, logs_of(tmp, name)
+    return records
+
+
+def _data_file(step_dir: Path, rank: int) -> Path:
+    (found,) = [p for p in step_dir.glob("data-*.bin") if p.name.split("-")[2] == str(rank)]
+    return found
+
+
+def test_levels_replica_restore_without_root_and_reshard(tmp_path: Path) -> None:
+    root, hidden = tmp_path / "root", tmp_path / "root-hidden"
+    fast = f"{tmp_path}/fast/{{node}}"
+
+    # 2 nodes x 2 ranks save steps 1..3; every step persisted.
+    records = _ok(tmp_path, "save", *run_job(tmp_path, "save", "save", root, fast, 1, 2, 3), world=4)
+    for record in records.values():
+        for step, seen in record["saved"].items():
+            assert seen["levels"] == LEVELS, (step, seen)  # reported in order, each one reached
+            assert seen["stats"] == LEVELS
+        assert record["steps"][-2:] == [[2, ["fast", "durable"]], [3, ["fast", "durable"]]]
+    assert sorted(p.name for p in (tmp_path / "fast" / "0").iterdir()) == ["step-2", "step-3"]  # fast_keep=2
+    # With 2 nodes and replicas=1 each node's copy is a complete, ordinary checkpoint.
+    assert all(verify(str(tmp_path / "fast" / node / "step-3")).ok for node in ("0", "1"))
+    node_of = {r: rec["node"] for r, rec in records.items()}
+    other = node_of[2]  # the node of ranks 2 and 3
+    assert node_of[3] == other != node_of[0] == node_of[1]
+
+    # From here on the root cannot be read at all: every restore below comes from the fast tiers.
+    root.rename(hidden)
+
+    # A flipped byte in one node's copy of rank 2's part: that node's ranks get the other node's replica.
+    damaged = _data_file(tmp_path / "fast" / str(other) / "step-3", 2)
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert not verify(str(damaged.parent)).ok  # the flip hit checked bytes
+    records = _ok(tmp_path, "corrupt", *run_job(tmp_path, "corrupt", "restore", root, fast), world=4)
+    assert {(r["restored"], r["exact"]) for r in records.values()} == {(3, True)}
+
+    # Node `other` loses its fast tier; 2 ranks (one per node) restore the 4 ranks' step: 4 -> 2,
+    # then save step 4 (not persisted).
+    shutil.rmtree(tmp_path / "fast" / str(other))
+    codes, records = run_job(
+        tmp_path, "shrink", "restore-then-save", root, fast, 4, nproc=1, env={"TIERED_PERSIST_EVERY": "100"}
+    )
+    records = _ok(tmp_path, "shrink", codes, records, world=2)
+    assert {(r["restored"], r["exact"]) for r in records.values()} == {(3, True)}
+    assert {tuple(r["saved"]["4"]["levels"]) for r in records.values()} == {tuple(LEVELS[:3])}
+
+    # 2 -> 4: four ranks restore the step two saved.
+    records = _ok(tmp_path, "grow", *run_job(tmp_path, "grow", "restore", root, fast), world=4)
+    assert {(r["restored"], r["exact"]) for r in records.values()} == {(4, True)}
+    assert not root.exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "last", "persist_every", "expected"),
+    [
+        ("kill-fast", 3, 1, 2),  # step 3 committed nowhere: step 2 is the newest complete one
+        ("kill-replication", 3, 1, 3),  # step 3 committed on both nodes; the half replica is not used
+        ("kill-persist", 4, 2, 4),  # step 4 complete in the fast tiers, not durable
+    ],
+)
+def test_kill_leaves_the_newest_complete_step(
+    tmp_path: Path, mode: str, last: int, persist_every: int, expected: int
+) -> None:
+    root = tmp_path / "root"
+    fast = f"{tmp_path}/fast/{{node}}"
+    env = {"TIERED_KILL_RANK": "1", "TIERED_KILL_STEP": str(last), "TIERED_PERSIST_EVERY": str(persist_every)}
+    codes, records = run_job(tmp_path, "killed", mode, root, fast, *range(1, last + 1), nproc=1, env=env)
+    assert any(codes) and 1 not in records, logs_of(tmp_path, "killed")  # rank 1 died by SIGKILL
+    assert "Signals.SIGKILL" in logs_of(tmp_path, "killed") or "-9" in logs_of(tmp_path, "killed")
+    codes, records = run_job(tmp_path, "restore", "restore", root, fast, nproc=1, env=env)
+    records = _ok(tmp_path, "restore", codes, records, world=2)
+    assert {(r["restored"], r["exact"]) for r in records.values()} == {(expected, True)}
+    steps = dict(map(tuple, records[0]["steps"]))  # type: ignore[arg-type]
+    durable = sorted(s for s, tiers in steps.items() if "durable" in tiers)
+    assert durable == [s for s in range(1, last) if s % persist_every == 0]  # the killed one never is
+
+
+def test_three_nodes_each_copy_partial_restore_after_losing_one(tmp_path: Path) -> None:
+    root, fast = tmp_path / "root", f"{tmp_path}/fast/{{node}}"
+    records = _ok(
+        tmp_path, "save", *run_job(tmp_path, "save", "save", root, fast, 1, 2, nnodes=3, nproc=1), world=3
+    )
+    node_of = {r: rec["node"] for r, rec in records.items()}
+    # Each node holds its own part and the part of the node before it: 2 of the 3 data files.
+    for node in range(3):
+        assert len(list((tmp_path / "fast" / str(node) / "step-2").glob("data-*.bin"))) == 2
+    shutil.rmtree(tmp_path / "fast" / str(node_of[1]))
+    root.rename(tmp_path / "root-hidden")
+    codes, records = run_job(tmp_path, "restore", "restore", root, fast, nnodes=3, nproc=1)
+    records = _ok(tmp_path, "restore", codes, records, world=3)
+    assert {(r["restored"], r["exact"]) for r in records.values()} == {(2, True)}
+    assert not root.exists()
