@@ -272,7 +272,7 @@ class SafetensorsSource(Source):
         self.uri = path
         if os.path.isdir(path):
             index_path = os.path.join(path, stf.INDEX)
-            files = _index_shards(index_path) if os.path.exists(index_path) else [stf.SINGLE]
+            files = index_shards(index_path) if os.path.exists(index_path) else [stf.SINGLE]
             paths = [os.path.join(path, name) for name in files]
         else:
             paths = [path]
@@ -310,7 +310,7 @@ class SafetensorsSource(Source):
         self._handles.clear()
 
 
-def _index_shards(index_path: str) -> list[str]:
+def index_shards(index_path: str) -> list[str]:
     """The shard file names a ``model.safetensors.index.json`` lists, each a plain file
     name in its folder (CorruptCheckpointError naming the index otherwise)."""
     try:
