@@ -14,16 +14,14 @@ from typing import Any
 from torchstow.core.layout.location import dcp_files, read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import (
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
-    IncompleteCheckpointError,
-    StorageIOError,
 )
 from torchstow.format.files import DCP_METADATA, MANIFEST
-from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
+from torchstow.format.manifest import CheckpointInfo
 from torchstow.interop import dcp_format
-from torchstow.management.steps import step_of
+from torchstow.management import listing
+from torchstow.management.listing import checkpoint_info
 from torchstow.plugins.manager import default_registry
 
 __all__ = ["checkpoint_info", "checkpoint_uri", "delete", "info", "latest", "list_checkpoints"]
@@ -43,21 +41,6 @@ def checkpoint_uri(uri: Uri) -> str:
     return default_registry().canonical_uri(text)
 
 
-def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
-    """The summary of the checkpoint at ``uri`` whose manifest is ``metadata``."""
-    nbytes = stored_nbytes(metadata)
-    return CheckpointInfo(
-        uri=uri,
-        step=step_of(uri, metadata.user_metadata),
-        committed_at=metadata.committed_at,
-        nbytes=nbytes,
-        nbytes_written=nbytes if metadata.nbytes_written is None else metadata.nbytes_written,
-        num_entries=len(metadata.state_dict_metadata),
-        user_metadata=metadata.user_metadata,
-        format_version=metadata.version,
-    )
-
-
 def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
     """A summary of the checkpoint at ``uri`` from its manifest (no data files read)."""
     text = checkpoint_uri(uri)
@@ -73,23 +56,12 @@ def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = No
     """
     text = checkpoint_uri(prefix)
     backend = default_registry().backend_for(text, storage_options)
-    try:
-        children = backend.list_children(text)
-    except CheckpointNotFoundError:  # a bucket that does not exist (yet): nothing committed there
-        return []
     found = []
-    for child in children:
-        try:
-            found.append(checkpoint_info(child, dcp_format.read_any_metadata(backend, child)))
-        except (CheckpointNotFoundError, IncompleteCheckpointError):
-            continue
-        except (CorruptCheckpointError, FormatVersionError) as exc:
-            logger.warning("skipping %s: %s", child, exc)
-        except OSError as exc:
-            if isinstance(exc, StorageIOError) and exc.transient:
-                raise  # the store is failing, not this checkpoint: an older one must not win
-            logger.warning("skipping %s, which cannot be read: %s", child, exc)
-    found.sort(key=lambda i: (-1 if i.step is None else i.step, i.committed_at or 0.0))
+    for entry in listing.entries(backend, listing.children_of(backend, text)):
+        if entry.info is not None:
+            found.append(entry.info)
+        elif entry.status == listing.UNREADABLE:
+            logger.warning("skipping %s: %s", entry.uri, entry.error)
     return found
 
 
