@@ -8,7 +8,8 @@ of a newer format) or a child that cannot be read (permission denied, a
 permanent storage error), ``unreadable`` with the error; a transient storage
 error (:class:`~torchstow.errors.StorageIOError` with ``transient``) raises,
 since the store is failing, not the checkpoint, and an older checkpoint must
-not pass for the newest. A prefix that does not exist has no children.
+not pass for the newest. To :func:`children_of` (``list_checkpoints``) a
+prefix that does not exist has no children; :func:`scan` says so, naming it.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
 
     text = checkpoint_uri(prefix)
     backend = default_registry().backend_for(text, storage_options)
-    children = children_of(backend, text)
+    children = backend.list_children(text)  # a missing bucket is an error here, naming it
     if not children:
         itself = _entry(backend, text)
         if itself is not None and itself.status == COMMITTED:
