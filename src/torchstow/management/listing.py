@@ -28,7 +28,7 @@ from torchstow.errors import (
 )
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
 from torchstow.management.steps import step_of
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.resolve import backend_at
 
 __all__ = ["Entry", "IsACheckpointError", "checkpoint_info", "children_of", "entries", "scan"]
 
@@ -78,10 +78,9 @@ def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
 
 def _entry(backend: Backend, uri: str) -> Entry | None:
     """The checkpoint location ``uri``, or None when it is not one (the module's error policy)."""
-    from torchstow.interop.dcp_format import read_any_metadata
 
     try:
-        info = checkpoint_info(uri, read_any_metadata(backend, uri))
+        info = checkpoint_info(uri, backend.read_metadata(uri))
     except IncompleteCheckpointError as exc:
         return Entry(uri, INCOMPLETE, step_of(uri), error=str(exc))
     except (CorruptCheckpointError, FormatVersionError) as exc:
@@ -110,10 +109,7 @@ def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
     orders committed ones (by step, then commit time). Raises :class:`CheckpointNotFoundError`
     when nothing at all is under ``prefix``, and :class:`IsACheckpointError` when ``prefix``
     is itself a checkpoint (its entry in ``entry``)."""
-    from torchstow.management.catalog import checkpoint_uri
-
-    text = checkpoint_uri(prefix)
-    backend = default_registry().backend_for(text, storage_options)
+    text, backend = backend_at(prefix, storage_options)
     children = backend.list_children(text)  # a missing bucket is an error here, naming it
     if not children:
         itself = _entry(backend, text)

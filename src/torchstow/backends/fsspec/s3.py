@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from torchstow.core.storage.retry import RetryPolicy
-from torchstow.core.storage.store import Buffer, FileSink
+from torchstow.spi import Buffer, FileSink, RetryPolicy
 
 if TYPE_CHECKING:
     from torchstow.backends.fsspec.store import FsspecStore

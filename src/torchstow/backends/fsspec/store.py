@@ -34,13 +34,12 @@ from torchstow.backends.fsspec.filesystems import (
     is_s3,
 )
 from torchstow.backends.fsspec.s3 import MultipartSink, S3Requests
-from torchstow.core.storage.retry import RetryPolicy
-from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageIOError
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchstow.spi import Buffer, ByteStore, FileSink, RetryPolicy, StorageIOError
 
 __all__ = ["FsspecStore", "Tuning"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 # Data files (and threads) per rank: remote stores gain from several objects in
@@ -185,6 +184,9 @@ class FsspecStore(ByteStore):
         return result
 
     def read_file(self, name: str) -> bytes:
+        # A whole-file read on S3 takes the size from the listing cache, which another
+        # process's writes since this process listed the location have made stale.
+        self.fs.invalidate_cache(self._path(name))
         data: bytes = self._retry(
             lambda: self.fs.cat_file(self._path(name)), f"reading {self.location}/{name}"
         )

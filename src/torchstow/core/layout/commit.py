@@ -20,9 +20,9 @@ from torchstow.format.codec import decode_metadata, encode_metadata
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata
 
-__all__ = ["committed_files", "publish_manifest"]
+__all__ = ["UncertainCommitError", "committed_files", "listed_files", "publish_manifest"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def _committed(store: ByteStore) -> Metadata | None:
@@ -37,16 +37,27 @@ def _committed(store: ByteStore) -> Metadata | None:
         return None
 
 
-def committed_files(store: ByteStore) -> set[str]:
-    """Data files the committed manifest at ``store`` lists (none if it cannot be read)."""
+class UncertainCommitError(StorageIOError):
+    """Publishing the manifest failed, and reading the location back could not tell
+    whether it landed: the save may have committed."""
+
+
+def listed_files(store: ByteStore) -> set[str] | None:
+    """Data files the committed manifest at ``store`` lists (none without a readable
+    manifest), or None when the location could not be read."""
     try:
         metadata = _committed(store)
     except Exception:
-        logger.warning("could not read the manifest this save replaces at %s", store.location, exc_info=True)
-        return set()
+        logger.warning("could not read the committed manifest at %s", store.location, exc_info=True)
+        return None
     if metadata is None or not isinstance(metadata.storage_data, dict):
         return set()
     return {info.relative_path for info in metadata.storage_data.values()}
+
+
+def committed_files(store: ByteStore) -> set[str]:
+    """Data files the committed manifest at ``store`` lists (none if it cannot be read)."""
+    return listed_files(store) or set()
 
 
 def _is_ours(store: ByteStore, save_id: str, error: BaseException) -> bool:
@@ -54,7 +65,7 @@ def _is_ours(store: ByteStore, save_id: str, error: BaseException) -> bool:
     try:
         metadata = _committed(store)
     except Exception as exc:
-        raise StorageIOError(
+        raise UncertainCommitError(
             f"committing {store.location} failed ({error}), and reading the manifest back to see whether "
             f"it landed failed too ({exc}): the outcome is unknown; check it with torchstow.info"
         ) from error

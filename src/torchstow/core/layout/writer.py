@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from torchstow.core.futures import completed_future
-from torchstow.core.layout.commit import committed_files, publish_manifest
+from torchstow.core.layout.commit import UncertainCommitError, committed_files, listed_files, publish_manifest
 from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, check_vacant, dcp_files, default_thread_count, rebind
@@ -35,6 +35,7 @@ from torchstow.core.layout.views import as_host_bytes
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
+from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import checksum
 from torchstow.format.files import (
     BLOCK_SIZE,
@@ -46,10 +47,11 @@ from torchstow.format.files import (
 )
 from torchstow.format.manifest import Metadata, StorageInfo
 from torchstow.format.structure import check_utf8_keys
+from torchstow.format.validation import check_extents
 
 __all__ = ["LayoutWriter"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 _QUEUE_ITEMS = 1024
 _SEGMENT = 1 << 20
@@ -119,12 +121,20 @@ class LayoutWriter(StorageWriter):
         #: With a base: where a tensor item's digest may be remembered (trust_version_counter).
         self.digest_slots: DigestSlots | None = None
         self._base: BaseContent | None = None
+        #: Whether ``finish`` ran here, and then whether its commit landed (True),
+        #: certainly failed (False) or left that unknown (None).
+        self._finished = False
+        self._outcome: bool | None = False
+        self._coordinator = False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.store = rebind(self.store, self._open_store, checkpoint_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self._rank = int(kwargs.get("rank", 0))
+        self._written = []
+        self._finished, self._outcome = False, False
+        self._coordinator = is_coordinator
         self._base = self.base_loader() if self.base_loader is not None else None
         self.store.prepare()
         if is_coordinator and not self.overwrite:
@@ -196,8 +206,18 @@ class LayoutWriter(StorageWriter):
         metadata.committed_at = time.time()
         metadata.nbytes_written = sum(r.size_in_bytes for rank_results in results for r in rank_results)
         metadata.save_id = uuid.uuid4().hex  # this commit's own id (a cached plan reuses no coordinator step)
+        self._finished, self._outcome = True, False
+        self._check_listed(locations)
         replaced = committed_files(self.store) if self.overwrite else set()
-        publish_manifest(self.store, metadata, overwrite=self.overwrite)
+        try:
+            self._outcome = None  # unknown from here until publishing returns or surely failed
+            publish_manifest(self.store, metadata, overwrite=self.overwrite)
+        except UncertainCommitError:
+            raise
+        except Exception:
+            self._outcome = False  # certainly not landed: publish_manifest read it back
+            raise
+        self._outcome = True
         # Committed. Removing the replaced checkpoint's files is housekeeping:
         # a failure here must not report a committed save as failed. Files of
         # no committed manifest may belong to a save still in flight: kept.
@@ -210,13 +230,45 @@ class LayoutWriter(StorageWriter):
             location = self.store.location
             logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
 
+    def _check_listed(self, locations: dict[Any, StorageInfo]) -> None:
+        """Refuse to commit a manifest whose data is not all there: a file shared with
+        a base that was removed or cut short meanwhile (by the cleanup of an overwrite
+        committed in between, say) would make a checkpoint that does not load."""
+        sizes = self.store.file_sizes() if locations else None
+        if sizes is None:
+            return
+        missing = check_extents(locations.items(), sizes, self.store.location)
+        for index, info in locations.items():
+            if info.relative_path in missing:
+                raise CorruptCheckpointError(
+                    f"{self.store.location}/{info.relative_path}, which would hold {index.fqn!r}, is "
+                    "missing (removed while this save was in flight): nothing was committed"
+                )
+
+    def commit_outcome(self) -> bool | None:
+        """Whether this save committed: on the coordinator, what its ``finish`` saw (False
+        if it never ran: nothing else publishes); elsewhere True when the manifest
+        committed at the location lists a data file this rank wrote (their names carry
+        this save's id), else None (unknown)."""
+        if self._finished or self._coordinator:
+            return self._outcome
+        mine = set(self._written)
+        return True if mine and mine & (listed_files(self.store) or set()) else None
+
     def abort(self) -> None:
-        """Remove the data files this rank wrote for the failed save."""
+        """Remove the data files this rank wrote for a save that certainly did not
+        commit, and the base files it linked in, except any that the manifest
+        committed at the location lists: a racing save that won may share them."""
+        adopted = self._base.adopted if self._base is not None else []
+        if not self._written and not adopted:
+            return
+        listed = listed_files(self.store)
         if self._written:
-            self.store.delete_files(self._written)
+            self.store.delete_files([n for n in self._written if listed is None or n not in listed])
             self._written = []
-        if self._base is not None and self._base.adopted:
-            self.store.delete_files(self._base.adopted)
+        if adopted and listed is not None:  # unreadable: leave them (they are links, not bytes)
+            self.store.delete_files([n for n in adopted if n not in listed])
+        if self._base is not None:
             self._base.adopted = []
 
     @classmethod

@@ -8,12 +8,14 @@ the coordinator, and if any rank failed, every rank raises the same
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from torchstow.core.accepted_kwargs import call_with_accepted
 from torchstow.core.futures import wait_future
@@ -34,16 +36,40 @@ from torchstow.format.manifest import Metadata
 
 __all__ = ["load_state_dict", "save_state_dict"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _timed(phase: str, rank: int) -> Callable[[_F], _F]:
+    """Log (DEBUG) how long each call of the decorated step takes on this rank."""
+
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                logger.debug("%s took %.3f s on rank %d", phase, time.perf_counter() - start, rank)
+
+        return timed  # type: ignore[return-value]
+
+    return decorate
 
 
 class _Failed:
-    """What travels between ranks when a step failed somewhere: rank -> failure."""
+    """What travels between ranks when a step failed somewhere: rank -> failure.
 
-    __slots__ = ("failures",)
+    ``outcome_unknown`` is set by a coordinator whose commit failed in a way that
+    leaves open whether the manifest landed (see :func:`_write_and_commit`).
+    """
 
-    def __init__(self, failures: dict[int, CapturedFailure]) -> None:
+    __slots__ = ("failures", "outcome_unknown")
+
+    def __init__(self, failures: dict[int, CapturedFailure], outcome_unknown: bool = False) -> None:
         self.failures = failures
+        self.outcome_unknown = outcome_unknown
 
 
 class _Unchanged:
@@ -224,6 +250,7 @@ def save_state_dict(
     planner = planner or DefaultSavePlanner()
     global_metadata: list[Metadata] = []
 
+    @_timed("save plan", coll.rank)
     def local_plan() -> SavePlan:
         storage_writer.reset(checkpoint_id)
         call_with_accepted(
@@ -235,6 +262,7 @@ def save_state_dict(
         planner.set_up_planner(state_dict, None, coll.is_coordinator)
         return storage_writer.prepare_local_plan(planner.create_local_plan())
 
+    @_timed("save coordinate", coll.rank)
     def global_plan(all_plans: list[SavePlan]) -> list[SavePlan]:
         plans, metadata = planner.create_global_plan(all_plans)
         if user_metadata:
@@ -246,25 +274,125 @@ def save_state_dict(
         coll, planner, storage_writer, local_plan, global_plan, reduce_scatter, global_metadata
     )
 
+    progress = _SaveProgress()
+
+    @_timed("save write", coll.rank)
     def write() -> Any:
         final_plan = planner.finish_plan(planned.plan)
-        return planned.outcome(list(wait_future(storage_writer.write_data(final_plan, planner))))
+        outcome = planned.outcome(list(wait_future(storage_writer.write_data(final_plan, planner))))
+        progress.handed = True
+        return outcome
 
+    @_timed("save commit", coll.rank)
     def commit(outcomes: list[Any]) -> Metadata:
         made = global_metadata[0] if global_metadata else None
         metadata, all_results = planned.commit_inputs(made, outcomes, user_metadata)
+        progress.committing = True
         storage_writer.finish(metadata, all_results)
         return metadata
 
+    return _write_and_commit(coll, storage_writer, write, commit, progress)
+
+
+class _SaveProgress:
+    """How far this rank got in the write-and-commit step of one save."""
+
+    __slots__ = ("committing", "handed")
+
+    def __init__(self) -> None:
+        #: This rank wrote its part and is handing its results to the coordinator.
+        self.handed = False
+        #: (Coordinator) the writer's ``finish`` was called: the manifest may land.
+        self.committing = False
+
+
+def _write_and_commit(
+    coll: Collective,
+    writer: StorageWriter,
+    write: Callable[[], Any],
+    commit: Callable[[list[Any]], Metadata],
+    progress: _SaveProgress,
+) -> Metadata:
+    """Every rank writes, the coordinator commits, every rank learns the outcome.
+
+    When the save fails, a rank removes what it wrote only if it knows for
+    certain that the commit did not and will not happen: its own write failed,
+    the coordinator never began the commit, or the coordinator says its commit
+    failed for good. Once its results are handed over and the answer is lost (a
+    rank died, a collective failed or timed out) or the coordinator cannot tell,
+    the outcome is unknown: the rank asks the writer to read the location
+    (:meth:`StorageWriter.commit_outcome`) and otherwise keeps its files, for a
+    later ``delete`` to collect; a committed manifest may name them.
+    """
+    step = "save write"
     try:
-        return all_reduce(coll, "save write", write, commit)
-    except CheckpointException:
-        _abort(storage_writer)
+        own, result, _ = _coordinate(coll, step, write, commit)
+    except CheckpointException as exc:  # the gather broke
+        _settle(writer, coll, progress, exc, known=coll.is_coordinator or not progress.handed)
+        raise
+    packed = None
+    if coll.is_coordinator:
+        if isinstance(result, _Failed) and progress.committing:
+            result.outcome_unknown = _outcome(writer, progress) is None
+        packed, unsendable = _outgoing(coll, result)
+        if unsendable is not None:  # a committed manifest that does not pickle: let ranks look
+            packed = _outgoing(coll, _Failed({coll.rank: unsendable}, progress.committing))[0]
+    try:
+        answer = _incoming(coll, coll.broadcast(packed, step))
+    except CheckpointException as exc:  # the answer was lost
+        _settle(writer, coll, progress, exc, known=coll.is_coordinator or not progress.handed)
+        raise
+    try:
+        return _raise_if_failed(step, answer, coll, own)
+    except CheckpointException as exc:
+        unknown = isinstance(answer, _Failed) and answer.outcome_unknown and not coll.is_coordinator
+        _settle(writer, coll, progress, exc, known=not unknown or not progress.handed)
         raise
 
 
+def _outcome(writer: StorageWriter, progress: _SaveProgress) -> bool | None:
+    """True if this save committed, False if it certainly did not and will not, None if unknown."""
+    if not progress.handed:  # the coordinator got this rank's failure, not its results
+        return False
+    try:
+        return writer.commit_outcome()
+    except Exception:
+        logger.warning("could not tell whether the failed save committed", exc_info=True)
+        return None
+
+
+def _settle(
+    writer: StorageWriter, coll: Collective, progress: _SaveProgress, exc: CheckpointException, known: bool
+) -> None:
+    """After a failed save: remove this rank's data if the commit certainly did not and
+    will not happen, else keep it and say what reading the location showed.
+
+    ``known`` says that this rank's view settles the question without reading the
+    location (its own write failed, it is the coordinator, or the coordinator said so);
+    on the coordinator the writer still decides once ``finish`` was called.
+    """
+    if known and not (coll.is_coordinator and progress.committing):
+        _abort(writer)
+        return
+    committed = _outcome(writer, progress)
+    if committed is False:
+        _abort(writer)
+    elif committed:
+        exc.add_note(
+            f"rank {coll.rank}: the checkpoint did commit (its manifest is this save's); "
+            "this rank's files are kept"
+        )
+    else:
+        exc.add_note(
+            f"rank {coll.rank}: whether the checkpoint committed is unknown here, so this rank's "
+            "files are kept: a committed manifest may name them. If none did, torchstow.delete "
+            "removes them"
+        )
+
+
 def _abort(storage_writer: StorageWriter) -> None:
-    """Let the writer remove this rank's data of a failed save; never mask the failure."""
+    """Let the writer remove this rank's data of a save that certainly did not commit;
+    never mask the failure."""
     try:
         storage_writer.abort()
     except Exception:
@@ -291,6 +419,7 @@ def load_state_dict(
     planner = planner or DefaultLoadPlanner()
     reset_done = False
 
+    @_timed("load metadata", coll.rank)
     def read_metadata() -> Metadata:
         nonlocal reset_done
         reset_done = True
@@ -300,6 +429,7 @@ def load_state_dict(
     if metadata is None:
         metadata = broadcast_from_coordinator(coll, "load reading metadata", read_metadata)
 
+    @_timed("load plan", coll.rank)
     def local_plan() -> LoadPlan:
         if not reset_done:
             storage_reader.reset(checkpoint_id)
@@ -313,11 +443,13 @@ def load_state_dict(
         planner.set_up_planner(state_dict, metadata, coll.is_coordinator)
         return storage_reader.prepare_local_plan(planner.create_local_plan())
 
+    @_timed("load coordinate", coll.rank)
     def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
         return storage_reader.prepare_global_plan(planner.create_global_plan(all_plans))
 
     central_plan: LoadPlan = reduce_scatter(coll, "load planning", local_plan, global_plan)
 
+    @_timed("load read", coll.rank)
     def read() -> None:
         final_plan = planner.finish_plan(central_plan)
         wait_future(storage_reader.read_data(final_plan, planner))

@@ -75,11 +75,25 @@ class StorageWriter(abc.ABC):
         return None
 
     def abort(self) -> None:
-        """Called on every rank when the save failed after ``write_data`` may have
-        run (here or on another rank): remove what this rank wrote, best effort.
+        """Called on every rank whose save failed when the commit certainly did not
+        and will not happen (this rank's write failed, the coordinator never began
+        the commit, or its commit failed for good): remove what this rank wrote,
+        best effort, but nothing a manifest committed at the location lists.
 
-        Not part of DCP's protocol; the default does nothing, so a writer that
-        leaves debris is still correct (nothing without a manifest is a checkpoint).
+        Never called once the outcome is unknown (see :meth:`commit_outcome`). Not
+        part of DCP's protocol; the default does nothing, so a writer that leaves
+        debris is still correct (nothing without a manifest is a checkpoint).
+        """
+        return None
+
+    def commit_outcome(self) -> bool | None:
+        """After a failed save whose commit this rank cannot rule out (its results
+        were handed to the coordinator, then the answer was lost; or, on the
+        coordinator, ``finish`` raised): True if this save's manifest is committed
+        at the location, False if it certainly is not and never will be (then
+        :meth:`abort` is called), None if that cannot be told (the files are kept).
+
+        A writer answers by reading the location. The default, None, keeps the files.
         """
         return None
 
