@@ -12,8 +12,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
 from torchstow.compat import dcp_calls
 from torchstow.core.layout.digest_memo import own_slot, staged_slot
@@ -24,16 +22,14 @@ from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import DigestSlots, LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
+from torchstow.core.protocol.materialize import materialize
 from torchstow.core.protocol.stats import SaveStats
 from torchstow.core.protocol.steps import load_state_dict as _load_protocol
 from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
-from torchstow.format.manifest import (
-    Metadata,
-    TensorStorageMetadata,
-)
+from torchstow.format.manifest import Metadata
 from torchstow.format.structure import build_nested
 from torchstow.plugins.resolve import Uri, backend_at
 
@@ -386,21 +382,8 @@ def read(
     if mmap:
         store = backend.open_store(text) if isinstance(backend, StoreBackend) else None
         mapped = map_checkpoint(store, text, metadata, selected, verify=verify)
-    flat: dict[str, Any] = {}
-    for fqn in selected:
-        entry = metadata.state_dict_metadata[fqn]
-        if fqn in mapped:
-            continue
-        if isinstance(entry, TensorStorageMetadata):
-            flat[fqn] = torch.empty(entry.size, dtype=entry.properties.dtype)
-        else:
-            flat[fqn] = None
-    _load_protocol(
-        flat,
-        reader,
-        planner=DefaultLoadPlanner(strict=False, allow_pickle=allow_pickle),
-        metadata=metadata,
-    )
+    wanted = {fqn: None for fqn in selected if fqn not in mapped}
+    flat = materialize(reader, metadata, wanted, allow_pickle=allow_pickle)
     if mapped:
         flat = {fqn: mapped[fqn] if fqn in mapped else flat[fqn] for fqn in selected}
     return build_nested(flat, metadata.planner_data, metadata.state_dict_metadata)

@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchstow
-from torchstow.format import codec
-from torchstow.format.bulk import RangedDocument, chunked_entries_ok
+from torchstow.format.bulk import chunked_entries_ok
 from torchstow.format.codec import decode_metadata, encode_metadata
 from torchstow.format.manifest import (
     BytesStorageMetadata,
@@ -29,6 +28,7 @@ from torchstow.format.manifest import (
     TensorStorageMetadata,
     new_storage_info,
 )
+from torchstow.format.schema import PlainDocument, RangedDocument
 from torchstow.format.validation import check_manifest
 
 BLOCK = 64
@@ -177,7 +177,7 @@ _VALUES = st.one_of(
 def _reference_error(data: bytes) -> str | None:
     """What the entry-by-entry validator says of ``data``: its message, or None if valid."""
     try:
-        doc = msgspec.json.decode(data, type=codec._DocumentV1)
+        doc = msgspec.json.decode(data, type=PlainDocument)
     except msgspec.ValidationError:
         return "type"
     try:

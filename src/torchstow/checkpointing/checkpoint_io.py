@@ -32,16 +32,15 @@ from torchstow.checkpointing.opener import StorageOpener
 from torchstow.checkpointing.partial_read import plan_partial_read, subtree
 from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.core.futures import completed_future, wait_future
-from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.protocol.collective import Collective, SingleProcess
-from torchstow.core.protocol.steps import load_state_dict, save_state_dict
+from torchstow.core.protocol.materialize import materialize
+from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, StateDictMismatchError
-from torchstow.format.manifest import TensorStorageMetadata
 from torchstow.format.structure import build_nested, set_leaf
 
 __all__ = [
@@ -314,14 +313,8 @@ class CheckpointReader:
                 f"{', '.join(wanted.missing)}",
                 missing_keys=wanted.missing,
             )
-        require_data(reader, metadata, wanted.leaves)  # before allocating what the manifest claims
-        targets = self._targets(str(path), wanted.leaves, stored)
-        load_state_dict(
-            targets,
-            reader,
-            planner=DefaultLoadPlanner(strict=False, allow_pickle=allow_pickle),
-            metadata=metadata,
-        )
+        _check_targets(str(path), wanted.leaves, stored)
+        targets = materialize(reader, metadata, wanted.leaves, allow_pickle=allow_pickle)
         device = _target_device(map_location)
         values = {}
         for fqn, value in targets.items():
@@ -341,26 +334,20 @@ class CheckpointReader:
             root = set_leaf(root, path_in, subtree(values, under, metadata.planner_data, path_in))
         return root, wanted.missing
 
-    @staticmethod
-    def _targets(uri: str, leaves: Mapping[str, Any], stored: Mapping[str, Any]) -> dict[str, Any]:
-        """What to load into, by key: the state dict's own tensors and DTensors,
-        new tensors of the stored (global) shape where it holds None, its other values."""
-        targets: dict[str, Any] = {}
-        problems = []
-        for fqn, value in leaves.items():
-            entry = stored[fqn]
-            if value is None and isinstance(entry, TensorStorageMetadata):
-                value = torch.empty(entry.size, dtype=entry.properties.dtype)
-            problem = DefaultLoadPlanner._mismatch(fqn, value, entry)
-            if problem is not None:
-                problems.append(problem[0])
-            targets[fqn] = value
-        if problems:
-            raise StateDictMismatchError(
-                f"the state dict does not match the checkpoint at {uri}:\n  " + "\n  ".join(problems),
-                mismatched=problems,
-            )
-        return targets
+
+def _check_targets(uri: str, leaves: Mapping[str, Any], stored: Mapping[str, Any]) -> None:
+    """Raise StateDictMismatchError naming every value of the state dict that cannot take
+    what the checkpoint stores for its key (a None is read into a new value, which can)."""
+    problems = []
+    for fqn, value in leaves.items():
+        problem = None if value is None else DefaultLoadPlanner._mismatch(fqn, value, stored[fqn])
+        if problem is not None:
+            problems.append(problem[0])
+    if problems:
+        raise StateDictMismatchError(
+            f"the state dict does not match the checkpoint at {uri}:\n  " + "\n  ".join(problems),
+            mismatched=problems,
+        )
 
 
 def _read_options(kwargs: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:

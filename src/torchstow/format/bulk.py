@@ -3,101 +3,40 @@
 A large manifest is mostly tensor chunks (a sharded model: ranks x tensors of
 them), so what it costs per chunk decides how fast it loads. Here:
 
-- :class:`RangedDocument` is the version-1 document with every integer's range
-  in its type (offsets, sizes, byte offsets and lengths in 0..2**63-1, checksums
-  in 0..2**32-1, at most 64 dimensions): :mod:`msgspec` checks them while it
-  parses, in C, and every chunk has its location. The JSON is the same as
-  :mod:`torchstow.format.codec`'s structs read and write; a manifest these
-  types refuse is decoded again with those, and
-  :func:`~torchstow.format.validation.check_manifest` names the rule it breaks
-  (or passes it: a chunk without a location is valid, only slower to read).
+- :data:`~torchstow.format.schema.RangedDocument` is the version-1 document
+  with every integer's range in its type (offsets, sizes, byte offsets and
+  lengths in 0..2**63-1, checksums in 0..2**32-1, at most 64 dimensions):
+  :mod:`msgspec` checks them while it parses, in C. It is the one schema's
+  structs with ranged integers; a manifest they refuse is decoded again with
+  plain integers, and :func:`~torchstow.format.validation.check_manifest`
+  names the rule it breaks.
 - :func:`chunked_entries_ok` checks a tensor's chunks a column at a time
   (lengths, files, checksum counts) against its chunk layout, and checks each
   distinct layout (shape, chunk offsets and sizes, dtype size) once, however
   many tensors share it. It only ever says "these keep every rule"; an entry it
-  is not sure of is left to the entry-by-entry validator, which explains.
+  is not sure of (a chunk without a location, which is valid, only slower to
+  read) is left to the entry-by-entry validator, which explains.
 """
 
 from __future__ import annotations
 
 import math
 from operator import attrgetter
-from typing import Annotated, Any, NamedTuple
+from typing import Any, NamedTuple
 
-import msgspec
 import torch
 
 from torchstow.errors import CorruptCheckpointError
-from torchstow.format.checksums import ALGORITHM
 from torchstow.format.chunks import cover_fault, outside
 from torchstow.format.manifest import ChunkStorageMetadata, dtype_from_name
-from torchstow.format.validation import MAX_DIMS
+from torchstow.format.schema import MAX_INT
 
-__all__ = ["RangedDocument", "chunked_entries_ok"]
-
-_MAX_INT = (1 << 63) - 1
-Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT)]
-Crc = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
-Dims = Annotated[tuple[Count, ...], msgspec.Meta(max_length=MAX_DIMS)]
-
-
-class _Located(msgspec.Struct):
-    file: Count | None = None
-    offset: Count | None = None
-    length: Count | None = None
-    crc32c: tuple[Crc, ...] | None = None
-    block: Count | None = None
-    blake3: str | None = None
-
-
-class _Chunk(msgspec.Struct, gc=False):
-    """A chunk with its location (a chunk without one takes the slow path)."""
-
-    file: Count
-    offset: Count
-    length: Count
-    crc32c: tuple[Crc, ...]
-    offsets: Dims
-    sizes: Dims
-    block: Count | None = None
-    blake3: str | None = None
-
-
-class _Entry(_Located, kw_only=True):
-    dtype: str | None = None
-    shape: Dims | None = None
-    requires_grad: bool = False
-    chunks: list[_Chunk] | None = None
-    encoding: str | None = None
-    value: Any = None
-
-
-class _Checksum(msgspec.Struct):
-    algorithm: str = ALGORITHM
-    block_size: Count = 0
-
-
-class RangedDocument(msgspec.Struct, kw_only=True):
-    """A version-1 manifest, every integer held to its range while it is parsed."""
-
-    format: str
-    version: int
-    torch_version: str = ""
-    committed_at: float | None = None
-    user_metadata: dict[str, Any] | None = None
-    checksum: _Checksum = msgspec.field(default_factory=_Checksum)
-    files: list[str] = []
-    planner_data: Any = None
-    entries: dict[str, _Entry]
-    storage_data: Any = msgspec.UNSET
-    nbytes_written: int | None = None
-    save_id: str | None = None
-    save_seconds: float | None = None
-
+__all__ = ["chunked_entries_ok"]
 
 _OFFSETS = attrgetter("offsets")
 _SIZES = attrgetter("sizes")
 _FILE = attrgetter("file")
+_OFFSET = attrgetter("offset")
 _ROW = attrgetter("length", "block")
 _CRC = attrgetter("crc32c")
 
@@ -118,7 +57,7 @@ def _layout(
         itemsize = dtype_from_name(dtype).itemsize
     except CorruptCheckpointError:
         return None
-    if math.prod(shape) * itemsize > _MAX_INT:
+    if math.prod(shape) * itemsize > MAX_INT:
         return None
     boxes = []
     for offs, sizes_ in zip(offsets, sizes, strict=True):
@@ -153,10 +92,15 @@ def _tensor_chunks(
         layout = layouts[key] = _layout(*key, block_size)
     if layout is None:
         return None
-    if max(map(_FILE, chunks)) >= nfiles:
+    if list(map(_ROW, chunks)) != layout.rows:
+        return None  # also a chunk with a block size of its own, or without a length
+    try:  # a chunk without a file or checksums: None has no order and no len()
+        if max(map(_FILE, chunks)) >= nfiles or list(map(len, map(_CRC, chunks))) != layout.counts:
+            return None
+    except TypeError:
         return None
-    if list(map(_ROW, chunks)) != layout.rows or list(map(len, map(_CRC, chunks))) != layout.counts:
-        return None  # also a chunk with a block size of its own: checked one by one
+    if None in map(_OFFSET, chunks):
+        return None  # a chunk without an offset
     return layout.chunks
 
 
@@ -166,7 +110,7 @@ def chunked_entries_ok(
     """The tensor entries stored in chunks that keep every rule of the format, each
     with its chunk objects (one list shared by every tensor of the same layout).
 
-    ``entries`` are :class:`RangedDocument` entries (ranges already held), and
+    ``entries`` are :data:`~torchstow.format.schema.RangedDocument` entries (ranges already held), and
     every accepted chunk has a complete location in ``block_size``. A key left
     out may still be valid: the validator checks it one chunk at a time.
     """

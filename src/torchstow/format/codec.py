@@ -1,7 +1,8 @@
 """The manifest's JSON codec: one encoder (the current version) and a decoder per
 format version, so a newer version can be added without breaking older readers.
 
-Decoding goes straight into typed structs (:mod:`msgspec`): a field of the wrong
+Decoding goes straight into the typed structs of :mod:`torchstow.format.schema`
+(:mod:`msgspec`): a field of the wrong
 type, a missing one, or a value out of place is a :class:`CorruptCheckpointError`
 naming where it is; a newer version than this torchstow knows is a
 :class:`FormatVersionError`. Nothing is ever unpickled.
@@ -16,7 +17,7 @@ from typing import Any
 import msgspec
 
 from torchstow.errors import CorruptCheckpointError, FormatVersionError
-from torchstow.format.bulk import RangedDocument, chunked_entries_ok
+from torchstow.format.bulk import chunked_entries_ok
 from torchstow.format.checksums import ALGORITHM, check_algorithm
 from torchstow.format.decoded import build_metadata
 from torchstow.format.manifest import (
@@ -27,66 +28,21 @@ from torchstow.format.manifest import (
     StorageInfo,
     dtype_name,
 )
+from torchstow.format.schema import (
+    Checksum,
+    Chunk,
+    Document,
+    Entry,
+    Header,
+    PlainDocument,
+    PlainEntry,
+    RangedDocument,
+)
 from torchstow.format.validation import check_manifest
 
 FORMAT_NAME = "torchstow"
 
 __all__ = ["DECODERS", "FORMAT_NAME", "FORMAT_VERSION", "decode_metadata", "encode_metadata"]
-
-
-class _Located(msgspec.Struct, omit_defaults=True):
-    """Where an item's bytes are: a ``file`` index into the manifest's ``files``,
-    the byte ``offset`` and ``length`` there, one checksum per ``block`` bytes."""
-
-    file: int | None = None
-    offset: int | None = None
-    length: int | None = None
-    crc32c: tuple[int, ...] | None = None
-    block: int | None = None
-    blake3: str | None = None
-
-
-class _Chunk(_Located, kw_only=True, gc=False):
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-
-
-class _Entry(_Located, kw_only=True):
-    """A tensor entry (``dtype``, ``shape``, one location or ``chunks``) or an
-    object entry (``encoding``, an inline ``value`` or one location)."""
-
-    dtype: str | None = None
-    shape: tuple[int, ...] | None = None
-    requires_grad: bool = False
-    chunks: list[_Chunk] | None = None
-    encoding: str | None = None
-    value: Any = None
-
-
-class _Checksum(msgspec.Struct):
-    algorithm: str = ALGORITHM
-    block_size: int = 0
-
-
-class _Header(msgspec.Struct):
-    format: str = ""
-    version: Any = None
-
-
-class _DocumentV1(msgspec.Struct, kw_only=True):
-    format: str
-    version: int
-    torch_version: str = ""
-    committed_at: float | None = None
-    user_metadata: dict[str, Any] | None = None
-    checksum: _Checksum = msgspec.field(default_factory=_Checksum)
-    files: list[str] = []
-    planner_data: Any = None
-    entries: dict[str, _Entry]
-    storage_data: Any = msgspec.UNSET
-    nbytes_written: int | None = None
-    save_id: str | None = None  # optional within version 1: older manifests lack it, older readers ignore it
-    save_seconds: float | None = None  # as save_id
 
 
 class _Locations:
@@ -112,10 +68,10 @@ _OFFSETS = attrgetter("offsets")
 
 def _encode_locations(
     storage_data: dict[Any, StorageInfo], locations: _Locations
-) -> dict[str, dict[Any, _Chunk]]:
+) -> dict[str, dict[Any, Chunk]]:
     """Every location as the struct it is written as, by key and chunk offsets (each
     made in one call; a chunk's ``sizes`` are filled in by its entry)."""
-    by_fqn: dict[str, dict[Any, _Chunk]] = {}
+    by_fqn: dict[str, dict[Any, Chunk]] = {}
     ids = locations.ids
     block_size = locations.block_size
     for index, info in storage_data.items():
@@ -123,7 +79,7 @@ def _encode_locations(
         if file_id is None:
             file_id = locations.file_id(info.relative_path)
         block = info.block_size
-        located = _Chunk(
+        located = Chunk(
             file_id,
             info.offset,
             info.length,
@@ -140,7 +96,7 @@ def _encode_locations(
     return by_fqn
 
 
-def _locate(raw: _Entry, located: _Chunk | None) -> _Entry:
+def _locate(raw: Entry, located: Chunk | None) -> Entry:
     """``raw`` with the location of an item stored whole (an object, a tensor in one chunk)."""
     if located is not None:
         raw.file, raw.offset, raw.length = located.file, located.offset, located.length
@@ -148,11 +104,11 @@ def _locate(raw: _Entry, located: _Chunk | None) -> _Entry:
     return raw
 
 
-def _encode_entry(entry: STORAGE_TYPES, located: dict[Any, _Chunk]) -> _Entry:
+def _encode_entry(entry: STORAGE_TYPES, located: dict[Any, Chunk]) -> Entry:
     if isinstance(entry, BytesStorageMetadata):
         value = entry.value if entry.encoding == "json" else None
-        return _locate(_Entry(encoding=entry.encoding, value=value), located.get(None))
-    raw = _Entry(
+        return _locate(Entry(encoding=entry.encoding, value=value), located.get(None))
+    raw: Entry[Any, Any, Any] = Entry(
         dtype=dtype_name(entry.properties.dtype),
         shape=entry.size,
         requires_grad=entry.properties.requires_grad,
@@ -164,7 +120,7 @@ def _encode_entry(entry: STORAGE_TYPES, located: dict[Any, _Chunk]) -> _Entry:
         raw.chunks = list(map(located.__getitem__, map(_OFFSETS, chunks)))
     except KeyError:  # a chunk without a location: written with its geometry alone
         raw.chunks = [
-            located.get(chunk.offsets) or _Chunk(offsets=chunk.offsets, sizes=()) for chunk in chunks
+            located.get(chunk.offsets) or Chunk(offsets=chunk.offsets, sizes=()) for chunk in chunks
         ]
     for out, chunk in zip(raw.chunks, chunks, strict=True):
         out.sizes = chunk.sizes
@@ -193,18 +149,18 @@ def encode_metadata(md: Metadata) -> bytes:
         block_size = next((info.block_size for info in md.storage_data.values() if info.block_size), 0)
     locations = _Locations(block_size)
     by_fqn = _encode_locations(md.storage_data, locations) if inline else {}
-    no_locations: dict[Any, _Chunk] = {}
+    no_locations: dict[Any, Chunk] = {}
     entries = {
         fqn: _encode_entry(entry, by_fqn.get(fqn, no_locations))
         for fqn, entry in md.state_dict_metadata.items()
     }
-    doc = _DocumentV1(
+    doc = Document(
         format=FORMAT_NAME,
         version=md.version,
         torch_version=str(md.torch_version),
         committed_at=md.committed_at,
         user_metadata=md.user_metadata,
-        checksum=_Checksum(ALGORITHM, block_size),
+        checksum=Checksum(ALGORITHM, block_size),
         files=locations.files,
         planner_data=md.planner_data,
         entries=entries,
@@ -225,7 +181,7 @@ class _RawEntriesV1(msgspec.Struct):
     entries: dict[str, msgspec.Raw] = {}
 
 
-_entry_decoder = msgspec.json.Decoder(_Entry)
+_entry_decoder = msgspec.json.Decoder(PlainEntry)
 
 
 def _name_the_entry(data: bytes, error: msgspec.ValidationError) -> CorruptCheckpointError:
@@ -244,16 +200,17 @@ def _name_the_entry(data: bytes, error: msgspec.ValidationError) -> CorruptCheck
 
 
 _ranged_decoder = msgspec.json.Decoder(RangedDocument)
+_plain_decoder = msgspec.json.Decoder(PlainDocument)
 
 
 def _decode_v1(data: bytes) -> Metadata:
-    doc: RangedDocument | _DocumentV1
+    doc: Any
     try:
         doc = _ranged_decoder.decode(data)
         checked = chunked_entries_ok(doc.entries, len(doc.files), doc.checksum.block_size)
     except msgspec.ValidationError:  # a type, or an integer out of range: say which
         try:
-            doc = msgspec.json.decode(data, type=_DocumentV1)
+            doc = _plain_decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise _name_the_entry(data, exc) from exc
         checked = {}
@@ -281,7 +238,7 @@ DECODERS: dict[int, Callable[[bytes], Metadata]] = {1: _decode_v1}
 def decode_metadata(data: bytes, *, source: str = "manifest") -> Metadata:
     """Parse a manifest of any version in :data:`DECODERS`. Never unpickles."""
     try:
-        header = msgspec.json.decode(data, type=_Header)
+        header = msgspec.json.decode(data, type=Header)
     except RecursionError as exc:
         raise CorruptCheckpointError(f"{source} is not valid JSON: it nests too deep") from exc
     except msgspec.DecodeError as exc:

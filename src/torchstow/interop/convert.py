@@ -16,16 +16,13 @@ from typing import Any
 
 import torch
 
-from torchstow.backends.filesystem import LocalFileStore
-from torchstow.core.layout.location import check_vacant
-from torchstow.errors import CheckpointExistsError
 from torchstow.interop import targets
 from torchstow.interop.sources import Source, TensorSpec, local_path, open_source
 from torchstow.plugins.resolve import route_options
 
 __all__ = ["FORMATS", "ConvertReport", "Selection", "convert", "parse_dtype"]
 
-FORMATS = ("torchstow", "dcp", "torch", "safetensors")
+FORMATS = tuple(targets.TARGETS)  # torchstow, dcp, torch, safetensors
 ProgressCallback = Callable[[int, int], None]
 
 _DTYPE_ALIASES = {
@@ -138,19 +135,6 @@ def _local_target(dst: str, to: str) -> str:
     return path
 
 
-def _check_target(dst: str, to: str, overwrite: bool) -> None:
-    if to in ("safetensors", "dcp") and os.path.lexists(dst) and not os.path.isdir(dst):
-        raise CheckpointExistsError(f"{dst} is a file; {to} is written as a directory: choose another path")
-    if to == "dcp" and not overwrite:  # a torchstow or DCP checkpoint there
-        check_vacant(LocalFileStore(dst, dst))
-    if to in ("torch", "safetensors", "dcp") and os.path.exists(dst) and not overwrite:
-        kind = os.path.isdir(dst) and os.listdir(dst)
-        if to == "torch" or kind:
-            raise CheckpointExistsError(
-                f"{dst} already exists; pass overwrite=True (--overwrite) to replace it"
-            )
-
-
 def _resolved(uri: str) -> tuple[str, str]:
     """``uri`` spelled one way per location: a local path with its links, ``..`` and
     trailing slashes resolved, or a URI with its scheme lowercased; and its separator."""
@@ -201,7 +185,8 @@ def convert(
     takes them; ``src_storage_options``/``dst_storage_options`` to one side.
     Values safetensors cannot hold are listed in the report's ``skipped``.
     """
-    if to not in FORMATS:
+    target = targets.TARGETS.get(to)
+    if target is None:
         raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(FORMATS)}")
     src_text, dst_text = os.fspath(src), os.fspath(dst)
     src_opts, dst_opts = route_options(
@@ -210,25 +195,18 @@ def convert(
         storage_options,
         src_storage_options,
         dst_storage_options,
-        dst_backend=to in ("torchstow",),
+        dst_backend=not target.local_only,
     )
     cast = parse_dtype(dtype)
-    if to != "torchstow":
+    if target.local_only:
         dst_text = _local_target(dst_text, to)
     _check_apart(src_text, dst_text)
-    _check_target(dst_text, to, overwrite)
+    targets.check_destination(target, dst_text, overwrite)
     source = open_source(src_text, src_opts)
     try:
         selection = Selection(source, keys, cast, progress)
         report = ConvertReport(src_text, dst_text, source.format, to)
-        if to == "safetensors":
-            targets.to_safetensors(selection, dst_text, max_shard_bytes, overwrite, report)
-        elif to == "torch":
-            targets.to_torch(selection, dst_text, report)
-        elif to == "dcp":
-            targets.to_dcp(selection, dst_text, overwrite, report)
-        else:
-            targets.to_torchstow(selection, dst_text, dst_opts, overwrite, report)
+        target.write(selection, dst_text, targets.TargetOptions(overwrite, dst_opts, max_shard_bytes), report)
     finally:
         with contextlib.suppress(Exception):
             source.close()

@@ -25,8 +25,7 @@ from urllib.parse import unquote
 import torch
 
 from torchstow.core.layout.reader import require_data
-from torchstow.core.planning import DefaultLoadPlanner
-from torchstow.core.protocol.steps import load_state_dict as load_protocol
+from torchstow.core.protocol.materialize import materialize
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.errors import (
@@ -120,8 +119,9 @@ class TorchstowSource(Source):
         self.uri = uri
         self.backend = default_registry().backend_for(uri, storage_options)
         self.metadata = self.backend.read_metadata(uri) if metadata is None else metadata
-        self._reader = reader or (lambda: self.backend.storage_reader(uri))
-        self._guard = self._reader()  # finds missing data files once, for every read
+        # One reader for every read: it lists the data files once for the metadata.
+        self._reader = reader() if reader is not None else self.backend.storage_reader(uri)
+        require_data(self._reader, self.metadata, ())  # the listing, before reads from several threads
         self.user_metadata = dict(self.metadata.user_metadata)
         self.planner_data = self.metadata.planner_data
         self.specs = {
@@ -138,13 +138,7 @@ class TorchstowSource(Source):
         self._lock = threading.Lock()
 
     def _load(self, keys: list[str]) -> dict[str, Any]:
-        require_data(self._guard, self.metadata, keys)  # before allocating what the manifest claims
-        flat: dict[str, Any] = {}
-        for key in keys:
-            spec = self.specs[key]
-            flat[key] = None if spec is None else torch.empty(spec.shape, dtype=spec.dtype)
-        load_protocol(flat, self._reader(), planner=DefaultLoadPlanner(strict=False), metadata=self.metadata)
-        return flat
+        return materialize(self._reader, self.metadata, dict.fromkeys(keys))
 
     def read_tensor(self, key: str) -> torch.Tensor:
         pos = self._small_pos.get(key)
@@ -276,7 +270,7 @@ class SafetensorsSource(Source):
         self.uri = path
         if os.path.isdir(path):
             index_path = os.path.join(path, stf.INDEX)
-            files = _index_shards(index_path) if os.path.exists(index_path) else [stf.SINGLE]
+            files = index_shards(index_path) if os.path.exists(index_path) else [stf.SINGLE]
             paths = [os.path.join(path, name) for name in files]
         else:
             paths = [path]
@@ -314,7 +308,7 @@ class SafetensorsSource(Source):
         self._handles.clear()
 
 
-def _index_shards(index_path: str) -> list[str]:
+def index_shards(index_path: str) -> list[str]:
     """The shard file names a ``model.safetensors.index.json`` lists, each a plain file
     name in its folder (CorruptCheckpointError naming the index otherwise)."""
     try:

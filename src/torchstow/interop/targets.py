@@ -5,6 +5,10 @@ planner that reads each tensor from the source when the writer asks for it
 (the state dict it plans from holds zero-stride placeholders of one element),
 so bytes stream through; safetensors shards are written header first, then
 tensor by tensor (the next one read while one is written), and the index last.
+
+:data:`TARGETS` is the table ``convert`` dispatches on: one :class:`Target` per
+format, each refusing an existing output the same way
+(:func:`check_destination`) unless ``overwrite``, and then replacing it whole.
 """
 
 from __future__ import annotations
@@ -18,22 +22,34 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from torchstow.api import storage_writer
+from torchstow.backends.filesystem import LocalFileStore
+from torchstow.core.layout.location import check_vacant
 from torchstow.core.planning import DefaultSavePlanner, WriteItem, WriteItemType
 from torchstow.core.protocol.steps import save_state_dict
-from torchstow.errors import CheckpointExistsError, TorchstowError
+from torchstow.errors import CheckpointExistsError, CorruptCheckpointError, TorchstowError
 from torchstow.format.files import MANIFEST
 from torchstow.interop import safetensors_format as stf
-from torchstow.interop.sources import DCP_METADATA, TensorSpec
+from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards
 
 if TYPE_CHECKING:
     from torchstow.interop.convert import ConvertReport, Selection
 
-__all__ = ["to_dcp", "to_safetensors", "to_torch", "to_torchstow"]
+__all__ = [
+    "TARGETS",
+    "Target",
+    "TargetOptions",
+    "check_destination",
+    "to_dcp",
+    "to_safetensors",
+    "to_torch",
+    "to_torchstow",
+]
 
 
 def _placeholder(spec: TensorSpec) -> torch.Tensor:
@@ -222,6 +238,7 @@ def to_safetensors(
     by_key = {e[0]: e for e in entries}
     os.makedirs(dst, exist_ok=True)
     index_path = os.path.join(dst, stf.INDEX)
+    old = _safetensors_files(dst) if overwrite else set()
     if overwrite:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(index_path)  # the old shards are invalid from here on
@@ -246,6 +263,83 @@ def to_safetensors(
         raise
     finally:
         fetch.close()
+    for name in old.difference(shard.name for shard in shards):  # named by the replaced index only
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(dst, name))
     report.tensors = len(entries)
     report.nbytes = sum(shard.nbytes for shard in shards)
     report.files.extend([*(os.path.join(dst, s.name) for s in shards), index_path])
+
+
+def _safetensors_files(folder: str) -> set[str]:
+    """The shard files of the safetensors output in ``folder``: those its index names
+    (when it reads), and a single ``model.safetensors``."""
+    names = {stf.SINGLE} if os.path.exists(os.path.join(folder, stf.SINGLE)) else set()
+    index_path = os.path.join(folder, stf.INDEX)
+    if os.path.exists(index_path):
+        with contextlib.suppress(CorruptCheckpointError):  # an unreadable index names nothing
+            names.update(index_shards(index_path))
+    return names
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """What :func:`~torchstow.convert` passes every target's writer."""
+
+    overwrite: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)  # the destination's
+    max_shard_bytes: int | None = None  # safetensors only
+
+
+@dataclass(frozen=True)
+class Target:
+    """One format ``convert`` writes: its writer, whether it writes local paths only
+    (else any backend, whose writer refuses an existing checkpoint itself), whether
+    its output is a folder (else one file), and whether a checkpoint there (torchstow's
+    or DCP's) is refused by kind before anything else."""
+
+    name: str
+    write: Callable[[Selection, str, TargetOptions, ConvertReport], None]
+    local_only: bool = True
+    folder: bool = True
+    names_checkpoints: bool = False
+
+
+def check_destination(target: Target, dst: str, overwrite: bool) -> None:
+    """Refuse ``dst`` for ``target`` before anything is read: a file where a folder goes
+    (even with ``overwrite``), or, without ``overwrite``, an existing output (a file, or
+    a folder that is not empty). CheckpointExistsError; nothing is changed."""
+    if not target.local_only:
+        return  # the backend's writer refuses a committed checkpoint (any backend)
+    if target.folder and os.path.lexists(dst) and not os.path.isdir(dst):
+        raise CheckpointExistsError(
+            f"{dst} is a file; {target.name} is written as a directory: choose another path"
+        )
+    if overwrite or not os.path.exists(dst):
+        return
+    if target.names_checkpoints:
+        check_vacant(LocalFileStore(dst, dst))
+    if not target.folder or os.listdir(dst):
+        raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+
+
+TARGETS: dict[str, Target] = {
+    target.name: target
+    for target in (
+        Target(
+            "torchstow",
+            lambda sel, dst, opts, rep: to_torchstow(sel, dst, opts.storage_options, opts.overwrite, rep),
+            local_only=False,
+        ),
+        Target(
+            "dcp",
+            lambda sel, dst, opts, rep: to_dcp(sel, dst, opts.overwrite, rep),
+            names_checkpoints=True,
+        ),
+        Target("torch", lambda sel, dst, opts, rep: to_torch(sel, dst, rep), folder=False),
+        Target(
+            "safetensors",
+            lambda sel, dst, opts, rep: to_safetensors(sel, dst, opts.max_shard_bytes, opts.overwrite, rep),
+        ),
+    )
+}

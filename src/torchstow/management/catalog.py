@@ -13,38 +13,20 @@ from typing import Any
 from torchstow.core.layout.location import dcp_files, read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import (
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
-    IncompleteCheckpointError,
-    StorageIOError,
 )
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
-from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
-from torchstow.management.steps import step_of
+from torchstow.format.manifest import CheckpointInfo
+from torchstow.management import listing
+from torchstow.management.listing import checkpoint_info
 from torchstow.management.verify import verify
 from torchstow.plugins.resolve import Uri, backend_at
 
 __all__ = ["checkpoint_info", "delete", "info", "latest", "list_checkpoints"]
 
 logger = logging.getLogger(__name__)
-
-
-def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
-    """The summary of the checkpoint at ``uri`` whose manifest is ``metadata``."""
-    nbytes = stored_nbytes(metadata)
-    return CheckpointInfo(
-        uri=uri,
-        step=step_of(uri, metadata.user_metadata),
-        committed_at=metadata.committed_at,
-        nbytes=nbytes,
-        nbytes_written=nbytes if metadata.nbytes_written is None else metadata.nbytes_written,
-        num_entries=len(metadata.state_dict_metadata),
-        user_metadata=metadata.user_metadata,
-        format_version=metadata.version,
-        save_seconds=metadata.save_seconds,
-    )
 
 
 def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
@@ -60,23 +42,12 @@ def list_checkpoints(uri: Uri, *, storage_options: dict[str, Any] | None = None)
     then by commit time. Incomplete and unreadable checkpoints are skipped.
     """
     text, backend = backend_at(uri, storage_options)
-    try:
-        children = backend.list_children(text)
-    except CheckpointNotFoundError:  # a bucket that does not exist (yet): nothing committed there
-        return []
     found = []
-    for child in children:
-        try:
-            found.append(checkpoint_info(child, backend.read_metadata(child)))
-        except (CheckpointNotFoundError, IncompleteCheckpointError):
-            continue
-        except (CorruptCheckpointError, FormatVersionError) as exc:
-            logger.warning("skipping %s: %s", child, exc)
-        except OSError as exc:
-            if isinstance(exc, StorageIOError) and exc.transient:
-                raise  # the store is failing, not this checkpoint: an older one must not win
-            logger.warning("skipping %s, which cannot be read: %s", child, exc)
-    found.sort(key=lambda i: (-1 if i.step is None else i.step, i.committed_at or 0.0))
+    for entry in listing.entries(backend, listing.children_of(backend, text)):
+        if entry.info is not None:
+            found.append(entry.info)
+        elif entry.status == listing.UNREADABLE:
+            logger.warning("skipping %s: %s", entry.uri, entry.error)
     return found
 
 

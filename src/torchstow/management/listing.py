@@ -1,9 +1,21 @@
-"""What lies under a prefix: committed checkpoints, and with ``all`` the incomplete and unreadable ones."""
+"""What lies under a prefix: committed checkpoints, and with ``all`` the incomplete and unreadable ones.
+
+The one walk over a prefix's children (:func:`entries`) under both
+:func:`scan` (``torchstow ls``) and :func:`torchstow.list_checkpoints`, with
+one error policy for each child: no checkpoint there, not an entry; a save
+that never committed, ``incomplete``; a manifest that does not decode (or is
+of a newer format) or a child that cannot be read (permission denied, a
+permanent storage error), ``unreadable`` with the error; a transient storage
+error (:class:`~torchstow.errors.StorageIOError` with ``transient``) raises,
+since the store is failing, not the checkpoint, and an older checkpoint must
+not pass for the newest. To :func:`children_of` (``list_checkpoints``) a
+prefix that does not exist has no children; :func:`scan` says so, naming it.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torchstow.core.storage.backend import Backend, StoreBackend
@@ -12,14 +24,14 @@ from torchstow.errors import (
     CorruptCheckpointError,
     FormatVersionError,
     IncompleteCheckpointError,
+    StorageIOError,
 )
-from torchstow.format.manifest import CheckpointInfo
-from torchstow.management.catalog import checkpoint_info
+from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
 from torchstow.management.steps import step_of
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["Entry", "IsACheckpointError", "scan"]
+__all__ = ["Entry", "IsACheckpointError", "checkpoint_info", "children_of", "entries", "scan"]
 
 COMMITTED = "committed"
 INCOMPLETE = "incomplete"
@@ -39,8 +51,8 @@ class IsACheckpointError(CheckpointNotFoundError):
 
 @dataclass(frozen=True)
 class Entry:
-    """One checkpoint location under a prefix: its status, and its summary and format
-    (``torchstow`` or ``dcp``) when committed."""
+    """One checkpoint location under a prefix: its status, and its summary when committed,
+    and its format (``torchstow`` or ``dcp``) where :func:`scan` found it."""
 
     uri: str
     status: str
@@ -50,9 +62,24 @@ class Entry:
     format: str | None = None
 
 
+def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
+    """The summary of the checkpoint at ``uri`` whose manifest is ``metadata``."""
+    nbytes = stored_nbytes(metadata)
+    return CheckpointInfo(
+        uri=uri,
+        step=step_of(uri, metadata.user_metadata),
+        committed_at=metadata.committed_at,
+        nbytes=nbytes,
+        nbytes_written=nbytes if metadata.nbytes_written is None else metadata.nbytes_written,
+        num_entries=len(metadata.state_dict_metadata),
+        user_metadata=metadata.user_metadata,
+        format_version=metadata.version,
+        save_seconds=metadata.save_seconds,
+    )
+
+
 def _entry(backend: Backend, uri: str) -> Entry | None:
-    """The checkpoint location ``uri``, or None when it is not one."""
-    from torchstow.interop.sources import is_dcp
+    """The checkpoint location ``uri``, or None when it is not one (the module's error policy)."""
 
     try:
         info = checkpoint_info(uri, backend.read_metadata(uri))
@@ -62,8 +89,21 @@ def _entry(backend: Backend, uri: str) -> Entry | None:
         return Entry(uri, UNREADABLE, step_of(uri), error=str(exc))
     except CheckpointNotFoundError:
         return None
-    dcp = isinstance(backend, StoreBackend) and is_dcp(backend.open_store(uri).list_files())
-    return Entry(uri, COMMITTED, info.step, info, format="dcp" if dcp else "torchstow")
+    except OSError as exc:
+        if isinstance(exc, StorageIOError) and exc.transient:
+            raise  # the store is failing, not this checkpoint
+        return Entry(uri, UNREADABLE, step_of(uri), error=f"it cannot be read: {exc}")
+    return Entry(uri, COMMITTED, info.step, info)
+
+
+def _with_format(backend: Backend, entry: Entry) -> Entry:
+    """``entry`` with its format, when committed (one more listing of its location)."""
+    from torchstow.interop.sources import is_dcp
+
+    if entry.status != COMMITTED:
+        return entry
+    dcp = isinstance(backend, StoreBackend) and is_dcp(backend.open_store(entry.uri).list_files())
+    return replace(entry, format="dcp" if dcp else "torchstow")
 
 
 def scan(
@@ -78,20 +118,34 @@ def scan(
     is itself a checkpoint (its entry in ``entry``). ``progress(1, number_of_children)``
     is called after each child is looked at."""
     text, backend = backend_at(prefix, storage_options)
-    children = backend.list_children(text)
+    children = backend.list_children(text)  # a missing bucket is an error here, naming it
     if not children:
         itself = _entry(backend, text)
         if itself is not None and itself.status == COMMITTED:
-            raise IsACheckpointError(itself)
+            raise IsACheckpointError(_with_format(backend, itself))
         raise CheckpointNotFoundError(f"nothing under {text}: it does not exist or is empty")
-    entries = []
+    return [_with_format(backend, entry) for entry in entries(backend, children, progress)]
+
+
+def children_of(backend: Backend, prefix: str) -> list[str]:
+    """The locations directly under ``prefix``; none when it does not exist (a missing bucket)."""
+    try:
+        return backend.list_children(prefix)
+    except CheckpointNotFoundError:
+        return []
+
+
+def entries(backend: Backend, children: list[str], progress: ProgressCallback | None = None) -> list[Entry]:
+    """The checkpoint locations among ``children`` (see the module's error policy), ordered
+    by step (none first), then by commit time; ``progress(1, len(children))`` after each."""
+    found = []
     for child in children:
         entry = _entry(backend, child)
         if entry is not None:
-            entries.append(entry)
+            found.append(entry)
         if progress is not None:
             progress(1, len(children))
-    entries.sort(
+    found.sort(
         key=lambda e: (-1 if e.step is None else e.step, (e.info.committed_at if e.info else None) or 0.0)
     )
-    return entries
+    return found
