@@ -1,0 +1,145 @@
+"""The fan-out of a read-once load: readers keep the bytes others need, every round
+packs them into one buffer per rank, one exchange moves them, receivers place them.
+
+The bytes a reader sends are what it committed into its own target, after its
+storage reader verified their checksums; a receiver places them through its own
+planner (``resolve_tensor`` then ``commit_tensor``), as if it had read them.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torchstow.core.planning.read_once import ReadOnceProbe, ReadOnceRole, Share, segment_bytes
+from torchstow.format.manifest import Metadata, TensorStorageMetadata
+
+__all__ = ["KeepingPlanner", "pack_round", "place_round", "probe", "reads_of"]
+
+
+def probe(planner: LoadPlanner, plan: LoadPlan, metadata: Metadata) -> ReadOnceProbe:
+    """This rank's node and the keys it loads into another dtype than stored."""
+    stored = metadata.state_dict_metadata
+    casts: dict[str, torch.dtype] = {}
+    seen: set[str] = set()
+    for item in plan.items:
+        fqn = item.dest_index.fqn
+        if item.type != LoadItemType.TENSOR or fqn in seen:
+            continue
+        seen.add(fqn)
+        entry = stored.get(item.storage_index.fqn)
+        dtype = planner.resolve_tensor(item).dtype
+        if isinstance(entry, TensorStorageMetadata) and dtype != entry.properties.dtype:
+            casts[fqn] = dtype
+    return ReadOnceProbe(socket.gethostname(), casts)
+
+
+def reads_of(plan: LoadPlan, role: ReadOnceRole) -> LoadPlan:
+    """The part of ``plan`` this rank reads from storage itself."""
+    if role.reads is None:
+        return plan
+    return LoadPlan([plan.items[i] for i in role.reads], plan.storage_data, plan.planner_data)
+
+
+class KeepingPlanner(LoadPlanner):
+    """Passes every call to ``inner``, keeping a copy of the committed bytes of the items
+    this rank sends to others."""
+
+    def __init__(self, inner: LoadPlanner, plan: LoadPlan, sends: Sequence[Share]) -> None:
+        self.inner = inner
+        self._slots = {plan.items[share.item]: n for n, share in enumerate(sends)}
+        self.kept: list[torch.Tensor | None] = [None] * len(sends)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def set_up_planner(self, state_dict: Any, metadata: Metadata, is_coordinator: bool = False) -> None:
+        self.inner.set_up_planner(state_dict, metadata, is_coordinator)
+
+    def create_local_plan(self) -> LoadPlan:
+        return self.inner.create_local_plan()
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return self.inner.create_global_plan(global_plan)
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return self.inner.finish_plan(central_plan)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self.inner.load_bytes(read_item, value)
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        return self.inner.resolve_tensor(read_item)
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        slot = self._slots.get(read_item)
+        if slot is not None:
+            kept = torch.empty(tensor.shape, dtype=tensor.dtype)
+            kept.copy_(tensor.detach())
+            self.kept[slot] = kept.reshape(-1).view(torch.uint8)
+        self.inner.commit_tensor(read_item, tensor)
+
+
+def pack_round(
+    role: ReadOnceRole, round_no: int, kept: Sequence[torch.Tensor | None] | None, world_size: int
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """The buffer this rank sends in ``round_no`` (its parts in rank order), the bytes it
+    sends to each rank and receives from each. Without ``kept`` (this rank failed) the
+    parts are zeros of the agreed sizes, so the exchange still completes everywhere."""
+    parts: list[list[tuple[int, torch.Tensor | None]]] = [[] for _ in range(world_size)]
+    for n, share in enumerate(role.sends):
+        if share.round == round_no:
+            data = kept[n] if kept is not None else None
+            for dest in share.peers:
+                parts[dest].append((share.nbytes, data))
+    send_sizes = [sum(segment_bytes(nbytes) for nbytes, _ in part) for part in parts]
+    recv_sizes = [0] * world_size
+    for share in role.receives:
+        if share.round == round_no:
+            recv_sizes[share.peers[0]] += segment_bytes(share.nbytes)
+    buffer = torch.zeros(sum(send_sizes), dtype=torch.uint8)
+    at = 0
+    for part in parts:
+        for nbytes, data in part:
+            if data is not None:
+                if data.numel() != nbytes:
+                    raise RuntimeError(f"read-once: kept {data.numel()} bytes for a region of {nbytes}")
+                buffer[at : at + nbytes].copy_(data)
+            at += segment_bytes(nbytes)
+    return buffer, send_sizes, recv_sizes
+
+
+def place_round(
+    role: ReadOnceRole,
+    round_no: int,
+    received: torch.Tensor,
+    recv_sizes: Sequence[int],
+    plan: LoadPlan,
+    planner: LoadPlanner,
+) -> None:
+    """Put the regions received in ``round_no`` into their targets and commit them."""
+    starts = [0] * len(recv_sizes)
+    for src in range(1, len(recv_sizes)):
+        starts[src] = starts[src - 1] + recv_sizes[src - 1]
+    for share in role.receives:
+        if share.round != round_no:
+            continue
+        src = share.peers[0]
+        at = starts[src]
+        starts[src] += segment_bytes(share.nbytes)
+        item = plan.items[share.item]
+        target = planner.resolve_tensor(item)
+        if share.nbytes != target.numel() * target.dtype.itemsize:
+            raise RuntimeError(
+                f"read-once: {share.nbytes} bytes arrived for {item.dest_index.fqn}, "
+                f"whose region holds {target.numel() * target.dtype.itemsize}"
+            )
+        region = received[at : at + share.nbytes].view(target.dtype).view(target.shape)
+        with torch.no_grad():
+            target.copy_(region)
+        planner.commit_tensor(item, target)
