@@ -3,6 +3,7 @@ balance nodes then ranks; dtypes kept apart; rounds bounded in size."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,11 @@ def _read_bytes(plan: LoadPlan, role: ReadOnceRole) -> int:
 
 
 def _check_consistent(plans: list[LoadPlan], roles: list[ReadOnceRole]) -> None:
-    """Every rank gets each item once: read or received; every send has its receives."""
+    """Every rank gets each item once: read, filled from a chunk it read whole, or received;
+    every receive has its send."""
     for rank, (plan, role) in enumerate(zip(plans, roles, strict=True)):
         reads = set(range(len(plan.items)) if role.reads is None else role.reads)
-        received = {share.item for share in role.receives}
+        received = {share.item for share in role.receives} | {i for i, _ in role.local}
         assert reads.isdisjoint(received) and reads | received == set(range(len(plan.items))), rank
         for share in role.receives:
             (src,) = share.peers
@@ -98,3 +100,27 @@ def test_nothing_shared_means_no_exchange(tmp_path: Path) -> None:
     plans = [_plan(metadata, {"w0": state["w0"], "w1": state["w1"]}), _plan(metadata, {"w2": state["w2"]})]
     roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 2)
     assert roles == [ReadOnceRole(None, [], [], 0)] * 2
+
+
+def test_overlapping_regions_of_one_chunk_are_read_whole_by_one_rank(tmp_path: Path) -> None:
+    """Two ranks loading column halves of a row-major chunk would each read all of it."""
+    state = {"m": torch.arange(64.0).reshape(8, 8)}
+    torchstow.save(state, tmp_path / "ckpt", no_dist=True)
+    metadata = torchstow.storage_reader(str(tmp_path / "ckpt")).read_metadata()
+    plans = []
+    for half in range(2):
+        planner = DefaultLoadPlanner()
+        planner.set_up_planner({"m": torch.zeros(8, 8)}, metadata)
+        plan = planner.create_local_plan()
+        (item,) = plan.items
+        columns = torch.Size([0, 4 * half])
+        plans.append(LoadPlan([replace(item, storage_offsets=columns, lengths=torch.Size([8, 4]))]))
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 2)
+    _check_consistent(plans, roles)
+    (reader,) = [rank for rank, role in enumerate(roles) if role.chunks]
+    whole, dtype = roles[reader].chunks[0]
+    assert whole.lengths == torch.Size([8, 8]) and dtype == torch.float32
+    assert roles[reader].reads == [] and roles[reader].local == [(0, 0)]
+    (send,) = roles[reader].sends
+    assert send.chunk == (0, torch.Size([0, 4 * (1 - reader)]), torch.Size([8, 4])) and send.nbytes == 128
+    assert roles[1 - reader].reads == [] and roles[1 - reader].receives[0].peers == (reader,)

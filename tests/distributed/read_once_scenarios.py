@@ -10,7 +10,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from dist_scenarios import mesh_for, placements, summarize, values
+from dist_scenarios import (
+    build_model,
+    full_values,
+    mesh_for,
+    mismatches,
+    model_state,
+    placements,
+    summarize,
+    train,
+    values,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 import torchstow
@@ -105,3 +115,16 @@ def failing_load(rank: int, world_size: int, uri: str, layout: str) -> dict[str,
     except torchstow.CheckpointException as exc:
         return summarize(exc)
     return {"ok": True}
+
+
+def load_and_resave(
+    rank: int, world_size: int, src: str, dst: str, layout: tuple[str, ...], expected: dict[str, Any]
+) -> list[str]:
+    """Load a model checkpoint into a zero model laid out by ``layout``, save it again to
+    ``dst`` from this world size; where the loaded values differ from ``expected``."""
+    model, optim = build_model(world_size, layout, None, lr=0.5)
+    train(model, optim, 1, None)  # creates the optimizer state to load into
+    state = model_state(model, optim, None)
+    torchstow.load(state, src, timeout=60)
+    torchstow.save(state, dst, timeout=60)
+    return mismatches(expected, full_values(state))

@@ -34,6 +34,10 @@ def test_each_stored_byte_is_read_once_and_the_work_is_shared(
     assert sum(reads) <= 1.05 * stored, (reads, stored)
     assert max(reads) <= 2 * stored / world_size, f"one rank read most of it: {reads}"
     assert all(read >= stored for read in _loads(pool, replicated, "plain", False))
+    # column shards of row-major chunks overlap in what they read: one rank reads each chunk
+    reads = _loads(pool, replicated, "S1", True)
+    assert sum(reads) <= 1.05 * stored, (reads, stored)
+    assert sum(_loads(pool, replicated, "S1", False)) >= (world_size - 0.5) * stored
 
     sharded = str(tmp_path / "sharded")
     stored = pool.run(save_state, sharded, "S0", 7)[0]

@@ -17,6 +17,7 @@ import torch
 
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.planning.read_once import ReadOnceProbe, ReadOnceRole, Share, segment_bytes
+from torchstow.format import chunks as chunk_math
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 
 __all__ = ["KeepingPlanner", "pack_round", "place_round", "probe", "reads_of"]
@@ -40,20 +41,25 @@ def probe(planner: LoadPlanner, plan: LoadPlan, metadata: Metadata) -> ReadOnceP
 
 
 def reads_of(plan: LoadPlan, role: ReadOnceRole) -> LoadPlan:
-    """The part of ``plan`` this rank reads from storage itself."""
-    if role.reads is None:
+    """What this rank reads from storage itself: its part of ``plan`` and the whole chunks
+    it reads for others."""
+    if role.reads is None and not role.chunks:
         return plan
-    return LoadPlan([plan.items[i] for i in role.reads], plan.storage_data, plan.planner_data)
+    items = plan.items if role.reads is None else [plan.items[i] for i in role.reads]
+    return LoadPlan(items + [whole for whole, _ in role.chunks], plan.storage_data, plan.planner_data)
 
 
 class KeepingPlanner(LoadPlanner):
     """Passes every call to ``inner``, keeping a copy of the committed bytes of the items
-    this rank sends to others."""
+    this rank sends to others, and reading whole chunks for others into scratch tensors."""
 
-    def __init__(self, inner: LoadPlanner, plan: LoadPlan, sends: Sequence[Share]) -> None:
+    def __init__(self, inner: LoadPlanner, plan: LoadPlan, role: ReadOnceRole) -> None:
         self.inner = inner
-        self._slots = {plan.items[share.item]: n for n, share in enumerate(sends)}
-        self.kept: list[torch.Tensor | None] = [None] * len(sends)
+        self._slots = {plan.items[share.item]: n for n, share in enumerate(role.sends) if share.chunk is None}
+        self.kept: list[torch.Tensor | None] = [None] * len(role.sends)
+        self._wholes = {whole: n for n, (whole, _) in enumerate(role.chunks)}
+        self._dtypes = [dtype for _, dtype in role.chunks]
+        self.scratch: list[torch.Tensor | None] = [None] * len(role.chunks)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -74,9 +80,17 @@ class KeepingPlanner(LoadPlanner):
         self.inner.load_bytes(read_item, value)
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        return self.inner.resolve_tensor(read_item)
+        n = self._wholes.get(read_item)
+        if n is None:
+            return self.inner.resolve_tensor(read_item)
+        scratch = self.scratch[n]
+        if scratch is None:
+            scratch = self.scratch[n] = torch.empty(read_item.lengths, dtype=self._dtypes[n])
+        return scratch
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        if read_item in self._wholes:
+            return
         slot = self._slots.get(read_item)
         if slot is not None:
             kept = torch.empty(tensor.shape, dtype=tensor.dtype)
@@ -84,17 +98,40 @@ class KeepingPlanner(LoadPlanner):
             self.kept[slot] = kept.reshape(-1).view(torch.uint8)
         self.inner.commit_tensor(read_item, tensor)
 
+    def place_local(self, plan: LoadPlan, role: ReadOnceRole) -> None:
+        """Fill this rank's own items of the chunks it read whole."""
+        for i, n in role.local:
+            item = plan.items[i]
+            scratch = self.scratch[n]
+            assert scratch is not None
+            target = self.inner.resolve_tensor(item)
+            with torch.no_grad():
+                target.copy_(chunk_math.region(scratch, item.storage_offsets, item.lengths))
+            self.inner.commit_tensor(item, target)
+
+    def outgoing(self, n: int, share: Share) -> torch.Tensor | None:
+        """The bytes of send ``n`` (None if it was never read)."""
+        if share.chunk is None:
+            return self.kept[n]
+        number, offsets, lengths = share.chunk
+        scratch = self.scratch[number]
+        if scratch is None:
+            return None
+        return chunk_math.region(scratch, offsets, lengths).contiguous().reshape(-1).view(torch.uint8)
+
 
 def pack_round(
-    role: ReadOnceRole, round_no: int, kept: Sequence[torch.Tensor | None] | None, world_size: int
+    role: ReadOnceRole, round_no: int, keeping: KeepingPlanner | None, world_size: int
 ) -> tuple[torch.Tensor, list[int], list[int]]:
     """The buffer this rank sends in ``round_no`` (its parts in rank order), the bytes it
-    sends to each rank and receives from each. Without ``kept`` (this rank failed) the
+    sends to each rank and receives from each. Without ``keeping`` (this rank failed) the
     parts are zeros of the agreed sizes, so the exchange still completes everywhere."""
     parts: list[list[tuple[int, torch.Tensor | None]]] = [[] for _ in range(world_size)]
     for n, share in enumerate(role.sends):
         if share.round == round_no:
-            data = kept[n] if kept is not None else None
+            data = keeping.outgoing(n, share) if keeping is not None else None
+            if keeping is not None and data is None:
+                raise RuntimeError(f"read-once: send {n} of this rank was never read")
             for dest in share.peers:
                 parts[dest].append((share.nbytes, data))
     send_sizes = [sum(segment_bytes(nbytes) for nbytes, _ in part) for part in parts]

@@ -471,18 +471,19 @@ def _load_read_once(
 
     new_plan, role = reduce_scatter(coll, "load planning", local, plan_all)
     plan: LoadPlan = new_plan if new_plan is not None else sent_plan[0]
-    keeping = fan_out.KeepingPlanner(planner, plan, role.sends)
+    keeping = fan_out.KeepingPlanner(planner, plan, role)
 
     def read() -> None:
         final_plan = planner.finish_plan(fan_out.reads_of(plan, role))
         wait_future(storage_reader.read_data(final_plan, keeping))
+        keeping.place_local(plan, role)
 
     read_failure = capture(read)
     failure = read_failure if isinstance(read_failure, CapturedFailure) else None
     step = "load fan-out"
     for round_no in range(role.rounds):
-        kept = keeping.kept if failure is None else None
-        packed = capture(lambda: fan_out.pack_round(role, round_no, kept, coll.world_size))  # noqa: B023
+        source = keeping if failure is None else None
+        packed = capture(lambda: fan_out.pack_round(role, round_no, source, coll.world_size))  # noqa: B023
         if isinstance(packed, CapturedFailure):
             failure = failure or packed
             packed = fan_out.pack_round(role, round_no, None, coll.world_size)
