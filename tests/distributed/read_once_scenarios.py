@@ -128,3 +128,30 @@ def load_and_resave(
     torchstow.load(state, src, timeout=60)
     torchstow.save(state, dst, timeout=60)
     return mismatches(expected, full_values(state))
+
+
+class _LastCommitFails(torchstow.DefaultLoadPlanner):
+    """Raises when committing its last item: in a read-once load of a replicated state,
+    an item it received, placed during the fan-out."""
+
+    def create_local_plan(self) -> Any:
+        plan = super().create_local_plan()
+        self.left = len(plan.items)
+        return plan
+
+    def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise RuntimeError(f"injected failure placing {read_item.dest_index.fqn}")
+        super().commit_tensor(read_item, tensor)
+
+
+def failing_fan_out(rank: int, world_size: int, uri: str, victim: int) -> dict[str, Any]:
+    """A read-once load in which ``victim`` fails placing a region it received."""
+    state = make_state(world_size, "plain", None)
+    planner = _LastCommitFails() if rank == victim else None
+    try:
+        torchstow.load(state, uri, planner=planner, timeout=30)
+    except torchstow.CheckpointException as exc:
+        return summarize(exc)
+    return {"ok": True}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from read_once_scenarios import counted_load, failing_load, save_state
+from read_once_scenarios import counted_load, failing_fan_out, failing_load, save_state
 
 import torchstow
 from torchstow.format.manifest import MetadataIndex
@@ -60,6 +60,19 @@ def test_a_rank_failing_to_read_fails_every_rank_alike(pools: Any, tmp_path: Pat
         assert result.get("class") == "CheckpointException", (rank, result)
         assert list(result["failures"]) == [1], (rank, result)
         assert "injected fault in read_data" in result["failures"][1]["message"]
+    assert len({result["message"] for result in results}) == 1
+
+
+def test_a_rank_failing_in_the_fan_out_fails_every_rank_alike(pools: Any, tmp_path: Path) -> None:
+    pool = pools(4)
+    path = str(tmp_path / "ckpt")
+    pool.run(save_state, path, "plain", 7)
+    results = pool.run(failing_fan_out, path, 2)
+    for rank, result in enumerate(results):
+        assert result.get("class") == "CheckpointException", (rank, result)
+        assert list(result["failures"]) == [2], (rank, result)
+        assert "injected failure placing" in result["failures"][2]["message"]
+        assert "place_round" in result["failures"][2]["frames"]  # it failed placing received bytes
     assert len({result["message"] for result in results}) == 1
 
 
