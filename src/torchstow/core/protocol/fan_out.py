@@ -8,6 +8,7 @@ planner (``resolve_tensor`` then ``commit_tensor``), as if it had read them.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import socket
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from torchstow.core.layout.digest_memo import forget
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.planning.read_once import ReadOnceProbe, ReadOnceRole, Share, segment_bytes
 from torchstow.format import chunks as chunk_math
@@ -94,7 +96,7 @@ class KeepingPlanner(LoadPlanner):
         slot = self._slots.get(read_item)
         if slot is not None:
             kept = torch.empty(tensor.shape, dtype=tensor.dtype)
-            kept.copy_(tensor.detach())
+            _copy(kept, tensor.detach())
             self.kept[slot] = kept.reshape(-1).view(torch.uint8)
         self.inner.commit_tensor(read_item, tensor)
 
@@ -105,8 +107,7 @@ class KeepingPlanner(LoadPlanner):
             scratch = self.scratch[n]
             assert scratch is not None
             target = self.inner.resolve_tensor(item)
-            with torch.no_grad():
-                target.copy_(chunk_math.region(scratch, item.storage_offsets, item.lengths))
+            _copy(target, chunk_math.region(scratch, item.storage_offsets, item.lengths))
             self.inner.commit_tensor(item, target)
 
     def outgoing(self, n: int, share: Share) -> torch.Tensor | None:
@@ -139,14 +140,16 @@ def pack_round(
     for share in role.receives:
         if share.round == round_no:
             recv_sizes[share.peers[0]] += segment_bytes(share.nbytes)
-    buffer = torch.zeros(sum(send_sizes), dtype=torch.uint8)
+    total = sum(send_sizes)
+    fill = torch.empty if keeping is not None else torch.zeros  # padding is never read
+    buffer = fill(total, dtype=torch.uint8)
     at = 0
     for part in parts:
         for nbytes, data in part:
             if data is not None:
                 if data.numel() != nbytes:
                     raise RuntimeError(f"read-once: kept {data.numel()} bytes for a region of {nbytes}")
-                buffer[at : at + nbytes].copy_(data)
+                _copy(buffer[at : at + nbytes], data)
             at += segment_bytes(nbytes)
     return buffer, send_sizes, recv_sizes
 
@@ -176,7 +179,25 @@ def place_round(
                 f"read-once: {share.nbytes} bytes arrived for {item.dest_index.fqn}, "
                 f"whose region holds {target.numel() * target.dtype.itemsize}"
             )
-        region = received[at : at + share.nbytes].view(target.dtype).view(target.shape)
-        with torch.no_grad():
-            target.copy_(region)
+        _copy(target, received[at : at + share.nbytes].view(target.dtype).view(target.shape))
         planner.commit_tensor(item, target)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; between contiguous CPU tensors of one dtype a plain memory copy,
+    which (unlike torch's copy) starts no intra-op threads: ranks sharing a machine's cores
+    would otherwise spin against each other."""
+    plain = (
+        dst.is_cpu
+        and src.is_cpu
+        and dst.dtype == src.dtype
+        and dst.is_contiguous()
+        and src.is_contiguous()
+        and not (dst.is_conj() or dst.is_neg() or src.is_conj() or src.is_neg())
+    )
+    if plain and dst.nbytes == src.nbytes:
+        forget(dst)  # its bytes change without its version counter moving
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.nbytes)
+        return
+    with torch.no_grad():
+        dst.copy_(src)
