@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,19 +103,27 @@ def test_nothing_shared_means_no_exchange(tmp_path: Path) -> None:
     assert roles == [ReadOnceRole(None, [], [], 0)] * 2
 
 
-def test_overlapping_regions_of_one_chunk_are_read_whole_by_one_rank(tmp_path: Path) -> None:
-    """Two ranks loading column halves of a row-major chunk would each read all of it."""
-    state = {"m": torch.arange(64.0).reshape(8, 8)}
-    torchstow.save(state, tmp_path / "ckpt", no_dist=True)
-    metadata = torchstow.storage_reader(str(tmp_path / "ckpt")).read_metadata()
+def _column_halves(metadata: Metadata) -> list[LoadPlan]:
+    """Two ranks' plans loading the left and right column halves of the chunk of ``m``."""
     plans = []
     for half in range(2):
         planner = DefaultLoadPlanner()
         planner.set_up_planner({"m": torch.zeros(8, 8)}, metadata)
-        plan = planner.create_local_plan()
-        (item,) = plan.items
+        (item,) = planner.create_local_plan().items
         columns = torch.Size([0, 4 * half])
         plans.append(LoadPlan([replace(item, storage_offsets=columns, lengths=torch.Size([8, 4]))]))
+    return plans
+
+
+def _matrix(tmp_path: Path) -> Metadata:
+    torchstow.save({"m": torch.arange(64.0).reshape(8, 8)}, tmp_path / "ckpt", no_dist=True)
+    return torchstow.storage_reader(str(tmp_path / "ckpt")).read_metadata()
+
+
+def test_overlapping_regions_of_one_chunk_are_read_whole_by_one_rank(tmp_path: Path) -> None:
+    """Two ranks loading column halves of a row-major chunk would each read all of it."""
+    metadata = _matrix(tmp_path)
+    plans = _column_halves(metadata)
     roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 2)
     _check_consistent(plans, roles)
     (reader,) = [rank for rank, role in enumerate(roles) if role.chunks]
@@ -124,3 +133,15 @@ def test_overlapping_regions_of_one_chunk_are_read_whole_by_one_rank(tmp_path: P
     (send,) = roles[reader].sends
     assert send.chunk == (0, torch.Size([0, 4 * (1 - reader)]), torch.Size([8, 4])) and send.nbytes == 128
     assert roles[1 - reader].reads == [] and roles[1 - reader].receives[0].peers == (reader,)
+
+
+def test_chunks_of_another_format_count_as_read_whole(tmp_path: Path) -> None:
+    """Storage data that is not torchstow's (DCP's: an encoded item per chunk, read whole)
+    plans as whole-chunk reads, not by block checksums it does not have."""
+    metadata = _matrix(tmp_path)
+    foreign = {
+        index: SimpleNamespace(relative_path="x", offset=0, length=256) for index in metadata.storage_data
+    }
+    metadata = replace(metadata, storage_data=foreign)
+    roles = plan_read_once(_column_halves(metadata), metadata, [ReadOnceProbe("a")] * 2)
+    assert sum(len(role.chunks) for role in roles) == 1

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -127,11 +128,13 @@ _Region = tuple[torch.Size, torch.Size]  # (offsets in the stored chunk, lengths
 _ChunkKey = tuple[str, torch.Size, torch.dtype]
 
 
-def _span_bytes(sizes: torch.Size, region: _Region, itemsize: int, info: StorageInfo | None) -> int:
-    """Bytes a rank reads from storage for ``region`` of a stored chunk on its own."""
+def _span_bytes(sizes: torch.Size, region: _Region, itemsize: int, info: Any) -> int:
+    """Bytes a rank reads from storage for ``region`` of a stored chunk on its own: where the
+    chunk is not raw bytes with block checksums (another format's encoded item, read whole
+    and then narrowed, as DCP does), all of it."""
     offsets, lengths = region
-    if info is None:
-        return math.prod(lengths) * itemsize
+    if not isinstance(info, StorageInfo):
+        return math.prod(sizes) * itemsize
     span = chunk_math.contiguous_span(sizes, offsets, lengths)
     if span is None:  # strided: read from its first row to its last
         stride = 1
