@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import torchstow
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.layout.reader import LayoutReader
+from torchstow.core.planning import DefaultLoadPlanner
 from torchstow.core.storage.forwarding import ForwardingByteStore
 
 #: (name, shape, dtype) of the tensors in every scenario's state.
@@ -130,7 +131,7 @@ def load_and_resave(
     return mismatches(expected, full_values(state))
 
 
-class _LastCommitFails(torchstow.DefaultLoadPlanner):
+class _LastCommitFails(DefaultLoadPlanner):
     """Raises when committing its last item: in a read-once load of a replicated state,
     an item it received, placed during the fan-out."""
 
