@@ -1,8 +1,8 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
-python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap]
+python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap|readonce]
     [--repeats 3] [--root DIR] [--out FILE] [--plan-ranks 1024] [--plan-items 2000] [--plan-dcp-max-ranks 512]
-    [--plan-plot docs/plan_scale.png] [--incremental-mib 1024] [--mmap-mib 1024]
+    [--plan-plot docs/plan_scale.png] [--incremental-mib 1024] [--mmap-mib 1024] [--read-once-mib 512]
 
 TORCHSTOW_BENCH_MANAGE_BYTES sets the size of the manage suite's checkpoint (default 1 GiB).
 """
@@ -26,6 +26,7 @@ import bench_manage
 import bench_mmap
 import bench_plan_cache
 import bench_plan_scale
+import bench_read_once
 import bench_s3
 import bench_shared
 from common import Report
@@ -42,6 +43,7 @@ SUITES = {
     "incremental": bench_incremental.main,
     "cache": bench_plan_cache.main,
     "mmap": bench_mmap.main,
+    "readonce": bench_read_once.main,
 }
 
 
@@ -63,6 +65,9 @@ def main() -> None:
         "--incremental-mib", type=int, default=1024, help="frozen MiB of the incremental suite"
     )
     parser.add_argument("--mmap-mib", type=int, default=1024, help="MiB the mmap suite reads")
+    parser.add_argument(
+        "--read-once-mib", type=int, default=512, help="MiB of the replicated state of the readonce suite"
+    )
     args = parser.parse_args()
     suites = dict(SUITES)
     suites["plan"] = functools.partial(
@@ -74,6 +79,7 @@ def main() -> None:
     )
     suites["incremental"] = functools.partial(bench_incremental.main, frozen_mib=args.incremental_mib)
     suites["mmap"] = functools.partial(bench_mmap.main, mib=args.mmap_mib)
+    suites["readonce"] = functools.partial(bench_read_once.main, mib=args.read_once_mib)
     report = Report("torchstow vs torch.distributed.checkpoint")
     with tempfile.TemporaryDirectory(dir=args.root, prefix="torchstow-bench-") as root:
         for name in args.only or list(SUITES):

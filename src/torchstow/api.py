@@ -226,6 +226,7 @@ def load(
     allow_pickle: bool = False,
     cast: bool = False,
     timeout: Timeout | None = None,
+    read_once: bool = True,
 ) -> None:
     """Load the checkpoint at ``uri`` into ``state_dict`` in place; every rank calls it.
 
@@ -236,6 +237,8 @@ def load(
     StateDictMismatchError unless ``strict=False``; a dtype difference raises
     unless ``cast=True``. DCP's keywords work as in :func:`save`
     (``storage_reader`` instead of ``storage_writer``). ``timeout`` is as in :func:`save`.
+    With ``read_once`` (the default), stored bytes several ranks need are read from
+    storage by one of them and sent to the others over the process group.
     """
     reader = dcp_calls.load_target(
         uri, checkpoint_id, storage_reader, functools.partial(_open_reader, storage_options=storage_options)
@@ -250,7 +253,7 @@ def load(
     )
     planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
-    _load_protocol(view.plain, reader, planner=planner, collective=dist.collective())
+    _load_protocol(view.plain, reader, planner=planner, collective=dist.collective(), read_once=read_once)
     view.restore()
 
 

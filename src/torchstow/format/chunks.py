@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from torchstow.format.manifest import ChunkStorageMetadata
+from torchstow.errors import CorruptCheckpointError
+from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 __all__ = [
     "Box",
@@ -20,6 +21,7 @@ __all__ = [
     "outside",
     "overlap",
     "region",
+    "stored_chunk_sizes",
     "validate_cover",
 ]
 
@@ -262,3 +264,15 @@ def contiguous_span(
         start += offsets[d] * stride
         stride *= chunk_sizes[d]
     return start, math.prod(lengths)
+
+
+def stored_chunk_sizes(entry: TensorStorageMetadata, index: MetadataIndex) -> torch.Size:
+    """The sizes of the stored chunk of ``entry`` that ``index`` names (its position hint
+    first, then a search by offsets)."""
+    hint = index.index
+    if hint is not None and hint < len(entry.chunks) and entry.chunks[hint].offsets == index.offset:
+        return entry.chunks[hint].sizes
+    for chunk in entry.chunks:
+        if chunk.offsets == index.offset:
+            return chunk.sizes
+    raise CorruptCheckpointError(f"the manifest has no chunk for {index}")

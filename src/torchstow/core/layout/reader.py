@@ -9,8 +9,6 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-
 from torchstow.core.futures import completed_future
 from torchstow.core.layout.dcp_reader import DcpItems
 from torchstow.core.layout.location import StoreOpener, default_thread_count, read_manifest, rebind
@@ -19,6 +17,7 @@ from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadIte
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
+from torchstow.format import chunks as chunk_math
 from torchstow.format.dcp_metadata import DcpLocations
 from torchstow.format.files import LARGE_ITEM
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
@@ -149,7 +148,7 @@ class LayoutReader(StorageReader):
             return ReadTask(item, info, None, None, None)
         entry = self.metadata.state_dict_metadata[item.storage_index.fqn]
         assert isinstance(entry, TensorStorageMetadata)
-        chunk = _stored_chunk(entry, item.storage_index)
+        chunk = chunk_math.stored_chunk_sizes(entry, item.storage_index)
         return ReadTask(item, info, planner.resolve_tensor(item), entry.properties.dtype, chunk)
 
     def _run_job(self, job: list[tuple[str, list[ReadTask]]]) -> None:
@@ -224,16 +223,6 @@ def raise_if_missing(
             raise missing_file_error(location, info.relative_path, index.fqn)
         if beyond and index in beyond:
             raise CorruptCheckpointError(beyond[index])
-
-
-def _stored_chunk(entry: TensorStorageMetadata, index: MetadataIndex) -> torch.Size:
-    hint = index.index
-    if hint is not None and hint < len(entry.chunks) and entry.chunks[hint].offsets == index.offset:
-        return entry.chunks[hint].sizes
-    for chunk in entry.chunks:
-        if chunk.offsets == index.offset:
-            return chunk.sizes
-    raise CorruptCheckpointError(f"the manifest has no chunk for {index}")
 
 
 def _batches(tasks: list[ReadTask]) -> dict[str, list[list[ReadTask]]]:

@@ -2,7 +2,8 @@
 
 The protocol only gathers to, scatters from and broadcasts from the
 coordinator, always whole Python objects (plans, results, failures), a
-constant number of times per save or load, never per item.
+constant number of times per save or load, never per item; a read-once load
+also exchanges byte buffers among all ranks, a few rounds per load.
 
 Over a process group, a collective that cannot complete (a rank died,
 stalled, or is slower than the timeout) raises
@@ -55,6 +56,15 @@ class Collective(abc.ABC):
     @abc.abstractmethod
     def broadcast(self, obj: Any, step: str = "") -> Any:
         """Every rank receives the coordinator's ``obj``."""
+
+    #: Whether :meth:`exchange` moves buffers between ranks (read-once loads use it).
+    can_exchange: bool = False
+
+    def exchange(self, send: Any, send_sizes: list[int], recv_sizes: list[int], step: str = "") -> Any:
+        """Every rank sends ``send_sizes[r]`` bytes of ``send`` (a uint8 CPU tensor, the parts
+        in rank order) to rank ``r`` and receives ``recv_sizes[r]`` bytes from it: the received
+        parts in rank order, one uint8 CPU tensor."""
+        raise NotImplementedError(f"{type(self).__name__} cannot exchange buffers")
 
     def plan_cache_key(self) -> Any:
         """What identifies this group of ranks for reusing save plans (see
@@ -246,6 +256,21 @@ class ProcessGroupCollective(Collective):
         buffer = self._buffer(None, longest)
         self._call(op, step, self._dist.scatter, buffer, scatter_list=parts, src=self._coordinator_global)
         return self._bytes(buffer, length)
+
+    can_exchange = True
+
+    def exchange(self, send: Any, send_sizes: list[int], recv_sizes: list[int], step: str = "") -> Any:
+        out = self._torch.empty(sum(recv_sizes), dtype=self._torch.uint8, device=self._device)
+        self._call(
+            "exchange of loaded bytes",
+            step,
+            self._dist.all_to_all_single,
+            out,
+            send.to(self._device),
+            output_split_sizes=recv_sizes,
+            input_split_sizes=send_sizes,
+        )
+        return out.cpu()
 
     def plan_cache_key(self) -> Any:
         group = self.group if self.group is not None else self._dist.group.WORLD

@@ -27,6 +27,8 @@ from torchstow.core.planning import (
     SavePlan,
     SavePlanner,
 )
+from torchstow.core.planning.read_once import ReadOnceProbe, plan_read_once
+from torchstow.core.protocol import fan_out
 from torchstow.core.protocol.collective import Collective, SingleProcess
 from torchstow.core.protocol.failures import CapturedFailure, capture, pack, unpack
 from torchstow.core.protocol.plan_cache import plan_save
@@ -425,16 +427,21 @@ def load_state_dict(
     collective: Collective | None = None,
     checkpoint_id: str | None = None,
     metadata: Metadata | None = None,
+    read_once: bool = True,
 ) -> None:
     """Load into ``state_dict`` in place through ``storage_reader``, collectively.
 
     The coordinator reads the manifest once and broadcasts it, unless the
-    caller already holds it (``metadata``, on every rank).
+    caller already holds it (``metadata``, on every rank). With ``read_once``
+    (and a collective that can exchange buffers), stored regions several ranks
+    need are read by one of them and sent to the others (see
+    :mod:`torchstow.core.planning.read_once`).
     """
     _require_mapping(state_dict)
     coll = collective or SingleProcess()
     planner = planner or DefaultLoadPlanner()
     reset_done = False
+    exchanging = read_once and coll.world_size > 1 and coll.can_exchange
 
     @_timed("load metadata", coll.rank)
     def read_metadata() -> Metadata:
@@ -445,6 +452,7 @@ def load_state_dict(
 
     if metadata is None:
         metadata = broadcast_from_coordinator(coll, "load reading metadata", read_metadata)
+    loaded = metadata
 
     @_timed("load plan", coll.rank)
     def local_plan() -> LoadPlan:
@@ -452,23 +460,87 @@ def load_state_dict(
             storage_reader.reset(checkpoint_id)
         call_with_accepted(
             storage_reader.set_up_storage_reader,
-            metadata,
+            loaded,
             coll.is_coordinator,
             rank=coll.rank,
             world_size=coll.world_size,
         )
-        planner.set_up_planner(state_dict, metadata, coll.is_coordinator)
+        planner.set_up_planner(state_dict, loaded, coll.is_coordinator)
         return storage_reader.prepare_local_plan(planner.create_local_plan())
 
     @_timed("load coordinate", coll.rank)
     def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
         return storage_reader.prepare_global_plan(planner.create_global_plan(all_plans))
 
-    central_plan: LoadPlan = reduce_scatter(coll, "load planning", local_plan, global_plan)
+    if not exchanging:
+        central_plan: LoadPlan = reduce_scatter(coll, "load planning", local_plan, global_plan)
+
+        def read() -> None:
+            final_plan = planner.finish_plan(central_plan)
+            wait_future(storage_reader.read_data(final_plan, planner))
+
+        all_reduce(coll, "load read", read, lambda _: None)
+        return
+    _load_read_once(coll, storage_reader, planner, loaded, local_plan, global_plan)
+
+
+def _load_read_once(
+    coll: Collective,
+    storage_reader: StorageReader,
+    planner: LoadPlanner,
+    metadata: Metadata,
+    local_plan: Callable[[], LoadPlan],
+    global_plan: Callable[[list[LoadPlan]], list[LoadPlan]],
+) -> None:
+    """Plan who reads what, read this rank's part, then fan the shared bytes out.
+
+    A failure anywhere leaves no rank waiting: a rank whose read failed still takes
+    part in every exchange (sending zeros), and the outcomes meet after the
+    fan-out, so every rank raises the same CheckpointException.
+    """
+
+    def plan_all(outcomes: list[tuple[LoadPlan, ReadOnceProbe]]) -> list[Any]:
+        sent = [plan for plan, _ in outcomes]
+        plans = global_plan(sent)
+        roles = plan_read_once(plans, metadata, [probe for _, probe in outcomes])
+        # A plan that comes back as it went travels as None: the rank keeps its own.
+        return [
+            (None if plan is old else plan, role) for plan, old, role in zip(plans, sent, roles, strict=True)
+        ]
+
+    sent_plan: list[LoadPlan] = []
+
+    def local() -> tuple[LoadPlan, ReadOnceProbe]:
+        sent_plan.append(local_plan())
+        return sent_plan[0], fan_out.probe(planner, sent_plan[0], metadata)
+
+    new_plan, role = reduce_scatter(coll, "load planning", local, plan_all)
+    plan: LoadPlan = new_plan if new_plan is not None else sent_plan[0]
+    keeping = fan_out.KeepingPlanner(planner, plan, role)
 
     @_timed("load read", coll.rank)
     def read() -> None:
-        final_plan = planner.finish_plan(central_plan)
-        wait_future(storage_reader.read_data(final_plan, planner))
+        final_plan = planner.finish_plan(fan_out.reads_of(plan, role))
+        wait_future(storage_reader.read_data(final_plan, keeping))
+        keeping.place_local(plan, role)
 
-    all_reduce(coll, "load read", read, lambda _: None)
+    read_failure = capture(read)
+    failure = read_failure if isinstance(read_failure, CapturedFailure) else None
+    step = "load fan-out"
+    for round_no in range(role.rounds):
+        source = keeping if failure is None else None
+        packed = capture(lambda: fan_out.pack_round(role, round_no, source, coll.world_size))  # noqa: B023
+        if isinstance(packed, CapturedFailure):
+            failure = failure or packed
+            packed = fan_out.pack_round(role, round_no, None, coll.world_size)
+        buffer, send_sizes, recv_sizes = packed
+        received = coll.exchange(buffer, send_sizes, recv_sizes, step)
+        if failure is None:
+            placed = capture(lambda: fan_out.place_round(role, round_no, received, recv_sizes, plan, planner))  # noqa: B023
+            failure = placed if isinstance(placed, CapturedFailure) else None
+
+    def outcome() -> None:
+        if failure is not None:
+            raise failure.exc
+
+    all_reduce(coll, "load read", outcome, lambda _: None)

@@ -1,0 +1,158 @@
+"""Scenarios for read-once loads, run on every rank of a worker group (see dist_pool.py).
+
+Each load goes through a storage reader whose byte store counts the data bytes it
+reads, so a test can add up what every rank read from storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from dist_scenarios import (
+    build_model,
+    full_values,
+    mesh_for,
+    mismatches,
+    model_state,
+    placements,
+    summarize,
+    train,
+    values,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+import torchstow
+from torchstow.backends.filesystem import LocalFileStore
+from torchstow.core.layout.reader import LayoutReader
+from torchstow.core.planning import DefaultLoadPlanner
+from torchstow.core.storage.forwarding import ForwardingByteStore
+
+#: (name, shape, dtype) of the tensors in every scenario's state.
+TENSORS = [(f"w{i}", (16, 64), torch.float32) for i in range(8)] + [
+    ("half", (8, 40), torch.bfloat16),
+    ("ids", (33,), torch.int64),
+    ("mask", (7, 3), torch.bool),
+    ("scalar", (), torch.float64),
+]
+
+
+class CountingStore(ForwardingByteStore):
+    """Counts the data bytes read through it."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.read_bytes = 0
+
+    def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
+        self.read_bytes += sum(len(buf) for _, buf in requests)
+        super().read_into(name, requests)
+
+
+def expected(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Deterministic values of ``dtype`` for tensor ``name``, the same on every rank."""
+    base = values(name, shape, seed)
+    if dtype == torch.bool:
+        return base > 0
+    if dtype == torch.int64:
+        return (base * 1000).to(torch.int64)
+    return base.to(dtype)
+
+
+def make_state(world_size: int, layout: str, seed: int | None) -> dict[str, Any]:
+    """The scenario state: plain tensors (``"plain"``: every rank holds all of it) or DTensors
+    laid out by ``layout`` (``"S0"``, ``"R"``, ``"R,S0"``...); zeros when ``seed`` is None."""
+    state: dict[str, Any] = {"meta": {"epoch": 3}}
+    for name, shape, dtype in TENSORS:
+        full = expected(name, shape, dtype, seed) if seed is not None else torch.zeros(shape, dtype=dtype)
+        if layout == "plain" or not shape:
+            state[name] = full
+        else:
+            parts = tuple(layout.split(","))
+            mesh = mesh_for(world_size, parts)
+            state[name] = distribute_tensor(full, mesh, placements(parts, len(shape)), src_data_rank=None)
+    return state
+
+
+def _differences(state: dict[str, Any], seed: int) -> list[str]:
+    wrong = []
+    for name, shape, dtype in TENSORS:
+        value = state[name]
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        want = expected(name, shape, dtype, seed)
+        if full.dtype != dtype or not torch.equal(
+            full.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+        ):
+            wrong.append(name)
+    if state["meta"] != {"epoch": 3}:
+        wrong.append("meta")
+    return wrong
+
+
+def save_state(rank: int, world_size: int, uri: str, layout: str, seed: int) -> int:
+    """Save the scenario state; the data bytes the checkpoint stores."""
+    torchstow.save(make_state(world_size, layout, seed), uri, timeout=60)
+    metadata = torchstow.storage_reader(uri).read_metadata()
+    return sum(info.length for info in metadata.storage_data.values())
+
+
+def counted_load(
+    rank: int, world_size: int, uri: str, layout: str, seed: int, read_once: bool
+) -> dict[str, Any]:
+    """Load into zeros laid out by ``layout``; the data bytes this rank read and what differs."""
+    state = make_state(world_size, layout, None)
+    counting = CountingStore(LocalFileStore(uri, uri))
+    reader = LayoutReader(counting)
+    torchstow.load(state, storage_reader=reader, read_once=read_once, timeout=60)
+    return {"read": counting.read_bytes, "wrong": _differences(state, seed)}
+
+
+def failing_load(rank: int, world_size: int, uri: str, layout: str) -> dict[str, Any]:
+    """A load expected to fail: the CheckpointException this rank raised, summarized."""
+    state = make_state(world_size, layout, None)
+    try:
+        torchstow.load(state, uri, timeout=30)
+    except torchstow.CheckpointException as exc:
+        return summarize(exc)
+    return {"ok": True}
+
+
+def load_and_resave(
+    rank: int, world_size: int, src: str, dst: str, layout: tuple[str, ...], expected: dict[str, Any]
+) -> list[str]:
+    """Load a model checkpoint into a zero model laid out by ``layout``, save it again to
+    ``dst`` from this world size; where the loaded values differ from ``expected``."""
+    model, optim = build_model(world_size, layout, None, lr=0.5)
+    train(model, optim, 1, None)  # creates the optimizer state to load into
+    state = model_state(model, optim, None)
+    torchstow.load(state, src, timeout=60)
+    torchstow.save(state, dst, timeout=60)
+    return mismatches(expected, full_values(state))
+
+
+class _LastCommitFails(DefaultLoadPlanner):
+    """Raises when committing its last item: in a read-once load of a replicated state,
+    an item it received, placed during the fan-out."""
+
+    def create_local_plan(self) -> Any:
+        plan = super().create_local_plan()
+        self.left = len(plan.items)
+        return plan
+
+    def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise RuntimeError(f"injected failure placing {read_item.dest_index.fqn}")
+        super().commit_tensor(read_item, tensor)
+
+
+def failing_fan_out(rank: int, world_size: int, uri: str, victim: int) -> dict[str, Any]:
+    """A read-once load in which ``victim`` fails placing a region it received."""
+    state = make_state(world_size, "plain", None)
+    planner = _LastCommitFails() if rank == victim else None
+    try:
+        torchstow.load(state, uri, planner=planner, timeout=30)
+    except torchstow.CheckpointException as exc:
+        return summarize(exc)
+    return {"ok": True}
