@@ -3,6 +3,8 @@ source, node identity and replica placement."""
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -243,3 +245,22 @@ def test_ls_tiers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ls", str(root), "--tiers", "--fast", fast]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in out[1:]] == [["2", "fast+durable"]]
+
+
+def test_a_tiered_save_logs_its_protocol_phases_and_times_each_level(
+    tmp_path: Path, shm_fast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a user watching a tiered save sees: the fast-tier save's protocol phases at DEBUG
+    (as for any save), and on its handle the bytes and seconds of every level it reached."""
+    phase = re.compile(r"^save (\w+) took \d+\.\d{3} s on rank 0$")
+    with (
+        caplog.at_level(logging.DEBUG, logger="torchstow"),
+        CheckpointManager(tmp_path / "root", fast=shm_fast[0], persist_every=1) as manager,
+    ):
+        handle = manager.save(1, _state(1))
+        handle.wait("durable")
+    logged = [m[1] for r in caplog.records if (m := phase.match(r.getMessage()))]
+    assert logged[:4] == ["plan", "coordinate", "write", "commit"]  # the fast tier's save
+    assert list(handle.stats) == ["staged", "fast", "replicated", "durable"]
+    assert all(s.seconds >= 0 for s in handle.stats.values())
+    assert handle.stats["fast"].bytes == handle.stats["durable"].bytes == 4000
