@@ -46,6 +46,24 @@ class S3Requests:
             objects = [{"Key": f"{key}/{n}" if key else n} for n in names[i : i + _DELETE_BATCH]]
             self.call("delete_objects", what, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
 
+    def upload_ids(self, bucket: str, key: str) -> list[str]:
+        """The ids of the multipart uploads in progress of the object ``key``."""
+        listed = self.call(
+            "list_multipart_uploads", f"listing the uploads of {bucket}/{key}", Bucket=bucket, Prefix=key
+        )
+        return [u["UploadId"] for u in listed.get("Uploads", []) if u["Key"] == key]
+
+    def abort_upload(self, bucket: str, key: str, upload_id: str, location: str) -> None:
+        """Abort one multipart upload (its parts are freed); one already gone is fine."""
+        with contextlib.suppress(FileNotFoundError):  # NoSuchUpload: aborted or completed meanwhile
+            self.call(
+                "abort_multipart_upload",
+                f"aborting the upload of {location}",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+            )
+
     def bucket_key(self, path: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(path)
         return bucket, key
@@ -72,6 +90,7 @@ class MultipartSink(FileSink):
         self.filled = 0
         self.held: list[bytearray] = []
         self.upload_id: str | None = None
+        self.creates = 0  # create requests sent: more than one may leave a stray upload
         self.pending: list[tuple[int, Future[Any]]] = []
 
     def write(self, buffers: Sequence[Buffer]) -> None:
@@ -99,12 +118,13 @@ class MultipartSink(FileSink):
 
     def _ship(self, data: bytearray) -> None:
         if self.upload_id is None:
-            self.upload_id = self.s3.call(
-                "create_multipart_upload",
-                f"starting the upload of {self.location}",
-                Bucket=self.bucket,
-                Key=self.key,
-            )["UploadId"]
+
+            def create() -> Any:
+                self.creates += 1
+                return self.s3.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)
+
+            what = f"starting the upload of {self.location}"
+            self.upload_id = self.s3.retry.call(create, what)["UploadId"]
         number = len(self.pending) + 1
         if number > MAX_PARTS:
             raise ValueError(
@@ -146,6 +166,8 @@ class MultipartSink(FileSink):
                 UploadId=self.upload_id,
                 MultipartUpload={"Parts": parts},
             )
+            if self.creates > 1:  # a create whose reply was lost started an upload nobody knows
+                self._abort_uploads(keep=self.upload_id)
         self.part = bytearray()
         self.held = []
         self.store.fs.invalidate_cache(self.store.path)
@@ -157,12 +179,14 @@ class MultipartSink(FileSink):
                 future.result()
         self.part = bytearray()
         self.held = []
-        if self.upload_id is not None:
+        if self.upload_id is not None or self.creates:
             with contextlib.suppress(Exception):
-                self.s3.call(
-                    "abort_multipart_upload",
-                    f"aborting the upload of {self.location}",
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    UploadId=self.upload_id,
-                )
+                self._abort_uploads(keep=None)
+
+    def _abort_uploads(self, keep: str | None) -> None:
+        """Abort the multipart uploads of this object but ``keep``: the object's name carries
+        its save's id and rank, so every upload of it is this sink's."""
+        ids = [self.upload_id] if self.creates <= 1 else self.s3.upload_ids(self.bucket, self.key)
+        for upload_id in ids:
+            if upload_id is not None and upload_id != keep:
+                self.s3.abort_upload(self.bucket, self.key, upload_id, self.location)
