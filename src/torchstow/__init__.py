@@ -93,6 +93,7 @@ from torchstow.format.manifest import (
 from torchstow.interop import dcp_storage_reader, dcp_storage_writer
 from torchstow.interop.convert import ConvertReport, convert
 from torchstow.management import CheckpointManager, VerifyReport, copy, prune, verify
+from torchstow.management.gc import gc
 from torchstow.plugins.hookspecs import hookimpl
 from torchstow.plugins.manager import BackendEntry, PluginConflictError
 
@@ -171,6 +172,7 @@ __all__ = [
     "dcp_storage_reader",
     "dcp_storage_writer",
     "delete",
+    "gc",
     "hookimpl",
     "info",
     "latest",

@@ -3,6 +3,7 @@ whose creation was retried (the first reply lost) leaves no stray upload either.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,3 +79,43 @@ def test_a_lost_create_reply_leaves_no_stray_upload(
     with pytest.raises(CheckpointException):
         torchstow.save(sd, f"s3://{s3_bucket}/{run}/failed", storage_options=opts)
     assert uploads_under(s3_endpoint, s3_bucket, run) == []
+
+
+def test_gc_on_s3_removes_old_debris_and_aborts_orphaned_uploads(s3_endpoint: str, s3_bucket: str) -> None:
+    run = unique()
+    prefix = f"s3://{s3_bucket}/{run}"
+    opts = s3_options(s3_endpoint)
+    sd = {"w": torch.randn(1000)}
+    torchstow.save(sd, f"{prefix}/step-1", storage_options=opts)
+    client = s3_client(s3_endpoint)
+    # what killed saves left: an object beside a committed checkpoint, an incomplete
+    # checkpoint, and a multipart upload nobody completed (under a location with no object),
+    # dated by its part (moto dates every upload's start in 2010)
+    client.put_object(Bucket=s3_bucket, Key=f"{run}/step-1/data-aaaaaaaaaaaa-0-0.bin", Body=b"x" * 100)
+    client.put_object(Bucket=s3_bucket, Key=f"{run}/step-2/data-bbbbbbbbbbbb-0-0.bin", Body=b"x" * 100)
+    orphan = f"{run}/step-3/data-cccccccccccc-0-0.bin"
+    upload = client.create_multipart_upload(Bucket=s3_bucket, Key=orphan)["UploadId"]
+    client.upload_part(Bucket=s3_bucket, Key=orphan, UploadId=upload, PartNumber=1, Body=b"y" * 100)
+
+    young = torchstow.gc(prefix, storage_options=opts)  # the default grace period: an hour
+    assert young.removed == [] and young.aborted == []
+    assert sorted(young.kept) == sorted(
+        [
+            f"{prefix}/step-1/data-aaaaaaaaaaaa-0-0.bin",
+            f"{prefix}/step-2/data-bbbbbbbbbbbb-0-0.bin",
+            f"s3://{s3_bucket}/{orphan}",
+        ]
+    )
+    assert uploads_under(s3_endpoint, s3_bucket, run) == [orphan]
+
+    time.sleep(1.1)  # S3 dates objects and uploads to the second
+    report = torchstow.gc(prefix, older_than=0, storage_options=opts)
+    assert sorted(report.removed) == [
+        f"{prefix}/step-1/data-aaaaaaaaaaaa-0-0.bin",
+        f"{prefix}/step-2/data-bbbbbbbbbbbb-0-0.bin",
+    ]
+    assert report.aborted == [f"s3://{s3_bucket}/{orphan}"]
+    assert uploads_under(s3_endpoint, s3_bucket, run) == []
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])]
+    assert len(keys) == 2 and all(k.startswith(f"{run}/step-1/") for k in keys)  # the manifest, its data
+    assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=opts)["w"], sd["w"])

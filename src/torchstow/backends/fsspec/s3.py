@@ -46,12 +46,57 @@ class S3Requests:
             objects = [{"Key": f"{key}/{n}" if key else n} for n in names[i : i + _DELETE_BATCH]]
             self.call("delete_objects", what, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
 
+    def _listed_uploads(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        """S3's records of the multipart uploads in progress under ``prefix``, every page."""
+        found: list[dict[str, Any]] = []
+        markers: dict[str, str] = {}
+        while True:
+            listed = self.call(
+                "list_multipart_uploads",
+                f"listing the uploads under {bucket}/{prefix}",
+                Bucket=bucket,
+                Prefix=prefix,
+                **markers,
+            )
+            found += listed.get("Uploads", [])
+            if not listed.get("IsTruncated"):
+                return found
+            markers = {"KeyMarker": listed["NextKeyMarker"], "UploadIdMarker": listed["NextUploadIdMarker"]}
+
+    def uploads(self, bucket: str, prefix: str) -> list[tuple[str, str, float]]:
+        """``(key, upload id, last activity)`` of the multipart uploads in progress under
+        ``prefix``: the later of its start and its newest part's arrival (an upload still
+        gaining parts is alive, however long ago it started)."""
+        return [
+            (u["Key"], u["UploadId"], max([u["Initiated"].timestamp(), *self._part_times(bucket, u)]))
+            for u in self._listed_uploads(bucket, prefix)
+        ]
+
+    def _part_times(self, bucket: str, upload: dict[str, Any]) -> list[float]:
+        """When each part of ``upload`` arrived."""
+        times: list[float] = []
+        marker: dict[str, Any] = {}
+        key = upload["Key"]
+        while True:
+            try:
+                listed = self.call(
+                    "list_parts",
+                    f"listing the parts of {bucket}/{key}",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload["UploadId"],
+                    **marker,
+                )
+            except FileNotFoundError:  # completed or aborted meanwhile
+                return times
+            times += [p["LastModified"].timestamp() for p in listed.get("Parts", [])]
+            if not listed.get("IsTruncated"):
+                return times
+            marker = {"PartNumberMarker": listed["NextPartNumberMarker"]}
+
     def upload_ids(self, bucket: str, key: str) -> list[str]:
         """The ids of the multipart uploads in progress of the object ``key``."""
-        listed = self.call(
-            "list_multipart_uploads", f"listing the uploads of {bucket}/{key}", Bucket=bucket, Prefix=key
-        )
-        return [u["UploadId"] for u in listed.get("Uploads", []) if u["Key"] == key]
+        return [u["UploadId"] for u in self._listed_uploads(bucket, key) if u["Key"] == key]
 
     def abort_upload(self, bucket: str, key: str, upload_id: str, location: str) -> None:
         """Abort one multipart upload (its parts are freed); one already gone is fine."""

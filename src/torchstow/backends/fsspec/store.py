@@ -35,7 +35,7 @@ from torchstow.backends.fsspec.filesystems import (
 )
 from torchstow.backends.fsspec.s3 import MultipartSink, S3Requests
 from torchstow.core.storage.retry import RetryPolicy
-from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageIOError
+from torchstow.core.storage.store import Buffer, ByteStore, FileSink, PendingUpload, StorageIOError
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = ["FsspecStore", "Tuning"]
@@ -109,6 +109,12 @@ def _spans(
                 continue
         spans.append((offset, end, [(offset, buf)]))
     return spans
+
+
+def _name(entry: dict[str, Any]) -> str:
+    """The last part of a listed entry's path."""
+    name: str = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+    return name
 
 
 class FsspecStore(ByteStore):
@@ -231,11 +237,47 @@ class FsspecStore(ByteStore):
     def file_sizes(self) -> dict[str, int]:
         return {name: size for name, kind, size in self._list() if kind == "file" and isinstance(size, int)}
 
+    def file_times(self) -> dict[str, float] | None:
+        """From the listing: S3's ``LastModified``, or the ``mtime``/``created`` other
+        filesystems give; None when the filesystem gives none."""
+        times = {}
+        for e in self._entries():
+            if e["type"] != "file":
+                continue
+            stamp = e.get("LastModified") or e.get("mtime") or e.get("created")
+            if stamp is None:
+                return None
+            times[_name(e)] = stamp if isinstance(stamp, int | float) else stamp.timestamp()
+        return times
+
+    def pending_uploads(self) -> list[PendingUpload]:
+        if self.s3 is None:
+            return []
+        bucket, key = self.s3.bucket_key(self.path)
+        prefix = f"{key}/" if key else ""
+        return [
+            PendingUpload(name[len(prefix) :], upload_id, started)
+            for name, upload_id, started in self.s3.uploads(bucket, prefix)
+        ]
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        if self.s3 is None:
+            super().abort_upload(upload)
+            return
+        bucket, key = self.s3.bucket_key(self._path(upload.name))
+        self.s3.abort_upload(bucket, key, upload.upload_id, f"{self.location}/{upload.name}")
+
     def _list(self, *, bucket_must_exist: bool = False) -> list[tuple[str, str, Any]]:
         """``(name, kind, size)`` of what is at the location; [] where nothing is, or, unless
         ``bucket_must_exist``, where its bucket is missing (a save creates it)."""
+        return [
+            (_name(e), e["type"], e.get("size")) for e in self._entries(bucket_must_exist=bucket_must_exist)
+        ]
+
+    def _entries(self, *, bucket_must_exist: bool = False) -> list[dict[str, Any]]:
+        """The filesystem's detailed listing of the location (see :meth:`_list`)."""
         try:
-            entries = self._retry(
+            entries: list[dict[str, Any]] = self._retry(
                 lambda: self.fs.ls(self.path, detail=True, refresh=True), f"listing {self.location}"
             )
         except (FileNotFoundError, NotADirectoryError) as exc:
@@ -245,7 +287,7 @@ class FsspecStore(ByteStore):
                     f"{self.location}: the bucket {bucket!r} does not exist"
                 ) from exc
             return []
-        return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"], e.get("size")) for e in entries]
+        return entries
 
     def delete_files(self, names: Sequence[str]) -> None:
         if not names:
