@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from torchstow.backends.fsspec.errors import is_throttling
+from torchstow.backends.fsspec.pacing import AdaptiveLimit, Progress, ProgressBody, watch
 from torchstow.core.storage.retry import RetryPolicy
 from torchstow.core.storage.store import Buffer, FileSink
 
@@ -22,22 +23,112 @@ MiB = 1 << 20
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 MIN_PART = 5 * MiB  # S3's smallest part (but the last)
 _DELETE_BATCH = 1000  # S3 deletes at most 1000 keys a request
+_READ_CHUNK = 1 << 20  # bytes per read of a response body (each one counts as progress)
+
+T = TypeVar("T")
 
 
 class S3Requests:
-    """The S3 requests a store makes itself (s3fs's ``_call_s3``), each retried."""
+    """The S3 requests a store makes itself (s3fs's ``_call_s3``), all on the filesystem's
+    event loop: each retried, at most ``max_concurrency`` in flight (fewer while the store
+    throttles), and cancelled after ``stall_timeout`` seconds without progress."""
 
-    def __init__(self, fs: Any, retry: RetryPolicy) -> None:
+    def __init__(self, fs: Any, retry: RetryPolicy, max_concurrency: int, stall_timeout: float) -> None:
         self.fs = fs
         self.retry = retry
+        self.stall_timeout = stall_timeout
+        self.limit = AdaptiveLimit(max_concurrency)
+
+    async def request(
+        self, method: str, what: str, *, on_attempt: Callable[[], None] | None = None, **kwargs: Any
+    ) -> Any:
+        """The response to one request, retried (``on_attempt`` runs before each try)."""
+
+        async def attempt() -> Any:
+            if on_attempt is not None:
+                on_attempt()
+            return await self._attempt(what, lambda progress: self._send(method, kwargs, progress))
+
+        return await self.retry.acall(attempt, what)
+
+    async def _send(self, method: str, kwargs: dict[str, Any], progress: Progress) -> Any:
+        body = kwargs.get("Body")
+        if isinstance(body, bytes | bytearray | memoryview):
+            kwargs = {**kwargs, "Body": ProgressBody(body, progress)}
+        return await self.fs._call_s3(method, **kwargs)
+
+    async def _attempt(self, what: str, send: Callable[[Progress], Awaitable[T]]) -> T:
+        """One try of a request: within the limit, watched for stalls; throttling lowers the limit."""
+        async with self.limit:
+            progress = Progress()
+            try:
+                result = await watch(send(progress), progress, self.stall_timeout, what)
+            except Exception as exc:
+                if is_throttling(exc):
+                    self.limit.throttled()
+                raise
+        await self.limit.succeeded()
+        return result
+
+    def start(
+        self, method: str, what: str, *, on_done: Callable[[], None], **kwargs: Any
+    ) -> asyncio.Task[Any]:
+        """Start a request as a task on the filesystem's event loop (see :meth:`results`,
+        :meth:`cancel`); ``on_done`` runs when it ends, however it does."""
+
+        async def create() -> asyncio.Task[Any]:
+            task = asyncio.ensure_future(self.request(method, what, **kwargs))
+            task.add_done_callback(lambda _: on_done())
+            return task
+
+        return asyncio.run_coroutine_threadsafe(create(), self.fs.loop).result()
+
+    def results(self, tasks: Sequence[asyncio.Task[Any]]) -> list[Any]:
+        """Wait for started requests: their responses, or the first one's error."""
+
+        async def gather() -> list[Any]:
+            return list(await asyncio.gather(*tasks))
+
+        return asyncio.run_coroutine_threadsafe(gather(), self.fs.loop).result()
+
+    def cancel(self, tasks: Sequence[asyncio.Task[Any]]) -> None:
+        """Cancel started requests and wait until each has stopped (no byte of theirs still
+        goes out once this returns)."""
+
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.fs.loop).result()
 
     def call(self, method: str, what: str, **kwargs: Any) -> Any:
-        return self.retry.call(lambda: self.fs.call_s3(method, **kwargs), what)
+        """A request from outside the event loop: wait for its response."""
+        return asyncio.run_coroutine_threadsafe(self.request(method, what, **kwargs), self.fs.loop).result()
 
-    def submit(self, method: str, what: str, **kwargs: Any) -> Future[Any]:
-        """Start a request on the filesystem's event loop; a future of its response."""
-        coro = self.retry.acall(lambda: self.fs._call_s3(method, **kwargs), what)
-        return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+    async def get_range(self, bucket: str, key: str, start: int, into: memoryview, what: str) -> int:
+        """Read the object's bytes from ``start`` straight into ``into`` (a ranged GET, retried);
+        the number of bytes the store had (fewer than asked when the object is shorter)."""
+
+        async def send(progress: Progress) -> int:
+            end = start + len(into) - 1
+            response = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end}"
+            )
+            progress.mark()
+            stream = response["Body"]
+            got = 0
+            try:
+                while chunk := await stream.read(_READ_CHUNK):
+                    take = min(len(chunk), len(into) - got)
+                    into[got : got + take] = chunk[:take]
+                    got += take
+                    progress.mark()
+            finally:
+                stream.close()
+            return got
+
+        return await self.retry.acall(lambda: self._attempt(what, send), what)
 
     def delete_objects(self, path: str, names: Sequence[str], what: str) -> None:
         """Delete the objects ``names`` under ``path``, in batches of S3's maximum."""
@@ -136,7 +227,7 @@ class MultipartSink(FileSink):
         self.held: list[bytearray] = []
         self.upload_id: str | None = None
         self.creates = 0  # create requests sent: more than one may leave a stray upload
-        self.pending: list[tuple[int, Future[Any]]] = []
+        self.pending: list[asyncio.Task[Any]] = []  # the part uploads, part n at n - 1
 
     def write(self, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
@@ -164,33 +255,37 @@ class MultipartSink(FileSink):
     def _ship(self, data: bytearray) -> None:
         if self.upload_id is None:
 
-            def create() -> Any:
+            def created() -> None:
                 self.creates += 1
-                return self.s3.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)
 
-            what = f"starting the upload of {self.location}"
-            self.upload_id = self.s3.retry.call(create, what)["UploadId"]
+            self.upload_id = self.s3.call(
+                "create_multipart_upload",
+                f"starting the upload of {self.location}",
+                on_attempt=created,
+                Bucket=self.bucket,
+                Key=self.key,
+            )["UploadId"]
         number = len(self.pending) + 1
         if number > MAX_PARTS:
             raise ValueError(
                 f"{self.location} would need more than {MAX_PARTS} parts of {self.part_size} bytes; "
                 "raise the part_size storage option"
             )
-        for _, done in self.pending:  # fail fast if an earlier part failed for good
-            if done.done() and done.exception() is not None:
+        for done in self.pending:  # fail fast if an earlier part failed for good
+            if done.done() and not done.cancelled() and done.exception() is not None:
                 done.result()
         self.store.slots.acquire()
-        future = self.s3.submit(
+        task = self.s3.start(
             "upload_part",
             f"uploading part {number} of {self.location}",
+            on_done=self.store.slots.release,
             Bucket=self.bucket,
             Key=self.key,
             UploadId=self.upload_id,
             PartNumber=number,
             Body=data,
         )
-        future.add_done_callback(lambda _: self.store.slots.release())
-        self.pending.append((number, future))
+        self.pending.append(task)
 
     def close(self) -> None:
         del self.part[self.filled :]  # the last part may be short
@@ -202,7 +297,8 @@ class MultipartSink(FileSink):
         else:
             if self.filled:
                 self._ship(self.part)
-            parts = [{"PartNumber": n, "ETag": f.result()["ETag"]} for n, f in self.pending]
+            done = self.s3.results(self.pending)
+            parts = [{"PartNumber": n, "ETag": r["ETag"]} for n, r in enumerate(done, start=1)]
             self.s3.call(
                 "complete_multipart_upload",
                 f"completing the upload of {self.location}",
@@ -218,10 +314,8 @@ class MultipartSink(FileSink):
         self.store.fs.invalidate_cache(self.store.path)
 
     def abort(self) -> None:
-        for _, future in self.pending:
-            future.cancel()
-            with contextlib.suppress(BaseException):
-                future.result()
+        with contextlib.suppress(Exception):
+            self.s3.cancel(self.pending)
         self.part = bytearray()
         self.held = []
         if self.upload_id is not None or self.creates:
