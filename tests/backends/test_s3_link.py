@@ -91,18 +91,19 @@ def test_throttling_is_survived(shaped: FaultProxy, s3_bucket: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fault", "phase"),
-    [
-        (Fault("PUT", r"partNumber=2\b", "stall", times=1), "save"),
-        (Fault("GET", r"/data-", "stall-reply", times=1), "load"),
-    ],
+    ("stall", "phase"),
+    [(("PUT", r"partNumber=2\b", "stall"), "save"), (("GET", r"/data-", "stall-reply"), "load")],
 )
+@pytest.mark.parametrize("client_timeout", [None, 1000.0], ids=["client-times-out-too", "watchdog-alone"])
 def test_a_stalled_connection_is_retried_within_twice_the_stall_timeout(
-    shaped: FaultProxy, s3_bucket: str, fault: Fault, phase: str
+    shaped: FaultProxy, s3_bucket: str, stall: tuple[str, str, str], phase: str, client_timeout: float | None
 ) -> None:
     uri = f"s3://{s3_bucket}/{unique()}/step-1"
     stall_timeout = 2.0
+    fault = Fault(*stall, times=1)
     opts = s3_options(shaped.url, thread_count=1, stall_timeout=stall_timeout)
+    if client_timeout is not None:  # the HTTP client's own read timeout out of the way: the watchdog's work
+        opts["config_kwargs"] = {"read_timeout": client_timeout}
     sd = {"w": torch.randn(3 << 20)}  # 12 MiB: three parts
     if phase == "save":
         shaped.faults.append(fault)
