@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_s3_backend import _max_overlap
 
 import torchstow
 from torchstow import CheckpointException
@@ -162,3 +163,21 @@ def test_a_dead_link_fails_on_every_rank_in_bounded_time(
             took, message = f.read().split("\n", 1)
         assert float(took) < bound + 5, (rank, took, message)  # + process group overheads
         assert "timeout" in message.lower(), message  # stall_timeout, or the client's own read timeout
+
+
+def test_max_concurrency_bounds_the_requests_in_flight(s3_endpoint: str, s3_bucket: str) -> None:
+    proxy = FaultProxy(s3_endpoint)
+    try:
+        uri = f"s3://{s3_bucket}/{unique()}/step-1"
+        opts = s3_options(proxy.url, thread_count=1, range_size=1 << 20, max_concurrency=2)
+        sd = {"w": torch.randn(5 << 20)}  # 20 MiB: four parts, twenty ranged reads
+        proxy.faults += [
+            Fault("PUT", r"partNumber=", "delay", delay=0.3),
+            Fault("GET", r"/data-", "delay", delay=0.1),
+        ]
+        torchstow.save(sd, uri, storage_options=opts)
+        assert torch.equal(torchstow.read(uri, storage_options=opts)["w"], sd["w"])
+        assert _max_overlap(proxy.requests("PUT", r"partNumber=")) == 2
+        assert _max_overlap(proxy.requests("GET", r"/data-")) == 2
+    finally:
+        proxy.close()
