@@ -3,6 +3,7 @@ whose creation was retried (the first reply lost) leaves no stray upload either.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -118,4 +119,33 @@ def test_gc_on_s3_removes_old_debris_and_aborts_orphaned_uploads(s3_endpoint: st
     assert uploads_under(s3_endpoint, s3_bucket, run) == []
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])]
     assert len(keys) == 2 and all(k.startswith(f"{run}/step-1/") for k in keys)  # the manifest, its data
+    assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=opts)["w"], sd["w"])
+
+
+def test_gc_leaves_an_s3_save_in_flight_alone(proxy: FaultProxy, s3_endpoint: str, s3_bucket: str) -> None:
+    run = unique()
+    prefix = f"s3://{s3_bucket}/{run}"
+    opts = s3_options(proxy.url, thread_count=1)
+    sd = {"w": torch.randn(3 << 20)}  # 12 MiB: three parts; the last one held up for a while
+    proxy.faults.append(Fault("PUT", r"partNumber=3\b", "delay", delay=4.0))
+    saving = threading.Thread(
+        target=torchstow.save, args=(sd, f"{prefix}/step-1"), kwargs={"storage_options": opts}
+    )
+    saving.start()
+    try:
+        client, deadline = s3_client(s3_endpoint), time.monotonic() + 60
+        while not any(  # wait until the upload is under way: a part of it has landed
+            client.list_parts(Bucket=s3_bucket, Key=key, UploadId=u["UploadId"]).get("Parts")
+            for u in client.list_multipart_uploads(Bucket=s3_bucket, Prefix=run).get("Uploads", [])
+            for key in [u["Key"]]
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        report = torchstow.gc(prefix, older_than=60, storage_options=s3_options(s3_endpoint))
+        assert report.aborted == [] and report.removed == []
+        assert (
+            len(report.kept) == 1
+        )  # the upload in flight: its parts are recent (moto dates its start in 2010)
+    finally:
+        saving.join(60)
     assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=opts)["w"], sd["w"])
