@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import logging
 import threading
@@ -285,16 +286,22 @@ class FsspecStore(ByteStore):
         return {name: size for name, kind, size in self._list() if kind == "file" and isinstance(size, int)}
 
     def file_times(self) -> dict[str, float] | None:
-        """From the listing: S3's ``LastModified``, or the ``mtime``/``created`` other
-        filesystems give; None when the filesystem gives none."""
+        """From the listing: S3's ``LastModified``, or the ``mtime``/``updated``/``created``
+        other filesystems give (a number, a datetime or ISO 8601 text); None when the
+        filesystem gives none of them."""
         times = {}
         for e in self._entries():
             if e["type"] != "file":
                 continue
-            stamp = e.get("LastModified") or e.get("mtime") or e.get("created")
-            if stamp is None:
+            stamp = e.get("LastModified") or e.get("mtime") or e.get("updated") or e.get("created")
+            if isinstance(stamp, str):
+                with contextlib.suppress(ValueError):
+                    stamp = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            if isinstance(stamp, datetime.datetime):
+                stamp = stamp.timestamp()
+            if not isinstance(stamp, int | float):
                 return None
-            times[_name(e)] = stamp if isinstance(stamp, int | float) else stamp.timestamp()
+            times[_name(e)] = float(stamp)
         return times
 
     def pending_uploads(self) -> list[PendingUpload]:
