@@ -156,13 +156,13 @@ def test_a_dead_link_fails_on_every_rank_in_bounded_time(
     out = str(tmp_path / "failed")
     os.environ["OMP_NUM_THREADS"] = "1"
     mp.spawn(_dead_link_worker, args=(free_port(), uri, opts, phase, out), nprocs=2, join=True)
-    # the documented bound (docs/backends.md): 4 x retry_attempts x (stall_timeout + backoff)
-    bound = 4 * attempts * (stall_timeout + 0.01)
+    # the documented bound (docs/backends.md): 2 x retry_attempts x (stall_timeout + backoff)
+    bound = 2 * attempts * (stall_timeout + 0.01)
     for rank in range(2):
         with open(f"{out}.{rank}") as f:
             took, message = f.read().split("\n", 1)
-        assert float(took) < bound + 5, (rank, took, message)  # + process group overheads
-        assert "timeout" in message.lower(), message  # stall_timeout, or the client's own read timeout
+        assert float(took) < bound + 3, (rank, took, message)  # + the process group's messages
+        assert "stall_timeout" in message, message
 
 
 def test_max_concurrency_bounds_the_requests_in_flight(s3_endpoint: str, s3_bucket: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from torchstow.backends.fsspec.errors import is_throttling
@@ -26,6 +26,17 @@ _DELETE_BATCH = 1000  # S3 deletes at most 1000 keys a request
 _READ_CHUNK = 1 << 20  # bytes per read of a response body (each one counts as progress)
 
 T = TypeVar("T")
+
+
+async def _chunks(stream: Any, progress: Progress) -> AsyncIterator[bytes]:
+    """The chunks of a response body as they arrive, each one progress; the stream closed after."""
+    progress.mark()
+    try:
+        while chunk := await stream.read(_READ_CHUNK):
+            progress.mark()
+            yield chunk
+    finally:
+        stream.close()
 
 
 class S3Requests:
@@ -115,20 +126,24 @@ class S3Requests:
             response = await self.fs._call_s3(
                 "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end}"
             )
-            progress.mark()
-            stream = response["Body"]
             got = 0
-            try:
-                while chunk := await stream.read(_READ_CHUNK):
-                    take = min(len(chunk), len(into) - got)
-                    into[got : got + take] = chunk[:take]
-                    got += take
-                    progress.mark()
-            finally:
-                stream.close()
+            async for chunk in _chunks(response["Body"], progress):
+                take = min(len(chunk), len(into) - got)
+                into[got : got + take] = chunk[:take]
+                got += take
             return got
 
         return await self.retry.acall(lambda: self._attempt(what, send), what)
+
+    def read_object(self, bucket: str, key: str, what: str) -> bytes:
+        """The whole object (a GET, retried, watched for stalls like any request)."""
+
+        async def send(progress: Progress) -> bytes:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            return b"".join([chunk async for chunk in _chunks(response["Body"], progress)])
+
+        coro = self.retry.acall(lambda: self._attempt(what, send), what)
+        return asyncio.run_coroutine_threadsafe(coro, self.fs.loop).result()
 
     def delete_objects(self, path: str, names: Sequence[str], what: str) -> None:
         """Delete the objects ``names`` under ``path``, in batches of S3's maximum."""

@@ -140,7 +140,19 @@ class FsspecStore(ByteStore):
         return self.tuning.retry.call(fn, what)
 
     def prepare(self) -> None:
-        self._retry(lambda: self.fs.makedirs(self.path, exist_ok=True), f"preparing {self.location}")
+        what = f"preparing {self.location}"
+        if (
+            self.s3 is not None
+        ):  # one watched request when the bucket is there (s3fs's makedirs makes several)
+            bucket, _ = self.s3.bucket_key(self.path)
+            try:
+                self.s3.call("head_bucket", what, Bucket=bucket)
+                return
+            except PermissionError:  # may not look, may still write: the writes will tell
+                return
+            except FileNotFoundError:
+                pass  # s3fs creates it, in the client's region
+        self._retry(lambda: self.fs.makedirs(self.path, exist_ok=True), what)
 
     def create(self, name: str) -> FileSink:
         if self.s3 is not None:
@@ -234,9 +246,11 @@ class FsspecStore(ByteStore):
         return result
 
     def read_file(self, name: str) -> bytes:
-        data: bytes = self._retry(
-            lambda: self.fs.cat_file(self._path(name)), f"reading {self.location}/{name}"
-        )
+        what = f"reading {self.location}/{name}"
+        if self.s3 is not None:
+            bucket, key = self.s3.bucket_key(self._path(name))
+            return self.s3.read_object(bucket, key, what)
+        data: bytes = self._retry(lambda: self.fs.cat_file(self._path(name)), what)
         return data
 
     def publish(self, name: str, data: bytes) -> None:
