@@ -161,3 +161,14 @@ def test_the_gc_verb(tmp_path: Path) -> None:
     assert "removed 1 file (100 B)" in done.stdout, done.stdout
     assert not (tmp_path / "step-2").exists()
     assert cli("--older-than", "soon").returncode == 2
+
+
+def test_an_unreadable_manifests_location_is_left_alone(tmp_path: Path) -> None:
+    torchstow.save({"w": torch.ones(4)}, str(tmp_path / "step-1"))
+    (tmp_path / "step-1" / "manifest.json").write_text("{not json")
+    _debris(tmp_path / "step-1", "data-abababababab-0-0.bin")
+    before = sorted(os.listdir(tmp_path / "step-1"))
+    report = torchstow.gc(str(tmp_path), older_than=0)
+    assert report.removed == []
+    assert list(report.skipped) == [str(tmp_path / "step-1")]
+    assert sorted(os.listdir(tmp_path / "step-1")) == before  # its data may be all there is of it
