@@ -1,5 +1,7 @@
 """What the fsspec backend does itself on S3 (s3fs): multipart uploads whose parts go up
-concurrently, batched deletes, every request through the store's retry policy."""
+concurrently, ranged reads straight into their buffers, batched deletes, the multipart
+uploads gc sees; every request through the store's retry policy, its adaptive limit on
+requests in flight and its stall watchdog (:mod:`torchstow.backends.fsspec.pacing`)."""
 
 from __future__ import annotations
 
