@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import torchstow
+import torchstow.planning
 
 from common import GiB, Report, Result, timed
 from gloo_ranks import run_gloo_ranks
@@ -147,7 +148,7 @@ def _planning(report: Report, repeats: int) -> tuple[Result, Result]:
             workload,
             "plan",
             "torchstow",
-            timed(lambda: torchstow.DefaultSavePlanner().create_global_plan(ours), repeats),
+            timed(lambda: torchstow.planning.DefaultSavePlanner().create_global_plan(ours), repeats),
             0,
         )
     )

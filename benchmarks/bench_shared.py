@@ -43,7 +43,7 @@ def _rss() -> int:
 
 
 def _torchstow() -> tuple[Callable[[Any], Any], Callable[[], None]]:
-    from torchstow import StateDictStager
+    from torchstow.checkpointing import StateDictStager
 
     stager = StateDictStager(share_memory=True)
     return stager.stage, stager.close

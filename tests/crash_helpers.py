@@ -179,7 +179,7 @@ def save_with_unsendable_manifest(rank: int, world_size: int, path: str) -> list
     """Save step 2 at ``path``; the committed manifest cannot travel back. The notes raised."""
     writer = _UnsendableManifest(torchstow.storage_writer(path))
     try:
-        torchstow.save_state_dict(crash_state(2, world_size, rank), writer)
+        torchstow.save(crash_state(2, world_size, rank), storage_writer=writer)
     except torchstow.CheckpointException as exc:
         return list(getattr(exc, "__notes__", []))
     raise AssertionError("the save did not fail")

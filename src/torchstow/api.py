@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
+from torchstow.compat import dcp_calls
 from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
 from torchstow.core.layout.location import read_manifest
@@ -29,62 +29,43 @@ from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
-from torchstow.core.storage.store import ByteStore
 from torchstow.format.manifest import (
     Metadata,
     TensorStorageMetadata,
 )
 from torchstow.format.structure import build_nested
-from torchstow.interop import dcp_calls, dcp_format
-from torchstow.management.catalog import checkpoint_uri as _uri
-from torchstow.management.catalog import delete, info, latest, list_checkpoints
-from torchstow.plugins.manager import BackendEntry, default_registry
+from torchstow.plugins.resolve import Uri, backend_at
 
 __all__ = [
     "async_save",
-    "available_backends",
-    "delete",
-    "info",
-    "latest",
-    "list_checkpoints",
     "load",
-    "load_state_dict",
-    "local_metadata",
     "read",
     "save",
-    "save_state_dict",
     "storage_reader",
     "storage_writer",
 ]
 
 
-Uri = str | os.PathLike[str]
+def storage_writer(
+    uri: Uri, *, storage_options: dict[str, Any] | None = None, overwrite: bool = False
+) -> StorageWriter:
+    """A writer for a checkpoint at ``uri``, from the backend its scheme names,
+    built with ``storage_options`` (for ``save(storage_writer=...)``)."""
+    text, backend = backend_at(uri, storage_options)
+    return backend.storage_writer(text, overwrite=overwrite)
 
 
-def available_backends() -> list[BackendEntry]:
-    """The installed backends, one entry per URI scheme, sorted by scheme.
-
-    Each entry names the scheme, the backend class, the plugin (entry-point
-    name) that registered it and that plugin's distribution version. Plugins
-    are discovered once per process; call
-    :func:`torchstow.plugins.manager.reset_default_registry` after installing one.
-    """
-    return default_registry().available()
-
-
-def storage_writer(uri: Uri, *, overwrite: bool = False, **storage_options: Any) -> StorageWriter:
-    """A writer for a checkpoint at ``uri``, from the backend its scheme names."""
-    text = _uri(uri)
-    return default_registry().backend_for(text, storage_options).storage_writer(text, overwrite=overwrite)
-
-
-def storage_reader(uri: Uri, **storage_options: Any) -> StorageReader:
-    """A reader for the checkpoint at ``uri``, from the backend its scheme names.
+def storage_reader(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> StorageReader:
+    """A reader for the checkpoint at ``uri``, from the backend its scheme names,
+    built with ``storage_options`` (for ``load(storage_reader=...)``).
 
     On byte-store backends it reads checkpoints written by stock ``dcp.save`` too.
     """
-    text = _uri(uri)
-    return dcp_format.detecting_reader(default_registry().backend_for(text, storage_options), text)
+    text, backend = backend_at(uri, storage_options)
+    return backend.storage_reader(text)
+
+
+_open_reader = storage_reader  # for load, whose ``storage_reader`` keyword hides the function
 
 
 @dataclass(frozen=True)
@@ -118,11 +99,10 @@ def _attach_base(
 ) -> None:
     """Make ``writer`` save incrementally against the committed checkpoint ``base``
     (read when the save starts, on every rank); ``slots`` finds remembered digests."""
-    text = _uri(base)
-    backend = default_registry().backend_for(text, storage_options)
+    text, backend = backend_at(base, storage_options)
     if not (isinstance(writer, LayoutWriter) and isinstance(backend, StoreBackend)):
         raise ValueError(f"base={text!r}: incremental saves need a file-like backend (local files, shm://)")
-    if type(writer.store).adopt is ByteStore.adopt:
+    if not writer.store.can_adopt():
         raise ValueError(
             f"base={text!r}: {writer.store.location} cannot share files between checkpoints (object "
             "stores cannot), so incremental saves are not supported there; save without base="
@@ -150,7 +130,7 @@ def _save_job(
         uri,
         checkpoint_id,
         explicit_writer,
-        lambda location: storage_writer(location, overwrite=overwrite, **(storage_options or {})),
+        lambda location: storage_writer(location, storage_options=storage_options, overwrite=overwrite),
     )
     if base is not None:
         _attach_base(writer, base, storage_options, slots)
@@ -158,10 +138,6 @@ def _save_job(
         planner, lambda: DefaultSavePlanner(allow_pickle=allow_pickle), allow_pickle=allow_pickle
     )
     return SaveJob(writer, save_planner, user_metadata)
-
-
-def _open_reader(location: Uri, storage_options: dict[str, Any] | None) -> StorageReader:
-    return storage_reader(location, **(storage_options or {}))
 
 
 def save(
@@ -185,7 +161,8 @@ def save(
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
-    ``metadata`` is a JSON dict stored in the manifest. A committed checkpoint
+    ``metadata`` is the caller's JSON dict, stored in the manifest (the returned
+    manifest's ``user_metadata``, as ``info`` shows it). A committed checkpoint
     at ``uri`` raises CheckpointExistsError unless ``overwrite``. Values that
     only full pickle can store need ``allow_pickle=True``. ``timeout``
     (seconds or a timedelta) bounds how long a rank waits for the others at
@@ -259,7 +236,7 @@ def load(
     (``storage_reader`` instead of ``storage_writer``). ``timeout`` is as in :func:`save`.
     """
     reader = dcp_calls.load_target(
-        uri, checkpoint_id, storage_reader, lambda location: _open_reader(location, storage_options)
+        uri, checkpoint_id, storage_reader, functools.partial(_open_reader, storage_options=storage_options)
     )
     view = dcp_calls.StatefulView(state_dict)
     default = functools.partial(
@@ -289,6 +266,7 @@ def async_save(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    timeout: Timeout | None = None,
     stager: Stager | None = None,
     base: Uri | None = None,
     trust_version_counter: bool = False,
@@ -298,7 +276,8 @@ def async_save(
 ) -> AsyncSave:
     """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
 
-    Takes :func:`save`'s options. Returns once the state dict is staged (with
+    Takes :func:`save`'s options (``timeout`` bounds each wait for the other
+    ranks in the background commit, as in :func:`save`). Returns once the state dict is staged (with
     the default stager), so training may go on mutating it; ``.result()``
     waits for the commit. Saves commit in call order; a save first waits for
     the previous save made with the same stager to finish writing, so the
@@ -335,7 +314,7 @@ def async_save(
         )
 
     saves = pipeline()
-    collective = saves.commit_collective(process_group, coordinator_rank, no_dist)
+    collective = saves.commit_collective(process_group, coordinator_rank, no_dist, timeout)
     collective = dcp_calls.without_collectives(collective, use_collectives)
     plain = dcp_calls.StatefulView(state_dict).plain
     saving = saves.submit(
@@ -344,40 +323,6 @@ def async_save(
     if getattr(stager, "should_synchronize_after_execute", False):  # DCP's stagers that ask for it
         stager.synchronize_staging()  # type: ignore[union-attr]
     return saving
-
-
-def save_state_dict(
-    state_dict: Mapping[str, Any],
-    storage_writer: StorageWriter,
-    *,
-    planner: SavePlanner | None = None,
-    process_group: Any = None,
-    coordinator_rank: int = 0,
-    no_dist: bool = False,
-    metadata: Mapping[str, Any] | None = None,
-    timeout: Timeout | None = None,
-) -> Metadata:
-    """:func:`save` with an explicit :class:`StorageWriter`."""
-    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
-    user_metadata = _check_user_metadata(metadata)
-    return _save_protocol(
-        state_dict, storage_writer, planner=planner, collective=dist.collective(), user_metadata=user_metadata
-    )
-
-
-def load_state_dict(
-    state_dict: Mapping[str, Any],
-    storage_reader: StorageReader,
-    *,
-    planner: LoadPlanner | None = None,
-    process_group: Any = None,
-    coordinator_rank: int = 0,
-    no_dist: bool = False,
-    timeout: Timeout | None = None,
-) -> None:
-    """:func:`load` with an explicit :class:`StorageReader`."""
-    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
-    _load_protocol(state_dict, storage_reader, planner=planner, collective=dist.collective())
 
 
 def _select(metadata: Metadata, keys: Iterable[str] | None) -> list[str]:
@@ -419,18 +364,22 @@ def read(
     ``keys`` are fully-qualified keys or prefixes of them (``"model"``
     selects every key under ``model.``). With ``mmap=True`` (local files and
     ``shm://`` only) tensors map the data files instead of copying them:
-    writing to one copies the pages it touches, the files never change;
-    ``verify=False`` then skips the checksums, so mapping costs the same
-    whatever the size (see :mod:`torchstow.core.layout.mapped`).
+    writing to one copies the pages it touches, the files never change
+    (see :mod:`torchstow.core.layout.mapped`). ``verify=False`` skips the
+    block checksums, on copied and on mapped reads alike (mapping then costs
+    the same whatever the size); the manifest and the file sizes are still checked.
     """
-    reader = storage_reader(uri, **(storage_options or {}))
+    text, backend = backend_at(uri, storage_options)
+    if not verify and isinstance(backend, StoreBackend):
+        backend.verify_checksums = False
+    reader = backend.storage_reader(text)
     metadata = reader.read_metadata()
     selected = _select(metadata, keys)
     require_data(reader, metadata, selected)  # before allocating what the manifest claims
     mapped: dict[str, Any] = {}
     if mmap:
-        backend = default_registry().backend_for(_uri(uri), storage_options)
-        mapped = map_checkpoint(backend, _uri(uri), metadata, selected, verify=verify)
+        store = backend.open_store(text) if isinstance(backend, StoreBackend) else None
+        mapped = map_checkpoint(store, text, metadata, selected, verify=verify)
     flat: dict[str, Any] = {}
     for fqn in selected:
         entry = metadata.state_dict_metadata[fqn]
@@ -449,11 +398,3 @@ def read(
     if mapped:
         flat = {fqn: mapped[fqn] if fqn in mapped else flat[fqn] for fqn in selected}
     return build_nested(flat, metadata.planner_data, metadata.state_dict_metadata)
-
-
-def local_metadata(state_dict: Mapping[str, Any], *, allow_pickle: bool = False) -> Metadata:
-    """The metadata a single-process save of ``state_dict`` would commit (no I/O)."""
-    planner = DefaultSavePlanner(allow_pickle=allow_pickle)
-    planner.set_up_planner(state_dict, None, True)
-    _, metadata = planner.create_global_plan([planner.create_local_plan()])
-    return metadata

@@ -6,7 +6,7 @@ when checkpoints are directories or object prefixes) for its URI schemes, then
 registers the backend class from a :data:`hookimpl`. A wrapper plugin reaches
 the backend it wraps with :func:`open_backend` and overrides only what it
 changes on the ``Forwarding*`` bases. ``docs/plugins.md`` says who calls what,
-and when.
+and when. Plugin authors import this module only (not ``torchstow.core.*``).
 """
 
 from torchstow.core.futures import completed_future, failed_future, wait_future
@@ -18,34 +18,44 @@ from torchstow.core.storage.forwarding import (
     ForwardingStorageWriter,
 )
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
-from torchstow.core.storage.retry import RetryPolicy
-from torchstow.core.storage.store import Buffer, ByteStore, FileSink
+from torchstow.core.storage.retry import ErrorRules, RetryPolicy
+from torchstow.core.storage.store import Buffer, ByteStore, FileSink, PendingUpload
 from torchstow.errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    IncompleteCheckpointError,
+    PluginConflictError,
     StorageFullError,
     StorageIOError,
+    TorchstowError,
 )
 from torchstow.format.files import MANIFEST, temporary_name
 from torchstow.format.manifest import Metadata
 from torchstow.plugins.hookspecs import Register, hookimpl
-from torchstow.plugins.manager import open_backend
+from torchstow.plugins.manager import BackendEntry, default_registry, open_backend
 
 __all__ = [
     "MANIFEST",
     "Backend",
+    "BackendEntry",
     "Buffer",
     "ByteStore",
+    "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DirectoryBackend",
+    "ErrorRules",
     "FileSink",
     "ForwardingByteStore",
     "ForwardingStorageReader",
     "ForwardingStorageWriter",
+    "IncompleteCheckpointError",
     "LoadPlan",
     "LoadPlanner",
     "Metadata",
+    "PendingUpload",
+    "PluginConflictError",
     "Register",
     "RetryPolicy",
     "SavePlan",
@@ -55,7 +65,9 @@ __all__ = [
     "StorageReader",
     "StorageWriter",
     "StoreBackend",
+    "TorchstowError",
     "WriteResult",
+    "available_backends",
     "completed_future",
     "failed_future",
     "hookimpl",
@@ -63,3 +75,14 @@ __all__ = [
     "temporary_name",
     "wait_future",
 ]
+
+
+def available_backends() -> list[BackendEntry]:
+    """The installed backends, one entry per URI scheme, sorted by scheme.
+
+    Each entry names the scheme, the backend class, the plugin (entry-point
+    name) that registered it and that plugin's distribution version. Plugins
+    are discovered once per process; call
+    :func:`torchstow.plugins.manager.reset_default_registry` after installing one.
+    """
+    return default_registry().available()

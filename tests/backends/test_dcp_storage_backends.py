@@ -19,14 +19,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 def _roundtrip(uri: str, options: dict[str, Any]) -> None:
     state = {"w": torch.randn(64, 32), "step": 9}
-    dcp.save(state, storage_writer=torchstow.dcp_storage_writer(uri, **options), no_dist=True)
+    dcp.save(state, storage_writer=torchstow.dcp_storage_writer(uri, storage_options=options), no_dist=True)
     assert torchstow.info(uri, storage_options=options).num_entries == 2
     mine: dict[str, Any] = {"w": torch.zeros(64, 32), "step": 0}
     torchstow.load(mine, uri, storage_options=options)
     assert torch.equal(mine["w"], state["w"])
     assert mine["step"] == 9
     theirs: dict[str, Any] = {"w": torch.zeros(64, 32), "step": 0}
-    dcp.load(theirs, storage_reader=torchstow.dcp_storage_reader(uri, **options), no_dist=True)
+    dcp.load(theirs, storage_reader=torchstow.dcp_storage_reader(uri, storage_options=options), no_dist=True)
     assert torch.equal(theirs["w"], state["w"])
     assert theirs["step"] == 9
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from torchstow import Backend, StoreBackend
 from torchstow.errors import UnknownBackendError
 from torchstow.plugins import hookspecs
 from torchstow.plugins.manager import default_registry
+from torchstow.spi import Backend, StoreBackend
 from torchstow.testing import BackendConformance, ByteStoreConformance, DistributedBackendConformance
 
 ROOT = Path(__file__).resolve().parents[2]

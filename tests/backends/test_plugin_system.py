@@ -15,13 +15,15 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.spi
 from torchstow import PluginConflictError, UnknownBackendError
 from torchstow.backends.filesystem import FileSystemBackend
 from torchstow.backends.fsspec import FsspecBackend
+from torchstow.cli import main
 from torchstow.plugins.manager import DISABLE_ENV, BackendRegistry, PluginManager, get_plugin_manager
 
 _PLUGIN = """
-from torchstow import hookimpl
+from torchstow.spi import hookimpl
 from torchstow.backends.filesystem import FileSystemBackend
 
 class {cls}(FileSystemBackend):
@@ -85,7 +87,7 @@ def test_builtins_are_entry_point_plugins_with_versions() -> None:
 
 def test_a_plugin_is_discovered_and_serves_its_scheme(plugins: Plugins, tmp_path: Path) -> None:
     plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("alpha",))
-    entry = next(e for e in torchstow.available_backends() if e.scheme == "alpha")
+    entry = next(e for e in torchstow.spi.available_backends() if e.scheme == "alpha")
     assert (entry.plugin, entry.distribution, entry.version) == ("alpha", "alpha-store", "1.0")
     uri = f"alpha://{tmp_path}/ckpt"
     torchstow.save({"w": torch.arange(4)}, uri)
@@ -145,7 +147,7 @@ def test_disabling_a_builtin_through_the_public_api(
     monkeypatch.setenv(DISABLE_ENV, "fsspec")
     with pytest.raises(UnknownBackendError, match=r"'s3://bucket/ckpt'.*scheme 's3'"):
         torchstow.save({}, "s3://bucket/ckpt")
-    assert {e.scheme for e in torchstow.available_backends()} == {"faulty", "file", "shm"}
+    assert {e.scheme for e in torchstow.spi.available_backends()} == {"faulty", "file", "shm"}
 
 
 def test_unknown_scheme_quotes_the_uri_and_lists_the_installed_schemes() -> None:
@@ -165,7 +167,7 @@ def test_a_broken_plugin_does_not_take_the_others_down(plugins: Plugins, tmp_pat
         "raising-store",
         "raising",
         """
-        from torchstow import hookimpl
+        from torchstow.spi import hookimpl
 
         @hookimpl
         def torchstow_register_backends(register):
@@ -180,12 +182,59 @@ def test_a_broken_plugin_does_not_take_the_others_down(plugins: Plugins, tmp_pat
         registry.resolve("broken://x")
 
 
+def test_a_plugin_whose_hook_raises_is_listed_as_broken_by_torchstow_backends(
+    plugins: Plugins, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("alpha",))
+    plugins.add(
+        "raising-store",
+        "raising",
+        """
+        from torchstow.spi import hookimpl
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            raise RuntimeError("misconfigured")
+        """,
+    )
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "broken plugin 'raising': torchstow_register_backends raised RuntimeError: misconfigured" in out
+    assert "alpha" in out and "plugin 'alpha' (alpha-store 1.0)" in out  # the others still serve
+    torchstow.save({"w": torch.ones(2)}, f"alpha://{tmp_path}/ckpt", no_dist=True)
+
+
+def test_the_register_hook_is_called_through_pluggy(tmp_path: Path) -> None:
+    """pluggy's hook calling runs (its tracing and monitoring see each plugin's call),
+    not the implementations called around it."""
+    seen: list[tuple[str, list[str]]] = []
+
+    class Store:
+        @torchstow.spi.hookimpl
+        def torchstow_register_backends(self, register: object) -> None:
+            register(FileSystemBackend)  # type: ignore[operator]
+
+    pm = PluginManager()
+    pm.register(Store(), name="store")
+    pm.register(Store(), name="other")
+    pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: seen.append((name, [i.plugin_name for i in impls])),
+        lambda outcome, name, impls, kwargs: None,
+    )
+    registry = BackendRegistry(pm)
+    assert sorted(seen) == [
+        ("torchstow_register_backends", ["other"]),
+        ("torchstow_register_backends", ["store"]),
+    ]
+    assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
+
+
 def test_a_plugin_must_register_backend_classes_with_schemes(plugins: Plugins) -> None:
     plugins.add(
         "odd-store",
         "odd",
         """
-        from torchstow import hookimpl
+        from torchstow.spi import hookimpl
 
         @hookimpl
         def torchstow_register_backends(register):
@@ -202,7 +251,7 @@ def test_the_register_hook_is_called_once_per_registry_with_a_register_callable(
     calls = []
 
     class Recorder:
-        @torchstow.hookimpl
+        @torchstow.spi.hookimpl
         def torchstow_register_backends(self, register: object) -> None:
             calls.append(register)
 
@@ -226,7 +275,7 @@ def test_a_misspelled_hook_is_an_error_not_ignored(plugins: Plugins, tmp_path: P
         "typo-store",
         "typo",
         """
-        from torchstow import hookimpl
+        from torchstow.spi import hookimpl
 
         @hookimpl
         def torchstow_register_backend(register):
@@ -238,7 +287,7 @@ def test_a_misspelled_hook_is_an_error_not_ignored(plugins: Plugins, tmp_path: P
     assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
 
     class Typo:
-        @torchstow.hookimpl
+        @torchstow.spi.hookimpl
         def torchstow_register_backend(self, register: object) -> None:
             pass
 
@@ -246,6 +295,61 @@ def test_a_misspelled_hook_is_an_error_not_ignored(plugins: Plugins, tmp_path: P
     pm.register(Typo(), name="typo-by-hand")
     with pytest.raises(pluggy.PluginValidationError, match="torchstow_register_backend"):
         BackendRegistry(pm)
+
+
+def test_a_plugin_that_registers_nothing_is_reported(
+    plugins: Plugins, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins.add(
+        "quiet-store",
+        "quiet",
+        """
+        from torchstow.spi import hookimpl
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            pass  # forgot register(MyBackend)
+        """,
+    )
+    plugins.add("hookless-store", "hookless", "class MyBackend: ...\n")
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.load_errors["quiet"] == "torchstow_register_backends registered no backend"
+    assert "defines no torchstow_register_backends hook" in registry.load_errors["hookless"]
+    assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
+    assert main(["backends"]) == 0
+    shown = capsys.readouterr().out
+    assert "broken plugin 'quiet': torchstow_register_backends registered no backend" in shown
+    assert "broken plugin 'hookless': defines no torchstow_register_backends hook" in shown
+
+
+_NEEDS_BUCKET = """
+from torchstow.spi import hookimpl
+from torchstow.backends.filesystem import FileSystemBackend
+
+class NeedsBucket(FileSystemBackend):
+    schemes = ("needy",)
+
+    def __init__(self, *, bucket: str, region: str, thread_count=None, fsync=True, verify_checksums=True):
+        super().__init__(thread_count=thread_count, fsync=fsync, verify_checksums=verify_checksums)
+
+@hookimpl
+def torchstow_register_backends(register):
+    register(NeedsBucket)
+"""
+
+
+def test_a_missing_required_option_is_named_with_its_cli_flag(
+    plugins: Plugins, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugins.add("needy-store", "needy", _NEEDS_BUCKET)
+    with pytest.raises(TypeError, match=r"needs the storage option\(s\) region: .*-o region=VALUE"):
+        torchstow.list_checkpoints("needy://x", storage_options={"bucket": "b"})
+    with pytest.raises(
+        TypeError, match=r"bucket, region: pass storage_options=\{'bucket': ..., 'region': ...\}"
+    ):
+        torchstow.list_checkpoints("needy://x")
+    assert main(["ls", "needy://x", "-o", "bucket=b"]) != 0
+    assert "-o region=VALUE" in capsys.readouterr().err
 
 
 def test_a_backend_taking_kwargs_still_names_the_options_it_takes(tmp_path: Path) -> None:

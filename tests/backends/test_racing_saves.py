@@ -21,9 +21,9 @@ from storage_helpers import s3_options, unique
 SAVER = textwrap.dedent(
     """
     import json, os, sys, time
-    import torch, torchstow
+    import torch, torchstow, torchstow.planning
 
-    class Slow(torchstow.DefaultSavePlanner):
+    class Slow(torchstow.planning.DefaultSavePlanner):
         # Holds the save between its existence check and its commit, so the two saves overlap.
         def resolve_data(self, item):
             time.sleep(0.3)

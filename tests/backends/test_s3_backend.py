@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.spi
 from torchstow import CheckpointException, CheckpointNotFoundError, StorageIOError
 
 from s3_faults import Fault, FaultProxy, Logged
@@ -138,7 +139,7 @@ def test_s3fs_is_imported_lazily_with_an_install_hint() -> None:
     code = """
 import sys
 import torchstow
-schemes = {e.scheme for e in torchstow.available_backends()}
+schemes = {e.scheme for e in torchstow.spi.available_backends()}
 assert {"s3", "memory", "shm", "file"} <= schemes, schemes
 assert "s3fs" not in sys.modules and "fsspec" not in sys.modules, "imported eagerly"
 sys.modules["s3fs"] = None  # as if s3fs were not installed

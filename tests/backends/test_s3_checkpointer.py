@@ -9,7 +9,13 @@ import s3fs
 import torch
 
 import torchstow
-from torchstow import CheckpointReader, CheckpointWriter, CheckpointWriterConfig, RankInfo, TCPStoreBarrier
+from torchstow.checkpointing import (
+    CheckpointReader,
+    CheckpointWriter,
+    CheckpointWriterConfig,
+    RankInfo,
+    TCPStoreBarrier,
+)
 
 from storage_helpers import s3_options, unique
 

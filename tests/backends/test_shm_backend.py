@@ -39,12 +39,12 @@ def test_checkpoint_outlives_a_killed_writer_and_a_killed_save_commits_nothing(s
     # The child commits step-1, then starts step-2 and is killed with SIGKILL in the middle of it.
     child = _run_child(
         """
-        import sys, time, torch, torchstow
+        import sys, time, torch, torchstow, torchstow.planning
         gen = torch.Generator().manual_seed(5)
         sd = {"w": torch.randn(512, 512, generator=gen), "b": torch.randn(512, generator=gen)}
         torchstow.save(sd, "shm://run/step-1")
 
-        class Stalls(torchstow.DefaultSavePlanner):
+        class Stalls(torchstow.planning.DefaultSavePlanner):
             def resolve_data(self, item):
                 if item.index.fqn == "b":
                     print("writing", flush=True)
@@ -112,13 +112,13 @@ def test_a_save_larger_than_the_free_space_is_refused_before_writing(
 
 
 _TINY_TMPFS_CHILD = """
-    import os, sys, torch, torchstow
+    import os, sys, torch, torchstow, torchstow.planning
     root = sys.argv[1]
     opts = {"shm_dir": root}
     keep = {"w": torch.ones(256 << 10)}  # 1 MiB
     torchstow.save(keep, "shm://run/step-1", storage_options=opts)
 
-    class AnotherWriterFillsTheSpace(torchstow.DefaultSavePlanner):
+    class AnotherWriterFillsTheSpace(torchstow.planning.DefaultSavePlanner):
         # Between the up-front space check and the write, someone else takes the space.
         def resolve_data(self, item):
             filler = os.path.join(root, "filler")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.spi
 from torchstow import UnknownBackendError
 from torchstow.plugins.manager import reset_default_registry
 
@@ -84,7 +85,7 @@ TestSqlitePluginDistributed = pytest.mark.slow(_example.TestSqliteDistributed)
 
 
 def test_discovered_from_its_entry_point(plugin_path: Path) -> None:
-    entries = {e.scheme: e for e in torchstow.available_backends()}
+    entries = {e.scheme: e for e in torchstow.spi.available_backends()}
     entry = entries["sqlite"]
     assert entry.plugin == "sqlite"
     assert entry.version == "0.1.0"

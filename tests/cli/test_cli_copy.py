@@ -3,31 +3,16 @@ every committed checkpoint, and a DCP checkpoint stays DCP."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 import torchstow
-from torchstow.cli import main
 
-from cli_helpers import Result, assert_one_line_error
-
-
-def _json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
-    assert main([*args, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def _fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    assert_one_line_error(Result(code, captured.out, captured.err))
-    return captured.err
+from cli_helpers import fails, invoke, json_doc
 
 
 @pytest.fixture
@@ -40,25 +25,23 @@ def run(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def test_a_trailing_slash_copies_into(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_trailing_slash_copies_into(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    doc = _json(capsys, "cp", str(run / "step-1"), f"{out}/")
+    doc = json_doc("cp", str(run / "step-1"), f"{out}/")
     assert doc["dst"] == f"{out}/step-1"
     assert sorted(os.listdir(out)) == ["step-1"]
     assert torch.equal(torchstow.read(str(out / "step-1"))["w"], torch.full((4,), 1.0))
     # without the slash, a directory that holds checkpoints is not turned into one
-    err = _fails(capsys, "cp", str(run / "step-2"), str(out))
+    err = fails("cp", str(run / "step-2"), str(out))
     assert "holds other locations" in err and f"{out}/ as the destination" in err
     assert sorted(os.listdir(out)) == ["step-1"]
     assert torchstow.copy(str(run / "step-2"), f"{out}/") == f"{out}/step-2"  # the Python call too
 
 
-def test_cp_of_a_run_copies_each_committed_checkpoint(
-    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cp_of_a_run_copies_each_committed_checkpoint(run: Path, tmp_path: Path) -> None:
     dst = tmp_path / "copy"
-    doc = _json(capsys, "cp", str(run), str(dst))
+    doc = json_doc("cp", str(run), str(dst))
     assert [(c["src"], c["dst"]) for c in doc["checkpoints"]] == [
         (f"{run}/step-{s}", f"{dst}/step-{s}") for s in (1, 2)
     ]
@@ -68,20 +51,20 @@ def test_cp_of_a_run_copies_each_committed_checkpoint(
     assert not (dst / "step-3").exists()
 
     torchstow.save({"w": torch.zeros(1)}, str(run / "step-4"))
-    err = _fails(capsys, "cp", str(run), str(dst))  # step-1 and step-2 are there already
+    err = fails("cp", str(run), str(dst))  # step-1 and step-2 are there already
     assert f"{dst}/step-1, {dst}/step-2" in err and "nothing was copied" in err
     assert not (dst / "step-4").exists()
-    assert main(["cp", str(run), str(dst), "--overwrite"]) == 0
-    text = capsys.readouterr()
+    text = invoke("cp", str(run), str(dst), "--overwrite")
+    assert text.code == 0, text
     assert text.out.splitlines()[-1] == "copied 3 checkpoints, skipped 1"
     assert f"skipped {run}/step-3 (incomplete" in text.err
-    assert main(["cp", str(run), f"{tmp_path / 'into'}/", "--json"]) == 0  # into: DST/run/step-N
+    json_doc("cp", str(run), f"{tmp_path / 'into'}/")  # into: DST/run/step-N
     assert [i.step for i in torchstow.list_checkpoints(str(tmp_path / "into" / "run"))] == [1, 2, 4]
 
 
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "through-memory"])
 def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, in_kernel: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_kernel: bool
 ) -> None:
     if not in_kernel:
         monkeypatch.delattr(os, "copy_file_range", raising=False)
@@ -89,7 +72,7 @@ def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
     state = {"w": torch.arange(12.0).reshape(3, 4), "note": "dcp"}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(src)), no_dist=True)
     dst = tmp_path / "copy"
-    doc = _json(capsys, "cp", str(src), str(dst))
+    doc = json_doc("cp", str(src), str(dst))
     assert doc["nbytes"] == torchstow.info(str(src)).nbytes
     assert sorted(os.listdir(dst)) == sorted(os.listdir(src))
     for name in os.listdir(src):
@@ -98,14 +81,13 @@ def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
     dcp.load(loaded, storage_reader=dcp.FileSystemReader(str(dst)), no_dist=True)
     assert torch.equal(loaded["w"], state["w"]) and loaded["note"] == "dcp"
 
-    assert "already exists" in _fails(capsys, "cp", str(src), str(dst))
-    assert main(["cp", str(src), str(dst), "--overwrite"]) == 0
-    capsys.readouterr()
+    assert "already exists" in fails("cp", str(src), str(dst))
+    assert invoke("cp", str(src), str(dst), "--overwrite").code == 0
 
     (distcp,) = [n for n in os.listdir(src) if n.endswith(".distcp")]
     with open(src / distcp, "r+b") as f:
         f.truncate(10)
-    err = _fails(capsys, "cp", str(src), str(tmp_path / "cut"))
+    err = fails("cp", str(src), str(tmp_path / "cut"))
     assert f"{src}/{distcp} is 10 bytes" in err
     with pytest.raises(
         torchstow.CorruptCheckpointError, match=f"{distcp} holds 10 bytes.*nothing was copied"

@@ -1,4 +1,5 @@
-"""The ``torchstow`` command on local checkpoints, run as a user runs it (each verb in a subprocess)."""
+"""The ``torchstow`` verbs on local checkpoints, run in this process through ``main`` (the real
+command is started once per verb family in test_cli_smoke.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,10 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 import torchstow
-from torchstow.cli import main
 from torchstow.format.files import is_data_file
 from torchstow.interop.safetensors_format import INDEX
 
-from cli_helpers import Result, assert_one_line_error, run
-
-pytestmark = pytest.mark.slow  # every test starts the command (and torch) a few times
+from cli_helpers import Result, assert_one_line_error, fails, invoke, json_doc
 
 
 def _state(step: int) -> dict[str, Any]:
@@ -53,15 +51,15 @@ def _flip_byte(ckpt: Path, at: int) -> str:
     return name
 
 
-def test_ls_du_info_inspect(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ls_du_info_inspect(run_dir: Path) -> None:
     d = str(run_dir)
-    listed = run("ls", d)
+    listed = invoke("ls", d)
     assert listed.code == 0, listed.err
     rows = listed.out.splitlines()[1:]
     assert [row.split()[-1] for row in rows] == [f"{d}/step-{s}" for s in (100, 200, 300)]
     assert [row.split()[0] for row in rows] == ["100", "200", "300"]
 
-    every = run("ls", d, "--all", "--json").json()
+    every = json_doc("ls", d, "--all")
     assert every["prefix"] == d
     status = {c["uri"]: (c["status"], c["step"]) for c in every["checkpoints"]}
     assert status == {
@@ -74,18 +72,17 @@ def test_ls_du_info_inspect(run_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert committed["nbytes"] == torchstow.info(f"{d}/step-100").nbytes
     assert committed["user_metadata"] == {"loss": 0.1}
 
-    assert main(["du", d, "--json"]) == 0  # in this process: the subprocess runs above cover the command
-    du = json.loads(capsys.readouterr().out)
+    du = json_doc("du", d)
     sizes = {c["uri"]: c["nbytes"] for c in du["checkpoints"]}
     assert sizes == {f"{d}/step-{s}": torchstow.info(f"{d}/step-{s}").nbytes for s in (100, 200, 300)}
     assert du["total_bytes"] == sum(sizes.values())
 
-    info = run("info", f"{d}/step-200", "--json").json()
+    info = json_doc("info", f"{d}/step-200")
     assert (info["format"], info["step"], info["num_entries"]) == ("torchstow", 200, 6)
     assert info["nbytes"] == (32 * 16 + 32) * 4 + 4 * 32 * 2
     assert info["user_metadata"] == {"loss": 0.2}
 
-    keys = run("inspect", f"{d}/step-200", "model.*weight", "--json").json()["keys"]
+    keys = json_doc("inspect", f"{d}/step-200", "model.*weight")["keys"]
     assert keys == [
         {
             "key": "model.layer0.weight",
@@ -96,16 +93,16 @@ def test_ls_du_info_inspect(run_dir: Path, capsys: pytest.CaptureFixture[str]) -
         },
         {"key": "model.head.weight", "kind": "tensor", "dtype": "bfloat16", "shape": [4, 32], "nbytes": 256},
     ]
-    tree = run("inspect", f"{d}/step-200")
+    tree = invoke("inspect", f"{d}/step-200")
     assert tree.code == 0, tree.err
     assert "layer0" in tree.out and "weight  float32 [32, 16]  2.0 KiB" in tree.out
     assert "name  str = 'adamw'" in tree.out and "step  int = 200" in tree.out
 
 
-def test_verify_finds_a_flipped_byte(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_finds_a_flipped_byte(run_dir: Path) -> None:
     good, bad = run_dir / "step-100", run_dir / "step-200"
     name = _flip_byte(bad, 5)  # inside the first item of the file
-    both = run("verify", str(good), str(bad), "--json")
+    both = invoke("verify", str(good), str(bad), "--json")
     assert both.code == 1
     doc = both.json()
     assert doc["ok"] is False
@@ -115,35 +112,35 @@ def test_verify_finds_a_flipped_byte(run_dir: Path, capsys: pytest.CaptureFixtur
     (problem,) = second["problems"]
     assert problem["file"] == name and problem["offset"] == 0
     assert problem["key"] in {"model.layer0.weight", "model.layer0.bias", "model.head.weight"}
-    assert main(["verify", str(good), str(bad)]) == 1
-    text = capsys.readouterr().out.splitlines()
+    verified = invoke("verify", str(good), str(bad))
+    assert verified.code == 1
+    text = verified.out.splitlines()
     assert text[0].startswith(f"OK       {good} ")
     assert text[1].startswith(f"CORRUPT  {bad} ") and name in text[2] and problem["key"] in text[2]
 
 
-def test_prune_and_rm(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prune_and_rm(run_dir: Path) -> None:
     for step in (500, 1000, 1500):
         torchstow.save(_state(step), str(run_dir / f"step-{step}"))
     d = str(run_dir)
-    dry = run("prune", d, "--keep-last", "2", "--keep-every", "200", "--dry-run", "--json").json()
+    dry = json_doc("prune", d, "--keep-last", "2", "--keep-every", "200", "--dry-run")
     assert dry["dry_run"] is True
     assert dry["deleted"] == [f"{d}/step-{s}" for s in (100, 300, 500)]
     assert dry["kept"] == [f"{d}/step-{s}" for s in (200, 1000, 1500)]
     assert os.path.isdir(run_dir / "step-100")
-    done = run("prune", d, "--keep-last", "2", "--keep-every", "200")
+    done = invoke("prune", d, "--keep-last", "2", "--keep-every", "200")
     assert done.code == 0, done.err
     assert done.out.splitlines()[-1] == "deleted 3, kept 3"
     assert [i.step for i in torchstow.list_checkpoints(d)] == [200, 1000, 1500]
     assert os.path.isdir(run_dir / "step-400")  # an incomplete save is left alone
-    assert main(["rm", f"{d}/step-200"]) == 0
-    assert capsys.readouterr().out == f"removed {d}/step-200\n"
+    assert invoke("rm", f"{d}/step-200") == Result(0, f"removed {d}/step-200\n", "")
     assert [i.step for i in torchstow.list_checkpoints(d)] == [1000, 1500]
 
 
 def test_convert_to_sharded_safetensors_and_back(run_dir: Path, tmp_path: Path) -> None:
     src = str(run_dir / "step-300")
     out = tmp_path / "hf"
-    made = run(
+    made = invoke(
         "convert",
         src,
         str(out),
@@ -178,7 +175,7 @@ def test_convert_to_sharded_safetensors_and_back(run_dir: Path, tmp_path: Path) 
         assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
 
     back = tmp_path / "back"
-    again = run("convert", str(out), str(back), "--to", "torchstow", "--dtype", "float16")
+    again = invoke("convert", str(out), str(back), "--to", "torchstow", "--dtype", "float16")
     assert again.code == 0, again.err
     restored = torchstow.read(str(back))
     assert restored.keys() == flat.keys()
@@ -187,16 +184,10 @@ def test_convert_to_sharded_safetensors_and_back(run_dir: Path, tmp_path: Path) 
         assert torch.equal(restored[key], tensor.to(torch.float16)), key
 
 
-def test_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert_one_line_error(run("ls", str(tmp_path / "nowhere")), "nothing under", "nowhere")
-    usage = run("prune", str(run_dir))
+def test_errors_are_one_line(run_dir: Path, tmp_path: Path) -> None:
+    assert_one_line_error(invoke("ls", str(tmp_path / "nowhere")), "nothing under", "nowhere")
+    usage = invoke("prune", str(run_dir))
     assert usage.code == 2 and "--keep-last" in usage.err
-
-    def fails(*args: str) -> str:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        assert_one_line_error(Result(code, captured.out, captured.err))
-        return captured.err
 
     assert "nothing at" in fails("info", str(tmp_path / "nowhere"))
     assert "no checkpoint at" in fails("verify", str(tmp_path / "nowhere"))
@@ -211,37 +202,31 @@ def test_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.Captu
     )
     remote = fails("convert", str(run_dir / "step-100"), "s3://bucket/hf", "--to", "safetensors")
     assert "local paths only" in remote
-    with pytest.raises(SystemExit) as usage_error:
-        main(["ls", str(run_dir), "-o", "novalue"])
-    assert usage_error.value.code == 2
-    assert "is not KEY=VALUE" in capsys.readouterr().err
-    assert main(["info", str(tmp_path / "nowhere"), "--debug"]) == 1
-    assert "Traceback" in capsys.readouterr().err
+    usage = invoke("ls", str(run_dir), "-o", "novalue")
+    assert usage.code == 2 and "is not KEY=VALUE" in usage.err
+    debug = invoke("info", str(tmp_path / "nowhere"), "--debug")
+    assert debug.code == 1 and "Traceback" in debug.err
 
 
-def test_stock_dcp_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stock_dcp_checkpoints(tmp_path: Path) -> None:
     stock = tmp_path / "run" / "step-3"
     state = {"w": torch.arange(6.0).reshape(2, 3), "note": "dcp"}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(stock)), no_dist=True)
 
-    def doc(*args: str) -> Any:
-        assert main([*args, "--json"]) == 0
-        return json.loads(capsys.readouterr().out)
-
-    ((entry),) = doc("ls", str(tmp_path / "run"))["checkpoints"]
+    ((entry),) = json_doc("ls", str(tmp_path / "run"))["checkpoints"]
     assert (entry["uri"], entry["status"], entry["format"], entry["step"]) == (
         str(stock),
         "committed",
         "dcp",
         3,
     )
-    info = doc("info", str(stock))
+    info = json_doc("info", str(stock))
     assert (info["format"], info["step"], info["num_entries"]) == ("dcp", 3, 2)
     assert info["nbytes"] == entry["nbytes"]  # the bytes stored, as ls and du count them
-    keys = doc("inspect", str(stock))["keys"]
+    keys = json_doc("inspect", str(stock))["keys"]
     assert keys[0] == {"key": "w", "kind": "tensor", "dtype": "float32", "shape": [2, 3], "nbytes": 24}
-    (report,) = doc("verify", str(stock))["checkpoints"]
+    (report,) = json_doc("verify", str(stock))["checkpoints"]
     assert report["ok"] and report["checked_bytes"] == 24
     out = tmp_path / "hf"
-    assert doc("convert", str(stock), str(out), "--to", "safetensors")["source_format"] == "dcp"
+    assert json_doc("convert", str(stock), str(out), "--to", "safetensors")["source_format"] == "dcp"
     assert torch.equal(load_file(str(out / "model-00001-of-00001.safetensors"))["w"], state["w"])

@@ -20,9 +20,8 @@ from torchstow.cli import main
 from torchstow.format.files import is_data_file
 from torchstow.testing import assert_same_state
 
-from cli_helpers import COMMAND, S3_KEYS, Result, assert_one_line_error, run
-
-pytestmark = pytest.mark.slow  # each test starts the command (and torch) a few times
+from cli_helpers import COMMAND, S3_KEYS, assert_one_line_error, fails, invoke, json_doc, run
+from waits import wait_until
 
 NO_AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
@@ -51,21 +50,21 @@ def test_cp_shm_to_s3_and_back_bit_exact(cli_s3: str, shm_dir: str) -> None:
         f"secret={S3_KEYS['secret']}",
     ]
 
-    up = run("cp", "shm://run/step-5", "s3://cli-tests/run/step-5", *s3, env=env)
+    up = invoke("cp", "shm://run/step-5", "s3://cli-tests/run/step-5", *s3, env=env)
     assert up.code == 0, up.err
     assert up.out.startswith("copied shm://run/step-5 -> s3://cli-tests/run/step-5")
-    listed = run("ls", "s3://cli-tests/run", *s3, "--json").json()
+    listed = json_doc("ls", "s3://cli-tests/run", *s3)
     ((entry),) = listed["checkpoints"]
     assert (entry["uri"], entry["status"], entry["step"]) == ("s3://cli-tests/run/step-5", "committed", 5)
     assert entry["nbytes"] == torchstow.info("shm://run/step-5", storage_options={"shm_dir": shm_dir}).nbytes
 
-    down = run("cp", "s3://cli-tests/run/step-5", "shm://back/step-5", *s3, "--json", env=env)
+    down = invoke("cp", "s3://cli-tests/run/step-5", "shm://back/step-5", *s3, "--json", env=env)
     assert down.code == 0, down.err
     assert down.json()["dst"] == "shm://back/step-5"
     assert _data_files(shm_dir, "back/step-5") == _data_files(shm_dir, "run/step-5")
     assert_same_state(torchstow.read("shm://back/step-5", storage_options={"shm_dir": shm_dir}), state)
 
-    nobody = run(
+    nobody = invoke(
         "info",
         "s3://cli-tests/run/step-5",
         "-o",
@@ -108,11 +107,13 @@ def _interrupted(args: list[str], env: dict[str, str], started: Callable[[], boo
     proc = subprocess.Popen(
         [COMMAND, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+
+    def under_way() -> bool:
+        assert proc.poll() is None, proc.communicate()  # it must not have ended already
+        return started()
+
     try:
-        deadline = time.monotonic() + 120
-        while not started():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.01)
+        wait_until(under_way, 120, "the copy to start")
         interrupted = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
@@ -123,6 +124,7 @@ def _interrupted(args: list[str], env: dict[str, str], started: Callable[[], boo
     return stop_s
 
 
+@pytest.mark.slow  # copies 192 MiB four times, in real processes (a signal needs one)
 def test_ctrl_c_stops_a_copy_to_and_from_s3_promptly_and_leaves_nothing(cli_s3: str, tmp_path: Path) -> None:
     src = str(tmp_path / "step-1")
     gen = torch.Generator().manual_seed(0)
@@ -174,12 +176,6 @@ def test_s3_settings_from_the_environment_and_clear_errors(
     assert main(["info", "S3://cli-tests/env/step-7", "--json"]) == 0  # schemes are case-insensitive
     assert json.loads(capsys.readouterr().out)["uri"] == "s3://cli-tests/env/step-7"
     assert torch.equal(torchstow.read("s3://cli-tests/env/step-7")["w"], torch.arange(5.0))
-
-    def fails(*args: str) -> str:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        assert_one_line_error(Result(code, captured.out, captured.err))
-        return captured.err
 
     assert "'s3://' names no bucket" in fails("ls", "s3://")
     assert "the bucket 'no-such-bucket' does not exist" in fails("ls", "s3://no-such-bucket/run")

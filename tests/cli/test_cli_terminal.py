@@ -1,4 +1,4 @@
-"""The command on a terminal (a progress bar on stderr), the demo, the backends list, the console script."""
+"""The command on a terminal (a progress bar on stderr), the backends list, the console script."""
 
 from __future__ import annotations
 
@@ -60,15 +60,6 @@ def test_progress_bar_shows_bytes_and_rate_on_a_terminal_only(tmp_path: Path) ->
     assert re.search(r"\d[\d.]* [kMG]?B/s", terminal), terminal  # the rate's unit follows the speed
     code, out, terminal = _run_on_terminal("verify", ckpt, "--no-progress")
     assert code == 0 and out.startswith("OK") and terminal == ""
-
-
-@pytest.mark.slow
-def test_demo_saves_loads_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--path", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "loaded state is bit-exact: OK" in out
-    assert "manifest.json" in out
-    assert torchstow.info(str(tmp_path / "step-2")).user_metadata["step"] == 2
 
 
 def test_backends_json(capsys: pytest.CaptureFixture[str]) -> None:

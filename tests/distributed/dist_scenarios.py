@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
 import torchstow
+import torchstow.planning
 from torchstow.backends.faulty import current_rank
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.protocol.collective import ProcessGroupCollective
@@ -193,11 +194,11 @@ class _FailingPlanner:
         return super().create_global_plan(plans)  # type: ignore[misc]
 
 
-class FailingSavePlanner(_FailingPlanner, torchstow.DefaultSavePlanner):
+class FailingSavePlanner(_FailingPlanner, torchstow.planning.DefaultSavePlanner):
     """A save planner that fails where it is told."""
 
 
-class FailingLoadPlanner(_FailingPlanner, torchstow.DefaultLoadPlanner):
+class FailingLoadPlanner(_FailingPlanner, torchstow.planning.DefaultLoadPlanner):
     """A load planner that fails where it is told."""
 
 
@@ -287,7 +288,7 @@ def unpicklable_failure(rank: int, world_size: int, path: str) -> dict[str, Any]
     class LocalError(Exception):
         pass
 
-    class Planner(torchstow.DefaultSavePlanner):
+    class Planner(torchstow.planning.DefaultSavePlanner):
         def create_local_plan(self) -> Any:
             if rank == 1:
                 raise LocalError("a local exception class on rank 1")
@@ -326,6 +327,8 @@ def timed_fault(
     try:
         if op == "save":
             torchstow.save(state, uri, coordinator_rank=coordinator, timeout=timeout)
+        elif op == "async_save":
+            torchstow.async_save(state, uri, coordinator_rank=coordinator, timeout=timeout).result()
         else:
             torchstow.load(state, uri, coordinator_rank=coordinator, timeout=timeout)
     except torchstow.CheckpointException as exc:

@@ -15,6 +15,7 @@ from dist_scenarios import mesh_for
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import torchstow
+import torchstow.planning
 from torchstow.core.protocol.collective import ProcessGroupCollective
 from torchstow.core.protocol.plan_cache import clear_plan_cache
 
@@ -103,7 +104,7 @@ def save_series(
         state = _state(rank, world_size, step, wide=rank == widen_on and step >= widen_at)
         path = f"{root}/step-{step}"
         calls: Calls = []
-        planner = torchstow.DefaultSavePlanner(enable_plan_caching=caching)
+        planner = torchstow.planning.DefaultSavePlanner(enable_plan_caching=caching)
         with _watching(calls):
             metadata = torchstow.save(state, path, planner=planner, timeout=60)
         entries = metadata.state_dict_metadata

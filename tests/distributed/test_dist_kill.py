@@ -21,9 +21,16 @@ from dist_pool import WorkerPool
         ("save", "write_data", "kill", 2, 0, 30.0),  # SIGKILL on a non-coordinator
         ("save", "write_data", "exit", 1, 1, 30.0),  # the coordinator itself exits
         ("save", "prepare_local_plan", "hang", 2, 0, 3.0),  # a stalled rank: only the timeout can tell
+        ("async_save", "prepare_local_plan", "hang", 1, 0, 3.0),  # the background commit too
         ("load", "read_data", "kill", 0, 0, 30.0),  # the coordinator killed while reading
     ],
-    ids=["save-kill-rank2", "save-exit-coordinator1", "save-hang-rank2", "load-kill-coordinator0"],
+    ids=[
+        "save-kill-rank2",
+        "save-exit-coordinator1",
+        "save-hang-rank2",
+        "async-save-hang-rank1",
+        "load-kill-coordinator0",
+    ],
 )
 def test_lost_rank_fails_the_others_within_the_timeout(
     tmp_path: Path, op: str, step: str, mode: str, victim: int, coordinator: int, timeout: float

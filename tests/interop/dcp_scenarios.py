@@ -6,6 +6,7 @@ seed, so any world size knows what a checkpoint must hold.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -91,6 +92,29 @@ def tutorial_roundtrip(rank: int, world_size: int, path: str) -> tuple[dict[str,
     return before, _full_state(model2, optimizer2), state["app"] is app
 
 
+def dcp_module_program(rank: int, world_size: int, path: str) -> tuple[bool, bool, bool]:
+    """The tutorial's AppState under FSDP2 through ``import torchstow.dcp as dcp``, with
+    FileSystemWriter/Reader objects and async_save: whether each load gave back the state."""
+    import torchstow.dcp as ts_dcp
+
+    model, optimizer = _sharded(seed=1, train=True)
+    before = _full_state(model, optimizer)
+    ts_dcp.save(
+        {"app": AppState(model, optimizer)}, storage_writer=ts_dcp.FileSystemWriter(path, thread_count=2)
+    )
+    ts_dcp.async_save({"app": AppState(model, optimizer)}, checkpoint_id=path + "-async").result()
+    results = []
+    for source in (path, path + "-async"):
+        model2, optimizer2 = _sharded(seed=2, train=True)
+        ts_dcp.load({"app": AppState(model2, optimizer2)}, storage_reader=ts_dcp.FileSystemReader(source))
+        after = _full_state(model2, optimizer2)
+        results.append(
+            sorted(before) == sorted(after) and all(torch.equal(after[k], v) for k, v in before.items())
+        )
+    committed = os.path.exists(os.path.join(path, "manifest.json"))
+    return results[0], results[1], committed
+
+
 def recipe_from_stock_dcp(rank: int, world_size: int, path: str) -> tuple[list[float], bool, str]:
     """Stock dcp.save of the tutorial's AppState (lr 0.1), torchstow.load into one with lr 0.5:
     the learning rates after, whether the state came along, and what use_collectives=False says."""
@@ -125,7 +149,7 @@ def dcp_save_through_writer(
     rank: int, world_size: int, uri: str, options: dict[str, Any], asynchronous: bool = False
 ) -> None:
     """Stock dcp.save (or dcp.async_save) with torchstow's writer, parameters sharded on dim 0."""
-    writer = torchstow.dcp_storage_writer(uri, **options)
+    writer = torchstow.dcp_storage_writer(uri, storage_options=options)
     if asynchronous:
         dcp.async_save(_dtensor_state(seed=3, shard_dim=0), storage_writer=writer).result()
     else:
@@ -146,7 +170,7 @@ def load_resharded(rank: int, world_size: int, uri: str, options: dict[str, Any]
     if how == "torchstow":
         torchstow.load(state, uri, storage_options=options)
     else:
-        dcp.load(state, storage_reader=torchstow.dcp_storage_reader(uri, **options))
+        dcp.load(state, storage_reader=torchstow.dcp_storage_reader(uri, storage_options=options))
     return {
         "step": state["step"],
         "tag": state["tag"],

@@ -12,9 +12,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorProperties as DcpTensorProperties
 
 import torchstow
-from torchstow import LoadPlan, StorageReader, StorageWriter
+import torchstow.planning
 from torchstow.core.planning import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torchstow.planning import LoadPlan
+from torchstow.spi import StorageReader, StorageWriter
 
 
 class Counter:
@@ -241,7 +243,7 @@ def test_global_plan_fills_index_hints() -> None:
             MetadataIndex("w", chunk.offsets), WriteItemType.SHARD, TensorWriteData(chunk, props, size)
         )
 
-    planner = torchstow.DefaultSavePlanner()
+    planner = torchstow.planning.DefaultSavePlanner()
     plans, metadata = planner.create_global_plan([SavePlan([shard(0)]), SavePlan([shard(2)])])
     chunks = metadata.state_dict_metadata["w"].chunks  # type: ignore[union-attr]
     for plan in plans:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from dcp_scenarios import (
+    dcp_module_program,
     dcp_save_stock,
     dcp_save_through_writer,
     full_values,
@@ -39,6 +40,15 @@ def test_tutorial_app_state_with_fsdp2(pools: Any, tmp_path: Path) -> None:
     assert any(".exp_avg" in key for key in before)  # the optimizer state came along
     for key, value in before.items():
         assert torch.equal(after[key], value), key
+
+
+def test_a_dcp_program_runs_through_torchstow_dcp_with_fsdp2(pools: Any, tmp_path: Path) -> None:
+    # import torchstow.dcp as dcp: FileSystemWriter/Reader objects and async_save, on 2 ranks.
+    for through_writer, through_async, committed in pools(2).run(
+        dcp_module_program, str(tmp_path / "step-1")
+    ):
+        assert through_writer and through_async
+        assert committed  # a torchstow checkpoint, one manifest for both ranks
 
 
 def test_recipe_saved_by_stock_dcp_loads_with_its_hyperparameters(pools: Any, tmp_path: Path) -> None:

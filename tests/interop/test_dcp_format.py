@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 import torchstow
 from torchstow.interop.dcp_format import is_dcp_checkpoint, read_dcp_metadata
+from torchstow.spi import open_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -126,3 +127,16 @@ def test_storage_extensions_are_refused_by_name(stock: tuple[str, dict[str, Any]
         pickle.dump(metadata, f)
     with pytest.raises(torchstow.FormatVersionError, match=r"zstd.*dcp\.load"):
         torchstow.read(path)
+
+
+def test_the_backends_own_reader_reads_a_stock_checkpoint(stock: tuple[str, dict[str, Any]]) -> None:
+    """Format detection is the backend reader's: a plugin's reader, and a wrapper backend
+    around it (faulty+), load a stock DCP checkpoint with no wrapper added by the API."""
+    path, state = stock
+    reader = open_backend(path).storage_reader(path)
+    target = {"model": torch.nn.Linear(4, 3).state_dict(), "step": 0}
+    torchstow.load(target, storage_reader=reader, no_dist=True)
+    assert torch.equal(target["model"]["weight"], state["model"]["weight"]) and target["step"] == 7
+    wrapped = {"half": torch.zeros(2, 3, dtype=torch.bfloat16)}
+    torchstow.load(wrapped, f"faulty+file://{path}", no_dist=True)
+    assert torch.equal(wrapped["half"], state["half"])

@@ -20,6 +20,8 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 
 import torchstow
+import torchstow.checkpointing
+import torchstow.planning
 from torchstow.core.planning import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torchstow.core.planning.save_planner import dedup_save_plans
 from torchstow.format.manifest import (
@@ -125,7 +127,7 @@ def _local_plan(rank: int, world: int, aligned: bool) -> SavePlan:
     state: dict[str, Any] = {"tensor": torch.rand(10), "value": [1, 2, 3], "obj": b"raw"}
     if not aligned:
         state[f"own{rank}"] = torch.ones(2)
-    planner = torchstow.DefaultSavePlanner()
+    planner = torchstow.planning.DefaultSavePlanner()
     planner.set_up_planner(state, None, rank == 0)
     plan = planner.create_local_plan()
     chunk = ChunkStorageMetadata(torch.Size([2 * rank, 0]), torch.Size([2, 3]))
@@ -140,7 +142,7 @@ def test_global_plan_keeps_each_ranks_items_in_order(aligned: bool) -> None:
     # each with its lookup hint set; the metadata describes each of them.
     world = 4
     plans = dedup_save_plans([_local_plan(rank, world, aligned) for rank in range(world)])
-    final, metadata = torchstow.DefaultSavePlanner().create_global_plan(plans)
+    final, metadata = torchstow.planning.DefaultSavePlanner().create_global_plan(plans)
     assert len(final) == world
     stored = metadata.state_dict_metadata
     for new_plan, old_plan in zip(final, plans, strict=True):
@@ -196,7 +198,7 @@ def test_async_save_takes_dcps_checkpointer_type_and_stager(kind: AsyncCheckpoin
 
 
 def test_async_save_refuses_two_stagers_and_unknown_types(ckpt: str) -> None:
-    stager = torchstow.DefaultStager()
+    stager = torchstow.checkpointing.DefaultStager()
     try:
         with pytest.raises(ValueError, match="not both"):
             torchstow.async_save({"x": torch.ones(1)}, ckpt, stager=stager, async_stager=stager)

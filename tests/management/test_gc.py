@@ -3,10 +3,7 @@ shared memory; a save in flight and every file a committed manifest names stay."
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +13,8 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.planning
+from cli.cli_helpers import invoke, json_doc
 
 
 @pytest.fixture(params=["file", "shm"])
@@ -70,7 +69,7 @@ def test_a_save_in_flight_is_never_collected(root: tuple[str, dict[str, Any], Pa
     prefix, opts, directory = root
     writing, release = threading.Event(), threading.Event()
 
-    class Stalls(torchstow.DefaultSavePlanner):
+    class Stalls(torchstow.planning.DefaultSavePlanner):
         def resolve_data(self, item: Any) -> Any:
             if item.index.fqn == "b":
                 writing.set()
@@ -139,28 +138,17 @@ def test_gc_of_one_checkpoint_and_bad_grace_periods(tmp_path: Path) -> None:
 def test_the_gc_verb(tmp_path: Path) -> None:
     torchstow.save({"w": torch.ones(4)}, str(tmp_path / "step-1"))
     _debris(tmp_path / "step-2", "data-ffffffffffff-0-0.bin")
+    debris = f"{tmp_path}/step-2/data-ffffffffffff-0-0.bin"
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        return subprocess.run(
-            [sys.executable, "-m", "torchstow.cli", "gc", str(tmp_path), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
-
-    kept = cli("--json")
-    assert kept.returncode == 0, kept.stderr
-    assert json.loads(kept.stdout)["kept"] == [f"{tmp_path}/step-2/data-ffffffffffff-0-0.bin"]
-    dry = cli("--older-than", "0", "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    assert f"would remove {tmp_path}/step-2/data-ffffffffffff-0-0.bin" in dry.stdout
+    assert json_doc("gc", str(tmp_path))["kept"] == [debris]  # the default grace period: an hour
+    dry = invoke("gc", str(tmp_path), "--older-than", "0", "--dry-run")
+    assert dry.code == 0, dry.err
+    assert f"would remove {debris}" in dry.out
     assert (tmp_path / "step-2").exists()
-    done = cli("--older-than", "0")
-    assert "removed 1 file (100 B)" in done.stdout, done.stdout
+    done = invoke("gc", str(tmp_path), "--older-than", "0")
+    assert "removed 1 file (100 B)" in done.out, done.out
     assert not (tmp_path / "step-2").exists()
-    assert cli("--older-than", "soon").returncode == 2
+    assert invoke("gc", str(tmp_path), "--older-than", "soon").code == 2
 
 
 def test_an_unreadable_manifests_location_is_left_alone(tmp_path: Path) -> None:

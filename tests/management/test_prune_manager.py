@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchstow
-from torchstow.core.metadata import CheckpointInfo
+from torchstow import CheckpointInfo
 from torchstow.management.prune import plan_prune
 
 

@@ -14,10 +14,10 @@ import torch
 import torchstow
 from torchstow.core.layout.location import read_manifest
 from torchstow.format.files import BLOCK_SIZE, MANIFEST, is_data_file
-from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
 from torchstow.management.verify import verify_store
 from torchstow.plugins.manager import default_registry
+from torchstow.plugins.resolve import route_options
 from torchstow.testing import assert_same_state
 
 

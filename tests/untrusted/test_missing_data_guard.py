@@ -27,7 +27,7 @@ CHILD = textwrap.dedent(
     import resource, sys
     import torch
     import torchstow
-    from torchstow import CheckpointReader, RankInfo
+    from torchstow.checkpointing import CheckpointReader, RankInfo
     with open("/proc/self/status") as f:
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
     limit = vm + (1 << 30)

@@ -346,7 +346,7 @@ class FaultyBackend(Backend):
 
     def _inner(self, uri: str) -> tuple[str, FaultSpec, Backend]:
         inner_uri, spec = parse_faulty_uri(uri)
-        return inner_uri, spec, open_backend(inner_uri, **self.storage_options)
+        return inner_uri, spec, open_backend(inner_uri, self.storage_options)
 
     def storage_writer(self, uri: str, *, overwrite: bool = False) -> StorageWriter:
         inner_uri, spec, backend = self._inner(uri)

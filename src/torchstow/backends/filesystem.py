@@ -23,14 +23,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from torchstow.core.storage.backend import DirectoryBackend
-from torchstow.core.storage.store import Buffer, ByteStore, FileSink, StorageFullError
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.files import temporary_name
-from torchstow.spi import hookimpl
+from torchstow.spi import Buffer, ByteStore, DirectoryBackend, FileSink, StorageFullError, hookimpl
 
 if TYPE_CHECKING:
-    from torchstow.plugins.hookspecs import Register
+    from torchstow.spi import Register
 
 __all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of", "subdirectories"]
 
@@ -40,7 +38,7 @@ _MAX_GAP = 4096
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK)
 _NO_COPY_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EPERM)
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def path_of(uri: str) -> str:

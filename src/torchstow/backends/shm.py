@@ -20,11 +20,10 @@ import os
 from typing import TYPE_CHECKING
 
 from torchstow.backends.filesystem import LocalFileStore, subdirectories
-from torchstow.core.storage.backend import DirectoryBackend
-from torchstow.spi import hookimpl
+from torchstow.spi import DirectoryBackend, hookimpl
 
 if TYPE_CHECKING:
-    from torchstow.plugins.hookspecs import Register
+    from torchstow.spi import Register
 
 __all__ = ["SHM_DIR_ENV", "ShmBackend", "ShmStore", "default_shm_dir"]
 

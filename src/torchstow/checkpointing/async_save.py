@@ -26,7 +26,7 @@ from typing import Any
 
 from torchstow.core.futures import as_future, failed_future
 from torchstow.core.planning import SavePlan, SavePlanner
-from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, make_collective
+from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, Timeout, make_collective
 from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.staging.protocol import Stager
@@ -135,12 +135,13 @@ class AsyncSavePipeline:
         return self._default_stager
 
     def commit_collective(
-        self, process_group: Any, coordinator_rank: int, no_dist: bool | None
+        self, process_group: Any, coordinator_rank: int, no_dist: bool | None, timeout: Timeout | None = None
     ) -> Collective:
         """The collective a save's protocol runs on: single process, or a
         gloo group with the ranks of ``process_group`` (made once, on the
-        caller's thread, by every rank of the group)."""
-        base = make_collective(process_group, coordinator_rank, no_dist)
+        caller's thread, by every rank of the group); ``timeout`` bounds each
+        wait for the other ranks (default: the group's own timeout)."""
+        base = make_collective(process_group, coordinator_rank, no_dist, timeout)
         if not isinstance(base, ProcessGroupCollective):
             return base
         import torch.distributed as dist
@@ -149,7 +150,7 @@ class AsyncSavePipeline:
         ranks = dist.get_process_group_ranks(group)
         coordinator = ranks[coordinator_rank]
         commit_group = self._group_for(tuple(sorted(ranks)))
-        return ProcessGroupCollective(commit_group, dist.get_group_rank(commit_group, coordinator))
+        return ProcessGroupCollective(commit_group, dist.get_group_rank(commit_group, coordinator), timeout)
 
     def _group_for(self, ranks: tuple[int, ...]) -> Any:
         import torch.distributed as dist

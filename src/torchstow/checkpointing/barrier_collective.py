@@ -30,7 +30,7 @@ from torchstow.core.storage.store import ByteStore
 
 __all__ = ["EXCHANGE_PREFIX", "BarrierCollective"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 EXCHANGE_PREFIX = ".torchstow-exchange-"
 

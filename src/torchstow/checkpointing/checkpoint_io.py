@@ -51,7 +51,7 @@ __all__ = [
     "WriterHook",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 class WriterHook:

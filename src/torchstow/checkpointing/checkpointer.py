@@ -41,7 +41,7 @@ __all__ = [
     "make_sync_checkpointer",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Which parts of a checkpoint a partial read asks for, as PyTorch's checkpoint reader reads them.
 
-A state dict handed to :meth:`~torchstow.CheckpointReader.read` names what
+A state dict handed to :meth:`~torchstow.checkpointing.CheckpointReader.read` names what
 to read: a value is read where the checkpoint has one, and ``None`` at any
 depth stands for "whatever the checkpoint holds here", a single value or a
 whole subtree (a model's sub-dict, an optimizer's state). Keys the

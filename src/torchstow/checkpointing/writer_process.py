@@ -1,4 +1,4 @@
-"""The checkpoint writer process of :class:`~torchstow.AsyncCheckpointer`.
+"""The checkpoint writer process of :class:`~torchstow.checkpointing.AsyncCheckpointer`.
 
 A long-lived child process (started with ``spawn``) owns a
 :class:`CheckpointWriter` and writes what the trainer staged: the trainer
@@ -58,7 +58,7 @@ __all__ = [
     "WriterProcessTimeoutError",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 class WriterProcessError(TorchstowError, RuntimeError):

@@ -22,9 +22,9 @@ from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
 from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, scan
-from torchstow.management.options import route_options
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
+from torchstow.plugins.resolve import route_options
 
 __all__ = ["VERBS"]
 

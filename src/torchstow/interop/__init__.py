@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from torchstow.api import storage_reader, storage_writer
+
 __all__ = ["dcp_storage_reader", "dcp_storage_writer"]
 
 
 def dcp_storage_writer(
-    uri: str | os.PathLike[str], *, overwrite: bool = False, **storage_options: Any
+    uri: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Any:
     """A ``torch.distributed.checkpoint.StorageWriter`` that saves a torchstow
     checkpoint at ``uri`` through the backend its scheme names (plugins included).
@@ -24,15 +26,14 @@ def dcp_storage_writer(
     and ``dcp.async_save``. ``overwrite`` and ``storage_options`` are as in
     :func:`torchstow.save`.
     """
-    from torchstow.api import storage_writer
     from torchstow.interop.dcp_storage import DcpStorageWriter
 
     text = os.fspath(uri)
-    return DcpStorageWriter(storage_writer(text, overwrite=overwrite, **storage_options), text)
+    return DcpStorageWriter(storage_writer(text, storage_options=storage_options, overwrite=overwrite), text)
 
 
 def dcp_storage_reader(
-    uri: str | os.PathLike[str], *, allow_pickle: bool = False, **storage_options: Any
+    uri: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None, allow_pickle: bool = False
 ) -> Any:
     """A ``torch.distributed.checkpoint.StorageReader`` that loads the checkpoint
     at ``uri`` (torchstow's format, or DCP's own) through torchstow's backends.
@@ -41,8 +42,9 @@ def dcp_storage_reader(
     Objects are handed to DCP's planner only once the restricted loader
     read them; those saved with full pickle need ``allow_pickle=True``.
     """
-    from torchstow.api import storage_reader
     from torchstow.interop.dcp_storage import DcpStorageReader
 
     text = os.fspath(uri)
-    return DcpStorageReader(storage_reader(text, **storage_options), text, allow_pickle=allow_pickle)
+    return DcpStorageReader(
+        storage_reader(text, storage_options=storage_options), text, allow_pickle=allow_pickle
+    )

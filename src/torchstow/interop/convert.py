@@ -21,7 +21,7 @@ from torchstow.core.layout.location import check_vacant
 from torchstow.errors import CheckpointExistsError
 from torchstow.interop import targets
 from torchstow.interop.sources import Source, TensorSpec, local_path, open_source
-from torchstow.management.options import route_options
+from torchstow.plugins.resolve import route_options
 
 __all__ = ["FORMATS", "ConvertReport", "Selection", "convert", "parse_dtype"]
 

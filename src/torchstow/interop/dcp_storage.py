@@ -22,14 +22,14 @@ from torch.distributed.checkpoint.metadata import Metadata as DcpMetadata
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.storage import WriteResult as DcpWriteResult
 
+from torchstow.compat import dcp_types as conv
+from torchstow.compat.dcp_planners import DcpLoadPlannerAdapter, DcpSavePlannerAdapter
 from torchstow.core import planning as ts_plan
 from torchstow.core.accepted_kwargs import call_with_accepted
 from torchstow.core.futures import wait_future
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.manifest import Metadata
-from torchstow.interop import dcp_types as conv
-from torchstow.interop.dcp_planners import DcpLoadPlannerAdapter, DcpSavePlannerAdapter
 
 __all__ = ["DcpStorageReader", "DcpStorageWriter"]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -34,7 +33,6 @@ from torchstow.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PickleNotAllowedError,
-    TorchstowError,
 )
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
@@ -362,29 +360,16 @@ def is_dcp(names: list[str]) -> bool:
 
 
 class DcpSource(TorchstowSource):
-    """A checkpoint in DCP's own format (``.metadata`` and ``*.distcp``), read through
-    :mod:`torchstow.interop.dcp_format`: the metadata with its restricted unpickler,
-    the data with its reader. DCP writes no checksums."""
+    """A checkpoint in DCP's own format (``.metadata`` and ``*.distcp``), read by its
+    backend's reader (:mod:`torchstow.format.dcp_metadata` decodes the metadata with its
+    restricted unpickler). DCP writes no checksums."""
 
     format = "dcp"
 
 
 def dcp_source(uri: str, storage_options: dict[str, Any] | None) -> Source:
-    """The source for the DCP-format checkpoint at ``uri``."""
-    try:
-        dcp_format = importlib.import_module("torchstow.interop.dcp_format")
-    except ImportError:
-        raise TorchstowError(
-            f"{uri} is a DCP checkpoint (.metadata and .distcp files); this torchstow cannot read "
-            "the DCP format yet (torchstow.interop.dcp_format is missing)"
-        ) from None
-    backend = default_registry().backend_for(uri, storage_options)
-    assert isinstance(backend, StoreBackend)
-    store = backend.open_store(uri)
-    metadata = dcp_format.read_dcp_metadata(uri, storage_options=storage_options)
-    return DcpSource(
-        uri, storage_options, metadata=metadata, reader=lambda: dcp_format.DcpFormatReader(store)
-    )
+    """The source for the DCP-format checkpoint at ``uri`` (its backend reads either format)."""
+    return DcpSource(uri, storage_options)
 
 
 def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Source:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchstow.api import storage_writer
 from torchstow.core.planning import DefaultSavePlanner, WriteItem, WriteItemType
 from torchstow.core.protocol.steps import save_state_dict
 from torchstow.errors import CheckpointExistsError, TorchstowError
@@ -69,10 +70,8 @@ def to_torchstow(
     selection: Selection, dst: str, storage_options: dict[str, Any], overwrite: bool, report: ConvertReport
 ) -> None:
     """Save the selection as a torchstow checkpoint at ``dst`` (any backend)."""
-    from torchstow.api import storage_writer
-
     state = _plan_state(selection, report)
-    writer = storage_writer(dst, overwrite=overwrite, **storage_options)
+    writer = storage_writer(dst, storage_options=storage_options, overwrite=overwrite)
     save_state_dict(
         state,
         writer,

@@ -7,7 +7,6 @@ files, except :func:`latest` with ``verified=True``.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,27 +19,16 @@ from torchstow.errors import (
     IncompleteCheckpointError,
     StorageIOError,
 )
+from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
-from torchstow.interop import dcp_format
 from torchstow.management.steps import step_of
-from torchstow.plugins.manager import default_registry
+from torchstow.management.verify import verify
+from torchstow.plugins.resolve import Uri, backend_at
 
-__all__ = ["checkpoint_info", "checkpoint_uri", "delete", "info", "latest", "list_checkpoints"]
+__all__ = ["checkpoint_info", "delete", "info", "latest", "list_checkpoints"]
 
-logger = logging.getLogger("torchstow")
-
-Uri = str | os.PathLike[str]
-
-
-def checkpoint_uri(uri: Uri) -> str:
-    """``uri`` as a string, as backends take it (see :meth:`BackendRegistry.canonical_uri`:
-    ``S3://b/x`` is ``s3://b/x``, ``s3:/b/x`` an error); a clear error for an empty or
-    non-path value."""
-    text = os.fspath(uri)
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"a checkpoint URI must be a non-empty string or path, got {uri!r}")
-    return default_registry().canonical_uri(text)
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
@@ -60,19 +48,17 @@ def checkpoint_info(uri: str, metadata: Metadata) -> CheckpointInfo:
 
 def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
     """A summary of the checkpoint at ``uri`` from its manifest (no data files read)."""
-    text = checkpoint_uri(uri)
-    backend = default_registry().backend_for(text, storage_options)
-    return checkpoint_info(text, dcp_format.read_any_metadata(backend, text))
+    text, backend = backend_at(uri, storage_options)
+    return checkpoint_info(text, backend.read_metadata(text))
 
 
-def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
-    """The committed checkpoints directly under ``prefix``, oldest first.
+def list_checkpoints(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
+    """The committed checkpoints directly under ``uri`` (a directory or prefix), oldest first.
 
     Ordered by step (see :func:`torchstow.management.steps.step_of`; none first),
     then by commit time. Incomplete and unreadable checkpoints are skipped.
     """
-    text = checkpoint_uri(prefix)
-    backend = default_registry().backend_for(text, storage_options)
+    text, backend = backend_at(uri, storage_options)
     try:
         children = backend.list_children(text)
     except CheckpointNotFoundError:  # a bucket that does not exist (yet): nothing committed there
@@ -80,7 +66,7 @@ def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = No
     found = []
     for child in children:
         try:
-            found.append(checkpoint_info(child, dcp_format.read_any_metadata(backend, child)))
+            found.append(checkpoint_info(child, backend.read_metadata(child)))
         except (CheckpointNotFoundError, IncompleteCheckpointError):
             continue
         except (CorruptCheckpointError, FormatVersionError) as exc:
@@ -93,19 +79,15 @@ def list_checkpoints(prefix: Uri, *, storage_options: dict[str, Any] | None = No
     return found
 
 
-def latest(
-    prefix: Uri, *, storage_options: dict[str, Any] | None = None, verified: bool = False
-) -> str | None:
-    """The URI of the newest committed checkpoint under ``prefix``, or None.
+def latest(uri: Uri, *, storage_options: dict[str, Any] | None = None, verified: bool = False) -> str | None:
+    """The URI of the newest committed checkpoint under ``uri`` (a directory or prefix), or None.
 
     With ``verified=True``, the newest one whose every byte passes
     :func:`torchstow.verify` (older ones are tried in turn).
     """
-    found = list_checkpoints(prefix, storage_options=storage_options)
+    found = list_checkpoints(uri, storage_options=storage_options)
     if not verified:
         return found[-1].uri if found else None
-    from torchstow.management.verify import verify
-
     for candidate in reversed(found):
         report = verify(candidate.uri, storage_options=storage_options)
         if report.ok:
@@ -124,8 +106,7 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
     is refused with :class:`CorruptCheckpointError` (:class:`FormatVersionError`
     for a newer format) and nothing is deleted.
     """
-    text = checkpoint_uri(uri)
-    backend = default_registry().backend_for(text, storage_options)
+    text, backend = backend_at(uri, storage_options)
     if not isinstance(backend, StoreBackend):
         backend.delete(text)
         return
@@ -138,7 +119,7 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
         _check_readable(
             store.location,
             DCP_METADATA,
-            lambda: dcp_format.decode_dcp_metadata(store.read_file(DCP_METADATA), source=source),
+            lambda: decode_dcp_metadata(store.read_file(DCP_METADATA), source=source),
         )
         doomed = dcp_files(files)
         logger.info("deleting the DCP-format checkpoint %s", store.location)

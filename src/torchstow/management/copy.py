@@ -22,12 +22,14 @@ from torchstow.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from torchstow.format.files import MANIFEST
-from torchstow.management.catalog import checkpoint_uri
+from torchstow.format.dcp_metadata import decode_dcp_metadata
+from torchstow.format.files import DCP_METADATA, MANIFEST
+from torchstow.management.catalog import info
 from torchstow.management.datafiles import Problem, Span, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
+from torchstow.management.listing import COMMITTED, scan
 from torchstow.management.verify import ProgressCallback
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
 __all__ = ["RunCopy", "copy", "copy_destination", "copy_run"]
 
@@ -132,15 +134,13 @@ def _copy_dcp(
 ) -> None:
     """Copy a DCP checkpoint as DCP: the files its ``.metadata`` names, byte for byte
     (DCP records no checksums: their sizes are checked), then ``.metadata`` last."""
-    from torchstow.interop.dcp_format import DCP_METADATA, decode_dcp_metadata
-
     where = src_store.location
     raw = src_store.read_file(DCP_METADATA)
     metadata = decode_dcp_metadata(raw, source=f"{where}/{DCP_METADATA}")
     sizes = src_store.file_sizes() or {}
     needs: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needs[info.relative_path] = max(needs.get(info.relative_path, 0), info.offset + info.length)
+    for place in (metadata.storage_data or {}).values():
+        needs[place.relative_path] = max(needs.get(place.relative_path, 0), place.offset + place.length)
     for name, end in sorted(needs.items()):
         if name == DCP_METADATA or "/" in name:
             raise CorruptCheckpointError(f"{where}/{DCP_METADATA} names {name!r} as a data file")
@@ -245,19 +245,19 @@ def copy_destination(src: str, dst: str) -> str:
 
 
 def copy(
-    src_uri: str | os.PathLike[str],
-    dst_uri: str | os.PathLike[str],
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     *,
     src_storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> str:
-    """Copy the committed checkpoint at ``src_uri`` to ``dst_uri``, on any backends;
-    returns where it landed.
+    """Copy the committed checkpoint at ``src`` to ``dst`` (URIs or paths), on any
+    backends; returns where it landed.
 
-    ``dst_uri`` ending with ``/`` means into it: the copy is ``dst_uri/<name of
-    src_uri>``. Otherwise ``dst_uri`` names the copy, and a location that
+    ``dst`` ending with ``/`` means into it: the copy is ``dst/<name of
+    src>``. Otherwise ``dst`` names the copy, and a location that
     holds other locations (a directory of runs or checkpoints) is refused
     rather than made a checkpoint.
 
@@ -267,7 +267,7 @@ def copy(
     and commits nothing), and the manifest is published last. Between
     stores whose sinks can (local files), the kernel copies each file and
     its blocks are checked by reading the copy back. A committed
-    checkpoint at ``dst_uri`` raises :class:`CheckpointExistsError` unless
+    checkpoint at ``dst`` raises :class:`CheckpointExistsError` unless
     ``overwrite``; the old one stays valid until the copy commits.
     A DCP checkpoint is copied as DCP: the files its ``.metadata`` names, as
     they are (sizes checked: DCP has no checksums), ``.metadata`` last; with
@@ -275,11 +275,10 @@ def copy(
     names are fixed). Backends that are not byte stores are copied tensor
     by tensor through their reader and writer.
     """
-    src = checkpoint_uri(src_uri)
-    dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst_uri)))
-    registry = default_registry()
-    src_backend = registry.backend_for(src, src_storage_options)
-    dst_backend = registry.backend_for(dst, dst_storage_options)
+    src = checkpoint_uri(src)
+    dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst)))
+    src_backend = backend_at(src, src_storage_options)[1]
+    dst_backend = backend_at(dst, dst_storage_options)[1]
     try:
         inside = dst_backend.list_children(dst)
     except CheckpointNotFoundError:
@@ -336,9 +335,6 @@ def copy_run(
     with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
     checkpoint at any destination is an error before anything is copied, unless
     ``overwrite``."""
-    from torchstow.management.catalog import info
-    from torchstow.management.listing import COMMITTED, scan
-
     src = checkpoint_uri(src_prefix)
     dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)

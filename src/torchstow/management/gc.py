@@ -24,6 +24,7 @@ from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
 from torchstow.management.listing import UNREADABLE, IsACheckpointError, scan
+from torchstow.plugins.resolve import backend_at
 
 __all__ = ["GcReport", "gc"]
 
@@ -132,14 +133,10 @@ def gc(
     own format and unreadable manifests' locations are left alone; a store that
     cannot date its files keeps them. Returns a :class:`GcReport`.
     """
-    from torchstow.management.catalog import checkpoint_uri
-    from torchstow.plugins.manager import default_registry
-
     if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
         raise ValueError(f"older_than must be a non-negative number of seconds, got {older_than!r}")
-    text = checkpoint_uri(uri_or_prefix)
+    text, backend = backend_at(uri_or_prefix, storage_options)
     report = GcReport(text, float(older_than), dry_run)
-    backend = default_registry().backend_for(text, storage_options)
     if not isinstance(backend, StoreBackend):
         report.skipped[text] = f"{type(backend).__name__} keeps no byte store to collect from"
         return report

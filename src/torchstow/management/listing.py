@@ -14,8 +14,9 @@ from torchstow.errors import (
     IncompleteCheckpointError,
 )
 from torchstow.format.manifest import CheckpointInfo
+from torchstow.management.catalog import checkpoint_info
 from torchstow.management.steps import step_of
-from torchstow.plugins.manager import default_registry
+from torchstow.plugins.resolve import backend_at
 
 __all__ = ["Entry", "IsACheckpointError", "scan"]
 
@@ -50,12 +51,10 @@ class Entry:
 
 def _entry(backend: Backend, uri: str) -> Entry | None:
     """The checkpoint location ``uri``, or None when it is not one."""
-    from torchstow.interop.dcp_format import read_any_metadata
     from torchstow.interop.sources import is_dcp
-    from torchstow.management.catalog import checkpoint_info
 
     try:
-        info = checkpoint_info(uri, read_any_metadata(backend, uri))
+        info = checkpoint_info(uri, backend.read_metadata(uri))
     except IncompleteCheckpointError as exc:
         return Entry(uri, INCOMPLETE, step_of(uri), error=str(exc))
     except (CorruptCheckpointError, FormatVersionError) as exc:
@@ -71,10 +70,7 @@ def scan(prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
     orders committed ones (by step, then commit time). Raises :class:`CheckpointNotFoundError`
     when nothing at all is under ``prefix``, and :class:`IsACheckpointError` when ``prefix``
     is itself a checkpoint (its entry in ``entry``)."""
-    from torchstow.management.catalog import checkpoint_uri
-
-    text = checkpoint_uri(prefix)
-    backend = default_registry().backend_for(text, storage_options)
+    text, backend = backend_at(prefix, storage_options)
     children = backend.list_children(text)
     if not children:
         itself = _entry(backend, text)

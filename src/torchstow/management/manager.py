@@ -8,21 +8,25 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from torchstow.api import async_save, load, save
 from torchstow.checkpointing.async_save import AsyncSave
+from torchstow.core.layout.incremental import base_problem
+from torchstow.core.protocol.collective import make_collective
+from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
-from torchstow.management.prune import prune
+from torchstow.management.catalog import list_checkpoints
+from torchstow.management.prune import plan_prune, prune
+from torchstow.plugins.resolve import backend_at
 
 __all__ = ["CheckpointManager"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def _prunes_here(options: Mapping[str, Any]) -> bool:
     """Whether this process coordinates the saves that ``options`` (save's keywords) describe:
     rank ``coordinator_rank`` of their ``process_group`` (the world by default), or the one
     process of a single-process save."""
-    from torchstow.core.protocol.collective import make_collective
-
     collective = make_collective(
         options.get("process_group"), options.get("coordinator_rank", 0), options.get("no_dist")
     )
@@ -31,23 +35,15 @@ def _prunes_here(options: Mapping[str, Any]) -> bool:
 
 def _base_problem(uri: str, storage_options: dict[str, Any] | None) -> str | None:
     """Why the checkpoint at ``uri`` cannot be an incremental save's base (None when it can)."""
-    from torchstow.core.layout.incremental import base_problem
-    from torchstow.core.storage.backend import StoreBackend
-    from torchstow.plugins.manager import default_registry
-
-    backend = default_registry().backend_for(uri, storage_options)
+    text, backend = backend_at(uri, storage_options)
     assert isinstance(backend, StoreBackend)  # _check_links saw to it
-    return base_problem(backend.open_store(uri))
+    return base_problem(backend.open_store(text))
 
 
 def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
     """Raise ValueError unless checkpoints under ``root`` can share files (incremental saves)."""
-    from torchstow.core.storage.backend import StoreBackend
-    from torchstow.core.storage.store import ByteStore
-    from torchstow.plugins.manager import default_registry
-
-    backend = default_registry().backend_for(root, storage_options)
-    if not isinstance(backend, StoreBackend) or type(backend.open_store(root)).adopt is ByteStore.adopt:
+    text, backend = backend_at(root, storage_options)
+    if not isinstance(backend, StoreBackend) or not backend.open_store(text).can_adopt():
         raise ValueError(
             f"incremental=True: checkpoints under {root!r} cannot share files (object stores "
             "cannot), so incremental saves are not supported there; use local files or shm://"
@@ -55,7 +51,8 @@ def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
 
 
 class CheckpointManager:
-    """Checkpoints of one run under ``root``, one ``<root>/step-<step>`` per save.
+    """Checkpoints of one run under ``uri`` (a directory or prefix, kept as ``.root``),
+    one ``<root>/step-<step>`` per save.
 
     After each save commits, checkpoints are pruned with ``keep_last`` and
     ``keep_every`` (as :func:`torchstow.prune`; no pruning when both are
@@ -79,7 +76,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        uri: str | os.PathLike[str],
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
@@ -87,7 +84,7 @@ class CheckpointManager:
         incremental: bool = False,
         process_group: Any = None,
     ) -> None:
-        self.root = os.fspath(root).rstrip("/") or "/"
+        self.root = os.fspath(uri).rstrip("/") or "/"
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.storage_options = storage_options
@@ -101,8 +98,6 @@ class CheckpointManager:
         self._prune_error: BaseException | None = None
         self._lock = threading.Lock()
         if keep_last is not None or keep_every is not None:
-            from torchstow.management.prune import plan_prune
-
             plan_prune([], keep_last=keep_last or 0, keep_every=keep_every)  # validates both
 
     def uri(self, step: int) -> str:
@@ -172,8 +167,6 @@ class CheckpointManager:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        from torchstow.api import async_save, save
-
         self.wait()
         if step in self._done and not save_options.get("overwrite"):
             logger.warning(
@@ -226,8 +219,6 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """The steps of the committed checkpoints under ``root``, ascending."""
-        from torchstow.management.catalog import list_checkpoints
-
         found = list_checkpoints(self.root, storage_options=self.storage_options)
         return sorted({info.step for info in found if info.step is not None})
 
@@ -241,8 +232,6 @@ class CheckpointManager:
 
         A loop resumes after it: the restored step's state is saved already.
         """
-        from torchstow.api import load
-
         self.wait()
         if step is None:
             step = self.latest_step()

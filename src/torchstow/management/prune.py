@@ -7,10 +7,11 @@ import os
 from typing import Any
 
 from torchstow.format.manifest import CheckpointInfo
+from torchstow.management.catalog import delete, list_checkpoints
 
 __all__ = ["plan_prune", "prune"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def plan_prune(
@@ -36,14 +37,14 @@ def plan_prune(
 
 
 def prune(
-    prefix: str | os.PathLike[str],
+    uri: str | os.PathLike[str],
     *,
     keep_last: int,
     keep_every: int | None = None,
     dry_run: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Delete older committed checkpoints directly under ``prefix``.
+    """Delete older committed checkpoints directly under ``uri`` (a directory or prefix).
 
     Keeps the newest ``keep_last`` (ordered by step, then commit time, as
     :func:`torchstow.latest` orders them), every checkpoint whose step is a
@@ -53,10 +54,8 @@ def prune(
     each manifest first, so an interrupted prune leaves only whole
     checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
     """
-    from torchstow.management.catalog import delete, list_checkpoints
-
     doomed = plan_prune(
-        list_checkpoints(prefix, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every
+        list_checkpoints(uri, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every
     )
     if not dry_run:
         for info in doomed:

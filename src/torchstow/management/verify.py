@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torchstow.core.layout.location import read_manifest
+from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError, IncompleteCheckpointError, TorchstowError
-from torchstow.format.files import MANIFEST
+from torchstow.format.dcp_metadata import decode_dcp_metadata
+from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 from torchstow.format.validation import check_extents
 from torchstow.management.datafiles import Problem, Span, check_manifest, scan_file, spans_by_file
@@ -142,13 +144,12 @@ def _verify_dcp(store: ByteStore, uri: str, progress: ProgressCallback | None) -
     """Read every value of a DCP-format checkpoint (DCP stores no checksums); a
     ``.metadata`` that does not decode, and locations in missing files or past their
     ends, are problems in the report."""
-    from torchstow.interop import dcp_format
     from torchstow.interop.sources import DcpSource
 
-    name = dcp_format.DCP_METADATA
+    name = DCP_METADATA
     report = VerifyReport(uri, format="dcp", checksums=False)
     try:
-        metadata = dcp_format.decode_dcp_metadata(store.read_file(name), source=f"{store.location}/{name}")
+        metadata = decode_dcp_metadata(store.read_file(name), source=f"{store.location}/{name}")
     except (TorchstowError, OSError) as exc:
         report.problems.append(Problem(name, name, None, " ".join(str(exc).split())))
         return report
@@ -165,7 +166,7 @@ def _verify_dcp(store: ByteStore, uri: str, progress: ProgressCallback | None) -
                 )
             elif index in beyond:
                 report.problems.append(Problem(index.fqn, info.relative_path, info.offset, beyond[index]))
-    source = DcpSource(uri, metadata=metadata, reader=lambda: dcp_format.DcpFormatReader(store))
+    source = DcpSource(uri, metadata=metadata, reader=lambda: LayoutReader(store))
     return verify_by_reading(source, progress, report)
 
 

@@ -8,9 +8,9 @@ A plugin is a module (or any object) named by an entry point in the
     mystore = "mystore_torchstow"
 
 and defining hook functions decorated with :data:`hookimpl`, which plugin
-authors import from ``torchstow``::
+authors import from ``torchstow.spi``::
 
-    from torchstow import hookimpl
+    from torchstow.spi import hookimpl
 
     @hookimpl
     def torchstow_register_backends(register):
@@ -50,8 +50,8 @@ class Register(Protocol):
     def __call__(self, backend: type[Backend], *, preferred: bool = False) -> None:
         """Register ``backend`` for each scheme in ``backend.schemes``.
 
-        ``backend`` must be a subclass of :class:`torchstow.Backend` (usually
-        of :class:`torchstow.StoreBackend`) naming at least one scheme.
+        ``backend`` must be a subclass of :class:`torchstow.spi.Backend` (usually
+        of :class:`torchstow.spi.StoreBackend`) naming at least one scheme.
         ``preferred=True`` wins a scheme that another, non-preferred plugin
         also claims (a built-in one included); two plugins claiming one scheme
         without exactly one of them preferred is a

@@ -40,7 +40,7 @@ __all__ = [
     "scheme_of",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "torchstow.backends"
 DISABLE_ENV = "TORCHSTOW_DISABLE_PLUGINS"
@@ -149,7 +149,12 @@ class BackendRegistry:
         self.load_errors: dict[str, str] = dict(getattr(pm, "load_errors", {}))
         self._entries: dict[str, BackendEntry] = {}
         pm.check_pending()  # a hook implementation no spec knows (a misspelled name) is an error
-        for impl in pm.hook.torchstow_register_backends.get_hookimpls():
+        impls = pm.hook.torchstow_register_backends.get_hookimpls()
+        hooked = {impl.plugin_name for impl in impls}
+        for name in self.versions.keys() - hooked:  # loaded from an entry point, with no hook
+            self.load_errors[name] = "defines no torchstow_register_backends hook: it registers nothing"
+            logger.warning("torchstow plugin %r defines no torchstow_register_backends hook", name)
+        for impl in impls:
             plugin = impl.plugin_name
             version = self.versions.get(plugin)
             added: list[tuple[type[Backend], bool]] = []
@@ -159,12 +164,19 @@ class BackendRegistry:
             ) -> None:
                 _added.append((backend, preferred))
 
+            # Through pluggy's hook calling (tracing, monitoring, wrappers), one plugin at a
+            # time: a plugin whose hook raises is left out, and the others still register.
+            others = [other.plugin for other in impls if other is not impl]
+            only_this = pm.subset_hook_caller("torchstow_register_backends", remove_plugins=others)
             try:
-                impl.function(register=register)
+                only_this(register=register)
             except Exception as exc:
                 self.load_errors[plugin] = f"torchstow_register_backends raised {type(exc).__name__}: {exc}"
                 logger.warning("torchstow plugin %r failed to register its backends: %s", plugin, exc)
                 continue
+            if not added:
+                self.load_errors[plugin] = "torchstow_register_backends registered no backend"
+                logger.warning("torchstow plugin %r registered no backend", plugin)
             for backend, preferred in added:
                 self._add(backend, plugin, version, preferred)
 
@@ -271,7 +283,26 @@ class BackendRegistry:
                     f"{unknown}; it takes: {', '.join(sorted(accepted)) or 'none'}"
                 )
         check_option_types(backend, uri, options)
-        return backend(**options)
+        try:
+            return backend(**options)
+        except TypeError as exc:
+            missing = required_storage_options(backend) - set(options)
+            if not missing:
+                raise
+            needed = ", ".join(sorted(missing))
+            flags = " ".join(f"-o {name}=VALUE" for name in sorted(missing))
+            raise TypeError(
+                f"{backend.__name__} ({uri!r}) needs the storage option(s) {needed}: pass "
+                f"storage_options={{{', '.join(repr(n) + ': ...' for n in sorted(missing))}}} "
+                f"(on the command line: {flags})"
+            ) from exc
+
+
+def required_storage_options(backend: type[Backend]) -> set[str]:
+    """The storage options ``backend`` cannot be built without (keyword parameters without a default)."""
+    params = inspect.signature(backend).parameters.values()
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name for p in params if p.kind in named and p.default is inspect.Parameter.empty}
 
 
 def accepted_storage_options(backend: type[Backend], uri: str) -> set[str] | None:
@@ -331,7 +362,7 @@ def check_option_types(backend: type[Backend], uri: str, options: dict[str, Any]
             )
 
 
-def open_backend(uri: str, **storage_options: Any) -> Backend:
+def open_backend(uri: str, storage_options: dict[str, Any] | None = None) -> Backend:
     """The backend that serves ``uri`` among the installed plugins, built with
     ``storage_options``: what a wrapper backend uses to reach the one it wraps."""
     return default_registry().backend_for(uri, storage_options)

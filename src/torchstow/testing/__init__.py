@@ -2,16 +2,18 @@
 
 Three kits, each an abstract pytest class to subclass in one line:
 
-- :class:`ByteStoreConformance` calls a :class:`~torchstow.ByteStore` directly
-  and checks its contract (missing files, short reads, atomic publish,
-  concurrent writers, listing and deleting).
+- :class:`ByteStoreConformance` calls a :class:`~torchstow.spi.ByteStore` directly
+  and checks its contract (missing files, short reads, atomic publish, an
+  exclusive ``publish_new`` under a forced race, concurrent writers, listing and
+  deleting, another process's view, a child forked after use).
 - :class:`BackendConformance` saves, loads, lists, damages and deletes
   checkpoints end to end through the backend's scheme.
 - :class:`DistributedBackendConformance` saves and loads one checkpoint from
   two gloo processes, each opening the same location itself.
 
 :func:`assert_same_state` compares nested state dicts bit for bit. The kits
-need pytest, which torchstow itself does not depend on.
+need pytest, which torchstow itself does not depend on. A kit failure names the
+rule that was broken and how to fix it.
 """
 
 from torchstow.testing.backend import BackendConformance

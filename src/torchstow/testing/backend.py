@@ -28,8 +28,8 @@ import pytest
 import torch
 
 import torchstow
+import torchstow.planning
 from torchstow import (
-    ByteStore,
     CheckpointException,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -37,11 +37,17 @@ from torchstow import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     Metadata,
+)
+from torchstow.spi import (
+    MANIFEST,
+    ByteStore,
+    ForwardingStorageWriter,
     StoreBackend,
     WriteResult,
+    open_backend,
 )
-from torchstow.spi import MANIFEST, ForwardingStorageWriter, open_backend
 from torchstow.testing._internals import StorageInfo, scheme_of
+from torchstow.testing._rules import rule
 from torchstow.testing.base import ConformanceBase
 from torchstow.testing.compare import assert_same_state
 from torchstow.testing.region_planner import RegionLoadPlanner
@@ -66,7 +72,6 @@ class BackendConformance(ConformanceBase):
 
     byte_access: ClassVar[bool] = True
     concurrent_saves: ClassVar[bool] = True
-    exclusive_commits: ClassVar[bool] = True
 
     # -- fixtures a backend overrides ------------------------------------------------
 
@@ -79,7 +84,7 @@ class BackendConformance(ConformanceBase):
         """
 
         def open_store(uri: str) -> ByteStore:
-            backend = open_backend(uri, **storage_options)
+            backend = open_backend(uri, storage_options)
             if not isinstance(backend, StoreBackend) and "+" in scheme_of(uri):
                 uri = uri.split("+", 1)[1].split("?", 1)[0]
                 backend = open_backend(uri)
@@ -100,7 +105,7 @@ class BackendConformance(ConformanceBase):
 
     @staticmethod
     def _location(uri: str, key: str, options: dict[str, Any]) -> StorageInfo:
-        metadata = torchstow.storage_reader(uri, **options).read_metadata()
+        metadata = torchstow.storage_reader(uri, storage_options=options).read_metadata()
         for index, info in metadata.storage_data.items():
             if index.fqn == key:
                 assert isinstance(info, StorageInfo)
@@ -116,6 +121,11 @@ class BackendConformance(ConformanceBase):
 
     # -- the tests -----------------------------------------------------------------
 
+    @rule(
+        "every tensor dtype saved comes back bit for bit, through load and read",
+        "return exactly the bytes written from read_into/read_file, at the offsets asked (the byte-store "
+        "kit localises the fault)",
+    )
     def test_round_trip_every_dtype(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         sd = every_dtype_state_dict()
         uri = self.uri(root_uri, "step-1")
@@ -125,6 +135,10 @@ class BackendConformance(ConformanceBase):
         assert_same_state(target, sd)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), sd)
 
+    @rule(
+        "nested state, non-tensor values and user metadata come back as saved",
+        "store the manifest bytes unchanged through publish/publish_new and read_file",
+    )
     def test_nested_state_and_objects(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(1)
         sd = {
@@ -155,11 +169,19 @@ class BackendConformance(ConformanceBase):
         part = torchstow.read(uri, keys=["model"], storage_options=storage_options)
         assert_same_state(part, {"model": sd["model"]})
 
+    @rule(
+        "an empty state dict saves and reads back",
+        "accept a checkpoint with a manifest and no data files (publish without any create)",
+    )
     def test_empty_state_dict(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "empty")
         torchstow.save({}, uri, storage_options=storage_options)
         assert torchstow.read(uri, storage_options=storage_options) == {}
 
+    @rule(
+        "regions of stored tensors read back right (what resharded loads do)",
+        "fill every (offset, buffer) request of read_into, in any order, from its own offset",
+    )
     def test_region_reads(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(2)
         big = torch.randn(1536, 1024, generator=gen)  # 6 MiB: two checksum blocks
@@ -176,17 +198,21 @@ class BackendConformance(ConformanceBase):
         for name, (key, offsets, shape) in cases.items():
             target = torch.zeros(shape)
             planner = RegionLoadPlanner({key: (offsets, target)})
-            reader = torchstow.storage_reader(uri, **storage_options)
-            torchstow.load_state_dict({}, reader, planner=planner, no_dist=True)
+            torchstow.load({}, uri, storage_options=storage_options, planner=planner, no_dist=True)
             source = {"big": big, "vec": vec}[key]
             region = source[tuple(slice(o, o + n) for o, n in zip(offsets, shape, strict=True))]
             assert torch.equal(target, region), f"region {name} differs"
 
+    @rule(
+        "a save that never committed is invisible, and delete clears what it left",
+        "write the manifest only in publish/publish_new (never through create), and list the data files a "
+        "crashed save left",
+    )
     def test_incomplete_save_is_invisible(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "step-5")
-        writer = _CrashBeforeCommit(torchstow.storage_writer(uri, **storage_options))
+        writer = _CrashBeforeCommit(torchstow.storage_writer(uri, storage_options=storage_options))
         with pytest.raises(CheckpointException, match="simulated crash"):
-            torchstow.save_state_dict({"x": torch.ones(8)}, writer, no_dist=True)
+            torchstow.save({"x": torch.ones(8)}, storage_writer=writer, no_dist=True)
         with pytest.raises(IncompleteCheckpointError):
             torchstow.info(uri, storage_options=storage_options)
         with pytest.raises(IncompleteCheckpointError):
@@ -197,10 +223,15 @@ class BackendConformance(ConformanceBase):
         with pytest.raises(CheckpointNotFoundError):
             torchstow.info(uri, storage_options=storage_options)
 
+    @rule(
+        "a save that failed while writing commits nothing, and the location stays usable",
+        "let FileSink.abort and delete_files remove what was written; raise the medium's error from "
+        "write/close",
+    )
     def test_failed_write_commits_nothing(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "step-3")
 
-        class Exploding(torchstow.DefaultSavePlanner):
+        class Exploding(torchstow.planning.DefaultSavePlanner):
             def resolve_data(self, write_item: Any) -> Any:
                 if write_item.index.fqn == "b":
                     raise OSError("the device went away while writing 'b'")
@@ -215,6 +246,11 @@ class BackendConformance(ConformanceBase):
         torchstow.save(sd, uri, storage_options=storage_options)  # the location is usable again
         assert_same_state(torchstow.read(uri, storage_options=storage_options), sd)
 
+    @rule(
+        "an existing checkpoint is refused unless overwrite=True, and stays valid until the new one commits",
+        "make publish atomic (readers see the old manifest or the new one) and publish_new refuse an "
+        "existing name with FileExistsError",
+    )
     def test_overwrite(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -226,9 +262,11 @@ class BackendConformance(ConformanceBase):
         with pytest.raises(CheckpointExistsError):
             torchstow.save(new, uri, storage_options=storage_options)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), old)
-        crashing = _CrashBeforeCommit(torchstow.storage_writer(uri, overwrite=True, **storage_options))
+        crashing = _CrashBeforeCommit(
+            torchstow.storage_writer(uri, storage_options=storage_options, overwrite=True)
+        )
         with pytest.raises(CheckpointException):
-            torchstow.save_state_dict(new, crashing, no_dist=True)
+            torchstow.save(new, storage_writer=crashing, no_dist=True)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), old)  # old stays valid
         torchstow.save(new, uri, storage_options=storage_options, overwrite=True)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), new)
@@ -242,9 +280,14 @@ class BackendConformance(ConformanceBase):
     @staticmethod
     def _data_files(uri: str, storage_options: dict[str, Any]) -> set[str]:
         """The data files the committed manifest at ``uri`` lists."""
-        metadata = torchstow.storage_reader(uri, **storage_options).read_metadata()
+        metadata = torchstow.storage_reader(uri, storage_options=storage_options).read_metadata()
         return {info.relative_path for info in metadata.storage_data.values()}
 
+    @rule(
+        "list_checkpoints/latest find committed checkpoints only, and delete removes one",
+        "list_children returns the locations under a prefix ([] when missing); list_files lists the medium, "
+        "delete_files removes the names given",
+    )
     def test_list_latest_delete(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         opts = storage_options
         assert torchstow.latest(root_uri, storage_options=opts) is None
@@ -254,9 +297,11 @@ class BackendConformance(ConformanceBase):
             torchstow.save(
                 sd, self.uri(root_uri, f"step-{step}"), storage_options=opts, metadata={"step": step}
             )
-        writer = _CrashBeforeCommit(torchstow.storage_writer(self.uri(root_uri, "step-99"), **opts))
+        writer = _CrashBeforeCommit(
+            torchstow.storage_writer(self.uri(root_uri, "step-99"), storage_options=opts)
+        )
         with pytest.raises(CheckpointException):
-            torchstow.save_state_dict({"w": torch.ones(16)}, writer, no_dist=True)
+            torchstow.save({"w": torch.ones(16)}, storage_writer=writer, no_dist=True)
         found = torchstow.list_checkpoints(root_uri, storage_options=opts)
         assert [i.uri for i in found] == [self.uri(root_uri, f"step-{s}") for s in (1, 2, 10)]
         assert [i.step for i in found] == [1, 2, 10]
@@ -274,6 +319,11 @@ class BackendConformance(ConformanceBase):
             torchstow.delete(self.uri(root_uri, f"step-{step}"), storage_options=opts)
         assert torchstow.list_checkpoints(root_uri, storage_options=opts) == []
 
+    @rule(
+        "a checkpoint that was never saved is CheckpointNotFoundError",
+        "raise FileNotFoundError from read_file for a missing manifest, also where the location does not "
+        "exist",
+    )
     def test_missing_checkpoint(self, root_uri: str, storage_options: dict[str, Any]) -> None:
         uri = self.uri(root_uri, "never-saved")
         with pytest.raises(CheckpointNotFoundError):
@@ -283,6 +333,10 @@ class BackendConformance(ConformanceBase):
         with pytest.raises(CheckpointNotFoundError):
             torchstow.info(uri, storage_options=storage_options)
 
+    @rule(
+        "a data file missing from a committed checkpoint is CorruptCheckpointError naming it",
+        "raise FileNotFoundError from read_into for a missing file",
+    )
     def test_missing_data_file(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -294,6 +348,10 @@ class BackendConformance(ConformanceBase):
         with pytest.raises(CorruptCheckpointError, match=info.relative_path):
             torchstow.load({"x": torch.zeros(100)}, uri, storage_options=storage_options)
 
+    @rule(
+        "a flipped byte is ChecksumMismatchError naming the key and file",
+        "return the stored bytes as they are (no caching of what was written before a rewrite)",
+    )
     def test_corrupted_bytes_are_detected(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -314,6 +372,11 @@ class BackendConformance(ConformanceBase):
             torchstow.read(uri, keys=["x"], storage_options=storage_options)
         assert_same_state(torchstow.read(uri, keys=["y"], storage_options=storage_options), {"y": sd["y"]})
 
+    @rule(
+        "a truncated data file is CorruptCheckpointError saying 'truncated'",
+        "raise CorruptCheckpointError('<location>/<name> is truncated ...') when a ranged read comes back "
+        "short, and report real sizes from file_sizes",
+    )
     def test_truncated_data_file(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -330,6 +393,10 @@ class BackendConformance(ConformanceBase):
             with pytest.raises(CorruptCheckpointError, match="truncated"):
                 torchstow.read(uri, keys=["x"], storage_options=storage_options)
 
+    @rule(
+        "a damaged manifest is CorruptCheckpointError naming it, and latest skips it",
+        "return the manifest bytes unchanged from read_file",
+    )
     def test_corrupted_manifest(
         self, root_uri: str, storage_options: dict[str, Any], open_byte_store: Callable[[str], ByteStore]
     ) -> None:
@@ -344,6 +411,11 @@ class BackendConformance(ConformanceBase):
             torchstow.load({"x": torch.zeros(4)}, uri, storage_options=storage_options)
         assert torchstow.latest(root_uri, storage_options=storage_options) is None
 
+    @rule(
+        "several checkpoints saved at once under one prefix are each whole",
+        "make prepare idempotent under races and keep no per-location state shared between store instances; "
+        "or set concurrent_saves = False",
+    )
     def test_concurrent_checkpoints_under_one_prefix(
         self, root_uri: str, storage_options: dict[str, Any]
     ) -> None:
@@ -373,6 +445,11 @@ class BackendConformance(ConformanceBase):
                 torchstow.read(self.uri(root_uri, f"step-{step}"), storage_options=storage_options), sd
             )
 
+    @rule(
+        "of two saves creating one new checkpoint exactly one commits",
+        "override ByteStore.publish_new with one exclusive operation of the medium (not a check then "
+        "publish), or set exclusive_commits = False",
+    )
     def test_two_saves_of_one_new_checkpoint_commit_once(
         self, root_uri: str, storage_options: dict[str, Any]
     ) -> None:
@@ -381,7 +458,7 @@ class BackendConformance(ConformanceBase):
         uri = self.uri(root_uri, "step-1")
         outcomes: dict[float, str] = {}
 
-        class Slow(torchstow.DefaultSavePlanner):
+        class Slow(torchstow.planning.DefaultSavePlanner):
             """Holds each save between its existence check and its commit, so they overlap."""
 
             def resolve_data(self, write_item: Any) -> Any:

@@ -16,6 +16,9 @@ class ConformanceBase:
     """Fixtures every kit class has; a subclass sets ``scheme`` and overrides fixtures."""
 
     scheme: ClassVar[str] = ""
+    exclusive_commits: ClassVar[bool] = True
+    """False where the medium has no exclusive create: the kits then skip the races of
+    ``publish_new`` (byte-store kit) and of two saves creating one checkpoint (end to end)."""
 
     @pytest.fixture
     def root_uri(self, tmp_path: Any) -> str:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 import torchstow
+from torchstow.testing._rules import rule
 from torchstow.testing.base import ConformanceBase
 from torchstow.testing.compare import assert_same_state, state_differences
 from torchstow.testing.ranks import run_ranks
@@ -83,6 +84,11 @@ class DistributedBackendConformance(ConformanceBase):
     world_size: ClassVar[int] = 2
     timeout: ClassVar[float] = 120.0
 
+    @rule(
+        "several processes, each with its own store on one location, save and load one checkpoint",
+        "keep nothing in one process's memory (every listing and read goes to the medium); make "
+        "prepare idempotent when ranks race on it; open connections per process",
+    )
     def test_save_and_load_from_several_processes(
         self, root_uri: str, storage_options: dict[str, Any]
     ) -> None:

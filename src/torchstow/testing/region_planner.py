@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from torchstow import (
+from torchstow import Metadata
+from torchstow.planning import (
     ChunkStorageMetadata,
     LoadPlan,
     LoadPlanner,
-    Metadata,
     MetadataIndex,
     ReadItem,
     TensorStorageMetadata,

@@ -13,8 +13,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 
-from torchstow import ByteStore, CorruptCheckpointError, FileSink, StoreBackend, hookimpl
-from torchstow.plugins.hookspecs import Register
+from torchstow.spi import ByteStore, CorruptCheckpointError, FileSink, Register, StoreBackend, hookimpl
 
 __all__ = ["SqliteBackend", "SqliteStore"]
 

@@ -13,11 +13,10 @@ from torchstow.backends.fsspec.filesystems import (
 )
 from torchstow.backends.fsspec.s3 import MIN_PART
 from torchstow.backends.fsspec.store import THREADS, FsspecStore, Tuning
-from torchstow.core.storage.backend import DirectoryBackend
-from torchstow.spi import hookimpl
+from torchstow.spi import DirectoryBackend, hookimpl
 
 if TYPE_CHECKING:
-    from torchstow.plugins.hookspecs import Register
+    from torchstow.spi import Register
 
 __all__ = ["FsspecBackend"]
 

@@ -4,12 +4,10 @@ and fsspec's own timeout."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
-from torchstow.core.storage import retry
-from torchstow.core.storage.retry import ErrorRules, RetryPolicy
+from torchstow.spi import ErrorRules, RetryPolicy
 
 __all__ = [
     "CLOUD_RULES",
@@ -87,9 +85,9 @@ class CloudRetryPolicy(RetryPolicy):
     rules: ErrorRules = CLOUD_RULES
 
 
-is_transient = functools.partial(retry.is_transient, rules=CLOUD_RULES)
-describe_error = functools.partial(retry.describe_error, rules=CLOUD_RULES)
-error_status = functools.partial(retry.error_status, rules=CLOUD_RULES)
+is_transient = CLOUD_RULES.is_transient
+describe_error = CLOUD_RULES.describe
+error_status = CLOUD_RULES.status
 
 
 def is_throttling(exc: BaseException) -> bool:

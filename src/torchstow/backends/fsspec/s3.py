@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from torchstow.backends.fsspec.errors import is_throttling
 from torchstow.backends.fsspec.pacing import AdaptiveLimit, Progress, ProgressBody, watch
-from torchstow.core.storage.retry import RetryPolicy
-from torchstow.core.storage.store import Buffer, FileSink
+from torchstow.spi import Buffer, FileSink, RetryPolicy
 
 if TYPE_CHECKING:
     from torchstow.backends.fsspec.store import FsspecStore

@@ -35,13 +35,12 @@ from torchstow.backends.fsspec.filesystems import (
     is_s3,
 )
 from torchstow.backends.fsspec.s3 import MultipartSink, S3Requests
-from torchstow.core.storage.retry import RetryPolicy
-from torchstow.core.storage.store import Buffer, ByteStore, FileSink, PendingUpload, StorageIOError
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchstow.spi import Buffer, ByteStore, FileSink, PendingUpload, RetryPolicy, StorageIOError
 
 __all__ = ["FsspecStore", "Tuning"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 # Data files (and threads) per rank: remote stores gain from several objects in
@@ -247,9 +246,12 @@ class FsspecStore(ByteStore):
 
     def read_file(self, name: str) -> bytes:
         what = f"reading {self.location}/{name}"
-        if self.s3 is not None:
+        if self.s3 is not None:  # a plain GET: no listing cache in the way, watched for stalls
             bucket, key = self.s3.bucket_key(self._path(name))
             return self.s3.read_object(bucket, key, what)
+        # A whole-file read may take the size from the listing cache, which another
+        # process's writes since this process listed the location have made stale.
+        self.fs.invalidate_cache(self._path(name))
         data: bytes = self._retry(lambda: self.fs.cat_file(self._path(name)), what)
         return data
 

@@ -22,7 +22,7 @@ from torchstow.format.manifest import Metadata
 
 __all__ = ["UncertainCommitError", "committed_files", "listed_files", "publish_manifest"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 
 def _committed(store: ByteStore) -> Metadata | None:

@@ -48,7 +48,7 @@ from torchstow.format.validation import check_extents
 
 __all__ = ["BaseContent", "base_problem", "content_hash"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 _HASH_SEGMENT = 8 << 20
 

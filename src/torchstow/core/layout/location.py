@@ -10,10 +10,20 @@ from typing import Any
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, CheckpointNotFoundError, IncompleteCheckpointError
 from torchstow.format.codec import decode_metadata
+from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import Metadata
+from torchstow.format.validation import check_extents
 
-__all__ = ["StoreOpener", "check_vacant", "dcp_files", "default_thread_count", "read_manifest", "rebind"]
+__all__ = [
+    "StoreOpener",
+    "check_vacant",
+    "dcp_files",
+    "default_thread_count",
+    "read_dcp_manifest",
+    "read_manifest",
+    "rebind",
+]
 
 StoreOpener = Callable[[str], ByteStore]
 
@@ -23,8 +33,10 @@ def default_thread_count() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def read_manifest(store: ByteStore) -> Metadata:
-    """The committed manifest of ``store``'s checkpoint.
+def read_manifest(store: ByteStore, *, dcp: bool = False) -> Metadata:
+    """The committed manifest of ``store``'s checkpoint; with ``dcp``, where there is
+    none but a DCP ``.metadata`` (a checkpoint of stock ``dcp.save``), that one read as
+    a torchstow manifest (its locations checked against the file sizes).
 
     Raises CheckpointNotFoundError when nothing is there and
     IncompleteCheckpointError when data exists without a manifest.
@@ -32,13 +44,31 @@ def read_manifest(store: ByteStore) -> Metadata:
     try:
         data = store.read_file(MANIFEST)
     except FileNotFoundError:
-        if any(is_checkpoint_file(name) for name in store.list_files()):
+        names = store.list_files()
+        if dcp and DCP_METADATA in names:
+            return read_dcp_manifest(store)
+        if any(is_checkpoint_file(name) for name in names):
             raise IncompleteCheckpointError(
                 f"{store.location} holds checkpoint data but no committed {MANIFEST}: the save "
                 "that wrote it did not finish. Save again, or delete the location."
             ) from None
         raise CheckpointNotFoundError(f"no checkpoint at {store.location}") from None
     return decode_metadata(data, source=f"{store.location}/{MANIFEST}")
+
+
+def read_dcp_manifest(store: ByteStore) -> Metadata:
+    """The DCP ``.metadata`` of ``store``'s checkpoint as a torchstow manifest, its
+    locations checked against the sizes of the files present (before anything is
+    allocated for them); CheckpointNotFoundError when there is none."""
+    try:
+        data = store.read_file(DCP_METADATA)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no checkpoint at {store.location}") from None
+    metadata = decode_dcp_metadata(data, source=f"{store.location}/{DCP_METADATA}")
+    sizes = store.file_sizes()
+    if sizes is not None:
+        check_extents(metadata.storage_data.items(), sizes, store.location)
+    return metadata
 
 
 def check_vacant(store: ByteStore) -> None:

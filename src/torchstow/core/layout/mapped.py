@@ -23,7 +23,6 @@ import torch
 
 from torchstow.core.layout.read_plan import checksum_mismatch
 from torchstow.core.layout.views import tensor_bytes
-from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import BlockVerifier, block_bytes
@@ -135,17 +134,17 @@ def map_tensors(
 
 
 def map_checkpoint(
-    backend: Backend, uri: str, metadata: Metadata, fqns: list[str], *, verify: bool = True
+    store: ByteStore | None, uri: str, metadata: Metadata, fqns: list[str], *, verify: bool = True
 ) -> dict[str, Any]:
-    """The tensors among ``fqns`` of the checkpoint at ``uri``, mapped (see :func:`map_tensors`).
+    """The tensors among ``fqns`` of the checkpoint at ``uri`` (in ``store``; None for a
+    backend that is no byte store), mapped (see :func:`map_tensors`).
 
-    Raises ValueError for a backend whose files are not local (only local
+    Raises ValueError for a store whose files are not local (only local
     files and ``shm://`` can be mapped). A checkpoint whose items are encoded
     (DCP's format) maps nothing: the caller reads every tensor as usual.
     """
     if isinstance(metadata.storage_data, EncodedLocations):
         return {}
-    store = backend.open_store(uri) if isinstance(backend, StoreBackend) else None
     if store is None or store.local_path(MANIFEST) is None:
         raise ValueError(
             f"read(mmap=True) maps local files: {uri!r} is not on a local filesystem or shm://; "

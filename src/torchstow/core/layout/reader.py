@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from torchstow.core.futures import completed_future
+from torchstow.core.layout.dcp_reader import DcpItems
 from torchstow.core.layout.location import StoreOpener, default_thread_count, read_manifest, rebind
 from torchstow.core.layout.read_plan import PlannedRead, ReadTask, plan_read
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CorruptCheckpointError
+from torchstow.format.dcp_metadata import DcpLocations
 from torchstow.format.files import LARGE_ITEM
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from torchstow.format.validation import check_extents, missing_file_error
@@ -34,6 +36,10 @@ class LayoutReader(StorageReader):
     Bytes are read straight into the destination tensors where the stored
     region maps onto their memory, and every byte read is checked against
     its block checksums unless ``verify_checksums`` is off.
+
+    Where the location holds no torchstow manifest but a DCP ``.metadata``
+    (a checkpoint of stock ``dcp.save``), that is the manifest read, and the
+    items are read in DCP's format (:mod:`torchstow.core.layout.dcp_reader`).
     """
 
     def __init__(
@@ -58,7 +64,7 @@ class LayoutReader(StorageReader):
         self.store = rebind(self.store, self._open_store, checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_manifest(self.store)
+        metadata = read_manifest(self.store, dcp=True)
         self._check_files(metadata)
         return metadata
 
@@ -104,6 +110,10 @@ class LayoutReader(StorageReader):
         return True
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        if isinstance(self.locations, DcpLocations):
+            self._check_files(self.metadata)
+            DcpItems(self.store, self.metadata, self._missing, self._beyond).read(plan, planner)
+            return completed_future(None)
         tasks = [self._task(item, planner) for item in plan.items]
         jobs = _jobs(_batches(tasks))
         threads = min(self.thread_count, len(jobs))

@@ -51,7 +51,7 @@ from torchstow.format.validation import check_extents
 
 __all__ = ["LayoutWriter"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 _QUEUE_ITEMS = 1024
 _SEGMENT = 1 << 20

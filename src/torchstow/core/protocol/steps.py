@@ -8,12 +8,14 @@ the coordinator, and if any rank failed, every rank raises the same
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from torchstow.core.accepted_kwargs import call_with_accepted
 from torchstow.core.futures import wait_future
@@ -34,7 +36,26 @@ from torchstow.format.manifest import Metadata
 
 __all__ = ["load_state_dict", "save_state_dict"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _timed(phase: str, rank: int) -> Callable[[_F], _F]:
+    """Log (DEBUG) how long each call of the decorated step takes on this rank."""
+
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                logger.debug("%s took %.3f s on rank %d", phase, time.perf_counter() - start, rank)
+
+        return timed  # type: ignore[return-value]
+
+    return decorate
 
 
 class _Failed:
@@ -229,6 +250,7 @@ def save_state_dict(
     planner = planner or DefaultSavePlanner()
     global_metadata: list[Metadata] = []
 
+    @_timed("save plan", coll.rank)
     def local_plan() -> SavePlan:
         storage_writer.reset(checkpoint_id)
         call_with_accepted(
@@ -240,6 +262,7 @@ def save_state_dict(
         planner.set_up_planner(state_dict, None, coll.is_coordinator)
         return storage_writer.prepare_local_plan(planner.create_local_plan())
 
+    @_timed("save coordinate", coll.rank)
     def global_plan(all_plans: list[SavePlan]) -> list[SavePlan]:
         plans, metadata = planner.create_global_plan(all_plans)
         if user_metadata:
@@ -253,12 +276,14 @@ def save_state_dict(
 
     progress = _SaveProgress()
 
+    @_timed("save write", coll.rank)
     def write() -> Any:
         final_plan = planner.finish_plan(planned.plan)
         outcome = planned.outcome(list(wait_future(storage_writer.write_data(final_plan, planner))))
         progress.handed = True
         return outcome
 
+    @_timed("save commit", coll.rank)
     def commit(outcomes: list[Any]) -> Metadata:
         made = global_metadata[0] if global_metadata else None
         metadata, all_results = planned.commit_inputs(made, outcomes, user_metadata)
@@ -394,6 +419,7 @@ def load_state_dict(
     planner = planner or DefaultLoadPlanner()
     reset_done = False
 
+    @_timed("load metadata", coll.rank)
     def read_metadata() -> Metadata:
         nonlocal reset_done
         reset_done = True
@@ -403,6 +429,7 @@ def load_state_dict(
     if metadata is None:
         metadata = broadcast_from_coordinator(coll, "load reading metadata", read_metadata)
 
+    @_timed("load plan", coll.rank)
     def local_plan() -> LoadPlan:
         if not reset_done:
             storage_reader.reset(checkpoint_id)
@@ -416,11 +443,13 @@ def load_state_dict(
         planner.set_up_planner(state_dict, metadata, coll.is_coordinator)
         return storage_reader.prepare_local_plan(planner.create_local_plan())
 
+    @_timed("load coordinate", coll.rank)
     def global_plan(all_plans: list[LoadPlan]) -> list[LoadPlan]:
         return storage_reader.prepare_global_plan(planner.create_global_plan(all_plans))
 
     central_plan: LoadPlan = reduce_scatter(coll, "load planning", local_plan, global_plan)
 
+    @_timed("load read", coll.rank)
     def read() -> None:
         final_plan = planner.finish_plan(central_plan)
         wait_future(storage_reader.read_data(final_plan, planner))

@@ -34,7 +34,7 @@ import torch
 
 __all__ = ["SHM_DIR", "SegmentMapper", "SharedMemoryArena", "ShmRef", "locate_shared", "remove_segments_of"]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _PREFIX = "torchstow-"

@@ -37,7 +37,7 @@ __all__ = [
     "accelerator_available",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 _ATOMIC = frozenset(
     {

@@ -52,7 +52,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def read_metadata(self, uri: str) -> Metadata:
-        """The committed manifest at ``uri`` (CheckpointNotFoundError if none)."""
+        """The committed manifest at ``uri`` (CheckpointNotFoundError if none); a byte
+        store's may be a DCP ``.metadata`` read as one."""
 
     @abc.abstractmethod
     def list_children(self, prefix: str) -> list[str]:
@@ -90,6 +91,8 @@ class StoreBackend(Backend):
         )
 
     def storage_reader(self, uri: str) -> StorageReader:
+        """A :class:`LayoutReader`: it reads torchstow's format, or DCP's where it finds a
+        ``.metadata`` and no torchstow manifest."""
         return LayoutReader(
             self.open_store(uri),
             thread_count=self.thread_count,
@@ -98,7 +101,7 @@ class StoreBackend(Backend):
         )
 
     def read_metadata(self, uri: str) -> Metadata:
-        return read_manifest(self.open_store(uri))
+        return read_manifest(self.open_store(uri), dcp=True)
 
     def delete(self, uri: str) -> None:
         store = self.open_store(uri)

@@ -1,12 +1,18 @@
 """Forwarding bases for wrappers: a writer, reader or byte store that hands every call
 to ``inner``. Subclass one and override only the steps the wrapper changes (a hook
-before the commit, an injected fault, a corrupting sink)."""
+before the commit, an injected fault, a corrupting sink).
+
+A byte store's optional capabilities (:meth:`~ByteStore.local_path`,
+:meth:`~ByteStore.adopt`, :meth:`~ByteStore.file_sizes`) hold for the wrapper only
+if it keeps the bytes as they are: they are forwarded unless the wrapper declares
+``transforms_bytes = True`` (compression, encryption, a corrupting test store), which
+gets the safe defaults instead (nothing to map, no file shared, sizes unknown)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torchstow.core.futures import AnyFuture
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
@@ -87,7 +93,13 @@ class ForwardingStorageReader(StorageReader):
 
 
 class ForwardingByteStore(ByteStore):
-    """A byte store that hands every call to ``inner`` (same location, same read segment size)."""
+    """A byte store that hands every call to ``inner`` (same location, same read segment size).
+
+    ``transforms_bytes`` declares whether the files this wrapper shows differ from
+    ``inner``'s (see the module's docstring): False forwards every capability.
+    """
+
+    transforms_bytes: ClassVar[bool] = False
 
     def __init__(self, inner: ByteStore) -> None:
         self.inner = inner
@@ -115,8 +127,17 @@ class ForwardingByteStore(ByteStore):
     def publish_new(self, name: str, data: bytes) -> None:
         self.inner.publish_new(name, data)
 
+    def local_path(self, name: str) -> str | None:
+        return None if self.transforms_bytes else self.inner.local_path(name)
+
+    def adopt(self, other: ByteStore, name: str) -> bool:
+        return not self.transforms_bytes and self.inner.adopt(other, name)
+
+    def can_adopt(self) -> bool:
+        return not self.transforms_bytes and self.inner.can_adopt()
+
     def file_sizes(self) -> dict[str, int] | None:
-        return self.inner.file_sizes()
+        return None if self.transforms_bytes else self.inner.file_sizes()
 
     def list_files(self) -> list[str]:
         return self.inner.list_files()

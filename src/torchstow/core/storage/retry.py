@@ -37,7 +37,7 @@ __all__ = [
     "is_transient",
 ]
 
-logger = logging.getLogger("torchstow")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -63,6 +63,18 @@ class ErrorRules:
     transient_codes: frozenset[str] = frozenset()
     transient_classes: frozenset[str] = frozenset()
     read_status: StatusReader | None = None
+
+    def status(self, exc: BaseException) -> tuple[int | None, str | None]:
+        """:func:`error_status` of ``exc`` by these rules."""
+        return error_status(exc, self)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """:func:`is_transient` of ``exc`` by these rules."""
+        return is_transient(exc, self)
+
+    def describe(self, exc: BaseException) -> str:
+        """:func:`describe_error` of ``exc`` by these rules."""
+        return describe_error(exc, self)
 
 
 GENERIC = ErrorRules()

@@ -89,6 +89,11 @@ class ByteStore(abc.ABC):
         default) where this store cannot, and incremental saves are refused."""
         return False
 
+    def can_adopt(self) -> bool:
+        """Whether :meth:`adopt` can ever succeed here (incremental saves need it): by
+        default, whether this store's class overrides it."""
+        return type(self).adopt is not ByteStore.adopt
+
     def ensure_capacity(self, nbytes: int) -> None:  # noqa: B027 (optional hook)
         """Raise :class:`StorageFullError` if ``nbytes`` more bytes cannot fit.
 

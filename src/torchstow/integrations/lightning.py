@@ -1,0 +1,302 @@
+"""Lightning ``CheckpointIO`` plugins that save and load through any torchstow URI.
+
+``Trainer(plugins=[TorchstowCheckpointIO()], default_root_dir="s3://bucket/run")``:
+``ModelCheckpoint`` then saves, removes and resumes torchstow checkpoints. Each
+Lightning checkpoint path (``.../epoch=0-step=2.ckpt``) is one torchstow
+checkpoint location (a directory, an object prefix). Non-tensor parts of the
+checkpoint dict are stored as JSON, or in the restricted format
+``torch.load(weights_only=True)`` reads; anything else needs ``allow_pickle=True``
+and the error names its key. See docs/lightning.md.
+
+Importing this module registers an fsspec filesystem for ``shm://`` (the
+files of torchstow's shared-memory backend, under ``TORCHSTOW_SHM_DIR``), so
+Lightning's own path operations on ``shm://`` URIs work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+try:
+    from lightning.pytorch.plugins.io import CheckpointIO
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "torchstow.integrations.lightning needs Lightning: pip install 'torchstow[lightning]'"
+    ) from exc
+
+import torchstow
+from torchstow.backends.shm import default_shm_dir
+
+__all__ = ["AsyncTorchstowCheckpointIO", "TorchstowCheckpointIO", "last_checkpoint"]
+
+logger = logging.getLogger("torchstow.integrations")
+
+_SHM = "shm://"
+
+
+class ShmFileSystem(LocalFileSystem):
+    """fsspec's local filesystem, reached through ``shm://NAME/...`` as torchstow's shm backend
+    names its checkpoints (under ``TORCHSTOW_SHM_DIR``, default ``/dev/shm/torchstow-<uid>``)."""
+
+    protocol = ("shm",)
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        text = str(path)
+        if text.startswith(_SHM):
+            text = os.path.join(default_shm_dir(), text[len(_SHM) :].lstrip("/"))
+        return super()._strip_protocol(text)
+
+
+with contextlib.suppress(ValueError):  # another package serves shm:// already: leave it be
+    fsspec.register_implementation("shm", ShmFileSystem, clobber=False)
+
+
+def _location(path: Any) -> str:
+    """The torchstow URI of a Lightning checkpoint path."""
+    return os.fspath(path) if not isinstance(path, str) else path
+
+
+class TorchstowCheckpointIO(CheckpointIO):
+    """Save, load and remove Lightning checkpoints as torchstow checkpoints.
+
+    ``storage_options`` go to every torchstow call (endpoints, credentials,
+    ``thread_count``...). ``allow_pickle`` lets values that only full pickle can
+    store be saved and loaded (off: such a value is a ``PickleNotAllowedError``
+    naming its key). Saves never wait for other ranks (Lightning calls
+    ``save_checkpoint`` on global rank 0 alone); loads read in this process.
+
+    The checkpoint a run resumed from is removed only once a newer checkpoint
+    was committed after the resume; a removal asked for earlier is skipped
+    with a warning.
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None, *, allow_pickle: bool = False) -> None:
+        super().__init__()
+        self.storage_options = dict(storage_options or {})
+        self.allow_pickle = allow_pickle
+        self._lock = threading.Lock()
+        self._commits = 0  # checkpoints committed by this plugin
+        self._resumed: dict[str, int] = {}  # location -> commits when it was loaded
+
+    # -- what Lightning calls ----------------------------------------------------------
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Save ``checkpoint`` at ``path``, replacing a committed one there (``last.ckpt``)."""
+        torchstow.save(
+            checkpoint,
+            _location(path),
+            storage_options=self._options(storage_options),
+            no_dist=True,
+            overwrite=True,
+            allow_pickle=self.allow_pickle,
+            metadata=_metadata(checkpoint),
+        )
+        with self._lock:
+            self._commits += 1
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint at ``path``, tensors on the CPU (or where ``map_location`` says).
+        ``weights_only=False`` (Lightning's "I trust this checkpoint") allows pickled values."""
+        uri = _location(path)
+        trusted = self.allow_pickle or weights_only is False
+        checkpoint = torchstow.read(uri, storage_options=self.storage_options, allow_pickle=trusted)
+        with self._lock:
+            self._resumed[self._key(uri)] = self._commits
+        if isinstance(map_location, str | torch.device):  # functions and dicts: left on the CPU
+            checkpoint = _to(checkpoint, map_location)
+        return checkpoint
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Delete the checkpoint at ``path`` (nothing there: nothing to do)."""
+        uri = _location(path)
+        if not self._may_remove(uri):
+            return
+        try:
+            torchstow.delete(uri, storage_options=self.storage_options)
+        except torchstow.CheckpointNotFoundError:
+            logger.debug("no checkpoint to remove at %s", uri)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _options(self, extra: Any | None) -> dict[str, Any]:
+        if extra is None:
+            return self.storage_options
+        if not isinstance(extra, dict):
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint takes storage_options as a dict of torchstow "
+                f"storage options, not {type(extra).__name__}"
+            )
+        return {**self.storage_options, **extra}
+
+    def _key(self, uri: str) -> str:
+        """``uri`` spelled one way, so a checkpoint Lightning names as a local path (shm://
+        resolved through fsspec, say) and as a URI compares equal."""
+        if uri.startswith(_SHM):
+            root = self.storage_options.get("shm_dir") or default_shm_dir()
+            uri = os.path.join(root, uri[len(_SHM) :].lstrip("/"))
+        elif uri.startswith("file://"):
+            uri = uri[len("file://") :]
+        if "://" not in uri:
+            return os.path.realpath(uri)
+        return uri.rstrip("/")
+
+    def _newer_committed(self, key: str) -> bool:
+        """Whether ``key`` is no checkpoint the run resumed from, or a newer one has committed since."""
+        with self._lock:
+            loaded_at = self._resumed.get(key)
+            return loaded_at is None or self._commits > loaded_at
+
+    def _may_remove(self, uri: str) -> bool:
+        if self._newer_committed(self._key(uri)):
+            return True
+        logger.warning(
+            "not removing %s: the run resumed from it and no newer checkpoint has been committed yet", uri
+        )
+        return False
+
+
+class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
+    """:class:`TorchstowCheckpointIO` whose saves run in the background.
+
+    ``save_checkpoint`` returns once the checkpoint is staged (copied), so
+    training goes on while it is written; saves commit in call order. A removal
+    waits, in the background, for every save asked for before it, and is
+    skipped (with a warning) if one of them failed. A failed save is raised by
+    the next ``save_checkpoint`` or by ``teardown``, which waits for all of them.
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None, *, allow_pickle: bool = False) -> None:
+        super().__init__(storage_options, allow_pickle=allow_pickle)
+        self._saves: list[Any] = []  # AsyncSave handles since the last load, in call order
+        self._removals: list[Future[None]] = []
+        self._remover: ThreadPoolExecutor | None = None
+        self._reported = 0  # how many of _saves were checked for a failure
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        self._raise_failed()
+        saving = torchstow.async_save(
+            checkpoint,
+            _location(path),
+            storage_options=self._options(storage_options),
+            no_dist=True,
+            overwrite=True,
+            allow_pickle=self.allow_pickle,
+            metadata=_metadata(checkpoint),
+        )
+        with self._lock:
+            self._saves.append(saving)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        self._wait()
+        self._raise_failed()
+        with self._lock:
+            self._saves, self._reported = [], 0
+        return super().load_checkpoint(path, map_location, weights_only)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        with self._lock:
+            before = list(self._saves)
+            if self._remover is None:
+                self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchstow-lightning")
+            self._removals.append(self._remover.submit(self._remove_after, path, before))
+
+    def teardown(self) -> None:
+        """Wait for every save and removal; raise the first save that failed."""
+        self._wait()
+        with self._lock:
+            remover, self._remover = self._remover, None
+        if remover is not None:
+            remover.shutdown(wait=True)
+        self._raise_failed()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _newer_committed(self, key: str) -> bool:
+        # Every save in _saves was asked for after the last load.
+        with self._lock:
+            if key not in self._resumed:
+                return True
+            return any(s.done() and s.exception() is None for s in self._saves)
+
+    def _remove_after(self, path: Any, saves: list[Any]) -> None:
+        for saving in saves:
+            saving.wait()
+        failed = [s.exception() for s in saves if s.exception() is not None]
+        if failed:
+            logger.warning("not removing %s: a checkpoint saved before it failed (%s)", path, failed[0])
+            return
+        TorchstowCheckpointIO.remove_checkpoint(self, path)
+
+    def _wait(self) -> None:
+        with self._lock:
+            saves = list(self._saves)
+            removals, self._removals = self._removals, []
+        for saving in saves:
+            saving.wait()
+        for removal in removals:
+            removal.result()
+
+    def _raise_failed(self) -> None:
+        """Raise the first failure among the saves that ended since the last check."""
+        with self._lock:
+            ended = 0
+            for saving in self._saves[self._reported :]:
+                if not saving.done():
+                    break
+                ended += 1
+            checked = self._saves[self._reported : self._reported + ended]
+            self._reported += ended
+        for saving in checked:
+            error = saving.exception()
+            if error is not None:
+                raise error
+
+
+_LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
+
+
+def last_checkpoint(dirpath: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The URI of the newest committed ``last*.ckpt`` under ``dirpath`` (a ``ModelCheckpoint``'s
+    directory), or None: what ``ckpt_path="last"`` means, for URIs where Lightning cannot
+    resolve it (fsspec lists ``s3://`` keys without their scheme)."""
+    found = torchstow.list_checkpoints(dirpath, storage_options=storage_options)
+    last = [info for info in found if _LAST.match(info.uri.rstrip("/").rsplit("/", 1)[-1])]
+    return max(last, key=lambda info: info.committed_at or 0.0).uri if last else None
+
+
+def _metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What ``torchstow ls`` and ``list_checkpoints`` show of a Lightning checkpoint."""
+    found = {key: checkpoint[key] for key in ("global_step", "epoch") if isinstance(checkpoint.get(key), int)}
+    if "global_step" in found:
+        found["step"] = found["global_step"]
+    return found
+
+
+def _to(value: Any, device: str | torch.device) -> Any:
+    """``value`` with every tensor moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to(v, device) for v in value)
+    return value
