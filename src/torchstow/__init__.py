@@ -43,6 +43,7 @@ from torchstow.interop import dcp_storage_reader, dcp_storage_writer
 from torchstow.interop.convert import ConvertReport, convert
 from torchstow.management import CheckpointManager, VerifyReport, copy, prune, verify
 from torchstow.management.catalog import delete, info, latest, list_checkpoints
+from torchstow.management.gc import gc
 
 __version__ = "0.1.0"
 
@@ -76,6 +77,7 @@ __all__ = [
     "dcp_storage_reader",
     "dcp_storage_writer",
     "delete",
+    "gc",
     "info",
     "latest",
     "list_checkpoints",

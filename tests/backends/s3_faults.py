@@ -1,19 +1,26 @@
-"""A reverse proxy in front of the moto server that injects S3 failures on the wire.
+"""A reverse proxy in front of the moto server that injects S3 failures on the wire
+and shapes the link like a real one.
 
 Requests matching a :class:`Fault` get an S3 error response (503 SlowDown,
-500 InternalError, 403 AccessDenied ...), a connection reset, or a delay,
-instead of (or before) being forwarded; every request is logged with its
-start and end time so tests can count attempts and see overlap.
+500 InternalError, 403 AccessDenied ...), a connection reset, a delay or a
+stall, instead of (or before) being forwarded; every request is logged with
+its start and end time so tests can count attempts and see overlap. A
+:class:`Link` adds latency to every request, caps bandwidth per connection
+and in total, and answers a seeded random fraction of requests with 503
+SlowDown; :meth:`Link.limit` is the throughput its caps allow at best.
 """
 
 from __future__ import annotations
 
 import http.client
+import math
+import random
 import re
 import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -32,8 +39,11 @@ class Fault:
 
     ``action`` is an HTTP status (503, 500, 403), ``"reset"`` (close the
     connection without answering), ``"lost"`` (forward the request, then close
-    the connection without passing the reply on) or ``"delay"`` (wait ``delay`` seconds, then
-    forward). ``pattern`` is a regex searched in the path with its query.
+    the connection without passing the reply on), ``"delay"`` (wait ``delay`` seconds, then
+    forward), ``"stall"`` (read half the request's body, then stop reading and never
+    answer) or ``"stall-reply"`` (forward, then send half the reply and stop sending);
+    a stalled connection hangs until the proxy closes. ``pattern`` is a regex searched
+    in the path with its query.
     """
 
     method: str
@@ -42,6 +52,65 @@ class Fault:
     times: int = 1_000_000
     delay: float = 0.0
     hits: int = 0
+
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Link:
+    """How the proxy shapes the link: ``latency`` seconds added to every request (before
+    it is forwarded: one round trip), ``per_connection`` and ``total`` bytes per second
+    in each direction (None: no cap; full duplex, so uploads and downloads each get
+    them), and a ``slowdown`` fraction of requests answered 503 SlowDown, drawn from a
+    random generator seeded with ``seed``."""
+
+    latency: float = 0.0
+    per_connection: float | None = None
+    total: float | None = None
+    slowdown: float = 0.0
+    seed: int = 0
+
+    def best_time(self, sizes: Sequence[int], connections: int) -> float:
+        """The least time the caps allow to move requests of ``sizes`` bytes over at most
+        ``connections`` connections: no sooner than the total cap moves every byte, than
+        the connections get through every request's latency and bytes side by side, nor
+        than the largest request alone; SlowDown answers add requests that carry their
+        bytes in vain (their expected share)."""
+        if not sizes:
+            return 0.0
+        per = self.per_connection or math.inf
+        retried = 1 / (1 - self.slowdown)  # expected sends of a request answered 503 a fraction of the time
+        nbytes = sum(sizes) * retried
+        busy = sum(self.latency + size / per for size in sizes) * retried
+        return max(
+            nbytes / (self.total or math.inf), busy / max(1, connections), self.latency + max(sizes) / per
+        )
+
+    def limit(self, sizes: Sequence[int], connections: int) -> float:
+        """The link's limit for those requests: their bytes over :meth:`best_time` (bytes/s)."""
+        best = self.best_time(sizes, connections)
+        return sum(sizes) / best if best > 0 else math.inf
+
+
+class _Pace:
+    """A token bucket without a burst: each ``take(n)`` reserves the next ``n / rate`` seconds."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.free_at = time.monotonic()
+        self.lock = threading.Lock()
+
+    def reserve(self, n: int) -> float:
+        """The time at which ``n`` more bytes have gone through."""
+        if self.rate is None:
+            return 0.0
+        with self.lock:
+            self.free_at = max(self.free_at, time.monotonic()) + n / self.rate
+            return self.free_at
+
+
+_CHUNK = 64 << 10
 
 
 @dataclass
@@ -60,17 +129,44 @@ class FaultProxy:
     upstream: str
     faults: list[Fault] = field(default_factory=list)
     log: list[Logged] = field(default_factory=list)
+    link: Link = field(default_factory=Link)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._random = random.Random(self.link.seed)
+        self._total_up, self._total_down = _Pace(self.link.total), _Pace(self.link.total)
         target = urlsplit(self.upstream)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                self.up, self.down = _Pace(proxy.link.per_connection), _Pace(proxy.link.per_connection)
+
             def log_message(self, format: str, *args: object) -> None:
                 pass
+
+            def _read(self, n: int) -> bytes:
+                """``n`` bytes of the request, at the pace the link allows."""
+                parts = []
+                while n > 0:
+                    data = self.rfile.read(min(n, _CHUNK))
+                    if not data:
+                        break
+                    parts.append(data)
+                    n -= len(data)
+                    _sleep_until(max(self.up.reserve(len(data)), proxy._total_up.reserve(len(data))))
+                return b"".join(parts)
+
+            def _send(self, data: bytes) -> None:
+                """Send ``data`` at the pace the link allows."""
+                for pos in range(0, len(data), _CHUNK):
+                    piece = data[pos : pos + _CHUNK]
+                    _sleep_until(max(self.down.reserve(len(piece)), proxy._total_down.reserve(len(piece))))
+                    self.wfile.write(piece)
 
             def _body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -80,19 +176,35 @@ class FaultProxy:
                         if size == 0:
                             self.rfile.readline()
                             return b"".join(chunks)
-                        chunks.append(self.rfile.read(size))
+                        chunks.append(self._read(size))
                         self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                return self._read(int(self.headers.get("Content-Length") or 0))
+
+            def _hang(self) -> str:
+                """Stall: hold the connection, doing nothing, until the proxy closes."""
+                proxy._closing.wait()
+                self.close_connection = True
+                return "stalled"
 
             def _handle(self) -> None:
                 start = time.monotonic()
-                body = self._body()
                 fault = proxy._match(self.command, self.path)
+                status: int | str
+                if fault is not None and fault.action == "stall":
+                    self._read(int(self.headers.get("Content-Length") or 0) // 2)
+                    status = self._hang()
+                    with proxy._lock:
+                        proxy.log.append(Logged(self.command, self.path, status, start, time.monotonic()))
+                    return
+                body = self._body()
+                time.sleep(proxy.link.latency)
+                if fault is None and proxy.link.slowdown and proxy._draw() < proxy.link.slowdown:
+                    fault = Fault(self.command, "", 503)
                 if fault is not None and fault.action == "delay":
                     time.sleep(fault.delay)
                     fault = None
-                if fault is None:
-                    status: int | str = self._forward(body)
+                if fault is None or fault.action == "stall-reply":
+                    status = self._forward(body, stall=fault is not None)
                 elif fault.action in ("reset", "lost"):
                     if fault.action == "lost":  # the store acts on the request; the reply never comes
                         self._forward(body, answer=False)
@@ -116,7 +228,7 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.log.append(Logged(self.command, self.path, status, start, time.monotonic()))
 
-            def _forward(self, body: bytes, answer: bool = True) -> int:
+            def _forward(self, body: bytes, answer: bool = True, stall: bool = False) -> int | str:
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
@@ -134,8 +246,12 @@ class FaultProxy:
                     length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
                     self.send_header("Content-Length", length or "0")
                     self.end_headers()
+                    if stall:
+                        self.wfile.write(data[: len(data) // 2])
+                        self.wfile.flush()
+                        return self._hang()
                     if self.command != "HEAD":
-                        self.wfile.write(data)
+                        self._send(data)
                     return resp.status
                 finally:
                     conn.close()
@@ -147,6 +263,10 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def _draw(self) -> float:
+        with self._lock:
+            return self._random.random()
 
     def _match(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -162,5 +282,12 @@ class FaultProxy:
             return [r for r in self.log if r.method == method and re.search(pattern, r.path)]
 
     def close(self) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
+
+
+def _sleep_until(deadline: float) -> None:
+    wait = deadline - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)

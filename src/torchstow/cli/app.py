@@ -52,6 +52,17 @@ def _count(least: int) -> Any:
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a non-negative number of seconds (else a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number of seconds")
+    return value
+
+
 def size(text: str) -> int:
     try:
         return parse_size(text)
@@ -107,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchstow",
         description="Look after PyTorch checkpoints on any storage: "
-        "list, inspect, verify, copy, convert, prune.",
+        "list, inspect, verify, copy, convert, prune, gc.",
         epilog="Every verb takes --debug; reading verbs take --json and -o KEY=VALUE. See docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {torchstow.__version__}")
@@ -140,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-every", type=_count(1), metavar="K", help="also keep every step that is a multiple of K"
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p = verb("gc", [plain])
+    p.add_argument("prefix")
+    p.add_argument(
+        "--older-than",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="the grace period: leave debris younger than this (default 3600)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p = verb("convert", [bar])
     _two_sided(p)
     p.add_argument("--to", required=True, choices=FORMATS)

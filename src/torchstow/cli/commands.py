@@ -383,6 +383,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove what killed saves left (unreferenced data, incomplete checkpoints, stray uploads)."""
+    report = torchstow.gc(
+        args.prefix, older_than=args.older_than, dry_run=args.dry_run, storage_options=_opts(args)
+    )
+    if args.json:
+        print_json(report.to_dict())
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for uri in report.removed:
+        print(f"{verb} {uri}")
+    for uri in report.aborted:
+        print(f"{'would abort' if args.dry_run else 'aborted'} the upload of {uri}")
+    for where, why in report.skipped.items():
+        print(f"skipped {where}: {why}")
+    print(
+        f"{verb} {plural(len(report.removed), 'file')} ({human_bytes(report.bytes_freed)}), "
+        f"{plural(len(report.aborted), 'upload')}; kept {len(report.kept)} younger than "
+        f"{args.older_than:g}s"
+    )
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert between torchstow, DCP, torch.save and Hugging Face safetensors (streaming)."""
     src_opts, dst_opts = _two_sides(args, dst_backend=args.to == "torchstow")
@@ -456,6 +479,7 @@ VERBS = {
     "rm": cmd_rm,
     "du": cmd_du,
     "prune": cmd_prune,
+    "gc": cmd_gc,
     "convert": cmd_convert,
     "backends": cmd_backends,
 }

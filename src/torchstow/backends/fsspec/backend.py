@@ -26,13 +26,14 @@ class FsspecBackend(DirectoryBackend):
 
     Storage options: ``part_size`` (bytes per uploaded part, default 16 MiB),
     ``multipart_threshold`` (larger files are multipart uploads, default
-    32 MiB), ``range_size`` (bytes per ranged read, default 32 MiB), ``concurrency``
-    (requests in flight per rank and direction, default 8),
-    ``retry_attempts`` (default 5) and ``retry_delay`` (first backoff in
-    seconds, default 0.2), ``thread_count`` (data files and threads per rank,
-    default 8) and ``verify_checksums``; every
-    other option goes to the fsspec filesystem (``endpoint_url``, ``key``,
-    ``secret``, ``client_kwargs`` ... for s3fs).
+    32 MiB), ``range_size`` (bytes per ranged read, default 32 MiB), ``max_concurrency``
+    (requests in flight per rank, default 8; fewer while S3 throttles),
+    ``stall_timeout`` (seconds without progress before an S3 request is cancelled
+    and retried, default 60), ``retry_attempts`` (default 5) and ``retry_delay``
+    (first backoff in seconds, default 0.2), ``thread_count`` (data files and
+    threads per rank, default 8) and ``verify_checksums``; every other option goes
+    to the fsspec filesystem (``endpoint_url``, ``key``, ``secret``,
+    ``client_kwargs`` ... for s3fs). See docs/backends.md.
     """
 
     schemes = (
@@ -60,9 +61,11 @@ class FsspecBackend(DirectoryBackend):
         part_size: int = Tuning.part_size,
         multipart_threshold: int = Tuning.multipart_threshold,
         range_size: int = Tuning.range_size,
-        concurrency: int = Tuning.concurrency,
+        max_concurrency: int = Tuning.concurrency,
+        stall_timeout: float = Tuning.stall_timeout,
         retry_attempts: int = CloudRetryPolicy.attempts,
         retry_delay: float = CloudRetryPolicy.base_delay,
+        concurrency: int | None = None,
         **fs_options: Any,
     ) -> None:
         super().__init__(
@@ -70,19 +73,31 @@ class FsspecBackend(DirectoryBackend):
         )
         if part_size < MIN_PART:
             raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum), got {part_size}")
-        if range_size < 1 or concurrency < 1:
-            raise ValueError("range_size and concurrency must be positive")
+        if concurrency is not None:  # the option's former name
+            max_concurrency = concurrency
+        if range_size < 1 or max_concurrency < 1:
+            raise ValueError("range_size and max_concurrency must be positive")
+        if not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be a positive number of seconds, got {stall_timeout!r}")
         self.tuning = Tuning(
             part_size,
             multipart_threshold,
             range_size,
-            concurrency,
+            max_concurrency,
             CloudRetryPolicy(retry_attempts, retry_delay),
+            stall_timeout,
         )
         self.fs_options = fs_options
 
     def open_store(self, uri: str) -> FsspecStore:
-        fs, path = open_filesystem(uri, self.fs_options)
+        options = self.fs_options
+        if is_s3(filesystem_class(uri)):  # what s3fs does itself (listings, reads) stalls no longer either
+            timeouts = {
+                "connect_timeout": self.tuning.stall_timeout,
+                "read_timeout": self.tuning.stall_timeout,
+            }
+            options = {**options, "config_kwargs": {**timeouts, **(options.get("config_kwargs") or {})}}
+        fs, path = open_filesystem(uri, options)
         if is_s3(fs) and not path.strip("/"):
             raise ValueError(f"{uri!r} names no bucket: write {uri.split(':', 1)[0]}://BUCKET/PREFIX")
         return FsspecStore(fs, path, uri.rstrip("/"), self.tuning)

@@ -9,7 +9,14 @@ from typing import Any
 
 from torchstow.spi import ErrorRules, RetryPolicy
 
-__all__ = ["CLOUD_RULES", "CloudRetryPolicy", "describe_error", "error_status", "is_transient"]
+__all__ = [
+    "CLOUD_RULES",
+    "CloudRetryPolicy",
+    "describe_error",
+    "error_status",
+    "is_throttling",
+    "is_transient",
+]
 
 
 def _read_botocore(exc: BaseException) -> tuple[int | None, str | None, str]:
@@ -22,17 +29,23 @@ def _read_botocore(exc: BaseException) -> tuple[int | None, str | None, str]:
     return (status if isinstance(status, int) else None), error.get("Code"), error.get("Message") or ""
 
 
+_THROTTLING_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+    }
+)
+
 CLOUD_RULES = ErrorRules(
-    transient_codes=frozenset(
+    transient_codes=_THROTTLING_CODES
+    | frozenset(
         {
-            "SlowDown",
-            "Throttling",
-            "ThrottlingException",
-            "ThrottledException",
-            "TooManyRequests",
-            "TooManyRequestsException",
-            "RequestLimitExceeded",
-            "RequestThrottled",
             "RequestTimeout",
             "RequestTimeoutException",
             "InternalError",
@@ -75,3 +88,9 @@ class CloudRetryPolicy(RetryPolicy):
 is_transient = CLOUD_RULES.is_transient
 describe_error = CLOUD_RULES.describe
 error_status = CLOUD_RULES.status
+
+
+def is_throttling(exc: BaseException) -> bool:
+    """Whether the store refused a request as one too many (503 SlowDown, 429 and kin)."""
+    status, code = error_status(exc)
+    return code in _THROTTLING_CODES or status in (429, 503)

@@ -1,14 +1,17 @@
 """What the fsspec backend does itself on S3 (s3fs): multipart uploads whose parts go up
-concurrently, batched deletes, every request through the store's retry policy."""
+concurrently, ranged reads straight into their buffers, batched deletes, the multipart
+uploads gc sees; every request through the store's retry policy, its adaptive limit on
+requests in flight and its stall watchdog (:mod:`torchstow.backends.fsspec.pacing`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from torchstow.backends.fsspec.errors import is_throttling
+from torchstow.backends.fsspec.pacing import AdaptiveLimit, Progress, ProgressBody, watch
 from torchstow.spi import Buffer, FileSink, RetryPolicy
 
 if TYPE_CHECKING:
@@ -21,22 +24,127 @@ MiB = 1 << 20
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 MIN_PART = 5 * MiB  # S3's smallest part (but the last)
 _DELETE_BATCH = 1000  # S3 deletes at most 1000 keys a request
+_READ_CHUNK = 1 << 20  # bytes per read of a response body (each one counts as progress)
+
+T = TypeVar("T")
+
+
+async def _chunks(stream: Any, progress: Progress) -> AsyncIterator[bytes]:
+    """The chunks of a response body as they arrive, each one progress; the stream closed after."""
+    progress.mark()
+    try:
+        while chunk := await stream.read(_READ_CHUNK):
+            progress.mark()
+            yield chunk
+    finally:
+        stream.close()
 
 
 class S3Requests:
-    """The S3 requests a store makes itself (s3fs's ``_call_s3``), each retried."""
+    """The S3 requests a store makes itself (s3fs's ``_call_s3``), all on the filesystem's
+    event loop: each retried, at most ``max_concurrency`` in flight (fewer while the store
+    throttles), and cancelled after ``stall_timeout`` seconds without progress."""
 
-    def __init__(self, fs: Any, retry: RetryPolicy) -> None:
+    def __init__(self, fs: Any, retry: RetryPolicy, max_concurrency: int, stall_timeout: float) -> None:
         self.fs = fs
         self.retry = retry
+        self.stall_timeout = stall_timeout
+        self.limit = AdaptiveLimit(max_concurrency)
+
+    async def request(
+        self, method: str, what: str, *, on_attempt: Callable[[], None] | None = None, **kwargs: Any
+    ) -> Any:
+        """The response to one request, retried (``on_attempt`` runs before each try)."""
+
+        async def attempt() -> Any:
+            if on_attempt is not None:
+                on_attempt()
+            return await self._attempt(what, lambda progress: self._send(method, kwargs, progress))
+
+        return await self.retry.acall(attempt, what)
+
+    async def _send(self, method: str, kwargs: dict[str, Any], progress: Progress) -> Any:
+        body = kwargs.get("Body")
+        if isinstance(body, bytes | bytearray | memoryview):
+            kwargs = {**kwargs, "Body": ProgressBody(body, progress)}
+        return await self.fs._call_s3(method, **kwargs)
+
+    async def _attempt(self, what: str, send: Callable[[Progress], Awaitable[T]]) -> T:
+        """One try of a request: within the limit, watched for stalls; throttling lowers the limit."""
+        async with self.limit:
+            progress = Progress()
+            try:
+                result = await watch(send(progress), progress, self.stall_timeout, what)
+            except Exception as exc:
+                if is_throttling(exc):
+                    self.limit.throttled()
+                raise
+        await self.limit.succeeded()
+        return result
+
+    def start(
+        self, method: str, what: str, *, on_done: Callable[[], None], **kwargs: Any
+    ) -> asyncio.Task[Any]:
+        """Start a request as a task on the filesystem's event loop (see :meth:`results`,
+        :meth:`cancel`); ``on_done`` runs when it ends, however it does."""
+
+        async def create() -> asyncio.Task[Any]:
+            task = asyncio.ensure_future(self.request(method, what, **kwargs))
+            task.add_done_callback(lambda _: on_done())
+            return task
+
+        return asyncio.run_coroutine_threadsafe(create(), self.fs.loop).result()
+
+    def results(self, tasks: Sequence[asyncio.Task[Any]]) -> list[Any]:
+        """Wait for started requests: their responses, or the first one's error."""
+
+        async def gather() -> list[Any]:
+            return list(await asyncio.gather(*tasks))
+
+        return asyncio.run_coroutine_threadsafe(gather(), self.fs.loop).result()
+
+    def cancel(self, tasks: Sequence[asyncio.Task[Any]]) -> None:
+        """Cancel started requests and wait until each has stopped (no byte of theirs still
+        goes out once this returns)."""
+
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.fs.loop).result()
 
     def call(self, method: str, what: str, **kwargs: Any) -> Any:
-        return self.retry.call(lambda: self.fs.call_s3(method, **kwargs), what)
+        """A request from outside the event loop: wait for its response."""
+        return asyncio.run_coroutine_threadsafe(self.request(method, what, **kwargs), self.fs.loop).result()
 
-    def submit(self, method: str, what: str, **kwargs: Any) -> Future[Any]:
-        """Start a request on the filesystem's event loop; a future of its response."""
-        coro = self.retry.acall(lambda: self.fs._call_s3(method, **kwargs), what)
-        return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+    async def get_range(self, bucket: str, key: str, start: int, into: memoryview, what: str) -> int:
+        """Read the object's bytes from ``start`` straight into ``into`` (a ranged GET, retried);
+        the number of bytes the store had (fewer than asked when the object is shorter)."""
+
+        async def send(progress: Progress) -> int:
+            end = start + len(into) - 1
+            response = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end}"
+            )
+            got = 0
+            async for chunk in _chunks(response["Body"], progress):
+                take = min(len(chunk), len(into) - got)
+                into[got : got + take] = chunk[:take]
+                got += take
+            return got
+
+        return await self.retry.acall(lambda: self._attempt(what, send), what)
+
+    def read_object(self, bucket: str, key: str, what: str) -> bytes:
+        """The whole object (a GET, retried, watched for stalls like any request)."""
+
+        async def send(progress: Progress) -> bytes:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            return b"".join([chunk async for chunk in _chunks(response["Body"], progress)])
+
+        coro = self.retry.acall(lambda: self._attempt(what, send), what)
+        return asyncio.run_coroutine_threadsafe(coro, self.fs.loop).result()
 
     def delete_objects(self, path: str, names: Sequence[str], what: str) -> None:
         """Delete the objects ``names`` under ``path``, in batches of S3's maximum."""
@@ -44,6 +152,69 @@ class S3Requests:
         for i in range(0, len(names), _DELETE_BATCH):
             objects = [{"Key": f"{key}/{n}" if key else n} for n in names[i : i + _DELETE_BATCH]]
             self.call("delete_objects", what, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+
+    def _listed_uploads(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        """S3's records of the multipart uploads in progress under ``prefix``, every page."""
+        found: list[dict[str, Any]] = []
+        markers: dict[str, str] = {}
+        while True:
+            listed = self.call(
+                "list_multipart_uploads",
+                f"listing the uploads under {bucket}/{prefix}",
+                Bucket=bucket,
+                Prefix=prefix,
+                **markers,
+            )
+            found += listed.get("Uploads", [])
+            if not listed.get("IsTruncated"):
+                return found
+            markers = {"KeyMarker": listed["NextKeyMarker"], "UploadIdMarker": listed["NextUploadIdMarker"]}
+
+    def uploads(self, bucket: str, prefix: str) -> list[tuple[str, str, float]]:
+        """``(key, upload id, last activity)`` of the multipart uploads in progress under
+        ``prefix``: the later of its start and its newest part's arrival (an upload still
+        gaining parts is alive, however long ago it started)."""
+        return [
+            (u["Key"], u["UploadId"], max([u["Initiated"].timestamp(), *self._part_times(bucket, u)]))
+            for u in self._listed_uploads(bucket, prefix)
+        ]
+
+    def _part_times(self, bucket: str, upload: dict[str, Any]) -> list[float]:
+        """When each part of ``upload`` arrived."""
+        times: list[float] = []
+        marker: dict[str, Any] = {}
+        key = upload["Key"]
+        while True:
+            try:
+                listed = self.call(
+                    "list_parts",
+                    f"listing the parts of {bucket}/{key}",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload["UploadId"],
+                    **marker,
+                )
+            except FileNotFoundError:  # completed or aborted meanwhile
+                return times
+            times += [p["LastModified"].timestamp() for p in listed.get("Parts", [])]
+            if not listed.get("IsTruncated"):
+                return times
+            marker = {"PartNumberMarker": listed["NextPartNumberMarker"]}
+
+    def upload_ids(self, bucket: str, key: str) -> list[str]:
+        """The ids of the multipart uploads in progress of the object ``key``."""
+        return [u["UploadId"] for u in self._listed_uploads(bucket, key) if u["Key"] == key]
+
+    def abort_upload(self, bucket: str, key: str, upload_id: str, location: str) -> None:
+        """Abort one multipart upload (its parts are freed); one already gone is fine."""
+        with contextlib.suppress(FileNotFoundError):  # NoSuchUpload: aborted or completed meanwhile
+            self.call(
+                "abort_multipart_upload",
+                f"aborting the upload of {location}",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+            )
 
     def bucket_key(self, path: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(path)
@@ -71,7 +242,8 @@ class MultipartSink(FileSink):
         self.filled = 0
         self.held: list[bytearray] = []
         self.upload_id: str | None = None
-        self.pending: list[tuple[int, Future[Any]]] = []
+        self.creates = 0  # create requests sent: more than one may leave a stray upload
+        self.pending: list[asyncio.Task[Any]] = []  # the part uploads, part n at n - 1
 
     def write(self, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
@@ -98,9 +270,14 @@ class MultipartSink(FileSink):
 
     def _ship(self, data: bytearray) -> None:
         if self.upload_id is None:
+
+            def created() -> None:
+                self.creates += 1
+
             self.upload_id = self.s3.call(
                 "create_multipart_upload",
                 f"starting the upload of {self.location}",
+                on_attempt=created,
                 Bucket=self.bucket,
                 Key=self.key,
             )["UploadId"]
@@ -110,21 +287,21 @@ class MultipartSink(FileSink):
                 f"{self.location} would need more than {MAX_PARTS} parts of {self.part_size} bytes; "
                 "raise the part_size storage option"
             )
-        for _, done in self.pending:  # fail fast if an earlier part failed for good
-            if done.done() and done.exception() is not None:
+        for done in self.pending:  # fail fast if an earlier part failed for good
+            if done.done() and not done.cancelled() and done.exception() is not None:
                 done.result()
         self.store.slots.acquire()
-        future = self.s3.submit(
+        task = self.s3.start(
             "upload_part",
             f"uploading part {number} of {self.location}",
+            on_done=self.store.slots.release,
             Bucket=self.bucket,
             Key=self.key,
             UploadId=self.upload_id,
             PartNumber=number,
             Body=data,
         )
-        future.add_done_callback(lambda _: self.store.slots.release())
-        self.pending.append((number, future))
+        self.pending.append(task)
 
     def close(self) -> None:
         del self.part[self.filled :]  # the last part may be short
@@ -136,7 +313,8 @@ class MultipartSink(FileSink):
         else:
             if self.filled:
                 self._ship(self.part)
-            parts = [{"PartNumber": n, "ETag": f.result()["ETag"]} for n, f in self.pending]
+            done = self.s3.results(self.pending)
+            parts = [{"PartNumber": n, "ETag": r["ETag"]} for n, r in enumerate(done, start=1)]
             self.s3.call(
                 "complete_multipart_upload",
                 f"completing the upload of {self.location}",
@@ -145,23 +323,25 @@ class MultipartSink(FileSink):
                 UploadId=self.upload_id,
                 MultipartUpload={"Parts": parts},
             )
+            if self.creates > 1:  # a create whose reply was lost started an upload nobody knows
+                self._abort_uploads(keep=self.upload_id)
         self.part = bytearray()
         self.held = []
         self.store.fs.invalidate_cache(self.store.path)
 
     def abort(self) -> None:
-        for _, future in self.pending:
-            future.cancel()
-            with contextlib.suppress(BaseException):
-                future.result()
+        with contextlib.suppress(Exception):
+            self.s3.cancel(self.pending)
         self.part = bytearray()
         self.held = []
-        if self.upload_id is not None:
+        if self.upload_id is not None or self.creates:
             with contextlib.suppress(Exception):
-                self.s3.call(
-                    "abort_multipart_upload",
-                    f"aborting the upload of {self.location}",
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    UploadId=self.upload_id,
-                )
+                self._abort_uploads(keep=None)
+
+    def _abort_uploads(self, keep: str | None) -> None:
+        """Abort the multipart uploads of this object but ``keep``: the object's name carries
+        its save's id and rank, so every upload of it is this sink's."""
+        ids = [self.upload_id] if self.creates <= 1 else self.s3.upload_ids(self.bucket, self.key)
+        for upload_id in ids:
+            if upload_id is not None and upload_id != keep:
+                self.s3.abort_upload(self.bucket, self.key, upload_id, self.location)

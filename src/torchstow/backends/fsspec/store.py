@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import logging
 import threading
@@ -35,7 +36,7 @@ from torchstow.backends.fsspec.filesystems import (
 )
 from torchstow.backends.fsspec.s3 import MultipartSink, S3Requests
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
-from torchstow.spi import Buffer, ByteStore, FileSink, RetryPolicy, StorageIOError
+from torchstow.spi import Buffer, ByteStore, FileSink, PendingUpload, RetryPolicy, StorageIOError
 
 __all__ = ["FsspecStore", "Tuning"]
 
@@ -56,6 +57,7 @@ class Tuning:
     range_size: int = 32 * MiB
     concurrency: int = 8
     retry: RetryPolicy = field(default_factory=CloudRetryPolicy)
+    stall_timeout: float = 60.0
 
 
 class _StreamSink(FileSink):
@@ -110,6 +112,12 @@ def _spans(
     return spans
 
 
+def _name(entry: dict[str, Any]) -> str:
+    """The last part of a listed entry's path."""
+    name: str = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+    return name
+
+
 class FsspecStore(ByteStore):
     """The objects of one checkpoint "directory" on an fsspec filesystem."""
 
@@ -120,7 +128,9 @@ class FsspecStore(ByteStore):
         self.tuning = tuning
         self.read_segment_bytes = tuning.range_size * tuning.concurrency
         self.slots = threading.BoundedSemaphore(tuning.concurrency)
-        self.s3 = S3Requests(fs, tuning.retry) if is_s3(fs) else None
+        self.s3 = (
+            S3Requests(fs, tuning.retry, tuning.concurrency, tuning.stall_timeout) if is_s3(fs) else None
+        )
 
     def _path(self, name: str) -> str:
         return f"{self.path}/{name}"
@@ -129,7 +139,19 @@ class FsspecStore(ByteStore):
         return self.tuning.retry.call(fn, what)
 
     def prepare(self) -> None:
-        self._retry(lambda: self.fs.makedirs(self.path, exist_ok=True), f"preparing {self.location}")
+        what = f"preparing {self.location}"
+        if (
+            self.s3 is not None
+        ):  # one watched request when the bucket is there (s3fs's makedirs makes several)
+            bucket, _ = self.s3.bucket_key(self.path)
+            try:
+                self.s3.call("head_bucket", what, Bucket=bucket)
+                return
+            except PermissionError:  # may not look, may still write: the writes will tell
+                return
+            except FileNotFoundError:
+                pass  # s3fs creates it, in the client's region
+        self._retry(lambda: self.fs.makedirs(self.path, exist_ok=True), what)
 
     def create(self, name: str) -> FileSink:
         if self.s3 is not None:
@@ -141,6 +163,9 @@ class FsspecStore(ByteStore):
         spans = _spans(requests, self.tuning.range_size, max_gap=256 * 1024)
         what = f"reading {self.location}/{name}"
         try:
+            if self.s3 is not None:
+                self._read_s3(path, spans, what)
+                return
             if getattr(self.fs, "async_impl", False):
                 datas = self._fetch_concurrently(path, spans, what)
             else:
@@ -161,6 +186,42 @@ class FsspecStore(ByteStore):
             view = memoryview(data)
             for offset, buf in members:
                 buf[:] = view[offset - start : offset - start + len(buf)]
+
+    def _read_s3(self, path: str, spans: list[Any], what: str) -> None:
+        """Ranged GETs in parallel, each straight into its buffer when one buffer is the whole
+        range (else into a scratch buffer, then to the pieces)."""
+        from fsspec.asyn import sync
+
+        assert self.s3 is not None
+        s3 = self.s3
+        bucket, key = s3.bucket_key(path)
+        targets = [
+            members[0][1]
+            if len(members) == 1 and len(members[0][1]) == end - start
+            else memoryview(bytearray(end - start))
+            for start, end, members in spans
+        ]
+
+        async def fetch_all() -> list[int]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        s3.get_range(bucket, key, start, into, f"{what} bytes {start}..{end}")
+                        for (start, end, _), into in zip(spans, targets, strict=True)
+                    )
+                )
+            )
+
+        got: list[int] = sync(self.fs.loop, fetch_all)
+        name = path.rsplit("/", 1)[-1]
+        for (start, end, members), into, n in zip(spans, targets, got, strict=True):
+            if n < end - start:
+                raise CorruptCheckpointError(
+                    f"{self.location}/{name} is truncated: asked for bytes {start}..{end}, got {n} bytes"
+                )
+            if len(members) > 1 or members[0][1] is not into:
+                for offset, buf in members:
+                    buf[:] = into[offset - start : offset - start + len(buf)]
 
     def _fetch_concurrently(self, path: str, spans: list[Any], what: str) -> list[bytes]:
         from fsspec.asyn import sync
@@ -184,16 +245,23 @@ class FsspecStore(ByteStore):
         return result
 
     def read_file(self, name: str) -> bytes:
-        # A whole-file read on S3 takes the size from the listing cache, which another
+        what = f"reading {self.location}/{name}"
+        if self.s3 is not None:  # a plain GET: no listing cache in the way, watched for stalls
+            bucket, key = self.s3.bucket_key(self._path(name))
+            return self.s3.read_object(bucket, key, what)
+        # A whole-file read may take the size from the listing cache, which another
         # process's writes since this process listed the location have made stale.
         self.fs.invalidate_cache(self._path(name))
-        data: bytes = self._retry(
-            lambda: self.fs.cat_file(self._path(name)), f"reading {self.location}/{name}"
-        )
+        data: bytes = self._retry(lambda: self.fs.cat_file(self._path(name)), what)
         return data
 
     def publish(self, name: str, data: bytes) -> None:
-        self._retry(lambda: self.fs.pipe_file(self._path(name), data), f"writing {self.location}/{name}")
+        what = f"writing {self.location}/{name}"
+        if self.s3 is not None:
+            bucket, key = self.s3.bucket_key(self._path(name))
+            self.s3.call("put_object", what, Bucket=bucket, Key=key, Body=data)
+        else:
+            self._retry(lambda: self.fs.pipe_file(self._path(name), data), what)
         self.fs.invalidate_cache(self.path)
 
     def publish_new(self, name: str, data: bytes) -> None:
@@ -233,11 +301,53 @@ class FsspecStore(ByteStore):
     def file_sizes(self) -> dict[str, int]:
         return {name: size for name, kind, size in self._list() if kind == "file" and isinstance(size, int)}
 
+    def file_times(self) -> dict[str, float] | None:
+        """From the listing: S3's ``LastModified``, or the ``mtime``/``updated``/``created``
+        other filesystems give (a number, a datetime or ISO 8601 text); None when the
+        filesystem gives none of them."""
+        times = {}
+        for e in self._entries():
+            if e["type"] != "file":
+                continue
+            stamp = e.get("LastModified") or e.get("mtime") or e.get("updated") or e.get("created")
+            if isinstance(stamp, str):
+                with contextlib.suppress(ValueError):
+                    stamp = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            if isinstance(stamp, datetime.datetime):
+                stamp = stamp.timestamp()
+            if not isinstance(stamp, int | float):
+                return None
+            times[_name(e)] = float(stamp)
+        return times
+
+    def pending_uploads(self) -> list[PendingUpload]:
+        if self.s3 is None:
+            return []
+        bucket, key = self.s3.bucket_key(self.path)
+        prefix = f"{key}/" if key else ""
+        return [
+            PendingUpload(name[len(prefix) :], upload_id, started)
+            for name, upload_id, started in self.s3.uploads(bucket, prefix)
+        ]
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        if self.s3 is None:
+            super().abort_upload(upload)
+            return
+        bucket, key = self.s3.bucket_key(self._path(upload.name))
+        self.s3.abort_upload(bucket, key, upload.upload_id, f"{self.location}/{upload.name}")
+
     def _list(self, *, bucket_must_exist: bool = False) -> list[tuple[str, str, Any]]:
         """``(name, kind, size)`` of what is at the location; [] where nothing is, or, unless
         ``bucket_must_exist``, where its bucket is missing (a save creates it)."""
+        return [
+            (_name(e), e["type"], e.get("size")) for e in self._entries(bucket_must_exist=bucket_must_exist)
+        ]
+
+    def _entries(self, *, bucket_must_exist: bool = False) -> list[dict[str, Any]]:
+        """The filesystem's detailed listing of the location (see :meth:`_list`)."""
         try:
-            entries = self._retry(
+            entries: list[dict[str, Any]] = self._retry(
                 lambda: self.fs.ls(self.path, detail=True, refresh=True), f"listing {self.location}"
             )
         except (FileNotFoundError, NotADirectoryError) as exc:
@@ -247,7 +357,7 @@ class FsspecStore(ByteStore):
                     f"{self.location}: the bucket {bucket!r} does not exist"
                 ) from exc
             return []
-        return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"], e.get("size")) for e in entries]
+        return entries
 
     def delete_files(self, names: Sequence[str]) -> None:
         if not names:

@@ -9,11 +9,13 @@ checksums, manifest, commit order.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torchstow.errors import StorageFullError, StorageIOError
 
-__all__ = ["ByteStore", "FileSink", "StorageFullError", "StorageIOError"]
+__all__ = ["ByteStore", "FileSink", "PendingUpload", "StorageFullError", "StorageIOError"]
 
 Buffer = memoryview | bytes | bytearray
 
@@ -46,6 +48,16 @@ class FileSink(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None:
         """Give up on the file; remove what was written if possible."""
+
+
+class PendingUpload(NamedTuple):
+    """An upload begun under a location and neither completed nor aborted (an S3
+    multipart upload): ``name`` relative to the location, the store's ``upload_id``,
+    and when it ``started`` (seconds since the epoch)."""
+
+    name: str
+    upload_id: str
+    started: float
 
 
 class ByteStore(abc.ABC):
@@ -119,6 +131,32 @@ class ByteStore(abc.ABC):
         allocating anything for it.
         """
         return None
+
+    def file_times(self) -> dict[str, float] | None:
+        """When each file at the location last changed (seconds since the epoch), by name,
+        for :func:`torchstow.gc`'s grace period; None where the store cannot tell (gc then
+        removes nothing there). This default serves stores with :meth:`local_path`: a
+        file's newer of modification and status change (a new hard link changes the latter)."""
+        times = {}
+        for name in self.list_files():
+            path = self.local_path(name)
+            if path is None:
+                return None
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            times[name] = max(st.st_mtime, st.st_ctime)
+        return times
+
+    def pending_uploads(self) -> list[PendingUpload]:
+        """The uploads begun under the location, at any depth, and neither completed
+        nor aborted; [] (the default) for stores without such a thing."""
+        return []
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        """Abort one of :meth:`pending_uploads` (one already gone is fine)."""
+        raise NotImplementedError(f"{type(self).__name__} has no pending uploads to abort")
 
     @abc.abstractmethod
     def publish(self, name: str, data: bytes) -> None:

@@ -1,0 +1,160 @@
+"""S3 through a shaped link: save and load through the fault proxy (latency, bandwidth caps
+per connection and in total, optionally 5% of requests answered 503 SlowDown) in front
+of a moto server, against the link's limit and the peers that run against a local server.
+
+python benchmarks/bench_s3_link.py [--mib 1024] [--repeats 3] [--latency 0.02]
+    [--per-connection-mib 25] [--total-mib 200]
+
+Contenders: torchstow; DCP with its fsspec writer and reader; boto3's transfer manager
+(one object, its default concurrency of 10, 16 MiB parts); s3torchconnector's DCP
+``S3StorageWriter``/``S3StorageReader`` when installed (else its exact import error is
+printed). The link's limit is what its caps allow at best for the bytes in 16 MiB
+requests over as many connections as help (:meth:`Link.limit`). A small run
+(``--mib 64 --repeats 1``) takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+import torchstow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "backends"))  # the shaped proxy lives with the tests
+
+from bench_s3 import BUCKET, moto_server  # noqa: E402
+from common import assert_equal, large_state_dict, tensor_bytes, timed, zeros_like_state_dict  # noqa: E402
+from s3_faults import FaultProxy, Link, MiB  # noqa: E402
+
+CREDS = {"key": "bench", "secret": "bench"}
+
+Op = Callable[[Any, str], Any]
+
+
+def peers(endpoint: str) -> dict[str, tuple[Op, Op]]:
+    """``name -> (save, load)`` of each way to use S3 through ``endpoint``."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    opts = {**CREDS, "endpoint_url": endpoint}
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=CREDS["key"],
+        aws_secret_access_key=CREDS["secret"],
+        region_name="us-east-1",
+    )
+    transfer = TransferConfig(multipart_chunksize=16 * MiB, multipart_threshold=16 * MiB)
+
+    def key(url: str) -> str:
+        return url.split("/", 3)[3]
+
+    def boto3_save(sd: Any, url: str) -> None:
+        import io
+
+        body = io.BytesIO(b"".join(t.numpy().tobytes() for t in sd.values()))
+        client.upload_fileobj(body, BUCKET, key(url), Config=transfer)
+
+    def boto3_load(target: Any, url: str) -> None:
+        import io
+
+        out = io.BytesIO()
+        client.download_fileobj(BUCKET, key(url), out, Config=transfer)
+        data, pos = out.getbuffer(), 0
+        for t in target.values():
+            n = t.numel() * t.element_size()
+            t.view(-1).view(torch.uint8).copy_(torch.frombuffer(data[pos : pos + n], dtype=torch.uint8))
+            pos += n
+
+    found: dict[str, tuple[Op, Op]] = {
+        "torchstow": (
+            lambda sd, url: torchstow.save(sd, url, storage_options=opts),
+            lambda sd, url: torchstow.load(sd, url, storage_options=opts),
+        ),
+        "dcp fsspec t=4": (
+            lambda sd, url: dcp.save(
+                sd, storage_writer=FsspecWriter(url, thread_count=4, **opts), no_dist=True
+            ),
+            lambda sd, url: dcp.load(sd, storage_reader=FsspecReader(url, **opts), no_dist=True),
+        ),
+        "boto3 transfer manager": (boto3_save, boto3_load),
+    }
+    try:
+        from s3torchconnector.dcp import S3StorageReader, S3StorageWriter
+    except ImportError as exc:
+        print(f"  s3torchconnector: not measured ({type(exc).__name__}: {exc})", flush=True)
+    else:
+        found["s3torchconnector dcp"] = (
+            lambda sd, url: dcp.save(sd, storage_writer=S3StorageWriter("us-east-1", url), no_dist=True),
+            lambda sd, url: dcp.load(sd, storage_reader=S3StorageReader("us-east-1", url), no_dist=True),
+        )
+    return found
+
+
+def run(link: Link, mib: int, repeats: int, only: str | None = None) -> dict[str, float]:
+    """Median seconds of each contender's (or ``only`` one's) save and load through ``link``,
+    by ``"save NAME"`` and ``"load NAME"``."""
+    import s3fs
+
+    sd = large_state_dict(mib * MiB, max(1, mib // 64))
+    medians: dict[str, float] = {}
+    with moto_server() as upstream:
+        s3fs.S3FileSystem(**CREDS, endpoint_url=upstream, skip_instance_cache=True).mkdir(BUCKET)
+        proxy = FaultProxy(upstream, link=link)
+        try:
+            for name, (save, load) in peers(proxy.url).items():
+                if only is not None and name != only:
+                    continue
+                target = zeros_like_state_dict(sd)
+                saves, loads = [], []
+                for _ in range(repeats):
+                    url = f"s3://{BUCKET}/{name.replace(' ', '-').replace('=', '')}-{uuid.uuid4().hex[:8]}"
+                    saves += timed(lambda save=save, url=url: save(sd, url), 1)
+                    loads += timed(lambda load=load, url=url, target=target: load(target, url), 1)
+                assert_equal(sd, target)
+                medians[f"save {name}"] = sorted(saves)[len(saves) // 2]
+                medians[f"load {name}"] = sorted(loads)[len(loads) // 2]
+        finally:
+            proxy.close()
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mib", type=int, default=1024, help="bytes of tensors to save and load, in MiB")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency", type=float, default=0.02, help="seconds added to each request")
+    parser.add_argument("--per-connection-mib", type=float, default=25.0)
+    parser.add_argument("--total-mib", type=float, default=200.0)
+    args = parser.parse_args()
+    link = Link(args.latency, args.per_connection_mib * MiB, args.total_mib * MiB)
+    nbytes = tensor_bytes(large_state_dict(args.mib * MiB, max(1, args.mib // 64)))
+    requests = [16 * MiB] * max(1, nbytes // (16 * MiB))
+    limit = link.limit(requests, connections=len(requests))
+    print(f"link: {link}; its limit for {args.mib} MiB: {limit / MiB:.0f} MiB/s", flush=True)
+    clean = run(link, args.mib, args.repeats)
+    for op_name, seconds in clean.items():
+        rate = nbytes / seconds
+        print(f"  {op_name:<32} {rate / MiB:7.1f} MiB/s  {rate / limit:5.2f}x the limit", flush=True)
+    throttled = Link(link.latency, link.per_connection, link.total, slowdown=0.05, seed=1)
+    print("with 5% of requests answered 503 SlowDown:", flush=True)
+    slow = run(throttled, args.mib, args.repeats, only="torchstow")
+    for op in ("save", "load"):
+        ratio = clean[f"{op} torchstow"] / slow[f"{op} torchstow"]
+        print(f"  {op} torchstow: {ratio:5.2f}x of the same {op} without 503s (target >= 0.7x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

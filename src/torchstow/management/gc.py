@@ -1,0 +1,165 @@
+"""``gc``: remove what killed or failed saves left behind, once older than a grace period.
+
+Debris is what no committed manifest names: data files of a save that never
+committed beside a committed checkpoint, the files of an incomplete checkpoint
+(data without a manifest), manifest temporaries, and (on S3) multipart uploads
+never completed nor aborted. A save in flight writes such files too, so gc
+judges the files of one save (their names carry its id) together, by the
+newest of them: they go only when even that one is older than ``older_than``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torchstow.core.layout.commit import listed_files
+from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.store import ByteStore
+from torchstow.errors import CheckpointNotFoundError
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
+from torchstow.management.listing import UNREADABLE, IsACheckpointError, scan
+from torchstow.plugins.resolve import backend_at
+
+__all__ = ["GcReport", "gc"]
+
+logger = logging.getLogger("torchstow")
+
+_SAVE_ID = re.compile(r"^data-([0-9a-f]+)-\d+-\d+\.bin$")
+
+
+@dataclass
+class GcReport:
+    """What :func:`gc` removed (or, with ``dry_run``, would remove) under ``uri``.
+
+    ``removed``: the files' URIs; ``aborted``: the URIs of the objects whose
+    multipart uploads were aborted; ``kept``: debris younger than the grace
+    period (a save may still be writing it) or of unknown age; ``skipped``:
+    locations left alone, with why; ``bytes_freed``: the removed files' size
+    where the store tells it.
+    """
+
+    uri: str
+    older_than: float
+    dry_run: bool
+    removed: list[str] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_freed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready values."""
+        return asdict(self)
+
+
+def _group(name: str) -> str:
+    """The save a debris file belongs to: its save id, else the file alone."""
+    found = _SAVE_ID.match(name)
+    return found.group(1) if found else name
+
+
+def _old_groups(
+    names: Iterable[str], times: dict[str, float] | None, cutoff: float
+) -> tuple[set[str], set[str]]:
+    """``(old, young)``: ``names`` split by whether every file of their save is older than ``cutoff``."""
+    names = set(names)
+    if times is None:
+        return set(), names
+    newest: dict[str, float] = {}
+    for name in names:
+        group = _group(name)
+        newest[group] = max(newest.get(group, 0.0), times.get(name, float("inf")))
+    old = {n for n in names if newest[_group(n)] < cutoff}
+    return old, names - old
+
+
+def _collect_location(store: ByteStore, cutoff: float, report: GcReport) -> None:
+    files = store.list_files()
+    if DCP_METADATA in files:
+        report.skipped[store.location] = "a checkpoint in DCP's format"
+        return
+    debris = {f for f in files if is_checkpoint_file(f)}
+    if not debris:
+        return
+    if MANIFEST in files:
+        listed = listed_files(store)
+        if listed is None:
+            report.skipped[store.location] = "its manifest could not be read"
+            return
+        debris -= listed
+    old, young = _old_groups(debris, store.file_times(), cutoff)
+    report.kept += [f"{store.location}/{n}" for n in sorted(young)]
+    if not old:
+        return
+    # A save may have committed since the listing: never remove what a manifest now names.
+    listed = listed_files(store) if MANIFEST in store.list_files() else set()
+    if listed is None:
+        report.skipped[store.location] = "its manifest could not be read"
+        return
+    doomed = sorted(old - listed)
+    sizes = store.file_sizes() or {}
+    report.bytes_freed += sum(sizes.get(n, 0) for n in doomed)
+    report.removed += [f"{store.location}/{n}" for n in doomed]
+    if not report.dry_run:
+        logger.info("gc: removing %d file(s) from %s", len(doomed), store.location)
+        store.delete_files(doomed)
+        if not store.list_files():
+            store.remove_location()
+
+
+def gc(
+    uri_or_prefix: str | os.PathLike[str],
+    *,
+    older_than: float = 3600,
+    dry_run: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> GcReport:
+    """Remove what killed or failed saves left at a checkpoint or under a prefix of them.
+
+    At each checkpoint location directly under ``uri_or_prefix`` (or at that
+    location itself): data files its committed manifest does not name, or,
+    without a manifest, every data file (an incomplete checkpoint), and on S3
+    the multipart uploads never completed nor aborted under the prefix. Only
+    debris older than ``older_than`` seconds goes (by file modification time,
+    S3's ``LastModified`` and an upload's ``Initiated``), judged per save: the
+    files of a save still in flight are never removed while its newest file is
+    younger than that. Files a committed manifest names, checkpoints in DCP's
+    own format and unreadable manifests' locations are left alone; a store that
+    cannot date its files keeps them. Returns a :class:`GcReport`.
+    """
+    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
+        raise ValueError(f"older_than must be a non-negative number of seconds, got {older_than!r}")
+    text, backend = backend_at(uri_or_prefix, storage_options)
+    report = GcReport(text, float(older_than), dry_run)
+    if not isinstance(backend, StoreBackend):
+        report.skipped[text] = f"{type(backend).__name__} keeps no byte store to collect from"
+        return report
+    cutoff = time.time() - older_than
+    try:
+        entries = scan(text, storage_options=storage_options)
+        report.skipped.update(
+            {e.uri: "its manifest could not be read" for e in entries if e.status == UNREADABLE}
+        )
+        locations = [e.uri for e in entries if e.status != UNREADABLE]
+    except IsACheckpointError:
+        locations = [text]
+    except CheckpointNotFoundError:
+        locations = [text]  # an incomplete checkpoint itself, or nothing
+    for location in locations:
+        _collect_location(backend.open_store(location), cutoff, report)
+    top = backend.open_store(text)
+    for upload in top.pending_uploads():
+        where = f"{top.location}/{upload.name}"
+        if upload.started >= cutoff:
+            report.kept.append(where)
+            continue
+        report.aborted.append(where)
+        if not dry_run:
+            top.abort_upload(upload)
+    return report

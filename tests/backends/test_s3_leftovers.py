@@ -1,0 +1,151 @@
+"""Nothing left behind on S3: a failed save aborts its multipart uploads, and an upload
+whose creation was retried (the first reply lost) leaves no stray upload either."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import torchstow
+from torchstow import CheckpointException
+
+from s3_faults import Fault, FaultProxy
+from storage_helpers import S3_CREDENTIALS, s3_options, unique
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(s3_endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def s3_client(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_CREDENTIALS["key"],
+        aws_secret_access_key=S3_CREDENTIALS["secret"],
+        region_name="us-east-1",
+    )
+
+
+def uploads_under(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    """The keys of the multipart uploads in progress under ``prefix``."""
+    listed = s3_client(endpoint).list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return [u["Key"] for u in listed.get("Uploads", [])]
+
+
+def test_a_failed_save_leaves_no_multipart_upload(
+    proxy: FaultProxy, s3_endpoint: str, s3_bucket: str
+) -> None:
+    run = unique()
+    opts = s3_options(proxy.url, thread_count=2)
+    proxy.faults.append(Fault("PUT", r"partNumber=3\b", 403, times=1))  # one file's third part is refused
+    with pytest.raises(CheckpointException, match="AccessDenied"):
+        torchstow.save(
+            {"a": torch.randn(4 << 20), "b": torch.randn(4 << 20)},
+            f"s3://{s3_bucket}/{run}/s",
+            storage_options=opts,
+        )
+    assert len(proxy.requests("POST", r"\?uploads")) == 2  # both files were multipart uploads
+    assert uploads_under(s3_endpoint, s3_bucket, run) == []
+
+
+def test_a_lost_create_reply_leaves_no_stray_upload(
+    proxy: FaultProxy, s3_endpoint: str, s3_bucket: str
+) -> None:
+    run = unique()
+    opts = s3_options(proxy.url, thread_count=1)
+    sd = {"w": torch.randn(3 << 20)}
+    proxy.faults.append(Fault("POST", r"\?uploads", "lost", times=1))  # created on the store, reply lost
+    torchstow.save(sd, f"s3://{s3_bucket}/{run}/ok", storage_options=opts)
+    assert [r.status for r in proxy.requests("POST", r"\?uploads")] == ["lost", 200]
+    assert uploads_under(s3_endpoint, s3_bucket, run) == []
+    assert torch.equal(torchstow.read(f"s3://{s3_bucket}/{run}/ok", storage_options=opts)["w"], sd["w"])
+
+    proxy.faults += [
+        Fault("POST", r"\?uploads", "lost", times=1),
+        Fault("PUT", r"partNumber=2\b", 403, times=1),
+    ]
+    with pytest.raises(CheckpointException):
+        torchstow.save(sd, f"s3://{s3_bucket}/{run}/failed", storage_options=opts)
+    assert uploads_under(s3_endpoint, s3_bucket, run) == []
+
+
+def test_gc_on_s3_removes_old_debris_and_aborts_orphaned_uploads(s3_endpoint: str, s3_bucket: str) -> None:
+    run = unique()
+    prefix = f"s3://{s3_bucket}/{run}"
+    opts = s3_options(s3_endpoint)
+    sd = {"w": torch.randn(1000)}
+    torchstow.save(sd, f"{prefix}/step-1", storage_options=opts)
+    client = s3_client(s3_endpoint)
+    # what killed saves left: an object beside a committed checkpoint, an incomplete
+    # checkpoint, and a multipart upload nobody completed (under a location with no object),
+    # dated by its part (moto dates every upload's start in 2010)
+    client.put_object(Bucket=s3_bucket, Key=f"{run}/step-1/data-aaaaaaaaaaaa-0-0.bin", Body=b"x" * 100)
+    client.put_object(Bucket=s3_bucket, Key=f"{run}/step-2/data-bbbbbbbbbbbb-0-0.bin", Body=b"x" * 100)
+    orphan = f"{run}/step-3/data-cccccccccccc-0-0.bin"
+    upload = client.create_multipart_upload(Bucket=s3_bucket, Key=orphan)["UploadId"]
+    client.upload_part(Bucket=s3_bucket, Key=orphan, UploadId=upload, PartNumber=1, Body=b"y" * 100)
+
+    young = torchstow.gc(prefix, storage_options=opts)  # the default grace period: an hour
+    assert young.removed == [] and young.aborted == []
+    assert sorted(young.kept) == sorted(
+        [
+            f"{prefix}/step-1/data-aaaaaaaaaaaa-0-0.bin",
+            f"{prefix}/step-2/data-bbbbbbbbbbbb-0-0.bin",
+            f"s3://{s3_bucket}/{orphan}",
+        ]
+    )
+    assert uploads_under(s3_endpoint, s3_bucket, run) == [orphan]
+
+    time.sleep(1.1)  # S3 dates objects and uploads to the second
+    report = torchstow.gc(prefix, older_than=0, storage_options=opts)
+    assert sorted(report.removed) == [
+        f"{prefix}/step-1/data-aaaaaaaaaaaa-0-0.bin",
+        f"{prefix}/step-2/data-bbbbbbbbbbbb-0-0.bin",
+    ]
+    assert report.aborted == [f"s3://{s3_bucket}/{orphan}"]
+    assert uploads_under(s3_endpoint, s3_bucket, run) == []
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])]
+    assert len(keys) == 2 and all(k.startswith(f"{run}/step-1/") for k in keys)  # the manifest, its data
+    assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=opts)["w"], sd["w"])
+
+
+def test_gc_leaves_an_s3_save_in_flight_alone(proxy: FaultProxy, s3_endpoint: str, s3_bucket: str) -> None:
+    run = unique()
+    prefix = f"s3://{s3_bucket}/{run}"
+    opts = s3_options(proxy.url, thread_count=1)
+    sd = {"w": torch.randn(3 << 20)}  # 12 MiB: three parts; the last one held up for a while
+    proxy.faults.append(Fault("PUT", r"partNumber=3\b", "delay", delay=4.0))
+    saving = threading.Thread(
+        target=torchstow.save, args=(sd, f"{prefix}/step-1"), kwargs={"storage_options": opts}
+    )
+    saving.start()
+    try:
+        client, deadline = s3_client(s3_endpoint), time.monotonic() + 60
+        while not any(  # wait until the upload is under way: a part of it has landed
+            client.list_parts(Bucket=s3_bucket, Key=key, UploadId=u["UploadId"]).get("Parts")
+            for u in client.list_multipart_uploads(Bucket=s3_bucket, Prefix=run).get("Uploads", [])
+            for key in [u["Key"]]
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        report = torchstow.gc(prefix, older_than=60, storage_options=s3_options(s3_endpoint))
+        assert report.aborted == [] and report.removed == []
+        assert (
+            len(report.kept) == 1
+        )  # the upload in flight: its parts are recent (moto dates its start in 2010)
+    finally:
+        saving.join(60)
+    assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=opts)["w"], sd["w"])
