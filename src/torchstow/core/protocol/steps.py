@@ -475,6 +475,7 @@ def load_state_dict(
     if not exchanging:
         central_plan: LoadPlan = reduce_scatter(coll, "load planning", local_plan, global_plan)
 
+        @_timed("load read", coll.rank)
         def read() -> None:
             final_plan = planner.finish_plan(central_plan)
             wait_future(storage_reader.read_data(final_plan, planner))
