@@ -34,7 +34,7 @@ from torchstow.format.files import MANIFEST, temporary_name
 from torchstow.format.manifest import Metadata
 from torchstow.plugins.hookspecs import Register, hookimpl
 from torchstow.plugins.manager import BackendEntry, default_registry, open_backend
-from torchstow.plugins.wrapper import REQUIRED, WrapperBackend
+from torchstow.plugins.wrapper import REQUIRED, WrapperBackend, wrapper_storage_options
 
 __all__ = [
     "MANIFEST",
@@ -76,6 +76,7 @@ __all__ = [
     "open_backend",
     "temporary_name",
     "wait_future",
+    "wrapper_storage_options",
 ]
 
 

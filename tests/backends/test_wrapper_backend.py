@@ -145,3 +145,23 @@ def test_a_data_only_option_is_not_demanded_by_manifest_verbs(
     capsys.readouterr()
     assert main(["verify", uri]) != 0 and "-o xor.key=VALUE" in capsys.readouterr().err
     assert main(["verify", uri, "-o", "xor.key=90"]) == 0
+
+
+def test_faulty_takes_its_parameters_as_namespaced_options(
+    tmp_path: Path, s3: tuple[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, options = s3
+    uri = f"faulty+{root}/c"
+    with pytest.raises(CheckpointException, match="injected fault in finish"):
+        torchstow.save({"w": torch.ones(2)}, uri, storage_options={**options, "faulty.fail": "finish"})
+    with pytest.raises(TypeError, match=r"\['faulty.fial'\].*faulty\.fail"):
+        torchstow.save({"w": torch.ones(2)}, uri, storage_options={**options, "faulty.fial": "finish"})
+    with pytest.raises(TypeError, match=r"\['endpoint'\].*endpoint_url.*faulty\.fail"):
+        torchstow.save({"w": torch.ones(2)}, uri, storage_options={"endpoint": "x"})
+    # cp's -o: s3fs's "key" reaches the wrapped S3 side too, the fault only the faulty side
+    torchstow.save({"w": torch.ones(2)}, f"{root}/src", storage_options=options)
+    flags = [arg for name, value in options.items() for arg in ("-o", f"{name}={value}")]
+    assert main(["cp", f"{root}/src", uri, *flags, "-o", "faulty.fail=finish"]) != 0
+    assert "injected fault in finish" in capsys.readouterr().err
+    assert main(["cp", f"{root}/src", uri, *flags]) == 0
+    assert torch.equal(torchstow.read(uri, storage_options=options)["w"], torch.ones(2))

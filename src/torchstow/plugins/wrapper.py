@@ -19,7 +19,7 @@ What the base settles so a wrapper does not have to:
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, ClassVar
 
 from torchstow.core.storage.backend import Backend, StoreBackend
@@ -27,7 +27,7 @@ from torchstow.core.storage.interfaces import StorageWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.plugins.manager import accepted_storage_options, default_registry, scheme_of
 
-__all__ = ["REQUIRED", "WrapperBackend"]
+__all__ = ["REQUIRED", "WrapperBackend", "wrapper_storage_options"]
 
 
 class _Required:
@@ -37,6 +37,15 @@ class _Required:
 
 REQUIRED: Any = _Required()
 """The default of a wrapper option that has none (see :attr:`WrapperBackend.options`)."""
+
+
+def wrapper_storage_options(inner_uri: str, prefix: str, own: Collection[str]) -> set[str] | None:
+    """What a wrapper around ``inner_uri`` takes: its own options ``own``, written
+    ``<prefix><name>``, and those of the backend of ``inner_uri`` (None when that one
+    takes any name). A wrapper's ``extra_storage_options`` returns this, so the CLI's
+    ``-o`` routing gives each option to every side that takes it."""
+    inner = accepted_storage_options(default_registry().resolve(inner_uri).backend, inner_uri)
+    return None if inner is None else inner | {prefix + name for name in own}
 
 
 class WrapperBackend(StoreBackend):
@@ -91,11 +100,7 @@ class WrapperBackend(StoreBackend):
     @classmethod
     def extra_storage_options(cls, uri: str) -> set[str] | None:
         """The wrapper's own options (``<scheme>.<name>``) and the inner backend's."""
-        inner_uri = cls.split_uri(uri)
-        inner = accepted_storage_options(default_registry().resolve(inner_uri).backend, inner_uri)
-        if inner is None:
-            return None
-        return inner | {cls.option_prefix() + name for name in cls.options}
+        return wrapper_storage_options(cls.split_uri(uri), cls.option_prefix(), cls.options)
 
     def option(self, name: str) -> Any:
         """The value of the wrapper's option ``name``; a TypeError naming it when it is a
