@@ -65,6 +65,7 @@ def _example_kits() -> Any:
 _kits = _example_kits()
 TestEncPluginConformance = _kits.TestEncStore
 TestEncPluginByteStore = _kits.TestEncByteStore
+TestEncPluginWrapper = _kits.TestEncWrapper
 TestEncPluginDistributed = pytest.mark.slow(_kits.TestEncDistributed)
 
 

@@ -4,11 +4,9 @@ option it needs only for data is not demanded by what reads only manifests."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,81 +15,16 @@ from torchstow.backends.fsspec.store import THREADS
 from torchstow.cli import main
 from torchstow.core.layout.location import default_thread_count
 from torchstow.errors import CheckpointException
-from torchstow.plugins import manager
 from torchstow.plugins.resolve import route_options
-from torchstow.spi import (
-    MANIFEST,
-    REQUIRED,
-    Buffer,
-    ByteStore,
-    FileSink,
-    ForwardingByteStore,
-    Register,
-    WrapperBackend,
-    hookimpl,
-)
+from torchstow.testing import WrapperConformance
+from xor_wrapper import XorBackend, install
 
 from storage_helpers import s3_options, unique
 
 
-class _XorSink(FileSink):
-    def __init__(self, inner: FileSink, key: int) -> None:
-        self.inner, self.key = inner, key
-        self.keeps_buffers = False
-
-    def write(self, buffers: Sequence[Buffer]) -> None:
-        self.inner.write([np.frombuffer(buf, dtype=np.uint8) ^ self.key for buf in buffers])
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def abort(self) -> None:
-        self.inner.abort()
-
-
-class XorStore(ForwardingByteStore):
-    """Data files XORed with a one-byte key (a stand-in for encryption); manifests plain."""
-
-    transforms_bytes = True
-
-    def __init__(self, inner: ByteStore, backend: XorBackend) -> None:
-        super().__init__(inner)
-        self.backend = backend
-
-    def create(self, name: str) -> FileSink:
-        return _XorSink(self.inner.create(name), self.backend.option("key"))
-
-    def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
-        key = self.backend.option("key")
-        self.inner.read_into(name, requests)
-        for _, buf in requests:
-            np.frombuffer(buf, dtype=np.uint8)[:] ^= key
-
-    def read_file(self, name: str) -> bytes:
-        data = self.inner.read_file(name)
-        return data if name == MANIFEST else bytes(b ^ self.backend.option("key") for b in data)
-
-
-class XorBackend(WrapperBackend):
-    schemes = ("xor",)
-    options: ClassVar[dict[str, Any]] = {"key": REQUIRED}
-    data_options = frozenset({"key"})
-
-    def wrap_store(self, store: ByteStore, uri: str) -> ByteStore:
-        return XorStore(store, self)
-
-
-class _Plugin:
-    @hookimpl
-    def torchstow_register_backends(self, register: Register) -> None:
-        register(XorBackend)
-
-
 @pytest.fixture(autouse=True)
 def xor_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    pm = manager.get_plugin_manager()
-    pm.register(_Plugin(), name="xor")
-    monkeypatch.setattr(manager, "_default", manager.BackendRegistry(pm))
+    install(monkeypatch, XorBackend)
 
 
 @pytest.fixture
@@ -165,3 +98,17 @@ def test_faulty_takes_its_parameters_as_namespaced_options(
     assert "injected fault in finish" in capsys.readouterr().err
     assert main(["cp", f"{root}/src", uri, *flags]) == 0
     assert torch.equal(torchstow.read(uri, storage_options=options)["w"], torch.ones(2))
+
+
+class TestXorKitOnS3(WrapperConformance):
+    """The wrapper kit on S3 (moto): the wrapper's options beside s3fs's own ``key``."""
+
+    scheme = "xor+s3"
+
+    @pytest.fixture
+    def root_uri(self, s3_bucket: str) -> str:
+        return f"xor+s3://{s3_bucket}/{unique('kit')}"
+
+    @pytest.fixture
+    def storage_options(self, s3_endpoint: str) -> dict[str, Any]:
+        return s3_options(s3_endpoint, **{"xor.key": 0x5A})

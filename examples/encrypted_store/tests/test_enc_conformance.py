@@ -4,7 +4,12 @@ checkpoints go and the key. A wrapper's kit ``scheme`` is the compound one it se
 
 import pytest
 
-from torchstow.testing import BackendConformance, ByteStoreConformance, DistributedBackendConformance
+from torchstow.testing import (
+    BackendConformance,
+    ByteStoreConformance,
+    DistributedBackendConformance,
+    WrapperConformance,
+)
 
 KEY = "00112233445566778899aabbccddeeff" * 2
 
@@ -31,3 +36,8 @@ class TestEncByteStore(EncFile, ByteStoreConformance):
 
 class TestEncDistributed(EncFile, DistributedBackendConformance):
     """Two processes saving one checkpoint."""
+
+
+class TestEncWrapper(EncFile, WrapperConformance):
+    """The wrapper's own rules: ciphertext at rest, no capability leaked, the inner backend's
+    tuning, and faulty+enc+file:// composing."""
