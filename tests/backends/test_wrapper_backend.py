@@ -33,7 +33,10 @@ def s3(s3_endpoint: str, s3_bucket: str) -> tuple[str, dict[str, Any]]:
 
 
 def _writer_threads(uri: str, options: dict[str, Any]) -> int:
-    return torchstow.api.storage_writer(uri, storage_options=options).thread_count  # type: ignore[attr-defined,no-any-return]
+    writer: Any = torchstow.api.storage_writer(uri, storage_options=options)
+    while not hasattr(writer, "thread_count"):  # through faulty+'s writer
+        writer = writer.inner
+    return int(writer.thread_count)
 
 
 def test_a_wrapper_uses_the_inner_backends_thread_count(
@@ -44,6 +47,8 @@ def test_a_wrapper_uses_the_inner_backends_thread_count(
     assert _writer_threads(f"xor+{root}/c", {**options, **xor}) == THREADS != default_thread_count()
     assert _writer_threads(f"xor+file://{tmp_path}/c", xor) == default_thread_count()
     assert _writer_threads(f"xor+file://{tmp_path}/c", {**xor, "thread_count": 3}) == 3
+    corrupting = f"faulty+xor+{root}/c?fail=write_data&mode=corrupt"  # faulty+ wraps the wrapper's store
+    assert _writer_threads(corrupting, {**options, **xor}) == THREADS
     reader = torchstow.api.storage_reader(  # type: ignore[attr-defined]
         f"xor+{root}/c", storage_options={**options, **xor, "verify_checksums": False}
     )

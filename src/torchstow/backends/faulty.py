@@ -324,12 +324,15 @@ class _CorruptingBackend(StoreBackend):
     """A byte-store backend seen through :class:`_CorruptingStore`."""
 
     def __init__(self, inner: StoreBackend, spec: FaultSpec) -> None:
-        super().__init__(thread_count=inner.thread_count, verify_checksums=inner.verify_checksums)
+        super().__init__()
         self.inner = inner
         self.spec = spec
 
     def open_store(self, uri: str) -> ByteStore:
         return _CorruptingStore(self.inner.open_store(uri), self.spec)
+
+    def tuned_by(self, uri: str) -> StoreBackend:
+        return self.inner.tuned_by(uri)
 
     def list_children(self, prefix: str) -> list[str]:
         return self.inner.list_children(prefix)
