@@ -34,9 +34,11 @@ from torchstow.format.files import MANIFEST, temporary_name
 from torchstow.format.manifest import Metadata
 from torchstow.plugins.hookspecs import Register, hookimpl
 from torchstow.plugins.manager import BackendEntry, default_registry, open_backend
+from torchstow.plugins.wrapper import REQUIRED, WrapperBackend, wrapper_storage_options
 
 __all__ = [
     "MANIFEST",
+    "REQUIRED",
     "Backend",
     "BackendEntry",
     "Buffer",
@@ -66,6 +68,7 @@ __all__ = [
     "StorageWriter",
     "StoreBackend",
     "TorchstowError",
+    "WrapperBackend",
     "WriteResult",
     "available_backends",
     "completed_future",
@@ -74,6 +77,7 @@ __all__ = [
     "open_backend",
     "temporary_name",
     "wait_future",
+    "wrapper_storage_options",
 ]
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from dist_pool import free_port
 
-__all__ = ["S3_CREDENTIALS", "free_port", "s3_options", "unique"]
+__all__ = ["EXAMPLES", "S3_CREDENTIALS", "free_port", "pip_install_example", "s3_options", "unique"]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 S3_CREDENTIALS = {"key": "testing", "secret": "testing"}
 
@@ -22,3 +28,18 @@ def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
 def unique(prefix: str = "t") -> str:
     """A name no other test uses."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def pip_install_example(example: Path, target: Path, scratch: Path) -> None:
+    """pip-install the example package ``example`` into ``target`` as a third party would,
+    from a copy (the source tree stays clean), offline."""
+    source = scratch / "src"
+    shutil.copytree(example, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    offline = ["--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run(
+        [*pip, *offline, "--target", str(target), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )

@@ -356,4 +356,4 @@ def test_a_backend_taking_kwargs_still_names_the_options_it_takes(tmp_path: Path
     with pytest.raises(TypeError, match=r"\['no_such_option'\].*endpoint_url.*part_size"):
         torchstow.save({}, "s3://bucket/ckpt", storage_options={"no_such_option": 1})
     with pytest.raises(TypeError, match=r"\['fsync_please'\].*fsync"):
-        torchstow.save({}, f"faulty+{tmp_path}/c?fail=finish", storage_options={"fsync_please": True})
+        torchstow.save({}, f"faulty+file://{tmp_path}/c?fail=finish", storage_options={"fsync_please": True})

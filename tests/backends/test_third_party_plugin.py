@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,21 +19,9 @@ import torchstow.spi
 from torchstow import UnknownBackendError
 from torchstow.plugins.manager import reset_default_registry
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "third_party_plugin"
+from storage_helpers import EXAMPLES, pip_install_example
 
-
-def _pip_install_target(target: Path, scratch: Path) -> None:
-    """pip-install the example into ``target`` from a copy (the source tree stays clean), offline."""
-    source = scratch / "src"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    offline = ["--no-deps", "--no-build-isolation", "--no-index"]
-    subprocess.run(
-        [*pip, *offline, "--target", str(target), str(source)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+EXAMPLE = EXAMPLES / "third_party_plugin"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +33,7 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """
     scratch = tmp_path_factory.mktemp("third-party")
     target = scratch / "site"
-    _pip_install_target(target, scratch)
+    pip_install_example(EXAMPLE, target, scratch)
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     reset_default_registry()

@@ -91,6 +91,26 @@ def test_uri_typos_never_become_local_paths(
     assert "absolute path" in fails("info", "file:relative/x")
 
 
+def test_wrapper_scheme_without_a_uri_is_never_a_local_path(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``faulty+/abs/path`` once saved in plaintext to ``./faulty+/abs/path``, the wrapper never run."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "x"
+    with pytest.raises(torchstow.UnknownBackendError, match=f"write faulty\\+file://{target}"):
+        torchstow.save({"w": torch.ones(1)}, f"faulty+{target}")
+    err = fails("cp", str(run / "step-1"), f"faulty+{target}")
+    assert f"write faulty+file://{target}" in err and f"./faulty+{target} for a local path" in err
+    assert f"write faulty+file://{tmp_path}/rel" in fails("info", "faulty+rel")
+    assert f"write faulty+file://{target}," in fails("info", f"faulty+file:{target}")
+    assert not os.path.exists("faulty+") and not target.exists()
+    # the intended URI works, and a local name with a + that names no scheme is a path
+    torchstow.save({"w": torch.ones(1)}, f"faulty+file://{target}")
+    assert json_doc("info", f"faulty+file://{target}")["nbytes"] == 4
+    torchstow.save({"w": torch.ones(1)}, "run+1/x")
+    assert os.path.isdir("run+1/x")
+
+
 def test_dcp_info_ls_and_du_agree_on_the_size(tmp_path: Path) -> None:
     stock = tmp_path / "run" / "step-3"
     dcp.save(

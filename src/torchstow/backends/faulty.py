@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from torchstow import errors
 from torchstow.spi import (
@@ -42,6 +42,7 @@ from torchstow.spi import (
     failed_future,
     hookimpl,
     open_backend,
+    wrapper_storage_options,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 PREFIX = "faulty+"
+OPTION_PREFIX = "faulty."
 WRITER_STEPS = ("set_up_storage_writer", "prepare_local_plan", "prepare_global_plan", "write_data", "finish")
 READER_STEPS = (
     "read_metadata",
@@ -322,12 +324,15 @@ class _CorruptingBackend(StoreBackend):
     """A byte-store backend seen through :class:`_CorruptingStore`."""
 
     def __init__(self, inner: StoreBackend, spec: FaultSpec) -> None:
-        super().__init__(thread_count=inner.thread_count, verify_checksums=inner.verify_checksums)
+        super().__init__()
         self.inner = inner
         self.spec = spec
 
     def open_store(self, uri: str) -> ByteStore:
         return _CorruptingStore(self.inner.open_store(uri), self.spec)
+
+    def tuned_by(self, uri: str) -> StoreBackend:
+        return self.inner.tuned_by(uri)
 
     def list_children(self, prefix: str) -> list[str]:
         return self.inner.list_children(prefix)
@@ -336,15 +341,39 @@ class _CorruptingBackend(StoreBackend):
 class FaultyBackend(Backend):
     """Wraps the backend of ``<inner-uri>`` and injects the fault the URI names.
 
-    Storage options go to the inner backend unchanged.
+    The fault's parameters may also be given as storage options ``faulty.<param>``
+    (``faulty.fail=finish``; one in the URI's query wins); every other storage option
+    goes to the inner backend unchanged.
     """
 
     schemes = ("faulty",)
 
     def __init__(self, **storage_options: Any) -> None:
-        self.storage_options = storage_options
+        own = {k[len(OPTION_PREFIX) :]: v for k, v in storage_options.items() if k.startswith(OPTION_PREFIX)}
+        unknown = sorted(set(own) - set(_PARAMS))
+        if unknown:
+            raise TypeError(
+                f"FaultyBackend does not take the option(s) {[OPTION_PREFIX + n for n in unknown]}; "
+                f"its own options: {', '.join(OPTION_PREFIX + n for n in _PARAMS)}"
+            )
+        self.fault_params = {
+            k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v) for k, v in own.items()
+        }
+        self.storage_options = {k: v for k, v in storage_options.items() if not k.startswith(OPTION_PREFIX)}
+
+    @classmethod
+    def extra_storage_options(cls, uri: str) -> set[str] | None:
+        """The fault's parameters as ``faulty.<param>``, and the inner backend's options."""
+        inner_uri, _ = _split_query(uri)
+        if "://" not in inner_uri:
+            return None  # parse_faulty_uri says what is wrong with it
+        return wrapper_storage_options(inner_uri, OPTION_PREFIX, _PARAMS)
 
     def _inner(self, uri: str) -> tuple[str, FaultSpec, Backend]:
+        if self.fault_params:
+            inner, query = _split_query(uri)
+            params = {**self.fault_params, **dict(parse_qsl(query, keep_blank_values=True))}
+            uri = f"{PREFIX}{inner}?{urlencode(params)}"
         inner_uri, spec = parse_faulty_uri(uri)
         return inner_uri, spec, open_backend(inner_uri, self.storage_options)
 

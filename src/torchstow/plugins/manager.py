@@ -46,6 +46,7 @@ ENTRY_POINT_GROUP = "torchstow.backends"
 DISABLE_ENV = "TORCHSTOW_DISABLE_PLUGINS"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SCHEME_ONLY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):(?!//)")
+_WRAPPER_ONLY = re.compile(r"^([A-Za-z][A-Za-z0-9.\-]*)\+(?![A-Za-z][A-Za-z0-9+.\-]*:)")
 
 
 def disabled_plugins() -> set[str]:
@@ -223,10 +224,20 @@ class BackendRegistry:
         case-insensitive, RFC 3986: ``S3://b/x`` is ``s3://b/x``), and ``file:/path``
         (RFC 8089's short form) as ``file:///path``. A registered scheme followed by
         ``:`` but not ``//`` (``s3:/bucket/x``, ``s3:bucket``) is an
-        :class:`UnknownBackendError`: it must never become a local path."""
+        :class:`UnknownBackendError`: it must never become a local path; so is a registered
+        scheme followed by ``+`` and no URI (``faulty+/dir/x``), which names the intended
+        ``faulty+file:///dir/x``."""
         match = _SCHEME.match(uri)
         if match:
             return match.group(1).lower() + uri[len(match.group(1)) :]
+        wrapper = _WRAPPER_ONLY.match(uri)
+        if wrapper is not None and self._entry(wrapper.group(1).lower()) is not None:
+            scheme, rest = wrapper.group(1).lower(), uri[wrapper.end() :]
+            path = rest if rest.startswith("/") else os.path.abspath(rest)
+            raise UnknownBackendError(
+                f"{uri!r} is not a URI ({scheme}+ wraps a URI with a scheme): write "
+                f"{scheme}+file://{path}, or ./{uri} for a local path"
+            )
         match = _SCHEME_ONLY.match(uri)
         if match is None or len(match.group(1)) == 1:  # a plain path (C:/ is a Windows drive)
             return uri
@@ -237,9 +248,10 @@ class BackendRegistry:
             return "file://" + rest
         if self._entry(scheme) is None:
             return uri  # a local name with a colon in it
+        path = rest if scheme.split("+")[-1] == "file" else rest.lstrip("/")
         raise UnknownBackendError(
             f"{uri!r} is not a URI ({scheme} URIs start {scheme}://): "
-            f"write {scheme}://{rest.lstrip('/')}, or ./{uri} for a local path"
+            f"write {scheme}://{path}, or ./{uri} for a local path"
         )
 
     def resolve(self, uri: str) -> BackendEntry:

@@ -82,21 +82,27 @@ class StoreBackend(Backend):
     def open_store(self, uri: str) -> ByteStore:
         """The store for the checkpoint location ``uri``."""
 
+    def tuned_by(self, uri: str) -> StoreBackend:
+        """The backend whose ``thread_count`` and ``verify_checksums`` apply at ``uri``: this
+        one; a wrapper's is the backend it wraps (so a wrapped S3 store keeps S3's threads)."""
+        return self
+
     def storage_writer(self, uri: str, *, overwrite: bool = False) -> StorageWriter:
         return LayoutWriter(
             self.open_store(uri),
             overwrite=overwrite,
-            thread_count=self.thread_count,
+            thread_count=self.tuned_by(uri).thread_count,
             open_store=self.open_store,
         )
 
     def storage_reader(self, uri: str) -> StorageReader:
         """A :class:`LayoutReader`: it reads torchstow's format, or DCP's where it finds a
         ``.metadata`` and no torchstow manifest."""
+        tuning = self.tuned_by(uri)
         return LayoutReader(
             self.open_store(uri),
-            thread_count=self.thread_count,
-            verify_checksums=self.verify_checksums,
+            thread_count=tuning.thread_count,
+            verify_checksums=tuning.verify_checksums,
             open_store=self.open_store,
         )
 
