@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dist_pool import free_port
+from torchstow.plugins.manager import reset_default_registry
 
-__all__ = ["EXAMPLES", "S3_CREDENTIALS", "free_port", "pip_install_example", "s3_options", "unique"]
+__all__ = [
+    "EXAMPLES",
+    "S3_CREDENTIALS",
+    "free_port",
+    "installed_example",
+    "pip_install_example",
+    "s3_options",
+    "unique",
+]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -43,3 +55,26 @@ def pip_install_example(example: Path, target: Path, scratch: Path) -> None:
         capture_output=True,
         timeout=300,
     )
+
+
+@contextmanager
+def installed_example(example: Path, scratch: Path, package: str) -> Iterator[Path]:
+    """The example pip-installed into a directory put on sys.path while the block runs.
+
+    Nothing is installed into the environment itself: on leaving, the directory comes off
+    sys.path and the modules of ``package`` are forgotten, which uninstalls it for every
+    later test; the plugin registry is rebuilt on entry and on leaving.
+    """
+    target = scratch / "site"
+    pip_install_example(example, target, scratch)
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    reset_default_registry()
+    try:
+        yield target
+    finally:
+        sys.path.remove(str(target))
+        for name in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        reset_default_registry()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,10 @@ import torch
 import torchstow
 from torchstow.cli import main
 from torchstow.errors import CheckpointException, CorruptCheckpointError
-from torchstow.plugins.manager import reset_default_registry
 from torchstow.spi import open_backend
 from torchstow.testing import DistributedBackendConformance
 
-from storage_helpers import EXAMPLES, pip_install_example, s3_options, unique
+from storage_helpers import EXAMPLES, installed_example, s3_options, unique
 
 EXAMPLE = EXAMPLES / "encrypted_store"
 KEY = "5a" * 32
@@ -31,20 +29,8 @@ OTHER_KEY = "a5" * 32
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The example pip-installed into a directory on sys.path for this module's tests only."""
-    scratch = tmp_path_factory.mktemp("enc-plugin")
-    target = scratch / "site"
-    pip_install_example(EXAMPLE, target, scratch)
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    reset_default_registry()
-    try:
+    with installed_example(EXAMPLE, tmp_path_factory.mktemp("enc-plugin"), "torchstow_enc") as target:
         yield target
-    finally:
-        sys.path.remove(str(target))
-        for name in [m for m in sys.modules if m == "torchstow_enc" or m.startswith("torchstow_enc.")]:
-            del sys.modules[name]
-        importlib.invalidate_caches()
-        reset_default_registry()
 
 
 @pytest.fixture(autouse=True)

@@ -19,32 +19,16 @@ import torchstow.spi
 from torchstow import UnknownBackendError
 from torchstow.plugins.manager import reset_default_registry
 
-from storage_helpers import EXAMPLES, pip_install_example
+from storage_helpers import EXAMPLES, installed_example
 
 EXAMPLE = EXAMPLES / "third_party_plugin"
 
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The example installed with pip into a directory put on sys.path for this module's tests.
-
-    Nothing is installed into the environment itself: removing the directory
-    from sys.path uninstalls it for every later test.
-    """
-    scratch = tmp_path_factory.mktemp("third-party")
-    target = scratch / "site"
-    pip_install_example(EXAMPLE, target, scratch)
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    reset_default_registry()
-    try:
+    """The example installed as a third party would, on sys.path for this module's tests only."""
+    with installed_example(EXAMPLE, tmp_path_factory.mktemp("third-party"), "torchstow_sqlite") as target:
         yield target
-    finally:
-        sys.path.remove(str(target))
-        for name in [m for m in sys.modules if m == "torchstow_sqlite" or m.startswith("torchstow_sqlite.")]:
-            del sys.modules[name]
-        importlib.invalidate_caches()
-        reset_default_registry()
 
 
 def _example_conformance_module() -> Any:
