@@ -95,15 +95,7 @@ class TorchstowCheckpointIO(CheckpointIO):
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         """Save ``checkpoint`` at ``path``, replacing a committed one there (``last.ckpt``)."""
-        torchstow.save(
-            checkpoint,
-            _location(path),
-            storage_options=self._options(storage_options),
-            no_dist=True,
-            overwrite=True,
-            allow_pickle=self.allow_pickle,
-            metadata=_metadata(checkpoint),
-        )
+        torchstow.save(checkpoint, _location(path), **self._save_arguments(checkpoint, storage_options))
         with self._lock:
             self._commits += 1
 
@@ -132,6 +124,17 @@ class TorchstowCheckpointIO(CheckpointIO):
             logger.debug("no checkpoint to remove at %s", uri)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _save_arguments(self, checkpoint: dict[str, Any], extra: Any | None) -> dict[str, Any]:
+        """What every save of this plugin passes, blocking or not: this rank alone, replacing a
+        committed checkpoint, the trainer's progress as metadata."""
+        return {
+            "storage_options": self._options(extra),
+            "no_dist": True,
+            "overwrite": True,
+            "allow_pickle": self.allow_pickle,
+            "metadata": _metadata(checkpoint),
+        }
 
     def _options(self, extra: Any | None) -> dict[str, Any]:
         if extra is None:
@@ -192,13 +195,7 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
     ) -> None:
         self._raise_failed()
         saving = torchstow.async_save(
-            checkpoint,
-            _location(path),
-            storage_options=self._options(storage_options),
-            no_dist=True,
-            overwrite=True,
-            allow_pickle=self.allow_pickle,
-            metadata=_metadata(checkpoint),
+            checkpoint, _location(path), **self._save_arguments(checkpoint, storage_options)
         )
         with self._lock:
             self._saves.append(saving)
