@@ -1,4 +1,5 @@
-"""Fixtures of the backend tests: a bucket on the session's moto S3 server, a fresh plugin registry."""
+"""Fixtures of the backend tests: a bucket on the session's moto S3 server, a fault proxy in front
+of it, a fresh plugin registry."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from torchstow.plugins.manager import reset_default_registry
 
+from s3_faults import FaultProxy
 from storage_helpers import S3_CREDENTIALS
 
 
@@ -26,6 +28,16 @@ def s3_bucket(s3_endpoint: str) -> str:
     )
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the moto server, closed after the test."""
+    proxy = FaultProxy(s3_endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture

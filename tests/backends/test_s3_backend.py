@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,15 +18,6 @@ from torchstow import CheckpointException, CheckpointNotFoundError, StorageIOErr
 
 from s3_faults import Fault, FaultProxy, Logged
 from storage_helpers import free_port, s3_options, unique
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(s3_endpoint)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 def _max_overlap(requests: list[Logged]) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,15 +14,6 @@ import torchstow
 
 from s3_faults import Fault, FaultProxy
 from storage_helpers import s3_options, unique
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(s3_endpoint)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 def state(value: float) -> dict[str, Any]:
