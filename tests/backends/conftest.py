@@ -7,26 +7,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from moto_s3 import s3_client
 from torchstow.plugins.manager import reset_default_registry
 
 from s3_faults import FaultProxy
-from storage_helpers import S3_CREDENTIALS
 
 
 @pytest.fixture(scope="session")
 def s3_bucket(s3_endpoint: str) -> str:
     """A bucket on the moto server."""
-    import boto3
-
     name = "torchstow-tests"
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=S3_CREDENTIALS["key"],
-        aws_secret_access_key=S3_CREDENTIALS["secret"],
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=name)
+    s3_client(s3_endpoint).create_bucket(Bucket=name)
     return name
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_pool import free_port
+from moto_s3 import MOTO_CREDENTIALS
 from torchstow.plugins.manager import reset_default_registry
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-S3_CREDENTIALS = {"key": "testing", "secret": "testing"}
+S3_CREDENTIALS = MOTO_CREDENTIALS
 
 
 def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:

@@ -5,28 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import pytest
 import torch
 
 import torchstow
+from moto_s3 import s3_client
 from torchstow import CheckpointException
 
 from s3_faults import Fault, FaultProxy
-from storage_helpers import S3_CREDENTIALS, s3_options, unique
-
-
-def s3_client(endpoint: str) -> Any:
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_CREDENTIALS["key"],
-        aws_secret_access_key=S3_CREDENTIALS["secret"],
-        region_name="us-east-1",
-    )
+from storage_helpers import s3_options, unique
 
 
 def uploads_under(endpoint: str, bucket: str, prefix: str) -> list[str]:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
+from moto_s3 import MOTO_CREDENTIALS
 from torchstow.cli import main
 
 __all__ = ["COMMAND", "S3_KEYS", "Result", "assert_one_line_error", "fails", "invoke", "json_doc", "run"]
 
-S3_KEYS = {"key": "testing", "secret": "testing"}
+S3_KEYS = MOTO_CREDENTIALS
 COMMAND = os.path.join(os.path.dirname(sys.executable), "torchstow")
 COLUMNS = {"COLUMNS": "200"}  # wide enough that no line of the tests' checkpoints is cut
 

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cli_helpers import S3_KEYS
+from moto_s3 import s3_client
 
 
 @pytest.fixture(scope="session")
 def cli_s3(s3_endpoint: str) -> str:
     """The moto server's URL, once it holds the bucket ``cli-tests``."""
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=S3_KEYS["key"],
-        aws_secret_access_key=S3_KEYS["secret"],
-        region_name="us-east-1",
-    ).create_bucket(Bucket="cli-tests")
+    s3_client(s3_endpoint).create_bucket(Bucket="cli-tests")
     return s3_endpoint

@@ -10,12 +10,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 import torchstow
+from moto_s3 import s3_client
 from torchstow.cli import main
 from torchstow.format.files import is_data_file
 from torchstow.testing import assert_same_state
@@ -81,18 +81,6 @@ def test_cp_shm_to_s3_and_back_bit_exact(cli_s3: str, shm_dir: str) -> None:
     assert_one_line_error(nobody, "credentials")
 
 
-def _s3_client(endpoint: str) -> Any:
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_KEYS["key"],
-        aws_secret_access_key=S3_KEYS["secret"],
-        region_name="us-east-1",
-    )
-
-
 def _timed(*args: str, env: dict[str, str]) -> float:
     """Seconds ``torchstow ARGS...`` takes to run to its end."""
     started = time.monotonic()
@@ -130,7 +118,7 @@ def test_ctrl_c_stops_a_copy_to_and_from_s3_promptly_and_leaves_nothing(cli_s3: 
     gen = torch.Generator().manual_seed(0)
     state = {f"w{i}": torch.randn(12, 1 << 20, generator=gen) for i in range(4)}  # 4 files of 48 MiB
     torchstow.save(state, src, storage_options={"thread_count": 4})
-    client = _s3_client(cli_s3)
+    client = s3_client(cli_s3)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEYS["key"], "AWS_SECRET_ACCESS_KEY": S3_KEYS["secret"]}
     env["AWS_ENDPOINT_URL"] = cli_s3
 

@@ -8,25 +8,18 @@ from typing import Any
 
 import pytest
 
-_CREDENTIALS = {"key": "testing", "secret": "testing"}
+from moto_s3 import MOTO_CREDENTIALS, s3_client
 
 
 @pytest.fixture
 def s3_run(s3_endpoint: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(URI of a fresh prefix in a bucket, its torchstow storage options)``; Lightning's own
     fsspec calls on s3:// get the same endpoint and credentials from ``fsspec.config.conf``."""
-    import boto3
     import fsspec
 
-    options = {**_CREDENTIALS, "endpoint_url": s3_endpoint}
+    options = {**MOTO_CREDENTIALS, "endpoint_url": s3_endpoint}
     bucket = f"lightning-{uuid.uuid4().hex[:8]}"
-    boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=_CREDENTIALS["key"],
-        aws_secret_access_key=_CREDENTIALS["secret"],
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
+    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     before = fsspec.config.conf.get("s3")
     fsspec.config.conf["s3"] = dict(options)
     try:
