@@ -1,10 +1,13 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
-python benchmarks/run.py [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap|readonce]
+python benchmarks/run.py
+    [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap|readonce|encrypted]
     [--repeats 3] [--root DIR] [--out FILE] [--plan-ranks 1024] [--plan-items 2000] [--plan-dcp-max-ranks 512]
     [--plan-plot docs/plan_scale.png] [--incremental-mib 1024] [--mmap-mib 1024] [--read-once-mib 512]
+    [--encrypted-mib 256]
 
 TORCHSTOW_BENCH_MANAGE_BYTES sets the size of the manage suite's checkpoint (default 1 GiB).
+The encrypted suite needs the enc+ example installed (pip install ./examples/encrypted_store).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_async
 import bench_dcp_adapter
 import bench_dist
+import bench_encrypted
 import bench_incremental
 import bench_local
 import bench_manage
@@ -44,6 +48,7 @@ SUITES = {
     "cache": bench_plan_cache.main,
     "mmap": bench_mmap.main,
     "readonce": bench_read_once.main,
+    "encrypted": bench_encrypted.main,
 }
 
 
@@ -68,6 +73,7 @@ def main() -> None:
     parser.add_argument(
         "--read-once-mib", type=int, default=512, help="MiB of the replicated state of the readonce suite"
     )
+    parser.add_argument("--encrypted-mib", type=int, default=256, help="MiB the encrypted suite saves")
     args = parser.parse_args()
     suites = dict(SUITES)
     suites["plan"] = functools.partial(
@@ -80,6 +86,7 @@ def main() -> None:
     suites["incremental"] = functools.partial(bench_incremental.main, frozen_mib=args.incremental_mib)
     suites["mmap"] = functools.partial(bench_mmap.main, mib=args.mmap_mib)
     suites["readonce"] = functools.partial(bench_read_once.main, mib=args.read_once_mib)
+    suites["encrypted"] = functools.partial(bench_encrypted.main, mib=args.encrypted_mib)
     report = Report("torchstow vs torch.distributed.checkpoint")
     with tempfile.TemporaryDirectory(dir=args.root, prefix="torchstow-bench-") as root:
         for name in args.only or list(SUITES):
