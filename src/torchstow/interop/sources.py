@@ -33,7 +33,7 @@ from torchstow.errors import (
     CorruptCheckpointError,
     PickleNotAllowedError,
 )
-from torchstow.format.files import MANIFEST
+from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torchstow.format.structure import build_nested, flatten_state_dict
 from torchstow.interop import safetensors_format as stf
@@ -51,7 +51,6 @@ __all__ = [
     "open_source",
 ]
 
-DCP_METADATA = ".metadata"
 _SMALL = 16 << 20  # tensors below this are read in batches (one parallel read per batch)
 _BATCH_BYTES = 64 << 20
 _BATCH_KEYS = 1024
