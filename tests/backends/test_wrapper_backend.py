@@ -14,8 +14,9 @@ import torchstow
 from torchstow.backends.fsspec.store import THREADS
 from torchstow.cli import main
 from torchstow.core.layout.location import default_thread_count
+from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointException
-from torchstow.plugins.resolve import route_options
+from torchstow.plugins.resolve import backend_at, route_options
 from torchstow.testing import WrapperConformance
 from xor_wrapper import XorBackend, install
 
@@ -117,3 +118,23 @@ class TestXorKitOnS3(WrapperConformance):
     @pytest.fixture
     def storage_options(self, s3_endpoint: str) -> dict[str, Any]:
         return s3_options(s3_endpoint, **{"xor.key": 0x5A})
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_gc_through_a_transforming_wrapper_dates_the_inner_files(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    root, options = (f"file://{tmp_path}", {}) if where == "file" else request.getfixturevalue("s3")
+    options = {**options, "xor.key": 0x5A}
+    prefix = f"xor+{root}/run"
+    torchstow.save({"w": torch.arange(8)}, f"{prefix}/step-1", storage_options=options)
+    debris = "data-aaaaaaaaaaaa-0-0.bin"  # what a killed save left beside the committed one
+    plain = {k: v for k, v in options.items() if k != "xor.key"}
+    text, backend = backend_at(f"{root}/run/step-1", plain)
+    assert isinstance(backend, StoreBackend)
+    sink = backend.open_store(text).create(debris)
+    sink.write([b"x" * 100])
+    sink.close()
+    report = torchstow.gc(prefix, older_than=0, storage_options=options)
+    assert [r.split("://")[-1] for r in report.removed] == [f"{root}/run/step-1/{debris}".split("://")[-1]]
+    assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=options)["w"], torch.arange(8))

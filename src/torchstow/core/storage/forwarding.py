@@ -6,7 +6,10 @@ A byte store's optional capabilities (:meth:`~ByteStore.local_path`,
 :meth:`~ByteStore.adopt`, :meth:`~ByteStore.file_sizes`) hold for the wrapper only
 if it keeps the bytes as they are: they are forwarded unless the wrapper declares
 ``transforms_bytes = True`` (compression, encryption, a corrupting test store), which
-gets the safe defaults instead (nothing to map, no file shared, sizes unknown)."""
+gets the safe defaults instead (nothing to map, no file shared, sizes unknown).
+What says nothing about the bytes is always forwarded: when each file last changed
+(:meth:`~ByteStore.file_times`, which gc dates debris by) and the uploads begun and
+never finished (:meth:`~ByteStore.pending_uploads`, :meth:`~ByteStore.abort_upload`)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any, ClassVar
 from torchstow.core.futures import AnyFuture
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
-from torchstow.core.storage.store import ByteStore, FileSink
+from torchstow.core.storage.store import ByteStore, FileSink, PendingUpload
 from torchstow.format.manifest import Metadata
 
 __all__ = ["ForwardingByteStore", "ForwardingStorageReader", "ForwardingStorageWriter"]
@@ -138,6 +141,15 @@ class ForwardingByteStore(ByteStore):
 
     def file_sizes(self) -> dict[str, int] | None:
         return None if self.transforms_bytes else self.inner.file_sizes()
+
+    def file_times(self) -> dict[str, float] | None:
+        return self.inner.file_times()
+
+    def pending_uploads(self) -> list[PendingUpload]:
+        return self.inner.pending_uploads()
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        self.inner.abort_upload(upload)
 
     def list_files(self) -> list[str]:
         return self.inner.list_files()
