@@ -90,9 +90,11 @@ def test_convert_to_dcp_onto_a_checkpoint_needs_overwrite(tmp_path: Path, existi
     src = _ts(tmp_path / "src")
     dst = existing(tmp_path / "dst")  # type: ignore[operator]
     before = _snapshot(dst)
-    with pytest.raises(torchstow.CheckpointExistsError, match="overwrite"):
+    with pytest.raises(torchstow.CheckpointExistsError, match="overwrite") as refused:
         torchstow.convert(src, dst, to="dcp")
     assert _snapshot(dst) == before
+    # a DCP target is replaced in place: the refusal must not promise the old one stays valid
+    assert "stays valid" not in str(refused.value)
 
 
 def test_convert_to_dcp_with_overwrite_replaces_a_dcp_checkpoint(tmp_path: Path) -> None:

@@ -318,7 +318,10 @@ def check_destination(target: Target, dst: str, overwrite: bool) -> None:
     if overwrite or not os.path.exists(dst):
         return
     if target.names_checkpoints:
-        check_vacant(LocalFileStore(dst, dst))
+        check_vacant(
+            LocalFileStore(dst, dst),
+            "the old one is gone from the moment the new one's files move in, when the conversion ends",
+        )
     if not target.folder or os.listdir(dst):
         raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
 

@@ -71,9 +71,12 @@ def read_dcp_manifest(store: ByteStore) -> Metadata:
     return metadata
 
 
-def check_vacant(store: ByteStore) -> None:
+def check_vacant(
+    store: ByteStore, replacing: str = "the old one stays valid until the new one commits"
+) -> None:
     """Raise CheckpointExistsError when ``store``'s location holds a committed checkpoint:
-    a torchstow manifest, or the ``.metadata`` of one in DCP's own format."""
+    a torchstow manifest, or the ``.metadata`` of one in DCP's own format. ``replacing``
+    says what an overwrite would do to it (a torchstow save keeps the old one valid)."""
     files = store.list_files()
     kind = (
         "a checkpoint" if MANIFEST in files else "a DCP-format checkpoint" if DCP_METADATA in files else None
@@ -81,7 +84,7 @@ def check_vacant(store: ByteStore) -> None:
     if kind is not None:
         raise CheckpointExistsError(
             f"{kind} already exists at {store.location}; pass overwrite=True (--overwrite) to replace it "
-            "(the old one stays valid until the new one commits)"
+            f"({replacing})"
         )
 
 
