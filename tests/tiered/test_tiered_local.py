@@ -17,6 +17,8 @@ from torchstow.backends.shm import default_shm_dir
 from torchstow.errors import CheckpointException, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
 from torchstow.management.tiered.nodes import Topology
+from torchstow.plugins import manager as plugins
+from torchstow.testing.counting import bytes_read, install_counting
 
 
 def _state(step: int) -> dict:
@@ -34,9 +36,13 @@ def shm_fast():
     shutil.rmtree(Path(default_shm_dir()) / name, ignore_errors=True)
 
 
-def test_shm_fast_tier_keeps_newest_and_restores_without_root(tmp_path: Path, shm_fast) -> None:
+def test_shm_fast_tier_keeps_newest_and_restores_without_root(
+    tmp_path: Path, shm_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fast, fast_dir = shm_fast
-    root = tmp_path / "root"
+    monkeypatch.setattr(plugins, "_default", plugins.default_registry())  # count+ for this test only
+    install_counting()
+    root = f"count+file://{tmp_path}/root"  # every byte read from the root is counted
     with CheckpointManager(root, fast=fast, persist_every=3) as manager:
         for step in range(1, 6):
             manager.save(step, _state(step)).result()
@@ -46,13 +52,13 @@ def test_shm_fast_tier_keeps_newest_and_restores_without_root(tmp_path: Path, sh
             StepInfo(5, ("fast",)),
         ]
         assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-4", "step-5"]
-        root.rename(tmp_path / "hidden")  # nothing may be read from the root now
-        target = _empty()
+        target, before = _empty(), bytes_read()
         assert manager.restore(target) == 5
+        assert bytes_read() == before  # nothing read from the root
         assert torch.equal(target["w"], _state(5)["w"]) and target["meta"] == {"step": 5}
-        (tmp_path / "hidden").rename(root)
-        target = _empty()
+        target, before = _empty(), bytes_read()
         assert manager.restore(target, step=3) == 3  # no longer in the fast tier: from the root
+        assert bytes_read() - before >= target["w"].nbytes  # (which the count sees)
         assert torch.equal(target["w"], _state(3)["w"])
         with pytest.raises(CheckpointNotFoundError):
             manager.restore(_empty(), step=1)  # in no tier
