@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torchstow import CheckpointManager, verify
 from torchstow.backends.shm import default_shm_dir
 from torchstow.errors import CheckpointException, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
+from torchstow.management.tiered.manager import TieredManager
 from torchstow.management.tiered.nodes import Topology
 from torchstow.plugins import manager as plugins
 from torchstow.testing.counting import bytes_read, install_counting
@@ -135,6 +137,36 @@ def test_levels_and_stats(tmp_path: Path, shm_fast) -> None:
         assert handle.stats["durable"].bytes == 4000
         with pytest.raises(ValueError, match="unknown level"):
             handle.wait("memory")
+
+
+def test_a_save_waits_for_the_previous_write_not_for_its_pruning(
+    tmp_path: Path, shm_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocking part of a save is its staging: the previous step's phases that no longer
+    read the staging buffers (replication, pruning) go on meanwhile."""
+    pruning, gate = threading.Event(), threading.Event()
+    prune = TieredManager._prune_fast
+
+    def held_prune(self: TieredManager, current: int, newer: bool = True) -> None:
+        pruning.set()
+        gate.wait(60)
+        prune(self, current, newer)
+
+    monkeypatch.setattr(TieredManager, "_prune_fast", held_prune)
+    with CheckpointManager(tmp_path / "root", fast=shm_fast[0], persist_every=100) as manager:
+        try:
+            first = manager.save(1, _state(1))
+            assert pruning.wait(60) and first.level == "replicated"  # step 1's phase is held
+            returned = threading.Event()
+            saving = threading.Thread(target=lambda: (manager.save(2, _state(2)), returned.set()))
+            saving.start()
+            assert returned.wait(10), "save(2) waited for step 1's pruning"
+        finally:
+            gate.set()
+        saving.join()
+        manager.wait("replicated")
+        target = _empty()
+        assert manager.restore(target) == 2 and torch.equal(target["w"], _state(2)["w"])
 
 
 def test_incremental_persist_shares_unchanged_tensors(tmp_path: Path, shm_fast) -> None:

@@ -173,6 +173,8 @@ class TieredManager:
         self._fast_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-fast")
         self._persist_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-persist")
         self._last_fast: Future[None] | None = None
+        self._released = threading.Event()  # the last fast phase is done with the staging buffers
+        self._released.set()
         self._last_persist: Future[None] | None = None
         self._handles: list[TieredSave] = []
         self._pinned: set[int] = set()  # fast steps a persist still needs
@@ -205,8 +207,9 @@ class TieredManager:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         if self._closed:
             raise RuntimeError("this CheckpointManager is closed")
-        if self._last_fast is not None:
-            self._last_fast.result()  # its writes read the staging buffers we are about to refill
+        # The previous step's fast write reads the staging buffers we are about to refill; its
+        # replication and pruning (which read the fast tier, not the buffers) may go on.
+        self._released.wait()
         persist = step % self.persist_every == 0
         handle = TieredSave(step, "durable" if persist else "replicated")
         started = time.perf_counter()
@@ -223,6 +226,7 @@ class TieredManager:
             handle._reach("staged", nbytes, started)
         user_metadata = {**(metadata or {}), "step": step, FAST_TIER_KEY: self.fast_template}
         self._handles = [h for h in self._handles if not h.done()] + [handle]
+        self._released.clear()
         self._last_fast = self._fast_thread.submit(
             self._fast_phase, step, staged, error, user_metadata, handle, persist
         )
@@ -237,6 +241,22 @@ class TieredManager:
         handle: TieredSave,
         persist: bool,
     ) -> None:
+        try:
+            self._fast_steps(step, staged, error, user_metadata, handle, persist)
+        finally:
+            self._released.set()
+
+    def _fast_steps(
+        self,
+        step: int,
+        staged: Any,
+        error: BaseException | None,
+        user_metadata: dict[str, Any],
+        handle: TieredSave,
+        persist: bool,
+    ) -> None:
+        """Write, commit, replicate (and persist or queue the persist of) one step; sets
+        ``_released`` as soon as nothing reads ``staged`` any more."""
         started = time.perf_counter()
         store = self._fast_store(step)
         writer = _FilesWriter(store, overwrite=True, thread_count=self._fast_backend.thread_count)
@@ -253,6 +273,8 @@ class TieredManager:
         except BaseException as exc:
             handle._fail(exc)
             return
+        if not (persist and self.incremental):  # an incremental persist saves from the buffers
+            self._released.set()
         handle._reach("fast", sum(writer.files.values()), started)
         started = time.perf_counter()
         sizes = _extents(metadata)
