@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from torchstow import CheckpointManager, verify
+from torchstow.backends.filesystem import LocalFileStore
 from torchstow.backends.shm import default_shm_dir
 from torchstow.errors import CheckpointException, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
 from torchstow.management.tiered.manager import TieredManager
 from torchstow.management.tiered.nodes import Topology
 from torchstow.plugins import manager as plugins
-from torchstow.testing.counting import bytes_read, install_counting
+from torchstow.testing.counting import bytes_read, install_counting, read_calls
 
 
 def _state(step: int) -> dict:
@@ -64,6 +65,25 @@ def test_shm_fast_tier_keeps_newest_and_restores_without_root(
         assert torch.equal(target["w"], _state(3)["w"])
         with pytest.raises(CheckpointNotFoundError):
             manager.restore(_empty(), step=1)  # in no tier
+
+
+def test_a_restore_from_the_root_reads_in_the_roots_segment_size(
+    tmp_path: Path, shm_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object store wants few big reads: a root restore asks for the root store's
+    segment size, not the 1 MiB a local store reads at a time."""
+    monkeypatch.setattr(plugins, "_default", plugins.default_registry())  # count+ for this test only
+    install_counting()
+    monkeypatch.setattr(LocalFileStore, "read_segment_bytes", 64 << 20)  # the root's wish
+    fast, fast_dir = shm_fast
+    big = {"w": torch.arange(1 << 20, dtype=torch.float32)}  # 4 MiB
+    with CheckpointManager(f"count+file://{tmp_path}/root", fast=fast) as manager:
+        manager.save(1, big).result()
+    shutil.rmtree(fast_dir)
+    with CheckpointManager(f"count+file://{tmp_path}/root", fast=fast) as manager:
+        target, calls = {"w": torch.zeros(1 << 20)}, read_calls()
+        assert manager.restore(target) == 1 and torch.equal(target["w"], big["w"])
+        assert read_calls() - calls == 3  # the manifest twice (listing, loading), the 4 MiB in one read
 
 
 def test_saving_after_restoring_an_older_step_leaves_its_timeline(tmp_path: Path, shm_fast) -> None:

@@ -4,8 +4,8 @@ For tests and benchmarks that prove where a load's bytes came from (a tiered
 restore that must read nothing from its root): open the root as
 ``count+file:///...`` (or ``count+s3://...``) after :func:`install_counting`,
 and :func:`bytes_read` tells what this process read through every ``count+``
-store since. Bytes pass unchanged; a store never hands out a local path to
-map, so every read goes through :meth:`CountingStore.read_into` or
+store since (:func:`read_calls`: in how many reads). Bytes pass unchanged; a store
+never hands out a local path to map, so every read goes through :meth:`CountingStore.read_into` or
 :meth:`CountingStore.read_file`, where it is counted.
 """
 
@@ -17,22 +17,30 @@ from collections.abc import Sequence
 from torchstow.plugins import manager
 from torchstow.spi import ByteStore, ForwardingByteStore, Register, WrapperBackend, hookimpl
 
-__all__ = ["CountingBackend", "CountingStore", "bytes_read", "install_counting"]
+__all__ = ["CountingBackend", "CountingStore", "bytes_read", "install_counting", "read_calls"]
 
 _lock = threading.Lock()
 _read = 0
+_calls = 0
 
 
 def _add(nbytes: int) -> None:
-    global _read
+    global _read, _calls
     with _lock:
         _read += nbytes
+        _calls += 1
 
 
 def bytes_read() -> int:
     """The bytes read through ``count+`` stores in this process so far (data and manifests)."""
     with _lock:
         return _read
+
+
+def read_calls() -> int:
+    """The ``read_into`` and ``read_file`` calls made on ``count+`` stores in this process so far."""
+    with _lock:
+        return _calls
 
 
 class CountingStore(ForwardingByteStore):

@@ -655,7 +655,10 @@ class TieredManager:
         # Every fast-tier file was just checked block by block by the node that holds it (and
         # sends it); only bytes from the root are checked as they are read.
         verify = any(name in choice.root_files for name in wanted)
-        reader = LayoutReader(sources, thread_count=self._fast_backend.thread_count, verify_checksums=verify)
+        threads = (
+            self._root_backend.tuned_by(self.uri(choice.step)) if verify else self._fast_backend
+        ).thread_count
+        reader = LayoutReader(sources, thread_count=threads, verify_checksums=verify)
         load_state_dict(state_dict, reader, collective=self._coll, metadata=metadata)
 
 
