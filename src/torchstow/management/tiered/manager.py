@@ -46,7 +46,12 @@ from torchstow.core.protocol.steps import all_reduce, load_state_dict, save_stat
 from torchstow.core.staging.stager import StateDictStager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import CheckpointNotFoundError, ChecksumMismatchError
+from torchstow.errors import (
+    CheckpointException,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+)
 from torchstow.format.codec import decode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
@@ -535,6 +540,17 @@ class TieredManager:
         self._quiesce()
         holdings = self._nodes_holdings()
         for choice in complete_steps(holdings, step):
+            # One pass over the bytes: every block is checked as it is loaded. Only when that
+            # finds damage does every holder check its copies, so the damaged ones are left out.
+            try:
+                self._load(state_dict, choice)
+                return choice.step
+            except CheckpointException as exc:
+                if not _damaged(exc):
+                    raise
+                logger.warning(
+                    "step %d: a fast-tier copy is damaged; checking every copy: %s", choice.step, exc
+                )
             self._verify(choice, holdings)
             if all(choice.holders.values()):
                 break
@@ -639,10 +655,17 @@ class TieredManager:
                 servers = topology.ranks_of(node)
                 schedule.append(Transfer(servers[rank % len(servers)], rank, name, sizes[name]))
         store = self._fast_store(choice.step)
+
+        def serve(name: str, buffer: torch.Tensor) -> None:
+            try:
+                _read(store, name, buffer)
+            except (OSError, CorruptCheckpointError) as exc:  # the receiver's checks refuse what it gets
+                logger.warning(
+                    "step %d: cannot read %s/%s to send it: %s", choice.step, store.location, name, exc
+                )
+
         received = (
-            run_transfers(self._group, topology.rank, schedule, lambda n, b: _read(store, n, b), self.timeout)
-            if schedule
-            else {}
+            run_transfers(self._group, topology.rank, schedule, serve, self.timeout) if schedule else {}
         )
         root_store = self._root_backend.open_store(self.uri(choice.step)) if choice.root_files else None
         routes: dict[str, ByteStore] = {}
@@ -652,14 +675,17 @@ class TieredManager:
             elif name in choice.root_files and root_store is not None:
                 routes[name] = root_store
         sources = TieredSources(f"step {choice.step} (tiered)", choice.manifest, routes, received, sizes)
-        # Every fast-tier file was just checked block by block by the node that holds it (and
-        # sends it); only bytes from the root are checked as they are read.
-        verify = any(name in choice.root_files for name in wanted)
-        threads = (
-            self._root_backend.tuned_by(self.uri(choice.step)) if verify else self._fast_backend
-        ).thread_count
-        reader = LayoutReader(sources, thread_count=threads, verify_checksums=verify)
+        # Every block is checked as it is read, wherever it comes from (a received file by
+        # the rank that receives it).
+        from_root = any(name in choice.root_files for name in wanted)
+        tuning = self._root_backend.tuned_by(self.uri(choice.step)) if from_root else self._fast_backend
+        reader = LayoutReader(sources, thread_count=tuning.thread_count, verify_checksums=True)
         load_state_dict(state_dict, reader, collective=self._coll, metadata=metadata)
+
+
+def _damaged(exc: CheckpointException) -> bool:
+    """Whether a collective load failed on some rank because stored bytes were wrong or missing."""
+    return any(isinstance(e, (CorruptCheckpointError, FileNotFoundError)) for e, _ in exc.failures.values())
 
 
 def _extents(metadata: Metadata) -> dict[str, int]:
