@@ -6,7 +6,8 @@ Side by side, in one run:
   tensors into preallocated shared memory (target <= 1.3x); all ranks start each copy and
   each save together (a barrier). The first save allocates its staging buffers and is
   reported apart; the ratio is for the saves after it. Between saves the loop waits until
-  the step is replicated, as a training step of some length would.
+  the step's background work (write, replication, pruning) is over, as a training step of
+  some length would let it be.
 - **restore**: from the fast tiers; in a restarted job after wiping one node's fast tier
   (from the replica); and from the root after wiping every fast tier (a local directory,
   or S3 on a moto server with ``--s3``); and DCP's load (``FsspecReader``) of the same
@@ -124,7 +125,7 @@ def child(out: str, case: str, root: str, fast: str, mib: int, repeats: int, ext
             started = time.time()
             handle = manager.save(step, state)
             blocked.append(time.time() - started)
-            handle.result()
+            manager.wait(handle.due)  # the step's background work, its pruning included, is over
             stats = {"started": started, **{k: vars(v) for k, v in handle.stats.items()}}
         manager.close()
         record.update(copy=copies, blocked=blocked, stats=stats, nbytes=per_rank * MiB)
