@@ -130,7 +130,17 @@ def test_three_nodes_each_copy_partial_restore_after_losing_one(tmp_path: Path) 
     # Each node holds its own part and the part of the node before it: 2 of the 3 data files.
     for node in range(3):
         assert len(list((tmp_path / "fast" / str(node) / "step-2").glob("data-*.bin"))) == 2
-    shutil.rmtree(tmp_path / "fast" / str(node_of[1]))
-    codes, records = run_job(tmp_path, "restore", "restore", root, fast, nnodes=3, nproc=1)
+    lost = node_of[1]
+    shutil.rmtree(tmp_path / "fast" / str(lost))
+    # Restore twice in one launch: then with the one copy left of rank 1's part (on the next
+    # node, which sends it) cut short: a damaged copy a node serves falls back to the root.
+    kept = _data_file(tmp_path / "fast" / str((lost + 1) % 3) / "step-2", 1)
+    codes, records = run_job(
+        tmp_path, "restore", "restore", f"{root},{root}", f"{fast},{fast}", nnodes=3, nproc=1,
+        env={"TIERED_CUT_BEFORE_RUN": f"1:{kept}"},
+    )  # fmt: skip
     records = _ok(tmp_path, "restore", codes, records, world=3)
-    assert {(r["restored"], r["exact"], r["root_read"]) for r in records.values()} == {(2, True, 0)}
+    first, second = ([r["runs"][k] for r in records.values()] for k in (0, 1))
+    assert {(r["restored"], r["exact"], r["root_read"]) for r in first} == {(2, True, 0)}
+    assert {(r["restored"], r["exact"]) for r in second} == {(2, True)}
+    assert sum(r["root_read"] for r in second) > 0  # rank 1's part came from the root

@@ -7,7 +7,8 @@ restores the newest, then saves; ``kill-fast``, ``kill-replication`` and
 ``kill-persist`` save the given steps and SIGKILL this process (on global rank
 ``TIERED_KILL_RANK``) in the middle of that phase of the last one.
 ``restore`` takes comma-separated ROOTs and FASTs: one manager (and one record in
-``runs``) for each pair, in one launch. Every ROOT is opened as ``count+file://ROOT``,
+``runs``) for each pair, in one launch (``TIERED_CUT_BEFORE_RUN=K:PATH`` cuts a file
+short between two of them). Every ROOT is opened as ``count+file://ROOT``,
 which counts each byte read from it (:mod:`torchstow.testing.counting`).
 Values depend on the step only, so any world size can check them.
 """
@@ -103,7 +104,13 @@ def main() -> None:
     if mode.startswith("kill-"):
         arm(mode)
     runs = []
-    for root, fast in zip(roots.split(","), fasts.split(","), strict=True):
+    cut = os.environ.get("TIERED_CUT_BEFORE_RUN")  # "K:PATH": cut file PATH short before run K
+    for k, (root, fast) in enumerate(zip(roots.split(","), fasts.split(","), strict=True)):
+        if cut and int(cut.split(":", 1)[0]) == k:
+            if dist.get_rank() == 0:
+                path = cut.split(":", 1)[1]
+                os.truncate(path, os.path.getsize(path) // 2)
+            dist.barrier()
         manager = plain_manager.CheckpointManager(
             f"count+file://{root}", fast=fast, persist_every=persist_every, replicas=1
         )
