@@ -9,6 +9,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torchstow.backends.filesystem import LocalFileStore
 from torchstow.backends.shm import default_shm_dir
 from torchstow.errors import CheckpointException, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
-from torchstow.management.tiered.manager import TieredManager
+from torchstow.management.tiered.manager import TieredManager, _FilesWriter
 from torchstow.management.tiered.nodes import Topology
 from torchstow.plugins import manager as plugins
 from torchstow.testing.counting import bytes_read, install_counting, read_calls
@@ -162,31 +163,58 @@ def test_levels_and_stats(tmp_path: Path, shm_fast) -> None:
 def test_a_save_waits_for_the_previous_write_not_for_its_pruning(
     tmp_path: Path, shm_fast, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The blocking part of a save is its staging: the previous step's phases that no longer
-    read the staging buffers (replication, pruning) go on meanwhile."""
-    pruning, gate = threading.Event(), threading.Event()
-    prune = TieredManager._prune_fast
+    """A save blocks for its staging and for the previous step's write (which reads the
+    staging buffers), not for the previous step's replication or pruning."""
+    pruning, prune_gate = threading.Event(), threading.Event()
+    writing, write_gate = threading.Event(), threading.Event()
+    prune, write = TieredManager._prune_fast, _FilesWriter.write_data
 
     def held_prune(self: TieredManager, current: int, newer: bool = True) -> None:
-        pruning.set()
-        gate.wait(60)
+        if current == 1:
+            pruning.set()
+            prune_gate.wait(60)
         prune(self, current, newer)
 
+    def held_write(self: _FilesWriter, plan: Any, planner: Any) -> Any:
+        if self.store.location.endswith("step-2"):
+            writing.set()
+            write_gate.wait(60)
+        return write(self, plan, planner)
+
     monkeypatch.setattr(TieredManager, "_prune_fast", held_prune)
+    monkeypatch.setattr(_FilesWriter, "write_data", held_write)
+    state, threads = _state(1), []
+
+    def save_in_thread(step: int) -> threading.Event:
+        state["w"].copy_(_state(step)["w"])  # training changes the state in place
+        state["meta"] = {"step": step}
+        returned = threading.Event()
+        threads.append(threading.Thread(target=lambda: (manager.save(step, state), returned.set())))
+        threads[-1].start()
+        return returned
+
     with CheckpointManager(tmp_path / "root", fast=shm_fast[0], persist_every=100) as manager:
         try:
-            first = manager.save(1, _state(1))
-            assert pruning.wait(60) and first.level == "replicated"  # step 1's phase is held
-            returned = threading.Event()
-            saving = threading.Thread(target=lambda: (manager.save(2, _state(2)), returned.set()))
-            saving.start()
-            assert returned.wait(10), "save(2) waited for step 1's pruning"
+            manager.save(1, state)
+            assert pruning.wait(60)  # step 1 is replicated; its pruning is held
+            assert save_in_thread(2).wait(10), "save(2) waited for step 1's pruning"
+            threads[-1].join()
+            prune_gate.set()
+            assert writing.wait(60)  # step 2's write is held: it reads the staging buffers
+            third = save_in_thread(3)
+            assert not third.wait(1), "save(3) refilled the staging buffers step 2's write reads"
+            write_gate.set()
+            assert third.wait(60)
         finally:
-            gate.set()
-        saving.join()
+            prune_gate.set()
+            write_gate.set()
+            for thread in threads:
+                thread.join()
         manager.wait("replicated")
-        target = _empty()
-        assert manager.restore(target) == 2 and torch.equal(target["w"], _state(2)["w"])
+        for step in (3, 2):
+            target = _empty()
+            assert manager.restore(target, step=step) == step
+            assert torch.equal(target["w"], _state(step)["w"]) and target["meta"] == {"step": step}
 
 
 def test_incremental_persist_shares_unchanged_tensors(tmp_path: Path, shm_fast) -> None:

@@ -178,7 +178,7 @@ class TieredManager:
         self._fast_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-fast")
         self._persist_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-persist")
         self._last_fast: Future[None] | None = None
-        self._released = threading.Event()  # the last fast phase is done with the staging buffers
+        self._released = threading.Event()  # set once the last fast phase is done with the buffers
         self._released.set()
         self._last_persist: Future[None] | None = None
         self._handles: list[TieredSave] = []
@@ -231,9 +231,9 @@ class TieredManager:
             handle._reach("staged", nbytes, started)
         user_metadata = {**(metadata or {}), "step": step, FAST_TIER_KEY: self.fast_template}
         self._handles = [h for h in self._handles if not h.done()] + [handle]
-        self._released.clear()
+        self._released = released = threading.Event()  # this phase's own: an older one sets its own
         self._last_fast = self._fast_thread.submit(
-            self._fast_phase, step, staged, error, user_metadata, handle, persist
+            self._fast_phase, step, staged, error, user_metadata, handle, persist, released
         )
         return handle
 
@@ -245,11 +245,12 @@ class TieredManager:
         user_metadata: dict[str, Any],
         handle: TieredSave,
         persist: bool,
+        released: threading.Event,
     ) -> None:
         try:
-            self._fast_steps(step, staged, error, user_metadata, handle, persist)
+            self._fast_steps(step, staged, error, user_metadata, handle, persist, released)
         finally:
-            self._released.set()
+            released.set()
 
     def _fast_steps(
         self,
@@ -259,9 +260,10 @@ class TieredManager:
         user_metadata: dict[str, Any],
         handle: TieredSave,
         persist: bool,
+        released: threading.Event,
     ) -> None:
         """Write, commit, replicate (and persist or queue the persist of) one step; sets
-        ``_released`` as soon as nothing reads ``staged`` any more."""
+        ``released`` as soon as nothing reads ``staged`` any more."""
         started = time.perf_counter()
         store = self._fast_store(step)
         writer = _FilesWriter(store, overwrite=True, thread_count=self._fast_backend.thread_count)
@@ -279,7 +281,7 @@ class TieredManager:
             handle._fail(exc)
             return
         if not (persist and self.incremental):  # an incremental persist saves from the buffers
-            self._released.set()
+            released.set()
         handle._reach("fast", sum(writer.files.values()), started)
         started = time.perf_counter()
         sizes = _extents(metadata)
