@@ -175,6 +175,7 @@ def loop(root: str, fast: str, mib: int, step_seconds: float, how: str, options:
     elif how == "plain":
         manager = CheckpointManager(root, storage_options=options)
     dist.barrier()
+    blocked = []
     started = time.perf_counter()
     for step in range(1, 41):
         step_started = time.perf_counter()
@@ -182,14 +183,16 @@ def loop(root: str, fast: str, mib: int, step_seconds: float, how: str, options:
         model(x).sum().backward()
         optimizer.step()
         state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        save_started = time.perf_counter()
         if how == "tiered":
             manager.save(step, state)
         elif how == "plain" and step % 10 == 0:
             manager.save(step, state, asynchronous=True)
+        blocked.append(time.perf_counter() - save_started)
         time.sleep(max(0.0, step_seconds - (time.perf_counter() - step_started)))  # the rest of a step
     if manager is not None:
         manager.close()
-    return {"seconds": time.perf_counter() - started}
+    return {"seconds": time.perf_counter() - started, "blocked": blocked}
 
 
 # -- the figure --------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def main() -> None:
                       f"root/replica {times['root'] / times['replica']:.1f}x (>= 10); "
                       f"bytes read from the root: {root_read}")  # fmt: skip
             if "loop" in only:
-                loops = {}
+                loops, loop_blocked = {}, {}
                 for how in ("none", "tiered", "plain"):
                     shutil.rmtree(fast_dir, ignore_errors=True)
                     args_loop = [root + f"-loop-{how}", fast, str(args.loop_mib), "1", json.dumps(options)]
@@ -318,7 +321,12 @@ def main() -> None:
                         work, f"loop-{how}", ["loop", *args_loop, str(args.step_seconds), how], 1
                     )
                     loops[how] = max(r["seconds"] for r in records.values())
-                results["loop"] = {**loops, "tiered_over_none": loops["tiered"] / loops["none"]}
+                    loop_blocked[how] = statistics.median(b for r in records.values() for b in r["blocked"])
+                results["loop"] = {
+                    **loops,
+                    "tiered_over_none": loops["tiered"] / loops["none"],
+                    "median_blocked_per_step_s": loop_blocked,
+                }
                 print(f"loop: {loops}; tiered/none {loops['tiered'] / loops['none']:.2f}x (<= 1.25)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
