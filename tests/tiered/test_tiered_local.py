@@ -6,17 +6,23 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from torchstow import CheckpointManager, verify
+from torchstow.backends.filesystem import LocalFileStore
 from torchstow.backends.shm import default_shm_dir
 from torchstow.errors import CheckpointException, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
+from torchstow.management.tiered.manager import TieredManager, _FilesWriter
 from torchstow.management.tiered.nodes import Topology
+from torchstow.plugins import manager as plugins
+from torchstow.testing.counting import bytes_read, install_counting, read_calls
 
 
 def _state(step: int) -> dict:
@@ -34,9 +40,13 @@ def shm_fast():
     shutil.rmtree(Path(default_shm_dir()) / name, ignore_errors=True)
 
 
-def test_shm_fast_tier_keeps_newest_and_restores_without_root(tmp_path: Path, shm_fast) -> None:
+def test_shm_fast_tier_keeps_newest_and_restores_without_root(
+    tmp_path: Path, shm_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fast, fast_dir = shm_fast
-    root = tmp_path / "root"
+    monkeypatch.setattr(plugins, "_default", plugins.default_registry())  # count+ for this test only
+    install_counting()
+    root = f"count+file://{tmp_path}/root"  # every byte read from the root is counted
     with CheckpointManager(root, fast=fast, persist_every=3) as manager:
         for step in range(1, 6):
             manager.save(step, _state(step)).result()
@@ -46,16 +56,35 @@ def test_shm_fast_tier_keeps_newest_and_restores_without_root(tmp_path: Path, sh
             StepInfo(5, ("fast",)),
         ]
         assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-4", "step-5"]
-        root.rename(tmp_path / "hidden")  # nothing may be read from the root now
-        target = _empty()
+        target, before = _empty(), bytes_read()
         assert manager.restore(target) == 5
+        assert bytes_read() == before  # nothing read from the root
         assert torch.equal(target["w"], _state(5)["w"]) and target["meta"] == {"step": 5}
-        (tmp_path / "hidden").rename(root)
-        target = _empty()
+        target, before = _empty(), bytes_read()
         assert manager.restore(target, step=3) == 3  # no longer in the fast tier: from the root
+        assert bytes_read() - before >= target["w"].nbytes  # (which the count sees)
         assert torch.equal(target["w"], _state(3)["w"])
         with pytest.raises(CheckpointNotFoundError):
             manager.restore(_empty(), step=1)  # in no tier
+
+
+def test_a_restore_from_the_root_reads_in_the_roots_segment_size(
+    tmp_path: Path, shm_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object store wants few big reads: a root restore asks for the root store's
+    segment size, not the 1 MiB a local store reads at a time."""
+    monkeypatch.setattr(plugins, "_default", plugins.default_registry())  # count+ for this test only
+    install_counting()
+    monkeypatch.setattr(LocalFileStore, "read_segment_bytes", 64 << 20)  # the root's wish
+    fast, fast_dir = shm_fast
+    big = {"w": torch.arange(1 << 20, dtype=torch.float32)}  # 4 MiB
+    with CheckpointManager(f"count+file://{tmp_path}/root", fast=fast) as manager:
+        manager.save(1, big).result()
+    shutil.rmtree(fast_dir)
+    with CheckpointManager(f"count+file://{tmp_path}/root", fast=fast) as manager:
+        target, calls = {"w": torch.zeros(1 << 20)}, read_calls()
+        assert manager.restore(target) == 1 and torch.equal(target["w"], big["w"])
+        assert read_calls() - calls == 3  # the manifest twice (listing, loading), the 4 MiB in one read
 
 
 def test_saving_after_restoring_an_older_step_leaves_its_timeline(tmp_path: Path, shm_fast) -> None:
@@ -129,6 +158,63 @@ def test_levels_and_stats(tmp_path: Path, shm_fast) -> None:
         assert handle.stats["durable"].bytes == 4000
         with pytest.raises(ValueError, match="unknown level"):
             handle.wait("memory")
+
+
+def test_a_save_waits_for_the_previous_write_not_for_its_pruning(
+    tmp_path: Path, shm_fast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save blocks for its staging and for the previous step's write (which reads the
+    staging buffers), not for the previous step's replication or pruning."""
+    pruning, prune_gate = threading.Event(), threading.Event()
+    writing, write_gate = threading.Event(), threading.Event()
+    prune, write = TieredManager._prune_fast, _FilesWriter.write_data
+
+    def held_prune(self: TieredManager, current: int, newer: bool = True) -> None:
+        if current == 1:
+            pruning.set()
+            prune_gate.wait(60)
+        prune(self, current, newer)
+
+    def held_write(self: _FilesWriter, plan: Any, planner: Any) -> Any:
+        if self.store.location.endswith("step-2"):
+            writing.set()
+            write_gate.wait(60)
+        return write(self, plan, planner)
+
+    monkeypatch.setattr(TieredManager, "_prune_fast", held_prune)
+    monkeypatch.setattr(_FilesWriter, "write_data", held_write)
+    state, threads = _state(1), []
+
+    def save_in_thread(step: int) -> threading.Event:
+        state["w"].copy_(_state(step)["w"])  # training changes the state in place
+        state["meta"] = {"step": step}
+        returned = threading.Event()
+        threads.append(threading.Thread(target=lambda: (manager.save(step, state), returned.set())))
+        threads[-1].start()
+        return returned
+
+    with CheckpointManager(tmp_path / "root", fast=shm_fast[0], persist_every=100) as manager:
+        try:
+            manager.save(1, state)
+            assert pruning.wait(60)  # step 1 is replicated; its pruning is held
+            assert save_in_thread(2).wait(10), "save(2) waited for step 1's pruning"
+            threads[-1].join()
+            prune_gate.set()
+            assert writing.wait(60)  # step 2's write is held: it reads the staging buffers
+            third = save_in_thread(3)
+            assert not third.wait(1), "save(3) refilled the staging buffers step 2's write reads"
+            write_gate.set()
+            assert third.wait(60)
+        finally:
+            prune_gate.set()
+            write_gate.set()
+            for thread in threads:
+                thread.join()
+        manager.wait("replicated")
+        for step in (3, 2):
+            target = _empty()
+            assert manager.restore(target, step=step) == step
+            assert torch.equal(target["w"], _state(step)["w"]) and target["meta"] == {"step": step}
 
 
 def test_incremental_persist_shares_unchanged_tensors(tmp_path: Path, shm_fast) -> None:

@@ -1,11 +1,15 @@
 """A torchrun worker for the tiered tests: ``worker.py MODE OUT ROOT FAST [STEPS...]``.
 
 MODE ``save`` saves the given steps and records the levels each step reported;
-``restore`` restores (the newest step, or the one given) and records the step
-and whether every value is exact; ``restore-then-save`` restores the newest, then
-saves; ``kill-fast``, ``kill-replication`` and
+``restore`` restores (the newest step, or the one given) and records the step,
+whether every value is exact and the bytes read from the root; ``restore-then-save``
+restores the newest, then saves; ``kill-fast``, ``kill-replication`` and
 ``kill-persist`` save the given steps and SIGKILL this process (on global rank
 ``TIERED_KILL_RANK``) in the middle of that phase of the last one.
+``restore`` takes comma-separated ROOTs and FASTs: one manager (and one record in
+``runs``) for each pair, in one launch (``TIERED_CUT_BEFORE_RUN=K:PATH`` cuts a file
+short between two of them). Every ROOT is opened as ``count+file://ROOT``,
+which counts each byte read from it (:mod:`torchstow.testing.counting`).
 Values depend on the step only, so any world size can check them.
 """
 
@@ -24,6 +28,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torchstow.management import manager as plain_manager
 from torchstow.management.tiered import LEVELS
 from torchstow.management.tiered import manager as tiered
+from torchstow.testing.counting import bytes_read, install_counting
 
 ROWS = 48  # divisible by every world size used
 
@@ -91,37 +96,50 @@ def arm(mode: str) -> None:
 
 
 def main() -> None:
-    mode, out, root, fast, *steps = sys.argv[1:]
+    mode, out, roots, fasts, *steps = sys.argv[1:]
     dist.init_process_group("gloo")
+    install_counting()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     persist_every = int(os.environ.get("TIERED_PERSIST_EVERY", "1"))
-    manager = plain_manager.CheckpointManager(root, fast=fast, persist_every=persist_every, replicas=1)
-    record: dict = {"rank": dist.get_rank(), "node": manager._tiered.node}
     if mode.startswith("kill-"):
         arm(mode)
-    if mode in ("restore", "restore-then-save"):
-        target = state(0, mesh)
-        target["sharded"] = distribute_tensor(torch.zeros(ROWS, 5), mesh, [Shard(0)])
-        target["replicated"] = torch.zeros(64, dtype=torch.float64)
-        target["step_seen"] = -1
-        asked = int(steps.pop(0)) if mode == "restore" and steps else None
-        step = manager.restore(target, asked)
-        record["restored"] = step
-        record["exact"] = exact(target, step)
-    if mode in ("save", "restore-then-save") or mode.startswith("kill-"):
-        seen = {}
-        for step in map(int, steps):
-            handle = manager.save(step, state(step, mesh))
-            levels = [handle.level]
-            for level in LEVELS[1:]:
-                handle.wait(level)
-                levels.append(handle.level)
-                if level == handle.due:
-                    break
-            seen[step] = {"levels": levels, "stats": list(handle.stats), "due": handle.due}
-        record["saved"] = seen
-    manager.close()
-    record["steps"] = [[i.step, list(i.tiers)] for i in manager.steps()]
+    runs = []
+    cut = os.environ.get("TIERED_CUT_BEFORE_RUN")  # "K:PATH": cut file PATH short before run K
+    for k, (root, fast) in enumerate(zip(roots.split(","), fasts.split(","), strict=True)):
+        if cut and int(cut.split(":", 1)[0]) == k:
+            if dist.get_rank() == 0:
+                path = cut.split(":", 1)[1]
+                os.truncate(path, os.path.getsize(path) // 2)
+            dist.barrier()
+        manager = plain_manager.CheckpointManager(
+            f"count+file://{root}", fast=fast, persist_every=persist_every, replicas=1
+        )
+        run: dict = {"node": manager._tiered.node}
+        if mode in ("restore", "restore-then-save"):
+            target = state(0, mesh)
+            target["sharded"] = distribute_tensor(torch.zeros(ROWS, 5), mesh, [Shard(0)])
+            target["replicated"] = torch.zeros(64, dtype=torch.float64)
+            target["step_seen"] = -1
+            asked = int(steps[0]) if mode == "restore" and steps else None
+            before = bytes_read()
+            step = manager.restore(target, asked)
+            run.update(restored=step, exact=exact(target, step), root_read=bytes_read() - before)
+        if mode in ("save", "restore-then-save") or mode.startswith("kill-"):
+            seen = {}
+            for step in map(int, steps):
+                handle = manager.save(step, state(step, mesh))
+                levels = [handle.level]
+                for level in LEVELS[1:]:
+                    handle.wait(level)
+                    levels.append(handle.level)
+                    if level == handle.due:
+                        break
+                seen[step] = {"levels": levels, "stats": list(handle.stats), "due": handle.due}
+            run["saved"] = seen
+        manager.close()
+        run["steps"] = [[i.step, list(i.tiers)] for i in manager.steps()]
+        runs.append(run)
+    record = {"rank": dist.get_rank(), **runs[0], "runs": runs}
     with open(os.path.join(out, f"rank-{dist.get_rank()}.json"), "w") as f:
         json.dump(record, f)
     dist.destroy_process_group()

@@ -46,7 +46,12 @@ from torchstow.core.protocol.steps import all_reduce, load_state_dict, save_stat
 from torchstow.core.staging.stager import StateDictStager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import CheckpointNotFoundError, ChecksumMismatchError
+from torchstow.errors import (
+    CheckpointException,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+)
 from torchstow.format.codec import decode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
@@ -173,6 +178,8 @@ class TieredManager:
         self._fast_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-fast")
         self._persist_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-persist")
         self._last_fast: Future[None] | None = None
+        self._released = threading.Event()  # set once the last fast phase is done with the buffers
+        self._released.set()
         self._last_persist: Future[None] | None = None
         self._handles: list[TieredSave] = []
         self._pinned: set[int] = set()  # fast steps a persist still needs
@@ -205,8 +212,9 @@ class TieredManager:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         if self._closed:
             raise RuntimeError("this CheckpointManager is closed")
-        if self._last_fast is not None:
-            self._last_fast.result()  # its writes read the staging buffers we are about to refill
+        # The previous step's fast write reads the staging buffers we are about to refill; its
+        # replication and pruning (which read the fast tier, not the buffers) may go on.
+        self._released.wait()
         persist = step % self.persist_every == 0
         handle = TieredSave(step, "durable" if persist else "replicated")
         started = time.perf_counter()
@@ -223,8 +231,9 @@ class TieredManager:
             handle._reach("staged", nbytes, started)
         user_metadata = {**(metadata or {}), "step": step, FAST_TIER_KEY: self.fast_template}
         self._handles = [h for h in self._handles if not h.done()] + [handle]
+        self._released = released = threading.Event()  # this phase's own: an older one sets its own
         self._last_fast = self._fast_thread.submit(
-            self._fast_phase, step, staged, error, user_metadata, handle, persist
+            self._fast_phase, step, staged, error, user_metadata, handle, persist, released
         )
         return handle
 
@@ -236,7 +245,25 @@ class TieredManager:
         user_metadata: dict[str, Any],
         handle: TieredSave,
         persist: bool,
+        released: threading.Event,
     ) -> None:
+        try:
+            self._fast_steps(step, staged, error, user_metadata, handle, persist, released)
+        finally:
+            released.set()
+
+    def _fast_steps(
+        self,
+        step: int,
+        staged: Any,
+        error: BaseException | None,
+        user_metadata: dict[str, Any],
+        handle: TieredSave,
+        persist: bool,
+        released: threading.Event,
+    ) -> None:
+        """Write, commit, replicate (and persist or queue the persist of) one step; sets
+        ``released`` as soon as nothing reads ``staged`` any more."""
         started = time.perf_counter()
         store = self._fast_store(step)
         writer = _FilesWriter(store, overwrite=True, thread_count=self._fast_backend.thread_count)
@@ -253,6 +280,8 @@ class TieredManager:
         except BaseException as exc:
             handle._fail(exc)
             return
+        if not (persist and self.incremental):  # an incremental persist saves from the buffers
+            released.set()
         handle._reach("fast", sum(writer.files.values()), started)
         started = time.perf_counter()
         sizes = _extents(metadata)
@@ -513,6 +542,17 @@ class TieredManager:
         self._quiesce()
         holdings = self._nodes_holdings()
         for choice in complete_steps(holdings, step):
+            # One pass over the bytes: every block is checked as it is loaded. Only when that
+            # finds damage does every holder check its copies, so the damaged ones are left out.
+            try:
+                self._load(state_dict, choice)
+                return choice.step
+            except CheckpointException as exc:
+                if not _damaged(exc):
+                    raise
+                logger.warning(
+                    "step %d: a fast-tier copy is damaged; checking every copy: %s", choice.step, exc
+                )
             self._verify(choice, holdings)
             if all(choice.holders.values()):
                 break
@@ -617,10 +657,17 @@ class TieredManager:
                 servers = topology.ranks_of(node)
                 schedule.append(Transfer(servers[rank % len(servers)], rank, name, sizes[name]))
         store = self._fast_store(choice.step)
+
+        def serve(name: str, buffer: torch.Tensor) -> None:
+            try:
+                _read(store, name, buffer)
+            except (OSError, CorruptCheckpointError) as exc:  # the receiver's checks refuse what it gets
+                logger.warning(
+                    "step %d: cannot read %s/%s to send it: %s", choice.step, store.location, name, exc
+                )
+
         received = (
-            run_transfers(self._group, topology.rank, schedule, lambda n, b: _read(store, n, b), self.timeout)
-            if schedule
-            else {}
+            run_transfers(self._group, topology.rank, schedule, serve, self.timeout) if schedule else {}
         )
         root_store = self._root_backend.open_store(self.uri(choice.step)) if choice.root_files else None
         routes: dict[str, ByteStore] = {}
@@ -630,11 +677,17 @@ class TieredManager:
             elif name in choice.root_files and root_store is not None:
                 routes[name] = root_store
         sources = TieredSources(f"step {choice.step} (tiered)", choice.manifest, routes, received, sizes)
-        # Every fast-tier file was just checked block by block by the node that holds it (and
-        # sends it); only bytes from the root are checked as they are read.
-        verify = any(name in choice.root_files for name in wanted)
-        reader = LayoutReader(sources, thread_count=self._fast_backend.thread_count, verify_checksums=verify)
+        # Every block is checked as it is read, wherever it comes from (a received file by
+        # the rank that receives it).
+        from_root = any(name in choice.root_files for name in wanted)
+        tuning = self._root_backend.tuned_by(self.uri(choice.step)) if from_root else self._fast_backend
+        reader = LayoutReader(sources, thread_count=tuning.thread_count, verify_checksums=True)
         load_state_dict(state_dict, reader, collective=self._coll, metadata=metadata)
+
+
+def _damaged(exc: CheckpointException) -> bool:
+    """Whether a collective load failed on some rank because stored bytes were wrong or missing."""
+    return any(isinstance(e, (CorruptCheckpointError, FileNotFoundError)) for e, _ in exc.failures.values())
 
 
 def _extents(metadata: Metadata) -> dict[str, int]:

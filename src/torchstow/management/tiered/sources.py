@@ -35,6 +35,11 @@ class TieredSources(ByteStore):
         self._routes = dict(routes)
         self._received = dict(received)
         self._sizes = {name: sizes[name] for name in [*self._routes, *self._received]}
+        # One read covers what the slowest-to-reach source wants (big ranged requests for
+        # object stores, where 1 MiB reads one after another would crawl).
+        self.read_segment_bytes = max(
+            (store.read_segment_bytes for store in self._routes.values()), default=self.read_segment_bytes
+        )
 
     def _store(self, name: str) -> ByteStore:
         store = self._routes.get(name)
