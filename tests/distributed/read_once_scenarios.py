@@ -225,3 +225,25 @@ def pipelined_load(rank: int, world_size: int, uri: str, gates: str, seed: int) 
         stop.set()
         watcher.join()
     return [name for name in state if not torch.equal(state[name], want[name])]
+
+
+def failing_send(rank: int, world_size: int, uri: str, victim: int) -> dict[str, Any]:
+    """A read-once load in which ``victim`` fails building a buffer it sends (as when its
+    memory runs out), after reading."""
+    from torchstow.core.protocol import fan_out
+
+    state = make_state(world_size, "plain", None)
+    outgoing = fan_out._outgoing
+
+    def failing(*args: Any) -> Any:
+        raise MemoryError("injected failure building a send")
+
+    if rank == victim:
+        fan_out._outgoing = failing  # type: ignore[assignment]
+    try:
+        torchstow.load(state, uri, timeout=30)
+    except torchstow.CheckpointException as exc:
+        return summarize(exc)
+    finally:
+        fan_out._outgoing = outgoing  # type: ignore[assignment]
+    return {"ok": True}

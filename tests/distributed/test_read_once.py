@@ -13,6 +13,7 @@ from read_once_scenarios import (
     counted_load,
     failing_fan_out,
     failing_load,
+    failing_send,
     pipelined_load,
     save_state,
 )
@@ -80,6 +81,18 @@ def test_a_rank_failing_in_the_fan_out_fails_every_rank_alike(pools: Any, tmp_pa
         assert list(result["failures"]) == [2], (rank, result)
         assert "injected failure placing" in result["failures"][2]["message"]
         assert "place_received" in result["failures"][2]["frames"]  # it failed placing received bytes
+    assert len({result["message"] for result in results}) == 1
+
+
+def test_a_rank_failing_to_send_fails_every_rank_alike(pools: Any, tmp_path: Path) -> None:
+    pool = pools(4)
+    path = str(tmp_path / "ckpt")
+    pool.run(save_state, path, "plain", 7)
+    results = pool.run(failing_send, path, 1)
+    for rank, result in enumerate(results):
+        assert result.get("class") == "CheckpointException", (rank, result)
+        assert list(result["failures"]) == [1], (rank, result)
+        assert "injected failure building a send" in result["failures"][1]["message"]
     assert len({result["message"] for result in results}) == 1
 
 

@@ -204,7 +204,11 @@ def fan_out(
         pending = []
         for number, transfer in enumerate(role.transfers):
             if transfer.source == coll.rank:
-                buffer = _outgoing(keeping, by_transfer[number], transfer.nbytes, failures)
+                sends = by_transfer[number]
+                buffer = capture(lambda: _outgoing(keeping, sends, transfer.nbytes, failures))  # noqa: B023
+                if isinstance(buffer, CapturedFailure):  # the transfer still runs, with zeros
+                    failures.append(buffer)
+                    buffer = torch.zeros(transfer.nbytes, dtype=torch.uint8)
             elif isinstance(incoming, CapturedFailure):
                 buffer = torch.empty(transfer.nbytes, dtype=torch.uint8)
             else:
