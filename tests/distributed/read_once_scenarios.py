@@ -6,6 +6,9 @@ reads, so a test can add up what every rank read from storage.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +28,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import torchstow
 from torchstow.backends.filesystem import LocalFileStore
+from torchstow.core.layout import reader as reader_module
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.planning import DefaultLoadPlanner
 from torchstow.core.storage.forwarding import ForwardingByteStore
@@ -155,4 +159,91 @@ def failing_fan_out(rank: int, world_size: int, uri: str, victim: int) -> dict[s
         torchstow.load(state, uri, planner=planner, timeout=30)
     except torchstow.CheckpointException as exc:
         return summarize(exc)
+    return {"ok": True}
+
+
+class GatedStore(ForwardingByteStore):
+    """Reads ``free`` bytes, then reads more only once the file ``gate`` exists (waiting at
+    most ``patience`` seconds, then raising TimeoutError)."""
+
+    def __init__(self, inner: Any, free: int, gate: str, patience: float = 20.0) -> None:
+        super().__init__(inner)
+        self.free = free
+        self.gate = gate
+        self.patience = patience
+        self.read_bytes = 0
+
+    def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
+        if self.read_bytes >= self.free:
+            deadline = time.monotonic() + self.patience
+            while not os.path.exists(self.gate):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.gate} did not appear: reads waited for sends that never came")
+                time.sleep(0.005)
+        self.read_bytes += sum(len(buf) for _, buf in requests)
+        super().read_into(name, requests)
+
+
+#: Bytes of each tensor of the pipelined scenario (large enough to travel alone).
+BIG = 2 << 20
+
+
+def big_state(seed: int | None) -> dict[str, torch.Tensor]:
+    """Four tensors of BIG bytes, each full of its own value (zeros when ``seed`` is None)."""
+    return {
+        f"big{i}": torch.full((BIG // 4,), 0.0 if seed is None else float(seed + i), dtype=torch.float32)
+        for i in range(4)
+    }
+
+
+def pipelined_load(rank: int, world_size: int, uri: str, gates: str, seed: int) -> list[str]:
+    """A read-once load of :func:`big_state` on 2 ranks in which a rank reads its first
+    tensor, then reads on only once the other rank has received a tensor from it (the other
+    rank watches its own tensors and opens the gate): it passes only if each rank sends what
+    it has read while it still has more to read. The reader's batches (what it commits at
+    once) are cut to one tensor here. What differs after the load."""
+    want = big_state(seed)
+    state = big_state(None)
+    stop = threading.Event()
+
+    def watch() -> None:  # mine: the one tensor I may read before the gate; another one came
+        while not stop.is_set():
+            if sum(torch.equal(state[name], want[name]) for name in state) >= 2:
+                open(os.path.join(gates, f"{rank}-received"), "w").close()
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    store = GatedStore(LocalFileStore(uri, uri), BIG, os.path.join(gates, f"{1 - rank}-received"))
+    batch = reader_module._BATCH_BYTES
+    reader_module._BATCH_BYTES = BIG
+    try:
+        torchstow.load(state, storage_reader=LayoutReader(store, thread_count=1), timeout=60)
+    finally:
+        reader_module._BATCH_BYTES = batch
+        stop.set()
+        watcher.join()
+    return [name for name in state if not torch.equal(state[name], want[name])]
+
+
+def failing_send(rank: int, world_size: int, uri: str, victim: int) -> dict[str, Any]:
+    """A read-once load in which ``victim`` fails building a buffer it sends (as when its
+    memory runs out), after reading."""
+    from torchstow.core.protocol import fan_out
+
+    state = make_state(world_size, "plain", None)
+    outgoing = fan_out._outgoing
+
+    def failing(*args: Any) -> Any:
+        raise MemoryError("injected failure building a send")
+
+    if rank == victim:
+        fan_out._outgoing = failing  # type: ignore[assignment]
+    try:
+        torchstow.load(state, uri, timeout=30)
+    except torchstow.CheckpointException as exc:
+        return summarize(exc)
+    finally:
+        fan_out._outgoing = outgoing  # type: ignore[assignment]
     return {"ok": True}

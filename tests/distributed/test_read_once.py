@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from read_once_scenarios import counted_load, failing_fan_out, failing_load, save_state
+from read_once_scenarios import (
+    big_state,
+    counted_load,
+    failing_fan_out,
+    failing_load,
+    failing_send,
+    pipelined_load,
+    save_state,
+)
 
 import torchstow
 from torchstow.format.manifest import MetadataIndex
@@ -72,7 +80,19 @@ def test_a_rank_failing_in_the_fan_out_fails_every_rank_alike(pools: Any, tmp_pa
         assert result.get("class") == "CheckpointException", (rank, result)
         assert list(result["failures"]) == [2], (rank, result)
         assert "injected failure placing" in result["failures"][2]["message"]
-        assert "place_round" in result["failures"][2]["frames"]  # it failed placing received bytes
+        assert "place_received" in result["failures"][2]["frames"]  # it failed placing received bytes
+    assert len({result["message"] for result in results}) == 1
+
+
+def test_a_rank_failing_to_send_fails_every_rank_alike(pools: Any, tmp_path: Path) -> None:
+    pool = pools(4)
+    path = str(tmp_path / "ckpt")
+    pool.run(save_state, path, "plain", 7)
+    results = pool.run(failing_send, path, 1)
+    for rank, result in enumerate(results):
+        assert result.get("class") == "CheckpointException", (rank, result)
+        assert list(result["failures"]) == [1], (rank, result)
+        assert "injected failure building a send" in result["failures"][1]["message"]
     assert len({result["message"] for result in results}) == 1
 
 
@@ -94,3 +114,13 @@ def test_the_reader_verifies_checksums_before_sending(pools: Any, tmp_path: Path
     for result in results:
         assert [f["type"] for f in result["failures"].values()] == ["ChecksumMismatchError"]
         assert "'w3'" in next(iter(result["failures"].values()))["message"]
+
+
+def test_readers_send_what_they_have_read_while_they_read_on(pools: Any, tmp_path: Path) -> None:
+    """Each rank may read one tensor, then reads on only once the other rank has received
+    one from it: a load that read everything before sending anything would stall."""
+    uri = str(tmp_path / "ckpt")
+    torchstow.save(big_state(3), uri, no_dist=True)
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    assert pools(2).run(pipelined_load, uri, str(gates), 3) == [[], []]

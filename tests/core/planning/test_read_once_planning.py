@@ -1,5 +1,6 @@
 """Read-once load planning on the coordinator: one reader per shared region, chosen to
-balance nodes then ranks; dtypes kept apart; rounds bounded in size."""
+balance nodes then ranks; dtypes kept apart; small regions packed, large ones alone, the
+transfers in one order every rank agrees on, each reader's in the order it reads."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import torchstow
-from torchstow.core.planning import DefaultLoadPlanner, LoadPlan
+from torchstow.core.planning import DefaultLoadPlanner, LoadPlan, read_once
 from torchstow.core.planning.read_once import ReadOnceProbe, ReadOnceRole, plan_read_once, segment_bytes
 from torchstow.format.manifest import Metadata
 
@@ -37,14 +38,26 @@ def _read_bytes(plan: LoadPlan, role: ReadOnceRole) -> int:
 
 def _check_consistent(plans: list[LoadPlan], roles: list[ReadOnceRole]) -> None:
     """Every rank gets each item once: read, filled from a chunk it read whole, or received;
-    every receive has its send."""
+    every receive has its send, in a transfer both start at the same point of one order."""
     for rank, (plan, role) in enumerate(zip(plans, roles, strict=True)):
         reads = set(range(len(plan.items)) if role.reads is None else role.reads)
         received = {share.item for share in role.receives} | {i for i, _ in role.local}
         assert reads.isdisjoint(received) and reads | received == set(range(len(plan.items))), rank
-        for share in role.receives:
-            (src,) = share.peers
-            assert any(rank in send.peers and send.round == share.round for send in roles[src].sends)
+    for a, role_a in enumerate(roles):
+        for b, role_b in enumerate(roles):
+            if a == b:
+                continue
+            # the transfers both take part in, in the same order on both
+            shared_a = [t for t in role_a.transfers if {a, b} <= {t.source, *t.peers}]
+            shared_b = [t for t in role_b.transfers if {a, b} <= {t.source, *t.peers}]
+            assert shared_a == shared_b, (a, b)
+            # what a sends b is what b receives from a, region by region
+            sent = [s.nbytes for s in role_a.sends if b in s.peers]
+            assert sent == [s.nbytes for s in role_b.receives if s.peers == (a,)], (a, b)
+    for role in roles:
+        for number, transfer in enumerate(role.transfers):
+            parts = [s.nbytes for s in role.sends + role.receives if s.transfer == number]
+            assert sum(segment_bytes(n) for n in parts[:-1]) + parts[-1] == transfer.nbytes
 
 
 def test_replicated_regions_are_read_once_and_spread_over_ranks(tmp_path: Path) -> None:
@@ -54,7 +67,7 @@ def test_replicated_regions_are_read_once_and_spread_over_ranks(tmp_path: Path) 
     _check_consistent(plans, roles)
     assert [_read_bytes(plan, role) for plan, role in zip(plans, roles, strict=True)] == [SIZE] * 4
     assert all(len(role.sends) == 1 and len(role.sends[0].peers) == 3 for role in roles)
-    assert {role.rounds for role in roles} == {1}
+    assert all(len(role.transfers) == 4 for role in roles)  # one broadcast from each rank
 
 
 def test_readers_balance_nodes_before_ranks(tmp_path: Path) -> None:
@@ -82,25 +95,47 @@ def test_a_rank_loading_another_dtype_reads_its_own(tmp_path: Path) -> None:
         assert 1 not in peers["w0"]
 
 
-@pytest.mark.parametrize("round_bytes", [SIZE, 2 * SIZE, 3 * SIZE])
-def test_rounds_stay_within_their_size(tmp_path: Path, round_bytes: int) -> None:
+def test_small_regions_travel_packed_large_ones_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     metadata, state = _checkpoint(tmp_path, count=6)
     plans = [_plan(metadata, state) for _ in range(2)]
-    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 2, round_bytes=round_bytes)
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 2)
     _check_consistent(plans, roles)
-    rounds = roles[0].rounds
-    assert rounds == -(-6 * SIZE // 2 // round_bytes)  # each rank sends 3 regions, receives 3
-    for role in roles:
-        for number in range(rounds):
-            assert sum(segment_bytes(s.nbytes) for s in role.sends if s.round == number) <= round_bytes
-            assert sum(segment_bytes(s.nbytes) for s in role.receives if s.round == number) <= round_bytes
+    # each rank reads 3 small regions the other needs: one transfer each way
+    assert [len(role.transfers) for role in roles] == [2, 2]
+    assert all(transfer.nbytes == 2 * segment_bytes(SIZE) + SIZE for transfer in roles[0].transfers)
+    monkeypatch.setattr(read_once, "PACK_BYTES", 2 * SIZE)
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 2)
+    _check_consistent(plans, roles)
+    assert [len(role.transfers) for role in roles] == [4, 4]  # 2 + 1 regions per reader
+    monkeypatch.setattr(read_once, "DIRECT_BYTES", SIZE)
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 2)
+    _check_consistent(plans, roles)
+    assert [len(role.transfers) for role in roles] == [6, 6]
+    assert all(transfer.nbytes == SIZE for transfer in roles[0].transfers)
+
+
+def test_readers_take_turns_in_the_order_of_what_they_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each reader's transfers come in the order it reads, interleaved with the other
+    readers' by how much each has read by then: every reader sends its first region
+    before any sends its second."""
+    monkeypatch.setattr(read_once, "DIRECT_BYTES", SIZE)
+    metadata, state = _checkpoint(tmp_path, count=8)
+    plans = [_plan(metadata, state) for _ in range(4)]
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 4)
+    _check_consistent(plans, roles)
+    (order,) = {tuple(t.source for t in role.transfers) for role in roles}
+    assert sorted(order[:4]) == [0, 1, 2, 3] and sorted(order[4:]) == [0, 1, 2, 3]
 
 
 def test_nothing_shared_means_no_exchange(tmp_path: Path) -> None:
     metadata, state = _checkpoint(tmp_path)
     plans = [_plan(metadata, {"w0": state["w0"], "w1": state["w1"]}), _plan(metadata, {"w2": state["w2"]})]
     roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 2)
-    assert roles == [ReadOnceRole(None, [], [], 0)] * 2
+    assert roles == [ReadOnceRole(None, [], [], [])] * 2
 
 
 def _column_halves(metadata: Metadata) -> list[LoadPlan]:

@@ -116,23 +116,28 @@ class LayoutReader(StorageReader):
         tasks = [self._task(item, planner) for item in plan.items]
         jobs = _jobs(_batches(tasks))
         threads = min(self.thread_count, len(jobs))
+        # Each job's items are committed as soon as it and the jobs before it are read
+        # (a read-once load sends them on while the rest is read).
         if threads <= 1:
             for job in jobs:
-                self._run_job(job)
+                self._commit(self._run_job(job), planner)
         else:
             with ThreadPoolExecutor(threads, thread_name_prefix="torchstow-read") as pool:
-                for _ in pool.map(self._run_job, jobs):
-                    pass
-        for task in tasks:
-            if task.target is not None:
-                planner.commit_tensor(task.item, task.target)
-            else:
+                for job in pool.map(self._run_job, jobs):
+                    self._commit(job, planner)
+        return completed_future(None)
+
+    def _commit(self, job: list[tuple[str, list[ReadTask]]], planner: LoadPlanner) -> None:
+        for _, batch in job:
+            for task in batch:
+                if task.target is not None:
+                    planner.commit_tensor(task.item, task.target)
+                    continue
                 try:
                     planner.load_bytes(task.item, io.BytesIO(task.payload))
                 except CorruptCheckpointError as exc:
                     where = f"{self.store.location}/{task.info.relative_path}"
                     raise CorruptCheckpointError(f"{where}: {exc}") from exc
-        return completed_future(None)
 
     def _task(self, item: ReadItem, planner: LoadPlanner) -> ReadTask:
         info = self.locations.get(item.storage_index)
@@ -151,9 +156,10 @@ class LayoutReader(StorageReader):
         chunk = chunk_math.stored_chunk_sizes(entry, item.storage_index)
         return ReadTask(item, info, planner.resolve_tensor(item), entry.properties.dtype, chunk)
 
-    def _run_job(self, job: list[tuple[str, list[ReadTask]]]) -> None:
+    def _run_job(self, job: list[tuple[str, list[ReadTask]]]) -> list[tuple[str, list[ReadTask]]]:
         for file, batch in job:
             self._read_batch(file, batch)
+        return job
 
     def _read_batch(self, file: str, tasks: list[ReadTask]) -> None:
         """Read a batch in segments of the store's preferred size, verifying

@@ -17,8 +17,11 @@ into different dtypes counts as different chunks):
 
 The reader of each shared region or chunk is chosen by
 :func:`~torchstow.core.planning.balance.assign_owners` (the node with the fewest bytes
-to read so far, then the rank), after charging every rank what only it reads. Sends
-are cut into rounds of bounded size, each one exchange of buffers among all ranks.
+to read so far, then the rank), after charging every rank what only it reads. Each
+region travels from its reader's memory straight into the receivers' (a broadcast
+when every other rank needs it), small regions for the same ranks packed together;
+the transfers are ordered by how much their reader must read before it has them,
+so that readers send one part while they read the next.
 
 Non-tensor values (small, pickled or torch-serialized leaves) are read by each rank
 that needs them.
@@ -40,17 +43,23 @@ from torchstow.format.checksums import block_bytes
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 
 __all__ = [
-    "ROUND_BYTES",
+    "DIRECT_BYTES",
+    "PACK_BYTES",
     "ReadOnceProbe",
     "ReadOnceRole",
     "Share",
+    "Transfer",
     "plan_read_once",
     "scratch_fqn",
     "segment_bytes",
 ]
 
-#: The most bytes one rank sends, or receives, in one round of the fan-out.
-ROUND_BYTES = 256 << 20
+#: A region of at least this many bytes travels alone, from the reader's target straight
+#: into the receivers'; smaller regions for the same ranks are packed into one transfer.
+DIRECT_BYTES = 1 << 20
+
+#: The most bytes packed into one transfer.
+PACK_BYTES = 8 << 20
 
 #: A chunk is read whole by one rank when reading its regions apart would read this
 #: much more than the chunk.
@@ -83,9 +92,21 @@ class ReadOnceProbe:
 
 
 @dataclass(frozen=True)
+class Transfer:
+    """One movement of bytes: ``source`` sends ``nbytes`` to ``peers`` (a broadcast when they
+    are all the other ranks). The regions it carries lie one after another in it, each
+    starting at a multiple of 16 bytes."""
+
+    source: int
+    peers: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Share:
-    """One region a rank sends or receives: its size, the round it travels in, and the
-    peers (destinations, or the one source).
+    """One region a rank sends or receives: its size, the transfer it travels in (an index
+    into the rank's :attr:`ReadOnceRole.transfers`), and the peers (destinations, or the
+    one source).
 
     On the receiving side ``item`` is the index of the item it fills in the rank's plan.
     On the sending side it is the index of the plan item whose committed bytes go out,
@@ -95,7 +116,7 @@ class Share:
 
     item: int
     nbytes: int
-    round: int
+    transfer: int
     peers: tuple[int, ...]
     chunk: tuple[int, torch.Size, torch.Size] | None = None
 
@@ -107,21 +128,22 @@ class ReadOnceRole:
     ``reads`` are the indices of the plan items the rank reads from storage (None: all of
     them); ``chunks`` the whole stored chunks it reads into scratch buffers (with their
     dtype), and ``local`` the items of its own it fills from them (item, chunk number);
-    ``sends`` and ``receives`` list the shared regions in the coordinator's order, which
-    fixes where each lies in the exchange buffers; every rank runs ``rounds`` exchanges.
+    ``transfers`` are those the rank takes part in, in the order every rank starts them
+    (a reader's in the order it reads: what it sends first, it reads first); ``sends``
+    and ``receives`` list the shared regions in that order.
     """
 
     reads: list[int] | None
     sends: list[Share]
     receives: list[Share]
-    rounds: int
+    transfers: list[Transfer]
     chunks: list[tuple[ReadItem, torch.dtype]] = field(default_factory=list)
     local: list[tuple[int, int]] = field(default_factory=list)
 
     @staticmethod
     def alone() -> ReadOnceRole:
         """The role of a rank that reads everything it needs itself, in a load without exchanges."""
-        return ReadOnceRole(None, [], [], 0)
+        return ReadOnceRole(None, [], [], [])
 
 
 _Region = tuple[torch.Size, torch.Size]  # (offsets in the stored chunk, lengths)
@@ -150,42 +172,15 @@ def _span_bytes(sizes: torch.Size, region: _Region, itemsize: int, info: Any) ->
     return max(0, end - start)
 
 
-class _Rounds:
-    """Cuts the shares into rounds of at most ``limit`` bytes sent and received per rank."""
-
-    def __init__(self, world: int, limit: int) -> None:
-        self.limit = limit
-        self.number = 0
-        self.out = [0] * world
-        self.into = [0] * world
-
-    def place(self, reader: int, dests: Sequence[tuple[int, int]]) -> int:
-        """The round of a send from ``reader`` to ``dests`` (rank, bytes), counted in."""
-        world = len(self.out)
-        sent = sum(segment_bytes(nbytes) for _, nbytes in dests)
-        over = self.out[reader] + sent > self.limit or any(
-            self.into[rank] + segment_bytes(nbytes) > self.limit for rank, nbytes in dests
-        )
-        if over and (self.out[reader] > 0 or any(self.into[rank] > 0 for rank, _ in dests)):
-            self.number += 1
-            self.out = [0] * world
-            self.into = [0] * world
-        self.out[reader] += sent
-        for rank, nbytes in dests:
-            self.into[rank] += segment_bytes(nbytes)
-        return self.number
-
-
 def plan_read_once(
     plans: Sequence[LoadPlan],
     metadata: Metadata,
     probes: Sequence[ReadOnceProbe],
-    round_bytes: int = ROUND_BYTES,
 ) -> list[ReadOnceRole]:
     """Every rank's :class:`ReadOnceRole` for ``plans`` (one per rank, rank order)."""
     world = len(plans)
     stored = metadata.state_dict_metadata
-    infos = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    infos = metadata.storage_data if isinstance(metadata.storage_data, Mapping) else {}
     # stored chunk -> region -> (rank, item index), the first such item of each rank
     chunks: dict[_ChunkKey, dict[_Region, list[tuple[int, int]]]] = {}
     sizes: dict[_ChunkKey, torch.Size] = {}
@@ -248,19 +243,17 @@ def plan_read_once(
         _node_numbers(probes),
     )
     roles = [_Role() for _ in range(world)]
-    rounds = _Rounds(world, round_bytes)
+    outgoing: list[list[_Send]] = [[] for _ in range(world)]  # each reader's sends, in its read order
     for (_, _, key, region), reader in zip(shared, readers, strict=True):
         regions = chunks[key]
         if region is not None:
             found = regions[region]
             nbytes = math.prod(region[1]) * key[2].itemsize
-            dests = [(rank, i) for rank, i in found if rank != reader]
-            number = rounds.place(reader, [(rank, nbytes) for rank, _ in dests])
             mine = next(i for rank, i in found if rank == reader)
             skip[reader].discard(mine)  # the reader reads it into its own target
-            roles[reader].sends.append(Share(mine, nbytes, number, tuple(rank for rank, _ in dests)))
-            for rank, i in dests:
-                roles[rank].receives.append(Share(i, nbytes, number, (reader,)))
+            dests = tuple((rank, i) for rank, i in found if rank != reader)
+            at = _location(infos.get(MetadataIndex(key[0], key[1])))
+            outgoing[reader].append(_Send((mine, -1), nbytes, nbytes, mine, None, dests, at))
             continue
         fqn, offset, dtype = key
         scratch = len(roles[reader].chunks)
@@ -274,27 +267,106 @@ def plan_read_once(
             sizes[key],
         )
         roles[reader].chunks.append((whole_read, dtype))
+        whole = math.prod(sizes[key]) * dtype.itemsize
+        at = _location(infos.get(MetadataIndex(fqn, offset)))
         for (offsets, lengths), found in regions.items():
             nbytes = math.prod(lengths) * dtype.itemsize
             for rank, i in found:
                 if rank == reader:
                     roles[reader].local.append((i, scratch))
                     continue
-                number = rounds.place(reader, [(rank, nbytes)])
                 where = (scratch, offsets, lengths)
-                roles[reader].sends.append(Share(-1, nbytes, number, (rank,), where))
-                roles[rank].receives.append(Share(i, nbytes, number, (reader,)))
+                outgoing[reader].append(_Send((-1, scratch), whole, nbytes, -1, where, ((rank, i),), at))
+    for sends in outgoing:  # in the order the reader reads them: by file, then offset
+        sends.sort(key=lambda send: send.at)
+    for packed in sorted(_pack(outgoing), key=lambda p: (p.ready, p.source, p.number)):
+        _place(roles, packed)
     return [
         ReadOnceRole(
             [i for i in range(len(plan.items)) if i not in skip[rank]] if skip[rank] else None,
             role.sends,
             role.receives,
-            rounds.number + 1,
+            role.transfers,
             role.chunks,
             role.local,
         )
         for rank, (plan, role) in enumerate(zip(plans, roles, strict=True))
     ]
+
+
+@dataclass
+class _Send:
+    """One region a reader sends: what it reads for it (plan item, or whole-chunk read) and
+    how many bytes that is, the region's bytes, the :class:`Share` fields, its receivers."""
+
+    read: tuple[int, int]
+    read_bytes: int
+    nbytes: int
+    item: int
+    chunk: tuple[int, torch.Size, torch.Size] | None
+    dests: tuple[tuple[int, int], ...]  # (rank, item index there)
+    at: tuple[str, int]  # where it is stored: file, offset
+
+
+def _location(info: Any) -> tuple[str, int]:
+    """(file, offset) of a stored chunk, the order a reader reads in."""
+    return (str(getattr(info, "relative_path", "")), int(getattr(info, "offset", 0)))
+
+
+@dataclass
+class _Packed:
+    """The sends of one transfer, and when the reader has them: after reading ``ready`` bytes."""
+
+    ready: int
+    source: int
+    number: int
+    peers: tuple[int, ...]
+    sends: list[_Send]
+    nbytes: int
+    small: bool
+
+
+def _pack(outgoing: Sequence[Sequence[_Send]]) -> list[_Packed]:
+    """Each reader's sends cut into transfers: a large region alone, runs of small ones to
+    the same ranks packed together."""
+    out: list[_Packed] = []
+    for source, sends in enumerate(outgoing):
+        seen: set[tuple[int, int]] = set()
+        ready = 0
+        last: _Packed | None = None
+        for send in sends:
+            if send.read not in seen:
+                seen.add(send.read)
+                ready += send.read_bytes
+            peers = tuple(rank for rank, _ in send.dests)
+            small = send.nbytes < DIRECT_BYTES
+            if (
+                small
+                and last is not None
+                and last.peers == peers
+                and last.small
+                and segment_bytes(last.nbytes) + send.nbytes <= PACK_BYTES
+            ):
+                last.sends.append(send)
+                last.ready = ready
+                last.nbytes = segment_bytes(last.nbytes) + send.nbytes
+                continue
+            last = _Packed(ready, source, len(out), peers, [send], send.nbytes, small)
+            out.append(last)
+    return out
+
+
+def _place(roles: Sequence[_Role], packed: _Packed) -> None:
+    """Add the next transfer to the roles of the ranks taking part."""
+    numbers = {}
+    for rank in (packed.source, *packed.peers):
+        numbers[rank] = len(roles[rank].transfers)
+        roles[rank].transfers.append(Transfer(packed.source, packed.peers, packed.nbytes))
+    for send in packed.sends:
+        source = roles[packed.source]
+        source.sends.append(Share(send.item, send.nbytes, numbers[packed.source], packed.peers, send.chunk))
+        for rank, i in send.dests:
+            roles[rank].receives.append(Share(i, send.nbytes, numbers[rank], (packed.source,)))
 
 
 class _Role:
@@ -303,6 +375,7 @@ class _Role:
     def __init__(self) -> None:
         self.sends: list[Share] = []
         self.receives: list[Share] = []
+        self.transfers: list[Transfer] = []
         self.chunks: list[tuple[ReadItem, torch.dtype]] = []
         self.local: list[tuple[int, int]] = []
 

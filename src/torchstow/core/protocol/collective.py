@@ -3,7 +3,8 @@
 The protocol only gathers to, scatters from and broadcasts from the
 coordinator, always whole Python objects (plans, results, failures), a
 constant number of times per save or load, never per item; a read-once load
-also exchanges byte buffers among all ranks, a few rounds per load.
+also moves byte buffers from the rank that read them to those that need them
+(broadcasts, or sends to a few ranks), started in one agreed order.
 
 Over a process group, a collective that cannot complete (a rank died,
 stalled, or is slower than the timeout) raises
@@ -57,13 +58,20 @@ class Collective(abc.ABC):
     def broadcast(self, obj: Any, step: str = "") -> Any:
         """Every rank receives the coordinator's ``obj``."""
 
-    #: Whether :meth:`exchange` moves buffers between ranks (read-once loads use it).
+    #: Whether :meth:`transfer` moves buffers between ranks (read-once loads use it).
     can_exchange: bool = False
 
-    def exchange(self, send: Any, send_sizes: list[int], recv_sizes: list[int], step: str = "") -> Any:
-        """Every rank sends ``send_sizes[r]`` bytes of ``send`` (a uint8 CPU tensor, the parts
-        in rank order) to rank ``r`` and receives ``recv_sizes[r]`` bytes from it: the received
-        parts in rank order, one uint8 CPU tensor."""
+    def transfer(self, buffer: Any, source: int, peers: tuple[int, ...], step: str = "") -> Any:
+        """Start sending ``buffer`` (a uint8 CPU tensor) from rank ``source`` into the buffers
+        of the same size that ``peers`` pass; returns what :meth:`wait` takes.
+
+        Every rank of ``(source, *peers)`` calls it, and all ranks start their transfers in
+        the same order; a transfer to every other rank is one broadcast. The buffer must
+        stay untouched until the wait."""
+        raise NotImplementedError(f"{type(self).__name__} cannot exchange buffers")
+
+    def wait(self, pending: Any, step: str = "") -> None:
+        """Wait until a transfer started by :meth:`transfer` is done (received into its buffer)."""
         raise NotImplementedError(f"{type(self).__name__} cannot exchange buffers")
 
     def plan_cache_key(self) -> Any:
@@ -188,33 +196,37 @@ class ProcessGroupCollective(Collective):
             ) from exc
         return backend
 
-    def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run one torch.distributed operation under the timeout, turning a lost peer
-        (a closed connection, or the wait timing out) into CheckpointTimeoutError."""
+    def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run (or start) one torch.distributed operation under the timeout, turning a lost
+        peer (a closed connection, or the wait timing out) into CheckpointTimeoutError."""
         backend = self._backend
         previous = None
         if backend is not None:
             previous = backend.options._timeout
             backend.set_timeout(self.timeout)
         try:
-            fn(*args, group=self.group, **kwargs)
+            return fn(*args, group=self.group, **kwargs)
         except RuntimeError as exc:
-            limit = (
-                f"the timeout of {self.timeout.total_seconds():g}s"
-                if self.timeout is not None
-                else "the process group's timeout (pass timeout= to save/load to shorten it)"
-            )
-            raise CheckpointTimeoutError(
-                f"checkpoint {step or op}: rank {self.rank} lost contact with its group of "
-                f"{self.world_size} ranks (coordinator {self.coordinator_rank}) in the {op}: another "
-                f"rank died, stalled, or did not reach this step within {limit}. Check the other "
-                f"ranks' logs; if they were only slow, pass a larger timeout=. Transport error: {exc}",
-                rank=self.rank,
-                step=step,
-            ) from exc
+            raise self._lost(op, step, exc) from exc
         finally:
             if backend is not None:
                 backend.set_timeout(previous)
+
+    def _lost(self, op: str, step: str, exc: BaseException) -> CheckpointTimeoutError:
+        """The error of an operation that failed in the transport."""
+        limit = (
+            f"the timeout of {self.timeout.total_seconds():g}s"
+            if self.timeout is not None
+            else "the process group's timeout (pass timeout= to save/load to shorten it)"
+        )
+        return CheckpointTimeoutError(
+            f"checkpoint {step or op}: rank {self.rank} lost contact with its group of "
+            f"{self.world_size} ranks (coordinator {self.coordinator_rank}) in the {op}: another "
+            f"rank died, stalled, or did not reach this step within {limit}. Check the other "
+            f"ranks' logs; if they were only slow, pass a larger timeout=. Transport error: {exc}",
+            rank=self.rank,
+            step=step,
+        )
 
     def _sizes(self, values: list[int]) -> Any:
         return self._torch.tensor(values, dtype=self._torch.int64, device=self._device)
@@ -259,18 +271,33 @@ class ProcessGroupCollective(Collective):
 
     can_exchange = True
 
-    def exchange(self, send: Any, send_sizes: list[int], recv_sizes: list[int], step: str = "") -> Any:
-        out = self._torch.empty(sum(recv_sizes), dtype=self._torch.uint8, device=self._device)
-        self._call(
-            "exchange of loaded bytes",
-            step,
-            self._dist.all_to_all_single,
-            out,
-            send.to(self._device),
-            output_split_sizes=recv_sizes,
-            input_split_sizes=send_sizes,
-        )
-        return out.cpu()
+    def transfer(self, buffer: Any, source: int, peers: tuple[int, ...], step: str = "") -> Any:
+        op = "transfer of loaded bytes"
+        moved = buffer.to(self._device)  # the buffer itself where the group works on the CPU
+        src = self._global(source)
+        if len(peers) + 1 == self.world_size:
+            works = [self._call(op, step, self._dist.broadcast, moved, src=src, async_op=True)]
+        elif self.rank == source:
+            works = [self._call(op, step, self._dist.isend, moved, dst=self._global(peer)) for peer in peers]
+        else:
+            works = [self._call(op, step, self._dist.irecv, moved, src=src)]
+        return works, moved, buffer if self.rank != source else None
+
+    def wait(self, pending: Any, step: str = "") -> None:
+        works, moved, received = pending
+        try:
+            for work in works:
+                if self.timeout is not None:
+                    work.wait(self.timeout)
+                else:
+                    work.wait()
+        except RuntimeError as exc:
+            raise self._lost("transfer of loaded bytes", step, exc) from exc
+        if received is not None and moved is not received:
+            received.copy_(moved)
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else int(self._dist.get_global_rank(self.group, rank))
 
     def plan_cache_key(self) -> Any:
         group = self.group if self.group is not None else self._dist.group.WORLD

@@ -1,9 +1,14 @@
-"""The fan-out of a read-once load: readers keep the bytes others need, every round
-packs them into one buffer per rank, one exchange moves them, receivers place them.
+"""The fan-out of a read-once load: a thread reads this rank's part, in the order of its
+sends; as each region it sends is read (and its checksums verified), the transfer that
+carries it starts, while the next part is read. Receivers start their transfers into
+the target tensors themselves, so a region moves from the reader's memory into the
+receivers' with no copy where both are plain contiguous CPU tensors (small regions
+travel packed, large ones alone).
 
-The bytes a reader sends are what it committed into its own target, after its
-storage reader verified their checksums; a receiver places them through its own
-planner (``resolve_tensor`` then ``commit_tensor``), as if it had read them.
+Every rank starts the transfers it takes part in in the coordinator's order (see
+:mod:`torchstow.core.planning.read_once`), then waits for them all; a receiver
+then commits the regions through its own planner (``resolve_tensor`` then
+``commit_tensor``), as if it had read them.
 """
 
 from __future__ import annotations
@@ -11,18 +16,22 @@ from __future__ import annotations
 import ctypes
 import io
 import socket
-from collections.abc import Sequence
+import threading
 from typing import Any
 
 import torch
 
+from torchstow.core.futures import wait_future
 from torchstow.core.layout.digest_memo import forget
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.planning.read_once import ReadOnceProbe, ReadOnceRole, Share, segment_bytes
+from torchstow.core.protocol.collective import Collective
+from torchstow.core.protocol.failures import CapturedFailure, capture
+from torchstow.core.storage.interfaces import StorageReader
 from torchstow.format import chunks as chunk_math
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 
-__all__ = ["KeepingPlanner", "pack_round", "place_round", "probe", "reads_of"]
+__all__ = ["KeepingPlanner", "fan_out", "place_received", "probe", "read_order"]
 
 
 def probe(planner: LoadPlanner, plan: LoadPlan, metadata: Metadata) -> ReadOnceProbe:
@@ -42,18 +51,30 @@ def probe(planner: LoadPlanner, plan: LoadPlan, metadata: Metadata) -> ReadOnceP
     return ReadOnceProbe(socket.gethostname(), casts)
 
 
-def reads_of(plan: LoadPlan, role: ReadOnceRole) -> LoadPlan:
-    """What this rank reads from storage itself: its part of ``plan`` and the whole chunks
-    it reads for others."""
-    if role.reads is None and not role.chunks:
-        return plan
-    items = plan.items if role.reads is None else [plan.items[i] for i in role.reads]
-    return LoadPlan(items + [whole for whole, _ in role.chunks], plan.storage_data, plan.planner_data)
+def read_order(plan: LoadPlan, role: ReadOnceRole) -> LoadPlan:
+    """What this rank reads from storage itself: its part of ``plan`` and the whole chunks it
+    reads for others, what it sends first first."""
+    reads = range(len(plan.items)) if role.reads is None else role.reads
+    order: list[ReadItem] = []
+    sent: set[int] = set()
+    wholes: set[int] = set()
+    for share in role.sends:
+        if share.chunk is not None:
+            if share.chunk[0] not in wholes:
+                wholes.add(share.chunk[0])
+                order.append(role.chunks[share.chunk[0]][0])
+        elif share.item not in sent:
+            sent.add(share.item)
+            order.append(plan.items[share.item])
+    order += [whole for n, (whole, _) in enumerate(role.chunks) if n not in wholes]
+    order += [plan.items[i] for i in reads if i not in sent]
+    return LoadPlan(order, plan.storage_data, plan.planner_data)
 
 
 class KeepingPlanner(LoadPlanner):
-    """Passes every call to ``inner``, keeping a copy of the committed bytes of the items
-    this rank sends to others, and reading whole chunks for others into scratch tensors."""
+    """Passes every call to ``inner``, holding on to the committed tensors of the items this
+    rank sends to others (a contiguous copy only where one is not contiguous), and reading
+    whole chunks for others into scratch tensors; waiters learn when each is there."""
 
     def __init__(self, inner: LoadPlanner, plan: LoadPlan, role: ReadOnceRole) -> None:
         self.inner = inner
@@ -62,6 +83,9 @@ class KeepingPlanner(LoadPlanner):
         self._wholes = {whole: n for n, (whole, _) in enumerate(role.chunks)}
         self._dtypes = [dtype for _, dtype in role.chunks]
         self.scratch: list[torch.Tensor | None] = [None] * len(role.chunks)
+        self._read = [False] * len(role.chunks)
+        self._changed = threading.Condition()
+        self.done = False  # the reads ended, read or failed
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -91,14 +115,29 @@ class KeepingPlanner(LoadPlanner):
         return scratch
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        if read_item in self._wholes:
+        n = self._wholes.get(read_item)
+        if n is not None:
+            with self._changed:
+                self._read[n] = True
+                self._changed.notify_all()
             return
+        self.inner.commit_tensor(read_item, tensor)
         slot = self._slots.get(read_item)
         if slot is not None:
-            kept = torch.empty(tensor.shape, dtype=tensor.dtype)
-            _copy(kept, tensor.detach())
-            self.kept[slot] = kept.reshape(-1).view(torch.uint8)
-        self.inner.commit_tensor(read_item, tensor)
+            kept = _raw(tensor)
+            if kept is None:  # not plain contiguous memory: a copy that is
+                copy = torch.empty(tensor.shape, dtype=tensor.dtype)
+                _copy(copy, tensor.detach())
+                kept = _raw(copy)
+            with self._changed:
+                self.kept[slot] = kept
+                self._changed.notify_all()
+
+    def end(self) -> None:
+        """No more reads: wake whoever waits for bytes that will not come."""
+        with self._changed:
+            self.done = True
+            self._changed.notify_all()
 
     def place_local(self, plan: LoadPlan, role: ReadOnceRole) -> None:
         """Fill this rank's own items of the chunks it read whole."""
@@ -111,67 +150,142 @@ class KeepingPlanner(LoadPlanner):
             self.inner.commit_tensor(item, target)
 
     def outgoing(self, n: int, share: Share) -> torch.Tensor | None:
-        """The bytes of send ``n`` (None if it was never read)."""
+        """The bytes of send ``n`` once read (flat uint8), waiting for them while reads go on;
+        None if they were never read."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.done or self._ready(n, share))
+            if not self._ready(n, share):
+                return None
         if share.chunk is None:
             return self.kept[n]
         number, offsets, lengths = share.chunk
         scratch = self.scratch[number]
-        if scratch is None:
-            return None
-        return chunk_math.region(scratch, offsets, lengths).contiguous().reshape(-1).view(torch.uint8)
+        assert scratch is not None
+        region = chunk_math.region(scratch, offsets, lengths)
+        raw = _raw(region)
+        return raw if raw is not None else _raw(region.contiguous())
+
+    def _ready(self, n: int, share: Share) -> bool:
+        return self.kept[n] is not None if share.chunk is None else self._read[share.chunk[0]]
 
 
-def pack_round(
-    role: ReadOnceRole, round_no: int, keeping: KeepingPlanner | None, world_size: int
-) -> tuple[torch.Tensor, list[int], list[int]]:
-    """The buffer this rank sends in ``round_no`` (its parts in rank order), the bytes it
-    sends to each rank and receives from each. Without ``keeping`` (this rank failed) the
-    parts are zeros of the agreed sizes, so the exchange still completes everywhere."""
-    parts: list[list[tuple[int, torch.Tensor | None]]] = [[] for _ in range(world_size)]
-    for n, share in enumerate(role.sends):
-        if share.round == round_no:
-            data = keeping.outgoing(n, share) if keeping is not None else None
-            if keeping is not None and data is None:
-                raise RuntimeError(f"read-once: send {n} of this rank was never read")
-            for dest in share.peers:
-                parts[dest].append((share.nbytes, data))
-    send_sizes = [sum(segment_bytes(nbytes) for nbytes, _ in part) for part in parts]
-    recv_sizes = [0] * world_size
-    for share in role.receives:
-        if share.round == round_no:
-            recv_sizes[share.peers[0]] += segment_bytes(share.nbytes)
-    total = sum(send_sizes)
-    fill = torch.empty if keeping is not None else torch.zeros  # padding is never read
-    buffer = fill(total, dtype=torch.uint8)
-    at = 0
-    for part in parts:
-        for nbytes, data in part:
-            if data is not None:
-                if data.numel() != nbytes:
-                    raise RuntimeError(f"read-once: kept {data.numel()} bytes for a region of {nbytes}")
-                _copy(buffer[at : at + nbytes], data)
-            at += segment_bytes(nbytes)
-    return buffer, send_sizes, recv_sizes
-
-
-def place_round(
-    role: ReadOnceRole,
-    round_no: int,
-    received: torch.Tensor,
-    recv_sizes: Sequence[int],
-    plan: LoadPlan,
+def fan_out(
+    coll: Collective,
+    storage_reader: StorageReader,
     planner: LoadPlanner,
-) -> None:
-    """Put the regions received in ``round_no`` into their targets and commit them."""
-    starts = [0] * len(recv_sizes)
-    for src in range(1, len(recv_sizes)):
-        starts[src] = starts[src - 1] + recv_sizes[src - 1]
+    plan: LoadPlan,
+    role: ReadOnceRole,
+    step: str,
+) -> CapturedFailure | None:
+    """Read this rank's part and move the shared regions: the first failure of this rank
+    (reading, or placing what it received), or None. Every transfer runs whatever fails,
+    zeros standing in for bytes this rank could not read, so no rank waits forever; a
+    rank that loses contact with the others raises CheckpointTimeoutError."""
+    keeping = KeepingPlanner(planner, plan, role)
+    by_transfer: list[list[tuple[int, Share]]] = [[] for _ in role.transfers]
+    for n, share in enumerate(role.sends):
+        by_transfer[share.transfer].append((n, share))
+    incoming = capture(lambda: _incoming(role, plan, planner))
+    failures: list[CapturedFailure] = [incoming] if isinstance(incoming, CapturedFailure) else []
+
+    def read() -> None:
+        wait_future(storage_reader.read_data(planner.finish_plan(read_order(plan, role)), keeping))
+        keeping.place_local(plan, role)
+
+    def reading() -> None:
+        outcome = capture(read)
+        if isinstance(outcome, CapturedFailure):
+            failures.append(outcome)
+        keeping.end()
+
+    thread = threading.Thread(target=reading, name="torchstow-read-once", daemon=True)
+    thread.start()
+    try:
+        pending = []
+        for number, transfer in enumerate(role.transfers):
+            if transfer.source == coll.rank:
+                sends = by_transfer[number]
+                buffer = capture(lambda: _outgoing(keeping, sends, transfer.nbytes, failures))  # noqa: B023
+                if isinstance(buffer, CapturedFailure):  # the transfer still runs, with zeros
+                    failures.append(buffer)
+                    buffer = torch.zeros(transfer.nbytes, dtype=torch.uint8)
+            elif isinstance(incoming, CapturedFailure):
+                buffer = torch.empty(transfer.nbytes, dtype=torch.uint8)
+            else:
+                buffer = incoming[number]
+            pending.append(coll.transfer(buffer, transfer.source, transfer.peers, step))
+        for transfer_pending in pending:
+            coll.wait(transfer_pending, step)
+    finally:
+        thread.join()
+    if failures:
+        return failures[0]
+    assert not isinstance(incoming, CapturedFailure)
+    placed = capture(lambda: place_received(role, incoming, plan, planner))
+    return placed if isinstance(placed, CapturedFailure) else None
+
+
+def _outgoing(
+    keeping: KeepingPlanner, sends: list[tuple[int, Share]], nbytes: int, failures: list[CapturedFailure]
+) -> torch.Tensor:
+    """The buffer of one transfer this rank sends: a region's own bytes where it travels
+    alone, else the regions packed; zeros for what was never read (a failure is noted)."""
+    parts = []
+    for n, share in sends:
+        data = keeping.outgoing(n, share)
+        if data is None and not failures:
+            failures.append(CapturedFailure(RuntimeError(f"read-once: send {n} of this rank was never read")))
+        if data is not None and data.numel() != share.nbytes:
+            wrong = f"read-once: kept {data.numel()} bytes for a region of {share.nbytes}"
+            failures.append(CapturedFailure(RuntimeError(wrong)))
+            data = None
+        parts.append((share.nbytes, data))
+    if len(parts) == 1 and parts[0][1] is not None:
+        return parts[0][1]
+    buffer = torch.zeros(nbytes, dtype=torch.uint8)
+    at = 0
+    for size, data in parts:
+        if data is not None:
+            _copy(buffer[at : at + size], data)
+        at += segment_bytes(size)
+    return buffer
+
+
+def _incoming(role: ReadOnceRole, plan: LoadPlan, planner: LoadPlanner) -> list[torch.Tensor | None]:
+    """The buffer each transfer this rank receives lands in (None for its own sends): the
+    target's own memory where one region travels alone into a plain contiguous target."""
+    alone: dict[int, list[Share]] = {}
     for share in role.receives:
-        if share.round != round_no:
+        alone.setdefault(share.transfer, []).append(share)
+    buffers: list[torch.Tensor | None] = []
+    for number, transfer in enumerate(role.transfers):
+        shares = alone.get(number)
+        if shares is None:
+            buffers.append(None)
             continue
-        src = share.peers[0]
-        at = starts[src]
-        starts[src] += segment_bytes(share.nbytes)
+        direct = None
+        if len(shares) == 1:
+            target = planner.resolve_tensor(plan.items[shares[0].item])
+            direct = _raw(target)
+            if direct is not None and direct.numel() == transfer.nbytes:
+                forget(target)  # its bytes change without its version counter moving
+            else:
+                direct = None
+        buffers.append(direct if direct is not None else torch.empty(transfer.nbytes, dtype=torch.uint8))
+    return buffers
+
+
+def place_received(
+    role: ReadOnceRole, buffers: list[torch.Tensor | None], plan: LoadPlan, planner: LoadPlanner
+) -> None:
+    """Put the regions received into their targets (where they did not land there) and
+    commit them."""
+    at = [0] * len(role.transfers)
+    for share in role.receives:
+        buffer = buffers[share.transfer]
+        assert buffer is not None
+        start = at[share.transfer]
+        at[share.transfer] += segment_bytes(share.nbytes)
         item = plan.items[share.item]
         target = planner.resolve_tensor(item)
         if share.nbytes != target.numel() * target.dtype.itemsize:
@@ -179,8 +293,18 @@ def place_round(
                 f"read-once: {share.nbytes} bytes arrived for {item.dest_index.fqn}, "
                 f"whose region holds {target.numel() * target.dtype.itemsize}"
             )
-        _copy(target, received[at : at + share.nbytes].view(target.dtype).view(target.shape))
+        raw = _raw(target)
+        if raw is None or raw.data_ptr() != buffer.data_ptr() + start:
+            _copy(target, buffer[start : start + share.nbytes].view(target.dtype).view(target.shape))
         planner.commit_tensor(item, target)
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The bytes of ``tensor`` as a flat uint8 tensor over the same memory, where its memory
+    holds exactly its values (a contiguous CPU tensor, no conjugate or negative bit)."""
+    if not (tensor.is_cpu and tensor.is_contiguous()) or tensor.is_conj() or tensor.is_neg():
+        return None
+    return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:

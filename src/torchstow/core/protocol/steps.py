@@ -493,10 +493,10 @@ def _load_read_once(
     local_plan: Callable[[], LoadPlan],
     global_plan: Callable[[list[LoadPlan]], list[LoadPlan]],
 ) -> None:
-    """Plan who reads what, read this rank's part, then fan the shared bytes out.
+    """Plan who reads what, then read this rank's part while the shared bytes fan out.
 
     A failure anywhere leaves no rank waiting: a rank whose read failed still takes
-    part in every exchange (sending zeros), and the outcomes meet after the
+    part in every transfer (sending zeros), and the outcomes meet after the
     fan-out, so every rank raises the same CheckpointException.
     """
 
@@ -517,28 +517,12 @@ def _load_read_once(
 
     new_plan, role = reduce_scatter(coll, "load planning", local, plan_all)
     plan: LoadPlan = new_plan if new_plan is not None else sent_plan[0]
-    keeping = fan_out.KeepingPlanner(planner, plan, role)
 
     @_timed("load read", coll.rank)
-    def read() -> None:
-        final_plan = planner.finish_plan(fan_out.reads_of(plan, role))
-        wait_future(storage_reader.read_data(final_plan, keeping))
-        keeping.place_local(plan, role)
+    def read() -> CapturedFailure | None:
+        return fan_out.fan_out(coll, storage_reader, planner, plan, role, "load fan-out")
 
-    read_failure = capture(read)
-    failure = read_failure if isinstance(read_failure, CapturedFailure) else None
-    step = "load fan-out"
-    for round_no in range(role.rounds):
-        source = keeping if failure is None else None
-        packed = capture(lambda: fan_out.pack_round(role, round_no, source, coll.world_size))  # noqa: B023
-        if isinstance(packed, CapturedFailure):
-            failure = failure or packed
-            packed = fan_out.pack_round(role, round_no, None, coll.world_size)
-        buffer, send_sizes, recv_sizes = packed
-        received = coll.exchange(buffer, send_sizes, recv_sizes, step)
-        if failure is None:
-            placed = capture(lambda: fan_out.place_round(role, round_no, received, recv_sizes, plan, planner))  # noqa: B023
-            failure = placed if isinstance(placed, CapturedFailure) else None
+    failure = read()
 
     def outcome() -> None:
         if failure is not None:
