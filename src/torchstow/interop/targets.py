@@ -82,12 +82,16 @@ class _StreamingPlanner(DefaultSavePlanner):
         return self.selection.fetch(write_item.index.fqn)
 
 
-def to_torchstow(
-    selection: Selection, dst: str, storage_options: dict[str, Any], overwrite: bool, report: ConvertReport
-) -> None:
-    """Save the selection as a torchstow checkpoint at ``dst`` (any backend)."""
+def to_torchstow(selection: Selection, dst: str, options: TargetOptions, report: ConvertReport) -> None:
+    """Save the selection as a torchstow checkpoint at ``dst`` (any backend), compressed
+    as ``options.compression`` says."""
     state = _plan_state(selection, report)
-    writer = storage_writer(dst, storage_options=storage_options, overwrite=overwrite)
+    writer = storage_writer(
+        dst,
+        storage_options=options.storage_options,
+        overwrite=options.overwrite,
+        compression=options.compression,
+    )
     save_state_dict(
         state,
         writer,
@@ -289,6 +293,7 @@ class TargetOptions:
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)  # the destination's
     max_shard_bytes: int | None = None  # safetensors only
+    compression: str | None = None  # torchstow only (save's compression=)
 
 
 @dataclass(frozen=True)
@@ -328,7 +333,7 @@ TARGETS: dict[str, Target] = {
     for target in (
         Target(
             "torchstow",
-            lambda sel, dst, opts, rep: to_torchstow(sel, dst, opts.storage_options, opts.overwrite, rep),
+            to_torchstow,
             local_only=False,
         ),
         Target(
