@@ -28,6 +28,7 @@ from torchstow.core.protocol.steps import load_state_dict as _load_protocol
 from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 from torchstow.format.compression import check_compression
 from torchstow.format.manifest import Metadata
@@ -119,15 +120,19 @@ def _attach_base(
 
 
 def _attach_compression(writer: StorageWriter, compression: str | None) -> None:
-    """Make ``writer`` compress every item it stores (torchstow's layout writer only)."""
+    """Make ``writer`` compress every item it stores: torchstow's layout writer, also
+    under wrappers that forward to it (the fault injector)."""
     if compression is None:
         return
-    if not isinstance(writer, LayoutWriter):
+    layout = writer
+    while isinstance(layout, ForwardingStorageWriter):
+        layout = layout.inner
+    if not isinstance(layout, LayoutWriter):
         raise ValueError(
             f"compression={compression!r} needs torchstow's own layout writer (a file-like backend); "
             f"{type(writer).__name__} cannot compress"
         )
-    writer.compression = compression
+    layout.compression = compression
 
 
 def _save_job(
