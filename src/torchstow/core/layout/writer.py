@@ -32,7 +32,7 @@ from torchstow.core.layout.compression import compress
 from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, check_vacant, dcp_files, default_thread_count, rebind
-from torchstow.core.layout.views import as_host_bytes
+from torchstow.core.layout.views import as_host_bytes, tensor_bytes
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
@@ -401,8 +401,8 @@ def _stored(view: memoryview, dtype: torch.dtype | None, owner: Any) -> tuple[An
     found = compress(view, dtype)
     if found is None:
         return owner, view, None
-    stored = memoryview(found[0])
-    return stored, stored, found[1]
+    stored, codec = found
+    return stored, memoryview(stored) if isinstance(stored, bytes) else tensor_bytes(stored), codec
 
 
 def _leaf(planner: SavePlanner, item: Any) -> Any:
