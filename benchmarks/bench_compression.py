@@ -49,6 +49,11 @@ def demo_state(steps: int = 3) -> dict[str, Any]:
     return {"fp32": fp32, "bf16": bf16(fp32)}
 
 
+def _loadavg() -> list[str]:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
 def _stored_bytes(path: str, prefix: str = "", suffix: str = "") -> int:
     """Bytes of the data files in ``path``."""
     return sum(
@@ -107,7 +112,7 @@ def main(root: str, repeats: int, report: Report) -> None:
     threads = default_thread_count()
     print(
         f"compression: demo transformer + AdamW, fp32 and bf16 ({nbytes / MiB:.0f} MiB of tensors), "
-        f"loadavg {open('/proc/loadavg').read().split()[:3]}",
+        f"loadavg {_loadavg()}",
         flush=True,
     )
     ratios = _ratios(root, state)
@@ -157,5 +162,5 @@ def main(root: str, repeats: int, report: Report) -> None:
     )
     report.details["compression"] = {
         "stored_over_raw": ratios,
-        "loadavg": open("/proc/loadavg").read().split()[:3],
+        "loadavg": _loadavg(),
     }
