@@ -310,3 +310,18 @@ def test_dcp_reads_a_compressed_checkpoint(tmp_path: Path) -> None:
     target = _target()
     dcp.load(target, storage_reader=torchstow.dcp_storage_reader(uri), no_dist=True)
     assert_same_state(target, state)
+
+
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_large_made_items_written_across_flushes(tmp_path: Path, compression: str | None) -> None:
+    """Items whose stored bytes span several write batches (8 MiB) stay whole: a buffer made
+    for one (its compressed bytes, or a contiguous copy of a transposed tensor) lives until its
+    last piece is written, though nothing else holds it."""
+    big = (1536, 2048)  # 12 MiB: its stored tail is still queued when the next item is made
+    state = {"a": _weights(big, torch.float32, 1).t(), "b": _weights((64, 64), torch.float32, 2)}
+    state.update(c=_weights(big, torch.float32, 3).t(), d=_weights(big, torch.float32, 4).t())
+    uri = str(tmp_path / "c")
+    for _ in range(2):  # one writer thread: the items in this order, in one file
+        options = {"thread_count": 1}
+        torchstow.save(state, uri, compression=compression, overwrite=True, storage_options=options)
+        assert_same_state(torchstow.read(uri), state)

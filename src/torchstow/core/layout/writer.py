@@ -332,7 +332,9 @@ class _PackedFile:
             self.sink.write(self.queue)
         self.queue = []
         self.queued_bytes = 0
-        self.owners = []
+        # The item being added may have pieces left to queue: its owner (the last one,
+        # maybe a buffer nothing else holds: a compressed item, a contiguous copy) stays.
+        self.owners = self.owners[-1:]
 
 
 def _write_items(
