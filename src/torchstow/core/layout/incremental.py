@@ -13,6 +13,10 @@ by an earlier such save in this process, unchanged since by its version
 counter, takes its digest from :mod:`torchstow.core.layout.digest_memo`
 instead: its bytes are not read unless they must be written.
 
+Digests are of the stored bytes: with ``compression=`` an item is compressed
+first, and shared only with a base item stored the same way (same codec, same
+bytes), whose location, codec included, the new manifest takes over.
+
 Each checkpoint thus holds, under its own location, every file it references:
 it loads, verifies and copies on its own, and deleting or pruning any other
 checkpoint (its base included) removes only names, never bytes it uses
