@@ -82,15 +82,19 @@ class _StreamingPlanner(DefaultSavePlanner):
         return self.selection.fetch(write_item.index.fqn)
 
 
-def to_torchstow(selection: Selection, dst: str, options: TargetOptions, report: ConvertReport) -> None:
+def to_torchstow(
+    selection: Selection,
+    dst: str,
+    storage_options: dict[str, Any],
+    overwrite: bool,
+    report: ConvertReport,
+    compression: str | None = None,
+) -> None:
     """Save the selection as a torchstow checkpoint at ``dst`` (any backend), compressed
-    as ``options.compression`` says."""
+    as ``save(..., compression=)`` does."""
     state = _plan_state(selection, report)
     writer = storage_writer(
-        dst,
-        storage_options=options.storage_options,
-        overwrite=options.overwrite,
-        compression=options.compression,
+        dst, storage_options=storage_options, overwrite=overwrite, compression=compression
     )
     save_state_dict(
         state,
@@ -333,7 +337,9 @@ TARGETS: dict[str, Target] = {
     for target in (
         Target(
             "torchstow",
-            to_torchstow,
+            lambda sel, dst, opts, rep: to_torchstow(
+                sel, dst, opts.storage_options, opts.overwrite, rep, opts.compression
+            ),
             local_only=False,
         ),
         Target(

@@ -318,6 +318,10 @@ class _PackedFile:
                     self._queue(piece)
                 crcs.append(crc)
             checksums = tuple(crcs)
+            if self.queue and (not self.owners or self.owners[-1] is not owner):
+                # Flushed midway: its last pieces are queued, and the owner may be a buffer
+                # nothing else holds (a compressed item, a contiguous copy).
+                self.owners.append(owner)
         return StorageInfo(self.name, start, length, checksums, BLOCK_SIZE, codec=codec)
 
     def _queue(self, buf: Buffer) -> None:
@@ -332,9 +336,7 @@ class _PackedFile:
             self.sink.write(self.queue)
         self.queue = []
         self.queued_bytes = 0
-        # The item being added may have pieces left to queue: its owner (the last one,
-        # maybe a buffer nothing else holds: a compressed item, a contiguous copy) stays.
-        self.owners = self.owners[-1:]
+        self.owners = []
 
 
 def _write_items(
