@@ -147,13 +147,13 @@ def main(root: str, repeats: int, report: Report) -> None:
         for op, seconds in ops.items()
     }
     dcp_names = [name for name in contenders if name.startswith("DCP ZStandard")]
+    best_ratios = {}
     for op in ("save", "load"):
-        report.ratio(
-            f"zstd {op} speed vs DCP ZStandard",
-            results["torchstow zstd", op],
-            [results[name, op] for name in dcp_names],
-            3.0,
-        )
+        theirs = [results[name, op] for name in dcp_names]
+        report.ratio(f"zstd {op} speed vs DCP ZStandard", results["torchstow zstd", op], theirs, 3.0)
+        # On a shared machine the best of the rounds says more than the median: both kept.
+        best_ratios[op] = min(r.best for r in theirs) / results["torchstow zstd", op].best
+        print(f"  (by best times: {op} {best_ratios[op]:.2f}x)", flush=True)
     ours_all, theirs_all = ratios["torchstow zstd"]["all"], ratios["DCP ZStandard"]["all"]
     report.ratios["zstd stored/raw, DCP's over torchstow's"] = theirs_all / ours_all
     mark = "meets" if ours_all <= theirs_all else "BELOW"
@@ -162,5 +162,6 @@ def main(root: str, repeats: int, report: Report) -> None:
     )
     report.details["compression"] = {
         "stored_over_raw": ratios,
+        "speed_ratios_by_best_time": best_ratios,
         "loadavg": _loadavg(),
     }
