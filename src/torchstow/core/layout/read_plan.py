@@ -82,7 +82,7 @@ class PlannedRead:
         task = self.task
         codec = task.info.codec
         assert codec is not None
-        stored = self.scratch
+        stored = tensor_bytes(self.scratch).cast("B")
         if task.target is None:
             task.payload = decompress_bytes(stored, codec)
             return
@@ -178,9 +178,9 @@ def _plan_compressed(read: PlannedRead, block: int) -> PlannedRead:
     whatever part of it the item needs (``finish`` decompresses them)."""
     task = read.task
     info = task.info
-    read.scratch = memoryview(bytearray(info.length))
+    read.scratch = torch.empty(info.length, dtype=torch.uint8)  # no need to zero it: all read
     if info.length:
-        read.pieces = [(info.offset, read.scratch)]
+        read.pieces = [(info.offset, tensor_bytes(read.scratch))]
     read.verifier = BlockVerifier(0, info.checksums, block)
     target = task.target
     if (
