@@ -215,6 +215,11 @@ def test_unknown_compression_is_a_value_error_before_anything_is_written(tmp_pat
     assert not os.path.exists(uri) and not os.path.exists(tmp_path / "run")
 
 
+def test_a_tiered_manager_refuses_compression(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tiered manager"):
+        torchstow.CheckpointManager(str(tmp_path / "run"), fast=str(tmp_path / "fast"), compression="zstd")
+
+
 def test_manager_compresses_every_save(tmp_path: Path) -> None:
     manager = torchstow.CheckpointManager(str(tmp_path / "run"), compression="zstd", keep_last=2)
     state = _state()
