@@ -330,3 +330,32 @@ def test_large_made_items_written_across_flushes(tmp_path: Path, compression: st
         options = {"thread_count": 1}
         torchstow.save(state, uri, compression=compression, overwrite=True, storage_options=options)
         assert_same_state(torchstow.read(uri), state)
+
+
+def test_read_once_reads_a_compressed_chunk_whole_once(tmp_path: Path) -> None:
+    """Two ranks loading the row halves of an 8 MiB chunk (two checksum blocks) each read
+    their own block when it is raw; compressed, each would read and decompress all of it,
+    so one rank reads it whole and sends the other its half."""
+    from dataclasses import replace
+
+    from torchstow.core.planning import DefaultLoadPlanner, LoadPlan
+    from torchstow.core.planning.read_once import ReadOnceProbe, plan_read_once
+
+    torchstow.save({"m": torch.zeros(2048, 1024)}, str(tmp_path / "c"))
+    raw = torchstow.storage_reader(str(tmp_path / "c")).read_metadata()
+
+    def halves(metadata: Any) -> list[LoadPlan]:
+        plans = []
+        for half in range(2):
+            planner = DefaultLoadPlanner()
+            planner.set_up_planner({"m": torch.zeros(2048, 1024)}, metadata)
+            (item,) = planner.create_local_plan().items
+            rows = torch.Size([1024 * half, 0])
+            plans.append(LoadPlan([replace(item, storage_offsets=rows, lengths=torch.Size([1024, 1024]))]))
+        return plans
+
+    roles = plan_read_once(halves(raw), raw, [ReadOnceProbe("a")] * 2)
+    assert sum(len(role.chunks) for role in roles) == 0  # each reads its own half
+    packed = replace(raw, storage_data={i: replace(info, codec=ZSTD) for i, info in raw.storage_data.items()})
+    roles = plan_read_once(halves(packed), packed, [ReadOnceProbe("a")] * 2)
+    assert sum(len(role.chunks) for role in roles) == 1  # one reads it whole, once
