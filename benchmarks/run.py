@@ -1,7 +1,7 @@
 """Run the benchmarks, side by side with torch.distributed.checkpoint, and write JSON.
 
 python benchmarks/run.py
-    [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap|readonce|encrypted]
+    [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap|readonce|encrypted|compression]
     [--repeats 3] [--root DIR] [--out FILE] [--plan-ranks 1024] [--plan-items 2000] [--plan-dcp-max-ranks 512]
     [--plan-plot docs/plan_scale.png] [--incremental-mib 1024] [--mmap-mib 1024] [--read-once-mib 512]
     [--encrypted-mib 256]
@@ -21,6 +21,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_async
+import bench_compression
 import bench_dcp_adapter
 import bench_dist
 import bench_encrypted
@@ -49,6 +50,7 @@ SUITES = {
     "mmap": bench_mmap.main,
     "readonce": bench_read_once.main,
     "encrypted": bench_encrypted.main,
+    "compression": bench_compression.main,
 }
 
 

@@ -28,7 +28,9 @@ from torchstow.core.protocol.steps import load_state_dict as _load_protocol
 from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
+from torchstow.format.compression import check_compression
 from torchstow.format.manifest import Metadata
 from torchstow.format.structure import build_nested
 from torchstow.plugins.resolve import Uri, backend_at
@@ -44,12 +46,20 @@ __all__ = [
 
 
 def storage_writer(
-    uri: Uri, *, storage_options: dict[str, Any] | None = None, overwrite: bool = False
+    uri: Uri,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    compression: str | None = None,
 ) -> StorageWriter:
     """A writer for a checkpoint at ``uri``, from the backend its scheme names,
-    built with ``storage_options`` (for ``save(storage_writer=...)``)."""
+    built with ``storage_options`` (for ``save(storage_writer=...)``); ``compression``
+    as in :func:`save`."""
+    check_compression(compression)
     text, backend = backend_at(uri, storage_options)
-    return backend.storage_writer(text, overwrite=overwrite)
+    writer = backend.storage_writer(text, overwrite=overwrite)
+    _attach_compression(writer, compression)
+    return writer
 
 
 def storage_reader(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> StorageReader:
@@ -109,6 +119,22 @@ def _attach_base(
     writer.digest_slots = slots
 
 
+def _attach_compression(writer: StorageWriter, compression: str | None) -> None:
+    """Make ``writer`` compress every item it stores: torchstow's layout writer, also
+    under wrappers that forward to it (the fault injector)."""
+    if compression is None:
+        return
+    layout = writer
+    while isinstance(layout, ForwardingStorageWriter):
+        layout = layout.inner
+    if not isinstance(layout, LayoutWriter):
+        raise ValueError(
+            f"compression={compression!r} needs torchstow's own layout writer (a file-like backend); "
+            f"{type(writer).__name__} cannot compress"
+        )
+    layout.compression = compression
+
+
 def _save_job(
     uri: Uri | None,
     storage_options: dict[str, Any] | None,
@@ -120,9 +146,11 @@ def _save_job(
     explicit_writer: Any = None,
     base: Uri | None = None,
     slots: DigestSlots | None = None,
+    compression: str | None = None,
 ) -> SaveJob:
     """What a save writes with: the checked user metadata, the writer, the planner."""
     user_metadata = _check_user_metadata(metadata)
+    check_compression(compression)
     writer = dcp_calls.save_target(
         uri,
         checkpoint_id,
@@ -131,6 +159,7 @@ def _save_job(
     )
     if base is not None:
         _attach_base(writer, base, storage_options, slots)
+    _attach_compression(writer, compression)
     save_planner = dcp_calls.torchstow_save_planner(
         planner, lambda: DefaultSavePlanner(allow_pickle=allow_pickle), allow_pickle=allow_pickle
     )
@@ -156,6 +185,7 @@ def save(
     trust_version_counter: bool = False,
     use_collectives: bool = True,
     stats: SaveStats | None = None,
+    compression: str | None = None,
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
@@ -185,7 +215,12 @@ def save(
 
     ``stats``: a new :class:`SaveStats`, filled with this rank's seconds per
     phase and bytes written (``AsyncSave.stats`` holds the same for an async save).
+
+    ``compression="zstd"`` compresses each stored item on its own (floating-point
+    tensors byte-grouped by significance first; see docs/format.md); loads need
+    nothing to read it. Another value is a ValueError before anything is written.
     """
+    check_compression(compression)
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     collective = dcp_calls.without_collectives(dist.collective(), use_collectives)
     slots = own_slot if trust_version_counter else None
@@ -200,6 +235,7 @@ def save(
         storage_writer,
         base,
         slots,
+        compression,
     )
     return _save_protocol(
         dcp_calls.StatefulView(state_dict).plain,
@@ -278,6 +314,7 @@ def async_save(
     async_stager: Stager | None = None,
     async_checkpointer_type: Any = None,
     use_collectives: bool = True,
+    compression: str | None = None,
 ) -> AsyncSave:
     """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
 
@@ -300,6 +337,7 @@ def async_save(
     ``AsyncCheckpointerType`` or its value) is accepted, and either type
     writes in torchstow's save thread; ``use_collectives`` is as in :func:`save`.
     """
+    check_compression(compression)
     text = dcp_calls.target_label(uri, checkpoint_id, storage_writer)
     stager = dcp_calls.one_stager(stager, async_stager)
     dcp_calls.check_checkpointer_type(async_checkpointer_type)
@@ -316,6 +354,7 @@ def async_save(
             storage_writer,
             base,
             staged_slot if trust_version_counter else None,
+            compression,
         )
 
     saves = pipeline()
@@ -370,7 +409,8 @@ def read(
     selects every key under ``model.``). With ``mmap=True`` (local files and
     ``shm://`` only) tensors map the data files instead of copying them:
     writing to one copies the pages it touches, the files never change
-    (see :mod:`torchstow.core.layout.mapped`). ``verify=False`` skips the
+    (see :mod:`torchstow.core.layout.mapped`); compressed tensors are
+    decompressed into memory instead. ``verify=False`` skips the
     block checksums, on copied and on mapped reads alike (mapping then costs
     the same whatever the size); the manifest and the file sizes are still checked.
     """

@@ -18,6 +18,7 @@ import torchstow
 from torchstow.cli.commands import VERBS
 from torchstow.cli.demo import demo
 from torchstow.cli.render import parse_size
+from torchstow.format.compression import COMPRESSIONS
 from torchstow.interop.convert import FORMATS
 from torchstow.plugins.manager import default_registry
 
@@ -111,6 +112,12 @@ def _two_sided(parser: argparse.ArgumentParser) -> None:
         help="a storage option for the destination only (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace what is at DST")
+    parser.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        help="write DST compressed (each chunk on its own; see docs/format.md); cp then rewrites "
+        "every item instead of copying the stored bytes",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

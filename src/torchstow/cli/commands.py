@@ -300,6 +300,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
             dst_storage_options=dst_opts,
             overwrite=args.overwrite,
             progress=progress,
+            compression=args.compression,
         )
     info = torchstow.info(dst, storage_options=dst_opts)
     if args.json:
@@ -318,6 +319,7 @@ def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[s
             dst_storage_options=dst_opts,
             overwrite=args.overwrite,
             progress=progress,
+            compression=args.compression,
         )
     infos = [(src, torchstow.info(dst, storage_options=dst_opts)) for src, dst in done.copied]
     if args.json:
@@ -421,6 +423,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             dst_storage_options=dst_opts,
             overwrite=args.overwrite,
             progress=progress,
+            compression=args.compression,
         )
     if args.json:
         print_json(report.to_json())

@@ -37,14 +37,14 @@ _OFFSETS = attrgetter("offsets")
 _SIZES = attrgetter("sizes")
 _FILE = attrgetter("file")
 _OFFSET = attrgetter("offset")
-_ROW = attrgetter("length", "block")
+_ROW = attrgetter("length", "block", "codec")
 _CRC = attrgetter("crc32c")
 
 
 class _Layout(NamedTuple):
     """What a tensor's chunk layout asks of the chunks' locations, and its chunk objects."""
 
-    rows: list[tuple[int, None]]  # each chunk's (length, block) in a valid location
+    rows: list[tuple[int, None, None]]  # each chunk's (length, block, codec) in a valid raw location
     counts: list[int]  # each chunk's number of checksums
     chunks: list[ChunkStorageMetadata]  # shared by every tensor of this layout
 
@@ -70,7 +70,7 @@ def _layout(
     if not block and any(nbytes):
         return None
     return _Layout(
-        [(n, None) for n in nbytes],
+        [(n, None, None) for n in nbytes],
         [-(-n // block) for n in nbytes] if block else [0] * len(nbytes),
         [ChunkStorageMetadata(torch.Size(o), torch.Size(n)) for o, n in zip(offsets, sizes, strict=True)],
     )
@@ -93,7 +93,7 @@ def _tensor_chunks(
     if layout is None:
         return None
     if list(map(_ROW, chunks)) != layout.rows:
-        return None  # also a chunk with a block size of its own, or without a length
+        return None  # also a chunk with a block size of its own, without a length, or compressed
     try:  # a chunk without a file or checksums: None has no order and no len()
         if max(map(_FILE, chunks)) >= nfiles or list(map(len, map(_CRC, chunks))) != layout.counts:
             return None

@@ -86,6 +86,7 @@ def _encode_locations(
             info.checksums,
             None if block == block_size else block,
             info.content_hash,
+            info.codec,
             offsets=index.offset,
             sizes=(),  # filled in by its entry
         )
@@ -101,6 +102,7 @@ def _locate(raw: Entry, located: Chunk | None) -> Entry:
     if located is not None:
         raw.file, raw.offset, raw.length = located.file, located.offset, located.length
         raw.crc32c, raw.block, raw.blake3 = located.crc32c, located.block, located.blake3
+        raw.codec = located.codec
     return raw
 
 

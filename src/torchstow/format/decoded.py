@@ -45,6 +45,7 @@ def _location(raw: Any, files: list[str], block_size: int) -> StorageInfo:
         tuple(raw.crc32c),
         block_size if raw.block is None else raw.block,
         raw.blake3,
+        raw.codec,
     )
 
 
@@ -55,7 +56,7 @@ def _add_checked(
     index = MetadataIndex.of_chunk
     for i, (chunk, rc) in enumerate(zip(chunks, raw.chunks, strict=True)):
         found[index(fqn, chunk.offsets, i)] = new_storage_info(
-            files[rc.file], rc.offset, rc.length, rc.crc32c, block_size, rc.blake3
+            files[rc.file], rc.offset, rc.length, rc.crc32c, block_size, rc.blake3, rc.codec
         )
 
 

@@ -160,7 +160,10 @@ class StorageInfo:
     ``checksums`` holds one crc32c per ``block_size`` bytes of the item (the
     last block may be shorter); an empty item has no checksums.
     ``content_hash`` is the BLAKE3 digest (hex) of the item's bytes, recorded
-    by incremental saves (None when the save did not hash).
+    by incremental saves (None when the save did not hash). ``codec`` names how the
+    stored bytes are compressed (:data:`~torchstow.format.compression.CODECS`), None
+    when they are the item's raw bytes; ``length``, the checksums and the digest are
+    then those of the stored (compressed) bytes.
     """
 
     relative_path: str
@@ -169,6 +172,7 @@ class StorageInfo:
     checksums: tuple[int, ...] = ()
     block_size: int = 0
     content_hash: str | None = None
+    codec: str | None = None
 
 
 def new_storage_info(
@@ -178,6 +182,7 @@ def new_storage_info(
     checksums: tuple[int, ...],
     block_size: int,
     content_hash: str | None,
+    codec: str | None = None,
 ) -> StorageInfo:
     """``StorageInfo(...)`` in half the time, for a decoder making one per stored chunk:
     the frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
@@ -193,6 +198,7 @@ def new_storage_info(
             "checksums": checksums,
             "block_size": block_size,
             "content_hash": content_hash,
+            "codec": codec,
         },
     )
     return info

@@ -47,7 +47,8 @@ D = TypeVar("D")  # a shape, chunk offsets or sizes: tuple[int, ...], or Dims
 
 class Located(msgspec.Struct, Generic[N, C], omit_defaults=True):
     """Where an item's bytes are: a ``file`` index into the manifest's ``files``,
-    the byte ``offset`` and ``length`` there, one checksum per ``block`` bytes."""
+    the byte ``offset`` and ``length`` there, one checksum per ``block`` bytes, and
+    the ``codec`` of compressed bytes."""
 
     file: N | None = None
     offset: N | None = None
@@ -55,6 +56,7 @@ class Located(msgspec.Struct, Generic[N, C], omit_defaults=True):
     crc32c: tuple[C, ...] | None = None
     block: N | None = None
     blake3: str | None = None
+    codec: str | None = None  # optional: how the stored bytes are compressed (None: raw)
 
 
 class Chunk(Located[N, C], Generic[N, C, D], kw_only=True, gc=False):

@@ -24,6 +24,7 @@ from typing import Any
 
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.chunks import Box, cover_fault, outside
+from torchstow.format.compression import BYTEPLANES, CODECS
 from torchstow.format.manifest import dtype_from_name
 from torchstow.format.structure import leaf_paths
 
@@ -158,6 +159,7 @@ def _check_entry(
             if type(raw.value) in (dict, list) and not _depth_ok(raw.value, MAX_DEPTH):
                 raise RuleError(f"the value nests deeper than {MAX_DEPTH} levels")
         elif raw.file is not None:
+            _check_codec(raw.codec, None, "")
             _check_location(raw, nfiles, block_size, None, "")
         return
     shape = raw.shape
@@ -167,6 +169,7 @@ def _check_entry(
     chunks = raw.chunks
     if chunks is None:
         if raw.file is not None:
+            nbytes = _check_codec(raw.codec, raw.dtype, "", nbytes)
             _check_location(raw, nfiles, block_size, nbytes, "")
         return
     itemsize = dtype_from_name(raw.dtype).itemsize
@@ -175,9 +178,24 @@ def _check_entry(
         what = f"chunks[{i}]"
         count = check_inside(what, chunk.offsets, chunk.sizes, shape)
         if chunk.file is not None:
-            _check_location(chunk, nfiles, block_size, count * itemsize, f"{what}.")
+            raw_bytes = _check_codec(chunk.codec, raw.dtype, f"{what}.", count * itemsize)
+            _check_location(chunk, nfiles, block_size, raw_bytes, f"{what}.")
         boxes.append((chunk.offsets, chunk.sizes, count))
     check_tiling(shape, boxes)
+
+
+def _check_codec(codec: str | None, dtype: str | None, what: str, nbytes: int | None = None) -> int | None:
+    """A location's ``codec`` is one this torchstow decodes, and fits its entry (byte planes
+    only for a tensor of several bytes per element); the length its location must then
+    have (None for compressed bytes, whose length is theirs)."""
+    if codec is None:
+        return nbytes
+    if codec not in CODECS:
+        known = ", ".join(CODECS)
+        raise RuleError(f"{what}codec {_short(codec)} is not one this torchstow knows (known: {known})")
+    if codec == BYTEPLANES and (dtype is None or dtype_from_name(dtype).itemsize < 2):
+        raise RuleError(f"{what}codec {codec!r} needs a tensor of several bytes per element")
+    return None
 
 
 def _check_shape(dtype: str, shape: list[int] | None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from torchstow.format.compression import check_compression
 from torchstow.interop import targets
 from torchstow.interop.sources import Source, TensorSpec, local_path, open_source
 from torchstow.plugins.resolve import route_options
@@ -172,6 +173,7 @@ def convert(
     dst_storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    compression: str | None = None,
 ) -> ConvertReport:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
@@ -184,10 +186,15 @@ def convert(
     shard (default 5 GB). ``storage_options`` go to each side whose backend
     takes them; ``src_storage_options``/``dst_storage_options`` to one side.
     Values safetensors cannot hold are listed in the report's ``skipped``.
+    ``compression="zstd"`` compresses a torchstow target as ``save`` does (ValueError
+    for other targets).
     """
     target = targets.TARGETS.get(to)
     if target is None:
         raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(FORMATS)}")
+    check_compression(compression)
+    if compression is not None and to != "torchstow":
+        raise ValueError(f"compression= applies to torchstow targets, not {to!r}")
     src_text, dst_text = os.fspath(src), os.fspath(dst)
     src_opts, dst_opts = route_options(
         src_text,
@@ -206,7 +213,8 @@ def convert(
     try:
         selection = Selection(source, keys, cast, progress)
         report = ConvertReport(src_text, dst_text, source.format, to)
-        target.write(selection, dst_text, targets.TargetOptions(overwrite, dst_opts, max_shard_bytes), report)
+        options = targets.TargetOptions(overwrite, dst_opts, max_shard_bytes, compression)
+        target.write(selection, dst_text, options, report)
     finally:
         with contextlib.suppress(Exception):
             source.close()

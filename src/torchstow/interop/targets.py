@@ -83,11 +83,19 @@ class _StreamingPlanner(DefaultSavePlanner):
 
 
 def to_torchstow(
-    selection: Selection, dst: str, storage_options: dict[str, Any], overwrite: bool, report: ConvertReport
+    selection: Selection,
+    dst: str,
+    storage_options: dict[str, Any],
+    overwrite: bool,
+    report: ConvertReport,
+    compression: str | None = None,
 ) -> None:
-    """Save the selection as a torchstow checkpoint at ``dst`` (any backend)."""
+    """Save the selection as a torchstow checkpoint at ``dst`` (any backend), compressed
+    as ``save(..., compression=)`` does."""
     state = _plan_state(selection, report)
-    writer = storage_writer(dst, storage_options=storage_options, overwrite=overwrite)
+    writer = storage_writer(
+        dst, storage_options=storage_options, overwrite=overwrite, compression=compression
+    )
     save_state_dict(
         state,
         writer,
@@ -289,6 +297,7 @@ class TargetOptions:
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)  # the destination's
     max_shard_bytes: int | None = None  # safetensors only
+    compression: str | None = None  # torchstow only (save's compression=)
 
 
 @dataclass(frozen=True)
@@ -331,7 +340,9 @@ TARGETS: dict[str, Target] = {
     for target in (
         Target(
             "torchstow",
-            lambda sel, dst, opts, rep: to_torchstow(sel, dst, opts.storage_options, opts.overwrite, rep),
+            lambda sel, dst, opts, rep: to_torchstow(
+                sel, dst, opts.storage_options, opts.overwrite, rep, opts.compression
+            ),
             local_only=False,
         ),
         Target(

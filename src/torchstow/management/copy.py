@@ -22,6 +22,7 @@ from torchstow.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
+from torchstow.format.compression import check_compression
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.management.catalog import info
@@ -252,6 +253,7 @@ def copy(
     dst_storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    compression: str | None = None,
 ) -> str:
     """Copy the committed checkpoint at ``src`` to ``dst`` (URIs or paths), on any
     backends; returns where it landed.
@@ -274,7 +276,13 @@ def copy(
     ``overwrite``, an old checkpoint there is removed first (DCP's file
     names are fixed). Backends that are not byte stores are copied tensor
     by tensor through their reader and writer.
+
+    A compressed checkpoint is copied as it is stored (its codecs kept). With
+    ``compression="zstd"`` the copy is written anew instead, tensor by tensor as
+    ``convert(..., to="torchstow", compression=...)`` writes it: every item
+    decompressed, checked, and compressed again.
     """
+    check_compression(compression)
     src = checkpoint_uri(src)
     dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst)))
     src_backend = backend_at(src, src_storage_options)[1]
@@ -288,7 +296,11 @@ def copy(
             f"{dst} holds other locations ({inside[0]} ...), so it is no place for one checkpoint; "
             f"copy into it with {dst.rstrip('/')}/ as the destination"
         )
-    if isinstance(src_backend, StoreBackend) and isinstance(dst_backend, StoreBackend):
+    if (
+        compression is None  # else every item is written anew
+        and isinstance(src_backend, StoreBackend)
+        and isinstance(dst_backend, StoreBackend)
+    ):
         src_store = src_backend.open_store(src)
         dst_store = dst_backend.open_store(dst)
         if src_store.location.rstrip("/") == dst_store.location.rstrip("/") and type(src_store) is type(
@@ -307,6 +319,7 @@ def copy(
         dst_storage_options=dst_storage_options,
         overwrite=overwrite,
         progress=progress,
+        compression=compression,
     )
     return dst
 
@@ -328,13 +341,15 @@ def copy_run(
     dst_storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    compression: str | None = None,
 ) -> RunCopy:
     """Copy every committed checkpoint directly under ``src_prefix`` (a run) to
     ``dst_prefix/<its name>``, oldest first, each as :func:`copy` copies one;
     incomplete and unreadable ones are skipped and reported. ``dst_prefix`` ending
     with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
     checkpoint at any destination is an error before anything is copied, unless
-    ``overwrite``."""
+    ``overwrite``. ``compression`` is as in :func:`copy`."""
+    check_compression(compression)
     src = checkpoint_uri(src_prefix)
     dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)
@@ -366,5 +381,6 @@ def copy_run(
             dst_storage_options=dst_storage_options,
             overwrite=overwrite,
             progress=advance,
+            compression=compression,
         )
     return RunCopy(plan, skipped)

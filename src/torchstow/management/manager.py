@@ -14,6 +14,7 @@ from torchstow.core.layout.incremental import base_problem
 from torchstow.core.protocol.collective import make_collective
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
+from torchstow.format.compression import check_compression
 from torchstow.management.catalog import list_checkpoints
 from torchstow.management.prune import plan_prune, prune
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
@@ -83,6 +84,9 @@ class CheckpointManager:
     background; ``restore`` reads each part from the fastest tier holding it;
     ``steps`` lists :class:`~torchstow.management.tiered.StepInfo`. Every rank
     constructs it and calls ``save``, ``restore``, ``steps`` and ``latest_step``.
+
+    ``compression="zstd"`` compresses every save (as ``save(..., compression=)``;
+    not with ``fast``); a save's own ``compression=`` keyword overrides it.
     """
 
     def __init__(
@@ -99,7 +103,11 @@ class CheckpointManager:
         replicas: int = 1,
         persist_every: int = 1,
         fast_storage_options: dict[str, Any] | None = None,
+        compression: str | None = None,
     ) -> None:
+        self.compression = check_compression(compression)
+        if fast is not None and compression is not None:
+            raise ValueError("compression= is not supported by a tiered manager (fast=): save without it")
         self.root = os.fspath(uri).rstrip("/") or "/"
         self._tiered: TieredManager | None = None
         if fast is not None:
@@ -220,6 +228,8 @@ class CheckpointManager:
         coordinator = _prunes_here(options)
         if self.incremental and "base" not in options:
             options["base"] = self._base(step)
+        if self.compression is not None:
+            options.setdefault("compression", self.compression)
         if not asynchronous:
             save(state_dict, self.uri(step), **options)
             self._committed(step, coordinator)

@@ -13,6 +13,10 @@ by an earlier such save in this process, unchanged since by its version
 counter, takes its digest from :mod:`torchstow.core.layout.digest_memo`
 instead: its bytes are not read unless they must be written.
 
+Digests are of the stored bytes: with ``compression=`` an item is compressed
+first, and shared only with a base item stored the same way (same codec, same
+bytes), whose location, codec included, the new manifest takes over.
+
 Each checkpoint thus holds, under its own location, every file it references:
 it loads, verifies and copies on its own, and deleting or pruning any other
 checkpoint (its base included) removes only names, never bytes it uses
@@ -111,25 +115,38 @@ class BaseContent:
         self.adopted: list[str] = []
 
     def reference(
-        self, index: MetadataIndex, view: memoryview, target: ByteStore
+        self, index: MetadataIndex, view: memoryview, target: ByteStore, codec: str | None = None
     ) -> tuple[StorageInfo | None, str]:
-        """The digest of ``view``, and where the base already holds these bytes (its file
-        now part of ``target``), or None when the item must be written."""
+        """The digest of ``view`` (an item's stored bytes, in ``codec``), and where the base
+        already holds these bytes so stored (its file now part of ``target``), or None when
+        the item must be written."""
         digest = content_hash(view)
+        info = self.locations.get(index)
+        if info is None or info.codec != codec:
+            return None, digest
         return self.reference_digest(index, len(view), digest, target), digest
 
     def reference_digest(
-        self, index: MetadataIndex, length: int, digest: str, target: ByteStore
+        self, index: MetadataIndex, length: int | None, digest: str, target: ByteStore
     ) -> StorageInfo | None:
-        """Where the base already holds ``length`` bytes of digest ``digest`` under
-        ``index`` (its file now part of ``target``), or None."""
+        """Where the base already holds ``length`` stored bytes (None: any length) of
+        digest ``digest`` under ``index`` (its file now part of ``target``), or None.
+        The location keeps the base's codec: the digest is of the stored bytes."""
         info = self.locations.get(index)
-        if info is None or info.length != length or not info.length or not self._intact(info.relative_path):
+        if info is None or not info.length or (length is not None and info.length != length):
+            return None
+        if not self._intact(info.relative_path):
             return None
         if self._base_hash(index, info) != digest or not self._adopt(info.relative_path, target):
             return None
         return StorageInfo(
-            info.relative_path, info.offset, info.length, info.checksums, info.block_size, digest
+            info.relative_path,
+            info.offset,
+            info.length,
+            info.checksums,
+            info.block_size,
+            digest,
+            info.codec,
         )
 
     def _base_hash(self, index: MetadataIndex, info: StorageInfo) -> str:

@@ -11,6 +11,10 @@ from its mapped chunks.
 With ``verify`` every mapped byte is checked against its block checksums
 (which reads it once); without it, mapping costs the same whatever the size,
 and a corrupted byte goes unnoticed.
+
+A compressed tensor (a chunk saved with ``compression=``) cannot be a view of
+its file: it is left out here, and ``read(mmap=True)`` reads and decompresses
+it into memory like any copied read.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ def _view(
 def map_tensors(
     store: ByteStore, metadata: Metadata, fqns: list[str], *, verify: bool = True
 ) -> dict[str, Any]:
-    """The tensors ``fqns`` of the checkpoint in ``store``, over its mapped data files.
+    """The tensors ``fqns`` of the checkpoint in ``store``, over its mapped data files,
+    except the compressed ones (left out: the caller reads them).
 
     Raises ChecksumMismatchError (``verify``) or CorruptCheckpointError when
     the files do not hold what the manifest says.
@@ -117,8 +122,10 @@ def map_tensors(
         dtype = entry.properties.dtype
         whole = None
         parts = []
-        for i, chunk in enumerate(entry.chunks):
-            info = locations.get(MetadataIndex(fqn, chunk.offsets, i))
+        infos = [locations.get(MetadataIndex(fqn, chunk.offsets, i)) for i, chunk in enumerate(entry.chunks)]
+        if any(info is not None and info.codec is not None for info in infos):
+            continue  # compressed: decompressed into memory by the caller's read
+        for chunk, info in zip(entry.chunks, infos, strict=True):
             if info is None:
                 raise CorruptCheckpointError(f"the manifest at {store.location} has no data for {fqn!r}")
             view = _view(files, fqn, info, dtype, chunk.sizes, verify)

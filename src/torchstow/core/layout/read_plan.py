@@ -1,6 +1,8 @@
 """How one read item's bytes are read: whole stored chunks straight into their target,
 contiguous spans into a region, strided regions through a scratch buffer; every read
-is widened to whole checksum blocks so what is read is verified."""
+is widened to whole checksum blocks so what is read is verified. A compressed item
+is read whole and verified, then decompressed (into its target where it fills it,
+else into a scratch chunk whose region is copied over)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from typing import Any
 
 import torch
 
+from torchstow.core.layout.compression import decompress_bytes, decompress_into
 from torchstow.core.layout.digest_memo import forget
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.planning import ReadItem
-from torchstow.errors import ChecksumMismatchError
+from torchstow.errors import ChecksumMismatchError, CorruptCheckpointError
 from torchstow.format import chunks as chunk_math
 from torchstow.format.checksums import BlockVerifier, block_bytes, block_span
 from torchstow.format.manifest import StorageInfo
@@ -56,7 +59,16 @@ class PlannedRead:
         if verify and self.verifier is not None:
             self._raise_if_bad(self.verifier.end(), location)
         task = self.task
-        if task.target is None:
+        if task.info.codec is not None:
+            try:
+                self._decompress()
+            except CorruptCheckpointError as exc:
+                fqn = task.item.storage_index.fqn
+                raise CorruptCheckpointError(
+                    f"{location}/{task.info.relative_path}: the {task.info.codec} bytes of {fqn!r} at "
+                    f"{task.info.offset}..{task.info.offset + task.info.length} {exc}"
+                ) from exc
+        elif task.target is None:
             task.payload = bytes(self.pieces[0][1])
         elif self.strided_view is not None:
             with torch.no_grad():
@@ -64,6 +76,24 @@ class PlannedRead:
         elif self.direct is not None and self.direct is not task.target:
             with torch.no_grad():
                 task.target.copy_(self.direct)
+
+    def _decompress(self) -> None:
+        """Decode the compressed item read whole into ``scratch``, into its target."""
+        task = self.task
+        codec = task.info.codec
+        assert codec is not None
+        stored = tensor_bytes(self.scratch).cast("B")
+        if task.target is None:
+            task.payload = decompress_bytes(stored, codec)
+            return
+        assert task.dtype is not None and task.chunk_sizes is not None
+        if self.direct is not None:  # the whole chunk, straight into its target
+            decompress_into(stored, codec, task.dtype, self.direct)
+            return
+        chunk = torch.empty(task.chunk_sizes, dtype=task.dtype)
+        decompress_into(stored, codec, task.dtype, chunk)
+        with torch.no_grad():
+            task.target.copy_(chunk_math.region(chunk, task.item.storage_offsets, task.item.lengths))
 
     def _raise_if_bad(self, bad: int | None, location: str) -> None:
         if bad is not None:
@@ -84,6 +114,8 @@ def plan_read(task: ReadTask) -> PlannedRead:
     info = task.info
     read = PlannedRead(task)
     block = block_bytes(info.block_size, info.length)
+    if info.codec is not None:
+        return _plan_compressed(read, block)
     if task.target is None:
         buf = memoryview(bytearray(info.length))
         read.pieces = [(info.offset, buf)]
@@ -138,6 +170,29 @@ def plan_read(task: ReadTask) -> PlannedRead:
     if start + length < tail_end:
         read.pieces.append((info.offset + start + length, memoryview(bytearray(tail_end - start - length))))
     read.verifier = BlockVerifier(head_start // block, info.checksums, block)
+    return read
+
+
+def _plan_compressed(read: PlannedRead, block: int) -> PlannedRead:
+    """A compressed item: its stored bytes read whole into a scratch buffer and verified,
+    whatever part of it the item needs (``finish`` decompresses them)."""
+    task = read.task
+    info = task.info
+    read.scratch = torch.empty(info.length, dtype=torch.uint8)  # no need to zero it: all read
+    if info.length:
+        read.pieces = [(info.offset, tensor_bytes(read.scratch))]
+    read.verifier = BlockVerifier(0, info.checksums, block)
+    target = task.target
+    if (
+        target is not None
+        and task.item.lengths == task.chunk_sizes
+        and target.is_cpu
+        and target.dtype == task.dtype
+        and target.is_contiguous()
+        and not (target.is_conj() or target.is_neg())
+    ):
+        forget(target)  # its bytes change without its version counter moving
+        read.direct = target
     return read
 
 

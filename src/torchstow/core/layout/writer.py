@@ -28,10 +28,11 @@ import torch
 
 from torchstow.core.futures import completed_future
 from torchstow.core.layout.commit import UncertainCommitError, committed_files, listed_files, publish_manifest
+from torchstow.core.layout.compression import compress
 from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, check_vacant, dcp_files, default_thread_count, rebind
-from torchstow.core.layout.views import as_host_bytes
+from torchstow.core.layout.views import as_host_bytes, tensor_bytes
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
@@ -120,6 +121,8 @@ class LayoutWriter(StorageWriter):
         self.base_loader: BaseLoader | None = None
         #: With a base: where a tensor item's digest may be remembered (trust_version_counter).
         self.digest_slots: DigestSlots | None = None
+        #: How each item is compressed (``save(..., compression=)``; None: raw bytes).
+        self.compression: str | None = None
         self._base: BaseContent | None = None
         #: Whether ``finish`` ran here, and then whether its commit landed (True),
         #: certainly failed (False) or left that unknown (None).
@@ -193,7 +196,9 @@ class LayoutWriter(StorageWriter):
     def _write_file(self, name: str, items: Sequence[Any], planner: SavePlanner) -> list[WriteResult]:
         sink = self.store.create(name)
         try:
-            results = _write_items(sink, name, items, planner, self._base, self.store, self.digest_slots)
+            results = _write_items(
+                sink, name, items, planner, self._base, self.store, self.digest_slots, self.compression
+            )
             sink.close()
         except BaseException:
             sink.abort()
@@ -293,7 +298,7 @@ class _PackedFile:
         self.queued_bytes = 0
         self.owners: list[Any] = []
 
-    def add(self, view: memoryview, owner: Any) -> StorageInfo:
+    def add(self, view: memoryview, owner: Any, codec: str | None = None) -> StorageInfo:
         length = len(view)
         pad = -self.offset % alignment(length)
         if pad:
@@ -313,7 +318,11 @@ class _PackedFile:
                     self._queue(piece)
                 crcs.append(crc)
             checksums = tuple(crcs)
-        return StorageInfo(self.name, start, length, checksums, BLOCK_SIZE)
+            if self.queue and (not self.owners or self.owners[-1] is not owner):
+                # Flushed midway: its last pieces are queued, and the owner may be a buffer
+                # nothing else holds (a compressed item, a contiguous copy).
+                self.owners.append(owner)
+        return StorageInfo(self.name, start, length, checksums, BLOCK_SIZE, codec=codec)
 
     def _queue(self, buf: Buffer) -> None:
         self.queue.append(buf)
@@ -338,28 +347,40 @@ def _write_items(
     base: BaseContent | None = None,
     store: ByteStore | None = None,
     slots: DigestSlots | None = None,
+    compression: str | None = None,
 ) -> list[WriteResult]:
     """Write ``items`` into one file; with a ``base``, tensors it already holds are
     referenced instead (a result of 0 bytes written) and the rest hashed as written.
-    ``slots`` says where a tensor's digest may be remembered from an earlier save."""
+    ``slots`` says where a tensor's digest may be remembered from an earlier save.
+    With ``compression`` each item is compressed on its own before it is checksummed
+    (and hashed): the manifest describes the stored bytes."""
     packed = _PackedFile(sink, name)
     results = []
     for item in items:
         data = planner.resolve_data(item)
+        codec: str | None = None
         if isinstance(data, io.BytesIO):
             view = memoryview(data.getvalue())
             owner: Any = view
-            info = packed.add(view, owner)
+            if compression is not None:
+                owner, view, codec = _stored(view, None, owner)
+            info = packed.add(view, owner, codec)
         elif base is not None and store is not None and item.tensor_data is not None:
             slot = slots(data, _leaf(planner, item)) if slots is not None else None
+            if slot is not None and compression is not None:  # digests of other stored bytes
+                slot = slot._replace(view=(*slot.view, compression))
             known = slot.digest() if slot is not None else None
             if known is not None:  # unchanged by its version counter: no byte read
-                found = base.reference_digest(item.index, data.nbytes, known, store)
+                # Compressed, its stored length is known only by compressing it: the digest decides.
+                length = data.nbytes if compression is None else None
+                found = base.reference_digest(item.index, length, known, store)
                 if found is not None:
                     results.append(WriteResult(item.index, 0, found))
                     continue
             owner, view = as_host_bytes(data)
-            found, digest = base.reference(item.index, view, store)
+            if compression is not None:
+                owner, view, codec = _stored(view, data.dtype, owner)
+            found, digest = base.reference(item.index, view, store, codec)
             if slot is not None:
                 if known is not None and known != digest:
                     _warn_stale(item.index.fqn)
@@ -367,13 +388,25 @@ def _write_items(
             if found is not None:
                 results.append(WriteResult(item.index, 0, found))
                 continue
-            info = replace(packed.add(view, owner), content_hash=digest)
+            info = replace(packed.add(view, owner, codec), content_hash=digest)
         else:
             owner, view = as_host_bytes(data)
-            info = packed.add(view, owner)
+            if compression is not None:
+                owner, view, codec = _stored(view, data.dtype, owner)
+            info = packed.add(view, owner, codec)
         results.append(WriteResult(item.index, info.length, info))
     packed.flush()
     return results
+
+
+def _stored(view: memoryview, dtype: torch.dtype | None, owner: Any) -> tuple[Any, memoryview, str | None]:
+    """What is stored for an item of raw bytes ``view`` (held alive by ``owner``): its
+    compressed bytes and codec, or the raw bytes themselves when compressing does not shrink them."""
+    found = compress(view, dtype)
+    if found is None:
+        return owner, view, None
+    stored, codec = found
+    return stored, memoryview(stored) if isinstance(stored, bytes) else tensor_bytes(stored), codec
 
 
 def _leaf(planner: SavePlanner, item: Any) -> Any:

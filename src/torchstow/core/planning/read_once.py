@@ -152,10 +152,10 @@ _ChunkKey = tuple[str, torch.Size, torch.dtype]
 
 def _span_bytes(sizes: torch.Size, region: _Region, itemsize: int, info: Any) -> int:
     """Bytes a rank reads from storage for ``region`` of a stored chunk on its own: where the
-    chunk is not raw bytes with block checksums (another format's encoded item, read whole
-    and then narrowed, as DCP does), all of it."""
+    chunk is not raw bytes with block checksums (another format's encoded item, or a
+    compressed one: read whole and then narrowed), all of it."""
     offsets, lengths = region
-    if not isinstance(info, StorageInfo):
+    if not isinstance(info, StorageInfo) or info.codec is not None:
         return math.prod(sizes) * itemsize
     span = chunk_math.contiguous_span(sizes, offsets, lengths)
     if span is None:  # strided: read from its first row to its last

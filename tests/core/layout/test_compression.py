@@ -1,0 +1,361 @@
+"""save(..., compression="zstd"): every item compressed on its own (floating-point bytes grouped
+by significance first), read back bit-exact by every reader; checksums over the stored bytes; a
+damaged or lying compressed item is a clear error naming its key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchstow
+from torchstow.core.layout.compression import compress, decompress_into
+from torchstow.core.layout.views import tensor_bytes
+from torchstow.errors import ChecksumMismatchError, CorruptCheckpointError
+from torchstow.format.compression import BYTEPLANES, ZSTD
+from torchstow.testing.compare import assert_same_state
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Values like trained weights: small normals (their exponent bytes repeat)."""
+    if dtype.is_complex:
+        return (torch.randn(shape, generator=_gen(seed), dtype=dtype) * 0.02).to(dtype)
+    return (torch.randn(shape, generator=_gen(seed)) * 0.02).to(dtype)
+
+
+def _state(seed: int = 0) -> dict[str, Any]:
+    special = _weights((64, 64), torch.float32, seed)
+    special[0, :4] = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf")])
+    return {
+        "fp32": special,
+        "bf16": _weights((128, 64), torch.bfloat16, seed + 1),
+        "fp16": _weights((128, 64), torch.float16, seed + 2),
+        "fp64": _weights((32, 64), torch.float64, seed + 3),
+        "cplx": torch.complex(
+            _weights((32, 32), torch.float32, seed + 4), _weights((32, 32), torch.float32, 9)
+        ),
+        "int64": torch.arange(4096, dtype=torch.int64) % 97,
+        "int8": (torch.arange(4096) % 7).to(torch.int8),
+        "bool": torch.arange(4096) % 3 == 0,
+        "noise": torch.randint(
+            0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+        ),
+        "tiny": torch.tensor([1.5]),
+        "empty": torch.zeros(0, 3),
+        "view": _weights((64, 64), torch.float32, seed + 6).t(),  # not contiguous
+        "objects": {"pair": (1, "a" * 300), "dtype": torch.float16, "step": 7, "name": "run"},
+    }
+
+
+def _target() -> dict[str, Any]:
+    """A load target shaped like :func:`_state`, holding other values."""
+    return {
+        key: (torch.zeros_like(value) if isinstance(value, torch.Tensor) else value)
+        for key, value in _state(seed=50).items()
+    }
+
+
+def _codecs(uri: str) -> dict[str, str | None]:
+    metadata = torchstow.storage_reader(uri).read_metadata()
+    return {index.fqn: info.codec for index, info in metadata.storage_data.items()}
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def _data_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("data-*.bin"))
+
+
+def test_every_dtype_round_trips_bit_exact_and_smaller(tmp_path: Path) -> None:
+    state = _state()
+    raw, packed = tmp_path / "raw", tmp_path / "packed"
+    torchstow.save(state, str(raw))
+    torchstow.save(state, str(packed), compression="zstd")
+    assert_same_state(torchstow.read(str(packed)), state)
+    codecs = _codecs(str(packed))
+    for key in ("fp32", "bf16", "fp16", "fp64", "cplx", "view"):
+        assert codecs[key] == BYTEPLANES, key
+    for key in ("int64", "int8", "bool", "objects.pair"):
+        assert codecs[key] == ZSTD, key
+    for key in ("noise", "tiny"):  # nothing to gain: stored as they are
+        assert codecs[key] is None, key
+    assert _data_bytes(packed) < 0.8 * _data_bytes(raw)
+    entry = _manifest(packed)["entries"]["bf16"]
+    assert entry["codec"] == BYTEPLANES and entry["length"] < 128 * 64 * 2
+    assert "codec" not in _manifest(raw)["entries"]["bf16"]  # raw checkpoints are unchanged
+
+
+def test_load_in_place_and_through_casts(tmp_path: Path) -> None:
+    """Loading into tensors (decompressed straight into them) and into another dtype (through
+    a scratch chunk) gives the saved values."""
+    state = _state()
+    uri = str(tmp_path / "c")
+    torchstow.save(state, uri, compression="zstd")
+    target = _target()
+    torchstow.load(target, uri)
+    assert_same_state(target, state)
+    casted = {"fp32": torch.zeros(64, 64, dtype=torch.float64), "bf16": torch.zeros(128, 64)}
+    torchstow.load(casted, uri, cast=True, strict=False)
+    assert_same_state(casted, {"fp32": state["fp32"].double(), "bf16": state["bf16"].float()})
+
+
+def test_async_save_round_trips(tmp_path: Path) -> None:
+    state = _state()
+    uri = str(tmp_path / "c")
+    torchstow.async_save(state, uri, compression="zstd").result()
+    assert _codecs(uri)["fp32"] == BYTEPLANES
+    assert_same_state(torchstow.read(uri), state)
+
+
+def test_mmap_read_decompresses_into_memory(tmp_path: Path) -> None:
+    state = _state()
+    uri = str(tmp_path / "c")
+    torchstow.save(state, uri, compression="zstd")
+    back = torchstow.read(uri, mmap=True)
+    assert_same_state(back, state)
+    assert back["noise"].untyped_storage().nbytes() > back["noise"].nbytes  # raw: a view of its mapped file
+    assert back["fp32"].untyped_storage().nbytes() == back["fp32"].nbytes  # compressed: its own memory
+
+
+def test_verify_checks_the_stored_bytes(tmp_path: Path) -> None:
+    uri = str(tmp_path / "c")
+    torchstow.save(_state(), uri, compression="zstd")
+    assert torchstow.verify(uri).ok
+
+
+def _flip_byte_of(path: Path, key: str, at: int) -> None:
+    entry = _manifest(path)["entries"][key]
+    name = _manifest(path)["files"][entry["file"]]
+    with open(path / name, "r+b") as f:
+        f.seek(entry["offset"] + at)
+        byte = f.read(1)[0]
+        f.seek(entry["offset"] + at)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_a_flipped_byte_in_a_compressed_chunk_is_a_checksum_mismatch_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    torchstow.save(_state(), str(path), compression="zstd")
+    _flip_byte_of(path, "bf16", 40)  # inside the exponent plane's zstd frame
+    with pytest.raises(ChecksumMismatchError, match="'bf16'"):
+        torchstow.read(str(path))
+    with pytest.raises(ChecksumMismatchError, match="'bf16'"):
+        torchstow.load(_target(), str(path))
+    assert torchstow.read(str(path), keys=["fp32"])["fp32"].shape == (64, 64)  # the others still read
+    assert not torchstow.verify(str(path)).ok
+
+
+def test_an_unknown_codec_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    torchstow.save(_state(), str(path), compression="zstd")
+    doc = _manifest(path)
+    doc["entries"]["fp32"]["codec"] = "lz4-evil"
+    (path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match=r"entries\['fp32'\].*codec 'lz4-evil'"):
+        torchstow.read(str(path))
+
+
+def test_byte_planes_of_an_object_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    torchstow.save({"o": {"text": ("x" * 4000,)}}, str(path), compression="zstd")
+    doc = _manifest(path)
+    assert doc["entries"]["o.text"]["codec"] == ZSTD
+    doc["entries"]["o.text"]["codec"] = BYTEPLANES
+    (path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match="needs a tensor"):
+        torchstow.read(str(path))
+
+
+@pytest.mark.parametrize(("key", "shape"), [("bf16", [128, 63]), ("int64", [4097])])
+def test_a_chunk_decompressing_to_another_size_is_corrupt(tmp_path: Path, key: str, shape: list[int]) -> None:
+    """The manifest's shape (so the raw size) disagrees with what the stored bytes hold."""
+    path = tmp_path / "c"
+    torchstow.save(_state(), str(path), compression="zstd")
+    doc = _manifest(path)
+    doc["entries"][key]["shape"] = shape
+    (path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match=rf"'{key}'.*(decompress|plane lengths)"):
+        torchstow.read(str(path), keys=[key])
+
+
+def test_hostile_plane_lengths_are_corrupt() -> None:
+    data = _weights((1000,), torch.float32, 1)
+    stored, codec = compress(tensor_bytes(data), torch.float32) or (b"", "")
+    assert codec == BYTEPLANES
+    lying = bytearray(stored)
+    lying[0:8] = (1 << 62).to_bytes(8, "little")
+    with pytest.raises(CorruptCheckpointError, match="plane lengths"):
+        decompress_into(memoryview(lying), codec, torch.float32, torch.empty(1000))
+    with pytest.raises(CorruptCheckpointError, match="plane lengths"):
+        decompress_into(memoryview(bytearray(stored)), codec, torch.float32, torch.empty(999))
+
+
+def test_unknown_compression_is_a_value_error_before_anything_is_written(tmp_path: Path) -> None:
+    uri = str(tmp_path / "c")
+    for call in (
+        lambda: torchstow.save(_state(), uri, compression="lz4"),
+        lambda: torchstow.async_save(_state(), uri, compression="ZSTD"),
+        lambda: torchstow.CheckpointManager(str(tmp_path / "run"), compression=True),
+        lambda: torchstow.storage_writer(uri, compression="gzip"),
+    ):
+        with pytest.raises(ValueError, match="not a compression torchstow knows"):
+            call()
+    assert not os.path.exists(uri) and not os.path.exists(tmp_path / "run")
+
+
+def test_a_tiered_manager_refuses_compression(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tiered manager"):
+        torchstow.CheckpointManager(str(tmp_path / "run"), fast=str(tmp_path / "fast"), compression="zstd")
+
+
+def test_manager_compresses_every_save(tmp_path: Path) -> None:
+    manager = torchstow.CheckpointManager(str(tmp_path / "run"), compression="zstd", keep_last=2)
+    state = _state()
+    manager.save(1, state)
+    manager.save(2, state, asynchronous=True)
+    manager.wait()
+    for step in (1, 2):
+        assert _codecs(manager.uri(step))["fp32"] == BYTEPLANES
+    target = _target()
+    manager.restore(target)
+    assert_same_state(target, state)
+
+
+def test_incremental_save_shares_compressed_items_with_its_base(tmp_path: Path) -> None:
+    state = _state()
+    first, second, plain = (str(tmp_path / n) for n in ("first", "second", "plain"))
+    torchstow.save(state, first, compression="zstd")
+    state["bf16"] = state["bf16"] * 2  # changed; everything else is not
+    written = torchstow.save(state, second, base=first, compression="zstd")
+    assert 0 < written.nbytes_written < 128 * 64 * 2
+    assert _codecs(second)["fp32"] == BYTEPLANES
+    assert_same_state(torchstow.read(second), state)
+    # A raw save against a compressed base shares only what is stored raw in both.
+    shared = torchstow.save(state, plain, base=second)
+    md = torchstow.storage_reader(plain).read_metadata()
+    assert {i.fqn for i, info in md.storage_data.items() if info.codec} == set()
+    assert shared.nbytes_written > 0
+    assert_same_state(torchstow.read(plain), state)
+
+
+def test_incremental_with_trusted_version_counters(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = _state()
+    uris = [str(tmp_path / f"s{i}") for i in range(4)]
+    torchstow.save(state, uris[0], compression="zstd", trust_version_counter=True)
+    torchstow.save(state, uris[1], base=uris[0], compression="zstd", trust_version_counter=True)
+    again = torchstow.save(state, uris[2], base=uris[1], compression="zstd", trust_version_counter=True)
+    base = torchstow.storage_reader(uris[1]).read_metadata().storage_data
+    tensors = [i for i in again.storage_data if isinstance(state.get(i.fqn), torch.Tensor)]
+    for index in tensors:  # every tensor item of some bytes shared, its codec carried over
+        if not state[index.fqn].numel():
+            continue
+        assert again.storage_data[index] == base[index], index
+    assert again.nbytes_written < 1000  # only the objects (never shared) were written
+    raw = torchstow.save(state, uris[3], base=uris[2], trust_version_counter=True)  # other stored bytes
+    assert raw.nbytes_written > 0
+    assert "trust_version_counter" not in caplog.text  # a compressed digest is never taken for a raw one
+    for uri in uris[1:]:
+        assert_same_state(torchstow.read(uri), state)
+
+
+def test_copy_keeps_stored_bytes_or_recompresses(tmp_path: Path) -> None:
+    state = _state()
+    raw, packed = str(tmp_path / "raw"), str(tmp_path / "packed")
+    torchstow.save(state, raw)
+    torchstow.save(state, packed, compression="zstd")
+    kept = torchstow.copy(packed, str(tmp_path / "kept"))
+    assert _codecs(kept) == _codecs(packed)
+    assert _data_bytes(Path(kept)) == _data_bytes(Path(packed))
+    squeezed = torchstow.copy(raw, str(tmp_path / "squeezed"), compression="zstd")
+    assert _codecs(squeezed)["fp32"] == BYTEPLANES
+    unpacked = torchstow.convert(packed, str(tmp_path / "unpacked"), to="torchstow").dst
+    assert set(_codecs(unpacked).values()) == {None}
+    for uri in (kept, squeezed, unpacked):
+        assert_same_state(torchstow.read(uri), state)
+    with pytest.raises(ValueError, match="torchstow targets"):
+        torchstow.convert(raw, str(tmp_path / "st"), to="safetensors", compression="zstd")
+
+
+def test_cli_convert_and_cp_compress(tmp_path: Path) -> None:
+    state = _state()
+    raw = str(tmp_path / "raw")
+    torchstow.save(state, raw)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for args in (
+        ["convert", raw, str(tmp_path / "conv"), "--to", "torchstow", "--compression", "zstd"],
+        ["cp", raw, str(tmp_path / "cp"), "--compression", "zstd"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "torchstow.cli", *args], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+    for name in ("conv", "cp"):
+        assert _codecs(str(tmp_path / name))["fp32"] == BYTEPLANES
+        assert_same_state(torchstow.read(str(tmp_path / name)), state)
+
+
+def test_dcp_reads_a_compressed_checkpoint(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = _state()
+    uri = str(tmp_path / "c")
+    torchstow.save(state, uri, compression="zstd")
+    target = _target()
+    dcp.load(target, storage_reader=torchstow.dcp_storage_reader(uri), no_dist=True)
+    assert_same_state(target, state)
+
+
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_large_made_items_written_across_flushes(tmp_path: Path, compression: str | None) -> None:
+    """Items whose stored bytes span several write batches (8 MiB) stay whole: a buffer made
+    for one (its compressed bytes, or a contiguous copy of a transposed tensor) lives until its
+    last piece is written, though nothing else holds it."""
+    big = (1536, 2048)  # 12 MiB: its stored tail is still queued when the next item is made
+    state = {"a": _weights(big, torch.float32, 1).t(), "b": _weights((64, 64), torch.float32, 2)}
+    state.update(c=_weights(big, torch.float32, 3).t(), d=_weights(big, torch.float32, 4).t())
+    uri = str(tmp_path / "c")
+    for _ in range(2):  # one writer thread: the items in this order, in one file
+        options = {"thread_count": 1}
+        torchstow.save(state, uri, compression=compression, overwrite=True, storage_options=options)
+        assert_same_state(torchstow.read(uri), state)
+
+
+def test_read_once_reads_a_compressed_chunk_whole_once(tmp_path: Path) -> None:
+    """Two ranks loading the row halves of an 8 MiB chunk (two checksum blocks) each read
+    their own block when it is raw; compressed, each would read and decompress all of it,
+    so one rank reads it whole and sends the other its half."""
+    from dataclasses import replace
+
+    from torchstow.core.planning import DefaultLoadPlanner, LoadPlan
+    from torchstow.core.planning.read_once import ReadOnceProbe, plan_read_once
+
+    torchstow.save({"m": torch.zeros(2048, 1024)}, str(tmp_path / "c"))
+    raw = torchstow.storage_reader(str(tmp_path / "c")).read_metadata()
+
+    def halves(metadata: Any) -> list[LoadPlan]:
+        plans = []
+        for half in range(2):
+            planner = DefaultLoadPlanner()
+            planner.set_up_planner({"m": torch.zeros(2048, 1024)}, metadata)
+            (item,) = planner.create_local_plan().items
+            rows = torch.Size([1024 * half, 0])
+            plans.append(LoadPlan([replace(item, storage_offsets=rows, lengths=torch.Size([1024, 1024]))]))
+        return plans
+
+    roles = plan_read_once(halves(raw), raw, [ReadOnceProbe("a")] * 2)
+    assert sum(len(role.chunks) for role in roles) == 0  # each reads its own half
+    packed = replace(raw, storage_data={i: replace(info, codec=ZSTD) for i, info in raw.storage_data.items()})
+    roles = plan_read_once(halves(packed), packed, [ReadOnceProbe("a")] * 2)
+    assert sum(len(role.chunks) for role in roles) == 1  # one reads it whole, once
