@@ -11,8 +11,10 @@ object, its default concurrency of 10, 16 MiB parts); s3torchconnector's DCP
 ``S3StorageWriter``/``S3StorageReader`` (AWS CRT, 8 threads; its client pointed at the proxy)
 when installed (else its exact error is printed). The link's limit is what its caps allow
 at best for the bytes in 16 MiB requests over as many connections as help
-(:meth:`Link.limit`). Then torchstow straight to the server, no link between: what the server
-(moto, in Python, on the same cores) allows at all, which bounds every contender too. moto
+(:meth:`Link.limit`). The proxy runs in a process of its own (its threads pace every
+byte; in the client's process they would take the client's interpreter). Then torchstow
+straight to the server, no link between: what the server (moto, in Python, on the same
+cores) allows at all, which bounds every contender too. moto
 keeps objects in memory (``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``, rather than spilling each one
 over 5 MiB to a temporary file), and each contender's objects are deleted after its round
 (untimed). A small run (``--mib 64 --repeats 1``) takes seconds.
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,11 +39,12 @@ import torchstow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "backends"))  # the shaped proxy lives with the tests
+TESTS = os.path.join(HERE, "..", "tests", "backends")
+sys.path.insert(0, TESTS)  # the shaped proxy lives with the tests
 
 from bench_s3 import BUCKET, moto_server  # noqa: E402
 from common import assert_equal, large_state_dict, tensor_bytes, timed, zeros_like_state_dict  # noqa: E402
-from s3_faults import FaultProxy, Link, MiB  # noqa: E402
+from s3_faults import Link, MiB  # noqa: E402
 
 CREDS = {"key": "bench", "secret": "bench"}
 
@@ -121,6 +126,27 @@ def peers(endpoint: str) -> dict[str, tuple[Op, Op]]:
     return found
 
 
+@contextmanager
+def shaped_link(upstream: str, link: Link | None) -> Iterator[str]:
+    """The endpoint to use: a proxy shaped as ``link`` in front of ``upstream``, in a process
+    of its own (``upstream`` itself when ``link`` is None)."""
+    if link is None:
+        yield upstream
+        return
+    args = [sys.executable, os.path.join(TESTS, "s3_faults.py"), upstream, "--latency", str(link.latency)]
+    args += ["--slowdown", str(link.slowdown), "--seed", str(link.seed)]
+    for flag, value in (("--per-connection", link.per_connection), ("--total", link.total)):
+        if value is not None:
+            args += [flag, str(value)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def run(link: Link | None, mib: int, repeats: int, only: str | None = None) -> dict[str, float]:
     """Median seconds of each contender's (or ``only`` one's) save and load through ``link``
     (None: straight to the server), by ``"save NAME"`` and ``"load NAME"``."""
@@ -132,9 +158,8 @@ def run(link: Link | None, mib: int, repeats: int, only: str | None = None) -> d
     with moto_server() as upstream:
         fs = s3fs.S3FileSystem(**CREDS, endpoint_url=upstream, skip_instance_cache=True)
         fs.mkdir(BUCKET)
-        proxy = FaultProxy(upstream, link=link) if link is not None else None
-        try:
-            for name, (save, load) in peers(proxy.url if proxy is not None else upstream).items():
+        with shaped_link(upstream, link) as endpoint:
+            for name, (save, load) in peers(endpoint).items():
                 if only is not None and name != only:
                     continue
                 target = zeros_like_state_dict(sd)
@@ -147,9 +172,6 @@ def run(link: Link | None, mib: int, repeats: int, only: str | None = None) -> d
                 assert_equal(sd, target)
                 medians[f"save {name}"] = sorted(saves)[len(saves) // 2]
                 medians[f"load {name}"] = sorted(loads)[len(loads) // 2]
-        finally:
-            if proxy is not None:
-                proxy.close()
     return medians
 
 

@@ -60,9 +60,10 @@ class ProgressBody(io.RawIOBase):
         self.progress.mark()
         return n
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> memoryview:
+        """The next bytes, as a view of ``data`` (no copy: the HTTP client hands it to the socket)."""
         end = len(self.data) if size is None or size < 0 else min(len(self.data), self.pos + size)
-        chunk = bytes(self.data[self.pos : end])
+        chunk = self.data[self.pos : end]
         self.pos = end
         self.progress.mark()
         return chunk
@@ -142,10 +143,10 @@ class AdaptiveLimit:
     epoch (one begun while nothing was in flight starts afresh); when more requests wanted to
     go out than the limit allowed, an epoch whose throughput grew by at least 5% over the best
     one raises the limit by half (slow start), and one that did not grow goes back to the
-    best limit and stops the probing (more connections did not fill the link further). Throttling halves the limit (at most once per ``cooldown``
-    seconds, so one burst of refusals counts once) and restarts the probing; each success
-    then adds one back until the limit before the throttling is regained. Used on one event
-    loop only.
+    best limit and stops the probing (more connections did not fill the link further).
+    Throttling halves the limit (at most once per ``cooldown`` seconds, so one burst of
+    refusals counts once) and restarts the probing; each success then adds one back until
+    the limit before the throttling is regained. Used on one event loop only.
     """
 
     def __init__(self, ceiling: int, start: int | None = None, cooldown: float = 1.0) -> None:

@@ -7,8 +7,10 @@ its stall watchdog (:mod:`torchstow.backends.fsspec.pacing`)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -85,6 +87,15 @@ class S3Requests:
         spare = self._spare.setdefault(len(buffer), [])
         if len(spare) < self.limit.ceiling + self.gate.spare:
             spare.append(buffer)
+
+    def part_checksum(self, data: bytearray) -> dict[str, str]:
+        """The CRC32 botocore would compute for a part on the event loop, serializing every
+        part's upload behind it (``ChecksumCRC32``; zlib releases the GIL), where the client
+        computes such checksums (botocore's default, ``request_checksum_calculation``)."""
+        config = getattr(getattr(self.fs, "s3", None), "meta", None)
+        if getattr(getattr(config, "config", None), "request_checksum_calculation", None) != "when_supported":
+            return {}
+        return {"ChecksumCRC32": base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()}
 
     async def request(
         self, method: str, what: str, *, on_attempt: Callable[[], None] | None = None, **kwargs: Any
@@ -342,6 +353,7 @@ class MultipartSink(FileSink):
         for done in self.pending:  # fail fast if an earlier part failed for good
             if done.done() and not done.cancelled() and done.exception() is not None:
                 done.result()
+        checksum = self.s3.part_checksum(data)  # here, in the writer's thread, not on the event loop
         self.s3.gate.acquire(self.order)
 
         def sent() -> None:
@@ -357,6 +369,7 @@ class MultipartSink(FileSink):
             UploadId=self.upload_id,
             PartNumber=number,
             Body=data,
+            **checksum,
         )
         self.pending.append(task)
 
