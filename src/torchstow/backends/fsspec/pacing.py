@@ -142,7 +142,7 @@ class AdaptiveLimit:
     Chosen from the link while requests run: each round of ``limit`` completed requests is an
     epoch (one begun while nothing was in flight starts afresh); when more requests wanted to
     go out than the limit allowed, an epoch whose throughput grew by at least 5% over the best
-    one raises the limit by half (slow start), and one that did not grow goes back to the
+    one doubles the limit (a slow start), and one that did not grow goes back to the
     best limit and stops the probing (more connections did not fill the link further).
     Throttling halves the limit (at most once per ``cooldown`` seconds, so one burst of
     refusals counts once) and restarts the probing; each success then adds one back until
@@ -230,7 +230,7 @@ class AdaptiveLimit:
         before = self.limit
         if rate >= 1.05 * best_rate:
             self.best = (rate, self.limit)
-            self.limit = min(self.ceiling, self.limit + max(1, self.limit // 2))
+            self.limit = min(self.ceiling, 2 * self.limit)
         else:  # more in flight did not move more bytes: keep the best, stop probing
             self.limit = best_limit
             self.probing = False
