@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -66,7 +67,7 @@ class S3Requests:
         self.limit = AdaptiveLimit(tuning.concurrency, tuning.start_concurrency)
         self.link = LinkEstimate()
         self.gate = PartGate(self.limit)
-        self.files = 0  # multipart files started: their order at the gate
+        self.files = itertools.count()  # the order of the files started, at the gate
         self._spare: dict[int, list[bytearray]] = {}  # part buffers to fill again, by size
 
     def request_size(self, base: int) -> int:
@@ -298,8 +299,7 @@ class MultipartSink(FileSink):
         self.bucket, self.key = s3.bucket_key(path)
         self.part_size = store.tuning.part_size
         self.threshold = store.tuning.multipart_threshold
-        self.order = s3.files
-        s3.files += 1
+        self.order = next(s3.files)  # atomic: writer threads start files at once
         self.part = s3.part_buffer(self.part_size)
         self.filled = 0
         self.held: list[bytearray] = []
