@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from torchstow.backends.fsspec.errors import CloudRetryPolicy
@@ -97,12 +98,16 @@ class FsspecBackend(DirectoryBackend):
     def open_store(self, uri: str) -> FsspecStore:
         options = self.fs_options
         if is_s3(filesystem_class(uri)):  # what s3fs does itself (listings, reads) stalls no longer either
-            timeouts = {
+            timeouts: dict[str, Any] = {
                 "connect_timeout": self.tuning.stall_timeout,
                 "read_timeout": self.tuning.stall_timeout,
                 # a connection for every request the limit may allow (botocore's pool holds 10)
                 "max_pool_connections": self.tuning.concurrency,
             }
+            if _endpoint(options).startswith("http://"):
+                # botocore signs every body's SHA-256 over plain http, which the store checks:
+                # a CRC32 of the same bytes on top proves nothing more and costs a pass over them
+                timeouts["request_checksum_calculation"] = "when_required"
             options = {**options, "config_kwargs": {**timeouts, **(options.get("config_kwargs") or {})}}
         fs, path = open_filesystem(uri, options)
         if is_s3(fs) and not path.strip("/"):
@@ -119,6 +124,18 @@ class FsspecBackend(DirectoryBackend):
         (a wrong name, which an empty listing would hide)."""
         listed = self.open_store(prefix)._list(bucket_must_exist=True)
         return [name for name, kind, _ in listed if kind == "directory"]
+
+
+def _endpoint(options: dict[str, Any]) -> str:
+    """The S3 endpoint ``options`` (or the environment, as botocore reads it) name; "" if none."""
+    client_kwargs = options.get("client_kwargs") or {}
+    return str(
+        options.get("endpoint_url")
+        or client_kwargs.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or ""
+    )
 
 
 @hookimpl
