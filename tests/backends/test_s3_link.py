@@ -16,6 +16,7 @@ import torch
 from test_s3_backend import _max_overlap
 
 import torchstow
+from moto_s3 import s3_client
 from torchstow import CheckpointException
 from torchstow.backends.fsspec.pacing import AdaptiveLimit, LinkEstimate
 
@@ -256,3 +257,19 @@ def test_max_concurrency_bounds_the_requests_in_flight(s3_endpoint: str, s3_buck
         assert _max_overlap(proxy.requests("GET", r"/data-")) == 2
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("config", [None, {"request_checksum_calculation": "when_supported"}])
+def test_no_crc32_over_plain_http_unless_config_kwargs_asks(
+    s3_endpoint: str, s3_bucket: str, config: dict[str, str] | None
+) -> None:
+    # over http botocore signs every body's SHA-256, which the store checks: a CRC32 on top is
+    # a second pass over every byte; a client config that asks for it still gets it
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(s3_endpoint)
+    if config is not None:
+        opts["config_kwargs"] = config
+    torchstow.save({"w": torch.randn(3 << 20)}, uri, storage_options=opts)  # 12 MiB: three parts
+    key = uri.split("/", 3)[3] + "/manifest.json"
+    head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket, Key=key, ChecksumMode="ENABLED")
+    assert ("ChecksumCRC32" in head) == (config is not None)
