@@ -5,21 +5,30 @@ of a moto server, against the link's limit and the peers that run against a loca
 python benchmarks/bench_s3_link.py [--mib 1024] [--repeats 3] [--latency 0.02]
     [--per-connection-mib 25] [--total-mib 200]
 
-Contenders: torchstow; DCP with its fsspec writer and reader; boto3's transfer manager
-(one object, its default concurrency of 10, 16 MiB parts); s3torchconnector's DCP
-``S3StorageWriter``/``S3StorageReader`` when installed (else its exact import error is
-printed). The link's limit is what its caps allow at best for the bytes in 16 MiB
-requests over as many connections as help (:meth:`Link.limit`). A small run
-(``--mib 64 --repeats 1``) takes seconds.
+Contenders: torchstow (its defaults: requests in flight, part and range sizes chosen from
+the link); DCP with its fsspec writer and reader (8 threads); boto3's transfer manager (one
+object, its default concurrency of 10, 16 MiB parts); s3torchconnector's DCP
+``S3StorageWriter``/``S3StorageReader`` (AWS CRT, 8 threads; its client pointed at the proxy)
+when installed (else its exact error is printed). The link's limit is what its caps allow
+at best for the bytes in 16 MiB requests over as many connections as help
+(:meth:`Link.limit`). The proxy runs in a process of its own (its threads pace every
+byte; in the client's process they would take the client's interpreter). Then torchstow
+straight to the server, no link between: what the server (moto, in Python, on the same
+cores) allows at all, which bounds every contender too. moto
+keeps objects in memory (``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``, rather than spilling each one
+over 5 MiB to a temporary file), and each contender's objects are deleted after its round
+(untimed). A small run (``--mib 64 --repeats 1``) takes seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,11 +39,12 @@ import torchstow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "backends"))  # the shaped proxy lives with the tests
+TESTS = os.path.join(HERE, "..", "tests", "backends")
+sys.path.insert(0, TESTS)  # the shaped proxy lives with the tests
 
 from bench_s3 import BUCKET, moto_server  # noqa: E402
 from common import assert_equal, large_state_dict, tensor_bytes, timed, zeros_like_state_dict  # noqa: E402
-from s3_faults import FaultProxy, Link, MiB  # noqa: E402
+from s3_faults import Link, MiB  # noqa: E402
 
 CREDS = {"key": "bench", "secret": "bench"}
 
@@ -43,6 +53,7 @@ Op = Callable[[Any, str], Any]
 
 def peers(endpoint: str) -> dict[str, tuple[Op, Op]]:
     """``name -> (save, load)`` of each way to use S3 through ``endpoint``."""
+    os.environ.update(AWS_ACCESS_KEY_ID=CREDS["key"], AWS_SECRET_ACCESS_KEY=CREDS["secret"])  # for the CRT
     import boto3
     from boto3.s3.transfer import TransferConfig
 
@@ -81,38 +92,74 @@ def peers(endpoint: str) -> dict[str, tuple[Op, Op]]:
             lambda sd, url: torchstow.save(sd, url, storage_options=opts),
             lambda sd, url: torchstow.load(sd, url, storage_options=opts),
         ),
-        "dcp fsspec t=4": (
+        "dcp fsspec t=8": (
             lambda sd, url: dcp.save(
-                sd, storage_writer=FsspecWriter(url, thread_count=4, **opts), no_dist=True
+                sd, storage_writer=FsspecWriter(url, thread_count=8, **opts), no_dist=True
             ),
             lambda sd, url: dcp.load(sd, storage_reader=FsspecReader(url, **opts), no_dist=True),
         ),
         "boto3 transfer manager": (boto3_save, boto3_load),
     }
     try:
+        from s3torchconnector import S3ClientConfig
+        from s3torchconnector._s3client import S3Client
         from s3torchconnector.dcp import S3StorageReader, S3StorageWriter
+        from s3torchconnector.dcp.s3_file_system import S3FileSystem
     except ImportError as exc:
         print(f"  s3torchconnector: not measured ({type(exc).__name__}: {exc})", flush=True)
     else:
-        found["s3torchconnector dcp"] = (
-            lambda sd, url: dcp.save(sd, storage_writer=S3StorageWriter("us-east-1", url), no_dist=True),
-            lambda sd, url: dcp.load(sd, storage_reader=S3StorageReader("us-east-1", url), no_dist=True),
+
+        def crt(io: Any) -> Any:
+            """``io`` with its S3 client pointed at ``endpoint`` (its DCP classes take no endpoint)."""
+            config = S3ClientConfig(force_path_style=True)
+            io.fs = S3FileSystem(
+                "us-east-1", s3_client=S3Client("us-east-1", endpoint=endpoint, s3client_config=config)
+            )
+            return io
+
+        found["s3torchconnector dcp t=8"] = (
+            lambda sd, url: dcp.save(
+                sd, storage_writer=crt(S3StorageWriter("us-east-1", url, thread_count=8)), no_dist=True
+            ),
+            lambda sd, url: dcp.load(sd, storage_reader=crt(S3StorageReader("us-east-1", url)), no_dist=True),
         )
     return found
 
 
-def run(link: Link, mib: int, repeats: int, only: str | None = None) -> dict[str, float]:
-    """Median seconds of each contender's (or ``only`` one's) save and load through ``link``,
-    by ``"save NAME"`` and ``"load NAME"``."""
+@contextmanager
+def shaped_link(upstream: str, link: Link | None) -> Iterator[str]:
+    """The endpoint to use: a proxy shaped as ``link`` in front of ``upstream``, in a process
+    of its own (``upstream`` itself when ``link`` is None)."""
+    if link is None:
+        yield upstream
+        return
+    args = [sys.executable, os.path.join(TESTS, "s3_faults.py"), upstream, "--latency", str(link.latency)]
+    args += ["--slowdown", str(link.slowdown), "--seed", str(link.seed)]
+    for flag, value in (("--per-connection", link.per_connection), ("--total", link.total)):
+        if value is not None:
+            args += [flag, str(value)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run(link: Link | None, mib: int, repeats: int, only: str | None = None) -> dict[str, float]:
+    """Median seconds of each contender's (or ``only`` one's) save and load through ``link``
+    (None: straight to the server), by ``"save NAME"`` and ``"load NAME"``."""
     import s3fs
 
     sd = large_state_dict(mib * MiB, max(1, mib // 64))
     medians: dict[str, float] = {}
+    os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(4 << 30))  # objects in memory
     with moto_server() as upstream:
-        s3fs.S3FileSystem(**CREDS, endpoint_url=upstream, skip_instance_cache=True).mkdir(BUCKET)
-        proxy = FaultProxy(upstream, link=link)
-        try:
-            for name, (save, load) in peers(proxy.url).items():
+        fs = s3fs.S3FileSystem(**CREDS, endpoint_url=upstream, skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        with shaped_link(upstream, link) as endpoint:
+            for name, (save, load) in peers(endpoint).items():
                 if only is not None and name != only:
                     continue
                 target = zeros_like_state_dict(sd)
@@ -121,11 +168,10 @@ def run(link: Link, mib: int, repeats: int, only: str | None = None) -> dict[str
                     url = f"s3://{BUCKET}/{name.replace(' ', '-').replace('=', '')}-{uuid.uuid4().hex[:8]}"
                     saves += timed(lambda save=save, url=url: save(sd, url), 1)
                     loads += timed(lambda load=load, url=url, target=target: load(target, url), 1)
+                    fs.rm(url, recursive=True)  # untimed: the server's memory stays flat
                 assert_equal(sd, target)
                 medians[f"save {name}"] = sorted(saves)[len(saves) // 2]
                 medians[f"load {name}"] = sorted(loads)[len(loads) // 2]
-        finally:
-            proxy.close()
     return medians
 
 
@@ -144,16 +190,31 @@ def main() -> None:
     requests = [16 * MiB] * max(1, nbytes // (16 * MiB))
     limit = link.limit(requests, connections=len(requests))
     print(f"link: {link}; its limit for {args.mib} MiB: {limit / MiB:.0f} MiB/s", flush=True)
+    print(f"load average at the start: {_loadavg()}", flush=True)
     clean = run(link, args.mib, args.repeats)
+    bare = run(None, args.mib, args.repeats, only="torchstow")
     for op_name, seconds in clean.items():
         rate = nbytes / seconds
         print(f"  {op_name:<32} {rate / MiB:7.1f} MiB/s  {rate / limit:5.2f}x the limit", flush=True)
+    for op in ("save", "load"):
+        rate = nbytes / bare[f"{op} torchstow"]
+        print(
+            f"  {op} torchstow, no link (the server alone) {rate / MiB:7.1f} MiB/s "
+            f"{rate / limit:5.2f}x the link's limit",
+            flush=True,
+        )
     throttled = Link(link.latency, link.per_connection, link.total, slowdown=0.05, seed=1)
     print("with 5% of requests answered 503 SlowDown:", flush=True)
     slow = run(throttled, args.mib, args.repeats, only="torchstow")
     for op in ("save", "load"):
         ratio = clean[f"{op} torchstow"] / slow[f"{op} torchstow"]
         print(f"  {op} torchstow: {ratio:5.2f}x of the same {op} without 503s (target >= 0.7x)", flush=True)
+    print(f"load average at the end: {_loadavg()}", flush=True)
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 if __name__ == "__main__":

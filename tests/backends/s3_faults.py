@@ -8,10 +8,15 @@ its start and end time so tests can count attempts and see overlap. A
 :class:`Link` adds latency to every request, caps bandwidth per connection
 and in total, and answers a seeded random fraction of requests with 503
 SlowDown; :meth:`Link.limit` is the throughput its caps allow at best.
+
+``python s3_faults.py UPSTREAM [--latency S] [--per-connection B/S] [--total B/S]
+[--slowdown F] [--seed N]`` serves a shaped proxy in a process of its own (printing its URL),
+so that a benchmark's link does not share the client's interpreter.
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import math
 import random
@@ -291,3 +296,23 @@ def _sleep_until(deadline: float) -> None:
     wait = deadline - time.monotonic()
     if wait > 0:
         time.sleep(wait)
+
+
+def main() -> None:
+    """Serve a proxy shaped as the arguments say in front of UPSTREAM until killed."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("upstream")
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--per-connection", type=float, default=None)
+    parser.add_argument("--total", type=float, default=None)
+    parser.add_argument("--slowdown", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    link = Link(args.latency, args.per_connection, args.total, args.slowdown, args.seed)
+    proxy = FaultProxy(args.upstream, link=link)
+    print(proxy.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

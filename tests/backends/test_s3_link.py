@@ -5,6 +5,7 @@ dead link failing the save and the load on every rank in bounded time."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -15,8 +16,9 @@ import torch
 from test_s3_backend import _max_overlap
 
 import torchstow
+from moto_s3 import s3_client
 from torchstow import CheckpointException
-from torchstow.backends.fsspec.pacing import AdaptiveLimit
+from torchstow.backends.fsspec.pacing import AdaptiveLimit, LinkEstimate
 
 from s3_faults import Fault, FaultProxy, Link, MiB
 from storage_helpers import free_port, s3_options, unique
@@ -63,21 +65,95 @@ def test_the_proxy_paces_requests_as_the_link_says(shaped: FaultProxy, s3_bucket
     assert all(r.end - r.start >= 0.05 for r in shaped.log)  # each request waited its latency
 
 
-def test_adaptive_limit_halves_on_throttling_and_recovers() -> None:
+def test_adaptive_limit_halves_on_throttling_and_regains_one_per_success() -> None:
     async def run() -> list[int]:
-        limit = AdaptiveLimit(8, cooldown=0.0)
+        limit = AdaptiveLimit(16, start=8, cooldown=0.0)
         seen = [limit.limit]
         limit.throttled()
-        limit.throttled()
         seen.append(limit.limit)
-        for _ in range(2 + 3 + 4 + 5 + 6 + 7):  # a run of `limit` successes raises it by one
+        for _ in range(4):  # each success adds one back, up to the limit before the throttling
             async with limit:
                 pass
-            await limit.succeeded()
-        seen.append(limit.limit)
+            await limit.succeeded(1 << 20)
+            seen.append(limit.limit)
         return seen
 
-    assert asyncio.run(run()) == [8, 2, 8]
+    assert asyncio.run(run()) == [8, 4, 5, 6, 7, 8]
+
+
+def _get_overlap(proxy: FaultProxy) -> int:
+    return _max_overlap([r for r in proxy.requests("GET", r"/data-") if r.status == 206])
+
+
+@pytest.mark.parametrize("link", [Link(per_connection=2 * MiB)])
+def test_requests_in_flight_rise_while_the_links_throughput_grows(shaped: FaultProxy, s3_bucket: str) -> None:
+    # Each connection is capped and the total is not: more requests in flight move more
+    # bytes, so the limit is raised past where it starts (8), up to the ceiling (32).
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    sd = {"w": torch.randn(12 << 20)}  # 48 MiB, read in 48 ranges of 1 MiB
+    torchstow.save(sd, uri, storage_options=s3_options(shaped.url))
+    back = torchstow.read(uri, storage_options=s3_options(shaped.url, range_size=1 << 20))
+    assert torch.equal(back["w"], sd["w"])
+    assert 8 < _get_overlap(shaped) <= 32
+
+
+@pytest.mark.parametrize("link", [Link(per_connection=2 * MiB)])
+def test_max_concurrency_set_is_kept_where_the_link_would_take_more(
+    shaped: FaultProxy, s3_bucket: str
+) -> None:
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    sd = {"w": torch.randn(12 << 20)}
+    torchstow.save(sd, uri, storage_options=s3_options(shaped.url))
+    opts = s3_options(shaped.url, range_size=1 << 20, max_concurrency=6)
+    assert torch.equal(torchstow.read(uri, storage_options=opts)["w"], sd["w"])
+    assert _get_overlap(shaped) == 6  # neither fewer (it starts there) nor more
+
+
+def test_parts_grow_with_the_links_bandwidth_delay_product_unless_part_size_is_set() -> None:
+    link = LinkEstimate()
+    assert link.request_size(16 * MiB, 64 * MiB) == 16 * MiB  # nothing measured yet
+    link.observe(0, 0.05)  # a request's fixed cost: 50 ms
+    link.observe(32 * MiB, 0.05 + 0.5)  # one connection: 64 MiB/s
+    assert link.request_size(16 * MiB, 64 * MiB) == 52 * MiB  # 16 x 50 ms x 64 MiB/s, in MiB
+    link.observe(0, 1.0)  # a slow store
+    assert link.request_size(16 * MiB, 64 * MiB) == 64 * MiB  # at most the largest
+
+
+@pytest.mark.parametrize("link", [Link(latency=0.1)])
+def test_a_set_part_size_is_kept_however_the_link_measures(
+    shaped: FaultProxy, s3_bucket: str, s3_endpoint: str
+) -> None:
+    # 100 ms per request and no bandwidth cap: the link asks for larger parts
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    # one part in flight, so later parts are cut after the first ones have measured the link
+    opts = s3_options(shaped.url, thread_count=1, max_concurrency=1)
+    del opts["part_size"]
+    sd = {"w": torch.randn(24 << 20)}  # 96 MiB
+    torchstow.save(sd, uri, storage_options=opts)
+    adaptive = len(shaped.requests("PUT", r"partNumber="))
+    torchstow.save(sd, uri + "-set", storage_options={**opts, "part_size": 16 * MiB})
+    fixed = len(shaped.requests("PUT", r"partNumber=")) - adaptive
+    assert fixed == 6  # 96 MiB in parts of exactly 16 MiB
+    assert adaptive < fixed  # unset: larger parts once the link was measured
+
+
+@pytest.mark.parametrize("link", [Link(per_connection=4 * MiB)])
+def test_throttling_lowers_the_requests_in_flight_then_regains_them(
+    shaped: FaultProxy, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    sd = {"w": torch.randn(8 << 20)}  # 32 MiB, read in 32 ranges of 1 MiB
+    torchstow.save(sd, uri, storage_options=s3_options(shaped.url))
+    shaped.faults.append(Fault("GET", r"/data-", 503, times=2))
+    opts = s3_options(shaped.url, range_size=1 << 20, max_concurrency=8)
+    with caplog.at_level(logging.DEBUG, logger="torchstow.backends.fsspec.pacing"):
+        assert torch.equal(torchstow.read(uri, storage_options=opts)["w"], sd["w"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert "throttled: requests in flight 8 -> 4" in messages
+    assert "requests in flight regained: 8" in messages
+    last_refusal = max(r.end for r in shaped.requests("GET", r"/data-") if r.status == 503)
+    after = [r for r in shaped.requests("GET", r"/data-") if r.status == 206 and r.start > last_refusal]
+    assert _max_overlap(after) == 8  # back to where it was
 
 
 @pytest.mark.parametrize("link", [Link(slowdown=0.05, seed=3)])
@@ -181,3 +257,19 @@ def test_max_concurrency_bounds_the_requests_in_flight(s3_endpoint: str, s3_buck
         assert _max_overlap(proxy.requests("GET", r"/data-")) == 2
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("config", [None, {"request_checksum_calculation": "when_supported"}])
+def test_no_crc32_over_plain_http_unless_config_kwargs_asks(
+    s3_endpoint: str, s3_bucket: str, config: dict[str, str] | None
+) -> None:
+    # over http botocore signs every body's SHA-256, which the store checks: a CRC32 on top is
+    # a second pass over every byte; a client config that asks for it still gets it
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(s3_endpoint)
+    if config is not None:
+        opts["config_kwargs"] = config
+    torchstow.save({"w": torch.randn(3 << 20)}, uri, storage_options=opts)  # 12 MiB: three parts
+    key = uri.split("/", 3)[3] + "/manifest.json"
+    head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket, Key=key, ChecksumMode="ENABLED")
+    assert ("ChecksumCRC32" in head) == (config is not None)

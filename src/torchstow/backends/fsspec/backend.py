@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from torchstow.backends.fsspec.errors import CloudRetryPolicy
@@ -24,10 +25,11 @@ __all__ = ["FsspecBackend"]
 class FsspecBackend(DirectoryBackend):
     """Checkpoints on any fsspec filesystem: S3, GCS, Azure, memory, and more.
 
-    Storage options: ``part_size`` (bytes per uploaded part, default 16 MiB),
-    ``multipart_threshold`` (larger files are multipart uploads, default
-    32 MiB), ``range_size`` (bytes per ranged read, default 32 MiB), ``max_concurrency``
-    (requests in flight per rank, default 8; fewer while S3 throttles),
+    Storage options: ``part_size`` (bytes per uploaded part; unset, 16 MiB or more
+    as the measured link asks), ``multipart_threshold`` (larger files are multipart
+    uploads, default 32 MiB), ``range_size`` (bytes per ranged read; unset, 16 MiB or
+    more likewise), ``max_concurrency`` (requests in flight per rank; unset, chosen
+    from the link between 8 and 32; fewer while S3 throttles),
     ``stall_timeout`` (seconds without progress before an S3 request is cancelled
     and retried, default 60), ``retry_attempts`` (default 5) and ``retry_delay``
     (first backoff in seconds, default 0.2), ``thread_count`` (data files and
@@ -58,10 +60,10 @@ class FsspecBackend(DirectoryBackend):
         *,
         thread_count: int | None = None,
         verify_checksums: bool = True,
-        part_size: int = Tuning.part_size,
+        part_size: int | None = None,
         multipart_threshold: int = Tuning.multipart_threshold,
-        range_size: int = Tuning.range_size,
-        max_concurrency: int = Tuning.concurrency,
+        range_size: int | None = None,
+        max_concurrency: int | None = None,
         stall_timeout: float = Tuning.stall_timeout,
         retry_attempts: int = CloudRetryPolicy.attempts,
         retry_delay: float = CloudRetryPolicy.base_delay,
@@ -71,31 +73,41 @@ class FsspecBackend(DirectoryBackend):
         super().__init__(
             thread_count=THREADS if thread_count is None else thread_count, verify_checksums=verify_checksums
         )
-        if part_size < MIN_PART:
+        if part_size is not None and part_size < MIN_PART:
             raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum), got {part_size}")
         if concurrency is not None:  # the option's former name
             max_concurrency = concurrency
-        if range_size < 1 or max_concurrency < 1:
+        if any(value is not None and value < 1 for value in (range_size, max_concurrency)):
             raise ValueError("range_size and max_concurrency must be positive")
         if not stall_timeout > 0:
             raise ValueError(f"stall_timeout must be a positive number of seconds, got {stall_timeout!r}")
+        # Unset, the sizes and the requests in flight are chosen from the link (see Tuning)
         self.tuning = Tuning(
-            part_size,
+            Tuning.part_size if part_size is None else part_size,
             multipart_threshold,
-            range_size,
-            max_concurrency,
+            Tuning.range_size if range_size is None else range_size,
+            Tuning.concurrency if max_concurrency is None else max_concurrency,
             CloudRetryPolicy(retry_attempts, retry_delay),
             stall_timeout,
+            Tuning.start_concurrency if max_concurrency is None else max_concurrency,
+            adapt_parts=part_size is None,
+            adapt_ranges=range_size is None,
         )
         self.fs_options = fs_options
 
     def open_store(self, uri: str) -> FsspecStore:
         options = self.fs_options
         if is_s3(filesystem_class(uri)):  # what s3fs does itself (listings, reads) stalls no longer either
-            timeouts = {
+            timeouts: dict[str, Any] = {
                 "connect_timeout": self.tuning.stall_timeout,
                 "read_timeout": self.tuning.stall_timeout,
+                # a connection for every request the limit may allow (botocore's pool holds 10)
+                "max_pool_connections": self.tuning.concurrency,
             }
+            if _endpoint(options).startswith("http://"):
+                # botocore signs every body's SHA-256 over plain http, which the store checks:
+                # a CRC32 of the same bytes on top proves nothing more and costs a pass over them
+                timeouts["request_checksum_calculation"] = "when_required"
             options = {**options, "config_kwargs": {**timeouts, **(options.get("config_kwargs") or {})}}
         fs, path = open_filesystem(uri, options)
         if is_s3(fs) and not path.strip("/"):
@@ -112,6 +124,18 @@ class FsspecBackend(DirectoryBackend):
         (a wrong name, which an empty listing would hide)."""
         listed = self.open_store(prefix)._list(bucket_must_exist=True)
         return [name for name, kind, _ in listed if kind == "directory"]
+
+
+def _endpoint(options: dict[str, Any]) -> str:
+    """The S3 endpoint ``options`` (or the environment, as botocore reads it) name; "" if none."""
+    client_kwargs = options.get("client_kwargs") or {}
+    return str(
+        options.get("endpoint_url")
+        or client_kwargs.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or ""
+    )
 
 
 @hookimpl

@@ -1,19 +1,26 @@
-"""Keeping S3 requests moving: an adaptive limit on requests in flight (halved when the
-store throttles, regained one at a time as requests succeed), and a watchdog that cancels
-a request which makes no progress for ``stall_timeout`` seconds, so the retry policy
-sends it again instead of waiting on a dead connection."""
+"""Keeping S3 requests moving: an adaptive limit on requests in flight (raised while the
+link's throughput grows, halved when the store throttles, then regained), what the first
+requests tell of the link (a request's fixed cost, one connection's rate: the size of the
+next parts and ranges), a gate that hands the writer threads their parts file by file, and
+a watchdog that cancels a request which makes no progress for ``stall_timeout`` seconds,
+so the retry policy sends it again instead of waiting on a dead connection."""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import io
+import logging
+import threading
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-__all__ = ["AdaptiveLimit", "Progress", "ProgressBody", "StallError", "watch"]
+__all__ = ["AdaptiveLimit", "LinkEstimate", "PartGate", "Progress", "ProgressBody", "StallError", "watch"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class StallError(TimeoutError):
@@ -53,9 +60,10 @@ class ProgressBody(io.RawIOBase):
         self.progress.mark()
         return n
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> memoryview:
+        """The next bytes, as a view of ``data`` (no copy: the HTTP client hands it to the socket)."""
         end = len(self.data) if size is None or size < 0 else min(len(self.data), self.pos + size)
-        chunk = bytes(self.data[self.pos : end])
+        chunk = self.data[self.pos : end]
         self.pos = end
         self.progress.mark()
         return chunk
@@ -93,21 +101,65 @@ async def watch(request: Awaitable[T], progress: Progress, stall_timeout: float,
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
-class AdaptiveLimit:
-    """At most ``limit`` requests in flight, between 1 and ``ceiling``.
+class LinkEstimate:
+    """What the first requests tell of the link: the fixed cost of a request (``overhead``:
+    seconds of one that moves almost no bytes, a round trip and the server's turn) and the
+    bytes per second one connection moves (``rate``), each a moving average."""
 
+    def __init__(self) -> None:
+        self.overhead: float | None = None
+        self.rate: float | None = None
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        """A request that moved ``nbytes`` in ``seconds``, from send to last byte."""
+        if nbytes < _DATA_REQUEST:
+            self.overhead = _average(self.overhead, seconds)
+        else:
+            moving = max(seconds - (self.overhead or 0.0), seconds / 2)
+            self.rate = _average(self.rate, nbytes / moving)
+
+    def request_size(self, base: int, most: int) -> int:
+        """Bytes per data request so the fixed cost is at most 1/16 of a request's time:
+        ``16 * overhead * rate``, rounded up to a MiB, between ``base`` and ``most``
+        (``base`` until both are measured)."""
+        if self.overhead is None or self.rate is None:
+            return base
+        want = 16 * self.overhead * self.rate
+        return int(min(most, max(base, -(-want // _MiB) * _MiB)))
+
+
+_MiB = 1 << 20
+_DATA_REQUEST = _MiB  # a request moving fewer bytes measures the overhead, more the rate
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.75 * old + 0.25 * new
+
+
+class AdaptiveLimit:
+    """At most ``limit`` requests in flight, between 1 and ``ceiling``, starting at ``start``.
+
+    Chosen from the link while requests run: each round of ``limit`` completed requests is an
+    epoch (one begun while nothing was in flight starts afresh); when more requests wanted to
+    go out than the limit allowed, an epoch whose throughput grew by at least 5% over the best
+    one doubles the limit (a slow start), and one that did not grow goes back to the
+    best limit and stops the probing (more connections did not fill the link further).
     Throttling halves the limit (at most once per ``cooldown`` seconds, so one burst of
-    refusals counts once); each run of ``limit`` successes in a row raises it by one,
-    back up to ``ceiling``. Used on one event loop only.
+    refusals counts once) and restarts the probing; each success then adds one back until
+    the limit before the throttling is regained. Used on one event loop only.
     """
 
-    def __init__(self, ceiling: int, cooldown: float = 1.0) -> None:
+    def __init__(self, ceiling: int, start: int | None = None, cooldown: float = 1.0) -> None:
         self.ceiling = ceiling
-        self.limit = ceiling
+        self.limit = min(ceiling, start or ceiling)
+        self.regain = self.limit  # the limit before the last throttling
         self.cooldown = cooldown
         self.active = 0
-        self.successes = 0
+        self.waiting = 0
         self.lowered_at = -float("inf")
+        self.probing = True
+        self.best = (0.0, self.limit)  # the best epoch's throughput, and its limit
+        self._epoch: tuple[float, int, int, bool] | None = None  # start, requests, bytes, saturated
         self._cond: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -118,7 +170,15 @@ class AdaptiveLimit:
     async def __aenter__(self) -> None:
         cond = self._condition()
         async with cond:
-            await cond.wait_for(lambda: self.active < self.limit)
+            if self.active >= self.limit:
+                self.waiting += 1
+                self._saturated()
+                try:
+                    await cond.wait_for(lambda: self.active < self.limit)
+                finally:
+                    self.waiting -= 1
+            if self._epoch is None or self.active == 0:  # after a pause, measure afresh
+                self._epoch = (time.monotonic(), 0, 0, False)
             self.active += 1
 
     async def __aexit__(self, *exc: object) -> None:
@@ -127,20 +187,93 @@ class AdaptiveLimit:
             self.active -= 1
             cond.notify_all()
 
+    def _saturated(self) -> None:
+        if self._epoch is not None:
+            self._epoch = (*self._epoch[:3], True)
+
     def throttled(self) -> None:
-        """The store refused a request as too many: fewer in flight."""
+        """The store refused a request as too many: fewer in flight, regained as requests succeed."""
         now = time.monotonic()
         if now - self.lowered_at >= self.cooldown:
+            self.regain = self.limit
             self.limit = max(1, self.limit // 2)
+            logger.debug("throttled: requests in flight %d -> %d", self.regain, self.limit)
             self.lowered_at = now
-        self.successes = 0
+            self.probing = True
+            self.best = (0.0, self.limit)
+        self._epoch = None
 
-    async def succeeded(self) -> None:
-        """A request went through: after ``limit`` of them in a row, one more in flight."""
-        self.successes += 1
-        if self.successes >= self.limit and self.limit < self.ceiling:
+    async def succeeded(self, nbytes: int = 0) -> None:
+        """A request went through having moved ``nbytes``: regain a throttled limit, or
+        count it toward the epoch that decides whether more requests in flight pay."""
+        before = self.limit
+        if self.limit < self.regain:
             self.limit += 1
-            self.successes = 0
+            if self.limit == self.regain:
+                logger.debug("requests in flight regained: %d", self.limit)
+        elif self._epoch is not None:
+            began, done, moved, saturated = self._epoch
+            done, moved = done + 1, moved + nbytes
+            self._epoch = (began, done, moved, saturated or self.waiting > 0)
+            if done >= self.limit:
+                self._end_epoch(moved / max(time.monotonic() - began, 1e-9), saturated or self.waiting > 0)
+        if self.limit > before:
             cond = self._condition()
             async with cond:
                 cond.notify_all()
+
+    def _end_epoch(self, rate: float, saturated: bool) -> None:
+        self._epoch = (time.monotonic(), 0, 0, self.waiting > 0)
+        if not (saturated and self.probing):
+            return
+        best_rate, best_limit = self.best
+        before = self.limit
+        if rate >= 1.05 * best_rate:
+            self.best = (rate, self.limit)
+            self.limit = min(self.ceiling, 2 * self.limit)
+        else:  # more in flight did not move more bytes: keep the best, stop probing
+            self.limit = best_limit
+            self.probing = False
+        self.regain = self.limit
+        logger.debug(
+            "%.1f MiB/s with %d requests in flight (best %.1f MiB/s with %d): now %d",
+            rate / _MiB,
+            before,
+            best_rate / _MiB,
+            best_limit,
+            self.limit,
+        )
+
+
+class PartGate:
+    """How many parts the writer threads may hold filled or in flight: the requests the
+    ``limit`` allows now plus ``spare`` (so a part is ready when a request ends), so memory
+    stays at about ``(limit + spare) * part_size``. A free place goes to the waiting file
+    that was started first: files then finish one after another, each one's completion
+    overlapping the next one's parts, rather than all at the end."""
+
+    def __init__(self, limit: AdaptiveLimit, spare: int = 2) -> None:
+        self.limit = limit
+        self.spare = spare
+        self.held = 0
+        self.waiting: list[int] = []
+        self._cond = threading.Condition()
+
+    def acquire(self, order: int) -> None:
+        """Wait for a place; ``order`` is the file's (lower goes first)."""
+        with self._cond:
+            heapq.heappush(self.waiting, order)
+            try:
+                self._cond.wait_for(
+                    lambda: self.waiting[0] == order and self.held < self.limit.limit + self.spare
+                )
+            finally:
+                self.waiting.remove(order)
+                heapq.heapify(self.waiting)
+                self._cond.notify_all()
+            self.held += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self.held -= 1
+            self._cond.notify_all()

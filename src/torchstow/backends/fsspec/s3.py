@@ -1,28 +1,41 @@
 """What the fsspec backend does itself on S3 (s3fs): multipart uploads whose parts go up
 concurrently, ranged reads straight into their buffers, batched deletes, the multipart
 uploads gc sees; every request through the store's retry policy, its adaptive limit on
-requests in flight and its stall watchdog (:mod:`torchstow.backends.fsspec.pacing`)."""
+requests in flight, its estimate of the link (the size of the next parts and ranges) and
+its stall watchdog (:mod:`torchstow.backends.fsspec.pacing`)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import itertools
+import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from torchstow.backends.fsspec.errors import is_throttling
-from torchstow.backends.fsspec.pacing import AdaptiveLimit, Progress, ProgressBody, watch
-from torchstow.spi import Buffer, FileSink, RetryPolicy
+from torchstow.backends.fsspec.pacing import (
+    AdaptiveLimit,
+    LinkEstimate,
+    PartGate,
+    Progress,
+    ProgressBody,
+    watch,
+)
+from torchstow.spi import Buffer, FileSink
 
 if TYPE_CHECKING:
-    from torchstow.backends.fsspec.store import FsspecStore
+    from torchstow.backends.fsspec.store import FsspecStore, Tuning
 
 
-__all__ = ["MAX_PARTS", "MIN_PART", "MultipartSink", "S3Requests"]
+__all__ = ["MAX_PARTS", "MAX_REQUEST", "MIN_PART", "MultipartSink", "S3Requests"]
 
 MiB = 1 << 20
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 MIN_PART = 5 * MiB  # S3's smallest part (but the last)
+MAX_REQUEST = 64 * MiB  # the largest part or range the measured link may ask for
 _DELETE_BATCH = 1000  # S3 deletes at most 1000 keys a request
 _READ_CHUNK = 1 << 20  # bytes per read of a response body (each one counts as progress)
 
@@ -42,24 +55,62 @@ async def _chunks(stream: Any, progress: Progress) -> AsyncIterator[bytes]:
 
 class S3Requests:
     """The S3 requests a store makes itself (s3fs's ``_call_s3``), all on the filesystem's
-    event loop: each retried, at most ``max_concurrency`` in flight (fewer while the store
-    throttles), and cancelled after ``stall_timeout`` seconds without progress."""
+    event loop: each retried, as many in flight as the adaptive limit allows (chosen from
+    the link's throughput, fewer while the store throttles, at most ``max_concurrency``),
+    timed to estimate the link, and cancelled after ``stall_timeout`` seconds without
+    progress."""
 
-    def __init__(self, fs: Any, retry: RetryPolicy, max_concurrency: int, stall_timeout: float) -> None:
+    def __init__(self, fs: Any, tuning: Tuning) -> None:
         self.fs = fs
-        self.retry = retry
-        self.stall_timeout = stall_timeout
-        self.limit = AdaptiveLimit(max_concurrency)
+        self.retry = tuning.retry
+        self.stall_timeout = tuning.stall_timeout
+        self.limit = AdaptiveLimit(tuning.concurrency, tuning.start_concurrency)
+        self.link = LinkEstimate()
+        self.gate = PartGate(self.limit)
+        self.files = itertools.count()  # the order of the files started, at the gate
+        self._spare: dict[int, list[bytearray]] = {}  # part buffers to fill again, by size
+
+    def request_size(self, base: int) -> int:
+        """Bytes for the next part or range: ``base``, or more (up to :data:`MAX_REQUEST`)
+        where the link's measured fixed cost and rate ask for it."""
+        return self.link.request_size(base, MAX_REQUEST)
+
+    def part_buffer(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes for a part: one an earlier part gave back, or a new one
+        (reusing them spares the page faults of fresh memory)."""
+        try:
+            return self._spare[size].pop()  # list.pop is atomic: threads may share the spares
+        except (KeyError, IndexError):
+            return bytearray(size)
+
+    def give_back(self, buffer: bytearray) -> None:
+        """A part's buffer, no longer read by its upload."""
+        spare = self._spare.setdefault(len(buffer), [])
+        if len(spare) < self.limit.ceiling + self.gate.spare:
+            spare.append(buffer)
+
+    def part_checksum(self, data: bytearray) -> dict[str, str]:
+        """The CRC32 botocore would compute for a part on the event loop, serializing every
+        part's upload behind it (``ChecksumCRC32``; zlib releases the GIL), where the client
+        computes such checksums (botocore's default, ``request_checksum_calculation``)."""
+        config = getattr(getattr(self.fs, "s3", None), "meta", None)
+        if getattr(getattr(config, "config", None), "request_checksum_calculation", None) != "when_supported":
+            return {}
+        return {"ChecksumCRC32": base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()}
 
     async def request(
         self, method: str, what: str, *, on_attempt: Callable[[], None] | None = None, **kwargs: Any
     ) -> Any:
         """The response to one request, retried (``on_attempt`` runs before each try)."""
+        body = kwargs.get("Body")
+        size: int | None = len(body) if isinstance(body, bytes | bytearray | memoryview) else 0
+        if method == "complete_multipart_upload":
+            size = None  # its time is the store assembling the object, not the link's
 
         async def attempt() -> Any:
             if on_attempt is not None:
                 on_attempt()
-            return await self._attempt(what, lambda progress: self._send(method, kwargs, progress))
+            return await self._attempt(what, lambda progress: self._send(method, kwargs, progress), size)
 
         return await self.retry.acall(attempt, what)
 
@@ -69,17 +120,25 @@ class S3Requests:
             kwargs = {**kwargs, "Body": ProgressBody(body, progress)}
         return await self.fs._call_s3(method, **kwargs)
 
-    async def _attempt(self, what: str, send: Callable[[Progress], Awaitable[T]]) -> T:
-        """One try of a request: within the limit, watched for stalls; throttling lowers the limit."""
+    async def _attempt(
+        self, what: str, send: Callable[[Progress], Awaitable[T]], size: int | Callable[[T], int] | None
+    ) -> T:
+        """One try of a request: within the limit, watched for stalls, timed for the link's
+        estimate (``size``: the bytes it moves, how to read them from the result, or None
+        for a request that says nothing of the link); throttling lowers the limit."""
         async with self.limit:
             progress = Progress()
+            began = time.monotonic()
             try:
                 result = await watch(send(progress), progress, self.stall_timeout, what)
             except Exception as exc:
                 if is_throttling(exc):
                     self.limit.throttled()
                 raise
-        await self.limit.succeeded()
+            nbytes = size(result) if callable(size) else size
+            if nbytes is not None:
+                self.link.observe(nbytes, time.monotonic() - began)
+        await self.limit.succeeded(nbytes or 0)
         return result
 
     def start(
@@ -130,11 +189,11 @@ class S3Requests:
             got = 0
             async for chunk in _chunks(response["Body"], progress):
                 take = min(len(chunk), len(into) - got)
-                into[got : got + take] = chunk[:take]
+                into[got : got + take] = chunk if take == len(chunk) else memoryview(chunk)[:take]
                 got += take
             return got
 
-        return await self.retry.acall(lambda: self._attempt(what, send), what)
+        return await self.retry.acall(lambda: self._attempt(what, send, lambda got: got), what)
 
     def read_object(self, bucket: str, key: str, what: str) -> bytes:
         """The whole object (a GET, retried, watched for stalls like any request)."""
@@ -143,7 +202,7 @@ class S3Requests:
             response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
             return b"".join([chunk async for chunk in _chunks(response["Body"], progress)])
 
-        coro = self.retry.acall(lambda: self._attempt(what, send), what)
+        coro = self.retry.acall(lambda: self._attempt(what, send, len), what)
         return asyncio.run_coroutine_threadsafe(coro, self.fs.loop).result()
 
     def delete_objects(self, path: str, names: Sequence[str], what: str) -> None:
@@ -225,10 +284,12 @@ class MultipartSink(FileSink):
     """An S3 object: one PUT up to the multipart threshold, else a multipart
     upload whose parts go up concurrently.
 
-    Bytes are copied once, into the part being filled; while no upload has
-    started, full parts are held (a file that ends within the threshold is
-    one PUT); past it, each full part is handed to the event loop while the
-    next fills. The store's semaphore bounds the parts in flight.
+    Bytes are copied once, into the part being filled (a buffer an earlier part
+    gave back, when there is one); while no upload has started, full parts are
+    held (a file that ends within the threshold is one PUT); past it, each full
+    part is handed to the event loop while the next fills. The store's part gate
+    bounds the parts filled or in flight and hands them out file by file; each
+    new part is as large as the link asks for (:meth:`S3Requests.request_size`).
     """
 
     def __init__(self, store: FsspecStore, s3: S3Requests, path: str, location: str) -> None:
@@ -238,7 +299,8 @@ class MultipartSink(FileSink):
         self.bucket, self.key = s3.bucket_key(path)
         self.part_size = store.tuning.part_size
         self.threshold = store.tuning.multipart_threshold
-        self.part = bytearray(self.part_size)
+        self.order = next(s3.files)  # atomic: writer threads start files at once
+        self.part = s3.part_buffer(self.part_size)
         self.filled = 0
         self.held: list[bytearray] = []
         self.upload_id: str | None = None
@@ -250,22 +312,23 @@ class MultipartSink(FileSink):
             view = buf if isinstance(buf, memoryview) else memoryview(buf)
             pos = 0
             while pos < len(view):
-                if self.filled == self.part_size:  # a full part, and more bytes follow
+                if self.filled == len(self.part):  # a full part, and more bytes follow
                     self._part_full()
-                take = min(self.part_size - self.filled, len(view) - pos)
+                take = min(len(self.part) - self.filled, len(view) - pos)
                 self.part[self.filled : self.filled + take] = view[pos : pos + take]
                 self.filled += take
                 pos += take
 
     def _part_full(self) -> None:
-        if self.upload_id is None and (len(self.held) + 1) * self.part_size < self.threshold:
+        if self.upload_id is None and sum(map(len, self.held)) + len(self.part) < self.threshold:
             self.held.append(self.part)  # the file may still end within one PUT
         else:
             for part in self.held:
                 self._ship(part)
             self.held = []
             self._ship(self.part)
-        self.part = bytearray(self.part_size)
+        adapt = self.store.tuning.adapt_parts
+        self.part = self.s3.part_buffer(self.s3.request_size(self.part_size) if adapt else self.part_size)
         self.filled = 0
 
     def _ship(self, data: bytearray) -> None:
@@ -290,16 +353,23 @@ class MultipartSink(FileSink):
         for done in self.pending:  # fail fast if an earlier part failed for good
             if done.done() and not done.cancelled() and done.exception() is not None:
                 done.result()
-        self.store.slots.acquire()
+        checksum = self.s3.part_checksum(data)  # here, in the writer's thread, not on the event loop
+        self.s3.gate.acquire(self.order)
+
+        def sent() -> None:
+            self.s3.gate.release()
+            self.s3.give_back(data)
+
         task = self.s3.start(
             "upload_part",
             f"uploading part {number} of {self.location}",
-            on_done=self.store.slots.release,
+            on_done=sent,
             Bucket=self.bucket,
             Key=self.key,
             UploadId=self.upload_id,
             PartNumber=number,
             Body=data,
+            **checksum,
         )
         self.pending.append(task)
 

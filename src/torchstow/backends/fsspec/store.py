@@ -25,7 +25,6 @@ import contextlib
 import datetime
 import functools
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,7 @@ from torchstow.backends.fsspec.errors import CloudRetryPolicy, error_status
 from torchstow.backends.fsspec.filesystems import (
     is_s3,
 )
-from torchstow.backends.fsspec.s3 import MultipartSink, S3Requests
+from torchstow.backends.fsspec.s3 import MAX_REQUEST, MultipartSink, S3Requests
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchstow.spi import Buffer, ByteStore, FileSink, PendingUpload, RetryPolicy, StorageIOError
 
@@ -50,14 +49,22 @@ THREADS = 8
 
 @dataclass(frozen=True)
 class Tuning:
-    """How a store moves bytes: part and range sizes, requests in flight, retries."""
+    """How a store moves bytes: part and range sizes, requests in flight, retries.
+
+    ``concurrency`` is the most requests in flight, ``start_concurrency`` where the adaptive
+    limit begins (equal when the user chose it); ``adapt_parts`` and ``adapt_ranges`` say
+    whether the measured link may make parts and ranges larger than ``part_size`` and
+    ``range_size`` (not where the user set them)."""
 
     part_size: int = 16 * MiB
     multipart_threshold: int = 32 * MiB
-    range_size: int = 32 * MiB
-    concurrency: int = 8
+    range_size: int = 16 * MiB
+    concurrency: int = 32
     retry: RetryPolicy = field(default_factory=CloudRetryPolicy)
     stall_timeout: float = 60.0
+    start_concurrency: int = 8
+    adapt_parts: bool = True
+    adapt_ranges: bool = True
 
 
 class _StreamSink(FileSink):
@@ -126,11 +133,9 @@ class FsspecStore(ByteStore):
         self.path = path.rstrip("/")
         self.location = location
         self.tuning = tuning
-        self.read_segment_bytes = tuning.range_size * tuning.concurrency
-        self.slots = threading.BoundedSemaphore(tuning.concurrency)
-        self.s3 = (
-            S3Requests(fs, tuning.retry, tuning.concurrency, tuning.stall_timeout) if is_s3(fs) else None
-        )
+        largest = MAX_REQUEST if tuning.adapt_ranges else tuning.range_size
+        self.read_segment_bytes = largest * tuning.concurrency
+        self.s3 = S3Requests(fs, tuning) if is_s3(fs) else None
 
     def _path(self, name: str) -> str:
         return f"{self.path}/{name}"
@@ -160,7 +165,10 @@ class FsspecStore(ByteStore):
 
     def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
         path = self._path(name)
-        spans = _spans(requests, self.tuning.range_size, max_gap=256 * 1024)
+        range_size = self.tuning.range_size
+        if self.s3 is not None and self.tuning.adapt_ranges:
+            range_size = self.s3.request_size(range_size)
+        spans = _spans(requests, range_size, max_gap=256 * 1024)
         what = f"reading {self.location}/{name}"
         try:
             if self.s3 is not None:
@@ -230,7 +238,7 @@ class FsspecStore(ByteStore):
         fs = self.fs
 
         async def fetch_all() -> list[bytes]:
-            limit = asyncio.Semaphore(self.tuning.concurrency)
+            limit = asyncio.Semaphore(self.tuning.start_concurrency)
 
             async def fetch(start: int, end: int) -> bytes:
                 async with limit:
