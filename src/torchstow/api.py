@@ -29,7 +29,8 @@ from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
-from torchstow.format.manifest import Metadata
+from torchstow.format.codec import WRITTEN_VERSIONS
+from torchstow.format.manifest import FORMAT_VERSION, Metadata
 from torchstow.format.structure import build_nested
 from torchstow.plugins.resolve import Uri, backend_at
 
@@ -109,6 +110,20 @@ def _attach_base(
     writer.digest_slots = slots
 
 
+def _set_format_version(writer: Any, version: int) -> None:
+    """Make ``writer`` (or the writer it forwards to) commit manifests of format ``version``."""
+    target = writer
+    while not hasattr(target, "format_version") and hasattr(target, "inner"):
+        target = target.inner
+    if hasattr(target, "format_version"):
+        target.format_version = version
+    elif version != FORMAT_VERSION:
+        raise ValueError(
+            f"format_version={version} needs a torchstow layout writer; {type(writer).__name__} "
+            "writes its own manifest format"
+        )
+
+
 def _save_job(
     uri: Uri | None,
     storage_options: dict[str, Any] | None,
@@ -120,15 +135,21 @@ def _save_job(
     explicit_writer: Any = None,
     base: Uri | None = None,
     slots: DigestSlots | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> SaveJob:
     """What a save writes with: the checked user metadata, the writer, the planner."""
     user_metadata = _check_user_metadata(metadata)
+    if type(format_version) is not int or format_version not in WRITTEN_VERSIONS:
+        raise ValueError(
+            f"format_version must be one of {', '.join(map(str, WRITTEN_VERSIONS))}, not {format_version!r}"
+        )
     writer = dcp_calls.save_target(
         uri,
         checkpoint_id,
         explicit_writer,
         lambda location: storage_writer(location, storage_options=storage_options, overwrite=overwrite),
     )
+    _set_format_version(writer, format_version)
     if base is not None:
         _attach_base(writer, base, storage_options, slots)
     save_planner = dcp_calls.torchstow_save_planner(
@@ -156,6 +177,7 @@ def save(
     trust_version_counter: bool = False,
     use_collectives: bool = True,
     stats: SaveStats | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
@@ -185,6 +207,10 @@ def save(
 
     ``stats``: a new :class:`SaveStats`, filled with this rank's seconds per
     phase and bytes written (``AsyncSave.stats`` holds the same for an async save).
+
+    ``format_version``: the manifest format to write, 2 (the default: JSON plus a
+    binary chunk table) or 1 (one JSON document, for torchstow versions that
+    read only version 1); see docs/format.md.
     """
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     collective = dcp_calls.without_collectives(dist.collective(), use_collectives)
@@ -200,6 +226,7 @@ def save(
         storage_writer,
         base,
         slots,
+        format_version,
     )
     return _save_protocol(
         dcp_calls.StatefulView(state_dict).plain,
@@ -278,6 +305,7 @@ def async_save(
     async_stager: Stager | None = None,
     async_checkpointer_type: Any = None,
     use_collectives: bool = True,
+    format_version: int = FORMAT_VERSION,
 ) -> AsyncSave:
     """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
 
@@ -298,7 +326,7 @@ def async_save(
     DCP's keywords: ``async_stager`` is ``stager`` by DCP's name (DCP's own
     stagers work; give one of the two); ``async_checkpointer_type`` (DCP's
     ``AsyncCheckpointerType`` or its value) is accepted, and either type
-    writes in torchstow's save thread; ``use_collectives`` is as in :func:`save`.
+    writes in torchstow's save thread; ``use_collectives`` and ``format_version`` are as in :func:`save`.
     """
     text = dcp_calls.target_label(uri, checkpoint_id, storage_writer)
     stager = dcp_calls.one_stager(stager, async_stager)
@@ -316,6 +344,7 @@ def async_save(
             storage_writer,
             base,
             staged_slot if trust_version_counter else None,
+            format_version,
         )
 
     saves = pipeline()

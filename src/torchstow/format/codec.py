@@ -1,5 +1,10 @@
-"""The manifest's JSON codec: one encoder (the current version) and a decoder per
-format version, so a newer version can be added without breaking older readers.
+"""The manifest's codec: an encoder for each version it writes (version 2 by default,
+version 1 on request) and a decoder per format version, so a newer version can be
+added without breaking older readers.
+
+A version-2 manifest is JSON plus its chunk table (:mod:`torchstow.format.table`),
+a file of its own: :func:`encode_manifest` gives both, :func:`decode_metadata`
+reads the table through the ``read_file`` it is given.
 
 Decoding goes straight into the typed structs of :mod:`torchstow.format.schema`
 (:mod:`msgspec`): a field of the wrong
@@ -10,39 +15,77 @@ naming where it is; a newer version than this torchstow knows is a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from array import array
+from collections.abc import Callable, Mapping
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
+import blake3
 import msgspec
+import torch
 
 from torchstow.errors import CorruptCheckpointError, FormatVersionError
 from torchstow.format.bulk import chunked_entries_ok
 from torchstow.format.checksums import ALGORITHM, check_algorithm
 from torchstow.format.decoded import build_metadata
+from torchstow.format.files import chunk_table_name, is_chunk_table
 from torchstow.format.manifest import (
     FORMAT_VERSION,
     STORAGE_TYPES,
     BytesStorageMetadata,
     Metadata,
     StorageInfo,
+    TensorProperties,
+    TensorStorageMetadata,
+    dtype_from_name,
     dtype_name,
 )
 from torchstow.format.schema import (
     Checksum,
+    ChecksumV2,
     Chunk,
+    ChunkTableRef,
     Document,
+    DocumentV2,
     Entry,
+    EntryV2,
     Header,
     PlainDocument,
     PlainEntry,
     RangedDocument,
 )
+from torchstow.format.table import (
+    DIGEST,
+    ChunkTable,
+    EntryShape,
+    TableChunks,
+    TableColumns,
+    TableLocations,
+    encode_table,
+)
 from torchstow.format.validation import check_manifest
 
 FORMAT_NAME = "torchstow"
+WRITTEN_VERSIONS = (1, 2)
+"""The format versions this torchstow writes (``save(..., format_version=)``)."""
 
-__all__ = ["DECODERS", "FORMAT_NAME", "FORMAT_VERSION", "decode_metadata", "encode_metadata"]
+__all__ = [
+    "DECODERS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "WRITTEN_VERSIONS",
+    "Encoded",
+    "ReadFile",
+    "chunk_table_of",
+    "decode_metadata",
+    "encode_manifest",
+    "encode_metadata",
+]
+
+ReadFile = Callable[[str], "bytes | None"]
+"""Reads a file beside the manifest by name (``ByteStore.read_file``): a version-2
+manifest's chunk table."""
 
 
 class _Locations:
@@ -130,6 +173,8 @@ def _encode_entry(entry: STORAGE_TYPES, located: dict[Any, Chunk]) -> Entry:
 def _is_locations(storage_data: Any) -> bool:
     """Whether ``storage_data`` maps items to :class:`StorageInfo` (as
     :func:`~torchstow.format.manifest.inline_locations` says)."""
+    if isinstance(storage_data, TableLocations):
+        return True
     if not isinstance(storage_data, dict):
         return False
     kinds = {*map(type, storage_data.values())}
@@ -137,7 +182,8 @@ def _is_locations(storage_data: Any) -> bool:
 
 
 def encode_metadata(md: Metadata) -> bytes:
-    """Serialize a manifest to UTF-8 JSON in the current format version.
+    """Serialize a manifest to version-1 UTF-8 JSON: one self-contained document,
+    whatever ``md.version`` says (:func:`encode_manifest` writes ``md.version``).
 
     Locations recorded as :class:`StorageInfo` are written into the entry
     they belong to; any other ``storage_data`` must itself be JSON. A tensor
@@ -156,7 +202,7 @@ def encode_metadata(md: Metadata) -> bytes:
     }
     doc = Document(
         format=FORMAT_NAME,
-        version=md.version,
+        version=1,
         torch_version=str(md.torch_version),
         committed_at=md.committed_at,
         user_metadata=md.user_metadata,
@@ -175,6 +221,191 @@ def encode_metadata(md: Metadata) -> bytes:
         raise ValueError(f"the checkpoint manifest is not JSON-serializable: {exc}") from exc
 
 
+class Encoded(NamedTuple):
+    """An encoded manifest: its JSON, and the files it names that must be written
+    before it is published (a version-2 manifest's chunk table), by name."""
+
+    manifest: bytes
+    tables: dict[str, bytes]
+
+
+def encode_manifest(md: Metadata, version: int | None = None) -> Encoded:
+    """Serialize a manifest in format ``version`` (default ``md.version``)."""
+    version = md.version if version is None else version
+    if version == 1:
+        return Encoded(encode_metadata(md), {})
+    if version != 2:
+        raise ValueError(
+            f"format_version must be one of {', '.join(map(str, WRITTEN_VERSIONS))}, not {version!r}"
+        )
+    return _encode_v2(md)
+
+
+def _entry_v2(entry: STORAGE_TYPES) -> EntryV2:
+    if isinstance(entry, BytesStorageMetadata):
+        return EntryV2(encoding=entry.encoding, value=entry.value if entry.encoding == "json" else None)
+    return EntryV2(
+        dtype=dtype_name(entry.properties.dtype),
+        shape=tuple(entry.size),
+        requires_grad=entry.properties.requires_grad,
+    )
+
+
+def _same_table(md: Metadata, table: ChunkTable) -> bool:
+    """Whether ``md``'s entries are those ``table`` was decoded with, chunks unchanged
+    (then its bytes are written again as they are)."""
+    if len(md.state_dict_metadata) != len(table.entries):
+        return False
+    for (fqn, entry), known in zip(md.state_dict_metadata.items(), table.entries, strict=True):
+        if fqn != known.fqn:
+            return False
+        if isinstance(entry, BytesStorageMetadata):
+            if known.shape is not None:
+                return False
+            continue
+        chunks = entry.chunks
+        if (
+            not isinstance(chunks, TableChunks)
+            or chunks._table is not table
+            or tuple(entry.size) != known.shape
+            or chunks._list not in (None, table.chunks(chunks._entry))
+        ):
+            return False
+    return True
+
+
+class _Columns:
+    """The chunk table's columns, filled one row at a time."""
+
+    def __init__(self) -> None:
+        self.entry = array("q")
+        self.file = array("q")
+        self.offset = array("q")
+        self.length = array("q")
+        self.block = array("q")
+        self.offsets = array("q")
+        self.sizes = array("q")
+        self.crcs = array("I")
+        self.codec = bytearray()
+        self.has_digest = bytearray()
+        self.digests = bytearray()
+        self.files: list[str] = []
+        self.file_ids: dict[str, int] = {}
+        self.codecs: list[str] = []
+        self.codec_ids: dict[str | None, int] = {None: 0}
+
+    def add(self, entry: int, offsets: Any, sizes: Any, info: StorageInfo | None) -> None:
+        self.entry.append(entry)
+        self.offsets.extend(offsets)
+        self.sizes.extend(sizes)
+        if info is None:
+            self.file.append(-1)
+            self.offset.append(0)
+            self.length.append(0)
+            self.block.append(0)
+            self.codec.append(0)
+            self.has_digest.append(0)
+            return
+        file_id = self.file_ids.get(info.relative_path)
+        if file_id is None:
+            file_id = self.file_ids[info.relative_path] = len(self.files)
+            self.files.append(info.relative_path)
+        self.file.append(file_id)
+        self.offset.append(info.offset)
+        self.length.append(info.length)
+        self.block.append(info.block_size)
+        self.crcs.extend(info.checksums)
+        codec = getattr(info, "codec", None)
+        codec_id = self.codec_ids.get(codec)
+        if codec_id is None:
+            self.codecs.append(str(codec))
+            codec_id = self.codec_ids[codec] = len(self.codecs)
+        self.codec.append(codec_id)
+        digest = info.content_hash
+        if digest is None:
+            self.has_digest.append(0)
+        else:
+            raw = bytes.fromhex(digest)
+            if len(raw) != DIGEST:
+                raise ValueError(f"a content hash of {len(raw)} bytes is not a BLAKE3 digest: {digest!r}")
+            self.has_digest.append(1)
+            self.digests += raw
+
+    def columns(self) -> TableColumns:
+        return TableColumns(
+            self.entry,
+            self.file,
+            self.offset,
+            self.length,
+            self.block,
+            self.offsets,
+            self.sizes,
+            self.crcs,
+            self.codec,
+            self.has_digest,
+            self.digests,
+        )
+
+
+def _table_of(md: Metadata) -> tuple[bytes, list[str], list[str]]:
+    """The chunk table of ``md`` (its bytes, files and codecs): rows in entry order,
+    each tensor's chunks in its order, with their locations where ``storage_data`` has them."""
+    storage = md.storage_data
+    if isinstance(storage, TableLocations) and _same_table(md, storage.table):
+        return storage.table.data, storage.table.files, storage.table.codecs
+    by_fqn: dict[str, dict[Any, StorageInfo]] = {}
+    if _is_locations(storage):
+        for index, info in storage.items():
+            try:
+                by_fqn[index.fqn][index.offset] = info
+            except KeyError:
+                by_fqn[index.fqn] = {index.offset: info}
+    columns = _Columns()
+    nothing: dict[Any, StorageInfo] = {}
+    for e, (fqn, entry) in enumerate(md.state_dict_metadata.items()):
+        located = by_fqn.get(fqn, nothing)
+        if isinstance(entry, BytesStorageMetadata):
+            info = located.get(None)
+            if info is not None and entry.encoding != "json":
+                columns.add(e, (), (), info)
+            continue
+        get, add = located.get, columns.add
+        for chunk in entry.chunks:
+            add(e, chunk.offsets, chunk.sizes, get(chunk.offsets))
+    data = encode_table(columns.columns(), len(md.state_dict_metadata))
+    return data, columns.files, columns.codecs
+
+
+def _encode_v2(md: Metadata) -> Encoded:
+    table, files, codecs = _table_of(md)
+    name = chunk_table_name(md.save_id or uuid.uuid4().hex)
+    if not is_chunk_table(name):
+        raise ValueError(f"save id {md.save_id!r} cannot name a chunk table")
+    storage = md.storage_data
+    custom = storage if storage is not None and not _is_locations(storage) else msgspec.UNSET
+    doc = DocumentV2(
+        format=FORMAT_NAME,
+        version=2,
+        torch_version=str(md.torch_version),
+        committed_at=md.committed_at,
+        user_metadata=md.user_metadata,
+        checksum=ChecksumV2(ALGORITHM),
+        files=files,
+        codecs=codecs,
+        chunk_table=ChunkTableRef(name, len(table), blake3.blake3(table).hexdigest()),
+        planner_data=md.planner_data,
+        entries={fqn: _entry_v2(entry) for fqn, entry in md.state_dict_metadata.items()},
+        storage_data=custom,
+        nbytes_written=md.nbytes_written,
+        save_id=md.save_id,
+        save_seconds=md.save_seconds,
+    )
+    try:
+        return Encoded(msgspec.json.encode(doc), {name: table})
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"the checkpoint manifest is not JSON-serializable: {exc}") from exc
+
+
 class _RawEntriesV1(msgspec.Struct):
     """Only the entries, each kept raw: decoded one by one, a type error names its key."""
 
@@ -184,16 +415,19 @@ class _RawEntriesV1(msgspec.Struct):
 _entry_decoder = msgspec.json.Decoder(PlainEntry)
 
 
-def _name_the_entry(data: bytes, error: msgspec.ValidationError) -> CorruptCheckpointError:
+def _name_the_entry(
+    data: bytes, error: msgspec.ValidationError, entry_decoder: msgspec.json.Decoder[Any] | None = None
+) -> CorruptCheckpointError:
     """The error for a field of the wrong type, naming the entry it is in (msgspec's
     path leaves dict keys out) when it is in one."""
+    entry_decoder = entry_decoder or _entry_decoder
     try:
         raw_entries = msgspec.json.decode(data, type=_RawEntriesV1).entries
     except msgspec.ValidationError:
         return CorruptCheckpointError(str(error))
     for fqn, raw in raw_entries.items():
         try:
-            _entry_decoder.decode(raw)
+            entry_decoder.decode(raw)
         except msgspec.ValidationError as exc:
             return CorruptCheckpointError(f"entries[{fqn!r}]: {exc}")
     return CorruptCheckpointError(str(error))
@@ -231,12 +465,133 @@ def _decode_v1(data: bytes) -> Metadata:
     return build_metadata(doc, checked)
 
 
-DECODERS: dict[int, Callable[[bytes], Metadata]] = {1: _decode_v1}
-"""One decoder per format version this torchstow reads."""
+_v2_decoder = msgspec.json.Decoder(DocumentV2)
+_v2_entry_decoder = msgspec.json.Decoder(EntryV2)
 
 
-def decode_metadata(data: bytes, *, source: str = "manifest") -> Metadata:
-    """Parse a manifest of any version in :data:`DECODERS`. Never unpickles."""
+def _read_table(doc: DocumentV2, read_file: ReadFile | None) -> bytes:
+    """The chunk table ``doc`` names, checked against the length and digest it records."""
+    ref = doc.chunk_table
+    name = ref.name
+    if not is_chunk_table(name):
+        raise CorruptCheckpointError(
+            f"chunk_table.name = {name[:60]!r} is not a plain chunk-table name (manifest-*.chunks)"
+        )
+    if read_file is None:
+        raise CorruptCheckpointError(f"its chunk table {name} cannot be read here (no reader was given)")
+    try:
+        data = read_file(name)
+    except FileNotFoundError:
+        data = None
+    if data is None:
+        raise CorruptCheckpointError(f"its chunk table {name} is missing: the checkpoint is damaged")
+    if len(data) != ref.length:
+        raise CorruptCheckpointError(
+            f"its chunk table {name} is {len(data)} bytes; the manifest records {ref.length}"
+        )
+    if blake3.blake3(data).hexdigest() != ref.blake3.lower():
+        raise CorruptCheckpointError(
+            f"its chunk table {name} does not match the BLAKE3 digest the manifest records"
+        )
+    return bytes(data)
+
+
+def _entry_shapes(entries: Mapping[str, EntryV2]) -> list[EntryShape]:
+    shapes = []
+    for fqn, raw in entries.items():
+        if raw.dtype is None:
+            shapes.append(EntryShape(fqn, None, 0, 0 if raw.encoding == "json" else 1))
+        else:
+            assert raw.shape is not None  # the entry rules ask for one
+            shapes.append(EntryShape(fqn, tuple(raw.shape), dtype_from_name(raw.dtype).itemsize, -1))
+    return shapes
+
+
+def _decode_v2(data: bytes, read_file: ReadFile | None = None) -> Metadata:
+    try:
+        doc = _v2_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _name_the_entry(data, exc, _v2_entry_decoder) from exc
+    check_algorithm(doc.checksum.algorithm)
+    free = [("user_metadata", doc.user_metadata)]
+    if doc.storage_data is not msgspec.UNSET:
+        free.append(("storage_data", doc.storage_data))
+    check_manifest(
+        files=doc.files, block_size=0, entries=doc.entries, planner_data=doc.planner_data, free_values=free
+    )
+    for i, codec in enumerate(doc.codecs):
+        if not codec or len(codec) > 64 or codec in doc.codecs[:i]:
+            raise CorruptCheckpointError(f"codecs[{i}] = {codec[:60]!r} is empty, too long or named twice")
+    table = ChunkTable.decode(
+        _read_table(doc, read_file),
+        files=doc.files,
+        codecs=doc.codecs,
+        entries=_entry_shapes(doc.entries),
+        name=doc.chunk_table.name,
+    )
+    return _build_v2(doc, table)
+
+
+def _build_v2(doc: DocumentV2, table: ChunkTable) -> Metadata:
+    entries: dict[str, STORAGE_TYPES] = {}
+    props_cache: dict[tuple[str, bool], TensorProperties] = {}
+    for e, (fqn, raw) in enumerate(doc.entries.items()):
+        if raw.dtype is None:
+            if raw.encoding is None:
+                raise CorruptCheckpointError(f"the entry {fqn!r} has neither a dtype nor an encoding")
+            entries[fqn] = BytesStorageMetadata(raw.encoding, raw.value)
+            continue
+        props = props_cache.get((raw.dtype, raw.requires_grad))
+        if props is None:
+            props = props_cache[raw.dtype, raw.requires_grad] = TensorProperties(
+                dtype_from_name(raw.dtype), raw.requires_grad
+            )
+        assert raw.shape is not None
+        entries[fqn] = TensorStorageMetadata(props, torch.Size(raw.shape), TableChunks(table, e))
+    storage: Any = TableLocations(table)
+    if not storage:
+        storage = doc.storage_data if doc.storage_data is not msgspec.UNSET else None
+    return Metadata(
+        state_dict_metadata=entries,
+        planner_data=doc.planner_data,
+        storage_data=storage,
+        user_metadata=doc.user_metadata or {},
+        version=doc.version,
+        committed_at=doc.committed_at,
+        torch_version=doc.torch_version,
+        nbytes_written=doc.nbytes_written,
+        save_id=doc.save_id,
+        save_seconds=doc.save_seconds,
+    )
+
+
+DECODERS: dict[int, Callable[..., Metadata]] = {1: _decode_v1, 2: _decode_v2}
+"""One decoder per format version this torchstow reads: ``decoder(data, read_file)``."""
+
+
+class _TableName(msgspec.Struct):
+    name: str = ""
+
+
+class _Names(msgspec.Struct):
+    version: Any = None
+    chunk_table: _TableName | None = None
+
+
+def chunk_table_of(data: bytes) -> str | None:
+    """The chunk table a manifest names (a plain name), or None (version 1, or unreadable)."""
+    try:
+        found = msgspec.json.decode(data, type=_Names)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if found.version != 2 or found.chunk_table is None or not is_chunk_table(found.chunk_table.name):
+        return None
+    return found.chunk_table.name
+
+
+def decode_metadata(data: bytes, *, source: str = "manifest", read_file: ReadFile | None = None) -> Metadata:
+    """Parse a manifest of any version in :data:`DECODERS`; ``read_file`` reads the files
+    beside it (a version-2 manifest's chunk table: pass ``store.read_file``). Never unpickles."""
     try:
         header = msgspec.json.decode(data, type=Header)
     except RecursionError as exc:
@@ -260,7 +615,7 @@ def decode_metadata(data: bytes, *, source: str = "manifest") -> Metadata:
             f"(it reads {', '.join(map(str, sorted(DECODERS)))})"
         )
     try:
-        return decoder(data)
+        return decoder(data, read_file) if version >= 2 else decoder(data)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{source} is malformed: {exc}") from exc
     except (msgspec.DecodeError, IndexError, TypeError, ValueError, RecursionError) as exc:

@@ -10,7 +10,7 @@ its value inline when it is JSON, else the location of its serialized bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -18,8 +18,9 @@ import torch
 
 from torchstow.errors import CorruptCheckpointError
 
-FORMAT_VERSION = 1
-"""The format version this torchstow writes (the codec reads older ones too)."""
+FORMAT_VERSION = 2
+"""The format version this torchstow writes by default (the codec reads older ones too,
+and writes version 1 for ``save(..., format_version=1)``)."""
 
 __all__ = [
     "FORMAT_VERSION",
@@ -35,6 +36,7 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "inline_locations",
+    "located_files",
     "new_storage_info",
     "stored_nbytes",
 ]
@@ -89,7 +91,7 @@ class TensorStorageMetadata:
 
     properties: TensorProperties
     size: torch.Size
-    chunks: list[ChunkStorageMetadata]
+    chunks: Sequence[ChunkStorageMetadata]  # a list, or a version-2 manifest's lazy view
 
 
 @dataclass
@@ -160,7 +162,8 @@ class StorageInfo:
     ``checksums`` holds one crc32c per ``block_size`` bytes of the item (the
     last block may be shorter); an empty item has no checksums.
     ``content_hash`` is the BLAKE3 digest (hex) of the item's bytes, recorded
-    by incremental saves (None when the save did not hash).
+    by incremental saves (None when the save did not hash). ``codec`` names
+    how the stored bytes are compressed (None: raw).
     """
 
     relative_path: str
@@ -169,6 +172,7 @@ class StorageInfo:
     checksums: tuple[int, ...] = ()
     block_size: int = 0
     content_hash: str | None = None
+    codec: str | None = None
 
 
 def new_storage_info(
@@ -178,6 +182,7 @@ def new_storage_info(
     checksums: tuple[int, ...],
     block_size: int,
     content_hash: str | None,
+    codec: str | None = None,
 ) -> StorageInfo:
     """``StorageInfo(...)`` in half the time, for a decoder making one per stored chunk:
     the frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
@@ -193,6 +198,7 @@ def new_storage_info(
             "checksums": checksums,
             "block_size": block_size,
             "content_hash": content_hash,
+            "codec": codec,
         },
     )
     return info
@@ -249,13 +255,28 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def inline_locations(md: Metadata) -> bool:
-    """Whether ``md.storage_data`` maps items to :class:`StorageInfo` (the layout's locations)."""
+    """Whether ``md.storage_data`` maps items to :class:`StorageInfo` (the layout's locations:
+    a dict, or a version-2 manifest's columns)."""
     data = md.storage_data
+    if hasattr(data, "total_length"):  # format.table.TableLocations: columns of StorageInfo
+        return True
     return isinstance(data, dict) and all(isinstance(v, StorageInfo) for v in data.values())
+
+
+def located_files(md: Metadata) -> set[str]:
+    """The data files ``md``'s locations name (none where ``storage_data`` holds none)."""
+    data = md.storage_data
+    if hasattr(data, "file_names"):  # columns: no object per item
+        return set(data.file_names())
+    if not isinstance(data, Mapping):
+        return set()
+    return {info.relative_path for info in data.values() if isinstance(info, StorageInfo)}
 
 
 def stored_nbytes(md: Metadata) -> int:
     """Bytes of data the checkpoint's items occupy in storage."""
+    if hasattr(md.storage_data, "total_length"):
+        return int(md.storage_data.total_length())
     if inline_locations(md):
         return sum(info.length for info in md.storage_data.values())
     total = 0

@@ -45,7 +45,7 @@ from torchstow.format.files import (
     data_file_name,
     data_file_prefix,
 )
-from torchstow.format.manifest import Metadata, StorageInfo
+from torchstow.format.manifest import FORMAT_VERSION, Metadata, StorageInfo
 from torchstow.format.structure import check_utf8_keys
 from torchstow.format.validation import check_extents
 
@@ -98,7 +98,8 @@ class LayoutWriter(StorageWriter):
 
     ``overwrite`` allows replacing a committed checkpoint (the old one stays
     loadable until the new manifest is published). ``thread_count`` is the
-    number of files, and threads, per rank.
+    number of files, and threads, per rank. ``format_version`` is the manifest
+    format the commit writes (``save(..., format_version=1)`` sets it).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class LayoutWriter(StorageWriter):
             raise ValueError(f"thread_count must be at least 1, got {thread_count}")
         self.store = store
         self.overwrite = overwrite
+        self.format_version = FORMAT_VERSION
         self.thread_count = thread_count or default_thread_count()
         self._written: list[str] = []
         self._open_store = open_store
@@ -206,6 +208,7 @@ class LayoutWriter(StorageWriter):
         metadata.committed_at = time.time()
         metadata.nbytes_written = sum(r.size_in_bytes for rank_results in results for r in rank_results)
         metadata.save_id = uuid.uuid4().hex  # this commit's own id (a cached plan reuses no coordinator step)
+        metadata.version = self.format_version
         self._finished, self._outcome = True, False
         self._check_listed(locations)
         replaced = committed_files(self.store) if self.overwrite else set()

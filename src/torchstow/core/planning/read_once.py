@@ -185,7 +185,7 @@ def plan_read_once(
     """Every rank's :class:`ReadOnceRole` for ``plans`` (one per rank, rank order)."""
     world = len(plans)
     stored = metadata.state_dict_metadata
-    infos = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    infos = metadata.storage_data if isinstance(metadata.storage_data, Mapping) else {}
     # stored chunk -> region -> (rank, item index), the first such item of each rank
     chunks: dict[_ChunkKey, dict[_Region, list[tuple[int, int]]]] = {}
     sizes: dict[_ChunkKey, torch.Size] = {}
