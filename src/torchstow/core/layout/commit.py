@@ -110,7 +110,7 @@ def publish_manifest(
         _publish(store, metadata, manifest, overwrite)
     except UncertainCommitError:
         raise  # it may have landed: its table stays (gc removes it if it did not)
-    except BaseException:
+    except Exception:  # surely not landed (read back); an interrupt may have landed: left to gc
         try:
             store.delete_files(sorted(tables))
         except Exception:
