@@ -19,7 +19,7 @@ from torchstow.core.layout.incremental import BaseContent
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.mapped import map_checkpoint
 from torchstow.core.layout.reader import require_data
-from torchstow.core.layout.writer import DigestSlots, LayoutWriter
+from torchstow.core.layout.writer import DigestSlots, LayoutWriter, set_format_version
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
 from torchstow.core.protocol.materialize import materialize
@@ -29,7 +29,6 @@ from torchstow.core.protocol.steps import save_state_dict as _save_protocol
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
-from torchstow.format.codec import WRITTEN_VERSIONS
 from torchstow.format.manifest import FORMAT_VERSION, Metadata
 from torchstow.format.structure import build_nested
 from torchstow.plugins.resolve import Uri, backend_at
@@ -110,20 +109,6 @@ def _attach_base(
     writer.digest_slots = slots
 
 
-def _set_format_version(writer: Any, version: int) -> None:
-    """Make ``writer`` (or the writer it forwards to) commit manifests of format ``version``."""
-    target = writer
-    while not hasattr(target, "format_version") and hasattr(target, "inner"):
-        target = target.inner
-    if hasattr(target, "format_version"):
-        target.format_version = version
-    elif version != FORMAT_VERSION:
-        raise ValueError(
-            f"format_version={version} needs a torchstow layout writer; {type(writer).__name__} "
-            "writes its own manifest format"
-        )
-
-
 def _save_job(
     uri: Uri | None,
     storage_options: dict[str, Any] | None,
@@ -139,17 +124,13 @@ def _save_job(
 ) -> SaveJob:
     """What a save writes with: the checked user metadata, the writer, the planner."""
     user_metadata = _check_user_metadata(metadata)
-    if type(format_version) is not int or format_version not in WRITTEN_VERSIONS:
-        raise ValueError(
-            f"format_version must be one of {', '.join(map(str, WRITTEN_VERSIONS))}, not {format_version!r}"
-        )
     writer = dcp_calls.save_target(
         uri,
         checkpoint_id,
         explicit_writer,
         lambda location: storage_writer(location, storage_options=storage_options, overwrite=overwrite),
     )
-    _set_format_version(writer, format_version)
+    set_format_version(writer, format_version)
     if base is not None:
         _attach_base(writer, base, storage_options, slots)
     save_planner = dcp_calls.torchstow_save_planner(

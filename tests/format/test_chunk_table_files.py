@@ -89,3 +89,16 @@ def test_the_command_line_reads_version_2(tmp_path: Path, capsys: pytest.Capture
     assert '"format_version": 2' in capsys.readouterr().out
     assert main(["rm", path]) == 0
     assert not os.path.exists(path)
+
+
+def test_format_version_reaches_async_save_and_the_checkpoint_writer(tmp_path: Path) -> None:
+    from torchstow.checkpointing import CheckpointWriter, CheckpointWriterConfig, RankInfo
+
+    torchstow.async_save(_state(), str(tmp_path / "async"), format_version=1).result()
+    writer = CheckpointWriter(CheckpointWriterConfig(format_version=1), RankInfo())
+    writer.write(str(tmp_path / "writer"), _state())
+    writer.close()
+    for name in ("async", "writer"):
+        assert torchstow.info(str(tmp_path / name)).format_version == 1
+        assert _tables(tmp_path / name) == []
+        assert_same_state(torchstow.read(str(tmp_path / name)), _state())

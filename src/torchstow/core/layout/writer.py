@@ -37,6 +37,7 @@ from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import checksum
+from torchstow.format.codec import WRITTEN_VERSIONS
 from torchstow.format.files import (
     BLOCK_SIZE,
     LARGE_ALIGN,
@@ -91,6 +92,26 @@ def _split(items: Sequence[Any], sizes: Sequence[int], parts: int) -> list[list[
     small = [items[i] for i in range(len(items)) if sizes[i] < LARGE_ITEM]
     bins[loads.index(min(loads))].extend(small)
     return bins
+
+
+def set_format_version(writer: Any, version: int) -> None:
+    """Make ``writer`` (or the :class:`LayoutWriter` it forwards to) commit manifests of
+    format ``version`` (``save(..., format_version=)``); ValueError for a version this
+    torchstow does not write, or another version than the default for a writer of another kind."""
+    if type(version) is not int or version not in WRITTEN_VERSIONS:
+        raise ValueError(
+            f"format_version must be one of {', '.join(map(str, WRITTEN_VERSIONS))}, not {version!r}"
+        )
+    target = writer
+    while not isinstance(target, LayoutWriter) and hasattr(target, "inner"):
+        target = target.inner
+    if isinstance(target, LayoutWriter):
+        target.format_version = version
+    elif version != FORMAT_VERSION:
+        raise ValueError(
+            f"format_version={version} needs a torchstow layout writer; {type(writer).__name__} "
+            "writes its own manifest format"
+        )
 
 
 class LayoutWriter(StorageWriter):
