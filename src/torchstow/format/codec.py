@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import uuid
 from array import array
-from collections.abc import Callable, Mapping
-from operator import attrgetter
+from collections.abc import Callable, Mapping, Sequence
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_not
 from typing import Any, NamedTuple
 
 import blake3
@@ -35,6 +36,7 @@ from torchstow.format.manifest import (
     STORAGE_TYPES,
     BytesStorageMetadata,
     Metadata,
+    MetadataIndex,
     StorageInfo,
     TensorProperties,
     TensorStorageMetadata,
@@ -63,6 +65,7 @@ from torchstow.format.table import (
     TableColumns,
     TableLocations,
     encode_table,
+    one_thread,
 )
 from torchstow.format.validation import check_manifest
 
@@ -274,106 +277,207 @@ def _same_table(md: Metadata, table: ChunkTable) -> bool:
     return True
 
 
-class _Columns:
-    """The chunk table's columns, filled one row at a time."""
+_FQN = attrgetter("fqn")
+_INDEX_OFFSET = attrgetter("offset")
+_SIZES = attrgetter("sizes")
+_PATH = attrgetter("relative_path")
+_LENGTH = attrgetter("length")
+_BLOCK = attrgetter("block_size")
+_CRCS = attrgetter("checksums")
+_DIGEST = attrgetter("content_hash")
+_CODEC = attrgetter("codec")
+_HINT = attrgetter("index")
 
-    def __init__(self) -> None:
-        self.entry = array("q")
-        self.file = array("q")
-        self.offset = array("q")
-        self.length = array("q")
-        self.block = array("q")
-        self.offsets = array("q")
-        self.sizes = array("q")
-        self.crcs = array("I")
-        self.codec = bytearray()
-        self.has_digest = bytearray()
-        self.digests = bytearray()
-        self.files: list[str] = []
-        self.file_ids: dict[str, int] = {}
-        self.codecs: list[str] = []
-        self.codec_ids: dict[str | None, int] = {None: 0}
 
-    def add(self, entry: int, offsets: Any, sizes: Any, info: StorageInfo | None) -> None:
-        self.entry.append(entry)
-        self.offsets.extend(offsets)
-        self.sizes.extend(sizes)
-        if info is None:
-            self.file.append(-1)
-            self.offset.append(0)
-            self.length.append(0)
-            self.block.append(0)
-            self.codec.append(0)
-            self.has_digest.append(0)
-            return
-        file_id = self.file_ids.get(info.relative_path)
-        if file_id is None:
-            file_id = self.file_ids[info.relative_path] = len(self.files)
-            self.files.append(info.relative_path)
-        self.file.append(file_id)
-        self.offset.append(info.offset)
-        self.length.append(info.length)
-        self.block.append(info.block_size)
-        self.crcs.extend(info.checksums)
-        codec = getattr(info, "codec", None)
-        codec_id = self.codec_ids.get(codec)
-        if codec_id is None:
-            self.codecs.append(str(codec))
-            codec_id = self.codec_ids[codec] = len(self.codecs)
-        self.codec.append(codec_id)
-        digest = info.content_hash
-        if digest is None:
-            self.has_digest.append(0)
-        else:
-            raw = bytes.fromhex(digest)
-            if len(raw) != DIGEST:
-                raise ValueError(f"a content hash of {len(raw)} bytes is not a BLAKE3 digest: {digest!r}")
-            self.has_digest.append(1)
-            self.digests += raw
+class _Geometry:
+    """The rows of a chunk table in order, before their locations: each row's entry, the
+    chunks' offsets and sizes (flat), and where each entry's rows start."""
 
-    def columns(self) -> TableColumns:
-        return TableColumns(
-            self.entry,
-            self.file,
-            self.offset,
-            self.length,
-            self.block,
-            self.offsets,
-            self.sizes,
-            self.crcs,
-            self.codec,
-            self.has_digest,
-            self.digests,
+    def __init__(self, md: Metadata, located: Mapping[Any, Any]) -> None:
+        """Every tensor chunk in its entry's order, and every object stored in a file (each
+        tensor's chunks taken a column at a time: no Python step per chunk)."""
+        self.entry, self.offsets, self.sizes = array("q"), array("q"), array("q")
+        self.first: dict[str, int] = {}  # a tensor's first row
+        self.objects: dict[str, int] = {}  # an object's row
+        self.ndim: list[int] = []  # per entry
+        self.chunk_lists: list[tuple[str, Sequence[Any]]] = []
+        rows = 0
+        for e, (fqn, meta) in enumerate(md.state_dict_metadata.items()):
+            if isinstance(meta, BytesStorageMetadata):
+                self.ndim.append(0)
+                if meta.encoding != "json" and MetadataIndex(fqn) in located:
+                    self.objects[fqn] = rows
+                    self.entry.append(e)
+                    rows += 1
+                continue
+            self.ndim.append(len(meta.size))
+            chunks = meta.chunks
+            self.first[fqn] = rows
+            self.chunk_lists.append((fqn, chunks))
+            self.entry.extend(array("q", (e,)) * len(chunks))
+            self.offsets.extend(chain.from_iterable(map(_OFFSETS, chunks)))
+            self.sizes.extend(chain.from_iterable(map(_SIZES, chunks)))
+            rows += len(chunks)
+        self.rows = rows
+
+    def place(self, keys: list[Any]) -> list[Any]:
+        """The row of each key (None: no chunk of the entries): by its position hint
+        (``MetadataIndex.index``, as the planners set it), checked a column at a time,
+        else by looking its offsets up."""
+        fast = self._by_hints(keys)
+        if fast is not None:
+            return fast
+        row_of: dict[tuple[str, Any], int] = {(fqn, None): row for fqn, row in self.objects.items()}
+        for fqn, chunks in self.chunk_lists:
+            first = self.first[fqn]
+            row_of.update(zip(zip(repeat(fqn), map(_OFFSETS, chunks)), range(first, first + len(chunks))))
+        return list(map(row_of.get, zip(map(_FQN, keys), map(_INDEX_OFFSET, keys))))
+
+    def _by_hints(self, keys: list[Any]) -> list[Any] | None:
+        offsets = list(map(_INDEX_OFFSET, keys))
+        fqns = list(map(_FQN, keys))
+        rows = self._by_hints_tensors(keys, fqns, offsets)
+        if rows is not None and None in offsets:  # objects: placed by name
+            objects = self.objects
+            rows = [objects.get(f) if o is None else r for f, o, r in zip(fqns, offsets, rows, strict=True)]
+        return rows
+
+    def _by_hints_tensors(self, keys: list[Any], fqns: list[str], offsets: list[Any]) -> list[Any] | None:
+        """The rows of tensor keys by hint (objects' places left None), or None when a
+        hint is missing or wrong."""
+        objects = None in offsets
+        tensor = list(map(is_not, offsets, repeat(None))) if objects else [True]
+        firsts = list(map(self.first.get, compress(fqns, tensor) if objects else fqns))
+        hints = list(map(_HINT, compress(keys, tensor) if objects else keys))
+        if None in firsts or None in hints:
+            return None
+        at = _int64(firsts) + _int64(hints)
+        entry = (
+            torch.frombuffer(self.entry, dtype=torch.int64)
+            if self.rows
+            else torch.empty(0, dtype=torch.int64)
         )
+        if len(at) and (at.min() < 0 or at.max() >= self.rows):
+            return None
+        if not torch.equal(entry[at], entry[_int64(firsts)]):  # a hint past its entry's rows
+            return None
+        ndim = torch.tensor(self.ndim, dtype=torch.int64)[entry]
+        starts = torch.cumsum(ndim, 0) - ndim
+        wanted = _int64(chain.from_iterable(compress(offsets, tensor) if objects else offsets))
+        counts = ndim[at]
+        if len(wanted) != int(counts.sum()):
+            return None
+        within = torch.arange(len(wanted), dtype=torch.int64) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        stored = _int64(self.offsets)
+        if not torch.equal(stored[torch.repeat_interleave(starts[at], counts) + within], wanted):
+            return None
+        if not objects:
+            return at.tolist()
+        found = iter(at.tolist())
+        return [next(found) if t else None for t in tensor]
+
+
+def _int64(values: Any) -> torch.Tensor:
+    """Python integers as an int64 tensor (through an array: faster than ``torch.tensor``)."""
+    packed = array("q", values)
+    return torch.frombuffer(packed, dtype=torch.int64) if packed else torch.empty(0, dtype=torch.int64)
+
+
+def _scattered(rows: int, at: torch.Tensor, values: Any, fill: int = 0) -> torch.Tensor:
+    """An int64 column of ``rows`` holding ``values`` at rows ``at``, ``fill`` elsewhere."""
+    column = torch.full((rows,), fill, dtype=torch.int64)
+    if len(at):
+        column[at] = _int64(values)
+    return column
 
 
 def _table_of(md: Metadata) -> tuple[bytes, list[str], list[str]]:
     """The chunk table of ``md`` (its bytes, files and codecs): rows in entry order,
-    each tensor's chunks in its order, with their locations where ``storage_data`` has them."""
+    each tensor's chunks in its order, with their locations where ``storage_data`` has them.
+
+    Taken a column at a time (attribute getters mapped over the locations, scattered
+    into rows by torch), so the cost per chunk stays in C."""
     storage = md.storage_data
     if isinstance(storage, TableLocations) and _same_table(md, storage.table):
         return storage.table.data, storage.table.files, storage.table.codecs
-    by_fqn: dict[str, dict[Any, StorageInfo]] = {}
-    if _is_locations(storage):
-        for index, info in storage.items():
-            try:
-                by_fqn[index.fqn][index.offset] = info
-            except KeyError:
-                by_fqn[index.fqn] = {index.offset: info}
-    columns = _Columns()
-    nothing: dict[Any, StorageInfo] = {}
-    for e, (fqn, entry) in enumerate(md.state_dict_metadata.items()):
-        located = by_fqn.get(fqn, nothing)
-        if isinstance(entry, BytesStorageMetadata):
-            info = located.get(None)
-            if info is not None and entry.encoding != "json":
-                columns.add(e, (), (), info)
-            continue
-        get, add = located.get, columns.add
-        for chunk in entry.chunks:
-            add(e, chunk.offsets, chunk.sizes, get(chunk.offsets))
-    data = encode_table(columns.columns(), len(md.state_dict_metadata))
-    return data, columns.files, columns.codecs
+    located: Mapping[Any, StorageInfo] = storage if _is_locations(storage) else {}
+    with one_thread():
+        geometry = _Geometry(md, located)
+        rows = geometry.rows
+        keys, infos = list(located.keys()), list(located.values())
+        places = geometry.place(keys)
+        if None in places:  # locations of no chunk in the entries: not written (as in version 1)
+            kept = [i for i, p in enumerate(places) if p is not None]
+            infos, places = [infos[i] for i in kept], [places[i] for i in kept]
+        at = _int64(places)
+        paths = list(map(_PATH, infos))
+        files = list(dict.fromkeys(paths))
+        ids = {name: i for i, name in enumerate(files)}
+        file = _scattered(rows, at, map(ids.__getitem__, paths), -1)
+        offset = _scattered(rows, at, map(_INDEX_OFFSET, infos))
+        length = _scattered(rows, at, map(_LENGTH, infos))
+        block = _scattered(rows, at, map(_BLOCK, infos))
+        crcs = _in_row_order(at, infos)
+        codecs, codec = _codec_column(rows, at, infos)
+        has_digest, digests = _digest_columns(rows, places, infos)
+        columns = TableColumns(
+            geometry.entry,
+            file,
+            offset,
+            length,
+            block,
+            geometry.offsets,
+            geometry.sizes,
+            crcs,
+            codec,
+            has_digest,
+            digests,
+        )
+        return encode_table(columns, len(md.state_dict_metadata)), files, codecs
+
+
+def _in_row_order(at: torch.Tensor, infos: list[StorageInfo]) -> torch.Tensor:
+    """Every location's checksums, concatenated in the order of their rows."""
+    counts = _int64(map(len, map(_CRCS, infos)))
+    flat = array("I", chain.from_iterable(map(_CRCS, infos)))
+    if not flat:
+        return torch.empty(0, dtype=torch.int32)
+    values = torch.frombuffer(flat, dtype=torch.int32)  # the bits of each uint32
+    order = torch.argsort(at)
+    starts = torch.cumsum(counts, 0) - counts
+    counts, starts = counts[order], starts[order]
+    firsts = torch.cumsum(counts, 0) - counts
+    within = torch.arange(len(flat), dtype=torch.int64) - torch.repeat_interleave(firsts, counts)
+    return values[torch.repeat_interleave(starts, counts) + within]
+
+
+def _codec_column(rows: int, at: torch.Tensor, infos: list[StorageInfo]) -> tuple[list[str], torch.Tensor]:
+    """The codec names the rows use, and each row's index into them (0: none)."""
+    names = list(map(_CODEC, infos))
+    used = [name for name in dict.fromkeys(names) if name is not None]
+    if not used:
+        return [], torch.zeros(rows, dtype=torch.uint8)
+    ids = {None: 0, **{name: i + 1 for i, name in enumerate(used)}}
+    return used, _scattered(rows, at, list(map(ids.__getitem__, names))).to(torch.uint8)
+
+
+def _digest_columns(rows: int, places: list[Any], infos: list[StorageInfo]) -> tuple[torch.Tensor, bytes]:
+    """Each row's digest flag, and the digests of the rows that have one, in row order."""
+    hashes = list(map(_DIGEST, infos))
+    flags = torch.zeros(rows, dtype=torch.uint8)
+    if hashes.count(None) == len(hashes):
+        return flags, b""
+    found = sorted((p, h) for p, h in zip(places, hashes, strict=True) if h is not None)
+    digests = []
+    for row, digest in found:
+        raw = bytes.fromhex(digest)
+        if len(raw) != DIGEST:
+            raise ValueError(f"a content hash of {len(raw)} bytes is not a BLAKE3 digest: {digest!r}")
+        digests.append(raw)
+        flags[row] = 1
+    return flags, b"".join(digests)
 
 
 def _encode_v2(md: Metadata) -> Encoded:
