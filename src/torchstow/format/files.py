@@ -26,6 +26,7 @@ __all__ = [
     "is_checkpoint_file",
     "is_chunk_table",
     "is_data_file",
+    "is_manifest_file",
     "is_temporary",
     "temporary_name",
 ]
@@ -91,7 +92,19 @@ def is_chunk_table(name: str) -> bool:
     )
 
 
+def is_manifest_file(name: str) -> bool:
+    """Whether ``name`` is part of the manifest (the manifest, or a version-2 manifest's
+    chunk table): what a wrapper that transforms data files (encryption) leaves plain, so
+    that the verbs reading manifests only (``ls``, ``info``) need none of its data options."""
+    return name == MANIFEST or is_chunk_table(name)
+
+
 def is_checkpoint_file(name: str) -> bool:
     """Whether ``name`` belongs to a checkpoint besides its manifest: data, a chunk
-    table or publish debris."""
-    return is_data_file(name) or is_chunk_table(name) or is_temporary(name)
+    table or publish debris (of the manifest or of a chunk table)."""
+    return (
+        is_data_file(name)
+        or is_chunk_table(name)
+        or is_temporary(name)
+        or (name.startswith(".manifest-") and ".chunks." in name and name.endswith(".tmp"))
+    )

@@ -87,15 +87,10 @@ def _is_ours(store: ByteStore, save_id: str, error: BaseException) -> bool:
 
 
 def _write_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
-    """Write a manifest's side files, durable before it is published."""
+    """Write a manifest's side files, durable before it is published: published as the
+    manifest is (metadata, not data: a wrapper that transforms data leaves them as they are)."""
     for name, data in tables.items():
-        sink = store.create(name)
-        try:
-            sink.write([data])
-            sink.close()
-        except BaseException:
-            sink.abort()
-            raise
+        store.publish(name, data)
 
 
 def publish_manifest(
