@@ -19,7 +19,7 @@ import uuid
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain, compress, repeat
-from operator import attrgetter, is_not
+from operator import add, attrgetter, eq, is_not, itemgetter, lt
 from typing import Any, NamedTuple
 
 import blake3
@@ -277,16 +277,11 @@ def _same_table(md: Metadata, table: ChunkTable) -> bool:
     return True
 
 
-_FQN = attrgetter("fqn")
-_INDEX_OFFSET = attrgetter("offset")
 _SIZES = attrgetter("sizes")
-_PATH = attrgetter("relative_path")
-_LENGTH = attrgetter("length")
-_BLOCK = attrgetter("block_size")
-_CRCS = attrgetter("checksums")
-_DIGEST = attrgetter("content_hash")
-_CODEC = attrgetter("codec")
-_HINT = attrgetter("index")
+_KEY_FIELDS = attrgetter("fqn", "offset", "index")
+_INFO_FIELDS = attrgetter(
+    "relative_path", "offset", "length", "block_size", "checksums", "content_hash", "codec"
+)
 
 
 class _Geometry:
@@ -298,6 +293,8 @@ class _Geometry:
         tensor's chunks taken a column at a time: no Python step per chunk)."""
         self.entry, self.offsets, self.sizes = array("q"), array("q"), array("q")
         self.first: dict[str, int] = {}  # a tensor's first row
+        self.count: dict[str, int] = {}  # a tensor's rows
+        self.row_offsets: list[Any] = []  # each row's chunk offsets (None for an object)
         self.objects: dict[str, int] = {}  # an object's row
         self.ndim: list[int] = []  # per entry
         self.chunk_lists: list[tuple[str, Sequence[Any]]] = []
@@ -308,19 +305,23 @@ class _Geometry:
                 if meta.encoding != "json" and MetadataIndex(fqn) in located:
                     self.objects[fqn] = rows
                     self.entry.append(e)
+                    self.row_offsets.append(None)
                     rows += 1
                 continue
             self.ndim.append(len(meta.size))
             chunks = meta.chunks
             self.first[fqn] = rows
+            self.count[fqn] = len(chunks)
             self.chunk_lists.append((fqn, chunks))
             self.entry.extend(array("q", (e,)) * len(chunks))
-            self.offsets.extend(chain.from_iterable(map(_OFFSETS, chunks)))
+            starts = list(map(_OFFSETS, chunks))
+            self.row_offsets += starts
+            self.offsets.extend(chain.from_iterable(starts))
             self.sizes.extend(chain.from_iterable(map(_SIZES, chunks)))
             rows += len(chunks)
         self.rows = rows
 
-    def place(self, keys: list[Any]) -> list[Any]:
+    def place(self, keys: list[tuple[str, Any, Any]]) -> list[Any]:
         """The row of each key (None: no chunk of the entries): by its position hint
         (``MetadataIndex.index``, as the planners set it), checked a column at a time,
         else by looking its offsets up."""
@@ -331,11 +332,11 @@ class _Geometry:
         for fqn, chunks in self.chunk_lists:
             first = self.first[fqn]
             row_of.update(zip(zip(repeat(fqn), map(_OFFSETS, chunks)), range(first, first + len(chunks))))
-        return list(map(row_of.get, zip(map(_FQN, keys), map(_INDEX_OFFSET, keys))))
+        return list(map(row_of.get, map(itemgetter(0, 1), keys)))
 
-    def _by_hints(self, keys: list[Any]) -> list[Any] | None:
-        offsets = list(map(_INDEX_OFFSET, keys))
-        fqns = list(map(_FQN, keys))
+    def _by_hints(self, keys: list[tuple[str, Any, Any]]) -> list[Any] | None:
+        fqns = list(map(itemgetter(0), keys))
+        offsets = list(map(itemgetter(1), keys))
         rows = self._by_hints_tensors(keys, fqns, offsets)
         if rows is not None and None in offsets:  # objects: placed by name
             objects = self.objects
@@ -344,38 +345,23 @@ class _Geometry:
 
     def _by_hints_tensors(self, keys: list[Any], fqns: list[str], offsets: list[Any]) -> list[Any] | None:
         """The rows of tensor keys by hint (objects' places left None), or None when a
-        hint is missing or wrong."""
+        hint is missing or wrong: each row's chunk must have the key's offsets."""
         objects = None in offsets
         tensor = list(map(is_not, offsets, repeat(None))) if objects else [True]
-        firsts = list(map(self.first.get, compress(fqns, tensor) if objects else fqns))
-        hints = list(map(_HINT, compress(keys, tensor) if objects else keys))
-        if None in firsts or None in hints:
+        fqns = list(compress(fqns, tensor)) if objects else fqns
+        wanted = list(compress(offsets, tensor)) if objects else offsets
+        firsts = list(map(self.first.get, fqns))
+        hints = list(map(itemgetter(2), compress(keys, tensor) if objects else keys))
+        if None in firsts or None in hints or (hints and min(hints) < 0):
             return None
-        at = _int64(firsts) + _int64(hints)
-        entry = (
-            torch.frombuffer(self.entry, dtype=torch.int64)
-            if self.rows
-            else torch.empty(0, dtype=torch.int64)
-        )
-        if len(at) and (at.min() < 0 or at.max() >= self.rows):
+        if False in map(lt, hints, map(self.count.__getitem__, fqns)):  # a hint past its entry's rows
             return None
-        if not torch.equal(entry[at], entry[_int64(firsts)]):  # a hint past its entry's rows
-            return None
-        ndim = torch.tensor(self.ndim, dtype=torch.int64)[entry]
-        starts = torch.cumsum(ndim, 0) - ndim
-        wanted = _int64(chain.from_iterable(compress(offsets, tensor) if objects else offsets))
-        counts = ndim[at]
-        if len(wanted) != int(counts.sum()):
-            return None
-        within = torch.arange(len(wanted), dtype=torch.int64) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts
-        )
-        stored = _int64(self.offsets)
-        if not torch.equal(stored[torch.repeat_interleave(starts[at], counts) + within], wanted):
+        at = list(map(add, firsts, hints))
+        if False in map(eq, wanted, map(self.row_offsets.__getitem__, at)):
             return None
         if not objects:
-            return at.tolist()
-        found = iter(at.tolist())
+            return at
+        found = iter(at)
         return [next(found) if t else None for t in tensor]
 
 
@@ -406,22 +392,24 @@ def _table_of(md: Metadata) -> tuple[bytes, list[str], list[str]]:
     with one_thread():
         geometry = _Geometry(md, located)
         rows = geometry.rows
-        keys, infos = list(located.keys()), list(located.values())
-        places = geometry.place(keys)
+        # Each key and location object is visited once (at scale they are spread over
+        # gigabytes: every visit is a cache miss); the columns come from the tuples made.
+        places = geometry.place(list(map(_KEY_FIELDS, located.keys())))
+        fields = list(map(_INFO_FIELDS, located.values()))
         if None in places:  # locations of no chunk in the entries: not written (as in version 1)
             kept = [i for i, p in enumerate(places) if p is not None]
-            infos, places = [infos[i] for i in kept], [places[i] for i in kept]
+            fields, places = [fields[i] for i in kept], [places[i] for i in kept]
         at = _int64(places)
-        paths = list(map(_PATH, infos))
+        paths = list(map(itemgetter(0), fields))
         files = list(dict.fromkeys(paths))
         ids = {name: i for i, name in enumerate(files)}
         file = _scattered(rows, at, map(ids.__getitem__, paths), -1)
-        offset = _scattered(rows, at, map(_INDEX_OFFSET, infos))
-        length = _scattered(rows, at, map(_LENGTH, infos))
-        block = _scattered(rows, at, map(_BLOCK, infos))
-        crcs = _in_row_order(at, infos)
-        codecs, codec = _codec_column(rows, at, infos)
-        has_digest, digests = _digest_columns(rows, places, infos)
+        offset = _scattered(rows, at, map(itemgetter(1), fields))
+        length = _scattered(rows, at, map(itemgetter(2), fields))
+        block = _scattered(rows, at, map(itemgetter(3), fields))
+        crcs = _in_row_order(at, list(map(itemgetter(4), fields)))
+        codecs, codec = _codec_column(rows, at, list(map(itemgetter(6), fields)))
+        has_digest, digests = _digest_columns(rows, places, list(map(itemgetter(5), fields)))
         columns = TableColumns(
             geometry.entry,
             file,
@@ -438,10 +426,10 @@ def _table_of(md: Metadata) -> tuple[bytes, list[str], list[str]]:
         return encode_table(columns, len(md.state_dict_metadata)), files, codecs
 
 
-def _in_row_order(at: torch.Tensor, infos: list[StorageInfo]) -> torch.Tensor:
+def _in_row_order(at: torch.Tensor, checksums: list[tuple[int, ...]]) -> torch.Tensor:
     """Every location's checksums, concatenated in the order of their rows."""
-    counts = _int64(map(len, map(_CRCS, infos)))
-    flat = array("I", chain.from_iterable(map(_CRCS, infos)))
+    counts = _int64(map(len, checksums))
+    flat = array("I", chain.from_iterable(checksums))
     if not flat:
         return torch.empty(0, dtype=torch.int32)
     values = torch.frombuffer(flat, dtype=torch.int32)  # the bits of each uint32
@@ -453,19 +441,18 @@ def _in_row_order(at: torch.Tensor, infos: list[StorageInfo]) -> torch.Tensor:
     return values[torch.repeat_interleave(starts, counts) + within]
 
 
-def _codec_column(rows: int, at: torch.Tensor, infos: list[StorageInfo]) -> tuple[list[str], torch.Tensor]:
+def _codec_column(rows: int, at: torch.Tensor, names: list[str | None]) -> tuple[list[str], torch.Tensor]:
     """The codec names the rows use, and each row's index into them (0: none)."""
-    names = list(map(_CODEC, infos))
     used = [name for name in dict.fromkeys(names) if name is not None]
     if not used:
         return [], torch.zeros(rows, dtype=torch.uint8)
-    ids = {None: 0, **{name: i + 1 for i, name in enumerate(used)}}
+    ids: dict[str | None, int] = {None: 0}
+    ids.update((name, i + 1) for i, name in enumerate(used))
     return used, _scattered(rows, at, list(map(ids.__getitem__, names))).to(torch.uint8)
 
 
-def _digest_columns(rows: int, places: list[Any], infos: list[StorageInfo]) -> tuple[torch.Tensor, bytes]:
+def _digest_columns(rows: int, places: list[Any], hashes: list[str | None]) -> tuple[torch.Tensor, bytes]:
     """Each row's digest flag, and the digests of the rows that have one, in row order."""
-    hashes = list(map(_DIGEST, infos))
     flags = torch.zeros(rows, dtype=torch.uint8)
     if hashes.count(None) == len(hashes):
         return flags, b""
