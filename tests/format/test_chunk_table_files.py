@@ -102,3 +102,20 @@ def test_format_version_reaches_async_save_and_the_checkpoint_writer(tmp_path: P
         assert torchstow.info(str(tmp_path / name)).format_version == 1
         assert _tables(tmp_path / name) == []
         assert_same_state(torchstow.read(str(tmp_path / name)), _state())
+
+
+def test_a_decoded_table_is_written_again_as_it_is_even_with_its_files_renamed(tmp_path: Path) -> None:
+    from torchstow.format.codec import encode_manifest
+    from torchstow.format.table import TableLocations
+
+    path = str(tmp_path / "ckpt")
+    torchstow.save(_state(), path)
+    metadata = torchstow.storage_reader(path).read_metadata()
+    (name,) = _tables(path)
+    table = Path(path, name).read_bytes()
+    assert isinstance(metadata.storage_data, TableLocations)
+    metadata.storage_data = metadata.storage_data.renamed({n: "data-x-0-0.bin" for n in os.listdir(path)})
+    manifest, tables = encode_manifest(metadata)
+    assert list(tables.values()) == [table]  # the same bytes: files are named in the JSON only
+    assert not metadata.storage_data._cache, "no location object was made to write it again"
+    assert json.loads(manifest)["files"] == ["data-x-0-0.bin"]

@@ -269,7 +269,7 @@ def _same_table(md: Metadata, table: ChunkTable) -> bool:
         chunks = entry.chunks
         if (
             not isinstance(chunks, TableChunks)
-            or chunks._table is not table
+            or chunks._table.data is not table.data  # the same bytes (a renamed table shares them)
             or tuple(entry.size) != known.shape
             or chunks._list not in (None, table.chunks(chunks._entry))
         ):
