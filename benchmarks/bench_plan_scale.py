@@ -38,7 +38,9 @@ import os
 import pickle
 import resource
 import sys
+import tempfile
 import time
+import uuid
 from functools import partial
 from typing import Any
 
@@ -157,7 +159,7 @@ def _run_torchstow(ranks: int, items: int) -> dict[str, float]:
     from torchstow.backends.filesystem import LocalFileStore
     from torchstow.core.layout.writer import LayoutWriter
     from torchstow.core.planning import DefaultSavePlanner
-    from torchstow.format.codec import decode_metadata, encode_metadata
+    from torchstow.format.codec import decode_metadata, encode_manifest, encode_metadata
     from torchstow.format.files import BLOCK_SIZE
     from torchstow.format.manifest import StorageInfo
 
@@ -183,14 +185,40 @@ def _run_torchstow(ranks: int, items: int) -> dict[str, float]:
 
     metadata.storage_data = locations()  # what the ranks' write results bring (not timed)
     metadata.committed_at = time.time()
-    manifest = _step(times, "encode", partial(encode_metadata, metadata))
+    metadata.save_id = uuid.uuid4().hex
+    manifest, tables = _step(times, "encode", partial(encode_manifest, metadata))  # version 2
     _, peak = _rss_kib()
+    v1 = _step(times, "encode v1", partial(encode_metadata, metadata))
     planned = final = metadata = None  # free the coordinator's state before decoding
     gc.collect()
-    _step(times, "decode", partial(decode_metadata, manifest))
-    times["manifest MiB"] = len(manifest) / 2**20
+    _step(times, "decode", partial(decode_metadata, manifest, read_file=tables.get))
+    _step(times, "decode v1", partial(decode_metadata, v1))
+    times["manifest MiB"] = (len(manifest) + sum(map(len, tables.values()))) / 2**20
+    times["manifest v1 MiB"] = len(v1) / 2**20
     times["peak MiB"] = (peak - base) / 1024
+    _startup(times, {"": (manifest, tables), " v1": (v1, {})})
     return times
+
+
+def _startup(times: dict[str, float], versions: dict[str, tuple[bytes, dict[str, bytes]]]) -> None:
+    """What ``info`` and a load's start (its reader's ``read_metadata``) take on the saved
+    manifest (and chunk table) of each version, on local files: read from the page cache,
+    decoded, validated (the data files are not needed for either)."""
+    import torchstow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for suffix, (manifest, tables) in versions.items():
+            path = os.path.join(tmp, f"ckpt{suffix.strip()}")
+            os.makedirs(path)
+            for name, data in {"manifest.json": manifest, **tables}.items():
+                with open(os.path.join(path, name), "wb") as f:
+                    f.write(data)
+            _step(times, f"info{suffix}", partial(torchstow.info, path))
+            _step(
+                times,
+                f"load start-up{suffix}",
+                lambda path=path: torchstow.storage_reader(path).read_metadata(),
+            )
 
 
 def _run_dcp(ranks: int, items: int) -> dict[str, float]:
@@ -303,6 +331,11 @@ def planning_seconds(times: dict[str, float]) -> float:
     return sum(v for k, v in times.items() if k in ("global plan", "writer plan", "encode"))
 
 
+def total_seconds(times: dict[str, float]) -> float:
+    """Global plan through the encoded manifest, then decoding (and validating) it."""
+    return planning_seconds(times) + times["decode"]
+
+
 Extrapolated = dict[tuple[int, int], tuple[int, dict[str, float]]]
 
 
@@ -328,13 +361,23 @@ def _decode(times: dict[str, float]) -> float:
     return times["decode"]
 
 
+def _decode_v1(times: dict[str, float]) -> float:
+    return times["decode v1"]
+
+
 def _lines(ours: Any, theirs: Any, dcp_guess: Any) -> list[tuple[Any, Any, str, dict[str, Any]]]:
     """The plot's lines: (sizes, what of their times, label, style)."""
     blue, orange = {"color": "tab:blue"}, {"color": "tab:orange"}
     return [
         (ours, planning_seconds, "torchstow plan + encode", {**blue, "marker": "o"}),
         (ours, _global_plan, "torchstow global plan", {**blue, "marker": "s", "linestyle": "-."}),
-        (ours, _decode, "torchstow decode", {**blue, "marker": "x", "linestyle": ":"}),
+        (ours, _decode, "torchstow decode (format 2)", {**blue, "marker": "x", "linestyle": ":"}),
+        (
+            ours,
+            _decode_v1,
+            "torchstow decode, format 1",
+            {"color": "tab:gray", "marker": "x", "linestyle": ":"},
+        ),
         (theirs, planning_seconds, "DCP plan + pickle", {**orange, "marker": "o"}),
         (theirs, _decode, "DCP unpickle", {**orange, "marker": "x", "linestyle": ":"}),
         (
@@ -429,14 +472,28 @@ def main(
     base = (ranks, items)
     label = f"plan {ranks}x{items}"
     ours = report.add(Result(label, "plan", "torchstow", [planning_seconds(found["torchstow"][base])], 0))
+    total = report.add(
+        Result(label, "plan+decode", "torchstow", [total_seconds(found["torchstow"][base])], 0)
+    )
     if base in found["dcp"]:
         theirs = report.add(Result(label, "plan", "dcp", [planning_seconds(found["dcp"][base])], 0))
         report.ratio(f"plan+manifest {ranks} ranks x {items} items vs DCP", ours, [theirs], 5.0)
+        dcp_total = report.add(Result(label, "plan+decode", "dcp", [total_seconds(found["dcp"][base])], 0))
+        report.ratio(f"plan+encode+decode {ranks} ranks x {items} items vs DCP", total, [dcp_total], 20.0)
     elif base in extrapolated:
         source, times = extrapolated[base]
         key = f"plan+manifest {ranks} ranks x {items} items vs DCP EXTRAPOLATED from {source} ranks"
         report.ratios[key] = planning_seconds(times) / ours.best
         print(f"  {key}: {report.ratios[key]:.2f}x (DCP not run at this size)", flush=True)
+        key = f"plan+encode+decode {ranks} ranks x {items} items vs DCP EXTRAPOLATED from {source} ranks"
+        report.ratios[key] = total_seconds(times) / total.best
+        print(f"  {key}: {report.ratios[key]:.2f}x (DCP not run at this size)", flush=True)
+    at_base = found["torchstow"][base]
+    for what in ("decode", "info", "load start-up"):
+        report.ratios[f"{what} {ranks}x{items}: format 2 vs 1 (x faster)"] = (
+            at_base[f"{what} v1"] / at_base[what]
+        )
+        print(f"  {what}: format 2 {at_base[what]:.3f} s, format 1 {at_base[what + ' v1']:.3f} s", flush=True)
     for name in RUNNERS:
         t = found[name]
         if base not in t:
@@ -447,6 +504,9 @@ def main(
         for what, size in (("2x ranks", (ranks * 2, items)), ("2x items", (ranks, items * 2))):
             if size in t:  # measured at both sizes only
                 report.ratios[f"{name} plan time, {what}"] = planning_seconds(t[size]) / at_base
+                report.ratios[f"{name} plan+decode time, {what}"] = total_seconds(t[size]) / total_seconds(
+                    t[base]
+                )
         if (ranks * 2, items) in t:
             decode = t[(ranks * 2, items)]["decode"] / t[base]["decode"]
             report.ratios[f"{name} decode time, 2x ranks"] = decode

@@ -13,7 +13,6 @@ import pytest
 
 from torchstow.plugins import manager
 from torchstow.spi import (
-    MANIFEST,
     REQUIRED,
     Backend,
     Buffer,
@@ -23,6 +22,7 @@ from torchstow.spi import (
     Register,
     WrapperBackend,
     hookimpl,
+    is_manifest_file,
 )
 
 __all__ = ["XorBackend", "XorStore", "install"]
@@ -63,7 +63,7 @@ class XorStore(ForwardingByteStore):
 
     def read_file(self, name: str) -> bytes:
         data = self.inner.read_file(name)
-        return data if name == MANIFEST else bytes(b ^ self.backend.option("key") for b in data)
+        return data if is_manifest_file(name) else bytes(b ^ self.backend.option("key") for b in data)
 
 
 class XorBackend(WrapperBackend):

@@ -19,7 +19,7 @@ from torchstow.core.layout.incremental import BaseContent
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.mapped import map_checkpoint
 from torchstow.core.layout.reader import require_data
-from torchstow.core.layout.writer import DigestSlots, LayoutWriter
+from torchstow.core.layout.writer import DigestSlots, LayoutWriter, set_format_version
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
 from torchstow.core.protocol.materialize import materialize
@@ -31,7 +31,7 @@ from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 from torchstow.format.compression import check_compression
-from torchstow.format.manifest import Metadata
+from torchstow.format.manifest import FORMAT_VERSION, Metadata
 from torchstow.format.structure import build_nested
 from torchstow.plugins.resolve import Uri, backend_at
 
@@ -147,6 +147,7 @@ def _save_job(
     base: Uri | None = None,
     slots: DigestSlots | None = None,
     compression: str | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> SaveJob:
     """What a save writes with: the checked user metadata, the writer, the planner."""
     user_metadata = _check_user_metadata(metadata)
@@ -157,6 +158,7 @@ def _save_job(
         explicit_writer,
         lambda location: storage_writer(location, storage_options=storage_options, overwrite=overwrite),
     )
+    set_format_version(writer, format_version)
     if base is not None:
         _attach_base(writer, base, storage_options, slots)
     _attach_compression(writer, compression)
@@ -186,6 +188,7 @@ def save(
     use_collectives: bool = True,
     stats: SaveStats | None = None,
     compression: str | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> Metadata:
     """Save ``state_dict`` to ``uri``; every rank of the group calls it.
 
@@ -219,6 +222,10 @@ def save(
     ``compression="zstd"`` compresses each stored item on its own (floating-point
     tensors byte-grouped by significance first; see docs/format.md); loads need
     nothing to read it. Another value is a ValueError before anything is written.
+
+    ``format_version``: the manifest format to write, 2 (the default: JSON plus a
+    binary chunk table) or 1 (one JSON document, for torchstow versions that
+    read only version 1); see docs/format.md.
     """
     check_compression(compression)
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
@@ -236,6 +243,7 @@ def save(
         base,
         slots,
         compression,
+        format_version,
     )
     return _save_protocol(
         dcp_calls.StatefulView(state_dict).plain,
@@ -315,6 +323,7 @@ def async_save(
     async_checkpointer_type: Any = None,
     use_collectives: bool = True,
     compression: str | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> AsyncSave:
     """Stage ``state_dict``, then save it to ``uri`` in the background; every rank calls it.
 
@@ -335,7 +344,7 @@ def async_save(
     DCP's keywords: ``async_stager`` is ``stager`` by DCP's name (DCP's own
     stagers work; give one of the two); ``async_checkpointer_type`` (DCP's
     ``AsyncCheckpointerType`` or its value) is accepted, and either type
-    writes in torchstow's save thread; ``use_collectives`` is as in :func:`save`.
+    writes in torchstow's save thread; ``use_collectives`` and ``format_version`` are as in :func:`save`.
     """
     check_compression(compression)
     text = dcp_calls.target_label(uri, checkpoint_id, storage_writer)
@@ -355,6 +364,7 @@ def async_save(
             base,
             staged_slot if trust_version_counter else None,
             compression,
+            format_version,
         )
 
     saves = pipeline()

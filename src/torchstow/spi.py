@@ -30,7 +30,7 @@ from torchstow.errors import (
     StorageIOError,
     TorchstowError,
 )
-from torchstow.format.files import MANIFEST, temporary_name
+from torchstow.format.files import MANIFEST, is_manifest_file, temporary_name
 from torchstow.format.manifest import Metadata
 from torchstow.plugins.hookspecs import Register, hookimpl
 from torchstow.plugins.manager import BackendEntry, default_registry, open_backend
@@ -74,6 +74,7 @@ __all__ = [
     "completed_future",
     "failed_future",
     "hookimpl",
+    "is_manifest_file",
     "open_backend",
     "temporary_name",
     "wait_future",

@@ -82,7 +82,7 @@ def test_info_reads_only_the_manifest(ckpt: str, saved: dict[str, Any]) -> None:
     assert info.num_entries == 7
     assert 0 < info.nbytes <= nbytes
     assert info.committed_at is not None and abs(info.committed_at - time.time()) < 600
-    assert info.format_version == 1
+    assert info.format_version == 2
     assert info.uri == ckpt
 
 
@@ -236,10 +236,30 @@ def test_manifest_is_plain_json(ckpt: str, saved: dict[str, Any]) -> None:
     with open(os.path.join(ckpt, "manifest.json"), "rb") as f:
         doc = json.loads(f.read())
     assert doc["format"] == "torchstow"
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert doc["user_metadata"] == {"epoch": 3, "tag": "nightly"}
+    assert doc["entries"]["model.w"] == {"dtype": "float32", "shape": [2, 3]}
+    assert all(name.startswith("data-") for name in doc["files"])
+    assert doc["entries"]["step"] == {"encoding": "json", "value": 40}
+    # Every location is in the chunk table beside it, named after this commit.
+    table = doc["chunk_table"]
+    assert table["name"] == f"manifest-{doc['save_id']}.chunks"
+    assert os.path.getsize(os.path.join(ckpt, table["name"])) == table["length"]
+
+
+def test_format_version_1_writes_one_json_document_that_loads(tmp_path: Any, saved: dict[str, Any]) -> None:
+    path = str(tmp_path / "v1")
+    torchstow.save(saved, path, metadata={"epoch": 3}, format_version=1)
+    assert not [name for name in os.listdir(path) if name.endswith(".chunks")]
+    with open(os.path.join(path, "manifest.json"), "rb") as f:
+        doc = json.loads(f.read())
+    assert doc["version"] == 1
     w = doc["entries"]["model.w"]
     assert w["dtype"] == "float32" and w["shape"] == [2, 3]
     assert doc["files"][w["file"]].startswith("data-")
     assert w["length"] == 24 and len(w["crc32c"]) == 1
     assert doc["entries"]["step"] == {"encoding": "json", "value": 40}
+    assert torchstow.info(path).format_version == 1
+    assert_same_state(torchstow.read(path), saved)
+    with pytest.raises(ValueError, match="format_version must be one of 1, 2"):
+        torchstow.save(saved, str(tmp_path / "v3"), format_version=3)

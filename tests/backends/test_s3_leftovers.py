@@ -96,7 +96,7 @@ def test_gc_on_s3_removes_old_debris_and_aborts_orphaned_uploads(s3_endpoint: st
     assert report.aborted == [f"s3://{s3_bucket}/{orphan}"]
     assert uploads_under(s3_endpoint, s3_bucket, run) == []
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])]
-    assert len(keys) == 2 and all(k.startswith(f"{run}/step-1/") for k in keys)  # the manifest, its data
+    assert len(keys) == 3 and all(k.startswith(f"{run}/step-1/") for k in keys)  # manifest, table, data
     assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=opts)["w"], sd["w"])
 
 

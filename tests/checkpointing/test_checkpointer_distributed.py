@@ -36,6 +36,7 @@ from torchstow.checkpointing import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
+from torchstow.format.files import is_chunk_table
 from torchstow.format.manifest import TensorStorageMetadata
 
 pytestmark = pytest.mark.slow
@@ -162,7 +163,10 @@ def _check_one_checkpoint(root: str, world_size: int) -> str:
     # Only the checkpoint's own files: no rank-<r> folders, no exchange messages left.
     names = os.listdir(path)
     assert "manifest.json" in names
-    assert all(n == "manifest.json" or (n.startswith("data-") and n.endswith(".bin")) for n in names), names
+    assert all(
+        n == "manifest.json" or is_chunk_table(n) or (n.startswith("data-") and n.endswith(".bin"))
+        for n in names
+    ), names
     assert torchstow.latest(root) == path
     loaded = torchstow.read(path)
     assert torch.equal(loaded["model"]["sharded"], _full(world_size))

@@ -4,7 +4,6 @@ own coordinator, and partial reads of only the overlapping byte ranges."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from dist_scenarios import (
     subgroup_round_trip,
 )
 
+from manifest_json import manifest_doc
 from torchstow.format.files import BLOCK_SIZE
 
 _DATA_FILE = re.compile(r"data-[0-9a-f]+-(\d+)-\d+\.bin")
@@ -29,7 +29,7 @@ def test_replicated_tensors_and_objects_are_written_once_spread_over_ranks(
 ) -> None:
     path = tmp_path / "ckpt"
     pools(4).run(replicated_save, str(path))
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = manifest_doc(path)
     writer_of = [int(_DATA_FILE.fullmatch(name).group(1)) for name in manifest["files"]]  # type: ignore[union-attr]
     tensors: dict[int, int] = {}
     objects: dict[int, int] = {}

@@ -25,7 +25,7 @@ def _rewrite(path: str, change: Any) -> None:
 @pytest.fixture
 def ckpt(tmp_path: Any) -> str:
     path = str(tmp_path / "ckpt")
-    torchstow.save({"w": torch.arange(6.0).reshape(2, 3), "n": 3}, path)
+    torchstow.save({"w": torch.arange(6.0).reshape(2, 3), "n": 3}, path, format_version=1)  # JSON rewritten
     return path
 
 

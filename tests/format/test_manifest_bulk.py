@@ -259,7 +259,7 @@ def test_a_manifest_as_other_writers_lay_it_out_reads_back_exactly(
     path) a chunk stating the default block size: the same version 1, read bit-exact."""
     path = str(tmp_path / "ckpt")
     w = torch.arange(24.0).reshape(8, 3)
-    torchstow.save({"w": w, "n": 5}, path)
+    torchstow.save({"w": w, "n": 5}, path, format_version=1)
     manifest = os.path.join(path, "manifest.json")
     with open(manifest) as f:
         doc = json.load(f)

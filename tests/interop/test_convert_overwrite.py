@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import torchstow
+from torchstow.format.codec import chunk_table_of
 from torchstow.interop.convert import FORMATS
 from torchstow.interop.sources import open_source
 
@@ -74,4 +75,5 @@ def _names_of(dst: Path, to: str) -> set[str]:
     if to == "dcp":
         return {".metadata", "__0_0.distcp"}
     stored = torchstow.storage_reader(dst).read_metadata().storage_data.values()
-    return {"manifest.json", *(info.relative_path for info in stored)}
+    table = chunk_table_of((dst / "manifest.json").read_bytes())  # a version-2 manifest's own table
+    return {"manifest.json", *(info.relative_path for info in stored), *([table] if table else [])}

@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import torchstow
+from manifest_json import manifest_doc
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled", "ignore:torch.distributed is unavailable"
@@ -35,8 +36,7 @@ def test_dcp_save_commits_a_torchstow_checkpoint(ckpt: str) -> None:
     files = os.listdir(ckpt)
     assert "manifest.json" in files
     assert not any(name.endswith(".distcp") or name == ".metadata" for name in files)
-    with open(os.path.join(ckpt, "manifest.json")) as f:
-        manifest = json.load(f)
+    manifest = manifest_doc(ckpt)
     assert manifest["format"] == "torchstow"
     assert manifest["entries"]["model.w"]["crc32c"]  # checksummed
     back = torchstow.read(ckpt)

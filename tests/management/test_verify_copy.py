@@ -106,7 +106,11 @@ def test_an_item_whose_checksums_do_not_cover_it_is_reported_and_the_rest_verifi
     metadata = read_manifest(store)
     (index,) = [index for index in metadata.storage_data if index.fqn == "big"]
     info = metadata.storage_data[index]
-    metadata.storage_data[index] = dataclasses.replace(info, checksums=info.checksums[:1])
+    # a version-2 manifest's locations are a read-only view: replaced, not edited in place
+    metadata.storage_data = {
+        **metadata.storage_data,
+        index: dataclasses.replace(info, checksums=info.checksums[:1]),
+    }
     report = verify_store(store, saved, metadata)
     (problem,) = report.problems
     assert (problem.key, problem.offset) == ("big", info.offset)

@@ -84,7 +84,7 @@ def _outcomes(path: str, tmp_path: Any, names: list[str]) -> dict[str, str]:
 @pytest.mark.slow
 def test_a_1_tib_claim_in_a_deleted_file_is_refused_before_allocating(tmp_path: Any) -> None:
     path = str(tmp_path / "ckpt")
-    torchstow.save({"w": torch.arange(12.0), "n": 3}, path)
+    torchstow.save({"w": torch.arange(12.0), "n": 3}, path, format_version=1)
 
     def claim(doc: dict[str, Any]) -> None:
         block = doc["checksum"]["block_size"]

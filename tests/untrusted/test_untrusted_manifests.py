@@ -188,7 +188,7 @@ def test_a_key_recorded_inside_another_key(ckpt: str) -> None:
 def test_plain_dotted_keys_that_collide(tmp_path: Any, renamed: str, pattern: str) -> None:
     # Only dicts and ordinary keys: the structure is checked on the dotted names themselves.
     path = str(tmp_path / "ckpt")
-    torchstow.save({"w": torch.ones(2), "opt": {"lr": torch.zeros(1)}}, path)
+    torchstow.save({"w": torch.ones(2), "opt": {"lr": torch.zeros(1)}}, path, format_version=1)
     tamper(path, lambda doc: doc["entries"].update({renamed: doc["entries"].pop("opt.lr")}))
     for _, call in every_reader(path)[:2]:
         with pytest.raises(torchstow.CorruptCheckpointError, match=pattern):

@@ -32,7 +32,7 @@ from torchstow.checkpointing.opener import StorageOpener
 from torchstow.checkpointing.partial_read import plan_partial_read, subtree
 from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.core.futures import completed_future, wait_future
-from torchstow.core.layout.writer import LayoutWriter
+from torchstow.core.layout.writer import LayoutWriter, set_format_version
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, SavePlan, SavePlanner
 from torchstow.core.protocol.collective import Collective, SingleProcess
 from torchstow.core.protocol.materialize import materialize
@@ -41,6 +41,7 @@ from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, StateDictMismatchError
+from torchstow.format.manifest import FORMAT_VERSION
 from torchstow.format.structure import build_nested, set_leaf
 
 __all__ = [
@@ -78,13 +79,15 @@ class CheckpointWriterConfig:
     builders make. ``overwrite`` replaces an existing checkpoint (the old
     one stays valid until the new one commits); ``allow_pickle`` lets
     values that only full pickle can store be saved; ``storage_options``
-    go to the backend.
+    go to the backend; ``format_version`` is the manifest format written
+    (as in ``torchstow.save``).
     """
 
     write_barrier_timeout_secs: float = 600
     overwrite: bool = False
     allow_pickle: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
 
 
 class _HookedWriter(ForwardingStorageWriter):
@@ -172,6 +175,7 @@ class CheckpointWriter:
         solo = _OneRound(self.barrier) if self.barrier is not None and self._alone else None
         try:
             writer = self.opener.writer(str(path), overwrite=self.config.overwrite)
+            set_format_version(writer, self.config.format_version)
             collective = self._collective(writer, path)
         except Exception:
             if solo is not None:

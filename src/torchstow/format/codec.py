@@ -1,5 +1,10 @@
-"""The manifest's JSON codec: one encoder (the current version) and a decoder per
-format version, so a newer version can be added without breaking older readers.
+"""The manifest's codec: an encoder for each version it writes (version 2 by default,
+version 1 on request) and a decoder per format version, so a newer version can be
+added without breaking older readers.
+
+A version-2 manifest is JSON plus its chunk table (:mod:`torchstow.format.table`),
+a file of its own: :func:`encode_manifest` gives both, :func:`decode_metadata`
+reads the table through the ``read_file`` it is given.
 
 Decoding goes straight into the typed structs of :mod:`torchstow.format.schema`
 (:mod:`msgspec`): a field of the wrong
@@ -10,39 +15,81 @@ naming where it is; a newer version than this torchstow knows is a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from operator import attrgetter
-from typing import Any
+import uuid
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from itertools import chain, compress, repeat
+from operator import add, attrgetter, eq, is_not, itemgetter, lt
+from typing import Any, NamedTuple
 
+import blake3
 import msgspec
+import torch
 
 from torchstow.errors import CorruptCheckpointError, FormatVersionError
 from torchstow.format.bulk import chunked_entries_ok
 from torchstow.format.checksums import ALGORITHM, check_algorithm
+from torchstow.format.compression import CODECS
 from torchstow.format.decoded import build_metadata
+from torchstow.format.files import chunk_table_name, is_chunk_table
 from torchstow.format.manifest import (
     FORMAT_VERSION,
     STORAGE_TYPES,
     BytesStorageMetadata,
     Metadata,
+    MetadataIndex,
     StorageInfo,
+    TensorProperties,
+    TensorStorageMetadata,
+    dtype_from_name,
     dtype_name,
 )
 from torchstow.format.schema import (
     Checksum,
+    ChecksumV2,
     Chunk,
+    ChunkTableRef,
     Document,
+    DocumentV2,
     Entry,
+    EntryV2,
     Header,
     PlainDocument,
     PlainEntry,
     RangedDocument,
 )
+from torchstow.format.table import (
+    DIGEST,
+    ChunkTable,
+    EntryShape,
+    TableChunks,
+    TableColumns,
+    TableLocations,
+    encode_table,
+    one_thread,
+)
 from torchstow.format.validation import check_manifest
 
 FORMAT_NAME = "torchstow"
+WRITTEN_VERSIONS = (1, 2)
+"""The format versions this torchstow writes (``save(..., format_version=)``)."""
 
-__all__ = ["DECODERS", "FORMAT_NAME", "FORMAT_VERSION", "decode_metadata", "encode_metadata"]
+__all__ = [
+    "DECODERS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "WRITTEN_VERSIONS",
+    "Encoded",
+    "ReadFile",
+    "chunk_table_of",
+    "decode_metadata",
+    "encode_manifest",
+    "encode_metadata",
+]
+
+ReadFile = Callable[[str], "bytes | None"]
+"""Reads a file beside the manifest by name (``ByteStore.read_file``): a version-2
+manifest's chunk table."""
 
 
 class _Locations:
@@ -132,6 +179,8 @@ def _encode_entry(entry: STORAGE_TYPES, located: dict[Any, Chunk]) -> Entry:
 def _is_locations(storage_data: Any) -> bool:
     """Whether ``storage_data`` maps items to :class:`StorageInfo` (as
     :func:`~torchstow.format.manifest.inline_locations` says)."""
+    if isinstance(storage_data, TableLocations):
+        return True
     if not isinstance(storage_data, dict):
         return False
     kinds = {*map(type, storage_data.values())}
@@ -139,7 +188,8 @@ def _is_locations(storage_data: Any) -> bool:
 
 
 def encode_metadata(md: Metadata) -> bytes:
-    """Serialize a manifest to UTF-8 JSON in the current format version.
+    """Serialize a manifest to version-1 UTF-8 JSON: one self-contained document,
+    whatever ``md.version`` says (:func:`encode_manifest` writes ``md.version``).
 
     Locations recorded as :class:`StorageInfo` are written into the entry
     they belong to; any other ``storage_data`` must itself be JSON. A tensor
@@ -158,7 +208,7 @@ def encode_metadata(md: Metadata) -> bytes:
     }
     doc = Document(
         format=FORMAT_NAME,
-        version=md.version,
+        version=1,
         torch_version=str(md.torch_version),
         committed_at=md.committed_at,
         user_metadata=md.user_metadata,
@@ -177,6 +227,279 @@ def encode_metadata(md: Metadata) -> bytes:
         raise ValueError(f"the checkpoint manifest is not JSON-serializable: {exc}") from exc
 
 
+class Encoded(NamedTuple):
+    """An encoded manifest: its JSON, and the files it names that must be written
+    before it is published (a version-2 manifest's chunk table), by name."""
+
+    manifest: bytes
+    tables: dict[str, bytes]
+
+
+def encode_manifest(md: Metadata, version: int | None = None) -> Encoded:
+    """Serialize a manifest in format ``version`` (default ``md.version``)."""
+    version = md.version if version is None else version
+    if version == 1:
+        return Encoded(encode_metadata(md), {})
+    if version != 2:
+        raise ValueError(
+            f"format_version must be one of {', '.join(map(str, WRITTEN_VERSIONS))}, not {version!r}"
+        )
+    return _encode_v2(md)
+
+
+def _entry_v2(entry: STORAGE_TYPES) -> EntryV2:
+    if isinstance(entry, BytesStorageMetadata):
+        return EntryV2(encoding=entry.encoding, value=entry.value if entry.encoding == "json" else None)
+    return EntryV2(
+        dtype=dtype_name(entry.properties.dtype),
+        shape=tuple(entry.size),
+        requires_grad=entry.properties.requires_grad,
+    )
+
+
+def _same_table(md: Metadata, table: ChunkTable) -> bool:
+    """Whether ``md``'s entries are those ``table`` was decoded with, chunks unchanged
+    (then its bytes are written again as they are)."""
+    if len(md.state_dict_metadata) != len(table.entries):
+        return False
+    for (fqn, entry), known in zip(md.state_dict_metadata.items(), table.entries, strict=True):
+        if fqn != known.fqn:
+            return False
+        if isinstance(entry, BytesStorageMetadata):
+            if known.shape is not None:
+                return False
+            continue
+        chunks = entry.chunks
+        if (
+            not isinstance(chunks, TableChunks)
+            or chunks._table.data is not table.data  # the same bytes (a renamed table shares them)
+            or tuple(entry.size) != known.shape
+            or chunks._list not in (None, table.chunks(chunks._entry))
+        ):
+            return False
+    return True
+
+
+_SIZES = attrgetter("sizes")
+_KEY_FIELDS = attrgetter("fqn", "offset", "index")
+_INFO_FIELDS = attrgetter(
+    "relative_path", "offset", "length", "block_size", "checksums", "content_hash", "codec"
+)
+
+
+class _Geometry:
+    """The rows of a chunk table in order, before their locations: each row's entry, the
+    chunks' offsets and sizes (flat), and where each entry's rows start."""
+
+    def __init__(self, md: Metadata, located: Mapping[Any, Any]) -> None:
+        """Every tensor chunk in its entry's order, and every object stored in a file (each
+        tensor's chunks taken a column at a time: no Python step per chunk)."""
+        self.entry, self.offsets, self.sizes = array("q"), array("q"), array("q")
+        self.first: dict[str, int] = {}  # a tensor's first row
+        self.count: dict[str, int] = {}  # a tensor's rows
+        self.row_offsets: list[Any] = []  # each row's chunk offsets (None for an object)
+        self.objects: dict[str, int] = {}  # an object's row
+        self.ndim: list[int] = []  # per entry
+        self.chunk_lists: list[tuple[str, Sequence[Any]]] = []
+        rows = 0
+        for e, (fqn, meta) in enumerate(md.state_dict_metadata.items()):
+            if isinstance(meta, BytesStorageMetadata):
+                self.ndim.append(0)
+                if meta.encoding != "json" and MetadataIndex(fqn) in located:
+                    self.objects[fqn] = rows
+                    self.entry.append(e)
+                    self.row_offsets.append(None)
+                    rows += 1
+                continue
+            self.ndim.append(len(meta.size))
+            chunks = meta.chunks
+            self.first[fqn] = rows
+            self.count[fqn] = len(chunks)
+            self.chunk_lists.append((fqn, chunks))
+            self.entry.extend(array("q", (e,)) * len(chunks))
+            starts = list(map(_OFFSETS, chunks))
+            self.row_offsets += starts
+            self.offsets.extend(chain.from_iterable(starts))
+            self.sizes.extend(chain.from_iterable(map(_SIZES, chunks)))
+            rows += len(chunks)
+        self.rows = rows
+
+    def place(self, keys: list[tuple[str, Any, Any]]) -> list[Any]:
+        """The row of each key (None: no chunk of the entries): by its position hint
+        (``MetadataIndex.index``, as the planners set it), checked a column at a time,
+        else by looking its offsets up."""
+        fast = self._by_hints(keys)
+        if fast is not None:
+            return fast
+        row_of: dict[tuple[str, Any], int] = {(fqn, None): row for fqn, row in self.objects.items()}
+        for fqn, chunks in self.chunk_lists:
+            first = self.first[fqn]
+            row_of.update(zip(zip(repeat(fqn), map(_OFFSETS, chunks)), range(first, first + len(chunks))))
+        return list(map(row_of.get, map(itemgetter(0, 1), keys)))
+
+    def _by_hints(self, keys: list[tuple[str, Any, Any]]) -> list[Any] | None:
+        fqns = list(map(itemgetter(0), keys))
+        offsets = list(map(itemgetter(1), keys))
+        rows = self._by_hints_tensors(keys, fqns, offsets)
+        if rows is not None and None in offsets:  # objects: placed by name
+            objects = self.objects
+            rows = [objects.get(f) if o is None else r for f, o, r in zip(fqns, offsets, rows, strict=True)]
+        return rows
+
+    def _by_hints_tensors(self, keys: list[Any], fqns: list[str], offsets: list[Any]) -> list[Any] | None:
+        """The rows of tensor keys by hint (objects' places left None), or None when a
+        hint is missing or wrong: each row's chunk must have the key's offsets."""
+        objects = None in offsets
+        tensor = list(map(is_not, offsets, repeat(None))) if objects else [True]
+        fqns = list(compress(fqns, tensor)) if objects else fqns
+        wanted = list(compress(offsets, tensor)) if objects else offsets
+        firsts = list(map(self.first.get, fqns))
+        hints = list(map(itemgetter(2), compress(keys, tensor) if objects else keys))
+        if None in firsts or None in hints or (hints and min(hints) < 0):
+            return None
+        if False in map(lt, hints, map(self.count.__getitem__, fqns)):  # a hint past its entry's rows
+            return None
+        at = list(map(add, firsts, hints))
+        if False in map(eq, wanted, map(self.row_offsets.__getitem__, at)):
+            return None
+        if not objects:
+            return at
+        found = iter(at)
+        return [next(found) if t else None for t in tensor]
+
+
+def _int64(values: Any) -> torch.Tensor:
+    """Python integers as an int64 tensor (through an array: faster than ``torch.tensor``)."""
+    packed = array("q", values)
+    return torch.frombuffer(packed, dtype=torch.int64) if packed else torch.empty(0, dtype=torch.int64)
+
+
+def _scattered(rows: int, at: torch.Tensor, values: Any, fill: int = 0) -> torch.Tensor:
+    """An int64 column of ``rows`` holding ``values`` at rows ``at``, ``fill`` elsewhere."""
+    column = torch.full((rows,), fill, dtype=torch.int64)
+    if len(at):
+        column[at] = _int64(values)
+    return column
+
+
+def _table_of(md: Metadata) -> tuple[bytes, list[str], list[str]]:
+    """The chunk table of ``md`` (its bytes, files and codecs): rows in entry order,
+    each tensor's chunks in its order, with their locations where ``storage_data`` has them.
+
+    Taken a column at a time (attribute getters mapped over the locations, scattered
+    into rows by torch), so the cost per chunk stays in C."""
+    storage = md.storage_data
+    if isinstance(storage, TableLocations) and _same_table(md, storage.table):
+        return storage.table.data, storage.table.files, storage.table.codecs
+    located: Mapping[Any, StorageInfo] = storage if _is_locations(storage) else {}
+    with one_thread():
+        geometry = _Geometry(md, located)
+        rows = geometry.rows
+        # Each key and location object is visited once (at scale they are spread over
+        # gigabytes: every visit is a cache miss); the columns come from the tuples made.
+        places = geometry.place(list(map(_KEY_FIELDS, located.keys())))
+        fields = list(map(_INFO_FIELDS, located.values()))
+        if None in places:  # locations of no chunk in the entries: not written (as in version 1)
+            kept = [i for i, p in enumerate(places) if p is not None]
+            fields, places = [fields[i] for i in kept], [places[i] for i in kept]
+        at = _int64(places)
+        paths = list(map(itemgetter(0), fields))
+        files = list(dict.fromkeys(paths))
+        ids = {name: i for i, name in enumerate(files)}
+        file = _scattered(rows, at, map(ids.__getitem__, paths), -1)
+        offset = _scattered(rows, at, map(itemgetter(1), fields))
+        length = _scattered(rows, at, map(itemgetter(2), fields))
+        block = _scattered(rows, at, map(itemgetter(3), fields))
+        crcs = _in_row_order(at, list(map(itemgetter(4), fields)))
+        codecs, codec = _codec_column(rows, at, list(map(itemgetter(6), fields)))
+        has_digest, digests = _digest_columns(rows, places, list(map(itemgetter(5), fields)))
+        columns = TableColumns(
+            geometry.entry,
+            file,
+            offset,
+            length,
+            block,
+            geometry.offsets,
+            geometry.sizes,
+            crcs,
+            codec,
+            has_digest,
+            digests,
+        )
+        return encode_table(columns, len(md.state_dict_metadata)), files, codecs
+
+
+def _in_row_order(at: torch.Tensor, checksums: list[tuple[int, ...]]) -> torch.Tensor:
+    """Every location's checksums, concatenated in the order of their rows."""
+    counts = _int64(map(len, checksums))
+    flat = array("I", chain.from_iterable(checksums))
+    if not flat:
+        return torch.empty(0, dtype=torch.int32)
+    values = torch.frombuffer(flat, dtype=torch.int32)  # the bits of each uint32
+    order = torch.argsort(at)
+    starts = torch.cumsum(counts, 0) - counts
+    counts, starts = counts[order], starts[order]
+    firsts = torch.cumsum(counts, 0) - counts
+    within = torch.arange(len(flat), dtype=torch.int64) - torch.repeat_interleave(firsts, counts)
+    return values[torch.repeat_interleave(starts, counts) + within]
+
+
+def _codec_column(rows: int, at: torch.Tensor, names: list[str | None]) -> tuple[list[str], torch.Tensor]:
+    """The codec names the rows use, and each row's index into them (0: none)."""
+    used = [name for name in dict.fromkeys(names) if name is not None]
+    if not used:
+        return [], torch.zeros(rows, dtype=torch.uint8)
+    ids: dict[str | None, int] = {None: 0}
+    ids.update((name, i + 1) for i, name in enumerate(used))
+    return used, _scattered(rows, at, list(map(ids.__getitem__, names))).to(torch.uint8)
+
+
+def _digest_columns(rows: int, places: list[Any], hashes: list[str | None]) -> tuple[torch.Tensor, bytes]:
+    """Each row's digest flag, and the digests of the rows that have one, in row order."""
+    flags = torch.zeros(rows, dtype=torch.uint8)
+    if hashes.count(None) == len(hashes):
+        return flags, b""
+    found = sorted((p, h) for p, h in zip(places, hashes, strict=True) if h is not None)
+    digests = []
+    for row, digest in found:
+        raw = bytes.fromhex(digest)
+        if len(raw) != DIGEST:
+            raise ValueError(f"a content hash of {len(raw)} bytes is not a BLAKE3 digest: {digest!r}")
+        digests.append(raw)
+        flags[row] = 1
+    return flags, b"".join(digests)
+
+
+def _encode_v2(md: Metadata) -> Encoded:
+    table, files, codecs = _table_of(md)
+    name = chunk_table_name(md.save_id or uuid.uuid4().hex)
+    if not is_chunk_table(name):
+        raise ValueError(f"save id {md.save_id!r} cannot name a chunk table")
+    storage = md.storage_data
+    custom = storage if storage is not None and not _is_locations(storage) else msgspec.UNSET
+    doc = DocumentV2(
+        format=FORMAT_NAME,
+        version=2,
+        torch_version=str(md.torch_version),
+        committed_at=md.committed_at,
+        user_metadata=md.user_metadata,
+        checksum=ChecksumV2(ALGORITHM),
+        files=files,
+        codecs=codecs,
+        chunk_table=ChunkTableRef(name, len(table), blake3.blake3(table).hexdigest()),
+        planner_data=md.planner_data,
+        entries={fqn: _entry_v2(entry) for fqn, entry in md.state_dict_metadata.items()},
+        storage_data=custom,
+        nbytes_written=md.nbytes_written,
+        save_id=md.save_id,
+        save_seconds=md.save_seconds,
+    )
+    try:
+        return Encoded(msgspec.json.encode(doc), {name: table})
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"the checkpoint manifest is not JSON-serializable: {exc}") from exc
+
+
 class _RawEntriesV1(msgspec.Struct):
     """Only the entries, each kept raw: decoded one by one, a type error names its key."""
 
@@ -186,16 +509,19 @@ class _RawEntriesV1(msgspec.Struct):
 _entry_decoder = msgspec.json.Decoder(PlainEntry)
 
 
-def _name_the_entry(data: bytes, error: msgspec.ValidationError) -> CorruptCheckpointError:
+def _name_the_entry(
+    data: bytes, error: msgspec.ValidationError, entry_decoder: msgspec.json.Decoder[Any] | None = None
+) -> CorruptCheckpointError:
     """The error for a field of the wrong type, naming the entry it is in (msgspec's
     path leaves dict keys out) when it is in one."""
+    entry_decoder = entry_decoder or _entry_decoder
     try:
         raw_entries = msgspec.json.decode(data, type=_RawEntriesV1).entries
     except msgspec.ValidationError:
         return CorruptCheckpointError(str(error))
     for fqn, raw in raw_entries.items():
         try:
-            _entry_decoder.decode(raw)
+            entry_decoder.decode(raw)
         except msgspec.ValidationError as exc:
             return CorruptCheckpointError(f"entries[{fqn!r}]: {exc}")
     return CorruptCheckpointError(str(error))
@@ -233,12 +559,137 @@ def _decode_v1(data: bytes) -> Metadata:
     return build_metadata(doc, checked)
 
 
-DECODERS: dict[int, Callable[[bytes], Metadata]] = {1: _decode_v1}
-"""One decoder per format version this torchstow reads."""
+_v2_decoder = msgspec.json.Decoder(DocumentV2)
+_v2_entry_decoder = msgspec.json.Decoder(EntryV2)
 
 
-def decode_metadata(data: bytes, *, source: str = "manifest") -> Metadata:
-    """Parse a manifest of any version in :data:`DECODERS`. Never unpickles."""
+def _read_table(doc: DocumentV2, read_file: ReadFile | None) -> bytes:
+    """The chunk table ``doc`` names, checked against the length and digest it records."""
+    ref = doc.chunk_table
+    name = ref.name
+    if not is_chunk_table(name):
+        raise CorruptCheckpointError(
+            f"chunk_table.name = {name[:60]!r} is not a plain chunk-table name (manifest-*.chunks)"
+        )
+    if read_file is None:
+        raise CorruptCheckpointError(f"its chunk table {name} cannot be read here (no reader was given)")
+    try:
+        data = read_file(name)
+    except FileNotFoundError:
+        data = None
+    if data is None:
+        raise CorruptCheckpointError(f"its chunk table {name} is missing: the checkpoint is damaged")
+    if len(data) != ref.length:
+        raise CorruptCheckpointError(
+            f"its chunk table {name} is {len(data)} bytes; the manifest records {ref.length}"
+        )
+    if blake3.blake3(data).hexdigest() != ref.blake3.lower():
+        raise CorruptCheckpointError(
+            f"its chunk table {name} does not match the BLAKE3 digest the manifest records"
+        )
+    return bytes(data)
+
+
+def _entry_shapes(entries: Mapping[str, EntryV2]) -> list[EntryShape]:
+    shapes = []
+    for fqn, raw in entries.items():
+        if raw.dtype is None:
+            shapes.append(EntryShape(fqn, None, 0, 0 if raw.encoding == "json" else 1))
+        else:
+            assert raw.shape is not None  # the entry rules ask for one
+            shapes.append(EntryShape(fqn, tuple(raw.shape), dtype_from_name(raw.dtype).itemsize, -1))
+    return shapes
+
+
+def _decode_v2(data: bytes, read_file: ReadFile | None = None) -> Metadata:
+    try:
+        doc = _v2_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _name_the_entry(data, exc, _v2_entry_decoder) from exc
+    check_algorithm(doc.checksum.algorithm)
+    free = [("user_metadata", doc.user_metadata)]
+    if doc.storage_data is not msgspec.UNSET:
+        free.append(("storage_data", doc.storage_data))
+    check_manifest(
+        files=doc.files, block_size=0, entries=doc.entries, planner_data=doc.planner_data, free_values=free
+    )
+    for i, codec in enumerate(doc.codecs):
+        if not codec or len(codec) > 64 or codec in doc.codecs[:i]:
+            raise CorruptCheckpointError(f"codecs[{i}] = {codec[:60]!r} is empty, too long or named twice")
+        if codec not in CODECS:
+            raise CorruptCheckpointError(
+                f"codecs[{i}] = {codec!r} is not one this torchstow knows (known: {', '.join(CODECS)})"
+            )
+    table = ChunkTable.decode(
+        _read_table(doc, read_file),
+        files=doc.files,
+        codecs=doc.codecs,
+        entries=_entry_shapes(doc.entries),
+        name=doc.chunk_table.name,
+    )
+    return _build_v2(doc, table)
+
+
+def _build_v2(doc: DocumentV2, table: ChunkTable) -> Metadata:
+    entries: dict[str, STORAGE_TYPES] = {}
+    props_cache: dict[tuple[str, bool], TensorProperties] = {}
+    for e, (fqn, raw) in enumerate(doc.entries.items()):
+        if raw.dtype is None:
+            if raw.encoding is None:
+                raise CorruptCheckpointError(f"the entry {fqn!r} has neither a dtype nor an encoding")
+            entries[fqn] = BytesStorageMetadata(raw.encoding, raw.value)
+            continue
+        props = props_cache.get((raw.dtype, raw.requires_grad))
+        if props is None:
+            props = props_cache[raw.dtype, raw.requires_grad] = TensorProperties(
+                dtype_from_name(raw.dtype), raw.requires_grad
+            )
+        assert raw.shape is not None
+        entries[fqn] = TensorStorageMetadata(props, torch.Size(raw.shape), TableChunks(table, e))
+    storage: Any = TableLocations(table)
+    if not storage:
+        storage = doc.storage_data if doc.storage_data is not msgspec.UNSET else None
+    return Metadata(
+        state_dict_metadata=entries,
+        planner_data=doc.planner_data,
+        storage_data=storage,
+        user_metadata=doc.user_metadata or {},
+        version=doc.version,
+        committed_at=doc.committed_at,
+        torch_version=doc.torch_version,
+        nbytes_written=doc.nbytes_written,
+        save_id=doc.save_id,
+        save_seconds=doc.save_seconds,
+    )
+
+
+DECODERS: dict[int, Callable[..., Metadata]] = {1: _decode_v1, 2: _decode_v2}
+"""One decoder per format version this torchstow reads: ``decoder(data, read_file)``."""
+
+
+class _TableName(msgspec.Struct):
+    name: str = ""
+
+
+class _Names(msgspec.Struct):
+    version: Any = None
+    chunk_table: _TableName | None = None
+
+
+def chunk_table_of(data: bytes) -> str | None:
+    """The chunk table a manifest names (a plain name), or None (version 1, or unreadable)."""
+    try:
+        found = msgspec.json.decode(data, type=_Names)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if found.version != 2 or found.chunk_table is None or not is_chunk_table(found.chunk_table.name):
+        return None
+    return found.chunk_table.name
+
+
+def decode_metadata(data: bytes, *, source: str = "manifest", read_file: ReadFile | None = None) -> Metadata:
+    """Parse a manifest of any version in :data:`DECODERS`; ``read_file`` reads the files
+    beside it (a version-2 manifest's chunk table: pass ``store.read_file``). Never unpickles."""
     try:
         header = msgspec.json.decode(data, type=Header)
     except RecursionError as exc:
@@ -262,7 +713,7 @@ def decode_metadata(data: bytes, *, source: str = "manifest") -> Metadata:
             f"(it reads {', '.join(map(str, sorted(DECODERS)))})"
         )
     try:
-        return decoder(data)
+        return decoder(data, read_file) if version >= 2 else decoder(data)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{source} is malformed: {exc}") from exc
     except (msgspec.DecodeError, IndexError, TypeError, ValueError, RecursionError) as exc:

@@ -2,7 +2,8 @@
 
 A checkpoint location holds one manifest, data files named
 ``data-<save id>-<rank>-<n>.bin`` (a new save id per save, so a save never
-touches the files of the checkpoint it replaces) and, while a manifest is
+touches the files of the checkpoint it replaces), for a version-2 manifest
+its chunk table ``manifest-<save id>.chunks`` (the manifest's own save id) and, while a manifest is
 being published, a temporary file ``.<manifest>.<token>.tmp``. A byte store
 that publishes through a temporary name must use :func:`temporary_name`, so
 that ``delete`` and the incomplete-checkpoint check recognise the debris of
@@ -19,10 +20,13 @@ __all__ = [
     "MANIFEST",
     "SMALL_ALIGN",
     "alignment",
+    "chunk_table_name",
     "data_file_name",
     "data_file_prefix",
     "is_checkpoint_file",
+    "is_chunk_table",
     "is_data_file",
+    "is_manifest_file",
     "is_temporary",
     "temporary_name",
 ]
@@ -69,6 +73,38 @@ def is_temporary(name: str, of: str = MANIFEST) -> bool:
     return name.startswith(f".{of}.") and name.endswith(".tmp")
 
 
+def chunk_table_name(save_id: str) -> str:
+    """The name of the chunk table a version-2 manifest with ``save_id`` names (one per
+    commit: saves racing to one location, or replacing each other, never share one)."""
+    return f"manifest-{save_id}.chunks"
+
+
+def is_chunk_table(name: str) -> bool:
+    """Whether ``name`` is a version-2 manifest's chunk table: ``manifest-*.chunks``,
+    a plain name (no path separator, no NUL, at most 255 characters)."""
+    return (
+        name.startswith("manifest-")
+        and name.endswith(".chunks")
+        and len(name) <= 255
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
+def is_manifest_file(name: str) -> bool:
+    """Whether ``name`` is part of the manifest (the manifest, or a version-2 manifest's
+    chunk table): what a wrapper that transforms data files (encryption) leaves plain, so
+    that the verbs reading manifests only (``ls``, ``info``) need none of its data options."""
+    return name == MANIFEST or is_chunk_table(name)
+
+
 def is_checkpoint_file(name: str) -> bool:
-    """Whether ``name`` belongs to a checkpoint besides its manifest: data or publish debris."""
-    return is_data_file(name) or is_temporary(name)
+    """Whether ``name`` belongs to a checkpoint besides its manifest: data, a chunk
+    table or publish debris (of the manifest or of a chunk table)."""
+    return (
+        is_data_file(name)
+        or is_chunk_table(name)
+        or is_temporary(name)
+        or (name.startswith(".manifest-") and ".chunks." in name and name.endswith(".tmp"))
+    )

@@ -10,7 +10,7 @@ its value inline when it is JSON, else the location of its serialized bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -18,8 +18,9 @@ import torch
 
 from torchstow.errors import CorruptCheckpointError
 
-FORMAT_VERSION = 1
-"""The format version this torchstow writes (the codec reads older ones too)."""
+FORMAT_VERSION = 2
+"""The format version this torchstow writes by default (the codec reads older ones too,
+and writes version 1 for ``save(..., format_version=1)``)."""
 
 __all__ = [
     "FORMAT_VERSION",
@@ -35,6 +36,7 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "inline_locations",
+    "located_files",
     "new_storage_info",
     "stored_nbytes",
 ]
@@ -89,7 +91,7 @@ class TensorStorageMetadata:
 
     properties: TensorProperties
     size: torch.Size
-    chunks: list[ChunkStorageMetadata]
+    chunks: Sequence[ChunkStorageMetadata]  # a list, or a version-2 manifest's lazy view
 
 
 @dataclass
@@ -255,13 +257,28 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def inline_locations(md: Metadata) -> bool:
-    """Whether ``md.storage_data`` maps items to :class:`StorageInfo` (the layout's locations)."""
+    """Whether ``md.storage_data`` maps items to :class:`StorageInfo` (the layout's locations:
+    a dict, or a version-2 manifest's columns)."""
     data = md.storage_data
+    if hasattr(data, "total_length"):  # format.table.TableLocations: columns of StorageInfo
+        return True
     return isinstance(data, dict) and all(isinstance(v, StorageInfo) for v in data.values())
+
+
+def located_files(md: Metadata) -> set[str]:
+    """The data files ``md``'s locations name (none where ``storage_data`` holds none)."""
+    data = md.storage_data
+    if hasattr(data, "file_names"):  # columns: no object per item
+        return set(data.file_names())
+    if not isinstance(data, Mapping):
+        return set()
+    return {info.relative_path for info in data.values() if isinstance(info, StorageInfo)}
 
 
 def stored_nbytes(md: Metadata) -> int:
     """Bytes of data the checkpoint's items occupy in storage."""
+    if hasattr(md.storage_data, "total_length"):
+        return int(md.storage_data.total_length())
     if inline_locations(md):
         return sum(info.length for info in md.storage_data.values())
     total = 0

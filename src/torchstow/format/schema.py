@@ -1,4 +1,5 @@
-"""The version-1 manifest document as :mod:`msgspec` structs: one definition.
+"""The manifest documents as :mod:`msgspec` structs: version 1 (one definition, read two
+ways) and version 2 (:class:`DocumentV2`, its chunk table in a file of its own).
 
 The structs are generic in the types of their integers, so the same
 definition is read two ways:
@@ -16,7 +17,7 @@ The JSON is the same either way (``docs/format.md`` documents it).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
@@ -26,8 +27,11 @@ from torchstow.format.validation import MAX_DIMS
 __all__ = [
     "Checksum",
     "Chunk",
+    "ChunkTableRef",
     "Document",
+    "DocumentV2",
     "Entry",
+    "EntryV2",
     "Header",
     "Located",
     "PlainDocument",
@@ -110,3 +114,48 @@ class Document(msgspec.Struct, Generic[N, C, D], kw_only=True):
 PlainEntry = Entry[int, int, tuple[int, ...]]
 PlainDocument = Document[int, int, tuple[int, ...]]
 RangedDocument = Document[Count, Crc, Dims]
+
+
+class EntryV2(msgspec.Struct, omit_defaults=True):
+    """A version-2 entry: a tensor's ``dtype``, ``shape`` and ``requires_grad``, or an
+    object's ``encoding`` and inline ``value``; every location is in the chunk table."""
+
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    requires_grad: bool = False
+    encoding: str | None = None
+    value: Any = None
+    # What the entry rules ask of a location or chunk list in the JSON: there is none.
+    file: ClassVar[None] = None
+    chunks: ClassVar[None] = None
+
+
+class ChecksumV2(msgspec.Struct):
+    algorithm: str = ALGORITHM
+
+
+class ChunkTableRef(msgspec.Struct):
+    """The chunk table a version-2 manifest names: its file ``name``, ``length`` in
+    bytes and BLAKE3 digest (64 hex digits)."""
+
+    name: str
+    length: int
+    blake3: str
+
+
+class DocumentV2(msgspec.Struct, kw_only=True):
+    format: str
+    version: int
+    torch_version: str = ""
+    committed_at: float | None = None
+    user_metadata: dict[str, Any] | None = None
+    checksum: ChecksumV2 = msgspec.field(default_factory=ChecksumV2)
+    files: list[str] = []
+    codecs: list[str] = []
+    chunk_table: ChunkTableRef
+    planner_data: Any = None
+    entries: dict[str, EntryV2]
+    storage_data: Any = msgspec.UNSET
+    nbytes_written: int | None = None
+    save_id: str | None = None
+    save_seconds: float | None = None

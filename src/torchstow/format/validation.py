@@ -27,6 +27,7 @@ from torchstow.format.chunks import Box, cover_fault, outside
 from torchstow.format.compression import BYTEPLANES, CODECS
 from torchstow.format.manifest import dtype_from_name
 from torchstow.format.structure import leaf_paths
+from torchstow.format.table import ChunkTable
 
 __all__ = [
     "MAX_DEPTH",
@@ -416,7 +417,12 @@ def check_extents(
     there (index -> the error's message, to raise when it is read), so the
     intact items of a truncated file stay readable too.
     """
-    missing = set()
+    table = getattr(locations, "table", None)  # a version-2 manifest's columns: checked at once
+    if isinstance(table, ChunkTable):
+        missing, past = table.beyond(sizes)
+        locations = map(table.pair, past)
+    else:
+        missing = set()
     for index, info in locations:
         size = sizes.get(info.relative_path)
         if size is None:

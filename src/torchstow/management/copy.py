@@ -25,6 +25,7 @@ from torchstow.errors import (
 from torchstow.format.compression import check_compression
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
+from torchstow.format.table import TableLocations
 from torchstow.management.catalog import info
 from torchstow.management.datafiles import Problem, Span, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
@@ -213,7 +214,9 @@ def _copy_store(
         with contextlib.suppress(Exception):
             dst_store.delete_files(list(names.values()))
         raise
-    if isinstance(metadata.storage_data, dict):
+    if isinstance(metadata.storage_data, TableLocations):  # columns: renamed without an object per item
+        metadata.storage_data = metadata.storage_data.renamed(names)
+    elif isinstance(metadata.storage_data, dict):
         metadata.storage_data = {
             index: replace(info, relative_path=names[info.relative_path])
             for index, info in metadata.storage_data.items()

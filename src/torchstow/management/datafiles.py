@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torchstow.core.storage.store import ByteStore
@@ -69,7 +69,7 @@ def _key_name(metadata: Metadata, index: MetadataIndex) -> str:
 
 def spans_by_file(metadata: Metadata) -> dict[str, list[Span]]:
     """The stored items of ``metadata``, grouped by data file, in offset order."""
-    locations = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    locations = metadata.storage_data if isinstance(metadata.storage_data, Mapping) else {}
     files: dict[str, list[Span]] = {}
     for index, info in locations.items():
         files.setdefault(info.relative_path, []).append(Span(_key_name(metadata, index), info))
@@ -83,7 +83,7 @@ def check_manifest(metadata: Metadata) -> list[Problem]:
     locations whose length does not match the chunk, checksums that do not
     cover the item."""
     problems = []
-    locations = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    locations = metadata.storage_data if isinstance(metadata.storage_data, Mapping) else {}
     for fqn, entry in metadata.state_dict_metadata.items():
         if not isinstance(entry, TensorStorageMetadata):
             if entry.encoding != "json" and MetadataIndex(fqn) not in locations:

@@ -46,7 +46,7 @@ from torchstow.spi import (
     WriteResult,
     open_backend,
 )
-from torchstow.testing._internals import StorageInfo, scheme_of
+from torchstow.testing._internals import StorageInfo, is_chunk_table, scheme_of
 from torchstow.testing._rules import rule
 from torchstow.testing.base import ConformanceBase
 from torchstow.testing.compare import assert_same_state
@@ -122,14 +122,19 @@ class BackendConformance(ConformanceBase):
     # -- the tests -----------------------------------------------------------------
 
     @rule(
-        "every tensor dtype saved comes back bit for bit, through load and read",
+        "every tensor dtype saved comes back bit for bit, through load and read, in either manifest "
+        "format (version 2's chunk table is a file of its own)",
         "return exactly the bytes written from read_into/read_file, at the offsets asked (the byte-store "
         "kit localises the fault)",
     )
-    def test_round_trip_every_dtype(self, root_uri: str, storage_options: dict[str, Any]) -> None:
+    @pytest.mark.parametrize("format_version", [1, 2])
+    def test_round_trip_every_dtype(
+        self, root_uri: str, storage_options: dict[str, Any], format_version: int
+    ) -> None:
         sd = every_dtype_state_dict()
         uri = self.uri(root_uri, "step-1")
-        torchstow.save(sd, uri, storage_options=storage_options)
+        torchstow.save(sd, uri, storage_options=storage_options, format_version=format_version)
+        assert torchstow.info(uri, storage_options=storage_options).format_version == format_version
         target = zeros_like_state(sd)
         torchstow.load(target, uri, storage_options=storage_options)
         assert_same_state(target, sd)
@@ -259,6 +264,8 @@ class BackendConformance(ConformanceBase):
         new = {"w": torch.full((64,), 2.0), "tag": "new"}
         torchstow.save(old, uri, storage_options=storage_options)
         replaced = self._data_files(uri, storage_options)
+        if self.byte_access:  # the manifest's chunk table goes with it
+            replaced |= {n for n in open_byte_store(uri).list_files() if is_chunk_table(n)}
         with pytest.raises(CheckpointExistsError):
             torchstow.save(new, uri, storage_options=storage_options)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), old)
@@ -271,8 +278,9 @@ class BackendConformance(ConformanceBase):
         torchstow.save(new, uri, storage_options=storage_options, overwrite=True)
         assert_same_state(torchstow.read(uri, storage_options=storage_options), new)
         if self.byte_access:
-            # The replaced checkpoint's files are gone; the crashed save's stay (a commit
-            # never deletes files no committed manifest lists: they may be a save in flight).
+            # The replaced checkpoint's files (its chunk table too) are gone; the crashed save's
+            # stay (a commit never deletes files no committed manifest lists: they may be a save
+            # in flight).
             files = set(open_byte_store(uri).list_files())
             live = self._data_files(uri, storage_options)
             assert MANIFEST in files and live <= files and not replaced & files

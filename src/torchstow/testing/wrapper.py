@@ -24,7 +24,7 @@ import torch
 
 import torchstow
 from torchstow.errors import CheckpointException, CheckpointNotFoundError
-from torchstow.format.files import MANIFEST
+from torchstow.format.files import is_manifest_file
 from torchstow.spi import ByteStore, StoreBackend, open_backend
 from torchstow.testing._rules import rule
 from torchstow.testing.base import ConformanceBase
@@ -81,7 +81,7 @@ class WrapperConformance(ConformanceBase):
         uri = self.saved(root_uri, storage_options)
         shown, at_rest = self.stores(uri, storage_options)
         transforms = bool(getattr(shown, "transforms_bytes", False))
-        names = [n for n in at_rest.list_files() if n != MANIFEST]
+        names = [n for n in at_rest.list_files() if not is_manifest_file(n)]
         assert names, f"no data file at rest under {at_rest.location}"
         differ = [n for n in names if at_rest.read_file(n) != shown.read_file(n)]
         if transforms:
@@ -102,7 +102,7 @@ class WrapperConformance(ConformanceBase):
         shown, at_rest = self.stores(uri, storage_options)
         if not getattr(shown, "transforms_bytes", False):
             pytest.skip(f"{type(shown).__name__} keeps the bytes: every capability may be forwarded")
-        name = next(n for n in at_rest.list_files() if n != MANIFEST)
+        name = next(n for n in at_rest.list_files() if not is_manifest_file(n))  # a data file
         assert shown.local_path(name) is None, "local_path maps the stored bytes, not what torchstow wrote"
         assert shown.file_sizes() is None, "file_sizes reports the sizes at rest, not what torchstow wrote"
         assert not shown.can_adopt(), "can_adopt: an incremental save would share stored files"

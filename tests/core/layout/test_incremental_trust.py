@@ -5,7 +5,6 @@ hashed as before. Results (bytes written, loaded values) are those of a save wit
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import torchstow
+from manifest_json import manifest_doc
 from torchstow.core.layout import incremental
 from torchstow.core.staging.stager import StateDictStager
 from torchstow.testing import assert_same_state
@@ -183,7 +183,7 @@ def test_a_write_behind_the_counter_is_caught_when_the_base_differs_and_digests_
         torchstow.save(state, tmp_path / "3", base=tmp_path / "elsewhere", trust_version_counter=True)
     assert "changed without its version counter moving" in caplog.text
     assert torchstow.info(tmp_path / "3").nbytes_written == 256 * 256 * 4
-    entry = json.loads((tmp_path / "3" / "manifest.json").read_text())["entries"]["w"]
+    entry = manifest_doc(tmp_path / "3")["entries"]["w"]
     assert entry["blake3"] == blake3.blake3(state["w"].numpy().tobytes()).hexdigest()
     assert_same_state(torchstow.read(tmp_path / "3"), state)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import torchstow
+from manifest_json import manifest_doc
 from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner, WriteItem
 
@@ -36,8 +37,7 @@ def data_files(path: str) -> list[str]:
 
 
 def manifest(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, "manifest.json")) as f:
-        return json.load(f)
+    return manifest_doc(path)
 
 
 def test_saving_onto_a_checkpoint_needs_overwrite(ckpt: str) -> None:

@@ -3,7 +3,6 @@ checksums verified unless verify=False; local files and shm:// only."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import torchstow
+from manifest_json import manifest_doc
 from state_helpers import ALL_DTYPES
 from torchstow.testing import assert_same_state
 
@@ -71,7 +71,7 @@ def test_writing_to_a_mapped_tensor_copies_on_write_and_leaves_the_file_alone(ck
 
 
 def _flip_a_byte_of(ckpt: str, key: str) -> None:
-    manifest = json.loads(Path(ckpt, "manifest.json").read_text())
+    manifest = manifest_doc(ckpt)
     entry = manifest["entries"][key]
     path = Path(ckpt, manifest["files"][entry["file"]])
     data = bytearray(path.read_bytes())

@@ -15,6 +15,7 @@ import torch
 
 import torchstow
 import torchstow.planning
+from manifest_json import manifest_doc
 from torchstow.core.planning import DefaultLoadPlanner, LoadItemType, LoadPlan, ReadItem
 from torchstow.errors import CheckpointException
 from torchstow.format import chunks as chunk_math
@@ -250,8 +251,7 @@ def test_partial_reads_match_the_region(
 
 
 def test_partial_read_verifies_only_the_blocks_it_touches(ckpt: str, big: torch.Tensor) -> None:
-    with open(os.path.join(ckpt, "manifest.json")) as f:
-        doc = json.load(f)
+    doc = manifest_doc(ckpt)
     entry = doc["entries"]["w"]
     path = os.path.join(ckpt, doc["files"][entry["file"]])
 

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torchstow.spi import (
-    MANIFEST,
     REQUIRED,
     Buffer,
     ByteStore,
@@ -36,6 +35,7 @@ from torchstow.spi import (
     Register,
     WrapperBackend,
     hookimpl,
+    is_manifest_file,
 )
 
 __all__ = ["KEY_ENV", "EncryptedStore", "EncryptingBackend"]
@@ -169,14 +169,14 @@ class EncryptedStore(ForwardingByteStore):
         return _EncryptingSink(self.inner.create(name), self._new_cipher(name))
 
     def publish(self, name: str, data: bytes) -> None:
-        self.inner.publish(name, data if name == MANIFEST else self._seal_whole(name, data))
+        self.inner.publish(name, data if is_manifest_file(name) else self._seal_whole(name, data))
 
     def publish_new(self, name: str, data: bytes) -> None:
-        self.inner.publish_new(name, data if name == MANIFEST else self._seal_whole(name, data))
+        self.inner.publish_new(name, data if is_manifest_file(name) else self._seal_whole(name, data))
 
     def read_file(self, name: str) -> bytes:
         data = self.inner.read_file(name)
-        return data if name == MANIFEST else self._open_whole(name, data)
+        return data if is_manifest_file(name) else self._open_whole(name, data)
 
     def _stored_size(self, name: str) -> int:
         if name not in self._sizes:

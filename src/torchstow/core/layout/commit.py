@@ -8,6 +8,11 @@ to commit wins). When the write fails in a way that leaves its outcome open
 manifest is read back: if it carries this save's id the save committed.
 After a commit only the files of the manifest this save replaced are
 removed, never those of a save still in flight.
+
+A version-2 manifest's chunk table (named after the commit's save id) is
+written, made durable, before the manifest is published: a crash in between
+leaves a table no manifest names (debris for ``gc``), never a manifest
+without its table.
 """
 
 from __future__ import annotations
@@ -16,25 +21,33 @@ import logging
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
-from torchstow.format.codec import decode_metadata, encode_metadata
+from torchstow.format.codec import chunk_table_of, decode_metadata, encode_manifest
 from torchstow.format.files import MANIFEST
-from torchstow.format.manifest import Metadata
+from torchstow.format.manifest import Metadata, located_files
 
 __all__ = ["UncertainCommitError", "committed_files", "listed_files", "publish_manifest"]
 
 logger = logging.getLogger(__name__)
 
 
-def _committed(store: ByteStore) -> Metadata | None:
-    """The manifest at ``store`` now, or None when there is none or it is unreadable."""
+def _committed_with_table(store: ByteStore) -> tuple[Metadata, str | None] | None:
+    """The manifest at ``store`` now and the chunk table it names, or None when there is
+    none or it is unreadable."""
     try:
         data = store.read_file(MANIFEST)
     except FileNotFoundError:
         return None
     try:
-        return decode_metadata(data, source=f"{store.location}/{MANIFEST}")
+        metadata = decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
     except TorchstowError:
         return None
+    return metadata, chunk_table_of(data)
+
+
+def _committed(store: ByteStore) -> Metadata | None:
+    """The manifest at ``store`` now, or None when there is none or it is unreadable."""
+    found = _committed_with_table(store)
+    return None if found is None else found[0]
 
 
 class UncertainCommitError(StorageIOError):
@@ -43,16 +56,17 @@ class UncertainCommitError(StorageIOError):
 
 
 def listed_files(store: ByteStore) -> set[str] | None:
-    """Data files the committed manifest at ``store`` lists (none without a readable
-    manifest), or None when the location could not be read."""
+    """Data files the committed manifest at ``store`` lists, and its chunk table (none
+    without a readable manifest), or None when the location could not be read."""
     try:
-        metadata = _committed(store)
+        found = _committed_with_table(store)
     except Exception:
         logger.warning("could not read the committed manifest at %s", store.location, exc_info=True)
         return None
-    if metadata is None or not isinstance(metadata.storage_data, dict):
+    if found is None:
         return set()
-    return {info.relative_path for info in metadata.storage_data.values()}
+    metadata, table = found
+    return located_files(metadata) | ({table} if table else set())
 
 
 def committed_files(store: ByteStore) -> set[str]:
@@ -72,10 +86,35 @@ def _is_ours(store: ByteStore, save_id: str, error: BaseException) -> bool:
     return metadata is not None and metadata.save_id == save_id
 
 
-def publish_manifest(store: ByteStore, metadata: Metadata, *, overwrite: bool) -> None:
-    """Write ``metadata`` (which carries its ``save_id``) as the location's manifest."""
+def _write_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
+    """Write a manifest's side files, durable before it is published: published as the
+    manifest is (metadata, not data: a wrapper that transforms data leaves them as they are)."""
+    for name, data in tables.items():
+        store.publish(name, data)
+
+
+def publish_manifest(
+    store: ByteStore, metadata: Metadata, *, overwrite: bool, version: int | None = None
+) -> None:
+    """Write ``metadata`` (which carries its ``save_id``) as the location's manifest, in
+    format ``version`` (default ``metadata.version``), its chunk table first."""
     assert metadata.save_id is not None
-    manifest = encode_metadata(metadata)
+    manifest, tables = encode_manifest(metadata, version)
+    _write_tables(store, tables)
+    try:
+        _publish(store, metadata, manifest, overwrite)
+    except UncertainCommitError:
+        raise  # it may have landed: its table stays (gc removes it if it did not)
+    except Exception:  # surely not landed (read back); an interrupt may have landed: left to gc
+        try:
+            store.delete_files(sorted(tables))
+        except Exception:
+            logger.warning("removing the chunk table of a failed commit at %s failed", store.location)
+        raise
+
+
+def _publish(store: ByteStore, metadata: Metadata, manifest: bytes, overwrite: bool) -> None:
+    assert metadata.save_id is not None
     try:
         if overwrite:
             store.publish(MANIFEST, manifest)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import blake3
 
@@ -77,7 +77,7 @@ def base_problem(store: ByteStore) -> str | None:
     except (IncompleteCheckpointError, CorruptCheckpointError, FormatVersionError) as exc:
         return str(exc)
     sizes = store.file_sizes()
-    if sizes is None or not isinstance(metadata.storage_data, dict):
+    if sizes is None or not isinstance(metadata.storage_data, Mapping):
         return None
     try:
         missing = check_extents(metadata.storage_data.items(), sizes, store.location)
@@ -98,7 +98,9 @@ class BaseContent:
     def __init__(self, store: ByteStore, metadata: Metadata) -> None:
         locations = metadata.storage_data
         self.store = store
-        self.locations: dict[MetadataIndex, StorageInfo] = locations if isinstance(locations, dict) else {}
+        self.locations: Mapping[MetadataIndex, StorageInfo] = (
+            locations if isinstance(locations, Mapping) else {}
+        )
         self._lock = threading.Lock()
         self._adopted: dict[str, bool] = {}
         self._present: set[str] | None = None

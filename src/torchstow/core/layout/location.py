@@ -53,7 +53,7 @@ def read_manifest(store: ByteStore, *, dcp: bool = False) -> Metadata:
                 "that wrote it did not finish. Save again, or delete the location."
             ) from None
         raise CheckpointNotFoundError(f"no checkpoint at {store.location}") from None
-    return decode_metadata(data, source=f"{store.location}/{MANIFEST}")
+    return decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
 
 
 def read_dcp_manifest(store: ByteStore) -> Metadata:

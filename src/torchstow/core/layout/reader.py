@@ -73,7 +73,7 @@ class LayoutReader(StorageReader):
             return
         self._missing = set()
         self._beyond = {}
-        if isinstance(metadata.storage_data, dict) and metadata.storage_data:
+        if isinstance(metadata.storage_data, Mapping) and metadata.storage_data:
             sizes = self.store.file_sizes()
             if sizes is not None:
                 self._missing = check_extents(
@@ -93,10 +93,10 @@ class LayoutReader(StorageReader):
     ) -> None:
         # A checkpoint of JSON values only (or of nothing) has no data locations.
         locations = {} if metadata.storage_data is None else metadata.storage_data
-        if not isinstance(locations, dict):
+        if not isinstance(locations, Mapping):
             raise CorruptCheckpointError(f"the manifest at {self.store.location} records no data locations")
         self.metadata = metadata
-        self.locations: dict[MetadataIndex, StorageInfo] = locations
+        self.locations: Mapping[MetadataIndex, StorageInfo] = locations
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -219,7 +219,7 @@ def raise_if_missing(
 ) -> None:
     """Raise the missing-file error for the first item of ``keys`` stored in a ``missing``
     file, or the error ``beyond`` records for one past its file's end."""
-    if not (missing or beyond) or not isinstance(locations, dict):
+    if not (missing or beyond) or not isinstance(locations, Mapping):
         return
     wanted = set(keys)
     for index, info in locations.items():

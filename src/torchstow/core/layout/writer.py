@@ -38,6 +38,7 @@ from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import checksum
+from torchstow.format.codec import WRITTEN_VERSIONS
 from torchstow.format.files import (
     BLOCK_SIZE,
     LARGE_ALIGN,
@@ -46,7 +47,7 @@ from torchstow.format.files import (
     data_file_name,
     data_file_prefix,
 )
-from torchstow.format.manifest import Metadata, StorageInfo
+from torchstow.format.manifest import FORMAT_VERSION, Metadata, StorageInfo
 from torchstow.format.structure import check_utf8_keys
 from torchstow.format.validation import check_extents
 
@@ -94,12 +95,33 @@ def _split(items: Sequence[Any], sizes: Sequence[int], parts: int) -> list[list[
     return bins
 
 
+def set_format_version(writer: Any, version: int) -> None:
+    """Make ``writer`` (or the :class:`LayoutWriter` it forwards to) commit manifests of
+    format ``version`` (``save(..., format_version=)``); ValueError for a version this
+    torchstow does not write, or another version than the default for a writer of another kind."""
+    if type(version) is not int or version not in WRITTEN_VERSIONS:
+        raise ValueError(
+            f"format_version must be one of {', '.join(map(str, WRITTEN_VERSIONS))}, not {version!r}"
+        )
+    target = writer
+    while not isinstance(target, LayoutWriter) and hasattr(target, "inner"):
+        target = target.inner
+    if isinstance(target, LayoutWriter):
+        target.format_version = version
+    elif version != FORMAT_VERSION:
+        raise ValueError(
+            f"format_version={version} needs a torchstow layout writer; {type(writer).__name__} "
+            "writes its own manifest format"
+        )
+
+
 class LayoutWriter(StorageWriter):
     """A :class:`StorageWriter` over any :class:`ByteStore`.
 
     ``overwrite`` allows replacing a committed checkpoint (the old one stays
     loadable until the new manifest is published). ``thread_count`` is the
-    number of files, and threads, per rank.
+    number of files, and threads, per rank. ``format_version`` is the manifest
+    format the commit writes (``save(..., format_version=1)`` sets it).
     """
 
     def __init__(
@@ -114,6 +136,7 @@ class LayoutWriter(StorageWriter):
             raise ValueError(f"thread_count must be at least 1, got {thread_count}")
         self.store = store
         self.overwrite = overwrite
+        self.format_version = FORMAT_VERSION
         self.thread_count = thread_count or default_thread_count()
         self._written: list[str] = []
         self._open_store = open_store
@@ -211,6 +234,7 @@ class LayoutWriter(StorageWriter):
         metadata.committed_at = time.time()
         metadata.nbytes_written = sum(r.size_in_bytes for rank_results in results for r in rank_results)
         metadata.save_id = uuid.uuid4().hex  # this commit's own id (a cached plan reuses no coordinator step)
+        metadata.version = self.format_version
         self._finished, self._outcome = True, False
         self._check_listed(locations)
         replaced = committed_files(self.store) if self.overwrite else set()

@@ -11,6 +11,7 @@ that the checkpoint is corrupted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ def _identity(tensor: torch.Tensor) -> _Ident:
 def _differ(metadata: Metadata, fqn: str, other: str, offsets: torch.Size) -> bool:
     """Whether the stored checksums prove the two keys' chunk at ``offsets`` differ."""
     locations = metadata.storage_data
-    if not isinstance(locations, dict):
+    if not isinstance(locations, Mapping):
         return False
     mine = locations.get(MetadataIndex(fqn, offsets))
     theirs = locations.get(MetadataIndex(other, offsets))

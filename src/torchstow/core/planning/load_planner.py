@@ -4,7 +4,7 @@ that intersect the chunks a rank holds with the stored chunks (any world size, a
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ def _zeros(ndim: int) -> torch.Size:
 
 
 def _read_items_for(
-    fqn: str, dest_index: MetadataIndex, dest: ChunkStorageMetadata, stored: list[ChunkStorageMetadata]
+    fqn: str, dest_index: MetadataIndex, dest: ChunkStorageMetadata, stored: Sequence[ChunkStorageMetadata]
 ) -> list[ReadItem]:
     """Read items that fill ``dest`` (a chunk this rank holds) from the stored chunks."""
     items = []

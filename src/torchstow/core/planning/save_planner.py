@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -153,7 +153,7 @@ def global_entries(all_plans: list[SavePlan]) -> tuple[list[SavePlan], Entries]:
                     raise mixed_kinds(fqn)
                 elif entry.size != td.size or entry.properties.dtype != td.properties.dtype:
                     check_tensor(fqn, entry, td)
-                chunks = entry.chunks
+                chunks = cast(list[ChunkStorageMetadata], entry.chunks)  # made here, as a list
                 index.index = len(chunks)  # the lookup hint, as DCP fills it
                 chunks.append(td.chunk)
                 keep(item)

@@ -52,7 +52,7 @@ from torchstow.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
-from torchstow.format.codec import decode_metadata
+from torchstow.format.codec import chunk_table_of, decode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
 from torchstow.management.datafiles import scan_file, spans_by_file
@@ -308,7 +308,8 @@ class TieredManager:
         """On each node's first rank: the step's manifest in this node's fast tier, stale files out."""
         if not self.topology.is_leader:
             return
-        publish_manifest(store, metadata, overwrite=True)
+        # Version 1: a fast tier's manifest travels between nodes as one byte string.
+        publish_manifest(store, metadata, overwrite=True, version=1)
         live = {info.relative_path for info in (metadata.storage_data or {}).values()}
         store.delete_files([n for n in store.list_files() if is_data_file(n) and n not in live])
 
@@ -593,23 +594,30 @@ class TieredManager:
                 choice.holders[name].remove(self.topology.nodes[rank])
 
     def _root_manifest(self, step: int) -> Any:
-        """The committed manifest of ``step`` in the root, read on the coordinator (collective)."""
-        data = None
+        """The committed manifest of ``step`` in the root and its chunk table by name, read on
+        the coordinator (collective); None when there is none."""
+        found = None
         if self._coll.is_coordinator:
+            store = self._root_backend.open_store(self.uri(step))
             try:
-                data = self._root_backend.open_store(self.uri(step)).read_file(MANIFEST)
+                data = store.read_file(MANIFEST)
+                table = chunk_table_of(data)
+                found = (data, {table: store.read_file(table)} if table else {})
             except FileNotFoundError:
-                data = None
-        return _all_gather(self._coll, "tiered: durable manifest", data)[self._coll.coordinator_rank]
+                found = None
+        return _all_gather(self._coll, "tiered: durable manifest", found)[self._coll.coordinator_rank]
 
     def _complete_from_root(self, choice: Choice) -> Choice | None:
         """The root's part in loading ``choice.step``: the files no fast tier holds intact when
         the root holds this very save; the whole step when it holds another save of it (an
         incremental persist); None when it does not hold the step."""
-        manifest = self._root_manifest(choice.step)
-        if manifest is None:
+        found = self._root_manifest(choice.step)
+        if found is None:
             return None
-        metadata = decode_metadata(manifest, source=f"{self.uri(choice.step)}/{MANIFEST}")
+        manifest, tables = found
+        metadata = decode_metadata(
+            manifest, source=f"{self.uri(choice.step)}/{MANIFEST}", read_file=tables.get
+        )
         if metadata.save_id != choice.metadata.save_id:
             needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
             return Choice(choice.step, metadata, manifest, {name: [] for name in needed}, root_files=needed)
@@ -626,9 +634,10 @@ class TieredManager:
             raise CheckpointNotFoundError(
                 f"no tier holds {what} complete: not the fast tiers ({self.fast}), not {self.root}"
             )
-        manifest = self._root_manifest(step)
-        assert manifest is not None
-        metadata = decode_metadata(manifest, source=f"{self.uri(step)}/{MANIFEST}")
+        found = self._root_manifest(step)
+        assert found is not None
+        manifest, tables = found
+        metadata = decode_metadata(manifest, source=f"{self.uri(step)}/{MANIFEST}", read_file=tables.get)
         needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
         return Choice(step, metadata, manifest, {name: [] for name in needed}, root_files=needed)
 
