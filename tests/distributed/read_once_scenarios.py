@@ -258,13 +258,18 @@ def large_state(seed: int | None) -> dict[str, torch.Tensor]:
     return {"emb": torch.zeros(LARGE) if seed is None else values("emb", LARGE, seed)}
 
 
-def split_load(rank: int, world_size: int, uri: str, seed: int, part_bytes: int) -> dict[str, Any]:
+def split_load(
+    rank: int, world_size: int, uri: str, seed: int, part_bytes: int, strided: int = -1
+) -> dict[str, Any]:
     """A read-once load of :func:`large_state` with shared regions read in parts of at least
-    ``part_bytes``: the data bytes this rank read and whether the value is bit-exact, or the
-    CheckpointException it raised, summarized."""
+    ``part_bytes`` (rank ``strided`` loading into a transposed view, not contiguous): the data
+    bytes this rank read and whether the value is bit-exact, or the CheckpointException it
+    raised, summarized."""
     from torchstow.core.planning import read_once
 
     state = large_state(None)
+    if rank == strided:
+        state["emb"] = torch.zeros(LARGE[::-1]).t()
     counting = CountingStore(LocalFileStore(uri, uri))
     split = read_once.SPLIT_BYTES
     read_once.SPLIT_BYTES = part_bytes
