@@ -4,7 +4,7 @@ python benchmarks/run.py
     [--only local|dist|s3|async|dcp|shared|manage|plan|incremental|cache|mmap|readonce|encrypted|compression]
     [--repeats 3] [--root DIR] [--out FILE] [--plan-ranks 1024] [--plan-items 2000] [--plan-dcp-max-ranks 512]
     [--plan-plot docs/plan_scale.png] [--incremental-mib 1024] [--mmap-mib 1024] [--read-once-mib 512]
-    [--encrypted-mib 256]
+    [--read-once-tensors 16,1] [--encrypted-mib 256]
 
 TORCHSTOW_BENCH_MANAGE_BYTES sets the size of the manage suite's checkpoint (default 1 GiB).
 The encrypted suite needs the enc+ example installed (pip install ./examples/encrypted_store).
@@ -75,6 +75,11 @@ def main() -> None:
     parser.add_argument(
         "--read-once-mib", type=int, default=512, help="MiB of the replicated state of the readonce suite"
     )
+    parser.add_argument(
+        "--read-once-tensors",
+        default="16,1",
+        help="tensor counts of the readonce suite's states (comma list)",
+    )
     parser.add_argument("--encrypted-mib", type=int, default=256, help="MiB the encrypted suite saves")
     args = parser.parse_args()
     suites = dict(SUITES)
@@ -87,7 +92,11 @@ def main() -> None:
     )
     suites["incremental"] = functools.partial(bench_incremental.main, frozen_mib=args.incremental_mib)
     suites["mmap"] = functools.partial(bench_mmap.main, mib=args.mmap_mib)
-    suites["readonce"] = functools.partial(bench_read_once.main, mib=args.read_once_mib)
+    suites["readonce"] = functools.partial(
+        bench_read_once.main,
+        mib=args.read_once_mib,
+        tensors=[int(n) for n in args.read_once_tensors.split(",")],
+    )
     suites["encrypted"] = functools.partial(bench_encrypted.main, mib=args.encrypted_mib)
     report = Report("torchstow vs torch.distributed.checkpoint")
     with tempfile.TemporaryDirectory(dir=args.root, prefix="torchstow-bench-") as root:

@@ -247,3 +247,38 @@ def failing_send(rank: int, world_size: int, uri: str, victim: int) -> dict[str,
     finally:
         fan_out._outgoing = outgoing  # type: ignore[assignment]
     return {"ok": True}
+
+
+#: Shape of the one large tensor of the split scenarios: 16 MiB, four 4 MiB checksum blocks.
+LARGE = (1024, 4096)
+
+
+def large_state(seed: int | None) -> dict[str, torch.Tensor]:
+    """One large float32 tensor (zeros when ``seed`` is None)."""
+    return {"emb": torch.zeros(LARGE) if seed is None else values("emb", LARGE, seed)}
+
+
+def split_load(
+    rank: int, world_size: int, uri: str, seed: int, part_bytes: int, strided: int = -1
+) -> dict[str, Any]:
+    """A read-once load of :func:`large_state` with shared regions read in parts of at least
+    ``part_bytes`` (rank ``strided`` loading into a transposed view, not contiguous): the data
+    bytes this rank read and whether the value is bit-exact, or the CheckpointException it
+    raised, summarized."""
+    from torchstow.core.planning import read_once
+
+    state = large_state(None)
+    if rank == strided:
+        state["emb"] = torch.zeros(LARGE[::-1]).t()
+    counting = CountingStore(LocalFileStore(uri, uri))
+    split = read_once.SPLIT_BYTES
+    read_once.SPLIT_BYTES = part_bytes
+    try:
+        torchstow.load(state, storage_reader=LayoutReader(counting), timeout=30)
+    except torchstow.CheckpointException as exc:
+        return summarize(exc)
+    finally:
+        read_once.SPLIT_BYTES = split
+    want = large_state(seed)["emb"]
+    exact = torch.equal(state["emb"].view(torch.int32), want.view(torch.int32))
+    return {"read": counting.read_bytes, "exact": exact}

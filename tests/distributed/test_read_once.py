@@ -4,18 +4,22 @@ storage once, by ranks sharing the work, and sent to the others; values stay bit
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 from read_once_scenarios import (
+    LARGE,
     big_state,
     counted_load,
     failing_fan_out,
     failing_load,
     failing_send,
+    large_state,
     pipelined_load,
     save_state,
+    split_load,
 )
 
 import torchstow
@@ -124,3 +128,36 @@ def test_readers_send_what_they_have_read_while_they_read_on(pools: Any, tmp_pat
     gates = tmp_path / "gates"
     gates.mkdir()
     assert pools(2).run(pipelined_load, uri, str(gates), 3) == [[], []]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_one_large_tensor_is_read_in_parts_by_every_rank(pools: Any, tmp_path: Path, world_size: int) -> None:
+    """One replicated 16 MiB tensor, parts of 4 MiB: each rank reads its share of the parts,
+    every byte once, and every rank ends with it bit-exact (also into a strided target). A
+    corrupted block fails the one rank that read its part, and every rank raises the same
+    CheckpointException."""
+    path = tmp_path / "ckpt"
+    torchstow.save(large_state(5), str(path), no_dist=True)
+    stored = math.prod(LARGE) * 4
+    results = pools(world_size).run(split_load, str(path), 5, 4 << 20)
+    assert all(result.get("exact") for result in results), results
+    reads = [result["read"] for result in results]
+    assert sum(reads) == stored and all(read == stored // world_size for read in reads), reads
+    # a rank loading into memory that is not contiguous gets its parts through copies
+    results = pools(world_size).run(split_load, str(path), 5, 4 << 20, 1)
+    assert all(result.get("exact") for result in results), results
+    assert [result["read"] for result in results] == reads
+
+    metadata = torchstow.storage_reader(str(path)).read_metadata()
+    info = metadata.storage_data[MetadataIndex("emb", (0, 0))]
+    data = path / info.relative_path
+    raw = bytearray(data.read_bytes())
+    raw[info.offset + 9 * (1 << 20)] ^= 0xFF  # in the third block
+    data.write_bytes(bytes(raw))
+    results = pools(world_size).run(split_load, str(path), 5, 4 << 20)
+    failed = {rank for result in results for rank in result.get("failures", ())}
+    assert len(failed) == 1, results
+    for result in results:
+        assert result.get("class") == "CheckpointException[ChecksumMismatchError]", result
+        assert [f["type"] for f in result["failures"].values()] == ["ChecksumMismatchError"]
+    assert len({result["message"] for result in results}) == 1

@@ -4,7 +4,7 @@ transfers in one order every rank agrees on, each reader's in the order it reads
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +14,9 @@ import torch
 import torchstow
 from torchstow.core.planning import DefaultLoadPlanner, LoadPlan, read_once
 from torchstow.core.planning.read_once import ReadOnceProbe, ReadOnceRole, plan_read_once, segment_bytes
-from torchstow.format.manifest import Metadata
+from torchstow.core.protocol.fan_out import read_order
+from torchstow.format import chunks as chunk_math
+from torchstow.format.manifest import Metadata, StorageInfo
 
 SIZE = 4096  # bytes of each of the equal tensors
 
@@ -42,6 +44,7 @@ def _check_consistent(plans: list[LoadPlan], roles: list[ReadOnceRole]) -> None:
     for rank, (plan, role) in enumerate(zip(plans, roles, strict=True)):
         reads = set(range(len(plan.items)) if role.reads is None else role.reads)
         received = {share.item for share in role.receives} | {i for i, _ in role.local}
+        received |= {share.item for share in role.sends if share.part is not None}  # read in parts
         assert reads.isdisjoint(received) and reads | received == set(range(len(plan.items))), rank
     for a, role_a in enumerate(roles):
         for b, role_b in enumerate(roles):
@@ -180,3 +183,85 @@ def test_chunks_of_another_format_count_as_read_whole(tmp_path: Path) -> None:
     metadata = replace(metadata, storage_data=foreign)
     roles = plan_read_once(_column_halves(metadata), metadata, [ReadOnceProbe("a")] * 2)
     assert sum(len(role.chunks) for role in roles) == 1
+
+
+MIB = 1 << 20  # the checksum block is 4 MiB
+
+
+def _one_tensor(tmp_path: Path, shape: tuple[int, ...]) -> Metadata:
+    """A checkpoint of one 16 MiB float32 tensor "emb"."""
+    path = tmp_path / "x".join(map(str, shape))
+    torchstow.save({"emb": torch.zeros(shape)}, path, no_dist=True)
+    return torchstow.storage_reader(str(path)).read_metadata()
+
+
+def _byte_ranges(metadata: Metadata, plans: list[LoadPlan], roles: list[ReadOnceRole]) -> list[list[range]]:
+    """The stored byte ranges of "emb" each rank reads from storage."""
+    (chunk,) = metadata.state_dict_metadata["emb"].chunks  # type: ignore[union-attr]
+    out = []
+    for plan, role in zip(plans, roles, strict=True):
+        ranges = []
+        for item in read_order(plan, role).items:
+            span = chunk_math.contiguous_span(chunk.sizes, item.storage_offsets, item.lengths)
+            assert span is not None
+            ranges.append(range(span[0] * 4, (span[0] + span[1]) * 4))
+        out.append(ranges)
+    return out
+
+
+def _read(metadata: Metadata, plans: list[LoadPlan], roles: list[ReadOnceRole]) -> list[int]:
+    return [sum(len(r) for r in mine) for mine in _byte_ranges(metadata, plans, roles)]
+
+
+@pytest.mark.parametrize("shape", [(1024, 4096), (4 * MIB,), (1, 2048, 2048)])
+def test_one_large_replicated_tensor_is_read_in_parts_by_every_rank(
+    tmp_path: Path, shape: tuple[int, ...]
+) -> None:
+    """16 MiB, parts of at least 4 MiB: 4 ranks read a quarter each, on checksum block
+    boundaries, every byte once; each rank sends its part to the 3 others and receives theirs."""
+    metadata = _one_tensor(tmp_path, shape)
+    plans = [_plan(metadata, {"emb": torch.zeros(shape)}) for _ in range(4)]
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 4, split_bytes=4 * MIB)
+    _check_consistent(plans, roles)
+    ranges = _byte_ranges(metadata, plans, roles)
+    assert _read(metadata, plans, roles) == [4 * MIB] * 4
+    starts = sorted(r.start for mine in ranges for r in mine)
+    assert starts == [0, 4 * MIB, 8 * MIB, 12 * MIB]  # block boundaries, no byte twice
+    for role in roles:
+        assert role.reads == []
+        assert [len(share.peers) for share in role.sends] == [3] and len(role.receives) == 3
+    # parts of 2 MiB are rounded to whole blocks; two nodes of two ranks: each reads a quarter
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe(n) for n in "aabb"], split_bytes=2 * MIB)
+    _check_consistent(plans, roles)
+    assert _read(metadata, plans, roles) == [4 * MIB] * 4
+
+
+def test_small_or_compressed_regions_are_not_split(tmp_path: Path) -> None:
+    metadata = _one_tensor(tmp_path, (1024, 4096))
+    plans = [_plan(metadata, {"emb": torch.zeros(1024, 4096)}) for _ in range(4)]
+    whole = sorted([0, 0, 0, 16 * MIB])
+    # under twice the part size: one reader
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 4, split_bytes=9 * MIB)
+    _check_consistent(plans, roles)
+    assert sorted(_read(metadata, plans, roles)) == whole
+    # a chunk stored compressed is read whole
+    (index,) = metadata.storage_data
+    compressed = replace(metadata, storage_data={index: _compressed(metadata.storage_data[index])})
+    roles = plan_read_once(plans, compressed, [ReadOnceProbe("a")] * 4, split_bytes=4 * MIB)
+    _check_consistent(plans, roles)
+    assert all(share.part is None for role in roles for share in role.sends)
+    assert sorted(_read(metadata, plans, roles)) == whole
+    # rows that never start on a block boundary: read whole
+    metadata = _one_tensor(tmp_path, (2999, 1400))
+    plans = [_plan(metadata, {"emb": torch.zeros(2999, 1400)}) for _ in range(4)]
+    roles = plan_read_once(plans, metadata, [ReadOnceProbe("a")] * 4, split_bytes=4 * MIB)
+    assert sorted(_read(metadata, plans, roles)) == [0, 0, 0, 2999 * 1400 * 4]
+
+
+def _compressed(info: StorageInfo) -> StorageInfo:
+    """``info`` as a chunk stored with a codec (with or without the manifest field for it)."""
+    values = {f.name: getattr(info, f.name) for f in fields(info)}
+    if "codec" in values:
+        return replace(info, codec="zstd")
+    compressed: StorageInfo = type("Compressed", (StorageInfo,), {"codec": "zstd"})(**values)
+    return compressed

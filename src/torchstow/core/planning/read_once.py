@@ -15,6 +15,14 @@ into different dtypes counts as different chunks):
 - otherwise regions needed by several ranks are shared as above and the rest are
   read by the rank that needs them.
 
+A shared region of at least twice :data:`SPLIT_BYTES` stored bytes (one huge
+replicated tensor) is not left to one reader: it is cut into parts of at least
+that size along its row-major layout, each starting on a checksum block boundary
+so that its reader verifies it alone, and the parts are shared like regions of
+their own. Every rank needing the region receives the parts it did not read into
+its target and commits the region once, after the last part landed. A chunk
+stored compressed is read whole, never in parts.
+
 The reader of each shared region or chunk is chosen by
 :func:`~torchstow.core.planning.balance.assign_owners` (the node with the fewest bytes
 to read so far, then the rank), after charging every rank what only it reads. Each
@@ -29,6 +37,7 @@ that needs them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,10 +54,12 @@ from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, Tens
 __all__ = [
     "DIRECT_BYTES",
     "PACK_BYTES",
+    "SPLIT_BYTES",
     "ReadOnceProbe",
     "ReadOnceRole",
     "Share",
     "Transfer",
+    "piece_item",
     "plan_read_once",
     "scratch_fqn",
     "segment_bytes",
@@ -60,6 +71,10 @@ DIRECT_BYTES = 1 << 20
 
 #: The most bytes packed into one transfer.
 PACK_BYTES = 8 << 20
+
+#: A shared region of at least twice this many stored bytes is read in parts of at least
+#: this many, by different ranks.
+SPLIT_BYTES = 32 << 20
 
 #: A chunk is read whole by one rank when reading its regions apart would read this
 #: much more than the chunk.
@@ -77,6 +92,19 @@ def segment_bytes(nbytes: int) -> int:
 def scratch_fqn(fqn: str) -> str:
     """The destination key of a whole-chunk read of ``fqn`` (no state dict key has it)."""
     return f"{fqn}\0read-once"
+
+
+def piece_item(item: ReadItem, part: tuple[torch.Size, torch.Size]) -> ReadItem:
+    """The read of part ``(offsets, lengths)`` of ``item``'s region (offsets relative to it)."""
+    offsets, lengths = part
+    return ReadItem(
+        item.type,
+        item.dest_index,
+        torch.Size(a + b for a, b in zip(item.dest_offsets, offsets, strict=True)),
+        item.storage_index,
+        torch.Size(a + b for a, b in zip(item.storage_offsets, offsets, strict=True)),
+        lengths,
+    )
 
 
 @dataclass(frozen=True)
@@ -112,6 +140,10 @@ class Share:
     On the sending side it is the index of the plan item whose committed bytes go out,
     or, with ``chunk`` set, the region ``(offsets, lengths)`` of whole-chunk read number
     ``chunk[0]`` of the rank's role (``item`` is then -1).
+
+    With ``part`` set, the share is that part ``(offsets, lengths)`` of the item's region
+    (offsets relative to it): a sender reads it (:func:`piece_item`) and sends it; every
+    rank commits the item once all its parts are in place.
     """
 
     item: int
@@ -119,14 +151,15 @@ class Share:
     transfer: int
     peers: tuple[int, ...]
     chunk: tuple[int, torch.Size, torch.Size] | None = None
+    part: tuple[torch.Size, torch.Size] | None = None
 
 
 @dataclass(frozen=True)
 class ReadOnceRole:
     """One rank's part in a read-once load.
 
-    ``reads`` are the indices of the plan items the rank reads from storage (None: all of
-    them); ``chunks`` the whole stored chunks it reads into scratch buffers (with their
+    ``reads`` are the indices of the plan items the rank reads from storage whole (None: all
+    of them); ``chunks`` the whole stored chunks it reads into scratch buffers (with their
     dtype), and ``local`` the items of its own it fills from them (item, chunk number);
     ``transfers`` are those the rank takes part in, in the order every rank starts them
     (a reader's in the order it reads: what it sends first, it reads first); ``sends``
@@ -172,12 +205,57 @@ def _span_bytes(sizes: torch.Size, region: _Region, itemsize: int, info: Any) ->
     return max(0, end - start)
 
 
+def _parts(sizes: torch.Size, region: _Region, itemsize: int, info: Any, split: int) -> list[_Region] | None:
+    """The parts ``(offsets in the region, lengths)`` different ranks read of a shared
+    ``region`` of at least ``2 * split`` stored bytes: ranges along its first dimension longer
+    than one, each at least about ``split`` bytes and starting on a checksum block boundary;
+    None where it is read whole (smaller, strided, compressed, or not raw bytes with block
+    checksums)."""
+    offsets, lengths = region
+    count = math.prod(lengths) * itemsize // max(split, 1)
+    if count < 2 or not isinstance(info, StorageInfo) or getattr(info, "codec", None) is not None:
+        return None
+    span = chunk_math.contiguous_span(sizes, offsets, lengths)
+    if span is None:
+        return None
+    dim = next(d for d, n in enumerate(lengths) if n > 1)  # the dimensions before it have length 1
+    row = math.prod(lengths[dim + 1 :]) * itemsize  # bytes of one step along it
+    block = block_bytes(info.block_size, info.length)
+    start = span[0] * itemsize
+    common = math.gcd(row, block)
+    if start % common:
+        return None
+    # the steps r where a block starts, (start + r * row) % block == 0: first + k * every
+    every = block // common
+    first = (-start // common) * pow(row // common, -1, every) % every
+    total = lengths[dim]
+    cuts = set()
+    for k in range(1, count):
+        at = first + round((total * k / count - first) / every) * every
+        if 0 < at < total:
+            cuts.add(at)
+    if not cuts:
+        return None
+    bounds = [0, *sorted(cuts), total]
+    parts = []
+    for lo, hi in itertools.pairwise(bounds):
+        part_offsets = [0] * len(lengths)
+        part_offsets[dim] = lo
+        part_lengths = list(lengths)
+        part_lengths[dim] = hi - lo
+        parts.append((torch.Size(part_offsets), torch.Size(part_lengths)))
+    return parts
+
+
 def plan_read_once(
     plans: Sequence[LoadPlan],
     metadata: Metadata,
     probes: Sequence[ReadOnceProbe],
+    split_bytes: int | None = None,
 ) -> list[ReadOnceRole]:
-    """Every rank's :class:`ReadOnceRole` for ``plans`` (one per rank, rank order)."""
+    """Every rank's :class:`ReadOnceRole` for ``plans`` (one per rank, rank order); shared
+    regions of at least twice ``split_bytes`` (default :data:`SPLIT_BYTES`) read in parts."""
+    split = SPLIT_BYTES if split_bytes is None else split_bytes
     world = len(plans)
     stored = metadata.state_dict_metadata
     infos = metadata.storage_data if isinstance(metadata.storage_data, Mapping) else {}
@@ -203,8 +281,9 @@ def plan_read_once(
             found = regions.setdefault((item.storage_offsets, item.lengths), [])
             if not found or found[-1][0] != rank:
                 found.append((rank, i))
-    # what each shared thing is: (bytes, holders, chunk key, region or None for the whole chunk)
-    shared: list[tuple[int, list[int], _ChunkKey, _Region | None]] = []
+    # what each shared thing is: (bytes, holders, chunk key, region or None for the whole
+    # chunk, part of the region or None for all of it)
+    shared: list[tuple[int, list[int], _ChunkKey, _Region | None, _Region | None]] = []
     for key, regions in chunks.items():
         fqn, offset, dtype = key
         holders = sorted({rank for found in regions.values() for rank, _ in found})
@@ -215,45 +294,55 @@ def plan_read_once(
         whole = math.prod(sizes[key]) * itemsize
         apart = sum(_span_bytes(sizes[key], region, itemsize, info) for region in regions)
         if len(regions) > 1 and apart > _OVERLAP * whole:
-            shared.append((math.prod(sizes[key]) * dtype.itemsize, holders, key, None))
+            shared.append((math.prod(sizes[key]) * dtype.itemsize, holders, key, None, None))
             continue
-        for part, found in regions.items():
-            nbytes = math.prod(part[1]) * dtype.itemsize
+        for region, found in regions.items():
+            nbytes = math.prod(region[1]) * dtype.itemsize
             if len(found) > 1 and nbytes > 0:
-                shared.append((nbytes, [rank for rank, _ in found], key, part))
+                ranks = [rank for rank, _ in found]
+                parts = _parts(sizes[key], region, itemsize, info, split)
+                for part in parts if parts is not None else [None]:
+                    size = nbytes if part is None else math.prod(part[1]) * dtype.itemsize
+                    shared.append((size, ranks, key, region, part))
     if not shared:
         return [ReadOnceRole.alone() for _ in plans]
     skip: list[set[int]] = [set() for _ in range(world)]  # items each rank does not read itself
-    for _, _, key, region in shared:
+    for _, _, key, shared_region, _ in shared:
         regions = chunks[key]
-        for found in [regions[region]] if region is not None else regions.values():
+        for found in [regions[shared_region]] if shared_region is not None else regions.values():
             for rank, i in found:
                 skip[rank].add(i)
     load = own  # charged what each rank reads for itself alone (below: minus what it shares)
     for key, regions in chunks.items():
-        for part, found in regions.items():
-            nbytes = math.prod(part[1]) * key[2].itemsize
+        for region, found in regions.items():
+            nbytes = math.prod(region[1]) * key[2].itemsize
             for rank, i in found:
                 if i in skip[rank]:
                     load[rank] -= nbytes
     readers = assign_owners(
         load,
         [0] * world,
-        [(nbytes, holders) for nbytes, holders, _, _ in shared],
+        [(nbytes, holders) for nbytes, holders, *_ in shared],
         _node_numbers(probes),
     )
     roles = [_Role() for _ in range(world)]
     outgoing: list[list[_Send]] = [[] for _ in range(world)]  # each reader's sends, in its read order
-    for (_, _, key, region), reader in zip(shared, readers, strict=True):
+    for number, ((nbytes, _, key, shared_region, part), reader) in enumerate(
+        zip(shared, readers, strict=True)
+    ):
         regions = chunks[key]
-        if region is not None:
-            found = regions[region]
-            nbytes = math.prod(region[1]) * key[2].itemsize
+        if shared_region is not None:
+            found = regions[shared_region]
             mine = next(i for rank, i in found if rank == reader)
-            skip[reader].discard(mine)  # the reader reads it into its own target
             dests = tuple((rank, i) for rank, i in found if rank != reader)
-            at = _location(infos.get(MetadataIndex(key[0], key[1])))
-            outgoing[reader].append(_Send((mine, -1), nbytes, nbytes, mine, None, dests, at))
+            file, start = _location(infos.get(MetadataIndex(key[0], key[1])))
+            if part is None:
+                skip[reader].discard(mine)  # the reader reads it into its own target
+                at = (file, start, 0)
+                outgoing[reader].append(_Send(("item", mine), nbytes, nbytes, mine, None, dests, at))
+            else:  # the parts of one region lie in shared in the order they are stored
+                at = (file, start, number)
+                outgoing[reader].append(_Send(("part", number), nbytes, nbytes, mine, None, dests, at, part))
             continue
         fqn, offset, dtype = key
         scratch = len(roles[reader].chunks)
@@ -268,15 +357,15 @@ def plan_read_once(
         )
         roles[reader].chunks.append((whole_read, dtype))
         whole = math.prod(sizes[key]) * dtype.itemsize
-        at = _location(infos.get(MetadataIndex(fqn, offset)))
+        at = (*_location(infos.get(MetadataIndex(fqn, offset))), 0)
         for (offsets, lengths), found in regions.items():
-            nbytes = math.prod(lengths) * dtype.itemsize
+            size = math.prod(lengths) * dtype.itemsize
             for rank, i in found:
                 if rank == reader:
                     roles[reader].local.append((i, scratch))
                     continue
                 where = (scratch, offsets, lengths)
-                outgoing[reader].append(_Send((-1, scratch), whole, nbytes, -1, where, ((rank, i),), at))
+                outgoing[reader].append(_Send(("chunk", scratch), whole, size, -1, where, ((rank, i),), at))
     for sends in outgoing:  # in the order the reader reads them: by file, then offset
         sends.sort(key=lambda send: send.at)
     for packed in sorted(_pack(outgoing), key=lambda p: (p.ready, p.source, p.number)):
@@ -299,13 +388,14 @@ class _Send:
     """One region a reader sends: what it reads for it (plan item, or whole-chunk read) and
     how many bytes that is, the region's bytes, the :class:`Share` fields, its receivers."""
 
-    read: tuple[int, int]
+    read: tuple[str, int]  # what is read for it: ("item", i), ("chunk", n) or ("part", n)
     read_bytes: int
     nbytes: int
     item: int
     chunk: tuple[int, torch.Size, torch.Size] | None
     dests: tuple[tuple[int, int], ...]  # (rank, item index there)
-    at: tuple[str, int]  # where it is stored: file, offset
+    at: tuple[str, int, int]  # where it is stored: file, offset, then the order of parts
+    part: _Region | None = None
 
 
 def _location(info: Any) -> tuple[str, int]:
@@ -331,7 +421,7 @@ def _pack(outgoing: Sequence[Sequence[_Send]]) -> list[_Packed]:
     the same ranks packed together."""
     out: list[_Packed] = []
     for source, sends in enumerate(outgoing):
-        seen: set[tuple[int, int]] = set()
+        seen: set[tuple[str, int]] = set()
         ready = 0
         last: _Packed | None = None
         for send in sends:
@@ -364,9 +454,11 @@ def _place(roles: Sequence[_Role], packed: _Packed) -> None:
         roles[rank].transfers.append(Transfer(packed.source, packed.peers, packed.nbytes))
     for send in packed.sends:
         source = roles[packed.source]
-        source.sends.append(Share(send.item, send.nbytes, numbers[packed.source], packed.peers, send.chunk))
+        number = numbers[packed.source]
+        source.sends.append(Share(send.item, send.nbytes, number, packed.peers, send.chunk, send.part))
         for rank, i in send.dests:
-            roles[rank].receives.append(Share(i, send.nbytes, numbers[rank], (packed.source,)))
+            received = Share(i, send.nbytes, numbers[rank], (packed.source,), None, send.part)
+            roles[rank].receives.append(received)
 
 
 class _Role:

@@ -8,7 +8,9 @@ travel packed, large ones alone).
 Every rank starts the transfers it takes part in in the coordinator's order (see
 :mod:`torchstow.core.planning.read_once`), then waits for them all; a receiver
 then commits the regions through its own planner (``resolve_tensor`` then
-``commit_tensor``), as if it had read them.
+``commit_tensor``), as if it had read them. A region read in parts by several
+ranks lands part by part in the target its planner resolved once, and is
+committed once, after the fan-out.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torchstow.core.futures import wait_future
 from torchstow.core.layout.digest_memo import forget
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from torchstow.core.planning.read_once import ReadOnceProbe, ReadOnceRole, Share, segment_bytes
+from torchstow.core.planning.read_once import ReadOnceProbe, ReadOnceRole, Share, piece_item, segment_bytes
 from torchstow.core.protocol.collective import Collective
 from torchstow.core.protocol.failures import CapturedFailure, capture
 from torchstow.core.storage.interfaces import StorageReader
@@ -63,6 +65,8 @@ def read_order(plan: LoadPlan, role: ReadOnceRole) -> LoadPlan:
             if share.chunk[0] not in wholes:
                 wholes.add(share.chunk[0])
                 order.append(role.chunks[share.chunk[0]][0])
+        elif share.part is not None:
+            order.append(piece_item(plan.items[share.item], share.part))
         elif share.item not in sent:
             sent.add(share.item)
             order.append(plan.items[share.item])
@@ -74,11 +78,25 @@ def read_order(plan: LoadPlan, role: ReadOnceRole) -> LoadPlan:
 class KeepingPlanner(LoadPlanner):
     """Passes every call to ``inner``, holding on to the committed tensors of the items this
     rank sends to others (a contiguous copy only where one is not contiguous), and reading
-    whole chunks for others into scratch tensors; waiters learn when each is there."""
+    whole chunks for others into scratch tensors; waiters learn when each is there.
+
+    Parts of an item (read here, or received) land in the item's target, resolved once
+    through ``inner``; a part read here is not committed to ``inner``: the whole item is,
+    once, by :func:`place_received`."""
 
     def __init__(self, inner: LoadPlanner, plan: LoadPlan, role: ReadOnceRole) -> None:
         self.inner = inner
-        self._slots = {plan.items[share.item]: n for n, share in enumerate(role.sends) if share.chunk is None}
+        self.plan = plan
+        self._slots: dict[ReadItem, int] = {}
+        self._parts: dict[ReadItem, Share] = {}
+        for n, share in enumerate(role.sends):
+            if share.part is not None:
+                read = piece_item(plan.items[share.item], share.part)
+                self._parts[read] = share
+                self._slots[read] = n
+            elif share.chunk is None:
+                self._slots[plan.items[share.item]] = n
+        self._targets: dict[int, torch.Tensor] = {}
         self.kept: list[torch.Tensor | None] = [None] * len(role.sends)
         self._wholes = {whole: n for n, (whole, _) in enumerate(role.chunks)}
         self._dtypes = [dtype for _, dtype in role.chunks]
@@ -105,7 +123,23 @@ class KeepingPlanner(LoadPlanner):
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         self.inner.load_bytes(read_item, value)
 
+    def target(self, share: Share) -> torch.Tensor:
+        """Where the region of ``share`` goes: its item's target, or its part of it."""
+        if share.part is None:
+            return self.inner.resolve_tensor(self.plan.items[share.item])
+        whole = self._targets.get(share.item)
+        if whole is None:
+            whole = self._targets[share.item] = self.inner.resolve_tensor(self.plan.items[share.item])
+        return chunk_math.region(whole, *share.part)
+
+    def assembled(self) -> list[tuple[ReadItem, torch.Tensor]]:
+        """The items whose parts landed in their targets, with them."""
+        return [(self.plan.items[i], target) for i, target in sorted(self._targets.items())]
+
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        part = self._parts.get(read_item)
+        if part is not None:
+            return self.target(part)
         n = self._wholes.get(read_item)
         if n is None:
             return self.inner.resolve_tensor(read_item)
@@ -121,7 +155,8 @@ class KeepingPlanner(LoadPlanner):
                 self._read[n] = True
                 self._changed.notify_all()
             return
-        self.inner.commit_tensor(read_item, tensor)
+        if read_item not in self._parts:
+            self.inner.commit_tensor(read_item, tensor)
         slot = self._slots.get(read_item)
         if slot is not None:
             kept = _raw(tensor)
@@ -185,7 +220,7 @@ def fan_out(
     by_transfer: list[list[tuple[int, Share]]] = [[] for _ in role.transfers]
     for n, share in enumerate(role.sends):
         by_transfer[share.transfer].append((n, share))
-    incoming = capture(lambda: _incoming(role, plan, planner))
+    incoming = capture(lambda: _incoming(role, keeping))
     failures: list[CapturedFailure] = [incoming] if isinstance(incoming, CapturedFailure) else []
 
     def read() -> None:
@@ -221,7 +256,7 @@ def fan_out(
     if failures:
         return failures[0]
     assert not isinstance(incoming, CapturedFailure)
-    placed = capture(lambda: place_received(role, incoming, plan, planner))
+    placed = capture(lambda: place_received(role, incoming, keeping))
     return placed if isinstance(placed, CapturedFailure) else None
 
 
@@ -251,7 +286,7 @@ def _outgoing(
     return buffer
 
 
-def _incoming(role: ReadOnceRole, plan: LoadPlan, planner: LoadPlanner) -> list[torch.Tensor | None]:
+def _incoming(role: ReadOnceRole, keeping: KeepingPlanner) -> list[torch.Tensor | None]:
     """The buffer each transfer this rank receives lands in (None for its own sends): the
     target's own memory where one region travels alone into a plain contiguous target."""
     alone: dict[int, list[Share]] = {}
@@ -265,7 +300,7 @@ def _incoming(role: ReadOnceRole, plan: LoadPlan, planner: LoadPlanner) -> list[
             continue
         direct = None
         if len(shares) == 1:
-            target = planner.resolve_tensor(plan.items[shares[0].item])
+            target = keeping.target(shares[0])
             direct = _raw(target)
             if direct is not None and direct.numel() == transfer.nbytes:
                 forget(target)  # its bytes change without its version counter moving
@@ -275,19 +310,17 @@ def _incoming(role: ReadOnceRole, plan: LoadPlan, planner: LoadPlanner) -> list[
     return buffers
 
 
-def place_received(
-    role: ReadOnceRole, buffers: list[torch.Tensor | None], plan: LoadPlan, planner: LoadPlanner
-) -> None:
+def place_received(role: ReadOnceRole, buffers: list[torch.Tensor | None], keeping: KeepingPlanner) -> None:
     """Put the regions received into their targets (where they did not land there) and
-    commit them."""
+    commit them; then commit each item assembled from parts, once."""
     at = [0] * len(role.transfers)
     for share in role.receives:
         buffer = buffers[share.transfer]
         assert buffer is not None
         start = at[share.transfer]
         at[share.transfer] += segment_bytes(share.nbytes)
-        item = plan.items[share.item]
-        target = planner.resolve_tensor(item)
+        item = keeping.plan.items[share.item]
+        target = keeping.target(share)
         if share.nbytes != target.numel() * target.dtype.itemsize:
             raise RuntimeError(
                 f"read-once: {share.nbytes} bytes arrived for {item.dest_index.fqn}, "
@@ -296,7 +329,10 @@ def place_received(
         raw = _raw(target)
         if raw is None or raw.data_ptr() != buffer.data_ptr() + start:
             _copy(target, buffer[start : start + share.nbytes].view(target.dtype).view(target.shape))
-        planner.commit_tensor(item, target)
+        if share.part is None:
+            keeping.inner.commit_tensor(item, target)
+    for item, target in keeping.assembled():
+        keeping.inner.commit_tensor(item, target)
 
 
 def _raw(tensor: torch.Tensor) -> torch.Tensor | None:
