@@ -35,6 +35,18 @@ def _loads(pool: Any, uri: str, layout: str, read_once: bool) -> list[int]:
     return [result["read"] for result in results]
 
 
+def _one_failure_everywhere(results: list[dict[str, Any]], rank: int, text: str) -> dict[str, Any]:
+    """Every rank raised the same CheckpointException, naming ``rank``'s failure (with
+    ``text`` in it) and no other; that failure as the ranks report it."""
+    for where, result in enumerate(results):
+        assert result.get("class") == "CheckpointException", (where, result)
+        assert list(result["failures"]) == [rank], (where, result)
+    assert len({result["message"] for result in results}) == 1
+    failure: dict[str, Any] = results[0]["failures"][rank]
+    assert text in failure["message"]
+    return failure
+
+
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_each_stored_byte_is_read_once_and_the_work_is_shared(
     pools: Any, tmp_path: Path, world_size: int
@@ -68,11 +80,7 @@ def test_a_rank_failing_to_read_fails_every_rank_alike(pools: Any, tmp_path: Pat
     path = tmp_path / "ckpt"
     pool.run(save_state, str(path), "plain", 7)
     results = pool.run(failing_load, f"faulty+file://{path}?fail=read_data&ranks=1", "plain")
-    for rank, result in enumerate(results):
-        assert result.get("class") == "CheckpointException", (rank, result)
-        assert list(result["failures"]) == [1], (rank, result)
-        assert "injected fault in read_data" in result["failures"][1]["message"]
-    assert len({result["message"] for result in results}) == 1
+    _one_failure_everywhere(results, 1, "injected fault in read_data")
 
 
 def test_a_rank_failing_in_the_fan_out_fails_every_rank_alike(pools: Any, tmp_path: Path) -> None:
@@ -80,12 +88,8 @@ def test_a_rank_failing_in_the_fan_out_fails_every_rank_alike(pools: Any, tmp_pa
     path = str(tmp_path / "ckpt")
     pool.run(save_state, path, "plain", 7)
     results = pool.run(failing_fan_out, path, 2)
-    for rank, result in enumerate(results):
-        assert result.get("class") == "CheckpointException", (rank, result)
-        assert list(result["failures"]) == [2], (rank, result)
-        assert "injected failure placing" in result["failures"][2]["message"]
-        assert "place_received" in result["failures"][2]["frames"]  # it failed placing received bytes
-    assert len({result["message"] for result in results}) == 1
+    failure = _one_failure_everywhere(results, 2, "injected failure placing")
+    assert "place_received" in failure["frames"]  # it failed placing received bytes
 
 
 def test_a_rank_failing_to_send_fails_every_rank_alike(pools: Any, tmp_path: Path) -> None:
@@ -93,11 +97,7 @@ def test_a_rank_failing_to_send_fails_every_rank_alike(pools: Any, tmp_path: Pat
     path = str(tmp_path / "ckpt")
     pool.run(save_state, path, "plain", 7)
     results = pool.run(failing_send, path, 1)
-    for rank, result in enumerate(results):
-        assert result.get("class") == "CheckpointException", (rank, result)
-        assert list(result["failures"]) == [1], (rank, result)
-        assert "injected failure building a send" in result["failures"][1]["message"]
-    assert len({result["message"] for result in results}) == 1
+    _one_failure_everywhere(results, 1, "injected failure building a send")
 
 
 def test_the_reader_verifies_checksums_before_sending(pools: Any, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from torchstow.errors import CorruptCheckpointError, FormatVersionError
 from torchstow.format.bulk import chunked_entries_ok
 from torchstow.format.checksums import ALGORITHM, check_algorithm
 from torchstow.format.compression import CODECS
-from torchstow.format.decoded import build_metadata
+from torchstow.format.decoded import build_metadata, document_metadata
 from torchstow.format.files import chunk_table_name, is_chunk_table
 from torchstow.format.manifest import (
     FORMAT_VERSION,
@@ -646,21 +646,7 @@ def _build_v2(doc: DocumentV2, table: ChunkTable) -> Metadata:
             )
         assert raw.shape is not None
         entries[fqn] = TensorStorageMetadata(props, torch.Size(raw.shape), TableChunks(table, e))
-    storage: Any = TableLocations(table)
-    if not storage:
-        storage = doc.storage_data if doc.storage_data is not msgspec.UNSET else None
-    return Metadata(
-        state_dict_metadata=entries,
-        planner_data=doc.planner_data,
-        storage_data=storage,
-        user_metadata=doc.user_metadata or {},
-        version=doc.version,
-        committed_at=doc.committed_at,
-        torch_version=doc.torch_version,
-        nbytes_written=doc.nbytes_written,
-        save_id=doc.save_id,
-        save_seconds=doc.save_seconds,
-    )
+    return document_metadata(doc, entries, TableLocations(table))
 
 
 DECODERS: dict[int, Callable[..., Metadata]] = {1: _decode_v1, 2: _decode_v2}

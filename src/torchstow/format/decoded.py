@@ -30,7 +30,7 @@ from torchstow.format.manifest import (
     new_storage_info,
 )
 
-__all__ = ["build_metadata"]
+__all__ = ["build_metadata", "document_metadata"]
 
 Found = dict[MetadataIndex, StorageInfo]
 
@@ -117,11 +117,18 @@ def build_metadata(doc: Any, checked: Mapping[str, list[ChunkStorageMetadata]]) 
             if raw.file is not None:
                 found[MetadataIndex.of_chunk(fqn, chunks[0].offsets, 0)] = _location(raw, files, block_size)
         entries[fqn] = TensorStorageMetadata(props, size, chunks)
+    return document_metadata(doc, entries, found)
+
+
+def document_metadata(doc: Any, entries: dict[str, STORAGE_TYPES], located: Mapping[Any, Any]) -> Metadata:
+    """The :class:`Metadata` of a decoded manifest document (any version) with its
+    ``entries``: its locations are ``located`` when there are any, else the
+    document's own ``storage_data`` (another writer's, kept as it was)."""
     storage_data = doc.storage_data if doc.storage_data is not msgspec.UNSET else None
     return Metadata(
         state_dict_metadata=entries,
         planner_data=doc.planner_data,
-        storage_data=found if found else storage_data,
+        storage_data=located if located else storage_data,
         user_metadata=doc.user_metadata or {},
         version=doc.version,
         committed_at=doc.committed_at,
