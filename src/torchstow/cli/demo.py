@@ -91,8 +91,10 @@ def _demo(root: str) -> int:
     fresh_optim.load_state_dict(target["optim"])
 
     print("written:")
-    for name in sorted(os.listdir(uri)):
-        print(f"  {name:<40} {os.path.getsize(os.path.join(uri, name)):>12,} bytes")
+    names = sorted(os.listdir(uri))
+    width = max(map(len, names))
+    for name in names:
+        print(f"  {name:<{width}} {os.path.getsize(os.path.join(uri, name)):>12,} bytes")
     info = torchstow.info(uri)
     print(f"manifest: {info.num_entries} entries, user metadata {json.dumps(info.user_metadata)}")
     print(f"save: {save_s:.3f} s ({nbytes / 2**30 / save_s:.2f} GiB/s, fsync on)")
