@@ -34,8 +34,8 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 import torchstow
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.planning import read_once as read_once_planning
-from torchstow.core.storage.forwarding import ForwardingByteStore
 from torchstow.plugins.manager import default_registry
+from torchstow.testing.counting import CountingStore
 
 from bench_s3 import BUCKET, moto_server
 from common import Report, Result, large_state_dict, zeros_like_state_dict
@@ -43,18 +43,6 @@ from gloo_ranks import run_gloo_ranks
 
 MiB = 1 << 20
 WORLD = 4
-
-
-class _CountingStore(ForwardingByteStore):
-    """Counts the data bytes read through it."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self.read_bytes = 0
-
-    def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
-        self.read_bytes += sum(len(buf) for _, buf in requests)
-        super().read_into(name, requests)
 
 
 def _counted_dcp(reader: Any) -> tuple[Any, list[int]]:
@@ -80,14 +68,14 @@ def _loaders(
 
     def ours(read_once: bool, split: int | None = None) -> Callable[[Any], int]:
         def load(target: Any) -> int:
-            store = _CountingStore(backend.open_store(uri))
+            store = CountingStore(backend.open_store(uri))
             default = read_once_planning.SPLIT_BYTES
             read_once_planning.SPLIT_BYTES = split or default
             try:
                 torchstow.load(target, storage_reader=LayoutReader(store), read_once=read_once)
             finally:
                 read_once_planning.SPLIT_BYTES = default
-            return store.read_bytes
+            return store.data_bytes
 
         return load
 

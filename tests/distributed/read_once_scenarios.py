@@ -32,6 +32,7 @@ from torchstow.core.layout import reader as reader_module
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.planning import DefaultLoadPlanner
 from torchstow.core.storage.forwarding import ForwardingByteStore
+from torchstow.testing.counting import CountingStore
 
 #: (name, shape, dtype) of the tensors in every scenario's state.
 TENSORS = [(f"w{i}", (16, 64), torch.float32) for i in range(8)] + [
@@ -40,18 +41,6 @@ TENSORS = [(f"w{i}", (16, 64), torch.float32) for i in range(8)] + [
     ("mask", (7, 3), torch.bool),
     ("scalar", (), torch.float64),
 ]
-
-
-class CountingStore(ForwardingByteStore):
-    """Counts the data bytes read through it."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self.read_bytes = 0
-
-    def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
-        self.read_bytes += sum(len(buf) for _, buf in requests)
-        super().read_into(name, requests)
 
 
 def expected(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -109,7 +98,7 @@ def counted_load(
     counting = CountingStore(LocalFileStore(uri, uri))
     reader = LayoutReader(counting)
     torchstow.load(state, storage_reader=reader, read_once=read_once, timeout=60)
-    return {"read": counting.read_bytes, "wrong": _differences(state, seed)}
+    return {"read": counting.data_bytes, "wrong": _differences(state, seed)}
 
 
 def failing_load(rank: int, world_size: int, uri: str, layout: str) -> dict[str, Any]:
@@ -281,4 +270,4 @@ def split_load(
         read_once.SPLIT_BYTES = split
     want = large_state(seed)["emb"]
     exact = torch.equal(state["emb"].view(torch.int32), want.view(torch.int32))
-    return {"read": counting.read_bytes, "exact": exact}
+    return {"read": counting.data_bytes, "exact": exact}

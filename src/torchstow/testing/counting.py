@@ -44,14 +44,23 @@ def read_calls() -> int:
 
 
 class CountingStore(ForwardingByteStore):
-    """The inner store, counting every byte read from it."""
+    """The inner store, counting every byte read from it: into this process's count
+    (:func:`bytes_read`), and the data bytes (read with ``read_into``, manifests
+    left out) into this store's own ``data_bytes``."""
+
+    def __init__(self, inner: ByteStore) -> None:
+        super().__init__(inner)
+        self.data_bytes = 0
 
     def local_path(self, name: str) -> str | None:
         return None  # a mapped file would be read past the count
 
     def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
         self.inner.read_into(name, requests)
-        _add(sum(buffer.nbytes for _, buffer in requests))
+        nbytes = sum(buffer.nbytes for _, buffer in requests)
+        _add(nbytes)
+        with _lock:
+            self.data_bytes += nbytes
 
     def read_file(self, name: str) -> bytes:
         data = self.inner.read_file(name)
