@@ -233,24 +233,11 @@ class TieredManager:
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         self._released = released = threading.Event()  # this phase's own: an older one sets its own
         self._last_fast = self._fast_thread.submit(
-            self._fast_phase, step, staged, error, user_metadata, handle, persist, released
+            self._fast_steps, step, staged, error, user_metadata, handle, persist, released
         )
+        # however the phase ends, the buffers are free for the next save once it has
+        self._last_fast.add_done_callback(lambda _: released.set())
         return handle
-
-    def _fast_phase(
-        self,
-        step: int,
-        staged: Any,
-        error: BaseException | None,
-        user_metadata: dict[str, Any],
-        handle: TieredSave,
-        persist: bool,
-        released: threading.Event,
-    ) -> None:
-        try:
-            self._fast_steps(step, staged, error, user_metadata, handle, persist, released)
-        finally:
-            released.set()
 
     def _fast_steps(
         self,
