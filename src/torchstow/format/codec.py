@@ -382,16 +382,16 @@ def _scattered(rows: int, at: torch.Tensor, values: Any, fill: int = 0) -> torch
     return column
 
 
-def _table_of(md: Metadata) -> tuple[bytes, list[str], list[str]]:
+def _table_of(md: Metadata, located: Mapping[Any, StorageInfo]) -> tuple[bytes, list[str], list[str]]:
     """The chunk table of ``md`` (its bytes, files and codecs): rows in entry order,
-    each tensor's chunks in its order, with their locations where ``storage_data`` has them.
+    each tensor's chunks in its order, with their ``located`` locations (``md.storage_data``
+    when it holds locations, else empty).
 
     Taken a column at a time (attribute getters mapped over the locations, scattered
     into rows by torch), so the cost per chunk stays in C."""
     storage = md.storage_data
     if isinstance(storage, TableLocations) and _same_table(md, storage.table):
         return storage.table.data, storage.table.files, storage.table.codecs
-    located: Mapping[Any, StorageInfo] = storage if _is_locations(storage) else {}
     with one_thread():
         geometry = _Geometry(md, located)
         rows = geometry.rows
@@ -461,22 +461,23 @@ def _digest_columns(rows: int, places: list[Any], hashes: list[str | None]) -> t
         return flags, b""
     found = sorted((p, h) for p, h in zip(places, hashes, strict=True) if h is not None)
     digests = []
-    for row, digest in found:
+    for _, digest in found:
         raw = bytes.fromhex(digest)
         if len(raw) != DIGEST:
             raise ValueError(f"a content hash of {len(raw)} bytes is not a BLAKE3 digest: {digest!r}")
         digests.append(raw)
-        flags[row] = 1
+    flags[_int64(map(itemgetter(0), found))] = 1  # one scatter, not a torch call per row
     return flags, b"".join(digests)
 
 
 def _encode_v2(md: Metadata) -> Encoded:
-    table, files, codecs = _table_of(md)
+    storage = md.storage_data
+    located = _is_locations(storage)  # one pass over the locations, for both uses
+    table, files, codecs = _table_of(md, storage if located else {})
     name = chunk_table_name(md.save_id or uuid.uuid4().hex)
     if not is_chunk_table(name):
         raise ValueError(f"save id {md.save_id!r} cannot name a chunk table")
-    storage = md.storage_data
-    custom = storage if storage is not None and not _is_locations(storage) else msgspec.UNSET
+    custom = storage if storage is not None and not located else msgspec.UNSET
     doc = DocumentV2(
         format=FORMAT_NAME,
         version=2,
