@@ -81,6 +81,7 @@ __all__ = [
     "WRITTEN_VERSIONS",
     "Encoded",
     "ReadFile",
+    "check_format_version",
     "chunk_table_of",
     "decode_metadata",
     "encode_manifest",
@@ -235,16 +236,19 @@ class Encoded(NamedTuple):
     tables: dict[str, bytes]
 
 
-def encode_manifest(md: Metadata, version: int | None = None) -> Encoded:
-    """Serialize a manifest in format ``version`` (default ``md.version``)."""
-    version = md.version if version is None else version
-    if version == 1:
-        return Encoded(encode_metadata(md), {})
-    if version != 2:
+def check_format_version(version: Any) -> None:
+    """ValueError unless ``version`` is a format version this torchstow writes."""
+    if type(version) is not int or version not in WRITTEN_VERSIONS:
         raise ValueError(
             f"format_version must be one of {', '.join(map(str, WRITTEN_VERSIONS))}, not {version!r}"
         )
-    return _encode_v2(md)
+
+
+def encode_manifest(md: Metadata, version: int | None = None) -> Encoded:
+    """Serialize a manifest in format ``version`` (default ``md.version``)."""
+    version = md.version if version is None else version
+    check_format_version(version)
+    return Encoded(encode_metadata(md), {}) if version == 1 else _encode_v2(md)
 
 
 def _entry_v2(entry: STORAGE_TYPES) -> EntryV2:

@@ -38,7 +38,7 @@ from torchstow.core.storage.interfaces import StorageWriter, WriteResult
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import checksum
-from torchstow.format.codec import WRITTEN_VERSIONS
+from torchstow.format.codec import check_format_version
 from torchstow.format.files import (
     BLOCK_SIZE,
     LARGE_ALIGN,
@@ -99,10 +99,7 @@ def set_format_version(writer: Any, version: int) -> None:
     """Make ``writer`` (or the :class:`LayoutWriter` it forwards to) commit manifests of
     format ``version`` (``save(..., format_version=)``); ValueError for a version this
     torchstow does not write, or another version than the default for a writer of another kind."""
-    if type(version) is not int or version not in WRITTEN_VERSIONS:
-        raise ValueError(
-            f"format_version must be one of {', '.join(map(str, WRITTEN_VERSIONS))}, not {version!r}"
-        )
+    check_format_version(version)
     target = writer
     while not isinstance(target, LayoutWriter) and hasattr(target, "inner"):
         target = target.inner
