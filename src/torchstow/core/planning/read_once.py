@@ -183,12 +183,18 @@ _Region = tuple[torch.Size, torch.Size]  # (offsets in the stored chunk, lengths
 _ChunkKey = tuple[str, torch.Size, torch.dtype]
 
 
+def _raw_blocks(info: Any) -> bool:
+    """Whether a chunk stored at ``info`` is raw bytes with block checksums, so any span of
+    it can be read and verified alone (not another format's encoded item, not compressed)."""
+    return isinstance(info, StorageInfo) and info.codec is None
+
+
 def _span_bytes(sizes: torch.Size, region: _Region, itemsize: int, info: Any) -> int:
     """Bytes a rank reads from storage for ``region`` of a stored chunk on its own: where the
     chunk is not raw bytes with block checksums (another format's encoded item, or a
     compressed one: read whole and then narrowed), all of it."""
     offsets, lengths = region
-    if not isinstance(info, StorageInfo) or info.codec is not None:
+    if not _raw_blocks(info):
         return math.prod(sizes) * itemsize
     span = chunk_math.contiguous_span(sizes, offsets, lengths)
     if span is None:  # strided: read from its first row to its last
@@ -213,7 +219,7 @@ def _parts(sizes: torch.Size, region: _Region, itemsize: int, info: Any, split: 
     checksums)."""
     offsets, lengths = region
     count = math.prod(lengths) * itemsize // max(split, 1)
-    if count < 2 or not isinstance(info, StorageInfo) or getattr(info, "codec", None) is not None:
+    if count < 2 or not _raw_blocks(info):
         return None
     span = chunk_math.contiguous_span(sizes, offsets, lengths)
     if span is None:
