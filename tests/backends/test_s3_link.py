@@ -196,6 +196,22 @@ def test_a_stalled_connection_is_retried_within_twice_the_stall_timeout(
     assert stall_timeout <= took < 2 * stall_timeout
 
 
+@pytest.mark.parametrize("link", [Link(per_connection=2 * MiB)])
+def test_a_slow_link_that_keeps_moving_is_not_a_stall(shaped: FaultProxy, s3_bucket: str) -> None:
+    # a part takes 2.5 s on the wire, 2.5 x stall_timeout: a stall is no byte moving for
+    # stall_timeout, not a request taking longer (most of a part waits in the kernel's send
+    # buffer once the HTTP client has handed it over, so the bytes must be seen leave)
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    stall_timeout = 1.0
+    opts = s3_options(shaped.url, thread_count=1, stall_timeout=stall_timeout, range_size=5 << 20)
+    sd = {"w": torch.randn(5 << 20)}  # 20 MiB: four parts, four ranged reads, side by side
+    torchstow.save(sd, uri, storage_options=opts)
+    assert torch.equal(torchstow.read(uri, storage_options=opts)["w"], sd["w"])
+    parts, reads = shaped.requests("PUT", r"partNumber="), shaped.requests("GET", r"/data-")
+    assert [r.status for r in parts] == [200] * 4 and [r.status for r in reads] == [206] * 4  # none retried
+    assert min(r.end - r.start for r in parts + reads) > 2 * stall_timeout  # each one slower than that
+
+
 def _dead_link_worker(rank: int, port: int, uri: str, opts: dict[str, Any], phase: str, out: str) -> None:
     import torch.distributed as dist
 
