@@ -24,9 +24,10 @@ import logging
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
-from torchstow.format.codec import chunk_table_of, decode_metadata, encode_manifest
+from torchstow.format.codec import decode_metadata, encode_manifest
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, located_files
+from torchstow.format.table import TableLocations
 
 __all__ = ["UncertainCommitError", "committed_files", "landed", "listed_files", "publish_manifest"]
 
@@ -44,7 +45,8 @@ def _committed_with_table(store: ByteStore) -> tuple[Metadata, str | None] | Non
         metadata = decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
     except TorchstowError:
         return None
-    return metadata, chunk_table_of(data)
+    locations = metadata.storage_data  # version 2: over the table it read, which knows its name
+    return metadata, locations.table.name if isinstance(locations, TableLocations) else None
 
 
 def _committed(store: ByteStore) -> Metadata | None:
