@@ -22,6 +22,7 @@ __all__ = [
     "PickleNotAllowedError",
     "PluginConflictError",
     "RemoteError",
+    "SaveInFlightError",
     "StateDictMismatchError",
     "StorageFullError",
     "StorageIOError",
@@ -81,6 +82,11 @@ class PickleNotAllowedError(TorchstowError):
 
 class CheckpointExistsError(TorchstowError, FileExistsError):
     """A committed checkpoint exists at the target and ``overwrite`` is False."""
+
+
+class SaveInFlightError(TorchstowError):
+    """A save may still be writing at the location (files no committed manifest names,
+    younger than gc's grace period): ``torchstow rm`` refuses without ``--force``."""
 
 
 class StorageIOError(TorchstowError, OSError):

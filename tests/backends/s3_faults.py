@@ -57,6 +57,7 @@ class Fault:
     times: int = 1_000_000
     delay: float = 0.0
     hits: int = 0
+    at: list[float] = field(default_factory=list)  # when each hit's request arrived (time.monotonic)
 
 
 MiB = 1 << 20
@@ -278,6 +279,7 @@ class FaultProxy:
             for fault in self.faults:
                 if fault.method == method and re.search(fault.pattern, path) and fault.hits < fault.times:
                     fault.hits += 1
+                    fault.at.append(time.monotonic())
                     return fault
         return None
 

@@ -33,17 +33,20 @@ def _dtensors(world_size: int, full: dict[str, torch.Tensor], dim: int) -> dict[
     return out
 
 
-def save_two_steps(rank: int, world_size: int, root: str, asynchronous: bool) -> list[int]:
-    """A plain save of step 1, then an incremental save of step 2 on it; bytes each wrote."""
+def save_two_steps(
+    rank: int, world_size: int, root: str, asynchronous: bool, compression: str | None = None
+) -> list[int]:
+    """A plain save of step 1, then an incremental save of step 2 on it, both with
+    ``compression``; bytes each wrote."""
     written = []
     for step in (1, 2):
         state = _dtensors(world_size, expected(step), 0)
         base = None if step == 1 else f"{root}/step-1"
         path = f"{root}/step-{step}"
         if asynchronous:
-            torchstow.async_save(state, path, base=base).result()
+            torchstow.async_save(state, path, base=base, compression=compression).result()
         else:
-            torchstow.save(state, path, base=base, timeout=60)
+            torchstow.save(state, path, base=base, timeout=60, compression=compression)
         written.append(torchstow.info(path).nbytes_written)
     return written
 

@@ -1,5 +1,5 @@
 """Incremental saves over several ranks: each rank shares its unchanged shards with
-the base, and the result loads resharded after the base is deleted."""
+the base (compressed ones too), and the result loads resharded after the base is deleted."""
 
 from __future__ import annotations
 
@@ -28,6 +28,25 @@ def test_two_ranks_share_unchanged_shards_and_the_result_reshards_after_the_base
     for name, tensor in expected(2).items():
         assert torch.equal(got[name], tensor), name
     assert pools(4).run(load_resharded, f"{root}/step-2", 2) == [True] * 4
+
+
+def test_two_ranks_incremental_with_compression_share_compressed_shards_and_reshard(
+    pools: Any, tmp_path: Path
+) -> None:
+    root = str(tmp_path)
+    written = pools(2).run(save_two_steps, root, False, "zstd")[0]
+    trainable = 16 * 32 * 4
+    assert 0 < written[1] < trainable + 2 * 4096  # the changed tensor's two shards, compressed
+    base = torchstow.storage_reader(f"{root}/step-1").read_metadata().storage_data
+    step2 = torchstow.storage_reader(f"{root}/step-2").read_metadata().storage_data
+    for index, info in step2.items():
+        if index.fqn in SHAPES:  # every shard of each tensor compressed, unchanged ones shared
+            assert info.codec == "byteplanes-zstd", (index, info)
+            stored = (info.relative_path, info.offset, info.length, info.checksums)
+            was = (base[index].relative_path, base[index].offset, base[index].length, base[index].checksums)
+            assert (stored == was) == (index.fqn != "trainable"), (index, info, base[index])
+    torchstow.delete(f"{root}/step-1")
+    assert pools(2).run(load_resharded, f"{root}/step-2", 2) == [True] * 2  # Shard(0) saved, Shard(1) loaded
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])

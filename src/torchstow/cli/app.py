@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", help="a glob on the dotted keys, e.g. 'model.*.weight'")
     verb("verify", [bar]).add_argument("uris", nargs="+", metavar="URI")
     _two_sided(verb("cp", [bar]))
-    verb("rm", [plain]).add_argument("uri")
+    p = verb("rm", [plain])
+    p.add_argument("uri")
+    p.add_argument(
+        "--force", action="store_true", help="delete even while a save may be writing there (see gc)"
+    )
     verb("du", [bar]).add_argument("prefix")
     p = verb("prune", [bar])
     p.add_argument("prefix")

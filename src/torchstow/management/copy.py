@@ -227,10 +227,11 @@ def _copy_store(
         publish_manifest(dst_store, metadata, overwrite=overwrite)
     except UncertainCommitError:
         raise  # it may have committed: its files stay
-    except Exception:
+    except OSError:  # the store's failure, read back: surely not committed
         with contextlib.suppress(Exception):
             dst_store.delete_files(list(names.values()))
         raise
+    # anything else (a signal handler's exception) may have come after the commit: files stay
     # Only the replaced checkpoint's files go: unlisted ones may be a save in flight.
     with contextlib.suppress(Exception):  # housekeeping after the commit never fails the copy
         dst_store.delete_files(sorted(replaced - set(names.values())))

@@ -26,9 +26,12 @@ from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
 from torchstow.management.listing import UNREADABLE, IsACheckpointError, scan
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["GcReport", "gc"]
+__all__ = ["GRACE", "GcReport", "gc", "in_flight"]
 
 logger = logging.getLogger("torchstow")
+
+#: Seconds since a save's newest file was written after which gc judges it dead (its default).
+GRACE = 3600.0
 
 _SAVE_ID = re.compile(r"^data-([0-9a-f]+)-\d+-\d+\.bin$")
 
@@ -79,21 +82,42 @@ def _old_groups(
     return old, names - old
 
 
-def _collect_location(store: ByteStore, cutoff: float, report: GcReport) -> None:
+def _debris(store: ByteStore, cutoff: float) -> tuple[set[str], set[str]] | str:
+    """``(old, young)``: the checkpoint files at ``store`` that no committed manifest names,
+    split by whether their save's newest file is older than ``cutoff`` (young: a save may
+    still be writing them; of unknown age counts as young); or why the location is left alone."""
     files = store.list_files()
     if DCP_METADATA in files:
-        report.skipped[store.location] = "a checkpoint in DCP's format"
-        return
+        return "a checkpoint in DCP's format"
     debris = {f for f in files if is_checkpoint_file(f)}
     if not debris:
-        return
+        return set(), set()
     if MANIFEST in files:
         listed = listed_files(store)
         if listed is None:
-            report.skipped[store.location] = "its manifest could not be read"
-            return
+            return "its manifest could not be read"
         debris -= listed
-    old, young = _old_groups(debris, store.file_times(), cutoff)
+    return _old_groups(debris, store.file_times(), cutoff)
+
+
+def in_flight(store: ByteStore, older_than: float = GRACE) -> list[str]:
+    """What a save may still be writing at ``store``'s location, as :func:`gc` judges it
+    (and so leaves alone): the files no committed manifest names whose save's newest file
+    is younger than ``older_than`` seconds (or of unknown age), and the multipart uploads
+    started since; their names, sorted. A location gc would skip (unreadable manifest,
+    DCP's format) has none."""
+    cutoff = time.time() - older_than
+    found = _debris(store, cutoff)
+    young = set() if isinstance(found, str) else found[1]
+    return sorted(young | {u.name for u in store.pending_uploads() if u.started >= cutoff})
+
+
+def _collect_location(store: ByteStore, cutoff: float, report: GcReport) -> None:
+    found = _debris(store, cutoff)
+    if isinstance(found, str):
+        report.skipped[store.location] = found
+        return
+    old, young = found
     report.kept += [f"{store.location}/{n}" for n in sorted(young)]
     if not old:
         return
@@ -116,7 +140,7 @@ def _collect_location(store: ByteStore, cutoff: float, report: GcReport) -> None
 def gc(
     uri_or_prefix: str | os.PathLike[str],
     *,
-    older_than: float = 3600,
+    older_than: float = GRACE,
     dry_run: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> GcReport:

@@ -3,20 +3,38 @@ link's throughput grows, halved when the store throttles, then regained), what t
 requests tell of the link (a request's fixed cost, one connection's rate: the size of the
 next parts and ranges), a gate that hands the writer threads their parts file by file, and
 a watchdog that cancels a request which makes no progress for ``stall_timeout`` seconds,
-so the retry policy sends it again instead of waiting on a dead connection."""
+so the retry policy sends it again instead of waiting on a dead connection.
+
+Progress is bytes moving, however long the request takes: a byte received, a byte of a body
+handed to the HTTP client, and, once the client has handed a body to its connection (the
+kernel's send buffer holds megabytes, which a slow link takes seconds to drain), each fall
+of the bytes still unsent on that connection (:meth:`Progress.sample`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import heapq
 import io
 import logging
+import struct
+import sys
 import threading
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-__all__ = ["AdaptiveLimit", "LinkEstimate", "PartGate", "Progress", "ProgressBody", "StallError", "watch"]
+__all__ = [
+    "AdaptiveLimit",
+    "LinkEstimate",
+    "PartGate",
+    "Progress",
+    "ProgressBody",
+    "StallError",
+    "watch",
+    "watch_connections",
+]
 
 T = TypeVar("T")
 
@@ -28,18 +46,80 @@ class StallError(TimeoutError):
 
 
 class Progress:
-    """When a request last moved a byte (or started)."""
+    """When a request last moved a byte (or started); once its body's connection is known
+    (:meth:`sending_on`), also the bytes still unsent there, whose every fall is progress."""
 
     def __init__(self) -> None:
         self.at = time.monotonic()
+        self.transport: asyncio.BaseTransport | None = None
+        self.unsent: int | None = None
 
     def mark(self) -> None:
         self.at = time.monotonic()
 
+    def sending_on(self, transport: asyncio.BaseTransport | None) -> None:
+        """The HTTP client writes the body to ``transport``: watch the bytes left unsent there."""
+        self.transport = transport
+        self.unsent = None
+
+    def sample(self) -> None:
+        """Mark progress if fewer bytes wait unsent on the body's connection than at the last sample."""
+        if self.transport is None:
+            return
+        unsent = _unsent(self.transport)
+        if unsent is not None and self.unsent is not None and unsent < self.unsent:
+            self.mark()
+        self.unsent = unsent
+
+
+def _unsent(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes written to ``transport`` that have not left the host yet: its own buffer and, on
+    Linux, the socket's send queue (bytes the peer has not acknowledged); None once closed."""
+    if transport.is_closing():
+        return None
+    unsent = transport.get_write_buffer_size() if isinstance(transport, asyncio.WriteTransport) else 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _OUTQ is not None:
+        with contextlib.suppress(OSError, ValueError):
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+    return unsent
+
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ  # SIOCOUTQ on a TCP socket
+else:  # elsewhere only the transport's own buffer is seen: a slow link's last megabytes are not
+    _OUTQ = None
+
+
+@functools.cache
+def watch_connections() -> None:
+    """Tell aiohttp to hand each :class:`ProgressBody`'s progress the connection it is written
+    to (a payload type of its own, else aiohttp's for any file object), so the watchdog sees
+    the body's bytes leave the host, not only reach the client, and judges that request
+    alone (without the client's read timeout). Once per process."""
+    from aiohttp import payload
+
+    class _WatchedBody(payload.IOBasePayload):
+        async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+            body = cast(ProgressBody, self._value)  # aiobotocore's proxy of it
+            body.progress.sending_on(getattr(writer, "transport", None))
+            protocol = getattr(writer, "protocol", None)
+            if protocol is not None and hasattr(protocol, "read_timeout"):
+                # the client's read timeout starts once the body is handed over, before a slow
+                # link has sent its last megabytes: the watchdog alone judges this request
+                protocol.read_timeout = None
+            await super().write_with_length(writer, content_length)
+
+    payload.PAYLOAD_REGISTRY.register(_WatchedBody, ProgressBody, order=payload.Order.try_first)
+
 
 class ProgressBody(io.RawIOBase):
     """A request body over ``data`` without copying it, marking ``progress`` as the
-    HTTP client reads it (it reads as the socket takes the bytes)."""
+    HTTP client reads it (it reads ahead of the socket by as much as the kernel's send
+    buffer holds: :func:`watch_connections` shows the bytes leave)."""
 
     def __init__(self, data: memoryview | bytes | bytearray, progress: Progress) -> None:
         super().__init__()
@@ -82,23 +162,28 @@ class ProgressBody(io.RawIOBase):
 
 async def watch(request: Awaitable[T], progress: Progress, stall_timeout: float, what: str) -> T:
     """Await ``request``; cancel it and raise :class:`StallError` once ``progress`` has not
-    moved for ``stall_timeout`` seconds."""
+    moved for ``stall_timeout`` seconds (its body's connection is sampled :data:`_SAMPLES`
+    times per ``stall_timeout``)."""
     task = asyncio.ensure_future(request)
     try:
         while True:
+            progress.sample()
             left = progress.at + stall_timeout - time.monotonic()
             if left <= 0:
                 task.cancel()
                 raise StallError(
                     f"no progress for {stall_timeout:g}s (stall_timeout); the request was cancelled"
                 )
-            done, _ = await asyncio.wait({task}, timeout=left)
+            done, _ = await asyncio.wait({task}, timeout=min(left, stall_timeout / _SAMPLES))
             if done:
                 return task.result()
     finally:
         if not task.done():
             task.cancel()
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+_SAMPLES = 8
 
 
 class LinkEstimate:

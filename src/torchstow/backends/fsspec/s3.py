@@ -23,6 +23,7 @@ from torchstow.backends.fsspec.pacing import (
     Progress,
     ProgressBody,
     watch,
+    watch_connections,
 )
 from torchstow.spi import Buffer, FileSink
 
@@ -61,6 +62,7 @@ class S3Requests:
     progress."""
 
     def __init__(self, fs: Any, tuning: Tuning) -> None:
+        watch_connections()
         self.fs = fs
         self.retry = tuning.retry
         self.stall_timeout = tuning.stall_timeout

@@ -5,7 +5,10 @@ two saves to one location exactly one commits; the other gets
 :class:`CheckpointExistsError`. An overwrite replaces the manifest (the last
 to commit wins). When the write fails in a way that leaves its outcome open
 (a timeout, a lost reply, retries that met their own earlier success), the
-manifest is read back: if it carries this save's id the save committed.
+manifest is read back: if it carries this save's id the save committed. Only the
+store's failures (``OSError``) are read back so: any other exception raised while
+publishing (one a SIGTERM handler raises to stop training, say) propagates as it is,
+even when the manifest landed, and leaves the outcome to the caller (:func:`landed`).
 After a commit only the files of the manifest this save replaced are
 removed, never those of a save still in flight.
 
@@ -21,11 +24,12 @@ import logging
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
-from torchstow.format.codec import chunk_table_of, decode_metadata, encode_manifest
+from torchstow.format.codec import decode_metadata, encode_manifest
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, located_files
+from torchstow.format.table import TableLocations
 
-__all__ = ["UncertainCommitError", "committed_files", "listed_files", "publish_manifest"]
+__all__ = ["UncertainCommitError", "committed_files", "landed", "listed_files", "publish_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +45,26 @@ def _committed_with_table(store: ByteStore) -> tuple[Metadata, str | None] | Non
         metadata = decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
     except TorchstowError:
         return None
-    return metadata, chunk_table_of(data)
+    locations = metadata.storage_data  # version 2: over the table it read, which knows its name
+    return metadata, locations.table.name if isinstance(locations, TableLocations) else None
 
 
 def _committed(store: ByteStore) -> Metadata | None:
     """The manifest at ``store`` now, or None when there is none or it is unreadable."""
     found = _committed_with_table(store)
     return None if found is None else found[0]
+
+
+def landed(store: ByteStore, save_id: str) -> bool | None:
+    """After publishing was interrupted by something other than the store (a signal
+    handler's exception): True when the manifest at ``store`` is save ``save_id``'s, else
+    None (the store may still be at work: unknown, never "not landed")."""
+    try:
+        metadata = _committed(store)
+    except Exception:
+        logger.warning("could not read %s back after an interrupted commit", store.location, exc_info=True)
+        return None
+    return True if metadata is not None and metadata.save_id == save_id else None
 
 
 class UncertainCommitError(StorageIOError):
@@ -105,12 +122,14 @@ def publish_manifest(
         _publish(store, metadata, manifest, overwrite)
     except UncertainCommitError:
         raise  # it may have landed: its table stays (gc removes it if it did not)
-    except Exception:  # surely not landed (read back); an interrupt may have landed: left to gc
+    except OSError:  # the store's failure, surely not landed (read back)
         try:
             store.delete_files(sorted(tables))
         except Exception:
             logger.warning("removing the chunk table of a failed commit at %s failed", store.location)
         raise
+    # Anything else (an exception a signal handler raised meanwhile, an interrupt) propagates
+    # as it is: the manifest may have landed, so its table stays (gc removes it if it did not)
 
 
 def _publish(store: ByteStore, metadata: Metadata, manifest: bytes, overwrite: bool) -> None:
@@ -127,7 +146,7 @@ def _publish(store: ByteStore, metadata: Metadata, manifest: bytes, overwrite: b
                 f"another save committed a checkpoint at {store.location} first; pass overwrite=True "
                 "to replace it (this save's files were removed, the other's are untouched)"
             ) from exc
-    except Exception as exc:
+    except OSError as exc:  # the store's failure: its outcome is open until the location is read back
         if not _is_ours(store, metadata.save_id, exc):
             raise
     else:

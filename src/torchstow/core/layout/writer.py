@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 from torchstow.core.futures import completed_future
-from torchstow.core.layout.commit import UncertainCommitError, committed_files, listed_files, publish_manifest
+from torchstow.core.layout.commit import (
+    UncertainCommitError,
+    committed_files,
+    landed,
+    listed_files,
+    publish_manifest,
+)
 from torchstow.core.layout.compression import compress
 from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
@@ -240,8 +246,11 @@ class LayoutWriter(StorageWriter):
             publish_manifest(self.store, metadata, overwrite=self.overwrite)
         except UncertainCommitError:
             raise
-        except Exception:
+        except OSError:
             self._outcome = False  # certainly not landed: publish_manifest read it back
+            raise
+        except Exception:  # not the store's (a signal handler's, say): landed, or unknown
+            self._outcome = landed(self.store, metadata.save_id)
             raise
         self._outcome = True
         # Committed. Removing the replaced checkpoint's files is housekeeping:

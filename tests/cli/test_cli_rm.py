@@ -1,0 +1,88 @@
+"""``torchstow rm`` while a save is in flight at the location: refused with
+``SaveInFlightError`` (nothing deleted) the way gc leaves such a save alone, unless
+``--force``; once the save's files are older than gc's grace period, they are debris."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import torchstow
+from torchstow.management.gc import GRACE
+
+from cli_helpers import assert_one_line_error, invoke
+from waits import wait_until
+
+gc_module = importlib.import_module("torchstow.management.gc")  # the module (the package exports gc())
+
+_SAVER = """
+import sys, torch, torchstow
+torchstow.save({"w": torch.arange(4096.0)}, sys.argv[1], overwrite=sys.argv[2] == "1")
+"""
+
+
+def _data_files(where: Path) -> set[str]:
+    return {n for n in os.listdir(where) if n.startswith("data-")} if where.exists() else set()
+
+
+@pytest.fixture
+def saving(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, set[str]]]:
+    """A save in flight at ``tmp_path/ckpt`` (over a committed checkpoint when the test is
+    parametrized with True): its process has written its data and hangs before committing.
+    Yields the location and the committed checkpoint's data files."""
+    where = tmp_path / "ckpt"
+    overwrite = request.param
+    if overwrite:
+        torchstow.save({"w": torch.zeros(4096)}, str(where))
+    committed = _data_files(where)
+    uri = f"faulty+file://{where}?fail=finish&mode=hang"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, uri, "1" if overwrite else "0"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def written() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            return bool(_data_files(where) - committed)
+
+        wait_until(written, what="the save's data files")
+        yield where, committed
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("saving", [False, True], ids=["fresh", "overwrite"], indirect=True)
+def test_rm_refuses_a_save_in_flight_unless_forced(saving: tuple[Path, set[str]]) -> None:
+    where, committed = saving
+    before = sorted(os.listdir(where))
+    refused = invoke("rm", str(where))
+    assert_one_line_error(refused, "a save may be in flight", "nothing was deleted", "--force")
+    assert "torchstow.errors.SaveInFlightError" in invoke("rm", "--debug", str(where)).err  # its type
+    assert sorted(os.listdir(where)) == before  # nothing deleted
+    if committed:
+        assert torch.equal(torchstow.read(str(where))["w"], torch.zeros(4096))  # still whole
+    assert invoke("rm", "--force", str(where)).code == 0
+    assert not where.exists()
+
+
+@pytest.mark.parametrize("saving", [False], indirect=True)
+def test_rm_removes_what_a_save_left_once_older_than_gcs_grace_period(
+    saving: tuple[Path, set[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    where, _ = saving
+    later = time.time() + GRACE + 60  # the save's files are past gc's grace period: debris
+    monkeypatch.setattr(gc_module, "time", SimpleNamespace(time=lambda: later))
+    assert invoke("rm", str(where)).code == 0
+    assert not where.exists()

@@ -1,0 +1,103 @@
+"""A training script's SIGTERM handler that raises to stop, while the manifest is being
+published: the save (or copy) fails with that exception (never swallowed because the
+manifest landed), and a manifest that landed keeps every file it names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+import torchstow
+from torchstow.format.codec import chunk_table_of
+
+# Saves in a process of its own whose SIGTERM handler raises Preempted; the local store's
+# manifest publish sends the process SIGTERM before or after the manifest lands. One JSON
+# line per save: what the save did (returned, or the failures' exception types).
+_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import torch, torchstow
+    from torchstow.backends.filesystem import LocalFileStore
+
+    class Preempted(Exception):
+        pass
+
+    def on_term(signum, frame):
+        raise Preempted("SIGTERM: stop training")
+
+    signal.signal(signal.SIGTERM, on_term)
+    when = {}
+
+    def interrupted(original):
+        def publish(self, name, data):
+            if name == "manifest.json" and when.get("now") == "before":
+                os.kill(os.getpid(), signal.SIGTERM)
+            original(self, name, data)
+            if name == "manifest.json" and when.get("now") == "after":
+                os.kill(os.getpid(), signal.SIGTERM)
+        return publish
+
+    LocalFileStore.publish = interrupted(LocalFileStore.publish)
+    LocalFileStore.publish_new = interrupted(LocalFileStore.publish_new)
+    for uri, moment, overwrite, op in json.loads(sys.argv[1]):
+        if overwrite:
+            torchstow.save({"w": torch.zeros(1024)}, uri)
+        if op == "copy":
+            torchstow.save({"w": torch.arange(1024.0)}, uri + "-src")
+        when["now"] = moment
+        try:
+            if op == "copy":
+                torchstow.copy(uri + "-src", uri, overwrite=overwrite)
+            else:
+                torchstow.save({"w": torch.arange(1024.0)}, uri, overwrite=overwrite)
+            outcome = {"returned": True}
+        except torchstow.CheckpointException as exc:
+            failed = sorted(type(e).__name__ for e, _ in exc.failures.values())
+            outcome = {"failed": failed, "notes": getattr(exc, "__notes__", [])}
+        except Preempted:
+            outcome = {"failed": ["Preempted"]}
+        when["now"] = None
+        print(json.dumps(outcome), flush=True)
+    """
+)
+
+
+def _files_listed(uri: Path) -> set[str]:
+    """The data files and the chunk table the committed manifest at ``uri`` names."""
+    data = (uri / "manifest.json").read_bytes()
+    return set(json.loads(data)["files"]) | {chunk_table_of(data) or "manifest.json"}
+
+
+def test_a_sigterm_handlers_exception_during_publish_fails_the_save_and_keeps_committed_data(
+    tmp_path: Path,
+) -> None:
+    cases = [
+        (str(tmp_path / "landed"), "after", False, "save"),
+        (str(tmp_path / "landed-over"), "after", True, "save"),
+        (str(tmp_path / "not-landed-over"), "before", True, "save"),
+        (str(tmp_path / "copy-landed-over"), "after", True, "copy"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    outcomes = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(outcomes) == len(cases), run.stdout
+    for (uri, moment, _, _), outcome in zip(cases, outcomes, strict=True):
+        # the handler's exception is the save's failure, whether or not the manifest landed
+        assert outcome.get("failed") == ["Preempted"], (moment, outcome)
+        expected = torch.arange(1024.0) if moment == "after" else torch.zeros(1024)
+        assert torch.equal(torchstow.read(uri)["w"], expected), moment  # landed: it loads; else the old one
+        assert _files_listed(Path(uri)) <= set(os.listdir(uri)), moment  # no named file deleted
+    assert any("did commit" in note for note in outcomes[0]["notes"]), outcomes[0]  # and says so
