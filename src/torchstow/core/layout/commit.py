@@ -29,7 +29,14 @@ from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, located_files
 from torchstow.format.table import TableLocations
 
-__all__ = ["UncertainCommitError", "committed_files", "landed", "listed_files", "publish_manifest"]
+__all__ = [
+    "UncertainCommitError",
+    "committed_files",
+    "is_committed",
+    "landed",
+    "listed_files",
+    "publish_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +62,22 @@ def _committed(store: ByteStore) -> Metadata | None:
     return None if found is None else found[0]
 
 
+def is_committed(store: ByteStore, save_id: str) -> bool:
+    """Whether the manifest committed at ``store`` is save ``save_id``'s: False when there is
+    none, or another save's, or no readable manifest; raises what reading it raised."""
+    metadata = _committed(store)
+    return metadata is not None and metadata.save_id == save_id
+
+
 def landed(store: ByteStore, save_id: str) -> bool | None:
     """After publishing was interrupted by something other than the store (a signal
     handler's exception): True when the manifest at ``store`` is save ``save_id``'s, else
     None (the store may still be at work: unknown, never "not landed")."""
     try:
-        metadata = _committed(store)
+        return is_committed(store, save_id) or None
     except Exception:
         logger.warning("could not read %s back after an interrupted commit", store.location, exc_info=True)
         return None
-    return True if metadata is not None and metadata.save_id == save_id else None
 
 
 class UncertainCommitError(StorageIOError):
@@ -94,13 +107,12 @@ def committed_files(store: ByteStore) -> set[str]:
 def _is_ours(store: ByteStore, save_id: str, error: BaseException) -> bool:
     """Read the location back after a failed publish: is the committed manifest this save's?"""
     try:
-        metadata = _committed(store)
+        return is_committed(store, save_id)
     except Exception as exc:
         raise UncertainCommitError(
             f"committing {store.location} failed ({error}), and reading the manifest back to see whether "
             f"it landed failed too ({exc}): the outcome is unknown; check it with torchstow.info"
         ) from error
-    return metadata is not None and metadata.save_id == save_id
 
 
 def _write_tables(store: ByteStore, tables: dict[str, bytes]) -> None:

@@ -241,6 +241,23 @@ class LayoutWriter(StorageWriter):
         self._finished, self._outcome = True, False
         self._check_listed(locations)
         replaced = committed_files(self.store) if self.overwrite else set()
+        self._publish(metadata)
+        # Committed. Removing the replaced checkpoint's files is housekeeping:
+        # a failure here must not report a committed save as failed. Files of
+        # no committed manifest may belong to a save still in flight: kept.
+        live = {info.relative_path for info in locations.values()}
+        try:
+            self.store.delete_files(sorted(replaced - live))
+            if self.overwrite:  # a replaced DCP-format checkpoint: its .metadata must not outlive it
+                self.store.delete_files(dcp_files(self.store.list_files()))
+        except Exception:
+            location = self.store.location
+            logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
+
+    def _publish(self, metadata: Metadata) -> None:
+        """Publish ``metadata`` as the location's manifest, noting for :meth:`commit_outcome`
+        whether it landed (True), certainly did not (False) or left that unknown (None)."""
+        assert metadata.save_id is not None
         try:
             self._outcome = None  # unknown from here until publishing returns or surely failed
             publish_manifest(self.store, metadata, overwrite=self.overwrite)
@@ -253,17 +270,6 @@ class LayoutWriter(StorageWriter):
             self._outcome = landed(self.store, metadata.save_id)
             raise
         self._outcome = True
-        # Committed. Removing the replaced checkpoint's files is housekeeping:
-        # a failure here must not report a committed save as failed. Files of
-        # no committed manifest may belong to a save still in flight: kept.
-        live = {info.relative_path for info in locations.values()}
-        try:
-            self.store.delete_files(sorted(replaced - live))
-            if self.overwrite:  # a replaced DCP-format checkpoint: its .metadata must not outlive it
-                self.store.delete_files(dcp_files(self.store.list_files()))
-        except Exception:
-            location = self.store.location
-            logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
 
     def _check_listed(self, locations: dict[Any, StorageInfo]) -> None:
         """Refuse to commit a manifest whose data is not all there: a file shared with
