@@ -24,7 +24,7 @@ import logging
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
-from torchstow.format.codec import decode_metadata, encode_manifest
+from torchstow.format.codec import decode_metadata, encode_manifest, save_id_of
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, located_files
 from torchstow.format.table import TableLocations
@@ -56,17 +56,15 @@ def _committed_with_table(store: ByteStore) -> tuple[Metadata, str | None] | Non
     return metadata, locations.table.name if isinstance(locations, TableLocations) else None
 
 
-def _committed(store: ByteStore) -> Metadata | None:
-    """The manifest at ``store`` now, or None when there is none or it is unreadable."""
-    found = _committed_with_table(store)
-    return None if found is None else found[0]
-
-
 def is_committed(store: ByteStore, save_id: str) -> bool:
-    """Whether the manifest committed at ``store`` is save ``save_id``'s: False when there is
-    none, or another save's, or no readable manifest; raises what reading it raised."""
-    metadata = _committed(store)
-    return metadata is not None and metadata.save_id == save_id
+    """Whether the manifest committed at ``store`` is save ``save_id``'s (its save id read,
+    nothing else: not its chunk table): False when there is none, or another save's, or no
+    torchstow manifest; raises what reading it raised."""
+    try:
+        data = store.read_file(MANIFEST)
+    except FileNotFoundError:
+        return False
+    return save_id_of(data) == save_id
 
 
 def landed(store: ByteStore, save_id: str) -> bool | None:
