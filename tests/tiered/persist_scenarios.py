@@ -41,3 +41,27 @@ def coordinator_killed_after_root_manifest(rank: int, world_size: int, root: str
     else:
         error = None
     return {"level": handle.level, "error": error, "exception": repr(handle.exception())}
+
+
+def coordinator_raises_after_root_manifest(rank: int, world_size: int, root: str, fast: str) -> dict:
+    """Persist step 1; the coordinator's commit raises right after the root's manifest landed
+    (not the store's failure: nothing reads it back there). What each rank's handle says."""
+    os.environ["TORCHSTOW_NODE"] = str(rank)
+    if rank == 0:
+        original = LocalFileStore.publish_new
+
+        def publish_new(self: LocalFileStore, name: str, data: bytes) -> None:
+            original(self, name, data)
+            if name == MANIFEST and self.location.rstrip("/").endswith("root/step-1"):
+                raise RuntimeError("interrupted after the manifest landed")
+
+        LocalFileStore.publish_new = publish_new  # type: ignore[method-assign]
+    manager = TieredManager(root, fast, persist_every=1, replicas=1, timeout=60)
+    try:
+        handle = manager.save(1, state(1, rank))
+        handle.wait("durable")
+        return {"level": handle.level, "exception": repr(handle.exception())}
+    finally:
+        if rank == 0:
+            LocalFileStore.publish_new = original  # type: ignore[method-assign]
+        manager.close()

@@ -35,7 +35,7 @@ import torch
 
 from torchstow.checkpointing.async_save import _FailedWriter
 from torchstow.core.dtensors import local_view
-from torchstow.core.layout.commit import is_committed, publish_manifest
+from torchstow.core.layout.commit import is_committed, landed, publish_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.layout.writer import LayoutWriter
@@ -461,18 +461,17 @@ class TieredManager:
                 return
             _write_and_commit(coll, writer, copy, commit, progress, "tiered: persist")
         except BaseException as exc:
-            self._persist_failed(job, exc, writer, started)
+            # This rank's copies are removed, or kept, already. Did the step commit? The
+            # coordinator knows what its commit did; another rank reads the root back.
+            committed = writer.commit_outcome() if coll.is_coordinator else landed(target, save_id)
+            self._persist_failed(job, exc, bool(committed), started)
             return
         self._durable(job, started)
 
-    def _persist_failed(self, job: _Persist, exc: BaseException, writer: _RootCopy, started: float) -> None:
-        """After a failed persist (this rank's copies are removed, or kept, already): a step
-        whose manifest landed all the same is durable; retried once either way, so every
-        rank runs the same persists (the retry finds a committed step as it is)."""
-        try:
-            committed = writer.commit_outcome()
-        except Exception:
-            committed = None
+    def _persist_failed(self, job: _Persist, exc: BaseException, committed: bool, started: float) -> None:
+        """After a failed persist: a step whose manifest landed all the same is durable;
+        retried once either way, so every rank runs the same persists (the retry finds a
+        committed step as it is)."""
         if not job.retried:
             self._retry.append(job)
         if committed or job.handle.level == "durable":
