@@ -254,6 +254,21 @@ class LayoutWriter(StorageWriter):
             location = self.store.location
             logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
 
+    def _check_listed(self, locations: dict[Any, StorageInfo]) -> None:
+        """Refuse to commit a manifest whose data is not all there: a file shared with
+        a base that was removed or cut short meanwhile (by the cleanup of an overwrite
+        committed in between, say) would make a checkpoint that does not load."""
+        sizes = self.store.file_sizes() if locations else None
+        if sizes is None:
+            return
+        missing = check_extents(locations.items(), sizes, self.store.location)
+        for index, info in locations.items():
+            if info.relative_path in missing:
+                raise CorruptCheckpointError(
+                    f"{self.store.location}/{info.relative_path}, which would hold {index.fqn!r}, is "
+                    "missing (removed while this save was in flight): nothing was committed"
+                )
+
     def _publish(self, metadata: Metadata) -> None:
         """Publish ``metadata`` as the location's manifest, noting for :meth:`commit_outcome`
         whether it landed (True), certainly did not (False) or left that unknown (None)."""
@@ -270,21 +285,6 @@ class LayoutWriter(StorageWriter):
             self._outcome = landed(self.store, metadata.save_id)
             raise
         self._outcome = True
-
-    def _check_listed(self, locations: dict[Any, StorageInfo]) -> None:
-        """Refuse to commit a manifest whose data is not all there: a file shared with
-        a base that was removed or cut short meanwhile (by the cleanup of an overwrite
-        committed in between, say) would make a checkpoint that does not load."""
-        sizes = self.store.file_sizes() if locations else None
-        if sizes is None:
-            return
-        missing = check_extents(locations.items(), sizes, self.store.location)
-        for index, info in locations.items():
-            if info.relative_path in missing:
-                raise CorruptCheckpointError(
-                    f"{self.store.location}/{info.relative_path}, which would hold {index.fqn!r}, is "
-                    "missing (removed while this save was in flight): nothing was committed"
-                )
 
     def commit_outcome(self) -> bool | None:
         """Whether this save committed: on the coordinator, what its ``finish`` saw (False
