@@ -678,6 +678,21 @@ def chunk_table_of(data: bytes) -> str | None:
     return found.chunk_table.name
 
 
+class _Identity(msgspec.Struct):
+    format: str = ""
+    save_id: Any = None
+
+
+def save_id_of(data: bytes) -> str | None:
+    """The save id a torchstow manifest of any version records, without decoding the rest
+    of it nor reading its chunk table; None when it records none or is no torchstow manifest."""
+    try:
+        found = msgspec.json.decode(data, type=_Identity)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return found.save_id if found.format == FORMAT_NAME and isinstance(found.save_id, str) else None
+
+
 def decode_metadata(data: bytes, *, source: str = "manifest", read_file: ReadFile | None = None) -> Metadata:
     """Parse a manifest of any version in :data:`DECODERS`; ``read_file`` reads the files
     beside it (a version-2 manifest's chunk table: pass ``store.read_file``). Never unpickles."""

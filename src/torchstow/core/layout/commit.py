@@ -24,12 +24,19 @@ import logging
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
-from torchstow.format.codec import decode_metadata, encode_manifest
+from torchstow.format.codec import decode_metadata, encode_manifest, save_id_of
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, located_files
 from torchstow.format.table import TableLocations
 
-__all__ = ["UncertainCommitError", "committed_files", "landed", "listed_files", "publish_manifest"]
+__all__ = [
+    "UncertainCommitError",
+    "committed_files",
+    "is_committed",
+    "landed",
+    "listed_files",
+    "publish_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +56,15 @@ def _committed_with_table(store: ByteStore) -> tuple[Metadata, str | None] | Non
     return metadata, locations.table.name if isinstance(locations, TableLocations) else None
 
 
-def _committed(store: ByteStore) -> Metadata | None:
-    """The manifest at ``store`` now, or None when there is none or it is unreadable."""
-    found = _committed_with_table(store)
-    return None if found is None else found[0]
+def is_committed(store: ByteStore, save_id: str) -> bool:
+    """Whether the manifest committed at ``store`` is save ``save_id``'s (its save id read,
+    nothing else: not its chunk table): False when there is none, or another save's, or no
+    torchstow manifest; raises what reading it raised."""
+    try:
+        data = store.read_file(MANIFEST)
+    except FileNotFoundError:
+        return False
+    return save_id_of(data) == save_id
 
 
 def landed(store: ByteStore, save_id: str) -> bool | None:
@@ -60,11 +72,10 @@ def landed(store: ByteStore, save_id: str) -> bool | None:
     handler's exception): True when the manifest at ``store`` is save ``save_id``'s, else
     None (the store may still be at work: unknown, never "not landed")."""
     try:
-        metadata = _committed(store)
+        return is_committed(store, save_id) or None
     except Exception:
         logger.warning("could not read %s back after an interrupted commit", store.location, exc_info=True)
         return None
-    return True if metadata is not None and metadata.save_id == save_id else None
 
 
 class UncertainCommitError(StorageIOError):
@@ -94,13 +105,12 @@ def committed_files(store: ByteStore) -> set[str]:
 def _is_ours(store: ByteStore, save_id: str, error: BaseException) -> bool:
     """Read the location back after a failed publish: is the committed manifest this save's?"""
     try:
-        metadata = _committed(store)
+        return is_committed(store, save_id)
     except Exception as exc:
         raise UncertainCommitError(
             f"committing {store.location} failed ({error}), and reading the manifest back to see whether "
             f"it landed failed too ({exc}): the outcome is unknown; check it with torchstow.info"
         ) from error
-    return metadata is not None and metadata.save_id == save_id
 
 
 def _write_tables(store: ByteStore, tables: dict[str, bytes]) -> None:

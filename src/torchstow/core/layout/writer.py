@@ -241,18 +241,7 @@ class LayoutWriter(StorageWriter):
         self._finished, self._outcome = True, False
         self._check_listed(locations)
         replaced = committed_files(self.store) if self.overwrite else set()
-        try:
-            self._outcome = None  # unknown from here until publishing returns or surely failed
-            publish_manifest(self.store, metadata, overwrite=self.overwrite)
-        except UncertainCommitError:
-            raise
-        except OSError:
-            self._outcome = False  # certainly not landed: publish_manifest read it back
-            raise
-        except Exception:  # not the store's (a signal handler's, say): landed, or unknown
-            self._outcome = landed(self.store, metadata.save_id)
-            raise
-        self._outcome = True
+        self._publish(metadata)
         # Committed. Removing the replaced checkpoint's files is housekeeping:
         # a failure here must not report a committed save as failed. Files of
         # no committed manifest may belong to a save still in flight: kept.
@@ -279,6 +268,23 @@ class LayoutWriter(StorageWriter):
                     f"{self.store.location}/{info.relative_path}, which would hold {index.fqn!r}, is "
                     "missing (removed while this save was in flight): nothing was committed"
                 )
+
+    def _publish(self, metadata: Metadata) -> None:
+        """Publish ``metadata`` as the location's manifest, noting for :meth:`commit_outcome`
+        whether it landed (True), certainly did not (False) or left that unknown (None)."""
+        assert metadata.save_id is not None
+        try:
+            self._outcome = None  # unknown from here until publishing returns or surely failed
+            publish_manifest(self.store, metadata, overwrite=self.overwrite)
+        except UncertainCommitError:
+            raise
+        except OSError:
+            self._outcome = False  # certainly not landed: publish_manifest read it back
+            raise
+        except Exception:  # not the store's (a signal handler's, say): landed, or unknown
+            self._outcome = landed(self.store, metadata.save_id)
+            raise
+        self._outcome = True
 
     def commit_outcome(self) -> bool | None:
         """Whether this save committed: on the coordinator, what its ``finish`` saw (False

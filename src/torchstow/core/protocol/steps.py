@@ -42,6 +42,7 @@ __all__ = ["load_state_dict", "save_state_dict"]
 logger = logging.getLogger(__name__)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_R = TypeVar("_R")
 
 
 def _timed(step: str, rank: int, stats: SaveStats | None = None) -> Callable[[_F], _F]:
@@ -329,10 +330,12 @@ def _write_and_commit(
     coll: Collective,
     writer: StorageWriter,
     write: Callable[[], Any],
-    commit: Callable[[list[Any]], Metadata],
+    commit: Callable[[list[Any]], _R],
     progress: _SaveProgress,
-) -> Metadata:
-    """Every rank writes, the coordinator commits, every rank learns the outcome.
+    step: str = "save write",
+) -> _R:
+    """Every rank writes, the coordinator commits, every rank learns the outcome (the
+    tiered manager's persist goes through here too, as ``step``).
 
     When the save fails, a rank removes what it wrote only if it knows for
     certain that the commit did not and will not happen: its own write failed,
@@ -343,7 +346,6 @@ def _write_and_commit(
     (:meth:`StorageWriter.commit_outcome`) and otherwise keeps its files, for a
     later ``delete`` to collect; a committed manifest may name them.
     """
-    step = "save write"
     try:
         own, result, _ = _coordinate(coll, step, write, commit)
     except CheckpointException as exc:  # the gather broke

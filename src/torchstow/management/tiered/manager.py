@@ -35,14 +35,21 @@ import torch
 
 from torchstow.checkpointing.async_save import _FailedWriter
 from torchstow.core.dtensors import local_view
-from torchstow.core.layout.commit import publish_manifest
+from torchstow.core.layout.commit import is_committed, landed, publish_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, SavePlan, SavePlanner
 from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, SingleProcess
 from torchstow.core.protocol.gloo_groups import private_gloo_group
-from torchstow.core.protocol.steps import all_reduce, load_state_dict, save_state_dict
+from torchstow.core.protocol.steps import (
+    _SaveProgress,
+    _write_and_commit,
+    all_reduce,
+    broadcast_from_coordinator,
+    load_state_dict,
+    save_state_dict,
+)
 from torchstow.core.staging.stager import StateDictStager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
@@ -92,6 +99,35 @@ class _FilesWriter(LayoutWriter):
         return future
 
 
+class _RootCopy(LayoutWriter):
+    """One rank's part of a persist, as the save protocol's commit-or-abort sees it: the
+    files it copies into the root's step, which :meth:`abort` removes (never one a
+    manifest committed there lists) only when the commit certainly did not happen, and on
+    the coordinator the outcome of publishing the step's manifest there."""
+
+    def __init__(self, store: ByteStore, coordinator: bool) -> None:
+        super().__init__(store, thread_count=1)
+        self._coordinator = coordinator
+
+    def copy(self, source: ByteStore, files: list[str], spans: dict[str, list[Any]], again: bool) -> int:
+        """Copy ``files`` (checking every block); ``again``: a retry that knows no manifest of
+        this save is committed replaces what the failed attempt left. Bytes copied."""
+        self.store.prepare()
+        if again:
+            self.store.delete_files(files)
+        total = 0
+        for name in files:
+            self._written.append(name)
+            _copy_checked(source, self.store, name, spans.get(name, []))
+            total += sum(s.info.length for s in spans.get(name, []))
+        return total
+
+    def commit(self, metadata: Metadata) -> None:
+        """(Coordinator) publish the step's manifest: exclusive, its outcome noted."""
+        self._finished = True
+        self._publish(metadata)
+
+
 @dataclass
 class _Persist:
     step: int
@@ -99,6 +135,7 @@ class _Persist:
     files: list[str]
     handle: TieredSave
     retried: bool = False
+    nbytes: int = 0  # copied to the root by this rank
 
 
 def _all_gather(coll: Collective, step: str, value: Any) -> list[Any]:
@@ -396,57 +433,77 @@ class TieredManager:
         self._persist_one(job)
 
     def _persist_one(self, job: _Persist) -> None:
+        """Copy ``job``'s step to the root and commit it there, as a save commits (on a
+        failure a rank removes its copies only when the commit certainly did not happen).
+        A retry first asks the root: a step whose manifest did land is durable as it is."""
         started = time.perf_counter()
-        source = self._fast_store(job.step)
+        coll = self._persist_coll
         target = self._root_backend.open_store(self.uri(job.step))
+        writer = _RootCopy(target, coll.is_coordinator)
+        progress = _SaveProgress()
         spans = spans_by_file(job.metadata)
-        copied: list[str] = []
+        save_id = job.metadata.save_id
+        assert save_id is not None
 
-        def copy() -> int:
-            target.prepare()
-            total = 0
-            for name in job.files:
-                copied.append(name)
-                _copy_checked(source, target, name, spans.get(name, []))
-                total += sum(s.info.length for s in spans.get(name, []))
-            return total
+        def copy() -> None:
+            job.nbytes = writer.copy(self._fast_store(job.step), job.files, spans, again=job.retried)
+            progress.handed = True
 
         def commit(_: list[Any]) -> None:
-            publish_manifest(target, job.metadata, overwrite=False)
-
-        nbytes = 0
-
-        def copy_counted() -> None:
-            nonlocal nbytes
-            nbytes = copy()
+            progress.committing = True
+            writer.commit(job.metadata)
 
         try:
-            all_reduce(self._persist_coll, "tiered: persist", copy_counted, commit)
+            if job.retried and broadcast_from_coordinator(
+                coll, "tiered: persist retry", lambda: is_committed(target, save_id)
+            ):
+                self._durable(job, started)
+                return
+            _write_and_commit(coll, writer, copy, commit, progress, "tiered: persist")
         except BaseException as exc:
-            try:
-                target.delete_files(copied)
-            except Exception:
-                logger.warning(
-                    "removing the files of a failed persist of step %d failed", job.step, exc_info=True
-                )
-            if not job.retried:
-                logger.warning(
-                    "persisting step %d to %s failed (retried at the next persist step): %s",
-                    job.step,
-                    self.root,
-                    exc,
-                )
-                self._retry.append(job)
-            else:
-                with self._lock:
-                    self._pinned.discard(job.step)
-            if job.handle.exception() is None:
-                job.handle._fail(exc)
+            # This rank's copies are removed, or kept, already. Did the step commit? The
+            # coordinator knows what its commit did; another rank reads the root back.
+            committed = writer.commit_outcome() if coll.is_coordinator else landed(target, save_id)
+            self._persist_failed(job, exc, bool(committed), started)
             return
+        self._durable(job, started)
+
+    def _persist_failed(self, job: _Persist, exc: BaseException, committed: bool, started: float) -> None:
+        """After a failed persist: a step whose manifest landed all the same is durable;
+        retried once either way, so every rank runs the same persists (the retry finds a
+        committed step as it is)."""
+        if not job.retried:
+            self._retry.append(job)
+        if committed or job.handle.level == "durable":
+            logger.warning(
+                "persisting step %d to %s failed, but its manifest is committed: the step is durable: %s",
+                job.step,
+                self.root,
+                exc,
+            )
+            self._durable(job, started)
+            return
+        if not job.retried:
+            logger.warning(
+                "persisting step %d to %s failed (retried at the next persist step): %s",
+                job.step,
+                self.root,
+                exc,
+            )
+        else:
+            with self._lock:
+                self._pinned.discard(job.step)
+        if job.handle.exception() is None:
+            job.handle._fail(exc)
+
+    def _durable(self, job: _Persist, started: float) -> None:
+        """``job``'s step is committed in the root: its handle says so, the fast tier and the
+        root are pruned."""
         with self._lock:
             self._pinned.discard(job.step)
-        job.handle._clear_error()
-        job.handle._reach("durable", nbytes, started)
+        if job.handle.level != "durable":
+            job.handle._clear_error()
+            job.handle._reach("durable", job.nbytes, started)
         self._prune_root(self._persist_coll)
         try:  # the step this persist held back may go now (never one the fast thread is writing)
             self._prune_fast(self._replicated, newer=False)
