@@ -291,6 +291,12 @@ class ChunkTable:
             ]
         return made
 
+    def layout(self, entry: int) -> tuple[memoryview, memoryview]:
+        """Entry ``entry``'s chunk offsets and sizes, flat (views of the table's bytes)."""
+        start = self._dim_start(entry)
+        end = start + (self.starts[entry + 1] - self.starts[entry]) * self.ndim[entry]
+        return self._mv["offsets"][start:end], self._mv["sizes"][start:end]
+
     def row_of(self, index: MetadataIndex) -> int | None:
         """The row ``index`` names (its position hint first), or None."""
         entry = self.fqns.get(index.fqn)
@@ -619,6 +625,10 @@ class TableChunks(Sequence[ChunkStorageMetadata]):
         if self._list is None:
             self._list = self._table.chunks(self._entry)
         return self._list
+
+    def flat_layout(self) -> tuple[memoryview, memoryview]:
+        """The chunks' offsets and sizes, flat, without an object per chunk."""
+        return self._table.layout(self._entry)
 
     def __len__(self) -> int:
         starts = self._table.starts
