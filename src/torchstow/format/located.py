@@ -25,10 +25,12 @@ from typing import Any
 import torch
 
 from torchstow.format.manifest import (
+    STORAGE_TYPES,
     BytesStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageInfo,
+    TensorStorageMetadata,
     new_storage_info,
 )
 from torchstow.format.table import (
@@ -37,11 +39,12 @@ from torchstow.format.table import (
     EntryShape,
     TableChunks,
     TableColumns,
+    TableLocations,
     encode_table,
     one_thread,
 )
 
-__all__ = ["LocationColumns", "entry_shapes", "located_table"]
+__all__ = ["LocationColumns", "attach_locations", "entry_shapes", "located_table", "locations_table"]
 
 _KEY_FIELDS = attrgetter("fqn", "offset", "index")
 _INFO_FIELDS = attrgetter(
@@ -512,3 +515,17 @@ def locations_table(md: Metadata, located: Mapping[MetadataIndex, StorageInfo], 
     indices = list(located)
     infos = list(located.values())
     return located_table(md, [LocationColumns.of(indices, infos, [0] * len(infos))] if indices else [], name)
+
+
+def attach_locations(md: Metadata, batches: Sequence[LocationColumns], name: str) -> None:
+    """Record the locations ``batches`` give in ``md`` as its chunk table's columns, as a
+    load reads them: ``storage_data`` a :class:`TableLocations`, each tensor's chunks a
+    :class:`TableChunks` (new entry objects: ``md``'s entries are not changed in place)."""
+    table = located_table(md, batches, name)
+    entries: dict[str, STORAGE_TYPES] = {}
+    for e, (fqn, meta) in enumerate(md.state_dict_metadata.items()):
+        if isinstance(meta, TensorStorageMetadata):
+            meta = TensorStorageMetadata(meta.properties, meta.size, TableChunks(table, e))
+        entries[fqn] = meta
+    md.state_dict_metadata = entries
+    md.storage_data = TableLocations(table)
