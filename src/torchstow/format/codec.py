@@ -279,7 +279,7 @@ def _same_table(md: Metadata, table: ChunkTable) -> bool:
             not isinstance(chunks, TableChunks)
             or chunks._table.data is not table.data  # the same bytes (a renamed table shares them)
             or tuple(entry.size) != known.shape
-            or chunks._list not in (None, table.chunks(chunks._entry))
+            or (chunks._list is not None and chunks._list != table.chunks(chunks._entry))
         ):
             return False
     return True

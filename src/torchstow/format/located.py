@@ -40,6 +40,7 @@ from torchstow.format.table import (
     TableChunks,
     TableColumns,
     TableLocations,
+    crc_counts,
     encode_table,
     one_thread,
 )
@@ -54,45 +55,48 @@ _OFFSETS = attrgetter("offsets")
 _SIZES = attrgetter("sizes")
 
 
-def key_hash(name: bytes) -> int:
-    """A key's 64-bit name hash (the same on every rank; Python's ``hash`` is not)."""
-    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little", signed=True)
+_COLUMNS = {  # the per-key and per-item columns, and their array type codes
+    "name_lengths": "i",
+    "name_hashes": "q",
+    "key": "i",
+    "hint": "i",
+    "ndim": "b",
+    "offsets": "q",
+    "file": "i",
+    "offset": "q",
+    "length": "q",
+    "block": "q",
+    "crcs": "I",
+    "codec": "B",
+    "has_digest": "B",
+    "written": "q",
+}
+
+
+def key_hash(name: bytes) -> tuple[int, int]:
+    """A key's name digest: 128 bits of BLAKE2b as two int64 (the same on every rank,
+    unlike Python's ``hash``). Keys are told apart by it, as incremental saves tell
+    contents apart by their BLAKE3 digests."""
+    digest = hashlib.blake2b(name, digest_size=16).digest()
+    low, high = digest[:8], digest[8:]
+    return int.from_bytes(low, "little", signed=True), int.from_bytes(high, "little", signed=True)
 
 
 class LocationColumns:
     """The locations of the items one writer wrote, as columns, in the order written.
 
-    Keys are named once each (``names``: their UTF-8 bytes one after another, with
-    ``name_lengths`` and ``name_hashes``); per item: ``key`` (into them), ``hint``
-    (the chunk's position in its entry, -1: none), ``ndim`` (-1: an object, whose key
-    has no offsets) with the chunk's ``offsets`` flat; ``file`` (into ``files``),
-    ``offset``, ``length``, ``block``, ``crc_count`` with the ``crcs`` flat, ``codec``
+    Keys are named once each: ``names`` (their UTF-8 bytes one after another) with
+    ``name_lengths`` and ``name_hashes`` (a 128-bit BLAKE2b digest of each, two int64).
+    Per item: ``key`` (into them), ``hint`` (the chunk's position in its entry, -1:
+    none), ``ndim`` (-1: an object, whose key has no offsets) with the chunk's
+    ``offsets`` flat; ``file`` (into ``files``), ``offset``, ``length``, ``block``, with
+    the ``crcs`` flat (``ceil(length / block)`` of them, as in a chunk table), ``codec``
     (0: none, i: ``codecs[i - 1]``), ``has_digest`` with the 32-byte ``digests`` of the
-    items that have one, and ``written`` (bytes this save wrote for it: 0 for an item
-    shared with an incremental save's base).
+    items that have one, and ``written`` (the bytes this save wrote for it: 0 for an
+    item shared with an incremental save's base).
     """
 
-    __slots__ = (
-        "block",
-        "codec",
-        "codecs",
-        "crc_count",
-        "crcs",
-        "digests",
-        "file",
-        "files",
-        "has_digest",
-        "hint",
-        "key",
-        "length",
-        "name_hashes",
-        "name_lengths",
-        "names",
-        "ndim",
-        "offset",
-        "offsets",
-        "written",
-    )
+    __slots__ = (*_COLUMNS, "codecs", "digests", "files", "names")
 
     def __init__(self, **columns: Any) -> None:
         for name in self.__slots__:
@@ -127,20 +131,19 @@ class LocationColumns:
         codec_names = list(map(itemgetter(6), fields))
         codecs = [name for name in dict.fromkeys(codec_names) if name is not None]
         codec_ids: dict[str | None, int] = {None: 0, **{name: i + 1 for i, name in enumerate(codecs)}}
-        return cls(
+        made = cls(
             names=b"".join(encoded),
-            name_lengths=array("q", map(len, encoded)),
-            name_hashes=array("q", map(key_hash, encoded)),
-            key=array("q", map(ids.__getitem__, fqns)),
-            hint=array("q", hints),
-            ndim=array("q", [len(o) if t else -1 for o, t in zip(offsets, tensor, strict=True)]),
+            name_lengths=array("i", map(len, encoded)),
+            name_hashes=array("q", chain.from_iterable(map(key_hash, encoded))),
+            key=array("i", map(ids.__getitem__, fqns)),
+            hint=array("i", hints),
+            ndim=array("b", [len(o) if t else -1 for o, t in zip(offsets, tensor, strict=True)]),
             offsets=array("q", chain.from_iterable(compress(offsets, tensor))),
             files=files,
-            file=array("q", map(file_ids.__getitem__, paths)),
+            file=array("i", map(file_ids.__getitem__, paths)),
             offset=array("q", map(itemgetter(1), fields)),
             length=array("q", map(itemgetter(2), fields)),
             block=array("q", map(itemgetter(3), fields)),
-            crc_count=array("q", map(len, checksums)),
             crcs=array("I", chain.from_iterable(checksums)),
             codecs=codecs,
             codec=array("B", map(codec_ids.__getitem__, codec_names)),
@@ -148,6 +151,14 @@ class LocationColumns:
             digests=_digest_bytes(hashes),
             written=array("q", written),
         )
+        given = _joined([array("q", map(len, checksums))], "q")
+        if not torch.equal(given, crc_counts(made.column("length"), made.column("block"))):
+            raise ValueError("an item's checksums are not one crc32c per block of its length")
+        return made
+
+    def column(self, name: str) -> torch.Tensor:
+        """Column ``name`` as an int64 tensor (a copy)."""
+        return _joined([getattr(self, name)], _COLUMNS[name]).to(torch.int64)
 
     def bytes_written(self) -> int:
         """Bytes the items took to write."""
@@ -161,6 +172,7 @@ class LocationColumns:
         """Each item as objects (its key, location and bytes written), in order."""
         starts = _starts(self.name_lengths)
         names = [self.names[a:b].decode() for a, b in pairwise(starts)]
+        counts = crc_counts(self.column("length"), self.column("block")).tolist()
         at_dim = at_crc = at_digest = 0
         for i in range(len(self.key)):
             nd = self.ndim[i]
@@ -170,8 +182,8 @@ class LocationColumns:
                 at_dim += nd
             hint = self.hint[i]
             index = MetadataIndex(names[self.key[i]], offsets, None if hint < 0 else hint)
-            crcs = tuple(self.crcs[at_crc : at_crc + self.crc_count[i]])
-            at_crc += self.crc_count[i]
+            crcs = tuple(self.crcs[at_crc : at_crc + counts[i]])
+            at_crc += counts[i]
             digest = None
             if self.has_digest[i]:
                 digest = self.digests[at_digest * DIGEST : (at_digest + 1) * DIGEST].hex()
@@ -194,7 +206,13 @@ def _rebuild(*columns: Any) -> LocationColumns:
 
 
 def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The indices ``starts[i] .. starts[i] + counts[i] - 1`` of every ``i``, one range after another."""
+    """The indices ``starts[i] .. starts[i] + counts[i] - 1`` of every ``i``, one range
+    after another (as a grid when every count is the same)."""
+    if not counts.numel():
+        return torch.zeros(0, dtype=torch.int64)
+    least, most = int(counts.min()), int(counts.max())
+    if least == most:
+        return (starts[:, None] + torch.arange(most, dtype=torch.int64)).reshape(-1)
     firsts = torch.cumsum(counts, 0) - counts
     within = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(firsts, counts)
     return torch.repeat_interleave(starts, counts) + within
@@ -221,6 +239,21 @@ def _digest_bytes(hashes: list[str | None]) -> bytes:
 
 # -- the coordinator: every rank's columns -> the chunk table ------------------------------
 
+_DTYPES = {"q": torch.int64, "i": torch.int32, "I": torch.int32, "b": torch.int8, "B": torch.uint8}
+
+
+def _joined(parts: Sequence[Any], typecode: str) -> torch.Tensor:
+    """The arrays ``parts`` (of ``typecode``) one after another, as a tensor (one copy;
+    uint32 values as the bits of int32)."""
+    buffer = bytearray().join(parts)
+    dtype = _DTYPES[typecode]
+    return torch.frombuffer(buffer, dtype=dtype) if buffer else torch.zeros(0, dtype=dtype)
+
+
+def _gathered(batches: Sequence[LocationColumns], name: str) -> torch.Tensor:
+    """Column ``name`` of every batch, one after another."""
+    return _joined([getattr(b, name) for b in batches], _COLUMNS[name])
+
 
 def entry_shapes(md: Metadata) -> list[EntryShape]:
     """What a chunk table needs of ``md``'s entries (as its JSON would give them)."""
@@ -233,39 +266,25 @@ def entry_shapes(md: Metadata) -> list[EntryShape]:
     return shapes
 
 
-def _int64(data: Any) -> torch.Tensor:
-    """An int64 tensor over a copy of ``data``'s bytes (bytes, arrays, joined)."""
-    return _tensor(data, torch.int64)
-
-
-def _tensor(data: Any, dtype: torch.dtype) -> torch.Tensor:
-    buffer = bytearray(data)
-    if not buffer:
-        return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype)
-
-
-def _joined(parts: Sequence[Any], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    return _tensor(bytearray().join(parts), dtype)
+_JSON, _TENSOR, _OBJECT = 0, 1, 2  # kinds of entries: inline, a tensor, an object stored in a file
 
 
 class _Geometry:
-    """The rows of the table before their locations: per entry its chunk count (a
-    tensor's), dimensions and whether it is an object stored in a file; every tensor
-    chunk's offsets and sizes, flat, in entry order."""
+    """The rows of the table before their locations: per entry its kind, chunk count (a
+    tensor's) and dimensions; every tensor chunk's offsets and sizes, flat, in entry order."""
 
     def __init__(self, md: Metadata) -> None:
         entries = md.state_dict_metadata
         self.fqns = list(entries)
-        count, ndim, kind = array("q"), array("q"), array("q")  # kind: 1 tensor, 2 stored object, 0 json
+        count, ndim, kind = array("q"), array("q"), array("q")
         offsets: list[Any] = []
         sizes: list[Any] = []
-        layouts: dict[tuple[int, int, int], list[tuple[list[Any], array[int], array[int]]]] = {}
+        layouts: dict[tuple[int, int, int], list[tuple[list[Any], Any, Any]]] = {}
         for fqn, meta in entries.items():
             if isinstance(meta, BytesStorageMetadata):
                 count.append(0)
                 ndim.append(0)
-                kind.append(0 if meta.encoding == "json" else 2)
+                kind.append(_JSON if meta.encoding == "json" else _OBJECT)
                 continue
             nd = len(meta.size)
             chunks = meta.chunks
@@ -274,11 +293,13 @@ class _Geometry:
                 raise ValueError(f"{fqn}: a chunk's offsets or sizes do not have {nd} values")
             count.append(len(chunks))
             ndim.append(nd)
-            kind.append(1)
+            kind.append(_TENSOR)
             offsets.append(o)
             sizes.append(s)
-        self.count, self.ndim, self.kind = _int64(count), _int64(ndim), _int64(kind)
-        self.offsets, self.sizes = _joined(offsets), _joined(sizes)
+        for column in (count, ndim, kind):  # a last entry of none, for items of no entry
+            column.append(0)
+        self.count, self.ndim, self.kind = (_joined([c], "q") for c in (count, ndim, kind))
+        self.offsets, self.sizes = _joined(offsets, "q"), _joined(sizes, "q")
         dims = self.count * self.ndim
         self.dim_start = torch.cumsum(dims, 0) - dims  # where each entry's first chunk's offsets are
 
@@ -305,28 +326,23 @@ class _Geometry:
 
 
 def _entries_of_keys(batches: Sequence[LocationColumns], fqns: list[str]) -> torch.Tensor:
-    """The entry each batch's key names (-1: none), every batch's keys one after another:
-    by their name hashes, then checked exactly (the names' bytes compared at once)."""
-    names = b"".join(b.names for b in batches)
-    lengths = _joined([b.name_lengths for b in batches])
-    hashes = _joined([b.name_hashes for b in batches])
-    encoded = [fqn.encode() for fqn in fqns]
-    known = torch.tensor([key_hash(e) for e in encoded] or [0], dtype=torch.int64)[: len(fqns)]
-    order = torch.argsort(known)
+    """The entry each batch's key names (-1: none), every batch's keys one after another,
+    found by their name digests."""
+    digests = _gathered(batches, "name_hashes").reshape(-1, 2)
+    known = torch.tensor([key_hash(fqn.encode()) for fqn in fqns] or [(0, 0)], dtype=torch.int64)
+    known = known[: len(fqns)]
+    order = torch.argsort(known[:, 0])
     ordered = known[order]
-    if len(fqns) and hashes.numel() and bool((ordered[1:] != ordered[:-1]).all()):
-        at = torch.searchsorted(ordered, hashes).clamp(max=len(fqns) - 1)
-        found = ordered[at] == hashes
-        if bool(found.all()):
-            entry = order[at]
-            sizes = torch.tensor(list(map(len, encoded)), dtype=torch.int64)
-            same = b"".join(map(encoded.__getitem__, entry.tolist())) == names
-            if same and torch.equal(sizes[entry], lengths):
-                return entry
-    # Some key is not an entry's (or two names share a hash): name by name.
-    ids = {e: i for i, e in enumerate(encoded)}
-    starts = _starts(lengths.tolist())
-    return torch.tensor([ids.get(names[a:b], -1) for a, b in pairwise(starts)], dtype=torch.int64)
+    if not len(fqns) or not digests.numel():
+        return torch.full((digests.shape[0],), -1, dtype=torch.int64)
+    if bool((ordered[1:, 0] == ordered[:-1, 0]).any()):  # two names share 64 bits: by name
+        names = b"".join(b.names for b in batches)
+        ids = {fqn.encode(): i for i, fqn in enumerate(fqns)}
+        starts = _starts(_gathered(batches, "name_lengths").tolist())
+        return torch.tensor([ids.get(names[a:b], -1) for a, b in pairwise(starts)], dtype=torch.int64)
+    at = torch.searchsorted(ordered[:, 0].contiguous(), digests[:, 0].contiguous()).clamp(max=len(fqns) - 1)
+    found = (ordered[at] == digests).all(1)
+    return torch.where(found, order[at], -1)
 
 
 def _global_ids(
@@ -340,16 +356,17 @@ def _global_ids(
     maps = [array("q", [0] * codecs + list(map(ids.__getitem__, getattr(b, lists)))) for b in batches]
     sizes = torch.tensor([len(m) for m in maps], dtype=torch.int64)
     base = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, counts)
-    local = _joined([getattr(b, column) for b in batches], torch.uint8 if codecs else torch.int64)
-    return merged, _joined(maps)[local.to(torch.int64) + base]
+    return merged, _joined(maps, "q")[_gathered(batches, column).to(torch.int64) + base]
 
 
 def _only_used(
-    ids: torch.Tensor, w: torch.Tensor, names: list[str], shift: int
+    ids: torch.Tensor, used_items: torch.Tensor | None, names: list[str], shift: int
 ) -> tuple[torch.Tensor, list[str]]:
     """``ids`` (counting from ``shift``; below it: none) renumbered over the names the
-    located items ``w`` use, in their first order, and those names."""
-    used = [u for u in (torch.unique(ids[w]).tolist() if w.numel() else []) if u >= shift]
+    items ``used_items`` use (None: every item), in their first order, and those names."""
+    chosen = ids if used_items is None else ids[used_items]
+    used = [i for i, n in enumerate(torch.bincount(chosen, minlength=len(names) + shift).tolist()) if n]
+    used = [u for u in used if u >= shift]
     if len(used) == len(names):
         return ids, names
     remap = torch.zeros(len(names) + shift, dtype=torch.int64)
@@ -373,55 +390,54 @@ def _located_table(md: Metadata, batches: Sequence[LocationColumns], name: str) 
     nentries = len(geo.fqns)
     counts = torch.tensor([len(b) for b in batches], dtype=torch.int64)
     items = int(counts.sum())
-    key_sizes = torch.tensor([len(b.name_lengths) for b in batches], dtype=torch.int64)
-    key = _joined([b.key for b in batches]) + torch.repeat_interleave(
-        torch.cumsum(key_sizes, 0) - key_sizes, counts
+    key_counts = torch.tensor([len(b.name_lengths) for b in batches], dtype=torch.int64)
+    key = _gathered(batches, "key").to(torch.int64) + torch.repeat_interleave(
+        torch.cumsum(key_counts, 0) - key_counts, counts
     )
-    entry = _entries_of_keys(batches, geo.fqns)[key] if items else torch.zeros(0, dtype=torch.int64)
-    ndim = _joined([b.ndim for b in batches])
-    hint = _joined([b.hint for b in batches])
-    known = entry >= 0
-    safe = entry.clamp(min=0)
-    kind = geo.kind[safe] if nentries else torch.zeros(items, dtype=torch.int64)
-    objects = known & (ndim == -1) & (kind == 2)
-    tensors = known & (kind == 1) & (ndim == geo.ndim[safe] if nentries else known)
-    located_objects = torch.zeros(nentries, dtype=torch.int64)
-    located_objects[entry[objects]] = 1
-    per_entry = geo.count + located_objects
+    found = _entries_of_keys(batches, geo.fqns)[key]
+    entry = torch.where(found >= 0, found, nentries)  # the last entry (of none) for none
+    ndim = _gathered(batches, "ndim").to(torch.int64)
+    hint = _gathered(batches, "hint").to(torch.int64)
+    kind = geo.kind[entry]
+    objects = (ndim == -1) & (kind == _OBJECT) if items and int(ndim.min()) < 0 else None
+    per_entry = geo.count.clone()
+    if objects is not None and bool(objects.any()):
+        per_entry.index_fill_(0, entry[objects], 1)
     first = torch.cumsum(per_entry, 0) - per_entry
     rows = int(per_entry.sum())
-    row = torch.full((items,), -1, dtype=torch.int64)
-    row[objects] = first[entry[objects]]
+    row = torch.full_like(entry, -1) if objects is None else torch.where(objects, first[entry], -1)
+    tensors = (kind == _TENSOR) & (ndim == geo.ndim[entry])
     _place_tensors(geo, batches, row, tensors, entry, ndim, hint, first)
 
-    placed = row >= 0
-    winner = torch.full((rows,), -1, dtype=torch.int64)
-    winner.scatter_reduce_(0, row[placed], torch.arange(items, dtype=torch.int64)[placed], "amax")
-    located = winner >= 0
-    w = winner[located]
+    # The last item placed on each row wins (unplaced ones go to a spare row, dropped).
+    winner = torch.full((rows + 1,), -1, dtype=torch.int64)
+    spare = torch.where(row >= 0, row, rows)
+    winner = winner.scatter_reduce_(0, spare, torch.arange(items, dtype=torch.int64), "amax")[:rows]
+    every = items == rows and bool((winner >= 0).all())
+    w = winner if every else winner[winner >= 0]
+    at = None if every else torch.nonzero(winner >= 0).flatten()
+
+    def column(values: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        if at is None:
+            return values[w]
+        return torch.full((rows,), fill, dtype=values.dtype).index_copy_(0, at, values[w])
 
     files, file = _global_ids(batches, "files", "file", counts)
     codecs, codec = _global_ids(batches, "codecs", "codec", counts)
-    file, files = _only_used(file, w, files, 0)
-    codec, codecs = _only_used(codec, w, codecs, 1)
-
-    def column(values: torch.Tensor, fill: int = 0) -> torch.Tensor:
-        out = torch.full((rows,), fill, dtype=torch.int64)
-        out[located] = values[w]
-        return out
-
-    has_digest = _joined([b.has_digest for b in batches], torch.uint8).to(torch.int64)
+    file, files = _only_used(file, None if every else w, files, 0)
+    codec, codecs = _only_used(codec, None if every else w, codecs, 1)
+    has_digest = _gathered(batches, "has_digest")
     columns = TableColumns(
-        torch.repeat_interleave(torch.arange(nentries, dtype=torch.int64), per_entry),
+        torch.repeat_interleave(torch.arange(nentries, dtype=torch.int64), per_entry[:nentries]),
         column(file, -1),
-        column(_joined([b.offset for b in batches])),
-        column(_joined([b.length for b in batches])),
-        column(_joined([b.block for b in batches])),
+        column(_gathered(batches, "offset")),
+        column(_gathered(batches, "length")),
+        column(_gathered(batches, "block")),
         geo.offsets,
         geo.sizes,
         _crcs_of(batches, w),
         column(codec).to(torch.uint8),
-        column(has_digest).to(torch.uint8),
+        column(has_digest),
         _digests_of(batches, has_digest, w),
     )
     return ChunkTable(encode_table(columns, nentries), files, codecs, entry_shapes(md), name)
@@ -441,24 +457,29 @@ def _place_tensors(
     offsets (checked at once), else the row of the entry's chunk with those offsets."""
     if not bool(tensors.any()):
         return
-    offsets = _joined([b.offsets for b in batches])
-    flat = geo.offsets
+    offsets = _gathered(batches, "offsets")
     item_nd = ndim.clamp(min=0)
     item_start = torch.cumsum(item_nd, 0) - item_nd
-    count = geo.count[entry.clamp(min=0)]
-    hinted = tensors & (hint >= 0) & (hint < count)
-    at = torch.nonzero(hinted).flatten()
-    nd = item_nd[at]
-    e = entry[at]
-    mine = offsets[_ranges(item_start[at], nd)]
-    chunk = flat[_ranges(geo.dim_start[e] + hint[at] * nd, nd)]
-    wrong = torch.zeros(at.numel(), dtype=torch.int64)
-    item_of_dim = torch.repeat_interleave(torch.arange(at.numel(), dtype=torch.int64), nd)
-    wrong.index_add_(0, item_of_dim, (mine != chunk).long())
-    good = wrong == 0
-    row[at[good]] = first[e[good]] + hint[at[good]]
-    rest = tensors.clone()
-    rest[at[good]] = False
+    hinted = tensors & (hint >= 0) & (hint < geo.count[entry])
+    every = bool(hinted.all())
+    at = torch.nonzero(hinted).flatten() if not every else None
+    nd, e, h = (item_nd, entry, hint) if at is None else (item_nd[at], entry[at], hint[at])
+    mine = offsets if at is None else offsets[_ranges(item_start[at], nd)]
+    chunk = geo.offsets[_ranges(geo.dim_start[e] + h * nd, nd)]
+    if not mine.numel():
+        wrong = torch.zeros(nd.numel(), dtype=torch.bool)
+    elif int(nd.min()) == int(nd.max()):
+        wrong = (mine != chunk).reshape(nd.numel(), -1).any(1)
+    else:
+        owner = torch.repeat_interleave(torch.arange(nd.numel(), dtype=torch.int64), nd)
+        misses = torch.zeros(nd.numel(), dtype=torch.int64)
+        wrong = misses.index_add_(0, owner, (mine != chunk).long()) > 0
+    placed = torch.where(wrong, -1, first[e] + h)
+    if at is None:
+        row.copy_(placed)
+    else:
+        row.index_copy_(0, at, placed)
+    rest = tensors & (row < 0)
     if bool(rest.any()):
         pending = torch.nonzero(rest).flatten().tolist()
         _place_by_offsets(geo, row, pending, entry, item_nd, item_start, offsets, first)
@@ -477,7 +498,7 @@ def _place_by_offsets(
     """The rows of items without a usable hint, looked up by their offsets (each entry's
     chunks indexed once; the first chunk with those offsets, as a version-1 manifest)."""
     flat = geo.offsets.numpy()
-    item_offsets = offsets.tolist()
+    item_offsets = offsets.numpy()
     by_entry: dict[int, dict[tuple[int, ...], int]] = {}
     for i in pending:
         e, n, s = int(entry[i]), int(nd[i]), int(start[i])
@@ -487,25 +508,25 @@ def _place_by_offsets(
             base, ndim, chunks = int(geo.dim_start[e]), int(geo.ndim[e]), int(geo.count[e])
             for c in range(chunks - 1, -1, -1):
                 found[tuple(flat[base + c * ndim : base + (c + 1) * ndim].tolist())] = int(first[e]) + c
-        row[i] = found.get(tuple(item_offsets[s : s + n]), -1)
+        row[i] = found.get(tuple(item_offsets[s : s + n].tolist()), -1)
 
 
 def _crcs_of(batches: Sequence[LocationColumns], w: torch.Tensor) -> torch.Tensor:
     """The crc32c values of items ``w``, one item after another."""
-    values = _joined([b.crcs for b in batches], torch.int32)  # the bits of each uint32
-    counts = _joined([b.crc_count for b in batches])
+    values = _gathered(batches, "crcs")
     if not values.numel() or not w.numel():
-        return torch.empty(0, dtype=torch.int32)
+        return torch.zeros(0, dtype=torch.int32)
+    counts = crc_counts(_gathered(batches, "length"), _gathered(batches, "block"))
     return values[_ranges((torch.cumsum(counts, 0) - counts)[w], counts[w])]
 
 
 def _digests_of(batches: Sequence[LocationColumns], has_digest: torch.Tensor, w: torch.Tensor) -> bytes:
     """The digests of items ``w`` that have one, one after another."""
-    raw = b"".join(b.digests for b in batches)
+    raw = bytearray().join(b.digests for b in batches)
     if not raw:
         return b""
-    digests = _tensor(raw, torch.uint8).reshape(-1, DIGEST)
-    which = torch.cumsum(has_digest, 0) - 1
+    digests = torch.frombuffer(raw, dtype=torch.uint8).reshape(-1, DIGEST)
+    which = torch.cumsum(has_digest.to(torch.int64), 0) - 1
     chosen = w[has_digest[w] == 1]
     return digests[which[chosen]].reshape(-1).numpy().tobytes()
 
