@@ -360,12 +360,12 @@ def _global_ids(
 
 
 def _only_used(
-    ids: torch.Tensor, used_items: torch.Tensor | None, names: list[str], shift: int
+    ids: torch.Tensor, used_items: torch.Tensor, names: list[str], shift: int
 ) -> tuple[torch.Tensor, list[str]]:
     """``ids`` (counting from ``shift``; below it: none) renumbered over the names the
-    items ``used_items`` use (None: every item), in their first order, and those names."""
-    chosen = ids if used_items is None else ids[used_items]
-    used = [i for i, n in enumerate(torch.bincount(chosen, minlength=len(names) + shift).tolist()) if n]
+    items ``used_items`` use, in their first order, and those names."""
+    counts = torch.bincount(ids[used_items], minlength=len(names) + shift).tolist()
+    used = [i for i, n in enumerate(counts) if n]
     used = [u for u in used if u >= shift]
     if len(used) == len(names):
         return ids, names
@@ -394,7 +394,7 @@ def _located_table(md: Metadata, batches: Sequence[LocationColumns], name: str) 
     key = _gathered(batches, "key").to(torch.int64) + torch.repeat_interleave(
         torch.cumsum(key_counts, 0) - key_counts, counts
     )
-    found = _entries_of_keys(batches, geo.fqns)[key]
+    found = _entries_of_keys(batches, geo.fqns).index_select(0, key)
     entry = torch.where(found >= 0, found, nentries)  # the last entry (of none) for none
     ndim = _gathered(batches, "ndim").to(torch.int64)
     hint = _gathered(batches, "hint").to(torch.int64)
@@ -419,23 +419,26 @@ def _located_table(md: Metadata, batches: Sequence[LocationColumns], name: str) 
 
     def column(values: torch.Tensor, fill: int = 0) -> torch.Tensor:
         if at is None:
-            return values[w]
-        return torch.full((rows,), fill, dtype=values.dtype).index_copy_(0, at, values[w])
+            return values.index_select(0, w)
+        chosen = values.index_select(0, w)
+        return torch.full((rows,), fill, dtype=values.dtype).index_copy_(0, at, chosen)
 
     files, file = _global_ids(batches, "files", "file", counts)
     codecs, codec = _global_ids(batches, "codecs", "codec", counts)
-    file, files = _only_used(file, None if every else w, files, 0)
-    codec, codecs = _only_used(codec, None if every else w, codecs, 1)
+    if not every:  # every item placed: each name a batch lists is used (LocationColumns.of)
+        file, files = _only_used(file, w, files, 0)
+        codec, codecs = _only_used(codec, w, codecs, 1)
     has_digest = _gathered(batches, "has_digest")
+    length, block = _gathered(batches, "length"), _gathered(batches, "block")
     columns = TableColumns(
         torch.repeat_interleave(torch.arange(nentries, dtype=torch.int64), per_entry[:nentries]),
         column(file, -1),
         column(_gathered(batches, "offset")),
-        column(_gathered(batches, "length")),
-        column(_gathered(batches, "block")),
+        column(length),
+        column(block),
         geo.offsets,
         geo.sizes,
-        _crcs_of(batches, w),
+        _crcs_of(_gathered(batches, "crcs"), crc_counts(length, block), w),
         column(codec).to(torch.uint8),
         column(has_digest),
         _digests_of(batches, has_digest, w),
@@ -465,7 +468,7 @@ def _place_tensors(
     at = torch.nonzero(hinted).flatten() if not every else None
     nd, e, h = (item_nd, entry, hint) if at is None else (item_nd[at], entry[at], hint[at])
     mine = offsets if at is None else offsets[_ranges(item_start[at], nd)]
-    chunk = geo.offsets[_ranges(geo.dim_start[e] + h * nd, nd)]
+    chunk = geo.offsets.index_select(0, _ranges(geo.dim_start[e] + h * nd, nd))
     if not mine.numel():
         wrong = torch.zeros(nd.numel(), dtype=torch.bool)
     elif int(nd.min()) == int(nd.max()):
@@ -511,13 +514,11 @@ def _place_by_offsets(
         row[i] = found.get(tuple(item_offsets[s : s + n].tolist()), -1)
 
 
-def _crcs_of(batches: Sequence[LocationColumns], w: torch.Tensor) -> torch.Tensor:
-    """The crc32c values of items ``w``, one item after another."""
-    values = _gathered(batches, "crcs")
+def _crcs_of(values: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The crc32c values (``counts`` per item, one item after another) of items ``w``."""
     if not values.numel() or not w.numel():
         return torch.zeros(0, dtype=torch.int32)
-    counts = crc_counts(_gathered(batches, "length"), _gathered(batches, "block"))
-    return values[_ranges((torch.cumsum(counts, 0) - counts)[w], counts[w])]
+    return values.index_select(0, _ranges((torch.cumsum(counts, 0) - counts)[w], counts[w]))
 
 
 def _digests_of(batches: Sequence[LocationColumns], has_digest: torch.Tensor, w: torch.Tensor) -> bytes:

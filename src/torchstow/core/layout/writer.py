@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -61,6 +62,8 @@ _QUEUE_ITEMS = 1024
 _SEGMENT = 1 << 20
 _FLUSH_BYTES = 8 << 20
 _ZEROS = bytes(LARGE_ALIGN)
+
+_FQN = attrgetter("index.fqn")
 
 #: Where a tensor item's digest may be remembered, given its data and its state-dict value.
 DigestSlots = Callable[[torch.Tensor, Any], DigestSlot | None]
@@ -170,7 +173,10 @@ class LayoutWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # Before anything is written: every key must go into the UTF-8 manifest (any planner).
-        check_utf8_keys(item.index.fqn for plan in plans for item in plan.items)
+        keys: set[str] = set()
+        for plan in plans:
+            keys.update(map(_FQN, plan.items))
+        check_utf8_keys(keys)
         save_id = uuid.uuid4().hex[:12]
         return [
             replace(plan, storage_data=_FilePrefix(data_file_prefix(save_id, rank)))
