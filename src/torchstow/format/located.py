@@ -97,6 +97,24 @@ class LocationColumns:
     """
 
     __slots__ = (*_COLUMNS, "codecs", "digests", "files", "names")
+    names: bytes
+    name_lengths: array[int]
+    name_hashes: array[int]
+    key: array[int]
+    hint: array[int]
+    ndim: array[int]
+    offsets: array[int]
+    files: list[str]
+    file: array[int]
+    offset: array[int]
+    length: array[int]
+    block: array[int]
+    crcs: array[int]
+    codecs: list[str]
+    codec: array[int]
+    has_digest: array[int]
+    digests: bytes
+    written: array[int]
 
     def __init__(self, **columns: Any) -> None:
         for name in self.__slots__:
