@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from torchstow.format.buffers import tensor_bytes
 from torchstow.format.manifest import (
     STORAGE_TYPES,
     BytesStorageMetadata,
@@ -518,8 +519,6 @@ def _place_by_offsets(
 ) -> None:
     """The rows of items without a usable hint, looked up by their offsets (each entry's
     chunks indexed once; the first chunk with those offsets, as a version-1 manifest)."""
-    flat = geo.offsets.numpy()
-    item_offsets = offsets.numpy()
     by_entry: dict[int, dict[tuple[int, ...], int]] = {}
     for i in pending:
         e, n, s = int(entry[i]), int(nd[i]), int(start[i])
@@ -527,9 +526,10 @@ def _place_by_offsets(
         if found is None:
             found = by_entry[e] = {}
             base, ndim, chunks = int(geo.dim_start[e]), int(geo.ndim[e]), int(geo.count[e])
+            flat = geo.offsets[base : base + chunks * ndim].tolist()
             for c in range(chunks - 1, -1, -1):
-                found[tuple(flat[base + c * ndim : base + (c + 1) * ndim].tolist())] = int(first[e]) + c
-        row[i] = found.get(tuple(item_offsets[s : s + n].tolist()), -1)
+                found[tuple(flat[c * ndim : (c + 1) * ndim])] = int(first[e]) + c
+        row[i] = found.get(tuple(offsets[s : s + n].tolist()), -1)
 
 
 def _crcs_of(values: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -547,7 +547,8 @@ def _digests_of(batches: Sequence[LocationColumns], has_digest: torch.Tensor, w:
     digests = torch.frombuffer(raw, dtype=torch.uint8).reshape(-1, DIGEST)
     which = torch.cumsum(has_digest.to(torch.int64), 0) - 1
     chosen = w[has_digest[w] == 1]
-    return digests[which[chosen]].reshape(-1).numpy().tobytes()
+    chosen_digests = digests[which[chosen]].reshape(-1).contiguous()  # held while viewed
+    return bytes(tensor_bytes(chosen_digests))
 
 
 def locations_table(md: Metadata, located: Mapping[MetadataIndex, StorageInfo], name: str) -> ChunkTable:

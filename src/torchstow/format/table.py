@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from torchstow.errors import CorruptCheckpointError
+from torchstow.format.buffers import tensor_bytes
 from torchstow.format.chunks import cover_fault
 from torchstow.format.compression import BYTEPLANES
 from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, StorageInfo, new_storage_info
@@ -128,6 +129,7 @@ def encode_table(columns: TableColumns, entries: int) -> bytes:
     digests = _count(columns.digests) // DIGEST
     places, total = _places(rows, dims, crcs, digests)
     parts: list[Any] = [HEADER.pack(MAGIC, TABLE_VERSION, 0, rows, dims, crcs, digests, entries, 0)]
+    held = []  # the tensors whose memory the parts view
     at = HEADER.size
     for name, place in places.items():
         nbytes = place.n * place.itemsize
@@ -137,8 +139,11 @@ def encode_table(columns: TableColumns, entries: int) -> bytes:
         column = getattr(columns, name)
         if isinstance(column, torch.Tensor):
             dtype = torch.uint8 if name == "digests" else _TORCH[place.itemsize]
-            column = column.reshape(-1).to(dtype).contiguous().numpy()
-        view = memoryview(column).cast("B")
+            column = column.reshape(-1).to(dtype).contiguous()
+            held.append(column)
+            view = tensor_bytes(column)
+        else:
+            view = memoryview(column).cast("B")
         if len(view) != nbytes:
             raise ValueError(f"column {name} holds {len(view)} bytes, not {nbytes}")
         parts.append(view)

@@ -90,7 +90,18 @@ def test_items_are_placed_by_their_offsets_where_their_hint_is_missing_or_wrong(
     md.state_dict_metadata["w"].chunks = [  # four chunks of one row each
         ChunkStorageMetadata(torch.Size((row, 0)), torch.Size((1, 3))) for row in range(4)
     ]
-    infos = [StorageInfo("data-0123456789ab-0-0.bin", 64 * row, 12, (row,), 4 << 20) for row in range(4)]
+    infos = [
+        StorageInfo(
+            "data-0123456789ab-0-0.bin",
+            64 * row,
+            12,
+            (row,),
+            4 << 20,
+            f"{row:02x}" * 32 if row % 2 == 0 else None,  # digests on some rows
+            "zstd" if row == 1 else None,
+        )
+        for row in range(4)
+    ]
     hinted = {MetadataIndex("w", (row, 0), row): infos[row] for row in range(4)}
     unhinted = {MetadataIndex("w", (row, 0)): infos[row] for row in reversed(range(4))}
     wrong = {MetadataIndex("w", (row, 0), 3 - row): infos[row] for row in range(4)}
