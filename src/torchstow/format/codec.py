@@ -16,10 +16,8 @@ naming where it is; a newer version than this torchstow knows is a
 from __future__ import annotations
 
 import uuid
-from array import array
-from collections.abc import Callable, Mapping, Sequence
-from itertools import chain, compress, repeat
-from operator import add, attrgetter, eq, is_not, itemgetter, lt
+from collections.abc import Callable, Mapping
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import blake3
@@ -32,12 +30,12 @@ from torchstow.format.checksums import ALGORITHM, check_algorithm
 from torchstow.format.compression import CODECS
 from torchstow.format.decoded import build_metadata, document_metadata
 from torchstow.format.files import chunk_table_name, is_chunk_table
+from torchstow.format.located import locations_table
 from torchstow.format.manifest import (
     FORMAT_VERSION,
     STORAGE_TYPES,
     BytesStorageMetadata,
     Metadata,
-    MetadataIndex,
     StorageInfo,
     TensorProperties,
     TensorStorageMetadata,
@@ -58,16 +56,7 @@ from torchstow.format.schema import (
     PlainEntry,
     RangedDocument,
 )
-from torchstow.format.table import (
-    DIGEST,
-    ChunkTable,
-    EntryShape,
-    TableChunks,
-    TableColumns,
-    TableLocations,
-    encode_table,
-    one_thread,
-)
+from torchstow.format.table import ChunkTable, EntryShape, TableChunks, TableLocations
 from torchstow.format.validation import check_manifest
 
 FORMAT_NAME = "torchstow"
@@ -261,6 +250,18 @@ def _entry_v2(entry: STORAGE_TYPES) -> EntryV2:
     )
 
 
+def _table_of(
+    md: Metadata, located: Mapping[Any, StorageInfo], name: str
+) -> tuple[bytes, list[str], list[str]]:
+    """The chunk table of ``md`` (its bytes, files and codecs) with its ``located``
+    locations: the table they are already the columns of (a manifest saved or loaded
+    as columns), else built from them (:func:`~torchstow.format.located.located_table`)."""
+    if isinstance(located, TableLocations) and _same_table(md, located.table):
+        return located.table.data, located.table.files, located.table.codecs
+    table = locations_table(md, located, name)
+    return table.data, table.files, table.codecs
+
+
 def _same_table(md: Metadata, table: ChunkTable) -> bool:
     """Whether ``md``'s entries are those ``table`` was decoded with, chunks unchanged
     (then its bytes are written again as they are)."""
@@ -278,209 +279,19 @@ def _same_table(md: Metadata, table: ChunkTable) -> bool:
             not isinstance(chunks, TableChunks)
             or chunks._table.data is not table.data  # the same bytes (a renamed table shares them)
             or tuple(entry.size) != known.shape
-            or chunks._list not in (None, table.chunks(chunks._entry))
+            or (chunks._list is not None and chunks._list != table.chunks(chunks._entry))
         ):
             return False
     return True
 
 
-_SIZES = attrgetter("sizes")
-_KEY_FIELDS = attrgetter("fqn", "offset", "index")
-_INFO_FIELDS = attrgetter(
-    "relative_path", "offset", "length", "block_size", "checksums", "content_hash", "codec"
-)
-
-
-class _Geometry:
-    """The rows of a chunk table in order, before their locations: each row's entry, the
-    chunks' offsets and sizes (flat), and where each entry's rows start."""
-
-    def __init__(self, md: Metadata, located: Mapping[Any, Any]) -> None:
-        """Every tensor chunk in its entry's order, and every object stored in a file (each
-        tensor's chunks taken a column at a time: no Python step per chunk)."""
-        self.entry, self.offsets, self.sizes = array("q"), array("q"), array("q")
-        self.first: dict[str, int] = {}  # a tensor's first row
-        self.count: dict[str, int] = {}  # a tensor's rows
-        self.row_offsets: list[Any] = []  # each row's chunk offsets (None for an object)
-        self.objects: dict[str, int] = {}  # an object's row
-        self.ndim: list[int] = []  # per entry
-        self.chunk_lists: list[tuple[str, Sequence[Any]]] = []
-        rows = 0
-        for e, (fqn, meta) in enumerate(md.state_dict_metadata.items()):
-            if isinstance(meta, BytesStorageMetadata):
-                self.ndim.append(0)
-                if meta.encoding != "json" and MetadataIndex(fqn) in located:
-                    self.objects[fqn] = rows
-                    self.entry.append(e)
-                    self.row_offsets.append(None)
-                    rows += 1
-                continue
-            self.ndim.append(len(meta.size))
-            chunks = meta.chunks
-            self.first[fqn] = rows
-            self.count[fqn] = len(chunks)
-            self.chunk_lists.append((fqn, chunks))
-            self.entry.extend(array("q", (e,)) * len(chunks))
-            starts = list(map(_OFFSETS, chunks))
-            self.row_offsets += starts
-            self.offsets.extend(chain.from_iterable(starts))
-            self.sizes.extend(chain.from_iterable(map(_SIZES, chunks)))
-            rows += len(chunks)
-        self.rows = rows
-
-    def place(self, keys: list[tuple[str, Any, Any]]) -> list[Any]:
-        """The row of each key (None: no chunk of the entries): by its position hint
-        (``MetadataIndex.index``, as the planners set it), checked a column at a time,
-        else by looking its offsets up."""
-        fast = self._by_hints(keys)
-        if fast is not None:
-            return fast
-        row_of: dict[tuple[str, Any], int] = {(fqn, None): row for fqn, row in self.objects.items()}
-        for fqn, chunks in self.chunk_lists:
-            first = self.first[fqn]
-            row_of.update(zip(zip(repeat(fqn), map(_OFFSETS, chunks)), range(first, first + len(chunks))))
-        return list(map(row_of.get, map(itemgetter(0, 1), keys)))
-
-    def _by_hints(self, keys: list[tuple[str, Any, Any]]) -> list[Any] | None:
-        fqns = list(map(itemgetter(0), keys))
-        offsets = list(map(itemgetter(1), keys))
-        rows = self._by_hints_tensors(keys, fqns, offsets)
-        if rows is not None and None in offsets:  # objects: placed by name
-            objects = self.objects
-            rows = [objects.get(f) if o is None else r for f, o, r in zip(fqns, offsets, rows, strict=True)]
-        return rows
-
-    def _by_hints_tensors(self, keys: list[Any], fqns: list[str], offsets: list[Any]) -> list[Any] | None:
-        """The rows of tensor keys by hint (objects' places left None), or None when a
-        hint is missing or wrong: each row's chunk must have the key's offsets."""
-        objects = None in offsets
-        tensor = list(map(is_not, offsets, repeat(None))) if objects else [True]
-        fqns = list(compress(fqns, tensor)) if objects else fqns
-        wanted = list(compress(offsets, tensor)) if objects else offsets
-        firsts = list(map(self.first.get, fqns))
-        hints = list(map(itemgetter(2), compress(keys, tensor) if objects else keys))
-        if None in firsts or None in hints or (hints and min(hints) < 0):
-            return None
-        if False in map(lt, hints, map(self.count.__getitem__, fqns)):  # a hint past its entry's rows
-            return None
-        at = list(map(add, firsts, hints))
-        if False in map(eq, wanted, map(self.row_offsets.__getitem__, at)):
-            return None
-        if not objects:
-            return at
-        found = iter(at)
-        return [next(found) if t else None for t in tensor]
-
-
-def _int64(values: Any) -> torch.Tensor:
-    """Python integers as an int64 tensor (through an array: faster than ``torch.tensor``)."""
-    packed = array("q", values)
-    return torch.frombuffer(packed, dtype=torch.int64) if packed else torch.empty(0, dtype=torch.int64)
-
-
-def _scattered(rows: int, at: torch.Tensor, values: Any, fill: int = 0) -> torch.Tensor:
-    """An int64 column of ``rows`` holding ``values`` at rows ``at``, ``fill`` elsewhere."""
-    column = torch.full((rows,), fill, dtype=torch.int64)
-    if len(at):
-        column[at] = _int64(values)
-    return column
-
-
-def _table_of(md: Metadata, located: Mapping[Any, StorageInfo]) -> tuple[bytes, list[str], list[str]]:
-    """The chunk table of ``md`` (its bytes, files and codecs): rows in entry order,
-    each tensor's chunks in its order, with their ``located`` locations (``md.storage_data``
-    when it holds locations, else empty).
-
-    Taken a column at a time (attribute getters mapped over the locations, scattered
-    into rows by torch), so the cost per chunk stays in C."""
-    storage = md.storage_data
-    if isinstance(storage, TableLocations) and _same_table(md, storage.table):
-        return storage.table.data, storage.table.files, storage.table.codecs
-    with one_thread():
-        geometry = _Geometry(md, located)
-        rows = geometry.rows
-        # Each key and location object is visited once (at scale they are spread over
-        # gigabytes: every visit is a cache miss); the columns come from the tuples made.
-        places = geometry.place(list(map(_KEY_FIELDS, located.keys())))
-        fields = list(map(_INFO_FIELDS, located.values()))
-        if None in places:  # locations of no chunk in the entries: not written (as in version 1)
-            kept = [i for i, p in enumerate(places) if p is not None]
-            fields, places = [fields[i] for i in kept], [places[i] for i in kept]
-        at = _int64(places)
-        paths = list(map(itemgetter(0), fields))
-        files = list(dict.fromkeys(paths))
-        ids = {name: i for i, name in enumerate(files)}
-        file = _scattered(rows, at, map(ids.__getitem__, paths), -1)
-        offset = _scattered(rows, at, map(itemgetter(1), fields))
-        length = _scattered(rows, at, map(itemgetter(2), fields))
-        block = _scattered(rows, at, map(itemgetter(3), fields))
-        crcs = _in_row_order(at, list(map(itemgetter(4), fields)))
-        codecs, codec = _codec_column(rows, at, list(map(itemgetter(6), fields)))
-        has_digest, digests = _digest_columns(rows, places, list(map(itemgetter(5), fields)))
-        columns = TableColumns(
-            geometry.entry,
-            file,
-            offset,
-            length,
-            block,
-            geometry.offsets,
-            geometry.sizes,
-            crcs,
-            codec,
-            has_digest,
-            digests,
-        )
-        return encode_table(columns, len(md.state_dict_metadata)), files, codecs
-
-
-def _in_row_order(at: torch.Tensor, checksums: list[tuple[int, ...]]) -> torch.Tensor:
-    """Every location's checksums, concatenated in the order of their rows."""
-    counts = _int64(map(len, checksums))
-    flat = array("I", chain.from_iterable(checksums))
-    if not flat:
-        return torch.empty(0, dtype=torch.int32)
-    values = torch.frombuffer(flat, dtype=torch.int32)  # the bits of each uint32
-    order = torch.argsort(at)
-    starts = torch.cumsum(counts, 0) - counts
-    counts, starts = counts[order], starts[order]
-    firsts = torch.cumsum(counts, 0) - counts
-    within = torch.arange(len(flat), dtype=torch.int64) - torch.repeat_interleave(firsts, counts)
-    return values[torch.repeat_interleave(starts, counts) + within]
-
-
-def _codec_column(rows: int, at: torch.Tensor, names: list[str | None]) -> tuple[list[str], torch.Tensor]:
-    """The codec names the rows use, and each row's index into them (0: none)."""
-    used = [name for name in dict.fromkeys(names) if name is not None]
-    if not used:
-        return [], torch.zeros(rows, dtype=torch.uint8)
-    ids: dict[str | None, int] = {None: 0}
-    ids.update((name, i + 1) for i, name in enumerate(used))
-    return used, _scattered(rows, at, list(map(ids.__getitem__, names))).to(torch.uint8)
-
-
-def _digest_columns(rows: int, places: list[Any], hashes: list[str | None]) -> tuple[torch.Tensor, bytes]:
-    """Each row's digest flag, and the digests of the rows that have one, in row order."""
-    flags = torch.zeros(rows, dtype=torch.uint8)
-    if hashes.count(None) == len(hashes):
-        return flags, b""
-    found = sorted((p, h) for p, h in zip(places, hashes, strict=True) if h is not None)
-    digests = []
-    for _, digest in found:
-        raw = bytes.fromhex(digest)
-        if len(raw) != DIGEST:
-            raise ValueError(f"a content hash of {len(raw)} bytes is not a BLAKE3 digest: {digest!r}")
-        digests.append(raw)
-    flags[_int64(map(itemgetter(0), found))] = 1  # one scatter, not a torch call per row
-    return flags, b"".join(digests)
-
-
 def _encode_v2(md: Metadata) -> Encoded:
     storage = md.storage_data
     located = _is_locations(storage)  # one pass over the locations, for both uses
-    table, files, codecs = _table_of(md, storage if located else {})
     name = chunk_table_name(md.save_id or uuid.uuid4().hex)
     if not is_chunk_table(name):
         raise ValueError(f"save id {md.save_id!r} cannot name a chunk table")
+    table, files, codecs = _table_of(md, storage if located else {}, name)
     custom = storage if storage is not None and not located else msgspec.UNSET
     doc = DocumentV2(
         format=FORMAT_NAME,

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from torchstow.errors import CorruptCheckpointError
+from torchstow.format.buffers import tensor_bytes
 from torchstow.format.chunks import cover_fault
 from torchstow.format.compression import BYTEPLANES
 from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, StorageInfo, new_storage_info
@@ -40,6 +41,7 @@ __all__ = [
     "TableChunks",
     "TableColumns",
     "TableLocations",
+    "crc_counts",
     "encode_table",
 ]
 
@@ -119,27 +121,41 @@ def _count(column: Any) -> int:
 
 
 def encode_table(columns: TableColumns, entries: int) -> bytes:
-    """The chunk table's bytes (``docs/format.md`` gives them byte by byte)."""
+    """The chunk table's bytes (``docs/format.md`` gives them byte by byte), joined from
+    its header and columns in one copy."""
     rows = _count(columns.entry)
     dims = _count(columns.offsets)
     crcs = _count(columns.crcs)
     digests = _count(columns.digests) // DIGEST
     places, total = _places(rows, dims, crcs, digests)
-    out = bytearray(total)
-    HEADER.pack_into(out, 0, MAGIC, TABLE_VERSION, 0, rows, dims, crcs, digests, entries, 0)
-    view = memoryview(out)
+    parts: list[Any] = [HEADER.pack(MAGIC, TABLE_VERSION, 0, rows, dims, crcs, digests, entries, 0)]
+    held = []  # the tensors whose memory the parts view
+    at = HEADER.size
     for name, place in places.items():
-        column = getattr(columns, name)
         nbytes = place.n * place.itemsize
         if not nbytes:
             continue
+        parts.append(bytes(place.offset - at))  # alignment
+        column = getattr(columns, name)
         if isinstance(column, torch.Tensor):
             dtype = torch.uint8 if name == "digests" else _TORCH[place.itemsize]
-            target = torch.frombuffer(out, dtype=dtype, count=nbytes // dtype.itemsize, offset=place.offset)
-            target.copy_(column.reshape(-1).to(dtype))
+            column = column.reshape(-1).to(dtype).contiguous()
+            held.append(column)
+            view = tensor_bytes(column)
         else:
-            view[place.offset : place.offset + nbytes] = memoryview(column).cast("B")
-    return bytes(out)
+            view = memoryview(column).cast("B")
+        if len(view) != nbytes:
+            raise ValueError(f"column {name} holds {len(view)} bytes, not {nbytes}")
+        parts.append(view)
+        at = place.offset + nbytes
+    parts.append(bytes(total - at))
+    return b"".join(parts)
+
+
+def crc_counts(length: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """How many crc32c values rows of these (non-negative) lengths and checksum blocks
+    have: one per block begun, none without a block."""
+    return torch.where(block > 0, (length - 1) // block.clamp(min=1) + 1, 0)  # 0 bytes: 0
 
 
 def _fail(where: str, message: str) -> CorruptCheckpointError:
@@ -232,9 +248,7 @@ class ChunkTable:
         return self._entry_dims[entry]
 
     def _crc_counts(self) -> torch.Tensor:
-        length, block = self.column("length"), self.column("block")
-        safe = block.clamp(min=1)
-        return torch.where(block > 0, length // safe + (length % safe != 0), 0)
+        return crc_counts(self.column("length"), self.column("block"))
 
     def crc_span(self, row: int) -> tuple[int, int]:
         if self._crc_start is None:
@@ -290,6 +304,12 @@ class ChunkTable:
                 for i in range(0, end - start, nd)
             ]
         return made
+
+    def layout(self, entry: int) -> tuple[memoryview, memoryview]:
+        """Entry ``entry``'s chunk offsets and sizes, flat (views of the table's bytes)."""
+        start = self._dim_start(entry)
+        end = start + (self.starts[entry + 1] - self.starts[entry]) * self.ndim[entry]
+        return self._mv["offsets"][start:end], self._mv["sizes"][start:end]
 
     def row_of(self, index: MetadataIndex) -> int | None:
         """The row ``index`` names (its position hint first), or None."""
@@ -619,6 +639,10 @@ class TableChunks(Sequence[ChunkStorageMetadata]):
         if self._list is None:
             self._list = self._table.chunks(self._entry)
         return self._list
+
+    def flat_layout(self) -> tuple[memoryview, memoryview]:
+        """The chunks' offsets and sizes, flat, without an object per chunk."""
+        return self._table.layout(self._entry)
 
     def __len__(self) -> int:
         starts = self._table.starts

@@ -19,9 +19,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from torchstow.core.layout.incremental import BaseContent, BaseLoader
 from torchstow.core.layout.location import StoreOpener, check_vacant, dcp_files, default_thread_count, rebind
 from torchstow.core.layout.views import as_host_bytes, tensor_bytes
 from torchstow.core.planning import DefaultSavePlanner, SavePlan, SavePlanner
-from torchstow.core.storage.interfaces import StorageWriter, WriteResult
+from torchstow.core.storage.interfaces import StorageWriter, WriteResult, WrittenItems, location_columns
 from torchstow.core.storage.store import Buffer, ByteStore, FileSink
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import checksum
@@ -50,10 +51,12 @@ from torchstow.format.files import (
     LARGE_ALIGN,
     LARGE_ITEM,
     alignment,
+    chunk_table_name,
     data_file_name,
     data_file_prefix,
 )
-from torchstow.format.manifest import FORMAT_VERSION, Metadata, StorageInfo
+from torchstow.format.located import LocationColumns, attach_locations
+from torchstow.format.manifest import FORMAT_VERSION, Metadata, StorageInfo, located_files
 from torchstow.format.structure import check_utf8_keys
 from torchstow.format.validation import check_extents
 
@@ -65,6 +68,8 @@ _QUEUE_ITEMS = 1024
 _SEGMENT = 1 << 20
 _FLUSH_BYTES = 8 << 20
 _ZEROS = bytes(LARGE_ALIGN)
+
+_FQN = attrgetter("index.fqn")
 
 #: Where a tensor item's digest may be remembered, given its data and its state-dict value.
 DigestSlots = Callable[[torch.Tensor, Any], DigestSlot | None]
@@ -174,7 +179,10 @@ class LayoutWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # Before anything is written: every key must go into the UTF-8 manifest (any planner).
-        check_utf8_keys(item.index.fqn for plan in plans for item in plan.items)
+        keys: set[str] = set()
+        for plan in plans:
+            keys.update(map(_FQN, plan.items))
+        check_utf8_keys(keys)
         save_id = uuid.uuid4().hex[:12]
         return [
             replace(plan, storage_data=_FilePrefix(data_file_prefix(save_id, rank)))
@@ -211,13 +219,16 @@ class LayoutWriter(StorageWriter):
                 self.store.delete_files(names)
             raise
         flat = [r for file_results in results for r in file_results]
+        columns = LocationColumns.of(
+            [r.index for r in flat], [r.storage_data for r in flat], [r.size_in_bytes for r in flat]
+        )
         # A file whose every item was shared with the base holds nothing: no manifest may list it.
-        used = {r.storage_data.relative_path for r in flat}
+        used = columns.file_names()
         unused = [name for name in names if name not in used]
         if unused:
             self.store.delete_files(unused)
             self._written = [name for name in names if name in used]
-        return completed_future(flat)
+        return completed_future(WrittenItems(columns))
 
     def _write_file(self, name: str, items: Sequence[Any], planner: SavePlanner) -> list[WriteResult]:
         sink = self.store.create(name)
@@ -232,20 +243,23 @@ class LayoutWriter(StorageWriter):
         return results
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        locations = {r.index: r.storage_data for rank_results in results for r in rank_results}
-        metadata.storage_data = locations
+        """Commit: every rank's results (columns, or :class:`WriteResult` objects from a
+        writer of another kind, made columns here) become the manifest's chunk table."""
+        self._finished, self._outcome = True, False
+        batches = [location_columns(rank_results) for rank_results in results]
         metadata.committed_at = time.time()
-        metadata.nbytes_written = sum(r.size_in_bytes for rank_results in results for r in rank_results)
+        metadata.nbytes_written = sum(batch.bytes_written() for batch in batches)
         metadata.save_id = uuid.uuid4().hex  # this commit's own id (a cached plan reuses no coordinator step)
         metadata.version = self.format_version
-        self._finished, self._outcome = True, False
+        attach_locations(metadata, batches, chunk_table_name(metadata.save_id))
+        locations = metadata.storage_data
         self._check_listed(locations)
         replaced = committed_files(self.store) if self.overwrite else set()
         self._publish(metadata)
         # Committed. Removing the replaced checkpoint's files is housekeeping:
         # a failure here must not report a committed save as failed. Files of
         # no committed manifest may belong to a save still in flight: kept.
-        live = {info.relative_path for info in locations.values()}
+        live = located_files(metadata)
         try:
             self.store.delete_files(sorted(replaced - live))
             if self.overwrite:  # a replaced DCP-format checkpoint: its .metadata must not outlive it
@@ -254,7 +268,7 @@ class LayoutWriter(StorageWriter):
             location = self.store.location
             logger.warning("checkpoint %s committed; removing stale files failed", location, exc_info=True)
 
-    def _check_listed(self, locations: dict[Any, StorageInfo]) -> None:
+    def _check_listed(self, locations: Mapping[Any, StorageInfo]) -> None:
         """Refuse to commit a manifest whose data is not all there: a file shared with
         a base that was removed or cut short meanwhile (by the cleanup of an overwrite
         committed in between, say) would make a checkpoint that does not load."""
@@ -262,7 +276,7 @@ class LayoutWriter(StorageWriter):
         if sizes is None:
             return
         missing = check_extents(locations.items(), sizes, self.store.location)
-        for index, info in locations.items():
+        for index, info in locations.items() if missing else ():
             if info.relative_path in missing:
                 raise CorruptCheckpointError(
                     f"{self.store.location}/{info.relative_path}, which would hold {index.fqn!r}, is "

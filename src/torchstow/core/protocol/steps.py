@@ -13,7 +13,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ from torchstow.core.protocol.collective import Collective, SingleProcess
 from torchstow.core.protocol.failures import CapturedFailure, capture, pack, unpack
 from torchstow.core.protocol.plan_cache import plan_save
 from torchstow.core.protocol.stats import SaveStats
-from torchstow.core.storage.interfaces import StorageReader, StorageWriter
+from torchstow.core.storage.interfaces import StorageReader, StorageWriter, bytes_written
 from torchstow.errors import CheckpointException
 from torchstow.format.manifest import Metadata
 
@@ -294,9 +294,11 @@ def save_state_dict(
     @_timed("save write", coll.rank, stats)
     def write() -> Any:
         final_plan = planner.finish_plan(planned.plan)
-        results = list(wait_future(storage_writer.write_data(final_plan, planner)))
+        results = wait_future(storage_writer.write_data(final_plan, planner))
+        if not isinstance(results, Sequence):
+            results = list(results)
         if stats is not None:
-            stats.bytes_written = sum(r.size_in_bytes for r in results)
+            stats.bytes_written = bytes_written(results)
         outcome = planned.outcome(results)
         progress.handed = True
         return outcome

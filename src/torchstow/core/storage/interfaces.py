@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torchstow.core.futures import AnyFuture
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
-from torchstow.format.manifest import Metadata, MetadataIndex
+from torchstow.format.located import LocationColumns
+from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo
 
-__all__ = ["StorageReader", "StorageWriter", "WriteResult"]
+__all__ = [
+    "StorageReader",
+    "StorageWriter",
+    "WriteResult",
+    "WrittenItems",
+    "bytes_written",
+    "location_columns",
+]
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,61 @@ class WriteResult:
     index: MetadataIndex
     size_in_bytes: int
     storage_data: Any
+
+
+class WrittenItems(Sequence[WriteResult]):
+    """A writer's write results kept as columns (:class:`LocationColumns`), as
+    torchstow's layout writer returns them from ``write_data``: a sequence of
+    :class:`WriteResult` (made when first asked for) that pickles as its columns, so
+    it travels to the coordinator as a few buffers, and the coordinator's ``finish``
+    builds the manifest's chunk table from the columns without an object per item."""
+
+    __slots__ = ("_results", "columns")
+
+    def __init__(self, columns: LocationColumns) -> None:
+        self.columns = columns
+        self._results: list[WriteResult] | None = None
+
+    def _made(self) -> list[WriteResult]:
+        if self._results is None:
+            self._results = [WriteResult(i, n, info) for i, info, n in self.columns.items()]
+        return self._results
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._made()[i]
+
+    def __iter__(self) -> Iterator[WriteResult]:
+        return iter(self._made())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WrittenItems, (self.columns,))
+
+
+def location_columns(results: Sequence[WriteResult]) -> LocationColumns:
+    """A writer's results as columns: a :class:`WrittenItems`' own, else made from
+    :class:`WriteResult` objects (a writer that returns a list of them), whose
+    ``storage_data`` must each be a :class:`StorageInfo`."""
+    if isinstance(results, WrittenItems):
+        return results.columns
+    listed = list(results)
+    infos = [r.storage_data for r in listed]
+    for result, info in zip(listed, infos, strict=True):
+        if not isinstance(info, StorageInfo):
+            raise TypeError(
+                f"the write result of {result.index!r} holds a {type(info).__name__}; a torchstow "
+                "manifest records a StorageInfo per item"
+            )
+    return LocationColumns.of([r.index for r in listed], infos, [r.size_in_bytes for r in listed])
+
+
+def bytes_written(results: Sequence[WriteResult]) -> int:
+    """Bytes a writer's results say it wrote (from the columns of a :class:`WrittenItems`)."""
+    if isinstance(results, WrittenItems):
+        return results.columns.bytes_written()
+    return sum(r.size_in_bytes for r in results)
 
 
 class StorageWriter(abc.ABC):
@@ -57,12 +121,14 @@ class StorageWriter(abc.ABC):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> AnyFuture:
         """Write the plan's items, resolving each through ``planner.resolve_data``.
 
-        Returns a future of the list of :class:`WriteResult`.
+        Returns a future of the :class:`WriteResult` of each item: a list, or a
+        :class:`WrittenItems` holding them as columns (torchstow's layout writer).
         """
 
     @abc.abstractmethod
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """On the coordinator: commit the checkpoint (write the manifest last)."""
+        """On the coordinator: commit the checkpoint (write the manifest last).
+        ``results`` holds what each rank's ``write_data`` gave, in rank order."""
 
     def renew_plan(self, plan: SavePlan) -> SavePlan | None:
         """This rank's final plan of the previous save, made fit for a new save of

@@ -87,7 +87,7 @@ class _FilesWriter(LayoutWriter):
 
     files: dict[str, int]
 
-    def _check_listed(self, locations: dict[Any, Any]) -> None:
+    def _check_listed(self, locations: Mapping[Any, Any]) -> None:
         pass
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
