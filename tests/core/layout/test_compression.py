@@ -363,3 +363,77 @@ def test_read_once_reads_a_compressed_chunk_whole_once(tmp_path: Path) -> None:
     packed = replace(raw, storage_data={i: replace(info, codec=ZSTD) for i, info in raw.storage_data.items()})
     roles = plan_read_once(halves(packed), packed, [ReadOnceProbe("a")] * 2)
     assert sum(len(role.chunks) for role in roles) == 1  # one reads it whole, once
+
+
+def _spec_planes(t: torch.Tensor) -> list[bytes]:
+    """The byte planes of a tensor as docs/format.md defines them, one element at a time:
+    plane j holds byte k-1-j of every element's little-endian bytes."""
+    k = t.element_size()
+    raw = bytes(tensor_bytes(t.contiguous()))
+    return [raw[k - 1 - j :: k] for j in range(k)]
+
+
+def _spec_encode(t: torch.Tensor, squeeze: list[bool]) -> bytes:
+    """Stored bytes of ``byteplanes-zstd`` made by the letter of the format (plane j a
+    zstd frame at the default level where ``squeeze[j]``, else as it is), as any writer,
+    this one's earlier versions included, may have made them (a frame no shorter than its
+    plane is not one: the plane is kept as it is)."""
+    import struct
+
+    import zstandard
+
+    planes = []
+    for plane, wanted in zip(_spec_planes(t), squeeze, strict=True):
+        frame = zstandard.ZstdCompressor().compress(plane) if wanted else plane
+        planes.append(frame if len(frame) < len(plane) else plane)  # a frame is shorter than n
+    return struct.pack(f"<{len(planes)}Q", *map(len, planes)) + b"".join(planes)
+
+
+_PLANE_CASES = [
+    (torch.float32, (1000,)),
+    (torch.bfloat16, (3, 333)),
+    (torch.float16, (2, 257)),
+    (torch.float64, (517,)),
+    (torch.complex64, (100,)),
+    (torch.complex128, (400,)),  # 16-byte elements
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [*_PLANE_CASES, (torch.float16, (2,)), (torch.float32, (1,)), (torch.float32, (0,))]
+)
+def test_byte_planes_decode_by_the_letter_of_the_format(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Stored bytes laid out as docs/format.md says (any mix of planes compressed and kept as
+    they are) decode bit-exact: checkpoints written before keep loading, whatever wrote them."""
+    t = _weights(shape, dtype, 3)
+    k = t.element_size()
+    for squeeze in ([True] * k, [False] * k, [j % 2 == 0 for j in range(k)]):
+        stored = _spec_encode(t, squeeze)
+        out = torch.full_like(t, 7) if t.numel() else torch.empty_like(t)
+        decompress_into(memoryview(stored), BYTEPLANES, dtype, out)
+        assert bytes(tensor_bytes(out)) == bytes(tensor_bytes(t)), squeeze
+
+
+@pytest.mark.parametrize(("dtype", "shape"), _PLANE_CASES)
+def test_byte_planes_written_follow_the_letter_of_the_format(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """What compress writes reads back plane by plane as docs/format.md says: k lengths, then
+    each plane, as it is (n bytes) or one zstd frame of it."""
+    import struct
+
+    import zstandard
+
+    t = _weights(shape, dtype, 4)
+    t.view(torch.uint8).view(-1)[-1] ^= 0x5A  # the last element's bytes: split apart from the rest
+    found = compress(tensor_bytes(t), dtype)
+    assert found is not None and found[1] == BYTEPLANES
+    stored = bytes(found[0]) if isinstance(found[0], bytes) else bytes(tensor_bytes(found[0]))
+    k, n = t.element_size(), t.numel()
+    lengths = struct.unpack_from(f"<{k}Q", stored)
+    pos = 8 * k
+    for j, plane in enumerate(_spec_planes(t)):
+        piece = stored[pos : pos + lengths[j]]
+        pos += lengths[j]
+        assert (piece if len(piece) == n else zstandard.ZstdDecompressor().decompress(piece)) == plane, j
+    assert pos == len(stored)
