@@ -414,12 +414,38 @@ def test_byte_planes_decode_by_the_letter_of_the_format(dtype: torch.dtype, shap
         assert bytes(tensor_bytes(out)) == bytes(tensor_bytes(t)), squeeze
 
 
+@pytest.fixture(params=["libzstd", "zstandard"])
+def plane_compressor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Byte planes compressed through zstandard's cffi binding of libzstd (where the cffi
+    package is installed) or through zstandard's own API (where it is not)."""
+    from torchstow.core.layout import compression
+
+    if request.param == "libzstd":
+        pytest.importorskip("zstandard.backend_cffi", reason="the cffi package is not installed")
+    else:
+        monkeypatch.setattr(compression, "_lib", None)
+    made = vars(compression._local)  # this thread's compressors: the one of planes made anew
+    kept = made.pop("planes", None)
+    yield request.param
+    made.pop("planes", None)
+    if kept is not None:
+        made["planes"] = kept
+
+
+def test_byte_planes_go_through_libzstd_where_cffi_is_installed(plane_compressor: str) -> None:
+    """The faster compressor of exponent planes is the one used, not silently lost."""
+    from torchstow.core.layout import compression
+
+    made = compression._compressor(planes=True)
+    assert isinstance(made, compression._LibzstdPlanes) == (plane_compressor == "libzstd")
+
+
 @pytest.mark.parametrize(("dtype", "shape"), _PLANE_CASES)
 def test_byte_planes_written_follow_the_letter_of_the_format(
-    dtype: torch.dtype, shape: tuple[int, ...]
+    dtype: torch.dtype, shape: tuple[int, ...], plane_compressor: str
 ) -> None:
     """What compress writes reads back plane by plane as docs/format.md says: k lengths, then
-    each plane, as it is (n bytes) or one zstd frame of it."""
+    each plane, as it is (n bytes) or one zstd frame of it, and decodes bit-exact."""
     import struct
 
     import zstandard
@@ -436,4 +462,7 @@ def test_byte_planes_written_follow_the_letter_of_the_format(
         piece = stored[pos : pos + lengths[j]]
         pos += lengths[j]
         assert (piece if len(piece) == n else zstandard.ZstdDecompressor().decompress(piece)) == plane, j
-    assert pos == len(stored)
+    assert pos == len(stored) and any(length < n for length in lengths)
+    back = torch.empty_like(t)
+    decompress_into(memoryview(stored), BYTEPLANES, dtype, back)
+    assert bytes(tensor_bytes(back)) == bytes(tensor_bytes(t))

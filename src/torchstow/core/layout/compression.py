@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 
 import torch
 import zstandard
@@ -32,6 +33,12 @@ from torchstow.core.layout.views import tensor_bytes
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.compression import BYTEPLANES, ZSTD
 
+try:  # zstandard's cffi binding of libzstd, for byte planes when it loads (see _LibzstdPlanes)
+    from zstandard.backend_cffi import ffi as _ffi
+    from zstandard.backend_cffi import lib as _lib
+except ImportError:  # the cffi package is not installed: zstandard's own API does it all
+    _ffi = _lib = None
+
 __all__ = ["compress", "decompress_bytes", "decompress_into", "planes_codec"]
 
 _LEVEL = 1
@@ -39,21 +46,68 @@ _SAMPLE = 64 << 10
 _KEEP = 0.97  # a plane (or item) whose sample shrinks to more than this is stored as it is
 _local = threading.local()
 
-
 _PLANE_PARAMETERS = {"min_match": 7, "hash_log": 6, "window_log": 17}
 _INTEGERS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # k-byte integers, to split and join planes
 
+_Frame = Callable[[memoryview, int], "bytes | memoryview | None"]
+"""Makes one zstd frame of some bytes if it is shorter than a limit, else None."""
 
-def _compressor(planes: bool) -> zstandard.ZstdCompressor:
+
+class _LibzstdPlanes:
+    """Byte planes compressed by libzstd through zstandard's cffi binding, which reaches a
+    setting zstandard's own API does not: Huffman-coded literals together with the fast
+    strategy's acceleration (target length 64; by itself the acceleration stores literals
+    raw). Exponent bytes are mostly literals of few values: this compresses them about 1.5x
+    faster, into about 2% more bytes, and their frames decompress faster too. The frames are
+    ordinary zstd frames; any zstd reads them."""
+
+    def __init__(self) -> None:
+        assert _ffi is not None and _lib is not None
+        cctx = _ffi.gc(_lib.ZSTD_createCCtx(), _lib.ZSTD_freeCCtx)
+        settings = {
+            "ZSTD_c_compressionLevel": _LEVEL,
+            "ZSTD_c_minMatch": _PLANE_PARAMETERS["min_match"],
+            "ZSTD_c_hashLog": _PLANE_PARAMETERS["hash_log"],
+            "ZSTD_c_windowLog": _PLANE_PARAMETERS["window_log"],
+            "ZSTD_c_targetLength": 64,
+            "ZSTD_c_literalCompressionMode": _lib.ZSTD_ps_enable,
+        }
+        for name, value in settings.items():
+            if _lib.ZSTD_isError(_lib.ZSTD_CCtx_setParameter(cctx, getattr(_lib, name), value)):
+                raise ValueError(f"this libzstd refuses {name}")
+        self._cctx = cctx
+        self._alloc = _ffi.new_allocator(should_clear_after_alloc=False)
+
+    def __call__(self, data: memoryview, limit: int) -> memoryview | None:
+        assert _ffi is not None and _lib is not None
+        room = self._alloc("char[]", limit - 1)  # a frame of limit bytes or more is an error here
+        size = _lib.ZSTD_compress2(self._cctx, room, limit - 1, _ffi.from_buffer(data), len(data))
+        return None if _lib.ZSTD_isError(size) else memoryview(_ffi.buffer(room, size))
+
+
+def _zstandard_frames(compressor: zstandard.ZstdCompressor) -> _Frame:
+    def frame(data: memoryview, limit: int) -> bytes | None:
+        found = compressor.compress(data)
+        return found if len(found) < limit else None
+
+    return frame
+
+
+def _compressor(planes: bool) -> _Frame:
     """This thread's compressor: of byte planes, or of any bytes."""
     name = "planes" if planes else "bytes"
-    found = getattr(_local, name, None)
+    found: _Frame | None = getattr(_local, name, None)
     if found is None:
-        if planes:
-            params = zstandard.ZstdCompressionParameters.from_level(_LEVEL, **_PLANE_PARAMETERS)
-            found = zstandard.ZstdCompressor(compression_params=params)
+        if not planes:
+            found = _zstandard_frames(zstandard.ZstdCompressor(level=_LEVEL))
         else:
-            found = zstandard.ZstdCompressor(level=_LEVEL)
+            try:
+                found = _LibzstdPlanes() if _lib is not None else None
+            except (AttributeError, ValueError):  # a libzstd without the setting
+                found = None
+            if found is None:
+                params = zstandard.ZstdCompressionParameters.from_level(_LEVEL, **_PLANE_PARAMETERS)
+                found = _zstandard_frames(zstandard.ZstdCompressor(compression_params=params))
         setattr(_local, name, found)
     return found
 
@@ -64,14 +118,12 @@ def planes_codec(dtype: torch.dtype | None) -> bool:
     return dtype is not None and (dtype.is_floating_point or dtype.is_complex) and dtype.itemsize > 1
 
 
-def _squeeze(data: memoryview, planes: bool = False) -> bytes | None:
+def _squeeze(data: memoryview, planes: bool = False) -> bytes | memoryview | None:
     """``data`` as one zstd frame if that is shorter (and its sample shrinks enough), else None."""
-    size = len(data)
-    compressor = _compressor(planes)
-    if size > _SAMPLE and len(compressor.compress(data[:_SAMPLE])) > _KEEP * _SAMPLE:
+    frame = _compressor(planes)
+    if len(data) > _SAMPLE and frame(data[:_SAMPLE], int(_KEEP * _SAMPLE) + 1) is None:
         return None
-    frame = compressor.compress(data)
-    return frame if len(frame) < size else None
+    return frame(data, len(data))
 
 
 def _split(data: memoryview, elements: torch.Tensor, b: int, plane: torch.Tensor) -> None:
@@ -109,7 +161,7 @@ def compress(data: memoryview, dtype: torch.dtype | None) -> tuple[bytes | torch
         return None
     if not planes_codec(dtype):
         frame = _squeeze(data)
-        return None if frame is None else (frame, ZSTD)
+        return None if frame is None else (bytes(frame), ZSTD)
     assert dtype is not None
     k = dtype.itemsize
     n = size // k
