@@ -206,6 +206,22 @@ def test_hostile_plane_lengths_are_corrupt() -> None:
         decompress_into(memoryview(bytearray(stored)), codec, torch.float32, torch.empty(999))
 
 
+def test_a_garbled_frame_is_corrupt_and_the_next_chunk_still_decodes() -> None:
+    """A frame that does not decode (past the checksums, as a hostile writer could make one)
+    is a CorruptCheckpointError, and this thread's decompressor decodes the next chunk."""
+    data = _weights((1000,), torch.float32, 2)
+    stored, codec = compress(tensor_bytes(data), torch.float32) or (b"", "")
+    good = bytes(stored) if isinstance(stored, bytes) else bytes(tensor_bytes(stored))
+    garbled = bytearray(good)
+    garbled[32 + 4 : 32 + 12] = b"\xff" * 8  # the exponent plane's frame header, past the lengths
+    for _ in range(2):
+        with pytest.raises(CorruptCheckpointError, match="decompress"):
+            decompress_into(memoryview(garbled), codec, torch.float32, torch.empty(1000))
+        back = torch.empty(1000)
+        decompress_into(memoryview(good), codec, torch.float32, back)
+        assert torch.equal(back, data)
+
+
 def test_unknown_compression_is_a_value_error_before_anything_is_written(tmp_path: Path) -> None:
     uri = str(tmp_path / "c")
     for call in (

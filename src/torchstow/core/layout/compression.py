@@ -194,10 +194,18 @@ def compress(data: memoryview, dtype: torch.dtype | None) -> tuple[bytes | torch
     return buffer[start:], BYTEPLANES
 
 
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (one each: a decompressor serves one stream at a time)."""
+    found: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
+    if found is None:
+        found = _local.decompressor = zstandard.ZstdDecompressor()
+    return found
+
+
 def _unzstd_into(frame: memoryview, out: memoryview) -> None:
     """Decompress one zstd ``frame`` into exactly ``out``; CorruptCheckpointError otherwise."""
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=True)
+        reader = _decompressor().stream_reader(frame, read_across_frames=True)
         got = 0
         while got < len(out):
             n = reader.readinto(out[got:])
