@@ -3,7 +3,7 @@
 
 Floating-point (and complex) tensors are split into byte planes, then each plane
 is compressed on its own: the planes of sign and exponent bits shrink a lot, the
-low mantissa bytes hardly at all, so a plane whose first 64 KiB do not shrink by
+low mantissa bytes hardly at all, so a plane whose first 16 KiB do not shrink by
 3% is stored as it is without compressing the rest (most of the time such a
 plane would cost, not save). The planes are grouped straight into the buffer
 that is stored, laid out from its end, so a plane stored as it is is never
@@ -42,7 +42,7 @@ except ImportError:  # the cffi package is not installed: zstandard's own API do
 __all__ = ["compress", "decompress_bytes", "decompress_into", "planes_codec"]
 
 _LEVEL = 1
-_SAMPLE = 64 << 10
+_SAMPLE = 16 << 10
 _KEEP = 0.97  # a plane (or item) whose sample shrinks to more than this is stored as it is
 _local = threading.local()
 
