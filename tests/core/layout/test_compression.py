@@ -52,6 +52,7 @@ def _state(seed: int = 0) -> dict[str, Any]:
             0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
         ),
         "tiny": torch.tensor([1.5]),
+        "bias": _weights((512,), torch.float32, seed + 7),  # under 4 KiB: one zstd frame
         "empty": torch.zeros(0, 3),
         "view": _weights((64, 64), torch.float32, seed + 6).t(),  # not contiguous
         "objects": {"pair": (1, "a" * 300), "dtype": torch.float16, "step": 7, "name": "run"},
@@ -89,7 +90,7 @@ def test_every_dtype_round_trips_bit_exact_and_smaller(tmp_path: Path) -> None:
     codecs = _codecs(str(packed))
     for key in ("fp32", "bf16", "fp16", "fp64", "cplx", "view"):
         assert codecs[key] == BYTEPLANES, key
-    for key in ("int64", "int8", "bool", "objects.pair"):
+    for key in ("int64", "int8", "bool", "objects.pair", "bias"):
         assert codecs[key] == ZSTD, key
     for key in ("noise", "tiny"):  # nothing to gain: stored as they are
         assert codecs[key] is None, key
@@ -195,29 +196,30 @@ def test_a_chunk_decompressing_to_another_size_is_corrupt(tmp_path: Path, key: s
 
 
 def test_hostile_plane_lengths_are_corrupt() -> None:
-    data = _weights((1000,), torch.float32, 1)
+    data = _weights((1100,), torch.float32, 1)
     stored, codec = compress(tensor_bytes(data), torch.float32) or (b"", "")
     assert codec == BYTEPLANES
     lying = bytearray(stored)
     lying[0:8] = (1 << 62).to_bytes(8, "little")
     with pytest.raises(CorruptCheckpointError, match="plane lengths"):
-        decompress_into(memoryview(lying), codec, torch.float32, torch.empty(1000))
+        decompress_into(memoryview(lying), codec, torch.float32, torch.empty(1100))
     with pytest.raises(CorruptCheckpointError, match="plane lengths"):
-        decompress_into(memoryview(bytearray(stored)), codec, torch.float32, torch.empty(999))
+        decompress_into(memoryview(bytearray(stored)), codec, torch.float32, torch.empty(1099))
 
 
 def test_a_garbled_frame_is_corrupt_and_the_next_chunk_still_decodes() -> None:
     """A frame that does not decode (past the checksums, as a hostile writer could make one)
     is a CorruptCheckpointError, and this thread's decompressor decodes the next chunk."""
-    data = _weights((1000,), torch.float32, 2)
+    data = _weights((1100,), torch.float32, 2)
     stored, codec = compress(tensor_bytes(data), torch.float32) or (b"", "")
+    assert codec == BYTEPLANES
     good = bytes(stored) if isinstance(stored, bytes) else bytes(tensor_bytes(stored))
     garbled = bytearray(good)
     garbled[32 + 4 : 32 + 12] = b"\xff" * 8  # the exponent plane's frame header, past the lengths
     for _ in range(2):
         with pytest.raises(CorruptCheckpointError, match="decompress"):
-            decompress_into(memoryview(garbled), codec, torch.float32, torch.empty(1000))
-        back = torch.empty(1000)
+            decompress_into(memoryview(garbled), codec, torch.float32, torch.empty(1100))
+        back = torch.empty(1100)
         decompress_into(memoryview(good), codec, torch.float32, back)
         assert torch.equal(back, data)
 
@@ -406,11 +408,11 @@ def _spec_encode(t: torch.Tensor, squeeze: list[bool]) -> bytes:
 
 
 _PLANE_CASES = [
-    (torch.float32, (1000,)),
-    (torch.bfloat16, (3, 333)),
-    (torch.float16, (2, 257)),
+    (torch.float32, (1100,)),
+    (torch.bfloat16, (3, 777)),
+    (torch.float16, (2, 1200)),
     (torch.float64, (517,)),
-    (torch.complex64, (100,)),
+    (torch.complex64, (600,)),
     (torch.complex128, (400,)),  # 16-byte elements
 ]
 

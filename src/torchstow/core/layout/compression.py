@@ -44,6 +44,9 @@ __all__ = ["compress", "decompress_bytes", "decompress_into", "planes_codec"]
 _LEVEL = 1
 _SAMPLE = 16 << 10
 _KEEP = 0.97  # a plane (or item) whose sample shrinks to more than this is stored as it is
+# A smaller tensor is one zstd frame: k planes (k frames, k lengths) cost more CPU than they
+# save bytes on it (a bias or a norm's weight, an optimizer's step counter).
+_PLANES_MIN = 4 << 10
 _local = threading.local()
 
 _PLANE_PARAMETERS = {"min_match": 7, "hash_log": 6, "window_log": 17}
@@ -159,7 +162,7 @@ def compress(data: memoryview, dtype: torch.dtype | None) -> tuple[bytes | torch
     size = len(data)
     if not size:
         return None
-    if not planes_codec(dtype):
+    if not planes_codec(dtype) or size < _PLANES_MIN:
         frame = _squeeze(data)
         return None if frame is None else (bytes(frame), ZSTD)
     assert dtype is not None
