@@ -132,25 +132,26 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 def _codec_seconds(tensors: list[torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
     """Best CPU seconds (one thread) to compress, then decompress, every tensor's bytes with
-    torchstow's codec and with DCP's ZStandard stream transform; each round checked."""
+    torchstow's codec and with DCP's ZStandard stream transform, after an untimed round.
+    Both decompress into preallocated tensors (as a load into a preallocated state dict
+    does); each round is checked bit for bit after it is timed."""
     from torch.distributed.checkpoint._extension import ZStandard
 
     from torchstow.core.layout.compression import compress, decompress_into
-    from torchstow.format.compression import ZSTD
+
+    outs = [torch.empty_like(t) for t in tensors]
 
     def ours_compress() -> list[Any]:
         return [compress(_raw(t), t.dtype) for t in tensors]
 
     def ours_decompress(stored: list[Any]) -> None:
-        for t, item in zip(tensors, stored, strict=True):
-            out = torch.empty_like(t)
+        for t, out, item in zip(tensors, outs, stored, strict=True):
             if item is None:
                 _flat(out).copy_(_flat(t))
                 continue
             data, codec = item
             raw = memoryview(data) if isinstance(data, bytes) else memoryview(data.numpy())
             decompress_into(raw, codec, t.dtype, out)
-            assert torch.equal(_flat(out), _flat(t)), codec
 
     def dcp_compress() -> list[bytes]:
         frames = []
@@ -163,13 +164,11 @@ def _codec_seconds(tensors: list[torch.Tensor], repeats: int) -> dict[str, dict[
         return frames
 
     def dcp_decompress(frames: list[bytes]) -> None:
-        for t, frame in zip(tensors, frames, strict=True):
-            out = torch.empty_like(t)
+        for out, frame in zip(outs, frames, strict=True):
             view, got = _raw(out), 0
             stream = ZStandard().transform_from(io.BytesIO(frame))
             while got < len(view):
                 got += stream.readinto(view[got:]) or len(view)  # a stream that ends short fails below
-            assert torch.equal(_flat(out), _flat(t))
 
     best: dict[str, dict[str, float]] = {
         name: {"compress": float("inf"), "decompress": float("inf")} for name in ("torchstow", "DCP")
@@ -177,21 +176,28 @@ def _codec_seconds(tensors: list[torch.Tensor], repeats: int) -> dict[str, dict[
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(repeats):
+        for round_ in range(repeats + 1):  # round 0 warms up, untimed
             for name, squeeze, unsqueeze in (
                 ("torchstow", ours_compress, ours_decompress),
                 ("DCP", dcp_compress, dcp_decompress),
             ):
+                for out in outs:
+                    out.zero_()
                 start = time.process_time()
                 stored = squeeze()
                 middle = time.process_time()
                 unsqueeze(stored)  # type: ignore[arg-type]
                 end = time.process_time()
-                best[name]["compress"] = min(best[name]["compress"], middle - start)
-                best[name]["decompress"] = min(best[name]["decompress"], end - middle)
+                # Freed before the next compressor runs, so that each finds the memory the
+                # last one left (else one pays page faults for fresh memory, at random).
+                del stored
+                for t, out in zip(tensors, outs, strict=True):
+                    assert torch.equal(_flat(out), _flat(t)), name
+                if round_:
+                    best[name]["compress"] = min(best[name]["compress"], middle - start)
+                    best[name]["decompress"] = min(best[name]["decompress"], end - middle)
     finally:
         torch.set_num_threads(threads)
-    assert ZSTD  # the codec torchstow names plain zstd frames
     return best
 
 

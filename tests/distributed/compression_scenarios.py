@@ -11,7 +11,8 @@ from torch.distributed.tensor import distribute_tensor
 
 import torchstow
 
-SHAPES = {"w32": (48, 40), "wbf16": (40, 48), "w16": (36, 24), "ints": (64, 8)}
+# Each rank's chunk of a float tensor is over 4 KiB, so it is stored in byte planes.
+SHAPES = {"w32": (48, 48), "wbf16": (40, 112), "w16": (36, 120), "ints": (64, 8)}
 DTYPES = {"w32": torch.float32, "wbf16": torch.bfloat16, "w16": torch.float16, "ints": torch.int64}
 
 

@@ -27,6 +27,7 @@ def test_every_stored_chunk_is_compressed(saved: str) -> None:
     codecs = {(i.fqn, tuple(i.offset)): info.codec for i, info in metadata.storage_data.items()}
     assert len(codecs) == 2 * len(SHAPES)  # one chunk per rank and tensor
     assert all(codec is not None for codec in codecs.values()), codecs
+    assert {codec for (name, _), codec in codecs.items() if name != "ints"} == {"byteplanes-zstd"}, codecs
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ def _state(seed: int = 0) -> dict[str, Any]:
             0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
         ),
         "tiny": torch.tensor([1.5]),
+        "bias": _weights((512,), torch.float32, seed + 7),  # under 4 KiB: one zstd frame
         "empty": torch.zeros(0, 3),
         "view": _weights((64, 64), torch.float32, seed + 6).t(),  # not contiguous
         "objects": {"pair": (1, "a" * 300), "dtype": torch.float16, "step": 7, "name": "run"},
@@ -89,7 +90,7 @@ def test_every_dtype_round_trips_bit_exact_and_smaller(tmp_path: Path) -> None:
     codecs = _codecs(str(packed))
     for key in ("fp32", "bf16", "fp16", "fp64", "cplx", "view"):
         assert codecs[key] == BYTEPLANES, key
-    for key in ("int64", "int8", "bool", "objects.pair"):
+    for key in ("int64", "int8", "bool", "objects.pair", "bias"):
         assert codecs[key] == ZSTD, key
     for key in ("noise", "tiny"):  # nothing to gain: stored as they are
         assert codecs[key] is None, key
@@ -195,15 +196,32 @@ def test_a_chunk_decompressing_to_another_size_is_corrupt(tmp_path: Path, key: s
 
 
 def test_hostile_plane_lengths_are_corrupt() -> None:
-    data = _weights((1000,), torch.float32, 1)
+    data = _weights((1100,), torch.float32, 1)
     stored, codec = compress(tensor_bytes(data), torch.float32) or (b"", "")
     assert codec == BYTEPLANES
     lying = bytearray(stored)
     lying[0:8] = (1 << 62).to_bytes(8, "little")
     with pytest.raises(CorruptCheckpointError, match="plane lengths"):
-        decompress_into(memoryview(lying), codec, torch.float32, torch.empty(1000))
+        decompress_into(memoryview(lying), codec, torch.float32, torch.empty(1100))
     with pytest.raises(CorruptCheckpointError, match="plane lengths"):
-        decompress_into(memoryview(bytearray(stored)), codec, torch.float32, torch.empty(999))
+        decompress_into(memoryview(bytearray(stored)), codec, torch.float32, torch.empty(1099))
+
+
+def test_a_garbled_frame_is_corrupt_and_the_next_chunk_still_decodes() -> None:
+    """A frame that does not decode (past the checksums, as a hostile writer could make one)
+    is a CorruptCheckpointError, and this thread's decompressor decodes the next chunk."""
+    data = _weights((1100,), torch.float32, 2)
+    stored, codec = compress(tensor_bytes(data), torch.float32) or (b"", "")
+    assert codec == BYTEPLANES
+    good = bytes(stored) if isinstance(stored, bytes) else bytes(tensor_bytes(stored))
+    garbled = bytearray(good)
+    garbled[32 + 4 : 32 + 12] = b"\xff" * 8  # the exponent plane's frame header, past the lengths
+    for _ in range(2):
+        with pytest.raises(CorruptCheckpointError, match="decompress"):
+            decompress_into(memoryview(garbled), codec, torch.float32, torch.empty(1100))
+        back = torch.empty(1100)
+        decompress_into(memoryview(good), codec, torch.float32, back)
+        assert torch.equal(back, data)
 
 
 def test_unknown_compression_is_a_value_error_before_anything_is_written(tmp_path: Path) -> None:
@@ -363,3 +381,106 @@ def test_read_once_reads_a_compressed_chunk_whole_once(tmp_path: Path) -> None:
     packed = replace(raw, storage_data={i: replace(info, codec=ZSTD) for i, info in raw.storage_data.items()})
     roles = plan_read_once(halves(packed), packed, [ReadOnceProbe("a")] * 2)
     assert sum(len(role.chunks) for role in roles) == 1  # one reads it whole, once
+
+
+def _spec_planes(t: torch.Tensor) -> list[bytes]:
+    """The byte planes of a tensor as docs/format.md defines them, one element at a time:
+    plane j holds byte k-1-j of every element's little-endian bytes."""
+    k = t.element_size()
+    raw = bytes(tensor_bytes(t.contiguous()))
+    return [raw[k - 1 - j :: k] for j in range(k)]
+
+
+def _spec_encode(t: torch.Tensor, squeeze: list[bool]) -> bytes:
+    """Stored bytes of ``byteplanes-zstd`` made by the letter of the format (plane j a
+    zstd frame at the default level where ``squeeze[j]``, else as it is), as any writer,
+    this one's earlier versions included, may have made them (a frame no shorter than its
+    plane is not one: the plane is kept as it is)."""
+    import struct
+
+    import zstandard
+
+    planes = []
+    for plane, wanted in zip(_spec_planes(t), squeeze, strict=True):
+        frame = zstandard.ZstdCompressor().compress(plane) if wanted else plane
+        planes.append(frame if len(frame) < len(plane) else plane)  # a frame is shorter than n
+    return struct.pack(f"<{len(planes)}Q", *map(len, planes)) + b"".join(planes)
+
+
+_PLANE_CASES = [
+    (torch.float32, (1100,)),
+    (torch.bfloat16, (3, 777)),
+    (torch.float16, (2, 1200)),
+    (torch.float64, (517,)),
+    (torch.complex64, (600,)),
+    (torch.complex128, (400,)),  # 16-byte elements
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [*_PLANE_CASES, (torch.float16, (2,)), (torch.float32, (1,)), (torch.float32, (0,))]
+)
+def test_byte_planes_decode_by_the_letter_of_the_format(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Stored bytes laid out as docs/format.md says (any mix of planes compressed and kept as
+    they are) decode bit-exact: checkpoints written before keep loading, whatever wrote them."""
+    t = _weights(shape, dtype, 3)
+    k = t.element_size()
+    for squeeze in ([True] * k, [False] * k, [j % 2 == 0 for j in range(k)]):
+        stored = _spec_encode(t, squeeze)
+        out = torch.full_like(t, 7) if t.numel() else torch.empty_like(t)
+        decompress_into(memoryview(stored), BYTEPLANES, dtype, out)
+        assert bytes(tensor_bytes(out)) == bytes(tensor_bytes(t)), squeeze
+
+
+@pytest.fixture(params=["libzstd", "zstandard"])
+def plane_compressor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Byte planes compressed through zstandard's cffi binding of libzstd (where the cffi
+    package is installed) or through zstandard's own API (where it is not)."""
+    from torchstow.core.layout import compression
+
+    if request.param == "libzstd":
+        pytest.importorskip("zstandard.backend_cffi", reason="the cffi package is not installed")
+    else:
+        monkeypatch.setattr(compression, "_lib", None)
+    made = vars(compression._local)  # this thread's compressors: the one of planes made anew
+    kept = made.pop("planes", None)
+    yield request.param
+    made.pop("planes", None)
+    if kept is not None:
+        made["planes"] = kept
+
+
+def test_byte_planes_go_through_libzstd_where_cffi_is_installed(plane_compressor: str) -> None:
+    """The faster compressor of exponent planes is the one used, not silently lost."""
+    from torchstow.core.layout import compression
+
+    made = compression._compressor(planes=True)
+    assert isinstance(made, compression._LibzstdPlanes) == (plane_compressor == "libzstd")
+
+
+@pytest.mark.parametrize(("dtype", "shape"), _PLANE_CASES)
+def test_byte_planes_written_follow_the_letter_of_the_format(
+    dtype: torch.dtype, shape: tuple[int, ...], plane_compressor: str
+) -> None:
+    """What compress writes reads back plane by plane as docs/format.md says: k lengths, then
+    each plane, as it is (n bytes) or one zstd frame of it, and decodes bit-exact."""
+    import struct
+
+    import zstandard
+
+    t = _weights(shape, dtype, 4)
+    t.view(torch.uint8).view(-1)[-1] ^= 0x5A  # the last element's bytes: split apart from the rest
+    found = compress(tensor_bytes(t), dtype)
+    assert found is not None and found[1] == BYTEPLANES
+    stored = bytes(found[0]) if isinstance(found[0], bytes) else bytes(tensor_bytes(found[0]))
+    k, n = t.element_size(), t.numel()
+    lengths = struct.unpack_from(f"<{k}Q", stored)
+    pos = 8 * k
+    for j, plane in enumerate(_spec_planes(t)):
+        piece = stored[pos : pos + lengths[j]]
+        pos += lengths[j]
+        assert (piece if len(piece) == n else zstandard.ZstdDecompressor().decompress(piece)) == plane, j
+    assert pos == len(stored) and any(length < n for length in lengths)
+    back = torch.empty_like(t)
+    decompress_into(memoryview(stored), BYTEPLANES, dtype, back)
+    assert bytes(tensor_bytes(back)) == bytes(tensor_bytes(t))
