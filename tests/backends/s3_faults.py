@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+Buffer = bytes | memoryview  # a request body: a view of the connection's buffer, or bytes
 _HOP_HEADERS = ("transfer-encoding", "connection", "content-length", "date", "server")
 ERRORS = {
     503: ("SlowDown", "Please reduce your request rate."),
@@ -115,7 +116,7 @@ class _Pace:
             return self.free_at
 
 
-_CHUNK = 64 << 10
+_CHUNK = 256 << 10  # bytes per paced read or send: 10 ms at 25 MiB/s
 
 
 @dataclass
@@ -150,30 +151,35 @@ class FaultProxy:
             def setup(self) -> None:
                 super().setup()
                 self.up, self.down = _Pace(proxy.link.per_connection), _Pace(proxy.link.per_connection)
+                self.buffer = memoryview(bytearray())  # request bodies, reused (no fresh pages)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-            def _read(self, n: int) -> bytes:
-                """``n`` bytes of the request, at the pace the link allows."""
-                parts = []
-                while n > 0:
-                    data = self.rfile.read(min(n, _CHUNK))
-                    if not data:
+            def _read(self, n: int) -> memoryview:
+                """``n`` bytes of the request (fewer if it ends sooner), at the pace the link
+                allows: read straight into the connection's buffer (valid until its next
+                request), a pace reserved for each read."""
+                if len(self.buffer) < n:
+                    self.buffer = memoryview(bytearray(n))
+                got = 0
+                while got < n:
+                    read = self.rfile.readinto(self.buffer[got : min(n, got + _CHUNK)])
+                    if not read:
                         break
-                    parts.append(data)
-                    n -= len(data)
-                    _sleep_until(max(self.up.reserve(len(data)), proxy._total_up.reserve(len(data))))
-                return b"".join(parts)
+                    got += read
+                    _sleep_until(max(self.up.reserve(read), proxy._total_up.reserve(read)))
+                return self.buffer[:got]
 
             def _send(self, data: bytes) -> None:
                 """Send ``data`` at the pace the link allows."""
+                view = memoryview(data)
                 for pos in range(0, len(data), _CHUNK):
-                    piece = data[pos : pos + _CHUNK]
+                    piece = view[pos : pos + _CHUNK]
                     _sleep_until(max(self.down.reserve(len(piece)), proxy._total_down.reserve(len(piece))))
                     self.wfile.write(piece)
 
-            def _body(self) -> bytes:
+            def _body(self) -> Buffer:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     chunks = []
                     while True:
@@ -181,7 +187,7 @@ class FaultProxy:
                         if size == 0:
                             self.rfile.readline()
                             return b"".join(chunks)
-                        chunks.append(self._read(size))
+                        chunks.append(bytes(self._read(size)))  # the buffer is reused
                         self.rfile.readline()
                 return self._read(int(self.headers.get("Content-Length") or 0))
 
@@ -233,7 +239,7 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.log.append(Logged(self.command, self.path, status, start, time.monotonic()))
 
-            def _forward(self, body: bytes, answer: bool = True, stall: bool = False) -> int | str:
+            def _forward(self, body: Buffer, answer: bool = True, stall: bool = False) -> int | str:
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
