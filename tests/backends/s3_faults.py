@@ -126,6 +126,7 @@ class Logged:
     status: int | str
     start: float
     end: float
+    headers: dict[str, str] = field(default_factory=dict)  # the request's, names in lower case
 
 
 @dataclass
@@ -191,6 +192,10 @@ class FaultProxy:
                         self.rfile.readline()
                 return self._read(int(self.headers.get("Content-Length") or 0))
 
+            def _logged(self, status: int | str, start: float) -> Logged:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                return Logged(self.command, self.path, status, start, time.monotonic(), headers)
+
             def _hang(self) -> str:
                 """Stall: hold the connection, doing nothing, until the proxy closes."""
                 proxy._closing.wait()
@@ -205,7 +210,7 @@ class FaultProxy:
                     self._read(int(self.headers.get("Content-Length") or 0) // 2)
                     status = self._hang()
                     with proxy._lock:
-                        proxy.log.append(Logged(self.command, self.path, status, start, time.monotonic()))
+                        proxy.log.append(self._logged(status, start))
                     return
                 body = self._body()
                 time.sleep(proxy.link.latency)
@@ -237,7 +242,7 @@ class FaultProxy:
                         self.wfile.write(payload)
                     status = fault.action
                 with proxy._lock:
-                    proxy.log.append(Logged(self.command, self.path, status, start, time.monotonic()))
+                    proxy.log.append(self._logged(status, start))
 
             def _forward(self, body: Buffer, answer: bool = True, stall: bool = False) -> int | str:
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
