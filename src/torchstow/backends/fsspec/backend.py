@@ -105,7 +105,7 @@ class FsspecBackend(DirectoryBackend):
             }
             config = {**timeouts, **(options.get("config_kwargs") or {})}
             if config.get("request_checksum_calculation") != "when_required":
-                # every body the store sends carries a CRC32 it computes in a writer's thread,
+                # every body the store sends carries a CRC32C it computes in a writer's thread,
                 # which the store checks: botocore signs no SHA-256 of it on the event loop
                 # (as it would over plain http), a pass over every byte that proves no more
                 config["s3"] = {"payload_signing_enabled": False, **(config.get("s3") or {})}
