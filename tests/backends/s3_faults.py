@@ -181,7 +181,7 @@ class FaultProxy:
                     self.wfile.write(piece)
 
             def _body(self) -> Buffer:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                if self._chunked():
                     chunks = []
                     while True:
                         size = int(self.rfile.readline().split(b";")[0], 16)
@@ -212,10 +212,15 @@ class FaultProxy:
                     with proxy._lock:
                         proxy.log.append(self._logged(status, start))
                     return
-                body = self._body()
-                time.sleep(proxy.link.latency)
                 if fault is None and proxy.link.slowdown and proxy._draw() < proxy.link.slowdown:
                     fault = Fault(self.command, "", 503)
+                if fault is None and not self._chunked():
+                    status = self._forward(None)  # passed on as the link delivers it
+                    with proxy._lock:
+                        proxy.log.append(self._logged(status, start))
+                    return
+                body = self._body()
+                time.sleep(proxy.link.latency)
                 if fault is not None and fault.action == "delay":
                     time.sleep(fault.delay)
                     fault = None
@@ -244,13 +249,43 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.log.append(self._logged(status, start))
 
-            def _forward(self, body: Buffer, answer: bool = True, stall: bool = False) -> int | str:
+            def _chunked(self) -> bool:
+                return self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+            def _stream(self, conn: http.client.HTTPConnection) -> None:
+                """Send the request upstream as the link delivers its body (the server takes
+                it in meanwhile, as it would from a real link), its last piece (or, without
+                a body, its headers' end) after the latency: the server has the whole request
+                no sooner than a latency after the link delivered it."""
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for key, value in self.headers.items():
+                    conn.putheader(key, value)
+                n, got = int(self.headers.get("Content-Length") or 0), 0
+                if not n:
+                    time.sleep(proxy.link.latency)
+                conn.endheaders()
+                while got < n:
+                    piece = self._read(min(_CHUNK, n - got))
+                    if not piece:
+                        raise ConnectionError("the client closed the connection mid-request")
+                    got += len(piece)
+                    if got == n:
+                        time.sleep(proxy.link.latency)
+                    conn.send(piece)
+
+            def _forward(self, body: Buffer | None, answer: bool = True, stall: bool = False) -> int | str:
+                """Forward the request (``body``: as read, or None to pass it on as it arrives)
+                and pass the reply on (none unless ``answer``; half of it, then a stall, if
+                ``stall``)."""
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
-                    if body or "Content-Length" in self.headers:
-                        headers["Content-Length"] = str(len(body))
-                    conn.request(self.command, self.path, body=body, headers=headers)
+                    if body is None:
+                        self._stream(conn)
+                    else:
+                        headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                        if body or "Content-Length" in self.headers:
+                            headers["Content-Length"] = str(len(body))
+                        conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
                     if not answer:
