@@ -85,6 +85,22 @@ def test_adaptive_limit_halves_on_throttling_and_regains_one_per_success() -> No
     assert asyncio.run(run()) == [8, 4, 5, 6, 7, 8]
 
 
+def test_adaptive_limit_stops_doubling_once_twice_the_requests_move_less_than_half_more() -> None:
+    limit = AdaptiveLimit(32, start=8)
+    limit._end_epoch(0.0, saturated=True)  # an epoch that moved no data (uploads starting)
+    assert limit.limit == 8
+    limit._end_epoch(80.0, saturated=True)  # the first measure: probe further
+    assert limit.limit == 16
+    limit._end_epoch(100.0, saturated=True)  # 1.25x with twice the requests: the total binds
+    assert limit.limit == 16
+    limit._end_epoch(200.0, saturated=True)  # and the probing has stopped
+    assert limit.limit == 16
+    bound_by_connections = AdaptiveLimit(32, start=8)
+    for rate, then in ((50.0, 16), (95.0, 32), (190.0, 32)):
+        bound_by_connections._end_epoch(rate, saturated=True)
+        assert bound_by_connections.limit == then
+
+
 def _get_overlap(proxy: FaultProxy) -> int:
     return _max_overlap([r for r in proxy.requests("GET", r"/data-") if r.status == 206])
 
