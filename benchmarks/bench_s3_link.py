@@ -4,6 +4,7 @@ of a moto server, against the link's limit and the peers that run against a loca
 
 python benchmarks/bench_s3_link.py [--mib 1024] [--repeats 3]
     [--link LATENCY,PER_CONNECTION_MIB,TOTAL_MIB ...] [--ops save,load] [--no-slowdown]
+    [--only CONTENDER]
 
 Contenders: torchstow (its defaults: requests in flight, part and range sizes chosen from
 the link); DCP with its fsspec writer and reader (8 threads); boto3's transfer manager (one
@@ -217,6 +218,7 @@ def main() -> None:
     )
     parser.add_argument("--ops", default=",".join(OPS), help="save,load or either alone")
     parser.add_argument("--no-slowdown", action="store_true", help="skip the runs with 5%% 503 SlowDown")
+    parser.add_argument("--only", help="one contender (torchstow, 'boto3 transfer manager' ...)")
     args = parser.parse_args()
     links = args.link or [parse_link(text) for text in LINKS]
     ops = tuple(op for op in OPS if op in args.ops.split(","))
@@ -224,7 +226,7 @@ def main() -> None:
     requests = [16 * MiB] * max(1, nbytes // (16 * MiB))
     print(f"load average at the start: {_loadavg()}", flush=True)
     # no link between: what the server allows each contender's save at all, and torchstow's load
-    bare = run(None, args.mib, args.repeats, ops=("save",))
+    bare = run(None, args.mib, args.repeats, only=args.only, ops=("save",))
     if "load" in ops:
         bare.update(run(None, args.mib, args.repeats, only="torchstow", ops=ops))
     print("no link (the server alone):", flush=True)
@@ -233,7 +235,7 @@ def main() -> None:
     for link in links:
         limit = link.limit(requests, connections=len(requests))
         print(f"link: {describe(link)}; its limit for {args.mib} MiB: {limit / MiB:.0f} MiB/s", flush=True)
-        clean = run(link, args.mib, args.repeats, ops=ops)
+        clean = run(link, args.mib, args.repeats, only=args.only, ops=ops)
         for op_name, seconds in clean.items():
             rate = nbytes / seconds
             print(f"  {op_name:<32} {rate / MiB:7.1f} MiB/s  {rate / limit:5.2f}x the limit", flush=True)
