@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import logging
 import os
@@ -185,6 +186,26 @@ def test_throttling_is_survived(shaped: FaultProxy, s3_bucket: str) -> None:
     back = torchstow.read(uri, storage_options=opts)
     assert torch.equal(back["a"], sd["a"]) and torch.equal(back["b"], sd["b"])
     assert any(r.status == 503 for r in shaped.log)  # throttled, and got through
+
+
+def test_a_part_buffer_a_failed_attempt_still_views_is_reused_safely(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    # a refused part's attempt leaves views of its buffer in its exception's frames until
+    # the cycle collector runs; the buffer goes back to the spares and a later file's last,
+    # short part may take it: the short part must not resize a buffer others still view
+    proxy = FaultProxy(s3_endpoint, faults=[Fault("PUT", r"partNumber=", 503, times=4)])
+    gc.disable()
+    try:
+        uri = f"s3://{s3_bucket}/{unique()}/step-1"
+        opts = s3_options(proxy.url, thread_count=1, max_concurrency=1)
+        sd = {f"w{i}": torch.randn((11 << 20) // 4) for i in range(3)}  # 11 MiB each: 5 + 5 + 1
+        torchstow.save(sd, uri, storage_options=opts)
+        back = torchstow.read(uri, storage_options=opts)
+        assert all(torch.equal(back[k], v) for k, v in sd.items())
+    finally:
+        gc.enable()
+        proxy.close()
 
 
 @pytest.mark.parametrize(

@@ -349,7 +349,10 @@ class MultipartSink(FileSink):
         self.part = self.s3.part_buffer(self.s3.request_size(self.part_size) if adapt else self.part_size)
         self.filled = 0
 
-    def _ship(self, data: bytearray) -> None:
+    def _ship(self, buffer: bytearray, size: int | None = None) -> None:
+        """Upload ``buffer`` (its first ``size`` bytes) as the next part; the buffer goes back
+        to the spares once its upload ends."""
+        data = memoryview(buffer)[:size] if size is not None else buffer
         if self.upload_id is None:
 
             def created() -> None:
@@ -377,7 +380,7 @@ class MultipartSink(FileSink):
 
         def sent() -> None:
             self.s3.gate.release()
-            self.s3.give_back(data)
+            self.s3.give_back(buffer)
 
         task = self.s3.start(
             "upload_part",
@@ -394,13 +397,15 @@ class MultipartSink(FileSink):
         self.checksums.append(checksum.get("ChecksumCRC32C"))
 
     def close(self) -> None:
-        del self.part[self.filled :]  # the last part may be short
+        # the last part may be short: a view of its bytes (a reused buffer is never resized,
+        # a failed attempt of an earlier part may still view it)
+        last = memoryview(self.part)[: self.filled]
         if self.upload_id is None:
-            body = self.part if not self.held else bytearray().join([*self.held, self.part])
+            body = last if not self.held else bytearray().join([*self.held, last])
             self.s3.put(self.bucket, self.key, body, f"writing {self.location}")
         else:
             if self.filled:
-                self._ship(self.part)
+                self._ship(self.part, self.filled)
             done = self.s3.results(self.pending)
             parts = [
                 {"PartNumber": n, "ETag": r["ETag"], **({"ChecksumCRC32C": crc} if crc else {})}
