@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from torchstow.backends.fsspec.errors import CloudRetryPolicy
@@ -104,11 +103,13 @@ class FsspecBackend(DirectoryBackend):
                 # a connection for every request the limit may allow (botocore's pool holds 10)
                 "max_pool_connections": self.tuning.concurrency,
             }
-            if _endpoint(options).startswith("http://"):
-                # botocore signs every body's SHA-256 over plain http, which the store checks:
-                # a CRC32 of the same bytes on top proves nothing more and costs a pass over them
-                timeouts["request_checksum_calculation"] = "when_required"
-            options = {**options, "config_kwargs": {**timeouts, **(options.get("config_kwargs") or {})}}
+            config = {**timeouts, **(options.get("config_kwargs") or {})}
+            if config.get("request_checksum_calculation") != "when_required":
+                # every body the store sends carries a CRC32C it computes in a writer's thread,
+                # which the store checks: botocore signs no SHA-256 of it on the event loop
+                # (as it would over plain http), a pass over every byte that proves no more
+                config["s3"] = {"payload_signing_enabled": False, **(config.get("s3") or {})}
+            options = {**options, "config_kwargs": config}
         fs, path = open_filesystem(uri, options)
         if is_s3(fs) and not path.strip("/"):
             raise ValueError(f"{uri!r} names no bucket: write {uri.split(':', 1)[0]}://BUCKET/PREFIX")
@@ -124,18 +125,6 @@ class FsspecBackend(DirectoryBackend):
         (a wrong name, which an empty listing would hide)."""
         listed = self.open_store(prefix)._list(bucket_must_exist=True)
         return [name for name, kind, _ in listed if kind == "directory"]
-
-
-def _endpoint(options: dict[str, Any]) -> str:
-    """The S3 endpoint ``options`` (or the environment, as botocore reads it) name; "" if none."""
-    client_kwargs = options.get("client_kwargs") or {}
-    return str(
-        options.get("endpoint_url")
-        or client_kwargs.get("endpoint_url")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or ""
-    )
 
 
 @hookimpl

@@ -225,10 +225,13 @@ class AdaptiveLimit:
     """At most ``limit`` requests in flight, between 1 and ``ceiling``, starting at ``start``.
 
     Chosen from the link while requests run: each round of ``limit`` completed requests is an
-    epoch (one begun while nothing was in flight starts afresh); when more requests wanted to
-    go out than the limit allowed, an epoch whose throughput grew by at least 5% over the best
-    one doubles the limit (a slow start), and one that did not grow goes back to the
-    best limit and stops the probing (more connections did not fill the link further).
+    epoch (one begun while nothing was in flight starts afresh; one that moved no data
+    decides nothing); when more requests wanted to go out than the limit allowed, an epoch
+    whose throughput grew by at least half over the best one doubles the limit (a slow
+    start: the connections still bind), one that grew by 5% to half keeps the limit and
+    stops the probing (the link's total binds: twice the requests would mostly wait, hold
+    memory and end together), and one that did not grow goes back to the best limit and
+    stops the probing (more connections did not fill the link further).
     Throttling halves the limit (at most once per ``cooldown`` seconds, so one burst of
     refusals counts once) and restarts the probing; each success then adds one back until
     the limit before the throttling is regained. Used on one event loop only.
@@ -309,13 +312,16 @@ class AdaptiveLimit:
 
     def _end_epoch(self, rate: float, saturated: bool) -> None:
         self._epoch = (time.monotonic(), 0, 0, self.waiting > 0)
-        if not (saturated and self.probing):
+        if not (saturated and self.probing and rate > 0):  # an epoch of no data tells nothing
             return
         best_rate, best_limit = self.best
         before = self.limit
-        if rate >= 1.05 * best_rate:
+        if rate >= 1.5 * best_rate:  # the connections still bind: more may move more
             self.best = (rate, self.limit)
             self.limit = min(self.ceiling, 2 * self.limit)
+        elif rate >= 1.05 * best_rate:  # they helped, less than half as much as they grew:
+            self.best = (rate, self.limit)  # the link's total binds, keep this many
+            self.probing = False
         else:  # more in flight did not move more bytes: keep the best, stop probing
             self.limit = best_limit
             self.probing = False

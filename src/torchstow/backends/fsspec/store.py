@@ -267,7 +267,7 @@ class FsspecStore(ByteStore):
         what = f"writing {self.location}/{name}"
         if self.s3 is not None:
             bucket, key = self.s3.bucket_key(self._path(name))
-            self.s3.call("put_object", what, Bucket=bucket, Key=key, Body=data)
+            self.s3.put(bucket, key, data, what)
         else:
             self._retry(lambda: self.fs.pipe_file(self._path(name), data), what)
         self.fs.invalidate_cache(self.path)
@@ -282,14 +282,7 @@ class FsspecStore(ByteStore):
             return
         bucket, key = self.s3.bucket_key(self._path(name))
         try:
-            self.s3.call(
-                "put_object",
-                f"writing {self.location}/{name}",
-                Bucket=bucket,
-                Key=key,
-                Body=data,
-                IfNoneMatch="*",
-            )
+            self.s3.put(bucket, key, data, f"writing {self.location}/{name}", IfNoneMatch="*")
         except StorageIOError as exc:
             status, code = error_status(exc)
             if status == 412 or code == "PreconditionFailed":
