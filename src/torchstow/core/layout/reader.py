@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -122,8 +123,21 @@ class LayoutReader(StorageReader):
             for job in jobs:
                 self._commit(self._run_job(job), planner)
         else:
+            # Every job is queued, and every thread started, before any reads: a reader
+            # busy between its short reads kept the GIL from the thread starting the next
+            # (measured: the second reader began about 4 ms after the first).
+            go = threading.Event()
+
+            def run(job: list[tuple[str, list[ReadTask]]]) -> list[tuple[str, list[ReadTask]]]:
+                go.wait()
+                return self._run_job(job)
+
             with ThreadPoolExecutor(threads, thread_name_prefix="torchstow-read") as pool:
-                for job in pool.map(self._run_job, jobs):
+                try:
+                    done = pool.map(run, jobs)
+                finally:
+                    go.set()
+                for job in done:
                     self._commit(job, planner)
         return completed_future(None)
 
