@@ -202,7 +202,8 @@ class LayoutReader(StorageReader):
                 owners[i].check(requests[i][1], location)
 
         try:
-            self.store.read_in_order(file, requests, landed)
+            if requests:  # a batch of empty items reads nothing
+                self.store.read_in_order(file, requests, landed)
         except FileNotFoundError as exc:
             raise missing_file_error(location, file, owners[done].task.item.storage_index.fqn) from exc
         except ChecksumMismatchError:
