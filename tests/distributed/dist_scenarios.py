@@ -455,18 +455,18 @@ def big_load_counting(rank: int, world_size: int, path: str, rows: int, cols: in
     mesh = mesh_for(world_size, ("S0",))
     target = distribute_tensor(torch.zeros(rows, cols), mesh, [Shard(0)], src_data_rank=None)
     read_bytes = 0
-    original = LocalFileStore.read_into
+    original = LocalFileStore.read_in_order
 
-    def counting(self: LocalFileStore, name: str, requests: Any) -> None:
+    def counting(self: LocalFileStore, name: str, requests: Any, landed: Any) -> None:
         nonlocal read_bytes
         read_bytes += sum(len(buf) for _, buf in requests)
-        original(self, name, requests)
+        original(self, name, requests, landed)
 
-    LocalFileStore.read_into = counting  # type: ignore[method-assign]
+    LocalFileStore.read_in_order = counting  # type: ignore[method-assign]
     try:
         torchstow.load({"big": target}, path, timeout=60)
     finally:
-        LocalFileStore.read_into = original  # type: ignore[method-assign]
+        LocalFileStore.read_in_order = original  # type: ignore[method-assign]
     local = target.to_local()
     full = _arange_2d(rows, cols)
     start = rank * math.ceil(rows / world_size)

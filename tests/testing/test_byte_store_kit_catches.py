@@ -192,6 +192,17 @@ class ShortOnlyFirst(SqliteStore):
             buf.cast("B")[: len(got)] = got
 
 
+class LandsBeforeReading(SqliteStore):
+    """Reports every request of read_in_order as landed, then reads them."""
+
+    def read_in_order(
+        self, name: str, requests: Sequence[tuple[int, memoryview]], landed: Callable[[int], None]
+    ) -> None:
+        for i in range(len(requests)):
+            landed(i)
+        self.read_into(name, requests)
+
+
 class DeleteSkipsHidden(SqliteStore):
     """Deletes only names that look like checkpoint files, leaving publish debris behind."""
 
@@ -262,6 +273,7 @@ def test_a_correct_store_passes(test_name: str, tmp_path: Path) -> None:
         (MissingReadsEmpty, "test_missing_file_is_file_not_found", "a missing file is FileNotFoundError"),
         (ShortAtEnd, "test_short_read_is_corrupt", "cannot fill whole is CorruptCheckpointError"),
         (ShortOnlyFirst, "test_short_read_is_corrupt", "cannot fill whole is CorruptCheckpointError"),
+        (LandsBeforeReading, "test_read_in_order_reports_each_request_once_filled", "once filled"),
         (
             DeleteSkipsHidden,
             "test_delete_removes_what_it_is_given_and_nothing_else",

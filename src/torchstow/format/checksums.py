@@ -5,13 +5,18 @@ Format version 1 has this one algorithm: the manifest records it
 A reader refuses a manifest naming another one (a later torchstow's) rather
 than reporting every block as corrupt; another algorithm would be a new
 format version.
+
+The implementation is the AWS Common Runtime's (``awscrt``): it folds with
+carry-less multiplies over vector registers where the CPU has them (about 50
+GiB/s per core with AVX-512 VPCLMULQDQ, twice the SSE4.2 ``crc32`` instruction's
+speed), and releases the GIL while it runs, so reader threads verify in parallel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from crc32c import crc32c as checksum
+from awscrt.checksums import crc32c as checksum
 
 from torchstow.errors import FormatVersionError
 

@@ -260,6 +260,34 @@ class ByteStoreConformance(ConformanceBase):
             )
 
     @rule(
+        "read_in_order fills the requests and reports each with landed(i), in order, once filled",
+        "read the requests in the order given and call landed(i) only after request i's buffer "
+        "holds its bytes, for every i in turn (ByteStore's default does so through read_into); "
+        "a missing file and a short read fail as in read_into",
+    )
+    def test_read_in_order_reports_each_request_once_filled(self, store: ByteStore) -> None:
+        data = _pattern(300_000, 7)
+        _write(store, "data-0", [data])
+        spans = [(0, 10), (10, 0), (100, 150_000), (150_100, 100_000), (250_100, 3), (260_000, 40_000)]
+        requests = [(offset, memoryview(bytearray(n))) for offset, n in spans]
+        reported: list[int] = []
+
+        def landed(i: int) -> None:
+            assert i == len(reported), f"landed({i}) came after landed{tuple(reported)}, not in order"
+            offset, buf = requests[i]
+            assert bytes(buf) == data[offset : offset + len(buf)], (
+                f"landed({i}) was called before request {i} (offset {offset}) held its bytes"
+            )
+            reported.append(i)
+
+        store.read_in_order("data-0", requests, landed)
+        assert reported == list(range(len(requests))), f"landed reported {reported} of {len(requests)}"
+        with pytest.raises(FileNotFoundError):
+            store.read_in_order("missing", [(0, memoryview(bytearray(4)))], lambda i: None)
+        with pytest.raises(CorruptCheckpointError, match="truncated"):
+            store.read_in_order("data-0", [(299_990, memoryview(bytearray(20)))], lambda i: None)
+
+    @rule(
         "publish replaces a file atomically: a reader sees the old file or the new one, whole",
         "write to a temporary name (torchstow.spi.temporary_name) and rename it into place, or "
         "use one single-request PUT or one transaction; remove the temporary file afterwards",

@@ -163,6 +163,20 @@ def test_flipped_byte_in_a_large_item_is_found_in_its_block(ckpt: str) -> None:
         torchstow.read(ckpt)
 
 
+def test_a_flipped_byte_among_items_read_in_parallel_names_its_key(ckpt: str) -> None:
+    state = {f"w{i}": torch.full((10 << 20,), float(i)) for i in range(6)}  # 40 MiB each: a job each
+    torchstow.save(state, ckpt, storage_options={"thread_count": 2})
+    doc = manifest(ckpt)
+    entry = doc["entries"]["w4"]
+    path = os.path.join(ckpt, doc["files"][entry["file"]])
+    with open(path, "r+b") as f:
+        f.seek(entry["offset"] + (33 << 20) + 5)
+        f.write(b"\x7f")
+    targets = {key: torch.zeros(10 << 20) for key in state}
+    with pytest.raises(torchstow.ChecksumMismatchError, match="'w4'"):
+        torchstow.load(targets, ckpt, storage_options={"thread_count": 2})
+
+
 def test_truncated_data_file(ckpt: str) -> None:
     torchstow.save({"a": torch.arange(100.0)}, ckpt)
     path = os.path.join(ckpt, data_files(ckpt)[0])

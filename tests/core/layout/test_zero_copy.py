@@ -44,16 +44,35 @@ def test_load_reads_straight_into_the_target(ckpt: str, monkeypatch: pytest.Monk
     torchstow.save({"big": torch.randn(1 << 20), "small": torch.arange(16.0)}, ckpt)
     targets = {"big": torch.zeros(1 << 20), "small": torch.zeros(16)}
     seen: list[int] = []
-    original = LocalFileStore.read_into
+    original = LocalFileStore.read_in_order
 
-    def spy(self: LocalFileStore, name: str, requests: Any) -> None:
+    def spy(self: LocalFileStore, name: str, requests: Any, landed: Any) -> None:
         seen.extend(address(buf) for _, buf in requests)
-        original(self, name, requests)
+        original(self, name, requests, landed)
 
-    monkeypatch.setattr(LocalFileStore, "read_into", spy)
+    monkeypatch.setattr(LocalFileStore, "read_in_order", spy)
     torchstow.load(targets, ckpt)
     big = targets["big"]
     assert targets["small"].data_ptr() in seen
     assert all(
         big.data_ptr() <= a < big.data_ptr() + big.nbytes for a in seen if a != targets["small"].data_ptr()
     )
+
+
+def test_a_local_read_hands_each_piece_over_before_reading_the_next(tmp_path: Any) -> None:
+    """What verifying in cache relies on: piece i is checked before piece i + 1 is read."""
+    store = LocalFileStore(str(tmp_path), str(tmp_path))
+    piece = store.read_segment_bytes
+    data = torch.randint(1, 256, (4 * piece,), dtype=torch.uint8).numpy().tobytes()  # no zero byte
+    store.publish("data", data)
+    requests = [(i * piece, memoryview(bytearray(piece))) for i in range(4)]
+    order: list[int] = []
+
+    def landed(i: int) -> None:
+        assert bytes(requests[i][1]) == data[i * piece : (i + 1) * piece]
+        if i + 1 < len(requests):
+            assert not any(requests[i + 1][1]), f"piece {i + 1} was read before piece {i} was handed over"
+        order.append(i)
+
+    store.read_in_order("data", requests, landed)
+    assert order == [0, 1, 2, 3]

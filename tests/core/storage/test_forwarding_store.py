@@ -91,3 +91,16 @@ def test_an_incremental_save_through_a_transforming_wrapper_is_refused(tmp_path:
     with pytest.raises(ValueError, match="cannot share files"):
         torchstow.save({"w": torch.ones(4)}, storage_writer=writer, base=str(tmp_path / "base"), no_dist=True)
     assert os.listdir(tmp_path / "next") == []
+
+
+def test_a_wrapper_reads_in_order_through_its_own_read_into_if_it_has_one(tmp_path: Path) -> None:
+    base = _store(tmp_path / "a")
+    piece = base.read_segment_bytes
+    data = bytes(range(1, 256)) * (2 * piece // 255 + 1)
+    Masked(base).publish("masked", data[: 2 * piece])  # stored inverted
+    base.publish("plain", data[: 2 * piece])
+    for wrapper, name in ((Traced(base), "plain"), (Masked(base), "masked")):
+        requests = [(0, memoryview(bytearray(piece))), (piece, memoryview(bytearray(piece)))]
+        seen: list[bytes] = []
+        wrapper.read_in_order(name, requests, lambda i, r=requests, s=seen: s.append(bytes(r[i][1])))
+        assert seen == [data[:piece], data[piece : 2 * piece]], type(wrapper).__name__

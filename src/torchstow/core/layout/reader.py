@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,7 +17,7 @@ from torchstow.core.layout.read_plan import PlannedRead, ReadTask, plan_read
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import CorruptCheckpointError
+from torchstow.errors import ChecksumMismatchError, CorruptCheckpointError
 from torchstow.format import chunks as chunk_math
 from torchstow.format.dcp_metadata import DcpLocations
 from torchstow.format.files import LARGE_ITEM
@@ -122,8 +123,21 @@ class LayoutReader(StorageReader):
             for job in jobs:
                 self._commit(self._run_job(job), planner)
         else:
+            # Every job is queued, and every thread started, before any reads: submitting
+            # while the first reader ran competed with it for the GIL (measured: 4.8 ms
+            # of submitting per GiB, the second reader starting about 4 ms after the first).
+            go = threading.Event()
+
+            def run(job: list[tuple[str, list[ReadTask]]]) -> list[tuple[str, list[ReadTask]]]:
+                go.wait()
+                return self._run_job(job)
+
             with ThreadPoolExecutor(threads, thread_name_prefix="torchstow-read") as pool:
-                for job in pool.map(self._run_job, jobs):
+                try:
+                    done = pool.map(run, jobs)
+                finally:
+                    go.set()
+                for job in done:
                     self._commit(job, planner)
         return completed_future(None)
 
@@ -162,40 +176,43 @@ class LayoutReader(StorageReader):
         return job
 
     def _read_batch(self, file: str, tasks: list[ReadTask]) -> None:
-        """Read a batch in segments of the store's preferred size, verifying
-        each segment right after it arrives, while its bytes are in cache."""
+        """Read a batch in pieces of at most the store's segment size, in file order,
+        verifying each piece as soon as it lands, while its bytes are in cache."""
         reads = [plan_read(task) for task in tasks]
         limit = self.store.read_segment_bytes
-        segment: list[tuple[int, memoryview, PlannedRead]] = []
-        size = 0
+        requests: list[tuple[int, memoryview]] = []
+        owners: list[PlannedRead] = []
         for read in reads:
             for offset, buf in read.pieces:
+                if len(buf) <= limit:
+                    requests.append((offset, buf))
+                    owners.append(read)
+                    continue
                 for pos in range(0, len(buf), limit):
-                    piece = buf[pos : pos + limit] if len(buf) > limit else buf
-                    segment.append((offset + pos, piece, read))
-                    size += len(piece)
-                    if size >= limit:
-                        self._read_segment(file, segment)
-                        segment = []
-                        size = 0
-        if segment:
-            self._read_segment(file, segment)
-        for read in reads:
-            read.finish(self.store.location, self.verify_checksums)
+                    requests.append((offset + pos, buf[pos : pos + limit]))
+                    owners.append(read)
+        location = self.store.location
+        verify = self.verify_checksums
+        done = 0  # requests landed so far: the next one is where a failed read was
 
-    def _read_segment(self, file: str, segment: list[tuple[int, memoryview, PlannedRead]]) -> None:
+        def landed(i: int) -> None:
+            nonlocal done
+            done = i + 1
+            if verify:
+                owners[i].check(requests[i][1], location)
+
         try:
-            self.store.read_into(file, [(offset, buf) for offset, buf, _ in segment])
+            if requests:  # a batch of empty items reads nothing
+                self.store.read_in_order(file, requests, landed)
         except FileNotFoundError as exc:
-            key = segment[0][2].task.item.storage_index.fqn
-            raise missing_file_error(self.store.location, file, key) from exc
+            raise missing_file_error(location, file, owners[done].task.item.storage_index.fqn) from exc
+        except ChecksumMismatchError:
+            raise
         except CorruptCheckpointError as exc:
-            keys = sorted({read.task.item.storage_index.fqn for _, _, read in segment})
+            keys = sorted({read.task.item.storage_index.fqn for read in owners[done : done + 8]})
             raise CorruptCheckpointError(f"{exc} (reading {', '.join(map(repr, keys[:3]))})") from exc
-        if self.verify_checksums:
-            location = self.store.location
-            for _, buf, read in segment:
-                read.check(buf, location)
+        for read in reads:
+            read.finish(location, verify)
 
 
 def require_data(reader: StorageReader, metadata: Metadata, keys: Iterable[str]) -> None:

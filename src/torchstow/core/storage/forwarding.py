@@ -9,12 +9,14 @@ if it keeps the bytes as they are: they are forwarded unless the wrapper declare
 gets the safe defaults instead (nothing to map, no file shared, sizes unknown).
 What says nothing about the bytes is always forwarded: when each file last changed
 (:meth:`~ByteStore.file_times`, which gc dates debris by) and the uploads begun and
-never finished (:meth:`~ByteStore.pending_uploads`, :meth:`~ByteStore.abort_upload`)."""
+never finished (:meth:`~ByteStore.pending_uploads`, :meth:`~ByteStore.abort_upload`).
+A wrapper with a ``read_into`` of its own sees every data read: :meth:`~ByteStore.read_in_order`
+then goes through it, else to ``inner``'s."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from torchstow.core.futures import AnyFuture
@@ -120,6 +122,16 @@ class ForwardingByteStore(ByteStore):
 
     def read_into(self, name: str, requests: Sequence[tuple[int, memoryview]]) -> None:
         self.inner.read_into(name, requests)
+
+    def read_in_order(
+        self, name: str, requests: Sequence[tuple[int, memoryview]], landed: Callable[[int], None]
+    ) -> None:
+        """The inner store's own, unless this wrapper's class has a ``read_into`` of its own
+        (then every byte goes through it)."""
+        if type(self).read_into is ForwardingByteStore.read_into:
+            self.inner.read_in_order(name, requests, landed)
+        else:
+            super().read_in_order(name, requests, landed)
 
     def read_file(self, name: str) -> bytes:
         return self.inner.read_file(name)

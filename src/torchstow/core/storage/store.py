@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from torchstow.errors import StorageFullError, StorageIOError
@@ -64,10 +64,10 @@ class ByteStore(abc.ABC):
     """Named files under one checkpoint location.
 
     ``location`` is how errors name the place (a path or URI).
-    ``read_segment_bytes`` is how much one :meth:`read_into` call should
-    cover: small for local stores (the bytes are verified while still in
-    cache), large for remote ones (a call can then issue several big ranged
-    requests at once).
+    ``read_segment_bytes`` is how much one read should cover (a
+    :meth:`read_into` call, a piece of :meth:`read_in_order`): small for local
+    stores (the bytes are verified while still in cache), large for remote ones
+    (a call can then issue several big ranged requests at once).
 
     Errors: a missing file is a ``FileNotFoundError``; a store that runs out
     of room raises :class:`StorageFullError`; other failures of the medium
@@ -118,6 +118,30 @@ class ByteStore(abc.ABC):
         A file shorter than a request raises CorruptCheckpointError; a missing
         one raises FileNotFoundError.
         """
+
+    def read_in_order(
+        self, name: str, requests: Sequence[tuple[int, memoryview]], landed: Callable[[int], None]
+    ) -> None:
+        """Fill each ``(offset, buffer)`` of ``requests`` (in file order), calling
+        ``landed(i)`` once request ``i`` holds its bytes, in order; errors as :meth:`read_into`.
+
+        The layout reader verifies each request in ``landed``. By default, runs of
+        about ``read_segment_bytes`` are read with :meth:`read_into`, then reported;
+        a store that reads piece by piece at little cost per call (a local file kept
+        open) reports each piece as it lands, while its bytes are in the core's cache.
+        """
+        run: list[tuple[int, memoryview]] = []
+        first = size = 0
+        for i, request in enumerate(requests):
+            run.append(request)
+            size += len(request[1])
+            if size >= self.read_segment_bytes or i == len(requests) - 1:
+                self.read_into(name, run)
+                for j in range(first, i + 1):
+                    landed(j)
+                run = []
+                first = i + 1
+                size = 0
 
     @abc.abstractmethod
     def read_file(self, name: str) -> bytes:

@@ -8,7 +8,7 @@ reads through it, verifying every block as usual.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -58,6 +58,14 @@ class TieredSources(ByteStore):
                 raise CorruptCheckpointError(f"{self.location}/{name} ends before byte {end}")
             if target.nbytes:
                 torch.frombuffer(target, dtype=torch.uint8).copy_(buffer[offset:end])
+
+    def read_in_order(
+        self, name: str, requests: Sequence[tuple[int, memoryview]], landed: Callable[[int], None]
+    ) -> None:
+        if name in self._received:
+            super().read_in_order(name, requests, landed)
+        else:
+            self._store(name).read_in_order(name, requests, landed)
 
     def read_file(self, name: str) -> bytes:
         if name == MANIFEST:
