@@ -36,9 +36,12 @@ def _place(i: int) -> tuple[str, int]:
     return FILES[i % 2], (ROWS // 2 - 1 - i // 2) * 16
 
 
-def _many_chunks(path: Path, version: int, big: bool = False) -> tuple[str, torch.Tensor]:
+def _many_chunks(
+    path: Path, version: int, big: bool = False, unlocated: int | None = None
+) -> tuple[str, torch.Tensor]:
     """A committed checkpoint of one tensor stored as ``ROWS`` chunks (and, with ``big``,
-    a second tensor of three checksum blocks after them in the first file)."""
+    a second tensor of three checksum blocks after them in the first file; chunk
+    ``unlocated`` recorded without a location)."""
     value = torch.arange(ROWS * 4, dtype=torch.float32).reshape(ROWS, 4)
     raw = value.numpy().tobytes()
     files = {name: bytearray(ROWS // 2 * 16) for name in FILES}
@@ -67,6 +70,8 @@ def _many_chunks(path: Path, version: int, big: bool = False) -> tuple[str, torc
         entries["big"] = TensorStorageMetadata(
             TensorProperties(torch.int32), shape, [ChunkStorageMetadata(torch.Size([0]), shape)]
         )
+    if unlocated is not None:
+        del located[MetadataIndex("t", (unlocated, 0))]
     ckpt = path / f"v{version}"
     ckpt.mkdir()
     for name, data in files.items():
@@ -159,3 +164,13 @@ def test_a_missing_file_names_each_of_its_chunks(tmp_path: Path, version: int) -
         (f"t[chunk at [{i}, 0]]", FILES[1], _place(i)[1], "the data file is missing") for i in odd
     ]
     assert report.checked_bytes == ROWS // 2 * 16
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_chunk_without_a_location_is_reported_from_the_manifest(tmp_path: Path, version: int) -> None:
+    ckpt, _ = _many_chunks(tmp_path, version, unlocated=2021)
+    report = torchstow.verify(ckpt)
+    assert [(p.key, p.file, p.offset, p.message) for p in report.problems] == [
+        ("t", None, None, "no data location for chunk [2021, 0]")
+    ]
+    assert report.checked_bytes == (ROWS - 1) * 16
