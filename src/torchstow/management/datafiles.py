@@ -27,7 +27,7 @@ from torchstow.errors import CorruptCheckpointError
 from torchstow.format.checksums import block_bytes, checksum
 from torchstow.format.located import _ranges
 from torchstow.format.manifest import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
-from torchstow.format.table import TableLocations, crc_counts
+from torchstow.format.table import TableLocations, crc_counts, one_thread
 
 __all__ = [
     "FileSpans",
@@ -90,6 +90,10 @@ class StoredItems:
 
     def __init__(self, metadata: Metadata) -> None:
         self._metadata = metadata
+        with one_thread():  # passes over a few megabytes: more threads only cost hand-offs
+            self._columns(metadata)
+
+    def _columns(self, metadata: Metadata) -> None:
         data = metadata.storage_data
         if isinstance(data, TableLocations):  # version 2: the chunk table's own columns
             table = data.table
@@ -143,6 +147,10 @@ class StoredItems:
 
     def by_file(self) -> dict[str, FileSpans]:
         """The rows of each data file, in offset order (files in first use)."""
+        with one_thread():
+            return self._by_file()
+
+    def _by_file(self) -> dict[str, FileSpans]:
         order = torch.argsort(self.offset, stable=True)
         order = order[torch.argsort(self.file[order], stable=True)]
         counts = torch.bincount(self.file[order], minlength=len(self.files)).tolist()
@@ -155,29 +163,28 @@ class StoredItems:
 
 
 class FileSpans:
-    """The items stored in one data file: rows of :class:`StoredItems`, in offset order."""
+    """The items stored in one data file: rows of :class:`StoredItems`, in offset order;
+    ``end`` is where the last one ends (the bytes of the file a scan reads), ``nbytes``
+    the bytes they take."""
 
     def __init__(self, items: StoredItems, name: str, rows: torch.Tensor) -> None:
         self.items = items
         self.name = name
         self.rows = rows
+        with one_thread():
+            self.end = int((items.offset[rows] + items.length[rows]).max())
+            self.nbytes = int(items.length[rows].sum())
 
     def __len__(self) -> int:
         return self.rows.numel()
 
-    @property
-    def end(self) -> int:
-        """Where the last item ends: the bytes of the file a scan reads."""
-        return int((self.items.offset[self.rows] + self.items.length[self.rows]).max())
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes of the items."""
-        return int(self.items.length[self.rows].sum())
-
     def blocks(self) -> tuple[list[int], list[int], list[int], list[int]]:
         """Every checksum block of the checked items: its first byte in the file, its
         end, its crc32c and its row, ordered by first byte."""
+        with one_thread():
+            return self._blocks()
+
+    def _blocks(self) -> tuple[list[int], list[int], list[int], list[int]]:
         items = self.items
         rows = self.rows[items.crc_count[self.rows] > 0]
         count = items.crc_count[rows]
