@@ -45,8 +45,6 @@ _MIN_SEGMENT = 4 << 20
 _MAX_SEGMENT = 64 << 20
 
 Progress = Callable[[int], None]
-Found = tuple[int | None, "Problem"]
-"""A problem and the row of :class:`StoredItems` it is about (None: no row)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,10 @@ class Problem:
             else f" in {self.file}" + ("" if self.offset is None else f" at byte {self.offset}")
         )
         return f"{self.key!r}{where}: {self.message}"
+
+
+Found = tuple[int | None, Problem]
+"""A problem and the row of :class:`StoredItems` it is about (None: no row)."""
 
 
 def _key_name(metadata: Metadata, index: MetadataIndex) -> str:
