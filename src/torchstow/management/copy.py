@@ -27,7 +27,7 @@ from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.table import TableLocations
 from torchstow.management.catalog import info
-from torchstow.management.datafiles import Problem, Span, segment_bytes, spans_by_file
+from torchstow.management.datafiles import FileSpans, Problem, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
 from torchstow.management.listing import COMMITTED, scan
 from torchstow.management.verify import ProgressCallback
@@ -41,11 +41,11 @@ _THREADS = 4
 def _copy_files(
     src: ByteStore,
     dst: ByteStore,
-    files: dict[str, list[Span]],
+    files: dict[str, FileSpans],
     names: dict[str, str],
     progress: ProgressCallback | None,
 ) -> None:
-    total = sum(max(s.end for s in spans) for spans in files.values())
+    total = sum(spans.end for spans in files.values())
     lock = threading.Lock()
     failed = threading.Event()
 
@@ -59,7 +59,7 @@ def _copy_files(
         try:
             spans = files[name]
             source = src.local_path(name)
-            if source is not None and sink.copy_from(source, max(s.end for s in spans)):
+            if source is not None and sink.copy_from(source, spans.end):
                 # Copied in the kernel: every block is checked where it landed.
                 found = _scan_file(dst, names[name], spans, progress=advance, stop=failed)
                 problems = [replace(p, file=name) for p in found]
@@ -207,7 +207,7 @@ def _copy_store(
     files = spans_by_file(metadata)
     copy_id = uuid.uuid4().hex[:12]
     names = {name: f"data-{copy_id}-{i}.bin" for i, name in enumerate(sorted(files))}
-    dst_store.ensure_capacity(sum(max(s.end for s in spans) for spans in files.values()))
+    dst_store.ensure_capacity(sum(spans.end for spans in files.values()))
     try:
         _copy_files(src_store, dst_store, files, names, progress)
     except BaseException:

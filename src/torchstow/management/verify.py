@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.storage.backend import StoreBackend
@@ -18,7 +20,7 @@ from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 from torchstow.format.validation import check_extents
-from torchstow.management.datafiles import Problem, Span, check_manifest, scan_file, spans_by_file
+from torchstow.management.datafiles import FileSpans, Found, Problem, StoredItems, manifest_rows, scan_rows
 from torchstow.plugins.manager import default_registry
 
 if TYPE_CHECKING:
@@ -89,27 +91,27 @@ def verify_store(
 ) -> VerifyReport:
     """Check every data file of ``store`` against the checksums in ``metadata``."""
     report = VerifyReport(uri, keys=len(metadata.state_dict_metadata))
-    report.problems.extend(check_manifest(metadata))
-    files = spans_by_file(metadata)
+    items = StoredItems(metadata)
+    found = manifest_rows(metadata, items)
+    files = items.by_file()
     report.files = len(files)
-    total = sum(max(s.end for s in spans) for spans in files.values())
+    total = sum(spans.end for spans in files.values())
     advance = _counted(progress, total)
 
-    def one(item: tuple[str, list[Span]]) -> list[Problem]:
-        return scan_file(store, item[0], item[1], progress=advance)
+    def one(spans: FileSpans) -> list[Found]:
+        return scan_rows(store, spans.name, spans, progress=advance)
 
     threads = min(_THREADS, len(files))
     if threads <= 1:
-        results = [one(item) for item in files.items()]
+        results = [one(spans) for spans in files.values()]
     else:
         with ThreadPoolExecutor(threads, thread_name_prefix="torchstow-verify") as pool:
-            results = list(pool.map(one, files.items()))
-    for problems in results:
-        report.problems.extend(problems)
-    bad = {(p.file, p.key) for p in report.problems}
-    report.checked_bytes = sum(
-        s.info.length for name, spans in files.items() for s in spans if (name, s.key) not in bad
-    )
+            results = list(pool.map(one, files.values()))
+    for more in results:
+        found.extend(more)
+    report.problems.extend(problem for _, problem in found)
+    bad = torch.tensor(sorted({row for row, _ in found if row is not None}), dtype=torch.int64)
+    report.checked_bytes = int(items.length.sum()) - int(items.length[bad].sum())
     return report
 
 

@@ -62,7 +62,7 @@ from torchstow.errors import (
 from torchstow.format.codec import chunk_table_of, decode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
-from torchstow.management.datafiles import scan_file, spans_by_file
+from torchstow.management.datafiles import FileSpans, scan_file, spans_by_file
 from torchstow.management.tiered.handle import StepInfo, TieredSave
 from torchstow.management.tiered.holdings import Choice, Held, complete_steps, fast_steps, inventory
 from torchstow.management.tiered.nodes import Topology, expand_node, node_index
@@ -109,7 +109,7 @@ class _RootCopy(LayoutWriter):
         super().__init__(store, thread_count=1)
         self._coordinator = coordinator
 
-    def copy(self, source: ByteStore, files: list[str], spans: dict[str, list[Any]], again: bool) -> int:
+    def copy(self, source: ByteStore, files: list[str], spans: dict[str, FileSpans], again: bool) -> int:
         """Copy ``files`` (checking every block); ``again``: a retry that knows no manifest of
         this save is committed replaces what the failed attempt left. Bytes copied."""
         self.store.prepare()
@@ -119,7 +119,7 @@ class _RootCopy(LayoutWriter):
         for name in files:
             self._written.append(name)
             _copy_checked(source, self.store, name, spans.get(name, []))
-            total += sum(s.info.length for s in spans.get(name, []))
+            total += spans[name].nbytes if name in spans else 0
         return total
 
     def commit(self, metadata: Metadata) -> None:
@@ -751,7 +751,7 @@ def _extents(metadata: Metadata) -> dict[str, int]:
     return ends
 
 
-def _copy_checked(source: ByteStore, target: ByteStore, name: str, spans: list[Any]) -> None:
+def _copy_checked(source: ByteStore, target: ByteStore, name: str, spans: FileSpans | list[object]) -> None:
     """Copy data file ``name`` from ``source`` to ``target``, checking every block on the way."""
     sink = target.create(name)
     try:
