@@ -120,6 +120,18 @@ class _Pace:
 _CHUNK = 256 << 10  # bytes per paced read or send: 10 ms at 25 MiB/s
 
 
+class _Server(ThreadingHTTPServer):
+    """The proxy's listening server, whose connections take in no more than a paced read
+    ahead of the link: a real link acknowledges a byte only once it has carried it, but a
+    receive buffer the kernel grows (to megabytes, as it does under 256 KiB reads) would
+    acknowledge a slow link's last megabytes seconds before the link delivers them, and
+    the client would see its whole body gone while the link still carries it."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _CHUNK)  # accepted ones inherit it
+        super().server_bind()
+
+
 @dataclass
 class Logged:
     method: str
@@ -310,7 +322,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle  # noqa: N815
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
