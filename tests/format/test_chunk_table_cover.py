@@ -126,3 +126,14 @@ def test_the_first_row_outside_its_shape_is_named_across_dimension_counts() -> N
         match=r"row 1 \(entries\['a'\]\): the chunk \(offset 3, size 2 in dimension 0\)",
     ):
         _decode([("a", (4, 3), two), ("b", (3,), [([1], [3])])])
+
+
+def test_chunks_cut_along_different_dimensions_are_compared_as_boxes() -> None:
+    # In order along their own cut dimensions ([0, 1) rows, then [1, 2) columns), yet they
+    # overlap at (0, 1) and leave (1, 0) uncovered: the right total.
+    crossed = [([0, 0], [1, 2]), ([0, 1], [2, 1])]
+    with pytest.raises(
+        CorruptCheckpointError, match=re.escape("entries['w']: chunks at [0, 0] and [0, 1] overlap")
+    ):
+        _decode([("w", (2, 2), crossed)])
+    _decode([("w", (2, 2), [([0, 0], [1, 2]), ([1, 0], [1, 1]), ([1, 1], [1, 1])])])

@@ -639,9 +639,10 @@ class _Rows(NamedTuple):
 
 def _unproven_slabs(rows: _Rows) -> torch.Tensor:
     """The entries among ``rows`` whose chunks this cannot prove pairwise disjoint: proven
-    are chunks (those with elements) that span their tensor in every dimension but one,
-    the same one for all of an entry's chunks, listed in order along it, each ending
-    where or before the next begins."""
+    are chunks (those with elements) listed in order along one dimension, the first each
+    cuts and the same for all of an entry's, each ending where or before the next begins
+    there (chunks disjoint along one dimension are disjoint; slabs along one dimension,
+    what sharding makes, are proven so)."""
     solid = rows.numel > 0
     entry, offsets, sizes, full = rows.entry, rows.offsets, rows.sizes, rows.full
     if not bool(solid.all()):
@@ -650,9 +651,8 @@ def _unproven_slabs(rows: _Rows) -> torch.Tensor:
     dim = cut.to(torch.uint8).argmax(1, keepdim=True)  # the first dimension cut (0: none)
     start = offsets.gather(1, dim).squeeze(1)
     end = start + sizes.gather(1, dim).squeeze(1)
-    bad = cut.sum(1) > 1
-    same = entry[1:] == entry[:-1]
-    bad[1:] |= same & ((dim[1:, 0] != dim[:-1, 0]) | (start[1:] < end[:-1]))
+    bad = torch.zeros(entry.numel(), dtype=torch.bool)
+    bad[1:] = (entry[1:] == entry[:-1]) & ((dim[1:, 0] != dim[:-1, 0]) | (start[1:] < end[:-1]))
     return entry[bad]
 
 
