@@ -482,7 +482,7 @@ class ChunkTable:
             if nd == 0:
                 continue
             if len(set(self.ndim)) == 1:  # every row has nd dimensions: the columns are [rows, nd]
-                ids, at = None, torch.arange(rows * nd, dtype=torch.int64).reshape(rows, nd)
+                ids, at = None, None
                 o, s, e = offs.reshape(rows, nd), sizes.reshape(rows, nd), entry
             else:
                 ids = torch.nonzero(row_ndim == nd).flatten()
@@ -492,11 +492,11 @@ class ChunkTable:
                     firsts = torch.cumsum(row_ndim, 0) - row_ndim
                 at = firsts[ids].unsqueeze(1) + torch.arange(nd, dtype=torch.int64)
                 o, s, e = offs[at], sizes[at], entry[ids]
-            full = shapes[e, :nd]
-            bad = (o < 0) | (s < 0) | (o > full) | (s > full - o)
+            full = shapes[:, :nd].index_select(0, e)
+            bad = (o < 0) | (s < 0) | (s > full - o)  # offset past the shape: full - o < 0 <= s
             if bad.any():
                 i, d = divmod(_first(bad), nd)
-                flat = int(at[i, d])
+                flat = i * nd + d if at is None else int(at[i, d])
                 if first is None or flat < first[0]:
                     row = i if ids is None else int(ids[i])
                     first = (flat, row, d, int(o[i, d]), int(s[i, d]), int(full[i, d]))
