@@ -553,7 +553,7 @@ class ChunkTable:
         covered_list = covered.tolist()
         counts = [b - a for a, b in itertools.pairwise(self.starts)]
         suspect = torch.zeros(len(self.entries), dtype=torch.bool)
-        for group in groups:
+        for group in groups if max(counts, default=0) > 1 else ():  # one chunk each: nothing overlaps
             suspect[_unproven_slabs(group)] = True
         look = set(torch.nonzero(suspect).flatten().tolist())
         seen: set[tuple[Any, ...]] = set()
