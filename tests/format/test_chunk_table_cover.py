@@ -11,9 +11,10 @@ import re
 import pytest
 import torch
 
+import torchstow.format.table
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.chunks import cover_fault
-from torchstow.format.table import ChunkTable, EntryShape, TableColumns, encode_table
+from torchstow.format.table import ChunkTable, EntryShape, TableColumns, crc_counts, encode_table
 
 Layout = list[tuple[list[int], list[int]]]  # (offsets, sizes) per chunk
 
@@ -29,16 +30,17 @@ def _decode(entries: list[tuple[str, tuple[int, ...], Layout]]) -> ChunkTable:
             length.append(4 * math.prod(s))
     rows = len(entry)
     column = torch.tensor(length, dtype=torch.int64)
+    block = torch.full((rows,), 4096, dtype=torch.int64)
     data = encode_table(
         TableColumns(
             torch.tensor(entry, dtype=torch.int64),
             torch.zeros(rows, dtype=torch.int64),
             torch.cumsum(column, 0) - column,
             column,
-            torch.full((rows,), 4096, dtype=torch.int64),
+            block,
             torch.tensor(offs, dtype=torch.int64),
             torch.tensor(sizes, dtype=torch.int64),
-            torch.zeros(int((column > 0).sum()), dtype=torch.int32),
+            torch.zeros(int(crc_counts(column, block).sum()), dtype=torch.int32),
             torch.zeros(rows, dtype=torch.uint8),
             torch.zeros(rows, dtype=torch.uint8),
             b"",
@@ -137,3 +139,19 @@ def test_chunks_cut_along_different_dimensions_are_compared_as_boxes() -> None:
     ):
         _decode([("w", (2, 2), crossed)])
     _decode([("w", (2, 2), [([0, 0], [1, 2]), ([1, 0], [1, 1]), ([1, 1], [1, 1])])])
+
+
+def test_slabs_and_grids_listed_row_by_row_are_proven_without_cover_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(*args: object) -> None:
+        raise AssertionError("cover_fault called: the layout was not proven a column at a time")
+
+    monkeypatch.setattr(torchstow.format.table, "cover_fault", fail)
+    rows = [([8 * r, 0], [8, 16]) for r in range(64)]
+    columns = [([0, 4 * c], [512, 4]) for c in range(4)]
+    grid = [([2 * r, 3 * c, 0], [2, 3, 5]) for r in range(3) for c in range(4)]
+    with_empty = [([0], [0]), ([0], [3]), ([3], [0]), ([3], [4])]
+    _decode(
+        [("w", (512, 16), rows), ("c", (512, 16), columns), ("g", (6, 12, 5), grid), ("e", (7,), with_empty)]
+    )

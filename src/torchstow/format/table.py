@@ -506,7 +506,7 @@ class ChunkTable:
                 numel = count
             else:
                 numel[ids] = count
-            groups.append(_Rows(e, o, s, full, count))
+            groups.append(_Rows(e, o, s, count))
         if first is not None:
             _, row, d, o_, s_, f = first
             raise self._row_error(
@@ -628,34 +628,33 @@ class ChunkTable:
 
 class _Rows(NamedTuple):
     """The rows of one number of dimensions: their entries, chunk offsets and sizes
-    ([rows, dims]), their entries' shapes (the same) and element counts."""
+    ([rows, dims]) and element counts."""
 
     entry: torch.Tensor
     offsets: torch.Tensor
     sizes: torch.Tensor
-    full: torch.Tensor
     numel: torch.Tensor
 
 
 def _unproven_slabs(rows: _Rows) -> torch.Tensor:
     """The entries among ``rows`` whose chunks this cannot prove pairwise disjoint: proven
-    are chunks (those with elements) listed in order along one dimension, the first each
-    cuts and the same for all of an entry's, each ending where or before the next begins
-    there (chunks disjoint along one dimension are disjoint; slabs along one dimension,
-    what sharding makes, are proven so)."""
+    are chunks (those with elements) in lexicographic order, each differing from the one
+    before first in a dimension where it begins at or after that one's end. Then any two
+    are disjoint in some dimension: slabs along one dimension (what sharding makes) and
+    grids listed row by row are proven so."""
     solid = rows.numel > 0
-    entry, offsets, sizes, full = rows.entry, rows.offsets, rows.sizes, rows.full
+    entry, offsets, sizes = rows.entry, rows.offsets, rows.sizes
     if not bool(solid.all()):
-        entry, offsets, sizes, full = entry[solid], offsets[solid], sizes[solid], full[solid]
-    cut = (offsets != 0) | (sizes != full)
-    dim = cut.to(torch.uint8).argmax(1, keepdim=True)  # the first dimension cut (0: none)
+        entry, offsets, sizes = entry[solid], offsets[solid], sizes[solid]
+    same = (offsets[1:] == offsets[:-1]) & (sizes[1:] == sizes[:-1])
+    dim = (~same).to(torch.uint8).argmax(1, keepdim=True)  # the first dimension they differ in
+    start, end = offsets[1:], offsets[:-1] + sizes[:-1]
     if bool(dim.any()):
-        start, size = offsets.gather(1, dim).squeeze(1), sizes.gather(1, dim).squeeze(1)
-    else:  # all cut along dimension 0 (or not at all)
-        start, size = offsets[:, 0], sizes[:, 0]
-    end = start + size
+        start, end = start.gather(1, dim), end.gather(1, dim)
+    else:  # all differ in dimension 0 (or not at all)
+        start, end = start[:, :1], end[:, :1]
     bad = torch.zeros(entry.numel(), dtype=torch.bool)
-    bad[1:] = (entry[1:] == entry[:-1]) & ((dim[1:, 0] != dim[:-1, 0]) | (start[1:] < end[:-1]))
+    bad[1:] = (entry[1:] == entry[:-1]) & (start[:, 0] < end[:, 0])  # the same chunk twice: too
     return entry[bad]
 
 
