@@ -554,7 +554,7 @@ class ChunkTable:
         counts = [b - a for a, b in itertools.pairwise(self.starts)]
         suspect = torch.zeros(len(self.entries), dtype=torch.bool)
         for group in groups if max(counts, default=0) > 1 else ():  # one chunk each: nothing overlaps
-            suspect[_unproven_slabs(group)] = True
+            suspect[_not_proven_disjoint(group)] = True
         look = set(torch.nonzero(suspect).flatten().tolist())
         seen: set[tuple[Any, ...]] = set()
         offs, sizes = self._mv["offsets"], self._mv["sizes"]
@@ -636,7 +636,7 @@ class _Rows(NamedTuple):
     numel: torch.Tensor
 
 
-def _unproven_slabs(rows: _Rows) -> torch.Tensor:
+def _not_proven_disjoint(rows: _Rows) -> torch.Tensor:
     """The entries among ``rows`` whose chunks this cannot prove pairwise disjoint: proven
     are chunks (those with elements) in lexicographic order, each differing from the one
     before first in a dimension where it begins at or after that one's end. Then any two
