@@ -20,6 +20,7 @@ from torchstow.cli.demo import demo
 from torchstow.cli.render import parse_size
 from torchstow.format.compression import COMPRESSIONS
 from torchstow.interop.convert import FORMATS
+from torchstow.management.gc import GRACE
 from torchstow.plugins.manager import default_registry
 
 __all__ = ["build_parser", "main"]
@@ -167,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--older-than",
         type=_seconds,
-        default=3600.0,
+        default=GRACE,
         metavar="SECONDS",
-        help="the grace period: leave debris younger than this (default 3600)",
+        help=f"the grace period: leave debris younger than this (default {GRACE:g})",
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p = verb("convert", [bar])

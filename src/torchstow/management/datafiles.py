@@ -33,7 +33,6 @@ __all__ = [
     "FileSpans",
     "Problem",
     "StoredItems",
-    "check_manifest",
     "manifest_rows",
     "scan_file",
     "scan_rows",
@@ -212,7 +211,9 @@ def spans_by_file(metadata: Metadata) -> dict[str, FileSpans]:
 
 
 def manifest_rows(metadata: Metadata, items: StoredItems) -> list[Found]:
-    """:func:`check_manifest`'s problems, each with the row of ``items`` it is about."""
+    """What the manifest itself gets wrong, each problem with the row of ``items`` it is
+    about: stored chunks without a location, locations whose length does not match the
+    chunk, checksums that do not cover the item."""
     data = metadata.storage_data
     if isinstance(data, TableLocations):
         return [(None, p) for p in _unlocated(data)]
@@ -246,7 +247,7 @@ def manifest_rows(metadata: Metadata, items: StoredItems) -> list[Found]:
 
 def _unlocated(data: TableLocations) -> list[Problem]:
     """The chunks and objects of a chunk table without a location that need one (its
-    decoding checked every other rule :func:`check_manifest` checks)."""
+    decoding checked every other rule :func:`manifest_rows` checks)."""
     table = data.table
     starts = table.starts
     found: dict[int, list[Problem]] = {}
@@ -264,13 +265,6 @@ def _unlocated(data: TableLocations) -> list[Problem]:
         if shape.shape is None and shape.rows_allowed == 1 and starts[entry + 1] == starts[entry]:
             found[entry] = [Problem(shape.fqn, None, None, "the manifest records no data location")]
     return [p for entry in sorted(found) for p in found[entry]]
-
-
-def check_manifest(metadata: Metadata) -> list[Problem]:
-    """What the manifest itself gets wrong: stored chunks without a location,
-    locations whose length does not match the chunk, checksums that do not
-    cover the item."""
-    return [p for _, p in manifest_rows(metadata, StoredItems(metadata))]
 
 
 def segment_bytes(store: ByteStore) -> int:
@@ -293,7 +287,7 @@ def _ends_early(store: ByteStore, name: str, end: int, exc: CorruptCheckpointErr
 def scan_file(
     store: ByteStore,
     name: str,
-    spans: FileSpans | list[object],
+    spans: FileSpans | None,
     *,
     write: Callable[[memoryview], None] | None = None,
     progress: Progress | None = None,
@@ -307,9 +301,9 @@ def scan_file(
     ``write_keeps`` is False (``write`` is done with a segment when it
     returns), when one buffer serves them all. ``progress`` is called with
     the number of bytes of each segment. Stops early (returning what it
-    found so far) when ``stop`` is set. ``spans`` empty (a file of no item): nothing read.
+    found so far) when ``stop`` is set. ``spans`` None or empty (a file of no item): nothing read.
     """
-    if not isinstance(spans, FileSpans) or not len(spans):
+    if spans is None or not len(spans):
         return []
     return [
         p

@@ -118,8 +118,9 @@ class _RootCopy(LayoutWriter):
         total = 0
         for name in files:
             self._written.append(name)
-            _copy_checked(source, self.store, name, spans.get(name, []))
-            total += spans[name].nbytes if name in spans else 0
+            mine = spans.get(name)
+            _copy_checked(source, self.store, name, mine)
+            total += mine.nbytes if mine is not None else 0
         return total
 
     def commit(self, metadata: Metadata) -> None:
@@ -623,7 +624,7 @@ class TieredManager:
         spans = spans_by_file(choice.metadata)
         bad = []
         for name in mine:
-            problems = scan_file(store, name, spans.get(name, []))
+            problems = scan_file(store, name, spans.get(name))
             if problems:
                 logger.warning(
                     "step %d: %s/%s is damaged (%s); reading it from another copy",
@@ -751,7 +752,7 @@ def _extents(metadata: Metadata) -> dict[str, int]:
     return ends
 
 
-def _copy_checked(source: ByteStore, target: ByteStore, name: str, spans: FileSpans | list[object]) -> None:
+def _copy_checked(source: ByteStore, target: ByteStore, name: str, spans: FileSpans | None) -> None:
     """Copy data file ``name`` from ``source`` to ``target``, checking every block on the way."""
     sink = target.create(name)
     try:
