@@ -108,14 +108,15 @@ def _consume(pending: deque[memoryview], done: int) -> None:
 
 
 def _runs(
-    requests: Sequence[tuple[int, memoryview]], limit: int, scratch: memoryview
+    requests: Sequence[tuple[int, memoryview]], limit: int
 ) -> Iterator[tuple[int, int, list[memoryview], int]]:
     """Split ``requests`` (in file order) into runs that one scattered read fills:
-    (offset, index after the run, its buffers with ``scratch`` over gaps, bytes in all).
+    (offset, index after the run, its buffers with one scratch buffer over gaps, bytes in all).
 
     A run ends before a request that goes back or leaves a gap over ``_MAX_GAP``,
     at ``_IOV_MAX`` buffers, or once it holds ``limit`` bytes.
     """
+    scratch = memoryview(bytearray(_MAX_GAP))
     i = 0
     while i < len(requests):
         start, first = requests[i]
@@ -298,8 +299,7 @@ class LocalFileStore(ByteStore):
         fd = self._open_regular(name)
         try:
             ordered = sorted(requests, key=lambda r: r[0])
-            scratch = memoryview(bytearray(_MAX_GAP))
-            for offset, _, group, nbytes in _runs(ordered, sys.maxsize, scratch):
+            for offset, _, group, nbytes in _runs(ordered, sys.maxsize):
                 self._preadv_all(fd, name, group, offset, nbytes)
         finally:
             os.close(fd)
@@ -313,8 +313,7 @@ class LocalFileStore(ByteStore):
         fd = self._open_regular(name)
         try:
             done = 0
-            scratch = memoryview(bytearray(_MAX_GAP))
-            for offset, after, group, nbytes in _runs(requests, self.read_segment_bytes, scratch):
+            for offset, after, group, nbytes in _runs(requests, self.read_segment_bytes):
                 self._preadv_all(fd, name, group, offset, nbytes)
                 for i in range(done, after):
                     landed(i)

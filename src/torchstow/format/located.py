@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import chain, compress, pairwise, repeat
+from itertools import accumulate, chain, compress, pairwise, repeat
 from operator import attrgetter, is_not, itemgetter
 from typing import Any
 
@@ -238,10 +238,7 @@ def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _starts(lengths: Sequence[int]) -> list[int]:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return out
+    return list(accumulate(lengths, initial=0))
 
 
 def _digest_bytes(hashes: list[str | None]) -> bytes:

@@ -478,10 +478,11 @@ class ChunkTable:
         groups = []
         first: tuple[int, int, int, int, int, int] | None = None  # flat position, row, dim, o, s, f
         firsts = None
-        for nd in sorted(set(self.ndim)):
+        dims = set(self.ndim)
+        for nd in sorted(dims):
             if nd == 0:
                 continue
-            if len(set(self.ndim)) == 1:  # every row has nd dimensions: the columns are [rows, nd]
+            if len(dims) == 1:  # every row has nd dimensions: the columns are [rows, nd]
                 ids, at = None, None
                 o, s, e = offs.reshape(rows, nd), sizes.reshape(rows, nd), entry
             else:

@@ -184,11 +184,7 @@ class LayoutReader(StorageReader):
         owners: list[PlannedRead] = []
         for read in reads:
             for offset, buf in read.pieces:
-                if len(buf) <= limit:
-                    requests.append((offset, buf))
-                    owners.append(read)
-                    continue
-                for pos in range(0, len(buf), limit):
+                for pos in range(0, max(len(buf), 1), limit):  # an empty piece is one request too
                     requests.append((offset + pos, buf[pos : pos + limit]))
                     owners.append(read)
         location = self.store.location
