@@ -410,10 +410,10 @@ def _entry_shapes(entries: Mapping[str, EntryV2]) -> list[EntryShape]:
     shapes = []
     for fqn, raw in entries.items():
         if raw.dtype is None:
-            shapes.append(EntryShape(fqn, None, 0, 0 if raw.encoding == "json" else 1))
+            shapes.append(EntryShape.of_object(fqn, raw.encoding))
         else:
             assert raw.shape is not None  # the entry rules ask for one
-            shapes.append(EntryShape(fqn, tuple(raw.shape), dtype_from_name(raw.dtype).itemsize, -1))
+            shapes.append(EntryShape.of_tensor(fqn, raw.shape, dtype_from_name(raw.dtype).itemsize))
     return shapes
 
 

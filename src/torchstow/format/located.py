@@ -276,9 +276,9 @@ def entry_shapes(md: Metadata) -> list[EntryShape]:
     shapes = []
     for fqn, meta in md.state_dict_metadata.items():
         if isinstance(meta, BytesStorageMetadata):
-            shapes.append(EntryShape(fqn, None, 0, 0 if meta.encoding == "json" else 1))
+            shapes.append(EntryShape.of_object(fqn, meta.encoding))
         else:
-            shapes.append(EntryShape(fqn, tuple(meta.size), meta.properties.dtype.itemsize, -1))
+            shapes.append(EntryShape.of_tensor(fqn, meta.size, meta.properties.dtype.itemsize))
     return shapes
 
 

@@ -62,6 +62,16 @@ class EntryShape(NamedTuple):
     itemsize: int  # of a tensor's dtype (0 for an object)
     rows_allowed: int  # how many rows an object may have (0 for json, 1 else); -1: a tensor, any
 
+    @classmethod
+    def of_object(cls, fqn: str, encoding: str | None) -> EntryShape:
+        """An object entry: inline JSON has no row, any other encoding one (its location)."""
+        return cls(fqn, None, 0, 0 if encoding == "json" else 1)
+
+    @classmethod
+    def of_tensor(cls, fqn: str, shape: Sequence[int], itemsize: int) -> EntryShape:
+        """A tensor entry: any number of rows (its chunks)."""
+        return cls(fqn, tuple(shape), itemsize, -1)
+
 
 class TableColumns(NamedTuple):
     """The columns :func:`encode_table` writes: int64 ``entry``, ``file`` (-1: no
