@@ -8,7 +8,9 @@ to commit wins). When the write fails in a way that leaves its outcome open
 manifest is read back: if it carries this save's id the save committed. Only the
 store's failures (``OSError``) are read back so: any other exception raised while
 publishing (one a SIGTERM handler raises to stop training, say) propagates as it is,
-even when the manifest landed, and leaves the outcome to the caller (:func:`landed`).
+even when the manifest landed. :func:`publish_manifest` alone decides what a failure
+means (landed, certainly not, unknown) and notes it in a :class:`CommitOutcome`: the
+save's writer, ``copy`` and the tiered persist act on that note.
 After a commit only the files of the manifest this save replaced are
 removed, never those of a save still in flight.
 
@@ -30,6 +32,7 @@ from torchstow.format.manifest import Metadata, located_files
 from torchstow.format.table import TableLocations
 
 __all__ = [
+    "CommitOutcome",
     "UncertainCommitError",
     "committed_files",
     "is_committed",
@@ -120,26 +123,69 @@ def _write_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
         store.publish(name, data)
 
 
+class CommitOutcome:
+    """What one :func:`publish_manifest` did, for the caller's cleanup after it raised:
+    ``landed`` is True once the manifest landed, False while it certainly has not and
+    will not (nothing was published yet, or the store's failure was read back), None
+    when that is unknown."""
+
+    __slots__ = ("landed",)
+
+    def __init__(self) -> None:
+        self.landed: bool | None = False
+
+
 def publish_manifest(
-    store: ByteStore, metadata: Metadata, *, overwrite: bool, version: int | None = None
+    store: ByteStore,
+    metadata: Metadata,
+    *,
+    overwrite: bool,
+    version: int | None = None,
+    outcome: CommitOutcome | None = None,
 ) -> None:
     """Write ``metadata`` (which carries its ``save_id``) as the location's manifest, in
-    format ``version`` (default ``metadata.version``), its chunk table first."""
+    format ``version`` (default ``metadata.version``), its chunk table first.
+
+    The one place that decides a commit's outcome, noted in ``outcome`` however it ends:
+    a failure before the manifest is published (encoding it, writing its chunk table) is
+    "not landed", and the chunk table goes; the store's failure (``OSError``) while
+    publishing is read back (this save's manifest there: it returns as committed; none or
+    another's: "not landed", the table goes; the read-back failing:
+    :class:`UncertainCommitError`, unknown); anything else raised while publishing (a
+    signal handler's exception) propagates as it is, the outcome read back: landed, or
+    unknown (never "not landed": the store may still be at work), the table kept.
+    """
     assert metadata.save_id is not None
-    manifest, tables = encode_manifest(metadata, version)
-    _write_tables(store, tables)
+    outcome = outcome or CommitOutcome()
+    outcome.landed = False
+    tables: dict[str, bytes] = {}
     try:
+        manifest, tables = encode_manifest(metadata, version)
+        _write_tables(store, tables)
+        outcome.landed = None  # unknown from here until publishing returns or surely failed
         _publish(store, metadata, manifest, overwrite)
     except UncertainCommitError:
         raise  # it may have landed: its table stays (gc removes it if it did not)
-    except OSError:  # the store's failure, surely not landed (read back)
-        try:
-            store.delete_files(sorted(tables))
-        except Exception:
-            logger.warning("removing the chunk table of a failed commit at %s failed", store.location)
+    except BaseException as exc:
+        # The store's failure was read back by _publish (not landed); anything else raised
+        # while publishing may have come after the manifest landed: read it back here.
+        if outcome.landed is None and not isinstance(exc, OSError):
+            outcome.landed = landed(store, metadata.save_id)
+        else:
+            outcome.landed = False
+            _remove_tables(store, tables)
         raise
-    # Anything else (an exception a signal handler raised meanwhile, an interrupt) propagates
-    # as it is: the manifest may have landed, so its table stays (gc removes it if it did not)
+    outcome.landed = True
+
+
+def _remove_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
+    """Remove the chunk table of a manifest that certainly did not land (never fails)."""
+    if not tables:
+        return
+    try:
+        store.delete_files(sorted(tables))
+    except Exception:
+        logger.warning("removing the chunk table of a failed commit at %s failed", store.location)
 
 
 def _publish(store: ByteStore, metadata: Metadata, manifest: bytes, overwrite: bool) -> None:
