@@ -38,25 +38,30 @@ __all__ = [
     "is_committed",
     "landed",
     "listed_files",
+    "manifest_files",
     "publish_manifest",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def _committed_with_table(store: ByteStore) -> tuple[Metadata, str | None] | None:
-    """The manifest at ``store`` now and the chunk table it names, or None when there is
-    none or it is unreadable."""
+def _committed(store: ByteStore) -> Metadata | None:
+    """The manifest at ``store`` now, or None when there is none or it is unreadable."""
     try:
         data = store.read_file(MANIFEST)
     except FileNotFoundError:
         return None
     try:
-        metadata = decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
+        return decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
     except TorchstowError:
         return None
+
+
+def manifest_files(metadata: Metadata) -> set[str]:
+    """The files a decoded manifest names: its data files and its chunk table (version 2)."""
     locations = metadata.storage_data  # version 2: over the table it read, which knows its name
-    return metadata, locations.table.name if isinstance(locations, TableLocations) else None
+    table = {locations.table.name} if isinstance(locations, TableLocations) else set()
+    return located_files(metadata) | table
 
 
 def is_committed(store: ByteStore, save_id: str) -> bool:
@@ -90,14 +95,11 @@ def listed_files(store: ByteStore) -> set[str] | None:
     """Data files the committed manifest at ``store`` lists, and its chunk table (none
     without a readable manifest), or None when the location could not be read."""
     try:
-        found = _committed_with_table(store)
+        found = _committed(store)
     except Exception:
         logger.warning("could not read the committed manifest at %s", store.location, exc_info=True)
         return None
-    if found is None:
-        return set()
-    metadata, table = found
-    return located_files(metadata) | ({table} if table else set())
+    return set() if found is None else manifest_files(found)
 
 
 def committed_files(store: ByteStore) -> set[str]:
