@@ -45,8 +45,18 @@ def coordinator_killed_after_root_manifest(rank: int, world_size: int, root: str
 
 def coordinator_raises_after_root_manifest(rank: int, world_size: int, root: str, fast: str) -> dict:
     """Persist step 1; the coordinator's commit raises right after the root's manifest landed
-    (not the store's failure: nothing reads it back there). What each rank's handle says."""
+    (not the store's failure: nothing reads it back there). What each rank's handle says, and
+    how often it read the root's manifest of step 1."""
     os.environ["TORCHSTOW_NODE"] = str(rank)
+    reads = []
+    original_read = LocalFileStore.read_file
+
+    def read_file(self: LocalFileStore, name: str) -> bytes:
+        if name == MANIFEST and self.location.rstrip("/").endswith("root/step-1"):
+            reads.append(name)
+        return original_read(self, name)
+
+    LocalFileStore.read_file = read_file  # type: ignore[method-assign]
     if rank == 0:
         original = LocalFileStore.publish_new
 
@@ -60,8 +70,9 @@ def coordinator_raises_after_root_manifest(rank: int, world_size: int, root: str
     try:
         handle = manager.save(1, state(1, rank))
         handle.wait("durable")
-        return {"level": handle.level, "exception": repr(handle.exception())}
+        return {"level": handle.level, "exception": repr(handle.exception()), "reads": len(reads)}
     finally:
+        LocalFileStore.read_file = original_read  # type: ignore[method-assign]
         if rank == 0:
             LocalFileStore.publish_new = original  # type: ignore[method-assign]
         manager.close()

@@ -35,6 +35,7 @@ __all__ = [
     "CommitOutcome",
     "UncertainCommitError",
     "committed_files",
+    "committed_manifest",
     "is_committed",
     "landed",
     "listed_files",
@@ -45,8 +46,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _committed(store: ByteStore) -> Metadata | None:
-    """The manifest at ``store`` now, or None when there is none or it is unreadable."""
+def committed_manifest(store: ByteStore) -> Metadata | None:
+    """The manifest committed at ``store`` now, decoded (its chunk table read), or None
+    when there is none or it does not decode; raises what reading the store raised."""
     try:
         data = store.read_file(MANIFEST)
     except FileNotFoundError:
@@ -95,7 +97,7 @@ def listed_files(store: ByteStore) -> set[str] | None:
     """Data files the committed manifest at ``store`` lists, and its chunk table (none
     without a readable manifest), or None when the location could not be read."""
     try:
-        found = _committed(store)
+        found = committed_manifest(store)
     except Exception:
         logger.warning("could not read the committed manifest at %s", store.location, exc_info=True)
         return None

@@ -290,7 +290,12 @@ class LayoutWriter(StorageWriter):
         if self._finished or self._coordinator:
             return self._commit.landed
         mine = set(self._written)
-        return True if mine and mine & (listed_files(self.store) or set()) else None
+        return True if mine and mine & (self._listed() or set()) else None
+
+    def _listed(self) -> set[str] | None:
+        """The files the manifest committed at the location names now (None: unreadable),
+        as a failed save's cleanup and read-back see them."""
+        return listed_files(self.store)
 
     def abort(self) -> None:
         """Remove the data files this rank wrote for a save that certainly did not
@@ -299,7 +304,7 @@ class LayoutWriter(StorageWriter):
         adopted = self._base.adopted if self._base is not None else []
         if not self._written and not adopted:
             return
-        listed = listed_files(self.store)
+        listed = self._listed()
         if self._written:
             self.store.delete_files([n for n in self._written if listed is None or n not in listed])
             self._written = []

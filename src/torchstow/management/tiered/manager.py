@@ -35,7 +35,7 @@ import torch
 
 from torchstow.checkpointing.async_save import _FailedWriter
 from torchstow.core.dtensors import local_view
-from torchstow.core.layout.commit import is_committed, landed, publish_manifest
+from torchstow.core.layout.commit import committed_manifest, is_committed, manifest_files, publish_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.layout.writer import LayoutWriter
@@ -103,11 +103,36 @@ class _RootCopy(LayoutWriter):
     """One rank's part of a persist, as the save protocol's commit-or-abort sees it: the
     files it copies into the root's step, which :meth:`abort` removes (never one a
     manifest committed there lists) only when the commit certainly did not happen, and on
-    the coordinator the outcome of publishing the step's manifest there."""
+    the coordinator the outcome of publishing the step's manifest (save ``save_id``) there.
 
-    def __init__(self, store: ByteStore, coordinator: bool) -> None:
+    Elsewhere, after a failure, one read of the root's manifest serves both the cleanup
+    (the files it names) and :meth:`commit_outcome` (whether it is this save's)."""
+
+    def __init__(self, store: ByteStore, coordinator: bool, save_id: str) -> None:
         super().__init__(store, thread_count=1)
         self._coordinator = coordinator
+        self._save_id = save_id
+        self._root: tuple[set[str] | None, bool | None] | None = None
+
+    def _read_root(self) -> tuple[set[str] | None, bool | None]:
+        """What the root's manifest names (None: unreadable), and True when it is this
+        save's (else None: unknown); read once."""
+        if self._root is None:
+            try:
+                found = committed_manifest(self.store)
+            except Exception:
+                logger.warning("could not read the manifest at %s back", self.store.location, exc_info=True)
+                self._root = None, None
+            else:
+                files = set() if found is None else manifest_files(found)
+                self._root = files, True if found is not None and found.save_id == self._save_id else None
+        return self._root
+
+    def _listed(self) -> set[str] | None:
+        return self._read_root()[0]
+
+    def commit_outcome(self) -> bool | None:
+        return super().commit_outcome() if self._coordinator else self._read_root()[1]
 
     def copy(self, source: ByteStore, files: list[str], spans: dict[str, FileSpans], again: bool) -> int:
         """Copy ``files`` (checking every block); ``again``: a retry that knows no manifest of
@@ -440,11 +465,11 @@ class TieredManager:
         started = time.perf_counter()
         coll = self._persist_coll
         target = self._root_backend.open_store(self.uri(job.step))
-        writer = _RootCopy(target, coll.is_coordinator)
-        progress = _SaveProgress()
-        spans = spans_by_file(job.metadata)
         save_id = job.metadata.save_id
         assert save_id is not None
+        writer = _RootCopy(target, coll.is_coordinator, save_id)
+        progress = _SaveProgress()
+        spans = spans_by_file(job.metadata)
 
         def copy() -> None:
             job.nbytes = writer.copy(self._fast_store(job.step), job.files, spans, again=job.retried)
@@ -463,8 +488,9 @@ class TieredManager:
             _write_and_commit(coll, writer, copy, commit, progress, "tiered: persist")
         except BaseException as exc:
             # This rank's copies are removed, or kept, already. Did the step commit? The
-            # coordinator knows what its commit did; another rank reads the root back.
-            committed = writer.commit_outcome() if coll.is_coordinator else landed(target, save_id)
+            # coordinator knows what its commit did; another rank reads the root back (once:
+            # the read its cleanup made, if it made one).
+            committed = writer.commit_outcome()
             self._persist_failed(job, exc, bool(committed), started)
             return
         self._durable(job, started)
