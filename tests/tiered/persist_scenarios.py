@@ -76,3 +76,36 @@ def coordinator_raises_after_root_manifest(rank: int, world_size: int, root: str
         if rank == 0:
             LocalFileStore.publish_new = original  # type: ignore[method-assign]
         manager.close()
+
+
+def frozen_on_rank_1(step: int, rank: int) -> dict[str, Any]:
+    """Rank 0's tensor changes every step, rank 1's never (an incremental save writes none of it)."""
+    return {
+        f"w{rank}": torch.arange(4096, dtype=torch.float32) * (step if rank == 0 else 1) + rank,
+        "step": step,
+    }
+
+
+def incremental_commit_raises_after_root_manifest(rank: int, world_size: int, root: str, fast: str) -> dict:
+    """Persist steps 1 and 2 incrementally; the coordinator's commit of step 2 raises right after
+    the root's manifest landed. What each rank's handle of step 2 says."""
+    os.environ["TORCHSTOW_NODE"] = str(rank)
+    if rank == 0:
+        original = LocalFileStore.publish_new
+
+        def publish_new(self: LocalFileStore, name: str, data: bytes) -> None:
+            original(self, name, data)
+            if name == MANIFEST and self.location.rstrip("/").endswith("root/step-2"):
+                raise RuntimeError("interrupted after the manifest landed")
+
+        LocalFileStore.publish_new = publish_new  # type: ignore[method-assign]
+    manager = TieredManager(root, fast, persist_every=1, replicas=1, timeout=60, incremental=True)
+    try:
+        assert manager.save(1, frozen_on_rank_1(1, rank)).result() == "durable"
+        handle = manager.save(2, frozen_on_rank_1(2, rank))
+        handle.wait("durable")
+        return {"level": handle.level, "exception": repr(handle.exception())}
+    finally:
+        if rank == 0:
+            LocalFileStore.publish_new = original  # type: ignore[method-assign]
+        manager.close()

@@ -52,10 +52,12 @@ from torchstow.core.protocol.steps import (
 )
 from torchstow.core.staging.stager import StateDictStager
 from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.interfaces import StorageWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointException,
     CheckpointNotFoundError,
+    CheckpointTimeoutError,
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
@@ -408,31 +410,68 @@ class TieredManager:
         self, step: int, staged: Any, user_metadata: dict[str, Any], handle: TieredSave
     ) -> None:
         """Persist ``step`` from the staged state against the newest intact durable step (on the
-        fast thread: the staged buffers are refilled by the next save)."""
-        from torchstow.api import save
+        fast thread: the staged buffers are refilled by the next save). A save that failed
+        after its manifest landed all the same makes the step durable, as a plain persist."""
+        from torchstow.api import save, storage_writer
         from torchstow.management.manager import _base_problem
 
         started = time.perf_counter()
+        writer = None
         try:
             base = None
             for candidate in sorted(self._root_steps(), reverse=True):
                 if candidate < step and _base_problem(self.uri(candidate), self.storage_options) is None:
                     base = self.uri(candidate)
                     break
+            writer = storage_writer(self.uri(step), storage_options=self.storage_options)
             metadata = save(
                 staged,
-                self.uri(step),
+                storage_writer=writer,
                 storage_options=self.storage_options,
                 metadata=user_metadata,
                 base=base,
                 process_group=self._group,
             )
         except BaseException as exc:
-            logger.warning("persisting step %d to %s failed: %s", step, self.root, exc)
-            handle._fail(exc)
-            return
-        handle._reach("durable", metadata.nbytes_written or 0, started)
+            nbytes = self._committed_anyway(step, writer, exc)
+            if nbytes is None:
+                logger.warning("persisting step %d to %s failed: %s", step, self.root, exc)
+                handle._fail(exc)
+                return
+            logger.warning(
+                "persisting step %d to %s failed, but its manifest is committed: the step is durable: %s",
+                step,
+                self.root,
+                exc,
+            )
+        else:
+            nbytes = metadata.nbytes_written or 0
+        handle._reach("durable", nbytes, started)
         self._prune_root(self._coll)
+
+    def _committed_anyway(self, step: int, writer: StorageWriter | None, exc: BaseException) -> int | None:
+        """After a failed incremental persist: the bytes it wrote when its manifest committed all
+        the same, else None. Every rank learns it from the coordinator (which knows what its
+        commit did) when every rank raised the save's own exception and no rank lost contact;
+        otherwise the collective is not trusted and the step is not reported durable."""
+        if (
+            writer is None
+            or not isinstance(exc, CheckpointException)
+            or isinstance(exc, CheckpointTimeoutError)
+        ):
+            return None
+
+        def committed() -> int | None:
+            if writer.commit_outcome() is not True:
+                return None
+            return self._root_backend.read_metadata(self.uri(step)).nbytes_written or 0
+
+        try:
+            found: int | None = broadcast_from_coordinator(self._coll, "tiered: persist outcome", committed)
+        except Exception as error:
+            logger.warning("could not tell whether step %d committed in %s: %s", step, self.root, error)
+            return None
+        return found
 
     def _prune_root(self, coll: Collective) -> None:
         """After a persist: prune the root with ``keep_last`` / ``keep_every`` on the coordinator
