@@ -69,12 +69,13 @@ __all__ = [
     "FORMAT_VERSION",
     "WRITTEN_VERSIONS",
     "Encoded",
+    "ManifestPeek",
     "ReadFile",
     "check_format_version",
-    "chunk_table_of",
     "decode_metadata",
     "encode_manifest",
     "encode_metadata",
+    "peek_manifest",
 ]
 
 ReadFile = Callable[[str], "bytes | None"]
@@ -473,35 +474,46 @@ class _TableName(msgspec.Struct):
     name: str = ""
 
 
-class _Names(msgspec.Struct):
+class _Peek(msgspec.Struct):
+    """The fields a manifest names itself by, each checked on its own by :func:`peek_manifest`
+    (one of the wrong type spoils only what depends on it); the chunk table's reference is
+    kept raw, decoded only for a version-2 torchstow manifest."""
+
+    format: Any = None
     version: Any = None
-    chunk_table: _TableName | None = None
-
-
-def chunk_table_of(data: bytes) -> str | None:
-    """The chunk table a manifest names (a plain name), or None (version 1, or unreadable)."""
-    try:
-        found = msgspec.json.decode(data, type=_Names)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    if found.version != 2 or found.chunk_table is None or not is_chunk_table(found.chunk_table.name):
-        return None
-    return found.chunk_table.name
-
-
-class _Identity(msgspec.Struct):
-    format: str = ""
     save_id: Any = None
+    chunk_table: msgspec.Raw = msgspec.Raw(b"null")
 
 
-def save_id_of(data: bytes) -> str | None:
-    """The save id a torchstow manifest of any version records, without decoding the rest
-    of it nor reading its chunk table; None when it records none or is no torchstow manifest."""
+class ManifestPeek(NamedTuple):
+    """What :func:`peek_manifest` found: a torchstow manifest's save id (any version) and a
+    version-2 manifest's chunk table (a plain name); None for what it does not record."""
+
+    save_id: str | None
+    chunk_table: str | None
+
+
+_NOTHING = ManifestPeek(None, None)
+
+
+def peek_manifest(data: bytes) -> ManifestPeek:
+    """The save id and chunk table a manifest records, without decoding the rest of it (nor
+    reading its table): one pass over its JSON. Never raises: what is not a torchstow manifest,
+    is not JSON, or records either of the wrong type yields None for it."""
     try:
-        found = msgspec.json.decode(data, type=_Identity)
+        found = msgspec.json.decode(data, type=_Peek)
     except (msgspec.DecodeError, RecursionError):
-        return None
-    return found.save_id if found.format == FORMAT_NAME and isinstance(found.save_id, str) else None
+        return _NOTHING
+    if found.format != FORMAT_NAME:
+        return _NOTHING
+    save_id = found.save_id if isinstance(found.save_id, str) else None
+    if type(found.version) is not int or found.version != 2:
+        return ManifestPeek(save_id, None)
+    try:
+        name = msgspec.json.decode(found.chunk_table, type=_TableName).name
+    except (msgspec.DecodeError, RecursionError):
+        return ManifestPeek(save_id, None)
+    return ManifestPeek(save_id, name if is_chunk_table(name) else None)
 
 
 def decode_metadata(data: bytes, *, source: str = "manifest", read_file: ReadFile | None = None) -> Metadata:

@@ -26,7 +26,7 @@ import logging
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
-from torchstow.format.codec import decode_metadata, encode_manifest, save_id_of
+from torchstow.format.codec import decode_metadata, encode_manifest, peek_manifest
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, located_files
 from torchstow.format.table import TableLocations
@@ -74,7 +74,7 @@ def is_committed(store: ByteStore, save_id: str) -> bool:
         data = store.read_file(MANIFEST)
     except FileNotFoundError:
         return False
-    return save_id_of(data) == save_id
+    return peek_manifest(data).save_id == save_id
 
 
 def landed(store: ByteStore, save_id: str) -> bool | None:

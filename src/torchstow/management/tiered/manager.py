@@ -61,7 +61,7 @@ from torchstow.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
-from torchstow.format.codec import chunk_table_of, decode_metadata
+from torchstow.format.codec import decode_metadata, peek_manifest
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
 from torchstow.management.datafiles import FileSpans, scan_file, spans_by_file
@@ -711,7 +711,7 @@ class TieredManager:
             store = self._root_backend.open_store(self.uri(step))
             try:
                 data = store.read_file(MANIFEST)
-                table = chunk_table_of(data)
+                table = peek_manifest(data).chunk_table
                 found = (data, {table: store.read_file(table)} if table else {})
             except FileNotFoundError:
                 found = None
