@@ -80,11 +80,12 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
     is refused with :class:`CorruptCheckpointError` (:class:`FormatVersionError`
     for a newer format) and nothing is deleted.
 
-    A location where a save may be in flight, as :func:`torchstow.gc` judges it
-    (files no committed manifest names, written within its grace period, or a
-    multipart upload started within it) is refused with :class:`SaveInFlightError`
-    and nothing is deleted, unless ``force`` (a save known to be dead). A save that
-    starts between the check and the deletion is not caught.
+    On a byte-store backend, a location where a save may be in flight, as
+    :func:`torchstow.gc` judges it (files no committed manifest names, written within
+    its grace period, or a multipart upload started within it) is refused with
+    :class:`SaveInFlightError` and nothing is deleted, unless ``force`` (a save known to
+    be dead). A save that starts between the check and the deletion is not caught.
+    Other backends delete as their own ``delete`` does.
     """
     text, backend = backend_at(uri, storage_options)
     if not isinstance(backend, StoreBackend):
