@@ -123,9 +123,9 @@ def _refuse_in_flight(store: ByteStore, files: list[str], listed: set[str] | Non
         shown = ", ".join(young[:3]) + (f" and {len(young) - 3} more" if len(young) > 3 else "")
         files_young = f"{len(young)} file" + ("s" if len(young) > 1 else "")
         raise SaveInFlightError(
-            f"a save may be in flight at {store.location}: {files_young} no committed "
-            f"manifest names, written within gc's grace period of {GRACE:g} s ({shown}); nothing "
-            "was deleted. Pass force=True (torchstow rm --force) if no save is running there"
+            f"a save may be in flight at {store.location}: {files_young} no committed manifest names, "
+            f"written within gc's grace period of {GRACE:g} s ({shown}); nothing was deleted. Pass "
+            "--force to torchstow rm (force=True to torchstow.delete) if no save is running there"
         )
 
 
