@@ -1,6 +1,7 @@
-"""``torchstow rm`` while a save is in flight at the location: refused with
-``SaveInFlightError`` (nothing deleted) the way gc leaves such a save alone, unless
-``--force``; once the save's files are older than gc's grace period, they are debris."""
+"""``torchstow rm`` (and ``torchstow.delete``) while a save is in flight at the location:
+refused with ``SaveInFlightError`` (nothing deleted) the way gc leaves such a save alone,
+unless ``--force`` (``force=True``); once the save's files are older than gc's grace
+period, they are debris."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import pytest
 import torch
 
 import torchstow
+from torchstow.backends.filesystem import LocalFileStore
+from torchstow.errors import SaveInFlightError
+from torchstow.format.files import MANIFEST
 from torchstow.management.gc import GRACE
 
 from cli_helpers import assert_one_line_error, invoke
@@ -86,3 +90,36 @@ def test_rm_removes_what_a_save_left_once_older_than_gcs_grace_period(
     monkeypatch.setattr(gc_module, "time", SimpleNamespace(time=lambda: later))
     assert invoke("rm", str(where)).code == 0
     assert not where.exists()
+
+
+@pytest.mark.parametrize("saving", [False, True], ids=["fresh", "overwrite"], indirect=True)
+def test_the_python_delete_refuses_a_save_in_flight_unless_forced(saving: tuple[Path, set[str]]) -> None:
+    where, committed = saving
+    before = sorted(os.listdir(where))
+    with pytest.raises(SaveInFlightError, match=r"a save may be in flight.*nothing was deleted.*force=True"):
+        torchstow.delete(str(where))
+    assert sorted(os.listdir(where)) == before  # nothing deleted
+    if committed:
+        assert torch.equal(torchstow.read(str(where))["w"], torch.zeros(4096))  # still whole
+    torchstow.delete(str(where), force=True)
+    assert not where.exists()
+
+
+def test_rm_reads_the_manifest_and_lists_the_location_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-flight check and the deletion share one read of the manifest (and of its
+    chunk table) and one listing for the check."""
+    where = tmp_path / "ckpt"
+    torchstow.save({"w": torch.arange(4096.0)}, str(where))
+    reads: list[str] = []
+    lists: list[int] = []
+    read_file, list_files = LocalFileStore.read_file, LocalFileStore.list_files
+    monkeypatch.setattr(
+        LocalFileStore, "read_file", lambda self, name: reads.append(name) or read_file(self, name)
+    )
+    monkeypatch.setattr(LocalFileStore, "list_files", lambda self: lists.append(1) or list_files(self))
+    assert invoke("rm", str(where)).code == 0
+    assert not where.exists()
+    assert reads.count(MANIFEST) == 1 and len(reads) == 2, reads  # the manifest and its chunk table
+    assert len(lists) <= 2, lists  # the check's and the backend's delete's own

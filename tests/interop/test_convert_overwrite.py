@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torchstow
-from torchstow.format.codec import chunk_table_of
+from torchstow.format.codec import peek_manifest
 from torchstow.interop.convert import FORMATS
 from torchstow.interop.sources import open_source
 
@@ -75,5 +75,5 @@ def _names_of(dst: Path, to: str) -> set[str]:
     if to == "dcp":
         return {".metadata", "__0_0.distcp"}
     stored = torchstow.storage_reader(dst).read_metadata().storage_data.values()
-    table = chunk_table_of((dst / "manifest.json").read_bytes())  # a version-2 manifest's own table
+    table = peek_manifest((dst / "manifest.json").read_bytes()).chunk_table  # version 2: its own table
     return {"manifest.json", *(info.relative_path for info in stored), *([table] if table else [])}

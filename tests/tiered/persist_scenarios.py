@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,25 +45,69 @@ def coordinator_killed_after_root_manifest(rank: int, world_size: int, root: str
     return {"level": handle.level, "error": error, "exception": repr(handle.exception())}
 
 
-def coordinator_raises_after_root_manifest(rank: int, world_size: int, root: str, fast: str) -> dict:
-    """Persist step 1; the coordinator's commit raises right after the root's manifest landed
-    (not the store's failure: nothing reads it back there). What each rank's handle says."""
-    os.environ["TORCHSTOW_NODE"] = str(rank)
-    if rank == 0:
-        original = LocalFileStore.publish_new
+@contextlib.contextmanager
+def _raising_after_root_manifest(rank: int, step: int) -> Iterator[None]:
+    """On the coordinator (rank 0): publishing the root's manifest of ``step`` raises right
+    after it landed (not the store's failure: nothing reads it back there)."""
+    if rank != 0:
+        yield
+        return
+    original = LocalFileStore.publish_new
 
-        def publish_new(self: LocalFileStore, name: str, data: bytes) -> None:
-            original(self, name, data)
-            if name == MANIFEST and self.location.rstrip("/").endswith("root/step-1"):
-                raise RuntimeError("interrupted after the manifest landed")
+    def publish_new(self: LocalFileStore, name: str, data: bytes) -> None:
+        original(self, name, data)
+        if name == MANIFEST and self.location.rstrip("/").endswith(f"root/step-{step}"):
+            raise RuntimeError("interrupted after the manifest landed")
 
-        LocalFileStore.publish_new = publish_new  # type: ignore[method-assign]
-    manager = TieredManager(root, fast, persist_every=1, replicas=1, timeout=60)
+    LocalFileStore.publish_new = publish_new  # type: ignore[method-assign]
     try:
-        handle = manager.save(1, state(1, rank))
-        handle.wait("durable")
-        return {"level": handle.level, "exception": repr(handle.exception())}
+        yield
     finally:
-        if rank == 0:
-            LocalFileStore.publish_new = original  # type: ignore[method-assign]
-        manager.close()
+        LocalFileStore.publish_new = original  # type: ignore[method-assign]
+
+
+def coordinator_raises_after_root_manifest(rank: int, world_size: int, root: str, fast: str) -> dict:
+    """Persist step 1; the coordinator's commit raises right after the root's manifest landed.
+    What each rank's handle says, and how often it read the root's manifest of step 1."""
+    os.environ["TORCHSTOW_NODE"] = str(rank)
+    reads = []
+    original_read = LocalFileStore.read_file
+
+    def read_file(self: LocalFileStore, name: str) -> bytes:
+        if name == MANIFEST and self.location.rstrip("/").endswith("root/step-1"):
+            reads.append(name)
+        return original_read(self, name)
+
+    LocalFileStore.read_file = read_file  # type: ignore[method-assign]
+    with _raising_after_root_manifest(rank, 1):
+        manager = TieredManager(root, fast, persist_every=1, replicas=1, timeout=60)
+        try:
+            handle = manager.save(1, state(1, rank))
+            handle.wait("durable")
+            return {"level": handle.level, "exception": repr(handle.exception()), "reads": len(reads)}
+        finally:
+            LocalFileStore.read_file = original_read  # type: ignore[method-assign]
+            manager.close()
+
+
+def frozen_on_rank_1(step: int, rank: int) -> dict[str, Any]:
+    """Rank 0's tensor changes every step, rank 1's never (an incremental save writes none of it)."""
+    return {
+        f"w{rank}": torch.arange(4096, dtype=torch.float32) * (step if rank == 0 else 1) + rank,
+        "step": step,
+    }
+
+
+def incremental_commit_raises_after_root_manifest(rank: int, world_size: int, root: str, fast: str) -> dict:
+    """Persist steps 1 and 2 incrementally; the coordinator's commit of step 2 raises right after
+    the root's manifest landed. What each rank's handle of step 2 says."""
+    os.environ["TORCHSTOW_NODE"] = str(rank)
+    with _raising_after_root_manifest(rank, 2):
+        manager = TieredManager(root, fast, persist_every=1, replicas=1, timeout=60, incremental=True)
+        try:
+            assert manager.save(1, frozen_on_rank_1(1, rank)).result() == "durable"
+            handle = manager.save(2, frozen_on_rank_1(2, rank))
+            handle.wait("durable")
+            return {"level": handle.level, "exception": repr(handle.exception())}
+        finally:
+            manager.close()

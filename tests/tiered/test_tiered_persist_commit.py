@@ -13,6 +13,8 @@ import torch
 from persist_scenarios import (
     coordinator_killed_after_root_manifest,
     coordinator_raises_after_root_manifest,
+    frozen_on_rank_1,
+    incremental_commit_raises_after_root_manifest,
     state,
 )
 
@@ -79,6 +81,30 @@ def test_a_commit_that_raises_after_the_root_manifest_landed_keeps_the_step_dura
     assert len(copies) == 2  # step 1's one file copied once, never onto its committed checkpoint
     _loads_exact(root / "step-1", 1)
     _loads_exact(root / "step-2", 2)
+
+
+def test_an_incremental_persist_whose_commit_raises_after_landing_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a plain persist: the incremental save of step 2 fails after its manifest landed in
+    the root; its handle reports the step durable (not failed), every file stays, it loads."""
+    root = tmp_path / "root"
+
+    def interrupted(store: LocalFileStore) -> None:
+        raise RuntimeError("interrupted after the manifest landed")
+
+    _after_root_manifest(monkeypatch, root, 2, interrupted)
+    fast = f"{tmp_path}/fast/{{node}}"
+    with CheckpointManager(root, fast=fast, persist_every=1, incremental=True) as manager:
+        assert manager.save(1, state(1, 0)).result() == "durable"
+        handle = manager.save(2, state(2, 0))
+        assert handle.result() == "durable" and handle.exception() is None
+        assert handle.stats["durable"].bytes == torchstow.info(str(root / "step-2")).nbytes_written > 0
+        named = _named_files(root / "step-2")
+        assert named and all((root / "step-2" / n).is_file() for n in named)
+        assert manager.save(3, state(3, 0)).result() == "durable"
+    _loads_exact(root / "step-2", 2)
+    _loads_exact(root / "step-3", 3)
 
 
 def test_an_uncertain_root_commit_keeps_every_file_and_its_retry_finds_it_committed(
@@ -170,12 +196,34 @@ def test_coordinator_killed_after_the_root_manifest_landed(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_every_rank_reports_durable_when_the_root_commit_raised_after_landing(tmp_path: Path) -> None:
     """The coordinator's commit raises after the root's manifest landed: the other rank (told
-    the commit failed) keeps its file, reads the root back and reports the step durable too."""
+    the commit failed) keeps its file, reads the root back (once, for its cleanup and its
+    report alike) and reports the step durable too."""
     root = tmp_path / "root"
     outcomes = WorkerPool.run_once(
         2, coordinator_raises_after_root_manifest, str(root), f"{tmp_path}/fast/{{node}}", timeout=120
     )
     assert [o.status for o in outcomes] == ["ok", "ok"], outcomes
-    assert [o.value for o in outcomes] == [{"level": "durable", "exception": "None"}] * 2
+    assert [o.value for o in outcomes] == [{"level": "durable", "exception": "None", "reads": 1}] * 2
     assert all((root / "step-1" / n).is_file() for n in _named_files(root / "step-1"))
     _loads_exact(root / "step-1", 1, ranks=2)
+
+
+@pytest.mark.slow
+def test_every_rank_reports_an_incremental_persist_durable_when_its_commit_raised_after_landing(
+    tmp_path: Path,
+) -> None:
+    """Two gloo ranks, incremental: rank 1's tensor is unchanged, so it writes no file of step
+    2 and cannot find one in the root's manifest; it learns from the coordinator that the
+    step committed, and reports it durable as the coordinator does."""
+    root = tmp_path / "root"
+    outcomes = WorkerPool.run_once(
+        2, incremental_commit_raises_after_root_manifest, str(root), f"{tmp_path}/fast/{{node}}", timeout=120
+    )
+    assert [o.status for o in outcomes] == ["ok", "ok"], outcomes
+    assert [o.value for o in outcomes] == [{"level": "durable", "exception": "None"}] * 2
+    of_rank_1 = {n for n in _named_files(root / "step-2") if n.split("-")[2] == "1"}
+    assert of_rank_1 and of_rank_1 <= _named_files(root / "step-1")  # shared with step 1: none new
+    restored = torchstow.read(str(root / "step-2"))
+    for rank in range(2):
+        assert torch.equal(restored[f"w{rank}"], frozen_on_rank_1(2, rank)[f"w{rank}"])
+    assert verify(str(root / "step-2")).ok

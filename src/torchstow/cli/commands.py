@@ -18,16 +18,14 @@ from torchstow.cli.render import (
     progress_bar,
     stdout,
 )
-from torchstow.core.storage.backend import StoreBackend
-from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError, SaveInFlightError
+from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError
 from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
-from torchstow.management.gc import GRACE, in_flight
 from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, scan
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
-from torchstow.plugins.resolve import backend_at, route_options
+from torchstow.plugins.resolve import route_options
 
 __all__ = ["VERBS"]
 
@@ -342,30 +340,12 @@ def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[s
 def cmd_rm(args: argparse.Namespace) -> int:
     """Delete a checkpoint (its manifest first, so it is never half valid); refuse while a
     save may be writing there (as gc leaves it alone), unless ``--force``."""
-    if not args.force:
-        _refuse_in_flight(args.uri, _opts(args))
-    torchstow.delete(args.uri, storage_options=_opts(args))
+    torchstow.delete(args.uri, storage_options=_opts(args), force=args.force)
     if args.json:
         print_json({"removed": args.uri})
     else:
         print(f"removed {args.uri}")
     return 0
-
-
-def _refuse_in_flight(uri: str, options: dict[str, Any]) -> None:
-    """SaveInFlightError when gc would leave files at ``uri`` alone as a save's in flight."""
-    text, backend = backend_at(uri, options)
-    if not isinstance(backend, StoreBackend):
-        return
-    store = backend.open_store(text)
-    young = in_flight(store)
-    if young:
-        shown = ", ".join(young[:3]) + (f" and {len(young) - 3} more" if len(young) > 3 else "")
-        raise SaveInFlightError(
-            f"a save may be in flight at {store.location}: {plural(len(young), 'file')} no committed "
-            f"manifest names, written within gc's grace period of {GRACE:g} s ({shown}); nothing "
-            "was deleted. Pass --force if no save is running there"
-        )
 
 
 def cmd_du(args: argparse.Namespace) -> int:

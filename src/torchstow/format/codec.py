@@ -56,7 +56,7 @@ from torchstow.format.schema import (
     PlainEntry,
     RangedDocument,
 )
-from torchstow.format.table import ChunkTable, EntryShape, TableChunks, TableLocations
+from torchstow.format.table import ChunkTable, EntryShape, TableChunks, TableLocations, crc_counts
 from torchstow.format.validation import check_manifest
 
 FORMAT_NAME = "torchstow"
@@ -69,12 +69,13 @@ __all__ = [
     "FORMAT_VERSION",
     "WRITTEN_VERSIONS",
     "Encoded",
+    "ManifestPeek",
     "ReadFile",
     "check_format_version",
-    "chunk_table_of",
     "decode_metadata",
     "encode_manifest",
     "encode_metadata",
+    "peek_manifest",
 ]
 
 ReadFile = Callable[[str], "bytes | None"]
@@ -185,17 +186,22 @@ def encode_metadata(md: Metadata) -> bytes:
     they belong to; any other ``storage_data`` must itself be JSON. A tensor
     stored as one whole chunk keeps its location on the entry itself.
     """
-    inline = _is_locations(md.storage_data)
-    block_size = 0
-    if inline:
-        block_size = next((info.block_size for info in md.storage_data.values() if info.block_size), 0)
-    locations = _Locations(block_size)
-    by_fqn = _encode_locations(md.storage_data, locations) if inline else {}
-    no_locations: dict[Any, Chunk] = {}
-    entries = {
-        fqn: _encode_entry(entry, by_fqn.get(fqn, no_locations))
-        for fqn, entry in md.state_dict_metadata.items()
-    }
+    storage = md.storage_data
+    inline = _is_locations(storage)
+    if isinstance(storage, TableLocations) and _same_table(md, storage.table):
+        entries, files, block_size = _v1_entries_of_table(md, storage.table)
+    else:
+        block_size = 0
+        if inline:
+            block_size = next((info.block_size for info in storage.values() if info.block_size), 0)
+        locations = _Locations(block_size)
+        by_fqn = _encode_locations(storage, locations) if inline else {}
+        no_locations: dict[Any, Chunk] = {}
+        entries = {
+            fqn: _encode_entry(entry, by_fqn.get(fqn, no_locations))
+            for fqn, entry in md.state_dict_metadata.items()
+        }
+        files = locations.files
     doc = Document(
         format=FORMAT_NAME,
         version=1,
@@ -203,7 +209,7 @@ def encode_metadata(md: Metadata) -> bytes:
         committed_at=md.committed_at,
         user_metadata=md.user_metadata,
         checksum=Checksum(ALGORITHM, block_size),
-        files=locations.files,
+        files=files,
         planner_data=md.planner_data,
         entries=entries,
         storage_data=md.storage_data if not inline and md.storage_data is not None else msgspec.UNSET,
@@ -215,6 +221,79 @@ def encode_metadata(md: Metadata) -> bytes:
         return msgspec.json.encode(doc)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"the checkpoint manifest is not JSON-serializable: {exc}") from exc
+
+
+def _v1_entries_of_table(md: Metadata, table: ChunkTable) -> tuple[dict[str, Entry], list[str], int]:
+    """``md``'s version-1 entries, files and checksum block size made from the columns of
+    its chunk table (one :func:`_same_table` found to be ``md``'s): a :class:`Chunk` per
+    row and no other object per item. The same document :func:`_encode_locations` makes
+    from :class:`StorageInfo` objects: files in order of first use, the block size of the
+    first located row with one."""
+    file = table.column("file")
+    located = file >= 0
+    order = list(dict.fromkeys(file[located].tolist()))  # file ids in order of first use
+    renumber = torch.full((len(table.files),), -1, dtype=torch.int64)
+    renumber[order] = torch.arange(len(order))
+    block = table.column("block")
+    blocks = block[located & (block != 0)]
+    block_size = int(blocks[0]) if blocks.numel() else 0
+    file_ids = torch.where(located, renumber[file.clamp(min=0)], -1).tolist()
+    offsets, lengths = table.column("offset").tolist(), table.column("length").tolist()
+    block_of = [None if b == block_size else b for b in block.tolist()]
+    crcs = (table.column("crcs").to(torch.int64) & 0xFFFFFFFF).tolist()  # stored unsigned
+    crc_at = [0, *torch.cumsum(crc_counts(table.column("length"), block), 0).tolist()]
+    names = [None, *table.codecs]
+    codecs = [names[c] for c in table.column("codec").tolist()]
+    raw = table.column("digests").numpy().tobytes()
+    hexes = iter([raw[i : i + 32].hex() for i in range(0, len(raw), 32)])
+    digests = [next(hexes) if has else None for has in table.column("has_digest").tolist()]
+
+    def chunks(lo: int, hi: int, ats: list[tuple[Any, ...]], sizes: list[tuple[Any, ...]]) -> list[Chunk]:
+        """Rows ``lo`` to ``hi`` (their chunk ``ats`` and ``sizes``) as written."""
+        return [
+            Chunk(f, o, n, tuple(crcs[a:b]), bl, d, c, offsets=at, sizes=size)
+            if f >= 0
+            else Chunk(offsets=at, sizes=size)
+            for f, o, n, a, b, bl, d, c, at, size in zip(
+                file_ids[lo:hi],
+                offsets[lo:hi],
+                lengths[lo:hi],
+                crc_at[lo:hi],
+                crc_at[lo + 1 : hi + 1],
+                block_of[lo:hi],
+                digests[lo:hi],
+                codecs[lo:hi],
+                ats,
+                sizes,
+                strict=True,
+            )
+        ]
+
+    entries: dict[str, Entry] = {}
+    starts = table.starts
+    for e, (fqn, entry) in enumerate(md.state_dict_metadata.items()):
+        lo, hi = starts[e], starts[e + 1]
+        if isinstance(entry, BytesStorageMetadata):
+            value = entry.value if entry.encoding == "json" else None
+            raw_entry: Entry[Any, Any, Any] = Entry(encoding=entry.encoding, value=value)
+            entries[fqn] = _locate(raw_entry, chunks(lo, hi, [()], [()])[0] if hi > lo else None)
+            continue
+        raw_entry = Entry(
+            dtype=dtype_name(entry.properties.dtype),
+            shape=entry.size,
+            requires_grad=entry.properties.requires_grad,
+        )
+        nd = table.ndim[e]
+        flat_at, flat_size = (view.tolist() for view in table.layout(e))
+        ats = list(zip(*(flat_at[d::nd] for d in range(nd)), strict=True)) if nd else [()] * (hi - lo)
+        sizes = list(zip(*(flat_size[d::nd] for d in range(nd)), strict=True)) if nd else ats
+        made = chunks(lo, hi, ats, sizes)
+        if hi - lo == 1 and sizes[0] == tuple(entry.size) and not any(ats[0]):
+            entries[fqn] = _locate(raw_entry, made[0] if made[0].file is not None else None)
+            continue
+        raw_entry.chunks = made
+        entries[fqn] = raw_entry
+    return entries, [table.files[i] for i in order], block_size
 
 
 class Encoded(NamedTuple):
@@ -473,35 +552,46 @@ class _TableName(msgspec.Struct):
     name: str = ""
 
 
-class _Names(msgspec.Struct):
+class _Peek(msgspec.Struct):
+    """The fields a manifest names itself by, each checked on its own by :func:`peek_manifest`
+    (one of the wrong type spoils only what depends on it); the chunk table's reference is
+    kept raw, decoded only for a version-2 torchstow manifest."""
+
+    format: Any = None
     version: Any = None
-    chunk_table: _TableName | None = None
-
-
-def chunk_table_of(data: bytes) -> str | None:
-    """The chunk table a manifest names (a plain name), or None (version 1, or unreadable)."""
-    try:
-        found = msgspec.json.decode(data, type=_Names)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    if found.version != 2 or found.chunk_table is None or not is_chunk_table(found.chunk_table.name):
-        return None
-    return found.chunk_table.name
-
-
-class _Identity(msgspec.Struct):
-    format: str = ""
     save_id: Any = None
+    chunk_table: msgspec.Raw = msgspec.Raw(b"null")
 
 
-def save_id_of(data: bytes) -> str | None:
-    """The save id a torchstow manifest of any version records, without decoding the rest
-    of it nor reading its chunk table; None when it records none or is no torchstow manifest."""
+class ManifestPeek(NamedTuple):
+    """What :func:`peek_manifest` found: a torchstow manifest's save id (any version) and a
+    version-2 manifest's chunk table (a plain name); None for what it does not record."""
+
+    save_id: str | None
+    chunk_table: str | None
+
+
+_NOTHING = ManifestPeek(None, None)
+
+
+def peek_manifest(data: bytes) -> ManifestPeek:
+    """The save id and chunk table a manifest records, without decoding the rest of it (nor
+    reading its table): one pass over its JSON. Never raises: what is not a torchstow manifest,
+    is not JSON, or records either of the wrong type yields None for it."""
     try:
-        found = msgspec.json.decode(data, type=_Identity)
+        found = msgspec.json.decode(data, type=_Peek)
     except (msgspec.DecodeError, RecursionError):
-        return None
-    return found.save_id if found.format == FORMAT_NAME and isinstance(found.save_id, str) else None
+        return _NOTHING
+    if found.format != FORMAT_NAME:
+        return _NOTHING
+    save_id = found.save_id if isinstance(found.save_id, str) else None
+    if type(found.version) is not int or found.version != 2:
+        return ManifestPeek(save_id, None)
+    try:
+        name = msgspec.json.decode(found.chunk_table, type=_TableName).name
+    except (msgspec.DecodeError, RecursionError):
+        return ManifestPeek(save_id, None)
+    return ManifestPeek(save_id, name if is_chunk_table(name) else None)
 
 
 def decode_metadata(data: bytes, *, source: str = "manifest", read_file: ReadFile | None = None) -> Metadata:

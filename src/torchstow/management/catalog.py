@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from torchstow.core.layout.commit import manifest_files
 from torchstow.core.layout.location import dcp_files, read_manifest
 from torchstow.core.storage.backend import StoreBackend
-from torchstow.errors import (
-    CorruptCheckpointError,
-    FormatVersionError,
-)
+from torchstow.core.storage.store import ByteStore
+from torchstow.errors import CorruptCheckpointError, FormatVersionError, SaveInFlightError
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management import listing
+from torchstow.management.gc import GRACE, in_flight
 from torchstow.management.listing import checkpoint_info
 from torchstow.management.verify import verify
 from torchstow.plugins.resolve import Uri, backend_at
@@ -27,6 +27,8 @@ from torchstow.plugins.resolve import Uri, backend_at
 __all__ = ["checkpoint_info", "delete", "info", "latest", "list_checkpoints"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 def info(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
@@ -68,7 +70,7 @@ def latest(uri: Uri, *, storage_options: dict[str, Any] | None = None, verified:
     return None
 
 
-def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
+def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bool = False) -> None:
     """Remove the checkpoint at ``uri``, manifest first, so it is never half valid.
 
     A torchstow checkpoint (committed, or the data of a save that never
@@ -77,6 +79,13 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
     manifest this version reads (or whose ``.metadata`` is no DCP metadata)
     is refused with :class:`CorruptCheckpointError` (:class:`FormatVersionError`
     for a newer format) and nothing is deleted.
+
+    On a byte-store backend, a location where a save may be in flight, as
+    :func:`torchstow.gc` judges it (files no committed manifest names, written within
+    its grace period, or a multipart upload started within it) is refused with
+    :class:`SaveInFlightError` and nothing is deleted, unless ``force`` (a save known to
+    be dead). A save that starts between the check and the deletion is not caught.
+    Other backends delete as their own ``delete`` does.
     """
     text, backend = backend_at(uri, storage_options)
     if not isinstance(backend, StoreBackend):
@@ -84,8 +93,9 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
         return
     store = backend.open_store(text)
     files = store.list_files()
+    listed = None
     if MANIFEST in files:
-        _check_readable(store.location, MANIFEST, lambda: read_manifest(store))
+        listed = manifest_files(_check_readable(store.location, MANIFEST, lambda: read_manifest(store)))
     elif DCP_METADATA in files:
         source = f"{store.location}/{DCP_METADATA}"
         _check_readable(
@@ -100,13 +110,29 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> None:
         if len(doomed) == len(files):
             store.remove_location()
         return
+    if not force:
+        _refuse_in_flight(store, files, listed)
     backend.delete(text)
 
 
-def _check_readable(location: str, name: str, decode: Callable[[], object]) -> None:
+def _refuse_in_flight(store: ByteStore, files: list[str], listed: set[str] | None) -> None:
+    """SaveInFlightError when gc would leave files at ``store`` alone as a save's in flight
+    (``files``: the location's listing; ``listed``: what its committed manifest names)."""
+    young = in_flight(store, files=files, listed=listed)
+    if young:
+        shown = ", ".join(young[:3]) + (f" and {len(young) - 3} more" if len(young) > 3 else "")
+        files_young = f"{len(young)} file" + ("s" if len(young) > 1 else "")
+        raise SaveInFlightError(
+            f"a save may be in flight at {store.location}: {files_young} no committed manifest names, "
+            f"written within gc's grace period of {GRACE:g} s ({shown}); nothing was deleted. Pass "
+            "--force to torchstow rm (force=True to torchstow.delete) if no save is running there"
+        )
+
+
+def _check_readable(location: str, name: str, decode: Callable[[], _T]) -> _T:
     """Run ``decode`` (reading the manifest ``name``); refuse to delete what it cannot read."""
     try:
-        decode()
+        return decode()
     except FormatVersionError as exc:
         raise FormatVersionError(f"{exc}; nothing was deleted at {location}") from exc
     except CorruptCheckpointError as exc:

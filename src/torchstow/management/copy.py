@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from torchstow.core.layout.commit import UncertainCommitError, committed_files, publish_manifest
+from torchstow.core.layout.commit import CommitOutcome, committed_files, publish_manifest
 from torchstow.core.layout.location import check_vacant, dcp_files, read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
@@ -223,15 +223,14 @@ def _copy_store(
         }
     metadata.save_id = uuid.uuid4().hex  # this copy's commit, not the source's
     replaced = committed_files(dst_store) if overwrite else set()
+    outcome = CommitOutcome()
     try:
-        publish_manifest(dst_store, metadata, overwrite=overwrite)
-    except UncertainCommitError:
-        raise  # it may have committed: its files stay
-    except OSError:  # the store's failure, read back: surely not committed
-        with contextlib.suppress(Exception):
-            dst_store.delete_files(list(names.values()))
+        publish_manifest(dst_store, metadata, overwrite=overwrite, outcome=outcome)
+    except BaseException:
+        if outcome.landed is False:  # surely not committed: its files go (else a manifest may name them)
+            with contextlib.suppress(Exception):
+                dst_store.delete_files(list(names.values()))
         raise
-    # anything else (a signal handler's exception) may have come after the commit: files stay
     # Only the replaced checkpoint's files go: unlisted ones may be a save in flight.
     with contextlib.suppress(Exception):  # housekeeping after the commit never fails the copy
         dst_store.delete_files(sorted(replaced - set(names.values())))

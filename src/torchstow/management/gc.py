@@ -82,32 +82,40 @@ def _old_groups(
     return old, names - old
 
 
-def _debris(store: ByteStore, cutoff: float) -> tuple[set[str], set[str]] | str:
+def _debris(
+    store: ByteStore, cutoff: float, files: list[str] | None = None, listed: set[str] | None = None
+) -> tuple[set[str], set[str]] | str:
     """``(old, young)``: the checkpoint files at ``store`` that no committed manifest names,
     split by whether their save's newest file is older than ``cutoff`` (young: a save may
-    still be writing them; of unknown age counts as young); or why the location is left alone."""
-    files = store.list_files()
+    still be writing them; of unknown age counts as young); or why the location is left alone.
+    ``files`` (the location's listing) and ``listed`` (what its manifest names) when known."""
+    files = store.list_files() if files is None else files
     if DCP_METADATA in files:
         return "a checkpoint in DCP's format"
     debris = {f for f in files if is_checkpoint_file(f)}
-    if not debris:
-        return set(), set()
-    if MANIFEST in files:
-        listed = listed_files(store)
+    if debris and MANIFEST in files:
+        listed = listed_files(store) if listed is None else listed
         if listed is None:
             return "its manifest could not be read"
         debris -= listed
-    return _old_groups(debris, store.file_times(), cutoff)
+    return _old_groups(debris, store.file_times(), cutoff) if debris else (set(), set())
 
 
-def in_flight(store: ByteStore, older_than: float = GRACE) -> list[str]:
+def in_flight(
+    store: ByteStore,
+    older_than: float = GRACE,
+    *,
+    files: list[str] | None = None,
+    listed: set[str] | None = None,
+) -> list[str]:
     """What a save may still be writing at ``store``'s location, as :func:`gc` judges it
     (and so leaves alone): the files no committed manifest names whose save's newest file
     is younger than ``older_than`` seconds (or of unknown age), and the multipart uploads
     started since; their names, sorted. A location gc would skip (unreadable manifest,
-    DCP's format) has none."""
+    DCP's format) has none. ``files`` and ``listed``: the location's listing and the files
+    its committed manifest names, where the caller read them already (read here otherwise)."""
     cutoff = time.time() - older_than
-    found = _debris(store, cutoff)
+    found = _debris(store, cutoff, files, listed)
     young = set() if isinstance(found, str) else found[1]
     return sorted(young | {u.name for u in store.pending_uploads() if u.started >= cutoff})
 

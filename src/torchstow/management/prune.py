@@ -63,7 +63,9 @@ def prune(
     if not dry_run:
         for info in doomed:
             logger.info("pruning %s", info.uri)
-            delete(info.uri, storage_options=storage_options)
+            # A committed step older than those kept goes whole, debris of a later failed
+            # overwrite there included (the in-flight check is for a location being saved to).
+            delete(info.uri, storage_options=storage_options, force=True)
             if progress is not None:
                 progress(1, len(doomed))
     return [info.uri for info in doomed]

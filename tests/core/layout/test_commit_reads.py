@@ -59,8 +59,8 @@ def test_reading_a_commit_back_reads_only_the_manifest_and_refuses_another_saves
     torchstow manifest, is not."""
     torchstow.save({"w": torch.randn(64), "step": 3}, str(tmp_path))  # another save committed first
     manifest = (tmp_path / MANIFEST).read_bytes()
-    theirs = codec.save_id_of(manifest)
-    assert theirs and codec.chunk_table_of(manifest)  # version 2: its table is a file of its own
+    theirs, table = codec.peek_manifest(manifest)
+    assert theirs and table  # version 2: its table is a file of its own
     ours = decode_metadata(manifest, read_file=lambda n: (tmp_path / n).read_bytes())
     ours.save_id = uuid.uuid4().hex
     store = CountingStore(LocalFileStore(str(tmp_path), str(tmp_path)))

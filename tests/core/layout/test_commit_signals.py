@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import torchstow
-from torchstow.format.codec import chunk_table_of
+from torchstow.format.codec import peek_manifest
 
 # Saves in a process of its own whose SIGTERM handler raises Preempted; the local store's
 # manifest publish sends the process SIGTERM before or after the manifest lands. One JSON
@@ -71,7 +71,7 @@ _SCRIPT = textwrap.dedent(
 def _files_listed(uri: Path) -> set[str]:
     """The data files and the chunk table the committed manifest at ``uri`` names."""
     data = (uri / "manifest.json").read_bytes()
-    return set(json.loads(data)["files"]) | {chunk_table_of(data) or "manifest.json"}
+    return set(json.loads(data)["files"]) | {peek_manifest(data).chunk_table or "manifest.json"}
 
 
 def test_a_sigterm_handlers_exception_during_publish_fails_the_save_and_keeps_committed_data(

@@ -302,7 +302,7 @@ def test_killed_saver_leaves_an_incomplete_checkpoint_that_latest_skips(tmp_path
     torchstow.save({"big": torch.ones(2)}, target)
     assert data_files(target) == sorted(debris + manifest(target)["files"])
     assert torch.equal(torchstow.read(target)["big"], torch.ones(2))
-    torchstow.delete(target)  # removes the debris too
+    torchstow.delete(target, force=True)  # removes the debris too (young: as if in flight)
     assert not os.path.exists(target)
 
 

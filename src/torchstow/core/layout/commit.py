@@ -8,7 +8,9 @@ to commit wins). When the write fails in a way that leaves its outcome open
 manifest is read back: if it carries this save's id the save committed. Only the
 store's failures (``OSError``) are read back so: any other exception raised while
 publishing (one a SIGTERM handler raises to stop training, say) propagates as it is,
-even when the manifest landed, and leaves the outcome to the caller (:func:`landed`).
+even when the manifest landed. :func:`publish_manifest` alone decides what a failure
+means (landed, certainly not, unknown) and notes it in a :class:`CommitOutcome`: the
+save's writer, ``copy`` and the tiered persist act on that note.
 After a commit only the files of the manifest this save replaced are
 removed, never those of a save still in flight.
 
@@ -24,36 +26,44 @@ import logging
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
-from torchstow.format.codec import decode_metadata, encode_manifest, save_id_of
+from torchstow.format.codec import decode_metadata, encode_manifest, peek_manifest
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, located_files
 from torchstow.format.table import TableLocations
 
 __all__ = [
+    "CommitOutcome",
     "UncertainCommitError",
     "committed_files",
+    "committed_manifest",
     "is_committed",
     "landed",
     "listed_files",
+    "manifest_files",
     "publish_manifest",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def _committed_with_table(store: ByteStore) -> tuple[Metadata, str | None] | None:
-    """The manifest at ``store`` now and the chunk table it names, or None when there is
-    none or it is unreadable."""
+def committed_manifest(store: ByteStore) -> Metadata | None:
+    """The manifest committed at ``store`` now, decoded (its chunk table read), or None
+    when there is none or it does not decode; raises what reading the store raised."""
     try:
         data = store.read_file(MANIFEST)
     except FileNotFoundError:
         return None
     try:
-        metadata = decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
+        return decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
     except TorchstowError:
         return None
+
+
+def manifest_files(metadata: Metadata) -> set[str]:
+    """The files a decoded manifest names: its data files and its chunk table (version 2)."""
     locations = metadata.storage_data  # version 2: over the table it read, which knows its name
-    return metadata, locations.table.name if isinstance(locations, TableLocations) else None
+    table = {locations.table.name} if isinstance(locations, TableLocations) else set()
+    return located_files(metadata) | table
 
 
 def is_committed(store: ByteStore, save_id: str) -> bool:
@@ -64,7 +74,7 @@ def is_committed(store: ByteStore, save_id: str) -> bool:
         data = store.read_file(MANIFEST)
     except FileNotFoundError:
         return False
-    return save_id_of(data) == save_id
+    return peek_manifest(data).save_id == save_id
 
 
 def landed(store: ByteStore, save_id: str) -> bool | None:
@@ -87,14 +97,11 @@ def listed_files(store: ByteStore) -> set[str] | None:
     """Data files the committed manifest at ``store`` lists, and its chunk table (none
     without a readable manifest), or None when the location could not be read."""
     try:
-        found = _committed_with_table(store)
+        found = committed_manifest(store)
     except Exception:
         logger.warning("could not read the committed manifest at %s", store.location, exc_info=True)
         return None
-    if found is None:
-        return set()
-    metadata, table = found
-    return located_files(metadata) | ({table} if table else set())
+    return set() if found is None else manifest_files(found)
 
 
 def committed_files(store: ByteStore) -> set[str]:
@@ -120,26 +127,69 @@ def _write_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
         store.publish(name, data)
 
 
+class CommitOutcome:
+    """What one :func:`publish_manifest` did, for the caller's cleanup after it raised:
+    ``landed`` is True once the manifest landed, False while it certainly has not and
+    will not (nothing was published yet, or the store's failure was read back), None
+    when that is unknown."""
+
+    __slots__ = ("landed",)
+
+    def __init__(self) -> None:
+        self.landed: bool | None = False
+
+
 def publish_manifest(
-    store: ByteStore, metadata: Metadata, *, overwrite: bool, version: int | None = None
+    store: ByteStore,
+    metadata: Metadata,
+    *,
+    overwrite: bool,
+    version: int | None = None,
+    outcome: CommitOutcome | None = None,
 ) -> None:
     """Write ``metadata`` (which carries its ``save_id``) as the location's manifest, in
-    format ``version`` (default ``metadata.version``), its chunk table first."""
+    format ``version`` (default ``metadata.version``), its chunk table first.
+
+    The one place that decides a commit's outcome, noted in ``outcome`` however it ends:
+    a failure before the manifest is published (encoding it, writing its chunk table) is
+    "not landed", and the chunk table goes; the store's failure (``OSError``) while
+    publishing is read back (this save's manifest there: it returns as committed; none or
+    another's: "not landed", the table goes; the read-back failing:
+    :class:`UncertainCommitError`, unknown); anything else raised while publishing (a
+    signal handler's exception) propagates as it is, the outcome read back: landed, or
+    unknown (never "not landed": the store may still be at work), the table kept.
+    """
     assert metadata.save_id is not None
-    manifest, tables = encode_manifest(metadata, version)
-    _write_tables(store, tables)
+    outcome = outcome or CommitOutcome()
+    outcome.landed = False
+    tables: dict[str, bytes] = {}
     try:
+        manifest, tables = encode_manifest(metadata, version)
+        _write_tables(store, tables)
+        outcome.landed = None  # unknown from here until publishing returns or surely failed
         _publish(store, metadata, manifest, overwrite)
     except UncertainCommitError:
         raise  # it may have landed: its table stays (gc removes it if it did not)
-    except OSError:  # the store's failure, surely not landed (read back)
-        try:
-            store.delete_files(sorted(tables))
-        except Exception:
-            logger.warning("removing the chunk table of a failed commit at %s failed", store.location)
+    except BaseException as exc:
+        # The store's failure was read back by _publish (not landed); anything else raised
+        # while publishing may have come after the manifest landed: read it back here.
+        if outcome.landed is None and not isinstance(exc, OSError):
+            outcome.landed = landed(store, metadata.save_id)
+        else:
+            outcome.landed = False
+            _remove_tables(store, tables)
         raise
-    # Anything else (an exception a signal handler raised meanwhile, an interrupt) propagates
-    # as it is: the manifest may have landed, so its table stays (gc removes it if it did not)
+    outcome.landed = True
+
+
+def _remove_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
+    """Remove the chunk table of a manifest that certainly did not land (never fails)."""
+    if not tables:
+        return
+    try:
+        store.delete_files(sorted(tables))
+    except Exception:
+        logger.warning("removing the chunk table of a failed commit at %s failed", store.location)
 
 
 def _publish(store: ByteStore, metadata: Metadata, manifest: bytes, overwrite: bool) -> None:

@@ -28,13 +28,7 @@ from typing import Any
 import torch
 
 from torchstow.core.futures import completed_future
-from torchstow.core.layout.commit import (
-    UncertainCommitError,
-    committed_files,
-    landed,
-    listed_files,
-    publish_manifest,
-)
+from torchstow.core.layout.commit import CommitOutcome, committed_files, listed_files, publish_manifest
 from torchstow.core.layout.compression import compress
 from torchstow.core.layout.digest_memo import DigestSlot
 from torchstow.core.layout.incremental import BaseContent, BaseLoader
@@ -155,10 +149,10 @@ class LayoutWriter(StorageWriter):
         #: How each item is compressed (``save(..., compression=)``; None: raw bytes).
         self.compression: str | None = None
         self._base: BaseContent | None = None
-        #: Whether ``finish`` ran here, and then whether its commit landed (True),
-        #: certainly failed (False) or left that unknown (None).
+        #: Whether ``finish`` ran here, and then what its commit did (landed, certainly
+        #: not, unknown: :class:`CommitOutcome`).
         self._finished = False
-        self._outcome: bool | None = False
+        self._commit = CommitOutcome()
         self._coordinator = False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -167,7 +161,7 @@ class LayoutWriter(StorageWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self._rank = int(kwargs.get("rank", 0))
         self._written = []
-        self._finished, self._outcome = False, False
+        self._finished, self._commit = False, CommitOutcome()
         self._coordinator = is_coordinator
         self._base = self.base_loader() if self.base_loader is not None else None
         self.store.prepare()
@@ -245,7 +239,7 @@ class LayoutWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit: every rank's results (columns, or :class:`WriteResult` objects from a
         writer of another kind, made columns here) become the manifest's chunk table."""
-        self._finished, self._outcome = True, False
+        self._finished, self._commit = True, CommitOutcome()
         batches = [location_columns(rank_results) for rank_results in results]
         metadata.committed_at = time.time()
         metadata.nbytes_written = sum(batch.bytes_written() for batch in batches)
@@ -284,21 +278,9 @@ class LayoutWriter(StorageWriter):
                 )
 
     def _publish(self, metadata: Metadata) -> None:
-        """Publish ``metadata`` as the location's manifest, noting for :meth:`commit_outcome`
-        whether it landed (True), certainly did not (False) or left that unknown (None)."""
-        assert metadata.save_id is not None
-        try:
-            self._outcome = None  # unknown from here until publishing returns or surely failed
-            publish_manifest(self.store, metadata, overwrite=self.overwrite)
-        except UncertainCommitError:
-            raise
-        except OSError:
-            self._outcome = False  # certainly not landed: publish_manifest read it back
-            raise
-        except Exception:  # not the store's (a signal handler's, say): landed, or unknown
-            self._outcome = landed(self.store, metadata.save_id)
-            raise
-        self._outcome = True
+        """Publish ``metadata`` as the location's manifest, its outcome noted for
+        :meth:`commit_outcome` (decided by :func:`publish_manifest`)."""
+        publish_manifest(self.store, metadata, overwrite=self.overwrite, outcome=self._commit)
 
     def commit_outcome(self) -> bool | None:
         """Whether this save committed: on the coordinator, what its ``finish`` saw (False
@@ -306,9 +288,14 @@ class LayoutWriter(StorageWriter):
         committed at the location lists a data file this rank wrote (their names carry
         this save's id), else None (unknown)."""
         if self._finished or self._coordinator:
-            return self._outcome
+            return self._commit.landed
         mine = set(self._written)
-        return True if mine and mine & (listed_files(self.store) or set()) else None
+        return True if mine and mine & (self._listed() or set()) else None
+
+    def _listed(self) -> set[str] | None:
+        """The files the manifest committed at the location names now (None: unreadable),
+        as a failed save's cleanup and read-back see them."""
+        return listed_files(self.store)
 
     def abort(self) -> None:
         """Remove the data files this rank wrote for a save that certainly did not
@@ -317,7 +304,7 @@ class LayoutWriter(StorageWriter):
         adopted = self._base.adopted if self._base is not None else []
         if not self._written and not adopted:
             return
-        listed = listed_files(self.store)
+        listed = self._listed()
         if self._written:
             self.store.delete_files([n for n in self._written if listed is None or n not in listed])
             self._written = []

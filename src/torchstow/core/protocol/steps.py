@@ -346,7 +346,7 @@ def _write_and_commit(
     rank died, a collective failed or timed out) or the coordinator cannot tell,
     the outcome is unknown: the rank asks the writer to read the location
     (:meth:`StorageWriter.commit_outcome`) and otherwise keeps its files, for a
-    later ``delete`` to collect; a committed manifest may name them.
+    later ``gc`` to collect; a committed manifest may name them.
     """
     try:
         own, result, _ = _coordinate(coll, step, write, commit)
@@ -408,8 +408,8 @@ def _settle(
     else:
         exc.add_note(
             f"rank {coll.rank}: whether the checkpoint committed is unknown here, so this rank's "
-            "files are kept: a committed manifest may name them. If none did, torchstow.delete "
-            "removes them"
+            "files are kept: a committed manifest may name them. If none did, torchstow gc removes "
+            "them after its grace period (torchstow.delete(..., force=True) at once)"
         )
 
 

@@ -35,7 +35,7 @@ import torch
 
 from torchstow.checkpointing.async_save import _FailedWriter
 from torchstow.core.dtensors import local_view
-from torchstow.core.layout.commit import is_committed, landed, publish_manifest
+from torchstow.core.layout.commit import committed_manifest, is_committed, manifest_files, publish_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.layout.writer import LayoutWriter
@@ -52,14 +52,16 @@ from torchstow.core.protocol.steps import (
 )
 from torchstow.core.staging.stager import StateDictStager
 from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.interfaces import StorageWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointException,
     CheckpointNotFoundError,
+    CheckpointTimeoutError,
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
-from torchstow.format.codec import chunk_table_of, decode_metadata
+from torchstow.format.codec import decode_metadata, peek_manifest
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
 from torchstow.management.datafiles import FileSpans, scan_file, spans_by_file
@@ -103,11 +105,36 @@ class _RootCopy(LayoutWriter):
     """One rank's part of a persist, as the save protocol's commit-or-abort sees it: the
     files it copies into the root's step, which :meth:`abort` removes (never one a
     manifest committed there lists) only when the commit certainly did not happen, and on
-    the coordinator the outcome of publishing the step's manifest there."""
+    the coordinator the outcome of publishing the step's manifest (save ``save_id``) there.
 
-    def __init__(self, store: ByteStore, coordinator: bool) -> None:
+    Elsewhere, after a failure, one read of the root's manifest serves both the cleanup
+    (the files it names) and :meth:`commit_outcome` (whether it is this save's)."""
+
+    def __init__(self, store: ByteStore, coordinator: bool, save_id: str) -> None:
         super().__init__(store, thread_count=1)
         self._coordinator = coordinator
+        self._save_id = save_id
+        self._root: tuple[set[str] | None, bool | None] | None = None
+
+    def _read_root(self) -> tuple[set[str] | None, bool | None]:
+        """What the root's manifest names (None: unreadable), and True when it is this
+        save's (else None: unknown); read once."""
+        if self._root is None:
+            try:
+                found = committed_manifest(self.store)
+            except Exception:
+                logger.warning("could not read the manifest at %s back", self.store.location, exc_info=True)
+                self._root = None, None
+            else:
+                files = set() if found is None else manifest_files(found)
+                self._root = files, True if found is not None and found.save_id == self._save_id else None
+        return self._root
+
+    def _listed(self) -> set[str] | None:
+        return self._read_root()[0]
+
+    def commit_outcome(self) -> bool | None:
+        return super().commit_outcome() if self._coordinator else self._read_root()[1]
 
     def copy(self, source: ByteStore, files: list[str], spans: dict[str, FileSpans], again: bool) -> int:
         """Copy ``files`` (checking every block); ``again``: a retry that knows no manifest of
@@ -383,31 +410,68 @@ class TieredManager:
         self, step: int, staged: Any, user_metadata: dict[str, Any], handle: TieredSave
     ) -> None:
         """Persist ``step`` from the staged state against the newest intact durable step (on the
-        fast thread: the staged buffers are refilled by the next save)."""
-        from torchstow.api import save
+        fast thread: the staged buffers are refilled by the next save). A save that failed
+        after its manifest landed all the same makes the step durable, as a plain persist."""
+        from torchstow.api import save, storage_writer
         from torchstow.management.manager import _base_problem
 
         started = time.perf_counter()
+        writer = None
         try:
             base = None
             for candidate in sorted(self._root_steps(), reverse=True):
                 if candidate < step and _base_problem(self.uri(candidate), self.storage_options) is None:
                     base = self.uri(candidate)
                     break
+            writer = storage_writer(self.uri(step), storage_options=self.storage_options)
             metadata = save(
                 staged,
-                self.uri(step),
+                storage_writer=writer,
                 storage_options=self.storage_options,
                 metadata=user_metadata,
                 base=base,
                 process_group=self._group,
             )
         except BaseException as exc:
-            logger.warning("persisting step %d to %s failed: %s", step, self.root, exc)
-            handle._fail(exc)
-            return
-        handle._reach("durable", metadata.nbytes_written or 0, started)
+            nbytes = self._committed_anyway(step, writer, exc)
+            if nbytes is None:
+                logger.warning("persisting step %d to %s failed: %s", step, self.root, exc)
+                handle._fail(exc)
+                return
+            logger.warning(
+                "persisting step %d to %s failed, but its manifest is committed: the step is durable: %s",
+                step,
+                self.root,
+                exc,
+            )
+        else:
+            nbytes = metadata.nbytes_written or 0
+        handle._reach("durable", nbytes, started)
         self._prune_root(self._coll)
+
+    def _committed_anyway(self, step: int, writer: StorageWriter | None, exc: BaseException) -> int | None:
+        """After a failed incremental persist: the bytes it wrote when its manifest committed all
+        the same, else None. Every rank learns it from the coordinator (which knows what its
+        commit did) when every rank raised the save's own exception and no rank lost contact;
+        otherwise the collective is not trusted and the step is not reported durable."""
+        if (
+            writer is None
+            or not isinstance(exc, CheckpointException)
+            or isinstance(exc, CheckpointTimeoutError)
+        ):
+            return None
+
+        def committed() -> int | None:
+            if writer.commit_outcome() is not True:
+                return None
+            return self._root_backend.read_metadata(self.uri(step)).nbytes_written or 0
+
+        try:
+            found: int | None = broadcast_from_coordinator(self._coll, "tiered: persist outcome", committed)
+        except Exception as error:
+            logger.warning("could not tell whether step %d committed in %s: %s", step, self.root, error)
+            return None
+        return found
 
     def _prune_root(self, coll: Collective) -> None:
         """After a persist: prune the root with ``keep_last`` / ``keep_every`` on the coordinator
@@ -440,11 +504,11 @@ class TieredManager:
         started = time.perf_counter()
         coll = self._persist_coll
         target = self._root_backend.open_store(self.uri(job.step))
-        writer = _RootCopy(target, coll.is_coordinator)
-        progress = _SaveProgress()
-        spans = spans_by_file(job.metadata)
         save_id = job.metadata.save_id
         assert save_id is not None
+        writer = _RootCopy(target, coll.is_coordinator, save_id)
+        progress = _SaveProgress()
+        spans = spans_by_file(job.metadata)
 
         def copy() -> None:
             job.nbytes = writer.copy(self._fast_store(job.step), job.files, spans, again=job.retried)
@@ -463,8 +527,9 @@ class TieredManager:
             _write_and_commit(coll, writer, copy, commit, progress, "tiered: persist")
         except BaseException as exc:
             # This rank's copies are removed, or kept, already. Did the step commit? The
-            # coordinator knows what its commit did; another rank reads the root back.
-            committed = writer.commit_outcome() if coll.is_coordinator else landed(target, save_id)
+            # coordinator knows what its commit did; another rank reads the root back (once:
+            # the read its cleanup made, if it made one).
+            committed = writer.commit_outcome()
             self._persist_failed(job, exc, bool(committed), started)
             return
         self._durable(job, started)
@@ -646,7 +711,7 @@ class TieredManager:
             store = self._root_backend.open_store(self.uri(step))
             try:
                 data = store.read_file(MANIFEST)
-                table = chunk_table_of(data)
+                table = peek_manifest(data).chunk_table
                 found = (data, {table: store.read_file(table)} if table else {})
             except FileNotFoundError:
                 found = None
