@@ -23,7 +23,7 @@ from torchstow.errors import SaveInFlightError
 from torchstow.format.files import MANIFEST
 from torchstow.management.gc import GRACE
 
-from cli_helpers import assert_one_line_error, invoke
+from cli_helpers import S3_KEYS, assert_one_line_error, invoke
 from waits import wait_until
 
 gc_module = importlib.import_module("torchstow.management.gc")  # the module (the package exports gc())
@@ -123,3 +123,11 @@ def test_rm_reads_the_manifest_and_lists_the_location_once(
     assert not where.exists()
     assert reads.count(MANIFEST) == 1 and len(reads) == 2, reads  # the manifest and its chunk table
     assert len(lists) <= 2, lists  # the check's and the backend's delete's own
+
+
+def test_delete_in_a_bucket_that_does_not_exist_is_checkpoint_not_found(cli_s3: str) -> None:
+    """No bucket, no save in flight: delete says there is no checkpoint (CheckpointNotFoundError,
+    as before the in-flight check), not the S3 error of listing the bucket's uploads."""
+    options = {"endpoint_url": cli_s3, **S3_KEYS}
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="no checkpoint at"):
+        torchstow.delete("s3://no-such-bucket-for-rm/run/step-1", storage_options=options)

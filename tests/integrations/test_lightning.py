@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
 import lightning.pytorch as pl
@@ -233,6 +234,31 @@ def test_async_removal_waits_for_the_newer_save_and_is_skipped_if_it_failed(tmp_
     with pytest.raises(torchstow.CheckpointException, match="OSError"):
         io.teardown()
     assert torchstow.read(f"{tmp_path}/slow.ckpt")["global_step"] == 4  # kept: the newer one failed
+
+
+@pytest.mark.parametrize("plugin", [TorchstowCheckpointIO, AsyncTorchstowCheckpointIO])
+def test_a_checkpoint_saved_again_after_a_preemption_is_removed_like_any_other(
+    tmp_path: Any, plugin: Any
+) -> None:
+    """A run preempted while saving step 4 resumes and saves step 4 again at the same path;
+    the killed save's files (written minutes ago, named by no manifest) stay beside the new
+    checkpoint. When ModelCheckpoint later removes it, the whole checkpoint goes: the plugin's
+    own saves there have ended, so nothing there is a save in flight."""
+    step4, step5 = str(tmp_path / "epoch=0-step=4.ckpt"), str(tmp_path / "epoch=0-step=5.ckpt")
+    killed = tmp_path / "killed"
+    torchstow.save(_checkpoint(4), str(killed))  # the data file the preempted save had written
+    os.makedirs(step4)
+    for name in os.listdir(killed):
+        if name.startswith("data-"):
+            os.replace(killed / name, os.path.join(step4, name))
+    shutil.rmtree(killed)
+    io = plugin()
+    io.save_checkpoint(_checkpoint(4), step4)
+    io.save_checkpoint(_checkpoint(5), step5)
+    io.remove_checkpoint(step4)
+    io.teardown()
+    assert not os.path.exists(step4)
+    assert [i.uri for i in torchstow.list_checkpoints(str(tmp_path))] == [step5]
 
 
 @pytest.mark.slow

@@ -111,3 +111,39 @@ def incremental_commit_raises_after_root_manifest(rank: int, world_size: int, ro
             return {"level": handle.level, "exception": repr(handle.exception())}
         finally:
             manager.close()
+
+
+def incremental_root_listing_fails_on(rank: int, world_size: int, root: str, fast: str, failing: int) -> dict:
+    """Persist steps 1 to 3 incrementally; listing the root fails on rank ``failing`` while
+    step 2's persist looks for its base. What each rank's handles of steps 2 and 3 say."""
+    from torchstow.management import catalog
+
+    os.environ["TORCHSTOW_NODE"] = str(rank)
+    original = catalog.list_checkpoints
+    armed = {"on": False}
+
+    def list_checkpoints(uri: Any, **kwargs: Any) -> Any:
+        if armed["on"] and rank == failing:
+            armed["on"] = False
+            raise OSError("listing the root failed")
+        return original(uri, **kwargs)
+
+    catalog.list_checkpoints = list_checkpoints  # type: ignore[assignment]
+    manager = TieredManager(root, fast, persist_every=1, replicas=1, timeout=20, incremental=True)
+    try:
+        assert manager.save(1, state(1, rank)).result() == "durable"
+        armed["on"] = True
+        second = manager.save(2, state(2, rank))
+        with contextlib.suppress(Exception):
+            second.wait("durable")
+        armed["on"] = False
+        third = manager.save(3, state(3, rank))
+        with contextlib.suppress(Exception):
+            third.wait("durable")
+        return {
+            "levels": [second.level, third.level],
+            "errors": [type(h.exception()).__name__ if h.exception() else None for h in (second, third)],
+        }
+    finally:
+        catalog.list_checkpoints = original  # type: ignore[assignment]
+        manager.close()

@@ -15,6 +15,7 @@ from persist_scenarios import (
     coordinator_raises_after_root_manifest,
     frozen_on_rank_1,
     incremental_commit_raises_after_root_manifest,
+    incremental_root_listing_fails_on,
     state,
 )
 
@@ -227,3 +228,27 @@ def test_every_rank_reports_an_incremental_persist_durable_when_its_commit_raise
     for rank in range(2):
         assert torch.equal(restored[f"w{rank}"], frozen_on_rank_1(2, rank)[f"w{rank}"])
     assert verify(str(root / "step-2")).ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", [0, 1])
+def test_an_incremental_persist_whose_base_lookup_fails_on_one_rank_fails_alike_everywhere(
+    tmp_path: Path, failing: int
+) -> None:
+    """Two gloo ranks, incremental: listing the root for step 2's base fails on one rank. The
+    coordinator alone picks the base, so every rank saves against the same one: a failure
+    there fails step 2 with a CheckpointException on every rank at once (no rank waits for
+    one that never joined the save), and step 3 persists on both."""
+    root = tmp_path / "root"
+    outcomes = WorkerPool.run_once(
+        2, incremental_root_listing_fails_on, str(root), f"{tmp_path}/fast/{{node}}", failing, timeout=150
+    )
+    assert [o.status for o in outcomes] == ["ok", "ok"], outcomes
+    second = ("failed", "CheckpointException") if failing == 0 else ("durable", None)
+    for outcome in outcomes:
+        levels, errors = outcome.value["levels"], outcome.value["errors"]
+        assert (levels[0] if errors[0] is None else "failed", errors[0]) == second, outcome.value
+        assert (levels[1], errors[1]) == ("durable", None), outcome.value
+    restored = torchstow.read(str(root / "step-3"))
+    for rank in range(2):
+        assert torch.equal(restored[f"w{rank}"], state(3, rank)[f"w{rank}"])

@@ -119,7 +119,9 @@ class TorchstowCheckpointIO(CheckpointIO):
         if not self._may_remove(uri):
             return
         try:
-            torchstow.delete(uri, storage_options=self.storage_options)
+            # force: this plugin's saves there have ended; files no manifest names are a killed
+            # save's (a preempted run that saved this step again), not a save in flight
+            torchstow.delete(uri, storage_options=self.storage_options, force=True)
         except torchstow.CheckpointNotFoundError:
             logger.debug("no checkpoint to remove at %s", uri)
 

@@ -118,7 +118,12 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
 def _refuse_in_flight(store: ByteStore, files: list[str], listed: set[str] | None) -> None:
     """SaveInFlightError when gc would leave files at ``store`` alone as a save's in flight
     (``files``: the location's listing; ``listed``: what its committed manifest names)."""
-    young = in_flight(store, files=files, listed=listed)
+    try:
+        young = in_flight(store, files=files, listed=listed)
+    except FileNotFoundError:
+        if files:
+            raise
+        return  # nothing there, not even its bucket: no save either (the deletion says so)
     if young:
         shown = ", ".join(young[:3]) + (f" and {len(young) - 3} more" if len(young) > 3 else "")
         files_young = f"{len(young)} file" + ("s" if len(young) > 1 else "")

@@ -31,3 +31,41 @@ def unencodable_save(rank: int, world_size: int, path: str) -> dict[str, Any]:
     else:
         failed, notes = [], []
     return {"failed": failed, "notes": notes}
+
+
+def landed_then_raised_unreadable_elsewhere(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Each rank saves a tensor of its own; the coordinator's manifest publish raises right
+    after the manifest landed (a signal handler's exception, say), and rank 1 cannot read
+    the manifest back. The failures each rank raised, and its notes."""
+    import os
+
+    from torchstow.backends.filesystem import LocalFileStore
+    from torchstow.format.files import MANIFEST
+
+    original_publish, original_read = LocalFileStore.publish_new, LocalFileStore.read_file
+
+    def publish_new(self: LocalFileStore, name: str, data: bytes) -> None:
+        original_publish(self, name, data)
+        if name == MANIFEST:
+            raise RuntimeError("SIGTERM: stop training")
+
+    def read_file(self: LocalFileStore, name: str) -> bytes:
+        if name == MANIFEST and os.path.exists(os.path.join(path, MANIFEST)):
+            raise OSError("the manifest could not be read back")
+        return original_read(self, name)
+
+    if rank == 0:
+        LocalFileStore.publish_new = publish_new  # type: ignore[method-assign]
+    else:
+        LocalFileStore.read_file = read_file  # type: ignore[method-assign]
+    try:
+        torchstow.save({f"w{rank}": torch.arange(1024.0) + rank}, path)
+    except torchstow.CheckpointException as exc:
+        failed = sorted(type(e).__name__ for e, _ in exc.failures.values())
+        notes = getattr(exc, "__notes__", [])
+    else:
+        failed, notes = [], []
+    finally:
+        LocalFileStore.publish_new = original_publish  # type: ignore[method-assign]
+        LocalFileStore.read_file = original_read  # type: ignore[method-assign]
+    return {"failed": failed, "notes": notes}

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from commit_scenarios import unencodable_save
+from commit_scenarios import landed_then_raised_unreadable_elsewhere, unencodable_save
 
 import torchstow
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.layout.commit import CommitOutcome, publish_manifest
 from torchstow.format.codec import decode_metadata
 from torchstow.format.files import MANIFEST, chunk_table_name, is_chunk_table
+from torchstow.format.manifest import located_files
 
 
 def test_a_manifest_that_cannot_be_encoded_is_not_committed_and_every_ranks_files_go(
@@ -30,6 +31,26 @@ def test_a_manifest_that_cannot_be_encoded_is_not_committed_and_every_ranks_file
         assert outcome["failed"] == ["ValueError"], outcome  # the encoder's error, on every rank
         assert not any("unknown" in note or "kept" in note for note in outcome["notes"]), outcome
     assert sorted(os.listdir(path)) == []  # removed at once: nothing left for gc
+
+
+def test_a_manifest_that_landed_before_the_commit_raised_keeps_every_ranks_files(
+    pools: Any, tmp_path: Path
+) -> None:
+    """The coordinator's commit raises after its manifest landed: no rank treats that as
+    "not landed", so rank 1 keeps its file even where it cannot read the manifest back."""
+    path = tmp_path / "ckpt"
+    outcomes = pools(2).run(landed_then_raised_unreadable_elsewhere, str(path))
+    for outcome in outcomes:
+        assert outcome["failed"] == ["RuntimeError"], outcome  # the save fails all the same
+    assert any("did commit" in note for note in outcomes[0]["notes"]), outcomes[0]
+    assert any("kept" in note for note in outcomes[1]["notes"]), outcomes[1]
+    store = LocalFileStore(str(path), str(path))
+    named = located_files(decode_metadata((path / MANIFEST).read_bytes(), read_file=store.read_file))
+    assert {n.split("-")[2] for n in named} == {"0", "1"}  # a data file of each rank
+    assert named <= set(os.listdir(path))
+    loaded = torchstow.read(str(path))
+    for rank in range(2):
+        assert torch.equal(loaded[f"w{rank}"], torch.arange(1024.0) + rank)
 
 
 def _saved(tmp_path: Path) -> tuple[LocalFileStore, Any]:

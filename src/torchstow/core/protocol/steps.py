@@ -71,8 +71,9 @@ def _timed(step: str, rank: int, stats: SaveStats | None = None) -> Callable[[_F
 class _Failed:
     """What travels between ranks when a step failed somewhere: rank -> failure.
 
-    ``outcome_unknown`` is set by a coordinator whose commit failed in a way that
-    leaves open whether the manifest landed (see :func:`_write_and_commit`).
+    ``outcome_unknown`` is set by a coordinator whose commit failed but may have
+    landed, or did (see :func:`_write_and_commit`): the other ranks then read the
+    location rather than remove their files.
     """
 
     __slots__ = ("failures", "outcome_unknown")
@@ -356,7 +357,8 @@ def _write_and_commit(
     packed = None
     if coll.is_coordinator:
         if isinstance(result, _Failed) and progress.committing:
-            result.outcome_unknown = _outcome(writer, progress) is None
+            # landed or unknown: never "failed for good", which lets every rank remove its files
+            result.outcome_unknown = _outcome(writer, progress) is not False
         packed, unsendable = _outgoing(coll, result)
         if unsendable is not None:  # a committed manifest that does not pickle: let ranks look
             packed = _outgoing(coll, _Failed({coll.rank: unsendable}, progress.committing))[0]

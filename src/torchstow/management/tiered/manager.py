@@ -410,19 +410,23 @@ class TieredManager:
         self, step: int, staged: Any, user_metadata: dict[str, Any], handle: TieredSave
     ) -> None:
         """Persist ``step`` from the staged state against the newest intact durable step (on the
-        fast thread: the staged buffers are refilled by the next save). A save that failed
-        after its manifest landed all the same makes the step durable, as a plain persist."""
+        fast thread: the staged buffers are refilled by the next save). The coordinator picks
+        that base for every rank: a rank that failed on its own to look for one would never
+        join the save the others wait in. A save that failed after its manifest landed all the
+        same makes the step durable, as a plain persist."""
         from torchstow.api import save, storage_writer
         from torchstow.management.manager import _base_problem
+
+        def newest_intact() -> str | None:
+            for candidate in sorted(self._root_steps(), reverse=True):
+                if candidate < step and _base_problem(self.uri(candidate), self.storage_options) is None:
+                    return self.uri(candidate)
+            return None
 
         started = time.perf_counter()
         writer = None
         try:
-            base = None
-            for candidate in sorted(self._root_steps(), reverse=True):
-                if candidate < step and _base_problem(self.uri(candidate), self.storage_options) is None:
-                    base = self.uri(candidate)
-                    break
+            base = broadcast_from_coordinator(self._coll, "tiered: persist base", newest_intact)
             writer = storage_writer(self.uri(step), storage_options=self.storage_options)
             metadata = save(
                 staged,
