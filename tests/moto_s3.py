@@ -3,10 +3,11 @@
 It is moto's own WSGI application (``moto.server``'s), hosted in werkzeug's threaded
 server as ``moto.server`` hosts it, in one process (moto keeps its objects in that
 process's memory), with one difference: a request body of known length is read in one
-piece (:class:`WholeBodies`). werkzeug's dev server otherwise hands moto the body through
-64 KiB reads, each copied twice more, and that cost a quarter of the server's CPU time on
-a save (``benchmarks/bench_s3_link.py`` reports the server alone). ``python
-tests/moto_s3.py PORT`` serves it in a process of its own (what the benchmarks run)."""
+piece (:class:`WholeBodies`). werkzeug's request otherwise reads the body in 64 KiB pieces
+and copies each twice more: in a profile of a save that took about an eighth of the
+server's time beyond the socket reads themselves (docs/benchmarks.md, "S3 through a shaped
+link"). ``python tests/moto_s3.py PORT`` serves it in a process of its own (what the
+benchmarks run)."""
 
 from __future__ import annotations
 
