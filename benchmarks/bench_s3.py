@@ -9,6 +9,7 @@ wrote (untimed) so the server's memory stays flat; the report uses medians.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -36,6 +37,18 @@ BUCKET = "torchstow-bench"
 # ones, rather than returning each to the kernel and faulting in fresh zeroed pages for
 # the next: moto copies every byte of a save about six times, each copy into new memory
 _MALLOC = f"glibc.malloc.mmap_threshold={32 << 20}:glibc.malloc.trim_threshold={4 << 30}"
+_PIDS: dict[str, int] = {}  # the server process behind each endpoint moto_server yields
+
+
+def server_cpu_seconds(endpoint: str) -> float:
+    """CPU seconds (user and system) the moto server behind ``endpoint`` has used so far
+    (Linux's /proc; NaN where there is none)."""
+    try:
+        with open(f"/proc/{_PIDS[endpoint]}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -62,8 +75,11 @@ def moto_server() -> Iterator[str]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("the moto server did not start") from None
                 time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        endpoint = f"http://127.0.0.1:{port}"
+        _PIDS[endpoint] = proc.pid
+        yield endpoint
     finally:
+        _PIDS.pop(f"http://127.0.0.1:{port}", None)
         proc.terminate()
         proc.wait(timeout=30)
 
