@@ -9,6 +9,8 @@ wrote (untimed) so the server's memory stays flat; the report uses medians.
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 import subprocess
 import sys
@@ -31,16 +33,37 @@ MiB = 1 << 20
 BUCKET = "torchstow-bench"
 
 
+# The server's allocator keeps freed blocks up to 32 MiB (a part, a body) for the next
+# ones, rather than returning each to the kernel and faulting in fresh zeroed pages for
+# the next: moto copies every byte of a save about six times, each copy into new memory
+_MALLOC = f"glibc.malloc.mmap_threshold={32 << 20}:glibc.malloc.trim_threshold={4 << 30}"
+_PIDS: dict[str, int] = {}  # the server process behind each endpoint moto_server yields
+
+
+def server_cpu_seconds(endpoint: str) -> float:
+    """CPU seconds (user and system) the moto server behind ``endpoint`` has used so far
+    (Linux's /proc; NaN where there is none)."""
+    try:
+        with open(f"/proc/{_PIDS[endpoint]}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def moto_server() -> Iterator[str]:
-    """A moto S3 server in a child process; yields its endpoint URL."""
+    """The tests' moto S3 server (``tests/moto_s3.py``: moto's own application) in a child
+    process, its allocator tuned (:data:`_MALLOC`); yields its endpoint URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "moto_s3.py")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, server, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "GLIBC_TUNABLES": _MALLOC},
     )
     try:
         deadline = time.monotonic() + 60
@@ -52,8 +75,11 @@ def moto_server() -> Iterator[str]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("the moto server did not start") from None
                 time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        endpoint = f"http://127.0.0.1:{port}"
+        _PIDS[endpoint] = proc.pid
+        yield endpoint
     finally:
+        _PIDS.pop(f"http://127.0.0.1:{port}", None)
         proc.terminate()
         proc.wait(timeout=30)
 

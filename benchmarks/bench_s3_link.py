@@ -19,9 +19,12 @@ contender through it, and torchstow with 5% of the requests answered 503 SlowDow
 link's limit is what its caps allow at best for the bytes in 16 MiB requests over as many
 connections as help (:meth:`Link.limit`). The proxy runs in a process of its own (its
 threads pace every byte; in the client's process they would take the client's
-interpreter). moto keeps objects in memory (``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``, rather
-than spilling each one over 5 MiB to a temporary file), and each contender's objects are
-deleted after its round (untimed). ``--ops save`` skips the loads (each save is then
+interpreter). The server is moto's own application as ``tests/moto_s3.py`` hosts it
+(each request body read in one piece, its allocator keeping freed blocks: see
+``bench_s3.moto_server``); it keeps objects in memory (``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``,
+rather than spilling each one over 5 MiB to a temporary file), each contender's objects
+are deleted after its round (untimed), and its CPU seconds per GiB are reported with
+each row. ``--ops save`` skips the loads (each save is then
 checked by the bytes it stored; DCP's fsspec reader takes minutes per GiB). A small run
 (``--mib 64 --repeats 1``) takes seconds."""
 
@@ -47,9 +50,11 @@ sys.path.insert(0, HERE)
 TESTS = os.path.join(HERE, "..", "tests", "backends")
 sys.path.insert(0, TESTS)  # the shaped proxy lives with the tests
 
-from bench_s3 import BUCKET, moto_server  # noqa: E402
+from bench_s3 import BUCKET, moto_server, server_cpu_seconds  # noqa: E402
 from common import assert_equal, large_state_dict, tensor_bytes, timed, zeros_like_state_dict  # noqa: E402
 from s3_faults import Link, MiB  # noqa: E402
+
+GiB = 1 << 30
 
 CREDS = {"key": "bench", "secret": "bench"}
 
@@ -160,7 +165,8 @@ def run(
     link: Link | None, mib: int, repeats: int, only: str | None = None, ops: tuple[str, ...] = OPS
 ) -> dict[str, float]:
     """Median seconds of each contender's (or ``only`` one's) save and load (those of ``ops``)
-    through ``link`` (None: straight to the server), by ``"save NAME"`` and ``"load NAME"``.
+    through ``link`` (None: straight to the server), by ``"save NAME"`` and ``"load NAME"``,
+    and the server's CPU seconds for each, by ``"server save NAME"`` (the median's run).
     Without a load, each save is checked by the bytes it stored."""
     import s3fs
 
@@ -170,24 +176,33 @@ def run(
     with moto_server() as upstream:
         fs = s3fs.S3FileSystem(**CREDS, endpoint_url=upstream, skip_instance_cache=True)
         fs.mkdir(BUCKET)
+
+        def measured(fn: Callable[[], Any]) -> tuple[float, float]:
+            """``fn``'s seconds and the server's CPU seconds meanwhile."""
+            before = server_cpu_seconds(upstream)
+            (seconds,) = timed(fn, 1)
+            return seconds, server_cpu_seconds(upstream) - before
+
         with shaped_link(upstream, link) as endpoint:
             for name, (save, load) in peers(endpoint).items():
                 if only is not None and name != only:
                     continue
                 target = zeros_like_state_dict(sd)
-                times: dict[str, list[float]] = {op: [] for op in ops}
+                times: dict[str, list[tuple[float, float]]] = {op: [] for op in ops}
                 for _ in range(repeats):
                     url = f"s3://{BUCKET}/{name.replace(' ', '-').replace('=', '')}-{uuid.uuid4().hex[:8]}"
-                    times["save"] += timed(lambda save=save, url=url: save(sd, url), 1)
+                    times["save"].append(measured(lambda save=save, url=url: save(sd, url)))
                     if "load" in ops:
-                        times["load"] += timed(lambda load=load, url=url, target=target: load(target, url), 1)
+                        times["load"].append(measured(lambda load=load, url=url, t=target: load(t, url)))
                     else:
                         assert fs.du(url) >= tensor_bytes(sd), (name, fs.du(url))
                     fs.rm(url, recursive=True)  # untimed: the server's memory stays flat
                 if "load" in ops:
                     assert_equal(sd, target)
-                for op, seconds in times.items():
-                    medians[f"{op} {name}"] = sorted(seconds)[len(seconds) // 2]
+                for op, runs in times.items():
+                    seconds, cpu = sorted(runs)[len(runs) // 2]
+                    medians[f"{op} {name}"] = seconds
+                    medians[f"server {op} {name}"] = cpu
     return medians
 
 
@@ -229,16 +244,24 @@ def main() -> None:
     bare = run(None, args.mib, args.repeats, only=args.only, ops=("save",))
     if "load" in ops:
         bare.update(run(None, args.mib, args.repeats, only="torchstow", ops=ops))
-    print("no link (the server alone):", flush=True)
+    print("no link (the server alone; its CPU seconds per GiB moved):", flush=True)
     for op_name, seconds in bare.items():
-        print(f"  {op_name:<32} {nbytes / seconds / MiB:7.1f} MiB/s", flush=True)
+        if not op_name.startswith("server "):
+            cpu = bare[f"server {op_name}"] * GiB / nbytes
+            print(f"  {op_name:<32} {nbytes / seconds / MiB:7.1f} MiB/s  {cpu:4.1f} CPU-s/GiB", flush=True)
     for link in links:
         limit = link.limit(requests, connections=len(requests))
         print(f"link: {describe(link)}; its limit for {args.mib} MiB: {limit / MiB:.0f} MiB/s", flush=True)
         clean = run(link, args.mib, args.repeats, only=args.only, ops=ops)
         for op_name, seconds in clean.items():
-            rate = nbytes / seconds
-            print(f"  {op_name:<32} {rate / MiB:7.1f} MiB/s  {rate / limit:5.2f}x the limit", flush=True)
+            if op_name.startswith("server "):
+                continue
+            rate, cpu = nbytes / seconds, clean[f"server {op_name}"] * GiB / nbytes
+            print(
+                f"  {op_name:<32} {rate / MiB:7.1f} MiB/s  {rate / limit:5.2f}x the limit  "
+                f"(the server: {cpu:4.1f} CPU-s/GiB)",
+                flush=True,
+            )
         if args.no_slowdown:
             continue
         throttled = Link(link.latency, link.per_connection, link.total, slowdown=0.05, seed=1)

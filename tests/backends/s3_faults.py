@@ -23,6 +23,7 @@ import random
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -127,9 +128,46 @@ class _Server(ThreadingHTTPServer):
     acknowledge a slow link's last megabytes seconds before the link delivers them, and
     the client would see its whole body gone while the link still carries it."""
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gone: list[object] = []  # clients that went away mid-request or between requests
+
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _CHUNK)  # accepted ones inherit it
         super().server_bind()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that closed or reset its connection (a request cancelled, a connection
+        dropped from its pool: what a fault proxy sees all the time) is counted, not
+        reported; any other error, the upstream's included (:class:`UpstreamError`), is
+        printed with its traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            self.gone.append(client_address)  # list.append is atomic: handler threads share it
+            return
+        super().handle_error(request, client_address)
+
+
+class UpstreamError(RuntimeError):
+    """The server behind the proxy failed to take a request or to answer it."""
+
+
+class _Upstream(http.client.HTTPConnection):
+    """The connection to the server behind the proxy, whose failures are errors of their own
+    (:class:`UpstreamError`), not a client's going away."""
+
+    def send(self, data: object) -> None:
+        try:
+            super().send(data)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise UpstreamError(f"sending to {self.host}:{self.port}: {exc!r}") from exc
+
+    def reply(self) -> tuple[http.client.HTTPResponse, bytes]:
+        """The response and its body."""
+        try:
+            response = self.getresponse()
+            return response, response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise UpstreamError(f"the reply of {self.host}:{self.port}: {exc!r}") from exc
 
 
 @dataclass
@@ -265,7 +303,7 @@ class FaultProxy:
             def _chunked(self) -> bool:
                 return self.headers.get("Transfer-Encoding", "").lower() == "chunked"
 
-            def _stream(self, conn: http.client.HTTPConnection) -> None:
+            def _stream(self, conn: _Upstream) -> None:
                 """Send the request upstream as the link delivers its body (the server takes
                 it in meanwhile, as it would from a real link), its last piece (or, without
                 a body, its headers' end) after the latency: the server has the whole request
@@ -290,7 +328,7 @@ class FaultProxy:
                 """Forward the request (``body``: as read, or None to pass it on as it arrives)
                 and pass the reply on (none unless ``answer``; half of it, then a stall, if
                 ``stall``)."""
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                conn = _Upstream(target.hostname, target.port, timeout=60)
                 try:
                     if body is None:
                         self._stream(conn)
@@ -299,8 +337,7 @@ class FaultProxy:
                         if body or "Content-Length" in self.headers:
                             headers["Content-Length"] = str(len(body))
                         conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
+                    resp, data = conn.reply()
                     if not answer:
                         return resp.status
                     self.send_response(resp.status)
@@ -345,6 +382,11 @@ class FaultProxy:
         """The logged requests matching ``method`` and ``pattern``, in order."""
         with self._lock:
             return [r for r in self.log if r.method == method and re.search(pattern, r.path)]
+
+    @property
+    def gone(self) -> int:
+        """How many clients closed or reset their connection mid-request or between requests."""
+        return len(self._server.gone)
 
     def close(self) -> None:
         self._closing.set()

@@ -7,14 +7,18 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import torch
 
 import torchstow
 import torchstow.spi
+from moto_s3 import s3_client
 from torchstow import CheckpointException, CheckpointNotFoundError, StorageIOError
+from torchstow.backends.fsspec.backend import FsspecBackend
 
 from s3_faults import Fault, FaultProxy, Logged
 from storage_helpers import free_port, s3_options, unique
@@ -123,6 +127,37 @@ def test_persistent_transient_error_gives_up_after_the_attempts(proxy: FaultProx
     assert cause.transient
     assert cause.attempts == 3
     assert [r.status for r in proxy.requests("GET", r"/data-")] == [503, 503, 503]
+
+
+def test_a_save_lists_its_own_location_only(proxy: FaultProxy, s3_bucket: str) -> None:
+    # an empty location is one listing request: not also its parent's (s3fs's ls would list
+    # the parent to tell an empty prefix from a missing one: in a bucket of many runs, pages
+    # of their names, before the first byte goes up)
+    run = unique()
+    torchstow.save(
+        {"w": torch.ones(16)}, f"s3://{s3_bucket}/{run}/step-1", storage_options=s3_options(proxy.url)
+    )
+    listings = proxy.requests("GET", r"list-type=2")
+    assert listings
+    assert {parse_qs(urlsplit(r.path).query)["prefix"][0] for r in listings} == {f"{run}/step-1/"}
+
+
+def test_a_listing_reads_every_page(s3_endpoint: str, s3_bucket: str) -> None:
+    # S3 lists at most 1000 keys a request: the rest come on later pages; a directory's own
+    # marker object (what some tools make for a "folder") is not a file in it
+    location = unique()
+    client = s3_client(s3_endpoint)
+    names = [f"data-{i:04d}" for i in range(1001)]
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda key: client.put_object(Bucket=s3_bucket, Key=key, Body=b""),
+                [f"{location}/", f"{location}/sub/x", *(f"{location}/{n}" for n in names)],
+            )
+        )
+    store = FsspecBackend(**s3_options(s3_endpoint)).open_store(f"s3://{s3_bucket}/{location}")
+    assert sorted(store.list_files()) == names
+    assert FsspecBackend(**s3_options(s3_endpoint)).child_names(f"s3://{s3_bucket}/{location}") == ["sub"]
 
 
 def test_s3fs_is_imported_lazily_with_an_install_hint() -> None:

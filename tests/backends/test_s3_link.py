@@ -8,8 +8,11 @@ import asyncio
 import base64
 import gc
 import hashlib
+import http.client
 import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +30,7 @@ from torchstow.backends.fsspec.pacing import AdaptiveLimit, LinkEstimate
 
 from s3_faults import Fault, FaultProxy, Link, MiB
 from storage_helpers import free_port, s3_options, unique
+from waits import wait_until
 
 
 @pytest.fixture
@@ -351,5 +355,44 @@ def test_every_body_carries_its_crc32c_and_no_sha256_signature_unless_config_kwa
                 assert sha256 == hashlib.sha256(stored).hexdigest(), put.path
         started = proxy.requests("POST", r"\?uploads")[0]
         assert started.headers.get("x-amz-checksum-algorithm") == ("CRC32C" if config is None else None)
+    finally:
+        proxy.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset, as a client cancelling a request does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_a_client_going_away_is_counted_not_reported(
+    proxy: FaultProxy, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # a request cancelled mid-body, and a kept-alive connection dropped between requests: a
+    # fault proxy sees both all the time, and neither is an error (no traceback in the log)
+    address = urlsplit(proxy.url)
+    mid_body = socket.create_connection((address.hostname, address.port))
+    mid_body.sendall(b"PUT /b/k HTTP/1.1\r\nHost: s3\r\nContent-Length: 1048576\r\n\r\n" + bytes(1000))
+    idle = socket.create_connection((address.hostname, address.port))
+    idle.sendall(b"HEAD /b HTTP/1.1\r\nHost: s3\r\n\r\n")
+    assert idle.recv(1 << 16).startswith(b"HTTP/1.1")
+    wait_until(lambda: bool(proxy.requests("HEAD", "/b")), what="the HEAD answered")
+    _reset(mid_body)
+    _reset(idle)
+    wait_until(lambda: proxy.gone == 2, what="both clients seen gone")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_upstream_failure_is_still_reported(capfd: pytest.CaptureFixture[str]) -> None:
+    proxy = FaultProxy(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        address = urlsplit(proxy.url)
+        client = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        client.request("GET", "/b/k")
+        with pytest.raises(http.client.RemoteDisconnected):  # after the proxy reported the error
+            client.getresponse()
+        err = capfd.readouterr().err
+        assert "UpstreamError" in err and "Traceback" in err, err
+        assert proxy.gone == 0
     finally:
         proxy.close()

@@ -64,6 +64,7 @@ class S3Requests:
     def __init__(self, fs: Any, tuning: Tuning) -> None:
         watch_connections()
         self.fs = fs
+        self._checksums: bool | None = None  # (see checksums: read once the client exists)
         self.retry = tuning.retry
         self.stall_timeout = tuning.stall_timeout
         self.limit = AdaptiveLimit(tuning.concurrency, tuning.start_concurrency)
@@ -94,9 +95,14 @@ class S3Requests:
     @property
     def checksums(self) -> bool:
         """Whether bodies carry a CRC32C: unless the client's config says to send a checksum
-        only where an operation requires one (``request_checksum_calculation="when_required"``)."""
-        config = getattr(getattr(getattr(self.fs, "s3", None), "meta", None), "config", None)
-        return getattr(config, "request_checksum_calculation", None) != "when_required"
+        only where an operation requires one (``request_checksum_calculation="when_required"``).
+        Read from the client once it exists, then kept."""
+        if self._checksums is None:
+            config = getattr(getattr(getattr(self.fs, "s3", None), "meta", None), "config", None)
+            if config is None:  # no client yet (s3fs makes it on the first request)
+                return True
+            self._checksums = getattr(config, "request_checksum_calculation", None) != "when_required"
+        return self._checksums
 
     def upload_checksum(self) -> dict[str, str]:
         """What a multipart upload declares when it starts: its parts carry a CRC32C (the
@@ -223,6 +229,29 @@ class S3Requests:
 
         coro = self.retry.acall(lambda: self._attempt(what, send, len), what)
         return asyncio.run_coroutine_threadsafe(coro, self.fs.loop).result()
+
+    def list_dir(self, path: str, what: str) -> list[dict[str, Any]]:
+        """What is right under ``path`` (a bucket, or a "directory" in it), every page, in
+        s3fs's shape (``name``, ``type``, ``size``, S3's own fields of an object): one
+        request a page, where s3fs's ``ls`` of an empty or missing prefix lists its parent too."""
+        bucket, key = self.bucket_key(path)
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        entries: list[dict[str, Any]] = []
+        token: dict[str, str] = {}
+        while True:
+            listed = self.call("list_objects_v2", what, Bucket=bucket, Prefix=prefix, Delimiter="/", **token)
+            entries += [
+                {"name": f"{bucket}/{p['Prefix'].rstrip('/')}", "type": "directory", "size": 0}
+                for p in listed.get("CommonPrefixes", [])
+            ]
+            entries += [
+                {**o, "name": f"{bucket}/{o['Key']}", "type": "file", "size": o["Size"]}
+                for o in listed.get("Contents", [])
+                if o["Key"] != prefix  # a directory's marker object, not a file in it
+            ]
+            if not listed.get("IsTruncated"):
+                return entries
+            token = {"ContinuationToken": listed["NextContinuationToken"]}
 
     def delete_objects(self, path: str, names: Sequence[str], what: str) -> None:
         """Delete the objects ``names`` under ``path``, in batches of S3's maximum."""

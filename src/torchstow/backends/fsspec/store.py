@@ -347,9 +347,12 @@ class FsspecStore(ByteStore):
 
     def _entries(self, *, bucket_must_exist: bool = False) -> list[dict[str, Any]]:
         """The filesystem's detailed listing of the location (see :meth:`_list`)."""
+        what = f"listing {self.location}"
         try:
-            entries: list[dict[str, Any]] = self._retry(
-                lambda: self.fs.ls(self.path, detail=True, refresh=True), f"listing {self.location}"
+            entries: list[dict[str, Any]] = (
+                self.s3.list_dir(self.path, what)
+                if self.s3 is not None
+                else self._retry(lambda: self.fs.ls(self.path, detail=True, refresh=True), what)
             )
         except (FileNotFoundError, NotADirectoryError) as exc:
             if bucket_must_exist and error_status(exc)[1] == "NoSuchBucket":
