@@ -257,8 +257,8 @@ def decompress_into(stored: memoryview, codec: str, dtype: torch.dtype, out: tor
     the caller adds where) when they do not decode to exactly its size.
 
     Byte planes are joined a piece of ``_PIECE`` bytes at a time: the piece's bytes of each
-    plane (copied, or decompressed by that plane's zstd stream) are gathered into a small
-    scratch, interleaved, and copied into ``out`` while all of it is still in the CPU's cache."""
+    plane are gathered into a small scratch, interleaved, and copied into ``out`` while all
+    of it is still in the CPU's cache."""
     size = out.nbytes
     if codec == ZSTD:
         _unzstd_into(stored, tensor_bytes(out))
@@ -278,23 +278,33 @@ def decompress_into(stored: memoryview, codec: str, dtype: torch.dtype, out: tor
     if not n:
         return
     stored = stored.cast("B")
-    # Plane j holds byte k-1-j: it fills row k-1-j of each piece, from its bytes as they are
-    # stored or from a stream decompressing its frame.
+    target = tensor_bytes(out).cast("B")
+    # Plane j holds byte k-1-j: it fills row k-1-j of each piece, from bytes as they are
+    # stored, or from a stream decompressing its frame. The first plane compressed (most
+    # often the only one: sign and exponent) is decompressed at once into the last n bytes
+    # of ``out``, without passing through zstd's own buffer: writing the pieces front to back
+    # never reaches a byte of it before its piece has gathered it (piece i ends at byte
+    # k * e of ``out``, where e <= n is the end of its elements; the bytes of the plane it
+    # has not yet gathered begin at (k - 1) * n + e >= k * e).
     rows: list[tuple[int, memoryview | zstandard.ZstdDecompressionReader]] = []
     streams: list[zstandard.ZstdDecompressionReader] = []
+    tail: memoryview | None = target[(k - 1) * n :]
     at = head
     for j, length in enumerate(lengths):
         piece = stored[at : at + length]
         at += length
         if length == n:
             rows.append((k - 1 - j, piece))
+        elif tail is not None:
+            _unzstd_into(piece, tail)
+            rows.append((k - 1 - j, tail))
+            tail = None
         else:
             stream = _decompressor(len(streams)).stream_reader(piece, read_across_frames=True)
             streams.append(stream)
             rows.append((k - 1 - j, stream))
     step = max(1, min(n, _PIECE // k))
     scratch, view = _scratch(k * step)
-    target = tensor_bytes(out).cast("B")
     for start in range(0, n, step):
         m = min(step, n - start)
         for r, source in rows:
