@@ -13,7 +13,7 @@ Splitting the planes is a vectorized torch copy, not a byte loop: byte ``b`` of
 every element is the low byte of the ``k``-byte integers read ``b`` bytes further
 on, so one narrowing copy of that (unaligned) integer view takes it out. Joining
 them is a transpose of a piece of the planes at a time, gathered in a scratch
-that stays in cache (see decompress_into and _interleave). Zstandard
+that stays in cache (see decompress_into and _pixel). Zstandard
 runs at level 1 (for byte planes with a 64-entry hash table, 7-byte matches and
 a 128 KiB window: faster, and smaller, on the few values of exponent bytes) and
 releases the GIL, so the writer's and reader's threads compress and decompress
@@ -241,14 +241,13 @@ def _check_ended(reader: zstandard.ZstdDecompressionReader, size: int) -> None:
         raise CorruptCheckpointError(f"decompresses to more than the {size} bytes expected")
 
 
-def _interleave(rows: torch.Tensor, k: int, m: int) -> torch.Tensor:
-    """The bytes of ``m`` elements of ``k`` bytes whose byte ``r`` is row ``r`` of ``rows``
-    (``k`` rows of ``m`` bytes, back to back): the transpose of a k x m byte matrix, as a new
-    tensor. ``channel_shuffle`` of one channels-last pixel of ``k * m`` channels in ``k``
-    groups is exactly that transpose, and torch runs it as a vectorized (SIMD) transpose;
-    interleaving with strided byte copies is several times slower."""
-    pixel = rows.as_strided((1, k * m, 1, 1), (k * m, 1, k * m, k * m))
-    return torch.nn.functional.channel_shuffle(pixel, k)
+def _pixel(rows: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """The first ``k`` rows of ``m`` bytes of ``rows`` (back to back) as one channels-last
+    pixel of ``k * m`` channels: ``channel_shuffle`` of it in ``k`` groups is the transpose
+    of that k x m byte matrix, the bytes of ``m`` elements of ``k`` bytes whose byte ``r``
+    is row ``r``. Torch runs it as a vectorized (SIMD) transpose; interleaving with strided
+    byte copies is several times slower."""
+    return rows.as_strided((1, k * m, 1, 1), (k * m, 1, k * m, k * m))
 
 
 def decompress_into(stored: memoryview, codec: str, dtype: torch.dtype, out: torch.Tensor) -> None:
@@ -305,6 +304,7 @@ def decompress_into(stored: memoryview, codec: str, dtype: torch.dtype, out: tor
             rows.append((k - 1 - j, stream))
     step = max(1, min(n, _PIECE // k))
     scratch, view = _scratch(k * step)
+    pixel = _pixel(scratch, k, step)
     for start in range(0, n, step):
         m = min(step, n - start)
         for r, source in rows:
@@ -312,7 +312,9 @@ def decompress_into(stored: memoryview, codec: str, dtype: torch.dtype, out: tor
                 view[r * m : (r + 1) * m] = source[start : start + m]
             else:
                 _read_exactly(source, view[r * m : (r + 1) * m])
-        joined = _interleave(scratch, k, m)  # held: its byte view does not keep it alive
+        if m < step:
+            pixel = _pixel(scratch, k, m)
+        joined = torch.nn.functional.channel_shuffle(pixel, k)  # held: the view below does not
         target[start * k : (start + m) * k] = tensor_bytes(joined).cast("B")
     for stream in streams:
         _check_ended(stream, n)
