@@ -53,7 +53,7 @@ _PIECE = 512 << 10
 _local = threading.local()
 
 _PLANE_PARAMETERS = {"min_match": 7, "hash_log": 6, "window_log": 17}
-_INTEGERS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # k-byte integers, to split and join planes
+_INTEGERS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # k-byte integers, to split planes
 
 _Frame = Callable[[memoryview, int], "bytes | memoryview | None"]
 """Makes one zstd frame of some bytes if it is shorter than a limit, else None."""
