@@ -484,3 +484,92 @@ def test_byte_planes_written_follow_the_letter_of_the_format(
     back = torch.empty_like(t)
     decompress_into(memoryview(stored), BYTEPLANES, dtype, back)
     assert bytes(tensor_bytes(back)) == bytes(tensor_bytes(t))
+
+
+def _stored_bytes(found: tuple[bytes | torch.Tensor, str] | None) -> bytes:
+    assert found is not None
+    return bytes(found[0]) if isinstance(found[0], bytes) else bytes(tensor_bytes(found[0]))
+
+
+@pytest.mark.parametrize("piece", [64, 1000, 4096])
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [*_PLANE_CASES, (torch.float16, (2,)), (torch.float32, (1,)), (torch.float64, (9,))]
+)
+def test_byte_planes_join_a_piece_at_a_time_with_boundaries_anywhere(
+    dtype: torch.dtype, shape: tuple[int, ...], piece: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planes are joined a piece of the chunk at a time, each compressed plane streamed by its
+    own decompressor side by side with the others: pieces of a few elements, chunks ending
+    mid-piece and chunks shorter than one piece, any mix of planes compressed and kept as
+    they are, all decode bit-exact."""
+    from torchstow.core.layout import compression
+
+    monkeypatch.setattr(compression, "_PIECE", piece)
+    t = _weights(shape, dtype, 5)
+    k = t.element_size()
+    for squeeze in ([True] * k, [False] * k, [j % 2 == 1 for j in range(k)]):
+        out = torch.full_like(t, 7)
+        decompress_into(memoryview(_spec_encode(t, squeeze)), BYTEPLANES, dtype, out)
+        assert bytes(tensor_bytes(out)) == bytes(tensor_bytes(t)), squeeze
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_a_chunk_of_several_pieces_round_trips(dtype: torch.dtype) -> None:
+    """At the real piece size: two whole pieces and a part of one."""
+    from torchstow.core.layout import compression
+
+    t = _weights((2 * compression._PIECE // dtype.itemsize + 77,), dtype, 6)
+    stored = _stored_bytes(compress(tensor_bytes(t), dtype))
+    back = torch.empty_like(t)
+    decompress_into(memoryview(stored), BYTEPLANES, dtype, back)
+    assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_a_plane_frame_ending_early_or_late_is_corrupt_and_the_next_chunk_decodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frame of a plane that holds too few or too many bytes, or is cut or followed by junk
+    (past the checksums, as a hostile writer could make them), is a CorruptCheckpointError
+    wherever in the chunk its piece falls; this thread's decompressors decode the next chunk."""
+    import struct
+
+    import zstandard
+
+    from torchstow.core.layout import compression
+
+    monkeypatch.setattr(compression, "_PIECE", 256)
+    t = _weights((1000,), torch.float32, 7)
+    planes = _spec_planes(t)
+    frame = zstandard.ZstdCompressor().compress
+
+    def stored(first: bytes, second: bytes) -> bytes:
+        rest = [first, second, *planes[2:]]
+        return struct.pack("<4Q", *map(len, rest)) + b"".join(rest)
+
+    lying = {
+        "fewer": stored(frame(planes[0][:-1]), planes[1]),
+        "more": stored(frame(planes[0] + b"\0"), planes[1]),
+        "cut": stored(frame(planes[0])[:-3], planes[1]),
+        "junk": stored(frame(planes[0]) + b"junk", planes[1]),
+        "second plane fewer": stored(frame(planes[0]), frame(bytes(400))),
+    }
+    for name, bad in lying.items():
+        with pytest.raises(CorruptCheckpointError, match="decompress"):
+            decompress_into(memoryview(bad), BYTEPLANES, torch.float32, torch.empty(1000))
+        back = torch.empty(1000)
+        decompress_into(memoryview(stored(frame(planes[0]), planes[1])), BYTEPLANES, torch.float32, back)
+        assert torch.equal(back, t), name
+
+
+def test_a_flipped_byte_in_a_later_piece_is_a_checksum_mismatch_naming_the_key(tmp_path: Path) -> None:
+    from torchstow.core.layout import compression
+
+    path = tmp_path / "c"
+    big = _weights((3 * compression._PIECE // 2,), torch.bfloat16, 8)  # three pieces
+    torchstow.save({"big": big, "small": torch.ones(8)}, str(path), compression="zstd")
+    entry = _manifest(path)["entries"]["big"]
+    assert entry["codec"] == BYTEPLANES
+    _flip_byte_of(path, "big", entry["length"] - 100)  # the low bytes of the last piece
+    with pytest.raises(ChecksumMismatchError, match="'big'"):
+        torchstow.read(str(path))
+    assert torch.equal(torchstow.read(str(path), keys=["small"])["small"], torch.ones(8))
