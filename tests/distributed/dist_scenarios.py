@@ -306,6 +306,47 @@ def unpicklable_failure(rank: int, world_size: int, path: str) -> dict[str, Any]
     return {"ok": True}
 
 
+class _RaisingStateful:
+    """A Stateful whose ``state_dict()`` raises (a per-rank failure before any collective)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        raise RuntimeError("state_dict() failed on this rank")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def fails_before_the_protocol(rank: int, world_size: int, path: str, op: str, victim: int) -> dict[str, Any]:
+    """``op`` (save, async_save, load) in which ``victim`` fails while its call prepares,
+    before the protocol's first collective: a user metadata that is not JSON (passed on
+    that rank only), a Stateful whose ``state_dict()`` raises, a planner of no known kind.
+    Returns what this rank raised, as for :func:`fault_case`."""
+    state = small_state(rank, world_size, True)
+    mine = rank == victim
+    kwargs: dict[str, Any] = {"timeout": 30}
+    if op == "load":
+        torchstow.save(state, path, timeout=30)
+        state = small_state(rank, world_size, True)
+        if mine:
+            kwargs["planner"] = "not a planner"
+    elif op == "save":
+        kwargs["metadata"] = {"epoch": object()} if mine else None
+    elif mine:
+        state["thing"] = _RaisingStateful()
+    try:
+        if op == "save":
+            torchstow.save(state, path, **kwargs)
+        elif op == "async_save":
+            torchstow.async_save(state, path, **kwargs).result(timeout=60)
+        else:
+            torchstow.load(state, path, **kwargs)
+    except torchstow.CheckpointException as error:
+        return summarize(error)
+    except Exception as error:
+        return {"class": type(error).__name__, "message": str(error), "failures": {}}
+    return {"ok": True}
+
+
 def timed_fault(
     rank: int,
     world_size: int,

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dist_scenarios import fault_case, unpicklable_failure
+from dist_scenarios import fails_before_the_protocol, fault_case, unpicklable_failure
+
+from dist_pool import WorkerPool
 
 EXCEPTIONS = ["ValueError", "OSError", "RuntimeError"]
 SAVE_STEPS = [
@@ -144,3 +146,25 @@ def test_unpicklable_exception_travels_as_a_stand_in(pools: Any, tmp_path: Path)
             assert 'raise LocalError("a local exception class on rank 1")' in result["remote_traceback"]
         assert failure["frames"][-1] == "create_local_plan"
     assert not (tmp_path / "ckpt" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("op", "victim", "exc"),
+    [("save", 0, "ValueError"), ("async_save", 1, "RuntimeError"), ("load", 1, "TypeError")],
+)
+def test_a_failure_before_the_first_collective_reaches_every_rank(
+    tmp_path: Path, op: str, victim: int, exc: str
+) -> None:
+    """A rank whose call fails while it prepares (its arguments, its Statefuls) still runs the
+    protocol's collectives, so the others raise its failure at once instead of waiting for
+    it until the timeout. A fresh group: before, the others timed out and broke theirs."""
+    outcomes = WorkerPool.run_once(
+        2, fails_before_the_protocol, str(tmp_path / "ckpt"), op, victim, timeout=90
+    )
+    for outcome in outcomes:
+        assert outcome.status == "ok", outcome
+        result = outcome.value
+        assert result["class"].startswith("CheckpointException"), result
+        assert set(result["failures"]) == {victim}
+        assert result["failures"][victim]["type"] == exc
+    assert not (tmp_path / "ckpt" / "manifest.json").exists() or op == "load"
