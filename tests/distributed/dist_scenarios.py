@@ -28,6 +28,7 @@ from torchstow.backends.faulty import current_rank
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.protocol.collective import ProcessGroupCollective
 from torchstow.format.structure import flatten_state_dict
+from torchstow.spi import ForwardingStorageWriter
 from torchstow.testing import state_differences
 
 # Resharding the 2-D test meshes to check values is slow but fine; torch warns about it.
@@ -345,6 +346,38 @@ def fails_before_the_protocol(rank: int, world_size: int, path: str, op: str, vi
     except Exception as error:
         return {"class": type(error).__name__, "message": str(error), "failures": {}}
     return {"ok": True}
+
+
+def _plugin_data() -> str:
+    if dist.get_rank() != 0:
+        raise ModuleNotFoundError("No module named 'site_plugin' (installed on rank 0 only)")
+    return "plugin data"
+
+
+class _PluginData:
+    """Unpickles on rank 0 only, as a plugin's class installed on one node would."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_plugin_data, ())
+
+
+class _ManifestWithPluginData(ForwardingStorageWriter):
+    """Commits, then holds in the returned manifest a value only rank 0 can unpickle."""
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        self.inner.finish(metadata, results)
+        metadata.planner_data = _PluginData()
+
+
+def committed_manifest_unreadable_on_rank_1(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Each rank saves a tensor of its own; the committed manifest the coordinator sends
+    back does not unpickle on rank 1. Whether this rank's save returned, and its notes."""
+    writer = _ManifestWithPluginData(torchstow.storage_writer(path))
+    try:
+        torchstow.save({f"w{rank}": torch.arange(1024.0) + rank}, storage_writer=writer, timeout=60)
+    except torchstow.CheckpointException as exc:
+        return {"ok": False, "notes": list(getattr(exc, "__notes__", []))}
+    return {"ok": True, "notes": []}
 
 
 def timed_fault(

@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dist_scenarios import fails_before_the_protocol, fault_case, unpicklable_failure
+import torch
+from dist_scenarios import (
+    committed_manifest_unreadable_on_rank_1,
+    fails_before_the_protocol,
+    fault_case,
+    unpicklable_failure,
+)
 
+import torchstow
 from dist_pool import WorkerPool
 
 EXCEPTIONS = ["ValueError", "OSError", "RuntimeError"]
@@ -168,3 +175,18 @@ def test_a_failure_before_the_first_collective_reaches_every_rank(
         assert set(result["failures"]) == {victim}
         assert result["failures"][victim]["type"] == exc
     assert not (tmp_path / "ckpt" / "manifest.json").exists() or op == "load"
+
+
+def test_a_committed_manifest_that_does_not_unpickle_on_a_rank_keeps_its_data(
+    pools: Any, tmp_path: Path
+) -> None:
+    """The coordinator committed, but the manifest it sends back does not unpickle on rank 1:
+    rank 1 cannot tell the outcome from the answer, so it reads the location and keeps its
+    files (before: it removed them, and the committed checkpoint lost its data)."""
+    path = tmp_path / "ckpt"
+    outcomes = pools(2).run(committed_manifest_unreadable_on_rank_1, str(path))
+    assert outcomes[0]["ok"], outcomes
+    assert not outcomes[1]["ok"] and any("did commit" in note for note in outcomes[1]["notes"]), outcomes
+    loaded = torchstow.read(str(path))
+    for rank in range(2):
+        assert torch.equal(loaded[f"w{rank}"], torch.arange(1024.0) + rank)

@@ -344,8 +344,8 @@ def _write_and_commit(
     certain that the commit did not and will not happen: its own write failed,
     the coordinator never began the commit, or the coordinator says its commit
     failed for good. Once its results are handed over and the answer is lost (a
-    rank died, a collective failed or timed out) or the coordinator cannot tell,
-    the outcome is unknown: the rank asks the writer to read the location
+    rank died, a collective failed or timed out, or it does not unpickle here) or
+    the coordinator cannot tell, the outcome is unknown: the rank asks the writer to read the location
     (:meth:`StorageWriter.commit_outcome`) and otherwise keeps its files, for a
     later ``gc`` to collect; a committed manifest may name them.
     """
@@ -370,7 +370,11 @@ def _write_and_commit(
     try:
         return _raise_if_failed(step, answer, coll, own)
     except CheckpointException as exc:
-        unknown = isinstance(answer, _Failed) and answer.outcome_unknown and not coll.is_coordinator
+        # An answer that did not unpickle here may have been the committed manifest.
+        unclear = isinstance(answer, CapturedFailure) or (
+            isinstance(answer, _Failed) and answer.outcome_unknown
+        )
+        unknown = unclear and not coll.is_coordinator
         _settle(writer, coll, progress, exc, known=not unknown or not progress.handed)
         raise
 
