@@ -348,6 +348,27 @@ def fails_before_the_protocol(rank: int, world_size: int, path: str, op: str, vi
     return {"ok": True}
 
 
+class _PlanDroppingSavePlanner(torchstow.planning.DefaultSavePlanner):
+    """A faulty planner whose global plan has one plan fewer than there are ranks."""
+
+    def create_global_plan(self, all_plans: Any) -> Any:
+        plans, metadata = super().create_global_plan(all_plans)
+        return plans[:-1], metadata
+
+
+def save_with_a_plan_missing(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Save with a planner whose global plan leaves out the last rank; what this rank raised."""
+    try:
+        torchstow.save(
+            small_state(rank, world_size, True), path, planner=_PlanDroppingSavePlanner(), timeout=30
+        )
+    except torchstow.CheckpointException as error:
+        return summarize(error)
+    except Exception as error:
+        return {"class": type(error).__name__, "message": str(error), "failures": {}}
+    return {"ok": True}
+
+
 def _plugin_data() -> str:
     if dist.get_rank() != 0:
         raise ModuleNotFoundError("No module named 'site_plugin' (installed on rank 0 only)")

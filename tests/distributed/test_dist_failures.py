@@ -15,6 +15,7 @@ from dist_scenarios import (
     committed_manifest_unreadable_on_rank_1,
     fails_before_the_protocol,
     fault_case,
+    save_with_a_plan_missing,
     unpicklable_failure,
 )
 
@@ -190,3 +191,17 @@ def test_a_committed_manifest_that_does_not_unpickle_on_a_rank_keeps_its_data(
     loaded = torchstow.read(str(path))
     for rank in range(2):
         assert torch.equal(loaded[f"w{rank}"], torch.arange(1024.0) + rank)
+
+
+def test_a_global_plan_of_the_wrong_length_fails_every_rank(tmp_path: Path) -> None:
+    """A planner whose global plan has fewer plans than ranks fails the planning step on
+    every rank (before: the coordinator raised ValueError alone and the others timed out)."""
+    path = tmp_path / "ckpt"
+    outcomes = WorkerPool.run_once(2, save_with_a_plan_missing, str(path), timeout=90)
+    for outcome in outcomes:
+        assert outcome.status == "ok", outcome
+        result = outcome.value
+        assert result["class"].startswith("CheckpointException"), result
+        assert set(result["failures"]) == {0}, result
+        assert "2 ranks" in result["failures"][0]["message"], result
+    assert not (path / "manifest.json").exists()

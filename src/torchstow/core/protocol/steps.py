@@ -176,7 +176,13 @@ def reduce_scatter(
         sent.append(local_fn())
         return sent[0]
 
-    own, result, gathered = _coordinate(coll, step, local, global_fn)
+    def one_per_rank(outcomes: list[Any]) -> list[Any]:
+        values = list(global_fn(outcomes))
+        if len(values) != coll.world_size:  # a faulty planner: fail here, on every rank
+            raise ValueError(f"{step}: the global plan has {len(values)} entries for {coll.world_size} ranks")
+        return values
+
+    own, result, gathered = _coordinate(coll, step, local, one_per_rank)
     packed = None
     if coll.is_coordinator:
         values = [result] * coll.world_size if isinstance(result, _Failed) else result
