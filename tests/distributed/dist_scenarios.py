@@ -369,6 +369,32 @@ def save_with_a_plan_missing(rank: int, world_size: int, path: str) -> dict[str,
     return {"ok": True}
 
 
+class PluginError(torchstow.errors.TorchstowError):
+    """A plugin's own torchstow error, whose constructor takes more than a message."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message, code)
+        self.code = code
+
+
+class _PluginErrorPlanner(torchstow.planning.DefaultSavePlanner):
+    def create_local_plan(self) -> Any:
+        if dist.get_rank() == 1:
+            raise PluginError("the plugin refused", 7)
+        return super().create_local_plan()
+
+
+def plugin_error_on_rank_1(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Save where rank 1's planning raises a plugin's TorchstowError subclass; what each rank raised."""
+    try:
+        torchstow.save(small_state(rank, world_size, True), path, planner=_PluginErrorPlanner(), timeout=30)
+    except torchstow.CheckpointException as error:
+        return summarize(error)
+    except Exception as error:
+        return {"class": type(error).__name__, "message": str(error), "failures": {}}
+    return {"ok": True}
+
+
 def _plugin_data() -> str:
     if dist.get_rank() != 0:
         raise ModuleNotFoundError("No module named 'site_plugin' (installed on rank 0 only)")

@@ -15,6 +15,7 @@ from dist_scenarios import (
     committed_manifest_unreadable_on_rank_1,
     fails_before_the_protocol,
     fault_case,
+    plugin_error_on_rank_1,
     save_with_a_plan_missing,
     unpicklable_failure,
 )
@@ -205,3 +206,15 @@ def test_a_global_plan_of_the_wrong_length_fails_every_rank(tmp_path: Path) -> N
         assert set(result["failures"]) == {0}, result
         assert "2 ranks" in result["failures"][0]["message"], result
     assert not (path / "manifest.json").exists()
+
+
+def test_a_plugins_error_with_its_own_constructor_arrives_as_a_checkpoint_exception(
+    pools: Any, tmp_path: Path
+) -> None:
+    """A TorchstowError subclass whose constructor takes other arguments cannot be mixed
+    into the CheckpointException: every rank still raises a CheckpointException holding it
+    (before: TypeError from building the mixed class)."""
+    for result in pools(2).run(plugin_error_on_rank_1, str(tmp_path / "ckpt")):
+        assert result["class"].startswith("CheckpointException"), result
+        assert set(result["failures"]) == {1}
+        assert result["failures"][1]["type"] == "PluginError"
