@@ -78,6 +78,28 @@ def restore_latest_listed_apart(rank: int, world_size: int, root: str, how: str)
     )
 
 
+def incremental_save_where_rank_1_cannot_list(rank: int, world_size: int, root: str) -> tuple[int, bool]:
+    """Step 1 saved; then a new incremental manager (as after a restart) saves step 2 while
+    rank 1's listing of the root fails: the save goes on (a full save there), and restores."""
+    from torchstow.management import manager as module
+
+    with torchstow.CheckpointManager(root) as manager:
+        manager.save(1, _state(world_size, 1), timeout=30)
+    original = module.list_checkpoints
+
+    def listing(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("listing the root failed on this rank")
+
+    if rank == 1:
+        module.list_checkpoints = listing  # type: ignore[assignment]
+    try:
+        with torchstow.CheckpointManager(root, incremental=True) as manager:
+            manager.save(2, _state(world_size, 2), timeout=30)
+    finally:
+        module.list_checkpoints = original  # type: ignore[assignment]
+    return restore_latest(rank, world_size, root)
+
+
 def save_steps(
     rank: int, world_size: int, root: str, steps: int, asynchronous: bool, incremental: bool = False
 ) -> None:

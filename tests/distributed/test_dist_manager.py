@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from manager_scenarios import (
+    incremental_save_where_rank_1_cannot_list,
     restore_latest,
     restore_latest_listed_apart,
     save_in_subgroups,
@@ -61,5 +62,16 @@ def test_every_rank_restores_the_step_the_coordinator_finds(tmp_path: Path, how:
     try:
         pool.run(save_steps, root, 2, False)
         assert pool.run(restore_latest_listed_apart, root, how) == [(2, True)] * 2
+    finally:
+        pool.close()
+
+
+def test_an_incremental_save_goes_on_when_one_rank_cannot_list_the_root(tmp_path: Path) -> None:
+    """The base is looked for on each rank; a rank whose listing fails saves in full instead
+    of raising alone (before: rank 1 raised OSError and rank 0 waited in the save until the
+    timeout). A fresh group."""
+    pool = WorkerPool(2)
+    try:
+        assert pool.run(incremental_save_where_rank_1_cannot_list, str(tmp_path / "run")) == [(2, True)] * 2
     finally:
         pool.close()

@@ -173,16 +173,25 @@ class CheckpointManager:
 
     def _base(self, step: int) -> str | None:
         """The URI of the newest committed, intact torchstow step to save ``step`` against,
-        or None (a full save): this manager's newest step first, else those under ``root``."""
+        or None (a full save): this manager's newest step first, else those under ``root``.
+
+        Each rank looks on its own; one whose listing or reading fails saves in full rather
+        than raise alone, which would leave the other ranks waiting in the save."""
         tried = set()
-        for candidate in self._newest_first():
-            if candidate == step or candidate in tried:
-                continue
-            tried.add(candidate)
-            problem = _base_problem(self.uri(candidate), self.storage_options)
-            if problem is None:
-                return self.uri(candidate)
-            logger.warning("step %d is not saved against step %d: %s", step, candidate, problem)
+        try:
+            for candidate in self._newest_first():
+                if candidate == step or candidate in tried:
+                    continue
+                tried.add(candidate)
+                problem = _base_problem(self.uri(candidate), self.storage_options)
+                if problem is None:
+                    return self.uri(candidate)
+                logger.warning("step %d is not saved against step %d: %s", step, candidate, problem)
+        except OSError as exc:
+            logger.warning(
+                "step %d: looking for a base under %s failed: %s; a full save", step, self.root, exc
+            )
+            return None
         if tried:
             logger.warning(
                 "step %d: no intact torchstow step under %s to share files with: a full save", step, self.root
