@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, _FailedWriter, pipeline
 from torchstow.compat import dcp_calls
@@ -30,6 +30,7 @@ from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
+from torchstow.errors import CheckpointException
 from torchstow.format.compression import check_compression
 from torchstow.format.manifest import FORMAT_VERSION, Metadata
 from torchstow.format.structure import build_nested
@@ -106,6 +107,21 @@ class _FailedReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return False
+
+
+def _fail_everywhere(exc: Exception, collective: Collective, protocol: Callable[[], Any]) -> NoReturn:
+    """After ``exc`` on this rank while its call prepared, before the first collective: run
+    ``protocol`` with a stand-in that fails its first step, where the other ranks already
+    are, so that every rank raises the same CheckpointException. Where every rank failed
+    alike (the same bad argument everywhere), each raises its own error instead, as a
+    single process does."""
+    try:
+        protocol()
+    except CheckpointException as failed:
+        kinds = {type(error) for error, _ in failed.failures.values()}
+        if len(failed.failures) != collective.world_size or kinds != {type(exc)}:
+            raise
+    raise exc
 
 
 @dataclass(frozen=True)
@@ -283,8 +299,8 @@ def save(
     except Exception as exc:
         if collective.world_size == 1:
             raise
-        # The other ranks are in the protocol already: fail its first step with them.
-        return _save_protocol({}, _FailedWriter(exc), collective=collective)
+        stand_in = _FailedWriter(exc)
+        _fail_everywhere(exc, collective, lambda: _save_protocol({}, stand_in, collective=collective))
     return _save_protocol(
         plain,
         job.writer,
@@ -344,8 +360,10 @@ def load(
     except Exception as exc:
         if collective.world_size == 1:
             raise
-        # The other ranks are in the protocol already: fail its first step with them.
-        reader, view, planner = _FailedReader(exc), dcp_calls.StatefulView({}), None
+        failed = _FailedReader(exc)
+        _fail_everywhere(
+            exc, collective, lambda: _load_protocol({}, failed, collective=collective, read_once=read_once)
+        )
     _load_protocol(view.plain, reader, planner=planner, collective=collective, read_once=read_once)
     view.restore()
 

@@ -320,10 +320,10 @@ class _RaisingStateful:
 def fails_before_the_protocol(rank: int, world_size: int, path: str, op: str, victim: int) -> dict[str, Any]:
     """``op`` (save, async_save, load) in which ``victim`` fails while its call prepares,
     before the protocol's first collective: a user metadata that is not JSON (passed on
-    that rank only), a Stateful whose ``state_dict()`` raises, a planner of no known kind.
-    Returns what this rank raised, as for :func:`fault_case`."""
+    that rank only), a Stateful whose ``state_dict()`` raises, a planner of no known kind;
+    ``victim`` -1: every rank. Returns what this rank raised, as for :func:`fault_case`."""
     state = small_state(rank, world_size, True)
-    mine = rank == victim
+    mine = victim in (rank, -1)
     kwargs: dict[str, Any] = {"timeout": 30}
     if op == "load":
         torchstow.save(state, path, timeout=30)

@@ -159,7 +159,13 @@ def test_unpicklable_exception_travels_as_a_stand_in(pools: Any, tmp_path: Path)
 
 @pytest.mark.parametrize(
     ("op", "victim", "exc"),
-    [("save", 0, "ValueError"), ("async_save", 1, "RuntimeError"), ("load", 1, "TypeError")],
+    [
+        ("save", 0, "ValueError"),
+        ("save", -1, "ValueError"),
+        ("async_save", 1, "RuntimeError"),
+        ("load", 1, "TypeError"),
+        ("load", -1, "TypeError"),
+    ],
 )
 def test_a_failure_before_the_first_collective_reaches_every_rank(
     tmp_path: Path, op: str, victim: int, exc: str
@@ -173,9 +179,14 @@ def test_a_failure_before_the_first_collective_reaches_every_rank(
     for outcome in outcomes:
         assert outcome.status == "ok", outcome
         result = outcome.value
+        if victim == -1 and op == "save":  # every rank failed alike: each raises its own error
+            assert result["class"] == exc, result
+            continue
+        # a load's first step is the coordinator's alone: its failure is the one reported
+        failed = 0 if victim == -1 else victim
         assert result["class"].startswith("CheckpointException"), result
-        assert set(result["failures"]) == {victim}
-        assert result["failures"][victim]["type"] == exc
+        assert set(result["failures"]) == {failed}
+        assert result["failures"][failed]["type"] == exc
     assert not (tmp_path / "ckpt" / "manifest.json").exists() or op == "load"
 
 
