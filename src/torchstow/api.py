@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-from torchstow.checkpointing.async_save import AsyncSave, SaveJob, pipeline
+from torchstow.checkpointing.async_save import AsyncSave, SaveJob, _FailedWriter, pipeline
 from torchstow.compat import dcp_calls
 from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
@@ -20,7 +20,7 @@ from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.mapped import map_checkpoint
 from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import DigestSlots, LayoutWriter, set_format_version
-from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
+from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlan, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
 from torchstow.core.protocol.materialize import materialize
 from torchstow.core.protocol.stats import SaveStats
@@ -30,6 +30,7 @@ from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
+from torchstow.errors import CheckpointException
 from torchstow.format.compression import check_compression
 from torchstow.format.manifest import FORMAT_VERSION, Metadata
 from torchstow.format.structure import build_nested
@@ -73,6 +74,54 @@ def storage_reader(uri: Uri, *, storage_options: dict[str, Any] | None = None) -
 
 
 _open_reader = storage_reader  # for load, whose ``storage_reader`` keyword hides the function
+
+
+class _FailedReader(StorageReader):
+    """Stands in for a rank whose load failed before the protocol began: it fails the
+    protocol's first step there (reading the manifest, or planning), so every rank fails
+    as one."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        raise self.error
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        raise self.error
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        raise self.error
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        raise self.error
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        raise self.error
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+
+def _fail_everywhere(exc: Exception, collective: Collective, protocol: Callable[[], Any]) -> NoReturn:
+    """After ``exc`` on this rank while its call prepared, before the first collective: run
+    ``protocol`` with a stand-in that fails its first step, where the other ranks already
+    are, so that every rank raises the same CheckpointException. Where every rank failed
+    alike (the same bad argument everywhere), each raises its own error instead, as a
+    single process does."""
+    try:
+        protocol()
+    except CheckpointException as failed:
+        kinds = {type(error) for error, _ in failed.failures.values()}
+        if len(failed.failures) != collective.world_size or kinds != {type(exc)}:
+            raise
+    raise exc
 
 
 @dataclass(frozen=True)
@@ -231,22 +280,29 @@ def save(
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     collective = dcp_calls.without_collectives(dist.collective(), use_collectives)
     slots = own_slot if trust_version_counter else None
-    job = _save_job(
-        uri,
-        storage_options,
-        planner,
-        metadata,
-        overwrite,
-        allow_pickle,
-        checkpoint_id,
-        storage_writer,
-        base,
-        slots,
-        compression,
-        format_version,
-    )
+    try:
+        job = _save_job(
+            uri,
+            storage_options,
+            planner,
+            metadata,
+            overwrite,
+            allow_pickle,
+            checkpoint_id,
+            storage_writer,
+            base,
+            slots,
+            compression,
+            format_version,
+        )
+        plain = dcp_calls.StatefulView(state_dict).plain
+    except Exception as exc:
+        if collective.world_size == 1:
+            raise
+        stand_in = _FailedWriter(exc)
+        _fail_everywhere(exc, collective, lambda: _save_protocol({}, stand_in, collective=collective))
     return _save_protocol(
-        dcp_calls.StatefulView(state_dict).plain,
+        plain,
         job.writer,
         planner=job.planner,
         collective=collective,
@@ -284,20 +340,31 @@ def load(
     With ``read_once`` (the default), stored bytes several ranks need are read from
     storage by one of them and sent to the others over the process group.
     """
-    reader = dcp_calls.load_target(
-        uri, checkpoint_id, storage_reader, functools.partial(_open_reader, storage_options=storage_options)
-    )
-    view = dcp_calls.StatefulView(state_dict)
-    default = functools.partial(
-        DefaultLoadPlanner,
-        strict=strict,
-        allow_pickle=allow_pickle,
-        cast=cast,
-        before_allocating=functools.partial(require_data, reader),
-    )
-    planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
-    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
-    _load_protocol(view.plain, reader, planner=planner, collective=dist.collective(), read_once=read_once)
+    collective = _Distributed(process_group, coordinator_rank, no_dist, timeout).collective()
+    try:
+        reader = dcp_calls.load_target(
+            uri,
+            checkpoint_id,
+            storage_reader,
+            functools.partial(_open_reader, storage_options=storage_options),
+        )
+        view = dcp_calls.StatefulView(state_dict)
+        default = functools.partial(
+            DefaultLoadPlanner,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            cast=cast,
+            before_allocating=functools.partial(require_data, reader),
+        )
+        planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
+    except Exception as exc:
+        if collective.world_size == 1:
+            raise
+        failed = _FailedReader(exc)
+        _fail_everywhere(
+            exc, collective, lambda: _load_protocol({}, failed, collective=collective, read_once=read_once)
+        )
+    _load_protocol(view.plain, reader, planner=planner, collective=collective, read_once=read_once)
     view.restore()
 
 
@@ -351,7 +418,15 @@ def async_save(
     stager = dcp_calls.one_stager(stager, async_stager)
     dcp_calls.check_checkpointer_type(async_checkpointer_type)
 
+    try:
+        plain = dcp_calls.StatefulView(state_dict).plain
+        expanded: Exception | None = None
+    except Exception as exc:  # fails the save on every rank, as a failure in prepare does
+        plain, expanded = {}, exc
+
     def prepare() -> SaveJob:
+        if expanded is not None:
+            raise expanded
         return _save_job(
             uri,
             storage_options,
@@ -370,7 +445,6 @@ def async_save(
     saves = pipeline()
     collective = saves.commit_collective(process_group, coordinator_rank, no_dist, timeout)
     collective = dcp_calls.without_collectives(collective, use_collectives)
-    plain = dcp_calls.StatefulView(state_dict).plain
     saving = saves.submit(
         plain, text, prepare, collective=collective, stager=stager, track_sources=trust_version_counter
     )

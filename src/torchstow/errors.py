@@ -137,7 +137,8 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
     stack where it was raised. Every rank of the group raises the same
     exception. When all failed ranks raised the same torchstow error (a
     missing checkpoint, a mismatched state dict), the exception is also an
-    instance of that class and carries its attributes (``missing_keys`` …):
+    instance of that class (where it is built from a message alone, as
+    torchstow's own are) and carries its attributes (``missing_keys`` …):
     ``except CheckpointNotFoundError`` works around a collective call as it
     would around a local one. Other exceptions are only in ``failures``.
     """
@@ -169,11 +170,14 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
         kind = _common_error_class(failures)
         if kind is None:
             return cls(message, failures)
-        exc = cls._specialise(kind)(message, failures)
-        first, _ = failures[min(failures)]
-        for name, value in vars(first).items():
-            if name not in ("message", "failures"):
-                setattr(exc, name, value)
+        try:
+            exc = cls._specialise(kind)(message, failures)
+            first, _ = failures[min(failures)]
+            for name, value in vars(first).items():
+                if name not in ("message", "failures"):
+                    setattr(exc, name, value)
+        except Exception:  # a class (a plugin's) that is not built from a message alone
+            return cls(message, failures)
         return exc
 
     @classmethod

@@ -28,6 +28,7 @@ from torchstow.backends.faulty import current_rank
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.protocol.collective import ProcessGroupCollective
 from torchstow.format.structure import flatten_state_dict
+from torchstow.spi import ForwardingStorageWriter
 from torchstow.testing import state_differences
 
 # Resharding the 2-D test meshes to check values is slow but fine; torch warns about it.
@@ -304,6 +305,126 @@ def unpicklable_failure(rank: int, world_size: int, path: str) -> dict[str, Any]
         out["remote_traceback"] = getattr(error, "remote_traceback", "")
         return out
     return {"ok": True}
+
+
+class _RaisingStateful:
+    """A Stateful whose ``state_dict()`` raises (a per-rank failure before any collective)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        raise RuntimeError("state_dict() failed on this rank")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def fails_before_the_protocol(rank: int, world_size: int, path: str, op: str, victim: int) -> dict[str, Any]:
+    """``op`` (save, async_save, load) in which ``victim`` fails while its call prepares,
+    before the protocol's first collective: a user metadata that is not JSON (passed on
+    that rank only), a Stateful whose ``state_dict()`` raises, a planner of no known kind;
+    ``victim`` -1: every rank. Returns what this rank raised, as for :func:`fault_case`."""
+    state = small_state(rank, world_size, True)
+    mine = victim in (rank, -1)
+    kwargs: dict[str, Any] = {"timeout": 30}
+    if op == "load":
+        torchstow.save(state, path, timeout=30)
+        state = small_state(rank, world_size, True)
+        if mine:
+            kwargs["planner"] = "not a planner"
+    elif op == "save":
+        kwargs["metadata"] = {"epoch": object()} if mine else None
+    elif mine:
+        state["thing"] = _RaisingStateful()
+    try:
+        if op == "save":
+            torchstow.save(state, path, **kwargs)
+        elif op == "async_save":
+            torchstow.async_save(state, path, **kwargs).result(timeout=60)
+        else:
+            torchstow.load(state, path, **kwargs)
+    except torchstow.CheckpointException as error:
+        return summarize(error)
+    except Exception as error:
+        return {"class": type(error).__name__, "message": str(error), "failures": {}}
+    return {"ok": True}
+
+
+class _PlanDroppingSavePlanner(torchstow.planning.DefaultSavePlanner):
+    """A faulty planner whose global plan has one plan fewer than there are ranks."""
+
+    def create_global_plan(self, all_plans: Any) -> Any:
+        plans, metadata = super().create_global_plan(all_plans)
+        return plans[:-1], metadata
+
+
+def save_with_a_plan_missing(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Save with a planner whose global plan leaves out the last rank; what this rank raised."""
+    try:
+        torchstow.save(
+            small_state(rank, world_size, True), path, planner=_PlanDroppingSavePlanner(), timeout=30
+        )
+    except torchstow.CheckpointException as error:
+        return summarize(error)
+    except Exception as error:
+        return {"class": type(error).__name__, "message": str(error), "failures": {}}
+    return {"ok": True}
+
+
+class PluginError(torchstow.errors.TorchstowError):
+    """A plugin's own torchstow error, whose constructor takes more than a message."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message, code)
+        self.code = code
+
+
+class _PluginErrorPlanner(torchstow.planning.DefaultSavePlanner):
+    def create_local_plan(self) -> Any:
+        if dist.get_rank() == 1:
+            raise PluginError("the plugin refused", 7)
+        return super().create_local_plan()
+
+
+def plugin_error_on_rank_1(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Save where rank 1's planning raises a plugin's TorchstowError subclass; what each rank raised."""
+    try:
+        torchstow.save(small_state(rank, world_size, True), path, planner=_PluginErrorPlanner(), timeout=30)
+    except torchstow.CheckpointException as error:
+        return summarize(error)
+    except Exception as error:
+        return {"class": type(error).__name__, "message": str(error), "failures": {}}
+    return {"ok": True}
+
+
+def _plugin_data() -> str:
+    if dist.get_rank() != 0:
+        raise ModuleNotFoundError("No module named 'site_plugin' (installed on rank 0 only)")
+    return "plugin data"
+
+
+class _PluginData:
+    """Unpickles on rank 0 only, as a plugin's class installed on one node would."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_plugin_data, ())
+
+
+class _ManifestWithPluginData(ForwardingStorageWriter):
+    """Commits, then holds in the returned manifest a value only rank 0 can unpickle."""
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        self.inner.finish(metadata, results)
+        metadata.planner_data = _PluginData()
+
+
+def committed_manifest_unreadable_on_rank_1(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Each rank saves a tensor of its own; the committed manifest the coordinator sends
+    back does not unpickle on rank 1. Whether this rank's save returned, and its notes."""
+    writer = _ManifestWithPluginData(torchstow.storage_writer(path))
+    try:
+        torchstow.save({f"w{rank}": torch.arange(1024.0) + rank}, storage_writer=writer, timeout=60)
+    except torchstow.CheckpointException as exc:
+        return {"ok": False, "notes": list(getattr(exc, "__notes__", []))}
+    return {"ok": True, "notes": []}
 
 
 def timed_fault(

@@ -48,6 +48,58 @@ def restore_latest(rank: int, world_size: int, root: str) -> tuple[int, bool]:
     )
 
 
+def restore_latest_listed_apart(rank: int, world_size: int, root: str, how: str) -> tuple[int, bool]:
+    """:func:`restore_latest` where rank 1's listing of the root differs: it lags behind
+    (``"lags"``: the newest step not there yet, as a cached directory listing may) or fails
+    (``"fails"``). Every rank must restore the step the coordinator found."""
+    from torchstow.management import manager as module
+
+    original = module.list_checkpoints
+
+    def listing(*args: Any, **kwargs: Any) -> Any:
+        if how == "fails":
+            raise OSError("listing the root failed on this rank")
+        found = original(*args, **kwargs)
+        newest = max(info.step for info in found)
+        return [info for info in found if info.step != newest]
+
+    if rank == 1:
+        module.list_checkpoints = listing  # type: ignore[assignment]
+    try:
+        manager = torchstow.CheckpointManager(root)
+        target = _state(world_size, 0)
+        step = manager.restore(target, timeout=20)
+    finally:
+        module.list_checkpoints = original  # type: ignore[assignment]
+    expected = values("weight", (8 * world_size, 16), step)
+    got = target["weight"].full_tensor()
+    return step, bool(
+        torch.equal(got.view(torch.uint8), expected.view(torch.uint8)) and target["step"] == step
+    )
+
+
+def incremental_save_where_rank_1_cannot_list(rank: int, world_size: int, root: str) -> tuple[int, bool]:
+    """Step 1 saved; then a new incremental manager (as after a restart) saves step 2 while
+    rank 1's listing of the root fails: the save goes on (a full save there), and restores."""
+    from torchstow.management import manager as module
+
+    with torchstow.CheckpointManager(root) as manager:
+        manager.save(1, _state(world_size, 1), timeout=30)
+    original = module.list_checkpoints
+
+    def listing(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("listing the root failed on this rank")
+
+    if rank == 1:
+        module.list_checkpoints = listing  # type: ignore[assignment]
+    try:
+        with torchstow.CheckpointManager(root, incremental=True) as manager:
+            manager.save(2, _state(world_size, 2), timeout=30)
+    finally:
+        module.list_checkpoints = original  # type: ignore[assignment]
+    return restore_latest(rank, world_size, root)
+
+
 def save_steps(
     rank: int, world_size: int, root: str, steps: int, asynchronous: bool, incremental: bool = False
 ) -> None:

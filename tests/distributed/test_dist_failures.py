@@ -10,7 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dist_scenarios import fault_case, unpicklable_failure
+import torch
+from dist_scenarios import (
+    committed_manifest_unreadable_on_rank_1,
+    fails_before_the_protocol,
+    fault_case,
+    plugin_error_on_rank_1,
+    save_with_a_plan_missing,
+    unpicklable_failure,
+)
+
+import torchstow
+from dist_pool import WorkerPool
 
 EXCEPTIONS = ["ValueError", "OSError", "RuntimeError"]
 SAVE_STEPS = [
@@ -144,3 +155,77 @@ def test_unpicklable_exception_travels_as_a_stand_in(pools: Any, tmp_path: Path)
             assert 'raise LocalError("a local exception class on rank 1")' in result["remote_traceback"]
         assert failure["frames"][-1] == "create_local_plan"
     assert not (tmp_path / "ckpt" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("op", "victim", "exc"),
+    [
+        ("save", 0, "ValueError"),
+        ("save", -1, "ValueError"),
+        ("async_save", 1, "RuntimeError"),
+        ("load", 1, "TypeError"),
+        ("load", -1, "TypeError"),
+    ],
+)
+def test_a_failure_before_the_first_collective_reaches_every_rank(
+    tmp_path: Path, op: str, victim: int, exc: str
+) -> None:
+    """A rank whose call fails while it prepares (its arguments, its Statefuls) still runs the
+    protocol's collectives, so the others raise its failure at once instead of waiting for
+    it until the timeout. A fresh group: before, the others timed out and broke theirs."""
+    outcomes = WorkerPool.run_once(
+        2, fails_before_the_protocol, str(tmp_path / "ckpt"), op, victim, timeout=90
+    )
+    for outcome in outcomes:
+        assert outcome.status == "ok", outcome
+        result = outcome.value
+        if victim == -1 and op == "save":  # every rank failed alike: each raises its own error
+            assert result["class"] == exc, result
+            continue
+        # a load's first step is the coordinator's alone: its failure is the one reported
+        failed = 0 if victim == -1 else victim
+        assert result["class"].startswith("CheckpointException"), result
+        assert set(result["failures"]) == {failed}
+        assert result["failures"][failed]["type"] == exc
+    assert not (tmp_path / "ckpt" / "manifest.json").exists() or op == "load"
+
+
+def test_a_committed_manifest_that_does_not_unpickle_on_a_rank_keeps_its_data(
+    pools: Any, tmp_path: Path
+) -> None:
+    """The coordinator committed, but the manifest it sends back does not unpickle on rank 1:
+    rank 1 cannot tell the outcome from the answer, so it reads the location and keeps its
+    files (before: it removed them, and the committed checkpoint lost its data)."""
+    path = tmp_path / "ckpt"
+    outcomes = pools(2).run(committed_manifest_unreadable_on_rank_1, str(path))
+    assert outcomes[0]["ok"], outcomes
+    assert not outcomes[1]["ok"] and any("did commit" in note for note in outcomes[1]["notes"]), outcomes
+    loaded = torchstow.read(str(path))
+    for rank in range(2):
+        assert torch.equal(loaded[f"w{rank}"], torch.arange(1024.0) + rank)
+
+
+def test_a_global_plan_of_the_wrong_length_fails_every_rank(tmp_path: Path) -> None:
+    """A planner whose global plan has fewer plans than ranks fails the planning step on
+    every rank (before: the coordinator raised ValueError alone and the others timed out)."""
+    path = tmp_path / "ckpt"
+    outcomes = WorkerPool.run_once(2, save_with_a_plan_missing, str(path), timeout=90)
+    for outcome in outcomes:
+        assert outcome.status == "ok", outcome
+        result = outcome.value
+        assert result["class"].startswith("CheckpointException"), result
+        assert set(result["failures"]) == {0}, result
+        assert "2 ranks" in result["failures"][0]["message"], result
+    assert not (path / "manifest.json").exists()
+
+
+def test_a_plugins_error_with_its_own_constructor_arrives_as_a_checkpoint_exception(
+    pools: Any, tmp_path: Path
+) -> None:
+    """A TorchstowError subclass whose constructor takes other arguments cannot be mixed
+    into the CheckpointException: every rank still raises a CheckpointException holding it
+    (before: TypeError from building the mixed class)."""
+    for result in pools(2).run(plugin_error_on_rank_1, str(tmp_path / "ckpt")):
+        assert result["class"].startswith("CheckpointException"), result
+        assert set(result["failures"]) == {1}
+        assert result["failures"][1]["type"] == "PluginError"

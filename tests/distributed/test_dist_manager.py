@@ -8,9 +8,17 @@ from typing import Any
 
 import pytest
 import torch
-from manager_scenarios import restore_latest, save_in_subgroups, save_steps, save_steps_and_prune
+from manager_scenarios import (
+    incremental_save_where_rank_1_cannot_list,
+    restore_latest,
+    restore_latest_listed_apart,
+    save_in_subgroups,
+    save_steps,
+    save_steps_and_prune,
+)
 
 import torchstow
+from dist_pool import WorkerPool
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -42,3 +50,28 @@ def test_managers_of_subgroups_prune_on_their_own_coordinators(pools: Any, tmp_p
     # the odd group holds no global rank 0, and the even group's coordinator is its rank 1 (global 2)
     assert [pruned for _, pruned, _ in results] == [0, 4, 4, 0]
     assert all(listing == ["step-3", "step-4"] and restored for listing, _, restored in results)
+
+
+@pytest.mark.parametrize("how", ["lags", "fails"])
+def test_every_rank_restores_the_step_the_coordinator_finds(tmp_path: Path, how: str) -> None:
+    """restore() without a step: the coordinator lists the root and every rank loads what it
+    found, whatever the other ranks' listings say (before: rank 1 loaded another step, or
+    raised alone while rank 0 waited in the load until the timeout). A fresh group."""
+    root = str(tmp_path / "run")
+    pool = WorkerPool(2)
+    try:
+        pool.run(save_steps, root, 2, False)
+        assert pool.run(restore_latest_listed_apart, root, how) == [(2, True)] * 2
+    finally:
+        pool.close()
+
+
+def test_an_incremental_save_goes_on_when_one_rank_cannot_list_the_root(tmp_path: Path) -> None:
+    """The base is looked for on each rank; a rank whose listing fails saves in full instead
+    of raising alone (before: rank 1 raised OSError and rank 0 waited in the save until the
+    timeout). A fresh group."""
+    pool = WorkerPool(2)
+    try:
+        assert pool.run(incremental_save_where_rank_1_cannot_list, str(tmp_path / "run")) == [(2, True)] * 2
+    finally:
+        pool.close()

@@ -63,7 +63,8 @@ def test_the_switch_turns_caching_off(pools: Any, tmp_path: Path) -> None:
     saves_by_rank = pools(2).run(save_series, str(tmp_path), -1, 99, False)
     for saves in saves_by_rank:
         assert all(_planning(save["calls"]) for save in saves)
-        assert all(not _cache_check(save["calls"]) for save in saves)
+        # the records still travel (every rank runs the same collectives whatever its planner)
+        assert all(_cache_check(save["calls"]) == [("all_gather_records", RECORD)] for save in saves)
         assert all(save["loads_back"] for save in saves)
 
 

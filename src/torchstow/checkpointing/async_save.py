@@ -240,11 +240,15 @@ class AsyncSavePipeline:
 
 def _timed_staging(staging: Future[Any], stats: SaveStats, start: float) -> Future[Any]:
     """``staging``'s outcome, handed on once ``stats`` holds the staging's seconds
-    and the staged tensor bytes (so they are there before the protocol starts)."""
+    and the staged tensor bytes (so they are there before the protocol starts); a
+    cancelled staging is handed on as a failure, never left waiting."""
     timed: Future[Any] = Future()
 
     def record(done: Future[Any]) -> None:
         stats.record("stage", time.perf_counter() - start)
+        if done.cancelled():  # fails this save on every rank, as a staging error does
+            timed.set_exception(RuntimeError("the stager cancelled the staging of this save"))
+            return
         error = done.exception()
         if error is not None:
             timed.set_exception(error)

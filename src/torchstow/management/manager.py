@@ -12,6 +12,7 @@ from torchstow.api import async_save, load, save
 from torchstow.checkpointing.async_save import AsyncSave
 from torchstow.core.layout.incremental import base_problem
 from torchstow.core.protocol.collective import make_collective
+from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.compression import check_compression
@@ -172,16 +173,25 @@ class CheckpointManager:
 
     def _base(self, step: int) -> str | None:
         """The URI of the newest committed, intact torchstow step to save ``step`` against,
-        or None (a full save): this manager's newest step first, else those under ``root``."""
+        or None (a full save): this manager's newest step first, else those under ``root``.
+
+        Each rank looks on its own; one whose listing or reading fails saves in full rather
+        than raise alone, which would leave the other ranks waiting in the save."""
         tried = set()
-        for candidate in self._newest_first():
-            if candidate == step or candidate in tried:
-                continue
-            tried.add(candidate)
-            problem = _base_problem(self.uri(candidate), self.storage_options)
-            if problem is None:
-                return self.uri(candidate)
-            logger.warning("step %d is not saved against step %d: %s", step, candidate, problem)
+        try:
+            for candidate in self._newest_first():
+                if candidate == step or candidate in tried:
+                    continue
+                tried.add(candidate)
+                problem = _base_problem(self.uri(candidate), self.storage_options)
+                if problem is None:
+                    return self.uri(candidate)
+                logger.warning("step %d is not saved against step %d: %s", step, candidate, problem)
+        except OSError as exc:
+            logger.warning(
+                "step %d: looking for a base under %s failed: %s; a full save", step, self.root, exc
+            )
+            return None
         if tried:
             logger.warning(
                 "step %d: no intact torchstow step under %s to share files with: a full save", step, self.root
@@ -296,11 +306,19 @@ class CheckpointManager:
                 raise TypeError(f"a tiered manager's restore takes no options, got {sorted(load_options)}")
             return self._tiered.restore(state_dict, step)
         self.wait()
+        options = self._collective({"storage_options": self.storage_options, **load_options})
         if step is None:
-            step = self.latest_step()
+            # The coordinator's listing decides: ranks whose listings differ (one lags, or
+            # fails) would otherwise load different steps, or leave the others waiting.
+            collective = make_collective(
+                options.get("process_group"),
+                options.get("coordinator_rank", 0),
+                options.get("no_dist"),
+                options.get("timeout"),
+            )
+            step = broadcast_from_coordinator(collective, "restore: newest step", self.latest_step)
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
-        options = self._collective({"storage_options": self.storage_options, **load_options})
         load(state_dict, self.uri(step), **options)
         self._done.add(step)
         return step

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections import namedtuple
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from torchstow.checkpointing import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
+from torchstow.core.planning import DefaultSavePlanner
 
 Pair = namedtuple("Pair", "first second")
 
@@ -42,6 +44,8 @@ TWO_RANKS = [
     "scenario_replication_timeout",
     "scenario_async_save_across_ranks",
     "scenario_async_save_fails_as_one",
+    "scenario_async_save_fails_as_one_planner_without_cache",
+    "scenario_async_save_with_cancelled_staging_fails_as_one",
     "scenario_checkpointer_dist_barrier",
     "scenario_tcpstore_barrier",
     "scenario_async_checkpointer_across_ranks",
@@ -250,6 +254,50 @@ def scenario_async_save_fails_as_one(s: Scenario) -> None:
     assert isinstance(info.value.failures[1][0], TypeError)
     assert not os.path.exists(os.path.join(s.root, "ckpt", "manifest.json"))
     # The next save works.
+    ok = torchstow.async_save({"x": torch.ones(3)}, os.path.join(s.root, "ok"))
+    assert ok.result(timeout=60).state_dict_metadata["x"].size == (3,)
+
+
+def scenario_async_save_fails_as_one_planner_without_cache(s: Scenario) -> None:
+    # Rank 1's save fails before the protocol (it saves through a stand-in with the default
+    # planner) while rank 0 saves with a planner that does not cache plans: both must still
+    # run the same collectives and raise rank 1's failure, not lose each other.
+    sd: dict[str, Any] = {"x": torch.ones(3)}
+    if s.rank == 1:
+        sd["lock"] = threading.Lock()  # cannot be staged (copied)
+    planner = DefaultSavePlanner(enable_plan_caching=False)
+    save = torchstow.async_save(sd, os.path.join(s.root, "ckpt"), planner=planner, timeout=20)
+    with pytest.raises(CheckpointException) as info:
+        save.result(timeout=60)
+    assert set(info.value.failures) == {1}
+    assert isinstance(info.value.failures[1][0], TypeError)
+    ok = torchstow.async_save({"x": torch.ones(3)}, os.path.join(s.root, "ok"), planner=planner)
+    assert ok.result(timeout=60).state_dict_metadata["x"].size == (3,)
+
+
+class CancellingStager:
+    """A stager of its own whose staging is cancelled (its executor shut down with
+    ``cancel_futures=True``, say) after the save was queued."""
+
+    def __init__(self) -> None:
+        self.pending: Future[Any] = Future()
+
+    def stage(self, state_dict: Any) -> Future[Any]:
+        return self.pending
+
+    def close(self) -> None:
+        self.pending.cancel()
+
+
+def scenario_async_save_with_cancelled_staging_fails_as_one(s: Scenario) -> None:
+    sd: dict[str, Any] = {"x": torch.ones(3)}
+    stager = CancellingStager() if s.rank == 1 else None
+    save = torchstow.async_save(sd, os.path.join(s.root, "ckpt"), stager=stager, timeout=20)
+    if stager is not None:
+        stager.close()
+    with pytest.raises(CheckpointException) as info:
+        save.result(timeout=60)
+    assert set(info.value.failures) == {1}
     ok = torchstow.async_save({"x": torch.ones(3)}, os.path.join(s.root, "ok"))
     assert ok.result(timeout=60).state_dict_metadata["x"].size == (3,)
 

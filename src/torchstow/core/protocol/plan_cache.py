@@ -20,7 +20,9 @@ such as a step counter) are data, not structure: on a hit they travel with
 the write results, and the coordinator puts them into the cached manifest.
 
 Turn it off with ``DefaultSavePlanner(enable_plan_caching=False)`` (a planner
-without an ``enable_plan_caching`` attribute that is true never caches). A
+without an ``enable_plan_caching`` attribute that is true never caches); such a
+rank still sends its record, with no digest, so every rank runs the same
+collectives whatever planner each holds, and all plan in full. A
 save plans in full over a collective without a ``plan_cache_key`` (a single
 process, the checkpointer's barrier-ordered exchange, whose rounds are fixed).
 """
@@ -188,12 +190,16 @@ def plan_save(
 
     ``global_metadata`` is where ``global_fn`` leaves the coordinator's manifest.
     """
-    key = coll.plan_cache_key() if getattr(planner, "enable_plan_caching", False) else None
+    key = coll.plan_cache_key()
     if key is None:
         return PlannedSave(full_planning(coll, "save planning", local_fn, global_fn), False, None)
+    # A planner that does not cache still exchanges its record (with no digest): which
+    # collectives a rank runs must not depend on its planner, which a rank whose save
+    # failed before the protocol began (the async stand-in) does not have.
+    caching = bool(getattr(planner, "enable_plan_caching", False))
     local = capture(local_fn)
     failed = isinstance(local, CapturedFailure)
-    digest = None if failed else capture(lambda: structure_digest(local, planner, writer))
+    digest = None if failed or not caching else capture(lambda: structure_digest(local, planner, writer))
     if isinstance(digest, CapturedFailure):
         digest = None
     entry = _cache.get(key)

@@ -176,7 +176,13 @@ def reduce_scatter(
         sent.append(local_fn())
         return sent[0]
 
-    own, result, gathered = _coordinate(coll, step, local, global_fn)
+    def one_per_rank(outcomes: list[Any]) -> list[Any]:
+        values = list(global_fn(outcomes))
+        if len(values) != coll.world_size:  # a faulty planner: fail here, on every rank
+            raise ValueError(f"{step}: the global plan has {len(values)} entries for {coll.world_size} ranks")
+        return values
+
+    own, result, gathered = _coordinate(coll, step, local, one_per_rank)
     packed = None
     if coll.is_coordinator:
         values = [result] * coll.world_size if isinstance(result, _Failed) else result
@@ -344,8 +350,8 @@ def _write_and_commit(
     certain that the commit did not and will not happen: its own write failed,
     the coordinator never began the commit, or the coordinator says its commit
     failed for good. Once its results are handed over and the answer is lost (a
-    rank died, a collective failed or timed out) or the coordinator cannot tell,
-    the outcome is unknown: the rank asks the writer to read the location
+    rank died, a collective failed or timed out, or it does not unpickle here) or
+    the coordinator cannot tell, the outcome is unknown: the rank asks the writer to read the location
     (:meth:`StorageWriter.commit_outcome`) and otherwise keeps its files, for a
     later ``gc`` to collect; a committed manifest may name them.
     """
@@ -370,7 +376,11 @@ def _write_and_commit(
     try:
         return _raise_if_failed(step, answer, coll, own)
     except CheckpointException as exc:
-        unknown = isinstance(answer, _Failed) and answer.outcome_unknown and not coll.is_coordinator
+        # An answer that did not unpickle here may have been the committed manifest.
+        unclear = isinstance(answer, CapturedFailure) or (
+            isinstance(answer, _Failed) and answer.outcome_unknown
+        )
+        unknown = unclear and not coll.is_coordinator
         _settle(writer, coll, progress, exc, known=not unknown or not progress.handed)
         raise
 
