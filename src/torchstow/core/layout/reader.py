@@ -119,7 +119,7 @@ class LayoutReader(StorageReader):
             DcpItems(self.store, self.metadata, self._missing, self._beyond).read(plan, planner)
             return completed_future(None)
         tasks = [self._task(item, planner) for item in plan.items]
-        jobs = _jobs(_batches(tasks))
+        jobs = _jobs(_batches(tasks), self.thread_count)
         threads = min(self.thread_count, len(jobs))
         # Each job's items are committed as soon as it and the jobs before it are read
         # (a read-once load sends them on while the rest is read).
@@ -361,21 +361,26 @@ def _batches(tasks: list[ReadTask]) -> dict[str, list[list[ReadTask]]]:
     return out
 
 
-def _jobs(batches: dict[str, list[list[ReadTask]]]) -> list[_Job]:
-    """Group batches into jobs for the reader threads.
+def _jobs(batches: dict[str, list[list[ReadTask]]], threads: int) -> list[_Job]:
+    """Group batches into jobs for ``threads`` reader threads.
 
     Batches of large items become a job each, to run in parallel; batches of
     small items (mostly GIL-bound Python work) share one job, as in the writer.
+    With several threads, the last ``threads`` batches of large items are cut into
+    a job per item, so that the threads run out of work at about the same time.
     """
-    jobs: list[_Job] = []
+    large: list[tuple[str, list[ReadTask]]] = []
     small: _Job = []
     for file, file_batches in batches.items():
         for batch in file_batches:
             nbytes = sum(task.info.length for task in batch)
             if nbytes >= LARGE_ITEM * len(batch):
-                jobs.append([(file, batch)])
+                large.append((file, batch))
             else:
                 small.append((file, batch))
+    cut = len(large) - threads if threads > 1 else len(large)
+    jobs: list[_Job] = [[pair] for pair in large[:cut]]
+    jobs += [[(file, [task])] for file, batch in large[cut:] for task in batch]
     if small:
         jobs.append(small)
     return jobs
