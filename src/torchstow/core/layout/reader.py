@@ -29,7 +29,7 @@ __all__ = ["LayoutReader", "raise_if_missing", "require_data"]
 _BATCH_BYTES = 32 << 20
 _BATCH_ITEMS = 1024
 
-_MAX_HELPERS = 64  # reader threads kept at most (started as loads ask for them)
+_MAX_READERS = 64  # reader threads kept at most (started as loads ask for them)
 
 _Job = list[tuple[str, list[ReadTask]]]  # batches of one file's tasks each: what one thread reads
 
@@ -127,7 +127,7 @@ class LayoutReader(StorageReader):
             for job in jobs:
                 self._commit(self._run_job(job), planner)
         else:
-            _SharedJobs(jobs, self._run_job).run(threads - 1, lambda job: self._commit(job, planner))
+            _SharedJobs(jobs, self._run_job).run(threads, lambda job: self._commit(job, planner))
         return completed_future(None)
 
     def _commit(self, job: _Job, planner: LoadPlanner) -> None:
@@ -206,14 +206,11 @@ class LayoutReader(StorageReader):
 
 
 class _SharedJobs:
-    """Jobs read by the calling thread and ``helpers`` pool threads, each taking the next
-    job in order; the caller commits a job once it and every job before it are read
-    (between jobs of its own, then as the helpers finish theirs).
+    """Jobs read by ``threads`` kept reader threads, each taking the next job in order,
+    while the calling thread commits each job once it and every job before it are read.
 
-    The caller reads rather than waits: one thread fewer to start, and no wake-up of a
-    third thread, competing with the readers for the cores and the GIL, per job read.
     After a failure no job is started; the first failed job's error is raised, in order,
-    once the helpers have stopped.
+    once the other threads have finished the jobs they took.
     """
 
     def __init__(self, jobs: list[_Job], run: Callable[[_Job], Any]) -> None:
@@ -224,23 +221,19 @@ class _SharedJobs:
         self._done: list[BaseException | bool] = [False] * len(jobs)  # True, or the job's error
         self._changed = threading.Condition()
 
-    def run(self, helpers: int, commit: Callable[[_Job], None]) -> None:
-        """Read every job with up to ``helpers`` more threads, handing each to ``commit`` in order."""
+    def run(self, threads: int, commit: Callable[[_Job], None]) -> None:
+        """Read every job on ``threads`` threads, handing each to ``commit`` in order."""
         try:
-            pool = _helper_pool()
-            for _ in range(helpers):
+            pool = _reader_pool()
+            for _ in range(threads):
                 pool.submit(self._work)
-        except RuntimeError:  # the interpreter is shutting down: this thread reads alone
-            pass
+        except RuntimeError:  # the interpreter is shutting down: no new work for the pool
+            self._work()
         try:
-            committed = 0
-            while (i := self._take()) is not None:
-                self._read(i)
-                committed = self._commit_ready(committed, commit, wait=False)
-            self._commit_ready(committed, commit, wait=True)
+            self._commit_ready(commit)
         except BaseException:
             with self._changed:
-                self._stop = True  # the helpers finish the jobs they took, and take no more
+                self._stop = True  # the readers finish the jobs they took, and take no more
                 while False in self._done[: self._taken]:
                     self._changed.wait()
             raise
@@ -268,44 +261,39 @@ class _SharedJobs:
         while (i := self._take()) is not None:
             self._read(i)
 
-    def _commit_ready(self, committed: int, commit: Callable[[_Job], None], *, wait: bool) -> int:
-        """Commit the jobs read from ``committed`` on, in order (with ``wait``, all of them,
-        waiting for each); the first job not committed. Raises a failed job's error."""
-        while committed < len(self._jobs):
+    def _commit_ready(self, commit: Callable[[_Job], None]) -> None:
+        """Commit every job in order, waiting for each to be read; raises a failed job's error."""
+        for i, job in enumerate(self._jobs):
             with self._changed:
-                while wait and self._done[committed] is False:
+                while self._done[i] is False:
                     self._changed.wait()
-                outcome = self._done[committed]
-            if outcome is False:
-                break
-            if outcome is not True:
+                outcome = self._done[i]
+            if isinstance(outcome, BaseException):
                 raise outcome
-            commit(self._jobs[committed])
-            committed += 1
-        return committed
+            commit(job)
 
 
-_helpers: ThreadPoolExecutor | None = None
-_helpers_lock = threading.Lock()
+_readers: ThreadPoolExecutor | None = None
+_readers_lock = threading.Lock()
 
 
-def _helper_pool() -> ThreadPoolExecutor:
+def _reader_pool() -> ThreadPoolExecutor:
     """The reader threads, kept from load to load in this process: a thread started per load
     made the load wait until it first ran (1-2 ms on a busy machine)."""
-    global _helpers
-    with _helpers_lock:
-        if _helpers is None:
-            _helpers = ThreadPoolExecutor(_MAX_HELPERS, thread_name_prefix="torchstow-read")
-        return _helpers
+    global _readers
+    with _readers_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(_MAX_READERS, thread_name_prefix="torchstow-read")
+        return _readers
 
 
-def _forget_helpers() -> None:
-    global _helpers
-    _helpers = None  # a forked child has none of the parent's threads
+def _forget_readers() -> None:
+    global _readers
+    _readers = None  # a forked child has none of the parent's threads
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_helpers)
+    os.register_at_fork(after_in_child=_forget_readers)
 
 
 def require_data(reader: StorageReader, metadata: Metadata, keys: Iterable[str]) -> None:
