@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -48,11 +48,6 @@ class PlannedRead:
         self.direct: torch.Tensor | None = None
         self.scratch: Any = None
         self.strided_view: torch.Tensor | None = None
-
-    def check(self, data: memoryview, location: str) -> None:
-        """Verify the next bytes of this task (they arrive in order)."""
-        if self.verifier is not None:
-            self._raise_if_bad(self.verifier.feed(data), location)
 
     def finish(self, location: str, verify: bool) -> None:
         """Check the last block, then move the bytes where they belong."""
@@ -97,7 +92,11 @@ class PlannedRead:
 
     def _raise_if_bad(self, bad: int | None, location: str) -> None:
         if bad is not None:
-            raise checksum_mismatch(self.task.item.storage_index.fqn, location, self.task.info, bad)
+            self.fail(bad, location)
+
+    def fail(self, bad: int, location: str) -> NoReturn:
+        """Raise the mismatch of checksum block ``bad`` of this task's bytes."""
+        raise checksum_mismatch(self.task.item.storage_index.fqn, location, self.task.info, bad)
 
 
 def checksum_mismatch(fqn: str, location: str, info: StorageInfo, bad: int) -> ChecksumMismatchError:

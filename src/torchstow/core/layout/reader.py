@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +28,10 @@ __all__ = ["LayoutReader", "raise_if_missing", "require_data"]
 
 _BATCH_BYTES = 32 << 20
 _BATCH_ITEMS = 1024
+
+_MAX_READERS = 64  # reader threads kept at most (started as loads ask for them)
+
+_Job = list[tuple[str, list[ReadTask]]]  # batches of one file's tasks each: what one thread reads
 
 
 class LayoutReader(StorageReader):
@@ -115,7 +119,7 @@ class LayoutReader(StorageReader):
             DcpItems(self.store, self.metadata, self._missing, self._beyond).read(plan, planner)
             return completed_future(None)
         tasks = [self._task(item, planner) for item in plan.items]
-        jobs = _jobs(_batches(tasks))
+        jobs = _jobs(_batches(tasks), self.thread_count)
         threads = min(self.thread_count, len(jobs))
         # Each job's items are committed as soon as it and the jobs before it are read
         # (a read-once load sends them on while the rest is read).
@@ -123,25 +127,10 @@ class LayoutReader(StorageReader):
             for job in jobs:
                 self._commit(self._run_job(job), planner)
         else:
-            # Every job is queued, and every thread started, before any reads: submitting
-            # while the first reader ran competed with it for the GIL (measured: 4.8 ms
-            # of submitting per GiB, the second reader starting about 4 ms after the first).
-            go = threading.Event()
-
-            def run(job: list[tuple[str, list[ReadTask]]]) -> list[tuple[str, list[ReadTask]]]:
-                go.wait()
-                return self._run_job(job)
-
-            with ThreadPoolExecutor(threads, thread_name_prefix="torchstow-read") as pool:
-                try:
-                    done = pool.map(run, jobs)
-                finally:
-                    go.set()
-                for job in done:
-                    self._commit(job, planner)
+            _SharedJobs(jobs, self._run_job).run(threads, lambda job: self._commit(job, planner))
         return completed_future(None)
 
-    def _commit(self, job: list[tuple[str, list[ReadTask]]], planner: LoadPlanner) -> None:
+    def _commit(self, job: _Job, planner: LoadPlanner) -> None:
         for _, batch in job:
             for task in batch:
                 if task.target is not None:
@@ -170,7 +159,7 @@ class LayoutReader(StorageReader):
         chunk = chunk_math.stored_chunk_sizes(entry, item.storage_index)
         return ReadTask(item, info, planner.resolve_tensor(item), entry.properties.dtype, chunk)
 
-    def _run_job(self, job: list[tuple[str, list[ReadTask]]]) -> list[tuple[str, list[ReadTask]]]:
+    def _run_job(self, job: _Job) -> _Job:
         for file, batch in job:
             self._read_batch(file, batch)
         return job
@@ -189,13 +178,18 @@ class LayoutReader(StorageReader):
                     owners.append(read)
         location = self.store.location
         verify = self.verify_checksums
+        # Each request's verifier, looked up once: a piece landing costs one call to it.
+        feeds = [read.verifier.feed if verify and read.verifier else None for read in owners]
         done = 0  # requests landed so far: the next one is where a failed read was
 
         def landed(i: int) -> None:
             nonlocal done
             done = i + 1
-            if verify:
-                owners[i].check(requests[i][1], location)
+            feed = feeds[i]
+            if feed is not None:
+                bad = feed(requests[i][1])
+                if bad is not None:
+                    owners[i].fail(bad, location)
 
         try:
             if requests:  # a batch of empty items reads nothing
@@ -209,6 +203,97 @@ class LayoutReader(StorageReader):
             raise CorruptCheckpointError(f"{exc} (reading {', '.join(map(repr, keys[:3]))})") from exc
         for read in reads:
             read.finish(location, verify)
+
+
+class _SharedJobs:
+    """Jobs read by ``threads`` kept reader threads, each taking the next job in order,
+    while the calling thread commits each job once it and every job before it are read.
+
+    After a failure no job is started; the first failed job's error is raised, in order,
+    once the other threads have finished the jobs they took.
+    """
+
+    def __init__(self, jobs: list[_Job], run: Callable[[_Job], Any]) -> None:
+        self._jobs = jobs
+        self._run = run
+        self._taken = 0
+        self._stop = False
+        self._done: list[BaseException | bool] = [False] * len(jobs)  # True, or the job's error
+        self._changed = threading.Condition()
+
+    def run(self, threads: int, commit: Callable[[_Job], None]) -> None:
+        """Read every job on ``threads`` threads, handing each to ``commit`` in order."""
+        try:
+            pool = _reader_pool()
+            for _ in range(threads):
+                pool.submit(self._work)
+        except RuntimeError:  # the interpreter is shutting down: no new work for the pool
+            self._work()
+        try:
+            self._commit_ready(commit)
+        except BaseException:
+            with self._changed:
+                self._stop = True  # the readers finish the jobs they took, and take no more
+                while False in self._done[: self._taken]:
+                    self._changed.wait()
+            raise
+
+    def _take(self) -> int | None:
+        with self._changed:
+            if self._stop or self._taken == len(self._jobs):
+                return None
+            self._taken += 1
+            return self._taken - 1
+
+    def _read(self, i: int) -> None:
+        outcome: BaseException | bool = True
+        try:
+            self._run(self._jobs[i])
+        except BaseException as exc:
+            outcome = exc
+        with self._changed:
+            self._done[i] = outcome
+            if outcome is not True:
+                self._stop = True
+            self._changed.notify()
+
+    def _work(self) -> None:
+        while (i := self._take()) is not None:
+            self._read(i)
+
+    def _commit_ready(self, commit: Callable[[_Job], None]) -> None:
+        """Commit every job in order, waiting for each to be read; raises a failed job's error."""
+        for i, job in enumerate(self._jobs):
+            with self._changed:
+                while self._done[i] is False:
+                    self._changed.wait()
+                outcome = self._done[i]
+            if isinstance(outcome, BaseException):
+                raise outcome
+            commit(job)
+
+
+_readers: ThreadPoolExecutor | None = None
+_readers_lock = threading.Lock()
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    """The reader threads, kept from load to load in this process: a thread started per load
+    made the load wait until it first ran (1-2 ms on a busy machine)."""
+    global _readers
+    with _readers_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(_MAX_READERS, thread_name_prefix="torchstow-read")
+        return _readers
+
+
+def _forget_readers() -> None:
+    global _readers
+    _readers = None  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_readers)
 
 
 def require_data(reader: StorageReader, metadata: Metadata, keys: Iterable[str]) -> None:
@@ -264,21 +349,26 @@ def _batches(tasks: list[ReadTask]) -> dict[str, list[list[ReadTask]]]:
     return out
 
 
-def _jobs(batches: dict[str, list[list[ReadTask]]]) -> list[list[tuple[str, list[ReadTask]]]]:
-    """Group batches into jobs for the reader threads.
+def _jobs(batches: dict[str, list[list[ReadTask]]], threads: int) -> list[_Job]:
+    """Group batches into jobs for ``threads`` reader threads.
 
     Batches of large items become a job each, to run in parallel; batches of
     small items (mostly GIL-bound Python work) share one job, as in the writer.
+    With several threads, the last ``threads`` batches of large items are cut into
+    a job per item, so that the threads run out of work at about the same time.
     """
-    jobs: list[list[tuple[str, list[ReadTask]]]] = []
-    small: list[tuple[str, list[ReadTask]]] = []
+    large: list[tuple[str, list[ReadTask]]] = []
+    small: _Job = []
     for file, file_batches in batches.items():
         for batch in file_batches:
             nbytes = sum(task.info.length for task in batch)
             if nbytes >= LARGE_ITEM * len(batch):
-                jobs.append([(file, batch)])
+                large.append((file, batch))
             else:
                 small.append((file, batch))
+    cut = len(large) - threads if threads > 1 else len(large)
+    jobs: list[_Job] = [[pair] for pair in large[:cut]]
+    jobs += [[(file, [task])] for file, batch in large[cut:] for task in batch]
     if small:
         jobs.append(small)
     return jobs
