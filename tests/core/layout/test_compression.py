@@ -573,3 +573,34 @@ def test_a_flipped_byte_in_a_later_piece_is_a_checksum_mismatch_naming_the_key(t
     with pytest.raises(ChecksumMismatchError, match="'big'"):
         torchstow.read(str(path))
     assert torch.equal(torchstow.read(str(path), keys=["small"])["small"], torch.ones(8))
+
+
+@pytest.mark.parametrize("where", ["tail", "stream", "zstd"])
+@pytest.mark.parametrize("junk", [b"\x28", b"\x28\xb5", b"\x28\xb5\x2f\xfd", b"\x28\xb5\x2f\xfd\x04"])
+def test_a_frame_followed_by_the_start_of_another_is_corrupt(where: str, junk: bytes) -> None:
+    """Junk after a whole frame too short to be a frame header (the first bytes of one), after
+    the plane decompressed into the chunk's tail, after a streamed plane, or after a zstd
+    chunk, is a CorruptCheckpointError, not bytes silently ignored."""
+    import struct
+
+    import zstandard
+
+    frame = zstandard.ZstdCompressor().compress
+    t = (torch.arange(1000) % 16).float()  # its first two planes shrink
+    planes = _spec_planes(t)
+
+    def stored(first: bytes, second: bytes) -> bytes:
+        rest = [first, second, *planes[2:]]
+        return struct.pack("<4Q", *map(len, rest)) + b"".join(rest)
+
+    lying = {
+        "tail": (stored(frame(planes[0]) + junk, frame(planes[1])), BYTEPLANES),
+        "stream": (stored(frame(planes[0]), frame(planes[1]) + junk), BYTEPLANES),
+        "zstd": (frame(bytes(tensor_bytes(t))) + junk, ZSTD),
+    }
+    bad, codec = lying[where]
+    with pytest.raises(CorruptCheckpointError, match="decompress"):
+        decompress_into(memoryview(bad), codec, torch.float32, torch.empty(1000))
+    back = torch.empty(1000)
+    decompress_into(memoryview(stored(frame(planes[0]), frame(planes[1]))), BYTEPLANES, torch.float32, back)
+    assert torch.equal(back, t)

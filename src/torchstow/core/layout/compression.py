@@ -210,8 +210,25 @@ def _scratch(size: int) -> tuple[torch.Tensor, memoryview]:
     return found
 
 
+def _whole_frames(frames: memoryview) -> None:
+    """CorruptCheckpointError unless ``frames`` is whole zstd frames back to back: a stream
+    ends quietly on bytes too few to be a frame (the start of one), so they are found here,
+    by walking the frames' block headers (when zstandard's cffi binding loads)."""
+    if _lib is None:
+        return
+    start = _ffi.from_buffer(frames)
+    at = 0
+    while at < len(frames):
+        size = _lib.ZSTD_findFrameCompressedSize(start + at, len(frames) - at)
+        if _lib.ZSTD_isError(size):
+            name = _ffi.string(_lib.ZSTD_getErrorName(size)).decode()
+            raise CorruptCheckpointError(f"does not decompress (byte {at}: {name})")
+        at += size
+
+
 def _unzstd_into(frame: memoryview, out: memoryview) -> None:
     """Decompress one zstd ``frame`` into exactly ``out``; CorruptCheckpointError otherwise."""
+    _whole_frames(frame)
     reader = _decompressor().stream_reader(frame, read_across_frames=True)
     _read_exactly(reader, out)
     _check_ended(reader, len(out))
@@ -299,6 +316,7 @@ def decompress_into(stored: memoryview, codec: str, dtype: torch.dtype, out: tor
             rows.append((k - 1 - j, tail))
             tail = None
         else:
+            _whole_frames(piece)
             stream = _decompressor(len(streams)).stream_reader(piece, read_across_frames=True)
             streams.append(stream)
             rows.append((k - 1 - j, stream))
