@@ -76,9 +76,9 @@ def test_the_proxy_paces_requests_as_the_link_says(shaped: FaultProxy, s3_bucket
 
 def test_adaptive_limit_halves_on_throttling_and_regains_one_per_success() -> None:
     async def run() -> list[int]:
-        limit = AdaptiveLimit(16, start=8, cooldown=0.0)
+        limit = AdaptiveLimit(16, start=8)
         seen = [limit.limit]
-        limit.throttled()
+        limit.throttled(time.monotonic())
         seen.append(limit.limit)
         for _ in range(4):  # each success adds one back, up to the limit before the throttling
             async with limit:
@@ -88,6 +88,20 @@ def test_adaptive_limit_halves_on_throttling_and_regains_one_per_success() -> No
         return seen
 
     assert asyncio.run(run()) == [8, 4, 5, 6, 7, 8]
+
+
+def test_throttling_halves_once_per_round_of_requests() -> None:
+    # a slow link refuses a part only once its body is through, long after the refusals of
+    # its neighbours cut the limit: a refusal of a request sent before the cut counts once
+    limit = AdaptiveLimit(32, start=16)
+    sent = time.monotonic()
+    for _ in range(4):  # a burst of refusals of requests all sent before the first cut
+        limit.throttled(sent)
+    assert limit.limit == 8
+    limit.throttled(time.monotonic())  # refused though sent after the cut: the store still refuses
+    assert limit.limit == 4
+    limit.throttled(sent)  # a late refusal of the first round
+    assert limit.limit == 4
 
 
 def test_adaptive_limit_stops_doubling_once_twice_the_requests_move_less_than_half_more() -> None:

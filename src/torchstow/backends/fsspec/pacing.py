@@ -232,19 +232,21 @@ class AdaptiveLimit:
     stops the probing (the link's total binds: twice the requests would mostly wait, hold
     memory and end together), and one that did not grow goes back to the best limit and
     stops the probing (more connections did not fill the link further).
-    Throttling halves the limit (at most once per ``cooldown`` seconds, so one burst of
-    refusals counts once) and restarts the probing; each success then adds one back until
-    the limit before the throttling is regained. Used on one event loop only.
+    Throttling halves the limit at most once per round, as TCP's congestion control does:
+    a refusal of a request sent before the last cut was already answered by that cut (on a
+    slow link a part is refused only once its body is through, seconds after the cut its
+    neighbours caused), a refusal of one sent after it halves again. A cut restarts the
+    probing; each success then adds one back until the limit before the throttling is
+    regained. Used on one event loop only.
     """
 
-    def __init__(self, ceiling: int, start: int | None = None, cooldown: float = 1.0) -> None:
+    def __init__(self, ceiling: int, start: int | None = None) -> None:
         self.ceiling = ceiling
         self.limit = min(ceiling, start or ceiling)
         self.regain = self.limit  # the limit before the last throttling
-        self.cooldown = cooldown
         self.active = 0
         self.waiting = 0
-        self.lowered_at = -float("inf")
+        self.lowered_at = -float("inf")  # when the limit was last halved (time.monotonic)
         self.probing = True
         self.best = (0.0, self.limit)  # the best epoch's throughput, and its limit
         self._epoch: tuple[float, int, int, bool] | None = None  # start, requests, bytes, saturated
@@ -279,14 +281,19 @@ class AdaptiveLimit:
         if self._epoch is not None:
             self._epoch = (*self._epoch[:3], True)
 
-    def throttled(self) -> None:
-        """The store refused a request as too many: fewer in flight, regained as requests succeed."""
-        now = time.monotonic()
-        if now - self.lowered_at >= self.cooldown:
+    def throttled(self, sent_at: float) -> None:
+        """The store refused a request sent at ``sent_at`` (``time.monotonic()``) as too many:
+        fewer in flight, regained as requests succeed; unless the request went out before the
+        last cut, which already answered the load it was part of."""
+        if sent_at < self.lowered_at:
+            logger.debug(
+                "throttled: a request sent before the last cut; requests in flight stay %d", self.limit
+            )
+        else:
             self.regain = self.limit
             self.limit = max(1, self.limit // 2)
             logger.debug("throttled: requests in flight %d -> %d", self.regain, self.limit)
-            self.lowered_at = now
+            self.lowered_at = time.monotonic()
             self.probing = True
             self.best = (0.0, self.limit)
         self._epoch = None

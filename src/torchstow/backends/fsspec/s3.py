@@ -158,7 +158,7 @@ class S3Requests:
                 result = await watch(send(progress), progress, self.stall_timeout, what)
             except Exception as exc:
                 if is_throttling(exc):
-                    self.limit.throttled()
+                    self.limit.throttled(began)
                 raise
             nbytes = size(result) if callable(size) else size
             if nbytes is not None:
