@@ -108,9 +108,17 @@ class _CountingOs:
 
 
 def crash_save(
-    rank: int, world_size: int, root: str, victim: int, point: int, total: int, signame: str
+    rank: int,
+    world_size: int,
+    root: str,
+    victim: int,
+    point: int,
+    total: int,
+    signame: str,
+    how: str = "save",
 ) -> dict[str, Any]:
-    """Save step 2 under ``root`` on every rank; ``victim`` dies at its file event ``point``.
+    """Save step 2 under ``root`` on every rank (``how``: ``save``, or ``async_save`` waited
+    for); ``victim`` dies at its file event ``point``.
 
     Returns this rank's file events and how its save ended.
     """
@@ -124,7 +132,10 @@ def crash_save(
     filesystem.os = hook  # type: ignore[assignment]
     out: dict[str, Any] = {}
     try:
-        torchstow.save(crash_state(2, world_size, rank), f"{root}/step-2", timeout=60)
+        save = getattr(torchstow, how)
+        saved = save(crash_state(2, world_size, rank), f"{root}/step-2", timeout=60)
+        if how == "async_save":
+            saved.result()
         out["ok"] = True
     except torchstow.CheckpointException as exc:
         out.update(error=type(exc).__name__, notes=getattr(exc, "__notes__", []))
