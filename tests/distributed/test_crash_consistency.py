@@ -106,6 +106,7 @@ def test_every_rank_killed_at_every_file_event_resumes(pools: Any, tmp_path: Pat
     assert outcomes[(0, 0, "SIGKILL")] == 1
 
 
+@pytest.mark.slow  # 8 groups of 3 ranks: 20-30 s on the shared 2-core machine
 def test_async_save_killed_on_a_non_coordinator_at_every_file_event_resumes(
     pools: Any, tmp_path: Path
 ) -> None:
