@@ -54,27 +54,49 @@ def crash_state(step: int, world_size: int, rank: int | None = None) -> dict[str
 
 class _CountingOs:
     """Stands in for the ``os`` module of the filesystem backend: counts its file events
-    and kills this process at event number ``point`` (just after the last, if ``point``
+    (with ``under``, only those on paths under it, and writes to files opened there) and
+    kills this process at event number ``point`` (just after the last, if ``point``
     equals ``total``)."""
 
-    def __init__(self, point: int, total: int, signame: str) -> None:
+    def __init__(self, point: int, total: int, signame: str, under: str | None = None) -> None:
         self.events: list[str] = []
         self.point = point
         self.total = total
         self.signame = signame
+        self.under = under
+        self._fds: set[int] = set()  # files opened under ``under``
+
+    def _watched(self, name: str, args: tuple[Any, ...]) -> bool:
+        if self.under is None:
+            return True
+        if name == "writev":
+            return args[0] in self._fds
+        paths = args[:2] if name in ("link", "replace", "rename") else args[:1]
+        return any(os.fspath(p).startswith(self.under) for p in paths)
 
     def __getattr__(self, name: str) -> Any:
         real = getattr(os, name)
+        if name == "close" and self.under is not None:
+
+            def close(fd: int) -> None:
+                self._fds.discard(fd)  # the number may name a file elsewhere next
+                real(fd)
+
+            return close
         if name not in _EVENTS:
             return real
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             if name == "open" and not (args[1] if len(args) > 1 else kwargs["flags"]) & os.O_CREAT:
                 return real(*args, **kwargs)  # opening for reading changes nothing
+            if not self._watched(name, args):
+                return real(*args, **kwargs)
             self.events.append(name)
             if len(self.events) - 1 == self.point:
                 self._kill()
             result = real(*args, **kwargs)
+            if name == "open":
+                self._fds.add(result)
             if len(self.events) == self.total == self.point:
                 self._kill()
             return result
@@ -86,9 +108,17 @@ class _CountingOs:
 
 
 def crash_save(
-    rank: int, world_size: int, root: str, victim: int, point: int, total: int, signame: str
+    rank: int,
+    world_size: int,
+    root: str,
+    victim: int,
+    point: int,
+    total: int,
+    signame: str,
+    how: str = "save",
 ) -> dict[str, Any]:
-    """Save step 2 under ``root`` on every rank; ``victim`` dies at its file event ``point``.
+    """Save step 2 under ``root`` on every rank (``how``: ``save``, or ``async_save`` waited
+    for); ``victim`` dies at its file event ``point``.
 
     Returns this rank's file events and how its save ended.
     """
@@ -102,7 +132,10 @@ def crash_save(
     filesystem.os = hook  # type: ignore[assignment]
     out: dict[str, Any] = {}
     try:
-        torchstow.save(crash_state(2, world_size, rank), f"{root}/step-2", timeout=60)
+        save = getattr(torchstow, how)
+        saved = save(crash_state(2, world_size, rank), f"{root}/step-2", timeout=60)
+        if how == "async_save":
+            saved.result()
         out["ok"] = True
     except torchstow.CheckpointException as exc:
         out.update(error=type(exc).__name__, notes=getattr(exc, "__notes__", []))

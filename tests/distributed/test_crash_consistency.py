@@ -32,24 +32,24 @@ def _save_step_1(rank: int, world_size: int, root: str) -> None:
     torchstow.save(crash_state(1, world_size, rank), f"{root}/step-1", timeout=60)
 
 
-def _events(pools: Any, world_size: int, root: Path) -> list[list[str]]:
+def _events(pools: Any, world_size: int, root: Path, how: str = "save") -> list[list[str]]:
     """Step 1 committed under ``root``; every rank's file events in a fault-free save of step 2."""
     pool = pools(world_size)
     pool.run(_save_step_1, str(root))
     scratch = root.parent / f"{root.name}-count"
     shutil.copytree(root, scratch)
-    outs = pool.run(crash_save, str(scratch), -1, -1, 0, "SIGKILL")
+    outs = pool.run(crash_save, str(scratch), -1, -1, 0, "SIGKILL", how)
     assert all(o.get("ok") for o in outs), outs
     assert assert_resumes(str(scratch), world_size) == 2
     return [o["events"] for o in outs]
 
 
 def _crash(
-    root: Path, case: Path, world_size: int, victim: int, point: int, total: int, sig: str
+    root: Path, case: Path, world_size: int, victim: int, point: int, total: int, sig: str, how: str = "save"
 ) -> list[RankOutcome]:
     shutil.copytree(root, case)
     outcomes = WorkerPool.run_once(
-        world_size, crash_save, str(case), victim, point, total, sig, timeout=90, settle=30
+        world_size, crash_save, str(case), victim, point, total, sig, how, timeout=90, settle=30
     )
     code = -signal.SIGKILL if sig == "SIGKILL" else 128 + signal.SIGTERM
     for rank, outcome in enumerate(outcomes):
@@ -104,3 +104,23 @@ def test_every_rank_killed_at_every_file_event_resumes(pools: Any, tmp_path: Pat
     # Killing the coordinator after its last event leaves step 2 committed; before its first, step 1.
     assert outcomes[(0, len(events[0]), "SIGKILL")] == 2
     assert outcomes[(0, 0, "SIGKILL")] == 1
+
+
+@pytest.mark.slow  # 8 groups of 3 ranks: 20-30 s on the shared 2-core machine
+def test_async_save_killed_on_a_non_coordinator_at_every_file_event_resumes(
+    pools: Any, tmp_path: Path
+) -> None:
+    """An async save at 3 ranks (written and committed by each rank's background thread):
+    rank 1 killed at each of its file events, or after its last, by either signal. The
+    restart loads step 1 or step 2 whole; killed before its first event, step 1."""
+    root = tmp_path / "run"
+    events = _events(pools, 3, root, "async_save")[1]
+    assert events, "rank 1 writes a data file of its own"
+    steps = {}
+    for point in range(len(events) + 1):
+        for sig in CRASH_SIGNALS:
+            case = tmp_path / f"{point}-{sig}"
+            _crash(root, case, 3, 1, point, len(events), sig, "async_save")
+            steps[(point, sig)] = assert_resumes(str(case), 3)
+            shutil.rmtree(case)
+    assert steps[(0, "SIGKILL")] == 1, steps

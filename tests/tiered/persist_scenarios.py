@@ -147,3 +147,36 @@ def incremental_root_listing_fails_on(rank: int, world_size: int, root: str, fas
     finally:
         catalog.list_checkpoints = original  # type: ignore[assignment]
         manager.close()
+
+
+def persist_killed_at_a_file_event(
+    rank: int, world_size: int, root: str, fast: str, victim: int, point: int, total: int
+) -> dict:
+    """Persist step 1, then step 2 (each rank on a node of its own); ``victim`` is SIGKILLed
+    at its file event ``point`` under the root's step 2 (:func:`crash_helpers.crash_save`'s
+    rule; ``victim`` -1: nobody, listing each rank's events). What each handle of step 2 says."""
+    from torchstow.backends import filesystem
+
+    from crash_helpers import _CountingOs
+
+    os.environ["TORCHSTOW_NODE"] = str(rank)
+    manager = TieredManager(root, fast, persist_every=1, replicas=1, timeout=60)
+    assert manager.save(1, state(1, rank)).result() == "durable"
+    hook = _CountingOs(point if rank == victim else -1, total, "SIGKILL", under=f"{root}/step-2")
+    filesystem.os = hook  # type: ignore[assignment]
+    try:
+        handle = manager.save(2, state(2, rank))
+        try:
+            handle.wait("durable")
+        except Exception as exc:
+            error: str | None = f"{type(exc).__name__}: {exc}"
+        else:
+            error = None
+    finally:
+        filesystem.os = os  # type: ignore[assignment]
+    try:
+        manager.close()
+    except Exception:
+        if error is None:  # close raises only the failure the handle reported
+            raise
+    return {"events": hook.events, "level": handle.level, "error": error}
