@@ -18,7 +18,6 @@ protocol's phases as they finish.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -33,6 +32,7 @@ import torch
 from torchstow.core.dtensors import local_view
 from torchstow.core.futures import as_future, failed_future
 from torchstow.core.planning import SavePlan, SavePlanner
+from torchstow.core.process_local import ProcessLocal
 from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, Timeout, make_collective
 from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.stats import SaveStats
@@ -280,23 +280,9 @@ def _track_sources(stager: Stager) -> None:
         inner.track_sources = True
 
 
-_pipeline: AsyncSavePipeline | None = None
-_pipeline_lock = threading.Lock()
+_PIPELINE = ProcessLocal(AsyncSavePipeline)
 
 
 def pipeline() -> AsyncSavePipeline:
     """The process's :class:`AsyncSavePipeline`, made on first use."""
-    global _pipeline
-    with _pipeline_lock:
-        if _pipeline is None:
-            _pipeline = AsyncSavePipeline()
-        return _pipeline
-
-
-def _forget_pipeline() -> None:
-    global _pipeline
-    _pipeline = None  # a forked child has none of the parent's threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pipeline)
+    return _PIPELINE.get()

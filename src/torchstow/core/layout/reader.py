@@ -15,6 +15,7 @@ from torchstow.core.layout.dcp_reader import DcpItems
 from torchstow.core.layout.location import StoreOpener, default_thread_count, read_manifest, rebind
 from torchstow.core.layout.read_plan import PlannedRead, ReadTask, plan_read
 from torchstow.core.planning import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torchstow.core.process_local import ProcessLocal
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import ChecksumMismatchError, CorruptCheckpointError
@@ -224,7 +225,7 @@ class _SharedJobs:
     def run(self, threads: int, commit: Callable[[_Job], None]) -> None:
         """Read every job on ``threads`` threads, handing each to ``commit`` in order."""
         try:
-            pool = _reader_pool()
+            pool = _READERS.get()
             for _ in range(threads):
                 pool.submit(self._work)
         except RuntimeError:  # the interpreter is shutting down: no new work for the pool
@@ -273,27 +274,9 @@ class _SharedJobs:
             commit(job)
 
 
-_readers: ThreadPoolExecutor | None = None
-_readers_lock = threading.Lock()
-
-
-def _reader_pool() -> ThreadPoolExecutor:
-    """The reader threads, kept from load to load in this process: a thread started per load
-    made the load wait until it first ran (1-2 ms on a busy machine)."""
-    global _readers
-    with _readers_lock:
-        if _readers is None:
-            _readers = ThreadPoolExecutor(_MAX_READERS, thread_name_prefix="torchstow-read")
-        return _readers
-
-
-def _forget_readers() -> None:
-    global _readers
-    _readers = None  # a forked child has none of the parent's threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_readers)
+#: The reader threads, kept from load to load in this process: a thread started per load
+#: made the load wait until it first ran (1-2 ms on a busy machine).
+_READERS = ProcessLocal(lambda: ThreadPoolExecutor(_MAX_READERS, thread_name_prefix="torchstow-read"))
 
 
 def require_data(reader: StorageReader, metadata: Metadata, keys: Iterable[str]) -> None:
