@@ -26,6 +26,16 @@ __all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "Timeout", "
 
 Timeout = float | datetime.timedelta
 
+#: The newest blocking operation on each process group (by id), held after it finished.
+#: A gloo worker thread holds a finished operation for a moment longer; were it the last
+#: holder, destroying the operation there would release its tensors' Python objects, which
+#: needs the GIL, and while the interpreter finalizes (a rank ending just after a
+#: collective, e.g. by the SystemExit of a SIGTERM handler) taking the GIL ends that C++
+#: thread mid-destructor: the process aborts ("terminate called without an active
+#: exception") instead of exiting with its own status. Held here, the last holder is
+#: Python, which drops it at the group's next operation or when the interpreter tears down.
+_last_work: dict[int, Any] = {}
+
 
 class Collective(abc.ABC):
     """Collectives among the ranks taking part in one save or load.
@@ -205,7 +215,12 @@ class ProcessGroupCollective(Collective):
             previous = backend.options._timeout
             backend.set_timeout(self.timeout)
         try:
-            return fn(*args, group=self.group, **kwargs)
+            if kwargs.get("async_op", False) or fn in (self._dist.isend, self._dist.irecv):
+                return fn(*args, group=self.group, **kwargs)
+            work = fn(*args, group=self.group, async_op=True, **kwargs)
+            work.wait()
+            _last_work[id(self.group)] = work
+            return None
         except RuntimeError as exc:
             raise self._lost(op, step, exc) from exc
         finally:
