@@ -20,6 +20,15 @@ def state(step: int, rank: int) -> dict[str, Any]:
     return {f"w{rank}": torch.arange(4096, dtype=torch.float32) * step + rank, "step": step}
 
 
+def _durable_or_error(handle: Any) -> str | None:
+    """Wait for ``handle`` to be durable: None, or what it raised instead ("Type: message")."""
+    try:
+        handle.wait("durable")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def coordinator_killed_after_root_manifest(rank: int, world_size: int, root: str, fast: str) -> dict:
     """Persist steps 1 and 2 (each rank on a node of its own); the coordinator SIGKILLs itself
     right after the root's manifest of step 2 landed. What rank 1's handle of step 2 says."""
@@ -36,12 +45,7 @@ def coordinator_killed_after_root_manifest(rank: int, world_size: int, root: str
 
         LocalFileStore.publish_new = publish_new  # type: ignore[method-assign]
     handle = manager.save(2, state(2, rank))
-    try:
-        handle.wait("durable")
-    except Exception as exc:
-        error: str | None = f"{type(exc).__name__}: {exc}"
-    else:
-        error = None
+    error = _durable_or_error(handle)
     return {"level": handle.level, "error": error, "exception": repr(handle.exception())}
 
 
@@ -166,12 +170,7 @@ def persist_killed_at_a_file_event(
     filesystem.os = hook  # type: ignore[assignment]
     try:
         handle = manager.save(2, state(2, rank))
-        try:
-            handle.wait("durable")
-        except Exception as exc:
-            error: str | None = f"{type(exc).__name__}: {exc}"
-        else:
-            error = None
+        error = _durable_or_error(handle)
     finally:
         filesystem.os = os  # type: ignore[assignment]
     try:
