@@ -22,12 +22,12 @@ from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["base_problem_at", "choose_base"]
+__all__ = ["choose_base"]
 
 logger = logging.getLogger("torchstow.management")
 
 
-def base_problem_at(uri: str, storage_options: dict[str, Any] | None) -> str | None:
+def _problem_at(uri: str, storage_options: dict[str, Any] | None) -> str | None:
     """Why the checkpoint at ``uri`` cannot be an incremental save's base (None when it can)."""
     text, backend = backend_at(uri, storage_options)
     assert isinstance(backend, StoreBackend)  # a manager saving incrementally checked its root
@@ -59,7 +59,7 @@ def _newest_intact(
     try:
         for candidate in _candidates(step, newest, listed):
             uri = f"{root}/step-{candidate}"
-            problem = base_problem_at(uri, storage_options)
+            problem = _problem_at(uri, storage_options)
             if problem is None:
                 return uri
             passed_over = True
