@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
 from torchstow.checkpointing.async_save import AsyncSave, SaveJob, _FailedWriter, pipeline
@@ -184,37 +184,59 @@ def _attach_compression(writer: StorageWriter, compression: str | None) -> None:
     layout.compression = compression
 
 
-def _save_job(
-    uri: Uri | None,
-    storage_options: dict[str, Any] | None,
-    planner: Any,
-    metadata: Mapping[str, Any] | None,
-    overwrite: bool,
-    allow_pickle: bool,
-    checkpoint_id: Uri | None = None,
-    explicit_writer: Any = None,
-    base: Uri | None = None,
-    slots: DigestSlots | None = None,
-    compression: str | None = None,
-    format_version: int = FORMAT_VERSION,
-) -> SaveJob:
-    """What a save writes with: the checked user metadata, the writer, the planner."""
-    user_metadata = _check_user_metadata(metadata)
-    check_compression(compression)
-    writer = dcp_calls.save_target(
-        uri,
-        checkpoint_id,
-        explicit_writer,
-        lambda location: storage_writer(location, storage_options=storage_options, overwrite=overwrite),
-    )
-    set_format_version(writer, format_version)
-    if base is not None:
-        _attach_base(writer, base, storage_options, slots)
-    _attach_compression(writer, compression)
-    save_planner = dcp_calls.torchstow_save_planner(
-        planner, lambda: DefaultSavePlanner(allow_pickle=allow_pickle), allow_pickle=allow_pickle
-    )
-    return SaveJob(writer, save_planner, user_metadata)
+@dataclass(frozen=True)
+class _SaveSettings:
+    """What a save writes, and how: the keywords of :func:`save` and :func:`async_save` that
+    make its job (besides :class:`_Distributed`'s), by their names, taken once per call.
+
+    ``compression`` is checked when they are taken, before anything else; the rest when
+    the job is made (:meth:`job`), where a failure on one rank fails every rank as one."""
+
+    uri: Uri | None
+    checkpoint_id: Uri | None
+    storage_writer: StorageWriter | None
+    storage_options: dict[str, Any] | None
+    planner: SavePlanner | None
+    metadata: Mapping[str, Any] | None
+    overwrite: bool
+    allow_pickle: bool
+    base: Uri | None
+    trust_version_counter: bool
+    compression: str | None
+    format_version: int
+
+    def __post_init__(self) -> None:
+        check_compression(self.compression)
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> _SaveSettings:
+        """The settings among an entry point's ``arguments`` (its ``locals()`` on entry)."""
+        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
+
+    def job(self, slots: DigestSlots) -> SaveJob:
+        """What the save writes with: the checked user metadata, the writer, the planner;
+        ``slots`` finds remembered digests (with ``trust_version_counter``)."""
+        user_metadata = _check_user_metadata(self.metadata)
+        writer = dcp_calls.save_target(
+            self.uri,
+            self.checkpoint_id,
+            self.storage_writer,
+            lambda location: storage_writer(  # the module's function, not the field
+                location, storage_options=self.storage_options, overwrite=self.overwrite
+            ),
+        )
+        set_format_version(writer, self.format_version)
+        if self.base is not None:
+            _attach_base(
+                writer, self.base, self.storage_options, slots if self.trust_version_counter else None
+            )
+        _attach_compression(writer, self.compression)
+        save_planner = dcp_calls.torchstow_save_planner(
+            self.planner,
+            lambda: DefaultSavePlanner(allow_pickle=self.allow_pickle),
+            allow_pickle=self.allow_pickle,
+        )
+        return SaveJob(writer, save_planner, user_metadata)
 
 
 def save(
@@ -276,25 +298,11 @@ def save(
     binary chunk table) or 1 (one JSON document, for torchstow versions that
     read only version 1); see docs/format.md.
     """
-    check_compression(compression)
+    settings = _SaveSettings.of(locals())
     dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
     collective = dcp_calls.without_collectives(dist.collective(), use_collectives)
-    slots = own_slot if trust_version_counter else None
     try:
-        job = _save_job(
-            uri,
-            storage_options,
-            planner,
-            metadata,
-            overwrite,
-            allow_pickle,
-            checkpoint_id,
-            storage_writer,
-            base,
-            slots,
-            compression,
-            format_version,
-        )
+        job = settings.job(own_slot)
         plain = dcp_calls.StatefulView(state_dict).plain
     except Exception as exc:
         if collective.world_size == 1:
@@ -413,7 +421,7 @@ def async_save(
     ``AsyncCheckpointerType`` or its value) is accepted, and either type
     writes in torchstow's save thread; ``use_collectives`` and ``format_version`` are as in :func:`save`.
     """
-    check_compression(compression)
+    settings = _SaveSettings.of(locals())
     text = dcp_calls.target_label(uri, checkpoint_id, storage_writer)
     stager = dcp_calls.one_stager(stager, async_stager)
     dcp_calls.check_checkpointer_type(async_checkpointer_type)
@@ -427,20 +435,7 @@ def async_save(
     def prepare() -> SaveJob:
         if expanded is not None:
             raise expanded
-        return _save_job(
-            uri,
-            storage_options,
-            planner,
-            metadata,
-            overwrite,
-            allow_pickle,
-            checkpoint_id,
-            storage_writer,
-            base,
-            staged_slot if trust_version_counter else None,
-            compression,
-            format_version,
-        )
+        return settings.job(staged_slot)
 
     saves = pipeline()
     collective = saves.commit_collective(process_group, coordinator_rank, no_dist, timeout)

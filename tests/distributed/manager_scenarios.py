@@ -48,10 +48,9 @@ def restore_latest(rank: int, world_size: int, root: str) -> tuple[int, bool]:
     )
 
 
-def restore_latest_listed_apart(rank: int, world_size: int, root: str, how: str) -> tuple[int, bool]:
-    """:func:`restore_latest` where rank 1's listing of the root differs: it lags behind
-    (``"lags"``: the newest step not there yet, as a cached directory listing may) or fails
-    (``"fails"``). Every rank must restore the step the coordinator found."""
+def _listing_apart(how: str) -> Any:
+    """A stand-in for the manager's ``list_checkpoints`` that lags behind (``"lags"``: the
+    newest step not there yet, as a cached directory listing may) or fails (``"fails"``)."""
     from torchstow.management import manager as module
 
     original = module.list_checkpoints
@@ -63,41 +62,66 @@ def restore_latest_listed_apart(rank: int, world_size: int, root: str, how: str)
         newest = max(info.step for info in found)
         return [info for info in found if info.step != newest]
 
+    return listing
+
+
+def restore_latest_listed_apart(rank: int, world_size: int, root: str, how: str) -> tuple[Any, ...]:
+    """:func:`restore_latest` where rank 1's listing of the root differs (:func:`_listing_apart`).
+    Every rank must restore the step the coordinator found. Also what ``steps()`` and
+    ``latest_step()`` say on this rank, of a manager given the process group."""
+    import torch.distributed as dist
+
+    from torchstow.management import manager as module
+
+    original = module.list_checkpoints
     if rank == 1:
-        module.list_checkpoints = listing  # type: ignore[assignment]
+        module.list_checkpoints = _listing_apart(how)  # type: ignore[assignment]
     try:
         manager = torchstow.CheckpointManager(root)
         target = _state(world_size, 0)
         step = manager.restore(target, timeout=20)
+        grouped = torchstow.CheckpointManager(root, process_group=dist.group.WORLD)
+        listed = (grouped.steps(), grouped.latest_step())
     finally:
         module.list_checkpoints = original  # type: ignore[assignment]
     expected = values("weight", (8 * world_size, 16), step)
     got = target["weight"].full_tensor()
-    return step, bool(
-        torch.equal(got.view(torch.uint8), expected.view(torch.uint8)) and target["step"] == step
-    )
+    exact = torch.equal(got.view(torch.uint8), expected.view(torch.uint8)) and target["step"] == step
+    return step, bool(exact), *listed
 
 
-def incremental_save_where_rank_1_cannot_list(rank: int, world_size: int, root: str) -> tuple[int, bool]:
-    """Step 1 saved; then a new incremental manager (as after a restart) saves step 2 while
-    rank 1's listing of the root fails: the save goes on (a full save there), and restores."""
+def incremental_save_listed_apart(
+    rank: int, world_size: int, root: str, apart: int, how: str
+) -> tuple[str | None, int, bool]:
+    """Steps 1 and 2 saved; then a new incremental manager (as after a restart) saves step 3,
+    whose weight is step 2's, while rank ``apart``'s listing of the root differs
+    (:func:`_listing_apart`). The base this rank saved against, the step restored, and
+    whether it is bit-exact."""
     from torchstow.management import manager as module
 
     with torchstow.CheckpointManager(root) as manager:
-        manager.save(1, _state(world_size, 1), timeout=30)
-    original = module.list_checkpoints
+        for step in (1, 2):
+            manager.save(step, _state(world_size, step), timeout=30)
+    original_listing, original_save = module.list_checkpoints, module.save
+    bases = []
 
-    def listing(*args: Any, **kwargs: Any) -> Any:
-        raise OSError("listing the root failed on this rank")
+    def save(*args: Any, **kwargs: Any) -> Any:
+        bases.append(kwargs.get("base"))
+        return original_save(*args, **kwargs)
 
-    if rank == 1:
-        module.list_checkpoints = listing  # type: ignore[assignment]
+    module.save = save  # type: ignore[assignment]
+    if rank == apart:
+        module.list_checkpoints = _listing_apart(how)  # type: ignore[assignment]
     try:
         with torchstow.CheckpointManager(root, incremental=True) as manager:
-            manager.save(2, _state(world_size, 2), timeout=30)
+            manager.save(3, {**_state(world_size, 2), "step": 3}, timeout=30)
     finally:
-        module.list_checkpoints = original  # type: ignore[assignment]
-    return restore_latest(rank, world_size, root)
+        module.list_checkpoints, module.save = original_listing, original_save  # type: ignore[assignment]
+    target = _state(world_size, 0)
+    step = torchstow.CheckpointManager(root).restore(target, timeout=30)
+    got = target["weight"].full_tensor()
+    expected = values("weight", (8 * world_size, 16), 2)
+    return bases[0], step, bool(torch.equal(got.view(torch.uint8), expected.view(torch.uint8)))
 
 
 def save_steps(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from manager_scenarios import (
-    incremental_save_where_rank_1_cannot_list,
+    incremental_save_listed_apart,
     restore_latest,
     restore_latest_listed_apart,
     save_in_subgroups,
@@ -18,7 +18,6 @@ from manager_scenarios import (
 )
 
 import torchstow
-from dist_pool import WorkerPool
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -53,25 +52,31 @@ def test_managers_of_subgroups_prune_on_their_own_coordinators(pools: Any, tmp_p
 
 
 @pytest.mark.parametrize("how", ["lags", "fails"])
-def test_every_rank_restores_the_step_the_coordinator_finds(tmp_path: Path, how: str) -> None:
+def test_every_rank_restores_and_lists_the_steps_the_coordinator_finds(
+    pools: Any, tmp_path: Path, how: str
+) -> None:
     """restore() without a step: the coordinator lists the root and every rank loads what it
     found, whatever the other ranks' listings say (before: rank 1 loaded another step, or
-    raised alone while rank 0 waited in the load until the timeout). A fresh group."""
+    raised alone while rank 0 waited in the load until the timeout). So do steps() and
+    latest_step() of a manager given the process group (before: rank 1 listed on its own)."""
     root = str(tmp_path / "run")
-    pool = WorkerPool(2)
-    try:
-        pool.run(save_steps, root, 2, False)
-        assert pool.run(restore_latest_listed_apart, root, how) == [(2, True)] * 2
-    finally:
-        pool.close()
+    pools(2).run(save_steps, root, 2, False)
+    assert pools(2).run(restore_latest_listed_apart, root, how) == [(2, True, [1, 2], 2)] * 2
 
 
-def test_an_incremental_save_goes_on_when_one_rank_cannot_list_the_root(tmp_path: Path) -> None:
-    """The base is looked for on each rank; a rank whose listing fails saves in full instead
-    of raising alone (before: rank 1 raised OSError and rank 0 waited in the save until the
-    timeout). A fresh group."""
-    pool = WorkerPool(2)
-    try:
-        assert pool.run(incremental_save_where_rank_1_cannot_list, str(tmp_path / "run")) == [(2, True)] * 2
-    finally:
-        pool.close()
+@pytest.mark.parametrize(("apart", "how"), [(1, "lags"), (1, "fails"), (0, "fails")])
+def test_every_rank_saves_incrementally_against_the_base_the_coordinator_chose(
+    pools: Any, tmp_path: Path, apart: int, how: str
+) -> None:
+    """A restarted incremental manager saves step 3 (step 2's weight) while one rank's listing
+    of the root lags or fails. The coordinator chooses the base for every rank: step 2 while
+    its listing works, so nothing is written again; a full save on every rank when it fails
+    (before: each rank looked on its own, and rank 1 saved against step 1, or in full, while
+    rank 0 used step 2, or a full save while rank 1 used step 2)."""
+    root = tmp_path / "run"
+    results = pools(2).run(incremental_save_listed_apart, str(root), apart, how)
+    base = None if apart == 0 else str(root / "step-2")
+    assert results == [(base, 3, True)] * 2
+    written = torchstow.info(str(root / "step-3")).nbytes_written
+    shard = 8 * 16 * 4  # each rank's part of the weight
+    assert written < shard if base else written >= 2 * shard

@@ -118,8 +118,9 @@ def incremental_commit_raises_after_root_manifest(rank: int, world_size: int, ro
 
 
 def incremental_root_listing_fails_on(rank: int, world_size: int, root: str, fast: str, failing: int) -> dict:
-    """Persist steps 1 to 3 incrementally; listing the root fails on rank ``failing`` while
-    step 2's persist looks for its base. What each rank's handles of steps 2 and 3 say."""
+    """Persist steps 1 to 3 incrementally (:func:`frozen_on_rank_1`); listing the root fails
+    on rank ``failing`` while step 2's persist looks for its base. What each rank's handles
+    of steps 2 and 3 say."""
     from torchstow.management import catalog
 
     os.environ["TORCHSTOW_NODE"] = str(rank)
@@ -135,13 +136,13 @@ def incremental_root_listing_fails_on(rank: int, world_size: int, root: str, fas
     catalog.list_checkpoints = list_checkpoints  # type: ignore[assignment]
     manager = TieredManager(root, fast, persist_every=1, replicas=1, timeout=20, incremental=True)
     try:
-        assert manager.save(1, state(1, rank)).result() == "durable"
+        assert manager.save(1, frozen_on_rank_1(1, rank)).result() == "durable"
         armed["on"] = True
-        second = manager.save(2, state(2, rank))
+        second = manager.save(2, frozen_on_rank_1(2, rank))
         with contextlib.suppress(Exception):
             second.wait("durable")
         armed["on"] = False
-        third = manager.save(3, state(3, rank))
+        third = manager.save(3, frozen_on_rank_1(3, rank))
         with contextlib.suppress(Exception):
             third.wait("durable")
         return {

@@ -5,17 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from torchstow.api import async_save, load, save
 from torchstow.checkpointing.async_save import AsyncSave
-from torchstow.core.layout.incremental import base_problem
-from torchstow.core.protocol.collective import make_collective
+from torchstow.compat.dcp_calls import without_collectives
+from torchstow.core.protocol.collective import Collective, make_collective
 from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.compression import check_compression
+from torchstow.management.bases import choose_base
 from torchstow.management.catalog import list_checkpoints
 from torchstow.management.prune import plan_prune, prune
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
@@ -25,22 +26,19 @@ __all__ = ["CheckpointManager"]
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 
-def _prunes_here(options: Mapping[str, Any]) -> bool:
-    """Whether this process coordinates the saves that ``options`` (save's keywords) describe:
-    rank ``coordinator_rank`` of their ``process_group`` (the world by default), or the one
-    process of a single-process save."""
+
+def _collective_of(options: Mapping[str, Any]) -> Collective:
+    """The collective of the saves or loads that ``options`` (their keywords) describe: rank
+    ``coordinator_rank`` of their ``process_group`` (the world by default) coordinates."""
     collective = make_collective(
-        options.get("process_group"), options.get("coordinator_rank", 0), options.get("no_dist")
+        options.get("process_group"),
+        options.get("coordinator_rank", 0),
+        options.get("no_dist"),
+        options.get("timeout"),
     )
-    return collective.is_coordinator
-
-
-def _base_problem(uri: str, storage_options: dict[str, Any] | None) -> str | None:
-    """Why the checkpoint at ``uri`` cannot be an incremental save's base (None when it can)."""
-    text, backend = backend_at(uri, storage_options)
-    assert isinstance(backend, StoreBackend)  # _check_links saw to it
-    return base_problem(backend.open_store(text))
+    return without_collectives(collective, options.get("use_collectives", True))
 
 
 def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
@@ -74,7 +72,13 @@ class CheckpointManager:
     keeps: tensors unchanged since then are shared with it instead of written
     (local files and ``shm://`` only; see docs/performance.md). A base that
     was deleted or damaged since, or is in DCP's format, is passed over for
-    the newest intact torchstow step, else the save is a full one (logged).
+    the newest intact torchstow step before the one saved, else the save is a
+    full one (logged). The save's coordinator chooses the base for every rank
+    (:mod:`torchstow.management.bases`).
+
+    With ``process_group``, ``steps`` and ``latest_step`` are collective (every
+    rank of the group gets its rank 0's listing); without, they list on the
+    calling rank alone.
 
     With ``fast`` (a URI on any byte-store backend; ``{node}`` becomes this
     host's node index) the manager is tiered (see docs/tiered.md): ``save``
@@ -165,38 +169,12 @@ class CheckpointManager:
                     storage_options=self.storage_options,
                 )
 
-    def _newest_first(self) -> Iterator[int]:
-        """This manager's newest step, then (listed only if asked for) those under ``root``, newest first."""
-        if self._newest is not None:
-            yield self._newest
-        yield from reversed(self._durable_steps())
-
-    def _base(self, step: int) -> str | None:
-        """The URI of the newest committed, intact torchstow step to save ``step`` against,
-        or None (a full save): this manager's newest step first, else those under ``root``.
-
-        Each rank looks on its own; one whose listing or reading fails saves in full rather
-        than raise alone, which would leave the other ranks waiting in the save."""
-        tried = set()
-        try:
-            for candidate in self._newest_first():
-                if candidate == step or candidate in tried:
-                    continue
-                tried.add(candidate)
-                problem = _base_problem(self.uri(candidate), self.storage_options)
-                if problem is None:
-                    return self.uri(candidate)
-                logger.warning("step %d is not saved against step %d: %s", step, candidate, problem)
-        except OSError as exc:
-            logger.warning(
-                "step %d: looking for a base under %s failed: %s; a full save", step, self.root, exc
-            )
-            return None
-        if tried:
-            logger.warning(
-                "step %d: no intact torchstow step under %s to share files with: a full save", step, self.root
-            )
-        return None
+    def _base(self, step: int, collective: Collective) -> str | None:
+        """The URI of the checkpoint to save ``step`` against, or None (a full save): the
+        coordinator's choice, the same on every rank (:func:`~torchstow.management.bases.choose_base`)."""
+        return choose_base(
+            collective, self.root, step, self.storage_options, listed=self._durable_steps, newest=self._newest
+        )
 
     def save(
         self,
@@ -235,9 +213,10 @@ class CheckpointManager:
         options = self._collective(
             {"storage_options": self.storage_options, "metadata": user_metadata, **save_options}
         )
-        coordinator = _prunes_here(options)
+        collective = _collective_of(options)
+        coordinator = collective.is_coordinator
         if self.incremental and "base" not in options:
-            options["base"] = self._base(step)
+            options["base"] = self._base(step, collective)
         if self.compression is not None:
             options.setdefault("compression", self.compression)
         if not asynchronous:
@@ -280,19 +259,33 @@ class CheckpointManager:
 
     def steps(self) -> list[int] | list[StepInfo]:
         """The steps of the committed checkpoints under ``root``, ascending; tiered, the
-        :class:`StepInfo` of each step complete in some tier."""
+        :class:`StepInfo` of each step complete in some tier.
+
+        With this manager's ``process_group``, collective: every rank of the group calls it
+        and gets the listing of the group's rank 0, so ranks agree. Without one, it lists
+        on the calling rank alone (ranks whose listings differ may disagree)."""
         if self._tiered is not None:
             return self._tiered.steps()
-        return self._durable_steps()
+        return self._agreed("manager: steps", self._durable_steps)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None (collective as :meth:`steps`)."""
+        if self._tiered is not None:
+            return self._tiered.latest_step()
+        return self._agreed("manager: latest step", self._listed_latest)
+
+    def _agreed(self, what: str, listing: Callable[[], _T]) -> _T:
+        """``listing()`` on this rank; with this manager's process group, the group's rank 0's."""
+        if self.process_group is None:
+            return listing()
+        found: _T = broadcast_from_coordinator(make_collective(self.process_group), what, listing)
+        return found
 
     def _durable_steps(self) -> list[int]:
         found = list_checkpoints(self.root, storage_options=self.storage_options)
         return sorted({info.step for info in found if info.step is not None})
 
-    def latest_step(self) -> int | None:
-        """The newest committed step, or None."""
-        if self._tiered is not None:
-            return self._tiered.latest_step()
+    def _listed_latest(self) -> int | None:
         steps = self._durable_steps()
         return steps[-1] if steps else None
 
@@ -310,13 +303,9 @@ class CheckpointManager:
         if step is None:
             # The coordinator's listing decides: ranks whose listings differ (one lags, or
             # fails) would otherwise load different steps, or leave the others waiting.
-            collective = make_collective(
-                options.get("process_group"),
-                options.get("coordinator_rank", 0),
-                options.get("no_dist"),
-                options.get("timeout"),
+            step = broadcast_from_coordinator(
+                _collective_of(options), "restore: newest step", self._listed_latest
             )
-            step = broadcast_from_coordinator(collective, "restore: newest step", self.latest_step)
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
         load(state_dict, self.uri(step), **options)

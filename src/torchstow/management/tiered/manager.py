@@ -64,6 +64,7 @@ from torchstow.errors import (
 from torchstow.format.codec import decode_metadata, peek_manifest
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
+from torchstow.management.bases import choose_base
 from torchstow.management.datafiles import FileSpans, scan_file, spans_by_file
 from torchstow.management.tiered.handle import StepInfo, TieredSave
 from torchstow.management.tiered.holdings import Choice, Held, complete_steps, fast_steps, inventory
@@ -410,23 +411,17 @@ class TieredManager:
         self, step: int, staged: Any, user_metadata: dict[str, Any], handle: TieredSave
     ) -> None:
         """Persist ``step`` from the staged state against the newest intact durable step (on the
-        fast thread: the staged buffers are refilled by the next save). The coordinator picks
-        that base for every rank: a rank that failed on its own to look for one would never
-        join the save the others wait in. A save that failed after its manifest landed all the
-        same makes the step durable, as a plain persist."""
+        fast thread: the staged buffers are refilled by the next save), which the coordinator
+        picks for every rank (:func:`~torchstow.management.bases.choose_base`: a rank that
+        failed on its own to look for one would never join the save the others wait in). A
+        save that failed after its manifest landed all the same makes the step durable, as a
+        plain persist."""
         from torchstow.api import save, storage_writer
-        from torchstow.management.manager import _base_problem
-
-        def newest_intact() -> str | None:
-            for candidate in sorted(self._root_steps(), reverse=True):
-                if candidate < step and _base_problem(self.uri(candidate), self.storage_options) is None:
-                    return self.uri(candidate)
-            return None
 
         started = time.perf_counter()
         writer = None
         try:
-            base = broadcast_from_coordinator(self._coll, "tiered: persist base", newest_intact)
+            base = choose_base(self._coll, self.root, step, self.storage_options, listed=self._root_steps)
             writer = storage_writer(self.uri(step), storage_options=self.storage_options)
             metadata = save(
                 staged,
