@@ -50,6 +50,11 @@ class Collective(abc.ABC):
     coordinator_rank: int
     #: Whether objects cross process boundaries (and so are pickled on the way).
     crosses_processes: bool = True
+    #: Whether the ranks confirm, in one more small collective, that a value the
+    #: coordinator sent them unpickled on every rank (see :mod:`.steps`). Without it a
+    #: rank that cannot unpickle one leaves the protocol, and the others learn of it only
+    #: at the next gather (the checkpointer's exchange, whose rounds are fixed).
+    confirms_receipt: bool = False
 
     @property
     def is_coordinator(self) -> bool:
@@ -152,6 +157,8 @@ class ProcessGroupCollective(Collective):
     each collective here, and its own timeout again afterwards; without
     one, the group's own timeout applies.
     """
+
+    confirms_receipt = True
 
     def __init__(
         self, process_group: Any = None, coordinator_rank: int = 0, timeout: Timeout | None = None
