@@ -482,6 +482,22 @@ def unpicklable_on_rank_1(rank: int, world_size: int, path: str, op: str, timeou
     return {"ok": True, "elapsed": time.monotonic() - start}
 
 
+def async_commit_timeouts(rank: int, world_size: int, path: str) -> list[tuple[float | None, float]]:
+    """For an async save with ``timeout=7`` and without one: the seconds its commit
+    collective waits at most, and the timeout its private gloo group was made with (a
+    fresh pipeline, so the group is made here); then an async save with 7 s commits."""
+    from torchstow.checkpointing.async_save import AsyncSavePipeline
+
+    found = []
+    for timeout in (7, None):
+        coll = AsyncSavePipeline().commit_collective(None, 0, None, timeout)
+        assert isinstance(coll, ProcessGroupCollective)
+        made = coll.group._get_backend(torch.device("cpu")).options._timeout
+        found.append((coll.timeout.total_seconds() if coll.timeout else None, made.total_seconds()))
+    torchstow.async_save({f"w{rank}": torch.arange(8.0)}, path, timeout=7).result()
+    return found
+
+
 def timed_fault(
     rank: int,
     world_size: int,

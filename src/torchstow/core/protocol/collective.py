@@ -213,6 +213,15 @@ class ProcessGroupCollective(Collective):
             ) from exc
         return backend
 
+    def group_timeout(self) -> datetime.timedelta | None:
+        """The group's own timeout (its CPU backend's; torch tells it only through a private
+        API), or None where it cannot be read (a group without a CPU backend)."""
+        try:
+            value = self._cpu_backend().options._timeout
+        except ValueError:
+            return None
+        return value if isinstance(value, datetime.timedelta) else None
+
     def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or start) one torch.distributed operation under the timeout, turning a lost
         peer (a closed connection, or the wait timing out) into CheckpointTimeoutError."""

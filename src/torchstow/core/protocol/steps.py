@@ -8,9 +8,10 @@ the coordinator, and if any rank failed, every rank raises the same
 What the coordinator sends back can fail too, where it arrives: a value that
 does not unpickle on one rank (a plugin's class installed on some nodes only).
 Over a process group, every value but torchstow's own markers (no value, a
-failure, "unchanged") is therefore confirmed: each rank says in one all-gather
-of a byte whether it unpickled it, and if one could not, the ranks exchange
-those failures and every rank raises them, before any rank acts on the value.
+failure, "unchanged") and plain numbers and strings is therefore confirmed:
+each rank says in one all-gather of a byte whether it unpickled it, and if one
+could not, the ranks exchange those failures and every rank raises them, before
+any rank acts on the value.
 """
 
 from __future__ import annotations
@@ -110,8 +111,10 @@ def _incoming(coll: Collective, payload: Any) -> Any:
     return unpack(payload) if coll.crosses_processes else payload
 
 
-#: What the coordinator sends that unpickles on every rank: no confirmation follows it.
-_PLAIN = (type(None), _Failed, _Unchanged)
+#: The types of what the coordinator sends that unpickles on every rank (exactly these
+#: types, not subclasses, which may live in a module some rank lacks): no confirmation
+#: follows it.
+_PLAIN = frozenset({type(None), bool, int, float, str, _Failed, _Unchanged})
 #: The byte after the coordinator's pickled value (unpickling ignores what follows the
 #: pickle): whether the ranks confirm that they unpickled the value (see :func:`_confirm`).
 _CONFIRM, _NO_CONFIRM = b"\x01", b"\x00"
@@ -137,7 +140,7 @@ def _downward(
         plain = True
     else:
         data = [payload for payload, _ in packed]
-        kept = [isinstance(value, _PLAIN) for value in values]
+        kept = [type(value) in _PLAIN for value in values]
         if gathered is not None:
             unchanged = pack(_Unchanged())[0]
             for i, (new, old) in enumerate(zip(data, gathered, strict=True)):
