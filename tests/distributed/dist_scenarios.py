@@ -8,6 +8,7 @@ whatever world size and placement wrote or reads it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from torchstow.backends.faulty import current_rank
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.protocol.collective import ProcessGroupCollective
 from torchstow.format.structure import flatten_state_dict
-from torchstow.spi import ForwardingStorageWriter
+from torchstow.spi import ForwardingStorageReader, ForwardingStorageWriter
 from torchstow.testing import state_differences
 
 # Resharding the 2-D test meshes to check values is slow but fine; torch warns about it.
@@ -425,6 +426,76 @@ def committed_manifest_unreadable_on_rank_1(rank: int, world_size: int, path: st
     except torchstow.CheckpointException as exc:
         return {"ok": False, "notes": list(getattr(exc, "__notes__", []))}
     return {"ok": True, "notes": []}
+
+
+class _SavePlannerWithPluginData(torchstow.planning.DefaultSavePlanner):
+    """Attaches to rank 1's global plan a value only rank 0 can unpickle."""
+
+    def create_global_plan(self, all_plans: Any) -> Any:
+        plans, metadata = super().create_global_plan(all_plans)
+        plans[1] = dataclasses.replace(plans[1], planner_data=_PluginData())
+        return plans, metadata
+
+
+class _LoadPlannerWithPluginData(torchstow.planning.DefaultLoadPlanner):
+    """Attaches to rank 1's global plan a value only rank 0 can unpickle."""
+
+    def create_global_plan(self, global_plan: Any) -> Any:
+        plans = list(super().create_global_plan(global_plan))
+        plans[1] = dataclasses.replace(plans[1], planner_data=_PluginData())
+        return plans
+
+
+class _ManifestReadWithPluginData(ForwardingStorageReader):
+    """Reads the manifest, then holds in it a value only rank 0 can unpickle."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        metadata = self.inner.read_metadata(*args, **kwargs)
+        metadata.planner_data = _PluginData()
+        return metadata
+
+
+def unpicklable_on_rank_1(rank: int, world_size: int, path: str, op: str, timeout: float) -> dict[str, Any]:
+    """A value the coordinator sends does not unpickle on rank 1: in the save's (or async
+    save's) planning scatter, the load's manifest broadcast, or the load's planning scatter.
+    What this rank raised, and after how long."""
+    state = {f"w{rank}": torch.arange(256.0) + rank, "shared": torch.arange(64.0)}
+    start = time.monotonic()
+    try:
+        if op == "save":
+            planner = _SavePlannerWithPluginData(enable_plan_caching=False)
+            torchstow.save(state, path, planner=planner, timeout=timeout)
+        elif op == "async_save":
+            planner = _SavePlannerWithPluginData(enable_plan_caching=False)
+            torchstow.async_save(state, path, planner=planner, timeout=timeout).result()
+        else:
+            torchstow.save(state, path, timeout=timeout)
+            if op == "load-metadata":
+                reader = _ManifestReadWithPluginData(torchstow.storage_reader(path))
+                torchstow.load(state, storage_reader=reader, timeout=timeout)
+            else:
+                torchstow.load(state, path, planner=_LoadPlannerWithPluginData(), timeout=timeout)
+    except torchstow.CheckpointException as exc:
+        out = summarize(exc)
+        out["elapsed"] = time.monotonic() - start
+        return out
+    return {"ok": True, "elapsed": time.monotonic() - start}
+
+
+def async_commit_timeouts(rank: int, world_size: int, path: str) -> list[tuple[float | None, float]]:
+    """For an async save with ``timeout=7`` and without one: the seconds its commit
+    collective waits at most, and the timeout its private gloo group was made with (a
+    fresh pipeline, so the group is made here); then an async save with 7 s commits."""
+    from torchstow.checkpointing.async_save import AsyncSavePipeline
+
+    found = []
+    for timeout in (7, None):
+        coll = AsyncSavePipeline().commit_collective(None, 0, None, timeout)
+        assert isinstance(coll, ProcessGroupCollective)
+        made = coll.group._get_backend(torch.device("cpu")).options._timeout
+        found.append((coll.timeout.total_seconds() if coll.timeout else None, made.total_seconds()))
+    torchstow.async_save({f"w{rank}": torch.arange(8.0)}, path, timeout=7).result()
+    return found
 
 
 def timed_fault(

@@ -18,6 +18,7 @@ from dist_scenarios import (
     plugin_error_on_rank_1,
     save_with_a_plan_missing,
     unpicklable_failure,
+    unpicklable_on_rank_1,
 )
 
 import torchstow
@@ -190,16 +191,44 @@ def test_a_failure_before_the_first_collective_reaches_every_rank(
     assert not (tmp_path / "ckpt" / "manifest.json").exists() or op == "load"
 
 
+@pytest.mark.parametrize(
+    ("op", "step"),
+    [
+        ("save", "save planning"),
+        ("async_save", "save planning"),
+        ("load-metadata", "load reading metadata"),
+        ("load-plan", "load planning"),
+    ],
+)
+def test_a_value_that_does_not_unpickle_on_one_rank_fails_every_rank_at_once(
+    pools: Any, tmp_path: Path, op: str, step: str
+) -> None:
+    """What the coordinator sends (a plan, the manifest) does not unpickle on rank 1: every
+    rank raises the same CheckpointException naming rank 1's error, at that step (before:
+    rank 1 raised alone and rank 0 waited at the next collective until the timeout)."""
+    results = pools(2).run(unpicklable_on_rank_1, str(tmp_path / "ckpt"), op, 20.0)
+    for result in results:
+        assert result.get("class", "").startswith("CheckpointException"), results
+        assert not result["timeout"], results
+        assert set(result["failures"]) == {1}, results
+        assert result["failures"][1]["type"] == "ModuleNotFoundError", results
+        assert "installed on rank 0 only" in result["failures"][1]["message"], results
+        assert f"checkpoint {step} failed" in result["message"], results
+    if op in ("save", "async_save"):
+        assert not (tmp_path / "ckpt" / "manifest.json").exists()
+
+
 def test_a_committed_manifest_that_does_not_unpickle_on_a_rank_keeps_its_data(
     pools: Any, tmp_path: Path
 ) -> None:
     """The coordinator committed, but the manifest it sends back does not unpickle on rank 1:
-    rank 1 cannot tell the outcome from the answer, so it reads the location and keeps its
-    files (before: it removed them, and the committed checkpoint lost its data)."""
+    every rank raises (before: rank 0 returned while rank 1 raised alone), rank 1 reads the
+    location, and every rank keeps its files (before an earlier fix: rank 1 removed them,
+    and the committed checkpoint lost its data)."""
     path = tmp_path / "ckpt"
     outcomes = pools(2).run(committed_manifest_unreadable_on_rank_1, str(path))
-    assert outcomes[0]["ok"], outcomes
-    assert not outcomes[1]["ok"] and any("did commit" in note for note in outcomes[1]["notes"]), outcomes
+    for outcome in outcomes:
+        assert not outcome["ok"] and any("did commit" in note for note in outcome["notes"]), outcomes
     loaded = torchstow.read(str(path))
     for rank in range(2):
         assert torch.equal(loaded[f"w{rank}"], torch.arange(1024.0) + rank)

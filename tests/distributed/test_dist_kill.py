@@ -5,13 +5,14 @@ is committed. Each case runs in its own group of processes (it breaks it)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from dist_scenarios import timed_fault
+from dist_scenarios import async_commit_timeouts, timed_fault
 
 import torchstow
-from dist_pool import WorkerPool
+from dist_pool import GROUP_TIMEOUT, WorkerPool
 
 
 @pytest.mark.slow
@@ -67,3 +68,13 @@ def test_lost_rank_fails_the_others_within_the_timeout(
         assert f"timeout of {timeout:g}s" in result["message"]
         assert result["elapsed"] < timeout + 10  # failed by the timeout, not after it
     assert (path / "manifest.json").exists() == (op == "load")
+
+
+def test_an_async_saves_commit_group_follows_the_saves_timeout(pools: Any, tmp_path: Path) -> None:
+    """The private gloo group an async save commits on is made, and waits, under the save's
+    ``timeout``, or without one under the training group's own (the pools' GROUP_TIMEOUT),
+    as a synchronous save would (before: torch's 30-minute default for both)."""
+    own = GROUP_TIMEOUT.total_seconds()
+    for found in pools(2).run(async_commit_timeouts, str(tmp_path / "ckpt")):
+        assert found == [(7.0, 7.0), (own, own)]
+    assert torch.equal(torchstow.read(str(tmp_path / "ckpt"))["w1"], torch.arange(8.0))

@@ -54,8 +54,13 @@ def test_hits_send_no_plan_bytes_only_results(pools: Any, tmp_path: Path) -> Non
     saves_by_rank = pools(2).run(save_series, str(tmp_path), -1, 99)
     for saves in saves_by_rank:
         for save in saves[1:]:
-            steps = [step for _, step, _ in save["calls"]]
-            assert steps == ["save plan cache", "save write", "save write"]  # records, results in, commit out
+            steps = [(name, step) for name, step, _ in save["calls"]]
+            assert steps == [
+                ("all_gather_records", "save plan cache"),  # records
+                ("gather", "save write"),  # results in
+                ("broadcast", "save write"),  # commit out
+                ("all_gather_records", "save write"),  # every rank unpickled it
+            ]
             assert sum(nbytes for _, step, nbytes in save["calls"] if step != "save write") == RECORD
 
 

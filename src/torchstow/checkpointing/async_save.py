@@ -18,6 +18,7 @@ protocol's phases as they finish.
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 import weakref
@@ -157,19 +158,24 @@ class AsyncSavePipeline:
         """The collective a save's protocol runs on: single process, or a
         gloo group with the ranks of ``process_group`` (made once, on the
         caller's thread, by every rank of the group); ``timeout`` bounds each
-        wait for the other ranks (default: the group's own timeout)."""
+        wait for the other ranks, and the group's making (default: the timeout of
+        ``process_group`` itself, as in a synchronous save; torch's default where
+        that group has no CPU backend to read it from)."""
         base = make_collective(process_group, coordinator_rank, no_dist, timeout)
         if not isinstance(base, ProcessGroupCollective):
             return base
         import torch.distributed as dist
 
+        limit = base.timeout if base.timeout is not None else base.group_timeout()
         group = base.group if base.group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
         coordinator = ranks[coordinator_rank]
-        commit_group = self._group_for(tuple(sorted(ranks)))
-        return ProcessGroupCollective(commit_group, dist.get_group_rank(commit_group, coordinator), timeout)
+        commit_group = self._group_for(tuple(sorted(ranks)), limit)
+        return ProcessGroupCollective(commit_group, dist.get_group_rank(commit_group, coordinator), limit)
 
-    def _group_for(self, ranks: tuple[int, ...]) -> Any:
+    def _group_for(self, ranks: tuple[int, ...], timeout: datetime.timedelta | None) -> Any:
+        """The commit group of ``ranks``, made on first use under ``timeout`` (each
+        collective on it sets the timeout of its own save)."""
         import torch.distributed as dist
 
         if self._world is not dist.group.WORLD:  # torch.distributed was (re)initialized
@@ -177,7 +183,7 @@ class AsyncSavePipeline:
             self._groups.clear()
         group = self._groups.get(ranks)
         if group is None:
-            group = self._groups[ranks] = private_gloo_group(ranks)
+            group = self._groups[ranks] = private_gloo_group(ranks, timeout)
         return group
 
     def submit(

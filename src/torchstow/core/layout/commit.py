@@ -6,9 +6,13 @@ two saves to one location exactly one commits; the other gets
 to commit wins). When the write fails in a way that leaves its outcome open
 (a timeout, a lost reply, retries that met their own earlier success), the
 manifest is read back: if it carries this save's id the save committed. Only the
-store's failures (``OSError``) are read back so: any other exception raised while
-publishing (one a SIGTERM handler raises to stop training, say) propagates as it is,
-even when the manifest landed. :func:`publish_manifest` alone decides what a failure
+store's failures (an ``OSError`` the store's call raised) are read back so: any other
+exception raised while publishing (one a SIGTERM handler raises to stop training, say,
+even an ``OSError`` such as SIGALRM's ``TimeoutError``) propagates as it is, the outcome
+"landed" or "unknown", never "not landed": the store may still be at work (an upload
+on another thread), so reading it back at once proves nothing. On the main thread,
+where Python runs signal handlers, the store's call runs on a thread of its own, so
+the two are never confused. :func:`publish_manifest` alone decides what a failure
 means (landed, certainly not, unknown) and notes it in a :class:`CommitOutcome`: the
 save's writer, ``copy`` and the tiered persist act on that note.
 After a commit only the files of the manifest this save replaced are
@@ -23,6 +27,8 @@ without its table.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
@@ -152,12 +158,13 @@ def publish_manifest(
 
     The one place that decides a commit's outcome, noted in ``outcome`` however it ends:
     a failure before the manifest is published (encoding it, writing its chunk table) is
-    "not landed", and the chunk table goes; the store's failure (``OSError``) while
-    publishing is read back (this save's manifest there: it returns as committed; none or
+    "not landed", and the chunk table goes; the store's failure (an ``OSError`` its call
+    raised) while publishing is read back (this save's manifest there: it returns as committed; none or
     another's: "not landed", the table goes; the read-back failing:
     :class:`UncertainCommitError`, unknown); anything else raised while publishing (a
-    signal handler's exception) propagates as it is, the outcome read back: landed, or
-    unknown (never "not landed": the store may still be at work), the table kept.
+    signal handler's exception, whatever its type) propagates as it is, the outcome read
+    back: landed, or unknown (never "not landed": the store may still be at work), the
+    table kept.
     """
     assert metadata.save_id is not None
     outcome = outcome or CommitOutcome()
@@ -167,16 +174,16 @@ def publish_manifest(
         manifest, tables = encode_manifest(metadata, version)
         _write_tables(store, tables)
         outcome.landed = None  # unknown from here until publishing returns or surely failed
-        _publish(store, metadata, manifest, overwrite)
+        _publish(store, metadata, manifest, overwrite, outcome)
     except UncertainCommitError:
         raise  # it may have landed: its table stays (gc removes it if it did not)
-    except BaseException as exc:
-        # The store's failure was read back by _publish (not landed); anything else raised
-        # while publishing may have come after the manifest landed: read it back here.
-        if outcome.landed is None and not isinstance(exc, OSError):
+    except BaseException:
+        # _publish notes "not landed" where the store failed and reading back showed it;
+        # anything else raised while publishing may come before or after the manifest
+        # lands: read it back here (landed, else unknown).
+        if outcome.landed is None:
             outcome.landed = landed(store, metadata.save_id)
         else:
-            outcome.landed = False
             _remove_tables(store, tables)
         raise
     outcome.landed = True
@@ -192,25 +199,58 @@ def _remove_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
         logger.warning("removing the chunk table of a failed commit at %s failed", store.location)
 
 
-def _publish(store: ByteStore, metadata: Metadata, manifest: bytes, overwrite: bool) -> None:
-    assert metadata.save_id is not None
-    try:
-        if overwrite:
-            store.publish(MANIFEST, manifest)
+def _store_call(fn: Callable[[], None]) -> BaseException | None:
+    """Run the store's ``fn``: the exception it raised, or None.
+
+    What this raises instead is not the store's: on the main thread, where Python runs
+    signal handlers, ``fn`` runs on a thread of its own while this one waits, so an
+    exception a handler raises meanwhile propagates from the wait, the store's call
+    going on (as an upload on another thread would anyway).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        try:
+            fn()
+        except BaseException as exc:
+            return exc
+        return None
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            raised.append(exc)
         else:
-            store.publish_new(MANIFEST, manifest)
-    except FileExistsError as exc:
-        # A retried conditional write can meet its own first attempt.
-        if not _is_ours(store, metadata.save_id, exc):
+            raised.append(None)
+
+    worker = threading.Thread(target=run, name="torchstow-commit", daemon=True)
+    worker.start()
+    while worker.is_alive():  # waking now and then: a signal another thread took is handled here
+        worker.join(0.1)
+    return raised[0]
+
+
+def _publish(
+    store: ByteStore, metadata: Metadata, manifest: bytes, overwrite: bool, outcome: CommitOutcome
+) -> None:
+    """Publish the manifest; where the store's own call fails with an ``OSError``, read the
+    location back: this save's manifest there is a success, else ``outcome`` is "not landed"."""
+    assert metadata.save_id is not None
+    put = store.publish if overwrite else store.publish_new
+    error = _store_call(lambda: put(MANIFEST, manifest))
+    if error is None:
+        return
+    if not isinstance(error, OSError):
+        raise error
+    # A retried conditional write can meet its own first attempt, any failure its own success.
+    if not _is_ours(store, metadata.save_id, error):
+        outcome.landed = False
+        if isinstance(error, FileExistsError):
             raise CheckpointExistsError(
                 f"another save committed a checkpoint at {store.location} first; pass overwrite=True "
                 "to replace it (this save's files were removed, the other's are untouched)"
-            ) from exc
-    except OSError as exc:  # the store's failure: its outcome is open until the location is read back
-        if not _is_ours(store, metadata.save_id, exc):
-            raise
-    else:
-        return
+            ) from error
+        raise error
     logger.warning(
         "writing the manifest of %s reported a failure, but reading it back shows this save committed",
         store.location,

@@ -50,6 +50,11 @@ class Collective(abc.ABC):
     coordinator_rank: int
     #: Whether objects cross process boundaries (and so are pickled on the way).
     crosses_processes: bool = True
+    #: Whether the ranks confirm, in one more small collective, that a value the
+    #: coordinator sent them unpickled on every rank (see :mod:`.steps`). Without it a
+    #: rank that cannot unpickle one leaves the protocol, and the others learn of it only
+    #: at the next gather (the checkpointer's exchange, whose rounds are fixed).
+    confirms_receipt: bool = False
 
     @property
     def is_coordinator(self) -> bool:
@@ -153,6 +158,8 @@ class ProcessGroupCollective(Collective):
     one, the group's own timeout applies.
     """
 
+    confirms_receipt = True
+
     def __init__(
         self, process_group: Any = None, coordinator_rank: int = 0, timeout: Timeout | None = None
     ) -> None:
@@ -205,6 +212,15 @@ class ProcessGroupCollective(Collective):
                 "with backend='cpu:gloo,cuda:nccl', or pass process_group=dist.new_group(backend='gloo')"
             ) from exc
         return backend
+
+    def group_timeout(self) -> datetime.timedelta | None:
+        """The group's own timeout (its CPU backend's; torch tells it only through a private
+        API), or None where it cannot be read (a group without a CPU backend)."""
+        try:
+            value = self._cpu_backend().options._timeout
+        except ValueError:
+            return None
+        return value if isinstance(value, datetime.timedelta) else None
 
     def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or start) one torch.distributed operation under the timeout, turning a lost

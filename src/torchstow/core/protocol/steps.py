@@ -4,6 +4,14 @@ every rank moves its bytes, the coordinator commits.
 Each step runs on every rank with its failures captured; the outcomes meet on
 the coordinator, and if any rank failed, every rank raises the same
 :class:`CheckpointException` naming each failed rank and its exception.
+
+What the coordinator sends back can fail too, where it arrives: a value that
+does not unpickle on one rank (a plugin's class installed on some nodes only).
+Over a process group, every value but torchstow's own markers (no value, a
+failure, "unchanged") and plain numbers and strings is therefore confirmed:
+each rank says in one all-gather of a byte whether it unpickled it, and if one
+could not, the ranks exchange those failures and every rank raises them, before
+any rank acts on the value.
 """
 
 from __future__ import annotations
@@ -103,14 +111,65 @@ def _incoming(coll: Collective, payload: Any) -> Any:
     return unpack(payload) if coll.crosses_processes else payload
 
 
-def _outgoing_all(coll: Collective, values: list[Any]) -> list[Any]:
-    """The coordinator's values for every rank, ready to send; if one cannot
-    be packed, every rank gets the coordinator's failure instead."""
-    packed = [_outgoing(coll, value) for value in values]
-    for _, failure in packed:
-        if failure is not None:
-            return [_outgoing(coll, _Failed({coll.rank: failure}))[0]] * len(values)
-    return [data for data, _ in packed]
+#: The types of what the coordinator sends that unpickles on every rank (exactly these
+#: types, not subclasses, which may live in a module some rank lacks): no confirmation
+#: follows it.
+_PLAIN = frozenset({type(None), bool, int, float, str, _Failed, _Unchanged})
+#: The byte after the coordinator's pickled value (unpickling ignores what follows the
+#: pickle): whether the ranks confirm that they unpickled the value (see :func:`_confirm`).
+_CONFIRM, _NO_CONFIRM = b"\x01", b"\x00"
+
+
+def _downward(
+    coll: Collective, values: list[Any], gathered: list[Any] | None = None, unknown: bool = False
+) -> list[Any]:
+    """The coordinator's values for every rank, ready to send.
+
+    If one cannot be packed, every rank gets the coordinator's failure instead
+    (``unknown``: a failure whose outcome is unknown, see :class:`_Failed`). With
+    ``gathered`` (what each rank sent), a value that packs to the very bytes its rank
+    sent goes back as an :class:`_Unchanged` marker. Each payload ends in a byte that
+    tells every rank, even one that cannot unpickle it, whether a confirmation follows.
+    """
+    if not coll.crosses_processes:
+        return values
+    packed = [pack(value) for value in values]
+    failure = next((failure for _, failure in packed if failure is not None), None)
+    if failure is not None:
+        data = [pack(_Failed({coll.rank: failure}, unknown))[0]] * len(values)
+        plain = True
+    else:
+        data = [payload for payload, _ in packed]
+        kept = [type(value) in _PLAIN for value in values]
+        if gathered is not None:
+            unchanged = pack(_Unchanged())[0]
+            for i, (new, old) in enumerate(zip(data, gathered, strict=True)):
+                if new == old:
+                    data[i], kept[i] = unchanged, True
+        plain = all(kept)
+    flag = _NO_CONFIRM if plain or not coll.confirms_receipt else _CONFIRM
+    return [payload + flag for payload in data]
+
+
+def _confirm(coll: Collective, step: str, payload: Any, value: Any) -> None:
+    """Where the coordinator's ``payload`` asks for it, tell every rank whether this one
+    unpickled it (``value`` is a :class:`CapturedFailure` where it did not); if any rank
+    could not, every rank raises the step's CheckpointException naming those ranks with
+    their errors (each such rank its own exception object)."""
+    if not (coll.crosses_processes and payload[-1:] == _CONFIRM):
+        return
+    failed = isinstance(value, CapturedFailure)
+    flags = coll.all_gather_records(bytes([failed]), step)
+    if any(flag != bytes(1) for flag in flags):
+        all_reduce(coll, step, lambda: value if failed else None, lambda _: None)
+
+
+def _receive(coll: Collective, step: str, payload: Any, own: CapturedFailure | None) -> Any:
+    """The coordinator's value as this rank unpickled it, once every rank confirmed it could
+    (see :func:`_confirm`); raises the step's CheckpointException if any rank failed."""
+    value = _incoming(coll, payload)
+    _confirm(coll, step, payload, value)
+    return _raise_if_failed(step, value, coll, own)
 
 
 def _raise_if_failed(step: str, value: Any, coll: Collective, own: CapturedFailure | None) -> Any:
@@ -185,13 +244,9 @@ def reduce_scatter(
     own, result, gathered = _coordinate(coll, step, local, one_per_rank)
     packed = None
     if coll.is_coordinator:
-        values = [result] * coll.world_size if isinstance(result, _Failed) else result
-        packed = _outgoing_all(coll, values)
-        if coll.crosses_processes and not isinstance(result, _Failed):
-            assert gathered is not None
-            unchanged = _outgoing(coll, _Unchanged())[0]
-            packed = [unchanged if new == old else new for new, old in zip(packed, gathered, strict=True)]
-    value = _raise_if_failed(step, _incoming(coll, coll.scatter(packed, step)), coll, own)
+        failed = isinstance(result, _Failed)
+        packed = _downward(coll, [result] * coll.world_size) if failed else _downward(coll, result, gathered)
+    value = _receive(coll, step, coll.scatter(packed, step), own)
     return sent[0] if isinstance(value, _Unchanged) else value
 
 
@@ -203,8 +258,8 @@ def all_reduce(
 ) -> Any:
     """Gather local outcomes, let the coordinator reduce them, broadcast the result."""
     own, result, _ = _coordinate(coll, step, local_fn, global_fn)
-    packed = _outgoing_all(coll, [result])[0] if coll.is_coordinator else None
-    return _raise_if_failed(step, _incoming(coll, coll.broadcast(packed, step)), coll, own)
+    packed = _downward(coll, [result])[0] if coll.is_coordinator else None
+    return _receive(coll, step, coll.broadcast(packed, step), own)
 
 
 def broadcast_from_coordinator(coll: Collective, step: str, fn: Callable[[], Any]) -> Any:
@@ -216,8 +271,8 @@ def broadcast_from_coordinator(coll: Collective, step: str, fn: Callable[[], Any
         if isinstance(result, CapturedFailure):
             own = result
             result = _Failed({coll.rank: result})
-        packed = _outgoing_all(coll, [result])[0]
-    return _raise_if_failed(step, _incoming(coll, coll.broadcast(packed, step)), coll, own)
+        packed = _downward(coll, [result])[0]
+    return _receive(coll, step, coll.broadcast(packed, step), own)
 
 
 def _require_mapping(state_dict: Any) -> None:
@@ -353,7 +408,8 @@ def _write_and_commit(
     rank died, a collective failed or timed out, or it does not unpickle here) or
     the coordinator cannot tell, the outcome is unknown: the rank asks the writer to read the location
     (:meth:`StorageWriter.commit_outcome`) and otherwise keeps its files, for a
-    later ``gc`` to collect; a committed manifest may name them.
+    later ``gc`` to collect; a committed manifest may name them. A committed answer
+    that some rank cannot unpickle fails the save on every rank, each keeping its files.
     """
     try:
         own, result, _ = _coordinate(coll, step, write, commit)
@@ -365,21 +421,23 @@ def _write_and_commit(
         if isinstance(result, _Failed) and progress.committing:
             # landed or unknown: never "failed for good", which lets every rank remove its files
             result.outcome_unknown = _outcome(writer, progress) is not False
-        packed, unsendable = _outgoing(coll, result)
-        if unsendable is not None:  # a committed manifest that does not pickle: let ranks look
-            packed = _outgoing(coll, _Failed({coll.rank: unsendable}, progress.committing))[0]
+        # a committed manifest that does not pickle: the ranks are told to look
+        packed = _downward(coll, [result], unknown=progress.committing)[0]
     try:
-        answer = _incoming(coll, coll.broadcast(packed, step))
+        payload = coll.broadcast(packed, step)
     except CheckpointException as exc:  # the answer was lost
         _settle(writer, coll, progress, exc, known=coll.is_coordinator or not progress.handed)
         raise
+    answer = _incoming(coll, payload)
     try:
+        _confirm(coll, step, payload, answer)
         return _raise_if_failed(step, answer, coll, own)
     except CheckpointException as exc:
+        if not isinstance(answer, CapturedFailure | _Failed):  # committed; another rank lacks the answer
+            _note_committed(exc, coll)
+            raise
         # An answer that did not unpickle here may have been the committed manifest.
-        unclear = isinstance(answer, CapturedFailure) or (
-            isinstance(answer, _Failed) and answer.outcome_unknown
-        )
+        unclear = isinstance(answer, CapturedFailure) or answer.outcome_unknown
         unknown = unclear and not coll.is_coordinator
         _settle(writer, coll, progress, exc, known=not unknown or not progress.handed)
         raise
@@ -413,16 +471,20 @@ def _settle(
     if committed is False:
         _abort(writer)
     elif committed:
-        exc.add_note(
-            f"rank {coll.rank}: the checkpoint did commit (its manifest is this save's); "
-            "this rank's files are kept"
-        )
+        _note_committed(exc, coll)
     else:
         exc.add_note(
             f"rank {coll.rank}: whether the checkpoint committed is unknown here, so this rank's "
             "files are kept: a committed manifest may name them. If none did, torchstow gc removes "
             "them after its grace period (torchstow.delete(..., force=True) at once)"
         )
+
+
+def _note_committed(exc: CheckpointException, coll: Collective) -> None:
+    exc.add_note(
+        f"rank {coll.rank}: the checkpoint did commit (its manifest is this save's); "
+        "this rank's files are kept"
+    )
 
 
 def _abort(storage_writer: StorageWriter) -> None:
