@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import shutil
 import tempfile
@@ -10,7 +12,22 @@ from typing import Any
 
 import pytest
 
-from dist_pool import WorkerPool, free_port
+from dist_pool import PRELOAD, WorkerPool, free_port
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the session's forkserver (where every gloo group of the tests forks its ranks
+    from: dist_pool's pools and ``torchstow.testing.run_ranks``) importing what the
+    collected test modules' ranks import beyond torch and torchstow, as each such module
+    names in ``FORKSERVER_PRELOAD``: each rank then forks with it imported rather than
+    importing it itself (Lightning: seconds a rank). Without such a module, the first
+    group starts the forkserver as before."""
+    modules = {getattr(item, "module", None) for item in session.items}
+    extra = sorted({name for module in modules for name in getattr(module, "FORKSERVER_PRELOAD", ())})
+    if not extra or "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    multiprocessing.get_context("forkserver").set_forkserver_preload([*PRELOAD, *extra])
+    multiprocessing.forkserver.ensure_running()
 
 
 @pytest.fixture

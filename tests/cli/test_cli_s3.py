@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,8 @@ from torchstow.cli import main
 from torchstow.format.files import is_data_file
 from torchstow.testing import assert_same_state
 
-from cli_helpers import COMMAND, S3_KEYS, assert_one_line_error, fails, invoke, json_doc, run
+from cli_helpers import COMMAND, S3_KEYS, assert_one_line_error, fails, invoke, json_doc
+from s3_faults import FaultProxy, Link, MiB
 from waits import wait_until
 
 NO_AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
@@ -81,14 +82,6 @@ def test_cp_shm_to_s3_and_back_bit_exact(cli_s3: str, shm_dir: str) -> None:
     assert_one_line_error(nobody, "credentials")
 
 
-def _timed(*args: str, env: dict[str, str]) -> float:
-    """Seconds ``torchstow ARGS...`` takes to run to its end."""
-    started = time.monotonic()
-    whole = run(*args, env=env)
-    assert whole.code == 0, whole.err
-    return time.monotonic() - started
-
-
 def _interrupted(args: list[str], env: dict[str, str], started: Callable[[], bool]) -> float:
     """Runs ``torchstow ARGS...``, sends it SIGINT once ``started()`` and returns how many
     seconds it took to exit then; it must exit 130 saying it was interrupted."""
@@ -112,40 +105,58 @@ def _interrupted(args: list[str], env: dict[str, str], started: Callable[[], boo
     return stop_s
 
 
-@pytest.mark.slow  # copies 192 MiB four times, in real processes (a signal needs one)
-def test_ctrl_c_stops_a_copy_to_and_from_s3_promptly_and_leaves_nothing(cli_s3: str, tmp_path: Path) -> None:
+@pytest.fixture
+def slow_link(cli_s3: str) -> Iterator[FaultProxy]:
+    """A link of 12 MiB/s each way in front of the moto server (a proxy in this process)."""
+    link = FaultProxy(cli_s3, link=Link(total=12 * MiB))
+    try:
+        yield link
+    finally:
+        link.close()
+
+
+@pytest.mark.slow  # real processes (a signal needs one)
+def test_ctrl_c_stops_a_copy_to_and_from_s3_promptly_and_leaves_nothing(
+    cli_s3: str, slow_link: FaultProxy, tmp_path: Path
+) -> None:
     src = str(tmp_path / "step-1")
     gen = torch.Generator().manual_seed(0)
     state = {f"w{i}": torch.randn(12, 1 << 20, generator=gen) for i in range(4)}  # 4 files of 48 MiB
     torchstow.save(state, src, storage_options={"thread_count": 4})
     client = s3_client(cli_s3)
+    s3 = {"endpoint_url": cli_s3, **S3_KEYS}
+    torchstow.copy(src, "s3://cli-tests/sigint/whole", dst_storage_options=s3)  # what the copy down reads
+    # The copies go through the slow link: however fast or busy the machine, no copy of these
+    # 192 MiB ends within 16 s, so one seen under way is still under way when the signal lands,
+    # and one that ends within half that time stopped rather than ran to its end.
+    assert slow_link.link.total is not None
+    fastest_s = torchstow.info(src).nbytes / slow_link.link.total
     env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEYS["key"], "AWS_SECRET_ACCESS_KEY": S3_KEYS["secret"]}
-    env["AWS_ENDPOINT_URL"] = cli_s3
+    env["AWS_ENDPOINT_URL"] = slow_link.url
 
-    # Up: small parts, one in flight per file, so the copy takes a while and its uploads start early.
+    # Up: small parts, one in flight per file, so the uploads start early.
     up = ["--dst-option", "part_size=5242880", "--dst-option", "multipart_threshold=5242880"]
     up += ["--dst-option", "concurrency=1", "--no-progress"]
-    whole_s = _timed("cp", src, "s3://cli-tests/sigint/whole", *up, env=env)
 
     def uploading() -> bool:
         return bool(client.list_multipart_uploads(Bucket="cli-tests", Prefix="sigint/cut/").get("Uploads"))
 
     stop_s = _interrupted(["cp", src, "s3://cli-tests/sigint/cut", *up], env, uploading)
-    assert stop_s < whole_s / 2, (stop_s, whole_s)  # it stopped, rather than running to the end
+    assert stop_s < fastest_s / 2, (stop_s, fastest_s)  # it stopped, rather than running to the end
     assert "Contents" not in client.list_objects_v2(Bucket="cli-tests", Prefix="sigint/cut/")
     assert not uploading()
 
     # Down: 4 MiB segments (ranged reads of 4 MiB, one at a time), into a local directory.
     down = ["--src-option", "range_size=4194304", "--src-option", "concurrency=1", "--no-progress"]
-    whole_s = _timed("cp", "s3://cli-tests/sigint/whole", str(tmp_path / "whole"), *down, env=env)
     cut = tmp_path / "cut"
 
     def downloading() -> bool:
         return cut.is_dir() and any(f.stat().st_size for f in cut.iterdir())
 
     stop_s = _interrupted(["cp", "s3://cli-tests/sigint/whole", str(cut), *down], env, downloading)
-    assert stop_s < whole_s / 2, (stop_s, whole_s)
+    assert stop_s < fastest_s / 2, (stop_s, fastest_s)
     assert not cut.exists() or list(cut.iterdir()) == []
+    torchstow.delete("s3://cli-tests/sigint/whole", storage_options=s3)  # the session's server keeps it else
 
 
 def test_s3_settings_from_the_environment_and_clear_errors(

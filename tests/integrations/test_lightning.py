@@ -20,6 +20,10 @@ from torchstow.integrations.lightning import (
 )
 from torchstow.testing import run_ranks
 
+#: What the DDP ranks import beyond torch and torchstow: the session's forkserver imports it
+#: once (tests/conftest.py), rather than each rank (2 s and more each).
+FORKSERVER_PRELOAD = ("lightning.pytorch", "torchstow.integrations.lightning")
+
 
 class Tiny(pl.LightningModule):
     def __init__(self) -> None:
