@@ -498,6 +498,18 @@ def async_commit_timeouts(rank: int, world_size: int, path: str) -> list[tuple[f
     return found
 
 
+def async_commit_group_with_a_straggler(rank: int, world_size: int, late: float) -> bytes:
+    """Rank 1 reaches its first async save ``late`` seconds after rank 0, which passes
+    ``timeout=1``: the commit group is made all the same (a fresh pipeline, so it is made
+    here), and a broadcast on it, under that timeout, arrives."""
+    from torchstow.checkpointing.async_save import AsyncSavePipeline
+
+    if rank == 1:
+        time.sleep(late)
+    coll = AsyncSavePipeline().commit_collective(None, 0, None, 1)
+    return coll.broadcast(b"made" if rank == 0 else None, "straggler")
+
+
 def timed_fault(
     rank: int,
     world_size: int,
