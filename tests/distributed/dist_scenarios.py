@@ -498,6 +498,19 @@ def async_commit_timeouts(rank: int, world_size: int, path: str) -> list[tuple[f
     return found
 
 
+def async_commit_group_with_a_straggler(rank: int, world_size: int, late: float) -> bytes:
+    """Rank 1 reaches its first async save ``late`` seconds after rank 0, each passing
+    ``timeout=1``: the commit group is made all the same (a fresh pipeline, so it is made
+    here), and a broadcast on it arrives (under a timeout that load cannot exceed)."""
+    from torchstow.checkpointing.async_save import AsyncSavePipeline
+
+    if rank == 1:
+        time.sleep(late)
+    coll = AsyncSavePipeline().commit_collective(None, 0, None, 1)
+    assert isinstance(coll, ProcessGroupCollective)
+    return ProcessGroupCollective(coll.group, 0, 30).broadcast(b"made" if rank == 0 else None, "straggler")
+
+
 def timed_fault(
     rank: int,
     world_size: int,

@@ -158,24 +158,27 @@ class AsyncSavePipeline:
         """The collective a save's protocol runs on: single process, or a
         gloo group with the ranks of ``process_group`` (made once, on the
         caller's thread, by every rank of the group); ``timeout`` bounds each
-        wait for the other ranks, and the group's making (default: the timeout of
+        wait for the other ranks in the save (default: the timeout of
         ``process_group`` itself, as in a synchronous save; torch's default where
-        that group has no CPU backend to read it from)."""
+        that group has no CPU backend to read it from). The group is made under
+        the timeout of ``process_group``, as the group a synchronous save runs on
+        was: a rank may reach its first async save later than the save's timeout."""
         base = make_collective(process_group, coordinator_rank, no_dist, timeout)
         if not isinstance(base, ProcessGroupCollective):
             return base
         import torch.distributed as dist
 
-        limit = base.timeout if base.timeout is not None else base.group_timeout()
+        own = base.group_timeout()
+        limit = base.timeout if base.timeout is not None else own
         group = base.group if base.group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
         coordinator = ranks[coordinator_rank]
-        commit_group = self._group_for(tuple(sorted(ranks)), limit)
+        commit_group = self._group_for(tuple(sorted(ranks)), own)
         return ProcessGroupCollective(commit_group, dist.get_group_rank(commit_group, coordinator), limit)
 
     def _group_for(self, ranks: tuple[int, ...], timeout: datetime.timedelta | None) -> Any:
-        """The commit group of ``ranks``, made on first use under ``timeout`` (each
-        collective on it sets the timeout of its own save)."""
+        """The commit group of ``ranks``, made on first use under ``timeout`` (that of the
+        group it serves; each collective on it sets the timeout of its own save)."""
         import torch.distributed as dist
 
         if self._world is not dist.group.WORLD:  # torch.distributed was (re)initialized

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 import torchstow
@@ -131,3 +135,53 @@ def test_a_sigterm_handlers_exception_during_publish_fails_the_save_and_keeps_co
     assert any("did commit" in note for note in outcomes[0]["notes"]), outcomes[0]  # and says so
     # uploading: not read back as "not landed" (which removed the files it names), but unknown
     assert any("unknown" in note for note in outcomes[-1]["notes"]), outcomes[-1]
+
+
+class _PreemptedError(Exception):
+    """What the test's SIGALRM handler raises to stop a save."""
+
+
+def test_a_later_save_is_never_replaced_by_an_interrupted_publish_still_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler's exception stops the save on the main thread, but its manifest's
+    publish goes on in the background; the user saves again to the same location, and that
+    save returns. The checkpoint there must stay the later save's (before: the interrupted
+    publish landed after it, and the location silently went back to the interrupted save's
+    manifest). The interrupted publish is let go once the later manifest landed, or after
+    a second at most (as the later save, waiting for it, never publishes until it is done)."""
+    from torchstow.backends.filesystem import LocalFileStore
+    from torchstow.format.files import MANIFEST
+
+    uri = str(tmp_path / "latest")
+    torchstow.save({"w": torch.zeros(64)}, uri)
+    original = LocalFileStore.publish
+    later_landed = threading.Event()
+    interrupted: list[threading.Thread] = []
+
+    def publish(self: LocalFileStore, name: str, data: bytes) -> None:
+        if name != MANIFEST:
+            original(self, name, data)
+        elif not interrupted:  # the first save's manifest: a handler raises, the publish stalls
+            interrupted.append(threading.current_thread())
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+            later_landed.wait(1.0)
+            original(self, name, data)
+        else:
+            original(self, name, data)
+            later_landed.set()
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _PreemptedError("SIGALRM: stop")
+
+    monkeypatch.setattr(LocalFileStore, "publish", publish)
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises(torchstow.CheckpointException):
+            torchstow.save({"w": torch.ones(64)}, uri, overwrite=True)
+        later = torchstow.save({"w": torch.full((64,), 2.0)}, uri, overwrite=True)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    interrupted[0].join()
+    assert peek_manifest((Path(uri) / MANIFEST).read_bytes()).save_id == later.save_id
+    assert torch.equal(torchstow.read(uri)["w"], torch.full((64,), 2.0))

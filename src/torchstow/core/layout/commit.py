@@ -199,14 +199,30 @@ def _remove_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
         logger.warning("removing the chunk table of a failed commit at %s failed", store.location)
 
 
-def _store_call(fn: Callable[[], None]) -> BaseException | None:
-    """Run the store's ``fn``: the exception it raised, or None.
+#: Publishes a signal handler's exception left running on their own threads, by location.
+_unfinished: dict[str, threading.Thread] = {}
+
+
+def _wait(thread: threading.Thread) -> None:
+    """Wait for ``thread``, waking now and then: a signal another thread took is handled here."""
+    while thread.is_alive():
+        thread.join(0.1)
+
+
+def _store_call(location: str, fn: Callable[[], None]) -> BaseException | None:
+    """Run the store's ``fn`` at ``location``: the exception it raised, or None.
 
     What this raises instead is not the store's: on the main thread, where Python runs
     signal handlers, ``fn`` runs on a thread of its own while this one waits, so an
     exception a handler raises meanwhile propagates from the wait, the store's call
-    going on (as an upload on another thread would anyway).
+    going on (as an upload on another thread would anyway). A later call at the same
+    location first waits for such a call to end, so that an interrupted save's manifest
+    never lands over a later save's.
     """
+    earlier = _unfinished.get(location)
+    if earlier is not None:
+        _wait(earlier)
+        _unfinished.pop(location, None)
     if threading.current_thread() is not threading.main_thread():
         try:
             fn()
@@ -224,9 +240,12 @@ def _store_call(fn: Callable[[], None]) -> BaseException | None:
             raised.append(None)
 
     worker = threading.Thread(target=run, name="torchstow-commit", daemon=True)
-    worker.start()
-    while worker.is_alive():  # waking now and then: a signal another thread took is handled here
-        worker.join(0.1)
+    try:
+        worker.start()  # a handler may raise here too, the store's call begun
+        _wait(worker)
+    except BaseException:
+        _unfinished[location] = worker
+        raise
     return raised[0]
 
 
@@ -237,7 +256,7 @@ def _publish(
     location back: this save's manifest there is a success, else ``outcome`` is "not landed"."""
     assert metadata.save_id is not None
     put = store.publish if overwrite else store.publish_new
-    error = _store_call(lambda: put(MANIFEST, manifest))
+    error = _store_call(store.location, lambda: put(MANIFEST, manifest))
     if error is None:
         return
     if not isinstance(error, OSError):
