@@ -378,8 +378,9 @@ class AdaptiveLimit:
 
 class PartGate:
     """How many parts the writer threads may hold filled or in flight: the requests the
-    ``limit`` allows now plus ``spare`` (so a part is ready when a request ends), so memory
-    stays at about ``(limit + spare) * part_size``. A free place goes to the waiting file
+    ``limit`` allows now plus ``spare`` (so a part is ready when a request ends): what a
+    part holds (host copies of tensors, gathered small pieces) stays at about
+    ``(limit + spare) * part_size``. A free place goes to the waiting file
     that was started first: files then finish one after another, each one's completion
     overlapping the next one's parts, rather than all at the end."""
 
