@@ -229,13 +229,14 @@ def test_a_part_buffer_a_failed_attempt_still_views_is_reused_safely(
 
 
 def test_a_save_copies_no_tensor_bytes_into_the_parts_it_uploads(s3_endpoint: str, s3_bucket: str) -> None:
-    # while two 5 MiB parts of a tensor are in flight (the store answers each after 0.5 s),
+    # while two 5 MiB parts of a tensor are in flight (the store answers each after 0.25 s),
     # the client holds them as the tensor's own memory: it has allocated nothing near a part
-    delayed = Fault("PUT", r"partNumber=", "delay", times=2, delay=0.5)
+    delayed = Fault("PUT", r"partNumber=", "delay", times=2, delay=0.25)
     proxy = FaultProxy(s3_endpoint, faults=[delayed])
     sd = {"w": torch.randn(3 << 20)}  # 12 MiB: three parts
     opts = s3_options(proxy.url, thread_count=1, max_concurrency=2)
     uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    torchstow.save({"x": torch.zeros(1)}, f"{uri}-warm", storage_options=opts)  # the client made first
     tracemalloc.start()
     try:
         with ThreadPoolExecutor(1) as pool:
