@@ -208,12 +208,10 @@ def test_throttling_is_survived(shaped: FaultProxy, s3_bucket: str) -> None:
     assert any(r.status == 503 for r in shaped.log)  # throttled, and got through
 
 
-def test_a_part_buffer_a_failed_attempt_still_views_is_reused_safely(
-    s3_endpoint: str, s3_bucket: str
-) -> None:
-    # a refused part's attempt leaves views of its buffer in its exception's frames until
-    # the cycle collector runs; the buffer goes back to the spares and a later file's last,
-    # short part may take it: the short part must not resize a buffer others still view
+def test_a_part_a_failed_attempt_still_views_is_sent_again_intact(s3_endpoint: str, s3_bucket: str) -> None:
+    # a refused part's attempt leaves views of its body in its exception's frames until
+    # the cycle collector runs; the part is sent again from the same memory, and a later
+    # file's last, short part must not disturb memory those views still show
     proxy = FaultProxy(s3_endpoint, faults=[Fault("PUT", r"partNumber=", 503, times=4)])
     gc.disable()
     try:
