@@ -43,8 +43,14 @@ _PIDS: dict[str, int] = {}  # the server process behind each endpoint moto_serve
 def server_cpu_seconds(endpoint: str) -> float:
     """CPU seconds (user and system) the moto server behind ``endpoint`` has used so far
     (Linux's /proc; NaN where there is none)."""
+    return cpu_seconds(_PIDS.get(endpoint))
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user and system) process ``pid`` has used so far (Linux's /proc; NaN
+    where there is none)."""
     try:
-        with open(f"/proc/{_PIDS[endpoint]}/stat") as f:
+        with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return math.nan

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import uuid
@@ -50,7 +51,7 @@ sys.path.insert(0, HERE)
 TESTS = os.path.join(HERE, "..", "tests", "backends")
 sys.path.insert(0, TESTS)  # the shaped proxy lives with the tests
 
-from bench_s3 import BUCKET, moto_server, server_cpu_seconds  # noqa: E402
+from bench_s3 import BUCKET, cpu_seconds, moto_server, server_cpu_seconds  # noqa: E402
 from common import assert_equal, large_state_dict, tensor_bytes, timed, zeros_like_state_dict  # noqa: E402
 from s3_faults import Link, MiB  # noqa: E402
 
@@ -141,11 +142,11 @@ def peers(endpoint: str) -> dict[str, tuple[Op, Op]]:
 
 
 @contextmanager
-def shaped_link(upstream: str, link: Link | None) -> Iterator[str]:
-    """The endpoint to use: a proxy shaped as ``link`` in front of ``upstream``, in a process
-    of its own (``upstream`` itself when ``link`` is None)."""
+def shaped_link(upstream: str, link: Link | None) -> Iterator[tuple[str, int | None]]:
+    """The endpoint to use and the proxy's process id: a proxy shaped as ``link`` in front of
+    ``upstream``, in a process of its own (``upstream`` itself, and None, when ``link`` is None)."""
     if link is None:
-        yield upstream
+        yield upstream, None
         return
     args = [sys.executable, os.path.join(TESTS, "s3_faults.py"), upstream, "--latency", str(link.latency)]
     args += ["--slowdown", str(link.slowdown), "--seed", str(link.seed)]
@@ -155,7 +156,7 @@ def shaped_link(upstream: str, link: Link | None) -> Iterator[str]:
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        yield proc.stdout.readline().strip()
+        yield proc.stdout.readline().strip(), proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -166,8 +167,10 @@ def run(
 ) -> dict[str, float]:
     """Median seconds of each contender's (or ``only`` one's) save and load (those of ``ops``)
     through ``link`` (None: straight to the server), by ``"save NAME"`` and ``"load NAME"``,
-    and the server's CPU seconds for each, by ``"server save NAME"`` (the median's run).
-    Without a load, each save is checked by the bytes it stored."""
+    and the CPU seconds of each process meanwhile (the median's run): the server's by
+    ``"server save NAME"``, this process's (the contender's client) by ``"client save NAME"``
+    and the proxy's by ``"proxy save NAME"``. Without a load, each save is checked by the
+    bytes it stored."""
     import s3fs
 
     sd = large_state_dict(mib * MiB, max(1, mib // 64))
@@ -177,18 +180,21 @@ def run(
         fs = s3fs.S3FileSystem(**CREDS, endpoint_url=upstream, skip_instance_cache=True)
         fs.mkdir(BUCKET)
 
-        def measured(fn: Callable[[], Any]) -> tuple[float, float]:
-            """``fn``'s seconds and the server's CPU seconds meanwhile."""
-            before = server_cpu_seconds(upstream)
-            (seconds,) = timed(fn, 1)
-            return seconds, server_cpu_seconds(upstream) - before
+        with shaped_link(upstream, link) as (endpoint, proxy):
 
-        with shaped_link(upstream, link) as endpoint:
+            def measured(fn: Callable[[], Any]) -> tuple[float, float, float, float]:
+                """``fn``'s seconds, and the server's, this process's and the proxy's CPU
+                seconds meanwhile."""
+                before = server_cpu_seconds(upstream), _own_cpu_seconds(), cpu_seconds(proxy)
+                (seconds,) = timed(fn, 1)
+                after = server_cpu_seconds(upstream), _own_cpu_seconds(), cpu_seconds(proxy)
+                return seconds, *(b - a for a, b in zip(before, after, strict=True))
+
             for name, (save, load) in peers(endpoint).items():
                 if only is not None and name != only:
                     continue
                 target = zeros_like_state_dict(sd)
-                times: dict[str, list[tuple[float, float]]] = {op: [] for op in ops}
+                times: dict[str, list[tuple[float, float, float, float]]] = {op: [] for op in ops}
                 for _ in range(repeats):
                     url = f"s3://{BUCKET}/{name.replace(' ', '-').replace('=', '')}-{uuid.uuid4().hex[:8]}"
                     times["save"].append(measured(lambda save=save, url=url: save(sd, url)))
@@ -200,9 +206,11 @@ def run(
                 if "load" in ops:
                     assert_equal(sd, target)
                 for op, runs in times.items():
-                    seconds, cpu = sorted(runs)[len(runs) // 2]
+                    seconds, server, client, proxy_cpu = sorted(runs)[len(runs) // 2]
                     medians[f"{op} {name}"] = seconds
-                    medians[f"server {op} {name}"] = cpu
+                    medians[f"server {op} {name}"] = server
+                    medians[f"client {op} {name}"] = client
+                    medians[f"proxy {op} {name}"] = proxy_cpu
     return medians
 
 
@@ -244,22 +252,24 @@ def main() -> None:
     bare = run(None, args.mib, args.repeats, only=args.only, ops=("save",))
     if "load" in ops:
         bare.update(run(None, args.mib, args.repeats, only="torchstow", ops=ops))
-    print("no link (the server alone; its CPU seconds per GiB moved):", flush=True)
+    print("no link (the server alone; CPU seconds per GiB moved):", flush=True)
     for op_name, seconds in bare.items():
-        if not op_name.startswith("server "):
-            cpu = bare[f"server {op_name}"] * GiB / nbytes
-            print(f"  {op_name:<32} {nbytes / seconds / MiB:7.1f} MiB/s  {cpu:4.1f} CPU-s/GiB", flush=True)
+        if op_name.split()[0] in OPS:
+            print(
+                f"  {op_name:<32} {nbytes / seconds / MiB:7.1f} MiB/s  {_cpu(bare, op_name, nbytes)}",
+                flush=True,
+            )
     for link in links:
         limit = link.limit(requests, connections=len(requests))
         print(f"link: {describe(link)}; its limit for {args.mib} MiB: {limit / MiB:.0f} MiB/s", flush=True)
         clean = run(link, args.mib, args.repeats, only=args.only, ops=ops)
         for op_name, seconds in clean.items():
-            if op_name.startswith("server "):
+            if op_name.split()[0] not in OPS:
                 continue
-            rate, cpu = nbytes / seconds, clean[f"server {op_name}"] * GiB / nbytes
+            rate = nbytes / seconds
             print(
                 f"  {op_name:<32} {rate / MiB:7.1f} MiB/s  {rate / limit:5.2f}x the limit  "
-                f"(the server: {cpu:4.1f} CPU-s/GiB)",
+                f"({_cpu(clean, op_name, nbytes)})",
                 flush=True,
             )
         if args.no_slowdown:
@@ -274,6 +284,19 @@ def main() -> None:
                 flush=True,
             )
     print(f"load average at the end: {_loadavg()}", flush=True)
+
+
+def _cpu(medians: dict[str, float], op_name: str, nbytes: int) -> str:
+    """The CPU seconds per GiB of each process during ``op_name``'s median run."""
+    per_gib = {who: medians[f"{who} {op_name}"] * GiB / nbytes for who in ("server", "client", "proxy")}
+    shown = [f"{who} {cpu:4.2f}" for who, cpu in per_gib.items() if cpu == cpu]  # (NaN: no proxy)
+    return "CPU-s/GiB: " + ", ".join(shown)
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds (user and system) this process, every thread of it, has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _loadavg() -> str:

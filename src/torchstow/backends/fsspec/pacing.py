@@ -13,16 +13,18 @@ of the bytes still unsent on that connection (:meth:`Progress.sample`)."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import heapq
 import io
+import itertools
 import logging
 import struct
 import sys
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar, cast
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+
+_SEND_CHUNK = 256 << 10  # bytes of a body handed to the connection at a time
 
 
 class StallError(TimeoutError):
@@ -111,19 +115,32 @@ def watch_connections() -> None:
                 # the client's read timeout starts once the body is handed over, before a slow
                 # link has sent its last megabytes: the watchdog alone judges this request
                 protocol.read_timeout = None
-            await super().write_with_length(writer, content_length)
+            # read on the event loop, not through the thread pool as aiohttp reads any file:
+            # the body's reads are slices of memory (no I/O), and a pool thread's round trip
+            # for each 64 KiB cost more CPU than sending the bytes
+            self._set_or_restore_start_position()
+            left = content_length
+            while left is None or left > 0:
+                chunk = body.read(_SEND_CHUNK if left is None else min(_SEND_CHUNK, left))
+                if not chunk:
+                    return
+                await writer.write(chunk)
+                if left is not None:
+                    left -= len(chunk)
 
     payload.PAYLOAD_REGISTRY.register(_WatchedBody, ProgressBody, order=payload.Order.try_first)
 
 
 class ProgressBody(io.RawIOBase):
-    """A request body over ``data`` without copying it, marking ``progress`` as the
-    HTTP client reads it (it reads ahead of the socket by as much as the kernel's send
-    buffer holds: :func:`watch_connections` shows the bytes leave)."""
+    """A request body of ``buffers``, one after the other, without copying them (each read
+    is a view of one of them), marking ``progress`` as the HTTP client reads it (it reads
+    ahead of the socket by as much as the kernel's send buffer holds:
+    :func:`watch_connections` shows the bytes leave)."""
 
-    def __init__(self, data: memoryview | bytes | bytearray, progress: Progress) -> None:
+    def __init__(self, buffers: Sequence[memoryview | bytes | bytearray], progress: Progress) -> None:
         super().__init__()
-        self.data = memoryview(data).cast("B")
+        self.buffers = [view for view in map(_bytes_view, buffers) if len(view)]
+        self.starts = list(itertools.accumulate(map(len, self.buffers), initial=0))
         self.pos = 0
         self.progress = progress
 
@@ -134,22 +151,32 @@ class ProgressBody(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), len(self.data) - self.pos)
-        buffer[:n] = self.data[self.pos : self.pos + n]
-        self.pos += n
-        self.progress.mark()
+        out = _bytes_view(buffer)
+        n = 0
+        while n < len(out) and (chunk := self.read(len(out) - n)):
+            out[n : n + len(chunk)] = chunk
+            n += len(chunk)
         return n
 
-    def read(self, size: int = -1) -> memoryview:
-        """The next bytes, as a view of ``data`` (no copy: the HTTP client hands it to the socket)."""
-        end = len(self.data) if size is None or size < 0 else min(len(self.data), self.pos + size)
-        chunk = self.data[self.pos : end]
-        self.pos = end
+    def read(self, size: int | None = -1) -> memoryview | bytes:
+        """The next bytes: a view of one buffer, at most ``size`` of them (no copy: the HTTP
+        client hands it to the socket); all that is left for a negative ``size``."""
+        if size is None or size < 0:
+            rest = []
+            while chunk := self.read(len(self)):  # the rest of one buffer at a time
+                rest.append(chunk)
+            return b"".join(rest)
+        index = bisect.bisect_right(self.starts, self.pos) - 1
+        if index >= len(self.buffers):
+            return b""
+        start = self.pos - self.starts[index]
+        chunk = self.buffers[index][start : start + size]
+        self.pos += len(chunk)
         self.progress.mark()
         return chunk
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.data)}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self)}[whence]
         self.pos = max(0, base + offset)
         return self.pos
 
@@ -157,7 +184,13 @@ class ProgressBody(io.RawIOBase):
         return self.pos
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self.starts[-1]
+
+
+def _bytes_view(buffer: Any) -> memoryview:
+    """``buffer`` as a flat view of bytes (format ``B``)."""
+    view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 async def watch(request: Awaitable[T], progress: Progress, stall_timeout: float, what: str) -> T:
@@ -345,8 +378,9 @@ class AdaptiveLimit:
 
 class PartGate:
     """How many parts the writer threads may hold filled or in flight: the requests the
-    ``limit`` allows now plus ``spare`` (so a part is ready when a request ends), so memory
-    stays at about ``(limit + spare) * part_size``. A free place goes to the waiting file
+    ``limit`` allows now plus ``spare`` (so a part is ready when a request ends): what a
+    part holds (host copies of tensors, gathered small pieces) stays at about
+    ``(limit + spare) * part_size``. A free place goes to the waiting file
     that was started first: files then finish one after another, each one's completion
     overlapping the next one's parts, rather than all at the end."""
 

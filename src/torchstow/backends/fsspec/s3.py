@@ -40,7 +40,21 @@ MAX_REQUEST = 64 * MiB  # the largest part or range the measured link may ask fo
 _DELETE_BATCH = 1000  # S3 deletes at most 1000 keys a request
 _READ_CHUNK = 1 << 20  # bytes per read of a response body (each one counts as progress)
 
+SCRATCH = 1 << 20  # bytes of a scratch buffer that small pieces of a part are gathered into
+GATHER_BELOW = 64 << 10  # pieces smaller than this are gathered; larger ones are sent as they are
+
 T = TypeVar("T")
+#: A request body: one buffer, or several sent one after the other (none copied).
+Body = Buffer | Sequence[Buffer]
+
+
+def _buffers(body: Any) -> list[memoryview] | None:
+    """The buffers of a request body, as views (None: no body of bytes)."""
+    if isinstance(body, bytes | bytearray | memoryview):
+        return [memoryview(body)]
+    if isinstance(body, list | tuple):
+        return [memoryview(b) for b in body]
+    return None
 
 
 async def _chunks(stream: Any, progress: Progress) -> AsyncIterator[bytes]:
@@ -71,26 +85,27 @@ class S3Requests:
         self.link = LinkEstimate()
         self.gate = PartGate(self.limit)
         self.files = itertools.count()  # the order of the files started, at the gate
-        self._spare: dict[int, list[bytearray]] = {}  # part buffers to fill again, by size
+        self.part_size = tuning.part_size
+        self._spare: list[bytearray] = []  # scratch buffers to fill again (see scratch)
 
     def request_size(self, base: int) -> int:
         """Bytes for the next part or range: ``base``, or more (up to :data:`MAX_REQUEST`)
         where the link's measured fixed cost and rate ask for it."""
         return self.link.request_size(base, MAX_REQUEST)
 
-    def part_buffer(self, size: int) -> bytearray:
-        """A buffer of ``size`` bytes for a part: one an earlier part gave back, or a new one
-        (reusing them spares the page faults of fresh memory)."""
+    def scratch(self) -> bytearray:
+        """A buffer of :data:`SCRATCH` bytes to gather small pieces into: one a finished part
+        gave back, or a new one (reusing them spares the page faults of fresh memory)."""
         try:
-            return self._spare[size].pop()  # list.pop is atomic: threads may share the spares
-        except (KeyError, IndexError):
-            return bytearray(size)
+            return self._spare.pop()  # list.pop is atomic: threads may share the spares
+        except IndexError:
+            return bytearray(SCRATCH)
 
-    def give_back(self, buffer: bytearray) -> None:
-        """A part's buffer, no longer read by its upload."""
-        spare = self._spare.setdefault(len(buffer), [])
-        if len(spare) < self.limit.ceiling + self.gate.spare:
-            spare.append(buffer)
+    def give_back(self, buffers: Sequence[bytearray]) -> None:
+        """Scratch buffers no longer read by their part's upload: kept for later parts, as
+        many as the parts that may be filled or in flight could use at once."""
+        keep = (self.limit.ceiling + self.gate.spare) * self.part_size // SCRATCH
+        self._spare.extend(buffers[: max(0, keep - len(self._spare))])
 
     @property
     def checksums(self) -> bool:
@@ -109,17 +124,20 @@ class S3Requests:
         store then checks each part, and the completion lists them)."""
         return {"ChecksumAlgorithm": "CRC32C"} if self.checksums else {}
 
-    def checksum(self, data: Buffer) -> dict[str, str]:
+    def checksum(self, body: Body) -> dict[str, str]:
         """The CRC32C of a body, for the store to check, computed by the calling thread (a
         writer's, not the event loop that carries every request; the GIL is released) with
         the checkpoint's own checksum function (in hardware: a third of zlib's CRC32's
         time); the HTTP client then computes no checksum and signs no SHA-256 of the body."""
         if not self.checksums:
             return {}
-        crc = base64.b64encode(crc32c(data).to_bytes(4, "big")).decode()
-        return {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": crc}
+        crc = 0
+        for buffer in _buffers(body) or []:
+            crc = crc32c(buffer, crc)
+        encoded = base64.b64encode(crc.to_bytes(4, "big")).decode()
+        return {"ChecksumAlgorithm": "CRC32C", "ChecksumCRC32C": encoded}
 
-    def put(self, bucket: str, key: str, body: Buffer, what: str, **kwargs: Any) -> None:
+    def put(self, bucket: str, key: str, body: Body, what: str, **kwargs: Any) -> None:
         """One object in a single PUT, with its CRC32C (retried, watched for stalls)."""
         self.call("put_object", what, Bucket=bucket, Key=key, Body=body, **self.checksum(body), **kwargs)
 
@@ -127,8 +145,8 @@ class S3Requests:
         self, method: str, what: str, *, on_attempt: Callable[[], None] | None = None, **kwargs: Any
     ) -> Any:
         """The response to one request, retried (``on_attempt`` runs before each try)."""
-        body = kwargs.get("Body")
-        size: int | None = len(body) if isinstance(body, bytes | bytearray | memoryview) else 0
+        buffers = _buffers(kwargs.get("Body"))
+        size: int | None = sum(b.nbytes for b in buffers) if buffers is not None else 0
         if method == "complete_multipart_upload":
             size = None  # its time is the store assembling the object, not the link's
 
@@ -140,9 +158,9 @@ class S3Requests:
         return await self.retry.acall(attempt, what)
 
     async def _send(self, method: str, kwargs: dict[str, Any], progress: Progress) -> Any:
-        body = kwargs.get("Body")
-        if isinstance(body, bytes | bytearray | memoryview):
-            kwargs = {**kwargs, "Body": ProgressBody(body, progress)}
+        buffers = _buffers(kwargs.get("Body"))
+        if buffers is not None:
+            kwargs = {**kwargs, "Body": ProgressBody(buffers, progress)}
         return await self.fs._call_s3(method, **kwargs)
 
     async def _attempt(
@@ -328,16 +346,60 @@ class S3Requests:
         return bucket, key
 
 
+class _Part:
+    """The bytes of one part (or of a whole object sent in one PUT): views of the buffers
+    the writer gave, in order, none copied, but pieces smaller than :data:`GATHER_BELOW`
+    (padding, small tensors), which are gathered into scratch buffers (see
+    :meth:`S3Requests.scratch`) so that the part is not sent in thousands of small writes."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target  # bytes it will hold (the last part of a file: fewer)
+        self.size = 0
+        self.views: list[memoryview] = []
+        self.scratch: list[bytearray] = []  # the scratch buffers its small pieces are in
+        self._gathered = 0  # bytes of the last scratch buffer in use
+        self._viewed = 0  # of which its views show so far
+
+    def add(self, piece: memoryview, s3: S3Requests) -> None:
+        self.size += len(piece)
+        if len(piece) >= GATHER_BELOW:
+            self._seal()
+            self.views.append(piece)
+            return
+        while len(piece):
+            if not self.scratch or self._gathered == SCRATCH:
+                self._seal()
+                self.scratch.append(s3.scratch())
+                self._gathered = self._viewed = 0
+            n = min(len(piece), SCRATCH - self._gathered)
+            self.scratch[-1][self._gathered : self._gathered + n] = piece[:n]
+            self._gathered += n
+            piece = piece[n:]
+
+    def body(self) -> list[memoryview]:
+        """Its bytes, as the views to send."""
+        self._seal()
+        return self.views
+
+    def _seal(self) -> None:
+        """End the view of the bytes gathered since the last one (larger pieces follow)."""
+        if self._gathered > self._viewed:
+            self.views.append(memoryview(self.scratch[-1])[self._viewed : self._gathered])
+            self._viewed = self._gathered
+
+
 class MultipartSink(FileSink):
     """An S3 object: one PUT up to the multipart threshold, else a multipart
     upload whose parts go up concurrently.
 
-    Bytes are copied once, into the part being filled (a buffer an earlier part
-    gave back, when there is one); while no upload has started, full parts are
-    held (a file that ends within the threshold is one PUT); past it, each full
-    part is handed to the event loop while the next fills. The store's part gate
-    bounds the parts filled or in flight and hands them out file by file; each
-    new part is as large as the link asks for (:meth:`S3Requests.request_size`).
+    A tensor's bytes are not copied: a part is the views of the writer's buffers that it
+    spans, sent as they are (the views keep their memory alive; see
+    :func:`~torchstow.format.buffers.tensor_bytes`), but for small pieces gathered into
+    reused scratch buffers (:class:`_Part`). While no upload has started, full parts are
+    held (a file that ends within the threshold is one PUT); past it, each full part is
+    handed to the event loop while the next fills. The store's part gate bounds the parts
+    filled or in flight and hands them out file by file; each new part is as large as the
+    link asks for (:meth:`S3Requests.request_size`).
     """
 
     def __init__(self, store: FsspecStore, s3: S3Requests, path: str, location: str) -> None:
@@ -348,9 +410,8 @@ class MultipartSink(FileSink):
         self.part_size = store.tuning.part_size
         self.threshold = store.tuning.multipart_threshold
         self.order = next(s3.files)  # atomic: writer threads start files at once
-        self.part = s3.part_buffer(self.part_size)
-        self.filled = 0
-        self.held: list[bytearray] = []
+        self.part = _Part(self.part_size)
+        self.held: list[_Part] = []
         self.upload_id: str | None = None
         self.creates = 0  # create requests sent: more than one may leave a stray upload
         self.pending: list[asyncio.Task[Any]] = []  # the part uploads, part n at n - 1
@@ -359,17 +420,18 @@ class MultipartSink(FileSink):
     def write(self, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
             view = buf if isinstance(buf, memoryview) else memoryview(buf)
+            if view.format != "B" or view.ndim != 1:  # (ctypes views say "<B")
+                view = view.cast("B")
             pos = 0
             while pos < len(view):
-                if self.filled == len(self.part):  # a full part, and more bytes follow
+                if self.part.size == self.part.target:  # a full part, and more bytes follow
                     self._part_full()
-                take = min(len(self.part) - self.filled, len(view) - pos)
-                self.part[self.filled : self.filled + take] = view[pos : pos + take]
-                self.filled += take
+                take = min(self.part.target - self.part.size, len(view) - pos)
+                self.part.add(view[pos : pos + take], self.s3)
                 pos += take
 
     def _part_full(self) -> None:
-        if self.upload_id is None and sum(map(len, self.held)) + len(self.part) < self.threshold:
+        if self.upload_id is None and sum(p.size for p in self.held) + self.part.size < self.threshold:
             self.held.append(self.part)  # the file may still end within one PUT
         else:
             for part in self.held:
@@ -377,13 +439,11 @@ class MultipartSink(FileSink):
             self.held = []
             self._ship(self.part)
         adapt = self.store.tuning.adapt_parts
-        self.part = self.s3.part_buffer(self.s3.request_size(self.part_size) if adapt else self.part_size)
-        self.filled = 0
+        self.part = _Part(self.s3.request_size(self.part_size) if adapt else self.part_size)
 
-    def _ship(self, buffer: bytearray, size: int | None = None) -> None:
-        """Upload ``buffer`` (its first ``size`` bytes) as the next part; the buffer goes back
-        to the spares once its upload ends."""
-        data = memoryview(buffer)[:size] if size is not None else buffer
+    def _ship(self, part: _Part) -> None:
+        """Upload ``part`` as the next part; its scratch buffers go back to the spares once
+        its upload ends."""
         if self.upload_id is None:
 
             def created() -> None:
@@ -406,12 +466,13 @@ class MultipartSink(FileSink):
         for done in self.pending:  # fail fast if an earlier part failed for good
             if done.done() and not done.cancelled() and done.exception() is not None:
                 done.result()
-        checksum = self.s3.checksum(data)  # here, in the writer's thread, not on the event loop
+        body = part.body()
+        checksum = self.s3.checksum(body)  # here, in the writer's thread, not on the event loop
         self.s3.gate.acquire(self.order)
 
         def sent() -> None:
             self.s3.gate.release()
-            self.s3.give_back(buffer)
+            self.s3.give_back(part.scratch)
 
         task = self.s3.start(
             "upload_part",
@@ -421,22 +482,20 @@ class MultipartSink(FileSink):
             Key=self.key,
             UploadId=self.upload_id,
             PartNumber=number,
-            Body=data,
+            Body=body,
             **checksum,
         )
         self.pending.append(task)
         self.checksums.append(checksum.get("ChecksumCRC32C"))
 
     def close(self) -> None:
-        # the last part may be short: a view of its bytes (a reused buffer is never resized,
-        # a failed attempt of an earlier part may still view it)
-        last = memoryview(self.part)[: self.filled]
         if self.upload_id is None:
-            body = last if not self.held else bytearray().join([*self.held, last])
+            body = [view for part in [*self.held, self.part] for view in part.body()]
             self.s3.put(self.bucket, self.key, body, f"writing {self.location}")
+            self.s3.give_back([b for part in [*self.held, self.part] for b in part.scratch])
         else:
-            if self.filled:
-                self._ship(self.part, self.filled)
+            if self.part.size:
+                self._ship(self.part)
             done = self.s3.results(self.pending)
             parts = [
                 {"PartNumber": n, "ETag": r["ETag"], **({"ChecksumCRC32C": crc} if crc else {})}
@@ -452,15 +511,13 @@ class MultipartSink(FileSink):
             )
             if self.creates > 1:  # a create whose reply was lost started an upload nobody knows
                 self._abort_uploads(keep=self.upload_id)
-        self.part = bytearray()
-        self.held = []
+        self._forget()
         self.store.fs.invalidate_cache(self.store.path)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.s3.cancel(self.pending)
-        self.part = bytearray()
-        self.held = []
+        self._forget()
         if self.upload_id is not None or self.creates:
             with contextlib.suppress(Exception):
                 self._abort_uploads(keep=None)
@@ -472,3 +529,10 @@ class MultipartSink(FileSink):
         for upload_id in ids:
             if upload_id is not None and upload_id != keep:
                 self.s3.abort_upload(self.bucket, self.key, upload_id, self.location)
+
+    def _forget(self) -> None:
+        """Drop every view of the writer's buffers (the tensors they keep alive) and the
+        finished uploads' requests."""
+        self.part = _Part(0)
+        self.held = []
+        self.pending = []
