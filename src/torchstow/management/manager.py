@@ -60,7 +60,8 @@ class CheckpointManager:
     None) by the save's coordinator alone: rank ``coordinator_rank`` (0 by
     default) of its ``process_group`` (``process_group`` here, or the one
     passed to ``save``; the world by default). A failed or interrupted save
-    prunes nothing.
+    prunes nothing; a pruning failure is logged as a warning by the
+    coordinator, never raised (the save committed on every rank).
 
     ``save`` of a step this manager already committed or restored saves
     nothing (it logs a warning and returns None), so a loop that resumes at
@@ -141,7 +142,6 @@ class CheckpointManager:
         self._newest: int | None = None  # the highest step this manager committed (pruning keeps it)
         self._done: set[int] = set()  # the steps this manager committed or restored (on every rank alike)
         self._pending: tuple[AsyncSave, threading.Event] | None = None
-        self._prune_error: BaseException | None = None
         self._lock = threading.Lock()
         if keep_last is not None or keep_every is not None:
             plan_prune([], keep_last=keep_last or 0, keep_every=keep_every)  # validates both
@@ -157,10 +157,14 @@ class CheckpointManager:
         return options
 
     def _committed(self, step: int, coordinator: bool) -> None:
-        """After ``step`` committed: note it, and prune on the coordinator."""
+        """After ``step`` committed: note it, and prune on the coordinator. A pruning failure
+        is a warning: the step committed on every rank, which go on alike (raised on the
+        coordinator alone, the others would wait for it in the next save)."""
         self._newest = step if self._newest is None else max(self._newest, step)
         self._done.add(step)
-        if coordinator and (self.keep_last is not None or self.keep_every is not None):
+        if not coordinator or (self.keep_last is None and self.keep_every is None):
+            return
+        try:
             with self._lock:
                 prune(
                     self.root,
@@ -168,6 +172,8 @@ class CheckpointManager:
                     keep_every=self.keep_every,
                     storage_options=self.storage_options,
                 )
+        except Exception as exc:
+            logger.warning("pruning %s after saving step %d failed: %s", self.root, step, exc)
 
     def _base(self, step: int, collective: Collective) -> str | None:
         """The URI of the checkpoint to save ``step`` against, or None (a full save): the
@@ -231,9 +237,6 @@ class CheckpointManager:
             try:
                 if done.exception() is None:
                     self._committed(step, coordinator)
-            except Exception as exc:
-                logger.warning("pruning %s after saving step %d failed: %s", self.root, step, exc)
-                self._prune_error = exc
             finally:
                 pruned.set()
 
@@ -253,9 +256,6 @@ class CheckpointManager:
                 save.result()
             finally:
                 pruned.wait()
-        error, self._prune_error = self._prune_error, None
-        if error is not None:
-            raise error
 
     def steps(self) -> list[int] | list[StepInfo]:
         """The steps of the committed checkpoints under ``root``, ascending; tiered, the
