@@ -19,6 +19,7 @@ from torchstow.format.compression import check_compression
 from torchstow.management.bases import choose_base
 from torchstow.management.catalog import list_checkpoints
 from torchstow.management.prune import plan_prune, prune
+from torchstow.management.steps import step_uri
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
 from torchstow.plugins.resolve import backend_at
 
@@ -148,7 +149,7 @@ class CheckpointManager:
 
     def uri(self, step: int) -> str:
         """Where the checkpoint of ``step`` lives."""
-        return f"{self.root}/step-{step}"
+        return step_uri(self.root, step)
 
     def _collective(self, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with this manager's process group unless they name one."""
