@@ -8,9 +8,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from torchstow.api import async_save, load, save
+from torchstow.api import async_save, collective_of, load, save
 from torchstow.checkpointing.async_save import AsyncSave
-from torchstow.compat.dcp_calls import without_collectives
 from torchstow.core.protocol.collective import Collective, make_collective
 from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
@@ -28,18 +27,6 @@ __all__ = ["CheckpointManager"]
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-def _collective_of(options: Mapping[str, Any]) -> Collective:
-    """The collective of the saves or loads that ``options`` (their keywords) describe: rank
-    ``coordinator_rank`` of their ``process_group`` (the world by default) coordinates."""
-    collective = make_collective(
-        options.get("process_group"),
-        options.get("coordinator_rank", 0),
-        options.get("no_dist"),
-        options.get("timeout"),
-    )
-    return without_collectives(collective, options.get("use_collectives", True))
 
 
 def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
@@ -220,7 +207,7 @@ class CheckpointManager:
         options = self._collective(
             {"storage_options": self.storage_options, "metadata": user_metadata, **save_options}
         )
-        collective = _collective_of(options)
+        collective = collective_of(options)
         coordinator = collective.is_coordinator
         if self.incremental and "base" not in options:
             options["base"] = self._base(step, collective)
@@ -305,7 +292,7 @@ class CheckpointManager:
             # The coordinator's listing decides: ranks whose listings differ (one lags, or
             # fails) would otherwise load different steps, or leave the others waiting.
             step = broadcast_from_coordinator(
-                _collective_of(options), "restore: newest step", self._listed_latest
+                collective_of(options), "restore: newest step", self._listed_latest
             )
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
