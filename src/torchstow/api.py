@@ -127,15 +127,30 @@ def _fail_everywhere(exc: Exception, collective: Collective, protocol: Callable[
 @dataclass(frozen=True)
 class _Distributed:
     """Where a collective call runs: the group, its coordinator, single-process or not,
-    and how long a rank waits for the others (the keywords every collective call takes)."""
+    and how long a rank waits for the others (the keywords every collective call takes),
+    and whether it may talk to them at all (DCP's ``use_collectives``, of saves)."""
 
     process_group: Any = None
     coordinator_rank: int = 0
     no_dist: bool | None = None
     timeout: Timeout | None = None
+    use_collectives: bool = True
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> _Distributed:
+        """The settings among a call's ``arguments`` (those it lacks take their defaults)."""
+        return cls(**{field.name: arguments[field.name] for field in fields(cls) if field.name in arguments})
 
     def collective(self) -> Collective:
-        return make_collective(self.process_group, self.coordinator_rank, self.no_dist, self.timeout)
+        collective = make_collective(self.process_group, self.coordinator_rank, self.no_dist, self.timeout)
+        return dcp_calls.without_collectives(collective, self.use_collectives)
+
+
+def collective_of(options: Mapping[str, Any]) -> Collective:
+    """The collective that :func:`save` or :func:`load` called with the keywords ``options``
+    runs in: rank ``coordinator_rank`` of their ``process_group`` (the world by default)
+    coordinates (for callers that pass keywords on, as the checkpoint manager does)."""
+    return _Distributed.of(options).collective()
 
 
 def _check_user_metadata(metadata: Any) -> dict[str, Any]:
@@ -299,8 +314,7 @@ def save(
     read only version 1); see docs/format.md.
     """
     settings = _SaveSettings.of(locals())
-    dist = _Distributed(process_group, coordinator_rank, no_dist, timeout)
-    collective = dcp_calls.without_collectives(dist.collective(), use_collectives)
+    collective = _Distributed.of(locals()).collective()
     try:
         job = settings.job(own_slot)
         plain = dcp_calls.StatefulView(state_dict).plain
@@ -348,7 +362,7 @@ def load(
     With ``read_once`` (the default), stored bytes several ranks need are read from
     storage by one of them and sent to the others over the process group.
     """
-    collective = _Distributed(process_group, coordinator_rank, no_dist, timeout).collective()
+    collective = _Distributed.of(locals()).collective()
     try:
         reader = dcp_calls.load_target(
             uri,

@@ -173,3 +173,35 @@ def save_in_subgroups(rank: int, world_size: int, root: str, steps: int) -> tupl
     expected = state(steps)
     restored = step == steps and all(torch.equal(target[k], v) for k, v in expected.items() if k != "step")
     return sorted(os.listdir(own)), len(pruned), restored and target["step"] == steps
+
+
+def save_while_pruning_fails(rank: int, world_size: int, root: str) -> tuple[list[int], int]:
+    """Three saves (keep_last=1), asynchronous, asynchronous, synchronous, while the
+    coordinator's pruning fails (deleting old steps raises ``OSError``), as a loop does,
+    each save under a 10 s timeout. The steps listed at the end, and how many warnings
+    about pruning this rank logged."""
+    import logging
+
+    from torchstow.management import manager as module
+
+    warned: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = warned.append  # type: ignore[method-assign]
+    log = logging.getLogger(module.__name__)
+    original = module.prune
+
+    def failing_prune(*args: Any, **kwargs: Any) -> list[str]:
+        raise PermissionError("deleting an old step was refused")
+
+    module.prune = failing_prune  # type: ignore[assignment]
+    log.addHandler(handler)
+    try:
+        with torchstow.CheckpointManager(root, keep_last=1) as manager:
+            for step in (1, 2, 3):
+                manager.save(step, _state(world_size, step), asynchronous=step < 3, timeout=10)
+            manager.wait()
+            listed = manager.steps()
+    finally:
+        module.prune = original  # type: ignore[assignment]
+        log.removeHandler(handler)
+    return list(listed), sum("pruning" in r.getMessage() for r in warned if r.levelno == logging.WARNING)

@@ -15,6 +15,7 @@ from manager_scenarios import (
     save_in_subgroups,
     save_steps,
     save_steps_and_prune,
+    save_while_pruning_fails,
 )
 
 import torchstow
@@ -42,6 +43,18 @@ def test_pruning_while_other_ranks_start_the_next_save_loses_nothing(
         assert torchstow.info(str(root / "step-5")).nbytes_written < 4096 * 4
         torchstow.delete(str(root / "step-4"))
         assert torch.equal(torchstow.read(str(root / "step-5"))["frozen"], torch.arange(4096.0))
+
+
+def test_a_pruning_failure_on_the_coordinator_is_a_warning_and_every_rank_saves_on(
+    pools: Any, tmp_path: Path
+) -> None:
+    """The coordinator's pruning fails after every save (asynchronous ones and a synchronous
+    one): each save committed, so the coordinator logs a warning and every rank goes on
+    saving (before: the coordinator raised the failure alone, from the next save after an
+    asynchronous one, from the save itself after a synchronous one, while the other rank went
+    into its next save and waited there until the timeout)."""
+    results = pools(2).run(save_while_pruning_fails, str(tmp_path / "run"))
+    assert results == [([1, 2, 3], 3), ([1, 2, 3], 0)]
 
 
 def test_managers_of_subgroups_prune_on_their_own_coordinators(pools: Any, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from torchstow.core.layout.incremental import base_problem
 from torchstow.core.protocol.collective import Collective
 from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
+from torchstow.management.steps import step_uri
 from torchstow.plugins.resolve import backend_at
 
 __all__ = ["choose_base"]
@@ -58,7 +59,7 @@ def _newest_intact(
     passed_over = False
     try:
         for candidate in _candidates(step, newest, listed):
-            uri = f"{root}/step-{candidate}"
+            uri = step_uri(root, candidate)
             problem = _problem_at(uri, storage_options)
             if problem is None:
                 return uri

@@ -8,9 +8,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from torchstow.api import async_save, load, save
+from torchstow.api import async_save, collective_of, load, save
 from torchstow.checkpointing.async_save import AsyncSave
-from torchstow.compat.dcp_calls import without_collectives
 from torchstow.core.protocol.collective import Collective, make_collective
 from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
@@ -19,6 +18,7 @@ from torchstow.format.compression import check_compression
 from torchstow.management.bases import choose_base
 from torchstow.management.catalog import list_checkpoints
 from torchstow.management.prune import plan_prune, prune
+from torchstow.management.steps import step_uri
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
 from torchstow.plugins.resolve import backend_at
 
@@ -27,18 +27,6 @@ __all__ = ["CheckpointManager"]
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-def _collective_of(options: Mapping[str, Any]) -> Collective:
-    """The collective of the saves or loads that ``options`` (their keywords) describe: rank
-    ``coordinator_rank`` of their ``process_group`` (the world by default) coordinates."""
-    collective = make_collective(
-        options.get("process_group"),
-        options.get("coordinator_rank", 0),
-        options.get("no_dist"),
-        options.get("timeout"),
-    )
-    return without_collectives(collective, options.get("use_collectives", True))
 
 
 def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
@@ -60,7 +48,8 @@ class CheckpointManager:
     None) by the save's coordinator alone: rank ``coordinator_rank`` (0 by
     default) of its ``process_group`` (``process_group`` here, or the one
     passed to ``save``; the world by default). A failed or interrupted save
-    prunes nothing.
+    prunes nothing; a pruning failure is logged as a warning by the
+    coordinator, never raised (the save committed on every rank).
 
     ``save`` of a step this manager already committed or restored saves
     nothing (it logs a warning and returns None), so a loop that resumes at
@@ -141,14 +130,13 @@ class CheckpointManager:
         self._newest: int | None = None  # the highest step this manager committed (pruning keeps it)
         self._done: set[int] = set()  # the steps this manager committed or restored (on every rank alike)
         self._pending: tuple[AsyncSave, threading.Event] | None = None
-        self._prune_error: BaseException | None = None
         self._lock = threading.Lock()
         if keep_last is not None or keep_every is not None:
             plan_prune([], keep_last=keep_last or 0, keep_every=keep_every)  # validates both
 
     def uri(self, step: int) -> str:
         """Where the checkpoint of ``step`` lives."""
-        return f"{self.root}/step-{step}"
+        return step_uri(self.root, step)
 
     def _collective(self, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with this manager's process group unless they name one."""
@@ -157,10 +145,14 @@ class CheckpointManager:
         return options
 
     def _committed(self, step: int, coordinator: bool) -> None:
-        """After ``step`` committed: note it, and prune on the coordinator."""
+        """After ``step`` committed: note it, and prune on the coordinator. A pruning failure
+        is a warning: the step committed on every rank, which go on alike (raised on the
+        coordinator alone, the others would wait for it in the next save)."""
         self._newest = step if self._newest is None else max(self._newest, step)
         self._done.add(step)
-        if coordinator and (self.keep_last is not None or self.keep_every is not None):
+        if not coordinator or (self.keep_last is None and self.keep_every is None):
+            return
+        try:
             with self._lock:
                 prune(
                     self.root,
@@ -168,6 +160,8 @@ class CheckpointManager:
                     keep_every=self.keep_every,
                     storage_options=self.storage_options,
                 )
+        except Exception as exc:
+            logger.warning("pruning %s after saving step %d failed: %s", self.root, step, exc)
 
     def _base(self, step: int, collective: Collective) -> str | None:
         """The URI of the checkpoint to save ``step`` against, or None (a full save): the
@@ -213,7 +207,7 @@ class CheckpointManager:
         options = self._collective(
             {"storage_options": self.storage_options, "metadata": user_metadata, **save_options}
         )
-        collective = _collective_of(options)
+        collective = collective_of(options)
         coordinator = collective.is_coordinator
         if self.incremental and "base" not in options:
             options["base"] = self._base(step, collective)
@@ -231,9 +225,6 @@ class CheckpointManager:
             try:
                 if done.exception() is None:
                     self._committed(step, coordinator)
-            except Exception as exc:
-                logger.warning("pruning %s after saving step %d failed: %s", self.root, step, exc)
-                self._prune_error = exc
             finally:
                 pruned.set()
 
@@ -253,9 +244,6 @@ class CheckpointManager:
                 save.result()
             finally:
                 pruned.wait()
-        error, self._prune_error = self._prune_error, None
-        if error is not None:
-            raise error
 
     def steps(self) -> list[int] | list[StepInfo]:
         """The steps of the committed checkpoints under ``root``, ascending; tiered, the
@@ -304,7 +292,7 @@ class CheckpointManager:
             # The coordinator's listing decides: ranks whose listings differ (one lags, or
             # fails) would otherwise load different steps, or leave the others waiting.
             step = broadcast_from_coordinator(
-                _collective_of(options), "restore: newest step", self._listed_latest
+                collective_of(options), "restore: newest step", self._listed_latest
             )
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")

@@ -1,4 +1,5 @@
-"""The step of a checkpoint: its user metadata ``step``, else the number its name ends with."""
+"""The step of a checkpoint: its user metadata ``step``, else the number its name ends with;
+and where a manager keeps a step (:func:`step_uri`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["step_of"]
+__all__ = ["step_of", "step_uri"]
 
 # A trailing number counts when it is the whole name or follows a separator
 # (step-100, checkpoint_100, iter.7) or a word that says what it counts
@@ -15,6 +16,11 @@ __all__ = ["step_of"]
 _TRAILING_STEP = re.compile(
     r"^(?:.*?(?:[-_.=:]|step|steps|iter|iteration|ckpt|checkpoint|epoch))?(\d+)$", re.IGNORECASE
 )
+
+
+def step_uri(root: str, step: int) -> str:
+    """Where a manager keeps the checkpoint of ``step`` under ``root``: ``<root>/step-<step>``."""
+    return f"{root}/step-{step}"
 
 
 def step_of(uri: str, user_metadata: Mapping[str, Any] | None = None) -> int | None:

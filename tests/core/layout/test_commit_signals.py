@@ -185,3 +185,25 @@ def test_a_later_save_is_never_replaced_by_an_interrupted_publish_still_running(
     interrupted[0].join()
     assert peek_manifest((Path(uri) / MANIFEST).read_bytes()).save_id == later.save_id
     assert torch.equal(torchstow.read(uri)["w"], torch.full((64,), 2.0))
+
+
+def test_a_save_commits_where_python_refuses_the_publish_its_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the main thread the manifest is published from a thread of its own; Python 3.12+
+    refuses to start threads at interpreter shutdown (a save from an atexit handler), with
+    the RuntimeError simulated here. The save must commit as it did before that thread
+    (before: the refusal failed it, the commit's outcome unknown)."""
+    original = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "torchstow-commit":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    uri = str(tmp_path / "at-exit")
+    result = torchstow.save({"w": torch.arange(64.0)}, uri)
+    torchstow.save({"w": torch.ones(64)}, uri, overwrite=True)  # and a later one to the same place
+    assert result.save_id is not None
+    assert torch.equal(torchstow.read(uri)["w"], torch.ones(64))

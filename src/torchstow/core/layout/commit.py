@@ -215,38 +215,49 @@ def _store_call(location: str, fn: Callable[[], None]) -> BaseException | None:
     What this raises instead is not the store's: on the main thread, where Python runs
     signal handlers, ``fn`` runs on a thread of its own while this one waits, so an
     exception a handler raises meanwhile propagates from the wait, the store's call
-    going on (as an upload on another thread would anyway). A later call at the same
-    location first waits for such a call to end, so that an interrupted save's manifest
-    never lands over a later save's.
+    going on (as an upload on another thread would anyway). Where Python refuses to
+    start a thread (3.12+ at interpreter shutdown), ``fn`` runs on this thread, as off
+    the main thread. A later call at the same location first waits for an interrupted
+    call to end, so that an interrupted save's manifest never lands over a later save's.
     """
     earlier = _unfinished.get(location)
     if earlier is not None:
         _wait(earlier)
         _unfinished.pop(location, None)
     if threading.current_thread() is not threading.main_thread():
-        try:
-            fn()
-        except BaseException as exc:
-            return exc
-        return None
+        return _outcome(fn)
     raised: list[BaseException | None] = []
+    claim = threading.Lock()  # whoever holds it runs fn: the worker, or this thread
 
     def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:
-            raised.append(exc)
-        else:
-            raised.append(None)
+        if not claim.acquire(blocking=False):
+            return  # the start raised, and the caller ran fn itself
+        raised.append(_outcome(fn))
 
     worker = threading.Thread(target=run, name="torchstow-commit", daemon=True)
     try:
-        worker.start()  # a handler may raise here too, the store's call begun
+        try:
+            worker.start()  # a handler may raise here too, the store's call begun
+        except RuntimeError:
+            # Python refused the thread (3.12+ at interpreter shutdown, as from an atexit
+            # handler; or no thread left): the store's call, not begun, runs here.
+            if claim.acquire(blocking=False):
+                return _outcome(fn)
+            raise
         _wait(worker)
     except BaseException:
         _unfinished[location] = worker
         raise
     return raised[0]
+
+
+def _outcome(fn: Callable[[], None]) -> BaseException | None:
+    """Call ``fn``: the exception it raised, or None."""
+    try:
+        fn()
+    except BaseException as exc:
+        return exc
+    return None
 
 
 def _publish(

@@ -14,7 +14,7 @@ from torchstow.core.storage.backend import StoreBackend
 from torchstow.format.codec import decode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
-from torchstow.management.steps import step_of
+from torchstow.management.steps import step_of, step_uri
 
 __all__ = ["Choice", "Held", "complete_steps", "fast_steps", "inventory"]
 
@@ -54,7 +54,7 @@ def inventory(backend: StoreBackend, fast: str) -> dict[int, Held]:
     """What the fast tier ``fast`` holds, by step: its manifest (if committed) and data files."""
     held = {}
     for step in fast_steps(backend, fast):
-        store = backend.open_store(f"{fast}/step-{step}")
+        store = backend.open_store(step_uri(fast, step))
         sizes = store.file_sizes()
         if sizes is None:
             sizes = {name: len(store.read_file(name)) for name in store.list_files()}

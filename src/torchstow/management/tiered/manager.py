@@ -66,6 +66,7 @@ from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
 from torchstow.management.bases import choose_base
 from torchstow.management.datafiles import FileSpans, scan_file, spans_by_file
+from torchstow.management.steps import step_uri
 from torchstow.management.tiered.handle import StepInfo, TieredSave
 from torchstow.management.tiered.holdings import Choice, Held, complete_steps, fast_steps, inventory
 from torchstow.management.tiered.nodes import Topology, expand_node, node_index
@@ -259,11 +260,11 @@ class TieredManager:
 
     def uri(self, step: int) -> str:
         """The durable checkpoint of ``step``."""
-        return f"{self.root}/step-{step}"
+        return step_uri(self.root, step)
 
     def fast_uri(self, step: int) -> str:
         """This node's fast-tier checkpoint of ``step``."""
-        return f"{self.fast}/step-{step}"
+        return step_uri(self.fast, step)
 
     def _fast_store(self, step: int) -> ByteStore:
         return self._fast_backend.open_store(self.fast_uri(step))
