@@ -345,15 +345,16 @@ class LocalFileStore(ByteStore):
             return f.read()
 
     def file_sizes(self) -> dict[str, int]:
+        sizes = {}
         try:
             with os.scandir(self.path) as entries:
-                return {
-                    e.name: e.stat(follow_symlinks=False).st_size
-                    for e in entries
-                    if e.is_file(follow_symlinks=False)
-                }
+                for e in entries:
+                    if e.is_file(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError):  # removed since the listing
+                            sizes[e.name] = e.stat(follow_symlinks=False).st_size
         except (FileNotFoundError, NotADirectoryError):
             return {}
+        return sizes
 
     def ensure_capacity(self, nbytes: int) -> None:
         free = free_bytes(self.path)

@@ -1,6 +1,7 @@
 """No cleanup removes a file that another writer's manifest lists, committed or about to be:
 the loser of two racing incremental saves to one name, and copy's housekeeping after
-its commit next to a save in flight."""
+its commit next to a save in flight. A file that another process removes while the
+directory is listed is not taken for the checkpoint's own files missing."""
 
 from __future__ import annotations
 
@@ -137,3 +138,46 @@ def test_an_incremental_overwrite_whose_shared_files_were_removed_meanwhile_comm
     _assert_loads(uri, _state(3))
     listed = set(json.loads((uri / "manifest.json").read_text())["files"])
     assert {f for f in os.listdir(uri) if f.startswith("data-")} == listed  # the failed save's are gone
+
+
+def _a_file_vanishes_in_every_listing(monkeypatch: pytest.MonkeyPatch, directory: Path) -> list[str]:
+    """Each listing of ``directory`` names a file that is gone by the time its entries are
+    looked at, as when another rank's checkpointer takes its message (or a manifest's
+    temporary file is renamed) meanwhile; the names it removed."""
+    real = os.scandir
+    removed: list[str] = []
+
+    class Listing:
+        def __init__(self, path: Any) -> None:
+            stray = directory / ".torchstow-exchange-w1-3-0-1"
+            stray.write_bytes(b"message")
+            with real(path) as entries:
+                self.entries = list(entries)
+            stray.unlink()
+            removed.append(stray.name)
+
+        def __enter__(self) -> Any:
+            return iter(self.entries)
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def scandir(path: Any = ".") -> Any:
+        return Listing(path) if Path(path) == directory else real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return removed
+
+
+def test_a_file_removed_while_the_directory_is_listed_is_no_missing_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks of a checkpointer remove their messages next to the data while another rank
+    loads: the load still finds every data file there, and so does a commit's check."""
+    uri = tmp_path / "ckpt"
+    torchstow.save(_state(1), str(uri))
+    removed = _a_file_vanishes_in_every_listing(monkeypatch, uri)
+    _assert_loads(uri, _state(1))  # it read a data file "missing, though the committed manifest lists it"
+    torchstow.save(_state(2), str(uri), overwrite=True)  # it committed nothing: "removed while in flight"
+    _assert_loads(uri, _state(2))
+    assert removed  # the listings did meet a vanishing file
