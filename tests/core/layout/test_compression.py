@@ -183,7 +183,7 @@ def test_byte_planes_of_an_object_are_refused(tmp_path: Path) -> None:
         torchstow.read(str(path))
 
 
-@pytest.mark.parametrize(("key", "shape"), [("bf16", [128, 63]), ("int64", [4097])])
+@pytest.mark.parametrize(("key", "shape"), [("bf16", [128, 63]), ("int64", [4097]), ("int64", [0])])
 def test_a_chunk_decompressing_to_another_size_is_corrupt(tmp_path: Path, key: str, shape: list[int]) -> None:
     """The manifest's shape (so the raw size) disagrees with what the stored bytes hold."""
     path = tmp_path / "c"

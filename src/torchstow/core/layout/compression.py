@@ -221,14 +221,14 @@ def _whole_frames(frames: memoryview) -> None:
     by walking the frames' block headers (when zstandard's cffi binding loads)."""
     if _lib is None:
         return
-    start = _ffi.from_buffer(frames)
-    at = 0
-    while at < len(frames):
-        size = _lib.ZSTD_findFrameCompressedSize(start + at, len(frames) - at)
-        if _lib.ZSTD_isError(size):
-            name = _ffi.string(_lib.ZSTD_getErrorName(size)).decode()
-            raise CorruptCheckpointError(f"does not decompress (byte {at}: {name})")
-        at += size
+    with _ffi.from_buffer(frames) as start:  # let go before an error leaves (see _unzstd_into)
+        at = 0
+        while at < len(frames):
+            size = _lib.ZSTD_findFrameCompressedSize(start + at, len(frames) - at)
+            if _lib.ZSTD_isError(size):
+                name = _ffi.string(_lib.ZSTD_getErrorName(size)).decode()
+                raise CorruptCheckpointError(f"does not decompress (byte {at}: {name})")
+            at += size
 
 
 def _dctx() -> object:
@@ -253,8 +253,15 @@ def _unzstd_into(frame: memoryview, out: memoryview) -> None:
         _read_exactly(reader, out)
         _check_ended(reader, len(out))
         return
+    # The buffers are handed over as temporaries, let go when the call returns: one held by a
+    # local would stay exported from the traceback of the error raised below, and the garbage
+    # collector, clearing its memoryview first, then frees that memoryview's buffer twice.
     size = _lib.ZSTD_decompressDCtx(
-        _dctx(), _ffi.from_buffer(out, require_writable=True), len(out), _ffi.from_buffer(frame), len(frame)
+        _dctx(),
+        _ffi.from_buffer(out, require_writable=True) if len(out) else _ffi.NULL,  # b"" is read-only
+        len(out),
+        _ffi.from_buffer(frame),
+        len(frame),
     )
     if _lib.ZSTD_isError(size):
         name = _ffi.string(_lib.ZSTD_getErrorName(size)).decode()
