@@ -16,7 +16,10 @@ save and load seconds, and the ratios DCP-with-ZStandard / torchstow (best DCP v
 targets ratio <= DCP's (as stored/raw), save and load >= 3x. Every load is checked bit for bit.
 Then the codecs alone, without files: the CPU seconds, on one thread, of compressing and
 decompressing every tensor's bytes with torchstow's codec and with DCP's ``ZStandard``
-stream transform (what its writer and reader run per item), the best of the rounds.
+stream transform (what its writer and reader run per item), the best of the rounds; and
+the wall seconds of the same with the tensors dealt to as many threads as torchstow's
+writer and reader use (2 on 2 cores), against DCP's compression on 1 thread and on that
+many (its writer's ``thread_count``) and its decompression on 1 (its reader has one).
 """
 
 from __future__ import annotations
@@ -136,22 +139,21 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(_flat(t).numpy())
 
 
-def _codec_seconds(tensors: list[torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
-    """Best CPU seconds (one thread) to compress, then decompress, every tensor's bytes with
-    torchstow's codec and with DCP's ZStandard stream transform, after an untimed round.
-    Both decompress into preallocated tensors (as a load into a preallocated state dict
-    does); each round is checked bit for bit after it is timed."""
+def _codecs(
+    tensors: list[torch.Tensor], outs: list[torch.Tensor]
+) -> dict[str, tuple[Callable[[list[int]], list[Any]], Callable[[list[int], list[Any]], None]]]:
+    """Per contender: compress the tensors of some indices (their stored bytes, in order), and
+    decompress such stored bytes into the preallocated ``outs`` of those indices."""
     from torch.distributed.checkpoint._extension import ZStandard
 
     from torchstow.core.layout.compression import compress, decompress_into
 
-    outs = [torch.empty_like(t) for t in tensors]
+    def ours_compress(idx: list[int]) -> list[Any]:
+        return [compress(_raw(tensors[i]), tensors[i].dtype) for i in idx]
 
-    def ours_compress() -> list[Any]:
-        return [compress(_raw(t), t.dtype) for t in tensors]
-
-    def ours_decompress(stored: list[Any]) -> None:
-        for t, out, item in zip(tensors, outs, stored, strict=True):
+    def ours_decompress(idx: list[int], stored: list[Any]) -> None:
+        for i, item in zip(idx, stored, strict=True):
+            t, out = tensors[i], outs[i]
             if item is None:
                 _flat(out).copy_(_flat(t))
                 continue
@@ -159,51 +161,121 @@ def _codec_seconds(tensors: list[torch.Tensor], repeats: int) -> dict[str, dict[
             raw = memoryview(data) if isinstance(data, bytes) else memoryview(data.numpy())
             decompress_into(raw, codec, t.dtype, out)
 
-    def dcp_compress() -> list[bytes]:
+    def dcp_compress(idx: list[int]) -> list[bytes]:
         frames = []
-        for t in tensors:
+        for i in idx:
             sink = io.BytesIO()
             stream = ZStandard().transform_to(sink)
-            stream.write(_raw(t))
+            stream.write(_raw(tensors[i]))
             stream.flush(zstandard.FLUSH_FRAME)
             frames.append(sink.getvalue())
         return frames
 
-    def dcp_decompress(frames: list[bytes]) -> None:
-        for out, frame in zip(outs, frames, strict=True):
-            view, got = _raw(out), 0
+    def dcp_decompress(idx: list[int], frames: list[bytes]) -> None:
+        for i, frame in zip(idx, frames, strict=True):
+            view, got = _raw(outs[i]), 0
             stream = ZStandard().transform_from(io.BytesIO(frame))
             while got < len(view):
                 got += stream.readinto(view[got:]) or len(view)  # a stream that ends short fails below
 
+    return {"torchstow": (ours_compress, ours_decompress), "DCP": (dcp_compress, dcp_decompress)}
+
+
+def _check(tensors: list[torch.Tensor], outs: list[torch.Tensor], name: str) -> None:
+    for t, out in zip(tensors, outs, strict=True):
+        assert torch.equal(_flat(out), _flat(t)), name
+
+
+def _codec_seconds(tensors: list[torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
+    """Best CPU seconds (one thread) to compress, then decompress, every tensor's bytes with
+    torchstow's codec and with DCP's ZStandard stream transform, after an untimed round.
+    Both decompress into preallocated tensors (as a load into a preallocated state dict
+    does); each round is checked bit for bit after it is timed."""
+    outs = [torch.empty_like(t) for t in tensors]
+    codecs = _codecs(tensors, outs)
+    every = list(range(len(tensors)))
     best: dict[str, dict[str, float]] = {
-        name: {"compress": float("inf"), "decompress": float("inf")} for name in ("torchstow", "DCP")
+        name: {"compress": float("inf"), "decompress": float("inf")} for name in codecs
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for round_ in range(repeats + 1):  # round 0 warms up, untimed
-            for name, squeeze, unsqueeze in (
-                ("torchstow", ours_compress, ours_decompress),
-                ("DCP", dcp_compress, dcp_decompress),
-            ):
+            for name, (squeeze, unsqueeze) in codecs.items():
                 for out in outs:
                     out.zero_()
                 start = time.process_time()
-                stored = squeeze()
+                stored = squeeze(every)
                 middle = time.process_time()
-                unsqueeze(stored)  # type: ignore[arg-type]
+                unsqueeze(every, stored)
                 end = time.process_time()
                 # Freed before the next compressor runs, so that each finds the memory the
                 # last one left (else one pays page faults for fresh memory, at random).
                 del stored
-                for t, out in zip(tensors, outs, strict=True):
-                    assert torch.equal(_flat(out), _flat(t)), name
+                _check(tensors, outs, name)
                 if round_:
                     best[name]["compress"] = min(best[name]["compress"], middle - start)
                     best[name]["decompress"] = min(best[name]["decompress"], end - middle)
     finally:
         torch.set_num_threads(threads)
+    return best
+
+
+def _shares(tensors: list[torch.Tensor], threads: int) -> list[list[int]]:
+    """The tensors' indices dealt to ``threads`` threads, about as many bytes to each (largest first)."""
+    shares: list[list[int]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for i in sorted(range(len(tensors)), key=lambda i: -tensors[i].nbytes):
+        least = loads.index(min(loads))
+        shares[least].append(i)
+        loads[least] += tensors[i].nbytes
+    return shares
+
+
+def _codec_wall(tensors: list[torch.Tensor], repeats: int, threads: int) -> dict[str, dict[str, float]]:
+    """Best wall seconds to compress, then decompress, every tensor's bytes, the tensors dealt
+    to ``threads`` threads (each compressing or decompressing its share in turn, as a writer's
+    or reader's threads do; torch itself on one thread), for each codec; DCP's decompression
+    also on one thread, as its FileSystemReader runs it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    outs = [torch.empty_like(t) for t in tensors]
+    codecs = _codecs(tensors, outs)
+    runs = {
+        f"torchstow {threads} thr": ("torchstow", threads, threads),
+        f"DCP {threads} thr compress, 1 thr decompress": ("DCP", threads, 1),
+        "DCP 1 thr": ("DCP", 1, 1),
+    }
+    best = {name: {"compress": float("inf"), "decompress": float("inf")} for name in runs}
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for round_ in range(repeats + 1):  # round 0 warms up, untimed
+                for name, (codec, squeezers, unsqueezers) in runs.items():
+                    squeeze, unsqueeze = codecs[codec]
+                    for out in outs:
+                        out.zero_()
+                    shares = _shares(tensors, squeezers)
+                    start = time.perf_counter()
+                    made = list(pool.map(squeeze, shares))
+                    squeezed = time.perf_counter() - start
+                    stored: dict[int, Any] = {}  # the stored bytes by tensor, dealt anew
+                    for share, items in zip(shares, made, strict=True):
+                        stored.update(zip(share, items, strict=True))
+                    del made
+                    shares = _shares(tensors, unsqueezers)
+                    dealt = [[stored[i] for i in share] for share in shares]
+                    start = time.perf_counter()
+                    list(pool.map(unsqueeze, shares, dealt))
+                    unsqueezed = time.perf_counter() - start
+                    del stored, dealt
+                    _check(tensors, outs, name)
+                    if round_:
+                        best[name]["compress"] = min(best[name]["compress"], squeezed)
+                        best[name]["decompress"] = min(best[name]["decompress"], unsqueezed)
+    finally:
+        torch.set_num_threads(torch_threads)
     return best
 
 
@@ -281,10 +353,26 @@ def main(root: str, repeats: int, report: Report) -> None:
             flush=True,
         )
         report.ratios[f"zstd {op} CPU (codec alone) vs DCP ZStandard"] = codec_ratios[op]
+    walls = _codec_wall(_tensors(state), max(repeats, 1), threads)
+    ours_name = f"torchstow {threads} thr"
+    wall_ratios = {}
+    for op in ("compress", "decompress"):
+        ours_s = walls[ours_name][op]
+        shown = ", ".join(f"{name} {value[op]:.3f} s" for name, value in walls.items() if name != ours_name)
+        theirs_s = min(value[op] for name, value in walls.items() if name != ours_name)
+        wall_ratios[op] = theirs_s / ours_s
+        print(
+            f"  codec alone, wall, {op}: {ours_name} {ours_s:.3f} s; {shown}: "
+            f"{wall_ratios[op]:.2f}x the better DCP (target >= 3x)",
+            flush=True,
+        )
+        report.ratios[f"zstd {op} wall (codec alone, {threads} threads) vs DCP ZStandard"] = wall_ratios[op]
     report.details["compression"] = {
         "stored_over_raw": ratios,
         "speed_ratios_by_best_time": best_ratios,
         "codec_cpu_seconds": codecs,
         "codec_speed_ratios": codec_ratios,
+        "codec_wall_seconds": walls,
+        "codec_wall_ratios": wall_ratios,
         "loadavg": _loadavg(),
     }

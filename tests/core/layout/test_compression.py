@@ -183,7 +183,7 @@ def test_byte_planes_of_an_object_are_refused(tmp_path: Path) -> None:
         torchstow.read(str(path))
 
 
-@pytest.mark.parametrize(("key", "shape"), [("bf16", [128, 63]), ("int64", [4097])])
+@pytest.mark.parametrize(("key", "shape"), [("bf16", [128, 63]), ("int64", [4097]), ("int64", [0])])
 def test_a_chunk_decompressing_to_another_size_is_corrupt(tmp_path: Path, key: str, shape: list[int]) -> None:
     """The manifest's shape (so the raw size) disagrees with what the stored bytes hold."""
     path = tmp_path / "c"
@@ -207,7 +207,7 @@ def test_hostile_plane_lengths_are_corrupt() -> None:
         decompress_into(memoryview(bytearray(stored)), codec, torch.float32, torch.empty(1099))
 
 
-def test_a_garbled_frame_is_corrupt_and_the_next_chunk_still_decodes() -> None:
+def test_a_garbled_frame_is_corrupt_and_the_next_chunk_still_decodes(plane_compressor: str) -> None:
     """A frame that does not decode (past the checksums, as a hostile writer could make one)
     is a CorruptCheckpointError, and this thread's decompressor decodes the next chunk."""
     data = _weights((1100,), torch.float32, 2)
@@ -434,8 +434,9 @@ def test_byte_planes_decode_by_the_letter_of_the_format(dtype: torch.dtype, shap
 
 @pytest.fixture(params=["libzstd", "zstandard"])
 def plane_compressor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Byte planes compressed through zstandard's cffi binding of libzstd (where the cffi
-    package is installed) or through zstandard's own API (where it is not)."""
+    """Byte planes compressed, and whole frames decoded (by one libzstd call), through
+    zstandard's cffi binding of libzstd where the cffi package is installed, or through
+    zstandard's own API (frames streamed) where it is not."""
     from torchstow.core.layout import compression
 
     if request.param == "libzstd":
@@ -526,7 +527,7 @@ def test_a_chunk_of_several_pieces_round_trips(dtype: torch.dtype) -> None:
 
 
 def test_a_plane_frame_ending_early_or_late_is_corrupt_and_the_next_chunk_decodes(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, plane_compressor: str
 ) -> None:
     """A frame of a plane that holds too few or too many bytes, or is cut or followed by junk
     (past the checksums, as a hostile writer could make them), is a CorruptCheckpointError

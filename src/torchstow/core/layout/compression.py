@@ -43,6 +43,9 @@ __all__ = ["compress", "decompress_bytes", "decompress_into", "planes_codec"]
 
 _LEVEL = 1
 _SAMPLE = 16 << 10
+# A byte plane is judged from fewer bytes: what decides is how often each byte value comes,
+# which 4 KiB show as well as 16 (the same planes shrink on the demo state, 3% less CPU).
+_PLANE_SAMPLE = 4 << 10
 _KEEP = 0.97  # a plane (or item) whose sample shrinks to more than this is stored as it is
 # A smaller tensor is one zstd frame: k planes (k frames, k lengths) cost more CPU than they
 # save bytes on it (a bias or a norm's weight, an optimizer's step counter).
@@ -62,10 +65,11 @@ _Frame = Callable[[memoryview, int], "bytes | memoryview | None"]
 class _LibzstdPlanes:
     """Byte planes compressed by libzstd through zstandard's cffi binding, which reaches a
     setting zstandard's own API does not: Huffman-coded literals together with the fast
-    strategy's acceleration (target length 64; by itself the acceleration stores literals
-    raw). Exponent bytes are mostly literals of few values: this compresses them about 1.5x
-    faster, into about 2% more bytes, and their frames decompress faster too. The frames are
-    ordinary zstd frames; any zstd reads them."""
+    strategy's acceleration (by itself the acceleration stores literals raw). Exponent bytes
+    are mostly literals of few values: this compresses them about 1.5x faster, into about 2%
+    more bytes, and their frames decompress faster too. Target length 4096 (the acceleration
+    skips far ahead after a miss) finds almost no match in them: 5% faster both ways than 64,
+    for 0.3% more bytes of the plane. The frames are ordinary zstd frames; any zstd reads them."""
 
     def __init__(self) -> None:
         assert _ffi is not None and _lib is not None
@@ -75,7 +79,7 @@ class _LibzstdPlanes:
             "ZSTD_c_minMatch": _PLANE_PARAMETERS["min_match"],
             "ZSTD_c_hashLog": _PLANE_PARAMETERS["hash_log"],
             "ZSTD_c_windowLog": _PLANE_PARAMETERS["window_log"],
-            "ZSTD_c_targetLength": 64,
+            "ZSTD_c_targetLength": 4096,
             "ZSTD_c_literalCompressionMode": _lib.ZSTD_ps_enable,
         }
         for name, value in settings.items():
@@ -127,7 +131,8 @@ def planes_codec(dtype: torch.dtype | None) -> bool:
 def _squeeze(data: memoryview, planes: bool = False) -> bytes | memoryview | None:
     """``data`` as one zstd frame if that is shorter (and its sample shrinks enough), else None."""
     frame = _compressor(planes)
-    if len(data) > _SAMPLE and frame(data[:_SAMPLE], int(_KEEP * _SAMPLE) + 1) is None:
+    sample = _PLANE_SAMPLE if planes else _SAMPLE
+    if len(data) > sample and frame(data[:sample], int(_KEEP * sample) + 1) is None:
         return None
     return frame(data, len(data))
 
@@ -216,22 +221,53 @@ def _whole_frames(frames: memoryview) -> None:
     by walking the frames' block headers (when zstandard's cffi binding loads)."""
     if _lib is None:
         return
-    start = _ffi.from_buffer(frames)
-    at = 0
-    while at < len(frames):
-        size = _lib.ZSTD_findFrameCompressedSize(start + at, len(frames) - at)
-        if _lib.ZSTD_isError(size):
-            name = _ffi.string(_lib.ZSTD_getErrorName(size)).decode()
-            raise CorruptCheckpointError(f"does not decompress (byte {at}: {name})")
-        at += size
+    with _ffi.from_buffer(frames) as start:  # let go before an error leaves (see _unzstd_into)
+        at = 0
+        while at < len(frames):
+            size = _lib.ZSTD_findFrameCompressedSize(start + at, len(frames) - at)
+            if _lib.ZSTD_isError(size):
+                name = _ffi.string(_lib.ZSTD_getErrorName(size)).decode()
+                raise CorruptCheckpointError(f"does not decompress (byte {at}: {name})")
+            at += size
+
+
+def _dctx() -> object:
+    """This thread's libzstd decompression context (through zstandard's cffi binding)."""
+    assert _ffi is not None and _lib is not None
+    found = getattr(_local, "dctx", None)
+    if found is None:
+        found = _local.dctx = _ffi.gc(_lib.ZSTD_createDCtx(), _lib.ZSTD_freeDCtx)
+    return found
 
 
 def _unzstd_into(frame: memoryview, out: memoryview) -> None:
-    """Decompress one zstd ``frame`` into exactly ``out``; CorruptCheckpointError otherwise."""
-    _whole_frames(frame)
-    reader = _decompressor().stream_reader(frame, read_across_frames=True)
-    _read_exactly(reader, out)
-    _check_ended(reader, len(out))
+    """Decompress zstd ``frame`` (frames back to back) into exactly ``out``;
+    CorruptCheckpointError otherwise.
+
+    Through the cffi binding, one call of libzstd decodes it all straight into ``out``: it
+    writes nothing past ``out``, and refuses bytes that are not whole frames (junk after the
+    last frame, however short, included)."""
+    if _lib is None:
+        _whole_frames(frame)
+        reader = _decompressor().stream_reader(frame, read_across_frames=True)
+        _read_exactly(reader, out)
+        _check_ended(reader, len(out))
+        return
+    # The buffers are handed over as temporaries, let go when the call returns: one held by a
+    # local would stay exported from the traceback of the error raised below, and the garbage
+    # collector, clearing its memoryview first, then frees that memoryview's buffer twice.
+    size = _lib.ZSTD_decompressDCtx(
+        _dctx(),
+        _ffi.from_buffer(out, require_writable=True) if len(out) else _ffi.NULL,  # b"" is read-only
+        len(out),
+        _ffi.from_buffer(frame),
+        len(frame),
+    )
+    if _lib.ZSTD_isError(size):
+        name = _ffi.string(_lib.ZSTD_getErrorName(size)).decode()
+        raise CorruptCheckpointError(f"does not decompress into its {len(out)} bytes ({name})")
+    if size != len(out):
+        raise CorruptCheckpointError(f"decompresses to {size} bytes, fewer than the {len(out)} expected")
 
 
 def _read_exactly(reader: zstandard.ZstdDecompressionReader, out: memoryview) -> None:
