@@ -27,7 +27,7 @@ from torchstow.format.validation import check_extents, missing_file_error
 
 __all__ = ["LayoutReader", "raise_if_missing", "require_data"]
 
-_BATCH_BYTES = 32 << 20
+_BATCH_BYTES = 64 << 20  # 32 MiB: 2 to 4 ms more CPU per GiB loaded (more jobs handed over)
 _BATCH_ITEMS = 1024
 
 #: Reader threads kept from load to load, at most (started as loads ask for them); a load
