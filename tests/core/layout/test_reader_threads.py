@@ -1,5 +1,6 @@
 """The layout reader's threads: kept from load to load (and started afresh in a forked
-child), and a failed read stops the others before the load raises."""
+child), at most a bounded number of them, and a failed read stops the others before the
+load raises."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 import torchstow
 from torchstow.backends.filesystem import LocalFileStore
+from torchstow.core.layout import reader as reader_module
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.storage.forwarding import ForwardingByteStore
 from torchstow.testing._fork import can_fork, run_forked
@@ -31,11 +33,12 @@ def _state(value: float | None) -> dict[str, torch.Tensor]:
 
 
 class MeetingStore(ForwardingByteStore):
-    """Each read waits until reads have begun on two threads at once (the names of the
-    threads that read are kept)."""
+    """Each read waits until reads have begun on ``threads`` threads at once (the names of
+    the threads that read are kept)."""
 
-    def __init__(self, inner: LocalFileStore) -> None:
+    def __init__(self, inner: LocalFileStore, threads: int = 2) -> None:
         super().__init__(inner)
+        self.threads = threads
         self.readers: list[str] = []
         self.lock = threading.Lock()
         self.met = threading.Event()
@@ -45,10 +48,10 @@ class MeetingStore(ForwardingByteStore):
     ) -> None:
         with self.lock:
             self.readers.append(threading.current_thread().name)
-            if len(set(self.readers)) >= 2:
+            if len(set(self.readers)) >= self.threads:
                 self.met.set()
         if not self.met.wait(PATIENCE):
-            raise TimeoutError("no second thread read beside this one")
+            raise TimeoutError(f"fewer than {self.threads} threads read at once")
         super().read_in_order(name, requests, landed)
 
 
@@ -90,6 +93,25 @@ def test_a_child_forked_after_a_load_reads_on_two_threads(ckpt: str) -> None:
     _load_meeting(ckpt)  # the parent's reader threads exist; a child has none of them
     readers = run_forked(lambda: _load_meeting(ckpt).readers, timeout=60)
     assert len(set(readers)) == 2
+
+
+def test_a_load_on_more_threads_than_are_kept_reads_on_all_and_keeps_no_more(tmp_path: Any) -> None:
+    kept = reader_module._KEPT_READERS
+    threads = kept + 2
+    path = str(tmp_path / "ckpt")
+    state = {f"t{i}": torch.from_numpy(np.full(1 << 18, float(i), dtype=np.float32)) for i in range(threads)}
+    torchstow.save(state, path, storage_options={"thread_count": 1})  # 1 MiB items: a read job each
+    store = MeetingStore(LocalFileStore(path, path), threads)
+    target = {key: torch.from_numpy(np.zeros(1 << 18, dtype=np.float32)) for key in state}
+    torchstow.load(target, storage_reader=LayoutReader(store, thread_count=threads))
+    assert len(set(store.readers)) == threads
+    for key, value in state.items():
+        assert np.array_equal(target[key].numpy(), value.numpy()), key
+    for thread in threading.enumerate():
+        if thread.name.startswith("torchstow-read-extra"):
+            thread.join(PATIENCE)  # the ones started for the load end with it
+    alive = [t for t in threading.enumerate() if t.name.startswith("torchstow-read")]
+    assert len(alive) <= kept
 
 
 class FailingStore(ForwardingByteStore):

@@ -27,10 +27,12 @@ from torchstow.format.validation import check_extents, missing_file_error
 
 __all__ = ["LayoutReader", "raise_if_missing", "require_data"]
 
-_BATCH_BYTES = 32 << 20
+_BATCH_BYTES = 64 << 20  # 32 MiB: 2 to 4 ms more CPU per GiB loaded (more jobs handed over)
 _BATCH_ITEMS = 1024
 
-_MAX_READERS = 64  # reader threads kept at most (started as loads ask for them)
+#: Reader threads kept from load to load, at most (started as loads ask for them); a load
+#: asking for more starts the others for itself, and they end with it.
+_KEPT_READERS = 16
 
 _Job = list[tuple[str, list[ReadTask]]]  # batches of one file's tasks each: what one thread reads
 
@@ -224,10 +226,13 @@ class _SharedJobs:
 
     def run(self, threads: int, commit: Callable[[_Job], None]) -> None:
         """Read every job on ``threads`` threads, handing each to ``commit`` in order."""
+        kept = min(threads, _KEPT_READERS)
         try:
             pool = _READERS.get()
-            for _ in range(threads):
+            for _ in range(kept):
                 pool.submit(self._work)
+            for i in range(threads - kept):
+                threading.Thread(target=self._work, name=f"torchstow-read-extra_{i}").start()
         except RuntimeError:  # the interpreter is shutting down: no new work for the pool
             self._work()
         try:
@@ -276,7 +281,7 @@ class _SharedJobs:
 
 #: The reader threads, kept from load to load in this process: a thread started per load
 #: made the load wait until it first ran (1-2 ms on a busy machine).
-_READERS = ProcessLocal(lambda: ThreadPoolExecutor(_MAX_READERS, thread_name_prefix="torchstow-read"))
+_READERS = ProcessLocal(lambda: ThreadPoolExecutor(_KEPT_READERS, thread_name_prefix="torchstow-read"))
 
 
 def require_data(reader: StorageReader, metadata: Metadata, keys: Iterable[str]) -> None:
