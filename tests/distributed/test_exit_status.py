@@ -5,7 +5,7 @@ A gloo worker thread lets go of a finished collective's tensors a moment after t
 collective returned, and doing so takes the GIL; were the interpreter already finalizing,
 that ended the thread mid-destructor and aborted the process ("terminate called without
 an active exception"). The race needs the worker to be late, so it is repeated, each
-time in fresh processes with real gloo: before the fix it aborted about one exit in 15
+time in fresh processes with real gloo: before the fix it aborted about one exit in 17
 on a loaded machine (one in three before the collectives kept any tensor referenced).
 """
 

@@ -200,7 +200,7 @@ class ProcessGroupCollective(Collective):
     def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or start) one torch.distributed operation under the timeout, turning a lost
         peer (a closed connection, or the wait timing out) into CheckpointTimeoutError."""
-        args, kwargs = aliases(args, kwargs)  # freed by Python, never by the backend's thread
+        args, kwargs = aliases(args, kwargs)  # waited for at exit until gloo's threads let go
         backend = self._backend
         previous = None
         if backend is not None:
