@@ -20,21 +20,12 @@ import datetime
 from collections.abc import Callable
 from typing import Any
 
+from torchstow.core.protocol.held_tensors import aliases
 from torchstow.errors import CheckpointTimeoutError
 
 __all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "Timeout", "make_collective"]
 
 Timeout = float | datetime.timedelta
-
-#: The newest blocking operation on each process group (by id), held after it finished.
-#: A gloo worker thread holds a finished operation for a moment longer; were it the last
-#: holder, destroying the operation there would release its tensors' Python objects, which
-#: needs the GIL, and while the interpreter finalizes (a rank ending just after a
-#: collective, e.g. by the SystemExit of a SIGTERM handler) taking the GIL ends that C++
-#: thread mid-destructor: the process aborts ("terminate called without an active
-#: exception") instead of exiting with its own status. Held here, the last holder is
-#: Python, which drops it at the group's next operation or when the interpreter tears down.
-_last_work: dict[int, Any] = {}
 
 
 class Collective(abc.ABC):
@@ -225,6 +216,7 @@ class ProcessGroupCollective(Collective):
     def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or start) one torch.distributed operation under the timeout, turning a lost
         peer (a closed connection, or the wait timing out) into CheckpointTimeoutError."""
+        args, kwargs = aliases(args, kwargs)  # waited for at exit until gloo's threads let go
         backend = self._backend
         previous = None
         if backend is not None:
@@ -233,9 +225,7 @@ class ProcessGroupCollective(Collective):
         try:
             if kwargs.get("async_op", False) or fn in (self._dist.isend, self._dist.irecv):
                 return fn(*args, group=self.group, **kwargs)
-            work = fn(*args, group=self.group, async_op=True, **kwargs)
-            work.wait()
-            _last_work[id(self.group)] = work
+            fn(*args, group=self.group, **kwargs)
             return None
         except RuntimeError as exc:
             raise self._lost(op, step, exc) from exc
