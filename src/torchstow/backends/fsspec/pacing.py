@@ -75,6 +75,14 @@ class Progress:
             self.mark()
         self.unsent = unsent
 
+    def drop_connection(self) -> None:
+        """The request was given up: close its body's connection at once, dropping the bytes it
+        holds unsent. Closed gracefully (as the HTTP client closes a cancelled request's), it
+        would send them whenever the peer reads again, and from Python 3.12 on they are views of
+        the body's own memory (a tensor's, a scratch buffer's), which may be reused by then."""
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+
 
 def _unsent(transport: asyncio.BaseTransport) -> int | None:
     """Bytes written to ``transport`` that have not left the host yet: its own buffer and, on
@@ -196,7 +204,8 @@ def _bytes_view(buffer: Any) -> memoryview:
 async def watch(request: Awaitable[T], progress: Progress, stall_timeout: float, what: str) -> T:
     """Await ``request``; cancel it and raise :class:`StallError` once ``progress`` has not
     moved for ``stall_timeout`` seconds (its body's connection is sampled :data:`_SAMPLES`
-    times per ``stall_timeout``)."""
+    times per ``stall_timeout``). A request cancelled here, or with the caller, has its body's
+    connection dropped (:meth:`Progress.drop_connection`)."""
     task = asyncio.ensure_future(request)
     try:
         while True:
@@ -214,6 +223,7 @@ async def watch(request: Awaitable[T], progress: Progress, stall_timeout: float,
         if not task.done():
             task.cancel()
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            progress.drop_connection()
 
 
 _SAMPLES = 8
