@@ -34,6 +34,7 @@ __all__ = [
     "Progress",
     "ProgressBody",
     "StallError",
+    "bytes_view",
     "watch",
     "watch_connections",
 ]
@@ -147,7 +148,7 @@ class ProgressBody(io.RawIOBase):
 
     def __init__(self, buffers: Sequence[memoryview | bytes | bytearray], progress: Progress) -> None:
         super().__init__()
-        self.buffers = [view for view in map(_bytes_view, buffers) if len(view)]
+        self.buffers = [view for view in map(bytes_view, buffers) if len(view)]
         self.starts = list(itertools.accumulate(map(len, self.buffers), initial=0))
         self.pos = 0
         self.progress = progress
@@ -159,7 +160,7 @@ class ProgressBody(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        out = _bytes_view(buffer)
+        out = bytes_view(buffer)
         n = 0
         while n < len(out) and (chunk := self.read(len(out) - n)):
             out[n : n + len(chunk)] = chunk
@@ -195,8 +196,8 @@ class ProgressBody(io.RawIOBase):
         return self.starts[-1]
 
 
-def _bytes_view(buffer: Any) -> memoryview:
-    """``buffer`` as a flat view of bytes (format ``B``)."""
+def bytes_view(buffer: Any) -> memoryview:
+    """``buffer`` as a flat view of bytes (format ``B``; ctypes views say ``<B``), no copy."""
     view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
