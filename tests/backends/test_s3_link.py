@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from test_s3_backend import _max_overlap
 import torchstow
 from moto_s3 import s3_client
 from torchstow import CheckpointException
-from torchstow.backends.fsspec.pacing import AdaptiveLimit, LinkEstimate
+from torchstow.backends.fsspec.pacing import AdaptiveLimit, LinkEstimate, Progress, StallError, watch
 
 from s3_faults import Fault, FaultProxy, Link, MiB
 from storage_helpers import free_port, s3_options, unique
@@ -262,6 +263,60 @@ def test_parts_of_many_small_tensors_and_large_ones_round_trip(s3_endpoint: str,
     torchstow.save(sd, uri, storage_options=opts)
     back = torchstow.read(uri, storage_options=opts)
     assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_a_cancelled_upload_sends_no_more_of_its_body_when_the_peer_reads_again() -> None:
+    # a stalled upload is cancelled (then sent again on another connection): its first
+    # connection must not send the rest of the body once the peer reads again. The HTTP client
+    # closes a cancelled request's connection gracefully (aiohttp's ClientResponse.close), which
+    # flushes what the connection still holds; from Python 3.12 on that is a view of the body's
+    # own memory (a tensor's, a scratch buffer's), which the writer may have reused by then
+    body = bytearray(b"A" * (32 << 20))  # far more than the kernel's socket buffers take
+    server = socket.create_server(("127.0.0.1", 0))
+    release, finished, received = threading.Event(), threading.Event(), bytearray()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            release.wait(60)  # a stalled peer: it reads nothing until the request was given up
+            try:
+                while chunk := conn.recv(1 << 20):
+                    received.extend(chunk)
+            except ConnectionResetError:
+                pass
+        finished.set()
+
+    async def run() -> None:
+        _, writer = await asyncio.open_connection(*server.getsockname())
+        progress = Progress()
+        progress.sending_on(writer.transport)
+
+        async def request() -> None:
+            try:
+                writer.transport.write(memoryview(body))  # the body handed to the connection
+                await asyncio.Event().wait()  # no answer
+            except asyncio.CancelledError:
+                writer.transport.close()  # as the HTTP client closes a cancelled request's connection
+                raise
+
+        with pytest.raises(StallError):
+            await watch(request(), progress, 0.3, "an upload")
+        body[:] = b"B" * len(body)  # the memory reused (the next part, the next save)
+        release.set()
+        # the event loop runs on (as the client's does) until the peer has read all it gets
+        await asyncio.get_running_loop().run_in_executor(None, finished.wait, 60)
+
+    peer = threading.Thread(target=serve)
+    peer.start()
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
+        peer.join(60)
+        server.close()
+    sent, reused = len(received), received.count(b"B")
+    assert reused == 0  # no byte of the memory as reused after the cancel
+    assert sent < len(body)  # what the connection still held was dropped, not sent later
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ __all__ = [
     "Progress",
     "ProgressBody",
     "StallError",
+    "bytes_view",
     "watch",
     "watch_connections",
 ]
@@ -74,6 +75,14 @@ class Progress:
         if unsent is not None and self.unsent is not None and unsent < self.unsent:
             self.mark()
         self.unsent = unsent
+
+    def drop_connection(self) -> None:
+        """The request was given up: close its body's connection at once, dropping the bytes it
+        holds unsent. Closed gracefully (as the HTTP client closes a cancelled request's), it
+        would send them whenever the peer reads again, and from Python 3.12 on they are views of
+        the body's own memory (a tensor's, a scratch buffer's), which may be reused by then."""
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
 
 
 def _unsent(transport: asyncio.BaseTransport) -> int | None:
@@ -139,7 +148,7 @@ class ProgressBody(io.RawIOBase):
 
     def __init__(self, buffers: Sequence[memoryview | bytes | bytearray], progress: Progress) -> None:
         super().__init__()
-        self.buffers = [view for view in map(_bytes_view, buffers) if len(view)]
+        self.buffers = [view for view in map(bytes_view, buffers) if len(view)]
         self.starts = list(itertools.accumulate(map(len, self.buffers), initial=0))
         self.pos = 0
         self.progress = progress
@@ -151,7 +160,7 @@ class ProgressBody(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        out = _bytes_view(buffer)
+        out = bytes_view(buffer)
         n = 0
         while n < len(out) and (chunk := self.read(len(out) - n)):
             out[n : n + len(chunk)] = chunk
@@ -187,8 +196,8 @@ class ProgressBody(io.RawIOBase):
         return self.starts[-1]
 
 
-def _bytes_view(buffer: Any) -> memoryview:
-    """``buffer`` as a flat view of bytes (format ``B``)."""
+def bytes_view(buffer: Any) -> memoryview:
+    """``buffer`` as a flat view of bytes (format ``B``; ctypes views say ``<B``), no copy."""
     view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
@@ -196,7 +205,8 @@ def _bytes_view(buffer: Any) -> memoryview:
 async def watch(request: Awaitable[T], progress: Progress, stall_timeout: float, what: str) -> T:
     """Await ``request``; cancel it and raise :class:`StallError` once ``progress`` has not
     moved for ``stall_timeout`` seconds (its body's connection is sampled :data:`_SAMPLES`
-    times per ``stall_timeout``)."""
+    times per ``stall_timeout``). A request cancelled here, or with the caller, has its body's
+    connection dropped (:meth:`Progress.drop_connection`)."""
     task = asyncio.ensure_future(request)
     try:
         while True:
@@ -214,6 +224,7 @@ async def watch(request: Awaitable[T], progress: Progress, stall_timeout: float,
         if not task.done():
             task.cancel()
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            progress.drop_connection()
 
 
 _SAMPLES = 8

@@ -21,6 +21,7 @@ from torchstow.backends.fsspec.pacing import (
     PartGate,
     Progress,
     ProgressBody,
+    bytes_view,
     watch,
     watch_connections,
 )
@@ -419,9 +420,7 @@ class MultipartSink(FileSink):
 
     def write(self, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
-            view = buf if isinstance(buf, memoryview) else memoryview(buf)
-            if view.format != "B" or view.ndim != 1:  # (ctypes views say "<B")
-                view = view.cast("B")
+            view = bytes_view(buf)
             pos = 0
             while pos < len(view):
                 if self.part.size == self.part.target:  # a full part, and more bytes follow
