@@ -4,7 +4,7 @@ of a moto server, against the link's limit and the peers that run against a loca
 
 python benchmarks/bench_s3_link.py [--mib 1024] [--repeats 3]
     [--link LATENCY,PER_CONNECTION_MIB,TOTAL_MIB ...] [--ops save,load] [--no-slowdown]
-    [--only CONTENDER]
+    [--only CONTENDER] [--alternate 'NAME:OPTION=VALUE,...;NAME:...']
 
 Contenders: torchstow (its defaults: requests in flight, part and range sizes chosen from
 the link); DCP with its fsspec writer and reader (8 threads); boto3's transfer manager (one
@@ -26,7 +26,9 @@ rather than spilling each one over 5 MiB to a temporary file), each contender's 
 are deleted after its round (untimed), and its CPU seconds per GiB are reported with
 each row. ``--ops save`` skips the loads (each save is then
 checked by the bytes it stored; DCP's fsspec reader takes minutes per GiB). A small run
-(``--mib 64 --repeats 1``) takes seconds."""
+(``--mib 64 --repeats 1``) takes seconds. ``--alternate`` compares storage options of
+torchstow's save (``max_concurrency``, ``part_size`` in MiB) side by side instead: one
+save of each setting per round, the order reversed every other round."""
 
 from __future__ import annotations
 
@@ -214,6 +216,72 @@ def run(
     return medians
 
 
+def alternate(link: Link, mib: int, rounds: int, settings: dict[str, dict[str, int]]) -> None:
+    """torchstow's save through ``link`` with each of ``settings`` (name -> storage options),
+    alternated round by round (every other round in reverse) on one server and one proxy, so
+    the machine's load hits each alike; prints each save, the limit the adaptive rule ended
+    at, and the medians."""
+    import logging
+    import statistics
+    import time
+
+    import s3fs
+
+    decisions: list[str] = []
+
+    class Trail(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            decisions.append(record.getMessage())
+
+    pacing = logging.getLogger("torchstow.backends.fsspec.pacing")
+    pacing.setLevel(logging.DEBUG)
+    pacing.addHandler(Trail())
+    sd = large_state_dict(mib * MiB, max(1, mib // 64))
+    nbytes = tensor_bytes(sd)
+    requests = [16 * MiB] * max(1, nbytes // (16 * MiB))
+    limit = link.limit(requests, connections=len(requests))
+    print(f"link: {describe(link)}; its limit for {mib} MiB: {limit / MiB:.0f} MiB/s", flush=True)
+    rates: dict[str, list[float]] = {name: [] for name in settings}
+    os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(4 << 30))
+    with moto_server() as upstream, shaped_link(upstream, link) as (endpoint, _):
+        fs = s3fs.S3FileSystem(**CREDS, endpoint_url=upstream, skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        for round_ in range(rounds):
+            names = list(settings) if round_ % 2 == 0 else list(settings)[::-1]
+            for name in names:
+                url = f"s3://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
+                decisions.clear()
+                start = time.perf_counter()
+                torchstow.save(sd, url, storage_options={**CREDS, "endpoint_url": endpoint, **settings[name]})
+                rate = nbytes / (time.perf_counter() - start)
+                assert fs.du(url) >= nbytes, (name, fs.du(url))
+                fs.rm(url, recursive=True)  # untimed
+                rates[name].append(rate)
+                last = decisions[-1].rsplit("now ", 1)[-1] if decisions else "-"
+                print(
+                    f"  round {round_} {name:<12} {rate / MiB:6.1f} MiB/s {rate / limit:5.2f}x the limit"
+                    f"  (requests in flight at the end: {last}; load {_loadavg()})",
+                    flush=True,
+                )
+    for name, runs in rates.items():
+        median = statistics.median(runs)
+        print(
+            f"  {name:<12} median {median / MiB:6.1f} MiB/s {median / limit:5.2f}x the limit"
+            f"  (runs {', '.join(f'{r / MiB:.0f}' for r in runs)})",
+            flush=True,
+        )
+
+
+def parse_settings(text: str) -> dict[str, dict[str, int]]:
+    """``NAME:KEY=VALUE,...;NAME:...`` (part_size in MiB; ``NAME:`` for the defaults)."""
+    settings = {}
+    for spec in text.split(";"):
+        name, _, options = spec.partition(":")
+        pairs = (pair.split("=") for pair in options.split(",") if pair)
+        settings[name] = {key: int(value) * (MiB if key == "part_size" else 1) for key, value in pairs}
+    return settings
+
+
 def parse_link(text: str) -> Link:
     """``LATENCY,PER_CONNECTION_MIB,TOTAL_MIB`` (seconds, MiB/s, MiB/s) as a :class:`Link`."""
     latency, per_connection, total = (float(x) for x in text.split(","))
@@ -242,8 +310,20 @@ def main() -> None:
     parser.add_argument("--ops", default=",".join(OPS), help="save,load or either alone")
     parser.add_argument("--no-slowdown", action="store_true", help="skip the runs with 5%% 503 SlowDown")
     parser.add_argument("--only", help="one contender (torchstow, 'boto3 transfer manager' ...)")
+    parser.add_argument(
+        "--alternate",
+        type=parse_settings,
+        help="torchstow's save alone, with each of these storage options alternated round by round "
+        "(--repeats rounds) through each link: 'auto:;c16:max_concurrency=16,part_size=8' (MiB)",
+    )
     args = parser.parse_args()
     links = args.link or [parse_link(text) for text in LINKS]
+    if args.alternate:
+        print(f"load average at the start: {_loadavg()}", flush=True)
+        for link in links:
+            alternate(link, args.mib, args.repeats, args.alternate)
+        print(f"load average at the end: {_loadavg()}", flush=True)
+        return
     ops = tuple(op for op in OPS if op in args.ops.split(","))
     nbytes = tensor_bytes(large_state_dict(args.mib * MiB, max(1, args.mib // 64)))
     requests = [16 * MiB] * max(1, nbytes // (16 * MiB))
