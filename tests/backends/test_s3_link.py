@@ -243,7 +243,7 @@ def test_a_save_copies_no_tensor_bytes_into_the_parts_it_uploads(s3_endpoint: st
             wait_until(lambda: delayed.hits == 2 or saving.done(), what="two parts in flight")
             snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*torchstow*")])
             saving.result()
-            assert delayed.hits == 2, "the save ended before two parts were held in flight: nothing was measured"
+            assert delayed.hits == 2, "the save ended before two parts were held: nothing was measured"
     finally:
         tracemalloc.stop()
         proxy.close()
