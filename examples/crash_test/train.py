@@ -80,6 +80,8 @@ if mode.startswith("tiered"):
     fast = f"{out}-fast" if mode == "tiered" else f"{out}/fast"
     if lose_fast:
         shutil.rmtree(f"{fast}/{rank}", ignore_errors=True)
+    if rank == 0:  # else whichever rank first finds it missing makes the root (its event count shifts)
+        os.makedirs(f"{out}/root", exist_ok=True)
     dist.barrier()
     manager = torchstow.CheckpointManager(
         f"{out}/root", fast=fast + "/{node}", replicas=1, persist_every=1, fast_keep=2
