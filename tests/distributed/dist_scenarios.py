@@ -242,6 +242,17 @@ def summarize(exc: torchstow.CheckpointException) -> dict[str, Any]:
     }
 
 
+def outcome(call: Callable[[], object]) -> dict[str, Any]:
+    """What ``call`` raised on this rank, in picklable form (``{"ok": True}`` if nothing)."""
+    try:
+        call()
+    except torchstow.CheckpointException as error:
+        return summarize(error)
+    except Exception as error:
+        return {"class": type(error).__name__, "message": str(error), "failures": {}}
+    return {"ok": True}
+
+
 def fault_case(
     rank: int,
     world_size: int,
@@ -335,18 +346,16 @@ def fails_before_the_protocol(rank: int, world_size: int, path: str, op: str, vi
         kwargs["metadata"] = {"epoch": object()} if mine else None
     elif mine:
         state["thing"] = _RaisingStateful()
-    try:
+
+    def run() -> None:
         if op == "save":
             torchstow.save(state, path, **kwargs)
         elif op == "async_save":
             torchstow.async_save(state, path, **kwargs).result(timeout=60)
         else:
             torchstow.load(state, path, **kwargs)
-    except torchstow.CheckpointException as error:
-        return summarize(error)
-    except Exception as error:
-        return {"class": type(error).__name__, "message": str(error), "failures": {}}
-    return {"ok": True}
+
+    return outcome(run)
 
 
 class _PlanDroppingSavePlanner(torchstow.planning.DefaultSavePlanner):
@@ -359,15 +368,8 @@ class _PlanDroppingSavePlanner(torchstow.planning.DefaultSavePlanner):
 
 def save_with_a_plan_missing(rank: int, world_size: int, path: str) -> dict[str, Any]:
     """Save with a planner whose global plan leaves out the last rank; what this rank raised."""
-    try:
-        torchstow.save(
-            small_state(rank, world_size, True), path, planner=_PlanDroppingSavePlanner(), timeout=30
-        )
-    except torchstow.CheckpointException as error:
-        return summarize(error)
-    except Exception as error:
-        return {"class": type(error).__name__, "message": str(error), "failures": {}}
-    return {"ok": True}
+    state = small_state(rank, world_size, True)
+    return outcome(lambda: torchstow.save(state, path, planner=_PlanDroppingSavePlanner(), timeout=30))
 
 
 class PluginError(torchstow.errors.TorchstowError):
@@ -387,13 +389,8 @@ class _PluginErrorPlanner(torchstow.planning.DefaultSavePlanner):
 
 def plugin_error_on_rank_1(rank: int, world_size: int, path: str) -> dict[str, Any]:
     """Save where rank 1's planning raises a plugin's TorchstowError subclass; what each rank raised."""
-    try:
-        torchstow.save(small_state(rank, world_size, True), path, planner=_PluginErrorPlanner(), timeout=30)
-    except torchstow.CheckpointException as error:
-        return summarize(error)
-    except Exception as error:
-        return {"class": type(error).__name__, "message": str(error), "failures": {}}
-    return {"ok": True}
+    state = small_state(rank, world_size, True)
+    return outcome(lambda: torchstow.save(state, path, planner=_PluginErrorPlanner(), timeout=30))
 
 
 def _plugin_data() -> str:
