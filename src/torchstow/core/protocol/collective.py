@@ -223,10 +223,7 @@ class ProcessGroupCollective(Collective):
             previous = backend.options._timeout
             backend.set_timeout(self.timeout)
         try:
-            if kwargs.get("async_op", False) or fn in (self._dist.isend, self._dist.irecv):
-                return fn(*args, group=self.group, **kwargs)
-            fn(*args, group=self.group, **kwargs)
-            return None
+            return fn(*args, group=self.group, **kwargs)
         except RuntimeError as exc:
             raise self._lost(op, step, exc) from exc
         finally:
