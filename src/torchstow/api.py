@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
-from torchstow.checkpointing.async_save import AsyncSave, SaveJob, _FailedWriter, pipeline
+from torchstow.checkpointing.async_save import AsyncSave, AsyncSavePipeline, SaveJob, _FailedWriter, pipeline
 from torchstow.compat import dcp_calls
 from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
@@ -141,8 +141,11 @@ class _Distributed:
         """The settings among a call's ``arguments`` (those it lacks take their defaults)."""
         return cls(**{field.name: arguments[field.name] for field in fields(cls) if field.name in arguments})
 
-    def collective(self) -> Collective:
-        collective = make_collective(self.process_group, self.coordinator_rank, self.no_dist, self.timeout)
+    def collective(self, saves: AsyncSavePipeline | None = None) -> Collective:
+        """The collective the call runs on; ``saves``: an async save's, on the commit group
+        of that pipeline."""
+        make = make_collective if saves is None else saves.commit_collective
+        collective = make(self.process_group, self.coordinator_rank, self.no_dist, self.timeout)
         return dcp_calls.without_collectives(collective, self.use_collectives)
 
 
@@ -452,8 +455,7 @@ def async_save(
         return settings.job(staged_slot)
 
     saves = pipeline()
-    collective = saves.commit_collective(process_group, coordinator_rank, no_dist, timeout)
-    collective = dcp_calls.without_collectives(collective, use_collectives)
+    collective = _Distributed.of(locals()).collective(saves)
     saving = saves.submit(
         plain, text, prepare, collective=collective, stager=stager, track_sources=trust_version_counter
     )
