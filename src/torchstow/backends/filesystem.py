@@ -117,14 +117,18 @@ def _runs(
     at ``_IOV_MAX`` buffers, or once it holds ``limit`` bytes.
     """
     scratch = memoryview(bytearray(_MAX_GAP))
+    count = len(requests)
     i = 0
-    while i < len(requests):
+    while i < count:
         start, first = requests[i]
-        group = [first] if len(first) else []
-        end = start + len(first)
         nbytes = len(first)
         i += 1
-        while i < len(requests) and nbytes < limit and len(group) < _IOV_MAX - 1:
+        if nbytes >= limit:  # the common case: a large request read on its own
+            yield start, i, [first], nbytes
+            continue
+        group = [first] if nbytes else []
+        end = start + nbytes
+        while i < count and nbytes < limit and len(group) < _IOV_MAX - 1:
             offset, buf = requests[i]
             gap = offset - end
             if gap < 0 or gap > _MAX_GAP:
@@ -316,8 +320,11 @@ class LocalFileStore(ByteStore):
             done = 0
             for offset, after, group, nbytes in _runs(requests, self.read_segment_bytes):
                 self._preadv_all(fd, name, group, offset, nbytes)
-                for i in range(done, after):
-                    landed(i)
+                if after == done + 1:  # the common case: a run of one request
+                    landed(done)
+                else:
+                    for i in range(done, after):
+                        landed(i)
                 done = after
         finally:
             os.close(fd)

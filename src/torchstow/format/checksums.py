@@ -72,6 +72,8 @@ class BlockVerifier:
             self.crc = checksum(data, self.crc)
             self.filled = filled
             return None
+        if filled == self.block_size:  # the piece that ends its block, the next most common
+            return self._close_block(checksum(data, self.crc))
         bad = None
         pos = 0
         size = len(data)
@@ -82,14 +84,21 @@ class BlockVerifier:
             self.filled += take
             pos += take
             if self.filled == self.block_size:
-                if self.crc != self.expected[self.block]:
-                    self.failed.append(self.block)
-                    if bad is None:
-                        bad = self.block
-                self.block += 1
-                self.crc = 0
-                self.filled = 0
+                failed = self._close_block(self.crc)
+                if bad is None:
+                    bad = failed
         return bad
+
+    def _close_block(self, crc: int) -> int | None:
+        """End the current block, whose bytes have checksum ``crc``: its index if that is
+        not the one saved (kept in ``failed``), else None."""
+        block = self.block
+        self.block = block + 1
+        self.crc = self.filled = 0
+        if crc == self.expected[block]:
+            return None
+        self.failed.append(block)
+        return block
 
     def end(self) -> int | None:
         """Check the final, partial block; the index of a failed block, else None."""
