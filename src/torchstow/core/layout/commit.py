@@ -217,7 +217,8 @@ def _store_call(location: str, fn: Callable[[], None]) -> BaseException | None:
     exception a handler raises meanwhile propagates from the wait, the store's call
     going on (as an upload on another thread would anyway). Where Python refuses to
     start a thread (3.12+ at interpreter shutdown), ``fn`` runs on this thread, as off
-    the main thread. A later call at the same location first waits for an interrupted
+    the main thread (a handler's ``RuntimeError`` raised within ``Thread.start`` is no
+    refusal: it propagates). A later call at the same location first waits for an interrupted
     call to end, so that an interrupted save's manifest never lands over a later save's.
     """
     earlier = _unfinished.get(location)
@@ -227,28 +228,33 @@ def _store_call(location: str, fn: Callable[[], None]) -> BaseException | None:
     if threading.current_thread() is not threading.main_thread():
         return _outcome(fn)
     raised: list[BaseException | None] = []
-    claim = threading.Lock()  # whoever holds it runs fn: the worker, or this thread
-
-    def run() -> None:
-        if not claim.acquire(blocking=False):
-            return  # the start raised, and the caller ran fn itself
-        raised.append(_outcome(fn))
-
-    worker = threading.Thread(target=run, name="torchstow-commit", daemon=True)
+    worker = threading.Thread(
+        target=lambda: raised.append(_outcome(fn)), name="torchstow-commit", daemon=True
+    )
     try:
         try:
-            worker.start()  # a handler may raise here too, the store's call begun
-        except RuntimeError:
+            worker.start()  # a handler may raise here too, the store's call begun or not
+        except RuntimeError as exc:
+            if not _refused(exc):
+                raise
             # Python refused the thread (3.12+ at interpreter shutdown, as from an atexit
             # handler; or no thread left): the store's call, not begun, runs here.
-            if claim.acquire(blocking=False):
-                return _outcome(fn)
-            raise
+            return _outcome(fn)
         _wait(worker)
     except BaseException:
         _unfinished[location] = worker
         raise
     return raised[0]
+
+
+def _refused(exc: RuntimeError) -> bool:
+    """Whether ``Thread.start`` raised ``exc`` itself, Python refusing the thread (its C call
+    has no frame: ``start``'s own is the innermost of the traceback), rather than a signal
+    handler that ran within it (whose frame is then the innermost)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is getattr(threading.Thread.start, "__code__", None)
 
 
 def _outcome(fn: Callable[[], None]) -> BaseException | None:
