@@ -202,10 +202,11 @@ def _attach_compression(writer: StorageWriter, compression: str | None) -> None:
     layout.compression = compression
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _SaveSettings:
     """What a save writes, and how: the keywords of :func:`save` and :func:`async_save` that
-    make its job (besides :class:`_Distributed`'s), by their names, taken once per call.
+    make its job (besides :class:`_Distributed`'s), passed by name once per call (keyword-only
+    and without defaults, so the type checker holds each entry point to every field).
 
     ``compression`` is checked when they are taken, before anything else; the rest when
     the job is made (:meth:`job`), where a failure on one rank fails every rank as one."""
@@ -225,11 +226,6 @@ class _SaveSettings:
 
     def __post_init__(self) -> None:
         check_compression(self.compression)
-
-    @classmethod
-    def of(cls, arguments: Mapping[str, Any]) -> _SaveSettings:
-        """The settings among an entry point's ``arguments`` (its ``locals()`` on entry)."""
-        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
 
     def job(self, slots: DigestSlots) -> SaveJob:
         """What the save writes with: the checked user metadata, the writer, the planner;
@@ -316,7 +312,20 @@ def save(
     binary chunk table) or 1 (one JSON document, for torchstow versions that
     read only version 1); see docs/format.md.
     """
-    settings = _SaveSettings.of(locals())
+    settings = _SaveSettings(
+        uri=uri,
+        checkpoint_id=checkpoint_id,
+        storage_writer=storage_writer,
+        storage_options=storage_options,
+        planner=planner,
+        metadata=metadata,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        base=base,
+        trust_version_counter=trust_version_counter,
+        compression=compression,
+        format_version=format_version,
+    )
     collective = _Distributed.of(locals()).collective()
     try:
         job = settings.job(own_slot)
@@ -438,7 +447,20 @@ def async_save(
     ``AsyncCheckpointerType`` or its value) is accepted, and either type
     writes in torchstow's save thread; ``use_collectives`` and ``format_version`` are as in :func:`save`.
     """
-    settings = _SaveSettings.of(locals())
+    settings = _SaveSettings(
+        uri=uri,
+        checkpoint_id=checkpoint_id,
+        storage_writer=storage_writer,
+        storage_options=storage_options,
+        planner=planner,
+        metadata=metadata,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        base=base,
+        trust_version_counter=trust_version_counter,
+        compression=compression,
+        format_version=format_version,
+    )
     text = dcp_calls.target_label(uri, checkpoint_id, storage_writer)
     stager = dcp_calls.one_stager(stager, async_stager)
     dcp_calls.check_checkpointer_type(async_checkpointer_type)

@@ -1,10 +1,13 @@
-"""Nothing left behind on S3: a failed save aborts its multipart uploads, and an upload
-whose creation was retried (the first reply lost) leaves no stray upload either."""
+"""Nothing left behind on S3: a failed save aborts its multipart uploads, an upload
+whose creation was retried (the first reply lost) leaves no stray upload either, and a
+single PUT interrupted by a signal handler lands, if at all, before the save's cleanup."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -12,9 +15,11 @@ import torch
 import torchstow
 from moto_s3 import s3_client
 from torchstow import CheckpointException
+from torchstow.backends.fsspec.s3 import S3Requests
 
 from s3_faults import Fault, FaultProxy
 from storage_helpers import s3_options, unique
+from waits import wait_until
 
 
 def uploads_under(endpoint: str, bucket: str, prefix: str) -> list[str]:
@@ -127,3 +132,41 @@ def test_gc_leaves_an_s3_save_in_flight_alone(proxy: FaultProxy, s3_endpoint: st
     finally:
         saving.join(60)
     assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=opts)["w"], sd["w"])
+
+
+class _PreemptedError(Exception):
+    """What the test's SIGALRM handler raises to stop a save."""
+
+
+def test_a_single_put_interrupted_by_a_signal_handler_leaves_no_data_file(
+    proxy: FaultProxy, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save's one data file, small enough for a single PUT, is being written from the main
+    thread when a signal handler raises there (SIGTERM's to stop training, say); the PUT is
+    already on its way (the proxy holds it half a second). The failed save's cleanup must come
+    after it: before, the cleanup deleted nothing yet written, and then the PUT landed, a data
+    file that no manifest names."""
+    run = unique()
+    opts = s3_options(proxy.url, thread_count=1)
+    proxy.faults.append(Fault("PUT", r"/data-", "delay", delay=0.5, times=1))
+    original = S3Requests._send
+
+    async def send(self: S3Requests, method: str, kwargs: dict[str, Any], progress: Any) -> Any:
+        if method == "put_object" and "/data-" in kwargs["Key"]:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+        return await original(self, method, kwargs, progress)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _PreemptedError("SIGALRM: stop")
+
+    monkeypatch.setattr(S3Requests, "_send", send)
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises((CheckpointException, _PreemptedError)):
+            torchstow.save({"w": torch.randn(1 << 16)}, f"s3://{s3_bucket}/{run}/s", storage_options=opts)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    wait_until(lambda: proxy.requests("PUT", r"/data-") != [], what="the data file's PUT to end")
+    assert [r.status for r in proxy.requests("PUT", r"/data-")] == [200]  # it landed, once
+    listed = s3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])
+    assert [o["Key"] for o in listed] == []

@@ -479,6 +479,51 @@ def unpicklable_on_rank_1(rank: int, world_size: int, path: str, op: str, timeou
     return {"ok": True, "elapsed": time.monotonic() - start}
 
 
+class PreemptedError(Exception):
+    """What a scenario's SIGALRM handler raises to stop a save."""
+
+
+def save_after_a_hung_interrupted_publish(rank: int, world_size: int, path: str, timeout: float) -> Any:
+    """On the coordinator (rank 0), a SIGALRM handler stops a save while its manifest is
+    being published, and that publish then hangs (held for 30 s at most). Every rank then
+    saves to the same location again with ``timeout=``: what each save raised on this
+    rank. The hung publish is let go at the end."""
+    import signal
+    import threading
+
+    from torchstow.format.files import MANIFEST
+
+    original = LocalFileStore.publish
+    held, hung = threading.Event(), threading.Event()
+
+    def publish(self: LocalFileStore, name: str, data: bytes) -> None:
+        if name == MANIFEST and not hung.is_set():
+            hung.set()
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+            held.wait(30.0)
+        original(self, name, data)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise PreemptedError("SIGALRM: stop")
+
+    state = {f"w{rank}": torch.arange(64.0) + rank}
+    previous = signal.signal(signal.SIGALRM, on_alarm) if rank == 0 else None
+    if rank == 0:
+        LocalFileStore.publish = publish  # type: ignore[method-assign]
+    try:
+        first = outcome(lambda: torchstow.save(state, path, overwrite=True, timeout=timeout))
+        later = outcome(lambda: torchstow.save(state, path, overwrite=True, timeout=timeout))
+    finally:
+        if rank == 0:
+            held.set()
+            LocalFileStore.publish = original  # type: ignore[method-assign]
+            signal.signal(signal.SIGALRM, previous)
+            for thread in threading.enumerate():
+                if thread.name == "torchstow-commit":
+                    thread.join()
+    return first, later
+
+
 def async_commit_timeouts(rank: int, world_size: int, path: str) -> list[tuple[float | None, float]]:
     """For an async save with ``timeout=7`` and without one: the seconds its commit
     collective waits at most, and the timeout its private gloo group was made with (a

@@ -16,6 +16,7 @@ from dist_scenarios import (
     fails_before_the_protocol,
     fault_case,
     plugin_error_on_rank_1,
+    save_after_a_hung_interrupted_publish,
     save_with_a_plan_missing,
     unpicklable_failure,
     unpicklable_on_rank_1,
@@ -258,3 +259,20 @@ def test_a_plugins_error_with_its_own_constructor_arrives_as_a_checkpoint_except
         assert result["class"].startswith("CheckpointException"), result
         assert set(result["failures"]) == {1}
         assert result["failures"][1]["type"] == "PluginError"
+
+
+def test_a_hung_interrupted_publish_fails_a_later_save_within_its_timeout(pools: Any, tmp_path: Path) -> None:
+    """A signal handler stopped a save on the coordinator while its manifest was being
+    published, and that publish hangs. A later save to the same location waits for it (so
+    that the interrupted manifest never lands over the later one), but within the save's
+    timeout: every rank raises one CheckpointException naming the coordinator's
+    StorageIOError (before: the coordinator waited for the hung publish for good, and the
+    other ranks lost contact with it at their timeout)."""
+    first, later = zip(*pools(2).run(save_after_a_hung_interrupted_publish, str(tmp_path / "ckpt"), 4.0))
+    for failed in first:  # the handler's exception, on every rank
+        assert failed["failures"][0]["type"] == "PreemptedError", first
+    for failed in later:
+        assert failed.get("class", "").startswith("CheckpointException") and not failed["timeout"], later
+        assert set(failed["failures"]) == {0}, later
+        assert failed["failures"][0]["type"] == "StorageIOError", later
+        assert "has not ended after 2s" in failed["failures"][0]["message"], later

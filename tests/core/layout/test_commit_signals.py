@@ -207,3 +207,48 @@ def test_a_save_commits_where_python_refuses_the_publish_its_own_thread(
     torchstow.save({"w": torch.ones(64)}, uri, overwrite=True)  # and a later one to the same place
     assert result.save_id is not None
     assert torch.equal(torchstow.read(uri)["w"], torch.ones(64))
+
+
+class _HandlerError(RuntimeError):
+    """What the test's SIGALRM handler raises: a RuntimeError, as Python's refusal of a thread is."""
+
+
+@pytest.mark.parametrize("begun", [False, True], ids=["before-the-thread-began", "after"])
+def test_a_handlers_runtime_error_inside_thread_start_is_not_taken_for_pythons_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, begun: bool
+) -> None:
+    """A signal handler raises RuntimeError while the publish's thread is being started,
+    before or after that thread began. That is the handler's exception, not Python refusing
+    the thread: the save fails with it (before: the publish ran on the main thread instead,
+    the handler's exception was lost and the save returned as committed). A publish that
+    began goes on and lands; one that did not leaves no manifest."""
+    original = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name != "torchstow-commit":
+            original(self)
+            return
+        if begun:
+            original(self)
+            started.append(self)
+        signal.raise_signal(signal.SIGALRM)  # the handler runs here, inside start()
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _HandlerError("SIGALRM: stop")
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    uri = tmp_path / "ckpt"
+    try:
+        with pytest.raises(torchstow.CheckpointException) as failed:
+            torchstow.save({"w": torch.arange(64.0)}, str(uri))
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert [type(e) for e, _ in failed.value.failures.values()] == [_HandlerError]
+    for thread in started:
+        thread.join()
+    if begun:
+        assert torch.equal(torchstow.read(str(uri))["w"], torch.arange(64.0))
+    else:
+        assert not (uri / "manifest.json").exists()

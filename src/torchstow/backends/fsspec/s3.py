@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from torchstow.backends.fsspec.errors import is_throttling
@@ -140,7 +141,13 @@ class S3Requests:
 
     def put(self, bucket: str, key: str, body: Body, what: str, **kwargs: Any) -> None:
         """One object in a single PUT, with its CRC32C (retried, watched for stalls)."""
-        self.call("put_object", what, Bucket=bucket, Key=key, Body=body, **self.checksum(body), **kwargs)
+        self.send_put(bucket, key, body, what, **kwargs).result()
+
+    def send_put(self, bucket: str, key: str, body: Body, what: str, **kwargs: Any) -> Future[Any]:
+        """:meth:`put` sent from outside the event loop: its response in the future returned."""
+        return self.submit(
+            "put_object", what, Bucket=bucket, Key=key, Body=body, **self.checksum(body), **kwargs
+        )
 
     async def request(
         self, method: str, what: str, *, on_attempt: Callable[[], None] | None = None, **kwargs: Any
@@ -217,9 +224,13 @@ class S3Requests:
 
         asyncio.run_coroutine_threadsafe(stop(), self.fs.loop).result()
 
+    def submit(self, method: str, what: str, **kwargs: Any) -> Future[Any]:
+        """A request sent from outside the event loop: its response in the future returned."""
+        return asyncio.run_coroutine_threadsafe(self.request(method, what, **kwargs), self.fs.loop)
+
     def call(self, method: str, what: str, **kwargs: Any) -> Any:
         """A request from outside the event loop: wait for its response."""
-        return asyncio.run_coroutine_threadsafe(self.request(method, what, **kwargs), self.fs.loop).result()
+        return self.submit(method, what, **kwargs).result()
 
     async def get_range(self, bucket: str, key: str, start: int, into: memoryview, what: str) -> int:
         """Read the object's bytes from ``start`` straight into ``into`` (a ranged GET, retried);
@@ -417,6 +428,7 @@ class MultipartSink(FileSink):
         self.creates = 0  # create requests sent: more than one may leave a stray upload
         self.pending: list[asyncio.Task[Any]] = []  # the part uploads, part n at n - 1
         self.checksums: list[str | None] = []  # the CRC32C of part n at n - 1 (None: not sent)
+        self.put: Future[Any] | None = None  # the single PUT, once sent
 
     def write(self, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
@@ -490,7 +502,8 @@ class MultipartSink(FileSink):
     def close(self) -> None:
         if self.upload_id is None:
             body = [view for part in [*self.held, self.part] for view in part.body()]
-            self.s3.put(self.bucket, self.key, body, f"writing {self.location}")
+            self.put = self.s3.send_put(self.bucket, self.key, body, f"writing {self.location}")
+            self.put.result()
             self.s3.give_back([b for part in [*self.held, self.part] for b in part.scratch])
         else:
             if self.part.size:
@@ -516,6 +529,11 @@ class MultipartSink(FileSink):
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.s3.cancel(self.pending)
+        if self.put is not None:  # a single PUT whose wait was interrupted (a signal handler
+            # raised): let it end, so that it lands (if at all) before the failed save's cleanup
+            # deletes the file; cancelled once its body was sent, it could still land after
+            with contextlib.suppress(Exception):
+                self.put.result()
         self._forget()
         if self.upload_id is not None or self.creates:
             with contextlib.suppress(Exception):
@@ -535,3 +553,4 @@ class MultipartSink(FileSink):
         self.part = _Part(0)
         self.held = []
         self.pending = []
+        self.put = None

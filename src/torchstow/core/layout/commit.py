@@ -27,8 +27,12 @@ without its table.
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
@@ -47,6 +51,7 @@ __all__ = [
     "listed_files",
     "manifest_files",
     "publish_manifest",
+    "publish_waits_at_most",
 ]
 
 logger = logging.getLogger(__name__)
@@ -157,8 +162,10 @@ def publish_manifest(
     format ``version`` (default ``metadata.version``), its chunk table first.
 
     The one place that decides a commit's outcome, noted in ``outcome`` however it ends:
-    a failure before the manifest is published (encoding it, writing its chunk table) is
-    "not landed", and the chunk table goes; the store's failure (an ``OSError`` its call
+    a failure before the manifest is published (waiting for an earlier publish here that
+    a signal handler interrupted, past :func:`publish_waits_at_most`'s limit:
+    :class:`StorageIOError`; encoding it, writing its chunk table) is "not landed", and the
+    chunk table goes; the store's failure (an ``OSError`` its call
     raised) while publishing is read back (this save's manifest there: it returns as committed; none or
     another's: "not landed", the table goes; the read-back failing:
     :class:`UncertainCommitError`, unknown); anything else raised while publishing (a
@@ -171,6 +178,7 @@ def publish_manifest(
     outcome.landed = False
     tables: dict[str, bytes] = {}
     try:
+        _after_interrupted(store.location)
         manifest, tables = encode_manifest(metadata, version)
         _write_tables(store, tables)
         outcome.landed = None  # unknown from here until publishing returns or surely failed
@@ -202,11 +210,45 @@ def _remove_tables(store: ByteStore, tables: dict[str, bytes]) -> None:
 #: Publishes a signal handler's exception left running on their own threads, by location.
 _unfinished: dict[str, threading.Thread] = {}
 
+#: How long a publish waits for such a one at its location, in seconds (None: no limit).
+_wait_limit: ContextVar[float | None] = ContextVar("torchstow_publish_wait_limit", default=None)
 
-def _wait(thread: threading.Thread) -> None:
-    """Wait for ``thread``, waking now and then: a signal another thread took is handled here."""
-    while thread.is_alive():
-        thread.join(0.1)
+
+@contextmanager
+def publish_waits_at_most(seconds: float | None) -> Iterator[None]:
+    """Within it, :func:`publish_manifest` waits at most ``seconds`` (None: as long as it
+    takes) for an earlier publish at its location that a signal handler interrupted."""
+    token = _wait_limit.set(seconds)
+    try:
+        yield
+    finally:
+        _wait_limit.reset(token)
+
+
+def _after_interrupted(location: str) -> None:
+    """Wait for an interrupted publish at ``location`` to end, so that its manifest never
+    lands over this one; past the limit (:func:`publish_waits_at_most`), fail (transient)."""
+    earlier = _unfinished.get(location)
+    if earlier is None:
+        return
+    limit = _wait_limit.get()
+    _wait(earlier, limit)
+    if earlier.is_alive():
+        raise StorageIOError(
+            f"committing {location}: an earlier save's publish there, interrupted by a signal handler "
+            f"in this process, has not ended after {limit:g}s (it may still land); nothing was "
+            "committed: save again once it has ended",
+            transient=True,
+        )
+    _unfinished.pop(location, None)
+
+
+def _wait(thread: threading.Thread, limit: float | None = None) -> None:
+    """Wait for ``thread``, at most ``limit`` seconds (None: no limit), waking now and then:
+    a signal another thread took is handled here."""
+    deadline = math.inf if limit is None else time.monotonic() + limit
+    while thread.is_alive() and (left := deadline - time.monotonic()) > 0:
+        thread.join(min(0.1, left))
 
 
 def _store_call(location: str, fn: Callable[[], None]) -> BaseException | None:
@@ -217,38 +259,40 @@ def _store_call(location: str, fn: Callable[[], None]) -> BaseException | None:
     exception a handler raises meanwhile propagates from the wait, the store's call
     going on (as an upload on another thread would anyway). Where Python refuses to
     start a thread (3.12+ at interpreter shutdown), ``fn`` runs on this thread, as off
-    the main thread. A later call at the same location first waits for an interrupted
-    call to end, so that an interrupted save's manifest never lands over a later save's.
+    the main thread (a handler's ``RuntimeError`` raised within ``Thread.start`` is no
+    refusal: it propagates). An interrupted call is noted at ``location`` (see
+    :func:`_after_interrupted`).
     """
-    earlier = _unfinished.get(location)
-    if earlier is not None:
-        _wait(earlier)
-        _unfinished.pop(location, None)
     if threading.current_thread() is not threading.main_thread():
         return _outcome(fn)
     raised: list[BaseException | None] = []
-    claim = threading.Lock()  # whoever holds it runs fn: the worker, or this thread
-
-    def run() -> None:
-        if not claim.acquire(blocking=False):
-            return  # the start raised, and the caller ran fn itself
-        raised.append(_outcome(fn))
-
-    worker = threading.Thread(target=run, name="torchstow-commit", daemon=True)
+    worker = threading.Thread(
+        target=lambda: raised.append(_outcome(fn)), name="torchstow-commit", daemon=True
+    )
     try:
         try:
-            worker.start()  # a handler may raise here too, the store's call begun
-        except RuntimeError:
+            worker.start()  # a handler may raise here too, the store's call begun or not
+        except RuntimeError as exc:
+            if not _refused(exc):
+                raise
             # Python refused the thread (3.12+ at interpreter shutdown, as from an atexit
             # handler; or no thread left): the store's call, not begun, runs here.
-            if claim.acquire(blocking=False):
-                return _outcome(fn)
-            raise
+            return _outcome(fn)
         _wait(worker)
     except BaseException:
         _unfinished[location] = worker
         raise
     return raised[0]
+
+
+def _refused(exc: RuntimeError) -> bool:
+    """Whether ``Thread.start`` raised ``exc`` itself, Python refusing the thread (its C call
+    has no frame: ``start``'s own is the innermost of the traceback), rather than a signal
+    handler that ran within it (whose frame is then the innermost)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is getattr(threading.Thread.start, "__code__", None)
 
 
 def _outcome(fn: Callable[[], None]) -> BaseException | None:

@@ -64,6 +64,10 @@ class Collective(abc.ABC):
     def broadcast(self, obj: Any, step: str = "") -> Any:
         """Every rank receives the coordinator's ``obj``."""
 
+    def step_timeout(self) -> datetime.timedelta | None:
+        """How long a rank waits for the others in one collective (None: no limit)."""
+        return None
+
     #: Whether :meth:`transfer` moves buffers between ranks (read-once loads use it).
     can_exchange: bool = False
 
@@ -212,6 +216,9 @@ class ProcessGroupCollective(Collective):
         except ValueError:
             return None
         return value if isinstance(value, datetime.timedelta) else None
+
+    def step_timeout(self) -> datetime.timedelta | None:
+        return self.timeout or self.group_timeout()
 
     def _call(self, op: str, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run (or start) one torch.distributed operation under the timeout, turning a lost

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from torchstow.core.accepted_kwargs import call_with_accepted
 from torchstow.core.futures import wait_future
+from torchstow.core.layout.commit import publish_waits_at_most
 from torchstow.core.planning import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
@@ -412,7 +413,8 @@ def _write_and_commit(
     that some rank cannot unpickle fails the save on every rank, each keeping its files.
     """
     try:
-        own, result, _ = _coordinate(coll, step, write, commit)
+        with publish_waits_at_most(_answer_within(coll)):
+            own, result, _ = _coordinate(coll, step, write, commit)
     except CheckpointException as exc:  # the gather broke
         _settle(writer, coll, progress, exc, known=coll.is_coordinator or not progress.handed)
         raise
@@ -441,6 +443,14 @@ def _write_and_commit(
         unknown = unclear and not coll.is_coordinator
         _settle(writer, coll, progress, exc, known=not unknown or not progress.handed)
         raise
+
+
+def _answer_within(coll: Collective) -> float | None:
+    """Seconds the coordinator's commit may wait for an earlier, interrupted publish at the
+    location: half the time the other ranks wait for its answer, so that its failure still
+    reaches them (None: no limit, where no rank waits under a timeout)."""
+    timeout = coll.step_timeout()
+    return None if timeout is None else timeout.total_seconds() / 2
 
 
 def _outcome(writer: StorageWriter, progress: _SaveProgress) -> bool | None:
