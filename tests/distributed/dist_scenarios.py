@@ -9,6 +9,7 @@ whatever world size and placement wrote or reads it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -551,6 +552,18 @@ def async_commit_group_with_a_straggler(rank: int, world_size: int, late: float)
     coll = AsyncSavePipeline().commit_collective(None, 0, None, 1)
     assert isinstance(coll, ProcessGroupCollective)
     return ProcessGroupCollective(coll.group, 0, 30).broadcast(b"made" if rank == 0 else None, "straggler")
+
+
+def async_save_without_a_peer(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Rank 0's first async save on a group (its timeout then 2 s) that rank 1 never joins:
+    what it raised (its commit group is made on this first save) and how long it waited."""
+    group = dist.new_group(backend="gloo")
+    if rank == 1:
+        return {"skipped": True}
+    group._get_backend(torch.device("cpu")).set_timeout(datetime.timedelta(seconds=2))
+    start = time.monotonic()
+    out = outcome(lambda: torchstow.async_save({"w": torch.ones(4)}, path, process_group=group, timeout=1))
+    return {**out, "elapsed": time.monotonic() - start}
 
 
 def timed_fault(

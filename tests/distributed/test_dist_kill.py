@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from dist_scenarios import async_commit_group_with_a_straggler, async_commit_timeouts, timed_fault
+from dist_scenarios import (
+    async_commit_group_with_a_straggler,
+    async_commit_timeouts,
+    async_save_without_a_peer,
+    timed_fault,
+)
 
 import torchstow
 from dist_pool import GROUP_TIMEOUT, WorkerPool
@@ -88,3 +93,17 @@ def test_an_async_saves_commit_group_waits_for_a_rank_later_than_the_saves_timeo
     under ``timeout=1``, and rank 0 raised torch's DistStoreError from async_save itself
     while rank 1 raised RuntimeError some 10 s later, neither a CheckpointException)."""
     assert pools(2).run(async_commit_group_with_a_straggler, 2.5) == [b"made"] * 2
+
+
+@pytest.mark.slow
+def test_a_first_async_save_whose_peer_never_comes_raises_checkpoint_timeout_error(tmp_path: Path) -> None:
+    """The commit group is made on the first async save; a rank that never joins it (dead, or
+    stalled past the training group's timeout) makes the others raise CheckpointTimeoutError,
+    as every lost rank does (before: torch's DistStoreError from async_save)."""
+    rank0, rank1 = WorkerPool.run_once(2, async_save_without_a_peer, str(tmp_path / "ckpt"), timeout=40)
+    assert rank1.value == {"skipped": True}
+    assert rank0.status == "ok", rank0
+    assert rank0.value["class"] == "CheckpointTimeoutError", rank0.value
+    assert "rank 0 lost contact with its group of 2 ranks" in rank0.value["message"]
+    assert rank0.value["elapsed"] < 20  # the group's own timeout (2 s), not torch's 30 minutes
+    assert not (tmp_path / "ckpt").exists()
