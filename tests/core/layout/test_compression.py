@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import pytest
 import torch
+import zstandard
 
 import torchstow
 from manifest_json import manifest_doc
@@ -605,3 +608,76 @@ def test_a_frame_followed_by_the_start_of_another_is_corrupt(where: str, junk: b
     back = torch.empty(1000)
     decompress_into(memoryview(stored(frame(planes[0]), frame(planes[1]))), BYTEPLANES, torch.float32, back)
     assert torch.equal(back, t)
+
+
+def _rle_frame(declared: int, produced: int) -> bytes:
+    """A zstd frame of one RLE block of ``produced`` zero bytes whose header declares
+    ``declared`` bytes (about 16 bytes, however much either says)."""
+    block = (1 | 1 << 1 | produced << 3).to_bytes(3, "little")  # the last block, RLE
+    return struct.pack("<IBQ", 0xFD2FB528, 0xE0, declared) + block + b"\0"
+
+
+def _store_object_bytes(path: Path, key: str, stored: bytes) -> None:
+    """Make ``stored`` the stored bytes of object ``key`` (appended to its data file,
+    with a checksum that matches): what a hostile checkpoint can hold."""
+    doc = _manifest(path)
+    entry = doc["entries"][key]
+    with open(path / doc["files"][entry["file"]], "ab") as f:
+        entry["offset"] = f.tell()
+        f.write(stored)
+    entry["length"] = len(stored)
+    entry["crc32c"] = [crc32c.crc32c(stored)]
+    (path / "manifest.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("stored", "error"),
+    [
+        (_rle_frame(1 << 62, 1 << 17), "more than this machine's memory"),  # no allocation tried
+        (_rle_frame(1000, 1 << 17), "does not decompress to the 1000 bytes it declares"),
+        (_rle_frame(1 << 20, 1 << 17), "does not decompress to the 1048576 bytes it declares"),
+        (zstandard.ZstdCompressor(write_content_size=False).compress(b"y" * 100), "does not declare"),
+    ],
+    ids=["claims-exabytes", "more-than-declared", "less-than-declared", "no-size"],
+)
+def test_an_objects_frame_that_lies_about_its_size_is_corrupt_naming_the_key(
+    tmp_path: Path, stored: bytes, error: str
+) -> None:
+    path = tmp_path / "c"
+    torchstow.save(
+        {"o": {"text": ("x" * 4000,)}, "t": torch.ones(3)}, str(path), compression="zstd", format_version=1
+    )
+    _store_object_bytes(path, "o.text", stored)
+    with pytest.raises(CorruptCheckpointError, match=rf"'o\.text'.*{error}"):
+        torchstow.read(str(path))
+    assert torch.equal(torchstow.read(str(path), keys=["t"])["t"], torch.ones(3))  # the rest still reads
+
+
+def _expanding_frame(blocks: int) -> bytes:
+    """A valid zstd frame of ``blocks`` RLE blocks of 128 KiB zeros each, declaring exactly
+    what it decodes to (4 bytes stored for each 128 KiB), with a 128 KiB window."""
+    block = 1 << 17
+    header = struct.pack("<IBBQ", 0xFD2FB528, 0xC0, 7 << 3, blocks * block)
+    body = b"".join(
+        ((i == blocks - 1) | 1 << 1 | block << 3).to_bytes(3, "little") + b"\0" for i in range(blocks)
+    )
+    return header + body
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf") or sys.platform != "linux", reason="RLIMIT_AS is Linux's")
+def test_an_object_expanding_past_what_the_process_may_allocate_is_a_documented_error(tmp_path: Path) -> None:
+    """64 KiB stored, 2 GiB decoded, under an address-space limit 512 MiB above what the
+    process maps now: a CorruptCheckpointError naming the key, not a bare MemoryError."""
+    import resource
+
+    path = tmp_path / "c"
+    torchstow.save({"o": {"text": ("x" * 4000,)}}, str(path), compression="zstd", format_version=1)
+    _store_object_bytes(path, "o.text", _expanding_frame(1 << 14))
+    mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + (512 << 20), hard))
+    try:
+        with pytest.raises(CorruptCheckpointError, match=r"'o\.text'.*more than can be allocated"):
+            torchstow.read(str(path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

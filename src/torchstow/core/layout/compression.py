@@ -22,7 +22,9 @@ in parallel.
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
 import threading
 from collections.abc import Callable
 
@@ -375,11 +377,33 @@ def decompress_into(stored: memoryview, codec: str, dtype: torch.dtype, out: tor
 
 
 def decompress_bytes(stored: memoryview, codec: str) -> bytes:
-    """Decode an object's stored bytes (whose raw length the manifest does not record);
-    CorruptCheckpointError when they do not decode."""
+    """Decode an object's stored bytes (whose raw length the manifest does not record:
+    its zstd frame declares it, as every frame torchstow writes does); CorruptCheckpointError
+    when they do not decode to exactly that, or declare no length, or more than this
+    machine's memory (a few hostile bytes must not claim gigabytes)."""
     if codec != ZSTD:
         raise CorruptCheckpointError(f"codec {codec!r} does not apply to an object's bytes")
     try:
-        return zstandard.ZstdDecompressor().decompressobj().decompress(stored)
+        size = zstandard.frame_content_size(stored)
     except zstandard.ZstdError as exc:
         raise CorruptCheckpointError(f"does not decompress ({exc})") from exc
+    if size < 0:
+        raise CorruptCheckpointError("does not declare its decompressed size, as every frame written does")
+    if size > _memory_bytes():
+        raise CorruptCheckpointError(f"declares {size} bytes decompressed, more than this machine's memory")
+    try:
+        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(f"does not decompress to the {size} bytes it declares ({exc})") from exc
+    except MemoryError as exc:
+        raise CorruptCheckpointError(
+            f"declares {size} bytes decompressed, more than can be allocated"
+        ) from exc
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory in bytes (no limit where it cannot tell)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return sys.maxsize
