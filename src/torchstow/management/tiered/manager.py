@@ -234,9 +234,14 @@ class TieredManager:
         if dist.is_available() and dist.is_initialized():
             group = process_group if process_group is not None else dist.group.WORLD
             ranks = dist.get_process_group_ranks(group)
-            self._group = private_gloo_group(ranks, timedelta(seconds=timeout))
+
+            def group() -> Any:
+                what = "the groups of a tiered CheckpointManager"
+                return private_gloo_group(ranks, timedelta(seconds=timeout), step="tiered", what=what)
+
+            self._group = group()
             self._coll = ProcessGroupCollective(self._group)
-            self._persist_coll = ProcessGroupCollective(private_gloo_group(ranks, timedelta(seconds=timeout)))
+            self._persist_coll = ProcessGroupCollective(group())
         else:
             self._coll = self._persist_coll = SingleProcess()
         nodes = _all_gather(self._coll, "tiered: node of each rank", self.node)
