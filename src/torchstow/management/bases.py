@@ -143,5 +143,5 @@ def check_step(
         _refuse_newer(root, step, steps)
         return True, _newest_intact(root, step, storage_options, newest, lambda: steps) if base else None
 
-    found: tuple[bool, str | None] = broadcast_from_coordinator(coll, "check step", decide)
+    found: tuple[bool, str | None] = broadcast_from_coordinator(coll, "managed save check", decide)
     return found
