@@ -556,14 +556,19 @@ def async_commit_group_with_a_straggler(rank: int, world_size: int, late: float)
 
 def async_save_without_a_peer(rank: int, world_size: int, path: str) -> dict[str, Any]:
     """Rank 0's first async save on a group (its timeout then 2 s) that rank 1 never joins:
-    what it raised (its commit group is made on this first save) and how long it waited."""
+    what it raised (its commit group is made on this first save) and how long it waited; then
+    what a ReplicationStager on that group (2 s) raised, as ``"replication"``."""
+    from torchstow.checkpointing.replication import ReplicationStager
+
     group = dist.new_group(backend="gloo")
     if rank == 1:
         return {"skipped": True}
     group._get_backend(torch.device("cpu")).set_timeout(datetime.timedelta(seconds=2))
     start = time.monotonic()
     out = outcome(lambda: torchstow.async_save({"w": torch.ones(4)}, path, process_group=group, timeout=1))
-    return {**out, "elapsed": time.monotonic() - start}
+    elapsed = time.monotonic() - start
+    replication = outcome(lambda: ReplicationStager(group, timeout=2, storage_dir=f"{path}-replicas"))
+    return {**out, "elapsed": elapsed, "replication": replication}
 
 
 def timed_fault(

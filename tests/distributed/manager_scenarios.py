@@ -150,7 +150,7 @@ def save_in_subgroups(rank: int, world_size: int, root: str, steps: int) -> tupl
     own = f"{root}/group{rank % 2}"
     per_save: dict[str, Any] = {} if rank % 2 else {"process_group": group, "coordinator_rank": 1}
     pruned = []
-    original = module.prune
+    original = module.prune_keeping
 
     def counting_prune(*args: Any, **kwargs: Any) -> list[str]:
         pruned.append(args)
@@ -159,14 +159,14 @@ def save_in_subgroups(rank: int, world_size: int, root: str, steps: int) -> tupl
     def state(step: int) -> dict[str, Any]:
         return {f"part{group_rank}": values(f"part{group_rank}", (8,), step), "step": step}
 
-    module.prune = counting_prune  # type: ignore[assignment]
+    module.prune_keeping = counting_prune  # type: ignore[assignment]
     try:
         by_manager = group if rank % 2 else None
         with torchstow.CheckpointManager(own, keep_last=2, process_group=by_manager) as manager:
             for step in range(1, steps + 1):
                 manager.save(step, state(step), **per_save)
     finally:
-        module.prune = original  # type: ignore[assignment]
+        module.prune_keeping = original  # type: ignore[assignment]
     dist.barrier()  # every coordinator is past its last pruning
     target = state(0)
     step = torchstow.CheckpointManager(own, process_group=group).restore(target, coordinator_rank=0)
@@ -188,12 +188,12 @@ def save_while_pruning_fails(rank: int, world_size: int, root: str) -> tuple[lis
     handler = logging.Handler()
     handler.emit = warned.append  # type: ignore[method-assign]
     log = logging.getLogger(module.__name__)
-    original = module.prune
+    original = module.prune_keeping
 
     def failing_prune(*args: Any, **kwargs: Any) -> list[str]:
         raise PermissionError("deleting an old step was refused")
 
-    module.prune = failing_prune  # type: ignore[assignment]
+    module.prune_keeping = failing_prune  # type: ignore[assignment]
     log.addHandler(handler)
     try:
         with torchstow.CheckpointManager(root, keep_last=1) as manager:
@@ -202,6 +202,33 @@ def save_while_pruning_fails(rank: int, world_size: int, root: str) -> tuple[lis
             manager.wait()
             listed = manager.steps()
     finally:
-        module.prune = original  # type: ignore[assignment]
+        module.prune_keeping = original  # type: ignore[assignment]
         log.removeHandler(handler)
     return list(listed), sum("pruning" in r.getMessage() for r in warned if r.levelno == logging.WARNING)
+
+
+def save_below_the_newest_step(rank: int, world_size: int, root: str) -> tuple[bool, str, list[str]]:
+    """Steps 1 and 3 saved; a new manager (keep_last=1) restores step 1 and saves step 2 while
+    rank 1's listing of the root lags (does not show step 3, :func:`_listing_apart`). Whether
+    this rank raised a CheckpointExistsError, its message, and the root's entries after."""
+    import torch.distributed as dist
+
+    from torchstow.management import manager as module
+
+    with torchstow.CheckpointManager(root) as manager:
+        for step in (1, 3):
+            manager.save(step, _state(world_size, step), timeout=30)
+    original = module.list_checkpoints
+    manager = torchstow.CheckpointManager(root, keep_last=1)
+    manager.restore(_state(world_size, 0), step=1, timeout=30)
+    if rank == 1:
+        module.list_checkpoints = _listing_apart("lags")  # type: ignore[assignment]
+    try:
+        manager.save(2, _state(world_size, 2), timeout=30)
+        raised, message = False, ""
+    except torchstow.CheckpointExistsError as exc:
+        raised, message = True, str(exc)
+    finally:
+        module.list_checkpoints = original  # type: ignore[assignment]
+    dist.barrier()
+    return raised, message, sorted(os.listdir(root))

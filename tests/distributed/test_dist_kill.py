@@ -99,7 +99,9 @@ def test_an_async_saves_commit_group_waits_for_a_rank_later_than_the_saves_timeo
 def test_a_first_async_save_whose_peer_never_comes_raises_checkpoint_timeout_error(tmp_path: Path) -> None:
     """The commit group is made on the first async save; a rank that never joins it (dead, or
     stalled past the training group's timeout) makes the others raise CheckpointTimeoutError,
-    as every lost rank does (before: torch's DistStoreError from async_save)."""
+    as every lost rank does (before: torch's DistStoreError from async_save). So does the
+    group of a ReplicationStager (before: DistStoreError), made by the same function as the
+    tiered manager's groups."""
     rank0, rank1 = WorkerPool.run_once(2, async_save_without_a_peer, str(tmp_path / "ckpt"), timeout=40)
     assert rank1.value == {"skipped": True}
     assert rank0.status == "ok", rank0
@@ -107,3 +109,6 @@ def test_a_first_async_save_whose_peer_never_comes_raises_checkpoint_timeout_err
     assert "rank 0 lost contact with its group of 2 ranks" in rank0.value["message"]
     assert rank0.value["elapsed"] < 20  # the group's own timeout (2 s), not torch's 30 minutes
     assert not (tmp_path / "ckpt").exists()
+    replication = rank0.value["replication"]
+    assert replication["class"] == "CheckpointTimeoutError", replication
+    assert "while making the ReplicationStager's group" in replication["message"]

@@ -12,6 +12,7 @@ from manager_scenarios import (
     incremental_save_listed_apart,
     restore_latest,
     restore_latest_listed_apart,
+    save_below_the_newest_step,
     save_in_subgroups,
     save_steps,
     save_steps_and_prune,
@@ -93,3 +94,17 @@ def test_every_rank_saves_incrementally_against_the_base_the_coordinator_chose(
     written = torchstow.info(str(root / "step-3")).nbytes_written
     shard = 8 * 16 * 4  # each rank's part of the weight
     assert written < shard if base else written >= 2 * shard
+
+
+def test_every_rank_refuses_a_save_below_the_newest_step_and_nothing_is_written(
+    pools: Any, tmp_path: Path
+) -> None:
+    """After restoring step 1 of steps 1 and 3, saving step 2 is refused on every rank with the
+    same error, though rank 1's own listing does not show step 3: the coordinator decides
+    (before: step 2 was saved, then pruned for step 3 with keep_last=1)."""
+    root = tmp_path / "run"
+    results = pools(2).run(save_below_the_newest_step, str(root))
+    assert results[0] == results[1]
+    raised, message, listing = results[0]
+    assert raised and "older than the committed step(s) 3" in message
+    assert listing == ["step-1", "step-3"]

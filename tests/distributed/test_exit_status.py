@@ -33,7 +33,8 @@ from torchstow.core.protocol.gloo_groups import private_gloo_group
 
 rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", init_method=os.environ["STORE"], rank=rank, world_size=size)
-coll = ProcessGroupCollective(private_gloo_group(range(size), timedelta(seconds=60)))
+group = private_gloo_group(range(size), timedelta(seconds=60), step="test", what="a test group")
+coll = ProcessGroupCollective(group)
 for _ in range(3):
     coll.broadcast(b"x" * 1000 if rank == 0 else None, "broadcast")
     coll.gather(b"y" * 100, "gather")

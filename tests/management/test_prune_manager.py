@@ -29,6 +29,8 @@ def test_plan_prune_keeps_the_newest_and_the_milestones() -> None:
     assert _steps(plan_prune(found, keep_last=0, keep_every=2)) == [None, 1, 3, 5]
     assert plan_prune(found, keep_last=10) == []
     assert plan_prune([], keep_last=1) == []
+    # the step a manager just committed stays, even below the newest ones
+    assert _steps(plan_prune(found, keep_last=1, keep_steps=(2,))) == [None, 1, 3, 4, 5]
     for bad in ({"keep_last": -1}, {"keep_last": 1, "keep_every": 0}, {"keep_last": True}):
         with pytest.raises(ValueError, match="keep_"):
             plan_prune(found, **bad)  # type: ignore[arg-type]
@@ -187,3 +189,27 @@ def test_an_incremental_manager_whose_newest_step_was_deleted_or_damaged_goes_on
     got = torchstow.read(manager.uri(4))
     assert torch.equal(got["frozen"], frozen) and torch.equal(got["trainable"], torch.full((16,), 4.0))
     assert manager.steps() == [4]
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_a_save_below_the_newest_step_after_a_restore_is_refused_and_loses_nothing(
+    tmp_path: Path, keep_last: int
+) -> None:
+    root = tmp_path / "run"
+    with torchstow.CheckpointManager(root) as first:
+        for step in (20, 30):
+            first.save(step, {"w": torch.full((4,), float(step))})
+    manager = torchstow.CheckpointManager(root, keep_last=keep_last)
+    assert manager.restore({"w": torch.zeros(4)}, step=20) == 20
+    # before: step 21 was saved, then pruned (keep_last=1) or pruned at the next save, and a
+    # restore loaded the abandoned step 30
+    for options in ({}, {"overwrite": True}, {"asynchronous": True}):
+        with pytest.raises(torchstow.CheckpointExistsError, match=r"older than the committed step.* 30"):
+            manager.save(21, {"w": torch.ones(4)}, **options)  # type: ignore[arg-type]
+    assert sorted(os.listdir(root)) == ["step-20", "step-30"]
+    torchstow.delete(manager.uri(30))  # what the error says to do: the run goes on from step 20
+    for step in (21, 22):
+        manager.save(step, {"w": torch.full((4,), float(step))})
+    assert manager.steps() == [20, 21, 22][-keep_last:]
+    target = {"w": torch.zeros(4)}
+    assert manager.restore(target) == 22 and torch.equal(target["w"], torch.full((4,), 22.0))

@@ -17,7 +17,7 @@ import torch
 from torchstow import CheckpointManager, verify
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.backends.shm import default_shm_dir
-from torchstow.errors import CheckpointException, CheckpointNotFoundError
+from torchstow.errors import CheckpointException, CheckpointExistsError, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
 from torchstow.management.tiered.manager import TieredManager, _FilesWriter
 from torchstow.management.tiered.nodes import Topology
@@ -268,6 +268,26 @@ def test_root_is_pruned_with_keep_last(tmp_path: Path, shm_fast) -> None:
         manager.wait()
         assert sorted(p.name for p in root.iterdir()) == ["step-3", "step-4"]
         assert [(i.step, i.tiers) for i in manager.steps()] == [(3, ("durable",)), (4, ("fast", "durable"))]
+
+
+def test_a_save_below_the_newest_durable_step_fails_on_its_handle_and_writes_nothing(
+    tmp_path: Path, shm_fast
+) -> None:
+    fast, fast_dir = shm_fast
+    root = tmp_path / "root"
+    with CheckpointManager(root, fast=fast, keep_last=1, fast_keep=2) as manager:
+        for step in (20, 30):
+            manager.save(step, _state(step))
+        assert manager.restore(_empty(), step=20) == 20
+        # before: step 21 was persisted, then pruned from the root for the abandoned step 30
+        refused = manager.save(21, _state(21))
+        with pytest.raises(CheckpointExistsError, match=r"older than the committed step.* 30"):
+            refused.result()
+        assert sorted(p.name for p in root.iterdir()) == ["step-30"]
+        assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-20", "step-30"]
+        shutil.rmtree(root / "step-30")  # the abandoned step gone, the run goes on from step 20
+        assert manager.save(21, _state(21)).result() == "durable"
+        assert sorted(p.name for p in root.iterdir()) == ["step-21"]
 
 
 def test_bad_arguments(tmp_path: Path, shm_fast) -> None:

@@ -41,7 +41,6 @@ from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.storage.interfaces import StorageWriter, WriteResult
-from torchstow.errors import CheckpointTimeoutError
 from torchstow.format.manifest import Metadata
 
 __all__ = ["AsyncSave", "AsyncSavePipeline", "SaveJob", "SaveStats", "pipeline"]
@@ -174,19 +173,7 @@ class AsyncSavePipeline:
         group = base.group if base.group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
         coordinator = ranks[coordinator_rank]
-        try:
-            commit_group = self._group_for(tuple(sorted(ranks)), own)
-        except RuntimeError as exc:  # torch's DistStoreError or a gloo connection error
-            limit_text = f"{own.total_seconds():g}s" if own is not None else "torch's default timeout"
-            raise CheckpointTimeoutError(
-                f"checkpoint async save: rank {base.rank} lost contact with its group of "
-                f"{base.world_size} ranks (coordinator {coordinator_rank}) while making the commit "
-                "group on its first async_save: another rank died, stalled, or did not reach its "
-                f"first async_save within {limit_text} (the timeout of process_group). "
-                f"Transport error: {exc}",
-                rank=base.rank,
-                step="async save",
-            ) from exc
+        commit_group = self._group_for(tuple(sorted(ranks)), own)
         return ProcessGroupCollective(commit_group, dist.get_group_rank(commit_group, coordinator), limit)
 
     def _group_for(self, ranks: tuple[int, ...], timeout: datetime.timedelta | None) -> Any:
@@ -199,7 +186,9 @@ class AsyncSavePipeline:
             self._groups.clear()
         group = self._groups.get(ranks)
         if group is None:
-            group = self._groups[ranks] = private_gloo_group(ranks, timeout)
+            group = self._groups[ranks] = private_gloo_group(
+                ranks, timeout, step="async save", what="the commit group of its first async_save"
+            )
         return group
 
     def submit(

@@ -86,7 +86,9 @@ class ReplicationStager:
         partner = (group_rank + world_size // 2) % world_size
         self.rank = ranks[group_rank]
         self.partner_rank = ranks[partner]
-        self._group = private_gloo_group(ranks, timedelta(seconds=self.timeout))
+        self._group = private_gloo_group(
+            ranks, timedelta(seconds=self.timeout), step="replication", what="the ReplicationStager's group"
+        )
         self._partner_in_group = dist.get_group_rank(self._group, self.partner_rank)
         self._stager = StateDictStager()
         self.allow_pickle = allow_pickle

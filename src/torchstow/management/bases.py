@@ -1,5 +1,11 @@
-"""The base of a managed incremental save: one rule for ``CheckpointManager(incremental=True)``
-and the tiered manager's incremental persist.
+"""What a managed save learns from its root before it writes: whether it may save at all
+(:func:`check_step`), and the base of an incremental save (:func:`choose_base`); one rule for
+``CheckpointManager`` and the tiered manager.
+
+A save of a step older than a committed step under the root is refused on every rank with
+a :class:`~torchstow.errors.CheckpointExistsError` before anything is written: pruning
+orders by step, so it would delete the new step and keep the abandoned newer ones (and a
+restore would load those). The coordinator lists the root once and decides for every rank.
 
 The base of step ``s`` is the newest committed, intact torchstow checkpoint of a step
 before ``s`` under the root (a step the manager just committed, when it names one, is
@@ -20,10 +26,11 @@ from torchstow.core.layout.incremental import base_problem
 from torchstow.core.protocol.collective import Collective
 from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
+from torchstow.errors import CheckpointExistsError
 from torchstow.management.steps import step_uri
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["choose_base"]
+__all__ = ["check_step", "choose_base"]
 
 logger = logging.getLogger("torchstow.management")
 
@@ -94,3 +101,47 @@ def choose_base(
         "incremental base",
         lambda: _newest_intact(root, step, storage_options, newest, listed),
     )
+
+
+def _refuse_newer(root: str, step: int, steps: Iterable[int]) -> None:
+    """Raise CheckpointExistsError when a step after ``step`` is among ``steps``."""
+    newer = sorted(s for s in steps if s > step)
+    if newer:
+        shown = ", ".join(map(str, newer[:5])) + (", ..." if len(newer) > 5 else "")
+        raise CheckpointExistsError(
+            f"step {step} is older than the committed step(s) {shown} under {root}: nothing was "
+            f"saved (pruning keeps the newest steps, so it would delete step {step}, and a restore "
+            f"would load step {newer[-1]}); to go on from an older step, delete the newer ones "
+            f"first (torchstow.delete(manager.uri(n)) or `torchstow rm`), or save under a step "
+            f"above {newer[-1]}"
+        )
+
+
+def check_step(
+    coll: Collective,
+    root: str,
+    step: int,
+    storage_options: dict[str, Any] | None,
+    *,
+    listed: Callable[[], Iterable[int]],
+    base: bool = False,
+    newest: int | None = None,
+) -> tuple[bool, str | None]:
+    """Refuse ``step`` when ``listed()`` (the committed steps under ``root``) has a newer
+    one: every rank of ``coll`` raises the same CheckpointException that is a
+    CheckpointExistsError. Otherwise ``(listed, base_uri)``: whether the root was listed
+    (False when listing it failed: an ``OSError``, logged, and the save goes on), and with
+    ``base`` the base :func:`choose_base` would pick, from the same listing and in the same
+    broadcast (else None). Collective: every rank of ``coll`` calls it."""
+
+    def decide() -> tuple[bool, str | None]:
+        try:
+            steps = sorted(listed())
+        except OSError as exc:
+            logger.warning("step %d: listing %s failed: %s; saving without checking it", step, root, exc)
+            return False, _newest_intact(root, step, storage_options, newest, listed) if base else None
+        _refuse_newer(root, step, steps)
+        return True, _newest_intact(root, step, storage_options, newest, lambda: steps) if base else None
+
+    found: tuple[bool, str | None] = broadcast_from_coordinator(coll, "managed save check", decide)
+    return found

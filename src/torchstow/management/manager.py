@@ -15,9 +15,9 @@ from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.compression import check_compression
-from torchstow.management.bases import choose_base
+from torchstow.management.bases import check_step, choose_base
 from torchstow.management.catalog import list_checkpoints
-from torchstow.management.prune import plan_prune, prune
+from torchstow.management.prune import plan_prune, prune_keeping
 from torchstow.management.steps import step_uri
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
 from torchstow.plugins.resolve import backend_at
@@ -55,11 +55,18 @@ class CheckpointManager:
     nothing (it logs a warning and returns None), so a loop that resumes at
     the restored step goes on; ``overwrite=True`` replaces it. Any other
     checkpoint already at ``<root>/step-<step>`` is a CheckpointExistsError.
+    So is a save of a step older than a committed step under ``root`` (a run
+    that restored an older step), ``overwrite`` or not, on every rank and
+    before anything is written: pruning keeps the newest steps, so it would
+    delete the new one (and a restore would load the abandoned newer one).
+    Delete the newer steps (:func:`torchstow.delete`) or save under a higher
+    step. The coordinator lists ``root`` for this at the first save after the
+    manager is made or restores, and when a step is not above the last saved.
 
     With ``incremental=True`` every save after the first is incremental
     (``save(..., base=)``) on the newest committed step, which pruning always
-    keeps: tensors unchanged since then are shared with it instead of written
-    (local files and ``shm://`` only; see docs/performance.md). A base that
+    keeps (as it keeps the step just saved): tensors unchanged since then are
+    shared with it instead of written (local files and ``shm://`` only; see docs/performance.md). A base that
     was deleted or damaged since, or is in DCP's format, is passed over for
     the newest intact torchstow step before the one saved, else the save is a
     full one (logged). The save's coordinator chooses the base for every rank
@@ -128,6 +135,9 @@ class CheckpointManager:
         if incremental:
             _check_links(self.root, storage_options)
         self._newest: int | None = None  # the highest step this manager committed (pruning keeps it)
+        # No committed step under the root is newer than this one (None: list the root at the
+        # next save); the same on every rank, as every rank makes the same calls.
+        self._checked: int | None = None
         self._done: set[int] = set()  # the steps this manager committed or restored (on every rank alike)
         self._pending: tuple[AsyncSave, threading.Event] | None = None
         self._lock = threading.Lock()
@@ -154,8 +164,9 @@ class CheckpointManager:
             return
         try:
             with self._lock:
-                prune(
+                prune_keeping(
                     self.root,
+                    step,
                     keep_last=self.keep_last or 0,
                     keep_every=self.keep_every,
                     storage_options=self.storage_options,
@@ -209,8 +220,25 @@ class CheckpointManager:
         )
         collective = collective_of(options)
         coordinator = collective.is_coordinator
-        if self.incremental and "base" not in options:
-            options["base"] = self._base(step, collective)
+        choose = self.incremental and "base" not in options
+        if self._checked is None or step < self._checked:
+            # one broadcast both refuses a step older than the root's newest and picks the base
+            listed, base = check_step(
+                collective,
+                self.root,
+                step,
+                self.storage_options,
+                listed=self._durable_steps,
+                base=choose,
+                newest=self._newest,
+            )
+            self._checked = step if listed else None
+            if choose:
+                options["base"] = base
+        else:
+            self._checked = step
+            if choose:
+                options["base"] = self._base(step, collective)
         if self.compression is not None:
             options.setdefault("compression", self.compression)
         if not asynchronous:
@@ -298,6 +326,7 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
         load(state_dict, self.uri(step), **options)
         self._done.add(step)
+        self._checked = None  # the next save may be older than steps under the root
         return step
 
     def close(self) -> None:

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from typing import Any
 
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
 from torchstow.management.verify import ProgressCallback
 
-__all__ = ["plan_prune", "prune"]
+__all__ = ["plan_prune", "prune", "prune_keeping"]
 
 logger = logging.getLogger(__name__)
 
 
 def plan_prune(
-    found: list[CheckpointInfo], *, keep_last: int, keep_every: int | None = None
+    found: list[CheckpointInfo],
+    *,
+    keep_last: int,
+    keep_every: int | None = None,
+    keep_steps: Collection[int] = (),
 ) -> list[CheckpointInfo]:
     """Which of ``found`` (committed checkpoints, oldest first) a prune deletes, oldest first.
 
     Kept: the newest ``keep_last``, every one whose step is a multiple of
-    ``keep_every``, and always the newest.
+    ``keep_every`` or in ``keep_steps``, and always the newest.
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be a non-negative integer, got {keep_last!r}")
@@ -34,6 +39,7 @@ def plan_prune(
     kept = {id(info) for info in found[-max(keep_last, 1) :]}
     if keep_every is not None:
         kept.update(id(i) for i in found if i.step is not None and i.step % keep_every == 0)
+    kept.update(id(i) for i in found if i.step in keep_steps)
     return [info for info in found if id(info) not in kept]
 
 
@@ -57,8 +63,36 @@ def prune(
     checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
     ``progress(1, number_to_delete)`` is called after each deletion.
     """
+    return _prune(uri, keep_last, keep_every, (), dry_run, storage_options, progress)
+
+
+def prune_keeping(
+    uri: str,
+    step: int,
+    *,
+    keep_last: int,
+    keep_every: int | None,
+    storage_options: dict[str, Any] | None,
+) -> list[str]:
+    """:func:`prune` after a manager committed ``step``, which it never deletes, even where
+    newer steps would push it out (a manager refuses to save below them; this is the net)."""
+    return _prune(uri, keep_last, keep_every, (step,), False, storage_options, None)
+
+
+def _prune(
+    uri: str | os.PathLike[str],
+    keep_last: int,
+    keep_every: int | None,
+    keep_steps: Collection[int],
+    dry_run: bool,
+    storage_options: dict[str, Any] | None,
+    progress: ProgressCallback | None,
+) -> list[str]:
     doomed = plan_prune(
-        list_checkpoints(uri, storage_options=storage_options), keep_last=keep_last, keep_every=keep_every
+        list_checkpoints(uri, storage_options=storage_options),
+        keep_last=keep_last,
+        keep_every=keep_every,
+        keep_steps=keep_steps,
     )
     if not dry_run:
         for info in doomed:

@@ -64,7 +64,7 @@ from torchstow.errors import (
 from torchstow.format.codec import decode_metadata, peek_manifest
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
-from torchstow.management.bases import choose_base
+from torchstow.management.bases import check_step, choose_base
 from torchstow.management.datafiles import FileSpans, scan_file, spans_by_file
 from torchstow.management.steps import step_uri
 from torchstow.management.tiered.handle import StepInfo, TieredSave
@@ -234,9 +234,14 @@ class TieredManager:
         if dist.is_available() and dist.is_initialized():
             group = process_group if process_group is not None else dist.group.WORLD
             ranks = dist.get_process_group_ranks(group)
-            self._group = private_gloo_group(ranks, timedelta(seconds=timeout))
+
+            def group() -> Any:
+                what = "the groups of a tiered CheckpointManager"
+                return private_gloo_group(ranks, timedelta(seconds=timeout), step="tiered", what=what)
+
+            self._group = group()
             self._coll = ProcessGroupCollective(self._group)
-            self._persist_coll = ProcessGroupCollective(private_gloo_group(ranks, timedelta(seconds=timeout)))
+            self._persist_coll = ProcessGroupCollective(group())
         else:
             self._coll = self._persist_coll = SingleProcess()
         nodes = _all_gather(self._coll, "tiered: node of each rank", self.node)
@@ -254,6 +259,10 @@ class TieredManager:
         self._lock = threading.Lock()
         self._prune_lock = threading.Lock()
         self._replicated = 0  # the newest step replicated by this manager
+        # No committed step under the root is newer than this one (None: list the root at the
+        # next save); written by save, and by the fast phase when its check fails (the next
+        # save waits for that phase to release the buffers).
+        self._checked: int | None = None
         self._closed = False
 
     # -- where things are ----------------------------------------------------------------
@@ -283,6 +292,8 @@ class TieredManager:
         # replication and pruning (which read the fast tier, not the buffers) may go on.
         self._released.wait()
         persist = step % self.persist_every == 0
+        check = self._checked is None or step < self._checked
+        self._checked = step
         handle = TieredSave(step, "durable" if persist else "replicated")
         started = time.perf_counter()
         staged: Any = None
@@ -300,7 +311,7 @@ class TieredManager:
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         self._released = released = threading.Event()  # this phase's own: an older one sets its own
         self._last_fast = self._fast_thread.submit(
-            self._fast_steps, step, staged, error, user_metadata, handle, persist, released
+            self._fast_steps, step, staged, error, user_metadata, handle, persist, released, check
         )
         # however the phase ends, the buffers are free for the next save once it has
         self._last_fast.add_done_callback(lambda _: released.set())
@@ -315,13 +326,22 @@ class TieredManager:
         handle: TieredSave,
         persist: bool,
         released: threading.Event,
+        check: bool,
     ) -> None:
         """Write, commit, replicate (and persist or queue the persist of) one step; sets
-        ``released`` as soon as nothing reads ``staged`` any more."""
+        ``released`` as soon as nothing reads ``staged`` any more. With ``check``, first
+        refuse a step older than a committed step under the root (:func:`check_step`)."""
         started = time.perf_counter()
         store = self._fast_store(step)
         writer = _FilesWriter(store, overwrite=True, thread_count=self._fast_backend.thread_count)
         try:
+            if (
+                check
+                and not check_step(
+                    self._coll, self.root, step, self.storage_options, listed=self._root_steps
+                )[0]
+            ):
+                self._checked = None  # the root could not be listed: look again at the next save
             if error is not None:
                 save_state_dict({}, _FailedWriter(error), collective=self._coll)
             metadata = save_state_dict(staged, writer, collective=self._coll, user_metadata=user_metadata)
@@ -332,6 +352,8 @@ class TieredManager:
                 lambda _: None,
             )
         except BaseException as exc:
+            if check:
+                self._checked = None
             handle._fail(exc)
             return
         if not (persist and self.incremental):  # an incremental persist saves from the buffers
@@ -447,7 +469,7 @@ class TieredManager:
         else:
             nbytes = metadata.nbytes_written or 0
         handle._reach("durable", nbytes, started)
-        self._prune_root(self._coll)
+        self._prune_root(self._coll, step)
 
     def _committed_anyway(self, step: int, writer: StorageWriter | None, exc: BaseException) -> int | None:
         """After a failed incremental persist: the bytes it wrote when its manifest committed all
@@ -473,16 +495,17 @@ class TieredManager:
             return None
         return found
 
-    def _prune_root(self, coll: Collective) -> None:
-        """After a persist: prune the root with ``keep_last`` / ``keep_every`` on the coordinator
-        (a failure is logged: the step is durable all the same)."""
+    def _prune_root(self, coll: Collective, step: int) -> None:
+        """After ``step`` persisted: prune the root with ``keep_last`` / ``keep_every`` on the
+        coordinator, never deleting ``step`` (a failure is logged: the step is durable all the same)."""
         if not coll.is_coordinator or (self.keep_last is None and self.keep_every is None):
             return
-        from torchstow.management.prune import prune
+        from torchstow.management.prune import prune_keeping
 
         try:
-            prune(
+            prune_keeping(
                 self.root,
+                step,
                 keep_last=self.keep_last or 0,
                 keep_every=self.keep_every,
                 storage_options=self.storage_options,
@@ -570,7 +593,7 @@ class TieredManager:
         if job.handle.level != "durable":
             job.handle._clear_error()
             job.handle._reach("durable", job.nbytes, started)
-        self._prune_root(self._persist_coll)
+        self._prune_root(self._persist_coll, job.step)
         try:  # the step this persist held back may go now (never one the fast thread is writing)
             self._prune_fast(self._replicated, newer=False)
         except Exception as exc:
@@ -651,6 +674,7 @@ class TieredManager:
     def restore(self, state_dict: Mapping[str, Any], step: int | None = None) -> int:
         """Load the newest step (or ``step``) complete in some tier into ``state_dict``; returns it."""
         self._quiesce()
+        self._checked = None  # the next save may be older than steps under the root
         holdings = self._nodes_holdings()
         for choice in complete_steps(holdings, step):
             # One pass over the bytes: every block is checked as it is loaded. Only when that
