@@ -97,3 +97,21 @@ def test_overlapping_views_load_when_the_checkpoint_agrees_and_are_refused_when_
     memory = torch.zeros(6)
     with pytest.raises(torchstow.StateDictMismatchError, match="'even' and 'a' are overlapping views"):
         torchstow.load({"a": memory, "even": memory[::2]}, other)
+
+
+def test_a_tied_meta_target_stays_tied(ckpt: str) -> None:
+    # A model built on the meta device with tied weights: one new tensor under both keys
+    # (it used to become two, silently untying the model and taking whatever each key held).
+    weight = torch.randn(4, 3)
+    torchstow.save({"embed": weight, "head": weight}, ckpt)
+    with torch.device("meta"):
+        tied = torch.nn.Linear(3, 4, bias=False).weight
+    state = {"embed": tied, "head": tied}
+    torchstow.load(state, ckpt)
+    assert state["embed"] is state["head"] and state["embed"].device.type == "cpu"
+    assert torch.equal(state["embed"], weight)
+
+    other = ckpt + "-untied"
+    torchstow.save({"embed": weight, "head": weight + 1}, other)
+    with pytest.raises(torchstow.StateDictMismatchError, match="are one tensor in the state dict"):
+        torchstow.load({"embed": tied, "head": tied}, other)

@@ -195,8 +195,13 @@ class DefaultLoadPlanner(LoadPlanner):
         ]
         if meta and self.before_allocating is not None:
             self.before_allocating(metadata, meta)
+        made: dict[int, torch.Tensor] = {}  # one new tensor per meta tensor: tied keys stay tied
         for fqn in meta:
-            flat.leaves[fqn] = value = materialize(flat.leaves[fqn])
+            old = flat.leaves[fqn]
+            value = made.get(id(old))
+            if value is None:
+                value = made[id(old)] = materialize(old)
+            flat.leaves[fqn] = value
             self.state_dict = set_leaf(self.state_dict, flat.paths[fqn], value)
         for fqn in flat.leaves:
             entry = stored.get(fqn)
