@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -115,6 +116,23 @@ def test_not_a_checkpoint_is_still_not_found(tmp_path: Path) -> None:
     assert not is_dcp_checkpoint(str(tmp_path))
     with pytest.raises(torchstow.CheckpointNotFoundError):
         torchstow.read(str(tmp_path / "nothing"))
+
+
+def test_a_pickled_object_of_a_stock_checkpoint_needs_allow_pickle(tmp_path: Path) -> None:
+    """DCP unpickles every object it stored (an io.BytesIO of loader state is its own
+    example): with allow_pickle=True they read; without, the refusal names allow_pickle
+    (both used to fail as CorruptCheckpointError)."""
+    path = str(tmp_path / "step-1")
+    dcp.save({"loader": io.BytesIO(b"loader state"), "step": 1}, checkpoint_id=path, no_dist=True)
+    with pytest.raises(torchstow.PickleNotAllowedError, match="allow_pickle=True"):
+        torchstow.read(path)
+    assert torchstow.read(path, allow_pickle=True)["loader"].getvalue() == b"loader state"
+    target: dict[str, Any] = {"loader": io.BytesIO(), "step": 0}
+    torchstow.load(target, path, allow_pickle=True)
+    assert target["loader"].getvalue() == b"loader state" and target["step"] == 1
+    through_dcp: dict[str, Any] = {"loader": io.BytesIO(), "step": 0}
+    dcp.load(through_dcp, storage_reader=torchstow.dcp_storage_reader(path, allow_pickle=True), no_dist=True)
+    assert through_dcp["loader"].getvalue() == b"loader state"
 
 
 def test_storage_extensions_are_refused_by_name(stock: tuple[str, dict[str, Any]]) -> None:

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torchstow.compat import dcp_types as conv
 from torchstow.core import planning as ts_plan
 from torchstow.errors import CorruptCheckpointError, PickleNotAllowedError
+from torchstow.format.dcp_metadata import object_encoding
 from torchstow.format.leaves import JSON, PICKLE, TORCH, check_unpickling_allowed
 from torchstow.format.manifest import BytesStorageMetadata, Metadata
 
@@ -224,7 +225,8 @@ class DcpLoadPlannerAdapter(ts_plan.LoadPlanner):
         entry = self.metadata.state_dict_metadata[fqn]
         assert isinstance(entry, BytesStorageMetadata)
         payload = value.getvalue()
-        check_payload(fqn, entry.encoding, payload, allow_pickle=self.allow_pickle)
+        encoding = object_encoding(self.metadata, entry.encoding, allow_pickle=self.allow_pickle)
+        check_payload(fqn, encoding, payload, allow_pickle=self.allow_pickle)
         self.planner.load_bytes(conv.dcp_read_item(read_item), io.BytesIO(payload))
 
     def resolve_tensor(self, read_item: ts_plan.ReadItem) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from torchstow.errors import CorruptCheckpointError, FormatVersionError
 from torchstow.format.files import DCP_METADATA
-from torchstow.format.leaves import TORCH
+from torchstow.format.leaves import PICKLE, TORCH
 from torchstow.format.manifest import (
     STORAGE_TYPES,
     BytesStorageMetadata,
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DcpLocations",
     "decode_dcp_metadata",
+    "object_encoding",
     "planner_data_from_mappings",
     "ts_index",
     "ts_metadata_entries",
@@ -272,3 +273,14 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
 
 class DcpLocations(EncodedLocations):
     """The data locations of a DCP-format checkpoint (they mark its manifest as such)."""
+
+
+def object_encoding(metadata: Metadata, encoding: str, *, allow_pickle: bool) -> str:
+    """The encoding to read an object of ``metadata`` stored as ``encoding`` with.
+
+    DCP's own format records no encoding and DCP unpickles every object it stored:
+    with ``allow_pickle`` such an object is read as ``pickle``.
+    """
+    if allow_pickle and encoding == TORCH and isinstance(metadata.storage_data, DcpLocations):
+        return PICKLE
+    return encoding

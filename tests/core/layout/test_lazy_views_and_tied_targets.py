@@ -80,3 +80,38 @@ def test_tied_keys_whose_values_differ_are_refused_after_reading(ckpt: str) -> N
     tied = torch.zeros(16)
     with pytest.raises(torchstow.StateDictMismatchError, match="holds different values for them"):
         torchstow.load({"a": tied, "b": tied}, ckpt, storage_options={"verify_checksums": False})
+
+
+def test_overlapping_views_load_when_the_checkpoint_agrees_and_are_refused_when_not(ckpt: str) -> None:
+    # Different views of one memory (a strided slice, a transposed view): each key used to be
+    # read straight into it, so one key silently showed another's values.
+    saved = torch.arange(6.0)
+    torchstow.save({"a": saved, "even": saved[::2], "odd": saved[1::2], "t": saved.view(2, 3).t()}, ckpt)
+    memory = torch.zeros(6)
+    views = {"a": memory, "even": memory[::2], "odd": memory[1::2], "t": memory.view(2, 3).t()}
+    torchstow.load(views, ckpt)
+    assert torch.equal(memory, saved)
+
+    other = ckpt + "-other"
+    torchstow.save({"a": torch.arange(6.0), "even": torch.arange(3.0) + 100}, other)
+    memory = torch.zeros(6)
+    with pytest.raises(torchstow.StateDictMismatchError, match="'even' and 'a' are overlapping views"):
+        torchstow.load({"a": memory, "even": memory[::2]}, other)
+
+
+def test_a_tied_meta_target_stays_tied(ckpt: str) -> None:
+    # A model built on the meta device with tied weights: one new tensor under both keys
+    # (it used to become two, silently untying the model and taking whatever each key held).
+    weight = torch.randn(4, 3)
+    torchstow.save({"embed": weight, "head": weight}, ckpt)
+    with torch.device("meta"):
+        tied = torch.nn.Linear(3, 4, bias=False).weight
+    state = {"embed": tied, "head": tied}
+    torchstow.load(state, ckpt)
+    assert state["embed"] is state["head"] and state["embed"].device.type == "cpu"
+    assert torch.equal(state["embed"], weight)
+
+    other = ckpt + "-untied"
+    torchstow.save({"embed": weight, "head": weight + 1}, other)
+    with pytest.raises(torchstow.StateDictMismatchError, match="are one tensor in the state dict"):
+        torchstow.load({"embed": tied, "head": tied}, other)

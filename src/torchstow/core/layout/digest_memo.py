@@ -14,8 +14,9 @@ at the same version takes the digest from here instead of reading the bytes.
 
 PyTorch bumps the version counter on every in-place operation, optimizer steps
 included; writes through ``.data``, NumPy views, DLPack, raw pointers or
-another tensor made over the same memory (``set_``, ``frombuffer``) do not,
-which is why the reuse is opt-in. torchstow's own raw writes into a tensor (a
+another tensor made over the same memory (``set_``, ``frombuffer``, or a
+swap with ``.data =`` whose other side writes it meanwhile) do not, which is
+why the reuse is opt-in. torchstow's own raw writes into a tensor (a
 load in place) call :func:`forget`.
 
 An asynchronous save writes a staged copy: with source tracking on, the

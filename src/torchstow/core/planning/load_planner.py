@@ -4,6 +4,7 @@ that intersect the chunks a rank holds with the stored chunks (any world size, a
 from __future__ import annotations
 
 import io
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,9 +15,10 @@ from torchstow.core.planning.aliases import AliasTracker
 from torchstow.core.planning.geometry import is_raw_tensor, local_chunks
 from torchstow.core.planning.items import LoadItemType, LoadPlan, ReadItem
 from torchstow.core.planning.planners import LoadPlanner
-from torchstow.errors import StateDictMismatchError
+from torchstow.errors import CorruptCheckpointError, PickleNotAllowedError, StateDictMismatchError
 from torchstow.format import chunks as chunk_math
-from torchstow.format.leaves import JSON, check_unpickling_allowed, decode_object
+from torchstow.format.dcp_metadata import DcpLocations, object_encoding
+from torchstow.format.leaves import JSON, TORCH, check_unpickling_allowed, decode_object
 from torchstow.format.manifest import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -193,8 +195,13 @@ class DefaultLoadPlanner(LoadPlanner):
         ]
         if meta and self.before_allocating is not None:
             self.before_allocating(metadata, meta)
+        made: dict[int, torch.Tensor] = {}  # one new tensor per meta tensor: tied keys stay tied
         for fqn in meta:
-            flat.leaves[fqn] = value = materialize(flat.leaves[fqn])
+            old = flat.leaves[fqn]
+            value = made.get(id(old))
+            if value is None:
+                value = made[id(old)] = materialize(old)
+            flat.leaves[fqn] = value
             self.state_dict = set_leaf(self.state_dict, flat.paths[fqn], value)
         for fqn in flat.leaves:
             entry = stored.get(fqn)
@@ -260,7 +267,17 @@ class DefaultLoadPlanner(LoadPlanner):
         fqn = read_item.dest_index.fqn
         entry = self.metadata.state_dict_metadata[fqn]
         assert isinstance(entry, BytesStorageMetadata)
-        obj = decode_object(fqn, entry.encoding, value.getvalue(), allow_pickle=self.allow_pickle)
+        encoding = object_encoding(self.metadata, entry.encoding, allow_pickle=self.allow_pickle)
+        foreign = isinstance(self.metadata.storage_data, DcpLocations) and encoding == TORCH
+        try:
+            obj = decode_object(fqn, encoding, value.getvalue(), allow_pickle=self.allow_pickle)
+        except CorruptCheckpointError as exc:
+            if foreign and isinstance(exc.__cause__, pickle.UnpicklingError):
+                raise PickleNotAllowedError(
+                    f"{fqn}: this DCP checkpoint stores the object with full pickle, which runs arbitrary "
+                    "code on load; pass allow_pickle=True if you trust the checkpoint"
+                ) from exc
+            raise
         self.state_dict = set_leaf(self.state_dict, self.paths[fqn], obj)
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
