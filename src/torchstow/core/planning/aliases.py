@@ -116,7 +116,11 @@ class AliasTracker:
         """``local`` where no earlier key's memory overlaps it, else a scratch tensor."""
         start, end = _span(local)
         storage = start - int(local.storage_offset()) * local.element_size()  # where its storage starts
-        claimed = self._claimed.setdefault((local.get_device(), storage), [])
+        key = (local.get_device(), storage)
+        claimed = self._claimed.get(key)
+        if claimed is None:  # the common case: the first key in its storage
+            self._claimed[key] = [(start, end, fqn, local)]
+            return local
         at = bisect.bisect_left(claimed, (start,))
         # claimed is disjoint: only the span just before ``at`` can start earlier and overlap
         i = at - 1 if at and claimed[at - 1][1] > start else at
