@@ -33,10 +33,19 @@ MiB = 1 << 20
 BUCKET = "torchstow-bench"
 
 
-# The server's allocator keeps freed blocks up to 32 MiB (a part, a body) for the next
-# ones, rather than returning each to the kernel and faulting in fresh zeroed pages for
-# the next: moto copies every byte of a save about six times, each copy into new memory
-_MALLOC = f"glibc.malloc.mmap_threshold={32 << 20}:glibc.malloc.trim_threshold={4 << 30}"
+# The server's allocator keeps freed blocks for the next ones, rather than returning each
+# to the kernel and faulting in fresh zeroed pages for the next: moto copies every byte
+# of a save about six times, and a ranged GET copies the whole object, each copy into new
+# memory. One arena grown with brk, never mmap (a thread's own arena cannot hold a block
+# over 64 MiB, so a 128 MiB object copied in a request's thread was mmapped afresh every
+# time: one page fault per 4 KiB), blocks up to 32 MiB kept, the heap never trimmed.
+_MALLOC = (
+    f"glibc.malloc.mmap_threshold={32 << 20}:glibc.malloc.trim_threshold={4 << 30}"
+    ":glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0"
+)
+# and its heap is grown once at start (``moto_s3.grow_heap``) by as much as a 1 GiB save
+# takes of it, so the first save does not pay the page faults that every later one is spared
+_HEAP = 3 << 30
 _PIDS: dict[str, int] = {}  # the server process behind each endpoint moto_server yields
 
 
@@ -69,7 +78,7 @@ def moto_server() -> Iterator[str]:
         [sys.executable, server, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "GLIBC_TUNABLES": _MALLOC},
+        env={**os.environ, "GLIBC_TUNABLES": _MALLOC, "MOTO_S3_GROW_HEAP": str(_HEAP)},
     )
     try:
         deadline = time.monotonic() + 60

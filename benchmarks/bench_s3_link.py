@@ -20,8 +20,8 @@ link's limit is what its caps allow at best for the bytes in 16 MiB requests ove
 connections as help (:meth:`Link.limit`). The proxy runs in a process of its own (its
 threads pace every byte; in the client's process they would take the client's
 interpreter). The server is moto's own application as ``tests/moto_s3.py`` hosts it
-(each request body read in one piece, its allocator keeping freed blocks: see
-``bench_s3.moto_server``); it keeps objects in memory (``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``,
+(each request body read in one piece, its allocator keeping freed memory, its heap grown
+once at start: see ``bench_s3.moto_server``); it keeps objects in memory (``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE``,
 rather than spilling each one over 5 MiB to a temporary file), each contender's objects
 are deleted after its round (untimed), and its CPU seconds per GiB are reported with
 each row. ``--ops save`` skips the loads (each save is then

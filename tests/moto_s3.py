@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -91,5 +92,17 @@ def serve_in_thread(port: int) -> Iterator[str]:
         thread.join()
 
 
+def grow_heap(nbytes: int) -> None:
+    """Touch ``nbytes`` of this process's heap once and free them: where the allocator keeps
+    freed memory (the benchmarks' server: see ``bench_s3.moto_server``), the first requests
+    then find pages already there, as every later one does, instead of faulting in the
+    first gigabytes that the server's copies of a save take."""
+    heap = bytearray(nbytes)
+    heap[::4096] = bytes(len(range(0, nbytes, 4096)))  # one byte a page: every page is mapped
+    del heap
+
+
 if __name__ == "__main__":
+    if "MOTO_S3_GROW_HEAP" in os.environ:
+        grow_heap(int(os.environ["MOTO_S3_GROW_HEAP"]))
     _server(int(sys.argv[1])).serve_forever()

@@ -268,11 +268,12 @@ def _average(old: float | None, new: float) -> float:
 class AdaptiveLimit:
     """At most ``limit`` requests in flight, between 1 and ``ceiling``, starting at ``start``.
 
-    Chosen from the link while requests run: each round of ``limit`` completed requests is an
-    epoch (one begun while nothing was in flight starts afresh; one that moved no data
-    decides nothing); when more requests wanted to go out than the limit allowed, an epoch
-    whose throughput grew by at least half over the best one doubles the limit (a slow
-    start: the connections still bind), one that grew by 5% to half keeps the limit and
+    Chosen from the link while requests run: each round of ``limit`` completed requests that
+    moved data is an epoch (one begun while nothing was in flight starts afresh; requests
+    that moved none, such as the uploads' starts, are not counted: ending a round, they
+    made the link look slower than it was); when more requests wanted to go out than the
+    limit allowed, an epoch whose throughput grew by at least half over the best one doubles
+    the limit (a slow start: the connections still bind), one that grew by 5% to half keeps the limit and
     stops the probing (the link's total binds: twice the requests would mostly wait, hold
     memory and end together), and one that did not grow goes back to the best limit and
     stops the probing (more connections did not fill the link further).
@@ -350,7 +351,7 @@ class AdaptiveLimit:
             self.limit += 1
             if self.limit == self.regain:
                 logger.debug("requests in flight regained: %d", self.limit)
-        elif self._epoch is not None:
+        elif self._epoch is not None and nbytes:
             began, done, moved, saturated = self._epoch
             done, moved = done + 1, moved + nbytes
             self._epoch = (began, done, moved, saturated or self.waiting > 0)

@@ -62,7 +62,7 @@ class Tuning:
     concurrency: int = 32
     retry: RetryPolicy = field(default_factory=CloudRetryPolicy)
     stall_timeout: float = 60.0
-    start_concurrency: int = 8
+    start_concurrency: int = 16
     adapt_parts: bool = True
     adapt_ranges: bool = True
 
