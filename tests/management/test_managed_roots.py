@@ -123,3 +123,27 @@ def test_rm_refuses_a_directory_that_is_no_torchstow_checkpoint(
     with pytest.raises(torchstow.CorruptCheckpointError, match="nothing was deleted"):
         torchstow.delete(folder)
     assert sorted(os.listdir(folder)) == [".metadata", "data-2024-01-1.bin"]
+
+
+@pytest.mark.parametrize("spelling", ["dot", "dot-dot", "symlink", "file-uri", "relative"])
+def test_copy_of_a_dcp_checkpoint_onto_itself_is_refused_and_loses_nothing(
+    tmp_path: Path, spelling: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DCP's file names are fixed, so a copy with overwrite withdraws the old checkpoint
+    # first: onto itself under another spelling, it deleted the very files it was to read
+    src = tmp_path / "run" / "step-1"
+    _dcp_save(src, 1)
+    before = {n: (src / n).read_bytes() for n in os.listdir(src)}
+    monkeypatch.chdir(tmp_path)
+    dst = {
+        "dot": f"{src}/.",
+        "dot-dot": f"{src}/../step-1",
+        "symlink": str(tmp_path / "alias"),
+        "file-uri": f"file://{src}",
+        "relative": "run/step-1",
+    }[spelling]
+    os.symlink(src, tmp_path / "alias")
+    with pytest.raises(ValueError, match="onto itself"):
+        torchstow.copy(str(src), dst, overwrite=True)
+    assert {n: (src / n).read_bytes() for n in os.listdir(src)} == before
+    assert torch.equal(torchstow.read(str(src))["w"], torch.full((64,), 1.0))
