@@ -147,3 +147,15 @@ def test_copy_of_a_dcp_checkpoint_onto_itself_is_refused_and_loses_nothing(
         torchstow.copy(str(src), dst, overwrite=True)
     assert {n: (src / n).read_bytes() for n in os.listdir(src)} == before
     assert torch.equal(torchstow.read(str(src))["w"], torch.full((64,), 1.0))
+
+
+def test_a_dcp_copy_that_meets_anothers_data_file_leaves_it(tmp_path: Path) -> None:
+    # a DCP save in flight (or killed) at the destination: .distcp files, no .metadata yet
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _dcp_save(src, 1)
+    dst.mkdir()
+    (dst / "__0_0.distcp").write_bytes(b"another save's bytes")
+    with pytest.raises(FileExistsError):
+        torchstow.copy(str(src), str(dst))
+    assert os.listdir(dst) == ["__0_0.distcp"]
+    assert (dst / "__0_0.distcp").read_bytes() == b"another save's bytes"

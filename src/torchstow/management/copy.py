@@ -171,11 +171,11 @@ def _copy_dcp(
         if progress is not None:
             progress(nbytes, total)
 
-    done: list[str] = []
+    done: list[str] = []  # the files this copy wrote (a file it could not create is another's)
     try:
         for name, size in sorted(lengths.items()):
-            done.append(name)
             _copy_whole_file(src_store, dst_store, name, size, advance)
+            done.append(name)
         landed = dst_store.file_sizes()
         for name, size in lengths.items():
             if landed is not None and landed.get(name) != size:
