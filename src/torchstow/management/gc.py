@@ -3,9 +3,9 @@
 Debris is what no committed manifest names: data files of a save that never
 committed beside a committed checkpoint, the files of an incomplete checkpoint
 (data without a manifest), manifest temporaries, and (on S3) multipart uploads
-never completed nor aborted. A save in flight writes such files too, so gc
-judges the files of one save (their names carry its id) together, by the
-newest of them: they go only when even that one is older than ``older_than``.
+never completed nor aborted. A save (or copy) in flight writes such files too,
+so gc judges the files of one save or copy (their names carry its id) together,
+by the newest of them: they go only when even that one is older than ``older_than``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ logger = logging.getLogger("torchstow")
 #: Seconds since a save's newest file was written after which gc judges it dead (its default).
 GRACE = 3600.0
 
-_SAVE_ID = re.compile(r"^data-([0-9a-f]+)-\d+-\d+\.bin$")
+# a save's data files (data-<id>-<rank>-<n>.bin) and a copy's (data-<id>-<n>.bin)
+_SAVE_ID = re.compile(r"^data-([0-9a-f]+)(?:-\d+)?-\d+\.bin$")
 
 
 @dataclass
