@@ -183,3 +183,15 @@ def test_a_copy_in_flight_is_judged_whole(tmp_path: Path) -> None:
     assert report.removed == []
     assert sorted(report.kept) == [f"{dst}/{n}" for n in names]
     assert sorted(os.listdir(dst)) == names
+
+
+def test_files_torchstow_did_not_name_are_never_collected(tmp_path: Path) -> None:
+    # names torchstow never writes, though they start with data- and end with .bin
+    theirs = ["data-2024-01-1.bin", "data-train-0.bin", "data-00000-of-00004.bin", "data-notes.bin"]
+    torchstow.save({"w": torch.ones(4)}, str(tmp_path / "step-1"))
+    _debris(tmp_path / "step-1", "data-aaaaaaaaaaaa-0-0.bin", *theirs)
+    _debris(tmp_path / "dataset", *theirs)  # beside the checkpoints: no manifest, no checkpoint
+    report = torchstow.gc(str(tmp_path), older_than=0)
+    assert report.removed == [f"{tmp_path}/step-1/data-aaaaaaaaaaaa-0-0.bin"]
+    assert sorted(os.listdir(tmp_path / "dataset")) == sorted(theirs)
+    assert set(theirs) <= set(os.listdir(tmp_path / "step-1"))

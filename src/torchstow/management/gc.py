@@ -6,6 +6,8 @@ committed beside a committed checkpoint, the files of an incomplete checkpoint
 never completed nor aborted. A save (or copy) in flight writes such files too,
 so gc judges the files of one save or copy (their names carry its id) together,
 by the newest of them: they go only when even that one is older than ``older_than``.
+Only names torchstow writes are judged: a user's file that merely starts with ``data-``
+is never debris.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torchstow.core.layout.commit import listed_files
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError
-from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, is_data_file
 from torchstow.management.listing import UNREADABLE, IsACheckpointError, scan
 from torchstow.plugins.resolve import backend_at
 
@@ -33,8 +35,9 @@ logger = logging.getLogger("torchstow")
 #: Seconds since a save's newest file was written after which gc judges it dead (its default).
 GRACE = 3600.0
 
-# a save's data files (data-<id>-<rank>-<n>.bin) and a copy's (data-<id>-<n>.bin)
-_SAVE_ID = re.compile(r"^data-([0-9a-f]+)(?:-\d+)?-\d+\.bin$")
+# a save's data files (data-<id>-<rank>-<n>.bin) and a copy's (data-<id>-<n>.bin); ids
+# are 12 hex digits: other data-*.bin names are no file torchstow wrote (a user's)
+_SAVE_ID = re.compile(r"^data-([0-9a-f]{12})(?:-\d+)?-\d+\.bin$")
 
 
 @dataclass
@@ -60,6 +63,12 @@ class GcReport:
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready values."""
         return asdict(self)
+
+
+def _collectable(name: str) -> bool:
+    """Whether ``name`` is a file torchstow writes, so gc may judge it: a data file named as
+    a save or copy names it, a chunk table, or publish debris."""
+    return bool(_SAVE_ID.match(name)) if is_data_file(name) else is_checkpoint_file(name)
 
 
 def _group(name: str) -> str:
@@ -93,7 +102,7 @@ def _debris(
     files = store.list_files() if files is None else files
     if DCP_METADATA in files:
         return "a checkpoint in DCP's format"
-    debris = {f for f in files if is_checkpoint_file(f)}
+    debris = {f for f in files if _collectable(f)}
     if debris and MANIFEST in files:
         listed = listed_files(store) if listed is None else listed
         if listed is None:
