@@ -213,3 +213,16 @@ def test_a_save_below_the_newest_step_after_a_restore_is_refused_and_loses_nothi
     assert manager.steps() == [20, 21, 22][-keep_last:]
     target = {"w": torch.zeros(4)}
     assert manager.restore(target) == 22 and torch.equal(target["w"], torch.full((4,), 22.0))
+
+
+def test_restore_loads_the_newest_step_wherever_it_lies(tmp_path: Path) -> None:
+    # steps() counts every committed checkpoint under the root, named as step_of reads it
+    # (iter_0001000, step-007): restore() loads the one it names, not <root>/step-<n>
+    root = tmp_path / "run"
+    manager = torchstow.CheckpointManager(root)
+    manager.save(3, _model_state(3))
+    torchstow.save(_model_state(7), str(root / "iter_0000007"))
+    assert manager.steps() == [3, 7] and manager.latest_step() == 7
+    target = _model_state(0)
+    assert torchstow.CheckpointManager(root).restore(target) == 7
+    assert torch.equal(target["w"], torch.full((8, 8), 7.0))
