@@ -226,3 +226,24 @@ def test_restore_loads_the_newest_step_wherever_it_lies(tmp_path: Path) -> None:
     target = _model_state(0)
     assert torchstow.CheckpointManager(root).restore(target) == 7
     assert torch.equal(target["w"], torch.full((8, 8), 7.0))
+
+
+def test_a_symbolic_link_beside_the_steps_is_no_checkpoint_to_prune(tmp_path: Path) -> None:
+    # a "latest" link to the newest step: pruning it as a checkpoint of its own deleted
+    # the files of the step it pointed at, a step that retention keeps
+    root = tmp_path / "run"
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    outside = tmp_path / "archive"
+    torchstow.save(_model_state(1), str(outside))
+    os.makedirs(root)
+    os.symlink(outside, root / "best")
+    for step in (2, 3, 4):
+        manager.save(step, _model_state(step))
+        if (root / "latest").is_symlink():
+            (root / "latest").unlink()
+        os.symlink(f"step-{step}", root / "latest")
+    assert manager.steps() == [3, 4]
+    assert [info.uri for info in torchstow.list_checkpoints(root)] == [f"{root}/step-3", f"{root}/step-4"]
+    for uri in (manager.uri(3), manager.uri(4), str(outside)):
+        assert torchstow.verify(uri).ok
+    assert torchstow.read(str(outside))["w"][0, 0] == 1.0

@@ -10,6 +10,8 @@ error (:class:`~torchstow.errors.StorageIOError` with ``transient``) raises,
 since the store is failing, not the checkpoint, and an older checkpoint must
 not pass for the newest. To :func:`children_of` (``list_checkpoints``) a
 prefix that does not exist has no children; :func:`scan` says so, naming it.
+A child that is a symbolic link is not an entry: a checkpoint is listed (and pruned)
+under its own name only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torchstow.errors import (
     IncompleteCheckpointError,
     StorageIOError,
 )
+from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
 from torchstow.management.steps import step_of
 from torchstow.management.verify import ProgressCallback
@@ -135,12 +138,22 @@ def children_of(backend: Backend, prefix: str) -> list[str]:
         return []
 
 
+def _is_link(backend: Backend, uri: str) -> bool:
+    """Whether the location ``uri`` is a symbolic link (a local store's directory)."""
+    if not isinstance(backend, StoreBackend):
+        return False
+    inside = backend.open_store(uri).local_path(MANIFEST)
+    return inside is not None and os.path.islink(os.path.dirname(inside))
+
+
 def entries(backend: Backend, children: list[str], progress: ProgressCallback | None = None) -> list[Entry]:
     """The checkpoint locations among ``children`` (see the module's error policy), ordered
-    by step (none first), then by commit time; ``progress(1, len(children))`` after each."""
+    by step (none first), then by commit time; ``progress(1, len(children))`` after each.
+    A symbolic link among them (``latest -> step-300``) is no location of its own: a
+    checkpoint is listed, and pruned, under its own name only."""
     found = []
     for child in children:
-        entry = _entry(backend, child)
+        entry = None if _is_link(backend, child) else _entry(backend, child)
         if entry is not None:
             found.append(entry)
         if progress is not None:
