@@ -22,7 +22,7 @@ from typing import Any
 
 from torchstow.core.layout.commit import listed_files
 from torchstow.core.storage.backend import StoreBackend
-from torchstow.core.storage.store import ByteStore
+from torchstow.core.storage.store import ByteStore, PendingUpload
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, is_data_file
 from torchstow.management.listing import UNREADABLE, IsACheckpointError, scan
@@ -78,9 +78,10 @@ def _group(name: str) -> str:
 
 
 def _old_groups(
-    names: Iterable[str], times: dict[str, float] | None, cutoff: float
+    names: Iterable[str], times: dict[str, float] | None, cutoff: float, uploads: Iterable[PendingUpload]
 ) -> tuple[set[str], set[str]]:
-    """``(old, young)``: ``names`` split by whether every file of their save is older than ``cutoff``."""
+    """``(old, young)``: ``names`` split by whether every file of their save is older than
+    ``cutoff``, the save's ``uploads`` in progress (their last activity) counted too."""
     names = set(names)
     if times is None:
         return set(), names
@@ -88,6 +89,10 @@ def _old_groups(
     for name in names:
         group = _group(name)
         newest[group] = max(newest.get(group, 0.0), times.get(name, float("inf")))
+    for upload in uploads:  # a file of the save still uploading: the save is as young as it
+        group = _group(upload.name)
+        if group in newest:
+            newest[group] = max(newest[group], upload.started)
     old = {n for n in names if newest[_group(n)] < cutoff}
     return old, names - old
 
@@ -108,7 +113,9 @@ def _debris(
         if listed is None:
             return "its manifest could not be read"
         debris -= listed
-    return _old_groups(debris, store.file_times(), cutoff) if debris else (set(), set())
+    if not debris:
+        return set(), set()
+    return _old_groups(debris, store.file_times(), cutoff, store.pending_uploads())
 
 
 def in_flight(
