@@ -371,3 +371,13 @@ def test_a_tiered_save_logs_its_protocol_phases_and_times_each_level(
     assert list(handle.stats) == ["staged", "fast", "replicated", "durable"]
     assert all(s.seconds >= 0 for s in handle.stats.values())
     assert handle.stats["fast"].bytes == handle.stats["durable"].bytes == 4000
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot", "file-uri"])
+def test_a_fast_tier_that_is_the_root_is_refused(tmp_path: Path, spelling: str) -> None:
+    # the fast tier's pruning (fast_keep) would delete durable steps, and every persist
+    # copied a step onto itself (FileExistsError, the step never durable)
+    root = tmp_path / "run"
+    fast = {"same": str(root), "dot": f"{root}/.", "file-uri": f"file://{root}"}[spelling]
+    with pytest.raises(ValueError, match="fast tier"):
+        CheckpointManager(root, fast=fast)

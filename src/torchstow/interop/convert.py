@@ -146,12 +146,17 @@ def _resolved(uri: str) -> tuple[str, str]:
     return f"{scheme.lower()}://{rest.rstrip('/')}", "/"
 
 
+def same_location(one: str, other: str) -> bool:
+    """Whether the URIs or paths ``one`` and ``other`` name one location, however spelled."""
+    (a, sep), (b, _) = _resolved(one), _resolved(other)
+    return a == b or (sep == os.sep and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 def check_apart(src: str, dst: str, verb: str = "convert") -> None:
     """Refuse (ValueError) a destination that is the source, holds it or lies inside it:
     writing it would overwrite or delete the bytes being read (``verb``: what is refused)."""
     (a, sep), (b, _) = _resolved(src), _resolved(dst)
-    same = a == b or (sep == os.sep and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
-    if same:
+    if same_location(src, dst):
         raise ValueError(f"cannot {verb} {src} onto itself ({dst} is the same location)")
     if a.startswith(b.rstrip(sep) + sep) or b.startswith(a.rstrip(sep) + sep):
         raise ValueError(

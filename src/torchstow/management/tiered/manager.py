@@ -216,6 +216,13 @@ class TieredManager:
         self.node = node_index()
         self.fast_template = fast
         self.fast = expand_node(fast, self.node).rstrip("/")
+        from torchstow.interop.convert import same_location
+
+        if same_location(self.fast, root):
+            raise ValueError(
+                f"the fast tier {fast!r} is the root {root!r}: give the fast tier a location of "
+                "its own (its pruning keeps fast_keep steps, and a persist copies a step from it)"
+            )
         self.fast_keep = fast_keep
         self.replicas = replicas
         self.persist_every = persist_every
