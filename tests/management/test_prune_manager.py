@@ -228,22 +228,28 @@ def test_restore_loads_the_newest_step_wherever_it_lies(tmp_path: Path) -> None:
     assert torch.equal(target["w"], torch.full((8, 8), 7.0))
 
 
-def test_a_symbolic_link_beside_the_steps_is_no_checkpoint_to_prune(tmp_path: Path) -> None:
+def test_prune_and_gc_never_go_through_a_symbolic_link(tmp_path: Path) -> None:
     # a "latest" link to the newest step: pruning it as a checkpoint of its own deleted
     # the files of the step it pointed at, a step that retention keeps
     root = tmp_path / "run"
     manager = torchstow.CheckpointManager(root, keep_last=2)
-    outside = tmp_path / "archive"
-    torchstow.save(_model_state(1), str(outside))
+    outside, debris = tmp_path / "archive", tmp_path / "killed"
+    torchstow.save(_model_state(1), str(outside), metadata={"step": 1})
+    debris.mkdir()
+    (debris / "data-aaaaaaaaaaaa-0-0.bin").write_bytes(b"x")  # an incomplete checkpoint
     os.makedirs(root)
     os.symlink(outside, root / "best")
+    os.symlink(debris, root / "killed")
     for step in (2, 3, 4):
         manager.save(step, _model_state(step))
         if (root / "latest").is_symlink():
             (root / "latest").unlink()
         os.symlink(f"step-{step}", root / "latest")
-    assert manager.steps() == [3, 4]
-    assert [info.uri for info in torchstow.list_checkpoints(root)] == [f"{root}/step-3", f"{root}/step-4"]
+    assert sorted(os.listdir(root)) == ["best", "killed", "latest", "step-3", "step-4"]
+    assert torchstow.gc(root, older_than=0).removed == []
+    assert os.listdir(debris) == ["data-aaaaaaaaaaaa-0-0.bin"]
     for uri in (manager.uri(3), manager.uri(4), str(outside)):
         assert torchstow.verify(uri).ok
-    assert torchstow.read(str(outside))["w"][0, 0] == 1.0
+    target = _model_state(0)
+    assert torchstow.CheckpointManager(root).restore(target) == 4  # a link is still read
+    assert torch.equal(target["w"], torch.full((8, 8), 4.0))

@@ -25,7 +25,7 @@ from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, PendingUpload
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, is_data_file
-from torchstow.management.listing import UNREADABLE, IsACheckpointError, scan
+from torchstow.management.listing import UNREADABLE, IsACheckpointError, is_link, scan
 from torchstow.plugins.resolve import backend_at
 
 __all__ = ["GRACE", "GcReport", "gc", "in_flight"]
@@ -179,7 +179,8 @@ def gc(
     S3's ``LastModified`` and an upload's ``Initiated``), judged per save: the
     files of a save still in flight are never removed while its newest file is
     younger than that. Files a committed manifest names, checkpoints in DCP's
-    own format and unreadable manifests' locations are left alone; a store that
+    own format, unreadable manifests' locations and symbolic links under the prefix
+    (never followed) are left alone; a store that
     cannot date its files keeps them. Returns a :class:`GcReport`.
     """
     if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
@@ -195,7 +196,7 @@ def gc(
         report.skipped.update(
             {e.uri: "its manifest could not be read" for e in entries if e.status == UNREADABLE}
         )
-        locations = [e.uri for e in entries if e.status != UNREADABLE]
+        locations = [e.uri for e in entries if e.status != UNREADABLE and not is_link(backend, e.uri)]
     except IsACheckpointError:
         locations = [text]
     except CheckpointNotFoundError:

@@ -10,8 +10,8 @@ error (:class:`~torchstow.errors.StorageIOError` with ``transient``) raises,
 since the store is failing, not the checkpoint, and an older checkpoint must
 not pass for the newest. To :func:`children_of` (``list_checkpoints``) a
 prefix that does not exist has no children; :func:`scan` says so, naming it.
-A child that is a symbolic link is not an entry: a checkpoint is listed (and pruned)
-under its own name only.
+A child that is a symbolic link is listed as what it links to; :func:`is_link` tells
+it, for what deletes (``prune``, ``gc``), which never goes through one.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torchstow.management.steps import step_of
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["Entry", "IsACheckpointError", "checkpoint_info", "children_of", "entries", "scan"]
+__all__ = ["Entry", "IsACheckpointError", "checkpoint_info", "children_of", "entries", "is_link", "scan"]
 
 COMMITTED = "committed"
 INCOMPLETE = "incomplete"
@@ -138,7 +138,7 @@ def children_of(backend: Backend, prefix: str) -> list[str]:
         return []
 
 
-def _is_link(backend: Backend, uri: str) -> bool:
+def is_link(backend: Backend, uri: str) -> bool:
     """Whether the location ``uri`` is a symbolic link (a local store's directory)."""
     if not isinstance(backend, StoreBackend):
         return False
@@ -148,12 +148,10 @@ def _is_link(backend: Backend, uri: str) -> bool:
 
 def entries(backend: Backend, children: list[str], progress: ProgressCallback | None = None) -> list[Entry]:
     """The checkpoint locations among ``children`` (see the module's error policy), ordered
-    by step (none first), then by commit time; ``progress(1, len(children))`` after each.
-    A symbolic link among them (``latest -> step-300``) is no location of its own: a
-    checkpoint is listed, and pruned, under its own name only."""
+    by step (none first), then by commit time; ``progress(1, len(children))`` after each."""
     found = []
     for child in children:
-        entry = None if _is_link(backend, child) else _entry(backend, child)
+        entry = _entry(backend, child)
         if entry is not None:
             found.append(entry)
         if progress is not None:
