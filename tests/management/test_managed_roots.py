@@ -159,3 +159,20 @@ def test_a_dcp_copy_that_meets_anothers_data_file_leaves_it(tmp_path: Path) -> N
         torchstow.copy(str(src), str(dst))
     assert os.listdir(dst) == ["__0_0.distcp"]
     assert (dst / "__0_0.distcp").read_bytes() == b"another save's bytes"
+
+
+def test_rm_refuses_a_folder_of_data_files_torchstow_did_not_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # no manifest, no .metadata, and no file named as torchstow names its own: no checkpoint
+    # (nor a killed save's leftovers), though the names start with data- and end with .bin
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    theirs = ["README", "data-2024-01-1.bin", "data-train-0.bin"]
+    for name in theirs:
+        (folder / name).write_bytes(b"user data")
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="nothing was deleted"):
+        torchstow.delete(folder, force=True)
+    assert main(["rm", str(folder)]) == 1
+    assert "nothing was deleted" in capsys.readouterr().err
+    assert sorted(os.listdir(folder)) == theirs

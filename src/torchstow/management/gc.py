@@ -28,7 +28,7 @@ from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, i
 from torchstow.management.listing import UNREADABLE, IsACheckpointError, is_link, scan
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["GRACE", "GcReport", "gc", "in_flight"]
+__all__ = ["GRACE", "GcReport", "collectable", "gc", "in_flight"]
 
 logger = logging.getLogger("torchstow")
 
@@ -65,7 +65,7 @@ class GcReport:
         return asdict(self)
 
 
-def _collectable(name: str) -> bool:
+def collectable(name: str) -> bool:
     """Whether ``name`` is a file torchstow writes, so gc may judge it: a data file named as
     a save or copy names it, a chunk table, or publish debris."""
     return bool(_SAVE_ID.match(name)) if is_data_file(name) else is_checkpoint_file(name)
@@ -107,7 +107,7 @@ def _debris(
     files = store.list_files() if files is None else files
     if DCP_METADATA in files:
         return "a checkpoint in DCP's format"
-    debris = {f for f in files if _collectable(f)}
+    debris = {f for f in files if collectable(f)}
     if debris and MANIFEST in files:
         listed = listed_files(store) if listed is None else listed
         if listed is None:
