@@ -170,3 +170,24 @@ def test_a_single_put_interrupted_by_a_signal_handler_leaves_no_data_file(
     assert [r.status for r in proxy.requests("PUT", r"/data-")] == [200]  # it landed, once
     listed = s3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])
     assert [o["Key"] for o in listed] == []
+
+
+def test_gc_keeps_the_landed_files_of_a_save_still_uploading_one(s3_endpoint: str, s3_bucket: str) -> None:
+    # a save (or copy) whose first file landed long ago and whose last is still uploading
+    # is in flight: its landed file is no debris while the upload gains parts
+    run = unique()
+    prefix = f"s3://{s3_bucket}/{run}"
+    client = s3_client(s3_endpoint)
+    landed, uploading = (f"{run}/step-1/data-aaaaaaaaaaaa-{n}-0.bin" for n in (0, 1))
+    client.put_object(Bucket=s3_bucket, Key=landed, Body=b"x" * 100)
+    time.sleep(2.1)  # S3 dates objects and parts to the second
+    upload = client.create_multipart_upload(Bucket=s3_bucket, Key=uploading)["UploadId"]
+    client.upload_part(Bucket=s3_bucket, Key=uploading, UploadId=upload, PartNumber=1, Body=b"y" * 100)
+    landed_at = client.head_object(Bucket=s3_bucket, Key=landed)["LastModified"].timestamp()
+    (part,) = client.list_parts(Bucket=s3_bucket, Key=uploading, UploadId=upload)["Parts"]
+    between = (landed_at + part["LastModified"].timestamp()) / 2  # a second or more from either
+    report = torchstow.gc(prefix, older_than=time.time() - between, storage_options=s3_options(s3_endpoint))
+    assert report.removed == [] and report.aborted == []
+    assert sorted(report.kept) == [f"s3://{s3_bucket}/{landed}", f"s3://{s3_bucket}/{uploading}"]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])]
+    assert keys == [landed]

@@ -274,3 +274,15 @@ def test_durations_read_as_a_person_would_say_them() -> None:
         "2m 05s",
         "1h 02m",
     ]
+
+
+def test_demo_never_replaces_a_checkpoint_of_yours(tmp_path: Path) -> None:
+    # `demo --path DIR` writes DIR/step-2: pointed at a run directory, it replaced the
+    # run's own step 2 with the demo's model
+    torchstow.save(_state(2), str(tmp_path / "step-2"), metadata={"step": 2})
+    before = sorted(os.listdir(tmp_path / "step-2"))
+    err = fails("demo", "--path", str(tmp_path))
+    assert "step-2" in err and "not the demo's" in err
+    assert sorted(os.listdir(tmp_path / "step-2")) == before
+    back = torchstow.read(str(tmp_path / "step-2"))
+    assert torch.equal(back["model"]["layer0"]["weight"], _state(2)["model"]["layer0"]["weight"])

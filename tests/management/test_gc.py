@@ -163,3 +163,35 @@ def test_an_unreadable_manifests_location_is_left_alone(tmp_path: Path) -> None:
     assert report.removed == []
     assert list(report.skipped) == [str(tmp_path / "step-1")]
     assert sorted(os.listdir(tmp_path / "step-1")) == before  # its data may be all there is of it
+
+
+def test_a_copy_in_flight_is_judged_whole(tmp_path: Path) -> None:
+    # a copy names its files data-<copy id>-<n>.bin: while it writes its last file, the
+    # first ones (done long ago) are part of a copy in flight, not debris of their own
+    src, dst = str(tmp_path / "src"), tmp_path / "dst"
+    sd = {"a": torch.randn(1 << 18), "b": torch.randn(1 << 18)}
+    torchstow.save(sd, src, storage_options={"thread_count": 2})
+    torchstow.copy(src, str(dst))
+    names = sorted(n for n in os.listdir(dst) if n.startswith("data-"))
+    assert len(names) == 2
+    for name in os.listdir(dst):  # as it was before the copy committed
+        if name not in names:
+            (dst / name).unlink()
+    time.sleep(1.2)
+    os.utime(dst / names[-1])  # the copy is still writing its last file
+    report = torchstow.gc(str(dst), older_than=1.0)
+    assert report.removed == []
+    assert sorted(report.kept) == [f"{dst}/{n}" for n in names]
+    assert sorted(os.listdir(dst)) == names
+
+
+def test_files_torchstow_did_not_name_are_never_collected(tmp_path: Path) -> None:
+    # names torchstow never writes, though they start with data- and end with .bin
+    theirs = ["data-2024-01-1.bin", "data-train-0.bin", "data-00000-of-00004.bin", "data-notes.bin"]
+    torchstow.save({"w": torch.ones(4)}, str(tmp_path / "step-1"))
+    _debris(tmp_path / "step-1", "data-aaaaaaaaaaaa-0-0.bin", *theirs)
+    _debris(tmp_path / "dataset", *theirs)  # beside the checkpoints: no manifest, no checkpoint
+    report = torchstow.gc(str(tmp_path), older_than=0)
+    assert report.removed == [f"{tmp_path}/step-1/data-aaaaaaaaaaaa-0-0.bin"]
+    assert sorted(os.listdir(tmp_path / "dataset")) == sorted(theirs)
+    assert set(theirs) <= set(os.listdir(tmp_path / "step-1"))

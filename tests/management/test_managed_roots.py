@@ -123,3 +123,56 @@ def test_rm_refuses_a_directory_that_is_no_torchstow_checkpoint(
     with pytest.raises(torchstow.CorruptCheckpointError, match="nothing was deleted"):
         torchstow.delete(folder)
     assert sorted(os.listdir(folder)) == [".metadata", "data-2024-01-1.bin"]
+
+
+@pytest.mark.parametrize("spelling", ["dot", "dot-dot", "symlink", "file-uri", "relative"])
+def test_copy_of_a_dcp_checkpoint_onto_itself_is_refused_and_loses_nothing(
+    tmp_path: Path, spelling: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DCP's file names are fixed, so a copy with overwrite withdraws the old checkpoint
+    # first: onto itself under another spelling, it deleted the very files it was to read
+    src = tmp_path / "run" / "step-1"
+    _dcp_save(src, 1)
+    before = {n: (src / n).read_bytes() for n in os.listdir(src)}
+    monkeypatch.chdir(tmp_path)
+    dst = {
+        "dot": f"{src}/.",
+        "dot-dot": f"{src}/../step-1",
+        "symlink": str(tmp_path / "alias"),
+        "file-uri": f"file://{src}",
+        "relative": "run/step-1",
+    }[spelling]
+    os.symlink(src, tmp_path / "alias")
+    with pytest.raises(ValueError, match="onto itself"):
+        torchstow.copy(str(src), dst, overwrite=True)
+    assert {n: (src / n).read_bytes() for n in os.listdir(src)} == before
+    assert torch.equal(torchstow.read(str(src))["w"], torch.full((64,), 1.0))
+
+
+def test_a_dcp_copy_that_meets_anothers_data_file_leaves_it(tmp_path: Path) -> None:
+    # a DCP save in flight (or killed) at the destination: .distcp files, no .metadata yet
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _dcp_save(src, 1)
+    dst.mkdir()
+    (dst / "__0_0.distcp").write_bytes(b"another save's bytes")
+    with pytest.raises(FileExistsError):
+        torchstow.copy(str(src), str(dst))
+    assert os.listdir(dst) == ["__0_0.distcp"]
+    assert (dst / "__0_0.distcp").read_bytes() == b"another save's bytes"
+
+
+def test_rm_refuses_a_folder_of_data_files_torchstow_did_not_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # no manifest, no .metadata, and no file named as torchstow names its own: no checkpoint
+    # (nor a killed save's leftovers), though the names start with data- and end with .bin
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    theirs = ["README", "data-2024-01-1.bin", "data-train-0.bin"]
+    for name in theirs:
+        (folder / name).write_bytes(b"user data")
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="nothing was deleted"):
+        torchstow.delete(folder, force=True)
+    assert main(["rm", str(folder)]) == 1
+    assert "nothing was deleted" in capsys.readouterr().err
+    assert sorted(os.listdir(folder)) == theirs

@@ -213,3 +213,43 @@ def test_a_save_below_the_newest_step_after_a_restore_is_refused_and_loses_nothi
     assert manager.steps() == [20, 21, 22][-keep_last:]
     target = {"w": torch.zeros(4)}
     assert manager.restore(target) == 22 and torch.equal(target["w"], torch.full((4,), 22.0))
+
+
+def test_restore_loads_the_newest_step_wherever_it_lies(tmp_path: Path) -> None:
+    # steps() counts every committed checkpoint under the root, named as step_of reads it
+    # (iter_0001000, step-007): restore() loads the one it names, not <root>/step-<n>
+    root = tmp_path / "run"
+    manager = torchstow.CheckpointManager(root)
+    manager.save(3, _model_state(3))
+    torchstow.save(_model_state(7), str(root / "iter_0000007"))
+    assert manager.steps() == [3, 7] and manager.latest_step() == 7
+    target = _model_state(0)
+    assert torchstow.CheckpointManager(root).restore(target) == 7
+    assert torch.equal(target["w"], torch.full((8, 8), 7.0))
+
+
+def test_prune_and_gc_never_go_through_a_symbolic_link(tmp_path: Path) -> None:
+    # a "latest" link to the newest step: pruning it as a checkpoint of its own deleted
+    # the files of the step it pointed at, a step that retention keeps
+    root = tmp_path / "run"
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    outside, debris = tmp_path / "archive", tmp_path / "killed"
+    torchstow.save(_model_state(1), str(outside), metadata={"step": 1})
+    debris.mkdir()
+    (debris / "data-aaaaaaaaaaaa-0-0.bin").write_bytes(b"x")  # an incomplete checkpoint
+    os.makedirs(root)
+    os.symlink(outside, root / "best")
+    os.symlink(debris, root / "killed")
+    for step in (2, 3, 4):
+        manager.save(step, _model_state(step))
+        if (root / "latest").is_symlink():
+            (root / "latest").unlink()
+        os.symlink(f"step-{step}", root / "latest")
+    assert sorted(os.listdir(root)) == ["best", "killed", "latest", "step-3", "step-4"]
+    assert torchstow.gc(root, older_than=0).removed == []
+    assert os.listdir(debris) == ["data-aaaaaaaaaaaa-0-0.bin"]
+    for uri in (manager.uri(3), manager.uri(4), str(outside)):
+        assert torchstow.verify(uri).ok
+    target = _model_state(0)
+    assert torchstow.CheckpointManager(root).restore(target) == 4  # a link is still read
+    assert torch.equal(target["w"], torch.full((8, 8), 4.0))

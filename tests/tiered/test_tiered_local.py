@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+import torchstow
 from torchstow import CheckpointManager, verify
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.backends.shm import default_shm_dir
@@ -371,3 +372,33 @@ def test_a_tiered_save_logs_its_protocol_phases_and_times_each_level(
     assert list(handle.stats) == ["staged", "fast", "replicated", "durable"]
     assert all(s.seconds >= 0 for s in handle.stats.values())
     assert handle.stats["fast"].bytes == handle.stats["durable"].bytes == 4000
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot", "file-uri"])
+def test_a_fast_tier_that_is_the_root_is_refused(tmp_path: Path, spelling: str) -> None:
+    # the fast tier's pruning (fast_keep) would delete durable steps, and every persist
+    # copied a step onto itself (FileExistsError, the step never durable)
+    root = tmp_path / "run"
+    fast = {"same": str(root), "dot": f"{root}/.", "file-uri": f"file://{root}"}[spelling]
+    with pytest.raises(ValueError, match="fast tier"):
+        CheckpointManager(root, fast=fast)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("newest", ["dcp", "named-otherwise"])
+def test_restoring_a_durable_step_that_is_no_torchstow_step_of_its_own_says_so(
+    tmp_path: Path, shm_fast, newest: str
+) -> None:
+    # the root's listing counts it (a DCP-format step-5, an iter_0000005), but the tiered
+    # restore reads <root>/step-<n>'s torchstow manifest: it failed with a bare AssertionError
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path / "root"
+    if newest == "dcp":
+        dcp.save({"w": torch.zeros(1000)}, checkpoint_id=str(root / "step-5"), no_dist=True)
+    else:
+        torchstow.save(_state(5), str(root / "iter_0000005"))
+    with CheckpointManager(root, fast=shm_fast[0]) as manager:
+        assert [s.step for s in manager.steps()] == [5]
+        with pytest.raises(CheckpointNotFoundError, match=r"step 5 .* no torchstow checkpoint"):
+            manager.restore(_empty())

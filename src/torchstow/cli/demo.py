@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import torchstow
+from torchstow.errors import CheckpointExistsError, CheckpointNotFoundError
 
 
 def _model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -66,8 +67,20 @@ def demo(args: argparse.Namespace) -> int:
         return status
 
 
+_NOTE = "torchstow demo"
+
+
 def _demo(root: str) -> int:
     uri = os.path.join(root, "step-2")
+    try:  # a checkpoint there that an earlier demo did not write is the user's: never replaced
+        found = torchstow.info(uri)
+    except CheckpointNotFoundError:
+        found = None
+    if found is not None and found.user_metadata.get("note") != _NOTE:
+        raise CheckpointExistsError(
+            f"{uri} holds a checkpoint that is not the demo's; the demo writes <DIR>/step-2: "
+            "pass another --path"
+        )
     model, optim = _model(seed=0)
     for step in range(2):
         _train_step(model, optim, seed=step)
@@ -78,7 +91,7 @@ def _demo(root: str) -> int:
     print(f"model: 6-layer transformer encoder, {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"saving model + AdamW state ({nbytes / 2**20:.1f} MiB of tensors) to {uri}")
     start = time.perf_counter()
-    torchstow.save(state, uri, metadata={"step": 2, "note": "torchstow demo"}, overwrite=True)
+    torchstow.save(state, uri, metadata={"step": 2, "note": _NOTE}, overwrite=True)
     save_s = time.perf_counter() - start
 
     fresh_model, fresh_optim = _model(seed=1)

@@ -146,16 +146,21 @@ def _resolved(uri: str) -> tuple[str, str]:
     return f"{scheme.lower()}://{rest.rstrip('/')}", "/"
 
 
-def _check_apart(src: str, dst: str) -> None:
-    """Refuse a destination that is the source, holds it or lies inside it: writing it
-    would overwrite or delete the bytes being read."""
+def same_location(one: str, other: str) -> bool:
+    """Whether the URIs or paths ``one`` and ``other`` name one location, however spelled."""
+    (a, sep), (b, _) = _resolved(one), _resolved(other)
+    return a == b or (sep == os.sep and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def check_apart(src: str, dst: str, verb: str = "convert") -> None:
+    """Refuse (ValueError) a destination that is the source, holds it or lies inside it:
+    writing it would overwrite or delete the bytes being read (``verb``: what is refused)."""
     (a, sep), (b, _) = _resolved(src), _resolved(dst)
-    same = a == b or (sep == os.sep and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
-    if same:
-        raise ValueError(f"cannot convert {src} onto itself ({dst} is the same location)")
+    if same_location(src, dst):
+        raise ValueError(f"cannot {verb} {src} onto itself ({dst} is the same location)")
     if a.startswith(b.rstrip(sep) + sep) or b.startswith(a.rstrip(sep) + sep):
         raise ValueError(
-            f"cannot convert {src} to {dst}: one lies inside the other, so writing would "
+            f"cannot {verb} {src} to {dst}: one lies inside the other, so writing would "
             "overwrite what is being read; write to a location outside the source"
         )
 
@@ -207,7 +212,7 @@ def convert(
     cast = parse_dtype(dtype)
     if target.local_only:
         dst_text = _local_target(dst_text, to)
-    _check_apart(src_text, dst_text)
+    check_apart(src_text, dst_text)
     targets.check_destination(target, dst_text, overwrite)
     source = open_source(src_text, src_opts)
     try:

@@ -14,12 +14,17 @@ from torchstow.core.layout.commit import manifest_files
 from torchstow.core.layout.location import dcp_files, read_manifest
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import CorruptCheckpointError, FormatVersionError, SaveInFlightError
+from torchstow.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    SaveInFlightError,
+)
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management import listing
-from torchstow.management.gc import GRACE, in_flight
+from torchstow.management.gc import GRACE, collectable, in_flight
 from torchstow.management.listing import checkpoint_info
 from torchstow.management.verify import verify
 from torchstow.plugins.resolve import Uri, backend_at
@@ -78,7 +83,9 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
     ``.distcp`` files). A location whose ``manifest.json`` is no torchstow
     manifest this version reads (or whose ``.metadata`` is no DCP metadata)
     is refused with :class:`CorruptCheckpointError` (:class:`FormatVersionError`
-    for a newer format) and nothing is deleted.
+    for a newer format) and nothing is deleted; so is, with
+    :class:`CheckpointNotFoundError`, a location without either whose files are none
+    that torchstow writes (a user's ``data-train.bin`` is not one).
 
     On a byte-store backend, a location where a save may be in flight, as
     :func:`torchstow.gc` judges it (files no committed manifest names, written within
@@ -110,6 +117,11 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
         if len(doomed) == len(files):
             store.remove_location()
         return
+    elif files and not any(collectable(name) for name in files):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {store.location}: no manifest, and none of its files is one "
+            "torchstow writes; nothing was deleted"
+        )
     if not force:
         _refuse_in_flight(store, files, listed)
     backend.delete(text)

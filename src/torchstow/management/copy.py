@@ -171,11 +171,11 @@ def _copy_dcp(
         if progress is not None:
             progress(nbytes, total)
 
-    done: list[str] = []
+    done: list[str] = []  # the files this copy wrote (a file it could not create is another's)
     try:
         for name, size in sorted(lengths.items()):
-            done.append(name)
             _copy_whole_file(src_store, dst_store, name, size, advance)
+            done.append(name)
         landed = dst_store.file_sizes()
         for name, size in lengths.items():
             if landed is not None and landed.get(name) != size:
@@ -264,7 +264,9 @@ def copy(
     ``dst`` ending with ``/`` means into it: the copy is ``dst/<name of
     src>``. Otherwise ``dst`` names the copy, and a location that
     holds other locations (a directory of runs or checkpoints) is refused
-    rather than made a checkpoint.
+    rather than made a checkpoint. A ``dst`` that is ``src`` under any spelling
+    (a symbolic link, ``..``, ``file://``), or lies inside it, is refused
+    with ``ValueError`` before anything is written.
 
     Data files stream through in bounded segments (a few MiB per file in
     flight, a few files at a time), every block is checked against its
@@ -285,9 +287,12 @@ def copy(
     ``convert(..., to="torchstow", compression=...)`` writes it: every item
     decompressed, checked, and compressed again.
     """
+    from torchstow.interop.convert import check_apart, convert
+
     check_compression(compression)
     src = checkpoint_uri(src)
     dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst)))
+    check_apart(src, dst, "copy")
     src_backend = backend_at(src, src_storage_options)[1]
     dst_backend = backend_at(dst, dst_storage_options)[1]
     try:
@@ -304,16 +309,8 @@ def copy(
         and isinstance(src_backend, StoreBackend)
         and isinstance(dst_backend, StoreBackend)
     ):
-        src_store = src_backend.open_store(src)
-        dst_store = dst_backend.open_store(dst)
-        if src_store.location.rstrip("/") == dst_store.location.rstrip("/") and type(src_store) is type(
-            dst_store
-        ):
-            raise ValueError(f"cannot copy {src} onto itself")
-        _copy_store(src_store, dst_store, overwrite, progress)
+        _copy_store(src_backend.open_store(src), dst_backend.open_store(dst), overwrite, progress)
         return dst
-    from torchstow.interop.convert import convert
-
     convert(
         src,
         dst,

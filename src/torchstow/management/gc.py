@@ -3,9 +3,11 @@
 Debris is what no committed manifest names: data files of a save that never
 committed beside a committed checkpoint, the files of an incomplete checkpoint
 (data without a manifest), manifest temporaries, and (on S3) multipart uploads
-never completed nor aborted. A save in flight writes such files too, so gc
-judges the files of one save (their names carry its id) together, by the
-newest of them: they go only when even that one is older than ``older_than``.
+never completed nor aborted. A save (or copy) in flight writes such files too,
+so gc judges the files of one save or copy (their names carry its id) together,
+by the newest of them: they go only when even that one is older than ``older_than``.
+Only names torchstow writes are judged: a user's file that merely starts with ``data-``
+is never debris.
 """
 
 from __future__ import annotations
@@ -20,20 +22,22 @@ from typing import Any
 
 from torchstow.core.layout.commit import listed_files
 from torchstow.core.storage.backend import StoreBackend
-from torchstow.core.storage.store import ByteStore
+from torchstow.core.storage.store import ByteStore, PendingUpload
 from torchstow.errors import CheckpointNotFoundError
-from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
-from torchstow.management.listing import UNREADABLE, IsACheckpointError, scan
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, is_data_file
+from torchstow.management.listing import UNREADABLE, IsACheckpointError, is_link, scan
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["GRACE", "GcReport", "gc", "in_flight"]
+__all__ = ["GRACE", "GcReport", "collectable", "gc", "in_flight"]
 
 logger = logging.getLogger("torchstow")
 
 #: Seconds since a save's newest file was written after which gc judges it dead (its default).
 GRACE = 3600.0
 
-_SAVE_ID = re.compile(r"^data-([0-9a-f]+)-\d+-\d+\.bin$")
+# a save's data files (data-<id>-<rank>-<n>.bin) and a copy's (data-<id>-<n>.bin); ids
+# are 12 hex digits: other data-*.bin names are no file torchstow wrote (a user's)
+_SAVE_ID = re.compile(r"^data-([0-9a-f]{12})(?:-\d+)?-\d+\.bin$")
 
 
 @dataclass
@@ -61,6 +65,12 @@ class GcReport:
         return asdict(self)
 
 
+def collectable(name: str) -> bool:
+    """Whether ``name`` is a file torchstow writes, so gc may judge it: a data file named as
+    a save or copy names it, a chunk table, or publish debris."""
+    return bool(_SAVE_ID.match(name)) if is_data_file(name) else is_checkpoint_file(name)
+
+
 def _group(name: str) -> str:
     """The save a debris file belongs to: its save id, else the file alone."""
     found = _SAVE_ID.match(name)
@@ -68,9 +78,10 @@ def _group(name: str) -> str:
 
 
 def _old_groups(
-    names: Iterable[str], times: dict[str, float] | None, cutoff: float
+    names: Iterable[str], times: dict[str, float] | None, cutoff: float, uploads: Iterable[PendingUpload]
 ) -> tuple[set[str], set[str]]:
-    """``(old, young)``: ``names`` split by whether every file of their save is older than ``cutoff``."""
+    """``(old, young)``: ``names`` split by whether every file of their save is older than
+    ``cutoff``, the save's ``uploads`` in progress (their last activity) counted too."""
     names = set(names)
     if times is None:
         return set(), names
@@ -78,6 +89,10 @@ def _old_groups(
     for name in names:
         group = _group(name)
         newest[group] = max(newest.get(group, 0.0), times.get(name, float("inf")))
+    for upload in uploads:  # a file of the save still uploading: the save is as young as it
+        group = _group(upload.name)
+        if group in newest:
+            newest[group] = max(newest[group], upload.started)
     old = {n for n in names if newest[_group(n)] < cutoff}
     return old, names - old
 
@@ -92,13 +107,15 @@ def _debris(
     files = store.list_files() if files is None else files
     if DCP_METADATA in files:
         return "a checkpoint in DCP's format"
-    debris = {f for f in files if is_checkpoint_file(f)}
+    debris = {f for f in files if collectable(f)}
     if debris and MANIFEST in files:
         listed = listed_files(store) if listed is None else listed
         if listed is None:
             return "its manifest could not be read"
         debris -= listed
-    return _old_groups(debris, store.file_times(), cutoff) if debris else (set(), set())
+    if not debris:
+        return set(), set()
+    return _old_groups(debris, store.file_times(), cutoff, store.pending_uploads())
 
 
 def in_flight(
@@ -162,7 +179,8 @@ def gc(
     S3's ``LastModified`` and an upload's ``Initiated``), judged per save: the
     files of a save still in flight are never removed while its newest file is
     younger than that. Files a committed manifest names, checkpoints in DCP's
-    own format and unreadable manifests' locations are left alone; a store that
+    own format, unreadable manifests' locations and symbolic links under the prefix
+    (never followed) are left alone; a store that
     cannot date its files keeps them. Returns a :class:`GcReport`.
     """
     if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
@@ -178,7 +196,7 @@ def gc(
         report.skipped.update(
             {e.uri: "its manifest could not be read" for e in entries if e.status == UNREADABLE}
         )
-        locations = [e.uri for e in entries if e.status != UNREADABLE]
+        locations = [e.uri for e in entries if e.status != UNREADABLE and not is_link(backend, e.uri)]
     except IsACheckpointError:
         locations = [text]
     except CheckpointNotFoundError:

@@ -10,6 +10,8 @@ error (:class:`~torchstow.errors.StorageIOError` with ``transient``) raises,
 since the store is failing, not the checkpoint, and an older checkpoint must
 not pass for the newest. To :func:`children_of` (``list_checkpoints``) a
 prefix that does not exist has no children; :func:`scan` says so, naming it.
+A child that is a symbolic link is listed as what it links to; :func:`is_link` tells
+it, for what deletes (``prune``, ``gc``), which never goes through one.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from torchstow.errors import (
     IncompleteCheckpointError,
     StorageIOError,
 )
+from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
 from torchstow.management.steps import step_of
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["Entry", "IsACheckpointError", "checkpoint_info", "children_of", "entries", "scan"]
+__all__ = ["Entry", "IsACheckpointError", "checkpoint_info", "children_of", "entries", "is_link", "scan"]
 
 COMMITTED = "committed"
 INCOMPLETE = "incomplete"
@@ -133,6 +136,14 @@ def children_of(backend: Backend, prefix: str) -> list[str]:
         return backend.list_children(prefix)
     except CheckpointNotFoundError:
         return []
+
+
+def is_link(backend: Backend, uri: str) -> bool:
+    """Whether the location ``uri`` is a symbolic link (a local store's directory)."""
+    if not isinstance(backend, StoreBackend):
+        return False
+    inside = backend.open_store(uri).local_path(MANIFEST)
+    return inside is not None and os.path.islink(os.path.dirname(inside))
 
 
 def entries(backend: Backend, children: list[str], progress: ProgressCallback | None = None) -> list[Entry]:

@@ -305,6 +305,20 @@ class CheckpointManager:
         steps = self._durable_steps()
         return steps[-1] if steps else None
 
+    def _newest_listed(self) -> tuple[int, str] | None:
+        """The newest committed step under ``root`` and where it lies: ``uri(step)`` when
+        that is among the checkpoints of the step, else the newest of them (``iter_0000007``)."""
+        found = [
+            (info.step, info.uri)
+            for info in list_checkpoints(self.root, storage_options=self.storage_options)
+            if info.step is not None
+        ]
+        if not found:
+            return None
+        step = max(s for s, _ in found)
+        uris = [uri for s, uri in found if s == step]
+        return step, self.uri(step) if self.uri(step) in uris else uris[-1]
+
     def restore(self, state_dict: Mapping[str, Any], step: int | None = None, **load_options: Any) -> int:
         """Load the checkpoint of ``step`` (default: the newest) into ``state_dict``; returns the step.
 
@@ -316,15 +330,18 @@ class CheckpointManager:
             return self._tiered.restore(state_dict, step)
         self.wait()
         options = self._collective({"storage_options": self.storage_options, **load_options})
-        if step is None:
+        if step is not None:
+            uri = self.uri(step)
+        else:
             # The coordinator's listing decides: ranks whose listings differ (one lags, or
             # fails) would otherwise load different steps, or leave the others waiting.
-            step = broadcast_from_coordinator(
-                collective_of(options), "restore: newest step", self._listed_latest
+            newest = broadcast_from_coordinator(
+                collective_of(options), "restore: newest step", self._newest_listed
             )
-            if step is None:
+            if newest is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
-        load(state_dict, self.uri(step), **options)
+            step, uri = newest
+        load(state_dict, uri, **options)
         self._done.add(step)
         self._checked = None  # the next save may be older than steps under the root
         return step

@@ -9,7 +9,9 @@ from typing import Any
 
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
+from torchstow.management.listing import is_link
 from torchstow.management.verify import ProgressCallback
+from torchstow.plugins.resolve import backend_at
 
 __all__ = ["plan_prune", "prune", "prune_keeping"]
 
@@ -58,7 +60,8 @@ def prune(
     :func:`torchstow.latest` orders them), every checkpoint whose step is a
     multiple of ``keep_every``, and always the newest committed one (checkpoints
     in DCP's own format count too, and go as :func:`torchstow.delete` removes
-    them); leaves incomplete checkpoints and other entries alone. Deletes oldest first,
+    them); leaves incomplete checkpoints, symbolic links (neither counted nor deleted:
+    never through one) and other entries alone. Deletes oldest first,
     each manifest first, so an interrupted prune leaves only whole
     checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
     ``progress(1, number_to_delete)`` is called after each deletion.
@@ -88,8 +91,16 @@ def _prune(
     storage_options: dict[str, Any] | None,
     progress: ProgressCallback | None,
 ) -> list[str]:
+    backend = backend_at(uri, storage_options)[1]
+    # A symbolic link (latest -> step-300) is no checkpoint of its own: deleting it would
+    # delete the checkpoint it points at, one kept under its own name or outside ``uri``.
+    found = [
+        info
+        for info in list_checkpoints(uri, storage_options=storage_options)
+        if not is_link(backend, info.uri)
+    ]
     doomed = plan_prune(
-        list_checkpoints(uri, storage_options=storage_options),
+        found,
         keep_last=keep_last,
         keep_every=keep_every,
         keep_steps=keep_steps,

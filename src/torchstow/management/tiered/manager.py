@@ -216,6 +216,13 @@ class TieredManager:
         self.node = node_index()
         self.fast_template = fast
         self.fast = expand_node(fast, self.node).rstrip("/")
+        from torchstow.interop.convert import same_location
+
+        if same_location(self.fast, root):
+            raise ValueError(
+                f"the fast tier {fast!r} is the root {root!r}: give the fast tier a location of "
+                "its own (its pruning keeps fast_keep steps, and a persist copies a step from it)"
+            )
         self.fast_keep = fast_keep
         self.replicas = replicas
         self.persist_every = persist_every
@@ -769,7 +776,12 @@ class TieredManager:
                 f"no tier holds {what} complete: not the fast tiers ({self.fast}), not {self.root}"
             )
         found = self._root_manifest(step)
-        assert found is not None
+        if found is None:  # listed, but a DCP-format checkpoint or one named otherwise
+            raise CheckpointNotFoundError(
+                f"step {step} under {self.root} is no torchstow checkpoint at {self.uri(step)} (a "
+                "DCP-format one, or one named otherwise): a tiered manager restores its own steps "
+                "only; load it with torchstow.load, or restore an older step"
+            )
         manifest, tables = found
         metadata = decode_metadata(manifest, source=f"{self.uri(step)}/{MANIFEST}", read_file=tables.get)
         needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
