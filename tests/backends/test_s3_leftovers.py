@@ -172,6 +172,32 @@ def test_a_single_put_interrupted_by_a_signal_handler_leaves_no_data_file(
     assert [o["Key"] for o in listed] == []
 
 
+def test_a_single_put_sent_just_before_a_handler_raised_leaves_no_data_file(
+    proxy: FaultProxy, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrowest window of the case above: the handler raises after the PUT was handed to
+    the event loop but before the call that sent it returned (so the sink never saw what it
+    returns). The cleanup must still wait for the PUT, which the proxy holds half a second."""
+    run = unique()
+    proxy.faults.append(Fault("PUT", r"/data-", "delay", delay=0.5, times=1))
+    original = S3Requests.send_put
+
+    def send_put(self: S3Requests, *args: Any, **kwargs: Any) -> Any:
+        original(self, *args, **kwargs)
+        raise _PreemptedError("SIGTERM: stop")  # as a handler would, right after the hand-over
+
+    monkeypatch.setattr(S3Requests, "send_put", send_put)
+    with pytest.raises((CheckpointException, _PreemptedError)):
+        torchstow.save(
+            {"w": torch.randn(1 << 16)},
+            f"s3://{s3_bucket}/{run}/s",
+            storage_options=s3_options(proxy.url, thread_count=1),
+        )
+    wait_until(lambda: proxy.requests("PUT", r"/data-") != [], what="the data file's PUT to end")
+    listed = s3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])
+    assert [o["Key"] for o in listed] == []
+
+
 def test_gc_keeps_the_landed_files_of_a_save_still_uploading_one(s3_endpoint: str, s3_bucket: str) -> None:
     # a save (or copy) whose first file landed long ago and whose last is still uploading
     # is in flight: its landed file is no debris while the upload gains parts

@@ -141,13 +141,30 @@ class S3Requests:
 
     def put(self, bucket: str, key: str, body: Body, what: str, **kwargs: Any) -> None:
         """One object in a single PUT, with its CRC32C (retried, watched for stalls)."""
-        self.send_put(bucket, key, body, what, **kwargs).result()
+        done: Future[Any] = Future()
+        self.send_put(done, bucket, key, body, what, **kwargs)
+        done.result()
 
-    def send_put(self, bucket: str, key: str, body: Body, what: str, **kwargs: Any) -> Future[Any]:
-        """:meth:`put` sent from outside the event loop: its response in the future returned."""
-        return self.submit(
-            "put_object", what, Bucket=bucket, Key=key, Body=body, **self.checksum(body), **kwargs
-        )
+    def send_put(
+        self, done: Future[Any], bucket: str, key: str, body: Body, what: str, **kwargs: Any
+    ) -> None:
+        """:meth:`put` sent from outside the event loop, its response put in ``done``, a future
+        the caller made (and kept) before sending: whatever interrupts the caller meanwhile, it
+        can tell the PUT that never starts (``done.cancel()`` succeeds, and it never will) from
+        one that started (wait for ``done``)."""
+        fields: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": body, **self.checksum(body), **kwargs}
+
+        async def send() -> None:
+            if not done.set_running_or_notify_cancel():
+                return
+            try:
+                done.set_result(await self.request("put_object", what, **fields))
+            except BaseException as exc:
+                done.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        asyncio.run_coroutine_threadsafe(send(), self.fs.loop)
 
     async def request(
         self, method: str, what: str, *, on_attempt: Callable[[], None] | None = None, **kwargs: Any
@@ -224,13 +241,9 @@ class S3Requests:
 
         asyncio.run_coroutine_threadsafe(stop(), self.fs.loop).result()
 
-    def submit(self, method: str, what: str, **kwargs: Any) -> Future[Any]:
-        """A request sent from outside the event loop: its response in the future returned."""
-        return asyncio.run_coroutine_threadsafe(self.request(method, what, **kwargs), self.fs.loop)
-
     def call(self, method: str, what: str, **kwargs: Any) -> Any:
         """A request from outside the event loop: wait for its response."""
-        return self.submit(method, what, **kwargs).result()
+        return asyncio.run_coroutine_threadsafe(self.request(method, what, **kwargs), self.fs.loop).result()
 
     async def get_range(self, bucket: str, key: str, start: int, into: memoryview, what: str) -> int:
         """Read the object's bytes from ``start`` straight into ``into`` (a ranged GET, retried);
@@ -502,7 +515,8 @@ class MultipartSink(FileSink):
     def close(self) -> None:
         if self.upload_id is None:
             body = [view for part in [*self.held, self.part] for view in part.body()]
-            self.put = self.s3.send_put(self.bucket, self.key, body, f"writing {self.location}")
+            self.put = Future()  # kept before the PUT can start: a handler may raise at any point
+            self.s3.send_put(self.put, self.bucket, self.key, body, f"writing {self.location}")
             self.put.result()
             self.s3.give_back([b for part in [*self.held, self.part] for b in part.scratch])
         else:
@@ -529,9 +543,10 @@ class MultipartSink(FileSink):
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.s3.cancel(self.pending)
-        if self.put is not None:  # a single PUT whose wait was interrupted (a signal handler
-            # raised): let it end, so that it lands (if at all) before the failed save's cleanup
-            # deletes the file; cancelled once its body was sent, it could still land after
+        if self.put is not None and not self.put.cancel():  # a single PUT whose wait was
+            # interrupted (a signal handler raised) after it started: let it end, so that it lands
+            # (if at all) before the failed save's cleanup deletes the file; cancelled once its
+            # body was sent, it could still land after
             with contextlib.suppress(Exception):
                 self.put.result()
         self._forget()
