@@ -169,7 +169,7 @@ class AsyncSavePipeline:
         import torch.distributed as dist
 
         own = base.group_timeout()
-        limit = base.timeout if base.timeout is not None else own
+        limit = base.step_timeout()
         group = base.group if base.group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
         coordinator = ranks[coordinator_rank]

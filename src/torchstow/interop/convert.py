@@ -149,6 +149,11 @@ def _resolved(uri: str) -> tuple[str, str]:
 def same_location(one: str, other: str) -> bool:
     """Whether the URIs or paths ``one`` and ``other`` name one location, however spelled."""
     (a, sep), (b, _) = _resolved(one), _resolved(other)
+    return _same(a, b, sep)
+
+
+def _same(a: str, b: str, sep: str) -> bool:
+    """Whether the resolved locations ``a`` and ``b`` (separator ``sep``) are one."""
     return a == b or (sep == os.sep and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
@@ -156,7 +161,7 @@ def check_apart(src: str, dst: str, verb: str = "convert") -> None:
     """Refuse (ValueError) a destination that is the source, holds it or lies inside it:
     writing it would overwrite or delete the bytes being read (``verb``: what is refused)."""
     (a, sep), (b, _) = _resolved(src), _resolved(dst)
-    if same_location(src, dst):
+    if _same(a, b, sep):
         raise ValueError(f"cannot {verb} {src} onto itself ({dst} is the same location)")
     if a.startswith(b.rstrip(sep) + sep) or b.startswith(a.rstrip(sep) + sep):
         raise ValueError(

@@ -302,8 +302,8 @@ class CheckpointManager:
         return sorted({info.step for info in found if info.step is not None})
 
     def _listed_latest(self) -> int | None:
-        steps = self._durable_steps()
-        return steps[-1] if steps else None
+        newest = self._newest_listed()
+        return None if newest is None else newest[0]
 
     def _newest_listed(self) -> tuple[int, str] | None:
         """The newest committed step under ``root`` and where it lies: ``uri(step)`` when

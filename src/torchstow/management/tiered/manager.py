@@ -342,13 +342,12 @@ class TieredManager:
         store = self._fast_store(step)
         writer = _FilesWriter(store, overwrite=True, thread_count=self._fast_backend.thread_count)
         try:
-            if (
-                check
-                and not check_step(
+            if check:
+                listed, _ = check_step(
                     self._coll, self.root, step, self.storage_options, listed=self._root_steps
-                )[0]
-            ):
-                self._checked = None  # the root could not be listed: look again at the next save
+                )
+                if not listed:
+                    self._checked = None  # the root could not be listed: look again at the next save
             if error is not None:
                 save_state_dict({}, _FailedWriter(error), collective=self._coll)
             metadata = save_state_dict(staged, writer, collective=self._coll, user_metadata=user_metadata)
