@@ -6,6 +6,7 @@ period, they are debris."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -131,3 +132,30 @@ def test_delete_in_a_bucket_that_does_not_exist_is_checkpoint_not_found(cli_s3: 
     options = {"endpoint_url": cli_s3, **S3_KEYS}
     with pytest.raises(torchstow.CheckpointNotFoundError, match="no checkpoint at"):
         torchstow.delete("s3://no-such-bucket-for-rm/run/step-1", storage_options=options)
+
+
+def test_rm_of_a_checkpoint_leaves_a_users_own_files_in_its_folder(tmp_path: Path) -> None:
+    """rm deletes what torchstow wrote there, not every ``data-*.bin``: a user's notes kept
+    in the checkpoint's folder stay, and so does the folder."""
+    where = tmp_path / "ckpt"
+    torchstow.save({"w": torch.arange(4096.0)}, str(where))
+    (where / "data-notes.bin").write_bytes(b"mine")
+    (where / "README").write_text("mine too")
+    assert invoke("rm", str(where)).code == 0
+    assert sorted(os.listdir(where)) == ["README", "data-notes.bin"]
+    assert (where / "data-notes.bin").read_bytes() == b"mine"
+
+
+def test_delete_removes_a_data_file_its_manifest_names_whatever_its_name(tmp_path: Path) -> None:
+    """A data file the manifest names goes even when torchstow would not have named it so
+    (a manifest another writer produced): deleting the checkpoint leaves none of its data."""
+    where = tmp_path / "ckpt"
+    torchstow.save({"w": torch.arange(8.0)}, str(where), format_version=1)  # JSON: rewritten below
+    (written,) = _data_files(where)
+    os.rename(where / written, where / "data-renamed.bin")
+    doc = json.loads((where / MANIFEST).read_text())
+    doc["files"] = ["data-renamed.bin"]
+    (where / MANIFEST).write_text(json.dumps(doc))
+    assert torch.equal(torchstow.read(str(where))["w"], torch.arange(8.0))  # a sound checkpoint
+    torchstow.delete(str(where))
+    assert not where.exists()

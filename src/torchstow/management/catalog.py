@@ -21,10 +21,10 @@ from torchstow.errors import (
     SaveInFlightError,
 )
 from torchstow.format.dcp_metadata import decode_dcp_metadata
-from torchstow.format.files import DCP_METADATA, MANIFEST
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management import listing
-from torchstow.management.gc import GRACE, collectable, in_flight
+from torchstow.management.gc import GRACE, in_flight
 from torchstow.management.listing import checkpoint_info
 from torchstow.management.verify import verify
 from torchstow.plugins.resolve import Uri, backend_at
@@ -117,7 +117,7 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
         if len(doomed) == len(files):
             store.remove_location()
         return
-    elif files and not any(collectable(name) for name in files):
+    elif files and not any(is_checkpoint_file(name) for name in files):
         raise CheckpointNotFoundError(
             f"no checkpoint at {store.location}: no manifest, and none of its files is one "
             "torchstow writes; nothing was deleted"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -24,20 +23,16 @@ from torchstow.core.layout.commit import listed_files
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, PendingUpload
 from torchstow.errors import CheckpointNotFoundError
-from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, is_data_file
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, save_id_of
 from torchstow.management.listing import UNREADABLE, IsACheckpointError, is_link, scan
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["GRACE", "GcReport", "collectable", "gc", "in_flight"]
+__all__ = ["GRACE", "GcReport", "gc", "in_flight"]
 
 logger = logging.getLogger("torchstow")
 
 #: Seconds since a save's newest file was written after which gc judges it dead (its default).
 GRACE = 3600.0
-
-# a save's data files (data-<id>-<rank>-<n>.bin) and a copy's (data-<id>-<n>.bin); ids
-# are 12 hex digits: other data-*.bin names are no file torchstow wrote (a user's)
-_SAVE_ID = re.compile(r"^data-([0-9a-f]{12})(?:-\d+)?-\d+\.bin$")
 
 
 @dataclass
@@ -65,16 +60,9 @@ class GcReport:
         return asdict(self)
 
 
-def collectable(name: str) -> bool:
-    """Whether ``name`` is a file torchstow writes, so gc may judge it: a data file named as
-    a save or copy names it, a chunk table, or publish debris."""
-    return bool(_SAVE_ID.match(name)) if is_data_file(name) else is_checkpoint_file(name)
-
-
 def _group(name: str) -> str:
     """The save a debris file belongs to: its save id, else the file alone."""
-    found = _SAVE_ID.match(name)
-    return found.group(1) if found else name
+    return save_id_of(name) or name
 
 
 def _old_groups(
@@ -107,7 +95,7 @@ def _debris(
     files = store.list_files() if files is None else files
     if DCP_METADATA in files:
         return "a checkpoint in DCP's format"
-    debris = {f for f in files if collectable(f)}
+    debris = {f for f in files if is_checkpoint_file(f)}  # only names torchstow writes
     if debris and MANIFEST in files:
         listed = listed_files(store) if listed is None else listed
         if listed is None:
