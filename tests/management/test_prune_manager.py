@@ -253,3 +253,22 @@ def test_prune_and_gc_never_go_through_a_symbolic_link(tmp_path: Path) -> None:
     target = _model_state(0)
     assert torchstow.CheckpointManager(root).restore(target) == 4  # a link is still read
     assert torch.equal(target["w"], torch.full((8, 8), 4.0))
+
+
+def test_a_managers_retention_counts_and_deletes_only_its_own_steps(tmp_path: Path) -> None:
+    # before: every committed checkpoint under the root counted, those without a step first,
+    # so a user's "best", a DCP export and an odd-named step were pruned as the oldest steps
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path / "run"
+    torchstow.save(_model_state(0), str(root / "best"))
+    torchstow.save(_model_state(1), str(root / "best-of-epoch"), metadata={"step": 1})
+    torchstow.save(_model_state(1), str(root / "iter_0000001"))
+    dcp.save(_model_state(1), checkpoint_id=str(root / "exported"), no_dist=True)
+    theirs = ["best", "best-of-epoch", "exported", "iter_0000001"]
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    for step in (2, 3, 4, 5):
+        manager.save(step, _model_state(step))
+    assert sorted(os.listdir(root)) == [*theirs, "step-4", "step-5"]
+    # torchstow.prune of the root (not the manager's) prunes every checkpoint there, as documented
+    assert sorted(map(os.path.basename, torchstow.prune(root, keep_last=2, dry_run=True))) == theirs

@@ -43,9 +43,10 @@ class CheckpointManager:
     """Checkpoints of one run under ``uri`` (a directory or prefix, kept as ``.root``),
     one ``<root>/step-<step>`` per save.
 
-    After each save commits, checkpoints are pruned with ``keep_last`` and
-    ``keep_every`` (as :func:`torchstow.prune`; no pruning when both are
-    None) by the save's coordinator alone: rank ``coordinator_rank`` (0 by
+    After each save commits, its own steps (``<root>/step-<n>``; other
+    checkpoints under ``root`` are neither counted nor deleted) are pruned with
+    ``keep_last`` and ``keep_every`` (as :func:`torchstow.prune`; no pruning
+    when both are None) by the save's coordinator alone: rank ``coordinator_rank`` (0 by
     default) of its ``process_group`` (``process_group`` here, or the one
     passed to ``save``; the world by default). A failed or interrupted save
     prunes nothing; a pruning failure is logged as a warning by the
