@@ -159,3 +159,20 @@ def test_delete_removes_a_data_file_its_manifest_names_whatever_its_name(tmp_pat
     assert torch.equal(torchstow.read(str(where))["w"], torch.arange(8.0))  # a sound checkpoint
     torchstow.delete(str(where))
     assert not where.exists()
+
+
+def test_rm_of_a_symbolic_link_is_refused_and_deletes_nothing(tmp_path: Path) -> None:
+    """A link (latest -> step-300) is no checkpoint of its own: rm through it deleted the
+    files of the checkpoint it points at and left the link dangling."""
+    where = tmp_path / "step-300"
+    torchstow.save({"w": torch.arange(4096.0)}, str(where))
+    before = sorted(os.listdir(where))
+    os.symlink("step-300", tmp_path / "latest")
+    for link in (str(tmp_path / "latest"), f"{tmp_path}/latest/", f"file://{tmp_path}/latest"):
+        for force in ((), ("--force",)):
+            refused = invoke("rm", link, *force)
+            assert_one_line_error(refused, "symbolic link", os.path.realpath(where), "nothing was deleted")
+        with pytest.raises(ValueError, match="symbolic link"):
+            torchstow.delete(link, force=True)
+    assert sorted(os.listdir(where)) == before and os.readlink(tmp_path / "latest") == "step-300"
+    assert torch.equal(torchstow.read(str(tmp_path / "latest"))["w"], torch.arange(4096.0))

@@ -85,7 +85,8 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
     is refused with :class:`CorruptCheckpointError` (:class:`FormatVersionError`
     for a newer format) and nothing is deleted; so is, with
     :class:`CheckpointNotFoundError`, a location without either whose files are none
-    that torchstow writes (a user's ``data-train.bin`` is not one).
+    that torchstow writes (a user's ``data-train.bin`` is not one), and, with ValueError, a
+    location that is a symbolic link (deleting through it would delete what it points at).
 
     On a byte-store backend, a location where a save may be in flight, as
     :func:`torchstow.gc` judges it (files no committed manifest names, written within
@@ -99,6 +100,7 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
         backend.delete(text)
         return
     store = backend.open_store(text)
+    _refuse_link(store)
     files = store.list_files()
     listed = None
     if MANIFEST in files:
@@ -125,6 +127,19 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
     if not force:
         _refuse_in_flight(store, files, listed)
     backend.delete(text)
+
+
+def _refuse_link(store: ByteStore) -> None:
+    """ValueError when ``store``'s location is a symbolic link: deleting through it would
+    delete the files of the checkpoint it points at and leave the link dangling."""
+    target = listing.link_target(store)
+    if target is None:
+        return
+    raise ValueError(
+        f"{store.location} is a symbolic link (to {target}), not a checkpoint of its own: nothing "
+        f"was deleted. To delete the checkpoint, delete {target}; to remove the link, remove it "
+        "as a file (rm, os.unlink)"
+    )
 
 
 def _refuse_in_flight(store: ByteStore, files: list[str], listed: set[str] | None) -> None:
