@@ -272,3 +272,21 @@ def test_a_managers_retention_counts_and_deletes_only_its_own_steps(tmp_path: Pa
     assert sorted(os.listdir(root)) == [*theirs, "step-4", "step-5"]
     # torchstow.prune of the root (not the manager's) prunes every checkpoint there, as documented
     assert sorted(map(os.path.basename, torchstow.prune(root, keep_last=2, dry_run=True))) == theirs
+
+
+def test_the_refusal_of_an_older_step_names_where_the_newer_steps_lie(tmp_path: Path) -> None:
+    # before: it said torchstow.delete(manager.uri(n)), <root>/step-30, which is not there
+    root = tmp_path / "run"
+    torchstow.CheckpointManager(root).save(20, _model_state(20))
+    newer = [str(root / "iter_0000030"), str(root / "step-040")]
+    for uri in newer:
+        torchstow.save(_model_state(1), uri)
+    manager = torchstow.CheckpointManager(root)
+    manager.restore(_model_state(0), step=20)
+    with pytest.raises(torchstow.CheckpointExistsError) as refused:
+        manager.save(21, _model_state(21))
+    assert f"`torchstow rm URI`: {newer[0]}, {newer[1]})" in str(refused.value)
+    for uri in newer:  # what it says to do
+        torchstow.delete(uri)
+    manager.save(21, _model_state(21))
+    assert manager.steps() == [20, 21]
