@@ -195,3 +195,28 @@ def test_files_torchstow_did_not_name_are_never_collected(tmp_path: Path) -> Non
     assert report.removed == [f"{tmp_path}/step-1/data-aaaaaaaaaaaa-0-0.bin"]
     assert sorted(os.listdir(tmp_path / "dataset")) == sorted(theirs)
     assert set(theirs) <= set(os.listdir(tmp_path / "step-1"))
+
+
+def test_dcp_data_left_without_its_metadata_is_shown_reported_and_removed_by_rm(tmp_path: Path) -> None:
+    # rm deletes a DCP checkpoint's .metadata first: cut short there (or a DCP save that died),
+    # its .distcp files were invisible to ls, gc and rm ("no checkpoint"), kept forever
+    import torch.distributed.checkpoint as dcp
+
+    for name in ("half", "whole"):
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path / name), no_dist=True)
+    (tmp_path / "half" / ".metadata").unlink()
+    stray = sorted(os.listdir(tmp_path / "half"))
+    assert stray and all(n.endswith(".distcp") for n in stray)
+    listed = {e["uri"]: e for e in json_doc("ls", "--all", "--json", str(tmp_path))["checkpoints"]}
+    assert listed[str(tmp_path / "half")]["status"] == "incomplete"
+    assert ".distcp" in listed[str(tmp_path / "half")]["error"]
+    with pytest.raises(torchstow.IncompleteCheckpointError, match=r"\.distcp"):
+        torchstow.load({"w": torch.zeros(4)}, str(tmp_path / "half"))
+    report = torchstow.gc(str(tmp_path), older_than=0)  # reported, left: DCP's saves are not gc's
+    assert report.removed == [] and "without its .metadata" in report.skipped[str(tmp_path / "half")]
+    assert sorted(os.listdir(tmp_path / "half")) == stray
+    with pytest.raises(torchstow.errors.SaveInFlightError):  # young: a DCP save may be writing it
+        torchstow.delete(str(tmp_path / "half"))
+    assert invoke("rm", "--force", str(tmp_path / "half")).code == 0
+    assert not (tmp_path / "half").exists()
+    assert torchstow.verify(str(tmp_path / "whole")).ok  # untouched

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torchstow.core.layout.commit import manifest_files
-from torchstow.core.layout.location import dcp_files, read_manifest
+from torchstow.core.layout.location import dcp_files, read_manifest, stray_dcp_files
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
@@ -80,7 +80,8 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
 
     A torchstow checkpoint (committed, or the data of a save that never
     committed), or one in DCP's own format (its ``.metadata`` first, then its
-    ``.distcp`` files). A location whose ``manifest.json`` is no torchstow
+    ``.distcp`` files; or only those where a DCP save or a deletion left them without a
+    ``.metadata``). A location whose ``manifest.json`` is no torchstow
     manifest this version reads (or whose ``.metadata`` is no DCP metadata)
     is refused with :class:`CorruptCheckpointError` (:class:`FormatVersionError`
     for a newer format) and nothing is deleted; so is, with
@@ -119,13 +120,22 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
         if len(doomed) == len(files):
             store.remove_location()
         return
-    elif files and not any(is_checkpoint_file(name) for name in files):
+    stray = stray_dcp_files(files)
+    ours = any(is_checkpoint_file(name) for name in files)
+    if MANIFEST not in files and files and not stray and not ours:
         raise CheckpointNotFoundError(
             f"no checkpoint at {store.location}: no manifest, and none of its files is one "
             "torchstow writes; nothing was deleted"
         )
     if not force:
         _refuse_in_flight(store, files, listed)
+    if stray:  # a DCP checkpoint's data without its .metadata (a DCP save that died, a deletion cut short)
+        logger.info("deleting DCP's data files without a .metadata at %s", store.location)
+        store.delete_files(stray)
+        if not ours:
+            if len(stray) == len(files):
+                store.remove_location()
+            return
     backend.delete(text)
 
 

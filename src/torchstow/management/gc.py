@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torchstow.core.layout.commit import listed_files
+from torchstow.core.layout.location import stray_dcp_files
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, PendingUpload
 from torchstow.errors import CheckpointNotFoundError
@@ -60,6 +61,12 @@ class GcReport:
         return asdict(self)
 
 
+_STRAY_DCP = (
+    "DCP's data files (*.distcp) without its .metadata: a DCP save that died or is still running, "
+    "or an interrupted deletion; gc leaves them (torchstow rm deletes them)"
+)
+
+
 def _group(name: str) -> str:
     """The save a debris file belongs to: its save id, else the file alone."""
     return save_id_of(name) or name
@@ -95,7 +102,9 @@ def _debris(
     files = store.list_files() if files is None else files
     if DCP_METADATA in files:
         return "a checkpoint in DCP's format"
-    debris = {f for f in files if is_checkpoint_file(f)}  # only names torchstow writes
+    # only names torchstow writes, and DCP's data a DCP save or a deletion left without its
+    # .metadata (each file judged alone: they carry no save id)
+    debris = {f for f in files if is_checkpoint_file(f)} | set(stray_dcp_files(files))
     if debris and MANIFEST in files:
         listed = listed_files(store) if listed is None else listed
         if listed is None:
@@ -126,11 +135,16 @@ def in_flight(
 
 
 def _collect_location(store: ByteStore, cutoff: float, report: GcReport) -> None:
-    found = _debris(store, cutoff)
+    files = store.list_files()
+    found = _debris(store, cutoff, files)
     if isinstance(found, str):
         report.skipped[store.location] = found
         return
     old, young = found
+    stray = set(stray_dcp_files(files))
+    if stray:  # reported, never removed: DCP's saves are not torchstow's to judge
+        report.skipped[store.location] = _STRAY_DCP
+        old, young = old - stray, young - stray
     report.kept += [f"{store.location}/{n}" for n in sorted(young)]
     if not old:
         return
@@ -167,7 +181,8 @@ def gc(
     S3's ``LastModified`` and an upload's ``Initiated``), judged per save: the
     files of a save still in flight are never removed while its newest file is
     younger than that. Files a committed manifest names, checkpoints in DCP's
-    own format, unreadable manifests' locations and symbolic links under the prefix
+    own format (and DCP's ``.distcp`` files without a ``.metadata``, reported
+    under ``skipped``), unreadable manifests' locations and symbolic links under the prefix
     (never followed) are left alone; a store that
     cannot date its files keeps them. Returns a :class:`GcReport`.
     """
