@@ -290,3 +290,18 @@ def test_the_refusal_of_an_older_step_names_where_the_newer_steps_lie(tmp_path: 
         torchstow.delete(uri)
     manager.save(21, _model_state(21))
     assert manager.steps() == [20, 21]
+
+
+def test_restore_of_a_given_step_loads_it_wherever_it_lies(tmp_path: Path) -> None:
+    # steps() counts iter_0000007 as step 7; before: restore(step=7) looked only at
+    # <root>/step-7 and raised CheckpointNotFoundError
+    root = tmp_path / "run"
+    for step in (7, 9):
+        torchstow.save(_model_state(step), str(root / f"iter_{step:07d}"))
+    manager = torchstow.CheckpointManager(root)
+    assert manager.steps() == [7, 9]
+    target = _model_state(0)
+    assert manager.restore(target, step=7) == 7
+    assert torch.equal(target["w"], torch.full((8, 8), 7.0))
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="step-8"):
+        manager.restore(target, step=8)
