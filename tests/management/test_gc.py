@@ -212,6 +212,8 @@ def test_dcp_data_left_without_its_metadata_is_shown_reported_and_removed_by_rm(
     assert ".distcp" in listed[str(tmp_path / "half")]["error"]
     with pytest.raises(torchstow.IncompleteCheckpointError, match=r"\.distcp"):
         torchstow.load({"w": torch.zeros(4)}, str(tmp_path / "half"))
+    (problem,) = torchstow.verify(str(tmp_path / "half")).problems  # not "no checkpoint"
+    assert ".distcp" in problem.message
     report = torchstow.gc(str(tmp_path), older_than=0)  # reported, left: DCP's saves are not gc's
     assert report.removed == [] and "without its .metadata" in report.skipped[str(tmp_path / "half")]
     assert sorted(os.listdir(tmp_path / "half")) == stray
