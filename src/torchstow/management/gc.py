@@ -186,7 +186,7 @@ def gc(
     (never followed) are left alone; a store that
     cannot date its files keeps them. Returns a :class:`GcReport`.
     """
-    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
+    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not older_than >= 0:
         raise ValueError(f"older_than must be a non-negative number of seconds, got {older_than!r}")
     text, backend = backend_at(uri_or_prefix, storage_options)
     report = GcReport(text, float(older_than), dry_run)
