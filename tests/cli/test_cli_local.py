@@ -286,3 +286,16 @@ def test_demo_never_replaces_a_checkpoint_of_yours(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "step-2")) == before
     back = torchstow.read(str(tmp_path / "step-2"))
     assert torch.equal(back["model"]["layer0"]["weight"], _state(2)["model"]["layer0"]["weight"])
+
+
+def test_du_counts_a_linked_checkpoint_once(run_dir: Path) -> None:
+    # latest -> step-300 holds step-300's bytes: before, du's total counted them twice
+    os.symlink("step-300", run_dir / "latest")
+    sizes = {f"step-{s}": torchstow.info(str(run_dir / f"step-{s}")).nbytes for s in (100, 200, 300)}
+    du = json_doc("du", str(run_dir))
+    assert du["total_bytes"] == sum(sizes.values())
+    links = {os.path.basename(row["uri"]): row["link"] for row in du["checkpoints"]}
+    assert links == {"latest": True, "step-100": False, "step-200": False, "step-300": False}
+    text = invoke("du", str(run_dir)).out
+    assert "latest  (a symbolic link: not in the total)" in text and "(3 checkpoints," in text
+    assert json_doc("du", str(run_dir / "latest"))["total_bytes"] == sizes["step-300"]  # asked for itself

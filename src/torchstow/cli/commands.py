@@ -22,10 +22,10 @@ from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError
 from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
-from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, scan
+from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, is_link, scan
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
-from torchstow.plugins.resolve import route_options
+from torchstow.plugins.resolve import backend_at, route_options
 
 __all__ = ["VERBS"]
 
@@ -351,15 +351,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_du(args: argparse.Namespace) -> int:
     """Bytes of each committed checkpoint under a prefix, and the total."""
     found = [e for e in _scan(args) if e.info is not None]
-    total = sum(e.info.nbytes for e in found if e.info is not None)
+    text, backend = backend_at(args.prefix, _opts(args))
+    # a link under the prefix (latest -> step-300) holds the bytes of what it points at: not counted
+    linked = {e.uri for e in found if e.uri != text and is_link(backend, e.uri)}
+    counted = [e for e in found if e.uri not in linked]
+    total = sum(e.info.nbytes for e in counted if e.info is not None)
     if args.json:
-        rows = [{"uri": e.uri, "step": e.step, "nbytes": e.info.nbytes} for e in found if e.info is not None]
+        rows = [
+            {"uri": e.uri, "step": e.step, "nbytes": e.info.nbytes, "link": e.uri in linked}
+            for e in found
+            if e.info is not None
+        ]
         print_json({"prefix": args.prefix, "checkpoints": rows, "total_bytes": total})
         return 0
     for e in found:
         assert e.info is not None
-        print(f"{human_bytes(e.info.nbytes):>10}  {e.uri}")
-    print(f"{human_bytes(total):>10}  total ({plural(len(found), 'checkpoint')}, {total:,} bytes)")
+        note = "  (a symbolic link: not in the total)" if e.uri in linked else ""
+        print(f"{human_bytes(e.info.nbytes):>10}  {e.uri}{note}")
+    print(f"{human_bytes(total):>10}  total ({plural(len(counted), 'checkpoint')}, {total:,} bytes)")
     return 0
 
 
