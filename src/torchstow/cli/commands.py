@@ -247,9 +247,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Read every byte of each checkpoint and check every checksum; exit 1 when any is corrupt."""
     reports = []
+    missing: dict[str, CheckpointNotFoundError] = {}  # of several URIs, the others are still verified
     for uri in args.uris:
-        with progress_bar("verify", args.progress) as progress:
-            report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
+        try:
+            with progress_bar("verify", args.progress) as progress:
+                report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
+        except CheckpointNotFoundError as exc:
+            if len(args.uris) == 1:
+                raise
+            missing[uri] = exc
+            continue
         reports.append(report)
         if not args.json:
             if report.ok and report.checksums:
@@ -265,9 +272,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"CORRUPT  {uri} ({plural(len(report.problems), 'problem')})")
                 for problem in report.problems:
                     print(f"  {problem}")
-    ok = all(r.ok for r in reports)
+    ok = not missing and all(r.ok for r in reports)
     if args.json:
-        print_json({"ok": ok, "checkpoints": [r.to_json() for r in reports]})
+        print_json({"ok": ok, "checkpoints": [r.to_json() for r in reports], "missing": list(missing)})
+    if missing:
+        raise CheckpointNotFoundError("; ".join(map(str, missing.values())))
     return 0 if ok else 1
 
 
