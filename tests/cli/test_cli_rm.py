@@ -176,3 +176,25 @@ def test_rm_of_a_symbolic_link_is_refused_and_deletes_nothing(tmp_path: Path) ->
             torchstow.delete(link, force=True)
     assert sorted(os.listdir(where)) == before and os.readlink(tmp_path / "latest") == "step-300"
     assert torch.equal(torchstow.read(str(tmp_path / "latest"))["w"], torch.arange(4096.0))
+
+
+@pytest.mark.parametrize("left", [[".metadata", "__0_0.distcp"], ["__0_0.distcp"]])
+def test_rm_also_removes_a_replaced_dcp_checkpoint_that_outlived_its_replacement(
+    tmp_path: Path, left: list[str]
+) -> None:
+    """A torchstow save over a DCP checkpoint removes DCP's files after it commits; killed
+    in between, they stay beside the manifest. Before: rm removed the torchstow checkpoint
+    and left them, and the location read as the old DCP checkpoint again (restore loaded it)."""
+    import torch.distributed.checkpoint as dcp
+
+    where = tmp_path / "step-5"
+    dcp.save({"w": torch.zeros(4)}, checkpoint_id=str(where), no_dist=True)
+    old = {name: (where / name).read_bytes() for name in left}
+    torchstow.save({"w": torch.ones(4)}, str(where), overwrite=True)
+    for name, data in old.items():  # the kill between the commit and their removal
+        (where / name).write_bytes(data)
+    assert torch.equal(torchstow.read(str(where))["w"], torch.ones(4))  # the manifest wins
+    assert invoke("rm", str(where)).code == 0
+    assert not where.exists()
+    with pytest.raises(torchstow.CheckpointNotFoundError):
+        torchstow.CheckpointManager(tmp_path).restore({"w": torch.zeros(4)})

@@ -129,6 +129,12 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
         )
     if not force:
         _refuse_in_flight(store, files, listed)
+    replaced = dcp_files(files, stray=True) if MANIFEST in files else []
+    if replaced:
+        # a DCP checkpoint this one replaced, whose removal after the commit was cut short:
+        # it goes first (its .metadata first), or it would show again once the manifest is gone
+        store.delete_files(replaced[:1])
+        store.delete_files(replaced[1:])
     if stray:  # a DCP checkpoint's data without its .metadata (a DCP save that died, a deletion cut short)
         logger.info("deleting DCP's data files without a .metadata at %s", store.location)
         store.delete_files(stray)

@@ -96,12 +96,12 @@ def check_vacant(
         )
 
 
-def dcp_files(names: Collection[str]) -> list[str]:
+def dcp_files(names: Collection[str], *, stray: bool = False) -> list[str]:
     """The files of a checkpoint in DCP's own format among ``names``, in the order to delete
     them: its ``.metadata`` first (so it is never half valid), then its ``.distcp`` data
-    files; [] when there is no ``.metadata``."""
+    files; [] when there is no ``.metadata`` (with ``stray``, its ``.distcp`` files all the same)."""
     if DCP_METADATA not in names:
-        return []
+        return sorted(name for name in names if name.endswith(".distcp")) if stray else []
     return [DCP_METADATA, *sorted(name for name in names if name.endswith(".distcp"))]
 
 
@@ -111,7 +111,7 @@ def stray_dcp_files(names: Collection[str]) -> list[str]:
     running) or an interrupted deletion (``.metadata`` goes first) leaves; sorted."""
     if DCP_METADATA in names or MANIFEST in names:
         return []
-    return sorted(name for name in names if name.endswith(".distcp"))
+    return dcp_files(names, stray=True)
 
 
 def rebind(store: ByteStore, opener: StoreOpener | None, checkpoint_id: Any) -> ByteStore:
