@@ -119,10 +119,10 @@ def _refuse_newer(root: str, step: int, steps: Iterable[int], storage_options: d
     where = ", ".join(uris[:5]) + (f" and {len(uris) - 5} more" if len(uris) > 5 else "")
     raise CheckpointExistsError(
         f"step {step} is older than the committed step(s) {shown} under {root}: nothing was "
-        f"saved (pruning keeps the newest steps, so it would delete step {step}, and a restore "
-        f"would load step {newer[-1]}); to go on from an older step, delete the newer ones "
-        f"first (torchstow.delete(uri) or `torchstow rm URI`{': ' + where if where else ''}), "
-        f"or save under a step above {newer[-1]}"
+        f"saved (a restore would load step {newer[-1]}, and pruning, which keeps the newest "
+        f"steps, could delete step {step}); to go on from an older step, delete the newer ones "
+        f"first, or move them out of {root} (torchstow.delete(uri) or `torchstow rm URI`"
+        f"{': ' + where if where else ''}), or save under a step above {newer[-1]}"
     )
 
 
