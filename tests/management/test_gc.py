@@ -223,3 +223,20 @@ def test_dcp_data_left_without_its_metadata_is_shown_reported_and_removed_by_rm(
     assert invoke("rm", "--force", str(tmp_path / "half")).code == 0
     assert not (tmp_path / "half").exists()
     assert torchstow.verify(str(tmp_path / "whole")).ok  # untouched
+
+
+def test_a_torchstow_checkpoint_beside_a_replaced_dcp_ones_metadata_is_collected(tmp_path: Path) -> None:
+    # a torchstow save over a DCP checkpoint, killed before it removed DCP's .metadata: the
+    # location reads (and ls shows it) as torchstow's; before: gc skipped it as "a checkpoint
+    # in DCP's format", and the debris of a later killed overwrite there stayed for ever
+    import torch.distributed.checkpoint as dcp
+
+    where = tmp_path / "step-1"
+    dcp.save({"w": torch.zeros(4)}, checkpoint_id=str(where), no_dist=True)
+    metadata = (where / ".metadata").read_bytes()
+    torchstow.save({"w": torch.ones(4)}, str(where), overwrite=True)
+    (where / ".metadata").write_bytes(metadata)
+    _debris(where, "data-aaaaaaaaaaaa-0-0.bin")
+    report = torchstow.gc(str(tmp_path), older_than=0)
+    assert report.removed == [f"{where}/data-aaaaaaaaaaaa-0-0.bin"] and report.skipped == {}
+    assert torch.equal(torchstow.read(str(where))["w"], torch.ones(4))

@@ -100,7 +100,7 @@ def _debris(
     still be writing them; of unknown age counts as young); or why the location is left alone.
     ``files`` (the location's listing) and ``listed`` (what its manifest names) when known."""
     files = store.list_files() if files is None else files
-    if DCP_METADATA in files:
+    if DCP_METADATA in files and MANIFEST not in files:  # with a manifest: torchstow's, as it reads
         return "a checkpoint in DCP's format"
     # only names torchstow writes, and DCP's data a DCP save or a deletion left without its
     # .metadata (each file judged alone: they carry no save id)
