@@ -286,3 +286,31 @@ def test_demo_never_replaces_a_checkpoint_of_yours(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "step-2")) == before
     back = torchstow.read(str(tmp_path / "step-2"))
     assert torch.equal(back["model"]["layer0"]["weight"], _state(2)["model"]["layer0"]["weight"])
+
+
+def test_du_counts_a_linked_checkpoint_once(run_dir: Path) -> None:
+    # latest -> step-300 holds step-300's bytes: before, du's total counted them twice
+    os.symlink("step-300", run_dir / "latest")
+    sizes = {f"step-{s}": torchstow.info(str(run_dir / f"step-{s}")).nbytes for s in (100, 200, 300)}
+    du = json_doc("du", str(run_dir))
+    assert du["total_bytes"] == sum(sizes.values())
+    links = {os.path.basename(row["uri"]): row["link"] for row in du["checkpoints"]}
+    assert links == {"latest": True, "step-100": False, "step-200": False, "step-300": False}
+    text = invoke("du", str(run_dir)).out
+    assert "latest  (a symbolic link: not in the total)" in text and "(3 checkpoints," in text
+    assert json_doc("du", str(run_dir / "latest"))["total_bytes"] == sizes["step-300"]  # asked for itself
+
+
+def test_verify_of_several_goes_on_past_one_that_is_not_there(run_dir: Path) -> None:
+    # before: the first URI with nothing there stopped the command; the ones after it were
+    # never verified, and --json printed nothing at all
+    good, typo, bad = run_dir / "step-100", run_dir / "step-1OO", run_dir / "step-200"
+    _flip_byte(bad, 5)
+    verified = invoke("verify", str(good), str(typo), str(bad))
+    assert verified.code == 1
+    assert [line.split()[0] for line in verified.out.splitlines()[:2]] == ["OK", "CORRUPT"]
+    assert_one_line_error(verified, f"no checkpoint at {typo}")
+    doc = invoke("verify", "--json", str(good), str(typo), str(bad)).json()
+    assert doc["ok"] is False and doc["missing"] == [str(typo)]
+    assert [c["ok"] for c in doc["checkpoints"]] == [True, False]
+    assert invoke("verify", "--json", str(good)).json()["missing"] == []

@@ -6,6 +6,7 @@ period, they are debris."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -131,3 +132,69 @@ def test_delete_in_a_bucket_that_does_not_exist_is_checkpoint_not_found(cli_s3: 
     options = {"endpoint_url": cli_s3, **S3_KEYS}
     with pytest.raises(torchstow.CheckpointNotFoundError, match="no checkpoint at"):
         torchstow.delete("s3://no-such-bucket-for-rm/run/step-1", storage_options=options)
+
+
+def test_rm_of_a_checkpoint_leaves_a_users_own_files_in_its_folder(tmp_path: Path) -> None:
+    """rm deletes what torchstow wrote there, not every ``data-*.bin``: a user's notes kept
+    in the checkpoint's folder stay, and so does the folder."""
+    where = tmp_path / "ckpt"
+    torchstow.save({"w": torch.arange(4096.0)}, str(where))
+    (where / "data-notes.bin").write_bytes(b"mine")
+    (where / "README").write_text("mine too")
+    assert invoke("rm", str(where)).code == 0
+    assert sorted(os.listdir(where)) == ["README", "data-notes.bin"]
+    assert (where / "data-notes.bin").read_bytes() == b"mine"
+
+
+def test_delete_removes_a_data_file_its_manifest_names_whatever_its_name(tmp_path: Path) -> None:
+    """A data file the manifest names goes even when torchstow would not have named it so
+    (a manifest another writer produced): deleting the checkpoint leaves none of its data."""
+    where = tmp_path / "ckpt"
+    torchstow.save({"w": torch.arange(8.0)}, str(where), format_version=1)  # JSON: rewritten below
+    (written,) = _data_files(where)
+    os.rename(where / written, where / "data-renamed.bin")
+    doc = json.loads((where / MANIFEST).read_text())
+    doc["files"] = ["data-renamed.bin"]
+    (where / MANIFEST).write_text(json.dumps(doc))
+    assert torch.equal(torchstow.read(str(where))["w"], torch.arange(8.0))  # a sound checkpoint
+    torchstow.delete(str(where))
+    assert not where.exists()
+
+
+def test_rm_of_a_symbolic_link_is_refused_and_deletes_nothing(tmp_path: Path) -> None:
+    """A link (latest -> step-300) is no checkpoint of its own: rm through it deleted the
+    files of the checkpoint it points at and left the link dangling."""
+    where = tmp_path / "step-300"
+    torchstow.save({"w": torch.arange(4096.0)}, str(where))
+    before = sorted(os.listdir(where))
+    os.symlink("step-300", tmp_path / "latest")
+    for link in (str(tmp_path / "latest"), f"{tmp_path}/latest/", f"file://{tmp_path}/latest"):
+        for force in ((), ("--force",)):
+            refused = invoke("rm", link, *force)
+            assert_one_line_error(refused, "symbolic link", os.path.realpath(where), "nothing was deleted")
+        with pytest.raises(ValueError, match="symbolic link"):
+            torchstow.delete(link, force=True)
+    assert sorted(os.listdir(where)) == before and os.readlink(tmp_path / "latest") == "step-300"
+    assert torch.equal(torchstow.read(str(tmp_path / "latest"))["w"], torch.arange(4096.0))
+
+
+@pytest.mark.parametrize("left", [[".metadata", "__0_0.distcp"], ["__0_0.distcp"]])
+def test_rm_also_removes_a_replaced_dcp_checkpoint_that_outlived_its_replacement(
+    tmp_path: Path, left: list[str]
+) -> None:
+    """A torchstow save over a DCP checkpoint removes DCP's files after it commits; killed
+    in between, they stay beside the manifest. Before: rm removed the torchstow checkpoint
+    and left them, and the location read as the old DCP checkpoint again (restore loaded it)."""
+    import torch.distributed.checkpoint as dcp
+
+    where = tmp_path / "step-5"
+    dcp.save({"w": torch.zeros(4)}, checkpoint_id=str(where), no_dist=True)
+    old = {name: (where / name).read_bytes() for name in left}
+    torchstow.save({"w": torch.ones(4)}, str(where), overwrite=True)
+    for name, data in old.items():  # the kill between the commit and their removal
+        (where / name).write_bytes(data)
+    assert torch.equal(torchstow.read(str(where))["w"], torch.ones(4))  # the manifest wins
+    assert invoke("rm", str(where)).code == 0
+    assert not where.exists()
+    with pytest.raises(torchstow.CheckpointNotFoundError):
+        torchstow.CheckpointManager(tmp_path).restore({"w": torch.zeros(4)})

@@ -134,8 +134,9 @@ def test_gc_of_one_checkpoint_and_bad_grace_periods(tmp_path: Path) -> None:
     assert torchstow.gc(str(tmp_path / "step-9"), older_than=0).removed == [
         f"{tmp_path}/step-9/data-eeeeeeeeeeee-0-0.bin"
     ]
-    with pytest.raises(ValueError, match="older_than"):
-        torchstow.gc(uri, older_than=-1)
+    for bad in (-1, float("nan")):  # nan: every S3 upload, one in flight too, was "older" and aborted
+        with pytest.raises(ValueError, match="older_than"):
+            torchstow.gc(uri, older_than=bad)
 
 
 def test_the_gc_verb(tmp_path: Path) -> None:
@@ -195,3 +196,47 @@ def test_files_torchstow_did_not_name_are_never_collected(tmp_path: Path) -> Non
     assert report.removed == [f"{tmp_path}/step-1/data-aaaaaaaaaaaa-0-0.bin"]
     assert sorted(os.listdir(tmp_path / "dataset")) == sorted(theirs)
     assert set(theirs) <= set(os.listdir(tmp_path / "step-1"))
+
+
+def test_dcp_data_left_without_its_metadata_is_shown_reported_and_removed_by_rm(tmp_path: Path) -> None:
+    # rm deletes a DCP checkpoint's .metadata first: cut short there (or a DCP save that died),
+    # its .distcp files were invisible to ls, gc and rm ("no checkpoint"), kept forever
+    import torch.distributed.checkpoint as dcp
+
+    for name in ("half", "whole"):
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path / name), no_dist=True)
+    (tmp_path / "half" / ".metadata").unlink()
+    stray = sorted(os.listdir(tmp_path / "half"))
+    assert stray and all(n.endswith(".distcp") for n in stray)
+    listed = {e["uri"]: e for e in json_doc("ls", "--all", "--json", str(tmp_path))["checkpoints"]}
+    assert listed[str(tmp_path / "half")]["status"] == "incomplete"
+    assert ".distcp" in listed[str(tmp_path / "half")]["error"]
+    with pytest.raises(torchstow.IncompleteCheckpointError, match=r"\.distcp"):
+        torchstow.load({"w": torch.zeros(4)}, str(tmp_path / "half"))
+    (problem,) = torchstow.verify(str(tmp_path / "half")).problems  # not "no checkpoint"
+    assert ".distcp" in problem.message
+    report = torchstow.gc(str(tmp_path), older_than=0)  # reported, left: DCP's saves are not gc's
+    assert report.removed == [] and "without its .metadata" in report.skipped[str(tmp_path / "half")]
+    assert sorted(os.listdir(tmp_path / "half")) == stray
+    with pytest.raises(torchstow.errors.SaveInFlightError):  # young: a DCP save may be writing it
+        torchstow.delete(str(tmp_path / "half"))
+    assert invoke("rm", "--force", str(tmp_path / "half")).code == 0
+    assert not (tmp_path / "half").exists()
+    assert torchstow.verify(str(tmp_path / "whole")).ok  # untouched
+
+
+def test_a_torchstow_checkpoint_beside_a_replaced_dcp_ones_metadata_is_collected(tmp_path: Path) -> None:
+    # a torchstow save over a DCP checkpoint, killed before it removed DCP's .metadata: the
+    # location reads (and ls shows it) as torchstow's; before: gc skipped it as "a checkpoint
+    # in DCP's format", and the debris of a later killed overwrite there stayed for ever
+    import torch.distributed.checkpoint as dcp
+
+    where = tmp_path / "step-1"
+    dcp.save({"w": torch.zeros(4)}, checkpoint_id=str(where), no_dist=True)
+    metadata = (where / ".metadata").read_bytes()
+    torchstow.save({"w": torch.ones(4)}, str(where), overwrite=True)
+    (where / ".metadata").write_bytes(metadata)
+    _debris(where, "data-aaaaaaaaaaaa-0-0.bin")
+    report = torchstow.gc(str(tmp_path), older_than=0)
+    assert report.removed == [f"{where}/data-aaaaaaaaaaaa-0-0.bin"] and report.skipped == {}
+    assert torch.equal(torchstow.read(str(where))["w"], torch.ones(4))

@@ -253,3 +253,55 @@ def test_prune_and_gc_never_go_through_a_symbolic_link(tmp_path: Path) -> None:
     target = _model_state(0)
     assert torchstow.CheckpointManager(root).restore(target) == 4  # a link is still read
     assert torch.equal(target["w"], torch.full((8, 8), 4.0))
+
+
+def test_a_managers_retention_counts_and_deletes_only_its_own_steps(tmp_path: Path) -> None:
+    # before: every committed checkpoint under the root counted, those without a step first,
+    # so a user's "best", a DCP export and an odd-named step were pruned as the oldest steps
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path / "run"
+    torchstow.save(_model_state(0), str(root / "best"))
+    torchstow.save(_model_state(1), str(root / "best-of-epoch"), metadata={"step": 1})
+    torchstow.save(_model_state(1), str(root / "iter_0000001"))
+    dcp.save(_model_state(1), checkpoint_id=str(root / "exported"), no_dist=True)
+    theirs = ["best", "best-of-epoch", "exported", "iter_0000001"]
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    for step in (2, 3, 4, 5):
+        manager.save(step, _model_state(step))
+    assert sorted(os.listdir(root)) == [*theirs, "step-4", "step-5"]
+    # torchstow.prune of the root (not the manager's) prunes every checkpoint there, as documented
+    assert sorted(map(os.path.basename, torchstow.prune(root, keep_last=2, dry_run=True))) == theirs
+
+
+def test_the_refusal_of_an_older_step_names_where_the_newer_steps_lie(tmp_path: Path) -> None:
+    # before: it said torchstow.delete(manager.uri(n)), <root>/step-30, which is not there
+    root = tmp_path / "run"
+    torchstow.CheckpointManager(root).save(20, _model_state(20))
+    newer = [str(root / "iter_0000030"), str(root / "step-040")]
+    for uri in newer:
+        torchstow.save(_model_state(1), uri)
+    manager = torchstow.CheckpointManager(root)
+    manager.restore(_model_state(0), step=20)
+    with pytest.raises(torchstow.CheckpointExistsError) as refused:
+        manager.save(21, _model_state(21))
+    assert f"`torchstow rm URI`: {newer[0]}, {newer[1]})" in str(refused.value)
+    for uri in newer:  # what it says to do
+        torchstow.delete(uri)
+    manager.save(21, _model_state(21))
+    assert manager.steps() == [20, 21]
+
+
+def test_restore_of_a_given_step_loads_it_wherever_it_lies(tmp_path: Path) -> None:
+    # steps() counts iter_0000007 as step 7; before: restore(step=7) looked only at
+    # <root>/step-7 and raised CheckpointNotFoundError
+    root = tmp_path / "run"
+    for step in (7, 9):
+        torchstow.save(_model_state(step), str(root / f"iter_{step:07d}"))
+    manager = torchstow.CheckpointManager(root)
+    assert manager.steps() == [7, 9]
+    target = _model_state(0)
+    assert manager.restore(target, step=7) == 7
+    assert torch.equal(target["w"], torch.full((8, 8), 7.0))
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="step-8"):
+        manager.restore(target, step=8)

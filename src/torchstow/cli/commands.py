@@ -22,10 +22,10 @@ from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError
 from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
-from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, scan
+from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, is_link, scan
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
-from torchstow.plugins.resolve import route_options
+from torchstow.plugins.resolve import backend_at, route_options
 
 __all__ = ["VERBS"]
 
@@ -247,9 +247,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Read every byte of each checkpoint and check every checksum; exit 1 when any is corrupt."""
     reports = []
+    missing: dict[str, CheckpointNotFoundError] = {}  # of several URIs, the others are still verified
     for uri in args.uris:
-        with progress_bar("verify", args.progress) as progress:
-            report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
+        try:
+            with progress_bar("verify", args.progress) as progress:
+                report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
+        except CheckpointNotFoundError as exc:
+            if len(args.uris) == 1:
+                raise
+            missing[uri] = exc
+            continue
         reports.append(report)
         if not args.json:
             if report.ok and report.checksums:
@@ -265,9 +272,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"CORRUPT  {uri} ({plural(len(report.problems), 'problem')})")
                 for problem in report.problems:
                     print(f"  {problem}")
-    ok = all(r.ok for r in reports)
+    ok = not missing and all(r.ok for r in reports)
     if args.json:
-        print_json({"ok": ok, "checkpoints": [r.to_json() for r in reports]})
+        print_json({"ok": ok, "checkpoints": [r.to_json() for r in reports], "missing": list(missing)})
+    if missing:
+        raise CheckpointNotFoundError("; ".join(map(str, missing.values())))
     return 0 if ok else 1
 
 
@@ -351,15 +360,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_du(args: argparse.Namespace) -> int:
     """Bytes of each committed checkpoint under a prefix, and the total."""
     found = [e for e in _scan(args) if e.info is not None]
-    total = sum(e.info.nbytes for e in found if e.info is not None)
+    text, backend = backend_at(args.prefix, _opts(args))
+    # a link under the prefix (latest -> step-300) holds the bytes of what it points at: not counted
+    linked = {e.uri for e in found if e.uri != text and is_link(backend, e.uri)}
+    counted = [e for e in found if e.uri not in linked]
+    total = sum(e.info.nbytes for e in counted if e.info is not None)
     if args.json:
-        rows = [{"uri": e.uri, "step": e.step, "nbytes": e.info.nbytes} for e in found if e.info is not None]
+        rows = [
+            {"uri": e.uri, "step": e.step, "nbytes": e.info.nbytes, "link": e.uri in linked}
+            for e in found
+            if e.info is not None
+        ]
         print_json({"prefix": args.prefix, "checkpoints": rows, "total_bytes": total})
         return 0
     for e in found:
         assert e.info is not None
-        print(f"{human_bytes(e.info.nbytes):>10}  {e.uri}")
-    print(f"{human_bytes(total):>10}  total ({plural(len(found), 'checkpoint')}, {total:,} bytes)")
+        note = "  (a symbolic link: not in the total)" if e.uri in linked else ""
+        print(f"{human_bytes(e.info.nbytes):>10}  {e.uri}{note}")
+    print(f"{human_bytes(total):>10}  total ({plural(len(counted), 'checkpoint')}, {total:,} bytes)")
     return 0
 
 

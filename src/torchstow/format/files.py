@@ -12,6 +12,8 @@ an interrupted publish.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "BLOCK_SIZE",
     "DCP_METADATA",
@@ -28,6 +30,7 @@ __all__ = [
     "is_data_file",
     "is_manifest_file",
     "is_temporary",
+    "save_id_of",
     "temporary_name",
 ]
 
@@ -59,8 +62,21 @@ def data_file_name(prefix: str, n: int) -> str:
 
 
 def is_data_file(name: str) -> bool:
-    """Whether ``name`` is a data file of the layout."""
+    """Whether ``name`` is a data file of the layout (``data-*.bin``, as a manifest may name
+    one); :func:`save_id_of` tells the ones torchstow itself names."""
     return name.startswith("data-") and name.endswith(".bin")
+
+
+# a save's data files (data-<id>-<rank>-<n>.bin) and a copy's (data-<id>-<n>.bin); ids are 12
+# hex digits: other data-*.bin names are no file torchstow wrote (a user's data-train-0.bin)
+_WRITTEN_DATA = re.compile(r"^data-([0-9a-f]{12})(?:-\d+)?-\d+\.bin$")
+
+
+def save_id_of(name: str) -> str | None:
+    """The id of the save (or copy) that wrote the data file ``name``, as torchstow names
+    its data files; None for any other name."""
+    found = _WRITTEN_DATA.match(name)
+    return found.group(1) if found else None
 
 
 def temporary_name(name: str, token: str) -> str:
@@ -100,10 +116,11 @@ def is_manifest_file(name: str) -> bool:
 
 
 def is_checkpoint_file(name: str) -> bool:
-    """Whether ``name`` belongs to a checkpoint besides its manifest: data, a chunk
-    table or publish debris (of the manifest or of a chunk table)."""
+    """Whether ``name`` is a file torchstow writes into a checkpoint besides its manifest:
+    data named as a save or copy names it (:func:`save_id_of`), a chunk table or publish
+    debris (of the manifest or of a chunk table). A user's ``data-notes.bin`` is not one."""
     return (
-        is_data_file(name)
+        save_id_of(name) is not None
         or is_chunk_table(name)
         or is_temporary(name)
         or (name.startswith(".manifest-") and ".chunks." in name and name.endswith(".tmp"))

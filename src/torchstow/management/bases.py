@@ -27,6 +27,7 @@ from torchstow.core.protocol.collective import Collective
 from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointExistsError
+from torchstow.management.catalog import list_checkpoints
 from torchstow.management.steps import step_uri
 from torchstow.plugins.resolve import backend_at
 
@@ -103,18 +104,26 @@ def choose_base(
     )
 
 
-def _refuse_newer(root: str, step: int, steps: Iterable[int]) -> None:
-    """Raise CheckpointExistsError when a step after ``step`` is among ``steps``."""
+def _refuse_newer(root: str, step: int, steps: Iterable[int], storage_options: dict[str, Any] | None) -> None:
+    """Raise CheckpointExistsError when a step after ``step`` is among ``steps``, naming
+    where the newer steps lie (``iter_0000030`` or ``step-040`` as much as ``step-30``)."""
     newer = sorted(s for s in steps if s > step)
-    if newer:
-        shown = ", ".join(map(str, newer[:5])) + (", ..." if len(newer) > 5 else "")
-        raise CheckpointExistsError(
-            f"step {step} is older than the committed step(s) {shown} under {root}: nothing was "
-            f"saved (pruning keeps the newest steps, so it would delete step {step}, and a restore "
-            f"would load step {newer[-1]}); to go on from an older step, delete the newer ones "
-            f"first (torchstow.delete(manager.uri(n)) or `torchstow rm`), or save under a step "
-            f"above {newer[-1]}"
-        )
+    if not newer:
+        return
+    shown = ", ".join(map(str, newer[:5])) + (", ..." if len(newer) > 5 else "")
+    try:
+        found = list_checkpoints(root, storage_options=storage_options)
+        uris = [info.uri for info in found if info.step is not None and info.step > step]
+    except OSError:
+        uris = []
+    where = ", ".join(uris[:5]) + (f" and {len(uris) - 5} more" if len(uris) > 5 else "")
+    raise CheckpointExistsError(
+        f"step {step} is older than the committed step(s) {shown} under {root}: nothing was "
+        f"saved (a restore would load step {newer[-1]}, and pruning, which keeps the newest "
+        f"steps, could delete step {step}); to go on from an older step, delete the newer ones "
+        f"first, or move them out of {root} (torchstow.delete(uri) or `torchstow rm URI`"
+        f"{': ' + where if where else ''}), or save under a step above {newer[-1]}"
+    )
 
 
 def check_step(
@@ -140,7 +149,7 @@ def check_step(
         except OSError as exc:
             logger.warning("step %d: listing %s failed: %s; saving without checking it", step, root, exc)
             return False, _newest_intact(root, step, storage_options, newest, listed) if base else None
-        _refuse_newer(root, step, steps)
+        _refuse_newer(root, step, steps, storage_options)
         return True, _newest_intact(root, step, storage_options, newest, lambda: steps) if base else None
 
     found: tuple[bool, str | None] = broadcast_from_coordinator(coll, "managed save check", decide)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torchstow.core.layout.commit import manifest_files
-from torchstow.core.layout.location import dcp_files, read_manifest
+from torchstow.core.layout.location import dcp_files, read_manifest, stray_dcp_files
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
@@ -21,10 +21,10 @@ from torchstow.errors import (
     SaveInFlightError,
 )
 from torchstow.format.dcp_metadata import decode_dcp_metadata
-from torchstow.format.files import DCP_METADATA, MANIFEST
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management import listing
-from torchstow.management.gc import GRACE, collectable, in_flight
+from torchstow.management.gc import GRACE, in_flight
 from torchstow.management.listing import checkpoint_info
 from torchstow.management.verify import verify
 from torchstow.plugins.resolve import Uri, backend_at
@@ -80,12 +80,14 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
 
     A torchstow checkpoint (committed, or the data of a save that never
     committed), or one in DCP's own format (its ``.metadata`` first, then its
-    ``.distcp`` files). A location whose ``manifest.json`` is no torchstow
+    ``.distcp`` files; or only those where a DCP save or a deletion left them without a
+    ``.metadata``). A location whose ``manifest.json`` is no torchstow
     manifest this version reads (or whose ``.metadata`` is no DCP metadata)
     is refused with :class:`CorruptCheckpointError` (:class:`FormatVersionError`
     for a newer format) and nothing is deleted; so is, with
     :class:`CheckpointNotFoundError`, a location without either whose files are none
-    that torchstow writes (a user's ``data-train.bin`` is not one).
+    that torchstow writes (a user's ``data-train.bin`` is not one), and, with ValueError, a
+    location that is a symbolic link (deleting through it would delete what it points at).
 
     On a byte-store backend, a location where a save may be in flight, as
     :func:`torchstow.gc` judges it (files no committed manifest names, written within
@@ -99,6 +101,7 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
         backend.delete(text)
         return
     store = backend.open_store(text)
+    _refuse_link(store)
     files = store.list_files()
     listed = None
     if MANIFEST in files:
@@ -117,14 +120,42 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
         if len(doomed) == len(files):
             store.remove_location()
         return
-    elif files and not any(collectable(name) for name in files):
+    stray = stray_dcp_files(files)
+    ours = any(is_checkpoint_file(name) for name in files)
+    if MANIFEST not in files and files and not stray and not ours:
         raise CheckpointNotFoundError(
             f"no checkpoint at {store.location}: no manifest, and none of its files is one "
             "torchstow writes; nothing was deleted"
         )
     if not force:
         _refuse_in_flight(store, files, listed)
+    replaced = dcp_files(files, stray=True) if MANIFEST in files else []
+    if replaced:
+        # a DCP checkpoint this one replaced, whose removal after the commit was cut short:
+        # it goes first (its .metadata first), or it would show again once the manifest is gone
+        store.delete_files(replaced[:1])
+        store.delete_files(replaced[1:])
+    if stray:  # a DCP checkpoint's data without its .metadata (a DCP save that died, a deletion cut short)
+        logger.info("deleting DCP's data files without a .metadata at %s", store.location)
+        store.delete_files(stray)
+        if not ours:
+            if len(stray) == len(files):
+                store.remove_location()
+            return
     backend.delete(text)
+
+
+def _refuse_link(store: ByteStore) -> None:
+    """ValueError when ``store``'s location is a symbolic link: deleting through it would
+    delete the files of the checkpoint it points at and leave the link dangling."""
+    target = listing.link_target(store)
+    if target is None:
+        return
+    raise ValueError(
+        f"{store.location} is a symbolic link (to {target}), not a checkpoint of its own: nothing "
+        f"was deleted. To delete the checkpoint, delete {target}; to remove the link, remove it "
+        "as a file (rm, os.unlink)"
+    )
 
 
 def _refuse_in_flight(store: ByteStore, files: list[str], listed: set[str] | None) -> None:

@@ -14,30 +14,26 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torchstow.core.layout.commit import listed_files
+from torchstow.core.layout.location import stray_dcp_files
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore, PendingUpload
 from torchstow.errors import CheckpointNotFoundError
-from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, is_data_file
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file, save_id_of
 from torchstow.management.listing import UNREADABLE, IsACheckpointError, is_link, scan
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["GRACE", "GcReport", "collectable", "gc", "in_flight"]
+__all__ = ["GRACE", "GcReport", "gc", "in_flight"]
 
 logger = logging.getLogger("torchstow")
 
 #: Seconds since a save's newest file was written after which gc judges it dead (its default).
 GRACE = 3600.0
-
-# a save's data files (data-<id>-<rank>-<n>.bin) and a copy's (data-<id>-<n>.bin); ids
-# are 12 hex digits: other data-*.bin names are no file torchstow wrote (a user's)
-_SAVE_ID = re.compile(r"^data-([0-9a-f]{12})(?:-\d+)?-\d+\.bin$")
 
 
 @dataclass
@@ -65,16 +61,15 @@ class GcReport:
         return asdict(self)
 
 
-def collectable(name: str) -> bool:
-    """Whether ``name`` is a file torchstow writes, so gc may judge it: a data file named as
-    a save or copy names it, a chunk table, or publish debris."""
-    return bool(_SAVE_ID.match(name)) if is_data_file(name) else is_checkpoint_file(name)
+_STRAY_DCP = (
+    "DCP's data files (*.distcp) without its .metadata: a DCP save that died or is still running, "
+    "or an interrupted deletion; gc leaves them (torchstow rm deletes them)"
+)
 
 
 def _group(name: str) -> str:
     """The save a debris file belongs to: its save id, else the file alone."""
-    found = _SAVE_ID.match(name)
-    return found.group(1) if found else name
+    return save_id_of(name) or name
 
 
 def _old_groups(
@@ -105,9 +100,11 @@ def _debris(
     still be writing them; of unknown age counts as young); or why the location is left alone.
     ``files`` (the location's listing) and ``listed`` (what its manifest names) when known."""
     files = store.list_files() if files is None else files
-    if DCP_METADATA in files:
+    if DCP_METADATA in files and MANIFEST not in files:  # with a manifest: torchstow's, as it reads
         return "a checkpoint in DCP's format"
-    debris = {f for f in files if collectable(f)}
+    # only names torchstow writes, and DCP's data a DCP save or a deletion left without its
+    # .metadata (each file judged alone: they carry no save id)
+    debris = {f for f in files if is_checkpoint_file(f)} | set(stray_dcp_files(files))
     if debris and MANIFEST in files:
         listed = listed_files(store) if listed is None else listed
         if listed is None:
@@ -138,11 +135,16 @@ def in_flight(
 
 
 def _collect_location(store: ByteStore, cutoff: float, report: GcReport) -> None:
-    found = _debris(store, cutoff)
+    files = store.list_files()
+    found = _debris(store, cutoff, files)
     if isinstance(found, str):
         report.skipped[store.location] = found
         return
     old, young = found
+    stray = set(stray_dcp_files(files))
+    if stray:  # reported, never removed: DCP's saves are not torchstow's to judge
+        report.skipped[store.location] = _STRAY_DCP
+        old, young = old - stray, young - stray
     report.kept += [f"{store.location}/{n}" for n in sorted(young)]
     if not old:
         return
@@ -179,11 +181,12 @@ def gc(
     S3's ``LastModified`` and an upload's ``Initiated``), judged per save: the
     files of a save still in flight are never removed while its newest file is
     younger than that. Files a committed manifest names, checkpoints in DCP's
-    own format, unreadable manifests' locations and symbolic links under the prefix
+    own format (and DCP's ``.distcp`` files without a ``.metadata``, reported
+    under ``skipped``), unreadable manifests' locations and symbolic links under the prefix
     (never followed) are left alone; a store that
     cannot date its files keeps them. Returns a :class:`GcReport`.
     """
-    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
+    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not older_than >= 0:
         raise ValueError(f"older_than must be a non-negative number of seconds, got {older_than!r}")
     text, backend = backend_at(uri_or_prefix, storage_options)
     report = GcReport(text, float(older_than), dry_run)

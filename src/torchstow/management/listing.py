@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from torchstow.core.storage.backend import Backend, StoreBackend
+from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -34,7 +35,16 @@ from torchstow.management.steps import step_of
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["Entry", "IsACheckpointError", "checkpoint_info", "children_of", "entries", "is_link", "scan"]
+__all__ = [
+    "Entry",
+    "IsACheckpointError",
+    "checkpoint_info",
+    "children_of",
+    "entries",
+    "is_link",
+    "link_target",
+    "scan",
+]
 
 COMMITTED = "committed"
 INCOMPLETE = "incomplete"
@@ -140,10 +150,16 @@ def children_of(backend: Backend, prefix: str) -> list[str]:
 
 def is_link(backend: Backend, uri: str) -> bool:
     """Whether the location ``uri`` is a symbolic link (a local store's directory)."""
-    if not isinstance(backend, StoreBackend):
-        return False
-    inside = backend.open_store(uri).local_path(MANIFEST)
-    return inside is not None and os.path.islink(os.path.dirname(inside))
+    return isinstance(backend, StoreBackend) and link_target(backend.open_store(uri)) is not None
+
+
+def link_target(store: ByteStore) -> str | None:
+    """Where ``store``'s location leads when it is a symbolic link (a local store's
+    directory), resolved; else None."""
+    inside = store.local_path(MANIFEST)
+    if inside is None or not os.path.islink(os.path.dirname(inside)):
+        return None
+    return os.path.realpath(os.path.dirname(inside))
 
 
 def entries(backend: Backend, children: list[str], progress: ProgressCallback | None = None) -> list[Entry]:

@@ -16,7 +16,7 @@ from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.compression import check_compression
 from torchstow.management.bases import check_step, choose_base
-from torchstow.management.catalog import list_checkpoints
+from torchstow.management.catalog import info, list_checkpoints
 from torchstow.management.prune import plan_prune, prune_keeping
 from torchstow.management.steps import step_uri
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
@@ -43,9 +43,10 @@ class CheckpointManager:
     """Checkpoints of one run under ``uri`` (a directory or prefix, kept as ``.root``),
     one ``<root>/step-<step>`` per save.
 
-    After each save commits, checkpoints are pruned with ``keep_last`` and
-    ``keep_every`` (as :func:`torchstow.prune`; no pruning when both are
-    None) by the save's coordinator alone: rank ``coordinator_rank`` (0 by
+    After each save commits, its own steps (``<root>/step-<n>``; other
+    checkpoints under ``root`` are neither counted nor deleted) are pruned with
+    ``keep_last`` and ``keep_every`` (as :func:`torchstow.prune`; no pruning
+    when both are None) by the save's coordinator alone: rank ``coordinator_rank`` (0 by
     default) of its ``process_group`` (``process_group`` here, or the one
     passed to ``save``; the world by default). A failed or interrupted save
     prunes nothing; a pruning failure is logged as a warning by the
@@ -319,8 +320,24 @@ class CheckpointManager:
         uris = [uri for s, uri in found if s == step]
         return step, self.uri(step) if self.uri(step) in uris else uris[-1]
 
+    def _step_listed(self, step: int) -> str:
+        """Where ``step`` lies: ``uri(step)`` when something is there, else the newest
+        checkpoint of ``step`` under ``root`` (``iter_0000007``), else ``uri(step)``."""
+        try:
+            info(self.uri(step), storage_options=self.storage_options)
+            return self.uri(step)
+        except CheckpointNotFoundError:
+            pass
+        found = [
+            i.uri for i in list_checkpoints(self.root, storage_options=self.storage_options) if i.step == step
+        ]
+        return found[-1] if found else self.uri(step)
+
     def restore(self, state_dict: Mapping[str, Any], step: int | None = None, **load_options: Any) -> int:
         """Load the checkpoint of ``step`` (default: the newest) into ``state_dict``; returns the step.
+
+        The step is looked for at ``uri(step)``, else under another name (``iter_0000007``),
+        as :meth:`steps` counts it; the coordinator decides where, for every rank.
 
         A loop resumes after it: the restored step's state is saved already.
         """
@@ -331,7 +348,12 @@ class CheckpointManager:
         self.wait()
         options = self._collective({"storage_options": self.storage_options, **load_options})
         if step is not None:
-            uri = self.uri(step)
+            # where the coordinator finds it, for every rank: <root>/step-<step>, or a
+            # checkpoint of that step under another name (iter_0000007), as steps() counts it
+            given = step
+            uri = broadcast_from_coordinator(
+                collective_of(options), "restore: where the step lies", lambda: self._step_listed(given)
+            )
         else:
             # The coordinator's listing decides: ranks whose listings differ (one lags, or
             # fails) would otherwise load different steps, or leave the others waiting.

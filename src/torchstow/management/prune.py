@@ -10,6 +10,7 @@ from typing import Any
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
 from torchstow.management.listing import is_link
+from torchstow.management.steps import is_step_uri
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
@@ -78,8 +79,11 @@ def prune_keeping(
     storage_options: dict[str, Any] | None,
 ) -> list[str]:
     """:func:`prune` after a manager committed ``step``, which it never deletes, even where
-    newer steps would push it out (a manager refuses to save below them; this is the net)."""
-    return _prune(uri, keep_last, keep_every, (step,), False, storage_options, None)
+    newer steps would push it out (a manager refuses to save below them; this is the net).
+    Only the manager's own steps (``<uri>/step-<n>``, :func:`~torchstow.management.steps.is_step_uri`)
+    are counted and deleted: other checkpoints under ``uri`` (a user's ``best``, a DCP
+    export, ``iter_0000007``) are none of its business."""
+    return _prune(uri, keep_last, keep_every, (step,), False, storage_options, None, managed=True)
 
 
 def _prune(
@@ -90,6 +94,8 @@ def _prune(
     dry_run: bool,
     storage_options: dict[str, Any] | None,
     progress: ProgressCallback | None,
+    *,
+    managed: bool = False,
 ) -> list[str]:
     backend = backend_at(uri, storage_options)[1]
     # A symbolic link (latest -> step-300) is no checkpoint of its own: deleting it would
@@ -97,7 +103,7 @@ def _prune(
     found = [
         info
         for info in list_checkpoints(uri, storage_options=storage_options)
-        if not is_link(backend, info.uri)
+        if not is_link(backend, info.uri) and (not managed or is_step_uri(info.uri, info.step))
     ]
     doomed = plan_prune(
         found,

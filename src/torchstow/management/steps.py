@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["step_of", "step_uri"]
+__all__ = ["is_step_uri", "step_of", "step_uri"]
 
 # A trailing number counts when it is the whole name or follows a separator
 # (step-100, checkpoint_100, iter.7) or a word that says what it counts
@@ -20,7 +20,18 @@ _TRAILING_STEP = re.compile(
 
 def step_uri(root: str, step: int) -> str:
     """Where a manager keeps the checkpoint of ``step`` under ``root``: ``<root>/step-<step>``."""
-    return f"{root}/step-{step}"
+    return f"{root}/{_step_name(step)}"
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def is_step_uri(uri: str, step: int | None) -> bool:
+    """Whether ``uri``, a checkpoint of step ``step``, lies where a manager keeps that step
+    (its name is ``step-<step>``): a manager's own step, which its retention may count and
+    delete; ``best``, ``step-007`` or ``iter_0000007`` beside its steps are not."""
+    return step is not None and os.path.basename(uri.rstrip("/")) == _step_name(step)
 
 
 def step_of(uri: str, user_metadata: Mapping[str, Any] | None = None) -> int | None:

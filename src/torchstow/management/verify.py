@@ -222,7 +222,7 @@ def verify(
     if is_dcp(store.list_files()):
         return _verify_dcp(store, text, progress)
     try:
-        metadata = read_manifest(store)
+        metadata = read_manifest(store, dcp=True)  # DCP's .distcp without its .metadata: incomplete
     except (IncompleteCheckpointError, CorruptCheckpointError) as exc:
         return VerifyReport(text, problems=[Problem(MANIFEST, MANIFEST, None, str(exc))])
     report = verify_store(store, text, metadata, progress)

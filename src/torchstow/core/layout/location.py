@@ -23,6 +23,7 @@ __all__ = [
     "read_dcp_manifest",
     "read_manifest",
     "rebind",
+    "stray_dcp_files",
 ]
 
 StoreOpener = Callable[[str], ByteStore]
@@ -39,7 +40,8 @@ def read_manifest(store: ByteStore, *, dcp: bool = False) -> Metadata:
     a torchstow manifest (its locations checked against the file sizes).
 
     Raises CheckpointNotFoundError when nothing is there and
-    IncompleteCheckpointError when data exists without a manifest.
+    IncompleteCheckpointError when data exists without a manifest (with ``dcp``, DCP's
+    ``.distcp`` files without its ``.metadata`` too).
     """
     try:
         data = store.read_file(MANIFEST)
@@ -47,6 +49,12 @@ def read_manifest(store: ByteStore, *, dcp: bool = False) -> Metadata:
         names = store.list_files()
         if dcp and DCP_METADATA in names:
             return read_dcp_manifest(store)
+        if dcp and stray_dcp_files(names):
+            raise IncompleteCheckpointError(
+                f"{store.location} holds DCP's data files (*.distcp) but no {DCP_METADATA}: a DCP save "
+                "that did not finish (or is still running), or a deletion that was interrupted. "
+                "Save again, or delete the location (torchstow rm)."
+            ) from None
         if any(is_checkpoint_file(name) for name in names):
             raise IncompleteCheckpointError(
                 f"{store.location} holds checkpoint data but no committed {MANIFEST}: the save "
@@ -88,13 +96,22 @@ def check_vacant(
         )
 
 
-def dcp_files(names: Collection[str]) -> list[str]:
+def dcp_files(names: Collection[str], *, stray: bool = False) -> list[str]:
     """The files of a checkpoint in DCP's own format among ``names``, in the order to delete
     them: its ``.metadata`` first (so it is never half valid), then its ``.distcp`` data
-    files; [] when there is no ``.metadata``."""
+    files; [] when there is no ``.metadata`` (with ``stray``, its ``.distcp`` files all the same)."""
     if DCP_METADATA not in names:
-        return []
+        return sorted(name for name in names if name.endswith(".distcp")) if stray else []
     return [DCP_METADATA, *sorted(name for name in names if name.endswith(".distcp"))]
+
+
+def stray_dcp_files(names: Collection[str]) -> list[str]:
+    """DCP's data files (``*.distcp``) among ``names`` where there is neither DCP's
+    ``.metadata`` nor a torchstow manifest: what a DCP save that died (or is still
+    running) or an interrupted deletion (``.metadata`` goes first) leaves; sorted."""
+    if DCP_METADATA in names or MANIFEST in names:
+        return []
+    return dcp_files(names, stray=True)
 
 
 def rebind(store: ByteStore, opener: StoreOpener | None, checkpoint_id: Any) -> ByteStore:

@@ -12,13 +12,14 @@ import abc
 from collections.abc import Collection
 from typing import ClassVar
 
+from torchstow.core.layout.commit import listed_files
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError
-from torchstow.format.files import MANIFEST, is_checkpoint_file
+from torchstow.format.files import MANIFEST, is_checkpoint_file, is_data_file
 from torchstow.format.manifest import Metadata
 
 __all__ = ["Backend", "DirectoryBackend", "StoreBackend"]
@@ -110,11 +111,18 @@ class StoreBackend(Backend):
         return read_manifest(self.open_store(uri), dcp=True)
 
     def delete(self, uri: str) -> None:
+        """Remove the checkpoint at ``uri``, manifest first: the files torchstow writes there
+        (:func:`~torchstow.format.files.is_checkpoint_file`) and any other data file its
+        manifest names; other files (a user's ``data-notes.bin``) stay, and so does the location."""
         store = self.open_store(uri)
         files = store.list_files()
         ours = [f for f in files if is_checkpoint_file(f)]
         if MANIFEST not in files and not ours:
             raise CheckpointNotFoundError(f"no checkpoint at {store.location}")
+        odd = [f for f in files if is_data_file(f) and f not in ours]
+        if odd and MANIFEST in files:  # named otherwise than torchstow names them (read only then)
+            named = listed_files(store) or set()
+            ours += [f for f in odd if f in named]
         if MANIFEST in files:
             store.delete_files([MANIFEST])
         store.delete_files(ours)
