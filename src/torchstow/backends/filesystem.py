@@ -26,7 +26,16 @@ from urllib.parse import unquote
 
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.files import temporary_name
-from torchstow.spi import Buffer, ByteStore, DirectoryBackend, FileSink, StorageFullError, hookimpl
+from torchstow.spi import (
+    Buffer,
+    ByteStore,
+    DirectoryBackend,
+    FileSink,
+    NotDurableError,
+    StorageFullError,
+    StorageIOError,
+    hookimpl,
+)
 
 if TYPE_CHECKING:
     from torchstow.spi import Register
@@ -228,14 +237,22 @@ class _LocalSink(FileSink):
         return True
 
     def close(self) -> None:
+        fd, self.fd = self.fd, -1  # closed whatever happens: abort() must not close it again
         try:
             if self.fsync:
-                os.fsync(self.fd)
+                os.fsync(fd)
+        except OSError as exc:
+            raise StorageIOError(
+                f"syncing {self.path} failed ({os.strerror(exc.errno or errno.EIO)}): its bytes may not "
+                "be on the medium"
+            ) from exc
         finally:
-            os.close(self.fd)
+            os.close(fd)
 
     def abort(self) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:  # not after close(), which closed it: its number may be another file's now
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -374,9 +391,26 @@ class LocalFileStore(ByteStore):
 
     def publish(self, name: str, data: bytes) -> None:
         tmp = self._write_temp(name, data)
-        os.replace(tmp, self._file(name))
-        if self.fsync:
+        try:
+            os.replace(tmp, self._file(name))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._sync_directory(name)
+
+    def _sync_directory(self, name: str) -> None:
+        """Make the directory entry of ``name``, just put in place, durable (with ``fsync``);
+        :class:`NotDurableError` when that fails: the file is there, but may not survive a crash."""
+        if not self.fsync:
+            return
+        try:
             _fsync_dir(self.path)
+        except OSError as exc:
+            raise NotDurableError(
+                f"{self._file(name)} is in place, but syncing {self.path} failed "
+                f"({os.strerror(exc.errno or errno.EIO)}): it may not survive a crash"
+            ) from exc
 
     def publish_new(self, name: str, data: bytes) -> None:
         """Exclusive: the synced temporary file is hard-linked to ``name``, which
@@ -396,8 +430,7 @@ class LocalFileStore(ByteStore):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        if self.fsync:
-            _fsync_dir(self.path)
+        self._sync_directory(name)
 
     def _write_temp(self, name: str, data: bytes) -> str:
         """``data`` in a new, synced temporary file next to ``name``; its path."""
