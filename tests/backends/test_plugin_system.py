@@ -229,22 +229,57 @@ def test_the_register_hook_is_called_through_pluggy(tmp_path: Path) -> None:
     assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
 
 
-def test_a_plugin_must_register_backend_classes_with_schemes(plugins: Plugins) -> None:
-    plugins.add(
-        "odd-store",
-        "odd",
-        """
-        from torchstow.spi import hookimpl
+_REGISTERS = """
+from torchstow.spi import hookimpl
+from torchstow.backends.filesystem import FileSystemBackend
 
-        @hookimpl
-        def torchstow_register_backends(register):
-            register(dict)
-        """,
-    )
-    with pytest.raises(
-        TypeError, match="plugin 'odd' registered <class 'dict'>, which is not a torchstow Backend"
-    ):
-        BackendRegistry(get_plugin_manager())
+class Good(FileSystemBackend):
+    schemes = ("odd",)
+
+class Bad(FileSystemBackend):
+    schemes = {schemes}
+
+@hookimpl
+def torchstow_register_backends(register):
+    register(Good)
+    register({what})
+"""
+
+
+@pytest.mark.parametrize(
+    ("what", "schemes", "why"),
+    [
+        ("dict", "()", "<class 'dict'>, which is not a torchstow Backend class"),
+        ("Bad", "()", "Bad with schemes=(): it needs a tuple of scheme names"),
+        ("Bad", "'bad'", "Bad with schemes='bad': it needs a tuple of scheme names"),
+        ("Bad", "('my_store',)", "Bad with schemes ['my_store'], which are no URI schemes"),
+    ],
+)
+def test_a_plugin_registering_what_is_no_backend_is_left_out_alone(
+    plugins: Plugins, tmp_path: Path, what: str, schemes: str, why: str
+) -> None:
+    # As a plugin whose hook raises: the rest of torchstow works (this raised for every call).
+    plugins.add("odd-store", "odd", _REGISTERS.format(what=what, schemes=schemes))
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.load_errors["odd"] == f"torchstow_register_backends registered {why}"
+    with pytest.raises(UnknownBackendError, match="Plugins that failed to load: odd: "):
+        registry.resolve("odd://x")  # nothing of the plugin registered, not even Good
+    assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
+    torchstow.save({"w": torch.arange(3)}, str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("uri", ["file+s3://bucket/ckpt", "shm+file:///tmp/ckpt", "my_store://b/ckpt"])
+def test_a_uri_no_backend_serves_never_becomes_a_local_path(
+    uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a+b:// falls back to a's plugin (for wrappers), and a scheme with "_" is none: the
+    # filesystem took both as relative paths before (file+s3:/bucket/ckpt)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnknownBackendError, match="wraps no other URI"):
+        torchstow.save({"w": torch.arange(3)}, uri)
+    with pytest.raises(UnknownBackendError, match="wraps no other URI"):
+        torchstow.list_checkpoints(uri)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_register_hook_is_called_once_per_registry_with_a_register_callable() -> None:

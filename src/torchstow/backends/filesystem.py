@@ -16,6 +16,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import stat
 import sys
 import uuid
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from torchstow.errors import CorruptCheckpointError
+from torchstow.errors import CorruptCheckpointError, UnknownBackendError
 from torchstow.format.files import temporary_name
 from torchstow.spi import (
     Buffer,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of", "subdirectories"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_OTHER_SCHEME = re.compile(r"^(?!file://)([^/]+)://")
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAX_GAP = 4096
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK)
@@ -52,7 +54,15 @@ logger = logging.getLogger(__name__)
 
 
 def path_of(uri: str) -> str:
-    """The local path a plain path or ``file://`` URI names."""
+    """The local path a plain path or ``file://`` URI names; :class:`UnknownBackendError` for
+    a URI of another scheme (``file+s3://b/x``, which the registry hands the ``file`` plugin
+    as it would a wrapper's; ``my_store://b/x``, no URI scheme): never a relative path."""
+    other = _OTHER_SCHEME.match(uri)
+    if other is not None:
+        raise UnknownBackendError(
+            f"{uri!r} is no local path or file:// URI: the filesystem backend wraps no other URI, "
+            f"and no installed plugin serves {other.group(1)}://"
+        )
     if uri.startswith("file://"):
         rest = uri[len("file://") :]
         if rest and not rest.startswith("/"):

@@ -20,6 +20,7 @@ import os
 from typing import TYPE_CHECKING
 
 from torchstow.backends.filesystem import LocalFileStore, subdirectories
+from torchstow.errors import UnknownBackendError
 from torchstow.spi import DirectoryBackend, hookimpl
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class ShmBackend(DirectoryBackend):
     def path_of(self, uri: str) -> str:
         """The directory in shared memory that ``uri`` names."""
         if not uri.startswith(_PREFIX):
-            raise ValueError(f"{uri!r} is not a shm:// URI (shm://NAME/...)")
+            raise UnknownBackendError(f"{uri!r} is not a shm:// URI (shm://NAME/...): shm wraps no other URI")
         parts = [p for p in uri[len(_PREFIX) :].split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise ValueError(f"{uri!r}: '.' and '..' are not allowed in shm:// names")

@@ -178,16 +178,15 @@ class BackendRegistry:
             if not added:
                 self.load_errors[plugin] = "torchstow_register_backends registered no backend"
                 logger.warning("torchstow plugin %r registered no backend", plugin)
+            wrong = next((why for why in map(_not_registrable, (b for b, _ in added)) if why), None)
+            if wrong is not None:  # left out whole, like a hook that raised
+                self.load_errors[plugin] = f"torchstow_register_backends registered {wrong}"
+                logger.warning("torchstow plugin %r registered %s", plugin, wrong)
+                continue
             for backend, preferred in added:
                 self._add(backend, plugin, version, preferred)
 
     def _add(self, backend: type[Backend], plugin: str, version: str | None, preferred: bool) -> None:
-        if not (isinstance(backend, type) and issubclass(backend, Backend)):
-            raise TypeError(
-                f"plugin {plugin!r} registered {backend!r}, which is not a torchstow Backend class"
-            )
-        if not backend.schemes:
-            raise ValueError(f"plugin {plugin!r} registered {backend.__name__} with no schemes")
         for raw in backend.schemes:
             scheme = raw.lower()
             entry = BackendEntry(scheme, backend, plugin, version, preferred, self.distributions.get(plugin))
@@ -308,6 +307,20 @@ class BackendRegistry:
                 f"storage_options={{{', '.join(repr(n) + ': ...' for n in sorted(missing))}}} "
                 f"(on the command line: {flags})"
             ) from exc
+
+
+def _not_registrable(backend: Any) -> str | None:
+    """Why ``backend`` cannot be registered (not a Backend class, no schemes, a scheme that
+    is no URI scheme), or None."""
+    if not (isinstance(backend, type) and issubclass(backend, Backend)):
+        return f"{backend!r}, which is not a torchstow Backend class"
+    schemes = backend.schemes
+    if not schemes or isinstance(schemes, str):
+        return f"{backend.__name__} with schemes={schemes!r}: it needs a tuple of scheme names"
+    bad = [s for s in schemes if not (isinstance(s, str) and _SCHEME.match(s + "://"))]
+    if bad:
+        return f"{backend.__name__} with schemes {bad!r}, which are no URI schemes"
+    return None
 
 
 def required_storage_options(backend: type[Backend]) -> set[str]:
