@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchstow
-from torchstow import CheckpointNotFoundError, IncompleteCheckpointError, StorageFullError
+from torchstow import CheckpointNotFoundError, IncompleteCheckpointError, StorageFullError, StorageIOError
 from torchstow.backends.shm import SHM_DIR_ENV
 
 from crash_helpers import kill_once_writing
@@ -174,3 +174,34 @@ def test_running_out_of_shared_memory_mid_save_commits_nothing(tmp_path: object)
     assert lines["STEP1"] == "True"
     assert lines["LATEST"] == "shm://run/step-1"
     assert lines["RETRY"] == "shm://run/step-2"
+
+
+@pytest.mark.parametrize("kind", ["directory", "link"])
+def test_a_per_user_directory_another_user_made_first_is_refused(
+    kind: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Anyone may create names in /dev/shm: a directory /dev/shm/torchstow-<uid> made first by
+    # someone else (here: owned by this process's real uid, which the backend is told is not
+    # its own) would hold this user's checkpoints, readable and replaceable by its owner.
+    monkeypatch.delenv(SHM_DIR_ENV, raising=False)
+    fake_uid = 2**31 - 7 - os.getpid()
+    real_uid = os.getuid()
+    base = f"/dev/shm/torchstow-{fake_uid}"
+    if kind == "directory":
+        os.mkdir(base)
+    else:
+        os.symlink(str(tmp_path), base)
+    monkeypatch.setattr(os, "getuid", lambda: fake_uid)
+    try:
+        with pytest.raises(StorageIOError, match=f"owned by uid {real_uid}, not by this user"):
+            torchstow.save({"w": torch.ones(4)}, "shm://run/step-1")
+        with pytest.raises(StorageIOError, match="not by this user"):
+            torchstow.list_checkpoints("shm://run")
+        assert os.listdir(tmp_path) == []  # nothing written through the link either
+        # A directory the caller chose is not checked: a team may share one.
+        torchstow.save({"w": torch.ones(4)}, "shm://run/step-1", storage_options={"shm_dir": base})
+    finally:
+        if kind == "directory":
+            shutil.rmtree(base)
+        else:
+            os.unlink(base)
