@@ -205,3 +205,53 @@ def test_a_per_user_directory_another_user_made_first_is_refused(
             shutil.rmtree(base)
         else:
             os.unlink(base)
+
+
+_NO_INODES_CHILD = """
+import os, sys, torch, torchstow
+root = sys.argv[1]
+opts = {"shm_dir": root}
+fillers = []
+while True:  # take every inode
+    try:
+        open(os.path.join(root, f"f{len(fillers)}"), "w").close()
+    except OSError:
+        break
+    fillers.append(os.path.join(root, f"f{len(fillers)}"))
+for k in range(6):
+    os.remove(fillers[k])  # one inode more each round: each save gets one step further
+    try:
+        torchstow.save({"w": torch.ones(10)}, "shm://run/s", storage_options=opts)
+        print(k, "SAVED")
+    except Exception as e:
+        where = os.path.join(root, "run", "s")
+        held = sorted(os.listdir(where)) if os.path.isdir(where) else []
+        full = isinstance(e, torchstow.StorageFullError) and "no space left writing" in str(e)
+        print(k, type(e).__name__, full, held)
+"""
+
+
+def test_running_out_of_inodes_at_each_file_is_storage_full_and_commits_nothing(tmp_path: object) -> None:
+    """A real tmpfs with 40 inodes, all taken but one more each round: the save fails making
+    its directory, its data file, the chunk table, the temporary manifest and the link to
+    manifest.json (a tmpfs counts links as inodes), then commits."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-Urm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a private tmpfs here (no unprivileged user or mount namespaces)")
+    mount_point = os.path.join(str(tmp_path), "few-inodes")
+    os.makedirs(mount_point)
+    script = os.path.join(str(tmp_path), "child.py")
+    with open(script, "w") as f:
+        f.write(_NO_INODES_CHILD)
+    mount_and_run = 'mount -t tmpfs -o size=4m,nr_inodes=40 tmpfs "$1" && exec "$2" "$3" "$1"'
+    out = subprocess.run(
+        [unshare, "-Urm", "sh", "-c", mount_and_run, "sh", mount_point, sys.executable, script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rounds = out.stdout.splitlines()
+    # A plain OSError (ENOSPC) at every one of these before: only the data's writes were caught.
+    assert rounds[:5] == [f"{k} CheckpointException[StorageFullError] True []" for k in range(5)]
+    assert rounds[5] == "5 SAVED"

@@ -162,14 +162,19 @@ def _runs(
         yield start, i, group, nbytes
 
 
-def free_bytes(path: str) -> int:
-    """Bytes an unprivileged writer may still put on the filesystem holding ``path``."""
+def _existing(path: str) -> str:
+    """``path``, or its nearest ancestor that exists."""
     while not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
             break
         path = parent
-    st = os.statvfs(path)
+    return path
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still put on the filesystem holding ``path``."""
+    st = os.statvfs(_existing(path))
     return st.f_bavail * st.f_frsize
 
 
@@ -179,10 +184,27 @@ _SPACE_HINT = "Free space (delete old checkpoints with torchstow.delete) or save
 def _full(path: str, exc: OSError, hint: str) -> StorageFullError:
     """The error for a write that found no space left at ``path``."""
     mib = free_bytes(os.path.dirname(path)) / 2**20
+    inodes = ""
+    with contextlib.suppress(OSError):
+        st = os.statvfs(_existing(os.path.dirname(path)))
+        if st.f_files and not st.f_favail:  # a tmpfs's nr_inodes, say
+            inodes = ", and no free inode for another file"
     return StorageFullError(
         f"no space left writing {path} ({os.strerror(exc.errno or errno.ENOSPC)}; {mib:.1f} MiB free "
-        f"there now): the save was abandoned and nothing was committed. {hint}"
+        f"there now{inodes}): the save was abandoned and nothing was committed. {hint}"
     )
+
+
+@contextlib.contextmanager
+def _room_for(path: str, hint: str) -> Iterator[None]:
+    """Within it, running out of room (space, inodes or quota: a file or directory created,
+    a link made) is :class:`StorageFullError` naming ``path``, as a full write is."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _full(path, exc, hint) from exc
+        raise
 
 
 class _LocalSink(FileSink):
@@ -200,16 +222,13 @@ class _LocalSink(FileSink):
         self.path = path
         self.fsync = fsync
         self.space_hint = space_hint
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with _room_for(path, space_hint):
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.offset = 0
 
     def write(self, buffers: Sequence[Buffer]) -> None:
-        try:
+        with _room_for(self.path, self.space_hint):
             written = _write_all(self.fd, buffers)
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise _full(self.path, exc, self.space_hint) from exc
-            raise
         if self.fsync and _sync_file_range is not None and written:
             _sync_file_range(self.fd, self.offset, written, _SYNC_FILE_RANGE_WRITE)
         self.offset += written
@@ -322,7 +341,8 @@ class LocalFileStore(ByteStore):
         return fd
 
     def prepare(self) -> None:
-        os.makedirs(self.path, exist_ok=True)
+        with _room_for(self.path, self.space_hint):
+            os.makedirs(self.path, exist_ok=True)
 
     def create(self, name: str) -> FileSink:
         return _LocalSink(self._file(name), self.fsync, self.space_hint)
@@ -428,7 +448,8 @@ class LocalFileStore(ByteStore):
         tmp = self._write_temp(name, data)
         try:
             try:
-                os.link(tmp, self._file(name))
+                with _room_for(self._file(name), self.space_hint):  # a tmpfs counts links as inodes
+                    os.link(tmp, self._file(name))
             except OSError as exc:
                 if exc.errno not in _NO_LINKS:
                     raise
@@ -445,7 +466,8 @@ class LocalFileStore(ByteStore):
     def _write_temp(self, name: str, data: bytes) -> str:
         """``data`` in a new, synced temporary file next to ``name``; its path."""
         tmp = self._file(temporary_name(name, uuid.uuid4().hex[:8]))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with _room_for(tmp, self.space_hint):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
                 _write_all(fd, [data])
