@@ -782,3 +782,18 @@ def nccl_only_timeout(rank: int, world_size: int, path: str) -> dict[str, Any]:
         "timeout_error": error,
         "saved_without_timeout": same(torchstow.read(path)["w"], state["w"].cpu()),
     }
+
+
+def saves_after_a_timed_out_save(rank: int, world_size: int, path: str) -> list[dict[str, Any]]:
+    """Two saves on a gloo group of their own: in the first, rank 1 comes 2.5 s late under
+    ``timeout=1`` (rank 0 gives up, and gloo closes the group's connections); the second, on
+    time, fails at once on both. What each raised, and how long the second took."""
+    group = dist.new_group(backend="gloo")
+    if rank == 1:
+        time.sleep(2.5)
+    state = {"w": torch.ones(4)}
+    first = outcome(lambda: torchstow.save(state, f"{path}-1", process_group=group, timeout=1))
+    dist.barrier()  # on the pool's own group, which is sound
+    start = time.monotonic()
+    second = outcome(lambda: torchstow.save(state, f"{path}-2", process_group=group, timeout=30))
+    return [first, {**second, "elapsed": time.monotonic() - start}]
