@@ -392,3 +392,17 @@ def test_a_backend_taking_kwargs_still_names_the_options_it_takes(tmp_path: Path
         torchstow.save({}, "s3://bucket/ckpt", storage_options={"no_such_option": 1})
     with pytest.raises(TypeError, match=r"\['fsync_please'\].*fsync"):
         torchstow.save({}, f"faulty+file://{tmp_path}/c?fail=finish", storage_options={"fsync_please": True})
+
+
+def test_a_plugin_whose_name_another_distribution_took_is_reported_where_its_scheme_is_missing(
+    plugins: Plugins,
+) -> None:
+    # Both name their plugin "shm"; the first on sys.path (this one) loads, torchstow's is left
+    # out. Before: only a log line said so, and shm:// was "not handled" with no reason given.
+    plugins.add_backend("other-store", "shm", "OtherBackend", ("other",))
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.resolve("other://x").backend.__name__ == "OtherBackend"
+    why = "ignored: the plugin of other-store loaded first has the same name 'shm'"
+    assert registry.load_errors["shm (torchstow)"] == why
+    with pytest.raises(UnknownBackendError, match=rf"Plugins that failed to load: shm \(torchstow\): {why}"):
+        registry.resolve("shm://run/step-1")

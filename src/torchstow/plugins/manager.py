@@ -78,13 +78,13 @@ class PluginManager(pluggy.PluginManager):
                 if ep.group != group or self.is_blocked(ep.name):
                     continue
                 if self.has_plugin(ep.name) or ep.name in self.load_errors:
-                    if self.distributions.get(ep.name) != dist.metadata["Name"]:
-                        logger.warning(
-                            "ignoring torchstow plugin %r of %s: a plugin of %s has that name",
-                            ep.name,
-                            dist.metadata["Name"],
-                            self.distributions.get(ep.name),
-                        )
+                    first = self.distributions.get(ep.name)
+                    if first != dist.metadata["Name"]:
+                        # Which one loads depends on sys.path's order: say so where a missing
+                        # scheme is reported (its schemes may be the ones a user needs).
+                        why = f"ignored: the plugin of {first} loaded first has the same name {ep.name!r}"
+                        self.load_errors[f"{ep.name} ({dist.metadata['Name']})"] = why
+                        logger.warning("torchstow plugin %r of %s %s", ep.name, dist.metadata["Name"], why)
                     continue
                 self.distributions[ep.name] = dist.metadata["Name"]
                 try:
