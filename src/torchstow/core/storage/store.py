@@ -54,7 +54,8 @@ class FileSink(abc.ABC):
 
     @abc.abstractmethod
     def abort(self) -> None:
-        """Give up on the file; remove what was written if possible."""
+        """Give up on the file; remove what was written if possible. Also called after a
+        :meth:`close` that raised: then release nothing a second time."""
 
 
 class PendingUpload(NamedTuple):
