@@ -406,3 +406,31 @@ def test_a_plugin_whose_name_another_distribution_took_is_reported_where_its_sch
     assert registry.load_errors["shm (torchstow)"] == why
     with pytest.raises(UnknownBackendError, match=rf"Plugins that failed to load: shm \(torchstow\): {why}"):
         registry.resolve("shm://run/step-1")
+
+
+def test_an_error_a_plugin_backend_raises_when_made_names_the_plugin(
+    plugins: Plugins, tmp_path: Path
+) -> None:
+    plugins.add(
+        "alpha-store",
+        "alpha",
+        """
+        from torchstow.spi import hookimpl
+        from torchstow.backends.filesystem import FileSystemBackend
+
+        class AlphaBackend(FileSystemBackend):
+            schemes = ("alpha",)
+
+            def __init__(self, **options):
+                raise RuntimeError("no credentials found")
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            register(AlphaBackend)
+        """,
+    )
+    with pytest.raises(RuntimeError, match="no credentials found") as info:
+        torchstow.save({"w": torch.arange(3)}, f"alpha://{tmp_path}/ckpt")
+    # Before: the bare error, with nothing saying which installed plugin raised it.
+    note = f"raised making AlphaBackend for 'alpha://{tmp_path}/ckpt': the backend of plugin 'alpha'"
+    assert f"{note} (alpha-store 1.0)" in info.value.__notes__

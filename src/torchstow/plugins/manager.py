@@ -283,7 +283,8 @@ class BackendRegistry:
 
     def backend_for(self, uri: str, storage_options: dict[str, Any] | None = None) -> Backend:
         """An instance of the backend for ``uri``, built with ``storage_options``."""
-        backend = self.resolve(uri).backend
+        entry = self.resolve(uri)
+        backend = entry.backend
         options = storage_options or {}
         if options:  # none given: nothing to check (and no signature to inspect)
             accepted = accepted_storage_options(backend, uri)
@@ -299,6 +300,7 @@ class BackendRegistry:
         except TypeError as exc:
             missing = required_storage_options(backend) - set(options)
             if not missing:
+                exc.add_note(_made_by(entry, uri))
                 raise
             needed = ", ".join(sorted(missing))
             flags = " ".join(f"-o {name}=VALUE" for name in sorted(missing))
@@ -307,6 +309,16 @@ class BackendRegistry:
                 f"storage_options={{{', '.join(repr(n) + ': ...' for n in sorted(missing))}}} "
                 f"(on the command line: {flags})"
             ) from exc
+        except Exception as exc:  # the plugin's own error (a missing client library, credentials)
+            exc.add_note(_made_by(entry, uri))
+            raise
+
+
+def _made_by(entry: BackendEntry, uri: str) -> str:
+    """Who raised while a backend was made for ``uri``: its class and plugin."""
+    source = " ".join(p for p in (entry.distribution, entry.version) if p) or "registered by hand"
+    made = entry.backend.__name__
+    return f"raised making {made} for {uri!r}: the backend of plugin {entry.plugin!r} ({source})"
 
 
 def _not_registrable(backend: Any) -> str | None:
