@@ -434,3 +434,26 @@ def test_an_error_a_plugin_backend_raises_when_made_names_the_plugin(
     # Before: the bare error, with nothing saying which installed plugin raised it.
     note = f"raised making AlphaBackend for 'alpha://{tmp_path}/ckpt': the backend of plugin 'alpha'"
     assert f"{note} (alpha-store 1.0)" in info.value.__notes__
+
+
+def test_a_hook_that_returns_its_classes_is_told_to_call_register(plugins: Plugins) -> None:
+    plugins.add(
+        "returning-store",
+        "returning",
+        """
+        from torchstow.spi import hookimpl
+        from torchstow.backends.filesystem import FileSystemBackend
+
+        class ReturnedBackend(FileSystemBackend):
+            schemes = ("returned",)
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            return [ReturnedBackend]  # as other plugin systems' hooks do: registers nothing here
+        """,
+    )
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.load_errors["returning"] == (
+        "torchstow_register_backends registered no backend (it returned "
+        "[<class 'returning_plugin_module.ReturnedBackend'>]: call register(cls) instead)"
+    )

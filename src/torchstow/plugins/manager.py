@@ -170,14 +170,16 @@ class BackendRegistry:
             others = [other.plugin for other in impls if other is not impl]
             only_this = pm.subset_hook_caller("torchstow_register_backends", remove_plugins=others)
             try:
-                only_this(register=register)
+                returned = [r for r in only_this(register=register) if r is not None]
             except Exception as exc:
                 self.load_errors[plugin] = f"torchstow_register_backends raised {type(exc).__name__}: {exc}"
                 logger.warning("torchstow plugin %r failed to register its backends: %s", plugin, exc)
                 continue
             if not added:
-                self.load_errors[plugin] = "torchstow_register_backends registered no backend"
-                logger.warning("torchstow plugin %r registered no backend", plugin)
+                # A hook that returns its classes (as other plugin systems' do) registers nothing.
+                hint = f" (it returned {returned[0]!r}: call register(cls) instead)" if returned else ""
+                self.load_errors[plugin] = f"torchstow_register_backends registered no backend{hint}"
+                logger.warning("torchstow plugin %r registered no backend%s", plugin, hint)
             wrong = next((why for why in map(_not_registrable, (b for b, _ in added)) if why), None)
             if wrong is not None:  # left out whole, like a hook that raised
                 self.load_errors[plugin] = f"torchstow_register_backends registered {wrong}"
