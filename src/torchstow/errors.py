@@ -167,7 +167,7 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
             alike: dict[tuple[str, str], list[int]] = {}
             for rank in sorted(failures):
                 exc, _ = failures[rank]
-                alike.setdefault((type(exc).__name__, str(exc)), []).append(rank)
+                alike.setdefault((type(exc).__name__, message_of(exc)), []).append(rank)
             lines = [f"checkpoint {step} failed on {len(failures)} rank(s):"]
             for (name, text), ranks in alike.items():
                 lines.append(f"  {_ranks(ranks)}: {name}: {text}")
@@ -193,6 +193,18 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
             special.__module__ = cls.__module__
             cls._specialised[kind] = special
         return special
+
+
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, or what can be said of it where its ``__str__`` raises (a user's
+    exception class with a bug there must not replace the failure it reports)."""
+    try:
+        return str(exc)
+    except Exception:
+        try:
+            return repr(exc)
+        except Exception:
+            return f"<{type(exc).__name__} whose str() and repr() raise>"
 
 
 def _ranks(ranks: list[int]) -> str:

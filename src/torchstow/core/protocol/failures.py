@@ -20,7 +20,7 @@ import pickle
 import traceback
 from typing import Any
 
-from torchstow.errors import Failure, RemoteError
+from torchstow.errors import Failure, RemoteError, message_of
 
 __all__ = ["CapturedFailure", "capture", "pack", "unpack"]
 
@@ -35,10 +35,7 @@ def _describe(exc: BaseException, limit: int | None = None) -> tuple[str, str, s
     traceback cut to that many characters each (a note says how many more there were)."""
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:
-        message = repr(exc)
+    message = message_of(exc)
     try:
         text = "".join(traceback.format_exception(exc))
     except Exception:
