@@ -256,8 +256,8 @@ class ProcessGroupCollective(Collective):
             advice = (
                 "This group already lost contact in an earlier save or load of this process: gloo "
                 "closes a group's connections for good once one of its collectives fails or times "
-                "out, so every collective on it fails from then on. Make a new process group (or "
-                "restart the job) before saving again"
+                "out, so every collective on it fails from then on. Restart the job before saving "
+                "again (a synchronous save may instead pass a new process group)"
             )
         else:
             advice = "Check the other ranks' logs; if they were only slow, pass a larger timeout="
