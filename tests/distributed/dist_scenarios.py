@@ -797,3 +797,29 @@ def saves_after_a_timed_out_save(rank: int, world_size: int, path: str) -> list[
     start = time.monotonic()
     second = outcome(lambda: torchstow.save(state, f"{path}-2", process_group=group, timeout=30))
     return [first, {**second, "elapsed": time.monotonic() - start}]
+
+
+def manifest_directory_sync_fails(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Each rank saves a tensor of its own; on the coordinator, syncing the directory fails
+    (EIO) once the manifest is in place. What each rank raised, its notes, and its files."""
+    import errno
+
+    from torchstow.backends import filesystem
+
+    real = filesystem._fsync_dir
+
+    def fsync_dir(where: str) -> None:
+        if os.path.exists(os.path.join(where, "manifest.json")):
+            raise OSError(errno.EIO, "Input/output error")
+        real(where)
+
+    filesystem._fsync_dir = fsync_dir
+    out: dict[str, Any] = {"ok": True, "notes": []}
+    try:
+        torchstow.save({f"w{rank}": torch.arange(8.0) + rank}, path, timeout=60)
+    except torchstow.CheckpointException as exc:
+        out = {**summarize(exc), "notes": list(getattr(exc, "__notes__", []))}
+    finally:
+        filesystem._fsync_dir = real
+    mine = [n for n in os.listdir(path) if n.startswith("data-") and n.split("-")[2] == str(rank)]
+    return {**out, "files": mine}
