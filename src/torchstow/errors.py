@@ -162,10 +162,15 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
     ) -> CheckpointException:
         """Build the exception for the failures collected at protocol ``step``."""
         if message is None:
-            lines = [f"checkpoint {step} failed on {len(failures)} rank(s):"]
+            # Ranks that failed alike (SPMD ranks do) share a line: not one copy per rank of a
+            # message that may list every key of a state dict.
+            alike: dict[tuple[str, str], list[int]] = {}
             for rank in sorted(failures):
                 exc, _ = failures[rank]
-                lines.append(f"  rank {rank}: {type(exc).__name__}: {exc}")
+                alike.setdefault((type(exc).__name__, message_of(exc)), []).append(rank)
+            lines = [f"checkpoint {step} failed on {len(failures)} rank(s):"]
+            for (name, text), ranks in alike.items():
+                lines.append(f"  {_ranks(ranks)}: {name}: {text}")
             message = "\n".join(lines)
         kind = _common_error_class(failures)
         if kind is None:
@@ -188,6 +193,31 @@ class CheckpointException(TorchstowError):  # noqa: N818 (the name DCP users kno
             special.__module__ = cls.__module__
             cls._specialised[kind] = special
         return special
+
+
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, or what can be said of it where its ``__str__`` raises (a user's
+    exception class with a bug there must not replace the failure it reports)."""
+    try:
+        return str(exc)
+    except Exception:
+        try:
+            return repr(exc)
+        except Exception:
+            return f"<{type(exc).__name__} whose str() and repr() raise>"
+
+
+def _ranks(ranks: list[int]) -> str:
+    """``rank 3``, or ``ranks 0-2, 5`` (sorted ranks, runs as ranges)."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return "ranks " + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _common_error_class(failures: dict[int, Failure]) -> type[BaseException] | None:

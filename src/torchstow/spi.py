@@ -19,7 +19,7 @@ from torchstow.core.storage.forwarding import (
 )
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
 from torchstow.core.storage.retry import ErrorRules, RetryPolicy
-from torchstow.core.storage.store import Buffer, ByteStore, FileSink, PendingUpload
+from torchstow.core.storage.store import Buffer, ByteStore, FileSink, NotDurableError, PendingUpload
 from torchstow.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -56,6 +56,7 @@ __all__ = [
     "LoadPlan",
     "LoadPlanner",
     "Metadata",
+    "NotDurableError",
     "PendingUpload",
     "PluginConflictError",
     "Register",

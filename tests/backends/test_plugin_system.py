@@ -229,22 +229,57 @@ def test_the_register_hook_is_called_through_pluggy(tmp_path: Path) -> None:
     assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
 
 
-def test_a_plugin_must_register_backend_classes_with_schemes(plugins: Plugins) -> None:
-    plugins.add(
-        "odd-store",
-        "odd",
-        """
-        from torchstow.spi import hookimpl
+_REGISTERS = """
+from torchstow.spi import hookimpl
+from torchstow.backends.filesystem import FileSystemBackend
 
-        @hookimpl
-        def torchstow_register_backends(register):
-            register(dict)
-        """,
-    )
-    with pytest.raises(
-        TypeError, match="plugin 'odd' registered <class 'dict'>, which is not a torchstow Backend"
-    ):
-        BackendRegistry(get_plugin_manager())
+class Good(FileSystemBackend):
+    schemes = ("odd",)
+
+class Bad(FileSystemBackend):
+    schemes = {schemes}
+
+@hookimpl
+def torchstow_register_backends(register):
+    register(Good)
+    register({what})
+"""
+
+
+@pytest.mark.parametrize(
+    ("what", "schemes", "why"),
+    [
+        ("dict", "()", "<class 'dict'>, which is not a torchstow Backend class"),
+        ("Bad", "()", "Bad with schemes=(): it needs a tuple of scheme names"),
+        ("Bad", "'bad'", "Bad with schemes='bad': it needs a tuple of scheme names"),
+        ("Bad", "('my_store',)", "Bad with schemes ['my_store'], which are no URI schemes"),
+    ],
+)
+def test_a_plugin_registering_what_is_no_backend_is_left_out_alone(
+    plugins: Plugins, tmp_path: Path, what: str, schemes: str, why: str
+) -> None:
+    # As a plugin whose hook raises: the rest of torchstow works (this raised for every call).
+    plugins.add("odd-store", "odd", _REGISTERS.format(what=what, schemes=schemes))
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.load_errors["odd"] == f"torchstow_register_backends registered {why}"
+    with pytest.raises(UnknownBackendError, match="Plugins that failed to load: odd: "):
+        registry.resolve("odd://x")  # nothing of the plugin registered, not even Good
+    assert registry.resolve(str(tmp_path)).backend is FileSystemBackend
+    torchstow.save({"w": torch.arange(3)}, str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("uri", ["file+s3://bucket/ckpt", "shm+file:///tmp/ckpt", "my_store://b/ckpt"])
+def test_a_uri_no_backend_serves_never_becomes_a_local_path(
+    uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a+b:// falls back to a's plugin (for wrappers), and a scheme with "_" is none: the
+    # filesystem took both as relative paths before (file+s3:/bucket/ckpt)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnknownBackendError, match="wraps no other URI"):
+        torchstow.save({"w": torch.arange(3)}, uri)
+    with pytest.raises(UnknownBackendError, match="wraps no other URI"):
+        torchstow.list_checkpoints(uri)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_register_hook_is_called_once_per_registry_with_a_register_callable() -> None:
@@ -357,3 +392,68 @@ def test_a_backend_taking_kwargs_still_names_the_options_it_takes(tmp_path: Path
         torchstow.save({}, "s3://bucket/ckpt", storage_options={"no_such_option": 1})
     with pytest.raises(TypeError, match=r"\['fsync_please'\].*fsync"):
         torchstow.save({}, f"faulty+file://{tmp_path}/c?fail=finish", storage_options={"fsync_please": True})
+
+
+def test_a_plugin_whose_name_another_distribution_took_is_reported_where_its_scheme_is_missing(
+    plugins: Plugins,
+) -> None:
+    # Both name their plugin "shm"; the first on sys.path (this one) loads, torchstow's is left
+    # out. Before: only a log line said so, and shm:// was "not handled" with no reason given.
+    plugins.add_backend("other-store", "shm", "OtherBackend", ("other",))
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.resolve("other://x").backend.__name__ == "OtherBackend"
+    why = "ignored: the plugin of other-store loaded first has the same name 'shm'"
+    assert registry.load_errors["shm (torchstow)"] == why
+    with pytest.raises(UnknownBackendError, match=rf"Plugins that failed to load: shm \(torchstow\): {why}"):
+        registry.resolve("shm://run/step-1")
+
+
+def test_an_error_a_plugin_backend_raises_when_made_names_the_plugin(
+    plugins: Plugins, tmp_path: Path
+) -> None:
+    plugins.add(
+        "alpha-store",
+        "alpha",
+        """
+        from torchstow.spi import hookimpl
+        from torchstow.backends.filesystem import FileSystemBackend
+
+        class AlphaBackend(FileSystemBackend):
+            schemes = ("alpha",)
+
+            def __init__(self, **options):
+                raise RuntimeError("no credentials found")
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            register(AlphaBackend)
+        """,
+    )
+    with pytest.raises(RuntimeError, match="no credentials found") as info:
+        torchstow.save({"w": torch.arange(3)}, f"alpha://{tmp_path}/ckpt")
+    # Before: the bare error, with nothing saying which installed plugin raised it.
+    note = f"raised making AlphaBackend for 'alpha://{tmp_path}/ckpt': the backend of plugin 'alpha'"
+    assert f"{note} (alpha-store 1.0)" in info.value.__notes__
+
+
+def test_a_hook_that_returns_its_classes_is_told_to_call_register(plugins: Plugins) -> None:
+    plugins.add(
+        "returning-store",
+        "returning",
+        """
+        from torchstow.spi import hookimpl
+        from torchstow.backends.filesystem import FileSystemBackend
+
+        class ReturnedBackend(FileSystemBackend):
+            schemes = ("returned",)
+
+        @hookimpl
+        def torchstow_register_backends(register):
+            return [ReturnedBackend]  # as other plugin systems' hooks do: registers nothing here
+        """,
+    )
+    registry = BackendRegistry(get_plugin_manager())
+    assert registry.load_errors["returning"] == (
+        "torchstow_register_backends registered no backend (it returned "
+        "[<class 'returning_plugin_module.ReturnedBackend'>]: call register(cls) instead)"
+    )

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from torchstow import StorageIOError
+from torchstow import StorageFullError, StorageIOError
 from torchstow.backends.fsspec.errors import CloudRetryPolicy as RetryPolicy
 from torchstow.backends.fsspec.errors import describe_error, is_transient
+from torchstow.spi import NotDurableError
 
 
 class ClientError(Exception):
@@ -150,3 +151,28 @@ def test_coroutines_are_retried_too() -> None:
 def test_a_policy_needs_at_least_one_attempt() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         RetryPolicy(attempts=0)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        StorageFullError("no space left writing data-0.bin"),
+        NotDurableError("manifest.json is in place, but syncing its directory failed"),
+        FileExistsError("b/manifest.json exists"),  # publish_new's refusal, raised by the request
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_what_a_store_raised_to_say_something_comes_out_as_it_is(exc: BaseException) -> None:
+    # Before: each became a plain StorageIOError ("... (a permanent error, not retried)"), so a
+    # full store lost its type, a sync failure counted as a commit, a refusal as an I/O error.
+    fn = Flaky([exc])
+    with pytest.raises(type(exc)) as caught:
+        RetryPolicy().call(fn, "writing s3://b/k")
+    assert caught.value is exc and fn.calls == 1
+
+
+def test_a_storage_error_marked_transient_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("torchstow.core.storage.retry.time.sleep", lambda _: None)
+    fn = Flaky([StorageIOError("the link dropped", transient=True)])
+    assert RetryPolicy(attempts=2).call(fn, "reading s3://b/k") == "ok"
+    assert fn.calls == 2

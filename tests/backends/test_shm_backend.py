@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchstow
-from torchstow import CheckpointNotFoundError, IncompleteCheckpointError, StorageFullError
+from torchstow import CheckpointNotFoundError, IncompleteCheckpointError, StorageFullError, StorageIOError
 from torchstow.backends.shm import SHM_DIR_ENV
 
 from crash_helpers import kill_once_writing
@@ -145,11 +145,33 @@ _TINY_TMPFS_CHILD = """
     print("LATEST:", torchstow.latest("shm://run", storage_options=opts))
     torchstow.save({"w": torch.ones(512 << 10)}, "shm://run/step-2", storage_options=opts)
     print("RETRY:", torchstow.latest("shm://run", storage_options=opts))
+
+    # Out of inodes: all taken, then one more free each round, so each save gets one file further.
+    fillers = []
+    while True:
+        try:
+            open(os.path.join(root, f"f{len(fillers)}"), "w").close()
+        except OSError:
+            break
+        fillers.append(os.path.join(root, f"f{len(fillers)}"))
+    for k in range(6):
+        os.remove(fillers[k])
+        try:
+            torchstow.save({"w": torch.ones(10)}, "shm://inodes/s", storage_options=opts)
+            print(f"INODES{k}:", "saved")
+        except Exception as e:
+            where = os.path.join(root, "inodes", "s")
+            held = sorted(os.listdir(where)) if os.path.isdir(where) else []
+            full = isinstance(e, torchstow.StorageFullError) and "no space left writing" in str(e)
+            print(f"INODES{k}:", type(e).__name__, full, held)
 """
 
 
 def test_running_out_of_shared_memory_mid_save_commits_nothing(tmp_path: object) -> None:
-    """A real 4 MiB tmpfs (mounted in a private mount namespace) fills up during a save."""
+    """A real 4 MiB tmpfs of 64 inodes (mounted in a private mount namespace) fills up during
+    a save; then its inodes run out at each file a save makes: its directory, its data file,
+    the chunk table, the temporary manifest and the link to manifest.json (a tmpfs counts
+    links as inodes)."""
     unshare = shutil.which("unshare")
     if unshare is None or subprocess.run([unshare, "-Urm", "true"], capture_output=True).returncode != 0:
         pytest.skip("cannot mount a private tmpfs here (no unprivileged user or mount namespaces)")
@@ -158,7 +180,7 @@ def test_running_out_of_shared_memory_mid_save_commits_nothing(tmp_path: object)
     script = os.path.join(str(tmp_path), "child.py")
     with open(script, "w") as f:
         f.write(textwrap.dedent(_TINY_TMPFS_CHILD))
-    mount_and_run = 'mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" "$3" "$1"'
+    mount_and_run = 'mount -t tmpfs -o size=4m,nr_inodes=64 tmpfs "$1" && exec "$2" "$3" "$1"'
     out = subprocess.run(
         [unshare, "-Urm", "sh", "-c", mount_and_run, "sh", mount_point, sys.executable, script],
         capture_output=True,
@@ -174,3 +196,37 @@ def test_running_out_of_shared_memory_mid_save_commits_nothing(tmp_path: object)
     assert lines["STEP1"] == "True"
     assert lines["LATEST"] == "shm://run/step-1"
     assert lines["RETRY"] == "shm://run/step-2"
+    # A plain OSError (ENOSPC) at each of these before: only the data's writes were caught.
+    assert [lines[f"INODES{k}"] for k in range(5)] == ["CheckpointException[StorageFullError] True []"] * 5
+    assert lines["INODES5"] == "saved"
+
+
+@pytest.mark.parametrize("kind", ["directory", "link"])
+def test_a_per_user_directory_another_user_made_first_is_refused(
+    kind: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Anyone may create names in /dev/shm: a directory /dev/shm/torchstow-<uid> made first by
+    # someone else (here: owned by this process's real uid, which the backend is told is not
+    # its own) would hold this user's checkpoints, readable and replaceable by its owner.
+    monkeypatch.delenv(SHM_DIR_ENV, raising=False)
+    fake_uid = 2**31 - 7 - os.getpid()
+    real_uid = os.getuid()
+    base = f"/dev/shm/torchstow-{fake_uid}"
+    if kind == "directory":
+        os.mkdir(base)
+    else:
+        os.symlink(str(tmp_path), base)
+    monkeypatch.setattr(os, "getuid", lambda: fake_uid)
+    try:
+        with pytest.raises(StorageIOError, match=f"owned by uid {real_uid}, not by this user"):
+            torchstow.save({"w": torch.ones(4)}, "shm://run/step-1")
+        with pytest.raises(StorageIOError, match="not by this user"):
+            torchstow.list_checkpoints("shm://run")
+        assert os.listdir(tmp_path) == []  # nothing written through the link either
+        # A directory the caller chose is not checked: a team may share one.
+        torchstow.save({"w": torch.ones(4)}, "shm://run/step-1", storage_options={"shm_dir": base})
+    finally:
+        if kind == "directory":
+            shutil.rmtree(base)
+        else:
+            os.unlink(base)

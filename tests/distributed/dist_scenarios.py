@@ -782,3 +782,44 @@ def nccl_only_timeout(rank: int, world_size: int, path: str) -> dict[str, Any]:
         "timeout_error": error,
         "saved_without_timeout": same(torchstow.read(path)["w"], state["w"].cpu()),
     }
+
+
+def saves_after_a_timed_out_save(rank: int, world_size: int, path: str) -> list[dict[str, Any]]:
+    """Two saves on a gloo group of their own: in the first, rank 1 comes 2.5 s late under
+    ``timeout=1`` (rank 0 gives up, and gloo closes the group's connections); the second, on
+    time, fails at once on both. What each raised, and how long the second took."""
+    group = dist.new_group(backend="gloo")
+    if rank == 1:
+        time.sleep(2.5)
+    state = {"w": torch.ones(4)}
+    first = outcome(lambda: torchstow.save(state, f"{path}-1", process_group=group, timeout=1))
+    dist.barrier()  # on the pool's own group, which is sound
+    start = time.monotonic()
+    second = outcome(lambda: torchstow.save(state, f"{path}-2", process_group=group, timeout=30))
+    return [first, {**second, "elapsed": time.monotonic() - start}]
+
+
+def manifest_directory_sync_fails(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """Each rank saves a tensor of its own; on the coordinator, syncing the directory fails
+    (EIO) once the manifest is in place. What each rank raised, its notes, and its files."""
+    import errno
+
+    from torchstow.backends import filesystem
+
+    real = filesystem._fsync_dir
+
+    def fsync_dir(where: str) -> None:
+        if os.path.exists(os.path.join(where, "manifest.json")):
+            raise OSError(errno.EIO, "Input/output error")
+        real(where)
+
+    filesystem._fsync_dir = fsync_dir
+    out: dict[str, Any] = {"ok": True, "notes": []}
+    try:
+        torchstow.save({f"w{rank}": torch.arange(8.0) + rank}, path, timeout=60)
+    except torchstow.CheckpointException as exc:
+        out = {**summarize(exc), "notes": list(getattr(exc, "__notes__", []))}
+    finally:
+        filesystem._fsync_dir = real
+    mine = [n for n in os.listdir(path) if n.startswith("data-") and n.split("-")[2] == str(rank)]
+    return {**out, "files": mine}

@@ -15,6 +15,7 @@ from dist_scenarios import (
     committed_manifest_unreadable_on_rank_1,
     fails_before_the_protocol,
     fault_case,
+    manifest_directory_sync_fails,
     plugin_error_on_rank_1,
     save_after_a_hung_interrupted_publish,
     save_with_a_plan_missing,
@@ -276,3 +277,21 @@ def test_a_hung_interrupted_publish_fails_a_later_save_within_its_timeout(pools:
         assert set(failed["failures"]) == {0}, later
         assert failed["failures"][0]["type"] == "StorageIOError", later
         assert "has not ended after 2s" in failed["failures"][0]["message"], later
+
+
+def test_a_manifest_that_could_not_be_made_durable_fails_every_rank_keeping_its_files(
+    pools: Any, tmp_path: Path
+) -> None:
+    """The coordinator's manifest is in place but syncing its directory failed (EIO): the
+    save fails on every rank with the coordinator's UncertainCommitError, and no rank removes
+    its data, which the visible manifest names (before: the save succeeded)."""
+    path = tmp_path / "ckpt"
+    outcomes = pools(2).run(manifest_directory_sync_fails, str(path))
+    for outcome in outcomes:
+        assert outcome.get("ok") is not True, outcomes
+        assert outcome["class"] == "CheckpointException[UncertainCommitError]", outcome
+        assert "Input/output error" in outcome["failures"][0]["message"]
+        assert len(outcome["files"]) == 1, outcome  # kept
+    assert any("did commit" in note for note in outcomes[1]["notes"]), outcomes[1]
+    loaded = torchstow.read(str(path))
+    assert all(torch.equal(loaded[f"w{rank}"], torch.arange(8.0) + rank) for rank in range(2))

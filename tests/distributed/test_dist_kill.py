@@ -13,6 +13,7 @@ from dist_scenarios import (
     async_commit_group_with_a_straggler,
     async_commit_timeouts,
     async_save_without_a_peer,
+    saves_after_a_timed_out_save,
     timed_fault,
 )
 
@@ -112,3 +113,18 @@ def test_a_first_async_save_whose_peer_never_comes_raises_checkpoint_timeout_err
     replication = rank0.value["replication"]
     assert replication["class"] == "CheckpointTimeoutError", replication
     assert "while making the ReplicationStager's group" in replication["message"]
+
+
+@pytest.mark.slow
+def test_saves_on_a_group_a_timeout_broke_say_so(pools: Any, tmp_path: Path) -> None:
+    """After a collective times out, gloo closes the group's connections for good: the next
+    save on it fails at once on every rank, and now says that the group is broken and what to
+    do (before: "another rank died, stalled, or did not reach this step", a wrong lead)."""
+    results = pools(2).run(saves_after_a_timed_out_save, str(tmp_path / "ckpt"))
+    for first, second in results:
+        assert first["class"] == "CheckpointTimeoutError", first
+        assert second["class"] == "CheckpointTimeoutError", second
+        assert "already lost contact in an earlier save or load" in second["message"]
+        assert "Restart the job before saving again" in second["message"]
+        assert second["elapsed"] < 10  # at once, not after its timeout of 30 s
+    assert not (tmp_path / "ckpt-2" / "manifest.json").exists()

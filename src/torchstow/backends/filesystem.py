@@ -16,6 +16,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import stat
 import sys
 import uuid
@@ -24,9 +25,18 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from torchstow.errors import CorruptCheckpointError
+from torchstow.errors import CorruptCheckpointError, UnknownBackendError
 from torchstow.format.files import temporary_name
-from torchstow.spi import Buffer, ByteStore, DirectoryBackend, FileSink, StorageFullError, hookimpl
+from torchstow.spi import (
+    Buffer,
+    ByteStore,
+    DirectoryBackend,
+    FileSink,
+    NotDurableError,
+    StorageFullError,
+    StorageIOError,
+    hookimpl,
+)
 
 if TYPE_CHECKING:
     from torchstow.spi import Register
@@ -34,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of", "subdirectories"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_OTHER_SCHEME = re.compile(r"^(?!file://)([^/]+)://")
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAX_GAP = 4096
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK)
@@ -43,7 +54,15 @@ logger = logging.getLogger(__name__)
 
 
 def path_of(uri: str) -> str:
-    """The local path a plain path or ``file://`` URI names."""
+    """The local path a plain path or ``file://`` URI names; :class:`UnknownBackendError` for
+    a URI of another scheme (``file+s3://b/x``, which the registry hands the ``file`` plugin
+    as it would a wrapper's; ``my_store://b/x``, no URI scheme): never a relative path."""
+    other = _OTHER_SCHEME.match(uri)
+    if other is not None:
+        raise UnknownBackendError(
+            f"{uri!r} is no local path or file:// URI: the filesystem backend wraps no other URI, "
+            f"and no installed plugin serves {other.group(1)}://"
+        )
     if uri.startswith("file://"):
         rest = uri[len("file://") :]
         if rest and not rest.startswith("/"):
@@ -143,14 +162,19 @@ def _runs(
         yield start, i, group, nbytes
 
 
-def free_bytes(path: str) -> int:
-    """Bytes an unprivileged writer may still put on the filesystem holding ``path``."""
+def _existing(path: str) -> str:
+    """``path``, or its nearest ancestor that exists."""
     while not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
             break
         path = parent
-    st = os.statvfs(path)
+    return path
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still put on the filesystem holding ``path``."""
+    st = os.statvfs(_existing(path))
     return st.f_bavail * st.f_frsize
 
 
@@ -160,10 +184,27 @@ _SPACE_HINT = "Free space (delete old checkpoints with torchstow.delete) or save
 def _full(path: str, exc: OSError, hint: str) -> StorageFullError:
     """The error for a write that found no space left at ``path``."""
     mib = free_bytes(os.path.dirname(path)) / 2**20
+    inodes = ""
+    with contextlib.suppress(OSError):
+        st = os.statvfs(_existing(os.path.dirname(path)))
+        if st.f_files and not st.f_favail:  # a tmpfs's nr_inodes, say
+            inodes = ", and no free inode for another file"
     return StorageFullError(
         f"no space left writing {path} ({os.strerror(exc.errno or errno.ENOSPC)}; {mib:.1f} MiB free "
-        f"there now): the save was abandoned and nothing was committed. {hint}"
+        f"there now{inodes}): the save was abandoned and nothing was committed. {hint}"
     )
+
+
+@contextlib.contextmanager
+def _room_for(path: str, hint: str) -> Iterator[None]:
+    """Within it, running out of room (space, inodes or quota: a file or directory created,
+    a link made) is :class:`StorageFullError` naming ``path``, as a full write is."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _full(path, exc, hint) from exc
+        raise
 
 
 class _LocalSink(FileSink):
@@ -181,16 +222,13 @@ class _LocalSink(FileSink):
         self.path = path
         self.fsync = fsync
         self.space_hint = space_hint
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with _room_for(path, space_hint):
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.offset = 0
 
     def write(self, buffers: Sequence[Buffer]) -> None:
-        try:
+        with _room_for(self.path, self.space_hint):
             written = _write_all(self.fd, buffers)
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise _full(self.path, exc, self.space_hint) from exc
-            raise
         if self.fsync and _sync_file_range is not None and written:
             _sync_file_range(self.fd, self.offset, written, _SYNC_FILE_RANGE_WRITE)
         self.offset += written
@@ -228,14 +266,22 @@ class _LocalSink(FileSink):
         return True
 
     def close(self) -> None:
+        fd, self.fd = self.fd, -1  # closed whatever happens: abort() must not close it again
         try:
             if self.fsync:
-                os.fsync(self.fd)
+                os.fsync(fd)
+        except OSError as exc:
+            raise StorageIOError(
+                f"syncing {self.path} failed ({os.strerror(exc.errno or errno.EIO)}): its bytes may not "
+                "be on the medium"
+            ) from exc
         finally:
-            os.close(self.fd)
+            os.close(fd)
 
     def abort(self) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:  # not after close(), which closed it: its number may be another file's now
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -295,7 +341,8 @@ class LocalFileStore(ByteStore):
         return fd
 
     def prepare(self) -> None:
-        os.makedirs(self.path, exist_ok=True)
+        with _room_for(self.path, self.space_hint):
+            os.makedirs(self.path, exist_ok=True)
 
     def create(self, name: str) -> FileSink:
         return _LocalSink(self._file(name), self.fsync, self.space_hint)
@@ -374,9 +421,26 @@ class LocalFileStore(ByteStore):
 
     def publish(self, name: str, data: bytes) -> None:
         tmp = self._write_temp(name, data)
-        os.replace(tmp, self._file(name))
-        if self.fsync:
+        try:
+            os.replace(tmp, self._file(name))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._sync_directory(name)
+
+    def _sync_directory(self, name: str) -> None:
+        """Make the directory entry of ``name``, just put in place, durable (with ``fsync``);
+        :class:`NotDurableError` when that fails: the file is there, but may not survive a crash."""
+        if not self.fsync:
+            return
+        try:
             _fsync_dir(self.path)
+        except OSError as exc:
+            raise NotDurableError(
+                f"{self._file(name)} is in place, but syncing {self.path} failed "
+                f"({os.strerror(exc.errno or errno.EIO)}): it may not survive a crash"
+            ) from exc
 
     def publish_new(self, name: str, data: bytes) -> None:
         """Exclusive: the synced temporary file is hard-linked to ``name``, which
@@ -384,7 +448,8 @@ class LocalFileStore(ByteStore):
         tmp = self._write_temp(name, data)
         try:
             try:
-                os.link(tmp, self._file(name))
+                with _room_for(self._file(name), self.space_hint):  # a tmpfs counts links as inodes
+                    os.link(tmp, self._file(name))
             except OSError as exc:
                 if exc.errno not in _NO_LINKS:
                     raise
@@ -396,13 +461,13 @@ class LocalFileStore(ByteStore):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        if self.fsync:
-            _fsync_dir(self.path)
+        self._sync_directory(name)
 
     def _write_temp(self, name: str, data: bytes) -> str:
         """``data`` in a new, synced temporary file next to ``name``; its path."""
         tmp = self._file(temporary_name(name, uuid.uuid4().hex[:8]))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with _room_for(tmp, self.space_hint):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
                 _write_all(fd, [data])

@@ -12,14 +12,19 @@ Space is checked before a save writes anything (shared memory is a tmpfs of
 limited size), and a save that still runs out of room (another writer got
 there first) fails with :class:`StorageFullError` and removes what it wrote:
 nothing is committed and no memory is left held.
+
+The per-user default directory must be this user's own: one another user made
+first (anyone may create names in /dev/shm) is refused with :class:`StorageIOError`.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from typing import TYPE_CHECKING
 
 from torchstow.backends.filesystem import LocalFileStore, subdirectories
+from torchstow.errors import StorageIOError, UnknownBackendError
 from torchstow.spi import DirectoryBackend, hookimpl
 
 if TYPE_CHECKING:
@@ -36,16 +41,44 @@ def default_shm_dir() -> str:
     return os.environ.get(SHM_DIR_ENV) or f"/dev/shm/torchstow-{os.getuid()}"
 
 
+def _check_owned(base: str) -> None:
+    """Refuse the per-user directory ``base`` when it is not this user's own directory (made
+    by another user, or a link): anyone may create names in /dev/shm, and one who made
+    ``torchstow-<uid>`` first could read, replace or plant that user's checkpoints."""
+    try:
+        st = os.lstat(base)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        return
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a directory (a link?)"
+    raise StorageIOError(
+        f"{base}, where this user's shm:// checkpoints live, is {kind} owned by uid {st.st_uid}, "
+        f"not by this user (uid {os.getuid()}): another user may have made it to read or replace "
+        f"them. Remove it (as its owner or root), or set {SHM_DIR_ENV} or shm_dir to a directory of yours"
+    )
+
+
 class ShmStore(LocalFileStore):
-    """The files of one checkpoint in shared memory (no fsync: RAM has nothing to sync to)."""
+    """The files of one checkpoint in shared memory (no fsync: RAM has nothing to sync to).
+
+    ``owned``: the per-user directory whose owner is checked (again after ``prepare``
+    made it, in case another user made it first); None for a directory the caller chose.
+    """
 
     space_hint = (
         "Shared memory is a RAM-backed tmpfs: delete old shm:// checkpoints (torchstow.delete), "
         "enlarge it (mount -o remount,size=... /dev/shm), or save elsewhere"
     )
 
-    def __init__(self, path: str, location: str) -> None:
+    def __init__(self, path: str, location: str, owned: str | None = None) -> None:
         super().__init__(path, location, fsync=False)
+        self.owned = owned
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.owned is not None:
+            _check_owned(self.owned)
 
 
 class ShmBackend(DirectoryBackend):
@@ -62,21 +95,30 @@ class ShmBackend(DirectoryBackend):
     ) -> None:
         super().__init__(thread_count=thread_count, verify_checksums=verify_checksums)
         self.shm_dir = os.path.abspath(shm_dir or default_shm_dir())
+        #: The per-user default directory is checked to be this user's; one chosen is not
+        #: (a team may share one).
+        self._owned = None if shm_dir or os.environ.get(SHM_DIR_ENV) else self.shm_dir
 
     def path_of(self, uri: str) -> str:
         """The directory in shared memory that ``uri`` names."""
         if not uri.startswith(_PREFIX):
-            raise ValueError(f"{uri!r} is not a shm:// URI (shm://NAME/...)")
+            raise UnknownBackendError(f"{uri!r} is not a shm:// URI (shm://NAME/...): shm wraps no other URI")
         parts = [p for p in uri[len(_PREFIX) :].split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise ValueError(f"{uri!r}: '.' and '..' are not allowed in shm:// names")
         return os.path.join(self.shm_dir, *parts)
 
     def open_store(self, uri: str) -> ShmStore:
-        return ShmStore(self.path_of(uri), uri)
+        path = self.path_of(uri)
+        if self._owned is not None:
+            _check_owned(self._owned)
+        return ShmStore(path, uri, self._owned)
 
     def child_names(self, prefix: str) -> list[str]:
-        return subdirectories(self.path_of(prefix))
+        path = self.path_of(prefix)
+        if self._owned is not None:
+            _check_owned(self._owned)
+        return subdirectories(path)
 
 
 @hookimpl

@@ -51,7 +51,9 @@ class Register(Protocol):
         """Register ``backend`` for each scheme in ``backend.schemes``.
 
         ``backend`` must be a subclass of :class:`torchstow.spi.Backend` (usually
-        of :class:`torchstow.spi.StoreBackend`) naming at least one scheme.
+        of :class:`torchstow.spi.StoreBackend`) naming at least one scheme in a tuple
+        of URI schemes; anything else disables this plugin (none of its classes is
+        registered), as a hook that raises does.
         ``preferred=True`` wins a scheme that another, non-preferred plugin
         also claims (a built-in one included); two plugins claiming one scheme
         without exactly one of them preferred is a
@@ -69,5 +71,6 @@ def torchstow_register_backends(register: Register) -> None:
     register classes, quickly and without I/O: the backends are instantiated
     later, per call, with the caller's ``storage_options`` as keyword
     arguments. An exception raised here disables this plugin alone (the
-    error is logged and shown by ``torchstow backends``).
+    error is logged and shown by ``torchstow backends``); so does returning the
+    classes instead of registering them.
     """

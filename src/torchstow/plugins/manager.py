@@ -78,13 +78,13 @@ class PluginManager(pluggy.PluginManager):
                 if ep.group != group or self.is_blocked(ep.name):
                     continue
                 if self.has_plugin(ep.name) or ep.name in self.load_errors:
-                    if self.distributions.get(ep.name) != dist.metadata["Name"]:
-                        logger.warning(
-                            "ignoring torchstow plugin %r of %s: a plugin of %s has that name",
-                            ep.name,
-                            dist.metadata["Name"],
-                            self.distributions.get(ep.name),
-                        )
+                    first = self.distributions.get(ep.name)
+                    if first != dist.metadata["Name"]:
+                        # Which one loads depends on sys.path's order: say so where a missing
+                        # scheme is reported (its schemes may be the ones a user needs).
+                        why = f"ignored: the plugin of {first} loaded first has the same name {ep.name!r}"
+                        self.load_errors[f"{ep.name} ({dist.metadata['Name']})"] = why
+                        logger.warning("torchstow plugin %r of %s %s", ep.name, dist.metadata["Name"], why)
                     continue
                 self.distributions[ep.name] = dist.metadata["Name"]
                 try:
@@ -170,24 +170,25 @@ class BackendRegistry:
             others = [other.plugin for other in impls if other is not impl]
             only_this = pm.subset_hook_caller("torchstow_register_backends", remove_plugins=others)
             try:
-                only_this(register=register)
+                returned = [r for r in only_this(register=register) if r is not None]
             except Exception as exc:
                 self.load_errors[plugin] = f"torchstow_register_backends raised {type(exc).__name__}: {exc}"
                 logger.warning("torchstow plugin %r failed to register its backends: %s", plugin, exc)
                 continue
             if not added:
-                self.load_errors[plugin] = "torchstow_register_backends registered no backend"
-                logger.warning("torchstow plugin %r registered no backend", plugin)
+                # A hook that returns its classes (as other plugin systems' do) registers nothing.
+                hint = f" (it returned {returned[0]!r}: call register(cls) instead)" if returned else ""
+                self.load_errors[plugin] = f"torchstow_register_backends registered no backend{hint}"
+                logger.warning("torchstow plugin %r registered no backend%s", plugin, hint)
+            wrong = next((why for why in map(_not_registrable, (b for b, _ in added)) if why), None)
+            if wrong is not None:  # left out whole, like a hook that raised
+                self.load_errors[plugin] = f"torchstow_register_backends registered {wrong}"
+                logger.warning("torchstow plugin %r registered %s", plugin, wrong)
+                continue
             for backend, preferred in added:
                 self._add(backend, plugin, version, preferred)
 
     def _add(self, backend: type[Backend], plugin: str, version: str | None, preferred: bool) -> None:
-        if not (isinstance(backend, type) and issubclass(backend, Backend)):
-            raise TypeError(
-                f"plugin {plugin!r} registered {backend!r}, which is not a torchstow Backend class"
-            )
-        if not backend.schemes:
-            raise ValueError(f"plugin {plugin!r} registered {backend.__name__} with no schemes")
         for raw in backend.schemes:
             scheme = raw.lower()
             entry = BackendEntry(scheme, backend, plugin, version, preferred, self.distributions.get(plugin))
@@ -284,7 +285,8 @@ class BackendRegistry:
 
     def backend_for(self, uri: str, storage_options: dict[str, Any] | None = None) -> Backend:
         """An instance of the backend for ``uri``, built with ``storage_options``."""
-        backend = self.resolve(uri).backend
+        entry = self.resolve(uri)
+        backend = entry.backend
         options = storage_options or {}
         if options:  # none given: nothing to check (and no signature to inspect)
             accepted = accepted_storage_options(backend, uri)
@@ -300,6 +302,7 @@ class BackendRegistry:
         except TypeError as exc:
             missing = required_storage_options(backend) - set(options)
             if not missing:
+                exc.add_note(_made_by(entry, uri))
                 raise
             needed = ", ".join(sorted(missing))
             flags = " ".join(f"-o {name}=VALUE" for name in sorted(missing))
@@ -308,6 +311,30 @@ class BackendRegistry:
                 f"storage_options={{{', '.join(repr(n) + ': ...' for n in sorted(missing))}}} "
                 f"(on the command line: {flags})"
             ) from exc
+        except Exception as exc:  # the plugin's own error (a missing client library, credentials)
+            exc.add_note(_made_by(entry, uri))
+            raise
+
+
+def _made_by(entry: BackendEntry, uri: str) -> str:
+    """Who raised while a backend was made for ``uri``: its class and plugin."""
+    source = " ".join(p for p in (entry.distribution, entry.version) if p) or "registered by hand"
+    made = entry.backend.__name__
+    return f"raised making {made} for {uri!r}: the backend of plugin {entry.plugin!r} ({source})"
+
+
+def _not_registrable(backend: Any) -> str | None:
+    """Why ``backend`` cannot be registered (not a Backend class, no schemes, a scheme that
+    is no URI scheme), or None."""
+    if not (isinstance(backend, type) and issubclass(backend, Backend)):
+        return f"{backend!r}, which is not a torchstow Backend class"
+    schemes = backend.schemes
+    if not schemes or isinstance(schemes, str):
+        return f"{backend.__name__} with schemes={schemes!r}: it needs a tuple of scheme names"
+    bad = [s for s in schemes if not (isinstance(s, str) and _SCHEME.match(s + "://"))]
+    if bad:
+        return f"{backend.__name__} with schemes {bad!r}, which are no URI schemes"
+    return None
 
 
 def required_storage_options(backend: type[Backend]) -> set[str]:

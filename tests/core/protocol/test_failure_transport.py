@@ -9,8 +9,10 @@ import traceback
 import types
 
 import pytest
+import torch
 
 import torchstow
+import torchstow.planning
 from torchstow.core.protocol.failures import CapturedFailure, capture, pack, unpack
 from torchstow.errors import CheckpointException
 
@@ -109,3 +111,31 @@ def test_timeout_error_is_a_checkpoint_exception_and_a_timeout() -> None:
 def test_bad_timeouts_are_rejected(tmp_path: object, timeout: object) -> None:
     with pytest.raises((ValueError, TypeError), match="timeout must be"):
         torchstow.save({"a": 1}, f"{tmp_path}/c", timeout=timeout)  # type: ignore[arg-type]
+
+
+class BrokenStrError(Exception):
+    def __str__(self) -> str:
+        return self.detail  # type: ignore[attr-defined, no-any-return]  # never set: raises
+
+
+def test_an_exception_whose_str_raises_is_still_the_failure_reported(tmp_path: object) -> None:
+    class Planner(torchstow.planning.DefaultSavePlanner):
+        def create_local_plan(self) -> object:
+            raise BrokenStrError()
+
+    with pytest.raises(CheckpointException) as info:
+        torchstow.save({"w": torch.ones(2)}, f"{tmp_path}/c", planner=Planner())
+    # Before: the AttributeError of its __str__, raised while building the message, instead.
+    assert type(info.value.failures[0][0]) is BrokenStrError
+    assert "rank 0: BrokenStrError: BrokenStrError()" in str(info.value)
+
+
+def test_a_huge_message_travels_whole_in_the_exception_and_cut_in_its_description() -> None:
+    class LocalError(Exception):  # cannot be pickled: arrives as its description
+        pass
+
+    large = "x" * (200 << 10)
+    assert str(_travel(RuntimeError(large)).exc) == large
+    arrived = _travel(LocalError(large))
+    assert isinstance(arrived.exc, torchstow.RemoteError)
+    assert arrived.exc.message == "x" * (64 << 10) + f"... ({(200 - 64) << 10} more characters)"

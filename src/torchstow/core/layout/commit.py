@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from torchstow.core.storage.store import ByteStore
+from torchstow.core.storage.store import ByteStore, NotDurableError
 from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
 from torchstow.format.codec import decode_metadata, encode_manifest, peek_manifest
 from torchstow.format.files import MANIFEST
@@ -171,7 +171,9 @@ def publish_manifest(
     :class:`UncertainCommitError`, unknown); anything else raised while publishing (a
     signal handler's exception, whatever its type) propagates as it is, the outcome read
     back: landed, or unknown (never "not landed": the store may still be at work), the
-    table kept.
+    table kept. A manifest the store put in place but could not make durable
+    (:class:`NotDurableError`, a directory ``fsync`` failing with ``EIO``) is unknown too:
+    :class:`UncertainCommitError`, never a success.
     """
     assert metadata.save_id is not None
     outcome = outcome or CommitOutcome()
@@ -317,7 +319,14 @@ def _publish(
     if not isinstance(error, OSError):
         raise error
     # A retried conditional write can meet its own first attempt, any failure its own success.
-    if not _is_ours(store, metadata.save_id, error):
+    ours = _is_ours(store, metadata.save_id, error)
+    if ours and isinstance(error, NotDurableError):  # in place, but maybe not after a crash
+        raise UncertainCommitError(
+            f"committing {store.location}: {error}. The save failed and every file is kept (the "
+            "checkpoint loads now, but its commit is not durable); save again (overwrite=True here) "
+            "once the storage is sound"
+        ) from error
+    if not ours:
         outcome.landed = False
         if isinstance(error, FileExistsError):
             raise CheckpointExistsError(

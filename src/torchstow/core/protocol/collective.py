@@ -15,8 +15,10 @@ wait, instead of leaving them waiting forever.
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 import datetime
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +141,10 @@ def _as_timedelta(timeout: Timeout | None) -> datetime.timedelta | None:
     return value
 
 
+#: Process groups a collective here lost contact on: broken for good (gloo closes them).
+_broken: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 class ProcessGroupCollective(Collective):
     """Byte collectives over a torch.distributed process group (a subgroup works too).
 
@@ -238,17 +244,30 @@ class ProcessGroupCollective(Collective):
                 backend.set_timeout(previous)
 
     def _lost(self, op: str, step: str, exc: BaseException) -> CheckpointTimeoutError:
-        """The error of an operation that failed in the transport."""
+        """The error of an operation that failed in the transport; the group is noted as
+        broken, so that a later failure on it says why it fails at once."""
         limit = (
             f"the timeout of {self.timeout.total_seconds():g}s"
             if self.timeout is not None
             else "the process group's timeout (pass timeout= to save/load to shorten it)"
         )
+        group = self.group if self.group is not None else self._dist.group.WORLD
+        if group in _broken:
+            advice = (
+                "This group already lost contact in an earlier save or load of this process: gloo "
+                "closes a group's connections for good once one of its collectives fails or times "
+                "out, so every collective on it fails from then on. Restart the job before saving "
+                "again (a synchronous save may instead pass a new process group)"
+            )
+        else:
+            advice = "Check the other ranks' logs; if they were only slow, pass a larger timeout="
+        with contextlib.suppress(TypeError):  # a group object that takes no weak reference
+            _broken.add(group)
         return CheckpointTimeoutError(
             f"checkpoint {step or op}: rank {self.rank} lost contact with its group of "
             f"{self.world_size} ranks (coordinator {self.coordinator_rank}) in the {op}: another "
-            f"rank died, stalled, or did not reach this step within {limit}. Check the other "
-            f"ranks' logs; if they were only slow, pass a larger timeout=. Transport error: {exc}",
+            f"rank died, stalled, or did not reach this step within {limit}. {advice}. "
+            f"Transport error: {exc}",
             rank=self.rank,
             step=step,
         )

@@ -20,23 +20,33 @@ import pickle
 import traceback
 from typing import Any
 
-from torchstow.errors import Failure, RemoteError
+from torchstow.errors import Failure, RemoteError, message_of
 
 __all__ = ["CapturedFailure", "capture", "pack", "unpack"]
 
 
-def _describe(exc: BaseException) -> tuple[str, str, str]:
+#: The most characters of a failure's message and traceback that travel as its description
+#: (what a rank that cannot unpickle the exception itself shows, as a RemoteError).
+_DESCRIBED = 64 << 10
+
+
+def _describe(exc: BaseException, limit: int | None = None) -> tuple[str, str, str]:
+    """Type name, message and formatted traceback of ``exc``; with ``limit``, the message and
+    traceback cut to that many characters each (a note says how many more there were)."""
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:
-        message = repr(exc)
+    message = message_of(exc)
     try:
         text = "".join(traceback.format_exception(exc))
     except Exception:
         text = ""
-    return name, message, text
+    return name, _cut(message, limit), _cut(text, limit)
+
+
+def _cut(text: str, limit: int | None) -> str:
+    if limit is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def _picklable_copy(exc: BaseException) -> bytes | None:
@@ -69,7 +79,7 @@ class CapturedFailure:
 
     def __reduce__(self) -> tuple[Any, ...]:
         frames = [(f.filename, f.lineno, f.name, f.line) for f in self.stack]
-        return (_rebuild, (_picklable_copy(self.exc), _describe(self.exc), frames))
+        return (_rebuild, (_picklable_copy(self.exc), _describe(self.exc, _DESCRIBED), frames))
 
 
 def _rebuild(payload: bytes | None, description: tuple[str, str, str], frames: list[Any]) -> CapturedFailure:

@@ -134,7 +134,10 @@ def _downward(
     """
     if not coll.crosses_processes:
         return values
-    packed = [pack(value) for value in values]
+    once: dict[int, tuple[bytes, CapturedFailure | None]] = {}  # one failure for every rank: packed once
+    packed = [
+        once[id(value)] if id(value) in once else once.setdefault(id(value), pack(value)) for value in values
+    ]
     failure = next((failure for _, failure in packed if failure is not None), None)
     if failure is not None:
         data = [pack(_Failed({coll.rank: failure}, unknown))[0]] * len(values)
@@ -189,6 +192,25 @@ def _raise_if_failed(step: str, value: Any, coll: Collective, own: CapturedFailu
     return value
 
 
+def _incoming_all(coll: Collective, gathered: list[Any]) -> list[Any]:
+    """What each rank sent, as the coordinator unpacks it; a failure sent as the very bytes
+    of one already unpacked (ranks failing alike, as SPMD ranks do: a state dict that does
+    not match on every rank) becomes that same object, so the failure sent back to every
+    rank carries it once (pickle keeps the sharing), not once per rank."""
+    if not coll.crosses_processes:
+        return list(gathered)
+    seen: dict[bytes, CapturedFailure] = {}
+    outcomes = []
+    for data in gathered:
+        outcome = seen.get(data) if seen else None  # no hashing of plans while none failed
+        if outcome is None:
+            outcome = _incoming(coll, data)
+            if isinstance(outcome, CapturedFailure):
+                seen[data] = outcome
+        outcomes.append(outcome)
+    return outcomes
+
+
 def _coordinate(
     coll: Collective,
     step: str,
@@ -207,7 +229,7 @@ def _coordinate(
     if not coll.is_coordinator:
         return own, None, None
     assert gathered is not None
-    outcomes = [_incoming(coll, data) for data in gathered]
+    outcomes = _incoming_all(coll, gathered)
     failures = {rank: out for rank, out in enumerate(outcomes) if isinstance(out, CapturedFailure)}
     if failures:
         return own, _Failed(failures), gathered

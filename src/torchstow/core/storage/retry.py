@@ -117,6 +117,8 @@ def is_transient(exc: BaseException, rules: ErrorRules = GENERIC) -> bool:
     for err in _chain(exc):
         if isinstance(err, FileNotFoundError | PermissionError | FileExistsError | IsADirectoryError):
             return False
+        if isinstance(err, StorageIOError):  # torchstow's own account of a failure says which
+            return err.transient
         status, code, _ = _http_status(err, rules)
         if code in rules.transient_codes:
             return True
@@ -170,9 +172,13 @@ class RetryPolicy:
 
     def _next_delay(self, exc: BaseException, attempt: int, what: str) -> float:
         """The wait before the next attempt, or raise the error to give up with."""
-        if isinstance(exc, FileNotFoundError) or not _is_storage_error(exc, self.rules):
+        # A missing file and an existing one (publish_new's refusal) mean something to the
+        # caller, as do torchstow's own errors (StorageFullError, NotDurableError): as they are.
+        if isinstance(exc, FileNotFoundError | FileExistsError) or not _is_storage_error(exc, self.rules):
             raise exc
         if not is_transient(exc, self.rules):
+            if isinstance(exc, StorageIOError):
+                raise exc
             raise StorageIOError(
                 f"{what} failed: {describe_error(exc, self.rules)} (a permanent error, not retried)",
                 attempts=attempt,

@@ -15,9 +15,16 @@ from typing import NamedTuple
 
 from torchstow.errors import StorageFullError, StorageIOError
 
-__all__ = ["ByteStore", "FileSink", "PendingUpload", "StorageFullError", "StorageIOError"]
+__all__ = ["ByteStore", "FileSink", "NotDurableError", "PendingUpload", "StorageFullError", "StorageIOError"]
 
 Buffer = memoryview | bytes | bytearray
+
+
+class NotDurableError(StorageIOError):
+    """A store's :meth:`ByteStore.publish` (or ``publish_new``) put the file in place, but
+    could not make it durable (an ``fsync`` that failed with ``EIO``): it is visible now
+    and may be gone after a crash. Raised for a manifest, the commit's outcome is unknown:
+    the save fails, and every rank keeps its files."""
 
 
 class FileSink(abc.ABC):
@@ -47,7 +54,8 @@ class FileSink(abc.ABC):
 
     @abc.abstractmethod
     def abort(self) -> None:
-        """Give up on the file; remove what was written if possible."""
+        """Give up on the file; remove what was written if possible. Also called after a
+        :meth:`close` that raised: then release nothing a second time."""
 
 
 class PendingUpload(NamedTuple):
@@ -70,8 +78,10 @@ class ByteStore(abc.ABC):
     (a call can then issue several big ranged requests at once).
 
     Errors: a missing file is a ``FileNotFoundError``; a store that runs out
-    of room raises :class:`StorageFullError`; other failures of the medium
-    are best raised as :class:`StorageIOError` naming the file and the cause.
+    of room raises :class:`StorageFullError`; a publish that put its file in
+    place but could not make it durable raises :class:`NotDurableError`; other
+    failures of the medium are best raised as :class:`StorageIOError` naming the
+    file and the cause.
     """
 
     location: str
