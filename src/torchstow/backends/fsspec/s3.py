@@ -148,17 +148,22 @@ class S3Requests:
     def send_put(
         self, done: Future[Any], bucket: str, key: str, body: Body, what: str, **kwargs: Any
     ) -> None:
-        """:meth:`put` sent from outside the event loop, its response put in ``done``, a future
-        the caller made (and kept) before sending: whatever interrupts the caller meanwhile, it
-        can tell the PUT that never starts (``done.cancel()`` succeeds, and it never will) from
-        one that started (wait for ``done``)."""
+        """:meth:`put` sent with :meth:`send`."""
         fields: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": body, **self.checksum(body), **kwargs}
+        self.send(done, "put_object", what, **fields)
+
+    def send(self, done: Future[Any], method: str, what: str, **kwargs: Any) -> None:
+        """:meth:`request` sent from outside the event loop, its response put in ``done``, a
+        future the caller made (and kept) before sending: whatever interrupts the caller
+        meanwhile (a signal handler raising), it can tell the request that never starts
+        (``done.cancel()`` succeeds, and it never will) from one that started (wait for
+        ``done``: what it did on the store, it did by then)."""
 
         async def send() -> None:
             if not done.set_running_or_notify_cancel():
                 return
             try:
-                done.set_result(await self.request("put_object", what, **fields))
+                done.set_result(await self.request(method, what, **kwargs))
             except BaseException as exc:
                 done.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
@@ -210,17 +215,25 @@ class S3Requests:
         return result
 
     def start(
-        self, method: str, what: str, *, on_done: Callable[[], None], **kwargs: Any
-    ) -> asyncio.Task[Any]:
-        """Start a request as a task on the filesystem's event loop (see :meth:`results`,
-        :meth:`cancel`); ``on_done`` runs when it ends, however it does."""
+        self,
+        tasks: list[asyncio.Task[Any]],
+        method: str,
+        what: str,
+        *,
+        on_done: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
+        """Start a request as a task on the filesystem's event loop, appended to ``tasks`` there
+        (see :meth:`results`, :meth:`cancel`: a caller interrupted before this returns still
+        finds it in ``tasks`` once its own later call reaches the loop); ``on_done`` runs when
+        it ends, however it does."""
 
-        async def create() -> asyncio.Task[Any]:
+        async def create() -> None:
             task = asyncio.ensure_future(self.request(method, what, **kwargs))
             task.add_done_callback(lambda _: on_done())
-            return task
+            tasks.append(task)
 
-        return asyncio.run_coroutine_threadsafe(create(), self.fs.loop).result()
+        asyncio.run_coroutine_threadsafe(create(), self.fs.loop).result()
 
     def results(self, tasks: Sequence[asyncio.Task[Any]]) -> list[Any]:
         """Wait for started requests: their responses, or the first one's error."""
@@ -442,6 +455,7 @@ class MultipartSink(FileSink):
         self.pending: list[asyncio.Task[Any]] = []  # the part uploads, part n at n - 1
         self.checksums: list[str | None] = []  # the CRC32C of part n at n - 1 (None: not sent)
         self.put: Future[Any] | None = None  # the single PUT, once sent
+        self.create: Future[Any] | None = None  # the request starting the multipart upload, once sent
 
     def write(self, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
@@ -473,14 +487,17 @@ class MultipartSink(FileSink):
             def created() -> None:
                 self.creates += 1
 
-            self.upload_id = self.s3.call(
+            self.create = Future()  # kept before the request can start: a handler may raise at any point
+            self.s3.send(
+                self.create,
                 "create_multipart_upload",
                 f"starting the upload of {self.location}",
                 on_attempt=created,
                 Bucket=self.bucket,
                 Key=self.key,
                 **self.s3.upload_checksum(),
-            )["UploadId"]
+            )
+            self.upload_id = self.create.result()["UploadId"]
         number = len(self.pending) + 1
         if number > MAX_PARTS:
             raise ValueError(
@@ -498,7 +515,8 @@ class MultipartSink(FileSink):
             self.s3.gate.release()
             self.s3.give_back(part.scratch)
 
-        task = self.s3.start(
+        self.s3.start(
+            self.pending,
             "upload_part",
             f"uploading part {number} of {self.location}",
             on_done=sent,
@@ -509,7 +527,6 @@ class MultipartSink(FileSink):
             Body=body,
             **checksum,
         )
-        self.pending.append(task)
         self.checksums.append(checksum.get("ChecksumCRC32C"))
 
     def close(self) -> None:
@@ -543,21 +560,26 @@ class MultipartSink(FileSink):
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.s3.cancel(self.pending)
-        if self.put is not None and not self.put.cancel():  # a single PUT whose wait was
-            # interrupted (a signal handler raised) after it started: let it end, so that it lands
-            # (if at all) before the failed save's cleanup deletes the file; cancelled once its
-            # body was sent, it could still land after
-            with contextlib.suppress(Exception):
-                self.put.result()
+        for request in (self.put, self.create):
+            # a single PUT, or the request starting the multipart upload, whose wait was
+            # interrupted (a signal handler raised) after it started: let it end, so that what
+            # it does on the store (an object, an upload) is done before the cleanup below and
+            # the failed save's undo it; cancelled once sent, it could still be done after
+            if request is not None and not request.cancel():
+                with contextlib.suppress(Exception):
+                    request.result()
         self._forget()
-        if self.upload_id is not None or self.creates:
+        if self.creates:  # (its upload's id known or not: see _abort_uploads)
             with contextlib.suppress(Exception):
                 self._abort_uploads(keep=None)
 
     def _abort_uploads(self, keep: str | None) -> None:
         """Abort the multipart uploads of this object but ``keep``: the object's name carries
-        its save's id and rank, so every upload of it is this sink's."""
-        ids = [self.upload_id] if self.creates <= 1 else self.s3.upload_ids(self.bucket, self.key)
+        its save's id and rank, so every upload of it is this sink's. Listed unless the one
+        create request sent returned its upload's id (a create retried, or interrupted or failed
+        after the store may have acted on it, may have started uploads nobody knows)."""
+        known = self.creates == 1 and self.upload_id is not None
+        ids = [self.upload_id] if known else self.s3.upload_ids(self.bucket, self.key)
         for upload_id in ids:
             if upload_id is not None and upload_id != keep:
                 self.s3.abort_upload(self.bucket, self.key, upload_id, self.location)
