@@ -220,3 +220,22 @@ def test_two_ranks_save_and_load_over_gloo(s3_endpoint: str, s3_bucket: str) -> 
             else:
                 os.environ[k] = v
     assert torchstow.latest(uri.rsplit("/", 1)[0], storage_options=opts) == uri
+
+
+def test_an_endpoint_that_is_no_s3_is_an_error_not_an_empty_listing(
+    proxy: FaultProxy, s3_bucket: str
+) -> None:
+    # a web server (or a proxy's error page with status 200) where S3 should be: before, its
+    # page read as an empty listing (no checkpoint there: a run would start afresh) and a
+    # multipart upload failed with a bare KeyError
+    run = unique()
+    opts = s3_options(proxy.url, thread_count=1)
+    torchstow.save({"w": torch.ones(16)}, f"s3://{s3_bucket}/{run}/step-1", storage_options=opts)
+    proxy.faults.append(Fault("GET", r"list-type=2", "garbage", times=1))
+    with pytest.raises(StorageIOError, match=r"reply to list_objects_v2 has no IsTruncated.*endpoint_url"):
+        torchstow.latest(f"s3://{s3_bucket}/{run}", storage_options=opts)
+    proxy.faults = [Fault("POST", r"\?uploads", "garbage")]
+    with pytest.raises(CheckpointException) as caught:
+        torchstow.save({"w": torch.randn(3 << 20)}, f"s3://{s3_bucket}/{run}/step-2", storage_options=opts)
+    (cause, _), *_ = caught.value.failures.values()
+    assert isinstance(cause, StorageIOError) and "has no UploadId" in str(cause)

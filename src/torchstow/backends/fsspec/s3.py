@@ -27,7 +27,7 @@ from torchstow.backends.fsspec.pacing import (
     watch_connections,
 )
 from torchstow.format.checksums import checksum as crc32c
-from torchstow.spi import Buffer, FileSink
+from torchstow.spi import Buffer, FileSink, StorageIOError
 
 if TYPE_CHECKING:
     from torchstow.backends.fsspec.store import FsspecStore, Tuning
@@ -57,6 +57,27 @@ def _buffers(body: Any) -> list[memoryview] | None:
     if isinstance(body, list | tuple):
         return [memoryview(b) for b in body]
     return None
+
+
+#: What S3 always puts in its reply to a request whose reply the store reads: an endpoint
+#: that answers without it (a web server, a proxy's error page with status 200) is no S3.
+_REPLY_FIELDS = {
+    "create_multipart_upload": "UploadId",
+    "upload_part": "ETag",
+    "list_objects_v2": "IsTruncated",
+    "list_multipart_uploads": "IsTruncated",
+    "list_parts": "IsTruncated",
+}
+
+
+def _check_reply(method: str, reply: Any, what: str) -> None:
+    """Raise StorageIOError where the reply to ``method`` lacks what S3 always sends."""
+    field = _REPLY_FIELDS.get(method)
+    if field is not None and (not isinstance(reply, dict) or field not in reply):
+        raise StorageIOError(
+            f"{what} failed: the endpoint's reply to {method} has no {field}, which S3 always sends "
+            "(is it an S3 service? check the endpoint: endpoint_url, AWS_ENDPOINT_URL)"
+        )
 
 
 async def _chunks(stream: Any, progress: Progress) -> AsyncIterator[bytes]:
@@ -185,7 +206,9 @@ class S3Requests:
                 on_attempt()
             return await self._attempt(what, lambda progress: self._send(method, kwargs, progress), size)
 
-        return await self.retry.acall(attempt, what)
+        reply = await self.retry.acall(attempt, what)
+        _check_reply(method, reply, what)
+        return reply
 
     async def _send(self, method: str, kwargs: dict[str, Any], progress: Progress) -> Any:
         buffers = _buffers(kwargs.get("Body"))
