@@ -239,3 +239,24 @@ def test_an_endpoint_that_is_no_s3_is_an_error_not_an_empty_listing(
         torchstow.save({"w": torch.randn(3 << 20)}, f"s3://{s3_bucket}/{run}/step-2", storage_options=opts)
     (cause, _), *_ = caught.value.failures.values()
     assert isinstance(cause, StorageIOError) and "has no UploadId" in str(cause)
+
+
+@pytest.mark.parametrize(
+    ("option", "kind"),
+    [
+        ({"endpoint_url": 123}, TypeError),
+        ({"client_kwargs": "region_name=x"}, TypeError),
+        ({"config_kwargs": {"connect_timout": 5}}, TypeError),
+        ({"endpoint_url": "127.0.0.1 9000"}, ValueError),
+    ],
+)
+def test_filesystem_options_s3fs_cannot_use_are_named(
+    s3_endpoint: str, s3_bucket: str, option: dict[str, Any], kind: type[Exception]
+) -> None:
+    # refused before the save starts, as other bad options are; before: at its first request,
+    # an error from inside botocore ("'int' object is not iterable") naming no option
+    opts = {**s3_options(s3_endpoint), **option}
+    with pytest.raises(kind, match="refused the storage options") as caught:
+        torchstow.save({"w": torch.ones(4)}, f"s3://{s3_bucket}/{unique()}/s", storage_options=opts)
+    assert next(iter(option)) in str(caught.value)
+    assert "testing" not in str(caught.value)  # the values, which may be secrets, are not shown
