@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -19,9 +22,11 @@ import torchstow.spi
 from moto_s3 import s3_client
 from torchstow import CheckpointException, CheckpointNotFoundError, StorageIOError
 from torchstow.backends.fsspec.backend import FsspecBackend
+from torchstow.backends.fsspec.s3 import S3Requests
 
 from s3_faults import Fault, FaultProxy, Logged
 from storage_helpers import free_port, s3_options, unique
+from waits import wait_until
 
 
 def _max_overlap(requests: list[Logged]) -> int:
@@ -260,3 +265,60 @@ def test_filesystem_options_s3fs_cannot_use_are_named(
         torchstow.save({"w": torch.ones(4)}, f"s3://{s3_bucket}/{unique()}/s", storage_options=opts)
     assert next(iter(option)) in str(caught.value)
     assert "testing" not in str(caught.value)  # the values, which may be secrets, are not shown
+
+
+def test_a_failed_load_leaves_no_read_writing_into_the_targets(proxy: FaultProxy, s3_bucket: str) -> None:
+    # one ranged GET fails for good while the others are on their way (held half a second):
+    # once the load has raised, nothing may write into the caller's tensors any more (a
+    # caller that falls back to another checkpoint loads into them next); before, the other
+    # GETs went on and wrote their bytes into the targets afterwards
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url, range_size=1 << 20, thread_count=1)
+    torchstow.save({"w": torch.randn(2 << 20)}, uri, storage_options=opts)  # 8 MiB: 8 ranges
+    held = Fault("GET", r"/data-", "delay", delay=0.5)
+    proxy.faults += [Fault("GET", r"/data-", 403, times=1), held]
+    target = {"w": torch.zeros(2 << 20)}
+    with pytest.raises(CheckpointException, match="AccessDenied"):
+        torchstow.load(target, uri, storage_options=opts)
+    after = target["w"].clone()
+    wait_until(lambda: held.hits == 7, what="the other GETs to reach the proxy")
+    time.sleep(1.0)  # twice the hold: a GET still running has written by then
+    assert torch.equal(target["w"], after)
+
+
+class _PreemptedError(Exception):
+    """What the test's SIGALRM handler raises to stop a load."""
+
+
+def test_a_load_interrupted_by_a_signal_handler_leaves_no_read_writing_into_the_targets(
+    proxy: FaultProxy, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a signal handler raises in the thread waiting for the ranged GETs (held half a second):
+    # once the load has raised, none of them may still write into the caller's tensors
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url, range_size=1 << 20, thread_count=1)
+    torchstow.save({"w": torch.randn(2 << 20)}, uri, storage_options=opts)
+    held = Fault("GET", r"/data-", "delay", delay=0.5)
+    proxy.faults.append(held)
+    original, signalled = S3Requests.get_range, threading.Event()
+
+    async def get_range(self: S3Requests, *args: Any, **kwargs: Any) -> int:
+        if not signalled.is_set():  # once, as the first GET starts
+            signalled.set()
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+        return await original(self, *args, **kwargs)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _PreemptedError("SIGALRM: stop")
+
+    monkeypatch.setattr(S3Requests, "get_range", get_range)
+    target = {"w": torch.zeros(2 << 20)}
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises((CheckpointException, _PreemptedError)):
+            torchstow.load(target, uri, storage_options=opts)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    after = target["w"].clone()
+    time.sleep(1.0)  # twice the hold: a GET still running has written by then
+    assert torch.equal(target["w"], after)

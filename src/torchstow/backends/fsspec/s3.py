@@ -11,7 +11,7 @@ import base64
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -276,6 +276,38 @@ class S3Requests:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), self.fs.loop).result()
+
+    @staticmethod
+    async def all_or_none(requests: Iterable[Awaitable[T]]) -> list[T]:
+        """The results of ``requests`` run together, or the first one's error once every other
+        has been cancelled and has stopped (a read that failed or was cancelled leaves none
+        writing into its caller's buffers)."""
+        tasks = [asyncio.ensure_future(r) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the event loop and wait for its result. A wait interrupted (a signal
+        handler raising in this thread) cancels it and waits until it has stopped, so that
+        nothing it started still acts once this raises (a second interrupt skips that wait)."""
+        tasks: list[asyncio.Task[Any]] = []
+
+        async def create() -> None:
+            tasks.append(asyncio.ensure_future(coro))
+
+        try:
+            asyncio.run_coroutine_threadsafe(create(), self.fs.loop)  # runs before either call below
+            result: T = self.results(tasks)[0]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.cancel(tasks)
+            raise
+        return result
 
     def call(self, method: str, what: str, **kwargs: Any) -> Any:
         """A request from outside the event loop: wait for its response."""

@@ -197,9 +197,8 @@ class FsspecStore(ByteStore):
 
     def _read_s3(self, path: str, spans: list[Any], what: str) -> None:
         """Ranged GETs in parallel, each straight into its buffer when one buffer is the whole
-        range (else into a scratch buffer, then to the pieces)."""
-        from fsspec.asyn import sync
-
+        range (else into a scratch buffer, then to the pieces); once this returns or raises,
+        however, none writes into a buffer any more."""
         assert self.s3 is not None
         s3 = self.s3
         bucket, key = s3.bucket_key(path)
@@ -211,16 +210,12 @@ class FsspecStore(ByteStore):
         ]
 
         async def fetch_all() -> list[int]:
-            return list(
-                await asyncio.gather(
-                    *(
-                        s3.get_range(bucket, key, start, into, f"{what} bytes {start}..{end}")
-                        for (start, end, _), into in zip(spans, targets, strict=True)
-                    )
-                )
+            return await s3.all_or_none(
+                s3.get_range(bucket, key, start, into, f"{what} bytes {start}..{end}")
+                for (start, end, _), into in zip(spans, targets, strict=True)
             )
 
-        got: list[int] = sync(self.fs.loop, fetch_all)
+        got: list[int] = s3.run(fetch_all())
         name = path.rsplit("/", 1)[-1]
         for (start, end, members), into, n in zip(spans, targets, got, strict=True):
             if n < end - start:
