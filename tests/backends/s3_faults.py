@@ -50,7 +50,8 @@ class Fault:
     forward), ``"stall"`` (read half the request's body, then stop reading and never
     answer), ``"stall-reply"`` (forward, then send half the reply and stop sending) or
     ``"garbage"`` (answer 200 with a web page, as a server that is no S3 would, forwarding
-    nothing);
+    nothing) or ``"key-errors"`` (answer a DeleteObjects request 200, each of its keys
+    listed as not deleted with the S3 error ``code``, deleting nothing);
     a stalled connection hangs until the proxy closes. ``pattern`` is a regex searched
     in the path with its query.
     """
@@ -60,6 +61,7 @@ class Fault:
     action: int | str
     times: int = 1_000_000
     delay: float = 0.0
+    code: str = "AccessDenied"  # (key-errors)
     hits: int = 0
     at: list[float] = field(default_factory=list)  # when each hit's request arrived (time.monotonic)
 
@@ -289,6 +291,16 @@ class FaultProxy:
                     if fault.action == "garbage":
                         status, kind = 200, "text/html"
                         payload = b"<html><body>It works!</body></html>"
+                    elif fault.action == "key-errors":
+                        status, kind = 200, "application/xml"
+                        errors = "".join(
+                            f"<Error><Key>{key}</Key><Code>{fault.code}</Code><Message>injected</Message></Error>"
+                            for key in re.findall(r"<Key>(.*?)</Key>", bytes(body).decode())
+                        )
+                        payload = (
+                            '<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult '
+                            f'xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{errors}</DeleteResult>'
+                        ).encode()
                     else:
                         assert isinstance(fault.action, int)
                         code, message = ERRORS[fault.action]

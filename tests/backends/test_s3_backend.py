@@ -322,3 +322,26 @@ def test_a_load_interrupted_by_a_signal_handler_leaves_no_read_writing_into_the_
     after = target["w"].clone()
     time.sleep(1.0)  # twice the hold: a GET still running has written by then
     assert torch.equal(target["w"], after)
+
+
+def _keys_under(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    listed = s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return [o["Key"] for o in listed]
+
+
+def test_objects_a_batch_delete_did_not_delete_are_retried_or_an_error(
+    proxy: FaultProxy, s3_endpoint: str, s3_bucket: str
+) -> None:
+    # S3 answers DeleteObjects 200 and lists the objects it failed to delete; before, that
+    # answer was taken for success: delete() returned and every object stayed
+    run = unique()
+    opts = s3_options(proxy.url)
+    torchstow.save({"w": torch.ones(16)}, f"s3://{s3_bucket}/{run}/a", storage_options=opts)
+    torchstow.save({"w": torch.ones(16)}, f"s3://{s3_bucket}/{run}/b", storage_options=opts)
+    proxy.faults.append(Fault("POST", r"\?delete", "key-errors", code="InternalError", times=1))
+    torchstow.delete(f"s3://{s3_bucket}/{run}/a", storage_options=opts)  # retried: gone
+    assert _keys_under(s3_endpoint, s3_bucket, f"{run}/a/") == []
+    proxy.faults.append(Fault("POST", r"\?delete", "key-errors", code="AccessDenied"))
+    with pytest.raises(StorageIOError, match=r"AccessDenied.*not deleted.*a permanent error"):
+        torchstow.delete(f"s3://{s3_bucket}/{run}/b", storage_options=opts)
+    assert f"{run}/b/manifest.json" in _keys_under(s3_endpoint, s3_bucket, f"{run}/b/")

@@ -91,6 +91,19 @@ async def _chunks(stream: Any, progress: Progress) -> AsyncIterator[bytes]:
         stream.close()
 
 
+class ObjectsNotDeletedError(Exception):
+    """The objects a DeleteObjects request's reply lists as not deleted; read by the retry
+    policy as the first one's error (``response``, as botocore's errors carry it)."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        first = errors[0]
+        more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
+        which = f"{len(errors)} object(s) not deleted: {first.get('Key')}{more}"
+        super().__init__(f"{which} ({first.get('Code')}: {first.get('Message')})")
+        message = f"{first.get('Message') or ''} ({which})".strip()
+        self.response = {"Error": {"Code": first.get("Code"), "Message": message}}
+
+
 class S3Requests:
     """The S3 requests a store makes itself (s3fs's ``_call_s3``), all on the filesystem's
     event loop: each retried, as many in flight as the adaptive limit allows (chosen from
@@ -365,11 +378,26 @@ class S3Requests:
             token = {"ContinuationToken": listed["NextContinuationToken"]}
 
     def delete_objects(self, path: str, names: Sequence[str], what: str) -> None:
-        """Delete the objects ``names`` under ``path``, in batches of S3's maximum."""
+        """Delete the objects ``names`` under ``path``, in batches of S3's maximum. S3 answers
+        a batch 200 however many of its objects it failed to delete, listing those: they are
+        sent again as a retry (a transient code) or raised (StorageIOError); one already gone
+        is no failure."""
         bucket, key = self.bucket_key(path)
         for i in range(0, len(names), _DELETE_BATCH):
-            objects = [{"Key": f"{key}/{n}" if key else n} for n in names[i : i + _DELETE_BATCH]]
-            self.call("delete_objects", what, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            keys = [f"{key}/{n}" if key else n for n in names[i : i + _DELETE_BATCH]]
+
+            async def attempt(batch: list[str] = keys) -> None:
+                objects = [{"Key": k} for k in batch]
+                fields = {"Bucket": bucket, "Delete": {"Objects": objects, "Quiet": True}}
+                reply = await self._attempt(
+                    what, lambda progress: self._send("delete_objects", fields, progress), 0
+                )
+                failed = [e for e in reply.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+                if failed:
+                    batch[:] = [e["Key"] for e in failed]  # what the next attempt sends
+                    raise ObjectsNotDeletedError(failed)
+
+            asyncio.run_coroutine_threadsafe(self.retry.acall(attempt, what), self.fs.loop).result()
 
     def _listed_uploads(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
         """S3's records of the multipart uploads in progress under ``prefix``, every page."""
