@@ -4,9 +4,11 @@ passed through, and clear errors for what it cannot serve."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from fsspec.implementations.local import LocalFileOpener
 
 import torchstow
 from torchstow.backends.fsspec import FsspecBackend
@@ -45,3 +47,26 @@ def test_an_unknown_fsspec_protocol_is_named(tmp_path: Path) -> None:
 def test_bad_tuning_options_are_refused(option: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="must be"):
         torchstow.save({}, "memory://bad/options", storage_options=option)
+
+
+def test_an_overwrite_cut_short_in_its_manifest_write_keeps_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsspec+file:// wrote manifest.json in place: a write cut short (a signal handler raising,
+    # a full disk) left it torn, and the replaced checkpoint, still whole, no longer loaded
+    uri = f"fsspec+file://{tmp_path}/step-1"
+    torchstow.save({"w": torch.arange(10)}, uri)
+    write = LocalFileOpener.write
+
+    def torn(self: LocalFileOpener, data: Any) -> Any:
+        if "manifest.json" in self.path:
+            write(self, bytes(data)[: len(data) // 2])
+            raise KeyboardInterrupt
+        return write(self, data)
+
+    monkeypatch.setattr(LocalFileOpener, "write", torn)
+    with pytest.raises((KeyboardInterrupt, torchstow.CheckpointException)):
+        torchstow.save({"w": torch.arange(20)}, uri, overwrite=True)
+    monkeypatch.undo()
+    assert torch.equal(torchstow.read(uri)["w"], torch.arange(10))
+    assert not [p.name for p in (tmp_path / "step-1").iterdir() if p.name.endswith(".tmp")]

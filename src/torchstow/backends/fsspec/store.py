@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import functools
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from torchstow.backends.fsspec.filesystems import (
 )
 from torchstow.backends.fsspec.s3 import MAX_REQUEST, MultipartSink, S3Requests
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchstow.format.files import temporary_name
 from torchstow.spi import Buffer, ByteStore, FileSink, PendingUpload, RetryPolicy, StorageIOError
 
 __all__ = ["FsspecStore", "Tuning"]
@@ -117,6 +119,12 @@ def _spans(
                 continue
         spans.append((offset, end, [(offset, buf)]))
     return spans
+
+
+def _is_local(fs: Any) -> bool:
+    """Whether ``fs`` is fsspec's local filesystem (``fsspec+file://``), whose ``mv`` is a rename."""
+    protocol = fs.protocol
+    return "file" in (protocol if isinstance(protocol, tuple | list) else (protocol,))
 
 
 def _name(entry: dict[str, Any]) -> str:
@@ -259,10 +267,22 @@ class FsspecStore(ByteStore):
         return data
 
     def publish(self, name: str, data: bytes) -> None:
+        """One PUT on S3 (atomic); on a local filesystem a temporary file renamed over
+        ``name`` (written in place, a write cut short would leave a torn manifest where the
+        replaced checkpoint's stood); elsewhere the filesystem's own whole-file write."""
         what = f"writing {self.location}/{name}"
         if self.s3 is not None:
             bucket, key = self.s3.bucket_key(self._path(name))
             self.s3.put(bucket, key, data, what)
+        elif _is_local(self.fs):
+            tmp = self._path(temporary_name(name, uuid.uuid4().hex[:8]))
+            try:
+                self._retry(lambda: self.fs.pipe_file(tmp, data), what)
+                self._retry(lambda: self.fs.mv(tmp, self._path(name)), what)  # os.rename: atomic
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(tmp)
+                raise
         else:
             self._retry(lambda: self.fs.pipe_file(self._path(name), data), what)
         self.fs.invalidate_cache(self.path)
