@@ -43,7 +43,17 @@ def test_an_unknown_fsspec_protocol_is_named(tmp_path: Path) -> None:
         torchstow.save({}, "fsspec+nosuchfs://x/y")
 
 
-@pytest.mark.parametrize("option", [{"part_size": 1 << 20}, {"concurrency": 0}, {"retry_attempts": 0}])
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"part_size": 1 << 20},
+        {"part_size": 6 << 30},  # S3 refuses every part over 5 GiB
+        {"multipart_threshold": 6 << 30},  # ... and every PUT: a 6 GiB file failed once sent
+        {"multipart_threshold": -1},
+        {"concurrency": 0},
+        {"retry_attempts": 0},
+    ],
+)
 def test_bad_tuning_options_are_refused(option: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="must be"):
         torchstow.save({}, "memory://bad/options", storage_options=option)

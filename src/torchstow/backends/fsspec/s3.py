@@ -33,11 +33,12 @@ if TYPE_CHECKING:
     from torchstow.backends.fsspec.store import FsspecStore, Tuning
 
 
-__all__ = ["MAX_PARTS", "MAX_REQUEST", "MIN_PART", "MultipartSink", "S3Requests"]
+__all__ = ["MAX_PARTS", "MAX_PUT", "MAX_REQUEST", "MIN_PART", "MultipartSink", "S3Requests"]
 
 MiB = 1 << 20
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 MIN_PART = 5 * MiB  # S3's smallest part (but the last)
+MAX_PUT = 5 << 30  # S3's largest single PUT, and largest part
 MAX_REQUEST = 64 * MiB  # the largest part or range the measured link may ask for
 _DELETE_BATCH = 1000  # S3 deletes at most 1000 keys a request
 _READ_CHUNK = 1 << 20  # bytes per read of a response body (each one counts as progress)
