@@ -241,7 +241,7 @@ def test_an_endpoint_that_is_no_s3_is_an_error_not_an_empty_listing(
         torchstow.latest(f"s3://{s3_bucket}/{run}", storage_options=opts)
     proxy.faults = [Fault("POST", r"\?uploads", "garbage")]
     with pytest.raises(CheckpointException) as caught:
-        torchstow.save({"w": torch.randn(3 << 20)}, f"s3://{s3_bucket}/{run}/step-2", storage_options=opts)
+        torchstow.save({"w": torch.randn(3 << 19)}, f"s3://{s3_bucket}/{run}/step-2", storage_options=opts)
     (cause, _), *_ = caught.value.failures.values()
     assert isinstance(cause, StorageIOError) and "has no UploadId" in str(cause)
 
