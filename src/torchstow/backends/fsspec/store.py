@@ -85,11 +85,18 @@ class _StreamSink(FileSink):
         self.file.close()
 
     def abort(self) -> None:
-        discard = getattr(self.file, "discard", None)
+        """Throw the file away: discarded where its filesystem can (and then marked closed:
+        a buffered remote file, gcsfs's or adlfs's, closed by its finalizer later would upload
+        what it holds), else closed; then removed."""
+        discarded = False
         with contextlib.suppress(Exception):
-            if discard is not None:
-                discard()
-            else:
+            self.file.discard()  # (fsspec's local files refuse, unless written to a temporary file)
+            discarded = True
+        if discarded:
+            with contextlib.suppress(Exception):
+                self.file.closed = True
+        else:
+            with contextlib.suppress(Exception):
                 self.file.close()
         with contextlib.suppress(Exception):
             self.fs.rm_file(self.path)
