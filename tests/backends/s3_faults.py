@@ -48,7 +48,10 @@ class Fault:
     connection without answering), ``"lost"`` (forward the request, then close
     the connection without passing the reply on), ``"delay"`` (wait ``delay`` seconds, then
     forward), ``"stall"`` (read half the request's body, then stop reading and never
-    answer) or ``"stall-reply"`` (forward, then send half the reply and stop sending);
+    answer), ``"stall-reply"`` (forward, then send half the reply and stop sending) or
+    ``"garbage"`` (answer 200 with a web page, as a server that is no S3 would, forwarding
+    nothing) or ``"key-errors"`` (answer a DeleteObjects request 200, each of its keys
+    listed as not deleted with the S3 error ``code``, deleting nothing);
     a stalled connection hangs until the proxy closes. ``pattern`` is a regex searched
     in the path with its query.
     """
@@ -58,6 +61,7 @@ class Fault:
     action: int | str
     times: int = 1_000_000
     delay: float = 0.0
+    code: str = "AccessDenied"  # (key-errors)
     hits: int = 0
     at: list[float] = field(default_factory=list)  # when each hit's request arrived (time.monotonic)
 
@@ -284,14 +288,29 @@ class FaultProxy:
                     self.close_connection = True
                     status = fault.action
                 else:
-                    assert isinstance(fault.action, int)
-                    code, message = ERRORS[fault.action]
-                    payload = (
-                        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                        f"<Message>{message}</Message><RequestId>injected</RequestId></Error>"
-                    ).encode()
-                    self.send_response(fault.action)
-                    self.send_header("Content-Type", "application/xml")
+                    if fault.action == "garbage":
+                        status, kind = 200, "text/html"
+                        payload = b"<html><body>It works!</body></html>"
+                    elif fault.action == "key-errors":
+                        status, kind = 200, "application/xml"
+                        errors = "".join(
+                            f"<Error><Key>{key}</Key><Code>{fault.code}</Code><Message>injected</Message></Error>"
+                            for key in re.findall(r"<Key>(.*?)</Key>", bytes(body).decode())
+                        )
+                        payload = (
+                            '<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult '
+                            f'xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{errors}</DeleteResult>'
+                        ).encode()
+                    else:
+                        assert isinstance(fault.action, int)
+                        code, message = ERRORS[fault.action]
+                        status, kind = fault.action, "application/xml"
+                        payload = (
+                            f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                            f"<Message>{message}</Message><RequestId>injected</RequestId></Error>"
+                        ).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", kind)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     if self.command != "HEAD":

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -19,9 +22,11 @@ import torchstow.spi
 from moto_s3 import s3_client
 from torchstow import CheckpointException, CheckpointNotFoundError, StorageIOError
 from torchstow.backends.fsspec.backend import FsspecBackend
+from torchstow.backends.fsspec.s3 import S3Requests
 
 from s3_faults import Fault, FaultProxy, Logged
 from storage_helpers import free_port, s3_options, unique
+from waits import wait_until
 
 
 def _max_overlap(requests: list[Logged]) -> int:
@@ -220,3 +225,123 @@ def test_two_ranks_save_and_load_over_gloo(s3_endpoint: str, s3_bucket: str) -> 
             else:
                 os.environ[k] = v
     assert torchstow.latest(uri.rsplit("/", 1)[0], storage_options=opts) == uri
+
+
+def test_an_endpoint_that_is_no_s3_is_an_error_not_an_empty_listing(
+    proxy: FaultProxy, s3_bucket: str
+) -> None:
+    # a web server (or a proxy's error page with status 200) where S3 should be: before, its
+    # page read as an empty listing (no checkpoint there: a run would start afresh) and a
+    # multipart upload failed with a bare KeyError
+    run = unique()
+    opts = s3_options(proxy.url, thread_count=1)
+    torchstow.save({"w": torch.ones(16)}, f"s3://{s3_bucket}/{run}/step-1", storage_options=opts)
+    proxy.faults.append(Fault("GET", r"list-type=2", "garbage", times=1))
+    with pytest.raises(StorageIOError, match=r"reply to list_objects_v2 has no IsTruncated.*endpoint_url"):
+        torchstow.latest(f"s3://{s3_bucket}/{run}", storage_options=opts)
+    proxy.faults = [Fault("POST", r"\?uploads", "garbage")]
+    with pytest.raises(CheckpointException) as caught:
+        torchstow.save({"w": torch.randn(3 << 19)}, f"s3://{s3_bucket}/{run}/step-2", storage_options=opts)
+    (cause, _), *_ = caught.value.failures.values()
+    assert isinstance(cause, StorageIOError) and "has no UploadId" in str(cause)
+
+
+@pytest.mark.parametrize(
+    ("option", "kind"),
+    [
+        ({"endpoint_url": 123}, TypeError),
+        ({"client_kwargs": "region_name=x"}, TypeError),
+        ({"config_kwargs": {"connect_timout": 5}}, TypeError),
+        ({"endpoint_url": "127.0.0.1 9000"}, ValueError),
+    ],
+)
+def test_filesystem_options_s3fs_cannot_use_are_named(
+    s3_endpoint: str, s3_bucket: str, option: dict[str, Any], kind: type[Exception]
+) -> None:
+    # refused before the save starts, as other bad options are; before: at its first request,
+    # an error from inside botocore ("'int' object is not iterable") naming no option
+    opts = {**s3_options(s3_endpoint), **option}
+    with pytest.raises(kind, match="refused the storage options") as caught:
+        torchstow.save({"w": torch.ones(4)}, f"s3://{s3_bucket}/{unique()}/s", storage_options=opts)
+    assert next(iter(option)) in str(caught.value)
+    assert "testing" not in str(caught.value)  # the values, which may be secrets, are not shown
+
+
+def test_a_failed_load_leaves_no_read_writing_into_the_targets(proxy: FaultProxy, s3_bucket: str) -> None:
+    # one ranged GET fails for good while the others are on their way (held half a second):
+    # once the load has raised, nothing may write into the caller's tensors any more (a
+    # caller that falls back to another checkpoint loads into them next); before, the other
+    # GETs went on and wrote their bytes into the targets afterwards
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url, range_size=1 << 20, thread_count=1)
+    torchstow.save({"w": torch.randn(2 << 20)}, uri, storage_options=opts)  # 8 MiB: 8 ranges
+    held = Fault("GET", r"/data-", "delay", delay=0.5)
+    proxy.faults += [Fault("GET", r"/data-", 403, times=1), held]
+    target = {"w": torch.zeros(2 << 20)}
+    with pytest.raises(CheckpointException, match="AccessDenied"):
+        torchstow.load(target, uri, storage_options=opts)
+    after = target["w"].clone()
+    wait_until(lambda: held.hits == 7, what="the other GETs to reach the proxy")
+    time.sleep(1.0)  # twice the hold: a GET still running has written by then
+    assert torch.equal(target["w"], after)
+
+
+class _PreemptedError(Exception):
+    """What the test's SIGALRM handler raises to stop a load."""
+
+
+def test_a_load_interrupted_by_a_signal_handler_leaves_no_read_writing_into_the_targets(
+    proxy: FaultProxy, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a signal handler raises in the thread waiting for the ranged GETs (held half a second):
+    # once the load has raised, none of them may still write into the caller's tensors
+    uri = f"s3://{s3_bucket}/{unique()}/step-1"
+    opts = s3_options(proxy.url, range_size=1 << 20, thread_count=1)
+    torchstow.save({"w": torch.randn(2 << 20)}, uri, storage_options=opts)
+    held = Fault("GET", r"/data-", "delay", delay=0.5)
+    proxy.faults.append(held)
+    original, signalled = S3Requests.get_range, threading.Event()
+
+    async def get_range(self: S3Requests, *args: Any, **kwargs: Any) -> int:
+        if not signalled.is_set():  # once, as the first GET starts
+            signalled.set()
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+        return await original(self, *args, **kwargs)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _PreemptedError("SIGALRM: stop")
+
+    monkeypatch.setattr(S3Requests, "get_range", get_range)
+    target = {"w": torch.zeros(2 << 20)}
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises((CheckpointException, _PreemptedError)):
+            torchstow.load(target, uri, storage_options=opts)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    after = target["w"].clone()
+    time.sleep(1.0)  # twice the hold: a GET still running has written by then
+    assert torch.equal(target["w"], after)
+
+
+def _keys_under(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    listed = s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return [o["Key"] for o in listed]
+
+
+def test_objects_a_batch_delete_did_not_delete_are_retried_or_an_error(
+    proxy: FaultProxy, s3_endpoint: str, s3_bucket: str
+) -> None:
+    # S3 answers DeleteObjects 200 and lists the objects it failed to delete; before, that
+    # answer was taken for success: delete() returned and every object stayed
+    run = unique()
+    opts = s3_options(proxy.url)
+    torchstow.save({"w": torch.ones(16)}, f"s3://{s3_bucket}/{run}/a", storage_options=opts)
+    torchstow.save({"w": torch.ones(16)}, f"s3://{s3_bucket}/{run}/b", storage_options=opts)
+    proxy.faults.append(Fault("POST", r"\?delete", "key-errors", code="InternalError", times=1))
+    torchstow.delete(f"s3://{s3_bucket}/{run}/a", storage_options=opts)  # retried: gone
+    assert _keys_under(s3_endpoint, s3_bucket, f"{run}/a/") == []
+    proxy.faults.append(Fault("POST", r"\?delete", "key-errors", code="AccessDenied"))
+    with pytest.raises(StorageIOError, match=r"AccessDenied.*not deleted.*a permanent error"):
+        torchstow.delete(f"s3://{s3_bucket}/{run}/b", storage_options=opts)
+    assert f"{run}/b/manifest.json" in _keys_under(s3_endpoint, s3_bucket, f"{run}/b/")

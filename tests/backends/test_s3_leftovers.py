@@ -1,6 +1,7 @@
 """Nothing left behind on S3: a failed save aborts its multipart uploads, an upload
-whose creation was retried (the first reply lost) leaves no stray upload either, and a
-single PUT interrupted by a signal handler lands, if at all, before the save's cleanup."""
+whose creation was retried, interrupted by a signal handler or failed after the store
+acted on it (a reply lost) leaves no stray upload either, and a single PUT or a part
+interrupted by a signal handler lands, if at all, before the save's cleanup."""
 
 from __future__ import annotations
 
@@ -217,3 +218,74 @@ def test_gc_keeps_the_landed_files_of_a_save_still_uploading_one(s3_endpoint: st
     assert sorted(report.kept) == [f"s3://{s3_bucket}/{landed}", f"s3://{s3_bucket}/{uploading}"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])]
     assert keys == [landed]
+
+
+def test_a_create_interrupted_by_a_signal_handler_leaves_no_upload(
+    proxy: FaultProxy, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save's one data file, a multipart upload, is started from the main thread when a
+    signal handler raises there, the request that creates the upload already on its way (the
+    proxy holds it half a second): S3 creates the upload, the sink never learns its id. The
+    failed save's cleanup must still abort it; before, it was left pending (storage billed
+    until gc or a lifecycle rule removed it)."""
+    run = unique()
+    opts = s3_options(proxy.url, thread_count=1)
+    proxy.faults.append(Fault("POST", r"\?uploads", "delay", delay=0.5, times=1))
+    original = S3Requests._send
+
+    async def send(self: S3Requests, method: str, kwargs: dict[str, Any], progress: Any) -> Any:
+        if method == "create_multipart_upload":
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+        return await original(self, method, kwargs, progress)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _PreemptedError("SIGALRM: stop")
+
+    monkeypatch.setattr(S3Requests, "_send", send)
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises((CheckpointException, _PreemptedError)):
+            torchstow.save({"w": torch.randn(3 << 20)}, f"s3://{s3_bucket}/{run}/s", storage_options=opts)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    wait_until(lambda: proxy.requests("POST", r"\?uploads") != [], what="the create request to end")
+    assert [r.status for r in proxy.requests("POST", r"\?uploads")] == [200]  # S3 created the upload
+    assert uploads_under(s3_endpoint, s3_bucket, run) == []
+
+
+def test_a_create_whose_only_reply_was_lost_leaves_no_upload(
+    proxy: FaultProxy, s3_endpoint: str, s3_bucket: str
+) -> None:
+    """The connection fails after S3 created the upload, on the last attempt the policy allows
+    (here the only one): the save fails, and its cleanup must find the upload by listing."""
+    run = unique()
+    opts = s3_options(proxy.url, thread_count=1, retry_attempts=1)
+    proxy.faults.append(Fault("POST", r"\?uploads", "lost", times=1))
+    with pytest.raises(CheckpointException):
+        torchstow.save({"w": torch.randn(3 << 20)}, f"s3://{s3_bucket}/{run}/s", storage_options=opts)
+    assert [r.status for r in proxy.requests("POST", r"\?uploads")] == ["lost"]
+    assert uploads_under(s3_endpoint, s3_bucket, run) == []
+
+
+def test_a_part_started_just_before_a_handler_raised_is_stopped_by_the_cleanup(
+    proxy: FaultProxy, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler raises after a part's upload was handed to the event loop but before the
+    call that started it returned. The failed save's cleanup must still stop that request:
+    before, nothing knew of it, and it went on after the save had failed (here its connection
+    stalls, and it was sent again once ``stall_timeout`` passed, to an upload already aborted;
+    on S3 a part that lands while its upload is aborted may keep its storage)."""
+    run = unique()
+    opts = s3_options(proxy.url, thread_count=1, stall_timeout=0.5, retry_attempts=2)
+    proxy.faults.append(Fault("PUT", r"partNumber=1\b", "stall", times=1))
+    original = S3Requests.start
+
+    def start(self: S3Requests, *args: Any, **kwargs: Any) -> Any:
+        original(self, *args, **kwargs)
+        raise _PreemptedError("SIGTERM: stop")  # as a handler would, right after the hand-over
+
+    monkeypatch.setattr(S3Requests, "start", start)
+    with pytest.raises((CheckpointException, _PreemptedError)):
+        torchstow.save({"w": torch.randn(3 << 20)}, f"s3://{s3_bucket}/{run}/s", storage_options=opts)
+    time.sleep(1.5)  # three stall timeouts: a request left running would have been sent again
+    assert proxy.requests("PUT", r"partNumber=") == []  # (the stalled one is logged when the proxy closes)

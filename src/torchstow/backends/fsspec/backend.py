@@ -11,7 +11,7 @@ from torchstow.backends.fsspec.filesystems import (
     is_s3,
     open_filesystem,
 )
-from torchstow.backends.fsspec.s3 import MIN_PART
+from torchstow.backends.fsspec.s3 import MAX_PUT, MIN_PART
 from torchstow.backends.fsspec.store import THREADS, FsspecStore, Tuning
 from torchstow.spi import DirectoryBackend, hookimpl
 
@@ -72,8 +72,16 @@ class FsspecBackend(DirectoryBackend):
         super().__init__(
             thread_count=THREADS if thread_count is None else thread_count, verify_checksums=verify_checksums
         )
-        if part_size is not None and part_size < MIN_PART:
-            raise ValueError(f"part_size must be at least {MIN_PART} bytes (S3's minimum), got {part_size}")
+        if part_size is not None and not MIN_PART <= part_size <= MAX_PUT:
+            raise ValueError(
+                f"part_size must be at least {MIN_PART} bytes and at most {MAX_PUT} (S3's limits), "
+                f"got {part_size}"
+            )
+        if not 0 <= multipart_threshold <= MAX_PUT:
+            raise ValueError(
+                f"multipart_threshold must be 0 to {MAX_PUT} bytes (S3's largest single PUT), "
+                f"got {multipart_threshold}"
+            )
         if concurrency is not None:  # the option's former name
             max_concurrency = concurrency
         if any(value is not None and value < 1 for value in (range_size, max_concurrency)):

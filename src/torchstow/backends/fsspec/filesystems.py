@@ -99,8 +99,26 @@ def open_filesystem(uri: str, options: dict[str, Any]) -> tuple[Any, str]:
     with _cache_lock:
         fs = _cache.get(key)
         if fs is None:
-            fs = cls(**kwargs, skip_instance_cache=True)
+            fs = _build(cls, kwargs, uri, options)
             if own_retries:
                 fs.retries = 1  # s3fs's own retry loop: one pass, the store retries
             _cache[key] = fs
     return fs, cls._strip_protocol(url)
+
+
+def _build(cls: Any, kwargs: dict[str, Any], uri: str, options: dict[str, Any]) -> Any:
+    """A new instance of ``cls``; s3fs's with its client built, so that options it cannot use
+    (a value of the wrong type, an endpoint that is no URL, an unknown ``config_kwargs`` key)
+    are refused here, naming the options (not their values, which may be secrets), rather
+    than as a bare error from inside botocore at the first request."""
+    try:
+        fs = cls(**kwargs, skip_instance_cache=True)
+        if is_s3(fs):
+            fs.connect()  # builds the client; no request is sent
+    except (TypeError, ValueError, AttributeError) as exc:
+        kind = ValueError if isinstance(exc, ValueError) else TypeError
+        raise kind(
+            f"{uri!r}: {cls.__name__} refused the storage options {sorted(options)}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return fs

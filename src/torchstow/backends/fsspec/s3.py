@@ -11,7 +11,7 @@ import base64
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,17 +27,18 @@ from torchstow.backends.fsspec.pacing import (
     watch_connections,
 )
 from torchstow.format.checksums import checksum as crc32c
-from torchstow.spi import Buffer, FileSink
+from torchstow.spi import Buffer, FileSink, StorageIOError
 
 if TYPE_CHECKING:
     from torchstow.backends.fsspec.store import FsspecStore, Tuning
 
 
-__all__ = ["MAX_PARTS", "MAX_REQUEST", "MIN_PART", "MultipartSink", "S3Requests"]
+__all__ = ["MAX_PARTS", "MAX_PUT", "MAX_REQUEST", "MIN_PART", "MultipartSink", "S3Requests"]
 
 MiB = 1 << 20
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 MIN_PART = 5 * MiB  # S3's smallest part (but the last)
+MAX_PUT = 5 << 30  # S3's largest single PUT, and largest part
 MAX_REQUEST = 64 * MiB  # the largest part or range the measured link may ask for
 _DELETE_BATCH = 1000  # S3 deletes at most 1000 keys a request
 _READ_CHUNK = 1 << 20  # bytes per read of a response body (each one counts as progress)
@@ -59,6 +60,27 @@ def _buffers(body: Any) -> list[memoryview] | None:
     return None
 
 
+#: What S3 always puts in its reply to a request whose reply the store reads: an endpoint
+#: that answers without it (a web server, a proxy's error page with status 200) is no S3.
+_REPLY_FIELDS = {
+    "create_multipart_upload": "UploadId",
+    "upload_part": "ETag",
+    "list_objects_v2": "IsTruncated",
+    "list_multipart_uploads": "IsTruncated",
+    "list_parts": "IsTruncated",
+}
+
+
+def _check_reply(method: str, reply: Any, what: str) -> None:
+    """Raise StorageIOError where the reply to ``method`` lacks what S3 always sends."""
+    field = _REPLY_FIELDS.get(method)
+    if field is not None and (not isinstance(reply, dict) or field not in reply):
+        raise StorageIOError(
+            f"{what} failed: the endpoint's reply to {method} has no {field}, which S3 always sends "
+            "(is it an S3 service? check the endpoint: endpoint_url, AWS_ENDPOINT_URL)"
+        )
+
+
 async def _chunks(stream: Any, progress: Progress) -> AsyncIterator[bytes]:
     """The chunks of a response body as they arrive, each one progress; the stream closed after."""
     progress.mark()
@@ -68,6 +90,19 @@ async def _chunks(stream: Any, progress: Progress) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         stream.close()
+
+
+class ObjectsNotDeletedError(Exception):
+    """The objects a DeleteObjects request's reply lists as not deleted; read by the retry
+    policy as the first one's error (``response``, as botocore's errors carry it)."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        first = errors[0]
+        more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
+        which = f"{len(errors)} object(s) not deleted: {first.get('Key')}{more}"
+        super().__init__(f"{which} ({first.get('Code')}: {first.get('Message')})")
+        message = f"{first.get('Message') or ''} ({which})".strip()
+        self.response = {"Error": {"Code": first.get("Code"), "Message": message}}
 
 
 class S3Requests:
@@ -148,17 +183,22 @@ class S3Requests:
     def send_put(
         self, done: Future[Any], bucket: str, key: str, body: Body, what: str, **kwargs: Any
     ) -> None:
-        """:meth:`put` sent from outside the event loop, its response put in ``done``, a future
-        the caller made (and kept) before sending: whatever interrupts the caller meanwhile, it
-        can tell the PUT that never starts (``done.cancel()`` succeeds, and it never will) from
-        one that started (wait for ``done``)."""
+        """:meth:`put` sent with :meth:`send`."""
         fields: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": body, **self.checksum(body), **kwargs}
+        self.send(done, "put_object", what, **fields)
+
+    def send(self, done: Future[Any], method: str, what: str, **kwargs: Any) -> None:
+        """:meth:`request` sent from outside the event loop, its response put in ``done``, a
+        future the caller made (and kept) before sending: whatever interrupts the caller
+        meanwhile (a signal handler raising), it can tell the request that never starts
+        (``done.cancel()`` succeeds, and it never will) from one that started (wait for
+        ``done``: what it did on the store, it did by then)."""
 
         async def send() -> None:
             if not done.set_running_or_notify_cancel():
                 return
             try:
-                done.set_result(await self.request("put_object", what, **fields))
+                done.set_result(await self.request(method, what, **kwargs))
             except BaseException as exc:
                 done.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
@@ -180,7 +220,9 @@ class S3Requests:
                 on_attempt()
             return await self._attempt(what, lambda progress: self._send(method, kwargs, progress), size)
 
-        return await self.retry.acall(attempt, what)
+        reply = await self.retry.acall(attempt, what)
+        _check_reply(method, reply, what)
+        return reply
 
     async def _send(self, method: str, kwargs: dict[str, Any], progress: Progress) -> Any:
         buffers = _buffers(kwargs.get("Body"))
@@ -210,17 +252,25 @@ class S3Requests:
         return result
 
     def start(
-        self, method: str, what: str, *, on_done: Callable[[], None], **kwargs: Any
-    ) -> asyncio.Task[Any]:
-        """Start a request as a task on the filesystem's event loop (see :meth:`results`,
-        :meth:`cancel`); ``on_done`` runs when it ends, however it does."""
+        self,
+        tasks: list[asyncio.Task[Any]],
+        method: str,
+        what: str,
+        *,
+        on_done: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
+        """Start a request as a task on the filesystem's event loop, appended to ``tasks`` there
+        (see :meth:`results`, :meth:`cancel`: a caller interrupted before this returns still
+        finds it in ``tasks`` once its own later call reaches the loop); ``on_done`` runs when
+        it ends, however it does."""
 
-        async def create() -> asyncio.Task[Any]:
+        async def create() -> None:
             task = asyncio.ensure_future(self.request(method, what, **kwargs))
             task.add_done_callback(lambda _: on_done())
-            return task
+            tasks.append(task)
 
-        return asyncio.run_coroutine_threadsafe(create(), self.fs.loop).result()
+        asyncio.run_coroutine_threadsafe(create(), self.fs.loop).result()
 
     def results(self, tasks: Sequence[asyncio.Task[Any]]) -> list[Any]:
         """Wait for started requests: their responses, or the first one's error."""
@@ -240,6 +290,38 @@ class S3Requests:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), self.fs.loop).result()
+
+    @staticmethod
+    async def all_or_none(requests: Iterable[Awaitable[T]]) -> list[T]:
+        """The results of ``requests`` run together, or the first one's error once every other
+        has been cancelled and has stopped (a read that failed or was cancelled leaves none
+        writing into its caller's buffers)."""
+        tasks = [asyncio.ensure_future(r) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the event loop and wait for its result. A wait interrupted (a signal
+        handler raising in this thread) cancels it and waits until it has stopped, so that
+        nothing it started still acts once this raises (a second interrupt skips that wait)."""
+        tasks: list[asyncio.Task[Any]] = []
+
+        async def create() -> None:
+            tasks.append(asyncio.ensure_future(coro))
+
+        try:
+            asyncio.run_coroutine_threadsafe(create(), self.fs.loop)  # runs before either call below
+            result: T = self.results(tasks)[0]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.cancel(tasks)
+            raise
+        return result
 
     def call(self, method: str, what: str, **kwargs: Any) -> Any:
         """A request from outside the event loop: wait for its response."""
@@ -297,11 +379,26 @@ class S3Requests:
             token = {"ContinuationToken": listed["NextContinuationToken"]}
 
     def delete_objects(self, path: str, names: Sequence[str], what: str) -> None:
-        """Delete the objects ``names`` under ``path``, in batches of S3's maximum."""
+        """Delete the objects ``names`` under ``path``, in batches of S3's maximum. S3 answers
+        a batch 200 however many of its objects it failed to delete, listing those: they are
+        sent again as a retry (a transient code) or raised (StorageIOError); one already gone
+        is no failure."""
         bucket, key = self.bucket_key(path)
         for i in range(0, len(names), _DELETE_BATCH):
-            objects = [{"Key": f"{key}/{n}" if key else n} for n in names[i : i + _DELETE_BATCH]]
-            self.call("delete_objects", what, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            keys = [f"{key}/{n}" if key else n for n in names[i : i + _DELETE_BATCH]]
+
+            async def attempt(batch: list[str] = keys) -> None:
+                objects = [{"Key": k} for k in batch]
+                fields = {"Bucket": bucket, "Delete": {"Objects": objects, "Quiet": True}}
+                reply = await self._attempt(
+                    what, lambda progress: self._send("delete_objects", fields, progress), 0
+                )
+                failed = [e for e in reply.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+                if failed:
+                    batch[:] = [e["Key"] for e in failed]  # what the next attempt sends
+                    raise ObjectsNotDeletedError(failed)
+
+            asyncio.run_coroutine_threadsafe(self.retry.acall(attempt, what), self.fs.loop).result()
 
     def _listed_uploads(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
         """S3's records of the multipart uploads in progress under ``prefix``, every page."""
@@ -442,6 +539,7 @@ class MultipartSink(FileSink):
         self.pending: list[asyncio.Task[Any]] = []  # the part uploads, part n at n - 1
         self.checksums: list[str | None] = []  # the CRC32C of part n at n - 1 (None: not sent)
         self.put: Future[Any] | None = None  # the single PUT, once sent
+        self.create: Future[Any] | None = None  # the request starting the multipart upload, once sent
 
     def write(self, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
@@ -473,14 +571,17 @@ class MultipartSink(FileSink):
             def created() -> None:
                 self.creates += 1
 
-            self.upload_id = self.s3.call(
+            self.create = Future()  # kept before the request can start: a handler may raise at any point
+            self.s3.send(
+                self.create,
                 "create_multipart_upload",
                 f"starting the upload of {self.location}",
                 on_attempt=created,
                 Bucket=self.bucket,
                 Key=self.key,
                 **self.s3.upload_checksum(),
-            )["UploadId"]
+            )
+            self.upload_id = self.create.result()["UploadId"]
         number = len(self.pending) + 1
         if number > MAX_PARTS:
             raise ValueError(
@@ -498,7 +599,8 @@ class MultipartSink(FileSink):
             self.s3.gate.release()
             self.s3.give_back(part.scratch)
 
-        task = self.s3.start(
+        self.s3.start(
+            self.pending,
             "upload_part",
             f"uploading part {number} of {self.location}",
             on_done=sent,
@@ -509,7 +611,6 @@ class MultipartSink(FileSink):
             Body=body,
             **checksum,
         )
-        self.pending.append(task)
         self.checksums.append(checksum.get("ChecksumCRC32C"))
 
     def close(self) -> None:
@@ -543,21 +644,26 @@ class MultipartSink(FileSink):
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.s3.cancel(self.pending)
-        if self.put is not None and not self.put.cancel():  # a single PUT whose wait was
-            # interrupted (a signal handler raised) after it started: let it end, so that it lands
-            # (if at all) before the failed save's cleanup deletes the file; cancelled once its
-            # body was sent, it could still land after
-            with contextlib.suppress(Exception):
-                self.put.result()
+        for request in (self.put, self.create):
+            # a single PUT, or the request starting the multipart upload, whose wait was
+            # interrupted (a signal handler raised) after it started: let it end, so that what
+            # it does on the store (an object, an upload) is done before the cleanup below and
+            # the failed save's undo it; cancelled once sent, it could still be done after
+            if request is not None and not request.cancel():
+                with contextlib.suppress(Exception):
+                    request.result()
         self._forget()
-        if self.upload_id is not None or self.creates:
+        if self.creates:  # (its upload's id known or not: see _abort_uploads)
             with contextlib.suppress(Exception):
                 self._abort_uploads(keep=None)
 
     def _abort_uploads(self, keep: str | None) -> None:
         """Abort the multipart uploads of this object but ``keep``: the object's name carries
-        its save's id and rank, so every upload of it is this sink's."""
-        ids = [self.upload_id] if self.creates <= 1 else self.s3.upload_ids(self.bucket, self.key)
+        its save's id and rank, so every upload of it is this sink's. Listed unless the one
+        create request sent returned its upload's id (a create retried, or interrupted or failed
+        after the store may have acted on it, may have started uploads nobody knows)."""
+        known = self.creates == 1 and self.upload_id is not None
+        ids = [self.upload_id] if known else self.s3.upload_ids(self.bucket, self.key)
         for upload_id in ids:
             if upload_id is not None and upload_id != keep:
                 self.s3.abort_upload(self.bucket, self.key, upload_id, self.location)

@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import functools
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from torchstow.backends.fsspec.filesystems import (
 )
 from torchstow.backends.fsspec.s3 import MAX_REQUEST, MultipartSink, S3Requests
 from torchstow.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchstow.format.files import temporary_name
 from torchstow.spi import Buffer, ByteStore, FileSink, PendingUpload, RetryPolicy, StorageIOError
 
 __all__ = ["FsspecStore", "Tuning"]
@@ -83,11 +85,18 @@ class _StreamSink(FileSink):
         self.file.close()
 
     def abort(self) -> None:
-        discard = getattr(self.file, "discard", None)
+        """Throw the file away: discarded where its filesystem can (and then marked closed:
+        a buffered remote file, gcsfs's or adlfs's, closed by its finalizer later would upload
+        what it holds), else closed; then removed."""
+        discarded = False
         with contextlib.suppress(Exception):
-            if discard is not None:
-                discard()
-            else:
+            self.file.discard()  # (fsspec's local files refuse, unless written to a temporary file)
+            discarded = True
+        if discarded:
+            with contextlib.suppress(Exception):
+                self.file.closed = True
+        else:
+            with contextlib.suppress(Exception):
                 self.file.close()
         with contextlib.suppress(Exception):
             self.fs.rm_file(self.path)
@@ -117,6 +126,12 @@ def _spans(
                 continue
         spans.append((offset, end, [(offset, buf)]))
     return spans
+
+
+def _is_local(fs: Any) -> bool:
+    """Whether ``fs`` is fsspec's local filesystem (``fsspec+file://``), whose ``mv`` is a rename."""
+    protocol = fs.protocol
+    return "file" in (protocol if isinstance(protocol, tuple | list) else (protocol,))
 
 
 def _name(entry: dict[str, Any]) -> str:
@@ -197,9 +212,8 @@ class FsspecStore(ByteStore):
 
     def _read_s3(self, path: str, spans: list[Any], what: str) -> None:
         """Ranged GETs in parallel, each straight into its buffer when one buffer is the whole
-        range (else into a scratch buffer, then to the pieces)."""
-        from fsspec.asyn import sync
-
+        range (else into a scratch buffer, then to the pieces); once this returns or raises,
+        however, none writes into a buffer any more."""
         assert self.s3 is not None
         s3 = self.s3
         bucket, key = s3.bucket_key(path)
@@ -211,16 +225,12 @@ class FsspecStore(ByteStore):
         ]
 
         async def fetch_all() -> list[int]:
-            return list(
-                await asyncio.gather(
-                    *(
-                        s3.get_range(bucket, key, start, into, f"{what} bytes {start}..{end}")
-                        for (start, end, _), into in zip(spans, targets, strict=True)
-                    )
-                )
+            return await s3.all_or_none(
+                s3.get_range(bucket, key, start, into, f"{what} bytes {start}..{end}")
+                for (start, end, _), into in zip(spans, targets, strict=True)
             )
 
-        got: list[int] = sync(self.fs.loop, fetch_all)
+        got: list[int] = s3.run(fetch_all())
         name = path.rsplit("/", 1)[-1]
         for (start, end, members), into, n in zip(spans, targets, got, strict=True):
             if n < end - start:
@@ -264,10 +274,22 @@ class FsspecStore(ByteStore):
         return data
 
     def publish(self, name: str, data: bytes) -> None:
+        """One PUT on S3 (atomic); on a local filesystem a temporary file renamed over
+        ``name`` (written in place, a write cut short would leave a torn manifest where the
+        replaced checkpoint's stood); elsewhere the filesystem's own whole-file write."""
         what = f"writing {self.location}/{name}"
         if self.s3 is not None:
             bucket, key = self.s3.bucket_key(self._path(name))
             self.s3.put(bucket, key, data, what)
+        elif _is_local(self.fs):
+            tmp = self._path(temporary_name(name, uuid.uuid4().hex[:8]))
+            try:
+                self._retry(lambda: self.fs.pipe_file(tmp, data), what)
+                self._retry(lambda: self.fs.mv(tmp, self._path(name)), what)  # os.rename: atomic
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(tmp)
+                raise
         else:
             self._retry(lambda: self.fs.pipe_file(self._path(name), data), what)
         self.fs.invalidate_cache(self.path)
