@@ -291,6 +291,9 @@ def test_a_five_thousand_digit_integer(ckpt: str) -> None:
         (lambda doc: doc["planner_data"]["paths"].update({"w": "w"}), ["paths\\['w'\\]"]),
         (lambda doc: doc.update(user_metadata=[1]), [r"got `array` - at `\$\.user_metadata`"]),
         (lambda doc: doc.update(committed_at="yesterday"), [r"got `str` - at `\$\.committed_at`"]),
+        # epoch seconds no datetime can show: `ls` of its prefix used to end in OverflowError
+        (lambda doc: doc.update(committed_at=1e300), [r"<= 253402128000\.0 - at `\$\.committed_at`"]),
+        (lambda doc: doc.update(committed_at=-1e18), [r">= 0\.0 - at `\$\.committed_at`"]),
         (lambda doc: doc.update(checksum={"block_size": -1}), ["block_size is -1"]),
     ],
 )
@@ -326,7 +329,8 @@ def test_a_payload_matching_its_checksum_that_is_no_torch_object(ckpt: str) -> N
 def test_latest_and_list_skip_and_log_siblings_they_cannot_read(tmp_path: Any, caplog: Any) -> None:
     root = str(tmp_path)
     good = save_original(os.path.join(root, "step-1"))
-    bad = {name: save_original(os.path.join(root, name)) for name in ("step-2", "step-3", "step-4", "step-5")}
+    names = ("step-2", "step-3", "step-4", "step-5", "step-6")
+    bad = {name: save_original(os.path.join(root, name)) for name in names}
     os.remove(os.path.join(bad["step-2"], "manifest.json"))
     os.mkdir(os.path.join(bad["step-2"], "manifest.json"))  # a directory where the manifest should be
     os.remove(os.path.join(bad["step-3"], "manifest.json"))
@@ -334,6 +338,7 @@ def test_latest_and_list_skip_and_log_siblings_they_cannot_read(tmp_path: Any, c
     write_bytes(bad["step-4"], b'{"format":"torchstow","version":1,"entries":' + b"[" * 100_000)
     os.remove(os.path.join(bad["step-5"], "manifest.json"))
     os.symlink(os.path.join(good, "manifest.json"), os.path.join(bad["step-5"], "manifest.json"))
+    tamper(bad["step-6"], lambda doc: doc.update(committed_at=1e300))  # after the year 9999
     with caplog.at_level(logging.WARNING, logger="torchstow"):
         assert torchstow.latest(root) == good
         assert [c.uri for c in torchstow.list_checkpoints(root)] == [good]
