@@ -29,9 +29,11 @@ from torchstow.core.protocol.materialize import materialize
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.errors import (
+    CheckpointException,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PickleNotAllowedError,
+    TorchstowError,
 )
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
@@ -137,7 +139,15 @@ class TorchstowSource(Source):
         self._lock = threading.Lock()
 
     def _load(self, keys: list[str]) -> dict[str, Any]:
-        return materialize(self._reader, self.metadata, dict.fromkeys(keys))
+        try:
+            return materialize(self._reader, self.metadata, dict.fromkeys(keys))
+        except CheckpointException as exc:
+            # This one-process load's own error, so that a target's save raises it as its
+            # kind (a CheckpointException around a CheckpointException is of no kind).
+            causes = [failure for failure, _ in exc.failures.values()]
+            if len(causes) != 1 or not isinstance(causes[0], TorchstowError):
+                raise
+            raise causes[0] from None
 
     def read_tensor(self, key: str) -> torch.Tensor:
         pos = self._small_pos.get(key)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -183,9 +184,9 @@ def to_torch(selection: Selection, dst: str, report: ConvertReport) -> None:
     state = selection.source.nest(flat) if selection.nested else flat
     folder = os.path.dirname(os.path.abspath(dst))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".torchstow-", suffix=".tmp", dir=folder)
+    tmp = _temporary(folder, os.path.basename(dst))
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "xb") as out:
             torch.save(state, out)
         os.replace(tmp, dst)
     except BaseException:
@@ -193,6 +194,12 @@ def to_torch(selection: Selection, dst: str, report: ConvertReport) -> None:
             os.unlink(tmp)
         raise
     report.files.append(dst)
+
+
+def _temporary(folder: str, name: str) -> str:
+    """A new hidden name in ``folder`` to write ``name`` under before renaming it into
+    place (opened with ``open``, so the file gets the usual permissions, not 0600)."""
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 class _ReadAhead:
@@ -244,30 +251,35 @@ def to_safetensors(
         max_shard_bytes or stf.DEFAULT_MAX_SHARD_BYTES,
     )
     by_key = {e[0]: e for e in entries}
+    created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)
     index_path = os.path.join(dst, stf.INDEX)
     old = _safetensors_files(dst) if overwrite else set()
-    if overwrite:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(index_path)  # the old shards are invalid from here on
-    written: list[str] = []
+    staged: dict[str, str] = {}  # final name -> the temporary file written first
     fetch = _ReadAhead([key for shard in shards for key in shard.keys], selection.fetch)
     try:
         for shard in shards:
-            path = os.path.join(dst, shard.name)
-            with open(path, "wb") as out:
-                written.append(path)
+            staged[shard.name] = tmp = _temporary(dst, shard.name)
+            with open(tmp, "xb") as out:
                 stf.write_shard(out, [by_key[k] for k in shard.keys], fetch, metadata)
         total = sum(shard.nbytes for shard in shards)
-        tmp = index_path + ".tmp"
-        with open(tmp, "w") as out:
-            json.dump(stf.index_document(shards, total), out, indent=2, sort_keys=True)
-            out.write("\n")
-        os.replace(tmp, index_path)
+        staged[stf.INDEX] = tmp = _temporary(dst, stf.INDEX)
+        with open(tmp, "x") as text:
+            json.dump(stf.index_document(shards, total), text, indent=2, sort_keys=True)
+            text.write("\n")
+        # Every file is written: the old output goes (its index first, so no reader pairs
+        # it with new shards), the new one moves in, its index last.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(index_path)
+        for name, tmp in staged.items():
+            os.replace(tmp, os.path.join(dst, name))
     except BaseException:
-        for path in written:
+        for tmp in staged.values():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(tmp)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(dst)  # only if still empty
         raise
     finally:
         fetch.close()
