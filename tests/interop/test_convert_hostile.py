@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import torchstow
 from torchstow.interop.safetensors_format import INDEX
@@ -163,3 +164,26 @@ def test_convert_to_a_directory_format_onto_a_file_is_refused(tmp_path: Path, to
     with pytest.raises(torchstow.CheckpointExistsError, match="is a file"):
         torchstow.convert(src, dst, to=to, overwrite=True)
     assert dst.read_text() == "keep me"
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(tmp_path: Path) -> None:
+    """Which copy is meant is not known (the index names one, a loader takes the last)."""
+    folder = _index(tmp_path / "hf", {"weight_map": {"a.weight": "model.safetensors", "b": "b.safetensors"}})
+    save_file({"a.weight": torch.zeros(8, 8)}, str(folder / "b.safetensors"))
+    with pytest.raises(torchstow.CorruptCheckpointError, match=r"'a\.weight' is stored twice"):
+        torchstow.convert(folder, tmp_path / "out", to="torchstow")
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_the_safetensors_header_reserves_are_skipped_not_written(tmp_path: Path) -> None:
+    """A tensor named ``__metadata__`` made a header no reader parses; a string named
+    ``format`` replaced the ``"pt"`` that Hugging Face's loader checks."""
+    src = tmp_path / "state.pt"
+    torch.save({"__metadata__": torch.ones(2), "format": "v2", "note": "kept", **_tensors()}, src)
+    report = torchstow.convert(src, tmp_path / "hf", to="safetensors")
+    assert [key for key, _ in report.skipped] == ["__metadata__", "format"]
+    shard = str(tmp_path / "hf" / "model-00001-of-00001.safetensors")
+    loaded = load_file(shard)
+    assert sorted(loaded) == sorted(_tensors())
+    with safe_open(shard, framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "kept"}

@@ -300,6 +300,10 @@ class SafetensorsSource(Source):
             self.user_metadata.update({k: v for k, v in meta.items() if k != "format"})
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                 view = handle.get_slice(key)
+                if key in self._file_of:  # which one is meant? (Hugging Face's loader takes the last)
+                    raise CorruptCheckpointError(
+                        f"{path}: tensor {key!r} is stored twice, in {self._file_of[key]} and {file}"
+                    )
                 dtype = stf.torch_dtype(view.get_dtype(), key=key, file=file)
                 self.specs[key] = TensorSpec(dtype, tuple(view.get_shape()))
                 self._file_of[key] = file

@@ -236,12 +236,16 @@ def to_safetensors(
     for key, spec in selection.specs.items():
         if spec is None:
             value = selection.read_object(key)
-            if isinstance(value, str):
-                metadata[key] = value
-            else:
+            if not isinstance(value, str):
                 kind = type(value).__name__
                 reason = f"a value of type {kind}: safetensors holds tensors (and strings, as metadata)"
                 report.skipped.append((key, reason))
+            elif key in metadata:  # "format": Hugging Face loads only files whose format it knows
+                report.skipped.append((key, f"the header's {key!r} says the files are PyTorch's ('pt')"))
+            else:
+                metadata[key] = value
+        elif key == stf.METADATA_KEY:
+            report.skipped.append((key, f"safetensors reserves the name {key!r} for the header's metadata"))
         elif stf.safetensors_dtype(spec.dtype) is None:
             report.skipped.append((key, f"safetensors has no dtype for {spec.dtype}"))
         else:
