@@ -191,7 +191,15 @@ class TorchstowSource(Source):
                 stored = [
                     k for k, e in entries.items() if isinstance(e, BytesStorageMetadata) and k not in inline
                 ]
-                self._objects = {**inline, **(self._load(stored) if stored else {})}
+                try:
+                    loaded = self._load(stored) if stored else {}
+                except TorchstowError:  # each read alone below: a failure is its own key's
+                    loaded = {}
+                self._objects = {**inline, **loaded}
+            if key not in self._objects and isinstance(
+                self.metadata.state_dict_metadata.get(key), BytesStorageMetadata
+            ):
+                self._objects[key] = self._load([key])[key]
             return self._objects[key]
 
 

@@ -33,7 +33,12 @@ from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.layout.location import check_vacant
 from torchstow.core.planning import DefaultSavePlanner, WriteItem, WriteItemType
 from torchstow.core.protocol.steps import save_state_dict
-from torchstow.errors import CheckpointExistsError, CorruptCheckpointError, TorchstowError
+from torchstow.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    PickleNotAllowedError,
+    TorchstowError,
+)
 from torchstow.format.files import MANIFEST
 from torchstow.interop import safetensors_format as stf
 from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards
@@ -235,7 +240,11 @@ def to_safetensors(
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     for key, spec in selection.specs.items():
         if spec is None:
-            value = selection.read_object(key)
+            try:
+                value = selection.read_object(key)
+            except PickleNotAllowedError:  # not a string (those need no pickle), so not kept
+                report.skipped.append((key, "an object only full pickle reads: safetensors holds tensors"))
+                continue
             if not isinstance(value, str):
                 kind = type(value).__name__
                 reason = f"a value of type {kind}: safetensors holds tensors (and strings, as metadata)"
