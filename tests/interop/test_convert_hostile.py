@@ -187,3 +187,12 @@ def test_names_the_safetensors_header_reserves_are_skipped_not_written(tmp_path:
     assert sorted(loaded) == sorted(_tensors())
     with safe_open(shard, framework="pt") as f:
         assert f.metadata() == {"format": "pt", "note": "kept"}
+
+
+def test_an_index_naming_a_tensor_no_shard_holds_is_refused(tmp_path: Path) -> None:
+    """A shard of another version, or one cut short: the conversion would lack the tensor."""
+    weight_map = {"a.weight": "model.safetensors", "a.bias": "model.safetensors", "gone": "model.safetensors"}
+    folder = _index(tmp_path / "hf", {"weight_map": weight_map})
+    with pytest.raises(torchstow.CorruptCheckpointError, match=r"no shard holds, e\.g\. 'gone'"):
+        torchstow.convert(folder, tmp_path / "out", to="torchstow")
+    assert not (tmp_path / "out").exists()

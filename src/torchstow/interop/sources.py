@@ -287,10 +287,11 @@ class SafetensorsSource(Source):
         self.uri = path
         if os.path.isdir(path):
             index_path = os.path.join(path, stf.INDEX)
-            files = index_shards(index_path) if os.path.exists(index_path) else [stf.SINGLE]
+            weight_map = index_weight_map(index_path) if os.path.exists(index_path) else {}
+            files = list(dict.fromkeys(weight_map.values())) if weight_map else [stf.SINGLE]
             paths = [os.path.join(path, name) for name in files]
         else:
-            paths = [path]
+            paths, weight_map = [path], {}
         self.paths = paths
         self._handles: dict[str, Any] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -315,6 +316,12 @@ class SafetensorsSource(Source):
                 dtype = stf.torch_dtype(view.get_dtype(), key=key, file=file)
                 self.specs[key] = TensorSpec(dtype, tuple(view.get_shape()))
                 self._file_of[key] = file
+        lost = [key for key in weight_map if key not in self._file_of]
+        if lost:  # a shard of another version, or cut short: the conversion would lack them
+            raise CorruptCheckpointError(
+                f"{index_path} names {len(lost)} tensor(s) that no shard holds, e.g. {lost[0]!r} "
+                f"in {weight_map[lost[0]]}"
+            )
 
     def read_tensor(self, key: str) -> torch.Tensor:
         file = self._file_of[key]
@@ -332,6 +339,12 @@ class SafetensorsSource(Source):
 def index_shards(index_path: str) -> list[str]:
     """The shard file names a ``model.safetensors.index.json`` lists, each a plain file
     name in its folder (CorruptCheckpointError naming the index otherwise)."""
+    return list(dict.fromkeys(index_weight_map(index_path).values()))
+
+
+def index_weight_map(index_path: str) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json`` (tensor name -> shard), each
+    shard a plain file name in its folder (CorruptCheckpointError naming the index otherwise)."""
     try:
         with open(index_path, "rb") as f:
             doc = json.load(f)
@@ -342,13 +355,12 @@ def index_shards(index_path: str) -> list[str]:
         raise CorruptCheckpointError(
             f"{index_path} has no weight_map (an object mapping each tensor name to its shard file)"
         )
-    files = list(dict.fromkeys(weight_map.values()))
-    for name in files:
+    for name in dict.fromkeys(weight_map.values()):
         if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
             raise CorruptCheckpointError(
                 f"{index_path}: shard {name!r} is not a plain file name in the index's folder"
             )
-    return files
+    return weight_map
 
 
 def local_path(uri: str) -> str | None:
