@@ -5,6 +5,7 @@ replaced (no file of the old one left behind)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import stat
@@ -108,3 +109,14 @@ def test_converted_files_get_the_usual_permissions(tmp_path: Path, to: str) -> N
         os.umask(umask)
     files = [dst] if dst.is_file() else list(dst.iterdir())
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+@pytest.mark.parametrize(("old", "to"), itertools.permutations(["torchstow", "dcp", "safetensors"], 2))
+def test_an_output_of_another_format_is_refused_with_overwrite(tmp_path: Path, old: str, to: str) -> None:
+    """Written beside it, one would hide the other: a torchstow manifest beside safetensors
+    shards was read as the shards by info and convert, and as itself by load."""
+    dst = _convert(tmp_path, _OLD, "old", old)
+    before = _snapshot(dst)
+    with pytest.raises(torchstow.CheckpointExistsError, match=f"holds a {old} checkpoint"):
+        _convert(tmp_path, _NEW, "new", to, overwrite=True)
+    assert _snapshot(dst) == before

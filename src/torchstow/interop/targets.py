@@ -41,7 +41,7 @@ from torchstow.errors import (
 )
 from torchstow.format.files import MANIFEST
 from torchstow.interop import safetensors_format as stf
-from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards
+from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards, local_path
 
 if TYPE_CHECKING:
     from torchstow.interop.convert import ConvertReport, Selection
@@ -130,11 +130,6 @@ def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertRepor
                 return super().resolve_data(write_item)
             return selection.fetch(write_item.index.fqn)
 
-    if os.path.exists(os.path.join(dst, MANIFEST)):
-        raise CheckpointExistsError(
-            f"{dst} holds a torchstow checkpoint, which would hide a DCP checkpoint written beside "
-            "it; remove it first (torchstow rm) or convert to another location"
-        )
     state = _plan_state(selection, report)
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
@@ -339,10 +334,32 @@ class Target:
     names_checkpoints: bool = False
 
 
+def _other_formats(target: Target, dst: str) -> list[str]:
+    """The checkpoint formats other than ``target``'s that the local folder ``dst`` holds."""
+    path = local_path(dst)  # None for another scheme's URI
+    if not target.folder or path is None or not os.path.isdir(path):
+        return []
+    names = set(os.listdir(path))
+    held = {
+        "torchstow": MANIFEST in names,
+        "dcp": DCP_METADATA in names,
+        "safetensors": stf.INDEX in names or stf.SINGLE in names,
+    }
+    return [name for name, there in held.items() if there and name != target.name]
+
+
 def check_destination(target: Target, dst: str, overwrite: bool) -> None:
-    """Refuse ``dst`` for ``target`` before anything is read: a file where a folder goes
-    (even with ``overwrite``), or, without ``overwrite``, an existing output (a file, or
+    """Refuse ``dst`` for ``target`` before anything is read: a file where a folder goes,
+    or a folder holding a checkpoint of another format (which would hide the new one, or
+    be taken for it), even with ``overwrite``; without it, an existing output (a file, or
     a folder that is not empty). CheckpointExistsError; nothing is changed."""
+    others = _other_formats(target, dst)
+    if others:
+        raise CheckpointExistsError(
+            f"{dst} holds a {others[0]} checkpoint, which a {target.name} one written beside it would "
+            f"hide or be taken for; remove it first, or convert to another location (--overwrite "
+            "replaces an output of the same format only)"
+        )
     if not target.local_only:
         return  # the backend's writer refuses a committed checkpoint (any backend)
     if target.folder and os.path.lexists(dst) and not os.path.isdir(dst):
