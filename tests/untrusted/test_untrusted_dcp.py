@@ -85,6 +85,14 @@ def test_an_offset_that_is_no_integer(stock: str, offset: float) -> None:
     assert_refused(stock, "'w'", "float offset")
 
 
+def test_metadata_without_its_entries(stock: str) -> None:
+    """An object the pickle built without the field (its name damaged): was an AttributeError."""
+    rewrite(stock, lambda md: delattr(md, "state_dict_metadata"))
+    assert_refused(stock, "does not hold DCP Metadata")
+    with pytest.raises(torchstow.CorruptCheckpointError, match="does not hold DCP Metadata"):
+        torchstow.info(stock)
+
+
 def test_a_key_nested_five_thousand_deep(stock: str) -> None:
     """Rebuilding it recursed past Python's limit (RecursionError), and making each prefix
     of a long path took memory quadratic in its length."""

@@ -227,10 +227,11 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
         raise CorruptCheckpointError(
             f"{source} is not DCP metadata torchstow can read safely: {exc}"
         ) from exc
-    if not isinstance(md, dcp_md.Metadata) or not isinstance(md.state_dict_metadata, dict):
+    # getattr: a pickle builds an object with the fields it names, whichever they are
+    if not isinstance(md, dcp_md.Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
         raise CorruptCheckpointError(f"{source} does not hold DCP Metadata (found {type(md).__name__})")
     entry_types = (dcp_md.TensorStorageMetadata, dcp_md.BytesStorageMetadata)
-    locations = md.storage_data
+    locations = getattr(md, "storage_data", None)
     if not isinstance(locations, dict):
         raise CorruptCheckpointError(f"{source} records no data locations")
     try:
