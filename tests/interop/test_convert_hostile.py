@@ -3,6 +3,7 @@ safetensors index, and a DCP write that fails half-way."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -119,6 +120,29 @@ def test_a_failed_convert_to_dcp_is_a_torchstow_error_and_leaves_nothing(tmp_pat
     assert isinstance(info.value, Exception)
     assert not dst.exists()
     assert not [p for p in tmp_path.iterdir() if p.name not in ("src",)]
+
+
+def test_a_convert_to_dcp_onto_a_mount_point_replaces_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dst`` stands for a mount point: a rename into it from outside fails with EXDEV, as
+    rename(2) does across file systems. The new checkpoint was staged beside ``dst``, so
+    with --overwrite the old one's .metadata was gone and the new one never moved in."""
+    src = _ts(tmp_path / "src")
+    dst = _dcp(tmp_path / "mnt")
+    rename = os.replace
+
+    def replace(old: str, new: str) -> None:
+        inside = [os.path.abspath(p).startswith(f"{dst}{os.sep}") for p in (old, new)]
+        if inside[0] != inside[1]:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(old, new)
+
+    monkeypatch.setattr(os, "replace", replace)
+    torchstow.convert(src, dst, to="dcp", overwrite=True)
+    loaded = torchstow.read(dst)
+    assert all(torch.equal(loaded[k], v) for k, v in _tensors().items())
+    assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__0_0.distcp"]
 
 
 def _index(folder: Path, doc: object) -> Path:

@@ -114,8 +114,9 @@ def to_torchstow(
 def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertReport) -> None:
     """Save the selection with ``torch.distributed.checkpoint``'s own FileSystemWriter.
 
-    It is written into a new folder beside ``dst`` and moved in when complete
-    (``.metadata`` last), so a failure leaves ``dst`` as it was. With
+    It is written into a new hidden folder inside ``dst`` (so on its file system, a
+    mount point included) and moved in when complete (``.metadata`` last), so a
+    failure leaves ``dst`` as it was. With
     ``overwrite``, an old DCP checkpoint's ``.metadata`` is removed before the
     new data files replace its own (a reader never pairs the two), and its data
     files that the new one does not name once the new one is in place.
@@ -131,9 +132,9 @@ def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertRepor
             return selection.fetch(write_item.index.fqn)
 
     state = _plan_state(selection, report)
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".torchstow-convert-", dir=parent)
+    created = not os.path.exists(dst)
+    os.makedirs(dst, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".torchstow-convert-", dir=dst)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
@@ -151,12 +152,14 @@ def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertRepor
         raise TorchstowError(f"convert to DCP at {dst} failed: {cause or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(dst)  # only if nothing moved in
     report.files.append(dst)
 
 
 def _move_dcp(staging: str, dst: str, overwrite: bool) -> None:
     """Move the DCP checkpoint written in ``staging`` to ``dst``, ``.metadata`` last."""
-    os.makedirs(dst, exist_ok=True)
     old = {name for name in os.listdir(dst) if name.endswith(".distcp")}
     if old and not overwrite:
         raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
