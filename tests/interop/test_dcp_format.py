@@ -173,3 +173,13 @@ def test_a_pickled_object_is_skipped_by_a_convert_to_safetensors(tmp_path: Path)
     with safe_open(str(tmp_path / "hf" / "model-00001-of-00001.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt", "note": "kept"}
         assert list(f.keys()) == ["w"] and torch.equal(f.get_tensor("w"), torch.ones(2))
+
+
+def test_a_pickled_object_refused_by_convert_says_what_to_do(tmp_path: Path) -> None:
+    """The reader's advice (pass allow_pickle=True) names an option convert does not take."""
+    path = str(tmp_path / "step-1")
+    dcp.save({"loader": io.BytesIO(b"x"), "w": torch.ones(2)}, checkpoint_id=path, no_dist=True)
+    for to in ("torchstow", "torch"):
+        with pytest.raises(torchstow.PickleNotAllowedError, match="convert never unpickles") as info:
+            torchstow.convert(path, tmp_path / to, to=to)
+        assert "loader" in str(info.value) and "--keys" in str(info.value)
