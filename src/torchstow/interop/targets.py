@@ -41,7 +41,7 @@ from torchstow.errors import (
 )
 from torchstow.format.files import MANIFEST
 from torchstow.interop import safetensors_format as stf
-from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards, local_path
+from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards, is_dcp, local_path
 
 if TYPE_CHECKING:
     from torchstow.interop.convert import ConvertReport, Selection
@@ -345,7 +345,7 @@ def _other_formats(target: Target, dst: str) -> list[str]:
     names = set(os.listdir(path))
     held = {
         "torchstow": MANIFEST in names,
-        "dcp": DCP_METADATA in names,
+        "dcp": is_dcp(list(names)),  # a .metadata beside a manifest is debris the manifest replaced
         "safetensors": stf.INDEX in names or stf.SINGLE in names,
     }
     return [name for name, there in held.items() if there and name != target.name]
