@@ -3,6 +3,7 @@ safetensors index, and a DCP write that fails half-way."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import torchstow
 from torchstow.interop.safetensors_format import INDEX
@@ -120,6 +122,29 @@ def test_a_failed_convert_to_dcp_is_a_torchstow_error_and_leaves_nothing(tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name not in ("src",)]
 
 
+def test_a_convert_to_dcp_onto_a_mount_point_replaces_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dst`` stands for a mount point: a rename into it from outside fails with EXDEV, as
+    rename(2) does across file systems. The new checkpoint was staged beside ``dst``, so
+    with --overwrite the old one's .metadata was gone and the new one never moved in."""
+    src = _ts(tmp_path / "src")
+    dst = _dcp(tmp_path / "mnt")
+    rename = os.replace
+
+    def replace(old: str, new: str) -> None:
+        inside = [os.path.abspath(p).startswith(f"{dst}{os.sep}") for p in (old, new)]
+        if inside[0] != inside[1]:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(old, new)
+
+    monkeypatch.setattr(os, "replace", replace)
+    torchstow.convert(src, dst, to="dcp", overwrite=True)
+    loaded = torchstow.read(dst)
+    assert all(torch.equal(loaded[k], v) for k, v in _tensors().items())
+    assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__0_0.distcp"]
+
+
 def _index(folder: Path, doc: object) -> Path:
     folder.mkdir(exist_ok=True)
     save_file(_tensors(), str(folder / "model.safetensors"))
@@ -163,3 +188,35 @@ def test_convert_to_a_directory_format_onto_a_file_is_refused(tmp_path: Path, to
     with pytest.raises(torchstow.CheckpointExistsError, match="is a file"):
         torchstow.convert(src, dst, to=to, overwrite=True)
     assert dst.read_text() == "keep me"
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(tmp_path: Path) -> None:
+    """Which copy is meant is not known (the index names one, a loader takes the last)."""
+    folder = _index(tmp_path / "hf", {"weight_map": {"a.weight": "model.safetensors", "b": "b.safetensors"}})
+    save_file({"a.weight": torch.zeros(8, 8)}, str(folder / "b.safetensors"))
+    with pytest.raises(torchstow.CorruptCheckpointError, match=r"'a\.weight' is stored twice"):
+        torchstow.convert(folder, tmp_path / "out", to="torchstow")
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_the_safetensors_header_reserves_are_skipped_not_written(tmp_path: Path) -> None:
+    """A tensor named ``__metadata__`` made a header no reader parses; a string named
+    ``format`` replaced the ``"pt"`` that Hugging Face's loader checks."""
+    src = tmp_path / "state.pt"
+    torch.save({"__metadata__": torch.ones(2), "format": "v2", "note": "kept", **_tensors()}, src)
+    report = torchstow.convert(src, tmp_path / "hf", to="safetensors")
+    assert [key for key, _ in report.skipped] == ["__metadata__", "format"]
+    shard = str(tmp_path / "hf" / "model-00001-of-00001.safetensors")
+    loaded = load_file(shard)
+    assert sorted(loaded) == sorted(_tensors())
+    with safe_open(shard, framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "kept"}
+
+
+def test_an_index_naming_a_tensor_no_shard_holds_is_refused(tmp_path: Path) -> None:
+    """A shard of another version, or one cut short: the conversion would lack the tensor."""
+    weight_map = {"a.weight": "model.safetensors", "a.bias": "model.safetensors", "gone": "model.safetensors"}
+    folder = _index(tmp_path / "hf", {"weight_map": weight_map})
+    with pytest.raises(torchstow.CorruptCheckpointError, match=r"no shard holds, e\.g\. 'gone'"):
+        torchstow.convert(folder, tmp_path / "out", to="torchstow")
+    assert not (tmp_path / "out").exists()

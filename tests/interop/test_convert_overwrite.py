@@ -5,7 +5,10 @@ replaced (no file of the old one left behind)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,43 @@ def _names_of(dst: Path, to: str) -> set[str]:
     stored = torchstow.storage_reader(dst).read_metadata().storage_data.values()
     table = peek_manifest((dst / "manifest.json").read_bytes()).chunk_table  # version 2: its own table
     return {"manifest.json", *(info.relative_path for info in stored), *([table] if table else [])}
+
+
+@pytest.mark.parametrize("to", FORMATS)
+def test_a_convert_that_fails_with_overwrite_leaves_the_old_output(tmp_path: Path, to: str) -> None:
+    dst = _convert(tmp_path, _OLD, "old", to)
+    before = _snapshot(dst)
+    src = tmp_path / "damaged"
+    torchstow.save(_NEW, src)
+    data = next(p for p in src.iterdir() if p.name.startswith("data-"))
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0xFF  # found only when the tensor is read, after the output is begun
+    data.write_bytes(bytes(raw))
+    with pytest.raises(torchstow.CorruptCheckpointError):
+        torchstow.convert(src, dst, to=to, overwrite=True)
+    assert _snapshot(dst) == before
+    assert list(_output(dst)) == list(_OLD)
+
+
+@pytest.mark.parametrize("to", ["torch", "safetensors"])
+def test_converted_files_get_the_usual_permissions(tmp_path: Path, to: str) -> None:
+    """Written under a temporary name and renamed, yet readable by others as a plain
+    ``open`` makes files (the umask's mode, not mkstemp's 0600)."""
+    umask = os.umask(0o022)
+    try:
+        dst = _convert(tmp_path, _OLD, "old", to)
+    finally:
+        os.umask(umask)
+    files = [dst] if dst.is_file() else list(dst.iterdir())
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+@pytest.mark.parametrize(("old", "to"), itertools.permutations(["torchstow", "dcp", "safetensors"], 2))
+def test_an_output_of_another_format_is_refused_with_overwrite(tmp_path: Path, old: str, to: str) -> None:
+    """Written beside it, one would hide the other: a torchstow manifest beside safetensors
+    shards was read as the shards by info and convert, and as itself by load."""
+    dst = _convert(tmp_path, _OLD, "old", old)
+    before = _snapshot(dst)
+    with pytest.raises(torchstow.CheckpointExistsError, match=f"holds a {old} checkpoint"):
+        _convert(tmp_path, _NEW, "new", to, overwrite=True)
+    assert _snapshot(dst) == before

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 
 import torchstow
 from torchstow.interop.dcp_format import is_dcp_checkpoint, read_dcp_metadata
@@ -158,3 +159,27 @@ def test_the_backends_own_reader_reads_a_stock_checkpoint(stock: tuple[str, dict
     wrapped = {"half": torch.zeros(2, 3, dtype=torch.bfloat16)}
     torchstow.load(wrapped, f"faulty+file://{path}", no_dist=True)
     assert torch.equal(wrapped["half"], state["half"])
+
+
+def test_a_pickled_object_is_skipped_by_a_convert_to_safetensors(tmp_path: Path) -> None:
+    """safetensors keeps no object but strings, which need no pickle: a loader's io.BytesIO
+    (torchtitan's train state has them) is reported and skipped, not the whole conversion
+    refused with advice to pass an allow_pickle that convert does not take."""
+    path = str(tmp_path / "step-1")
+    state = {"loader": io.BytesIO(b"x"), "w": torch.ones(2), "note": "kept"}
+    dcp.save(state, checkpoint_id=path, no_dist=True)
+    report = torchstow.convert(path, tmp_path / "hf", to="safetensors")
+    assert [key for key, _ in report.skipped] == ["loader"]
+    with safe_open(str(tmp_path / "hf" / "model-00001-of-00001.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "kept"}
+        assert list(f.keys()) == ["w"] and torch.equal(f.get_tensor("w"), torch.ones(2))
+
+
+def test_a_pickled_object_refused_by_convert_says_what_to_do(tmp_path: Path) -> None:
+    """The reader's advice (pass allow_pickle=True) names an option convert does not take."""
+    path = str(tmp_path / "step-1")
+    dcp.save({"loader": io.BytesIO(b"x"), "w": torch.ones(2)}, checkpoint_id=path, no_dist=True)
+    for to in ("torchstow", "torch"):
+        with pytest.raises(torchstow.PickleNotAllowedError, match="convert never unpickles") as info:
+            torchstow.convert(path, tmp_path / to, to=to)
+        assert "loader" in str(info.value) and "--keys" in str(info.value)

@@ -79,6 +79,27 @@ def test_a_negative_offset(stock: str) -> None:
     assert_refused(stock, "'w'", "offset is -10")
 
 
+@pytest.mark.parametrize("offset", [float("inf"), 1.5])
+def test_an_offset_that_is_no_integer(stock: str, offset: float) -> None:
+    rewrite(stock, lambda md: set_info(md, "w", offset=offset))  # inf was an OverflowError
+    assert_refused(stock, "'w'", "float offset")
+
+
+def test_metadata_without_its_entries(stock: str) -> None:
+    """An object the pickle built without the field (its name damaged): was an AttributeError."""
+    rewrite(stock, lambda md: delattr(md, "state_dict_metadata"))
+    assert_refused(stock, "does not hold DCP Metadata")
+    with pytest.raises(torchstow.CorruptCheckpointError, match="does not hold DCP Metadata"):
+        torchstow.info(stock)
+
+
+def test_a_key_nested_five_thousand_deep(stock: str) -> None:
+    """Rebuilding it recursed past Python's limit (RecursionError), and making each prefix
+    of a long path took memory quadratic in its length."""
+    rewrite(stock, lambda md: md.planner_data.update(w=("m",) * 5000 + ("w",)))
+    assert_refused(stock, "'w' has 5001 parts, more than 100")
+
+
 def test_a_negative_and_a_huge_shape(stock: str) -> None:
     def shape(size: list[int]) -> Callable[[Any], None]:
         def change(md: Any) -> None:

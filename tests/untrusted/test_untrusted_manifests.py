@@ -257,6 +257,26 @@ def test_json_nested_deeper_than_the_limit_but_parseable(ckpt: str) -> None:
     assert_refused(ckpt, r"manifest\.json", "nests deeper than")
 
 
+def test_keys_nest_at_most_a_hundred_deep_on_save_as_on_read(tmp_path: Any) -> None:
+    """A key's path has at most 100 parts: a save refuses deeper before writing anything,
+    so torchstow never writes what its reader refuses."""
+
+    def nested(parts: int) -> dict[str, Any]:
+        state: Any = torch.ones(1)
+        for _ in range(parts):
+            state = {"m": state}
+        return state  # type: ignore[no-any-return]
+
+    torchstow.save(nested(100), tmp_path / "at")
+    node: Any = torchstow.read(tmp_path / "at")
+    for _ in range(100):
+        node = node["m"]
+    assert torch.equal(node, torch.ones(1))
+    with pytest.raises(torchstow.CheckpointException, match="nests deeper than 100 levels"):
+        torchstow.save(nested(101), tmp_path / "past")
+    assert not (tmp_path / "past").exists() or not list((tmp_path / "past").iterdir())
+
+
 def test_a_five_thousand_digit_integer(ckpt: str) -> None:
     text = manifest_text(ckpt)
     write_bytes(ckpt, re.sub(r'"offset":\d+', '"offset":' + "9" * 5000, text, count=1).encode())
@@ -289,8 +309,26 @@ def test_a_five_thousand_digit_integer(ckpt: str) -> None:
         ),
         (lambda doc: doc["planner_data"]["containers"].append([["x"], "set", 0]), ["containers"]),
         (lambda doc: doc["planner_data"]["paths"].update({"w": "w"}), ["paths\\['w'\\]"]),
+        # keys nested past Python's recursion limit: reading them was a RecursionError
+        (
+            lambda doc: doc["planner_data"]["paths"].update(w=["m"] * 5000 + ["w"]),
+            ["paths\\['w'\\] has 5001 parts, not 1 to 100"],
+        ),
+        (
+            lambda doc: doc["planner_data"]["containers"].append([["m"] * 5000, "dict", 0]),
+            ["containers\\[3\\] nests 5000 deep, more than 99"],
+        ),
+        (
+            lambda doc: doc.update(
+                planner_data=None, entries={".".join("m" * 5000): doc["entries"].pop("w"), **doc["entries"]}
+            ),
+            ["has more than 100 dotted parts"],
+        ),
         (lambda doc: doc.update(user_metadata=[1]), [r"got `array` - at `\$\.user_metadata`"]),
         (lambda doc: doc.update(committed_at="yesterday"), [r"got `str` - at `\$\.committed_at`"]),
+        # epoch seconds no datetime can show: `ls` of its prefix used to end in OverflowError
+        (lambda doc: doc.update(committed_at=1e300), [r"<= 253402128000\.0 - at `\$\.committed_at`"]),
+        (lambda doc: doc.update(committed_at=-1e18), [r">= 0\.0 - at `\$\.committed_at`"]),
         (lambda doc: doc.update(checksum={"block_size": -1}), ["block_size is -1"]),
     ],
 )
@@ -326,7 +364,8 @@ def test_a_payload_matching_its_checksum_that_is_no_torch_object(ckpt: str) -> N
 def test_latest_and_list_skip_and_log_siblings_they_cannot_read(tmp_path: Any, caplog: Any) -> None:
     root = str(tmp_path)
     good = save_original(os.path.join(root, "step-1"))
-    bad = {name: save_original(os.path.join(root, name)) for name in ("step-2", "step-3", "step-4", "step-5")}
+    names = ("step-2", "step-3", "step-4", "step-5", "step-6")
+    bad = {name: save_original(os.path.join(root, name)) for name in names}
     os.remove(os.path.join(bad["step-2"], "manifest.json"))
     os.mkdir(os.path.join(bad["step-2"], "manifest.json"))  # a directory where the manifest should be
     os.remove(os.path.join(bad["step-3"], "manifest.json"))
@@ -334,6 +373,7 @@ def test_latest_and_list_skip_and_log_siblings_they_cannot_read(tmp_path: Any, c
     write_bytes(bad["step-4"], b'{"format":"torchstow","version":1,"entries":' + b"[" * 100_000)
     os.remove(os.path.join(bad["step-5"], "manifest.json"))
     os.symlink(os.path.join(good, "manifest.json"), os.path.join(bad["step-5"], "manifest.json"))
+    tamper(bad["step-6"], lambda doc: doc.update(committed_at=1e300))  # after the year 9999
     with caplog.at_level(logging.WARNING, logger="torchstow"):
         assert torchstow.latest(root) == good
         assert [c.uri for c in torchstow.list_checkpoints(root)] == [good]

@@ -36,7 +36,7 @@ from torchstow.format.manifest import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torchstow.format.structure import DICT, LIST
+from torchstow.format.structure import DICT, LIST, MAX_KEY_DEPTH
 from torchstow.format.validation import check_decoded
 
 if TYPE_CHECKING:
@@ -101,6 +101,10 @@ def planner_data_from_mappings(mappings: Any, fqns: Any) -> dict[str, Any]:
         path = mappings.get(fqn, (fqn,)) if isinstance(mappings, Mapping) else (fqn,)
         if not isinstance(path, tuple | list) or not all(type(p) in (str, int) for p in path):
             raise ValueError(f"the planner_data path of {fqn!r} is not a sequence of keys and indices")
+        if len(path) > MAX_KEY_DEPTH:  # before its prefixes are made (quadratic in its length)
+            raise ValueError(
+                f"the planner_data path of {fqn!r} has {len(path)} parts, more than {MAX_KEY_DEPTH}"
+            )
         path = tuple(path)
         paths[fqn] = list(path)
         for depth in range(1, len(path)):
@@ -223,10 +227,11 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
         raise CorruptCheckpointError(
             f"{source} is not DCP metadata torchstow can read safely: {exc}"
         ) from exc
-    if not isinstance(md, dcp_md.Metadata) or not isinstance(md.state_dict_metadata, dict):
+    # getattr: a pickle builds an object with the fields it names, whichever they are
+    if not isinstance(md, dcp_md.Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
         raise CorruptCheckpointError(f"{source} does not hold DCP Metadata (found {type(md).__name__})")
     entry_types = (dcp_md.TensorStorageMetadata, dcp_md.BytesStorageMetadata)
-    locations = md.storage_data
+    locations = getattr(md, "storage_data", None)
     if not isinstance(locations, dict):
         raise CorruptCheckpointError(f"{source} records no data locations")
     try:
@@ -244,6 +249,11 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
                     f"a data location has a {type(index.fqn).__name__} key and a "
                     f"{type(info.relative_path).__name__} file name, not strings"
                 )
+            if type(info.offset) is not int or type(info.length) is not int:  # not inf, nor 1.5
+                raise TypeError(
+                    f"the data location of {index.fqn!r} has a {type(info.offset).__name__} offset and "
+                    f"a {type(info.length).__name__} length, not integers"
+                )
             if info.transform_descriptors:
                 raise FormatVersionError(
                     f"{source}: {index.fqn} is stored with DCP storage extensions "
@@ -254,7 +264,7 @@ def decode_dcp_metadata(data: bytes, *, source: str = DCP_METADATA) -> Metadata:
                 raise ValueError(
                     f"data file name {info.relative_path!r} of {index.fqn!r} is not a plain file name"
                 )
-            found[ts_index(index)] = StorageInfo(info.relative_path, int(info.offset), int(info.length))
+            found[ts_index(index)] = StorageInfo(info.relative_path, info.offset, info.length)
         planner_data = planner_data_from_mappings(md.planner_data, entries)
         # A chunk is a torch.save blob: never fewer bytes than its elements take.
         check_decoded(

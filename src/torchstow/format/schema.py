@@ -43,6 +43,10 @@ MAX_INT = (1 << 63) - 1
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 Crc = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
 Dims = Annotated[tuple[Count, ...], msgspec.Meta(max_length=MAX_DIMS)]
+MAX_TIMESTAMP = 253_402_128_000.0  # 9999-12-30 UTC: any local time of it is a datetime
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMESTAMP)]
+"""``committed_at``: epoch seconds that ``datetime.fromtimestamp`` can show (a later or
+negative one is refused, so one hostile manifest cannot break ``ls`` of its prefix)."""
 
 N = TypeVar("N")  # a count, offset, length or index: int, or Count
 C = TypeVar("C")  # one checksum: int, or Crc
@@ -99,7 +103,7 @@ class Document(msgspec.Struct, Generic[N, C, D], kw_only=True):
     format: str
     version: int
     torch_version: str = ""
-    committed_at: float | None = None
+    committed_at: Timestamp | None = None
     user_metadata: dict[str, Any] | None = None
     checksum: Checksum[N] = msgspec.field(default_factory=Checksum)
     files: list[str] = []
@@ -147,7 +151,7 @@ class DocumentV2(msgspec.Struct, kw_only=True):
     format: str
     version: int
     torch_version: str = ""
-    committed_at: float | None = None
+    committed_at: Timestamp | None = None
     user_metadata: dict[str, Any] | None = None
     checksum: ChecksumV2 = msgspec.field(default_factory=ChecksumV2)
     files: list[str] = []

@@ -24,8 +24,12 @@ Path = tuple[PathElem, ...]
 DICT = "dict"
 LIST = "list"
 TUPLE = "tuple"
+MAX_KEY_DEPTH = 100
+"""The most parts a key's path has (containers nest at most this deep less one): deeper
+is refused on save and, in a manifest, on load (rebuilding it would recurse past Python's limit)."""
 
 __all__ = [
+    "MAX_KEY_DEPTH",
     "Flattened",
     "Path",
     "build_nested",
@@ -132,6 +136,11 @@ def flatten_state_dict(state_dict: Mapping[str, Any]) -> Flattened:
             leaves[fqn] = node
             paths[fqn] = path
             continue
+        if len(path) >= MAX_KEY_DEPTH:
+            raise ValueError(
+                f"the state dict nests deeper than {MAX_KEY_DEPTH} levels (under {_where(path[:3])!r}...); "
+                "torchstow keeps at most that many"
+            )
         children = []
         is_sequence = isinstance(node, list | tuple)
         for key, value in items:

@@ -26,7 +26,7 @@ from torchstow.errors import CorruptCheckpointError
 from torchstow.format.chunks import Box, cover_fault, outside
 from torchstow.format.compression import BYTEPLANES, CODECS
 from torchstow.format.manifest import dtype_from_name
-from torchstow.format.structure import leaf_paths
+from torchstow.format.structure import MAX_KEY_DEPTH, leaf_paths
 from torchstow.format.table import ChunkTable
 
 __all__ = [
@@ -288,7 +288,8 @@ def _path(value: Any, what: str) -> Path:
 
 def _check_structure(planner_data: Any, entries: Mapping[str, Any]) -> None:
     """The structure records rebuild the nesting with each key at its own place."""
-    if planner_data is None:
+    if planner_data is None:  # every key is its dotted parts
+        _check_dotted_depth(entries)
         return
     if type(planner_data) is not dict:
         raise RuleError(f"is {type(planner_data).__name__}, not an object")
@@ -306,12 +307,15 @@ def _check_structure(planner_data: Any, entries: Mapping[str, Any]) -> None:
         ):
             raise RuleError(f"containers[{i}] is {_short(record)}, not [path, kind, position]")
         path = _path(record[0], f"containers[{i}] path")
+        if len(path) >= MAX_KEY_DEPTH:
+            raise RuleError(f"containers[{i}] nests {len(path)} deep, more than {MAX_KEY_DEPTH - 1}")
         if path in kinds:
             raise RuleError(f"container {_short(list(path))} is recorded twice")
         kinds[path] = record[1]
     for fqn, path in odd.items():
-        if not _path(path, f"paths[{fqn!r}]"):
-            raise RuleError(f"paths[{fqn!r}] is empty")
+        if not 0 < len(_path(path, f"paths[{fqn!r}]")) <= MAX_KEY_DEPTH:
+            raise RuleError(f"paths[{fqn!r}] has {len(path)} parts, not 1 to {MAX_KEY_DEPTH}")
+    _check_dotted_depth(fqn for fqn in entries if fqn not in odd)  # before splitting them
     if not odd and all(kind == "dict" for kind in kinds.values()):
         _check_dotted(entries, kinds)  # every key's path is its dotted parts: check on strings
         return
@@ -320,6 +324,13 @@ def _check_structure(planner_data: Any, entries: Mapping[str, Any]) -> None:
     except ValueError as exc:  # a dotted key with a non-integer index under a list
         raise RuleError(f"a key does not fit the recorded containers ({exc})") from None
     _check_paths(paths, kinds)
+
+
+def _check_dotted_depth(keys: Iterable[str]) -> None:
+    """Keys read as their dotted parts have at most :data:`MAX_KEY_DEPTH` of them."""
+    for fqn in keys:
+        if fqn.count(".") >= MAX_KEY_DEPTH:
+            raise RuleError(f"key {_short(fqn)} has more than {MAX_KEY_DEPTH} dotted parts")
 
 
 def _check_dotted(keys: Mapping[str, Any], kinds: Mapping[Path, str]) -> None:

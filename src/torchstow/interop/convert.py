@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from torchstow.errors import CheckpointException, PickleNotAllowedError
 from torchstow.format.compression import check_compression
 from torchstow.interop import targets
 from torchstow.interop.sources import Source, TensorSpec, local_path, open_source
@@ -224,7 +225,18 @@ def convert(
         selection = Selection(source, keys, cast, progress)
         report = ConvertReport(src_text, dst_text, source.format, to)
         options = targets.TargetOptions(overwrite, dst_opts, max_shard_bytes, compression)
-        target.write(selection, dst_text, options, report)
+        try:
+            target.write(selection, dst_text, options, report)
+        except PickleNotAllowedError as exc:  # its advice names an allow_pickle convert does not take
+            cause: BaseException = exc
+            while isinstance(cause, CheckpointException) and len(cause.failures) == 1:
+                cause = next(iter(cause.failures.values()))[0]
+            raise PickleNotAllowedError(
+                f"{src_text}: {cause}. convert never unpickles (it takes no allow_pickle): leave the "
+                "value out with keys= (--keys), or convert to safetensors, which skips it; if you "
+                "trust the checkpoint, torchstow.save(torchstow.read(src, allow_pickle=True), dst, "
+                "allow_pickle=True)"
+            ) from exc
     finally:
         with contextlib.suppress(Exception):
             source.close()

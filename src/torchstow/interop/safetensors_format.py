@@ -27,6 +27,7 @@ from torchstow.errors import FormatVersionError
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
     "INDEX",
+    "METADATA_KEY",
     "SINGLE",
     "Shard",
     "index_document",
@@ -38,6 +39,7 @@ __all__ = [
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+METADATA_KEY = "__metadata__"  # the header's string metadata, never a tensor's name
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 
 _CODES: dict[torch.dtype, str] = {
@@ -112,7 +114,7 @@ def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[
 
 
 def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    doc: dict[str, Any] = {"__metadata__": metadata}
+    doc: dict[str, Any] = {METADATA_KEY: metadata}
     offset = 0
     for key, dtype, shape in entries:
         nbytes = math.prod(shape) * dtype.itemsize

@@ -29,9 +29,11 @@ from torchstow.core.protocol.materialize import materialize
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageReader
 from torchstow.errors import (
+    CheckpointException,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PickleNotAllowedError,
+    TorchstowError,
 )
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
@@ -137,7 +139,15 @@ class TorchstowSource(Source):
         self._lock = threading.Lock()
 
     def _load(self, keys: list[str]) -> dict[str, Any]:
-        return materialize(self._reader, self.metadata, dict.fromkeys(keys))
+        try:
+            return materialize(self._reader, self.metadata, dict.fromkeys(keys))
+        except CheckpointException as exc:
+            # This one-process load's own error, so that a target's save raises it as its
+            # kind (a CheckpointException around a CheckpointException is of no kind).
+            causes = [failure for failure, _ in exc.failures.values()]
+            if len(causes) != 1 or not isinstance(causes[0], TorchstowError):
+                raise
+            raise causes[0] from None
 
     def read_tensor(self, key: str) -> torch.Tensor:
         pos = self._small_pos.get(key)
@@ -181,7 +191,15 @@ class TorchstowSource(Source):
                 stored = [
                     k for k, e in entries.items() if isinstance(e, BytesStorageMetadata) and k not in inline
                 ]
-                self._objects = {**inline, **(self._load(stored) if stored else {})}
+                try:
+                    loaded = self._load(stored) if stored else {}
+                except TorchstowError:  # each read alone below: a failure is its own key's
+                    loaded = {}
+                self._objects = {**inline, **loaded}
+            if key not in self._objects and isinstance(
+                self.metadata.state_dict_metadata.get(key), BytesStorageMetadata
+            ):
+                self._objects[key] = self._load([key])[key]
             return self._objects[key]
 
 
@@ -269,10 +287,11 @@ class SafetensorsSource(Source):
         self.uri = path
         if os.path.isdir(path):
             index_path = os.path.join(path, stf.INDEX)
-            files = index_shards(index_path) if os.path.exists(index_path) else [stf.SINGLE]
+            weight_map = index_weight_map(index_path) if os.path.exists(index_path) else {}
+            files = list(dict.fromkeys(weight_map.values())) if weight_map else [stf.SINGLE]
             paths = [os.path.join(path, name) for name in files]
         else:
-            paths = [path]
+            paths, weight_map = [path], {}
         self.paths = paths
         self._handles: dict[str, Any] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -290,9 +309,19 @@ class SafetensorsSource(Source):
             self.user_metadata.update({k: v for k, v in meta.items() if k != "format"})
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                 view = handle.get_slice(key)
+                if key in self._file_of:  # which one is meant? (Hugging Face's loader takes the last)
+                    raise CorruptCheckpointError(
+                        f"{path}: tensor {key!r} is stored twice, in {self._file_of[key]} and {file}"
+                    )
                 dtype = stf.torch_dtype(view.get_dtype(), key=key, file=file)
                 self.specs[key] = TensorSpec(dtype, tuple(view.get_shape()))
                 self._file_of[key] = file
+        lost = [key for key in weight_map if key not in self._file_of]
+        if lost:  # a shard of another version, or cut short: the conversion would lack them
+            raise CorruptCheckpointError(
+                f"{index_path} names {len(lost)} tensor(s) that no shard holds, e.g. {lost[0]!r} "
+                f"in {weight_map[lost[0]]}"
+            )
 
     def read_tensor(self, key: str) -> torch.Tensor:
         file = self._file_of[key]
@@ -310,6 +339,12 @@ class SafetensorsSource(Source):
 def index_shards(index_path: str) -> list[str]:
     """The shard file names a ``model.safetensors.index.json`` lists, each a plain file
     name in its folder (CorruptCheckpointError naming the index otherwise)."""
+    return list(dict.fromkeys(index_weight_map(index_path).values()))
+
+
+def index_weight_map(index_path: str) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json`` (tensor name -> shard), each
+    shard a plain file name in its folder (CorruptCheckpointError naming the index otherwise)."""
     try:
         with open(index_path, "rb") as f:
             doc = json.load(f)
@@ -320,13 +355,12 @@ def index_shards(index_path: str) -> list[str]:
         raise CorruptCheckpointError(
             f"{index_path} has no weight_map (an object mapping each tensor name to its shard file)"
         )
-    files = list(dict.fromkeys(weight_map.values()))
-    for name in files:
+    for name in dict.fromkeys(weight_map.values()):
         if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
             raise CorruptCheckpointError(
                 f"{index_path}: shard {name!r} is not a plain file name in the index's folder"
             )
-    return files
+    return weight_map
 
 
 def local_path(uri: str) -> str | None:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,10 +33,15 @@ from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.layout.location import check_vacant
 from torchstow.core.planning import DefaultSavePlanner, WriteItem, WriteItemType
 from torchstow.core.protocol.steps import save_state_dict
-from torchstow.errors import CheckpointExistsError, CorruptCheckpointError, TorchstowError
+from torchstow.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    PickleNotAllowedError,
+    TorchstowError,
+)
 from torchstow.format.files import MANIFEST
 from torchstow.interop import safetensors_format as stf
-from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards
+from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards, is_dcp, local_path
 
 if TYPE_CHECKING:
     from torchstow.interop.convert import ConvertReport, Selection
@@ -108,8 +114,9 @@ def to_torchstow(
 def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertReport) -> None:
     """Save the selection with ``torch.distributed.checkpoint``'s own FileSystemWriter.
 
-    It is written into a new folder beside ``dst`` and moved in when complete
-    (``.metadata`` last), so a failure leaves ``dst`` as it was. With
+    It is written into a new hidden folder inside ``dst`` (so on its file system, a
+    mount point included) and moved in when complete (``.metadata`` last), so a
+    failure leaves ``dst`` as it was. With
     ``overwrite``, an old DCP checkpoint's ``.metadata`` is removed before the
     new data files replace its own (a reader never pairs the two), and its data
     files that the new one does not name once the new one is in place.
@@ -124,15 +131,10 @@ def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertRepor
                 return super().resolve_data(write_item)
             return selection.fetch(write_item.index.fqn)
 
-    if os.path.exists(os.path.join(dst, MANIFEST)):
-        raise CheckpointExistsError(
-            f"{dst} holds a torchstow checkpoint, which would hide a DCP checkpoint written beside "
-            "it; remove it first (torchstow rm) or convert to another location"
-        )
     state = _plan_state(selection, report)
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".torchstow-convert-", dir=parent)
+    created = not os.path.exists(dst)
+    os.makedirs(dst, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".torchstow-convert-", dir=dst)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
@@ -150,12 +152,14 @@ def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertRepor
         raise TorchstowError(f"convert to DCP at {dst} failed: {cause or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(dst)  # only if nothing moved in
     report.files.append(dst)
 
 
 def _move_dcp(staging: str, dst: str, overwrite: bool) -> None:
     """Move the DCP checkpoint written in ``staging`` to ``dst``, ``.metadata`` last."""
-    os.makedirs(dst, exist_ok=True)
     old = {name for name in os.listdir(dst) if name.endswith(".distcp")}
     if old and not overwrite:
         raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -183,9 +187,9 @@ def to_torch(selection: Selection, dst: str, report: ConvertReport) -> None:
     state = selection.source.nest(flat) if selection.nested else flat
     folder = os.path.dirname(os.path.abspath(dst))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".torchstow-", suffix=".tmp", dir=folder)
+    tmp = _temporary(folder, os.path.basename(dst))
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "xb") as out:
             torch.save(state, out)
         os.replace(tmp, dst)
     except BaseException:
@@ -193,6 +197,12 @@ def to_torch(selection: Selection, dst: str, report: ConvertReport) -> None:
             os.unlink(tmp)
         raise
     report.files.append(dst)
+
+
+def _temporary(folder: str, name: str) -> str:
+    """A new hidden name in ``folder`` to write ``name`` under before renaming it into
+    place (opened with ``open``, so the file gets the usual permissions, not 0600)."""
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 class _ReadAhead:
@@ -228,13 +238,21 @@ def to_safetensors(
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     for key, spec in selection.specs.items():
         if spec is None:
-            value = selection.read_object(key)
-            if isinstance(value, str):
-                metadata[key] = value
-            else:
+            try:
+                value = selection.read_object(key)
+            except PickleNotAllowedError:  # not a string (those need no pickle), so not kept
+                report.skipped.append((key, "an object only full pickle reads: safetensors holds tensors"))
+                continue
+            if not isinstance(value, str):
                 kind = type(value).__name__
                 reason = f"a value of type {kind}: safetensors holds tensors (and strings, as metadata)"
                 report.skipped.append((key, reason))
+            elif key in metadata:  # "format": Hugging Face loads only files whose format it knows
+                report.skipped.append((key, f"the header's {key!r} says the files are PyTorch's ('pt')"))
+            else:
+                metadata[key] = value
+        elif key == stf.METADATA_KEY:
+            report.skipped.append((key, f"safetensors reserves the name {key!r} for the header's metadata"))
         elif stf.safetensors_dtype(spec.dtype) is None:
             report.skipped.append((key, f"safetensors has no dtype for {spec.dtype}"))
         else:
@@ -244,30 +262,35 @@ def to_safetensors(
         max_shard_bytes or stf.DEFAULT_MAX_SHARD_BYTES,
     )
     by_key = {e[0]: e for e in entries}
+    created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)
     index_path = os.path.join(dst, stf.INDEX)
     old = _safetensors_files(dst) if overwrite else set()
-    if overwrite:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(index_path)  # the old shards are invalid from here on
-    written: list[str] = []
+    staged: dict[str, str] = {}  # final name -> the temporary file written first
     fetch = _ReadAhead([key for shard in shards for key in shard.keys], selection.fetch)
     try:
         for shard in shards:
-            path = os.path.join(dst, shard.name)
-            with open(path, "wb") as out:
-                written.append(path)
+            staged[shard.name] = tmp = _temporary(dst, shard.name)
+            with open(tmp, "xb") as out:
                 stf.write_shard(out, [by_key[k] for k in shard.keys], fetch, metadata)
         total = sum(shard.nbytes for shard in shards)
-        tmp = index_path + ".tmp"
-        with open(tmp, "w") as out:
-            json.dump(stf.index_document(shards, total), out, indent=2, sort_keys=True)
-            out.write("\n")
-        os.replace(tmp, index_path)
+        staged[stf.INDEX] = tmp = _temporary(dst, stf.INDEX)
+        with open(tmp, "x") as text:
+            json.dump(stf.index_document(shards, total), text, indent=2, sort_keys=True)
+            text.write("\n")
+        # Every file is written: the old output goes (its index first, so no reader pairs
+        # it with new shards), the new one moves in, its index last.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(index_path)
+        for name, tmp in staged.items():
+            os.replace(tmp, os.path.join(dst, name))
     except BaseException:
-        for path in written:
+        for tmp in staged.values():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(tmp)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(dst)  # only if still empty
         raise
     finally:
         fetch.close()
@@ -314,10 +337,32 @@ class Target:
     names_checkpoints: bool = False
 
 
+def _other_formats(target: Target, dst: str) -> list[str]:
+    """The checkpoint formats other than ``target``'s that the local folder ``dst`` holds."""
+    path = local_path(dst)  # None for another scheme's URI
+    if not target.folder or path is None or not os.path.isdir(path):
+        return []
+    names = set(os.listdir(path))
+    held = {
+        "torchstow": MANIFEST in names,
+        "dcp": is_dcp(list(names)),  # a .metadata beside a manifest is debris the manifest replaced
+        "safetensors": stf.INDEX in names or stf.SINGLE in names,
+    }
+    return [name for name, there in held.items() if there and name != target.name]
+
+
 def check_destination(target: Target, dst: str, overwrite: bool) -> None:
-    """Refuse ``dst`` for ``target`` before anything is read: a file where a folder goes
-    (even with ``overwrite``), or, without ``overwrite``, an existing output (a file, or
+    """Refuse ``dst`` for ``target`` before anything is read: a file where a folder goes,
+    or a folder holding a checkpoint of another format (which would hide the new one, or
+    be taken for it), even with ``overwrite``; without it, an existing output (a file, or
     a folder that is not empty). CheckpointExistsError; nothing is changed."""
+    others = _other_formats(target, dst)
+    if others:
+        raise CheckpointExistsError(
+            f"{dst} holds a {others[0]} checkpoint, which a {target.name} one written beside it would "
+            f"hide or be taken for; remove it first, or convert to another location (--overwrite "
+            "replaces an output of the same format only)"
+        )
     if not target.local_only:
         return  # the backend's writer refuses a committed checkpoint (any backend)
     if target.folder and os.path.lexists(dst) and not os.path.isdir(dst):
