@@ -22,7 +22,9 @@ node, else from a node holding it (which sends it), else from the root.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -77,6 +79,9 @@ __all__ = ["FAST_TIER_KEY", "TieredManager"]
 
 #: The user-metadata key recording the fast tier's URI (``{node}`` unexpanded) in every step.
 FAST_TIER_KEY = "fast_tier"
+
+#: The file in each node's fast tier naming the root of the run it belongs to.
+OWNER = "torchstow-tier.json"
 
 logger = logging.getLogger("torchstow.management")
 
@@ -253,6 +258,10 @@ class TieredManager:
             self._coll = self._persist_coll = SingleProcess()
         nodes = _all_gather(self._coll, "tiered: node of each rank", self.node)
         self.topology = Topology(self._coll.rank, tuple(nodes))
+        claimed = _all_gather(self._coll, "tiered: the fast tier's run", self._claim_fast_tier())
+        refused = [problem for problem in claimed if problem is not None]
+        if refused:
+            raise ValueError(refused[0])
         self._stager = StateDictStager()
         self._fast_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-fast")
         self._persist_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-persist")
@@ -284,6 +293,39 @@ class TieredManager:
 
     def _fast_store(self, step: int) -> ByteStore:
         return self._fast_backend.open_store(self.fast_uri(step))
+
+    def _claim_fast_tier(self) -> str | None:
+        """On a node's first rank: make this node's fast tier this run's (its :data:`OWNER` file
+        names the root), or say why not: it belongs to a run with another root, whose steps a
+        restore here would take and whose steps this run's saves and pruning would replace
+        and delete. None elsewhere, and where the tier is this run's."""
+        if not self.topology.is_leader:
+            return None
+        from torchstow.interop.convert import same_location
+        from torchstow.interop.sources import local_path
+
+        path = local_path(self.root)
+        mine = json.dumps({"root": self.root if path is None else os.path.abspath(path)}).encode()
+        store = self._fast_backend.open_store(self.fast)
+        store.prepare()
+        try:
+            store.publish_new(OWNER, mine)
+            return None
+        except FileExistsError:
+            pass
+        try:
+            owner = json.loads(store.read_file(OWNER))["root"]
+        except (ValueError, KeyError, TypeError) as exc:
+            owner = f"<unreadable: {exc}>"
+        if isinstance(owner, str) and same_location(owner, self.root):
+            return None
+        return (
+            f"the fast tier {self.fast} (node {self.node}) belongs to another run, whose root is "
+            f"{owner}, not {self.root}: sharing it, this run would restore that run's steps and its "
+            "saves and pruning would replace and delete them. Give each run a fast tier of its "
+            f"own (fast=...), or, if that run is over and its fast-tier steps are no longer "
+            f"needed, remove {self.fast} first"
+        )
 
     # -- saving -------------------------------------------------------------------------
 
