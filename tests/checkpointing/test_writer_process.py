@@ -249,6 +249,24 @@ def test_close_kills_a_writer_that_does_not_stop(hook: LoggingHook, tmp_path: An
         write.result(timeout=10)
 
 
+def test_a_sigterm_to_the_writer_lets_its_write_commit(
+    checkpointer: AsyncCheckpointer, hook: LoggingHook, tmp_path: Any
+) -> None:
+    # SLURM's preemption (and `kill -TERM -<group>`) signals every process of the job, the
+    # writer too: it died at once, mid-write, and the trainer's final save in its grace
+    # period could not be written either. The trainer decides when its writer stops.
+    path = str(tmp_path / "preempted")
+    _, write = checkpointer.save(path, _state(), stall=1.0)
+    wait_until(lambda: os.path.exists(hook.stalling(path)), 60, "the write to stall")
+    pid = checkpointer.process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    assert write.result(timeout=60) is None
+    assert torch.equal(checkpointer.load(path)["model"]["w"], _state()["model"]["w"])
+    checkpointer.save(str(tmp_path / "final"), _state())[1].result(timeout=60)  # still writing
+    assert checkpointer.process.is_alive()
+
+
 def test_a_crashed_writer_is_detected(hook: LoggingHook, tmp_path: Any) -> None:
     checkpointer = make_async_checkpointer(_config(), commit_hook=hook)
     checkpointer.process.wait_started(60)
@@ -319,6 +337,30 @@ def test_a_killed_trainer_leaks_no_shared_memory(tmp_path: Any) -> None:
     finally:
         trainer.kill()
         trainer.wait(30)
+
+
+EXITING_TRAINER = """
+import sys, torch
+from torchstow.checkpointing import make_async_checkpointer
+checkpointer = make_async_checkpointer()
+checkpointer.save(sys.argv[1], {"w": torch.arange(1000.0)})
+print(checkpointer.process.pid, flush=True)
+"""  # and exits without close() or waiting for the write
+
+
+def test_a_trainer_exiting_without_close_commits_its_write_and_stops_its_writer(tmp_path: Any) -> None:
+    # The writer ignores SIGTERM, with which multiprocessing stops a daemonic child at exit
+    # before joining it: the trainer would wait for it forever.
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_TRAINER, str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    writer_pid = int(done.stdout)
+    assert torch.equal(torchstow.read(str(tmp_path / "c"))["w"], torch.arange(1000.0))
+    wait_until(lambda: not os.path.exists(f"/proc/{writer_pid}"), 30, "the writer process to exit")
 
 
 def test_checkpoint_process_takes_pytorchs_constructor_and_write(tmp_path: Any) -> None:
