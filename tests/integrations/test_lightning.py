@@ -302,3 +302,23 @@ def test_last_as_a_link_on_local_paths(tmp_path: Any) -> None:
     trainer = _trainer(root, TorchstowCheckpointIO(), 4, save_top_k=1, save_last="link")
     trainer.fit(resumed, ckpt_path="last")
     assert resumed.steps == 1 and os.readlink(link) == "epoch=1-step=4.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plugin", [TorchstowCheckpointIO, AsyncTorchstowCheckpointIO])
+def test_removing_a_last_link_removes_the_link_not_its_checkpoint(tmp_path: Any, plugin: Any) -> None:
+    # With last checkpoints named by step (Lightning's documented CHECKPOINT_NAME_LAST = "{epoch}-last")
+    # and save_last="link", Lightning removes the previous last link through the plugin; the
+    # removal went through the link and deleted the checkpoint it named, one save_top_k=-1 keeps.
+    root = str(tmp_path / "run")
+    # (the background plugin's first link failed too: its save had not made the folder yet)
+    io = plugin()
+    trainer = _trainer(root, io, 3, save_top_k=-1, save_last="link")
+    trainer.checkpoint_callback.CHECKPOINT_NAME_LAST = "{step}-last"
+    trainer.fit(Tiny())
+    io.teardown()
+    folder = f"{root}/checkpoints"
+    kept = ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=1-step=3.ckpt"]
+    assert sorted(os.listdir(folder)) == [*kept, "step=3-last.ckpt"]
+    assert os.readlink(f"{folder}/step=3-last.ckpt") == "epoch=1-step=3.ckpt"
+    assert _names(root, {}) == [*kept, "step=3-last.ckpt"]  # every one of them committed and whole

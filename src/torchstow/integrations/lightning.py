@@ -114,8 +114,13 @@ class TorchstowCheckpointIO(CheckpointIO):
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Delete the checkpoint at ``path`` (nothing there: nothing to do)."""
+        """Delete the checkpoint at ``path`` (nothing there: nothing to do). A symbolic link
+        there (``save_last="link"``) is removed itself, never the checkpoint it names."""
         uri = _location(path)
+        local = self._local_path(uri)
+        if local is not None and os.path.islink(local.rstrip("/")):
+            os.unlink(local.rstrip("/"))
+            return
         if not self._may_remove(uri):
             return
         try:
@@ -148,17 +153,20 @@ class TorchstowCheckpointIO(CheckpointIO):
             )
         return {**self.storage_options, **extra}
 
+    def _local_path(self, uri: str) -> str | None:
+        """The local path of ``uri`` (a path, ``file://``, ``shm://``), or None (an object store)."""
+        if uri.startswith(_SHM):
+            root = self.storage_options.get("shm_dir") or default_shm_dir()
+            return os.path.join(root, uri[len(_SHM) :].lstrip("/"))
+        if uri.startswith("file://"):
+            return uri[len("file://") :]
+        return None if "://" in uri else uri
+
     def _key(self, uri: str) -> str:
         """``uri`` spelled one way, so a checkpoint Lightning names as a local path (shm://
         resolved through fsspec, say) and as a URI compares equal."""
-        if uri.startswith(_SHM):
-            root = self.storage_options.get("shm_dir") or default_shm_dir()
-            uri = os.path.join(root, uri[len(_SHM) :].lstrip("/"))
-        elif uri.startswith("file://"):
-            uri = uri[len("file://") :]
-        if "://" not in uri:
-            return os.path.realpath(uri)
-        return uri.rstrip("/")
+        path = self._local_path(uri)
+        return os.path.realpath(path) if path is not None else uri.rstrip("/")
 
     def _newer_committed(self, key: str) -> bool:
         """Whether ``key`` is no checkpoint the run resumed from, or a newer one has committed since."""
@@ -196,9 +204,11 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         self._raise_failed()
-        saving = torchstow.async_save(
-            checkpoint, _location(path), **self._save_arguments(checkpoint, storage_options)
-        )
+        uri = _location(path)
+        local = self._local_path(uri)
+        if local is not None:  # at once, as a blocking save would: Lightning may link to it next
+            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        saving = torchstow.async_save(checkpoint, uri, **self._save_arguments(checkpoint, storage_options))
         with self._lock:
             self._saves.append(saving)
 
