@@ -258,10 +258,7 @@ class TieredManager:
             self._coll = self._persist_coll = SingleProcess()
         nodes = _all_gather(self._coll, "tiered: node of each rank", self.node)
         self.topology = Topology(self._coll.rank, tuple(nodes))
-        claimed = _all_gather(self._coll, "tiered: the fast tier's run", self._claim_fast_tier())
-        refused = [problem for problem in claimed if problem is not None]
-        if refused:
-            raise ValueError(refused[0])
+        self._take_fast_tier()
         self._stager = StateDictStager()
         self._fast_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-fast")
         self._persist_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-persist")
@@ -294,30 +291,52 @@ class TieredManager:
     def _fast_store(self, step: int) -> ByteStore:
         return self._fast_backend.open_store(self.fast_uri(step))
 
-    def _claim_fast_tier(self) -> str | None:
-        """On a node's first rank: make this node's fast tier this run's (its :data:`OWNER` file
-        names the root), or say why not: it belongs to a run with another root, whose steps a
-        restore here would take and whose steps this run's saves and pruning would replace
-        and delete. None elsewhere, and where the tier is this run's."""
-        if not self.topology.is_leader:
-            return None
-        from torchstow.interop.convert import same_location
-        from torchstow.interop.sources import local_path
+    def _take_fast_tier(self) -> None:
+        """Make every node's fast tier this run's, or raise ValueError on every rank (collective).
 
-        path = local_path(self.root)
-        mine = json.dumps({"root": self.root if path is None else os.path.abspath(path)}).encode()
+        A node's first rank claims it (:data:`OWNER` names the root); then every other rank
+        must find that claim in its own fast tier, else it is on another host than its node's
+        first rank (the same node index on two hosts, whose fast tiers differ)."""
+        leader = self.topology.is_leader
+        for step, problem in (
+            ("claim", lambda: self._claim_fast_tier() if leader else None),
+            ("see", lambda: None if leader else self._see_fast_tier()),
+        ):
+            found = [p for p in _all_gather(self._coll, f"tiered: {step} the fast tier", problem()) if p]
+            if found:
+                raise ValueError(found[0])
+
+    def _owner(self, claim: bool) -> str | None:
+        """The root the fast tier's :data:`OWNER` file names (None: there is none); ``claim``:
+        first make one naming this run's root, if there is none."""
         store = self._fast_backend.open_store(self.fast)
-        store.prepare()
-        try:
-            store.publish_new(OWNER, mine)
-            return None
-        except FileExistsError:
-            pass
+        if claim:
+            from torchstow.interop.sources import local_path
+
+            path = local_path(self.root)
+            mine = self.root if path is None else os.path.abspath(path)
+            store.prepare()
+            try:
+                store.publish_new(OWNER, json.dumps({"root": mine}).encode())
+                return mine
+            except FileExistsError:
+                pass
         try:
             owner = json.loads(store.read_file(OWNER))["root"]
+        except FileNotFoundError:
+            return None
         except (ValueError, KeyError, TypeError) as exc:
-            owner = f"<unreadable: {exc}>"
-        if isinstance(owner, str) and same_location(owner, self.root):
+            return f"<unreadable: {exc}>"
+        return owner if isinstance(owner, str) else repr(owner)
+
+    def _claim_fast_tier(self) -> str | None:
+        """(A node's first rank) why this node's fast tier cannot be this run's, or None: it
+        belongs to a run with another root, whose steps a restore here would take and whose
+        steps this run's saves and pruning would replace and delete."""
+        from torchstow.interop.convert import same_location
+
+        owner = self._owner(claim=True)
+        if owner is None or same_location(owner, self.root):
             return None
         return (
             f"the fast tier {self.fast} (node {self.node}) belongs to another run, whose root is "
@@ -325,6 +344,24 @@ class TieredManager:
             "saves and pruning would replace and delete them. Give each run a fast tier of its "
             f"own (fast=...), or, if that run is over and its fast-tier steps are no longer "
             f"needed, remove {self.fast} first"
+        )
+
+    def _see_fast_tier(self) -> str | None:
+        """(Every other rank, after the claims) why this rank does not share its node's fast
+        tier, or None."""
+        from torchstow.interop.convert import same_location
+
+        owner = self._owner(claim=False)
+        if owner is not None and same_location(owner, self.root):
+            return None
+        leader = self.topology.local_ranks[0]
+        return (
+            f"rank {self.topology.rank} and rank {leader} both say they are node {self.node}, but "
+            f"rank {self.topology.rank} does not see the fast tier {self.fast} that rank {leader} "
+            "uses: they are on different hosts, whose fast tiers differ, and the steps of one "
+            "would never be found, replicated or pruned. A node's index is torchrun's GROUP_RANK, "
+            "else TORCHSTOW_NODE, else 0: launched without torchrun (srun, mpirun), set "
+            "TORCHSTOW_NODE to each host's index (under SLURM, its SLURM_NODEID)"
         )
 
     # -- saving -------------------------------------------------------------------------
