@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import io
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
@@ -238,3 +240,25 @@ def test_background_staging_is_timed_to_its_end_and_counted_before_staged_return
     finally:
         stager.close()
     assert list(save.stats.seconds) == ["stage", "plan", "coordinate", "write", "commit"]
+
+
+EXITING_TRAINER = """
+import sys, torch, torchstow
+state = {f"w{i}": torch.full((1 << 18,), float(i)) for i in range(16)}  # 16 MiB: written by 2 threads
+torchstow.async_save(state, f"faulty+file://{sys.argv[1]}?fail=set_up_storage_writer&mode=delay")
+raise RuntimeError("the training loop failed while the save was in flight")
+"""
+
+
+def test_a_save_in_flight_when_the_interpreter_exits_commits(tmp_path: Any) -> None:
+    # Documented: pending saves finish before the interpreter exits. The save thread was
+    # joined, but its writer's thread pool was refused then ("cannot schedule new futures
+    # after interpreter shutdown"), so the save failed where nobody saw it. (The save waits
+    # 1 s before writing, so the interpreter exits while it is in flight.)
+    target = str(tmp_path / "ckpt")
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_TRAINER, target], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "the training loop failed" in done.stderr, done.stderr
+    saved = torchstow.read(target)
+    assert all(torch.equal(saved[f"w{i}"], torch.full((1 << 18,), float(i))) for i in range(16))

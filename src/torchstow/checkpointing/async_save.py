@@ -230,6 +230,10 @@ class AsyncSavePipeline:
             self._last[stager] = save
             return save
 
+    def drain(self) -> None:
+        """Wait until every save submitted so far is over (committed or failed)."""
+        self._executor.submit(lambda: None).result()
+
     @staticmethod
     def _commit(
         staging: Future[Any], job: SaveJob | None, collective: Collective, stats: SaveStats
@@ -292,6 +296,20 @@ def _track_sources(stager: Stager) -> None:
 
 
 _PIPELINE = ProcessLocal(AsyncSavePipeline)
+
+
+def _finish_before_shutdown() -> None:
+    """Let the saves queued on this process's save thread finish before the interpreter
+    shuts thread pools down: from then on ``concurrent.futures`` refuses new work, so a
+    save still writing (its writer starts threads) would fail, unseen by anyone."""
+    saves = _PIPELINE.peek()  # none in a forked child that made no pipeline of its own
+    if saves is not None:
+        saves.drain()
+
+
+# Run at interpreter exit before the non-daemon threads are joined, and before
+# concurrent.futures' own hook (imported above: hooks registered later run first).
+threading._register_atexit(_finish_before_shutdown)  # type: ignore[attr-defined]
 
 
 def pipeline() -> AsyncSavePipeline:
