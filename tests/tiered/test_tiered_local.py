@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -425,3 +427,29 @@ def test_a_fast_tier_holding_another_runs_steps_is_refused(tmp_path: Path, shm_f
     shutil.rmtree(fast_dir)  # once that run's fast-tier steps are gone, another run may use it
     with CheckpointManager(tmp_path / "b", fast=fast) as second, pytest.raises(CheckpointNotFoundError):
         second.restore(_empty())
+
+
+EXITING_TRAINER = """
+import sys, torch
+from torchstow import CheckpointManager
+manager = CheckpointManager(sys.argv[1], fast=sys.argv[2])
+state = {f"w{i}": torch.full((1 << 18,), float(i)) for i in range(16)}  # 16 MiB: written by 2 threads
+manager.save(1, state)
+raise RuntimeError("the training loop failed while step 1 was on its way")
+"""
+
+
+def test_a_step_on_its_way_when_the_interpreter_exits_becomes_durable(tmp_path: Path) -> None:
+    # A run that ended by an exception (or a SIGTERM handler's SystemExit) outside a with
+    # block: the step's fast write and persist ran on after the interpreter had stopped its
+    # thread pools taking work, and failed there, unseen; the step never reached the root.
+    root = tmp_path / "root"
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_TRAINER, str(root), f"{tmp_path}/fast/{{node}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "the training loop failed" in done.stderr, done.stderr
+    saved = torchstow.read(str(root / "step-1"))
+    assert all(torch.equal(saved[f"w{i}"], torch.full((1 << 18,), float(i))) for i in range(16))

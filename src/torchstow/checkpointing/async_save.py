@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from torchstow.core.dtensors import local_view
-from torchstow.core.futures import as_future, failed_future
+from torchstow.core.futures import as_future, before_pools_stop, failed_future
 from torchstow.core.planning import SavePlan, SavePlanner
 from torchstow.core.process_local import ProcessLocal
 from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, Timeout, make_collective
@@ -307,9 +307,7 @@ def _finish_before_shutdown() -> None:
         saves.drain()
 
 
-# Run at interpreter exit before the non-daemon threads are joined, and before
-# concurrent.futures' own hook (imported above: hooks registered later run first).
-threading._register_atexit(_finish_before_shutdown)  # type: ignore[attr-defined]
+before_pools_stop(_finish_before_shutdown)
 
 
 def pipeline() -> AsyncSavePipeline:

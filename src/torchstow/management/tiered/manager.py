@@ -22,11 +22,13 @@ node, else from a node holding it (which sends it), else from the root.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ import torch
 
 from torchstow.checkpointing.async_save import _FailedWriter
 from torchstow.core.dtensors import local_view
+from torchstow.core.futures import before_pools_stop
 from torchstow.core.layout.commit import committed_manifest, is_committed, manifest_files, publish_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
@@ -277,6 +280,8 @@ class TieredManager:
         # save waits for that phase to release the buffers).
         self._checked: int | None = None
         self._closed = False
+        self._pid = os.getpid()
+        _OPEN.add(self)
 
     # -- where things are ----------------------------------------------------------------
 
@@ -916,6 +921,22 @@ class TieredManager:
         tuning = self._root_backend.tuned_by(self.uri(choice.step)) if from_root else self._fast_backend
         reader = LayoutReader(sources, thread_count=tuning.thread_count, verify_checksums=True)
         load_state_dict(state_dict, reader, collective=self._coll, metadata=metadata)
+
+
+_OPEN: weakref.WeakSet[TieredManager] = weakref.WeakSet()
+
+
+def _finish_before_shutdown() -> None:
+    """At interpreter exit, let the saves of managers not closed go on to the levels they are
+    due (as ``close`` would) before the interpreter's thread pools stop taking work: their
+    writes start threads, and would fail there, unseen."""
+    for manager in list(_OPEN):
+        if manager._pid == os.getpid() and not manager._closed:  # not in a forked child
+            with contextlib.suppress(Exception):  # a failure stays on its step's handle
+                manager._quiesce()
+
+
+before_pools_stop(_finish_before_shutdown)
 
 
 def _damaged(exc: CheckpointException) -> bool:
