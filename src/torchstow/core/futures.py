@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.thread  # its exit hook is registered before before_pools_stop's
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -61,4 +62,5 @@ def before_pools_stop(fn: Callable[[], None]) -> None:
     work still under way that starts a thread pool would fail there, unseen). For waiting
     on background saves; ``fn`` must not raise."""
     # threading's exit hooks run newest first; concurrent.futures registered its own on import.
-    threading._register_atexit(fn)  # type: ignore[attr-defined]
+    with contextlib.suppress(RuntimeError):  # imported while the interpreter exits: too late
+        threading._register_atexit(fn)  # type: ignore[attr-defined]
