@@ -322,3 +322,25 @@ def test_removing_a_last_link_removes_the_link_not_its_checkpoint(tmp_path: Any,
     assert sorted(os.listdir(folder)) == [*kept, "step=3-last.ckpt"]
     assert os.readlink(f"{folder}/step=3-last.ckpt") == "epoch=1-step=3.ckpt"
     assert _names(root, {}) == [*kept, "step=3-last.ckpt"]  # every one of them committed and whole
+
+
+def test_a_checkpoint_of_another_run_is_not_removed_off_local_paths(
+    s3_run: tuple[str, dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fine-tuning from another run's checkpoint with a dirpath of its own, ModelCheckpoint
+    # reloads that run's best_model_path and, with save_top_k=1, removes it after its first
+    # save; Lightning itself refuses a removal outside its dirpath on local paths only.
+    root, options = s3_run
+    pretrained, best = f"{root}/pretrain/last.ckpt", f"{root}/pretrain/epoch=9-step=90.ckpt"
+    torchstow.save(_checkpoint(90), pretrained, storage_options=options)
+    torchstow.save(_checkpoint(90), best, storage_options=options)
+    io = TorchstowCheckpointIO(options)
+    io.load_checkpoint(pretrained)
+    io.save_checkpoint(_checkpoint(1), f"{root}/finetune/epoch=0-step=1.ckpt")
+    io.remove_checkpoint(best)
+    assert torchstow.read(best, storage_options=options)["global_step"] == 90
+    assert "outside the folders this run saved checkpoints in" in caplog.text
+    io.save_checkpoint(_checkpoint(2), f"{root}/finetune/epoch=0-step=2.ckpt")
+    io.remove_checkpoint(f"{root}/finetune/epoch=0-step=1.ckpt")  # its own: removed
+    found = torchstow.list_checkpoints(f"{root}/finetune", storage_options=options)
+    assert [i.uri.rsplit("/", 1)[1] for i in found] == ["epoch=0-step=2.ckpt"]

@@ -88,6 +88,7 @@ class TorchstowCheckpointIO(CheckpointIO):
         self._lock = threading.Lock()
         self._commits = 0  # checkpoints committed by this plugin
         self._resumed: dict[str, int] = {}  # location -> commits when it was loaded
+        self._folders: set[str] = set()  # where this plugin saved checkpoints off local paths
 
     # -- what Lightning calls ----------------------------------------------------------
 
@@ -95,7 +96,8 @@ class TorchstowCheckpointIO(CheckpointIO):
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         """Save ``checkpoint`` at ``path``, replacing a committed one there (``last.ckpt``)."""
-        torchstow.save(checkpoint, _location(path), **self._save_arguments(checkpoint, storage_options))
+        uri = self._saving(path)
+        torchstow.save(checkpoint, uri, **self._save_arguments(checkpoint, storage_options))
         with self._lock:
             self._commits += 1
 
@@ -121,6 +123,15 @@ class TorchstowCheckpointIO(CheckpointIO):
         if local is not None and os.path.islink(local.rstrip("/")):
             os.unlink(local.rstrip("/"))
             return
+        if local is None and _folder(uri) not in self._folders:
+            logger.warning(
+                "not removing %s: it is outside the folders this run saved checkpoints in (%s); "
+                "Lightning asks this off local paths for another run's checkpoint whose "
+                "best_model_path it reloaded",
+                uri,
+                ", ".join(sorted(self._folders)) or "none yet",
+            )
+            return
         if not self._may_remove(uri):
             return
         try:
@@ -131,6 +142,15 @@ class TorchstowCheckpointIO(CheckpointIO):
             logger.debug("no checkpoint to remove at %s", uri)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _saving(self, path: Any) -> str:
+        """The URI of a checkpoint about to be saved at ``path``, its folder noted (off local
+        paths, where Lightning does not keep its removals inside its own folder)."""
+        uri = _location(path)
+        if self._local_path(uri) is None:
+            with self._lock:
+                self._folders.add(_folder(uri))
+        return uri
 
     def _save_arguments(self, checkpoint: dict[str, Any], extra: Any | None) -> dict[str, Any]:
         """What every save of this plugin passes, blocking or not: this rank alone, replacing a
@@ -204,7 +224,7 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         self._raise_failed()
-        uri = _location(path)
+        uri = self._saving(path)
         local = self._local_path(uri)
         if local is not None:  # at once, as a blocking save would: Lightning may link to it next
             os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
@@ -290,6 +310,11 @@ def last_checkpoint(dirpath: str, storage_options: dict[str, Any] | None = None)
     found = torchstow.list_checkpoints(dirpath, storage_options=storage_options)
     last = [info for info in found if _LAST.match(info.uri.rstrip("/").rsplit("/", 1)[-1])]
     return max(last, key=lambda info: info.committed_at or 0.0).uri if last else None
+
+
+def _folder(uri: str) -> str:
+    """The folder (prefix) holding the checkpoint at the URI ``uri``."""
+    return uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def _metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:
