@@ -339,30 +339,6 @@ def test_a_killed_trainer_leaks_no_shared_memory(tmp_path: Any) -> None:
         trainer.wait(30)
 
 
-EXITING_TRAINER = """
-import sys, torch
-from torchstow.checkpointing import make_async_checkpointer
-checkpointer = make_async_checkpointer()
-checkpointer.save(sys.argv[1], {"w": torch.arange(1000.0)})
-print(checkpointer.process.pid, flush=True)
-"""  # and exits without close() or waiting for the write
-
-
-def test_a_trainer_exiting_without_close_commits_its_write_and_stops_its_writer(tmp_path: Any) -> None:
-    # The writer ignores SIGTERM, with which multiprocessing stops a daemonic child at exit
-    # before joining it: the trainer would wait for it forever.
-    done = subprocess.run(
-        [sys.executable, "-c", EXITING_TRAINER, str(tmp_path / "c")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    writer_pid = int(done.stdout)
-    assert torch.equal(torchstow.read(str(tmp_path / "c"))["w"], torch.arange(1000.0))
-    wait_until(lambda: not os.path.exists(f"/proc/{writer_pid}"), 30, "the writer process to exit")
-
-
 def test_checkpoint_process_takes_pytorchs_constructor_and_write(tmp_path: Any) -> None:
     log = str(tmp_path / "log.jsonl")
     config = CheckpointProcessConfig(subprocess_init_timeout_secs=60)
