@@ -415,8 +415,10 @@ def test_a_fast_tier_holding_another_runs_steps_is_refused(tmp_path: Path, shm_f
         for step in (1, 2, 3):
             first.save(step, _state(step))
         first.wait()  # its pruning too
-        with pytest.raises(ValueError, match=r"belongs to another run, whose root is .*[/\\]a, not"):
+        whose = r"belongs to another run, whose root is .*[/\\]a, not"
+        with pytest.raises(ValueError, match=whose) as refused:
             CheckpointManager(tmp_path / "b", fast=fast)
+        assert f"(the folder {fast_dir / '0'}) first" in str(refused.value)  # what to remove, on disk
         assert sorted(p.name for p in (fast_dir / "0").glob("step-*")) == ["step-2", "step-3"]
         target = _empty()
         assert first.restore(target) == 3 and torch.equal(target["w"], _state(3)["w"])

@@ -343,12 +343,14 @@ class TieredManager:
         owner = self._owner(claim=True)
         if owner is None or same_location(owner, self.root):
             return None
+        marker = self._fast_backend.open_store(self.fast).local_path(OWNER)
+        where = self.fast if marker is None else f"{self.fast} (the folder {os.path.dirname(marker)})"
         return (
             f"the fast tier {self.fast} (node {self.node}) belongs to another run, whose root is "
             f"{owner}, not {self.root}: sharing it, this run would restore that run's steps and its "
             "saves and pruning would replace and delete them. Give each run a fast tier of its "
             f"own (fast=...), or, if that run is over and its fast-tier steps are no longer "
-            f"needed, remove {self.fast} first"
+            f"needed, remove {where} first"
         )
 
     def _see_fast_tier(self) -> str | None:
