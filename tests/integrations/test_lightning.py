@@ -344,3 +344,12 @@ def test_a_checkpoint_of_another_run_is_not_removed_off_local_paths(
     io.remove_checkpoint(f"{root}/finetune/epoch=0-step=1.ckpt")  # its own: removed
     found = torchstow.list_checkpoints(f"{root}/finetune", storage_options=options)
     assert [i.uri.rsplit("/", 1)[1] for i in found] == ["epoch=0-step=2.ckpt"]
+
+
+def test_resuming_from_a_checkpoint_file_of_lightnings_own_says_so(tmp_path: Any) -> None:
+    # A run switched to the plugin, resumed from the last.ckpt Lightning's default
+    # CheckpointIO wrote (one torch.save file): a bare NotADirectoryError came out.
+    old = tmp_path / "last.ckpt"
+    torch.save(_checkpoint(3), old)
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="single file, as Lightning's own"):
+        TorchstowCheckpointIO().load_checkpoint(old)

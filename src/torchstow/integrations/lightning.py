@@ -107,6 +107,13 @@ class TorchstowCheckpointIO(CheckpointIO):
         """The checkpoint at ``path``, tensors on the CPU (or where ``map_location`` says).
         ``weights_only=False`` (Lightning's "I trust this checkpoint") allows pickled values."""
         uri = _location(path)
+        local = self._local_path(uri)
+        if local is not None and os.path.isfile(local):
+            raise torchstow.CheckpointNotFoundError(
+                f"no torchstow checkpoint at {uri}: it is a single file, as Lightning's own "
+                "CheckpointIO writes them (a torchstow checkpoint is a folder); resume from it "
+                "without this plugin once, and save on with it"
+            )
         trusted = self.allow_pickle or weights_only is False
         checkpoint = torchstow.read(uri, storage_options=self.storage_options, allow_pickle=trusted)
         with self._lock:
