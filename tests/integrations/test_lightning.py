@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -353,3 +354,36 @@ def test_resuming_from_a_checkpoint_file_of_lightnings_own_says_so(tmp_path: Any
     torch.save(_checkpoint(3), old)
     with pytest.raises(torchstow.CheckpointNotFoundError, match="single file, as Lightning's own"):
         TorchstowCheckpointIO().load_checkpoint(old)
+
+
+def test_a_background_removal_spares_a_checkpoint_saved_again_at_its_path(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning removes a checkpoint, then saves at the same path again (a metric-named file
+    # without version counter); the removal, waiting for the saves asked before it, ran
+    # while the new save was writing there and deleted its files: a manifest naming
+    # deleted files was committed.
+    from torchstow.backends.filesystem import LocalFileStore
+
+    path, other = str(tmp_path / "val_loss=0.50.ckpt"), str(tmp_path / "val_loss=0.40.ckpt")
+    torchstow.save(_checkpoint(1), path)
+    original, delete = LocalFileStore.publish, torchstow.delete
+
+    def publish(self: LocalFileStore, name: str, data: bytes) -> None:
+        if name == "manifest.json":
+            time.sleep(1.0)  # each commit waits, its data files written
+        original(self, name, data)
+
+    def later(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)  # the new save has written its data files by then
+        delete(*args, **kwargs)
+
+    monkeypatch.setattr(LocalFileStore, "publish", publish)
+    monkeypatch.setattr(torchstow, "delete", later)
+    io = AsyncTorchstowCheckpointIO()
+    io.save_checkpoint(_checkpoint(2), other)
+    io.remove_checkpoint(path)
+    io.save_checkpoint(_checkpoint(3), path)
+    io.teardown()
+    assert torchstow.read(path)["global_step"] == 3
+    assert torchstow.verify(path).ok

@@ -223,6 +223,9 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
     def __init__(self, storage_options: dict[str, Any] | None = None, *, allow_pickle: bool = False) -> None:
         super().__init__(storage_options, allow_pickle=allow_pickle)
         self._saves: list[Any] = []  # AsyncSave handles since the last load, in call order
+        self._asked = 0  # saves asked for so far
+        self._saved_at: dict[str, int] = {}  # location -> _asked after its latest save
+        self._removing = threading.Lock()  # a removal's last look and its deletion, or a new save
         self._removals: list[Future[None]] = []
         self._remover: ThreadPoolExecutor | None = None
         self._reported = 0  # how many of _saves were checked for a failure
@@ -235,6 +238,9 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
         local = self._local_path(uri)
         if local is not None:  # at once, as a blocking save would: Lightning may link to it next
             os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        with self._removing, self._lock:  # before it writes there: a removal asked before spares it
+            self._asked += 1
+            self._saved_at[self._key(uri)] = self._asked
         saving = torchstow.async_save(checkpoint, uri, **self._save_arguments(checkpoint, storage_options))
         with self._lock:
             self._saves.append(saving)
@@ -253,7 +259,7 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
             before = list(self._saves)
             if self._remover is None:
                 self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchstow-lightning")
-            self._removals.append(self._remover.submit(self._remove_after, path, before))
+            self._removals.append(self._remover.submit(self._remove_after, path, before, self._asked))
 
     def teardown(self) -> None:
         """Wait for every save and removal; raise the first save that failed."""
@@ -273,14 +279,22 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
                 return True
             return any(s.done() and s.exception() is None for s in self._saves)
 
-    def _remove_after(self, path: Any, saves: list[Any]) -> None:
+    def _remove_after(self, path: Any, saves: list[Any], asked: int) -> None:
+        """Remove ``path`` once ``saves`` (those asked for before the removal, ``asked`` in
+        all) committed; not if one failed, nor if ``path`` was saved again since."""
         for saving in saves:
             saving.wait()
         failed = [s.exception() for s in saves if s.exception() is not None]
         if failed:
             logger.warning("not removing %s: a checkpoint saved before it failed (%s)", path, failed[0])
             return
-        TorchstowCheckpointIO.remove_checkpoint(self, path)
+        with self._removing:
+            with self._lock:
+                again = self._saved_at.get(self._key(_location(path)), 0) > asked
+            if again:
+                logger.warning("not removing %s: a newer checkpoint is saved there since", path)
+                return
+            TorchstowCheckpointIO.remove_checkpoint(self, path)
 
     def _wait(self) -> None:
         with self._lock:
