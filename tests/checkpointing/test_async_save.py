@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import io
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
@@ -17,6 +19,8 @@ from torchstow import CheckpointException, CheckpointExistsError, UnknownBackend
 from torchstow.checkpointing import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.checkpointing.async_save import pipeline
 from torchstow.planning import DefaultSavePlanner, WriteItem
+
+from waits import wait_until
 
 
 class GatedPlanner(DefaultSavePlanner):
@@ -238,3 +242,41 @@ def test_background_staging_is_timed_to_its_end_and_counted_before_staged_return
     finally:
         stager.close()
     assert list(save.stats.seconds) == ["stage", "plan", "coordinate", "write", "commit"]
+
+
+EXITING_TRAINER = """
+import sys, torch, torchstow
+from torchstow.checkpointing import make_async_checkpointer
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    state = {f"w{i}": torch.full((1 << 18,), float(i)) for i in range(16)}  # 16 MiB: 2 writing threads
+    torchstow.async_save(state, f"faulty+file://{out}/async?fail=set_up_storage_writer&mode=delay")
+    writer = make_async_checkpointer()
+    writer.save(f"{out}/writer", state)
+    print(writer.process.pid, flush=True)
+    raise RuntimeError("the training loop failed while its saves were on their way")
+"""
+
+
+def test_saves_on_their_way_when_the_interpreter_exits_commit(tmp_path: Any) -> None:
+    """A trainer that raises (or exits) without waiting for its saves or closing anything.
+
+    - async_save: documented, pending saves finish before the interpreter exits. The save
+      thread was joined, but its writer's thread pool was refused ("cannot schedule new
+      futures after interpreter shutdown"), so the save failed where nobody saw it (it waits
+      1 s before writing, so the interpreter exits while it is in flight);
+    - (a tiered manager's step: tests/tiered/test_tiered_local.py, on its own, as this
+      save would keep the interpreter long enough for the step to finish);
+    - the writer process: it ignores SIGTERM, with which multiprocessing stops a daemonic
+      child at exit before joining it, so the trainer would wait for it forever.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_TRAINER, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "the training loop failed" in done.stderr, done.stderr
+    for saved in (tmp_path / "async", tmp_path / "writer"):
+        values = torchstow.read(str(saved))
+        assert all(torch.equal(values[f"w{i}"], torch.full((1 << 18,), float(i))) for i in range(16)), saved
+    writer_pid = int(done.stdout)
+    wait_until(lambda: not os.path.exists(f"/proc/{writer_pid}"), 30, "the writer process to exit")

@@ -249,6 +249,24 @@ def test_close_kills_a_writer_that_does_not_stop(hook: LoggingHook, tmp_path: An
         write.result(timeout=10)
 
 
+def test_a_sigterm_to_the_writer_lets_its_write_commit(
+    checkpointer: AsyncCheckpointer, hook: LoggingHook, tmp_path: Any
+) -> None:
+    # SLURM's preemption (and `kill -TERM -<group>`) signals every process of the job, the
+    # writer too: it died at once, mid-write, and the trainer's final save in its grace
+    # period could not be written either. The trainer decides when its writer stops.
+    path = str(tmp_path / "preempted")
+    _, write = checkpointer.save(path, _state(), stall=1.0)
+    wait_until(lambda: os.path.exists(hook.stalling(path)), 60, "the write to stall")
+    pid = checkpointer.process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    assert write.result(timeout=60) is None
+    assert torch.equal(checkpointer.load(path)["model"]["w"], _state()["model"]["w"])
+    checkpointer.save(str(tmp_path / "final"), _state())[1].result(timeout=60)  # still writing
+    assert checkpointer.process.is_alive()
+
+
 def test_a_crashed_writer_is_detected(hook: LoggingHook, tmp_path: Any) -> None:
     checkpointer = make_async_checkpointer(_config(), commit_hook=hook)
     checkpointer.process.wait_started(60)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -302,3 +303,87 @@ def test_last_as_a_link_on_local_paths(tmp_path: Any) -> None:
     trainer = _trainer(root, TorchstowCheckpointIO(), 4, save_top_k=1, save_last="link")
     trainer.fit(resumed, ckpt_path="last")
     assert resumed.steps == 1 and os.readlink(link) == "epoch=1-step=4.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plugin", [TorchstowCheckpointIO, AsyncTorchstowCheckpointIO])
+def test_removing_a_last_link_removes_the_link_not_its_checkpoint(tmp_path: Any, plugin: Any) -> None:
+    # With last checkpoints named by step (Lightning's documented CHECKPOINT_NAME_LAST = "{epoch}-last")
+    # and save_last="link", Lightning removes the previous last link through the plugin; the
+    # removal went through the link and deleted the checkpoint it named, one save_top_k=-1 keeps.
+    root = str(tmp_path / "run")
+    # (the background plugin's first link failed too: its save had not made the folder yet)
+    io = plugin()
+    trainer = _trainer(root, io, 3, save_top_k=-1, save_last="link")
+    trainer.checkpoint_callback.CHECKPOINT_NAME_LAST = "{step}-last"
+    trainer.fit(Tiny())
+    io.teardown()
+    folder = f"{root}/checkpoints"
+    kept = ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=1-step=3.ckpt"]
+    assert sorted(os.listdir(folder)) == [*kept, "step=3-last.ckpt"]
+    assert os.readlink(f"{folder}/step=3-last.ckpt") == "epoch=1-step=3.ckpt"
+    assert _names(root, {}) == [*kept, "step=3-last.ckpt"]  # every one of them committed and whole
+
+
+def test_a_checkpoint_of_another_run_is_not_removed_off_local_paths(
+    s3_run: tuple[str, dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fine-tuning from another run's checkpoint with a dirpath of its own, ModelCheckpoint
+    # reloads that run's best_model_path and, with save_top_k=1, removes it after its first
+    # save; Lightning itself refuses a removal outside its dirpath on local paths only.
+    root, options = s3_run
+    pretrained, best = f"{root}/pretrain/last.ckpt", f"{root}/pretrain/epoch=9-step=90.ckpt"
+    torchstow.save(_checkpoint(90), pretrained, storage_options=options)
+    torchstow.save(_checkpoint(90), best, storage_options=options)
+    io = TorchstowCheckpointIO(options)
+    io.load_checkpoint(pretrained)
+    io.save_checkpoint(_checkpoint(1), f"{root}/finetune/epoch=0-step=1.ckpt")
+    io.remove_checkpoint(best)
+    assert torchstow.read(best, storage_options=options)["global_step"] == 90
+    assert "outside the folders this run saved checkpoints in" in caplog.text
+    io.save_checkpoint(_checkpoint(2), f"{root}/finetune/epoch=0-step=2.ckpt")
+    io.remove_checkpoint(f"{root}/finetune/epoch=0-step=1.ckpt")  # its own: removed
+    found = torchstow.list_checkpoints(f"{root}/finetune", storage_options=options)
+    assert [i.uri.rsplit("/", 1)[1] for i in found] == ["epoch=0-step=2.ckpt"]
+
+
+def test_resuming_from_a_checkpoint_file_of_lightnings_own_says_so(tmp_path: Any) -> None:
+    # A run switched to the plugin, resumed from the last.ckpt Lightning's default
+    # CheckpointIO wrote (one torch.save file): a bare NotADirectoryError came out.
+    old = tmp_path / "last.ckpt"
+    torch.save(_checkpoint(3), old)
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="single file, as Lightning's own"):
+        TorchstowCheckpointIO().load_checkpoint(old)
+
+
+def test_a_background_removal_spares_a_checkpoint_saved_again_at_its_path(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning removes a checkpoint, then saves at the same path again (a metric-named file
+    # without version counter); the removal, waiting for the saves asked before it, ran
+    # while the new save was writing there and deleted its files: a manifest naming
+    # deleted files was committed.
+    from torchstow.backends.filesystem import LocalFileStore
+
+    path, other = str(tmp_path / "val_loss=0.50.ckpt"), str(tmp_path / "val_loss=0.40.ckpt")
+    torchstow.save(_checkpoint(1), path)
+    original, delete = LocalFileStore.publish, torchstow.delete
+
+    def publish(self: LocalFileStore, name: str, data: bytes) -> None:
+        if name == "manifest.json":
+            time.sleep(1.0)  # each commit waits, its data files written
+        original(self, name, data)
+
+    def later(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)  # the new save has written its data files by then
+        delete(*args, **kwargs)
+
+    monkeypatch.setattr(LocalFileStore, "publish", publish)
+    monkeypatch.setattr(torchstow, "delete", later)
+    io = AsyncTorchstowCheckpointIO()
+    io.save_checkpoint(_checkpoint(2), other)
+    io.remove_checkpoint(path)
+    io.save_checkpoint(_checkpoint(3), path)
+    io.teardown()
+    assert torchstow.read(path)["global_step"] == 3
+    assert torchstow.verify(path).ok

@@ -1,4 +1,5 @@
-"""Scenarios for the persist's commit-or-abort with real gloo ranks (:mod:`dist_pool`)."""
+"""Scenarios for the persist's commit-or-abort, and the making of a manager, with real gloo
+ranks (:mod:`dist_pool`)."""
 
 from __future__ import annotations
 
@@ -180,3 +181,16 @@ def persist_killed_at_a_file_event(
         if error is None:  # close raises only the failure the handle reported
             raise
     return {"events": hook.events, "level": handle.level, "error": error}
+
+
+def one_node_index_on_two_hosts(rank: int, world_size: int, root: str, fast_dir: str) -> str:
+    """Both ranks say they are node 0 (no GROUP_RANK, launched as by srun), each with a fast
+    tier of its own, as two hosts' shared memory is: what making the manager raises."""
+    os.environ["TORCHSTOW_NODE"] = "0"
+    try:
+        TieredManager(root, f"{fast_dir}/host-{rank}", timeout=60).close()
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        del os.environ["TORCHSTOW_NODE"]  # the pool's ranks run other tests next
+    return "made"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -56,7 +58,7 @@ def test_shm_fast_tier_keeps_newest_and_restores_without_root(
             StepInfo(4, ("fast",)),
             StepInfo(5, ("fast",)),
         ]
-        assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-4", "step-5"]
+        assert sorted(p.name for p in (fast_dir / "0").glob("step-*")) == ["step-4", "step-5"]
         target, before = _empty(), bytes_read()
         assert manager.restore(target) == 5
         assert bytes_read() == before  # nothing read from the root
@@ -101,7 +103,7 @@ def test_saving_after_restoring_an_older_step_leaves_its_timeline(tmp_path: Path
         (debris / "data-0123456789ab-0-0.bin").write_bytes(b"x" * 64)
         manager.save(3, {"w": torch.full((1000,), -1.0), "meta": {"step": 3}})
         manager.wait("replicated")  # the fast tier is pruned once the step is replicated
-        assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-2", "step-3"]
+        assert sorted(p.name for p in (fast_dir / "0").glob("step-*")) == ["step-2", "step-3"]
         assert manager.latest_step() == 3  # not the abandoned step 4
         target = _empty()
         assert manager.restore(target) == 3 and torch.equal(target["w"], torch.full((1000,), -1.0))
@@ -285,7 +287,7 @@ def test_a_save_below_the_newest_durable_step_fails_on_its_handle_and_writes_not
         with pytest.raises(CheckpointExistsError, match=r"older than the committed step.* 30"):
             refused.result()
         assert sorted(p.name for p in root.iterdir()) == ["step-30"]
-        assert sorted(p.name for p in (fast_dir / "0").iterdir()) == ["step-20", "step-30"]
+        assert sorted(p.name for p in (fast_dir / "0").glob("step-*")) == ["step-20", "step-30"]
         shutil.rmtree(root / "step-30")  # the abandoned step gone, the run goes on from step 20
         assert manager.save(21, _state(21)).result() == "durable"
         assert sorted(p.name for p in root.iterdir()) == ["step-21"]
@@ -402,3 +404,54 @@ def test_restoring_a_durable_step_that_is_no_torchstow_step_of_its_own_says_so(
         assert [s.step for s in manager.steps()] == [5]
         with pytest.raises(CheckpointNotFoundError, match=r"step 5 .* no torchstow checkpoint"):
             manager.restore(_empty())
+
+
+def test_a_fast_tier_holding_another_runs_steps_is_refused(tmp_path: Path, shm_fast) -> None:
+    # two runs (two roots) sharing one fast tier: the second run's restore took the first
+    # run's newest step, and its save of step 1 replaced the first run's step 1 and pruned
+    # its steps 2 and 3 (the first run then restored the second run's values)
+    fast, fast_dir = shm_fast
+    with CheckpointManager(tmp_path / "a", fast=fast, persist_every=100) as first:
+        for step in (1, 2, 3):
+            first.save(step, _state(step))
+        first.wait()  # its pruning too
+        whose = r"belongs to another run, whose root is .*[/\\]a, not"
+        with pytest.raises(ValueError, match=whose) as refused:
+            CheckpointManager(tmp_path / "b", fast=fast)
+        assert f"(the folder {fast_dir / '0'}) first" in str(refused.value)  # what to remove, on disk
+        assert sorted(p.name for p in (fast_dir / "0").glob("step-*")) == ["step-2", "step-3"]
+        target = _empty()
+        assert first.restore(target) == 3 and torch.equal(target["w"], _state(3)["w"])
+    # the same run again (its root however spelled) takes its fast tier up where it was
+    with CheckpointManager(f"file://{tmp_path}/a/.", fast=fast) as again:
+        target = _empty()
+        assert again.restore(target) == 3 and torch.equal(target["w"], _state(3)["w"])
+    shutil.rmtree(fast_dir)  # once that run's fast-tier steps are gone, another run may use it
+    with CheckpointManager(tmp_path / "b", fast=fast) as second, pytest.raises(CheckpointNotFoundError):
+        second.restore(_empty())
+
+
+EXITING_TRAINER = """
+import sys, torch
+from torchstow import CheckpointManager
+manager = CheckpointManager(sys.argv[1], fast=sys.argv[2])
+state = {f"w{i}": torch.full((1 << 18,), float(i)) for i in range(16)}  # 16 MiB: written by 2 threads
+manager.save(1, state)
+raise RuntimeError("the training loop failed while step 1 was on its way")
+"""
+
+
+def test_a_step_on_its_way_when_the_interpreter_exits_becomes_durable(tmp_path: Path) -> None:
+    # A run that ended by an exception (or a SIGTERM handler's SystemExit) outside a with
+    # block: the step's fast write and persist ran on after the interpreter had stopped its
+    # thread pools taking work, and failed there, unseen; the step never reached the root.
+    root = tmp_path / "root"
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_TRAINER, str(root), f"{tmp_path}/fast/{{node}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "the training loop failed" in done.stderr, done.stderr
+    saved = torchstow.read(str(root / "step-1"))
+    assert all(torch.equal(saved[f"w{i}"], torch.full((1 << 18,), float(i))) for i in range(16))

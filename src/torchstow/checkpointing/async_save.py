@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from torchstow.core.dtensors import local_view
-from torchstow.core.futures import as_future, failed_future
+from torchstow.core.futures import as_future, before_pools_stop, failed_future
 from torchstow.core.planning import SavePlan, SavePlanner
 from torchstow.core.process_local import ProcessLocal
 from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, Timeout, make_collective
@@ -230,6 +230,10 @@ class AsyncSavePipeline:
             self._last[stager] = save
             return save
 
+    def drain(self) -> None:
+        """Wait until every save submitted so far is over (committed or failed)."""
+        self._executor.submit(lambda: None).result()
+
     @staticmethod
     def _commit(
         staging: Future[Any], job: SaveJob | None, collective: Collective, stats: SaveStats
@@ -292,6 +296,18 @@ def _track_sources(stager: Stager) -> None:
 
 
 _PIPELINE = ProcessLocal(AsyncSavePipeline)
+
+
+def _finish_before_shutdown() -> None:
+    """Let the saves queued on this process's save thread finish before the interpreter
+    shuts thread pools down: from then on ``concurrent.futures`` refuses new work, so a
+    save still writing (its writer starts threads) would fail, unseen by anyone."""
+    saves = _PIPELINE.peek()  # none in a forked child that made no pipeline of its own
+    if saves is not None:
+        saves.drain()
+
+
+before_pools_stop(_finish_before_shutdown)
 
 
 def pipeline() -> AsyncSavePipeline:

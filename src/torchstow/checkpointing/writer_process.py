@@ -12,12 +12,13 @@ the pending future at once, never waited on forever.
 Start-up: the trainer sends a ping; the child runs the user's init function,
 builds its writer, and answers (or answers with the error and exits).
 Shutdown: a terminate request and a wait of up to the shutdown timeout,
-then SIGKILL. The child ignores SIGINT (the trainer decides when it stops)
-and exits by itself when the trainer goes away.
+then SIGKILL. The child ignores SIGINT and SIGTERM (the trainer decides when it
+stops) and exits by itself when the trainer goes away.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
@@ -86,7 +87,10 @@ def _writer_main(
     trainer_pid: int,
 ) -> None:
     """The child's whole life: start, answer requests, exit (cleaning up after a trainer that died)."""
+    # Ctrl-C reaches the whole process group, and a preemption (SLURM) every process of the
+    # job: the write under way, and the trainer's last save in its grace period, still commit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     writer: CheckpointWriter | None = None
     startup_error: CapturedFailure | None = None
     try:
@@ -142,6 +146,20 @@ def _write(writer: CheckpointWriter, segments: SegmentMapper, request: WriteRequ
     except Exception as exc:
         return Response(RequestKind.WRITE, request.request_id, False, CapturedFailure(exc))
     return Response(RequestKind.WRITE, request.request_id, True)
+
+
+_LIVE: weakref.WeakSet[CheckpointProcess] = weakref.WeakSet()
+
+
+@atexit.register  # after multiprocessing's own hook (imported above), so it runs before it
+def _close_at_exit() -> None:
+    """Stop the writers this process started and did not close. Their queued writes are
+    over by now (the interpreter joins the I/O threads first), and a writer ignores the
+    SIGTERM multiprocessing would stop it with, then wait for it forever."""
+    for process in list(_LIVE):
+        if process._owner == os.getpid():  # not in a child forked from the trainer
+            with contextlib.suppress(Exception):
+                process.close()
 
 
 class _NoAnswerError(Exception):
@@ -231,6 +249,8 @@ class CheckpointProcess:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-writer-io")
         self._arenas: weakref.WeakSet[SharedMemoryArena] = weakref.WeakSet()
         self._ready = self._track(self._executor.submit(self._handshake))
+        self._owner = os.getpid()
+        _LIVE.add(self)
 
     @property
     def process_creation_future(self) -> Future[None]:

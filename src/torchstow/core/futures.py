@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.thread  # its exit hook is registered before before_pools_stop's
+import contextlib
+import threading
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["AnyFuture", "as_future", "completed_future", "failed_future", "wait_future"]
+__all__ = [
+    "AnyFuture",
+    "as_future",
+    "before_pools_stop",
+    "completed_future",
+    "failed_future",
+    "wait_future",
+]
 
 T = TypeVar("T")
 AnyFuture = Any  # torch.futures.Future[T] | concurrent.futures.Future[T]
@@ -43,3 +54,13 @@ def as_future(value: Any) -> concurrent.futures.Future[Any]:
     if isinstance(value, concurrent.futures.Future):
         return value
     return completed_future(value)
+
+
+def before_pools_stop(fn: Callable[[], None]) -> None:
+    """Call ``fn`` when the interpreter exits, before it joins the threads that are left and
+    before ``concurrent.futures`` stops taking work (from then on every ``submit`` raises:
+    work still under way that starts a thread pool would fail there, unseen). For waiting
+    on background saves; ``fn`` must not raise."""
+    # threading's exit hooks run newest first; concurrent.futures registered its own on import.
+    with contextlib.suppress(RuntimeError):  # imported while the interpreter exits: too late
+        threading._register_atexit(fn)  # type: ignore[attr-defined]

@@ -31,6 +31,10 @@ class ProcessLocal(Generic[T]):
                 self._value = self._make()
             return self._value
 
+    def peek(self) -> T | None:
+        """The process's value if it has been made, else None (nothing is made)."""
+        return self._value
+
     def _forget(self) -> None:
         self._value = None
         self._lock = threading.Lock()  # a parent's thread may have held it at the fork

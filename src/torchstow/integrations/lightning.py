@@ -88,6 +88,7 @@ class TorchstowCheckpointIO(CheckpointIO):
         self._lock = threading.Lock()
         self._commits = 0  # checkpoints committed by this plugin
         self._resumed: dict[str, int] = {}  # location -> commits when it was loaded
+        self._folders: set[str] = set()  # where this plugin saved checkpoints off local paths
 
     # -- what Lightning calls ----------------------------------------------------------
 
@@ -95,7 +96,8 @@ class TorchstowCheckpointIO(CheckpointIO):
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         """Save ``checkpoint`` at ``path``, replacing a committed one there (``last.ckpt``)."""
-        torchstow.save(checkpoint, _location(path), **self._save_arguments(checkpoint, storage_options))
+        uri = self._saving(path)
+        torchstow.save(checkpoint, uri, **self._save_arguments(checkpoint, storage_options))
         with self._lock:
             self._commits += 1
 
@@ -105,6 +107,13 @@ class TorchstowCheckpointIO(CheckpointIO):
         """The checkpoint at ``path``, tensors on the CPU (or where ``map_location`` says).
         ``weights_only=False`` (Lightning's "I trust this checkpoint") allows pickled values."""
         uri = _location(path)
+        local = self._local_path(uri)
+        if local is not None and os.path.isfile(local):
+            raise torchstow.CheckpointNotFoundError(
+                f"no torchstow checkpoint at {uri}: it is a single file, as Lightning's own "
+                "CheckpointIO writes them (a torchstow checkpoint is a folder); resume from it "
+                "without this plugin once, and save on with it"
+            )
         trusted = self.allow_pickle or weights_only is False
         checkpoint = torchstow.read(uri, storage_options=self.storage_options, allow_pickle=trusted)
         with self._lock:
@@ -114,8 +123,22 @@ class TorchstowCheckpointIO(CheckpointIO):
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Delete the checkpoint at ``path`` (nothing there: nothing to do)."""
+        """Delete the checkpoint at ``path`` (nothing there: nothing to do). A symbolic link
+        there (``save_last="link"``) is removed itself, never the checkpoint it names."""
         uri = _location(path)
+        local = self._local_path(uri)
+        if local is not None and os.path.islink(local.rstrip("/")):
+            os.unlink(local.rstrip("/"))
+            return
+        if local is None and _folder(uri) not in self._folders:
+            logger.warning(
+                "not removing %s: it is outside the folders this run saved checkpoints in (%s); "
+                "Lightning asks this off local paths for another run's checkpoint whose "
+                "best_model_path it reloaded",
+                uri,
+                ", ".join(sorted(self._folders)) or "none yet",
+            )
+            return
         if not self._may_remove(uri):
             return
         try:
@@ -126,6 +149,15 @@ class TorchstowCheckpointIO(CheckpointIO):
             logger.debug("no checkpoint to remove at %s", uri)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _saving(self, path: Any) -> str:
+        """The URI of a checkpoint about to be saved at ``path``, its folder noted (off local
+        paths, where Lightning does not keep its removals inside its own folder)."""
+        uri = _location(path)
+        if self._local_path(uri) is None:
+            with self._lock:
+                self._folders.add(_folder(uri))
+        return uri
 
     def _save_arguments(self, checkpoint: dict[str, Any], extra: Any | None) -> dict[str, Any]:
         """What every save of this plugin passes, blocking or not: this rank alone, replacing a
@@ -148,17 +180,20 @@ class TorchstowCheckpointIO(CheckpointIO):
             )
         return {**self.storage_options, **extra}
 
+    def _local_path(self, uri: str) -> str | None:
+        """The local path of ``uri`` (a path, ``file://``, ``shm://``), or None (an object store)."""
+        if uri.startswith(_SHM):
+            root = self.storage_options.get("shm_dir") or default_shm_dir()
+            return os.path.join(root, uri[len(_SHM) :].lstrip("/"))
+        if uri.startswith("file://"):
+            return uri[len("file://") :]
+        return None if "://" in uri else uri
+
     def _key(self, uri: str) -> str:
         """``uri`` spelled one way, so a checkpoint Lightning names as a local path (shm://
         resolved through fsspec, say) and as a URI compares equal."""
-        if uri.startswith(_SHM):
-            root = self.storage_options.get("shm_dir") or default_shm_dir()
-            uri = os.path.join(root, uri[len(_SHM) :].lstrip("/"))
-        elif uri.startswith("file://"):
-            uri = uri[len("file://") :]
-        if "://" not in uri:
-            return os.path.realpath(uri)
-        return uri.rstrip("/")
+        path = self._local_path(uri)
+        return os.path.realpath(path) if path is not None else uri.rstrip("/")
 
     def _newer_committed(self, key: str) -> bool:
         """Whether ``key`` is no checkpoint the run resumed from, or a newer one has committed since."""
@@ -188,6 +223,9 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
     def __init__(self, storage_options: dict[str, Any] | None = None, *, allow_pickle: bool = False) -> None:
         super().__init__(storage_options, allow_pickle=allow_pickle)
         self._saves: list[Any] = []  # AsyncSave handles since the last load, in call order
+        self._asked = 0  # saves asked for so far
+        self._saved_at: dict[str, int] = {}  # location -> _asked after its latest save
+        self._removing = threading.Lock()  # a removal's last look and its deletion, or a new save
         self._removals: list[Future[None]] = []
         self._remover: ThreadPoolExecutor | None = None
         self._reported = 0  # how many of _saves were checked for a failure
@@ -196,9 +234,14 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         self._raise_failed()
-        saving = torchstow.async_save(
-            checkpoint, _location(path), **self._save_arguments(checkpoint, storage_options)
-        )
+        uri = self._saving(path)
+        local = self._local_path(uri)
+        if local is not None:  # at once, as a blocking save would: Lightning may link to it next
+            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        with self._removing, self._lock:  # before it writes there: a removal asked before spares it
+            self._asked += 1
+            self._saved_at[self._key(uri)] = self._asked
+        saving = torchstow.async_save(checkpoint, uri, **self._save_arguments(checkpoint, storage_options))
         with self._lock:
             self._saves.append(saving)
 
@@ -216,7 +259,7 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
             before = list(self._saves)
             if self._remover is None:
                 self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchstow-lightning")
-            self._removals.append(self._remover.submit(self._remove_after, path, before))
+            self._removals.append(self._remover.submit(self._remove_after, path, before, self._asked))
 
     def teardown(self) -> None:
         """Wait for every save and removal; raise the first save that failed."""
@@ -236,14 +279,22 @@ class AsyncTorchstowCheckpointIO(TorchstowCheckpointIO):
                 return True
             return any(s.done() and s.exception() is None for s in self._saves)
 
-    def _remove_after(self, path: Any, saves: list[Any]) -> None:
+    def _remove_after(self, path: Any, saves: list[Any], asked: int) -> None:
+        """Remove ``path`` once ``saves`` (those asked for before the removal, ``asked`` in
+        all) committed; not if one failed, nor if ``path`` was saved again since."""
         for saving in saves:
             saving.wait()
         failed = [s.exception() for s in saves if s.exception() is not None]
         if failed:
             logger.warning("not removing %s: a checkpoint saved before it failed (%s)", path, failed[0])
             return
-        TorchstowCheckpointIO.remove_checkpoint(self, path)
+        with self._removing:
+            with self._lock:
+                again = self._saved_at.get(self._key(_location(path)), 0) > asked
+            if again:
+                logger.warning("not removing %s: a newer checkpoint is saved there since", path)
+                return
+            TorchstowCheckpointIO.remove_checkpoint(self, path)
 
     def _wait(self) -> None:
         with self._lock:
@@ -280,6 +331,11 @@ def last_checkpoint(dirpath: str, storage_options: dict[str, Any] | None = None)
     found = torchstow.list_checkpoints(dirpath, storage_options=storage_options)
     last = [info for info in found if _LAST.match(info.uri.rstrip("/").rsplit("/", 1)[-1])]
     return max(last, key=lambda info: info.committed_at or 0.0).uri if last else None
+
+
+def _folder(uri: str) -> str:
+    """The folder (prefix) holding the checkpoint at the URI ``uri``."""
+    return uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def _metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:

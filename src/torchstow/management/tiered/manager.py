@@ -22,9 +22,13 @@ node, else from a node holding it (which sends it), else from the root.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ import torch
 
 from torchstow.checkpointing.async_save import _FailedWriter
 from torchstow.core.dtensors import local_view
+from torchstow.core.futures import before_pools_stop
 from torchstow.core.layout.commit import committed_manifest, is_committed, manifest_files, publish_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
@@ -77,6 +82,9 @@ __all__ = ["FAST_TIER_KEY", "TieredManager"]
 
 #: The user-metadata key recording the fast tier's URI (``{node}`` unexpanded) in every step.
 FAST_TIER_KEY = "fast_tier"
+
+#: The file in each node's fast tier naming the root of the run it belongs to.
+OWNER = "torchstow-tier.json"
 
 logger = logging.getLogger("torchstow.management")
 
@@ -253,6 +261,7 @@ class TieredManager:
             self._coll = self._persist_coll = SingleProcess()
         nodes = _all_gather(self._coll, "tiered: node of each rank", self.node)
         self.topology = Topology(self._coll.rank, tuple(nodes))
+        self._take_fast_tier()
         self._stager = StateDictStager()
         self._fast_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-fast")
         self._persist_thread = ThreadPoolExecutor(1, thread_name_prefix="torchstow-tiered-persist")
@@ -271,6 +280,8 @@ class TieredManager:
         # save waits for that phase to release the buffers).
         self._checked: int | None = None
         self._closed = False
+        self._pid = os.getpid()
+        _OPEN.add(self)
 
     # -- where things are ----------------------------------------------------------------
 
@@ -284,6 +295,81 @@ class TieredManager:
 
     def _fast_store(self, step: int) -> ByteStore:
         return self._fast_backend.open_store(self.fast_uri(step))
+
+    def _take_fast_tier(self) -> None:
+        """Make every node's fast tier this run's, or raise ValueError on every rank (collective).
+
+        A node's first rank claims it (:data:`OWNER` names the root); then every other rank
+        must find that claim in its own fast tier, else it is on another host than its node's
+        first rank (the same node index on two hosts, whose fast tiers differ)."""
+        leader = self.topology.is_leader
+        for step, problem in (
+            ("claim", lambda: self._claim_fast_tier() if leader else None),
+            ("see", lambda: None if leader else self._see_fast_tier()),
+        ):
+            found = [p for p in _all_gather(self._coll, f"tiered: {step} the fast tier", problem()) if p]
+            if found:
+                raise ValueError(found[0])
+
+    def _owner(self, claim: bool) -> str | None:
+        """The root the fast tier's :data:`OWNER` file names (None: there is none); ``claim``:
+        first make one naming this run's root, if there is none."""
+        store = self._fast_backend.open_store(self.fast)
+        if claim:
+            from torchstow.interop.sources import local_path
+
+            path = local_path(self.root)
+            mine = self.root if path is None else os.path.abspath(path)
+            store.prepare()
+            try:
+                store.publish_new(OWNER, json.dumps({"root": mine}).encode())
+                return mine
+            except FileExistsError:
+                pass
+        try:
+            owner = json.loads(store.read_file(OWNER))["root"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"<unreadable: {exc}>"
+        return owner if isinstance(owner, str) else repr(owner)
+
+    def _claim_fast_tier(self) -> str | None:
+        """(A node's first rank) why this node's fast tier cannot be this run's, or None: it
+        belongs to a run with another root, whose steps a restore here would take and whose
+        steps this run's saves and pruning would replace and delete."""
+        from torchstow.interop.convert import same_location
+
+        owner = self._owner(claim=True)
+        if owner is None or same_location(owner, self.root):
+            return None
+        marker = self._fast_backend.open_store(self.fast).local_path(OWNER)
+        where = self.fast if marker is None else f"{self.fast} (the folder {os.path.dirname(marker)})"
+        return (
+            f"the fast tier {self.fast} (node {self.node}) belongs to another run, whose root is "
+            f"{owner}, not {self.root}: sharing it, this run would restore that run's steps and its "
+            "saves and pruning would replace and delete them. Give each run a fast tier of its "
+            f"own (fast=...), or, if that run is over and its fast-tier steps are no longer "
+            f"needed, remove {where} first"
+        )
+
+    def _see_fast_tier(self) -> str | None:
+        """(Every other rank, after the claims) why this rank does not share its node's fast
+        tier, or None."""
+        from torchstow.interop.convert import same_location
+
+        owner = self._owner(claim=False)
+        if owner is not None and same_location(owner, self.root):
+            return None
+        leader = self.topology.local_ranks[0]
+        return (
+            f"rank {self.topology.rank} and rank {leader} both say they are node {self.node}, but "
+            f"rank {self.topology.rank} does not see the fast tier {self.fast} that rank {leader} "
+            "uses: they are on different hosts, whose fast tiers differ, and the steps of one "
+            "would never be found, replicated or pruned. A node's index is torchrun's GROUP_RANK, "
+            "else TORCHSTOW_NODE, else 0: launched without torchrun (srun, mpirun), set "
+            "TORCHSTOW_NODE to each host's index (under SLURM, its SLURM_NODEID)"
+        )
 
     # -- saving -------------------------------------------------------------------------
 
@@ -837,6 +923,22 @@ class TieredManager:
         tuning = self._root_backend.tuned_by(self.uri(choice.step)) if from_root else self._fast_backend
         reader = LayoutReader(sources, thread_count=tuning.thread_count, verify_checksums=True)
         load_state_dict(state_dict, reader, collective=self._coll, metadata=metadata)
+
+
+_OPEN: weakref.WeakSet[TieredManager] = weakref.WeakSet()
+
+
+def _finish_before_shutdown() -> None:
+    """At interpreter exit, let the saves of managers not closed go on to the levels they are
+    due (as ``close`` would) before the interpreter's thread pools stop taking work: their
+    writes start threads, and would fail there, unseen."""
+    for manager in list(_OPEN):
+        if manager._pid == os.getpid() and not manager._closed:  # not in a forked child
+            with contextlib.suppress(Exception):  # a failure stays on its step's handle
+                manager._quiesce()
+
+
+before_pools_stop(_finish_before_shutdown)
 
 
 def _damaged(exc: CheckpointException) -> bool:
