@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -148,25 +149,14 @@ def test_a_single_put_interrupted_by_a_signal_handler_leaves_no_data_file(
     after it: before, the cleanup deleted nothing yet written, and then the PUT landed, a data
     file that no manifest names."""
     run = unique()
-    opts = s3_options(proxy.url, thread_count=1)
     proxy.faults.append(Fault("PUT", r"/data-", "delay", delay=0.5, times=1))
-    original = S3Requests._send
-
-    async def send(self: S3Requests, method: str, kwargs: dict[str, Any], progress: Any) -> Any:
-        if method == "put_object" and "/data-" in kwargs["Key"]:
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
-        return await original(self, method, kwargs, progress)
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise _PreemptedError("SIGALRM: stop")
-
-    monkeypatch.setattr(S3Requests, "_send", send)
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        with pytest.raises((CheckpointException, _PreemptedError)):
-            torchstow.save({"w": torch.randn(1 << 16)}, f"s3://{s3_bucket}/{run}/s", storage_options=opts)
-    finally:
-        signal.signal(signal.SIGALRM, previous)
+    _save_interrupted_as_sent(
+        monkeypatch,
+        lambda method, kwargs: method == "put_object" and "/data-" in kwargs["Key"],
+        torch.randn(1 << 16),
+        f"s3://{s3_bucket}/{run}/s",
+        s3_options(proxy.url, thread_count=1),
+    )
     wait_until(lambda: proxy.requests("PUT", r"/data-") != [], what="the data file's PUT to end")
     assert [r.status for r in proxy.requests("PUT", r"/data-")] == [200]  # it landed, once
     listed = s3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])
@@ -181,13 +171,7 @@ def test_a_single_put_sent_just_before_a_handler_raised_leaves_no_data_file(
     returns). The cleanup must still wait for the PUT, which the proxy holds half a second."""
     run = unique()
     proxy.faults.append(Fault("PUT", r"/data-", "delay", delay=0.5, times=1))
-    original = S3Requests.send_put
-
-    def send_put(self: S3Requests, *args: Any, **kwargs: Any) -> Any:
-        original(self, *args, **kwargs)
-        raise _PreemptedError("SIGTERM: stop")  # as a handler would, right after the hand-over
-
-    monkeypatch.setattr(S3Requests, "send_put", send_put)
+    _raise_after_hand_over(monkeypatch, "send_put")
     with pytest.raises((CheckpointException, _PreemptedError)):
         torchstow.save(
             {"w": torch.randn(1 << 16)},
@@ -229,25 +213,14 @@ def test_a_create_interrupted_by_a_signal_handler_leaves_no_upload(
     failed save's cleanup must still abort it; before, it was left pending (storage billed
     until gc or a lifecycle rule removed it)."""
     run = unique()
-    opts = s3_options(proxy.url, thread_count=1)
     proxy.faults.append(Fault("POST", r"\?uploads", "delay", delay=0.5, times=1))
-    original = S3Requests._send
-
-    async def send(self: S3Requests, method: str, kwargs: dict[str, Any], progress: Any) -> Any:
-        if method == "create_multipart_upload":
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
-        return await original(self, method, kwargs, progress)
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise _PreemptedError("SIGALRM: stop")
-
-    monkeypatch.setattr(S3Requests, "_send", send)
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        with pytest.raises((CheckpointException, _PreemptedError)):
-            torchstow.save({"w": torch.randn(3 << 20)}, f"s3://{s3_bucket}/{run}/s", storage_options=opts)
-    finally:
-        signal.signal(signal.SIGALRM, previous)
+    _save_interrupted_as_sent(
+        monkeypatch,
+        lambda method, kwargs: method == "create_multipart_upload",
+        torch.randn(3 << 20),
+        f"s3://{s3_bucket}/{run}/s",
+        s3_options(proxy.url, thread_count=1),
+    )
     wait_until(lambda: proxy.requests("POST", r"\?uploads") != [], what="the create request to end")
     assert [r.status for r in proxy.requests("POST", r"\?uploads")] == [200]  # S3 created the upload
     assert uploads_under(s3_endpoint, s3_bucket, run) == []
@@ -278,14 +251,48 @@ def test_a_part_started_just_before_a_handler_raised_is_stopped_by_the_cleanup(
     run = unique()
     opts = s3_options(proxy.url, thread_count=1, stall_timeout=0.5, retry_attempts=2)
     proxy.faults.append(Fault("PUT", r"partNumber=1\b", "stall", times=1))
-    original = S3Requests.start
-
-    def start(self: S3Requests, *args: Any, **kwargs: Any) -> Any:
-        original(self, *args, **kwargs)
-        raise _PreemptedError("SIGTERM: stop")  # as a handler would, right after the hand-over
-
-    monkeypatch.setattr(S3Requests, "start", start)
+    _raise_after_hand_over(monkeypatch, "start")
     with pytest.raises((CheckpointException, _PreemptedError)):
         torchstow.save({"w": torch.randn(3 << 20)}, f"s3://{s3_bucket}/{run}/s", storage_options=opts)
     time.sleep(1.5)  # three stall timeouts: a request left running would have been sent again
     assert proxy.requests("PUT", r"partNumber=") == []  # (the stalled one is logged when the proxy closes)
+
+
+def _save_interrupted_as_sent(
+    monkeypatch: pytest.MonkeyPatch,
+    when: Callable[[str, dict[str, Any]], bool],
+    tensor: torch.Tensor,
+    uri: str,
+    options: dict[str, Any],
+) -> None:
+    """Save ``tensor`` at ``uri`` from the main thread while a signal handler raises there as
+    a request ``when`` picks (by S3 method and arguments) is sent; the save must fail."""
+    original = S3Requests._send
+
+    async def send(self: S3Requests, method: str, kwargs: dict[str, Any], progress: Any) -> Any:
+        if when(method, kwargs):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+        return await original(self, method, kwargs, progress)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _PreemptedError("SIGALRM: stop")
+
+    monkeypatch.setattr(S3Requests, "_send", send)
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises((CheckpointException, _PreemptedError)):
+            torchstow.save({"w": tensor}, uri, storage_options=options)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _raise_after_hand_over(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make ``S3Requests.<name>`` raise, as a signal handler would, right after it handed its
+    request to the event loop (before the call that sent it returns)."""
+    original = getattr(S3Requests, name)
+
+    def raising(self: S3Requests, *args: Any, **kwargs: Any) -> Any:
+        original(self, *args, **kwargs)
+        raise _PreemptedError("SIGTERM: stop")
+
+    monkeypatch.setattr(S3Requests, name, raising)
