@@ -14,6 +14,7 @@ from torchstow.core.dtensors import materialize
 from torchstow.core.planning.aliases import AliasTracker
 from torchstow.core.planning.geometry import is_raw_tensor, local_chunks
 from torchstow.core.planning.items import LoadItemType, LoadPlan, ReadItem
+from torchstow.core.planning.mismatch import mismatch_message
 from torchstow.core.planning.planners import LoadPlanner
 from torchstow.errors import CorruptCheckpointError, PickleNotAllowedError, StateDictMismatchError
 from torchstow.format import chunks as chunk_math
@@ -176,14 +177,18 @@ class DefaultLoadPlanner(LoadPlanner):
         hints = []
         if any(not is_hard for _, is_hard in problems) and not self.cast:
             hints.append("pass cast=True to convert dtypes on load")
-        if self.strict and self.missing_keys:
-            hard = [f"missing from the checkpoint: {k}" for k in self.missing_keys] + hard
+        missing = self.missing_keys if self.strict else []
+        if missing:
             hints.append("pass strict=False to leave keys the checkpoint lacks as they are")
-        if hard:
+        if hard or missing:
             raise StateDictMismatchError(
-                "the state dict does not match the checkpoint:\n  "
-                + "\n  ".join(hard)
-                + "".join(f"\n({hint})" for hint in hints),
+                mismatch_message(
+                    "the state dict does not match the checkpoint:",
+                    missing=missing,
+                    unexpected=self.unexpected_keys,
+                    problems=hard,
+                    hints=hints,
+                ),
                 missing_keys=self.missing_keys,
                 unexpected_keys=self.unexpected_keys,
                 mismatched=[p for p, _ in problems],
