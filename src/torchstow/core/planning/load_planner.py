@@ -3,6 +3,7 @@ that intersect the chunks a rank holds with the stored chunks (any world size, a
 
 from __future__ import annotations
 
+import bisect
 import io
 import pickle
 from collections.abc import Callable, Mapping, Sequence
@@ -105,6 +106,42 @@ def _split(
         _split(f"{fqn}.{key}", (*path, key), child, stored, prefixes, leaves, paths)
 
 
+class _StoredBelow:
+    """The stored keys below a key (``key.…``): found by bisection in the keys, sorted
+    on first use (only loads whose state dict lacks a key, or holds an empty container)."""
+
+    def __init__(self, stored: Mapping[str, Any]) -> None:
+        self._stored = stored
+        self._sorted: list[str] | None = None
+
+    def find(self, fqn: str) -> str | None:
+        """``None``, or how the checkpoint holds ``fqn`` as keys below it (how many, the first)."""
+        if self._sorted is None:
+            self._sorted = sorted(self._stored)
+        keys = self._sorted
+        start = bisect.bisect_left(keys, f"{fqn}.")
+        end = bisect.bisect_left(keys, f"{fqn}/", start)  # "/" follows "." in code point order
+        if start == end:
+            return None
+        more = f", {end - start - 1} more" if end - start > 1 else ""
+        return f"the checkpoint holds {end - start} value(s) below it ({keys[start]}{more})"
+
+
+def _empty_containers(flat: Flattened) -> list[str]:
+    """The keys of the dicts, lists and tuples in ``flat`` that hold no leaf (not the root)."""
+    order: list[str] | None = None
+    empty = []
+    for path, _, position in flat.containers:
+        if not path:
+            continue
+        if order is None:
+            order = list(flat.leaves)
+        fqn = ".".join(map(str, path))
+        if position >= len(order) or not order[position].startswith(f"{fqn}."):
+            empty.append(fqn)
+    return empty
+
+
 def _stored_ancestor(fqn: str, stored: Mapping[str, Any]) -> str | None:
     """The key above ``fqn`` that the checkpoint stores as one value, if any."""
     dot = fqn.rfind(".")
@@ -155,20 +192,29 @@ class DefaultLoadPlanner(LoadPlanner):
         self.is_coordinator = is_coordinator
         flat = flatten_state_dict(state_dict)
         stored = metadata.state_dict_metadata
+        empty = _empty_containers(flat)
         _split_as_stored(flat, stored)
         self.paths = flat.paths
         self.leaves = flat.leaves
         self.missing_keys = []
         self.unexpected_keys = [k for k in stored if k not in flat.leaves]
         problems = []
+        below = _StoredBelow(stored)
         for fqn, value in flat.leaves.items():
             entry = stored.get(fqn)
             if entry is None:
+                # not missing where the checkpoint holds it otherwise: strict=False must not
+                # keep the old value of a key the checkpoint holds
                 whole = _stored_ancestor(fqn, stored)
-                if whole is None:
-                    self.missing_keys.append(fqn)
-                else:  # not missing: strict=False must not keep the old value the checkpoint holds
+                if whole is not None:
                     problems.append((f"{fqn}: the checkpoint holds all of {whole} as one value", True))
+                    continue
+                held = below.find(fqn)
+                if held is None:
+                    self.missing_keys.append(fqn)
+                else:
+                    what = "None" if value is None else f"a {type(value).__name__}"
+                    problems.append((f"{fqn}: {held}, the state dict {what}", True))
                 continue
             problem = self._mismatch(fqn, value, entry)
             if problem:
@@ -177,6 +223,14 @@ class DefaultLoadPlanner(LoadPlanner):
         hints = []
         if any(not is_hard for _, is_hard in problems) and not self.cast:
             hints.append("pass cast=True to convert dtypes on load")
+        unfilled = [f"{fqn}: empty in the state dict; {held}" for fqn in empty if (held := below.find(fqn))]
+        problems += [(p, self.strict) for p in unfilled]
+        if unfilled and self.strict:
+            hard += unfilled
+            hints.append(
+                "build the state dict with the structure that was saved (an optimizer has state "
+                "once it has stepped), or pass strict=False to leave empty containers empty"
+            )
         missing = self.missing_keys if self.strict else []
         if missing:
             hints.append("pass strict=False to leave keys the checkpoint lacks as they are")
