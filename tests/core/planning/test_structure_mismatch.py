@@ -61,3 +61,13 @@ def test_a_leaf_where_the_checkpoint_holds_a_container_is_a_mismatch(
     assert "n: the checkpoint holds 2 value(s) below it (n.a, 1 more), the state dict " in str(info.value)
     assert info.value.missing_keys == []  # not missing: held otherwise
     assert target["n"] is leaf and not target["w"].any()  # nothing was loaded
+
+
+def test_a_sparse_tensor_where_the_checkpoint_holds_a_dense_one_is_named_as_such(tmp_path: Any) -> None:
+    uri = str(tmp_path / "ck")
+    torchstow.save({"w": torch.ones(2, 3)}, uri)
+    with pytest.raises(
+        torchstow.StateDictMismatchError,
+        match="w: the checkpoint holds a tensor, the state dict a sparse_coo tensor",
+    ):
+        torchstow.load({"w": torch.zeros(2, 3).to_sparse()}, uri)

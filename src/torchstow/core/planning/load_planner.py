@@ -142,6 +142,21 @@ def _empty_containers(flat: Flattened) -> list[str]:
     return empty
 
 
+def _kind(value: Any) -> str:
+    """What ``value`` is, as a mismatch names it (a sparse tensor is no dense one)."""
+    if value is None:
+        return "None"
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}"
+    if value.is_quantized:
+        return "a quantized tensor"
+    if value.is_nested:
+        return "a nested tensor"
+    if value.layout != torch.strided:
+        return f"a {str(value.layout).removeprefix('torch.')} tensor"
+    return "a tensor"
+
+
 def _stored_ancestor(fqn: str, stored: Mapping[str, Any]) -> str | None:
     """The key above ``fqn`` that the checkpoint stores as one value, if any."""
     dot = fqn.rfind(".")
@@ -213,8 +228,7 @@ class DefaultLoadPlanner(LoadPlanner):
                 if held is None:
                     self.missing_keys.append(fqn)
                 else:
-                    what = "None" if value is None else f"a {type(value).__name__}"
-                    problems.append((f"{fqn}: {held}, the state dict {what}", True))
+                    problems.append((f"{fqn}: {held}, the state dict {_kind(value)}", True))
                 continue
             problem = self._mismatch(fqn, value, entry)
             if problem:
@@ -273,7 +287,7 @@ class DefaultLoadPlanner(LoadPlanner):
         is_tensor = isinstance(entry, TensorStorageMetadata)
         if is_tensor != is_raw_tensor(value):
             want = "a tensor" if is_tensor else "a non-tensor value"
-            return f"{fqn}: the checkpoint holds {want}, the state dict a {type(value).__name__}", True
+            return f"{fqn}: the checkpoint holds {want}, the state dict {_kind(value)}", True
         if not is_tensor:
             return None
         shape = value.shape
