@@ -71,3 +71,18 @@ def test_a_sparse_tensor_where_the_checkpoint_holds_a_dense_one_is_named_as_such
         match="w: the checkpoint holds a tensor, the state dict a sparse_coo tensor",
     ):
         torchstow.load({"w": torch.zeros(2, 3).to_sparse()}, uri)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_an_empty_container_where_the_checkpoint_holds_one_value_is_a_mismatch(
+    tmp_path: Any, strict: bool
+) -> None:
+    uri = str(tmp_path / "ck")
+    torchstow.save({"n": 5, "w": torch.ones(3)}, uri)
+    target: dict[str, Any] = {"n": {}, "w": torch.zeros(3)}
+    with pytest.raises(
+        torchstow.StateDictMismatchError,
+        match="n: the checkpoint holds it as one value, the state dict an empty container",
+    ):
+        torchstow.load(target, uri, strict=strict)
+    assert target["n"] == {} and not target["w"].any()
