@@ -238,13 +238,13 @@ class DefaultLoadPlanner(LoadPlanner):
         if any(not is_hard for _, is_hard in problems) and not self.cast:
             hints.append("pass cast=True to convert dtypes on load")
         unfilled = [f"{fqn}: empty in the state dict; {held}" for fqn in empty if (held := below.find(fqn))]
-        whole = [
+        held_whole = [
             f"{fqn}: the checkpoint holds it as one value, the state dict an empty container"
             for fqn in empty
             if fqn in stored
         ]
-        problems += [(p, True) for p in whole]
-        hard += whole
+        problems += [(p, True) for p in held_whole]
+        hard += held_whole
         problems += [(p, self.strict) for p in unfilled]
         if unfilled and self.strict:
             hard += unfilled
