@@ -80,20 +80,20 @@ def prefix_hint(missing: Sequence[str], unexpected: Collection[str]) -> str | No
     (or it explains one key only and is no wrapper's)."""
     if not missing or not unexpected:
         return None
-    rests: dict[str, list[str]] = {}  # the rest of a checkpoint key -> its prefixes
-    for key in unexpected:
-        for prefix, rest in _splits(key):
-            rests.setdefault(rest, []).append(prefix)
+    held = set(unexpected)
+    # the prefixes of checkpoint keys, from keys spread over the list (not all: a hint
+    # must not cost more than the load it explains)
+    spread = list(unexpected)[:: max(1, len(unexpected) // (2 * _SAMPLE))]
+    prefixes = dict.fromkeys(prefix for key in spread for prefix, _ in _splits(key))
     votes: Counter[tuple[str, str]] = Counter()
     for key in missing[:_SAMPLE]:
-        for prefix, rest in _splits(key):  # the longest rest the checkpoint holds decides
-            others = [p for p in rests.get(rest, ()) if p != prefix]
-            if others:
-                votes.update((prefix, p) for p in others[:_SAMPLE])
+        for ours, rest in _splits(key):  # the longest rest the checkpoint holds decides
+            found = [theirs for theirs in prefixes if theirs != ours and theirs + rest in held]
+            if found:
+                votes.update((ours, theirs) for theirs in found)
                 break
     if not votes:
         return None
-    held = set(unexpected)
     best, count = None, 0
     for (ours, theirs), _ in votes.most_common(4):
         n = sum(1 for key in missing if key.startswith(ours) and theirs + key[len(ours) :] in held)
