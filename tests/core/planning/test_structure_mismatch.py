@@ -86,3 +86,20 @@ def test_an_empty_container_where_the_checkpoint_holds_one_value_is_a_mismatch(
     ):
         torchstow.load(target, uri, strict=strict)
     assert target["n"] == {} and not target["w"].any()
+
+
+def test_an_empty_list_where_the_checkpoint_holds_values_below_it_is_refused_when_strict(
+    tmp_path: Any,
+) -> None:
+    # a list without tensors is one leaf of the state dict; the checkpoint stores this one's
+    # items as keys of their own (as DCP stores param_groups.0.lr)
+    uri = str(tmp_path / "ck")
+    torchstow.save({"groups": [{"lr": torch.tensor(0.1)}]}, uri)
+    target: dict[str, Any] = {"groups": []}
+    with pytest.raises(
+        torchstow.StateDictMismatchError,
+        match=r"groups: empty in the state dict; the checkpoint holds 1 value\(s\) below it \(groups\.0\.lr",
+    ):
+        torchstow.load(target, uri)
+    torchstow.load(target, uri, strict=False)
+    assert target == {"groups": []}

@@ -65,27 +65,30 @@ def _read_items_for(
     return items
 
 
-def _split_as_stored(flat: Flattened, stored: Mapping[str, Any]) -> None:
+def _split_as_stored(flat: Flattened, stored: Mapping[str, Any]) -> list[str]:
     """Split leaves of ``flat`` that the checkpoint stores as finer keys, in place.
 
     torchstow keeps a list or tuple without tensors (an optimizer's
     ``param_groups``) as one leaf; DCP stores ``param_groups.0.lr`` and so
     on. Such a leaf is walked down to the keys the checkpoint has, so each
     value is loaded where it belongs; what the checkpoint lacks below it is
-    then missing, as any other key.
+    then missing, as any other key. Returns the keys of the empty lists, tuples
+    and dicts met so (which hold nothing of what the checkpoint stores below them).
     """
     absent = [fqn for fqn in flat.leaves if fqn not in stored]
     if not absent:
-        return
+        return []
     prefixes = {key[:i] for key in stored for i, char in enumerate(key) if char == "."}
     if not any(fqn in prefixes for fqn in absent):
-        return
+        return []
     leaves: dict[str, Any] = {}
     paths: dict[str, Path] = {}
+    empty: list[str] = []
     for fqn, value in flat.leaves.items():
-        _split(fqn, flat.paths[fqn], value, stored, prefixes, leaves, paths)
+        _split(fqn, flat.paths[fqn], value, stored, prefixes, leaves, paths, empty)
     flat.leaves = leaves
     flat.paths = paths
+    return empty
 
 
 def _split(
@@ -96,14 +99,17 @@ def _split(
     prefixes: set[str],
     leaves: dict[str, Any],
     paths: dict[str, Path],
+    empty: list[str],
 ) -> None:
     if fqn in stored or fqn not in prefixes or not isinstance(value, Mapping | list | tuple):
         leaves[fqn] = value
         paths[fqn] = path
         return
+    if not value:
+        empty.append(fqn)
     children = enumerate(value) if isinstance(value, list | tuple) else value.items()
     for key, child in children:
-        _split(f"{fqn}.{key}", (*path, key), child, stored, prefixes, leaves, paths)
+        _split(f"{fqn}.{key}", (*path, key), child, stored, prefixes, leaves, paths, empty)
 
 
 class _StoredBelow:
@@ -208,7 +214,7 @@ class DefaultLoadPlanner(LoadPlanner):
         flat = flatten_state_dict(state_dict)
         stored = metadata.state_dict_metadata
         empty = _empty_containers(flat)
-        _split_as_stored(flat, stored)
+        empty += _split_as_stored(flat, stored)
         self.paths = flat.paths
         self.leaves = flat.leaves
         self.missing_keys = []
