@@ -34,6 +34,7 @@ from torchstow.checkpointing.rank_info import RankInfo
 from torchstow.core.futures import completed_future, wait_future
 from torchstow.core.layout.writer import LayoutWriter, set_format_version
 from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, SavePlan, SavePlanner
+from torchstow.core.planning.mismatch import mismatch_message
 from torchstow.core.protocol.collective import Collective, SingleProcess
 from torchstow.core.protocol.materialize import materialize
 from torchstow.core.protocol.steps import save_state_dict
@@ -312,10 +313,15 @@ class CheckpointReader:
         if whole:
             wanted.leaves = dict.fromkeys(stored)
         if strict and wanted.missing:
+            unexpected = [key for key in stored if key not in wanted.leaves]
             raise StateDictMismatchError(
-                f"the checkpoint at {path} lacks {len(wanted.missing)} key(s) of the state dict: "
-                f"{', '.join(wanted.missing)}",
+                mismatch_message(
+                    f"the state dict does not match the checkpoint at {path}:",
+                    missing=wanted.missing,
+                    unexpected=unexpected,
+                ),
                 missing_keys=wanted.missing,
+                unexpected_keys=unexpected,
             )
         _check_targets(str(path), wanted.leaves, stored)
         targets = materialize(reader, metadata, wanted.leaves, allow_pickle=allow_pickle)
@@ -349,7 +355,7 @@ def _check_targets(uri: str, leaves: Mapping[str, Any], stored: Mapping[str, Any
             problems.append(problem[0])
     if problems:
         raise StateDictMismatchError(
-            f"the state dict does not match the checkpoint at {uri}:\n  " + "\n  ".join(problems),
+            mismatch_message(f"the state dict does not match the checkpoint at {uri}:", problems=problems),
             mismatched=problems,
         )
 

@@ -152,6 +152,27 @@ def test_ranks_disagreeing_on_a_tensor_are_named() -> None:
         DefaultSavePlanner(dedup_replicated_tensors=False).create_global_plan(plans)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize(
+    ("other", "shown"),
+    [
+        (_data(torch.int64, 4), r"\[4\] float32 vs \[4\] int64"),
+        (_data(torch.float32, 6), r"\[4\] float32 vs \[6\]"),
+    ],
+    ids=["dtype", "shape"],
+)
+def test_ranks_disagreeing_on_a_tensor_are_refused_when_replicas_are_deduplicated(
+    aligned: bool, other: TensorWriteData, shown: str
+) -> None:
+    # a plain tensor every rank holds under one key is one replica, kept once: not where the
+    # ranks' tensors differ in shape or dtype (before, one rank's was kept, the other's lost)
+    plans = _plans_with([_data(torch.float32, 4), other])
+    if not aligned:
+        plans[0].items.append(_object("y"))
+    with pytest.raises(ValueError, match=f"x: ranks disagree on the tensor: shape {shown}"):
+        DefaultSavePlanner().create_global_plan(plans)
+
+
 def test_plans_with_different_keys_go_to_the_general_planner() -> None:
     plans = _plans_with([_data(torch.float32, 4), _data(torch.float32, 4)])
     plans[1].items.append(_object("y"))

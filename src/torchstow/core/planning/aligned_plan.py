@@ -27,7 +27,7 @@ from torchstow.core.planning.items import SavePlan, TensorWriteData
 from torchstow.format import chunks as chunk_math
 from torchstow.format.manifest import BytesStorageMetadata, TensorStorageMetadata, dtype_name
 
-__all__ = ["Entries", "aligned_global_plan", "check_tensor", "mixed_kinds"]
+__all__ = ["Entries", "aligned_global_plan", "check_tensor", "dedup_key", "mixed_kinds"]
 
 Entries = dict[str, TensorStorageMetadata | BytesStorageMetadata]
 
@@ -61,8 +61,17 @@ def _classify(
         return _Class(j, tds, offsets, tensor, [[r] for r in range(len(tds))])
     by_offset: dict[Any, list[int]] = {}
     for rank, offset in enumerate(offsets):
-        by_offset.setdefault(offset, []).append(rank)
+        by_offset.setdefault(dedup_key(offset, tds[rank]), []).append(rank)
     return _Class(j, tds, offsets, tensor, list(by_offset.values()))
+
+
+def dedup_key(offset: Any, td: TensorWriteData | None) -> Any:
+    """What items of one key that ranks hold must share to be one item, kept once: the
+    offset, and for a tensor the chunk's sizes, the global shape and the dtype (ranks
+    that disagree keep their items, which the checks of the entry then refuse)."""
+    if td is None:
+        return offset
+    return (offset, td.chunk.sizes, td.size, td.properties.dtype)
 
 
 def _classes(

@@ -3,6 +3,7 @@ that intersect the chunks a rank holds with the stored chunks (any world size, a
 
 from __future__ import annotations
 
+import bisect
 import io
 import pickle
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +15,7 @@ from torchstow.core.dtensors import materialize
 from torchstow.core.planning.aliases import AliasTracker
 from torchstow.core.planning.geometry import is_raw_tensor, local_chunks
 from torchstow.core.planning.items import LoadItemType, LoadPlan, ReadItem
+from torchstow.core.planning.mismatch import mismatch_message
 from torchstow.core.planning.planners import LoadPlanner
 from torchstow.errors import CorruptCheckpointError, PickleNotAllowedError, StateDictMismatchError
 from torchstow.format import chunks as chunk_math
@@ -63,27 +65,30 @@ def _read_items_for(
     return items
 
 
-def _split_as_stored(flat: Flattened, stored: Mapping[str, Any]) -> None:
+def _split_as_stored(flat: Flattened, stored: Mapping[str, Any]) -> list[str]:
     """Split leaves of ``flat`` that the checkpoint stores as finer keys, in place.
 
     torchstow keeps a list or tuple without tensors (an optimizer's
     ``param_groups``) as one leaf; DCP stores ``param_groups.0.lr`` and so
     on. Such a leaf is walked down to the keys the checkpoint has, so each
     value is loaded where it belongs; what the checkpoint lacks below it is
-    then missing, as any other key.
+    then missing, as any other key. Returns the keys of the empty lists, tuples
+    and dicts met so (which hold nothing of what the checkpoint stores below them).
     """
     absent = [fqn for fqn in flat.leaves if fqn not in stored]
     if not absent:
-        return
+        return []
     prefixes = {key[:i] for key in stored for i, char in enumerate(key) if char == "."}
     if not any(fqn in prefixes for fqn in absent):
-        return
+        return []
     leaves: dict[str, Any] = {}
     paths: dict[str, Path] = {}
+    empty: list[str] = []
     for fqn, value in flat.leaves.items():
-        _split(fqn, flat.paths[fqn], value, stored, prefixes, leaves, paths)
+        _split(fqn, flat.paths[fqn], value, stored, prefixes, leaves, paths, empty)
     flat.leaves = leaves
     flat.paths = paths
+    return empty
 
 
 def _split(
@@ -94,14 +99,68 @@ def _split(
     prefixes: set[str],
     leaves: dict[str, Any],
     paths: dict[str, Path],
+    empty: list[str],
 ) -> None:
     if fqn in stored or fqn not in prefixes or not isinstance(value, Mapping | list | tuple):
         leaves[fqn] = value
         paths[fqn] = path
         return
+    if not value:
+        empty.append(fqn)
     children = enumerate(value) if isinstance(value, list | tuple) else value.items()
     for key, child in children:
-        _split(f"{fqn}.{key}", (*path, key), child, stored, prefixes, leaves, paths)
+        _split(f"{fqn}.{key}", (*path, key), child, stored, prefixes, leaves, paths, empty)
+
+
+class _StoredBelow:
+    """The stored keys below a key (``key.…``): found by bisection in the keys, sorted
+    on first use (only loads whose state dict lacks a key, or holds an empty container)."""
+
+    def __init__(self, stored: Mapping[str, Any]) -> None:
+        self._stored = stored
+        self._sorted: list[str] | None = None
+
+    def find(self, fqn: str) -> str | None:
+        """``None``, or how the checkpoint holds ``fqn`` as keys below it (how many, the first)."""
+        if self._sorted is None:
+            self._sorted = sorted(self._stored)
+        keys = self._sorted
+        start = bisect.bisect_left(keys, f"{fqn}.")
+        end = bisect.bisect_left(keys, f"{fqn}/", start)  # "/" follows "." in code point order
+        if start == end:
+            return None
+        more = f", {end - start - 1} more" if end - start > 1 else ""
+        return f"the checkpoint holds {end - start} value(s) below it ({keys[start]}{more})"
+
+
+def _empty_containers(flat: Flattened) -> list[str]:
+    """The keys of the dicts, lists and tuples in ``flat`` that hold no leaf (not the root)."""
+    order: list[str] | None = None
+    empty = []
+    for path, _, position in flat.containers:
+        if not path:
+            continue
+        if order is None:
+            order = list(flat.leaves)
+        fqn = ".".join(map(str, path))
+        if position >= len(order) or not order[position].startswith(f"{fqn}."):
+            empty.append(fqn)
+    return empty
+
+
+def _kind(value: Any) -> str:
+    """What ``value`` is, as a mismatch names it (a sparse tensor is no dense one)."""
+    if value is None:
+        return "None"
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}"
+    if value.is_quantized:
+        return "a quantized tensor"
+    if value.is_nested:
+        return "a nested tensor"
+    if value.layout != torch.strided:
+        return f"a {str(value.layout).removeprefix('torch.')} tensor"
+    return "a tensor"
 
 
 def _stored_ancestor(fqn: str, stored: Mapping[str, Any]) -> str | None:
@@ -154,20 +213,28 @@ class DefaultLoadPlanner(LoadPlanner):
         self.is_coordinator = is_coordinator
         flat = flatten_state_dict(state_dict)
         stored = metadata.state_dict_metadata
-        _split_as_stored(flat, stored)
+        empty = _empty_containers(flat)
+        empty += _split_as_stored(flat, stored)
         self.paths = flat.paths
         self.leaves = flat.leaves
         self.missing_keys = []
         self.unexpected_keys = [k for k in stored if k not in flat.leaves]
         problems = []
+        below = _StoredBelow(stored)
         for fqn, value in flat.leaves.items():
             entry = stored.get(fqn)
             if entry is None:
+                # not missing where the checkpoint holds it otherwise: strict=False must not
+                # keep the old value of a key the checkpoint holds
                 whole = _stored_ancestor(fqn, stored)
-                if whole is None:
-                    self.missing_keys.append(fqn)
-                else:  # not missing: strict=False must not keep the old value the checkpoint holds
+                if whole is not None:
                     problems.append((f"{fqn}: the checkpoint holds all of {whole} as one value", True))
+                    continue
+                held = below.find(fqn)
+                if held is None:
+                    self.missing_keys.append(fqn)
+                else:
+                    problems.append((f"{fqn}: {held}, the state dict {_kind(value)}", True))
                 continue
             problem = self._mismatch(fqn, value, entry)
             if problem:
@@ -176,14 +243,33 @@ class DefaultLoadPlanner(LoadPlanner):
         hints = []
         if any(not is_hard for _, is_hard in problems) and not self.cast:
             hints.append("pass cast=True to convert dtypes on load")
-        if self.strict and self.missing_keys:
-            hard = [f"missing from the checkpoint: {k}" for k in self.missing_keys] + hard
+        unfilled = [f"{fqn}: empty in the state dict; {held}" for fqn in empty if (held := below.find(fqn))]
+        held_whole = [
+            f"{fqn}: the checkpoint holds it as one value, the state dict an empty container"
+            for fqn in empty
+            if fqn in stored
+        ]
+        problems += [(p, True) for p in held_whole]
+        hard += held_whole
+        problems += [(p, self.strict) for p in unfilled]
+        if unfilled and self.strict:
+            hard += unfilled
+            hints.append(
+                "build the state dict with the structure that was saved (an optimizer has state "
+                "once it has stepped), or pass strict=False to leave empty containers empty"
+            )
+        missing = self.missing_keys if self.strict else []
+        if missing:
             hints.append("pass strict=False to leave keys the checkpoint lacks as they are")
-        if hard:
+        if hard or missing:
             raise StateDictMismatchError(
-                "the state dict does not match the checkpoint:\n  "
-                + "\n  ".join(hard)
-                + "".join(f"\n({hint})" for hint in hints),
+                mismatch_message(
+                    "the state dict does not match the checkpoint:",
+                    missing=missing,
+                    unexpected=self.unexpected_keys,
+                    problems=hard,
+                    hints=hints,
+                ),
                 missing_keys=self.missing_keys,
                 unexpected_keys=self.unexpected_keys,
                 mismatched=[p for p, _ in problems],
@@ -214,7 +300,7 @@ class DefaultLoadPlanner(LoadPlanner):
         is_tensor = isinstance(entry, TensorStorageMetadata)
         if is_tensor != is_raw_tensor(value):
             want = "a tensor" if is_tensor else "a non-tensor value"
-            return f"{fqn}: the checkpoint holds {want}, the state dict a {type(value).__name__}", True
+            return f"{fqn}: the checkpoint holds {want}, the state dict {_kind(value)}", True
         if not is_tensor:
             return None
         shape = value.shape

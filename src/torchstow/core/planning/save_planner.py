@@ -9,7 +9,13 @@ from typing import Any, cast
 
 import torch
 
-from torchstow.core.planning.aligned_plan import Entries, aligned_global_plan, check_tensor, mixed_kinds
+from torchstow.core.planning.aligned_plan import (
+    Entries,
+    aligned_global_plan,
+    check_tensor,
+    dedup_key,
+    mixed_kinds,
+)
 from torchstow.core.planning.balance import assign_owners, item_bytes
 from torchstow.core.planning.geometry import global_shape, is_raw_tensor, local_chunks
 from torchstow.core.planning.items import BytesWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -183,10 +189,12 @@ def dedup_save_plans(all_plans: list[SavePlan]) -> list[SavePlan]:
     picks (the fewest bytes assigned so far, then the fewest items, for
     objects whose size is not known before they are written), so replicated
     data is spread instead of piling on rank 0. Linear in the number of items, plus a sort of the
-    shared ones. Items are keyed by ``(fqn, offset)`` tuples, which hash in C.
+    shared ones. Items are keyed by tuples (key, offset, and a tensor's chunk sizes, shape
+    and dtype: ranks that disagree keep theirs, for the entry's checks), which hash in C.
     """
     keys = [
-        [(index.fqn, index.offset) for index in [item.index for item in plan.items]] for plan in all_plans
+        [(item.index.fqn, dedup_key(item.index.offset, item.tensor_data)) for item in plan.items]
+        for plan in all_plans
     ]
     first: dict[tuple[str, Any], int] = {}
     holders: dict[tuple[str, Any], list[int]] = {}  # the shared items' ranks
