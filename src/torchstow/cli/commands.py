@@ -23,6 +23,7 @@ from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
 from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, is_link, scan
+from torchstow.management.prune import counted
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
 from torchstow.plugins.resolve import backend_at, route_options
@@ -383,7 +384,11 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete older checkpoints, keeping the newest N and every K-th step (never the newest)."""
-    before = [e.uri for e in scan(args.prefix, storage_options=_opts(args)) if e.status == COMMITTED]
+    committed = [e.info for e in scan(args.prefix, storage_options=_opts(args)) if e.info is not None]
+    backend = backend_at(args.prefix, _opts(args))[1]
+    before = [i.uri for i in committed]
+    # best, final (no step in the name) and links: neither counted nor deleted
+    uncounted = [i.uri for i in committed if not counted(backend, i)]
     with progress_bar("prune", args.progress, unit="checkpoints") as progress:
         deleted = torchstow.prune(
             args.prefix,
@@ -395,12 +400,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     kept = [uri for uri in before if uri not in deleted]
     if args.json:
-        print_json({"prefix": args.prefix, "dry_run": args.dry_run, "deleted": deleted, "kept": kept})
+        print_json(
+            {
+                "prefix": args.prefix,
+                "dry_run": args.dry_run,
+                "deleted": deleted,
+                "kept": kept,
+                "not_counted": uncounted,
+            }
+        )
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     for uri in deleted:
         print(f"{verb} {uri}")
-    print(f"{verb} {len(deleted)}, kept {len(kept)}")
+    note = f"; not counted (no step in the name, or a link): {', '.join(uncounted)}" if uncounted else ""
+    print(f"{verb} {len(deleted)}, kept {len(kept)}{note}")
     return 0
 
 
