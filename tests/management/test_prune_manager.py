@@ -305,3 +305,23 @@ def test_restore_of_a_given_step_loads_it_wherever_it_lies(tmp_path: Path) -> No
     assert torch.equal(target["w"], torch.full((8, 8), 7.0))
     with pytest.raises(torchstow.CheckpointNotFoundError, match="step-8"):
         manager.restore(target, step=8)
+
+
+def test_a_users_best_under_the_root_is_no_step_of_the_manager(tmp_path: Path) -> None:
+    # a "best" whose user metadata holds a step above the run's (kept from a timeline the run
+    # left, or saved by hand): before, steps() listed it, restore() loaded it as the newest
+    # step and a save of the next step was refused as older than it
+    root = tmp_path / "run"
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    for step in (1, 2, 3):
+        manager.save(step, _model_state(step))
+    torchstow.save(_model_state(99), str(root / "best"), metadata={"step": 5})
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    assert manager.steps() == [2, 3] and manager.latest_step() == 3
+    target = _model_state(0)
+    assert manager.restore(target) == 3 and torch.equal(target["w"], torch.full((8, 8), 3.0))
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="step-5"):
+        manager.restore(target, step=5)
+    manager.save(4, _model_state(4))
+    assert manager.steps() == [3, 4]
+    assert sorted(os.listdir(root)) == ["best", "step-3", "step-4"]

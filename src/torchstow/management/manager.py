@@ -16,7 +16,7 @@ from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.compression import check_compression
 from torchstow.management.bases import check_step, choose_base
-from torchstow.management.catalog import info, list_checkpoints
+from torchstow.management.catalog import info, list_steps
 from torchstow.management.prune import plan_prune, prune_keeping
 from torchstow.management.steps import step_uri
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
@@ -299,7 +299,7 @@ class CheckpointManager:
         return found
 
     def _durable_steps(self) -> list[int]:
-        found = list_checkpoints(self.root, storage_options=self.storage_options)
+        found = list_steps(self.root, storage_options=self.storage_options)
         return sorted({info.step for info in found if info.step is not None})
 
     def _listed_latest(self) -> int | None:
@@ -311,7 +311,7 @@ class CheckpointManager:
         that is among the checkpoints of the step, else the newest of them (``iter_0000007``)."""
         found = [
             (info.step, info.uri)
-            for info in list_checkpoints(self.root, storage_options=self.storage_options)
+            for info in list_steps(self.root, storage_options=self.storage_options)
             if info.step is not None
         ]
         if not found:
@@ -329,7 +329,7 @@ class CheckpointManager:
         except CheckpointNotFoundError:
             pass
         found = [
-            i.uri for i in list_checkpoints(self.root, storage_options=self.storage_options) if i.step == step
+            i.uri for i in list_steps(self.root, storage_options=self.storage_options) if i.step == step
         ]
         return found[-1] if found else self.uri(step)
 

@@ -11,7 +11,7 @@ from torchstow.core.storage.backend import Backend
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
 from torchstow.management.listing import is_link
-from torchstow.management.steps import is_step_uri, step_of
+from torchstow.management.steps import is_step_uri, names_a_step
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
@@ -59,17 +59,17 @@ def prune(
     """Delete older committed checkpoints directly under ``uri`` (a directory or prefix).
 
     Counts the checkpoints whose names end in a step (``step-100``,
-    ``iter_0001000``: :func:`~torchstow.management.steps.step_of` of the name
-    alone) and keeps the newest ``keep_last`` of them (ordered by step, then
-    commit time, as :func:`torchstow.latest` orders them), every one whose
-    step is a multiple of ``keep_every``, and always the newest (checkpoints
-    in DCP's own format count too, and go as :func:`torchstow.delete` removes
-    them). Checkpoints whose names name no step (``best``, ``final``, even with
-    a ``step`` in their user metadata) are neither counted nor deleted; nor are
+    ``iter_0001000``: :func:`~torchstow.management.steps.names_a_step`) and
+    keeps the newest ``keep_last`` of them (ordered by step, then commit time,
+    as :func:`torchstow.latest` orders them), every one whose step is a
+    multiple of ``keep_every``, and always the newest (checkpoints in DCP's
+    own format count too, and go as :func:`torchstow.delete` removes them).
+    Checkpoints whose names name no step (``best``, ``final``, even with a
+    ``step`` in their user metadata) are neither counted nor deleted; nor are
     symbolic links (never deleted through), incomplete checkpoints and other
-    entries. Deletes oldest first,
-    each manifest first, so an interrupted prune leaves only whole
-    checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
+    entries. Deletes oldest first, each manifest first, so an interrupted
+    prune leaves only whole checkpoints. Returns the URIs deleted (or, with
+    ``dry_run``, that would be).
     ``progress(1, number_to_delete)`` is called after each deletion.
     """
     return _prune(uri, keep_last, keep_every, (), dry_run, storage_options, progress)
@@ -97,7 +97,7 @@ def counted(backend: Backend, info: CheckpointInfo, *, managed: bool = False) ->
     link (latest -> step-300: deleting it would delete the checkpoint it points at)."""
     if is_link(backend, info.uri):
         return False
-    return is_step_uri(info.uri, info.step) if managed else step_of(info.uri) is not None
+    return is_step_uri(info.uri, info.step) if managed else names_a_step(info.uri)
 
 
 def _prune(
