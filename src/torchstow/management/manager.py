@@ -328,9 +328,7 @@ class CheckpointManager:
             return self.uri(step)
         except CheckpointNotFoundError:
             pass
-        found = [
-            i.uri for i in list_steps(self.root, storage_options=self.storage_options) if i.step == step
-        ]
+        found = [i.uri for i in list_steps(self.root, storage_options=self.storage_options) if i.step == step]
         return found[-1] if found else self.uri(step)
 
     def restore(self, state_dict: Mapping[str, Any], step: int | None = None, **load_options: Any) -> int:
