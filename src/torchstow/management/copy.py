@@ -348,7 +348,10 @@ def copy_run(
     incomplete and unreadable ones are skipped and reported. ``dst_prefix`` ending
     with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
     checkpoint at any destination is an error before anything is copied, unless
-    ``overwrite``. ``compression`` is as in :func:`copy`."""
+    ``overwrite``; so is (``ValueError``) a destination inside ``src_prefix`` or that is
+    it, under any spelling. ``compression`` is as in :func:`copy`."""
+    from torchstow.interop.convert import check_apart
+
     check_compression(compression)
     src = checkpoint_uri(src_prefix)
     dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
@@ -357,6 +360,8 @@ def copy_run(
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
+    for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
+        check_apart(src, target, "copy")
     if not overwrite:
         taken = []
         for _, target in plan:
