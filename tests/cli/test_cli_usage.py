@@ -61,6 +61,26 @@ def test_ls_of_a_checkpoint_shows_it_and_prune_of_nothing_fails(run: Path, tmp_p
     assert os.path.isdir(ckpt)
 
 
+def test_a_file_where_a_checkpoint_goes_and_nothing_at_all_are_clear_errors(
+    run: Path, tmp_path: Path
+) -> None:
+    # before: a raw NotADirectoryError / "[Errno 17] File exists", gc of a typo exited 0,
+    # and info '' said "nothing at " with no name
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for verb in ("info", "verify", "inspect"):
+        assert "no checkpoint at /dev/null: it is a file" in fails(verb, "/dev/null")
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="it is a file"):
+        torchstow.info(str(notes))
+    for dst in (notes, notes / "sub"):
+        err = fails("cp", str(run / "step-1"), str(dst), "--overwrite")
+        assert f"cannot copy to {dst}: it is a file" in err and "nothing was copied" in err
+    assert notes.read_text() == "mine"
+    assert "nothing at" in fails("gc", str(tmp_path / "nowhere"))
+    for args in (("info", ""), ("cp", "", str(tmp_path / "x")), ("verify", str(run), "")):
+        assert "argument is empty" in _usage_error(*args)
+
+
 def test_storage_option_values_are_checked(run: Path) -> None:
     ckpt = str(run / "step-1")
     err = fails("info", ckpt, "-o", "thread_count=abc")

@@ -205,14 +205,18 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     prints that verb's usage."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if not extra:
-        return args
-    words = list(sys.argv[1:] if argv is None else argv)
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     verb = verbs.choices[args.command]
-    parsed = verb.parse_intermixed_args(words[words.index(args.command) + 1 :])
-    parsed.command = args.command
-    return parsed
+    if extra:
+        words = list(sys.argv[1:] if argv is None else argv)
+        command = args.command
+        args = verb.parse_intermixed_args(words[words.index(command) + 1 :])
+        args.command = command
+    for name in ("uri", "prefix", "src", "dst", "uris"):
+        given = getattr(args, name, None)
+        if given == "" or (isinstance(given, list) and "" in given):
+            verb.error(f"the {name.rstrip('s').upper()} argument is empty")  # exits 2
+    return args
 
 
 def _canonical_uris(args: argparse.Namespace) -> None:

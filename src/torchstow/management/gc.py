@@ -184,7 +184,9 @@ def gc(
     own format (and DCP's ``.distcp`` files without a ``.metadata``, reported
     under ``skipped``), unreadable manifests' locations and symbolic links under the prefix
     (never followed) are left alone; a store that
-    cannot date its files keeps them. Returns a :class:`GcReport`.
+    cannot date its files keeps them. Returns a :class:`GcReport`. Nothing at all at
+    ``uri_or_prefix`` (no file, no upload: a path that does not exist, a typo) is a
+    :class:`CheckpointNotFoundError`, as for ``ls``.
     """
     if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not older_than >= 0:
         raise ValueError(f"older_than must be a non-negative number of seconds, got {older_than!r}")
@@ -204,9 +206,12 @@ def gc(
         locations = [text]
     except CheckpointNotFoundError:
         locations = [text]  # an incomplete checkpoint itself, or nothing
+    top = backend.open_store(text)
+    if locations == [text] and not top.list_files() and not top.pending_uploads():
+        # nothing there at all, not even an upload: a typo, not a clean prefix
+        raise CheckpointNotFoundError(f"nothing at {text}: it does not exist or is empty")
     for location in locations:
         _collect_location(backend.open_store(location), cutoff, report)
-    top = backend.open_store(text)
     for upload in top.pending_uploads():
         where = f"{top.location}/{upload.name}"
         if upload.started >= cutoff:
