@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,6 +81,19 @@ def test_a_file_where_a_checkpoint_goes_and_nothing_at_all_are_clear_errors(
     assert "nothing at" in fails("gc", str(tmp_path / "nowhere"))
     for args in (("info", ""), ("cp", "", str(tmp_path / "x")), ("verify", str(run), "")):
         assert "argument is empty" in _usage_error(*args)
+
+
+def test_json_output_is_strict_json(run: Path, tmp_path: Path) -> None:
+    # before: a torch.save file holding inf printed "value": Infinity, and gc --older-than inf
+    # printed "older_than": Infinity: no JSON that jq or a strict parser reads
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+    torch.save({"lr": float("inf"), "loss": float("nan"), "step": 3}, tmp_path / "state.pt")
+    doc = strict(invoke("inspect", str(tmp_path / "state.pt"), "--json").out)
+    assert {k["key"]: k["value"] for k in doc["keys"]} == {"lr": "inf", "loss": "nan", "step": 3}
+    assert "--older-than: 'inf' is not a finite" in _usage_error("gc", str(run), "--older-than", "inf")
+    assert strict(invoke("gc", str(run), "--older-than", "-0", "--json").out)["older_than"] == 0
 
 
 def test_storage_option_values_are_checked(run: Path) -> None:

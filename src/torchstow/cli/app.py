@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -55,14 +56,14 @@ def _count(least: int) -> Any:
 
 
 def _seconds(text: str) -> float:
-    """An argparse type: a non-negative number of seconds (else a usage error)."""
+    """An argparse type: a finite non-negative number of seconds (else a usage error)."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number of seconds")
-    return value
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite non-negative number of seconds")
+    return value + 0.0  # -0 is 0
 
 
 def size(text: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 import sys
 from typing import Any
 
@@ -200,9 +201,11 @@ def _object_value(source: Source, key: str) -> tuple[str, Any]:
         value = entry.value
     else:
         value = source.read_object(key)
-    return type(value).__name__, value if isinstance(value, int | float | str | bool | type(None)) else repr(
-        value
+    # a JSON scalar as it is; NaN and infinities are none (strict JSON has no such number)
+    scalar = isinstance(value, int | str | bool | type(None)) or (
+        isinstance(value, float) and math.isfinite(value)
     )
+    return type(value).__name__, value if scalar else repr(value)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
