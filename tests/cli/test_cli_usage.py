@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import torchstow
+from torchstow.cli import main
 
 from cli_helpers import fails, invoke, json_doc
 
@@ -94,6 +97,17 @@ def test_json_output_is_strict_json(run: Path, tmp_path: Path) -> None:
     assert {k["key"]: k["value"] for k in doc["keys"]} == {"lr": "inf", "loss": "nan", "step": 3}
     assert "--older-than: 'inf' is not a finite" in _usage_error("gc", str(run), "--older-than", "inf")
     assert strict(invoke("gc", str(run), "--older-than", "-0", "--json").out)["older_than"] == 0
+
+
+def test_output_into_a_closed_pipe_ends_quietly(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchstow ls | head -1: before, "torchstow: error: [Errno 32] Broken pipe" and exit 1
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w", buffering=1) as closed, contextlib.redirect_stdout(closed):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["ls", str(run)]) == 141
+    assert err.getvalue() == ""
 
 
 def test_storage_option_values_are_checked(run: Path) -> None:

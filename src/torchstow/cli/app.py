@@ -2,14 +2,18 @@
 
 Exit status 0 on success, 1 on an error (one line, ``torchstow: error: ...``,
 on stderr; ``--debug`` adds the traceback) or when ``verify`` finds
-corruption, 2 on a usage error, 130 when interrupted.
+corruption, 2 on a usage error, 130 when interrupted, 141 (quietly) when the reader of
+its output has gone (``torchstow ls | head -1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import select
 import sys
 import traceback
 from collections.abc import Sequence
@@ -231,6 +235,25 @@ def _canonical_uris(args: argparse.Namespace) -> None:
         args.uris = [registry.canonical_uri(uri) for uri in args.uris]
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``torchstow ls | head -1``)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _failed(args: argparse.Namespace, exc: Exception) -> int:
+    """Print ``exc`` as the one-line error (and the traceback with ``--debug``); exit status 1."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"torchstow: error: {_one_line(exc)}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchstow`` command; returns the exit status."""
     args = parse(argv)
@@ -240,8 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("torchstow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if not _stdout_gone():
+            return _failed(args, exc)
+        # the reader took what it wanted: stop quietly, as `yes | head -1` does (and keep the
+        # interpreter's last flush from writing to the closed pipe)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"torchstow: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return _failed(args, exc)
