@@ -20,6 +20,7 @@ from torchstow.backends.filesystem import LocalFileStore
 from torchstow.backends.shm import default_shm_dir
 from torchstow.errors import CheckpointException, CheckpointExistsError, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
+from torchstow.management.tiered.listing import tier_listing
 from torchstow.management.tiered.manager import TieredManager, _FilesWriter
 from torchstow.management.tiered.nodes import Topology
 from torchstow.plugins import manager as plugins
@@ -416,3 +417,4 @@ def test_a_users_best_under_the_root_is_no_step_of_a_tiered_manager(tmp_path: Pa
         target = _empty()
         assert manager.restore(target) == 1 and torch.equal(target["w"], _state(1)["w"])
         manager.save(2, _state(2)).result()
+    assert [row.step for row in tier_listing(str(root), shm_fast[0])[1]] == [1, 2]  # ls --tiers
