@@ -71,6 +71,14 @@ def test_cp_of_a_run_into_itself_is_refused(run: Path, tmp_path: Path) -> None:
     assert [i.step for i in torchstow.list_checkpoints(str(tmp_path))] == [1, 2]
 
 
+def test_cp_of_a_torch_save_file_says_to_convert_it(tmp_path: Path) -> None:
+    # before: "nothing under model.pt: it does not exist or is empty" (or a raw NotADirectoryError)
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.pt")
+    err = fails("cp", str(tmp_path / "model.pt"), str(tmp_path / "out"))
+    assert "model.pt is a torch checkpoint" in err and "torchstow convert" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "through-memory"])
 def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_kernel: bool

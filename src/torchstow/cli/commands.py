@@ -19,7 +19,7 @@ from torchstow.cli.render import (
     progress_bar,
     stdout,
 )
-from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError, TorchstowError
 from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
@@ -304,7 +304,16 @@ def cmd_cp(args: argparse.Namespace) -> int:
     except IncompleteCheckpointError:
         pass  # copy says what is wrong with it
     except CheckpointNotFoundError:
-        return _cp_run(args, src_opts, dst_opts)  # a run: the checkpoints under it
+        try:
+            return _cp_run(args, src_opts, dst_opts)  # a run: the checkpoints under it
+        except CheckpointNotFoundError as nothing:
+            other = _convert_only(args.src, src_opts)
+            if other is None:
+                raise
+            raise ValueError(
+                f"{args.src} is a {other} checkpoint: cp copies torchstow and DCP checkpoints; "
+                f"convert it instead (torchstow convert {args.src} DST --to torchstow)"
+            ) from nothing
     with progress_bar("copy", args.progress) as progress:
         dst = torchstow.copy(
             args.src,
@@ -321,6 +330,17 @@ def cmd_cp(args: argparse.Namespace) -> int:
     else:
         print(f"copied {args.src} -> {dst} ({human_bytes(info.nbytes)}, {info.num_entries} entries)")
     return 0
+
+
+def _convert_only(uri: str, options: dict[str, Any]) -> str | None:
+    """The format of the checkpoint at ``uri`` when it is one ``convert`` reads but ``cp``
+    does not copy (a ``torch.save`` file, safetensors); else None."""
+    try:
+        source = open_source(uri, options)
+    except (TorchstowError, OSError, ValueError):
+        return None
+    source.close()
+    return None if source.format in ("torchstow", "dcp") else source.format
 
 
 def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[str, Any]) -> int:
