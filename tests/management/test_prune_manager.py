@@ -124,6 +124,13 @@ def test_manager_errors(tmp_path: Path) -> None:
         manager.restore({"w": torch.zeros(1)})
     with pytest.raises(ValueError, match="step"):
         manager.save(-1, {"w": torch.zeros(1)})
+    # before: a CheckpointException from the load of <root>/step--1 (step="3": step-3 loaded,
+    # and "3" returned), and a manager of "" kept its steps at /step-<n>, the filesystem's root
+    for bad in (-1, True, 1.5, "3"):
+        with pytest.raises(ValueError, match="step must be a non-negative integer"):
+            manager.restore({"w": torch.zeros(1)}, step=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-empty"):
+        torchstow.CheckpointManager("")
     with pytest.raises(ValueError, match="keep_every"):
         torchstow.CheckpointManager(tmp_path, keep_last=1, keep_every=0)
     failing = torchstow.CheckpointManager(tmp_path / "run", keep_last=1)
