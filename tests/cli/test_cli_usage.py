@@ -42,6 +42,9 @@ def test_options_may_follow_positionals_and_usage_errors_show_the_verb(run: Path
     ckpt = str(run / "step-1")
     doc = json_doc("inspect", ckpt, "--json", "w*")  # --json between URI and PATTERN
     assert [k["key"] for k in doc["keys"]] == ["w"]
+    # a pattern matching no key: exit 1 with --json too (before: exit 0 and "keys": [])
+    for json_flag in ((), ("--json",)):
+        assert "no key of" in fails("inspect", ckpt, "nomatch*", *json_flag)
     err = _usage_error("inspect", ckpt, "w*", "extra")
     assert err.startswith("usage: torchstow inspect ") and "unrecognized arguments: extra" in err
     err = _usage_error("prune", str(run), "--keep-last", "-1")

@@ -232,11 +232,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     finally:
         source.close()
     total = sum(k.get("nbytes", 0) for k in keys)
+    if args.pattern and not keys:  # an error with --json too: the exit status says the same
+        raise KeyError(f"no key of {args.uri} matches {args.pattern!r}")
     if args.json:
         print_json({"uri": args.uri, "format": source.format, "keys": keys, "total_bytes": total})
         return 0
-    if args.pattern and not keys:
-        raise KeyError(f"no key of {args.uri} matches {args.pattern!r}")
     rows = []
     for k in keys:
         if k["kind"] == "tensor":
