@@ -84,7 +84,7 @@ def test_a_file_where_a_checkpoint_goes_and_nothing_at_all_are_clear_errors(
         err = fails("cp", str(run / "step-1"), str(dst), "--overwrite")
         assert f"cannot copy to {dst}: it is a file" in err and "nothing was copied" in err
     assert notes.read_text() == "mine"
-    assert "nothing at" in fails("gc", str(tmp_path / "nowhere"))
+    assert "nothing under" in fails("gc", str(tmp_path / "nowhere"))
     for args in (("info", ""), ("cp", "", str(tmp_path / "x")), ("verify", str(run), "")):
         assert "argument is empty" in _usage_error(*args)
 

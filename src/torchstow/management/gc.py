@@ -204,12 +204,16 @@ def gc(
         locations = [e.uri for e in entries if e.status != UNREADABLE and not is_link(backend, e.uri)]
     except IsACheckpointError:
         locations = [text]
-    except CheckpointNotFoundError:
+    except CheckpointNotFoundError as nothing:
         locations = [text]  # an incomplete checkpoint itself, or nothing
+        top = backend.open_store(text)
+        try:
+            empty = not top.list_files() and not top.pending_uploads()
+        except FileNotFoundError:  # a bucket that does not exist: as the listing said
+            empty = True
+        if empty:  # nothing there at all, not even an upload: a typo, not a clean prefix
+            raise nothing
     top = backend.open_store(text)
-    if locations == [text] and not top.list_files() and not top.pending_uploads():
-        # nothing there at all, not even an upload: a typo, not a clean prefix
-        raise CheckpointNotFoundError(f"nothing at {text}: it does not exist or is empty")
     for location in locations:
         _collect_location(backend.open_store(location), cutoff, report)
     for upload in top.pending_uploads():
