@@ -241,6 +241,8 @@ def _stdout_gone() -> bool:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):
         return False
+    if not hasattr(select, "poll"):  # Windows: no way to tell, so an error as any other
+        return False
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     return any(events & select.POLLERR for _, events in poller.poll(0))
