@@ -163,6 +163,21 @@ def test_levels_and_stats(tmp_path: Path, shm_fast) -> None:
             handle.wait("memory")
 
 
+def test_a_users_best_under_the_root_is_no_step_of_a_tiered_manager(tmp_path: Path, shm_fast) -> None:
+    # before: a best holding step 5 in its user metadata was the newest durable step: restore
+    # failed (no torchstow checkpoint at step-5) and saving step 2 was refused as older
+    root = tmp_path / "root"
+    torchstow.save(_state(99), str(root / "best"), metadata={"step": 5})
+    with CheckpointManager(root, fast=shm_fast[0]) as manager:
+        manager.save(1, _state(1)).result()
+    with CheckpointManager(root, fast=f"{shm_fast[0]}-other") as manager:
+        assert manager.steps() == [StepInfo(1, ("durable",))]
+        target = _empty()
+        assert manager.restore(target) == 1 and torch.equal(target["w"], _state(1)["w"])
+        manager.save(2, _state(2)).result()
+    assert [row.step for row in tier_listing(str(root), shm_fast[0])[1]] == [1, 2]  # ls --tiers
+
+
 def test_a_save_waits_for_the_previous_write_not_for_its_pruning(
     tmp_path: Path, shm_fast, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -403,18 +418,3 @@ def test_restoring_a_durable_step_that_is_no_torchstow_step_of_its_own_says_so(
         assert [s.step for s in manager.steps()] == [5]
         with pytest.raises(CheckpointNotFoundError, match=r"step 5 .* no torchstow checkpoint"):
             manager.restore(_empty())
-
-
-def test_a_users_best_under_the_root_is_no_step_of_a_tiered_manager(tmp_path: Path, shm_fast) -> None:
-    # before: a best holding step 5 in its user metadata was the newest durable step: restore
-    # failed (no torchstow checkpoint at step-5) and saving step 2 was refused as older
-    root = tmp_path / "root"
-    torchstow.save(_state(99), str(root / "best"), metadata={"step": 5})
-    with CheckpointManager(root, fast=shm_fast[0]) as manager:
-        manager.save(1, _state(1)).result()
-    with CheckpointManager(root, fast=f"{shm_fast[0]}-other") as manager:
-        assert manager.steps() == [StepInfo(1, ("durable",))]
-        target = _empty()
-        assert manager.restore(target) == 1 and torch.equal(target["w"], _state(1)["w"])
-        manager.save(2, _state(2)).result()
-    assert [row.step for row in tier_listing(str(root), shm_fast[0])[1]] == [1, 2]  # ls --tiers
