@@ -62,6 +62,23 @@ def test_cp_of_a_run_copies_each_committed_checkpoint(run: Path, tmp_path: Path)
     assert [i.step for i in torchstow.list_checkpoints(str(tmp_path / "into" / "run"))] == [1, 2, 4]
 
 
+def test_cp_of_a_run_into_itself_is_refused(run: Path, tmp_path: Path) -> None:
+    # before: run/sub/step-1 and run/sub/step-2 were written inside the run being copied
+    for dst in (f"{run}/sub", f"{run}/", f"{tmp_path}/x/../run/sub"):
+        assert "lies inside the other" in fails("cp", str(run), dst)
+    assert sorted(os.listdir(run)) == ["step-1", "step-2", "step-3"]
+    json_doc("cp", str(run), str(tmp_path))  # beside it: tmp_path/step-N, outside the run
+    assert [i.step for i in torchstow.list_checkpoints(str(tmp_path))] == [1, 2]
+
+
+def test_cp_of_a_torch_save_file_says_to_convert_it(tmp_path: Path) -> None:
+    # before: "nothing under model.pt: it does not exist or is empty" (or a raw NotADirectoryError)
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.pt")
+    err = fails("cp", str(tmp_path / "model.pt"), str(tmp_path / "out"))
+    assert "model.pt is a torch checkpoint" in err and "torchstow convert" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "through-memory"])
 def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_kernel: bool

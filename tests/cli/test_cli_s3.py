@@ -178,6 +178,10 @@ def test_s3_settings_from_the_environment_and_clear_errors(
 
     assert "'s3://' names no bucket" in fails("ls", "s3://")
     assert "the bucket 'no-such-bucket' does not exist" in fails("ls", "s3://no-such-bucket/run")
+    # gc of nothing at all is an error naming it (before: exit 0 for a prefix, and for a
+    # missing bucket S3's own words)
+    assert "the bucket 'no-such-bucket' does not exist" in fails("gc", "s3://no-such-bucket/run")
+    assert "nothing under s3://cli-tests/nothing-here" in fails("gc", "s3://cli-tests/nothing-here")
     assert torchstow.latest("s3://no-such-bucket/run") is None  # a first run: its first save makes the bucket
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))

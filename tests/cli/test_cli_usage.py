@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 import torchstow
+from torchstow.cli import main
 
 from cli_helpers import fails, invoke, json_doc
 
@@ -37,6 +42,9 @@ def test_options_may_follow_positionals_and_usage_errors_show_the_verb(run: Path
     ckpt = str(run / "step-1")
     doc = json_doc("inspect", ckpt, "--json", "w*")  # --json between URI and PATTERN
     assert [k["key"] for k in doc["keys"]] == ["w"]
+    # a pattern matching no key: exit 1 with --json too (before: exit 0 and "keys": [])
+    for json_flag in ((), ("--json",)):
+        assert "no key of" in fails("inspect", ckpt, "nomatch*", *json_flag)
     err = _usage_error("inspect", ckpt, "w*", "extra")
     assert err.startswith("usage: torchstow inspect ") and "unrecognized arguments: extra" in err
     err = _usage_error("prune", str(run), "--keep-last", "-1")
@@ -59,6 +67,50 @@ def test_ls_of_a_checkpoint_shows_it_and_prune_of_nothing_fails(run: Path, tmp_p
     assert "nothing under" in fails("prune", str(tmp_path / "nowhere"), "--keep-last", "1")
     assert "is a checkpoint, not a prefix" in fails("prune", ckpt, "--keep-last", "1")
     assert os.path.isdir(ckpt)
+
+
+def test_a_file_where_a_checkpoint_goes_and_nothing_at_all_are_clear_errors(
+    run: Path, tmp_path: Path
+) -> None:
+    # before: a raw NotADirectoryError / "[Errno 17] File exists", gc of a typo exited 0,
+    # and info '' said "nothing at " with no name
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for verb in ("info", "verify", "inspect"):
+        assert "no checkpoint at /dev/null: it is a file" in fails(verb, "/dev/null")
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="it is a file"):
+        torchstow.info(str(notes))
+    for dst in (notes, notes / "sub"):
+        err = fails("cp", str(run / "step-1"), str(dst), "--overwrite")
+        assert f"cannot copy to {dst}: it is a file" in err and "nothing was copied" in err
+    assert notes.read_text() == "mine"
+    assert "nothing under" in fails("gc", str(tmp_path / "nowhere"))
+    for args in (("info", ""), ("cp", "", str(tmp_path / "x")), ("verify", str(run), "")):
+        assert "argument is empty" in _usage_error(*args)
+
+
+def test_json_output_is_strict_json(run: Path, tmp_path: Path) -> None:
+    # before: a torch.save file holding inf printed "value": Infinity, and gc --older-than inf
+    # printed "older_than": Infinity: no JSON that jq or a strict parser reads
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+    torch.save({"lr": float("inf"), "loss": float("nan"), "step": 3}, tmp_path / "state.pt")
+    doc = strict(invoke("inspect", str(tmp_path / "state.pt"), "--json").out)
+    assert {k["key"]: k["value"] for k in doc["keys"]} == {"lr": "inf", "loss": "nan", "step": 3}
+    assert "--older-than: 'inf' is not a finite" in _usage_error("gc", str(run), "--older-than", "inf")
+    assert strict(invoke("gc", str(run), "--older-than", "-0", "--json").out)["older_than"] == 0
+
+
+def test_output_into_a_closed_pipe_ends_quietly(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchstow ls | head -1: before, "torchstow: error: [Errno 32] Broken pipe" and exit 1
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w", buffering=1) as closed, contextlib.redirect_stdout(closed):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["ls", str(run)]) == 141
+    assert err.getvalue() == ""
 
 
 def test_storage_option_values_are_checked(run: Path) -> None:

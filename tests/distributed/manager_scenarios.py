@@ -49,11 +49,11 @@ def restore_latest(rank: int, world_size: int, root: str) -> tuple[int, bool]:
 
 
 def _listing_apart(how: str) -> Any:
-    """A stand-in for the manager's ``list_checkpoints`` that lags behind (``"lags"``: the
+    """A stand-in for the manager's ``list_steps`` that lags behind (``"lags"``: the
     newest step not there yet, as a cached directory listing may) or fails (``"fails"``)."""
     from torchstow.management import manager as module
 
-    original = module.list_checkpoints
+    original = module.list_steps
 
     def listing(*args: Any, **kwargs: Any) -> Any:
         if how == "fails":
@@ -73,9 +73,9 @@ def restore_latest_listed_apart(rank: int, world_size: int, root: str, how: str)
 
     from torchstow.management import manager as module
 
-    original = module.list_checkpoints
+    original = module.list_steps
     if rank == 1:
-        module.list_checkpoints = _listing_apart(how)  # type: ignore[assignment]
+        module.list_steps = _listing_apart(how)  # type: ignore[assignment]
     try:
         manager = torchstow.CheckpointManager(root)
         target = _state(world_size, 0)
@@ -83,7 +83,7 @@ def restore_latest_listed_apart(rank: int, world_size: int, root: str, how: str)
         grouped = torchstow.CheckpointManager(root, process_group=dist.group.WORLD)
         listed = (grouped.steps(), grouped.latest_step())
     finally:
-        module.list_checkpoints = original  # type: ignore[assignment]
+        module.list_steps = original  # type: ignore[assignment]
     expected = values("weight", (8 * world_size, 16), step)
     got = target["weight"].full_tensor()
     exact = torch.equal(got.view(torch.uint8), expected.view(torch.uint8)) and target["step"] == step
@@ -102,7 +102,7 @@ def incremental_save_listed_apart(
     with torchstow.CheckpointManager(root) as manager:
         for step in (1, 2):
             manager.save(step, _state(world_size, step), timeout=30)
-    original_listing, original_save = module.list_checkpoints, module.save
+    original_listing, original_save = module.list_steps, module.save
     bases = []
 
     def save(*args: Any, **kwargs: Any) -> Any:
@@ -111,12 +111,12 @@ def incremental_save_listed_apart(
 
     module.save = save  # type: ignore[assignment]
     if rank == apart:
-        module.list_checkpoints = _listing_apart(how)  # type: ignore[assignment]
+        module.list_steps = _listing_apart(how)  # type: ignore[assignment]
     try:
         with torchstow.CheckpointManager(root, incremental=True) as manager:
             manager.save(3, {**_state(world_size, 2), "step": 3}, timeout=30)
     finally:
-        module.list_checkpoints, module.save = original_listing, original_save  # type: ignore[assignment]
+        module.list_steps, module.save = original_listing, original_save  # type: ignore[assignment]
     target = _state(world_size, 0)
     step = torchstow.CheckpointManager(root).restore(target, timeout=30)
     got = target["weight"].full_tensor()
@@ -218,17 +218,17 @@ def save_below_the_newest_step(rank: int, world_size: int, root: str) -> tuple[b
     with torchstow.CheckpointManager(root) as manager:
         for step in (1, 3):
             manager.save(step, _state(world_size, step), timeout=30)
-    original = module.list_checkpoints
+    original = module.list_steps
     manager = torchstow.CheckpointManager(root, keep_last=1)
     manager.restore(_state(world_size, 0), step=1, timeout=30)
     if rank == 1:
-        module.list_checkpoints = _listing_apart("lags")  # type: ignore[assignment]
+        module.list_steps = _listing_apart("lags")  # type: ignore[assignment]
     try:
         manager.save(2, _state(world_size, 2), timeout=30)
         raised, message = False, ""
     except torchstow.CheckpointExistsError as exc:
         raised, message = True, str(exc)
     finally:
-        module.list_checkpoints = original  # type: ignore[assignment]
+        module.list_steps = original  # type: ignore[assignment]
     dist.barrier()
     return raised, message, sorted(os.listdir(root))

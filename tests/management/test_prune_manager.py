@@ -39,15 +39,15 @@ def test_plan_prune_keeps_the_newest_and_the_milestones() -> None:
 def test_prune_a_directory(tmp_path: Path) -> None:
     for step in range(1, 7):
         torchstow.save({"w": torch.full((4,), float(step))}, str(tmp_path / f"step-{step}"))
-    torchstow.save({"w": torch.zeros(4)}, str(tmp_path / "s3"))  # no step: the oldest
+    torchstow.save({"w": torch.zeros(4)}, str(tmp_path / "s3"))  # no step in its name: not counted
     (tmp_path / "step-9").mkdir()  # not committed: left alone
     (tmp_path / "step-9" / "data-aaaaaaaaaaaa-0-0.bin").write_bytes(b"x")
     would = torchstow.prune(tmp_path, keep_last=2, keep_every=3, dry_run=True)
-    assert would == [str(tmp_path / n) for n in ("s3", "step-1", "step-2", "step-4")]
+    assert would == [str(tmp_path / n) for n in ("step-1", "step-2", "step-4")]
     assert len(torchstow.list_checkpoints(tmp_path)) == 7
     assert torchstow.prune(tmp_path, keep_last=2, keep_every=3) == would
-    assert [i.step for i in torchstow.list_checkpoints(tmp_path)] == [3, 5, 6]
-    assert sorted(os.listdir(tmp_path)) == ["step-3", "step-5", "step-6", "step-9"]
+    assert [i.step for i in torchstow.list_checkpoints(tmp_path)] == [None, 3, 5, 6]
+    assert sorted(os.listdir(tmp_path)) == ["s3", "step-3", "step-5", "step-6", "step-9"]
 
 
 def _model_state(value: float) -> dict[str, object]:
@@ -124,6 +124,13 @@ def test_manager_errors(tmp_path: Path) -> None:
         manager.restore({"w": torch.zeros(1)})
     with pytest.raises(ValueError, match="step"):
         manager.save(-1, {"w": torch.zeros(1)})
+    # before: a CheckpointException from the load of <root>/step--1 (step="3": step-3 loaded,
+    # and "3" returned), and a manager of "" kept its steps at /step-<n>, the filesystem's root
+    for bad in (-1, True, 1.5, "3"):
+        with pytest.raises(ValueError, match="step must be a non-negative integer"):
+            manager.restore({"w": torch.zeros(1)}, step=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-empty"):
+        torchstow.CheckpointManager("")
     with pytest.raises(ValueError, match="keep_every"):
         torchstow.CheckpointManager(tmp_path, keep_last=1, keep_every=0)
     failing = torchstow.CheckpointManager(tmp_path / "run", keep_last=1)
@@ -270,8 +277,8 @@ def test_a_managers_retention_counts_and_deletes_only_its_own_steps(tmp_path: Pa
     for step in (2, 3, 4, 5):
         manager.save(step, _model_state(step))
     assert sorted(os.listdir(root)) == [*theirs, "step-4", "step-5"]
-    # torchstow.prune of the root (not the manager's) prunes every checkpoint there, as documented
-    assert sorted(map(os.path.basename, torchstow.prune(root, keep_last=2, dry_run=True))) == theirs
+    # torchstow.prune of the root counts every checkpoint whose name ends in a step
+    assert torchstow.prune(root, keep_last=2, dry_run=True) == [str(root / "iter_0000001")]
 
 
 def test_the_refusal_of_an_older_step_names_where_the_newer_steps_lie(tmp_path: Path) -> None:
@@ -305,3 +312,23 @@ def test_restore_of_a_given_step_loads_it_wherever_it_lies(tmp_path: Path) -> No
     assert torch.equal(target["w"], torch.full((8, 8), 7.0))
     with pytest.raises(torchstow.CheckpointNotFoundError, match="step-8"):
         manager.restore(target, step=8)
+
+
+def test_a_users_best_under_the_root_is_no_step_of_the_manager(tmp_path: Path) -> None:
+    # a "best" whose user metadata holds a step above the run's (kept from a timeline the run
+    # left, or saved by hand): before, steps() listed it, restore() loaded it as the newest
+    # step and a save of the next step was refused as older than it
+    root = tmp_path / "run"
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    for step in (1, 2, 3):
+        manager.save(step, _model_state(step))
+    torchstow.save(_model_state(99), str(root / "best"), metadata={"step": 5})
+    manager = torchstow.CheckpointManager(root, keep_last=2)
+    assert manager.steps() == [2, 3] and manager.latest_step() == 3
+    target = _model_state(0)
+    assert manager.restore(target) == 3 and torch.equal(target["w"], torch.full((8, 8), 3.0))
+    with pytest.raises(torchstow.CheckpointNotFoundError, match="step-5"):
+        manager.restore(target, step=5)
+    manager.save(4, _model_state(4))
+    assert manager.steps() == [3, 4]
+    assert sorted(os.listdir(root)) == ["best", "step-3", "step-4"]

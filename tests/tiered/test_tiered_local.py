@@ -22,6 +22,7 @@ from torchstow.backends.filesystem import LocalFileStore
 from torchstow.backends.shm import default_shm_dir
 from torchstow.errors import CheckpointException, CheckpointExistsError, CheckpointNotFoundError
 from torchstow.management.tiered import StepInfo, node_index
+from torchstow.management.tiered.listing import tier_listing
 from torchstow.management.tiered.manager import TieredManager, _FilesWriter
 from torchstow.management.tiered.nodes import Topology
 from torchstow.plugins import manager as plugins
@@ -162,6 +163,21 @@ def test_levels_and_stats(tmp_path: Path, shm_fast) -> None:
         assert handle.stats["durable"].bytes == 4000
         with pytest.raises(ValueError, match="unknown level"):
             handle.wait("memory")
+
+
+def test_a_users_best_under_the_root_is_no_step_of_a_tiered_manager(tmp_path: Path, shm_fast) -> None:
+    # before: a best holding step 5 in its user metadata was the newest durable step: restore
+    # failed (no torchstow checkpoint at step-5) and saving step 2 was refused as older
+    root = tmp_path / "root"
+    torchstow.save(_state(99), str(root / "best"), metadata={"step": 5})
+    with CheckpointManager(root, fast=shm_fast[0]) as manager:
+        manager.save(1, _state(1)).result()
+    with CheckpointManager(root, fast=f"{shm_fast[0]}-other") as manager:
+        assert manager.steps() == [StepInfo(1, ("durable",))]
+        target = _empty()
+        assert manager.restore(target) == 1 and torch.equal(target["w"], _state(1)["w"])
+        manager.save(2, _state(2)).result()
+    assert [row.step for row in tier_listing(str(root), shm_fast[0])[1]] == [1, 2]  # ls --tiers
 
 
 def test_a_save_waits_for_the_previous_write_not_for_its_pruning(

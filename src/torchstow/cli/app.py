@@ -2,13 +2,18 @@
 
 Exit status 0 on success, 1 on an error (one line, ``torchstow: error: ...``,
 on stderr; ``--debug`` adds the traceback) or when ``verify`` finds
-corruption, 2 on a usage error, 130 when interrupted.
+corruption, 2 on a usage error, 130 when interrupted, 141 (quietly) when the reader of
+its output has gone (``torchstow ls | head -1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
+import select
 import sys
 import traceback
 from collections.abc import Sequence
@@ -55,14 +60,14 @@ def _count(least: int) -> Any:
 
 
 def _seconds(text: str) -> float:
-    """An argparse type: a non-negative number of seconds (else a usage error)."""
+    """An argparse type: a finite non-negative number of seconds (else a usage error)."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number of seconds")
-    return value
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite non-negative number of seconds")
+    return value + 0.0  # -0 is 0
 
 
 def size(text: str) -> int:
@@ -205,14 +210,18 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     prints that verb's usage."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if not extra:
-        return args
-    words = list(sys.argv[1:] if argv is None else argv)
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     verb = verbs.choices[args.command]
-    parsed = verb.parse_intermixed_args(words[words.index(args.command) + 1 :])
-    parsed.command = args.command
-    return parsed
+    if extra:
+        words = list(sys.argv[1:] if argv is None else argv)
+        command = args.command
+        args = verb.parse_intermixed_args(words[words.index(command) + 1 :])
+        args.command = command
+    for name in ("uri", "prefix", "src", "dst", "uris"):
+        given = getattr(args, name, None)
+        if given == "" or (isinstance(given, list) and "" in given):
+            verb.error(f"the {name.rstrip('s').upper()} argument is empty")  # exits 2
+    return args
 
 
 def _canonical_uris(args: argparse.Namespace) -> None:
@@ -226,6 +235,27 @@ def _canonical_uris(args: argparse.Namespace) -> None:
         args.uris = [registry.canonical_uri(uri) for uri in args.uris]
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``torchstow ls | head -1``)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not hasattr(select, "poll"):  # Windows: no way to tell, so an error as any other
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _failed(args: argparse.Namespace, exc: Exception) -> int:
+    """Print ``exc`` as the one-line error (and the traceback with ``--debug``); exit status 1."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"torchstow: error: {_one_line(exc)}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchstow`` command; returns the exit status."""
     args = parse(argv)
@@ -235,8 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("torchstow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if not _stdout_gone():
+            return _failed(args, exc)
+        # the reader took what it wanted: stop quietly, as `yes | head -1` does (and keep the
+        # interpreter's last flush from writing to the closed pipe)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"torchstow: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return _failed(args, exc)

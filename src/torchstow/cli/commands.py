@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 import sys
 from typing import Any
 
@@ -18,11 +19,12 @@ from torchstow.cli.render import (
     progress_bar,
     stdout,
 )
-from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError, TorchstowError
 from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
 from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, is_link, scan
+from torchstow.management.prune import counted
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
 from torchstow.plugins.resolve import backend_at, route_options
@@ -199,9 +201,11 @@ def _object_value(source: Source, key: str) -> tuple[str, Any]:
         value = entry.value
     else:
         value = source.read_object(key)
-    return type(value).__name__, value if isinstance(value, int | float | str | bool | type(None)) else repr(
-        value
+    # a JSON scalar as it is; NaN and infinities are none (strict JSON has no such number)
+    scalar = isinstance(value, int | str | bool | type(None)) or (
+        isinstance(value, float) and math.isfinite(value)
     )
+    return type(value).__name__, value if scalar else repr(value)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -228,11 +232,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     finally:
         source.close()
     total = sum(k.get("nbytes", 0) for k in keys)
+    if args.pattern and not keys:  # an error with --json too: the exit status says the same
+        raise KeyError(f"no key of {args.uri} matches {args.pattern!r}")
     if args.json:
         print_json({"uri": args.uri, "format": source.format, "keys": keys, "total_bytes": total})
         return 0
-    if args.pattern and not keys:
-        raise KeyError(f"no key of {args.uri} matches {args.pattern!r}")
     rows = []
     for k in keys:
         if k["kind"] == "tensor":
@@ -300,7 +304,16 @@ def cmd_cp(args: argparse.Namespace) -> int:
     except IncompleteCheckpointError:
         pass  # copy says what is wrong with it
     except CheckpointNotFoundError:
-        return _cp_run(args, src_opts, dst_opts)  # a run: the checkpoints under it
+        try:
+            return _cp_run(args, src_opts, dst_opts)  # a run: the checkpoints under it
+        except CheckpointNotFoundError as nothing:
+            other = _convert_only(args.src, src_opts)
+            if other is None:
+                raise
+            raise ValueError(
+                f"{args.src} is a {other} checkpoint: cp copies torchstow and DCP checkpoints; "
+                f"convert it instead (torchstow convert {args.src} DST --to torchstow)"
+            ) from nothing
     with progress_bar("copy", args.progress) as progress:
         dst = torchstow.copy(
             args.src,
@@ -317,6 +330,17 @@ def cmd_cp(args: argparse.Namespace) -> int:
     else:
         print(f"copied {args.src} -> {dst} ({human_bytes(info.nbytes)}, {info.num_entries} entries)")
     return 0
+
+
+def _convert_only(uri: str, options: dict[str, Any]) -> str | None:
+    """The format of the checkpoint at ``uri`` when it is one ``convert`` reads but ``cp``
+    does not copy (a ``torch.save`` file, safetensors); else None."""
+    try:
+        source = open_source(uri, options)
+    except (TorchstowError, OSError, ValueError):
+        return None
+    source.close()
+    return None if source.format in ("torchstow", "dcp") else source.format
 
 
 def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[str, Any]) -> int:
@@ -383,7 +407,11 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete older checkpoints, keeping the newest N and every K-th step (never the newest)."""
-    before = [e.uri for e in scan(args.prefix, storage_options=_opts(args)) if e.status == COMMITTED]
+    committed = [e.info for e in scan(args.prefix, storage_options=_opts(args)) if e.info is not None]
+    backend = backend_at(args.prefix, _opts(args))[1]
+    before = [i.uri for i in committed]
+    # best, final (no step in the name) and links: neither counted nor deleted
+    uncounted = [i.uri for i in committed if not counted(backend, i)]
     with progress_bar("prune", args.progress, unit="checkpoints") as progress:
         deleted = torchstow.prune(
             args.prefix,
@@ -395,12 +423,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     kept = [uri for uri in before if uri not in deleted]
     if args.json:
-        print_json({"prefix": args.prefix, "dry_run": args.dry_run, "deleted": deleted, "kept": kept})
+        print_json(
+            {
+                "prefix": args.prefix,
+                "dry_run": args.dry_run,
+                "deleted": deleted,
+                "kept": kept,
+                "not_counted": uncounted,
+            }
+        )
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     for uri in deleted:
         print(f"{verb} {uri}")
-    print(f"{verb} {len(deleted)}, kept {len(kept)}")
+    note = f"; not counted (no step in the name, or a link): {', '.join(uncounted)}" if uncounted else ""
+    print(f"{verb} {len(deleted)}, kept {len(kept)}{note}")
     return 0
 
 

@@ -105,8 +105,9 @@ def stdout() -> Console:
 
 
 def print_json(doc: Any) -> None:
-    """One JSON document on stdout."""
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    """One JSON document on stdout: strict JSON (a NaN or infinity is a ValueError before
+    anything is printed, never ``NaN`` that ``jq`` and strict parsers refuse)."""
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def key_tree(title: str, rows: list[tuple[str, str]]) -> Tree:

@@ -27,7 +27,7 @@ from torchstow.core.protocol.collective import Collective
 from torchstow.core.protocol.steps import broadcast_from_coordinator
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointExistsError
-from torchstow.management.catalog import list_checkpoints
+from torchstow.management.catalog import list_steps
 from torchstow.management.steps import step_uri
 from torchstow.plugins.resolve import backend_at
 
@@ -112,7 +112,7 @@ def _refuse_newer(root: str, step: int, steps: Iterable[int], storage_options: d
         return
     shown = ", ".join(map(str, newer[:5])) + (", ..." if len(newer) > 5 else "")
     try:
-        found = list_checkpoints(root, storage_options=storage_options)
+        found = list_steps(root, storage_options=storage_options)
         uris = [info.uri for info in found if info.step is not None and info.step > step]
     except OSError:
         uris = []

@@ -26,10 +26,11 @@ from torchstow.format.manifest import CheckpointInfo
 from torchstow.management import listing
 from torchstow.management.gc import GRACE, in_flight
 from torchstow.management.listing import checkpoint_info
+from torchstow.management.steps import names_a_step
 from torchstow.management.verify import verify
 from torchstow.plugins.resolve import Uri, backend_at
 
-__all__ = ["checkpoint_info", "delete", "info", "latest", "list_checkpoints"]
+__all__ = ["checkpoint_info", "delete", "info", "latest", "list_checkpoints", "list_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ def list_checkpoints(uri: Uri, *, storage_options: dict[str, Any] | None = None)
         elif entry.status == listing.UNREADABLE:
             logger.warning("skipping %s: %s", entry.uri, entry.error)
     return found
+
+
+def list_steps(uri: Uri, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
+    """The steps of the run under ``uri``: the committed checkpoints there whose names end in a
+    step (:func:`~torchstow.management.steps.names_a_step`), oldest first; a user's ``best``
+    or ``final`` beside them is none, whatever ``step`` its user metadata holds."""
+    return [i for i in list_checkpoints(uri, storage_options=storage_options) if names_a_step(i.uri)]
 
 
 def latest(uri: Uri, *, storage_options: dict[str, Any] | None = None, verified: bool = False) -> str | None:

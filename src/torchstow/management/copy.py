@@ -21,6 +21,7 @@ from torchstow.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    TorchstowError,
 )
 from torchstow.format.compression import check_compression
 from torchstow.format.dcp_metadata import decode_dcp_metadata
@@ -131,6 +132,19 @@ def _copy_whole_file(
     sink.close()
 
 
+def _prepare(dst_store: ByteStore) -> None:
+    """Make the copy's location; one that is a file, or lies under one, is refused (ValueError)."""
+    try:
+        dst_store.prepare()
+    except (FileExistsError, NotADirectoryError) as exc:
+        if isinstance(exc, TorchstowError):
+            raise
+        raise ValueError(
+            f"cannot copy to {dst_store.location}: it is a file, or lies under one, so it is no "
+            "place for a checkpoint (a directory or prefix); nothing was copied"
+        ) from exc
+
+
 def _copy_dcp(
     src_store: ByteStore, dst_store: ByteStore, overwrite: bool, progress: ProgressCallback | None
 ) -> None:
@@ -151,7 +165,7 @@ def _copy_dcp(
             raise CorruptCheckpointError(
                 f"{where}/{name} {have}, where {DCP_METADATA} needs {end:,}; nothing was copied"
             )
-    dst_store.prepare()
+    _prepare(dst_store)
     if not overwrite:
         check_vacant(dst_store)
     existing = dst_store.list_files()
@@ -201,7 +215,7 @@ def _copy_store(
             raise
         _copy_dcp(src_store, dst_store, overwrite, progress)
         return
-    dst_store.prepare()
+    _prepare(dst_store)
     if not overwrite:
         check_vacant(dst_store)
     files = spans_by_file(metadata)
@@ -348,7 +362,10 @@ def copy_run(
     incomplete and unreadable ones are skipped and reported. ``dst_prefix`` ending
     with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
     checkpoint at any destination is an error before anything is copied, unless
-    ``overwrite``. ``compression`` is as in :func:`copy`."""
+    ``overwrite``; so is (``ValueError``) a destination inside ``src_prefix`` or that is
+    it, under any spelling. ``compression`` is as in :func:`copy`."""
+    from torchstow.interop.convert import check_apart
+
     check_compression(compression)
     src = checkpoint_uri(src_prefix)
     dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
@@ -357,6 +374,8 @@ def copy_run(
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
+    for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
+        check_apart(src, target, "copy")
     if not overwrite:
         taken = []
         for _, target in plan:

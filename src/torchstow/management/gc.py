@@ -184,7 +184,9 @@ def gc(
     own format (and DCP's ``.distcp`` files without a ``.metadata``, reported
     under ``skipped``), unreadable manifests' locations and symbolic links under the prefix
     (never followed) are left alone; a store that
-    cannot date its files keeps them. Returns a :class:`GcReport`.
+    cannot date its files keeps them. Returns a :class:`GcReport`. Nothing at all at
+    ``uri_or_prefix`` (no file, no upload: a path that does not exist, a typo) is a
+    :class:`CheckpointNotFoundError`, as for ``ls``.
     """
     if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not older_than >= 0:
         raise ValueError(f"older_than must be a non-negative number of seconds, got {older_than!r}")
@@ -202,11 +204,18 @@ def gc(
         locations = [e.uri for e in entries if e.status != UNREADABLE and not is_link(backend, e.uri)]
     except IsACheckpointError:
         locations = [text]
-    except CheckpointNotFoundError:
+    except CheckpointNotFoundError as nothing:
         locations = [text]  # an incomplete checkpoint itself, or nothing
+        top = backend.open_store(text)
+        try:
+            empty = not top.list_files() and not top.pending_uploads()
+        except FileNotFoundError:  # a bucket that does not exist: as the listing said
+            empty = True
+        if empty:  # nothing there at all, not even an upload: a typo, not a clean prefix
+            raise nothing
+    top = backend.open_store(text)
     for location in locations:
         _collect_location(backend.open_store(location), cutoff, report)
-    top = backend.open_store(text)
     for upload in top.pending_uploads():
         where = f"{top.location}/{upload.name}"
         if upload.started >= cutoff:

@@ -16,11 +16,11 @@ from torchstow.core.storage.backend import StoreBackend
 from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.compression import check_compression
 from torchstow.management.bases import check_step, choose_base
-from torchstow.management.catalog import info, list_checkpoints
+from torchstow.management.catalog import info, list_steps
 from torchstow.management.prune import plan_prune, prune_keeping
 from torchstow.management.steps import step_uri
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
-from torchstow.plugins.resolve import backend_at
+from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
 __all__ = ["CheckpointManager"]
 
@@ -37,6 +37,12 @@ def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
             f"incremental=True: checkpoints under {root!r} cannot share files (object stores "
             "cannot), so incremental saves are not supported there; use local files or shm://"
         )
+
+
+def _check_step(step: int) -> None:
+    """ValueError unless ``step`` is a non-negative integer (not a bool, a float or "3")."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
 
 
 class CheckpointManager:
@@ -110,7 +116,7 @@ class CheckpointManager:
         self.compression = check_compression(compression)
         if fast is not None and compression is not None:
             raise ValueError("compression= is not supported by a tiered manager (fast=): save without it")
-        self.root = os.fspath(uri).rstrip("/") or "/"
+        self.root = checkpoint_uri(uri).rstrip("/") or "/"  # "" is an error, not "/"
         self._tiered: TieredManager | None = None
         if fast is not None:
             if incremental:
@@ -204,8 +210,7 @@ class CheckpointManager:
             if save_options or asynchronous:
                 raise TypeError(f"a tiered manager's save takes only metadata=, not {sorted(save_options)}")
             return self._tiered.save(step, state_dict, metadata=metadata)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        _check_step(step)
         self.wait()
         if step in self._done and not save_options.get("overwrite"):
             logger.warning(
@@ -299,7 +304,7 @@ class CheckpointManager:
         return found
 
     def _durable_steps(self) -> list[int]:
-        found = list_checkpoints(self.root, storage_options=self.storage_options)
+        found = list_steps(self.root, storage_options=self.storage_options)
         return sorted({info.step for info in found if info.step is not None})
 
     def _listed_latest(self) -> int | None:
@@ -311,7 +316,7 @@ class CheckpointManager:
         that is among the checkpoints of the step, else the newest of them (``iter_0000007``)."""
         found = [
             (info.step, info.uri)
-            for info in list_checkpoints(self.root, storage_options=self.storage_options)
+            for info in list_steps(self.root, storage_options=self.storage_options)
             if info.step is not None
         ]
         if not found:
@@ -328,9 +333,7 @@ class CheckpointManager:
             return self.uri(step)
         except CheckpointNotFoundError:
             pass
-        found = [
-            i.uri for i in list_checkpoints(self.root, storage_options=self.storage_options) if i.step == step
-        ]
+        found = [i.uri for i in list_steps(self.root, storage_options=self.storage_options) if i.step == step]
         return found[-1] if found else self.uri(step)
 
     def restore(self, state_dict: Mapping[str, Any], step: int | None = None, **load_options: Any) -> int:
@@ -341,6 +344,8 @@ class CheckpointManager:
 
         A loop resumes after it: the restored step's state is saved already.
         """
+        if step is not None:
+            _check_step(step)
         if self._tiered is not None:
             if load_options:
                 raise TypeError(f"a tiered manager's restore takes no options, got {sorted(load_options)}")

@@ -7,14 +7,15 @@ import os
 from collections.abc import Collection
 from typing import Any
 
+from torchstow.core.storage.backend import Backend
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
 from torchstow.management.listing import is_link
-from torchstow.management.steps import is_step_uri
+from torchstow.management.steps import is_step_uri, names_a_step
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["plan_prune", "prune", "prune_keeping"]
+__all__ = ["counted", "plan_prune", "prune", "prune_keeping"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +58,18 @@ def prune(
 ) -> list[str]:
     """Delete older committed checkpoints directly under ``uri`` (a directory or prefix).
 
-    Keeps the newest ``keep_last`` (ordered by step, then commit time, as
-    :func:`torchstow.latest` orders them), every checkpoint whose step is a
-    multiple of ``keep_every``, and always the newest committed one (checkpoints
-    in DCP's own format count too, and go as :func:`torchstow.delete` removes
-    them); leaves incomplete checkpoints, symbolic links (neither counted nor deleted:
-    never through one) and other entries alone. Deletes oldest first,
-    each manifest first, so an interrupted prune leaves only whole
-    checkpoints. Returns the URIs deleted (or, with ``dry_run``, that would be).
+    Counts the checkpoints whose names end in a step (``step-100``,
+    ``iter_0001000``: :func:`~torchstow.management.steps.names_a_step`) and
+    keeps the newest ``keep_last`` of them (ordered by step, then commit time,
+    as :func:`torchstow.latest` orders them), every one whose step is a
+    multiple of ``keep_every``, and always the newest (checkpoints in DCP's
+    own format count too, and go as :func:`torchstow.delete` removes them).
+    Checkpoints whose names name no step (``best``, ``final``, even with a
+    ``step`` in their user metadata) are neither counted nor deleted; nor are
+    symbolic links (never deleted through), incomplete checkpoints and other
+    entries. Deletes oldest first, each manifest first, so an interrupted
+    prune leaves only whole checkpoints. Returns the URIs deleted (or, with
+    ``dry_run``, that would be).
     ``progress(1, number_to_delete)`` is called after each deletion.
     """
     return _prune(uri, keep_last, keep_every, (), dry_run, storage_options, progress)
@@ -86,6 +91,15 @@ def prune_keeping(
     return _prune(uri, keep_last, keep_every, (step,), False, storage_options, None, managed=True)
 
 
+def counted(backend: Backend, info: CheckpointInfo, *, managed: bool = False) -> bool:
+    """Whether a prune counts (and may delete) the committed checkpoint ``info``: one whose
+    name ends in a step (a manager's: named ``step-<n>`` for its step ``n``), and no symbolic
+    link (latest -> step-300: deleting it would delete the checkpoint it points at)."""
+    if is_link(backend, info.uri):
+        return False
+    return is_step_uri(info.uri, info.step) if managed else names_a_step(info.uri)
+
+
 def _prune(
     uri: str | os.PathLike[str],
     keep_last: int,
@@ -98,12 +112,10 @@ def _prune(
     managed: bool = False,
 ) -> list[str]:
     backend = backend_at(uri, storage_options)[1]
-    # A symbolic link (latest -> step-300) is no checkpoint of its own: deleting it would
-    # delete the checkpoint it points at, one kept under its own name or outside ``uri``.
     found = [
         info
         for info in list_checkpoints(uri, storage_options=storage_options)
-        if not is_link(backend, info.uri) and (not managed or is_step_uri(info.uri, info.step))
+        if counted(backend, info, managed=managed)
     ]
     doomed = plan_prune(
         found,

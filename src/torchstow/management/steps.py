@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["is_step_uri", "step_of", "step_uri"]
+__all__ = ["is_step_uri", "names_a_step", "step_of", "step_uri"]
 
 # A trailing number counts when it is the whole name or follows a separator
 # (step-100, checkpoint_100, iter.7) or a word that says what it counts
@@ -32,6 +32,13 @@ def is_step_uri(uri: str, step: int | None) -> bool:
     (its name is ``step-<step>``): a manager's own step, which its retention may count and
     delete; ``best``, ``step-007`` or ``iter_0000007`` beside its steps are not."""
     return step is not None and os.path.basename(uri.rstrip("/")) == _step_name(step)
+
+
+def names_a_step(uri: str) -> bool:
+    """Whether the name of ``uri`` ends in a step (``step-100``, ``iter_0001000``; not ``best``
+    or ``final``, whatever their user metadata says): a step of a run, which ``prune`` and a
+    manager count."""
+    return step_of(uri) is not None
 
 
 def step_of(uri: str, user_metadata: Mapping[str, Any] | None = None) -> int | None:

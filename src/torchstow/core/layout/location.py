@@ -39,12 +39,16 @@ def read_manifest(store: ByteStore, *, dcp: bool = False) -> Metadata:
     none but a DCP ``.metadata`` (a checkpoint of stock ``dcp.save``), that one read as
     a torchstow manifest (its locations checked against the file sizes).
 
-    Raises CheckpointNotFoundError when nothing is there and
+    Raises CheckpointNotFoundError when nothing is there (or a file is) and
     IncompleteCheckpointError when data exists without a manifest (with ``dcp``, DCP's
     ``.distcp`` files without its ``.metadata`` too).
     """
     try:
         data = store.read_file(MANIFEST)
+    except NotADirectoryError:  # a local location that is a file (/dev/null, model.txt)
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {store.location}: it is a file, or lies under one"
+        ) from None
     except FileNotFoundError:
         names = store.list_files()
         if dcp and DCP_METADATA in names:

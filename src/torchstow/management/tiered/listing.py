@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torchstow.management.catalog import list_checkpoints
+from torchstow.management.catalog import list_steps
 from torchstow.management.tiered.holdings import Held, complete_steps, inventory
 from torchstow.management.tiered.manager import FAST_TIER_KEY, _store_backend
 from torchstow.management.tiered.nodes import expand_node
@@ -59,7 +59,7 @@ def tier_listing(
     step complete in some tier, ascending."""
     durable = {
         info.step: info
-        for info in list_checkpoints(root, storage_options=storage_options)
+        for info in list_steps(root, storage_options=storage_options)  # not a user's best
         if info.step is not None
     }
     if fast is None:

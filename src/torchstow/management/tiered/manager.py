@@ -738,9 +738,9 @@ class TieredManager:
         }
 
     def _root_steps(self) -> set[int]:
-        from torchstow.management.catalog import list_checkpoints
+        from torchstow.management.catalog import list_steps
 
-        found = list_checkpoints(self.root, storage_options=self.storage_options)
+        found = list_steps(self.root, storage_options=self.storage_options)  # not a user's best
         return {info.step for info in found if info.step is not None}
 
     def steps(self) -> list[StepInfo]:
