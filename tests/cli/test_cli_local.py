@@ -138,19 +138,21 @@ def test_prune_and_rm(run_dir: Path) -> None:
     assert [i.step for i in torchstow.list_checkpoints(d)] == [1000, 1500]
 
 
-def test_prune_leaves_checkpoints_without_a_step_in_their_names(run_dir: Path) -> None:
-    # before: "best" (its step in the user metadata) and "final" were pruned as the oldest steps
+def test_prune_leaves_checkpoints_without_a_step(run_dir: Path) -> None:
+    # before: "best" and "final" (no step) were pruned first, as the oldest; a checkpoint
+    # whose step is in its user metadata counts as latest() counts it, whatever its name
     d = str(run_dir)
-    torchstow.save(_state(250), f"{d}/best", metadata={"step": 250})
+    torchstow.save(_state(250), f"{d}/best")
     torchstow.save(_state(300), f"{d}/final")
+    torchstow.save(_state(150), f"{d}/exported", metadata={"step": 150})
     os.symlink("step-300", run_dir / "latest")
     theirs = [f"{d}/final", f"{d}/best", f"{d}/latest"]
     dry = json_doc("prune", d, "--keep-last", "1", "--dry-run")
-    assert dry["deleted"] == [f"{d}/step-{s}" for s in (100, 200)]
+    assert dry["deleted"] == [f"{d}/step-100", f"{d}/exported", f"{d}/step-200"]
     assert sorted(dry["not_counted"]) == sorted(theirs) and set(theirs) < set(dry["kept"])
     done = invoke("prune", d, "--keep-last", "1")
     assert done.code == 0, done.err
-    assert done.out.splitlines()[-1].startswith("deleted 2, kept 4; not counted (no step in the name")
+    assert done.out.splitlines()[-1].startswith("deleted 3, kept 4; not counted (no step, or a link)")
     assert sorted(os.listdir(run_dir)) == ["best", "final", "latest", "s3", "step-300", "step-400"]
     assert torchstow.prune(d, keep_last=0) == []  # the API alike: step-300 is the newest step
 

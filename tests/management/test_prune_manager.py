@@ -277,8 +277,8 @@ def test_a_managers_retention_counts_and_deletes_only_its_own_steps(tmp_path: Pa
     for step in (2, 3, 4, 5):
         manager.save(step, _model_state(step))
     assert sorted(os.listdir(root)) == [*theirs, "step-4", "step-5"]
-    # torchstow.prune of the root counts every checkpoint whose name ends in a step
-    assert torchstow.prune(root, keep_last=2, dry_run=True) == [str(root / "iter_0000001")]
+    # torchstow.prune of the root counts every checkpoint with a step (its metadata's, else its name's)
+    assert torchstow.prune(root, keep_last=2, dry_run=True) == [str(root / n) for n in theirs[1::2]]
 
 
 def test_the_refusal_of_an_older_step_names_where_the_newer_steps_lie(tmp_path: Path) -> None:

@@ -410,7 +410,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     committed = [e.info for e in scan(args.prefix, storage_options=_opts(args)) if e.info is not None]
     backend = backend_at(args.prefix, _opts(args))[1]
     before = [i.uri for i in committed]
-    # best, final (no step in the name) and links: neither counted nor deleted
+    # best, final (no step) and links: neither counted nor deleted
     uncounted = [i.uri for i in committed if not counted(backend, i)]
     with progress_bar("prune", args.progress, unit="checkpoints") as progress:
         deleted = torchstow.prune(
@@ -436,7 +436,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for uri in deleted:
         print(f"{verb} {uri}")
-    note = f"; not counted (no step in the name, or a link): {', '.join(uncounted)}" if uncounted else ""
+    note = f"; not counted (no step, or a link): {', '.join(uncounted)}" if uncounted else ""
     print(f"{verb} {len(deleted)}, kept {len(kept)}{note}")
     return 0
 

@@ -11,7 +11,7 @@ from torchstow.core.storage.backend import Backend
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
 from torchstow.management.listing import is_link
-from torchstow.management.steps import is_step_uri, names_a_step
+from torchstow.management.steps import is_step_uri
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
@@ -58,16 +58,15 @@ def prune(
 ) -> list[str]:
     """Delete older committed checkpoints directly under ``uri`` (a directory or prefix).
 
-    Counts the checkpoints whose names end in a step (``step-100``,
-    ``iter_0001000``: :func:`~torchstow.management.steps.names_a_step`) and
-    keeps the newest ``keep_last`` of them (ordered by step, then commit time,
-    as :func:`torchstow.latest` orders them), every one whose step is a
-    multiple of ``keep_every``, and always the newest (checkpoints in DCP's
-    own format count too, and go as :func:`torchstow.delete` removes them).
-    Checkpoints whose names name no step (``best``, ``final``, even with a
-    ``step`` in their user metadata) are neither counted nor deleted; nor are
-    symbolic links (never deleted through), incomplete checkpoints and other
-    entries. Deletes oldest first, each manifest first, so an interrupted
+    Counts the checkpoints that have a step (the ``step`` of their user metadata,
+    else the one their name ends in: :func:`~torchstow.management.steps.step_of`,
+    as :func:`torchstow.latest` reads it) and keeps the newest ``keep_last`` of
+    them (ordered by step, then commit time), every one whose step is a multiple
+    of ``keep_every``, and always the newest (checkpoints in DCP's own format
+    count too, and go as :func:`torchstow.delete` removes them). Checkpoints
+    with no step (``best``, ``final`` saved without one) are neither counted nor
+    deleted; nor are symbolic links (never deleted through), incomplete
+    checkpoints and other entries. Deletes oldest first, each manifest first, so an interrupted
     prune leaves only whole checkpoints. Returns the URIs deleted (or, with
     ``dry_run``, that would be).
     ``progress(1, number_to_delete)`` is called after each deletion.
@@ -92,12 +91,12 @@ def prune_keeping(
 
 
 def counted(backend: Backend, info: CheckpointInfo, *, managed: bool = False) -> bool:
-    """Whether a prune counts (and may delete) the committed checkpoint ``info``: one whose
-    name ends in a step (a manager's: named ``step-<n>`` for its step ``n``), and no symbolic
-    link (latest -> step-300: deleting it would delete the checkpoint it points at)."""
+    """Whether a prune counts (and may delete) the committed checkpoint ``info``: one with a
+    step (a manager's: named ``step-<n>`` for its step ``n``), and no symbolic link
+    (latest -> step-300: deleting it would delete the checkpoint it points at)."""
     if is_link(backend, info.uri):
         return False
-    return is_step_uri(info.uri, info.step) if managed else names_a_step(info.uri)
+    return is_step_uri(info.uri, info.step) if managed else info.step is not None
 
 
 def _prune(
