@@ -464,6 +464,8 @@ def test_every_body_carries_its_crc32c_and_no_sha256_signature_unless_config_kwa
             opts["config_kwargs"] = config
         torchstow.save({"w": torch.randn(3 << 20)}, uri, storage_options=opts)  # 12 MiB: three parts
         client = s3_client(s3_endpoint)
+        # the proxy logs a request once it has relayed the reply, which the save may outrun
+        wait_until(lambda: bool(proxy.requests("PUT", r"/manifest\.json$")), what="the manifest's PUT logged")
         parts = proxy.requests("PUT", r"partNumber=")
         puts = [*parts, *proxy.requests("PUT", r"/manifest\.json$")]
         assert len(parts) == 3 and len(puts) == 4
