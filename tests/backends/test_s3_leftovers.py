@@ -80,8 +80,11 @@ def test_gc_on_s3_removes_old_debris_and_aborts_orphaned_uploads(s3_endpoint: st
     client.put_object(Bucket=s3_bucket, Key=f"{run}/step-1/data-aaaaaaaaaaaa-0-0.bin", Body=b"x" * 100)
     client.put_object(Bucket=s3_bucket, Key=f"{run}/step-2/data-bbbbbbbbbbbb-0-0.bin", Body=b"x" * 100)
     orphan = f"{run}/step-3/data-cccccccccccc-0-0.bin"
-    upload = client.create_multipart_upload(Bucket=s3_bucket, Key=orphan)["UploadId"]
-    client.upload_part(Bucket=s3_bucket, Key=orphan, UploadId=upload, PartNumber=1, Body=b"y" * 100)
+    # and another program's upload under the prefix, which gc must never abort
+    theirs = f"{run}/exports/model.safetensors"
+    for key in (orphan, theirs):
+        upload = client.create_multipart_upload(Bucket=s3_bucket, Key=key)["UploadId"]
+        client.upload_part(Bucket=s3_bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"y" * 100)
 
     young = torchstow.gc(prefix, storage_options=opts)  # the default grace period: an hour
     assert young.removed == [] and young.aborted == []
@@ -92,7 +95,7 @@ def test_gc_on_s3_removes_old_debris_and_aborts_orphaned_uploads(s3_endpoint: st
             f"s3://{s3_bucket}/{orphan}",
         ]
     )
-    assert uploads_under(s3_endpoint, s3_bucket, run) == [orphan]
+    assert sorted(uploads_under(s3_endpoint, s3_bucket, run)) == [theirs, orphan]
 
     time.sleep(1.1)  # S3 dates objects and uploads to the second
     report = torchstow.gc(prefix, older_than=0, storage_options=opts)
@@ -101,7 +104,8 @@ def test_gc_on_s3_removes_old_debris_and_aborts_orphaned_uploads(s3_endpoint: st
         f"{prefix}/step-2/data-bbbbbbbbbbbb-0-0.bin",
     ]
     assert report.aborted == [f"s3://{s3_bucket}/{orphan}"]
-    assert uploads_under(s3_endpoint, s3_bucket, run) == []
+    assert f"s3://{s3_bucket}/{theirs}" in report.skipped
+    assert uploads_under(s3_endpoint, s3_bucket, run) == [theirs]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=run).get("Contents", [])]
     assert len(keys) == 3 and all(k.startswith(f"{run}/step-1/") for k in keys)  # manifest, table, data
     assert torch.equal(torchstow.read(f"{prefix}/step-1", storage_options=opts)["w"], sd["w"])

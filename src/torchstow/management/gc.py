@@ -176,7 +176,8 @@ def gc(
     At each checkpoint location directly under ``uri_or_prefix`` (or at that
     location itself): data files its committed manifest does not name, or,
     without a manifest, every data file (an incomplete checkpoint), and on S3
-    the multipart uploads never completed nor aborted under the prefix. Only
+    the multipart uploads of files torchstow writes never completed nor aborted
+    under the prefix (another program's are reported under ``skipped``). Only
     debris older than ``older_than`` seconds goes (by file modification time,
     S3's ``LastModified`` and an upload's ``Initiated``), judged per save: the
     files of a save still in flight are never removed while its newest file is
@@ -218,6 +219,9 @@ def gc(
         _collect_location(backend.open_store(location), cutoff, report)
     for upload in top.pending_uploads():
         where = f"{top.location}/{upload.name}"
+        if not is_checkpoint_file(upload.name.rsplit("/", 1)[-1]):  # another program's upload
+            report.skipped[where] = "an upload of a file torchstow never writes"
+            continue
         if upload.started >= cutoff:
             report.kept.append(where)
             continue
