@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,7 +39,7 @@ from torchstow.errors import (
     PickleNotAllowedError,
     TorchstowError,
 )
-from torchstow.format.files import MANIFEST
+from torchstow.format.files import MANIFEST, temporary_name
 from torchstow.interop import safetensors_format as stf
 from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards, is_dcp, local_path
 
@@ -132,30 +132,42 @@ def to_dcp(selection: Selection, dst: str, overwrite: bool, report: ConvertRepor
             return selection.fetch(write_item.index.fqn)
 
     state = _plan_state(selection, report)
+    with _folder(dst):
+        staging = tempfile.mkdtemp(prefix=".torchstow-convert-", dir=dst)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", message=".*assuming the intent is to save in a single process"
+                )
+                dcp.save(
+                    state,
+                    storage_writer=dcp.FileSystemWriter(staging),
+                    planner=StreamingDcpPlanner(),
+                    no_dist=True,
+                )
+            _move_dcp(staging, dst, overwrite)
+        except DcpCheckpointException as exc:  # a BaseException: give back the error that caused it
+            cause = next((failure for failure, _ in exc.failures.values()), None)
+            if isinstance(cause, TorchstowError):
+                raise cause from None
+            raise TorchstowError(f"convert to DCP at {dst} failed: {cause or exc}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    report.files.append(dst)
+
+
+@contextlib.contextmanager
+def _folder(dst: str) -> Iterator[None]:
+    """``dst`` made where it is missing, and removed again when the block ends if this made it
+    and nothing is left in it (a conversion that failed leaves no empty folder behind)."""
     created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".torchstow-convert-", dir=dst)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-            dcp.save(
-                state,
-                storage_writer=dcp.FileSystemWriter(staging),
-                planner=StreamingDcpPlanner(),
-                no_dist=True,
-            )
-        _move_dcp(staging, dst, overwrite)
-    except DcpCheckpointException as exc:  # a BaseException: give back the error that caused it
-        cause = next((failure for failure, _ in exc.failures.values()), None)
-        if isinstance(cause, TorchstowError):
-            raise cause from None
-        raise TorchstowError(f"convert to DCP at {dst} failed: {cause or exc}") from None
+        yield
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(dst)  # only if nothing moved in
-    report.files.append(dst)
+            with contextlib.suppress(OSError):  # not empty: the output moved in
+                os.rmdir(dst)
 
 
 def _move_dcp(staging: str, dst: str, overwrite: bool) -> None:
@@ -202,7 +214,7 @@ def to_torch(selection: Selection, dst: str, report: ConvertReport) -> None:
 def _temporary(folder: str, name: str) -> str:
     """A new hidden name in ``folder`` to write ``name`` under before renaming it into
     place (opened with ``open``, so the file gets the usual permissions, not 0600)."""
-    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    return os.path.join(folder, temporary_name(name, uuid.uuid4().hex[:12]))
 
 
 class _ReadAhead:
@@ -262,38 +274,34 @@ def to_safetensors(
         max_shard_bytes or stf.DEFAULT_MAX_SHARD_BYTES,
     )
     by_key = {e[0]: e for e in entries}
-    created = not os.path.exists(dst)
-    os.makedirs(dst, exist_ok=True)
     index_path = os.path.join(dst, stf.INDEX)
-    old = _safetensors_files(dst) if overwrite else set()
     staged: dict[str, str] = {}  # final name -> the temporary file written first
-    fetch = _ReadAhead([key for shard in shards for key in shard.keys], selection.fetch)
-    try:
-        for shard in shards:
-            staged[shard.name] = tmp = _temporary(dst, shard.name)
-            with open(tmp, "xb") as out:
-                stf.write_shard(out, [by_key[k] for k in shard.keys], fetch, metadata)
-        total = sum(shard.nbytes for shard in shards)
-        staged[stf.INDEX] = tmp = _temporary(dst, stf.INDEX)
-        with open(tmp, "x") as text:
-            json.dump(stf.index_document(shards, total), text, indent=2, sort_keys=True)
-            text.write("\n")
-        # Every file is written: the old output goes (its index first, so no reader pairs
-        # it with new shards), the new one moves in, its index last.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(index_path)
-        for name, tmp in staged.items():
-            os.replace(tmp, os.path.join(dst, name))
-    except BaseException:
-        for tmp in staged.values():
+    with _folder(dst):
+        old = _safetensors_files(dst) if overwrite else set()
+        fetch = _ReadAhead([key for shard in shards for key in shard.keys], selection.fetch)
+        try:
+            for shard in shards:
+                staged[shard.name] = tmp = _temporary(dst, shard.name)
+                with open(tmp, "xb") as out:
+                    stf.write_shard(out, [by_key[k] for k in shard.keys], fetch, metadata)
+            total = sum(shard.nbytes for shard in shards)
+            staged[stf.INDEX] = tmp = _temporary(dst, stf.INDEX)
+            with open(tmp, "x") as text:
+                json.dump(stf.index_document(shards, total), text, indent=2, sort_keys=True)
+                text.write("\n")
+            # Every file is written: the old output goes (its index first, so no reader pairs
+            # it with new shards), the new one moves in, its index last.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(dst)  # only if still empty
-        raise
-    finally:
-        fetch.close()
+                os.unlink(index_path)
+            for name, tmp in staged.items():
+                os.replace(tmp, os.path.join(dst, name))
+        except BaseException:
+            for tmp in staged.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            raise
+        finally:
+            fetch.close()
     for name in old.difference(shard.name for shard in shards):  # named by the replaced index only
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(dst, name))
