@@ -477,9 +477,14 @@ def async_save(
         return settings.job(staged_slot)
 
     saves = pipeline()
-    collective = _Distributed.of(locals()).collective(saves)
+    distributed = _Distributed.of(locals())
     saving = saves.submit(
-        plain, text, prepare, collective=collective, stager=stager, track_sources=trust_version_counter
+        plain,
+        text,
+        prepare,
+        collective=lambda: distributed.collective(saves),
+        stager=stager,
+        track_sources=trust_version_counter,
     )
     if getattr(stager, "should_synchronize_after_execute", False):  # DCP's stagers that ask for it
         stager.synchronize_staging()  # type: ignore[union-attr]

@@ -34,7 +34,13 @@ from torchstow.core.dtensors import local_view
 from torchstow.core.futures import as_future, before_pools_stop, failed_future
 from torchstow.core.planning import SavePlan, SavePlanner
 from torchstow.core.process_local import ProcessLocal
-from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, Timeout, make_collective
+from torchstow.core.protocol.collective import (
+    Collective,
+    ProcessGroupCollective,
+    Timeout,
+    lost_contact,
+    make_collective,
+)
 from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.stats import SaveStats
 from torchstow.core.protocol.steps import save_state_dict
@@ -136,15 +142,26 @@ class _FailedWriter(StorageWriter):
 
 
 class AsyncSavePipeline:
-    """The process's save thread, default stager and commit groups."""
+    """The process's save thread, default stager and commit groups.
+
+    Saves are numbered in call order, the same on every rank. A commit group that a
+    save's timeout broke (gloo closes it for good) is replaced by a new one, made by
+    every rank of the group on the caller's thread, at the first call that waited for
+    that save to be over: every rank then knows the same saves' outcomes, so all of
+    them make the new group at the same call (a call that waited for no such save
+    keeps the group, and its save fails at once, saying why).
+    """
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-async-save")
         self._lock = threading.Lock()
-        self._last: weakref.WeakKeyDictionary[Stager, AsyncSave] = weakref.WeakKeyDictionary()
+        self._last: weakref.WeakKeyDictionary[Stager, tuple[int, AsyncSave]] = weakref.WeakKeyDictionary()
         self._default_stager: DefaultStager | None = None
         self._world: Any = None
         self._groups: dict[tuple[int, ...], Any] = {}
+        self._count = 0  # saves submitted so far
+        self._settled = -1  # every save numbered up to this one is over (a call waited for it)
+        self._broke: dict[Any, int] = {}  # commit group -> the number of the save that broke it
 
     def default_stager(self) -> DefaultStager:
         """Stages on the caller's thread, pinned and non-blocking where an accelerator exists."""
@@ -184,7 +201,10 @@ class AsyncSavePipeline:
         if self._world is not dist.group.WORLD:  # torch.distributed was (re)initialized
             self._world = dist.group.WORLD
             self._groups.clear()
+            self._broke.clear()
         group = self._groups.get(ranks)
+        if group is not None and self._broke.get(group, self._count) <= self._settled:
+            group = None  # broken by a save that every rank has seen end
         if group is None:
             group = self._groups[ranks] = private_gloo_group(
                 ranks, timeout, step="async save", what="the commit group of its first async_save"
@@ -197,11 +217,15 @@ class AsyncSavePipeline:
         uri: str,
         prepare: Callable[[], SaveJob],
         *,
-        collective: Collective,
+        collective: Callable[[], Collective],
         stager: Stager | None = None,
         track_sources: bool = False,
     ) -> AsyncSave:
         """Stage ``state_dict`` and queue its save; see the module docstring.
+
+        ``collective`` makes the collective the save commits on (as :meth:`commit_collective`
+        does); it is called once the previous save of the same stager is over, so that a
+        commit group that save broke is replaced. What it raises, ``submit`` raises.
 
         ``track_sources`` has the stager note where staged tensors come from
         (``trust_version_counter``; only torchstow's own stagers can).
@@ -214,7 +238,10 @@ class AsyncSavePipeline:
                 stager = self.default_stager()
             previous = self._last.get(stager)
             if previous is not None:
-                previous.wait()  # it may still be writing from the buffers we are about to fill
+                number, save = previous
+                save.wait()  # it may still be writing from the buffers we are about to fill
+                self._settled = max(self._settled, number)
+            made = collective()
             job: SaveJob | None = None
             stats = SaveStats()
             try:
@@ -225,32 +252,38 @@ class AsyncSavePipeline:
                 staging = _timed_staging(as_future(stager.stage(state_dict)), stats, start)
             except Exception as exc:
                 staging = failed_future(exc)
-            commit = self._executor.submit(self._commit, staging, job, collective, stats)
+            number = self._count
+            self._count += 1
+            commit = self._executor.submit(self._commit, number, staging, job, made, stats)
             save = AsyncSave(uri, staging, commit, stats)
-            self._last[stager] = save
+            self._last[stager] = (number, save)
             return save
 
     def drain(self) -> None:
         """Wait until every save submitted so far is over (committed or failed)."""
         self._executor.submit(lambda: None).result()
 
-    @staticmethod
     def _commit(
-        staging: Future[Any], job: SaveJob | None, collective: Collective, stats: SaveStats
+        self, number: int, staging: Future[Any], job: SaveJob | None, collective: Collective, stats: SaveStats
     ) -> Metadata:
         try:
-            staged = staging.result()
-        except Exception as exc:
-            return save_state_dict({}, _FailedWriter(exc), collective=collective)
-        assert job is not None
-        return save_state_dict(
-            staged,
-            job.writer,
-            planner=job.planner,
-            collective=collective,
-            user_metadata=job.user_metadata,
-            stats=stats,
-        )
+            try:
+                staged = staging.result()
+            except Exception as exc:
+                return save_state_dict({}, _FailedWriter(exc), collective=collective)
+            assert job is not None
+            return save_state_dict(
+                staged,
+                job.writer,
+                planner=job.planner,
+                collective=collective,
+                user_metadata=job.user_metadata,
+                stats=stats,
+            )
+        finally:  # noted before the save is seen to end, so a call that waited for it knows
+            group = getattr(collective, "group", None)
+            if group is not None and group not in self._broke and lost_contact(group):
+                self._broke[group] = number
 
 
 def _timed_staging(staging: Future[Any], stats: SaveStats, start: float) -> Future[Any]:
