@@ -32,7 +32,7 @@ import torch
 
 from torchstow.core.dtensors import local_view
 from torchstow.core.futures import as_future, before_pools_stop, failed_future
-from torchstow.core.planning import SavePlan, SavePlanner
+from torchstow.core.planning import SavePlanner
 from torchstow.core.process_local import ProcessLocal
 from torchstow.core.protocol.collective import (
     Collective,
@@ -46,7 +46,8 @@ from torchstow.core.protocol.stats import SaveStats
 from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, StateDictStager
-from torchstow.core.storage.interfaces import StorageWriter, WriteResult
+from torchstow.core.storage.interfaces import StorageWriter
+from torchstow.core.storage.stand_ins import FailedWriter
 from torchstow.format.manifest import Metadata
 
 __all__ = ["AsyncSave", "AsyncSavePipeline", "SaveJob", "SaveStats", "pipeline"]
@@ -59,6 +60,19 @@ class SaveJob:
     writer: StorageWriter
     planner: SavePlanner
     user_metadata: dict[str, Any]
+
+    def save(
+        self, state_dict: Mapping[str, Any], collective: Collective, stats: SaveStats | None
+    ) -> Metadata:
+        """Run the save protocol on ``state_dict`` with this job's writer, planner and metadata."""
+        return save_state_dict(
+            state_dict,
+            self.writer,
+            planner=self.planner,
+            collective=collective,
+            user_metadata=self.user_metadata,
+            stats=stats,
+        )
 
 
 class AsyncSave:
@@ -109,36 +123,6 @@ class AsyncSave:
     def __repr__(self) -> str:
         state = "done" if self.done() else "staged" if self._staging.done() else "staging"
         return f"<AsyncSave {self.uri!r} {state}>"
-
-
-class _FailedWriter(StorageWriter):
-    """Stands in for a rank whose save failed before the protocol began: it
-    fails the protocol's first step, so every rank fails as one."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        pass
-
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        raise self.error
-
-    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        raise self.error
-
-    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        raise self.error
-
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
-        raise self.error
-
-    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        raise self.error
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return False
 
 
 class AsyncSavePipeline:
@@ -270,16 +254,9 @@ class AsyncSavePipeline:
             try:
                 staged = staging.result()
             except Exception as exc:
-                return save_state_dict({}, _FailedWriter(exc), collective=collective)
+                return save_state_dict({}, FailedWriter(exc), collective=collective)
             assert job is not None
-            return save_state_dict(
-                staged,
-                job.writer,
-                planner=job.planner,
-                collective=collective,
-                user_metadata=job.user_metadata,
-                stats=stats,
-            )
+            return job.save(staged, collective, stats)
         finally:  # noted before the save is seen to end, so a call that waited for it knows
             group = getattr(collective, "group", None)
             if group is not None and group not in self._broke and lost_contact(group):
