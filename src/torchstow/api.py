@@ -398,7 +398,9 @@ def async_save(
     ``stager`` (a :class:`DefaultStager` or :class:`StateDictStager`) to stage
     differently; with asynchronous staging, call ``.staged()`` before
     mutating the state dict. Any failure, on any rank, surfaces from
-    ``.result()`` as a :class:`CheckpointException` on every rank. With
+    ``.result()`` as a :class:`CheckpointException` on every rank. On several ranks a
+    call returns once every rank of the group has made it: they agree there on the group
+    the save commits on (made anew after a timeout broke it). With
     ``trust_version_counter`` (and ``base``), the default stager notes each
     tensor's version as it copies it, so digests are reused as in
     :func:`save` (the bytes are still copied, not hashed); other stagers hash.

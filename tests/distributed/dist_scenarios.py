@@ -801,14 +801,13 @@ def saves_after_a_timed_out_save(rank: int, world_size: int, path: str) -> list[
 
 def async_saves_after_a_timed_out_one(rank: int, world_size: int, path: str) -> list[dict[str, Any]]:
     """Three async saves: the first on time (the commit group is made, or reused); in the
-    second, rank 1 comes 2.5 s late under ``timeout=1`` (rank 0 gives up, and gloo closes
-    the commit group); the third, on time. What the second and third raised, and how long
-    the third took."""
+    second, rank 1 writes its data 2.5 s late under ``timeout=1`` (rank 0 gives up, and gloo
+    closes the commit group); the third, on time. What the second and third raised, and how
+    long the third took."""
     state = {f"w{rank}": torch.arange(4.0) + rank}
     torchstow.async_save(state, f"{path}-0", timeout=30).result()
-    if rank == 1:
-        time.sleep(2.5)
-    first = outcome(lambda: torchstow.async_save(state, f"{path}-1", timeout=1).result())
+    slow = f"faulty+file://{path}-1?fail=write_data&ranks=1&mode=delay&seconds=2.5"
+    first = outcome(lambda: torchstow.async_save(state, slow, timeout=1).result())
     dist.barrier()  # on the pool's own group, which is sound
     start = time.monotonic()
     second = outcome(lambda: torchstow.async_save(state, f"{path}-2", timeout=30).result())

@@ -19,6 +19,7 @@ protocol's phases as they finish.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import threading
 import time
 import weakref
@@ -48,6 +49,7 @@ from torchstow.core.staging.protocol import Stager
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, StateDictStager
 from torchstow.core.storage.interfaces import StorageWriter
 from torchstow.core.storage.stand_ins import FailedWriter
+from torchstow.errors import CheckpointTimeoutError
 from torchstow.format.manifest import Metadata
 
 __all__ = ["AsyncSave", "AsyncSavePipeline", "SaveJob", "SaveStats", "pipeline"]
@@ -128,24 +130,23 @@ class AsyncSave:
 class AsyncSavePipeline:
     """The process's save thread, default stager and commit groups.
 
-    Saves are numbered in call order, the same on every rank. A commit group that a
-    save's timeout broke (gloo closes it for good) is replaced by a new one, made by
-    every rank of the group on the caller's thread, at the first call that waited for
-    that save to be over: every rank then knows the same saves' outcomes, so all of
-    them make the new group at the same call (a call that waited for no such save
-    keeps the group, and its save fails at once, saying why).
+    A commit group that a save's timeout broke (gloo closes it for good) is replaced
+    by a new one, which every rank of the group makes at the same call: at each
+    async_save, once the previous save of its stager is over, the ranks vote through
+    torch.distributed's store (neither the commit group, which may be broken, nor the
+    training group, which belongs to the training loop) on whether any of them lost
+    contact on it. A rank whose save committed while another's timed out still votes,
+    so no rank makes a group the others do not.
     """
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-async-save")
         self._lock = threading.Lock()
-        self._last: weakref.WeakKeyDictionary[Stager, tuple[int, AsyncSave]] = weakref.WeakKeyDictionary()
+        self._last: weakref.WeakKeyDictionary[Stager, AsyncSave] = weakref.WeakKeyDictionary()
         self._default_stager: DefaultStager | None = None
         self._world: Any = None
         self._groups: dict[tuple[int, ...], Any] = {}
-        self._count = 0  # saves submitted so far
-        self._settled = -1  # every save numbered up to this one is over (a call waited for it)
-        self._broke: dict[Any, int] = {}  # commit group -> the number of the save that broke it
+        self._votes: dict[tuple[int, ...], int] = {}  # votes taken on the commit group of these ranks
 
     def default_stager(self) -> DefaultStager:
         """Stages on the caller's thread, pinned and non-blocking where an accelerator exists."""
@@ -179,21 +180,54 @@ class AsyncSavePipeline:
 
     def _group_for(self, ranks: tuple[int, ...], timeout: datetime.timedelta | None) -> Any:
         """The commit group of ``ranks``, made on first use under ``timeout`` (that of the
-        group it serves; each collective on it sets the timeout of its own save)."""
+        group it serves; each collective on it sets the timeout of its own save), and made
+        again when a rank of the group lost contact on it (see the class docstring)."""
         import torch.distributed as dist
 
         if self._world is not dist.group.WORLD:  # torch.distributed was (re)initialized
             self._world = dist.group.WORLD
             self._groups.clear()
-            self._broke.clear()
+            self._votes.clear()
         group = self._groups.get(ranks)
-        if group is not None and self._broke.get(group, self._count) <= self._settled:
-            group = None  # broken by a save that every rank has seen end
+        if group is not None and len(ranks) > 1 and self._lost_anywhere(ranks, group, timeout):
+            group = None
         if group is None:
             group = self._groups[ranks] = private_gloo_group(
-                ranks, timeout, step="async save", what="the commit group of its first async_save"
+                ranks, timeout, step="async save", what="the commit group of its async_save"
             )
         return group
+
+    def _lost_anywhere(self, ranks: tuple[int, ...], group: Any, timeout: datetime.timedelta | None) -> bool:
+        """Whether any rank of ``ranks`` lost contact on ``group``: every one of them asks
+        at the same call, and all get the same answer (a rank that does not come within
+        ``timeout`` is a CheckpointTimeoutError, as when the group is made)."""
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
+
+        number = self._votes.get(ranks, 0)
+        self._votes[ranks] = number + 1
+        name = hashlib.sha1(",".join(map(str, ranks)).encode(), usedforsecurity=False).hexdigest()
+        store = dist.PrefixStore(f"torchstow/async-commit/{name}/", distributed_c10d._get_default_store())
+        if lost_contact(group):
+            store.add(f"{number}/lost", 1)
+        if store.add(f"{number}/arrived", 1) == len(ranks):
+            store.set(f"{number}/done", "1")
+        try:
+            store.wait([f"{number}/done"], *([timeout] if timeout is not None else []))
+        except RuntimeError as exc:  # torch's DistStoreError
+            rank = dist.get_rank()
+            raise CheckpointTimeoutError(
+                f"checkpoint async save: rank {rank} lost contact with its group of {len(ranks)} ranks "
+                f"while they agreed on its commit group: another rank died, stalled, or did not call "
+                f"async_save. Transport error: {exc}",
+                rank=rank,
+                step="async save",
+            ) from exc
+        lost = store.add(f"{number}/lost", 0) > 0
+        if number and dist.get_rank() == ranks[0]:  # every rank has passed the vote before
+            for key in ("lost", "arrived", "done"):
+                store.delete_key(f"{number - 1}/{key}")
+        return lost
 
     def submit(
         self,
@@ -222,9 +256,7 @@ class AsyncSavePipeline:
                 stager = self.default_stager()
             previous = self._last.get(stager)
             if previous is not None:
-                number, save = previous
-                save.wait()  # it may still be writing from the buffers we are about to fill
-                self._settled = max(self._settled, number)
+                previous.wait()  # it may still be writing from the buffers we are about to fill
             made = collective()
             job: SaveJob | None = None
             stats = SaveStats()
@@ -236,31 +268,25 @@ class AsyncSavePipeline:
                 staging = _timed_staging(as_future(stager.stage(state_dict)), stats, start)
             except Exception as exc:
                 staging = failed_future(exc)
-            number = self._count
-            self._count += 1
-            commit = self._executor.submit(self._commit, number, staging, job, made, stats)
+            commit = self._executor.submit(self._commit, staging, job, made, stats)
             save = AsyncSave(uri, staging, commit, stats)
-            self._last[stager] = (number, save)
+            self._last[stager] = save
             return save
 
     def drain(self) -> None:
         """Wait until every save submitted so far is over (committed or failed)."""
         self._executor.submit(lambda: None).result()
 
+    @staticmethod
     def _commit(
-        self, number: int, staging: Future[Any], job: SaveJob | None, collective: Collective, stats: SaveStats
+        staging: Future[Any], job: SaveJob | None, collective: Collective, stats: SaveStats
     ) -> Metadata:
         try:
-            try:
-                staged = staging.result()
-            except Exception as exc:
-                return save_state_dict({}, FailedWriter(exc), collective=collective)
-            assert job is not None
-            return job.save(staged, collective, stats)
-        finally:  # noted before the save is seen to end, so a call that waited for it knows
-            group = getattr(collective, "group", None)
-            if group is not None and group not in self._broke and lost_contact(group):
-                self._broke[group] = number
+            staged = staging.result()
+        except Exception as exc:
+            return save_state_dict({}, FailedWriter(exc), collective=collective)
+        assert job is not None
+        return job.save(staged, collective, stats)
 
 
 def _timed_staging(staging: Future[Any], stats: SaveStats, start: float) -> Future[Any]:

@@ -273,8 +273,7 @@ class ProcessGroupCollective(Collective):
                 "closes a group's connections for good once one of its collectives fails or times "
                 "out, so every collective on it fails from then on. Restart the job before saving "
                 "again (a synchronous save may instead pass a new process group; async_save makes "
-                "a new commit group at its next call with the same stager once the save that broke "
-                "it is over)"
+                "a new commit group at its first call after the save that broke it is over)"
             )
         else:
             advice = "Check the other ranks' logs; if they were only slow, pass a larger timeout="
