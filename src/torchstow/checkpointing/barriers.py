@@ -40,11 +40,11 @@ class Barrier(abc.ABC):
     def execute_barrier(self) -> None:
         """Wait for every rank (raising TimeoutError if they do not all come in time)."""
 
-    def start_write(self, number: int) -> None:  # noqa: B027 (optional: most barriers need nothing)
-        """Called by the checkpoint writer before the rounds of its write ``number`` (the
-        same on every rank). A barrier that numbers its rounds numbers them afresh from
-        here, so that ranks that ran different numbers of rounds in a failed write (one
-        timed out, another came late) meet again in the next one. By default, nothing."""
+    def start_write(self) -> None:  # noqa: B027 (optional: most barriers need nothing)
+        """Called by the checkpoint writer before the rounds of each write, on every rank.
+        A barrier that numbers its rounds numbers them afresh from here, so that ranks that
+        ran different numbers of rounds in a failed write (one timed out, another came late)
+        meet again in the next one. By default, nothing."""
 
 
 BARRIER_REGISTRY: dict[str, type[Barrier]] = {}
@@ -139,13 +139,15 @@ class TCPStoreBarrier(Barrier):
         self.prefix = barrier_prefix
         self.timeout_secs = timeout_secs
         self._count = 0
-        self._round = ""  # "w<number>/" within a write (see start_write)
+        self._writes = 0
+        self._round = ""  # "w<write>/" within a write (see start_write)
         self._behind: list[str] = []  # (rank 0) keys of earlier rounds, not deleted yet
 
-    def start_write(self, number: int) -> None:
-        """This write's rounds are numbered ``w<number>/0``, ``w<number>/1``, ...: a rank
-        out of step after a failed write is in step again."""
-        self._round = f"w{number}/"
+    def start_write(self) -> None:
+        """The rounds of the n-th write through this barrier are numbered ``w<n>/0``,
+        ``w<n>/1``, ...: a rank out of step after a failed write is in step again."""
+        self._writes += 1
+        self._round = f"w{self._writes}/"
         self._count = 0
 
     def execute_barrier(self) -> None:

@@ -173,7 +173,7 @@ class CheckpointWriter:
         """Write ``state_dict``, this rank's part of the checkpoint at ``path`` (any URI)."""
         self._writes += 1
         if self.barrier is not None:
-            self.barrier.start_write(self._writes)
+            self.barrier.start_write()
         hook = self.commit_hook
         solo = _OneRound(self.barrier) if self.barrier is not None and self._alone else None
         try:
