@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
-from torchstow.checkpointing.async_save import AsyncSave, AsyncSavePipeline, SaveJob, _FailedWriter, pipeline
+from torchstow.checkpointing.async_save import AsyncSave, AsyncSavePipeline, SaveJob, pipeline
 from torchstow.compat import dcp_calls
 from torchstow.core.layout.digest_memo import own_slot, staged_slot
 from torchstow.core.layout.incremental import BaseContent
@@ -20,7 +20,7 @@ from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.mapped import map_checkpoint
 from torchstow.core.layout.reader import require_data
 from torchstow.core.layout.writer import DigestSlots, LayoutWriter, set_format_version
-from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlan, LoadPlanner, SavePlanner
+from torchstow.core.planning import DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner
 from torchstow.core.protocol.collective import Collective, Timeout, make_collective
 from torchstow.core.protocol.materialize import materialize
 from torchstow.core.protocol.stats import SaveStats
@@ -30,6 +30,7 @@ from torchstow.core.staging.protocol import Stager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter
+from torchstow.core.storage.stand_ins import FailedReader, FailedWriter
 from torchstow.errors import CheckpointException
 from torchstow.format.compression import check_compression
 from torchstow.format.manifest import FORMAT_VERSION, Metadata
@@ -74,39 +75,6 @@ def storage_reader(uri: Uri, *, storage_options: dict[str, Any] | None = None) -
 
 
 _open_reader = storage_reader  # for load, whose ``storage_reader`` keyword hides the function
-
-
-class _FailedReader(StorageReader):
-    """Stands in for a rank whose load failed before the protocol began: it fails the
-    protocol's first step there (reading the manifest, or planning), so every rank fails
-    as one."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        pass
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        raise self.error
-
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None:
-        raise self.error
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        raise self.error
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        raise self.error
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
-        raise self.error
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return False
 
 
 def _fail_everywhere(exc: Exception, collective: Collective, protocol: Callable[[], Any]) -> NoReturn:
@@ -333,16 +301,9 @@ def save(
         job = settings.job(own_slot)
         plain = dcp_calls.StatefulView(state_dict).plain
     except Exception as exc:
-        stand_in = _FailedWriter(exc)
+        stand_in = FailedWriter(exc)
         _fail_everywhere(exc, collective, lambda: _save_protocol({}, stand_in, collective=collective))
-    return _save_protocol(
-        plain,
-        job.writer,
-        planner=job.planner,
-        collective=collective,
-        user_metadata=job.user_metadata,
-        stats=stats,
-    )
+    return job.save(plain, collective, stats)
 
 
 def load(
@@ -392,7 +353,7 @@ def load(
         )
         planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
     except Exception as exc:
-        failed = _FailedReader(exc)
+        failed = FailedReader(exc)
         _fail_everywhere(
             exc, collective, lambda: _load_protocol({}, failed, collective=collective, read_once=read_once)
         )
@@ -435,7 +396,9 @@ def async_save(
     ``stager`` (a :class:`DefaultStager` or :class:`StateDictStager`) to stage
     differently; with asynchronous staging, call ``.staged()`` before
     mutating the state dict. Any failure, on any rank, surfaces from
-    ``.result()`` as a :class:`CheckpointException` on every rank. With
+    ``.result()`` as a :class:`CheckpointException` on every rank. On several ranks a
+    call returns once every rank of the group has made it: they agree there on the group
+    the save commits on (made anew after a timeout broke it). With
     ``trust_version_counter`` (and ``base``), the default stager notes each
     tensor's version as it copies it, so digests are reused as in
     :func:`save` (the bytes are still copied, not hashed); other stagers hash.
@@ -475,9 +438,14 @@ def async_save(
         return settings.job(staged_slot)
 
     saves = pipeline()
-    collective = _Distributed.of(locals()).collective(saves)
+    distributed = _Distributed.of(locals())
     saving = saves.submit(
-        plain, text, prepare, collective=collective, stager=stager, track_sources=trust_version_counter
+        plain,
+        text,
+        prepare,
+        collective=lambda: distributed.collective(saves),
+        stager=stager,
+        track_sources=trust_version_counter,
     )
     if getattr(stager, "should_synchronize_after_execute", False):  # DCP's stagers that ask for it
         stager.synchronize_staging()  # type: ignore[union-attr]

@@ -271,6 +271,20 @@ def test_a_uri_no_backend_serves_never_becomes_a_local_path(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_file_uris_are_percent_decoded_and_plain_paths_are_not(tmp_path: Path) -> None:
+    """A ``file://`` URI is percent-decoded (RFC 8089, as ``Path.as_uri()`` writes it); a plain
+    path is taken as it is; and a listing under a ``file://`` root names each folder by a URI
+    that leads back to it (before: the folder ``a%20b`` was listed as ``.../a%20b``, which
+    is the folder ``a b``, so ``ls`` and ``latest`` showed ``a b``'s checkpoint twice)."""
+    root = tmp_path / "r"
+    torchstow.save({"w": torch.zeros(1)}, str(root / "a%20b"))  # a plain path: that very name
+    torchstow.save({"w": torch.ones(1)}, (root / "a b").as_uri())  # file:///.../r/a%20b
+    assert sorted(p.name for p in root.iterdir()) == ["a b", "a%20b"]
+    for base, literal in ((root.as_uri(), "a%2520b"), (str(root), "a%20b")):
+        found = {c.uri: float(torchstow.read(c.uri)["w"]) for c in torchstow.list_checkpoints(base)}
+        assert found == {f"{base}/a b": 1.0, f"{base}/{literal}": 0.0}
+
+
 def test_the_register_hook_is_called_once_per_registry_with_a_register_callable() -> None:
     calls = []
 

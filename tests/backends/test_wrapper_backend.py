@@ -86,6 +86,20 @@ def test_a_data_only_option_is_not_demanded_by_manifest_verbs(
     assert main(["verify", uri, "-o", "xor.key=90"]) == 0
 
 
+@pytest.mark.parametrize("chain", ["xor+xor+file", "xor+faulty+xor+file"])
+def test_a_wrapper_applied_twice_is_refused(
+    chain: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xor+xor+`` would give every ``xor.*`` option to the outer layer (the inner one
+    saving without its key, or with defaults the user never chose): a repeated wrapper is
+    refused before anything is written (before: a TypeError asking for the key given)."""
+    uri = f"{chain}://{tmp_path}/c"
+    with pytest.raises(ValueError, match=r"applies the wrapper xor\+ more than once"):
+        torchstow.save({"w": torch.arange(8)}, uri, storage_options={"xor.key": 0x5A})
+    assert not (tmp_path / "c").exists()
+    assert main(["ls", uri]) != 0 and "more than once" in capsys.readouterr().err
+
+
 def test_faulty_takes_its_parameters_as_namespaced_options(
     tmp_path: Path, s3: tuple[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -422,6 +422,43 @@ def test_a_rank_that_cannot_open_the_storage_fails_every_rank(tmp_path: Any) -> 
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
+def test_the_write_after_a_barrier_timeout_commits(tmp_path: Any) -> None:
+    """A rank later than the barrier's timeout fails that write, on both ranks, having run a
+    different number of rounds than the other; the next write must still find the ranks in
+    step (before: their TCPStore rounds stayed one apart, so every later write failed, one
+    rank finding no message and the other timing out), also through a new writer sharing
+    the barrier. About 0.8 s."""
+    first = TCPStoreBarrier(0, 2, tcpstore_port=0, timeout_secs=0.3)
+    second = TCPStoreBarrier(1, 2, tcpstore_port=first.store.port, timeout_secs=0.3)
+    gave_up = threading.Event()
+    errors: dict[tuple[str, int], Exception] = {}
+
+    def run(rank: int, name: str) -> None:
+        if name == "c1" and rank == 1:
+            gave_up.wait(30)  # comes once rank 0 has timed out at the first round
+        barrier = (first, second)[rank]  # shared by each write's own writer
+        writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo(rank, 2), barrier)
+        try:
+            writer.write(str(tmp_path / name), {f"x{rank}": torch.full((2,), float(rank))})
+        except Exception as exc:
+            errors[name, rank] = exc
+        finally:
+            gave_up.set()
+
+    for name in ("c1", "c2", "c3"):
+        threads = [threading.Thread(target=run, args=(rank, name)) for rank in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        first.timeout_secs = second.timeout_secs = 10.0
+    assert sorted(errors) == [("c1", 0), ("c1", 1)], errors
+    assert all(isinstance(error, TimeoutError) for error in errors.values())
+    for name in ("c2", "c3"):
+        loaded = torchstow.read(tmp_path / name)
+        assert torch.equal(loaded["x0"], torch.zeros(2)) and torch.equal(loaded["x1"], torch.ones(2))
+
+
 def test_a_write_failing_before_its_data_passes_its_one_barrier(tmp_path: Any) -> None:
     path = str(tmp_path / "c")
     CheckpointWriter(CheckpointWriterConfig(), RankInfo()).write(path, {"x": torch.zeros(2)})

@@ -799,6 +799,21 @@ def saves_after_a_timed_out_save(rank: int, world_size: int, path: str) -> list[
     return [first, {**second, "elapsed": time.monotonic() - start}]
 
 
+def async_saves_after_a_timed_out_one(rank: int, world_size: int, path: str) -> list[dict[str, Any]]:
+    """Three async saves: the first on time (the commit group is made, or reused); in the
+    second, rank 1 writes its data 2.5 s late under ``timeout=1`` (rank 0 gives up, and gloo
+    closes the commit group); the third, on time. What the second and third raised, and how
+    long the third took."""
+    state = {f"w{rank}": torch.arange(4.0) + rank}
+    torchstow.async_save(state, f"{path}-0", timeout=30).result()
+    slow = f"faulty+file://{path}-1?fail=write_data&ranks=1&mode=delay&seconds=2.5"
+    first = outcome(lambda: torchstow.async_save(state, slow, timeout=1).result())
+    dist.barrier()  # on the pool's own group, which is sound
+    start = time.monotonic()
+    second = outcome(lambda: torchstow.async_save(state, f"{path}-2", timeout=30).result())
+    return [first, {**second, "elapsed": time.monotonic() - start}]
+
+
 def manifest_directory_sync_fails(rank: int, world_size: int, path: str) -> dict[str, Any]:
     """Each rank saves a tensor of its own; on the coordinator, syncing the directory fails
     (EIO) once the manifest is in place. What each rank raised, its notes, and its files."""

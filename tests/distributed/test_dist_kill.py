@@ -13,6 +13,7 @@ from dist_scenarios import (
     async_commit_group_with_a_straggler,
     async_commit_timeouts,
     async_save_without_a_peer,
+    async_saves_after_a_timed_out_one,
     saves_after_a_timed_out_save,
     timed_fault,
 )
@@ -128,3 +129,19 @@ def test_saves_on_a_group_a_timeout_broke_say_so(pools: Any, tmp_path: Path) -> 
         assert "Restart the job before saving again" in second["message"]
         assert second["elapsed"] < 10  # at once, not after its timeout of 30 s
     assert not (tmp_path / "ckpt-2" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_an_async_save_after_one_that_timed_out_commits(pools: Any, tmp_path: Path) -> None:
+    """One slow async save must not lose every later checkpoint: the save after the one
+    whose timeout broke the private commit group makes a new group (every rank at the same
+    call) and commits (before: it failed at once on every rank, as did every async save
+    after it, until the job restarted). About 4 s."""
+    results = pools(2).run(async_saves_after_a_timed_out_one, str(tmp_path / "ckpt"))
+    for first, second in results:
+        assert first["class"] == "CheckpointTimeoutError", first
+        assert second.get("ok"), second
+        assert second["elapsed"] < 20
+    saved = torchstow.read(str(tmp_path / "ckpt-2"))
+    assert torch.equal(saved["w0"], torch.arange(4.0)) and torch.equal(saved["w1"], torch.arange(4.0) + 1)
+    assert not (tmp_path / "ckpt-1" / "manifest.json").exists()

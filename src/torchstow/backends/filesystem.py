@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 
 def path_of(uri: str) -> str:
-    """The local path a plain path or ``file://`` URI names; :class:`UnknownBackendError` for
+    """The local path a plain path (as it is) or ``file://`` URI (percent-decoded, RFC 8089,
+    as ``Path.as_uri()`` writes them) names; :class:`UnknownBackendError` for
     a URI of another scheme (``file+s3://b/x``, which the registry hands the ``file`` plugin
     as it would a wrapper's; ``my_store://b/x``, no URI scheme): never a relative path."""
     other = _OTHER_SCHEME.match(uri)
@@ -520,6 +521,16 @@ class FileSystemBackend(DirectoryBackend):
 
     def child_names(self, prefix: str) -> list[str]:
         return subdirectories(path_of(prefix))
+
+    def list_children(self, prefix: str) -> list[str]:
+        """As the base lists them; under a ``file://`` prefix each name is written as a
+        URI names it (``%`` as ``%25``), since :func:`path_of` decodes ``file://`` URIs: a
+        folder named ``a%20b`` is ``file:///root/a%2520b``, never ``a b``'s URI."""
+        children = super().list_children(prefix)
+        if not prefix.startswith("file://"):
+            return children  # plain paths are taken as they are
+        base = len(prefix if prefix.endswith("/") else prefix + "/")
+        return [child[:base] + child[base:].replace("%", "%25") for child in children]
 
 
 @hookimpl

@@ -19,6 +19,7 @@ protocol's phases as they finish.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import threading
 import time
 import weakref
@@ -32,15 +33,23 @@ import torch
 
 from torchstow.core.dtensors import local_view
 from torchstow.core.futures import as_future, before_pools_stop, failed_future
-from torchstow.core.planning import SavePlan, SavePlanner
+from torchstow.core.planning import SavePlanner
 from torchstow.core.process_local import ProcessLocal
-from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, Timeout, make_collective
+from torchstow.core.protocol.collective import (
+    Collective,
+    ProcessGroupCollective,
+    Timeout,
+    lost_contact,
+    make_collective,
+)
 from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.stats import SaveStats
 from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.staging.protocol import Stager
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager, StateDictStager
-from torchstow.core.storage.interfaces import StorageWriter, WriteResult
+from torchstow.core.storage.interfaces import StorageWriter
+from torchstow.core.storage.stand_ins import FailedWriter
+from torchstow.errors import CheckpointTimeoutError
 from torchstow.format.manifest import Metadata
 
 __all__ = ["AsyncSave", "AsyncSavePipeline", "SaveJob", "SaveStats", "pipeline"]
@@ -53,6 +62,19 @@ class SaveJob:
     writer: StorageWriter
     planner: SavePlanner
     user_metadata: dict[str, Any]
+
+    def save(
+        self, state_dict: Mapping[str, Any], collective: Collective, stats: SaveStats | None
+    ) -> Metadata:
+        """Run the save protocol on ``state_dict`` with this job's writer, planner and metadata."""
+        return save_state_dict(
+            state_dict,
+            self.writer,
+            planner=self.planner,
+            collective=collective,
+            user_metadata=self.user_metadata,
+            stats=stats,
+        )
 
 
 class AsyncSave:
@@ -105,38 +127,17 @@ class AsyncSave:
         return f"<AsyncSave {self.uri!r} {state}>"
 
 
-class _FailedWriter(StorageWriter):
-    """Stands in for a rank whose save failed before the protocol began: it
-    fails the protocol's first step, so every rank fails as one."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        pass
-
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        raise self.error
-
-    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        raise self.error
-
-    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        raise self.error
-
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
-        raise self.error
-
-    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        raise self.error
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return False
-
-
 class AsyncSavePipeline:
-    """The process's save thread, default stager and commit groups."""
+    """The process's save thread, default stager and commit groups.
+
+    A commit group that a save's timeout broke (gloo closes it for good) is replaced
+    by a new one, which every rank of the group makes at the same call: at each
+    async_save, once the previous save of its stager is over, the ranks vote through
+    torch.distributed's store (neither the commit group, which may be broken, nor the
+    training group, which belongs to the training loop) on whether any of them lost
+    contact on it. A rank whose save committed while another's timed out still votes,
+    so no rank makes a group the others do not.
+    """
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-async-save")
@@ -145,6 +146,7 @@ class AsyncSavePipeline:
         self._default_stager: DefaultStager | None = None
         self._world: Any = None
         self._groups: dict[tuple[int, ...], Any] = {}
+        self._votes: dict[tuple[int, ...], int] = {}  # votes taken on the commit group of these ranks
 
     def default_stager(self) -> DefaultStager:
         """Stages on the caller's thread, pinned and non-blocking where an accelerator exists."""
@@ -178,18 +180,54 @@ class AsyncSavePipeline:
 
     def _group_for(self, ranks: tuple[int, ...], timeout: datetime.timedelta | None) -> Any:
         """The commit group of ``ranks``, made on first use under ``timeout`` (that of the
-        group it serves; each collective on it sets the timeout of its own save)."""
+        group it serves; each collective on it sets the timeout of its own save), and made
+        again when a rank of the group lost contact on it (see the class docstring)."""
         import torch.distributed as dist
 
         if self._world is not dist.group.WORLD:  # torch.distributed was (re)initialized
             self._world = dist.group.WORLD
             self._groups.clear()
+            self._votes.clear()
         group = self._groups.get(ranks)
+        if group is not None and len(ranks) > 1 and self._lost_anywhere(ranks, group, timeout):
+            group = None
         if group is None:
             group = self._groups[ranks] = private_gloo_group(
-                ranks, timeout, step="async save", what="the commit group of its first async_save"
+                ranks, timeout, step="async save", what="the commit group of its async_save"
             )
         return group
+
+    def _lost_anywhere(self, ranks: tuple[int, ...], group: Any, timeout: datetime.timedelta | None) -> bool:
+        """Whether any rank of ``ranks`` lost contact on ``group``: every one of them asks
+        at the same call, and all get the same answer (a rank that does not come within
+        ``timeout`` is a CheckpointTimeoutError, as when the group is made)."""
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
+
+        number = self._votes.get(ranks, 0)
+        self._votes[ranks] = number + 1
+        name = hashlib.sha1(",".join(map(str, ranks)).encode(), usedforsecurity=False).hexdigest()
+        store = dist.PrefixStore(f"torchstow/async-commit/{name}/", distributed_c10d._get_default_store())
+        if lost_contact(group):
+            store.add(f"{number}/lost", 1)
+        if store.add(f"{number}/arrived", 1) == len(ranks):
+            store.set(f"{number}/done", "1")
+        try:
+            store.wait([f"{number}/done"], *([timeout] if timeout is not None else []))
+        except RuntimeError as exc:  # torch's DistStoreError
+            rank = dist.get_rank()
+            raise CheckpointTimeoutError(
+                f"checkpoint async save: rank {rank} lost contact with its group of {len(ranks)} ranks "
+                f"while they agreed on its commit group: another rank died, stalled, or did not call "
+                f"async_save. Transport error: {exc}",
+                rank=rank,
+                step="async save",
+            ) from exc
+        lost = store.add(f"{number}/lost", 0) > 0
+        if number and dist.get_rank() == ranks[0]:  # every rank has passed the vote before
+            for key in ("lost", "arrived", "done"):
+                store.delete_key(f"{number - 1}/{key}")
+        return lost
 
     def submit(
         self,
@@ -197,11 +235,15 @@ class AsyncSavePipeline:
         uri: str,
         prepare: Callable[[], SaveJob],
         *,
-        collective: Collective,
+        collective: Callable[[], Collective],
         stager: Stager | None = None,
         track_sources: bool = False,
     ) -> AsyncSave:
         """Stage ``state_dict`` and queue its save; see the module docstring.
+
+        ``collective`` makes the collective the save commits on (as :meth:`commit_collective`
+        does); it is called once the previous save of the same stager is over, so that a
+        commit group that save broke is replaced. What it raises, ``submit`` raises.
 
         ``track_sources`` has the stager note where staged tensors come from
         (``trust_version_counter``; only torchstow's own stagers can).
@@ -215,6 +257,7 @@ class AsyncSavePipeline:
             previous = self._last.get(stager)
             if previous is not None:
                 previous.wait()  # it may still be writing from the buffers we are about to fill
+            made = collective()
             job: SaveJob | None = None
             stats = SaveStats()
             try:
@@ -225,7 +268,7 @@ class AsyncSavePipeline:
                 staging = _timed_staging(as_future(stager.stage(state_dict)), stats, start)
             except Exception as exc:
                 staging = failed_future(exc)
-            commit = self._executor.submit(self._commit, staging, job, collective, stats)
+            commit = self._executor.submit(self._commit, staging, job, made, stats)
             save = AsyncSave(uri, staging, commit, stats)
             self._last[stager] = save
             return save
@@ -241,16 +284,9 @@ class AsyncSavePipeline:
         try:
             staged = staging.result()
         except Exception as exc:
-            return save_state_dict({}, _FailedWriter(exc), collective=collective)
+            return save_state_dict({}, FailedWriter(exc), collective=collective)
         assert job is not None
-        return save_state_dict(
-            staged,
-            job.writer,
-            planner=job.planner,
-            collective=collective,
-            user_metadata=job.user_metadata,
-            stats=stats,
-        )
+        return job.save(staged, collective, stats)
 
 
 def _timed_staging(staging: Future[Any], stats: SaveStats, start: float) -> Future[Any]:

@@ -40,6 +40,12 @@ class Barrier(abc.ABC):
     def execute_barrier(self) -> None:
         """Wait for every rank (raising TimeoutError if they do not all come in time)."""
 
+    def start_write(self) -> None:  # noqa: B027 (optional: most barriers need nothing)
+        """Called by the checkpoint writer before the rounds of each write, on every rank.
+        A barrier that numbers its rounds numbers them afresh from here, so that ranks that
+        ran different numbers of rounds in a failed write (one timed out, another came late)
+        meet again in the next one. By default, nothing."""
+
 
 BARRIER_REGISTRY: dict[str, type[Barrier]] = {}
 
@@ -133,11 +139,23 @@ class TCPStoreBarrier(Barrier):
         self.prefix = barrier_prefix
         self.timeout_secs = timeout_secs
         self._count = 0
+        self._writes = 0
+        self._round = ""  # "w<write>/" within a write (see start_write)
+        self._behind: list[str] = []  # (rank 0) keys of earlier rounds, not deleted yet
+
+    def start_write(self) -> None:
+        """The rounds of the n-th write through this barrier are numbered ``w<n>/0``,
+        ``w<n>/1``, ...: a rank out of step after a failed write is in step again."""
+        self._writes += 1
+        self._round = f"w{self._writes}/"
+        self._count = 0
 
     def execute_barrier(self) -> None:
-        number = self._count
+        number = f"{self._round}{self._count}"
         self._count += 1
         key = f"{self.prefix}/{number}"
+        if self.rank == 0:
+            self._behind.append(key)
         if self.store.add(f"{key}/arrived", 1) == self.world_size:
             self.store.set(f"{key}/open", b"1")
         try:
@@ -148,10 +166,12 @@ class TCPStoreBarrier(Barrier):
                 f"checkpoint barrier {self.prefix!r} #{number} timed out after {self.timeout_secs:g}s on "
                 f"rank {self.rank}: {arrived} of {self.world_size} ranks arrived"
             ) from exc
-        if self.rank == 0 and number > 0:
-            # Everyone has passed the previous barrier, since everyone reached this one.
-            for name in ("arrived", "open"):
-                self.store.delete_key(f"{self.prefix}/{number - 1}/{name}")
+        if self.rank == 0:
+            # Everyone has left the earlier rounds, since everyone reached this one.
+            for earlier in self._behind[:-1]:
+                for name in ("arrived", "open"):
+                    self.store.delete_key(f"{earlier}/{name}")
+            self._behind = [key]
 
 
 @dataclass

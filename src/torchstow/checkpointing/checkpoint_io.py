@@ -172,6 +172,8 @@ class CheckpointWriter:
     def write(self, path: str, state_dict: Mapping[str, Any], **kwargs: Any) -> None:
         """Write ``state_dict``, this rank's part of the checkpoint at ``path`` (any URI)."""
         self._writes += 1
+        if self.barrier is not None:
+            self.barrier.start_write()
         hook = self.commit_hook
         solo = _OneRound(self.barrier) if self.barrier is not None and self._alone else None
         try:

@@ -89,11 +89,20 @@ class WrapperBackend(StoreBackend):
 
     @classmethod
     def split_uri(cls, uri: str) -> str:
-        """The inner URI of ``<scheme>+<inner-uri>``."""
+        """The inner URI of ``<scheme>+<inner-uri>``; a ValueError when the inner URI applies
+        this wrapper again (``enc+enc+file://``): the layers' options (``<scheme>.<name>``)
+        could not be told apart."""
         head, plus, inner = uri.partition("+")
         if not plus or head.lower() not in cls.schemes or "://" not in inner:
             raise ValueError(
                 f"{uri!r} is not a {cls.schemes[0]}+<inner-uri> URI (e.g. {cls.schemes[0]}+file:///dir)"
+            )
+        again = set(scheme_of(inner).split("+")) & set(cls.schemes)
+        if again:
+            raise ValueError(
+                f"{uri!r} applies the wrapper {sorted(again)[0]}+ more than once; each wrapper may "
+                f"appear once in a URI, since its options ({cls.option_prefix()}<name>) could not "
+                f"be told apart between the layers"
             )
         return inner
 

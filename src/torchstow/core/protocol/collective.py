@@ -25,7 +25,14 @@ from typing import Any
 from torchstow.core.protocol.held_tensors import aliases
 from torchstow.errors import CheckpointTimeoutError
 
-__all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "Timeout", "make_collective"]
+__all__ = [
+    "Collective",
+    "ProcessGroupCollective",
+    "SingleProcess",
+    "Timeout",
+    "lost_contact",
+    "make_collective",
+]
 
 Timeout = float | datetime.timedelta
 
@@ -145,6 +152,14 @@ def _as_timedelta(timeout: Timeout | None) -> datetime.timedelta | None:
 _broken: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def lost_contact(group: Any) -> bool:
+    """Whether a collective here lost contact on ``group`` (it is broken for good)."""
+    try:
+        return group in _broken
+    except TypeError:  # a group object that takes no weak reference is never noted
+        return False
+
+
 class ProcessGroupCollective(Collective):
     """Byte collectives over a torch.distributed process group (a subgroup works too).
 
@@ -252,12 +267,13 @@ class ProcessGroupCollective(Collective):
             else "the process group's timeout (pass timeout= to save/load to shorten it)"
         )
         group = self.group if self.group is not None else self._dist.group.WORLD
-        if group in _broken:
+        if lost_contact(group):
             advice = (
                 "This group already lost contact in an earlier save or load of this process: gloo "
                 "closes a group's connections for good once one of its collectives fails or times "
                 "out, so every collective on it fails from then on. Restart the job before saving "
-                "again (a synchronous save may instead pass a new process group)"
+                "again (a synchronous save may instead pass a new process group; async_save makes "
+                "a new commit group at its first call after the save that broke it is over)"
             )
         else:
             advice = "Check the other ranks' logs; if they were only slow, pass a larger timeout="

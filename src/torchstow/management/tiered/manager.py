@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 
-from torchstow.checkpointing.async_save import _FailedWriter
 from torchstow.core.dtensors import local_view
 from torchstow.core.futures import before_pools_stop
 from torchstow.core.layout.commit import committed_manifest, is_committed, manifest_files, publish_manifest
@@ -58,6 +57,7 @@ from torchstow.core.protocol.steps import (
 from torchstow.core.staging.stager import StateDictStager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageWriter
+from torchstow.core.storage.stand_ins import FailedWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointException,
@@ -435,7 +435,7 @@ class TieredManager:
                 if not listed:
                     self._checked = None  # the root could not be listed: look again at the next save
             if error is not None:
-                save_state_dict({}, _FailedWriter(error), collective=self._coll)
+                save_state_dict({}, FailedWriter(error), collective=self._coll)
             metadata = save_state_dict(staged, writer, collective=self._coll, user_metadata=user_metadata)
             all_reduce(
                 self._coll,
