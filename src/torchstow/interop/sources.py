@@ -407,6 +407,12 @@ def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Sour
     """
     path = local_path(uri)
     if path is not None and os.path.isfile(path):
+        name = os.path.basename(path)
+        if name in (MANIFEST, DCP_METADATA):  # no torch.save file: the checkpoint is its folder
+            folder = os.path.dirname(path) or "."
+            raise CheckpointNotFoundError(
+                f"{uri} is the {name} of a checkpoint, not a checkpoint: give its folder, {folder}"
+            )
         if path.endswith(".safetensors"):
             return SafetensorsSource(path)
         return TorchSaveSource(path)

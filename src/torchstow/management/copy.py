@@ -30,7 +30,7 @@ from torchstow.format.table import TableLocations
 from torchstow.management.catalog import info
 from torchstow.management.datafiles import FileSpans, Problem, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
-from torchstow.management.listing import COMMITTED, scan
+from torchstow.management.listing import COMMITTED, file_in_the_way, scan
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
@@ -132,6 +132,13 @@ def _copy_whole_file(
     sink.close()
 
 
+def _no_place(location: str) -> ValueError:
+    return ValueError(
+        f"cannot copy to {location}: it is a file, or lies under one, so it is no "
+        "place for a checkpoint (a directory or prefix); nothing was copied"
+    )
+
+
 def _prepare(dst_store: ByteStore) -> None:
     """Make the copy's location; one that is a file, or lies under one, is refused (ValueError)."""
     try:
@@ -139,10 +146,7 @@ def _prepare(dst_store: ByteStore) -> None:
     except (FileExistsError, NotADirectoryError) as exc:
         if isinstance(exc, TorchstowError):
             raise
-        raise ValueError(
-            f"cannot copy to {dst_store.location}: it is a file, or lies under one, so it is no "
-            "place for a checkpoint (a directory or prefix); nothing was copied"
-        ) from exc
+        raise _no_place(dst_store.location) from exc
 
 
 def _copy_dcp(
@@ -318,6 +322,8 @@ def copy(
             f"{dst} holds other locations ({inside[0]} ...), so it is no place for one checkpoint; "
             f"copy into it with {dst.rstrip('/')}/ as the destination"
         )
+    if file_in_the_way(dst_backend, dst) is not None:  # before any byte is read, on either path
+        raise _no_place(dst)
     if (
         compression is None  # else every item is written anew
         and isinstance(src_backend, StoreBackend)

@@ -29,7 +29,7 @@ from torchstow.errors import (
     IncompleteCheckpointError,
     StorageIOError,
 )
-from torchstow.format.files import MANIFEST
+from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
 from torchstow.management.steps import step_of
 from torchstow.management.verify import ProgressCallback
@@ -41,6 +41,7 @@ __all__ = [
     "checkpoint_info",
     "children_of",
     "entries",
+    "file_in_the_way",
     "is_link",
     "link_target",
     "scan",
@@ -136,6 +137,9 @@ def scan(
         itself = _entry(backend, text)
         if itself is not None and itself.status == COMMITTED:
             raise IsACheckpointError(_with_format(backend, itself))
+        blocker = file_in_the_way(backend, text)
+        if blocker is not None:
+            raise CheckpointNotFoundError(f"nothing under {text}: {_a_file(blocker)}")
         raise CheckpointNotFoundError(f"nothing under {text}: it does not exist or is empty")
     return [_with_format(backend, entry) for entry in entries(backend, children, progress)]
 
@@ -146,6 +150,30 @@ def children_of(backend: Backend, prefix: str) -> list[str]:
         return backend.list_children(prefix)
     except CheckpointNotFoundError:
         return []
+
+
+def file_in_the_way(backend: Backend, uri: str) -> str | None:
+    """The local file that the location ``uri`` is, or lies under (``notes.txt``,
+    ``notes.txt/x``), where no checkpoint can be; None when there is none (or the store's
+    files are not local ones)."""
+    if not isinstance(backend, StoreBackend):
+        return None
+    inside = backend.open_store(uri).local_path(MANIFEST)
+    if inside is None:
+        return None
+    path = os.path.dirname(inside)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if os.path.lexists(path) and not os.path.isdir(path) else None
+
+
+def _a_file(blocker: str) -> str:
+    """What the local file ``blocker`` in the way of a prefix is (a checkpoint's manifest:
+    the checkpoint is its folder)."""
+    name, folder = os.path.basename(blocker), os.path.dirname(blocker)
+    if name in (MANIFEST, DCP_METADATA):
+        return f"{blocker} is the {name} of the checkpoint {folder}; 'torchstow info {folder}' shows it"
+    return f"{blocker} is a file, not a directory of checkpoints"
 
 
 def is_link(backend: Backend, uri: str) -> bool:
