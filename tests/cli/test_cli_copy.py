@@ -111,3 +111,22 @@ def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
     ):
         torchstow.copy(str(src), str(tmp_path / "cut"))
     assert not (tmp_path / "cut").exists() or os.listdir(tmp_path / "cut") == []
+
+
+def test_cp_overwrite_never_replaces_a_checkpoint_through_a_link(run: Path, tmp_path: Path) -> None:
+    """A run copied over another whose ``latest`` links to its step-1: before, step-1 was
+    replaced by the source's ``latest`` (step 2's state under step-1's name), silently."""
+    dst = tmp_path / "dst"
+    for step in (1, 2):
+        torchstow.save({"w": torch.full((4,), 10.0 + step)}, str(dst / f"step-{step}"))
+    (dst / "latest").symlink_to("step-1")
+    (run / "latest").symlink_to("step-2")
+    before = {name: sorted(os.listdir(dst / name)) for name in ("step-1", "step-2")}
+
+    error = fails("cp", str(run), str(dst), "--overwrite")
+    assert f"{dst}/latest is a symbolic link (to {dst / 'step-1'})" in error
+    assert "nothing was copied" in error
+    error = fails("cp", str(run / "step-2"), str(dst / "latest"), "--overwrite", "--compression", "zstd")
+    assert "overwriting it would replace the checkpoint it points at" in error
+    assert {name: sorted(os.listdir(dst / name)) for name in ("step-1", "step-2")} == before
+    assert torch.equal(torchstow.read(str(dst / "step-1"))["w"], torch.full((4,), 11.0))

@@ -13,7 +13,7 @@ from typing import Any
 
 from torchstow.core.layout.commit import CommitOutcome, committed_files, publish_manifest
 from torchstow.core.layout.location import check_vacant, dcp_files, read_manifest
-from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
 from torchstow.errors import (
     CheckpointExistsError,
@@ -30,7 +30,7 @@ from torchstow.format.table import TableLocations
 from torchstow.management.catalog import info
 from torchstow.management.datafiles import FileSpans, Problem, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
-from torchstow.management.listing import COMMITTED, file_in_the_way, scan
+from torchstow.management.listing import COMMITTED, file_in_the_way, link_target, scan
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
@@ -256,6 +256,17 @@ def _copy_store(
             dst_store.delete_files(dcp_files(dst_store.list_files()))
 
 
+def _refuse_replacing_through_link(backend: Backend, dst: str) -> None:
+    """ValueError when ``dst`` is a symbolic link (``latest -> step-300``): an overwrite there
+    would replace the checkpoint it points at, under that checkpoint's name."""
+    target = link_target(backend.open_store(dst)) if isinstance(backend, StoreBackend) else None
+    if target is not None:
+        raise ValueError(
+            f"{dst} is a symbolic link (to {target}): overwriting it would replace the checkpoint "
+            f"it points at; nothing was copied. Copy to {target} itself, or remove the link first"
+        )
+
+
 def _name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
@@ -324,6 +335,8 @@ def copy(
         )
     if file_in_the_way(dst_backend, dst) is not None:  # before any byte is read, on either path
         raise _no_place(dst)
+    if overwrite:
+        _refuse_replacing_through_link(dst_backend, dst)
     if (
         compression is None  # else every item is written anew
         and isinstance(src_backend, StoreBackend)
@@ -380,8 +393,11 @@ def copy_run(
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
+    dst_backend = backend_at(dst, dst_storage_options)[1]
     for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
         check_apart(src, target, "copy")
+        if overwrite:  # each, before anything is copied
+            _refuse_replacing_through_link(dst_backend, target)
     if not overwrite:
         taken = []
         for _, target in plan:
