@@ -130,3 +130,25 @@ def test_cp_overwrite_never_replaces_a_checkpoint_through_a_link(run: Path, tmp_
     assert "overwriting it would replace the checkpoint it points at" in error
     assert {name: sorted(os.listdir(dst / name)) for name in ("step-1", "step-2")} == before
     assert torch.equal(torchstow.read(str(dst / "step-1"))["w"], torch.full((4,), 11.0))
+
+
+def test_a_run_copy_skips_a_checkpoint_pruned_while_it_runs(run: Path, tmp_path: Path) -> None:
+    """A training job's retention deletes step-2 while the run is copied (here: once step-1's
+    bytes are on their way). Before, the copy failed there with nothing after step-1 copied,
+    and a retry was refused (step-1 exists) unless --overwrite."""
+    from torchstow.management import copy_run
+
+    torchstow.save({"w": torch.full((4,), 4.0)}, str(run / "step-4"))
+    pruned: list[str] = []
+
+    def prune_step_2(done: int, total: int) -> None:
+        if not pruned:
+            pruned.append(str(run / "step-2"))
+            torchstow.delete(pruned[0])
+
+    result = copy_run(str(run), str(tmp_path / "backup"), progress=prune_step_2)
+    assert pruned
+    assert result.copied == [(str(run / f"step-{s}"), str(tmp_path / "backup" / f"step-{s}")) for s in (1, 4)]
+    assert (str(run / "step-2"), "deleted since it was listed") in result.skipped
+    assert torch.equal(torchstow.read(str(tmp_path / "backup" / "step-4"))["w"], torch.full((4,), 4.0))
+    assert not os.path.exists(tmp_path / "backup" / "step-2" / "manifest.json")

@@ -382,7 +382,9 @@ def copy_run(
     with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
     checkpoint at any destination is an error before anything is copied, unless
     ``overwrite``; so is (``ValueError``) a destination inside ``src_prefix`` or that is
-    it, under any spelling. ``compression`` is as in :func:`copy`."""
+    it, under any spelling. A checkpoint deleted after the listing (a training job's
+    retention pruned it) is skipped and reported, and the others are still copied.
+    ``compression`` is as in :func:`copy`."""
     from torchstow.interop.convert import check_apart
 
     check_compression(compression)
@@ -414,14 +416,37 @@ def copy_run(
         if progress is not None:
             progress(nbytes, total)
 
+    copied = []
     for source, target in plan:
-        copy(
-            source,
-            target,
-            src_storage_options=src_storage_options,
-            dst_storage_options=dst_storage_options,
-            overwrite=overwrite,
-            progress=advance,
-            compression=compression,
-        )
-    return RunCopy(plan, skipped)
+        try:
+            copy(
+                source,
+                target,
+                src_storage_options=src_storage_options,
+                dst_storage_options=dst_storage_options,
+                overwrite=overwrite,
+                progress=advance,
+                compression=compression,
+            )
+        except Exception:
+            # deleted since the listing (a training job's retention pruned it, before or during
+            # its copy, which then left nothing at the target): skipped, as aws s3 sync skips a
+            # file that vanished; the rest of the run is still copied
+            if not _gone(source, src_storage_options):
+                raise
+            skipped.append((source, "deleted since it was listed"))
+            continue
+        copied.append((source, target))
+    return RunCopy(copied, skipped)
+
+
+def _gone(uri: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether the checkpoint listed at ``uri`` is gone: nothing there any more, or its data
+    without its manifest (a deletion under way: the manifest goes first)."""
+    try:
+        info(uri, storage_options=storage_options)
+    except (CheckpointNotFoundError, IncompleteCheckpointError):
+        return True
+    except Exception:
+        return False
+    return False
