@@ -400,3 +400,18 @@ def test_prune_lists_the_prefix_once(run_dir: Path) -> None:
     assert [c.args[1] for c in listed.call_args_list] == [str(run_dir)]
     assert doc["deleted"] == [f"{run_dir}/step-{s}" for s in (100, 200)]
     assert doc["kept"] == [f"{run_dir}/step-300"]
+
+
+def test_prune_racing_another_prune_is_no_error(run_dir: Path) -> None:
+    """A manager's retention (or a second prune) deletes step-200 while this prune runs: it is
+    gone as planned (before: the prune stopped there, CheckpointNotFoundError, exit 1)."""
+    (run_dir / "step-400" / "data-0123456789ab-0-0.bin").unlink()
+    torchstow.save(_state(500), str(run_dir / "step-500"))
+
+    def other_prune(done: int, total: int) -> None:
+        if (run_dir / "step-200").exists():
+            torchstow.delete(str(run_dir / "step-200"))
+
+    deleted = torchstow.prune(str(run_dir), keep_last=1, progress=other_prune)
+    assert deleted == [str(run_dir / f"step-{s}") for s in (100, 200, 300)]
+    assert sorted(os.listdir(run_dir)) == ["s3", "step-400", "step-500"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Collection
 from typing import Any
 
 from torchstow.core.storage.backend import Backend
+from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
 from torchstow.management.listing import is_link
@@ -67,7 +69,8 @@ def prune(
     with no step (``best``, ``final`` saved without one) are neither counted nor
     deleted; nor are symbolic links (never deleted through), incomplete
     checkpoints and other entries. Deletes oldest first, each manifest first, so an interrupted
-    prune leaves only whole checkpoints. Returns the URIs deleted (or, with
+    prune leaves only whole checkpoints; one already gone when its turn comes (another
+    prune, a manager's retention) is no error. Returns the URIs deleted (or, with
     ``dry_run``, that would be).
     ``progress(1, number_to_delete)`` is called after each deletion.
     """
@@ -146,7 +149,8 @@ def prune_listed(
             logger.info("pruning %s", info.uri)
             # A committed step older than those kept goes whole, debris of a later failed
             # overwrite there included (the in-flight check is for a location being saved to).
-            delete(info.uri, storage_options=storage_options, force=True)
+            with contextlib.suppress(CheckpointNotFoundError):  # already gone: another prune's
+                delete(info.uri, storage_options=storage_options, force=True)
             if progress is not None:
                 progress(1, len(doomed))
     return [info.uri for info in doomed]
