@@ -114,8 +114,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     --tiers: a tiered run's steps and their tiers)."""
     if getattr(args, "tiers", False):
         return _ls_tiers(args)
-    if getattr(args, "fast", None):
-        raise ValueError("--fast goes with --tiers")
     entries = [e for e in _scan(args) if args.all or e.status == COMMITTED]
     if args.json:
         print_json(
