@@ -58,7 +58,9 @@ def test_cp_of_a_run_copies_each_committed_checkpoint(run: Path, tmp_path: Path)
     assert text.code == 0, text
     assert text.out.splitlines()[-1] == "copied 3 checkpoints, skipped 1"
     assert f"skipped {run}/step-3 (incomplete" in text.err
-    json_doc("cp", str(run), f"{tmp_path / 'into'}/")  # into: DST/run/step-N
+    into = json_doc("cp", str(run), f"{tmp_path / 'into'}/")  # into: DST/run/step-N
+    assert into["dst"] == f"{tmp_path / 'into'}/run"  # where the run landed (before: DST/ as given)
+    assert json_doc("cp", str(run), f"{dst}/", "--overwrite")["dst"] == f"{dst}/run"
     assert [i.step for i in torchstow.list_checkpoints(str(tmp_path / "into" / "run"))] == [1, 2, 4]
 
 

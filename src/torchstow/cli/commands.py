@@ -393,7 +393,7 @@ def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[s
             {"src": src, "dst": i.uri, "nbytes": i.nbytes, "num_entries": i.num_entries} for src, i in infos
         ]
         skipped = [{"uri": uri, "reason": why} for uri, why in done.skipped]
-        print_json({"src": args.src, "dst": args.dst, "checkpoints": copied, "skipped": skipped})
+        print_json({"src": args.src, "dst": done.dst, "checkpoints": copied, "skipped": skipped})
         return 0
     for src, i in infos:
         print(f"copied {src} -> {i.uri} ({human_bytes(i.nbytes)}, {i.num_entries} entries)")

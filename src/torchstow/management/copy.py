@@ -360,10 +360,12 @@ def copy(
 @dataclass(frozen=True)
 class RunCopy:
     """What :func:`copy_run` did: ``copied`` pairs ``(source, destination)``, ``skipped``
-    pairs ``(source, why)`` for the incomplete and unreadable checkpoints left behind."""
+    pairs ``(source, why)`` for the checkpoints left behind, and ``dst`` the run's copy
+    (``dst_prefix/<run name>`` for a ``dst_prefix`` ending with ``/``)."""
 
     copied: list[tuple[str, str]]
     skipped: list[tuple[str, str]]
+    dst: str = ""
 
 
 def copy_run(
@@ -437,7 +439,7 @@ def copy_run(
             skipped.append((source, "deleted since it was listed"))
             continue
         copied.append((source, target))
-    return RunCopy(copied, skipped)
+    return RunCopy(copied, skipped, dst)
 
 
 def _gone(uri: str, storage_options: dict[str, Any] | None) -> bool:
