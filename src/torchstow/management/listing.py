@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from torchstow.core.storage.backend import Backend, StoreBackend
+from torchstow.core.storage.forwarding import ForwardingByteStore
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointNotFoundError,
@@ -158,10 +159,9 @@ def file_in_the_way(backend: Backend, uri: str) -> str | None:
     files are not local ones)."""
     if not isinstance(backend, StoreBackend):
         return None
-    inside = backend.open_store(uri).local_path(MANIFEST)
-    if inside is None:
+    path = _local_folder(backend.open_store(uri))
+    if path is None:
         return None
-    path = os.path.dirname(inside)
     while not os.path.lexists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path if os.path.lexists(path) and not os.path.isdir(path) else None
@@ -182,12 +182,28 @@ def is_link(backend: Backend, uri: str) -> bool:
 
 
 def link_target(store: ByteStore) -> str | None:
-    """Where ``store``'s location leads when it is a symbolic link (a local store's
-    directory), resolved; else None."""
-    inside = store.local_path(MANIFEST)
-    if inside is None or not os.path.islink(os.path.dirname(inside)):
+    """Where ``store``'s location leads when it is a symbolic link (a local directory),
+    resolved; else None."""
+    folder = _local_folder(store)
+    if folder is None or not os.path.islink(folder):
         return None
-    return os.path.realpath(os.path.dirname(inside))
+    return os.path.realpath(folder)
+
+
+def _local_folder(store: ByteStore) -> str | None:
+    """The local directory ``store``'s location is, where its files are local ones; else None.
+    Through wrappers, one that transforms bytes too (a link, or a file in the way, is the
+    location's, not its bytes'), and for fsspec's local filesystem (``fsspec+file://``),
+    whose files are local ones though it maps none."""
+    while isinstance(store, ForwardingByteStore):
+        store = store.inner
+    inside = store.local_path(MANIFEST)
+    if inside is not None:
+        return os.path.dirname(inside)
+    protocol = getattr(getattr(store, "fs", None), "protocol", ())  # an FsspecStore's filesystem
+    path = getattr(store, "path", None)
+    local = "file" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
+    return path.rstrip("/") or "/" if local and isinstance(path, str) else None
 
 
 def entries(backend: Backend, children: list[str], progress: ProgressCallback | None = None) -> list[Entry]:
