@@ -69,9 +69,9 @@ def _scan(args: argparse.Namespace) -> list[Entry]:
 
 
 def _nothing_under(prefix: str, args: argparse.Namespace) -> bool:
-    """Whether no location at all lies under ``prefix`` (a missing bucket neither)."""
+    """Whether no location at all lies under ``prefix`` (a missing bucket is an error naming it)."""
     text, backend = backend_at(prefix, _opts(args))
-    return not children_of(backend, text)
+    return not backend.list_children(text)
 
 
 def _ls_tiers(args: argparse.Namespace) -> int:
