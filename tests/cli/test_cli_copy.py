@@ -154,3 +154,14 @@ def test_a_run_copy_skips_a_checkpoint_pruned_while_it_runs(run: Path, tmp_path:
     assert (str(run / "step-2"), "deleted since it was listed") in result.skipped
     assert torch.equal(torchstow.read(str(tmp_path / "backup" / "step-4"))["w"], torch.full((4,), 4.0))
     assert not os.path.exists(tmp_path / "backup" / "step-2" / "manifest.json")
+
+
+def test_cp_into_a_safetensors_folder_is_refused(run: Path, tmp_path: Path) -> None:
+    """Before: the copy landed beside the shards and reported success, but info, inspect and
+    verify of the folder went on reading the safetensors (cp --compression refused it)."""
+    hf = tmp_path / "hf"
+    torchstow.convert(str(run / "step-1"), str(hf), to="safetensors")
+    before = sorted(os.listdir(hf))
+    for extra in ((), ("--overwrite",), ("--compression", "zstd")):
+        assert "holds a safetensors checkpoint" in fails("cp", str(run / "step-2"), str(hf), *extra)
+    assert sorted(os.listdir(hf)) == before

@@ -317,6 +317,7 @@ def copy(
     decompressed, checked, and compressed again.
     """
     from torchstow.interop.convert import check_apart, convert
+    from torchstow.interop.sources import is_safetensors, local_path
 
     check_compression(compression)
     src = checkpoint_uri(src)
@@ -337,6 +338,13 @@ def copy(
         raise _no_place(dst)
     if overwrite:
         _refuse_replacing_through_link(dst_backend, dst)
+    folder = local_path(dst)
+    if folder is not None and is_safetensors(folder):  # --overwrite replaces no other format's files
+        raise CheckpointExistsError(
+            f"{dst} holds a safetensors checkpoint, which would hide a torchstow one copied beside it "
+            "(info, inspect, verify and convert read the safetensors); nothing was copied. Remove it "
+            "first, or copy to another location"
+        )
     if (
         compression is None  # else every item is written anew
         and isinstance(src_backend, StoreBackend)
