@@ -415,3 +415,23 @@ def test_prune_racing_another_prune_is_no_error(run_dir: Path) -> None:
     deleted = torchstow.prune(str(run_dir), keep_last=1, progress=other_prune)
     assert deleted == [str(run_dir / f"step-{s}") for s in (100, 200, 300)]
     assert sorted(os.listdir(run_dir)) == ["s3", "step-400", "step-500"]
+
+
+def test_prune_through_a_wrapper_never_deletes_through_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """latest -> step-3 under a run read through a byte-transforming wrapper (xor+, as an
+    encrypting one): before, the link was not seen there, so prune counted it as one more
+    step 3 and deleted one of the two, the newest step's files either way."""
+    from xor_wrapper import XorBackend, install
+
+    install(monkeypatch, XorBackend)
+    for step in (1, 2, 3):
+        torchstow.save(
+            {"w": torch.full((4,), float(step))}, str(tmp_path / f"step-{step}"), metadata={"step": step}
+        )
+    (tmp_path / "latest").symlink_to("step-3")
+    doc = json_doc("prune", f"xor+file://{tmp_path}", "--keep-last", "1", "-o", "xor.key=7")
+    assert doc["deleted"] == [f"xor+file://{tmp_path}/step-{s}" for s in (1, 2)]
+    assert doc["not_counted"] == [f"xor+file://{tmp_path}/latest"]
+    assert torch.equal(torchstow.read(str(tmp_path / "latest"))["w"], torch.full((4,), 3.0))
