@@ -342,11 +342,16 @@ def test_a_file_where_a_prefix_or_checkpoint_goes_is_named(run_dir: Path) -> Non
     verify reported the checkpoint CORRUPT)."""
     notes = run_dir / "notes.txt"
     notes.write_text("mine")
-    assert f"{notes} is a file, not a directory of checkpoints" in fails("ls", str(notes))
+    assert f"nothing under {notes}: {notes} is a file, not a directory" in fails("ls", str(notes))
     assert f"{notes} is a file" in fails("du", str(notes / "sub"))
     manifest = str(run_dir / "step-100" / "manifest.json")
     folder = str(run_dir / "step-100")
-    assert f"'torchstow info {folder}' shows it" in fails("ls", manifest)
+    assert f"is the manifest.json of the checkpoint {folder}: give the folder" in fails("ls", manifest)
+    for where in (manifest, str(notes), str(notes / "sub")):  # before: "no checkpoint at" alone
+        assert "nothing was deleted" in fails("rm", where, "--force")
+    assert f"{manifest} is the manifest.json of the checkpoint {folder}" in fails("rm", manifest)
+    assert f"no checkpoint at {notes}: {notes} is a file" in fails("rm", str(notes))
+    assert notes.read_text() == "mine" and os.path.exists(manifest)
     for verb in ("info", "inspect", "verify"):
         assert f"is the manifest.json of a checkpoint, not a checkpoint: give its folder, {folder}" in fails(
             verb, manifest

@@ -46,6 +46,7 @@ __all__ = [
     "is_link",
     "link_target",
     "scan",
+    "what_file",
 ]
 
 COMMITTED = "committed"
@@ -140,7 +141,7 @@ def scan(
             raise IsACheckpointError(_with_format(backend, itself))
         blocker = file_in_the_way(backend, text)
         if blocker is not None:
-            raise CheckpointNotFoundError(f"nothing under {text}: {_a_file(blocker)}")
+            raise CheckpointNotFoundError(f"nothing under {text}: {what_file(blocker)}")
         raise CheckpointNotFoundError(f"nothing under {text}: it does not exist or is empty")
     return [_with_format(backend, entry) for entry in entries(backend, children, progress)]
 
@@ -167,13 +168,13 @@ def file_in_the_way(backend: Backend, uri: str) -> str | None:
     return path if os.path.lexists(path) and not os.path.isdir(path) else None
 
 
-def _a_file(blocker: str) -> str:
-    """What the local file ``blocker`` in the way of a prefix is (a checkpoint's manifest:
-    the checkpoint is its folder)."""
+def what_file(blocker: str) -> str:
+    """What the local file ``blocker``, in the way of a checkpoint or a prefix, is (a
+    checkpoint's manifest: the checkpoint is its folder)."""
     name, folder = os.path.basename(blocker), os.path.dirname(blocker)
     if name in (MANIFEST, DCP_METADATA):
-        return f"{blocker} is the {name} of the checkpoint {folder}; 'torchstow info {folder}' shows it"
-    return f"{blocker} is a file, not a directory of checkpoints"
+        return f"{blocker} is the {name} of the checkpoint {folder}: give the folder"
+    return f"{blocker} is a file, not a directory"
 
 
 def is_link(backend: Backend, uri: str) -> bool:
