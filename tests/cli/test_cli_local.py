@@ -353,7 +353,7 @@ def test_a_file_where_a_prefix_or_checkpoint_goes_is_named(run_dir: Path) -> Non
     assert f"no checkpoint at {notes}: {notes} is a file" in fails("rm", str(notes))
     assert notes.read_text() == "mine" and os.path.exists(manifest)
     for verb in ("info", "inspect", "verify"):
-        assert f"is the manifest.json of a checkpoint, not a checkpoint: give its folder, {folder}" in fails(
+        assert f"{manifest} is the manifest.json of the checkpoint {folder}: give the folder" in fails(
             verb, manifest
         )
     both = invoke("verify", manifest, folder, "--json")  # one missing among several: named, not corrupt

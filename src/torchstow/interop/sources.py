@@ -399,6 +399,15 @@ def dcp_source(uri: str, storage_options: dict[str, Any] | None) -> Source:
     return DcpSource(uri, storage_options)
 
 
+def manifest_file_note(path: str) -> str | None:
+    """Where the local file ``path`` is a checkpoint's own metadata (``manifest.json``, DCP's
+    ``.metadata``), a note that the checkpoint is its folder; else None."""
+    name = os.path.basename(path)
+    if name not in (MANIFEST, DCP_METADATA):
+        return None
+    return f"{path} is the {name} of the checkpoint {os.path.dirname(path) or '.'}: give the folder"
+
+
 def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Source:
     """Detect the format of the checkpoint at ``uri`` and open it.
 
@@ -407,12 +416,9 @@ def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Sour
     """
     path = local_path(uri)
     if path is not None and os.path.isfile(path):
-        name = os.path.basename(path)
-        if name in (MANIFEST, DCP_METADATA):  # no torch.save file: the checkpoint is its folder
-            folder = os.path.dirname(path) or "."
-            raise CheckpointNotFoundError(
-                f"{uri} is the {name} of a checkpoint, not a checkpoint: give its folder, {folder}"
-            )
+        note = manifest_file_note(path)
+        if note is not None:  # no torch.save file: the checkpoint is its folder
+            raise CheckpointNotFoundError(f"no checkpoint at {uri}: {note}")
         if path.endswith(".safetensors"):
             return SafetensorsSource(path)
         return TorchSaveSource(path)

@@ -30,7 +30,7 @@ from torchstow.errors import (
     IncompleteCheckpointError,
     StorageIOError,
 )
-from torchstow.format.files import DCP_METADATA, MANIFEST
+from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
 from torchstow.management.steps import step_of
 from torchstow.management.verify import ProgressCallback
@@ -171,10 +171,9 @@ def file_in_the_way(backend: Backend, uri: str) -> str | None:
 def what_file(blocker: str) -> str:
     """What the local file ``blocker``, in the way of a checkpoint or a prefix, is (a
     checkpoint's manifest: the checkpoint is its folder)."""
-    name, folder = os.path.basename(blocker), os.path.dirname(blocker)
-    if name in (MANIFEST, DCP_METADATA):
-        return f"{blocker} is the {name} of the checkpoint {folder}: give the folder"
-    return f"{blocker} is a file, not a directory"
+    from torchstow.interop.sources import manifest_file_note
+
+    return manifest_file_note(blocker) or f"{blocker} is a file, not a directory"
 
 
 def is_link(backend: Backend, uri: str) -> bool:
