@@ -26,7 +26,7 @@ threshold, which 16 MiB tensors sit under after a first free and 64 MiB ones
 (above glibc's 32 MiB cap) never do. torchstow copies into the buffers it
 kept, at memory speed, either way.
 
-python benchmarks/bench_async.py --child NAME ROOT OUT NUM_TENSORS runs one round.
+python benchmarks/bench_async.py --child NAME ROOT NUM_TENSORS OUT runs one round.
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,7 +45,7 @@ from typing import Any
 
 import torch
 
-from common import GiB, Report, Result, assert_equal, large_state_dict, tensor_bytes
+from common import GiB, Report, Result, assert_equal, child_result, large_state_dict, tensor_bytes
 
 SAVES = 10
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -130,7 +128,7 @@ def _read_dcp(path: str, like: dict[str, Any]) -> dict[str, Any]:
 CONTENDERS = {"torchstow": (_torchstow, _read_torchstow), "dcp": (_dcp, _read_dcp)}
 
 
-def child(name: str, root: str, out: str, num_tensors: str) -> None:
+def child(name: str, root: str, num_tensors: str, out: str) -> None:
     """One round: 10 async saves by ``name``, measured, written to ``out`` as JSON."""
     save, read = CONTENDERS[name]
     sd = large_state_dict(num_tensors=int(num_tensors))
@@ -171,17 +169,6 @@ def child(name: str, root: str, out: str, num_tensors: str) -> None:
         )
 
 
-def _round(name: str, root: str, num_tensors: int) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json", dir=root, delete=False) as f:
-        out = f.name
-    command = [sys.executable, os.path.abspath(__file__), "--child", name, root, out, str(num_tensors)]
-    subprocess.run(command, check=True)
-    with open(out) as f:
-        result = json.load(f)
-    os.unlink(out)
-    return result
-
-
 def main(root: str, repeats: int, report: Report) -> None:
     """Both tensor shapes: see the module docstring."""
     for num_tensors in (64, 16):
@@ -199,7 +186,7 @@ def run_shape(root: str, repeats: int, report: Report, num_tensors: int) -> None
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
     for _ in range(repeats):
         for name in CONTENDERS:
-            rounds[name].append(_round(name, root, num_tensors))
+            rounds[name].append(child_result(__file__, root, name, root, str(num_tensors)))
     results: dict[str, dict[str, Result]] = {}
     for name, runs in rounds.items():
         nbytes = runs[0]["nbytes"]

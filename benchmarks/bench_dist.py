@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,7 @@ import torchstow
 import torchstow.planning
 
 from common import GiB, Report, Result, timed
-from gloo_ranks import run_gloo_ranks
+from gloo_ranks import run_gloo_ranks, timed_across_ranks
 
 WORLD = 2
 NUM_TENSORS = 16
@@ -59,14 +58,6 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
-def _timed_collectively(fn: Callable[[], Any]) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
-
-
 def _rank_main(rank: int, world: int, root: str, repeats: int) -> dict[str, list[float]]:
     """One rank's saves and loads of its shards, timed collectively."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -83,11 +74,11 @@ def _rank_main(rank: int, world: int, root: str, repeats: int) -> dict[str, list
             if rank == 0 and os.path.exists(path):
                 shutil.rmtree(path)
                 os.sync()
-            took = _timed_collectively(lambda s=save, p=path: s(source, p))
+            took = timed_across_ranks(lambda s=save, p=path: s(source, p))
             if round_:
                 times.setdefault(f"save {name}", []).append(took)
             if load is not None:
-                took = _timed_collectively(lambda l=load, n=name, p=path: l(targets[n], p))  # noqa: E741
+                took = timed_across_ranks(lambda l=load, n=name, p=path: l(targets[n], p))  # noqa: E741
                 if round_:
                     times.setdefault(f"load {name}", []).append(took)
     for name, target in targets.items():

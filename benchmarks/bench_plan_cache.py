@@ -14,11 +14,9 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner as DcpPlanner
 
@@ -26,17 +24,9 @@ import torchstow
 from torchstow.core.protocol.collective import ProcessGroupCollective
 
 from common import Report, Result
-from gloo_ranks import run_gloo_ranks
+from gloo_ranks import run_gloo_ranks, timed_across_ranks
 
 SAVES = 5
-
-
-def _timed(fn: Any) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
 
 
 def _planning_bytes() -> list[int]:
@@ -74,12 +64,14 @@ def _rank_main(rank: int, world: int, root: str, tensors: int) -> dict[str, Any]
             path = os.path.join(root, f"{name}-{n}")
             if name == "torchstow":
                 before = sent[0]
-                times[name].append(_timed(lambda p=path: torchstow.save(state, p)))
+                times[name].append(timed_across_ranks(lambda p=path: torchstow.save(state, p)))
                 planning_bytes.append(sent[0] - before)
             else:
                 planner = DcpPlanner(enable_plan_caching=True)
                 times[name].append(
-                    _timed(lambda p=path, pl=planner: dcp.save(state, checkpoint_id=p, planner=pl))
+                    timed_across_ranks(
+                        lambda p=path, pl=planner: dcp.save(state, checkpoint_id=p, planner=pl)
+                    )
                 )
     return {"times": times, "planning_bytes": planning_bytes}
 

@@ -79,6 +79,21 @@ def _reset_peak() -> None:
         pass
 
 
+def _memory_base() -> int:
+    """Where a contender's peak memory is counted from, alike for each: the resident KiB
+    once its input plans are built, after a garbage collection, with the peak reset to it."""
+    gc.collect()
+    base, _ = _rss_kib()
+    _reset_peak()
+    return base
+
+
+def _peak_mib(base: int) -> float:
+    """The peak resident MiB above ``base`` (from :func:`_memory_base`) so far."""
+    _, peak = _rss_kib()
+    return (peak - base) / 1024
+
+
 def _split(items: int) -> tuple[int, int]:
     replicated = int(items * REPLICATED)
     return items - replicated, replicated
@@ -192,9 +207,7 @@ def _run_torchstow(ranks: int, items: int) -> dict[str, float]:
 
     plans = torchstow_plans(ranks, items)
     times: dict[str, float] = {}
-    gc.collect()
-    base, _ = _rss_kib()
-    _reset_peak()
+    base = _memory_base()
     planned, metadata = _step(times, "global plan", partial(DefaultSavePlanner().create_global_plan, plans))
     writer = LayoutWriter(LocalFileStore("/nonexistent", "bench"))  # its global step touches no file
     final = _step(times, "writer plan", partial(writer.prepare_global_plan, planned))
@@ -212,7 +225,7 @@ def _run_torchstow(ranks: int, items: int) -> dict[str, float]:
     _step(times, "table", table)
     results = None
     manifest, tables = _step(times, "encode", partial(encode_manifest, metadata))  # version 2
-    _, peak = _rss_kib()
+    peak = _peak_mib(base)
     v1 = _step(times, "encode v1", partial(encode_metadata, metadata))
     metadata = None  # free the coordinator's state before decoding
     gc.collect()
@@ -220,7 +233,7 @@ def _run_torchstow(ranks: int, items: int) -> dict[str, float]:
     _step(times, "decode v1", partial(decode_metadata, v1))
     times["manifest MiB"] = (len(manifest) + sum(map(len, tables.values()))) / 2**20
     times["manifest v1 MiB"] = len(v1) / 2**20
-    times["peak MiB"] = (peak - base) / 1024
+    times["peak MiB"] = peak
     _startup(times, {"": (manifest, tables), " v1": (v1, {})})
     return times
 
@@ -252,9 +265,7 @@ def _run_dcp(ranks: int, items: int) -> dict[str, float]:
 
     plans = dcp_plans(ranks, items)
     times: dict[str, float] = {}
-    gc.collect()
-    base, _ = _rss_kib()
-    _reset_peak()
+    base = _memory_base()
     final, metadata = _step(times, "global plan", partial(DcpPlanner().create_global_plan, plans))
     storage = {}
     for rank, plan in enumerate(final):
@@ -265,12 +276,12 @@ def _run_dcp(ranks: int, items: int) -> dict[str, float]:
             offset += length
     metadata.storage_data = storage
     manifest = _step(times, "encode", partial(pickle.dumps, metadata, protocol=pickle.HIGHEST_PROTOCOL))
-    _, peak = _rss_kib()
+    peak = _peak_mib(base)
     final = metadata = None
     gc.collect()
     _step(times, "decode", partial(pickle.loads, manifest))
     times["manifest MiB"] = len(manifest) / 2**20
-    times["peak MiB"] = (peak - base) / 1024
+    times["peak MiB"] = peak
     return times
 
 

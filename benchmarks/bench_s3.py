@@ -99,6 +99,21 @@ def moto_server() -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+def packed_bytes(sd: dict[str, torch.Tensor]) -> bytes:
+    """The bytes of the flat state dict ``sd``'s tensors back to back, in its order: the
+    body of the one-object contenders (a whole state dict as one S3 object)."""
+    return b"".join(t.numpy().tobytes() for t in sd.values())
+
+
+def unpack_into(target: dict[str, torch.Tensor], data: Any) -> None:
+    """Fill ``target``'s tensors from ``data`` (a buffer), laid out as :func:`packed_bytes` lays them."""
+    view, pos = memoryview(data), 0
+    for t in target.values():
+        n = t.numel() * t.element_size()
+        t.view(-1).view(torch.uint8).copy_(torch.frombuffer(view[pos : pos + n], dtype=torch.uint8))
+        pos += n
+
+
 @dataclass
 class Contender:
     """``save(sd, url)``, ``load(target, url)`` and ``remove(url)`` for one way of using S3."""
@@ -123,15 +138,10 @@ def contenders(endpoint: str) -> list[Contender]:
 
     def one_object_save(sd: Any, url: str) -> None:
         # The bytes of every tensor as one object: the speed of a single s3fs upload.
-        fs.pipe_file(url, b"".join(t.numpy().tobytes() for t in sd.values()))
+        fs.pipe_file(url, packed_bytes(sd))
 
     def one_object_load(target: Any, url: str) -> None:
-        data = memoryview(fs.cat_file(url))
-        pos = 0
-        for t in target.values():
-            n = t.numel() * t.element_size()
-            t.view(-1).view(torch.uint8).copy_(torch.frombuffer(data[pos : pos + n], dtype=torch.uint8))
-            pos += n
+        unpack_into(target, fs.cat_file(url))
 
     def dcp_save(threads: int) -> Callable[[Any, str], Any]:
         return lambda sd, url: dcp.save(

@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
@@ -53,7 +52,7 @@ sys.path.insert(0, HERE)
 TESTS = os.path.join(HERE, "..", "tests", "backends")
 sys.path.insert(0, TESTS)  # the shaped proxy lives with the tests
 
-from bench_s3 import BUCKET, cpu_seconds, moto_server, server_cpu_seconds  # noqa: E402
+from bench_s3 import BUCKET, cpu_seconds, moto_server, packed_bytes, server_cpu_seconds, unpack_into  # noqa: E402
 from common import assert_equal, large_state_dict, tensor_bytes, timed, zeros_like_state_dict  # noqa: E402
 from s3_faults import Link, MiB  # noqa: E402
 
@@ -90,7 +89,7 @@ def peers(endpoint: str) -> dict[str, tuple[Op, Op]]:
     def boto3_save(sd: Any, url: str) -> None:
         import io
 
-        body = io.BytesIO(b"".join(t.numpy().tobytes() for t in sd.values()))
+        body = io.BytesIO(packed_bytes(sd))
         client.upload_fileobj(body, BUCKET, key(url), Config=transfer)
 
     def boto3_load(target: Any, url: str) -> None:
@@ -98,11 +97,7 @@ def peers(endpoint: str) -> dict[str, tuple[Op, Op]]:
 
         out = io.BytesIO()
         client.download_fileobj(BUCKET, key(url), out, Config=transfer)
-        data, pos = out.getbuffer(), 0
-        for t in target.values():
-            n = t.numel() * t.element_size()
-            t.view(-1).view(torch.uint8).copy_(torch.frombuffer(data[pos : pos + n], dtype=torch.uint8))
-            pos += n
+        unpack_into(target, out.getbuffer())
 
     found: dict[str, tuple[Op, Op]] = {
         "torchstow": (

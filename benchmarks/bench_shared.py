@@ -19,16 +19,14 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from common import Report, Result, large_state_dict, tensor_bytes
+from common import Report, Result, child_result, large_state_dict, tensor_bytes
 
 STAGINGS = 10
 WORKLOADS = {
@@ -85,16 +83,6 @@ def child(name: str, workload: str, out: str) -> None:
         json.dump({"nbytes": tensor_bytes(sd), "seconds": seconds, "extra": extra, "shared": shared}, f)
 
 
-def _round(name: str, workload: str, root: str) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json", dir=root, delete=False) as f:
-        out = f.name
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, workload, out], check=True)
-    with open(out) as f:
-        result = json.load(f)
-    os.unlink(out)
-    return result
-
-
 def main(root: str, repeats: int, report: Report) -> None:
     """Both workloads, ``repeats`` rounds per contender."""
     for workload in WORKLOADS:
@@ -102,7 +90,7 @@ def main(root: str, repeats: int, report: Report) -> None:
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
         for _ in range(repeats):
             for name in CONTENDERS:
-                rounds[name].append(_round(name, workload, root))
+                rounds[name].append(child_result(__file__, root, name, workload))
         results = {}
         for name, runs in rounds.items():
             nbytes = runs[0]["nbytes"]

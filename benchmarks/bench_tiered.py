@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,18 +40,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gloo_ranks import free_port
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 MiB = 1 << 20
 
 
 # -- the parent: torchrun agents -------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_job(work: Path, name: str, args: list[str], nnodes: int = 2, nproc: int = 2) -> dict[int, dict]:
@@ -65,7 +60,7 @@ def run_job(work: Path, name: str, args: list[str], nnodes: int = 2, nproc: int 
         "GLOO_SOCKET_IFNAME": "lo",
         "OMP_NUM_THREADS": "1",
     }
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0",

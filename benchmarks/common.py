@@ -8,6 +8,9 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -85,6 +88,18 @@ def timed(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None 
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def child_result(script: str, root: str, *args: str) -> dict[str, Any]:
+    """Run ``python SCRIPT --child *ARGS OUT`` (one round in a fresh process); the JSON it
+    wrote to OUT, a temporary file under ``root``."""
+    with tempfile.NamedTemporaryFile(suffix=".json", dir=root, delete=False) as f:
+        out = f.name
+    subprocess.run([sys.executable, os.path.abspath(script), "--child", *args, out], check=True)
+    with open(out) as f:
+        result = json.load(f)
+    os.unlink(out)
+    return result
 
 
 def fresh_dir(path: str) -> None:

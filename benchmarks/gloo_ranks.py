@@ -7,14 +7,28 @@ import multiprocessing
 import os
 import queue
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def timed_across_ranks(fn: Callable[[], Any]) -> float:
+    """Wall seconds of ``fn()`` run by every rank of the default group: from all ranks
+    ready to all ranks done, so the slowest rank's time (on every rank)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
 
 
 def _rank_entry(
@@ -43,7 +57,7 @@ def run_gloo_ranks(body: Callable[..., Any], world: int, *args: Any) -> Any:
     is printed by the rank)."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_entry, args=(body, r, world, port, results, args)) for r in range(world)
     ]

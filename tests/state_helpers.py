@@ -1,8 +1,14 @@
-"""Dtypes the round-trip tests cover (state dicts compare with torchstow.testing.assert_same_state)."""
+"""What the tests share about state dicts: the dtypes the round-trip tests cover (state dicts
+compare with torchstow.testing.assert_same_state), and that a checkpoint stores each element once."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+import torchstow
+from torchstow.format.manifest import TensorStorageMetadata
 
 # Every dtype whose tensors are plain bytes (quantized and sub-byte dtypes are not).
 ALL_DTYPES = [
@@ -28,3 +34,15 @@ ALL_DTYPES = [
     torch.complex64,
     torch.complex128,
 ]
+
+
+def check_stored_once(path: str) -> None:
+    """Every tensor element of the checkpoint at ``path`` is stored exactly once, whatever
+    replicated it (its stored lengths add up to the tensor's size)."""
+    metadata = torchstow.storage_reader(path).read_metadata()
+    lengths: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        lengths[index.fqn] = lengths.get(index.fqn, 0) + info.length
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata):
+            assert lengths[fqn] == math.prod(entry.size) * entry.properties.dtype.itemsize, fqn

@@ -114,7 +114,9 @@ def _fail_everywhere(exc: Exception, collective: Collective, protocol: Callable[
     ``protocol`` with a stand-in that fails its first step, where the other ranks already
     are, so that every rank raises the same CheckpointException. Where every rank failed
     alike (the same bad argument everywhere), each raises its own error instead, as a
-    single process does."""
+    single process does (at once: it has no other rank to tell)."""
+    if collective.world_size == 1:
+        raise exc
     try:
         protocol()
     except CheckpointException as failed:
@@ -331,8 +333,6 @@ def save(
         job = settings.job(own_slot)
         plain = dcp_calls.StatefulView(state_dict).plain
     except Exception as exc:
-        if collective.world_size == 1:
-            raise
         stand_in = _FailedWriter(exc)
         _fail_everywhere(exc, collective, lambda: _save_protocol({}, stand_in, collective=collective))
     return _save_protocol(
@@ -392,8 +392,6 @@ def load(
         )
         planner = dcp_calls.torchstow_load_planner(planner, default, allow_pickle=allow_pickle)
     except Exception as exc:
-        if collective.world_size == 1:
-            raise
         failed = _FailedReader(exc)
         _fail_everywhere(
             exc, collective, lambda: _load_protocol({}, failed, collective=collective, read_once=read_once)

@@ -37,6 +37,15 @@ def torchstow_register_backends(register):
     register({cls}, preferred={preferred})
 """
 
+# A plugin whose registration hook raises (a misconfigured one).
+_RAISING_PLUGIN = """
+from torchstow.spi import hookimpl
+
+@hookimpl
+def torchstow_register_backends(register):
+    raise RuntimeError("misconfigured")
+"""
+
 
 class Plugins:
     """Writes plugin distributions into a directory on sys.path."""
@@ -163,17 +172,7 @@ def test_unknown_scheme_quotes_the_uri_and_lists_the_installed_schemes() -> None
 
 def test_a_broken_plugin_does_not_take_the_others_down(plugins: Plugins, tmp_path: Path) -> None:
     plugins.add("broken-store", "broken", "import a_module_that_does_not_exist\n")
-    plugins.add(
-        "raising-store",
-        "raising",
-        """
-        from torchstow.spi import hookimpl
-
-        @hookimpl
-        def torchstow_register_backends(register):
-            raise RuntimeError("misconfigured")
-        """,
-    )
+    plugins.add("raising-store", "raising", _RAISING_PLUGIN)
     registry = BackendRegistry(get_plugin_manager())
     assert "ModuleNotFoundError" in registry.load_errors["broken"]
     assert "RuntimeError: misconfigured" in registry.load_errors["raising"]
@@ -186,17 +185,7 @@ def test_a_plugin_whose_hook_raises_is_listed_as_broken_by_torchstow_backends(
     plugins: Plugins, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plugins.add_backend("alpha-store", "alpha", "AlphaBackend", ("alpha",))
-    plugins.add(
-        "raising-store",
-        "raising",
-        """
-        from torchstow.spi import hookimpl
-
-        @hookimpl
-        def torchstow_register_backends(register):
-            raise RuntimeError("misconfigured")
-        """,
-    )
+    plugins.add("raising-store", "raising", _RAISING_PLUGIN)
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "broken plugin 'raising': torchstow_register_backends raised RuntimeError: misconfigured" in out

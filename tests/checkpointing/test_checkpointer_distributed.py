@@ -12,7 +12,6 @@ nothing.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 import torchstow
 from dist_pool import free_port
+from state_helpers import check_stored_once
 from torchstow import CheckpointException
 from torchstow.checkpointing import (
     BarrierConfig,
@@ -37,7 +37,6 @@ from torchstow.checkpointing import (
     make_sync_checkpointer,
 )
 from torchstow.format.files import is_chunk_table
-from torchstow.format.manifest import TensorStorageMetadata
 
 pytestmark = pytest.mark.slow
 
@@ -175,14 +174,7 @@ def _check_one_checkpoint(root: str, world_size: int) -> str:
     for rank in range(world_size):
         assert torch.equal(loaded[f"rank{rank}"], torch.full((2,), float(rank)))
     assert loaded["step"] == 3
-    # Replicated values and replicated shards are stored once.
-    metadata = torchstow.storage_reader(path).read_metadata()
-    stored: dict[str, int] = {}
-    for index, info in metadata.storage_data.items():
-        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
-    for fqn, entry in metadata.state_dict_metadata.items():
-        if isinstance(entry, TensorStorageMetadata):
-            assert stored[fqn] == math.prod(entry.size) * entry.properties.dtype.itemsize, fqn
+    check_stored_once(path)  # replicated values and replicated shards are stored once
     # Every rank: pre_commit before the commit, post_commit after it.
     for rank in range(world_size):
         assert _events(root, rank) == [("pre_commit", False), ("post_commit", True)]

@@ -33,6 +33,14 @@ def _dtensors(world_size: int, full: dict[str, torch.Tensor], dim: int) -> dict[
     return out
 
 
+def _save(state: dict[str, Any], path: str, asynchronous: bool, **options: Any) -> None:
+    """Save ``state`` to ``path`` with ``options``: through async_save (waited for), or save."""
+    if asynchronous:
+        torchstow.async_save(state, path, **options).result()
+    else:
+        torchstow.save(state, path, timeout=60, **options)
+
+
 def save_two_steps(
     rank: int, world_size: int, root: str, asynchronous: bool, compression: str | None = None
 ) -> list[int]:
@@ -43,10 +51,7 @@ def save_two_steps(
         state = _dtensors(world_size, expected(step), 0)
         base = None if step == 1 else f"{root}/step-1"
         path = f"{root}/step-{step}"
-        if asynchronous:
-            torchstow.async_save(state, path, base=base, compression=compression).result()
-        else:
-            torchstow.save(state, path, base=base, timeout=60, compression=compression)
+        _save(state, path, asynchronous, base=base, compression=compression)
         written.append(torchstow.info(path).nbytes_written)
     return written
 
@@ -84,10 +89,7 @@ def save_trusting(rank: int, world_size: int, root: str, asynchronous: bool) -> 
                     state["trainable"].add_(1)
             base = None if step == 1 else f"{root}/step-{step - 1}"
             path = f"{root}/step-{step}"
-            if asynchronous:
-                torchstow.async_save(state, path, base=base, trust_version_counter=True).result()
-            else:
-                torchstow.save(state, path, base=base, timeout=60, trust_version_counter=True)
+            _save(state, path, asynchronous, base=base, trust_version_counter=True)
     finally:
         incremental.content_hash = real
     return sum(hashed), torchstow.info(f"{root}/step-3").nbytes_written

@@ -3,7 +3,6 @@ bit-exact by others (real gloo processes), and read whole in a single process.""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 from dist_scenarios import load_model, mismatches, placements, save_model
 
 import torchstow
-from torchstow.format.manifest import TensorStorageMetadata
+from state_helpers import check_stored_once
 from torchstow.format.structure import flatten_state_dict
 
 Saved = tuple[str, dict[str, Any]]
@@ -36,17 +35,6 @@ def _check_loaded(results: list[dict[str, Any]]) -> None:
         assert result["mismatches"] == [], f"rank {rank}: wrong after load: {result['mismatches']}"
         assert result["lr"] == 0.01  # param_groups came from the checkpoint...
         assert result["step"] == 2.0  # ...and so did the step counters
-
-
-def _check_stored_once(path: str) -> None:
-    """Every tensor element is stored exactly once, whatever replicated it."""
-    metadata = torchstow.storage_reader(path).read_metadata()
-    lengths: dict[str, int] = {}
-    for index, info in metadata.storage_data.items():
-        lengths[index.fqn] = lengths.get(index.fqn, 0) + info.length
-    for fqn, entry in metadata.state_dict_metadata.items():
-        if isinstance(entry, TensorStorageMetadata):
-            assert lengths[fqn] == math.prod(entry.size) * entry.properties.dtype.itemsize, fqn
 
 
 def _check_read(path: str, expected: dict[str, Any]) -> None:
@@ -76,7 +64,7 @@ def test_shard0_by_4_ranks_loads_bit_exact(
 
 def test_shard0_by_4_ranks_reads_whole_in_one_process(shard0_by_4: Saved) -> None:
     path, expected = shard0_by_4
-    _check_stored_once(path)
+    check_stored_once(path)
     full = torchstow.read(f"file://{path}")
     assert full["model"]["l1.weight"].shape == (10, 12)
     assert full["optim"]["param_groups"][0]["lr"] == 0.01
@@ -99,7 +87,7 @@ def test_other_layouts_round_trip(
     loaded_by: tuple[int, tuple[str, ...]],
 ) -> None:
     path, expected = _save(pools, tmp_path, *saved_by, seed=2)
-    _check_stored_once(path)
+    check_stored_once(path)
     _check_loaded(pools(loaded_by[0]).run(load_model, path, loaded_by[1], expected))
     _check_read(path, expected)
     assert isinstance(expected["optim.state.0.exp_avg"], torch.Tensor)

@@ -17,7 +17,7 @@ from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.compression import check_compression
 from torchstow.management.bases import check_step, choose_base
 from torchstow.management.catalog import info, list_steps
-from torchstow.management.prune import plan_prune, prune_keeping
+from torchstow.management.prune import plan_prune, prune_after_commit
 from torchstow.management.steps import step_uri
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
@@ -162,24 +162,13 @@ class CheckpointManager:
         return options
 
     def _committed(self, step: int, coordinator: bool) -> None:
-        """After ``step`` committed: note it, and prune on the coordinator. A pruning failure
-        is a warning: the step committed on every rank, which go on alike (raised on the
-        coordinator alone, the others would wait for it in the next save)."""
+        """After ``step`` committed: note it, and prune on the coordinator
+        (:func:`~torchstow.management.prune.prune_after_commit`: a failure is a warning)."""
         self._newest = step if self._newest is None else max(self._newest, step)
         self._done.add(step)
-        if not coordinator or (self.keep_last is None and self.keep_every is None):
-            return
-        try:
+        if coordinator:
             with self._lock:
-                prune_keeping(
-                    self.root,
-                    step,
-                    keep_last=self.keep_last or 0,
-                    keep_every=self.keep_every,
-                    storage_options=self.storage_options,
-                )
-        except Exception as exc:
-            logger.warning("pruning %s after saving step %d failed: %s", self.root, step, exc)
+                prune_after_commit(self, step)
 
     def _base(self, step: int, collective: Collective) -> str | None:
         """The URI of the checkpoint to save ``step`` against, or None (a full save): the

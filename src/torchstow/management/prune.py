@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Protocol
 
 from torchstow.core.storage.backend import Backend
 from torchstow.errors import CheckpointNotFoundError
@@ -17,7 +17,7 @@ from torchstow.management.steps import is_step_uri
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["counted", "plan_prune", "prune", "prune_keeping", "prune_listed"]
+__all__ = ["Keeping", "counted", "plan_prune", "prune", "prune_after_commit", "prune_keeping", "prune_listed"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,34 @@ def prune_keeping(
         storage_options=storage_options,
         managed=True,
     )
+
+
+class Keeping(Protocol):
+    """A manager as its pruning sees it: the root of its steps and what it keeps there."""
+
+    root: str
+    keep_last: int | None
+    keep_every: int | None
+    storage_options: dict[str, Any] | None
+
+
+def prune_after_commit(manager: Keeping, step: int) -> None:
+    """On ``manager``'s coordinator after ``step`` committed under its root: :func:`prune_keeping`
+    where ``keep_last`` or ``keep_every`` is set. A failure is a warning, never raised: the
+    step is committed all the same, and every rank goes on alike (raised on the coordinator
+    alone, the others would wait for it in their next save)."""
+    if manager.keep_last is None and manager.keep_every is None:
+        return
+    try:
+        prune_keeping(
+            manager.root,
+            step,
+            keep_last=manager.keep_last or 0,
+            keep_every=manager.keep_every,
+            storage_options=manager.storage_options,
+        )
+    except Exception as exc:
+        logger.warning("pruning %s after committing step %d failed: %s", manager.root, step, exc)
 
 
 def counted(backend: Backend, info: CheckpointInfo, *, managed: bool = False) -> bool:

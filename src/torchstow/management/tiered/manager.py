@@ -588,22 +588,13 @@ class TieredManager:
         return found
 
     def _prune_root(self, coll: Collective, step: int) -> None:
-        """After ``step`` persisted: prune the root with ``keep_last`` / ``keep_every`` on the
-        coordinator, never deleting ``step`` (a failure is logged: the step is durable all the same)."""
-        if not coll.is_coordinator or (self.keep_last is None and self.keep_every is None):
+        """After ``step`` persisted: prune the root on the coordinator, never deleting ``step``
+        (:func:`~torchstow.management.prune.prune_after_commit`: a failure is a warning)."""
+        if not coll.is_coordinator:
             return
-        from torchstow.management.prune import prune_keeping
+        from torchstow.management.prune import prune_after_commit
 
-        try:
-            prune_keeping(
-                self.root,
-                step,
-                keep_last=self.keep_last or 0,
-                keep_every=self.keep_every,
-                storage_options=self.storage_options,
-            )
-        except Exception as exc:
-            logger.warning("pruning %s failed: %s", self.root, exc)
+        prune_after_commit(self, step)
 
     def _persist_phase(self, job: _Persist) -> None:
         retry, self._retry = self._retry, []
