@@ -356,6 +356,11 @@ def test_a_file_where_a_prefix_or_checkpoint_goes_is_named(run_dir: Path) -> Non
         assert f"{manifest} is the manifest.json of the checkpoint {folder}: give the folder" in fails(
             verb, manifest
         )
+    (data,) = [name for name in os.listdir(folder) if is_data_file(name)]
+    for verb in ("info", "verify"):  # before: "not a torch.save file", and verify said CORRUPT
+        assert f"{data} is a file of the checkpoint {folder}: give the folder" in fails(
+            verb, f"{folder}/{data}"
+        )
     both = invoke("verify", manifest, folder, "--json")  # one missing among several: named, not corrupt
     assert both.code == 1 and both.json()["missing"] == [manifest], both
     assert [c["uri"] for c in both.json()["checkpoints"]] == [folder]

@@ -171,9 +171,9 @@ def file_in_the_way(backend: Backend, uri: str) -> str | None:
 def what_file(blocker: str) -> str:
     """What the local file ``blocker``, in the way of a checkpoint or a prefix, is (a
     checkpoint's manifest: the checkpoint is its folder)."""
-    from torchstow.interop.sources import manifest_file_note
+    from torchstow.interop.sources import checkpoint_file_note
 
-    return manifest_file_note(blocker) or f"{blocker} is a file, not a directory"
+    return checkpoint_file_note(blocker) or f"{blocker} is a file, not a directory"
 
 
 def is_link(backend: Backend, uri: str) -> bool:
