@@ -367,7 +367,7 @@ def test_a_file_where_a_prefix_or_checkpoint_goes_is_named(run_dir: Path) -> Non
 
 
 def test_a_run_given_for_one_checkpoint_says_so(run_dir: Path) -> None:
-    for verb in ("verify", "info", "inspect"):
+    for verb in ("verify", "info", "inspect", "rm"):
         error = fails(verb, str(run_dir))
         assert f"no checkpoint at {run_dir}: {run_dir} holds 5 locations (" in error, error
         assert f"give one checkpoint ('torchstow ls {run_dir}' lists them)" in error

@@ -406,7 +406,8 @@ def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[s
 def cmd_rm(args: argparse.Namespace) -> int:
     """Delete a checkpoint (its manifest first, so it is never half valid); refuse while a
     save may be writing there (as gc leaves it alone), unless ``--force``."""
-    torchstow.delete(args.uri, storage_options=_opts(args), force=args.force)
+    with _one_checkpoint(args.uri, args):
+        torchstow.delete(args.uri, storage_options=_opts(args), force=args.force)
     if args.json:
         print_json({"removed": args.uri})
     else:
