@@ -58,7 +58,9 @@ def test_cp_of_a_run_copies_each_committed_checkpoint(run: Path, tmp_path: Path)
     assert text.code == 0, text
     assert text.out.splitlines()[-1] == "copied 3 checkpoints, skipped 1"
     assert f"skipped {run}/step-3 (incomplete" in text.err
-    json_doc("cp", str(run), f"{tmp_path / 'into'}/")  # into: DST/run/step-N
+    into = json_doc("cp", str(run), f"{tmp_path / 'into'}/")  # into: DST/run/step-N
+    assert into["dst"] == f"{tmp_path / 'into'}/run"  # where the run landed (before: DST/ as given)
+    assert json_doc("cp", str(run), f"{dst}/", "--overwrite")["dst"] == f"{dst}/run"
     assert [i.step for i in torchstow.list_checkpoints(str(tmp_path / "into" / "run"))] == [1, 2, 4]
 
 
@@ -111,3 +113,55 @@ def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
     ):
         torchstow.copy(str(src), str(tmp_path / "cut"))
     assert not (tmp_path / "cut").exists() or os.listdir(tmp_path / "cut") == []
+
+
+def test_cp_overwrite_never_replaces_a_checkpoint_through_a_link(run: Path, tmp_path: Path) -> None:
+    """A run copied over another whose ``latest`` links to its step-1: before, step-1 was
+    replaced by the source's ``latest`` (step 2's state under step-1's name), silently."""
+    dst = tmp_path / "dst"
+    for step in (1, 2):
+        torchstow.save({"w": torch.full((4,), 10.0 + step)}, str(dst / f"step-{step}"))
+    (dst / "latest").symlink_to("step-1")
+    (run / "latest").symlink_to("step-2")
+    before = {name: sorted(os.listdir(dst / name)) for name in ("step-1", "step-2")}
+
+    error = fails("cp", str(run), str(dst), "--overwrite")
+    assert f"{dst}/latest is a symbolic link (to {dst / 'step-1'})" in error
+    assert "nothing was copied" in error
+    error = fails("cp", str(run / "step-2"), str(dst / "latest"), "--overwrite", "--compression", "zstd")
+    assert "overwriting it would replace the checkpoint it points at" in error
+    assert {name: sorted(os.listdir(dst / name)) for name in ("step-1", "step-2")} == before
+    assert torch.equal(torchstow.read(str(dst / "step-1"))["w"], torch.full((4,), 11.0))
+
+
+def test_a_run_copy_skips_a_checkpoint_pruned_while_it_runs(run: Path, tmp_path: Path) -> None:
+    """A training job's retention deletes step-2 while the run is copied (here: once step-1's
+    bytes are on their way). Before, the copy failed there with nothing after step-1 copied,
+    and a retry was refused (step-1 exists) unless --overwrite."""
+    from torchstow.management import copy_run
+
+    torchstow.save({"w": torch.full((4,), 4.0)}, str(run / "step-4"))
+    pruned: list[str] = []
+
+    def prune_step_2(done: int, total: int) -> None:
+        if not pruned:
+            pruned.append(str(run / "step-2"))
+            torchstow.delete(pruned[0])
+
+    result = copy_run(str(run), str(tmp_path / "backup"), progress=prune_step_2)
+    assert pruned
+    assert result.copied == [(str(run / f"step-{s}"), str(tmp_path / "backup" / f"step-{s}")) for s in (1, 4)]
+    assert (str(run / "step-2"), "deleted since it was listed") in result.skipped
+    assert torch.equal(torchstow.read(str(tmp_path / "backup" / "step-4"))["w"], torch.full((4,), 4.0))
+    assert not os.path.exists(tmp_path / "backup" / "step-2" / "manifest.json")
+
+
+def test_cp_into_a_safetensors_folder_is_refused(run: Path, tmp_path: Path) -> None:
+    """Before: the copy landed beside the shards and reported success, but info, inspect and
+    verify of the folder went on reading the safetensors (cp --compression refused it)."""
+    hf = tmp_path / "hf"
+    torchstow.convert(str(run / "step-1"), str(hf), to="safetensors")
+    before = sorted(os.listdir(hf))
+    for extra in ((), ("--overwrite",), ("--compression", "zstd")):
+        assert "holds a safetensors checkpoint" in fails("cp", str(run / "step-2"), str(hf), *extra)
+    assert sorted(os.listdir(hf)) == before

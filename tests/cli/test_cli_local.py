@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -333,3 +334,114 @@ def test_verify_of_several_goes_on_past_one_that_is_not_there(run_dir: Path) -> 
     assert doc["ok"] is False and doc["missing"] == [str(typo)]
     assert [c["ok"] for c in doc["checkpoints"]] == [True, False]
     assert invoke("verify", "--json", str(good)).json()["missing"] == []
+
+
+def test_a_file_where_a_prefix_or_checkpoint_goes_is_named(run_dir: Path) -> None:
+    """ls/du of a file, and info/inspect/verify of a checkpoint's manifest.json, say what the
+    file is (before: "it does not exist or is empty", a torch.load traceback's words, and
+    verify reported the checkpoint CORRUPT)."""
+    notes = run_dir / "notes.txt"
+    notes.write_text("mine")
+    assert f"nothing under {notes}: {notes} is a file, not a directory" in fails("ls", str(notes))
+    assert f"{notes} is a file" in fails("du", str(notes / "sub"))
+    manifest = str(run_dir / "step-100" / "manifest.json")
+    folder = str(run_dir / "step-100")
+    assert f"is the manifest.json of the checkpoint {folder}: give the folder" in fails("ls", manifest)
+    for where in (manifest, str(notes), str(notes / "sub")):  # before: "no checkpoint at" alone
+        assert "nothing was deleted" in fails("rm", where, "--force")
+    assert f"{manifest} is the manifest.json of the checkpoint {folder}" in fails("rm", manifest)
+    assert f"no checkpoint at {notes}: {notes} is a file" in fails("rm", str(notes))
+    assert notes.read_text() == "mine" and os.path.exists(manifest)
+    for verb in ("info", "inspect", "verify"):
+        assert f"{manifest} is the manifest.json of the checkpoint {folder}: give the folder" in fails(
+            verb, manifest
+        )
+    (data,) = [name for name in os.listdir(folder) if is_data_file(name)]
+    for verb in ("info", "verify"):  # before: "not a torch.save file", and verify said CORRUPT
+        assert f"{data} is a file of the checkpoint {folder}: give the folder" in fails(
+            verb, f"{folder}/{data}"
+        )
+    both = invoke("verify", manifest, folder, "--json")  # one missing among several: named, not corrupt
+    assert both.code == 1 and both.json()["missing"] == [manifest], both
+    assert [c["uri"] for c in both.json()["checkpoints"]] == [folder]
+
+
+def test_a_run_given_for_one_checkpoint_says_so(run_dir: Path) -> None:
+    for verb in ("verify", "info", "inspect", "rm"):
+        error = fails(verb, str(run_dir))
+        assert f"no checkpoint at {run_dir}: {run_dir} holds 5 locations (" in error, error
+        assert f"give one checkpoint ('torchstow ls {run_dir}' lists them)" in error
+    assert "holds" not in fails("verify", str(run_dir / "nope"))  # nothing there: as before
+
+
+def test_ls_tiers_of_nothing_is_an_error(tmp_path: Path) -> None:
+    """A missing root is an error, as for ls without --tiers (before: exit 0, an empty list)."""
+    missing = str(tmp_path / "nope")
+    assert f"nothing under {missing}: it does not exist or is empty" in fails("ls", missing, "--tiers")
+    error = fails("ls", missing, "--tiers", "--json", "--fast", str(tmp_path / "fast" / "{node}"))
+    assert "and no step is in" in error
+    torchstow.save({"w": torch.ones(2)}, str(tmp_path / "run" / "best"))  # something, but no step
+    empty = invoke("ls", str(tmp_path / "run"), "--tiers", "--json")
+    assert empty.code == 0 and empty.json()["steps"] == [], empty
+
+
+def test_cp_compressed_to_a_file_is_refused_before_anything_is_read(run_dir: Path) -> None:
+    """Before: the conversion's save failed with a raw [Errno 17] inside a planning failure."""
+    notes = run_dir / "notes.txt"
+    notes.write_text("mine")
+    src = str(run_dir / "step-100")
+    for dst in (notes, notes / "sub"):
+        error = fails("cp", src, str(dst), "--compression", "zstd", "--overwrite")
+        assert f"cannot copy to {dst}: it is a file, or lies under one" in error
+        with pytest.raises(ValueError, match="it is a file, or lies under one"):
+            torchstow.copy(src, str(dst), compression="zstd")
+    assert notes.read_text() == "mine"
+
+
+def test_prune_lists_the_prefix_once(run_dir: Path) -> None:
+    """What prune reports and what it deletes come from one listing (before: the command
+    listed the prefix, and read every manifest, once for its report and again to prune)."""
+    from torchstow.plugins.resolve import backend_at
+
+    backend_class = type(backend_at(str(run_dir))[1])
+    real = backend_class.list_children
+    with mock.patch.object(backend_class, "list_children", autospec=True, side_effect=real) as listed:
+        doc = json_doc("prune", str(run_dir), "--keep-last", "1")
+    assert [c.args[1] for c in listed.call_args_list] == [str(run_dir)]
+    assert doc["deleted"] == [f"{run_dir}/step-{s}" for s in (100, 200)]
+    assert doc["kept"] == [f"{run_dir}/step-300"]
+
+
+def test_prune_racing_another_prune_is_no_error(run_dir: Path) -> None:
+    """A manager's retention (or a second prune) deletes step-200 while this prune runs: it is
+    gone as planned (before: the prune stopped there, CheckpointNotFoundError, exit 1)."""
+    (run_dir / "step-400" / "data-0123456789ab-0-0.bin").unlink()
+    torchstow.save(_state(500), str(run_dir / "step-500"))
+
+    def other_prune(done: int, total: int) -> None:
+        if (run_dir / "step-200").exists():
+            torchstow.delete(str(run_dir / "step-200"))
+
+    deleted = torchstow.prune(str(run_dir), keep_last=1, progress=other_prune)
+    assert deleted == [str(run_dir / f"step-{s}") for s in (100, 200, 300)]
+    assert sorted(os.listdir(run_dir)) == ["s3", "step-400", "step-500"]
+
+
+def test_prune_through_a_wrapper_never_deletes_through_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """latest -> step-3 under a run read through a byte-transforming wrapper (xor+, as an
+    encrypting one): before, the link was not seen there, so prune counted it as one more
+    step 3 and deleted one of the two, the newest step's files either way."""
+    from xor_wrapper import XorBackend, install
+
+    install(monkeypatch, XorBackend)
+    for step in (1, 2, 3):
+        torchstow.save(
+            {"w": torch.full((4,), float(step))}, str(tmp_path / f"step-{step}"), metadata={"step": step}
+        )
+    (tmp_path / "latest").symlink_to("step-3")
+    doc = json_doc("prune", f"xor+file://{tmp_path}", "--keep-last", "1", "-o", "xor.key=7")
+    assert doc["deleted"] == [f"xor+file://{tmp_path}/step-{s}" for s in (1, 2)]
+    assert doc["not_counted"] == [f"xor+file://{tmp_path}/latest"]
+    assert torch.equal(torchstow.read(str(tmp_path / "latest"))["w"], torch.full((4,), 3.0))

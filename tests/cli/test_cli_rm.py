@@ -161,19 +161,29 @@ def test_delete_removes_a_data_file_its_manifest_names_whatever_its_name(tmp_pat
     assert not where.exists()
 
 
-def test_rm_of_a_symbolic_link_is_refused_and_deletes_nothing(tmp_path: Path) -> None:
+def test_rm_of_a_symbolic_link_is_refused_and_deletes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A link (latest -> step-300) is no checkpoint of its own: rm through it deleted the
-    files of the checkpoint it points at and left the link dangling."""
+    files of the checkpoint it points at and left the link dangling (through fsspec's local
+    filesystem, or a wrapper that transforms bytes, until the link was seen there too)."""
+    from xor_wrapper import XorBackend, install
+
+    install(monkeypatch, XorBackend)
     where = tmp_path / "step-300"
     torchstow.save({"w": torch.arange(4096.0)}, str(where))
     before = sorted(os.listdir(where))
     os.symlink("step-300", tmp_path / "latest")
-    for link in (str(tmp_path / "latest"), f"{tmp_path}/latest/", f"file://{tmp_path}/latest"):
+    links = [str(tmp_path / "latest"), f"{tmp_path}/latest/", f"file://{tmp_path}/latest"]
+    links += [f"fsspec+file://{tmp_path}/latest", f"xor+file://{tmp_path}/latest"]
+    for link in links:
+        options = ("-o", "xor.key=7") if link.startswith("xor+") else ()
         for force in ((), ("--force",)):
-            refused = invoke("rm", link, *force)
+            refused = invoke("rm", link, *force, *options)
             assert_one_line_error(refused, "symbolic link", os.path.realpath(where), "nothing was deleted")
+        xor = {"xor.key": 7} if options else None
         with pytest.raises(ValueError, match="symbolic link"):
-            torchstow.delete(link, force=True)
+            torchstow.delete(link, force=True, storage_options=xor)
     assert sorted(os.listdir(where)) == before and os.readlink(tmp_path / "latest") == "step-300"
     assert torch.equal(torchstow.read(str(tmp_path / "latest"))["w"], torch.arange(4096.0))
 

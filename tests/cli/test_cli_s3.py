@@ -177,7 +177,9 @@ def test_s3_settings_from_the_environment_and_clear_errors(
     assert torch.equal(torchstow.read("s3://cli-tests/env/step-7")["w"], torch.arange(5.0))
 
     assert "'s3://' names no bucket" in fails("ls", "s3://")
+    assert "'s3:///x' names no bucket" in fails("ls", "s3:///x")  # before: the bucket '' does not exist
     assert "the bucket 'no-such-bucket' does not exist" in fails("ls", "s3://no-such-bucket/run")
+    assert "the bucket 'no-such-bucket' does not exist" in fails("ls", "s3://no-such-bucket/run", "--tiers")
     # gc of nothing at all is an error naming it (before: exit 0 for a prefix, and for a
     # missing bucket S3's own words)
     assert "the bucket 'no-such-bucket' does not exist" in fails("gc", "s3://no-such-bucket/run")

@@ -52,6 +52,9 @@ def test_options_may_follow_positionals_and_usage_errors_show_the_verb(run: Path
     assert "--keep-every: '0' is not a positive" in _usage_error(
         "prune", str(run), "--keep-last", "1", "--keep-every", "0"
     )
+    # an option without the one it goes with (before: exit 1, as if the command had failed)
+    err = _usage_error("ls", str(run), "--fast", str(run / "{node}"))
+    assert err.startswith("usage: torchstow ls ") and "--fast goes with --tiers" in err
 
 
 def test_ls_of_a_checkpoint_shows_it_and_prune_of_nothing_fails(run: Path, tmp_path: Path) -> None:

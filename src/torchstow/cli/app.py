@@ -217,6 +217,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         command = args.command
         args = verb.parse_intermixed_args(words[words.index(command) + 1 :])
         args.command = command
+    if getattr(args, "fast", None) is not None and not args.tiers:
+        verb.error("--fast goes with --tiers")  # exits 2
     for name in ("uri", "prefix", "src", "dst", "uris"):
         given = getattr(args, name, None)
         if given == "" or (isinstance(given, list) and "" in given):

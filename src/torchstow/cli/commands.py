@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torchstow
@@ -23,8 +25,8 @@ from torchstow.errors import CheckpointNotFoundError, IncompleteCheckpointError,
 from torchstow.format.manifest import BytesStorageMetadata, dtype_name
 from torchstow.interop.sources import Source, TorchstowSource, open_source
 from torchstow.management.copy import copy_run
-from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, is_link, scan
-from torchstow.management.prune import counted
+from torchstow.management.listing import COMMITTED, Entry, IsACheckpointError, children_of, is_link, scan
+from torchstow.management.prune import counted, prune_listed
 from torchstow.management.steps import step_of
 from torchstow.plugins.manager import DISABLE_ENV, default_registry, disabled_plugins
 from torchstow.plugins.resolve import backend_at, route_options
@@ -66,6 +68,12 @@ def _scan(args: argparse.Namespace) -> list[Entry]:
         return [exc.entry]
 
 
+def _nothing_under(prefix: str, args: argparse.Namespace) -> bool:
+    """Whether no location at all lies under ``prefix`` (a missing bucket is an error naming it)."""
+    text, backend = backend_at(prefix, _opts(args))
+    return not backend.list_children(text)
+
+
 def _ls_tiers(args: argparse.Namespace) -> int:
     """``ls ROOT --tiers``: each step of a tiered run and the tiers holding it complete."""
     from torchstow.management.tiered.listing import tier_listing
@@ -73,6 +81,10 @@ def _ls_tiers(args: argparse.Namespace) -> int:
     fast, rows = tier_listing(
         args.prefix, args.fast, storage_options=_opts(args), fast_storage_options=_opts(args)
     )
+    if not rows and _nothing_under(args.prefix, args):
+        # as for ls without --tiers: a typo is an error, not an empty run (exit 1, with --json too)
+        also = f", and no step is in {fast}" if fast else ""
+        raise CheckpointNotFoundError(f"nothing under {args.prefix}: it does not exist or is empty{also}")
     if args.json:
         steps = [
             {
@@ -102,8 +114,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     --tiers: a tiered run's steps and their tiers)."""
     if getattr(args, "tiers", False):
         return _ls_tiers(args)
-    if getattr(args, "fast", None):
-        raise ValueError("--fast goes with --tiers")
     entries = [e for e in _scan(args) if args.all or e.status == COMMITTED]
     if args.json:
         print_json(
@@ -144,6 +154,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _one_checkpoint(uri: str, args: argparse.Namespace) -> Iterator[None]:
+    """Where no checkpoint is at ``uri`` but locations lie under it (a run), the error says
+    so and how to see them, instead of only "no checkpoint"."""
+    try:
+        yield
+    except CheckpointNotFoundError as exc:
+        try:
+            text, backend = backend_at(uri, _opts(args))
+            under = children_of(backend, text)
+        except Exception:  # the hint is a courtesy: the error stands as it is
+            under = []
+        if not under:
+            raise
+        first = under[0] + (", ..." if len(under) > 1 else "")
+        raise CheckpointNotFoundError(
+            f"{exc}: {uri} holds {plural(len(under), 'location')} ({first}), as a run does; "
+            f"give one checkpoint ('torchstow ls {uri}' lists them)"
+        ) from exc
+
+
 def _source_summary(source: Source) -> dict[str, Any]:
     tensors = [s for s in source.specs.values() if s is not None]
     return {
@@ -162,7 +193,8 @@ def _source_summary(source: Source) -> dict[str, Any]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Summarize a checkpoint from its metadata (no data read): format, step, size, user metadata."""
-    source = open_source(args.uri, _opts(args))
+    with _one_checkpoint(args.uri, args):
+        source = open_source(args.uri, _opts(args))
     try:
         if source.format in ("torchstow", "dcp"):  # the size ls and du show: the stored bytes
             doc = _info_json(torchstow.info(args.uri, storage_options=_opts(args)), source.format)
@@ -210,7 +242,8 @@ def _object_value(source: Source, key: str) -> tuple[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show the keys of a checkpoint as a tree, with dtype, shape and size (PATTERN: a glob on keys)."""
-    source = open_source(args.uri, _opts(args))
+    with _one_checkpoint(args.uri, args):
+        source = open_source(args.uri, _opts(args))
     try:
         keys = []
         for key, spec in source.specs.items():
@@ -254,7 +287,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     missing: dict[str, CheckpointNotFoundError] = {}  # of several URIs, the others are still verified
     for uri in args.uris:
         try:
-            with progress_bar("verify", args.progress) as progress:
+            with _one_checkpoint(uri, args), progress_bar("verify", args.progress) as progress:
                 report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
         except CheckpointNotFoundError as exc:
             if len(args.uris) == 1:
@@ -360,7 +393,7 @@ def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[s
             {"src": src, "dst": i.uri, "nbytes": i.nbytes, "num_entries": i.num_entries} for src, i in infos
         ]
         skipped = [{"uri": uri, "reason": why} for uri, why in done.skipped]
-        print_json({"src": args.src, "dst": args.dst, "checkpoints": copied, "skipped": skipped})
+        print_json({"src": args.src, "dst": done.dst, "checkpoints": copied, "skipped": skipped})
         return 0
     for src, i in infos:
         print(f"copied {src} -> {i.uri} ({human_bytes(i.nbytes)}, {i.num_entries} entries)")
@@ -373,7 +406,8 @@ def _cp_run(args: argparse.Namespace, src_opts: dict[str, Any], dst_opts: dict[s
 def cmd_rm(args: argparse.Namespace) -> int:
     """Delete a checkpoint (its manifest first, so it is never half valid); refuse while a
     save may be writing there (as gc leaves it alone), unless ``--force``."""
-    torchstow.delete(args.uri, storage_options=_opts(args), force=args.force)
+    with _one_checkpoint(args.uri, args):
+        torchstow.delete(args.uri, storage_options=_opts(args), force=args.force)
     if args.json:
         print_json({"removed": args.uri})
     else:
@@ -407,14 +441,16 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete older checkpoints, keeping the newest N and every K-th step (never the newest)."""
+    # one listing for what is reported and what is deleted (prune would list the prefix again)
     committed = [e.info for e in scan(args.prefix, storage_options=_opts(args)) if e.info is not None]
     backend = backend_at(args.prefix, _opts(args))[1]
     before = [i.uri for i in committed]
     # best, final (no step) and links: neither counted nor deleted
     uncounted = [i.uri for i in committed if not counted(backend, i)]
     with progress_bar("prune", args.progress, unit="checkpoints") as progress:
-        deleted = torchstow.prune(
+        deleted = prune_listed(
             args.prefix,
+            committed,
             keep_last=args.keep_last,
             keep_every=args.keep_every,
             dry_run=args.dry_run,

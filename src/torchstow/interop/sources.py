@@ -35,7 +35,7 @@ from torchstow.errors import (
     PickleNotAllowedError,
     TorchstowError,
 )
-from torchstow.format.files import DCP_METADATA, MANIFEST
+from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torchstow.format.structure import build_nested, flatten_state_dict
 from torchstow.interop import safetensors_format as stf
@@ -399,6 +399,20 @@ def dcp_source(uri: str, storage_options: dict[str, Any] | None) -> Source:
     return DcpSource(uri, storage_options)
 
 
+def checkpoint_file_note(path: str) -> str | None:
+    """Where the local file ``path`` is one of a checkpoint's own files (its ``manifest.json``
+    or DCP's ``.metadata``, a data file or chunk table torchstow writes, a ``.distcp``), a note
+    that the checkpoint is its folder; else None."""
+    name = os.path.basename(path)
+    if name in (MANIFEST, DCP_METADATA):
+        what = f"the {name}"
+    elif is_checkpoint_file(name) or name.endswith(".distcp"):
+        what = "a file"
+    else:
+        return None
+    return f"{path} is {what} of the checkpoint {os.path.dirname(path) or '.'}: give the folder"
+
+
 def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Source:
     """Detect the format of the checkpoint at ``uri`` and open it.
 
@@ -407,6 +421,9 @@ def open_source(uri: str, storage_options: dict[str, Any] | None = None) -> Sour
     """
     path = local_path(uri)
     if path is not None and os.path.isfile(path):
+        note = checkpoint_file_note(path)
+        if note is not None:  # no torch.save file: the checkpoint is its folder
+            raise CheckpointNotFoundError(f"no checkpoint at {uri}: {note}")
         if path.endswith(".safetensors"):
             return SafetensorsSource(path)
         return TorchSaveSource(path)

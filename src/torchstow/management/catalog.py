@@ -111,6 +111,11 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
     store = backend.open_store(text)
     _refuse_link(store)
     files = store.list_files()
+    blocker = None if files else listing.file_in_the_way(backend, text)
+    if blocker is not None:  # rm notes.txt, rm step-1/manifest.json
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {text}: {listing.what_file(blocker)}; nothing was deleted"
+        )
     listed = None
     if MANIFEST in files:
         listed = manifest_files(_check_readable(store.location, MANIFEST, lambda: read_manifest(store)))

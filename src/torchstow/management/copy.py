@@ -13,7 +13,7 @@ from typing import Any
 
 from torchstow.core.layout.commit import CommitOutcome, committed_files, publish_manifest
 from torchstow.core.layout.location import check_vacant, dcp_files, read_manifest
-from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
 from torchstow.errors import (
     CheckpointExistsError,
@@ -30,7 +30,7 @@ from torchstow.format.table import TableLocations
 from torchstow.management.catalog import info
 from torchstow.management.datafiles import FileSpans, Problem, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
-from torchstow.management.listing import COMMITTED, scan
+from torchstow.management.listing import COMMITTED, file_in_the_way, link_target, scan
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
@@ -132,6 +132,13 @@ def _copy_whole_file(
     sink.close()
 
 
+def _no_place(location: str) -> ValueError:
+    return ValueError(
+        f"cannot copy to {location}: it is a file, or lies under one, so it is no "
+        "place for a checkpoint (a directory or prefix); nothing was copied"
+    )
+
+
 def _prepare(dst_store: ByteStore) -> None:
     """Make the copy's location; one that is a file, or lies under one, is refused (ValueError)."""
     try:
@@ -139,10 +146,7 @@ def _prepare(dst_store: ByteStore) -> None:
     except (FileExistsError, NotADirectoryError) as exc:
         if isinstance(exc, TorchstowError):
             raise
-        raise ValueError(
-            f"cannot copy to {dst_store.location}: it is a file, or lies under one, so it is no "
-            "place for a checkpoint (a directory or prefix); nothing was copied"
-        ) from exc
+        raise _no_place(dst_store.location) from exc
 
 
 def _copy_dcp(
@@ -252,6 +256,17 @@ def _copy_store(
             dst_store.delete_files(dcp_files(dst_store.list_files()))
 
 
+def _refuse_replacing_through_link(backend: Backend, dst: str) -> None:
+    """ValueError when ``dst`` is a symbolic link (``latest -> step-300``): an overwrite there
+    would replace the checkpoint it points at, under that checkpoint's name."""
+    target = link_target(backend.open_store(dst)) if isinstance(backend, StoreBackend) else None
+    if target is not None:
+        raise ValueError(
+            f"{dst} is a symbolic link (to {target}): overwriting it would replace the checkpoint "
+            f"it points at; nothing was copied. Copy to {target} itself, or remove the link first"
+        )
+
+
 def _name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
@@ -302,6 +317,7 @@ def copy(
     decompressed, checked, and compressed again.
     """
     from torchstow.interop.convert import check_apart, convert
+    from torchstow.interop.sources import is_safetensors, local_path
 
     check_compression(compression)
     src = checkpoint_uri(src)
@@ -317,6 +333,17 @@ def copy(
         raise ValueError(
             f"{dst} holds other locations ({inside[0]} ...), so it is no place for one checkpoint; "
             f"copy into it with {dst.rstrip('/')}/ as the destination"
+        )
+    if file_in_the_way(dst_backend, dst) is not None:  # before any byte is read, on either path
+        raise _no_place(dst)
+    if overwrite:
+        _refuse_replacing_through_link(dst_backend, dst)
+    folder = local_path(dst)
+    if folder is not None and is_safetensors(folder):  # --overwrite replaces no other format's files
+        raise CheckpointExistsError(
+            f"{dst} holds a safetensors checkpoint, which would hide a torchstow one copied beside it "
+            "(info, inspect, verify and convert read the safetensors); nothing was copied. Remove it "
+            "first, or copy to another location"
         )
     if (
         compression is None  # else every item is written anew
@@ -341,10 +368,12 @@ def copy(
 @dataclass(frozen=True)
 class RunCopy:
     """What :func:`copy_run` did: ``copied`` pairs ``(source, destination)``, ``skipped``
-    pairs ``(source, why)`` for the incomplete and unreadable checkpoints left behind."""
+    pairs ``(source, why)`` for the checkpoints left behind, and ``dst`` the run's copy
+    (``dst_prefix/<run name>`` for a ``dst_prefix`` ending with ``/``)."""
 
     copied: list[tuple[str, str]]
     skipped: list[tuple[str, str]]
+    dst: str = ""
 
 
 def copy_run(
@@ -363,7 +392,9 @@ def copy_run(
     with ``/`` means into it (``dst_prefix/<run name>/<checkpoint name>``). A committed
     checkpoint at any destination is an error before anything is copied, unless
     ``overwrite``; so is (``ValueError``) a destination inside ``src_prefix`` or that is
-    it, under any spelling. ``compression`` is as in :func:`copy`."""
+    it, under any spelling. A checkpoint deleted after the listing (a training job's
+    retention pruned it) is skipped and reported, and the others are still copied.
+    ``compression`` is as in :func:`copy`."""
     from torchstow.interop.convert import check_apart
 
     check_compression(compression)
@@ -374,8 +405,11 @@ def copy_run(
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
+    dst_backend = backend_at(dst, dst_storage_options)[1]
     for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
         check_apart(src, target, "copy")
+        if overwrite:  # each, before anything is copied
+            _refuse_replacing_through_link(dst_backend, target)
     if not overwrite:
         taken = []
         for _, target in plan:
@@ -392,14 +426,37 @@ def copy_run(
         if progress is not None:
             progress(nbytes, total)
 
+    copied = []
     for source, target in plan:
-        copy(
-            source,
-            target,
-            src_storage_options=src_storage_options,
-            dst_storage_options=dst_storage_options,
-            overwrite=overwrite,
-            progress=advance,
-            compression=compression,
-        )
-    return RunCopy(plan, skipped)
+        try:
+            copy(
+                source,
+                target,
+                src_storage_options=src_storage_options,
+                dst_storage_options=dst_storage_options,
+                overwrite=overwrite,
+                progress=advance,
+                compression=compression,
+            )
+        except Exception:
+            # deleted since the listing (a training job's retention pruned it, before or during
+            # its copy, which then left nothing at the target): skipped, as aws s3 sync skips a
+            # file that vanished; the rest of the run is still copied
+            if not _gone(source, src_storage_options):
+                raise
+            skipped.append((source, "deleted since it was listed"))
+            continue
+        copied.append((source, target))
+    return RunCopy(copied, skipped, dst)
+
+
+def _gone(uri: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether the checkpoint listed at ``uri`` is gone: nothing there any more, or its data
+    without its manifest (a deletion under way: the manifest goes first)."""
+    try:
+        info(uri, storage_options=storage_options)
+    except (CheckpointNotFoundError, IncompleteCheckpointError):
+        return True
+    except Exception:
+        return False
+    return False

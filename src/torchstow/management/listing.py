@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from torchstow.core.storage.backend import Backend, StoreBackend
+from torchstow.core.storage.forwarding import ForwardingByteStore
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointNotFoundError,
@@ -41,9 +42,11 @@ __all__ = [
     "checkpoint_info",
     "children_of",
     "entries",
+    "file_in_the_way",
     "is_link",
     "link_target",
     "scan",
+    "what_file",
 ]
 
 COMMITTED = "committed"
@@ -136,6 +139,9 @@ def scan(
         itself = _entry(backend, text)
         if itself is not None and itself.status == COMMITTED:
             raise IsACheckpointError(_with_format(backend, itself))
+        blocker = file_in_the_way(backend, text)
+        if blocker is not None:
+            raise CheckpointNotFoundError(f"nothing under {text}: {what_file(blocker)}")
         raise CheckpointNotFoundError(f"nothing under {text}: it does not exist or is empty")
     return [_with_format(backend, entry) for entry in entries(backend, children, progress)]
 
@@ -148,18 +154,56 @@ def children_of(backend: Backend, prefix: str) -> list[str]:
         return []
 
 
+def file_in_the_way(backend: Backend, uri: str) -> str | None:
+    """The local file that the location ``uri`` is, or lies under (``notes.txt``,
+    ``notes.txt/x``), where no checkpoint can be; None when there is none (or the store's
+    files are not local ones)."""
+    if not isinstance(backend, StoreBackend):
+        return None
+    path = _local_folder(backend.open_store(uri))
+    if path is None:
+        return None
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if os.path.lexists(path) and not os.path.isdir(path) else None
+
+
+def what_file(blocker: str) -> str:
+    """What the local file ``blocker``, in the way of a checkpoint or a prefix, is (a
+    checkpoint's manifest: the checkpoint is its folder)."""
+    from torchstow.interop.sources import checkpoint_file_note
+
+    return checkpoint_file_note(blocker) or f"{blocker} is a file, not a directory"
+
+
 def is_link(backend: Backend, uri: str) -> bool:
     """Whether the location ``uri`` is a symbolic link (a local store's directory)."""
     return isinstance(backend, StoreBackend) and link_target(backend.open_store(uri)) is not None
 
 
 def link_target(store: ByteStore) -> str | None:
-    """Where ``store``'s location leads when it is a symbolic link (a local store's
-    directory), resolved; else None."""
-    inside = store.local_path(MANIFEST)
-    if inside is None or not os.path.islink(os.path.dirname(inside)):
+    """Where ``store``'s location leads when it is a symbolic link (a local directory),
+    resolved; else None."""
+    folder = _local_folder(store)
+    if folder is None or not os.path.islink(folder):
         return None
-    return os.path.realpath(os.path.dirname(inside))
+    return os.path.realpath(folder)
+
+
+def _local_folder(store: ByteStore) -> str | None:
+    """The local directory ``store``'s location is, where its files are local ones; else None.
+    Through wrappers, one that transforms bytes too (a link, or a file in the way, is the
+    location's, not its bytes'), and for fsspec's local filesystem (``fsspec+file://``),
+    whose files are local ones though it maps none."""
+    while isinstance(store, ForwardingByteStore):
+        store = store.inner
+    inside = store.local_path(MANIFEST)
+    if inside is not None:
+        return os.path.dirname(inside)
+    protocol = getattr(getattr(store, "fs", None), "protocol", ())  # an FsspecStore's filesystem
+    path = getattr(store, "path", None)
+    local = "file" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
+    return path.rstrip("/") or "/" if local and isinstance(path, str) else None
 
 
 def entries(backend: Backend, children: list[str], progress: ProgressCallback | None = None) -> list[Entry]:

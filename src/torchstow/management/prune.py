@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Collection
 from typing import Any, Protocol
 
 from torchstow.core.storage.backend import Backend
+from torchstow.errors import CheckpointNotFoundError
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management.catalog import delete, list_checkpoints
 from torchstow.management.listing import is_link
@@ -15,7 +17,7 @@ from torchstow.management.steps import is_step_uri
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
 
-__all__ = ["Keeping", "counted", "plan_prune", "prune", "prune_after_commit", "prune_keeping"]
+__all__ = ["Keeping", "counted", "plan_prune", "prune", "prune_after_commit", "prune_keeping", "prune_listed"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +69,21 @@ def prune(
     with no step (``best``, ``final`` saved without one) are neither counted nor
     deleted; nor are symbolic links (never deleted through), incomplete
     checkpoints and other entries. Deletes oldest first, each manifest first, so an interrupted
-    prune leaves only whole checkpoints. Returns the URIs deleted (or, with
+    prune leaves only whole checkpoints; one already gone when its turn comes (another
+    prune, a manager's retention) is no error. Returns the URIs deleted (or, with
     ``dry_run``, that would be).
     ``progress(1, number_to_delete)`` is called after each deletion.
     """
-    return _prune(uri, keep_last, keep_every, (), dry_run, storage_options, progress)
+    committed = list_checkpoints(uri, storage_options=storage_options)
+    return prune_listed(
+        uri,
+        committed,
+        keep_last=keep_last,
+        keep_every=keep_every,
+        dry_run=dry_run,
+        storage_options=storage_options,
+        progress=progress,
+    )
 
 
 def prune_keeping(
@@ -87,7 +99,16 @@ def prune_keeping(
     Only the manager's own steps (``<uri>/step-<n>``, :func:`~torchstow.management.steps.is_step_uri`)
     are counted and deleted: other checkpoints under ``uri`` (a user's ``best``, a DCP
     export, ``iter_0000007``) are none of its business."""
-    return _prune(uri, keep_last, keep_every, (step,), False, storage_options, None, managed=True)
+    committed = list_checkpoints(uri, storage_options=storage_options)
+    return prune_listed(
+        uri,
+        committed,
+        keep_last=keep_last,
+        keep_every=keep_every,
+        keep_steps=(step,),
+        storage_options=storage_options,
+        managed=True,
+    )
 
 
 class Keeping(Protocol):
@@ -127,23 +148,24 @@ def counted(backend: Backend, info: CheckpointInfo, *, managed: bool = False) ->
     return is_step_uri(info.uri, info.step) if managed else info.step is not None
 
 
-def _prune(
+def prune_listed(
     uri: str | os.PathLike[str],
-    keep_last: int,
-    keep_every: int | None,
-    keep_steps: Collection[int],
-    dry_run: bool,
-    storage_options: dict[str, Any] | None,
-    progress: ProgressCallback | None,
+    committed: list[CheckpointInfo],
     *,
+    keep_last: int,
+    keep_every: int | None = None,
+    keep_steps: Collection[int] = (),
+    dry_run: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
     managed: bool = False,
 ) -> list[str]:
+    """:func:`prune` of ``committed``, the committed checkpoints under ``uri`` as the caller
+    listed them (oldest first, as :func:`list_checkpoints` orders them), so that what it
+    reports and what is deleted come from one listing (``torchstow prune``); ``keep_steps``
+    are kept too, and with ``managed`` only a manager's own steps count (:func:`counted`)."""
     backend = backend_at(uri, storage_options)[1]
-    found = [
-        info
-        for info in list_checkpoints(uri, storage_options=storage_options)
-        if counted(backend, info, managed=managed)
-    ]
+    found = [info for info in committed if counted(backend, info, managed=managed)]
     doomed = plan_prune(
         found,
         keep_last=keep_last,
@@ -155,7 +177,8 @@ def _prune(
             logger.info("pruning %s", info.uri)
             # A committed step older than those kept goes whole, debris of a later failed
             # overwrite there included (the in-flight check is for a location being saved to).
-            delete(info.uri, storage_options=storage_options, force=True)
+            with contextlib.suppress(CheckpointNotFoundError):  # already gone: another prune's
+                delete(info.uri, storage_options=storage_options, force=True)
             if progress is not None:
                 progress(1, len(doomed))
     return [info.uri for info in doomed]

@@ -15,7 +15,12 @@ from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
-from torchstow.errors import CorruptCheckpointError, IncompleteCheckpointError, TorchstowError
+from torchstow.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    TorchstowError,
+)
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
@@ -179,6 +184,8 @@ def _verify_file_source(uri: str, path: str, progress: ProgressCallback | None) 
 
     try:
         source = open_source(path)
+    except CheckpointNotFoundError:
+        raise  # no checkpoint there (a checkpoint's manifest.json): nothing to report on
     except (TorchstowError, OSError) as exc:
         name = os.path.basename(os.path.normpath(path))
         kind = "safetensors" if os.path.isdir(path) or path.endswith(".safetensors") else "torch"

@@ -119,7 +119,7 @@ class FsspecBackend(DirectoryBackend):
                 config["s3"] = {"payload_signing_enabled": False, **(config.get("s3") or {})}
             options = {**options, "config_kwargs": config}
         fs, path = open_filesystem(uri, options)
-        if is_s3(fs) and not path.strip("/"):
+        if is_s3(fs) and (not path.strip("/") or uri.partition("://")[2].startswith("/")):  # s3:///x too
             raise ValueError(f"{uri!r} names no bucket: write {uri.split(':', 1)[0]}://BUCKET/PREFIX")
         return FsspecStore(fs, path, uri.rstrip("/"), self.tuning)
 
