@@ -10,7 +10,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import unquote
 
+from torchstow.backends.filesystem import FileSystemBackend, uri_name
 from torchstow.core.layout.commit import CommitOutcome, committed_files, publish_manifest
 from torchstow.core.layout.location import check_vacant, dcp_files, read_manifest
 from torchstow.core.storage.backend import Backend, StoreBackend
@@ -271,6 +273,19 @@ def _name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _percent_coded(backend: Backend, uri: str) -> bool:
+    """Whether names under ``uri`` are percent-encoded: a ``file://`` URI of the filesystem
+    backend, wrapped or not (docs/backends.md); a plain path and other stores' keys are not."""
+    inner = backend.tuned_by(uri) if isinstance(backend, StoreBackend) else backend
+    return isinstance(inner, FileSystemBackend) and (inner is not backend or uri.startswith("file://"))
+
+
+def _renamed(name: str, from_coded: bool, to_coded: bool) -> str:
+    """The last segment ``name`` of a source URI as the destination's URI writes the same name."""
+    plain = unquote(name) if from_coded else name
+    return uri_name(plain) if to_coded else plain
+
+
 def copy_destination(src: str, dst: str) -> str:
     """Where a copy of ``src`` to ``dst`` lands: ``dst`` itself, or ``dst/<name of src>``
     when ``dst`` ends with ``/`` ("into", as ``cp`` and ``aws s3 cp`` read it)."""
@@ -401,11 +416,12 @@ def copy_run(
     src = checkpoint_uri(src_prefix)
     dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)
-    plan = [(e.uri, f"{dst}/{_name(e.uri)}") for e in entries if e.status == COMMITTED]
+    dst_backend = backend_at(dst, dst_storage_options)[1]
+    coded = (_percent_coded(backend_at(src, src_storage_options)[1], src), _percent_coded(dst_backend, dst))
+    plan = [(e.uri, f"{dst}/{_renamed(_name(e.uri), *coded)}") for e in entries if e.status == COMMITTED]
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
-    dst_backend = backend_at(dst, dst_storage_options)[1]
     for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
         check_apart(src, target, "copy")
         if overwrite:  # each, before anything is copied
