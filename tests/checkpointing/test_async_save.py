@@ -306,14 +306,14 @@ def test_a_commit_group_vote_one_rank_gave_up_on_fails_on_every_rank(monkeypatch
     collective._broken.add(broken)  # gone with ``broken``
     pipelines = (AsyncSavePipeline(), AsyncSavePipeline())
 
-    def vote(r: int) -> bool | str:
+    def vote(r: int, seconds: float = 30) -> bool | str:
         rank.value = r
         try:
-            return pipelines[r]._lost_anywhere((0, 1), broken, datetime.timedelta(seconds=0.3))
+            return pipelines[r]._lost_anywhere((0, 1), broken, datetime.timedelta(seconds=seconds))
         except CheckpointTimeoutError:
             return "timed out"
 
-    assert vote(0) == "timed out"  # rank 1 is late
-    assert vote(1) == "timed out"  # before: True (it went on alone to make a new group)
+    assert vote(0, 0.3) == "timed out"  # rank 1 is late
+    assert vote(1) == "timed out"  # at once; before: True (it went on alone to make a new group)
     with ThreadPoolExecutor(2) as pool:  # in step at the next vote
         assert list(pool.map(vote, (0, 1))) == [True, True]
