@@ -106,13 +106,23 @@ class UncertainCommitError(StorageIOError):
 
 def listed_files(store: ByteStore) -> set[str] | None:
     """Data files the committed manifest at ``store`` lists, and its chunk table (none
-    without a readable manifest), or None when the location could not be read."""
+    without a manifest), or None when the location could not be read or its manifest does
+    not decode (damaged, another program's): what it names is then unknown, and ``gc``
+    must not take its files for debris."""
     try:
-        found = committed_manifest(store)
+        data = store.read_file(MANIFEST)
+    except FileNotFoundError:
+        return set()
     except Exception:
         logger.warning("could not read the committed manifest at %s", store.location, exc_info=True)
         return None
-    return set() if found is None else manifest_files(found)
+    try:
+        return manifest_files(
+            decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
+        )
+    except Exception:
+        logger.warning("the committed manifest at %s does not decode", store.location, exc_info=True)
+        return None
 
 
 def committed_files(store: ByteStore) -> set[str]:
