@@ -1,7 +1,8 @@
 """A huge or sparse small file (a manifest, its chunk table, DCP's ``.metadata``, a
 safetensors index) is refused from its size, never read whole: a CorruptCheckpointError
 naming it and the limit, at once, where reading an 8 GB one raised MemoryError or took
-minutes; nothing at the location changes."""
+minutes; nothing at the location changes. And a few compressed bytes claiming gigabytes
+are refused before anything is allocated for them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ import torchstow
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.cli import main
 from torchstow.core.storage.store import ByteStore, read_capped
+from torchstow.format.codec import decode_metadata, encode_manifest
+from torchstow.format.compression import MAX_EXPANSION
 from torchstow.format.files import CHUNK_TABLE_MAX_BYTES, DCP_METADATA, MANIFEST, MANIFEST_MAX_BYTES
+from torchstow.format.manifest import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torchstow.interop.sources import index_weight_map
 
 SPARSE = 2 << 30  # over the limits of a manifest (1 GiB); a sparse file costs no disk
@@ -155,3 +166,36 @@ def test_a_save_refuses_a_manifest_a_reader_would_refuse_and_the_old_one_stays(
     assert _listing(path) == before
     monkeypatch.undo()
     assert torch.equal(torchstow.read(path)["w"], torch.arange(8.0))
+
+
+def _squeezed(elements: int, version: int) -> Metadata:
+    """A float32 tensor of ``elements`` stored in 4 zstd-compressed bytes, round-tripped
+    through format ``version``."""
+    entry = TensorStorageMetadata(
+        TensorProperties(torch.float32),
+        torch.Size((elements,)),
+        [ChunkStorageMetadata(torch.Size((0,)), torch.Size((elements,)))],
+    )
+    where = StorageInfo("data-abc-0-0.bin", 0, 4, (7,), 4096, codec="zstd")
+    md = Metadata({"w": entry}, storage_data={MetadataIndex("w", (0,)): where}, save_id="feed")
+    manifest, tables = encode_manifest(md, version)
+    return decode_metadata(manifest, source="m", read_file=lambda name, _: tables.get(name))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_compressed_chunk_claiming_more_than_its_bytes_can_hold_is_refused(version: int) -> None:
+    """4 stored bytes hold at most one 128 KiB zstd block (32,768 float32s)."""
+    assert _squeezed(MAX_EXPANSION, version).state_dict_metadata["w"].size == (MAX_EXPANSION,)
+    one_more = rf"'w'.*no .*expands to the {4 * MAX_EXPANSION + 4} its elements take"
+    with pytest.raises(torchstow.CorruptCheckpointError, match=one_more):
+        _squeezed(MAX_EXPANSION + 1, version)
+
+
+def test_reading_a_compressed_chunk_claiming_256_gib_is_refused_before_allocating(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    torchstow.save({"w": torch.zeros(1 << 16)}, path, compression="zstd", format_version=1)
+    doc = json.loads((path / MANIFEST).read_text())
+    doc["entries"]["w"]["shape"] = [1 << 36]  # 256 GiB of float32 from about 100 stored bytes
+    (path / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(torchstow.CorruptCheckpointError, match=r"'w'.*no 'byteplanes-zstd' item expands"):
+        torchstow.read(path)
