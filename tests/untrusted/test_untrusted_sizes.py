@@ -82,14 +82,18 @@ def test_a_chunk_table_longer_than_its_manifest_records_is_refused_unread(tmp_pa
     assert table.stat().st_size == recorded + (64 << 20)
 
 
-def test_a_manifest_recording_a_chunk_table_over_the_limit_is_refused_before_reading_it(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("length", "refusal"),
+    [(CHUNK_TABLE_MAX_BYTES + 1, f"more than {CHUNK_TABLE_MAX_BYTES:,} bytes"), (-5, "-5 is negative")],
+)
+def test_a_manifest_recording_a_chunk_table_length_out_of_range_is_refused_before_reading_it(
+    tmp_path: Path, length: int, refusal: str
 ) -> None:
     path = _saved(tmp_path / "ckpt")
     doc = json.loads((path / MANIFEST).read_text())
-    doc["chunk_table"]["length"] = CHUNK_TABLE_MAX_BYTES + 1
+    doc["chunk_table"]["length"] = length
     (path / MANIFEST).write_text(json.dumps(doc))
-    with pytest.raises(torchstow.CorruptCheckpointError, match=f"more than {CHUNK_TABLE_MAX_BYTES:,} bytes"):
+    with pytest.raises(torchstow.CorruptCheckpointError, match=refusal):
         torchstow.read(path)
 
 

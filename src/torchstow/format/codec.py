@@ -490,6 +490,8 @@ def _read_table(doc: DocumentV2, read_file: ReadFile | None) -> bytes:
         )
     if read_file is None:
         raise CorruptCheckpointError(f"its chunk table {name} cannot be read here (no reader was given)")
+    if ref.length < 0:
+        raise CorruptCheckpointError(f"chunk_table.length = {ref.length} is negative")
     if ref.length > CHUNK_TABLE_MAX_BYTES:
         raise too_large(f"its chunk table {name} ({ref.length:,} bytes, it records)", CHUNK_TABLE_MAX_BYTES)
     try:
