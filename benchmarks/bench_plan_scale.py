@@ -229,7 +229,7 @@ def _run_torchstow(ranks: int, items: int) -> dict[str, float]:
     v1 = _step(times, "encode v1", partial(encode_metadata, metadata))
     metadata = None  # free the coordinator's state before decoding
     gc.collect()
-    _step(times, "decode", partial(decode_metadata, manifest, read_file=tables.get))
+    _step(times, "decode", partial(decode_metadata, manifest, read_file=lambda n, _: tables.get(n)))
     _step(times, "decode v1", partial(decode_metadata, v1))
     times["manifest MiB"] = (len(manifest) + sum(map(len, tables.values()))) / 2**20
     times["manifest v1 MiB"] = len(v1) / 2**20

@@ -66,7 +66,7 @@ def _every_kind() -> Metadata:
 def _over_its_table(md: Metadata) -> Metadata:
     """``md`` as a version-2 manifest decodes: its locations the columns of its chunk table."""
     manifest, tables = encode_manifest(md, 2)
-    found = decode_metadata(manifest, read_file=tables.get)
+    found = decode_metadata(manifest, read_file=lambda n, _: tables.get(n))
     assert isinstance(found.storage_data, TableLocations)
     return found
 
@@ -105,7 +105,7 @@ def test_saved_checkpoints_convert_alike(tmp_path: Path, monkeypatch: pytest.Mon
     for name in ("base", "next"):
         where = tmp_path / name
         md = decode_metadata(
-            (where / MANIFEST).read_bytes(), read_file=lambda n, w=where: (w / n).read_bytes()
+            (where / MANIFEST).read_bytes(), read_file=lambda n, _, w=where: (w / n).read_bytes()
         )
         fast, slow = _both_ways(md, monkeypatch)
         monkeypatch.undo()

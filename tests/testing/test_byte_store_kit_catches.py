@@ -203,6 +203,13 @@ class LandsBeforeReading(SqliteStore):
         self.read_into(name, requests)
 
 
+class ReadsPastTheLimit(SqliteStore):
+    """Defect: a ``read_small_file`` of its own that ignores the limit (reads anything whole)."""
+
+    def read_small_file(self, name: str, limit: int) -> bytes | None:
+        return self.read_file(name)
+
+
 class DeleteSkipsHidden(SqliteStore):
     """Deletes only names that look like checkpoint files, leaving publish debris behind."""
 
@@ -274,6 +281,7 @@ def test_a_correct_store_passes(test_name: str, tmp_path: Path) -> None:
         (ShortAtEnd, "test_short_read_is_corrupt", "cannot fill whole is CorruptCheckpointError"),
         (ShortOnlyFirst, "test_short_read_is_corrupt", "cannot fill whole is CorruptCheckpointError"),
         (LandsBeforeReading, "test_read_in_order_reports_each_request_once_filled", "once filled"),
+        (ReadsPastTheLimit, "test_read_small_file_is_bounded", "None for a larger one"),
         (
             DeleteSkipsHidden,
             "test_delete_removes_what_it_is_given_and_nothing_else",

@@ -471,3 +471,17 @@ def test_a_step_on_its_way_when_the_interpreter_exits_becomes_durable(tmp_path: 
     assert done.returncode == 1 and "the training loop failed" in done.stderr, done.stderr
     saved = torchstow.read(str(root / "step-1"))
     assert all(torch.equal(saved[f"w{i}"], torch.full((1 << 18,), float(i))) for i in range(16))
+
+
+def test_a_huge_fast_tier_owner_file_is_refused_unread(tmp_path: Path, shm_fast) -> None:
+    """A sparse 2 GB torchstow-tier.json (a {"root": ...} of a few bytes when written) names
+    no run: the fast tier is refused, saying the owner is unreadable, without reading it."""
+    fast, fast_dir = shm_fast
+    (fast_dir / "0").mkdir(parents=True)
+    owner = fast_dir / "0" / "torchstow-tier.json"
+    owner.touch()
+    with open(owner, "r+b") as f:
+        f.truncate(2 << 30)
+    with pytest.raises(ValueError, match=r"whose root is <unreadable: .*holds more than 1,048,576 bytes"):
+        CheckpointManager(tmp_path / "root", fast=fast)
+    assert owner.stat().st_size == 2 << 30

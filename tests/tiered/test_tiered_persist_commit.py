@@ -33,7 +33,7 @@ from torchstow.management.tiered import manager as tiered
 def _named_files(step_dir: Path) -> set[str]:
     """The data files the manifest committed in ``step_dir`` names."""
     raw = (step_dir / MANIFEST).read_bytes()
-    return located_files(decode_metadata(raw, read_file=lambda n: (step_dir / n).read_bytes()))
+    return located_files(decode_metadata(raw, read_file=lambda n, _: (step_dir / n).read_bytes()))
 
 
 def _loads_exact(step_dir: Path, step: int, ranks: int = 1) -> None:

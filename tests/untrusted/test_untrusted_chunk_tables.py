@@ -65,7 +65,9 @@ def _decode(doc: dict[str, Any], name: str, table: bytes, *, reseal: bool = True
     """Decode ``doc`` with ``table`` as its chunk table (its length and digest made to match)."""
     if reseal:
         doc["chunk_table"].update(length=len(table), blake3=blake3.blake3(bytes(table)).hexdigest())
-    return decode_metadata(json.dumps(doc).encode(), source="m", read_file={name: bytes(table)}.get)
+    return decode_metadata(
+        json.dumps(doc).encode(), source="m", read_file=lambda n, _: {name: bytes(table)}.get(n)
+    )
 
 
 def _column(table: bytearray, column: str, row: int, value: int) -> None:
@@ -95,7 +97,7 @@ def test_a_missing_table_is_corruption() -> None:
     with pytest.raises(
         torchstow.CorruptCheckpointError, match=r"chunk table manifest-feed.chunks is missing"
     ):
-        decode_metadata(json.dumps(doc).encode(), read_file={}.get)
+        decode_metadata(json.dumps(doc).encode(), read_file=lambda n, _: None)
 
 
 def test_a_truncated_table_is_refused_by_its_recorded_length() -> None:

@@ -28,7 +28,7 @@ def test_it_agrees_with_the_full_decoder_on_both_versions(tmp_path: Path) -> Non
     for version in (1, 2):
         data = _manifest(tmp_path, version)
         where = tmp_path / f"v{version}"
-        metadata = decode_metadata(data, read_file=lambda n, w=where: (w / n).read_bytes())
+        metadata = decode_metadata(data, read_file=lambda n, _, w=where: (w / n).read_bytes())
         locations = metadata.storage_data
         table = locations.table.name if isinstance(locations, TableLocations) else None
         assert peek_manifest(data) == ManifestPeek(metadata.save_id, table)

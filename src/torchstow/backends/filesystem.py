@@ -406,6 +406,13 @@ class LocalFileStore(ByteStore):
         with open(self._open_regular(name), "rb") as f:
             return f.read()
 
+    def read_small_file(self, name: str, limit: int) -> bytes | None:
+        """The size from a ``stat`` first (a huge or sparse file is never read), then
+        :meth:`read_file`."""
+        if os.stat(self._file(name), follow_symlinks=False).st_size > limit:
+            return None
+        return self.read_file(name)
+
     def file_sizes(self) -> dict[str, int]:
         sizes = {}
         try:

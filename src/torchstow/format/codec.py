@@ -29,7 +29,13 @@ from torchstow.format.bulk import chunked_entries_ok
 from torchstow.format.checksums import ALGORITHM, check_algorithm
 from torchstow.format.compression import CODECS
 from torchstow.format.decoded import build_metadata, document_metadata
-from torchstow.format.files import chunk_table_name, is_chunk_table
+from torchstow.format.files import (
+    CHUNK_TABLE_MAX_BYTES,
+    MANIFEST_MAX_BYTES,
+    chunk_table_name,
+    is_chunk_table,
+    too_large,
+)
 from torchstow.format.located import locations_table
 from torchstow.format.manifest import (
     FORMAT_VERSION,
@@ -78,9 +84,10 @@ __all__ = [
     "peek_manifest",
 ]
 
-ReadFile = Callable[[str], "bytes | None"]
-"""Reads a file beside the manifest by name (``ByteStore.read_file``): a version-2
-manifest's chunk table."""
+ReadFile = Callable[[str, int], "bytes | None"]
+"""Reads a file beside the manifest (a version-2 manifest's chunk table) by name: its
+bytes, or None where it is missing; the second argument is the most bytes the file should
+hold, a file holding more is refused (``core.storage.store.read_capped``) or returned whole."""
 
 
 class _Locations:
@@ -313,10 +320,25 @@ def check_format_version(version: Any) -> None:
 
 
 def encode_manifest(md: Metadata, version: int | None = None) -> Encoded:
-    """Serialize a manifest in format ``version`` (default ``md.version``)."""
+    """Serialize a manifest in format ``version`` (default ``md.version``); ValueError for
+    one larger than a reader reads (:data:`~torchstow.format.files.MANIFEST_MAX_BYTES`, and
+    :data:`~torchstow.format.files.CHUNK_TABLE_MAX_BYTES` for its chunk table)."""
     version = md.version if version is None else version
     check_format_version(version)
-    return Encoded(encode_metadata(md), {}) if version == 1 else _encode_v2(md)
+    encoded = Encoded(encode_metadata(md), {}) if version == 1 else _encode_v2(md)
+    hint = " (format version 2 keeps the chunks in a table of their own)" if version == 1 else ""
+    if len(encoded.manifest) > MANIFEST_MAX_BYTES:
+        raise ValueError(
+            f"the checkpoint manifest would be {len(encoded.manifest):,} bytes, more than the "
+            f"{MANIFEST_MAX_BYTES:,} a reader reads{hint}"
+        )
+    for name, table in encoded.tables.items():
+        if len(table) > CHUNK_TABLE_MAX_BYTES:
+            raise ValueError(
+                f"the chunk table {name} would be {len(table):,} bytes, more than the "
+                f"{CHUNK_TABLE_MAX_BYTES:,} a reader reads"
+            )
+    return encoded
 
 
 def _entry_v2(entry: STORAGE_TYPES) -> EntryV2:
@@ -468,8 +490,12 @@ def _read_table(doc: DocumentV2, read_file: ReadFile | None) -> bytes:
         )
     if read_file is None:
         raise CorruptCheckpointError(f"its chunk table {name} cannot be read here (no reader was given)")
+    if ref.length < 0:
+        raise CorruptCheckpointError(f"chunk_table.length = {ref.length} is negative")
+    if ref.length > CHUNK_TABLE_MAX_BYTES:
+        raise too_large(f"its chunk table {name} ({ref.length:,} bytes, it records)", CHUNK_TABLE_MAX_BYTES)
     try:
-        data = read_file(name)
+        data = read_file(name, ref.length)
     except FileNotFoundError:
         data = None
     if data is None:
@@ -596,7 +622,7 @@ def peek_manifest(data: bytes) -> ManifestPeek:
 
 def decode_metadata(data: bytes, *, source: str = "manifest", read_file: ReadFile | None = None) -> Metadata:
     """Parse a manifest of any version in :data:`DECODERS`; ``read_file`` reads the files
-    beside it (a version-2 manifest's chunk table: pass ``store.read_file``). Never unpickles."""
+    beside it (a version-2 manifest's chunk table: see :data:`ReadFile`). Never unpickles."""
     try:
         header = msgspec.json.decode(data, type=Header)
     except RecursionError as exc:

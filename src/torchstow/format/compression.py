@@ -23,12 +23,33 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BYTEPLANES", "CODECS", "COMPRESSIONS", "ZSTD", "check_compression"]
+__all__ = [
+    "BYTEPLANES",
+    "CODECS",
+    "COMPRESSIONS",
+    "MAX_EXPANSION",
+    "ZSTD",
+    "check_compression",
+    "expands_past",
+]
 
 ZSTD = "zstd"
 BYTEPLANES = "byteplanes-zstd"
 CODECS = (ZSTD, BYTEPLANES)
 """The codecs a location may name."""
+
+MAX_EXPANSION = 1 << 15
+"""The most raw bytes one stored byte of a compressed item can stand for: a Zstandard
+block holds at most 128 KiB and takes at least 4 bytes (a run-length block), and a byte
+plane stored as it is stands for itself."""
+
+
+def expands_past(raw: Any, stored: Any) -> Any:
+    """Whether ``raw`` bytes are more than any item compressed into ``stored`` (>= 0) bytes
+    holds (:data:`MAX_EXPANSION`): for integers, or a column of each (int64 tensors), with
+    no product that could overflow 64 bits."""
+    return (raw - 1) // MAX_EXPANSION >= stored
+
 
 COMPRESSIONS = (ZSTD,)
 """The values ``save(..., compression=)`` takes (besides None)."""

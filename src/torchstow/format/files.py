@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import re
 
+from torchstow.errors import CorruptCheckpointError
+
 __all__ = [
     "BLOCK_SIZE",
+    "CHUNK_TABLE_MAX_BYTES",
     "DCP_METADATA",
     "LARGE_ALIGN",
     "LARGE_ITEM",
     "MANIFEST",
+    "MANIFEST_MAX_BYTES",
     "SMALL_ALIGN",
     "alignment",
     "chunk_table_name",
@@ -32,12 +36,20 @@ __all__ = [
     "is_temporary",
     "save_id_of",
     "temporary_name",
+    "too_large",
 ]
 
 MANIFEST = "manifest.json"
 DCP_METADATA = ".metadata"
 """The metadata file of a checkpoint in ``torch.distributed.checkpoint``'s own format (not this one),
 which a location may hold instead of :data:`MANIFEST`."""
+MANIFEST_MAX_BYTES = 1 << 30
+"""The most bytes a reader reads of :data:`MANIFEST` (any version) or of
+:data:`DCP_METADATA`, and the most a save writes as a manifest: a version-1 manifest is
+about 85 bytes a chunk (165 MiB at two million chunks), so this is over 12 million."""
+CHUNK_TABLE_MAX_BYTES = 4 << 30
+"""The most bytes a version-2 manifest may record for its chunk table (70 to 110 bytes
+a chunk: tens of millions of chunks)."""
 BLOCK_SIZE = 4 << 20
 """Bytes per checksum block of an item (the last block may be shorter)."""
 SMALL_ALIGN = 64
@@ -49,6 +61,15 @@ LARGE_ITEM = 1 << 20
 def alignment(length: int) -> int:
     """The byte boundary an item of ``length`` bytes starts at in a data file."""
     return LARGE_ALIGN if length >= LARGE_ITEM else SMALL_ALIGN
+
+
+def too_large(where: str, limit: int) -> CorruptCheckpointError:
+    """The error for a file ``where`` that holds more than ``limit`` bytes, the most
+    torchstow reads of it whole (a manifest, a chunk table, a small JSON file)."""
+    return CorruptCheckpointError(
+        f"{where} holds more than {limit:,} bytes, the most torchstow reads of such a file "
+        "(docs/format.md, 'Sizes'): it is damaged, or no file torchstow wrote"
+    )
 
 
 def data_file_prefix(save_id: str, rank: int) -> str:

@@ -30,7 +30,7 @@ import torch
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.buffers import tensor_bytes
 from torchstow.format.chunks import cover_fault
-from torchstow.format.compression import BYTEPLANES
+from torchstow.format.compression import BYTEPLANES, MAX_EXPANSION, expands_past
 from torchstow.format.manifest import ChunkStorageMetadata, MetadataIndex, StorageInfo, new_storage_info
 
 __all__ = [
@@ -533,7 +533,8 @@ class ChunkTable:
         codec: torch.Tensor,
         numel: torch.Tensor,
     ) -> None:
-        """A raw tensor chunk's length is its elements' bytes."""
+        """A raw tensor chunk's length is its elements' bytes; a compressed one's can hold
+        them (:data:`~torchstow.format.compression.MAX_EXPANSION`)."""
         if not self.rows:
             return
         itemsize = torch.tensor([e.itemsize for e in self.entries], dtype=torch.int64)[entry]
@@ -544,6 +545,14 @@ class ChunkTable:
             row = _first(bad)
             raise self._row_error(
                 row, f"length is {int(length[row])} bytes, but its elements take {int(nbytes[row])}"
+            )
+        squeezed = tensor & (file >= 0) & (codec != 0) & expands_past(nbytes, length)
+        if squeezed.any():
+            row = _first(squeezed)
+            raise self._row_error(
+                row,
+                f"length is {int(length[row])} bytes, which no compressed item expands to the "
+                f"{int(nbytes[row])} its elements take (at most {MAX_EXPANSION}x)",
             )
         if BYTEPLANES in self.codecs:  # byte planes only for a tensor of several bytes per element
             planes = (codec == self.codecs.index(BYTEPLANES) + 1) & (file >= 0) & (~tensor | (itemsize < 2))

@@ -24,7 +24,7 @@ from typing import Any
 
 from torchstow.errors import CorruptCheckpointError
 from torchstow.format.chunks import Box, cover_fault, outside
-from torchstow.format.compression import BYTEPLANES, CODECS
+from torchstow.format.compression import BYTEPLANES, CODECS, MAX_EXPANSION, expands_past
 from torchstow.format.manifest import dtype_from_name
 from torchstow.format.structure import MAX_KEY_DEPTH, leaf_paths
 from torchstow.format.table import ChunkTable
@@ -170,7 +170,7 @@ def _check_entry(
     chunks = raw.chunks
     if chunks is None:
         if raw.file is not None:
-            nbytes = _check_codec(raw.codec, raw.dtype, "", nbytes)
+            nbytes = _check_codec(raw.codec, raw.dtype, "", nbytes, raw.length)
             _check_location(raw, nfiles, block_size, nbytes, "")
         return
     itemsize = dtype_from_name(raw.dtype).itemsize
@@ -179,16 +179,20 @@ def _check_entry(
         what = f"chunks[{i}]"
         count = check_inside(what, chunk.offsets, chunk.sizes, shape)
         if chunk.file is not None:
-            raw_bytes = _check_codec(chunk.codec, raw.dtype, f"{what}.", count * itemsize)
+            raw_bytes = _check_codec(chunk.codec, raw.dtype, f"{what}.", count * itemsize, chunk.length)
             _check_location(chunk, nfiles, block_size, raw_bytes, f"{what}.")
         boxes.append((chunk.offsets, chunk.sizes, count))
     check_tiling(shape, boxes)
 
 
-def _check_codec(codec: str | None, dtype: str | None, what: str, nbytes: int | None = None) -> int | None:
+def _check_codec(
+    codec: str | None, dtype: str | None, what: str, nbytes: int | None = None, stored: Any = None
+) -> int | None:
     """A location's ``codec`` is one this torchstow decodes, and fits its entry (byte planes
-    only for a tensor of several bytes per element); the length its location must then
-    have (None for compressed bytes, whose length is theirs)."""
+    only for a tensor of several bytes per element, ``stored`` bytes that can hold its
+    ``nbytes``: a few bytes claiming gigabytes are refused before anything is allocated for
+    them); the length its location must then have (None for compressed bytes, whose length
+    is theirs)."""
     if codec is None:
         return nbytes
     if codec not in CODECS:
@@ -196,6 +200,11 @@ def _check_codec(codec: str | None, dtype: str | None, what: str, nbytes: int | 
         raise RuleError(f"{what}codec {_short(codec)} is not one this torchstow knows (known: {known})")
     if codec == BYTEPLANES and (dtype is None or dtype_from_name(dtype).itemsize < 2):
         raise RuleError(f"{what}codec {codec!r} needs a tensor of several bytes per element")
+    if nbytes is not None and type(stored) is int and stored >= 0 and bool(expands_past(nbytes, stored)):
+        raise RuleError(
+            f"{what}length is {stored} bytes, which no {codec!r} item expands to the {nbytes} its "
+            f"elements take (at most {MAX_EXPANSION}x)"
+        )
     return None
 
 

@@ -35,7 +35,7 @@ from torchstow.errors import (
     PickleNotAllowedError,
     TorchstowError,
 )
-from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
+from torchstow.format.files import DCP_METADATA, MANIFEST, MANIFEST_MAX_BYTES, is_checkpoint_file, too_large
 from torchstow.format.manifest import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torchstow.format.structure import build_nested, flatten_state_dict
 from torchstow.interop import safetensors_format as stf
@@ -347,6 +347,8 @@ def index_weight_map(index_path: str) -> dict[str, str]:
     shard a plain file name in its folder (CorruptCheckpointError naming the index otherwise)."""
     try:
         with open(index_path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MANIFEST_MAX_BYTES:  # a sparse 8 GB file, say
+                raise too_large(index_path, MANIFEST_MAX_BYTES)
             doc = json.load(f)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"{index_path} is not a JSON document: {exc}") from exc

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torchstow.core.layout.commit import manifest_files
-from torchstow.core.layout.location import dcp_files, read_manifest, stray_dcp_files
+from torchstow.core.layout.location import dcp_files, read_dcp_metadata, read_manifest, stray_dcp_files
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
@@ -20,7 +20,6 @@ from torchstow.errors import (
     FormatVersionError,
     SaveInFlightError,
 )
-from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
 from torchstow.format.manifest import CheckpointInfo
 from torchstow.management import listing
@@ -120,12 +119,7 @@ def delete(uri: Uri, *, storage_options: dict[str, Any] | None = None, force: bo
     if MANIFEST in files:
         listed = manifest_files(_check_readable(store.location, MANIFEST, lambda: read_manifest(store)))
     elif DCP_METADATA in files:
-        source = f"{store.location}/{DCP_METADATA}"
-        _check_readable(
-            store.location,
-            DCP_METADATA,
-            lambda: decode_dcp_metadata(store.read_file(DCP_METADATA), source=source),
-        )
+        _check_readable(store.location, DCP_METADATA, lambda: read_dcp_metadata(store))
         doomed = dcp_files(files)
         logger.info("deleting the DCP-format checkpoint %s", store.location)
         store.delete_files(doomed[:1])

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from torchstow.backends.filesystem import FileSystemBackend, uri_name
 from torchstow.core.layout.commit import CommitOutcome, committed_files, publish_manifest
-from torchstow.core.layout.location import check_vacant, dcp_files, read_manifest
+from torchstow.core.layout.location import check_vacant, dcp_files, manifest_bytes, read_manifest
 from torchstow.core.storage.backend import Backend, StoreBackend
 from torchstow.core.storage.store import ByteStore, FileSink
 from torchstow.errors import (
@@ -160,7 +160,7 @@ def _copy_dcp(
     """Copy a DCP checkpoint as DCP: the files its ``.metadata`` names, byte for byte
     (DCP records no checksums: their sizes are checked), then ``.metadata`` last."""
     where = src_store.location
-    raw = src_store.read_file(DCP_METADATA)
+    raw = manifest_bytes(src_store, DCP_METADATA)
     metadata = decode_dcp_metadata(raw, source=f"{where}/{DCP_METADATA}")
     sizes = src_store.file_sizes() or {}
     needs: dict[str, int] = {}

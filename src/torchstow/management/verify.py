@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchstow.core.layout.location import read_manifest
+from torchstow.core.layout.location import read_dcp_metadata, read_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.store import ByteStore
@@ -21,7 +21,6 @@ from torchstow.errors import (
     IncompleteCheckpointError,
     TorchstowError,
 )
-from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.manifest import Metadata, TensorStorageMetadata
 from torchstow.format.validation import check_extents
@@ -156,7 +155,7 @@ def _verify_dcp(store: ByteStore, uri: str, progress: ProgressCallback | None) -
     name = DCP_METADATA
     report = VerifyReport(uri, format="dcp", checksums=False)
     try:
-        metadata = decode_dcp_metadata(store.read_file(name), source=f"{store.location}/{name}")
+        metadata = read_dcp_metadata(store)
     except (TorchstowError, OSError) as exc:
         report.problems.append(Problem(name, name, None, " ".join(str(exc).split())))
         return report

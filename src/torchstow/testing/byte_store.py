@@ -228,6 +228,27 @@ class ByteStoreConformance(ConformanceBase):
                 where.read_into("missing", [(0, memoryview(bytearray(4)))])
 
     @rule(
+        "read_small_file returns a file of at most the limit whole, and None for a larger one",
+        "keep ByteStore.read_small_file's default, or in your override tell the file's size before "
+        "reading its bytes (a stat, a Content-Length) and return None when it holds more than the "
+        "limit; a missing file is FileNotFoundError",
+    )
+    def test_read_small_file_is_bounded(
+        self, store: ByteStore, root_uri: str, open_store: Callable[[str], ByteStore]
+    ) -> None:
+        data = _pattern(1000, 5)
+        _write(store, "data-0", [data])
+        _write(store, "empty", [])
+        assert store.read_small_file("data-0", 1000) == data, "a file at the limit was not read whole"
+        assert store.read_small_file("data-0", 1 << 30) == data, "a file under the limit was not read whole"
+        assert store.read_small_file("data-0", 999) is None, "a file over the limit was not refused (None)"
+        assert store.read_small_file("empty", 0) == b"", "an empty file read back as non-empty"
+        never_prepared = open_store(self.uri(root_uri, "nothing-here"))
+        for where in (store, never_prepared):
+            with pytest.raises(FileNotFoundError):
+                where.read_small_file("missing", 100)
+
+    @rule(
         "a ranged read that the file cannot fill whole is CorruptCheckpointError",
         "compare the bytes each ranged request got with the buffer's length (a short answer at "
         "the end of the file is not an error to the medium) and raise "

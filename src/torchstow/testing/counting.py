@@ -5,8 +5,8 @@ restore that must read nothing from its root): open the root as
 ``count+file:///...`` (or ``count+s3://...``) after :func:`install_counting`,
 and :func:`bytes_read` tells what this process read through every ``count+``
 store since (:func:`read_calls`: in how many reads). Bytes pass unchanged; a store
-never hands out a local path to map, so every read goes through :meth:`CountingStore.read_into` or
-:meth:`CountingStore.read_file`, where it is counted.
+never hands out a local path to map, so every read goes through :meth:`CountingStore.read_into`,
+:meth:`CountingStore.read_file` or :meth:`CountingStore.read_small_file`, where it is counted.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def bytes_read() -> int:
 
 
 def read_calls() -> int:
-    """The ``read_into`` and ``read_file`` calls made on ``count+`` stores in this process so far."""
+    """The ``read_into``, ``read_file`` and ``read_small_file`` calls made on ``count+`` stores in
+    this process so far."""
     with _lock:
         return _calls
 
@@ -65,6 +66,12 @@ class CountingStore(ForwardingByteStore):
     def read_file(self, name: str) -> bytes:
         data = self.inner.read_file(name)
         _add(len(data))
+        return data
+
+    def read_small_file(self, name: str, limit: int) -> bytes | None:
+        """The inner store's bounded read (its one request), counted as :meth:`read_file` is."""
+        data = self.inner.read_small_file(name, limit)
+        _add(len(data or b""))
         return data
 
 

@@ -17,7 +17,7 @@ from commit_scenarios import landed_then_raised_unreadable_elsewhere, unencodabl
 import torchstow
 from torchstow.backends.filesystem import LocalFileStore
 from torchstow.core.layout.commit import CommitOutcome, publish_manifest
-from torchstow.format.codec import decode_metadata
+from torchstow.core.layout.location import decode_manifest
 from torchstow.format.files import MANIFEST, chunk_table_name, is_chunk_table
 from torchstow.format.manifest import located_files
 
@@ -45,7 +45,7 @@ def test_a_manifest_that_landed_before_the_commit_raised_keeps_every_ranks_files
     assert any("did commit" in note for note in outcomes[0]["notes"]), outcomes[0]
     assert any("kept" in note for note in outcomes[1]["notes"]), outcomes[1]
     store = LocalFileStore(str(path), str(path))
-    named = located_files(decode_metadata((path / MANIFEST).read_bytes(), read_file=store.read_file))
+    named = located_files(decode_manifest(store, (path / MANIFEST).read_bytes()))
     assert {n.split("-")[2] for n in named} == {"0", "1"}  # a data file of each rank
     assert named <= set(os.listdir(path))
     loaded = torchstow.read(str(path))
@@ -57,7 +57,7 @@ def _saved(tmp_path: Path) -> tuple[LocalFileStore, Any]:
     """A committed checkpoint's store and its manifest under a new save id (to publish again)."""
     torchstow.save({"w": torch.arange(64.0)}, str(tmp_path))
     store = LocalFileStore(str(tmp_path), str(tmp_path))
-    metadata = decode_metadata((tmp_path / MANIFEST).read_bytes(), read_file=store.read_file)
+    metadata = decode_manifest(store, (tmp_path / MANIFEST).read_bytes())
     metadata.save_id = uuid.uuid4().hex
     return store, metadata
 

@@ -61,7 +61,7 @@ def test_reading_a_commit_back_reads_only_the_manifest_and_refuses_another_saves
     manifest = (tmp_path / MANIFEST).read_bytes()
     theirs, table = codec.peek_manifest(manifest)
     assert theirs and table  # version 2: its table is a file of its own
-    ours = decode_metadata(manifest, read_file=lambda n: (tmp_path / n).read_bytes())
+    ours = decode_metadata(manifest, read_file=lambda n, _: (tmp_path / n).read_bytes())
     ours.save_id = uuid.uuid4().hex
     store = CountingStore(LocalFileStore(str(tmp_path), str(tmp_path)))
     calls, nbytes = read_calls(), bytes_read()

@@ -111,5 +111,5 @@ def test_items_are_placed_by_their_offsets_where_their_hint_is_missing_or_wrong(
     md.storage_data = hinted
     md.save_id = "0" * 32
     encoded = encode_manifest(md)
-    decoded = decode_metadata(encoded.manifest, read_file=encoded.tables.get)
+    decoded = decode_metadata(encoded.manifest, read_file=lambda n, _: encoded.tables.get(n))
     assert dict(decoded.storage_data.items()) == hinted

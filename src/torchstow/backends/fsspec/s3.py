@@ -345,14 +345,18 @@ class S3Requests:
 
         return await self.retry.acall(lambda: self._attempt(what, send, lambda got: got), what)
 
-    def read_object(self, bucket: str, key: str, what: str) -> bytes:
-        """The whole object (a GET, retried, watched for stalls like any request)."""
+    def read_object(self, bucket: str, key: str, what: str, limit: int | None = None) -> bytes | None:
+        """The whole object (a GET, retried, watched for stalls like any request); None,
+        its body left unread, where the reply's ``Content-Length`` is more than ``limit``."""
 
-        async def send(progress: Progress) -> bytes:
+        async def send(progress: Progress) -> bytes | None:
             response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            if limit is not None and response.get("ContentLength", 0) > limit:
+                response["Body"].close()
+                return None
             return b"".join([chunk async for chunk in _chunks(response["Body"], progress)])
 
-        coro = self.retry.acall(lambda: self._attempt(what, send, len), what)
+        coro = self.retry.acall(lambda: self._attempt(what, send, lambda data: len(data or b"")), what)
         return asyncio.run_coroutine_threadsafe(coro, self.fs.loop).result()
 
     def list_dir(self, path: str, what: str) -> list[dict[str, Any]]:

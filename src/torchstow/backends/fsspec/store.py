@@ -266,12 +266,22 @@ class FsspecStore(ByteStore):
         what = f"reading {self.location}/{name}"
         if self.s3 is not None:  # a plain GET: no listing cache in the way, watched for stalls
             bucket, key = self.s3.bucket_key(self._path(name))
-            return self.s3.read_object(bucket, key, what)
+            whole = self.s3.read_object(bucket, key, what)
+            assert whole is not None  # (None only over a limit)
+            return whole
         # A whole-file read may take the size from the listing cache, which another
         # process's writes since this process listed the location have made stale.
         self.fs.invalidate_cache(self._path(name))
         data: bytes = self._retry(lambda: self.fs.cat_file(self._path(name)), what)
         return data
+
+    def read_small_file(self, name: str, limit: int) -> bytes | None:
+        """On S3 one GET, its body left unread where its ``Content-Length`` is over ``limit``;
+        elsewhere the default (the size from the listing first)."""
+        if self.s3 is None:
+            return super().read_small_file(name, limit)
+        bucket, key = self.s3.bucket_key(self._path(name))
+        return self.s3.read_object(bucket, key, f"reading {self.location}/{name}", limit)
 
     def publish(self, name: str, data: bytes) -> None:
         """One PUT on S3 (atomic); on a local filesystem a temporary file renamed over

@@ -34,9 +34,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from torchstow.core.layout.location import decode_manifest, manifest_bytes
 from torchstow.core.storage.store import ByteStore, NotDurableError
-from torchstow.errors import CheckpointExistsError, StorageIOError, TorchstowError
-from torchstow.format.codec import decode_metadata, encode_manifest, peek_manifest
+from torchstow.errors import CheckpointExistsError, CorruptCheckpointError, StorageIOError, TorchstowError
+from torchstow.format.codec import encode_manifest, peek_manifest
 from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import Metadata, located_files
 from torchstow.format.table import TableLocations
@@ -61,11 +62,11 @@ def committed_manifest(store: ByteStore) -> Metadata | None:
     """The manifest committed at ``store`` now, decoded (its chunk table read), or None
     when there is none or it does not decode; raises what reading the store raised."""
     try:
-        data = store.read_file(MANIFEST)
-    except FileNotFoundError:
+        data = manifest_bytes(store)
+    except (FileNotFoundError, CorruptCheckpointError):  # none, or more than a manifest holds
         return None
     try:
-        return decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
+        return decode_manifest(store, data)
     except TorchstowError:
         return None
 
@@ -82,8 +83,10 @@ def is_committed(store: ByteStore, save_id: str) -> bool:
     nothing else: not its chunk table): False when there is none, or another save's, or no
     torchstow manifest; raises what reading it raised."""
     try:
-        data = store.read_file(MANIFEST)
+        data = manifest_bytes(store)
     except FileNotFoundError:
+        return False
+    except CorruptCheckpointError:  # larger than torchstow writes one: no save's
         return False
     return peek_manifest(data).save_id == save_id
 
@@ -106,13 +109,21 @@ class UncertainCommitError(StorageIOError):
 
 def listed_files(store: ByteStore) -> set[str] | None:
     """Data files the committed manifest at ``store`` lists, and its chunk table (none
-    without a readable manifest), or None when the location could not be read."""
+    without a manifest), or None when the location could not be read or its manifest does
+    not decode (damaged, too large, another program's): what it names is then unknown, and
+    ``gc`` must not take its files for debris."""
     try:
-        found = committed_manifest(store)
+        data = manifest_bytes(store)
+    except FileNotFoundError:
+        return set()
     except Exception:
         logger.warning("could not read the committed manifest at %s", store.location, exc_info=True)
         return None
-    return set() if found is None else manifest_files(found)
+    try:
+        return manifest_files(decode_manifest(store, data))
+    except Exception:
+        logger.warning("the committed manifest at %s does not decode", store.location, exc_info=True)
+        return None
 
 
 def committed_files(store: ByteStore) -> set[str]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection
+from functools import partial
 from typing import Any
 
-from torchstow.core.storage.store import ByteStore
+from torchstow.core.storage.store import ByteStore, read_capped
 from torchstow.errors import CheckpointExistsError, CheckpointNotFoundError, IncompleteCheckpointError
 from torchstow.format.codec import decode_metadata
 from torchstow.format.dcp_metadata import decode_dcp_metadata
-from torchstow.format.files import DCP_METADATA, MANIFEST, is_checkpoint_file
+from torchstow.format.files import DCP_METADATA, MANIFEST, MANIFEST_MAX_BYTES, is_checkpoint_file
 from torchstow.format.manifest import Metadata
 from torchstow.format.validation import check_extents
 
@@ -19,8 +20,11 @@ __all__ = [
     "StoreOpener",
     "check_vacant",
     "dcp_files",
+    "decode_manifest",
     "default_thread_count",
+    "manifest_bytes",
     "read_dcp_manifest",
+    "read_dcp_metadata",
     "read_manifest",
     "rebind",
     "stray_dcp_files",
@@ -44,7 +48,7 @@ def read_manifest(store: ByteStore, *, dcp: bool = False) -> Metadata:
     ``.distcp`` files without its ``.metadata`` too).
     """
     try:
-        data = store.read_file(MANIFEST)
+        data = manifest_bytes(store)
     except NotADirectoryError:  # a local location that is a file (/dev/null, model.txt)
         raise CheckpointNotFoundError(
             f"no checkpoint at {store.location}: it is a file, or lies under one"
@@ -65,7 +69,27 @@ def read_manifest(store: ByteStore, *, dcp: bool = False) -> Metadata:
                 "that wrote it did not finish. Save again, or delete the location."
             ) from None
         raise CheckpointNotFoundError(f"no checkpoint at {store.location}") from None
-    return decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=store.read_file)
+    return decode_manifest(store, data)
+
+
+def manifest_bytes(store: ByteStore, name: str = MANIFEST) -> bytes:
+    """The bytes of ``store``'s manifest (``name``: torchstow's, or DCP's ``.metadata``),
+    FileNotFoundError when there is none; CorruptCheckpointError, without reading it where
+    the store can tell its size, when it holds more than
+    :data:`~torchstow.format.files.MANIFEST_MAX_BYTES`."""
+    return read_capped(store, name, MANIFEST_MAX_BYTES)
+
+
+def decode_manifest(store: ByteStore, data: bytes) -> Metadata:
+    """``data``, the manifest of ``store``, decoded: its chunk table (version 2) read from
+    ``store``, refused unread when it holds more bytes than the manifest records."""
+    return decode_metadata(data, source=f"{store.location}/{MANIFEST}", read_file=partial(read_capped, store))
+
+
+def read_dcp_metadata(store: ByteStore) -> Metadata:
+    """The DCP ``.metadata`` of ``store``'s checkpoint, decoded as a torchstow manifest
+    (FileNotFoundError when there is none), read as :func:`manifest_bytes` reads it."""
+    return decode_dcp_metadata(manifest_bytes(store, DCP_METADATA), source=f"{store.location}/{DCP_METADATA}")
 
 
 def read_dcp_manifest(store: ByteStore) -> Metadata:
@@ -73,10 +97,9 @@ def read_dcp_manifest(store: ByteStore) -> Metadata:
     locations checked against the sizes of the files present (before anything is
     allocated for them); CheckpointNotFoundError when there is none."""
     try:
-        data = store.read_file(DCP_METADATA)
+        metadata = read_dcp_metadata(store)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"no checkpoint at {store.location}") from None
-    metadata = decode_dcp_metadata(data, source=f"{store.location}/{DCP_METADATA}")
     sizes = store.file_sizes()
     if sizes is not None:
         check_extents(metadata.storage_data.items(), sizes, store.location)

@@ -11,7 +11,8 @@ What says nothing about the bytes is always forwarded: when each file last chang
 (:meth:`~ByteStore.file_times`, which gc dates debris by) and the uploads begun and
 never finished (:meth:`~ByteStore.pending_uploads`, :meth:`~ByteStore.abort_upload`).
 A wrapper with a ``read_into`` of its own sees every data read: :meth:`~ByteStore.read_in_order`
-then goes through it, else to ``inner``'s."""
+then goes through it, else to ``inner``'s; one with a ``read_file`` of its own sees every
+whole-file read (:meth:`~ByteStore.read_small_file` goes through it)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from typing import Any, ClassVar
 from torchstow.core.futures import AnyFuture
 from torchstow.core.planning import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from torchstow.core.storage.interfaces import StorageReader, StorageWriter, WriteResult
-from torchstow.core.storage.store import ByteStore, FileSink, PendingUpload
+from torchstow.core.storage.store import ByteStore, FileSink, PendingUpload, read_bounded
+from torchstow.format.files import is_manifest_file
 from torchstow.format.manifest import Metadata
 
 __all__ = ["ForwardingByteStore", "ForwardingStorageReader", "ForwardingStorageWriter"]
@@ -135,6 +137,16 @@ class ForwardingByteStore(ByteStore):
 
     def read_file(self, name: str) -> bytes:
         return self.inner.read_file(name)
+
+    def read_small_file(self, name: str, limit: int) -> bytes | None:
+        """The inner store's own, unless this wrapper's class has a ``read_file`` of its own:
+        then the file goes through it, its size told first by the inner store where the
+        bytes at rest are the file's (the wrapper keeps them, or it is a manifest's file),
+        else by this store (a one-byte read at ``limit`` through its ``read_into``)."""
+        if type(self).read_file is ForwardingByteStore.read_file:
+            return self.inner.read_small_file(name, limit)
+        at_rest = not self.transforms_bytes or is_manifest_file(name)
+        return read_bounded(self, name, limit, sizes_from=self.inner if at_rest else self)
 
     def publish(self, name: str, data: bytes) -> None:
         self.inner.publish(name, data)

@@ -9,15 +9,28 @@ checksums, manifest, commit order.
 from __future__ import annotations
 
 import abc
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from torchstow.errors import StorageFullError, StorageIOError
+from torchstow.errors import CorruptCheckpointError, StorageFullError, StorageIOError
+from torchstow.format.files import too_large
 
-__all__ = ["ByteStore", "FileSink", "NotDurableError", "PendingUpload", "StorageFullError", "StorageIOError"]
+__all__ = [
+    "ByteStore",
+    "FileSink",
+    "NotDurableError",
+    "PendingUpload",
+    "StorageFullError",
+    "StorageIOError",
+    "read_bounded",
+    "read_capped",
+]
 
 Buffer = memoryview | bytes | bytearray
+
+logger = logging.getLogger(__name__)
 
 
 class NotDurableError(StorageIOError):
@@ -157,6 +170,18 @@ class ByteStore(abc.ABC):
     def read_file(self, name: str) -> bytes:
         """The whole file ``name``; FileNotFoundError if it is missing."""
 
+    def read_small_file(self, name: str, limit: int) -> bytes | None:
+        """The whole file ``name``, or None when it holds more than ``limit`` bytes, told
+        before reading them; FileNotFoundError if it is missing. Manifests and other small
+        files are read so (:func:`read_capped`, which refuses a file that came back longer
+        all the same), a huge or sparse one never read.
+
+        By default the size comes from :meth:`file_sizes` (or, where that cannot tell, a
+        one-byte :meth:`read_into` at offset ``limit``), then :meth:`read_file` reads it.
+        A store that can tell one file's size at little cost (a ``stat``), or in the request
+        that reads it (an HTTP ``Content-Length``), overrides it."""
+        return read_bounded(self, name, limit)
+
     def file_sizes(self) -> dict[str, int] | None:
         """Sizes in bytes of the regular files at the location, by name, or None
         where the store cannot tell cheaply (then reads find truncation as they go).
@@ -218,3 +243,40 @@ class ByteStore(abc.ABC):
     @abc.abstractmethod
     def remove_location(self) -> None:
         """Remove the (now empty) location itself, where that means anything."""
+
+
+def read_bounded(
+    store: ByteStore, name: str, limit: int, sizes_from: ByteStore | None = None
+) -> bytes | None:
+    """:meth:`ByteStore.read_small_file`'s default: ``store.read_file(name)`` unless the
+    file holds more than ``limit`` bytes, told first by ``sizes_from`` (default ``store``:
+    its :meth:`~ByteStore.file_sizes`, else a read of the byte at offset ``limit``, which
+    a store raises CorruptCheckpointError for where the file ends before it; a store whose
+    read fails otherwise there has the file read whole, as before this check)."""
+    sizes_from = store if sizes_from is None else sizes_from
+    sizes = sizes_from.file_sizes()
+    if sizes is not None:
+        if sizes.get(name, 0) > limit:  # one not listed: read_file says it is missing
+            return None
+    else:
+        try:
+            sizes_from.read_into(name, [(limit, memoryview(bytearray(1)))])
+        except FileNotFoundError:
+            raise
+        except CorruptCheckpointError:
+            pass  # it ends before byte ``limit``
+        except Exception:  # a store that cannot read there: the file is read whole, as before
+            logger.debug("no size of %s/%s from a read at %d", store.location, name, limit, exc_info=True)
+        else:
+            return None
+    return store.read_file(name)
+
+
+def read_capped(store: ByteStore, name: str, limit: int) -> bytes:
+    """The whole file ``name`` of ``store``; CorruptCheckpointError, without reading it
+    where the store can tell its size, when it holds more than ``limit`` bytes (a damaged
+    or hostile manifest must not take the process's memory); FileNotFoundError if missing."""
+    data = store.read_small_file(name, limit)
+    if data is None or len(data) > limit:
+        raise too_large(f"{store.location}/{name}", limit)
+    return data

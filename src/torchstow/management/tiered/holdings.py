@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from torchstow.core.layout.location import manifest_bytes
 from torchstow.core.storage.backend import StoreBackend
+from torchstow.errors import CorruptCheckpointError
 from torchstow.format.codec import decode_metadata
 from torchstow.format.files import MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
@@ -59,8 +61,11 @@ def inventory(backend: StoreBackend, fast: str) -> dict[int, Held]:
         if sizes is None:
             sizes = {name: len(store.read_file(name)) for name in store.list_files()}
         try:
-            manifest: bytes | None = store.read_file(MANIFEST)
+            manifest: bytes | None = manifest_bytes(store)
         except FileNotFoundError:
+            manifest = None
+        except CorruptCheckpointError as exc:  # larger than a manifest: as one that does not decode
+            logger.warning("step %d: a fast tier's manifest is unreadable: %s", step, exc)
             manifest = None
         held[step] = Held(manifest, {n: s for n, s in sizes.items() if is_data_file(n)})
     return held

@@ -40,6 +40,7 @@ import torch
 from torchstow.core.dtensors import local_view
 from torchstow.core.futures import before_pools_stop
 from torchstow.core.layout.commit import committed_manifest, is_committed, manifest_files, publish_manifest
+from torchstow.core.layout.location import manifest_bytes
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.layout.writer import LayoutWriter
@@ -58,7 +59,7 @@ from torchstow.core.staging.stager import StateDictStager
 from torchstow.core.storage.backend import StoreBackend
 from torchstow.core.storage.interfaces import StorageWriter
 from torchstow.core.storage.stand_ins import FailedWriter
-from torchstow.core.storage.store import ByteStore
+from torchstow.core.storage.store import ByteStore, read_capped
 from torchstow.errors import (
     CheckpointException,
     CheckpointNotFoundError,
@@ -66,8 +67,8 @@ from torchstow.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
 )
-from torchstow.format.codec import decode_metadata, peek_manifest
-from torchstow.format.files import MANIFEST, is_data_file
+from torchstow.format.codec import ReadFile, decode_metadata, peek_manifest
+from torchstow.format.files import CHUNK_TABLE_MAX_BYTES, MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
 from torchstow.management.bases import check_step, choose_base
 from torchstow.management.datafiles import FileSpans, scan_file, spans_by_file
@@ -85,6 +86,7 @@ FAST_TIER_KEY = "fast_tier"
 
 #: The file in each node's fast tier naming the root of the run it belongs to.
 OWNER = "torchstow-tier.json"
+_OWNER_MAX_BYTES = 1 << 20  # {"root": <a path or URI>}
 
 logger = logging.getLogger("torchstow.management")
 
@@ -174,6 +176,12 @@ class _Persist:
     handle: TieredSave
     retried: bool = False
     nbytes: int = 0  # copied to the root by this rank
+
+
+def _given(tables: Mapping[str, bytes]) -> ReadFile:
+    """A manifest's files beside it, read already (by name; the size they should have is
+    checked by the decoder)."""
+    return lambda name, _limit: tables.get(name)
 
 
 def _all_gather(coll: Collective, step: str, value: Any) -> list[Any]:
@@ -327,10 +335,10 @@ class TieredManager:
             except FileExistsError:
                 pass
         try:
-            owner = json.loads(store.read_file(OWNER))["root"]
+            owner = json.loads(read_capped(store, OWNER, _OWNER_MAX_BYTES))["root"]
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, CorruptCheckpointError) as exc:
             return f"<unreadable: {exc}>"
         return owner if isinstance(owner, str) else repr(owner)
 
@@ -812,17 +820,19 @@ class TieredManager:
 
     def _root_manifest(self, step: int) -> Any:
         """The committed manifest of ``step`` in the root and its chunk table by name, read on
-        the coordinator (collective); None when there is none."""
-        found = None
-        if self._coll.is_coordinator:
+        the coordinator (collective: its failure, a manifest or table larger than a reader
+        reads, say, raises on every rank); None when there is none."""
+
+        def read() -> Any:
             store = self._root_backend.open_store(self.uri(step))
             try:
-                data = store.read_file(MANIFEST)
+                data = manifest_bytes(store)
                 table = peek_manifest(data).chunk_table
-                found = (data, {table: store.read_file(table)} if table else {})
+                return data, {table: read_capped(store, table, CHUNK_TABLE_MAX_BYTES)} if table else {}
             except FileNotFoundError:
-                found = None
-        return _all_gather(self._coll, "tiered: durable manifest", found)[self._coll.coordinator_rank]
+                return None
+
+        return broadcast_from_coordinator(self._coll, "tiered: durable manifest", read)
 
     def _complete_from_root(self, choice: Choice) -> Choice | None:
         """The root's part in loading ``choice.step``: the files no fast tier holds intact when
@@ -859,7 +869,7 @@ class TieredManager:
                 "only; load it with torchstow.load, or restore an older step"
             )
         manifest, tables = found
-        metadata = decode_metadata(manifest, source=f"{self.uri(step)}/{MANIFEST}", read_file=tables.get)
+        metadata = decode_metadata(manifest, source=f"{self.uri(step)}/{MANIFEST}", read_file=_given(tables))
         needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
         return Choice(step, metadata, manifest, {name: [] for name in needed}, root_files=needed)
 
