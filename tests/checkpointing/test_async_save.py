@@ -280,3 +280,40 @@ def test_saves_on_their_way_when_the_interpreter_exits_commit(tmp_path: Any) -> 
         assert all(torch.equal(values[f"w{i}"], torch.full((1 << 18,), float(i))) for i in range(16)), saved
     writer_pid = int(done.stdout)
     wait_until(lambda: not os.path.exists(f"/proc/{writer_pid}"), 30, "the writer process to exit")
+
+
+def test_a_commit_group_vote_one_rank_gave_up_on_fails_on_every_rank(monkeypatch: Any) -> None:
+    """The ranks of an async_save vote through torch.distributed's store on whether their
+    commit group broke. Rank 0 gives up on a vote (rank 1 came later than the timeout); rank
+    1 must not then pass it alone: before, it did, and on a lost group made a new group
+    alone, which put torch's group names out of step for good. Both then meet in the next
+    vote. (Two ranks in one process: each is a pipeline on a thread, over one store.)"""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    from torchstow.checkpointing.async_save import AsyncSavePipeline
+    from torchstow.core.protocol import collective
+    from torchstow.errors import CheckpointTimeoutError
+
+    class Group:  # a commit group: rank 1 lost contact on it
+        pass
+
+    store, rank, broken = dist.HashStore(), threading.local(), Group()
+    monkeypatch.setattr(distributed_c10d, "_get_default_store", lambda: store)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank.value)
+    collective._broken.add(broken)  # gone with ``broken``
+    pipelines = (AsyncSavePipeline(), AsyncSavePipeline())
+
+    def vote(r: int, seconds: float = 30) -> bool | str:
+        rank.value = r
+        try:
+            return pipelines[r]._lost_anywhere((0, 1), broken, datetime.timedelta(seconds=seconds))
+        except CheckpointTimeoutError:
+            return "timed out"
+
+    assert vote(0, 0.3) == "timed out"  # rank 1 is late
+    assert vote(1) == "timed out"  # at once; before: True (it went on alone to make a new group)
+    with ThreadPoolExecutor(2) as pool:  # in step at the next vote
+        assert list(pool.map(vote, (0, 1))) == [True, True]

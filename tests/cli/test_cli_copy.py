@@ -165,3 +165,27 @@ def test_cp_into_a_safetensors_folder_is_refused(run: Path, tmp_path: Path) -> N
     for extra in ((), ("--overwrite",), ("--compression", "zstd")):
         assert "holds a safetensors checkpoint" in fails("cp", str(run / "step-2"), str(hf), *extra)
     assert sorted(os.listdir(hf)) == before
+
+
+def test_a_run_copy_keeps_each_checkpoint_name_across_uri_forms(tmp_path: Path) -> None:
+    """A file:// URI is percent-decoded and a plain path is not, so the name ``50%`` is
+    ``file:///.../50%25`` in a file:// listing. Before, a run copied from a file:// URI to a
+    plain path landed as ``50%25`` (the listing's spelling taken as the name), and from a
+    plain path to a file:// URI ``a%20b`` landed as ``a b``; so did one checkpoint copied into
+    a folder (``cp file:///.../50%25 DST/``)."""
+    from torchstow.management import copy_run
+
+    run = tmp_path / "run"
+    names = ["50%", "a%20b", "a b"]
+    for value, name in enumerate(names):
+        torchstow.save({"w": torch.full((2,), float(value))}, str(run / name))
+    for src, dst in ((run.as_uri(), str(tmp_path / "plain")), (str(run), (tmp_path / "uri").as_uri())):
+        copy_run(src, dst)
+    (tmp_path / "one").mkdir()
+    for name in names:  # one checkpoint into a folder: file:///.../50%25 to one/, and back
+        assert torchstow.copy((run / name).as_uri(), f"{tmp_path / 'one'}/") == str(tmp_path / "one" / name)
+    for folder in ("plain", "uri", "one"):
+        assert sorted(os.listdir(tmp_path / folder)) == sorted(names)
+        for value, name in enumerate(names):
+            copied = torchstow.read(str(tmp_path / folder / name))["w"]
+            assert torch.equal(copied, torch.full((2,), float(value)))

@@ -41,7 +41,7 @@ from torchstow.spi import (
 if TYPE_CHECKING:
     from torchstow.spi import Register
 
-__all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of", "subdirectories"]
+__all__ = ["FileSystemBackend", "LocalFileStore", "free_bytes", "path_of", "subdirectories", "uri_name"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _OTHER_SCHEME = re.compile(r"^(?!file://)([^/]+)://")
@@ -70,6 +70,12 @@ def path_of(uri: str) -> str:
             raise ValueError(f"{uri!r}: a file:// URI needs an absolute path (file:///dir/ckpt)")
         return unquote(rest)
     return os.path.expanduser(os.fspath(uri))
+
+
+def uri_name(name: str) -> str:
+    """The folder name ``name`` as a ``file://`` URI writes it (``%`` as ``%25``), so that
+    :func:`path_of` decodes it back to ``name``."""
+    return name.replace("%", "%25")
 
 
 def subdirectories(path: str) -> list[str]:
@@ -537,7 +543,7 @@ class FileSystemBackend(DirectoryBackend):
         if not prefix.startswith("file://"):
             return children  # plain paths are taken as they are
         base = len(prefix if prefix.endswith("/") else prefix + "/")
-        return [child[:base] + child[base:].replace("%", "%25") for child in children]
+        return [child[:base] + uri_name(child[base:]) for child in children]
 
 
 @hookimpl

@@ -200,7 +200,8 @@ class AsyncSavePipeline:
     def _lost_anywhere(self, ranks: tuple[int, ...], group: Any, timeout: datetime.timedelta | None) -> bool:
         """Whether any rank of ``ranks`` lost contact on ``group``: every one of them asks
         at the same call, and all get the same answer (a rank that does not come within
-        ``timeout`` is a CheckpointTimeoutError, as when the group is made)."""
+        ``timeout`` is a CheckpointTimeoutError on every rank, itself included when it
+        comes: the vote is given up, and no rank goes on to make a group alone)."""
         import torch.distributed as dist
         from torch.distributed import distributed_c10d
 
@@ -212,20 +213,33 @@ class AsyncSavePipeline:
             store.add(f"{number}/lost", 1)
         if store.add(f"{number}/arrived", 1) == len(ranks):
             store.set(f"{number}/done", "1")
+        error: RuntimeError | None = None
         try:
             store.wait([f"{number}/done"], *([timeout] if timeout is not None else []))
         except RuntimeError as exc:  # torch's DistStoreError
+            error = exc
+            # Close the vote: adding more than the ranks keeps the count from ever reaching
+            # them. The first to close it gives it up unless every rank had come (then it is
+            # over and stands), and lets the others go (they fail too, at once if later).
+            closed = len(ranks) + 1
+            count = store.add(f"{number}/arrived", closed)
+            if count // closed == 1 and count % closed < len(ranks):
+                store.set(f"{number}/gave-up", "1")
+                store.set(f"{number}/done", "1")
+            store.wait([f"{number}/done"])
+        if store.check([f"{number}/gave-up"]):
             rank = dist.get_rank()
             raise CheckpointTimeoutError(
                 f"checkpoint async save: rank {rank} lost contact with its group of {len(ranks)} ranks "
-                f"while they agreed on its commit group: another rank died, stalled, or did not call "
-                f"async_save. Transport error: {exc}",
+                f"while they agreed on its commit group: a rank died, stalled, or did not call "
+                f"async_save within the timeout; every rank of the group fails this call"
+                + (f". Transport error: {error}" if error is not None else ""),
                 rank=rank,
                 step="async save",
-            ) from exc
+            ) from error
         lost = store.add(f"{number}/lost", 0) > 0
         if number and dist.get_rank() == ranks[0]:  # every rank has passed the vote before
-            for key in ("lost", "arrived", "done"):
+            for key in ("lost", "arrived", "done", "gave-up"):
                 store.delete_key(f"{number - 1}/{key}")
         return lost
 

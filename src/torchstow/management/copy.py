@@ -10,7 +10,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import unquote
 
+from torchstow.backends.filesystem import FileSystemBackend, uri_name
 from torchstow.core.layout.commit import CommitOutcome, committed_files, publish_manifest
 from torchstow.core.layout.location import check_vacant, dcp_files, manifest_bytes, read_manifest
 from torchstow.core.storage.backend import Backend, StoreBackend
@@ -22,6 +24,7 @@ from torchstow.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     TorchstowError,
+    UnknownBackendError,
 )
 from torchstow.format.compression import check_compression
 from torchstow.format.dcp_metadata import decode_dcp_metadata
@@ -32,7 +35,9 @@ from torchstow.management.datafiles import FileSpans, Problem, segment_bytes, sp
 from torchstow.management.datafiles import scan_file as _scan_file
 from torchstow.management.listing import COMMITTED, file_in_the_way, link_target, scan
 from torchstow.management.verify import ProgressCallback
+from torchstow.plugins.manager import default_registry
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
+from torchstow.plugins.wrapper import WrapperBackend
 
 __all__ = ["RunCopy", "copy", "copy_destination", "copy_run"]
 
@@ -271,10 +276,31 @@ def _name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _percent_coded(uri: str) -> bool:
+    """Whether names in ``uri`` are percent-encoded: a ``file://`` URI of the filesystem
+    backend, wrapped or not (docs/backends.md); a plain path and other stores' keys are not."""
+    registry = default_registry()
+    try:
+        backend = registry.resolve(uri).backend
+        while issubclass(backend, WrapperBackend):
+            uri = backend.split_uri(uri)
+            backend = registry.resolve(uri).backend
+    except (UnknownBackendError, ValueError):  # the copy itself says what is wrong with it
+        return False
+    return issubclass(backend, FileSystemBackend) and uri.startswith("file://")
+
+
+def _renamed(src: str, dst: str) -> str:
+    """The name ``src`` ends with, as a URI under ``dst`` writes the same name."""
+    name = _name(src)
+    plain = unquote(name) if _percent_coded(src) else name
+    return uri_name(plain) if _percent_coded(dst) else plain
+
+
 def copy_destination(src: str, dst: str) -> str:
     """Where a copy of ``src`` to ``dst`` lands: ``dst`` itself, or ``dst/<name of src>``
     when ``dst`` ends with ``/`` ("into", as ``cp`` and ``aws s3 cp`` read it)."""
-    return f"{dst}{_name(src)}" if dst.endswith("/") else dst
+    return f"{dst}{_renamed(src, dst)}" if dst.endswith("/") else dst
 
 
 def copy(
@@ -401,7 +427,7 @@ def copy_run(
     src = checkpoint_uri(src_prefix)
     dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)
-    plan = [(e.uri, f"{dst}/{_name(e.uri)}") for e in entries if e.status == COMMITTED]
+    plan = [(e.uri, copy_destination(e.uri, f"{dst}/")) for e in entries if e.status == COMMITTED]
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
