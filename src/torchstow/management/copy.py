@@ -27,10 +27,12 @@ from torchstow.format.compression import check_compression
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.table import TableLocations
+from torchstow.interop.sources import file_in_the_way
+from torchstow.interop.targets import no_place
 from torchstow.management.catalog import info
 from torchstow.management.datafiles import FileSpans, Problem, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
-from torchstow.management.listing import COMMITTED, file_in_the_way, link_target, scan
+from torchstow.management.listing import COMMITTED, link_target, scan
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
@@ -132,13 +134,6 @@ def _copy_whole_file(
     sink.close()
 
 
-def _no_place(location: str) -> ValueError:
-    return ValueError(
-        f"cannot copy to {location}: it is a file, or lies under one, so it is no "
-        "place for a checkpoint (a directory or prefix); nothing was copied"
-    )
-
-
 def _prepare(dst_store: ByteStore) -> None:
     """Make the copy's location; one that is a file, or lies under one, is refused (ValueError)."""
     try:
@@ -146,7 +141,7 @@ def _prepare(dst_store: ByteStore) -> None:
     except (FileExistsError, NotADirectoryError) as exc:
         if isinstance(exc, TorchstowError):
             raise
-        raise _no_place(dst_store.location) from exc
+        raise no_place(dst_store.location, "copy", "copied") from exc
 
 
 def _copy_dcp(
@@ -335,7 +330,7 @@ def copy(
             f"copy into it with {dst.rstrip('/')}/ as the destination"
         )
     if file_in_the_way(dst_backend, dst) is not None:  # before any byte is read, on either path
-        raise _no_place(dst)
+        raise no_place(dst, "copy", "copied")
     if overwrite:
         _refuse_replacing_through_link(dst_backend, dst)
     folder = local_path(dst)
