@@ -130,6 +130,10 @@ def test_cp_overwrite_never_replaces_a_checkpoint_through_a_link(run: Path, tmp_
     assert "nothing was copied" in error
     error = fails("cp", str(run / "step-2"), str(dst / "latest"), "--overwrite", "--compression", "zstd")
     assert "overwriting it would replace the checkpoint it points at" in error
+    for args in ((str(run), str(dst)), (str(run / "step-2"), str(dst / "latest"))):
+        error = fails("cp", *args)  # before: "pass --overwrite", which is refused
+        assert f"{dst}/latest is a symbolic link to the checkpoint {dst / 'step-1'}" in error
+        assert "or remove the link first (overwrite is refused through a link)" in error
     assert {name: sorted(os.listdir(dst / name)) for name in ("step-1", "step-2")} == before
     assert torch.equal(torchstow.read(str(dst / "step-1"))["w"], torch.full((4,), 11.0))
 

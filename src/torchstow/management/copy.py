@@ -251,15 +251,30 @@ def _copy_store(
             dst_store.delete_files(dcp_files(dst_store.list_files()))
 
 
-def _refuse_replacing_through_link(backend: Backend, dst: str) -> None:
-    """ValueError when ``dst`` is a symbolic link (``latest -> step-300``): an overwrite there
-    would replace the checkpoint it points at, under that checkpoint's name."""
-    target = link_target(backend.open_store(dst)) if isinstance(backend, StoreBackend) else None
-    if target is not None:
+def _refuse_through_link(backend: Backend, dst: str, overwrite: bool) -> None:
+    """Refuse a ``dst`` that is a symbolic link (``latest -> step-300``): with ``overwrite``
+    (ValueError), which would replace the checkpoint it points at under that checkpoint's
+    name; without, where that checkpoint is committed (CheckpointExistsError naming what
+    works, not ``--overwrite``)."""
+    if not isinstance(backend, StoreBackend):
+        return
+    store = backend.open_store(dst)
+    target = link_target(store)
+    if target is None:
+        return
+    if overwrite:
         raise ValueError(
             f"{dst} is a symbolic link (to {target}): overwriting it would replace the checkpoint "
             f"it points at; nothing was copied. Copy to {target} itself, or remove the link first"
         )
+    try:
+        check_vacant(store)
+    except CheckpointExistsError:
+        raise CheckpointExistsError(
+            f"{dst} is a symbolic link to the checkpoint {target}; nothing was copied. Copy to another "
+            f"location, to {target} itself with overwrite=True (--overwrite) to replace it, or remove "
+            "the link first (overwrite is refused through a link)"
+        ) from None
 
 
 def _name(uri: str) -> str:
@@ -331,8 +346,7 @@ def copy(
         )
     if file_in_the_way(dst_backend, dst) is not None:  # before any byte is read, on either path
         raise no_place(dst, "copy", "copied")
-    if overwrite:
-        _refuse_replacing_through_link(dst_backend, dst)
+    _refuse_through_link(dst_backend, dst, overwrite)
     folder = local_path(dst)
     if folder is not None and is_safetensors(folder):  # --overwrite replaces no other format's files
         raise CheckpointExistsError(
@@ -403,8 +417,7 @@ def copy_run(
     dst_backend = backend_at(dst, dst_storage_options)[1]
     for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
         check_apart(src, target, "copy")
-        if overwrite:  # each, before anything is copied
-            _refuse_replacing_through_link(dst_backend, target)
+        _refuse_through_link(dst_backend, target, overwrite)  # each, before anything is copied
     if not overwrite:
         taken = []
         for _, target in plan:
