@@ -11,6 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import torchstow
+from torchstow.management import copy_run
 
 from cli_helpers import fails, invoke, json_doc
 
@@ -37,6 +38,31 @@ def test_a_trailing_slash_copies_into(run: Path, tmp_path: Path) -> None:
     assert "holds other locations" in err and f"{out}/ as the destination" in err
     assert sorted(os.listdir(out)) == ["step-1"]
     assert torchstow.copy(str(run / "step-2"), f"{out}/") == f"{out}/step-2"  # the Python call too
+
+
+def test_a_copy_into_keeps_the_sources_own_name_across_uri_rules(tmp_path: Path) -> None:
+    """The folder ``a%20b`` copied into a folder keeps its name, whether either side is a
+    plain path (literal), a ``file://`` URI (percent-decoded) or ``fsspec+file://``
+    (literal); so do a run's and its checkpoints'. Before, the last segment was taken as
+    written: ``file:///src/a%2520b`` landed as ``a%2520b`` under a plain path, and a plain
+    ``a%20b`` as ``a b`` under a ``file://`` one."""
+    src = tmp_path / "src"
+    torchstow.save({"w": torch.ones(2)}, str(src / "a%20b"))
+    torchstow.save({"w": torch.ones(2)}, str(src / "run%1" / "step%1"))
+    spellings = {
+        "plain": str(src),
+        "file": f"file://{src}".replace("%", "%25"),
+        "fsspec": f"fsspec+file://{src}",
+    }
+    for kind, root in spellings.items():
+        for to in ("plain", "file"):
+            out = tmp_path / f"out-{kind}-{to}"
+            into = f"{out}/" if to == "plain" else f"file://{out}/"
+            landed = torchstow.copy(f"{root}/{'a%2520b' if kind == 'file' else 'a%20b'}", into)
+            assert torch.equal(torchstow.read(landed)["w"], torch.ones(2))
+            assert len(copy_run(f"{root}/{'run%251' if kind == 'file' else 'run%1'}", into).copied) == 1
+            assert os.listdir(out / "run%1") == ["step%1"], (kind, to)
+            assert sorted(os.listdir(out))[0] == "a%20b", (kind, to)
 
 
 def test_cp_of_a_run_copies_each_committed_checkpoint(run: Path, tmp_path: Path) -> None:

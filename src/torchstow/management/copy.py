@@ -27,7 +27,7 @@ from torchstow.format.compression import check_compression
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.table import TableLocations
-from torchstow.interop.sources import file_in_the_way
+from torchstow.interop.sources import file_in_the_way, local_folder
 from torchstow.interop.targets import no_place
 from torchstow.management.catalog import info
 from torchstow.management.datafiles import FileSpans, Problem, segment_bytes, spans_by_file
@@ -281,10 +281,29 @@ def _name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def copy_destination(src: str, dst: str) -> str:
+def _real_name(backend: Backend, uri: str) -> str:
+    """The name the location ``uri`` has in its storage: a local folder's own name (a
+    ``file://`` URI's last segment percent-decoded, a plain path's and ``fsspec+file://``'s
+    as written), else the URI's last segment."""
+    folder = local_folder(backend.open_store(uri)) if isinstance(backend, StoreBackend) else None
+    return os.path.basename(folder) if folder else _name(uri)
+
+
+def _child(backend: Backend, prefix: str, name: str) -> str:
+    """The URI of the location named ``name`` under ``prefix`` (ending with ``/``): ``name``
+    as it is, or with ``%`` written ``%25`` where ``backend`` percent-decodes the URI
+    (``file://``), so the location is ``name`` itself."""
+    uri = prefix + name
+    if "%" in name and _real_name(backend, uri) != name:
+        uri = prefix + name.replace("%", "%25")
+    return uri
+
+
+def copy_destination(src: str, dst: str, src_backend: Backend, dst_backend: Backend) -> str:
     """Where a copy of ``src`` to ``dst`` lands: ``dst`` itself, or ``dst/<name of src>``
-    when ``dst`` ends with ``/`` ("into", as ``cp`` and ``aws s3 cp`` read it)."""
-    return f"{dst}{_name(src)}" if dst.endswith("/") else dst
+    when ``dst`` ends with ``/`` ("into", as ``cp`` and ``aws s3 cp`` read it): the
+    source's own name as its storage holds it, written as ``dst``'s URIs need."""
+    return _child(dst_backend, dst, _real_name(src_backend, src)) if dst.endswith("/") else dst
 
 
 def copy(
@@ -330,11 +349,10 @@ def copy(
     from torchstow.interop.sources import is_safetensors, local_path
 
     check_compression(compression)
-    src = checkpoint_uri(src)
-    dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst)))
+    src, src_backend = backend_at(src, src_storage_options)
+    dst, dst_backend = backend_at(dst, dst_storage_options)  # dst/<name> is on the same backend
+    dst = checkpoint_uri(copy_destination(src, dst, src_backend, dst_backend))
     check_apart(src, dst, "copy")
-    src_backend = backend_at(src, src_storage_options)[1]
-    dst_backend = backend_at(dst, dst_storage_options)[1]
     try:
         inside = dst_backend.list_children(dst)
     except CheckpointNotFoundError:
@@ -407,14 +425,18 @@ def copy_run(
     from torchstow.interop.convert import check_apart
 
     check_compression(compression)
-    src = checkpoint_uri(src_prefix)
-    dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
+    src, src_backend = backend_at(src_prefix, src_storage_options)
+    dst, dst_backend = backend_at(dst_prefix, dst_storage_options)
+    dst = copy_destination(src, dst, src_backend, dst_backend).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)
-    plan = [(e.uri, f"{dst}/{_name(e.uri)}") for e in entries if e.status == COMMITTED]
+    plan = [
+        (e.uri, _child(dst_backend, f"{dst}/", _real_name(src_backend, e.uri)))
+        for e in entries
+        if e.status == COMMITTED
+    ]
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
-    dst_backend = backend_at(dst, dst_storage_options)[1]
     for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
         check_apart(src, target, "copy")
         _refuse_through_link(dst_backend, target, overwrite)  # each, before anything is copied
