@@ -141,6 +141,20 @@ def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
     assert not (tmp_path / "cut").exists() or os.listdir(tmp_path / "cut") == []
 
 
+def test_cp_never_nests_checkpoints_in_a_checkpoints_folder(run: Path, tmp_path: Path) -> None:
+    """Before: ``cp RUN CKPT`` copied the run's checkpoints into CKPT's folder (exit 0), after
+    which ``ls CKPT`` listed them instead of it, and ``rm CKPT`` left them there."""
+    ckpt = tmp_path / "ckpt"
+    torchstow.save({"w": torch.zeros(1)}, str(ckpt))
+    before = sorted(os.listdir(ckpt))
+    for args in ((run, ckpt), (run, f"{ckpt}/"), (run, ckpt, "--overwrite"), (run / "step-1", f"{ckpt}/")):
+        error = fails("cp", *map(str, args))
+        assert f"{ckpt} is a checkpoint, so it is no place for" in error and "nothing was copied" in error
+    with pytest.raises(ValueError, match="is a checkpoint, so it is no place for a run's checkpoints"):
+        copy_run(str(run), str(ckpt))
+    assert sorted(os.listdir(ckpt)) == before
+
+
 def test_cp_overwrite_never_replaces_a_checkpoint_through_a_link(run: Path, tmp_path: Path) -> None:
     """A run copied over another whose ``latest`` links to its step-1: before, step-1 was
     replaced by the source's ``latest`` (step 2's state under step-1's name), silently."""

@@ -299,6 +299,20 @@ def _child(backend: Backend, prefix: str, name: str) -> str:
     return uri
 
 
+def _refuse_nesting(backend: Backend, container: str, what: str) -> None:
+    """ValueError when ``container``, where ``what`` would be copied, is a checkpoint: its
+    folder would hold other checkpoints, which ``ls``, ``rm`` and ``gc`` take for its own."""
+    try:
+        backend.read_metadata(container)
+    except (TorchstowError, OSError):  # no committed checkpoint there
+        return
+    raise ValueError(
+        f"{container} is a checkpoint, so it is no place for {what}: a checkpoint's folder that "
+        "holds others confuses ls (which lists them instead of it) and rm (which leaves them "
+        "there); nothing was copied. Copy to another location"
+    )
+
+
 def copy_destination(src: str, dst: str, src_backend: Backend, dst_backend: Backend) -> str:
     """Where a copy of ``src`` to ``dst`` lands: ``dst`` itself, or ``dst/<name of src>``
     when ``dst`` ends with ``/`` ("into", as ``cp`` and ``aws s3 cp`` read it): the
@@ -351,6 +365,8 @@ def copy(
     check_compression(compression)
     src, src_backend = backend_at(src, src_storage_options)
     dst, dst_backend = backend_at(dst, dst_storage_options)  # dst/<name> is on the same backend
+    if dst.endswith("/"):
+        _refuse_nesting(dst_backend, dst.rstrip("/"), "a copy of a checkpoint")
     dst = checkpoint_uri(copy_destination(src, dst, src_backend, dst_backend))
     check_apart(src, dst, "copy")
     try:
@@ -426,8 +442,8 @@ def copy_run(
 
     check_compression(compression)
     src, src_backend = backend_at(src_prefix, src_storage_options)
-    dst, dst_backend = backend_at(dst_prefix, dst_storage_options)
-    dst = copy_destination(src, dst, src_backend, dst_backend).rstrip("/")
+    dst_prefix_text, dst_backend = backend_at(dst_prefix, dst_storage_options)
+    dst = copy_destination(src, dst_prefix_text, src_backend, dst_backend).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)
     plan = [
         (e.uri, _child(dst_backend, f"{dst}/", _real_name(src_backend, e.uri)))
@@ -437,6 +453,9 @@ def copy_run(
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
+    into = [dst_prefix_text.rstrip("/")] if dst_prefix_text.endswith("/") else []
+    for container in [*into, dst]:
+        _refuse_nesting(dst_backend, container, "a run's checkpoints")
     for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
         check_apart(src, target, "copy")
         _refuse_through_link(dst_backend, target, overwrite)  # each, before anything is copied
