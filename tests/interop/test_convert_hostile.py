@@ -192,6 +192,17 @@ def test_convert_to_a_directory_format_onto_a_file_is_refused(tmp_path: Path, to
     assert dst.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_convert_to_torch_onto_a_directory_is_refused(tmp_path: Path, overwrite: bool) -> None:
+    """Before: a raw [Errno 21] Is a directory once everything was read (with overwrite), or
+    "already exists; pass overwrite=True" (without), which then failed so."""
+    src = _ts(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="it is a directory, and torch is written as one file"):
+        torchstow.convert(src, tmp_path / "out", to="torch", overwrite=overwrite)
+    assert os.listdir(tmp_path / "out") == [] and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
 @pytest.mark.parametrize("to", ["torchstow", "dcp", "safetensors", "torch"])
 @pytest.mark.parametrize("scheme", ["", "file://"])
 def test_convert_under_a_file_is_refused_as_cp_refuses_it(tmp_path: Path, to: str, scheme: str) -> None:
