@@ -247,6 +247,28 @@ def test_tcpstore_barrier_waits_for_every_rank_and_times_out() -> None:
     assert time.monotonic() - start < 5
 
 
+def test_a_fresh_tcpstore_barrier_on_a_used_store_still_waits_for_every_rank() -> None:
+    """Writers made afresh (or a restarted job) on a store that outlived the old ones: the
+    old barriers' last round stays in the store under the same name. Before, a rank of a
+    new barrier reaching that round passed it at once, alone."""
+    store = dist.HashStore()
+
+    def one_write(barrier: TCPStoreBarrier) -> None:
+        barrier.start_write()
+        barrier.execute_barrier()
+
+    for _ in range(2):  # old barriers, then fresh ones on the same store: both ranks pass
+        pair = [TCPStoreBarrier(rank, 2, store=store, timeout_secs=5) for rank in (0, 1)]
+        thread = threading.Thread(target=one_write, args=(pair[1],))
+        thread.start()
+        one_write(pair[0])
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    alone = TCPStoreBarrier(0, 2, store=store, timeout_secs=0.3)
+    with pytest.raises(TimeoutError, match="1 of 2 ranks arrived"):
+        one_write(alone)
+
+
 def test_barrier_config_registry() -> None:
     assert create_barrier_from_config(BarrierConfig()) is None
     assert set(BARRIER_REGISTRY) >= {"dist_barrier", "tcp_store"}

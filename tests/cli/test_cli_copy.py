@@ -11,6 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import torchstow
+from torchstow.management import copy_run
 
 from cli_helpers import fails, invoke, json_doc
 
@@ -37,6 +38,31 @@ def test_a_trailing_slash_copies_into(run: Path, tmp_path: Path) -> None:
     assert "holds other locations" in err and f"{out}/ as the destination" in err
     assert sorted(os.listdir(out)) == ["step-1"]
     assert torchstow.copy(str(run / "step-2"), f"{out}/") == f"{out}/step-2"  # the Python call too
+
+
+def test_a_copy_into_keeps_the_sources_own_name_across_uri_rules(tmp_path: Path) -> None:
+    """The folder ``a%20b`` copied into a folder keeps its name, whether either side is a
+    plain path (literal), a ``file://`` URI (percent-decoded) or ``fsspec+file://``
+    (literal); so do a run's and its checkpoints'. Before, the last segment was taken as
+    written: ``file:///src/a%2520b`` landed as ``a%2520b`` under a plain path, and a plain
+    ``a%20b`` as ``a b`` under a ``file://`` one."""
+    src = tmp_path / "src"
+    torchstow.save({"w": torch.ones(2)}, str(src / "a%20b"))
+    torchstow.save({"w": torch.ones(2)}, str(src / "run%1" / "step%1"))
+    spellings = {
+        "plain": str(src),
+        "file": f"file://{src}".replace("%", "%25"),
+        "fsspec": f"fsspec+file://{src}",
+    }
+    for kind, root in spellings.items():
+        for to in ("plain", "file"):
+            out = tmp_path / f"out-{kind}-{to}"
+            into = f"{out}/" if to == "plain" else f"file://{out}/"
+            landed = torchstow.copy(f"{root}/{'a%2520b' if kind == 'file' else 'a%20b'}", into)
+            assert torch.equal(torchstow.read(landed)["w"], torch.ones(2))
+            assert len(copy_run(f"{root}/{'run%251' if kind == 'file' else 'run%1'}", into).copied) == 1
+            assert os.listdir(out / "run%1") == ["step%1"], (kind, to)
+            assert sorted(os.listdir(out))[0] == "a%20b", (kind, to)
 
 
 def test_cp_of_a_run_copies_each_committed_checkpoint(run: Path, tmp_path: Path) -> None:
@@ -115,6 +141,20 @@ def test_cp_of_a_dcp_checkpoint_copies_it_as_dcp(
     assert not (tmp_path / "cut").exists() or os.listdir(tmp_path / "cut") == []
 
 
+def test_cp_never_nests_checkpoints_in_a_checkpoints_folder(run: Path, tmp_path: Path) -> None:
+    """Before: ``cp RUN CKPT`` copied the run's checkpoints into CKPT's folder (exit 0), after
+    which ``ls CKPT`` listed them instead of it, and ``rm CKPT`` left them there."""
+    ckpt = tmp_path / "ckpt"
+    torchstow.save({"w": torch.zeros(1)}, str(ckpt))
+    before = sorted(os.listdir(ckpt))
+    for args in ((run, ckpt), (run, f"{ckpt}/"), (run, ckpt, "--overwrite"), (run / "step-1", f"{ckpt}/")):
+        error = fails("cp", *map(str, args))
+        assert f"{ckpt} is a checkpoint, so it is no place for" in error and "nothing was copied" in error
+    with pytest.raises(ValueError, match="is a checkpoint, so it is no place for a run's checkpoints"):
+        copy_run(str(run), str(ckpt))
+    assert sorted(os.listdir(ckpt)) == before
+
+
 def test_cp_overwrite_never_replaces_a_checkpoint_through_a_link(run: Path, tmp_path: Path) -> None:
     """A run copied over another whose ``latest`` links to its step-1: before, step-1 was
     replaced by the source's ``latest`` (step 2's state under step-1's name), silently."""
@@ -130,6 +170,10 @@ def test_cp_overwrite_never_replaces_a_checkpoint_through_a_link(run: Path, tmp_
     assert "nothing was copied" in error
     error = fails("cp", str(run / "step-2"), str(dst / "latest"), "--overwrite", "--compression", "zstd")
     assert "overwriting it would replace the checkpoint it points at" in error
+    for args in ((str(run), str(dst)), (str(run / "step-2"), str(dst / "latest"))):
+        error = fails("cp", *args)  # before: "pass --overwrite", which is refused
+        assert f"{dst}/latest is a symbolic link to the checkpoint {dst / 'step-1'}" in error
+        assert "or remove the link first (overwrite is refused through a link)" in error
     assert {name: sorted(os.listdir(dst / name)) for name in ("step-1", "step-2")} == before
     assert torch.equal(torchstow.read(str(dst / "step-1"))["w"], torch.full((4,), 11.0))
 

@@ -336,6 +336,22 @@ def test_verify_of_several_goes_on_past_one_that_is_not_there(run_dir: Path) -> 
     assert invoke("verify", "--json", str(good)).json()["missing"] == []
 
 
+def test_verify_of_several_goes_on_past_any_that_cannot_be_verified(run_dir: Path) -> None:
+    """A manifest of a newer format (or permission denied, a storage error) among several:
+    before, verify stopped there, the URIs after it never verified nor reported."""
+    newer, typo, good = run_dir / "step-100", run_dir / "step-1OO", run_dir / "step-200"
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    verified = invoke("verify", str(newer), str(good), str(typo))
+    assert verified.code == 1 and verified.out.split()[:2] == ["OK", str(good)], verified
+    assert_one_line_error(verified, f"{newer}/manifest.json has format version 99")
+    assert f"; no checkpoint at {typo}" in verified.err
+    doc = invoke("verify", "--json", str(newer), str(good)).json()
+    assert doc["ok"] is False and [c["uri"] for c in doc["checkpoints"]] == [str(good)]
+    assert doc["missing"] == [] and [e["uri"] for e in doc["errors"]] == [str(newer)]
+    assert "format version 99" in doc["errors"][0]["error"]
+
+
 def test_a_file_where_a_prefix_or_checkpoint_goes_is_named(run_dir: Path) -> None:
     """ls/du of a file, and info/inspect/verify of a checkpoint's manifest.json, say what the
     file is (before: "it does not exist or is empty", a torch.load traceback's words, and

@@ -180,14 +180,42 @@ def test_a_malformed_index_is_corrupt_and_names_the_file(tmp_path: Path, doc: ob
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("to", ["dcp", "safetensors"])
+@pytest.mark.parametrize("to", ["torchstow", "dcp", "safetensors"])
 def test_convert_to_a_directory_format_onto_a_file_is_refused(tmp_path: Path, to: str) -> None:
+    """As cp refuses it (ValueError: overwrite never replaces a file; before, a
+    CheckpointExistsError, and for torchstow a raw [Errno 17] inside a planning failure)."""
     src = _ts(tmp_path / "src")
     dst = tmp_path / "file"
     dst.write_text("keep me")
-    with pytest.raises(torchstow.CheckpointExistsError, match="is a file"):
+    with pytest.raises(ValueError, match="it is a file, or lies under one"):
         torchstow.convert(src, dst, to=to, overwrite=True)
     assert dst.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_convert_to_torch_onto_a_directory_is_refused(tmp_path: Path, overwrite: bool) -> None:
+    """Before: a raw [Errno 21] Is a directory once everything was read (with overwrite), or
+    "already exists; pass overwrite=True" (without), which then failed so."""
+    src = _ts(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="it is a directory, and torch is written as one file"):
+        torchstow.convert(src, tmp_path / "out", to="torch", overwrite=overwrite)
+    assert os.listdir(tmp_path / "out") == [] and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+@pytest.mark.parametrize("to", ["torchstow", "dcp", "safetensors", "torch"])
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_convert_under_a_file_is_refused_as_cp_refuses_it(tmp_path: Path, to: str, scheme: str) -> None:
+    """Before: a raw [Errno 20] Not a directory (torch: [Errno 17] File exists), for the
+    torchstow target inside a planning failure."""
+    src = _ts(tmp_path / "src")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    dst = f"{scheme}{notes / 'sub'}"
+    with pytest.raises(ValueError, match=f"cannot convert to .*{notes}/sub: it .*; nothing was written"):
+        torchstow.convert(src, dst, to=to, overwrite=True)
+    assert notes.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "src"]
 
 
 def test_a_tensor_stored_in_two_shards_is_refused(tmp_path: Path) -> None:

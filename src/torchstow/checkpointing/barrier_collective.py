@@ -10,8 +10,12 @@ the receiver reads the message and deletes it.
 
 Message names carry the write's number, the operation's number within the
 write, the sender and the receiver, so a message left behind by an earlier
-write that failed is never read as part of this one (and, published again
-under the same name, it is replaced before the barrier lets anyone read).
+write of the same writer that failed is never read as part of this one (and,
+published again under the same name, it is replaced before the barrier lets
+anyone read). Writers made afresh number their writes from 1 again: at a
+location where an earlier one's write failed with a message unread, a sender
+that fails to publish the same message lets the receiver read the old one (two
+independent failures; see docs/staging.md).
 A message that is missing after the barrier (its sender failed to publish
 it, or is out of step) becomes a failure of that rank, which the protocol
 turns into the same ``CheckpointException`` on every rank, never a hang.

@@ -141,7 +141,7 @@ class TCPStoreBarrier(Barrier):
         self._count = 0
         self._writes = 0
         self._round = ""  # "w<write>/" within a write (see start_write)
-        self._behind: list[str] = []  # (rank 0) keys of earlier rounds, not deleted yet
+        self._behind: list[tuple[str, str]] = []  # (rank 0) earlier rounds' keys, not deleted yet
 
     def start_write(self) -> None:
         """The rounds of the n-th write through this barrier are numbered ``w<n>/0``,
@@ -154,24 +154,31 @@ class TCPStoreBarrier(Barrier):
         number = f"{self._round}{self._count}"
         self._count += 1
         key = f"{self.prefix}/{number}"
+        # A round's counter may hold a finished round of an earlier barrier object on this
+        # store and prefix (writers made afresh, a restarted job on a store that outlived it):
+        # arrival n belongs to the filling (n - 1) // world_size of the counter, each opened
+        # by its own key, so a stale round never lets a rank through alone.
+        arrived = self.store.add(f"{key}/arrived", 1)
+        filling = (arrived - 1) // self.world_size
+        opened = f"{key}/open{filling}"
         if self.rank == 0:
-            self._behind.append(key)
-        if self.store.add(f"{key}/arrived", 1) == self.world_size:
-            self.store.set(f"{key}/open", b"1")
+            self._behind.append((key, opened))
+        if arrived % self.world_size == 0:
+            self.store.set(opened, b"1")
         try:
-            self.store.wait([f"{key}/open"], timedelta(seconds=self.timeout_secs))
+            self.store.wait([opened], timedelta(seconds=self.timeout_secs))
         except RuntimeError as exc:  # torch's DistStoreError is a RuntimeError
-            arrived = self.store.add(f"{key}/arrived", 0)
+            arrived = self.store.add(f"{key}/arrived", 0) - filling * self.world_size
             raise TimeoutError(
                 f"checkpoint barrier {self.prefix!r} #{number} timed out after {self.timeout_secs:g}s on "
                 f"rank {self.rank}: {arrived} of {self.world_size} ranks arrived"
             ) from exc
         if self.rank == 0:
             # Everyone has left the earlier rounds, since everyone reached this one.
-            for earlier in self._behind[:-1]:
-                for name in ("arrived", "open"):
-                    self.store.delete_key(f"{earlier}/{name}")
-            self._behind = [key]
+            for earlier, earlier_opened in self._behind[:-1]:
+                self.store.delete_key(f"{earlier}/arrived")
+                self.store.delete_key(earlier_opened)
+            self._behind = self._behind[-1:]
 
 
 @dataclass

@@ -284,15 +284,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Read every byte of each checkpoint and check every checksum; exit 1 when any is corrupt."""
     reports = []
-    missing: dict[str, CheckpointNotFoundError] = {}  # of several URIs, the others are still verified
+    # Of several URIs, one that cannot be verified (nothing there, a manifest of a newer
+    # format, permission denied, a storage error) does not stop the others: each is named
+    # at the end, as a script checking a list expects.
+    failed: dict[str, TorchstowError | OSError] = {}
     for uri in args.uris:
         try:
             with _one_checkpoint(uri, args), progress_bar("verify", args.progress) as progress:
                 report = torchstow.verify(uri, storage_options=_opts(args), progress=progress)
-        except CheckpointNotFoundError as exc:
+        except (TorchstowError, OSError) as exc:
             if len(args.uris) == 1:
                 raise
-            missing[uri] = exc
+            failed[uri] = exc
             continue
         reports.append(report)
         if not args.json:
@@ -309,11 +312,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"CORRUPT  {uri} ({plural(len(report.problems), 'problem')})")
                 for problem in report.problems:
                     print(f"  {problem}")
-    ok = not missing and all(r.ok for r in reports)
+    ok = not failed and all(r.ok for r in reports)
     if args.json:
-        print_json({"ok": ok, "checkpoints": [r.to_json() for r in reports], "missing": list(missing)})
-    if missing:
-        raise CheckpointNotFoundError("; ".join(map(str, missing.values())))
+        missing = [uri for uri, exc in failed.items() if isinstance(exc, CheckpointNotFoundError)]
+        errors = [{"uri": uri, "error": str(exc)} for uri, exc in failed.items() if uri not in missing]
+        checkpoints = [r.to_json() for r in reports]
+        print_json({"ok": ok, "checkpoints": checkpoints, "missing": missing, "errors": errors})
+    if len(failed) == 1:
+        raise next(iter(failed.values()))
+    if failed:
+        text = "; ".join(str(exc) if uri in str(exc) else f"{uri}: {exc}" for uri, exc in failed.items())
+        nothing = all(isinstance(exc, CheckpointNotFoundError) for exc in failed.values())
+        raise (CheckpointNotFoundError if nothing else TorchstowError)(text)
     return 0 if ok else 1
 
 

@@ -219,7 +219,7 @@ def convert(
     if target.local_only:
         dst_text = _local_target(dst_text, to)
     check_apart(src_text, dst_text)
-    targets.check_destination(target, dst_text, overwrite)
+    targets.check_destination(target, dst_text, overwrite, dst_opts)
     source = open_source(src_text, src_opts)
     try:
         selection = Selection(source, keys, cast, progress)

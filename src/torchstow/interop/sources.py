@@ -26,8 +26,10 @@ import torch
 
 from torchstow.core.layout.reader import require_data
 from torchstow.core.protocol.materialize import materialize
-from torchstow.core.storage.backend import StoreBackend
+from torchstow.core.storage.backend import Backend, StoreBackend
+from torchstow.core.storage.forwarding import ForwardingByteStore
 from torchstow.core.storage.interfaces import StorageReader
+from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointException,
     CheckpointNotFoundError,
@@ -49,6 +51,8 @@ __all__ = [
     "TensorSpec",
     "TorchSaveSource",
     "TorchstowSource",
+    "file_in_the_way",
+    "local_folder",
     "local_path",
     "open_source",
 ]
@@ -372,6 +376,39 @@ def local_path(uri: str) -> str | None:
     if uri.startswith("file://"):
         return unquote(uri[len("file://") :])
     return os.path.expanduser(uri)
+
+
+def local_folder(store: ByteStore) -> str | None:
+    """The local directory ``store``'s location is, where its files are local ones; else None.
+    Through wrappers, one that transforms bytes too (a link, or a file in the way, is the
+    location's, not its bytes'), and for fsspec's local filesystem (``fsspec+file://``),
+    whose files are local ones though it maps none."""
+    while isinstance(store, ForwardingByteStore):
+        store = store.inner
+    inside = store.local_path(MANIFEST)
+    if inside is not None:
+        return os.path.dirname(inside)
+    protocol = getattr(getattr(store, "fs", None), "protocol", ())  # an FsspecStore's filesystem
+    path = getattr(store, "path", None)
+    local = "file" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
+    return path.rstrip("/") or "/" if local and isinstance(path, str) else None
+
+
+def file_in_the_way(backend: Backend, uri: str) -> str | None:
+    """The local file that the location ``uri`` is, or lies under (``notes.txt``,
+    ``notes.txt/x``), where no checkpoint can be; None when there is none (or the store's
+    files are not local ones)."""
+    if not isinstance(backend, StoreBackend):
+        return None
+    path = local_folder(backend.open_store(uri))
+    return None if path is None else file_at_or_above(path)
+
+
+def file_at_or_above(path: str) -> str | None:
+    """The file (not a directory) that the local ``path`` is, or lies under; else None."""
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if os.path.lexists(path) and not os.path.isdir(path) else None
 
 
 def is_safetensors(path: str) -> bool:

@@ -41,7 +41,16 @@ from torchstow.errors import (
 )
 from torchstow.format.files import MANIFEST, temporary_name
 from torchstow.interop import safetensors_format as stf
-from torchstow.interop.sources import DCP_METADATA, TensorSpec, index_shards, is_dcp, local_path
+from torchstow.interop.sources import (
+    DCP_METADATA,
+    TensorSpec,
+    file_at_or_above,
+    file_in_the_way,
+    index_shards,
+    is_dcp,
+    local_path,
+)
+from torchstow.plugins.resolve import backend_at
 
 if TYPE_CHECKING:
     from torchstow.interop.convert import ConvertReport, Selection
@@ -51,6 +60,7 @@ __all__ = [
     "Target",
     "TargetOptions",
     "check_destination",
+    "no_place",
     "to_dcp",
     "to_safetensors",
     "to_torch",
@@ -359,11 +369,47 @@ def _other_formats(target: Target, dst: str) -> list[str]:
     return [name for name, there in held.items() if there and name != target.name]
 
 
-def check_destination(target: Target, dst: str, overwrite: bool) -> None:
-    """Refuse ``dst`` for ``target`` before anything is read: a file where a folder goes,
-    or a folder holding a checkpoint of another format (which would hide the new one, or
-    be taken for it), even with ``overwrite``; without it, an existing output (a file, or
-    a folder that is not empty). CheckpointExistsError; nothing is changed."""
+def no_place(location: str, verb: str = "convert", done: str = "written") -> ValueError:
+    """The error for a destination that is a local file or lies under one (``cp`` and
+    ``convert`` alike): no checkpoint can be there, and ``overwrite`` never replaces a file."""
+    return ValueError(
+        f"cannot {verb} to {location}: it is a file, or lies under one, so it is no "
+        f"place for a checkpoint (a directory or prefix); nothing was {done}"
+    )
+
+
+def _check_no_file_in_the_way(target: Target, dst: str, storage_options: dict[str, Any] | None) -> None:
+    """ValueError where ``dst`` is (for a folder target) or lies under a local file, or is
+    a directory where the target writes one file."""
+    if not target.folder and os.path.isdir(dst):
+        raise ValueError(
+            f"cannot convert to {dst}: it is a directory, and {target.name} is written as one file; "
+            f"nothing was written. Name the file (such as {os.path.join(dst, 'model.pt')})"
+        )
+    if not target.folder:  # a torch.save file: one may be there (replaced with overwrite), not above
+        blocker = file_at_or_above(os.path.dirname(dst) or ".")
+        if blocker is not None:
+            raise ValueError(
+                f"cannot convert to {dst}: it lies under {blocker}, which is a file, not a "
+                "directory; nothing was written"
+            )
+    elif target.local_only:
+        if file_at_or_above(dst) is not None:
+            raise no_place(dst)
+    elif file_in_the_way(backend_at(dst, storage_options)[1], dst) is not None:
+        raise no_place(dst)
+
+
+def check_destination(
+    target: Target, dst: str, overwrite: bool, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Refuse ``dst`` for ``target`` before anything is read: a local file where the output
+    goes or above it (ValueError, as ``copy`` refuses one: ``overwrite`` never replaces a
+    file), or a folder holding a checkpoint of another format (which would hide the new
+    one, or be taken for it), even with ``overwrite``; without it, an existing output (a
+    file, or a folder that is not empty): CheckpointExistsError. Nothing is changed.
+    ``storage_options`` are the destination's (for a target on any backend)."""
+    _check_no_file_in_the_way(target, dst, storage_options)
     others = _other_formats(target, dst)
     if others:
         raise CheckpointExistsError(
@@ -373,10 +419,6 @@ def check_destination(target: Target, dst: str, overwrite: bool) -> None:
         )
     if not target.local_only:
         return  # the backend's writer refuses a committed checkpoint (any backend)
-    if target.folder and os.path.lexists(dst) and not os.path.isdir(dst):
-        raise CheckpointExistsError(
-            f"{dst} is a file; {target.name} is written as a directory: choose another path"
-        )
     if overwrite or not os.path.exists(dst):
         return
     if target.names_checkpoints:

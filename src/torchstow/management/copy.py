@@ -10,9 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import unquote
 
-from torchstow.backends.filesystem import FileSystemBackend, uri_name
 from torchstow.core.layout.commit import CommitOutcome, committed_files, publish_manifest
 from torchstow.core.layout.location import check_vacant, dcp_files, manifest_bytes, read_manifest
 from torchstow.core.storage.backend import Backend, StoreBackend
@@ -24,20 +22,19 @@ from torchstow.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     TorchstowError,
-    UnknownBackendError,
 )
 from torchstow.format.compression import check_compression
 from torchstow.format.dcp_metadata import decode_dcp_metadata
 from torchstow.format.files import DCP_METADATA, MANIFEST
 from torchstow.format.table import TableLocations
+from torchstow.interop.sources import file_in_the_way, local_folder
+from torchstow.interop.targets import no_place
 from torchstow.management.catalog import info
 from torchstow.management.datafiles import FileSpans, Problem, segment_bytes, spans_by_file
 from torchstow.management.datafiles import scan_file as _scan_file
-from torchstow.management.listing import COMMITTED, file_in_the_way, link_target, scan
+from torchstow.management.listing import COMMITTED, link_target, scan
 from torchstow.management.verify import ProgressCallback
-from torchstow.plugins.manager import default_registry
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
-from torchstow.plugins.wrapper import WrapperBackend
 
 __all__ = ["RunCopy", "copy", "copy_destination", "copy_run"]
 
@@ -137,13 +134,6 @@ def _copy_whole_file(
     sink.close()
 
 
-def _no_place(location: str) -> ValueError:
-    return ValueError(
-        f"cannot copy to {location}: it is a file, or lies under one, so it is no "
-        "place for a checkpoint (a directory or prefix); nothing was copied"
-    )
-
-
 def _prepare(dst_store: ByteStore) -> None:
     """Make the copy's location; one that is a file, or lies under one, is refused (ValueError)."""
     try:
@@ -151,7 +141,7 @@ def _prepare(dst_store: ByteStore) -> None:
     except (FileExistsError, NotADirectoryError) as exc:
         if isinstance(exc, TorchstowError):
             raise
-        raise _no_place(dst_store.location) from exc
+        raise no_place(dst_store.location, "copy", "copied") from exc
 
 
 def _copy_dcp(
@@ -261,46 +251,73 @@ def _copy_store(
             dst_store.delete_files(dcp_files(dst_store.list_files()))
 
 
-def _refuse_replacing_through_link(backend: Backend, dst: str) -> None:
-    """ValueError when ``dst`` is a symbolic link (``latest -> step-300``): an overwrite there
-    would replace the checkpoint it points at, under that checkpoint's name."""
-    target = link_target(backend.open_store(dst)) if isinstance(backend, StoreBackend) else None
-    if target is not None:
+def _refuse_through_link(backend: Backend, dst: str, overwrite: bool) -> None:
+    """Refuse a ``dst`` that is a symbolic link (``latest -> step-300``): with ``overwrite``
+    (ValueError), which would replace the checkpoint it points at under that checkpoint's
+    name; without, where that checkpoint is committed (CheckpointExistsError naming what
+    works, not ``--overwrite``)."""
+    if not isinstance(backend, StoreBackend):
+        return
+    store = backend.open_store(dst)
+    target = link_target(store)
+    if target is None:
+        return
+    if overwrite:
         raise ValueError(
             f"{dst} is a symbolic link (to {target}): overwriting it would replace the checkpoint "
             f"it points at; nothing was copied. Copy to {target} itself, or remove the link first"
         )
+    try:
+        check_vacant(store)
+    except CheckpointExistsError:
+        raise CheckpointExistsError(
+            f"{dst} is a symbolic link to the checkpoint {target}; nothing was copied. Copy to another "
+            f"location, to {target} itself with overwrite=True (--overwrite) to replace it, or remove "
+            "the link first (overwrite is refused through a link)"
+        ) from None
 
 
 def _name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _percent_coded(uri: str) -> bool:
-    """Whether names in ``uri`` are percent-encoded: a ``file://`` URI of the filesystem
-    backend, wrapped or not (docs/backends.md); a plain path and other stores' keys are not."""
-    registry = default_registry()
+def _real_name(backend: Backend, uri: str) -> str:
+    """The name the location ``uri`` has in its storage: a local folder's own name (a
+    ``file://`` URI's last segment percent-decoded, a plain path's and ``fsspec+file://``'s
+    as written), else the URI's last segment."""
+    folder = local_folder(backend.open_store(uri)) if isinstance(backend, StoreBackend) else None
+    return os.path.basename(folder) if folder else _name(uri)
+
+
+def _child(backend: Backend, prefix: str, name: str) -> str:
+    """The URI of the location named ``name`` under ``prefix`` (ending with ``/``): ``name``
+    as it is, or with ``%`` written ``%25`` where ``backend`` percent-decodes the URI
+    (``file://``), so the location is ``name`` itself."""
+    uri = prefix + name
+    if "%" in name and _real_name(backend, uri) != name:
+        uri = prefix + name.replace("%", "%25")
+    return uri
+
+
+def _refuse_nesting(backend: Backend, container: str, what: str) -> None:
+    """ValueError when ``container``, where ``what`` would be copied, is a checkpoint: its
+    folder would hold other checkpoints, which ``ls``, ``rm`` and ``gc`` take for its own."""
     try:
-        backend = registry.resolve(uri).backend
-        while issubclass(backend, WrapperBackend):
-            uri = backend.split_uri(uri)
-            backend = registry.resolve(uri).backend
-    except (UnknownBackendError, ValueError):  # the copy itself says what is wrong with it
-        return False
-    return issubclass(backend, FileSystemBackend) and uri.startswith("file://")
+        backend.read_metadata(container)
+    except (TorchstowError, OSError):  # no committed checkpoint there
+        return
+    raise ValueError(
+        f"{container} is a checkpoint, so it is no place for {what}: a checkpoint's folder that "
+        "holds others confuses ls (which lists them instead of it) and rm (which leaves them "
+        "there); nothing was copied. Copy to another location"
+    )
 
 
-def _renamed(src: str, dst: str) -> str:
-    """The name ``src`` ends with, as a URI under ``dst`` writes the same name."""
-    name = _name(src)
-    plain = unquote(name) if _percent_coded(src) else name
-    return uri_name(plain) if _percent_coded(dst) else plain
-
-
-def copy_destination(src: str, dst: str) -> str:
+def copy_destination(src: str, dst: str, src_backend: Backend, dst_backend: Backend) -> str:
     """Where a copy of ``src`` to ``dst`` lands: ``dst`` itself, or ``dst/<name of src>``
-    when ``dst`` ends with ``/`` ("into", as ``cp`` and ``aws s3 cp`` read it)."""
-    return f"{dst}{_renamed(src, dst)}" if dst.endswith("/") else dst
+    when ``dst`` ends with ``/`` ("into", as ``cp`` and ``aws s3 cp`` read it): the
+    source's own name as its storage holds it, written as ``dst``'s URIs need."""
+    return _child(dst_backend, dst, _real_name(src_backend, src)) if dst.endswith("/") else dst
 
 
 def copy(
@@ -346,11 +363,12 @@ def copy(
     from torchstow.interop.sources import is_safetensors, local_path
 
     check_compression(compression)
-    src = checkpoint_uri(src)
-    dst = checkpoint_uri(copy_destination(src, checkpoint_uri(dst)))
+    src, src_backend = backend_at(src, src_storage_options)
+    dst, dst_backend = backend_at(dst, dst_storage_options)  # dst/<name> is on the same backend
+    if dst.endswith("/"):
+        _refuse_nesting(dst_backend, dst.rstrip("/"), "a copy of a checkpoint")
+    dst = checkpoint_uri(copy_destination(src, dst, src_backend, dst_backend))
     check_apart(src, dst, "copy")
-    src_backend = backend_at(src, src_storage_options)[1]
-    dst_backend = backend_at(dst, dst_storage_options)[1]
     try:
         inside = dst_backend.list_children(dst)
     except CheckpointNotFoundError:
@@ -361,9 +379,8 @@ def copy(
             f"copy into it with {dst.rstrip('/')}/ as the destination"
         )
     if file_in_the_way(dst_backend, dst) is not None:  # before any byte is read, on either path
-        raise _no_place(dst)
-    if overwrite:
-        _refuse_replacing_through_link(dst_backend, dst)
+        raise no_place(dst, "copy", "copied")
+    _refuse_through_link(dst_backend, dst, overwrite)
     folder = local_path(dst)
     if folder is not None and is_safetensors(folder):  # --overwrite replaces no other format's files
         raise CheckpointExistsError(
@@ -424,18 +441,24 @@ def copy_run(
     from torchstow.interop.convert import check_apart
 
     check_compression(compression)
-    src = checkpoint_uri(src_prefix)
-    dst = copy_destination(src, checkpoint_uri(dst_prefix)).rstrip("/")
+    src, src_backend = backend_at(src_prefix, src_storage_options)
+    dst_prefix_text, dst_backend = backend_at(dst_prefix, dst_storage_options)
+    dst = copy_destination(src, dst_prefix_text, src_backend, dst_backend).rstrip("/")
     entries = scan(src, storage_options=src_storage_options)
-    plan = [(e.uri, copy_destination(e.uri, f"{dst}/")) for e in entries if e.status == COMMITTED]
+    plan = [
+        (e.uri, _child(dst_backend, f"{dst}/", _real_name(src_backend, e.uri)))
+        for e in entries
+        if e.status == COMMITTED
+    ]
     skipped = [(e.uri, f"{e.status}: {e.error}") for e in entries if e.status != COMMITTED]
     if not plan:
         raise CheckpointNotFoundError(f"no committed checkpoint under {src} to copy")
-    dst_backend = backend_at(dst, dst_storage_options)[1]
+    into = [dst_prefix_text.rstrip("/")] if dst_prefix_text.endswith("/") else []
+    for container in [*into, dst]:
+        _refuse_nesting(dst_backend, container, "a run's checkpoints")
     for _, target in plan:  # a copy inside the run: the run copied into itself, and on each copy
         check_apart(src, target, "copy")
-        if overwrite:  # each, before anything is copied
-            _refuse_replacing_through_link(dst_backend, target)
+        _refuse_through_link(dst_backend, target, overwrite)  # each, before anything is copied
     if not overwrite:
         taken = []
         for _, target in plan:

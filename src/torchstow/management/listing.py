@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from torchstow.core.storage.backend import Backend, StoreBackend
-from torchstow.core.storage.forwarding import ForwardingByteStore
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import (
     CheckpointNotFoundError,
@@ -30,8 +29,8 @@ from torchstow.errors import (
     IncompleteCheckpointError,
     StorageIOError,
 )
-from torchstow.format.files import MANIFEST
 from torchstow.format.manifest import CheckpointInfo, Metadata, stored_nbytes
+from torchstow.interop.sources import checkpoint_file_note, file_in_the_way, local_folder
 from torchstow.management.steps import step_of
 from torchstow.management.verify import ProgressCallback
 from torchstow.plugins.resolve import backend_at
@@ -154,25 +153,9 @@ def children_of(backend: Backend, prefix: str) -> list[str]:
         return []
 
 
-def file_in_the_way(backend: Backend, uri: str) -> str | None:
-    """The local file that the location ``uri`` is, or lies under (``notes.txt``,
-    ``notes.txt/x``), where no checkpoint can be; None when there is none (or the store's
-    files are not local ones)."""
-    if not isinstance(backend, StoreBackend):
-        return None
-    path = _local_folder(backend.open_store(uri))
-    if path is None:
-        return None
-    while not os.path.lexists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path if os.path.lexists(path) and not os.path.isdir(path) else None
-
-
 def what_file(blocker: str) -> str:
     """What the local file ``blocker``, in the way of a checkpoint or a prefix, is (a
     checkpoint's manifest: the checkpoint is its folder)."""
-    from torchstow.interop.sources import checkpoint_file_note
-
     return checkpoint_file_note(blocker) or f"{blocker} is a file, not a directory"
 
 
@@ -184,26 +167,10 @@ def is_link(backend: Backend, uri: str) -> bool:
 def link_target(store: ByteStore) -> str | None:
     """Where ``store``'s location leads when it is a symbolic link (a local directory),
     resolved; else None."""
-    folder = _local_folder(store)
+    folder = local_folder(store)
     if folder is None or not os.path.islink(folder):
         return None
     return os.path.realpath(folder)
-
-
-def _local_folder(store: ByteStore) -> str | None:
-    """The local directory ``store``'s location is, where its files are local ones; else None.
-    Through wrappers, one that transforms bytes too (a link, or a file in the way, is the
-    location's, not its bytes'), and for fsspec's local filesystem (``fsspec+file://``),
-    whose files are local ones though it maps none."""
-    while isinstance(store, ForwardingByteStore):
-        store = store.inner
-    inside = store.local_path(MANIFEST)
-    if inside is not None:
-        return os.path.dirname(inside)
-    protocol = getattr(getattr(store, "fs", None), "protocol", ())  # an FsspecStore's filesystem
-    path = getattr(store, "path", None)
-    local = "file" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
-    return path.rstrip("/") or "/" if local and isinstance(path, str) else None
 
 
 def entries(backend: Backend, children: list[str], progress: ProgressCallback | None = None) -> list[Entry]:
