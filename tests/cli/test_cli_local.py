@@ -215,9 +215,8 @@ def test_errors_are_one_line(run_dir: Path, tmp_path: Path) -> None:
     wrong = fails("info", str(run_dir / "step-100"), "-o", "endpoint_url=http://x")
     assert "endpoint_url" in wrong and "thread_count" in wrong
     assert "already exists" in fails("cp", str(run_dir / "step-100"), str(run_dir / "step-200"))
-    assert "already exists" in fails(
-        "convert", str(run_dir / "step-100"), str(run_dir / "step-200"), "--to", "torch"
-    )
+    onto_folder = fails("convert", str(run_dir / "step-100"), str(run_dir / "step-200"), "--to", "torch")
+    assert "is a directory" in onto_folder and "nothing was written" in onto_folder
     assert "no key of" in fails(
         "convert", str(run_dir / "step-100"), str(tmp_path / "x"), "--to", "torch", "--keys", "nope"
     )
