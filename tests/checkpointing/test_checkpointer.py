@@ -490,3 +490,19 @@ def test_a_write_failing_before_its_data_passes_its_one_barrier(tmp_path: Any) -
         writer.write(path, {"x": torch.ones(2)})
     assert [e[0] for e in recorder.events] == ["barrier"]  # no pre_commit, no post_commit
     assert torch.equal(torchstow.read(path)["x"], torch.zeros(2))
+
+
+def test_write_failed_raises_the_error_as_the_write_s_failure_and_passes_its_barrier(tmp_path: Any) -> None:
+    """A rank whose state dict never reached its writer still runs the write, failed: the
+    CheckpointException names its error, no hook runs, its one barrier is passed, and the
+    writer's next write commits."""
+    path = str(tmp_path / "c")
+    recorder = Recorder(path)
+    writer = CheckpointWriter(CheckpointWriterConfig(), RankInfo(), barrier=recorder, commit_hook=recorder)
+    with pytest.raises(CheckpointException, match="No space left") as info:
+        writer.write_failed(path, OSError(28, "No space left on device"))
+    assert isinstance(info.value.failures[0][0], OSError)
+    assert [e[0] for e in recorder.events] == ["barrier"]
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    writer.write(path, {"x": torch.ones(2)})
+    assert torch.equal(torchstow.read(path)["x"], torch.ones(2))

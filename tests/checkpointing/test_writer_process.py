@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,21 +20,27 @@ import torchstow
 from torchstow import CheckpointException
 from torchstow.checkpointing import (
     AsyncCheckpointer,
+    BarrierConfig,
     CheckpointerConfig,
     CheckpointProcess,
     CheckpointProcessConfig,
+    CheckpointReader,
     CheckpointStagerConfig,
     CheckpointWriter,
     CheckpointWriterConfig,
     DefaultStager,
     RankInfo,
     StateDictStager,
+    TCPStoreBarrier,
     WriterHook,
     WriterProcessError,
     WriterProcessTimeoutError,
     make_async_checkpointer,
 )
-from torchstow.checkpointing.writer_messages import pack_state_dict, unpack_state_dict
+from torchstow.checkpointing.writer_factories import DefaultWriterFactory
+from torchstow.checkpointing.writer_messages import Response, WriteRequest, pack_state_dict, unpack_state_dict
+from torchstow.checkpointing.writer_process import _write as writer_write
+from torchstow.core.futures import failed_future
 from torchstow.core.staging.arena import SHM_DIR, SegmentMapper
 
 from waits import wait_until
@@ -370,3 +377,132 @@ def test_checkpoint_process_takes_pytorchs_constructor_and_write(tmp_path: Any) 
         by_position.close()
     with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
         CheckpointProcess(RankInfo(), config, checkpoint_writer_init_fn=overwriting_writer, nope=1)
+
+
+def test_a_rank_whose_staging_failed_fails_the_write_on_every_rank_and_the_next_commits(
+    tmp_path: Any,
+) -> None:
+    """Rank 1's staging fails in the trainer (shared memory full, say): its writer process still
+    takes part, as a failed rank, so rank 0 fails that write at once with the same
+    CheckpointException, and the ranks' barrier stays in step for the next write (before: no
+    request reached rank 1's writer; rank 0 waited out its barrier timeout, and every later write
+    timed out, the two barriers a write apart). Rank 0 writes in a thread here, rank 1 in a
+    writer process: one spawn, about 2 s."""
+    barrier = TCPStoreBarrier(0, 2, tcpstore_port=0, timeout_secs=5)
+    rank0 = CheckpointWriter(CheckpointWriterConfig(), RankInfo(0, 2), barrier)
+    factory = DefaultWriterFactory(
+        CheckpointWriterConfig(write_barrier_timeout_secs=5),
+        BarrierConfig("tcp_store", {"tcpstore_port": barrier.store.port}),
+    )
+    rank1 = CheckpointProcess(RankInfo(1, 2), CheckpointProcessConfig(60, 30), factory)
+    try:
+        rank1.wait_started(60)
+        errors: dict[str, BaseException] = {}
+
+        def write_rank0(name: str) -> None:
+            try:
+                rank0.write(str(tmp_path / name), {"x0": torch.zeros(2)})
+            except Exception as exc:
+                errors[name] = exc
+
+        thread = threading.Thread(target=write_rank0, args=("c1",))
+        start = time.monotonic()
+        thread.start()
+        failed = rank1.write(failed_future(OSError(28, "No space left on device")), str(tmp_path / "c1"))
+        thread.join(60)
+        assert isinstance(errors.get("c1"), CheckpointException), errors  # rank 1's failure, told
+        assert time.monotonic() - start < 4  # not rank 0's barrier timeout
+        assert "No space left on device" in str(errors["c1"])
+        with pytest.raises(CheckpointException) as info:  # the same on rank 1
+            failed.result(timeout=60)
+        assert isinstance(info.value.failures[1][0], OSError)
+        assert not (tmp_path / "c1" / "manifest.json").exists()
+
+        thread = threading.Thread(target=write_rank0, args=("c2",))
+        thread.start()
+        rank1.write({"x1": torch.ones(2)}, str(tmp_path / "c2")).result(timeout=60)
+        thread.join(60)
+        assert "c2" not in errors, errors
+        loaded = torchstow.read(tmp_path / "c2")
+        assert torch.equal(loaded["x0"], torch.zeros(2)) and torch.equal(loaded["x1"], torch.ones(2))
+    finally:
+        rank1.close()
+
+
+def test_a_write_request_that_does_not_unpack_fails_every_rank_and_the_next_commits(
+    tmp_path: Any,
+) -> None:
+    """A writer process that cannot unpack its request (a segment gone, say) still takes part in
+    the write, as a failed rank: the other rank fails it at once with the same CheckpointException,
+    and the next write commits (before: rank 0 waited out its barrier timeout, and the next write
+    timed out on both ranks). Both ranks' writer-process loops in threads: under 0.1 s."""
+    first = TCPStoreBarrier(0, 2, tcpstore_port=0, timeout_secs=3)
+    second = TCPStoreBarrier(1, 2, tcpstore_port=first.store.port, timeout_secs=3)
+    writers = [
+        CheckpointWriter(CheckpointWriterConfig(), RankInfo(rank, 2), barrier)
+        for rank, barrier in enumerate((first, second))
+    ]
+    segments = SegmentMapper()
+    responses: dict[tuple[str, int], Response] = {}
+
+    def run(rank: int, name: str, payload: bytes) -> None:
+        request = WriteRequest(1, str(tmp_path / name), payload, {})
+        responses[name, rank] = writer_write(writers[rank], segments, request)
+
+    for name, broken in (("c1", b"\x80\x05 not a packed state dict"), ("c2", None)):
+        start = time.monotonic()
+        threads = [
+            threading.Thread(
+                target=run,
+                args=(
+                    rank,
+                    name,
+                    broken
+                    if broken and rank == 1
+                    else pack_state_dict({f"x{rank}": torch.ones(2)}, copy_unshared=True),
+                ),
+            )
+            for rank in (0, 1)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        if name == "c1":
+            assert time.monotonic() - start < 2.5  # not the barrier's timeout
+    segments.close()
+    for rank in (0, 1):
+        failure = responses["c1", rank].error
+        assert failure is not None and isinstance(failure.exc, CheckpointException), failure
+        assert "rank 1" in str(failure.exc)
+    assert responses["c2", 0].ok and responses["c2", 1].ok, responses
+    assert set(torchstow.read(tmp_path / "c2")) == {"x0", "x1"}
+
+
+class FullShmStager(DefaultStager):
+    """A synchronous stager that fails as a full /dev/shm does."""
+
+    def stage(self, state_dict: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_staging_that_raises_fails_both_futures_and_still_reaches_the_writer(
+    checkpointer: AsyncCheckpointer, tmp_path: Any
+) -> None:
+    """A synchronous staging that raises does not make ``save`` raise on this rank alone:
+    the write still reaches the writer process, failed (on several ranks the others fail
+    it with it, instead of waiting for this rank), and the next save works. No spawn."""
+    failing = AsyncCheckpointer(
+        FullShmStager(CheckpointStagerConfig(use_shared_memory=True, use_async_staging=False)),
+        checkpointer.process,
+        CheckpointReader(RankInfo()),
+    )
+    staging, write = failing.save(str(tmp_path / "c"), _state())
+    with pytest.raises(OSError, match="No space left"):
+        staging.result(timeout=60)
+    with pytest.raises(CheckpointException, match="No space left") as info:
+        write.result(timeout=60)
+    assert isinstance(info.value.failures[0][0], OSError)
+    _, ok = checkpointer.save(str(tmp_path / "c"), _state())
+    ok.result(timeout=60)
+    assert checkpointer.load(str(tmp_path / "c"))["step"] == 1

@@ -40,6 +40,7 @@ from torchstow.core.protocol.materialize import materialize
 from torchstow.core.protocol.steps import save_state_dict
 from torchstow.core.storage.forwarding import ForwardingStorageWriter
 from torchstow.core.storage.interfaces import StorageWriter
+from torchstow.core.storage.stand_ins import FailedWriter
 from torchstow.core.storage.store import ByteStore
 from torchstow.errors import CheckpointNotFoundError, StateDictMismatchError
 from torchstow.format.manifest import FORMAT_VERSION
@@ -171,6 +172,18 @@ class CheckpointWriter:
 
     def write(self, path: str, state_dict: Mapping[str, Any], **kwargs: Any) -> None:
         """Write ``state_dict``, this rank's part of the checkpoint at ``path`` (any URI)."""
+        self._write(path, state_dict, None, kwargs)
+
+    def write_failed(self, path: str, error: BaseException) -> None:
+        """Take part in the write at ``path`` as a rank whose state never reached it (its
+        staging or packing raised ``error``): the protocol's first step fails, so every rank
+        raises the same CheckpointException naming ``error`` at once, nothing is committed,
+        and the barrier stays in step for the next write."""
+        self._write(path, {}, error, {})
+
+    def _write(
+        self, path: str, state_dict: Mapping[str, Any], error: BaseException | None, kwargs: dict[str, Any]
+    ) -> None:
         self._writes += 1
         if self.barrier is not None:
             self.barrier.start_write()
@@ -195,7 +208,9 @@ class CheckpointWriter:
                 if solo is not None:
                     solo.pass_once()
 
-        if hook is not None or solo is not None:
+        if error is not None:  # over the real store's exchange, the stand-in fails the first step
+            writer = FailedWriter(error)
+        elif hook is not None or solo is not None:
             writer = _HookedWriter(writer, after_data)
         planner = DefaultSavePlanner(allow_pickle=self.config.allow_pickle)
         try:

@@ -29,7 +29,7 @@ from torchstow.checkpointing.checkpoint_io import (
 from torchstow.checkpointing.rank_info import RankInfo, default_rank_info
 from torchstow.checkpointing.writer_factories import CustomWriterFactory, DefaultWriterFactory
 from torchstow.checkpointing.writer_process import CheckpointProcess, CheckpointProcessConfig
-from torchstow.core.futures import as_future
+from torchstow.core.futures import as_future, failed_future
 from torchstow.core.staging.stager import CheckpointStagerConfig, DefaultStager
 
 __all__ = [
@@ -110,8 +110,9 @@ class AsyncCheckpointer(Checkpointer):
     checkpoint at ``path`` is committed, or raises the write's error. A save first waits
     for the previous one to finish writing (its buffers are about to be
     reused), without raising the previous one's error: a failed write does
-    not stop the next. A writer process that failed to start or died makes
-    ``save`` raise at once.
+    not stop the next. A staging that fails fails both futures (the write
+    still goes ahead, failed, so every rank fails it as one). A writer
+    process that failed to start or died makes ``save`` raise at once.
     """
 
     def __init__(
@@ -143,7 +144,10 @@ class AsyncCheckpointer(Checkpointer):
         if self._write_future is not None:
             wait_futures([self._write_future])
             self._process.check()  # the writer may have died during that write
-        staging = as_future(self._stager.stage(state_dict))
+        try:
+            staging = as_future(self._stager.stage(state_dict))
+        except Exception as exc:  # the write still goes ahead, failed: no other rank waits for this one
+            staging = failed_future(exc)
         self._write_future = self._process.write(staging, path, **kwargs)
         return _completion(staging), self._write_future
 

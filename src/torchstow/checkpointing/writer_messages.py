@@ -56,7 +56,10 @@ class WriteRequest:
     """Write ``state_dict`` (pickled, tensors as views of shared memory) under ``path``.
 
     ``released_segments`` are segments the trainer has freed since the last
-    request: the writer unmaps them.
+    request: the writer unmaps them. ``failure``: the trainer could not stage
+    or pack this rank's state dict (``state_dict`` is then empty); the writer
+    still takes part in the write, as a failed rank, so that every rank fails
+    it as one.
     """
 
     request_id: int
@@ -64,6 +67,7 @@ class WriteRequest:
     state_dict: bytes
     kwargs: dict[str, Any]
     released_segments: tuple[str, ...] = ()
+    failure: CapturedFailure | None = None
     kind: ClassVar[RequestKind] = RequestKind.WRITE
 
 

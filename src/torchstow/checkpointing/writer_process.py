@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import threading
 import time
@@ -139,10 +140,20 @@ def _trainer_died(trainer_pid: int, wait_secs: float = 2.0) -> bool:
 
 
 def _write(writer: CheckpointWriter, segments: SegmentMapper, request: WriteRequest) -> Response:
+    """Write what ``request`` carries; a rank whose state dict failed to reach the writer (in
+    the trainer, or unpacking here) takes part as a failed rank, so every rank fails as one."""
     try:
-        segments.release(request.released_segments)
-        state_dict = unpack_state_dict(request.state_dict, segments)
-        writer.write(request.path, state_dict, **request.kwargs)
+        error = request.failure.exc if request.failure is not None else None
+        try:
+            segments.release(request.released_segments)
+            if error is None:
+                state_dict = unpack_state_dict(request.state_dict, segments)
+        except Exception as exc:
+            error = error or exc
+        if error is None:
+            writer.write(request.path, state_dict, **request.kwargs)
+        else:
+            writer.write_failed(request.path, error)
     except Exception as exc:
         return Response(RequestKind.WRITE, request.request_id, False, CapturedFailure(exc))
     return Response(RequestKind.WRITE, request.request_id, True)
@@ -367,10 +378,15 @@ class CheckpointProcess:
 
     def _write(self, staged: Any, path: str, kwargs: Any) -> None:
         self._ready.result()
-        state_dict = staged.result() if isinstance(staged, Future) else staged
-        payload = pack_state_dict(state_dict, copy_unshared=True, arenas_used=self._arenas)
+        failure = None
+        try:
+            state_dict = staged.result() if isinstance(staged, Future) else staged
+            payload = pack_state_dict(state_dict, copy_unshared=True, arenas_used=self._arenas)
+            pickle.dumps(kwargs)  # fails here, not in the pipe's send below, where it would send nothing
+        except Exception as error:  # the writer still takes part, failed: no rank waits for this one
+            payload, kwargs, failure = b"", {}, CapturedFailure(error)
         released = tuple(name for arena in list(self._arenas) for name in arena.take_released())
-        request = WriteRequest(next(self._ids), path, payload, kwargs, released)
+        request = WriteRequest(next(self._ids), path, payload, kwargs, released, failure)
         response = self._ask(request, f"writing {path}")
         if not response.ok:
             assert response.error is not None
