@@ -134,10 +134,7 @@ def _downward(
     """
     if not coll.crosses_processes:
         return values
-    once: dict[int, tuple[bytes, CapturedFailure | None]] = {}  # one failure for every rank: packed once
-    packed = [
-        once[id(value)] if id(value) in once else once.setdefault(id(value), pack(value)) for value in values
-    ]
+    packed = [pack(value) for value in values]
     failure = next((failure for _, failure in packed if failure is not None), None)
     if failure is not None:
         data = [pack(_Failed({coll.rank: failure}, unknown))[0]] * len(values)
@@ -268,7 +265,8 @@ def reduce_scatter(
     packed = None
     if coll.is_coordinator:
         failed = isinstance(result, _Failed)
-        packed = _downward(coll, [result] * coll.world_size) if failed else _downward(coll, result, gathered)
+        # a failure goes to every rank alike: packed once
+        packed = _downward(coll, [result]) * coll.world_size if failed else _downward(coll, result, gathered)
     value = _receive(coll, step, coll.scatter(packed, step), own)
     return sent[0] if isinstance(value, _Unchanged) else value
 
