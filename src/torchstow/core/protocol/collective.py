@@ -216,11 +216,15 @@ class ProcessGroupCollective(Collective):
         module = getattr(self._torch, kind)
         return self._torch.device(kind, module.current_device())
 
+    @property
+    def _resolved_group(self) -> Any:
+        """The group the collectives run on: the one given, else the default (world) group."""
+        return self.group if self.group is not None else self._dist.group.WORLD
+
     def _cpu_backend(self) -> Any:
         """The group's backend for CPU tensors (where the collectives run)."""
-        group: Any = self.group if self.group is not None else self._dist.group.WORLD
         try:
-            backend = group._get_backend(self._torch.device("cpu"))
+            backend = self._resolved_group._get_backend(self._torch.device("cpu"))
             backend.options._timeout  # noqa: B018 (must be readable to be restored)
         except (RuntimeError, AttributeError) as exc:
             raise ValueError(
@@ -266,7 +270,7 @@ class ProcessGroupCollective(Collective):
             if self.timeout is not None
             else "the process group's timeout (pass timeout= to save/load to shorten it)"
         )
-        group = self.group if self.group is not None else self._dist.group.WORLD
+        group = self._resolved_group
         if lost_contact(group):
             advice = (
                 "This group already lost contact in an earlier save or load of this process: gloo "
@@ -360,8 +364,7 @@ class ProcessGroupCollective(Collective):
         return rank if self.group is None else int(self._dist.get_global_rank(self.group, rank))
 
     def plan_cache_key(self) -> Any:
-        group = self.group if self.group is not None else self._dist.group.WORLD
-        return (id(group), self.rank, self.world_size, self.coordinator_rank)
+        return (id(self._resolved_group), self.rank, self.world_size, self.coordinator_rank)
 
     def all_gather_records(self, record: bytes, step: str = "") -> list[bytes]:
         op = "exchange of fixed-size records"
