@@ -139,19 +139,17 @@ class TCPStoreBarrier(Barrier):
         self.prefix = barrier_prefix
         self.timeout_secs = timeout_secs
         self._count = 0
-        self._writes = 0
-        self._round = ""  # "w<write>/" within a write (see start_write)
+        self._writes = 0  # writes started (see start_write); 0: rounds numbered as before any
         self._behind: list[tuple[str, str]] = []  # (rank 0) earlier rounds' keys, not deleted yet
 
     def start_write(self) -> None:
         """The rounds of the n-th write through this barrier are numbered ``w<n>/0``,
         ``w<n>/1``, ...: a rank out of step after a failed write is in step again."""
         self._writes += 1
-        self._round = f"w{self._writes}/"
         self._count = 0
 
     def execute_barrier(self) -> None:
-        number = f"{self._round}{self._count}"
+        number = f"w{self._writes}/{self._count}" if self._writes else str(self._count)
         self._count += 1
         key = f"{self.prefix}/{number}"
         # A round's counter may hold a finished round of an earlier barrier object on this
