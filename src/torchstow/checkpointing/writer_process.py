@@ -49,6 +49,7 @@ from torchstow.checkpointing.writer_messages import (
     pack_state_dict,
     unpack_state_dict,
 )
+from torchstow.core.process_local import ProcessLocal
 from torchstow.core.protocol.failures import CapturedFailure
 from torchstow.core.staging.arena import SegmentMapper, SharedMemoryArena, remove_segments_of
 from torchstow.errors import TorchstowError
@@ -159,7 +160,8 @@ def _write(writer: CheckpointWriter, segments: SegmentMapper, request: WriteRequ
     return Response(RequestKind.WRITE, request.request_id, True)
 
 
-_LIVE: weakref.WeakSet[CheckpointProcess] = weakref.WeakSet()
+# the writers this process started (a child forked from the trainer has none of them)
+_LIVE: ProcessLocal[weakref.WeakSet[CheckpointProcess]] = ProcessLocal(weakref.WeakSet)
 
 
 @atexit.register  # after multiprocessing's own hook (imported above), so it runs before it
@@ -167,10 +169,9 @@ def _close_at_exit() -> None:
     """Stop the writers this process started and did not close. Their queued writes are
     over by now (the interpreter joins the I/O threads first), and a writer ignores the
     SIGTERM multiprocessing would stop it with, then wait for it forever."""
-    for process in list(_LIVE):
-        if process._owner == os.getpid():  # not in a child forked from the trainer
-            with contextlib.suppress(Exception):
-                process.close()
+    for process in list(_LIVE.peek() or ()):
+        with contextlib.suppress(Exception):
+            process.close()
 
 
 class _NoAnswerError(Exception):
@@ -260,8 +261,7 @@ class CheckpointProcess:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchstow-writer-io")
         self._arenas: weakref.WeakSet[SharedMemoryArena] = weakref.WeakSet()
         self._ready = self._track(self._executor.submit(self._handshake))
-        self._owner = os.getpid()
-        _LIVE.add(self)
+        _LIVE.get().add(self)
 
     @property
     def process_creation_future(self) -> Future[None]:

@@ -45,6 +45,7 @@ from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.views import tensor_bytes
 from torchstow.core.layout.writer import LayoutWriter
 from torchstow.core.planning import DefaultLoadPlanner, SavePlan, SavePlanner
+from torchstow.core.process_local import ProcessLocal
 from torchstow.core.protocol.collective import Collective, ProcessGroupCollective, SingleProcess
 from torchstow.core.protocol.gloo_groups import private_gloo_group
 from torchstow.core.protocol.steps import (
@@ -288,8 +289,7 @@ class TieredManager:
         # save waits for that phase to release the buffers).
         self._checked: int | None = None
         self._closed = False
-        self._pid = os.getpid()
-        _OPEN.add(self)
+        _OPEN.get().add(self)
 
     # -- where things are ----------------------------------------------------------------
 
@@ -926,15 +926,16 @@ class TieredManager:
         load_state_dict(state_dict, reader, collective=self._coll, metadata=metadata)
 
 
-_OPEN: weakref.WeakSet[TieredManager] = weakref.WeakSet()
+# the managers this process made (a forked child has none of them)
+_OPEN: ProcessLocal[weakref.WeakSet[TieredManager]] = ProcessLocal(weakref.WeakSet)
 
 
 def _finish_before_shutdown() -> None:
     """At interpreter exit, let the saves of managers not closed go on to the levels they are
     due (as ``close`` would) before the interpreter's thread pools stop taking work: their
     writes start threads, and would fail there, unseen."""
-    for manager in list(_OPEN):
-        if manager._pid == os.getpid() and not manager._closed:  # not in a forked child
+    for manager in list(_OPEN.peek() or ()):
+        if not manager._closed:
             with contextlib.suppress(Exception):  # a failure stays on its step's handle
                 manager._quiesce()
 
