@@ -18,7 +18,7 @@ from torchstow.format.compression import check_compression
 from torchstow.management.bases import check_step, choose_base
 from torchstow.management.catalog import info, list_steps
 from torchstow.management.prune import plan_prune, prune_after_commit
-from torchstow.management.steps import step_uri
+from torchstow.management.steps import check_step_number, step_uri
 from torchstow.management.tiered import StepInfo, TieredManager, TieredSave
 from torchstow.plugins.resolve import backend_at, checkpoint_uri
 
@@ -37,12 +37,6 @@ def _check_links(root: str, storage_options: dict[str, Any] | None) -> None:
             f"incremental=True: checkpoints under {root!r} cannot share files (object stores "
             "cannot), so incremental saves are not supported there; use local files or shm://"
         )
-
-
-def _check_step(step: int) -> None:
-    """ValueError unless ``step`` is a non-negative integer (not a bool, a float or "3")."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
 
 
 class CheckpointManager:
@@ -199,7 +193,7 @@ class CheckpointManager:
             if save_options or asynchronous:
                 raise TypeError(f"a tiered manager's save takes only metadata=, not {sorted(save_options)}")
             return self._tiered.save(step, state_dict, metadata=metadata)
-        _check_step(step)
+        check_step_number(step)
         self.wait()
         if step in self._done and not save_options.get("overwrite"):
             logger.warning(
@@ -334,7 +328,7 @@ class CheckpointManager:
         A loop resumes after it: the restored step's state is saved already.
         """
         if step is not None:
-            _check_step(step)
+            check_step_number(step)
         if self._tiered is not None:
             if load_options:
                 raise TypeError(f"a tiered manager's restore takes no options, got {sorted(load_options)}")

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["is_step_uri", "names_a_step", "step_of", "step_uri"]
+__all__ = ["check_step_number", "is_step_uri", "names_a_step", "step_of", "step_uri"]
 
 # A trailing number counts when it is the whole name or follows a separator
 # (step-100, checkpoint_100, iter.7) or a word that says what it counts
@@ -56,3 +56,10 @@ def step_of(uri: str, user_metadata: Mapping[str, Any] | None = None) -> int | N
     name = os.path.basename(uri.rstrip("/"))
     match = _TRAILING_STEP.match(name)
     return int(match.group(1)) if match else None
+
+
+def check_step_number(step: int) -> None:
+    """ValueError unless ``step`` is a non-negative integer (not a bool, a float or "3"):
+    what a manager's ``save`` and ``restore`` take as a step."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")

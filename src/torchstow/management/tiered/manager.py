@@ -73,7 +73,7 @@ from torchstow.format.files import CHUNK_TABLE_MAX_BYTES, MANIFEST, is_data_file
 from torchstow.format.manifest import Metadata
 from torchstow.management.bases import check_step, choose_base
 from torchstow.management.datafiles import FileSpans, scan_file, spans_by_file
-from torchstow.management.steps import step_uri
+from torchstow.management.steps import check_step_number, step_uri
 from torchstow.management.tiered.handle import StepInfo, TieredSave
 from torchstow.management.tiered.holdings import Choice, Held, complete_steps, fast_steps, inventory
 from torchstow.management.tiered.nodes import Topology, expand_node, node_index
@@ -385,8 +385,7 @@ class TieredManager:
         self, step: int, state_dict: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None
     ) -> TieredSave:
         """Stage ``state_dict`` as ``step`` and return its :class:`TieredSave` (level ``staged``)."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        check_step_number(step)
         if self._closed:
             raise RuntimeError("this CheckpointManager is closed")
         # The previous step's fast write reads the staging buffers we are about to refill; its
