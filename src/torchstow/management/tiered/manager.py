@@ -842,7 +842,7 @@ class TieredManager:
             return None
         manifest, tables = found
         metadata = decode_metadata(
-            manifest, source=f"{self.uri(choice.step)}/{MANIFEST}", read_file=tables.get
+            manifest, source=f"{self.uri(choice.step)}/{MANIFEST}", read_file=_given(tables)
         )
         if metadata.save_id != choice.metadata.save_id:
             needed = {info.relative_path for info in (metadata.storage_data or {}).values()}
