@@ -224,13 +224,12 @@ class FsspecStore(ByteStore):
             for start, end, members in spans
         ]
 
-        async def fetch_all() -> list[int]:
-            return await s3.all_or_none(
+        got: list[int] = s3.run(
+            s3.all_or_none(
                 s3.get_range(bucket, key, start, into, f"{what} bytes {start}..{end}")
                 for (start, end, _), into in zip(spans, targets, strict=True)
             )
-
-        got: list[int] = s3.run(fetch_all())
+        )
         name = path.rsplit("/", 1)[-1]
         for (start, end, members), into, n in zip(spans, targets, got, strict=True):
             if n < end - start:

@@ -84,9 +84,7 @@ def is_committed(store: ByteStore, save_id: str) -> bool:
     torchstow manifest; raises what reading it raised."""
     try:
         data = manifest_bytes(store)
-    except FileNotFoundError:
-        return False
-    except CorruptCheckpointError:  # larger than torchstow writes one: no save's
+    except (FileNotFoundError, CorruptCheckpointError):  # none, or larger than torchstow writes one
         return False
     return peek_manifest(data).save_id == save_id
 

@@ -12,7 +12,7 @@ import abc
 from collections.abc import Collection
 from typing import ClassVar
 
-from torchstow.core.layout.commit import listed_files
+from torchstow.core.layout.commit import committed_files
 from torchstow.core.layout.location import read_manifest
 from torchstow.core.layout.reader import LayoutReader
 from torchstow.core.layout.writer import LayoutWriter
@@ -121,7 +121,7 @@ class StoreBackend(Backend):
             raise CheckpointNotFoundError(f"no checkpoint at {store.location}")
         odd = [f for f in files if is_data_file(f) and f not in ours]
         if odd and MANIFEST in files:  # named otherwise than torchstow names them (read only then)
-            named = listed_files(store) or set()
+            named = committed_files(store)
             ours += [f for f in odd if f in named]
         if MANIFEST in files:
             store.delete_files([MANIFEST])
