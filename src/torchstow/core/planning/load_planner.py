@@ -65,7 +65,7 @@ def _read_items_for(
     return items
 
 
-def _split_as_stored(flat: Flattened, stored: Mapping[str, Any]) -> list[str]:
+def _split_as_stored(flat: Flattened, stored: Mapping[str, Any], below: _StoredBelow) -> list[str]:
     """Split leaves of ``flat`` that the checkpoint stores as finer keys, in place.
 
     torchstow keeps a list or tuple without tensors (an optimizer's
@@ -75,17 +75,13 @@ def _split_as_stored(flat: Flattened, stored: Mapping[str, Any]) -> list[str]:
     then missing, as any other key. Returns the keys of the empty lists, tuples
     and dicts met so (which hold nothing of what the checkpoint stores below them).
     """
-    absent = [fqn for fqn in flat.leaves if fqn not in stored]
-    if not absent:
-        return []
-    prefixes = {key[:i] for key in stored for i, char in enumerate(key) if char == "."}
-    if not any(fqn in prefixes for fqn in absent):
+    if not any(fqn not in stored and below.has(fqn) for fqn in flat.leaves):
         return []
     leaves: dict[str, Any] = {}
     paths: dict[str, Path] = {}
     empty: list[str] = []
     for fqn, value in flat.leaves.items():
-        _split(fqn, flat.paths[fqn], value, stored, prefixes, leaves, paths, empty)
+        _split(fqn, flat.paths[fqn], value, stored, below, leaves, paths, empty)
     flat.leaves = leaves
     flat.paths = paths
     return empty
@@ -96,12 +92,12 @@ def _split(
     path: Path,
     value: Any,
     stored: Mapping[str, Any],
-    prefixes: set[str],
+    below: _StoredBelow,
     leaves: dict[str, Any],
     paths: dict[str, Path],
     empty: list[str],
 ) -> None:
-    if fqn in stored or fqn not in prefixes or not isinstance(value, Mapping | list | tuple):
+    if fqn in stored or not below.has(fqn) or not isinstance(value, Mapping | list | tuple):
         leaves[fqn] = value
         paths[fqn] = path
         return
@@ -109,7 +105,7 @@ def _split(
         empty.append(fqn)
     children = enumerate(value) if isinstance(value, list | tuple) else value.items()
     for key, child in children:
-        _split(f"{fqn}.{key}", (*path, key), child, stored, prefixes, leaves, paths, empty)
+        _split(f"{fqn}.{key}", (*path, key), child, stored, below, leaves, paths, empty)
 
 
 class _StoredBelow:
@@ -120,13 +116,22 @@ class _StoredBelow:
         self._stored = stored
         self._sorted: list[str] | None = None
 
-    def find(self, fqn: str) -> str | None:
-        """``None``, or how the checkpoint holds ``fqn`` as keys below it (how many, the first)."""
+    def _span(self, fqn: str) -> tuple[list[str], int, int]:
+        """The sorted keys, and where the ones below ``fqn`` start and end in them."""
         if self._sorted is None:
             self._sorted = sorted(self._stored)
         keys = self._sorted
         start = bisect.bisect_left(keys, f"{fqn}.")
-        end = bisect.bisect_left(keys, f"{fqn}/", start)  # "/" follows "." in code point order
+        return keys, start, bisect.bisect_left(keys, f"{fqn}/", start)  # "/" follows "." in code point order
+
+    def has(self, fqn: str) -> bool:
+        """Whether the checkpoint stores a key below ``fqn``."""
+        _, start, end = self._span(fqn)
+        return start != end
+
+    def find(self, fqn: str) -> str | None:
+        """``None``, or how the checkpoint holds ``fqn`` as keys below it (how many, the first)."""
+        keys, start, end = self._span(fqn)
         if start == end:
             return None
         more = f", {end - start - 1} more" if end - start > 1 else ""
@@ -213,14 +218,14 @@ class DefaultLoadPlanner(LoadPlanner):
         self.is_coordinator = is_coordinator
         flat = flatten_state_dict(state_dict)
         stored = metadata.state_dict_metadata
+        below = _StoredBelow(stored)
         empty = _empty_containers(flat)
-        empty += _split_as_stored(flat, stored)
+        empty += _split_as_stored(flat, stored, below)
         self.paths = flat.paths
         self.leaves = flat.leaves
         self.missing_keys = []
         self.unexpected_keys = [k for k in stored if k not in flat.leaves]
         problems = []
-        below = _StoredBelow(stored)
         for fqn, value in flat.leaves.items():
             entry = stored.get(fqn)
             if entry is None:
