@@ -190,12 +190,10 @@ _SPACE_HINT = "Free space (delete old checkpoints with torchstow.delete) or save
 
 def _full(path: str, exc: OSError, hint: str) -> StorageFullError:
     """The error for a write that found no space left at ``path``."""
-    mib = free_bytes(os.path.dirname(path)) / 2**20
-    inodes = ""
-    with contextlib.suppress(OSError):
-        st = os.statvfs(_existing(os.path.dirname(path)))
-        if st.f_files and not st.f_favail:  # a tmpfs's nr_inodes, say
-            inodes = ", and no free inode for another file"
+    st = os.statvfs(_existing(os.path.dirname(path)))
+    mib = st.f_bavail * st.f_frsize / 2**20
+    # a tmpfs's nr_inodes, say
+    inodes = ", and no free inode for another file" if st.f_files and not st.f_favail else ""
     return StorageFullError(
         f"no space left writing {path} ({os.strerror(exc.errno or errno.ENOSPC)}; {mib:.1f} MiB free "
         f"there now{inodes}): the save was abandoned and nothing was committed. {hint}"
@@ -482,19 +480,17 @@ class LocalFileStore(ByteStore):
         tmp = self._file(temporary_name(name, uuid.uuid4().hex[:8]))
         with _room_for(tmp, self.space_hint):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
             try:
-                _write_all(fd, [data])
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            if exc.errno in _NO_SPACE:
-                raise _full(tmp, exc, self.space_hint) from exc
-            raise
+                try:
+                    _write_all(fd, [data])
+                    if self.fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
         return tmp
 
     def list_files(self) -> list[str]:

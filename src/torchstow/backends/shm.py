@@ -108,17 +108,18 @@ class ShmBackend(DirectoryBackend):
             raise ValueError(f"{uri!r}: '.' and '..' are not allowed in shm:// names")
         return os.path.join(self.shm_dir, *parts)
 
-    def open_store(self, uri: str) -> ShmStore:
+    def _checked_path(self, uri: str) -> str:
+        """:meth:`path_of`, once this user's own folder is checked to be still its own."""
         path = self.path_of(uri)
         if self._owned is not None:
             _check_owned(self._owned)
-        return ShmStore(path, uri, self._owned)
+        return path
+
+    def open_store(self, uri: str) -> ShmStore:
+        return ShmStore(self._checked_path(uri), uri, self._owned)
 
     def child_names(self, prefix: str) -> list[str]:
-        path = self.path_of(prefix)
-        if self._owned is not None:
-            _check_owned(self._owned)
-        return subdirectories(path)
+        return subdirectories(self._checked_path(prefix))
 
 
 @hookimpl
