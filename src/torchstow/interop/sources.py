@@ -17,7 +17,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -420,7 +420,7 @@ def is_safetensors(path: str) -> bool:
     return stf.INDEX in names or (stf.SINGLE in names and MANIFEST not in names)
 
 
-def is_dcp(names: list[str]) -> bool:
+def is_dcp(names: Collection[str]) -> bool:
     """Whether a location holding ``names`` is a DCP checkpoint (and not a torchstow one)."""
     return DCP_METADATA in names and MANIFEST not in names
 

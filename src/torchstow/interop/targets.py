@@ -363,7 +363,7 @@ def _other_formats(target: Target, dst: str) -> list[str]:
     names = set(os.listdir(path))
     held = {
         "torchstow": MANIFEST in names,
-        "dcp": is_dcp(list(names)),  # a .metadata beside a manifest is debris the manifest replaced
+        "dcp": is_dcp(names),  # a .metadata beside a manifest is debris the manifest replaced
         "safetensors": stf.INDEX in names or stf.SINGLE in names,
     }
     return [name for name, there in held.items() if there and name != target.name]
@@ -381,12 +381,12 @@ def no_place(location: str, verb: str = "convert", done: str = "written") -> Val
 def _check_no_file_in_the_way(target: Target, dst: str, storage_options: dict[str, Any] | None) -> None:
     """ValueError where ``dst`` is (for a folder target) or lies under a local file, or is
     a directory where the target writes one file."""
-    if not target.folder and os.path.isdir(dst):
-        raise ValueError(
-            f"cannot convert to {dst}: it is a directory, and {target.name} is written as one file; "
-            f"nothing was written. Name the file (such as {os.path.join(dst, 'model.pt')})"
-        )
     if not target.folder:  # a torch.save file: one may be there (replaced with overwrite), not above
+        if os.path.isdir(dst):
+            raise ValueError(
+                f"cannot convert to {dst}: it is a directory, and {target.name} is written as one file; "
+                f"nothing was written. Name the file (such as {os.path.join(dst, 'model.pt')})"
+            )
         blocker = file_at_or_above(os.path.dirname(dst) or ".")
         if blocker is not None:
             raise ValueError(
